@@ -1,0 +1,3 @@
+from storm_vlm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""The `storm-vlm` command (also `python -m storm_vlm`).
+
+Each subcommand lives in its own module under `storm_vlm.commands`, exposing
+`add_arguments(parser)` and `run(args) -> int`; modules are imported only when their
+subcommand runs, so `storm-vlm --help` stays fast and a missing optional dependency of
+one command never breaks another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from storm_vlm.errors import StormError
+
+# name -> (module under storm_vlm.commands, one-line help)
+COMMANDS = {
+    "demo": ("demo", "train and compare STORM vs the VILA baseline on the synthetic benchmark"),
+    "chat": ("chat", "ask a model a question about a video"),
+    "train": ("train", "train a stage (align / sft / long) from a YAML config"),
+    "eval": ("evaluate", "evaluate a model on a video benchmark"),
+    "profile": ("profile", "per-module latency breakdown (vision tower / projector / LLM)"),
+    "build": ("build", "assemble a STORM model from local SigLIP and LLM folders"),
+    "synth": ("synth", "generate the synthetic temporal-reasoning video benchmark"),
+    "web": ("web", "web demo (gradio)"),
+    "serve": ("serve", "HTTP API (FastAPI)"),
+}
+
+
+def _load(name: str):
+    module_name, _ = COMMANDS[name]
+    return importlib.import_module(f"storm_vlm.commands.{module_name}")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="storm-vlm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            _load(name).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in COMMANDS:
+        command = None
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        module = _load(args.command)
+    except ModuleNotFoundError as exc:
+        print(f"storm-vlm {args.command}: not available ({exc})", file=sys.stderr)
+        return 2
+    try:
+        return int(module.run(args) or 0)
+    except StormError as exc:
+        print(f"storm-vlm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"storm-vlm {args.command}: interrupted", file=sys.stderr)
+        return 130
