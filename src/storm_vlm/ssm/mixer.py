@@ -1,0 +1,231 @@
+"""Mamba-1 mixers: ``MambaMixer`` (causal) and ``BiMambaMixer`` (bidirectional, Vim "v2").
+
+Parameter names, shapes and initialisation follow mamba-ssm's ``Mamba`` so state dicts
+interchange: in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj. ``BiMambaMixer`` adds the
+backward direction's conv1d_b, x_proj_b, dt_proj_b, A_b_log, D_b, shares in_proj/out_proj and
+sums the two directions before out_proj.
+
+Shapes: hidden_states (B, L, d_model); mask (B, L) bool, True = real token, padding a suffix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from storm_vlm.ssm import scan as _scan
+
+__all__ = ["MambaMixer", "BiMambaMixer"]
+
+
+def _init_dt_proj(dt_proj: nn.Linear, dt_rank: int, dt_min: float, dt_max: float, dt_init_floor: float) -> None:
+    """mamba-ssm's dt init: weight U(-r^-0.5, r^-0.5); bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max]."""
+    std = dt_rank**-0.5
+    nn.init.uniform_(dt_proj.weight, -std, std)
+    d_inner = dt_proj.out_features
+    dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=dt_init_floor)
+    inv_dt = dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
+    with torch.no_grad():
+        dt_proj.bias.copy_(inv_dt)
+    dt_proj.bias._no_reinit = True
+
+
+def _A_log(d_inner: int, d_state: int) -> nn.Parameter:
+    A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(d_inner, 1)
+    p = nn.Parameter(torch.log(A))
+    p._no_weight_decay = True
+    return p
+
+
+def _D(d_inner: int) -> nn.Parameter:
+    p = nn.Parameter(torch.ones(d_inner))
+    p._no_weight_decay = True
+    return p
+
+
+def _check_inputs(hidden_states: Tensor, mask: Tensor | None, d_model: int) -> None:
+    if hidden_states.dim() != 3 or hidden_states.shape[-1] != d_model:
+        raise ValueError(f"mixer: hidden_states must be (B, L, {d_model}), got shape {tuple(hidden_states.shape)}")
+    if mask is not None:
+        if mask.shape != hidden_states.shape[:2]:
+            raise ValueError(
+                f"mixer: mask shape {tuple(mask.shape)} must be (B, L) = {tuple(hidden_states.shape[:2])}"
+            )
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mixer: mask must be bool (True = real token), got {mask.dtype}")
+
+
+class MambaMixer(nn.Module):
+    """Mamba-1 block mixer (causal over L): (B, L, d_model) -> (B, L, d_model)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank="auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+    ):
+        super().__init__()
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias)
+        self._make_direction("", conv_bias, dt_min, dt_max, dt_init_floor)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+
+    def _make_direction(self, sfx: str, conv_bias: bool, dt_min: float, dt_max: float, dt_init_floor: float) -> None:
+        di = self.d_inner
+        conv = nn.Conv1d(di, di, kernel_size=self.d_conv, groups=di, padding=self.d_conv - 1, bias=conv_bias)
+        x_proj = nn.Linear(di, self.dt_rank + 2 * self.d_state, bias=False)
+        dt_proj = nn.Linear(self.dt_rank, di, bias=True)
+        _init_dt_proj(dt_proj, self.dt_rank, dt_min, dt_max, dt_init_floor)
+        setattr(self, "conv1d" + sfx, conv)
+        setattr(self, "x_proj" + sfx, x_proj)
+        setattr(self, "dt_proj" + sfx, dt_proj)
+        setattr(self, "A_log" if not sfx else "A" + sfx + "_log", _A_log(di, self.d_state))
+        setattr(self, "D" + sfx, _D(di))
+
+    # -- one direction ------------------------------------------------------------------------
+    def _direction(self, x: Tensor, z: Tensor, valid: Tensor | None, sfx: str) -> Tensor:
+        """x, z: (B, d_inner, L); valid: (B, 1, L) bool or None. Returns y (B, d_inner, L), gated."""
+        conv: nn.Conv1d = getattr(self, "conv1d" + sfx)
+        x_proj: nn.Linear = getattr(self, "x_proj" + sfx)
+        dt_proj: nn.Linear = getattr(self, "dt_proj" + sfx)
+        A_log: Tensor = getattr(self, "A_log" if not sfx else "A" + sfx + "_log")
+        D: Tensor = getattr(self, "D" + sfx)
+        L = x.shape[-1]
+        if valid is not None:
+            x = x.masked_fill(~valid, 0.0)
+        u = F.silu(F.conv1d(x, conv.weight, conv.bias, padding=self.d_conv - 1, groups=self.d_inner)[..., :L])
+        if valid is not None:
+            # Keeps the state at 0 through padding (matters for the reversed direction).
+            u = u.masked_fill(~valid, 0.0)
+        x_dbl = x_proj(u.transpose(1, 2))  # (B, L, dt_rank + 2N)
+        dt, Bm, Cm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (B, d_inner, L); bias goes in delta_bias
+        A = -torch.exp(A_log.float())
+        return _scan.selective_scan(
+            u,
+            delta.contiguous(),
+            A,
+            Bm.transpose(1, 2).contiguous(),
+            Cm.transpose(1, 2).contiguous(),
+            D.float(),
+            z=z,
+            delta_bias=dt_proj.bias.float(),
+            delta_softplus=True,
+        )
+
+    def _in(self, hidden_states: Tensor, mask: Tensor | None):
+        _check_inputs(hidden_states, mask, self.d_model)
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2*d_inner, L)
+        x, z = xz.chunk(2, dim=1)
+        valid = None if mask is None else mask[:, None, :]
+        return x, z, valid
+
+    def _out(self, y: Tensor, mask: Tensor | None) -> Tensor:
+        out = self.out_proj(y.transpose(1, 2))
+        if mask is not None:
+            out = out.masked_fill(~mask[..., None], 0.0)
+        return out
+
+    def forward(self, hidden_states: Tensor, mask: Tensor | None = None) -> Tensor:
+        """hidden_states (B, L, d_model), mask (B, L) bool or None -> (B, L, d_model).
+
+        Padded positions (mask False, always a suffix) come out as zeros and do not affect
+        the valid ones.
+        """
+        x, z, valid = self._in(hidden_states, mask)
+        return self._out(self._direction(x, z, valid, ""), mask)
+
+    # -- recurrent form -----------------------------------------------------------------------
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int | None = None, dtype=None, device=None):
+        """Zero states for ``step``: conv_state (B, d_inner, d_conv), ssm_state (B, d_inner, d_state)."""
+        device = device if device is not None else self.in_proj.weight.device
+        conv_dtype = dtype if dtype is not None else self.conv1d.weight.dtype
+        ssm_dtype = dtype if dtype is not None else self.dt_proj.weight.dtype
+        conv_state = torch.zeros(batch_size, self.d_inner, self.d_conv, device=device, dtype=conv_dtype)
+        ssm_state = torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=ssm_dtype)
+        return conv_state, ssm_state
+
+    allocate_step_states = allocate_inference_cache
+
+    def step(self, hidden_states: Tensor, conv_state: Tensor, ssm_state: Tensor):
+        """One token of the causal recurrence.
+
+        hidden_states (B, d_model) or (B, 1, d_model); conv_state (B, d_inner, d_conv); ssm_state
+        (B, d_inner, d_state). The states are updated in place (as mamba-ssm does) and returned:
+        ``(out, conv_state, ssm_state)`` with out shaped like hidden_states.
+        """
+        squeeze = hidden_states.dim() == 2
+        hs = hidden_states if squeeze else hidden_states.squeeze(1)
+        if hs.dim() != 2 or hs.shape[-1] != self.d_model:
+            raise ValueError(f"step: hidden_states must be (B, {self.d_model}) or (B, 1, {self.d_model}), got {tuple(hidden_states.shape)}")
+        bsz = hs.shape[0]
+        if conv_state.shape != (bsz, self.d_inner, self.d_conv) or ssm_state.shape != (bsz, self.d_inner, self.d_state):
+            raise ValueError(
+                f"step: conv_state {tuple(conv_state.shape)} / ssm_state {tuple(ssm_state.shape)} must be "
+                f"({bsz}, {self.d_inner}, {self.d_conv}) / ({bsz}, {self.d_inner}, {self.d_state})"
+            )
+        dtype = hs.dtype
+        x, z = self.in_proj(hs).chunk(2, dim=-1)  # (B, d_inner) each
+        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+        conv_state[:, :, -1] = x
+        x = (conv_state * self.conv1d.weight[:, 0, :]).sum(-1)
+        if self.conv1d.bias is not None:
+            x = x + self.conv1d.bias
+        x = F.silu(x).to(dtype)
+        dt, Bm, Cm = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(F.linear(dt, self.dt_proj.weight) + self.dt_proj.bias.to(dt.dtype))
+        A = -torch.exp(self.A_log.float())
+        dA = torch.exp(dt.float()[..., None] * A)
+        dBu = (dt * x).float()[..., None] * Bm.float()[:, None, :]
+        ssm_state.copy_(ssm_state * dA + dBu)
+        y = (ssm_state.to(dtype) * Cm[:, None, :]).sum(-1) + self.D.to(dtype) * x
+        y = y * F.silu(z)
+        out = self.out_proj(y)
+        return (out if squeeze else out.unsqueeze(1)), conv_state, ssm_state
+
+
+class BiMambaMixer(MambaMixer):
+    """Bidirectional Mamba mixer (Vim v2): forward scan + scan over the reversed sequence, summed.
+
+    Every output position sees the whole (valid part of the) sequence. Same arguments as
+    ``MambaMixer``; (B, L, d_model) -> (B, L, d_model). No ``step``: it is not causal.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank="auto",
+                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
+                 conv_bias: bool = True, bias: bool = False):
+        super().__init__(d_model, d_state, d_conv, expand, dt_rank, dt_min, dt_max, dt_init_floor, conv_bias, bias)
+        self._make_direction("_b", conv_bias, dt_min, dt_max, dt_init_floor)
+
+    def forward(self, hidden_states: Tensor, mask: Tensor | None = None) -> Tensor:
+        """hidden_states (B, L, d_model), mask (B, L) bool or None -> (B, L, d_model)."""
+        x, z, valid = self._in(hidden_states, mask)
+        y_f = self._direction(x, z, valid, "")
+        valid_b = None if valid is None else valid.flip(-1)
+        y_b = self._direction(x.flip(-1), z.flip(-1), valid_b, "_b").flip(-1)
+        return self._out(y_f + y_b, mask)
+
+    def step(self, *args, **kwargs):
+        raise NotImplementedError("BiMambaMixer is bidirectional and has no recurrent step; use MambaMixer")
+
+    def allocate_inference_cache(self, *args, **kwargs):
+        raise NotImplementedError("BiMambaMixer is bidirectional and has no recurrent step; use MambaMixer")
+
+    allocate_step_states = allocate_inference_cache

@@ -1,0 +1,170 @@
+"""Selective scan (Mamba-1's S6 recurrence).
+
+For every batch b, channel d and state n::
+
+    h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t      (h_0 = 0)
+    y_t = sum_n C_t h_t + D * u_t ;   out_t = y_t * silu(z_t)    (when z is given)
+
+with ``delta = softplus(delta + delta_bias)`` when asked. Argument layout and meaning
+are mamba-ssm's ``selective_scan_fn``:
+
+- ``u, delta, z``: (batch, dim, L)
+- ``A``: (dim, N), real (negative for a stable scan)
+- ``B, C``: (batch, N, L), or grouped (batch, groups, N, L) where channel d uses group
+  ``d // (dim // groups)``
+- ``D, delta_bias``: (dim,)
+
+``out`` is (batch, dim, L) in u's dtype; ``last_state`` (batch, dim, N) is returned in the
+compute dtype (float32, or float64 for float64 inputs) like mamba-ssm's.
+
+``selective_scan_reference`` is the definition: a plain loop over time. ``selective_scan``
+gives the same results faster (see ``storm_vlm.ssm.fast_scan``) and dispatches to
+mamba-ssm's CUDA kernel when the inputs live on CUDA and mamba-ssm imports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["selective_scan", "selective_scan_reference", "ScanShapes", "check_scan_inputs"]
+
+
+@dataclass(frozen=True)
+class ScanShapes:
+    batch: int
+    dim: int
+    length: int
+    state: int
+    groups: int
+    compute_dtype: torch.dtype
+
+
+def _shape(t: Tensor | None) -> str:
+    return "None" if t is None else str(tuple(t.shape))
+
+
+def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> ScanShapes:
+    """Validate selective-scan arguments; raise ValueError naming the shapes/dtypes on mismatch."""
+    names = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+    for name, t in names.items():
+        if t is None:
+            if name in ("u", "delta", "A", "B", "C"):
+                raise ValueError(f"selective_scan: {name} is required, got None")
+            continue
+        if not isinstance(t, Tensor):
+            raise ValueError(f"selective_scan: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.is_complex():
+            raise ValueError(f"selective_scan: complex {name} ({t.dtype}) is not supported; use a real A, B, C")
+        if not t.is_floating_point():
+            raise ValueError(f"selective_scan: {name} must be a floating-point tensor, got {t.dtype}")
+
+    if u.dim() != 3:
+        raise ValueError(f"selective_scan: u must be (batch, dim, L), got shape {_shape(u)}")
+    batch, dim, length = u.shape
+    if delta.shape != u.shape:
+        raise ValueError(f"selective_scan: delta shape {_shape(delta)} must equal u shape {_shape(u)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"selective_scan: z shape {_shape(z)} must equal u shape {_shape(u)}")
+    if delta.dtype != u.dtype or (z is not None and z.dtype != u.dtype):
+        raise ValueError(
+            f"selective_scan: u, delta and z must share a dtype, got u {u.dtype}, delta {delta.dtype}"
+            + ("" if z is None else f", z {z.dtype}")
+        )
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"selective_scan: A must be (dim, N) = ({dim}, N), got shape {_shape(A)} (u is {_shape(u)})")
+    state = A.shape[1]
+    groups = None
+    for name, t in (("B", B), ("C", C)):
+        if t.dim() == 3 and t.shape == (batch, state, length):
+            g = 1
+        elif t.dim() == 4 and t.shape[0] == batch and t.shape[2:] == (state, length) and t.shape[1] >= 1:
+            g = t.shape[1]
+        else:
+            raise ValueError(
+                f"selective_scan: {name} must be (batch, N, L) = ({batch}, {state}, {length}) or "
+                f"(batch, groups, N, L), got shape {_shape(t)} (u {_shape(u)}, A {_shape(A)})"
+            )
+        if dim % g:
+            raise ValueError(f"selective_scan: {name} has {g} groups, which does not divide dim {dim} (shape {_shape(t)})")
+        if groups is not None and g != groups:
+            raise ValueError(f"selective_scan: B shape {_shape(B)} and C shape {_shape(C)} have different group counts")
+        groups = g
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and t.shape != (dim,):
+            raise ValueError(f"selective_scan: {name} must be (dim,) = ({dim},), got shape {_shape(t)}")
+    devices = {t.device for t in names.values() if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"selective_scan: all inputs must be on one device, got {sorted(map(str, devices))}")
+    compute = torch.float32
+    for t in names.values():
+        if t is not None and t.dtype == torch.float64:
+            compute = torch.float64
+    return ScanShapes(batch, dim, length, state, groups, compute)
+
+
+def _grouped(t: Tensor, groups: int) -> Tensor:
+    """(batch, N, L) or (batch, G, N, L) -> (batch, G, N, L) view."""
+    return t.unsqueeze(1) if t.dim() == 3 else t
+
+
+def _prepare_delta(delta: Tensor, delta_bias, delta_softplus: bool, dtype: torch.dtype) -> Tensor:
+    delta = delta.to(dtype)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(dtype)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    return delta
+
+
+def selective_scan_reference(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+):
+    """The definition of the selective scan: a sequential loop over time.
+
+    Shapes as in the module docstring. Materialises (batch, dim, L, N) tensors; use it to
+    check faster paths, not to train. Its autograd graph is linear in L (time steps are taken
+    with ``unbind``, whose backward is one ``stack``; indexing ``t[:, :, i]`` in the loop would
+    make the backward quadratic).
+    """
+    s = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    dt = s.compute_dtype
+    b, d, L, n, g = s.batch, s.dim, s.length, s.state, s.groups
+    h_per_g = d // g
+    uf = u.to(dt)
+    delta = _prepare_delta(delta, delta_bias, delta_softplus, dt)
+    Af = A.to(dt)
+    Bg = _grouped(B, g).to(dt)  # (b, g, n, L)
+    Cg = _grouped(C, g).to(dt)
+
+    deltaA = torch.exp(delta.unsqueeze(-1) * Af.unsqueeze(1))  # (b, d, L, n)
+    du = (delta * uf).view(b, g, h_per_g, L, 1)
+    deltaB_u = (du * Bg.transpose(-1, -2).unsqueeze(2)).reshape(b, d, L, n)  # (b, d, L, n)
+
+    h = uf.new_zeros(b, d, n)
+    ys = []
+    for dA_t, dBu_t, C_t in zip(deltaA.unbind(2), deltaB_u.unbind(2), Cg.unbind(-1)):
+        h = dA_t * h + dBu_t
+        ys.append((h.view(b, g, h_per_g, n) * C_t.unsqueeze(2)).sum(-1).reshape(b, d))
+    y = torch.stack(ys, dim=2) if ys else uf.new_zeros(b, d, 0)
+    out = y if D is None else y + uf * D.to(dt)[:, None]
+    if z is not None:
+        out = out * F.silu(z.to(dt))
+    out = out.to(u.dtype)
+    return (out, h) if return_last_state else out
+
+
+# Replaced by the fast path below once it exists.
+selective_scan = selective_scan_reference
