@@ -1,0 +1,103 @@
+"""`storm-vlm eval MODEL_DIR --benchmark NAME --data-root DIR --output OUT`: evaluate on a benchmark.
+
+Predictions are appended to OUT/predictions.jsonl as they are made, so an interrupted run
+resumes where it stopped when rerun with the same arguments. Under torchrun each rank
+takes a disjoint shard and rank 0 writes OUT/results.json and OUT/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+from pathlib import Path
+
+from storm_vlm.errors import StormError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from storm_vlm.eval.readers import READERS
+
+    parser.add_argument("model_dir", help="a saved STORM model folder (config.json + safetensors + processor)")
+    parser.add_argument("--benchmark", required=True, choices=sorted(READERS), help="which benchmark layout to read")
+    parser.add_argument("--data-root", required=True, help="the benchmark's folder (see storm_vlm.eval.readers)")
+    parser.add_argument("--output", required=True, help="output folder (predictions.jsonl, results.json, results.md)")
+    parser.add_argument("--frames", type=int, default=32, help="frames sampled per video (default 32)")
+    parser.add_argument("--fps", type=float, default=None, help="sample at this rate instead (capped at --frames)")
+    parser.add_argument("--temporal-sample", type=int, default=None, metavar="S",
+                        help="test-time temporal sampling stride (default: the model's setting)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="greedy decoding budget (default 16)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _check(args) -> None:
+    if args.frames < 1:
+        raise StormError(f"--frames must be >= 1, got {args.frames}")
+    if args.fps is not None and args.fps <= 0:
+        raise StormError(f"--fps must be > 0, got {args.fps}")
+    if args.temporal_sample is not None and args.temporal_sample < 1:
+        raise StormError(f"--temporal-sample must be >= 1, got {args.temporal_sample}")
+    if args.limit is not None and args.limit < 1:
+        raise StormError(f"--limit must be >= 1, got {args.limit}")
+    if args.max_new_tokens < 1:
+        raise StormError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not (Path(args.model_dir) / "config.json").is_file():
+        raise StormError(f"{args.model_dir}: not a saved model folder (no config.json)")
+
+
+def load_model(model_dir: str, device: str | None = None, dtype: str | None = None):
+    """(model, processor) from a saved folder, in eval mode on `device`."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import storm_vlm  # noqa: F401  (registers the STORM classes with the Auto classes)
+
+    if device is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    if dtype is None:
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if device == "cpu" and dtype == "float16":
+        raise StormError("--dtype float16 on CPU is ~200x slower than float32; use float32 or bfloat16")
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+        processor = AutoProcessor.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise StormError(f"{model_dir}: cannot load the model ({exc})") from None
+    return model.to(device).eval(), processor
+
+
+def _init_distributed(world_size: int) -> None:
+    import torch.distributed as dist
+
+    if world_size > 1 and not dist.is_initialized():
+        # gloo only carries the barrier: long shards need a generous timeout
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
+
+
+def run(args) -> int:
+    from storm_vlm.eval.model_predictor import evaluate
+    from storm_vlm.eval.readers import load_benchmark
+    from storm_vlm.eval.runner import dist_env
+
+    _check(args)
+    records = load_benchmark(args.benchmark, args.data_root)
+    rank, world_size = dist_env()
+    _init_distributed(world_size)
+    try:
+        model, processor = load_model(args.model_dir, args.device, args.dtype)
+        results = evaluate(model, processor, records, args.output, num_frames=args.frames,
+                           temporal_sample_stride=args.temporal_sample, fps=args.fps, limit=args.limit,
+                           max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
+                           model_dir=str(Path(args.model_dir).resolve()), rank=rank, world_size=world_size)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if results is not None:
+        print(f"results: {Path(args.output) / 'results.json'}")
+    return 0

@@ -1,0 +1,68 @@
+"""Frames for one record: a video file through `storm_vlm.video.load_video`, or a folder of
+frame images (MVBench's TVQA frames, extracted at `record.frames_fps`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from storm_vlm.errors import StormError
+from storm_vlm.eval.records import Record
+
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def _decode_error(path: str, cause: str) -> StormError:
+    try:
+        from storm_vlm.video import VideoDecodeError
+    except ImportError:  # pragma: no cover - video.py is part of the package
+        VideoDecodeError = StormError
+    return VideoDecodeError(f"{path}: {cause}")
+
+
+def load_frame_folder(path: str | Path, num_frames: int, folder_fps: float | None = None,
+                      start: float | None = None, end: float | None = None) -> np.ndarray:
+    """`num_frames` images spread uniformly over a folder of frames (sorted by name),
+    restricted to [start, end) seconds when the folder's frame rate is known.
+    Returns (T, H, W, 3) uint8."""
+    from PIL import Image
+
+    path = str(path)
+    names = sorted(n for n in os.listdir(path) if Path(n).suffix.lower() in _IMAGE_SUFFIXES)
+    if not names:
+        raise _decode_error(path, "frame folder holds no images")
+    lo, hi = 0, len(names) - 1
+    if folder_fps and start is not None:
+        lo = min(max(0, int(round(start * folder_fps))), hi)
+    if folder_fps and end is not None:
+        hi = max(lo, min(hi, int(round(end * folder_fps))))
+    idx = np.round(np.linspace(lo, hi, num_frames)).astype(int)
+    frames = []
+    size = None
+    for i in idx:
+        try:
+            with Image.open(os.path.join(path, names[i])) as im:
+                frame = np.asarray(im.convert("RGB"))
+        except (OSError, ValueError) as exc:
+            raise _decode_error(os.path.join(path, names[i]), f"unreadable frame image ({exc})") from None
+        if size is None:
+            size = frame.shape
+        elif frame.shape != size:
+            frame = np.asarray(Image.fromarray(frame).resize((size[1], size[0])))
+        frames.append(frame)
+    return np.stack(frames)
+
+
+def load_record_frames(record: Record, num_frames: int, fps: float | None = None) -> np.ndarray:
+    """Frames (T, H, W, 3) uint8 for `record`. Raises a StormError (VideoDecodeError) on failure."""
+    start, end = record.start, record.end
+    if start is not None and end is not None and end <= start:
+        start = end = None  # a few public annotations have empty bounds; read the whole clip
+    if os.path.isdir(record.video):
+        return load_frame_folder(record.video, num_frames, record.frames_fps, start, end)
+    from storm_vlm.video import load_video
+
+    clip = load_video(record.video, num_frames=num_frames, fps=fps, start=start, end=end)
+    return clip.frames

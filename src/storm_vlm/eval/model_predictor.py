@@ -1,0 +1,116 @@
+"""The model-backed `Predictor` and the in-process `evaluate` API.
+
+``evaluate(model, processor, records, output_dir, num_frames=...)`` runs an already
+loaded STORM model (the demo evaluates several variants in one process) and returns the
+results dict that is also written to ``output_dir/results.json``. Raw-frame subsampling
+is just a smaller ``num_frames``; test-time temporal sampling is ``temporal_sample_stride``.
+
+Each prediction row carries ``latency_s``: the wall time of one greedy ``generate`` call
+(vision tower + projector + prefill + decoding of the short answer). Prefill-only latency
+is not measured here; ``storm-vlm profile`` breaks latency down per module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from storm_vlm.eval.prompts import GENERATION, build_messages, describe_prompt
+from storm_vlm.eval.records import Record
+from storm_vlm.eval.runner import FrameLoader, evaluate_with_predictor
+
+
+def compression_settings(model) -> dict:
+    """The model's token-compression settings (what decides how many visual tokens it reads)."""
+    config = getattr(model, "config", None)
+    out: dict = {}
+    if config is None:
+        return out
+    counting = getattr(config, "counting_fields", None)
+    if callable(counting):
+        out.update(counting())
+    for key in ("projector_type", "temporal_pool_size", "spatial_pool_stride", "temporal_sample_stride",
+                "downsample_ratio", "projector_num_layers"):
+        if hasattr(config, key) and key not in out:
+            out[key] = getattr(config, key)
+    return {k: v for k, v in out.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+class ModelPredictor:
+    """Greedy answers from a StormForConditionalGeneration + StormProcessor pair."""
+
+    def __init__(self, model, processor, temporal_sample_stride: int | None = None, max_new_tokens: int = 16):
+        self.model = model
+        self.processor = processor
+        self.temporal_sample_stride = temporal_sample_stride
+        self.max_new_tokens = int(max_new_tokens)
+
+    def _inputs(self, record: Record, frames: np.ndarray):
+        text = self.processor.apply_chat_template(build_messages(record), add_generation_prompt=True, tokenize=False)
+        inputs = self.processor(text=text, videos=[frames], temporal_sample_stride=self.temporal_sample_stride,
+                                return_tensors="pt")
+        device, dtype = self.model.device, self.model.dtype
+        return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if hasattr(v, "to") else v
+                for k, v in inputs.items()}
+
+    def predict(self, record: Record, frames: np.ndarray) -> str:
+        import torch
+
+        inputs = self._inputs(record, frames)
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, temporal_sample_stride=self.temporal_sample_stride,
+                                      max_new_tokens=self.max_new_tokens, **GENERATION)
+        new_tokens = out[0, inputs["input_ids"].shape[1]:]
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+    def visual_tokens(self, num_frames: int) -> int | None:
+        count = getattr(self.model.config, "num_visual_tokens", None)
+        return count(num_frames, self.temporal_sample_stride) if callable(count) else None
+
+
+def model_settings(model, benchmark: str, *, model_dir: str | None, num_frames: int, fps: float | None,
+                   temporal_sample_stride: int | None, max_new_tokens: int) -> dict:
+    """The settings block of results.json: enough to reproduce the number exactly."""
+    name = model_dir or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
+    count = getattr(getattr(model, "config", None), "num_visual_tokens", None)
+    visual_tokens = None
+    if callable(count):
+        try:
+            visual_tokens = count(num_frames, temporal_sample_stride)
+        except Exception:  # counting is informative only
+            visual_tokens = None
+    return {
+        "benchmark": benchmark,
+        "model": str(name),
+        "num_frames": num_frames,
+        "fps": fps,
+        "temporal_sample_stride": temporal_sample_stride,
+        "compression": compression_settings(model),
+        "visual_tokens_at_num_frames": visual_tokens,
+        "max_new_tokens": max_new_tokens,
+        "decoding": {**GENERATION, "max_new_tokens": max_new_tokens},
+        "prompt": describe_prompt(benchmark),
+        "dtype": str(getattr(model, "dtype", None)),
+        "device": str(getattr(model, "device", None)),
+    }
+
+
+def evaluate(model, processor, records: Sequence[Record], output_dir: str | Path, *, num_frames: int = 32,
+             temporal_sample_stride: int | None = None, fps: float | None = None, limit: int | None = None,
+             max_new_tokens: int = 16, progress: bool = True, model_dir: str | None = None,
+             frame_loader: FrameLoader | None = None, print_table: bool = True,
+             rank: int | None = None, world_size: int | None = None) -> dict | None:
+    """Evaluate a loaded model on `records`; writes predictions.jsonl, results.json, results.md
+    into `output_dir` (resuming what is already there) and returns the results (None on ranks > 0)."""
+    records = list(records)
+    benchmark = records[0].benchmark if records else "synthetic"
+    settings = model_settings(model, benchmark, model_dir=model_dir, num_frames=num_frames, fps=fps,
+                              temporal_sample_stride=temporal_sample_stride, max_new_tokens=max_new_tokens)
+    predictor = ModelPredictor(model, processor, temporal_sample_stride=temporal_sample_stride,
+                               max_new_tokens=max_new_tokens)
+    return evaluate_with_predictor(predictor, records, output_dir, benchmark=benchmark, settings=settings,
+                                   num_frames=num_frames, fps=fps, limit=limit, frame_loader=frame_loader,
+                                   progress=progress, print_table=print_table, rank=rank, world_size=world_size)

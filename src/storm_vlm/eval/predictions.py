@@ -1,0 +1,131 @@
+"""predictions.jsonl: one JSON object per line, appended as each prediction is made.
+
+Every line is flushed and fsync'd before the next question starts, so a killed run
+loses at most the line being written. Reading tolerates exactly that: a last line with
+no newline (or that does not parse) is dropped and cut off before appending again. Any
+other unreadable line means the file was damaged some other way, and reading stops with
+an error naming the file and line rather than guessing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from storm_vlm.errors import StormError
+
+
+def shard_path(out_dir: Path, rank: int, world_size: int) -> Path:
+    """The file this rank appends to: predictions.jsonl alone, or predictions.rank{r}.jsonl."""
+    if world_size <= 1:
+        return out_dir / "predictions.jsonl"
+    return out_dir / f"predictions.rank{rank}.jsonl"
+
+
+def all_prediction_files(out_dir: Path) -> list[Path]:
+    files = [out_dir / "predictions.jsonl"] if (out_dir / "predictions.jsonl").exists() else []
+    return files + sorted(out_dir.glob("predictions.rank*.jsonl"))
+
+
+def read_predictions(path: Path) -> dict[str, dict]:
+    """id -> row for every complete line of `path` (first occurrence wins); {} if absent."""
+    if not path.exists():
+        return {}
+    rows: dict[str, dict] = {}
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    complete = lines[:-1]  # the piece after the last newline is empty or a partial line
+    for n, raw in enumerate(complete, 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+            rid = row["id"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            if n == len(complete) and not lines[-1]:
+                # a last line that was cut mid-write but still got a newline: drop it
+                continue
+            raise StormError(f"{path}, line {n}: not a prediction record ({raw[:80]!r}); "
+                             "the file is damaged — move it aside to start over") from None
+        rows.setdefault(str(rid), row)
+    return rows
+
+
+def read_all(out_dir: Path) -> dict[str, dict]:
+    """Predictions from every file in `out_dir` (merged file and per-rank shards)."""
+    rows: dict[str, dict] = {}
+    for f in all_prediction_files(out_dir):
+        for rid, row in read_predictions(f).items():
+            rows.setdefault(rid, row)
+    return rows
+
+
+def _repair_tail(path: Path) -> None:
+    """Cut a partial (or unparsable) last line so the next append starts on a clean line."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if not data:
+        return
+    keep = data if data.endswith(b"\n") else data[: data.rfind(b"\n") + 1]
+    body = keep.rstrip(b"\n")
+    last = body[body.rfind(b"\n") + 1:] if body else b""
+    if last.strip():
+        try:
+            json.loads(last)["id"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            keep = keep[: len(keep) - len(last) - 1]
+    if len(keep) != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(keep))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class PredictionWriter:
+    """Appends rows to a predictions file, each flushed and fsync'd."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _repair_tail(self.path)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, row: dict) -> None:
+        self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+    def __enter__(self) -> "PredictionWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and os.replace."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def merge(out_dir: Path, order: list[str]) -> Path:
+    """Merge every predictions file in `out_dir` into predictions.jsonl (atomically, one row
+    per id, in `order` first, then any others), then remove the per-rank shards."""
+    rows = read_all(out_dir)
+    known = set(order)
+    ordered = [rows[i] for i in order if i in rows] + [r for i, r in rows.items() if i not in known]
+    target = out_dir / "predictions.jsonl"
+    write_atomic(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
+    for shard in out_dir.glob("predictions.rank*.jsonl"):
+        shard.unlink()
+    return target

@@ -1,0 +1,404 @@
+"""Readers for each benchmark's public on-disk layout, all producing `Record`s.
+
+``load_benchmark(name, data_root)`` dispatches on the name. Each reader expects the
+layout the benchmark's own release unpacks to (field names match the public files):
+
+videomme
+    ``DATA_ROOT/videomme/test-00000-of-00001.parquet`` (or any ``*.parquet`` in
+    ``DATA_ROOT`` or ``DATA_ROOT/videomme``) with columns ``videoID, question_id,
+    duration (short/medium/long), domain, sub_category, task_type, question,
+    options ["A. ...", ...], answer ("B")``; videos ``DATA_ROOT/data/{videoID}.mp4``
+    (``.MP4`` and ``.mkv`` are also found).
+mvbench
+    ``DATA_ROOT/json/<task>.json`` (20 tasks), each a list of ``{video, question,
+    candidates, answer (text), start?, end?}``; videos under ``DATA_ROOT/video/<folder>``
+    with MVBench's own task -> folder table (e.g. action_sequence ->
+    ``star/Charades_v1_480``, read between start and end; episodic_reasoning ->
+    ``tvqa/frames_fps3_hq``, a folder of frames at 3 fps). The pre-cut folders of the
+    lmms-eval mirror (``star/Charades_segment``, ``sta/sta_video_segment``,
+    ``tvqa/video_fps3_hq_segment``, ``nturgbd_convert``, ``ssv2_video_mp4``) are used when
+    the original is absent, without re-cutting. The folders may also sit directly
+    under DATA_ROOT.
+mlvu
+    ``DATA_ROOT/json/{1_plotQA,2_needle,3_ego,4_count,5_order,6_anomaly_reco,
+    7_topic_reasoning}.json`` (the multiple-choice tasks; ``DATA_ROOT/MLVU/json`` also
+    works), each a list of ``{video, duration, question, candidates, answer (text),
+    question_type}``; videos ``DATA_ROOT/video/<task>/<video>``.
+longvideobench
+    ``DATA_ROOT/lvb_val.json``: a list of ``{id, video_path, question, candidates,
+    correct_choice (int), duration_group, question_category, ...}``; videos
+    ``DATA_ROOT/videos/<video_path>``.
+egoschema
+    ``DATA_ROOT/questions.json`` (``{q_uid, question, "option 0".."option 4"}``) and
+    ``DATA_ROOT/subset_answers.json`` (``{q_uid: index}``); videos
+    ``DATA_ROOT/videos/<q_uid>.mp4`` (or ``good_clips_git/``). Only the 500 questions whose
+    answers are public are read: the rest can only be scored by the official server.
+synthetic
+    ``DATA_ROOT/test.json`` from ``storm-vlm synth``: ``{id, video (relative to DATA_ROOT),
+    question, options ["A. ..."], answer ("B"), task}``.
+
+A missing annotation file or a malformed record raises `StormError` naming the file
+and the record. A missing *video* is not an error here: it is recorded as a decode
+failure when the run reaches it, so one absent file never stops a benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from storm_vlm.errors import StormError
+from storm_vlm.eval.records import LETTERS, Record, strip_letter
+
+class BenchmarkFormatError(StormError):
+    """An annotation file is missing or one of its records is malformed."""
+
+
+def _fail(path: Path, record: Any, cause: str) -> BenchmarkFormatError:
+    where = f"{path}" if record is None else f"{path}, record {record}"
+    return BenchmarkFormatError(f"{where}: {cause}")
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise _fail(path, None, "file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise _fail(path, None, f"not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise _fail(path, None, f"cannot read ({exc})") from None
+
+
+def _as_list(data: Any, path: Path) -> list:
+    if not isinstance(data, list):
+        raise _fail(path, None, f"expected a JSON list of records, got {type(data).__name__}")
+    return data
+
+
+def _field(row: Any, key: str, path: Path, rec: Any, kind: type | tuple = str) -> Any:
+    if not isinstance(row, dict):
+        raise _fail(path, rec, f"expected an object, got {type(row).__name__}")
+    if key not in row or row[key] is None:
+        raise _fail(path, rec, f"missing field {key!r}")
+    value = row[key]
+    if not isinstance(value, kind):
+        raise _fail(path, rec, f"field {key!r} should be {_kind_name(kind)}, got {value!r}")
+    return value
+
+
+def _kind_name(kind: type | tuple) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)
+
+
+def _options(values: Any, path: Path, rec: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(values, (list, tuple)) or len(values) < 2:
+        raise _fail(path, rec, f"field {key!r} should be a list of at least 2 options, got {values!r}")
+    if len(values) > len(LETTERS):
+        raise _fail(path, rec, f"field {key!r} has {len(values)} options (at most {len(LETTERS)})")
+    out = []
+    for i, v in enumerate(values):
+        if not isinstance(v, str) or not v.strip():
+            raise _fail(path, rec, f"option {i} of {key!r} is not a non-empty string: {v!r}")
+        out.append(strip_letter(v, i))
+    return tuple(out)
+
+
+def _letter_index(letter: Any, n: int, path: Path, rec: Any) -> int:
+    if not isinstance(letter, str) or len(letter.strip()) != 1 or letter.strip().upper() not in LETTERS[:n]:
+        raise _fail(path, rec, f"answer {letter!r} is not one of the letters {LETTERS[0]}-{LETTERS[n - 1]}")
+    return LETTERS.index(letter.strip().upper())
+
+
+def _text_index(answer: Any, options: tuple[str, ...], raw: list, path: Path, rec: Any) -> int:
+    if not isinstance(answer, str):
+        raise _fail(path, rec, f"answer {answer!r} is not a string")
+    for i, (clean, given) in enumerate(zip(options, raw)):
+        if answer == given or answer.strip() == clean:
+            return i
+    raise _fail(path, rec, f"answer {answer!r} is not one of the candidates {list(raw)!r}")
+
+
+def _optional_float(row: dict, key: str, path: Path, rec: Any) -> float | None:
+    value = row.get(key)
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise _fail(path, rec, f"field {key!r} is not a number: {value!r}") from None
+
+
+def _first_existing(candidates: list[Path]) -> Path:
+    for p in candidates:
+        if p.exists():
+            return p
+    return candidates[0]
+
+
+# ---------------------------------------------------------------- VideoMME
+
+VIDEOMME_COLUMNS = ("videoID", "question_id", "duration", "domain", "sub_category",
+                    "task_type", "question", "options", "answer")
+
+
+def _videomme_parquet(root: Path) -> Path:
+    for folder in (root / "videomme", root):
+        found = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+        if found:
+            return found[0]
+    raise _fail(root / "videomme" / "test-00000-of-00001.parquet", None,
+                "file not found (no *.parquet in the data root or its videomme/ folder)")
+
+
+def read_videomme(root: Path) -> list[Record]:
+    import pandas as pd
+
+    path = _videomme_parquet(root)
+    try:
+        table = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several unrelated types for a bad file
+        raise _fail(path, None, f"cannot read parquet ({exc})") from None
+    missing = [c for c in VIDEOMME_COLUMNS if c not in table.columns]
+    if missing:
+        raise _fail(path, None, f"missing columns {missing}")
+    records = []
+    for i, row in enumerate(table.to_dict("records")):
+        rec = f"{i} (question_id {row.get('question_id')!r})"
+        raw = row["options"]
+        raw = list(raw) if raw is not None and not isinstance(raw, str) else raw
+        options = _options(raw, path, rec, "options")
+        video_id = _field(row, "videoID", path, rec)
+        base = root / "data" / video_id
+        video = _first_existing([base.with_suffix(s) for s in (".mp4", ".MP4", ".mkv")])
+        records.append(Record(
+            id=str(_field(row, "question_id", path, rec)),
+            benchmark="videomme",
+            video=str(video),
+            question=_field(row, "question", path, rec).strip(),
+            options=options,
+            answer=_letter_index(row["answer"], len(options), path, rec),
+            categories={k: str(_field(row, k, path, rec)) for k in ("duration", "domain", "sub_category", "task_type")},
+        ))
+    return records
+
+
+# ---------------------------------------------------------------- MVBench
+
+# task -> folders to try in order: (folder, read start/end, frames fps if a frame folder).
+# The first entry is MVBench's own table; later ones are pre-cut copies (bounds already applied).
+MVBENCH_TASKS: dict[str, list[tuple[str, bool, float | None]]] = {
+    "action_sequence": [("star/Charades_v1_480", True, None), ("star/Charades_segment", False, None)],
+    "action_prediction": [("star/Charades_v1_480", True, None), ("star/Charades_segment", False, None)],
+    "action_antonym": [("ssv2_video", False, None), ("ssv2_video_mp4", False, None)],
+    "fine_grained_action": [("Moments_in_Time_Raw/videos", False, None)],
+    "unexpected_action": [("FunQA_test/test", False, None)],
+    "object_existence": [("clevrer/video_validation", False, None)],
+    "object_interaction": [("star/Charades_v1_480", True, None), ("star/Charades_segment", False, None)],
+    "object_shuffle": [("perception/videos", False, None)],
+    "moving_direction": [("clevrer/video_validation", False, None)],
+    "action_localization": [("sta/sta_video", True, None), ("sta/sta_video_segment", False, None)],
+    "scene_transition": [("scene_qa/video", False, None)],
+    "action_count": [("perception/videos", False, None)],
+    "moving_count": [("clevrer/video_validation", False, None)],
+    "moving_attribute": [("clevrer/video_validation", False, None)],
+    "state_change": [("perception/videos", False, None)],
+    "fine_grained_pose": [("nturgbd", False, None), ("nturgbd_convert", False, None)],
+    "character_order": [("perception/videos", False, None)],
+    "egocentric_navigation": [("vlnqa", False, None)],
+    "episodic_reasoning": [("tvqa/frames_fps3_hq", True, 3.0), ("tvqa/video_fps3_hq_segment", False, None)],
+    "counterfactual_inference": [("clevrer/video_validation", False, None)],
+}
+
+
+def _mvbench_video(root: Path, task: str, name: str) -> tuple[Path, bool, float | None]:
+    for folder, bounded, fps in MVBENCH_TASKS[task]:
+        for base in (root / "video", root, root / "video" / "data0613", root / "data0613"):
+            names = [name] if fps is not None else [name, str(Path(name).with_suffix(".mp4"))]
+            for n in dict.fromkeys(names):
+                p = base / folder / n
+                if p.exists():
+                    return p, bounded, fps
+    folder, bounded, fps = MVBENCH_TASKS[task][0]
+    return root / "video" / folder / name, bounded, fps
+
+
+def read_mvbench(root: Path, tasks: list[str] | None = None) -> list[Record]:
+    json_dir = root / "json"
+    names = tasks or list(MVBENCH_TASKS)
+    present = [t for t in names if (json_dir / f"{t}.json").is_file()]
+    if not present:
+        raise _fail(json_dir / f"{names[0]}.json", None,
+                    f"file not found (expected json/<task>.json for the MVBench tasks {names})")
+    records = []
+    for task in present:
+        path = json_dir / f"{task}.json"
+        for i, row in enumerate(_as_list(_read_json(path), path)):
+            raw = _field(row, "candidates", path, i, list)
+            options = _options(raw, path, i, "candidates")
+            video, bounded, fps = _mvbench_video(root, task, _field(row, "video", path, i))
+            start = _optional_float(row, "start", path, i) if bounded else None
+            end = _optional_float(row, "end", path, i) if bounded else None
+            records.append(Record(
+                id=f"{task}/{i}",
+                benchmark="mvbench",
+                video=str(video),
+                question=_field(row, "question", path, i).strip(),
+                options=options,
+                answer=_text_index(row.get("answer"), options, raw, path, i),
+                start=start,
+                end=end,
+                categories={"task": task},
+                frames_fps=fps,
+            ))
+    return records
+
+
+# ---------------------------------------------------------------- MLVU
+
+MLVU_TASKS = ("1_plotQA", "2_needle", "3_ego", "4_count", "5_order", "6_anomaly_reco", "7_topic_reasoning")
+
+
+def read_mlvu(root: Path) -> list[Record]:
+    if not (root / "json").is_dir() and (root / "MLVU" / "json").is_dir():
+        root = root / "MLVU"
+    json_dir = root / "json"
+    present = [t for t in MLVU_TASKS if (json_dir / f"{t}.json").is_file()]
+    if not present:
+        raise _fail(json_dir / f"{MLVU_TASKS[0]}.json", None,
+                    f"file not found (expected json/<task>.json for the MLVU tasks {list(MLVU_TASKS)})")
+    records = []
+    for task in present:
+        path = json_dir / f"{task}.json"
+        for i, row in enumerate(_as_list(_read_json(path), path)):
+            raw = _field(row, "candidates", path, i, list)
+            options = _options(raw, path, i, "candidates")
+            qtype = row.get("question_type") or task.split("_", 1)[1]
+            records.append(Record(
+                id=f"{task}/{i}",
+                benchmark="mlvu",
+                video=str(root / "video" / task / _field(row, "video", path, i)),
+                question=_field(row, "question", path, i).strip(),
+                options=options,
+                answer=_text_index(row.get("answer"), options, raw, path, i),
+                categories={"question_type": str(qtype), "task": task},
+            ))
+    return records
+
+
+# ---------------------------------------------------------------- LongVideoBench
+
+
+def read_longvideobench(root: Path) -> list[Record]:
+    path = root / "lvb_val.json"
+    records = []
+    for i, row in enumerate(_as_list(_read_json(path), path)):
+        rec = f"{i} (id {row.get('id')!r})" if isinstance(row, dict) else i
+        if isinstance(row, dict) and "candidates" not in row and "option0" in row:
+            raw = [row[f"option{k}"] for k in range(5) if row.get(f"option{k}") not in (None, "N/A")]
+        else:
+            raw = _field(row, "candidates", path, rec, list)
+        options = _options(raw, path, rec, "candidates")
+        answer = _field(row, "correct_choice", path, rec, int)
+        if isinstance(answer, bool) or not 0 <= answer < len(options):
+            raise _fail(path, rec, f"correct_choice {answer!r} is outside 0..{len(options) - 1}")
+        records.append(Record(
+            id=str(row.get("id", i)),
+            benchmark="longvideobench",
+            video=str(root / "videos" / _field(row, "video_path", path, rec)),
+            question=_field(row, "question", path, rec).strip(),
+            options=options,
+            answer=answer,
+            categories={
+                "duration_group": str(_field(row, "duration_group", path, rec, (int, float, str))),
+                "question_category": str(_field(row, "question_category", path, rec)),
+            },
+        ))
+    return records
+
+
+# ---------------------------------------------------------------- EgoSchema
+
+
+def read_egoschema(root: Path) -> list[Record]:
+    qpath, apath = root / "questions.json", root / "subset_answers.json"
+    questions = _as_list(_read_json(qpath), qpath)
+    answers = _read_json(apath)
+    if not isinstance(answers, dict):
+        raise _fail(apath, None, f"expected a JSON object {{q_uid: answer index}}, got {type(answers).__name__}")
+    records = []
+    for i, row in enumerate(questions):
+        uid = _field(row, "q_uid", qpath, i)
+        if uid not in answers:
+            continue
+        rec = f"{i} (q_uid {uid!r})"
+        raw = [_field(row, f"option {k}", qpath, rec) for k in range(5)]
+        options = _options(raw, qpath, rec, "option 0..4")
+        answer = answers[uid]
+        if isinstance(answer, str) and answer.strip().isdigit():
+            answer = int(answer)
+        if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < 5:
+            raise _fail(apath, f"q_uid {uid!r}", f"answer {answer!r} is not an index 0..4")
+        video = _first_existing([root / d / f"{uid}{ext}" for d in ("videos", "good_clips_git", ".")
+                                 for ext in (".mp4", ".MP4")])
+        records.append(Record(
+            id=uid, benchmark="egoschema", video=str(video),
+            question=_field(row, "question", qpath, rec).strip(), options=options, answer=answer,
+            categories={"subset": "subset"},
+        ))
+    missing = set(answers) - {r.id for r in records}
+    if missing:
+        raise _fail(apath, f"q_uid {sorted(missing)[0]!r}", f"{len(missing)} answered q_uid(s) have no question in {qpath}")
+    return records
+
+
+# ---------------------------------------------------------------- synthetic
+
+
+def read_synthetic(root: Path) -> list[Record]:
+    path = root / "test.json"
+    records = []
+    for i, row in enumerate(_as_list(_read_json(path), path)):
+        rec = f"{i} (id {row.get('id')!r})" if isinstance(row, dict) else i
+        options = _options(_field(row, "options", path, rec, list), path, rec, "options")
+        records.append(Record(
+            id=str(_field(row, "id", path, rec, (str, int))),
+            benchmark="synthetic",
+            video=str(root / _field(row, "video", path, rec)),
+            question=_field(row, "question", path, rec).strip(),
+            options=options,
+            answer=_letter_index(row.get("answer"), len(options), path, rec),
+            start=_optional_float(row, "start", path, rec),
+            end=_optional_float(row, "end", path, rec),
+            categories={"task": str(_field(row, "task", path, rec))},
+        ))
+    return records
+
+
+READERS: dict[str, Callable[[Path], list[Record]]] = {
+    "videomme": read_videomme,
+    "mvbench": read_mvbench,
+    "mlvu": read_mlvu,
+    "longvideobench": read_longvideobench,
+    "egoschema": read_egoschema,
+    "synthetic": read_synthetic,
+}
+
+
+def load_benchmark(name: str, data_root: str | Path) -> list[Record]:
+    """Read benchmark `name` from `data_root` into records (see the module docstring)."""
+    if name not in READERS:
+        raise StormError(f"unknown benchmark {name!r}; choose one of {sorted(READERS)}")
+    root = Path(data_root).expanduser().resolve()
+    if not root.is_dir():
+        raise StormError(f"data root {root} for benchmark {name!r} is not a folder")
+    records = READERS[name](root)
+    seen: dict[str, int] = {}
+    for i, r in enumerate(records):
+        if r.id in seen:
+            raise StormError(f"{name} in {root}: record {i} repeats the id {r.id!r} of record {seen[r.id]}")
+        seen[r.id] = i
+    return records

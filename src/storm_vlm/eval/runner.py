@@ -1,0 +1,183 @@
+"""The resumable evaluation loop, independent of what answers the questions.
+
+``run_predictions`` walks a rank's shard of records, skips ids already in the output
+folder, loads frames, asks a `Predictor`, reads the reply with `extract_choice`, and
+appends one row per question to predictions.jsonl (fsync'd). A video that fails to decode
+becomes a row with status "decode_error" and the run goes on. ``finalize`` scores every
+row and writes results.json (atomically), results.md and the printed table.
+
+Ranks (torchrun's RANK / WORLD_SIZE) take the disjoint shards ``records[rank::world]``,
+each appending to its own predictions.rank{r}.jsonl; after a barrier rank 0 merges them
+into predictions.jsonl. A rerun — with any number of ranks — skips every id already in
+any of these files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from storm_vlm.errors import StormError
+from storm_vlm.eval import predictions as P
+from storm_vlm.eval.extraction import extract_choice
+from storm_vlm.eval.frames import load_record_frames
+from storm_vlm.eval.records import LETTERS, Record
+from storm_vlm.eval.scoring import format_table, score
+
+log = logging.getLogger("storm_vlm.eval")
+
+# Settings that must match for a rerun to add to an existing output folder.
+IDENTITY_KEYS = ("benchmark", "model", "num_frames", "fps", "temporal_sample_stride", "max_new_tokens", "prompt")
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """Answers one question: given the record and its frames (T, H, W, 3) uint8, the reply text."""
+
+    def predict(self, record: Record, frames: np.ndarray) -> str: ...
+
+
+FrameLoader = Callable[[Record], np.ndarray]
+
+
+def shard(records: Sequence[Record], rank: int, world_size: int) -> list[Record]:
+    """This rank's disjoint share: records[rank::world_size]."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise StormError(f"rank {rank} is not within world size {world_size}")
+    return list(records[rank::world_size])
+
+
+def dist_env() -> tuple[int, int]:
+    """(rank, world_size) from torchrun's environment; (0, 1) when not distributed."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def check_settings(out_dir: Path, settings: dict, write: bool) -> None:
+    """Refuse to mix predictions made with different settings in one output folder."""
+    path = out_dir / "run_config.json"
+    identity = {k: settings.get(k) for k in IDENTITY_KEYS}
+    if path.exists():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise StormError(f"{path}: not valid JSON ({exc})") from None
+        diff = {k: (old.get(k), identity[k]) for k in IDENTITY_KEYS if old.get(k) != identity[k]}
+        if diff:
+            desc = "; ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in diff.items())
+            raise StormError(f"{out_dir} holds predictions made with other settings ({desc}); "
+                             "use a new --output folder")
+    elif write:
+        P.write_atomic(path, json.dumps(identity, indent=2) + "\n")
+
+
+def predict_row(record: Record, predictor: Predictor, frame_loader: FrameLoader) -> dict:
+    """One predictions.jsonl row for `record` (decode failures become a row, not an exception)."""
+    row: dict = {"id": record.id, "answer": record.answer,
+                 "answer_letter": record.answer_letter, "categories": record.categories}
+    try:
+        frames = frame_loader(record)
+    except Exception as exc:  # any failure to read the video is recorded and the run goes on
+        log.warning("decode failure for %s: %s", record.id, exc)
+        row.update(status="decode_error", pred=None, pred_letter=None, correct=False, reply=None,
+                   error=f"{type(exc).__name__}: {exc}")
+        return row
+    t0 = time.perf_counter()
+    reply = predictor.predict(record, frames)
+    latency = time.perf_counter() - t0
+    pred = extract_choice(reply, record.options)
+    if pred is None:
+        log.warning("unparsed reply for %s: %r", record.id, reply)
+    row.update(status="answered" if pred is not None else "unparsed", pred=pred,
+               pred_letter=None if pred is None else LETTERS[pred],
+               correct=pred is not None and pred == record.answer,
+               reply=reply, error=None, num_frames=int(frames.shape[0]), latency_s=round(latency, 4))
+    return row
+
+
+def run_predictions(records: Sequence[Record], predictor: Predictor, out_dir: str | Path, *,
+                    frame_loader: FrameLoader, rank: int = 0, world_size: int = 1,
+                    progress: bool = True) -> int:
+    """Predict this rank's shard of `records` not yet in `out_dir`; returns how many were added."""
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mine = shard(records, rank, world_size)
+    done = set(P.read_all(out_dir))
+    todo = [r for r in mine if r.id not in done]
+    if len(mine) - len(todo):
+        log.info("rank %d: %d of %d questions already done in %s", rank, len(mine) - len(todo), len(mine), out_dir)
+    added = 0
+    with P.PredictionWriter(P.shard_path(out_dir, rank, world_size)) as writer:
+        bar = tqdm(todo, desc=f"eval{'' if world_size == 1 else f' rank {rank}'}", unit="q",
+                   disable=not progress, initial=len(mine) - len(todo), total=len(mine))
+        for record in bar:
+            writer.write(predict_row(record, predictor, frame_loader))
+            added += 1
+    return added
+
+
+def finalize(benchmark: str, records: Sequence[Record], out_dir: str | Path, settings: dict,
+             print_table: bool = True) -> dict:
+    """Merge any per-rank files, score, and write results.json (atomic) and results.md."""
+    out_dir = Path(out_dir)
+    P.merge(out_dir, [r.id for r in records])
+    rows = P.read_predictions(out_dir / "predictions.jsonl")
+    results = score(benchmark, records, rows)
+    results["settings"] = settings
+    unparsed = [rid for rid, row in rows.items() if row.get("status") == "unparsed"]
+    results["unparsed_ids"] = unparsed[:100]
+    results["decode_failure_ids"] = [rid for rid, row in rows.items() if row.get("status") == "decode_error"][:100]
+    table = format_table(results)
+    P.write_atomic(out_dir / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    P.write_atomic(out_dir / "results.md", table)
+    if print_table:
+        print(table)
+    return results
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def evaluate_with_predictor(predictor: Predictor, records: Sequence[Record], output_dir: str | Path, *,
+                            benchmark: str | None = None, settings: dict | None = None,
+                            num_frames: int = 32, fps: float | None = None, limit: int | None = None,
+                            frame_loader: FrameLoader | None = None, rank: int | None = None,
+                            world_size: int | None = None, progress: bool = True,
+                            print_table: bool = True) -> dict | None:
+    """Run and score `records` with any predictor. Returns results on rank 0, None elsewhere."""
+    records = list(records)
+    if not records:
+        raise StormError("no records to evaluate")
+    benchmark = benchmark or records[0].benchmark
+    if limit is not None:
+        records = records[: max(0, int(limit))]
+    env_rank, env_world = dist_env()
+    rank = env_rank if rank is None else rank
+    world_size = env_world if world_size is None else world_size
+    settings = dict(settings or {})
+    settings.setdefault("benchmark", benchmark)
+    settings.setdefault("num_frames", num_frames)
+    settings.setdefault("fps", fps)
+    settings["limit"] = limit
+    settings["num_records"] = len(records)
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_settings(out_dir, settings, write=rank == 0)
+    loader = frame_loader or (lambda r: load_record_frames(r, num_frames, fps))
+    run_predictions(records, predictor, out_dir, frame_loader=loader, rank=rank, world_size=world_size,
+                    progress=progress)
+    _barrier()
+    if rank != 0:
+        return None
+    return finalize(benchmark, records, out_dir, settings, print_table=print_table)

@@ -1,0 +1,114 @@
+"""Accuracy, counts and each benchmark's standard breakdowns, from records + predictions.
+
+A prediction row (one line of predictions.jsonl) has ``status`` "answered" (a letter was
+read), "unparsed" (the reply named no single option: counted wrong) or "decode_error"
+(the video could not be read: counted separately). ``accuracy`` is over the questions the
+model saw (answered + unparsed); ``accuracy_all`` also counts decode failures as wrong.
+Breakdowns use the questions the model saw.
+
+Standard breakdowns: VideoMME by duration, domain and task type; MVBench per task and
+the mean over tasks (its headline); MLVU per question type and the mean over types
+(M-Avg, its headline); LongVideoBench by duration group and question category; EgoSchema
+the 500-question subset; synthetic by task.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from storm_vlm.eval.records import Record
+
+BREAKDOWNS: dict[str, tuple[str, ...]] = {
+    "videomme": ("duration", "domain", "task_type"),
+    "mvbench": ("task",),
+    "mlvu": ("question_type",),
+    "longvideobench": ("duration_group", "question_category"),
+    "egoschema": (),
+    "synthetic": ("task",),
+}
+MEAN_OVER = {"mvbench": "task", "mlvu": "question_type"}
+HEADLINE_NAMES = {
+    "videomme": "accuracy",
+    "mvbench": "mean accuracy over tasks",
+    "mlvu": "M-Avg (mean accuracy over question types)",
+    "longvideobench": "accuracy",
+    "egoschema": "subset accuracy (500 questions)",
+    "synthetic": "accuracy",
+}
+
+
+def _acc(correct: int, count: int) -> float | None:
+    return correct / count if count else None
+
+
+def _group(rows: list[tuple[Record, dict]], key: str) -> dict:
+    groups: dict[str, list[int]] = {}
+    for rec, row in rows:
+        value = rec.categories.get(key, "?")
+        g = groups.setdefault(value, [0, 0])
+        g[0] += bool(row.get("correct"))
+        g[1] += 1
+    return {v: {"correct": c, "count": n, "accuracy": _acc(c, n)} for v, (c, n) in groups.items()}
+
+
+def score(benchmark: str, records: Iterable[Record], predictions: dict[str, dict]) -> dict:
+    """Overall accuracy, counts and breakdowns for `records` given `predictions` (id -> row)."""
+    records = list(records)
+    done = [(r, predictions[r.id]) for r in records if r.id in predictions]
+    seen = [(r, p) for r, p in done if p.get("status") != "decode_error"]
+    correct = sum(bool(p.get("correct")) for _, p in seen)
+    counts = {
+        "total": len(records),
+        "predicted": len(done),
+        "answered": sum(p.get("status") == "answered" for _, p in done),
+        "unparsed": sum(p.get("status") == "unparsed" for _, p in done),
+        "decode_failures": sum(p.get("status") == "decode_error" for _, p in done),
+        "missing": len(records) - len(done),
+        "correct": correct,
+    }
+    out: dict = {
+        "benchmark": benchmark,
+        "accuracy": _acc(correct, len(seen)),
+        "accuracy_all": _acc(correct, len(done)),
+        "counts": counts,
+        "breakdowns": {key: _group(seen, key) for key in BREAKDOWNS.get(benchmark, ())},
+    }
+    headline = out["accuracy"]
+    if benchmark in MEAN_OVER:
+        key = MEAN_OVER[benchmark]
+        accs = [g["accuracy"] for g in out["breakdowns"][key].values() if g["accuracy"] is not None]
+        out[f"mean_over_{key}"] = sum(accs) / len(accs) if accs else None
+        headline = out[f"mean_over_{key}"]
+    out["headline"] = {"name": HEADLINE_NAMES.get(benchmark, "accuracy"), "value": headline}
+    latencies = [p["latency_s"] for _, p in seen if isinstance(p.get("latency_s"), (int, float))]
+    if latencies:
+        out["mean_latency_s"] = sum(latencies) / len(latencies)
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}"
+
+
+def format_table(results: dict) -> str:
+    """A Markdown table of the headline, counts and breakdowns."""
+    c = results["counts"]
+    s = results.get("settings", {})
+    lines = [f"## {results['benchmark']}", ""]
+    if s:
+        lines.append(f"model: {s.get('model')}  frames: {s.get('num_frames')}  fps: {s.get('fps')}  "
+                     f"temporal sample stride: {s.get('temporal_sample_stride')}")
+        lines.append("")
+    lines += ["| metric | value |", "| --- | --- |",
+              f"| {results['headline']['name']} | {_pct(results['headline']['value'])} |",
+              f"| accuracy (questions seen) | {_pct(results['accuracy'])} |",
+              f"| accuracy (decode failures as wrong) | {_pct(results['accuracy_all'])} |"]
+    for k in ("total", "answered", "unparsed", "decode_failures", "missing"):
+        lines.append(f"| {k.replace('_', ' ')} | {c[k]} |")
+    if "mean_latency_s" in results:
+        lines.append(f"| mean latency per question (s) | {results['mean_latency_s']:.3f} |")
+    for key, groups in results["breakdowns"].items():
+        lines += ["", f"| {key} | accuracy | correct / count |", "| --- | --- | --- |"]
+        for value, g in groups.items():
+            lines.append(f"| {value} | {_pct(g['accuracy'])} | {g['correct']} / {g['count']} |")
+    return "\n".join(lines) + "\n"
