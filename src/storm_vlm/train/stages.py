@@ -1,0 +1,120 @@
+"""What each stage trains, and the optimizer's parameter groups.
+
+align: only the projector (image-caption pairs). sft / long: vision tower, projector and LLM
+(or `train_parts`), or -- with `lora:` -- LoRA adapters on the LLM while the projector trains
+fully. The projector has its own learning rate (`projector_lr`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from storm_vlm.train.config import PARTS, TrainConfig
+
+LORA_ADAPTER = "default"
+
+
+def apply_stage(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """Freeze / unfreeze the model's parts for `cfg.stage`; inject LoRA into the LLM when asked.
+
+    Works in place on a `StormForConditionalGeneration` (with `vision_tower`, `projector`,
+    `language_model`) and returns it. Parameter names of the base model do not change apart
+    from LoRA's `base_layer` / `lora_A` / `lora_B` (see `merged_state_dict`).
+    """
+    parts = set(cfg.parts_to_train())
+    for part in PARTS:
+        getattr(model, part).requires_grad_(part in parts)
+    if cfg.lora is not None:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import inject_adapter_in_model
+
+        lm = model.language_model
+        lm.requires_grad_(False)
+        peft_cfg = PeftLoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=list(cfg.lora.target_modules),
+            bias=cfg.lora.bias,
+        )
+        inject_adapter_in_model(peft_cfg, lm, adapter_name=LORA_ADAPTER)
+        n = sum(1 for name, _ in lm.named_parameters() if "lora_" in name)
+        if n == 0:
+            from storm_vlm.errors import ConfigError
+
+            raise ConfigError(
+                f"key 'lora.target_modules': none of {cfg.lora.target_modules} matches a module of the language model"
+            )
+        for name, p in lm.named_parameters():
+            p.requires_grad_("lora_" in name)
+    return model
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any("lora_" in name for name, _ in model.named_parameters())
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: projector vs the rest (separate lr), each split into decay / no-decay.
+
+    Biases and 1-D weights (norms) get no weight decay. Every group carries a "name".
+    """
+    buckets: dict[str, list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = "projector" if name.startswith("projector.") else "model"
+        decay = cfg.weight_decay > 0 and p.ndim >= 2
+        key = part if decay or cfg.weight_decay == 0 else f"{part}_no_decay"
+        buckets.setdefault(key, []).append(p)
+    groups = []
+    for key in ("projector", "projector_no_decay", "model", "model_no_decay"):
+        if key not in buckets:
+            continue
+        lr = cfg.effective_projector_lr if key.startswith("projector") else cfg.learning_rate
+        wd = cfg.weight_decay if not key.endswith("no_decay") else 0.0
+        groups.append({"params": buckets[key], "lr": lr, "weight_decay": wd, "name": key})
+    if not groups:
+        from storm_vlm.errors import ConfigError
+
+        raise ConfigError(f"stage {cfg.stage!r}: no parameter is trainable (check 'train_parts' / 'lora')")
+    return groups
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Trainable parameter counts per part (works on the meta device)."""
+    out = {}
+    for part in PARTS:
+        out[part] = sum(p.numel() for p in getattr(model, part).parameters() if p.requires_grad)
+    return out
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with LoRA merged into the base weights, under the base names.
+
+    `x.base_layer.weight` + scale * B @ A -> `x.weight`; lora_* tensors are dropped. Does not
+    modify the model (training continues bitwise unchanged). Without LoRA: the plain state dict.
+    """
+    sd = model.state_dict()
+    if not has_lora(model):
+        return sd
+    from peft.tuners.lora import LoraLayer
+
+    deltas = {}
+    for mod_name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and LORA_ADAPTER in getattr(module, "lora_A", {}):
+            deltas[f"{mod_name}.base_layer.weight"] = module.get_delta_weight(LORA_ADAPTER)
+    out = {}
+    for key, t in sd.items():
+        if ".lora_" in key:
+            continue
+        if key in deltas:
+            t = (t.float() + deltas[key].float()).to(t.dtype)
+        out[key.replace(".base_layer.", ".")] = t
+    return out

@@ -1,0 +1,89 @@
+"""Training config: YAML + --set overrides, per-stage sections, errors naming the key."""
+
+import pytest
+
+from storm_vlm.errors import ConfigError
+from storm_vlm.train.config import load_config, parse_override
+
+BASE = """
+stage: sft
+output_dir: runs/x
+train_file: data/train.json
+media_root: data
+num_frames: 8
+max_steps: 10
+save_steps: 5
+seed: 0
+tiny: {projector_type: mamba}
+learning_rate: 1.0e-4
+"""
+
+
+def write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_overrides_are_yaml_typed_and_nested(tmp_path):
+    cfg = load_config(
+        write(tmp_path, BASE),
+        ["max_steps=3", "bf16=true", "projector_lr=1e-3", "lora.r=4", "lora.target_modules=[q_proj]", "seed=7"],
+    )
+    assert cfg.max_steps == 3 and cfg.bf16 is True and cfg.seed == 7
+    assert cfg.projector_lr == pytest.approx(1e-3) and cfg.effective_projector_lr == pytest.approx(1e-3)
+    assert cfg.lora.r == 4 and cfg.lora.target_modules == ["q_proj"]
+    assert cfg.learning_rate == pytest.approx(1e-4)
+    assert cfg.parts_to_train() == ("vision_tower", "projector", "language_model")
+
+
+def test_stage_sections_merge_and_set_wins(tmp_path):
+    text = BASE + """
+stages:
+  align: {train_file: data/align.json, learning_rate: 1.0e-3}
+  long: {num_frames: 32, temporal_pool_size: 4, tiny: null, init_from: runs/sft}
+"""
+    p = write(tmp_path, text)
+    assert load_config(p).train_file == "data/train.json"  # stage sft: no section
+    align = load_config(p, ["stage=align"])
+    assert align.train_file == "data/align.json" and align.learning_rate == pytest.approx(1e-3)
+    assert align.parts_to_train() == ("projector",)
+    long = load_config(p, ["stage=long", "num_frames=64"])
+    assert long.num_frames == 64 and long.temporal_pool_size == 4 and long.init_from == "runs/sft"
+    assert long.tiny is None
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["stage=pretrain"], "stage"),
+        (["num_frames=0"], "num_frames"),
+        (["max_steps=ten"], "max_steps"),
+        (["learning_rate=fast"], "learning_rate"),
+        (["bogus_key=1"], "bogus_key"),
+        (["lora.rank=8"], "lora.rank"),
+        (["bf16=maybe"], "bf16"),
+        (["distributed=deepspeed"], "distributed"),
+        (["train_parts=[projector, eyes]"], "train_parts"),
+        (["init_from=runs/a"], "init_from"),  # two model sources
+        (["seed=null"], "seed"),
+        (["build.llm=x"], "build"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, overrides, key):
+    with pytest.raises(ConfigError, match=key.split(".")[0]) as info:
+        load_config(write(tmp_path, BASE), overrides)
+    assert key in str(info.value)
+
+
+def test_align_rejects_lora_and_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="lora"):
+        load_config(write(tmp_path, BASE), ["stage=align", "lora.r=4"])
+    with pytest.raises(ConfigError, match="missing required key 'save_steps'"):
+        load_config(write(tmp_path, BASE.replace("save_steps: 5\n", "")))
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(write(tmp_path, "stage: [unclosed\n"))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_override("novalue")
