@@ -100,6 +100,8 @@ def extract_choice(text: str, options: Sequence[str]) -> int | None:
     m = _LEADING.match(s)
     if m:
         letter = m.group(1) or m.group(2)
+        if _OR.match(s[m.end():]):
+            return None
         i = _index(letter, n)
         rest = _norm(s[m.end():])
         if i is not None and rest:
