@@ -1,0 +1,180 @@
+"""Where a training run's model comes from: `init_from`, `build` or `tiny` (see TrainConfig).
+
+- init_from: a saved STORM model folder (config.json + safetensors + processor), e.g. the
+  previous stage's `output_dir/final`; a stage output_dir itself is accepted too (its `final/`).
+- build: {vision: DIR, llm: DIR, projector: mamba|mlp, **StormConfig fields} -- a local SigLIP
+  folder and a local causal-LM folder assembled into a STORM model (projector freshly initialised).
+- tiny: kwargs of `storm_vlm.tiny.build_tiny_model` -- a tiny random model, written once to
+  `output_dir/source-model/` (rank 0, atomically) and loaded from there by every rank.
+
+After loading, `temporal_pool_size` and `model_overrides` (token-compression settings only) are
+applied to the model config and to the processor's visual-token counter together.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from storm_vlm.errors import ConfigError, StormError
+from storm_vlm.train import checkpoint as ckpt
+from storm_vlm.train.config import TrainConfig
+
+# StormConfig fields a config may change on an existing model (they add no weights).
+OVERRIDABLE = ("temporal_pool_size", "spatial_pool_stride", "temporal_sample_stride", "vision_batch_size")
+SOURCE_DIR = "source-model"
+
+
+def resolve_model_dir(path: str | Path, key: str = "init_from") -> Path:
+    p = Path(path)
+    for cand in (p, p / "final"):
+        if (cand / "config.json").is_file():
+            return cand
+    raise ConfigError(f"key {key!r}: {str(p)!r} is not a STORM model folder (no config.json in it or in its final/)")
+
+
+def _vision_config(vision_dir: Path):
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(vision_dir)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"key 'build.vision': cannot read a model config from {str(vision_dir)!r} ({exc})") from None
+    return getattr(cfg, "vision_config", cfg)  # a full SigLIP folder holds text + vision configs
+
+
+def _text_config(llm_dir: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(llm_dir)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"key 'build.llm': cannot read a model config from {str(llm_dir)!r} ({exc})") from None
+
+
+def storm_config_for_build(build: dict, video_token_id=None, image_token_id=None):
+    """A StormConfig from `build:` (vision/llm folders' configs + StormConfig fields)."""
+    from storm_vlm.config import StormConfig
+
+    extra = {k: v for k, v in build.items() if k not in ("vision", "llm", "projector")}
+    try:
+        return StormConfig(
+            vision_config=_vision_config(Path(build["vision"])),
+            text_config=_text_config(Path(build["llm"])),
+            projector_type=build.get("projector", "mamba"),
+            video_token_id=video_token_id,
+            image_token_id=image_token_id,
+            **extra,
+        )
+    except TypeError as exc:
+        raise ConfigError(f"key 'build': {exc}") from None
+
+
+def instantiate_on_meta(cfg: TrainConfig):
+    """The stage's model built on the meta device from `build:` configs only (no weights, no tokenizer).
+
+    For checking real-size recipes: parameter counts and trainable groups without memory.
+    """
+    from storm_vlm.modeling import StormForConditionalGeneration
+    from storm_vlm.train.stages import apply_stage
+
+    if cfg.build is None:
+        raise ConfigError("key 'build': instantiating on the meta device needs a build: source")
+    text_vocab = _text_config(Path(cfg.build["llm"])).vocab_size
+    config = storm_config_for_build(cfg.build, video_token_id=text_vocab - 2, image_token_id=text_vocab - 1)
+    _apply_overrides(config, cfg)
+    with torch.device("meta"):
+        model = StormForConditionalGeneration(config)
+    apply_stage(model, cfg)
+    return model
+
+
+def _build_from_parts(build: dict):
+    """Load SigLIP + LLM + tokenizer from local folders and assemble a STORM model and processor."""
+    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
+
+    from storm_vlm.modeling import StormForConditionalGeneration
+    from storm_vlm.processing import StormProcessor
+
+    vision_dir, llm_dir = Path(build["vision"]), Path(build["llm"])
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+        image_processor = AutoImageProcessor.from_pretrained(vision_dir)
+        vision = SiglipVisionModel.from_pretrained(vision_dir, dtype=torch.float32)
+        llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"key 'build': cannot load the parts from {str(vision_dir)!r} / {str(llm_dir)!r} ({exc})") from None
+    proto = StormProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    config = storm_config_for_build(build, proto.video_token_id, proto.image_token_id)
+    if len(tokenizer) > llm.get_input_embeddings().weight.shape[0]:
+        llm.resize_token_embeddings(len(tokenizer))
+    config.text_config = llm.config
+    model = StormForConditionalGeneration.from_parts(config, vision_tower=vision, language_model=llm)
+    processor = StormProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        visual_token_config=model.config.counting_fields(),
+    )
+    return model, processor
+
+
+def _materialise_tiny(cfg: TrainConfig, env) -> Path:
+    """Rank 0 writes the tiny model once under output_dir; everyone then loads it."""
+    from storm_vlm.tiny import build_tiny_model
+
+    target = Path(cfg.output_dir) / SOURCE_DIR
+    if env.is_main and not (target / "config.json").is_file():
+        tmp = target.with_name(target.name + ".tmp")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        try:
+            build_tiny_model(tmp, **cfg.tiny)
+        except TypeError as exc:
+            raise ConfigError(f"key 'tiny': {exc}") from None
+        ckpt.publish_dir(tmp, target)
+    env.barrier()
+    return target
+
+
+def _apply_overrides(config, cfg: TrainConfig) -> None:
+    updates = dict(cfg.model_overrides)
+    for key in updates:
+        if key not in OVERRIDABLE:
+            raise ConfigError(f"key 'model_overrides.{key}': not changeable on a loaded model (choose from {', '.join(OVERRIDABLE)})")
+    if cfg.temporal_pool_size is not None:
+        updates["temporal_pool_size"] = cfg.temporal_pool_size
+    old = {k: getattr(config, k) for k in updates}
+    for k, v in updates.items():
+        setattr(config, k, v)
+    try:
+        config.validate_storm_fields()
+    except StormError as exc:
+        for k, v in old.items():
+            setattr(config, k, v)
+        raise ConfigError(f"key 'model_overrides'/'temporal_pool_size': {exc}") from None
+
+
+def load_model_and_processor(cfg: TrainConfig, env):
+    """(model in float32 on CPU, processor) for the run, with compression overrides applied."""
+    from storm_vlm.modeling import StormForConditionalGeneration
+    from storm_vlm.processing import StormProcessor
+
+    if cfg.build is not None:
+        model, processor = _build_from_parts(cfg.build)
+    else:
+        folder = resolve_model_dir(cfg.init_from) if cfg.init_from is not None else _materialise_tiny(cfg, env)
+        model = StormForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+        processor = StormProcessor.from_pretrained(folder)
+    _apply_overrides(model.config, cfg)
+    processor = StormProcessor(
+        image_processor=processor.image_processor,
+        tokenizer=processor.tokenizer,
+        chat_template=processor.chat_template,
+        video_token=processor.video_token,
+        image_token=processor.image_token,
+        visual_token_config=model.config.counting_fields(),
+    )
+    return model, processor

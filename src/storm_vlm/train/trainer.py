@@ -1,0 +1,585 @@
+"""The training loop: one optimizer step per global batch, crash-safe checkpoints, exact resume.
+
+`train(config)` is the whole job (the CLI and the demo call it): set up the process group,
+build the model from its source, apply the stage, wrap it (DDP or FSDP2 when there is more
+than one process), then run steps `start_step .. max_steps-1` and save the final model.
+
+Loss: token-level cross entropy summed over every label token of the *global* batch (all
+ranks, all accumulation micro-steps) and divided by their total count. Each rank back-propagates
+its share times world_size, because DDP/FSDP average gradients over ranks; the result is the
+same gradient a single process would compute on the whole global batch, so 2 processes x batch
+b follow 1 process x batch 2b.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from storm_vlm.data.sampler import GlobalBatchSampler
+from storm_vlm.errors import ConfigError, StormError
+from storm_vlm.train import checkpoint as ckpt
+from storm_vlm.train.config import TrainConfig, config_from_dict
+from storm_vlm.train.launch import DistEnv, init_distributed, shutdown
+from storm_vlm.train.stages import apply_stage, has_lora, merged_state_dict, parameter_groups, trainable_names
+
+logger = logging.getLogger("storm_vlm.train")
+FINAL_DIR = "final"
+METRICS_FILE = "metrics.jsonl"
+
+
+# ----------------------------------------------------------------------------- schedule
+def lr_lambda_factory(cfg: TrainConfig):
+    warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
+    total = cfg.max_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return float(step + 1) / float(warmup + 1) if warmup else 1.0
+        if cfg.lr_scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if cfg.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return factor
+
+
+def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    if cfg.bf16 is False:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cfg.bf16 is True  # CPU autocast only when asked for explicitly
+
+
+# ----------------------------------------------------------------------------- loss
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross entropy over label positions. logits (B, L, V), labels (B, L)."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:].to(shift_logits.device)
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+
+
+def count_label_tokens(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != -100).sum())
+
+
+# ----------------------------------------------------------------------------- helpers
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Yields this rank's micro-batches (index lists) for optimizer steps start..max_steps-1."""
+
+    def __init__(self, sampler: GlobalBatchSampler, start_step: int, max_steps: int):
+        self.sampler, self.start_step, self.max_steps = sampler, start_step, max_steps
+
+    def __iter__(self):
+        cached_epoch, order = None, None
+        for step in range(self.start_step, self.max_steps):
+            epoch, pos = self.sampler.position(step)
+            if epoch != cached_epoch:
+                cached_epoch, order = epoch, self.sampler.epoch_order(epoch)
+            yield from self.sampler.micro_batches(epoch, pos, order)
+
+    def __len__(self):
+        return (self.max_steps - self.start_step) * self.sampler.gradient_accumulation_steps
+
+
+def _move(batch: Mapping[str, Any], device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values_videos", "video_frame_mask", "pixel_values")
+
+
+class MetricsLog:
+    """metrics.jsonl (rank 0), plus TensorBoard scalars when the package is installed."""
+
+    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool, resume_step: int):
+        self.path = output_dir / METRICS_FILE
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        # A killed run may have logged steps past the checkpoint we resume from: drop them.
+        if self.path.exists():
+            kept = []
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by the kill
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+            os.replace(tmp, self.path)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=resume_step + 1)
+            except Exception:  # tensorboard not installed
+                self.tb = None
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+        if self.tb is not None:
+            step = row["step"]
+            for k, v in row.items():
+                if k == "lr":
+                    for g, lr in v.items():
+                        self.tb.add_scalar(f"lr/{g}", lr, step)
+                elif isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"train/{k}", v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._f.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+# ----------------------------------------------------------------------------- the trainer
+class Trainer:
+    def __init__(self, cfg: TrainConfig, env: DistEnv, resume: bool = False):
+        self.cfg, self.env, self.resume = cfg, env, resume
+        self.output_dir = Path(cfg.output_dir)
+        self.device = env.device
+        self.bf16 = use_bf16(cfg, self.device)
+        self.skipped_total = 0
+        self.start_step = 0
+        self.resume_dir: Path | None = None
+
+    # -------------------------------------------------------------- setup
+    def _check_output_dir(self) -> None:
+        existing = ckpt.list_checkpoints(self.output_dir)
+        if self.resume:
+            self.resume_dir = existing[-1][1] if existing else None
+            if self.resume_dir is None and self.env.is_main:
+                logger.warning("--resume: no complete checkpoint in %s; starting from step 0", self.output_dir)
+        elif existing or (self.output_dir / FINAL_DIR).exists():
+            raise ConfigError(
+                f"key 'output_dir': {str(self.output_dir)!r} already holds a run "
+                f"(checkpoints or {FINAL_DIR}/); pass --resume to continue it or choose another output_dir"
+            )
+
+    def setup(self) -> None:
+        from storm_vlm.train.model_source import load_model_and_processor
+
+        cfg, env = self.cfg, self.env
+        self._check_output_dir()
+        if env.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_tmp(self.output_dir)
+            ckpt.write_json_atomic(self.output_dir / "train_config.json", cfg.to_dict())
+        env.barrier()
+
+        torch.manual_seed(cfg.seed)
+        model, processor = load_model_and_processor(cfg, env)
+        apply_stage(model, cfg)
+        if self.resume_dir is not None:
+            self._load_trainable(model, self.resume_dir)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "enable_input_require_grads") and cfg.stage == "align":
+                pass  # frozen embeddings are fine with non-reentrant checkpointing
+        model.to(self.device)
+        model.train()
+        self.model = model  # the unwrapped model (FSDP2 shards it in place)
+        self.processor = processor
+        self.trainable = trainable_names(model)
+
+        from storm_vlm.data.collator import StormCollator
+        from storm_vlm.data.datasets import LlavaDataset
+
+        self.dataset = LlavaDataset.from_config(cfg, processor)
+        self.collator = StormCollator(pad_token_id=_pad_id(processor))
+        self.sampler = GlobalBatchSampler(
+            num_samples=len(self.dataset),
+            per_device_batch_size=cfg.per_device_batch_size,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            world_size=env.world_size,
+            rank=env.rank,
+            seed=cfg.seed,
+            shuffle=cfg.shuffle,
+        )
+
+        self.wrapped = self._wrap(model)
+        self.optimizer = torch.optim.AdamW(
+            parameter_groups(model, cfg),
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_epsilon,
+            foreach=False,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda_factory(cfg))
+        if self.resume_dir is not None:
+            self._load_training_state(self.resume_dir)
+
+    def _wrap(self, model):
+        cfg, env = self.cfg, self.env
+        if not env.is_distributed:
+            return model
+        if cfg.distributed == "fsdp":
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if (
+                self.bf16 and self.device.type == "cuda") else MixedPrecisionPolicy()
+            for block in _fsdp_blocks(model):
+                fully_shard(block, mp_policy=mp)
+            fully_shard(model, mp_policy=mp)
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(
+            model,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            # A text-only micro-batch leaves the vision path unused on that rank.
+            find_unused_parameters=True,
+        )
+
+    # -------------------------------------------------------------- checkpoint IO
+    def _model_state_for_saving(self) -> dict[str, torch.Tensor] | None:
+        """Full (LoRA-merged) state dict on rank 0 (None elsewhere); collective under FSDP."""
+        if self.env.is_distributed and self.cfg.distributed == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if not self.env.is_main:
+                return None
+            if has_lora(self.model):
+                sd = _merge_lora_in_state_dict(self.model, sd)
+            return sd
+        if not self.env.is_main:
+            return None
+        return {k: v.detach().cpu() for k, v in merged_state_dict(self.model).items()}
+
+    def _trainable_state(self, full_sd: dict | None) -> dict[str, torch.Tensor] | None:
+        """LoRA runs: trainable tensors under their (unmerged) names, for resuming."""
+        if not has_lora(self.model):
+            return None
+        if self.env.is_distributed and self.cfg.distributed == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            sd = dict(self.model.named_parameters())
+        if not self.env.is_main:
+            return None
+        return {k: sd[k].detach().cpu().contiguous().clone() for k in self.trainable}
+
+    def _optimizer_state(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(
+            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+
+    def save_model_folder(self, out: Path, state_dict: dict) -> None:
+        """Write a complete model folder (safetensors + config + processor) to `out` (rank 0)."""
+        self.model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+        self.processor.save_pretrained(out)
+
+    def save_checkpoint(self, step: int) -> Path:
+        env = self.env
+        final = self.output_dir / f"checkpoint-{step}"
+        tmp = self.output_dir / f"checkpoint-{step}.tmp"
+        if env.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        env.barrier()
+        sd = self._model_state_for_saving()
+        trainable_sd = self._trainable_state(sd)
+        osd = self._optimizer_state()
+        ckpt.write_json_atomic(tmp / f"rng_state_{env.rank}.json", ckpt.get_rng_state())
+        if env.is_main:
+            self.save_model_folder(tmp, sd)
+            if trainable_sd is not None:
+                save_file(trainable_sd, str(tmp / ckpt.TRAINABLE_FILE))
+            ckpt.save_torch_state(osd, tmp / ckpt.OPTIMIZER_FILE)
+            ckpt.write_json_atomic(tmp / ckpt.SCHEDULER_FILE, ckpt.scheduler_state_to_json(self.scheduler.state_dict()))
+            epoch, pos = self.sampler.position(step)
+            ckpt.write_json_atomic(
+                tmp / ckpt.TRAINER_STATE,
+                {
+                    "global_step": step,
+                    "epoch": epoch,
+                    "step_in_epoch": pos,
+                    "samples_seen": step * self.sampler.global_batch_size,
+                    "global_batch_size": self.sampler.global_batch_size,
+                    "world_size": env.world_size,
+                    "skipped_media": self.skipped_total,
+                    "lora": has_lora(self.model),
+                    "config": self.cfg.to_dict(),
+                },
+            )
+        env.barrier()  # every rank's RNG file is on disk
+        if env.is_main:
+            ckpt.publish_dir(tmp, final)
+            ckpt.prune_checkpoints(self.output_dir, self.cfg.save_total_limit)
+            logger.info("saved %s", final)
+        env.barrier()
+        return final
+
+    def _load_trainable(self, model, ckpt_dir: Path) -> None:
+        """Resume weights: trainable parameters from the checkpoint (frozen ones come from the source)."""
+        names = trainable_names(model)
+        if (ckpt_dir / ckpt.TRAINABLE_FILE).is_file():
+            tensors = load_file(str(ckpt_dir / ckpt.TRAINABLE_FILE))
+        else:
+            tensors = _read_model_folder(ckpt_dir, names)
+        params = dict(model.named_parameters())
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise StormError(f"{ckpt_dir}: checkpoint lacks trainable parameters {missing[:5]}")
+        with torch.no_grad():
+            for n in names:
+                params[n].copy_(tensors[n])
+
+    def _load_training_state(self, ckpt_dir: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        state = ckpt.read_json(ckpt_dir / ckpt.TRAINER_STATE)
+        if state["global_batch_size"] != self.sampler.global_batch_size:
+            raise ConfigError(
+                f"--resume: {ckpt_dir} was trained with global batch {state['global_batch_size']} "
+                f"but this run has {self.sampler.global_batch_size} (world_size x per_device_batch_size x "
+                "gradient_accumulation_steps); the data position would not match"
+            )
+        osd = ckpt.load_torch_state(ckpt_dir / ckpt.OPTIMIZER_FILE)
+        set_optimizer_state_dict(
+            self.model, self.optimizer, optim_state_dict=osd, options=StateDictOptions(full_state_dict=True)
+        )
+        sched = ckpt.read_json(ckpt_dir / ckpt.SCHEDULER_FILE)
+        self.scheduler.load_state_dict(sched)
+        self.start_step = int(state["global_step"])
+        self.skipped_total = int(state.get("skipped_media", 0))
+        rng_file = ckpt_dir / f"rng_state_{self.env.rank}.json"
+        self._rng_to_restore = ckpt.read_json(rng_file) if rng_file.is_file() else None
+        if self.env.is_main:
+            logger.info("resuming from %s (step %d, epoch %d)", ckpt_dir, self.start_step, state["epoch"])
+
+    # -------------------------------------------------------------- the loop
+    def _autocast(self):
+        if self.bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _no_sync(self, last: bool):
+        m = self.wrapped
+        if last or not self.env.is_distributed:
+            if hasattr(m, "set_requires_gradient_sync"):
+                m.set_requires_gradient_sync(True)
+            return contextlib.nullcontext()
+        if hasattr(m, "no_sync"):
+            return m.no_sync()
+        m.set_requires_gradient_sync(False)  # FSDP2
+        return contextlib.nullcontext()
+
+    def train(self) -> Path:
+        cfg, env = self.cfg, self.env
+        if self.start_step >= cfg.max_steps and (self.output_dir / FINAL_DIR).exists():
+            return self.output_dir / FINAL_DIR
+        if getattr(self, "_rng_to_restore", None) is not None:
+            ckpt.set_rng_state(self._rng_to_restore)
+
+        loader_gen = torch.Generator()
+        loader_gen.manual_seed(cfg.seed)  # the loader must not draw from the global RNG
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=StepBatchSampler(self.sampler, self.start_step, cfg.max_steps),
+            collate_fn=self.collator,
+            num_workers=cfg.num_workers,
+            generator=loader_gen,
+            persistent_workers=False,
+        )
+        metrics = MetricsLog(self.output_dir, env.is_main, cfg.tensorboard, self.start_step)
+        bar = None
+        if env.is_main and cfg.progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.max_steps, initial=self.start_step, desc=f"train {cfg.stage}", unit="step")
+        accum = cfg.gradient_accumulation_steps
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        it = iter(loader)
+        step = self.start_step
+        try:
+            while step < cfg.max_steps:
+                t0 = time.perf_counter()
+                micro = [next(it) for _ in range(accum)]
+                local_tokens = sum(count_label_tokens(b["labels"]) for b in micro)
+                local_skipped = sum(int(b.get("num_skipped", 0)) for b in micro)
+                counts = env.all_reduce_sum(torch.tensor([local_tokens, local_skipped], dtype=torch.float64))
+                global_tokens, step_skipped = int(counts[0]), int(counts[1])
+                self.skipped_total += step_skipped
+                loss_sum = torch.zeros((), dtype=torch.float64)
+                for a, batch in enumerate(micro):
+                    batch = _move(batch, self.device)
+                    with self._no_sync(a == accum - 1):
+                        with self._autocast():
+                            out = self.wrapped(**{k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None})
+                        s = token_loss_sum(out.logits, batch["labels"])
+                        loss = s * (env.world_size / max(global_tokens, 1))
+                        loss.backward()
+                    loss_sum += s.detach().double().cpu()
+                loss_sum = env.all_reduce_sum(loss_sum)
+                grad_norm = self._clip(params)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+                self.scheduler.step()
+                step += 1
+                dt = time.perf_counter() - t0
+                row = {
+                    "step": step,
+                    "epoch": round(step / self.sampler.steps_per_epoch, 4),
+                    "loss": float(loss_sum) / max(global_tokens, 1),
+                    "lr": lrs,
+                    "grad_norm": grad_norm,
+                    "samples_per_s": self.sampler.global_batch_size / dt,
+                    "tokens": global_tokens,
+                    "skipped_media": self.skipped_total,
+                    "skipped_media_step": step_skipped,
+                }
+                if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+                    metrics.log(row)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", skipped=self.skipped_total)
+                if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
+                    self.save_checkpoint(step)
+        finally:
+            if bar is not None:
+                bar.close()
+            metrics.close()
+        return self.save_final()
+
+    def _clip(self, params) -> float:
+        max_norm = self.cfg.max_grad_norm
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return 0.0
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def save_final(self) -> Path:
+        """Write `output_dir/final/` atomically: a complete (LoRA-merged) STORM model folder."""
+        env = self.env
+        final = self.output_dir / FINAL_DIR
+        tmp = self.output_dir / f"{FINAL_DIR}.tmp"
+        sd = self._model_state_for_saving()
+        if env.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            self.save_model_folder(tmp, sd)
+            ckpt.write_json_atomic(
+                tmp / "training_summary.json",
+                {"stage": self.cfg.stage, "steps": self.cfg.max_steps, "skipped_media": self.skipped_total,
+                 "config": self.cfg.to_dict()},
+            )
+            ckpt.publish_dir(tmp, final)
+            logger.info("saved final model to %s", final)
+        env.barrier()
+        return final
+
+
+# ----------------------------------------------------------------------------- module helpers
+def _pad_id(processor) -> int:
+    tok = getattr(processor, "tokenizer", processor)
+    pad = tok.pad_token_id
+    if pad is None:
+        pad = tok.eos_token_id
+    return int(pad if pad is not None else 0)
+
+
+def _fsdp_blocks(model) -> list:
+    """Modules to shard on their own under FSDP2: transformer layers of both towers, projector blocks."""
+    blocks = []
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    for part in (model.vision_tower, model.language_model):
+        names.update(getattr(part, "_no_split_modules", None) or [])
+    for m in model.modules():
+        if type(m).__name__ in names and m is not model:
+            blocks.append(m)
+    return blocks
+
+
+def _merge_lora_in_state_dict(model, sd: dict) -> dict:
+    """Merge LoRA deltas into a full (gathered) state dict keyed by FQNs."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    scale = {}
+    for mod_name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and "default" in getattr(module, "lora_A", {}):
+            scale[mod_name] = module.scaling["default"]
+    for key, t in sd.items():
+        if ".lora_" in key:
+            continue
+        mod = key.rsplit(".base_layer.", 1)[0] if ".base_layer." in key else None
+        if mod in scale and key.endswith(".base_layer.weight"):
+            a = sd[f"{mod}.lora_A.default.weight"].float()
+            b = sd[f"{mod}.lora_B.default.weight"].float()
+            t = (t.float() + scale[mod] * (b @ a)).to(t.dtype)
+        out[key.replace(".base_layer.", ".")] = t
+    return out
+
+
+def _read_model_folder(folder: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Read the given tensors from a (possibly sharded) safetensors model folder."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({weight_map[n] for n in names if n in weight_map})
+    else:
+        files = ["model.safetensors"]
+    out = {}
+    wanted = set(names)
+    for f in files:
+        for k, v in load_file(str(folder / f)).items():
+            if k in wanted:
+                out[k] = v
+    return out
+
+
+def train(config: TrainConfig | Mapping | str | os.PathLike, overrides: list[str] | None = None,
+          resume: bool = False) -> Path:
+    """Train one stage; returns the final model folder (`output_dir/final`).
+
+    `config`: a TrainConfig, a plain dict with the config keys, or a YAML path. Works alone or
+    under torchrun (the process group is set up and torn down here).
+    """
+    from storm_vlm.train.config import load_config, resolve_raw
+
+    if isinstance(config, (str, os.PathLike)):
+        cfg = load_config(config, overrides)
+    elif isinstance(config, TrainConfig):
+        cfg = config_from_dict(resolve_raw(config.to_dict(), overrides)) if overrides else config
+    else:
+        cfg = config_from_dict(resolve_raw(dict(config), overrides))
+    env = init_distributed()
+    try:
+        trainer = Trainer(cfg, env, resume=resume)
+        trainer.setup()
+        return trainer.train()
+    finally:
+        shutdown(env)

@@ -1,0 +1,84 @@
+"""Shared helpers for the training/data tests: a tiny model on disk and a small LLaVA data set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def write_video(path: Path, frames: np.ndarray, fps: int = 8) -> Path:
+    """Write (T, H, W, 3) uint8 frames as an mp4 (PyAV, libx264 or mpeg4)."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        try:
+            stream = out.add_stream("libx264", rate=fps)
+        except Exception:
+            stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def write_image(path: Path, array: np.ndarray) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (220, 220, 30)}
+
+
+def make_dataset(root: Path, num_videos: int = 8, num_images: int = 4, frames: int = 4, size: int = 32,
+                 seed: int = 0) -> dict:
+    """Videos whose answer is the colour of a flash frame, plus colour images; returns file paths."""
+    rng = np.random.default_rng(seed)
+    names = list(COLOURS)
+    video_records, image_records = [], []
+    for i in range(num_videos):
+        colour = names[i % len(names)]
+        arr = np.full((frames, size, size, 3), 40, dtype=np.uint8)
+        arr[int(rng.integers(frames))] = COLOURS[colour]
+        write_video(root / "videos" / f"v{i}.mp4", arr)
+        video_records.append({
+            "id": f"v{i}",
+            "video": f"videos/v{i}.mp4",
+            "conversations": [
+                {"from": "human", "value": "<video>\nWhat colour flashed?"},
+                {"from": "gpt", "value": f"It was {colour}."},
+            ],
+        })
+    for i in range(num_images):
+        colour = names[i % len(names)]
+        write_image(root / "images" / f"i{i}.png", np.full((size, size, 3), COLOURS[colour], dtype=np.uint8))
+        image_records.append({
+            "id": f"i{i}",
+            "image": f"images/i{i}.png",
+            "conversations": [
+                {"from": "human", "value": "Describe the picture."},
+                {"from": "gpt", "value": f"A {colour} square."},
+            ],
+        })
+    train = root / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in video_records))
+    align = root / "align.json"
+    align.write_text(json.dumps(image_records))
+    return {"root": root, "train": train, "align": align}
+
+
+def tiny_parts(root: Path) -> tuple[Path, Path]:
+    from storm_vlm.tiny import make_tiny_parts
+
+    return make_tiny_parts(root, image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, vision_heads=2,
+                           llm_hidden=32, llm_layers=2, llm_heads=2, llm_kv_heads=1, llm_intermediate=64,
+                           vocab_size=400)
