@@ -207,3 +207,29 @@ def make_tiny_parts(
     model.save_pretrained(llm_dir)
     tokenizer.save_pretrained(llm_dir)
     return vision_dir, llm_dir
+
+
+def build_tiny_model(
+    out_dir: str | os.PathLike,
+    projector_type: str = "mamba",
+    llm: str = "qwen2",
+    parts_root: str | os.PathLike | None = None,
+    parts_kwargs: dict | None = None,
+    overwrite: bool = True,
+    **storm_config_overrides,
+) -> Path:
+    """Make tiny parts and build a tiny STORM model in `out_dir` (model + processor); returns out_dir.
+
+    Runs the same code path as `storm-vlm build` (`storm_vlm.builder.build_storm` + `save_storm`).
+    Parts go to `parts_root` (default: `<out_dir>.parts`). `storm_config_overrides` go to
+    StormConfig (e.g. projector_num_layers=1, temporal_pool_size=2, spatial_pool_stride=2).
+    Defaults: 64 px frames, 8 px patches -> 16 visual tokens per frame; 2-layer 64-wide LLM.
+    """
+    from storm_vlm.builder import build_storm, save_storm
+
+    out_dir = Path(out_dir)
+    parts_root = Path(parts_root) if parts_root is not None else out_dir.with_name(out_dir.name + ".parts")
+    vision_dir, llm_dir = make_tiny_parts(parts_root, llm=llm, **(parts_kwargs or {}))
+    model, processor = build_storm(vision_dir, llm_dir, projector_type=projector_type, **storm_config_overrides)
+    save_storm(model, processor, out_dir, overwrite=overwrite)
+    return out_dir

@@ -1,0 +1,208 @@
+"""Assemble a STORM model + processor from local pretrained parts (what `storm-vlm build` runs).
+
+`build_storm(vision_dir, llm_dir, ...)` loads a SigLIP vision tower (with its image processor) and a
+causal LM (with its tokenizer) from ordinary transformers folders, adds the `<video>` / `<image>`
+special tokens, resizes the embeddings if needed and puts a freshly initialised projector between
+them. `save_storm(model, processor, out_dir)` writes both (safetensors) atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from storm_vlm.errors import StormError
+
+__all__ = ["build_storm", "save_storm", "load_parts", "DTYPES"]
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _check_dir(path, what: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise StormError(f"{what} folder {path} does not exist")
+    if not path.is_dir():
+        raise StormError(f"{what} folder {path} is not a directory")
+    if not (path / "config.json").is_file():
+        raise StormError(f"{what} folder {path} has no config.json (expected a transformers model folder)")
+    return path
+
+
+def _torch_dtype(dtype):
+    import torch
+
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise StormError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+def _quiet_transformers():
+    """Context manager: hide transformers' load reports (e.g. SigLIP's unused pooling head)."""
+    from contextlib import contextmanager
+
+    from transformers.utils import logging as hf_logging
+
+    @contextmanager
+    def quiet():
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(level)
+
+    return quiet()
+
+
+def load_parts(vision_dir, llm_dir, dtype="auto"):
+    """Load (vision_tower, image_processor, language_model, tokenizer) from two local folders.
+
+    The vision folder may hold a SigLIP vision model or a full SigLIP (image-text) model; only the
+    vision transformer is kept (without the pooling head, which STORM never uses).
+    """
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        SiglipImageProcessor,
+        SiglipVisionModel,
+    )
+
+    vision_dir = _check_dir(vision_dir, "vision")
+    llm_dir = _check_dir(llm_dir, "LLM")
+    torch_dtype = _torch_dtype(dtype)
+    try:
+        vcfg = AutoConfig.from_pretrained(vision_dir)
+    except (OSError, ValueError) as exc:
+        raise StormError(f"vision folder {vision_dir}: cannot read config.json ({exc})") from exc
+    if vcfg.model_type not in ("siglip", "siglip_vision_model"):
+        raise StormError(
+            f"vision folder {vision_dir} holds a {vcfg.model_type!r} model; expected SigLIP "
+            "(model_type 'siglip' or 'siglip_vision_model')"
+        )
+    try:
+        lcfg = AutoConfig.from_pretrained(llm_dir)
+    except (OSError, ValueError) as exc:
+        raise StormError(f"LLM folder {llm_dir}: cannot read config.json ({exc})") from exc
+
+    with _quiet_transformers():
+        try:
+            vision = SiglipVisionModel.from_pretrained(vision_dir, vision_use_head=False, dtype=torch_dtype or "auto")
+        except (OSError, ValueError) as exc:
+            raise StormError(f"vision folder {vision_dir}: cannot load the SigLIP weights ({exc})") from exc
+        try:
+            language_model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch_dtype or "auto")
+        except (OSError, ValueError) as exc:
+            raise StormError(
+                f"LLM folder {llm_dir}: cannot load a causal LM of type {lcfg.model_type!r} ({exc})"
+            ) from exc
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+        except (OSError, ValueError, TypeError) as exc:
+            raise StormError(f"LLM folder {llm_dir}: cannot load the tokenizer ({exc})") from exc
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(vision_dir)
+        except (OSError, ValueError):
+            size = vision.config.image_size
+            image_processor = SiglipImageProcessor(
+                size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+            )
+    return vision, image_processor, language_model, tokenizer
+
+
+def build_storm(
+    vision_dir,
+    llm_dir,
+    projector_type: str = "mamba",
+    projector_num_layers: int = 2,
+    temporal_pool_size: int = 1,
+    spatial_pool_stride: int = 1,
+    dtype="auto",
+    seed: int | None = 0,
+    **config_overrides,
+):
+    """Build (model, processor) from a SigLIP folder and a causal-LM folder.
+
+    The projector is freshly initialised (seeded with `seed`); the vision tower and the projector
+    take the LLM's dtype. Extra `config_overrides` go to `StormConfig` (e.g. vision_batch_size,
+    projector_d_state, temporal_sample_stride).
+    """
+    import torch
+
+    from storm_vlm.config import StormConfig
+    from storm_vlm.modeling import StormForConditionalGeneration
+    from storm_vlm.processing import IMAGE_TOKEN, VIDEO_TOKEN, StormProcessor, add_placeholder_tokens, default_chat_template
+
+    vision, image_processor, language_model, tokenizer = load_parts(vision_dir, llm_dir, dtype)
+    llm_dtype = language_model.get_input_embeddings().weight.dtype
+    vision.to(llm_dtype)
+
+    add_placeholder_tokens(tokenizer)
+    tokenizer.padding_side = "left"  # batched generation; the model also handles right padding
+    vocab = language_model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    config = StormConfig(
+        vision_config=vision.config,
+        text_config=language_model.config,
+        projector_type=projector_type,
+        projector_num_layers=projector_num_layers,
+        temporal_pool_size=temporal_pool_size,
+        spatial_pool_stride=spatial_pool_stride,
+        video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        tie_word_embeddings=bool(getattr(language_model.config, "tie_word_embeddings", False)),
+        **config_overrides,
+    )
+    config.dtype = llm_dtype
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = StormForConditionalGeneration.from_parts(config, vision, language_model)
+    gen = language_model.generation_config
+    gen.pad_token_id = tokenizer.pad_token_id
+    if gen.eos_token_id is None:
+        gen.eos_token_id = tokenizer.eos_token_id
+    model.generation_config = gen
+    # The processor counts with the model's own config (the one place that counts).
+    processor = StormProcessor(
+        image_processor,
+        tokenizer,
+        chat_template=default_chat_template(tokenizer),
+        visual_token_config=config.counting_fields(),
+    )
+    return model, processor
+
+
+def save_storm(model, processor, out_dir, overwrite: bool = False) -> Path:
+    """Write model (safetensors) + processor to `out_dir` atomically; returns the folder.
+
+    An existing non-empty `out_dir` is an error unless `overwrite=True`.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if not overwrite:
+            raise StormError(f"output folder {out_dir} already exists and is not empty (use --overwrite)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

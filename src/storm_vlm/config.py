@@ -1,0 +1,214 @@
+"""`StormConfig`: the configuration of a STORM video-LLM (vision tower + projector + LLM).
+
+It is also the one place that counts visual tokens (`num_visual_tokens`), used by the model
+(to check placeholder runs) and by the processor (to expand `<video>` / `<image>` placeholders).
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from storm_vlm.compression import pooled_num_frames, sampled_num_frames, spatial_pooled_tokens
+from storm_vlm.errors import ConfigError
+
+__all__ = ["StormConfig", "COUNTING_FIELDS"]
+
+# SigLIP-so400m-patch14-448, the vision tower STORM uses.
+SIGLIP_SO400M_448 = dict(
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    image_size=448,
+    patch_size=14,
+)
+
+# The config fields that decide how many visual tokens an input becomes (the processor keeps a copy).
+COUNTING_FIELDS = (
+    "image_size",
+    "patch_size",
+    "downsample_ratio",
+    "temporal_pool_size",
+    "spatial_pool_stride",
+    "temporal_sample_stride",
+)
+
+PROJECTOR_TYPES = ("mamba", "mlp")
+
+
+def _check_int(field: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"StormConfig.{field} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+class StormConfig(PreTrainedConfig):
+    r"""Configuration of `StormForConditionalGeneration` (`model_type="storm"`).
+
+    Args (keyword only):
+        vision_config: SigLIP vision config (a `PreTrainedConfig` or a dict with `model_type`);
+            defaults to SigLIP-so400m-patch14-448.
+        text_config: causal-LM config (a `PreTrainedConfig` or a dict with `model_type`); default Qwen2.
+        vision_feature_layer: which vision-tower hidden state feeds the projector (-2: second to last).
+        projector_type: "mamba" (STORM's temporal projector) or "mlp" (the VILA baseline).
+        projector_num_layers, projector_d_state, projector_d_conv, projector_expand,
+        projector_bidirectional: Mamba projector shape.
+        downsample_ratio: pixel-shuffle ratio r (N̂ patch tokens -> N̂ / r² tokens per frame).
+        temporal_pool_size: k, average groups of k frames after the projector (trained).
+        spatial_pool_stride: p, average p x p token windows per frame after the projector (trained).
+        temporal_sample_stride: s, keep every s-th frame after pooling (test-time default; can be
+            overridden per call).
+        video_token_id, image_token_id: ids of the `<video>` / `<image>` placeholder tokens.
+        vision_batch_size: frames per vision-tower call (bounds memory on long videos).
+    """
+
+    model_type = "storm"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(
+            config_class=AutoConfig, model_type="siglip_vision_model", init_kwargs=SIGLIP_SO400M_448
+        ),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    vision_feature_layer: int = -2
+    projector_type: str = "mamba"
+    projector_num_layers: int = 2
+    projector_d_state: int = 16
+    projector_d_conv: int = 4
+    projector_expand: int = 2
+    projector_bidirectional: bool = True
+    downsample_ratio: int = 2
+    temporal_pool_size: int = 1
+    spatial_pool_stride: int = 1
+    temporal_sample_stride: int = 1
+    video_token_id: int | None = None
+    image_token_id: int | None = None
+    vision_batch_size: int = 32
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        for key in ("vision_config", "text_config"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, (dict, PreTrainedConfig)):
+                raise ConfigError(f"StormConfig.{key} must be a config or a dict, got {type(value).__name__}")
+        try:
+            super().__post_init__(**kwargs)
+        except (ValueError, TypeError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"StormConfig: invalid sub-config: {exc}") from exc
+        self.validate_storm_fields()
+
+    def validate_storm_fields(self) -> None:
+        """Raise ConfigError naming the first invalid field."""
+        if self.projector_type not in PROJECTOR_TYPES:
+            raise ConfigError(
+                f"StormConfig.projector_type must be one of {PROJECTOR_TYPES}, got {self.projector_type!r}"
+            )
+        _check_int("projector_num_layers", self.projector_num_layers, 0)
+        for name in ("projector_d_state", "projector_d_conv", "projector_expand", "downsample_ratio",
+                     "temporal_pool_size", "spatial_pool_stride", "temporal_sample_stride", "vision_batch_size"):
+            _check_int(name, getattr(self, name))
+        if not isinstance(self.projector_bidirectional, bool):
+            raise ConfigError(
+                f"StormConfig.projector_bidirectional must be a bool, got {self.projector_bidirectional!r}"
+            )
+        for name in ("video_token_id", "image_token_id"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value, 0)
+        num_layers = getattr(self.vision_config, "num_hidden_layers", None)
+        layer = self.vision_feature_layer
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise ConfigError(f"StormConfig.vision_feature_layer must be an int, got {layer!r}")
+        if num_layers is not None and not -(num_layers + 1) <= layer <= num_layers:
+            raise ConfigError(
+                f"StormConfig.vision_feature_layer {layer} is out of range for a vision tower with "
+                f"{num_layers} layers (hidden states -{num_layers + 1}..{num_layers})"
+            )
+        for name in ("image_size", "patch_size"):
+            if getattr(self.vision_config, name, None) is None:
+                raise ConfigError(f"StormConfig.vision_config has no {name}")
+        side = self.vision_config.image_size // self.vision_config.patch_size
+        if side < 1:
+            raise ConfigError(
+                f"StormConfig.vision_config: image_size {self.vision_config.image_size} is smaller than "
+                f"patch_size {self.vision_config.patch_size}"
+            )
+        if side % self.downsample_ratio:
+            raise ConfigError(
+                f"StormConfig.downsample_ratio {self.downsample_ratio} does not divide the {side} x {side} "
+                f"patch grid (image_size {self.vision_config.image_size} / patch_size {self.vision_config.patch_size})"
+            )
+        if (side // self.downsample_ratio) % self.spatial_pool_stride:
+            raise ConfigError(
+                f"StormConfig.spatial_pool_stride {self.spatial_pool_stride} does not divide the "
+                f"{side // self.downsample_ratio} x {side // self.downsample_ratio} token grid after pixel shuffle"
+            )
+
+    # ---- token counting: THE one place -------------------------------------------------------------
+
+    @property
+    def patch_grid_side(self) -> int:
+        """Patches per side of a frame in the vision tower: image_size // patch_size."""
+        return self.vision_config.image_size // self.vision_config.patch_size
+
+    @property
+    def projector_tokens_per_frame(self) -> int:
+        """N: tokens per frame leaving the projector (patches / downsample_ratio²), before spatial pooling."""
+        return (self.patch_grid_side // self.downsample_ratio) ** 2
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """N': tokens per frame the LLM reads (after pixel shuffle and spatial pooling)."""
+        return spatial_pooled_tokens(self.projector_tokens_per_frame, self.spatial_pool_stride)
+
+    def num_visual_frames(self, num_frames: int, temporal_sample_stride: int | None = None) -> int:
+        """T': frames left of a T-frame video after temporal pooling and test-time sampling."""
+        _check_int("num_frames", num_frames)
+        s = self.temporal_sample_stride if temporal_sample_stride is None else temporal_sample_stride
+        _check_int("temporal_sample_stride", s)
+        return sampled_num_frames(pooled_num_frames(num_frames, self.temporal_pool_size), s)
+
+    def num_visual_tokens(self, num_frames: int, temporal_sample_stride: int | None = None) -> int:
+        """Visual tokens the LLM reads for a `num_frames`-frame video (an image is num_frames=1).
+
+        temporal_sample_stride=None uses the config default. T' x N' (see `num_visual_frames`,
+        `tokens_per_frame`).
+        """
+        return self.num_visual_frames(num_frames, temporal_sample_stride) * self.tokens_per_frame
+
+    def counting_fields(self) -> dict:
+        """The fields `num_visual_tokens` depends on (what the processor stores)."""
+        return {
+            "image_size": self.vision_config.image_size,
+            "patch_size": self.vision_config.patch_size,
+            "downsample_ratio": self.downsample_ratio,
+            "temporal_pool_size": self.temporal_pool_size,
+            "spatial_pool_stride": self.spatial_pool_stride,
+            "temporal_sample_stride": self.temporal_sample_stride,
+        }
+
+    @classmethod
+    def for_counting(cls, fields: dict) -> "StormConfig":
+        """A light StormConfig built only from `counting_fields()` (what the processor uses to count)."""
+        missing = [k for k in COUNTING_FIELDS if k not in fields]
+        if missing:
+            raise ConfigError(f"visual token config is missing {missing}")
+        unknown = [k for k in fields if k not in COUNTING_FIELDS]
+        if unknown:
+            raise ConfigError(f"visual token config has unknown fields {unknown}")
+        vision = {
+            "model_type": "siglip_vision_model",
+            "image_size": fields["image_size"],
+            "patch_size": fields["patch_size"],
+            "num_hidden_layers": 2,
+            "hidden_size": 8,
+            "intermediate_size": 8,
+            "num_attention_heads": 1,
+        }
+        rest = {k: fields[k] for k in COUNTING_FIELDS if k not in ("image_size", "patch_size")}
+        return cls(vision_config=vision, text_config={"model_type": "qwen2", "num_hidden_layers": 1}, **rest)

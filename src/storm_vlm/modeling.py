@@ -1,0 +1,276 @@
+"""`StormForConditionalGeneration`: SigLIP vision tower -> temporal projector -> token compression -> LLM.
+
+A transformers-native model (PreTrainedModel + GenerationMixin): `from_pretrained`,
+`save_pretrained` (safetensors), `generate`, SDPA attention, gradient checkpointing and the Auto
+classes all work as for any transformers VLM. Shapes: B videos, T frames, N tokens per frame,
+D width; L sequence length.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from storm_vlm.compression import spatial_pool, temporal_pool, temporal_sample
+from storm_vlm.config import StormConfig
+from storm_vlm.projector import MambaTemporalProjector, MLPProjector
+
+__all__ = ["StormPreTrainedModel", "StormForConditionalGeneration", "build_projector"]
+
+
+def build_projector(config: StormConfig) -> nn.Module:
+    """A freshly initialised projector for `config` (vision width -> LLM width)."""
+    vision_dim = config.vision_config.hidden_size
+    d_model = config.text_config.hidden_size
+    if config.projector_type == "mlp":
+        return MLPProjector(vision_dim, d_model, downsample_ratio=config.downsample_ratio)
+    return MambaTemporalProjector(
+        vision_dim,
+        d_model,
+        num_layers=config.projector_num_layers,
+        d_state=config.projector_d_state,
+        d_conv=config.projector_d_conv,
+        expand=config.projector_expand,
+        bidirectional=config.projector_bidirectional,
+        downsample_ratio=config.downsample_ratio,
+    )
+
+
+class StormPreTrainedModel(PreTrainedModel):
+    config: StormConfig
+    config_class = StormConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    input_modalities = ("image", "video", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MambaBlock"]
+    _skip_keys_device_placement = ["cache"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module):
+        # The projector initialises itself in __init__ (Mamba's dt/A/D inits are not the generic
+        # normal(0.02)); `_mark_initialised` flags its modules so this is only reached elsewhere.
+        super()._init_weights(module)
+
+
+def _mark_initialised(module: nn.Module) -> None:
+    for sub in module.modules():
+        sub._is_hf_initialized = True
+
+
+class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
+    """STORM video-LLM.
+
+    Submodules: `vision_tower` (SiglipVisionModel), `projector` (MambaTemporalProjector or
+    MLPProjector), `language_model` (any AutoModelForCausalLM). Pass `vision_tower=` /
+    `language_model=` to assemble from already-loaded pretrained parts (see `from_parts`).
+    """
+
+    def __init__(
+        self,
+        config: StormConfig,
+        vision_tower: PreTrainedModel | None = None,
+        language_model: PreTrainedModel | None = None,
+    ):
+        super().__init__(config)
+        self.vision_tower = vision_tower if vision_tower is not None else AutoModel.from_config(config.vision_config)
+        self.projector = build_projector(config)
+        _mark_initialised(self.projector)
+        if language_model is None:
+            language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.language_model = language_model
+        # One config object per part, shared with the submodules (resizing the LLM updates ours).
+        self.config.vision_config = self.vision_tower.config
+        self.config.text_config = self.language_model.config
+        for part in (self.vision_tower, self.language_model):
+            if part.config._attn_implementation is None:
+                # Parts loaded before the StormConfig existed lose their choice when it is built.
+                part.config._attn_implementation_internal = part._check_and_adjust_attn_implementation(
+                    None, is_init_check=True
+                )
+        self.post_init()
+
+    @classmethod
+    def from_parts(cls, config: StormConfig, vision_tower: PreTrainedModel, language_model: PreTrainedModel):
+        """Assemble from loaded pretrained parts; only the projector is freshly initialised.
+
+        The projector takes the language model's dtype and device.
+        """
+        model = cls(config, vision_tower=vision_tower, language_model=language_model)
+        ref = language_model.get_input_embeddings().weight
+        model.projector.to(device=ref.device, dtype=ref.dtype)
+        return model
+
+    # ---- embeddings --------------------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self):
+        return self.language_model.get_decoder()
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, **kwargs):
+        """Resize the LLM's input (and output) embeddings; keeps `config.text_config.vocab_size` in sync."""
+        out = self.language_model.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, **kwargs)
+        self.config.text_config = self.language_model.config
+        return out
+
+    # ---- visual features ---------------------------------------------------------------------------
+
+    def _vision_features(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames (F, 3, H, W) -> vision features (F, N̂, C) from `vision_feature_layer`, in chunks."""
+        dtype = next(self.vision_tower.parameters()).dtype
+        chunks = []
+        step = self.config.vision_batch_size
+        for start in range(0, frames.shape[0], step):
+            out = self.vision_tower(
+                pixel_values=frames[start : start + step].to(dtype), output_hidden_states=True, return_dict=True
+            )
+            chunks.append(out.hidden_states[self.config.vision_feature_layer])
+        return torch.cat(chunks, dim=0)
+
+    def get_video_features(
+        self,
+        pixel_values_videos: torch.Tensor,
+        video_frame_mask: torch.Tensor | None = None,
+        temporal_sample_stride: int | None = None,
+    ):
+        """Visual tokens for a batch of videos.
+
+        pixel_values_videos (B, T, 3, H, W); video_frame_mask (B, T) bool (True = real frame, padding
+        as a suffix) or None. Only real frames go through the vision tower (in chunks of
+        `config.vision_batch_size`); the projector sees each whole video; then temporal pooling,
+        spatial pooling and test-time temporal sampling (`temporal_sample_stride`, None = config).
+
+        Returns (B, T', N', D), or ((B, T', N', D), mask (B, T')) when a mask is given.
+        """
+        if pixel_values_videos.dim() != 5:
+            raise ValueError(
+                f"pixel_values_videos must have shape (B, T, 3, H, W), got {tuple(pixel_values_videos.shape)}"
+            )
+        b, t = pixel_values_videos.shape[:2]
+        mask = video_frame_mask
+        if mask is not None:
+            if tuple(mask.shape) != (b, t):
+                raise ValueError(f"video_frame_mask shape {tuple(mask.shape)} does not match (B, T) = {(b, t)}")
+            mask = mask.to(device=pixel_values_videos.device, dtype=torch.bool)
+        real = mask if mask is not None else torch.ones(b, t, dtype=torch.bool, device=pixel_values_videos.device)
+        feats = self._vision_features(pixel_values_videos[real])
+        full = feats.new_zeros(b, t, *feats.shape[1:])
+        full[real] = feats
+        x = self.projector(full, frame_mask=mask)
+        m = real
+        x, m = temporal_pool(x, self.config.temporal_pool_size, frame_mask=m)
+        x, m = spatial_pool(x, self.config.spatial_pool_stride, frame_mask=m)
+        stride = self.config.temporal_sample_stride if temporal_sample_stride is None else temporal_sample_stride
+        x, m = temporal_sample(x, stride, frame_mask=m)
+        return (x, m) if video_frame_mask is not None else x
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Visual tokens for images: pixel_values (B, 3, H, W) -> (B, 1, N', D) (a one-frame video)."""
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must have shape (B, 3, H, W), got {tuple(pixel_values.shape)}")
+        return self.get_video_features(pixel_values[:, None], temporal_sample_stride=1)
+
+    def _merge(self, input_ids, inputs_embeds, token_id, name, features: torch.Tensor) -> torch.Tensor:
+        """Write `features` (M, D) into the positions of `token_id` in input_ids (B, L), in order."""
+        if token_id is None:
+            raise ValueError(f"config.{name}_token_id is not set, so {name} placeholders cannot be found")
+        positions = input_ids == token_id
+        n_placeholders = int(positions.sum())
+        if n_placeholders != features.shape[0]:
+            raise ValueError(
+                f"{name} placeholder mismatch: input_ids hold {n_placeholders} <{name}> tokens but the "
+                f"{name}s give {features.shape[0]} visual tokens"
+            )
+        features = features.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(positions[..., None].to(inputs_embeds.device), features)
+
+    # ---- forward / generate ------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_frame_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        temporal_sample_stride: int | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Causal-LM forward with visual tokens spliced in.
+
+        input_ids (B, L) with each video's / image's placeholder run (`<video>` / `<image>` token
+        repeated exactly `config.num_visual_tokens(...)` times); pixel_values_videos (V, T, 3, H, W)
+        and video_frame_mask (V, T) bool; pixel_values (I, 3, H, W). Videos and images are in the
+        order their placeholder runs appear in the batch (row by row). labels (B, L), -100 = ignored
+        (placeholder positions are always ignored). Returns CausalLMOutputWithPast (loss, logits, cache).
+        """
+        if "past_key_values" in kwargs and cache is None:
+            cache = kwargs.pop("past_key_values")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        has_visual = pixel_values_videos is not None or pixel_values is not None
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+            if pixel_values_videos is not None:
+                feats = self.get_video_features(pixel_values_videos, video_frame_mask, temporal_sample_stride)
+                if video_frame_mask is not None:
+                    feats, out_mask = feats
+                    tokens = feats[out_mask]
+                else:
+                    tokens = feats.flatten(0, 1)
+                inputs_embeds = self._merge(
+                    input_ids, inputs_embeds, self.config.video_token_id, "video", tokens.flatten(0, 1)
+                )
+            if pixel_values is not None:
+                feats = self.get_image_features(pixel_values)
+                inputs_embeds = self._merge(
+                    input_ids, inputs_embeds, self.config.image_token_id, "image", feats.flatten(0, 2)
+                )
+        elif has_visual:
+            raise ValueError("pixel values need input_ids (the placeholders tell where visual tokens go)")
+
+        if labels is not None and input_ids is not None:
+            for token_id in (self.config.video_token_id, self.config.image_token_id):
+                if token_id is not None:
+                    labels = labels.masked_fill(input_ids == token_id, -100)
+
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            past = cache.get_seq_length() if cache is not None else 0
+            if past == 0:
+                # Left padding gives each sequence the positions it has alone.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+        return self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
