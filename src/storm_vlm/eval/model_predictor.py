@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from storm_vlm.eval.prompts import GENERATION, build_messages, describe_prompt
+from storm_vlm.eval.prompts import GENERATION, build_prompt, describe_prompt
 from storm_vlm.eval.records import Record
 from storm_vlm.eval.runner import FrameLoader, evaluate_with_predictor
 
@@ -47,24 +47,29 @@ class ModelPredictor:
         self.temporal_sample_stride = temporal_sample_stride
         self.max_new_tokens = int(max_new_tokens)
 
-    def _inputs(self, record: Record, frames: np.ndarray):
-        text = self.processor.apply_chat_template(build_messages(record), add_generation_prompt=True, tokenize=False)
+    def _inputs(self, prompt: str, frames: np.ndarray) -> dict:
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         inputs = self.processor(text=text, videos=[frames], temporal_sample_stride=self.temporal_sample_stride,
                                 return_tensors="pt")
         device, dtype = self.model.device, self.model.dtype
         return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if hasattr(v, "to") else v
                 for k, v in inputs.items()}
 
-    def predict(self, record: Record, frames: np.ndarray) -> str:
+    def reply(self, prompt: str, frames: np.ndarray, max_new_tokens: int | None = None, **generation) -> str:
+        """The model's reply to `prompt` about `frames` (T, H, W, 3) uint8; greedy unless told otherwise."""
         import torch
 
-        inputs = self._inputs(record, frames)
+        inputs = self._inputs(prompt, frames)
+        kwargs = {**GENERATION, **generation, "max_new_tokens": max_new_tokens or self.max_new_tokens}
         with torch.inference_mode():
-            out = self.model.generate(**inputs, temporal_sample_stride=self.temporal_sample_stride,
-                                      max_new_tokens=self.max_new_tokens, **GENERATION)
+            out = self.model.generate(**inputs, temporal_sample_stride=self.temporal_sample_stride, **kwargs)
         new_tokens = out[0, inputs["input_ids"].shape[1]:]
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+    def predict(self, record: Record, frames: np.ndarray) -> str:
+        return self.reply(build_prompt(record), frames)
 
     def visual_tokens(self, num_frames: int) -> int | None:
         count = getattr(self.model.config, "num_visual_tokens", None)
