@@ -82,3 +82,48 @@ def tiny_parts(root: Path) -> tuple[Path, Path]:
     return make_tiny_parts(root, image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, vision_heads=2,
                            llm_hidden=32, llm_layers=2, llm_heads=2, llm_kv_heads=1, llm_intermediate=64,
                            vocab_size=400)
+
+
+_CACHE: dict = {}
+
+
+def cached_tiny_parts() -> tuple[Path, Path]:
+    """Tiny SigLIP + tiny Qwen2 folders, built once per test session (in a temp dir removed at exit)."""
+    if "parts" not in _CACHE:
+        import atexit
+        import shutil
+        import tempfile
+
+        root = Path(tempfile.mkdtemp(prefix="storm-train-parts-"))
+        atexit.register(shutil.rmtree, root, True)
+        _CACHE["parts"] = tiny_parts(root)
+    return _CACHE["parts"]
+
+
+def build_source(**extra) -> dict:
+    vision, llm = cached_tiny_parts()
+    return {"vision": str(vision), "llm": str(llm), "projector": "mamba", "projector_num_layers": 1, **extra}
+
+
+def base_config(out: Path, data: dict, **overrides) -> dict:
+    cfg = dict(
+        stage="sft", output_dir=str(out), train_file=str(data["train"]), media_root=str(data["root"]),
+        num_frames=4, max_steps=6, save_steps=0, seed=0, build=build_source(), per_device_batch_size=2,
+        learning_rate=3e-3, warmup_ratio=0.0, progress_bar=False, tensorboard=False,
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def processor_and_model():
+    """(StormProcessor, StormForConditionalGeneration) of the tiny parts, built once per session."""
+    from storm_vlm.train.config import config_from_dict
+    from storm_vlm.train.launch import DistEnv
+    from storm_vlm.train.model_source import load_model_and_processor
+
+    if "pm" not in _CACHE:
+        cfg = config_from_dict(dict(stage="sft", output_dir="unused", train_file="unused", media_root=".",
+                                    num_frames=4, max_steps=1, save_steps=0, seed=0, build=build_source()))
+        model, processor = load_model_and_processor(cfg, DistEnv())
+        _CACHE["pm"] = (processor, model.eval())
+    return _CACHE["pm"]

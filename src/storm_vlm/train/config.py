@@ -97,7 +97,12 @@ class TrainConfig:
 
     # ------------------------------------------------------------------
     def parts_to_train(self) -> tuple[str, ...]:
-        return tuple(self.train_parts) if self.train_parts is not None else DEFAULT_TRAIN_PARTS[self.stage]
+        """Parts whose weights train (with `lora`, "language_model" trains through its adapters only)."""
+        if self.train_parts is not None:
+            return tuple(self.train_parts)
+        if self.lora is not None:
+            return ("projector", "language_model")
+        return DEFAULT_TRAIN_PARTS[self.stage]
 
     @property
     def effective_projector_lr(self) -> float:

@@ -95,7 +95,7 @@ def _build_from_parts(build: dict):
     from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
 
     from storm_vlm.modeling import StormForConditionalGeneration
-    from storm_vlm.processing import StormProcessor
+    from storm_vlm.processing import StormProcessor, default_chat_template
 
     vision_dir, llm_dir = Path(build["vision"]), Path(build["llm"])
     try:
@@ -114,6 +114,7 @@ def _build_from_parts(build: dict):
     processor = StormProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
+        chat_template=default_chat_template(tokenizer),
         visual_token_config=model.config.counting_fields(),
     )
     return model, processor
@@ -160,7 +161,7 @@ def _apply_overrides(config, cfg: TrainConfig) -> None:
 def load_model_and_processor(cfg: TrainConfig, env):
     """(model in float32 on CPU, processor) for the run, with compression overrides applied."""
     from storm_vlm.modeling import StormForConditionalGeneration
-    from storm_vlm.processing import StormProcessor
+    from storm_vlm.processing import StormProcessor, default_chat_template
 
     if cfg.build is not None:
         model, processor = _build_from_parts(cfg.build)
@@ -169,10 +170,14 @@ def load_model_and_processor(cfg: TrainConfig, env):
         model = StormForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
         processor = StormProcessor.from_pretrained(folder)
     _apply_overrides(model.config, cfg)
+    template = processor.chat_template
+    if not template or "generation" not in template:
+        # Labels come from the template's {% generation %} spans; a text-only tokenizer template has none.
+        template = default_chat_template(processor.tokenizer)
     processor = StormProcessor(
         image_processor=processor.image_processor,
         tokenizer=processor.tokenizer,
-        chat_template=processor.chat_template,
+        chat_template=template,
         video_token=processor.video_token,
         image_token=processor.image_token,
         visual_token_config=model.config.counting_fields(),

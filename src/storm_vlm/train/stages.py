@@ -2,7 +2,7 @@
 
 align: only the projector (image-caption pairs). sft / long: vision tower, projector and LLM
 (or `train_parts`), or -- with `lora:` -- LoRA adapters on the LLM while the projector trains
-fully. The projector has its own learning rate (`projector_lr`).
+fully and the vision tower stays frozen (unless `train_parts` lists it). The projector has its own learning rate (`projector_lr`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def apply_stage(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     parts = set(cfg.parts_to_train())
     for part in PARTS:
         getattr(model, part).requires_grad_(part in parts)
-    if cfg.lora is not None:
+    if cfg.lora is not None and "language_model" in parts:
         from peft import LoraConfig as PeftLoraConfig
         from peft import inject_adapter_in_model
 

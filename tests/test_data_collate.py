@@ -1,0 +1,110 @@
+"""Encoding and collation: labels only on assistant tokens, placeholders expanded, media batched."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from storm_vlm.data.collator import StormCollator
+from storm_vlm.data.datasets import LlavaDataset
+from storm_vlm.data.records import load_records
+from train_helpers import processor_and_model, write_image, write_video
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("media")
+    write_video(root / "four.mp4", np.full((4, 32, 32, 3), 90, np.uint8))
+    write_video(root / "two.mp4", np.full((2, 32, 32, 3), 150, np.uint8))
+    write_image(root / "img.png", np.full((20, 24, 3), 200, np.uint8))
+    (root / "broken.mp4").write_bytes(b"\x00not a video" * 50)
+    return root
+
+
+def rec(i, q, a, **media):
+    conv = []
+    for qq, aa in zip(q, a):
+        conv += [{"from": "human", "value": qq}, {"from": "gpt", "value": aa}]
+    return {"id": str(i), **media, "conversations": conv}
+
+
+def dataset(media, tmp_path, records, num_frames=4):
+    f = tmp_path / "t.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in records))
+    proc, _ = processor_and_model()
+    return LlavaDataset(load_records(f, media), proc, num_frames=num_frames)
+
+
+def test_labels_only_on_assistant_turns_multi_turn_video(media, tmp_path):
+    ds = dataset(media, tmp_path, [rec(0, ["What colour?", "Sure?"], ["It was red.", "Yes, red."], video="four.mp4")])
+    proc, model = processor_and_model()
+    item = ds[0]
+    ids, labels = item["input_ids"], item["labels"]
+    tok = proc.tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.decode(ids[labels != -100]) == "It was red.<|im_end|>Yes, red.<|im_end|>"
+    assert bool((labels[labels != -100] == ids[labels != -100]).all())
+    # The placeholder (added to the first human turn) became exactly the model's visual token count.
+    n_visual = int((ids == proc.video_token_id).sum())
+    assert n_visual == model.config.num_visual_tokens(4) > 1
+    assert bool((labels[ids == proc.video_token_id] == -100).all())
+    assert "user\n<video>" in tok.decode(ids)
+    assert int((labels == end).sum()) == 2  # both assistant end-of-turn tokens are learned
+    assert item["pixel_values_videos"].shape == (4, 3, 32, 32) and item["num_skipped"] == 0
+
+
+def test_collate_mixed_batch_runs_through_the_model(media, tmp_path):
+    ds = dataset(media, tmp_path, [
+        rec(0, ["<video>\nWhat?"], ["Grey."], video="four.mp4"),
+        rec(1, ["Describe."], ["A white square."], image="img.png"),
+        rec(2, ["Hello there, how are you?"], ["Fine."]),
+        rec(3, ["What?"], ["Light grey."], video="two.mp4"),
+    ], num_frames=4)
+    proc, model = processor_and_model()
+    items = [ds[i] for i in range(4)]
+    assert "pixel_values" not in items[2] and "pixel_values_videos" not in items[2]
+    assert items[1]["pixel_values"].shape == (3, 32, 32)
+    assert int((items[1]["input_ids"] == proc.image_token_id).sum()) == model.config.num_visual_tokens(1)
+    batch = StormCollator(pad_token_id=proc.tokenizer.pad_token_id)(items)
+    lengths = [len(i["input_ids"]) for i in items]
+    assert batch["input_ids"].shape == (4, max(lengths))
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    for row, n in enumerate(lengths):
+        assert bool((batch["labels"][row, n:] == -100).all())
+        assert bool((batch["input_ids"][row, n:] == proc.tokenizer.pad_token_id).all())
+    # two.mp4 holds 2 frames; load_video repeats real frames to reach num_frames (none invented from nothing).
+    assert batch["pixel_values_videos"].shape == (2, 4, 3, 32, 32)
+    assert batch["video_frame_mask"].all()
+    assert batch["pixel_values"].shape == (1, 3, 32, 32)
+    with torch.no_grad():
+        out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values_videos",
+                                             "video_frame_mask", "pixel_values", "labels")})
+    assert torch.isfinite(out.loss)
+
+
+def test_collator_pads_videos_in_time_with_a_mask():
+    pv = [torch.ones(3, 3, 4, 4), torch.full((1, 3, 4, 4), 2.0)]
+    samples = [{"input_ids": torch.tensor([5, 6]), "labels": torch.tensor([-100, 6]), "pixel_values_videos": v,
+                "num_skipped": k} for k, v in enumerate(pv)]
+    batch = StormCollator(pad_token_id=0)(samples)
+    assert batch["video_frame_mask"].tolist() == [[True] * 3, [True, False, False]]
+    assert batch["pixel_values_videos"][1, 1:].abs().sum() == 0 and batch["pixel_values_videos"][1, 0].mean() == 2
+    assert batch["num_skipped"] == 1
+
+
+def test_unreadable_media_is_skipped_counted_and_logged(media, tmp_path, caplog):
+    ds = dataset(media, tmp_path, [
+        rec("ok0", ["Q"], ["A0"], video="four.mp4"),
+        rec("bad", ["Q"], ["A1"], video="broken.mp4"),
+        rec("gone", ["Q"], ["A2"], image="missing.png"),
+        rec("ok3", ["Q"], ["A3"], image="img.png"),
+    ])
+    with caplog.at_level(logging.WARNING, logger="storm_vlm.data"):
+        item = ds[1]
+    assert item["record_index"] == 3 and item["num_skipped"] == 2  # bad -> gone -> ok3
+    assert item["pixel_values"].shape == (3, 32, 32)
+    assert "id bad" in caplog.text and "id gone" in caplog.text
+    assert ds[2]["record_index"] == 3 and ds[2]["num_skipped"] == 1
+    assert ds[0]["record_index"] == 0 and ds[0]["num_skipped"] == 0

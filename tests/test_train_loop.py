@@ -1,0 +1,94 @@
+"""The training loop on a tiny model: loss goes down, stages train the right parts, skips are counted."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from storm_vlm.errors import ConfigError
+from storm_vlm.train import train
+from train_helpers import base_config, make_dataset, write_video
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data"), num_videos=8, num_images=8)
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_steps_lower_the_loss_and_log_metrics(data, tmp_path):
+    out = tmp_path / "sft"
+    final = train(base_config(out, data, max_steps=8, projector_lr=5e-3, bf16=True))
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    losses = [r["loss"] for r in rows]
+    assert np.mean(losses[-2:]) < losses[0] - 0.3, losses
+    first = rows[0]
+    assert set(first["lr"]) == {"projector", "model"}
+    assert first["lr"]["projector"] == pytest.approx(5e-3) and first["lr"]["model"] == pytest.approx(3e-3)
+    assert rows[-1]["lr"]["model"] < first["lr"]["model"]  # cosine decay
+    assert first["grad_norm"] > 0 and first["samples_per_s"] > 0 and first["skipped_media"] == 0
+    assert final == out / "final" and (final / "model.safetensors").is_file() and (final / "config.json").is_file()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(base_config(out, data))
+
+
+def test_align_trains_only_the_projector_then_lora_sft_chains(data, tmp_path):
+    align_out = tmp_path / "align"
+    final = train(base_config(align_out, data, stage="align", train_file=str(data["align"]), max_steps=3,
+                              learning_rate=1e-2))
+    after = load_file(str(final / "model.safetensors"))
+    ref = _reference_weights(data)
+    changed = {k for k in after if not torch.equal(after[k], ref[k])}
+    assert changed and all(k.startswith("projector.") for k in changed), sorted(changed)[:5]
+    # sft with LoRA from the align output: the LLM changes only through merged LoRA deltas,
+    # the projector trains fully, the vision tower stays frozen.
+    sft_out = tmp_path / "sft"
+    final2 = train(base_config(sft_out, data, build=None, init_from=str(align_out), max_steps=3,
+                               lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}))
+    merged = load_file(str(final2 / "model.safetensors"))
+    assert not any("lora_" in k or "base_layer" in k for k in merged)
+    assert set(merged) == set(after)
+    llm_changed = {k for k in merged if k.startswith("language_model.") and not torch.equal(merged[k], after[k])}
+    assert llm_changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in llm_changed)
+    assert any(not torch.equal(merged[k], after[k]) for k in merged if k.startswith("projector."))
+    assert all(torch.equal(merged[k], after[k]) for k in merged if k.startswith("vision_tower."))
+
+
+def _reference_weights(data):
+    """The untrained model the build source gives (same seed as the runs)."""
+    from storm_vlm.train.config import config_from_dict
+    from storm_vlm.train.launch import DistEnv
+    from storm_vlm.train.model_source import load_model_and_processor
+
+    torch.manual_seed(0)
+    cfg = config_from_dict(base_config("unused", data))
+    model, _ = load_model_and_processor(cfg, DistEnv())
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def test_long_stage_pools_frames_and_counts_skipped_media(data, tmp_path):
+    root = data["root"]
+    frames = np.full((8, 32, 32, 3), 60, np.uint8)
+    write_video(root / "videos" / "long.mp4", frames)
+    (root / "videos" / "corrupt.mp4").write_bytes(b"garbage" * 100)
+    recs = [{"id": "long", "video": "videos/long.mp4",
+             "conversations": [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "Nothing."}]},
+            {"id": "corrupt", "video": "videos/corrupt.mp4",
+             "conversations": [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "Nothing."}]}]
+    f = root / "long.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "long"
+    final = train(base_config(out, data, stage="long", train_file=str(f), num_frames=8, temporal_pool_size=4,
+                              per_device_batch_size=1, max_steps=4, save_steps=2, shuffle=False))
+    rows = metrics(out)
+    assert rows[-1]["skipped_media"] == 2 and [r["skipped_media_step"] for r in rows] == [0, 1, 0, 1]
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["skipped_media"] == 1 and state["epoch"] == 1 and state["step_in_epoch"] == 0
+    config = json.loads((final / "config.json").read_text())
+    assert config["temporal_pool_size"] == 4
