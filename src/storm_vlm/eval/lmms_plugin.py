@@ -24,12 +24,10 @@ import numpy as np
 
 try:  # the module must import without lmms-eval (the `lmms` extra)
     from lmms_eval.api.model import lmms as _LmmsBase
-    from lmms_eval.models.registry_v2 import ModelManifest
 
     HAVE_LMMS_EVAL = True
 except ImportError:  # pragma: no cover - depends on the environment
     _LmmsBase = object
-    ModelManifest = None
     HAVE_LMMS_EVAL = False
 
 CLASS_PATH = "storm_vlm.eval.lmms_plugin.Storm"
@@ -39,6 +37,9 @@ def manifest():
     """lmms-eval's registration record for ``--model storm``."""
     if not HAVE_LMMS_EVAL:
         raise ImportError("lmms-eval is not installed: pip install 'storm-vlm[lmms]'")
+    # imported here: lmms_eval.models loads the entry points, and so this module, on import
+    from lmms_eval.models.registry_v2 import ModelManifest
+
     return ModelManifest(model_id="storm", simple_class_path=CLASS_PATH)
 
 
