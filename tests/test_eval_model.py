@@ -1,0 +1,109 @@
+"""End to end with a tiny random STORM model: every benchmark layout, the CLI, the lmms-eval adapter."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from storm_vlm.cli import main
+from storm_vlm.eval import evaluate, load_benchmark
+
+from test_eval_fixtures import MAKERS, Videos
+
+EXPECTED_BREAKDOWNS = {
+    "videomme": {"duration": {"short": 2, "medium": 1, "long": 1}, "domain": {"Knowledge": 2, "Sports Competition": 2},
+                 "task_type": {"Counting Problem": 2, "OCR Problems": 1, "Action Recognition": 1}},
+    "mvbench": {"task": {"action_sequence": 2, "object_shuffle": 1, "episodic_reasoning": 1}},
+    "mlvu": {"question_type": {"plotQA": 2, "count": 1}},
+    "longvideobench": {"duration_group": {"15": 1, "600": 1}, "question_category": {"S2E": 1, "E3E": 1}},
+    "egoschema": {},
+    "synthetic": {"task": {"order": 2, "count": 2}},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from storm_vlm.commands.evaluate import load_model
+    from storm_vlm.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+    model, processor = load_model(str(path))
+    return path, model, processor
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    base = tmp_path_factory.mktemp("layouts")
+    videos = Videos(base)
+    return {name: make(base / name, videos) for name, make in MAKERS.items()}
+
+
+@pytest.mark.parametrize("bench", list(MAKERS))
+def test_tiny_model_on_each_layout_writes_results_with_breakdowns(bench, tiny, layouts, tmp_path):
+    path, model, processor = tiny
+    records = load_benchmark(bench, layouts[bench])
+    res = evaluate(model, processor, records, tmp_path / "out", num_frames=2, max_new_tokens=3, progress=False,
+                   print_table=False, model_dir=str(path))
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["counts"] == res["counts"]
+    c = saved["counts"]
+    assert c["total"] == c["predicted"] == len(records) and c["decode_failures"] == 0
+    assert c["answered"] + c["unparsed"] == len(records)
+    got = {k: {v: g["count"] for v, g in groups.items()} for k, groups in saved["breakdowns"].items()}
+    assert got == EXPECTED_BREAKDOWNS[bench]
+    s = saved["settings"]
+    assert (s["model"], s["num_frames"], s["max_new_tokens"]) == (str(path), 2, 3)
+    assert s["compression"]["projector_type"] == "mamba" and s["decoding"]["do_sample"] is False
+    assert "Answer with the option's letter" in s["prompt"]["template"]
+    assert s["visual_tokens_at_num_frames"] == model.config.num_visual_tokens(2)
+    rows = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [r.id for r in records]
+    assert all(isinstance(r["reply"], str) and r["num_frames"] == 2 for r in rows)
+    if bench in ("mvbench", "mlvu"):
+        assert saved["headline"]["value"] == saved[f"mean_over_{'task' if bench == 'mvbench' else 'question_type'}"]
+
+
+def test_cli_runs_resumes_and_records_a_broken_video(tiny, tmp_path, capsys):
+    path = tiny[0]
+    root = MAKERS["synthetic"](tmp_path / "syn", Videos(tmp_path))
+    (root / "videos" / "2.mp4").write_bytes(b"\x00" * 100)
+    out = tmp_path / "out"
+    args = ["eval", str(path), "--benchmark", "synthetic", "--data-root", str(root), "--output", str(out),
+            "--frames", "2", "--max-new-tokens", "2", "--no-progress"]
+    assert main(args + ["--limit", "2"]) == 0
+    assert json.loads((out / "results.json").read_text())["counts"]["total"] == 2
+    assert main(args + ["--temporal-sample", "2", "--limit", "2"]) == 2  # other settings: refused
+    assert "other settings" in capsys.readouterr().err
+    assert main(args) == 0  # resumes: only the last two are new
+    res = json.loads((out / "results.json").read_text())
+    assert res["counts"]["total"] == 4 and res["counts"]["decode_failures"] == 1
+    assert res["decode_failure_ids"] == ["syn-2"]
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 4
+    assert "| decode failures | 1 |" in (out / "results.md").read_text()
+    assert "| decode failures | 1 |" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["eval", str(tmp_path), "--benchmark", "synthetic", "--data-root", str(tmp_path),
+                 "--output", str(tmp_path / "o")]) == 2
+    assert "not a saved model folder" in capsys.readouterr().err
+
+
+def test_lmms_eval_generate_until_with_the_real_api(tiny, tmp_path):
+    pytest.importorskip("lmms_eval")
+    from lmms_eval.api.instance import Instance
+
+    from storm_vlm.eval.lmms_plugin import Storm, cut_at_stops
+    from storm_vlm.video import load_video
+    from test_eval_fixtures import write_mp4
+
+    video = write_mp4(tmp_path / "v.mp4")
+    lm = Storm(pretrained=str(tiny[0]), num_frames=2, max_new_tokens=4)
+    lm.task_dict = {"toy": {"test": [{"video": str(video)}]}}
+    req = Instance(request_type="generate_until", idx=0, metadata={"task": "toy", "doc_id": 0, "repeats": 1},
+                   arguments=("What happens?\nA. x\nB. y", {"max_new_tokens": 3, "temperature": 0, "until": ["\n\n"]},
+                              lambda doc: [doc["video"]], 0, "toy", "test"))
+    (reply,) = lm.generate_until([req])
+    frames = load_video(video, num_frames=2).frames
+    expected = cut_at_stops(lm.predictor.reply("What happens?\nA. x\nB. y", frames, max_new_tokens=3), ["\n\n"])
+    assert isinstance(reply, str) and reply == expected
