@@ -15,7 +15,7 @@ from pathlib import Path
 
 from storm_vlm.errors import StormError
 
-__all__ = ["build_storm", "save_storm", "load_parts", "DTYPES"]
+__all__ = ["build_storm", "save_storm", "check_out_dir", "load_parts", "read_part_configs", "DTYPES"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -61,24 +61,13 @@ def _quiet_transformers():
     return quiet()
 
 
-def load_parts(vision_dir, llm_dir, dtype="auto"):
-    """Load (vision_tower, image_processor, language_model, tokenizer) from two local folders.
-
-    The vision folder may hold a SigLIP vision model or a full SigLIP (image-text) model; only the
-    vision transformer is kept (without the pooling head, which STORM never uses).
-    """
-    from transformers import (
-        AutoConfig,
-        AutoImageProcessor,
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        SiglipImageProcessor,
-        SiglipVisionModel,
-    )
+def read_part_configs(vision_dir, llm_dir):
+    """Check both folders and return (vision config, LLM config) without loading weights."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     vision_dir = _check_dir(vision_dir, "vision")
     llm_dir = _check_dir(llm_dir, "LLM")
-    torch_dtype = _torch_dtype(dtype)
     try:
         vcfg = AutoConfig.from_pretrained(vision_dir)
     except (OSError, ValueError) as exc:
@@ -88,10 +77,28 @@ def load_parts(vision_dir, llm_dir, dtype="auto"):
             f"vision folder {vision_dir} holds a {vcfg.model_type!r} model; expected SigLIP "
             "(model_type 'siglip' or 'siglip_vision_model')"
         )
+    if vcfg.model_type == "siglip":
+        vcfg = vcfg.vision_config
     try:
         lcfg = AutoConfig.from_pretrained(llm_dir)
     except (OSError, ValueError) as exc:
         raise StormError(f"LLM folder {llm_dir}: cannot read config.json ({exc})") from exc
+    if lcfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise StormError(f"LLM folder {llm_dir} holds a {lcfg.model_type!r} model, which is not a causal LM")
+    return vcfg, lcfg
+
+
+def load_parts(vision_dir, llm_dir, dtype="auto"):
+    """Load (vision_tower, image_processor, language_model, tokenizer) from two local folders.
+
+    The vision folder may hold a SigLIP vision model or a full SigLIP (image-text) model; only the
+    vision transformer is kept (without the pooling head, which STORM never uses).
+    """
+    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
+
+    vision_dir, llm_dir = Path(vision_dir), Path(llm_dir)
+    vcfg, lcfg = read_part_configs(vision_dir, llm_dir)
+    torch_dtype = _torch_dtype(dtype)
 
     with _quiet_transformers():
         try:
@@ -111,6 +118,8 @@ def load_parts(vision_dir, llm_dir, dtype="auto"):
         try:
             image_processor = AutoImageProcessor.from_pretrained(vision_dir)
         except (OSError, ValueError):
+            from transformers.models.siglip import SiglipImageProcessorPil as SiglipImageProcessor
+
             size = vision.config.image_size
             image_processor = SiglipImageProcessor(
                 size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
@@ -141,6 +150,17 @@ def build_storm(
     from storm_vlm.modeling import StormForConditionalGeneration
     from storm_vlm.processing import IMAGE_TOKEN, VIDEO_TOKEN, StormProcessor, add_placeholder_tokens, default_chat_template
 
+    vcfg, lcfg = read_part_configs(vision_dir, llm_dir)
+    # Validate the STORM fields before loading any weights.
+    StormConfig(
+        vision_config=vcfg,
+        text_config=lcfg,
+        projector_type=projector_type,
+        projector_num_layers=projector_num_layers,
+        temporal_pool_size=temporal_pool_size,
+        spatial_pool_stride=spatial_pool_stride,
+        **config_overrides,
+    )
     vision, image_processor, language_model, tokenizer = load_parts(vision_dir, llm_dir, dtype)
     llm_dtype = language_model.get_input_embeddings().weight.dtype
     vision.to(llm_dtype)
@@ -181,15 +201,20 @@ def build_storm(
     return model, processor
 
 
+def check_out_dir(out_dir, overwrite: bool = False) -> Path:
+    """An existing non-empty `out_dir` is a StormError unless `overwrite=True`."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise StormError(f"output folder {out_dir} already exists and is not empty (use --overwrite)")
+    return out_dir
+
+
 def save_storm(model, processor, out_dir, overwrite: bool = False) -> Path:
     """Write model (safetensors) + processor to `out_dir` atomically; returns the folder.
 
     An existing non-empty `out_dir` is an error unless `overwrite=True`.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        if not overwrite:
-            raise StormError(f"output folder {out_dir} already exists and is not empty (use --overwrite)")
+    out_dir = check_out_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
