@@ -172,7 +172,7 @@ def scheduler_state_to_json(state: dict) -> dict:
     out = {}
     for k, v in state.items():
         if k == "lr_lambdas":
-            continue  # plain functions; rebuilt from the config
+            v = [None] * len(v)  # plain functions are not saved (LambdaLR stores None); rebuilt from the config
         if isinstance(v, torch.Tensor):
             v = v.tolist()
         out[k] = v

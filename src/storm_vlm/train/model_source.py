@@ -3,7 +3,8 @@
 - init_from: a saved STORM model folder (config.json + safetensors + processor), e.g. the
   previous stage's `output_dir/final`; a stage output_dir itself is accepted too (its `final/`).
 - build: {vision: DIR, llm: DIR, projector: mamba|mlp, **StormConfig fields} -- a local SigLIP
-  folder and a local causal-LM folder assembled into a STORM model (projector freshly initialised).
+  folder and a local causal-LM folder assembled by `storm_vlm.builder.build_storm` (what
+  `storm-vlm build` runs; the projector is freshly initialised with the run's seed).
 - tiny: kwargs of `storm_vlm.tiny.build_tiny_model` -- a tiny random model, written once to
   `output_dir/source-model/` (rank 0, atomically) and loaded from there by every rank.
 
@@ -18,7 +19,6 @@ from pathlib import Path
 import torch
 
 from storm_vlm.errors import ConfigError, StormError
-from storm_vlm.train import checkpoint as ckpt
 from storm_vlm.train.config import TrainConfig
 
 # StormConfig fields a config may change on an existing model (they add no weights).
@@ -58,10 +58,12 @@ def storm_config_for_build(build: dict, video_token_id=None, image_token_id=None
     from storm_vlm.config import StormConfig
 
     extra = {k: v for k, v in build.items() if k not in ("vision", "llm", "projector")}
+    text_config = _text_config(Path(build["llm"]))
     try:
         return StormConfig(
             vision_config=_vision_config(Path(build["vision"])),
-            text_config=_text_config(Path(build["llm"])),
+            text_config=text_config,
+            tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
             projector_type=build.get("projector", "mamba"),
             video_token_id=video_token_id,
             image_token_id=image_token_id,
@@ -90,52 +92,28 @@ def instantiate_on_meta(cfg: TrainConfig):
     return model
 
 
-def _build_from_parts(build: dict):
-    """Load SigLIP + LLM + tokenizer from local folders and assemble a STORM model and processor."""
-    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
+def _build_from_parts(build: dict, seed: int):
+    """Load SigLIP + LLM (+ tokenizer) from local folders and assemble a STORM model (float32 master weights)."""
+    from storm_vlm.builder import build_storm
 
-    from storm_vlm.modeling import StormForConditionalGeneration
-    from storm_vlm.processing import StormProcessor, default_chat_template
-
-    vision_dir, llm_dir = Path(build["vision"]), Path(build["llm"])
+    extra = {k: v for k, v in build.items() if k not in ("vision", "llm", "projector")}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(llm_dir)
-        image_processor = AutoImageProcessor.from_pretrained(vision_dir)
-        vision = SiglipVisionModel.from_pretrained(vision_dir, dtype=torch.float32)
-        llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"key 'build': cannot load the parts from {str(vision_dir)!r} / {str(llm_dir)!r} ({exc})") from None
-    proto = StormProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    config = storm_config_for_build(build, proto.video_token_id, proto.image_token_id)
-    if len(tokenizer) > llm.get_input_embeddings().weight.shape[0]:
-        llm.resize_token_embeddings(len(tokenizer))
-    config.text_config = llm.config
-    model = StormForConditionalGeneration.from_parts(config, vision_tower=vision, language_model=llm)
-    processor = StormProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        chat_template=default_chat_template(tokenizer),
-        visual_token_config=model.config.counting_fields(),
-    )
-    return model, processor
+        return build_storm(build["vision"], build["llm"], projector_type=build.get("projector", "mamba"),
+                           dtype="float32", seed=seed, **extra)
+    except TypeError as exc:
+        raise ConfigError(f"key 'build': {exc}") from None
 
 
 def _materialise_tiny(cfg: TrainConfig, env) -> Path:
-    """Rank 0 writes the tiny model once under output_dir; everyone then loads it."""
+    """Rank 0 writes the tiny model once under output_dir (atomically); everyone then loads it."""
     from storm_vlm.tiny import build_tiny_model
 
     target = Path(cfg.output_dir) / SOURCE_DIR
     if env.is_main and not (target / "config.json").is_file():
-        tmp = target.with_name(target.name + ".tmp")
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
         try:
-            build_tiny_model(tmp, **cfg.tiny)
+            build_tiny_model(target, parts_root=Path(cfg.output_dir) / "source-parts", **cfg.tiny)
         except TypeError as exc:
             raise ConfigError(f"key 'tiny': {exc}") from None
-        ckpt.publish_dir(tmp, target)
     env.barrier()
     return target
 
@@ -164,7 +142,7 @@ def load_model_and_processor(cfg: TrainConfig, env):
     from storm_vlm.processing import StormProcessor, default_chat_template
 
     if cfg.build is not None:
-        model, processor = _build_from_parts(cfg.build)
+        model, processor = _build_from_parts(cfg.build, cfg.seed)
     else:
         folder = resolve_model_dir(cfg.init_from) if cfg.init_from is not None else _materialise_tiny(cfg, env)
         model = StormForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)

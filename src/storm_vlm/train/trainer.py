@@ -364,8 +364,11 @@ class Trainer:
                 "gradient_accumulation_steps); the data position would not match"
             )
         osd = ckpt.load_torch_state(ckpt_dir / ckpt.OPTIMIZER_FILE)
+        # strict=False: trainable parameters that never got a gradient (e.g. the vision tower's last
+        # layer, unused with vision_feature_layer=-2) have no AdamW state in either run.
         set_optimizer_state_dict(
-            self.model, self.optimizer, optim_state_dict=osd, options=StateDictOptions(full_state_dict=True)
+            self.model, self.optimizer, optim_state_dict=osd,
+            options=StateDictOptions(full_state_dict=True, strict=False),
         )
         sched = ckpt.read_json(ckpt_dir / ckpt.SCHEDULER_FILE)
         self.scheduler.load_state_dict(sched)
