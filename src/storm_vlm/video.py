@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -221,8 +222,19 @@ def _fps_indices(n_clip: int, rate, fps: float, num_frames: int) -> np.ndarray:
     return np.floor(np.arange(count) * step + 1e-6).astype(np.int64)
 
 
+_local = threading.local()
+
+
 def _to_rgb(frame, rotation: int) -> np.ndarray:
-    return rotate_frame(frame.to_ndarray(format="rgb24"), rotation)
+    """(H, W, 3) uint8 RGB of a decoded frame, display rotation applied."""
+    reformatter = getattr(_local, "reformatter", None)
+    if reformatter is None:
+        from av.video.reformatter import VideoReformatter
+
+        # One converter per thread: building a new one for every frame costs more than the decode.
+        reformatter = _local.reformatter = VideoReformatter()
+    rgb = reformatter.reformat(frame, format="rgb24").to_ndarray()
+    return rotate_frame(rgb, rotation)
 
 
 def _frame_rotation(frame) -> int:
