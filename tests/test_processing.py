@@ -1,0 +1,156 @@
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from fixtures_models import llama_parts, qwen2_parts, random_video, video_question  # noqa: F401
+
+from storm_vlm import StormConfig, StormProcessor
+from storm_vlm.errors import StormError
+from storm_vlm.processing import default_chat_template
+
+FIELDS = dict(image_size=64, patch_size=8, downsample_ratio=2, temporal_pool_size=1, spatial_pool_stride=1,
+              temporal_sample_stride=1)
+
+
+def make_processor(parts, **fields):
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    vision_dir, llm_dir = parts
+    tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+    image_processor = AutoImageProcessor.from_pretrained(vision_dir)
+    return StormProcessor(image_processor, tokenizer, chat_template=default_chat_template(tokenizer),
+                          visual_token_config={**FIELDS, **fields})
+
+
+@pytest.fixture(scope="module")
+def processor(qwen2_parts):
+    return make_processor(qwen2_parts)
+
+
+def test_tiny_tokenizer_covers_the_benchmark_vocabulary(processor):
+    tok = processor.tokenizer
+    for letter in "ABCD":
+        assert len(tok.encode(letter, add_special_tokens=False)) == 1
+        assert len(tok.encode(" " + letter, add_special_tokens=False)) == 1
+    prompt = "Which direction does the red circle move? Answer with the option's letter from the given choices directly."
+    ids = tok.encode(prompt, add_special_tokens=False)
+    assert tok.decode(ids) == prompt
+    assert len(ids) < 30  # words, not characters
+    assert tok.convert_tokens_to_ids("<video>") == processor.video_token_id != tok.unk_token_id
+
+
+@pytest.mark.parametrize("fields,stride", [({}, None), ({"temporal_pool_size": 2}, None),
+                                           ({"spatial_pool_stride": 2}, 3), ({"temporal_sample_stride": 2}, None)])
+def test_placeholders_expand_to_the_config_count(qwen2_parts, fields, stride):
+    proc = make_processor(qwen2_parts, **fields)
+    cfg = StormConfig.for_counting({**FIELDS, **fields})
+    videos = [random_video(8), random_video(5, seed=1), random_video(3, seed=2)]
+    out = proc(text=["<video>\nWhat colour?", "Count <video> and <video> please"], videos=videos,
+               temporal_sample_stride=stride)
+    counts = (out["input_ids"] == proc.video_token_id).sum(1).tolist()
+    expected = [cfg.num_visual_tokens(t, stride) for t in (8, 5, 3)]
+    assert counts == [expected[0], expected[1] + expected[2]]
+    assert out["pixel_values_videos"].shape == (3, 8, 3, 64, 64)
+    assert out["video_frame_mask"].dtype == torch.bool
+    assert out["video_frame_mask"].sum(1).tolist() == [8, 5, 3]
+    assert torch.all(out["pixel_values_videos"][1, 5:] == 0)
+
+
+def test_padding_sides_and_attention_mask(processor):
+    videos = [random_video(8), random_video(2, seed=3)]
+    texts = ["<video>\nWhat colour is the circle?", "<video>\nHow many?"]
+    right = processor(text=texts, videos=videos, padding_side="right")
+    left = processor(text=texts, videos=videos, padding_side="left")
+    lengths = right["attention_mask"].sum(1)
+    assert lengths.tolist() == left["attention_mask"].sum(1).tolist()
+    n = int(lengths[1])
+    assert torch.equal(right["input_ids"][1, :n], left["input_ids"][1, -n:])
+    assert torch.all(right["input_ids"][1, n:] == processor.tokenizer.pad_token_id)
+    assert torch.all(left["attention_mask"][1, :-n] == 0)
+
+
+def test_accepts_clips_frame_lists_and_a_single_video(processor):
+    video = random_video(4)
+    a = processor(text="<video> hi", videos=video)
+    b = processor(text="<video> hi", videos=[SimpleNamespace(frames=video)])
+    c = processor(text="<video> hi", videos=[list(video)])
+    for other in (b, c):
+        assert torch.equal(a["input_ids"], other["input_ids"])
+        assert torch.equal(a["pixel_values_videos"], other["pixel_values_videos"])
+
+
+def test_images_count_as_one_frame(processor):
+    image = random_video(1)[0]
+    out = processor(text="<image>\nWhat is this?", images=[image])
+    assert out["pixel_values"].shape == (1, 3, 64, 64)
+    assert int((out["input_ids"] == processor.image_token_id).sum()) == processor.num_visual_tokens(1) == 16
+    assert "pixel_values_videos" not in out
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(text="<video> <video>", videos=[random_video(2)]), "2 <video> placeholders but 1 videos"),
+        (dict(text="no placeholder", videos=[random_video(2)]), "0 <video> placeholders"),
+        (dict(text="<image>", images=[]), "1 <image> placeholders but 0 images"),
+        (dict(text="<video>", videos=[np.zeros((2, 8, 8, 3), np.float32)]), "uint8"),
+        (dict(text="<video>", videos=[np.zeros((2, 8, 8), np.uint8)]), "shape"),
+    ],
+)
+def test_input_errors(processor, kwargs, message):
+    with pytest.raises(StormError, match=message):
+        processor(**kwargs)
+
+
+def test_chat_template_and_assistant_labels(processor):
+    video = random_video(8)
+    conversation = video_question(video) + [
+        {"role": "assistant", "content": "A"},
+        {"role": "user", "content": "And the second one?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "B. blue"}]},
+    ]
+    prompt = processor.apply_chat_template(conversation)
+    assert prompt.count("<video>") == 1 and "<|im_start|>assistant\nA<|im_end|>" in prompt
+    gen = processor.apply_chat_template(conversation[:1], add_generation_prompt=True)
+    assert gen.endswith("<|im_start|>assistant\n")
+
+    ex = processor.build_training_example(conversation)
+    ids, labels = ex["input_ids"][0], ex["labels"][0]
+    assert ids.shape == labels.shape and ex["pixel_values_videos"].shape == (1, 8, 3, 64, 64)
+    assert int((ids == processor.video_token_id).sum()) == processor.num_visual_tokens(8)
+    kept = labels != -100
+    assert torch.equal(labels[kept], ids[kept])
+    assert processor.tokenizer.decode(labels[kept]) == "A<|im_end|>B. blue<|im_end|>"
+    # the same ids as the plain processor call on the rendered prompt
+    plain = processor(text=prompt, videos=[video])
+    assert torch.equal(plain["input_ids"][0], ids)
+
+
+def test_llama_style_template(llama_parts):
+    proc = make_processor(llama_parts)
+    conversation = video_question(random_video(2)) + [{"role": "assistant", "content": "C"}]
+    prompt = proc.apply_chat_template(conversation)
+    assert prompt.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<video>")
+    ex = proc.build_training_example(conversation)
+    ids = ex["input_ids"][0]
+    assert int((ids == proc.tokenizer.bos_token_id).sum()) == 1  # bos not added twice
+    kept = ex["labels"][0] != -100
+    assert proc.tokenizer.decode(ex["labels"][0][kept]) == "C<|eot_id|>"
+
+
+def test_save_load_round_trip(processor, tmp_path):
+    from transformers import AutoProcessor
+
+    from storm_vlm import StormConfig  # noqa: F401  (registration)
+
+    processor.save_pretrained(tmp_path)
+    # AutoProcessor needs the model's config.json to know the model type
+    StormConfig.for_counting(FIELDS).save_pretrained(tmp_path)
+    back = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(back, StormProcessor)
+    assert back.visual_token_config == processor.visual_token_config
+    assert back.chat_template == processor.chat_template
+    videos = [random_video(6)]
+    a, b = processor(text="<video> q", videos=videos), back(text="<video> q", videos=videos)
+    assert all(torch.equal(a[k], b[k]) for k in a)
