@@ -1,0 +1,75 @@
+"""torchrun on CPU (gloo): 2 processes x batch b follow 1 process x batch 2b, with DDP and FSDP2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from storm_vlm.train import train
+from train_helpers import base_config, make_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # two extra interpreters importing torch + transformers: over a minute here
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    data = make_dataset(tmp / "data", num_videos=8, num_images=2)
+    cfg = base_config(tmp / "unused", data, max_steps=4, save_steps=2, per_device_batch_size=2,
+                      gradient_accumulation_steps=1)
+    ref = train(dict(cfg, output_dir=str(tmp / "single")))
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return {"tmp": tmp, "cfg": path, "ref": ref}
+
+
+def torchrun(cfg: Path, out: Path, *sets: str):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "storm_vlm", "train", str(cfg), "--set", f"output_dir={out}", "--set", "per_device_batch_size=1",
+           "--set", "progress_bar=false"]
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+def losses(out: Path):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def compare(ref_final: Path, out: Path, atol=1e-5):
+    ref_out = ref_final.parent
+    np.testing.assert_allclose(losses(out), losses(ref_out), rtol=1e-5, atol=1e-6)
+    a, b = load_file(str(ref_final / "model.safetensors")), load_file(str(out / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < atol, worst
+
+
+def test_ddp_two_processes_match_one_process_with_double_batch(setup):
+    out = torchrun(setup["cfg"], setup["tmp"] / "ddp", "distributed=ddp")
+    compare(setup["ref"], out)
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["global_batch_size"] == 2
+    assert (out / "checkpoint-2" / "rng_state_1.json").is_file()
+
+
+def test_fsdp2_two_processes_match_and_save_full_checkpoints(setup):
+    out = torchrun(setup["cfg"], setup["tmp"] / "fsdp", "distributed=fsdp")
+    compare(setup["ref"], out)
+    ck = load_file(str(out / "checkpoint-2" / "model.safetensors"))
+    ref_ck = load_file(str(setup["ref"].parent / "checkpoint-2" / "model.safetensors"))
+    assert ck.keys() == ref_ck.keys()
+    assert max(float((ck[k] - ref_ck[k]).abs().max()) for k in ck) < 1e-5
+    osd = torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    assert any(k.startswith("projector.") for k in osd["state"])
