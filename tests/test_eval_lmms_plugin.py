@@ -68,8 +68,6 @@ def test_entry_point_payload_registers_with_the_real_lmms_eval_registry():
             registry.register_manifest(m, overwrite=True)
         cls = registry.get_model_class("storm")
         assert cls is lmms_plugin.Storm and issubclass(cls, lmms) and cls.is_simple
-    with pytest.raises(NotImplementedError, match="loglikelihood"):
-        lmms_plugin.Storm.loglikelihood(None, [])
 
 
 def test_lmms_eval_finds_storm_through_the_installed_entry_point():

@@ -103,7 +103,57 @@ def test_lmms_eval_generate_until_with_the_real_api(tiny, tmp_path):
     req = Instance(request_type="generate_until", idx=0, metadata={"task": "toy", "doc_id": 0, "repeats": 1},
                    arguments=("What happens?\nA. x\nB. y", {"max_new_tokens": 3, "temperature": 0, "until": ["\n\n"]},
                               lambda doc: [doc["video"]], 0, "toy", "test"))
+    ll_req = Instance(request_type="loglikelihood", idx=0, metadata={"task": "toy", "doc_id": 0, "repeats": 1},
+                      arguments=("What happens?", " B", lambda doc: [doc["video"]], 0, "toy", "test"))
+    ((ll, greedy),) = lm.loglikelihood([ll_req])
+    assert ll < 0 and isinstance(greedy, bool)
     (reply,) = lm.generate_until([req])
     frames = load_video(video, num_frames=2).frames
     expected = cut_at_stops(lm.predictor.reply("What happens?\nA. x\nB. y", frames, max_new_tokens=3), ["\n\n"])
     assert isinstance(reply, str) and reply == expected
+
+
+def test_loglikelihood_matches_the_greedy_generation_scores(tiny, tmp_path):
+    import torch
+
+    from storm_vlm.eval import ModelPredictor
+    from storm_vlm.video import load_video
+    from test_eval_fixtures import write_mp4
+
+    _, model, processor = tiny
+    predictor = ModelPredictor(model, processor)
+    frames = load_video(write_mp4(tmp_path / "v.mp4"), num_frames=2).frames
+    inputs = predictor._inputs("What color is it?", frames)
+    with torch.inference_mode():
+        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+    new = gen.sequences[0, inputs["input_ids"].shape[1]:]
+    expected = sum(torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(gen.scores, new))
+    text = processor.tokenizer.decode(new)
+    assert processor.tokenizer(text, add_special_tokens=False)["input_ids"] == new.tolist()
+    ll, greedy = predictor.loglikelihood("What color is it?", text, frames)
+    assert ll == pytest.approx(expected, abs=1e-3) and greedy
+    other = processor.tokenizer.decode([int(new[0]) + 1]) + text
+    ll2, greedy2 = predictor.loglikelihood("What color is it?", other, frames)
+    assert not greedy2 and ll2 < 0
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_shard_and_rank0_merges(tiny, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    root = MAKERS["synthetic"](tmp_path / "syn", Videos(tmp_path))
+    out = tmp_path / "out"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists() and shutil.which("torchrun") is None:
+        pytest.skip("torchrun not found")
+    cmd = [str(torchrun if torchrun.exists() else shutil.which("torchrun")), "--nproc_per_node", "2",
+           "--master_port", "29517", "-m", "storm_vlm", "eval", str(tiny[0]), "--benchmark", "synthetic",
+           "--data-root", str(root), "--output", str(out), "--frames", "2", "--max-new-tokens", "2", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ids = [json.loads(x)["id"] for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert ids == [f"syn-{i}" for i in range(4)] and not list(out.glob("predictions.rank*.jsonl"))
+    assert json.loads((out / "results.json").read_text())["counts"]["predicted"] == 4

@@ -11,8 +11,8 @@ The adapter logic that does not need lmms-eval lives in plain functions:
 prompt is lmms-eval's task text as given (each task writes its own options and
 instructions), placed after the video in one user turn.
 
-``loglikelihood`` (multiple-choice-by-perplexity tasks) is not supported: it raises
-NotImplementedError; use each task's generation variant.
+``loglikelihood`` (multiple choice by likelihood, e.g. egoschema_subset_mcppl) scores the
+continuation after the assistant-turn opening, with the same video and prompt placement.
 """
 
 from __future__ import annotations
@@ -176,9 +176,21 @@ class Storm(_LmmsBase, metaclass=_StormMeta):
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
         return replies
 
-    def loglikelihood(self, requests):
-        raise NotImplementedError("storm: loglikelihood (multiple choice by perplexity) is not supported; "
-                                  "run the task's generate_until variant (e.g. egoschema_subset, not *_mcppl)")
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        """(log P(continuation | video, context), is_greedy) per request: multiple choice by likelihood."""
+        from tqdm.auto import tqdm
+
+        out = []
+        for request in tqdm(requests, desc="storm loglikelihood", disable=self.rank != 0):
+            context, target, doc_to_visual, doc_id, task, split = request.args[:6]
+            doc = self.task_dict[task][split][doc_id]
+            continuation = target if isinstance(target, str) else target(doc)
+            visuals = doc_to_visual(doc) if callable(doc_to_visual) else doc_to_visual
+            frames = visuals_to_frames(visuals, self.num_frames, self.fps)
+            result = self.predictor.loglikelihood(context, continuation, frames)
+            out.append(result)
+            self.cache_hook.add_partial("loglikelihood", (context, continuation), result)
+        return out
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError("storm: multi-round generation is not supported")

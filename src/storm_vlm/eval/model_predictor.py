@@ -68,6 +68,29 @@ class ModelPredictor:
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 
+    def loglikelihood(self, prompt: str, continuation: str, frames: np.ndarray) -> tuple[float, bool]:
+        """(log P(continuation | video, prompt), whether greedy decoding would produce it).
+
+        The continuation follows the assistant-turn opening of the chat template, tokenized
+        on its own (no special tokens)."""
+        import torch
+
+        inputs = self._inputs(prompt, frames)
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        cont = tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.model.device)
+        n = cont.shape[1]
+        if n == 0:
+            return 0.0, True
+        ids = torch.cat([inputs["input_ids"], cont], dim=1)
+        batch = {**inputs, "input_ids": ids}
+        if "attention_mask" in inputs:
+            batch["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(cont)], dim=1)
+        with torch.inference_mode():
+            logits = self.model(**batch, temporal_sample_stride=self.temporal_sample_stride).logits
+        logp = logits[0, -n - 1:-1].float().log_softmax(-1)
+        target = cont[0]
+        return float(logp.gather(-1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all())
+
     def predict(self, record: Record, frames: np.ndarray) -> str:
         return self.reply(build_prompt(record), frames)
 
