@@ -1,0 +1,111 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from fixtures_models import llama_parts, load, qwen2_mamba_dir, qwen2_parts, random_video, write_mp4  # noqa: F401
+
+from storm_vlm.cli import main
+
+
+@pytest.fixture(scope="module")
+def built(qwen2_parts, tmp_path_factory):
+    vision_dir, llm_dir = qwen2_parts
+    out = tmp_path_factory.mktemp("build") / "storm"
+    rc = main(["build", "--vision", str(vision_dir), "--llm", str(llm_dir), "--out", str(out),
+               "--projector", "mamba", "--layers", "1", "--temporal-pool", "2", "--spatial-pool", "2"])
+    assert rc == 0
+    return out
+
+
+def test_build_writes_a_loadable_model(built, qwen2_parts, capsys):
+    from transformers import AutoTokenizer
+
+    assert (built / "model.safetensors").is_file() and (built / "processor_config.json").is_file()
+    config = json.loads((built / "config.json").read_text())
+    assert config["model_type"] == "storm" and config["temporal_pool_size"] == 2
+    assert config["spatial_pool_stride"] == 2 and config["projector_num_layers"] == 1
+    model, processor = load(built)
+    original = AutoTokenizer.from_pretrained(qwen2_parts[1])
+    tok = processor.tokenizer
+    assert "<video>" not in original.get_vocab() and len(tok) == len(original) + 2
+    assert model.config.video_token_id == tok.convert_tokens_to_ids("<video>")
+    assert model.get_input_embeddings().weight.shape[0] == len(tok)  # embeddings resized
+    assert processor.visual_token_config["temporal_pool_size"] == 2
+    assert processor.num_visual_tokens(8) == model.config.num_visual_tokens(8) == 4 * 4
+    # the pretrained LLM weights are kept, only the new rows are added
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(qwen2_parts[1])
+    old = lm.get_input_embeddings().weight
+    assert torch.equal(model.get_input_embeddings().weight[: old.shape[0]], old)
+
+
+def test_build_prints_parameter_counts(qwen2_parts, tmp_path, capsys):
+    vision_dir, llm_dir = qwen2_parts
+    assert main(["build", "--vision", str(vision_dir), "--llm", str(llm_dir), "--out", str(tmp_path / "m"),
+                 "--projector", "mlp"]) == 0
+    out = capsys.readouterr().out
+    for part in ("vision_tower", "projector", "language_model"):
+        assert part in out
+
+
+@pytest.mark.parametrize(
+    "which,message",
+    [
+        ("missing-vision", "does not exist"),
+        ("llm-as-vision", "expected SigLIP"),
+        ("vision-as-llm", "not a causal LM"),
+        ("bad-pool", "spatial_pool_stride 3"),
+        ("existing-out", "already exists"),
+    ],
+)
+def test_build_errors_are_one_clear_message(which, message, qwen2_parts, tmp_path, capsys):
+    vision_dir, llm_dir = map(str, qwen2_parts)
+    out = tmp_path / "out"
+    args = {"missing-vision": [str(tmp_path / "nope"), llm_dir], "llm-as-vision": [llm_dir, llm_dir],
+            "vision-as-llm": [vision_dir, vision_dir]}.get(which, [vision_dir, llm_dir])
+    extra = ["--spatial-pool", "3"] if which == "bad-pool" else []
+    if which == "existing-out":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    rc = main(["build", "--vision", args[0], "--llm", args[1], "--out", str(out), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+    if which == "existing-out":
+        assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("codec", ["mpeg4", "libx264"])
+def test_chat_answers_about_an_mp4(qwen2_mamba_dir, tmp_path, capsys, codec):
+    from storm_vlm.commands.chat import answer
+    from storm_vlm.video import load_video
+
+    frames = np.zeros((12, 48, 64, 3), np.uint8)
+    frames[:, 10:30, 20:40] = (220, 30, 30)
+    try:
+        video = write_mp4(tmp_path / "clip.mp4", frames, codec=codec)
+    except Exception as exc:  # an encoder missing from this PyAV build
+        pytest.skip(f"{codec} encoder unavailable: {exc}")
+    rc = main(["chat", str(qwen2_mamba_dir), str(video), "-q", "What colour is the square?", "--frames", "6",
+               "--temporal-sample", "2", "--max-new-tokens", "4", "--dtype", "float32"])
+    printed = capsys.readouterr().out.strip()
+    assert rc == 0
+    model, processor = load(qwen2_mamba_dir)
+    clip = load_video(video, num_frames=6)
+    assert printed == answer(model, processor, clip, "What colour is the square?", 2, 4)
+
+
+def test_chat_on_a_broken_video_exits_2_with_the_message(qwen2_mamba_dir, tmp_path, capsys):
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(100))
+    rc = main(["chat", str(qwen2_mamba_dir), str(bad), "-q", "What happens?"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "broken.mp4" in err and "Traceback" not in err
+
+
+def test_chat_on_a_missing_model_folder(tmp_path, capsys):
+    video = write_mp4(tmp_path / "v.mp4", random_video(4, 32, 32))
+    rc = main(["chat", str(tmp_path / "nope"), str(video), "-q", "?"])
+    assert rc == 2 and "no config.json" in capsys.readouterr().err
