@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from storm_vlm.ssm.fast_scan import DEFAULT_CHUNK, chunked_scan
+
 __all__ = ["selective_scan", "selective_scan_reference", "ScanShapes", "check_scan_inputs"]
 
 
@@ -166,5 +168,50 @@ def selective_scan_reference(
     return (out, h) if return_last_state else out
 
 
-# Replaced by the fast path below once it exists.
-selective_scan = selective_scan_reference
+def _mamba_ssm_fn():
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception:  # not installed, or built without CUDA
+        return None
+    return selective_scan_fn
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    chunk: int = DEFAULT_CHUNK,
+):
+    """Selective scan, same arguments and results as ``selective_scan_reference``; differentiable.
+
+    On CUDA with mamba-ssm importable this calls its fused kernel (``selective_scan_fn``).
+    Elsewhere it runs the chunked pure-PyTorch scan (``fast_scan.chunked_scan``): compute in
+    float32 (float64 for float64 inputs), memory O(chunk * batch * dim * N) instead of
+    O(L * batch * dim * N). ``chunk`` (steps per chunk) only trades speed; results do not depend on it.
+    """
+    s = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    if u.is_cuda:
+        fn = _mamba_ssm_fn()
+        if fn is not None:
+            return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if s.length == 0:
+        return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    dt = s.compute_dtype
+    uf = u.to(dt)
+    dlt = _prepare_delta(delta, delta_bias, delta_softplus, dt)
+    res = chunked_scan(dlt, uf, A.to(dt), _grouped(B, s.groups).to(dt), _grouped(C, s.groups).to(dt),
+                       chunk=chunk, return_last_state=return_last_state)
+    y, last = res if return_last_state else (res, None)
+    if D is not None:
+        y = y + uf * D.to(dt)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(dt))
+    out = y.to(u.dtype)
+    return (out, last) if return_last_state else out
