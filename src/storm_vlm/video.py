@@ -45,7 +45,7 @@ class VideoDecodeError(StormError):
     """A video (or image) could not be read; the message names the file and the cause."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class VideoClip:
     """Frames sampled from a video.
 
@@ -57,6 +57,8 @@ class VideoClip:
     num_source_frames: frames in the whole stream.
     repeated: True when the clip had fewer frames than asked and frames were repeated.
     is_image: True for a still image (then T == 1).
+    rotation: display rotation applied, degrees counter-clockwise (0, 90, 180 or 270).
+    extra: how it was read: reader, seeks, frames decoded, where the frame count came from.
 
     Unpacks as `frames, timestamps = load_video(...)`.
     """
@@ -70,8 +72,8 @@ class VideoClip:
     repeated: bool
     path: str
     is_image: bool = False
-    rotation: int = 0  # display rotation applied, degrees counter-clockwise: 0, 90, 180 or 270
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
+    rotation: int = 0
+    extra: dict = field(default_factory=dict, repr=False)
 
     def __iter__(self):
         return iter((self.frames, self.timestamps))
@@ -189,6 +191,9 @@ def _load_from_container(container, path, num_frames, fps, start, end) -> VideoC
     indices = rel + first
     wanted = np.unique(indices)
     decoded = reader.read(wanted)  # index -> (frame array, timestamp, rotation)
+    shapes = {decoded[int(i)][0].shape for i in wanted}
+    if len(shapes) > 1:
+        raise _fail(path, f"frame size changes within the video ({sorted(shapes)})")
     frames = np.stack([decoded[int(i)][0] for i in indices])
     timestamps = np.array([decoded[int(i)][1] for i in indices], dtype=np.float64)
     rotation = decoded[int(indices[0])][2]
