@@ -1,0 +1,117 @@
+"""`storm-vlm profile [MODEL_DIR | --config CONFIG] --frames ... --compression ... --output OUT`.
+
+Per-module latency (vision tower / projector + compression / LLM prefill / decode per token) and
+peak memory for every frames x compression; writes OUT/profile.json, OUT/profile.txt and two PNG
+plots, and prints the table. See `storm_vlm.profiling` for what is measured and how.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from storm_vlm.errors import StormError
+
+COMPRESSION_HELP = (
+    "compression settings, comma separated: 1 = none, 4 = temporal pool 4, 8 = temporal pool 4 + "
+    "temporal sample 2, or FACTOR=POOL:SAMPLE[:SPATIAL] (e.g. 16=4:1:2) (default: 1,4,8)"
+)
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise StormError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise StormError(f"{flag} must be positive integers, got {text!r}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", help="a saved STORM model folder")
+    parser.add_argument("--config", metavar="CONFIG",
+                        help="a profile YAML (e.g. configs/bench-cpu.yaml): build a random-weight model from it")
+    parser.add_argument("--frames", default=None, help="frame counts (default: 4,8,16,32,64,128,256)")
+    parser.add_argument("--compression", default=None, help=COMPRESSION_HELP)
+    parser.add_argument("--output", required=True, metavar="OUT", help="folder for profile.json, profile.txt and plots")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per row; medians are kept (default: 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up runs per row (default: 1)")
+    parser.add_argument("--decode-tokens", type=int, default=None, metavar="K",
+                        help="tokens decoded per repeat after the prefill (default: 16, or the config's)")
+    parser.add_argument("--text-tokens", type=int, default=None,
+                        help="prompt tokens around the visual tokens (default: 64, or the config's)")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                        help="bf16: bfloat16 weights on CUDA, bfloat16 autocast on CPU (default: bf16 on cuda, "
+                             "fp32 on cpu: CPUs without native bf16 (AVX2 only) run bf16 matmuls slower)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--max-memory-gb", type=float, default=None,
+                        help="skip rows whose estimated activations exceed this (default: free memory)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from storm_vlm.costmodel import parse_compressions
+    from storm_vlm.profiling import (
+        ProfileSettings,
+        build_random_model,
+        format_table,
+        load_model,
+        load_model_config,
+        plot_profile,
+        profile_model,
+        write_profile,
+    )
+
+    if (args.model_dir is None) == (args.config is None):
+        raise StormError("give exactly one of MODEL_DIR or --config CONFIG")
+    defaults: dict = {}
+    config = None
+    if args.config is not None:
+        config, defaults = load_model_config(args.config)
+
+    def pick(value, key, fallback):
+        return value if value is not None else defaults.get(key, fallback)
+
+    frames = pick(args.frames, "frames", "4,8,16,32,64,128,256")
+    comp = pick(args.compression, "compression", "1,4,8")
+    try:
+        compressions = parse_compressions(str(comp))
+    except ValueError as exc:
+        raise StormError(f"--compression: {exc}") from None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    settings = ProfileSettings(
+        frames=_int_list(str(frames), "--frames"),
+        compressions=compressions,
+        repeats=pick(args.repeats, "repeats", 3),
+        warmup=pick(args.warmup, "warmup", 1),
+        decode_tokens=pick(args.decode_tokens, "decode_tokens", 16),
+        text_tokens=pick(args.text_tokens, "text_tokens", 64),
+        dtype=args.dtype or ("bf16" if device == "cuda" else "fp32"),
+        device=device,
+        seed=args.seed,
+        max_memory_gb=args.max_memory_gb,
+    )
+    settings.validate()
+    if args.threads is not None:
+        if args.threads < 1:
+            raise StormError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+    if config is not None:
+        model = build_random_model(config, seed=args.seed)
+        source = f"random weights from {args.config}"
+    else:
+        model = load_model(args.model_dir)
+        source = str(args.model_dir)
+    result = profile_model(model, settings, source=source)
+    path = write_profile(result, args.output)
+    print(format_table(result))
+    if not args.no_plots:
+        for p in plot_profile(result, args.output):
+            print(f"wrote {p}")
+    print(f"wrote {path}")
+    return 0
