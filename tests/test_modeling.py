@@ -219,3 +219,22 @@ def test_other_projector_and_llm(which, qwen2_mlp_dir, llama_mamba_dir, tmp_path
         back = type(model).from_pretrained(tmp_path).eval()
         assert torch.equal(model(**inputs).logits, back(**inputs).logits)
     assert gen.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_batched_generation_equals_each_alone(qwen2):
+    model, processor = qwen2
+    videos = [random_video(8, seed=3), random_video(3, seed=4)]
+    conversations = [video_question(videos[0], "What colour is the circle in the video?"),
+                     video_question(videos[1], "How many?")]
+    batch = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert processor.padding_side == "left" and batch["attention_mask"][1, 0] == 0
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        together = model.generate(**batch, **kw)
+        for i in range(2):
+            one = processor.apply_chat_template(conversations[i], add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)
+            alone = model.generate(**one, **kw)
+            assert torch.equal(together.sequences[i, -4:], alone.sequences[0, -4:])
+            for step_batch, step_alone in zip(together.scores, alone.scores):
+                assert torch.allclose(step_batch[i], step_alone[0], atol=1e-4)

@@ -166,7 +166,6 @@ def build_storm(
     vision.to(llm_dtype)
 
     add_placeholder_tokens(tokenizer)
-    tokenizer.padding_side = "left"  # batched generation; the model also handles right padding
     vocab = language_model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:
         language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)

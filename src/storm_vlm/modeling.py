@@ -54,13 +54,10 @@ class StormPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False
 
-    def _init_weights(self, module):
-        # The projector initialises itself in __init__ (Mamba's dt/A/D inits are not the generic
-        # normal(0.02)); `_mark_initialised` flags its modules so this is only reached elsewhere.
-        super()._init_weights(module)
-
 
 def _mark_initialised(module: nn.Module) -> None:
+    # The projector initialises itself in __init__ (Mamba's dt / A / D inits are not the generic
+    # normal(0.02) of `_init_weights`); flagged modules are skipped by `post_init`'s initialisation.
     for sub in module.modules():
         sub._is_hf_initialized = True
 

@@ -133,6 +133,8 @@ class StormProcessor(ProcessorMixin):
             `{"type": "video"}`, `{"type": "image"}`, `{"type": "text", "text": ...}`).
         video_token, image_token: placeholder strings.
         visual_token_config: the `StormConfig.counting_fields()` of the model this processor feeds.
+        padding_side: default side for batch padding ("left" suits batched generation; the model
+            gives the same logits either way).
     """
 
     def __init__(
@@ -143,8 +145,12 @@ class StormProcessor(ProcessorMixin):
         video_token: str = VIDEO_TOKEN,
         image_token: str = IMAGE_TOKEN,
         visual_token_config: dict | None = None,
+        padding_side: str = "left",
         **kwargs,
     ):
+        if padding_side not in ("left", "right"):
+            raise StormError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.padding_side = padding_side
         self.video_token = video_token
         self.image_token = image_token
         if visual_token_config is None:
@@ -233,7 +239,7 @@ class StormProcessor(ProcessorMixin):
 
         Returns a BatchFeature with input_ids (B, L), attention_mask (B, L), and
         pixel_values_videos (V, T_max, 3, S, S) + video_frame_mask (V, T_max) bool, pixel_values (I, 3, S, S)
-        when given. Padding side: `padding_side` or the tokenizer's.
+        when given. Padding side: `padding_side`, else the processor's (left by default).
         """
         if text is None:
             raise StormError("StormProcessor needs text (with <video>/<image> placeholders for the visual inputs)")
@@ -259,9 +265,12 @@ class StormProcessor(ProcessorMixin):
             data["pixel_values"] = self._pixels([_image_of(im, i) for i, im in enumerate(image_list)])
             image_counts = [self.num_visual_tokens(1, 1)] * len(image_list)
 
-        enc = self.tokenizer(
-            texts, add_special_tokens=kwargs.get("add_special_tokens", True), return_offsets_mapping=return_offsets_mapping
-        )
+        add_special = kwargs.get("add_special_tokens")
+        if add_special is None:
+            # A prompt rendered by a chat template already starts with BOS: don't add a second one.
+            bos = self.tokenizer.bos_token
+            add_special = not (bos is not None and all(t.startswith(bos) for t in texts))
+        enc = self.tokenizer(texts, add_special_tokens=add_special, return_offsets_mapping=return_offsets_mapping)
         ids_batch, offsets_batch = [], []
         vi = ii = 0
         for row, ids in enumerate(enc["input_ids"]):
@@ -286,7 +295,7 @@ class StormProcessor(ProcessorMixin):
                 f"{ii} image placeholder tokens for {len(video_counts)} videos and {len(image_counts)} images"
             )
 
-        side = padding_side or self.tokenizer.padding_side
+        side = padding_side or self.padding_side
         max_len = max(len(x) for x in ids_batch)
         if not padding and len({len(x) for x in ids_batch}) > 1:
             raise StormError("texts tokenize to different lengths; use padding=True")
@@ -384,8 +393,6 @@ class StormProcessor(ProcessorMixin):
         found_videos, found_images = self._collect_visuals(conversations, num_frames)
         videos = found_videos if videos is None else videos
         images = found_images if images is None else images
-        bos = self.tokenizer.bos_token
-        add_special = not (bos is not None and prompts[0].startswith(bos))
         out = self(
             text=prompts,
             videos=videos or None,
@@ -393,7 +400,6 @@ class StormProcessor(ProcessorMixin):
             temporal_sample_stride=temporal_sample_stride,
             return_tensors=None,
             return_offsets_mapping=return_assistant_tokens_mask,
-            add_special_tokens=add_special,
         )
         if return_assistant_tokens_mask:
             masks = []
