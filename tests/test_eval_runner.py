@@ -86,6 +86,24 @@ def test_broken_and_missing_videos_are_recorded_and_the_run_goes_on(synth, tmp_p
     assert res["decode_failure_ids"] == ["syn-1", "syn-4"]
 
 
+def test_retry_failed_redoes_only_the_decode_failures(synth, tmp_path):
+    good = (synth / "videos" / "1.mp4").read_bytes()
+    (synth / "videos" / "1.mp4").write_bytes(b"broken")
+    records = load_benchmark("synthetic", synth)
+    out = tmp_path / "out"
+    evaluate_with_predictor(Scripted(), records, out, num_frames=2, progress=False, print_table=False)
+    (synth / "videos" / "1.mp4").write_bytes(good)
+    plain = Scripted()
+    res = evaluate_with_predictor(plain, records, out, num_frames=2, progress=False, print_table=False)
+    assert plain.calls == [] and res["counts"]["decode_failures"] == 1
+    retry = Scripted()
+    res = evaluate_with_predictor(retry, records, out, num_frames=2, progress=False, print_table=False,
+                                  retry_failed=True)
+    assert retry.calls == ["syn-1"] and res["counts"]["decode_failures"] == 0
+    rows = _lines(out / "predictions.jsonl")
+    assert [r["id"] for r in rows] == [f"syn-{i}" for i in range(6)] and rows[1]["status"] == "answered"
+
+
 def test_rerun_skips_done_ids_and_drops_a_truncated_last_line(synth, tmp_path):
     records = load_benchmark("synthetic", synth)
     out = tmp_path / "out"

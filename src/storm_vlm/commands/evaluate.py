@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="on a rerun, try again the videos that failed to decode before")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -92,7 +94,8 @@ def run(args) -> int:
         results = evaluate(model, processor, records, args.output, num_frames=args.frames,
                            temporal_sample_stride=args.temporal_sample, fps=args.fps, limit=args.limit,
                            max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
-                           model_dir=str(Path(args.model_dir).resolve()), rank=rank, world_size=world_size)
+                           model_dir=str(Path(args.model_dir).resolve()), rank=rank, world_size=world_size,
+                           retry_failed=args.retry_failed)
     finally:
         import torch.distributed as dist
 

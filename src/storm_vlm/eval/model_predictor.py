@@ -130,9 +130,10 @@ def evaluate(model, processor, records: Sequence[Record], output_dir: str | Path
              temporal_sample_stride: int | None = None, fps: float | None = None, limit: int | None = None,
              max_new_tokens: int = 16, progress: bool = True, model_dir: str | None = None,
              frame_loader: FrameLoader | None = None, print_table: bool = True,
-             rank: int | None = None, world_size: int | None = None) -> dict | None:
+             rank: int | None = None, world_size: int | None = None, retry_failed: bool = False) -> dict | None:
     """Evaluate a loaded model on `records`; writes predictions.jsonl, results.json, results.md
-    into `output_dir` (resuming what is already there) and returns the results (None on ranks > 0)."""
+    into `output_dir` (resuming what is already there; `retry_failed` also redoes recorded decode
+    failures) and returns the results (None on ranks > 0)."""
     records = list(records)
     benchmark = records[0].benchmark if records else "synthetic"
     settings = model_settings(model, benchmark, model_dir=model_dir, num_frames=num_frames, fps=fps,
@@ -141,4 +142,5 @@ def evaluate(model, processor, records: Sequence[Record], output_dir: str | Path
                                max_new_tokens=max_new_tokens)
     return evaluate_with_predictor(predictor, records, output_dir, benchmark=benchmark, settings=settings,
                                    num_frames=num_frames, fps=fps, limit=limit, frame_loader=frame_loader,
-                                   progress=progress, print_table=print_table, rank=rank, world_size=world_size)
+                                   progress=progress, print_table=print_table, rank=rank, world_size=world_size,
+                                   retry_failed=retry_failed)

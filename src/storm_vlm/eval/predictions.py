@@ -29,7 +29,8 @@ def all_prediction_files(out_dir: Path) -> list[Path]:
 
 
 def read_predictions(path: Path) -> dict[str, dict]:
-    """id -> row for every complete line of `path` (first occurrence wins); {} if absent."""
+    """id -> row for every complete line of `path` (a later line for the same id wins: a retried
+    decode failure); {} if absent."""
     if not path.exists():
         return {}
     rows: dict[str, dict] = {}
@@ -48,16 +49,15 @@ def read_predictions(path: Path) -> dict[str, dict]:
                 continue
             raise StormError(f"{path}, line {n}: not a prediction record ({raw[:80]!r}); "
                              "the file is damaged — move it aside to start over") from None
-        rows.setdefault(str(rid), row)
+        rows[str(rid)] = row
     return rows
 
 
 def read_all(out_dir: Path) -> dict[str, dict]:
-    """Predictions from every file in `out_dir` (merged file and per-rank shards)."""
+    """Predictions from every file in `out_dir`: the merged file, then per-rank shards (which win)."""
     rows: dict[str, dict] = {}
     for f in all_prediction_files(out_dir):
-        for rid, row in read_predictions(f).items():
-            rows.setdefault(rid, row)
+        rows.update(read_predictions(f))
     return rows
 
 

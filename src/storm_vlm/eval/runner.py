@@ -9,7 +9,7 @@ row and writes results.json (atomically), results.md and the printed table.
 Ranks (torchrun's RANK / WORLD_SIZE) take the disjoint shards ``records[rank::world]``,
 each appending to its own predictions.rank{r}.jsonl; after a barrier rank 0 merges them
 into predictions.jsonl. A rerun — with any number of ranks — skips every id already in
-any of these files.
+any of these files (decode failures too, unless asked to retry them).
 """
 
 from __future__ import annotations
@@ -102,14 +102,16 @@ def predict_row(record: Record, predictor: Predictor, frame_loader: FrameLoader)
 
 def run_predictions(records: Sequence[Record], predictor: Predictor, out_dir: str | Path, *,
                     frame_loader: FrameLoader, rank: int = 0, world_size: int = 1,
-                    progress: bool = True) -> int:
-    """Predict this rank's shard of `records` not yet in `out_dir`; returns how many were added."""
+                    progress: bool = True, retry_failed: bool = False) -> int:
+    """Predict this rank's shard of `records` not yet in `out_dir` (nor, with `retry_failed`,
+    recorded as decode failures); returns how many were added."""
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mine = shard(records, rank, world_size)
-    done = set(P.read_all(out_dir))
+    done = {rid for rid, row in P.read_all(out_dir).items()
+            if not (retry_failed and row.get("status") == "decode_error")}
     todo = [r for r in mine if r.id not in done]
     if len(mine) - len(todo):
         log.info("rank %d: %d of %d questions already done in %s", rank, len(mine) - len(todo), len(mine), out_dir)
@@ -154,7 +156,7 @@ def evaluate_with_predictor(predictor: Predictor, records: Sequence[Record], out
                             num_frames: int = 32, fps: float | None = None, limit: int | None = None,
                             frame_loader: FrameLoader | None = None, rank: int | None = None,
                             world_size: int | None = None, progress: bool = True,
-                            print_table: bool = True) -> dict | None:
+                            print_table: bool = True, retry_failed: bool = False) -> dict | None:
     """Run and score `records` with any predictor. Returns results on rank 0, None elsewhere."""
     records = list(records)
     if not records:
@@ -176,7 +178,7 @@ def evaluate_with_predictor(predictor: Predictor, records: Sequence[Record], out
     check_settings(out_dir, settings, write=rank == 0)
     loader = frame_loader or (lambda r: load_record_frames(r, num_frames, fps))
     run_predictions(records, predictor, out_dir, frame_loader=loader, rank=rank, world_size=world_size,
-                    progress=progress)
+                    progress=progress, retry_failed=retry_failed)
     _barrier()
     if rank != 0:
         return None
