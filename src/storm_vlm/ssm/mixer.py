@@ -132,6 +132,8 @@ class MambaMixer(nn.Module):
 
     def _in(self, hidden_states: Tensor, mask: Tensor | None):
         _check_inputs(hidden_states, mask, self.d_model)
+        if mask is not None:  # whatever sits in the padding (even NaN) must not reach gradients
+            hidden_states = hidden_states.masked_fill(~mask[..., None], 0.0)
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2*d_inner, L)
         x, z = xz.chunk(2, dim=1)
         valid = None if mask is None else mask[:, None, :]

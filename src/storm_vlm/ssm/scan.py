@@ -197,7 +197,7 @@ def selective_scan(
     O(L * batch * dim * N). ``chunk`` (steps per chunk) only trades speed; results do not depend on it.
     """
     s = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
-    if u.is_cuda:
+    if u.is_cuda and u.dtype in (torch.float32, torch.float16, torch.bfloat16):
         fn = _mamba_ssm_fn()
         if fn is not None:
             return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

@@ -1,0 +1,181 @@
+"""MambaMixer / BiMambaMixer: mamba-ssm parameter layout, causality, step, padding."""
+
+import math
+
+import pytest
+import torch
+
+from storm_vlm.ssm import BiMambaMixer, MambaMixer, selective_scan_reference
+from storm_vlm.ssm import mixer as mixer_mod
+
+D_MODEL = 16
+
+
+def _mixer(cls, seed=0, **kw):
+    torch.manual_seed(seed)
+    m = cls(D_MODEL, **kw).double()
+    # make every parameter matter (out_proj/D/biases are not zero) but keep the scan stable
+    return m
+
+
+def _x(b=2, L=9, seed=1):
+    return torch.randn(b, L, D_MODEL, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+MAMBA_SHAPES = {  # mamba-ssm Mamba(d_model=16, d_state=16, d_conv=4, expand=2): d_inner 32, dt_rank 1
+    "A_log": (32, 16),
+    "D": (32,),
+    "in_proj.weight": (64, 16),
+    "conv1d.weight": (32, 1, 4),
+    "conv1d.bias": (32,),
+    "x_proj.weight": (33, 32),
+    "dt_proj.weight": (32, 1),
+    "dt_proj.bias": (32,),
+    "out_proj.weight": (16, 32),
+}
+
+
+def test_parameter_names_and_shapes_match_mamba_ssm():
+    shapes = {k: tuple(v.shape) for k, v in MambaMixer(D_MODEL).state_dict().items()}
+    assert shapes == MAMBA_SHAPES
+    bi = {k: tuple(v.shape) for k, v in BiMambaMixer(D_MODEL).state_dict().items()}
+    extra = {k.replace("A_log", "A_b_log") if k == "A_log" else k.split(".")[0] + "_b" + k[len(k.split(".")[0]):]: s
+             for k, s in MAMBA_SHAPES.items() if not k.startswith(("in_proj", "out_proj"))}
+    assert bi == {**MAMBA_SHAPES, **extra}
+    assert {"conv1d_b.weight", "x_proj_b.weight", "dt_proj_b.bias", "A_b_log", "D_b"} <= set(bi)
+
+
+def test_options_change_shapes():
+    m = MambaMixer(24, d_state=8, d_conv=3, expand=3, dt_rank=5, bias=True, conv_bias=False)
+    sd = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert sd["in_proj.weight"] == (144, 24) and sd["in_proj.bias"] == (144,)
+    assert sd["conv1d.weight"] == (72, 1, 3) and "conv1d.bias" not in sd
+    assert sd["x_proj.weight"] == (5 + 16, 72) and sd["dt_proj.weight"] == (72, 5)
+    assert sd["A_log"] == (72, 8) and sd["out_proj.bias"] == (24,)
+    assert MambaMixer(40).dt_rank == math.ceil(40 / 16)
+
+
+@pytest.mark.parametrize("cls", [MambaMixer, BiMambaMixer])
+def test_initialisation_follows_mamba_ssm(cls):
+    dt_min, dt_max = 0.002, 0.05
+    m = cls(64, dt_min=dt_min, dt_max=dt_max)
+    for sfx in ("", "_b") if cls is BiMambaMixer else ("",):
+        A_log = getattr(m, "A_log" if not sfx else "A_b_log")
+        torch.testing.assert_close(A_log, torch.log(torch.arange(1, 17.0)).expand(128, 16))
+        torch.testing.assert_close(getattr(m, "D" + sfx), torch.ones(128))
+        dt = torch.nn.functional.softplus(getattr(m, "dt_proj" + sfx).bias)
+        assert dt.min() >= dt_min * (1 - 1e-4) and dt.max() <= dt_max * (1 + 1e-4)
+        assert dt.std() > 0  # drawn, not constant
+        w = getattr(m, "dt_proj" + sfx).weight
+        assert w.abs().max() <= m.dt_rank ** -0.5
+    assert m.A_log._no_weight_decay and m.D._no_weight_decay
+
+
+def test_forward_matches_explicit_mamba_computation():
+    """The slow-path formula of mamba-ssm's Mamba.forward, written out with the reference scan."""
+    m = _mixer(MambaMixer)
+    x = _x()
+    L = x.shape[1]
+    xz = (x @ m.in_proj.weight.T).transpose(1, 2)
+    xi, z = xz.chunk(2, dim=1)
+    xi = torch.nn.functional.silu(m.conv1d(xi)[..., :L])
+    dt, B, C = torch.split(xi.transpose(1, 2) @ m.x_proj.weight.T, [m.dt_rank, 16, 16], dim=-1)
+    dt = (dt @ m.dt_proj.weight.T).transpose(1, 2)
+    y = selective_scan_reference(xi, dt, -torch.exp(m.A_log), B.transpose(1, 2), C.transpose(1, 2), m.D, z=z,
+                                 delta_bias=m.dt_proj.bias, delta_softplus=True)
+    expected = y.transpose(1, 2) @ m.out_proj.weight.T
+    torch.testing.assert_close(m(x), expected)
+
+
+def test_step_equals_forward():
+    m = _mixer(MambaMixer)
+    x = _x(b=2, L=10)
+    full = m(x)
+    conv_state, ssm_state = m.allocate_inference_cache(2, dtype=torch.float64)
+    assert conv_state.shape == (2, 32, 4) and ssm_state.shape == (2, 32, 16)
+    outs = []
+    for t in range(x.shape[1]):
+        out, conv_state, ssm_state = m.step(x[:, t], conv_state, ssm_state)
+        outs.append(out)
+    torch.testing.assert_close(torch.stack(outs, 1), full)
+    # (B, 1, d_model) input as in mamba-ssm
+    cs, ss = m.allocate_inference_cache(2, dtype=torch.float64)
+    out, _, _ = m.step(x[:, :1], cs, ss)
+    assert out.shape == (2, 1, D_MODEL)
+    torch.testing.assert_close(out[:, 0], full[:, 0])
+
+
+def test_last_position_reaches_first_output_only_when_bidirectional():
+    x = _x(b=1, L=12)
+    x2 = x.clone()
+    x2[:, -1] += 1.0
+    uni, bi = _mixer(MambaMixer), _mixer(BiMambaMixer)
+    torch.testing.assert_close(uni(x2)[:, :-1], uni(x)[:, :-1], rtol=0, atol=0)
+    assert (bi(x2)[:, 0] - bi(x)[:, 0]).abs().max() > 1e-6
+    # and a change at the first position reaches the last output in both
+    x3 = x.clone()
+    x3[:, 0] += 1.0
+    for m in (uni, bi):
+        assert (m(x3)[:, -1] - m(x)[:, -1]).abs().max() > 1e-8
+
+
+@pytest.mark.parametrize("cls", [MambaMixer, BiMambaMixer])
+def test_padding_invariance(cls):
+    m = _mixer(cls)
+    lengths = [9, 4, 1]
+    x = _x(b=3, L=9)
+    x[1, 4:] = 123.0  # garbage in padding must not leak
+    x[2, 1:] = float("nan")
+    mask = torch.arange(9)[None] < torch.tensor(lengths)[:, None]
+    x.requires_grad_()
+    out = m(x, mask)
+    w = torch.randn(out.shape, dtype=out.dtype)
+    (out * w).sum().backward()
+    for i, n in enumerate(lengths):
+        xi = x.detach()[i : i + 1, :n].clone().requires_grad_()
+        alone = m(xi)
+        (alone * w[i : i + 1, :n]).sum().backward()
+        torch.testing.assert_close(out[i, :n], alone[0], rtol=1e-10, atol=1e-10)
+        assert torch.equal(out[i, n:], torch.zeros_like(out[i, n:]))
+        torch.testing.assert_close(x.grad[i, :n], xi.grad[0], rtol=1e-10, atol=1e-10)
+        assert torch.equal(x.grad[i, n:], torch.zeros_like(x.grad[i, n:]))
+
+
+@pytest.mark.parametrize("cls", [MambaMixer, BiMambaMixer])
+def test_gradients_flow_to_every_parameter(cls):
+    m = cls(D_MODEL)
+    m(torch.randn(2, 7, D_MODEL)).square().sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_fast_and_reference_scan_give_the_same_mixer(monkeypatch):
+    m = _mixer(BiMambaMixer)
+    x = _x(b=2, L=21)
+    fast = m(x)
+    monkeypatch.setattr(mixer_mod._scan, "selective_scan", selective_scan_reference)
+    torch.testing.assert_close(fast, m(x), rtol=1e-10, atol=1e-10)
+
+
+def test_bad_inputs():
+    m = MambaMixer(D_MODEL)
+    with pytest.raises(ValueError, match=r"\(B, L, 16\).*\(2, 5, 8\)"):
+        m(torch.zeros(2, 5, 8))
+    with pytest.raises(ValueError, match=r"mask shape \(2, 4\)"):
+        m(torch.zeros(2, 5, D_MODEL), torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool"):
+        m(torch.zeros(2, 5, D_MODEL), torch.ones(2, 5))
+    cs, ss = m.allocate_inference_cache(1)
+    with pytest.raises(ValueError, match="conv_state"):
+        m.step(torch.zeros(2, D_MODEL), cs, ss)
+    with pytest.raises(NotImplementedError):
+        BiMambaMixer(D_MODEL).step(torch.zeros(1, D_MODEL), cs, ss)
+
+
+def test_bfloat16_autocast_runs():
+    m = MambaMixer(D_MODEL)
+    x = torch.randn(1, 6, D_MODEL)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+    assert out.shape == x.shape and torch.isfinite(out.float()).all()
+    torch.testing.assert_close(out.float(), m(x), rtol=5e-2, atol=5e-2)

@@ -1,0 +1,210 @@
+"""selective_scan (fast, chunked) against selective_scan_reference (the definition)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from storm_vlm.ssm import selective_scan, selective_scan_reference
+
+
+def _naive(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """Scalar-loop transcription of the recurrence, independent of both implementations."""
+    b, d, L = u.shape
+    n = A.shape[1]
+    if B.dim() == 3:
+        B, C = B[:, None], C[:, None]
+    hd = d // B.shape[1]
+    out = torch.zeros(b, d, L, dtype=torch.float64)
+    last = torch.zeros(b, d, n, dtype=torch.float64)
+    for bi in range(b):
+        for di in range(d):
+            gi = di // hd
+            h = torch.zeros(n, dtype=torch.float64)
+            for t in range(L):
+                dl = float(delta[bi, di, t]) + (float(delta_bias[di]) if delta_bias is not None else 0.0)
+                if delta_softplus:
+                    dl = math.log1p(math.exp(dl))
+                h = torch.exp(dl * A[di].double()) * h + dl * float(u[bi, di, t]) * B[bi, gi, :, t].double()
+                y = float((h * C[bi, gi, :, t].double()).sum())
+                if D is not None:
+                    y += float(D[di]) * float(u[bi, di, t])
+                if z is not None:
+                    zz = float(z[bi, di, t])
+                    y *= zz / (1 + math.exp(-zz))
+                out[bi, di, t] = y
+            last[bi, di] = h
+    return out, last
+
+
+def _inputs(dtype, b=2, d=6, L=11, n=4, groups=None, D=True, z=True, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*s):
+        return torch.randn(*s, generator=g, dtype=dtype)
+
+    bc = (b, n, L) if groups is None else (b, groups, n, L)
+    t = dict(
+        u=r(b, d, L),
+        delta=torch.rand(b, d, L, generator=g, dtype=dtype) * 0.6 - 0.1,
+        A=-torch.rand(d, n, generator=g, dtype=dtype) * 3 - 0.1,
+        B=r(*bc),
+        C=r(*bc),
+        D=r(d) if D else None,
+        z=r(b, d, L) if z else None,
+        delta_bias=r(d) * 0.3 if bias else None,
+    )
+    return {k: (v.requires_grad_() if v is not None else None) for k, v in t.items()}
+
+
+def _run(fn, t, softplus, seed=1, **kw):
+    out, last = fn(**t, delta_softplus=softplus, return_last_state=True, **kw)
+    g = torch.Generator().manual_seed(seed)
+    go = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    gl = torch.randn(last.shape, generator=g, dtype=last.dtype)
+    names = [k for k, v in t.items() if v is not None]
+    grads = torch.autograd.grad((out * go).sum() + (last * gl).sum(), [t[k] for k in names])
+    return {"out": out, "last": last, **{"d_" + k: gr for k, gr in zip(names, grads)}}
+
+
+def _assert_close(a, b, rtol, atol):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+
+
+def test_reference_matches_scalar_loop():
+    t = _inputs(torch.float64, b=2, d=4, L=5, n=3, groups=2)
+    out, last = selective_scan_reference(**t, delta_softplus=True, return_last_state=True)
+    ref_out, ref_last = _naive(**{k: (v.detach() if v is not None else None) for k, v in t.items()},
+                               delta_softplus=True)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(last, ref_last)
+
+
+CASES = [
+    # (b, d, L, n, groups, D, z, bias, softplus, chunk)
+    (2, 6, 11, 4, None, True, True, True, True, 4),  # L not a multiple of the chunk
+    (2, 6, 11, 4, 3, True, True, True, True, 4),  # grouped B/C
+    (1, 6, 1, 4, 2, True, True, True, True, 4),  # L = 1
+    (2, 6, 8, 4, None, False, False, False, False, 4),  # nothing optional
+    (3, 4, 9, 3, 1, True, False, True, False, 2),  # batch 3, groups=1 given as 4-D
+    (1, 8, 20, 5, 4, False, True, False, True, 7),  # ragged last chunk, many groups
+    (2, 6, 13, 4, None, True, True, True, True, 32),  # chunk longer than L
+]
+
+
+@pytest.mark.parametrize("b,d,L,n,groups,D,z,bias,softplus,chunk", CASES)
+def test_fast_equals_reference_float64(b, d, L, n, groups, D, z, bias, softplus, chunk):
+    t = _inputs(torch.float64, b, d, L, n, groups, D, z, bias)
+    _assert_close(_run(selective_scan, t, softplus, chunk=chunk), _run(selective_scan_reference, t, softplus),
+                  rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+def test_fast_equals_reference_float32(groups):
+    t = _inputs(torch.float32, b=2, d=8, L=45, n=16, groups=groups)
+    # default chunk: several full chunks and a ragged one
+    _assert_close(_run(selective_scan, t, True), _run(selective_scan_reference, t, True), rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_inputs_computed_in_float32():
+    t = _inputs(torch.float32, b=1, d=4, L=19, n=8, groups=None)
+    t16 = {k: (v.detach().to(torch.bfloat16) if k in ("u", "delta", "z") and v is not None else
+               (v.detach() if v is not None else None)) for k, v in t.items()}
+    out, last = selective_scan(**t16, delta_softplus=True, return_last_state=True)
+    ref_out, ref_last = selective_scan_reference(**t16, delta_softplus=True, return_last_state=True)
+    assert out.dtype == torch.bfloat16 and last.dtype == torch.float32
+    torch.testing.assert_close(out.float(), ref_out.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(last, ref_last, rtol=1e-5, atol=1e-5)
+
+
+def test_results_do_not_depend_on_chunk():
+    t = {k: (v.detach() if v is not None else None) for k, v in _inputs(torch.float64, L=37).items()}
+    outs = [selective_scan(**t, delta_softplus=True, chunk=c) for c in (1, 5, 16, 64)]
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], rtol=1e-12, atol=1e-12)
+
+
+def _alloc_stats(fn):
+    """(total bytes allocated, largest single allocation) while fn() runs on CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    sizes = [e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0]
+    return sum(sizes), max(sizes)
+
+
+def test_reference_backward_is_linear_in_length():
+    """Indexing t[:, :, i] inside the loop would make autograd quadratic (a full-size zero tensor per step)."""
+
+    def total(L):
+        t = _inputs(torch.float32, b=1, d=4, L=L, n=4, z=False, D=False, bias=False)
+        return _alloc_stats(lambda: selective_scan_reference(**t).sum().backward())[0]
+
+    assert total(128) <= 5 * total(32)
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        (dict(u=torch.zeros(2, 6)), r"u must be \(batch, dim, L\)"),
+        (dict(delta=torch.zeros(2, 6, 10)), r"delta shape \(2, 6, 10\).*u shape \(2, 6, 11\)"),
+        (dict(A=torch.zeros(5, 4)), r"A must be \(dim, N\).*\(5, 4\)"),
+        (dict(B=torch.zeros(2, 3, 11)), r"B must be .*\(2, 3, 11\)"),
+        (dict(C=torch.zeros(2, 4, 4, 11)), r"C has 4 groups, which does not divide dim 6"),
+        (dict(B=torch.zeros(2, 2, 4, 11), C=torch.zeros(2, 3, 4, 11)), r"different group counts"),
+        (dict(D=torch.zeros(5)), r"D must be \(dim,\).*\(5,\)"),
+        (dict(z=torch.zeros(2, 6, 12)), r"z shape \(2, 6, 12\)"),
+        (dict(delta_bias=torch.zeros(6, 1)), r"delta_bias must be \(dim,\)"),
+        (dict(delta=torch.zeros(2, 6, 11, dtype=torch.float64)), r"share a dtype"),
+        (dict(u=torch.zeros(2, 6, 11, dtype=torch.long)), r"floating-point"),
+        (dict(A=torch.zeros(6, 4, dtype=torch.complex64)), r"complex A"),
+    ],
+)
+@pytest.mark.parametrize("fn", [selective_scan, selective_scan_reference])
+def test_bad_inputs_raise_value_error(fn, override, match):
+    t = {k: (v.detach() if v is not None else None) for k, v in _inputs(torch.float32).items()}
+    t.update(override)
+    with pytest.raises(ValueError, match=match):
+        fn(**t)
+
+
+def test_nan_and_inf_propagate():
+    t = {k: (v.detach().clone() if v is not None else None) for k, v in _inputs(torch.float32, L=20).items()}
+    t["u"][0, 1, 5] = float("nan")
+    t["delta"][1, 2, 3] = float("inf")
+    out, last = selective_scan(**t, delta_softplus=True, return_last_state=True)
+    ref = selective_scan_reference(**t, delta_softplus=True)
+    # the NaN reaches channel 1 of batch 0 from step 5 on and its last state
+    assert torch.isnan(out[0, 1, 5:]).all() and not torch.isnan(out[0, 1, :5]).any()
+    assert torch.isnan(last[0, 1]).all()
+    assert torch.equal(torch.isfinite(out), torch.isfinite(ref))
+    assert not torch.isfinite(out[1, 2, 3:]).all()
+    assert torch.isfinite(out[0, 0]).all()
+
+
+def test_empty_sequence():
+    t = {k: (v.detach() if v is not None else None) for k, v in _inputs(torch.float32, L=0).items()}
+    out, last = selective_scan(**t, return_last_state=True)
+    assert out.shape == (2, 6, 0) and torch.equal(last, torch.zeros(2, 6, 4))
+
+
+def test_memory_does_not_grow_with_length_times_state():
+    """The fast path never holds a (batch, dim, L, N) tensor, forward or backward."""
+    d, L, n = 16, 128, 16
+    t = _inputs(torch.float32, b=1, d=d, L=L, n=n, z=False, D=False, bias=False)
+    full = d * L * n * 4
+    _, biggest = _alloc_stats(lambda: selective_scan(**t).sum().backward())
+    assert biggest <= full / 8
+    _, biggest_ref = _alloc_stats(lambda: selective_scan_reference(**t).sum().backward())
+    assert biggest_ref >= full  # the check can see such a tensor
+
+
+def test_matches_mamba_style_softplus():
+    # delta_softplus uses softplus(delta + delta_bias), exactly as mamba-ssm
+    t = {k: (v.detach() if v is not None else None) for k, v in _inputs(torch.float64, L=6).items()}
+    manual = selective_scan(**{**t, "delta": F.softplus(t["delta"] + t["delta_bias"][:, None]), "delta_bias": None})
+    torch.testing.assert_close(selective_scan(**t, delta_softplus=True), manual)
