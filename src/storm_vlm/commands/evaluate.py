@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 from pathlib import Path
 
 from storm_vlm.errors import StormError
@@ -51,27 +50,6 @@ def _check(args) -> None:
         raise StormError(f"{args.model_dir}: not a saved model folder (no config.json)")
 
 
-def load_model(model_dir: str, device: str | None = None, dtype: str | None = None):
-    """(model, processor) from a saved folder, in eval mode on `device`."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    import storm_vlm  # noqa: F401  (registers the STORM classes with the Auto classes)
-
-    if device is None:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    if dtype is None:
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    if device == "cpu" and dtype == "float16":
-        raise StormError("--dtype float16 on CPU is ~200x slower than float32; use float32 or bfloat16")
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-        processor = AutoProcessor.from_pretrained(model_dir)
-    except (OSError, ValueError) as exc:
-        raise StormError(f"{model_dir}: cannot load the model ({exc})") from None
-    return model.to(device).eval(), processor
-
-
 def _init_distributed(world_size: int) -> None:
     import torch.distributed as dist
 
@@ -81,7 +59,7 @@ def _init_distributed(world_size: int) -> None:
 
 
 def run(args) -> int:
-    from storm_vlm.eval.model_predictor import evaluate
+    from storm_vlm.eval.model_predictor import evaluate, load_model
     from storm_vlm.eval.readers import load_benchmark
     from storm_vlm.eval.runner import dist_env
 

@@ -2,7 +2,7 @@
 runner and the lmms-eval plugin (`storm_vlm.eval.lmms_plugin`, needs the `lmms` extra)."""
 
 from storm_vlm.eval.extraction import extract_choice
-from storm_vlm.eval.model_predictor import ModelPredictor, evaluate
+from storm_vlm.eval.model_predictor import ModelPredictor, evaluate, load_model
 from storm_vlm.eval.prompts import build_prompt
 from storm_vlm.eval.readers import READERS, BenchmarkFormatError, load_benchmark
 from storm_vlm.eval.records import Record
@@ -13,5 +13,5 @@ BENCHMARKS = tuple(READERS)
 
 __all__ = [
     "BENCHMARKS", "BenchmarkFormatError", "ModelPredictor", "Predictor", "Record", "build_prompt",
-    "evaluate", "evaluate_with_predictor", "extract_choice", "load_benchmark", "score", "shard",
+    "evaluate", "evaluate_with_predictor", "extract_choice", "load_benchmark", "load_model", "score", "shard",
 ]

@@ -142,8 +142,7 @@ class Storm(_LmmsBase, metaclass=_StormMeta):
         if not HAVE_LMMS_EVAL:
             raise ImportError("lmms-eval is not installed: pip install 'storm-vlm[lmms]'")
         super().__init__()
-        from storm_vlm.commands.evaluate import load_model
-        from storm_vlm.eval.model_predictor import ModelPredictor
+        from storm_vlm.eval.model_predictor import ModelPredictor, load_model
 
         if int(batch_size) != 1:
             raise ValueError("the storm lmms-eval model runs batch_size=1")

@@ -12,14 +12,37 @@ is not measured here; ``storm-vlm profile`` breaks latency down per module.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from storm_vlm.errors import StormError
 from storm_vlm.eval.prompts import GENERATION, build_prompt, describe_prompt
 from storm_vlm.eval.records import Record
 from storm_vlm.eval.runner import FrameLoader, evaluate_with_predictor
+
+
+def load_model(model_dir: str, device: str | None = None, dtype: str | None = None):
+    """(model, processor) from a saved folder, in eval mode on `device`."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import storm_vlm  # noqa: F401  (registers the STORM classes with the Auto classes)
+
+    if device is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    if dtype is None:
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if device == "cpu" and dtype == "float16":
+        raise StormError("dtype float16 on CPU is ~200x slower than float32; use float32 or bfloat16")
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+        processor = AutoProcessor.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise StormError(f"{model_dir}: cannot load the model ({exc})") from None
+    return model.to(device).eval(), processor
 
 
 def compression_settings(model) -> dict:
