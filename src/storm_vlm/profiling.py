@@ -582,7 +582,8 @@ def plot_profile(result: dict, out_dir) -> list[Path]:
     ax.set_ylabel("latency (ms)")
     ax.set_title(f"STORM latency vs frames ({result['settings']['device']}, {k} decoded tokens)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     written.append(_save_fig(fig, out_dir / "latency_vs_frames.png"))
     plt.close(fig)
@@ -603,7 +604,8 @@ def plot_profile(result: dict, out_dir) -> list[Path]:
         ax.set_title(f"module breakdown at {frames} frames")
     ax.set_xlabel("compression")
     ax.set_ylabel("latency (ms)")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     written.append(_save_fig(fig, out_dir / "breakdown.png"))
     plt.close(fig)

@@ -1,0 +1,155 @@
+"""The profiler on a tiny random model: rows, JSON, table, PNGs, skipping, the CLI."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from storm_vlm import StormConfig
+from storm_vlm.cli import main
+from storm_vlm.costmodel import DEFAULT_COMPRESSIONS, parse_compressions
+from storm_vlm.profiling import (
+    ROW_FIELDS,
+    ProfileSettings,
+    build_random_model,
+    format_table,
+    load_model_config,
+    plot_profile,
+    profile_model,
+    write_profile,
+)
+
+TINY = dict(
+    vision_config=dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, image_size=32, patch_size=8, vision_use_head=False),
+    text_config=dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, vocab_size=64),
+    projector_num_layers=1,
+    video_token_id=63,
+    image_token_id=62,
+)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return build_random_model(StormConfig(**TINY), seed=0)
+
+
+def _settings(**kw):
+    base = dict(frames=[2, 8], compressions=list(DEFAULT_COMPRESSIONS.values()), repeats=2, warmup=1,
+                decode_tokens=3, text_tokens=6)
+    base.update(kw)
+    return ProfileSettings(**base)
+
+
+def test_profile_rows_json_table_and_plots(tiny_model, tmp_path):
+    result = profile_model(tiny_model, _settings(), source="tiny", progress=False)
+    rows = result["rows"]
+    assert [(r["frames"], r["compression"]) for r in rows] == [(f, c) for c in (1, 4, 8) for f in (2, 8)]
+    cfg = tiny_model.config
+    assert cfg.temporal_pool_size == 1  # the profiler restores the model's pooling
+    for r in rows:
+        assert not r.get("skipped"), r
+        for key in ROW_FIELDS:
+            assert isinstance(r[key], (int, float)) and r[key] >= 0, (key, r)
+        comp = DEFAULT_COMPRESSIONS[r["compression"]]
+        counter = StormConfig(**{**TINY, "temporal_pool_size": comp.temporal_pool})
+        assert r["visual_tokens"] == counter.num_visual_tokens(r["frames"], temporal_sample_stride=comp.temporal_sample)
+        assert r["kv_cache_tokens"] == r["visual_tokens"] + 6
+        assert r["total_ms"] == pytest.approx(
+            r["vision_tower_ms"] + r["projector_ms"] + r["llm_prefill_ms"] + 3 * r["decode_ms_per_token"], abs=0.01
+        )
+        assert r["vision_tower_ms"] > 0 and r["llm_prefill_ms"] > 0 and r["decode_ms_per_token"] > 0
+        assert r["peak_memory_mb"] >= r["memory_baseline_mb"] > 0
+        assert len(r["samples_ms"]["llm_prefill"]) == 2 and r["samples_ms"]["decode_steps"] == 2 * 3
+    # 8 frames: none 8 x 4 tokens, pool 4 -> 2 frames, pool 4 + sample 2 -> 1 frame
+    assert [r["visual_tokens"] for r in rows if r["frames"] == 8] == [32, 8, 4]
+    assert result["settings"]["repeats"] == 2 and result["hardware"]["device"] == "cpu"
+    assert result["model"]["parameters"]["projector"] > 0
+
+    path = write_profile(result, tmp_path)
+    loaded = json.loads(path.read_text())
+    assert loaded["rows"] == json.loads(json.dumps(rows))
+    table = format_table(result)
+    lines = table.splitlines()
+    assert "vision_tower" in lines[1] and "projector" in lines[1] and "llm" in lines[1]
+    assert len(lines) == 3 + len(rows)
+    first = rows[0]
+    assert f"{first['vision_tower_ms']:.1f}" in lines[3] and "%" in lines[3]
+    assert (tmp_path / "profile.txt").read_text().strip() == table
+    pngs = plot_profile(result, tmp_path)
+    assert sorted(p.name for p in pngs) == ["breakdown.png", "latency_vs_frames.png"]
+    for p in pngs:
+        assert p.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_profiled_path_is_the_models_forward(tiny_model):
+    """The features the profiler times are the model's: same as forward() with placeholders."""
+    cfg = tiny_model.config
+    gen = torch.Generator().manual_seed(1)
+    pixels = torch.randn(1, 8, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        feats = tiny_model.get_video_features(pixels, temporal_sample_stride=2)
+        n = cfg.num_visual_tokens(8, temporal_sample_stride=2)
+        assert feats.shape[:3].numel() == n
+        text = torch.randint(0, 60, (1, 4), generator=gen)
+        ids = torch.cat([text[:, :2], torch.full((1, n), cfg.video_token_id), text[:, 2:]], dim=1)
+        ref = tiny_model(input_ids=ids, pixel_values_videos=pixels, temporal_sample_stride=2).logits[:, -1]
+        emb = tiny_model.get_input_embeddings()(text)
+        inputs = torch.cat([emb[:, :2], feats.reshape(1, n, -1), emb[:, 2:]], dim=1)
+        ours = tiny_model(inputs_embeds=inputs, logits_to_keep=1).logits[:, -1]
+    torch.testing.assert_close(ours, ref)
+
+
+def test_rows_that_do_not_fit_are_skipped(tiny_model, tmp_path):
+    settings = _settings(frames=[2], compressions=parse_compressions("1"), max_memory_gb=1e-9)
+    result = profile_model(tiny_model, settings, progress=False)
+    (row,) = result["rows"]
+    assert row["skipped"] and "exceeds" in row["note"]
+    assert row["vision_tower_ms"] is None and row["visual_tokens"] == 8
+    assert row["note"] in format_table(result)
+    assert len(plot_profile(result, tmp_path)) == 2  # plots still written (empty)
+
+
+def test_cli_with_config_and_model_dir(tmp_path, capsys):
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump({"model": TINY, "profile": {"text_tokens": 4, "decode_tokens": 2}}))
+    config, defaults = load_model_config(cfg_path)
+    assert config.text_config.hidden_size == 32 and defaults["decode_tokens"] == 2
+    out = tmp_path / "out"
+    code = main(["profile", "--config", str(cfg_path), "--frames", "4", "--compression", "1,4",
+                 "--repeats", "1", "--warmup", "0", "--output", str(out), "--threads", "1"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "vision_tower" in printed and "profile.json" in printed
+    result = json.loads((out / "profile.json").read_text())
+    assert [(r["frames"], r["compression"], r["visual_tokens"]) for r in result["rows"]] == [(4, 1, 16), (4, 4, 4)]
+    assert result["settings"]["decode_tokens"] == 2 and result["rows"][0]["kv_cache_tokens"] == 16 + 4
+    assert (out / "latency_vs_frames.png").read_bytes()[:8] == PNG_MAGIC
+
+    model_dir = tmp_path / "model"
+    build_random_model(config).save_pretrained(model_dir)
+    out2 = tmp_path / "out2"
+    assert main(["profile", str(model_dir), "--frames", "2", "--compression", "8", "--repeats", "1",
+                 "--decode-tokens", "1", "--output", str(out2), "--no-plots"]) == 0
+    (row,) = json.loads((out2 / "profile.json").read_text())["rows"]
+    assert row["compression"] == 8 and row["visual_tokens"] == 4  # 2 frames -> 1 pooled frame -> 1 sampled
+    assert not (out2 / "breakdown.png").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--frames", "4"], "exactly one of MODEL_DIR or --config"),
+    (["--config", "{cfg}", "--compression", "3"], "no default mapping for 3"),
+    (["--config", "{cfg}", "--frames", "0,4"], "--frames"),
+    (["--config", "{missing}"], "cannot read"),
+    (["{missing}"], "not a STORM model folder"),
+])
+def test_cli_errors(tmp_path, capsys, argv, message):
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump({"model": TINY}))
+    argv = [a.format(cfg=cfg_path, missing=tmp_path / "nope") for a in argv]
+    assert main(["profile", *argv, "--output", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o" / "profile.json").exists()
