@@ -34,7 +34,9 @@ def test_overrides_are_yaml_typed_and_nested(tmp_path):
     assert cfg.projector_lr == pytest.approx(1e-3) and cfg.effective_projector_lr == pytest.approx(1e-3)
     assert cfg.lora.r == 4 and cfg.lora.target_modules == ["q_proj"]
     assert cfg.learning_rate == pytest.approx(1e-4)
-    assert cfg.parts_to_train() == ("vision_tower", "projector", "language_model")
+    # with LoRA the LLM trains through its adapters and the vision tower stays frozen
+    assert cfg.parts_to_train() == ("projector", "language_model")
+    assert load_config(write(tmp_path, BASE)).parts_to_train() == ("vision_tower", "projector", "language_model")
 
 
 def test_stage_sections_merge_and_set_wins(tmp_path):
@@ -87,3 +89,11 @@ def test_align_rejects_lora_and_file_errors(tmp_path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_override("novalue")
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
+    from storm_vlm.cli import main
+
+    assert main(["train", str(write(tmp_path, BASE)), "--set", "warmup_ratio=2"]) == 2
+    err = capsys.readouterr().err
+    assert "warmup_ratio" in err and "Traceback" not in err

@@ -85,7 +85,8 @@ def test_long_stage_pools_frames_and_counts_skipped_media(data, tmp_path):
     f.write_text("".join(json.dumps(r) + "\n" for r in recs))
     out = tmp_path / "long"
     final = train(base_config(out, data, stage="long", train_file=str(f), num_frames=8, temporal_pool_size=4,
-                              per_device_batch_size=1, max_steps=4, save_steps=2, shuffle=False))
+                              per_device_batch_size=1, max_steps=4, save_steps=2, shuffle=False,
+                              gradient_checkpointing=True))
     rows = metrics(out)
     assert rows[-1]["skipped_media"] == 2 and [r["skipped_media_step"] for r in rows] == [0, 1, 0, 1]
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())

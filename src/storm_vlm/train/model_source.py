@@ -86,9 +86,9 @@ def instantiate_on_meta(cfg: TrainConfig):
     text_vocab = _text_config(Path(cfg.build["llm"])).vocab_size
     config = storm_config_for_build(cfg.build, video_token_id=text_vocab - 2, image_token_id=text_vocab - 1)
     _apply_overrides(config, cfg)
-    with torch.device("meta"):
+    with torch.device("meta"):  # LoRA adapters are created on meta too (no memory, no init)
         model = StormForConditionalGeneration(config)
-    apply_stage(model, cfg)
+        apply_stage(model, cfg)
     return model
 
 

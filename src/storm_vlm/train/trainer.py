@@ -197,9 +197,12 @@ class Trainer:
         if self.resume_dir is not None:
             self._load_trainable(model, self.resume_dir)
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if hasattr(model, "enable_input_require_grads") and cfg.stage == "align":
-                pass  # frozen embeddings are fine with non-reentrant checkpointing
+            # Non-reentrant checkpointing also works when the embeddings are frozen (align, LoRA).
+            enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5 name
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.to(self.device)
         model.train()
         self.model = model  # the unwrapped model (FSDP2 shards it in place)
