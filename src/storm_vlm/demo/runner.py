@@ -1,0 +1,332 @@
+"""`run_demo`: synthetic data -> 4 trained variants -> every row evaluated -> table, chart, example.
+
+Layout of the output folder (default runs/demo):
+
+    settings.json            the DemoSettings + seeds of this folder (a rerun must match)
+    data/                    the synthetic benchmark (train.json, test.json, videos/)
+    models/<variant>/final   trained models (seed 0); models/<variant>-seed<k>/final for k > 0
+    eval/seed<k>/<row>/      predictions.jsonl + results.json of each row
+    results.json, results.md, results.png
+
+Reruns reuse what is finished: the data when meta.json matches, a model when its
+training_summary.json holds the same training config, and evaluation rows through the
+evaluator's own resume (ids already in predictions.jsonl are skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable
+
+from storm_vlm.demo import phases
+from storm_vlm.demo.report import CHANCE, build_rows, format_console, format_markdown, plot, write_atomic, write_json
+from storm_vlm.demo.settings import ROWS, VARIANTS, DemoSettings
+from storm_vlm.errors import StormError
+
+# Longest trainings first, so two workers finish together.
+_SCHEDULE = ("storm_pool4", "vila_pool4", "storm", "vila")
+_OWNED = ("data", "models", "eval", "settings.json", "results.json", "results.md", "results.png")
+
+
+def model_dir(output: Path, variant: str, seed: int) -> Path:
+    """Where a variant's training run lives (its model is the `final/` inside)."""
+    name = variant if seed == 0 else f"{variant}-seed{seed}"
+    return Path(output) / "models" / name
+
+
+def _quiet() -> None:
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    warnings.filterwarnings("ignore")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - transformers is a hard dependency
+        pass
+    import logging
+
+    logging.getLogger("storm_vlm").setLevel(logging.ERROR)
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    _quiet()
+    torch.set_num_threads(max(1, threads))
+
+
+def _count_lines(paths: list[Path]) -> int:
+    n = 0
+    for p in paths:
+        try:
+            with open(p, "rb") as f:
+                n += sum(1 for _ in f)
+        except OSError:
+            pass
+    return n
+
+
+class _Poller:
+    """Updates a tqdm bar from `poll()` every half second on a background thread."""
+
+    def __init__(self, bar, poll: Callable[[], int]):
+        self.bar, self.poll = bar, poll
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _update(self) -> None:
+        n = min(self.poll(), self.bar.total)
+        if n != self.bar.n:
+            self.bar.n = n
+            self.bar.refresh()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            self._update()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._update()
+
+
+def _run_jobs(fn, specs: list[dict], jobs: int, threads: int) -> list:
+    """fn(spec) for every spec: in this process when jobs == 1, else in `jobs` spawned workers."""
+    if jobs <= 1 or len(specs) <= 1:
+        return [fn(s) for s in specs]
+    with ProcessPoolExecutor(max_workers=min(jobs, len(specs)), mp_context=get_context("spawn"),
+                             initializer=_worker_init, initargs=(threads,)) as pool:
+        futures = [pool.submit(fn, s) for s in specs]
+        wait(futures)
+        return [f.result() for f in futures]
+
+
+def _check_folder(output: Path, record: dict, fresh: bool) -> None:
+    path = output / "settings.json"
+    if fresh:
+        for name in _OWNED:
+            p = output / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        return
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return
+    diff = [k for k in sorted(set(old["settings"]) | set(record["settings"]))
+            if old["settings"].get(k) != record["settings"].get(k)]
+    if diff:
+        desc = "; ".join(f"{k}: {old['settings'].get(k)!r} before, {record['settings'].get(k)!r} now" for k in diff[:6])
+        raise StormError(f"{output} holds a demo run with other settings ({desc}); "
+                         "pass --fresh to start it over or choose another --output")
+
+
+def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings | None = None, seeds: int = 1,
+             jobs: int | None = None, threads: int = 1, fresh: bool = False, progress: bool = True,
+             log: Callable[[str], None] = print) -> dict:
+    """Run the whole demo; returns the results dict (also written to `output/results.json`).
+
+    seeds: train every variant with training seeds 0..seeds-1 (same data) and report mean ± std.
+    jobs: worker processes for training/evaluation (default: CPU cores, at most 4); 1 runs
+    everything in this process. threads: torch threads per job.
+    """
+    from tqdm.auto import tqdm
+
+    _quiet()
+    settings = (settings or DemoSettings.default()).validate()
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise StormError(f"--seeds {seeds!r}: must be an integer >= 1")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise StormError(f"--threads {threads!r}: must be an integer >= 1")
+    jobs = min(os.cpu_count() or 1, 4) if jobs is None else jobs
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise StormError(f"--jobs {jobs!r}: must be an integer >= 1")
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    record = {"settings": settings.to_dict(), "seeds": seeds}
+    _check_folder(output, record, fresh)
+    write_json(output / "settings.json", record)
+
+    t_start, c_start = time.perf_counter(), time.process_time()
+    timings: dict[str, float] = {}
+    data_dir = output / "data"
+
+    # 1. data ------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    log(f"[1/5] synthetic benchmark -> {data_dir}")
+    meta = phases.make_data(data_dir, settings, workers=None if jobs > 1 else 1)
+    tasks = list(meta["tasks"])
+    timings["data_s"] = time.perf_counter() - t0
+
+    # 2. training --------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    order = {name: i for i, name in enumerate(_SCHEDULE)}
+    train_specs = [
+        {"settings": settings.to_dict(), "variant": v.name, "seed": s, "data_dir": str(data_dir),
+         "output_dir": str(model_dir(output, v.name, s)), "threads": threads}
+        for s in range(seeds) for v in sorted(VARIANTS, key=lambda v: order[v.name])
+    ]
+    log(f"[2/5] training {len(train_specs)} models ({settings.steps} steps each, batch {settings.batch_size}, "
+        f"{jobs} parallel job(s) x {threads} thread(s))")
+    metric_files = [Path(s["output_dir"]) / "metrics.jsonl" for s in train_specs]
+    with tqdm(total=len(train_specs) * settings.steps, desc="train", unit="step", disable=not progress) as bar:
+        with _Poller(bar, lambda: _count_lines(metric_files)):
+            trained = _run_jobs(phases.train_variant, train_specs, jobs, threads)
+    timings["train_s"] = time.perf_counter() - t0
+
+    # 3. evaluation ------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    num_test = int(meta["num_test"])
+    eval_specs = [
+        {"settings": settings.to_dict(), "variant": s["variant"], "seed": s["seed"], "data_dir": str(data_dir),
+         "model_dir": str(Path(s["output_dir"]) / phases.FINAL),
+         "eval_dir": str(output / "eval" / f"seed{s['seed']}"), "threads": threads}
+        for s in train_specs
+    ]
+    pred_files = [Path(s["eval_dir"]) / row.name / "predictions.jsonl" for s in eval_specs
+                  for row in phases.rows_of(s["variant"])]
+    log(f"[3/5] evaluating {len(pred_files)} (model, setting) pairs on {num_test} held-out questions each")
+    with tqdm(total=len(pred_files) * num_test, desc="eval", unit="q", disable=not progress) as bar:
+        with _Poller(bar, lambda: _count_lines(pred_files)):
+            evaluated = _run_jobs(phases.evaluate_variant, eval_specs, jobs, threads)
+    evals: dict[int, dict] = {}
+    for spec, res in zip(eval_specs, evaluated):
+        evals.setdefault(spec["seed"], {}).update(res)
+    timings["eval_s"] = time.perf_counter() - t0
+
+    # 4. latency (seed-0 models, one at a time so nothing else competes for the cores) ------------
+    t0 = time.perf_counter()
+    log(f"[4/5] prefill latency per row ({settings.latency_repeats} repeats, {threads} thread(s), median)")
+    latency: dict[str, dict] = {}
+    seed0 = [s for s in eval_specs if s["seed"] == 0]
+    import torch
+
+    old_threads = torch.get_num_threads()
+    try:
+        for spec in tqdm(seed0, desc="latency", unit="model", disable=not progress):
+            latency.update(phases.latency_variant(spec))
+    finally:
+        torch.set_num_threads(old_threads)
+    timings["latency_s"] = time.perf_counter() - t0
+
+    # 5. report + example ------------------------------------------------------------------------
+    rows = build_rows(settings, evals, latency, tasks)
+    best = max(rows, key=lambda r: r["average"]["mean"])
+    best_task = max(tasks, key=lambda t: best["tasks"][t]["mean"])
+    best_row = next(r for r in ROWS if r.name == best["row"])
+    log(f"[5/5] example: {best['label']} answers the first held-out '{best_task}' question")
+    example = phases.answer_example(model_dir(output, best["variant"], 0) / phases.FINAL, data_dir, settings,
+                                    best_row, best_task)
+    timings["total_s"] = time.perf_counter() - t_start
+    timings["main_process_cpu_s"] = time.process_time() - c_start
+
+    results = {
+        "command": " ".join(["storm-vlm", *sys.argv[1:]]) if sys.argv and "storm" in Path(sys.argv[0]).name else None,
+        "settings": settings.to_dict(),
+        "seeds": list(range(seeds)),
+        "jobs": jobs,
+        "threads": threads,
+        "tasks": tasks,
+        "chance": CHANCE,
+        "data": {"dir": str(data_dir), "num_train": meta["num_train"], "num_test": meta["num_test"],
+                 "frames_per_video": meta["frames"], "size": meta["size"], "seed": meta["seed"]},
+        "rows": rows,
+        "trainings": trained,
+        "latency_note": "median wall time of one prefill forward (vision tower + projector + compression + "
+                        f"LLM over the prompt), {settings.latency_repeats} repeats after a warm-up, "
+                        f"{threads} torch thread(s), seed-0 model, first held-out video; preprocessing excluded",
+        "example": example,
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+    }
+    write_json(output / "results.json", results)
+    write_atomic(output / "results.md", _markdown(results, tasks, seeds))
+    plot(rows, tasks, output / "results.png",
+         f"storm-vlm demo: {meta['num_test']} held-out questions, {seeds} seed(s), "
+         f"{settings.steps} training steps per model")
+
+    log("")
+    log(format_console(rows, tasks, seeds))
+    log(_example_text(example))
+    log(_next_steps(output, settings, data_dir))
+    log(f"results: {output / 'results.md'}, {output / 'results.json'}, {output / 'results.png'} "
+        f"({timings['total_s']:.0f} s)")
+    return results
+
+
+def _example_text(ex: dict) -> str:
+    lines = [f"Example (held-out video {ex['video']}, {ex['input_frames']} frames"
+             + (f", sampling s={ex['temporal_sample_stride']}" if ex["temporal_sample_stride"] > 1 else "") + "):",
+             f"  Q: {ex['question']}"]
+    lines += [f"     {o}" for o in ex["options"]]
+    verdict = "correct" if ex["correct"] else "wrong"
+    lines.append(f"  model ({ex['row']}): {ex['reply']!r} -> {ex['predicted']}   truth: {ex['truth']}   ({verdict})")
+    return "\n".join(lines) + "\n"
+
+
+def _shell_quote(text: str) -> str:
+    """Bash $'...' quoting (keeps newlines readable as \\n)."""
+    return "$'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def _next_steps(output: Path, settings: DemoSettings, data_dir: Path) -> str:
+    from storm_vlm.eval.prompts import build_prompt
+
+    storm = model_dir(output, "storm", 0) / phases.FINAL
+    record = phases.load_test_records(data_dir, limit=1)[0]
+    return (
+        "Use the trained STORM model yourself:\n"
+        f"  storm-vlm chat {storm} {record.video} --frames {settings.base_frames} --dtype float32 "
+        f"--max-new-tokens {settings.max_new_tokens} \\\n      -q {_shell_quote(build_prompt(record))}\n"
+        f"  storm-vlm eval {storm} --benchmark synthetic --data-root {data_dir} --output {output / 'eval-cli' / 'storm'} "
+        f"--frames {settings.base_frames} --max-new-tokens {settings.max_new_tokens}\n"
+    )
+
+
+def _markdown(results: dict, tasks: list[str], seeds: int) -> str:
+    s = results["settings"]
+    ex = results["example"]
+    head = (
+        f"# storm-vlm demo results\n\n"
+        f"Synthetic benchmark: {results['data']['num_train']} training / {results['data']['num_test']} held-out "
+        f"videos of {results['data']['frames_per_video']} frames at {results['data']['size']} px "
+        f"(data seed {results['data']['seed']}); tasks: {', '.join(tasks)}; 4 options each, chance = 25%.\n"
+        f"Every model: tiny random-init SigLIP ({s['vision_layers']} layers, width {s['vision_hidden']}, "
+        f"{s['patch_size']} px patches) + tiny Qwen2 LLM ({s['llm_layers']} layers, width {s['llm_hidden']}), "
+        f"trained {s['steps']} steps x batch {s['batch_size']} (lr {s['learning_rate']}, cosine), "
+        f"parts trained: {', '.join(s['train_parts'])}; seeds: {len(results['seeds'])}"
+        f"{' (mean ± std)' if seeds > 1 else ''}.\n"
+        f"Accuracies in %, from greedy generation read by `extract_choice`. Prefill latency: "
+        f"{results['latency_note']}.\n\n"
+    )
+    notes = "\n".join(f"- **{r['label']}**: trained on {r['trained_frames']} frames"
+                      f"{', temporal pool k=' + str(r['temporal_pool']) if r['temporal_pool'] > 1 else ''}; "
+                      f"evaluated on {r['input_frames']} frames"
+                      f"{', test-time sampling s=' + str(r['temporal_sample_stride']) if r['temporal_sample_stride'] > 1 else ''}"
+                      f" ({r['note']})." for r in results["rows"])
+    example = (f"\n## Example\n\n{ex['question']}\n\n" + "\n".join(f"    {o}" for o in ex["options"])
+               + f"\n\nModel ({ex['row']}) replied {ex['reply']!r} → {ex['predicted']}; truth {ex['truth']}.\n")
+    t = results["timings_s"]
+    timing = (f"\nWall time: {t['total_s']:.0f} s (data {t['data_s']:.0f}, training {t['train_s']:.0f}, "
+              f"evaluation {t['eval_s']:.0f}, latency {t['latency_s']:.0f}).\n")
+    return head + format_markdown(results["rows"], tasks, seeds) + "\nRows:\n\n" + notes + "\n" + example + timing
