@@ -59,6 +59,7 @@ def test_tiny_model_on_each_layout_writes_results_with_breakdowns(bench, tiny, l
     rows = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == [r.id for r in records]
     assert all(isinstance(r["reply"], str) and r["num_frames"] == 2 for r in rows)
+    assert all(0 < r["prefill_s"] <= r["latency_s"] for r in rows) and saved["mean_prefill_s"] > 0
     if bench in ("mvbench", "mlvu"):
         assert saved["headline"]["value"] == saved[f"mean_over_{'task' if bench == 'mvbench' else 'question_type'}"]
 

@@ -5,14 +5,17 @@ loaded STORM model (the demo evaluates several variants in one process) and retu
 results dict that is also written to ``output_dir/results.json``. Raw-frame subsampling
 is just a smaller ``num_frames``; test-time temporal sampling is ``temporal_sample_stride``.
 
-Each prediction row carries ``latency_s``: the wall time of one greedy ``generate`` call
-(vision tower + projector + prefill + decoding of the short answer). Prefill-only latency
-is not measured here; ``storm-vlm profile`` breaks latency down per module.
+Each prediction row carries ``latency_s`` (the wall time of one ``generate`` call) and
+``prefill_s``: from the call to the first next-token logits, i.e. processor inputs on the
+device -> vision tower -> projector/compression -> LLM prefill (timed at the first call of a
+logits processor, with a CUDA synchronize there, so it costs no extra forward pass).
+results.json reports their means; ``storm-vlm profile`` breaks latency down per module.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -61,6 +64,27 @@ def compression_settings(model) -> dict:
     return {k: v for k, v in out.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
+def _sync(device) -> None:
+    import torch
+
+    if getattr(device, "type", str(device)).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+class _FirstLogits:
+    """A pass-through logits processor that notes when the first logits (after prefill) arrive."""
+
+    def __init__(self, device):
+        self.device = device
+        self.at: float | None = None
+
+    def __call__(self, input_ids, scores):
+        if self.at is None:
+            _sync(self.device)
+            self.at = time.perf_counter()
+        return scores
+
+
 class ModelPredictor:
     """Greedy answers from a StormForConditionalGeneration + StormProcessor pair."""
 
@@ -69,6 +93,7 @@ class ModelPredictor:
         self.processor = processor
         self.temporal_sample_stride = temporal_sample_stride
         self.max_new_tokens = int(max_new_tokens)
+        self.last_timing: dict = {}
 
     def _inputs(self, prompt: str, frames: np.ndarray) -> dict:
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
@@ -82,11 +107,18 @@ class ModelPredictor:
     def reply(self, prompt: str, frames: np.ndarray, max_new_tokens: int | None = None, **generation) -> str:
         """The model's reply to `prompt` about `frames` (T, H, W, 3) uint8; greedy unless told otherwise."""
         import torch
+        from transformers import LogitsProcessorList
 
+        t0 = time.perf_counter()
         inputs = self._inputs(prompt, frames)
         kwargs = {**GENERATION, **generation, "max_new_tokens": max_new_tokens or self.max_new_tokens}
+        first = _FirstLogits(self.model.device)
         with torch.inference_mode():
-            out = self.model.generate(**inputs, temporal_sample_stride=self.temporal_sample_stride, **kwargs)
+            out = self.model.generate(**inputs, temporal_sample_stride=self.temporal_sample_stride,
+                                      logits_processor=LogitsProcessorList([first]), **kwargs)
+        _sync(self.model.device)
+        end = time.perf_counter()
+        self.last_timing = {"prefill_s": round((first.at or end) - t0, 4), "generate_s": round(end - t0, 4)}
         new_tokens = out[0, inputs["input_ids"].shape[1]:]
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()

@@ -97,6 +97,9 @@ def predict_row(record: Record, predictor: Predictor, frame_loader: FrameLoader)
                pred_letter=None if pred is None else LETTERS[pred],
                correct=pred is not None and pred == record.answer,
                reply=reply, error=None, num_frames=int(frames.shape[0]), latency_s=round(latency, 4))
+    timing = getattr(predictor, "last_timing", None)
+    if isinstance(timing, dict) and "prefill_s" in timing:
+        row["prefill_s"] = timing["prefill_s"]
     return row
 
 

@@ -80,9 +80,10 @@ def score(benchmark: str, records: Iterable[Record], predictions: dict[str, dict
         out[f"mean_over_{key}"] = sum(accs) / len(accs) if accs else None
         headline = out[f"mean_over_{key}"]
     out["headline"] = {"name": HEADLINE_NAMES.get(benchmark, "accuracy"), "value": headline}
-    latencies = [p["latency_s"] for _, p in seen if isinstance(p.get("latency_s"), (int, float))]
-    if latencies:
-        out["mean_latency_s"] = sum(latencies) / len(latencies)
+    for key in ("latency_s", "prefill_s"):
+        values = [p[key] for _, p in seen if isinstance(p.get(key), (int, float))]
+        if values:
+            out[f"mean_{key}"] = sum(values) / len(values)
     return out
 
 
@@ -108,6 +109,8 @@ def format_table(results: dict) -> str:
         lines.append(f"| {k.replace('_', ' ')} | {c[k]} |")
     if "mean_latency_s" in results:
         lines.append(f"| mean latency per question (s) | {results['mean_latency_s']:.3f} |")
+    if "mean_prefill_s" in results:
+        lines.append(f"| mean prefill latency (s) | {results['mean_prefill_s']:.3f} |")
     for key, groups in results["breakdowns"].items():
         lines += ["", f"| {key} | accuracy | correct / count |", "| --- | --- | --- |"]
         for value, g in groups.items():
