@@ -109,3 +109,40 @@ def test_chat_on_a_missing_model_folder(tmp_path, capsys):
     video = write_mp4(tmp_path / "v.mp4", random_video(4, 32, 32))
     rc = main(["chat", str(tmp_path / "nope"), str(video), "-q", "?"])
     assert rc == 2 and "no config.json" in capsys.readouterr().err
+
+
+def test_build_from_a_full_siglip_folder_and_refuses_incomplete_checkpoints(qwen2_parts, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import SiglipConfig, SiglipModel
+
+    from storm_vlm.builder import build_storm
+    from storm_vlm.errors import StormError
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=32, patch_size=8)
+    full = SiglipModel(SiglipConfig(vision_config=vision, text_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=50,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0)))
+    full.save_pretrained(tmp_path / "siglip")
+    model, processor = build_storm(tmp_path / "siglip", qwen2_parts[1])
+    assert model.config.vision_config.hidden_size == 32 and processor.image_size == 32
+    assert torch.equal(model.vision_tower.embeddings.patch_embedding.weight,
+                       full.vision_model.embeddings.patch_embedding.weight)
+
+    weights = load_file(tmp_path / "siglip" / "model.safetensors")
+    del weights["vision_model.encoder.layers.1.mlp.fc1.weight"]
+    save_file(weights, tmp_path / "siglip" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(StormError, match="lacks 1 weights"):
+        build_storm(tmp_path / "siglip", qwen2_parts[1])
+
+
+def test_build_tiny_model_is_the_build_path(tmp_path):
+    from storm_vlm.tiny import build_tiny_model
+
+    out = build_tiny_model(tmp_path / "tiny", projector_type="mlp", llm="llama", temporal_pool_size=2)
+    model, processor = load(out)
+    assert model.config.projector_type == "mlp" and model.config.text_config.model_type == "llama"
+    assert model.config.temporal_pool_size == 2 and processor.num_visual_tokens(8) == 4 * 16
+    inputs = processor(text="<video>\nWhat colour?", videos=[random_video(8)])
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()

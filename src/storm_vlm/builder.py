@@ -88,6 +88,14 @@ def read_part_configs(vision_dir, llm_dir):
     return vcfg, lcfg
 
 
+def _check_complete(folder, what: str, info: dict) -> None:
+    """Pretrained parts must load completely: missing weights would silently be random."""
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise StormError(f"{what} folder {folder}: the checkpoint lacks {len(missing)} weights ({shown})")
+
+
 def load_parts(vision_dir, llm_dir, dtype="auto"):
     """Load (vision_tower, image_processor, language_model, tokenizer) from two local folders.
 
@@ -102,15 +110,21 @@ def load_parts(vision_dir, llm_dir, dtype="auto"):
 
     with _quiet_transformers():
         try:
-            vision = SiglipVisionModel.from_pretrained(vision_dir, vision_use_head=False, dtype=torch_dtype or "auto")
+            vision, info = SiglipVisionModel.from_pretrained(
+                vision_dir, vision_use_head=False, dtype=torch_dtype or "auto", output_loading_info=True
+            )
         except (OSError, ValueError) as exc:
             raise StormError(f"vision folder {vision_dir}: cannot load the SigLIP weights ({exc})") from exc
+        _check_complete(vision_dir, "vision", info)
         try:
-            language_model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch_dtype or "auto")
+            language_model, info = AutoModelForCausalLM.from_pretrained(
+                llm_dir, dtype=torch_dtype or "auto", output_loading_info=True
+            )
         except (OSError, ValueError) as exc:
             raise StormError(
                 f"LLM folder {llm_dir}: cannot load a causal LM of type {lcfg.model_type!r} ({exc})"
             ) from exc
+        _check_complete(llm_dir, "LLM", info)
         try:
             tokenizer = AutoTokenizer.from_pretrained(llm_dir)
         except (OSError, ValueError, TypeError) as exc:
