@@ -4,11 +4,9 @@ import pytest
 import torch
 from fixtures_models import (  # noqa: F401
     llama_mamba_dir,
-    llama_parts,
     load,
     qwen2_mamba_dir,
     qwen2_mlp_dir,
-    qwen2_parts,
     random_video,
     video_question,
 )
@@ -115,6 +113,8 @@ def test_images_are_one_frame_videos(qwen2):
         img = model.get_image_features(inputs["pixel_values"])
         vid = model.get_video_features(inputs["pixel_values"][:, None])
         logits = model(**inputs).logits
+        generated = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert generated.shape == (1, inputs["input_ids"].shape[1] + 3)
     assert img.shape == (1, 1, 16, model.config.text_config.hidden_size)
     assert torch.allclose(img, vid)
     assert torch.isfinite(logits).all()
