@@ -63,11 +63,10 @@ def test_entry_point_payload_registers_with_the_real_lmms_eval_registry():
     from lmms_eval.models.registry_v2 import ModelRegistryV2
 
     registry = ModelRegistryV2()
-    for payload in (lmms_plugin.Storm, lmms_plugin.manifest):  # what the entry point may name
-        for m in registry._coerce_payload_to_manifests(payload):
-            registry.register_manifest(m, overwrite=True)
-        cls = registry.get_model_class("storm")
-        assert cls is lmms_plugin.Storm and issubclass(cls, lmms) and cls.is_simple
+    for m in registry._coerce_payload_to_manifests(lmms_plugin.manifest):  # what the entry point names
+        registry.register_manifest(m, overwrite=True)
+    cls = registry.get_model_class("storm")
+    assert cls is lmms_plugin.Storm and issubclass(cls, lmms) and cls.is_simple
 
 
 def test_lmms_eval_finds_storm_through_the_installed_entry_point():

@@ -2,8 +2,8 @@
 
 Install with the ``lmms`` extra (``pip install storm-vlm[lmms]``); lmms-eval finds the
 model through the ``lmms_eval.models`` entry point. lmms-eval (>= 0.5) calls an entry
-point's payload with no arguments and expects a ``ModelManifest``: `manifest()` returns
-it, and so does ``Storm()`` called with no arguments (the entry point may name either).
+point's payload with no arguments and expects a ``ModelManifest``: the entry point names
+`manifest`, which returns one pointing at the `Storm` class.
 
 The adapter logic that does not need lmms-eval lives in plain functions:
 `visuals_to_frames` (a request's visuals -> frames (T, H, W, 3) uint8), `generation_kwargs`
@@ -117,17 +117,7 @@ def _parse_optional_int(value) -> int | None:
     return int(value)
 
 
-class _StormMeta(type(_LmmsBase)):
-    """Lets the entry point name the class: lmms-eval calls its payload with no arguments
-    and expects a manifest; the model itself always needs ``pretrained``."""
-
-    def __call__(cls, *args, **kwargs):
-        if not args and not kwargs and HAVE_LMMS_EVAL:
-            return manifest()
-        return super().__call__(*args, **kwargs)
-
-
-class Storm(_LmmsBase, metaclass=_StormMeta):
+class Storm(_LmmsBase):
     """STORM for lmms-eval (a "simple" model: the task's text plus the raw visuals).
 
     model_args: pretrained (model folder, required), num_frames (32), fps (None),
