@@ -86,3 +86,14 @@ def test_save_load_round_trip_and_auto_config(tmp_path):
     assert back.text_config.model_type == "qwen2" and back.vision_config.patch_size == 8
     assert back.num_visual_tokens(9) == cfg.num_visual_tokens(9) == 5 * 16
     assert storm_vlm.StormConfig is StormConfig
+
+
+def test_sub_configs_may_be_positional():
+    from transformers import LlamaConfig, SiglipVisionConfig
+
+    cfg = StormConfig(SiglipVisionConfig(image_size=64, patch_size=8),
+                      LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, intermediate_size=64),
+                      projector_type="mlp", temporal_pool_size=2)
+    assert cfg.text_config.model_type == "llama" and cfg.projector_type == "mlp"
+    assert cfg.vision_batch_size == 32  # untouched fields keep their defaults
+    assert cfg.num_visual_tokens(8) == 4 * 16

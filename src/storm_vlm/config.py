@@ -6,6 +6,8 @@ It is also the one place that counts visual tokens (`num_visual_tokens`), used b
 
 from __future__ import annotations
 
+import dataclasses
+
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -46,7 +48,7 @@ def _check_int(field: str, value, minimum: int = 1) -> int:
 class StormConfig(PreTrainedConfig):
     r"""Configuration of `StormForConditionalGeneration` (`model_type="storm"`).
 
-    Args (keyword only):
+    Args (keywords; the two sub-configs may be positional):
         vision_config: SigLIP vision config (a `PreTrainedConfig` or a dict with `model_type`);
             defaults to SigLIP-so400m-patch14-448.
         text_config: causal-LM config (a `PreTrainedConfig` or a dict with `model_type`); default Qwen2.
@@ -88,6 +90,21 @@ class StormConfig(PreTrainedConfig):
     image_token_id: int | None = None
     vision_batch_size: int = 32
     tie_word_embeddings: bool = False
+
+    def __init__(self, vision_config=None, text_config=None, **kwargs):
+        # Like every transformers config the fields are keywords; the two sub-configs may also be
+        # given positionally: StormConfig(vision_config, text_config, projector_type="mlp").
+        kwargs.update(vision_config=vision_config, text_config=text_config)
+        names = set()
+        for f in dataclasses.fields(self):
+            names.add(f.name)
+            if f.name in kwargs:
+                setattr(self, f.name, kwargs[f.name])
+            elif f.default is not dataclasses.MISSING:
+                setattr(self, f.name, f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                setattr(self, f.name, f.default_factory())
+        self.__post_init__(**{k: v for k, v in kwargs.items() if k not in names})
 
     def __post_init__(self, **kwargs):
         for key in ("vision_config", "text_config"):
