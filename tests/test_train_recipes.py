@@ -89,3 +89,10 @@ def test_tiny_synthetic_config_has_all_stages():
         assert cfg.output_dir.endswith(stage)
     assert load_config(CONFIGS / "tiny-synthetic.yaml", ["stage=long"]).temporal_pool_size == 4
     assert load_config(CONFIGS / "tiny-synthetic.yaml", ["stage=align"]).parts_to_train() == ("projector",)
+
+
+def test_unknown_model_source_options_are_config_errors(folders):
+    from storm_vlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="build.projector_layers"):
+        instantiate_on_meta(real_size("align", folders, "build.projector_layers=3"))

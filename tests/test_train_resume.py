@@ -109,3 +109,7 @@ def test_lora_crash_and_resume_in_process(data, tmp_path, monkeypatch):
     assert {"python", "numpy", "torch"} <= set(rng)
     resumed = train(dict(cfg, output_dir=str(out)), resume=True)
     assert_same_weights(ref, resumed)  # LoRA dropout draws from the restored RNG state
+    # Resuming a finished run is a no-op that returns its final model.
+    mtime = (resumed / "model.safetensors").stat().st_mtime_ns
+    assert train(dict(cfg, output_dir=str(out)), resume=True) == resumed
+    assert (resumed / "model.safetensors").stat().st_mtime_ns == mtime

@@ -83,6 +83,7 @@ def instantiate_on_meta(cfg: TrainConfig):
 
     if cfg.build is None:
         raise ConfigError("key 'build': instantiating on the meta device needs a build: source")
+    check_source_keys(cfg)
     text_vocab = _text_config(Path(cfg.build["llm"])).vocab_size
     config = storm_config_for_build(cfg.build, video_token_id=text_vocab - 2, image_token_id=text_vocab - 1)
     _apply_overrides(config, cfg)
@@ -90,6 +91,32 @@ def instantiate_on_meta(cfg: TrainConfig):
         model = StormForConditionalGeneration(config)
         apply_stage(model, cfg)
     return model
+
+
+def _storm_fields() -> set[str]:
+    from storm_vlm.config import StormConfig
+
+    own = set(StormConfig.__dict__.get("__annotations__", {}))
+    return own - {"vision_config", "text_config", "video_token_id", "image_token_id"}
+
+
+def check_source_keys(cfg: TrainConfig) -> None:
+    """Unknown keys under `build:` / `tiny:` are ConfigErrors (StormConfig would silently keep them)."""
+    import inspect
+
+    from storm_vlm.builder import build_storm
+    from storm_vlm.tiny import build_tiny_model
+
+    for key, fn, section in (("build", build_storm, cfg.build), ("tiny", build_tiny_model, cfg.tiny)):
+        if section is None:
+            continue
+        params = set(inspect.signature(fn).parameters) - {"vision_dir", "llm_dir", "out_dir", "dtype", "seed"}
+        allowed = params | _storm_fields() | ({"vision", "llm", "projector"} if key == "build" else set())
+        allowed.discard("storm_config_overrides")
+        allowed.discard("config_overrides")
+        for k in section:
+            if k not in allowed:
+                raise ConfigError(f"key '{key}.{k}': unknown option (known: {', '.join(sorted(allowed))})")
 
 
 def _build_from_parts(build: dict, seed: int):
@@ -141,6 +168,7 @@ def load_model_and_processor(cfg: TrainConfig, env):
     from storm_vlm.modeling import StormForConditionalGeneration
     from storm_vlm.processing import StormProcessor, default_chat_template
 
+    check_source_keys(cfg)
     if cfg.build is not None:
         model, processor = _build_from_parts(cfg.build, cfg.seed)
     else:

@@ -168,6 +168,16 @@ class Trainer:
         self.resume_dir: Path | None = None
 
     # -------------------------------------------------------------- setup
+    def finished_run(self) -> Path | None:
+        """With --resume, a run whose final model is already written is done: its final folder."""
+        summary = self.output_dir / FINAL_DIR / "training_summary.json"
+        if self.resume and summary.is_file():
+            if ckpt.read_json(summary).get("steps") == self.cfg.max_steps:
+                if self.env.is_main:
+                    logger.info("%s already finished (%d steps)", self.output_dir, self.cfg.max_steps)
+                return self.output_dir / FINAL_DIR
+        return None
+
     def _check_output_dir(self) -> None:
         existing = ckpt.list_checkpoints(self.output_dir)
         if self.resume:
@@ -585,6 +595,9 @@ def train(config: TrainConfig | Mapping | str | os.PathLike, overrides: list[str
     env = init_distributed()
     try:
         trainer = Trainer(cfg, env, resume=resume)
+        done = trainer.finished_run()
+        if done is not None:
+            return done
         trainer.setup()
         return trainer.train()
     finally:
