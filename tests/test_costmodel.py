@@ -129,3 +129,25 @@ def test_parse_compressions():
         parse_compressions("16=4:2")
     with pytest.raises(ValueError, match="bad compression"):
         parse_compressions("x")
+
+
+def test_bench_cpu_config_keeps_the_real_proportions(real):
+    """configs/bench-cpu.yaml: widths and tokens per frame / 16, depths kept -> same FLOP shares."""
+    from pathlib import Path
+
+    from storm_vlm.profiling import load_model_config
+
+    bench, defaults = load_model_config(Path(__file__).resolve().parents[1] / "configs" / "bench-cpu.yaml")
+    assert bench.vision_config.num_hidden_layers == 27 and bench.text_config.num_hidden_layers == 28
+    assert bench.tokens_per_frame * 16 == real.tokens_per_frame
+    rp, bp = param_counts(real), param_counts(bench)
+    for part in ("vision_tower", "llm"):  # parameters go as width²: 16² = 256
+        assert 230 < rp[part] / bp[part] < 260
+    for frames in (32, 128, 256):
+        for c in (1, 4, 8):
+            r = pipeline_cost(real, frames, DEFAULT_COMPRESSIONS[c], text_tokens=64)
+            b = pipeline_cost(bench, frames, DEFAULT_COMPRESSIONS[c], text_tokens=defaults["text_tokens"])
+            for part in ("vision_tower", "projector", "llm_prefill"):
+                share_r = getattr(r, part).flops / r.prefill_flops
+                share_b = getattr(b, part).flops / b.prefill_flops
+                assert abs(share_r - share_b) < 0.015, (frames, c, part, share_r, share_b)

@@ -18,8 +18,9 @@ repository executes for one video of T frames:
   pooling) adds one FLOP per pooled input element (T·N·D).
 * **LLM prefill** over L = visual tokens + text tokens (width d, MLP width I, h query heads and g
   key/value heads of size hd): per layer q/o 4·L·d·h·hd, k/v 4·L·d·g·hd, attention 4·L²·h·hd
-  (dense, as SDPA computes it; causal kernels may skip up to half), SwiGLU MLP 6·L·d·I; the LM
-  head 2·d·V for the last position only (generation keeps one logit row).
+  (dense, as SDPA computes it; `causal=True` counts the lower triangle only, as flash kernels
+  do), SwiGLU MLP 6·L·d·I; the LM head 2·d·V for the last position only (generation keeps one
+  logit row).
 * **decode**, per generated token with c tokens in the KV cache: per layer the same projections
   and MLP for one token plus attention 4·(c+1)·h·hd; the LM head 2·d·V. Its bytes are the LLM's
   weights plus the KV cache it reads, 2·layers·g·hd·c elements: decode is memory bound on GPUs.
@@ -341,11 +342,16 @@ def _llm_token_linear_flops(l: dict) -> int:
     return 2 * d * q + 2 * 2 * d * kv + 2 * q * d + 6 * d * l["inter"]
 
 
-def llm_prefill_cost(config, seq_len: int, bytes_per_el: int = 2) -> ModuleCost:
-    """One causal-LM forward over `seq_len` tokens, keeping the last position's logits."""
+def llm_prefill_cost(config, seq_len: int, bytes_per_el: int = 2, causal: bool = False) -> ModuleCost:
+    """One causal-LM forward over `seq_len` tokens, keeping the last position's logits.
+
+    Attention is counted dense (4·L²·h·hd, what SDPA's math path computes); `causal=True` counts
+    only the lower triangle (2·L·(L+1)·h·hd), what flash-attention kernels compute.
+    """
     l = _llm_shape(config)
     q = l["heads"] * l["head_dim"]
-    per_layer = seq_len * _llm_token_linear_flops(l) + 4 * seq_len * seq_len * q
+    attention = 2 * seq_len * (seq_len + 1) * q if causal else 4 * seq_len * seq_len * q
+    per_layer = seq_len * _llm_token_linear_flops(l) + attention
     flops = l["layers"] * per_layer + 2 * l["d"] * l["vocab"]
     kv = kv_bytes_per_token(config, bytes_per_el) * seq_len
     # live per layer: residual + q + gate/up MLP intermediates
@@ -441,11 +447,13 @@ def pipeline_cost(
     text_tokens: int = 64,
     decode_tokens: int = 16,
     bytes_per_el: int = 2,
+    causal: bool = False,
 ) -> PipelineCost:
     """Costs per module for one `num_frames`-frame video question under `compression`.
 
-    compression None uses the config's own pooling/sampling. The vision tower and projector run
-    on every frame (pooling comes after the projector); only the LLM sees fewer tokens.
+    compression None uses the config's own pooling/sampling; `causal` as in `llm_prefill_cost`.
+    The vision tower and projector run on every frame (pooling comes after the projector); only
+    the LLM sees fewer tokens.
     """
     cfg = config if compression is None else with_compression(config, compression)
     if compression is None:
@@ -465,6 +473,6 @@ def pipeline_cost(
         decode_tokens=decode_tokens,
         vision_tower=vision_tower_cost(cfg, num_frames, bytes_per_el),
         projector=projector_cost(cfg, num_frames, bytes_per_el),
-        llm_prefill=llm_prefill_cost(cfg, seq, bytes_per_el),
+        llm_prefill=llm_prefill_cost(cfg, seq, bytes_per_el, causal),
         decode_per_token=decode_cost(cfg, seq, bytes_per_el),
     )

@@ -1,0 +1,147 @@
+"""Shared plumbing of the latency benchmarks (prefill.py, decode.py, memory.py).
+
+Every benchmark measures the bench-cpu model (configs/bench-cpu.yaml, random weights, the real
+model's proportions) by default, or a saved model folder; it prints ratios measured in one run,
+because absolute times on a shared machine drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+DEFAULT_CONFIG = ROOT / "configs" / "bench-cpu.yaml"
+
+
+def parser(description: str, repeats: int, warmup: int) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("model_dir", nargs="?", help="a saved STORM model (default: random bench-cpu model)")
+    p.add_argument("--config", default=None, help=f"profile YAML (default: {DEFAULT_CONFIG.relative_to(ROOT)})")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                   help="default: fp32 on cpu (bf16 matmuls are ~8x slower on this AVX2-only CPU), bf16 on cuda")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the machine is shared; oversubscribed OpenMP threads "
+                        "were ~10x slower here)")
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--text-tokens", type=int, default=None, help="prompt tokens (default: the config's, 4 for bench-cpu)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the measured rows and ratios here")
+    return p
+
+
+def load(args):
+    """(model, source, profile defaults) from the arguments; sets threads."""
+    import torch
+
+    from storm_vlm.profiling import build_random_model, load_model, load_model_config
+
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    if args.model_dir:
+        return load_model(args.model_dir), args.model_dir, {}
+    path = Path(args.config) if args.config else DEFAULT_CONFIG
+    config, defaults = load_model_config(path)
+    return build_random_model(config), f"random weights from {path}", defaults
+
+
+def settings(args, defaults, frames, compressions, decode_tokens):
+    from storm_vlm.profiling import ProfileSettings
+
+    s = ProfileSettings(
+        frames=list(frames),
+        compressions=list(compressions),
+        repeats=args.repeats,
+        warmup=args.warmup,
+        decode_tokens=decode_tokens,
+        text_tokens=args.text_tokens if args.text_tokens is not None else defaults.get("text_tokens", 64),
+        dtype=args.dtype or ("bf16" if args.device == "cuda" else "fp32"),
+        device=args.device,
+    )
+    s.validate()
+    return s
+
+
+def prepare(model, s):
+    import torch
+
+    dtype = torch.bfloat16 if s.dtype == "bf16" and s.device == "cuda" else torch.float32
+    return model.to(device=s.device, dtype=dtype).eval()
+
+
+def header(name: str, source: str, s) -> None:
+    import torch
+
+    print(f"== {name} ==")
+    print(f"model: {source}")
+    print(f"device {s.device}, {s.dtype}, torch threads {torch.get_num_threads()}, repeats {s.repeats} "
+          f"(+{s.warmup} warm-up), text tokens {s.text_tokens}; load average {_load()}")
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def interleaved(model, combos, s, label=True) -> dict:
+    """Measure (frames, Compression) combos round-robin: `s.warmup` untimed rounds, then `s.repeats`
+    timed rounds of one run per combo, so load drift on a shared machine hits every combo alike.
+    Returns {(frames, factor): row} with per-module medians over the rounds (peak memory: max)."""
+    import dataclasses
+    import statistics
+
+    from storm_vlm.profiling import profile_row
+
+    one = dataclasses.replace(s, repeats=1, warmup=0)
+    runs = {(f, c.factor): [] for f, c in combos}
+    for rnd in range(s.warmup + s.repeats):
+        timed = rnd >= s.warmup
+        for frames, comp in combos:
+            row = profile_row(model, frames, comp, one)
+            if row.get("skipped"):
+                return {(frames, comp.factor): row}
+            if timed:
+                runs[(frames, comp.factor)].append(row)
+            if label:
+                what = "timed" if timed else "warm-up"
+                print(f"  round {rnd + 1} ({what}) {frames:>4} frames {comp.factor}x: vision "
+                      f"{row['vision_tower_ms']:.0f} ms, projector {row['projector_ms']:.0f} ms, LLM prefill "
+                      f"{row['llm_prefill_ms']:.0f} ms, decode {row['decode_ms_per_token']:.1f} ms/token", flush=True)
+    out = {}
+    for key, rows in runs.items():
+        merged = dict(rows[0])
+        for field in ("vision_tower_ms", "projector_ms", "llm_prefill_ms", "decode_ms_per_token"):
+            merged[field] = round(statistics.median(r[field] for r in rows), 3)
+        merged["peak_memory_mb"] = max(r["peak_memory_mb"] for r in rows)
+        merged["total_ms"] = round(merged["vision_tower_ms"] + merged["projector_ms"] + merged["llm_prefill_ms"]
+                                   + s.decode_tokens * merged["decode_ms_per_token"], 3)
+        merged["rounds"] = len(rows)
+        merged.pop("samples_ms", None)
+        out[key] = merged
+    return out
+
+
+def verdict(value: float, target: float, higher_is_better: bool = True) -> str:
+    ok = value >= target if higher_is_better else value <= target
+    return "MET" if ok else "MISSED"
+
+
+def write_json(path, payload: dict) -> None:
+    if not path:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average": _load(), **payload}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+    print(f"wrote {path}")
