@@ -208,3 +208,25 @@ def test_matches_mamba_style_softplus():
     t = {k: (v.detach() if v is not None else None) for k, v in _inputs(torch.float64, L=6).items()}
     manual = selective_scan(**{**t, "delta": F.softplus(t["delta"] + t["delta_bias"][:, None]), "delta_bias": None})
     torch.testing.assert_close(selective_scan(**t, delta_softplus=True), manual)
+
+
+@pytest.mark.parametrize("groups", [None, 3])
+def test_reverse_equals_flipped_scan(groups):
+    t = _inputs(torch.float64, b=2, d=6, L=13, n=4, groups=groups)
+    fast = _run(selective_scan, t, True, reverse=True, chunk=4)
+    ref = _run(selective_scan_reference, t, True, reverse=True)
+    _assert_close(fast, ref, rtol=1e-10, atol=1e-10)
+    flip = {k: (v.detach().flip(-1) if k in ("u", "delta", "z", "B", "C") else (v.detach() if v is not None else None))
+            for k, v in t.items()}
+    out, last = selective_scan_reference(**flip, delta_softplus=True, return_last_state=True)
+    torch.testing.assert_close(fast["out"], out.flip(-1))
+    torch.testing.assert_close(fast["last"], last)
+
+
+def test_time_major_inputs_and_outputs():
+    """Inputs stored (b, L, d) and seen through transpose (as the mixer passes them) give the same results."""
+    t = _inputs(torch.float64, b=3, d=6, L=10, n=4)
+    tm = {k: (v.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+              if k in ("u", "delta", "z") else v) for k, v in t.items()}
+    _assert_close(_run(selective_scan, tm, True, chunk=4), _run(selective_scan_reference, t, True),
+                  rtol=1e-10, atol=1e-10)

@@ -133,6 +133,8 @@ def selective_scan_reference(
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
+    *,
+    reverse: bool = False,
 ):
     """The definition of the selective scan: a sequential loop over time.
 
@@ -142,6 +144,11 @@ def selective_scan_reference(
     make the backward quadratic).
     """
     s = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    if reverse:
+        res = selective_scan_reference(u.flip(-1), delta.flip(-1), A, B.flip(-1), C.flip(-1), D,
+                                       None if z is None else z.flip(-1), delta_bias, delta_softplus,
+                                       return_last_state)
+        return (res[0].flip(-1), res[1]) if return_last_state else res.flip(-1)
     dt = s.compute_dtype
     b, d, L, n, g = s.batch, s.dim, s.length, s.state, s.groups
     h_per_g = d // g
@@ -187,6 +194,8 @@ def selective_scan(
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
+    *,
+    reverse: bool = False,
     chunk: int = DEFAULT_CHUNK,
 ):
     """Selective scan, same arguments and results as ``selective_scan_reference``; differentiable.
@@ -194,24 +203,24 @@ def selective_scan(
     On CUDA with mamba-ssm importable this calls its fused kernel (``selective_scan_fn``).
     Elsewhere it runs the chunked pure-PyTorch scan (``fast_scan.chunked_scan``): compute in
     float32 (float64 for float64 inputs), memory O(chunk * batch * dim * N) instead of
-    O(L * batch * dim * N). ``chunk`` (steps per chunk) only trades speed; results do not depend on it.
+    O(L * batch * dim * N). ``out`` may be stored time-major (``out.transpose(1, 2)``
+    contiguous); inputs stored that way are read without copies.
+
+    Extensions (keyword-only): ``reverse=True`` scans from position L-1 down to 0 (the same as
+    flipping u, delta, z, B, C along L and flipping the output back; ``last_state`` is then the
+    state after position 0). ``chunk`` (steps per chunk) trades speed only.
     """
     s = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     if u.is_cuda and u.dtype in (torch.float32, torch.float16, torch.bfloat16):
         fn = _mamba_ssm_fn()
         if fn is not None:
+            if reverse:
+                res = fn(u.flip(-1), delta.flip(-1), A, B.flip(-1), C.flip(-1), D,
+                         None if z is None else z.flip(-1), delta_bias, delta_softplus, return_last_state)
+                return (res[0].flip(-1), res[1]) if return_last_state else res.flip(-1)
             return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if s.length == 0:
         return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    dt = s.compute_dtype
-    uf = u.to(dt)
-    dlt = _prepare_delta(delta, delta_bias, delta_softplus, dt)
-    res = chunked_scan(dlt, uf, A.to(dt), _grouped(B, s.groups).to(dt), _grouped(C, s.groups).to(dt),
-                       chunk=chunk, return_last_state=return_last_state)
-    y, last = res if return_last_state else (res, None)
-    if D is not None:
-        y = y + uf * D.to(dt)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(dt))
-    out = y.to(u.dtype)
-    return (out, last) if return_last_state else out
+    return chunked_scan(u, delta, A, _grouped(B, s.groups), _grouped(C, s.groups), D, z, delta_bias,
+                        delta_softplus, return_last_state, reverse=reverse, chunk=chunk,
+                        compute_dtype=s.compute_dtype)
