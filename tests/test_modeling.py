@@ -160,8 +160,9 @@ def test_only_real_frames_reach_the_vision_tower_in_chunks(qwen2):
     model, processor = qwen2
     batch = processor(text=["<video>", "<video>"], videos=[random_video(7), random_video(2, seed=1)])
     calls = []
-    pre = model.vision_tower.register_forward_pre_hook(
-        lambda m, args, kwargs: calls.append(kwargs["pixel_values"].shape[0]), with_kwargs=True)
+    pre = model.vision_tower.embeddings.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append((args[0] if args else kwargs["pixel_values"]).shape[0]),
+        with_kwargs=True)
     old = model.config.vision_batch_size
     try:
         with torch.no_grad():
@@ -238,3 +239,19 @@ def test_batched_generation_equals_each_alone(qwen2):
             assert torch.equal(together.sequences[i, -4:], alone.sequences[0, -4:])
             for step_batch, step_alone in zip(together.scores, alone.scores):
                 assert torch.allclose(step_batch[i], step_alone[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("layer", [-2, -1, 0, 1, -4])
+def test_vision_features_are_the_requested_hidden_state(qwen2, layer):
+    model, processor = qwen2
+    pixels = processor(text="<video>", videos=[random_video(3)])["pixel_values_videos"][0]
+    old = model.config.vision_feature_layer
+    model.config.vision_feature_layer = layer
+    try:
+        with torch.no_grad():
+            ours = model._vision_features(pixels)
+            ref = model.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states[layer]
+    finally:
+        model.config.vision_feature_layer = old
+    assert ours.shape == (3, 64, model.config.vision_config.hidden_size)
+    assert torch.allclose(ours, ref, atol=1e-6)

@@ -130,16 +130,32 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
 
     # ---- visual features ---------------------------------------------------------------------------
 
+    def _tower_layer_output(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(F, 3, H, W) -> hidden state `vision_feature_layer` (F, N̂, C) of the vision tower.
+
+        For SigLIP-style towers (embeddings + encoder.layers) only the layers up to the wanted one
+        run and no other hidden state is kept (at real size, keeping all 28 would cost ~4 GB per
+        32 frames); other towers go through `output_hidden_states`.
+        """
+        tower = self.vision_tower
+        layers = getattr(getattr(tower, "encoder", None), "layers", None)
+        if isinstance(layers, nn.ModuleList) and hasattr(tower, "embeddings"):
+            layer = self.config.vision_feature_layer
+            stop = layer if layer >= 0 else len(layers) + 1 + layer  # hidden_states[k]: after k layers
+            hidden = tower.embeddings(pixel_values)
+            for block in layers[:stop]:
+                hidden = block(hidden, None)
+                if isinstance(hidden, tuple):
+                    hidden = hidden[0]
+            return hidden
+        out = tower(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
+        return out.hidden_states[self.config.vision_feature_layer]
+
     def _vision_features(self, frames: torch.Tensor) -> torch.Tensor:
         """frames (F, 3, H, W) -> vision features (F, N̂, C) from `vision_feature_layer`, in chunks."""
         dtype = next(self.vision_tower.parameters()).dtype
-        chunks = []
         step = self.config.vision_batch_size
-        for start in range(0, frames.shape[0], step):
-            out = self.vision_tower(
-                pixel_values=frames[start : start + step].to(dtype), output_hidden_states=True, return_dict=True
-            )
-            chunks.append(out.hidden_states[self.config.vision_feature_layer])
+        chunks = [self._tower_layer_output(frames[i : i + step].to(dtype)) for i in range(0, frames.shape[0], step)]
         return torch.cat(chunks, dim=0)
 
     def get_video_features(
