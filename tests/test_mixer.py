@@ -179,3 +179,24 @@ def test_bfloat16_autocast_runs():
         out = m(x)
     assert out.shape == x.shape and torch.isfinite(out.float()).all()
     torch.testing.assert_close(out.float(), m(x), rtol=5e-2, atol=5e-2)
+
+
+def test_parallel_directions_match_serial(monkeypatch):
+    m = _mixer(BiMambaMixer)
+    x = _x(b=2, L=15)
+    mask = torch.ones(2, 15, dtype=torch.bool)
+    mask[1, 9:] = False
+    serial = m(x, mask)
+    monkeypatch.setattr(mixer_mod, "_PARALLEL_MIN_ELEMENTS", 0)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert m._parallel_ok(x)
+        xr = x.clone().requires_grad_()
+        par = m(xr, mask)
+        par.sum().backward()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(prev)
+    torch.testing.assert_close(par, serial, rtol=1e-12, atol=1e-12)
+    assert xr.grad is not None and torch.isfinite(xr.grad).all()

@@ -48,6 +48,23 @@ def _D(d_inner: int) -> nn.Parameter:
     return p
 
 
+def _depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None, reverse: bool) -> Tensor:
+    """nn.Conv1d(d, d, K, groups=d, padding=K-1)(x)[..., :L] on time-major x (B, L, d).
+
+    ``reverse``: the same conv applied to x flipped along L, flipped back (anti-causal)."""
+    Bsz, L, d = x.shape
+    K = weight.shape[-1]
+    w = weight[:, 0, :]  # (d, K)
+    pad = x.new_zeros(Bsz, K - 1, d)
+    xp = torch.cat([x, pad] if reverse else [pad, x], dim=1)  # (B, L + K - 1, d)
+    out = None
+    for k in range(K):
+        start = K - 1 - k if reverse else k
+        term = xp[:, start : start + L] * w[:, k]
+        out = term if out is None else out + term
+    return out if bias is None else out + bias
+
+
 def _check_inputs(hidden_states: Tensor, mask: Tensor | None, d_model: int) -> None:
     if hidden_states.dim() != 3 or hidden_states.shape[-1] != d_model:
         raise ValueError(f"mixer: hidden_states must be (B, L, {d_model}), got shape {tuple(hidden_states.shape)}")
@@ -100,47 +117,53 @@ class MambaMixer(nn.Module):
         setattr(self, "D" + sfx, _D(di))
 
     # -- one direction ------------------------------------------------------------------------
-    def _direction(self, x: Tensor, z: Tensor, valid: Tensor | None, sfx: str) -> Tensor:
-        """x, z: (B, d_inner, L); valid: (B, 1, L) bool or None. Returns y (B, d_inner, L), gated."""
+    # Everything runs time-major, (B, L, d_inner): that is how in_proj produces x and z and how
+    # out_proj consumes y, and the scan reads such tensors through a transpose without copies.
+    def _direction(self, x: Tensor, z: Tensor, valid: Tensor | None, sfx: str, reverse: bool) -> Tensor:
+        """x, z: (B, L, d_inner); valid: (B, L, 1) bool or None. Returns gated y (B, L, d_inner).
+
+        ``reverse``: the backward direction of BiMambaMixer, i.e. this direction applied to the
+        sequence flipped along L (conv and scan run anti-causally), without flipping anything."""
         conv: nn.Conv1d = getattr(self, "conv1d" + sfx)
         x_proj: nn.Linear = getattr(self, "x_proj" + sfx)
         dt_proj: nn.Linear = getattr(self, "dt_proj" + sfx)
         A_log: Tensor = getattr(self, "A_log" if not sfx else "A" + sfx + "_log")
         D: Tensor = getattr(self, "D" + sfx)
-        L = x.shape[-1]
         if valid is not None:
             x = x.masked_fill(~valid, 0.0)
-        u = F.silu(F.conv1d(x, conv.weight, conv.bias, padding=self.d_conv - 1, groups=self.d_inner)[..., :L])
+        u = F.silu(_depthwise_conv(x, conv.weight, conv.bias, reverse).to(x.dtype))
         if valid is not None:
             # Keeps the state at 0 through padding (matters for the reversed direction).
             u = u.masked_fill(~valid, 0.0)
-        x_dbl = x_proj(u.transpose(1, 2))  # (B, L, dt_rank + 2N)
+        x_dbl = x_proj(u)  # (B, L, dt_rank + 2N)
         dt, Bm, Cm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (B, d_inner, L); bias goes in delta_bias
+        delta = F.linear(dt, dt_proj.weight)  # (B, L, d_inner); the bias goes in delta_bias
         A = -torch.exp(A_log.float())
-        return _scan.selective_scan(
-            u,
-            delta.contiguous(),
+        y = _scan.selective_scan(
+            u.transpose(1, 2),
+            delta.transpose(1, 2),
             A,
-            Bm.transpose(1, 2).contiguous(),
-            Cm.transpose(1, 2).contiguous(),
+            Bm.transpose(1, 2),
+            Cm.transpose(1, 2),
             D.float(),
-            z=z,
+            z=z.transpose(1, 2),
             delta_bias=dt_proj.bias.float(),
             delta_softplus=True,
+            reverse=reverse,
         )
+        return y.transpose(1, 2).to(x.dtype)
 
     def _in(self, hidden_states: Tensor, mask: Tensor | None):
         _check_inputs(hidden_states, mask, self.d_model)
         if mask is not None:  # whatever sits in the padding (even NaN) must not reach gradients
             hidden_states = hidden_states.masked_fill(~mask[..., None], 0.0)
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2*d_inner, L)
-        x, z = xz.chunk(2, dim=1)
-        valid = None if mask is None else mask[:, None, :]
+        xz = self.in_proj(hidden_states)  # (B, L, 2*d_inner)
+        x, z = xz.chunk(2, dim=-1)
+        valid = None if mask is None else mask[..., None]
         return x, z, valid
 
     def _out(self, y: Tensor, mask: Tensor | None) -> Tensor:
-        out = self.out_proj(y.transpose(1, 2))
+        out = self.out_proj(y)
         if mask is not None:
             out = out.masked_fill(~mask[..., None], 0.0)
         return out
@@ -152,7 +175,7 @@ class MambaMixer(nn.Module):
         the valid ones.
         """
         x, z, valid = self._in(hidden_states, mask)
-        return self._out(self._direction(x, z, valid, ""), mask)
+        return self._out(self._direction(x, z, valid, "", False), mask)
 
     # -- recurrent form -----------------------------------------------------------------------
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int | None = None, dtype=None, device=None):
@@ -203,6 +226,36 @@ class MambaMixer(nn.Module):
         return (out if squeeze else out.unsqueeze(1)), conv_state, ssm_state
 
 
+_PARALLEL_MIN_ELEMENTS = 1 << 20
+_POOL = None
+
+
+def _run_both(f1, f2, parallel: bool):
+    """(f1(), f2()), the two in parallel threads (each with one intra-op thread) when asked."""
+    if not parallel:
+        return f1(), f2()
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bimamba")
+    grad = torch.is_grad_enabled()
+
+    def second():
+        torch.set_num_threads(1)  # per-thread OpenMP setting in the worker
+        with torch.set_grad_enabled(grad):
+            return f2()
+
+    fut = _POOL.submit(second)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        r1 = f1()
+    finally:
+        torch.set_num_threads(prev)
+    return r1, fut.result()
+
+
 class BiMambaMixer(MambaMixer):
     """Bidirectional Mamba mixer (Vim v2): forward scan + scan over the reversed sequence, summed.
 
@@ -215,14 +268,21 @@ class BiMambaMixer(MambaMixer):
                  conv_bias: bool = True, bias: bool = False):
         super().__init__(d_model, d_state, d_conv, expand, dt_rank, dt_min, dt_max, dt_init_floor, conv_bias, bias)
         self._make_direction("_b", conv_bias, dt_min, dt_max, dt_init_floor)
+        self.parallel_directions = True
 
     def forward(self, hidden_states: Tensor, mask: Tensor | None = None) -> Tensor:
         """hidden_states (B, L, d_model), mask (B, L) bool or None -> (B, L, d_model)."""
         x, z, valid = self._in(hidden_states, mask)
-        y_f = self._direction(x, z, valid, "")
-        valid_b = None if valid is None else valid.flip(-1)
-        y_b = self._direction(x.flip(-1), z.flip(-1), valid_b, "_b").flip(-1)
+        y_f, y_b = _run_both(lambda: self._direction(x, z, valid, "", False),
+                             lambda: self._direction(x, z, valid, "_b", True),
+                             parallel=self._parallel_ok(x))
         return self._out(y_f + y_b, mask)
+
+    def _parallel_ok(self, x: Tensor) -> bool:
+        """Run the two directions in two threads? Only on CPU, with >1 intra-op thread, for big
+        sequences, and not while autograd records (its backward would be serial anyway)."""
+        return (self.parallel_directions and x.device.type == "cpu" and torch.get_num_threads() > 1
+                and x.shape[0] * x.shape[1] * self.d_inner >= _PARALLEL_MIN_ELEMENTS)
 
     def step(self, *args, **kwargs):
         raise NotImplementedError("BiMambaMixer is bidirectional and has no recurrent step; use MambaMixer")
