@@ -87,6 +87,7 @@ PAPER_REFERENCE = {
 }
 
 SCAN_FLOPS_PER_STATE = 7
+SCAN_CHUNK = 16  # steps per chunk of storm_vlm.ssm's CPU scan (for the memory estimate)
 
 
 @dataclass(frozen=True)
@@ -329,8 +330,9 @@ def projector_cost(config, num_frames: int, bytes_per_el: int = 2) -> ModuleCost
         direction = 2 * Lp * Di * K + 2 * Lp * Di * (R + 2 * S) + 2 * Lp * R * Di + SCAN_FLOPS_PER_STATE * Lp * Di * S
         layer = 2 * Lp * D * 2 * Di + 2 * Lp * Di * D + p["directions"] * direction
         flops = 2 * Lp * C * D + p["layers"] * layer
-        # the scan's per-state tensors (δA, δBu) are the largest live set, x/z and both directions' y
-        act = Lp * (C + D) + Lp * Di * (4 + p["directions"]) + 2 * Lp * Di * S
+        # x, z, δ, u and each direction's y over the whole sequence; the scan keeps its per-state
+        # tensors (Di x S) for one chunk of steps only (the fused CUDA kernel: one step)
+        act = Lp * (C + D) + Lp * Di * (4 + p["directions"]) + 2 * SCAN_CHUNK * Di * S
     if config.temporal_pool_size > 1 or config.spatial_pool_stride > 1:
         flops += Lp * D
     weights = param_counts(config)["projector"]
