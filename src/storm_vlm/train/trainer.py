@@ -239,7 +239,6 @@ class Trainer:
             parameter_groups(model, cfg),
             betas=(cfg.adam_beta1, cfg.adam_beta2),
             eps=cfg.adam_epsilon,
-            foreach=False,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda_factory(cfg))
         if self.resume_dir is not None:
