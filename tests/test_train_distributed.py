@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,13 +32,15 @@ def setup(tmp_path_factory):
     return {"tmp": tmp, "cfg": path, "ref": ref}
 
 
-def torchrun(cfg: Path, out: Path, *sets: str):
+def torchrun(cfg: Path, out: Path, *sets: str, resume: bool = False):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "storm_vlm", "train", str(cfg), "--set", f"output_dir={out}", "--set", "per_device_batch_size=1",
            "--set", "progress_bar=false"]
     for s in sets:
         cmd += ["--set", s]
+    if resume:
+        cmd.append("--resume")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
@@ -73,3 +76,9 @@ def test_fsdp2_two_processes_match_and_save_full_checkpoints(setup):
     assert max(float((ck[k] - ref_ck[k]).abs().max()) for k in ck) < 1e-5
     osd = torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=True)
     assert any(k.startswith("projector.") for k in osd["state"])
+    # Resume under FSDP2 from checkpoint-2 (as if killed after it): same final weights.
+    first = load_file(str(out / "final" / "model.safetensors"))
+    shutil.rmtree(out / "final")
+    torchrun(setup["cfg"], out, "distributed=fsdp", resume=True)
+    again = load_file(str(out / "final" / "model.safetensors"))
+    assert all(torch.equal(first[k], again[k]) for k in first)
