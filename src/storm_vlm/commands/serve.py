@@ -1,0 +1,93 @@
+"""`storm-vlm serve MODEL_DIR`: an HTTP API (FastAPI + uvicorn) answering questions about videos.
+
+Listens on 127.0.0.1 unless --host says otherwise. Endpoints: GET /health, POST /v1/answer
+(multipart video upload; a JSON body naming a server-side file only with --allow-local-paths),
+OpenAPI docs at /docs. See `storm_vlm.serve.api`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from storm_vlm.errors import StormError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model arguments `serve` and `web` share."""
+    parser.add_argument("model", metavar="MODEL_DIR", help="a STORM model folder (from `storm-vlm build` or training)")
+    parser.add_argument("--frames", type=int, default=32, metavar="N",
+                        help="frames sampled uniformly when a request names none (default: 32)")
+    parser.add_argument("--max-frames", type=int, default=256, metavar="N",
+                        help="the most frames a request may ask for (default: 256)")
+    parser.add_argument("--max-upload-mb", type=float, default=200, metavar="MB",
+                        help="largest accepted video upload in MB (default: 200)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="auto: bfloat16 on CUDA, float32 weights with bfloat16 autocast on CPU")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_engine_arguments(parser)
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help=f"address to listen on (default: {DEFAULT_HOST}, this machine only)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
+    parser.add_argument("--allow-local-paths", action="store_true",
+                        help="also accept JSON requests naming a video file on the server (off by default: "
+                             "any client could then read any video this process can read)")
+
+
+def check_engine_arguments(args: argparse.Namespace) -> None:
+    """StormError for flags that cannot work, before anything heavy is imported or loaded."""
+    from storm_vlm.serve.engine import check_model_dir
+
+    if args.max_frames < 1:
+        raise StormError(f"--max-frames must be >= 1, got {args.max_frames}")
+    if not 1 <= args.frames <= args.max_frames:
+        raise StormError(f"--frames must be between 1 and --max-frames ({args.max_frames}), got {args.frames}")
+    if not args.max_upload_mb > 0:
+        raise StormError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
+    check_model_dir(args.model)
+
+
+def load_engine(args: argparse.Namespace):
+    from storm_vlm.serve import StormEngine
+
+    return StormEngine(args.model, device=args.device, dtype=args.dtype, default_frames=args.frames,
+                       max_frames=args.max_frames)
+
+
+def start_server(app, host: str, port: int) -> None:
+    """Serve `app` with uvicorn until interrupted (the one place the API server is started)."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def _require_multipart() -> None:
+    try:
+        import python_multipart  # noqa: F401
+    except ModuleNotFoundError:
+        import multipart  # noqa: F401  (older python-multipart releases)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_engine_arguments(args)
+    from storm_vlm.serve.network import check_listen, warn_if_public
+
+    check_listen(args.host, args.port)
+    try:
+        import uvicorn  # noqa: F401
+        from storm_vlm.serve.api import create_app
+
+        _require_multipart()
+    except ModuleNotFoundError as exc:
+        raise StormError(f"storm-vlm serve needs fastapi, uvicorn and python-multipart ({exc}); "
+                         "install them with: pip install 'storm-vlm[web]'") from None
+    engine = load_engine(args)
+    app = create_app(engine, max_upload_mb=args.max_upload_mb, allow_local_paths=args.allow_local_paths)
+    warn_if_public(args.host, "storm-vlm serve")
+    start_server(app, args.host, args.port)
+    return 0
