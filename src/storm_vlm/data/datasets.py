@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from storm_vlm.data.collator import IGNORE_INDEX
-from storm_vlm.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Record, load_records
+from storm_vlm.data.records import Record, load_records
 from storm_vlm.errors import StormError
 
 if TYPE_CHECKING:
