@@ -109,6 +109,9 @@ def build_demo(engine, title: str = "STORM video question answering") -> gr.Bloc
 
 def launch_demo(demo: gr.Blocks, host: str, port: int, max_upload_mb: float = 200) -> None:
     """Serve the demo on host:port until interrupted; one request at a time, never a share link."""
+    shown = f"[{host}]" if ":" in host else host
+    print(f"storm-vlm web: serving on http://{shown}:{port} (Ctrl+C to stop)", flush=True)
+    # quiet: gradio's banner would suggest share=True, which this command never offers
     demo.queue(default_concurrency_limit=1).launch(
-        server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False,
+        server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False, quiet=True,
         max_file_size=f"{max_upload_mb:g}mb")
