@@ -34,6 +34,7 @@ which equals flipping every input along L and the output back, without the copie
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +112,63 @@ class _Chunk:
         self.t = self.e - self.s
 
 
+class _Prep:
+    """Inputs in the scan's working layout, with the channel axis split as (g, hd)."""
+
+    def __init__(self, uT, dT, zT, A, BT, CT, D, delta_bias, g, cdt):
+        b, L, d = uT.shape
+        hd = d // g
+        self.b, self.L, self.d, self.g, self.hd, self.n = b, L, d, g, hd, A.shape[1]
+        self.cdt = cdt
+        self.u4 = uT.reshape(b, L, g, hd)  # views: the channel axis has unit stride
+        self.d4 = dT.reshape(b, L, g, hd)
+        self.z4 = None if zT is None else zT.reshape(b, L, g, hd)
+        self.BT, self.CT = BT, CT  # (b, L, g, n) contiguous, compute dtype
+        self.An = _A_layout(A.to(cdt), g)  # (g, n, hd)
+        self.A2 = self.An * LOG2E
+        self.D = None if D is None else D.to(cdt).view(g, hd)
+        self.bias = None if delta_bias is None else delta_bias.to(cdt).view(g, hd)
+
+
+_PARALLEL_MIN_WORK = 1 << 22  # b * L * d * N below this: one thread
+_MIN_BLOCK = 64
+_POOL = None
+
+
+def _blocks(hd: int, work: int):
+    """Channel blocks [j0, j1) of hd, one per worker thread (see ``_run_blocks``)."""
+    threads = torch.get_num_threads()
+    if threads <= 1 or work < _PARALLEL_MIN_WORK or hd < 2 * _MIN_BLOCK:
+        return [(0, hd)]
+    p = min(threads, hd // _MIN_BLOCK)
+    edges = [round(i * hd / p) for i in range(p + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _worker_init():
+    torch.set_num_threads(1)  # OpenMP's thread count is per thread: this worker's ops stay serial
+
+
+def _run_blocks(fn, blocks):
+    """fn(j0, j1) for every block; several blocks run in worker threads with one intra-op thread
+    each. Measured: 2 PyTorch intra-op threads on this scan's many small ops are slower than one
+    (up to 10x slower on a busy machine), while splitting channels over threads scales."""
+    if len(blocks) == 1:
+        return [fn(*blocks[0])]
+    global _POOL
+    if _POOL is None or _POOL._max_workers < len(blocks):
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=max(len(blocks), os.cpu_count() or 1), initializer=_worker_init,
+                                   thread_name_prefix="scan")
+    def run(j0, j1):
+        with torch.no_grad():  # grad mode is thread-local; these are autograd.Function internals
+            return fn(j0, j1)
+
+    futures = [_POOL.submit(run, *blk) for blk in blocks]
+    return [f.result() for f in futures]
+
+
 class _ChunkedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, want_last, cdt):
@@ -120,41 +178,26 @@ class _ChunkedScan(torch.autograd.Function):
         g = B.shape[1]
         hd = d // g
         T = max(1, min(chunk, L))
-        device = u.device
         need_grad = any(ctx.needs_input_grad[:8])
         nchunks = (L + T - 1) // T
         uT, dT, zT = _time_major(u), _time_major(delta), _time_major(z)
         BT = B.permute(0, 3, 1, 2).to(cdt).contiguous()  # (b, L, g, n): small
         CT = C.permute(0, 3, 1, 2).to(cdt).contiguous()
-        Ac = A.to(cdt)
-        A2 = _A_layout(Ac, g) * LOG2E  # (g, n, hd)
-        Dc = None if D is None else D.to(cdt).view(g, 1, hd)
-        bias = None if delta_bias is None else delta_bias.to(cdt)
-        bufs = _Buffers(b, T, g, n, hd, cdt, device, 2)
+        P = _Prep(uT, dT, zT, A, BT, CT, D, delta_bias, g, cdt)
         # h_in[k]: state entering the k-th processed chunk; h_in[nchunks]: the last state.
-        h_in = torch.empty(nchunks + 1 if need_grad else 2, b, g, n, hd, dtype=cdt, device=device)
+        h_in = torch.empty(nchunks + 1 if need_grad else 2, b, g, n, hd, dtype=cdt, device=u.device)
         h_in[0].zero_()
-        yT = torch.empty(b, L, d, dtype=cdt, device=device)
-        for k in range(nchunks):
-            ch = _Chunk(k, T, L, nchunks, reverse)
-            s, e, t_ = ch.s, ch.e, ch.t
-            (a, H), (aS, HS) = bufs.prefix(t_)
-            dlt = _delta_chunk(dT, s, e, bias, softplus, cdt)[0].view(b, t_, g, 1, hd)
-            uc = uT[:, s:e].to(cdt).view(b, t_, g, 1, hd)
-            i_prev, i_next = (k, k + 1) if need_grad else (k % 2, (k + 1) % 2)
-            _states(a, H, aS, HS, dlt, dlt * uc, BT[:, s:e, :, :, None], A2, h_in[i_prev], reverse)
-            h_in[i_next].copy_(_ordered(HS, reverse)[-1])
-            yc = yT[:, s:e]
-            tbg = b * t_ * g
-            _bmm_into(CT[:, s:e].reshape(tbg, 1, n), H.view(tbg, n, hd), yc)
-            if Dc is not None:
-                yc.view(b, t_, g, 1, hd).addcmul_(uc, Dc)
-            if zT is not None:
-                yc.mul_(F.silu(zT[:, s:e].to(cdt)))
+        yT = torch.empty(b, L, d, dtype=cdt, device=u.device)
+        y4 = yT.view(b, L, g, hd)
+
+        def block(j0, j1):
+            _forward_block(P, j0, j1, T, nchunks, reverse, softplus, need_grad, h_in, y4)
+
+        _run_blocks(block, _blocks(hd, b * L * d * n))
         last = h_in[nchunks if need_grad else nchunks % 2]
         last_bdn = None
         if want_last:  # a fresh contiguous (b, d, n) tensor, never a view of h_in
-            last_bdn = torch.empty(b, d, n, dtype=cdt, device=device)
+            last_bdn = torch.empty(b, d, n, dtype=cdt, device=u.device)
             last_bdn.view(b, g, hd, n).copy_(last.transpose(-1, -2))
         if need_grad:
             ctx.save_for_backward(uT, dT, zT, A, BT, CT, D, delta_bias, h_in)
@@ -173,96 +216,155 @@ class _ChunkedScan(torch.autograd.Function):
         g = BT.shape[2]
         hd = d // g
         device = uT.device
-        An = _A_layout(A.to(cdt), g)
-        A2 = An * LOG2E
-        Dc = None if D is None else D.to(cdt).view(g, 1, hd)
-        bias = None if delta_bias is None else delta_bias.to(cdt)
+        P = _Prep(uT, dT, zT, A, BT, CT, D, delta_bias, g, cdt)
         goT = torch.zeros(b, L, d, dtype=cdt, device=device) if gout is None else _time_major(gout)
-        bufs = _Buffers(b, T, g, n, hd, cdt, device, 3)
-        accA = torch.zeros(b, T, g, n, hd, dtype=cdt, device=device)
-        accD = torch.zeros(b, T, d, dtype=cdt, device=device) if D is not None else None
-        accBias = torch.zeros(b, T, d, dtype=cdt, device=device) if delta_bias is not None else None
-        g_uT = torch.empty(b, L, d, dtype=cdt, device=device)
-        g_dT = torch.empty(b, L, d, dtype=cdt, device=device)
-        g_zT = torch.empty(b, L, d, dtype=cdt, device=device) if zT is not None else None
-        g_BT = torch.empty(b, L, g, n, dtype=cdt, device=device)
-        g_CT = torch.empty(b, L, g, n, dtype=cdt, device=device)
-        # carry = a * G of the first-processed step of the chunk processed after this one
-        carry = torch.zeros(b, g, n, hd, dtype=cdt, device=device)
+        go4 = goT.reshape(b, L, g, hd)
+        grads = dict(
+            u=torch.empty(b, L, d, dtype=cdt, device=device),
+            delta=torch.empty(b, L, d, dtype=cdt, device=device),
+            z=torch.empty(b, L, d, dtype=cdt, device=device) if zT is not None else None,
+            A=torch.empty(g, n, hd, dtype=cdt, device=device),
+            D=torch.empty(g, hd, dtype=cdt, device=device) if D is not None else None,
+            bias=torch.empty(g, hd, dtype=cdt, device=device) if delta_bias is not None else None,
+        )
+        g4 = {k: (v.view(b, L, g, hd) if k in ("u", "delta", "z") and v is not None else v) for k, v in grads.items()}
+        carry0 = torch.zeros(b, g, n, hd, dtype=cdt, device=device)
         if glast is not None and glast.numel():
-            carry.copy_(glast.to(cdt).reshape(b, g, hd, n).transpose(-1, -2))
+            carry0.copy_(glast.to(cdt).reshape(b, g, hd, n).transpose(-1, -2))
         nchunks = (L + T - 1) // T
-        for k in range(nchunks - 1, -1, -1):
-            ch = _Chunk(k, T, L, nchunks, reverse)
-            s, e, t_ = ch.s, ch.e, ch.t
-            (a, H, G), (aS, HS, GS) = bufs.prefix(t_)
-            acc = accA if t_ == T else _front(accA, (b, t_, g, n, hd))
-            v5 = (b, t_, g, 1, hd)
-            dlt, draw = _delta_chunk(dT, s, e, bias, softplus, cdt)
-            dlt = dlt.view(v5)
-            uc = uT[:, s:e].to(cdt).view(v5)
-            du = dlt * uc
-            h0 = h_in[k]
-            _states(a, H, aS, HS, dlt, du, BT[:, s:e, :, :, None], A2, h0, reverse)
-            tbg = b * t_ * g
-            gy = goT[:, s:e].to(cdt)  # (b, t, d): gradient of y before the gate
-            if zT is not None:
-                zc = zT[:, s:e].to(cdt)
-                sz = torch.sigmoid(zc)
-                ypre = torch.bmm(CT[:, s:e].reshape(tbg, 1, n), H.view(tbg, n, hd)).view(b, t_, d)
-                if Dc is not None:
-                    ypre.view(v5).addcmul_(uc, Dc)
-                # d silu(z)/dz = s (1 + z (1 - s))
-                dsilu = (1 - sz).mul_(zc).add_(1).mul_(sz)
-                torch.mul(gy * ypre, dsilu, out=g_zT[:, s:e])
-                gy = gy * (zc * sz)
-            gy5 = gy.view(v5)
-            if accD is not None:
-                (accD if t_ == T else _front(accD, (b, t_, d))).view(v5).addcmul_(gy5, uc)
-            # adjoint states, in the opposite order of the forward steps
-            torch.mul(gy5, CT[:, s:e, :, :, None], out=G)
-            aO, GO = _ordered(aS, reverse), _ordered(GS, reverse)
-            GO[-1].add_(carry)
-            for i in range(t_ - 2, -1, -1):
-                GO[i].addcmul_(aO[i + 1], GO[i + 1])
-            torch.mul(aO[0], GO[0], out=carry)
-            # g_C[t, n] = sum_hd gy[t, hd] H[t, n, hd];  g_B[t, n] = sum_hd G[t, n, hd] du[t, hd]
-            _bmm_into(H.view(tbg, n, hd), gy5.reshape(tbg, hd, 1), g_CT[:, s:e])
-            _bmm_into(G.view(tbg, n, hd), du.view(tbg, hd, 1), g_BT[:, s:e])
-            # S[t, hd] = sum_n B[t, n] G[t, n, hd]: the gradient of du = delta * u
-            S = torch.bmm(BT[:, s:e].reshape(tbg, 1, n), G.view(tbg, n, hd)).view(v5)
-            # W = dLoss/d(delta*A) = G_t * h_prev(t) * a_t, built in place in a
-            a.mul_(G)
-            if t_ > 1:
-                if reverse:
-                    a[:, :-1].mul_(H[:, 1:])
-                else:
-                    a[:, 1:].mul_(H[:, :-1])
-            _ordered(aS, reverse)[0].mul_(h0)
-            acc.addcmul_(a, dlt)
-            a.mul_(An)
-            gd = g_dT[:, s:e].view(v5)
-            torch.sum(a, dim=3, keepdim=True, out=gd)
-            gd.addcmul_(S, uc)
-            if softplus:
-                gd.mul_(torch.sigmoid(draw).view(v5))
-            if accBias is not None:
-                (accBias if t_ == T else _front(accBias, (b, t_, d))).add_(gd.view(b, t_, d))
-            gu = g_uT[:, s:e].view(v5)
-            torch.mul(S, dlt, out=gu)
-            if Dc is not None:
-                gu.addcmul_(gy5, Dc)
-        gA = accA.sum(dim=(0, 1)).transpose(1, 2).reshape(d, n)  # (g, n, hd) -> (d, n)
-        g_D = accD.sum(dim=(0, 1)) if accD is not None else None
-        g_bias = accBias.sum(dim=(0, 1)) if accBias is not None else None
+
+        def block(j0, j1):
+            return _backward_block(P, j0, j1, T, nchunks, reverse, softplus, h_in, go4, carry0, g4)
+
+        parts = _run_blocks(block, _blocks(hd, b * L * d * n))
+        g_BT, g_CT = parts[0]
+        for gb, gc in parts[1:]:
+            g_BT += gb
+            g_CT += gc
+        gA = grads["A"].transpose(1, 2).reshape(d, n)  # (g, n, hd) -> (d, n)
+        g_D = None if grads["D"] is None else grads["D"].reshape(d)
+        g_bias = None if grads["bias"] is None else grads["bias"].reshape(d)
+        g_z = None if grads["z"] is None else grads["z"].transpose(1, 2)
         # gradients are returned as (b, d, L) / (b, g, n, L) views of their time-major storage
-        return (g_uT.transpose(1, 2), g_dT.transpose(1, 2), gA, g_BT.permute(0, 2, 3, 1), g_CT.permute(0, 2, 3, 1),
-                g_D, None if g_zT is None else g_zT.transpose(1, 2), g_bias, None, None, None, None, None)
+        return (grads["u"].transpose(1, 2), grads["delta"].transpose(1, 2), gA, g_BT.permute(0, 2, 3, 1),
+                g_CT.permute(0, 2, 3, 1), g_D, g_z, g_bias, None, None, None, None, None)
 
 
-def _delta_chunk(dT: Tensor, s: int, e: int, bias, softplus: bool, cdt):
-    """(delta after bias/softplus, delta + bias) for positions [s, e), each (b, t, d) in cdt."""
-    draw = dT[:, s:e].to(cdt)
+def _forward_block(P: _Prep, j0, j1, T, nchunks, reverse, softplus, need_grad, h_in, y4):
+    """Forward scan of channels [j0, j1) of every group; writes y4[..., j0:j1] and h_in[..., j0:j1]."""
+    b, L, g, n, cdt = P.b, P.L, P.g, P.n, P.cdt
+    w = j1 - j0
+    bufs = _Buffers(b, T, g, n, w, cdt, P.u4.device, 2)
+    A2 = P.A2[..., j0:j1]
+    Dc = None if P.D is None else P.D[:, None, j0:j1]
+    bias = None if P.bias is None else P.bias[:, j0:j1]
+    for k in range(nchunks):
+        ch = _Chunk(k, T, L, nchunks, reverse)
+        s, e, t_ = ch.s, ch.e, ch.t
+        (a, H), (aS, HS) = bufs.prefix(t_)
+        dlt = _delta_chunk(P.d4[:, s:e, :, j0:j1], bias, softplus, cdt)[0].unsqueeze(3)  # (b, t, g, 1, w)
+        uc = P.u4[:, s:e, :, j0:j1].to(cdt).unsqueeze(3)
+        i_prev, i_next = (k, k + 1) if need_grad else (k % 2, (k + 1) % 2)
+        h_prev = h_in[i_prev][..., j0:j1]
+        _states(a, H, aS, HS, dlt, dlt * uc, P.BT[:, s:e, :, :, None], A2, h_prev, reverse)
+        h_in[i_next][..., j0:j1].copy_(_ordered(HS, reverse)[-1])
+        yc = y4[:, s:e, :, j0:j1]  # (b, t, g, w)
+        tbg = b * t_ * g
+        _bmm_into(P.CT[:, s:e].reshape(tbg, 1, n), H.view(tbg, n, w), yc)
+        if Dc is not None:
+            yc.unsqueeze(3).addcmul_(uc, Dc)
+        if P.z4 is not None:
+            yc.mul_(F.silu(P.z4[:, s:e, :, j0:j1].to(cdt)))
+
+
+def _backward_block(P: _Prep, j0, j1, T, nchunks, reverse, softplus, h_in, go4, carry0, g4):
+    """Backward of channels [j0, j1): writes their slices of g4's u, delta, z, A, D, bias and
+    returns this block's contribution to the B and C gradients, (b, L, g, n) each."""
+    b, L, g, n, cdt = P.b, P.L, P.g, P.n, P.cdt
+    w = j1 - j0
+    device = P.u4.device
+    bufs = _Buffers(b, T, g, n, w, cdt, device, 3)
+    An = P.An[..., j0:j1].contiguous()
+    A2 = P.A2[..., j0:j1]
+    Dc = None if P.D is None else P.D[:, None, j0:j1]
+    bias = None if P.bias is None else P.bias[:, j0:j1]
+    accA = torch.zeros(b, T, g, n, w, dtype=cdt, device=device)
+    accD = torch.zeros(b, T, g, w, dtype=cdt, device=device) if Dc is not None else None
+    accBias = torch.zeros(b, T, g, w, dtype=cdt, device=device) if bias is not None else None
+    g_BT = torch.empty(b, L, g, n, dtype=cdt, device=device)
+    g_CT = torch.empty(b, L, g, n, dtype=cdt, device=device)
+    # carry = a * G of the first-processed step of the chunk processed after this one
+    carry = carry0[..., j0:j1].clone()
+    for k in range(nchunks - 1, -1, -1):
+        ch = _Chunk(k, T, L, nchunks, reverse)
+        s, e, t_ = ch.s, ch.e, ch.t
+        (a, H, G), (aS, HS, GS) = bufs.prefix(t_)
+        acc = accA if t_ == T else _front(accA, (b, t_, g, n, w))
+        dlt, draw = _delta_chunk(P.d4[:, s:e, :, j0:j1], bias, softplus, cdt)
+        dlt = dlt.unsqueeze(3)  # (b, t, g, 1, w)
+        uc = P.u4[:, s:e, :, j0:j1].to(cdt).unsqueeze(3)
+        du = dlt * uc
+        h0 = h_in[k][..., j0:j1]
+        _states(a, H, aS, HS, dlt, du, P.BT[:, s:e, :, :, None], A2, h0, reverse)
+        tbg = b * t_ * g
+        gy = go4[:, s:e, :, j0:j1].to(cdt)  # (b, t, g, w): gradient of y before the gate
+        if P.z4 is not None:
+            zc = P.z4[:, s:e, :, j0:j1].to(cdt)
+            sz = torch.sigmoid(zc)
+            ypre = torch.bmm(P.CT[:, s:e].reshape(tbg, 1, n), H.view(tbg, n, w)).view(b, t_, g, w)
+            if Dc is not None:
+                ypre.unsqueeze(3).addcmul_(uc, Dc)
+            # d silu(z)/dz = s (1 + z (1 - s))
+            dsilu = (1 - sz).mul_(zc).add_(1).mul_(sz)
+            g4["z"][:, s:e, :, j0:j1].copy_((gy * ypre).mul_(dsilu))
+            gy = gy * (zc * sz)
+        gy5 = gy.unsqueeze(3)
+        if accD is not None:
+            (accD if t_ == T else _front(accD, (b, t_, g, w))).unsqueeze(3).addcmul_(gy5, uc)
+        # adjoint states, in the opposite order of the forward steps
+        torch.mul(gy5, P.CT[:, s:e, :, :, None], out=G)
+        aO, GO = _ordered(aS, reverse), _ordered(GS, reverse)
+        GO[-1].add_(carry)
+        for i in range(t_ - 2, -1, -1):
+            GO[i].addcmul_(aO[i + 1], GO[i + 1])
+        torch.mul(aO[0], GO[0], out=carry)
+        # g_C[t, n] = sum_w gy[t, w] H[t, n, w];  g_B[t, n] = sum_w G[t, n, w] du[t, w]
+        _bmm_into(H.view(tbg, n, w), gy5.reshape(tbg, w, 1), g_CT[:, s:e])
+        _bmm_into(G.view(tbg, n, w), du.reshape(tbg, w, 1), g_BT[:, s:e])
+        # S[t, w] = sum_n B[t, n] G[t, n, w]: the gradient of du = delta * u
+        S = torch.bmm(P.BT[:, s:e].reshape(tbg, 1, n), G.view(tbg, n, w)).view(b, t_, g, 1, w)
+        # W = dLoss/d(delta*A) = G_t * h_prev(t) * a_t, built in place in a
+        a.mul_(G)
+        if t_ > 1:
+            if reverse:
+                a[:, :-1].mul_(H[:, 1:])
+            else:
+                a[:, 1:].mul_(H[:, :-1])
+        _ordered(aS, reverse)[0].mul_(h0)
+        acc.addcmul_(a, dlt)
+        a.mul_(An)
+        gd = a.sum(dim=3, keepdim=True)  # (b, t, g, 1, w)
+        gd.addcmul_(S, uc)
+        if softplus:
+            gd.mul_(torch.sigmoid(draw).unsqueeze(3))
+        g4["delta"][:, s:e, :, j0:j1].copy_(gd.squeeze(3))
+        if accBias is not None:
+            (accBias if t_ == T else _front(accBias, (b, t_, g, w))).add_(gd.squeeze(3))
+        gu = torch.mul(S, dlt)
+        if Dc is not None:
+            gu.addcmul_(gy5, Dc)
+        g4["u"][:, s:e, :, j0:j1].copy_(gu.squeeze(3))
+    g4["A"][..., j0:j1] = accA.sum(dim=(0, 1))
+    if accD is not None:
+        g4["D"][:, j0:j1] = accD.sum(dim=(0, 1))
+    if accBias is not None:
+        g4["bias"][:, j0:j1] = accBias.sum(dim=(0, 1))
+    return g_BT, g_CT
+
+
+def _delta_chunk(draw: Tensor, bias, softplus: bool, cdt):
+    """(delta after bias/softplus, delta + bias) for one chunk slice (b, t, g, w), in cdt."""
+    draw = draw.to(cdt)
     if bias is not None:
         draw = draw + bias
     return (F.softplus(draw) if softplus else draw), draw

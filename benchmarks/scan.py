@@ -1,0 +1,291 @@
+"""Selective-scan benchmark: sequential reference vs the chunked fast path, against two floors.
+
+For d_inner in {1024, 2048} x L in {1024, 4096, 16384} (N = 16, batch 1, fp32, the mixer's
+configuration: D, z, delta_bias, delta_softplus=True; inputs in mamba-ssm's (batch, dim, L)
+layout), at the default thread count and at 1 thread, it prints:
+
+- forward and forward+backward wall time of ``selective_scan_reference`` and ``selective_scan``
+  (min over repeats; the reference gets fewer repeats at large L) and their ratios;
+- max abs error of the fast output (and of d u, d delta, d A) against the reference;
+- peak memory of one forward+backward: the growth of the process's peak resident set
+  (``ru_maxrss``) over its resident size once the inputs exist, each measurement in a fresh
+  subprocess, so it counts everything the call allocates (autograd graph, temporaries);
+- two floors measured in the same run: bytes the scan must read and write (u, delta, z, B, C in,
+  out out; for fwd+bwd also the output gradient in and the input gradients out) over this machine's
+  measured copy bandwidth; and its L*D*N exponentials plus ~6 flops each (fwd) over the measured
+  single-thread exp2 rate (cache-resident exp2) and FMA rate, divided by the thread count.
+  The rates are re-measured next to every configuration (the machine may be shared); the
+  header shows the first measurement.
+- mambapy's pscan when it is installed.
+
+Usage: python benchmarks/scan.py [--quick] [--dims 1024 2048] [--lengths 1024 4096 16384]
+       [--threads default 1] [--json out.json] [--timeout 900]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+N_STATE = 16
+
+
+# ----------------------------------------------------------------------------- worker side
+def _inputs(d, L, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(1, d, L, generator=g)
+    delta = torch.randn(1, d, L, generator=g) * 0.5
+    A = -torch.exp(torch.log(torch.arange(1, N_STATE + 1, dtype=torch.float32)).repeat(d, 1))
+    B = torch.randn(1, N_STATE, L, generator=g)
+    C = torch.randn(1, N_STATE, L, generator=g)
+    D = torch.ones(d)
+    z = torch.randn(1, d, L, generator=g)
+    # Mamba's dt init: softplus(delta_bias) log-uniform in [1e-3, 1e-1]
+    dt = torch.exp(torch.rand(d, generator=g) * (torch.log(torch.tensor(0.1)) - torch.log(torch.tensor(1e-3)))
+                   + torch.log(torch.tensor(1e-3)))
+    delta_bias = dt + torch.log(-torch.expm1(-dt))
+    return dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _maxrss_bytes():
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _worker(spec):
+    """One measurement in a fresh process. spec: impl, mode, d, L, threads, repeats, save/compare dir."""
+    import numpy as np
+    import torch
+
+    if spec["threads"] != "default":
+        torch.set_num_threads(int(spec["threads"]))
+    from storm_vlm.ssm import selective_scan, selective_scan_reference
+
+    impl = spec["impl"]
+    if impl == "mambapy":
+        from mambapy.pscan import pscan  # noqa: F401  (only reached when installed)
+
+        raise SystemExit("mambapy measurement not implemented")
+    fn = selective_scan_reference if impl == "reference" else selective_scan
+    t = _inputs(spec["d"], spec["L"])
+    grad = spec["mode"] == "fwdbwd"
+    leaves = ("u", "delta", "A")
+    if grad:
+        for k in leaves:
+            t[k].requires_grad_()
+    gout = torch.randn(1, spec["d"], spec["L"], generator=torch.Generator().manual_seed(1))
+
+    def once():
+        if grad:
+            out = fn(**t, delta_softplus=True)
+            out.backward(gout)
+            return out
+        with torch.no_grad():
+            return fn(**t, delta_softplus=True)
+
+    base = _rss_bytes()
+    peak_before = _maxrss_bytes()
+    start = time.perf_counter()
+    out = once()
+    times = [time.perf_counter() - start]  # the first call is timed too (the only one for slow cases)
+    peak = max(0, _maxrss_bytes() - max(base, peak_before))
+    result = {"peak_bytes": peak}
+    grads = {k: t[k].grad.detach().clone() for k in leaves} if grad else {}
+    deadline = time.perf_counter() + spec.get("time_budget", 1e9)
+    for _ in range(spec["repeats"] - 1):
+        for k in leaves:
+            t[k].grad = None
+        start = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - start)
+        if time.perf_counter() > deadline:
+            break
+    result["time"] = min(times)
+    result["repeats"] = len(times)
+    # errors against the reference's saved results
+    tensors = {"out": out.detach(), **{"d_" + k: v for k, v in grads.items()}}
+    path = spec["dir"]
+    if impl == "reference":
+        for k, v in tensors.items():
+            np.save(os.path.join(path, f"{spec['mode']}_{k}.npy"), v.float().numpy(), allow_pickle=False)
+    else:
+        errs = {}
+        for k, v in tensors.items():
+            f = os.path.join(path, f"{spec['mode']}_{k}.npy")
+            if os.path.exists(f):
+                ref = torch.from_numpy(np.load(f, allow_pickle=False))
+                errs[k] = float((v.float() - ref).abs().max())
+        result["max_abs_err"] = errs
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------- floors
+def measure_floors():
+    """Copy bandwidth (bytes/s), single-thread exp2 rate (1/s, cache-resident) and FMA rate (flop/s)."""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        src = torch.randn(64 * 1024 * 1024 // 4 * 4)  # 256 MiB
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        best = min(_timed(lambda: dst.copy_(src)) for _ in range(5))
+        bandwidth = 2 * src.numel() * 4 / best
+        del src, dst
+        x = torch.randn(64 * 1024)  # 256 KiB: stays in L2
+        o = torch.empty_like(x)
+        reps = 200
+        best = min(_timed(lambda: [torch.exp2(x, out=o) for _ in range(reps)]) for _ in range(5))
+        exp2_rate = x.numel() * reps / best
+        a = torch.randn(256, 256)
+        b = torch.randn(256, 256)
+        c = torch.empty(256, 256)
+        best = min(_timed(lambda: [torch.mm(a, b, out=c) for _ in range(20)]) for _ in range(5))
+        fma_rate = 2 * 256**3 * 20 / best
+    finally:
+        torch.set_num_threads(prev)
+    return {"copy_bandwidth_Bps": bandwidth, "exp2_per_s": exp2_rate, "flops_per_s": fma_rate}
+
+
+def _timed(f):
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
+def floors_for(d, L, threads, rates):
+    n = N_STATE
+    dl, nl = d * L, n * L
+    fwd_bytes = 4 * (3 * dl + 2 * nl + dl)  # u, delta, z, B, C in; out out
+    fb_bytes = fwd_bytes + 4 * (4 * dl + 2 * nl + 3 * dl + 2 * nl)  # read again + gout; write du, ddelta, dz, dB, dC
+    ldn = L * d * n
+    compute_fwd = ldn / rates["exp2_per_s"] + 6 * ldn / rates["flops_per_s"]
+    compute_fwd /= threads
+    return {
+        "floor_mem_fwd_s": fwd_bytes / rates["copy_bandwidth_Bps"],
+        "floor_mem_fwdbwd_s": fb_bytes / rates["copy_bandwidth_Bps"],
+        "floor_compute_fwd_s": compute_fwd,
+    }
+
+
+# ----------------------------------------------------------------------------- driver
+def _run_worker(spec, timeout):
+    env = dict(os.environ)
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout > {timeout} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+
+
+def _mambapy_installed():
+    try:
+        import mambapy.pscan  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dims", type=int, nargs="+", default=[1024, 2048])
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--threads", nargs="+", default=["default", "1"])
+    p.add_argument("--quick", action="store_true", help="d_inner 1024 and 2048 at L 1024 only")
+    p.add_argument("--json", help="also write the results here (atomically)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        _worker(json.loads(args.worker))
+        return 0
+    if args.quick:
+        args.lengths = [1024]
+    import torch
+
+    default_threads = torch.get_num_threads()
+    print(f"# selective scan benchmark: N={N_STATE}, batch 1, fp32, torch {torch.__version__}, "
+          f"default threads {default_threads}, {os.cpu_count()} CPUs", flush=True)
+    rates = measure_floors()
+    print(f"# copy bandwidth {rates['copy_bandwidth_Bps'] / 1e9:.2f} GB/s, exp2 {rates['exp2_per_s'] / 1e9:.3f} G/s "
+          f"(1 thread, cache-resident), fma {rates['flops_per_s'] / 1e9:.1f} GFLOP/s (1 thread)", flush=True)
+    mambapy = _mambapy_installed()
+    print(f"# mambapy pscan: {'installed (not measured)' if mambapy else 'not installed'}", flush=True)
+    rows = []
+    from tqdm import tqdm
+
+    grid = [(th, d, L) for th in args.threads for d in args.dims for L in args.lengths]
+    with tempfile.TemporaryDirectory(prefix="scanbench_") as tmp:
+        for th, d, L in tqdm(grid, desc="configs", file=sys.stderr):
+            nthreads = default_threads if th == "default" else int(th)
+            row = {"threads": nthreads, "threads_setting": th, "d_inner": d, "L": L}
+            for mode in ("fwd", "fwdbwd"):
+                for impl in ("reference", "fast"):
+                    reps = 4 if impl == "fast" else (2 if L <= 1024 else 1)
+                    spec = dict(impl=impl, mode=mode, d=d, L=L, threads=th, repeats=reps, dir=tmp,
+                                time_budget=120)
+                    row[f"{impl}_{mode}"] = _run_worker(spec, args.timeout)
+            row["rates"] = measure_floors()  # measured next to each config: the machine is shared
+            row.update(floors_for(d, L, nthreads, row["rates"]))
+            rows.append(row)
+            _print_row(row, header=len(rows) == 1)
+    if args.json:
+        tmp_path = args.json + ".tmp"
+        with open(tmp_path, "w") as f:
+            json.dump({"rates": rates, "mambapy": "installed" if mambapy else "not installed", "rows": rows}, f, indent=1)
+        os.replace(tmp_path, args.json)
+    return 0
+
+
+def _fmt_t(r):
+    return f"{r['time']:9.3f}" if "time" in r else f"{r.get('error', '?')[:9]:>9}"
+
+
+def _ratio(a, b):
+    return f"{a['time'] / b['time']:7.1f}x" if "time" in a and "time" in b else "      - "
+
+
+def _print_row(row, header):
+    if header:
+        print(
+            "\n thr  d_inner      L |  ref fwd s  fast fwd s  speedup |  ref f+b s  fast f+b s  speedup |"
+            " ref peak MB fast peak MB  ref/fast | err out   err grads | floor mem s floor cmp s fast/cmp"
+        )
+    rf, ff, rb, fb = (row[k] for k in ("reference_fwd", "fast_fwd", "reference_fwdbwd", "fast_fwdbwd"))
+    errs = {**ff.get("max_abs_err", {}), **fb.get("max_abs_err", {})}
+    err_out = errs.get("out", float("nan"))
+    err_grad = max([v for k, v in errs.items() if k.startswith("d_")], default=float("nan"))
+    rpk = rb.get("peak_bytes", float("nan")) / 2**20
+    fpk = fb.get("peak_bytes", float("nan")) / 2**20
+    vs_floor = ff["time"] / row["floor_compute_fwd_s"] if "time" in ff else float("nan")
+    print(
+        f"{row['threads']:4d} {row['d_inner']:8d} {row['L']:6d} | {_fmt_t(rf)}  {_fmt_t(ff)}   {_ratio(rf, ff)} |"
+        f" {_fmt_t(rb)}  {_fmt_t(fb)}   {_ratio(rb, fb)} | {rpk:11.0f} {fpk:12.0f} {rpk / max(fpk, 1e-9):8.1f}x |"
+        f" {err_out:7.1e} {err_grad:9.1e} | {row['floor_mem_fwd_s']:11.4f} {row['floor_compute_fwd_s']:11.4f}"
+        f" {vs_floor:7.2f}x",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
