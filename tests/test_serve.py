@@ -211,6 +211,21 @@ def test_bad_model_dir_is_one_clear_message(command, case, message, tmp_path, ca
     assert message in err and str(folder) in err and "Traceback" not in err
 
 
+def test_public_address_warns_and_bad_device_is_a_storm_error(qwen2_mamba_dir, capsys):
+    from storm_vlm.errors import StormError
+    from storm_vlm.serve import StormEngine
+    from storm_vlm.serve.network import is_loopback, warn_if_public
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+    warn_if_public("127.0.0.1", "x")
+    assert capsys.readouterr().err == ""
+    warn_if_public("0.0.0.0", "storm-vlm serve")
+    assert "no authentication" in capsys.readouterr().err
+    with pytest.raises(StormError, match="invalid device 'tpu9'"):
+        StormEngine(qwen2_mamba_dir, device="tpu9")
+
+
 def test_taken_port_is_one_clear_message(qwen2_mamba_dir, capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

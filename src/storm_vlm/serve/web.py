@@ -72,11 +72,12 @@ def build_demo(engine, title: str = "STORM video question answering") -> gr.Bloc
     cfg = info["config"]
     default_stride = cfg["temporal_sample_stride"]
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+        precision = info["dtype"] + (f", {info['autocast']} autocast" if info["autocast"] else "")
         gr.Markdown(
             f"## {title}\n"
-            f"Model `{info['model_dir']}`: {cfg['projector_type']} projector, temporal pool {cfg['temporal_pool_size']}, "
-            f"spatial pool {cfg['spatial_pool_stride']}, {cfg['tokens_per_frame']} tokens per frame; "
-            f"{info['device']} ({info['dtype']}{', ' + info['autocast'] + ' autocast' if info['autocast'] else ''})."
+            f"Model `{info['model_dir']}`: {cfg['projector_type']} projector, "
+            f"temporal pool {cfg['temporal_pool_size']}, spatial pool {cfg['spatial_pool_stride']}, "
+            f"{cfg['tokens_per_frame']} tokens per frame; {info['device']} ({precision})."
         )
         with gr.Row():
             with gr.Column():
