@@ -261,6 +261,10 @@ class BiMambaMixer(MambaMixer):
 
     Every output position sees the whole (valid part of the) sequence. Same arguments as
     ``MambaMixer``; (B, L, d_model) -> (B, L, d_model). No ``step``: it is not causal.
+
+    On CPU with more than one torch thread, the two directions run in two threads with one
+    intra-op thread each (set ``parallel_directions = False`` to turn that off); results are
+    identical either way.
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank="auto",
@@ -280,7 +284,7 @@ class BiMambaMixer(MambaMixer):
 
     def _parallel_ok(self, x: Tensor) -> bool:
         """Run the two directions in two threads? Only on CPU, with >1 intra-op thread, for big
-        sequences, and not while autograd records (its backward would be serial anyway)."""
+        inputs. (Autograd's CPU backward of the two directions still runs serially.)"""
         return (self.parallel_directions and x.device.type == "cpu" and torch.get_num_threads() > 1
                 and x.shape[0] * x.shape[1] * self.d_inner >= _PARALLEL_MIN_ELEMENTS)
 
