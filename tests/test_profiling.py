@@ -153,3 +153,16 @@ def test_cli_errors(tmp_path, capsys, argv, message):
     assert main(["profile", *argv, "--output", str(tmp_path / "o")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o" / "profile.json").exists()
+
+
+def test_prefill_video_and_decode_latency(tiny_model):
+    from storm_vlm.profiling import decode_latency, prefill_video
+
+    settings = _settings(text_tokens=6)
+    comp = DEFAULT_COMPRESSIONS[4]
+    cache, token = prefill_video(tiny_model, 8, comp, settings)
+    assert cache.get_seq_length() == tiny_model.config.num_visual_tokens(8) // 4 + 6 == 14
+    assert tiny_model.config.temporal_pool_size == 1
+    times = decode_latency(tiny_model, cache, token, 5, settings)
+    assert len(times) == 5 and all(t > 0 for t in times)
+    assert cache.get_seq_length() == 14  # cropped back for the next round

@@ -56,6 +56,8 @@ __all__ = [
     "load_model",
     "profile_model",
     "profile_row",
+    "prefill_video",
+    "decode_latency",
     "format_table",
     "plot_profile",
     "write_profile",
@@ -359,62 +361,100 @@ def _autocast(settings: ProfileSettings):
     return contextlib.nullcontext()
 
 
-def _measure(model, frames, compression, visual, settings, clock, memory, device) -> dict:
+def _inputs(model, frames: int, settings: ProfileSettings):
+    """Random pixels (1, T, 3, H, W) and prompt ids (1, text_tokens), seeded."""
     gen = torch.Generator().manual_seed(settings.seed)
     vc = model.config.vision_config
-    pixels = torch.randn(1, frames, vc.num_channels, vc.image_size, vc.image_size, generator=gen).to(device)
-    n_before = settings.text_tokens // 2
-    text = _text_ids(model, settings.text_tokens, gen).to(device)
-    embed = model.get_input_embeddings()
+    pixels = torch.randn(1, frames, vc.num_channels, vc.image_size, vc.image_size, generator=gen)
+    text = _text_ids(model, settings.text_tokens, gen)
+    return pixels.to(settings.device), text.to(settings.device)
+
+
+def _prefill(model, pixels, text, compression: Compression, visual: int, clock: _Clock):
+    """Video features + LLM prefill on [text[:half] | visual tokens | text[half:]].
+
+    Returns (model output with `.cache` and `.logits` (1, 1, V), marks (t0, t_features, t_llm0, t_llm1)).
+    """
+    clock.sync()
+    t0 = clock.mark()
+    feats = model.get_video_features(pixels, temporal_sample_stride=compression.temporal_sample)
+    t1 = clock.mark()
+    if feats.shape[0] * feats.shape[1] * feats.shape[2] != visual:
+        raise RuntimeError(
+            f"profiler: the model produced {tuple(feats.shape[:3])} visual tokens, "
+            f"StormConfig.num_visual_tokens says {visual}"
+        )
+    t2 = clock.mark()
+    text_emb = model.get_input_embeddings()(text)
+    half = text.shape[1] // 2
+    tokens = feats.reshape(1, visual, feats.shape[-1]).to(text_emb.dtype)
+    inputs = torch.cat([text_emb[:, :half], tokens, text_emb[:, half:]], dim=1)
+    out = model(inputs_embeds=inputs, use_cache=True, logits_to_keep=1)
+    t3 = clock.mark()
+    return out, (t0, t1, t2, t3)
+
+
+def _decode(model, cache, token, steps: int, clock: _Clock) -> list[float]:
+    """`steps` greedy one-token steps on `cache` (grown in place), then cropped back. Returns ms per step."""
+    start = cache.get_seq_length()
+    times = []
+    for _ in range(steps):
+        clock.sync()
+        s0 = clock.mark()
+        out = model(input_ids=token, cache=cache, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        s1 = clock.mark()
+        times.append(clock.ms(s0, s1))
+    extra = cache.get_seq_length() - start
+    if extra:
+        cache.crop(-extra)
+    return times
+
+
+def prefill_video(model, frames: int, compression: Compression, settings: ProfileSettings):
+    """Run one (untimed) prefill of a random `frames`-frame video; returns (kv cache, next token (1, 1)).
+
+    For benchmarks that time decoding on several caches in turn: pass the results to `decode_latency`.
+    The model must already be on `settings.device` in the right dtype (see `profile_model`).
+    """
+    with _compression_on(model, compression), torch.inference_mode(), _autocast(settings):
+        visual = model.config.num_visual_tokens(frames, temporal_sample_stride=compression.temporal_sample)
+        pixels, text = _inputs(model, frames, settings)
+        out, _ = _prefill(model, pixels, text, compression, visual, _Clock(settings.device))
+        return out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+def decode_latency(model, cache, token, steps: int, settings: ProfileSettings) -> list[float]:
+    """Milliseconds of each of `steps` greedy decode steps on `cache`; the cache is cropped back after."""
+    with torch.inference_mode(), _autocast(settings):
+        return _decode(model, cache, token, steps, _Clock(settings.device))
+
+
+def _measure(model, frames, compression, visual, settings, clock, memory, device) -> dict:
+    pixels, text = _inputs(model, frames, settings)
     baseline = memory.reset()
     hook = _ProjectorStart(model, clock)
     vision_ms, projector_ms, prefill_ms = [], [], []
     cache = None
-    next_token = None
     try:
         with torch.inference_mode(), _autocast(settings):
             for i in range(settings.warmup + settings.repeats):
-                cache = None  # free the previous KV cache before the next prefill
-                clock.sync()
-                t0 = clock.mark()
-                feats = model.get_video_features(pixels, temporal_sample_stride=compression.temporal_sample)
-                t2 = clock.mark()
-                if feats.shape[0] * feats.shape[1] * feats.shape[2] != visual:
-                    raise RuntimeError(
-                        f"profiler: the model produced {tuple(feats.shape[:3])} visual tokens, "
-                        f"StormConfig.num_visual_tokens says {visual}"
-                    )
-                t3 = clock.mark()
-                tokens = feats.reshape(1, visual, feats.shape[-1])
-                text_emb = embed(text)
-                inputs = torch.cat([text_emb[:, :n_before], tokens.to(text_emb.dtype), text_emb[:, n_before:]], dim=1)
-                out = model(inputs_embeds=inputs, use_cache=True, logits_to_keep=1)
-                t4 = clock.mark()
+                cache = out = None  # free the previous KV cache before the next prefill
+                out, (t0, t1, t2, t3) = _prefill(model, pixels, text, compression, visual, clock)
                 if i >= settings.warmup:
                     vision_ms.append(clock.ms(t0, hook.mark))
-                    projector_ms.append(clock.ms(hook.mark, t2))
-                    prefill_ms.append(clock.ms(t3, t4))
+                    projector_ms.append(clock.ms(hook.mark, t1))
+                    prefill_ms.append(clock.ms(t2, t3))
                 cache = out.cache
-                next_token = out.logits[:, -1].argmax(-1, keepdim=True)
-                del feats, tokens, inputs, out
+            next_token = out.logits[:, -1].argmax(-1, keepdim=True)
+            del out
             prefill_len = cache.get_seq_length()
             steps = []
             if settings.decode_tokens:
                 for r in range(settings.warmup + settings.repeats):
-                    extra = cache.get_seq_length() - prefill_len
-                    if extra:
-                        cache.crop(-extra)
-                    token = next_token
-                    for _ in range(settings.decode_tokens):
-                        clock.sync()
-                        s0 = clock.mark()
-                        out = model(input_ids=token, cache=cache, use_cache=True)
-                        token = out.logits[:, -1].argmax(-1, keepdim=True)
-                        s1 = clock.mark()
-                        if r >= settings.warmup:
-                            steps.append(clock.ms(s0, s1))
-                        cache = out.cache
-                del out
+                    times = _decode(model, cache, next_token, settings.decode_tokens, clock)
+                    if r >= settings.warmup:
+                        steps.extend(times)
     finally:
         hook.remove()
     peak = memory.peak()
