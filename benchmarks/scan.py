@@ -7,9 +7,10 @@ layout), at the default thread count and at 1 thread, it prints:
 - forward and forward+backward wall time of ``selective_scan_reference`` and ``selective_scan``
   (min over repeats; the reference gets fewer repeats at large L) and their ratios;
 - max abs error of the fast output (and of d u, d delta, d A) against the reference;
-- peak memory of one forward+backward: the growth of the process's peak resident set
-  (``ru_maxrss``) over its resident size once the inputs exist, each measurement in a fresh
-  subprocess, so it counts everything the call allocates (autograd graph, temporaries);
+- peak memory of one forward+backward: the growth of the process's peak resident set (VmHWM,
+  reset through /proc/self/clear_refs just before the call) over its resident size once the
+  inputs exist, each measurement in a fresh subprocess, so it counts everything the call
+  allocates (autograd graph, temporaries, the gradients);
 - two floors measured in the same run: bytes the scan must read and write (u, delta, z, B, C in,
   out out; for fwd+bwd also the output gradient in and the input gradients out) over this machine's
   measured copy bandwidth; and its L*D*N exponentials plus ~6 flops each (fwd) over the measured
@@ -59,7 +60,21 @@ def _rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _maxrss_bytes():
+def _reset_peak():
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -96,13 +111,17 @@ def _worker(spec):
         with torch.no_grad():
             return fn(**t, delta_softplus=True)
 
+    import gc
+
+    gc.collect()
+    reset = _reset_peak()
     base = _rss_bytes()
-    peak_before = _maxrss_bytes()
+    peak_before = _peak_bytes()
     start = time.perf_counter()
     out = once()
     times = [time.perf_counter() - start]  # the first call is timed too (the only one for slow cases)
-    peak = max(0, _maxrss_bytes() - max(base, peak_before))
-    result = {"peak_bytes": peak}
+    peak = max(0, _peak_bytes() - max(base, peak_before if not reset else base))
+    result = {"peak_bytes": peak, "peak_reset": reset}
     grads = {k: t[k].grad.detach().clone() for k in leaves} if grad else {}
     deadline = time.perf_counter() + spec.get("time_budget", 1e9)
     for _ in range(spec["repeats"] - 1):
@@ -277,10 +296,11 @@ def _print_row(row, header):
     err_grad = max([v for k, v in errs.items() if k.startswith("d_")], default=float("nan"))
     rpk = rb.get("peak_bytes", float("nan")) / 2**20
     fpk = fb.get("peak_bytes", float("nan")) / 2**20
+    mem_ratio = f"{rpk / fpk:8.1f}x" if fpk >= 1 else "      - "
     vs_floor = ff["time"] / row["floor_compute_fwd_s"] if "time" in ff else float("nan")
     print(
         f"{row['threads']:4d} {row['d_inner']:8d} {row['L']:6d} | {_fmt_t(rf)}  {_fmt_t(ff)}   {_ratio(rf, ff)} |"
-        f" {_fmt_t(rb)}  {_fmt_t(fb)}   {_ratio(rb, fb)} | {rpk:11.0f} {fpk:12.0f} {rpk / max(fpk, 1e-9):8.1f}x |"
+        f" {_fmt_t(rb)}  {_fmt_t(fb)}   {_ratio(rb, fb)} | {rpk:11.0f} {fpk:12.0f} {mem_ratio} |"
         f" {err_out:7.1e} {err_grad:9.1e} | {row['floor_mem_fwd_s']:11.4f} {row['floor_compute_fwd_s']:11.4f}"
         f" {vs_floor:7.2f}x",
         flush=True,
