@@ -309,9 +309,7 @@ def profile_row(model, frames: int, compression: Compression, settings: ProfileS
     """Measure one (frames, compression) row; returns a dict with ROW_FIELDS (+ details, or `skipped`)."""
     clock = clock or _Clock(settings.device)
     memory = memory or _Memory(settings.device)
-    device = torch.device(settings.device)
     cfg = model.config
-    visual = None
     with _compression_on(model, compression):
         visual = cfg.num_visual_tokens(frames, temporal_sample_stride=compression.temporal_sample)
         row = {
@@ -326,7 +324,7 @@ def profile_row(model, frames: int, compression: Compression, settings: ProfileS
         }
         # Skip what would not fit: activations + KV (weights are already resident).
         bytes_per_el = 4 if settings.dtype == "fp32" or settings.device == "cpu" else 2
-        est = pipeline_cost(cfg, frames, None, settings.text_tokens, settings.decode_tokens, bytes_per_el)
+        est = pipeline_cost(cfg, frames, compression, settings.text_tokens, settings.decode_tokens, bytes_per_el)
         need = max(est.vision_tower.activation_bytes, est.projector.activation_bytes,
                    est.llm_prefill.activation_bytes + est.decode_per_token.activation_bytes)
         limit = memory.free_bytes() * 0.9
@@ -337,7 +335,7 @@ def profile_row(model, frames: int, compression: Compression, settings: ProfileS
             return _skipped(row, f"skipped: estimated {need / 2**30:.2f} GiB of activations exceeds the "
                                  f"{limit / 2**30:.2f} GiB available")
         try:
-            row.update(_measure(model, frames, compression, visual, settings, clock, memory, device))
+            row.update(_measure(model, frames, compression, visual, settings, clock, memory))
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is turned into a skipped row
             if not _is_oom(exc):
                 raise
@@ -430,7 +428,7 @@ def decode_latency(model, cache, token, steps: int, settings: ProfileSettings) -
         return _decode(model, cache, token, steps, _Clock(settings.device))
 
 
-def _measure(model, frames, compression, visual, settings, clock, memory, device) -> dict:
+def _measure(model, frames, compression, visual, settings, clock, memory) -> dict:
     pixels, text = _inputs(model, frames, settings)
     baseline = memory.reset()
     hook = _ProjectorStart(model, clock)
