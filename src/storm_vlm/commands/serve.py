@@ -26,7 +26,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest accepted video upload in MB (default: 200)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                        help="auto: bfloat16 on CUDA, float32 weights with bfloat16 autocast on CPU")
+                        help="auto: bfloat16 on CUDA; float32 on CPU (bfloat16 autocast only where the CPU has native bf16)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,8 +6,9 @@ The HTTP API (`storm_vlm.serve.api`) and the web demo (`storm_vlm.serve.web`) bo
 options, the benchmark prompt "question / A. ... / Answer with the option's letter ..." and
 the reply read by `storm_vlm.eval.extract_choice`).
 
-Precision: on CUDA bfloat16 weights; on CPU float32 weights under bfloat16 autocast (about
-twice as fast as float32 there). float16 is never used on CPU.
+Precision ("auto"): on CUDA bfloat16 weights; on CPU float32 weights, under bfloat16
+autocast only where the CPU has native bf16 (`storm_vlm.precision.cpu_has_fast_bf16`).
+float16 is never used on CPU.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from storm_vlm.errors import StormError
+from storm_vlm.precision import cpu_has_fast_bf16
 
 __all__ = ["StormEngine", "check_model_dir", "DTYPES"]
 
@@ -61,7 +63,8 @@ class StormEngine:
     Args:
         model_dir: a STORM model folder (config.json, weights, processor files).
         device: "cpu", "cuda", "cuda:1", ... (default: cuda if available).
-        dtype: "auto" (bfloat16 on CUDA; float32 weights + bfloat16 autocast on CPU),
+        dtype: "auto" (bfloat16 on CUDA; float32 weights on CPU, with bfloat16 autocast where
+            the CPU has native bf16),
             "float32" or "bfloat16" (weights in that dtype, no autocast).
         default_frames: frames sampled when a request names none.
         max_frames: the most frames a request may ask for.
@@ -93,7 +96,8 @@ class StormEngine:
             raise StormError(f"device {device!r} asked for, but CUDA is not available")
         on_cpu = torch_device.type == "cpu"
         weights = ("float32" if on_cpu else "bfloat16") if dtype == "auto" else dtype
-        self.autocast_dtype = torch.bfloat16 if (dtype == "auto" and on_cpu) else None
+        fast_bf16 = dtype == "auto" and on_cpu and cpu_has_fast_bf16()
+        self.autocast_dtype = torch.bfloat16 if fast_bf16 else None
         self.model, self.processor = load_model(str(self.model_dir), device=str(torch_device), dtype=weights)
         self.config = self.model.config
         self.device = torch_device
