@@ -95,7 +95,8 @@ def _load() -> str:
 def interleaved(model, combos, s, label=True) -> dict:
     """Measure (frames, Compression) combos round-robin: `s.warmup` untimed rounds, then `s.repeats`
     timed rounds of one run per combo, so load drift on a shared machine hits every combo alike.
-    Returns {(frames, factor): row} with per-module medians over the rounds (peak memory: max)."""
+    Returns {(frames, factor): row} with per-module medians over the rounds (peak memory: max) and
+    the rounds' own figures in row["per_round"] (for ratios taken within a round)."""
     import dataclasses
     import statistics
 
@@ -126,8 +127,18 @@ def interleaved(model, combos, s, label=True) -> dict:
                                    + s.decode_tokens * merged["decode_ms_per_token"], 3)
         merged["rounds"] = len(rows)
         merged.pop("samples_ms", None)
+        merged["per_round"] = [{f: r[f] for f in ("vision_tower_ms", "projector_ms", "llm_prefill_ms",
+                                                 "decode_ms_per_token")} for r in rows]
         out[key] = merged
     return out
+
+
+def round_ratio(a: dict, b: dict, fn) -> float:
+    """Median over rounds of fn(a's round) / fn(b's round): each ratio compares runs made
+    seconds apart, so a change of machine load between rounds cancels out."""
+    import statistics
+
+    return statistics.median(fn(x) / fn(y) for x, y in zip(a["per_round"], b["per_round"]))
 
 
 def verdict(value: float, target: float, higher_is_better: bool = True) -> str:

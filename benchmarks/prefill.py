@@ -5,7 +5,8 @@
 
 Prefill = time to the first token: vision tower + projector (with compression) + LLM prefill.
 The settings are measured round-robin (`--warmup` untimed rounds, then `--repeats` timed
-rounds; medians per module), so load drift on a shared machine hits them alike. Prints:
+rounds; each ratio is taken within a round, then the median over rounds), so load drift on a
+shared machine hits them alike. Prints:
   * 128 frames: 4x compression (temporal pool 4) vs none, 8x (pool 4 + sample 2) vs none
     (targets >= 3x and >= 5x), and the same for the LLM prefill alone;
   * 32 frames: the projector's share of prefill (target <= 5%), without and with 4x compression.
@@ -13,11 +14,13 @@ rounds; medians per module), so load drift on a shared machine hits them alike. 
 
 from __future__ import annotations
 
+import statistics
+
 import _profile_common as common
 
 
 def main(argv=None) -> int:
-    args = common.parser(__doc__.splitlines()[0], repeats=2, warmup=1).parse_args(argv)
+    args = common.parser(__doc__.splitlines()[0], repeats=3, warmup=1).parse_args(argv)
     from storm_vlm.costmodel import DEFAULT_COMPRESSIONS, pipeline_cost
     from storm_vlm.profiling import format_table
 
@@ -44,21 +47,22 @@ def main(argv=None) -> int:
     out = {}
     for factor, target in ((4, 3.0), (8, 5.0)):
         base, comp = rows[(128, 1)], rows[(128, factor)]
-        speed = ttft(base) / ttft(comp)
-        llm = base["llm_prefill_ms"] / comp["llm_prefill_ms"]
+        speed = common.round_ratio(base, comp, ttft)
+        llm = common.round_ratio(base, comp, lambda r: r["llm_prefill_ms"])
         flops = (pipeline_cost(model.config, 128, DEFAULT_COMPRESSIONS[1], s.text_tokens).prefill_flops
                  / pipeline_cost(model.config, 128, DEFAULT_COMPRESSIONS[factor], s.text_tokens).prefill_flops)
-        out[f"prefill_speedup_128f_{factor}x"] = round(speed, 2)
+        out[f"prefill_speedup_128f_{factor}x"] = round(speed, 3)
         out[f"llm_prefill_speedup_128f_{factor}x"] = round(llm, 2)
         out[f"predicted_flops_ratio_128f_{factor}x"] = round(flops, 2)
         print(f"prefill speedup at 128 frames, {factor}x vs none: {speed:5.3f}x (target >= {target:.0f}x: "
               f"{common.verdict(speed, target)}); LLM prefill alone {llm:5.2f}x; FLOP ratio {flops:5.2f}x")
     for factor in (1, 4):
         r = rows[(32, factor)]
-        share = r["projector_ms"] / ttft(r)
+        share = statistics.median(x["projector_ms"] / ttft(x) for x in r["per_round"])
         out[f"projector_share_32f_{factor}x"] = round(share, 4)
         print(f"projector share of prefill at 32 frames, {factor}x: {100 * share:5.2f}% "
               f"(target <= 5%: {common.verdict(share, 0.05, higher_is_better=False)})")
+    print("(ratios and shares: median over the timed rounds of the figure within each round)")
     vision_share = rows[(128, 4)]["vision_tower_ms"] / ttft(rows[(128, 4)])
     print(f"(vision tower share of prefill at 128 frames, 4x: {100 * vision_share:.1f}% — compression "
           f"does not reduce it)")
