@@ -67,7 +67,8 @@ def test_param_counts_match_the_model(projector_type, head):
 
 
 def test_vision_tower_flops_by_hand(real):
-    P, d, I, layers = 1024, 1152, 4304, 27
+    P, d, I = 1024, 1152, 4304
+    layers = 26  # vision_feature_layer -2: hidden_states[26], after 26 of the 27 layers
     patch_embed = 2 * P * (3 * 14 * 14) * d
     qkvo = 4 * (2 * P * d * d)  # four d x d projections, 2 FLOPs per multiply-add
     attention = 2 * (2 * P * P * d)  # QK^T and AV

@@ -5,10 +5,9 @@ repository executes for one video of T frames:
 
 * **vision tower** (SigLIP, per frame, P = (image_size / patch_size)² patches, width d, MLP width I):
   patch embedding 2·P·(3·p²)·d; per layer q/k/v/o projections 8·P·d², attention 4·P²·d
-  (QKᵀ and AV, 2·P²·d each), MLP 4·P·d·I. The model asks for all hidden states and takes layer
-  `vision_feature_layer`, but transformers' SiglipVisionModel runs *every* layer and, when
-  `vision_use_head`, the attention-pooling head (k/v over P tokens: 4·P·d², plus one query
-  token); both are counted because both run.
+  (QKᵀ and AV, 2·P²·d each), MLP 4·P·d·I. Only the layers up to `vision_feature_layer` run
+  (26 of SigLIP-so400m's 27 at -2; the post-layernorm and pooling head never run), as
+  `StormForConditionalGeneration` stops the tower there.
 * **projector** on the sweep sequence of Lp = T·N tokens (N = P / r² after the r x r pixel shuffle,
   C = r²·d_vision inputs, width D = LLM width): pixel shuffle moves bytes only (0 FLOPs); the input
   Linear 2·Lp·C·D; each Mamba layer: in_proj 2·Lp·D·2Di (Di = expand·D), out_proj 2·Lp·Di·D, and
@@ -301,18 +300,17 @@ class ModuleCost:
 
 
 def vision_tower_cost(config, num_frames: int, bytes_per_el: int = 2) -> ModuleCost:
-    """SigLIP on `num_frames` frames (every layer runs, plus the pooling head when present)."""
+    """SigLIP on `num_frames` frames: the layers up to `vision_feature_layer` (the model stops there)."""
     v = _vision_shape(config)
     P, d, I = v["patches"], v["d"], v["inter"]
+    layer = config.vision_feature_layer
+    run_layers = layer if layer >= 0 else v["layers"] + 1 + layer  # hidden_states[k] is after k layers
     per_layer = P * (8 * d * d + 4 * d * I) + 4 * P * P * d
-    per_frame = 2 * P * (v["channels"] * v["patch"] ** 2) * d + v["layers"] * per_layer
-    if v["head"]:
-        # one probe query: q 2d², k/v over P tokens 4Pd², attention 4Pd, out 2d², MLP 4dI
-        per_frame += 2 * d * d + 4 * P * d * d + 4 * P * d + 2 * d * d + 4 * d * I
+    per_frame = 2 * P * (v["channels"] * v["patch"] ** 2) * d + run_layers * per_layer
     chunk = min(num_frames, config.vision_batch_size)
-    # all hidden states of a chunk are kept (output_hidden_states), plus the MLP intermediate and
-    # one head's attention matrix; the selected layer of every frame is kept for the projector.
-    act = chunk * P * ((v["layers"] + 1) * d + I) + chunk * P * P + num_frames * P * d
+    # a chunk's running hidden state, the MLP intermediate and one head's attention matrix;
+    # the selected layer of every frame is kept for the projector.
+    act = chunk * P * (2 * d + I) + chunk * P * P + num_frames * P * d
     weights = param_counts(config)["vision_tower"]
     return ModuleCost(num_frames * per_frame, weights * bytes_per_el, act * bytes_per_el)
 
