@@ -14,6 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, metavar="N", help="training steps per model")
     parser.add_argument("--videos", type=int, default=None, metavar="N",
                         help="synthetic videos in total (80%% train, 20%% held out)")
+    parser.add_argument("--tasks", default=None, metavar="T1,T2",
+                        help="synthetic tasks to train and test (default: transient,static; all: "
+                             "transient,order,direction,count,static)")
     parser.add_argument("--jobs", type=int, default=None, metavar="J",
                         help="parallel worker processes for training and evaluation (default: CPU cores, at most 4)")
     parser.add_argument("--threads", type=int, default=1, metavar="T", help="torch threads per job (default: 1)")
@@ -30,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
         overrides["steps"] = args.steps
     if args.videos is not None:
         overrides["num_videos"] = args.videos
+    if args.tasks is not None:
+        overrides["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     settings = DemoSettings.tiny_preset(**overrides) if args.tiny else DemoSettings.default(**overrides)
     run_demo(args.output, settings=settings, seeds=args.seeds, jobs=args.jobs, threads=args.threads,
              fresh=args.fresh, progress=not args.no_progress)

@@ -1,0 +1,148 @@
+"""The demo end to end in --tiny mode, and a check that its numbers come from real evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from storm_vlm.demo import ROWS, VARIANTS, DemoSettings, model_dir, run_demo
+from storm_vlm.demo.phases import FrameCache, load_model
+from storm_vlm.errors import StormError
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    results = run_demo(out, settings=DemoSettings.tiny_preset(), jobs=1, progress=False, log=lambda s: None)
+    return out, results
+
+
+def _read_predictions(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_tiny_demo_writes_a_complete_table(tiny_demo):
+    from storm_vlm import StormConfig
+
+    out, results = tiny_demo
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["rows"] == json.loads(json.dumps(results["rows"]))
+    assert [r["row"] for r in on_disk["rows"]] == [r.name for r in ROWS]
+    assert (out / "results.md").read_text().count("\n| ") == len(ROWS) + 1  # header + rows
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    settings = DemoSettings.tiny_preset()
+    tasks = on_disk["tasks"]
+    assert tasks == list(settings.tasks) and "transient" in tasks
+    budget = None
+    for row in on_disk["rows"]:
+        folder = model_dir(out, row["variant"], 0) / "final"
+        config = StormConfig.from_pretrained(folder)
+        assert config.projector_type == row["projector"]
+        assert config.temporal_pool_size == row["temporal_pool"]
+        # token counts are the model's own count for the row's frames and sampling
+        assert row["visual_tokens"] == config.num_visual_tokens(row["input_frames"], row["temporal_sample_stride"])
+        if row["note"] == "trained setting":
+            # every variant reads the same token budget: base_frames frames' worth
+            budget = budget or config.num_visual_tokens(settings.base_frames, 1)
+            assert row["visual_tokens"] == budget
+        for t in tasks:
+            assert 0.0 <= row["tasks"][t]["mean"] <= 1.0
+        assert row["average"]["mean"] == pytest.approx(np.mean([row["tasks"][t]["mean"] for t in tasks]))
+        assert row["prefill_ms"] > 0
+
+        # the accuracy is what the saved predictions say
+        preds = _read_predictions(out / "eval" / "seed0" / row["row"] / "predictions.jsonl")
+        assert len(preds) == row["questions"] == on_disk["data"]["num_test"]
+        for t in tasks:
+            rows_t = [p for p in preds if p["categories"]["task"] == t]
+            assert row["tasks"][t]["mean"] == pytest.approx(np.mean([p["correct"] for p in rows_t]))
+        for p in preds:
+            assert p["correct"] == (p["pred_letter"] == p["answer_letter"])
+
+    half = {r["row"]: r["visual_tokens"] for r in on_disk["rows"]}
+    assert half["vila_raw_half"] == half["storm_s2_half"] == budget // 2
+    ex = on_disk["example"]
+    assert ex["truth"] in "ABCD" and len(ex["options"]) == 4 and ex["question"]
+    assert {t["variant"] for t in on_disk["trainings"]} == {v.name for v in VARIANTS}
+
+
+def test_rerun_reuses_finished_work_and_refuses_other_settings(tiny_demo):
+    out, first = tiny_demo
+    again = run_demo(out, settings=DemoSettings.tiny_preset(), jobs=1, progress=False, log=lambda s: None)
+    assert all(t["reused"] for t in again["trainings"])
+    assert [r["tasks"] for r in again["rows"]] == [r["tasks"] for r in first["rows"]]
+    with pytest.raises(StormError, match="other settings.*steps"):
+        run_demo(out, settings=DemoSettings.tiny_preset(steps=7), jobs=1, progress=False, log=lambda s: None)
+
+
+def test_frame_cache_matches_load_video(tiny_demo):
+    from storm_vlm import load_video
+
+    out, _ = tiny_demo
+    video = sorted((out / "data" / "videos").glob("*.mp4"))[0]
+    cache = FrameCache(DemoSettings.tiny_preset().video_frames)
+    for t in (4, 7, 16, 32):
+        np.testing.assert_array_equal(cache.frames(str(video), t), load_video(str(video), num_frames=t).frames)
+
+
+def test_blind_model_scores_chance_on_transient(tiny_demo, tmp_path):
+    """With the projector's output zeroed the model cannot see. On 81 transient questions, real
+    generation + extract_choice must then score at chance: the demo's models answer with an
+    option's text, a blind model names colours without seeing them, and among the replies that
+    name one of the four options only 1 in 4 can be right (the truth is uniform over them).
+    An answer leaking through the prompt or a scoring bug would push this far above 25%; and
+    the tiny demo model must have learned to reply with an option at all."""
+    from storm_vlm.data.synth import generate_synthetic_benchmark
+    from storm_vlm.eval import evaluate
+    from storm_vlm.eval.readers import read_synthetic
+
+    out, _ = tiny_demo
+    settings = DemoSettings.tiny_preset()
+    data = tmp_path / "transient"
+    generate_synthetic_benchmark(data, num_videos=90, num_frames=16, size=settings.video_size, seed=7,
+                                 split=0.9, tasks=["transient"], num_images=0, workers=1)
+    records = read_synthetic(data)
+    assert len(records) == 81
+    model, processor = load_model(model_dir(out, "vila", 0) / "final")
+    handle = model.projector.register_forward_hook(lambda mod, args, output: torch.zeros_like(output))
+    try:
+        res = evaluate(model, processor, records, tmp_path / "eval", num_frames=settings.base_frames,
+                       max_new_tokens=settings.max_new_tokens, progress=False, print_table=False)
+    finally:
+        handle.remove()
+    rows = _read_predictions(tmp_path / "eval" / "predictions.jsonl")
+    answered = [r for r in rows if r["status"] == "answered"]
+    assert res["counts"]["total"] == len(rows) == 81
+    assert len(answered) >= 0.5 * 81, "the tiny demo model should reply with one of the options"
+    # binomial(n >= 40, 1/4): sd <= 0.07; 0.2 is about 3 sd
+    accuracy_answered = np.mean([r["correct"] for r in answered])
+    assert abs(accuracy_answered - 0.25) <= 0.2
+    assert res["accuracy"] <= 0.25 + 0.15
+
+
+def test_option_text_answers_replaces_letters_and_rejects_unknown_answers():
+    from storm_vlm.demo.phases import option_text_answers
+
+    human = "<video>\nWhat colour?\nA. red\nB. cyan\nC. blue\nD. green\nAnswer with the option's letter from the given choices directly."
+    rec = {"id": "x", "video": "v.mp4", "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": "B"}]}
+    out = option_text_answers([rec])
+    assert out[0]["conversations"][1]["value"] == "cyan"
+    assert out[0]["conversations"][0]["value"] == human and rec["conversations"][1]["value"] == "B"
+    bad = {**rec, "conversations": [rec["conversations"][0], {"from": "gpt", "value": "E"}]}
+    with pytest.raises(StormError, match="'E' is not one of its options"):
+        option_text_answers([bad])
+
+
+def test_settings_reject_bad_values():
+    with pytest.raises(StormError, match="steps"):
+        DemoSettings.default(steps=0).validate()
+    with pytest.raises(StormError, match="answer_format"):
+        DemoSettings.default(answer_format="emoji").validate()
+    s = DemoSettings.default()
+    assert [s.input_frames(r) for r in ROWS if r.variant == "storm_pool4"] == [4 * s.base_frames, 8 * s.base_frames]
+    assert {s.input_frames(r) for r in ROWS if r.note == "trained setting" and "pool" not in r.variant} == {s.base_frames}
