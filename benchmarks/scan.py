@@ -90,6 +90,9 @@ def _worker(spec):
     from storm_vlm.ssm import selective_scan, selective_scan_reference
 
     impl = spec["impl"]
+    if impl == "floorcheck":
+        _floorcheck(spec)
+        return
     if impl == "mambapy":
         from mambapy.pscan import pscan  # noqa: F401  (only reached when installed)
 
@@ -149,6 +152,34 @@ def _worker(spec):
                 errs[k] = float((v.float() - ref).abs().max())
         result["max_abs_err"] = errs
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def _floorcheck(spec):
+    """Fast forward and its exp2 floor timed alternately in one process (same machine state)."""
+    import torch
+
+    from storm_vlm.ssm import selective_scan
+
+    t = _inputs(spec["d"], spec["L"])
+    ldn = spec["d"] * spec["L"] * N_STATE
+    threads = torch.get_num_threads()
+    x = torch.randn(64 * 1024)  # cache-resident
+    o = torch.empty_like(x)
+    a, b, c = torch.randn(256, 256), torch.randn(256, 256), torch.empty(256, 256)
+    reps = max(1, ldn // x.numel())
+    fast, floor = [], []
+    with torch.no_grad():
+        selective_scan(**t, delta_softplus=True)
+        for _ in range(spec["repeats"]):
+            fast.append(_timed(lambda: selective_scan(**t, delta_softplus=True)))
+            prev = torch.get_num_threads()
+            torch.set_num_threads(1)
+            e = _timed(lambda: [torch.exp2(x, out=o) for _ in range(reps)])
+            f = _timed(lambda: [torch.mm(a, b, out=c) for _ in range(20)])
+            torch.set_num_threads(prev)
+            flop_s = 6 * ldn / (2 * 256**3 * 20 / f)
+            floor.append((e + flop_s) / threads)
+    print("RESULT " + json.dumps({"fast_fwd": min(fast), "floor": min(floor), "threads": threads}), flush=True)
 
 
 # ----------------------------------------------------------------------------- floors
@@ -233,6 +264,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="d_inner 1024 and 2048 at L 1024 only")
     p.add_argument("--json", help="also write the results here (atomically)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
+    p.add_argument("--floor-check-only", action="store_true",
+                   help="only time the fast forward against its exp2 floor, alternately in one process")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -248,6 +281,8 @@ def main(argv=None):
     rates = measure_floors()
     print(f"# copy bandwidth {rates['copy_bandwidth_Bps'] / 1e9:.2f} GB/s, exp2 {rates['exp2_per_s'] / 1e9:.3f} G/s "
           f"(1 thread, cache-resident), fma {rates['flops_per_s'] / 1e9:.1f} GFLOP/s (1 thread)", flush=True)
+    if args.floor_check_only:
+        return _floor_table(args)
     mambapy = _mambapy_installed()
     print(f"# mambapy pscan: {'installed (not measured)' if mambapy else 'not installed'}", flush=True)
     rows = []
@@ -268,11 +303,29 @@ def main(argv=None):
             row.update(floors_for(d, L, nthreads, row["rates"]))
             rows.append(row)
             _print_row(row, header=len(rows) == 1)
+    print()
+    _floor_table(args)
     if args.json:
         tmp_path = args.json + ".tmp"
         with open(tmp_path, "w") as f:
             json.dump({"rates": rates, "mambapy": "installed" if mambapy else "not installed", "rows": rows}, f, indent=1)
         os.replace(tmp_path, args.json)
+    return 0
+
+
+def _floor_table(args):
+    """Fast forward vs the compute floor (L*D*N exp2 + 6 flops each), both timed in one process."""
+    print("# fast forward vs compute floor, timed alternately in one process (min of 5 each)")
+    print(" thr  d_inner      L | fast fwd s  floor s  fast/floor")
+    for th in args.threads:
+        for d in args.dims:
+            for L in args.lengths:
+                r = _run_worker(dict(impl="floorcheck", d=d, L=L, threads=th, repeats=5), args.timeout)
+                if "fast_fwd" in r:
+                    print(f"{r['threads']:4d} {d:8d} {L:6d} | {r['fast_fwd']:10.3f} {r['floor']:8.3f} "
+                          f"{r['fast_fwd'] / r['floor']:9.2f}x", flush=True)
+                else:
+                    print(f"{th:>4} {d:8d} {L:6d} | {r.get('error')}", flush=True)
     return 0
 
 
