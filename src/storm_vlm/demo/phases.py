@@ -163,6 +163,15 @@ def _trained_summary(output_dir: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+_PATH_KEYS = ("output_dir", "train_file", "media_root")
+
+
+def _same_run(old: dict, new: dict) -> bool:
+    """Same training config apart from where the folders are (a demo folder may be moved or copied)."""
+    strip = lambda d: {k: v for k, v in d.items() if k not in _PATH_KEYS}
+    return strip(old) == strip(new)
+
+
 def train_variant(spec: dict) -> dict:
     """Train one variant (or reuse a finished identical run); returns a summary dict.
 
@@ -179,7 +188,7 @@ def train_variant(spec: dict) -> dict:
     raw = train_config(spec)
     cfg = config_from_dict(raw, source=f"demo variant {spec['variant']}")
     done = _trained_summary(output_dir)
-    if done is not None and done.get("config") == cfg.to_dict():
+    if done is not None and _same_run(done.get("config") or {}, cfg.to_dict()):
         return _summarise(spec, output_dir, reused=True, seconds=None)
     if output_dir.exists():
         # An unfinished or different earlier run: start this one afresh (the demo owns this folder).

@@ -136,7 +136,7 @@ def plot(rows: list[dict], tasks: list[str], path: Path, title: str) -> None:
     width = 0.8 / max(1, len(tasks))
     for i, t in enumerate(tasks):
         ax2.barh(y + (i - (len(tasks) - 1) / 2) * width, [100 * r["tasks"][t]["mean"] for r in rows],
-                 height=width, label=t)
+                 height=width, label=t, color=plt.get_cmap("Dark2")(i % 8))
     ax2.axvline(100 * CHANCE, color="k", ls="--", lw=1)
     ax2.set_yticks(y, [r["label"] for r in rows], fontsize=8)
     ax2.invert_yaxis()

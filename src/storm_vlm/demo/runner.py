@@ -268,7 +268,7 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings | N
     log("")
     log(format_console(rows, tasks, seeds))
     log(_example_text(example))
-    log(_next_steps(output, settings, data_dir))
+    log(_next_steps(output, settings, data_dir, best))
     log(f"results: {output / 'results.md'}, {output / 'results.json'}, {output / 'results.png'} "
         f"({timings['total_s']:.0f} s)")
     return results
@@ -289,15 +289,21 @@ def _shell_quote(text: str) -> str:
     return "$'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
-def _next_steps(output: Path, settings: DemoSettings, data_dir: Path) -> str:
+def _next_steps(output: Path, settings: DemoSettings, data_dir: Path, best: dict) -> str:
+    """The chat / eval commands for the trained models (the best row's model and setting first)."""
     from storm_vlm.eval.prompts import build_prompt
 
-    storm = model_dir(output, "storm", 0) / phases.FINAL
     record = phases.load_test_records(data_dir, limit=1)[0]
+    best_dir = model_dir(output, best["variant"], 0) / phases.FINAL
+    sample = f" --temporal-sample {best['temporal_sample_stride']}" if best["temporal_sample_stride"] > 1 else ""
+    storm = model_dir(output, "storm", 0) / phases.FINAL
+    folders = ", ".join(str(model_dir(output, v.name, 0) / phases.FINAL) for v in VARIANTS)
     return (
-        "Use the trained STORM model yourself:\n"
-        f"  storm-vlm chat {storm} {record.video} --frames {settings.base_frames} --dtype float32 "
+        f"Trained models: {folders}\n"
+        f"Ask the best one ({best['label']}) about a held-out video:\n"
+        f"  storm-vlm chat {best_dir} {record.video} --frames {best['input_frames']}{sample} --dtype float32 "
         f"--max-new-tokens {settings.max_new_tokens} \\\n      -q {_shell_quote(build_prompt(record))}\n"
+        f"Evaluate STORM on the held-out set with the standard harness:\n"
         f"  storm-vlm eval {storm} --benchmark synthetic --data-root {data_dir} --output {output / 'eval-cli' / 'storm'} "
         f"--frames {settings.base_frames} --max-new-tokens {settings.max_new_tokens}\n"
     )
@@ -316,8 +322,11 @@ def _markdown(results: dict, tasks: list[str], seeds: int) -> str:
         f"trained {s['steps']} steps x batch {s['batch_size']} (lr {s['learning_rate']}, cosine), "
         f"parts trained: {', '.join(s['train_parts'])}; seeds: {len(results['seeds'])}"
         f"{' (mean ± std)' if seeds > 1 else ''}.\n"
-        f"Accuracies in %, from greedy generation read by `extract_choice`. Prefill latency: "
-        f"{results['latency_note']}.\n\n"
+        f"The vision tower stays frozen at its random init; the models are trained to reply with the "
+        f"option's text (e.g. `red`), which `extract_choice` maps back to the option.\n"
+        f"Accuracies in %, from greedy generation read by `extract_choice`; a reply that names no option "
+        f"counts as wrong, so a model that cannot see scores 25% only if it picks among the options "
+        f"(naming one of the 6 colours blindly gives ~17%). Prefill latency: {results['latency_note']}.\n\n"
     )
     notes = "\n".join(f"- **{r['label']}**: trained on {r['trained_frames']} frames"
                       f"{', temporal pool k=' + str(r['temporal_pool']) if r['temporal_pool'] > 1 else ''}; "
