@@ -319,7 +319,7 @@ def _markdown(results: dict, tasks: list[str], seeds: int) -> str:
         f"(data seed {results['data']['seed']}); tasks: {', '.join(tasks)}; 4 options each, chance = 25%.\n"
         f"Every model: tiny random-init SigLIP ({s['vision_layers']} layers, width {s['vision_hidden']}, "
         f"{s['patch_size']} px patches) + tiny Qwen2 LLM ({s['llm_layers']} layers, width {s['llm_hidden']}), "
-        f"trained {s['steps']} steps x batch {s['batch_size']} (lr {s['learning_rate']}, cosine), "
+        f"trained {s['steps']} steps x batch {s['batch_size']} (lr {s['learning_rate']}, {s['lr_scheduler']} after {s['warmup_ratio']:.0%} warm-up), "
         f"parts trained: {', '.join(s['train_parts'])}; seeds: {len(results['seeds'])}"
         f"{' (mean ± std)' if seeds > 1 else ''}.\n"
         f"The vision tower stays frozen at its random init; the models are trained to reply with the "
@@ -328,7 +328,11 @@ def _markdown(results: dict, tasks: list[str], seeds: int) -> str:
         f"counts as wrong, so a model that cannot see scores 25% only if it picks among the options "
         f"(naming one of the 6 colours blindly gives ~17%). Prefill latency: {results['latency_note']}.\n\n"
     )
-    notes = "\n".join(f"- **{r['label']}**: trained on {r['trained_frames']} frames"
+    repeat = results["data"]["frames_per_video"]
+    notes = (f"Videos have {repeat} frames: rows reading more than {repeat} frames get each frame repeated "
+             "evenly (as `load_video` does), so they see no more distinct frames than a "
+             f"{repeat}-frame row.\n\n")
+    notes += "\n".join(f"- **{r['label']}**: trained on {r['trained_frames']} frames"
                       f"{', temporal pool k=' + str(r['temporal_pool']) if r['temporal_pool'] > 1 else ''}; "
                       f"evaluated on {r['input_frames']} frames"
                       f"{', test-time sampling s=' + str(r['temporal_sample_stride']) if r['temporal_sample_stride'] > 1 else ''}"
