@@ -78,16 +78,8 @@ def video_question(video, text: str = "What colour is the circle?") -> list[dict
 
 
 def write_mp4(path, frames: np.ndarray, fps: int = 8, codec: str = "mpeg4"):
-    """Write (T, H, W, 3) uint8 frames as an mp4 with PyAV."""
-    import av
+    """Write (T, H, W, 3) uint8 frames as an mp4 with PyAV (the synthetic benchmark's encoder)."""
+    from storm_vlm.data.synth import write_mp4 as encode
 
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    encode(str(path), frames, fps, codec)
     return path

@@ -7,12 +7,12 @@ import json
 import shutil
 from pathlib import Path
 
-import av
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
+from storm_vlm.data.synth import write_mp4 as encode_mp4
 from storm_vlm.errors import StormError
 from storm_vlm.eval import load_benchmark
 from storm_vlm.eval.readers import BenchmarkFormatError
@@ -21,16 +21,8 @@ from storm_vlm.eval.readers import BenchmarkFormatError
 def write_mp4(path: Path, num_frames: int = 6, size: int = 32, fps: int = 6) -> Path:
     """A small mpeg4 video whose frame i is a flat grey of level 40 * i."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=fps)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for i in range(num_frames):
-            img = np.full((size, size, 3), (40 * i) % 256, dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    frames = np.stack([np.full((size, size, 3), (40 * i) % 256, dtype=np.uint8) for i in range(num_frames)])
+    encode_mp4(str(path), frames, fps, "mpeg4")
     return path
 
 

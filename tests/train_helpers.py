@@ -10,21 +10,10 @@ import numpy as np
 
 def write_video(path: Path, frames: np.ndarray, fps: int = 8) -> Path:
     """Write (T, H, W, 3) uint8 frames as an mp4 (PyAV, libx264 or mpeg4)."""
-    import av
+    from storm_vlm.data.synth import _pick_codec, write_mp4
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
-        try:
-            stream = out.add_stream("libx264", rate=fps)
-        except Exception:
-            stream = out.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    write_mp4(str(path), frames, fps, _pick_codec(None))
     return path
 
 
