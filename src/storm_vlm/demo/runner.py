@@ -15,6 +15,7 @@ evaluator's own resume (ids already in predictions.jsonl are skipped).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -43,22 +44,45 @@ def model_dir(output: Path, variant: str, seed: int) -> Path:
 
 
 def _quiet() -> None:
+    """Silence library chatter (warnings, transformers' progress bars) for the rest of a worker process."""
+    import logging
     import warnings
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     warnings.filterwarnings("ignore")
-    try:
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("storm_vlm").setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def _quiet_here():
+    """`_quiet` for the calling process, restoring every setting it changes on exit."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    logger = logging.getLogger("storm_vlm")
+    level = logger.level
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    except Exception:  # pragma: no cover - transformers is a hard dependency
-        pass
-    import logging
-
-    logging.getLogger("storm_vlm").setLevel(logging.ERROR)
+        logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
+            logger.setLevel(level)
 
 
 def _worker_init(threads: int) -> None:
@@ -151,9 +175,6 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings | N
     jobs: worker processes for training/evaluation (default: CPU cores, at most 4); 1 runs
     everything in this process. threads: torch threads per job.
     """
-    from tqdm.auto import tqdm
-
-    _quiet()
     settings = (settings or DemoSettings.default()).validate()
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise StormError(f"--seeds {seeds!r}: must be an integer >= 1")
@@ -167,6 +188,14 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings | N
     record = {"settings": settings.to_dict(), "seeds": seeds}
     _check_folder(output, record, fresh)
     write_json(output / "settings.json", record)
+
+    with _quiet_here():
+        return _run_phases(output, settings, seeds, jobs, threads, progress, log)
+
+
+def _run_phases(output: Path, settings: DemoSettings, seeds: int, jobs: int, threads: int, progress: bool,
+                log: Callable[[str], None]) -> dict:
+    from tqdm.auto import tqdm
 
     t_start, c_start = time.perf_counter(), time.process_time()
     timings: dict[str, float] = {}
