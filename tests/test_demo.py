@@ -141,6 +141,8 @@ def test_option_text_answers_replaces_letters_and_rejects_unknown_answers():
 def test_settings_reject_bad_values():
     with pytest.raises(StormError, match="steps"):
         DemoSettings.default(steps=0).validate()
+    with pytest.raises(StormError, match="--tasks 'transient,colour'"):
+        DemoSettings.default(tasks=("transient", "colour")).validate()
     with pytest.raises(StormError, match="answer_format"):
         DemoSettings.default(answer_format="emoji").validate()
     s = DemoSettings.default()

@@ -130,6 +130,11 @@ class DemoSettings:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise StormError(f"demo setting {key}={value!r}: must be an integer >= {minimum}")
+        from storm_vlm.data.synth_tasks import TASKS
+
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if not self.tasks or unknown or len(set(self.tasks)) != len(self.tasks):
+            raise StormError(f"--tasks {','.join(self.tasks)!r}: must be distinct names among {', '.join(TASKS)}")
         if self.answer_format not in ("text", "letter"):
             raise StormError(f"demo setting answer_format={self.answer_format!r}: must be 'text' or 'letter'")
         if not self.learning_rate > 0:
