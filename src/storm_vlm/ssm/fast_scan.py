@@ -120,6 +120,7 @@ class _Chunk:
 
     def __init__(self, k, T, L, nchunks, reverse):
         c = nchunks - 1 - k if reverse else k
+        self.k = k
         self.s = c * T
         self.e = min(self.s + T, L)
         self.t = self.e - self.s
@@ -128,13 +129,14 @@ class _Chunk:
 class _Prep:
     """Inputs in the scan's working layout, with the channel axis split as (g, hd)."""
 
-    def __init__(self, uT, dT, zT, A, BT, CT, D, delta_bias, g, cdt):
-        b, L, d = uT.shape
+    def __init__(self, shape, uT, dT, zT, A, BT, CT, D, delta_bias, g, cdt):
+        b, L, d = shape
         hd = d // g
         self.b, self.L, self.d, self.g, self.hd, self.n = b, L, d, g, hd, A.shape[1]
         self.cdt = cdt
-        self.u4 = uT.reshape(b, L, g, hd)  # views: the channel axis has unit stride
-        self.d4 = dT.reshape(b, L, g, hd)
+        # views (the channel axis has unit stride); None in the forward, which reads its own views
+        self.u4 = None if uT is None else uT.reshape(b, L, g, hd)
+        self.d4 = None if dT is None else dT.reshape(b, L, g, hd)
         self.z4 = None if zT is None else zT.reshape(b, L, g, hd)
         self.BT, self.CT = BT, CT  # (b, L, g, n) contiguous, compute dtype
         self.An = _A_layout(A.to(cdt), g)  # (g, n, hd)
@@ -193,10 +195,10 @@ class _ChunkedScan(torch.autograd.Function):
         T = max(1, min(chunk, L))
         need_grad = any(ctx.needs_input_grad[:8])
         nchunks = (L + T - 1) // T
-        uT, dT, zT = _time_major(u), _time_major(delta), _time_major(z)
         BT = B.permute(0, 3, 1, 2).to(cdt).contiguous()  # (b, L, g, n): small
         CT = C.permute(0, 3, 1, 2).to(cdt).contiguous()
-        P = _Prep(uT, dT, zT, A, BT, CT, D, delta_bias, g, cdt)
+        P = _Prep((b, L, d), None, None, None, A, BT, CT, D, delta_bias, g, cdt)
+        src = [_tm_view(x, g) for x in (u, delta, z)]
         # h_in[k]: state entering the k-th processed chunk; h_in[nchunks]: the last state.
         h_in = torch.empty(nchunks + 1 if need_grad else 2, b, g, n, hd, dtype=cdt, device=u.device)
         h_in[0].zero_()
@@ -204,7 +206,7 @@ class _ChunkedScan(torch.autograd.Function):
         y4 = yT.view(b, L, g, hd)
 
         def block(j0, j1):
-            _forward_block(P, j0, j1, T, nchunks, reverse, softplus, need_grad, h_in, y4)
+            _forward_block(P, src, j0, j1, T, nchunks, reverse, softplus, need_grad, h_in, y4)
 
         _run_blocks(block, _blocks(hd, b * L * d * n))
         last = h_in[nchunks if need_grad else nchunks % 2]
@@ -213,7 +215,7 @@ class _ChunkedScan(torch.autograd.Function):
             last_bdn = torch.empty(b, d, n, dtype=cdt, device=u.device)
             last_bdn.view(b, g, hd, n).copy_(last.transpose(-1, -2))
         if need_grad:
-            ctx.save_for_backward(uT, dT, zT, A, BT, CT, D, delta_bias, h_in)
+            ctx.save_for_backward(u, delta, z, A, BT, CT, D, delta_bias, h_in)
             ctx.cfg = (T, softplus, reverse, cdt)
             ctx.time_major = tuple(x is not None and x.transpose(1, 2).stride(-1) == 1 for x in (u, delta, z))
         out = yT.transpose(1, 2)
@@ -223,14 +225,15 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gout, glast):
-        uT, dT, zT, A, BT, CT, D, delta_bias, h_in = ctx.saved_tensors
+        u, delta, z, A, BT, CT, D, delta_bias, h_in = ctx.saved_tensors
+        uT, dT, zT = _time_major(u), _time_major(delta), _time_major(z)
         T, softplus, reverse, cdt = ctx.cfg
         b, L, d = uT.shape
         n = A.shape[1]
         g = BT.shape[2]
         hd = d // g
         device = uT.device
-        P = _Prep(uT, dT, zT, A, BT, CT, D, delta_bias, g, cdt)
+        P = _Prep((b, L, d), uT, dT, zT, A, BT, CT, D, delta_bias, g, cdt)
         goT = torch.zeros(b, L, d, dtype=cdt, device=device) if gout is None else _time_major(gout)
         go4 = goT.reshape(b, L, g, hd)
         grads = dict(
@@ -264,31 +267,68 @@ class _ChunkedScan(torch.autograd.Function):
                 g_CT.permute(0, 2, 3, 1), g_D, g_z, g_bias, None, None, None, None, None)
 
 
-def _forward_block(P: _Prep, j0, j1, T, nchunks, reverse, softplus, need_grad, h_in, y4):
-    """Forward scan of channels [j0, j1) of every group; writes y4[..., j0:j1] and h_in[..., j0:j1]."""
+def _tm_view(x: Tensor | None, g: int) -> Tensor | None:
+    """(b, d, L) -> time-major (b, L, g, d // g): a view when x is stored time-major, else one
+    full 2-D transpose per batch (PyTorch's blocked transpose only applies to whole matrices:
+    transposing it block by block measured 3-6x slower)."""
+    if x is None:
+        return None
+    xt = _time_major(x)
+    b, L, d = xt.shape
+    return xt.reshape(b, L, g, d // g)
+
+
+_STAGE_STEPS = 256  # time steps whose inputs are staged (transposed, softplus, silu) at once
+
+
+def _forward_block(P: _Prep, src, j0, j1, T, nchunks, reverse, softplus, need_grad, h_in, y4):
+    """Forward scan of channels [j0, j1) of every group; writes y4[..., j0:j1] and h_in[..., j0:j1].
+
+    src: u, delta, z (z may be None) as time-major (b, L, g, hd) views. Inputs are staged ``_STAGE_STEPS`` steps at a
+    time: delta (bias, softplus), delta*u and silu(z) each become one op per stage, not per chunk."""
     b, L, g, n, cdt = P.b, P.L, P.g, P.n, P.cdt
     w = j1 - j0
-    bufs = _Buffers(b, T, g, n, w, cdt, P.u4.device, 2)
+    dev = h_in.device
+    bufs = _Buffers(b, T, g, n, w, cdt, dev, 2)
     A2 = P.A2[..., j0:j1]
-    Dc = None if P.D is None else P.D[:, None, j0:j1]
+    Dc = None if P.D is None else P.D[:, j0:j1]
     bias = None if P.bias is None else P.bias[:, j0:j1]
-    for k in range(nchunks):
-        ch = _Chunk(k, T, L, nchunks, reverse)
-        s, e, t_ = ch.s, ch.e, ch.t
-        (a, H), (aS, HS) = bufs.prefix(t_)
-        dlt = _delta_chunk(P.d4[:, s:e, :, j0:j1], bias, softplus, cdt)[0].unsqueeze(3)  # (b, t, g, 1, w)
-        uc = P.u4[:, s:e, :, j0:j1].to(cdt).unsqueeze(3)
-        i_prev, i_next = (k, k + 1) if need_grad else (k % 2, (k + 1) % 2)
-        h_prev = h_in[i_prev][..., j0:j1]
-        _states(a, H, aS, HS, dlt, dlt * uc, P.BT[:, s:e, :, :, None], A2, h_prev, reverse)
-        h_in[i_next][..., j0:j1].copy_(_ordered(HS, reverse)[-1])
-        yc = y4[:, s:e, :, j0:j1]  # (b, t, g, w)
-        tbg = b * t_ * g
-        _bmm_into(P.CT[:, s:e].reshape(tbg, 1, n), H.view(tbg, n, w), yc)
+    K = max(1, _STAGE_STEPS // T)  # chunks per stage
+    S = min(K * T, L)
+    st_u, st_d, st_du = (torch.empty(b, S, g, w, dtype=cdt, device=dev) for _ in range(3))
+    st_z = None if src[2] is None else torch.empty(b, S, g, w, dtype=cdt, device=dev)
+    for k0 in range(0, nchunks, K):
+        chunks = [_Chunk(k, T, L, nchunks, reverse) for k in range(k0, min(k0 + K, nchunks))]
+        s0, s1 = min(c.s for c in chunks), max(c.e for c in chunks)
+        shape = (b, s1 - s0, g, w)
+        ub, db = src[0][:, s0:s1, :, j0:j1], src[1][:, s0:s1, :, j0:j1]
+        if ub.dtype != cdt:
+            ub = _front(st_u, shape).copy_(ub)
+        if db.dtype != cdt:
+            db = _front(st_d, shape).copy_(db)
+        if bias is not None:
+            db = torch.add(db, bias, out=_front(st_d, shape))
+        if softplus:
+            db = torch._C._nn.softplus(db, 1, 20, out=_front(st_d, shape))
+        du = torch.mul(db, ub, out=_front(st_du, shape))
+        for ch in chunks:
+            s, e, t_ = ch.s, ch.e, ch.t
+            o = s - s0
+            (a, H), (aS, HS) = bufs.prefix(t_)
+            i_prev, i_next = (ch.k, ch.k + 1) if need_grad else (ch.k % 2, (ch.k + 1) % 2)
+            _states(a, H, aS, HS, db[:, o:o + t_].unsqueeze(3), du[:, o:o + t_].unsqueeze(3),
+                    P.BT[:, s:e, :, :, None], A2, h_in[i_prev][..., j0:j1], reverse)
+            h_in[i_next][..., j0:j1].copy_(_ordered(HS, reverse)[-1])
+            tbg = b * t_ * g
+            _bmm_into(P.CT[:, s:e].reshape(tbg, 1, n), H.view(tbg, n, w), y4[:, s:e, :, j0:j1])
+        yb = y4[:, s0:s1, :, j0:j1]
         if Dc is not None:
-            yc.unsqueeze(3).addcmul_(uc, Dc)
-        if P.z4 is not None:
-            yc.mul_(F.silu(P.z4[:, s:e, :, j0:j1].to(cdt)))
+            yb.addcmul_(ub, Dc)
+        if st_z is not None:
+            zb = src[2][:, s0:s1, :, j0:j1]
+            if zb.dtype != cdt:
+                zb = _front(st_z, shape).copy_(zb)
+            yb.mul_(torch._C._nn.silu(zb, out=_front(st_z, shape)))
 
 
 def _backward_block(P: _Prep, j0, j1, T, nchunks, reverse, softplus, h_in, go4, carry0, g4):
