@@ -196,7 +196,7 @@ def selective_scan(
     return_last_state: bool = False,
     *,
     reverse: bool = False,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = DEFAULT_CHUNK,
 ):
     """Selective scan, same arguments and results as ``selective_scan_reference``; differentiable.
 
@@ -208,7 +208,8 @@ def selective_scan(
 
     Extensions (keyword-only): ``reverse=True`` scans from position L-1 down to 0 (the same as
     flipping u, delta, z, B, C along L and flipping the output back; ``last_state`` is then the
-    state after position 0). ``chunk`` (steps per chunk) trades speed only.
+    state after position 0). ``chunk`` (steps per chunk; None: chosen from the
+    channel count by ``fast_scan.auto_chunk``) trades speed only.
     """
     s = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     if u.is_cuda and u.dtype in (torch.float32, torch.float16, torch.bfloat16):
