@@ -80,7 +80,9 @@ def _front(buf: Tensor, shape) -> Tensor:
 def _time_major(x: Tensor | None) -> Tensor | None:
     """(b, c, L) -> (b, L, c) with unit channel stride: a free view when x is already stored
     time-major (as the mixer's tensors are), else per-batch 2-D copies, which hit PyTorch's
-    blocked transpose kernel (~5x faster than ``permute(...).contiguous()`` on a 3-D tensor)."""
+    blocked transpose kernel (~5x faster than ``permute(...).contiguous()`` on a 3-D tensor; it
+    only applies to whole matrices: transposing 256-step blocks into a reused buffer measured
+    3-6x slower than one full transpose, page faults on the fresh memory included)."""
     if x is None:
         return None
     xt = x.transpose(1, 2)
@@ -210,7 +212,8 @@ class _ChunkedScan(torch.autograd.Function):
         BT = B.permute(0, 3, 1, 2).to(cdt).contiguous()  # (b, L, g, n): small
         CT = C.permute(0, 3, 1, 2).to(cdt).contiguous()
         P = _Prep((b, L, d), None, None, None, A, BT, CT, D, delta_bias, g, cdt)
-        src = [_tm_view(x, g) for x in (u, delta, z)]
+        uT, dT, zT = _time_major(u), _time_major(delta), _time_major(z)
+        src = [None if x is None else x.reshape(b, L, g, hd) for x in (uT, dT, zT)]
         # h_in[k]: state entering the k-th processed chunk; h_in[nchunks]: the last state.
         h_in = torch.empty(nchunks + 1 if need_grad else 2, b, g, n, hd, dtype=cdt, device=u.device)
         h_in[0].zero_()
@@ -227,7 +230,7 @@ class _ChunkedScan(torch.autograd.Function):
             last_bdn = torch.empty(b, d, n, dtype=cdt, device=u.device)
             last_bdn.view(b, g, hd, n).copy_(last.transpose(-1, -2))
         if need_grad:
-            ctx.save_for_backward(u, delta, z, A, BT, CT, D, delta_bias, h_in)
+            ctx.save_for_backward(uT, dT, zT, A, BT, CT, D, delta_bias, h_in)
             ctx.cfg = (T, softplus, reverse, cdt)
             ctx.time_major = tuple(x is not None and x.transpose(1, 2).stride(-1) == 1 for x in (u, delta, z))
         out = yT.transpose(1, 2)
@@ -237,8 +240,7 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gout, glast):
-        u, delta, z, A, BT, CT, D, delta_bias, h_in = ctx.saved_tensors
-        uT, dT, zT = _time_major(u), _time_major(delta), _time_major(z)
+        uT, dT, zT, A, BT, CT, D, delta_bias, h_in = ctx.saved_tensors
         T, softplus, reverse, cdt = ctx.cfg
         b, L, d = uT.shape
         n = A.shape[1]
@@ -277,17 +279,6 @@ class _ChunkedScan(torch.autograd.Function):
         g_z = None if grads["z"] is None else _like_input(grads["z"], tm_z)
         return (_like_input(grads["u"], tm_u), _like_input(grads["delta"], tm_d), gA, g_BT.permute(0, 2, 3, 1),
                 g_CT.permute(0, 2, 3, 1), g_D, g_z, g_bias, None, None, None, None, None)
-
-
-def _tm_view(x: Tensor | None, g: int) -> Tensor | None:
-    """(b, d, L) -> time-major (b, L, g, d // g): a view when x is stored time-major, else one
-    full 2-D transpose per batch (PyTorch's blocked transpose only applies to whole matrices:
-    transposing it block by block measured 3-6x slower)."""
-    if x is None:
-        return None
-    xt = _time_major(x)
-    b, L, d = xt.shape
-    return xt.reshape(b, L, g, d // g)
 
 
 _STAGE_STEPS = 256  # time steps whose inputs are staged (transposed, softplus, silu) at once
