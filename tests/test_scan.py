@@ -105,8 +105,44 @@ def test_fast_equals_reference_float64(b, d, L, n, groups, D, z, bias, softplus,
 @pytest.mark.parametrize("groups", [None, 2])
 def test_fast_equals_reference_float32(groups):
     t = _inputs(torch.float32, b=2, d=8, L=45, n=16, groups=groups)
-    # default chunk: several full chunks and a ragged one
+    # several full chunks and a ragged one
+    _assert_close(_run(selective_scan, t, True, chunk=16), _run(selective_scan_reference, t, True),
+                  rtol=1e-4, atol=1e-4)
+
+
+def test_default_chunk_follows_width_and_matches_reference():
+    from storm_vlm.ssm.fast_scan import auto_chunk
+
+    assert [auto_chunk(c) for c in (8, 448, 1024, 2048, 4096, 10**6)] == [64, 64, 32, 16, 16, 16]
+    t = _inputs(torch.float32, b=1, d=8, L=150, n=4)  # default chunk 64: two full chunks and a ragged one
     _assert_close(_run(selective_scan, t, True), _run(selective_scan_reference, t, True), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_input_staging_boundaries(monkeypatch, reverse):
+    """The forward stages inputs a few chunks at a time; stage edges inside and across chunks,
+    with a ragged last chunk and stage, in both scan directions, change nothing."""
+    from storm_vlm.ssm import fast_scan
+
+    monkeypatch.setattr(fast_scan, "_STAGE_STEPS", 7)  # 2 chunks of 3 per stage
+    t = _inputs(torch.float64, b=2, d=6, L=23, n=4, groups=2)
+    _assert_close(_run(selective_scan, t, True, chunk=3, reverse=reverse),
+                  _run(selective_scan_reference, t, True, reverse=reverse), rtol=1e-10, atol=1e-10)
+
+
+def test_huge_page_buffers(monkeypatch):
+    """Buffers advised as huge pages (threshold lowered so small ones are) hold ordinary values."""
+    from storm_vlm.ssm import fast_scan
+
+    monkeypatch.setattr(fast_scan, "_HUGE", 4096)
+    buf = fast_scan._empty(3, 5000, dtype=torch.float32, device=torch.device("cpu"))
+    assert buf.shape == (3, 5000) and buf.dtype == torch.float32
+    want = torch.arange(15000, dtype=torch.float32).view(3, 5000)
+    buf.copy_(want)
+    assert torch.equal(buf, want)
+    t = _inputs(torch.float64, b=2, d=64, L=40, n=8)
+    _assert_close(_run(selective_scan, t, True, chunk=8), _run(selective_scan_reference, t, True),
+                  rtol=1e-10, atol=1e-10)
 
 
 def test_bfloat16_inputs_computed_in_float32():

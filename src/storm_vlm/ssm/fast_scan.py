@@ -18,8 +18,12 @@ Why it looks like this (measured on a 2-core AMD EPYC, fp32, 1 thread, d=2048, N
   (1 x N) @ (N x channels) product, far faster than N-length dot products.
 - Everything runs time-major (batch, L, channels). Inputs already stored that way (the mixer
   produces them so) are used without a copy; others are transposed once with 2-D copies.
-  D, z, delta_bias and softplus are applied per chunk while the chunk is in cache, so autograd
-  keeps no full-size intermediates.
+  The forward stages inputs ``_STAGE_STEPS`` (256) steps at a time: delta_bias + softplus,
+  delta*u, D*u and the silu(z) gate are one op per stage into reused buffers, not per chunk,
+  so autograd keeps no full-size intermediates and small widths pay less per-op overhead.
+- The chunk length follows the width (``auto_chunk``: 16 steps at d=2048, 64 at d<=512).
+- L-sized buffers ask Linux for transparent huge pages (``_empty``): faulting fresh memory in
+  4 KiB pages was about a quarter of the forward at d=2048.
 - Nothing of size (batch, dim, L, N) exists: memory is O(T * batch * dim * N) plus, when a
   gradient is needed, the state entering each chunk (L/T * batch * dim * N). The backward
   recomputes each chunk's decays and states from that state, then runs the adjoint recurrence
