@@ -71,9 +71,13 @@ def test_tiny_demo_writes_a_complete_table(tiny_demo):
     assert {t["variant"] for t in on_disk["trainings"]} == {v.name for v in VARIANTS}
 
 
-def test_rerun_reuses_finished_work_and_refuses_other_settings(tiny_demo):
+def test_rerun_reuses_finished_work_and_refuses_other_settings(tiny_demo, tmp_path):
+    import shutil
+
     out, first = tiny_demo
-    again = run_demo(out, settings=DemoSettings.tiny_preset(), jobs=1, progress=False, log=lambda s: None)
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)  # a copied (or moved) demo folder resumes too
+    again = run_demo(moved, settings=DemoSettings.tiny_preset(), jobs=1, progress=False, log=lambda s: None)
     assert all(t["reused"] for t in again["trainings"])
     assert [r["tasks"] for r in again["rows"]] == [r["tasks"] for r in first["rows"]]
     with pytest.raises(StormError, match="other settings.*steps"):

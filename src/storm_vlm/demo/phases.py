@@ -317,7 +317,7 @@ def evaluate_variant(spec: dict) -> dict:
         frames = settings.input_frames(row)
         res = evaluate(model, processor, records, Path(spec["eval_dir"]) / row.name, num_frames=frames,
                        temporal_sample_stride=row.sample, max_new_tokens=settings.max_new_tokens,
-                       progress=False, print_table=False, model_dir=str(spec["model_dir"]),
+                       progress=False, print_table=False, model_dir=spec.get("model_name", str(spec["model_dir"])),
                        frame_loader=cache.loader(frames), rank=0, world_size=1)
         out[row.name] = {
             "accuracy": res["accuracy"],

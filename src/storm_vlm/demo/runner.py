@@ -230,6 +230,9 @@ def _run_phases(output: Path, settings: DemoSettings, seeds: int, jobs: int, thr
     eval_specs = [
         {"settings": settings.to_dict(), "variant": s["variant"], "seed": s["seed"], "data_dir": str(data_dir),
          "model_dir": str(Path(s["output_dir"]) / phases.FINAL),
+         # the name recorded with the predictions: relative to the demo folder, so a moved or
+         # copied folder still resumes its evaluations
+         "model_name": str(Path(s["output_dir"]).relative_to(output) / phases.FINAL),
          "eval_dir": str(output / "eval" / f"seed{s['seed']}"), "threads": threads}
         for s in train_specs
     ]
