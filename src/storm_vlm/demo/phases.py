@@ -1,6 +1,7 @@
 """The demo's phases as plain functions of JSON-able specs (so they can run in worker processes).
 
-- `make_data`: the synthetic benchmark (`storm_vlm.data.synth.generate_synthetic_benchmark`).
+- `make_data`: the synthetic benchmark (`storm_vlm.data.synth.generate_synthetic_benchmark`) and
+  the demo's training file (`train.json` with option-text answers, see `option_text_answers`).
 - `train_variant`: one model through the real training loop (`storm_vlm.train.trainer.Trainer`,
   stage "sft"); the only addition is that each decoded + preprocessed training sample is kept
   in memory after its first use, so later epochs do not decode the same mp4 again.
