@@ -322,14 +322,15 @@ class _ChunkedScan(torch.autograd.Function):
                 g_CT.permute(0, 2, 3, 1), g_D, g_z, g_bias, None, None, None, None, None)
 
 
-_STAGE_STEPS = 256  # time steps whose inputs are staged (transposed, softplus, silu) at once
+_STAGE_STEPS = 256  # time steps whose inputs are prepared (bias, softplus, delta*u, silu) at once
 
 
 def _forward_block(P: _Prep, src, j0, j1, T, nchunks, reverse, softplus, need_grad, h_in, y4):
     """Forward scan of channels [j0, j1) of every group; writes y4[..., j0:j1] and h_in[..., j0:j1].
 
-    src: u, delta, z (z may be None) as time-major (b, L, g, hd) views. Inputs are staged ``_STAGE_STEPS`` steps at a
-    time: delta (bias, softplus), delta*u and silu(z) each become one op per stage, not per chunk."""
+    src: u, delta, z (z may be None) as time-major (b, L, g, hd) views. Inputs are staged
+    ``_STAGE_STEPS`` steps at a time: delta (bias, softplus), delta*u, D*u and silu(z) each
+    become one op per stage, not per chunk."""
     b, L, g, n, cdt = P.b, P.L, P.g, P.n, P.cdt
     w = j1 - j0
     dev = h_in.device
@@ -352,7 +353,7 @@ def _forward_block(P: _Prep, src, j0, j1, T, nchunks, reverse, softplus, need_gr
             db = _front(st_d, shape).copy_(db)
         if bias is not None:
             db = torch.add(db, bias, out=_front(st_d, shape))
-        if softplus:
+        if softplus:  # F.softplus (beta 1, threshold 20) into the stage buffer
             db = torch._C._nn.softplus(db, 1, 20, out=_front(st_d, shape))
         du = torch.mul(db, ub, out=_front(st_du, shape))
         for ch in chunks:
