@@ -60,21 +60,12 @@ def _rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _reset_peak():
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _peak_bytes():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+    from storm_vlm.profiling import proc_status_kb
+
+    hwm = proc_status_kb("VmHWM")
+    if hwm is not None:
+        return hwm * 1024
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -117,7 +108,9 @@ def _worker(spec):
     import gc
 
     gc.collect()
-    reset = _reset_peak()
+    from storm_vlm.profiling import reset_peak_rss
+
+    reset = reset_peak_rss()
     base = _rss_bytes()
     peak_before = _peak_bytes()
     start = time.perf_counter()

@@ -191,7 +191,8 @@ class _Clock:
             torch.cuda.synchronize()
 
 
-def _read_status_kb(key: str) -> int | None:
+def proc_status_kb(key: str) -> int | None:
+    """A kB field of /proc/self/status (VmRSS, VmHWM, ...); None where there is none (not Linux)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(key + ":"):
@@ -201,6 +202,18 @@ def _read_status_kb(key: str) -> int | None:
     return None
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS mark (VmHWM) through /proc/self/clear_refs; False where unsupported."""
+    if proc_status_kb("VmHWM") is None:
+        return False
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 class _Memory:
     """Per-row peak memory: CUDA allocator peak, or the CPU RSS high-water mark."""
 
@@ -208,21 +221,10 @@ class _Memory:
         self.device = device
         if device == "cuda":
             self.kind = "cuda_max_memory_allocated"
-        elif self._can_reset_rss():
+        elif reset_peak_rss():
             self.kind = "rss_high_water_mark_per_row"
         else:
             self.kind = "process_peak_rss"
-
-    @staticmethod
-    def _can_reset_rss() -> bool:
-        if _read_status_kb("VmHWM") is None:
-            return False
-        try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")
-            return True
-        except OSError:
-            return False
 
     def reset(self) -> float:
         """Start a row; returns the memory in use now (MB)."""
@@ -234,16 +236,15 @@ class _Memory:
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back, so RSS is this row's
         if self.kind == "rss_high_water_mark_per_row":
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")
-        rss = _read_status_kb("VmRSS")
+            reset_peak_rss()
+        rss = proc_status_kb("VmRSS")
         return (rss or 0) / 1024
 
     def peak(self) -> float:
         if self.device == "cuda":
             return torch.cuda.max_memory_allocated() / 2**20
         if self.kind == "rss_high_water_mark_per_row":
-            return _read_status_kb("VmHWM") / 1024
+            return proc_status_kb("VmHWM") / 1024
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak / 1024 if sys.platform != "darwin" else peak / 2**20
 
