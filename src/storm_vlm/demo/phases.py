@@ -2,7 +2,7 @@
 
 - `make_data`: the synthetic benchmark (`storm_vlm.data.synth.generate_synthetic_benchmark`) and
   the demo's training file (`train.json` with option-text answers, see `option_text_answers`).
-- `train_variant`: one model through the real training loop (`storm_vlm.train.trainer.Trainer`,
+- `train_variant`: one model through the real training loop (`storm_vlm.train.train`,
   stage "sft"); the only addition is that each decoded + preprocessed training sample is kept
   in memory after its first use, so later epochs do not decode the same mp4 again.
 - `evaluate_variant`: every table row of one trained model through `storm_vlm.eval.evaluate`
@@ -181,8 +181,7 @@ def train_variant(spec: dict) -> dict:
     import torch
 
     from storm_vlm.train.config import config_from_dict
-    from storm_vlm.train.launch import init_distributed, shutdown
-    from storm_vlm.train.trainer import Trainer
+    from storm_vlm.train import train
 
     _set_threads(spec.get("threads", 1))
     output_dir = Path(spec["output_dir"])
@@ -199,19 +198,8 @@ def train_variant(spec: dict) -> dict:
     t0 = time.perf_counter()
     c0 = time.process_time()
 
-    class MemoTrainer(Trainer):
-        def setup(self):
-            super().setup()
-            self.dataset = _MemoDataset(self.dataset)
-
     torch.manual_seed(cfg.seed)
-    env = init_distributed()
-    try:
-        trainer = MemoTrainer(cfg, env)
-        trainer.setup()
-        trainer.train()
-    finally:
-        shutdown(env)
+    train(cfg, dataset_wrapper=_MemoDataset)
     return _summarise(spec, output_dir, reused=False, seconds=time.perf_counter() - t0,
                       cpu_seconds=time.process_time() - c0)
 

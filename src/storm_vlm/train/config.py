@@ -81,7 +81,7 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = False
-    bf16: Any = "auto"  # auto: on CUDA when supported, never on CPU; true: also CPU autocast; false
+    bf16: Any = "auto"  # auto: on CUDA when supported, never on CPU; true: also on a CPU with native bf16; false
     # --- data ---
     max_length: int = 2048
     shuffle: bool = True

@@ -1,26 +1,123 @@
-"""Process-group wiring: the same code runs alone or under `torchrun --nproc_per_node N`.
+"""Process-group wiring through `accelerate.Accelerator`: the same code runs alone or under torchrun.
 
-torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; with WORLD_SIZE > 1 a
-process group is started (nccl on CUDA, gloo on CPU). A single process needs no group at all.
+`make_accelerator(cfg)` builds the Accelerator a training run uses: it reads torchrun's
+environment (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT), starts the process
+group (nccl on CUDA, gloo on CPU), picks the device and the mixed precision, and wraps the
+model in DDP (`find_unused_parameters=True`: a text-only micro-batch leaves the vision path
+unused on that rank). `DistEnv` is the small rank/world view the rest of `storm_vlm.train`
+needs (`is_main`, `barrier`, `all_reduce_sum`); it works without an Accelerator too (one
+process), which is how tests load a model.
+
+Two accelerate details this module handles:
+- on a machine without CUDA, `Accelerator()` under torchrun does *not* start a process group
+  (accelerate/state.py: the torchrun branch `elif int(os.environ.get("LOCAL_RANK", -1)) != -1
+  and not cpu:` only knows accelerators; MULTI_CPU needs `cpu=True`) -- every rank would train
+  alone. We pass `cpu=True` when CUDA is absent.
+- AcceleratorState / GradientState are process-wide singletons that refuse a second, different
+  set-up; `train()` may run several times in one process (tests, the demo), so each run resets
+  them on entry and exit (as accelerate's own `AccelerateTestCase` does).
 """
 
 from __future__ import annotations
 
-import os
+import logging
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
+if TYPE_CHECKING:  # pragma: no cover
+    from accelerate import Accelerator
+
+    from storm_vlm.train.config import TrainConfig
+
+logger = logging.getLogger("storm_vlm.train")
+
+
+def use_bf16(cfg: "TrainConfig", device_type: str) -> bool:
+    """bf16 autocast: on CUDA when supported (`bf16: auto|true`); on CPU only when the config says
+    `bf16: true` *and* the CPU has native bf16 (without it a bf16 matmul is ~50x slower here)."""
+    if cfg.bf16 is False:
+        return False
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if cfg.bf16 is True:
+        from storm_vlm.precision import cpu_has_fast_bf16
+
+        if cpu_has_fast_bf16():
+            return True
+        logger.warning("bf16: true, but this CPU has no native bf16 (AVX512-BF16/AMX): training in fp32")
+    return False
+
+
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide singletons (the process group itself is left alone)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def make_accelerator(cfg: "TrainConfig", timeout_s: float = 1800.0) -> tuple["Accelerator", bool]:
+    """The Accelerator of one training run, and whether it started the process group (ours to end)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    cpu = not torch.cuda.is_available()
+    precision = "bf16" if use_bf16(cfg, "cpu" if cpu else "cuda") else "no"
+    had_group = dist.is_available() and dist.is_initialized()
+    reset_accelerate_state()
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=precision,
+        # Accumulation is ours: the loss is normalised by the global label-token count of all
+        # micro-steps, so accelerate must not divide it again (backward divides by this number).
+        gradient_accumulation_steps=1,
+        # AcceleratedScheduler would otherwise step num_processes times per optimizer step.
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=True),
+            InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s)),
+        ],
+    )
+    owns_group = not had_group and dist.is_available() and dist.is_initialized()
+    return accelerator, owns_group
+
+
+def end_accelerator(accelerator: "Accelerator | None", owns_group: bool) -> None:
+    if accelerator is not None:
+        accelerator.free_memory()
+    if owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+    reset_accelerate_state()
+
 
 @dataclass
 class DistEnv:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    owns_group: bool = False  # we started the process group (and must destroy it)
+    """Rank / world / device of this process; backed by an Accelerator during training.
+
+    `DistEnv()` is a single CPU process (no Accelerator), enough to load a model.
+    """
+
+    accelerator: "Accelerator | None" = None
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index if self.accelerator is not None else 0
+
+    @property
+    def local_rank(self) -> int:
+        return self.accelerator.local_process_index if self.accelerator is not None else 0
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes if self.accelerator is not None else 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device if self.accelerator is not None else torch.device("cpu")
 
     @property
     def is_distributed(self) -> bool:
@@ -30,46 +127,11 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    # -------------------------------------------------------------- collectives (no-ops alone)
     def barrier(self) -> None:
-        if self.is_distributed:
-            if self.device.type == "cuda":
-                dist.barrier(device_ids=[self.device.index])
-            else:
-                dist.barrier()
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.is_distributed:
-            t = t.to(self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
-
-    def broadcast_object(self, obj):
-        if not self.is_distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-
-def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
-    """Read torchrun's environment; start a process group when there is more than one process."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    env = DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
-    if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
-        env.owns_group = True
-    return env
-
-
-def shutdown(env: DistEnv) -> None:
-    if env.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
+        if self.accelerator is None or not self.is_distributed:
+            return t
+        return self.accelerator.reduce(t.to(self.device), reduction="sum")

@@ -1,8 +1,28 @@
-"""The training loop: one optimizer step per global batch, crash-safe checkpoints, exact resume.
+"""The training loop on accelerate: one optimizer step per global batch, crash-safe checkpoints, exact resume.
 
-`train(config)` is the whole job (the CLI and the demo call it): set up the process group,
-build the model from its source, apply the stage, wrap it (DDP or FSDP2 when there is more
-than one process), then run steps `start_step .. max_steps-1` and save the final model.
+`train(config)` is the whole job (the CLI and the demo call it): build an `accelerate.Accelerator`
+(process group, device, mixed precision), build the model from its source, apply the stage, let
+accelerate prepare it (DDP, autocast) -- or shard it with FSDP2 `fully_shard` ourselves, see
+below -- then run steps `start_step .. max_steps-1` and save the final model.
+
+What accelerate owns here: process-group set-up and rank/world info, device placement, DDP
+wrapping and autocast (`prepare`), `backward`, `clip_grad_norm_`, `no_sync`, `reduce` of the
+step's counts, `wait_for_everyone`, `unwrap_model`. What we keep: the data order
+(GlobalBatchSampler / StepBatchSampler, passed to a plain DataLoader that accelerate never
+re-shards), the loss normalisation below, and the checkpoints (storm_vlm.train.checkpoint:
+`checkpoint-N.tmp` + rename, RNG states as JSON, optimizer loaded with weights_only=True) --
+accelerate's save_state writes in place and pickles.
+
+FSDP2: accelerate 1.15 enables its FSDP plugin only for GPU-like devices (accelerate/state.py,
+`AcceleratorState.__init__`: `distributed_type = FSDP` is set inside the MULTI_GPU/... branch);
+on CPU/gloo the plugin is silently dropped and `prepare` wraps the model in DDP. So with
+`distributed: fsdp` the model is sharded here with `fully_shard` (on every device, one tested
+path) and only registered with the Accelerator (`prepare_model(evaluation_mode=True)`: autocast).
+Only the language model's decoder layers are sharded on their own; the vision tower and the
+projector stay in the root group, gathered once per forward. Every rank must run the same
+collectives, so a micro-batch without media still runs the vision path on one black frame in an
+extra, fully ignored row (`_with_dummy_video`): otherwise one rank would reduce-scatter projector
+gradients the other does not have, and the step would hang.
 
 Loss: token-level cross entropy summed over every label token of the *global* batch (all
 ranks, all accumulation micro-steps) and divided by their total count. Each rank back-propagates
@@ -21,7 +41,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +51,7 @@ from storm_vlm.data.sampler import GlobalBatchSampler
 from storm_vlm.errors import ConfigError, StormError
 from storm_vlm.train import checkpoint as ckpt
 from storm_vlm.train.config import TrainConfig, config_from_dict
-from storm_vlm.train.launch import DistEnv, init_distributed, shutdown
+from storm_vlm.train.launch import DistEnv, end_accelerator, make_accelerator, use_bf16  # noqa: F401
 from storm_vlm.train.stages import apply_stage, has_lora, merged_state_dict, parameter_groups, trainable_names
 
 logger = logging.getLogger("storm_vlm.train")
@@ -55,14 +75,6 @@ def lr_lambda_factory(cfg: TrainConfig):
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
     return factor
-
-
-def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
-    if cfg.bf16 is False:
-        return False
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return cfg.bf16 is True  # CPU autocast only when asked for explicitly
 
 
 # ----------------------------------------------------------------------------- loss
@@ -158,11 +170,24 @@ class MetricsLog:
 
 # ----------------------------------------------------------------------------- the trainer
 class Trainer:
-    def __init__(self, cfg: TrainConfig, env: DistEnv, resume: bool = False):
-        self.cfg, self.env, self.resume = cfg, env, resume
+    """One training run on an `accelerate.Accelerator` (see the module docstring).
+
+    `dataset_wrapper`, when given, is applied to the data set once it is built (the demo uses it
+    to keep decoded samples in memory); it must keep indices and length.
+    After `setup()`: `accelerator`, `model` (unwrapped), `wrapped` (what the step calls: the model
+    accelerate prepared), `optimizer` / `scheduler` (accelerate's wrappers), `dataset`, `sampler`.
+    """
+
+    def __init__(self, cfg: TrainConfig, accelerator, resume: bool = False,
+                 dataset_wrapper: Callable[[Any], Any] | None = None):
+        self.cfg, self.resume = cfg, resume
+        self.accelerator = accelerator
+        self.env = DistEnv(accelerator)
+        self.dataset_wrapper = dataset_wrapper
         self.output_dir = Path(cfg.output_dir)
-        self.device = env.device
-        self.bf16 = use_bf16(cfg, self.device)
+        self.device = accelerator.device
+        self.bf16 = accelerator.mixed_precision == "bf16"
+        self.fsdp = self.env.is_distributed and cfg.distributed == "fsdp"
         self.skipped_total = 0
         self.start_step = 0
         self.resume_dir: Path | None = None
@@ -193,7 +218,7 @@ class Trainer:
     def setup(self) -> None:
         from storm_vlm.train.model_source import load_model_and_processor
 
-        cfg, env = self.cfg, self.env
+        cfg, env, acc = self.cfg, self.env, self.accelerator
         self._check_output_dir()
         if env.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -213,16 +238,15 @@ class Trainer:
                 enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.to(self.device)
         model.train()
-        self.model = model  # the unwrapped model (FSDP2 shards it in place)
         self.processor = processor
         self.trainable = trainable_names(model)
 
         from storm_vlm.data.collator import StormCollator
         from storm_vlm.data.datasets import LlavaDataset
 
-        self.dataset = LlavaDataset.from_config(cfg, processor)
+        dataset = LlavaDataset.from_config(cfg, processor)
+        self.dataset = self.dataset_wrapper(dataset) if self.dataset_wrapper is not None else dataset
         self.collator = StormCollator(pad_token_id=_pad_id(processor))
         self.sampler = GlobalBatchSampler(
             num_samples=len(self.dataset),
@@ -234,45 +258,34 @@ class Trainer:
             shuffle=cfg.shuffle,
         )
 
-        self.wrapped = self._wrap(model)
-        self.optimizer = torch.optim.AdamW(
-            parameter_groups(model, cfg),
+        if self.fsdp:
+            _fully_shard(model, self.bf16 and self.device.type == "cuda")
+            # Sharded here (see the module docstring); accelerate adds autocast and tracks the model.
+            self.wrapped = acc.prepare_model(model, device_placement=False, evaluation_mode=True)
+        else:
+            self.wrapped = acc.prepare(model)  # device placement, DDP when distributed, autocast
+        self.model = acc.unwrap_model(self.wrapped)  # FSDP2 shards in place: the same module
+        optimizer = torch.optim.AdamW(
+            parameter_groups(self.model, cfg),
             betas=(cfg.adam_beta1, cfg.adam_beta2),
             eps=cfg.adam_epsilon,
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda_factory(cfg))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(cfg))
+        self.optimizer, self.scheduler = acc.prepare(optimizer, scheduler)
         if self.resume_dir is not None:
             self._load_training_state(self.resume_dir)
 
-    def _wrap(self, model):
-        cfg, env = self.cfg, self.env
-        if not env.is_distributed:
-            return model
-        if cfg.distributed == "fsdp":
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if (
-                self.bf16 and self.device.type == "cuda") else MixedPrecisionPolicy()
-            for block in _fsdp_blocks(model):
-                fully_shard(block, mp_policy=mp)
-            fully_shard(model, mp_policy=mp)
-            return model
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        return DDP(
-            model,
-            device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            # A text-only micro-batch leaves the vision path unused on that rank.
-            find_unused_parameters=True,
-        )
-
     # -------------------------------------------------------------- checkpoint IO
+    def _full_state_dict(self) -> dict[str, torch.Tensor]:
+        """FSDP2: the gathered state dict (collective; full on every rank, on CPU)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
     def _model_state_for_saving(self) -> dict[str, torch.Tensor] | None:
         """Full (LoRA-merged) state dict on rank 0 (None elsewhere); collective under FSDP."""
-        if self.env.is_distributed and self.cfg.distributed == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.fsdp:
+            sd = self._full_state_dict()
             if not self.env.is_main:
                 return None
             if has_lora(self.model):
@@ -280,18 +293,14 @@ class Trainer:
             return sd
         if not self.env.is_main:
             return None
-        return {k: v.detach().cpu() for k, v in merged_state_dict(self.model).items()}
+        model = self.accelerator.unwrap_model(self.wrapped)
+        return {k: v.detach().cpu() for k, v in merged_state_dict(model).items()}
 
-    def _trainable_state(self, full_sd: dict | None) -> dict[str, torch.Tensor] | None:
+    def _trainable_state(self) -> dict[str, torch.Tensor] | None:
         """LoRA runs: trainable tensors under their (unmerged) names, for resuming."""
         if not has_lora(self.model):
             return None
-        if self.env.is_distributed and self.cfg.distributed == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            sd = dict(self.model.named_parameters())
+        sd = self._full_state_dict() if self.fsdp else dict(self.model.named_parameters())
         if not self.env.is_main:
             return None
         return {k: sd[k].detach().cpu().contiguous().clone() for k in self.trainable}
@@ -300,7 +309,7 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         return get_optimizer_state_dict(
-            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            self.model, self.optimizer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
 
     def save_model_folder(self, out: Path, state_dict: dict) -> None:
@@ -318,7 +327,7 @@ class Trainer:
             tmp.mkdir(parents=True)
         env.barrier()
         sd = self._model_state_for_saving()
-        trainable_sd = self._trainable_state(sd)
+        trainable_sd = self._trainable_state()
         osd = self._optimizer_state()
         ckpt.write_json_atomic(tmp / f"rng_state_{env.rank}.json", ckpt.get_rng_state())
         if env.is_main:
@@ -379,7 +388,7 @@ class Trainer:
         # strict=False: trainable parameters that never got a gradient (e.g. the vision tower's last
         # layer, unused with vision_feature_layer=-2) have no AdamW state in either run.
         set_optimizer_state_dict(
-            self.model, self.optimizer, optim_state_dict=osd,
+            self.model, self.optimizer.optimizer, optim_state_dict=osd,
             options=StateDictOptions(full_state_dict=True, strict=False),
         )
         sched = ckpt.read_json(ckpt_dir / ckpt.SCHEDULER_FILE)
@@ -392,39 +401,67 @@ class Trainer:
             logger.info("resuming from %s (step %d, epoch %d)", ckpt_dir, self.start_step, state["epoch"])
 
     # -------------------------------------------------------------- the loop
-    def _autocast(self):
-        if self.bf16:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def _no_sync(self, last: bool):
-        m = self.wrapped
-        if last or not self.env.is_distributed:
-            if hasattr(m, "set_requires_gradient_sync"):
-                m.set_requires_gradient_sync(True)
+        """Gradient sync only on the last accumulation micro-step (DDP through accelerate, FSDP2 by hand)."""
+        if self.fsdp:
+            self.wrapped.set_requires_gradient_sync(last)
             return contextlib.nullcontext()
-        if hasattr(m, "no_sync"):
-            return m.no_sync()
-        m.set_requires_gradient_sync(False)  # FSDP2
-        return contextlib.nullcontext()
+        if last:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.wrapped)
+
+    def _with_dummy_video(self, batch: dict) -> dict:
+        """FSDP2: give a micro-batch without media one extra row holding a one-black-frame video.
+
+        The row's labels are all -100, so it adds nothing to the loss; but the vision tower and
+        projector run (gradients of zero), so every rank reduce-scatters the same parameters.
+        input_ids / attention_mask / labels (B, L) -> (B+1, max(L, n)); n = visual tokens of one frame.
+        """
+        if batch.get("pixel_values_videos") is not None or batch.get("pixel_values") is not None:
+            return batch
+        config = self.model.config
+        n = config.num_visual_tokens(1)
+        size = config.vision_config.image_size
+        b, length = batch["input_ids"].shape
+        width = max(length, n)
+
+        def grow(t: torch.Tensor, fill: int) -> torch.Tensor:
+            out = t.new_full((b + 1, width), fill)
+            out[:b, :length] = t
+            return out
+
+        out = dict(batch)
+        out["input_ids"] = grow(batch["input_ids"], self.collator.pad_token_id)
+        out["input_ids"][b, :n] = config.video_token_id
+        out["attention_mask"] = grow(batch["attention_mask"], 0)
+        out["attention_mask"][b, :n] = 1
+        out["labels"] = grow(batch["labels"], -100)
+        out["pixel_values_videos"] = torch.zeros((1, 1, 3, size, size), dtype=torch.float32)
+        out["video_frame_mask"] = torch.ones((1, 1), dtype=torch.bool)
+        return out
+
+    def make_loader(self) -> torch.utils.data.DataLoader:
+        """This rank's micro-batches for steps start_step..max_steps-1 (never prepared by accelerate:
+        its re-sharding would change which samples each rank sees)."""
+        loader_gen = torch.Generator()
+        loader_gen.manual_seed(self.cfg.seed)  # the loader must not draw from the global RNG
+        return torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=StepBatchSampler(self.sampler, self.start_step, self.cfg.max_steps),
+            collate_fn=self.collator,
+            num_workers=self.cfg.num_workers,
+            generator=loader_gen,
+            persistent_workers=False,
+        )
 
     def train(self) -> Path:
-        cfg, env = self.cfg, self.env
+        cfg, env, acc = self.cfg, self.env, self.accelerator
         if self.start_step >= cfg.max_steps and (self.output_dir / FINAL_DIR).exists():
             return self.output_dir / FINAL_DIR
         if getattr(self, "_rng_to_restore", None) is not None:
             ckpt.set_rng_state(self._rng_to_restore)
 
-        loader_gen = torch.Generator()
-        loader_gen.manual_seed(cfg.seed)  # the loader must not draw from the global RNG
-        loader = torch.utils.data.DataLoader(
-            self.dataset,
-            batch_sampler=StepBatchSampler(self.sampler, self.start_step, cfg.max_steps),
-            collate_fn=self.collator,
-            num_workers=cfg.num_workers,
-            generator=loader_gen,
-            persistent_workers=False,
-        )
+        loader = self.make_loader()
         metrics = MetricsLog(self.output_dir, env.is_main, cfg.tensorboard, self.start_step)
         bar = None
         if env.is_main and cfg.progress_bar:
@@ -446,13 +483,13 @@ class Trainer:
                 self.skipped_total += step_skipped
                 loss_sum = torch.zeros((), dtype=torch.float64)
                 for a, batch in enumerate(micro):
+                    if self.fsdp:
+                        batch = self._with_dummy_video(batch)
                     batch = _move(batch, self.device)
                     with self._no_sync(a == accum - 1):
-                        with self._autocast():
-                            out = self.wrapped(**{k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None})
+                        out = self.wrapped(**{k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None})
                         s = token_loss_sum(out.logits, batch["labels"])
-                        loss = s * (env.world_size / max(global_tokens, 1))
-                        loss.backward()
+                        acc.backward(s * (env.world_size / max(global_tokens, 1)))
                     loss_sum += s.detach().double().cpu()
                 loss_sum = env.all_reduce_sum(loss_sum)
                 grad_norm = self._clip(params)
@@ -487,12 +524,11 @@ class Trainer:
         return self.save_final()
 
     def _clip(self, params) -> float:
-        max_norm = self.cfg.max_grad_norm
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
+        if not any(p.grad is not None for p in params):
             return 0.0
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
-        if hasattr(norm, "full_tensor"):
+        max_norm = self.cfg.max_grad_norm
+        norm = self.accelerator.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
             norm = norm.full_tensor()
         return float(norm)
 
@@ -527,15 +563,25 @@ def _pad_id(processor) -> int:
 
 
 def _fsdp_blocks(model) -> list:
-    """Modules to shard on their own under FSDP2: transformer layers of both towers, projector blocks."""
-    blocks = []
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    for part in (model.vision_tower, model.language_model):
-        names.update(getattr(part, "_no_split_modules", None) or [])
-    for m in model.modules():
-        if type(m).__name__ in names and m is not model:
-            blocks.append(m)
-    return blocks
+    """Modules sharded on their own under FSDP2: the language model's decoder layers.
+
+    The vision tower and projector stay in the root group: a rank may run them twice in one
+    forward (videos and images) or in a different number of chunks than another rank, and
+    each separately sharded call would be a collective the other rank does not join.
+    """
+    names = set(getattr(model.language_model, "_no_split_modules", None) or [])
+    return [m for m in model.language_model.modules() if type(m).__name__ in names]
+
+
+def _fully_shard(model, bf16_params: bool) -> None:
+    """FSDP2 in place: each decoder layer, then the root (everything else)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_params \
+        else MixedPrecisionPolicy()
+    for block in _fsdp_blocks(model):
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
 
 
 def _merge_lora_in_state_dict(model, sd: dict) -> dict:
@@ -577,11 +623,12 @@ def _read_model_folder(folder: Path, names: list[str]) -> dict[str, torch.Tensor
 
 
 def train(config: TrainConfig | Mapping | str | os.PathLike, overrides: list[str] | None = None,
-          resume: bool = False) -> Path:
+          resume: bool = False, dataset_wrapper: Callable[[Any], Any] | None = None) -> Path:
     """Train one stage; returns the final model folder (`output_dir/final`).
 
     `config`: a TrainConfig, a plain dict with the config keys, or a YAML path. Works alone or
-    under torchrun (the process group is set up and torn down here).
+    under torchrun (the Accelerator starts the process group and it is ended here).
+    `dataset_wrapper`: see `Trainer`.
     """
     from storm_vlm.train.config import load_config, resolve_raw
 
@@ -591,13 +638,13 @@ def train(config: TrainConfig | Mapping | str | os.PathLike, overrides: list[str
         cfg = config_from_dict(resolve_raw(config.to_dict(), overrides)) if overrides else config
     else:
         cfg = config_from_dict(resolve_raw(dict(config), overrides))
-    env = init_distributed()
+    accelerator, owns_group = make_accelerator(cfg)
     try:
-        trainer = Trainer(cfg, env, resume=resume)
+        trainer = Trainer(cfg, accelerator, resume=resume, dataset_wrapper=dataset_wrapper)
         done = trainer.finished_run()
         if done is not None:
             return done
         trainer.setup()
         return trainer.train()
     finally:
-        shutdown(env)
+        end_accelerator(accelerator, owns_group)
