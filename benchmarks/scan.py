@@ -148,10 +148,11 @@ def _worker(spec):
 
 
 def _floorcheck(spec):
-    """Fast forward and its exp2 floor timed alternately in one process (same machine state)."""
+    """Fast forward (the fused C kernel, and the pure-PyTorch chunked path with the kernel switched
+    off) and its exp2 floor, timed alternately in one process (same machine state)."""
     import torch
 
-    from storm_vlm.ssm import selective_scan
+    from storm_vlm.ssm import cpu_kernel, selective_scan
 
     t = _inputs(spec["d"], spec["L"])
     ldn = spec["d"] * spec["L"] * N_STATE
@@ -160,11 +161,19 @@ def _floorcheck(spec):
     o = torch.empty_like(x)
     a, b, c = torch.randn(256, 256), torch.randn(256, 256), torch.empty(256, 256)
     reps = max(1, ldn // x.numel())
-    fast, floor = [], []
+    has_kernel = cpu_kernel.load() is not None
+
+    def scan(kernel: bool):
+        os.environ[cpu_kernel.ENV_SWITCH] = "1" if kernel else "0"
+        return _timed(lambda: selective_scan(**t, delta_softplus=True))
+
+    fast, torch_path, floor = [], [], []
     with torch.no_grad():
         selective_scan(**t, delta_softplus=True)
         for _ in range(spec["repeats"]):
-            fast.append(_timed(lambda: selective_scan(**t, delta_softplus=True)))
+            if has_kernel:
+                fast.append(scan(True))
+            torch_path.append(scan(False))
             prev = torch.get_num_threads()
             torch.set_num_threads(1)
             e = _timed(lambda: [torch.exp2(x, out=o) for _ in range(reps)])
@@ -172,7 +181,9 @@ def _floorcheck(spec):
             torch.set_num_threads(prev)
             flop_s = 6 * ldn / (2 * 256**3 * 20 / f)
             floor.append((e + flop_s) / threads)
-    print("RESULT " + json.dumps({"fast_fwd": min(fast), "floor": min(floor), "threads": threads}), flush=True)
+    result = {"fast_fwd": min(fast or torch_path), "pytorch_fwd": min(torch_path), "floor": min(floor),
+              "threads": threads, "kernel": has_kernel}
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 # ----------------------------------------------------------------------------- floors
@@ -274,6 +285,11 @@ def main(argv=None):
     rates = measure_floors()
     print(f"# copy bandwidth {rates['copy_bandwidth_Bps'] / 1e9:.2f} GB/s, exp2 {rates['exp2_per_s'] / 1e9:.3f} G/s "
           f"(1 thread, cache-resident), fma {rates['flops_per_s'] / 1e9:.1f} GFLOP/s (1 thread)", flush=True)
+    from storm_vlm.ssm import cpu_kernel
+
+    lib = cpu_kernel.load()
+    print(f"# fast path: {'the fused C kernel, ' + str(lib._name) if lib else 'pure PyTorch (the C kernel did not build)'}"
+          f"; forward+backward = kernel forward + PyTorch recomputing backward", flush=True)
     if args.floor_check_only:
         return _floor_table(args)
     mambapy = _mambapy_installed()
@@ -307,16 +323,18 @@ def main(argv=None):
 
 
 def _floor_table(args):
-    """Fast forward vs the compute floor (L*D*N exp2 + 6 flops each), both timed in one process."""
-    print("# fast forward vs compute floor, timed alternately in one process (min of 5 each)")
-    print(" thr  d_inner      L | fast fwd s  floor s  fast/floor")
+    """Fast forward vs the compute floor (L*D*N exp2 + 6 flops each), all timed in one process."""
+    print("# fast forward vs compute floor, timed alternately in one process (min of 5 each);")
+    print("# fast = the fused C kernel when it builds (else the PyTorch path), pytorch = the chunked PyTorch path")
+    print(" thr  d_inner      L | fast fwd s  pytorch s  floor s  fast/floor  pytorch/floor")
     for th in args.threads:
         for d in args.dims:
             for L in args.lengths:
                 r = _run_worker(dict(impl="floorcheck", d=d, L=L, threads=th, repeats=5), args.timeout)
                 if "fast_fwd" in r:
-                    print(f"{r['threads']:4d} {d:8d} {L:6d} | {r['fast_fwd']:10.3f} {r['floor']:8.3f} "
-                          f"{r['fast_fwd'] / r['floor']:9.2f}x", flush=True)
+                    print(f"{r['threads']:4d} {d:8d} {L:6d} | {r['fast_fwd']:10.3f} {r['pytorch_fwd']:10.3f} "
+                          f"{r['floor']:8.3f} {r['fast_fwd'] / r['floor']:10.2f}x {r['pytorch_fwd'] / r['floor']:13.2f}x"
+                          + ("" if r["kernel"] else "  (no C kernel: fast = pytorch)"), flush=True)
                 else:
                     print(f"{th:>4} {d:8d} {L:6d} | {r.get('error')}", flush=True)
     return 0

@@ -1,0 +1,213 @@
+/* Fused selective-scan forward for the CPU (float32): one pass over time per block of 8
+ * channels, everything (bias, softplus, the L*D*N decays, the state update, y = C.h + D*u, the
+ * silu(z) gate) in registers and L1. Compiled on first use by storm_vlm/ssm/cpu_kernel.py with
+ * -O3 -march=native; GCC/Clang vector extensions give AVX2 on x86-64 and NEON elsewhere.
+ *
+ * Layout: u, delta, z are (batch, L, dim) or (batch, dim, L) through explicit element strides;
+ * A2 = A * log2(e), (dim, N) contiguous; BT, CT are (batch, L, groups, N) contiguous; out has
+ * explicit strides. Channel c uses group c / (dim / groups).
+ *
+ * Why vectorise over channels (not over N): with time-major inputs, 8 neighbouring channels are
+ * one 32-byte load per step, and y = sum_n C[n] h[n] needs no horizontal sum.
+ * exp2 is a degree-6 polynomial on [-0.5, 0.5] scaled by 2^k through the exponent bits
+ * (relative error <= 1e-7, about one float32 ulp); NaN in, NaN out; below 2^-127 it flushes to 0.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define LANES 8
+#define TILE 64
+
+typedef float vf __attribute__((vector_size(32)));
+typedef int32_t vi __attribute__((vector_size(32)));
+
+static inline vf splat(float x) { return (vf){x, x, x, x, x, x, x, x}; }
+/* m ? a : b per lane, m from a vector comparison (all ones or zero) */
+static inline vf sel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
+
+#if defined(__AVX__)
+#include <immintrin.h>
+/* max/min that return their second operand when it is NaN (x86 semantics), so NaN survives */
+static inline vf vmax_keepnan(vf lo, vf x) { return (vf)_mm256_max_ps((__m256)lo, (__m256)x); }
+static inline vf vmin_keepnan(vf hi, vf x) { return (vf)_mm256_min_ps((__m256)hi, (__m256)x); }
+#else
+static inline vf vmax_keepnan(vf lo, vf x) { return sel(x < lo, lo, x); }
+static inline vf vmin_keepnan(vf hi, vf x) { return sel(x > hi, hi, x); }
+#endif
+
+static inline vf vexp2(vf x) {
+    /* clamp to [-127, 128]; 2^k is then built from exponent bits 0 (k = -127: flushes to 0) to
+     * 255 (k = 128: +inf), and multiplying by it keeps NaN as NaN */
+    vf xc = vmin_keepnan(splat(128.0f), vmax_keepnan(splat(-127.0f), x));
+    const vf magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    vf r = xc + magic;
+    vf k = r - magic;
+    vi ki = (vi)r - (vi)magic;
+    vf f = xc - k; /* in [-0.5, 0.5] */
+    vf q = splat(0.00015370726760011166f);
+    q = q * f + 0.0013399848248809576f;
+    q = q * f + 0.009618373587727547f;
+    q = q * f + 0.05550329014658928f;
+    q = q * f + 0.24022647738456726f;
+    q = q * f + 0.6931471824645996f;
+    vf p = q * f + 1.0f;
+    return p * (vf)((ki + 127) << 23);
+}
+
+/* natural log of w >= 1 (w finite or +inf) */
+static inline vf vlog_ge1(vf w) {
+    vi bits = (vi)w;
+    vi e = ((bits >> 23) & 0xff) - 127;
+    vf m = (vf)((bits & 0x7fffff) | 0x3f800000); /* [1, 2) */
+    vi big = m > 1.41421356f;
+    m = sel(big, m * 0.5f, m);
+    e = e - big; /* big is -1 where true */
+    vf s = (m - 1.0f) / (m + 1.0f);
+    vf s2 = s * s;
+    vf t = s2 * (1.0f / 11.0f) + (1.0f / 9.0f);
+    t = t * s2 + (1.0f / 7.0f);
+    t = t * s2 + (1.0f / 5.0f);
+    t = t * s2 + (1.0f / 3.0f);
+    t = t * s2 + 1.0f;
+    vf ef = __builtin_convertvector(e, vf);
+    vf out = ef * 0.693147180559945f + 2.0f * s * t;
+    return sel(w == __builtin_inff(), w, out);
+}
+
+#define LOG2E 1.4426950408889634f
+
+/* torch's softplus (beta 1, threshold 20): x > 20 ? x : log1p(exp(x)) */
+static inline vf vsoftplus(vf x) {
+    vf y = vexp2(sel(x > 20.0f, splat(0.0f), x) * LOG2E);
+    vf w = y + 1.0f;
+    /* log1p(y) = log(w) * y / (w - 1) corrects the rounding of 1 + y (exact when w == 1) */
+    vf l = vlog_ge1(w);
+    vf wm1 = w - 1.0f;
+    vf lp = sel(wm1 == 0.0f, y, l * (y / sel(wm1 == 0.0f, splat(1.0f), wm1)));
+    return sel(x > 20.0f, x, lp);
+}
+
+static inline vf vsilu(vf z) { return z / (1.0f + vexp2(-z * LOG2E)); }
+
+/* tile[t][lane] = src[t * st + lane * sc] for t < nt, lane < w; zero elsewhere */
+static void load_tile(vf *tile, const float *src, int64_t st, int64_t sc, int64_t nt, int64_t w) {
+    if (sc == 1 && w == LANES) {
+        for (int64_t t = 0; t < nt; t++) memcpy(&tile[t], src + t * st, sizeof(vf));
+        return;
+    }
+    memset(tile, 0, (size_t)nt * sizeof(vf));
+    for (int64_t l = 0; l < w; l++) {
+        const float *p = src + l * sc;
+        for (int64_t t = 0; t < nt; t++) ((float *)&tile[t])[l] = p[t * st];
+    }
+}
+
+static void store_tile(const vf *tile, float *dst, int64_t st, int64_t sc, int64_t nt, int64_t w) {
+    if (sc == 1 && w == LANES) {
+        for (int64_t t = 0; t < nt; t++) memcpy(dst + t * st, &tile[t], sizeof(vf));
+        return;
+    }
+    for (int64_t l = 0; l < w; l++) {
+        float *p = dst + l * sc;
+        for (int64_t t = 0; t < nt; t++) p[t * st] = ((const float *)&tile[t])[l];
+    }
+}
+
+typedef struct {
+    const float *p;
+    int64_t sb, st, sc;
+} strided;
+
+/* One block: batch b, channels [c, c + w) of group grp. */
+static void scan_block(int64_t b, int64_t c, int64_t w, int64_t grp, int64_t L, int64_t dim, int64_t groups,
+                       int64_t N, strided u, strided dl, strided z, const float *A2, const float *BT,
+                       const float *CT, const float *Dv, const float *bias, int softplus, int reverse, float *out,
+                       int64_t o_sb, int64_t o_st, int64_t o_sc, float *states, int64_t chunk, int64_t batch,
+                       float *last) {
+    const int64_t hd = dim / groups;
+    vf h[N], a2[N];
+    vf tu[TILE], td[TILE], tz[TILE], ty[TILE];
+    vf Dvec = splat(0.0f), bvec = splat(0.0f);
+    for (int64_t n = 0; n < N; n++) {
+        h[n] = splat(0.0f);
+        a2[n] = splat(0.0f);
+        for (int64_t l = 0; l < w; l++) a2[n][l] = A2[(c + l) * N + n];
+    }
+    for (int64_t l = 0; l < w; l++) {
+        if (Dv) Dvec[l] = Dv[c + l];
+        if (bias) bvec[l] = bias[c + l];
+    }
+    const int64_t ntiles = (L + TILE - 1) / TILE;
+    const int64_t nchunks = chunk > 0 ? (L + chunk - 1) / chunk : 0;
+    const size_t gstride = (size_t)groups * N; /* BT/CT elements per time step */
+    for (int64_t i = 0; i < ntiles; i++) {
+        const int64_t tile = reverse ? ntiles - 1 - i : i;
+        const int64_t t0 = tile * TILE;
+        const int64_t nt = (L - t0) < TILE ? (L - t0) : TILE;
+        load_tile(tu, u.p + b * u.sb + t0 * u.st + c * u.sc, u.st, u.sc, nt, w);
+        load_tile(td, dl.p + b * dl.sb + t0 * dl.st + c * dl.sc, dl.st, dl.sc, nt, w);
+        if (z.p) load_tile(tz, z.p + b * z.sb + t0 * z.st + c * z.sc, z.st, z.sc, nt, w);
+        for (int64_t j = 0; j < nt; j++) {
+            const int64_t k = reverse ? nt - 1 - j : j;
+            const int64_t t = t0 + k;
+            vf dt = td[k] + bvec;
+            if (softplus) dt = vsoftplus(dt);
+            const vf du = dt * tu[k];
+            const float *Bt = BT + ((size_t)(b * L + t)) * gstride + grp * N;
+            const float *Ct = CT + ((size_t)(b * L + t)) * gstride + grp * N;
+            vf y0 = Dvec * tu[k], y1 = splat(0.0f);
+            int64_t n = 0;
+            for (; n + 1 < N; n += 2) {
+                h[n] = vexp2(dt * a2[n]) * h[n] + du * Bt[n];
+                h[n + 1] = vexp2(dt * a2[n + 1]) * h[n + 1] + du * Bt[n + 1];
+                y0 += Ct[n] * h[n];
+                y1 += Ct[n + 1] * h[n + 1];
+            }
+            if (n < N) {
+                h[n] = vexp2(dt * a2[n]) * h[n] + du * Bt[n];
+                y0 += Ct[n] * h[n];
+            }
+            vf y = y0 + y1;
+            if (z.p) y *= vsilu(tz[k]);
+            ty[k] = y;
+            if (states) {
+                /* the state entering each processed chunk, as the recomputing backward expects */
+                int64_t kk = -1;
+                if (!reverse && ((t + 1) % chunk == 0 || t == L - 1)) kk = t / chunk + 1;
+                if (reverse && t % chunk == 0) kk = nchunks - t / chunk;
+                if (kk >= 0) {
+                    float *s = states + (((kk * batch + b) * groups + grp) * N) * hd + (c - grp * hd);
+                    for (int64_t m = 0; m < N; m++)
+                        for (int64_t l = 0; l < w; l++) s[m * hd + l] = h[m][l];
+                }
+            }
+        }
+        store_tile(ty, out + b * o_sb + t0 * o_st + c * o_sc, o_st, o_sc, nt, w);
+    }
+    if (last)
+        for (int64_t l = 0; l < w; l++)
+            for (int64_t m = 0; m < N; m++) last[(b * dim + c + l) * N + m] = h[m][l];
+}
+
+/* Scan channels [c0, c1) of every batch element. states: NULL, or (L/chunk + 1, batch, groups,
+ * N, dim/groups) receiving the state entering each processed chunk (index 0 is left alone);
+ * last: NULL, or (batch, dim, N) receiving the final state. Returns 0. */
+int storm_scan_fwd_f32(int64_t batch, int64_t L, int64_t dim, int64_t groups, int64_t N, const float *u,
+                       int64_t u_sb, int64_t u_st, int64_t u_sc, const float *delta, int64_t d_sb, int64_t d_st,
+                       int64_t d_sc, const float *z, int64_t z_sb, int64_t z_st, int64_t z_sc, const float *A2,
+                       const float *BT, const float *CT, const float *Dv, const float *bias, int softplus,
+                       int reverse, float *out, int64_t o_sb, int64_t o_st, int64_t o_sc, float *states,
+                       int64_t chunk, float *last, int64_t c0, int64_t c1) {
+    const int64_t hd = dim / groups;
+    strided su = {u, u_sb, u_st, u_sc}, sd = {delta, d_sb, d_st, d_sc}, sz = {z, z_sb, z_st, z_sc};
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t grp = 0; grp < groups; grp++) {
+            int64_t lo = grp * hd > c0 ? grp * hd : c0, hi = (grp + 1) * hd < c1 ? (grp + 1) * hd : c1;
+            for (int64_t c = lo; c < hi; c += LANES) {
+                const int64_t w = hi - c < LANES ? hi - c : LANES;
+                scan_block(b, c, w, grp, L, dim, groups, N, su, sd, sz, A2, BT, CT, Dv, bias, softplus, reverse,
+                           out, o_sb, o_st, o_sc, states, chunk, batch, last);
+            }
+        }
+    return 0;
+}
