@@ -289,7 +289,7 @@ def main(argv=None):
 
     lib = cpu_kernel.load()
     print(f"# fast path: {'the fused C kernel, ' + str(lib._name) if lib else 'pure PyTorch (the C kernel did not build)'}"
-          f"; forward+backward = kernel forward + PyTorch recomputing backward", flush=True)
+          f"; forward and backward", flush=True)
     if args.floor_check_only:
         return _floor_table(args)
     mambapy = _mambapy_installed()

@@ -1,4 +1,4 @@
-/* Fused selective-scan forward for the CPU (float32): one pass over time per block of 8
+/* Fused selective scan for the CPU (float32), forward and backward: one pass over time per block of 8
  * channels, everything (bias, softplus, the L*D*N decays, the state update, y = C.h + D*u, the
  * silu(z) gate) in registers and L1. Compiled on first use by storm_vlm/ssm/cpu_kernel.py with
  * -O3 -march=native; GCC/Clang vector extensions give AVX2 on x86-64 and NEON elsewhere.
@@ -13,6 +13,7 @@
  * (relative error <= 1e-7, about one float32 ulp); NaN in, NaN out; below 2^-127 it flushes to 0.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define LANES 8
@@ -30,7 +31,14 @@ static inline vf sel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b))
 /* max/min that return their second operand when it is NaN (x86 semantics), so NaN survives */
 static inline vf vmax_keepnan(vf lo, vf x) { return (vf)_mm256_max_ps((__m256)lo, (__m256)x); }
 static inline vf vmin_keepnan(vf hi, vf x) { return (vf)_mm256_min_ps((__m256)hi, (__m256)x); }
+static inline float hsum(vf v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
 #else
+static inline float hsum(vf v) { return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7])); }
 static inline vf vmax_keepnan(vf lo, vf x) { return sel(x < lo, lo, x); }
 static inline vf vmin_keepnan(vf hi, vf x) { return sel(x > hi, hi, x); }
 #endif
@@ -207,6 +215,168 @@ int storm_scan_fwd_f32(int64_t batch, int64_t L, int64_t dim, int64_t groups, in
                 const int64_t w = hi - c < LANES ? hi - c : LANES;
                 scan_block(b, c, w, grp, L, dim, groups, N, su, sd, sz, A2, BT, CT, Dv, bias, softplus, reverse,
                            out, o_sb, o_st, o_sc, states, chunk, batch, last);
+            }
+        }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ backward
+ * Per block of 8 channels, chunk by chunk in the reverse of the forward's processing order: the
+ * chunk's decays a_t and states h_t are recomputed from the saved state entering it (``states``,
+ * as the forward wrote them), then the adjoint recurrence G_t = gy_t C_t + a_{t+1} G_{t+1} runs
+ * backwards through it. B and C gradients are sums over channels: each call adds its channels'
+ * share into gBT / gCT, (batch, L, groups, N), which the caller zeroes (one pair per thread). */
+
+typedef struct {
+    float *p;
+    int64_t sb, st, sc;
+} strided_out;
+
+static void *aligned_buf(size_t count) { /* count vectors, 32-byte aligned */
+    return aligned_alloc(32, (count ? count : 1) * sizeof(vf));
+}
+
+static inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp2(-x * LOG2E)); }
+
+static int bwd_block(int64_t b, int64_t c, int64_t w, int64_t grp, int64_t L, int64_t dim, int64_t groups, int64_t N,
+                     strided u, strided dl, strided z, strided go, const float *A2, const float *BT, const float *CT,
+                     const float *Dv, const float *bias, int softplus, int reverse, const float *states,
+                     int64_t T, const float *glast, int64_t batch, strided_out gu, strided_out gdl, strided_out gz,
+                     float *gA, float *gD, float *gbias, float *gBT, float *gCT) {
+    const int64_t hd = dim / groups;
+    const int64_t nchunks = (L + T - 1) / T;
+    const size_t gstride = (size_t)groups * N;
+    vf *H = aligned_buf((size_t)T * N), *Ab = aligned_buf((size_t)T * N);
+    vf *tu = aligned_buf(T), *td = aligned_buf(T), *tz = aligned_buf(T), *tg = aligned_buf(T);
+    vf *traw = aligned_buf(T), *ty = aligned_buf(T), *ogu = aligned_buf(T), *ogd = aligned_buf(T), *ogz = aligned_buf(T);
+    vf *an = aligned_buf(N), *a2 = aligned_buf(N), *carry = aligned_buf(N), *gAacc = aligned_buf(N), *h0 = aligned_buf(N);
+    if (!H || !Ab || !tu || !td || !tz || !tg || !traw || !ty || !ogu || !ogd || !ogz || !an || !a2 || !carry ||
+        !gAacc || !h0) {
+        free(H), free(Ab), free(tu), free(td), free(tz), free(tg), free(traw), free(ty), free(ogu), free(ogd);
+        free(ogz), free(an), free(a2), free(carry), free(gAacc), free(h0);
+        return 1;
+    }
+    vf Dvec = splat(0.0f), bvec = splat(0.0f), gDacc = splat(0.0f), gbacc = splat(0.0f);
+    for (int64_t n = 0; n < N; n++) {
+        a2[n] = splat(0.0f);
+        carry[n] = splat(0.0f);
+        gAacc[n] = splat(0.0f);
+        for (int64_t l = 0; l < w; l++) {
+            a2[n][l] = A2[(c + l) * N + n];
+            if (glast) carry[n][l] = glast[(b * dim + c + l) * N + n];
+        }
+        an[n] = a2[n] * 0.693147180559945f;
+    }
+    for (int64_t l = 0; l < w; l++) {
+        if (Dv) Dvec[l] = Dv[c + l];
+        if (bias) bvec[l] = bias[c + l];
+    }
+    for (int64_t k = nchunks - 1; k >= 0; k--) {
+        const int64_t ci = reverse ? nchunks - 1 - k : k;
+        const int64_t s = ci * T, nt = (L - s) < T ? (L - s) : T;
+        load_tile(tu, u.p + b * u.sb + s * u.st + c * u.sc, u.st, u.sc, nt, w);
+        load_tile(td, dl.p + b * dl.sb + s * dl.st + c * dl.sc, dl.st, dl.sc, nt, w);
+        load_tile(tg, go.p + b * go.sb + s * go.st + c * go.sc, go.st, go.sc, nt, w);
+        if (z.p) load_tile(tz, z.p + b * z.sb + s * z.st + c * z.sc, z.st, z.sc, nt, w);
+        const float *hs = states + (((k * batch + b) * groups + grp) * N) * hd + (c - grp * hd);
+        for (int64_t n = 0; n < N; n++) {
+            h0[n] = splat(0.0f);
+            for (int64_t l = 0; l < w; l++) h0[n][l] = hs[n * hd + l];
+        }
+        /* recompute: j runs in processing order, position s + kk */
+        for (int64_t j = 0; j < nt; j++) {
+            const int64_t kk = reverse ? nt - 1 - j : j;
+            const int64_t t = s + kk;
+            vf raw = td[kk] + bvec;
+            vf dt = softplus ? vsoftplus(raw) : raw;
+            traw[kk] = raw;
+            td[kk] = dt;
+            const vf du = dt * tu[kk];
+            const float *Bt = BT + ((size_t)(b * L + t)) * gstride + grp * N;
+            const float *Ct = CT + ((size_t)(b * L + t)) * gstride + grp * N;
+            const vf *hp = j ? H + (reverse ? kk + 1 : kk - 1) * N : h0;
+            vf *hc = H + kk * N, *ac = Ab + kk * N;
+            vf y = Dvec * tu[kk];
+            for (int64_t n = 0; n < N; n++) {
+                ac[n] = vexp2(dt * a2[n]);
+                hc[n] = ac[n] * hp[n] + du * Bt[n];
+                y += Ct[n] * hc[n];
+            }
+            ty[kk] = y;
+        }
+        /* adjoint: j runs backwards through the processing order */
+        for (int64_t j = nt - 1; j >= 0; j--) {
+            const int64_t kk = reverse ? nt - 1 - j : j;
+            const int64_t t = s + kk;
+            const vf dt = td[kk], uu = tu[kk];
+            vf gy = tg[kk];
+            if (z.p) {
+                const vf zz = tz[kk], sz = vsigmoid(zz);
+                ogz[kk] = gy * ty[kk] * sz * (1.0f + zz * (1.0f - sz));
+                gy = gy * zz * sz;
+            }
+            gDacc += gy * uu;
+            const vf du = dt * uu;
+            const float *Bt = BT + ((size_t)(b * L + t)) * gstride + grp * N;
+            const float *Ct = CT + ((size_t)(b * L + t)) * gstride + grp * N;
+            float *gBt = gBT + ((size_t)(b * L + t)) * gstride + grp * N;
+            float *gCt = gCT + ((size_t)(b * L + t)) * gstride + grp * N;
+            const vf *hp = j ? H + (reverse ? kk + 1 : kk - 1) * N : h0;
+            const vf *hc = H + kk * N, *ac = Ab + kk * N;
+            vf gdu = splat(0.0f), gdtA = splat(0.0f);
+            for (int64_t n = 0; n < N; n++) {
+                const vf G = gy * Ct[n] + carry[n];
+                gCt[n] += hsum(gy * hc[n]);
+                gBt[n] += hsum(G * du);
+                gdu += G * Bt[n];
+                const vf wgt = G * hp[n] * ac[n]; /* dLoss / d(dt * A[n]) */
+                gAacc[n] += wgt * dt;
+                gdtA += wgt * an[n];
+                carry[n] = ac[n] * G;
+            }
+            vf gdt = gdtA + gdu * uu;
+            if (softplus) gdt *= vsigmoid(traw[kk]);
+            gbacc += gdt;
+            ogd[kk] = gdt;
+            ogu[kk] = gdu * dt + gy * Dvec;
+        }
+        store_tile(ogu, gu.p + b * gu.sb + s * gu.st + c * gu.sc, gu.st, gu.sc, nt, w);
+        store_tile(ogd, gdl.p + b * gdl.sb + s * gdl.st + c * gdl.sc, gdl.st, gdl.sc, nt, w);
+        if (z.p) store_tile(ogz, gz.p + b * gz.sb + s * gz.st + c * gz.sc, gz.st, gz.sc, nt, w);
+    }
+    for (int64_t l = 0; l < w; l++) { /* channels belong to one call: plain stores, summed over batch */
+        for (int64_t n = 0; n < N; n++) gA[(c + l) * N + n] += gAacc[n][l];
+        if (gD) gD[c + l] += gDacc[l];
+        if (gbias) gbias[c + l] += gbacc[l];
+    }
+    free(H), free(Ab), free(tu), free(td), free(tz), free(tg), free(traw), free(ty), free(ogu), free(ogd);
+    free(ogz), free(an), free(a2), free(carry), free(gAacc), free(h0);
+    return 0;
+}
+
+/* Backward of channels [c0, c1). gA (dim, N), gD and gbias (dim) are accumulated (+=) over the
+ * batch and must be zeroed by the caller, as must gBT / gCT. Returns 0, or 1 when out of memory. */
+int storm_scan_bwd_f32(int64_t batch, int64_t L, int64_t dim, int64_t groups, int64_t N, const float *u,
+                       int64_t u_sb, int64_t u_st, int64_t u_sc, const float *delta, int64_t d_sb, int64_t d_st,
+                       int64_t d_sc, const float *z, int64_t z_sb, int64_t z_st, int64_t z_sc, const float *gout,
+                       int64_t g_sb, int64_t g_st, int64_t g_sc, const float *A2, const float *BT, const float *CT,
+                       const float *Dv, const float *bias, int softplus, int reverse, const float *states,
+                       int64_t chunk, const float *glast, float *gu, int64_t gu_sb, int64_t gu_st, int64_t gu_sc,
+                       float *gdelta, int64_t gd_sb, int64_t gd_st, int64_t gd_sc, float *gz, int64_t gz_sb,
+                       int64_t gz_st, int64_t gz_sc, float *gA, float *gD, float *gbias, float *gBT, float *gCT,
+                       int64_t c0, int64_t c1) {
+    const int64_t hd = dim / groups;
+    strided su = {u, u_sb, u_st, u_sc}, sd = {delta, d_sb, d_st, d_sc}, sz = {z, z_sb, z_st, z_sc};
+    strided sg = {gout, g_sb, g_st, g_sc};
+    strided_out ou = {gu, gu_sb, gu_st, gu_sc}, od = {gdelta, gd_sb, gd_st, gd_sc}, oz = {gz, gz_sb, gz_st, gz_sc};
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t grp = 0; grp < groups; grp++) {
+            int64_t lo = grp * hd > c0 ? grp * hd : c0, hi = (grp + 1) * hd < c1 ? (grp + 1) * hd : c1;
+            for (int64_t c = lo; c < hi; c += LANES) {
+                const int64_t w = hi - c < LANES ? hi - c : LANES;
+                if (bwd_block(b, c, w, grp, L, dim, groups, N, su, sd, sz, sg, A2, BT, CT, Dv, bias, softplus,
+                              reverse, states, chunk, glast, batch, ou, od, oz, gA, gD, gbias, gBT, gCT))
+                    return 1;
             }
         }
     return 0;

@@ -1,4 +1,4 @@
-"""The fused CPU selective-scan forward (``_scan_kernel.c``), compiled on first use.
+"""The fused CPU selective scan, forward and backward (``_scan_kernel.c``), compiled on first use.
 
 The C source ships with the package and is compiled with the system C compiler (``$CC``, else
 cc / gcc / clang) for this machine's CPU (``-march=native``) into a per-user cache, keyed by the
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["load", "enabled", "scan_forward", "cache_dir"]
+__all__ = ["load", "enabled", "scan_forward", "scan_backward", "cache_dir"]
 
 logger = logging.getLogger("storm_vlm.ssm")
 SOURCE = Path(__file__).with_name("_scan_kernel.c")
@@ -111,6 +111,10 @@ def load() -> ctypes.CDLL | None:
             fn.argtypes = ([i64] * 5 + [ptr, i64, i64, i64] * 3 + [ptr] * 5 + [ctypes.c_int] * 2
                            + [ptr, i64, i64, i64, ptr, i64, ptr, i64, i64])
             fn.restype = ctypes.c_int
+            bwd = lib.storm_scan_bwd_f32
+            bwd.argtypes = ([i64] * 5 + [ptr, i64, i64, i64] * 4 + [ptr] * 5 + [ctypes.c_int] * 2
+                            + [ptr, i64, ptr] + [ptr, i64, i64, i64] * 3 + [ptr] * 5 + [i64, i64])
+            bwd.restype = ctypes.c_int
             _lib = lib
         except Exception as exc:  # a missing or broken toolchain must never break the model
             logger.warning("storm_vlm: fused CPU scan kernel unavailable, using the PyTorch scan (%s)", exc)
@@ -144,3 +148,25 @@ def scan_forward(lib: ctypes.CDLL, u: Tensor, delta: Tensor, z: Tensor | None, A
     lib.storm_scan_fwd_f32(b, L, d, g, n, _ptr(u), *_strides(u), _ptr(delta), *_strides(delta), _ptr(z),
                            *_strides(z), _ptr(A2), _ptr(BT), _ptr(CT), _ptr(D), _ptr(bias), int(softplus),
                            int(reverse), _ptr(out), *_strides(out), _ptr(states), int(chunk), _ptr(last), c0, c1)
+
+
+def scan_backward(lib: ctypes.CDLL, u: Tensor, delta: Tensor, z: Tensor | None, gout: Tensor, A2: Tensor,
+                  BT: Tensor, CT: Tensor, D: Tensor | None, bias: Tensor | None, softplus: bool, reverse: bool,
+                  states: Tensor, chunk: int, glast: Tensor | None, gu: Tensor, gdelta: Tensor, gz: Tensor | None,
+                  gA: Tensor, gD: Tensor | None, gbias: Tensor | None, gBT: Tensor, gCT: Tensor, c0: int,
+                  c1: int) -> None:
+    """Gradients of channels [c0, c1), from the states the forward saved every ``chunk`` steps.
+
+    u, delta, z, gout and the outputs gu, gdelta, gz: (b, d, L) float32, any strides; states:
+    (L/chunk + 1, b, g, N, d/g); glast: (b, d, N) contiguous or None. gA (d, N), gD, gbias (d,) and
+    gBT, gCT (b, L, g, N) are contiguous and accumulated into: pass zeros (gBT, gCT: one pair per
+    concurrent call)."""
+    b, d, L = u.shape
+    g, n = BT.shape[2], BT.shape[3]
+    rc = lib.storm_scan_bwd_f32(
+        b, L, d, g, n, _ptr(u), *_strides(u), _ptr(delta), *_strides(delta), _ptr(z), *_strides(z), _ptr(gout),
+        *_strides(gout), _ptr(A2), _ptr(BT), _ptr(CT), _ptr(D), _ptr(bias), int(softplus), int(reverse),
+        _ptr(states), int(chunk), _ptr(glast), _ptr(gu), *_strides(gu), _ptr(gdelta), *_strides(gdelta), _ptr(gz),
+        *_strides(gz), _ptr(gA), _ptr(gD), _ptr(gbias), _ptr(gBT), _ptr(gCT), c0, c1)
+    if rc != 0:
+        raise MemoryError(f"selective-scan backward kernel: out of memory for chunk {chunk} x d_state {n}")
