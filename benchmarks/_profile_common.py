@@ -34,6 +34,9 @@ def parser(description: str, repeats: int, warmup: int) -> argparse.ArgumentPars
     p.add_argument("--warmup", type=int, default=warmup)
     p.add_argument("--text-tokens", type=int, default=None, help="prompt tokens (default: the config's, 4 for bench-cpu)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the measured rows and ratios here")
+    p.add_argument("--no-tune-malloc", action="store_true",
+                   help="CPU: keep glibc's default allocator thresholds (default: freed memory is kept for reuse, "
+                        "see storm_vlm.profiling.tune_cpu_allocator)")
     return p
 
 
@@ -41,10 +44,12 @@ def load(args):
     """(model, source, profile defaults) from the arguments; sets threads."""
     import torch
 
-    from storm_vlm.profiling import build_random_model, load_model, load_model_config
+    from storm_vlm.profiling import build_random_model, load_model, load_model_config, tune_cpu_allocator
 
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
+        if not args.no_tune_malloc:
+            tune_cpu_allocator()
     if args.model_dir:
         return load_model(args.model_dir), args.model_dir, {}
     path = Path(args.config) if args.config else DEFAULT_CONFIG
@@ -81,8 +86,11 @@ def header(name: str, source: str, s) -> None:
 
     print(f"== {name} ==")
     print(f"model: {source}")
+    from storm_vlm.profiling import _ALLOCATOR_STATE
+
+    alloc = "tuned (freed memory reused)" if _ALLOCATOR_STATE.get("tuned") else "glibc defaults"
     print(f"device {s.device}, {s.dtype}, torch threads {torch.get_num_threads()}, repeats {s.repeats} "
-          f"(+{s.warmup} warm-up), text tokens {s.text_tokens}; load average {_load()}")
+          f"(+{s.warmup} warm-up), text tokens {s.text_tokens}; allocator {alloc}; load average {_load()}")
 
 
 def _load() -> str:
@@ -100,14 +108,17 @@ def interleaved(model, combos, s, label=True) -> dict:
     import dataclasses
     import statistics
 
-    from storm_vlm.profiling import profile_row
+    from storm_vlm.profiling import _Memory, profile_row
 
     one = dataclasses.replace(s, repeats=1, warmup=0)
+    # No heap trim between runs: each run here is a single timed one, and a trimmed heap would make
+    # it pay the page faults of a cold process (peak memory is then an upper bound: max over rows).
+    memory = _Memory(s.device, trim=False)
     runs = {(f, c.factor): [] for f, c in combos}
     for rnd in range(s.warmup + s.repeats):
         timed = rnd >= s.warmup
         for frames, comp in combos:
-            row = profile_row(model, frames, comp, one)
+            row = profile_row(model, frames, comp, one, memory=memory)
             if row.get("skipped"):
                 return {(frames, comp.factor): row}
             if timed:

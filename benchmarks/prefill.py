@@ -63,6 +63,12 @@ def main(argv=None) -> int:
         print(f"projector share of prefill at 32 frames, {factor}x: {100 * share:5.2f}% "
               f"(target <= 5%: {common.verdict(share, 0.05, higher_is_better=False)})")
     print("(ratios and shares: median over the timed rounds of the figure within each round)")
+    print("achieved rate per module (FLOPs from storm_vlm.costmodel, attention counted dense / median ms):")
+    for (frames, factor), r in rows.items():
+        rates = {k: r["gflop"][k] / r[f"{k}_ms"] * 1e3 for k in ("vision_tower", "projector", "llm_prefill")}
+        out[f"gflop_per_s_{frames}f_{factor}x"] = {k: round(v, 2) for k, v in rates.items()}
+        print(f"  {frames:>4} frames {factor}x: vision tower {rates['vision_tower']:5.1f}, projector "
+              f"{rates['projector']:5.1f}, LLM prefill {rates['llm_prefill']:5.1f} GFLOP/s")
     vision_share = rows[(128, 4)]["vision_tower_ms"] / ttft(rows[(128, 4)])
     print(f"(vision tower share of prefill at 128 frames, 4x: {100 * vision_share:.1f}% — compression "
           f"does not reduce it)")

@@ -5,8 +5,10 @@ import torch
 
 from storm_vlm import StormConfig, StormForConditionalGeneration
 from storm_vlm.costmodel import (
+    A100_80GB,
     DEFAULT_COMPRESSIONS,
     Compression,
+    decode_bounds,
     decode_cost,
     kv_bytes_per_token,
     llm_prefill_cost,
@@ -105,9 +107,22 @@ def test_llm_prefill_and_decode_flops_by_hand(real):
     per_token = 2 * d * d * 2 + 2 * 2 * d * kv + 6 * d * I + 4 * (c + 1) * d
     cost = decode_cost(real, c)
     assert cost.flops == layers * per_token + 2 * d * V
-    # decode reads every LLM weight and the whole KV cache: 2 (k,v) x 28 layers x 512 x 2 bytes per token
+    # decode reads every LLM weight but the embedding table (one row of it) and the whole KV cache:
+    # 2 (k,v) x 28 layers x 512 x 2 bytes per token
     assert kv_bytes_per_token(real) == 2 * 28 * 512 * 2
-    assert cost.bytes == 7_615_616_512 * 2 + (c + 1) * 2 * 28 * 512 * 2
+    assert cost.bytes == (7_615_616_512 - (V - 1) * d) * 2 + (c + 1) * 2 * 28 * 512 * 2
+
+
+def test_decode_bounds_at_256_frames(real):
+    """Decode is weight-bound: 4x compression at 256 frames can cut a step ~1.19x in bytes, 1.95x in FLOPs."""
+    none, four = 65536 + 64, 16384 + 64
+    b = decode_bounds(real, none, four, hardware=A100_80GB)
+    weights = (7_615_616_512 - 152063 * 3584) * 2  # 14.1 GB read per step
+    kv = 2 * 28 * 512 * 2
+    assert b["bytes_ratio"] == pytest.approx((weights + (none + 1) * kv) / (weights + (four + 1) * kv))
+    assert 1.18 < b["bytes_ratio"] < 1.20 and 1.9 < b["flops_ratio"] < 2.0
+    assert b["roofline_ratio"] == pytest.approx(b["bytes_ratio"])  # memory bound on an A100
+    assert b["roofline_s_a"] == pytest.approx(decode_cost(real, none).bytes / A100_80GB.bandwidth)
 
 
 def test_compression_cuts_llm_cost_superlinearly_and_leaves_vision(real):

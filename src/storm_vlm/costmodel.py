@@ -22,7 +22,9 @@ repository executes for one video of T frames:
   logit row).
 * **decode**, per generated token with c tokens in the KV cache: per layer the same projections
   and MLP for one token plus attention 4·(c+1)·h·hd; the LM head 2·d·V. Its bytes are the LLM's
-  weights plus the KV cache it reads, 2·layers·g·hd·c elements: decode is memory bound on GPUs.
+  weights it reads (all but the input-embedding table, of which it reads one row) plus the KV cache,
+  2·layers·g·hd·(c+1) elements: a decode step is memory bound on GPUs and CPUs alike, and
+  compression shrinks only the KV part (see `decode_bounds`).
 
 Norms, activations, softmax, RoPE and residual adds are left out (elementwise, < 1% of FLOPs).
 Token counts come from `StormConfig.num_visual_tokens`, the one place that counts them.
@@ -54,6 +56,7 @@ __all__ = [
     "projector_cost",
     "llm_prefill_cost",
     "decode_cost",
+    "decode_bounds",
     "pipeline_cost",
     "kv_bytes_per_token",
 ]
@@ -367,8 +370,26 @@ def decode_cost(config, context_len: int, bytes_per_el: int = 2) -> ModuleCost:
     per_layer = _llm_token_linear_flops(l) + 4 * (context_len + 1) * q
     flops = l["layers"] * per_layer + 2 * l["d"] * l["vocab"]
     kv = kv_bytes_per_token(config, bytes_per_el) * (context_len + 1)
-    weights = param_counts(config)["llm"]
+    # the input-embedding lookup reads one row of the table, not the table
+    weights = param_counts(config)["llm"] - (l["vocab"] - 1) * l["d"]
     return ModuleCost(flops, weights * bytes_per_el, kv)
+
+
+def decode_bounds(config, context_a: int, context_b: int, bytes_per_el: int = 2, hardware: "Hardware | None" = None) -> dict:
+    """How much faster a decode step on a `context_b`-token cache can be than on `context_a` tokens.
+
+    {"flops_ratio": FLOPs(a) / FLOPs(b) (the compute-bound limit), "bytes_ratio": bytes(a) / bytes(b)
+    (the memory-bound limit: weights read + KV cache), and with `hardware` "roofline_ratio" and the
+    roofline seconds "roofline_s_a" / "roofline_s_b"}. A step reads every weight whatever the cache
+    length, so the achievable ratio lies at or below the larger of the two and, where the step is
+    memory bound (GPUs, and CPUs at batch 1), near `bytes_ratio`.
+    """
+    a, b = decode_cost(config, context_a, bytes_per_el), decode_cost(config, context_b, bytes_per_el)
+    out = {"flops_ratio": a.flops / b.flops, "bytes_ratio": a.bytes / b.bytes}
+    if hardware is not None:
+        sa, sb = hardware.seconds(a), hardware.seconds(b)
+        out.update(roofline_ratio=sa / sb, roofline_s_a=sa, roofline_s_b=sb)
+    return out
 
 
 # ---- the whole pipeline -----------------------------------------------------------------------
