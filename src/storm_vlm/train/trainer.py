@@ -51,7 +51,7 @@ from storm_vlm.data.sampler import GlobalBatchSampler
 from storm_vlm.errors import ConfigError, StormError
 from storm_vlm.train import checkpoint as ckpt
 from storm_vlm.train.config import TrainConfig, config_from_dict
-from storm_vlm.train.launch import DistEnv, end_accelerator, make_accelerator, use_bf16  # noqa: F401
+from storm_vlm.train.launch import DistEnv, end_accelerator, make_accelerator
 from storm_vlm.train.stages import apply_stage, has_lora, merged_state_dict, parameter_groups, trainable_names
 
 logger = logging.getLogger("storm_vlm.train")
@@ -259,6 +259,7 @@ class Trainer:
         )
 
         if self.fsdp:
+            model.to(self.device)
             _fully_shard(model, self.bf16 and self.device.type == "cuda")
             # Sharded here (see the module docstring); accelerate adds autocast and tracks the model.
             self.wrapped = acc.prepare_model(model, device_placement=False, evaluation_mode=True)
