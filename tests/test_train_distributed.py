@@ -116,3 +116,31 @@ def test_lora_with_different_media_on_each_rank_fsdp2_and_ddp(setup):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
     # DDP copes through find_unused_parameters (no dummy frame there): same curve and weights.
     compare(ref, torchrun(path, tmp / "mixed_ddp", "distributed=ddp", "per_device_batch_size=2"))
+
+
+ACCELERATE_PROBE = """
+import json, os, sys, torch
+from accelerate import Accelerator
+from accelerate.utils import FullyShardedDataParallelPlugin
+acc = Accelerator(cpu=True, fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))
+model = acc.prepare(torch.nn.Linear(2, 2))
+if acc.is_main_process:
+    json.dump({"processes": acc.num_processes, "type": acc.distributed_type.name, "fsdp2": acc.is_fsdp2,
+               "wrapper": type(model).__name__}, open(sys.argv[1], "w"))
+"""
+
+
+def test_accelerate_still_drops_fsdp2_on_cpu(tmp_path):
+    """Why the trainer shards with fully_shard itself (README): accelerate keeps MULTI_CPU and wraps in
+    DDP when given an FSDP2 plugin on CPU. If this starts failing, accelerate can do it: use the plugin."""
+    if torch.cuda.is_available():
+        pytest.skip("about CPU-only machines")
+    script = tmp_path / "probe.py"
+    script.write_text(ACCELERATE_PROBE)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path / "out.json")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    found = json.loads((tmp_path / "out.json").read_text())
+    assert found == {"processes": 2, "type": "MULTI_CPU", "fsdp2": False, "wrapper": "DistributedDataParallel"}
