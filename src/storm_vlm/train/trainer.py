@@ -22,7 +22,8 @@ Only the language model's decoder layers are sharded on their own; the vision to
 projector stay in the root group, gathered once per forward. Every rank must run the same
 collectives, so a micro-batch without media still runs the vision path on one black frame in an
 extra, fully ignored row (`_with_dummy_video`): otherwise one rank would reduce-scatter projector
-gradients the other does not have, and the step would hang.
+gradients the other does not have (gloo aborts: "Received data size doesn't match expected size";
+NCCL would hang). tests/test_train_distributed.py checks both with different media on each rank.
 
 Loss: token-level cross entropy summed over every label token of the *global* batch (all
 ranks, all accumulation micro-steps) and divided by their total count. Each rank back-propagates
