@@ -246,16 +246,12 @@ static int bwd_block(int64_t b, int64_t c, int64_t w, int64_t grp, int64_t L, in
     const int64_t hd = dim / groups;
     const int64_t nchunks = (L + T - 1) / T;
     const size_t gstride = (size_t)groups * N;
-    vf *H = aligned_buf((size_t)T * N), *Ab = aligned_buf((size_t)T * N);
-    vf *tu = aligned_buf(T), *td = aligned_buf(T), *tz = aligned_buf(T), *tg = aligned_buf(T);
-    vf *traw = aligned_buf(T), *ty = aligned_buf(T), *ogu = aligned_buf(T), *ogd = aligned_buf(T), *ogz = aligned_buf(T);
-    vf *an = aligned_buf(N), *a2 = aligned_buf(N), *carry = aligned_buf(N), *gAacc = aligned_buf(N), *h0 = aligned_buf(N);
-    if (!H || !Ab || !tu || !td || !tz || !tg || !traw || !ty || !ogu || !ogd || !ogz || !an || !a2 || !carry ||
-        !gAacc || !h0) {
-        free(H), free(Ab), free(tu), free(td), free(tz), free(tg), free(traw), free(ty), free(ogu), free(ogd);
-        free(ogz), free(an), free(a2), free(carry), free(gAacc), free(h0);
-        return 1;
-    }
+    /* one allocation for every work buffer: H, Ab (T x N each), 9 tiles of T, 6 vectors of N */
+    vf *mem = aligned_buf((size_t)(2 * T * N + 9 * T + 6 * N));
+    if (!mem) return 1;
+    vf *H = mem, *Ab = H + T * N, *tu = Ab + T * N, *td = tu + T, *tz = td + T, *tg = tz + T, *traw = tg + T;
+    vf *ty = traw + T, *ogu = ty + T, *ogd = ogu + T, *ogz = ogd + T, *an = ogz + T, *a2 = an + N;
+    vf *carry = a2 + N, *gAacc = carry + N, *h0 = gAacc + N, *gAc = h0 + N;
     vf Dvec = splat(0.0f), bvec = splat(0.0f), gDacc = splat(0.0f), gbacc = splat(0.0f);
     for (int64_t n = 0; n < N; n++) {
         a2[n] = splat(0.0f);
@@ -304,7 +300,10 @@ static int bwd_block(int64_t b, int64_t c, int64_t w, int64_t grp, int64_t L, in
             }
             ty[kk] = y;
         }
-        /* adjoint: j runs backwards through the processing order */
+        /* adjoint: j runs backwards through the processing order. Sums over time go into per-chunk
+         * partials first (two-level summation: the error grows with chunk + L / chunk, not L). */
+        vf gDc = splat(0.0f), gbc = splat(0.0f);
+        for (int64_t n = 0; n < N; n++) gAc[n] = splat(0.0f);
         for (int64_t j = nt - 1; j >= 0; j--) {
             const int64_t kk = reverse ? nt - 1 - j : j;
             const int64_t t = s + kk;
@@ -315,7 +314,7 @@ static int bwd_block(int64_t b, int64_t c, int64_t w, int64_t grp, int64_t L, in
                 ogz[kk] = gy * ty[kk] * sz * (1.0f + zz * (1.0f - sz));
                 gy = gy * zz * sz;
             }
-            gDacc += gy * uu;
+            gDc += gy * uu;
             const vf du = dt * uu;
             const float *Bt = BT + ((size_t)(b * L + t)) * gstride + grp * N;
             const float *Ct = CT + ((size_t)(b * L + t)) * gstride + grp * N;
@@ -330,16 +329,19 @@ static int bwd_block(int64_t b, int64_t c, int64_t w, int64_t grp, int64_t L, in
                 gBt[n] += hsum(G * du);
                 gdu += G * Bt[n];
                 const vf wgt = G * hp[n] * ac[n]; /* dLoss / d(dt * A[n]) */
-                gAacc[n] += wgt * dt;
+                gAc[n] += wgt * dt;
                 gdtA += wgt * an[n];
                 carry[n] = ac[n] * G;
             }
             vf gdt = gdtA + gdu * uu;
             if (softplus) gdt *= vsigmoid(traw[kk]);
-            gbacc += gdt;
+            gbc += gdt;
             ogd[kk] = gdt;
             ogu[kk] = gdu * dt + gy * Dvec;
         }
+        gDacc += gDc;
+        gbacc += gbc;
+        for (int64_t n = 0; n < N; n++) gAacc[n] += gAc[n];
         store_tile(ogu, gu.p + b * gu.sb + s * gu.st + c * gu.sc, gu.st, gu.sc, nt, w);
         store_tile(ogd, gdl.p + b * gdl.sb + s * gdl.st + c * gdl.sc, gdl.st, gdl.sc, nt, w);
         if (z.p) store_tile(ogz, gz.p + b * gz.sb + s * gz.st + c * gz.sc, gz.st, gz.sc, nt, w);
@@ -349,8 +351,7 @@ static int bwd_block(int64_t b, int64_t c, int64_t w, int64_t grp, int64_t L, in
         if (gD) gD[c + l] += gDacc[l];
         if (gbias) gbias[c + l] += gbacc[l];
     }
-    free(H), free(Ab), free(tu), free(td), free(tz), free(tg), free(traw), free(ty), free(ogu), free(ogd);
-    free(ogz), free(an), free(a2), free(carry), free(gAacc), free(h0);
+    free(mem);
     return 0;
 }
 
