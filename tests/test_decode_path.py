@@ -1,0 +1,104 @@
+"""The decode path's two CPU speed-ups change no result: StormKVCache (in-place appends) and the
+grouped-query single-token attention ("storm_sdpa")."""
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicCache
+
+from storm_vlm import StormConfig
+from storm_vlm.modeling import STORM_SDPA, StormKVCache, _GrowingKVLayer
+from storm_vlm.profiling import build_random_model
+
+TINY = dict(
+    vision_config=dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, image_size=32, patch_size=8, vision_use_head=False),
+    text_config=dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, vocab_size=64),
+    projector_num_layers=1,
+    video_token_id=63,
+    image_token_id=62,
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_random_model(StormConfig(**TINY), seed=0)
+
+
+def _kv(n, seed, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 2, n, 8, generator=g), torch.randn(batch, 2, n, 8, generator=g)
+
+
+def test_growing_cache_holds_what_dynamic_cache_holds(model):
+    cfg = model.config.text_config
+    ours, ref = StormKVCache(config=cfg), DynamicCache(config=cfg)
+    assert all(type(layer) is _GrowingKVLayer for layer in ours.layers)
+
+    def step(n, seed):
+        for layer in range(2):
+            k, v = _kv(n, seed + layer)
+            got, want = ours.update(k, v, layer), ref.update(k, v, layer)
+            for a, b in zip(got, want):
+                assert a.shape == b.shape and torch.equal(a, b)
+
+    step(5, 0)  # prefill
+    buf = ours.layers[0]._key_buf
+    for i in range(140):  # past the first capacity (5 + 128): one re-growth
+        step(1, 10 + i)
+    assert ours.layers[0]._key_buf is not buf and ours.get_seq_length() == ref.get_seq_length() == 145
+    ours.crop(-7), ref.crop(-7)  # the dropped tokens are overwritten by the next appends
+    step(3, 500)
+    idx = torch.tensor([1])
+    ours.batch_select_indices(idx), ref.batch_select_indices(idx)  # replaced tensors are re-adopted
+    for layer in range(2):
+        k, v = _kv(2, 900 + layer, batch=1)
+        for a, b in zip(ours.update(k, v, layer), ref.update(k, v, layer)):
+            assert torch.equal(a, b)
+    assert ours.get_seq_length() == 143
+
+
+def test_growing_cache_falls_back_to_concatenation_under_autograd(model):
+    cache = StormKVCache(config=model.config.text_config)
+    k, v = _kv(4, 0)
+    k.requires_grad_(True)
+    keys, _ = cache.update(k, v, 0)
+    keys, _ = cache.update(k, v, 0)
+    keys.sum().backward()
+    assert torch.equal(k.grad, torch.full_like(k, 2.0))
+
+
+def test_model_picks_the_fast_parts_and_they_change_no_logit(model):
+    assert model.language_model.config._attn_implementation == STORM_SDPA
+    assert model.vision_tower.config._attn_implementation == "sdpa"
+    ids = torch.randint(0, 60, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True)
+        assert isinstance(out.cache, StormKVCache)
+        ref = DynamicCache(config=model.config.text_config)
+        model(input_ids=ids, cache=ref, use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        fast = [model(input_ids=tok, cache=out.cache, use_cache=True).logits for _ in range(3)]
+        model.set_attn_implementation("sdpa")
+        try:
+            assert model.language_model.config._attn_implementation == "sdpa"
+            plain = [model(input_ids=tok, cache=ref, use_cache=True).logits for _ in range(3)]
+        finally:
+            model.set_attn_implementation(STORM_SDPA)
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_generate_output_is_unchanged(model, beams):
+    ids = torch.randint(0, 60, (2, 9), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, num_beams=beams,
+              attention_mask=torch.ones_like(ids))
+    with torch.inference_mode():
+        fast = model.generate(ids, **kw)
+        model.set_attn_implementation("sdpa")
+        try:
+            plain = model.generate(ids, cache=DynamicCache(config=model.config.text_config), **kw)
+        finally:
+            model.set_attn_implementation(STORM_SDPA)
+    assert torch.equal(fast, plain)
