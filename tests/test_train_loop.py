@@ -93,3 +93,36 @@ def test_long_stage_pools_frames_and_counts_skipped_media(data, tmp_path):
     assert state["skipped_media"] == 1 and state["epoch"] == 1 and state["step_in_epoch"] == 0
     config = json.loads((final / "config.json").read_text())
     assert config["temporal_pool_size"] == 4
+
+
+def test_metrics_log_writes_tensorboard_scalars_when_installed(tmp_path, monkeypatch):
+    """TensorBoard is optional (not installed here): a stand-in SummaryWriter records the calls."""
+    import sys
+    import types
+
+    from storm_vlm.train.trainer import MetricsLog
+
+    calls = []
+
+    class Writer:
+        def __init__(self, log_dir, purge_step):
+            calls.append(("init", log_dir, purge_step))
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, value, step))
+
+        def close(self):
+            calls.append(("close",))
+
+    module = types.ModuleType("torch.utils.tensorboard")
+    module.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 4, "loss": 2.0}\n{"step": 5, "loss": 9.0}\n{"step": 6, "lo')
+    log = MetricsLog(tmp_path, enabled=True, tensorboard=True, resume_step=4)
+    log.log({"step": 5, "loss": 1.5, "lr": {"projector": 1e-3, "llm": 2e-5}, "stage": "sft"})
+    log.close()
+    assert calls == [("init", str(tmp_path / "tensorboard"), 5), ("train/loss", 1.5, 5),
+                     ("lr/projector", 1e-3, 5), ("lr/llm", 2e-5, 5), ("close",)]
+    # steps after the resumed checkpoint (and a line cut by the kill) are dropped, the new one appended
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(4, 2.0), (5, 1.5)]
