@@ -8,9 +8,13 @@ D width; L sequence length.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.activations import GELUTanh
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -22,6 +26,35 @@ from storm_vlm.config import StormConfig
 from storm_vlm.projector import MambaTemporalProjector, MLPProjector
 
 __all__ = ["StormPreTrainedModel", "StormForConditionalGeneration", "StormKVCache", "build_projector"]
+
+
+class _GELUTanhCPU(nn.Module):
+    """GELU with the tanh approximation (SigLIP's `gelu_pytorch_tanh`), computed faster on CPU.
+
+    0.5·x·(1 + tanh(u)) = x·sigmoid(2u), u = √(2/π)·(x + 0.044715·x³): the same function, evaluated
+    with sigmoid and in-place ops. PyTorch's CPU `gelu(approximate="tanh")` goes through a slow
+    vectorised tanh: on a (32, 64, 269) fp32 tensor 2.0 ms vs 0.55 ms for exact GELU, ~30% of the
+    bench-cpu vision tower; this form takes ~1.1 ms and differs by < 1e-6 (float rounding). Used for
+    fp32/fp64 CPU inference only; with autograd, other dtypes or devices it is `F.gelu(x, "tanh")`.
+    """
+
+    _TWO_C = 2.0 * math.sqrt(2.0 / math.pi)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
+                or (torch.is_grad_enabled() and x.requires_grad)):
+            return nn.functional.gelu(x, approximate="tanh")
+        y = x * x
+        y.mul_(0.044715 * self._TWO_C).add_(self._TWO_C).mul_(x)
+        return torch.sigmoid_(y).mul_(x)
+
+
+def _fast_gelu_tanh(module: nn.Module) -> None:
+    """Swap transformers' GELUTanh (the C `gelu(approximate="tanh")` variant) for `_GELUTanhCPU`."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is GELUTanh and isinstance(getattr(child, "act", None), functools.partial):
+                setattr(parent, name, _GELUTanhCPU())
 
 
 STORM_SDPA = "storm_sdpa"
@@ -212,6 +245,7 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
                     None, is_init_check=True
                 )
         _use_storm_sdpa(self.language_model.config)
+        _fast_gelu_tanh(self.vision_tower)
         self.post_init()
 
     @classmethod

@@ -21,6 +21,14 @@ Compression c (see `storm_vlm.costmodel.DEFAULT_COMPRESSIONS`): 1 = none, 4 = te
 pooling sizes are switched on the model's config for the row and restored afterwards: this changes
 what a model trained with other pooling computes (not its cost), so rows measure latency only.
 
+Each row also carries `gflop` (per module, from `storm_vlm.costmodel`, attention counted dense)
+and `gflop_per_s` (the rate each module reached), and `page_faults` (minor faults during the row).
+
+CPU allocator: `tune_cpu_allocator()` (called by `storm-vlm profile` and the benchmarks unless
+`--no-tune-malloc`) makes glibc reuse freed memory instead of mapping fresh, page-faulting pages
+for every large tensor; `cpu_allocator` in the result says whether it was on. The KV cache and
+decode attention are the model's own (`StormKVCache`, `storm_sdpa`; see `storm_vlm.modeling`).
+
 Peak memory: CUDA `max_memory_allocated` (reset per row); on CPU the process's resident-set
 high-water mark, reset per row through /proc/self/clear_refs (Linux), so each row's peak is its
 own (it includes the weights and everything else resident; `memory_baseline_mb` is the RSS when

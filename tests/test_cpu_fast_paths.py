@@ -1,12 +1,14 @@
-"""The decode path's two CPU speed-ups change no result: StormKVCache (in-place appends) and the
-grouped-query single-token attention ("storm_sdpa")."""
+"""The CPU speed-ups of StormForConditionalGeneration change no result: StormKVCache (in-place KV
+appends), the grouped-query single-token attention ("storm_sdpa") and the vision tower's
+sigmoid-form tanh-GELU."""
 
 import pytest
 import torch
+from transformers.activations import GELUTanh
 from transformers.cache_utils import DynamicCache
 
 from storm_vlm import StormConfig
-from storm_vlm.modeling import STORM_SDPA, StormKVCache, _GrowingKVLayer
+from storm_vlm.modeling import STORM_SDPA, StormKVCache, _GELUTanhCPU, _GrowingKVLayer
 from storm_vlm.profiling import build_random_model
 
 TINY = dict(
@@ -102,3 +104,34 @@ def test_generate_output_is_unchanged(model, beams):
         finally:
             model.set_attn_implementation(STORM_SDPA)
     assert torch.equal(fast, plain)
+
+
+def test_sigmoid_form_gelu_is_the_tanh_gelu(model):
+    x = torch.randn(4, 64, 269, generator=torch.Generator().manual_seed(3)) * 4
+    x[0, 0, :6] = torch.tensor([0.0, -30.0, 30.0, 1e-8, -1e4, 1e4])
+    act, ref = _GELUTanhCPU(), GELUTanh()
+    with torch.inference_mode():
+        torch.testing.assert_close(act(x), ref(x), rtol=1e-5, atol=2e-6)
+        torch.testing.assert_close(act(x.double()), ref(x.double()), rtol=1e-12, atol=1e-12)
+    x.requires_grad_(True)  # training: the original op (and its gradient)
+    act(x).sum().backward()
+    g = x.grad.clone()
+    x.grad = None
+    ref(x).sum().backward()
+    assert torch.equal(g, x.grad)
+
+
+def test_vision_tower_uses_it_and_features_are_unchanged(model):
+    acts = [m for m in model.vision_tower.modules() if isinstance(m, (GELUTanh, _GELUTanhCPU))]
+    assert acts and all(type(m) is _GELUTanhCPU for m in acts)
+    pixels = torch.randn(1, 3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        fast = model.get_video_features(pixels)
+        for layer in model.vision_tower.encoder.layers:
+            layer.mlp.activation_fn = GELUTanh()
+        try:
+            plain = model.get_video_features(pixels)
+        finally:
+            for layer in model.vision_tower.encoder.layers:
+                layer.mlp.activation_fn = _GELUTanhCPU()
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
