@@ -34,6 +34,9 @@ def parser(description: str, repeats: int, warmup: int) -> argparse.ArgumentPars
     p.add_argument("--warmup", type=int, default=warmup)
     p.add_argument("--text-tokens", type=int, default=None, help="prompt tokens (default: the config's, 4 for bench-cpu)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the measured rows and ratios here")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="CPU timer: wall time (default) or this process's CPU time, which leaves out the time spent "
+                        "waiting for a core on a shared machine (meaningful with --threads 1)")
     p.add_argument("--no-tune-malloc", action="store_true",
                    help="CPU: keep glibc's default allocator thresholds (default: freed memory is kept for reuse, "
                         "see storm_vlm.profiling.tune_cpu_allocator)")
@@ -69,6 +72,7 @@ def settings(args, defaults, frames, compressions, decode_tokens):
         text_tokens=args.text_tokens if args.text_tokens is not None else defaults.get("text_tokens", 64),
         dtype=args.dtype or ("bf16" if args.device == "cuda" else "fp32"),
         device=args.device,
+        clock=args.clock,
     )
     s.validate()
     return s
@@ -90,7 +94,8 @@ def header(name: str, source: str, s) -> None:
 
     alloc = "tuned (freed memory reused)" if _ALLOCATOR_STATE.get("tuned") else "glibc defaults"
     print(f"device {s.device}, {s.dtype}, torch threads {torch.get_num_threads()}, repeats {s.repeats} "
-          f"(+{s.warmup} warm-up), text tokens {s.text_tokens}; allocator {alloc}; load average {_load()}")
+          f"(+{s.warmup} warm-up), text tokens {s.text_tokens}; allocator {alloc}; clock "
+          f"{'CPU time of this process' if s.clock == 'cpu' else 'wall'}; load average {_load()}")
 
 
 def _load() -> str:

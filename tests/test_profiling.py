@@ -12,6 +12,7 @@ import yaml
 from storm_vlm import StormConfig
 from storm_vlm.cli import main
 from storm_vlm.costmodel import DEFAULT_COMPRESSIONS, parse_compressions
+from storm_vlm.errors import StormError
 from storm_vlm.profiling import (
     ROW_FIELDS,
     ProfileSettings,
@@ -217,3 +218,13 @@ def test_measure_cpu_roofline():
 
     hw = measure_cpu_roofline(matmul_size=128, stream_mb=8, repeats=2)
     assert 1e8 < hw.peak_flops < 1e14 and 1e8 < hw.bandwidth < 1e13 and hw.mfu == 1.0
+
+
+def test_cpu_time_clock(tiny_model):
+    result = profile_model(tiny_model, _settings(frames=[2], compressions=[DEFAULT_COMPRESSIONS[1]], repeats=1,
+                                                 clock="cpu"), progress=False)
+    assert result["timer"].startswith("time.process_time")
+    row = result["rows"][0]
+    assert row["vision_tower_ms"] > 0 and row["decode_ms_per_token"] > 0
+    with pytest.raises(StormError, match="--clock"):
+        _settings(clock="gpu").validate()

@@ -102,6 +102,7 @@ class ProfileSettings:
     device: str = "cpu"
     seed: int = 0
     max_memory_gb: float | None = None
+    clock: str = "wall"
 
     def validate(self) -> None:
         if not self.frames or any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in self.frames):
@@ -112,6 +113,8 @@ class ProfileSettings:
                 raise StormError(f"--{name.replace('_', '-')} must be an int >= {minimum}, got {value!r}")
         if self.dtype not in ("bf16", "fp32"):
             raise StormError(f"--dtype must be bf16 or fp32, got {self.dtype!r}")
+        if self.clock not in ("wall", "cpu"):
+            raise StormError(f"--clock must be wall or cpu, got {self.clock!r}")
         if self.device not in ("cpu", "cuda"):
             raise StormError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -179,17 +182,24 @@ def load_model(model_dir):
 
 
 class _Clock:
-    """Marks points in time: CUDA events on GPU (read after one synchronize), perf_counter on CPU."""
+    """Marks points in time: CUDA events on GPU (read after one synchronize), perf_counter on CPU.
 
-    def __init__(self, device: str):
+    kind "cpu" (CPU only): the CPU time of this process (`time.process_time`) instead of wall time.
+    With one torch thread on an idle machine the two agree; on a shared machine CPU time leaves
+    out the time the process waited for a core (memory and cache contention still count). With
+    several threads it sums their time, so it is not a latency then.
+    """
+
+    def __init__(self, device: str, kind: str = "wall"):
         self.cuda = device == "cuda"
+        self._now = time.process_time if kind == "cpu" and not self.cuda else time.perf_counter
 
     def mark(self):
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             return event
-        return time.perf_counter()
+        return self._now()
 
     def ms(self, start, end) -> float:
         if self.cuda:
@@ -401,7 +411,7 @@ def _text_ids(model, n: int, generator: torch.Generator) -> torch.Tensor:
 
 def profile_row(model, frames: int, compression: Compression, settings: ProfileSettings, *, clock=None, memory=None) -> dict:
     """Measure one (frames, compression) row; returns a dict with ROW_FIELDS (+ details, or `skipped`)."""
-    clock = clock or _Clock(settings.device)
+    clock = clock or _Clock(settings.device, settings.clock)
     memory = memory or _Memory(settings.device)
     cfg = model.config
     with _compression_on(model, compression):
@@ -527,14 +537,14 @@ def prefill_video(model, frames: int, compression: Compression, settings: Profil
     with _compression_on(model, compression), torch.inference_mode(), _autocast(settings):
         visual = model.config.num_visual_tokens(frames, temporal_sample_stride=compression.temporal_sample)
         pixels, text = _inputs(model, frames, settings)
-        out, _ = _prefill(model, pixels, text, compression, visual, _Clock(settings.device))
+        out, _ = _prefill(model, pixels, text, compression, visual, _Clock(settings.device, settings.clock))
         return out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
 
 
 def decode_latency(model, cache, token, steps: int, settings: ProfileSettings) -> list[float]:
     """Milliseconds of each of `steps` greedy decode steps on `cache`; the cache is cropped back after."""
     with torch.inference_mode(), _autocast(settings):
-        return _decode(model, cache, token, steps, _Clock(settings.device))
+        return _decode(model, cache, token, steps, _Clock(settings.device, settings.clock))
 
 
 def _measure(model, frames, compression, visual, settings, clock, memory) -> dict:
@@ -646,7 +656,7 @@ def profile_model(model, settings: ProfileSettings, source: str = "", progress: 
     dtype = torch.bfloat16 if settings.dtype == "bf16" and settings.device == "cuda" else torch.float32
     model.to(device=settings.device, dtype=dtype)
     model.eval()
-    clock, memory = _Clock(settings.device), _Memory(settings.device)
+    clock, memory = _Clock(settings.device, settings.clock), _Memory(settings.device)
     combos = [(f, c) for c in settings.compressions for f in settings.frames]
     rows = []
     for frames, comp in tqdm(combos, desc="profile", unit="row", disable=not progress):
@@ -660,7 +670,8 @@ def profile_model(model, settings: ProfileSettings, source: str = "", progress: 
     return {
         "source": source,
         "settings": s,
-        "timer": "cuda events" if settings.device == "cuda" else "time.perf_counter",
+        "timer": "cuda events" if settings.device == "cuda" else (
+            "time.process_time (CPU time of this process)" if settings.clock == "cpu" else "time.perf_counter"),
         "peak_memory_kind": memory.kind,
         "cpu_allocator": dict(_ALLOCATOR_STATE),
         "total_ms_definition": "vision_tower_ms + projector_ms + llm_prefill_ms + decode_tokens * decode_ms_per_token",

@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-memory-gb", type=float, default=None,
                         help="skip rows whose estimated activations exceed this (default: free memory)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="CPU timer: wall time (default) or this process's CPU time (a shared machine: leaves "
+                             "out time spent waiting for a core; with --threads 1 only)")
     parser.add_argument("--no-tune-malloc", action="store_true",
                         help="CPU: keep glibc's default allocator thresholds (by default freed memory is kept for "
                              "reuse, which saves the page faults of fresh allocations; see "
@@ -99,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         seed=args.seed,
         max_memory_gb=args.max_memory_gb,
+        clock=args.clock,
     )
     settings.validate()
     if args.threads is not None:
