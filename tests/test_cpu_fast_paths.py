@@ -135,3 +135,25 @@ def test_vision_tower_uses_it_and_features_are_unchanged(model):
             for layer in model.vision_tower.encoder.layers:
                 layer.mlp.activation_fn = _GELUTanhCPU()
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_real_frames_reach_the_tower_as_views_and_features_match_the_masked_path(model):
+    pixels = torch.randn(1, 5, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    seen = []
+    hook = model.vision_tower.embeddings.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    old = model.config.vision_batch_size
+    model.config.vision_batch_size = 2
+    try:
+        with torch.inference_mode():
+            plain = model.get_video_features(pixels)
+            seen_plain = list(seen)
+            padded = torch.cat([pixels, torch.zeros(1, 2, 3, 32, 32)], dim=1)
+            mask = torch.tensor([[True] * 5 + [False] * 2])
+            masked, out_mask = model.get_video_features(padded, mask)
+    finally:
+        model.config.vision_batch_size = old
+        hook.remove()
+    assert [x.shape[0] for x in seen_plain] == [2, 2, 1]
+    assert seen_plain[0].data_ptr() == pixels.data_ptr()  # no copy of the pixels
+    assert out_mask.tolist() == mask.tolist()
+    torch.testing.assert_close(masked[:, :5], plain, rtol=1e-5, atol=1e-5)

@@ -306,11 +306,23 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
         return out.hidden_states[self.config.vision_feature_layer]
 
     def _vision_features(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames (F, 3, H, W) -> vision features (F, N̂, C) from `vision_feature_layer`, in chunks."""
+        """frames (F, 3, H, W) -> vision features (F, N̂, C) from `vision_feature_layer`, in chunks.
+
+        Each chunk is written into the output as soon as it is done, so only one chunk's features
+        exist besides the output (concatenating at the end held all of them twice).
+        """
         dtype = next(self.vision_tower.parameters()).dtype
         step = self.config.vision_batch_size
-        chunks = [self._tower_layer_output(frames[i : i + step].to(dtype)) for i in range(0, frames.shape[0], step)]
-        return torch.cat(chunks, dim=0)
+        n = frames.shape[0]
+        out = None
+        for i in range(0, n, step):
+            hidden = self._tower_layer_output(frames[i : i + step].to(dtype))
+            if hidden.shape[0] == n:
+                return hidden
+            if out is None:
+                out = hidden.new_empty(n, *hidden.shape[1:])
+            out[i : i + hidden.shape[0]] = hidden
+        return out
 
     def get_video_features(
         self,
@@ -338,9 +350,14 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
                 raise ValueError(f"video_frame_mask shape {tuple(mask.shape)} does not match (B, T) = {(b, t)}")
             mask = mask.to(device=pixel_values_videos.device, dtype=torch.bool)
         real = mask if mask is not None else torch.ones(b, t, dtype=torch.bool, device=pixel_values_videos.device)
-        feats = self._vision_features(pixel_values_videos[real])
-        full = feats.new_zeros(b, t, *feats.shape[1:])
-        full[real] = feats
+        if mask is None or bool(mask.all()):
+            # every frame is real: views, no copies of the pixels or the features
+            feats = self._vision_features(pixel_values_videos.flatten(0, 1))
+            full = feats.view(b, t, *feats.shape[1:])
+        else:
+            feats = self._vision_features(pixel_values_videos[real])
+            full = feats.new_zeros(b, t, *feats.shape[1:])
+            full[real] = feats
         x = self.projector(full, frame_mask=mask)
         m = real
         x, m = temporal_pool(x, self.config.temporal_pool_size, frame_mask=m)

@@ -459,8 +459,8 @@ def _achieved(row: dict, est) -> dict:
         "decode_per_token": (est.decode_per_token.flops, row["decode_ms_per_token"]),
     }
     return {
-        "gflop": {k: round(f / 1e9, 4) for k, (f, _) in parts.items()},
-        "gflop_per_s": {k: round(f / ms / 1e6, 2) if ms else None for k, (f, ms) in parts.items()},
+        "gflop": {k: float(f"{f / 1e9:.5g}") for k, (f, _) in parts.items()},
+        "gflop_per_s": {k: float(f"{f / ms / 1e6:.4g}") if ms else None for k, (f, ms) in parts.items()},
     }
 
 
