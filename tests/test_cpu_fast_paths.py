@@ -157,3 +157,17 @@ def test_real_frames_reach_the_tower_as_views_and_features_match_the_masked_path
     assert seen_plain[0].data_ptr() == pixels.data_ptr()  # no copy of the pixels
     assert out_mask.tolist() == mask.tolist()
     torch.testing.assert_close(masked[:, :5], plain, rtol=1e-5, atol=1e-5)
+
+
+def test_growing_cache_keeps_data_it_is_built_with(model):
+    k, v = _kv(3, 7)
+    for cfg in (None, model.config.text_config):
+        cache = StormKVCache([(k, v), (k, v)], config=cfg)
+        assert all(type(layer) is _GrowingKVLayer for layer in cache.layers)
+        assert cache.get_seq_length() == 3 and torch.equal(cache.layers[1].keys, k)
+        k2, v2 = _kv(1, 8)
+        keys, values = cache.update(k2, v2, 0)
+        assert torch.equal(keys, torch.cat([k, k2], dim=-2)) and torch.equal(values, torch.cat([v, v2], dim=-2))
+    lazy = StormKVCache()
+    lazy.update(k, v, 0)
+    assert type(lazy.layers[0]) is _GrowingKVLayer

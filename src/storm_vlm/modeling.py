@@ -165,12 +165,18 @@ class StormKVCache(DynamicCache):
     Sliding-window and other special layers stay as transformers builds them.
     """
 
-    def __init__(self, config=None, **kwargs):
-        super().__init__(config=config, **kwargs)
-        if config is not None:
-            self.layers = [_GrowingKVLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
-        elif self.layer_class_to_replicate is DynamicLayer:
+    def __init__(self, ddp_cache_data=None, config=None, **kwargs):
+        super().__init__(ddp_cache_data, config=config, **kwargs)
+        self.layers = [self._growing(layer) if type(layer) is DynamicLayer else layer for layer in self.layers]
+        if self.layer_class_to_replicate is DynamicLayer:
             self.layer_class_to_replicate = _GrowingKVLayer
+
+    @staticmethod
+    def _growing(layer: DynamicLayer) -> _GrowingKVLayer:
+        new = _GrowingKVLayer()
+        if layer.is_initialized and layer.keys is not None and layer.keys.numel():
+            new.update(layer.keys, layer.values)
+        return new
 
 
 def build_projector(config: StormConfig) -> nn.Module:
