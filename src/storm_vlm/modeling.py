@@ -69,7 +69,7 @@ def _storm_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     1 x L products and reads each KV head r times; here the r query heads of a group become r query
     rows of that group's KV head — (B, G, r, hd) against (B, G, L, hd): one r x L product per KV
     head, same result (what transformers itself does when a mask is present). On the bench-cpu model
-    at 4100 cached tokens: 0.45 -> 0.18 ms per layer, ~6 of ~50 ms per generated token. Every other
+    at 4100 cached tokens: 0.31 -> 0.13 ms per layer, ~6 of ~50 ms per generated token. Every other
     case (prefill, masks, CUDA, ...) goes to `sdpa_attention_forward` unchanged.
     """
     groups = getattr(module, "num_key_value_groups", 1)
@@ -103,8 +103,8 @@ class _GrowingKVLayer(DynamicLayer):
     """A `DynamicLayer` that appends in place into a buffer with spare room.
 
     `DynamicLayer.update` concatenates, copying the whole cache of the layer at every generated
-    token: O(context) bytes per step, as much again as attention reads (at 4100 cached tokens on
-    the bench-cpu model ~11 of ~40 ms per step). Here `keys` / `values` are views
+    token: O(context) bytes per step, twice what attention reads (at 4100 cached tokens on the
+    bench-cpu model ~3 of ~40 ms per step). Here `keys` / `values` are views
     (B, H, L, hd) into buffers (B, H, capacity, hd) that grow by 1/16 (at least 128 tokens) when
     full, so an append copies only the new tokens (amortised: the whole cache once per ~L/16
     steps). Values, shapes and every other `DynamicLayer` method are unchanged (`crop` keeps the
