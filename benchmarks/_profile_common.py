@@ -39,7 +39,7 @@ def parser(description: str, repeats: int, warmup: int) -> argparse.ArgumentPars
                         "waiting for a core on a shared machine (meaningful with --threads 1)")
     p.add_argument("--no-tune-malloc", action="store_true",
                    help="CPU: keep glibc's default allocator thresholds (default: freed memory is kept for reuse, "
-                        "see storm_vlm.profiling.tune_cpu_allocator)")
+                        "see storm_vlm.allocator.tune_cpu_allocator)")
     return p
 
 

@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from storm_vlm.cli import COMMANDS, main
 
 
@@ -15,3 +17,14 @@ def test_python_dash_m_runs():
     proc = subprocess.run([sys.executable, "-m", "storm_vlm", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
     assert "synth" in proc.stdout
+
+
+@pytest.mark.parametrize("argv,tuned", [(["synth", "{tmp}", "--videos", "0"], True),
+                                        (["profile", "--config", "{tmp}/missing.yaml", "--output", "{tmp}",
+                                          "--no-tune-malloc"], False)])
+def test_commands_tune_the_cpu_allocator_unless_told_not_to(tmp_path, argv, tuned):
+    # in a fresh process: the setting is process-wide
+    code = (f"from storm_vlm import allocator, cli; rc = cli.main({[a.format(tmp=tmp_path) for a in argv]!r}); "
+            "print(rc, allocator._ALLOCATOR_STATE.get('tuned'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-2:] == ["2", str(tuned)]

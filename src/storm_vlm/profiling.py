@@ -24,7 +24,7 @@ what a model trained with other pooling computes (not its cost), so rows measure
 Each row also carries `gflop` (per module, from `storm_vlm.costmodel`, attention counted dense)
 and `gflop_per_s` (the rate each module reached), and `page_faults` (minor faults during the row).
 
-CPU allocator: `tune_cpu_allocator()` (called by `storm-vlm profile` and the benchmarks unless
+CPU allocator: `storm_vlm.allocator.tune_cpu_allocator()` (called by every `storm-vlm` command and the benchmarks unless
 `--no-tune-malloc`) makes glibc reuse freed memory instead of mapping fresh, page-faulting pages
 for every large tensor; `cpu_allocator` in the result says whether it was on. The KV cache and
 decode attention are the model's own (`StormKVCache`, `storm_sdpa`; see `storm_vlm.modeling`).
@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 
 from storm_vlm.costmodel import Compression, DEFAULT_COMPRESSIONS, pipeline_cost
+from storm_vlm.allocator import _ALLOCATOR_STATE, tune_cpu_allocator  # noqa: F401  (re-exported)
 from storm_vlm.errors import ConfigError, StormError
 
 __all__ = [
@@ -233,50 +234,6 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-# glibc refuses an mmap threshold above HEAP_MAX_SIZE / 2 (32 MiB on 64-bit); a tensor larger than
-# that still gets its own mapping, whose page faults are small next to the work on it.
-_MMAP_THRESHOLD = 32 * 2**20
-_TRIM_THRESHOLD = 2**31 - 1
-_ALLOCATOR_STATE: dict = {"tuned": False}
-
-
-def tune_cpu_allocator() -> dict:
-    """Keep freed CPU memory in the process for reuse instead of handing it back to the kernel.
-
-    With glibc's defaults every tensor of more than ~128 KiB-32 MiB is a fresh mmap (or fresh
-    heap above a trimmed top) and each of its 4 KiB pages is faulted in and zeroed by the kernel
-    on first touch. An inference allocates such tensors all the time (every Linear output, every
-    KV-cache append). On this machine's bench-cpu 128-frame row (no compression, 1 thread, CPU time)
-    the row took 640,000-840,000 page faults and the LLM prefill 3.8-4.0 s with glibc's defaults,
-    22,000-36,000 faults and 2.8-3.1 s after tuning (vision tower and projector ~10-20% faster).
-    This sets M_MMAP_THRESHOLD to 32 MiB (the
-    largest glibc allows) and a high M_TRIM_THRESHOLD, so freed blocks are reused — what
-    jemalloc/tcmalloc, which PyTorch's CPU tuning guide recommends, do too. The cost: the process
-    keeps its peak heap resident (`malloc_trim(0)` still returns it; the profiler calls it before
-    each row). Process-wide and irreversible; call it once at the start of a long-lived CPU
-    inference process. Linux/glibc only: elsewhere it does nothing.
-
-    Returns {"tuned": bool, "mmap_threshold": bytes, "trim_threshold": bytes} or with "reason".
-    """
-    if _ALLOCATOR_STATE.get("tuned"):
-        return dict(_ALLOCATOR_STATE)
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(_MMAP_THRESHOLD)) == 1
-        ok = ok and libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(_TRIM_THRESHOLD)) == 1
-    except (OSError, AttributeError) as exc:
-        _ALLOCATOR_STATE.update(tuned=False, reason=f"no glibc mallopt ({exc})")
-        return dict(_ALLOCATOR_STATE)
-    if ok:
-        _ALLOCATOR_STATE.clear()
-        _ALLOCATOR_STATE.update(tuned=True, mmap_threshold=_MMAP_THRESHOLD, trim_threshold=_TRIM_THRESHOLD)
-    else:
-        _ALLOCATOR_STATE.update(tuned=False, reason="mallopt refused the thresholds")
-    return dict(_ALLOCATOR_STATE)
 
 
 def measure_cpu_roofline(matmul_size: int = 1024, stream_mb: int = 256, repeats: int = 5):

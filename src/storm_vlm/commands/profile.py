@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-tune-malloc", action="store_true",
                         help="CPU: keep glibc's default allocator thresholds (by default freed memory is kept for "
                              "reuse, which saves the page faults of fresh allocations; see "
-                             "storm_vlm.profiling.tune_cpu_allocator)")
+                             "storm_vlm.allocator.tune_cpu_allocator)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
 
