@@ -83,3 +83,15 @@ def write_mp4(path, frames: np.ndarray, fps: int = 8, codec: str = "mpeg4"):
 
     encode(str(path), frames, fps, codec)
     return path
+
+
+# a tiny StormConfig(**TINY_CONFIG) for random-weight models (profiler, CPU fast paths)
+TINY_CONFIG = dict(
+    vision_config=dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, image_size=32, patch_size=8, vision_use_head=False),
+    text_config=dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, vocab_size=64),
+    projector_num_layers=1,
+    video_token_id=63,
+    image_token_id=62,
+)

@@ -10,16 +10,7 @@ from transformers.cache_utils import DynamicCache
 from storm_vlm import StormConfig
 from storm_vlm.modeling import STORM_SDPA, StormKVCache, _GELUTanhCPU, _GrowingKVLayer
 from storm_vlm.profiling import build_random_model
-
-TINY = dict(
-    vision_config=dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                       num_attention_heads=2, image_size=32, patch_size=8, vision_use_head=False),
-    text_config=dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, vocab_size=64),
-    projector_num_layers=1,
-    video_token_id=63,
-    image_token_id=62,
-)
+from fixtures_models import TINY_CONFIG as TINY
 
 
 @pytest.fixture(scope="module")

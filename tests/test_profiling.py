@@ -23,16 +23,9 @@ from storm_vlm.profiling import (
     profile_model,
     write_profile,
 )
+from fixtures_models import TINY_CONFIG as TINY
 
-TINY = dict(
-    vision_config=dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                       num_attention_heads=2, image_size=32, patch_size=8, vision_use_head=False),
-    text_config=dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, vocab_size=64),
-    projector_num_layers=1,
-    video_token_id=63,
-    image_token_id=62,
-)
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
