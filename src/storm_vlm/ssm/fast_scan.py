@@ -268,7 +268,7 @@ class _ChunkedScan(torch.autograd.Function):
         last_bdn = None
         if want_last:  # a fresh contiguous (b, d, n) tensor, never a view of h_in
             last_bdn = torch.empty(b, d, n, dtype=cdt, device=u.device)
-        lib = cpu_kernel.load() if u.device.type == "cpu" and cdt == torch.float32 else None
+        lib = _kernel_for(u, cdt)
         if lib is not None:
             _kernel_forward(lib, u, delta, z, A, BT, CT, D, delta_bias, softplus, reverse, yT,
                             h_in if need_grad else None, T, last_bdn)
@@ -297,7 +297,7 @@ class _ChunkedScan(torch.autograd.Function):
     def backward(ctx, gout, glast):
         u, delta, z, A, BT, CT, D, delta_bias, h_in = ctx.saved_tensors
         T, softplus, reverse, cdt = ctx.cfg
-        lib = cpu_kernel.load() if u.device.type == "cpu" and cdt == torch.float32 else None
+        lib = _kernel_for(u, cdt)
         if lib is not None:
             return _kernel_backward(lib, u, delta, z, A, BT, CT, D, delta_bias, h_in, T, softplus, reverse, gout,
                                     glast, ctx.time_major) + (None,) * 5
@@ -341,16 +341,25 @@ class _ChunkedScan(torch.autograd.Function):
                 g_CT.permute(0, 2, 3, 1), g_D, g_z, g_bias, None, None, None, None, None)
 
 
+def _kernel_for(u: Tensor, cdt: torch.dtype):
+    """The C kernel library when it applies (a float32 scan on the CPU and the kernel builds), else None."""
+    return cpu_kernel.load() if u.device.type == "cpu" and cdt == torch.float32 else None
+
+
+def _kernel_inputs(u, delta, z, A, D, delta_bias):
+    """The kernel's float32 arguments: u, delta, z (any strides), A2 = A * log2(e) (d, n) and D,
+    delta_bias (d,) contiguous."""
+    f32 = torch.float32
+    return (u.to(f32), delta.to(f32), None if z is None else z.to(f32), (A.to(f32) * LOG2E).contiguous(),
+            None if D is None else D.to(f32).contiguous(),
+            None if delta_bias is None else delta_bias.to(f32).contiguous())
+
+
 def _kernel_forward(lib, u, delta, z, A, BT, CT, D, delta_bias, softplus, reverse, yT, h_in, T, last_bdn):
     """The forward through the fused C kernel (float32 CPU): writes yT (b, L, d), h_in[1:] when
     given (the states the backward restarts from) and last_bdn (b, d, n) when given. Channel
     ranges run in worker threads when there are several intra-op threads (ctypes drops the GIL)."""
-    f32 = torch.float32
-    u, delta = u.to(f32), delta.to(f32)
-    z = None if z is None else z.to(f32)
-    A2 = (A.to(f32) * LOG2E).contiguous()
-    D = None if D is None else D.to(f32).contiguous()
-    bias = None if delta_bias is None else delta_bias.to(f32).contiguous()
+    u, delta, z, A2, D, bias = _kernel_inputs(u, delta, z, A, D, delta_bias)
     b, d, L = u.shape
     out = yT.transpose(1, 2)
     parts = _kernel_ranges(d, b * L * d * A.shape[1])
@@ -370,13 +379,9 @@ def _kernel_backward(lib, u, delta, z, A, BT, CT, D, delta_bias, h_in, T, softpl
     f32 = torch.float32
     b, d, L = u.shape
     g, n = BT.shape[2], BT.shape[3]
-    u, delta = u.to(f32), delta.to(f32)
-    z = None if z is None else z.to(f32)
+    u, delta, z, A2, Dc, bias = _kernel_inputs(u, delta, z, A, D, delta_bias)
     gout = torch.zeros(b, d, L, dtype=f32) if gout is None else gout.to(f32)
     glast = None if glast is None or not glast.numel() else glast.to(f32).contiguous()
-    A2 = (A.to(f32) * LOG2E).contiguous()
-    Dc = None if D is None else D.to(f32).contiguous()
-    bias = None if delta_bias is None else delta_bias.to(f32).contiguous()
 
     def like(tm: bool) -> Tensor:  # (b, d, L), stored time-major when its input was
         return _empty(b, L, d, dtype=f32, device=u.device).transpose(1, 2) if tm else _empty(b, d, L, dtype=f32,
