@@ -39,7 +39,7 @@ def parser(description: str, repeats: int, warmup: int) -> argparse.ArgumentPars
                         "waiting for a core on a shared machine (meaningful with --threads 1)")
     p.add_argument("--no-tune-malloc", action="store_true",
                    help="CPU: keep glibc's default allocator thresholds (default: freed memory is kept for reuse, "
-                        "see storm_vlm.allocator.tune_cpu_allocator)")
+                        "see storm_vlm.perf.allocator.tune_cpu_allocator)")
     return p
 
 
@@ -47,7 +47,7 @@ def load(args):
     """(model, source, profile defaults) from the arguments; sets threads."""
     import torch
 
-    from storm_vlm.profiling import build_random_model, load_model, load_model_config, tune_cpu_allocator
+    from storm_vlm.perf.profiling import build_random_model, load_model, load_model_config, tune_cpu_allocator
 
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
@@ -61,7 +61,7 @@ def load(args):
 
 
 def settings(args, defaults, frames, compressions, decode_tokens):
-    from storm_vlm.profiling import ProfileSettings
+    from storm_vlm.perf.profiling import ProfileSettings
 
     s = ProfileSettings(
         frames=list(frames),
@@ -90,7 +90,7 @@ def header(name: str, source: str, s) -> None:
 
     print(f"== {name} ==")
     print(f"model: {source}")
-    from storm_vlm.profiling import _ALLOCATOR_STATE
+    from storm_vlm.perf.profiling import _ALLOCATOR_STATE
 
     alloc = "tuned (freed memory reused)" if _ALLOCATOR_STATE.get("tuned") else "glibc defaults"
     print(f"device {s.device}, {s.dtype}, torch threads {torch.get_num_threads()}, repeats {s.repeats} "
@@ -113,7 +113,7 @@ def interleaved(model, combos, s, label=True) -> dict:
     import dataclasses
     import statistics
 
-    from storm_vlm.profiling import _Memory, profile_row
+    from storm_vlm.perf.profiling import _Memory, profile_row
 
     one = dataclasses.replace(s, repeats=1, warmup=0)
     # No heap trim between runs: each run here is a single timed one, and a trimmed heap would make

@@ -4,7 +4,7 @@
 
 Real size: SigLIP-so400m-patch14-448 (no pooling head, as `storm-vlm build` loads it) + 2-layer
 bidirectional Mamba projector + Qwen2-7B, bf16. FLOPs and bytes per module from
-`storm_vlm.costmodel` (the formulas are in its docstring); seconds are an A100-80GB roofline at 50%
+`storm_vlm.perf.costmodel` (the formulas are in its docstring); seconds are an A100-80GB roofline at 50%
 MFU, i.e. max(FLOPs / 156 TFLOP/s, bytes / 2.04 TB/s) per module. Also prints how the bench-cpu
 model (configs/bench-cpu.yaml) compares with the real one in parameters and FLOPs.
 """
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--bench-config", default=str(ROOT / "configs" / "bench-cpu.yaml"))
     args = p.parse_args(argv)
 
-    from storm_vlm.costmodel import (
+    from storm_vlm.perf.costmodel import (
         A100_80GB,
         DEFAULT_COMPRESSIONS,
         PAPER_REFERENCE,
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
 
     bench_path = Path(args.bench_config)
     if bench_path.is_file():
-        from storm_vlm.profiling import load_model_config
+        from storm_vlm.perf.profiling import load_model_config
 
         bench, defaults = load_model_config(bench_path)
         bt = defaults.get("text_tokens", T)

@@ -10,7 +10,7 @@ machine hits both alike; the median step is kept. A near-empty cache (a one-fram
 compression) is measured the same way: it shows the fixed cost of a step (the weights, the
 per-layer overhead), which compression cannot reduce. Target: >= 2.5x lower per-token latency.
 
-Beside the measurement it prints the bounds (storm_vlm.costmodel.decode_bounds): the FLOP ratio
+Beside the measurement it prints the bounds (storm_vlm.perf.costmodel.decode_bounds): the FLOP ratio
 and the byte ratio (weights + KV cache read per step) of the two steps, and, on CPU, the roofline
 of this machine (its fp32 matmul rate and streaming bandwidth, measured in the same run); and the
 same ratios at the real size (SigLIP-so400m + Qwen2-7B).
@@ -28,9 +28,9 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=256)
     p.add_argument("--tokens", type=int, default=16, help="decode steps per round (default: 16)")
     args = p.parse_args(argv)
-    from storm_vlm.costmodel import (A100_80GB, DEFAULT_COMPRESSIONS, decode_bounds, decode_cost, pipeline_cost,
+    from storm_vlm.perf.costmodel import (A100_80GB, DEFAULT_COMPRESSIONS, decode_bounds, decode_cost, pipeline_cost,
                                      real_config)
-    from storm_vlm.profiling import decode_latency, measure_cpu_roofline, prefill_video
+    from storm_vlm.perf.profiling import decode_latency, measure_cpu_roofline, prefill_video
 
     model, source, defaults = common.load(args)
     settings = {
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     print()
     print(f"decode latency per token at {args.frames} frames, none vs 4x: {med['none']:.2f} vs {med['4x']:.2f} ms "
           f"= {ratio:.2f}x lower with 4x (target >= 2.5x: {common.verdict(ratio, 2.5)})")
-    print(f"  bounds for this model (storm_vlm.costmodel.decode_bounds): FLOP ratio {bounds['flops_ratio']:.2f}x, "
+    print(f"  bounds for this model (storm_vlm.perf.costmodel.decode_bounds): FLOP ratio {bounds['flops_ratio']:.2f}x, "
           f"byte ratio {bounds['bytes_ratio']:.2f}x (weights read {cost['4x'].weight_bytes / 2**20:.0f} MB per step; "
           f"KV cache {cost['none'].activation_bytes / 2**20:.1f} vs {cost['4x'].activation_bytes / 2**20:.1f} MB)")
     if hw is not None:

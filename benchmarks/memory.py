@@ -21,8 +21,8 @@ def main(argv=None) -> int:
     p.add_argument("--compression", type=int, default=4, choices=[1, 4, 8])
     p.add_argument("--tokens", type=int, default=4, help="tokens decoded (default: 4)")
     args = p.parse_args(argv)
-    from storm_vlm.costmodel import DEFAULT_COMPRESSIONS, param_counts, pipeline_cost, real_config
-    from storm_vlm.profiling import profile_row
+    from storm_vlm.perf.costmodel import DEFAULT_COMPRESSIONS, param_counts, pipeline_cost, real_config
+    from storm_vlm.perf.profiling import profile_row
 
     model, source, defaults = common.load(args)
     comp = DEFAULT_COMPRESSIONS[args.compression]

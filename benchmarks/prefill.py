@@ -10,7 +10,7 @@ shared machine hits them alike. Prints:
   * 128 frames: 4x compression (temporal pool 4) vs none, 8x (pool 4 + sample 2) vs none
     (targets >= 3x and >= 5x), and the same for the LLM prefill alone;
   * 32 frames: the projector's share of prefill (target <= 5%), without and with 4x compression;
-  * beside each, the bound from storm_vlm.costmodel: the FLOP ratio (FLOP share), attention counted
+  * beside each, the bound from storm_vlm.perf.costmodel: the FLOP ratio (FLOP share), attention counted
     causal as SDPA's flash kernels (CPU and CUDA) compute it, and dense;
   * each module's achieved GFLOP/s (attention counted dense).
 """
@@ -24,8 +24,8 @@ import _profile_common as common
 
 def main(argv=None) -> int:
     args = common.parser(__doc__.splitlines()[0], repeats=3, warmup=1).parse_args(argv)
-    from storm_vlm.costmodel import DEFAULT_COMPRESSIONS, pipeline_cost
-    from storm_vlm.profiling import format_table
+    from storm_vlm.perf.costmodel import DEFAULT_COMPRESSIONS, pipeline_cost
+    from storm_vlm.perf.profiling import format_table
 
     model, source, defaults = common.load(args)
     comps = [DEFAULT_COMPRESSIONS[c] for c in (1, 4, 8)]
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
               f"(target <= 5%: {common.verdict(share, 0.05, higher_is_better=False)}); its FLOP share "
               f"{100 * flop_share:4.2f}%")
     print("(ratios and shares: median over the timed rounds of the figure within each round)")
-    print("achieved rate per module (FLOPs from storm_vlm.costmodel, attention counted dense / median ms):")
+    print("achieved rate per module (FLOPs from storm_vlm.perf.costmodel, attention counted dense / median ms):")
     for (frames, factor), r in rows.items():
         rates = {k: r["gflop"][k] / r[f"{k}_ms"] * 1e3 for k in ("vision_tower", "projector", "llm_prefill")}
         out[f"gflop_per_s_{frames}f_{factor}x"] = {k: round(v, 2) for k, v in rates.items()}

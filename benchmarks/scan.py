@@ -61,7 +61,7 @@ def _rss_bytes():
 
 
 def _peak_bytes():
-    from storm_vlm.profiling import proc_status_kb
+    from storm_vlm.perf.profiling import proc_status_kb
 
     hwm = proc_status_kb("VmHWM")
     if hwm is not None:
@@ -78,7 +78,7 @@ def _worker(spec):
 
     if spec["threads"] != "default":
         torch.set_num_threads(int(spec["threads"]))
-    from storm_vlm.ssm import selective_scan, selective_scan_reference
+    from storm_vlm.model.ssm import selective_scan, selective_scan_reference
 
     impl = spec["impl"]
     if impl == "floorcheck":
@@ -108,7 +108,7 @@ def _worker(spec):
     import gc
 
     gc.collect()
-    from storm_vlm.profiling import reset_peak_rss
+    from storm_vlm.perf.profiling import reset_peak_rss
 
     reset = reset_peak_rss()
     base = _rss_bytes()
@@ -152,7 +152,7 @@ def _floorcheck(spec):
     off) and its exp2 floor, timed alternately in one process (same machine state)."""
     import torch
 
-    from storm_vlm.ssm import cpu_kernel, selective_scan
+    from storm_vlm.model.ssm import cpu_kernel, selective_scan
 
     t = _inputs(spec["d"], spec["L"])
     ldn = spec["d"] * spec["L"] * N_STATE
@@ -285,7 +285,7 @@ def main(argv=None):
     rates = measure_floors()
     print(f"# copy bandwidth {rates['copy_bandwidth_Bps'] / 1e9:.2f} GB/s, exp2 {rates['exp2_per_s'] / 1e9:.3f} G/s "
           f"(1 thread, cache-resident), fma {rates['flops_per_s'] / 1e9:.1f} GFLOP/s (1 thread)", flush=True)
-    from storm_vlm.ssm import cpu_kernel
+    from storm_vlm.model.ssm import cpu_kernel
 
     lib = cpu_kernel.load()
     print(f"# fast path: {'the fused C kernel, ' + str(lib._name) if lib else 'pure PyTorch (the C kernel did not build)'}"

@@ -15,7 +15,7 @@ _CACHE: dict = {}
 def _parts(tmp_path_factory, llm: str):
     key = ("parts", llm)
     if key not in _CACHE:
-        from storm_vlm.tiny import make_tiny_parts
+        from storm_vlm.demo.tiny import make_tiny_parts
 
         _CACHE[key] = make_tiny_parts(tmp_path_factory.mktemp(f"parts-{llm}"), llm=llm)
     return _CACHE[key]
@@ -79,7 +79,7 @@ def video_question(video, text: str = "What colour is the circle?") -> list[dict
 
 def write_mp4(path, frames: np.ndarray, fps: int = 8, codec: str = "mpeg4"):
     """Write (T, H, W, 3) uint8 frames as an mp4 with PyAV (the synthetic benchmark's encoder)."""
-    from storm_vlm.data.synth import write_mp4 as encode
+    from storm_vlm.demo.synth import write_mp4 as encode
 
     encode(str(path), frames, fps, codec)
     return path

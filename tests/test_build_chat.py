@@ -149,7 +149,7 @@ def test_build_from_a_full_siglip_folder_and_refuses_incomplete_checkpoints(qwen
 
 
 def test_build_tiny_model_is_the_build_path(tmp_path):
-    from storm_vlm.tiny import build_tiny_model
+    from storm_vlm.demo.tiny import build_tiny_model
 
     out = build_tiny_model(tmp_path / "tiny", projector_type="mlp", llm="llama", temporal_pool_size=2)
     model, processor = load(out)

@@ -24,7 +24,7 @@ def test_python_dash_m_runs():
                                           "--no-tune-malloc"], False)])
 def test_commands_tune_the_cpu_allocator_unless_told_not_to(tmp_path, argv, tuned):
     # in a fresh process: the setting is process-wide
-    code = (f"from storm_vlm import allocator, cli; rc = cli.main({[a.format(tmp=tmp_path) for a in argv]!r}); "
+    code = (f"from storm_vlm import cli; from storm_vlm.perf import allocator; rc = cli.main({[a.format(tmp=tmp_path) for a in argv]!r}); "
             "print(rc, allocator._ALLOCATOR_STATE.get('tuned'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split()[-2:] == ["2", str(tuned)]

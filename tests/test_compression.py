@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from storm_vlm.compression import (
+from storm_vlm.model.compression import (
     pooled_num_frames,
     sampled_num_frames,
     spatial_pool,

@@ -8,8 +8,8 @@ from transformers.activations import GELUTanh
 from transformers.cache_utils import DynamicCache
 
 from storm_vlm import StormConfig
-from storm_vlm.modeling import STORM_SDPA, StormKVCache, _GELUTanhCPU, _GrowingKVLayer
-from storm_vlm.profiling import build_random_model
+from storm_vlm.model.modeling import STORM_SDPA, StormKVCache, _GELUTanhCPU, _GrowingKVLayer
+from storm_vlm.perf.profiling import build_random_model
 from fixtures_models import TINY_CONFIG as TINY
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from storm_vlm.demo import ROWS, VARIANTS, DemoSettings, model_dir, run_demo
+from storm_vlm.demo.runner import model_dir, run_demo
+from storm_vlm.demo.settings import ROWS, VARIANTS, DemoSettings
 from storm_vlm.demo.phases import FrameCache, load_model
 from storm_vlm.errors import StormError
 
@@ -101,7 +102,7 @@ def test_blind_model_scores_chance_on_transient(tiny_demo, tmp_path):
     name one of the four options only 1 in 4 can be right (the truth is uniform over them).
     An answer leaking through the prompt or a scoring bug would push this far above 25%; and
     the tiny demo model must have learned to reply with an option at all."""
-    from storm_vlm.data.synth import generate_synthetic_benchmark
+    from storm_vlm.demo.synth import generate_synthetic_benchmark
     from storm_vlm.eval import evaluate
     from storm_vlm.eval.readers import read_synthetic
 

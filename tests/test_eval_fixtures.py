@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from storm_vlm.data.synth import write_mp4 as encode_mp4
+from storm_vlm.demo.synth import write_mp4 as encode_mp4
 from storm_vlm.errors import StormError
 from storm_vlm.eval import load_benchmark
 from storm_vlm.eval.readers import BenchmarkFormatError

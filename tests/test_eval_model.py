@@ -24,7 +24,7 @@ EXPECTED_BREAKDOWNS = {
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from storm_vlm.eval.model_predictor import load_model
-    from storm_vlm.tiny import build_tiny_model
+    from storm_vlm.demo.tiny import build_tiny_model
 
     path = build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
     model, processor = load_model(str(path))

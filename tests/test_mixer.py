@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from storm_vlm.ssm import BiMambaMixer, MambaMixer, selective_scan_reference
-from storm_vlm.ssm import mixer as mixer_mod
+from storm_vlm.model.ssm import BiMambaMixer, MambaMixer, selective_scan_reference
+from storm_vlm.model.ssm import mixer as mixer_mod
 
 D_MODEL = 16
 

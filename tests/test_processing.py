@@ -7,7 +7,7 @@ from fixtures_models import llama_parts, qwen2_parts, random_video, video_questi
 
 from storm_vlm import StormConfig, StormProcessor
 from storm_vlm.errors import StormError
-from storm_vlm.processing import default_chat_template
+from storm_vlm.model.processing import default_chat_template
 
 FIELDS = dict(image_size=64, patch_size=8, downsample_ratio=2, temporal_pool_size=1, spatial_pool_stride=1,
               temporal_sample_stride=1)

@@ -11,9 +11,9 @@ import yaml
 
 from storm_vlm import StormConfig
 from storm_vlm.cli import main
-from storm_vlm.costmodel import DEFAULT_COMPRESSIONS, parse_compressions
+from storm_vlm.perf.costmodel import DEFAULT_COMPRESSIONS, parse_compressions
 from storm_vlm.errors import StormError
-from storm_vlm.profiling import (
+from storm_vlm.perf.profiling import (
     ROW_FIELDS,
     ProfileSettings,
     build_random_model,
@@ -153,7 +153,7 @@ def test_cli_errors(tmp_path, capsys, argv, message):
 
 
 def test_prefill_video_and_decode_latency(tiny_model):
-    from storm_vlm.profiling import decode_latency, prefill_video
+    from storm_vlm.perf.profiling import decode_latency, prefill_video
 
     settings = _settings(text_tokens=6)
     comp = DEFAULT_COMPRESSIONS[4]
@@ -166,7 +166,7 @@ def test_prefill_video_and_decode_latency(tiny_model):
 
 
 def test_rows_report_module_flops_and_rates(tiny_model):
-    from storm_vlm.costmodel import pipeline_cost
+    from storm_vlm.perf.costmodel import pipeline_cost
 
     row = profile_model(tiny_model, _settings(frames=[4], compressions=[DEFAULT_COMPRESSIONS[4]], repeats=1),
                         progress=False)["rows"][0]
@@ -184,7 +184,7 @@ def test_tune_cpu_allocator_stops_page_faults_of_reused_memory():
     # every 4 KiB page again (~5,000 faults per round); after tuning, freed blocks are reused.
     code = textwrap.dedent("""
         import json, torch
-        from storm_vlm.profiling import page_faults, tune_cpu_allocator
+        from storm_vlm.perf.profiling import page_faults, tune_cpu_allocator
         def faults():
             for _ in range(2):  # warm
                 a, b, c = torch.ones(2 * 2**20), torch.ones(2 * 2**20), torch.ones(2**20)
@@ -207,7 +207,7 @@ def test_tune_cpu_allocator_stops_page_faults_of_reused_memory():
 
 
 def test_measure_cpu_roofline():
-    from storm_vlm.profiling import measure_cpu_roofline
+    from storm_vlm.perf.profiling import measure_cpu_roofline
 
     hw = measure_cpu_roofline(matmul_size=128, stream_mb=8, repeats=2)
     assert 1e8 < hw.peak_flops < 1e14 and 1e8 < hw.bandwidth < 1e13 and hw.mfu == 1.0

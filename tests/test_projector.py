@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from storm_vlm.projector import MambaTemporalProjector, MLPProjector, pixel_shuffle, pixel_shuffled_tokens
+from storm_vlm.model.projector import MambaTemporalProjector, MLPProjector, pixel_shuffle, pixel_shuffled_tokens
 
 C, D = 6, 16  # vision_dim, d_model of the tiny projectors
 

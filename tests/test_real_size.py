@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from storm_vlm import StormConfig, StormForConditionalGeneration
-from storm_vlm.compression import spatial_pool, temporal_pool
+from storm_vlm.model.compression import spatial_pool, temporal_pool
 
 SIGLIP_SO400M_448 = dict(model_type="siglip_vision_model", hidden_size=1152, num_hidden_layers=27,
                          intermediate_size=4304, num_attention_heads=16, image_size=448, patch_size=14,

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from storm_vlm.ssm import selective_scan, selective_scan_reference
+from storm_vlm.model.ssm import selective_scan, selective_scan_reference
 
 
 def _naive(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
@@ -111,7 +111,7 @@ def test_fast_equals_reference_float32(groups):
 
 
 def test_default_chunk_follows_width_and_matches_reference():
-    from storm_vlm.ssm.fast_scan import auto_chunk
+    from storm_vlm.model.ssm.fast_scan import auto_chunk
 
     assert [auto_chunk(c) for c in (8, 448, 1024, 2048, 4096, 10**6)] == [64, 64, 32, 16, 16, 16]
     t = _inputs(torch.float32, b=1, d=8, L=150, n=4)  # default chunk 64: two full chunks and a ragged one
@@ -122,7 +122,7 @@ def test_default_chunk_follows_width_and_matches_reference():
 def test_input_staging_boundaries(monkeypatch, reverse):
     """The forward stages inputs a few chunks at a time; stage edges inside and across chunks,
     with a ragged last chunk and stage, in both scan directions, change nothing."""
-    from storm_vlm.ssm import fast_scan
+    from storm_vlm.model.ssm import fast_scan
 
     monkeypatch.setattr(fast_scan, "_STAGE_STEPS", 7)  # 2 chunks of 3 per stage
     t = _inputs(torch.float64, b=2, d=6, L=23, n=4, groups=2)
@@ -132,7 +132,7 @@ def test_input_staging_boundaries(monkeypatch, reverse):
 
 def test_huge_page_buffers(monkeypatch):
     """Buffers advised as huge pages (threshold lowered so small ones are) hold ordinary values."""
-    from storm_vlm.ssm import fast_scan
+    from storm_vlm.model.ssm import fast_scan
 
     monkeypatch.setattr(fast_scan, "_HUGE", 4096)
     buf = fast_scan._empty(3, 5000, dtype=torch.float32, device=torch.device("cpu"))
@@ -274,7 +274,7 @@ def test_time_major_inputs_and_outputs():
 @pytest.mark.parametrize("groups,reverse", [(None, False), (2, True)])
 def test_channel_blocks_in_threads_equal_reference(monkeypatch, groups, reverse):
     """With >1 torch thread the fast path splits channels over worker threads."""
-    from storm_vlm.ssm import fast_scan
+    from storm_vlm.model.ssm import fast_scan
 
     monkeypatch.setattr(fast_scan, "_PARALLEL_MIN_WORK", 0)
     monkeypatch.setattr(fast_scan, "_MIN_BLOCK", 1)

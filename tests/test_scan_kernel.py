@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from storm_vlm.ssm import cpu_kernel, fast_scan, selective_scan, selective_scan_reference
+from storm_vlm.model.ssm import cpu_kernel, fast_scan, selective_scan, selective_scan_reference
 from test_scan import _assert_close, _inputs, _run
 
 pytestmark = pytest.mark.skipif(cpu_kernel.load() is None, reason="no C compiler: the kernel is optional")
@@ -115,7 +115,7 @@ def test_without_a_compiler_the_pytorch_scan_is_used(monkeypatch, tmp_path, capl
     monkeypatch.setattr(cpu_kernel, "_lib", None)
     monkeypatch.setattr(cpu_kernel, "_tried", False)
     monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
-    with caplog.at_level("WARNING", logger="storm_vlm.ssm"):
+    with caplog.at_level("WARNING", logger="storm_vlm.model.ssm"):
         assert cpu_kernel.load() is None
     assert "no C compiler" in caplog.text
     t = _inputs(torch.float32)

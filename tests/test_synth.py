@@ -9,13 +9,13 @@ import pytest
 from PIL import Image
 
 from storm_vlm.cli import main
-from storm_vlm.data.synth import (
+from storm_vlm.demo.synth import (
     ANSWER_PROMPT,
     check_sample,
     generate_synthetic_benchmark,
     read_all_frames,
 )
-from storm_vlm.data.synth_tasks import LETTERS, PALETTE, TASKS, recover_fact
+from storm_vlm.demo.synth_tasks import LETTERS, PALETTE, TASKS, recover_fact
 from storm_vlm.errors import StormError
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 def write_video(path: Path, frames: np.ndarray, fps: int = 8) -> Path:
     """Write (T, H, W, 3) uint8 frames as an mp4 (PyAV, libx264 or mpeg4)."""
-    from storm_vlm.data.synth import _pick_codec, write_mp4
+    from storm_vlm.demo.synth import _pick_codec, write_mp4
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_mp4(str(path), frames, fps, _pick_codec(None))
@@ -66,7 +66,7 @@ def make_dataset(root: Path, num_videos: int = 8, num_images: int = 4, frames: i
 
 
 def tiny_parts(root: Path) -> tuple[Path, Path]:
-    from storm_vlm.tiny import make_tiny_parts
+    from storm_vlm.demo.tiny import make_tiny_parts
 
     return make_tiny_parts(root, image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, vision_heads=2,
                            llm_hidden=32, llm_layers=2, llm_heads=2, llm_kv_heads=1, llm_intermediate=64,

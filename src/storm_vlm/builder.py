@@ -160,9 +160,9 @@ def build_storm(
     """
     import torch
 
-    from storm_vlm.config import StormConfig
-    from storm_vlm.modeling import StormForConditionalGeneration
-    from storm_vlm.processing import IMAGE_TOKEN, VIDEO_TOKEN, StormProcessor, add_placeholder_tokens, default_chat_template
+    from storm_vlm.model.configuration import StormConfig
+    from storm_vlm.model.modeling import StormForConditionalGeneration
+    from storm_vlm.model.processing import IMAGE_TOKEN, VIDEO_TOKEN, StormProcessor, add_placeholder_tokens, default_chat_template
 
     vcfg, lcfg = read_part_configs(vision_dir, llm_dir)
     # Validate the STORM fields before loading any weights.

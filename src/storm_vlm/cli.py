@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from storm_vlm.allocator import tune_cpu_allocator
+from storm_vlm.perf.allocator import tune_cpu_allocator
 from storm_vlm.errors import StormError
 
 # name -> (module under storm_vlm.commands, one-line help)
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"storm-vlm {args.command}: not available ({exc})", file=sys.stderr)
         return 2
     if not getattr(args, "no_tune_malloc", False):
-        tune_cpu_allocator()  # freed tensors reused, not page-faulted in again (see storm_vlm.allocator)
+        tune_cpu_allocator()  # freed tensors reused, not page-faulted in again (see storm_vlm.perf.allocator)
     try:
         return int(module.run(args) or 0)
     except StormError as exc:

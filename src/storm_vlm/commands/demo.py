@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from storm_vlm.demo import DemoSettings, run_demo
+    from storm_vlm.demo.runner import run_demo
+    from storm_vlm.demo.settings import DemoSettings
 
     overrides = {}
     if args.steps is not None:

@@ -2,7 +2,7 @@
 
 Per-module latency (vision tower / projector + compression / LLM prefill / decode per token) and
 peak memory for every frames x compression; writes OUT/profile.json, OUT/profile.txt and two PNG
-plots, and prints the table. See `storm_vlm.profiling` for what is measured and how.
+plots, and prints the table. See `storm_vlm.perf.profiling` for what is measured and how.
 """
 
 from __future__ import annotations
@@ -54,15 +54,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-tune-malloc", action="store_true",
                         help="CPU: keep glibc's default allocator thresholds (by default freed memory is kept for "
                              "reuse, which saves the page faults of fresh allocations; see "
-                             "storm_vlm.allocator.tune_cpu_allocator)")
+                             "storm_vlm.perf.allocator.tune_cpu_allocator)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from storm_vlm.costmodel import parse_compressions
-    from storm_vlm.profiling import (
+    from storm_vlm.perf.costmodel import parse_compressions
+    from storm_vlm.perf.profiling import (
         ProfileSettings,
         build_random_model,
         format_table,

@@ -15,7 +15,7 @@ _FLAG_NAMES = {"num_videos": "--videos", "num_frames": "--frames", "size": "--si
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from storm_vlm.data.synth_tasks import TASKS
+    from storm_vlm.demo.synth_tasks import TASKS
 
     parser.add_argument("out_dir", help="output folder (created if missing)")
     parser.add_argument("--videos", type=int, default=200, help="number of videos/questions (default 200)")
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from storm_vlm.data.synth import generate_synthetic_benchmark, validate_synth_args
+    from storm_vlm.demo.synth import generate_synthetic_benchmark, validate_synth_args
     from storm_vlm.errors import StormError
 
     num_images = args.videos if args.images is None else args.images

@@ -1,6 +1,6 @@
 """The demo's phases as plain functions of JSON-able specs (so they can run in worker processes).
 
-- `make_data`: the synthetic benchmark (`storm_vlm.data.synth.generate_synthetic_benchmark`) and
+- `make_data`: the synthetic benchmark (`storm_vlm.demo.synth.generate_synthetic_benchmark`) and
   the demo's training file (`train.json` with option-text answers, see `option_text_answers`).
 - `train_variant`: one model through the real training loop (`storm_vlm.train.train`,
   stage "sft"); the only addition is that each decoded + preprocessed training sample is kept
@@ -89,7 +89,7 @@ def option_text_answers(train_records: list[dict]) -> list[dict]:
 
 def make_data(data_dir: Path, settings: DemoSettings, workers: int | None = None) -> dict:
     """Generate (or reuse) the synthetic benchmark and the demo's training file; returns its meta dict."""
-    from storm_vlm.data.synth import generate_synthetic_benchmark
+    from storm_vlm.demo.synth import generate_synthetic_benchmark
 
     data_dir = Path(data_dir)
     if data_is_complete(data_dir, settings) and (data_dir / TRAIN_FILE).is_file():

@@ -78,7 +78,7 @@ VARIANT_BY_NAME = {v.name: v for v in VARIANTS}
 class DemoSettings:
     """Everything that decides the demo's numbers (written to results.json)."""
 
-    # synthetic benchmark (storm_vlm.data.synth.generate_synthetic_benchmark)
+    # synthetic benchmark (storm_vlm.demo.synth.generate_synthetic_benchmark)
     data_seed: int = 0
     num_videos: int = 600
     video_frames: int = 128
@@ -87,7 +87,7 @@ class DemoSettings:
     # The default trains and tests two tasks: with all five, the tiny from-scratch models stayed at
     # chance on every task within the budget (measured); see the README / demo notes.
     tasks: tuple[str, ...] = ("transient", "static")
-    # tiny model (storm_vlm.tiny.make_tiny_parts + StormConfig); random init, nothing pretrained
+    # tiny model (storm_vlm.demo.tiny.make_tiny_parts + StormConfig); random init, nothing pretrained
     patch_size: int = 8
     vision_hidden: int = 64
     vision_layers: int = 2
@@ -130,7 +130,7 @@ class DemoSettings:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise StormError(f"demo setting {key}={value!r}: must be an integer >= {minimum}")
-        from storm_vlm.data.synth_tasks import TASKS
+        from storm_vlm.demo.synth_tasks import TASKS
 
         unknown = [t for t in self.tasks if t not in TASKS]
         if not self.tasks or unknown or len(set(self.tasks)) != len(self.tasks):
@@ -157,7 +157,7 @@ class DemoSettings:
         return frames // row.frames_div
 
     def parts_kwargs(self, seed: int) -> dict:
-        """kwargs of storm_vlm.tiny.make_tiny_parts (weights seeded by the training seed)."""
+        """kwargs of storm_vlm.demo.tiny.make_tiny_parts (weights seeded by the training seed)."""
         return dict(image_size=self.video_size, patch_size=self.patch_size, vision_hidden=self.vision_hidden,
                     vision_layers=self.vision_layers, vision_heads=max(1, self.vision_hidden // 16),
                     llm_hidden=self.llm_hidden, llm_layers=self.llm_layers, llm_heads=self.llm_heads,

@@ -61,7 +61,7 @@ class TrainConfig:
     # --- model source: exactly one of the three ---
     init_from: str | None = None  # a saved STORM model folder (e.g. the previous stage's output)
     build: dict | None = None  # {vision: DIR, llm: DIR, projector: mamba|mlp, **StormConfig overrides}
-    tiny: dict | None = None  # kwargs of storm_vlm.tiny.build_tiny_model (tiny random model)
+    tiny: dict | None = None  # kwargs of storm_vlm.demo.tiny.build_tiny_model (tiny random model)
     # --- model settings applied on top of the source ---
     temporal_pool_size: int | None = None
     model_overrides: dict = field(default_factory=dict)

@@ -5,7 +5,7 @@
 - build: {vision: DIR, llm: DIR, projector: mamba|mlp, **StormConfig fields} -- a local SigLIP
   folder and a local causal-LM folder assembled by `storm_vlm.builder.build_storm` (what
   `storm-vlm build` runs; the projector is freshly initialised with the run's seed).
-- tiny: kwargs of `storm_vlm.tiny.build_tiny_model` -- a tiny random model, written once to
+- tiny: kwargs of `storm_vlm.demo.tiny.build_tiny_model` -- a tiny random model, written once to
   `output_dir/source-model/` (rank 0, atomically) and loaded from there by every rank.
 
 After loading, `temporal_pool_size` and `model_overrides` (token-compression settings only) are
@@ -55,7 +55,7 @@ def _text_config(llm_dir: Path):
 
 def storm_config_for_build(build: dict, video_token_id=None, image_token_id=None):
     """A StormConfig from `build:` (vision/llm folders' configs + StormConfig fields)."""
-    from storm_vlm.config import StormConfig
+    from storm_vlm.model.configuration import StormConfig
 
     extra = {k: v for k, v in build.items() if k not in ("vision", "llm", "projector")}
     text_config = _text_config(Path(build["llm"]))
@@ -78,7 +78,7 @@ def instantiate_on_meta(cfg: TrainConfig):
 
     For checking real-size recipes: parameter counts and trainable groups without memory.
     """
-    from storm_vlm.modeling import StormForConditionalGeneration
+    from storm_vlm.model.modeling import StormForConditionalGeneration
     from storm_vlm.train.stages import apply_stage
 
     if cfg.build is None:
@@ -94,7 +94,7 @@ def instantiate_on_meta(cfg: TrainConfig):
 
 
 def _storm_fields() -> set[str]:
-    from storm_vlm.config import StormConfig
+    from storm_vlm.model.configuration import StormConfig
 
     own = set(StormConfig.__dict__.get("__annotations__", {}))
     return own - {"vision_config", "text_config", "video_token_id", "image_token_id"}
@@ -105,7 +105,7 @@ def check_source_keys(cfg: TrainConfig) -> None:
     import inspect
 
     from storm_vlm.builder import build_storm
-    from storm_vlm.tiny import build_tiny_model
+    from storm_vlm.demo.tiny import build_tiny_model
 
     for key, fn, section in (("build", build_storm, cfg.build), ("tiny", build_tiny_model, cfg.tiny)):
         if section is None:
@@ -133,7 +133,7 @@ def _build_from_parts(build: dict, seed: int):
 
 def _materialise_tiny(cfg: TrainConfig, env) -> Path:
     """Rank 0 writes the tiny model once under output_dir (atomically); everyone then loads it."""
-    from storm_vlm.tiny import build_tiny_model
+    from storm_vlm.demo.tiny import build_tiny_model
 
     target = Path(cfg.output_dir) / SOURCE_DIR
     if env.is_main and not (target / "config.json").is_file():
@@ -165,8 +165,8 @@ def _apply_overrides(config, cfg: TrainConfig) -> None:
 
 def load_model_and_processor(cfg: TrainConfig, env):
     """(model in float32 on CPU, processor) for the run, with compression overrides applied."""
-    from storm_vlm.modeling import StormForConditionalGeneration
-    from storm_vlm.processing import StormProcessor, default_chat_template
+    from storm_vlm.model.modeling import StormForConditionalGeneration
+    from storm_vlm.model.processing import StormProcessor, default_chat_template
 
     check_source_keys(cfg)
     if cfg.build is not None:

@@ -30,7 +30,7 @@ from torch import Tensor
 
 __all__ = ["load", "enabled", "scan_forward", "scan_backward", "cache_dir"]
 
-logger = logging.getLogger("storm_vlm.ssm")
+logger = logging.getLogger("storm_vlm.model.ssm")
 SOURCE = Path(__file__).with_name("_scan_kernel.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared"]
 ENV_SWITCH = "STORM_VLM_SCAN_KERNEL"

@@ -89,7 +89,7 @@ PAPER_REFERENCE = {
 }
 
 SCAN_FLOPS_PER_STATE = 7
-SCAN_CHUNK = 16  # steps per chunk of storm_vlm.ssm's CPU scan (for the memory estimate)
+SCAN_CHUNK = 16  # steps per chunk of storm_vlm.model.ssm's CPU scan (for the memory estimate)
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ def parse_compressions(spec: str) -> list[Compression]:
 
 def real_config(**overrides):
     """StormConfig of the paper's size: SigLIP-so400m-patch14-448 + Qwen2-7B, Mamba projector."""
-    from storm_vlm.config import SIGLIP_SO400M_448, StormConfig
+    from storm_vlm.model.configuration import SIGLIP_SO400M_448, StormConfig
 
     # `storm-vlm build` loads SigLIP without its attention-pooling head (STORM reads hidden states).
     vision = dict(model_type="siglip_vision_model", vision_use_head=False, **SIGLIP_SO400M_448)

@@ -21,7 +21,7 @@ from multiprocessing import get_all_start_methods, get_context
 
 import numpy as np
 
-from storm_vlm.data.synth_tasks import (
+from storm_vlm.demo.synth_tasks import (
     LETTERS,
     MAX_FRAMES,
     MIN_FRAMES,

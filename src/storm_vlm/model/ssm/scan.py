@@ -18,7 +18,7 @@ are mamba-ssm's ``selective_scan_fn``:
 compute dtype (float32, or float64 for float64 inputs) like mamba-ssm's.
 
 ``selective_scan_reference`` is the definition: a plain loop over time. ``selective_scan``
-gives the same results faster (see ``storm_vlm.ssm.fast_scan``) and dispatches to
+gives the same results faster (see ``storm_vlm.model.ssm.fast_scan``) and dispatches to
 mamba-ssm's CUDA kernel when the inputs live on CUDA and mamba-ssm imports.
 """
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from storm_vlm.ssm.fast_scan import DEFAULT_CHUNK, chunked_scan
+from storm_vlm.model.ssm.fast_scan import DEFAULT_CHUNK, chunked_scan
 
 __all__ = ["selective_scan", "selective_scan_reference", "ScanShapes", "check_scan_inputs"]
 

@@ -15,7 +15,7 @@ from transformers import BatchFeature, ProcessorMixin
 from transformers.tokenization_utils_base import AddedToken
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from storm_vlm.config import COUNTING_FIELDS, StormConfig
+from storm_vlm.model.configuration import COUNTING_FIELDS, StormConfig
 from storm_vlm.errors import StormError
 
 __all__ = ["StormProcessor", "add_placeholder_tokens", "VIDEO_TOKEN", "IMAGE_TOKEN", "CHATML_VISUAL_TEMPLATE", "LLAMA3_VISUAL_TEMPLATE", "default_chat_template"]

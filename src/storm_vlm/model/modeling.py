@@ -21,9 +21,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from storm_vlm.compression import spatial_pool, temporal_pool, temporal_sample
-from storm_vlm.config import StormConfig
-from storm_vlm.projector import MambaTemporalProjector, MLPProjector
+from storm_vlm.model.compression import spatial_pool, temporal_pool, temporal_sample
+from storm_vlm.model.configuration import StormConfig
+from storm_vlm.model.projector import MambaTemporalProjector, MLPProjector
 
 __all__ = ["StormPreTrainedModel", "StormForConditionalGeneration", "StormKVCache", "build_projector"]
 

@@ -16,24 +16,24 @@ rounds of `decode_tokens` steps and keeps the median step. Timing uses CUDA even
 `time.perf_counter` on CPU. `total_ms` = vision + projector + prefill + decode_tokens x decode step:
 the latency of answering with `decode_tokens` tokens.
 
-Compression c (see `storm_vlm.costmodel.DEFAULT_COMPRESSIONS`): 1 = none, 4 = temporal pool 4,
+Compression c (see `storm_vlm.perf.costmodel.DEFAULT_COMPRESSIONS`): 1 = none, 4 = temporal pool 4,
 8 = temporal pool 4 + temporal sample 2; custom settings as "16=4:2:2" (pool:sample:spatial). The
 pooling sizes are switched on the model's config for the row and restored afterwards: this changes
 what a model trained with other pooling computes (not its cost), so rows measure latency only.
 
-Each row also carries `gflop` (per module, from `storm_vlm.costmodel`, attention counted dense)
+Each row also carries `gflop` (per module, from `storm_vlm.perf.costmodel`, attention counted dense)
 and `gflop_per_s` (the rate each module reached), and `page_faults` (minor faults during the row).
 
-CPU allocator: `storm_vlm.allocator.tune_cpu_allocator()` (called by every `storm-vlm` command and the benchmarks unless
+CPU allocator: `storm_vlm.perf.allocator.tune_cpu_allocator()` (called by every `storm-vlm` command and the benchmarks unless
 `--no-tune-malloc`) makes glibc reuse freed memory instead of mapping fresh, page-faulting pages
 for every large tensor; `cpu_allocator` in the result says whether it was on. The KV cache and
-decode attention are the model's own (`StormKVCache`, `storm_sdpa`; see `storm_vlm.modeling`).
+decode attention are the model's own (`StormKVCache`, `storm_sdpa`; see `storm_vlm.model.modeling`).
 
 Peak memory: CUDA `max_memory_allocated` (reset per row); on CPU the process's resident-set
 high-water mark, reset per row through /proc/self/clear_refs (Linux), so each row's peak is its
 own (it includes the weights and everything else resident; `memory_baseline_mb` is the RSS when
 the row started). Where the reset is unavailable the process-lifetime peak is reported and the
-metadata says so. Rows whose estimated activations (from `storm_vlm.costmodel`) exceed the free
+metadata says so. Rows whose estimated activations (from `storm_vlm.perf.costmodel`) exceed the free
 memory, or that run out of memory, are skipped with a note instead of crashing.
 """
 
@@ -54,8 +54,8 @@ from pathlib import Path
 
 import torch
 
-from storm_vlm.costmodel import Compression, DEFAULT_COMPRESSIONS, pipeline_cost
-from storm_vlm.allocator import _ALLOCATOR_STATE, tune_cpu_allocator  # noqa: F401  (re-exported)
+from storm_vlm.perf.costmodel import Compression, DEFAULT_COMPRESSIONS, pipeline_cost
+from storm_vlm.perf.allocator import _ALLOCATOR_STATE, tune_cpu_allocator  # noqa: F401  (re-exported)
 from storm_vlm.errors import ConfigError, StormError
 
 __all__ = [
@@ -132,7 +132,7 @@ def load_model_config(path) -> tuple:
     """
     import yaml
 
-    from storm_vlm.config import StormConfig
+    from storm_vlm.model.configuration import StormConfig
 
     path = Path(path)
     try:
@@ -160,7 +160,7 @@ def load_model_config(path) -> tuple:
 
 def build_random_model(config, seed: int = 0):
     """A randomly initialised `StormForConditionalGeneration` for `config`, in eval mode."""
-    from storm_vlm.modeling import StormForConditionalGeneration
+    from storm_vlm.model.modeling import StormForConditionalGeneration
 
     torch.manual_seed(seed)
     return StormForConditionalGeneration(config).eval()
@@ -168,7 +168,7 @@ def build_random_model(config, seed: int = 0):
 
 def load_model(model_dir):
     """`StormForConditionalGeneration.from_pretrained(model_dir)` (local files only), in eval mode."""
-    from storm_vlm.modeling import StormForConditionalGeneration
+    from storm_vlm.model.modeling import StormForConditionalGeneration
 
     path = Path(model_dir)
     if not (path / "config.json").is_file():
@@ -243,7 +243,7 @@ def measure_cpu_roofline(matmul_size: int = 1024, stream_mb: int = 256, repeats:
     `repeats` streaming reads (a sum) of a `stream_mb` MB fp32 tensor, as a decode step streams its
     weights. Best-of, not median: a bound is what the machine can do, and other jobs only slow it.
     """
-    from storm_vlm.costmodel import Hardware
+    from storm_vlm.perf.costmodel import Hardware
 
     a = torch.randn(matmul_size, matmul_size)
     b = torch.randn(matmul_size, matmul_size)
@@ -410,7 +410,7 @@ def profile_row(model, frames: int, compression: Compression, settings: ProfileS
 
 
 def _achieved(row: dict, est) -> dict:
-    """Each module's FLOPs (storm_vlm.costmodel, attention counted dense) and the rate reached."""
+    """Each module's FLOPs (storm_vlm.perf.costmodel, attention counted dense) and the rate reached."""
     parts = {
         "vision_tower": (est.vision_tower.flops, row["vision_tower_ms"]),
         "projector": (est.projector.flops, row["projector_ms"]),

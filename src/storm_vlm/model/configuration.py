@@ -11,7 +11,7 @@ import dataclasses
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from storm_vlm.compression import pooled_num_frames, sampled_num_frames, spatial_pooled_tokens
+from storm_vlm.model.compression import pooled_num_frames, sampled_num_frames, spatial_pooled_tokens
 from storm_vlm.errors import ConfigError
 
 __all__ = ["StormConfig", "COUNTING_FIELDS"]

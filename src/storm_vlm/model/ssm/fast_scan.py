@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from storm_vlm.ssm import cpu_kernel
+from storm_vlm.model.ssm import cpu_kernel
 
 __all__ = ["chunked_scan", "DEFAULT_CHUNK", "auto_chunk"]
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from storm_vlm.ssm import scan as _scan
+from storm_vlm.model.ssm import scan as _scan
 
 __all__ = ["MambaMixer", "BiMambaMixer"]
 

@@ -1,0 +1,199 @@
+"""Vision-to-LLM projectors: STORM's Mamba temporal projector and the VILA MLP baseline.
+
+Both take vision features (B, T, N̂, C) — B videos, T frames (T = 1 for an image), N̂ tokens per
+frame on a row-major sqrt(N̂) x sqrt(N̂) grid, C = vision_dim channels — and return
+(B, T, N, d_model) with N = N̂ / downsample_ratio**2.
+
+Padded batches pass ``frame_mask`` (B, T) bool, True for a real frame, padding as a suffix. Each
+video then gets exactly the output it gets alone, and padded frames come out as zeros.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from storm_vlm.model.ssm import BiMambaMixer, MambaMixer
+
+__all__ = ["pixel_shuffle", "pixel_shuffled_tokens", "MLPProjector", "MambaTemporalProjector"]
+
+
+def _check_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _grid_side(num_tokens: int, ratio: int) -> int:
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(f"pixel_shuffle: N̂ = {num_tokens} tokens per frame is not a square grid")
+    if side % ratio:
+        raise ValueError(
+            f"pixel_shuffle: grid side {side} (N̂ = {num_tokens}) is not divisible by downsample ratio {ratio}"
+        )
+    return side
+
+
+def pixel_shuffled_tokens(num_tokens: int, ratio: int = 2) -> int:
+    """Tokens per frame after ``pixel_shuffle`` of a square grid of ``num_tokens``: N̂ / ratio**2."""
+    _check_int("num_tokens", num_tokens, 0)
+    _check_int("ratio", ratio)
+    return (_grid_side(num_tokens, ratio) // ratio) ** 2
+
+
+def pixel_shuffle(features: torch.Tensor, ratio: int = 2) -> torch.Tensor:
+    """Space-to-channel: fold each ratio x ratio window of the token grid into one token.
+
+    features: (B, T, N̂, C), N̂ a square grid (row-major) whose side is divisible by ``ratio``
+    -> (B, T, N̂ / ratio**2, C * ratio**2), output tokens row-major over the coarse grid.
+
+    Channel order: output channel ``(dy * ratio + dx) * C + c`` holds channel c of the input token
+    at offset (row dy, column dx) inside the window, i.e. the window's tokens are concatenated
+    in row-major order (for ratio 2: top-left, top-right, bottom-left, bottom-right), the same
+    layout as VILA's ``mlp_downsample``.
+    """
+    _check_int("ratio", ratio)
+    if not isinstance(features, torch.Tensor) or features.dim() != 4:
+        shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+        raise ValueError(f"pixel_shuffle: features must have shape (B, T, N̂, C), got {shape}")
+    b, t, n, c = features.shape
+    side = _grid_side(n, ratio)
+    if ratio == 1:
+        return features
+    g = side // ratio
+    x = features.reshape(b, t, g, ratio, g, ratio, c)
+    x = x.permute(0, 1, 2, 4, 3, 5, 6)  # (B, T, gy, gx, dy, dx, C)
+    return x.reshape(b, t, g * g, ratio * ratio * c)
+
+
+def _prepare(features, frame_mask, vision_dim: int, ratio: int, dtype: torch.dtype):
+    """Validate, zero padded frames (so NaN/garbage there cannot leak), pixel-shuffle.
+
+    Returns (x (B, T, N, C·ratio²), frame_mask or None when every frame is real).
+    """
+    if not isinstance(features, torch.Tensor) or features.dim() != 4:
+        shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+        raise ValueError(f"features must have shape (B, T, N̂, vision_dim={vision_dim}), got {shape}")
+    if features.shape[-1] != vision_dim:
+        raise ValueError(
+            f"features have {features.shape[-1]} channels but the projector expects vision_dim={vision_dim} "
+            f"(features shape {tuple(features.shape)})"
+        )
+    if frame_mask is not None:
+        if not isinstance(frame_mask, torch.Tensor) or frame_mask.dtype != torch.bool:
+            what = frame_mask.dtype if isinstance(frame_mask, torch.Tensor) else type(frame_mask).__name__
+            raise ValueError(f"frame_mask must be a torch.bool tensor of shape (B, T), got {what}")
+        if tuple(frame_mask.shape) != tuple(features.shape[:2]):
+            raise ValueError(
+                f"frame_mask shape {tuple(frame_mask.shape)} does not match features' (B, T) = "
+                f"{tuple(features.shape[:2])} (features shape {tuple(features.shape)})"
+            )
+        frame_mask = frame_mask.to(features.device)
+        if bool(frame_mask.all()):
+            frame_mask = None
+        else:
+            features = torch.where(frame_mask[:, :, None, None], features, features.new_zeros(()))
+    return pixel_shuffle(features.to(dtype), ratio), frame_mask
+
+
+def _zero_padding(out: torch.Tensor, frame_mask: torch.Tensor | None) -> torch.Tensor:
+    if frame_mask is None:
+        return out
+    return torch.where(frame_mask[:, :, None, None], out, out.new_zeros(()))
+
+
+class MLPProjector(nn.Module):
+    """VILA baseline: pixel shuffle -> LayerNorm(C·r²) -> Linear -> GELU -> Linear.
+
+    forward(features (B, T, N̂, vision_dim), frame_mask (B, T) bool or None) -> (B, T, N̂/r², d_model).
+    Tokens are projected independently; no information moves across tokens or frames.
+    """
+
+    def __init__(self, vision_dim: int, d_model: int, downsample_ratio: int = 2):
+        super().__init__()
+        self.vision_dim = _check_int("vision_dim", vision_dim)
+        self.d_model = _check_int("d_model", d_model)
+        self.downsample_ratio = _check_int("downsample_ratio", downsample_ratio)
+        in_dim = vision_dim * downsample_ratio**2
+        self.norm = nn.LayerNorm(in_dim)
+        self.fc1 = nn.Linear(in_dim, d_model)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(d_model, d_model)
+
+    def forward(self, features: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x, frame_mask = _prepare(features, frame_mask, self.vision_dim, self.downsample_ratio, self.fc1.weight.dtype)
+        out = self.fc2(self.act(self.fc1(self.norm(x))))
+        return _zero_padding(out, frame_mask)
+
+
+class MambaBlock(nn.Module):
+    """Pre-norm residual block ``x + Mixer(LayerNorm(x))`` on (B, L, d_model), token mask (B, L) bool."""
+
+    def __init__(self, d_model: int, mixer: nn.Module):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.mixer = mixer
+
+    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return hidden_states + self.mixer(self.norm(hidden_states), mask=mask)
+
+
+class MambaTemporalProjector(nn.Module):
+    """STORM's temporal projector: pixel shuffle -> Linear -> L x [x + Mixer(LayerNorm(x))] -> LayerNorm.
+
+    The mixers run over each video's tokens flattened in sweep order (row-major inside a frame,
+    then frame after frame; length T·N), so every output token can carry information from other
+    frames: from all of them when ``bidirectional`` (BiMambaMixer), from earlier ones only when
+    not (MambaMixer, the streaming variant).
+
+    forward(features (B, T, N̂, vision_dim), frame_mask (B, T) bool or None) -> (B, T, N̂/r², d_model).
+    Set ``gradient_checkpointing = True`` to recompute each block in backward while training.
+    """
+
+    def __init__(
+        self,
+        vision_dim: int,
+        d_model: int,
+        num_layers: int = 2,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        bidirectional: bool = True,
+        downsample_ratio: int = 2,
+    ):
+        super().__init__()
+        self.vision_dim = _check_int("vision_dim", vision_dim)
+        self.d_model = _check_int("d_model", d_model)
+        self.downsample_ratio = _check_int("downsample_ratio", downsample_ratio)
+        _check_int("num_layers", num_layers, 0)
+        self.bidirectional = bool(bidirectional)
+        self.gradient_checkpointing = False
+        mixer_cls = BiMambaMixer if self.bidirectional else MambaMixer
+        self.in_proj = nn.Linear(vision_dim * downsample_ratio**2, d_model)
+        self.layers = nn.ModuleList(
+            MambaBlock(d_model, mixer_cls(d_model, d_state=d_state, d_conv=d_conv, expand=expand))
+            for _ in range(num_layers)
+        )
+        self.norm_out = nn.LayerNorm(d_model)
+
+    def forward(self, features: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x, frame_mask = _prepare(
+            features, frame_mask, self.vision_dim, self.downsample_ratio, self.in_proj.weight.dtype
+        )
+        b, t, n, _ = x.shape
+        hidden = self.in_proj(x).reshape(b, t * n, self.d_model)
+        token_mask = None
+        if frame_mask is not None:
+            token_mask = frame_mask[:, :, None].expand(b, t, n).reshape(b, t * n)
+        use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if use_checkpoint:
+                hidden = checkpoint(layer, hidden, token_mask, use_reentrant=False)
+            else:
+                hidden = layer(hidden, token_mask)
+        out = self.norm_out(hidden).reshape(b, t, n, self.d_model)
+        return _zero_padding(out, frame_mask)
