@@ -31,7 +31,7 @@ def test_build_writes_a_loadable_model(built, qwen2_parts, capsys):
     assert "<video>" not in original.get_vocab() and len(tok) == len(original) + 2
     assert model.config.video_token_id == tok.convert_tokens_to_ids("<video>")
     assert model.get_input_embeddings().weight.shape[0] == len(tok)  # embeddings resized
-    assert processor.visual_token_config["temporal_pool_size"] == 2
+    assert processor.layout == model.config.visual_token_layout and processor.layout.temporal_pool_size == 2
     assert processor.num_visual_tokens(8) == model.config.num_visual_tokens(8) == 4 * 4
     # the pretrained LLM weights are kept, only the new rows are added
     from transformers import AutoModelForCausalLM
@@ -137,7 +137,7 @@ def test_build_from_a_full_siglip_folder_and_refuses_incomplete_checkpoints(qwen
         bos_token_id=1, eos_token_id=2, pad_token_id=0)))
     full.save_pretrained(tmp_path / "siglip")
     model, processor = build_storm(tmp_path / "siglip", qwen2_parts[1])
-    assert model.config.vision_config.hidden_size == 32 and processor.image_size == 32
+    assert model.config.vision_config.hidden_size == 32 and processor.image_processor.size["height"] == 32
     assert torch.equal(model.vision_tower.embeddings.patch_embedding.weight,
                        full.vision_model.embeddings.patch_embedding.weight)
 

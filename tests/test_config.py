@@ -36,12 +36,12 @@ def test_num_visual_tokens_formula(k, p, s):
         assert cfg.num_visual_tokens(t, temporal_sample_stride=1) == math.ceil(t / k) * (grid // p) ** 2
 
 
-def test_counting_config_counts_like_the_full_config():
+def test_visual_token_layout_mirrors_the_config_fields():
     cfg = tiny_config(temporal_pool_size=2, spatial_pool_stride=2, temporal_sample_stride=3)
-    light = StormConfig.for_counting(cfg.counting_fields())
-    for t in range(1, 20):
-        assert light.num_visual_tokens(t) == cfg.num_visual_tokens(t)
-        assert light.num_visual_tokens(t, 2) == cfg.num_visual_tokens(t, 2)
+    layout = cfg.visual_token_layout
+    assert layout.as_row() == [64 // 8 // 2, 2, 2, 3]
+    cfg.temporal_pool_size = 4  # a derived value, never a stale copy
+    assert cfg.visual_token_layout.temporal_pool_size == 4
 
 
 @pytest.mark.parametrize(
@@ -67,9 +67,9 @@ def test_invalid_values_name_the_field(kwargs, field):
 
 def test_bad_num_frames_and_stride_at_call_time():
     cfg = tiny_config()
-    with pytest.raises(ConfigError, match="num_frames"):
+    with pytest.raises(ValueError, match="num_frames"):
         cfg.num_visual_tokens(0)
-    with pytest.raises(ConfigError, match="temporal_sample_stride"):
+    with pytest.raises(ValueError, match="temporal_sample_stride"):
         cfg.num_visual_tokens(8, temporal_sample_stride=0)
 
 

@@ -8,7 +8,7 @@ from transformers.activations import GELUTanh
 from transformers.cache_utils import DynamicCache
 
 from storm_vlm import StormConfig
-from storm_vlm.model.modeling import STORM_SDPA, StormKVCache, _GELUTanhCPU, _GrowingKVLayer
+from storm_vlm.model.fast_paths import STORM_SDPA, StormKVCache, _GELUTanhCPU, _GrowingKVLayer
 from storm_vlm.perf.profiling import build_random_model
 from fixtures_models import TINY_CONFIG as TINY
 
@@ -117,11 +117,11 @@ def test_vision_tower_uses_it_and_features_are_unchanged(model):
     assert acts and all(type(m) is _GELUTanhCPU for m in acts)
     pixels = torch.randn(1, 3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
-        fast = model.get_video_features(pixels)
+        fast, _ = model.get_video_features(pixels)
         for layer in model.vision_tower.encoder.layers:
             layer.mlp.activation_fn = GELUTanh()
         try:
-            plain = model.get_video_features(pixels)
+            plain, _ = model.get_video_features(pixels)
         finally:
             for layer in model.vision_tower.encoder.layers:
                 layer.mlp.activation_fn = _GELUTanhCPU()
@@ -136,7 +136,7 @@ def test_real_frames_reach_the_tower_as_views_and_features_match_the_masked_path
     model.config.vision_batch_size = 2
     try:
         with torch.inference_mode():
-            plain = model.get_video_features(pixels)
+            plain, _ = model.get_video_features(pixels)
             seen_plain = list(seen)
             padded = torch.cat([pixels, torch.zeros(1, 2, 3, 32, 32)], dim=1)
             mask = torch.tensor([[True] * 5 + [False] * 2])

@@ -70,11 +70,21 @@ def test_generate_with_test_time_temporal_sampling(qwen2):
     video = random_video(8)
     inputs = chat_inputs(processor, video, temporal_sample_stride=2)
     assert int((inputs["input_ids"] == processor.video_token_id).sum()) == 4 * 16
+    assert inputs["video_token_layout"][:, 3].tolist() == [2]  # the batch carries the stride
     with torch.no_grad():
-        out = model.generate(**inputs, temporal_sample_stride=2, max_new_tokens=3, do_sample=False)
-        assert out.shape[1] > inputs["input_ids"].shape[1]
+        # named once, to the processor ...
+        once = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        # ... is the same as 0.1.0's two-argument call
+        twice = model.generate(**inputs, temporal_sample_stride=2, max_new_tokens=3, do_sample=False)
+        assert once.shape[1] > inputs["input_ids"].shape[1] and torch.equal(once, twice)
+        # inputs without the layout (built by hand) still take the keyword
+        legacy = {k: v for k, v in inputs.items() if k != "video_token_layout"}
+        torch.testing.assert_close(model(**legacy, temporal_sample_stride=2).logits, model(**inputs).logits)
         with pytest.raises(ValueError, match="64 <video> tokens but the videos give 128 visual tokens"):
-            model(**inputs)  # the model's default stride (1) gives 8 frames' worth
+            model(**legacy)  # the model's default stride (1) gives 8 frames' worth
+        # naming a different stride than the processor counted is a clear error
+        with pytest.raises(ValueError, match=r"temporal_sample_stride=1 was given .* counted these videos with stride \[2\]"):
+            model.generate(**inputs, temporal_sample_stride=1, max_new_tokens=1)
 
 
 def test_placeholder_mismatch_states_both_counts(qwen2):
@@ -111,7 +121,7 @@ def test_images_are_one_frame_videos(qwen2):
     inputs = processor(text="<image>\nWhat is this?", images=[image])
     with torch.no_grad():
         img = model.get_image_features(inputs["pixel_values"])
-        vid = model.get_video_features(inputs["pixel_values"][:, None])
+        vid, _ = model.get_video_features(inputs["pixel_values"][:, None])
         logits = model(**inputs).logits
         generated = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert generated.shape == (1, inputs["input_ids"].shape[1] + 3)

@@ -1,3 +1,4 @@
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -7,6 +8,7 @@ from fixtures_models import llama_parts, qwen2_parts, random_video, video_questi
 
 from storm_vlm import StormConfig, StormProcessor
 from storm_vlm.errors import StormError
+from storm_vlm.model.compression import VisualTokenLayout
 from storm_vlm.model.processing import default_chat_template
 
 FIELDS = dict(image_size=64, patch_size=8, downsample_ratio=2, temporal_pool_size=1, spatial_pool_stride=1,
@@ -20,7 +22,7 @@ def make_processor(parts, **fields):
     tokenizer = AutoTokenizer.from_pretrained(llm_dir)
     image_processor = AutoImageProcessor.from_pretrained(vision_dir)
     return StormProcessor(image_processor, tokenizer, chat_template=default_chat_template(tokenizer),
-                          visual_token_config={**FIELDS, **fields})
+                          visual_token_layout=VisualTokenLayout.from_dict({**FIELDS, **fields}))
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +46,14 @@ def test_tiny_tokenizer_covers_the_benchmark_vocabulary(processor):
                                            ({"spatial_pool_stride": 2}, 3), ({"temporal_sample_stride": 2}, None)])
 def test_placeholders_expand_to_the_config_count(qwen2_parts, fields, stride):
     proc = make_processor(qwen2_parts, **fields)
-    cfg = StormConfig.for_counting({**FIELDS, **fields})
+    layout = VisualTokenLayout.from_dict({**FIELDS, **fields}).with_sample_stride(stride)
     videos = [random_video(8), random_video(5, seed=1), random_video(3, seed=2)]
     out = proc(text=["<video>\nWhat colour?", "Count <video> and <video> please"], videos=videos,
                temporal_sample_stride=stride)
     counts = (out["input_ids"] == proc.video_token_id).sum(1).tolist()
-    expected = [cfg.num_visual_tokens(t, stride) for t in (8, 5, 3)]
+    expected = [layout.num_tokens(t) for t in (8, 5, 3)]
     assert counts == [expected[0], expected[1] + expected[2]]
+    assert out["video_token_layout"].tolist() == [layout.as_row()] * 3  # what the model will apply
     assert out["pixel_values_videos"].shape == (3, 8, 3, 64, 64)
     assert out["video_frame_mask"].dtype == torch.bool
     assert out["video_frame_mask"].sum(1).tolist() == [8, 5, 3]
@@ -146,10 +149,13 @@ def test_save_load_round_trip(processor, tmp_path):
 
     processor.save_pretrained(tmp_path)
     # AutoProcessor needs the model's config.json to know the model type
-    StormConfig.for_counting(FIELDS).save_pretrained(tmp_path)
+    StormConfig(vision_config=dict(model_type="siglip_vision_model", image_size=64, patch_size=8),
+                text_config=dict(model_type="qwen2")).save_pretrained(tmp_path)
     back = AutoProcessor.from_pretrained(tmp_path)
     assert isinstance(back, StormProcessor)
-    assert back.visual_token_config == processor.visual_token_config
+    assert back.layout == processor.layout
+    saved = json.loads((tmp_path / "processor_config.json").read_text())
+    assert saved["visual_token_layout"] == processor.layout.to_dict() and "visual_token_config" not in saved
     assert back.chat_template == processor.chat_template
     videos = [random_video(6)]
     a, b = processor(text="<video> q", videos=videos), back(text="<video> q", videos=videos)

@@ -88,7 +88,7 @@ def test_profiled_path_is_the_models_forward(tiny_model):
     gen = torch.Generator().manual_seed(1)
     pixels = torch.randn(1, 8, 3, 32, 32, generator=gen)
     with torch.no_grad():
-        feats = tiny_model.get_video_features(pixels, temporal_sample_stride=2)
+        feats, _ = tiny_model.get_video_features(pixels, temporal_sample_stride=2)
         n = cfg.num_visual_tokens(8, temporal_sample_stride=2)
         assert feats.shape[:3].numel() == n
         text = torch.randint(0, 60, (1, 4), generator=gen)

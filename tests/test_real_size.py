@@ -39,9 +39,9 @@ def test_shapes_on_meta(real_model):
         feats = real_model._vision_features(torch.empty(2, 3, 448, 448, device="meta"))
     assert feats.shape == (2, 1024, 1152)  # second-to-last SigLIP layer: 32 x 32 patches
     projected = torch.empty(1, 128, 256, 3584, device="meta")  # the projector's output for 128 frames
-    pooled = temporal_pool(projected, 4)
+    pooled, _ = temporal_pool(projected, 4)
     assert pooled.shape == (1, 32, 256, 3584) and pooled.shape[1] * pooled.shape[2] == 8192
-    assert spatial_pool(pooled, 2).shape == (1, 32, 64, 3584)
+    assert spatial_pool(pooled, 2)[0].shape == (1, 32, 64, 3584)
 
 
 def test_parameter_counts_of_the_three_parts(real_model):

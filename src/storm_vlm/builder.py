@@ -204,12 +204,11 @@ def build_storm(
     if gen.eos_token_id is None:
         gen.eos_token_id = tokenizer.eos_token_id
     model.generation_config = gen
-    # The processor counts with the model's own config (the one place that counts).
     processor = StormProcessor(
         image_processor,
         tokenizer,
         chat_template=default_chat_template(tokenizer),
-        visual_token_config=config.counting_fields(),
+        visual_token_layout=config.visual_token_layout,
     )
     return model, processor
 

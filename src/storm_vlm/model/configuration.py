@@ -1,7 +1,8 @@
 """`StormConfig`: the configuration of a STORM video-LLM (vision tower + projector + LLM).
 
-It is also the one place that counts visual tokens (`num_visual_tokens`), used by the model
-(to check placeholder runs) and by the processor (to expand `<video>` / `<image>` placeholders).
+Its `visual_token_layout` (a `storm_vlm.model.compression.VisualTokenLayout`) says how many
+visual tokens a video becomes; the processor saves a copy to expand `<video>` / `<image>`
+placeholders and the model applies it.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import dataclasses
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from storm_vlm.model.compression import pooled_num_frames, sampled_num_frames, spatial_pooled_tokens
 from storm_vlm.errors import ConfigError
+from storm_vlm.model.compression import VisualTokenLayout
+from storm_vlm.utils import check_int
 
-__all__ = ["StormConfig", "COUNTING_FIELDS"]
+__all__ = ["StormConfig"]
 
 # SigLIP-so400m-patch14-448, the vision tower STORM uses.
 SIGLIP_SO400M_448 = dict(
@@ -26,23 +28,11 @@ SIGLIP_SO400M_448 = dict(
     patch_size=14,
 )
 
-# The config fields that decide how many visual tokens an input becomes (the processor keeps a copy).
-COUNTING_FIELDS = (
-    "image_size",
-    "patch_size",
-    "downsample_ratio",
-    "temporal_pool_size",
-    "spatial_pool_stride",
-    "temporal_sample_stride",
-)
-
 PROJECTOR_TYPES = ("mamba", "mlp")
 
 
 def _check_int(field: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"StormConfig.{field} must be an int >= {minimum}, got {value!r}")
-    return value
+    return check_int(f"StormConfig.{field}", value, minimum, error=ConfigError)
 
 
 class StormConfig(PreTrainedConfig):
@@ -166,7 +156,7 @@ class StormConfig(PreTrainedConfig):
                 f"{side // self.downsample_ratio} x {side // self.downsample_ratio} token grid after pixel shuffle"
             )
 
-    # ---- token counting: THE one place -------------------------------------------------------------
+    # ---- visual tokens -------------------------------------------------------------------------------
 
     @property
     def patch_grid_side(self) -> int:
@@ -179,53 +169,27 @@ class StormConfig(PreTrainedConfig):
         return (self.patch_grid_side // self.downsample_ratio) ** 2
 
     @property
+    def visual_token_layout(self) -> VisualTokenLayout:
+        """How this model turns a video into visual tokens (grid, pooling, default sampling stride)."""
+        return VisualTokenLayout(
+            grid_side=self.patch_grid_side // self.downsample_ratio,
+            temporal_pool_size=self.temporal_pool_size,
+            spatial_pool_stride=self.spatial_pool_stride,
+            temporal_sample_stride=self.temporal_sample_stride,
+        )
+
+    @property
     def tokens_per_frame(self) -> int:
         """N': tokens per frame the LLM reads (after pixel shuffle and spatial pooling)."""
-        return spatial_pooled_tokens(self.projector_tokens_per_frame, self.spatial_pool_stride)
+        return self.visual_token_layout.tokens_per_frame
 
     def num_visual_frames(self, num_frames: int, temporal_sample_stride: int | None = None) -> int:
         """T': frames left of a T-frame video after temporal pooling and test-time sampling."""
-        _check_int("num_frames", num_frames)
-        s = self.temporal_sample_stride if temporal_sample_stride is None else temporal_sample_stride
-        _check_int("temporal_sample_stride", s)
-        return sampled_num_frames(pooled_num_frames(num_frames, self.temporal_pool_size), s)
+        return self.visual_token_layout.with_sample_stride(temporal_sample_stride).num_frames(num_frames)
 
     def num_visual_tokens(self, num_frames: int, temporal_sample_stride: int | None = None) -> int:
         """Visual tokens the LLM reads for a `num_frames`-frame video (an image is num_frames=1).
 
-        temporal_sample_stride=None uses the config default. T' x N' (see `num_visual_frames`,
-        `tokens_per_frame`).
+        temporal_sample_stride=None uses the config default (see `visual_token_layout`).
         """
-        return self.num_visual_frames(num_frames, temporal_sample_stride) * self.tokens_per_frame
-
-    def counting_fields(self) -> dict:
-        """The fields `num_visual_tokens` depends on (what the processor stores)."""
-        return {
-            "image_size": self.vision_config.image_size,
-            "patch_size": self.vision_config.patch_size,
-            "downsample_ratio": self.downsample_ratio,
-            "temporal_pool_size": self.temporal_pool_size,
-            "spatial_pool_stride": self.spatial_pool_stride,
-            "temporal_sample_stride": self.temporal_sample_stride,
-        }
-
-    @classmethod
-    def for_counting(cls, fields: dict) -> "StormConfig":
-        """A light StormConfig built only from `counting_fields()` (what the processor uses to count)."""
-        missing = [k for k in COUNTING_FIELDS if k not in fields]
-        if missing:
-            raise ConfigError(f"visual token config is missing {missing}")
-        unknown = [k for k in fields if k not in COUNTING_FIELDS]
-        if unknown:
-            raise ConfigError(f"visual token config has unknown fields {unknown}")
-        vision = {
-            "model_type": "siglip_vision_model",
-            "image_size": fields["image_size"],
-            "patch_size": fields["patch_size"],
-            "num_hidden_layers": 2,
-            "hidden_size": 8,
-            "intermediate_size": 8,
-            "num_attention_heads": 1,
-        }
-        rest = {k: fields[k] for k in COUNTING_FIELDS if k not in ("image_size", "patch_size")}
-        return cls(vision_config=vision, text_config={"model_type": "qwen2", "num_hidden_layers": 1}, **rest)
+        return self.visual_token_layout.with_sample_stride(temporal_sample_stride).num_tokens(num_frames)

@@ -8,175 +8,19 @@ D width; L sequence length.
 
 from __future__ import annotations
 
-import functools
-import math
-
 import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
-from transformers.activations import GELUTanh
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.modeling_utils import AttentionInterface
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from storm_vlm.model.compression import spatial_pool, temporal_pool, temporal_sample
+from storm_vlm.model.compression import VisualTokenLayout
 from storm_vlm.model.configuration import StormConfig
+from storm_vlm.model.fast_paths import StormKVCache, enable_fast_paths
 from storm_vlm.model.projector import MambaTemporalProjector, MLPProjector
+from storm_vlm.utils import IGNORE_INDEX, check_int
 
-__all__ = ["StormPreTrainedModel", "StormForConditionalGeneration", "StormKVCache", "build_projector"]
-
-
-class _GELUTanhCPU(nn.Module):
-    """GELU with the tanh approximation (SigLIP's `gelu_pytorch_tanh`), computed faster on CPU.
-
-    0.5·x·(1 + tanh(u)) = x·sigmoid(2u), u = √(2/π)·(x + 0.044715·x³): the same function, evaluated
-    with sigmoid and in-place ops. PyTorch's CPU `gelu(approximate="tanh")` goes through a slow
-    vectorised tanh: on a (32, 64, 269) fp32 tensor 2.0 ms vs 0.55 ms for exact GELU, ~30% of the
-    bench-cpu vision tower; this form takes ~1.1 ms and differs by < 1e-6 (float rounding). Used for
-    fp32/fp64 CPU inference only; with autograd, other dtypes or devices it is `F.gelu(x, "tanh")`.
-    """
-
-    _TWO_C = 2.0 * math.sqrt(2.0 / math.pi)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
-                or (torch.is_grad_enabled() and x.requires_grad)):
-            return nn.functional.gelu(x, approximate="tanh")
-        y = x * x
-        y.mul_(0.044715 * self._TWO_C).add_(self._TWO_C).mul_(x)
-        return torch.sigmoid_(y).mul_(x)
-
-
-def _fast_gelu_tanh(module: nn.Module) -> None:
-    """Swap transformers' GELUTanh (the C `gelu(approximate="tanh")` variant) for `_GELUTanhCPU`."""
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is GELUTanh and isinstance(getattr(child, "act", None), functools.partial):
-                setattr(parent, name, _GELUTanhCPU())
-
-
-STORM_SDPA = "storm_sdpa"
-
-
-def _storm_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                          **kwargs):
-    """transformers' SDPA attention, with one faster case: a single query token on CPU with grouped KV heads.
-
-    query (B, H, 1, hd), key/value (B, G, L, hd) with H = G·r. transformers hands this (no mask) to
-    `scaled_dot_product_attention(..., enable_gqa=True)`, whose CPU kernel then runs H separate
-    1 x L products and reads each KV head r times; here the r query heads of a group become r query
-    rows of that group's KV head — (B, G, r, hd) against (B, G, L, hd): one r x L product per KV
-    head, same result (what transformers itself does when a mask is present). On the bench-cpu model
-    at 4100 cached tokens: 0.31 -> 0.13 ms per layer, ~6 of ~50 ms per generated token. Every other
-    case (prefill, masks, CUDA, ...) goes to `sdpa_attention_forward` unchanged.
-    """
-    groups = getattr(module, "num_key_value_groups", 1)
-    if (
-        query.shape[2] == 1 and groups > 1 and query.device.type == "cpu" and attention_mask is None
-        and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
-        and not kwargs.get("output_attentions", False) and key.shape[1] * groups == query.shape[1]
-    ):
-        b, h, _, hd = query.shape
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query.reshape(b, h // groups, groups, hd), key, value, dropout_p=dropout, scale=scaling
-        )
-        return out.reshape(b, h, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  is_causal=is_causal, **kwargs)
-
-
-AttentionInterface.register(STORM_SDPA, _storm_sdpa_attention)
-AttentionMaskInterface.register(STORM_SDPA, sdpa_mask)
-
-
-def _use_storm_sdpa(config) -> None:
-    """Switch a text config from "sdpa" to STORM_SDPA (same masks and kernels, faster GQA decode on CPU)."""
-    heads = getattr(config, "num_attention_heads", None)
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    if config._attn_implementation == "sdpa" and heads and kv < heads:
-        config._attn_implementation = STORM_SDPA
-
-
-class _GrowingKVLayer(DynamicLayer):
-    """A `DynamicLayer` that appends in place into a buffer with spare room.
-
-    `DynamicLayer.update` concatenates, copying the whole cache of the layer at every generated
-    token: O(context) bytes per step, twice what attention reads (at 4100 cached tokens on the
-    bench-cpu model ~3 of ~40 ms per step). Here `keys` / `values` are views
-    (B, H, L, hd) into buffers (B, H, capacity, hd) that grow by 1/16 (at least 128 tokens) when
-    full, so an append copies only the new tokens (amortised: the whole cache once per ~L/16
-    steps). Values, shapes and every other `DynamicLayer` method are unchanged (`crop` keeps the
-    view, so the next append overwrites the dropped tokens; an operation that replaces the tensors,
-    e.g. `batch_select_indices`, makes the next append re-adopt them into a fresh buffer). When
-    gradients flow into the cache it falls back to concatenation (in-place writes would break
-    autograd's saved views).
-    """
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self._key_buf = self._value_buf = None
-
-    def _owns(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> bool:
-        kb, vb = self._key_buf, self._value_buf
-        if kb is None or needed > kb.shape[-2] or self.keys.numel() == 0:
-            return False
-        return (
-            self.keys.data_ptr() == kb.data_ptr() and self.values.data_ptr() == vb.data_ptr()
-            and self.keys.stride() == kb.stride() and self.values.stride() == vb.stride()
-            and self.keys.shape[:2] == key_states.shape[:2] == kb.shape[:2]
-            and kb.dtype == key_states.dtype and vb.dtype == value_states.dtype
-            and kb.device == key_states.device
-        )
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
-            self._key_buf = self._value_buf = None
-            return super().update(key_states, value_states, *args, **kwargs)
-        n = self.get_seq_length()
-        needed = n + key_states.shape[-2]
-        if not self._owns(key_states, value_states, needed):
-            capacity = needed + max(128, needed // 16)
-            kb = key_states.new_empty(*key_states.shape[:2], capacity, key_states.shape[-1])
-            vb = value_states.new_empty(*value_states.shape[:2], capacity, value_states.shape[-1])
-            if n:
-                kb[:, :, :n].copy_(self.keys)
-                vb[:, :, :n].copy_(self.values)
-            self._key_buf, self._value_buf = kb, vb
-        self._key_buf[:, :, n:needed].copy_(key_states)
-        self._value_buf[:, :, n:needed].copy_(value_states)
-        self.keys = self._key_buf[:, :, :needed]
-        self.values = self._value_buf[:, :, :needed]
-        return self.keys, self.values
-
-    def reset(self) -> None:
-        self._key_buf = self._value_buf = None
-        super().reset()
-
-
-class StormKVCache(DynamicCache):
-    """`DynamicCache` whose full-attention layers append in place (see `_GrowingKVLayer`).
-
-    What `StormForConditionalGeneration` uses when it creates a KV cache (in `generate`, or in
-    `forward` with `use_cache=True` and no cache given); same contents as a `DynamicCache`.
-    Sliding-window and other special layers stay as transformers builds them.
-    """
-
-    def __init__(self, ddp_cache_data=None, config=None, **kwargs):
-        super().__init__(ddp_cache_data, config=config, **kwargs)
-        self.layers = [self._growing(layer) if type(layer) is DynamicLayer else layer for layer in self.layers]
-        if self.layer_class_to_replicate is DynamicLayer:
-            self.layer_class_to_replicate = _GrowingKVLayer
-
-    @staticmethod
-    def _growing(layer: DynamicLayer) -> _GrowingKVLayer:
-        new = _GrowingKVLayer()
-        if layer.is_initialized and layer.keys is not None and layer.keys.numel():
-            new.update(layer.keys, layer.values)
-        return new
+__all__ = ["StormPreTrainedModel", "StormForConditionalGeneration", "build_projector"]
 
 
 def build_projector(config: StormConfig) -> nn.Module:
@@ -250,8 +94,7 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
                 part.config._attn_implementation_internal = part._check_and_adjust_attn_implementation(
                     None, is_init_check=True
                 )
-        _use_storm_sdpa(self.language_model.config)
-        _fast_gelu_tanh(self.vision_tower)
+        enable_fast_paths(self)
         self.post_init()
 
     @classmethod
@@ -330,53 +173,86 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
             out[i : i + hidden.shape[0]] = hidden
         return out
 
+    def video_sample_strides(self, num_videos: int, video_token_layout: torch.Tensor | None = None,
+                             temporal_sample_stride: int | None = None) -> list[int]:
+        """The test-time sampling stride of each video: what the processor counted
+        (`video_token_layout` rows), else `temporal_sample_stride`, else the config's default.
+
+        A layout counted for another model (grid, pooling) or a `temporal_sample_stride` that
+        differs from the counted one is a ValueError naming both.
+        """
+        if temporal_sample_stride is not None:
+            check_int("temporal_sample_stride", temporal_sample_stride)
+        if video_token_layout is None:
+            stride = self.config.temporal_sample_stride if temporal_sample_stride is None else temporal_sample_stride
+            return [stride] * num_videos
+        rows = torch.as_tensor(video_token_layout).tolist()
+        if len(rows) != num_videos or any(len(r) != 4 for r in rows):
+            raise ValueError(f"video_token_layout must have shape ({num_videos}, 4) for {num_videos} videos, "
+                             f"got {tuple(torch.as_tensor(video_token_layout).shape)}")
+        mine = self.config.visual_token_layout
+        strides = []
+        for row in rows:
+            layout = VisualTokenLayout.from_row(row)
+            if not layout.same_model(mine):
+                raise ValueError(
+                    f"the processor counted visual tokens for {layout} but this model has {mine}: "
+                    "use the processor saved with this model")
+            strides.append(layout.temporal_sample_stride)
+        if temporal_sample_stride is not None and any(s != temporal_sample_stride for s in strides):
+            raise ValueError(
+                f"temporal_sample_stride={temporal_sample_stride} was given to the model, but the processor "
+                f"counted these videos with stride {sorted(set(strides))}: name the stride once, to the "
+                "processor (the batch carries it)")
+        return strides
+
     def get_video_features(
         self,
         pixel_values_videos: torch.Tensor,
         video_frame_mask: torch.Tensor | None = None,
         temporal_sample_stride: int | None = None,
-    ):
+        video_token_layout: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Visual tokens for a batch of videos.
 
-        pixel_values_videos (B, T, 3, H, W); video_frame_mask (B, T) bool (True = real frame, padding
-        as a suffix) or None. Only real frames go through the vision tower (in chunks of
-        `config.vision_batch_size`); the projector sees each whole video; then temporal pooling,
-        spatial pooling and test-time temporal sampling (`temporal_sample_stride`, None = config).
+        pixel_values_videos (B, T, 3, H, W); video_frame_mask (B, T) bool (True = real frame,
+        padding as a suffix) or None; video_token_layout (B, 4) as the processor writes it, or
+        None. Only real frames go through the vision tower (in chunks of
+        `config.vision_batch_size`); the projector sees each whole video; then the layout's
+        temporal pooling, spatial pooling and test-time sampling (stride per video: see
+        `video_sample_strides`).
 
-        Returns (B, T', N', D), or ((B, T', N', D), mask (B, T')) when a mask is given.
+        Returns (features (B, T', N', D), mask (B, T') bool: True where a video has a real frame).
         """
         if pixel_values_videos.dim() != 5:
             raise ValueError(
                 f"pixel_values_videos must have shape (B, T, 3, H, W), got {tuple(pixel_values_videos.shape)}"
             )
         b, t = pixel_values_videos.shape[:2]
+        strides = self.video_sample_strides(b, video_token_layout, temporal_sample_stride)
         mask = video_frame_mask
         if mask is not None:
             if tuple(mask.shape) != (b, t):
                 raise ValueError(f"video_frame_mask shape {tuple(mask.shape)} does not match (B, T) = {(b, t)}")
             mask = mask.to(device=pixel_values_videos.device, dtype=torch.bool)
-        real = mask if mask is not None else torch.ones(b, t, dtype=torch.bool, device=pixel_values_videos.device)
-        if mask is None or bool(mask.all()):
+            if bool(mask.all()):
+                mask = None
+        if mask is None:
             # every frame is real: views, no copies of the pixels or the features
             feats = self._vision_features(pixel_values_videos.flatten(0, 1))
             full = feats.view(b, t, *feats.shape[1:])
         else:
-            feats = self._vision_features(pixel_values_videos[real])
+            feats = self._vision_features(pixel_values_videos[mask])
             full = feats.new_zeros(b, t, *feats.shape[1:])
-            full[real] = feats
+            full[mask] = feats
         x = self.projector(full, frame_mask=mask)
-        m = real
-        x, m = temporal_pool(x, self.config.temporal_pool_size, frame_mask=m)
-        x, m = spatial_pool(x, self.config.spatial_pool_stride, frame_mask=m)
-        stride = self.config.temporal_sample_stride if temporal_sample_stride is None else temporal_sample_stride
-        x, m = temporal_sample(x, stride, frame_mask=m)
-        return (x, m) if video_frame_mask is not None else x
+        return self.config.visual_token_layout.apply(x, mask, sample_strides=strides)
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Visual tokens for images: pixel_values (B, 3, H, W) -> (B, 1, N', D) (a one-frame video)."""
         if pixel_values.dim() != 4:
             raise ValueError(f"pixel_values must have shape (B, 3, H, W), got {tuple(pixel_values.shape)}")
-        return self.get_video_features(pixel_values[:, None], temporal_sample_stride=1)
+        return self.get_video_features(pixel_values[:, None], temporal_sample_stride=1)[0]
 
     def _merge(self, input_ids, inputs_embeds, token_id, name, features: torch.Tensor) -> torch.Tensor:
         """Write `features` (M, D) into the positions of `token_id` in input_ids (B, L), in order."""
@@ -417,14 +293,17 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        video_token_layout: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Causal-LM forward with visual tokens spliced in.
 
         input_ids (B, L) with each video's / image's placeholder run (`<video>` / `<image>` token
-        repeated exactly `config.num_visual_tokens(...)` times); pixel_values_videos (V, T, 3, H, W)
-        and video_frame_mask (V, T) bool; pixel_values (I, 3, H, W). Videos and images are in the
-        order their placeholder runs appear in the batch (row by row). labels (B, L), -100 = ignored
+        repeated exactly as many times as the processor counted); pixel_values_videos
+        (V, T, 3, H, W), video_frame_mask (V, T) bool and video_token_layout (V, 4), as the
+        processor returns them; pixel_values (I, 3, H, W). Videos and images are in the order their
+        placeholder runs appear in the batch (row by row). temporal_sample_stride: only for inputs
+        without video_token_layout (else it must match it). labels (B, L), -100 = ignored
         (placeholder positions are always ignored). Returns CausalLMOutputWithPast (loss, logits, cache).
         """
         if "past_key_values" in kwargs and cache is None:
@@ -435,12 +314,9 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
             if pixel_values_videos is not None:
-                feats = self.get_video_features(pixel_values_videos, video_frame_mask, temporal_sample_stride)
-                if video_frame_mask is not None:
-                    feats, out_mask = feats
-                    tokens = feats[out_mask]
-                else:
-                    tokens = feats.flatten(0, 1)
+                feats, out_mask = self.get_video_features(pixel_values_videos, video_frame_mask,
+                                                          temporal_sample_stride, video_token_layout)
+                tokens = feats[out_mask]
                 inputs_embeds = self._merge(
                     input_ids, inputs_embeds, self.config.video_token_id, "video", tokens.flatten(0, 1)
                 )
@@ -455,7 +331,7 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
         if labels is not None and input_ids is not None:
             for token_id in (self.config.video_token_id, self.config.image_token_id):
                 if token_id is not None:
-                    labels = labels.masked_fill(input_ids == token_id, -100)
+                    labels = labels.masked_fill(input_ids == token_id, IGNORE_INDEX)
 
         if cache is None and use_cache:
             cache = StormKVCache(config=self.config.get_text_config(decoder=True))

@@ -1,8 +1,10 @@
 """`StormProcessor`: frames -> pixel values, text -> token ids with expanded visual placeholders.
 
 Each `<video>` / `<image>` placeholder in the text becomes exactly as many placeholder tokens as
-the model produces visual tokens for that input, counted by `StormConfig.num_visual_tokens` from
-the counting fields the processor stores (`visual_token_config`, saved with the processor).
+the model produces visual tokens for that input, counted by the model's `VisualTokenLayout`
+(saved with the processor as `visual_token_layout`). The layout each video was counted with
+travels in the batch (`video_token_layout`), so the model applies exactly that: a test-time
+sampling stride is named once, to the processor.
 """
 
 from __future__ import annotations
@@ -11,18 +13,18 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 from transformers.tokenization_utils_base import AddedToken
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from storm_vlm.model.configuration import COUNTING_FIELDS, StormConfig
 from storm_vlm.errors import StormError
+from storm_vlm.model.compression import VisualTokenLayout
+from storm_vlm.utils import IGNORE_INDEX, IMAGE_TOKEN, VIDEO_TOKEN
+from storm_vlm.video import load_video
 
-__all__ = ["StormProcessor", "add_placeholder_tokens", "VIDEO_TOKEN", "IMAGE_TOKEN", "CHATML_VISUAL_TEMPLATE", "LLAMA3_VISUAL_TEMPLATE", "default_chat_template"]
-
-IGNORE_INDEX = -100
-VIDEO_TOKEN = "<video>"
-IMAGE_TOKEN = "<image>"
+__all__ = ["StormProcessor", "add_placeholder_tokens", "CHATML_VISUAL_TEMPLATE", "LLAMA3_VISUAL_TEMPLATE",
+           "default_chat_template"]
 
 
 def add_placeholder_tokens(tokenizer, video_token: str = VIDEO_TOKEN, image_token: str = IMAGE_TOKEN) -> int:
@@ -132,7 +134,10 @@ class StormProcessor(ProcessorMixin):
         chat_template: Jinja template for `apply_chat_template` (content items
             `{"type": "video"}`, `{"type": "image"}`, `{"type": "text", "text": ...}`).
         video_token, image_token: placeholder strings.
-        visual_token_config: the `StormConfig.counting_fields()` of the model this processor feeds.
+        visual_token_layout: the `StormConfig.visual_token_layout` of the model this processor
+            feeds, as a dict (`VisualTokenLayout.to_dict()`) or a `VisualTokenLayout`.
+        visual_token_config: what 0.1.0 saved instead (image/patch size, downsample ratio, pooling,
+            sampling); read when `visual_token_layout` is absent, never written.
         padding_side: default side for batch padding ("left" suits batched generation; the model
             gives the same logits either way).
     """
@@ -144,8 +149,9 @@ class StormProcessor(ProcessorMixin):
         chat_template=None,
         video_token: str = VIDEO_TOKEN,
         image_token: str = IMAGE_TOKEN,
-        visual_token_config: dict | None = None,
+        visual_token_layout: dict | VisualTokenLayout | None = None,
         padding_side: str = "left",
+        visual_token_config: dict | None = None,
         **kwargs,
     ):
         if padding_side not in ("left", "right"):
@@ -153,18 +159,14 @@ class StormProcessor(ProcessorMixin):
         self.padding_side = padding_side
         self.video_token = video_token
         self.image_token = image_token
-        if visual_token_config is None:
-            size = getattr(image_processor, "size", None) or {}
-            visual_token_config = {
-                "image_size": int(size.get("height", 448)),
-                "patch_size": 14,
-                "downsample_ratio": 2,
-                "temporal_pool_size": 1,
-                "spatial_pool_stride": 1,
-                "temporal_sample_stride": 1,
-            }
-        self.visual_token_config = {k: visual_token_config[k] for k in COUNTING_FIELDS if k in visual_token_config}
-        self._counter = StormConfig.for_counting(dict(visual_token_config))
+        if visual_token_layout is None:
+            if visual_token_config is None:
+                # SigLIP-so400m-patch14-448 with a 2x2 pixel shuffle, no compression
+                size = getattr(image_processor, "size", None) or {}
+                visual_token_config = {"image_size": int(size.get("height", 448)), "patch_size": 14,
+                                       "downsample_ratio": 2}
+            visual_token_layout = visual_token_config
+        self.layout = visual_token_layout
         if tokenizer is not None:
             add_placeholder_tokens(tokenizer, video_token, image_token)
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
@@ -173,13 +175,23 @@ class StormProcessor(ProcessorMixin):
 
     # ---- counting ----------------------------------------------------------------------------------
 
-    def num_visual_tokens(self, num_frames: int, temporal_sample_stride: int | None = None) -> int:
-        """Placeholder tokens for a `num_frames`-frame video (`StormConfig.num_visual_tokens`)."""
-        return self._counter.num_visual_tokens(num_frames, temporal_sample_stride)
-
     @property
-    def image_size(self) -> int:
-        return int(self.visual_token_config["image_size"])
+    def layout(self) -> VisualTokenLayout:
+        """The visual-token layout this processor counts with (the model's)."""
+        return self._layout
+
+    @layout.setter
+    def layout(self, value: dict | VisualTokenLayout) -> None:
+        try:
+            layout = value if isinstance(value, VisualTokenLayout) else VisualTokenLayout.from_dict(value)
+        except (TypeError, ValueError) as exc:
+            raise StormError(f"StormProcessor: bad visual_token_layout {value!r} ({exc})") from None
+        self._layout = layout
+        self.visual_token_layout = layout.to_dict()  # what save_pretrained writes
+
+    def num_visual_tokens(self, num_frames: int, temporal_sample_stride: int | None = None) -> int:
+        """Placeholder tokens for a `num_frames`-frame video (`VisualTokenLayout.num_tokens`)."""
+        return self.layout.with_sample_stride(temporal_sample_stride).num_tokens(num_frames)
 
     # ---- pixels ------------------------------------------------------------------------------------
 
@@ -237,9 +249,14 @@ class StormProcessor(ProcessorMixin):
         appearance over the batch). videos: list of (T, H, W, 3) uint8 arrays or `load_video` clips
         (a single one is accepted too); images: list of PIL images or (H, W, 3) uint8 arrays.
 
-        Returns a BatchFeature with input_ids (B, L), attention_mask (B, L), and
-        pixel_values_videos (V, T_max, 3, S, S) + video_frame_mask (V, T_max) bool, pixel_values (I, 3, S, S)
-        when given. Padding side: `padding_side`, else the processor's (left by default).
+        temporal_sample_stride: test-time sampling for every video (None: the layout's default); it is
+        recorded per video in `video_token_layout`, which the model reads, so it is named only here.
+
+        Returns a BatchFeature with input_ids (B, L), attention_mask (B, L), and with videos
+        pixel_values_videos (V, T_max, 3, S, S), video_frame_mask (V, T_max) bool and
+        video_token_layout (V, 4) int64 (`VisualTokenLayout.as_row()` each video was counted with);
+        with images pixel_values (I, 3, S, S). Padding side: `padding_side`, else the processor's
+        (left by default).
         """
         if text is None:
             raise StormError("StormProcessor needs text (with <video>/<image> placeholders for the visual inputs)")
@@ -259,7 +276,9 @@ class StormProcessor(ProcessorMixin):
             pixels, mask, lengths = self._videos_to_pixels(video_list)
             data["pixel_values_videos"] = pixels
             data["video_frame_mask"] = mask
-            video_counts = [self.num_visual_tokens(t, temporal_sample_stride) for t in lengths]
+            layout = self.layout.with_sample_stride(temporal_sample_stride)
+            data["video_token_layout"] = [layout.as_row() for _ in lengths]
+            video_counts = [layout.num_tokens(t) for t in lengths]
         image_counts: list[int] = []
         if image_list:
             data["pixel_values"] = self._pixels([_image_of(im, i) for i, im in enumerate(image_list)])
@@ -334,16 +353,12 @@ class StormProcessor(ProcessorMixin):
                     if item.get("type") == "video":
                         source = next((item[k] for k in ("video", "path", "url") if item.get(k) is not None), None)
                         if isinstance(source, str):
-                            from storm_vlm.video import load_video
-
                             source = load_video(source, num_frames=item.get("num_frames", num_frames))
                         if source is not None:
                             videos.append(source)
                     elif item.get("type") == "image":
                         source = next((item[k] for k in ("image", "path", "url") if item.get(k) is not None), None)
                         if isinstance(source, str):
-                            from PIL import Image
-
                             with Image.open(source) as im:
                                 source = im.convert("RGB")
                         if source is not None:
@@ -447,4 +462,5 @@ class StormProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "pixel_values_videos", "video_frame_mask", "pixel_values"]
+        return ["input_ids", "attention_mask", "pixel_values_videos", "video_frame_mask", "video_token_layout",
+                "pixel_values"]

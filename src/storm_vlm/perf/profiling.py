@@ -453,7 +453,7 @@ def _prefill(model, pixels, text, compression: Compression, visual: int, clock: 
     """
     clock.sync()
     t0 = clock.mark()
-    feats = model.get_video_features(pixels, temporal_sample_stride=compression.temporal_sample)
+    feats, _ = model.get_video_features(pixels, temporal_sample_stride=compression.temporal_sample)
     t1 = clock.mark()
     if feats.shape[0] * feats.shape[1] * feats.shape[2] != visual:
         raise RuntimeError(

@@ -9,7 +9,7 @@
   `output_dir/source-model/` (rank 0, atomically) and loaded from there by every rank.
 
 After loading, `temporal_pool_size` and `model_overrides` (token-compression settings only) are
-applied to the model config and to the processor's visual-token counter together.
+applied to the model config, and the processor takes the resulting visual-token layout.
 """
 
 from __future__ import annotations
@@ -176,16 +176,8 @@ def load_model_and_processor(cfg: TrainConfig, env):
         model = StormForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
         processor = StormProcessor.from_pretrained(folder)
     _apply_overrides(model.config, cfg)
-    template = processor.chat_template
-    if not template or "generation" not in template:
+    processor.layout = model.config.visual_token_layout
+    if not processor.chat_template or "generation" not in processor.chat_template:
         # Labels come from the template's {% generation %} spans; a text-only tokenizer template has none.
-        template = default_chat_template(processor.tokenizer)
-    processor = StormProcessor(
-        image_processor=processor.image_processor,
-        tokenizer=processor.tokenizer,
-        chat_template=template,
-        video_token=processor.video_token,
-        image_token=processor.image_token,
-        visual_token_config=model.config.counting_fields(),
-    )
+        processor.chat_template = default_chat_template(processor.tokenizer)
     return model, processor

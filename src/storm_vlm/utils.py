@@ -1,0 +1,116 @@
+"""Small helpers every part of storm-vlm shares: atomic files, integer checks, the label and
+placeholder conventions. Nothing here imports torch or another storm_vlm module."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import numbers
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+__all__ = [
+    "IGNORE_INDEX", "VIDEO_TOKEN", "IMAGE_TOKEN", "check_int", "atomic_path", "atomic_write_text",
+    "atomic_write_json", "fsync_dir", "publish_dir",
+]
+
+# Label of a position the loss ignores (PyTorch's and transformers' convention).
+IGNORE_INDEX = -100
+# Placeholder strings: where a video's / an image's visual tokens go in a prompt.
+VIDEO_TOKEN = "<video>"
+IMAGE_TOKEN = "<image>"
+
+
+def check_int(name: str, value, minimum: int | None = 1, maximum: int | None = None,
+              error: type[Exception] = ValueError) -> int:
+    """`value` as an int if it is an integer (not a bool) within [minimum, maximum]; else `error`."""
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Integral)
+    if ok and ((minimum is not None and value < minimum) or (maximum is not None and value > maximum)):
+        ok = False
+    if not ok:
+        if minimum is None and maximum is None:
+            bound = ""
+        elif maximum is None:
+            bound = f" >= {minimum}"
+        elif minimum is None:
+            bound = f" <= {maximum}"
+        else:
+            bound = f" between {minimum} and {maximum}"
+        raise error(f"{name} must be an integer{bound}, got {value!r}")
+    return int(value)
+
+
+def _fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a folder entry (best effort: some file systems refuse folders)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; when the block ends without an error the file written
+    there is flushed to disk and renamed onto `path`, so readers see the old file or the whole new
+    one, never a part. The temporary keeps `path`'s suffix (writers that infer the format from it
+    work). On an error the temporary is removed and `path` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    try:
+        yield tmp
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+        _fsync_path(path.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically (see `atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any, indent: int | None = 1) -> None:
+    """Write `data` as JSON to `path` atomically (see `atomic_path`)."""
+    atomic_write_text(path, json.dumps(data, indent=indent) + "\n")
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush every file below a folder, and the folder entry, to disk."""
+    path = Path(path)
+    for p in path.rglob("*"):
+        if p.is_file():
+            _fsync_path(p)
+    _fsync_path(path)
+
+
+def publish_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike) -> None:
+    """Turn a fully written `tmp_dir` into `final_dir` by renaming, replacing an older one.
+
+    The files are flushed first, so after a crash `final_dir` is the old folder or the whole new
+    one (os.replace cannot overwrite a non-empty folder, so an old one is moved aside first).
+    """
+    tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
+    fsync_dir(tmp_dir)
+    if final_dir.exists():
+        old = final_dir.with_name(final_dir.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final_dir, old)
+        os.replace(tmp_dir, final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp_dir, final_dir)
+    _fsync_path(final_dir.parent)
