@@ -25,8 +25,8 @@ def parser(description: str, repeats: int, warmup: int) -> argparse.ArgumentPars
     p.add_argument("model_dir", nargs="?", help="a saved STORM model (default: random bench-cpu model)")
     p.add_argument("--config", default=None, help=f"profile YAML (default: {DEFAULT_CONFIG.relative_to(ROOT)})")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
-                   help="default: fp32 on cpu (bf16 matmuls are ~8x slower on this AVX2-only CPU), bf16 on cuda")
+    p.add_argument("--precision", "--dtype", dest="precision", default="float32",
+                   help="a storm_vlm.precision name: auto, float32, bfloat16 (default: float32)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the machine is shared; oversubscribed OpenMP threads "
                         "were ~10x slower here)")
@@ -70,7 +70,7 @@ def settings(args, defaults, frames, compressions, decode_tokens):
         warmup=args.warmup,
         decode_tokens=decode_tokens,
         text_tokens=args.text_tokens if args.text_tokens is not None else defaults.get("text_tokens", 64),
-        dtype=args.dtype or ("bf16" if args.device == "cuda" else "fp32"),
+        precision=args.precision,
         device=args.device,
         clock=args.clock,
     )
@@ -81,8 +81,7 @@ def settings(args, defaults, frames, compressions, decode_tokens):
 def prepare(model, s):
     import torch
 
-    dtype = torch.bfloat16 if s.dtype == "bf16" and s.device == "cuda" else torch.float32
-    return model.to(device=s.device, dtype=dtype).eval()
+    return model.to(device=s.device, dtype=s.resolved.weights).eval()
 
 
 def header(name: str, source: str, s) -> None:

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     ctx = {name: caches[name][0].get_seq_length() for name in caches}
     ratio = med["none"] / med["4x"]
     cfg = model.config
-    el = 4 if s.dtype == "fp32" or s.device == "cpu" else 2
+    el = s.resolved.weights.itemsize
     cost = {name: decode_cost(cfg, ctx[name], el) for name in ctx}
     hw = measure_cpu_roofline() if s.device == "cpu" else None
     bounds = decode_bounds(cfg, ctx["none"], ctx["4x"], el, hardware=hw)

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
                   c.llm_prefill.activation_bytes + c.decode_per_token.activation_bytes)
         return c, act / 2**20, param_counts(cfg)["total"] * bytes_per_el / 2**20
 
-    c, act_mb, w_mb = estimate(model.config, 4 if s.dtype == "fp32" or s.device == "cpu" else 2)
+    c, act_mb, w_mb = estimate(model.config, s.resolved.weights.itemsize)
     real_c, real_act, real_w = estimate(real_config(), 2)
     print()
     print(f"peak memory, {args.frames} frames, {args.compression}x ({row['visual_tokens']} visual tokens): "

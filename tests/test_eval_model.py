@@ -23,7 +23,7 @@ EXPECTED_BREAKDOWNS = {
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from storm_vlm.eval.model_predictor import load_model
+    from storm_vlm.inference import load_model
     from storm_vlm.demo.tiny import build_tiny_model
 
     path = build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
@@ -87,7 +87,7 @@ def test_cli_runs_resumes_and_records_a_broken_video(tiny, tmp_path, capsys):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["eval", str(tmp_path), "--benchmark", "synthetic", "--data-root", str(tmp_path),
                  "--output", str(tmp_path / "o")]) == 2
-    assert "not a saved model folder" in capsys.readouterr().err
+    assert "has no config.json" in capsys.readouterr().err
 
 
 def test_lmms_eval_generate_until_with_the_real_api(tiny, tmp_path):
@@ -118,13 +118,14 @@ def test_loglikelihood_matches_the_greedy_generation_scores(tiny, tmp_path):
     import torch
 
     from storm_vlm.eval import ModelPredictor
+    from storm_vlm.inference import build_messages
     from storm_vlm.video import load_video
     from test_eval_fixtures import write_mp4
 
     _, model, processor = tiny
     predictor = ModelPredictor(model, processor)
     frames = load_video(write_mp4(tmp_path / "v.mp4"), num_frames=2).frames
-    inputs = predictor._inputs("What color is it?", frames)
+    inputs = predictor.encode(predictor.render(build_messages("What color is it?")), [frames])
     with torch.inference_mode():
         gen = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_scores=True,
                              return_dict_in_generate=True)

@@ -12,7 +12,8 @@ import pytest
 from storm_vlm.errors import StormError
 from storm_vlm.eval import evaluate_with_predictor, load_benchmark, score
 from storm_vlm.eval.frames import load_record_frames
-from storm_vlm.eval.records import LETTERS, Record
+from storm_vlm.choices import LETTERS
+from storm_vlm.eval.records import Record
 from storm_vlm.eval.runner import finalize, run_predictions
 
 from test_eval_fixtures import Videos, make_mvbench, make_synthetic

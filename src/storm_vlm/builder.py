@@ -8,16 +8,25 @@ them. `save_storm(model, processor, out_dir)` writes both (safetensors) atomical
 
 from __future__ import annotations
 
-import os
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.siglip import SiglipImageProcessorPil
+from transformers.utils import logging as hf_logging
+
 from storm_vlm.errors import StormError
+from storm_vlm.model.configuration import StormConfig
+from storm_vlm.model.modeling import StormForConditionalGeneration
+from storm_vlm.model.processing import StormProcessor, add_placeholder_tokens, default_chat_template
+from storm_vlm.precision import parse_precision
+from storm_vlm.utils import IMAGE_TOKEN, VIDEO_TOKEN, publish_dir
 
-__all__ = ["build_storm", "save_storm", "check_out_dir", "load_parts", "read_part_configs", "DTYPES"]
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+__all__ = ["build_storm", "save_storm", "check_out_dir", "load_parts", "read_part_configs"]
 
 
 def _check_dir(path, what: str) -> Path:
@@ -31,40 +40,27 @@ def _check_dir(path, what: str) -> Path:
     return path
 
 
-def _torch_dtype(dtype):
-    import torch
-
-    if dtype is None or dtype == "auto":
-        return None
+def _storage_dtype(dtype):
+    """The dtype weights are stored in (a precision name, storm_vlm.precision); None: as the LLM is stored."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
-        raise StormError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    return getattr(torch, dtype)
+    name = parse_precision("auto" if dtype is None else dtype)
+    return None if name == "auto" else getattr(torch, name)
 
 
+@contextlib.contextmanager
 def _quiet_transformers():
-    """Context manager: hide transformers' load reports (e.g. SigLIP's unused pooling head)."""
-    from contextlib import contextmanager
-
-    from transformers.utils import logging as hf_logging
-
-    @contextmanager
-    def quiet():
-        level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
-            yield
-        finally:
-            hf_logging.set_verbosity(level)
-
-    return quiet()
+    """Hide transformers' load reports (e.g. SigLIP's unused pooling head)."""
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def read_part_configs(vision_dir, llm_dir):
     """Check both folders and return (vision config, LLM config) without loading weights."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     vision_dir = _check_dir(vision_dir, "vision")
     llm_dir = _check_dir(llm_dir, "LLM")
@@ -102,11 +98,10 @@ def load_parts(vision_dir, llm_dir, dtype="auto"):
     The vision folder may hold a SigLIP vision model or a full SigLIP (image-text) model; only the
     vision transformer is kept (without the pooling head, which STORM never uses).
     """
-    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
 
     vision_dir, llm_dir = Path(vision_dir), Path(llm_dir)
     vcfg, lcfg = read_part_configs(vision_dir, llm_dir)
-    torch_dtype = _torch_dtype(dtype)
+    torch_dtype = _storage_dtype(dtype)
 
     with _quiet_transformers():
         try:
@@ -129,13 +124,15 @@ def load_parts(vision_dir, llm_dir, dtype="auto"):
             tokenizer = AutoTokenizer.from_pretrained(llm_dir)
         except (OSError, ValueError, TypeError) as exc:
             raise StormError(f"LLM folder {llm_dir}: cannot load the tokenizer ({exc})") from exc
+        if not tokenizer("What colour is the square?", add_special_tokens=False)["input_ids"]:
+            # transformers builds an empty tokenizer from a folder without tokenizer files
+            raise StormError(f"LLM folder {llm_dir}: has no usable tokenizer (no tokenizer.json / tokenizer.model "
+                             "there, or it encodes text to nothing); copy the LLM's tokenizer files into it")
         try:
             image_processor = AutoImageProcessor.from_pretrained(vision_dir)
         except (OSError, ValueError):
-            from transformers.models.siglip import SiglipImageProcessorPil as SiglipImageProcessor
-
             size = vision.config.image_size
-            image_processor = SiglipImageProcessor(
+            image_processor = SiglipImageProcessorPil(
                 size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
             )
     return vision, image_processor, language_model, tokenizer
@@ -158,12 +155,6 @@ def build_storm(
     take the LLM's dtype. Extra `config_overrides` go to `StormConfig` (e.g. vision_batch_size,
     projector_d_state, temporal_sample_stride).
     """
-    import torch
-
-    from storm_vlm.model.configuration import StormConfig
-    from storm_vlm.model.modeling import StormForConditionalGeneration
-    from storm_vlm.model.processing import IMAGE_TOKEN, VIDEO_TOKEN, StormProcessor, add_placeholder_tokens, default_chat_template
-
     vcfg, lcfg = read_part_configs(vision_dir, llm_dir)
     # Validate the STORM fields before loading any weights.
     StormConfig(
@@ -232,13 +223,7 @@ def save_storm(model, processor, out_dir, overwrite: bool = False) -> Path:
     try:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        publish_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,21 +1,99 @@
-"""Which precision is fast on the hardware at hand.
+"""One precision vocabulary for every command and config, and the resolver that turns it into dtypes.
 
-bf16 autocast only pays on CPUs with native bf16 matrix instructions (AVX512-BF16 / AMX);
-on an AVX2-only CPU oneDNN emulates it and a bf16 matmul runs ~50x slower than fp32
-(measured here: 36 vs 0.5 GFLOP/s at 1024x1024, one thread). fp16 on CPU is slower still.
+Names: ``auto``, ``float32``, ``bfloat16``, ``float16`` (``fp32``, ``bf16``, ``fp16`` are accepted
+as spellings of the same). `resolve_precision(name, device)` says what runs:
+
+- ``float32``: float32 weights, no autocast.
+- ``bfloat16``: on CUDA bfloat16 weights; on CPU float32 weights under bfloat16 autocast (CPU
+  matmuls read bf16 operands and accumulate in fp32; the weights keep full precision).
+- ``float16``: float16 weights on CUDA; refused on CPU, where fp16 matmuls are emulated.
+- ``auto``: ``bfloat16`` on CUDA where supported (else ``float32``); on CPU ``bfloat16`` only
+  where the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX, as oneDNN reports —
+  without them oneDNN emulates bf16 and it is far slower than fp32), else ``float32``.
+
+The names and `parse_precision` need no torch (every command's ``--help`` lists them); torch is
+imported when a precision is resolved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from storm_vlm.errors import StormError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["PRECISIONS", "PRECISION_HELP", "Precision", "parse_precision", "resolve_precision", "cpu_has_fast_bf16"]
+
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+PRECISION_HELP = ("auto: bfloat16 on CUDA; on CPU bfloat16 autocast only where the CPU has native bf16, else float32; "
+                  "float16: CUDA only")
+_SPELLINGS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @functools.lru_cache(maxsize=None)
 def cpu_has_fast_bf16() -> bool:
-    """True when this CPU runs bf16 matmuls natively (oneDNN's own check)."""
+    """True when this CPU runs bf16 matmuls natively (oneDNN's own check: AVX512-BF16 or AMX)."""
     import torch
 
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a build without oneDNN
         return False
+
+
+def parse_precision(value) -> str:
+    """The canonical name of `value` (one of PRECISIONS); StormError naming the choices otherwise."""
+    name = _SPELLINGS.get(value, value) if isinstance(value, str) else value
+    if name not in PRECISIONS:
+        raise StormError(f"precision must be one of {', '.join(PRECISIONS)} (or fp32/bf16/fp16), got {value!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What a precision name means on one device: the weights' dtype and the autocast dtype (or None)."""
+
+    name: str
+    device_type: str
+    weights: torch.dtype
+    autocast: torch.dtype | None = None
+
+    def context(self):
+        """The autocast context to run the model under (a null context without autocast)."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        import torch
+
+        return torch.autocast(self.device_type, dtype=self.autocast)
+
+    def describe(self) -> str:
+        weights = str(self.weights).replace("torch.", "")
+        return weights if self.autocast is None else f"{weights} weights, {str(self.autocast).replace('torch.', '')} autocast"
+
+
+def resolve_precision(value, device: str | torch.device = "cpu") -> Precision:
+    """`value` (a name of PRECISIONS or a spelling of one) on `device` (see the module docstring)."""
+    import torch
+
+    name = parse_precision(value)
+    device_type = torch.device(device).type
+    on_cpu = device_type == "cpu"
+    if name == "auto":
+        if on_cpu:
+            name = "bfloat16" if cpu_has_fast_bf16() else "float32"
+        else:
+            name = "bfloat16" if device_type != "cuda" or torch.cuda.is_bf16_supported() else "float32"
+    if name == "float32":
+        return Precision(name, device_type, torch.float32)
+    if name == "float16":
+        if on_cpu:
+            raise StormError("float16 is not used on CPU (emulated, far slower than float32): use float32 or bfloat16")
+        return Precision(name, device_type, torch.float16)
+    if on_cpu:
+        return Precision(name, device_type, torch.float32, torch.bfloat16)
+    return Precision(name, device_type, torch.bfloat16)

@@ -1,5 +1,6 @@
 """Small helpers every part of storm-vlm shares: atomic files, integer checks, the label and
-placeholder conventions. Nothing here imports torch or another storm_vlm module."""
+placeholder conventions, the model-folder check. Nothing here imports torch (the CLI checks its
+arguments with these before loading anything heavy)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+from storm_vlm.errors import StormError
+
 __all__ = [
     "IGNORE_INDEX", "VIDEO_TOKEN", "IMAGE_TOKEN", "check_int", "atomic_path", "atomic_write_text",
-    "atomic_write_json", "fsync_dir", "publish_dir",
+    "atomic_write_json", "fsync_dir", "publish_dir", "check_model_dir",
 ]
 
 # Label of a position the loss ignores (PyTorch's and transformers' convention).
@@ -114,3 +117,32 @@ def publish_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike) -> Non
     else:
         os.replace(tmp_dir, final_dir)
     _fsync_path(final_dir.parent)
+
+
+def check_model_dir(model_dir) -> Path:
+    """The folder as a Path if it holds a STORM model's config.json; StormError naming the cause otherwise.
+
+    A training stage's output folder (whose model is in `final/`) is named as such.
+    """
+    path = Path(model_dir)
+    if not path.exists():
+        raise StormError(f"model folder {path} does not exist")
+    if not path.is_dir():
+        raise StormError(f"model folder {path} is not a folder")
+    config = path / "config.json"
+    if not config.is_file():
+        hint = ""
+        if (path / "final" / "config.json").is_file():
+            hint = f"; the trained model is in {path / 'final'}"
+        elif any(path.glob("*/config.json")):
+            found = sorted(p.parent.name for p in path.glob("*/config.json"))[:3]
+            hint = f"; model folders inside it: {', '.join(found)}"
+        raise StormError(f"model folder {path} has no config.json (expected a STORM model folder from "
+                         f"`storm-vlm build` or training){hint}")
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise StormError(f"{config}: not a readable JSON config ({exc})") from None
+    if model_type != "storm":
+        raise StormError(f"{config}: model_type is {model_type!r}, expected 'storm' (a STORM model folder)")
+    return path

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from storm_vlm.commands import add_precision_argument
 from storm_vlm.errors import StormError
+from storm_vlm.utils import check_model_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,20 +18,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="test-time temporal sampling: keep every S-th frame's tokens (default: the model's)")
     parser.add_argument("--max-new-tokens", type=int, default=128, metavar="M", help="answer length limit (default: 128)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                        help="auto: bfloat16 on CUDA; float32 on CPU (bfloat16 autocast only where the CPU has native bf16)")
+    add_precision_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.frames < 1:
         raise StormError(f"--frames must be >= 1, got {args.frames}")
-    from storm_vlm.serve.engine import StormEngine, check_model_dir
+    from storm_vlm.serve.engine import StormEngine
     from storm_vlm.video import load_video
 
     check_model_dir(args.model)
     load_video(args.video, num_frames=1)  # a bad video fails before the model loads
-    engine = StormEngine(args.model, device=args.device, dtype=args.dtype, default_frames=args.frames,
-                         max_frames=args.frames)
+    engine = StormEngine(args.model, device=args.device, precision=args.precision, default_frames=args.frames,
+                         max_frames=args.frames, verbose=True)
     result = engine.answer(args.video, args.question, num_frames=args.frames,
                            temporal_sample_stride=args.temporal_sample, max_new_tokens=args.max_new_tokens)
     print(result["answer"])

@@ -11,7 +11,9 @@ import argparse
 import datetime
 from pathlib import Path
 
+from storm_vlm.commands import add_precision_argument
 from storm_vlm.errors import StormError
+from storm_vlm.utils import check_model_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,8 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="greedy decoding budget (default 16)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    add_precision_argument(parser)
     parser.add_argument("--retry-failed", action="store_true",
                         help="on a rerun, try again the videos that failed to decode before")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -46,8 +47,7 @@ def _check(args) -> None:
         raise StormError(f"--limit must be >= 1, got {args.limit}")
     if args.max_new_tokens < 1:
         raise StormError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if not (Path(args.model_dir) / "config.json").is_file():
-        raise StormError(f"{args.model_dir}: not a saved model folder (no config.json)")
+    check_model_dir(args.model_dir)
 
 
 def _init_distributed(world_size: int) -> None:
@@ -59,24 +59,28 @@ def _init_distributed(world_size: int) -> None:
 
 
 def run(args) -> int:
-    from storm_vlm.eval.model_predictor import evaluate, load_model
+    import torch.distributed as dist
+
+    from storm_vlm.eval.model_predictor import evaluate
     from storm_vlm.eval.readers import load_benchmark
     from storm_vlm.eval.runner import dist_env
+    from storm_vlm.inference import load_model, resolve_device
+    from storm_vlm.precision import resolve_precision
 
     _check(args)
     records = load_benchmark(args.benchmark, args.data_root)
     rank, world_size = dist_env()
     _init_distributed(world_size)
     try:
-        model, processor = load_model(args.model_dir, args.device, args.dtype)
-        results = evaluate(model, processor, records, args.output, num_frames=args.frames,
+        device = resolve_device(args.device)
+        precision = resolve_precision(args.precision, device)
+        model, processor = load_model(args.model_dir, device, precision, verbose=True)
+        results = evaluate(model, processor, records, args.output, num_frames=args.frames, precision=precision,
                            temporal_sample_stride=args.temporal_sample, fps=args.fps, limit=args.limit,
                            max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
                            model_dir=str(Path(args.model_dir).resolve()), rank=rank, world_size=world_size,
                            retry_failed=args.retry_failed)
     finally:
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     if results is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from storm_vlm.commands import add_precision_argument
 from storm_vlm.errors import StormError
 
 COMPRESSION_HELP = (
@@ -40,9 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens decoded per repeat after the prefill (default: 16, or the config's)")
     parser.add_argument("--text-tokens", type=int, default=None,
                         help="prompt tokens around the visual tokens (default: 64, or the config's)")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
-                        help="bf16: bfloat16 weights on CUDA, bfloat16 autocast on CPU (default: bf16 on cuda, "
-                             "fp32 on cpu: CPUs without native bf16 (AVX2 only) run bf16 matmuls slower)")
+    add_precision_argument(parser)
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--max-memory-gb", type=float, default=None,
@@ -98,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         warmup=pick(args.warmup, "warmup", 1),
         decode_tokens=pick(args.decode_tokens, "decode_tokens", 16),
         text_tokens=pick(args.text_tokens, "text_tokens", 64),
-        dtype=args.dtype or ("bf16" if device == "cuda" else "fp32"),
+        precision=args.precision,
         device=device,
         seed=args.seed,
         max_memory_gb=args.max_memory_gb,

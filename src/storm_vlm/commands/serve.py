@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 
+from storm_vlm.commands import add_precision_argument
 from storm_vlm.errors import StormError
+from storm_vlm.utils import check_model_dir
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -25,8 +27,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-upload-mb", type=float, default=200, metavar="MB",
                         help="largest accepted video upload in MB (default: 200)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                        help="auto: bfloat16 on CUDA; float32 on CPU (bfloat16 autocast only where the CPU has native bf16)")
+    add_precision_argument(parser)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,8 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_engine_arguments(args: argparse.Namespace) -> None:
     """StormError for flags that cannot work, before anything heavy is imported or loaded."""
-    from storm_vlm.serve.engine import check_model_dir
-
     if args.max_frames < 1:
         raise StormError(f"--max-frames must be >= 1, got {args.max_frames}")
     if not 1 <= args.frames <= args.max_frames:
@@ -55,8 +54,8 @@ def check_engine_arguments(args: argparse.Namespace) -> None:
 def load_engine(args: argparse.Namespace):
     from storm_vlm.serve import StormEngine
 
-    return StormEngine(args.model, device=args.device, dtype=args.dtype, default_frames=args.frames,
-                       max_frames=args.max_frames)
+    return StormEngine(args.model, device=args.device, precision=args.precision, default_frames=args.frames,
+                       max_frames=args.max_frames, verbose=True)
 
 
 def start_server(app, host: str, port: int) -> None:

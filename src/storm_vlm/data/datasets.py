@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from storm_vlm.data.collator import IGNORE_INDEX
-from storm_vlm.data.records import Record, load_records
+from storm_vlm.data.records import Conversation, load_records
 from storm_vlm.errors import StormError
 
 if TYPE_CHECKING:
@@ -93,13 +93,13 @@ def read_video(path: Path, num_frames: int, start: float | None, end: float | No
 
 
 class LlavaDataset(torch.utils.data.Dataset):
-    """Map-style dataset over validated `Record`s (see `storm_vlm.data.records`).
+    """Map-style dataset over validated `Conversation`s (see `storm_vlm.data.records`).
 
     Each item: input_ids (L,), labels (L,), pixel_values_videos (T, 3, H, W) for video records,
     pixel_values (3, H, W) for image records, num_skipped (int), record_index (int).
     """
 
-    def __init__(self, records: list[Record], processor, num_frames: int, max_length: int | None = None):
+    def __init__(self, records: list[Conversation], processor, num_frames: int, max_length: int | None = None):
         self.records = records
         self.processor = processor
         self.num_frames = num_frames

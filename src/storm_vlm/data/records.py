@@ -1,4 +1,4 @@
-"""Reading LLaVA-style training records (JSON array or JSONL) into validated `Record`s.
+"""Reading LLaVA-style training records (JSON array or JSONL) into validated `Conversation`s.
 
 Accepted record (one JSON object):
     {"id": "...", "video": "rel/path.mp4" | "image": "rel/path.png" | neither (text-only),
@@ -28,7 +28,7 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
 
 
 @dataclass
-class Record:
+class Conversation:
     """One training example. `messages`: [{"role": "system"|"user"|"assistant", "content": str}]."""
 
     id: str
@@ -89,7 +89,7 @@ def resolve_media(media_root: Path, rel, where: str, rid: str, key: str) -> Path
     return full
 
 
-def _parse_record(obj, where: str, media_root: Path, index: int) -> Record:
+def _parse_record(obj, where: str, media_root: Path, index: int) -> Conversation:
     if not isinstance(obj, dict):
         raise StormError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
     rid = str(obj.get("id", index))
@@ -121,7 +121,7 @@ def _parse_record(obj, where: str, media_root: Path, index: int) -> Record:
     video = obj.get("video")
     if image is not None and video is not None:
         raise StormError(f"{where} (id {rid}): a record has either 'image' or 'video', not both")
-    rec = Record(id=rid, messages=messages, where=where)
+    rec = Conversation(id=rid, messages=messages, where=where)
     if image is not None:
         rec.image = resolve_media(media_root, image, where, rid, "image")
     if video is not None:
@@ -151,7 +151,7 @@ def _parse_record(obj, where: str, media_root: Path, index: int) -> Record:
     return rec
 
 
-def load_records(path: str | os.PathLike, media_root: str | os.PathLike) -> list[Record]:
+def load_records(path: str | os.PathLike, media_root: str | os.PathLike) -> list[Conversation]:
     """Parse and validate every record of a LLaVA-style .json / .jsonl file (no media is read)."""
     path, media_root = Path(path), Path(media_root)
     if not media_root.is_dir():

@@ -16,15 +16,26 @@
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from storm_vlm.choices import LETTERS, extract_choice
 from storm_vlm.demo.settings import ROWS, VARIANT_BY_NAME, DemoSettings, Row
+from storm_vlm.demo.synth import generate_synthetic_benchmark
 from storm_vlm.errors import StormError
+from storm_vlm.eval.model_predictor import evaluate
+from storm_vlm.eval.prompts import build_prompt
+from storm_vlm.eval.readers import read_synthetic
+from storm_vlm.inference import Predictor, build_messages, load_model
+from storm_vlm.train import train
+from storm_vlm.train.config import config_from_dict
+from storm_vlm.utils import atomic_write_json
+from storm_vlm.video import load_video, uniform_indices
 
 FINAL = "final"
 
@@ -37,15 +48,7 @@ def _settings(spec: dict) -> DemoSettings:
 
 
 def _set_threads(threads: int) -> None:
-    import torch
-
     torch.set_num_threads(max(1, int(threads)))
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- data
@@ -89,7 +92,6 @@ def option_text_answers(train_records: list[dict]) -> list[dict]:
 
 def make_data(data_dir: Path, settings: DemoSettings, workers: int | None = None) -> dict:
     """Generate (or reuse) the synthetic benchmark and the demo's training file; returns its meta dict."""
-    from storm_vlm.demo.synth import generate_synthetic_benchmark
 
     data_dir = Path(data_dir)
     if data_is_complete(data_dir, settings) and (data_dir / TRAIN_FILE).is_file():
@@ -98,7 +100,7 @@ def make_data(data_dir: Path, settings: DemoSettings, workers: int | None = None
     train = json.loads((data_dir / "train.json").read_text(encoding="utf-8"))
     if settings.answer_format == "text":
         train = option_text_answers(train)
-    _write_json_atomic(data_dir / TRAIN_FILE, train)
+    atomic_write_json(data_dir / TRAIN_FILE, train)
     return meta
 
 
@@ -178,11 +180,6 @@ def train_variant(spec: dict) -> dict:
 
     spec: settings (DemoSettings.to_dict()), variant, seed, data_dir, output_dir, threads.
     """
-    import torch
-
-    from storm_vlm.train.config import config_from_dict
-    from storm_vlm.train import train
-
     _set_threads(spec.get("threads", 1))
     output_dir = Path(spec["output_dir"])
     raw = train_config(spec)
@@ -192,8 +189,6 @@ def train_variant(spec: dict) -> dict:
         return _summarise(spec, output_dir, reused=True, seconds=None)
     if output_dir.exists():
         # An unfinished or different earlier run: start this one afresh (the demo owns this folder).
-        import shutil
-
         shutil.rmtree(output_dir)
     t0 = time.perf_counter()
     c0 = time.process_time()
@@ -244,8 +239,6 @@ class FrameCache:
         self._frames: dict[str, np.ndarray] = {}
 
     def all_frames(self, path: str) -> np.ndarray:
-        from storm_vlm.video import load_video
-
         frames = self._frames.get(path)
         if frames is None:
             clip = load_video(path, num_frames=self.source_frames)
@@ -256,8 +249,6 @@ class FrameCache:
         return frames
 
     def frames(self, path: str, num_frames: int) -> np.ndarray:
-        from storm_vlm.video import uniform_indices
-
         frames = self.all_frames(path)
         idx, _ = uniform_indices(frames.shape[0], num_frames)
         return frames[idx]
@@ -267,8 +258,6 @@ class FrameCache:
 
 
 def load_test_records(data_dir: Path, limit: int | None = None):
-    from storm_vlm.eval.readers import read_synthetic
-
     records = read_synthetic(Path(data_dir))
     return records if limit is None else records[:limit]
 
@@ -277,28 +266,15 @@ def rows_of(variant: str) -> list[Row]:
     return [r for r in ROWS if r.variant == variant]
 
 
-def load_model(model_dir: str | Path):
-    import torch
-
-    from storm_vlm import StormForConditionalGeneration, StormProcessor
-
-    model = StormForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
-    processor = StormProcessor.from_pretrained(model_dir)
-    return model, processor
-
-
 def evaluate_variant(spec: dict) -> dict:
     """Evaluate one trained model on every row of its variant; returns {row name: results}.
 
     spec: settings, variant, seed, model_dir, data_dir, eval_dir, threads. Each row writes
     predictions.jsonl / results.json under eval_dir/<row>/ (a rerun resumes them).
     """
-    from storm_vlm.eval import evaluate
-
     _set_threads(spec.get("threads", 1))
     settings = _settings(spec)
-    model, processor = load_model(spec["model_dir"])
+    model, processor = load_model(spec["model_dir"], "cpu", "float32")
     records = load_test_records(Path(spec["data_dir"]))
     cache = FrameCache(settings.video_frames)
     out = {}
@@ -322,25 +298,18 @@ def evaluate_variant(spec: dict) -> dict:
 # ----------------------------------------------------------------------------- latency
 
 
-def prefill_inputs(model, processor, frames: np.ndarray, prompt: str, sample: int) -> dict:
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return dict(processor(text=text, videos=[frames], temporal_sample_stride=sample, return_tensors="pt"))
-
-
 def measure_prefill(model, processor, frames: np.ndarray, prompt: str, sample: int, repeats: int) -> dict:
     """Median wall time (ms) of one prefill forward (vision + projector + compression + LLM), 1 warm-up.
 
     Preprocessing (decode, resize) is excluded; threads are whatever torch is set to.
     """
-    import torch
-
-    inputs = prefill_inputs(model, processor, frames, prompt, sample)
+    predictor = Predictor(model, processor, temporal_sample_stride=sample)
+    inputs = predictor.encode(predictor.render(build_messages(prompt)), [frames])
     times = []
     with torch.inference_mode():
         for i in range(repeats + 1):
             t0 = time.perf_counter()
-            model(**inputs, temporal_sample_stride=sample, use_cache=False, logits_to_keep=1)
+            model(**inputs, use_cache=False, logits_to_keep=1)
             if i:
                 times.append((time.perf_counter() - t0) * 1000.0)
     return {"prefill_ms": statistics.median(times), "prefill_ms_all": [round(t, 3) for t in times],
@@ -349,11 +318,9 @@ def measure_prefill(model, processor, frames: np.ndarray, prompt: str, sample: i
 
 def latency_variant(spec: dict) -> dict:
     """Prefill latency of every row of one trained model on the first held-out video."""
-    from storm_vlm.eval.prompts import build_prompt
-
     _set_threads(spec.get("threads", 1))
     settings = _settings(spec)
-    model, processor = load_model(spec["model_dir"])
+    model, processor = load_model(spec["model_dir"], "cpu", "float32")
     record = load_test_records(Path(spec["data_dir"]))[0]
     cache = FrameCache(settings.video_frames)
     out = {}
@@ -369,17 +336,11 @@ def latency_variant(spec: dict) -> dict:
 
 def answer_example(model_dir: str | Path, data_dir: Path, settings: DemoSettings, row: Row, task: str) -> dict:
     """The first held-out question of `task`, answered by the model in `row`'s setting."""
-    from storm_vlm.eval import extract_choice
-    from storm_vlm.eval.model_predictor import ModelPredictor
-    from storm_vlm.eval.prompts import build_prompt
-    from storm_vlm.eval.records import LETTERS
-
-    model, processor = load_model(model_dir)
+    model, processor = load_model(model_dir, "cpu", "float32")
     records = [r for r in load_test_records(Path(data_dir)) if r.categories.get("task") == task]
     record = records[0]
     frames = FrameCache(settings.video_frames).frames(record.video, settings.input_frames(row))
-    predictor = ModelPredictor(model, processor, temporal_sample_stride=row.sample,
-                               max_new_tokens=settings.max_new_tokens)
+    predictor = Predictor(model, processor, temporal_sample_stride=row.sample, max_new_tokens=settings.max_new_tokens)
     reply = predictor.reply(build_prompt(record), frames)
     pred = extract_choice(reply, record.options)
     return {

@@ -1,8 +1,9 @@
 """Video benchmark evaluation: readers, prompts, answer extraction, scoring, the resumable
 runner and the lmms-eval plugin (`storm_vlm.eval.lmms_plugin`, needs the `lmms` extra)."""
 
-from storm_vlm.eval.extraction import extract_choice
-from storm_vlm.eval.model_predictor import ModelPredictor, evaluate, load_model
+from storm_vlm.choices import extract_choice
+from storm_vlm.eval.model_predictor import ModelPredictor, evaluate
+from storm_vlm.inference import load_model
 from storm_vlm.eval.prompts import build_prompt
 from storm_vlm.eval.readers import READERS, BenchmarkFormatError, load_benchmark
 from storm_vlm.eval.records import Record

@@ -21,6 +21,11 @@ import os
 from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from storm_vlm.inference import Predictor
+from storm_vlm.video import load_video
 
 try:  # the module must import without lmms-eval (the `lmms` extra)
     from lmms_eval.api.model import lmms as _LmmsBase
@@ -68,15 +73,11 @@ def visuals_to_frames(visuals: Sequence[Any] | Any, num_frames: int, fps: float 
     if not items:
         raise ValueError("this request has no visual input; STORM answers questions about videos")
     if all(isinstance(v, (str, os.PathLike)) for v in items):
-        from storm_vlm.video import load_video
-
         per = max(1, num_frames // len(items))
         return np.concatenate([load_video(os.fspath(p), num_frames=per, fps=fps).frames for p in items])
     frames = [_as_frame(v) for v in items]
     h, w = frames[0].shape[:2]
     if any(f.shape[:2] != (h, w) for f in frames):
-        from PIL import Image
-
         frames = [f if f.shape[:2] == (h, w) else np.asarray(Image.fromarray(f).resize((w, h))) for f in frames]
     return np.stack(frames)
 
@@ -121,7 +122,8 @@ class Storm(_LmmsBase):
     """STORM for lmms-eval (a "simple" model: the task's text plus the raw visuals).
 
     model_args: pretrained (model folder, required), num_frames (32), fps (None),
-    temporal_sample_stride (model default), max_new_tokens (16), device, dtype.
+    temporal_sample_stride (model default), max_new_tokens (16), device, dtype (a precision name,
+    storm_vlm.precision; default auto).
     """
 
     is_simple = True
@@ -132,7 +134,6 @@ class Storm(_LmmsBase):
         if not HAVE_LMMS_EVAL:
             raise ImportError("lmms-eval is not installed: pip install 'storm-vlm[lmms]'")
         super().__init__()
-        from storm_vlm.eval.model_predictor import ModelPredictor, load_model
 
         if int(batch_size) != 1:
             raise ValueError("the storm lmms-eval model runs batch_size=1")
@@ -142,9 +143,9 @@ class Storm(_LmmsBase):
         self.default_max_new_tokens = int(max_new_tokens)
         self._rank = int(os.environ.get("RANK", 0))
         self._world_size = int(os.environ.get("WORLD_SIZE", 1))
-        model, processor = load_model(self.pretrained, device, dtype)
-        self.predictor = ModelPredictor(model, processor, _parse_optional_int(temporal_sample_stride),
-                                        self.default_max_new_tokens)
+        self.predictor = Predictor.from_pretrained(
+            self.pretrained, device, dtype or "auto", temporal_sample_stride=_parse_optional_int(temporal_sample_stride),
+            max_new_tokens=self.default_max_new_tokens)
 
     def _visuals(self, request) -> tuple[str, dict, Any]:
         context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args[:6]
@@ -152,8 +153,6 @@ class Storm(_LmmsBase):
         return context, gen_kwargs, visuals
 
     def generate_until(self, requests) -> list[str]:
-        from tqdm.auto import tqdm
-
         replies = []
         for request in tqdm(requests, desc="storm", disable=self.rank != 0):
             context, gen_kwargs, visuals = self._visuals(request)
@@ -167,8 +166,6 @@ class Storm(_LmmsBase):
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         """(log P(continuation | video, context), is_greedy) per request: multiple choice by likelihood."""
-        from tqdm.auto import tqdm
-
         out = []
         for request in tqdm(requests, desc="storm loglikelihood", disable=self.rank != 0):
             context, target, doc_to_visual, doc_id, task, split = request.args[:6]

@@ -49,7 +49,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from storm_vlm.errors import StormError
-from storm_vlm.eval.records import LETTERS, Record, strip_letter
+from storm_vlm.choices import LETTERS, strip_letter
+from storm_vlm.eval.records import Record
 
 class BenchmarkFormatError(StormError):
     """An annotation file is missing or one of its records is malformed."""

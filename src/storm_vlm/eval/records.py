@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import re
-import string
 from dataclasses import dataclass, field
 
-LETTERS = string.ascii_uppercase
-_PREFIX = re.compile(r"\s*[\(\[]?([A-Za-z])\s*[\.\)\]:](?:\s+|$)")
-
-
-def strip_letter(option: str, index: int) -> str:
-    """"B. Apples" -> "Apples" when the prefix letter is this option's own letter."""
-    m = _PREFIX.match(option)
-    if m and m.group(1).upper() == LETTERS[index]:
-        return option[m.end():].strip()
-    return option.strip()
+from storm_vlm.choices import LETTERS
 
 
 @dataclass(frozen=True)

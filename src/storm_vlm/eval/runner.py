@@ -25,9 +25,10 @@ import numpy as np
 
 from storm_vlm.errors import StormError
 from storm_vlm.eval import predictions as P
-from storm_vlm.eval.extraction import extract_choice
+from storm_vlm.choices import extract_choice
 from storm_vlm.eval.frames import load_record_frames
-from storm_vlm.eval.records import LETTERS, Record
+from storm_vlm.choices import LETTERS
+from storm_vlm.eval.records import Record
 from storm_vlm.eval.scoring import format_table, score
 
 log = logging.getLogger("storm_vlm.eval")

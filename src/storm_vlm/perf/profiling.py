@@ -57,6 +57,7 @@ import torch
 from storm_vlm.perf.costmodel import Compression, DEFAULT_COMPRESSIONS, pipeline_cost
 from storm_vlm.perf.allocator import _ALLOCATOR_STATE, tune_cpu_allocator  # noqa: F401  (re-exported)
 from storm_vlm.errors import ConfigError, StormError
+from storm_vlm.precision import Precision, resolve_precision
 
 __all__ = [
     "ProfileSettings",
@@ -91,7 +92,8 @@ ROW_FIELDS = (
 
 @dataclass
 class ProfileSettings:
-    """What to measure. `compressions` are `costmodel.Compression`s; dtype "bf16" or "fp32"."""
+    """What to measure. `compressions` are `costmodel.Compression`s; `precision` a name of
+    `storm_vlm.precision.PRECISIONS` (resolved on `device`)."""
 
     frames: list[int] = field(default_factory=lambda: [4, 8, 16, 32, 64, 128, 256])
     compressions: list[Compression] = field(default_factory=lambda: list(DEFAULT_COMPRESSIONS.values()))
@@ -99,11 +101,15 @@ class ProfileSettings:
     warmup: int = 1
     decode_tokens: int = 16
     text_tokens: int = 64
-    dtype: str = "fp32"
+    precision: str = "float32"
     device: str = "cpu"
     seed: int = 0
     max_memory_gb: float | None = None
     clock: str = "wall"
+
+    @property
+    def resolved(self) -> Precision:
+        return resolve_precision(self.precision, self.device)
 
     def validate(self) -> None:
         if not self.frames or any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in self.frames):
@@ -112,8 +118,7 @@ class ProfileSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise StormError(f"--{name.replace('_', '-')} must be an int >= {minimum}, got {value!r}")
-        if self.dtype not in ("bf16", "fp32"):
-            raise StormError(f"--dtype must be bf16 or fp32, got {self.dtype!r}")
+        resolve_precision(self.precision, self.device)  # StormError for a bad name or float16 on CPU
         if self.clock not in ("wall", "cpu"):
             raise StormError(f"--clock must be wall or cpu, got {self.clock!r}")
         if self.device not in ("cpu", "cuda"):
@@ -386,7 +391,7 @@ def profile_row(model, frames: int, compression: Compression, settings: ProfileS
             "text_tokens": settings.text_tokens,
         }
         # Skip what would not fit: activations + KV (weights are already resident).
-        bytes_per_el = 4 if settings.dtype == "fp32" or settings.device == "cpu" else 2
+        bytes_per_el = settings.resolved.weights.itemsize
         est = pipeline_cost(cfg, frames, compression, settings.text_tokens, settings.decode_tokens, bytes_per_el)
         need = max(est.vision_tower.activation_bytes, est.projector.activation_bytes,
                    est.llm_prefill.activation_bytes + est.decode_per_token.activation_bytes)
@@ -432,9 +437,7 @@ def _skipped(row: dict, note: str) -> dict:
 
 
 def _autocast(settings: ProfileSettings):
-    if settings.dtype == "bf16" and settings.device == "cpu":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return settings.resolved.context()
 
 
 def _inputs(model, frames: int, settings: ProfileSettings):
@@ -612,8 +615,7 @@ def profile_model(model, settings: ProfileSettings, source: str = "", progress: 
     from tqdm.auto import tqdm
 
     settings.validate()
-    dtype = torch.bfloat16 if settings.dtype == "bf16" and settings.device == "cuda" else torch.float32
-    model.to(device=settings.device, dtype=dtype)
+    model.to(device=settings.device, dtype=settings.resolved.weights)
     model.eval()
     clock, memory = _Clock(settings.device, settings.clock), _Memory(settings.device)
     combos = [(f, c) for c in settings.compressions for f in settings.frames]
@@ -622,10 +624,7 @@ def profile_model(model, settings: ProfileSettings, source: str = "", progress: 
         rows.append(profile_row(model, frames, comp, settings, clock=clock, memory=memory))
     s = asdict(settings)
     s["compressions"] = [asdict(c) | {"label": c.label} for c in settings.compressions]
-    s["compute_dtype"] = {
-        ("bf16", "cuda"): "bfloat16 weights",
-        ("bf16", "cpu"): "fp32 weights, bfloat16 autocast",
-    }.get((settings.dtype, settings.device), "float32")
+    s["compute_dtype"] = settings.resolved.describe()
     return {
         "source": source,
         "settings": s,

@@ -2,6 +2,6 @@
 (`storm_vlm.serve.api.create_app`, FastAPI) and the web demo (`storm_vlm.serve.web.build_demo`,
 gradio). The API and the demo import their frameworks only when used."""
 
-from storm_vlm.serve.engine import StormEngine, check_model_dir
+from storm_vlm.serve.engine import StormEngine
 
-__all__ = ["StormEngine", "check_model_dir"]
+__all__ = ["StormEngine"]

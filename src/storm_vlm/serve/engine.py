@@ -1,60 +1,34 @@
 """`StormEngine`: one loaded STORM model answering questions about videos, one request at a time.
 
 The HTTP API (`storm_vlm.serve.api`) and the web demo (`storm_vlm.serve.web`) both call
-`StormEngine.answer`. A question is asked exactly as `storm-vlm eval` asks it
-(`storm_vlm.eval.ModelPredictor`: the video first in the user turn, greedy decoding; with
-options, the benchmark prompt "question / A. ... / Answer with the option's letter ..." and
-the reply read by `storm_vlm.eval.extract_choice`).
-
-Precision ("auto"): on CUDA bfloat16 weights; on CPU float32 weights, under bfloat16
-autocast only where the CPU has native bf16 (`storm_vlm.precision.cpu_has_fast_bf16`).
-float16 is never used on CPU.
+`StormEngine.answer`. A question is asked exactly as `storm-vlm eval` asks it (through
+`storm_vlm.inference`: the video first in the user turn, greedy decoding; with options, the
+prompt of `storm_vlm.choices.format_question` and the reply read by `extract_choice`).
+Precision: `storm_vlm.precision` ("auto": bfloat16 on CUDA; on CPU float32, with bfloat16
+autocast only where the CPU has native bf16).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import threading
 import time
-from pathlib import Path
 from typing import Sequence
 
+from storm_vlm.choices import LETTERS, extract_choice, format_question, strip_letter
 from storm_vlm.errors import StormError
-from storm_vlm.precision import cpu_has_fast_bf16
+from storm_vlm.inference import Predictor, build_messages
+from storm_vlm.utils import check_model_dir
+from storm_vlm.utils import check_int
+from storm_vlm.video import load_video
 
-__all__ = ["StormEngine", "check_model_dir", "DTYPES"]
+__all__ = ["StormEngine"]
 
-DTYPES = ("auto", "float32", "bfloat16")
 MAX_QUESTION_CHARS = 8000
 MAX_OPTIONS = 26
 
 
-def check_model_dir(model_dir) -> Path:
-    """The folder as a Path if it holds a STORM model's config.json; StormError naming the cause otherwise."""
-    path = Path(model_dir)
-    if not path.exists():
-        raise StormError(f"model folder {path} does not exist")
-    if not path.is_dir():
-        raise StormError(f"model folder {path} is not a folder")
-    config = path / "config.json"
-    if not config.is_file():
-        raise StormError(f"model folder {path} has no config.json (expected a STORM model folder "
-                         "from `storm-vlm build` or training)")
-    try:
-        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise StormError(f"{config}: not a readable JSON config ({exc})") from None
-    if model_type != "storm":
-        raise StormError(f"{config}: model_type is {model_type!r}, expected 'storm' (a STORM model folder)")
-    return path
-
-
 def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        bound = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-        raise StormError(f"{name} must be an integer {bound}, got {value!r}")
-    return value
+    return check_int(name, value, lo, hi, error=StormError)
 
 
 class StormEngine:
@@ -63,9 +37,7 @@ class StormEngine:
     Args:
         model_dir: a STORM model folder (config.json, weights, processor files).
         device: "cpu", "cuda", "cuda:1", ... (default: cuda if available).
-        dtype: "auto" (bfloat16 on CUDA; float32 weights on CPU, with bfloat16 autocast where
-            the CPU has native bf16),
-            "float32" or "bfloat16" (weights in that dtype, no autocast).
+        precision: a name of `storm_vlm.precision.PRECISIONS` ("auto" by default).
         default_frames: frames sampled when a request names none.
         max_frames: the most frames a request may ask for.
         max_new_tokens_limit: the longest answer a request may ask for.
@@ -73,34 +45,16 @@ class StormEngine:
     `answer` may be called from several threads; generation runs under one lock.
     """
 
-    def __init__(self, model_dir, *, device: str | None = None, dtype: str = "auto", default_frames: int = 32,
-                 max_frames: int = 256, max_new_tokens_limit: int = 1024):
+    def __init__(self, model_dir, *, device: str | None = None, precision: str = "auto", default_frames: int = 32,
+                 max_frames: int = 256, max_new_tokens_limit: int = 1024, verbose: bool = False):
         self.model_dir = check_model_dir(model_dir)
-        if dtype not in DTYPES:
-            raise StormError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         self.max_frames = _check_int("max_frames", max_frames, 1)
         self.default_frames = _check_int("frames", default_frames, 1, self.max_frames)
         self.max_new_tokens_limit = _check_int("max_new_tokens_limit", max_new_tokens_limit, 1)
-
-        import torch
-
-        from storm_vlm.eval import load_model
-
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        try:
-            torch_device = torch.device(device)
-        except RuntimeError as exc:
-            raise StormError(f"invalid device {device!r} ({exc})") from None
-        if torch_device.type == "cuda" and not torch.cuda.is_available():
-            raise StormError(f"device {device!r} asked for, but CUDA is not available")
-        on_cpu = torch_device.type == "cpu"
-        weights = ("float32" if on_cpu else "bfloat16") if dtype == "auto" else dtype
-        fast_bf16 = dtype == "auto" and on_cpu and cpu_has_fast_bf16()
-        self.autocast_dtype = torch.bfloat16 if fast_bf16 else None
-        self.model, self.processor = load_model(str(self.model_dir), device=str(torch_device), dtype=weights)
+        self.predictor = Predictor.from_pretrained(self.model_dir, device, precision, verbose=verbose)
+        self.model, self.processor = self.predictor.model, self.predictor.processor
         self.config = self.model.config
-        self.device = torch_device
+        self.device = self.model.device
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ description
@@ -108,12 +62,13 @@ class StormEngine:
     def info(self) -> dict:
         """What /health reports: model folder, device, precision and the token-compression settings."""
         cfg = self.config
-        text = getattr(cfg, "text_config", None)
+        text = cfg.get_text_config()
+        precision = self.predictor.precision
         return {
             "model_dir": str(self.model_dir),
             "device": str(self.device),
             "dtype": str(self.model.dtype).replace("torch.", ""),
-            "autocast": None if self.autocast_dtype is None else str(self.autocast_dtype).replace("torch.", ""),
+            "autocast": None if precision.autocast is None else str(precision.autocast).replace("torch.", ""),
             "config": {
                 "projector_type": cfg.projector_type,
                 "projector_num_layers": cfg.projector_num_layers,
@@ -135,17 +90,10 @@ class StormEngine:
 
     # ------------------------------------------------------------------ one question
 
-    def prompt(self, question: str, options: Sequence[str] | None = None) -> str:
-        """The user text sent with the video: the question, or the eval prompt with lettered options."""
-        if not options:
-            return question
-        from storm_vlm.eval import Record, build_prompt
-        from storm_vlm.eval.records import strip_letter
-
-        # "A. Apples" -> "Apples": the prompt letters options itself
-        record = Record(id="request", benchmark="synthetic", video="", question=question,
-                        options=tuple(strip_letter(o, i) for i, o in enumerate(options)), answer=None)
-        return build_prompt(record)
+    @staticmethod
+    def prompt(question: str, options: Sequence[str] | None = None) -> str:
+        """The user text sent with the video: the question, or the evaluation prompt with lettered options."""
+        return format_question(question, options) if options else question
 
     def check_request(self, question, options=None, num_frames=None, temporal_sample_stride=None,
                       max_new_tokens=64) -> tuple[str, list[str] | None, int, int | None, int]:
@@ -165,8 +113,6 @@ class StormEngine:
             elif not all(options):
                 raise StormError("options must not be empty strings")
             else:
-                from storm_vlm.eval.records import strip_letter
-
                 options = [strip_letter(o, i) or o for i, o in enumerate(options)]
         num_frames = self.default_frames if num_frames is None else num_frames
         _check_int("frames", num_frames, 1, self.max_frames)
@@ -174,28 +120,6 @@ class StormEngine:
             _check_int("temporal_sample_stride", temporal_sample_stride, 1)
         _check_int("max_new_tokens", max_new_tokens, 1, self.max_new_tokens_limit)
         return question.strip(), options, num_frames, temporal_sample_stride, max_new_tokens
-
-    def _check_context(self, prompt: str, visual_tokens: int, max_new_tokens: int) -> int:
-        """Positions the request needs (prompt with expanded video placeholder + answer); StormError if
-        the LLM has fewer."""
-        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        text_tokens = len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]) - 1
-        needed = text_tokens + visual_tokens + max_new_tokens
-        limit = getattr(getattr(self.config, "text_config", None), "max_position_embeddings", None)
-        if limit and needed > limit:
-            raise StormError(
-                f"the request needs {needed} positions ({visual_tokens} visual tokens + {text_tokens} text tokens "
-                f"+ {max_new_tokens} new tokens) but the LLM has {limit}; ask for fewer frames, a larger "
-                "temporal_sample_stride or fewer new tokens")
-        return text_tokens
-
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        import torch
-
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def answer(self, video_path, question: str, options: Sequence[str] | None = None, num_frames: int | None = None,
                temporal_sample_stride: int | None = None, max_new_tokens: int = 64, start: float | None = None,
@@ -217,14 +141,9 @@ class StormEngine:
         t0 = time.perf_counter()
         question, options, num_frames, stride, max_new_tokens = self.check_request(
             question, options, num_frames, temporal_sample_stride, max_new_tokens)
-        effective_stride = self.config.temporal_sample_stride if stride is None else stride
-        visual_tokens = self.config.num_visual_tokens(num_frames, stride)
-        prompt = self.prompt(question, options)
-        text_tokens = self._check_context(prompt, visual_tokens, max_new_tokens)
-
-        from storm_vlm.eval import ModelPredictor, extract_choice
-        from storm_vlm.eval.records import LETTERS
-        from storm_vlm.video import load_video
+        layout = self.config.visual_token_layout.with_sample_stride(stride)
+        prompt = self.predictor.render(build_messages(self.prompt(question, options)))
+        text_tokens = self.predictor.check_context(prompt, layout.num_tokens(num_frames), max_new_tokens)
 
         t_decode = time.perf_counter()
         clip = load_video(video_path, num_frames=num_frames, start=start, end=end)
@@ -232,21 +151,18 @@ class StormEngine:
         frames = len(clip)  # a still image gives one frame
         with self._lock:
             t_locked = time.perf_counter()
-            predictor = ModelPredictor(self.model, self.processor, temporal_sample_stride=stride,
-                                       max_new_tokens=max_new_tokens)
-            with self._autocast():
-                text = predictor.reply(prompt, clip.frames)
-            timing = dict(predictor.last_timing)
-        choice = extract_choice(text, options) if options else None
+            inputs = self.predictor.encode(prompt, [clip.frames], stride)
+            reply = self.predictor.generate(inputs, max_new_tokens, started=t_locked)
+        choice = extract_choice(reply.text, options) if options else None
         return {
-            "answer": text,
+            "answer": reply.text,
             "choice": choice,
             "choice_letter": None if choice is None else LETTERS[choice],
             "options": options,
-            "visual_tokens": self.config.num_visual_tokens(frames, stride),
+            "visual_tokens": layout.num_tokens(frames),
             "frames": frames,
-            "visual_frames": self.config.num_visual_frames(frames, stride),
-            "temporal_sample_stride": effective_stride,
+            "visual_frames": layout.num_frames(frames),
+            "temporal_sample_stride": layout.temporal_sample_stride,
             "text_tokens": text_tokens,
             "video": {
                 "duration_s": round(float(clip.duration), 3),
@@ -256,8 +172,8 @@ class StormEngine:
             "timings": {
                 "decode_s": round(t_decoded - t_decode, 4),
                 "wait_s": round(t_locked - t_decoded, 4),
-                "prefill_s": timing.get("prefill_s"),
-                "generate_s": timing.get("generate_s"),
+                "prefill_s": reply.prefill_s,
+                "generate_s": reply.generate_s,
                 "total_s": round(time.perf_counter() - t0, 4),
             },
         }

@@ -1,4 +1,17 @@
-"""Reading which option a model's reply names.
+"""Multiple-choice questions: how they are asked (`format_question`) and how a reply is read
+(`extract_choice`). Evaluation, serving and the demo all go through these two functions.
+
+The question text sent with the video (the video comes first in the user turn):
+
+    {question}
+    A. {option 0}
+    B. {option 1}
+    ...
+    Answer with the option's letter from the given choices directly.
+
+Style "mvbench" keeps that release's framing (as lmms-eval's mvbench task does):
+"Question: {question}\nOptions:\n(A) {option 0}\n...". Options are lettered A, B, C, ... in the
+order given; letter prefixes that came with them ("A. ...") are replaced, never doubled.
 
 ``extract_choice(text, options)`` returns the 0-based index of the option the reply
 names, or None when it names none or more than one. None is counted wrong and logged
@@ -26,9 +39,35 @@ letters count only where nothing else could be meant ("b)", "answer: b.").
 from __future__ import annotations
 
 import re
+import string
 from typing import Sequence
 
-from storm_vlm.eval.records import LETTERS, strip_letter
+__all__ = ["LETTERS", "POST_PROMPT", "STYLES", "strip_letter", "format_question", "extract_choice"]
+
+LETTERS = string.ascii_uppercase
+POST_PROMPT = "Answer with the option's letter from the given choices directly."
+# style -> (template, option line)
+STYLES: dict[str, tuple[str, str]] = {
+    "default": ("{question}\n{options}\n" + POST_PROMPT, "{letter}. {text}"),
+    "mvbench": ("Question: {question}\nOptions:\n{options}\n" + POST_PROMPT, "({letter}) {text}"),
+}
+_PREFIX = re.compile(r"\s*[\(\[]?([A-Za-z])\s*[\.\)\]:](?:\s+|$)")
+
+
+def strip_letter(option: str, index: int) -> str:
+    """"B. Apples" -> "Apples" when the prefix letter is this option's own letter."""
+    m = _PREFIX.match(option)
+    if m and m.group(1).upper() == LETTERS[index]:
+        return option[m.end():].strip()
+    return option.strip()
+
+
+def format_question(question: str, options: Sequence[str], style: str = "default") -> str:
+    """The user text (without the video) asking `question` with lettered `options` (see above)."""
+    template, line = STYLES[style]
+    lines = "\n".join(line.format(letter=LETTERS[i], text=strip_letter(t, i)) for i, t in enumerate(options))
+    return template.format(question=question, options=lines)
+
 
 _ALONE = re.compile(r"[\(\[]?([A-Za-z])[\)\]]?[\.\):]?")
 _LEADING = re.compile(r"(?:[\(\[]([A-Za-z])[\)\]]|([A-Za-z])[\.\):])(?=\s|$)")

@@ -1,0 +1,243 @@
+"""Asking a trained STORM model about a video: load it, build the messages, answer.
+
+Every caller goes through here — `storm-vlm eval`, the lmms-eval plugin, `chat`, `serve`,
+`web`, the demo and the profiler:
+
+- `load_model(dir, device, precision)`: the one loader (model + processor, eval mode).
+- `build_messages(question, history)`: the one message builder; the video comes first in the
+  first user turn, as the model was trained.
+- `Predictor`: renders the chat template once and tokenizes once per request, applies the
+  precision's autocast, times the prefill, and decodes greedily unless told otherwise.
+
+Shapes: frames are (T, H, W, 3) uint8 arrays (what `storm_vlm.load_video` returns).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessorList
+from transformers.utils import logging as hf_logging
+
+from storm_vlm.errors import StormError
+from storm_vlm.precision import Precision, resolve_precision
+from storm_vlm.utils import check_model_dir
+
+__all__ = ["GREEDY", "Predictor", "Reply", "build_messages", "load_model", "resolve_device"]
+
+# The decoding every evaluation uses (and the default everywhere): greedy, one beam.
+GREEDY = {"do_sample": False, "num_beams": 1}
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """`device` as a torch.device (default: CUDA if available); StormError for a bad or absent one."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise StormError(f"invalid device {str(device)!r} ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise StormError(f"device {str(device)!r} asked for, but CUDA is not available")
+    return device
+
+
+def load_model(model_dir, device: str | torch.device | None = None, precision: str | Precision = "auto", verbose: bool = False):
+    """(model, processor) from a STORM model folder, in eval mode on `device` (default: CUDA if any).
+
+    `precision` is a name of `storm_vlm.precision.PRECISIONS` (or a resolved `Precision`); the
+    weights get its dtype (the autocast part is the `Predictor`'s). With `verbose`, one line
+    "loaded DIR in N s" goes to stderr instead of transformers' loading progress bars.
+    """
+    path = check_model_dir(model_dir)
+    torch_device = resolve_device(device)
+    if not isinstance(precision, Precision):
+        precision = resolve_precision(precision, torch_device)
+    t0 = time.perf_counter()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=precision.weights, local_files_only=True)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise StormError(f"{path}: cannot load the model ({exc})") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    model = model.to(torch_device).eval()
+    if verbose:
+        print(f"loaded {path} in {time.perf_counter() - t0:.1f} s ({torch_device}, {precision.describe()})",
+              file=sys.stderr)
+    return model, processor
+
+
+def build_messages(question: str, history: Sequence[tuple[str, str]] = (), system: str | None = None,
+                   video: bool = True) -> list[dict]:
+    """The conversation for `question` after earlier (question, answer) turns `history`.
+
+    The video goes first in the first user turn (as in training); text-only with video=False.
+    """
+    messages = [{"role": "system", "content": system}] if system else []
+    for i, (asked, answered) in enumerate([*history, (question, None)]):
+        content = [{"type": "text", "text": asked}]
+        if i == 0 and video:
+            content.insert(0, {"type": "video"})
+        messages.append({"role": "user", "content": content})
+        if answered is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answered}]})
+    return messages
+
+
+@dataclass
+class Reply:
+    """What one generate call produced. Times in seconds; prefill_s runs from encoding the
+    request to the first logits (vision tower, projector, compression, LLM prefill)."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    visual_tokens: int
+    prefill_s: float
+    generate_s: float
+
+
+class _FirstLogits:
+    """A pass-through logits processor that notes when the first logits (after prefill) arrive."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.at: float | None = None
+
+    def __call__(self, input_ids, scores):
+        if self.at is None:
+            _sync(self.device)
+            self.at = time.perf_counter()
+        return scores
+
+
+def _sync(device) -> None:
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Predictor:
+    """Answers from a loaded model + processor pair.
+
+    temporal_sample_stride: test-time sampling for every request (None: the model's default);
+    precision: the `Precision` the model was loaded with (its autocast applies), default none.
+    """
+
+    def __init__(self, model, processor, *, temporal_sample_stride: int | None = None, max_new_tokens: int = 16,
+                 precision: Precision | None = None):
+        self.model = model
+        self.processor = processor
+        self.temporal_sample_stride = temporal_sample_stride
+        self.max_new_tokens = int(max_new_tokens)
+        self.precision = precision
+        self.last_timing: dict = {}
+
+    @classmethod
+    def from_pretrained(cls, model_dir, device: str | None = None, precision: str = "auto", verbose: bool = False,
+                        **kwargs) -> "Predictor":
+        device = resolve_device(device)
+        resolved = resolve_precision(precision, device)
+        model, processor = load_model(model_dir, device, resolved, verbose=verbose)
+        return cls(model, processor, precision=resolved, **kwargs)
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def _context(self):
+        return self.precision.context() if self.precision is not None else contextlib.nullcontext()
+
+    # ---- one request ----------------------------------------------------------------------------
+
+    def render(self, messages: list[dict]) -> str:
+        """The prompt text of `messages` with the assistant turn opened (rendered once per request)."""
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def text_tokens(self, prompt: str) -> int:
+        """Tokens of a rendered prompt besides its visual placeholders."""
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        placeholders = {self.processor.video_token_id, self.processor.image_token_id}
+        return sum(1 for i in ids if i not in placeholders)
+
+    def visual_tokens(self, num_frames: int, temporal_sample_stride: int | None = None) -> int:
+        stride = self.temporal_sample_stride if temporal_sample_stride is None else temporal_sample_stride
+        return self.processor.num_visual_tokens(num_frames, stride)
+
+    def check_context(self, prompt: str, visual_tokens: int, max_new_tokens: int) -> int:
+        """The prompt's text tokens; StormError when prompt + visual tokens + answer exceed the LLM's positions."""
+        text_tokens = self.text_tokens(prompt)
+        needed = text_tokens + visual_tokens + max_new_tokens
+        limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        if limit and needed > limit:
+            raise StormError(
+                f"the request needs {needed} positions ({visual_tokens} visual tokens + {text_tokens} text tokens "
+                f"+ {max_new_tokens} new tokens) but the LLM has {limit}; ask for fewer frames, a larger "
+                "temporal_sample_stride or fewer new tokens")
+        return text_tokens
+
+    def encode(self, prompt: str, videos: Sequence[np.ndarray] = (), temporal_sample_stride: int | None = None):
+        """Processor inputs for a rendered prompt and its videos, on the model's device and dtype."""
+        stride = self.temporal_sample_stride if temporal_sample_stride is None else temporal_sample_stride
+        inputs = self.processor(text=prompt, videos=list(videos) or None, temporal_sample_stride=stride,
+                                return_tensors="pt")
+        device, dtype = self.model.device, self.model.dtype
+        return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+
+    def generate(self, inputs: dict, max_new_tokens: int | None = None, streamer=None, started: float | None = None,
+                 **generation) -> Reply:
+        """Generate from `encode`d inputs (greedy unless `generation` says otherwise). Times count
+        from `started` (a `time.perf_counter()` value; default now)."""
+        t0 = time.perf_counter() if started is None else started
+        first = _FirstLogits(self.model.device)
+        kwargs = {**GREEDY, **generation, "max_new_tokens": max_new_tokens or self.max_new_tokens}
+        with torch.inference_mode(), self._context():
+            out = self.model.generate(**inputs, logits_processor=LogitsProcessorList([first]), streamer=streamer,
+                                      **kwargs)
+        _sync(self.model.device)
+        end = time.perf_counter()
+        prompt_len = inputs["input_ids"].shape[1]
+        new = out[0, prompt_len:].tolist()
+        visual = int(sum((inputs["input_ids"] == t).sum() for t in
+                         (self.processor.video_token_id, self.processor.image_token_id) if t is not None))
+        reply = Reply(text=self.tokenizer.decode(new, skip_special_tokens=True).strip(), token_ids=new,
+                      prompt_tokens=prompt_len, visual_tokens=visual,
+                      prefill_s=round((first.at or end) - t0, 4), generate_s=round(end - t0, 4))
+        self.last_timing = {"prefill_s": reply.prefill_s, "generate_s": reply.generate_s}
+        return reply
+
+    # ---- one-turn conveniences (evaluation) -------------------------------------------------------
+
+    def reply(self, prompt: str, frames: np.ndarray, max_new_tokens: int | None = None, **generation) -> str:
+        """The model's reply to `prompt` about `frames` (T, H, W, 3) uint8; greedy unless told otherwise."""
+        t0 = time.perf_counter()
+        inputs = self.encode(self.render(build_messages(prompt)), [frames])
+        return self.generate(inputs, max_new_tokens, started=t0, **generation).text
+
+    def loglikelihood(self, prompt: str, continuation: str, frames: np.ndarray) -> tuple[float, bool]:
+        """(log P(continuation | video, prompt), whether greedy decoding would produce it).
+
+        The continuation follows the assistant-turn opening of the chat template, tokenized
+        on its own (no special tokens)."""
+        inputs = self.encode(self.render(build_messages(prompt)), [frames])
+        cont = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        cont = cont.to(self.model.device)
+        n = cont.shape[1]
+        if n == 0:
+            return 0.0, True
+        batch = {**inputs, "input_ids": torch.cat([inputs["input_ids"], cont], dim=1),
+                 "attention_mask": torch.cat([inputs["attention_mask"], torch.ones_like(cont)], dim=1)}
+        with torch.inference_mode(), self._context():
+            logits = self.model(**batch).logits
+        logp = logits[0, -n - 1:-1].float().log_softmax(-1)
+        target = cont[0]
+        return float(logp.gather(-1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all())

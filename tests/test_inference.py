@@ -1,0 +1,99 @@
+"""storm_vlm.inference (one loader, one message builder, a predictor that renders once) and
+storm_vlm.precision (one vocabulary, one resolver)."""
+
+import numpy as np
+import pytest
+import torch
+from fixtures_models import qwen2_mamba_dir, qwen2_parts, random_video  # noqa: F401
+
+from storm_vlm import precision as P
+from storm_vlm.errors import StormError
+from storm_vlm.inference import Predictor, build_messages, load_model
+from storm_vlm.utils import check_model_dir
+
+
+def test_build_messages_puts_the_video_first_in_the_first_user_turn():
+    assert build_messages("What?") == [
+        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What?"}]}]
+    msgs = build_messages("And then?", history=[("What?", "A cat.")], system="Be brief.")
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+    assert msgs[1]["content"][0] == {"type": "video"} and msgs[3]["content"] == [{"type": "text", "text": "And then?"}]
+    assert build_messages("Hi", video=False)[0]["content"] == [{"type": "text", "text": "Hi"}]
+
+
+def test_model_dir_check_names_the_cause_and_points_at_final(tmp_path):
+    with pytest.raises(StormError, match="does not exist"):
+        check_model_dir(tmp_path / "nope")
+    (tmp_path / "stage" / "final").mkdir(parents=True)
+    (tmp_path / "stage" / "final" / "config.json").write_text('{"model_type": "storm"}')
+    with pytest.raises(StormError, match=r"the trained model is in .*stage/final"):
+        check_model_dir(tmp_path / "stage")
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(StormError, match="model_type is 'llama'"):
+        check_model_dir(tmp_path / "x")
+
+
+def test_predictor_renders_and_tokenizes_each_request_once(qwen2_mamba_dir, monkeypatch):
+    model, processor = load_model(qwen2_mamba_dir, "cpu", "float32")
+    predictor = Predictor(model, processor, max_new_tokens=3)
+    calls = {"render": 0, "tokenize": 0}
+    render, tokenize = processor.apply_chat_template, processor.tokenizer.__call__
+    monkeypatch.setattr(processor, "apply_chat_template",
+                        lambda *a, **k: calls.__setitem__("render", calls["render"] + 1) or render(*a, **k))
+    monkeypatch.setattr(type(processor.tokenizer), "__call__",
+                        lambda self, *a, **k: calls.__setitem__("tokenize", calls["tokenize"] + 1) or tokenize(*a, **k))
+    text = predictor.reply("What colour?", random_video(4))
+    assert calls == {"render": 1, "tokenize": 1}
+    assert isinstance(text, str) and predictor.last_timing["generate_s"] >= predictor.last_timing["prefill_s"] > 0
+
+
+def test_predictor_generate_reports_tokens_and_counts(qwen2_mamba_dir):
+    predictor = Predictor.from_pretrained(qwen2_mamba_dir, "cpu", "float32", max_new_tokens=4)
+    prompt = predictor.render(build_messages("What colour?"))
+    inputs = predictor.encode(prompt, [random_video(4)], temporal_sample_stride=2)
+    reply = predictor.generate(inputs)
+    assert reply.visual_tokens == predictor.visual_tokens(4, 2) == model_tokens(predictor, 4, 2)
+    assert reply.prompt_tokens == predictor.text_tokens(prompt) + reply.visual_tokens
+    assert 1 <= len(reply.token_ids) <= 4
+    limit = predictor.model.config.get_text_config().max_position_embeddings
+    with pytest.raises(StormError, match=f"but the LLM has {limit}"):
+        predictor.check_context(prompt, limit, 8)
+
+
+def model_tokens(predictor, frames, stride):
+    return predictor.model.config.num_visual_tokens(frames, stride)
+
+
+@pytest.mark.parametrize("name,fast,want", [
+    ("float32", True, (torch.float32, None)), ("fp32", False, (torch.float32, None)),
+    ("bfloat16", False, (torch.float32, torch.bfloat16)), ("bf16", True, (torch.float32, torch.bfloat16)),
+    ("auto", True, (torch.float32, torch.bfloat16)), ("auto", False, (torch.float32, None)),
+])
+def test_precision_on_cpu(monkeypatch, name, fast, want):
+    monkeypatch.setattr(P, "cpu_has_fast_bf16", lambda: fast)
+    got = P.resolve_precision(name, "cpu")
+    assert (got.weights, got.autocast) == want
+    assert got.name in P.PRECISIONS
+
+
+def test_precision_refusals_and_spellings():
+    assert [P.parse_precision(x) for x in ("fp16", "bf16", "fp32", "auto")] == ["float16", "bfloat16", "float32", "auto"]
+    with pytest.raises(StormError, match="not used on CPU"):
+        P.resolve_precision("float16", "cpu")
+    with pytest.raises(StormError, match="precision must be one of auto, float32, bfloat16, float16"):
+        P.parse_precision("int8")
+    assert P.resolve_precision("bfloat16", "cpu").describe() == "float32 weights, bfloat16 autocast"
+
+
+def test_every_command_shares_the_precision_flag():
+    from storm_vlm.cli import build_parser
+
+    for command in ("chat", "eval", "serve", "web", "profile"):
+        parser = build_parser(command)
+        argv = [command, "x"] + {"eval": ["--benchmark", "synthetic", "--data-root", "d", "--output", "o"],
+                                 "chat": ["v.mp4", "-q", "?"]}.get(command, [])
+        if command == "profile":
+            argv = [command, "--config", "c.yaml", "--output", "o"]
+        args = parser.parse_args(argv + ["--dtype", "bf16"])
+        assert args.precision == "bfloat16", command
