@@ -11,9 +11,11 @@ plain computation runs.
   assumed. `STORM_VLM_MATMUL=blas|onednn` pins the choice (e.g. for bit-for-bit reproducibility
   across runs; the two differ by float rounding only). bf16 is not chosen here: it is a precision
   (`storm_vlm.precision`, whose "auto" takes bf16 autocast where the CPU has native bf16).
-- **Vision tower GELU**: the tanh-GELU is evaluated as x·sigmoid(2u) (`_GELUTanhCPU`): the same
+- **Vision tower**: the tanh-GELU is evaluated as x·sigmoid(2u) (`_GELUTanhCPU`): the same
   function through sigmoid and in-place ops, where PyTorch's CPU tanh-GELU goes through a slow
-  vectorised tanh.
+  vectorised tanh; SigLIP encoder layers add their residuals in place (`_LeanSiglipLayer`,
+  bit-for-bit transformers' result). At small widths such elementwise passes cost about as much
+  as the matrix products, so each pass saved shows.
 - **Decode step** (`DecodeStep`, Llama-style LLMs: Qwen2, Llama): a greedy one-token step runs
   through a lean single-token path on the `StormKVCache` (preallocated buffers the step writes
   into in place): ~20 tensor ops per layer instead of the ~60 of transformers' generic forward,
@@ -51,6 +53,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import AttentionInterface
+from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
 __all__ = ["enable_fast_paths", "decode_step", "DecodeStep", "StormKVCache", "STORM_SDPA", "matmul_choices"]
 
@@ -58,10 +61,11 @@ __all__ = ["enable_fast_paths", "decode_step", "DecodeStep", "StormKVCache", "ST
 class _GELUTanhCPU(nn.Module):
     """GELU with the tanh approximation (SigLIP's `gelu_pytorch_tanh`), computed faster on CPU.
 
-    0.5·x·(1 + tanh(u)) = x·sigmoid(2u), u = √(2/π)·(x + 0.044715·x³): the same function, evaluated
-    with sigmoid and in-place ops. PyTorch's CPU `gelu(approximate="tanh")` goes through a slow
-    vectorised tanh; this form is about twice as fast and differs by < 1e-6 (float rounding). Used for
-    fp32/fp64 CPU inference only; with autograd, other dtypes or devices it is `F.gelu(x, "tanh")`.
+    0.5·x·(1 + tanh(u)) = x·sigmoid(2u), 2u = x·(c + c·0.044715·x²), c = 2·√(2/π): the same
+    function in four passes (one addcmul, sigmoid and two in-place multiplies). PyTorch's CPU
+    `gelu(approximate="tanh")` goes through a slow vectorised tanh; this form is about twice as fast
+    and differs by < 1e-6 (float rounding). Used for fp32/fp64 CPU inference only; with autograd,
+    other dtypes or devices it is `F.gelu(x, "tanh")`.
     """
 
     _TWO_C = 2.0 * math.sqrt(2.0 / math.pi)
@@ -70,8 +74,7 @@ class _GELUTanhCPU(nn.Module):
         if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
                 or (torch.is_grad_enabled() and x.requires_grad)):
             return nn.functional.gelu(x, approximate="tanh")
-        y = x * x
-        y.mul_(0.044715 * self._TWO_C).add_(self._TWO_C).mul_(x)
+        y = torch.addcmul(x.new_tensor(self._TWO_C), x, x, value=0.044715 * self._TWO_C).mul_(x)
         return torch.sigmoid_(y).mul_(x)
 
 
@@ -81,6 +84,35 @@ def _fast_gelu_tanh(module: nn.Module) -> None:
         for name, child in list(parent.named_children()):
             if type(child) is GELUTanh and isinstance(getattr(child, "act", None), functools.partial):
                 setattr(parent, name, _GELUTanhCPU())
+
+
+class _LeanSiglipLayer(SiglipEncoderLayer):
+    """A SigLIP encoder layer whose CPU inference (no mask, SDPA attention, no autograd) runs the
+    same computation with fewer tensor passes: the residual adds land in place on the projection
+    outputs, and no attention-weights tuple is built. Bit-for-bit what transformers' layer returns
+    (the same ops in the same order); everywhere else it is that layer."""
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        attn = self.self_attn
+        if (attention_mask is not None or kwargs or torch.is_grad_enabled() or self.training
+                or hidden_states.device.type != "cpu" or attn.config._attn_implementation != "sdpa"):
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        shape = (*hidden_states.shape[:-1], -1, attn.head_dim)
+        x = self.layer_norm1(hidden_states)
+        q = attn.q_proj(x).view(shape).transpose(1, 2)
+        k = attn.k_proj(x).view(shape).transpose(1, 2)
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, scale=attn.scale).transpose(1, 2)
+        hidden_states = attn.out_proj(o.reshape(*hidden_states.shape[:-1], -1)).add_(hidden_states)
+        mlp = self.mlp
+        x = mlp.fc2(mlp.activation_fn(mlp.fc1(self.layer_norm2(hidden_states))))
+        return x.add_(hidden_states)
+
+
+def _lean_siglip_layers(module: nn.Module) -> None:
+    for sub in module.modules():
+        if type(sub) is SiglipEncoderLayer:
+            sub.__class__ = _LeanSiglipLayer
 
 
 STORM_SDPA = "storm_sdpa"
@@ -563,5 +595,6 @@ def enable_fast_paths(model, compile_decode: bool = False) -> None:
     _DECODE_STEPS.pop(model.language_model, None)
     _use_storm_sdpa(model.language_model.config)
     _fast_gelu_tanh(model.vision_tower)
+    _lean_siglip_layers(model.vision_tower)
     for part in (model.vision_tower, model.projector, model.language_model):
         _measured_linears(part)
