@@ -30,6 +30,22 @@ def plain_decode(monkeypatch):
     return plain
 
 
+def test_decode_switch_of_enable_fast_paths(model):
+    ids = torch.randint(0, 60, (1, 6), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True)
+    call = dict(inputs_embeds=None, attention_mask=None, position_ids=None, cache=out.cache, use_cache=True, kwargs={})
+    tok = out.logits[:, -1:].argmax(-1)
+    enable_fast_paths(model, decode=False)
+    try:
+        with torch.inference_mode():
+            assert fast_paths.decode_step(model, tok, **call) is None
+    finally:
+        enable_fast_paths(model)
+    with torch.inference_mode():
+        assert fast_paths.decode_step(model, tok, **call) is not None
+
+
 def _generate(model, ids, **kw):
     kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(ids)) | kw
     with torch.inference_mode():
@@ -92,16 +108,22 @@ def test_measured_choice_is_cached_per_shape_and_autograd_takes_f_linear(monkeyp
 
 
 @pytest.mark.parametrize("config", [TINY, LLAMA], ids=["qwen2", "llama"])
-@pytest.mark.parametrize("pack", [True, False], ids=["input-major", "own-weights"])
-def test_greedy_generation_equals_the_models_forward(config, pack, monkeypatch, plain_decode):
+@pytest.mark.parametrize("layout", ["input-major", "own", "unfused"])
+def test_greedy_generation_equals_the_models_forward(config, layout, monkeypatch, plain_decode):
+    if layout == "unfused":  # no room for copies: every projection reads the model's own matrices
+        monkeypatch.setattr(fast_paths, "_PACK_MEMORY_SHARE", 0.0)
+    else:
+        monkeypatch.setattr(fast_paths, "_input_major_wins",
+                            lambda mats: [w.t().contiguous() for w in mats] if layout == "input-major" else None)
     model = build_random_model(StormConfig(**config), seed=3)
-    monkeypatch.setattr(fast_paths, "_input_major_pays", lambda *a: pack)
     steps = []
     real = fast_paths.DecodeStep.__call__
-    monkeypatch.setattr(fast_paths.DecodeStep, "__call__", lambda self, *a: steps.append(self.packed) or real(self, *a))
+    monkeypatch.setattr(fast_paths.DecodeStep, "__call__",
+                        lambda self, *a: steps.append((self.fused, *self.layouts.values())) or real(self, *a))
     ids = torch.randint(0, 60, (2, 9), generator=torch.Generator().manual_seed(2))
     fast = _generate(model, ids)
-    assert steps and set(steps) == {pack}  # every decode step took the fast path
+    expected = (False,) if layout == "unfused" else (True,) + (layout,) * 5
+    assert steps and set(steps) == {expected}  # every decode step took the fast path, in that layout
     plain_decode()
     plain = _generate(model, ids)
     assert torch.equal(fast, plain)

@@ -19,10 +19,11 @@ plain computation runs.
 - **Decode step** (`DecodeStep`, Llama-style LLMs: Qwen2, Llama): a greedy one-token step runs
   through a lean single-token path on the `StormKVCache` (preallocated buffers the step writes
   into in place): ~20 tensor ops per layer instead of the ~60 of transformers' generic forward,
-  q/k/v and gate/up read as one matrix each, rotary embedding as one small product. Its weights
-  are stored input-major (k x n) when a timed pass over them shows that layout streams faster
-  (matrix-vector products read each weight once per token, so a decode step is bound by how fast
-  the weights stream) and the copy fits in memory; otherwise it reads the model's own weights.
+  q/k/v and gate/up read as one matrix each, rotary embedding as one small product. A decode step
+  reads every weight once per token, so it is bound by how fast the weights stream; each
+  projection is read in the layout that streams faster for its shape on this host — an
+  input-major (k x n) copy or the model's own (n x k) matrix — timed when the step is built (the
+  copies only where they fit in a quarter of free memory; otherwise the model's own matrices).
   `enable_fast_paths(model, compile_decode=True)` also runs the per-layer step through
   `torch.compile` (needs a C++ compiler; the first steps pay the compilation).
 - One-token decode attention with grouped KV heads on CPU runs as one r x L product per KV head
@@ -210,7 +211,10 @@ class _GrowingKVLayer(DynamicLayer):
         """The key and value buffers (B, H, capacity, hd), with room for `tokens` more tokens after
         the current ones (grown or adopted as `update` would). For writers that append in place
         and then call `advance`."""
-        n = self.get_seq_length()
+        kb, n = self._key_buf, self.keys.shape[-2]
+        if (kb is not None and n + tokens <= kb.shape[-2] and self.keys.data_ptr() == kb.data_ptr()
+                and self.values.data_ptr() == self._value_buf.data_ptr() and self.keys.shape[0] == kb.shape[0]):
+            return kb, self._value_buf  # the views are ours (update / advance made them)
         if not self._owns(self.keys, self.values, n + tokens):
             capacity = n + tokens + max(128, (n + tokens) // 16)
             kb = self.keys.new_empty(*self.keys.shape[:2], capacity, self.keys.shape[-1])
@@ -380,23 +384,32 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return F.rms_norm(x, weight.shape, weight, eps)
 
 
-def _input_major_pays(weights: list[torch.Tensor], packed: list[torch.Tensor]) -> bool:
-    """Does one pass of matrix-vector products over `packed` (input-major copies) beat one over
-    `weights` (the model's (out, in) matrices) by at least 5 %? Timed on this host, alternating."""
-    xs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
-    def plain():
-        for w in weights:
-            F.linear(xs[w.shape[1]], w)
+def _input_major_wins(mats: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Input-major (k x n contiguous) copies of `mats` ((n x k) matrices of one shape) when one pass
+    of matrix-vector products over the copies beats one over `mats` by at least 5 % on this host
+    (timed, alternating, best of 3); else None. Which layout streams faster depends on the shape
+    (short rows favour input-major) and the BLAS, so it is timed, not assumed."""
+    copies = [w.t().contiguous() for w in mats]
+    x = torch.randn(1, mats[0].shape[1], dtype=mats[0].dtype)
+    def own():
+        for w in mats:
+            torch.mm(x, w.t())
     def input_major():
-        for w in packed:
-            torch.mm(xs[w.shape[0]], w)
-    best = {"plain": math.inf, "input_major": math.inf}
-    for _ in range(3):
-        for name, fn in (("plain", plain), ("input_major", input_major)):
+        for w in copies:
+            torch.mm(x, w)
+    return copies if _fastest({"own": own, "input_major": input_major}) == "input_major" and \
+        _timed_ratio(own, input_major) > 1.05 else None
+
+
+def _timed_ratio(a, b, repeats: int = 3) -> float:
+    """best time of `a` / best time of `b` (alternating runs)."""
+    best = [math.inf, math.inf]
+    for _ in range(repeats):
+        for i, fn in enumerate((a, b)):
             t = time.perf_counter()
             fn()
-            best[name] = min(best[name], time.perf_counter() - t)
-    return best["input_major"] < 0.95 * best["plain"]
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best[0] / best[1]
 
 
 class DecodeStep:
@@ -407,9 +420,11 @@ class DecodeStep:
     float rounding. Built by `decode_step` the first time it applies; rebuilt when a weight changes
     (a parameter's storage or version counter moves, as with `load_state_dict` or an optimizer step).
 
-    `packed`: the projections read input-major copies (q/k/v as one (d, q+2kv) matrix, gate/up as
-    one (d, 2I)), chosen when they stream faster on this host and fit in memory (see the module
-    docstring); else the model's own weights through `F.linear`.
+    `fused` (the default where the copies take at most a quarter of free memory): q/k/v read as one
+    matrix and gate/up as one, each projection (q/k/v, o, gate/up, down, lm_head) in the layout that
+    streams faster on this host for its shape — an input-major copy or the model's own (out, in)
+    matrix — timed when the step is built (`layouts` says which). Otherwise every projection reads
+    the model's own matrices.
     """
 
     def __init__(self, lm, pack: bool | None = None, compile_layers: bool = False):
@@ -425,7 +440,11 @@ class DecodeStep:
         for L in inner.layers:
             owners += [L.input_layernorm, L.post_attention_layernorm, L.self_attn.q_proj, L.self_attn.k_proj,
                        L.self_attn.v_proj, L.self_attn.o_proj, L.mlp.gate_proj, L.mlp.up_proj, L.mlp.down_proj]
-        self._owned = [(m, name) for m in owners for name in ("weight", "bias") if getattr(m, name, None) is not None]
+        # (the module's parameter dict, name, tensor) of every tensor the step reads
+        self._slots = [(m._parameters, name, m._parameters[name]) for m in owners for name in ("weight", "bias")
+                       if m._parameters.get(name) is not None]
+        self._tensors = [t for _, _, t in self._slots]
+        self._inference_weights = any(t.is_inference() for t in self._tensors)
         self._snapshot = self._weights_key()
         mods = [(L.input_layernorm, L.post_attention_layernorm, L.self_attn, L.mlp) for L in inner.layers]
         mats = [m.weight for _, _, a, mlp in mods for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj,
@@ -433,35 +452,40 @@ class DecodeStep:
         nbytes = sum(w.numel() * w.element_size() for w in mats)
         if pack is None:
             pack = nbytes <= _PACK_MEMORY_SHARE * _free_memory_bytes()
-        self.packed = False
-        if pack:
-            weights = []
-            for ln1, ln2, a, mlp in mods:
+        self.fused = bool(pack)
+        # Every product is torch.mm(x, M) with M (in, out): an input-major copy, or a transposed view
+        # of an (out, in) matrix (then BLAS reads it row by row, as F.linear does).
+        if self.fused:
+            qkv = [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) for _, _, a, _ in mods]
+            gu = [torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) for _, _, _, mlp in mods]
+            groups = {"qkv": qkv, "o": [a.o_proj.weight for _, _, a, _ in mods], "gate_up": gu,
+                      "down": [mlp.down_proj.weight for _, _, _, mlp in mods], "lm_head": [lm.lm_head.weight]}
+            self.layouts, mm = {}, {}
+            for name, group in groups.items():
+                copies = _input_major_wins(group)
+                self.layouts[name] = "input-major" if copies is not None else "own"
+                mm[name] = copies if copies is not None else [w.t() for w in group]
+            self.weights = []
+            for i, (ln1, ln2, a, mlp) in enumerate(mods):
                 qkv_b = None
                 if any(m.bias is not None for m in (a.q_proj, a.k_proj, a.v_proj)):
                     qkv_b = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
                                        for m in (a.q_proj, a.k_proj, a.v_proj)])
                 gu_b = None if mlp.gate_proj.bias is None else torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
-                weights.append((ln1.weight, ln2.weight,
-                                torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).t().contiguous(), qkv_b,
-                                a.o_proj.weight.t().contiguous(), a.o_proj.bias,
-                                torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t().contiguous(), gu_b,
-                                mlp.down_proj.weight.t().contiguous(), mlp.down_proj.bias))
-            head = lm.lm_head.weight.t().contiguous()
-            packed = [w for entry in weights for w in (entry[2], entry[4], entry[6], entry[8])] + [head]
-            self.packed = _input_major_pays(mats, packed)
-        if self.packed:
-            self.weights, self.head = weights, (head, lm.lm_head.bias)
+                self.weights.append((ln1.weight, ln2.weight, mm["qkv"][i], qkv_b, mm["o"][i], a.o_proj.bias,
+                                     mm["gate_up"][i], gu_b, mm["down"][i], mlp.down_proj.bias))
+            self.head = (mm["lm_head"][0], lm.lm_head.bias)
         else:
+            self.layouts = {}
             self.weights = [(ln1.weight, ln2.weight) + tuple(t for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj,
                                                                         mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-                                                            for t in (m.weight, m.bias))
+                                                            for t in (m.weight.t(), m.bias))
                             for ln1, ln2, a, mlp in mods]
-            self.head = (lm.lm_head.weight, lm.lm_head.bias)
+            self.head = (lm.lm_head.weight.t(), lm.lm_head.bias)
         ln1, _, _, mlp0 = mods[0]
         act = F.silu if getattr(cfg, "hidden_act", None) == "silu" else mlp0.act_fn
         self.dims = (self.heads, self.kv_heads, self.hd, self.scaling, mlp0.gate_proj.out_features,
-                     ln1.variance_epsilon, act, self.packed)
+                     ln1.variance_epsilon, act, self.fused)
         self.norm = (inner.norm.weight, inner.norm.variance_epsilon)
         # rotary: out = x @ R with R[i, i] = cos_i, R[i + h, i] = -sin_i (i < h), R[i - h, i] = sin_i (i >= h),
         # h = hd / 2: transformers' x * cos + rotate_half(x) * sin as one (hd x hd) product
@@ -472,23 +496,18 @@ class DecodeStep:
         self._rot_sign = torch.cat([torch.ones(self.hd), -torch.ones(half), torch.ones(self.hd - half)])
         self._layers_fn = torch.compile(_decode_layers, dynamic=True) if compile_layers else _decode_layers
 
-    def _weights_key(self) -> list:
-        """(identity, storage, version) of every tensor the step reads: replacing a parameter, its
-        storage (`.data = ...`, `.to()`) or its values in place (`load_state_dict`, an optimizer)
-        changes it."""
-        key = []
-        for module, name in self._owned:
-            t = getattr(module, name)
-            try:
-                version = t._version
-            except RuntimeError:  # an inference tensor has no version counter (and cannot change outside it)
-                version = -1
-            key.append((id(t), t.data_ptr(), version))
-        return key
+    def _weights_key(self) -> tuple:
+        """Storages and version counters of every tensor the step reads, summed: replacing their
+        storage (`.data = ...`, `.to()`) or their values in place (`load_state_dict`, an optimizer
+        step) changes it. (Inference tensors have no version counter, and cannot be changed in place
+        outside inference mode.)"""
+        versions = 0 if self._inference_weights else sum([t._version for t in self._tensors])
+        return sum([t.data_ptr() for t in self._tensors]), versions
 
     def stale(self) -> bool:
-        """True when a weight changed since this step was built (then `decode_step` rebuilds it)."""
-        return self._weights_key() != self._snapshot
+        """True when a weight changed since this step was built (then `decode_step` rebuilds it):
+        a parameter replaced by another, or changed as `_weights_key` says."""
+        return any([params[name] is not t for params, name, t in self._slots]) or self._weights_key() != self._snapshot
 
     def _rotation(self, pos: int, h: torch.Tensor) -> torch.Tensor:
         cos, sin = self.lm.model.rotary_emb(h[:1, None], torch.tensor([[pos]], device=h.device))
@@ -507,42 +526,45 @@ class DecodeStep:
             layer.advance(1)
         x = _rms_norm(h, *self.norm)
         head, bias = self.head
-        logits = torch.mm(x, head) if self.packed else F.linear(x, head)
-        if bias is not None:
-            logits = logits + bias
+        logits = torch.mm(x, head) if bias is None else torch.addmm(bias, x, head)
         return logits[:, None]
+
+
+def _mm(x, m, bias):
+    return torch.mm(x, m) if bias is None else torch.addmm(bias, x, m)
 
 
 def _decode_layers(h, rot, weights, key_bufs, value_bufs, pos: int, dims):
     """Every decoder layer for one token: h (B, d) -> (B, d). Writes each layer's key and value at
-    position `pos` of its buffers (B, G, capacity, hd) and attends over positions 0..pos.
-    A pure tensor function (no Python state), so `torch.compile` can take it whole."""
-    heads, kv_heads, hd, scaling, inter, eps, act, packed = dims
+    position `pos` of its buffers (B, G, capacity, hd) and attends over positions 0..pos. Every
+    matrix is (in, out) for torch.mm (see DecodeStep). A pure tensor function (no Python state), so
+    `torch.compile` can take it whole."""
+    heads, kv_heads, hd, scaling, inter, eps, act, fused = dims
     b = h.shape[0]
     nqk = (heads + kv_heads) * hd
     for w, kb, vb in zip(weights, key_bufs, value_bufs):
         x = F.rms_norm(h, w[0].shape, w[0], eps)
-        if packed:
-            ln2, qkv = w[1], (torch.mm(x, w[2]) if w[3] is None else torch.addmm(w[3], x, w[2]))
+        if fused:
+            qkv = _mm(x, w[2], w[3])
         else:
-            ln2, qkv = w[1], torch.cat([F.linear(x, w[2], w[3]), F.linear(x, w[4], w[5]), F.linear(x, w[6], w[7])], -1)
+            qkv = torch.cat([_mm(x, w[2], w[3]), _mm(x, w[4], w[5]), _mm(x, w[6], w[7])], -1)
         qk = torch.mm(qkv[:, :nqk].reshape(-1, hd), rot).view(b, heads + kv_heads, hd)  # rotary embedding
         kb.select(2, pos).copy_(qk[:, heads:])
         vb.select(2, pos).copy_(qkv[:, nqk:].view(b, kv_heads, hd))
         q = qk[:, :heads].reshape(b, kv_heads, heads // kv_heads, hd)  # the r query heads of a KV head as r rows
         o = F.scaled_dot_product_attention(q, kb.narrow(2, 0, pos + 1), vb.narrow(2, 0, pos + 1), scale=scaling)
         o = o.reshape(b, heads * hd)
-        if packed:
-            h = torch.addmm(h, o, w[4]) if w[5] is None else torch.addmm(h, o, w[4]) + w[5]
-            x = F.rms_norm(h, ln2.shape, ln2, eps)
-            gu = torch.mm(x, w[6]) if w[7] is None else torch.addmm(w[7], x, w[6])
-            gu = act(gu[:, :inter]) * gu[:, inter:]
-            h = torch.addmm(h, gu, w[8]) if w[9] is None else torch.addmm(h, gu, w[8]) + w[9]
+        o_w, o_b = (w[4], w[5]) if fused else (w[8], w[9])
+        h = torch.addmm(h, o, o_w) if o_b is None else torch.addmm(h, o, o_w).add_(o_b)
+        x = F.rms_norm(h, w[1].shape, w[1], eps)
+        if fused:
+            gu = _mm(x, w[6], w[7])
+            gu = act(gu[:, :inter]).mul_(gu[:, inter:])
+            d_w, d_b = w[8], w[9]
         else:
-            h = h + F.linear(o, w[8], w[9])
-            x = F.rms_norm(h, ln2.shape, ln2, eps)
-            gu = act(F.linear(x, w[10], w[11])) * F.linear(x, w[12], w[13])
-            h = h + F.linear(gu, w[14], w[15])
+            gu = act(_mm(x, w[10], w[11])).mul_(_mm(x, w[12], w[13]))
+            d_w, d_b = w[14], w[15]
+        h = torch.addmm(h, gu, d_w) if d_b is None else torch.addmm(h, gu, d_w).add_(d_b)
     return h
 
 
@@ -554,8 +576,9 @@ def decode_step(model, input_ids, inputs_embeds, attention_mask, position_ids, c
     apply (then the model's own forward runs): CPU, fp32, no autograd or autocast, eval mode, one
     new token per row on a non-empty `StormKVCache`, no padding in `attention_mask`, positions
     that follow the cache, an LLM `DecodeStep` supports. Called by StormForConditionalGeneration.forward."""
-    if (input_ids is None or inputs_embeds is not None or input_ids.dim() != 2 or input_ids.shape[1] != 1
-            or input_ids.device.type != "cpu" or torch.is_grad_enabled() or model.training or use_cache is False
+    if (not getattr(model, "_storm_decode", True) or input_ids is None or inputs_embeds is not None
+            or input_ids.dim() != 2 or input_ids.shape[1] != 1 or input_ids.device.type != "cpu"
+            or torch.is_grad_enabled() or model.training or use_cache is False
             or not isinstance(cache, StormKVCache) or torch.is_autocast_enabled("cpu")
             or not set(kwargs) <= _DECODE_KWARGS or not isinstance(kwargs.get("logits_to_keep", 0), int)
             or kwargs.get("return_dict", True) is False):
@@ -585,16 +608,24 @@ def decode_step(model, input_ids, inputs_embeds, attention_mask, position_ids, c
     return CausalLMOutputWithPast(logits=step(input_ids, cache), cache=cache)
 
 
-def enable_fast_paths(model, compile_decode: bool = False) -> None:
-    """Turn the paths above on for a StormForConditionalGeneration (its constructor calls this).
+def enable_fast_paths(model, *, decode: bool = True, compile_decode: bool = False) -> None:
+    """Turn the paths above on for `model` (StormForConditionalGeneration's constructor calls this).
 
-    `compile_decode=True` runs the decode step's layer function through `torch.compile` (a C++
-    compiler is needed; the first steps pay the compilation). Calling it again changes only that.
+    The module-level paths (matmul backend, SigLIP layers and GELU, `storm_sdpa` on the
+    `language_model`'s config) apply to any transformers model that has such modules, so other
+    video-LLMs can be measured on the same kernels (benchmarks/peers.py). The decode step is taken
+    by StormForConditionalGeneration.forward: `decode=False` turns it off (the model's own forward
+    then runs every step), `compile_decode=True` runs its layer function through `torch.compile`
+    (a C++ compiler is needed; the first steps pay the compilation). Calling it again changes only
+    these two switches.
     """
+    model._storm_decode = bool(decode)
     model._storm_compile_decode = bool(compile_decode)
-    _DECODE_STEPS.pop(model.language_model, None)
-    _use_storm_sdpa(model.language_model.config)
-    _fast_gelu_tanh(model.vision_tower)
-    _lean_siglip_layers(model.vision_tower)
-    for part in (model.vision_tower, model.projector, model.language_model):
-        _measured_linears(part)
+    lm = getattr(model, "language_model", None)
+    if lm is not None:
+        _DECODE_STEPS.pop(lm, None)
+        if getattr(lm, "config", None) is not None:
+            _use_storm_sdpa(lm.config)
+    _fast_gelu_tanh(model)
+    _lean_siglip_layers(model)
+    _measured_linears(model)
