@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Callable
 
 from storm_vlm.demo import phases
-from storm_vlm.demo.report import CHANCE, build_rows, format_console, format_markdown, plot, write_atomic, write_json
+from storm_vlm.demo.report import CHANCE, build_rows, format_console, format_markdown, plot
 from storm_vlm.demo.settings import ROWS, VARIANTS, DemoSettings
 from storm_vlm.errors import StormError
+from storm_vlm.utils import atomic_write_json, atomic_write_text
 
 # Longest trainings first, so two workers finish together.
 _SCHEDULE = ("storm_pool4", "vila_pool4", "storm", "vila")
@@ -187,7 +188,7 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings | N
     output.mkdir(parents=True, exist_ok=True)
     record = {"settings": settings.to_dict(), "seeds": seeds}
     _check_folder(output, record, fresh)
-    write_json(output / "settings.json", record)
+    atomic_write_json(output / "settings.json", record)
 
     with _quiet_here():
         return _run_phases(output, settings, seeds, jobs, threads, progress, log)
@@ -291,8 +292,8 @@ def _run_phases(output: Path, settings: DemoSettings, seeds: int, jobs: int, thr
         "example": example,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
     }
-    write_json(output / "results.json", results)
-    write_atomic(output / "results.md", _markdown(results, tasks, seeds))
+    atomic_write_json(output / "results.json", results)
+    atomic_write_text(output / "results.md", _markdown(results, tasks, seeds))
     plot(rows, tasks, output / "results.png",
          f"storm-vlm demo: {meta['num_test']} held-out questions, {seeds} seed(s), "
          f"{settings.steps} training steps per model")

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from storm_vlm.errors import StormError
+from storm_vlm.utils import atomic_write_text
 
 
 def shard_path(out_dir: Path, rank: int, world_size: int) -> Path:
@@ -108,16 +109,6 @@ class PredictionWriter:
         self.close()
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and os.replace."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def merge(out_dir: Path, order: list[str]) -> Path:
     """Merge every predictions file in `out_dir` into predictions.jsonl (atomically, one row
     per id, in `order` first, then any others), then remove the per-rank shards."""
@@ -125,7 +116,7 @@ def merge(out_dir: Path, order: list[str]) -> Path:
     known = set(order)
     ordered = [rows[i] for i in order if i in rows] + [r for i, r in rows.items() if i not in known]
     target = out_dir / "predictions.jsonl"
-    write_atomic(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
+    atomic_write_text(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
     for shard in out_dir.glob("predictions.rank*.jsonl"):
         shard.unlink()
     return target

@@ -23,13 +23,13 @@ from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from storm_vlm.choices import LETTERS, extract_choice
 from storm_vlm.errors import StormError
 from storm_vlm.eval import predictions as P
-from storm_vlm.choices import extract_choice
 from storm_vlm.eval.frames import load_record_frames
-from storm_vlm.choices import LETTERS
 from storm_vlm.eval.records import Record
 from storm_vlm.eval.scoring import format_table, score
+from storm_vlm.utils import atomic_write_text
 
 log = logging.getLogger("storm_vlm.eval")
 
@@ -74,7 +74,7 @@ def check_settings(out_dir: Path, settings: dict, write: bool) -> None:
             raise StormError(f"{out_dir} holds predictions made with other settings ({desc}); "
                              "use a new --output folder")
     elif write:
-        P.write_atomic(path, json.dumps(identity, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(identity, indent=2) + "\n")
 
 
 def predict_row(record: Record, predictor: Predictor, frame_loader: FrameLoader) -> dict:
@@ -141,8 +141,8 @@ def finalize(benchmark: str, records: Sequence[Record], out_dir: str | Path, set
     results["unparsed_ids"] = unparsed[:100]
     results["decode_failure_ids"] = [rid for rid, row in rows.items() if row.get("status") == "decode_error"][:100]
     table = format_table(results)
-    P.write_atomic(out_dir / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    P.write_atomic(out_dir / "results.md", table)
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out_dir / "results.md", table)
     if print_table:
         print(table)
     return results

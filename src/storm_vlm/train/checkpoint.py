@@ -25,8 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from storm_vlm.errors import StormError
+from storm_vlm.utils import atomic_path
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -35,58 +37,10 @@ SCHEDULER_FILE = "scheduler.json"
 TRAINABLE_FILE = "trainable.safetensors"
 
 
-# ----------------------------------------------------------------------------- small atomic writers
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
+# ----------------------------------------------------------------------------- files
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def _fsync_entry(path: str | os.PathLike) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Flush every file of a folder (and the folder entry) to disk before it is renamed."""
-    path = Path(path)
-    for p in path.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_entry(path)
-
-
-def publish_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike) -> None:
-    """Atomically turn a fully written `tmp_dir` into `final_dir` (replacing an older one)."""
-    tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
-    fsync_dir(tmp_dir)
-    if final_dir.exists():
-        # os.replace cannot overwrite a non-empty folder: move the old one aside first.
-        old = final_dir.with_name(final_dir.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final_dir, old)
-        os.replace(tmp_dir, final_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp_dir, final_dir)
-    _fsync_entry(final_dir.parent)
 
 
 # ----------------------------------------------------------------------------- RNG states (JSON)
@@ -154,10 +108,8 @@ def prune_checkpoints(output_dir: str | os.PathLike, keep: int | None) -> None:
 
 # ----------------------------------------------------------------------------- optimizer / scheduler files
 def save_torch_state(obj: Any, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_torch_state(path: str | os.PathLike) -> Any:
@@ -176,4 +128,21 @@ def scheduler_state_to_json(state: dict) -> dict:
         if isinstance(v, torch.Tensor):
             v = v.tolist()
         out[k] = v
+    return out
+
+
+def read_model_tensors(folder: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Read the given tensors from a (possibly sharded) safetensors model folder."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({weight_map[n] for n in names if n in weight_map})
+    else:
+        files = ["model.safetensors"]
+    out = {}
+    wanted = set(names)
+    for f in files:
+        for k, v in load_file(str(folder / f)).items():
+            if k in wanted:
+                out[k] = v
     return out

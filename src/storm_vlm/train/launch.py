@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 if TYPE_CHECKING:  # pragma: no cover
     from accelerate import Accelerator
@@ -135,3 +136,23 @@ class DistEnv:
         if self.accelerator is None or not self.is_distributed:
             return t
         return self.accelerator.reduce(t.to(self.device), reduction="sum")
+
+
+def _fsdp_blocks(model) -> list:
+    """Modules sharded on their own under FSDP2: the language model's decoder layers.
+
+    The vision tower and projector stay in the root group: a rank may run them twice in one
+    forward (videos and images) or in a different number of chunks than another rank, and
+    each separately sharded call would be a collective the other rank does not join.
+    """
+    names = set(getattr(model.language_model, "_no_split_modules", None) or [])
+    return [m for m in model.language_model.modules() if type(m).__name__ in names]
+
+
+def fully_shard_model(model, bf16_params: bool) -> None:
+    """FSDP2 in place: each decoder layer, then the root (everything else)."""
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_params \
+        else MixedPrecisionPolicy()
+    for block in _fsdp_blocks(model):
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
