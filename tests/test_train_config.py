@@ -30,7 +30,7 @@ def test_overrides_are_yaml_typed_and_nested(tmp_path):
         write(tmp_path, BASE),
         ["max_steps=3", "bf16=true", "projector_lr=1e-3", "lora.r=4", "lora.target_modules=[q_proj]", "seed=7"],
     )
-    assert cfg.max_steps == 3 and cfg.bf16 is True and cfg.seed == 7
+    assert cfg.max_steps == 3 and cfg.precision == "bfloat16" and cfg.seed == 7
     assert cfg.projector_lr == pytest.approx(1e-3) and cfg.effective_projector_lr == pytest.approx(1e-3)
     assert cfg.lora.r == 4 and cfg.lora.target_modules == ["q_proj"]
     assert cfg.learning_rate == pytest.approx(1e-4)
@@ -65,6 +65,8 @@ stages:
         (["bogus_key=1"], "bogus_key"),
         (["lora.rank=8"], "lora.rank"),
         (["bf16=maybe"], "bf16"),
+        (["precision=int8"], "precision"),
+        (["precision=float32", "bf16=true"], "contradicts"),
         (["distributed=deepspeed"], "distributed"),
         (["train_parts=[projector, eyes]"], "train_parts"),
         (["init_from=runs/a"], "init_from"),  # two model sources

@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
-from storm_vlm.data.collator import IGNORE_INDEX
 from storm_vlm.data.records import Conversation, load_records
 from storm_vlm.errors import StormError
+from storm_vlm.utils import IGNORE_INDEX
+from storm_vlm.video import VideoDecodeError, load_video
 
 if TYPE_CHECKING:
     from storm_vlm.train.config import TrainConfig
@@ -73,8 +75,6 @@ def encode_conversation(processor, messages: list[dict], frames: np.ndarray | No
 
 def read_image(path: Path) -> np.ndarray:
     """(1, H, W, 3) uint8 RGB; MediaUnreadable when the file cannot be decoded."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"), dtype=np.uint8)[None]
@@ -84,8 +84,6 @@ def read_image(path: Path) -> np.ndarray:
 
 def read_video(path: Path, num_frames: int, start: float | None, end: float | None) -> np.ndarray:
     """(T, H, W, 3) uint8 frames sampled uniformly; MediaUnreadable on any decode failure."""
-    from storm_vlm.video import VideoDecodeError, load_video
-
     try:
         return load_video(str(path), num_frames=num_frames, start=start, end=end).frames
     except (VideoDecodeError, OSError) as exc:

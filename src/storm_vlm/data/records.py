@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from storm_vlm.errors import StormError
+from storm_vlm.utils import IMAGE_TOKEN, VIDEO_TOKEN
 
-IMAGE_PLACEHOLDER = "<image>"
-VIDEO_PLACEHOLDER = "<video>"
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -133,7 +132,7 @@ def _parse_record(obj, where: str, media_root: Path, index: int) -> Conversation
                     raise StormError(f"{where} (id {rid}): {key!r} must be seconds, got {v!r}")
                 setattr(rec, key, float(v))
 
-    for placeholder, present in ((IMAGE_PLACEHOLDER, rec.image is not None), (VIDEO_PLACEHOLDER, rec.video is not None)):
+    for placeholder, present in ((IMAGE_TOKEN, rec.image is not None), (VIDEO_TOKEN, rec.video is not None)):
         count = sum(m["content"].count(placeholder) for m in messages)
         in_user = sum(m["content"].count(placeholder) for m in messages if m["role"] == "user")
         if present:

@@ -7,18 +7,16 @@ import os
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from storm_vlm.errors import StormError
 from storm_vlm.eval.records import Record
+from storm_vlm.video import VideoDecodeError, load_video
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
 def _decode_error(path: str, cause: str) -> StormError:
-    try:
-        from storm_vlm.video import VideoDecodeError
-    except ImportError:  # pragma: no cover - video.py is part of the package
-        VideoDecodeError = StormError
     return VideoDecodeError(f"{path}: {cause}")
 
 
@@ -27,8 +25,6 @@ def load_frame_folder(path: str | Path, num_frames: int, folder_fps: float | Non
     """`num_frames` images spread uniformly over a folder of frames (sorted by name),
     restricted to [start, end) seconds when the folder's frame rate is known.
     Returns (T, H, W, 3) uint8."""
-    from PIL import Image
-
     path = str(path)
     names = sorted(n for n in os.listdir(path) if Path(n).suffix.lower() in _IMAGE_SUFFIXES)
     if not names:
@@ -62,7 +58,5 @@ def load_record_frames(record: Record, num_frames: int, fps: float | None = None
         start = end = None  # a few public annotations have empty bounds; read the whole clip
     if os.path.isdir(record.video):
         return load_frame_folder(record.video, num_frames, record.frames_fps, start, end)
-    from storm_vlm.video import load_video
-
     clip = load_video(record.video, num_frames=num_frames, fps=fps, start=start, end=end)
     return clip.frames

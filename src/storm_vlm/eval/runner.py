@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from storm_vlm.choices import LETTERS, extract_choice
 from storm_vlm.errors import StormError
@@ -109,8 +111,6 @@ def run_predictions(records: Sequence[Record], predictor: Predictor, out_dir: st
                     progress: bool = True, retry_failed: bool = False) -> int:
     """Predict this rank's shard of `records` not yet in `out_dir` (nor, with `retry_failed`,
     recorded as decode failures); returns how many were added."""
-    from tqdm.auto import tqdm
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mine = shard(records, rank, world_size)
@@ -149,8 +149,6 @@ def finalize(benchmark: str, records: Sequence[Record], out_dir: str | Path, set
 
 
 def _barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+import storm_vlm
 from storm_vlm.errors import StormError
 
 __all__ = ["create_app", "AnswerParams", "LocalAnswerRequest", "AnswerResponse"]
@@ -255,6 +256,4 @@ def _copy(src, dst: Path) -> None:
 
 
 def _version() -> str:
-    from storm_vlm import __version__
-
-    return __version__
+    return storm_vlm.__version__

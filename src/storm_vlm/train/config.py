@@ -4,7 +4,7 @@ A config file is a flat mapping of the keys below. It may also hold a `stages:` 
 (`{align: {...}, sft: {...}, long: {...}}`): the section named by `stage` is merged over the
 top-level keys, so one file can describe a whole align -> sft -> long chain
 (`configs/tiny-synthetic.yaml`). `--set` overrides win over both; nested keys use dots
-(`--set lora.r=16`) and values are parsed as YAML (`--set bf16=true`, `--set lora=null`).
+(`--set lora.r=16`) and values are parsed as YAML (`--set precision=bfloat16`, `--set lora=null`).
 Relative paths are resolved against the current working directory.
 """
 
@@ -19,7 +19,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from storm_vlm.errors import ConfigError
+from storm_vlm.errors import ConfigError, StormError
+from storm_vlm.precision import parse_precision
 
 STAGES = ("align", "sft", "long")
 PARTS = ("vision_tower", "projector", "language_model")
@@ -81,7 +82,7 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = False
-    bf16: Any = "auto"  # auto: on CUDA when supported, never on CPU; true: also on a CPU with native bf16; false
+    precision: str = "auto"  # storm_vlm.precision names; the legacy key `bf16: auto|true|false` maps onto it
     # --- data ---
     max_length: int = 2048
     shuffle: bool = True
@@ -263,6 +264,20 @@ def _mapping(source, key, v, allow_none=True):
     return dict(v)
 
 
+def _precision(source: str, raw: dict) -> str:
+    """`precision:` (storm_vlm.precision's names), or the legacy `bf16: auto|true|false` mapped onto it."""
+    legacy = {"auto": "auto", True: "bfloat16", False: "float32"}
+    if "bf16" in raw:
+        if raw["bf16"] not in legacy:
+            raise _bad(source, "bf16", f"must be auto, true or false, got {raw['bf16']!r}")
+        if "precision" in raw and parse_precision(raw["precision"]) != legacy[raw["bf16"]]:
+            raise _bad(source, "bf16", f"contradicts precision: {raw['precision']!r} (give only precision)")
+    try:
+        return parse_precision(raw.get("precision", legacy[raw.get("bf16", "auto")]))
+    except StormError as exc:
+        raise _bad(source, "precision", str(exc).removeprefix("precision ")) from None
+
+
 def config_from_dict(raw: Mapping, source: str = "config") -> TrainConfig:
     """Validate a plain mapping (already merged/overridden) into a TrainConfig."""
     if isinstance(raw, TrainConfig):
@@ -270,7 +285,7 @@ def config_from_dict(raw: Mapping, source: str = "config") -> TrainConfig:
     raw = dict(raw)
     raw.pop("stages", None)
     for key in raw:
-        if key not in _FIELDS:
+        if key not in _FIELDS and key != "bf16":  # bf16: the legacy spelling of precision
             raise ConfigError(f"{source}: unknown key {key!r}")
     for key in REQUIRED_KEYS:
         if raw.get(key) is None:
@@ -354,10 +369,7 @@ def config_from_dict(raw: Mapping, source: str = "config") -> TrainConfig:
     v["warmup_ratio"] = _float(s, "warmup_ratio", raw.get("warmup_ratio", 0.03), minimum=0, maximum=1)
     v["max_grad_norm"] = _float(s, "max_grad_norm", raw.get("max_grad_norm", 1.0), minimum=0, allow_none=True)
     v["gradient_checkpointing"] = _bool(s, "gradient_checkpointing", raw.get("gradient_checkpointing", False))
-    bf16 = raw.get("bf16", "auto")
-    if bf16 not in ("auto", True, False):
-        raise _bad(s, "bf16", f"must be auto, true or false, got {bf16!r}")
-    v["bf16"] = bf16
+    v["precision"] = _precision(s, raw)
 
     v["max_length"] = _int(s, "max_length", raw.get("max_length", 2048), minimum=8)
     v["shuffle"] = _bool(s, "shuffle", raw.get("shuffle", True))
