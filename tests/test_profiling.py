@@ -23,7 +23,7 @@ from storm_vlm.perf.profiling import (
     profile_model,
     write_profile,
 )
-from fixtures_models import TINY_CONFIG as TINY
+from helpers import TINY_CONFIG as TINY
 
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -6,7 +6,7 @@ import sys
 import tempfile
 
 import pytest
-from fixtures_models import qwen2_mamba_dir, random_video, write_mp4  # noqa: F401
+from helpers import random_video, write_mp4
 
 from storm_vlm.cli import build_parser, main
 from storm_vlm.eval import extract_choice

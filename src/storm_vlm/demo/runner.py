@@ -31,7 +31,7 @@ from storm_vlm.demo import phases
 from storm_vlm.demo.report import CHANCE, build_rows, format_console, format_markdown, plot
 from storm_vlm.demo.settings import ROWS, VARIANTS, DemoSettings
 from storm_vlm.errors import StormError
-from storm_vlm.utils import atomic_write_json, atomic_write_text
+from storm_vlm.utils import atomic_write_json, atomic_write_text, check_int
 
 # Longest trainings first, so two workers finish together.
 _SCHEDULE = ("storm_pool4", "vila_pool4", "storm", "vila")
@@ -177,13 +177,9 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings | N
     everything in this process. threads: torch threads per job.
     """
     settings = (settings or DemoSettings.default()).validate()
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise StormError(f"--seeds {seeds!r}: must be an integer >= 1")
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise StormError(f"--threads {threads!r}: must be an integer >= 1")
     jobs = min(os.cpu_count() or 1, 4) if jobs is None else jobs
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise StormError(f"--jobs {jobs!r}: must be an integer >= 1")
+    for name, value in (("--seeds", seeds), ("--threads", threads), ("--jobs", jobs)):
+        check_int(name, value, error=StormError)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     record = {"settings": settings.to_dict(), "seeds": seeds}

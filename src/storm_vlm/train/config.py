@@ -21,6 +21,7 @@ import yaml
 
 from storm_vlm.errors import ConfigError, StormError
 from storm_vlm.precision import parse_precision
+from storm_vlm.utils import check_int
 
 STAGES = ("align", "sft", "long")
 PARTS = ("vision_tower", "projector", "language_model")
@@ -213,11 +214,10 @@ def _bad(source: str, key: str, msg: str) -> ConfigError:
 def _int(source, key, v, minimum=None, allow_none=False):
     if v is None and allow_none:
         return None
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise _bad(source, key, f"expected an integer, got {v!r}")
-    if minimum is not None and v < minimum:
-        raise _bad(source, key, f"must be >= {minimum}, got {v}")
-    return v
+    try:
+        return check_int("value", v, minimum)
+    except ValueError as exc:
+        raise _bad(source, key, str(exc).removeprefix("value ")) from None
 
 
 def _float(source, key, v, minimum=None, maximum=None, allow_none=False):
