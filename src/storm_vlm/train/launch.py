@@ -10,9 +10,8 @@ process), which is how tests load a model.
 
 Two accelerate details this module handles:
 - on a machine without CUDA, `Accelerator()` under torchrun does *not* start a process group
-  (accelerate/state.py: the torchrun branch `elif int(os.environ.get("LOCAL_RANK", -1)) != -1
-  and not cpu:` only knows accelerators; MULTI_CPU needs `cpu=True`) -- every rank would train
-  alone. We pass `cpu=True` when CUDA is absent.
+  (its torchrun branch only knows accelerators; a multi-CPU run needs `cpu=True`) -- every
+  rank would train alone. We pass `cpu=True` when CUDA is absent.
 - AcceleratorState / GradientState are process-wide singletons that refuse a second, different
   set-up; `train()` may run several times in one process (tests, the demo), so each run resets
   them on entry and exit (as accelerate's own `AccelerateTestCase` does).

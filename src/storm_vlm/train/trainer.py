@@ -13,9 +13,8 @@ re-shards), the loss normalisation below, and the checkpoints (storm_vlm.train.c
 `checkpoint-N.tmp` + rename, RNG states as JSON, optimizer loaded with weights_only=True) --
 accelerate's save_state writes in place and pickles.
 
-FSDP2: accelerate 1.15 enables its FSDP plugin only for GPU-like devices (accelerate/state.py,
-`AcceleratorState.__init__`: `distributed_type = FSDP` is set inside the MULTI_GPU/... branch);
-on CPU/gloo the plugin is silently dropped and `prepare` wraps the model in DDP. So with
+FSDP2: accelerate enables its FSDP plugin only for GPU-like devices; on CPU/gloo the plugin is
+silently dropped and `prepare` wraps the model in DDP (a slow test notices if that changes). So with
 `distributed: fsdp` the model is sharded here with `fully_shard` (on every device, one tested
 path) and only registered with the Accelerator (`prepare_model(evaluation_mode=True)`: autocast).
 Only the language model's decoder layers are sharded on their own; the vision tower and the
