@@ -140,6 +140,25 @@ def _first_existing(candidates: list[Path]) -> Path:
     return candidates[0]
 
 
+def _rows_with_ids(path: Path):
+    """(index, index and id for error messages, row) for each row of a JSON list file."""
+    for i, row in enumerate(_as_list(_read_json(path), path)):
+        yield i, (f"{i} (id {row.get('id')!r})" if isinstance(row, dict) else i), row
+
+
+def _task_rows(json_dir: Path, tasks, benchmark: str):
+    """(task, path, index, row, raw candidates, options) for each row of json/<task>.json of the tasks present."""
+    present = [t for t in tasks if (json_dir / f"{t}.json").is_file()]
+    if not present:
+        raise _fail(json_dir / f"{tasks[0]}.json", None,
+                    f"file not found (expected json/<task>.json for the {benchmark} tasks {list(tasks)})")
+    for task in present:
+        path = json_dir / f"{task}.json"
+        for i, row in enumerate(_as_list(_read_json(path), path)):
+            raw = _field(row, "candidates", path, i, list)
+            yield task, path, i, row, raw, _options(raw, path, i, "candidates")
+
+
 # ---------------------------------------------------------------- VideoMME
 
 VIDEOMME_COLUMNS = ("videoID", "question_id", "duration", "domain", "sub_category",
@@ -228,33 +247,21 @@ def _mvbench_video(root: Path, task: str, name: str) -> tuple[Path, bool, float 
 
 
 def read_mvbench(root: Path, tasks: list[str] | None = None) -> list[Record]:
-    json_dir = root / "json"
-    names = tasks or list(MVBENCH_TASKS)
-    present = [t for t in names if (json_dir / f"{t}.json").is_file()]
-    if not present:
-        raise _fail(json_dir / f"{names[0]}.json", None,
-                    f"file not found (expected json/<task>.json for the MVBench tasks {names})")
     records = []
-    for task in present:
-        path = json_dir / f"{task}.json"
-        for i, row in enumerate(_as_list(_read_json(path), path)):
-            raw = _field(row, "candidates", path, i, list)
-            options = _options(raw, path, i, "candidates")
-            video, bounded, fps = _mvbench_video(root, task, _field(row, "video", path, i))
-            start = _optional_float(row, "start", path, i) if bounded else None
-            end = _optional_float(row, "end", path, i) if bounded else None
-            records.append(Record(
-                id=f"{task}/{i}",
-                benchmark="mvbench",
-                video=str(video),
-                question=_field(row, "question", path, i).strip(),
-                options=options,
-                answer=_text_index(row.get("answer"), options, raw, path, i),
-                start=start,
-                end=end,
-                categories={"task": task},
-                frames_fps=fps,
-            ))
+    for task, path, i, row, raw, options in _task_rows(root / "json", tasks or list(MVBENCH_TASKS), "MVBench"):
+        video, bounded, fps = _mvbench_video(root, task, _field(row, "video", path, i))
+        records.append(Record(
+            id=f"{task}/{i}",
+            benchmark="mvbench",
+            video=str(video),
+            question=_field(row, "question", path, i).strip(),
+            options=options,
+            answer=_text_index(row.get("answer"), options, raw, path, i),
+            start=_optional_float(row, "start", path, i) if bounded else None,
+            end=_optional_float(row, "end", path, i) if bounded else None,
+            categories={"task": task},
+            frames_fps=fps,
+        ))
     return records
 
 
@@ -266,27 +273,18 @@ MLVU_TASKS = ("1_plotQA", "2_needle", "3_ego", "4_count", "5_order", "6_anomaly_
 def read_mlvu(root: Path) -> list[Record]:
     if not (root / "json").is_dir() and (root / "MLVU" / "json").is_dir():
         root = root / "MLVU"
-    json_dir = root / "json"
-    present = [t for t in MLVU_TASKS if (json_dir / f"{t}.json").is_file()]
-    if not present:
-        raise _fail(json_dir / f"{MLVU_TASKS[0]}.json", None,
-                    f"file not found (expected json/<task>.json for the MLVU tasks {list(MLVU_TASKS)})")
     records = []
-    for task in present:
-        path = json_dir / f"{task}.json"
-        for i, row in enumerate(_as_list(_read_json(path), path)):
-            raw = _field(row, "candidates", path, i, list)
-            options = _options(raw, path, i, "candidates")
-            qtype = row.get("question_type") or task.split("_", 1)[1]
-            records.append(Record(
-                id=f"{task}/{i}",
-                benchmark="mlvu",
-                video=str(root / "video" / task / _field(row, "video", path, i)),
-                question=_field(row, "question", path, i).strip(),
-                options=options,
-                answer=_text_index(row.get("answer"), options, raw, path, i),
-                categories={"question_type": str(qtype), "task": task},
-            ))
+    for task, path, i, row, raw, options in _task_rows(root / "json", MLVU_TASKS, "MLVU"):
+        qtype = row.get("question_type") or task.split("_", 1)[1]
+        records.append(Record(
+            id=f"{task}/{i}",
+            benchmark="mlvu",
+            video=str(root / "video" / task / _field(row, "video", path, i)),
+            question=_field(row, "question", path, i).strip(),
+            options=options,
+            answer=_text_index(row.get("answer"), options, raw, path, i),
+            categories={"question_type": str(qtype), "task": task},
+        ))
     return records
 
 
@@ -296,8 +294,7 @@ def read_mlvu(root: Path) -> list[Record]:
 def read_longvideobench(root: Path) -> list[Record]:
     path = root / "lvb_val.json"
     records = []
-    for i, row in enumerate(_as_list(_read_json(path), path)):
-        rec = f"{i} (id {row.get('id')!r})" if isinstance(row, dict) else i
+    for i, rec, row in _rows_with_ids(path):
         if isinstance(row, dict) and "candidates" not in row and "option0" in row:
             raw = [row[f"option{k}"] for k in range(5) if row.get(f"option{k}") not in (None, "N/A")]
         else:
@@ -362,8 +359,7 @@ def read_egoschema(root: Path) -> list[Record]:
 def read_synthetic(root: Path) -> list[Record]:
     path = root / "test.json"
     records = []
-    for i, row in enumerate(_as_list(_read_json(path), path)):
-        rec = f"{i} (id {row.get('id')!r})" if isinstance(row, dict) else i
+    for i, rec, row in _rows_with_ids(path):
         options = _options(_field(row, "options", path, rec, list), path, rec, "options")
         records.append(Record(
             id=str(_field(row, "id", path, rec, (str, int))),
