@@ -127,6 +127,7 @@ class RequestHandle:
         self._cancel = threading.Event()
         self._loop = loop
         self._queue: asyncio.Queue | queue.Queue = asyncio.Queue() if loop is not None else queue.Queue()
+        self._outcome: Completion | Exception | None = None
 
     @property
     def cancelled(self) -> bool:
@@ -163,12 +164,14 @@ class RequestHandle:
                 return
 
     def result(self) -> Completion:
-        for kind, payload in self.events():
-            if kind == "error":
-                raise payload
-            if kind == "done":
-                return payload
-        raise RuntimeError("unreachable")
+        """The Completion, once it is there (raises the request's error); may be called again."""
+        if self._outcome is None:
+            for kind, payload in self.events():
+                if kind in ("done", "error"):
+                    self._outcome = payload
+        if isinstance(self._outcome, Exception):
+            raise self._outcome
+        return self._outcome
 
 
 class _Rows(BaseStreamer):
