@@ -44,17 +44,17 @@ which equals flipping every input along L and the output back, without the copie
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import math
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from storm_vlm.ssm import cpu_kernel
+from storm_vlm.ssm import _threads, cpu_kernel
 
 __all__ = ["chunked_scan", "DEFAULT_CHUNK", "auto_chunk"]
 
@@ -208,7 +208,6 @@ class _Prep:
 
 _PARALLEL_MIN_WORK = 1 << 22  # b * L * d * N below this: one thread
 _MIN_BLOCK = 64
-_POOL = None
 
 
 def _blocks(hd: int, work: int):
@@ -221,28 +220,29 @@ def _blocks(hd: int, work: int):
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _worker_init():
-    torch.set_num_threads(1)  # OpenMP's thread count is per thread: this worker's ops stay serial
-
-
 def _run_blocks(fn, blocks):
     """fn(j0, j1) for every block; several blocks run in worker threads with one intra-op thread
-    each. Measured: 2 PyTorch intra-op threads on this scan's many small ops are slower than one
-    (up to 10x slower on a busy machine), while splitting channels over threads scales."""
+    each, under the caller's inference mode (the blocks write into the caller's tensors) with grad
+    off (these are autograd.Function internals). Measured: 2 PyTorch intra-op threads on this
+    scan's many small ops are slower than one (up to 10x slower on a busy machine), while
+    splitting channels over threads scales."""
     if len(blocks) == 1:
         return [fn(*blocks[0])]
-    global _POOL
-    if _POOL is None or _POOL._max_workers < len(blocks):
-        from concurrent.futures import ThreadPoolExecutor
 
-        _POOL = ThreadPoolExecutor(max_workers=max(len(blocks), os.cpu_count() or 1), initializer=_worker_init,
-                                   thread_name_prefix="scan")
     def run(j0, j1):
-        with torch.no_grad():  # grad mode is thread-local; these are autograd.Function internals
+        with torch.no_grad():
             return fn(j0, j1)
 
-    futures = [_POOL.submit(run, *blk) for blk in blocks]
+    futures = [_threads.submit(run, *blk, workers=len(blocks)) for blk in blocks]
     return [f.result() for f in futures]
+
+
+def _autocast_off(device_type: str):
+    """The scan computes in its own compute dtype: autocast (per thread, and still on in a backward
+    run inside an autocast region) must not turn its matrix products into bf16 ones."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class _ChunkedScan(torch.autograd.Function):
@@ -295,7 +295,13 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gout, glast):
-        u, delta, z, A, BT, CT, D, delta_bias, h_in = ctx.saved_tensors
+        saved = ctx.saved_tensors  # unpacked once (activation checkpointing allows no second time)
+        with _autocast_off(saved[0].device.type):
+            return _ChunkedScan._backward(ctx, saved, gout, glast)
+
+    @staticmethod
+    def _backward(ctx, saved, gout, glast):
+        u, delta, z, A, BT, CT, D, delta_bias, h_in = saved
         T, softplus, reverse, cdt = ctx.cfg
         lib = _kernel_for(u, cdt)
         if lib is not None:
@@ -588,6 +594,7 @@ def chunked_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: T
     (b, g, n, L)). Any strides; inputs stored time-major (``x.transpose(1, 2)`` with unit last
     stride) are read without a copy. Returns out (b, d, L) in u's dtype, stored time-major, and
     h_L (b, d, n) in ``compute_dtype`` when asked (h_0 when ``reverse``)."""
-    out, last = _ChunkedScan.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse),
-                                   None if chunk is None else int(chunk), bool(return_last_state), compute_dtype)
+    with _autocast_off(u.device.type):
+        out, last = _ChunkedScan.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse),
+                                       None if chunk is None else int(chunk), bool(return_last_state), compute_dtype)
     return (out, last) if return_last_state else out

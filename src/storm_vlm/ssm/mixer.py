@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from storm_vlm.ssm import _threads
 from storm_vlm.ssm import scan as _scan
 
 __all__ = ["MambaMixer", "BiMambaMixer"]
@@ -231,26 +232,14 @@ class MambaMixer(nn.Module):
 
 
 _PARALLEL_MIN_ELEMENTS = 1 << 20
-_POOL = None
 
 
 def _run_both(f1, f2, parallel: bool):
-    """(f1(), f2()), the two in parallel threads (each with one intra-op thread) when asked."""
+    """(f1(), f2()); when asked, f2 runs in a worker thread (under this thread's grad, inference-mode
+    and autocast state, see ``_threads``) while f1 runs here, each with one intra-op thread."""
     if not parallel:
         return f1(), f2()
-    global _POOL
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bimamba")
-    grad = torch.is_grad_enabled()
-
-    def second():
-        torch.set_num_threads(1)  # per-thread OpenMP setting in the worker
-        with torch.set_grad_enabled(grad):
-            return f2()
-
-    fut = _POOL.submit(second)
+    fut = _threads.submit(f2)
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
