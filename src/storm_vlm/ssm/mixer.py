@@ -255,6 +255,11 @@ class BiMambaMixer(MambaMixer):
     Every output position sees the whole (valid part of the) sequence. Same arguments as
     ``MambaMixer``; (B, L, d_model) -> (B, L, d_model). No ``step``: it is not causal.
 
+    ``divide_out=True`` halves the sum of the two directions before ``out_proj``, as Vim's released
+    bidirectional models do (its ``if_devide_out=True``): their state dicts load here with
+    ``strict=True`` either way, and give twice the activation without it. Default False (STORM's
+    projector sums).
+
     On CPU with more than one torch thread, the two directions run in two threads with one
     intra-op thread each (set ``parallel_directions = False`` to turn that off); results are
     identical either way.
@@ -262,9 +267,10 @@ class BiMambaMixer(MambaMixer):
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank="auto",
                  dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
-                 conv_bias: bool = True, bias: bool = False):
+                 conv_bias: bool = True, bias: bool = False, divide_out: bool = False):
         super().__init__(d_model, d_state, d_conv, expand, dt_rank, dt_min, dt_max, dt_init_floor, conv_bias, bias)
         self._make_direction("_b", conv_bias, dt_min, dt_max, dt_init_floor)
+        self.divide_out = bool(divide_out)
         self.parallel_directions = True
 
     def forward(self, hidden_states: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -273,7 +279,11 @@ class BiMambaMixer(MambaMixer):
         y_f, y_b = _run_both(lambda: self._direction(x, z, valid, "", False),
                              lambda: self._direction(x, z, valid, "_b", True),
                              parallel=self._parallel_ok(x))
-        return self._out(y_f + y_b, mask)
+        y = y_f + y_b
+        return self._out(y * 0.5 if self.divide_out else y, mask)
+
+    def extra_repr(self) -> str:
+        return f"divide_out={self.divide_out}"
 
     def _parallel_ok(self, x: Tensor) -> bool:
         """Run the two directions in two threads? Only on CPU, with >1 intra-op thread, for big
