@@ -1,14 +1,17 @@
-/* Fused selective scan for the CPU (float32), forward and backward: one pass over time per block of 8
- * channels, everything (bias, softplus, the L*D*N decays, the state update, y = C.h + D*u, the
- * silu(z) gate) in registers and L1. Compiled on first use by storm_vlm/ssm/cpu_kernel.py with
- * -O3 -march=native; GCC/Clang vector extensions give AVX2 on x86-64 and NEON elsewhere.
+/* Fused selective scan for the CPU (float32), forward and backward: one pass over time per block of
+ * LANES channels, everything (bias, softplus, the L*D*N decays, the state update, y = C.h + D*u, the
+ * silu(z) gate) in registers and L1. Compiled on first use by storm_vlm/ssm/cpu_kernel.py, once per
+ * instruction set: -DSTORM_LANES=16 with AVX-512 flags, 8 with AVX2 + FMA, 4 with the compiler's
+ * baseline flags (SSE2 on x86-64, NEON on aarch64) as the portable fallback. GCC/Clang vector
+ * extensions carry the arithmetic at any width (the compiler splits a vector wider than the
+ * target's registers); only max/min and the horizontal sum use intrinsics where they exist.
  *
  * Layout: u, delta, z are (batch, L, dim) or (batch, dim, L) through explicit element strides;
  * A2 = A * log2(e), (dim, N) contiguous; BT, CT are (batch, L, groups, N) contiguous; out has
  * explicit strides. Channel c uses group c / (dim / groups).
  *
- * Why vectorise over channels (not over N): with time-major inputs, 8 neighbouring channels are
- * one 32-byte load per step, and y = sum_n C[n] h[n] needs no horizontal sum.
+ * Why vectorise over channels (not over N): with time-major inputs, LANES neighbouring channels are
+ * one load per step, and y = sum_n C[n] h[n] needs no horizontal sum.
  * exp2 is a degree-6 polynomial on [-0.5, 0.5] scaled by 2^k through the exponent bits
  * (relative error <= 1e-7, about one float32 ulp); NaN in, NaN out; below 2^-127 it flushes to 0.
  */
@@ -16,19 +19,33 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define LANES 8
+#ifndef STORM_LANES
+#define STORM_LANES 8
+#endif
+#define LANES STORM_LANES
 #define TILE 64
 
-typedef float vf __attribute__((vector_size(32)));
-typedef int32_t vi __attribute__((vector_size(32)));
+#if LANES != 4 && LANES != 8 && LANES != 16
+#error "STORM_LANES must be 4, 8 or 16"
+#endif
 
-static inline vf splat(float x) { return (vf){x, x, x, x, x, x, x, x}; }
+typedef float vf __attribute__((vector_size(4 * LANES)));
+typedef int32_t vi __attribute__((vector_size(4 * LANES)));
+
+static inline vf splat(float x) { return (vf){0} + x; }
 /* m ? a : b per lane, m from a vector comparison (all ones or zero) */
 static inline vf sel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
 
-#if defined(__AVX__)
+#if LANES == 16 && defined(__AVX512F__)
 #include <immintrin.h>
+#define STORM_VECTOR_ISA "avx512"
 /* max/min that return their second operand when it is NaN (x86 semantics), so NaN survives */
+static inline vf vmax_keepnan(vf lo, vf x) { return (vf)_mm512_max_ps((__m512)lo, (__m512)x); }
+static inline vf vmin_keepnan(vf hi, vf x) { return (vf)_mm512_min_ps((__m512)hi, (__m512)x); }
+static inline float hsum(vf v) { return _mm512_reduce_add_ps((__m512)v); }
+#elif LANES == 8 && defined(__AVX__)
+#include <immintrin.h>
+#define STORM_VECTOR_ISA "avx"
 static inline vf vmax_keepnan(vf lo, vf x) { return (vf)_mm256_max_ps((__m256)lo, (__m256)x); }
 static inline vf vmin_keepnan(vf hi, vf x) { return (vf)_mm256_min_ps((__m256)hi, (__m256)x); }
 static inline float hsum(vf v) {
@@ -38,10 +55,22 @@ static inline float hsum(vf v) {
     return _mm_cvtss_f32(s);
 }
 #else
-static inline float hsum(vf v) { return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7])); }
+#define STORM_VECTOR_ISA "generic"
+/* pairwise: lane i + lane i + LANES/2, and so on down (the AVX version's order for 8 lanes) */
+static inline float hsum(vf v) {
+    float s[LANES];
+    memcpy(s, &v, sizeof v);
+    for (int w = LANES / 2; w >= 1; w /= 2)
+        for (int i = 0; i < w; i++) s[i] += s[i + w];
+    return s[0];
+}
 static inline vf vmax_keepnan(vf lo, vf x) { return sel(x < lo, lo, x); }
 static inline vf vmin_keepnan(vf hi, vf x) { return sel(x > hi, hi, x); }
 #endif
+
+/* The build's vector width and instruction set, checked by the loader. */
+int storm_scan_lanes(void) { return LANES; }
+const char *storm_scan_vector_isa(void) { return STORM_VECTOR_ISA; }
 
 static inline vf vexp2(vf x) {
     /* clamp to [-127, 128]; 2^k is then built from exponent bits 0 (k = -127: flushes to 0) to
@@ -221,7 +250,7 @@ int storm_scan_fwd_f32(int64_t batch, int64_t L, int64_t dim, int64_t groups, in
 }
 
 /* ------------------------------------------------------------------------------------------ backward
- * Per block of 8 channels, chunk by chunk in the reverse of the forward's processing order: the
+ * Per block of LANES channels, chunk by chunk in the reverse of the forward's processing order: the
  * chunk's decays a_t and states h_t are recomputed from the saved state entering it (``states``,
  * as the forward wrote them), then the adjoint recurrence G_t = gy_t C_t + a_{t+1} G_{t+1} runs
  * backwards through it. B and C gradients are sums over channels: each call adds its channels'
@@ -232,8 +261,8 @@ typedef struct {
     int64_t sb, st, sc;
 } strided_out;
 
-static void *aligned_buf(size_t count) { /* count vectors, 32-byte aligned */
-    return aligned_alloc(32, (count ? count : 1) * sizeof(vf));
+static void *aligned_buf(size_t count) { /* count vectors, aligned to a vector */
+    return aligned_alloc(sizeof(vf), (count ? count : 1) * sizeof(vf));
 }
 
 static inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp2(-x * LOG2E)); }

@@ -368,7 +368,7 @@ def _kernel_forward(lib, u, delta, z, A, BT, CT, D, delta_bias, softplus, revers
     u, delta, z, A2, D, bias = _kernel_inputs(u, delta, z, A, D, delta_bias)
     b, d, L = u.shape
     out = yT.transpose(1, 2)
-    parts = _kernel_ranges(d, b * L * d * A.shape[1])
+    parts = _kernel_ranges(d, b * L * d * A.shape[1], lib.storm_lanes)
 
     def run(c0, c1):
         cpu_kernel.scan_forward(lib, u, delta, z, A2, BT, CT, D, bias, softplus, reverse, out, h_in, T,
@@ -398,7 +398,7 @@ def _kernel_backward(lib, u, delta, z, A, BT, CT, D, delta_bias, h_in, T, softpl
     gA = torch.zeros(d, n, dtype=f32)
     gD = None if D is None else torch.zeros(d, dtype=f32)
     gbias = None if delta_bias is None else torch.zeros(d, dtype=f32)
-    ranges = _kernel_ranges(d, b * L * d * n)
+    ranges = _kernel_ranges(d, b * L * d * n, lib.storm_lanes)
     partial = {r: (torch.zeros(b, L, g, n, dtype=f32), torch.zeros(b, L, g, n, dtype=f32)) for r in ranges}
 
     def run(c0, c1):
@@ -414,14 +414,14 @@ def _kernel_backward(lib, u, delta, z, A, BT, CT, D, delta_bias, h_in, T, softpl
     return gu, gdelta, gA, gBT.permute(0, 2, 3, 1), gCT.permute(0, 2, 3, 1), gD, gz, gbias
 
 
-def _kernel_ranges(d: int, work: int):
-    """Channel ranges [c0, c1) for the kernel's worker threads, in whole 8-channel blocks."""
+def _kernel_ranges(d: int, work: int, lanes: int = 8):
+    """Channel ranges [c0, c1) for the kernel's worker threads, in whole vectors of ``lanes`` channels."""
     threads = torch.get_num_threads()
-    blocks8 = (d + 7) // 8
-    if threads <= 1 or work < _PARALLEL_MIN_WORK or blocks8 < 2:
+    blocks = (d + lanes - 1) // lanes
+    if threads <= 1 or work < _PARALLEL_MIN_WORK or blocks < 2:
         return [(0, d)]
-    p = min(threads, blocks8)
-    edges = [min(d, 8 * round(i * blocks8 / p)) for i in range(p + 1)]
+    p = min(threads, blocks)
+    edges = [min(d, lanes * round(i * blocks / p)) for i in range(p + 1)]
     return list(zip(edges[:-1], edges[1:]))
 
 
