@@ -60,6 +60,25 @@ def test_kernel_equals_reference_and_pytorch_path(monkeypatch, pytorch_path, b, 
                   rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("const,groups,reverse,threads", [("B", None, False, 1), ("C", 2, True, 1), ("BC", None, False, 3),
+                                                          ("", 4, True, 3)])
+def test_kernel_constant_B_C_and_initial_state(monkeypatch, pytorch_path, const, groups, reverse, threads):
+    """Constant (d, N) B / C and an initial state in the kernel, forward and backward (its gradient
+    included), also split over threads, against the reference and the PyTorch path."""
+    monkeypatch.setattr(fast_scan, "_PARALLEL_MIN_WORK", 0)
+    calls, bwd_calls = _calls(monkeypatch), _calls(monkeypatch, "scan_backward")
+    t = _inputs(torch.float32, b=2, d=40, L=37, n=6, groups=groups, const=const, h0=True)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        kernel = _run(selective_scan, t, True, reverse=reverse, chunk=8)
+    finally:
+        torch.set_num_threads(prev)
+    assert len(calls) == len(bwd_calls) == (1 if threads == 1 else 3)
+    _assert_close(kernel, _run(selective_scan_reference, t, True, reverse=reverse), rtol=3e-5, atol=3e-5)
+    _assert_close(kernel, pytorch_path(_run, selective_scan, t, True, reverse=reverse, chunk=8), rtol=3e-5, atol=3e-5)
+
+
 def test_float64_does_not_use_the_kernel(monkeypatch):
     calls = _calls(monkeypatch)
     t = {k: (v.detach() if v is not None else None) for k, v in _inputs(torch.float64).items()}
@@ -170,10 +189,12 @@ def test_each_isa_path_equals_reference(monkeypatch, pytorch_path, isa, lanes):
     assert lib.storm_isa == isa and lib.storm_lanes == (lanes or cpu_kernel.ISAS[isa].lanes)
     monkeypatch.setattr(cpu_kernel, "load", lambda *a, **k: lib)
     calls, bwd_calls = _calls(monkeypatch), _calls(monkeypatch, "scan_backward")
-    for b, d, L, n, groups, reverse, time_major in [(2, 37, 70, 16, None, False, True),  # ragged vector
-                                                    (1, 40, 33, 5, 2, True, False),  # groups of 20, odd N
-                                                    (3, 16, 1, 4, None, False, False)]:  # L = 1
-        t = _inputs(torch.float32, b=b, d=d, L=L, n=n, groups=groups)
+    for b, d, L, n, groups, reverse, time_major, const in [
+            (2, 37, 70, 16, None, False, True, ""),  # ragged vector
+            (1, 40, 33, 5, 2, True, False, "C"),  # groups of 20, odd N, constant C
+            (2, 24, 30, 4, None, False, True, "BC"),  # constant B and C
+            (3, 16, 1, 4, None, False, False, "")]:  # L = 1
+        t = _inputs(torch.float32, b=b, d=d, L=L, n=n, groups=groups, const=const, h0=b == 2)
         if time_major:
             t = {k: (v.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
                      if k in ("u", "delta", "z") else v) for k, v in t.items()}

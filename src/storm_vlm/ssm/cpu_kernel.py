@@ -345,14 +345,14 @@ def _bind(lib: ctypes.CDLL, isa: Isa, lanes: int, origin: str) -> ctypes.CDLL:
         raise RuntimeError(f"scan kernel built for {lanes} lanes reports {lib.storm_scan_lanes()}")
     lib.storm_scan_vector_isa.restype = ctypes.c_char_p
     fn = lib.storm_scan_fwd_f32
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = ([i64] * 5 + [ptr, i64, i64, i64] * 3 + [ptr] * 5 + [ctypes.c_int] * 2
-                   + [ptr, i64, i64, i64, ptr, i64, ptr, i64, i64])
-    fn.restype = ctypes.c_int
+    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    fn.argtypes = ([i64] * 5 + [ptr, i64, i64, i64] * 3 + [ptr] * 3 + [cint] * 2 + [ptr] * 2 + [cint] * 2
+                   + [ptr] + [ptr, i64, i64, i64, ptr, i64, ptr, i64, i64])
+    fn.restype = cint
     bwd = lib.storm_scan_bwd_f32
-    bwd.argtypes = ([i64] * 5 + [ptr, i64, i64, i64] * 4 + [ptr] * 5 + [ctypes.c_int] * 2
-                    + [ptr, i64, ptr] + [ptr, i64, i64, i64] * 3 + [ptr] * 5 + [i64, i64])
-    bwd.restype = ctypes.c_int
+    bwd.argtypes = ([i64] * 5 + [ptr, i64, i64, i64] * 4 + [ptr] * 3 + [cint] * 2 + [ptr] * 2 + [cint] * 2
+                    + [ptr, i64, ptr] + [ptr, i64, i64, i64] * 3 + [ptr] * 6 + [i64, i64])
+    bwd.restype = cint
     lib.storm_isa = isa.name  # the path, its width, and where the bytes came from (benchmarks print them)
     lib.storm_lanes = lanes
     lib.storm_origin = origin
@@ -419,37 +419,42 @@ def _strides(t: Tensor | None) -> tuple[int, int, int]:
 
 
 def scan_forward(lib: ctypes.CDLL, u: Tensor, delta: Tensor, z: Tensor | None, A2: Tensor, BT: Tensor,
-                 CT: Tensor, D: Tensor | None, bias: Tensor | None, softplus: bool, reverse: bool, out: Tensor,
-                 states: Tensor | None, chunk: int, last: Tensor | None, c0: int, c1: int) -> None:
+                 CT: Tensor, groups: int, D: Tensor | None, bias: Tensor | None, softplus: bool, reverse: bool,
+                 h0: Tensor | None, out: Tensor, states: Tensor | None, chunk: int, last: Tensor | None, c0: int,
+                 c1: int) -> None:
     """Scan channels [c0, c1) into ``out`` (and ``states`` / ``last`` when given).
 
     u, delta, z, out: (b, d, L) float32, any strides; A2 = A * log2(e): (d, N) contiguous;
-    BT, CT: (b, L, g, N) contiguous; D, bias: (d,) contiguous; states: (L/chunk + 1, b, g, N, d/g)
-    contiguous; last: (b, d, N) contiguous."""
+    BT, CT: (b, L, groups, N) contiguous, or (d, N) contiguous when constant over time; D, bias:
+    (d,) contiguous; h0: initial state (b, d, N) contiguous or None (zeros); states: (L/chunk + 1, b,
+    groups, N, d/groups) contiguous; last: (b, d, N) contiguous."""
     b, d, L = u.shape
-    g, n = BT.shape[2], BT.shape[3]
-    lib.storm_scan_fwd_f32(b, L, d, g, n, _ptr(u), *_strides(u), _ptr(delta), *_strides(delta), _ptr(z),
-                           *_strides(z), _ptr(A2), _ptr(BT), _ptr(CT), _ptr(D), _ptr(bias), int(softplus),
-                           int(reverse), _ptr(out), *_strides(out), _ptr(states), int(chunk), _ptr(last), c0, c1)
+    n = A2.shape[1]
+    lib.storm_scan_fwd_f32(b, L, d, groups, n, _ptr(u), *_strides(u), _ptr(delta), *_strides(delta), _ptr(z),
+                           *_strides(z), _ptr(A2), _ptr(BT), _ptr(CT), int(BT.dim() == 2), int(CT.dim() == 2),
+                           _ptr(D), _ptr(bias), int(softplus), int(reverse), _ptr(h0), _ptr(out), *_strides(out),
+                           _ptr(states), int(chunk), _ptr(last), c0, c1)
 
 
 def scan_backward(lib: ctypes.CDLL, u: Tensor, delta: Tensor, z: Tensor | None, gout: Tensor, A2: Tensor,
-                  BT: Tensor, CT: Tensor, D: Tensor | None, bias: Tensor | None, softplus: bool, reverse: bool,
-                  states: Tensor, chunk: int, glast: Tensor | None, gu: Tensor, gdelta: Tensor, gz: Tensor | None,
-                  gA: Tensor, gD: Tensor | None, gbias: Tensor | None, gBT: Tensor, gCT: Tensor, c0: int,
-                  c1: int) -> None:
+                  BT: Tensor, CT: Tensor, groups: int, D: Tensor | None, bias: Tensor | None, softplus: bool,
+                  reverse: bool, states: Tensor, chunk: int, glast: Tensor | None, gu: Tensor, gdelta: Tensor,
+                  gz: Tensor | None, gA: Tensor, gD: Tensor | None, gbias: Tensor | None, gBT: Tensor, gCT: Tensor,
+                  gh0: Tensor | None, c0: int, c1: int) -> None:
     """Gradients of channels [c0, c1), from the states the forward saved every ``chunk`` steps.
 
     u, delta, z, gout and the outputs gu, gdelta, gz: (b, d, L) float32, any strides; states:
-    (L/chunk + 1, b, g, N, d/g); glast: (b, d, N) contiguous or None. gA (d, N), gD, gbias (d,) and
-    gBT, gCT (b, L, g, N) are contiguous and accumulated into: pass zeros (gBT, gCT: one pair per
-    concurrent call)."""
+    (L/chunk + 1, b, groups, N, d/groups), index 0 the initial state; glast: (b, d, N) contiguous or
+    None. gA (d, N), gD, gbias (d,) and gBT, gCT (shaped like BT, CT) are contiguous and accumulated
+    into: pass zeros (per-step gBT, gCT: one pair per concurrent call). gh0: None, or (b, d, N)
+    contiguous receiving the initial state's gradient."""
     b, d, L = u.shape
-    g, n = BT.shape[2], BT.shape[3]
+    n = A2.shape[1]
     rc = lib.storm_scan_bwd_f32(
-        b, L, d, g, n, _ptr(u), *_strides(u), _ptr(delta), *_strides(delta), _ptr(z), *_strides(z), _ptr(gout),
-        *_strides(gout), _ptr(A2), _ptr(BT), _ptr(CT), _ptr(D), _ptr(bias), int(softplus), int(reverse),
-        _ptr(states), int(chunk), _ptr(glast), _ptr(gu), *_strides(gu), _ptr(gdelta), *_strides(gdelta), _ptr(gz),
-        *_strides(gz), _ptr(gA), _ptr(gD), _ptr(gbias), _ptr(gBT), _ptr(gCT), c0, c1)
+        b, L, d, groups, n, _ptr(u), *_strides(u), _ptr(delta), *_strides(delta), _ptr(z), *_strides(z),
+        _ptr(gout), *_strides(gout), _ptr(A2), _ptr(BT), _ptr(CT), int(BT.dim() == 2), int(CT.dim() == 2), _ptr(D),
+        _ptr(bias), int(softplus), int(reverse), _ptr(states), int(chunk), _ptr(glast), _ptr(gu), *_strides(gu),
+        _ptr(gdelta), *_strides(gdelta), _ptr(gz), *_strides(gz), _ptr(gA), _ptr(gD), _ptr(gbias), _ptr(gBT),
+        _ptr(gCT), _ptr(gh0), c0, c1)
     if rc != 0:
         raise MemoryError(f"selective-scan backward kernel: out of memory for chunk {chunk} x d_state {n}")
