@@ -37,6 +37,8 @@ import sys
 import tempfile
 import time
 
+from _profile_common import _load  # the benchmarks' one load-average formatter (puts src/ on sys.path)
+
 N_STATE = 16
 
 
@@ -153,10 +155,14 @@ def _worker(spec):
 
 def _floorcheck(spec):
     """Fast forward (the fused C kernel, and the pure-PyTorch chunked path with the kernel switched
-    off) and its exp2 floor, timed alternately in one process (same machine state)."""
+    off) and its exp2 floor, timed alternately in one process (same machine state), on the wall
+    clock or, with clock "cpu", the process's CPU time (see ``storm_vlm.profiling._Clock``)."""
     import torch
 
+    from storm_vlm.profiling import _Clock
     from storm_vlm.ssm import cpu_kernel, selective_scan
+
+    clock = _Clock("cpu", spec.get("clock", "wall"))
 
     t = _inputs(spec["d"], spec["L"])
     ldn = spec["d"] * spec["L"] * N_STATE
@@ -170,7 +176,7 @@ def _floorcheck(spec):
     def scan(kernel: bool):
         os.environ[cpu_kernel.ENV_SWITCH] = "1" if kernel else "0"
         try:
-            return _timed(lambda: selective_scan(**t, delta_softplus=True))
+            return _timed(lambda: selective_scan(**t, delta_softplus=True), clock)
         finally:
             os.environ[cpu_kernel.ENV_SWITCH] = "1"
 
@@ -183,8 +189,8 @@ def _floorcheck(spec):
             torch_path.append(scan(False))
             prev = torch.get_num_threads()
             torch.set_num_threads(1)
-            e = _timed(lambda: [torch.exp2(x, out=o) for _ in range(reps)])
-            f = _timed(lambda: [torch.mm(a, b, out=c) for _ in range(20)])
+            e = _timed(lambda: [torch.exp2(x, out=o) for _ in range(reps)], clock)
+            f = _timed(lambda: [torch.mm(a, b, out=c) for _ in range(20)], clock)
             torch.set_num_threads(prev)
             flop_s = 6 * ldn / (2 * 256**3 * 20 / f)
             floor.append((e + flop_s) / threads)
@@ -224,10 +230,15 @@ def measure_floors():
     return {"copy_bandwidth_Bps": bandwidth, "exp2_per_s": exp2_rate, "flops_per_s": fma_rate}
 
 
-def _timed(f):
-    t = time.perf_counter()
+def _timed(f, clock=None):
+    """Seconds f() takes: wall time, or on ``clock`` (a ``storm_vlm.profiling._Clock``)."""
+    if clock is None:
+        t = time.perf_counter()
+        f()
+        return time.perf_counter() - t
+    t = clock.mark()
     f()
-    return time.perf_counter() - t
+    return clock.ms(t, clock.mark()) / 1000.0
 
 
 def floors_for(d, L, threads, rates):
@@ -250,31 +261,16 @@ _ISA_FLAGS = ("sse2", "avx", "avx2", "fma", "avx512f", "avx512dq", "avx512bw", "
               "amx_tile", "asimd", "sve")
 
 
-def host_description(torch_threads: int) -> str:
+def host_description() -> str:
     """CPU model, its vector-ISA flags (of those that matter here), CPU count and torch threads."""
-    import platform
+    from storm_vlm.profiling import _hardware
+    from storm_vlm.ssm import cpu_kernel
 
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and model in (platform.processor(), platform.machine()):
-                    model = value.strip()
-                elif key in ("flags", "Features") and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
+    hw = _hardware("cpu")
+    flags = cpu_kernel.cpu_flags() or set()
     isa = " ".join(f for f in _ISA_FLAGS if f in flags) or "unknown"
-    return f"{model} ({platform.machine()}); ISA flags: {isa}; {os.cpu_count()} CPUs; torch threads {torch_threads}"
-
-
-def _loadavg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "unknown"
+    return (f"{hw.get('cpu', hw['platform'])}; ISA flags: {isa}; {hw['cpu_count']} CPUs; "
+            f"torch threads {hw['torch_threads']}")
 
 
 def kernel_description() -> str:
@@ -325,6 +321,9 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
     p.add_argument("--floor-check-only", action="store_true",
                    help="only time the fast forward against its exp2 floor, alternately in one process")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="floor table: time on the wall clock or with the process's CPU time (1 thread; on a "
+                        "shared machine CPU time leaves out waiting for a core)")
     p.add_argument("--isa", nargs="+", default=[None],
                    help="kernel paths for the floor table (STORM_VLM_SCAN_ISA: avx512, avx2, generic); "
                         "default: the one this CPU selects")
@@ -339,15 +338,15 @@ def main(argv=None):
 
     default_threads = torch.get_num_threads()
     print(f"# selective scan benchmark: N={N_STATE}, batch 1, fp32, torch {torch.__version__}", flush=True)
-    print(f"# host: {host_description(default_threads)}", flush=True)
-    print(f"# load average at start (1, 5, 15 min): {_loadavg()}", flush=True)
+    print(f"# host: {host_description()}", flush=True)
+    print(f"# load average at start (1, 5, 15 min): {_load()}", flush=True)
     rates = measure_floors()
     print(f"# copy bandwidth {rates['copy_bandwidth_Bps'] / 1e9:.2f} GB/s, exp2 {rates['exp2_per_s'] / 1e9:.3f} G/s "
           f"(1 thread, cache-resident), fma {rates['flops_per_s'] / 1e9:.1f} GFLOP/s (1 thread)", flush=True)
     print(f"# fast path, forward and backward: {kernel_description()}", flush=True)
     if args.floor_check_only:
         _floor_table(args)
-        print(f"# load average at end (1, 5, 15 min): {_loadavg()}", flush=True)
+        print(f"# load average at end (1, 5, 15 min): {_load()}", flush=True)
         return 0
     mambapy = _mambapy_installed()
     print(f"# mambapy pscan: {'installed (not measured)' if mambapy else 'not installed'}", flush=True)
@@ -371,7 +370,7 @@ def main(argv=None):
             _print_row(row, header=len(rows) == 1)
     print()
     _floor_table(args)
-    print(f"# load average at end (1, 5, 15 min): {_loadavg()}", flush=True)
+    print(f"# load average at end (1, 5, 15 min): {_load()}", flush=True)
     if args.json:
         tmp_path = args.json + ".tmp"
         with open(tmp_path, "w") as f:
@@ -382,14 +381,15 @@ def main(argv=None):
 
 def _floor_table(args):
     """Fast forward vs the compute floor (L*D*N exp2 + 6 flops each), all timed in one process."""
-    print("# fast forward vs compute floor, timed alternately in one process (min of 5 each);")
+    print(f"# fast forward vs compute floor, timed alternately in one process (min of 5 each, {args.clock} clock);")
     print("# fast = the fused C kernel on the path shown (else the PyTorch path), pytorch = the chunked PyTorch path")
     print(" thr  d_inner      L  path          | fast fwd s  pytorch s  floor s  fast/floor  pytorch/floor")
     for isa in args.isa:
         for th in args.threads:
             for d in args.dims:
                 for L in args.lengths:
-                    r = _run_worker(dict(impl="floorcheck", d=d, L=L, threads=th, repeats=5), args.timeout, isa)
+                    r = _run_worker(dict(impl="floorcheck", d=d, L=L, threads=th, repeats=5, clock=args.clock),
+                                    args.timeout, isa)
                     if "fast_fwd" in r:
                         print(f"{r['threads']:4d} {d:8d} {L:6d}  {r['isa']:<13} | {r['fast_fwd']:10.3f} "
                               f"{r['pytorch_fwd']:10.3f} {r['floor']:8.3f} {r['fast_fwd'] / r['floor']:10.2f}x "

@@ -231,8 +231,8 @@ def _vim_v2_forward(sd, hs, divide_out, d_state=16):
     def direction(xz, sfx, a_key):
         x, z = xz.chunk(2, dim=1)
         w = sd[f"conv1d{sfx}.weight"]
-        x = torch.nn.functional.silu(
-            torch.nn.functional.conv1d(x, w, sd[f"conv1d{sfx}.bias"], padding=w.shape[-1] - 1, groups=w.shape[0])[..., :L])
+        x = torch.nn.functional.conv1d(x, w, sd[f"conv1d{sfx}.bias"], padding=w.shape[-1] - 1, groups=w.shape[0])
+        x = torch.nn.functional.silu(x[..., :L])
         x_dbl = x.transpose(1, 2) @ sd[f"x_proj{sfx}.weight"].T
         dt, B, C = torch.split(x_dbl, [x_dbl.shape[-1] - 2 * d_state, d_state, d_state], dim=-1)
         dt = sd[f"dt_proj{sfx}.weight"] @ dt.transpose(1, 2)

@@ -60,8 +60,8 @@ def test_kernel_equals_reference_and_pytorch_path(monkeypatch, pytorch_path, b, 
                   rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("const,groups,reverse,threads", [("B", None, False, 1), ("C", 2, True, 1), ("BC", None, False, 3),
-                                                          ("", 4, True, 3)])
+@pytest.mark.parametrize("const,groups,reverse,threads",
+                         [("B", None, False, 1), ("C", 2, True, 1), ("BC", None, False, 3), ("", 4, True, 3)])
 def test_kernel_constant_B_C_and_initial_state(monkeypatch, pytorch_path, const, groups, reverse, threads):
     """Constant (d, N) B / C and an initial state in the kernel, forward and backward (its gradient
     included), also split over threads, against the reference and the PyTorch path."""
@@ -97,12 +97,13 @@ def test_channel_ranges_in_threads(monkeypatch):
     prev = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        assert fast_scan._kernel_ranges(40, 10**9) == [(0, 16), (16, 24), (24, 40)]
+        assert fast_scan._kernel_ranges(40, 10**9) == [(0, 16), (16, 24), (24, 40)]  # 8-lane vectors
+        want = fast_scan._kernel_ranges(40, 10**9, cpu_kernel.load().storm_lanes)
         calls.clear(), bwd_calls.clear()
         three = _run(selective_scan, t, True)
     finally:
         torch.set_num_threads(prev)
-    assert sorted(calls) == sorted(bwd_calls) == [(0, 16), (16, 24), (24, 40)]
+    assert len(want) > 1 and sorted(calls) == sorted(bwd_calls) == want
     # channel-wise results are bit-identical; B and C gradients are sums of the threads' shares
     _assert_close(three, one, rtol=1e-6, atol=1e-6)
     assert all(torch.equal(three[k], one[k]) for k in ("out", "last", "d_u", "d_delta", "d_A"))
@@ -218,6 +219,8 @@ def test_channel_ranges_follow_the_vector_width(monkeypatch):
 @pytest.mark.parametrize("isa", list(cpu_kernel.ISAS))
 def test_every_isa_path_compiles(isa):
     """Each path builds with its flags here, also the ones this CPU cannot run (compiled, not loaded)."""
+    if isa != "generic" and cpu_kernel.platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("x86 flags")
     spec = cpu_kernel.ISAS[isa]
     data, _ = cpu_kernel._library_bytes(shutil.which("cc") or "gcc", spec, spec.lanes)
     assert data[:4] == b"\x7fELF" or len(data) > 1000
@@ -225,7 +228,7 @@ def test_every_isa_path_compiles(isa):
 
 def test_isa_detection_reads_cpu_flags_not_vendor(monkeypatch):
     def detect(flags, machine="x86_64", capability="DEFAULT"):
-        monkeypatch.setattr(cpu_kernel, "_cpuinfo_flags", lambda: flags)
+        monkeypatch.setattr(cpu_kernel, "cpu_flags", lambda: flags)
         monkeypatch.setattr(cpu_kernel.platform, "machine", lambda: machine)
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
         cpu_kernel.detect_isa.cache_clear()
@@ -259,9 +262,14 @@ def test_env_forces_a_narrower_path_never_a_wider_one(monkeypatch, caplog):
         with caplog.at_level("WARNING", logger="storm_vlm.ssm"):
             assert cpu_kernel.selected_isa() == "avx2"
         assert f"{cpu_kernel.ENV_ISA}={bad}" in caplog.text
+    monkeypatch.delenv(cpu_kernel.ENV_ISA)
+    with caplog.at_level("WARNING", logger="storm_vlm.ssm"):
+        assert cpu_kernel.selected_isa("avx512") == "avx2"  # an explicit request is held to the CPU too
+    assert "asked for avx512 needs instructions this CPU does not report" in caplog.text
 
 
 def test_a_path_that_fails_to_build_falls_back_to_a_narrower_one(monkeypatch, caplog):
+    monkeypatch.setattr(cpu_kernel, "detect_isa", lambda: "avx2")
     monkeypatch.setattr(cpu_kernel, "_libs", {})
     monkeypatch.setattr(cpu_kernel, "_warned", set())
     broken = cpu_kernel.Isa("avx2", 8, ("-mno-such-flag",), ("avx2", "fma"))

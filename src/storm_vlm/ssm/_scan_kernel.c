@@ -283,7 +283,8 @@ int storm_scan_fwd_f32(int64_t batch, int64_t L, int64_t dim, int64_t groups, in
                          {z, z_sb, z_st, z_sc}, A2, BT, CT, Dv, bias, softplus, reverse};
     const strided_out o = {out, o_sb, o_st, o_sc};
     void (*block)(const scan_args *, int64_t, int64_t, int64_t, int64_t, const float *, strided_out, float *,
-                  float *) = bconst ? (cconst ? scan_block_11 : scan_block_10) : (cconst ? scan_block_01 : scan_block_00);
+                  float *) = bconst ? (cconst ? scan_block_11 : scan_block_10)
+                                    : (cconst ? scan_block_01 : scan_block_00);
     for (int64_t b = 0; b < batch; b++)
         for (int64_t grp = 0; grp < groups; grp++) {
             int64_t lo = grp * hd > c0 ? grp * hd : c0, hi = (grp + 1) * hd < c1 ? (grp + 1) * hd : c1;

@@ -59,8 +59,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["load", "enabled", "scan_forward", "scan_backward", "cache_dir", "detect_isa", "selected_isa", "ISAS",
-           "Isa", "UnsafeCacheError"]
+__all__ = ["load", "build", "enabled", "scan_forward", "scan_backward", "cache_dir", "cpu_flags", "detect_isa",
+           "selected_isa", "ISAS", "Isa", "UnsafeCacheError"]
 
 logger = logging.getLogger("storm_vlm.ssm")
 SOURCE = Path(__file__).with_name("_scan_kernel.c")
@@ -117,7 +117,7 @@ def _warn_once(msg: str, *args) -> None:
 
 
 # ----------------------------------------------------------------------------- which instruction set
-def _cpuinfo_flags() -> set[str] | None:
+def cpu_flags() -> set[str] | None:
     """The CPU feature flags Linux reports (x86: the ``flags`` line), or None where there is no /proc/cpuinfo."""
     try:
         with open("/proc/cpuinfo") as f:
@@ -135,7 +135,7 @@ def detect_isa() -> str:
     """The widest path this CPU runs: 'avx512', 'avx2' or 'generic' (see the module docstring)."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
         return "generic"
-    flags = _cpuinfo_flags()
+    flags = cpu_flags()
     if flags is None:  # no /proc/cpuinfo: ask PyTorch's own CPU check
         cap = torch.backends.cpu.get_cpu_capability().upper()
         return "avx512" if cap.startswith("AVX512") else "avx2" if cap == "AVX2" else "generic"
@@ -145,17 +145,19 @@ def detect_isa() -> str:
     return "generic"
 
 
-def selected_isa() -> str:
-    """The path ``load()`` uses: the detected one, or a narrower one forced with ``STORM_VLM_SCAN_ISA``."""
+def selected_isa(want: str | None = None) -> str:
+    """The path ``load()`` uses: ``want`` (default: ``STORM_VLM_SCAN_ISA``, else the detected path),
+    never one wider than the CPU runs (asking for one warns and gives the detected path)."""
     best = detect_isa()
-    want = os.environ.get(ENV_ISA, "").strip().lower()
+    what = "asked for " if want else f"{ENV_ISA}="
+    want = (want or os.environ.get(ENV_ISA, "")).strip().lower()
     if not want:
         return best
     if want not in ISAS:
-        _warn_once("storm_vlm: %s=%s is not one of %s; using %s", ENV_ISA, want, ", ".join(_ORDER), best)
+        _warn_once("storm_vlm: %s%s is not one of %s; using %s", what, want, ", ".join(_ORDER), best)
         return best
     if _ORDER.index(want) > _ORDER.index(best):
-        _warn_once("storm_vlm: %s=%s asks for instructions this CPU does not report; using %s", ENV_ISA, want, best)
+        _warn_once("storm_vlm: %s%s needs instructions this CPU does not report; using %s", what, want, best)
         return best
     return want
 
@@ -374,11 +376,11 @@ def build(isa: str, lanes: int | None = None) -> ctypes.CDLL:
 
 
 def load(isa: str | None = None, lanes: int | None = None) -> ctypes.CDLL | None:
-    """The compiled kernel library for ``isa`` (default: ``selected_isa()``), built on first use; None
-    when disabled or when no path builds. A path that fails falls back to the next narrower one."""
+    """The compiled kernel library for path ``selected_isa(isa)``, built on first use; None when
+    disabled or when no path builds. A path that fails falls back to the next narrower one."""
     if not enabled():
         return None
-    name = selected_isa() if isa is None else isa
+    name = selected_isa(isa)
     key = (name, lanes or 0)
     try:
         return _libs[key]
