@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from storm_vlm.projector import MambaTemporalProjector
 from storm_vlm.ssm import BiMambaMixer, MambaMixer, selective_scan_reference
 from storm_vlm.ssm import mixer as mixer_mod
 
@@ -258,8 +259,6 @@ def test_vim_v2_state_dict_reproduces_vim_formula(divide_out):
 
 
 def test_divide_out_halves_the_output_and_reaches_the_projector():
-    from storm_vlm.projector import MambaTemporalProjector
-
     sd = _vim_v2_state_dict()
     halves, sums = BiMambaMixer(D_MODEL, divide_out=True).double(), BiMambaMixer(D_MODEL).double()
     halves.load_state_dict(sd)

@@ -1,17 +1,20 @@
 """Chunked selective scan for the CPU, with a recomputing backward.
 
 On the CPU in float32 both directions run the fused C kernel (``_scan_kernel.c`` through
-``cpu_kernel``; forward 1.3-1.7x of the exp2 compute floor where the chunked PyTorch forward below
-is 2.9-4.6x, backward ~6x faster than the PyTorch one at d=448) when it builds; float64, other
-devices and machines without a C compiler use the pure-PyTorch chunked scan below. Both save the
-state entering each chunk in the forward and recompute the chunk in the backward, in the same
-layout, so either backward can follow either forward.
+``cpu_kernel``, built for the CPU's instruction set; per-machine figures in benchmarks/README.md)
+when it builds; float64, other devices and machines without a C compiler use the pure-PyTorch
+chunked scan below. Both save the state entering each chunk in the forward and recompute the chunk
+in the backward, in the same layout, so either backward can follow either forward.
 
 Computes exactly ``selective_scan_reference`` (see ``scan.py``)::
 
     delta = softplus(delta + delta_bias)                              (each optional)
     h_t = exp(delta_t * A) * h_{t-1} + delta_t * u_t * B_t ,   y_t = sum_n C_t h_t + D u_t
     out_t = y_t * silu(z_t)
+
+from h_0 = the initial state (zeros unless given), B and C per step or constant per channel. Worker
+threads (``_threads``) run under the caller's inference mode, and the scan computes with autocast
+off, forward and backward, in its compute dtype.
 
 Why the PyTorch path looks like this (measured on a 2-core AMD EPYC, fp32, 1 thread, d=2048, N=16):
 
