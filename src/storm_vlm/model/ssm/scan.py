@@ -140,21 +140,10 @@ def _prepare_delta(delta: Tensor, delta_bias, delta_softplus: bool, dtype: torch
     return delta
 
 
-def selective_scan_reference(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-    *,
-    reverse: bool = False,
-    initial_state: Tensor | None = None,
-):
+def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                             z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                             return_last_state: bool = False, *, reverse: bool = False,
+                             initial_state: Tensor | None = None):
     """The definition of the selective scan: a sequential loop over time.
 
     Shapes as in the module docstring. Materialises (batch, dim, L, N) tensors; use it to
@@ -207,22 +196,10 @@ def _mamba_ssm_fn():
     return selective_scan_fn
 
 
-def selective_scan(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-    *,
-    reverse: bool = False,
-    chunk: int | None = DEFAULT_CHUNK,
-    initial_state: Tensor | None = None,
-):
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                   z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                   return_last_state: bool = False, *, reverse: bool = False, chunk: int | None = DEFAULT_CHUNK,
+                   initial_state: Tensor | None = None):
     """Selective scan, same arguments and results as ``selective_scan_reference``; differentiable.
 
     On CUDA with mamba-ssm importable this calls its fused kernel (``selective_scan_fn``).
