@@ -99,3 +99,10 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
     assert main(["train", str(write(tmp_path, BASE)), "--set", "warmup_ratio=2"]) == 2
     err = capsys.readouterr().err
     assert "warmup_ratio" in err and "Traceback" not in err
+
+
+def test_an_unknown_stage_is_named_before_anything_else(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("stage: align\nstages:\n  align: {output_dir: o, max_steps: 1}\n")
+    with pytest.raises(ConfigError, match="key 'stage': 'foo' is not a stage"):
+        load_config(path, ["stage=foo"])

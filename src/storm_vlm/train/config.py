@@ -194,6 +194,8 @@ def resolve_raw(raw: Mapping, overrides: list[str] | None = None, source: str = 
             if not isinstance(section, dict):
                 raise ConfigError(f"{source}: key 'stages.{name}' must be a mapping")
         stage = raw.get("stage")
+        if stage not in STAGES:
+            raise ConfigError(f"{source}: key 'stage': {stage!r} is not a stage (choose from {', '.join(STAGES)})")
         if stage in stages:
             raw = _deep_merge(raw, stages[stage])
             raw = apply_overrides(raw, overrides)
