@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,8 +232,8 @@ def _float(source, key, v, minimum=None, maximum=None, allow_none=False):
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise _bad(source, key, f"expected a number, got {v!r}")
     v = float(v)
-    if v != v:
-        raise _bad(source, key, "must not be NaN")
+    if not math.isfinite(v):  # .nan / .inf in YAML, 1e999 in a string
+        raise _bad(source, key, f"must be a finite number, got {v}")
     if minimum is not None and v < minimum:
         raise _bad(source, key, f"must be >= {minimum}, got {v}")
     if maximum is not None and v > maximum:
