@@ -228,9 +228,10 @@ def _check_rng(folder: Path, rank: int) -> str:
     ok = isinstance(state, dict)
     if ok:
         py, npy, tch = state.get("python"), state.get("numpy"), state.get("torch")
-        ok = (isinstance(py, list) and len(py) == 3 and isinstance(py[1], list)
-              and isinstance(npy, list) and len(npy) == 5 and isinstance(npy[1], list)
-              and isinstance(tch, list) and all(isinstance(b, int) and 0 <= b < 256 for b in tch))
+        ok = (isinstance(py, list) and len(py) == 3 and isinstance(py[1], list) and len(py[1]) == 625
+              and isinstance(npy, list) and len(npy) == 5 and isinstance(npy[1], list) and len(npy[1]) == 624
+              and isinstance(tch, list) and len(tch) == torch.get_rng_state().numel()
+              and all(isinstance(b, int) and 0 <= b < 256 for b in tch))
     if not ok:
         raise CheckpointInvalid(f"{name} is not an RNG state")
     return name
