@@ -212,3 +212,18 @@ def test_resume_falls_back_in_a_real_process(run, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "storm-vlm train: error: --resume: none of the 3 checkpoints" in proc.stderr
+
+
+def test_a_file_that_cannot_be_read_is_a_skip_with_its_name(run, tmp_path, monkeypatch):
+    out = crashed_copy(run, tmp_path)
+    real = ckpt.sha256_file
+
+    def failing(path):
+        if Path(path).parent.name == "checkpoint-6" and Path(path).name == ckpt.OPTIMIZER_FILE:
+            raise OSError(5, "Input/output error", str(path))
+        return real(path)
+
+    monkeypatch.setattr(ckpt, "sha256_file", failing)
+    path, how, skipped = ckpt.find_resume_checkpoint(out)
+    assert path.name == "checkpoint-4" and how.startswith("sizes and SHA-256")
+    assert [(p.name, why) for p, why in skipped] == [("checkpoint-6", "cannot read optimizer.pt (Input/output error)")]

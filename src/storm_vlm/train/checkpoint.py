@@ -318,6 +318,9 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, checksums: bool = True
             return path, verify_checkpoint(path, checksums), skipped
         except CheckpointInvalid as exc:
             skipped.append((path, str(exc)))
+        except OSError as exc:  # a file that cannot be opened or read to the end (permissions, I/O error)
+            skipped.append((path, f"cannot read {Path(exc.filename).name if exc.filename else 'a file'} "
+                                  f"({exc.strerror or exc})"))
     return None, "", skipped
 
 
