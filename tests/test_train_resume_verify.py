@@ -227,3 +227,13 @@ def test_a_file_that_cannot_be_read_is_a_skip_with_its_name(run, tmp_path, monke
     path, how, skipped = ckpt.find_resume_checkpoint(out)
     assert path.name == "checkpoint-4" and how.startswith("sizes and SHA-256")
     assert [(p.name, why) for p, why in skipped] == [("checkpoint-6", "cannot read optimizer.pt (Input/output error)")]
+
+
+def test_a_damaged_final_model_is_trained_again_not_returned(run, tmp_path, caplog):
+    out = tmp_path / "out"
+    shutil.copytree(run["ref"], out)
+    truncate(out / "final" / "model.safetensors")
+    with caplog.at_level(logging.WARNING, logger="storm_vlm.train"):
+        final = train(dict(run["cfg"], output_dir=str(out)), resume=True)
+    assert "final is damaged (model.safetensors has" in caplog.text
+    assert same_weights(run["final"], final)  # rebuilt from checkpoint-6

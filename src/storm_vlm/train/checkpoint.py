@@ -266,6 +266,39 @@ def _structure(folder: Path, state: dict) -> list[str]:
     return needed
 
 
+def _check_sizes(folder: Path, entries: dict[str, dict]) -> None:
+    """Every listed file exists with its size: a cut or missing file is found without reading anything."""
+    for rel, entry in entries.items():
+        path = folder / rel
+        if not path.is_file():
+            raise CheckpointInvalid(f"{rel} is missing (listed in {MANIFEST_FILE})")
+        if path.stat().st_size != entry["size"]:
+            raise CheckpointInvalid(f"{rel} has {path.stat().st_size} bytes, {MANIFEST_FILE} says {entry['size']}")
+
+
+def _check_hashes(folder: Path, entries: dict[str, dict], checksums: bool) -> str:
+    """Compare the SHA-256s (when asked and recorded); returns how the folder was checked."""
+    hashed = sorted(rel for rel, e in entries.items() if "sha256" in e) if checksums else []
+    for rel, digest in zip(hashed, _hash_all([folder / rel for rel in hashed])):
+        if digest != entries[rel]["sha256"]:
+            raise CheckpointInvalid(f"{rel} does not match its SHA-256 in {MANIFEST_FILE} (the file is damaged)")
+    if hashed:
+        return f"sizes and SHA-256 of all {len(entries)} files match {MANIFEST_FILE}"
+    why = "checkpoint_checksums is false" if not checksums else f"{MANIFEST_FILE} holds no checksums"
+    return f"sizes of all {len(entries)} files match {MANIFEST_FILE} ({why}: contents not hashed)"
+
+
+def verify_manifest(folder: str | os.PathLike, checksums: bool = True) -> str | None:
+    """Check a folder against its manifest.json (sizes, and SHA-256 with `checksums`); None when it
+    has no manifest. CheckpointInvalid with the reason when it does not match."""
+    folder = Path(folder)
+    if not (folder / MANIFEST_FILE).is_file():
+        return None
+    entries = _manifest_entries(folder)
+    _check_sizes(folder, entries)
+    return _check_hashes(folder, entries, checksums)
+
+
 def verify_checkpoint(folder: str | os.PathLike, checksums: bool = True) -> str:
     """Check that `folder` (output_dir/checkpoint-<step>) can be resumed from; returns how it was
     checked, raises CheckpointInvalid with the reason otherwise (see the module docstring)."""
@@ -277,13 +310,8 @@ def verify_checkpoint(folder: str | os.PathLike, checksums: bool = True) -> str:
         raise CheckpointInvalid(f"{TRAINER_STATE} is missing (the checkpoint is incomplete)")
     state = _check_trainer_state(folder, int(m.group(1)))
     entries = _manifest_entries(folder) if (folder / MANIFEST_FILE).is_file() else None
-    if entries is not None:  # sizes first: a cut or missing file is found without reading anything
-        for rel, entry in entries.items():
-            path = folder / rel
-            if not path.is_file():
-                raise CheckpointInvalid(f"{rel} is missing (listed in {MANIFEST_FILE})")
-            if path.stat().st_size != entry["size"]:
-                raise CheckpointInvalid(f"{rel} has {path.stat().st_size} bytes, {MANIFEST_FILE} says {entry['size']}")
+    if entries is not None:
+        _check_sizes(folder, entries)
     needed = _structure(folder, state)
     if entries is None:
         return (f"no {MANIFEST_FILE} (written by an older storm-vlm): its {len(needed)} files are present and "
@@ -291,14 +319,7 @@ def verify_checkpoint(folder: str | os.PathLike, checksums: bool = True) -> str:
     unlisted = [n for n in needed if n not in entries]
     if unlisted:
         raise CheckpointInvalid(f"{MANIFEST_FILE} does not list {unlisted[0]}")
-    hashed = sorted(rel for rel, e in entries.items() if "sha256" in e) if checksums else []
-    for rel, digest in zip(hashed, _hash_all([folder / rel for rel in hashed])):
-        if digest != entries[rel]["sha256"]:
-            raise CheckpointInvalid(f"{rel} does not match its SHA-256 in {MANIFEST_FILE} (the file is damaged)")
-    if hashed:
-        return f"sizes and SHA-256 of all {len(entries)} files match {MANIFEST_FILE}"
-    why = "checkpoint_checksums is false" if not checksums else f"{MANIFEST_FILE} holds no checksums"
-    return f"sizes of all {len(entries)} files match {MANIFEST_FILE} ({why}: contents not hashed)"
+    return _check_hashes(folder, entries, checksums)
 
 
 def find_resume_checkpoint(output_dir: str | os.PathLike, checksums: bool = True

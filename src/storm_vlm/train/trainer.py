@@ -134,8 +134,9 @@ class Trainer:
     def finished_run(self) -> Path | None:
         """With --resume, a run whose final model is already written is done: its final folder.
 
-        A final/ whose training_summary.json cannot be read is not taken as done: training resumes
-        from the checkpoints and writes final/ again."""
+        A final/ whose training_summary.json cannot be read, or whose files do not match its
+        manifest.json, is not taken as done: training resumes from the checkpoints and writes
+        final/ again."""
         summary = self.output_dir / FINAL_DIR / "training_summary.json"
         if not (self.resume and summary.is_file()):
             return None
@@ -148,11 +149,18 @@ class Trainer:
                 logger.warning("--resume: %s is unreadable (%s); resuming from the checkpoints instead", summary,
                                data if isinstance(data, Exception) else f"holds {type(data).__name__}")
             return None
-        if data.get("steps") == self.cfg.max_steps:
+        if data.get("steps") != self.cfg.max_steps:
+            return None
+        try:  # every rank reads the same files and reaches the same verdict
+            ckpt.verify_manifest(summary.parent, self.cfg.checkpoint_checksums)
+        except (ckpt.CheckpointInvalid, OSError) as exc:
             if self.env.is_main:
-                logger.info("%s already finished (%d steps)", self.output_dir, self.cfg.max_steps)
-            return self.output_dir / FINAL_DIR
-        return None
+                logger.warning("--resume: %s is damaged (%s); resuming from the checkpoints to write it again",
+                               summary.parent, exc)
+            return None
+        if self.env.is_main:
+            logger.info("%s already finished (%d steps)", self.output_dir, self.cfg.max_steps)
+        return self.output_dir / FINAL_DIR
 
     def _choose_resume_checkpoint(self) -> Path | None:
         """The newest checkpoint that verifies (rank 0 checks, every rank gets its step); logs each
