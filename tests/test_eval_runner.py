@@ -203,7 +203,10 @@ def _rec(i, task, answer, bench):
 @pytest.mark.parametrize("bench,key", [("mvbench", "mean_over_task"), ("mlvu", "mean_over_question_type")])
 def test_mean_over_tasks_is_the_headline_for_mvbench_and_mlvu(bench, key):
     recs = [_rec(i, "t1", 0, bench) for i in range(4)] + [_rec(i, "t2", 0, bench) for i in range(2)]
-    preds = {r.id: {"id": r.id, "status": "answered", "correct": r.id in ("t1-0", "t2-0", "t2-1")} for r in recs}
+    preds = {r.id: {"id": r.id, "status": "answered", "correct": r.id in ("t1-0", "t2-0", "t2-1"),
+                    "pred": 0 if r.id in ("t1-0", "t2-0", "t2-1") else 1,
+                    "pred_letter": "A" if r.id in ("t1-0", "t2-0", "t2-1") else "B",
+                    "reply": "A" if r.id in ("t1-0", "t2-0", "t2-1") else "B"} for r in recs}
     res = score(bench, recs, preds)
     assert res["accuracy"] == pytest.approx(3 / 6)
     assert res[key] == pytest.approx((1 / 4 + 2 / 2) / 2)

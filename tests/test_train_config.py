@@ -72,6 +72,9 @@ stages:
         (["init_from=runs/a"], "init_from"),  # two model sources
         (["seed=null"], "seed"),
         (["build.llm=x"], "build"),
+        (["learning_rate=.inf"], "learning_rate"),
+        (["adam_epsilon=.nan"], "adam_epsilon"),
+        (["weight_decay=1e999"], "weight_decay"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, overrides, key):

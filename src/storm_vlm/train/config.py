@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,8 @@ class TrainConfig:
     distributed: str = "ddp"  # ddp | fsdp (used when launched by torchrun with WORLD_SIZE > 1)
     logging_steps: int = 1
     save_total_limit: int | None = None
+    # manifest.json of each checkpoint holds SHA-256s, checked by --resume (false: sizes and structure only)
+    checkpoint_checksums: bool = True
     progress_bar: bool = True
     tensorboard: bool = True  # written when the tensorboard package is installed
     description: str = ""
@@ -233,8 +236,8 @@ def _float(source, key, v, minimum=None, maximum=None, allow_none=False):
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise _bad(source, key, f"expected a number, got {v!r}")
     v = float(v)
-    if v != v:
-        raise _bad(source, key, "must not be NaN")
+    if not math.isfinite(v):  # .nan / .inf in YAML, 1e999 in a string
+        raise _bad(source, key, f"must be a finite number, got {v}")
     if minimum is not None and v < minimum:
         raise _bad(source, key, f"must be >= {minimum}, got {v}")
     if maximum is not None and v > maximum:
@@ -380,6 +383,7 @@ def config_from_dict(raw: Mapping, source: str = "config") -> TrainConfig:
     v["distributed"] = _str(s, "distributed", raw.get("distributed", "ddp"), choices=("ddp", "fsdp"))
     v["logging_steps"] = _int(s, "logging_steps", raw.get("logging_steps", 1), minimum=1)
     v["save_total_limit"] = _int(s, "save_total_limit", raw.get("save_total_limit"), minimum=1, allow_none=True)
+    v["checkpoint_checksums"] = _bool(s, "checkpoint_checksums", raw.get("checkpoint_checksums", True))
     v["progress_bar"] = _bool(s, "progress_bar", raw.get("progress_bar", True))
     v["tensorboard"] = _bool(s, "tensorboard", raw.get("tensorboard", True))
     desc = raw.get("description", "")

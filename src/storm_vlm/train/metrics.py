@@ -23,14 +23,17 @@ class MetricsLog:
         if not enabled:
             return
         # A killed run may have logged steps past the checkpoint we resume from: drop them.
+        # Anything that is not a row (a line cut by the kill, garbage) is dropped too.
         if self.path.exists():
             kept = []
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            for line in self.path.read_text(encoding="utf-8", errors="replace").split("\n"):
                 try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by the kill
+                    row = json.loads(line)
+                except (ValueError, RecursionError):
+                    continue
+                step = row.get("step") if isinstance(row, dict) else None
+                if isinstance(step, int) and not isinstance(step, bool) and step <= resume_step:
+                    kept.append(line)
             atomic_write_text(self.path, "".join(k + "\n" for k in kept))
         if tensorboard:
             try:  # optional: TensorBoard is not a dependency

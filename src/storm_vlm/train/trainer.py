@@ -10,8 +10,9 @@ wrapping and autocast (`prepare`), `backward`, `clip_grad_norm_`, `no_sync`, `re
 step's counts, `wait_for_everyone`, `unwrap_model`. What we keep: the data order
 (GlobalBatchSampler / StepBatchSampler, passed to a plain DataLoader that accelerate never
 re-shards), the loss normalisation below, and the checkpoints (storm_vlm.train.checkpoint:
-`checkpoint-N.tmp` + rename, RNG states as JSON, optimizer loaded with weights_only=True) --
-accelerate's save_state writes in place and pickles.
+`checkpoint-N.tmp` + manifest.json (sizes, SHA-256) + rename, RNG states as JSON, optimizer loaded
+with weights_only=True; `--resume` takes the newest checkpoint that verifies and names each one it
+skips) -- accelerate's save_state writes in place and pickles.
 
 FSDP2: accelerate enables its FSDP plugin only for GPU-like devices; on CPU/gloo the plugin is
 silently dropped and `prepare` wraps the model in DDP (a slow test notices if that changes). So with
@@ -131,22 +132,69 @@ class Trainer:
 
     # -------------------------------------------------------------- setup
     def finished_run(self) -> Path | None:
-        """With --resume, a run whose final model is already written is done: its final folder."""
+        """With --resume, a run whose final model is already written is done: its final folder.
+
+        A final/ whose training_summary.json cannot be read, or whose files do not match its
+        manifest.json, is not taken as done: training resumes from the checkpoints and writes
+        final/ again."""
         summary = self.output_dir / FINAL_DIR / "training_summary.json"
-        if self.resume and summary.is_file():
-            if ckpt.read_json(summary).get("steps") == self.cfg.max_steps:
-                if self.env.is_main:
-                    logger.info("%s already finished (%d steps)", self.output_dir, self.cfg.max_steps)
-                return self.output_dir / FINAL_DIR
-        return None
+        if not (self.resume and summary.is_file()):
+            return None
+        try:
+            data = ckpt.read_json(summary)
+        except (OSError, ValueError, RecursionError) as exc:
+            data = exc
+        if not isinstance(data, dict):
+            if self.env.is_main:
+                logger.warning("--resume: %s is unreadable (%s); resuming from the checkpoints instead", summary,
+                               data if isinstance(data, Exception) else f"holds {type(data).__name__}")
+            return None
+        if data.get("steps") != self.cfg.max_steps:
+            return None
+        try:  # every rank reads the same files and reaches the same verdict
+            ckpt.verify_manifest(summary.parent, self.cfg.checkpoint_checksums)
+        except (ckpt.CheckpointInvalid, OSError) as exc:
+            if self.env.is_main:
+                logger.warning("--resume: %s is damaged (%s); resuming from the checkpoints to write it again",
+                               summary.parent, exc)
+            return None
+        if self.env.is_main:
+            logger.info("%s already finished (%d steps)", self.output_dir, self.cfg.max_steps)
+        return self.output_dir / FINAL_DIR
+
+    def _choose_resume_checkpoint(self) -> Path | None:
+        """The newest checkpoint that verifies (rank 0 checks, every rank gets its step); logs each
+        newer one skipped and why. None when there is none at all; StormError when there are
+        checkpoints but none verifies (they are left for the user to inspect, never overwritten)."""
+        env = self.env
+        code, error = -1.0, None  # step of the chosen checkpoint; -1: none exists; -2: none verifies
+        if env.is_main:
+            path, how, skipped = ckpt.find_resume_checkpoint(self.output_dir, self.cfg.checkpoint_checksums)
+            for bad, why in skipped:
+                logger.warning("--resume: skipping %s: %s", bad.name, why)
+            if path is not None:
+                code = float(path.name.rsplit("-", 1)[1])
+                if (path / ckpt.MANIFEST_FILE).is_file():
+                    logger.info("--resume: %s verified: %s", path.name, how)
+                else:
+                    logger.warning("--resume: %s has %s", path.name, how)
+            elif skipped:
+                code = -2.0
+                reasons = "; ".join(f"{bad.name}: {why}" for bad, why in skipped)
+                error = StormError(f"--resume: none of the {len(skipped)} checkpoints in {self.output_dir} can be "
+                                   f"resumed from ({reasons}); move them aside to start again from step 0")
+            else:
+                logger.warning("--resume: no checkpoint in %s; starting from step 0", self.output_dir)
+        local = torch.tensor([code if env.is_main else 0.0], dtype=torch.float64)
+        code = int(env.all_reduce_sum(local).item())
+        if code == -2:
+            raise error or StormError(f"--resume: no checkpoint in {self.output_dir} verifies (see rank 0's log)")
+        return None if code == -1 else self.output_dir / f"checkpoint-{code}"
 
     def _check_output_dir(self) -> None:
-        existing = ckpt.list_checkpoints(self.output_dir)
         if self.resume:
-            self.resume_dir = existing[-1][1] if existing else None
-            if self.resume_dir is None and self.env.is_main:
-                logger.warning("--resume: no complete checkpoint in %s; starting from step 0", self.output_dir)
-        elif existing or (self.output_dir / FINAL_DIR).exists():
+            self.resume_dir = self._choose_resume_checkpoint()
+        elif ckpt.list_checkpoints(self.output_dir) or (self.output_dir / FINAL_DIR).exists():
             raise ConfigError(
                 f"key 'output_dir': {str(self.output_dir)!r} already holds a run "
                 f"(checkpoints or {FINAL_DIR}/); pass --resume to continue it or choose another output_dir"
@@ -280,8 +328,9 @@ class Trainer:
             )
         env.barrier()  # every rank's RNG file is on disk
         if env.is_main:
+            ckpt.write_manifest(tmp, self.cfg.checkpoint_checksums)  # last: it vouches for every file above
             publish_dir(tmp, final)
-            ckpt.prune_checkpoints(self.output_dir, self.cfg.save_total_limit)
+            ckpt.prune_checkpoints(self.output_dir, self.cfg.save_total_limit, upto_step=step)
             logger.info("saved %s", final)
         env.barrier()
         return final
@@ -289,19 +338,29 @@ class Trainer:
     def _load_trainable(self, model, ckpt_dir: Path) -> None:
         """Resume weights: trainable parameters from the checkpoint (frozen ones come from the source)."""
         names = trainable_names(model)
-        if (ckpt_dir / ckpt.TRAINABLE_FILE).is_file():
-            tensors = load_file(str(ckpt_dir / ckpt.TRAINABLE_FILE))
-        else:
-            tensors = ckpt.read_model_tensors(ckpt_dir, names)
+        try:
+            if (ckpt_dir / ckpt.TRAINABLE_FILE).is_file():
+                tensors = load_file(str(ckpt_dir / ckpt.TRAINABLE_FILE))
+            else:
+                tensors = ckpt.read_model_tensors(ckpt_dir, names)
+        except Exception as exc:  # safetensors / OS / JSON errors: the file, not the run, is at fault
+            raise StormError(f"--resume: cannot read the weights in {ckpt_dir} ({type(exc).__name__}: {exc})") from None
         params = dict(model.named_parameters())
         missing = [n for n in names if n not in tensors]
         if missing:
             raise StormError(f"{ckpt_dir}: checkpoint lacks trainable parameters {missing[:5]}")
+        wrong = [n for n in names if tensors[n].shape != params[n].shape]
+        if wrong:
+            n = wrong[0]
+            raise StormError(f"--resume: {ckpt_dir}: {n} has shape {tuple(tensors[n].shape)}, this run's model "
+                             f"{tuple(params[n].shape)} (the config changed since the checkpoint)")
         with torch.no_grad():
             for n in names:
                 params[n].copy_(tensors[n])
 
     def _load_training_state(self, ckpt_dir: Path) -> None:
+        """Optimizer, scheduler, data position and RNG states from a checkpoint `_choose_resume_checkpoint`
+        verified; a file that still does not fit this run is a StormError naming it."""
         state = ckpt.read_json(ckpt_dir / ckpt.TRAINER_STATE)
         if state["global_batch_size"] != self.sampler.global_batch_size:
             raise ConfigError(
@@ -312,11 +371,20 @@ class Trainer:
         osd = ckpt.load_torch_state(ckpt_dir / ckpt.OPTIMIZER_FILE)
         # strict=False: trainable parameters that never got a gradient (e.g. the vision tower's last
         # layer, unused with vision_feature_layer=-2) have no AdamW state in either run.
-        set_optimizer_state_dict(
-            self.model, self.optimizer.optimizer, optim_state_dict=osd,
-            options=StateDictOptions(full_state_dict=True, strict=False),
-        )
+        try:
+            set_optimizer_state_dict(
+                self.model, self.optimizer.optimizer, optim_state_dict=osd,
+                options=StateDictOptions(full_state_dict=True, strict=False),
+            )
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise StormError(f"--resume: {ckpt_dir / ckpt.OPTIMIZER_FILE} does not fit this run's optimizer "
+                             f"({type(exc).__name__}: {exc})") from None
         sched = ckpt.read_json(ckpt_dir / ckpt.SCHEDULER_FILE)
+        expected = set(self.scheduler.state_dict())
+        if not isinstance(sched, dict) or set(sched) != expected:
+            keys = sorted(set(sched) ^ expected) if isinstance(sched, dict) else type(sched).__name__
+            raise StormError(f"--resume: {ckpt_dir / ckpt.SCHEDULER_FILE} is not this run's LR scheduler state "
+                             f"(differs in {keys})")
         self.scheduler.load_state_dict(sched)
         self.start_step = int(state["global_step"])
         self.skipped_total = int(state.get("skipped_media", 0))
@@ -470,6 +538,7 @@ class Trainer:
                 {"stage": self.cfg.stage, "steps": self.cfg.max_steps, "skipped_media": self.skipped_total,
                  "config": self.cfg.to_dict()},
             )
+            ckpt.write_manifest(tmp, self.cfg.checkpoint_checksums)
             publish_dir(tmp, final)
             logger.info("saved final model to %s", final)
         env.barrier()
