@@ -57,6 +57,21 @@ def test_a_batch_answers_as_each_request_alone(engine):
         [(c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in alone]
 
 
+def test_a_batch_holds_at_most_max_batch_frames(engine):
+    gate, running = _paused(engine)
+    blocker = engine.submit(*_ask(engine, random_video(3), "hold"))
+    running.wait(60)
+    saved, engine.max_batch_frames = engine.max_batch_frames, 10
+    try:
+        handles = [engine.submit(*_ask(engine, random_video(t, seed=t), "q", SamplingParams(max_new_tokens=1)))
+                   for t in (6, 4, 5)]
+        gate.set()
+        blocker.result()
+        assert [h.result().timings["batch_size"] for h in handles] == [2, 2, 1]  # 6 + 4 frames, then 5
+    finally:
+        engine.max_batch_frames = saved
+
+
 def test_each_request_stops_on_its_own_budget_and_stop_string(engine):
     base = engine.submit(*_ask(engine, random_video(4), "What colour?", SamplingParams(max_new_tokens=8))).result()
     assert len(base.text) > 2
