@@ -233,7 +233,7 @@ def profile_real(device: str, frames: list[int], llm_layers: int | None) -> dict
 
 
 def dry_profile(frames: list[int]) -> dict:
-    from fixtures_models import TINY_CONFIG
+    from helpers import TINY_CONFIG
 
     torch.manual_seed(0)
     model = StormForConditionalGeneration(StormConfig(**TINY_CONFIG)).eval()

@@ -66,7 +66,7 @@ GUARD_SPEEDUP = 2.5
 def storm_config(tiny: bool, config_path: str | None) -> tuple[dict, int]:
     """(StormConfig fields, text tokens) of the bench model (or the tests' tiny one)."""
     if tiny:
-        from fixtures_models import TINY_CONFIG
+        from helpers import TINY_CONFIG
 
         return dict(TINY_CONFIG), 4
     config, defaults = load_model_config(config_path or common.DEFAULT_CONFIG)

@@ -18,9 +18,13 @@ layout), at the default thread count and at 1 thread, it prints:
   The rates are re-measured next to every configuration (the machine may be shared); the
   header shows the first measurement.
 - mambapy's pscan when it is installed.
+- the host: CPU model, its vector-ISA flags, CPU count, torch threads and the load average at the
+  start and the end (the table's ratios are measured in one run, each pair alternately in one
+  process, so they hold on a shared machine; absolute times do not); which kernel path ran
+  (``cpu_kernel``'s instruction set and vector width, detected or forced with ``--isa``).
 
 Usage: python benchmarks/scan.py [--quick] [--dims 1024 2048] [--lengths 1024 4096 16384]
-       [--threads default 1] [--json out.json] [--timeout 900]
+       [--threads default 1] [--isa avx2 generic] [--floor-check-only] [--json out.json] [--timeout 900]
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from _profile_common import _load  # the benchmarks' one load-average formatter (puts src/ on sys.path)
 
 N_STATE = 16
 
@@ -149,10 +155,14 @@ def _worker(spec):
 
 def _floorcheck(spec):
     """Fast forward (the fused C kernel, and the pure-PyTorch chunked path with the kernel switched
-    off) and its exp2 floor, timed alternately in one process (same machine state)."""
+    off) and its exp2 floor, timed alternately in one process (same machine state), on the wall
+    clock or, with clock "cpu", the process's CPU time (see ``storm_vlm.perf.profiling._Clock``)."""
     import torch
 
+    from storm_vlm.perf.profiling import _Clock
     from storm_vlm.model.ssm import cpu_kernel, selective_scan
+
+    clock = _Clock("cpu", spec.get("clock", "wall"))
 
     t = _inputs(spec["d"], spec["L"])
     ldn = spec["d"] * spec["L"] * N_STATE
@@ -165,7 +175,10 @@ def _floorcheck(spec):
 
     def scan(kernel: bool):
         os.environ[cpu_kernel.ENV_SWITCH] = "1" if kernel else "0"
-        return _timed(lambda: selective_scan(**t, delta_softplus=True))
+        try:
+            return _timed(lambda: selective_scan(**t, delta_softplus=True), clock)
+        finally:
+            os.environ[cpu_kernel.ENV_SWITCH] = "1"
 
     fast, torch_path, floor = [], [], []
     with torch.no_grad():
@@ -176,13 +189,15 @@ def _floorcheck(spec):
             torch_path.append(scan(False))
             prev = torch.get_num_threads()
             torch.set_num_threads(1)
-            e = _timed(lambda: [torch.exp2(x, out=o) for _ in range(reps)])
-            f = _timed(lambda: [torch.mm(a, b, out=c) for _ in range(20)])
+            e = _timed(lambda: [torch.exp2(x, out=o) for _ in range(reps)], clock)
+            f = _timed(lambda: [torch.mm(a, b, out=c) for _ in range(20)], clock)
             torch.set_num_threads(prev)
             flop_s = 6 * ldn / (2 * 256**3 * 20 / f)
             floor.append((e + flop_s) / threads)
+    lib = cpu_kernel.load()
     result = {"fast_fwd": min(fast or torch_path), "pytorch_fwd": min(torch_path), "floor": min(floor),
-              "threads": threads, "kernel": has_kernel}
+              "threads": threads, "kernel": has_kernel,
+              "isa": f"{lib.storm_isa} x{lib.storm_lanes}" if lib is not None else "none"}
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -215,10 +230,15 @@ def measure_floors():
     return {"copy_bandwidth_Bps": bandwidth, "exp2_per_s": exp2_rate, "flops_per_s": fma_rate}
 
 
-def _timed(f):
-    t = time.perf_counter()
+def _timed(f, clock=None):
+    """Seconds f() takes: wall time, or on ``clock`` (a ``storm_vlm.perf.profiling._Clock``)."""
+    if clock is None:
+        t = time.perf_counter()
+        f()
+        return time.perf_counter() - t
+    t = clock.mark()
     f()
-    return time.perf_counter() - t
+    return clock.ms(t, clock.mark()) / 1000.0
 
 
 def floors_for(d, L, threads, rates):
@@ -236,9 +256,40 @@ def floors_for(d, L, threads, rates):
     }
 
 
+# ----------------------------------------------------------------------------- host
+_ISA_FLAGS = ("sse2", "avx", "avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_bf16",
+              "amx_tile", "asimd", "sve")
+
+
+def host_description() -> str:
+    """CPU model, its vector-ISA flags (of those that matter here), CPU count and torch threads."""
+    from storm_vlm.perf.profiling import _hardware
+    from storm_vlm.model.ssm import cpu_kernel
+
+    hw = _hardware("cpu")
+    flags = cpu_kernel.cpu_flags() or set()
+    isa = " ".join(f for f in _ISA_FLAGS if f in flags) or "unknown"
+    return (f"{hw.get('cpu', hw['platform'])}; ISA flags: {isa}; {hw['cpu_count']} CPUs; "
+            f"torch threads {hw['torch_threads']}")
+
+
+def kernel_description() -> str:
+    from storm_vlm.model.ssm import cpu_kernel
+
+    lib = cpu_kernel.load()
+    forced = os.environ.get(cpu_kernel.ENV_ISA)
+    if lib is None:
+        return "pure PyTorch (the C kernel is off or did not build)"
+    return (f"the fused C kernel, path {lib.storm_isa} ({lib.storm_lanes} lanes, built "
+            f"{lib.storm_scan_vector_isa().decode()}; CPU detected {cpu_kernel.detect_isa()}"
+            f"{f', forced {cpu_kernel.ENV_ISA}={forced}' if forced else ''}); from {lib.storm_origin}")
+
+
 # ----------------------------------------------------------------------------- driver
-def _run_worker(spec, timeout):
+def _run_worker(spec, timeout, isa=None):
     env = dict(os.environ)
+    if isa:
+        env["STORM_VLM_SCAN_ISA"] = isa
     src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
@@ -270,6 +321,12 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
     p.add_argument("--floor-check-only", action="store_true",
                    help="only time the fast forward against its exp2 floor, alternately in one process")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="floor table: time on the wall clock or with the process's CPU time (1 thread; on a "
+                        "shared machine CPU time leaves out waiting for a core)")
+    p.add_argument("--isa", nargs="+", default=[None],
+                   help="kernel paths for the floor table (STORM_VLM_SCAN_ISA: avx512, avx2, generic); "
+                        "default: the one this CPU selects")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -280,18 +337,17 @@ def main(argv=None):
     import torch
 
     default_threads = torch.get_num_threads()
-    print(f"# selective scan benchmark: N={N_STATE}, batch 1, fp32, torch {torch.__version__}, "
-          f"default threads {default_threads}, {os.cpu_count()} CPUs", flush=True)
+    print(f"# selective scan benchmark: N={N_STATE}, batch 1, fp32, torch {torch.__version__}", flush=True)
+    print(f"# host: {host_description()}", flush=True)
+    print(f"# load average at start (1, 5, 15 min): {_load()}", flush=True)
     rates = measure_floors()
     print(f"# copy bandwidth {rates['copy_bandwidth_Bps'] / 1e9:.2f} GB/s, exp2 {rates['exp2_per_s'] / 1e9:.3f} G/s "
           f"(1 thread, cache-resident), fma {rates['flops_per_s'] / 1e9:.1f} GFLOP/s (1 thread)", flush=True)
-    from storm_vlm.model.ssm import cpu_kernel
-
-    lib = cpu_kernel.load()
-    print(f"# fast path: {'the fused C kernel, ' + str(lib._name) if lib else 'pure PyTorch (the C kernel did not build)'}"
-          f"; forward and backward", flush=True)
+    print(f"# fast path, forward and backward: {kernel_description()}", flush=True)
     if args.floor_check_only:
-        return _floor_table(args)
+        _floor_table(args)
+        print(f"# load average at end (1, 5, 15 min): {_load()}", flush=True)
+        return 0
     mambapy = _mambapy_installed()
     print(f"# mambapy pscan: {'installed (not measured)' if mambapy else 'not installed'}", flush=True)
     rows = []
@@ -314,6 +370,7 @@ def main(argv=None):
             _print_row(row, header=len(rows) == 1)
     print()
     _floor_table(args)
+    print(f"# load average at end (1, 5, 15 min): {_load()}", flush=True)
     if args.json:
         tmp_path = args.json + ".tmp"
         with open(tmp_path, "w") as f:
@@ -324,19 +381,22 @@ def main(argv=None):
 
 def _floor_table(args):
     """Fast forward vs the compute floor (L*D*N exp2 + 6 flops each), all timed in one process."""
-    print("# fast forward vs compute floor, timed alternately in one process (min of 5 each);")
-    print("# fast = the fused C kernel when it builds (else the PyTorch path), pytorch = the chunked PyTorch path")
-    print(" thr  d_inner      L | fast fwd s  pytorch s  floor s  fast/floor  pytorch/floor")
-    for th in args.threads:
-        for d in args.dims:
-            for L in args.lengths:
-                r = _run_worker(dict(impl="floorcheck", d=d, L=L, threads=th, repeats=5), args.timeout)
-                if "fast_fwd" in r:
-                    print(f"{r['threads']:4d} {d:8d} {L:6d} | {r['fast_fwd']:10.3f} {r['pytorch_fwd']:10.3f} "
-                          f"{r['floor']:8.3f} {r['fast_fwd'] / r['floor']:10.2f}x {r['pytorch_fwd'] / r['floor']:13.2f}x"
-                          + ("" if r["kernel"] else "  (no C kernel: fast = pytorch)"), flush=True)
-                else:
-                    print(f"{th:>4} {d:8d} {L:6d} | {r.get('error')}", flush=True)
+    print(f"# fast forward vs compute floor, timed alternately in one process (min of 5 each, {args.clock} clock);")
+    print("# fast = the fused C kernel on the path shown (else the PyTorch path), pytorch = the chunked PyTorch path")
+    print(" thr  d_inner      L  path          | fast fwd s  pytorch s  floor s  fast/floor  pytorch/floor")
+    for isa in args.isa:
+        for th in args.threads:
+            for d in args.dims:
+                for L in args.lengths:
+                    r = _run_worker(dict(impl="floorcheck", d=d, L=L, threads=th, repeats=5, clock=args.clock),
+                                    args.timeout, isa)
+                    if "fast_fwd" in r:
+                        print(f"{r['threads']:4d} {d:8d} {L:6d}  {r['isa']:<13} | {r['fast_fwd']:10.3f} "
+                              f"{r['pytorch_fwd']:10.3f} {r['floor']:8.3f} {r['fast_fwd'] / r['floor']:10.2f}x "
+                              f"{r['pytorch_fwd'] / r['floor']:13.2f}x"
+                              + ("" if r["kernel"] else "  (no C kernel: fast = pytorch)"), flush=True)
+                    else:
+                        print(f"{th:>4} {d:8d} {L:6d}  {isa or '':<13} | {r.get('error')}", flush=True)
     return 0
 
 

@@ -1,8 +1,47 @@
+"""Test-session set-up and the fixtures many test modules share (tiny parts and STORM model folders,
+each built once per session)."""
+
 import os
 
+import pytest
 import torch
+
+from storm_vlm.builder import build_storm, save_storm
+from storm_vlm.demo.tiny import make_tiny_parts
 
 # Tests are small: one intra-op thread keeps them deterministic and fair on a shared 2-core machine.
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _model_dir(tmp_path_factory, parts, llm: str, projector: str, **overrides):
+    model, processor = build_storm(*parts, projector_type=projector, **overrides)
+    return save_storm(model, processor, tmp_path_factory.mktemp(f"storm-{llm}-{projector}") / "model")
+
+
+@pytest.fixture(scope="session")
+def qwen2_parts(tmp_path_factory):
+    """(vision_dir, llm_dir): tiny SigLIP (64 px, 8 px patches) + tiny Qwen2 with a trained tokenizer."""
+    return make_tiny_parts(tmp_path_factory.mktemp("parts-qwen2"), llm="qwen2")
+
+
+@pytest.fixture(scope="session")
+def llama_parts(tmp_path_factory):
+    return make_tiny_parts(tmp_path_factory.mktemp("parts-llama"), llm="llama")
+
+
+@pytest.fixture(scope="session")
+def qwen2_mamba_dir(tmp_path_factory, qwen2_parts):
+    """A tiny STORM (Mamba projector, 1 layer) + Qwen2 folder: 16 visual tokens per frame."""
+    return _model_dir(tmp_path_factory, qwen2_parts, "qwen2", "mamba", projector_num_layers=1)
+
+
+@pytest.fixture(scope="session")
+def qwen2_mlp_dir(tmp_path_factory, qwen2_parts):
+    return _model_dir(tmp_path_factory, qwen2_parts, "qwen2", "mlp")
+
+
+@pytest.fixture(scope="session")
+def llama_mamba_dir(tmp_path_factory, llama_parts):
+    return _model_dir(tmp_path_factory, llama_parts, "llama", "mamba", projector_num_layers=1)

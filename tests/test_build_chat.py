@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from fixtures_models import load, qwen2_mamba_dir, qwen2_parts, random_video, write_mp4  # noqa: F401
+from helpers import load, random_video, write_mp4
 
 from storm_vlm.cli import main
 

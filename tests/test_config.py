@@ -57,6 +57,7 @@ def test_visual_token_layout_mirrors_the_config_fields():
         (dict(vision_batch_size=0), "vision_batch_size"),
         (dict(projector_num_layers=-1), "projector_num_layers"),
         (dict(projector_bidirectional="yes"), "projector_bidirectional"),
+        (dict(projector_bidirectional=False, projector_divide_out=True), "projector_divide_out"),
         (dict(video_token_id=-3), "video_token_id"),
     ],
 )

@@ -10,7 +10,7 @@ from transformers.cache_utils import DynamicCache
 from storm_vlm import StormConfig
 from storm_vlm.model.fast_paths import STORM_SDPA, StormKVCache, _GELUTanhCPU, _GrowingKVLayer
 from storm_vlm.perf.profiling import build_random_model
-from fixtures_models import TINY_CONFIG as TINY
+from helpers import TINY_CONFIG as TINY
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import torch
 from storm_vlm.data.collator import StormCollator
 from storm_vlm.data.datasets import LlavaDataset
 from storm_vlm.data.records import load_records
+from storm_vlm.errors import StormError
 from train_helpers import processor_and_model, write_image, write_video
 
 
@@ -108,3 +109,44 @@ def test_unreadable_media_is_skipped_counted_and_logged(media, tmp_path, caplog)
     assert "id bad" in caplog.text and "id gone" in caplog.text
     assert ds[2]["record_index"] == 3 and ds[2]["num_skipped"] == 1
     assert ds[0]["record_index"] == 0 and ds[0]["num_skipped"] == 0
+
+
+def test_any_media_failure_is_a_skip_never_a_traceback(media, tmp_path, caplog, monkeypatch):
+    """A FIFO (would block the loader), a decompression bomb, and a decoder raising something
+    load_video does not wrap (OverflowError: what `"start": 1e308` raised on main) are skips."""
+    import os
+
+    from PIL import Image
+
+    from storm_vlm.data import datasets as D
+
+    os.mkfifo(media / "pipe.mp4")
+    ds = dataset(media, tmp_path, [
+        rec("fifo", ["Q"], ["A0"], video="pipe.mp4"),
+        rec("bomb", ["Q"], ["A1"], image="img.png"),
+        rec("overflow", ["Q"], ["A2"], video="two.mp4"),
+        rec("ok", ["Q"], ["A3"], video="four.mp4"),
+    ])
+    real = D.load_video
+
+    def load_video(path, **kw):
+        if path.endswith("two.mp4"):
+            raise OverflowError("cannot convert float infinity to integer")
+        return real(path, **kw)
+
+    monkeypatch.setattr(D, "load_video", load_video)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 20 x 24 px is now a "bomb"
+    with caplog.at_level(logging.WARNING, logger="storm_vlm.data"):
+        item = ds[0]
+    assert item["record_index"] == 3 and item["num_skipped"] == 3
+    log = caplog.text
+    assert "t.jsonl:1 (id fifo)" in log and "not a regular file" in log
+    assert "t.jsonl:2 (id bomb)" in log and "DecompressionBombError" in log
+    assert "t.jsonl:3 (id overflow)" in log and "OverflowError" in log
+
+
+def test_no_readable_media_at_all_names_the_first_cause(media, tmp_path):
+    ds = dataset(media, tmp_path, [rec("bad", ["Q"], ["A"], video="broken.mp4"),
+                                   rec("gone", ["Q"], ["A"], image="missing.png")])
+    with pytest.raises(StormError, match=r"none of the 2 training records has readable media \(first: .*t\.jsonl:1"):
+        ds[0]

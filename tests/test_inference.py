@@ -4,7 +4,7 @@ storm_vlm.precision (one vocabulary, one resolver)."""
 import numpy as np
 import pytest
 import torch
-from fixtures_models import qwen2_mamba_dir, qwen2_parts, random_video  # noqa: F401
+from helpers import random_video
 
 from storm_vlm import precision as P
 from storm_vlm.errors import StormError

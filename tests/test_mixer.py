@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from storm_vlm.model.projector import MambaTemporalProjector
 from storm_vlm.model.ssm import BiMambaMixer, MambaMixer, selective_scan_reference
 from storm_vlm.model.ssm import mixer as mixer_mod
 
@@ -200,3 +201,73 @@ def test_parallel_directions_match_serial(monkeypatch):
         torch.set_num_threads(prev)
     torch.testing.assert_close(par, serial, rtol=1e-12, atol=1e-12)
     assert xr.grad is not None and torch.isfinite(xr.grad).all()
+
+
+def _vim_v2_state_dict(d_model=16, d_state=16, d_conv=4, expand=2, seed=3):
+    """A state dict in the layout of Vim's bidirectional (bimamba_type "v2") Mamba, random values."""
+    g = torch.Generator().manual_seed(seed)
+    di, rank = expand * d_model, math.ceil(d_model / 16)
+    sd = {"in_proj.weight": torch.randn(2 * di, d_model, generator=g) * 0.3,
+          "out_proj.weight": torch.randn(d_model, di, generator=g) * 0.3}
+    for sfx, a_key in (("", "A_log"), ("_b", "A_b_log")):
+        sd.update({
+            a_key: torch.log(torch.rand(di, d_state, generator=g) * 3 + 0.5),
+            f"D{sfx}": torch.randn(di, generator=g),
+            f"conv1d{sfx}.weight": torch.randn(di, 1, d_conv, generator=g) * 0.5,
+            f"conv1d{sfx}.bias": torch.randn(di, generator=g) * 0.1,
+            f"x_proj{sfx}.weight": torch.randn(rank + 2 * d_state, di, generator=g) * 0.2,
+            f"dt_proj{sfx}.weight": torch.randn(di, rank, generator=g) * 0.5,
+            f"dt_proj{sfx}.bias": torch.rand(di, generator=g) * 2 - 4,
+        })
+    return {k: v.double() for k, v in sd.items()}
+
+
+def _vim_v2_forward(sd, hs, divide_out, d_state=16):
+    """Vim's v2 forward re-stated in mamba-ssm's (batch, dim, L) layout with the reference scan: each
+    direction is Mamba's conv -> x_proj -> dt_proj -> gated selective scan, the backward one on xz
+    flipped along L (z included) and flipped back; out_proj((out + out_b) / 2 if divide_out else the sum)."""
+    L = hs.shape[1]
+    xz = sd["in_proj.weight"] @ hs.transpose(1, 2)  # (b, 2 d_inner, L)
+
+    def direction(xz, sfx, a_key):
+        x, z = xz.chunk(2, dim=1)
+        w = sd[f"conv1d{sfx}.weight"]
+        x = torch.nn.functional.conv1d(x, w, sd[f"conv1d{sfx}.bias"], padding=w.shape[-1] - 1, groups=w.shape[0])
+        x = torch.nn.functional.silu(x[..., :L])
+        x_dbl = x.transpose(1, 2) @ sd[f"x_proj{sfx}.weight"].T
+        dt, B, C = torch.split(x_dbl, [x_dbl.shape[-1] - 2 * d_state, d_state, d_state], dim=-1)
+        dt = sd[f"dt_proj{sfx}.weight"] @ dt.transpose(1, 2)
+        # A, D and the dt bias in float32, as Vim (and mamba-ssm) pass them
+        return selective_scan_reference(x, dt, -torch.exp(sd[a_key].float()), B.transpose(1, 2), C.transpose(1, 2),
+                                        sd[f"D{sfx}"].float(), z=z, delta_bias=sd[f"dt_proj{sfx}.bias"].float(),
+                                        delta_softplus=True)
+
+    y = direction(xz, "", "A_log") + direction(xz.flip(-1), "_b", "A_b_log").flip(-1)
+    if divide_out:
+        y = y / 2
+    return y.transpose(1, 2) @ sd["out_proj.weight"].T
+
+
+@pytest.mark.parametrize("divide_out", [False, True])
+def test_vim_v2_state_dict_reproduces_vim_formula(divide_out):
+    sd = _vim_v2_state_dict()
+    m = BiMambaMixer(D_MODEL, divide_out=divide_out).double()
+    m.load_state_dict(sd, strict=True)
+    x = _x(b=2, L=11)
+    torch.testing.assert_close(m(x), _vim_v2_forward(sd, x, divide_out), rtol=1e-10, atol=1e-10)
+    assert m.divide_out is divide_out and f"divide_out={divide_out}" in repr(m)
+
+
+def test_divide_out_halves_the_output_and_reaches_the_projector():
+    sd = _vim_v2_state_dict()
+    halves, sums = BiMambaMixer(D_MODEL, divide_out=True).double(), BiMambaMixer(D_MODEL).double()
+    halves.load_state_dict(sd)
+    sums.load_state_dict(sd)
+    assert sums.divide_out is False
+    x = _x(b=1, L=7)
+    torch.testing.assert_close(halves(x) * 2, sums(x), rtol=1e-12, atol=1e-12)
+    proj = MambaTemporalProjector(8, D_MODEL, num_layers=2, divide_out=True)
+    assert proj.divide_out and all(layer.mixer.divide_out for layer in proj.layers)
+    assert not any(layer.mixer.divide_out for layer in MambaTemporalProjector(8, D_MODEL).layers)
+    with pytest.raises(ValueError, match="bidirectional"):
+        MambaTemporalProjector(8, D_MODEL, bidirectional=False, divide_out=True)

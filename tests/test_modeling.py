@@ -2,14 +2,7 @@ import itertools
 
 import pytest
 import torch
-from fixtures_models import (  # noqa: F401
-    llama_mamba_dir,
-    load,
-    qwen2_mamba_dir,
-    qwen2_mlp_dir,
-    random_video,
-    video_question,
-)
+from helpers import load, random_video, video_question
 
 from storm_vlm import StormForConditionalGeneration
 

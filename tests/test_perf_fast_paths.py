@@ -10,7 +10,7 @@ from storm_vlm import StormConfig
 from storm_vlm.model import fast_paths
 from storm_vlm.model.fast_paths import DecodeStep, StormKVCache, enable_fast_paths
 from storm_vlm.perf.profiler import build_random_model
-from fixtures_models import TINY_CONFIG as TINY
+from helpers import TINY_CONFIG as TINY
 
 LLAMA = dict(TINY, text_config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=64,

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from fixtures_models import llama_parts, qwen2_parts, random_video, video_question  # noqa: F401
+from helpers import random_video, video_question
 
 from storm_vlm import StormConfig, StormProcessor
 from storm_vlm.errors import StormError

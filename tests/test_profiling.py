@@ -21,8 +21,7 @@ from storm_vlm.perf.profiler import (
     profile_model,
 )
 from storm_vlm.perf.report import format_table, plot_profile, write_profile
-from fixtures_models import TINY_CONFIG as TINY
-from fixtures_models import qwen2_mamba_dir, qwen2_parts  # noqa: F401
+from helpers import TINY_CONFIG as TINY
 
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -205,8 +204,9 @@ def test_tune_cpu_allocator_stops_page_faults_of_reused_memory():
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["state"]["tuned"] and res["state"]["mmap_threshold"] == 32 * 2**20
     assert res["again"] == res["state"]  # idempotent
-    # (how many faults the defaults give depends on glibc's dynamic thresholds, usually ~100,000)
-    assert res["after"] < 200, res
+    # (how many faults the defaults give depends on glibc's dynamic thresholds, usually ~100,000; after
+    # tuning it is ~0, unless the kernel reclaims idle heap pages meanwhile, e.g. DAMON on a shared host)
+    assert res["after"] * 10 < max(res["before"], 2000), res
 
 
 def test_measure_cpu_roofline():

@@ -192,3 +192,14 @@ def test_nan_in_real_frame_is_not_hidden():
     feats[0, 0, 3, 0] = math.nan
     with torch.no_grad():
         assert torch.isnan(proj(feats)).any()
+
+
+def test_divide_out_is_a_saved_config_switch(tmp_path):
+    from storm_vlm import StormConfig, StormForConditionalGeneration
+    from helpers import TINY_CONFIG
+
+    model = StormForConditionalGeneration(StormConfig(**TINY_CONFIG, projector_divide_out=True))
+    assert all(layer.mixer.divide_out for layer in model.projector.layers)
+    model.save_pretrained(tmp_path)
+    assert StormConfig.from_pretrained(tmp_path).projector_divide_out is True
+    assert StormForConditionalGeneration.from_pretrained(tmp_path).projector.layers[0].mixer.divide_out

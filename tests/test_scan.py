@@ -9,25 +9,29 @@ import torch.nn.functional as F
 from storm_vlm.model.ssm import selective_scan, selective_scan_reference
 
 
-def _naive(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """Scalar-loop transcription of the recurrence, independent of both implementations."""
+def _naive(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None):
+    """Scalar-loop transcription of the recurrence, independent of both implementations. B, C:
+    (b, N, L), (b, G, N, L) or constant (d, N), read as mamba-ssm's selective_scan_ref reads them."""
     b, d, L = u.shape
     n = A.shape[1]
-    if B.dim() == 3:
-        B, C = B[:, None], C[:, None]
-    hd = d // B.shape[1]
+
+    def at(X, bi, di, t):  # the (N,) row channel di uses at step t
+        if X.dim() == 2:
+            return X[di].double()
+        X4 = X[:, None] if X.dim() == 3 else X
+        return X4[bi, di // (d // X4.shape[1]), :, t].double()
+
     out = torch.zeros(b, d, L, dtype=torch.float64)
     last = torch.zeros(b, d, n, dtype=torch.float64)
     for bi in range(b):
         for di in range(d):
-            gi = di // hd
-            h = torch.zeros(n, dtype=torch.float64)
+            h = torch.zeros(n, dtype=torch.float64) if initial_state is None else initial_state[bi, di].double()
             for t in range(L):
                 dl = float(delta[bi, di, t]) + (float(delta_bias[di]) if delta_bias is not None else 0.0)
                 if delta_softplus:
                     dl = math.log1p(math.exp(dl))
-                h = torch.exp(dl * A[di].double()) * h + dl * float(u[bi, di, t]) * B[bi, gi, :, t].double()
-                y = float((h * C[bi, gi, :, t].double()).sum())
+                h = torch.exp(dl * A[di].double()) * h + dl * float(u[bi, di, t]) * at(B, bi, di, t)
+                y = float((h * at(C, bi, di, t)).sum())
                 if D is not None:
                     y += float(D[di]) * float(u[bi, di, t])
                 if z is not None:
@@ -38,7 +42,9 @@ def _naive(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=Fa
     return out, last
 
 
-def _inputs(dtype, b=2, d=6, L=11, n=4, groups=None, D=True, z=True, bias=True, seed=0):
+def _inputs(dtype, b=2, d=6, L=11, n=4, groups=None, D=True, z=True, bias=True, seed=0, const="", h0=False):
+    """Scan arguments; ``const``: "B", "C" or "BC" makes those constant over time, (d, n);
+    ``h0``: add an initial_state."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*s):
@@ -49,12 +55,14 @@ def _inputs(dtype, b=2, d=6, L=11, n=4, groups=None, D=True, z=True, bias=True, 
         u=r(b, d, L),
         delta=torch.rand(b, d, L, generator=g, dtype=dtype) * 0.6 - 0.1,
         A=-torch.rand(d, n, generator=g, dtype=dtype) * 3 - 0.1,
-        B=r(*bc),
-        C=r(*bc),
+        B=r(d, n) if "B" in const else r(*bc),
+        C=r(d, n) if "C" in const else r(*bc),
         D=r(d) if D else None,
         z=r(b, d, L) if z else None,
         delta_bias=r(d) * 0.3 if bias else None,
     )
+    if h0:
+        t["initial_state"] = r(b, d, n)
     return {k: (v.requires_grad_() if v is not None else None) for k, v in t.items()}
 
 
@@ -288,3 +296,83 @@ def test_channel_blocks_in_threads_equal_reference(monkeypatch, groups, reverse)
     finally:
         torch.set_num_threads(prev)
     _assert_close(fast, _run(selective_scan_reference, t, True, reverse=reverse), rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- constant B / C, initial state
+def _detached(t):
+    return {k: (v.detach() if v is not None else None) for k, v in t.items()}
+
+
+@pytest.mark.parametrize("const,groups", [("B", None), ("C", 3), ("BC", None)])
+def test_constant_B_C_and_initial_state_match_scalar_loop(const, groups):
+    t = _detached(_inputs(torch.float64, b=2, d=6, L=7, n=3, groups=groups, const=const, h0=True))
+    want_out, want_last = _naive(**t, delta_softplus=True)
+    for fn in (selective_scan_reference, selective_scan):
+        out, last = fn(**t, delta_softplus=True, return_last_state=True)
+        torch.testing.assert_close(out, want_out)
+        torch.testing.assert_close(last, want_last)
+
+
+def test_constant_B_C_mean_every_step_of_each_channel():
+    """mamba-ssm's reading of a (dim, N) B / C: channel d uses row d at every step, i.e. the same as
+    a per-step B / C with one group per channel holding that row at each step."""
+    t = _detached(_inputs(torch.float64, b=2, d=4, L=9, n=3, const="BC"))
+    per_step = {**t, "B": t["B"][None, :, :, None].expand(2, 4, 3, 9), "C": t["C"][None, :, :, None].expand(2, 4, 3, 9)}
+    for fn in (selective_scan_reference, selective_scan):
+        torch.testing.assert_close(fn(**t, delta_softplus=True), fn(**per_step, delta_softplus=True))
+
+
+@pytest.mark.parametrize("const,groups,reverse", [("", None, False), ("B", 2, True), ("C", None, False),
+                                                  ("BC", None, True), ("", 3, True)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32: the C kernel when it builds
+def test_fast_equals_reference_with_constant_B_C_and_initial_state(const, groups, reverse, dtype):
+    t = _inputs(dtype, b=2, d=12, L=23, n=5, groups=groups, const=const, h0=True)
+    tol = 1e-10 if dtype == torch.float64 else 3e-5
+    got = _run(selective_scan, t, True, chunk=4, reverse=reverse)
+    assert "d_initial_state" in got and got["d_initial_state"].abs().sum() > 0
+    _assert_close(got, _run(selective_scan_reference, t, True, reverse=reverse), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_scanning_in_pieces_from_the_last_state_equals_one_scan(reverse, dtype):
+    """last_state of one piece as initial_state of the next: outputs and final state as in one go
+    (float32: identical, the recurrence is the same sequence of operations)."""
+    t = _detached(_inputs(dtype, b=2, d=20, L=50, n=8))
+    whole, whole_last = selective_scan(**t, delta_softplus=True, return_last_state=True, chunk=8, reverse=reverse)
+    edges = [0, 13, 14, 40, 50]
+    pieces = list(zip(edges[:-1], edges[1:]))
+    state, outs = None, {}
+    for s, e in (reversed(pieces) if reverse else pieces):
+        part = {k: (v[..., s:e] if k in ("u", "delta", "z", "B", "C") else v) for k, v in t.items()}
+        outs[s], state = selective_scan(**part, delta_softplus=True, return_last_state=True, chunk=8,
+                                        reverse=reverse, initial_state=state)
+    out = torch.cat([outs[s] for s, _ in pieces], dim=-1)
+    if dtype == torch.float32:
+        assert torch.equal(out, whole) and torch.equal(state, whole_last)
+    else:
+        torch.testing.assert_close(out, whole, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(state, whole_last, rtol=1e-12, atol=1e-12)
+
+
+def test_initial_state_of_an_empty_sequence_is_the_last_state():
+    t = _detached(_inputs(torch.float32, L=0, h0=True))
+    out, last = selective_scan(**t, return_last_state=True)
+    assert out.shape == (2, 6, 0) and torch.equal(last, t["initial_state"])
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        (dict(initial_state=torch.zeros(2, 6, 5)), r"initial_state must be \(batch, dim, N\) = \(2, 6, 4\)"),
+        (dict(B=torch.zeros(6, 5)), r"B must be .*constant \(dim, N\) = \(6, 4\), got shape \(6, 5\)"),
+        (dict(C=torch.zeros(4, 6)), r"C must be .*\(4, 6\)"),
+        (dict(initial_state=torch.zeros(2, 6, 4, dtype=torch.long)), r"initial_state must be a floating-point"),
+    ],
+)
+@pytest.mark.parametrize("fn", [selective_scan, selective_scan_reference])
+def test_bad_constant_B_C_or_initial_state_raise_value_error(fn, override, match):
+    t = _detached(_inputs(torch.float32))
+    t.update(override)
+    with pytest.raises(ValueError, match=match):
+        fn(**t)

@@ -1,6 +1,9 @@
 """The fused C forward and backward (ssm/_scan_kernel.c) against the reference and the pure-PyTorch path."""
 
+import hashlib
 import shutil
+import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,6 +60,25 @@ def test_kernel_equals_reference_and_pytorch_path(monkeypatch, pytorch_path, b, 
                   rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("const,groups,reverse,threads",
+                         [("B", None, False, 1), ("C", 2, True, 1), ("BC", None, False, 3), ("", 4, True, 3)])
+def test_kernel_constant_B_C_and_initial_state(monkeypatch, pytorch_path, const, groups, reverse, threads):
+    """Constant (d, N) B / C and an initial state in the kernel, forward and backward (its gradient
+    included), also split over threads, against the reference and the PyTorch path."""
+    monkeypatch.setattr(fast_scan, "_PARALLEL_MIN_WORK", 0)
+    calls, bwd_calls = _calls(monkeypatch), _calls(monkeypatch, "scan_backward")
+    t = _inputs(torch.float32, b=2, d=40, L=37, n=6, groups=groups, const=const, h0=True)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        kernel = _run(selective_scan, t, True, reverse=reverse, chunk=8)
+    finally:
+        torch.set_num_threads(prev)
+    assert len(calls) == len(bwd_calls) == (1 if threads == 1 else 3)
+    _assert_close(kernel, _run(selective_scan_reference, t, True, reverse=reverse), rtol=3e-5, atol=3e-5)
+    _assert_close(kernel, pytorch_path(_run, selective_scan, t, True, reverse=reverse, chunk=8), rtol=3e-5, atol=3e-5)
+
+
 def test_float64_does_not_use_the_kernel(monkeypatch):
     calls = _calls(monkeypatch)
     t = {k: (v.detach() if v is not None else None) for k, v in _inputs(torch.float64).items()}
@@ -75,12 +97,13 @@ def test_channel_ranges_in_threads(monkeypatch):
     prev = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        assert fast_scan._kernel_ranges(40, 10**9) == [(0, 16), (16, 24), (24, 40)]
+        assert fast_scan._kernel_ranges(40, 10**9) == [(0, 16), (16, 24), (24, 40)]  # 8-lane vectors
+        want = fast_scan._kernel_ranges(40, 10**9, cpu_kernel.load().storm_lanes)
         calls.clear(), bwd_calls.clear()
         three = _run(selective_scan, t, True)
     finally:
         torch.set_num_threads(prev)
-    assert sorted(calls) == sorted(bwd_calls) == [(0, 16), (16, 24), (24, 40)]
+    assert len(want) > 1 and sorted(calls) == sorted(bwd_calls) == want
     # channel-wise results are bit-identical; B and C gradients are sums of the threads' shares
     _assert_close(three, one, rtol=1e-6, atol=1e-6)
     assert all(torch.equal(three[k], one[k]) for k in ("out", "last", "d_u", "d_delta", "d_A"))
@@ -112,8 +135,8 @@ def test_nan_stays_nan_in_the_kernel(monkeypatch):
 
 
 def test_without_a_compiler_the_pytorch_scan_is_used(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(cpu_kernel, "_lib", None)
-    monkeypatch.setattr(cpu_kernel, "_tried", False)
+    monkeypatch.setattr(cpu_kernel, "_libs", {})
+    monkeypatch.setattr(cpu_kernel, "_warned", set())
     monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
     with caplog.at_level("WARNING", logger="storm_vlm.model.ssm"):
         assert cpu_kernel.load() is None
@@ -123,13 +146,19 @@ def test_without_a_compiler_the_pytorch_scan_is_used(monkeypatch, tmp_path, capl
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="needs cc")
-def test_build_is_cached_and_atomic(monkeypatch, tmp_path):
+def test_build_is_cached_private_and_atomic(monkeypatch, tmp_path):
     monkeypatch.setenv("STORM_VLM_CACHE", str(tmp_path))
-    first = cpu_kernel._build(shutil.which("cc"))
-    assert first.parent == tmp_path / "kernels" and first.suffix == ".so"
+    monkeypatch.setenv("CC", "cc")
+    first = Path(cpu_kernel.build("generic").storm_origin)
+    kernels = tmp_path / "kernels"
+    assert first.parent.parent == kernels and first.name == "lib.so" and first.parent.name.startswith("scan-generic-4-")
+    assert [p.name for p in kernels.iterdir()] == [first.parent.name]  # no temporary left behind
+    assert sorted(p.name for p in first.parent.iterdir()) == ["lib.so", "lib.so.sha256"]
+    assert stat.S_IMODE(kernels.stat().st_mode) == 0o700 and stat.S_IMODE(first.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(first.stat().st_mode) == 0o600
+    assert (first.parent / "lib.so.sha256").read_text().strip() == hashlib.sha256(first.read_bytes()).hexdigest()
     mtime = first.stat().st_mtime_ns
-    assert cpu_kernel._build(shutil.which("cc")) == first and first.stat().st_mtime_ns == mtime
-    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [first.name]  # no temporary left behind
+    assert cpu_kernel.build("generic").storm_origin == str(first) and first.stat().st_mtime_ns == mtime
 
 
 def test_compile_error_names_the_source(monkeypatch, tmp_path):
@@ -138,5 +167,114 @@ def test_compile_error_names_the_source(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernel, "SOURCE", bad)
     monkeypatch.setenv("STORM_VLM_CACHE", str(tmp_path / "cache"))
     with pytest.raises(RuntimeError, match="bad.c"):
-        cpu_kernel._build(shutil.which("cc") or "gcc")
+        cpu_kernel.build("generic")
     assert list((tmp_path / "cache" / "kernels").iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- instruction-set paths
+def _runnable(isa):
+    order = list(cpu_kernel.ISAS)
+    return order.index(isa) <= order.index(cpu_kernel.detect_isa())
+
+
+# (path, lanes): every path at its own width, and the wider logic built with narrower flags (the
+# compiler splits each vector), so the 16-lane code runs and is checked on an AVX2 machine too
+VARIANTS = [("generic", None), ("generic", 8), ("generic", 16), ("avx2", None), ("avx2", 16), ("avx512", None)]
+
+
+@pytest.mark.parametrize("isa,lanes", VARIANTS, ids=[f"{i}-{n or 'own'}" for i, n in VARIANTS])
+def test_each_isa_path_equals_reference(monkeypatch, pytorch_path, isa, lanes):
+    if not _runnable(isa):
+        pytest.skip(f"this CPU does not run {isa} (test_every_isa_path_compiles builds it)")
+    lib = cpu_kernel.build(isa, lanes)
+    assert lib.storm_isa == isa and lib.storm_lanes == (lanes or cpu_kernel.ISAS[isa].lanes)
+    monkeypatch.setattr(cpu_kernel, "load", lambda *a, **k: lib)
+    calls, bwd_calls = _calls(monkeypatch), _calls(monkeypatch, "scan_backward")
+    for b, d, L, n, groups, reverse, time_major, const in [
+            (2, 37, 70, 16, None, False, True, ""),  # ragged vector
+            (1, 40, 33, 5, 2, True, False, "C"),  # groups of 20, odd N, constant C
+            (2, 24, 30, 4, None, False, True, "BC"),  # constant B and C
+            (3, 16, 1, 4, None, False, False, "")]:  # L = 1
+        t = _inputs(torch.float32, b=b, d=d, L=L, n=n, groups=groups, const=const, h0=b == 2)
+        if time_major:
+            t = {k: (v.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+                     if k in ("u", "delta", "z") else v) for k, v in t.items()}
+        calls.clear(), bwd_calls.clear()
+        got = _run(selective_scan, t, True, reverse=reverse, chunk=8)
+        assert calls and bwd_calls
+        _assert_close(got, _run(selective_scan_reference, t, True, reverse=reverse), rtol=2e-5, atol=2e-5)
+
+
+def test_channel_ranges_follow_the_vector_width(monkeypatch):
+    monkeypatch.setattr(fast_scan, "_PARALLEL_MIN_WORK", 0)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert fast_scan._kernel_ranges(40, 10**9, 16) == [(0, 32), (32, 40)]  # whole 16-channel vectors
+        assert fast_scan._kernel_ranges(40, 10**9, 4) == [(0, 20), (20, 40)]
+    finally:
+        torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("isa", list(cpu_kernel.ISAS))
+def test_every_isa_path_compiles(isa):
+    """Each path builds with its flags here, also the ones this CPU cannot run (compiled, not loaded)."""
+    if isa != "generic" and cpu_kernel.platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("x86 flags")
+    spec = cpu_kernel.ISAS[isa]
+    data, _ = cpu_kernel._library_bytes(shutil.which("cc") or "gcc", spec, spec.lanes)
+    assert data[:4] == b"\x7fELF" or len(data) > 1000
+
+
+def test_isa_detection_reads_cpu_flags_not_vendor(monkeypatch):
+    def detect(flags, machine="x86_64", capability="DEFAULT"):
+        monkeypatch.setattr(cpu_kernel, "cpu_flags", lambda: flags)
+        monkeypatch.setattr(cpu_kernel.platform, "machine", lambda: machine)
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        cpu_kernel.detect_isa.cache_clear()
+        return cpu_kernel.detect_isa()
+
+    try:
+        skx = {"sse2", "avx", "avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl"}
+        assert detect(skx) == "avx512"
+        assert detect(skx - {"avx512vl"}) == "avx2"  # e.g. Xeon Phi's AVX-512F alone: the AVX2 build
+        assert detect({"sse2", "avx", "avx2", "fma"}) == "avx2"
+        assert detect({"sse2", "avx", "avx2"}) == "generic"  # no FMA
+        assert detect({"sse2"}) == "generic"
+        assert detect(skx, machine="aarch64") == "generic"
+        assert detect(None, capability="AVX512") == "avx512"  # no /proc/cpuinfo: PyTorch's check
+        assert detect(None, capability="AVX2") == "avx2"
+        assert detect(None, capability="DEFAULT") == "generic"
+    finally:
+        cpu_kernel.detect_isa.cache_clear()
+
+
+def test_env_forces_a_narrower_path_never_a_wider_one(monkeypatch, caplog):
+    monkeypatch.setattr(cpu_kernel, "detect_isa", lambda: "avx2")
+    monkeypatch.setattr(cpu_kernel, "_warned", set())
+    monkeypatch.setenv(cpu_kernel.ENV_ISA, "generic")
+    assert cpu_kernel.selected_isa() == "generic"
+    lib = cpu_kernel.load()
+    assert lib.storm_isa == "generic" and lib.storm_lanes == 4
+    assert cpu_kernel.load() is lib
+    for bad in ("avx512", "sse9"):
+        monkeypatch.setenv(cpu_kernel.ENV_ISA, bad)
+        with caplog.at_level("WARNING", logger="storm_vlm.model.ssm"):
+            assert cpu_kernel.selected_isa() == "avx2"
+        assert f"{cpu_kernel.ENV_ISA}={bad}" in caplog.text
+    monkeypatch.delenv(cpu_kernel.ENV_ISA)
+    with caplog.at_level("WARNING", logger="storm_vlm.model.ssm"):
+        assert cpu_kernel.selected_isa("avx512") == "avx2"  # an explicit request is held to the CPU too
+    assert "asked for avx512 needs instructions this CPU does not report" in caplog.text
+
+
+def test_a_path_that_fails_to_build_falls_back_to_a_narrower_one(monkeypatch, caplog):
+    monkeypatch.setattr(cpu_kernel, "detect_isa", lambda: "avx2")
+    monkeypatch.setattr(cpu_kernel, "_libs", {})
+    monkeypatch.setattr(cpu_kernel, "_warned", set())
+    broken = cpu_kernel.Isa("avx2", 8, ("-mno-such-flag",), ("avx2", "fma"))
+    monkeypatch.setitem(cpu_kernel.ISAS, "avx2", broken)
+    with caplog.at_level("WARNING", logger="storm_vlm.model.ssm"):
+        lib = cpu_kernel.load("avx2")
+    assert lib.storm_isa == "generic"
+    assert "avx2 did not build" in caplog.text

@@ -6,7 +6,7 @@ import sys
 import tempfile
 
 import pytest
-from fixtures_models import qwen2_mamba_dir, random_video, write_mp4  # noqa: F401
+from helpers import random_video, write_mp4
 
 from storm_vlm.cli import build_parser, main
 from storm_vlm.eval import extract_choice
@@ -241,26 +241,34 @@ def test_taken_port_is_one_clear_message(qwen2_mamba_dir, capsys):
 # ---------------------------------------------------------------- web demo (imports gradio: last)
 
 
-def test_web_demo_builds_and_answers(engine, video, tmp_path):
+def test_web_page_builds_and_a_turn_streams_into_the_conversation(engine, video, tmp_path):
     import gradio as gr
 
-    from storm_vlm.serve.web import answer_video, build_demo
+    from storm_vlm.serve.web import ERROR_PREFIX, build_demo, chat_turn
 
-    demo = build_demo(engine)
+    demo = build_demo(engine, examples_dir=tmp_path / "examples")
     assert isinstance(demo, gr.Blocks)
     kinds = [c.get("type") for c in demo.get_config_file()["components"]]
-    for kind in ("video", "textbox", "slider", "dropdown", "button"):
+    for kind in ("video", "chatbot", "textbox", "slider", "dropdown", "button", "dataset"):
         assert kind in kinds
+    assert sorted(p.name for p in (tmp_path / "examples").iterdir()) == ["flash.mp4", "square.mp4"]
 
-    text, tokens, latency = answer_video(engine, str(video), "What colour?", "red\nblue", 4, "2", 2)
-    assert tokens.startswith(f"{engine.config.num_visual_tokens(4, 2)} visual tokens")
-    assert "names none of the options" in text or "-> option " in text
-    assert latency.startswith("total ")
+    steps = list(chat_turn(engine, str(video), "What colour?", [], [], "red\nblue", 4, "2", 3))
+    chat, turns, status = steps[-1]
+    assert [m["role"] for m in chat] == ["user", "assistant"] and chat[0]["content"] == "What colour?"
+    assert "names none of the options" in chat[1]["content"] or "→ option " in chat[1]["content"]
+    assert status.startswith(f"{engine.config.num_visual_tokens(4, 2)} visual tokens")
+    assert len(steps) >= 2 and len(turns) == 1  # the answer streamed in; the model saw one turn
+    # a second turn about the same video carries the history
+    chat2, turns2, _ = list(chat_turn(engine, str(video), "Sure?", chat, turns, "", 4, "default", 2))[-1]
+    assert len(chat2) == 4 and len(turns2) == 2 and turns2[0] == turns[0]
 
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"\x00not a video" * 50)
-    with pytest.raises(gr.Error) as info:
-        answer_video(engine, str(bad), "What happens?")
-    assert info.value.message.startswith("broken.mp4: ") and "not a readable video" in info.value.message
-    with pytest.raises(gr.Error, match="Upload a video"):
-        answer_video(engine, None, "What happens?")
+    chat, turns, _ = list(chat_turn(engine, str(bad), "What happens?", [], []))[-1]
+    assert chat[-1]["content"].startswith(ERROR_PREFIX + "broken.mp4: ") and turns == []
+    assert "not a readable video" in chat[-1]["content"]
+    chat, _, _ = list(chat_turn(engine, None, "What happens?", [], []))[-1]
+    assert "Upload a video" in chat[-1]["content"]
+    chat, _, _ = list(chat_turn(engine, str(video), "q", [], [], "\n".join(str(i) for i in range(30))))[-1]
+    assert "between 2 and 26 options" in chat[-1]["content"]

@@ -9,7 +9,7 @@ from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
 
 from storm_vlm.train.config import config_from_dict
-from storm_vlm.train.launch import end_accelerator, make_accelerator, use_bf16
+from storm_vlm.train.launch import end_accelerator, make_accelerator, mixed_precision
 from storm_vlm.train.trainer import StepBatchSampler, Trainer
 from train_helpers import base_config, make_dataset
 
@@ -82,11 +82,13 @@ def test_bf16_only_where_the_hardware_has_it(data, tmp_path, monkeypatch, caplog
     cfg = config_from_dict(base_config(tmp_path / "run", data, bf16=True, max_steps=1))
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
     with caplog.at_level(logging.WARNING, logger="storm_vlm.train"):
-        assert use_bf16(cfg, "cpu") is False
+        assert mixed_precision(cfg, "cpu") == "no"
     assert "no native bf16" in caplog.text
-    assert use_bf16(config_from_dict(base_config(tmp_path / "run", data)), "cpu") is False  # auto: never on CPU
+    auto = config_from_dict(base_config(tmp_path / "run", data))
+    assert mixed_precision(auto, "cpu") == "no"  # auto: bf16 only where the CPU has it
 
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    assert mixed_precision(auto, "cpu") == "bf16"
     accelerator, owns_group = make_accelerator(cfg)
     try:
         assert accelerator.mixed_precision == "bf16"

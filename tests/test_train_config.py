@@ -30,7 +30,7 @@ def test_overrides_are_yaml_typed_and_nested(tmp_path):
         write(tmp_path, BASE),
         ["max_steps=3", "bf16=true", "projector_lr=1e-3", "lora.r=4", "lora.target_modules=[q_proj]", "seed=7"],
     )
-    assert cfg.max_steps == 3 and cfg.bf16 is True and cfg.seed == 7
+    assert cfg.max_steps == 3 and cfg.precision == "bfloat16" and cfg.seed == 7
     assert cfg.projector_lr == pytest.approx(1e-3) and cfg.effective_projector_lr == pytest.approx(1e-3)
     assert cfg.lora.r == 4 and cfg.lora.target_modules == ["q_proj"]
     assert cfg.learning_rate == pytest.approx(1e-4)
@@ -65,11 +65,16 @@ stages:
         (["bogus_key=1"], "bogus_key"),
         (["lora.rank=8"], "lora.rank"),
         (["bf16=maybe"], "bf16"),
+        (["precision=int8"], "precision"),
+        (["precision=float32", "bf16=true"], "contradicts"),
         (["distributed=deepspeed"], "distributed"),
         (["train_parts=[projector, eyes]"], "train_parts"),
         (["init_from=runs/a"], "init_from"),  # two model sources
         (["seed=null"], "seed"),
         (["build.llm=x"], "build"),
+        (["learning_rate=.inf"], "learning_rate"),
+        (["adam_epsilon=.nan"], "adam_epsilon"),
+        (["weight_decay=1e999"], "weight_decay"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, overrides, key):
@@ -97,3 +102,10 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
     assert main(["train", str(write(tmp_path, BASE)), "--set", "warmup_ratio=2"]) == 2
     err = capsys.readouterr().err
     assert "warmup_ratio" in err and "Traceback" not in err
+
+
+def test_an_unknown_stage_is_named_before_anything_else(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("stage: align\nstages:\n  align: {output_dir: o, max_steps: 1}\n")
+    with pytest.raises(ConfigError, match="key 'stage': 'foo' is not a stage"):
+        load_config(path, ["stage=foo"])

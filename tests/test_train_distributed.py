@@ -77,9 +77,13 @@ def test_fsdp2_two_processes_match_and_save_full_checkpoints(setup):
     assert max(float((ck[k] - ref_ck[k]).abs().max()) for k in ck) < 1e-5
     osd = torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=True)
     assert any(k.startswith("projector.") for k in osd["state"])
-    # Resume under FSDP2 from checkpoint-2 (as if killed after it): same final weights.
+    # Resume under FSDP2 from checkpoint-2 (as if killed after it): same final weights. A damaged
+    # newer checkpoint-3 (only its trainer_state.json) is skipped by rank 0, and rank 1 follows it.
     first = load_file(str(out / "final" / "model.safetensors"))
     shutil.rmtree(out / "final")
+    (out / "checkpoint-3").mkdir()
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    (out / "checkpoint-3" / "trainer_state.json").write_text(json.dumps(dict(state, global_step=3)))
     torchrun(setup["cfg"], out, "distributed=fsdp", resume=True)
     again = load_file(str(out / "final" / "model.safetensors"))
     assert all(torch.equal(first[k], again[k]) for k in first)

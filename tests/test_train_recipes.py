@@ -46,7 +46,7 @@ def real_size(stage, folders, *extra):
 def test_real_size_recipes_instantiate_on_meta(stage, folders):
     cfg = real_size(stage, folders)
     assert cfg.stage == stage and cfg.lr_scheduler == "cosine" and cfg.warmup_ratio == pytest.approx(0.03)
-    assert cfg.bf16 is True and cfg.gradient_checkpointing and cfg.distributed == "fsdp"
+    assert cfg.precision == "bfloat16" and cfg.gradient_checkpointing and cfg.distributed == "fsdp"
     model = instantiate_on_meta(cfg)
     assert all(p.device.type == "meta" for p in model.parameters())
     counts = count_parameters(model)

@@ -10,10 +10,10 @@ import numpy as np
 
 def write_video(path: Path, frames: np.ndarray, fps: int = 8) -> Path:
     """Write (T, H, W, 3) uint8 frames as an mp4 (PyAV, libx264 or mpeg4)."""
-    from storm_vlm.demo.synth import _pick_codec, write_mp4
+    from storm_vlm.demo.synth import pick_codec, write_mp4
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_mp4(str(path), frames, fps, _pick_codec(None))
+    write_mp4(str(path), frames, fps, pick_codec(None))
     return path
 
 

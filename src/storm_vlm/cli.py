@@ -12,8 +12,9 @@ import argparse
 import importlib
 import sys
 
-from storm_vlm.perf.allocator import tune_cpu_allocator
+from storm_vlm import __version__
 from storm_vlm.errors import StormError
+from storm_vlm.perf.allocator import tune_cpu_allocator
 
 # name -> (module under storm_vlm.commands, one-line help)
 COMMANDS = {
@@ -36,6 +37,7 @@ def _load(name: str):
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="storm-vlm", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"storm-vlm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

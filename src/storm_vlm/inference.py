@@ -8,6 +8,8 @@ Every caller goes through here — `storm-vlm eval`, the lmms-eval plugin, `chat
   first user turn, as the model was trained.
 - `Predictor`: renders the chat template once and tokenizes once per request, applies the
   precision's autocast, times the prefill, and decodes greedily unless told otherwise.
+- `ChatSession`: a multi-turn conversation about one video, which is encoded once: each turn
+  reuses the KV cache of everything said before.
 
 Shapes: frames are (T, H, W, 3) uint8 arrays (what `storm_vlm.load_video` returns).
 """
@@ -22,17 +24,20 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessorList
+from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessorList, TextStreamer
 from transformers.utils import logging as hf_logging
 
 from storm_vlm.errors import StormError
 from storm_vlm.precision import Precision, resolve_precision
 from storm_vlm.utils import check_model_dir
 
-__all__ = ["GREEDY", "Predictor", "Reply", "build_messages", "load_model", "resolve_device"]
+__all__ = ["EMPTY_ANSWER", "GREEDY", "ChatSession", "Predictor", "PrintStreamer", "Reply", "build_messages",
+           "load_model", "resolve_device"]
 
 # The decoding every evaluation uses (and the default everywhere): greedy, one beam.
 GREEDY = {"do_sample": False, "num_beams": 1}
+# What is shown instead of a blank line when the model ends its turn at once.
+EMPTY_ANSWER = "(empty answer: the model ended its turn at once)"
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -241,3 +246,83 @@ class Predictor:
         logp = logits[0, -n - 1:-1].float().log_softmax(-1)
         target = cont[0]
         return float(logp.gather(-1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all())
+
+
+class PrintStreamer(TextStreamer):
+    """Prints an answer to `file` as it is generated (a `generate` streamer), and `EMPTY_ANSWER`
+    when it is empty, never a blank line."""
+
+    def __init__(self, tokenizer, file=None):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.file = file if file is not None else sys.stdout
+        self.printed = False
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.printed = self.printed or bool(text.strip())
+        print(text.rstrip("\n") if stream_end else text, end="", file=self.file, flush=True)
+        if stream_end:
+            print("" if self.printed else EMPTY_ANSWER, file=self.file, flush=True)
+
+
+class ChatSession:
+    """A multi-turn conversation about one video (or none), for `storm-vlm chat`.
+
+    The video goes through the vision tower and the projector once: the session keeps the KV
+    cache of every token so far, and each turn renders the whole conversation, keeps the cache
+    for the longest prefix whose tokens did not change (the system prompt and the video's visual
+    tokens among them) and runs only the rest. `reset()` forgets the questions and answers but
+    keeps the video's part of the cache; `set_video` starts over with another video.
+    """
+
+    def __init__(self, predictor: Predictor, frames: np.ndarray | None = None,
+                 temporal_sample_stride: int | None = None, system: str | None = None):
+        self.predictor = predictor
+        self.stride = temporal_sample_stride
+        self.system = system
+        self.history: list[tuple[str, str]] = []
+        self.set_video(frames)
+
+    def set_video(self, frames: np.ndarray | None) -> None:
+        self.frames = frames
+        self.history = []
+        self._cache = None
+        self._cached_ids: list[int] = []
+
+    def reset(self) -> None:
+        self.history = []
+
+    def ask(self, question: str, max_new_tokens: int = 256, streamer=None, **generation) -> Reply:
+        """Answer `question` after the turns so far (greedy unless `generation` says otherwise)."""
+        p = self.predictor
+        prompt = p.render(build_messages(question, self.history, self.system, video=self.frames is not None))
+        inputs = p.encode(prompt, [] if self.frames is None else [self.frames], self.stride)
+        ids = inputs["input_ids"][0].tolist()
+        keep = 0
+        for a, b in zip(ids, self._cached_ids):
+            if a != b:
+                break
+            keep += 1
+        keep = min(keep, len(ids) - 1)  # the last prompt token always runs: it gives the first logits
+        visual = [i for i, t in enumerate(ids) if t in (p.processor.video_token_id, p.processor.image_token_id)]
+        if self._cache is not None and (not visual or keep > visual[-1]):
+            self._cache.crop(keep - self._cache.get_seq_length())  # a negative count: tokens to drop
+            inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
+                      "cache": self._cache}
+        else:
+            self._cache = None  # the video's tokens changed: encode it again
+        t0 = time.perf_counter()
+        first = _FirstLogits(p.model.device)
+        processors = LogitsProcessorList([*generation.pop("logits_processor", []), first])
+        kwargs = {**GREEDY, **generation, "max_new_tokens": max_new_tokens}
+        with torch.inference_mode(), p._context():
+            out = p.model.generate(**inputs, logits_processor=processors, streamer=streamer,
+                                   return_dict_in_generate=True, **kwargs)
+        end = time.perf_counter()
+        sequence = out.sequences[0].tolist()
+        self._cache = out.cache
+        self._cached_ids = sequence[: self._cache.get_seq_length()]
+        new = sequence[len(ids):]
+        text = p.tokenizer.decode(new, skip_special_tokens=True).strip()
+        self.history.append((question, text))
+        return Reply(text=text, token_ids=new, prompt_tokens=len(ids), visual_tokens=len(visual),
+                     prefill_s=round((first.at or end) - t0, 4), generate_s=round(end - t0, 4))

@@ -21,6 +21,7 @@ from fractions import Fraction
 import numpy as np
 
 from storm_vlm.errors import StormError
+from storm_vlm.utils import check_int
 
 __all__ = ["VideoClip", "VideoDecodeError", "load_video", "rotate_frame", "uniform_indices"]
 
@@ -120,8 +121,10 @@ def _describe(exc: BaseException) -> str:
 
 
 def _check_args(path: str, num_frames, fps, start, end) -> None:
-    if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
-        raise _fail(path, f"num_frames must be an integer >= 1, got {num_frames!r}")
+    try:
+        check_int("num_frames", num_frames)
+    except ValueError as exc:
+        raise _fail(path, str(exc)) from None
     if fps is not None and (not isinstance(fps, (int, float, Fraction)) or not math.isfinite(fps) or fps <= 0):
         raise _fail(path, f"fps must be a positive number, got {fps!r}")
     for name, value in (("start", start), ("end", end)):

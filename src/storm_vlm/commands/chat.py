@@ -1,19 +1,36 @@
-"""`storm-vlm chat MODEL_DIR VIDEO -q QUESTION`: ask a STORM model about a video."""
+"""`storm-vlm chat MODEL_DIR VIDEO [-q QUESTION]`: ask a STORM model about a video.
+
+With `-q` it answers one question and exits. Without, it opens a conversation about the video
+(decoded and encoded once; each answer streams as it is generated): type a question, or
+`/video PATH` (another video), `/reset` (forget the conversation), `/help`, `/quit`. Questions may
+also be piped in, one per line.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from storm_vlm.commands import add_precision_argument
 from storm_vlm.errors import StormError
-from storm_vlm.utils import check_model_dir
+from storm_vlm.utils import check_int, check_model_dir
+
+HELP = "commands: /video PATH  another video (starts over) | /reset  forget the conversation | /quit"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL_DIR", help="a STORM model folder (from `storm-vlm build` or training)")
     parser.add_argument("video", metavar="VIDEO", help="video file (or a still image)")
-    parser.add_argument("-q", "--question", required=True, help="the question to ask")
+    parser.add_argument("-q", "--question", default=None,
+                        help="the question to ask (without it: a conversation, questions typed or piped in)")
+    parser.add_argument("--options", nargs="+", default=None, metavar="OPTION",
+                        help="multiple-choice options: each question is asked with them lettered A, B, ... and the "
+                             "reply is read as one of them")
     parser.add_argument("--frames", type=int, default=32, metavar="N", help="frames sampled uniformly (default: 32)")
+    parser.add_argument("--fps", type=float, default=None, metavar="F",
+                        help="sample at this rate instead (at most --frames frames)")
+    parser.add_argument("--start", type=float, default=None, metavar="SECONDS", help="read the video from here")
+    parser.add_argument("--end", type=float, default=None, metavar="SECONDS", help="read the video up to here")
     parser.add_argument("--temporal-sample", type=int, default=None, metavar="S",
                         help="test-time temporal sampling: keep every S-th frame's tokens (default: the model's)")
     parser.add_argument("--max-new-tokens", type=int, default=128, metavar="M", help="answer length limit (default: 128)")
@@ -22,16 +39,63 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.frames < 1:
-        raise StormError(f"--frames must be >= 1, got {args.frames}")
-    from storm_vlm.serve.engine import StormEngine
+    check_int("--frames", args.frames, error=StormError)
+    check_int("--max-new-tokens", args.max_new_tokens, error=StormError)
+    if args.temporal_sample is not None:
+        check_int("--temporal-sample", args.temporal_sample, error=StormError)
+    if args.options is not None and not 2 <= len(args.options) <= 26:
+        raise StormError(f"--options: give between 2 and 26 options, got {len(args.options)}")
+    check_model_dir(args.model)
+    from storm_vlm.choices import LETTERS, extract_choice, format_question
+    from storm_vlm.inference import ChatSession, Predictor, PrintStreamer
     from storm_vlm.video import load_video
 
-    check_model_dir(args.model)
-    load_video(args.video, num_frames=1)  # a bad video fails before the model loads
-    engine = StormEngine(args.model, device=args.device, precision=args.precision, default_frames=args.frames,
-                         max_frames=args.frames, verbose=True)
-    result = engine.answer(args.video, args.question, num_frames=args.frames,
-                           temporal_sample_stride=args.temporal_sample, max_new_tokens=args.max_new_tokens)
-    print(result["answer"])
-    return 0
+    def read(path: str):
+        return load_video(path, num_frames=args.frames, fps=args.fps, start=args.start, end=args.end).frames
+
+    frames = read(args.video)  # a bad video fails before the model loads
+    predictor = Predictor.from_pretrained(args.model, args.device, args.precision, verbose=True)
+    session = ChatSession(predictor, frames, temporal_sample_stride=args.temporal_sample)
+
+    def ask(question: str) -> None:
+        text = format_question(question, args.options) if args.options else question
+        reply = session.ask(text, args.max_new_tokens, streamer=PrintStreamer(predictor.tokenizer))
+        if args.options:
+            choice = extract_choice(reply.text, args.options)
+            print("-> names none of the options" if choice is None
+                  else f"-> {LETTERS[choice]}. {args.options[choice]}", flush=True)
+
+    if args.question is not None:
+        ask(args.question)
+        return 0
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(HELP, file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> " if interactive else "").strip()
+        except EOFError:
+            return 0
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/help":
+            print(HELP)
+        elif line == "/reset":
+            session.reset()
+            print("(conversation cleared; same video)")
+        elif line.startswith("/video"):
+            path = line[len("/video"):].strip()
+            try:
+                session.set_video(read(path))
+                print(f"(now asking about {path})")
+            except StormError as exc:
+                print(f"error: {exc}")
+        elif line.startswith("/"):
+            print(f"unknown command {line.split()[0]}; {HELP}")
+        else:
+            try:
+                ask(line)
+            except StormError as exc:
+                print(f"error: {exc}")

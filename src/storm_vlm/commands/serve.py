@@ -1,8 +1,8 @@
 """`storm-vlm serve MODEL_DIR`: an HTTP API (FastAPI + uvicorn) answering questions about videos.
 
-Listens on 127.0.0.1 unless --host says otherwise. Endpoints: GET /health, POST /v1/answer
-(multipart video upload; a JSON body naming a server-side file only with --allow-local-paths),
-OpenAPI docs at /docs. See `storm_vlm.serve.api`.
+Listens on 127.0.0.1 unless --host says otherwise. Endpoints: GET /health, the OpenAI-compatible
+GET /v1/models and POST /v1/chat/completions (streaming too), POST /v1/answer (multipart video
+upload); OpenAPI docs at /docs. See `storm_vlm.serve.api`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 
 from storm_vlm.commands import add_precision_argument
 from storm_vlm.errors import StormError
-from storm_vlm.utils import check_model_dir
+from storm_vlm.utils import check_int, check_model_dir
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -26,6 +26,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the most frames a request may ask for (default: 256)")
     parser.add_argument("--max-upload-mb", type=float, default=200, metavar="MB",
                         help="largest accepted video upload in MB (default: 200)")
+    parser.add_argument("--max-new-tokens", type=int, default=1024, metavar="M",
+                        help="the longest answer a request may ask for (default: 1024)")
+    parser.add_argument("--max-batch-size", type=int, default=8, metavar="B",
+                        help="waiting requests answered by one generate call at most (default: 8; 1: one at a time)")
+    parser.add_argument("--max-batch-frames", type=int, default=None, metavar="F",
+                        help="video frames in one generate call at most (bounds memory; default: 2 x --max-frames)")
+    parser.add_argument("--max-queue", type=int, default=64, metavar="Q",
+                        help="requests waiting at most; beyond, 503 with Retry-After (default: 64)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     add_precision_argument(parser)
 
@@ -36,8 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"address to listen on (default: {DEFAULT_HOST}, this machine only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
     parser.add_argument("--allow-local-paths", action="store_true",
-                        help="also accept JSON requests naming a video file on the server (off by default: "
-                             "any client could then read any video this process can read)")
+                        help="also accept requests naming a video file on the server (file:// URLs, video_path; "
+                             "off by default: any client could then read any video this process can read)")
+    parser.add_argument("--served-model-name", default=None, metavar="NAME",
+                        help="the model id of /v1/models and chat completions (default: the model folder's name)")
 
 
 def check_engine_arguments(args: argparse.Namespace) -> None:
@@ -48,6 +58,9 @@ def check_engine_arguments(args: argparse.Namespace) -> None:
         raise StormError(f"--frames must be between 1 and --max-frames ({args.max_frames}), got {args.frames}")
     if not args.max_upload_mb > 0:
         raise StormError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
+    for flag in ("max_new_tokens", "max_batch_size", "max_queue", "max_batch_frames"):
+        if getattr(args, flag) is not None:
+            check_int("--" + flag.replace("_", "-"), getattr(args, flag), error=StormError)
     check_model_dir(args.model)
 
 
@@ -55,7 +68,9 @@ def load_engine(args: argparse.Namespace):
     from storm_vlm.serve import StormEngine
 
     return StormEngine(args.model, device=args.device, precision=args.precision, default_frames=args.frames,
-                       max_frames=args.max_frames, verbose=True)
+                       max_frames=args.max_frames, max_new_tokens_limit=args.max_new_tokens,
+                       max_batch_size=args.max_batch_size, max_batch_frames=args.max_batch_frames,
+                       max_queue=args.max_queue, verbose=True)
 
 
 def start_server(app, host: str, port: int) -> None:
@@ -86,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         raise StormError(f"storm-vlm serve needs fastapi, uvicorn and python-multipart ({exc}); "
                          "install them with: pip install 'storm-vlm[web]'") from None
     engine = load_engine(args)
-    app = create_app(engine, max_upload_mb=args.max_upload_mb, allow_local_paths=args.allow_local_paths)
+    app = create_app(engine, max_upload_mb=args.max_upload_mb, allow_local_paths=args.allow_local_paths,
+                     model_name=args.served_model_name)
     warn_if_public(args.host, "storm-vlm serve")
     start_server(app, args.host, args.port)
     return 0

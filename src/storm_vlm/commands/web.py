@@ -1,6 +1,6 @@
-"""`storm-vlm web MODEL_DIR`: a gradio web demo (upload a video, ask, see the answer, token count
-and latency). Listens on 127.0.0.1 unless --host says otherwise; never makes a public share
-link and sends no analytics. See `storm_vlm.serve.web`.
+"""`storm-vlm web MODEL_DIR`: a gradio web page (upload a video or pick an example, talk about it;
+answers stream in). Listens on 127.0.0.1 unless --host says otherwise; never makes a public
+share link and sends no analytics. See `storm_vlm.serve.web`.
 """
 
 from __future__ import annotations
@@ -32,5 +32,5 @@ def run(args: argparse.Namespace) -> int:
         raise StormError(f"storm-vlm web needs gradio ({exc}); install it with: pip install 'storm-vlm[web]'") from None
     demo = build_demo(load_engine(args))
     warn_if_public(args.host, "storm-vlm web")
-    launch_demo(demo, args.host, args.port, max_upload_mb=args.max_upload_mb)
+    launch_demo(demo, args.host, args.port, max_upload_mb=args.max_upload_mb, concurrency=args.max_batch_size)
     return 0

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-IGNORE_INDEX = -100
+from storm_vlm.utils import IGNORE_INDEX
 
 
 class StormCollator:

@@ -6,23 +6,31 @@ exact number of visual tokens, turns the frames into pixel values and labels the
 turns (text + end-of-turn token); everything else (system, user turns, role headers, visual
 tokens, padding) is -100.
 
-Media: a record whose image/video cannot be read is skipped -- `__getitem__(i)` moves on to
-the next readable record (i+1, i+2, ... wrapping around), deterministically, and reports how
-many it skipped in `num_skipped`; a warning names the record. No frame is ever invented.
+Media: a record whose image/video cannot be read -- missing, not a regular file (a folder, a
+FIFO that would block), undecodable, a decompression bomb, a clip outside the video, any
+exception the decoder raises -- is skipped: `__getitem__(i)` moves on to the next readable
+record (i+1, i+2, ... wrapping around), deterministically, and reports how many it skipped in
+`num_skipped` (the trainer sums them into `skipped_media`); a warning names the record's
+`file:line`, id and the cause. No frame is ever invented. A malformed record is not a skip: it
+stops the run when the file is loaded (`storm_vlm.data.records`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
-from storm_vlm.data.collator import IGNORE_INDEX
 from storm_vlm.data.records import Conversation, load_records
 from storm_vlm.errors import StormError
+from storm_vlm.utils import IGNORE_INDEX
+from storm_vlm.video import VideoDecodeError, load_video
 
 if TYPE_CHECKING:
     from storm_vlm.train.config import TrainConfig
@@ -71,25 +79,38 @@ def encode_conversation(processor, messages: list[dict], frames: np.ndarray | No
     return out
 
 
+def _check_regular_file(path: Path) -> None:
+    """MediaUnreadable unless `path` is a regular file (a folder fails to decode; a FIFO or a
+    device would block the data loader or never end)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise MediaUnreadable(f"{path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        raise MediaUnreadable(f"{path}: not a regular file")
+
+
 def read_image(path: Path) -> np.ndarray:
     """(1, H, W, 3) uint8 RGB; MediaUnreadable when the file cannot be decoded."""
-    from PIL import Image, UnidentifiedImageError
-
+    _check_regular_file(path)
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"), dtype=np.uint8)[None]
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise MediaUnreadable(f"{path}: {exc}") from None
+    except Exception as exc:  # e.g. PIL's DecompressionBombError: whatever the decoder raises is this file's
+        raise MediaUnreadable(f"{path}: {type(exc).__name__}: {exc}") from None
 
 
 def read_video(path: Path, num_frames: int, start: float | None, end: float | None) -> np.ndarray:
     """(T, H, W, 3) uint8 frames sampled uniformly; MediaUnreadable on any decode failure."""
-    from storm_vlm.video import VideoDecodeError, load_video
-
+    _check_regular_file(path)
     try:
         return load_video(str(path), num_frames=num_frames, start=start, end=end).frames
     except (VideoDecodeError, OSError) as exc:
         raise MediaUnreadable(str(exc)) from None
+    except Exception as exc:  # a decoder failure load_video does not wrap is still this file's, not the run's
+        raise MediaUnreadable(f"{path}: {type(exc).__name__}: {exc}") from None
 
 
 class LlavaDataset(torch.utils.data.Dataset):
@@ -138,12 +159,14 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         n = len(self.records)
+        first_cause = None
         for k in range(n):
             j = (index + k) % n
             try:
                 item = self.encode(j)
-            except MediaUnreadable:
+            except MediaUnreadable as exc:
+                first_cause = first_cause or f"{self.records[j].where}: {exc}"
                 continue
             item["num_skipped"] = k
             return item
-        raise StormError(f"none of the {n} training records has readable media")
+        raise StormError(f"none of the {n} training records has readable media (first: {first_cause})")

@@ -8,23 +8,45 @@ user/assistant and end with an assistant turn. `"image"`/`"video"` may also be a
 list. Optional `"start"`/`"end"` (seconds) cut a clip from a video.
 
 A media path is relative to `media_root` (an absolute path must still lie inside it); a path
-that resolves outside the root is rejected with a StormError naming the record. When a
-record has media but no placeholder, `<image>\\n` / `<video>\\n` is put in front of the first
-user turn; a placeholder without media (or more than one) is an error.
+that resolves outside the root (`..`, an absolute path elsewhere, a symlink pointing out) is
+rejected with a StormError naming the record. When a record has media but no placeholder,
+`<image>\\n` / `<video>\\n` is put in front of the first user turn; a placeholder without media
+(or more than one) is an error.
+
+Everything here is checked when the file is loaded, before any training step, and a malformed
+record stops the run with one StormError naming `file:line` and the cause: JSON that does not
+parse (or uses NaN/Infinity, or nests deeper than Python's parser allows), a line longer than
+`MAX_LINE_BYTES`, text that is not UTF-8, a string holding a NUL character or an unpaired
+surrogate, `start`/`end` that are not finite seconds in [0, MAX_SECONDS] with start < end.
+Whether the media can be *read* is only known when a sample is built: that is a skip, counted
+and logged by `storm_vlm.data.datasets`.
+
+JSONL is read line by line (a multi-GB file is never held as one string); a JSON array is read
+whole, then taken apart element by element so each record still gets its line number.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from storm_vlm.errors import StormError
+from storm_vlm.utils import IMAGE_TOKEN, VIDEO_TOKEN
 
-IMAGE_PLACEHOLDER = "<image>"
-VIDEO_PLACEHOLDER = "<video>"
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+# One JSONL record is a conversation of a few KB; a line this long is a damaged file (or not JSONL),
+# and reading it whole would only exhaust memory.
+MAX_LINE_BYTES = 16 * 1024 * 1024
+# Clip bounds above this many seconds (about 115 days) are no real video's: refused as malformed, so
+# that seconds x frame rate stays a finite, exact number downstream.
+MAX_SECONDS = 1e7
+_BOM = b"\xef\xbb\xbf"
+_WS = re.compile(r"[ \t\n\r]*")
 
 
 @dataclass
@@ -33,7 +55,7 @@ class Conversation:
 
     id: str
     messages: list[dict]
-    where: str  # "file:line" (JSONL) or "file: record #i" (JSON array), for error messages
+    where: str  # "file:line" (JSONL) or "file:line (record #i)" (JSON array), for messages
     image: Path | None = None
     video: Path | None = None
     start: float | None = None
@@ -45,33 +67,123 @@ class Conversation:
         return "video" if self.video is not None else "image" if self.image is not None else "text"
 
 
-def _iter_raw(path: Path):
-    """Yield (where, obj) for every record of a .json (array) or .jsonl file."""
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _decode(text: str, pos: int, where: str, path: Path | None = None) -> tuple[object, int]:
+    """One JSON value starting at text[pos]; StormError naming `where` when it does not parse (with
+    `path`, `text` is the whole file and a syntax error names the exact line of `path` instead)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return _DECODER.raw_decode(text, pos)
+    except json.JSONDecodeError as exc:
+        at = where if path is None else f"{path}:{exc.lineno}"
+        raise StormError(f"{at}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise StormError(f"{where}: JSON nested too deeply (deeper than Python's JSON parser allows)") from None
+    except ValueError as exc:  # NaN / Infinity (_reject_constant)
+        raise StormError(f"{where}: not standard JSON ({exc})") from None
+
+
+def _iter_jsonl(path: Path, f):
+    """Yield (where, obj) for each non-blank line of an open binary file."""
+    lineno = 0
+    while True:
+        raw = f.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        if lineno == 0 and raw.startswith(_BOM):
+            raw = raw[len(_BOM):]
+        lineno += 1
+        where = f"{path}:{lineno}"
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            raise StormError(f"{where}: line longer than {MAX_LINE_BYTES} bytes (a damaged file, or not JSONL)")
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise StormError(f"{where}: not UTF-8 text (byte {exc.start + 1} of the line)") from None
+        start = _WS.match(line).end()
+        if start == len(line):
+            continue
+        obj, end = _decode(line, start, where)
+        if _WS.match(line, end).end() != len(line):
+            raise StormError(f"{where}: malformed JSON (extra data after the record at column {end + 1})")
+        yield where, obj
+
+
+def _iter_json_array(path: Path, data: bytes):
+    """Yield (where, obj) for each element of a JSON array, `where` naming its line and index."""
+    data = data[len(_BOM):] if data.startswith(_BOM) else data
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise StormError(f"{path}:{line}: not UTF-8 text") from None
+    pos = _WS.match(text).end() + 1  # past "["
+    line, counted = 1, 0
+
+    def line_at(p: int) -> int:
+        nonlocal line, counted
+        line += text.count("\n", counted, p)
+        counted = p
+        return line
+
+    pos = _WS.match(text, pos).end()
+    index = 0
+    if text.startswith("]", pos):
+        pos += 1
+    else:
+        while True:
+            where = f"{path}:{line_at(pos)} (record #{index})"
+            obj, pos = _decode(text, pos, where, path)
+            yield where, obj
+            index += 1
+            pos = _WS.match(text, pos).end()
+            if text.startswith(",", pos):
+                pos = _WS.match(text, pos + 1).end()
+                continue
+            if text.startswith("]", pos):
+                pos += 1
+                break
+            raise StormError(f"{path}:{line_at(pos)}: malformed JSON (expected ',' or ']' after record #{index - 1})")
+    pos = _WS.match(text, pos).end()
+    if pos != len(text):
+        raise StormError(f"{path}:{line_at(pos)}: malformed JSON (extra data after the list of records)")
+
+
+def _iter_raw(path: Path):
+    """Yield (where, obj) for every record of a .json (array) or .jsonl file.
+
+    A file is a JSON array when its first non-blank character is `[` and its name does not end in
+    .jsonl; anything else is read as JSONL (one record per line)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+            while head.removeprefix(_BOM).strip() == b"" and (more := f.read(1 << 16)):
+                head += more
+            if path.suffix.lower() == ".jsonl" or not head.removeprefix(_BOM).lstrip().startswith(b"["):
+                f.seek(0)
+                yield from _iter_jsonl(path, f)
+                return
+            data = head + f.read()
     except OSError as exc:
         raise StormError(f"{path}: cannot read training file ({exc.strerror or exc})") from None
-    except UnicodeDecodeError as exc:
-        raise StormError(f"{path}: not UTF-8 text ({exc})") from None
-    stripped = text.lstrip()
-    if path.suffix.lower() == ".jsonl" or (stripped and not stripped.startswith("[")):
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise StormError(f"{path}:{lineno}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
-            yield f"{path}:{lineno}", obj
-        return
+    # the whole array is decoded before any record is checked: a file that is not JSON is named as such
+    yield from list(_iter_json_array(path, data))
+
+
+def check_text(value: str, where: str, what: str) -> str:
+    """`value` if it is text a tokenizer and the file system can take: no NUL, no unpaired surrogate."""
+    if "\x00" in value:
+        raise StormError(f"{where}: {what} holds a NUL character")
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise StormError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(data, list):
-        raise StormError(f"{path}: a .json training file must hold a list of records, got {type(data).__name__}")
-    for i, obj in enumerate(data):
-        yield f"{path}: record #{i}", obj
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise StormError(f"{where}: {what} holds an unpaired surrogate (\\u{ord(value[exc.start]):04x})") from None
+    return value
 
 
 def resolve_media(media_root: Path, rel, where: str, rid: str, key: str) -> Path:
@@ -82,58 +194,84 @@ def resolve_media(media_root: Path, rel, where: str, rid: str, key: str) -> Path
         rel = rel[0]
     if not isinstance(rel, str) or not rel:
         raise StormError(f"{where} (id {rid}): {key!r} must be a file path, got {rel!r}")
+    check_text(rel, f"{where} (id {rid})", f"{key} path")
     root = media_root.resolve()
-    full = (root / rel).resolve()
+    try:
+        full = (root / rel).resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        raise StormError(f"{where} (id {rid}): {key} path {rel!r} cannot be resolved ({exc})") from None
     if not full.is_relative_to(root):
         raise StormError(f"{where} (id {rid}): {key} path {rel!r} escapes the media root {str(root)!r}")
+    if full == root:
+        raise StormError(f"{where} (id {rid}): {key} path {rel!r} names the media root itself, not a file")
     return full
+
+
+def _seconds(obj: dict, key: str, where: str) -> float | None:
+    v = obj.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise StormError(f"{where}: {key!r} must be seconds (a number), got {v!r}")
+    if not (math.isfinite(v) and 0 <= v <= MAX_SECONDS):
+        raise StormError(f"{where}: {key!r} must be seconds between 0 and {MAX_SECONDS:g}, got {v!r}")
+    return float(v)
+
+
+def _record_id(obj: dict, where: str, index: int) -> str:
+    rid = obj.get("id")
+    if rid is None:
+        return str(index)
+    if isinstance(rid, str) and rid:
+        return check_text(rid, where, "'id'")
+    if isinstance(rid, int) and not isinstance(rid, bool):
+        return str(rid)
+    raise StormError(f"{where}: 'id' must be a non-empty string or an integer, got {rid!r}")
 
 
 def _parse_record(obj, where: str, media_root: Path, index: int) -> Conversation:
     if not isinstance(obj, dict):
         raise StormError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
-    rid = str(obj.get("id", index))
+    rid = _record_id(obj, where, index)
+    here = f"{where} (id {rid})"
     convs = obj.get("conversations")
     if not isinstance(convs, list) or not convs:
-        raise StormError(f"{where} (id {rid}): 'conversations' must be a non-empty list")
+        raise StormError(f"{here}: 'conversations' must be a non-empty list")
     messages = []
     for t, turn in enumerate(convs):
         if not isinstance(turn, dict):
-            raise StormError(f"{where} (id {rid}): turn {t} must be an object")
-        role = _ROLES.get(turn.get("from", turn.get("role")))
+            raise StormError(f"{here}: turn {t} must be an object")
+        raw_role = turn.get("from", turn.get("role"))
+        role = _ROLES.get(raw_role) if isinstance(raw_role, str) else None
         value = turn.get("value", turn.get("content"))
         if role is None:
-            raise StormError(f"{where} (id {rid}): turn {t} has unknown role {turn.get('from', turn.get('role'))!r}")
+            raise StormError(f"{here}: turn {t} has unknown role {raw_role!r}")
         if not isinstance(value, str):
-            raise StormError(f"{where} (id {rid}): turn {t} has no text 'value'")
+            raise StormError(f"{here}: turn {t} has no text 'value'")
+        check_text(value, here, f"turn {t}")
         if role == "system" and t != 0:
-            raise StormError(f"{where} (id {rid}): a system turn may only come first (turn {t})")
+            raise StormError(f"{here}: a system turn may only come first (turn {t})")
         messages.append({"role": role, "content": value})
     body = messages[1:] if messages[0]["role"] == "system" else messages
     expected = ["user", "assistant"] * (len(body) // 2 + 1)
     if not body or [m["role"] for m in body] != expected[: len(body)] or body[-1]["role"] != "assistant":
         roles = " ".join(m["role"] for m in messages)
-        raise StormError(
-            f"{where} (id {rid}): turns must alternate human/gpt and end with a gpt turn (got: {roles})"
-        )
+        raise StormError(f"{here}: turns must alternate human/gpt and end with a gpt turn (got: {roles})")
 
     image = obj.get("image")
     video = obj.get("video")
     if image is not None and video is not None:
-        raise StormError(f"{where} (id {rid}): a record has either 'image' or 'video', not both")
+        raise StormError(f"{here}: a record has either 'image' or 'video', not both")
     rec = Conversation(id=rid, messages=messages, where=where)
     if image is not None:
         rec.image = resolve_media(media_root, image, where, rid, "image")
     if video is not None:
         rec.video = resolve_media(media_root, video, where, rid, "video")
-        for key in ("start", "end"):
-            v = obj.get(key)
-            if v is not None:
-                if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    raise StormError(f"{where} (id {rid}): {key!r} must be seconds, got {v!r}")
-                setattr(rec, key, float(v))
+        rec.start, rec.end = _seconds(obj, "start", here), _seconds(obj, "end", here)
+        if rec.start is not None and rec.end is not None and rec.start >= rec.end:
+            raise StormError(f"{here}: 'start' ({rec.start:g} s) must be before 'end' ({rec.end:g} s)")
 
-    for placeholder, present in ((IMAGE_PLACEHOLDER, rec.image is not None), (VIDEO_PLACEHOLDER, rec.video is not None)):
+    for placeholder, present in ((IMAGE_TOKEN, rec.image is not None), (VIDEO_TOKEN, rec.video is not None)):
         count = sum(m["content"].count(placeholder) for m in messages)
         in_user = sum(m["content"].count(placeholder) for m in messages if m["role"] == "user")
         if present:
@@ -141,21 +279,24 @@ def _parse_record(obj, where: str, media_root: Path, index: int) -> Conversation
                 first_user = next(m for m in messages if m["role"] == "user")
                 first_user["content"] = f"{placeholder}\n{first_user['content']}"
             elif count != 1 or in_user != 1:
-                raise StormError(
-                    f"{where} (id {rid}): {placeholder} must appear exactly once, in a human turn (found {count})"
-                )
+                raise StormError(f"{here}: {placeholder} must appear exactly once, in a human turn (found {count})")
         elif count:
             name = placeholder.strip("<>")
-            raise StormError(f"{where} (id {rid}): text has {placeholder} but the record has no {name!r} file")
+            raise StormError(f"{here}: text has {placeholder} but the record has no {name!r} file")
     rec.extra = {k: v for k, v in obj.items() if k not in ("id", "image", "video", "conversations", "start", "end")}
     return rec
 
 
 def load_records(path: str | os.PathLike, media_root: str | os.PathLike) -> list[Conversation]:
-    """Parse and validate every record of a LLaVA-style .json / .jsonl file (no media is read)."""
+    """Parse and validate every record of a LLaVA-style .json / .jsonl file (no media is read).
+
+    Any malformed record raises StormError naming `file:line` and the cause (see the module docstring).
+    """
     path, media_root = Path(path), Path(media_root)
     if not media_root.is_dir():
         raise StormError(f"media_root {str(media_root)!r} is not a folder")
+    if path.is_dir():
+        raise StormError(f"{path}: is a folder, not a training file")
     records = [_parse_record(obj, where, media_root, i) for i, (where, obj) in enumerate(_iter_raw(path))]
     if not records:
         raise StormError(f"{path}: no training records")

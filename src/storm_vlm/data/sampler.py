@@ -72,3 +72,21 @@ class GlobalBatchSampler:
         order = self.epoch_order(epoch)
         start = step_in_epoch * self.global_batch_size
         return order[start : start + self.global_batch_size]
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Yields this rank's micro-batches (index lists) for optimizer steps start..max_steps-1."""
+
+    def __init__(self, sampler: GlobalBatchSampler, start_step: int, max_steps: int):
+        self.sampler, self.start_step, self.max_steps = sampler, start_step, max_steps
+
+    def __iter__(self):
+        cached_epoch, order = None, None
+        for step in range(self.start_step, self.max_steps):
+            epoch, pos = self.sampler.position(step)
+            if epoch != cached_epoch:
+                cached_epoch, order = epoch, self.sampler.epoch_order(epoch)
+            yield from self.sampler.micro_batches(epoch, pos, order)
+
+    def __len__(self):
+        return (self.max_steps - self.start_step) * self.sampler.gradient_accumulation_steps

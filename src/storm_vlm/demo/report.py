@@ -7,12 +7,11 @@ mean ± std (population std over seeds; n = number of seeds).
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 from pathlib import Path
 
 from storm_vlm.demo.settings import ROWS, VARIANT_BY_NAME, DemoSettings
+from storm_vlm.utils import atomic_path
 
 CHANCE = 0.25
 
@@ -100,16 +99,6 @@ def format_console(rows: list[dict], tasks: list[str], seeds: int) -> str:
     return "\n".join([fmt(head), "  ".join("-" * w for w in widths), *[fmt(b) for b in body]]) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
 def plot(rows: list[dict], tasks: list[str], path: Path, title: str) -> None:
     """Two panels: average accuracy per row (error bars = std over seeds), accuracy per task."""
     import matplotlib
@@ -145,7 +134,6 @@ def plot(rows: list[dict], tasks: list[str], path: Path, title: str) -> None:
     ax2.legend(fontsize=8, loc="lower right")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)

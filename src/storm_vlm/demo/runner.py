@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Callable
 
 from storm_vlm.demo import phases
-from storm_vlm.demo.report import CHANCE, build_rows, format_console, format_markdown, plot, write_atomic, write_json
+from storm_vlm.demo.report import CHANCE, build_rows, format_console, format_markdown, plot
 from storm_vlm.demo.settings import ROWS, VARIANTS, DemoSettings
 from storm_vlm.errors import StormError
+from storm_vlm.utils import atomic_write_json, atomic_write_text, check_int
 
 # Longest trainings first, so two workers finish together.
 _SCHEDULE = ("storm_pool4", "vila_pool4", "storm", "vila")
@@ -176,18 +177,14 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings | N
     everything in this process. threads: torch threads per job.
     """
     settings = (settings or DemoSettings.default()).validate()
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise StormError(f"--seeds {seeds!r}: must be an integer >= 1")
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise StormError(f"--threads {threads!r}: must be an integer >= 1")
     jobs = min(os.cpu_count() or 1, 4) if jobs is None else jobs
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise StormError(f"--jobs {jobs!r}: must be an integer >= 1")
+    for name, value in (("--seeds", seeds), ("--threads", threads), ("--jobs", jobs)):
+        check_int(name, value, error=StormError)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     record = {"settings": settings.to_dict(), "seeds": seeds}
     _check_folder(output, record, fresh)
-    write_json(output / "settings.json", record)
+    atomic_write_json(output / "settings.json", record)
 
     with _quiet_here():
         return _run_phases(output, settings, seeds, jobs, threads, progress, log)
@@ -291,8 +288,8 @@ def _run_phases(output: Path, settings: DemoSettings, seeds: int, jobs: int, thr
         "example": example,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
     }
-    write_json(output / "results.json", results)
-    write_atomic(output / "results.md", _markdown(results, tasks, seeds))
+    atomic_write_json(output / "results.json", results)
+    atomic_write_text(output / "results.md", _markdown(results, tasks, seeds))
     plot(rows, tasks, output / "results.png",
          f"storm-vlm demo: {meta['num_test']} held-out questions, {seeds} seed(s), "
          f"{settings.steps} training steps per model")

@@ -13,7 +13,9 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
+from storm_vlm.demo.synth_tasks import TASKS
 from storm_vlm.errors import StormError
+from storm_vlm.utils import check_int
 
 
 @dataclass(frozen=True)
@@ -127,10 +129,7 @@ class DemoSettings:
         ints = {"num_videos": 1, "video_frames": 16, "video_size": 32, "base_frames": 1, "steps": 1,
                 "batch_size": 1, "max_new_tokens": 1, "latency_repeats": 1}
         for key, minimum in ints.items():
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise StormError(f"demo setting {key}={value!r}: must be an integer >= {minimum}")
-        from storm_vlm.demo.synth_tasks import TASKS
+            check_int(f"demo setting {key}", getattr(self, key), minimum, error=StormError)
 
         unknown = [t for t in self.tasks if t not in TASKS]
         if not self.tasks or unknown or len(set(self.tasks)) != len(self.tasks):

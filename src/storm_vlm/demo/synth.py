@@ -100,7 +100,7 @@ def _plan(num_videos: int, seed: int, split: float, tasks: list[str]) -> list[di
 # ------------------------------------------------------------------ encoding
 
 
-def _pick_codec(codec: str | None) -> str:
+def pick_codec(codec: str | None) -> str:
     import av
 
     for name in ([codec] if codec else ["libx264", "mpeg4"]):
@@ -233,7 +233,7 @@ def generate_synthetic_benchmark(out_dir, num_videos: int = 200, num_frames: int
     tasks = validate_synth_args(num_videos, num_frames, size, seed, split, tasks,
                                 num_videos if num_images is None else num_images, fps)
     num_images = num_videos if num_images is None else num_images
-    codec = _pick_codec(codec)
+    codec = pick_codec(codec)
     workers = min(8, os.cpu_count() or 1) if workers is None else max(1, int(workers))
     out_dir = os.fspath(out_dir)
     for sub in ("videos", "images"):

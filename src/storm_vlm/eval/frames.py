@@ -1,25 +1,40 @@
 """Frames for one record: a video file through `storm_vlm.video.load_video`, or a folder of
-frame images (MVBench's TVQA frames, extracted at `record.frames_fps`)."""
+frame images (MVBench's TVQA frames, extracted at `record.frames_fps`).
+
+The readers confine `record.video` to the data root; here a frame image that is a symlink out
+of its folder, and anything that is not a regular file (a FIFO or device would block the run),
+is a decode failure -- recorded for that question, and the run goes on."""
 
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from storm_vlm.errors import StormError
 from storm_vlm.eval.records import Record
+from storm_vlm.video import VideoDecodeError, load_video
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
 def _decode_error(path: str, cause: str) -> StormError:
-    try:
-        from storm_vlm.video import VideoDecodeError
-    except ImportError:  # pragma: no cover - video.py is part of the package
-        VideoDecodeError = StormError
     return VideoDecodeError(f"{path}: {cause}")
+
+
+def _check_regular(path: str, inside: Path | None = None) -> None:
+    """VideoDecodeError unless `path` is a regular file (inside `inside`, after resolving symlinks)."""
+    if inside is not None and not Path(path).resolve().is_relative_to(inside):
+        raise _decode_error(path, "a symlink out of its frame folder")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing or unreadable: the decoder names it in its own words
+    if not stat.S_ISREG(mode):
+        raise _decode_error(path, "not a regular file")
 
 
 def load_frame_folder(path: str | Path, num_frames: int, folder_fps: float | None = None,
@@ -27,9 +42,8 @@ def load_frame_folder(path: str | Path, num_frames: int, folder_fps: float | Non
     """`num_frames` images spread uniformly over a folder of frames (sorted by name),
     restricted to [start, end) seconds when the folder's frame rate is known.
     Returns (T, H, W, 3) uint8."""
-    from PIL import Image
-
     path = str(path)
+    folder = Path(path).resolve()
     names = sorted(n for n in os.listdir(path) if Path(n).suffix.lower() in _IMAGE_SUFFIXES)
     if not names:
         raise _decode_error(path, "frame folder holds no images")
@@ -42,6 +56,7 @@ def load_frame_folder(path: str | Path, num_frames: int, folder_fps: float | Non
     frames = []
     size = None
     for i in idx:
+        _check_regular(os.path.join(path, names[i]), folder)
         try:
             with Image.open(os.path.join(path, names[i])) as im:
                 frame = np.asarray(im.convert("RGB"))
@@ -62,7 +77,6 @@ def load_record_frames(record: Record, num_frames: int, fps: float | None = None
         start = end = None  # a few public annotations have empty bounds; read the whole clip
     if os.path.isdir(record.video):
         return load_frame_folder(record.video, num_frames, record.frames_fps, start, end)
-    from storm_vlm.video import load_video
-
+    _check_regular(record.video)
     clip = load_video(record.video, num_frames=num_frames, fps=fps, start=start, end=end)
     return clip.frames

@@ -5,15 +5,69 @@ loses at most the line being written. Reading tolerates exactly that: a last lin
 no newline (or that does not parse) is dropped and cut off before appending again. Any
 other unreadable line means the file was damaged some other way, and reading stops with
 an error naming the file and line rather than guessing.
+
+Every row read back is validated (`check_row`): `id` a non-empty string, `status` one of
+answered / unparsed / decode_error, a text `reply` for the first two and a text `error` for the
+third, optional numbers finite. A row that fails is the same error naming file and line. What a
+row's `pred`, `pred_letter` and `correct` say is never trusted: scoring recomputes them from the
+stored reply and the benchmark's own answer (`storm_vlm.eval.scoring.judge`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 from storm_vlm.errors import StormError
+from storm_vlm.utils import atomic_write_text
+
+STATUSES = ("answered", "unparsed", "decode_error")
+
+
+class BadRow(ValueError):
+    """Internal: a line that parses as JSON but is not a prediction row (the message says why)."""
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_row(row) -> dict:
+    """`row` if it has the shape `storm_vlm.eval.runner.predict_row` writes; BadRow otherwise."""
+    if not isinstance(row, dict):
+        raise BadRow(f"a JSON {type(row).__name__}, not an object")
+    rid = row.get("id")
+    if not isinstance(rid, str) or not rid.strip():
+        raise BadRow(f"'id' must be a non-empty string, got {rid!r}")
+    status = row.get("status")
+    if status not in STATUSES:
+        raise BadRow(f"'status' must be one of {', '.join(STATUSES)}, got {status!r}")
+    if status == "decode_error":
+        if not isinstance(row.get("error"), str):
+            raise BadRow(f"a decode_error row needs its 'error' text, got {row.get('error')!r}")
+        if row.get("reply") is not None:
+            raise BadRow("a decode_error row has a 'reply'")
+    elif not isinstance(row.get("reply"), str):
+        raise BadRow(f"an {status} row needs the model's 'reply' text, got {row.get('reply')!r}")
+    for key in ("latency_s", "prefill_s"):
+        if key in row and not (_is_number(row[key]) and row[key] >= 0):
+            raise BadRow(f"{key!r} must be a finite number >= 0, got {row[key]!r}")
+    if "num_frames" in row and (not isinstance(row["num_frames"], int) or isinstance(row["num_frames"], bool)
+                                or row["num_frames"] < 0):
+        raise BadRow(f"'num_frames' must be an integer >= 0, got {row['num_frames']!r}")
+    return row
+
+
+def _parse(raw: bytes) -> dict:
+    """One line -> row. ValueError (JSON, UTF-8, nesting) when it does not parse; BadRow when it
+    parses but is not a row."""
+    try:
+        obj = json.loads(raw)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    return check_row(obj)
 
 
 def shard_path(out_dir: Path, rank: int, world_size: int) -> Path:
@@ -30,26 +84,31 @@ def all_prediction_files(out_dir: Path) -> list[Path]:
 
 def read_predictions(path: Path) -> dict[str, dict]:
     """id -> row for every complete line of `path` (a later line for the same id wins: a retried
-    decode failure); {} if absent."""
+    decode failure); {} if absent. StormError naming the file and line for a damaged or invalid row."""
     if not path.exists():
         return {}
     rows: dict[str, dict] = {}
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise StormError(f"{path}: cannot read ({exc.strerror or exc})") from None
     lines = data.split(b"\n")
     complete = lines[:-1]  # the piece after the last newline is empty or a partial line
     for n, raw in enumerate(complete, 1):
         if not raw.strip():
             continue
         try:
-            row = json.loads(raw)
-            rid = row["id"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            row = _parse(raw)
+        except BadRow as exc:
+            raise StormError(f"{path}, line {n}: not a valid prediction row ({exc}); "
+                             "the file was edited or damaged — move it aside to start over") from None
+        except ValueError:  # JSON, UTF-8 or nesting: the line does not parse
             if n == len(complete) and not lines[-1]:
                 # a last line that was cut mid-write but still got a newline: drop it
                 continue
             raise StormError(f"{path}, line {n}: not a prediction record ({raw[:80]!r}); "
                              "the file is damaged — move it aside to start over") from None
-        rows[str(rid)] = row
+        rows[row["id"]] = row
     return rows
 
 
@@ -73,8 +132,10 @@ def _repair_tail(path: Path) -> None:
     last = body[body.rfind(b"\n") + 1:] if body else b""
     if last.strip():
         try:
-            json.loads(last)["id"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            _parse(last)
+        except BadRow:
+            pass  # a whole line that is not a row: reading names it as an error, never silently cut
+        except ValueError:
             keep = keep[: len(keep) - len(last) - 1]
     if len(keep) != len(data):
         with open(path, "r+b") as f:
@@ -108,16 +169,6 @@ class PredictionWriter:
         self.close()
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and os.replace."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def merge(out_dir: Path, order: list[str]) -> Path:
     """Merge every predictions file in `out_dir` into predictions.jsonl (atomically, one row
     per id, in `order` first, then any others), then remove the per-rank shards."""
@@ -125,7 +176,7 @@ def merge(out_dir: Path, order: list[str]) -> Path:
     known = set(order)
     ordered = [rows[i] for i in order if i in rows] + [r for i, r in rows.items() if i not in known]
     target = out_dir / "predictions.jsonl"
-    write_atomic(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
+    atomic_write_text(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
     for shard in out_dir.glob("predictions.rank*.jsonl"):
         shard.unlink()
     return target

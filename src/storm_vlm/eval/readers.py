@@ -40,16 +40,24 @@ synthetic
 A missing annotation file or a malformed record raises `StormError` naming the file
 and the record. A missing *video* is not an error here: it is recorded as a decode
 failure when the run reaches it, so one absent file never stops a benchmark.
+
+Annotation files are not trusted to stay inside the benchmark: every video path is resolved
+and must lie inside the data root -- a `..`, an absolute path elsewhere or a symlink pointing out
+of the root is a malformed record (`Record.video` holds the resolved path). Ids are non-empty
+strings or integers; text fields hold no NUL or unpaired surrogate (they reach the tokenizer and
+results.json); start/end are finite seconds in [0, MAX_SECONDS].
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable
 
-from storm_vlm.errors import StormError
 from storm_vlm.choices import LETTERS, strip_letter
+from storm_vlm.data.records import MAX_SECONDS, check_text
+from storm_vlm.errors import StormError
 from storm_vlm.eval.records import Record
 
 class BenchmarkFormatError(StormError):
@@ -67,10 +75,12 @@ def _read_json(path: Path) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except json.JSONDecodeError as exc:
-        raise _fail(path, None, f"not valid JSON ({exc})") from None
     except OSError as exc:
         raise _fail(path, None, f"cannot read ({exc})") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise _fail(path, None, f"not valid JSON ({exc})") from None
+    except RecursionError:
+        raise _fail(path, None, "not valid JSON (nested deeper than Python's JSON parser allows)") from None
 
 
 def _as_list(data: Any, path: Path) -> list:
@@ -85,14 +95,48 @@ def _field(row: Any, key: str, path: Path, rec: Any, kind: type | tuple = str) -
     if key not in row or row[key] is None:
         raise _fail(path, rec, f"missing field {key!r}")
     value = row[key]
-    if not isinstance(value, kind):
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _kinds(kind)):
         raise _fail(path, rec, f"field {key!r} should be {_kind_name(kind)}, got {value!r}")
-    return value
+    return _clean(value, path, rec, f"field {key!r}") if isinstance(value, str) else value
+
+
+def _kinds(kind: type | tuple) -> tuple:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _clean(value: str, path: Path, rec: Any, what: str) -> str:
+    """`value` unless it holds a NUL or an unpaired surrogate (BenchmarkFormatError naming the record)."""
+    try:
+        return check_text(value, "", what)
+    except StormError as exc:
+        raise _fail(path, rec, str(exc).removeprefix(": ")) from None
+
+
+def _id(value: Any, path: Path, rec: Any, key: str = "id") -> str:
+    """A record id: a non-empty string or an integer (a null, a bool, a list are malformed)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(path, rec, f"field {key!r} should be a non-empty string or an integer, got {value!r}")
+    return _clean(value, path, rec, f"field {key!r}")
+
+
+def _inside(root: Path, candidate: Path, path: Path, rec: Any) -> str:
+    """`candidate` resolved, if it lies inside `root` (also resolved); BenchmarkFormatError naming
+    the annotation file and record otherwise (a '..', an absolute path, a symlink out of the root)."""
+    root = root.resolve()
+    try:
+        full = candidate.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        raise _fail(path, rec, f"video path {str(candidate)!r} cannot be resolved ({exc})") from None
+    if full == root or not full.is_relative_to(root):
+        raise _fail(path, rec, f"video path {str(candidate)!r} resolves to {str(full)!r}, outside the data root "
+                               f"{str(root)!r} (a '..', an absolute path or a symlink out of the root is refused)")
+    return str(full)
 
 
 def _kind_name(kind: type | tuple) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join(k.__name__ for k in kinds)
+    return " or ".join(k.__name__ for k in _kinds(kind))
 
 
 def _options(values: Any, path: Path, rec: Any, key: str) -> tuple[str, ...]:
@@ -104,7 +148,7 @@ def _options(values: Any, path: Path, rec: Any, key: str) -> tuple[str, ...]:
     for i, v in enumerate(values):
         if not isinstance(v, str) or not v.strip():
             raise _fail(path, rec, f"option {i} of {key!r} is not a non-empty string: {v!r}")
-        out.append(strip_letter(v, i))
+        out.append(strip_letter(_clean(v, path, rec, f"option {i} of {key!r}"), i))
     return tuple(out)
 
 
@@ -124,13 +168,19 @@ def _text_index(answer: Any, options: tuple[str, ...], raw: list, path: Path, re
 
 
 def _optional_float(row: dict, key: str, path: Path, rec: Any) -> float | None:
+    """Seconds in [0, MAX_SECONDS] (numbers or numeric strings, as the releases have them), or None."""
     value = row.get(key)
     if value is None or value == "":
         return None
     try:
-        return float(value)
+        if isinstance(value, bool):
+            raise TypeError
+        seconds = float(value)
     except (TypeError, ValueError):
         raise _fail(path, rec, f"field {key!r} is not a number: {value!r}") from None
+    if not (math.isfinite(seconds) and 0 <= seconds <= MAX_SECONDS):
+        raise _fail(path, rec, f"field {key!r} must be seconds between 0 and {MAX_SECONDS:g}, got {value!r}")
+    return seconds
 
 
 def _first_existing(candidates: list[Path]) -> Path:
@@ -138,6 +188,25 @@ def _first_existing(candidates: list[Path]) -> Path:
         if p.exists():
             return p
     return candidates[0]
+
+
+def _rows_with_ids(path: Path):
+    """(index, index and id for error messages, row) for each row of a JSON list file."""
+    for i, row in enumerate(_as_list(_read_json(path), path)):
+        yield i, (f"{i} (id {row.get('id')!r})" if isinstance(row, dict) else i), row
+
+
+def _task_rows(json_dir: Path, tasks, benchmark: str):
+    """(task, path, index, row, raw candidates, options) for each row of json/<task>.json of the tasks present."""
+    present = [t for t in tasks if (json_dir / f"{t}.json").is_file()]
+    if not present:
+        raise _fail(json_dir / f"{tasks[0]}.json", None,
+                    f"file not found (expected json/<task>.json for the {benchmark} tasks {list(tasks)})")
+    for task in present:
+        path = json_dir / f"{task}.json"
+        for i, row in enumerate(_as_list(_read_json(path), path)):
+            raw = _field(row, "candidates", path, i, list)
+            yield task, path, i, row, raw, _options(raw, path, i, "candidates")
 
 
 # ---------------------------------------------------------------- VideoMME
@@ -173,12 +242,11 @@ def read_videomme(root: Path) -> list[Record]:
         raw = list(raw) if raw is not None and not isinstance(raw, str) else raw
         options = _options(raw, path, rec, "options")
         video_id = _field(row, "videoID", path, rec)
-        base = root / "data" / video_id
-        video = _first_existing([base.with_suffix(s) for s in (".mp4", ".MP4", ".mkv")])
+        video = _first_existing([root / "data" / f"{video_id}{s}" for s in (".mp4", ".MP4", ".mkv")])
         records.append(Record(
-            id=str(_field(row, "question_id", path, rec)),
+            id=_id(_field(row, "question_id", path, rec), path, rec, "question_id"),
             benchmark="videomme",
-            video=str(video),
+            video=_inside(root, video, path, rec),
             question=_field(row, "question", path, rec).strip(),
             options=options,
             answer=_letter_index(row["answer"], len(options), path, rec),
@@ -228,33 +296,21 @@ def _mvbench_video(root: Path, task: str, name: str) -> tuple[Path, bool, float 
 
 
 def read_mvbench(root: Path, tasks: list[str] | None = None) -> list[Record]:
-    json_dir = root / "json"
-    names = tasks or list(MVBENCH_TASKS)
-    present = [t for t in names if (json_dir / f"{t}.json").is_file()]
-    if not present:
-        raise _fail(json_dir / f"{names[0]}.json", None,
-                    f"file not found (expected json/<task>.json for the MVBench tasks {names})")
     records = []
-    for task in present:
-        path = json_dir / f"{task}.json"
-        for i, row in enumerate(_as_list(_read_json(path), path)):
-            raw = _field(row, "candidates", path, i, list)
-            options = _options(raw, path, i, "candidates")
-            video, bounded, fps = _mvbench_video(root, task, _field(row, "video", path, i))
-            start = _optional_float(row, "start", path, i) if bounded else None
-            end = _optional_float(row, "end", path, i) if bounded else None
-            records.append(Record(
-                id=f"{task}/{i}",
-                benchmark="mvbench",
-                video=str(video),
-                question=_field(row, "question", path, i).strip(),
-                options=options,
-                answer=_text_index(row.get("answer"), options, raw, path, i),
-                start=start,
-                end=end,
-                categories={"task": task},
-                frames_fps=fps,
-            ))
+    for task, path, i, row, raw, options in _task_rows(root / "json", tasks or list(MVBENCH_TASKS), "MVBench"):
+        video, bounded, fps = _mvbench_video(root, task, _field(row, "video", path, i))
+        records.append(Record(
+            id=f"{task}/{i}",
+            benchmark="mvbench",
+            video=_inside(root, video, path, i),
+            question=_field(row, "question", path, i).strip(),
+            options=options,
+            answer=_text_index(row.get("answer"), options, raw, path, i),
+            start=_optional_float(row, "start", path, i) if bounded else None,
+            end=_optional_float(row, "end", path, i) if bounded else None,
+            categories={"task": task},
+            frames_fps=fps,
+        ))
     return records
 
 
@@ -264,29 +320,21 @@ MLVU_TASKS = ("1_plotQA", "2_needle", "3_ego", "4_count", "5_order", "6_anomaly_
 
 
 def read_mlvu(root: Path) -> list[Record]:
+    data_root = root
     if not (root / "json").is_dir() and (root / "MLVU" / "json").is_dir():
         root = root / "MLVU"
-    json_dir = root / "json"
-    present = [t for t in MLVU_TASKS if (json_dir / f"{t}.json").is_file()]
-    if not present:
-        raise _fail(json_dir / f"{MLVU_TASKS[0]}.json", None,
-                    f"file not found (expected json/<task>.json for the MLVU tasks {list(MLVU_TASKS)})")
     records = []
-    for task in present:
-        path = json_dir / f"{task}.json"
-        for i, row in enumerate(_as_list(_read_json(path), path)):
-            raw = _field(row, "candidates", path, i, list)
-            options = _options(raw, path, i, "candidates")
-            qtype = row.get("question_type") or task.split("_", 1)[1]
-            records.append(Record(
-                id=f"{task}/{i}",
-                benchmark="mlvu",
-                video=str(root / "video" / task / _field(row, "video", path, i)),
-                question=_field(row, "question", path, i).strip(),
-                options=options,
-                answer=_text_index(row.get("answer"), options, raw, path, i),
-                categories={"question_type": str(qtype), "task": task},
-            ))
+    for task, path, i, row, raw, options in _task_rows(root / "json", MLVU_TASKS, "MLVU"):
+        qtype = row.get("question_type") or task.split("_", 1)[1]
+        records.append(Record(
+            id=f"{task}/{i}",
+            benchmark="mlvu",
+            video=_inside(data_root, root / "video" / task / _field(row, "video", path, i), path, i),
+            question=_field(row, "question", path, i).strip(),
+            options=options,
+            answer=_text_index(row.get("answer"), options, raw, path, i),
+            categories={"question_type": str(qtype), "task": task},
+        ))
     return records
 
 
@@ -296,8 +344,7 @@ def read_mlvu(root: Path) -> list[Record]:
 def read_longvideobench(root: Path) -> list[Record]:
     path = root / "lvb_val.json"
     records = []
-    for i, row in enumerate(_as_list(_read_json(path), path)):
-        rec = f"{i} (id {row.get('id')!r})" if isinstance(row, dict) else i
+    for i, rec, row in _rows_with_ids(path):
         if isinstance(row, dict) and "candidates" not in row and "option0" in row:
             raw = [row[f"option{k}"] for k in range(5) if row.get(f"option{k}") not in (None, "N/A")]
         else:
@@ -307,9 +354,9 @@ def read_longvideobench(root: Path) -> list[Record]:
         if isinstance(answer, bool) or not 0 <= answer < len(options):
             raise _fail(path, rec, f"correct_choice {answer!r} is outside 0..{len(options) - 1}")
         records.append(Record(
-            id=str(row.get("id", i)),
+            id=_id(row.get("id", i), path, rec),
             benchmark="longvideobench",
-            video=str(root / "videos" / _field(row, "video_path", path, rec)),
+            video=_inside(root, root / "videos" / _field(row, "video_path", path, rec), path, rec),
             question=_field(row, "question", path, rec).strip(),
             options=options,
             answer=answer,
@@ -346,7 +393,7 @@ def read_egoschema(root: Path) -> list[Record]:
         video = _first_existing([root / d / f"{uid}{ext}" for d in ("videos", "good_clips_git", ".")
                                  for ext in (".mp4", ".MP4")])
         records.append(Record(
-            id=uid, benchmark="egoschema", video=str(video),
+            id=_id(uid, qpath, rec, "q_uid"), benchmark="egoschema", video=_inside(root, video, qpath, rec),
             question=_field(row, "question", qpath, rec).strip(), options=options, answer=answer,
             categories={"subset": "subset"},
         ))
@@ -362,13 +409,12 @@ def read_egoschema(root: Path) -> list[Record]:
 def read_synthetic(root: Path) -> list[Record]:
     path = root / "test.json"
     records = []
-    for i, row in enumerate(_as_list(_read_json(path), path)):
-        rec = f"{i} (id {row.get('id')!r})" if isinstance(row, dict) else i
+    for i, rec, row in _rows_with_ids(path):
         options = _options(_field(row, "options", path, rec, list), path, rec, "options")
         records.append(Record(
-            id=str(_field(row, "id", path, rec, (str, int))),
+            id=_id(_field(row, "id", path, rec, (str, int)), path, rec),
             benchmark="synthetic",
-            video=str(root / _field(row, "video", path, rec)),
+            video=_inside(root, root / _field(row, "video", path, rec), path, rec),
             question=_field(row, "question", path, rec).strip(),
             options=options,
             answer=_letter_index(row.get("answer"), len(options), path, rec),

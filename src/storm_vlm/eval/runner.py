@@ -22,14 +22,15 @@ from pathlib import Path
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from storm_vlm.errors import StormError
 from storm_vlm.eval import predictions as P
-from storm_vlm.choices import extract_choice
 from storm_vlm.eval.frames import load_record_frames
-from storm_vlm.choices import LETTERS
 from storm_vlm.eval.records import Record
-from storm_vlm.eval.scoring import format_table, score
+from storm_vlm.eval.scoring import format_table, judge, score
+from storm_vlm.utils import atomic_write_text
 
 log = logging.getLogger("storm_vlm.eval")
 
@@ -60,21 +61,30 @@ def dist_env() -> tuple[int, int]:
 
 
 def check_settings(out_dir: Path, settings: dict, write: bool) -> None:
-    """Refuse to mix predictions made with different settings in one output folder."""
+    """Refuse to mix predictions made with different settings in one output folder.
+
+    run_config.json must be a JSON object (a key it lacks reads as null); anything else (a list,
+    garbage, a file cut short) is an error naming the file: the predictions beside it cannot be
+    tied to settings, so they are not added to."""
     path = out_dir / "run_config.json"
     identity = {k: settings.get(k) for k in IDENTITY_KEYS}
     if path.exists():
         try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise StormError(f"{path}: not valid JSON ({exc})") from None
+            old = json.loads(path.read_bytes())
+        except OSError as exc:
+            raise StormError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        except (ValueError, RecursionError) as exc:  # JSON, UTF-8 or nesting
+            raise StormError(f"{path}: not valid JSON ({exc}); move the folder aside or use a new --output") from None
+        if not isinstance(old, dict):
+            raise StormError(f"{path}: expected a JSON object of run settings, got a {type(old).__name__}; "
+                             "move the folder aside or use a new --output")
         diff = {k: (old.get(k), identity[k]) for k in IDENTITY_KEYS if old.get(k) != identity[k]}
         if diff:
             desc = "; ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in diff.items())
             raise StormError(f"{out_dir} holds predictions made with other settings ({desc}); "
                              "use a new --output folder")
     elif write:
-        P.write_atomic(path, json.dumps(identity, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(identity, indent=2) + "\n")
 
 
 def predict_row(record: Record, predictor: Predictor, frame_loader: FrameLoader) -> dict:
@@ -91,13 +101,12 @@ def predict_row(record: Record, predictor: Predictor, frame_loader: FrameLoader)
     t0 = time.perf_counter()
     reply = predictor.predict(record, frames)
     latency = time.perf_counter() - t0
-    pred = extract_choice(reply, record.options)
-    if pred is None:
+    if not isinstance(reply, str):
+        raise TypeError(f"{type(predictor).__name__}.predict returned {type(reply).__name__}, not the reply text")
+    verdict = judge(reply, record)
+    if verdict["pred"] is None:
         log.warning("unparsed reply for %s: %r", record.id, reply)
-    row.update(status="answered" if pred is not None else "unparsed", pred=pred,
-               pred_letter=None if pred is None else LETTERS[pred],
-               correct=pred is not None and pred == record.answer,
-               reply=reply, error=None, num_frames=int(frames.shape[0]), latency_s=round(latency, 4))
+    row.update(**verdict, reply=reply, error=None, num_frames=int(frames.shape[0]), latency_s=round(latency, 4))
     timing = getattr(predictor, "last_timing", None)
     if isinstance(timing, dict) and "prefill_s" in timing:
         row["prefill_s"] = timing["prefill_s"]
@@ -109,8 +118,6 @@ def run_predictions(records: Sequence[Record], predictor: Predictor, out_dir: st
                     progress: bool = True, retry_failed: bool = False) -> int:
     """Predict this rank's shard of `records` not yet in `out_dir` (nor, with `retry_failed`,
     recorded as decode failures); returns how many were added."""
-    from tqdm.auto import tqdm
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mine = shard(records, rank, world_size)
@@ -137,20 +144,15 @@ def finalize(benchmark: str, records: Sequence[Record], out_dir: str | Path, set
     rows = P.read_predictions(out_dir / "predictions.jsonl")
     results = score(benchmark, records, rows)
     results["settings"] = settings
-    unparsed = [rid for rid, row in rows.items() if row.get("status") == "unparsed"]
-    results["unparsed_ids"] = unparsed[:100]
-    results["decode_failure_ids"] = [rid for rid, row in rows.items() if row.get("status") == "decode_error"][:100]
     table = format_table(results)
-    P.write_atomic(out_dir / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    P.write_atomic(out_dir / "results.md", table)
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out_dir / "results.md", table)
     if print_table:
         print(table)
     return results
 
 
 def _barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 

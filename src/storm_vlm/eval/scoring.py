@@ -1,10 +1,17 @@
 """Accuracy, counts and each benchmark's standard breakdowns, from records + predictions.
 
 A prediction row (one line of predictions.jsonl) has ``status`` "answered" (a letter was
-read), "unparsed" (the reply named no single option: counted wrong) or "decode_error"
+read), "unparsed" (the reply named no single option, or was empty — counted as
+`empty_replies` too: counted wrong) or "decode_error"
 (the video could not be read: counted separately). ``accuracy`` is over the questions the
 model saw (answered + unparsed); ``accuracy_all`` also counts decode failures as wrong.
 Breakdowns use the questions the model saw.
+
+Nothing a row says about its own correctness is trusted: `score` recomputes status, pred,
+pred_letter and correct from the row's stored `reply` and the record's answer (`judge`, the same
+function the runner uses when it writes the row), so an edited `correct` flag or a stale reading
+rule cannot change a number. Rows whose stored fields disagree are listed in `corrected_ids`;
+rows whose id is not one of the records are not scored and are listed in `unknown_ids`.
 
 Standard breakdowns: VideoMME by duration, domain and task type; MVBench per task and
 the mean over tasks (its headline); MLVU per question type and the mean over types
@@ -14,9 +21,14 @@ the 500-question subset; synthetic by task.
 
 from __future__ import annotations
 
+import logging
 from typing import Iterable
 
+from storm_vlm.choices import LETTERS, extract_choice
 from storm_vlm.eval.records import Record
+
+log = logging.getLogger("storm_vlm.eval")
+JUDGED = ("status", "pred", "pred_letter", "correct")
 
 BREAKDOWNS: dict[str, tuple[str, ...]] = {
     "videomme": ("duration", "domain", "task_type"),
@@ -51,9 +63,41 @@ def _group(rows: list[tuple[Record, dict]], key: str) -> dict:
     return {v: {"correct": c, "count": n, "accuracy": _acc(c, n)} for v, (c, n) in groups.items()}
 
 
+def judge(reply: str | None, record: Record) -> dict:
+    """status, pred, pred_letter and correct of a reply to `record` (None: the video was not read)."""
+    if reply is None:
+        return {"status": "decode_error", "pred": None, "pred_letter": None, "correct": False}
+    pred = extract_choice(reply, record.options)
+    return {"status": "answered" if pred is not None else "unparsed", "pred": pred,
+            "pred_letter": None if pred is None else LETTERS[pred],
+            "correct": pred is not None and pred == record.answer}
+
+
+def rescore(records: Iterable[Record], predictions: dict[str, dict]) -> tuple[dict[str, dict], list[str], list[str]]:
+    """(rows of `records` with the judged fields recomputed, ids whose stored fields disagreed,
+    ids of rows that match no record)."""
+    by_id = {r.id: r for r in records}
+    out, corrected = {}, []
+    for rid, row in predictions.items():
+        record = by_id.get(rid)
+        if record is None:
+            continue
+        fresh = judge(None if row.get("status") == "decode_error" else row.get("reply"), record)
+        if any(row.get(k) != fresh[k] for k in JUDGED):
+            corrected.append(rid)
+        out[rid] = {**row, **fresh}
+    unknown = [rid for rid in predictions if rid not in by_id]
+    if corrected:
+        log.warning("%d prediction rows stored a status/pred/correct that their reply does not give (e.g. %s); "
+                    "scored from the reply", len(corrected), corrected[0])
+    return out, corrected, unknown
+
+
 def score(benchmark: str, records: Iterable[Record], predictions: dict[str, dict]) -> dict:
-    """Overall accuracy, counts and breakdowns for `records` given `predictions` (id -> row)."""
+    """Overall accuracy, counts and breakdowns for `records` given `predictions` (id -> row as
+    written by the runner: each is judged again from its `reply`, see the module docstring)."""
     records = list(records)
+    predictions, corrected, unknown = rescore(records, predictions)
     done = [(r, predictions[r.id]) for r in records if r.id in predictions]
     seen = [(r, p) for r, p in done if p.get("status") != "decode_error"]
     correct = sum(bool(p.get("correct")) for _, p in seen)
@@ -62,6 +106,8 @@ def score(benchmark: str, records: Iterable[Record], predictions: dict[str, dict
         "predicted": len(done),
         "answered": sum(p.get("status") == "answered" for _, p in done),
         "unparsed": sum(p.get("status") == "unparsed" for _, p in done),
+        # unparsed because the model ended its turn at once: an empty reply, said as such
+        "empty_replies": sum(p.get("status") == "unparsed" and not (p.get("reply") or "").strip() for _, p in done),
         "decode_failures": sum(p.get("status") == "decode_error" for _, p in done),
         "missing": len(records) - len(done),
         "correct": correct,
@@ -80,6 +126,10 @@ def score(benchmark: str, records: Iterable[Record], predictions: dict[str, dict
         out[f"mean_over_{key}"] = sum(accs) / len(accs) if accs else None
         headline = out[f"mean_over_{key}"]
     out["headline"] = {"name": HEADLINE_NAMES.get(benchmark, "accuracy"), "value": headline}
+    out["unparsed_ids"] = [r.id for r, p in done if p["status"] == "unparsed"][:100]
+    out["decode_failure_ids"] = [r.id for r, p in done if p["status"] == "decode_error"][:100]
+    out["corrected_ids"] = corrected[:100]
+    out["unknown_ids"] = unknown[:100]
     for key in ("latency_s", "prefill_s"):
         values = [p[key] for _, p in seen if isinstance(p.get(key), (int, float))]
         if values:
@@ -105,8 +155,9 @@ def format_table(results: dict) -> str:
         lines.append(f"| {results['headline']['name']} | {_pct(results['headline']['value'])} |")
     lines += [f"| accuracy (questions seen) | {_pct(results['accuracy'])} |",
               f"| accuracy (decode failures as wrong) | {_pct(results['accuracy_all'])} |"]
-    for k in ("total", "answered", "unparsed", "decode_failures", "missing"):
-        lines.append(f"| {k.replace('_', ' ')} | {c[k]} |")
+    for k in ("total", "answered", "unparsed", "empty_replies", "decode_failures", "missing"):
+        if k in c:
+            lines.append(f"| {k.replace('_', ' ')} | {c[k]} |")
     if "mean_latency_s" in results:
         lines.append(f"| mean latency per question (s) | {results['mean_latency_s']:.3f} |")
     if "mean_prefill_s" in results:

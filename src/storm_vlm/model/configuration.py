@@ -46,6 +46,8 @@ class StormConfig(PreTrainedConfig):
         projector_type: "mamba" (STORM's temporal projector) or "mlp" (the VILA baseline).
         projector_num_layers, projector_d_state, projector_d_conv, projector_expand,
         projector_bidirectional: Mamba projector shape.
+        projector_divide_out: halve the sum of the two scan directions (Vim's released
+            bidirectional models do; bidirectional projectors only).
         downsample_ratio: pixel-shuffle ratio r (N̂ patch tokens -> N̂ / r² tokens per frame).
         temporal_pool_size: k, average groups of k frames after the projector (trained).
         spatial_pool_stride: p, average p x p token windows per frame after the projector (trained).
@@ -72,6 +74,7 @@ class StormConfig(PreTrainedConfig):
     projector_d_conv: int = 4
     projector_expand: int = 2
     projector_bidirectional: bool = True
+    projector_divide_out: bool = False
     downsample_ratio: int = 2
     temporal_pool_size: int = 1
     spatial_pool_stride: int = 1
@@ -119,10 +122,11 @@ class StormConfig(PreTrainedConfig):
         for name in ("projector_d_state", "projector_d_conv", "projector_expand", "downsample_ratio",
                      "temporal_pool_size", "spatial_pool_stride", "temporal_sample_stride", "vision_batch_size"):
             _check_int(name, getattr(self, name))
-        if not isinstance(self.projector_bidirectional, bool):
-            raise ConfigError(
-                f"StormConfig.projector_bidirectional must be a bool, got {self.projector_bidirectional!r}"
-            )
+        for name in ("projector_bidirectional", "projector_divide_out"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"StormConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.projector_divide_out and not self.projector_bidirectional:
+            raise ConfigError("StormConfig.projector_divide_out needs projector_bidirectional=True")
         for name in ("video_token_id", "image_token_id"):
             value = getattr(self, name)
             if value is not None:

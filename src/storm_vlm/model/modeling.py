@@ -38,6 +38,7 @@ def build_projector(config: StormConfig) -> nn.Module:
         expand=config.projector_expand,
         bidirectional=config.projector_bidirectional,
         downsample_ratio=config.downsample_ratio,
+        divide_out=config.projector_divide_out,
     )
 
 

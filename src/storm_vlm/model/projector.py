@@ -152,6 +152,8 @@ class MambaTemporalProjector(nn.Module):
 
     forward(features (B, T, N̂, vision_dim), frame_mask (B, T) bool or None) -> (B, T, N̂/r², d_model).
     Set ``gradient_checkpointing = True`` to recompute each block in backward while training.
+    ``divide_out`` (bidirectional only): halve the sum of the two scan directions, as Vim's released
+    bidirectional models do (see ``BiMambaMixer``).
     """
 
     def __init__(
@@ -164,6 +166,7 @@ class MambaTemporalProjector(nn.Module):
         expand: int = 2,
         bidirectional: bool = True,
         downsample_ratio: int = 2,
+        divide_out: bool = False,
     ):
         super().__init__()
         self.vision_dim = _check_int("vision_dim", vision_dim)
@@ -171,11 +174,15 @@ class MambaTemporalProjector(nn.Module):
         self.downsample_ratio = _check_int("downsample_ratio", downsample_ratio)
         _check_int("num_layers", num_layers, 0)
         self.bidirectional = bool(bidirectional)
+        if divide_out and not self.bidirectional:
+            raise ValueError("divide_out=True halves the sum of two scan directions: it needs bidirectional=True")
+        self.divide_out = bool(divide_out)
         self.gradient_checkpointing = False
-        mixer_cls = BiMambaMixer if self.bidirectional else MambaMixer
         self.in_proj = nn.Linear(vision_dim * downsample_ratio**2, d_model)
         self.layers = nn.ModuleList(
-            MambaBlock(d_model, mixer_cls(d_model, d_state=d_state, d_conv=d_conv, expand=expand))
+            MambaBlock(d_model, BiMambaMixer(d_model, d_state=d_state, d_conv=d_conv, expand=expand,
+                                             divide_out=self.divide_out) if self.bidirectional
+                       else MambaMixer(d_model, d_state=d_state, d_conv=d_conv, expand=expand))
             for _ in range(num_layers)
         )
         self.norm_out = nn.LayerNorm(d_model)

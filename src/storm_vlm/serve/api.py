@@ -1,36 +1,46 @@
 """The HTTP API (FastAPI): `create_app(engine, ...)`.
 
-    GET  /health      model folder, device, precision, compression settings, limits
-    POST /v1/answer   a question about a video:
+    GET  /health                model folder, device, precision, compression settings, limits
+    GET  /v1/models             OpenAI's model list (the one model served)
+    POST /v1/chat/completions   OpenAI's chat completions, streaming too (see `storm_vlm.serve.openai_api`)
+    POST /v1/answer             a question about a video:
         multipart/form-data: video (the file), question, options (repeat the field, or one
             JSON array), frames, temporal_sample_stride, max_new_tokens, start, end
         application/json: the same fields plus video_path (a file on the server) -- only
             when the app was created with allow_local_paths=True (never by default)
 
-Status codes: 200 the answer (see `StormEngine.answer`); 403 local paths not allowed;
-413 upload larger than max_upload_mb; 415 another content type; 422 bad parameters or a
-video that cannot be decoded (the message names the cause, never a traceback). Uploads are
-written to a private temporary folder that is deleted when the request ends. The OpenAPI
-schema is at /openapi.json, the interactive docs at /docs.
+Status codes of /v1/answer: 200 the answer (see `StormEngine.answer`); 403 local paths not
+allowed; 408 the body did not arrive in time; 413 upload larger than max_upload_mb; 415 another
+content type; 422 bad parameters or a video that cannot be decoded (the message names the cause,
+never a traceback); 503 the queue is full (with Retry-After). Every input is bounded and checked
+before any work (option count and length, finite numbers in range, JSON nesting); uploads are
+written under a fixed name to a private temporary folder deleted when the request ends; a request
+whose client hangs up stops generating. The OpenAPI schema is at /openapi.json, the interactive
+docs at /docs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+import storm_vlm
 from storm_vlm.errors import StormError
+from storm_vlm.serve import openai_api as oai
+from storm_vlm.serve.engine import MAX_OPTION_CHARS, MAX_OPTIONS, MAX_QUESTION_CHARS, EngineBusy
 
 __all__ = ["create_app", "AnswerParams", "LocalAnswerRequest", "AnswerResponse"]
 
@@ -38,7 +48,9 @@ log = logging.getLogger("storm_vlm.serve")
 
 _FORM_SLACK = 64 * 1024  # multipart boundaries and the small text fields next to the video
 _JSON_LIMIT = 1024 * 1024
-_SAFE_SUFFIX = re.compile(r"^\.[A-Za-z0-9]{1,8}$")
+_MAX_SECONDS = 10**7  # start / end beyond ~4 months of video are refused before any work
+_UPLOAD_NAME = "upload"  # a fixed name: the client's file name never chooses how the bytes are read
+_Option = Annotated[str, Field(max_length=MAX_OPTION_CHARS)]
 
 
 class AnswerParams(BaseModel):
@@ -46,15 +58,17 @@ class AnswerParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    question: str = Field(min_length=1, description="the question about the video")
-    options: list[str] | None = Field(None, description="multiple-choice options (2-26); the reply is read "
-                                      "as one of them (choice, choice_letter)")
+    question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS, description="the question about the video")
+    options: list[_Option] | None = Field(None, max_length=MAX_OPTIONS, description="multiple-choice options "
+                                          "(2-26); the reply is read as one of them (choice, choice_letter)")
     frames: int | None = Field(None, ge=1, description="frames sampled uniformly (default: the server's --frames)")
-    temporal_sample_stride: int | None = Field(None, ge=1, description="test-time temporal sampling: keep every "
-                                               "s-th frame's tokens (default: the model's)")
+    temporal_sample_stride: int | None = Field(None, ge=1, le=64, description="test-time temporal sampling: keep "
+                                               "every s-th frame's tokens (default: the model's)")
     max_new_tokens: int = Field(64, ge=1, description="answer length limit")
-    start: float | None = Field(None, ge=0, description="read the video from this second")
-    end: float | None = Field(None, gt=0, description="read the video up to this second")
+    start: float | None = Field(None, ge=0, le=_MAX_SECONDS, allow_inf_nan=False,
+                                description="read the video from this second")
+    end: float | None = Field(None, gt=0, le=_MAX_SECONDS, allow_inf_nan=False,
+                              description="read the video up to this second")
 
 
 class LocalAnswerRequest(AnswerParams):
@@ -89,18 +103,26 @@ class _TooLarge(Exception):
     pass
 
 
-def _error(status: int, detail) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status)
+class _TooSlow(Exception):
+    pass
 
 
-def _limited(request: Request, limit: int) -> Request:
+def _error(status: int, detail, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def _limited(request: Request, limit: int, timeout_s: float) -> Request:
     """The same request, whose body stream raises _TooLarge once more than `limit` bytes arrive
-    (bodies sent without a Content-Length are stopped too)."""
+    (bodies sent without a Content-Length are stopped too) and _TooSlow when the next part of the
+    body takes longer than `timeout_s`."""
     received = 0
 
     async def receive():
         nonlocal received
-        message = await request.receive()
+        try:
+            message = await asyncio.wait_for(request.receive(), timeout_s)
+        except asyncio.TimeoutError:
+            raise _TooSlow from None
         if message.get("type") == "http.request":
             received += len(message.get("body", b""))
             if received > limit:
@@ -108,6 +130,14 @@ def _limited(request: Request, limit: int) -> Request:
         return message
 
     return Request(request.scope, receive)
+
+
+def _json(raw: bytes):
+    """Parse a JSON body; ValueError (with the cause) for invalid or too deeply nested JSON."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def _content_length(request: Request) -> int | None:
@@ -134,10 +164,11 @@ def _form_params(form) -> AnswerParams:
     options = [o for o in form.getlist("options") if isinstance(o, str) and o != ""]
     if len(options) == 1 and options[0].lstrip().startswith("["):
         try:
-            options = json.loads(options[0])
-        except ValueError:
+            options = _json(options[0])
+        except ValueError as exc:
             raise RequestValidationError([{"type": "json_invalid", "loc": ["body", "options"],
-                                           "msg": "options is not a valid JSON array", "input": options[0]}])
+                                           "msg": f"options is not a valid JSON array ({exc})",
+                                           "input": options[0][:100]}]) from None
     if options:
         data["options"] = options
     return _validate(AnswerParams, data)
@@ -160,40 +191,147 @@ _MULTIPART_SCHEMA = {
 }
 
 
-def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = False) -> FastAPI:
-    """A FastAPI app answering questions with `engine` (a `StormEngine`, or anything with its
-    `answer(...)`, `info()` and `model_dir`)."""
+def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = False, model_name: str | None = None,
+               body_timeout_s: float = 60.0) -> FastAPI:
+    """A FastAPI app serving `engine` (a `StormEngine`). `model_name`: the id /v1/models reports and
+    chat completions accept (default: the model folder's name); `body_timeout_s`: the longest wait
+    for the next part of a request body."""
     if not max_upload_mb > 0:
         raise StormError(f"max_upload_mb must be > 0, got {max_upload_mb!r}")
     max_upload = int(max_upload_mb * 1024 * 1024)
+    # a chat-completions body carries its media base64-encoded (4 bytes per 3)
+    chat_limit = max_upload * 4 // 3 + _JSON_LIMIT
+    model_name = model_name or engine.model_dir.name
+    started = int(time.time())
     app = FastAPI(title="storm-vlm", summary="Ask a STORM video-LLM questions about videos.",
-                  version=_version())
+                  version=storm_vlm.__version__)
+
+    @app.exception_handler(oai.OpenAIError)
+    async def openai_error(request: Request, exc: oai.OpenAIError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok", **engine.info(),
-                "server": {"max_upload_mb": max_upload_mb, "allow_local_paths": allow_local_paths}}
+                "server": {"model_name": model_name, "max_upload_mb": max_upload_mb,
+                           "allow_local_paths": allow_local_paths}}
 
-    async def run_answer(video_path, params: AnswerParams, shown_as: str | None = None) -> JSONResponse:
+    @app.get("/v1/models", summary="The model this server answers with (OpenAI's model list)")
+    def models() -> dict:
+        return oai.models_body(model_name, started)
+
+    async def read_body(request: Request, limit: int) -> bytes:
+        if (_content_length(request) or 0) > limit:
+            raise _TooLarge
+        chunks = []
+        async for chunk in _limited(request, limit, body_timeout_s).stream():
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def wait_or_cancel(request: Request, handle):
+        """The request's Completion; cancels it when the client disconnects first."""
+        while True:
+            try:
+                kind, payload = await asyncio.wait_for(handle.next_event(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    handle.cancel()
+                continue
+            if kind == "error":
+                raise payload
+            if kind == "done":
+                return payload
+
+    @app.post("/v1/chat/completions", summary="OpenAI-compatible chat completions about videos and images",
+              response_model=None,
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": oai.ChatCompletionRequest.model_json_schema()}}}})
+    async def chat_completions(request: Request):
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise oai.OpenAIError(415, "send the request as application/json")
         try:
-            result = await run_in_threadpool(
-                engine.answer, video_path, params.question, options=params.options, num_frames=params.frames,
-                temporal_sample_stride=params.temporal_sample_stride, max_new_tokens=params.max_new_tokens,
-                start=params.start, end=params.end)
+            body = _json(await read_body(request, chat_limit))
+        except _TooLarge:
+            raise oai.OpenAIError(413, f"request body larger than the server's limit ({max_upload_mb:g} MB of "
+                                       "media, base64-encoded)", code="request_too_large") from None
+        except _TooSlow:
+            raise oai.OpenAIError(408, f"the request body did not arrive within {body_timeout_s:g} s") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise oai.OpenAIError(400, f"the body is not valid JSON ({exc})") from None
+        if isinstance(body, dict) and body.get("model") not in (None, model_name):
+            raise oai.OpenAIError(404, f"model {body.get('model')!r} is not served here; this server serves "
+                                       f"{model_name!r}", "model", code="model_not_found")
+        workdir = Path(tempfile.mkdtemp(prefix="storm-serve-"))
+        try:
+            parsed, messages, videos, sampling = await run_in_threadpool(
+                oai.parse_chat_request, body, engine, workdir, allow_local_paths, max_upload)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            prepared = engine.prepare(messages, [len(v) for v in videos], sampling, parsed.temporal_sample_stride)
+            handle = engine.submit(prepared, videos, loop=asyncio.get_running_loop())
+        except EngineBusy as exc:
+            raise oai.busy_error(exc) from None
+        except StormError as exc:
+            raise oai.OpenAIError(400, str(exc)) from None
+        completion_id = oai.new_id()
+        if not parsed.stream:
+            try:
+                completion = await wait_or_cancel(request, handle)
+            except StormError as exc:
+                raise oai.OpenAIError(503, str(exc), kind="server_error") from None
+            return JSONResponse(oai.completion_body(completion_id, model_name, completion))
+
+        include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+
+        async def events():
+            try:
+                yield oai.chunk_body(completion_id, model_name, {"role": "assistant", "content": ""})
+                async for kind, payload in handle.aevents():
+                    if kind == "delta":
+                        yield oai.chunk_body(completion_id, model_name, {"content": payload})
+                    elif kind == "error":
+                        yield f"data: {json.dumps(oai.OpenAIError(503, str(payload), kind='server_error').body())}\n\n"
+                        break
+                    else:
+                        reason = "length" if payload.finish_reason == "length" else "stop"
+                        yield oai.chunk_body(completion_id, model_name, {}, reason)
+                        if include_usage:
+                            yield oai.chunk_body(completion_id, model_name, {}, completion=payload, usage_only=True)
+                yield "data: [DONE]\n\n"
+            finally:  # the client went away (the response task is cancelled) or the stream ended
+                handle.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def run_answer(request: Request, video_path, params: AnswerParams, shown_as: str | None = None):
+        started = time.perf_counter()
+        try:
+            prepared, options, frames = engine.prepare_question(
+                params.question, params.options, params.frames, params.temporal_sample_stride, params.max_new_tokens)
+            clip = await run_in_threadpool(engine.read_video, video_path, frames, params.start, params.end)
+            handle = engine.submit(prepared, [clip.frames], loop=asyncio.get_running_loop())
+            completion = await wait_or_cancel(request, handle)
+        except EngineBusy as exc:
+            return _error(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
         except StormError as exc:  # VideoDecodeError included: the message names the file and the cause
             message = str(exc)
             if shown_as is not None:
                 message = message.replace(str(video_path), shown_as)
             return _error(422, message)
-        return JSONResponse(result)
+        return JSONResponse(engine.answer_body(completion, clip, options, prepared, started))
 
     @app.post(
         "/v1/answer",
         summary="Answer a question about a video",
         response_model=None,
         responses={200: {"model": AnswerResponse}, 403: {"description": "local paths are not allowed"},
+                   408: {"description": "the body did not arrive in time"},
                    413: {"description": "upload too large"}, 415: {"description": "unsupported content type"},
-                   422: {"description": "bad parameters, or the video cannot be decoded"}},
+                   422: {"description": "bad parameters, or the video cannot be decoded"},
+                   503: {"description": "the request queue is full (see Retry-After)"}},
         openapi_extra={"requestBody": {"required": True, "content": {
             "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
             "application/json": {"schema": LocalAnswerRequest.model_json_schema()},
@@ -205,26 +343,29 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
             if not allow_local_paths:
                 return _error(403, "local video paths are disabled on this server (start it with "
                                    "--allow-local-paths); upload the video as multipart/form-data instead")
-            if (_content_length(request) or 0) > _JSON_LIMIT:
-                return _error(413, f"JSON body larger than {_JSON_LIMIT} bytes")
             try:
-                body = await _limited(request, _JSON_LIMIT).json()
+                body = _json(await read_body(request, _JSON_LIMIT))
             except _TooLarge:
                 return _error(413, f"JSON body larger than {_JSON_LIMIT} bytes")
-            except ValueError as exc:
+            except _TooSlow:
+                return _error(408, f"the request body did not arrive within {body_timeout_s:g} s")
+            except (ValueError, UnicodeDecodeError) as exc:
                 return _error(422, f"body is not valid JSON ({exc})")
             params = _validate(LocalAnswerRequest, body)
-            return await run_answer(params.video_path, params)
+            return await run_answer(request, params.video_path, params)
         if content_type != "multipart/form-data":
             return _error(415, "send the video as multipart/form-data (field 'video') with a 'question' field")
 
         too_large = f"upload larger than the server's limit of {max_upload_mb:g} MB"
         if (_content_length(request) or 0) > max_upload + _FORM_SLACK:
             return _error(413, too_large)
+        form = None
         try:
-            form = await _limited(request, max_upload + _FORM_SLACK).form(max_files=1, max_fields=64)
+            form = await _limited(request, max_upload + _FORM_SLACK, body_timeout_s).form(max_files=1, max_fields=64)
         except _TooLarge:
             return _error(413, too_large)
+        except _TooSlow:
+            return _error(408, f"the request body did not arrive within {body_timeout_s:g} s")
         workdir = None
         try:
             video = form.get("video")
@@ -235,11 +376,10 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
             if video.size is not None and video.size > max_upload:
                 return _error(413, too_large)
             shown_as = Path(video.filename or "upload").name or "upload"
-            suffix = Path(shown_as).suffix
             workdir = Path(tempfile.mkdtemp(prefix="storm-serve-"))
-            path = workdir / ("upload" + (suffix if _SAFE_SUFFIX.match(suffix) else ""))
+            path = workdir / _UPLOAD_NAME
             await run_in_threadpool(_copy, video.file, path)
-            return await run_answer(path, params, shown_as=shown_as)
+            return await run_answer(request, path, params, shown_as=shown_as)
         finally:
             await form.close()
             if workdir is not None:
@@ -252,9 +392,3 @@ def _copy(src, dst: Path) -> None:
     src.seek(0)
     with open(dst, "wb") as out:
         shutil.copyfileobj(src, out, length=1024 * 1024)
-
-
-def _version() -> str:
-    from storm_vlm import __version__
-
-    return __version__

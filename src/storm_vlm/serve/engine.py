@@ -1,38 +1,269 @@
-"""`StormEngine`: one loaded STORM model answering questions about videos, one request at a time.
+"""`StormEngine`: one loaded STORM model answering many requests.
 
-The HTTP API (`storm_vlm.serve.api`) and the web demo (`storm_vlm.serve.web`) both call
-`StormEngine.answer`. A question is asked exactly as `storm-vlm eval` asks it (through
-`storm_vlm.inference`: the video first in the user turn, greedy decoding; with options, the
+Requests are validated and rendered when they arrive (`prepare`: a bad request fails before it
+waits), then queued. One worker thread takes the oldest request and every waiting request that
+can share its generate call (same sampling settings and test-time stride; a request with a seed
+runs alone) up to `max_batch_size`, and runs them as one padded batch: videos of different
+lengths are padded with a frame mask and the prompts left-padded, which gives each request the
+answer it gets alone. Tokens stream to each request as they are made (`RequestHandle.events`);
+a request stops on its own token budget, one of its stop strings, the end-of-turn token, or
+`RequestHandle.cancel()` (a client that hung up) without stopping the others. A full queue
+raises `EngineBusy` (the HTTP server answers 503 with Retry-After).
+
+`StormEngine.answer` (the `/v1/answer` endpoint, `chat -q`, the web page) is one request through
+the same queue. A question is asked exactly as `storm-vlm eval` asks it (`storm_vlm.inference`:
+the video first in the user turn, greedy decoding unless told otherwise; with options, the
 prompt of `storm_vlm.choices.format_question` and the reply read by `extract_choice`).
-Precision: `storm_vlm.precision` ("auto": bfloat16 on CUDA; on CPU float32, with bfloat16
-autocast only where the CPU has native bf16).
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import itertools
+import math
+import queue
 import threading
 import time
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from storm_vlm.choices import LETTERS, extract_choice, format_question, strip_letter
 from storm_vlm.errors import StormError
 from storm_vlm.inference import Predictor, build_messages
-from storm_vlm.utils import check_model_dir
-from storm_vlm.utils import check_int
+from storm_vlm.utils import check_int, check_model_dir
 from storm_vlm.video import load_video
 
-__all__ = ["StormEngine"]
+__all__ = ["StormEngine", "SamplingParams", "RequestHandle", "Completion", "EngineBusy", "MAX_OPTIONS",
+           "MAX_OPTION_CHARS", "MAX_QUESTION_CHARS"]
 
 MAX_QUESTION_CHARS = 8000
 MAX_OPTIONS = 26
+MAX_OPTION_CHARS = 1000
+MAX_STOPS = 4
+MAX_STOP_CHARS = 200
+
+
+class EngineBusy(StormError):
+    """The request queue is full; try again after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
     return check_int(name, value, lo, hi, error=StormError)
 
 
+def _check_float(name: str, value, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not lo <= value <= hi:
+        raise StormError(f"{name} must be a number between {lo:g} and {hi:g}, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request decodes. temperature 0 is greedy (the default, as in evaluation)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def batch_key(self, request_id: int) -> tuple:
+        """Requests with equal keys can share one generate call (a seeded request runs alone)."""
+        if self.seed is not None:
+            return ("seeded", request_id)
+        return ("greedy",) if self.temperature == 0 else ("sample", self.temperature, self.top_p)
+
+    def generate_kwargs(self) -> dict:
+        if self.temperature == 0:
+            return {"do_sample": False, "num_beams": 1}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
+
+
+@dataclass
+class Completion:
+    """The finished answer of one request. finish_reason: "stop" (end of turn or a stop string),
+    "length" (token budget), "cancelled". Times in seconds."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    visual_tokens: int
+    timings: dict
+
+
+@dataclass
+class _Prepared:
+    prompt: str
+    videos: list
+    stride: int | None
+    sampling: SamplingParams
+    text_tokens: int
+    visual_tokens: int
+
+    @property
+    def frames(self) -> int:
+        return sum(len(v) for v in self.videos)
+
+
+class RequestHandle:
+    """One queued request. Iterate `events()` (or `aevents()` in asyncio code) for
+    ("delta", text) items followed by ("done", Completion) or ("error", exception);
+    `result()` waits for the Completion; `cancel()` stops it."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prepared: _Prepared, loop: asyncio.AbstractEventLoop | None = None):
+        self.id = next(self._ids)
+        self.prepared = prepared
+        self.submitted = time.perf_counter()
+        self._cancel = threading.Event()
+        self._loop = loop
+        self._queue: asyncio.Queue | queue.Queue = asyncio.Queue() if loop is not None else queue.Queue()
+        self._outcome: Completion | Exception | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def emit(self, kind: str, payload) -> None:
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, (kind, payload))
+            except RuntimeError:  # the client's event loop is gone
+                self._cancel.set()
+        else:
+            self._queue.put((kind, payload))
+
+    def events(self) -> Iterator[tuple[str, object]]:
+        while True:
+            kind, payload = self._queue.get()
+            yield kind, payload
+            if kind in ("done", "error"):
+                return
+
+    async def next_event(self) -> tuple[str, object]:
+        """The next event (asyncio; safe to cancel, e.g. by a timeout)."""
+        return await self._queue.get()
+
+    async def aevents(self):
+        while True:
+            kind, payload = await self.next_event()
+            yield kind, payload
+            if kind in ("done", "error"):
+                return
+
+    def result(self) -> Completion:
+        """The Completion, once it is there (raises the request's error); may be called again."""
+        if self._outcome is None:
+            for kind, payload in self.events():
+                if kind in ("done", "error"):
+                    self._outcome = payload
+        if isinstance(self._outcome, Exception):
+            raise self._outcome
+        return self._outcome
+
+
+class _Rows(BaseStreamer):
+    """Streams a batch's new tokens to each request as text, and knows which rows are finished.
+
+    Text is decoded from each row's tokens so far (held back while it ends in an incomplete
+    UTF-8 sequence, or could be the start of one of the request's stop strings).
+    """
+
+    def __init__(self, tokenizer, handles: list[RequestHandle], eos_ids: set[int]):
+        self.tokenizer = tokenizer
+        self.handles = handles
+        self.eos_ids = eos_ids
+        self.tokens: list[list[int]] = [[] for _ in handles]
+        self.generated = [0] * len(handles)  # tokens each request produced, its end-of-turn token included
+        self.text = [""] * len(handles)
+        self.sent = [0] * len(handles)
+        self.finish: list[str | None] = [None] * len(handles)
+        self.first_token_at: float | None = None
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate first hands over the prompt ids
+            self._prompt_seen = True
+            return
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        for i, token in enumerate(value.reshape(len(self.handles), -1)[:, -1].tolist()):
+            if self.finish[i] is None:
+                self._add(i, int(token))
+
+    def _add(self, i: int, token: int) -> None:
+        handle = self.handles[i]
+        if handle.cancelled:
+            self.finish[i] = "cancelled"
+            return
+        self.generated[i] += 1
+        if token in self.eos_ids:
+            self._flush(i, len(self.text[i]))
+            self.finish[i] = "stop"
+            return
+        self.tokens[i].append(token)
+        text = self.tokenizer.decode(self.tokens[i], skip_special_tokens=True)
+        last = len(self.tokens[i]) >= handle.prepared.sampling.max_new_tokens
+        if text.endswith("\ufffd") and not last:  # a character split across tokens: wait for the rest
+            return
+        self.text[i] = text
+        stops = handle.prepared.sampling.stop
+        for stop in stops:
+            at = text.find(stop, max(0, self.sent[i] - len(stop)))
+            if at >= 0:
+                self.text[i] = text[:at]
+                self._flush(i, at)
+                self.finish[i] = "stop"
+                return
+        if last:
+            self._flush(i, len(text))
+            self.finish[i] = "length"
+            return
+        hold = max((len(s) - 1 for s in stops), default=0)
+        self._flush(i, len(text) - hold)
+
+    def _flush(self, i: int, upto: int) -> None:
+        if upto > self.sent[i]:
+            self.handles[i].emit("delta", self.text[i][self.sent[i]:upto])
+            self.sent[i] = upto
+
+    def end(self) -> None:
+        for i in range(len(self.handles)):
+            if self.finish[i] is None:
+                self.text[i] = self.tokenizer.decode(self.tokens[i], skip_special_tokens=True)
+                self._flush(i, len(self.text[i]))
+                self.finish[i] = "cancelled" if self.handles[i].cancelled else "length"
+
+
+class _RowsDone(StoppingCriteria):
+    """Per-row stop: the streamer's verdict, or a cancelled request."""
+
+    def __init__(self, rows: _Rows):
+        self.rows = rows
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        done = [f is not None or h.cancelled for f, h in zip(self.rows.finish, self.rows.handles)]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 class StormEngine:
-    """A STORM model + processor loaded once from `model_dir`.
+    """A STORM model + processor loaded once from `model_dir`, serving a queue of requests.
 
     Args:
         model_dir: a STORM model folder (config.json, weights, processor files).
@@ -41,26 +272,42 @@ class StormEngine:
         default_frames: frames sampled when a request names none.
         max_frames: the most frames a request may ask for.
         max_new_tokens_limit: the longest answer a request may ask for.
-
-    `answer` may be called from several threads; generation runs under one lock.
+        max_batch_size: requests answered by one generate call at most (1: one at a time).
+        max_batch_frames: video frames in one generate call at most (bounds the vision tower's
+            memory; a request with more frames runs alone); default 2 x max_frames.
+        max_queue: requests waiting at most; beyond, `submit` raises EngineBusy.
     """
 
     def __init__(self, model_dir, *, device: str | None = None, precision: str = "auto", default_frames: int = 32,
-                 max_frames: int = 256, max_new_tokens_limit: int = 1024, verbose: bool = False):
+                 max_frames: int = 256, max_new_tokens_limit: int = 1024, max_batch_size: int = 8,
+                 max_batch_frames: int | None = None, max_queue: int = 64, verbose: bool = False):
         self.model_dir = check_model_dir(model_dir)
         self.max_frames = _check_int("max_frames", max_frames, 1)
         self.default_frames = _check_int("frames", default_frames, 1, self.max_frames)
         self.max_new_tokens_limit = _check_int("max_new_tokens_limit", max_new_tokens_limit, 1)
+        self.max_batch_size = _check_int("max_batch_size", max_batch_size, 1)
+        self.max_batch_frames = _check_int("max_batch_frames", max_batch_frames or 2 * self.max_frames, 1)
+        self.max_queue = _check_int("max_queue", max_queue, 1)
         self.predictor = Predictor.from_pretrained(self.model_dir, device, precision, verbose=verbose)
         self.model, self.processor = self.predictor.model, self.predictor.processor
         self.config = self.model.config
         self.device = self.model.device
-        self._lock = threading.Lock()
+        generation = self.model.generation_config
+        eos = generation.eos_token_id
+        self._eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        tokenizer = self.processor.tokenizer
+        self._pad = generation.pad_token_id if generation.pad_token_id is not None else tokenizer.pad_token_id
+        self._waiting: collections.deque[RequestHandle] = collections.deque()
+        self._wakeup = threading.Condition()
+        self._recent_s = collections.deque(maxlen=16)  # durations of recent batches, for Retry-After
+        self._closed = False
+        self._worker = threading.Thread(target=self._work, name="storm-engine", daemon=True)
+        self._worker.start()
 
     # ------------------------------------------------------------------ description
 
     def info(self) -> dict:
-        """What /health reports: model folder, device, precision and the token-compression settings."""
+        """What /health reports: model folder, device, precision, compression settings, limits."""
         cfg = self.config
         text = cfg.get_text_config()
         precision = self.predictor.precision
@@ -81,14 +328,158 @@ class StormEngine:
                 "tokens_per_frame": cfg.tokens_per_frame,
                 "max_position_embeddings": getattr(text, "max_position_embeddings", None),
             },
-            "defaults": {
-                "frames": self.default_frames,
-                "visual_tokens": cfg.num_visual_tokens(self.default_frames),
-            },
-            "limits": {"max_frames": self.max_frames, "max_new_tokens": self.max_new_tokens_limit},
+            "defaults": {"frames": self.default_frames, "visual_tokens": cfg.num_visual_tokens(self.default_frames)},
+            "limits": {"max_frames": self.max_frames, "max_new_tokens": self.max_new_tokens_limit,
+                       "max_batch_size": self.max_batch_size, "max_batch_frames": self.max_batch_frames,
+                       "max_queue": self.max_queue,
+                       "max_options": MAX_OPTIONS, "max_option_chars": MAX_OPTION_CHARS,
+                       "max_question_chars": MAX_QUESTION_CHARS},
         }
 
-    # ------------------------------------------------------------------ one question
+    # ------------------------------------------------------------------ requests
+
+    def default_sampling(self) -> tuple[float, float]:
+        """(temperature, top_p) a request gets when it names none: the model's generation config
+        (as vLLM does), greedy when that config does not sample."""
+        generation = self.model.generation_config
+        if not generation.do_sample:
+            return 0.0, 1.0
+        return float(generation.temperature or 1.0), float(generation.top_p or 1.0)
+
+    def check_sampling(self, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=None,
+                       stop: Sequence[str] | str | None = None) -> SamplingParams:
+        """Validated SamplingParams; StormError naming the bad value."""
+        _check_int("max_new_tokens", max_new_tokens, 1, self.max_new_tokens_limit)
+        temperature = _check_float("temperature", temperature, 0.0, 2.0)
+        top_p = _check_float("top_p", top_p, 0.0, 1.0)
+        if top_p == 0:
+            raise StormError("top_p must be greater than 0")
+        if seed is not None:
+            _check_int("seed", seed, 0, 2**63 - 1)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > MAX_STOPS or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+            raise StormError(f"stop must be up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters")
+        return SamplingParams(max_new_tokens, temperature, top_p, seed, tuple(stops))
+
+    def prepare(self, messages: list[dict], frame_counts: Sequence[int] = (), sampling: SamplingParams | None = None,
+                temporal_sample_stride: int | None = None) -> _Prepared:
+        """Render `messages` (the model's chat template, with a {"type": "video"} item per video,
+        in order; `frame_counts` gives each video's frames) once and check the request fits the
+        LLM; StormError otherwise. `submit` takes it with the decoded videos."""
+        sampling = sampling or SamplingParams()
+        if temporal_sample_stride is not None:
+            _check_int("temporal_sample_stride", temporal_sample_stride, 1, 64)
+        prompt = self.predictor.render(messages)
+        placeholders = prompt.count(self.processor.video_token)
+        if placeholders != len(frame_counts):
+            raise StormError(f"the messages hold {placeholders} videos but {len(frame_counts)} were given")
+        layout = self.config.visual_token_layout.with_sample_stride(temporal_sample_stride)
+        visual = sum(layout.num_tokens(t) for t in frame_counts)
+        text_tokens = self.predictor.check_context(prompt, visual, sampling.max_new_tokens)
+        return _Prepared(prompt, [], temporal_sample_stride, sampling, text_tokens, visual)
+
+    def submit(self, prepared: _Prepared, videos: Sequence[np.ndarray] = (),
+               loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        """Queue a prepared request with its videos ((T, H, W, 3) uint8 each, no more frames than
+        `prepare` was told); EngineBusy when `max_queue` requests are already waiting."""
+        layout = self.config.visual_token_layout.with_sample_stride(prepared.stride)
+        prepared.videos = list(videos)
+        prepared.visual_tokens = sum(layout.num_tokens(len(v)) for v in prepared.videos)
+        handle = RequestHandle(prepared, loop)
+        with self._wakeup:
+            if self._closed:
+                raise StormError("the engine is shut down")
+            if len(self._waiting) >= self.max_queue:
+                raise EngineBusy(f"{len(self._waiting)} requests are waiting already; try again later",
+                                 retry_after=self._retry_after())
+            self._waiting.append(handle)
+            self._wakeup.notify()
+        return handle
+
+    def _retry_after(self) -> int:
+        per_batch = sum(self._recent_s) / len(self._recent_s) if self._recent_s else 1.0
+        batches = math.ceil((len(self._waiting) + 1) / self.max_batch_size)
+        return max(1, math.ceil(per_batch * batches))
+
+    def close(self) -> None:
+        """Stop the worker after the batch it is running; waiting requests are cancelled."""
+        with self._wakeup:
+            self._closed = True
+            for handle in self._waiting:
+                handle.emit("error", StormError("the engine is shutting down"))
+            self._waiting.clear()
+            self._wakeup.notify()
+        self._worker.join(timeout=60)
+
+    # ------------------------------------------------------------------ the worker
+
+    def _next_batch(self) -> list[RequestHandle] | None:
+        with self._wakeup:
+            while not self._waiting and not self._closed:
+                self._wakeup.wait()
+            if self._closed:
+                return None
+            first = self._waiting.popleft()
+            key = (first.prepared.sampling.batch_key(first.id), first.prepared.stride)
+            batch, frames = [first], first.prepared.frames
+            for handle in list(self._waiting):
+                if len(batch) >= self.max_batch_size:
+                    break
+                if (handle.prepared.sampling.batch_key(handle.id), handle.prepared.stride) == key \
+                        and frames + handle.prepared.frames <= self.max_batch_frames:
+                    self._waiting.remove(handle)
+                    batch.append(handle)
+                    frames += handle.prepared.frames
+        return batch
+
+    def _work(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            live = []
+            for handle in batch:
+                if handle.cancelled:
+                    handle.emit("done", Completion("", "cancelled", 0, 0, 0, {}))
+                else:
+                    live.append(handle)
+            if not live:
+                continue
+            started = time.perf_counter()
+            try:
+                self._run(live, started)
+            except Exception as exc:  # reported to every request of the batch; the worker goes on
+                error = exc if isinstance(exc, StormError) else StormError(
+                    f"generation failed ({type(exc).__name__}: {exc})")
+                for handle in live:
+                    handle.emit("error", error)
+            self._recent_s.append(time.perf_counter() - started)
+
+    def _run(self, handles: list[RequestHandle], started: float) -> None:
+        first = handles[0].prepared
+        inputs = self.processor(text=[h.prepared.prompt for h in handles],
+                                videos=[v for h in handles for v in h.prepared.videos] or None,
+                                temporal_sample_stride=first.stride, padding_side="left", return_tensors="pt")
+        device, dtype = self.model.device, self.model.dtype
+        inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+        rows = _Rows(self.processor.tokenizer, handles, self._eos)
+        if first.sampling.seed is not None:
+            torch.manual_seed(first.sampling.seed)
+        with torch.inference_mode(), self.predictor._context():
+            self.model.generate(**inputs, **first.sampling.generate_kwargs(), streamer=rows,
+                                max_new_tokens=max(h.prepared.sampling.max_new_tokens for h in handles),
+                                stopping_criteria=StoppingCriteriaList([_RowsDone(rows)]), pad_token_id=self._pad)
+        rows.end()
+        end = time.perf_counter()
+        prompt_lengths = inputs["attention_mask"].sum(1).tolist()
+        for i, handle in enumerate(handles):
+            p = handle.prepared
+            handle.emit("done", Completion(
+                text=rows.text[i], finish_reason=rows.finish[i], prompt_tokens=int(prompt_lengths[i]),
+                completion_tokens=rows.generated[i],
+                visual_tokens=p.visual_tokens,
+                timings={"wait_s": round(started - handle.submitted, 4),
+                         "prefill_s": round((rows.first_token_at or end) - started, 4),
+                         "generate_s": round(end - started, 4), "batch_size": len(handles)}))
+
+    # ------------------------------------------------------------------ one question (/v1/answer, chat, web)
 
     @staticmethod
     def prompt(question: str, options: Sequence[str] | None = None) -> str:
@@ -103,23 +494,69 @@ class StormEngine:
         if len(question) > MAX_QUESTION_CHARS:
             raise StormError(f"question is {len(question)} characters long; the limit is {MAX_QUESTION_CHARS}")
         if options is not None:
-            if isinstance(options, str) or not all(isinstance(o, str) for o in options):
+            if isinstance(options, str) or not isinstance(options, (list, tuple)) \
+                    or not all(isinstance(o, str) for o in options):
                 raise StormError("options must be a list of strings")
+            if len(options) > MAX_OPTIONS:
+                raise StormError(f"give between 2 and {MAX_OPTIONS} options, got {len(options)}")
             options = [o.strip() for o in options]
             if not options:
                 options = None
-            elif not 2 <= len(options) <= MAX_OPTIONS:
+            elif len(options) < 2:
                 raise StormError(f"give between 2 and {MAX_OPTIONS} options, got {len(options)}")
             elif not all(options):
                 raise StormError("options must not be empty strings")
+            elif max(len(o) for o in options) > MAX_OPTION_CHARS:
+                raise StormError(f"each option must be at most {MAX_OPTION_CHARS} characters")
             else:
                 options = [strip_letter(o, i) or o for i, o in enumerate(options)]
         num_frames = self.default_frames if num_frames is None else num_frames
         _check_int("frames", num_frames, 1, self.max_frames)
         if temporal_sample_stride is not None:
-            _check_int("temporal_sample_stride", temporal_sample_stride, 1)
+            _check_int("temporal_sample_stride", temporal_sample_stride, 1, 64)
         _check_int("max_new_tokens", max_new_tokens, 1, self.max_new_tokens_limit)
         return question.strip(), options, num_frames, temporal_sample_stride, max_new_tokens
+
+    def prepare_question(self, question: str, options: Sequence[str] | None = None, num_frames: int | None = None,
+                         temporal_sample_stride: int | None = None, max_new_tokens: int = 64):
+        """Validate a one-turn question about one video and render it: (prepared, options, frames)."""
+        question, options, num_frames, stride, max_new_tokens = self.check_request(
+            question, options, num_frames, temporal_sample_stride, max_new_tokens)
+        prepared = self.prepare(build_messages(self.prompt(question, options)), [num_frames],
+                                self.check_sampling(max_new_tokens), stride)
+        return prepared, options, num_frames
+
+    def read_video(self, video_path, num_frames: int, start: float | None = None, end: float | None = None):
+        """`load_video` for a request (decode time in `clip.extra["decode_s"]`)."""
+        t0 = time.perf_counter()
+        clip = load_video(video_path, num_frames=num_frames, start=start, end=end)
+        clip.extra["decode_s"] = round(time.perf_counter() - t0, 4)
+        return clip
+
+    def answer_body(self, completion: Completion, clip, options, prepared: _Prepared, started: float) -> dict:
+        """The JSON of `answer` / `/v1/answer` for a finished one-video question."""
+        layout = self.config.visual_token_layout.with_sample_stride(prepared.stride)
+        frames = len(clip)  # a still image gives one frame
+        choice = extract_choice(completion.text, options) if options else None
+        return {
+            "answer": completion.text,
+            "choice": choice,
+            "choice_letter": None if choice is None else LETTERS[choice],
+            "options": options,
+            "visual_tokens": layout.num_tokens(frames),
+            "frames": frames,
+            "visual_frames": layout.num_frames(frames),
+            "temporal_sample_stride": layout.temporal_sample_stride,
+            "text_tokens": prepared.text_tokens,
+            "video": {
+                "duration_s": round(float(clip.duration), 3),
+                "native_fps": None if clip.native_fps is None else round(float(clip.native_fps), 3),
+                "repeated": bool(clip.repeated),
+            },
+            "timings": {"decode_s": clip.extra.get("decode_s"),
+                        **{k: completion.timings.get(k) for k in ("wait_s", "prefill_s", "generate_s")},
+                        "total_s": round(time.perf_counter() - started, 4)},
+        }
 
     def answer(self, video_path, question: str, options: Sequence[str] | None = None, num_frames: int | None = None,
                temporal_sample_stride: int | None = None, max_new_tokens: int = 64, start: float | None = None,
@@ -134,46 +571,13 @@ class StormEngine:
         (T), visual_frames (T' after pooling/sampling), temporal_sample_stride (effective),
         text_tokens, video (duration_s, native_fps, repeated), timings in seconds: decode_s
         (video decoding), wait_s (queued behind other requests), prefill_s (processor + vision
-        tower + projector + LLM prefill, to the first logits), generate_s (the whole generate
+        tower + projector + LLM prefill, to the first token), generate_s (the whole generate
         call, prefill included), total_s.
         Raises StormError for bad parameters and VideoDecodeError (a StormError) for a bad video.
         """
-        t0 = time.perf_counter()
-        question, options, num_frames, stride, max_new_tokens = self.check_request(
-            question, options, num_frames, temporal_sample_stride, max_new_tokens)
-        layout = self.config.visual_token_layout.with_sample_stride(stride)
-        prompt = self.predictor.render(build_messages(self.prompt(question, options)))
-        text_tokens = self.predictor.check_context(prompt, layout.num_tokens(num_frames), max_new_tokens)
-
-        t_decode = time.perf_counter()
-        clip = load_video(video_path, num_frames=num_frames, start=start, end=end)
-        t_decoded = time.perf_counter()
-        frames = len(clip)  # a still image gives one frame
-        with self._lock:
-            t_locked = time.perf_counter()
-            inputs = self.predictor.encode(prompt, [clip.frames], stride)
-            reply = self.predictor.generate(inputs, max_new_tokens, started=t_locked)
-        choice = extract_choice(reply.text, options) if options else None
-        return {
-            "answer": reply.text,
-            "choice": choice,
-            "choice_letter": None if choice is None else LETTERS[choice],
-            "options": options,
-            "visual_tokens": layout.num_tokens(frames),
-            "frames": frames,
-            "visual_frames": layout.num_frames(frames),
-            "temporal_sample_stride": layout.temporal_sample_stride,
-            "text_tokens": text_tokens,
-            "video": {
-                "duration_s": round(float(clip.duration), 3),
-                "native_fps": None if clip.native_fps is None else round(float(clip.native_fps), 3),
-                "repeated": bool(clip.repeated),
-            },
-            "timings": {
-                "decode_s": round(t_decoded - t_decode, 4),
-                "wait_s": round(t_locked - t_decoded, 4),
-                "prefill_s": reply.prefill_s,
-                "generate_s": reply.generate_s,
-                "total_s": round(time.perf_counter() - t0, 4),
-            },
-        }
+        started = time.perf_counter()
+        prepared, options, num_frames = self.prepare_question(question, options, num_frames, temporal_sample_stride,
+                                                              max_new_tokens)
+        clip = self.read_video(video_path, num_frames, start, end)
+        completion = self.submit(prepared, [clip.frames]).result()
+        return self.answer_body(completion, clip, options, prepared, started)

@@ -8,6 +8,7 @@ import socket
 import sys
 
 from storm_vlm.errors import StormError
+from storm_vlm.utils import check_int
 
 __all__ = ["check_listen", "is_loopback", "warn_if_public"]
 
@@ -24,8 +25,7 @@ def is_loopback(host: str) -> bool:
 
 def check_listen(host: str, port: int) -> None:
     """StormError when `port` is out of range or `host:port` cannot be bound (taken, no such address)."""
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise StormError(f"--port must be between 0 and 65535, got {port!r}")
+    check_int("--port", port, 0, 65535, error=StormError)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:

@@ -5,13 +5,7 @@ or under torchrun) and returns the final model folder; `load_config(path, overri
 """
 
 from storm_vlm.train.config import TrainConfig, config_from_dict, load_config
-
-
-def train(config, overrides=None, resume=False, dataset_wrapper=None):
-    """See `storm_vlm.train.trainer.train`."""
-    from storm_vlm.train.trainer import train as _train
-
-    return _train(config, overrides=overrides, resume=resume, dataset_wrapper=dataset_wrapper)
+from storm_vlm.train.trainer import train
 
 
 __all__ = ["TrainConfig", "config_from_dict", "load_config", "train"]

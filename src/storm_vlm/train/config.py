@@ -4,7 +4,7 @@ A config file is a flat mapping of the keys below. It may also hold a `stages:` 
 (`{align: {...}, sft: {...}, long: {...}}`): the section named by `stage` is merged over the
 top-level keys, so one file can describe a whole align -> sft -> long chain
 (`configs/tiny-synthetic.yaml`). `--set` overrides win over both; nested keys use dots
-(`--set lora.r=16`) and values are parsed as YAML (`--set bf16=true`, `--set lora=null`).
+(`--set lora.r=16`) and values are parsed as YAML (`--set precision=bfloat16`, `--set lora=null`).
 Relative paths are resolved against the current working directory.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from storm_vlm.errors import ConfigError
+from storm_vlm.errors import ConfigError, StormError
+from storm_vlm.precision import parse_precision
+from storm_vlm.utils import check_int
 
 STAGES = ("align", "sft", "long")
 PARTS = ("vision_tower", "projector", "language_model")
@@ -81,7 +84,7 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = False
-    bf16: Any = "auto"  # auto: on CUDA when supported, never on CPU; true: also on a CPU with native bf16; false
+    precision: str = "auto"  # storm_vlm.precision names; the legacy key `bf16: auto|true|false` maps onto it
     # --- data ---
     max_length: int = 2048
     shuffle: bool = True
@@ -91,6 +94,8 @@ class TrainConfig:
     distributed: str = "ddp"  # ddp | fsdp (used when launched by torchrun with WORLD_SIZE > 1)
     logging_steps: int = 1
     save_total_limit: int | None = None
+    # manifest.json of each checkpoint holds SHA-256s, checked by --resume (false: sizes and structure only)
+    checkpoint_checksums: bool = True
     progress_bar: bool = True
     tensorboard: bool = True  # written when the tensorboard package is installed
     description: str = ""
@@ -192,6 +197,8 @@ def resolve_raw(raw: Mapping, overrides: list[str] | None = None, source: str = 
             if not isinstance(section, dict):
                 raise ConfigError(f"{source}: key 'stages.{name}' must be a mapping")
         stage = raw.get("stage")
+        if stage not in STAGES:
+            raise ConfigError(f"{source}: key 'stage': {stage!r} is not a stage (choose from {', '.join(STAGES)})")
         if stage in stages:
             raw = _deep_merge(raw, stages[stage])
             raw = apply_overrides(raw, overrides)
@@ -212,11 +219,10 @@ def _bad(source: str, key: str, msg: str) -> ConfigError:
 def _int(source, key, v, minimum=None, allow_none=False):
     if v is None and allow_none:
         return None
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise _bad(source, key, f"expected an integer, got {v!r}")
-    if minimum is not None and v < minimum:
-        raise _bad(source, key, f"must be >= {minimum}, got {v}")
-    return v
+    try:
+        return check_int("value", v, minimum)
+    except ValueError as exc:
+        raise _bad(source, key, str(exc).removeprefix("value ")) from None
 
 
 def _float(source, key, v, minimum=None, maximum=None, allow_none=False):
@@ -230,8 +236,8 @@ def _float(source, key, v, minimum=None, maximum=None, allow_none=False):
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise _bad(source, key, f"expected a number, got {v!r}")
     v = float(v)
-    if v != v:
-        raise _bad(source, key, "must not be NaN")
+    if not math.isfinite(v):  # .nan / .inf in YAML, 1e999 in a string
+        raise _bad(source, key, f"must be a finite number, got {v}")
     if minimum is not None and v < minimum:
         raise _bad(source, key, f"must be >= {minimum}, got {v}")
     if maximum is not None and v > maximum:
@@ -263,6 +269,20 @@ def _mapping(source, key, v, allow_none=True):
     return dict(v)
 
 
+def _precision(source: str, raw: dict) -> str:
+    """`precision:` (storm_vlm.precision's names), or the legacy `bf16: auto|true|false` mapped onto it."""
+    legacy = {"auto": "auto", True: "bfloat16", False: "float32"}
+    if "bf16" in raw:
+        if raw["bf16"] not in legacy:
+            raise _bad(source, "bf16", f"must be auto, true or false, got {raw['bf16']!r}")
+        if "precision" in raw and parse_precision(raw["precision"]) != legacy[raw["bf16"]]:
+            raise _bad(source, "bf16", f"contradicts precision: {raw['precision']!r} (give only precision)")
+    try:
+        return parse_precision(raw.get("precision", legacy[raw.get("bf16", "auto")]))
+    except StormError as exc:
+        raise _bad(source, "precision", str(exc).removeprefix("precision ")) from None
+
+
 def config_from_dict(raw: Mapping, source: str = "config") -> TrainConfig:
     """Validate a plain mapping (already merged/overridden) into a TrainConfig."""
     if isinstance(raw, TrainConfig):
@@ -270,7 +290,7 @@ def config_from_dict(raw: Mapping, source: str = "config") -> TrainConfig:
     raw = dict(raw)
     raw.pop("stages", None)
     for key in raw:
-        if key not in _FIELDS:
+        if key not in _FIELDS and key != "bf16":  # bf16: the legacy spelling of precision
             raise ConfigError(f"{source}: unknown key {key!r}")
     for key in REQUIRED_KEYS:
         if raw.get(key) is None:
@@ -354,10 +374,7 @@ def config_from_dict(raw: Mapping, source: str = "config") -> TrainConfig:
     v["warmup_ratio"] = _float(s, "warmup_ratio", raw.get("warmup_ratio", 0.03), minimum=0, maximum=1)
     v["max_grad_norm"] = _float(s, "max_grad_norm", raw.get("max_grad_norm", 1.0), minimum=0, allow_none=True)
     v["gradient_checkpointing"] = _bool(s, "gradient_checkpointing", raw.get("gradient_checkpointing", False))
-    bf16 = raw.get("bf16", "auto")
-    if bf16 not in ("auto", True, False):
-        raise _bad(s, "bf16", f"must be auto, true or false, got {bf16!r}")
-    v["bf16"] = bf16
+    v["precision"] = _precision(s, raw)
 
     v["max_length"] = _int(s, "max_length", raw.get("max_length", 2048), minimum=8)
     v["shuffle"] = _bool(s, "shuffle", raw.get("shuffle", True))
@@ -366,6 +383,7 @@ def config_from_dict(raw: Mapping, source: str = "config") -> TrainConfig:
     v["distributed"] = _str(s, "distributed", raw.get("distributed", "ddp"), choices=("ddp", "fsdp"))
     v["logging_steps"] = _int(s, "logging_steps", raw.get("logging_steps", 1), minimum=1)
     v["save_total_limit"] = _int(s, "save_total_limit", raw.get("save_total_limit"), minimum=1, allow_none=True)
+    v["checkpoint_checksums"] = _bool(s, "checkpoint_checksums", raw.get("checkpoint_checksums", True))
     v["progress_bar"] = _bool(s, "progress_bar", raw.get("progress_bar", True))
     v["tensorboard"] = _bool(s, "tensorboard", raw.get("tensorboard", True))
     desc = raw.get("description", "")

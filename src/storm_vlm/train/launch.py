@@ -10,9 +10,8 @@ process), which is how tests load a model.
 
 Two accelerate details this module handles:
 - on a machine without CUDA, `Accelerator()` under torchrun does *not* start a process group
-  (accelerate/state.py: the torchrun branch `elif int(os.environ.get("LOCAL_RANK", -1)) != -1
-  and not cpu:` only knows accelerators; MULTI_CPU needs `cpu=True`) -- every rank would train
-  alone. We pass `cpu=True` when CUDA is absent.
+  (its torchrun branch only knows accelerators; a multi-CPU run needs `cpu=True`) -- every
+  rank would train alone. We pass `cpu=True` when CUDA is absent.
 - AcceleratorState / GradientState are process-wide singletons that refuse a second, different
   set-up; `train()` may run several times in one process (tests, the demo), so each run resets
   them on entry and exit (as accelerate's own `AccelerateTestCase` does).
@@ -23,55 +22,56 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-if TYPE_CHECKING:  # pragma: no cover
-    from accelerate import Accelerator
-
-    from storm_vlm.train.config import TrainConfig
+from storm_vlm import precision
+from storm_vlm.errors import ConfigError, StormError
+from storm_vlm.precision import resolve_precision
+from storm_vlm.train.config import TrainConfig
 
 logger = logging.getLogger("storm_vlm.train")
 
 
-def use_bf16(cfg: "TrainConfig", device_type: str) -> bool:
-    """bf16 autocast: on CUDA when supported (`bf16: auto|true`); on CPU only when the config says
-    `bf16: true` *and* the CPU has native bf16 (without it a bf16 matmul is ~50x slower here)."""
-    if cfg.bf16 is False:
-        return False
-    if device_type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if cfg.bf16 is True:
-        from storm_vlm.precision import cpu_has_fast_bf16
+def mixed_precision(cfg: TrainConfig, device_type: str) -> str:
+    """accelerate's mixed_precision ("no", "bf16", "fp16") for the config's `precision` on this device.
 
-        if cpu_has_fast_bf16():
-            return True
-        logger.warning("bf16: true, but this CPU has no native bf16 (AVX512-BF16/AMX): training in fp32")
-    return False
+    Master weights stay float32; "bfloat16"/"float16" train under autocast. An explicit bfloat16 on
+    a CPU without native bf16 warns and trains in float32 (emulated bf16 is far slower there).
+    """
+    try:
+        resolved = resolve_precision(cfg.precision, device_type)
+    except StormError as exc:
+        raise ConfigError(f"key 'precision': {exc}") from None
+    if resolved.name == "float32":
+        return "no"
+    if device_type == "cpu" and not precision.cpu_has_fast_bf16():
+        logger.warning("precision %s asked for, but this CPU has no native bf16 (AVX512-BF16/AMX): training in "
+                       "float32", cfg.precision)
+        return "no"
+    return "fp16" if resolved.name == "float16" else "bf16"
 
 
 def reset_accelerate_state() -> None:
     """Forget accelerate's process-wide singletons (the process group itself is left alone)."""
-    from accelerate.state import AcceleratorState, GradientState
-
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
 
 
-def make_accelerator(cfg: "TrainConfig", timeout_s: float = 1800.0) -> tuple["Accelerator", bool]:
+def make_accelerator(cfg: TrainConfig, timeout_s: float = 1800.0) -> tuple[Accelerator, bool]:
     """The Accelerator of one training run, and whether it started the process group (ours to end)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
-
     cpu = not torch.cuda.is_available()
-    precision = "bf16" if use_bf16(cfg, "cpu" if cpu else "cuda") else "no"
+    mixed = mixed_precision(cfg, "cpu" if cpu else "cuda")
     had_group = dist.is_available() and dist.is_initialized()
     reset_accelerate_state()
     accelerator = Accelerator(
         cpu=cpu,
-        mixed_precision=precision,
+        mixed_precision=mixed,
         # Accumulation is ours: the loss is normalised by the global label-token count of all
         # micro-steps, so accelerate must not divide it again (backward divides by this number).
         gradient_accumulation_steps=1,
@@ -86,7 +86,7 @@ def make_accelerator(cfg: "TrainConfig", timeout_s: float = 1800.0) -> tuple["Ac
     return accelerator, owns_group
 
 
-def end_accelerator(accelerator: "Accelerator | None", owns_group: bool) -> None:
+def end_accelerator(accelerator: Accelerator | None, owns_group: bool) -> None:
     if accelerator is not None:
         accelerator.free_memory()
     if owns_group and dist.is_initialized():
@@ -101,7 +101,7 @@ class DistEnv:
     `DistEnv()` is a single CPU process (no Accelerator), enough to load a model.
     """
 
-    accelerator: "Accelerator | None" = None
+    accelerator: Accelerator | None = None
 
     @property
     def rank(self) -> int:
@@ -135,3 +135,23 @@ class DistEnv:
         if self.accelerator is None or not self.is_distributed:
             return t
         return self.accelerator.reduce(t.to(self.device), reduction="sum")
+
+
+def _fsdp_blocks(model) -> list:
+    """Modules sharded on their own under FSDP2: the language model's decoder layers.
+
+    The vision tower and projector stay in the root group: a rank may run them twice in one
+    forward (videos and images) or in a different number of chunks than another rank, and
+    each separately sharded call would be a collective the other rank does not join.
+    """
+    names = set(getattr(model.language_model, "_no_split_modules", None) or [])
+    return [m for m in model.language_model.modules() if type(m).__name__ in names]
+
+
+def fully_shard_model(model, bf16_params: bool) -> None:
+    """FSDP2 in place: each decoder layer, then the root (everything else)."""
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_params \
+        else MixedPrecisionPolicy()
+    for block in _fsdp_blocks(model):
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)

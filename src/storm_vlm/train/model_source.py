@@ -14,12 +14,20 @@ applied to the model config, and the processor takes the resulting visual-token 
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
+from storm_vlm.builder import build_storm
+from storm_vlm.demo.tiny import build_tiny_model
 from storm_vlm.errors import ConfigError, StormError
+from storm_vlm.model.configuration import StormConfig
+from storm_vlm.model.modeling import StormForConditionalGeneration
+from storm_vlm.model.processing import StormProcessor, default_chat_template
 from storm_vlm.train.config import TrainConfig
+from storm_vlm.train.stages import apply_stage
 
 # StormConfig fields a config may change on an existing model (they add no weights).
 OVERRIDABLE = ("temporal_pool_size", "spatial_pool_stride", "temporal_sample_stride", "vision_batch_size")
@@ -35,8 +43,6 @@ def resolve_model_dir(path: str | Path, key: str = "init_from") -> Path:
 
 
 def _vision_config(vision_dir: Path):
-    from transformers import AutoConfig
-
     try:
         cfg = AutoConfig.from_pretrained(vision_dir)
     except (OSError, ValueError) as exc:
@@ -45,8 +51,6 @@ def _vision_config(vision_dir: Path):
 
 
 def _text_config(llm_dir: Path):
-    from transformers import AutoConfig
-
     try:
         return AutoConfig.from_pretrained(llm_dir)
     except (OSError, ValueError) as exc:
@@ -55,8 +59,6 @@ def _text_config(llm_dir: Path):
 
 def storm_config_for_build(build: dict, video_token_id=None, image_token_id=None):
     """A StormConfig from `build:` (vision/llm folders' configs + StormConfig fields)."""
-    from storm_vlm.model.configuration import StormConfig
-
     extra = {k: v for k, v in build.items() if k not in ("vision", "llm", "projector")}
     text_config = _text_config(Path(build["llm"]))
     try:
@@ -78,9 +80,6 @@ def instantiate_on_meta(cfg: TrainConfig):
 
     For checking real-size recipes: parameter counts and trainable groups without memory.
     """
-    from storm_vlm.model.modeling import StormForConditionalGeneration
-    from storm_vlm.train.stages import apply_stage
-
     if cfg.build is None:
         raise ConfigError("key 'build': instantiating on the meta device needs a build: source")
     check_source_keys(cfg)
@@ -94,19 +93,12 @@ def instantiate_on_meta(cfg: TrainConfig):
 
 
 def _storm_fields() -> set[str]:
-    from storm_vlm.model.configuration import StormConfig
-
     own = set(StormConfig.__dict__.get("__annotations__", {}))
     return own - {"vision_config", "text_config", "video_token_id", "image_token_id"}
 
 
 def check_source_keys(cfg: TrainConfig) -> None:
     """Unknown keys under `build:` / `tiny:` are ConfigErrors (StormConfig would silently keep them)."""
-    import inspect
-
-    from storm_vlm.builder import build_storm
-    from storm_vlm.demo.tiny import build_tiny_model
-
     for key, fn, section in (("build", build_storm, cfg.build), ("tiny", build_tiny_model, cfg.tiny)):
         if section is None:
             continue
@@ -121,8 +113,6 @@ def check_source_keys(cfg: TrainConfig) -> None:
 
 def _build_from_parts(build: dict, seed: int):
     """Load SigLIP + LLM (+ tokenizer) from local folders and assemble a STORM model (float32 master weights)."""
-    from storm_vlm.builder import build_storm
-
     extra = {k: v for k, v in build.items() if k not in ("vision", "llm", "projector")}
     try:
         return build_storm(build["vision"], build["llm"], projector_type=build.get("projector", "mamba"),
@@ -133,8 +123,6 @@ def _build_from_parts(build: dict, seed: int):
 
 def _materialise_tiny(cfg: TrainConfig, env) -> Path:
     """Rank 0 writes the tiny model once under output_dir (atomically); everyone then loads it."""
-    from storm_vlm.demo.tiny import build_tiny_model
-
     target = Path(cfg.output_dir) / SOURCE_DIR
     if env.is_main and not (target / "config.json").is_file():
         try:
@@ -165,9 +153,6 @@ def _apply_overrides(config, cfg: TrainConfig) -> None:
 
 def load_model_and_processor(cfg: TrainConfig, env):
     """(model in float32 on CPU, processor) for the run, with compression overrides applied."""
-    from storm_vlm.model.modeling import StormForConditionalGeneration
-    from storm_vlm.model.processing import StormProcessor, default_chat_template
-
     check_source_keys(cfg)
     if cfg.build is not None:
         model, processor = _build_from_parts(cfg.build, cfg.seed)

@@ -8,8 +8,12 @@ fully and the vision tower stays frozen (unless `train_parts` lists it). The pro
 from __future__ import annotations
 
 import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from storm_vlm.errors import ConfigError
 from storm_vlm.train.config import PARTS, TrainConfig
 
 LORA_ADAPTER = "default"
@@ -26,9 +30,6 @@ def apply_stage(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     for part in PARTS:
         getattr(model, part).requires_grad_(part in parts)
     if cfg.lora is not None and "language_model" in parts:
-        from peft import LoraConfig as PeftLoraConfig
-        from peft import inject_adapter_in_model
-
         lm = model.language_model
         lm.requires_grad_(False)
         peft_cfg = PeftLoraConfig(
@@ -41,8 +42,6 @@ def apply_stage(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         inject_adapter_in_model(peft_cfg, lm, adapter_name=LORA_ADAPTER)
         n = sum(1 for name, _ in lm.named_parameters() if "lora_" in name)
         if n == 0:
-            from storm_vlm.errors import ConfigError
-
             raise ConfigError(
                 f"key 'lora.target_modules': none of {cfg.lora.target_modules} matches a module of the language model"
             )
@@ -80,8 +79,6 @@ def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
         wd = cfg.weight_decay if not key.endswith("no_decay") else 0.0
         groups.append({"params": buckets[key], "lr": lr, "weight_decay": wd, "name": key})
     if not groups:
-        from storm_vlm.errors import ConfigError
-
         raise ConfigError(f"stage {cfg.stage!r}: no parameter is trainable (check 'train_parts' / 'lora')")
     return groups
 
@@ -95,26 +92,26 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 
 @torch.no_grad()
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def merged_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The model's state dict with LoRA merged into the base weights, under the base names.
 
-    `x.base_layer.weight` + scale * B @ A -> `x.weight`; lora_* tensors are dropped. Does not
-    modify the model (training continues bitwise unchanged). Without LoRA: the plain state dict.
+    `x.base_layer.weight` + scale * B @ A -> `x.weight`; lora_* tensors are dropped. `state_dict`:
+    a full state dict of `model` to merge (e.g. gathered from FSDP2 shards); default the model's
+    own. Does not modify the model (training continues bitwise unchanged). Without LoRA: unchanged.
     """
-    sd = model.state_dict()
+    sd = model.state_dict() if state_dict is None else state_dict
     if not has_lora(model):
         return sd
-    from peft.tuners.lora import LoraLayer
-
-    deltas = {}
-    for mod_name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and LORA_ADAPTER in getattr(module, "lora_A", {}):
-            deltas[f"{mod_name}.base_layer.weight"] = module.get_delta_weight(LORA_ADAPTER)
+    scale = {name: m.scaling[LORA_ADAPTER] for name, m in model.named_modules()
+             if isinstance(m, LoraLayer) and LORA_ADAPTER in getattr(m, "lora_A", {})}
     out = {}
     for key, t in sd.items():
         if ".lora_" in key:
             continue
-        if key in deltas:
-            t = (t.float() + deltas[key].float()).to(t.dtype)
+        module = key.removesuffix(".base_layer.weight") if key.endswith(".base_layer.weight") else None
+        if module in scale:
+            a = sd[f"{module}.lora_A.{LORA_ADAPTER}.weight"].float()
+            b = sd[f"{module}.lora_B.{LORA_ADAPTER}.weight"].float()
+            t = (t.float() + scale[module] * (b @ a)).to(t.dtype)
         out[key.replace(".base_layer.", ".")] = t
     return out

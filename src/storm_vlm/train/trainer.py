@@ -10,12 +10,12 @@ wrapping and autocast (`prepare`), `backward`, `clip_grad_norm_`, `no_sync`, `re
 step's counts, `wait_for_everyone`, `unwrap_model`. What we keep: the data order
 (GlobalBatchSampler / StepBatchSampler, passed to a plain DataLoader that accelerate never
 re-shards), the loss normalisation below, and the checkpoints (storm_vlm.train.checkpoint:
-`checkpoint-N.tmp` + rename, RNG states as JSON, optimizer loaded with weights_only=True) --
-accelerate's save_state writes in place and pickles.
+`checkpoint-N.tmp` + manifest.json (sizes, SHA-256) + rename, RNG states as JSON, optimizer loaded
+with weights_only=True; `--resume` takes the newest checkpoint that verifies and names each one it
+skips) -- accelerate's save_state writes in place and pickles.
 
-FSDP2: accelerate 1.15 enables its FSDP plugin only for GPU-like devices (accelerate/state.py,
-`AcceleratorState.__init__`: `distributed_type = FSDP` is set inside the MULTI_GPU/... branch);
-on CPU/gloo the plugin is silently dropped and `prepare` wraps the model in DDP. So with
+FSDP2: accelerate enables its FSDP plugin only for GPU-like devices; on CPU/gloo the plugin is
+silently dropped and `prepare` wraps the model in DDP (a slow test notices if that changes). So with
 `distributed: fsdp` the model is sharded here with `fully_shard` (on every device, one tested
 path) and only registered with the Accelerator (`prepare_model(evaluation_mode=True)`: autocast).
 Only the language model's decoder layers are sharded on their own; the vision tower and the
@@ -35,7 +35,6 @@ b follow 1 process x batch 2b.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -47,17 +46,24 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from tqdm.auto import tqdm
 
-from storm_vlm.data.sampler import GlobalBatchSampler
+from storm_vlm.data.collator import StormCollator
+from storm_vlm.data.datasets import LlavaDataset
+from storm_vlm.data.sampler import GlobalBatchSampler, StepBatchSampler
 from storm_vlm.errors import ConfigError, StormError
 from storm_vlm.train import checkpoint as ckpt
-from storm_vlm.train.config import TrainConfig, config_from_dict
-from storm_vlm.train.launch import DistEnv, end_accelerator, make_accelerator
+from storm_vlm.train.config import TrainConfig, config_from_dict, load_config, resolve_raw
+from storm_vlm.train.launch import DistEnv, end_accelerator, fully_shard_model, make_accelerator
+from storm_vlm.train.metrics import MetricsLog
+from storm_vlm.train.model_source import load_model_and_processor
 from storm_vlm.train.stages import apply_stage, has_lora, merged_state_dict, parameter_groups, trainable_names
+from storm_vlm.utils import IGNORE_INDEX, atomic_write_json, publish_dir
 
 logger = logging.getLogger("storm_vlm.train")
 FINAL_DIR = "final"
-METRICS_FILE = "metrics.jsonl"
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -84,89 +90,20 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:].to(shift_logits.device)
     return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
 
 
 def count_label_tokens(labels: torch.Tensor) -> int:
-    return int((labels[:, 1:] != -100).sum())
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 # ----------------------------------------------------------------------------- helpers
-class StepBatchSampler(torch.utils.data.Sampler):
-    """Yields this rank's micro-batches (index lists) for optimizer steps start..max_steps-1."""
-
-    def __init__(self, sampler: GlobalBatchSampler, start_step: int, max_steps: int):
-        self.sampler, self.start_step, self.max_steps = sampler, start_step, max_steps
-
-    def __iter__(self):
-        cached_epoch, order = None, None
-        for step in range(self.start_step, self.max_steps):
-            epoch, pos = self.sampler.position(step)
-            if epoch != cached_epoch:
-                cached_epoch, order = epoch, self.sampler.epoch_order(epoch)
-            yield from self.sampler.micro_batches(epoch, pos, order)
-
-    def __len__(self):
-        return (self.max_steps - self.start_step) * self.sampler.gradient_accumulation_steps
-
-
 def _move(batch: Mapping[str, Any], device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values_videos", "video_frame_mask", "pixel_values")
-
-
-class MetricsLog:
-    """metrics.jsonl (rank 0), plus TensorBoard scalars when the package is installed."""
-
-    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool, resume_step: int):
-        self.path = output_dir / METRICS_FILE
-        self.enabled = enabled
-        self.tb = None
-        if not enabled:
-            return
-        # A killed run may have logged steps past the checkpoint we resume from: drop them.
-        if self.path.exists():
-            kept = []
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by the kill
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-            os.replace(tmp, self.path)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=resume_step + 1)
-            except Exception:  # tensorboard not installed
-                self.tb = None
-        self._f = open(self.path, "a", encoding="utf-8")
-
-    def log(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        self._f.write(json.dumps(row) + "\n")
-        self._f.flush()
-        if self.tb is not None:
-            step = row["step"]
-            for k, v in row.items():
-                if k == "lr":
-                    for g, lr in v.items():
-                        self.tb.add_scalar(f"lr/{g}", lr, step)
-                elif isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(f"train/{k}", v, step)
-
-    def close(self) -> None:
-        if self.enabled:
-            self._f.close()
-            if self.tb is not None:
-                self.tb.close()
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -195,36 +132,81 @@ class Trainer:
 
     # -------------------------------------------------------------- setup
     def finished_run(self) -> Path | None:
-        """With --resume, a run whose final model is already written is done: its final folder."""
+        """With --resume, a run whose final model is already written is done: its final folder.
+
+        A final/ whose training_summary.json cannot be read, or whose files do not match its
+        manifest.json, is not taken as done: training resumes from the checkpoints and writes
+        final/ again."""
         summary = self.output_dir / FINAL_DIR / "training_summary.json"
-        if self.resume and summary.is_file():
-            if ckpt.read_json(summary).get("steps") == self.cfg.max_steps:
-                if self.env.is_main:
-                    logger.info("%s already finished (%d steps)", self.output_dir, self.cfg.max_steps)
-                return self.output_dir / FINAL_DIR
-        return None
+        if not (self.resume and summary.is_file()):
+            return None
+        try:
+            data = ckpt.read_json(summary)
+        except (OSError, ValueError, RecursionError) as exc:
+            data = exc
+        if not isinstance(data, dict):
+            if self.env.is_main:
+                logger.warning("--resume: %s is unreadable (%s); resuming from the checkpoints instead", summary,
+                               data if isinstance(data, Exception) else f"holds {type(data).__name__}")
+            return None
+        if data.get("steps") != self.cfg.max_steps:
+            return None
+        try:  # every rank reads the same files and reaches the same verdict
+            ckpt.verify_manifest(summary.parent, self.cfg.checkpoint_checksums)
+        except (ckpt.CheckpointInvalid, OSError) as exc:
+            if self.env.is_main:
+                logger.warning("--resume: %s is damaged (%s); resuming from the checkpoints to write it again",
+                               summary.parent, exc)
+            return None
+        if self.env.is_main:
+            logger.info("%s already finished (%d steps)", self.output_dir, self.cfg.max_steps)
+        return self.output_dir / FINAL_DIR
+
+    def _choose_resume_checkpoint(self) -> Path | None:
+        """The newest checkpoint that verifies (rank 0 checks, every rank gets its step); logs each
+        newer one skipped and why. None when there is none at all; StormError when there are
+        checkpoints but none verifies (they are left for the user to inspect, never overwritten)."""
+        env = self.env
+        code, error = -1.0, None  # step of the chosen checkpoint; -1: none exists; -2: none verifies
+        if env.is_main:
+            path, how, skipped = ckpt.find_resume_checkpoint(self.output_dir, self.cfg.checkpoint_checksums)
+            for bad, why in skipped:
+                logger.warning("--resume: skipping %s: %s", bad.name, why)
+            if path is not None:
+                code = float(path.name.rsplit("-", 1)[1])
+                if (path / ckpt.MANIFEST_FILE).is_file():
+                    logger.info("--resume: %s verified: %s", path.name, how)
+                else:
+                    logger.warning("--resume: %s has %s", path.name, how)
+            elif skipped:
+                code = -2.0
+                reasons = "; ".join(f"{bad.name}: {why}" for bad, why in skipped)
+                error = StormError(f"--resume: none of the {len(skipped)} checkpoints in {self.output_dir} can be "
+                                   f"resumed from ({reasons}); move them aside to start again from step 0")
+            else:
+                logger.warning("--resume: no checkpoint in %s; starting from step 0", self.output_dir)
+        local = torch.tensor([code if env.is_main else 0.0], dtype=torch.float64)
+        code = int(env.all_reduce_sum(local).item())
+        if code == -2:
+            raise error or StormError(f"--resume: no checkpoint in {self.output_dir} verifies (see rank 0's log)")
+        return None if code == -1 else self.output_dir / f"checkpoint-{code}"
 
     def _check_output_dir(self) -> None:
-        existing = ckpt.list_checkpoints(self.output_dir)
         if self.resume:
-            self.resume_dir = existing[-1][1] if existing else None
-            if self.resume_dir is None and self.env.is_main:
-                logger.warning("--resume: no complete checkpoint in %s; starting from step 0", self.output_dir)
-        elif existing or (self.output_dir / FINAL_DIR).exists():
+            self.resume_dir = self._choose_resume_checkpoint()
+        elif ckpt.list_checkpoints(self.output_dir) or (self.output_dir / FINAL_DIR).exists():
             raise ConfigError(
                 f"key 'output_dir': {str(self.output_dir)!r} already holds a run "
                 f"(checkpoints or {FINAL_DIR}/); pass --resume to continue it or choose another output_dir"
             )
 
     def setup(self) -> None:
-        from storm_vlm.train.model_source import load_model_and_processor
-
         cfg, env, acc = self.cfg, self.env, self.accelerator
         self._check_output_dir()
         if env.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_tmp(self.output_dir)
-            ckpt.write_json_atomic(self.output_dir / "train_config.json", cfg.to_dict())
+            atomic_write_json(self.output_dir / "train_config.json", cfg.to_dict())
         env.barrier()
 
         torch.manual_seed(cfg.seed)
@@ -243,9 +225,6 @@ class Trainer:
         self.processor = processor
         self.trainable = trainable_names(model)
 
-        from storm_vlm.data.collator import StormCollator
-        from storm_vlm.data.datasets import LlavaDataset
-
         dataset = LlavaDataset.from_config(cfg, processor)
         self.dataset = self.dataset_wrapper(dataset) if self.dataset_wrapper is not None else dataset
         self.collator = StormCollator(pad_token_id=_pad_id(processor))
@@ -261,7 +240,7 @@ class Trainer:
 
         if self.fsdp:
             model.to(self.device)
-            _fully_shard(model, self.bf16 and self.device.type == "cuda")
+            fully_shard_model(model, self.bf16 and self.device.type == "cuda")
             # Sharded here (see the module docstring); accelerate adds autocast and tracks the model.
             self.wrapped = acc.prepare_model(model, device_placement=False, evaluation_mode=True)
         else:
@@ -280,8 +259,6 @@ class Trainer:
     # -------------------------------------------------------------- checkpoint IO
     def _full_state_dict(self) -> dict[str, torch.Tensor]:
         """FSDP2: the gathered state dict (collective; full on every rank, on CPU)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def _model_state_for_saving(self) -> dict[str, torch.Tensor] | None:
@@ -290,9 +267,7 @@ class Trainer:
             sd = self._full_state_dict()
             if not self.env.is_main:
                 return None
-            if has_lora(self.model):
-                sd = _merge_lora_in_state_dict(self.model, sd)
-            return sd
+            return merged_state_dict(self.model, sd)
         if not self.env.is_main:
             return None
         model = self.accelerator.unwrap_model(self.wrapped)
@@ -308,8 +283,6 @@ class Trainer:
         return {k: sd[k].detach().cpu().contiguous().clone() for k in self.trainable}
 
     def _optimizer_state(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
         return get_optimizer_state_dict(
             self.model, self.optimizer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
@@ -331,15 +304,15 @@ class Trainer:
         sd = self._model_state_for_saving()
         trainable_sd = self._trainable_state()
         osd = self._optimizer_state()
-        ckpt.write_json_atomic(tmp / f"rng_state_{env.rank}.json", ckpt.get_rng_state())
+        atomic_write_json(tmp / f"rng_state_{env.rank}.json", ckpt.get_rng_state())
         if env.is_main:
             self.save_model_folder(tmp, sd)
             if trainable_sd is not None:
                 save_file(trainable_sd, str(tmp / ckpt.TRAINABLE_FILE))
             ckpt.save_torch_state(osd, tmp / ckpt.OPTIMIZER_FILE)
-            ckpt.write_json_atomic(tmp / ckpt.SCHEDULER_FILE, ckpt.scheduler_state_to_json(self.scheduler.state_dict()))
+            atomic_write_json(tmp / ckpt.SCHEDULER_FILE, ckpt.scheduler_state_to_json(self.scheduler.state_dict()))
             epoch, pos = self.sampler.position(step)
-            ckpt.write_json_atomic(
+            atomic_write_json(
                 tmp / ckpt.TRAINER_STATE,
                 {
                     "global_step": step,
@@ -355,8 +328,9 @@ class Trainer:
             )
         env.barrier()  # every rank's RNG file is on disk
         if env.is_main:
-            ckpt.publish_dir(tmp, final)
-            ckpt.prune_checkpoints(self.output_dir, self.cfg.save_total_limit)
+            ckpt.write_manifest(tmp, self.cfg.checkpoint_checksums)  # last: it vouches for every file above
+            publish_dir(tmp, final)
+            ckpt.prune_checkpoints(self.output_dir, self.cfg.save_total_limit, upto_step=step)
             logger.info("saved %s", final)
         env.barrier()
         return final
@@ -364,21 +338,29 @@ class Trainer:
     def _load_trainable(self, model, ckpt_dir: Path) -> None:
         """Resume weights: trainable parameters from the checkpoint (frozen ones come from the source)."""
         names = trainable_names(model)
-        if (ckpt_dir / ckpt.TRAINABLE_FILE).is_file():
-            tensors = load_file(str(ckpt_dir / ckpt.TRAINABLE_FILE))
-        else:
-            tensors = _read_model_folder(ckpt_dir, names)
+        try:
+            if (ckpt_dir / ckpt.TRAINABLE_FILE).is_file():
+                tensors = load_file(str(ckpt_dir / ckpt.TRAINABLE_FILE))
+            else:
+                tensors = ckpt.read_model_tensors(ckpt_dir, names)
+        except Exception as exc:  # safetensors / OS / JSON errors: the file, not the run, is at fault
+            raise StormError(f"--resume: cannot read the weights in {ckpt_dir} ({type(exc).__name__}: {exc})") from None
         params = dict(model.named_parameters())
         missing = [n for n in names if n not in tensors]
         if missing:
             raise StormError(f"{ckpt_dir}: checkpoint lacks trainable parameters {missing[:5]}")
+        wrong = [n for n in names if tensors[n].shape != params[n].shape]
+        if wrong:
+            n = wrong[0]
+            raise StormError(f"--resume: {ckpt_dir}: {n} has shape {tuple(tensors[n].shape)}, this run's model "
+                             f"{tuple(params[n].shape)} (the config changed since the checkpoint)")
         with torch.no_grad():
             for n in names:
                 params[n].copy_(tensors[n])
 
     def _load_training_state(self, ckpt_dir: Path) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
+        """Optimizer, scheduler, data position and RNG states from a checkpoint `_choose_resume_checkpoint`
+        verified; a file that still does not fit this run is a StormError naming it."""
         state = ckpt.read_json(ckpt_dir / ckpt.TRAINER_STATE)
         if state["global_batch_size"] != self.sampler.global_batch_size:
             raise ConfigError(
@@ -389,11 +371,20 @@ class Trainer:
         osd = ckpt.load_torch_state(ckpt_dir / ckpt.OPTIMIZER_FILE)
         # strict=False: trainable parameters that never got a gradient (e.g. the vision tower's last
         # layer, unused with vision_feature_layer=-2) have no AdamW state in either run.
-        set_optimizer_state_dict(
-            self.model, self.optimizer.optimizer, optim_state_dict=osd,
-            options=StateDictOptions(full_state_dict=True, strict=False),
-        )
+        try:
+            set_optimizer_state_dict(
+                self.model, self.optimizer.optimizer, optim_state_dict=osd,
+                options=StateDictOptions(full_state_dict=True, strict=False),
+            )
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise StormError(f"--resume: {ckpt_dir / ckpt.OPTIMIZER_FILE} does not fit this run's optimizer "
+                             f"({type(exc).__name__}: {exc})") from None
         sched = ckpt.read_json(ckpt_dir / ckpt.SCHEDULER_FILE)
+        expected = set(self.scheduler.state_dict())
+        if not isinstance(sched, dict) or set(sched) != expected:
+            keys = sorted(set(sched) ^ expected) if isinstance(sched, dict) else type(sched).__name__
+            raise StormError(f"--resume: {ckpt_dir / ckpt.SCHEDULER_FILE} is not this run's LR scheduler state "
+                             f"(differs in {keys})")
         self.scheduler.load_state_dict(sched)
         self.start_step = int(state["global_step"])
         self.skipped_total = int(state.get("skipped_media", 0))
@@ -437,7 +428,7 @@ class Trainer:
         out["input_ids"][b, :n] = config.video_token_id
         out["attention_mask"] = grow(batch["attention_mask"], 0)
         out["attention_mask"][b, :n] = 1
-        out["labels"] = grow(batch["labels"], -100)
+        out["labels"] = grow(batch["labels"], IGNORE_INDEX)
         out["pixel_values_videos"] = torch.zeros((1, 1, 3, size, size), dtype=torch.float32)
         out["video_frame_mask"] = torch.ones((1, 1), dtype=torch.bool)
         return out
@@ -467,8 +458,6 @@ class Trainer:
         metrics = MetricsLog(self.output_dir, env.is_main, cfg.tensorboard, self.start_step)
         bar = None
         if env.is_main and cfg.progress_bar:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=cfg.max_steps, initial=self.start_step, desc=f"train {cfg.stage}", unit="step")
         accum = cfg.gradient_accumulation_steps
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -544,12 +533,13 @@ class Trainer:
             if tmp.exists():
                 shutil.rmtree(tmp)
             self.save_model_folder(tmp, sd)
-            ckpt.write_json_atomic(
+            atomic_write_json(
                 tmp / "training_summary.json",
                 {"stage": self.cfg.stage, "steps": self.cfg.max_steps, "skipped_media": self.skipped_total,
                  "config": self.cfg.to_dict()},
             )
-            ckpt.publish_dir(tmp, final)
+            ckpt.write_manifest(tmp, self.cfg.checkpoint_checksums)
+            publish_dir(tmp, final)
             logger.info("saved final model to %s", final)
         env.barrier()
         return final
@@ -564,66 +554,6 @@ def _pad_id(processor) -> int:
     return int(pad if pad is not None else 0)
 
 
-def _fsdp_blocks(model) -> list:
-    """Modules sharded on their own under FSDP2: the language model's decoder layers.
-
-    The vision tower and projector stay in the root group: a rank may run them twice in one
-    forward (videos and images) or in a different number of chunks than another rank, and
-    each separately sharded call would be a collective the other rank does not join.
-    """
-    names = set(getattr(model.language_model, "_no_split_modules", None) or [])
-    return [m for m in model.language_model.modules() if type(m).__name__ in names]
-
-
-def _fully_shard(model, bf16_params: bool) -> None:
-    """FSDP2 in place: each decoder layer, then the root (everything else)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_params \
-        else MixedPrecisionPolicy()
-    for block in _fsdp_blocks(model):
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-
-
-def _merge_lora_in_state_dict(model, sd: dict) -> dict:
-    """Merge LoRA deltas into a full (gathered) state dict keyed by FQNs."""
-    from peft.tuners.lora import LoraLayer
-
-    out = {}
-    scale = {}
-    for mod_name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and "default" in getattr(module, "lora_A", {}):
-            scale[mod_name] = module.scaling["default"]
-    for key, t in sd.items():
-        if ".lora_" in key:
-            continue
-        mod = key.rsplit(".base_layer.", 1)[0] if ".base_layer." in key else None
-        if mod in scale and key.endswith(".base_layer.weight"):
-            a = sd[f"{mod}.lora_A.default.weight"].float()
-            b = sd[f"{mod}.lora_B.default.weight"].float()
-            t = (t.float() + scale[mod] * (b @ a)).to(t.dtype)
-        out[key.replace(".base_layer.", ".")] = t
-    return out
-
-
-def _read_model_folder(folder: Path, names: list[str]) -> dict[str, torch.Tensor]:
-    """Read the given tensors from a (possibly sharded) safetensors model folder."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({weight_map[n] for n in names if n in weight_map})
-    else:
-        files = ["model.safetensors"]
-    out = {}
-    wanted = set(names)
-    for f in files:
-        for k, v in load_file(str(folder / f)).items():
-            if k in wanted:
-                out[k] = v
-    return out
-
-
 def train(config: TrainConfig | Mapping | str | os.PathLike, overrides: list[str] | None = None,
           resume: bool = False, dataset_wrapper: Callable[[Any], Any] | None = None) -> Path:
     """Train one stage; returns the final model folder (`output_dir/final`).
@@ -632,8 +562,6 @@ def train(config: TrainConfig | Mapping | str | os.PathLike, overrides: list[str
     under torchrun (the Accelerator starts the process group and it is ended here).
     `dataset_wrapper`: see `Trainer`.
     """
-    from storm_vlm.train.config import load_config, resolve_raw
-
     if isinstance(config, (str, os.PathLike)):
         cfg = load_config(config, overrides)
     elif isinstance(config, TrainConfig):

@@ -1,14 +1,17 @@
-/* Fused selective scan for the CPU (float32), forward and backward: one pass over time per block of 8
- * channels, everything (bias, softplus, the L*D*N decays, the state update, y = C.h + D*u, the
- * silu(z) gate) in registers and L1. Compiled on first use by storm_vlm/ssm/cpu_kernel.py with
- * -O3 -march=native; GCC/Clang vector extensions give AVX2 on x86-64 and NEON elsewhere.
+/* Fused selective scan for the CPU (float32), forward and backward: one pass over time per block of
+ * LANES channels, everything (bias, softplus, the L*D*N decays, the state update, y = C.h + D*u, the
+ * silu(z) gate) in registers and L1. Compiled on first use by storm_vlm/ssm/cpu_kernel.py, once per
+ * instruction set: -DSTORM_LANES=16 with AVX-512 flags, 8 with AVX2 + FMA, 4 with the compiler's
+ * baseline flags (SSE2 on x86-64, NEON on aarch64) as the portable fallback. GCC/Clang vector
+ * extensions carry the arithmetic at any width (the compiler splits a vector wider than the
+ * target's registers); only max/min and the horizontal sum use intrinsics where they exist.
  *
  * Layout: u, delta, z are (batch, L, dim) or (batch, dim, L) through explicit element strides;
  * A2 = A * log2(e), (dim, N) contiguous; BT, CT are (batch, L, groups, N) contiguous; out has
  * explicit strides. Channel c uses group c / (dim / groups).
  *
- * Why vectorise over channels (not over N): with time-major inputs, 8 neighbouring channels are
- * one 32-byte load per step, and y = sum_n C[n] h[n] needs no horizontal sum.
+ * Why vectorise over channels (not over N): with time-major inputs, LANES neighbouring channels are
+ * one load per step, and y = sum_n C[n] h[n] needs no horizontal sum.
  * exp2 is a degree-6 polynomial on [-0.5, 0.5] scaled by 2^k through the exponent bits
  * (relative error <= 1e-7, about one float32 ulp); NaN in, NaN out; below 2^-127 it flushes to 0.
  */
@@ -16,19 +19,33 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define LANES 8
+#ifndef STORM_LANES
+#define STORM_LANES 8
+#endif
+#define LANES STORM_LANES
 #define TILE 64
 
-typedef float vf __attribute__((vector_size(32)));
-typedef int32_t vi __attribute__((vector_size(32)));
+#if LANES != 4 && LANES != 8 && LANES != 16
+#error "STORM_LANES must be 4, 8 or 16"
+#endif
 
-static inline vf splat(float x) { return (vf){x, x, x, x, x, x, x, x}; }
+typedef float vf __attribute__((vector_size(4 * LANES)));
+typedef int32_t vi __attribute__((vector_size(4 * LANES)));
+
+static inline vf splat(float x) { return (vf){0} + x; }
 /* m ? a : b per lane, m from a vector comparison (all ones or zero) */
 static inline vf sel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
 
-#if defined(__AVX__)
+#if LANES == 16 && defined(__AVX512F__)
 #include <immintrin.h>
+#define STORM_VECTOR_ISA "avx512"
 /* max/min that return their second operand when it is NaN (x86 semantics), so NaN survives */
+static inline vf vmax_keepnan(vf lo, vf x) { return (vf)_mm512_max_ps((__m512)lo, (__m512)x); }
+static inline vf vmin_keepnan(vf hi, vf x) { return (vf)_mm512_min_ps((__m512)hi, (__m512)x); }
+static inline float hsum(vf v) { return _mm512_reduce_add_ps((__m512)v); }
+#elif LANES == 8 && defined(__AVX__)
+#include <immintrin.h>
+#define STORM_VECTOR_ISA "avx"
 static inline vf vmax_keepnan(vf lo, vf x) { return (vf)_mm256_max_ps((__m256)lo, (__m256)x); }
 static inline vf vmin_keepnan(vf hi, vf x) { return (vf)_mm256_min_ps((__m256)hi, (__m256)x); }
 static inline float hsum(vf v) {
@@ -38,10 +55,22 @@ static inline float hsum(vf v) {
     return _mm_cvtss_f32(s);
 }
 #else
-static inline float hsum(vf v) { return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7])); }
+#define STORM_VECTOR_ISA "generic"
+/* pairwise: lane i + lane i + LANES/2, and so on down (the AVX version's order for 8 lanes) */
+static inline float hsum(vf v) {
+    float s[LANES];
+    memcpy(s, &v, sizeof v);
+    for (int w = LANES / 2; w >= 1; w /= 2)
+        for (int i = 0; i < w; i++) s[i] += s[i + w];
+    return s[0];
+}
 static inline vf vmax_keepnan(vf lo, vf x) { return sel(x < lo, lo, x); }
 static inline vf vmin_keepnan(vf hi, vf x) { return sel(x > hi, hi, x); }
 #endif
+
+/* The build's vector width and instruction set, checked by the loader. */
+int storm_scan_lanes(void) { return LANES; }
+const char *storm_scan_vector_isa(void) { return STORM_VECTOR_ISA; }
 
 static inline vf vexp2(vf x) {
     /* clamp to [-127, 128]; 2^k is then built from exponent bits 0 (k = -127: flushes to 0) to
@@ -126,28 +155,59 @@ typedef struct {
     int64_t sb, st, sc;
 } strided;
 
-/* One block: batch b, channels [c, c + w) of group grp. */
-static void scan_block(int64_t b, int64_t c, int64_t w, int64_t grp, int64_t L, int64_t dim, int64_t groups,
-                       int64_t N, strided u, strided dl, strided z, const float *A2, const float *BT,
-                       const float *CT, const float *Dv, const float *bias, int softplus, int reverse, float *out,
-                       int64_t o_sb, int64_t o_st, int64_t o_sc, float *states, int64_t chunk, int64_t batch,
-                       float *last) {
-    const int64_t hd = dim / groups;
-    vf h[N], a2[N];
+typedef struct {
+    float *p;
+    int64_t sb, st, sc;
+} strided_out;
+
+/* Everything one call scans. B and C are either per step, BT/CT (batch, L, groups, N) contiguous, or
+ * constant per channel (bconst / cconst), (dim, N) contiguous like A2 (mamba-ssm's constant B/C). */
+typedef struct {
+    int64_t batch, L, dim, groups, N, chunk;
+    strided u, dl, z;
+    const float *A2, *BT, *CT, *Dv, *bias;
+    int softplus, reverse;
+} scan_args;
+
+/* B[n] (or C[n]) of this step: a broadcast scalar, or the block's constant vector */
+#define BN(n) (bconst ? bv[n] : splat(Bt[n]))
+#define CN(n) (cconst ? cv[n] : splat(Ct[n]))
+
+/* a (dim, N) array's values for channels [c, c + w) as N vectors (zero in unused lanes) */
+static inline void load_cols(vf *dst, const float *src, int64_t c, int64_t w, int64_t N) {
+    for (int64_t n = 0; n < N; n++) {
+        dst[n] = splat(0.0f);
+        for (int64_t l = 0; l < w; l++) dst[n][l] = src[(c + l) * N + n];
+    }
+}
+
+/* One block: batch b, channels [c, c + w) of group grp. h0: NULL (start from 0) or (batch, dim, N). */
+static inline __attribute__((always_inline)) void scan_block(const scan_args *a, int64_t b, int64_t c, int64_t w,
+                                                             int64_t grp, const float *h0, strided_out o,
+                                                             float *states, float *last, const int bconst,
+                                                             const int cconst) {
+    const int64_t L = a->L, dim = a->dim, N = a->N, chunk = a->chunk;
+    const int reverse = a->reverse, softplus = a->softplus;
+    const strided u = a->u, dl = a->dl, z = a->z;
+    const int64_t hd = dim / a->groups;
+    vf h[N], a2[N], bv[bconst ? N : 1], cv[cconst ? N : 1];
     vf tu[TILE], td[TILE], tz[TILE], ty[TILE];
     vf Dvec = splat(0.0f), bvec = splat(0.0f);
+    load_cols(a2, a->A2, c, w, N);
+    if (bconst) load_cols(bv, a->BT, c, w, N);
+    if (cconst) load_cols(cv, a->CT, c, w, N);
     for (int64_t n = 0; n < N; n++) {
         h[n] = splat(0.0f);
-        a2[n] = splat(0.0f);
-        for (int64_t l = 0; l < w; l++) a2[n][l] = A2[(c + l) * N + n];
+        if (h0)
+            for (int64_t l = 0; l < w; l++) h[n][l] = h0[(b * dim + c + l) * N + n];
     }
     for (int64_t l = 0; l < w; l++) {
-        if (Dv) Dvec[l] = Dv[c + l];
-        if (bias) bvec[l] = bias[c + l];
+        if (a->Dv) Dvec[l] = a->Dv[c + l];
+        if (a->bias) bvec[l] = a->bias[c + l];
     }
     const int64_t ntiles = (L + TILE - 1) / TILE;
     const int64_t nchunks = chunk > 0 ? (L + chunk - 1) / chunk : 0;
-    const size_t gstride = (size_t)groups * N; /* BT/CT elements per time step */
+    const size_t gstride = (size_t)a->groups * N; /* BT/CT elements per time step */
     for (int64_t i = 0; i < ntiles; i++) {
         const int64_t tile = reverse ? ntiles - 1 - i : i;
         const int64_t t0 = tile * TILE;
@@ -161,19 +221,19 @@ static void scan_block(int64_t b, int64_t c, int64_t w, int64_t grp, int64_t L, 
             vf dt = td[k] + bvec;
             if (softplus) dt = vsoftplus(dt);
             const vf du = dt * tu[k];
-            const float *Bt = BT + ((size_t)(b * L + t)) * gstride + grp * N;
-            const float *Ct = CT + ((size_t)(b * L + t)) * gstride + grp * N;
+            const float *Bt = bconst ? NULL : a->BT + ((size_t)(b * L + t)) * gstride + grp * N;
+            const float *Ct = cconst ? NULL : a->CT + ((size_t)(b * L + t)) * gstride + grp * N;
             vf y0 = Dvec * tu[k], y1 = splat(0.0f);
             int64_t n = 0;
             for (; n + 1 < N; n += 2) {
-                h[n] = vexp2(dt * a2[n]) * h[n] + du * Bt[n];
-                h[n + 1] = vexp2(dt * a2[n + 1]) * h[n + 1] + du * Bt[n + 1];
-                y0 += Ct[n] * h[n];
-                y1 += Ct[n + 1] * h[n + 1];
+                h[n] = vexp2(dt * a2[n]) * h[n] + du * BN(n);
+                h[n + 1] = vexp2(dt * a2[n + 1]) * h[n + 1] + du * BN(n + 1);
+                y0 += CN(n) * h[n];
+                y1 += CN(n + 1) * h[n + 1];
             }
             if (n < N) {
-                h[n] = vexp2(dt * a2[n]) * h[n] + du * Bt[n];
-                y0 += Ct[n] * h[n];
+                h[n] = vexp2(dt * a2[n]) * h[n] + du * BN(n);
+                y0 += CN(n) * h[n];
             }
             vf y = y0 + y1;
             if (z.p) y *= vsilu(tz[k]);
@@ -184,88 +244,111 @@ static void scan_block(int64_t b, int64_t c, int64_t w, int64_t grp, int64_t L, 
                 if (!reverse && ((t + 1) % chunk == 0 || t == L - 1)) kk = t / chunk + 1;
                 if (reverse && t % chunk == 0) kk = nchunks - t / chunk;
                 if (kk >= 0) {
-                    float *s = states + (((kk * batch + b) * groups + grp) * N) * hd + (c - grp * hd);
+                    float *s = states + (((kk * a->batch + b) * a->groups + grp) * N) * hd + (c - grp * hd);
                     for (int64_t m = 0; m < N; m++)
                         for (int64_t l = 0; l < w; l++) s[m * hd + l] = h[m][l];
                 }
             }
         }
-        store_tile(ty, out + b * o_sb + t0 * o_st + c * o_sc, o_st, o_sc, nt, w);
+        store_tile(ty, o.p + b * o.sb + t0 * o.st + c * o.sc, o.st, o.sc, nt, w);
     }
     if (last)
         for (int64_t l = 0; l < w; l++)
             for (int64_t m = 0; m < N; m++) last[(b * dim + c + l) * N + m] = h[m][l];
 }
 
-/* Scan channels [c0, c1) of every batch element. states: NULL, or (L/chunk + 1, batch, groups,
- * N, dim/groups) receiving the state entering each processed chunk (index 0 is left alone);
- * last: NULL, or (batch, dim, N) receiving the final state. Returns 0. */
+/* the four specialisations (per-step or constant B, C), so neither choice costs a branch per step */
+#define SCAN_BLOCK(bc, cc)                                                                                     \
+    static void scan_block_##bc##cc(const scan_args *a, int64_t b, int64_t c, int64_t w, int64_t grp,         \
+                                    const float *h0, strided_out o, float *states, float *last) {             \
+        scan_block(a, b, c, w, grp, h0, o, states, last, bc, cc);                                             \
+    }
+SCAN_BLOCK(0, 0)
+SCAN_BLOCK(0, 1)
+SCAN_BLOCK(1, 0)
+SCAN_BLOCK(1, 1)
+
+/* Scan channels [c0, c1) of every batch element. bconst / cconst: B / C are (dim, N) constants;
+ * h0: NULL (start from 0) or the initial state (batch, dim, N); states: NULL, or (L/chunk + 1,
+ * batch, groups, N, dim/groups) receiving the state entering each processed chunk (index 0 is left
+ * alone); last: NULL, or (batch, dim, N) receiving the final state. Returns 0. */
 int storm_scan_fwd_f32(int64_t batch, int64_t L, int64_t dim, int64_t groups, int64_t N, const float *u,
                        int64_t u_sb, int64_t u_st, int64_t u_sc, const float *delta, int64_t d_sb, int64_t d_st,
                        int64_t d_sc, const float *z, int64_t z_sb, int64_t z_st, int64_t z_sc, const float *A2,
-                       const float *BT, const float *CT, const float *Dv, const float *bias, int softplus,
-                       int reverse, float *out, int64_t o_sb, int64_t o_st, int64_t o_sc, float *states,
-                       int64_t chunk, float *last, int64_t c0, int64_t c1) {
+                       const float *BT, const float *CT, int bconst, int cconst, const float *Dv, const float *bias,
+                       int softplus, int reverse, const float *h0, float *out, int64_t o_sb, int64_t o_st,
+                       int64_t o_sc, float *states, int64_t chunk, float *last, int64_t c0, int64_t c1) {
     const int64_t hd = dim / groups;
-    strided su = {u, u_sb, u_st, u_sc}, sd = {delta, d_sb, d_st, d_sc}, sz = {z, z_sb, z_st, z_sc};
+    const scan_args a = {batch, L, dim, groups, N, chunk, {u, u_sb, u_st, u_sc}, {delta, d_sb, d_st, d_sc},
+                         {z, z_sb, z_st, z_sc}, A2, BT, CT, Dv, bias, softplus, reverse};
+    const strided_out o = {out, o_sb, o_st, o_sc};
+    void (*block)(const scan_args *, int64_t, int64_t, int64_t, int64_t, const float *, strided_out, float *,
+                  float *) = bconst ? (cconst ? scan_block_11 : scan_block_10)
+                                    : (cconst ? scan_block_01 : scan_block_00);
     for (int64_t b = 0; b < batch; b++)
         for (int64_t grp = 0; grp < groups; grp++) {
             int64_t lo = grp * hd > c0 ? grp * hd : c0, hi = (grp + 1) * hd < c1 ? (grp + 1) * hd : c1;
             for (int64_t c = lo; c < hi; c += LANES) {
                 const int64_t w = hi - c < LANES ? hi - c : LANES;
-                scan_block(b, c, w, grp, L, dim, groups, N, su, sd, sz, A2, BT, CT, Dv, bias, softplus, reverse,
-                           out, o_sb, o_st, o_sc, states, chunk, batch, last);
+                block(&a, b, c, w, grp, h0, o, states, last);
             }
         }
     return 0;
 }
 
 /* ------------------------------------------------------------------------------------------ backward
- * Per block of 8 channels, chunk by chunk in the reverse of the forward's processing order: the
+ * Per block of LANES channels, chunk by chunk in the reverse of the forward's processing order: the
  * chunk's decays a_t and states h_t are recomputed from the saved state entering it (``states``,
- * as the forward wrote them), then the adjoint recurrence G_t = gy_t C_t + a_{t+1} G_{t+1} runs
- * backwards through it. B and C gradients are sums over channels: each call adds its channels'
- * share into gBT / gCT, (batch, L, groups, N), which the caller zeroes (one pair per thread). */
+ * as the forward wrote them, index 0 holding the initial state), then the adjoint recurrence
+ * G_t = gy_t C_t + a_{t+1} G_{t+1} runs backwards through it. Per-step B and C gradients are sums
+ * over channels: each call adds its channels' share into gBT / gCT, (batch, L, groups, N), which
+ * the caller zeroes (one pair per thread). Constant B and C have per-channel gradients, (dim, N),
+ * accumulated like gA. What is left of the adjoint after the first step is the initial state's
+ * gradient. */
 
 typedef struct {
-    float *p;
-    int64_t sb, st, sc;
-} strided_out;
+    strided go;
+    const float *states, *glast;
+    strided_out gu, gdl, gz;
+    float *gA, *gD, *gbias, *gBT, *gCT, *gh0;
+} grad_args;
 
-static void *aligned_buf(size_t count) { /* count vectors, 32-byte aligned */
-    return aligned_alloc(32, (count ? count : 1) * sizeof(vf));
+static void *aligned_buf(size_t count) { /* count vectors, aligned to a vector */
+    return aligned_alloc(sizeof(vf), (count ? count : 1) * sizeof(vf));
 }
 
 static inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp2(-x * LOG2E)); }
 
-static int bwd_block(int64_t b, int64_t c, int64_t w, int64_t grp, int64_t L, int64_t dim, int64_t groups, int64_t N,
-                     strided u, strided dl, strided z, strided go, const float *A2, const float *BT, const float *CT,
-                     const float *Dv, const float *bias, int softplus, int reverse, const float *states,
-                     int64_t T, const float *glast, int64_t batch, strided_out gu, strided_out gdl, strided_out gz,
-                     float *gA, float *gD, float *gbias, float *gBT, float *gCT) {
-    const int64_t hd = dim / groups;
+static inline __attribute__((always_inline)) int bwd_block(const scan_args *a, const grad_args *g, int64_t b,
+                                                           int64_t c, int64_t w, int64_t grp, const int bconst,
+                                                           const int cconst) {
+    const int64_t L = a->L, dim = a->dim, N = a->N, T = a->chunk;
+    const int reverse = a->reverse, softplus = a->softplus;
+    const strided u = a->u, dl = a->dl, z = a->z, go = g->go;
+    const int64_t hd = dim / a->groups;
     const int64_t nchunks = (L + T - 1) / T;
-    const size_t gstride = (size_t)groups * N;
-    /* one allocation for every work buffer: H, Ab (T x N each), 9 tiles of T, 6 vectors of N */
-    vf *mem = aligned_buf((size_t)(2 * T * N + 9 * T + 6 * N));
+    const size_t gstride = (size_t)a->groups * N;
+    /* one allocation for every work buffer: H, Ab (T x N each), 9 tiles of T, 12 vectors of N */
+    vf *mem = aligned_buf((size_t)(2 * T * N + 9 * T + 12 * N));
     if (!mem) return 1;
     vf *H = mem, *Ab = H + T * N, *tu = Ab + T * N, *td = tu + T, *tz = td + T, *tg = tz + T, *traw = tg + T;
     vf *ty = traw + T, *ogu = ty + T, *ogd = ogu + T, *ogz = ogd + T, *an = ogz + T, *a2 = an + N;
     vf *carry = a2 + N, *gAacc = carry + N, *h0 = gAacc + N, *gAc = h0 + N;
+    vf *bv = gAc + N, *cv = bv + N, *gBacc = cv + N, *gCacc = gBacc + N, *gBc = gCacc + N, *gCc = gBc + N;
     vf Dvec = splat(0.0f), bvec = splat(0.0f), gDacc = splat(0.0f), gbacc = splat(0.0f);
+    load_cols(a2, a->A2, c, w, N);
+    if (bconst) load_cols(bv, a->BT, c, w, N);
+    if (cconst) load_cols(cv, a->CT, c, w, N);
     for (int64_t n = 0; n < N; n++) {
-        a2[n] = splat(0.0f);
         carry[n] = splat(0.0f);
-        gAacc[n] = splat(0.0f);
-        for (int64_t l = 0; l < w; l++) {
-            a2[n][l] = A2[(c + l) * N + n];
-            if (glast) carry[n][l] = glast[(b * dim + c + l) * N + n];
-        }
+        gAacc[n] = gBacc[n] = gCacc[n] = splat(0.0f);
+        if (g->glast)
+            for (int64_t l = 0; l < w; l++) carry[n][l] = g->glast[(b * dim + c + l) * N + n];
         an[n] = a2[n] * 0.693147180559945f;
     }
     for (int64_t l = 0; l < w; l++) {
-        if (Dv) Dvec[l] = Dv[c + l];
-        if (bias) bvec[l] = bias[c + l];
+        if (a->Dv) Dvec[l] = a->Dv[c + l];
+        if (a->bias) bvec[l] = a->bias[c + l];
     }
     for (int64_t k = nchunks - 1; k >= 0; k--) {
         const int64_t ci = reverse ? nchunks - 1 - k : k;
@@ -274,7 +357,7 @@ static int bwd_block(int64_t b, int64_t c, int64_t w, int64_t grp, int64_t L, in
         load_tile(td, dl.p + b * dl.sb + s * dl.st + c * dl.sc, dl.st, dl.sc, nt, w);
         load_tile(tg, go.p + b * go.sb + s * go.st + c * go.sc, go.st, go.sc, nt, w);
         if (z.p) load_tile(tz, z.p + b * z.sb + s * z.st + c * z.sc, z.st, z.sc, nt, w);
-        const float *hs = states + (((k * batch + b) * groups + grp) * N) * hd + (c - grp * hd);
+        const float *hs = g->states + (((k * a->batch + b) * a->groups + grp) * N) * hd + (c - grp * hd);
         for (int64_t n = 0; n < N; n++) {
             h0[n] = splat(0.0f);
             for (int64_t l = 0; l < w; l++) h0[n][l] = hs[n * hd + l];
@@ -288,22 +371,22 @@ static int bwd_block(int64_t b, int64_t c, int64_t w, int64_t grp, int64_t L, in
             traw[kk] = raw;
             td[kk] = dt;
             const vf du = dt * tu[kk];
-            const float *Bt = BT + ((size_t)(b * L + t)) * gstride + grp * N;
-            const float *Ct = CT + ((size_t)(b * L + t)) * gstride + grp * N;
+            const float *Bt = bconst ? NULL : a->BT + ((size_t)(b * L + t)) * gstride + grp * N;
+            const float *Ct = cconst ? NULL : a->CT + ((size_t)(b * L + t)) * gstride + grp * N;
             const vf *hp = j ? H + (reverse ? kk + 1 : kk - 1) * N : h0;
             vf *hc = H + kk * N, *ac = Ab + kk * N;
             vf y = Dvec * tu[kk];
             for (int64_t n = 0; n < N; n++) {
                 ac[n] = vexp2(dt * a2[n]);
-                hc[n] = ac[n] * hp[n] + du * Bt[n];
-                y += Ct[n] * hc[n];
+                hc[n] = ac[n] * hp[n] + du * BN(n);
+                y += CN(n) * hc[n];
             }
             ty[kk] = y;
         }
         /* adjoint: j runs backwards through the processing order. Sums over time go into per-chunk
          * partials first (two-level summation: the error grows with chunk + L / chunk, not L). */
         vf gDc = splat(0.0f), gbc = splat(0.0f);
-        for (int64_t n = 0; n < N; n++) gAc[n] = splat(0.0f);
+        for (int64_t n = 0; n < N; n++) gAc[n] = gBc[n] = gCc[n] = splat(0.0f);
         for (int64_t j = nt - 1; j >= 0; j--) {
             const int64_t kk = reverse ? nt - 1 - j : j;
             const int64_t t = s + kk;
@@ -316,18 +399,24 @@ static int bwd_block(int64_t b, int64_t c, int64_t w, int64_t grp, int64_t L, in
             }
             gDc += gy * uu;
             const vf du = dt * uu;
-            const float *Bt = BT + ((size_t)(b * L + t)) * gstride + grp * N;
-            const float *Ct = CT + ((size_t)(b * L + t)) * gstride + grp * N;
-            float *gBt = gBT + ((size_t)(b * L + t)) * gstride + grp * N;
-            float *gCt = gCT + ((size_t)(b * L + t)) * gstride + grp * N;
+            const float *Bt = bconst ? NULL : a->BT + ((size_t)(b * L + t)) * gstride + grp * N;
+            const float *Ct = cconst ? NULL : a->CT + ((size_t)(b * L + t)) * gstride + grp * N;
+            float *gBt = bconst ? NULL : g->gBT + ((size_t)(b * L + t)) * gstride + grp * N;
+            float *gCt = cconst ? NULL : g->gCT + ((size_t)(b * L + t)) * gstride + grp * N;
             const vf *hp = j ? H + (reverse ? kk + 1 : kk - 1) * N : h0;
             const vf *hc = H + kk * N, *ac = Ab + kk * N;
             vf gdu = splat(0.0f), gdtA = splat(0.0f);
             for (int64_t n = 0; n < N; n++) {
-                const vf G = gy * Ct[n] + carry[n];
-                gCt[n] += hsum(gy * hc[n]);
-                gBt[n] += hsum(G * du);
-                gdu += G * Bt[n];
+                const vf G = gy * CN(n) + carry[n];
+                if (cconst)
+                    gCc[n] += gy * hc[n];
+                else
+                    gCt[n] += hsum(gy * hc[n]);
+                if (bconst)
+                    gBc[n] += G * du;
+                else
+                    gBt[n] += hsum(G * du);
+                gdu += G * BN(n);
                 const vf wgt = G * hp[n] * ac[n]; /* dLoss / d(dt * A[n]) */
                 gAc[n] += wgt * dt;
                 gdtA += wgt * an[n];
@@ -341,43 +430,64 @@ static int bwd_block(int64_t b, int64_t c, int64_t w, int64_t grp, int64_t L, in
         }
         gDacc += gDc;
         gbacc += gbc;
-        for (int64_t n = 0; n < N; n++) gAacc[n] += gAc[n];
-        store_tile(ogu, gu.p + b * gu.sb + s * gu.st + c * gu.sc, gu.st, gu.sc, nt, w);
-        store_tile(ogd, gdl.p + b * gdl.sb + s * gdl.st + c * gdl.sc, gdl.st, gdl.sc, nt, w);
-        if (z.p) store_tile(ogz, gz.p + b * gz.sb + s * gz.st + c * gz.sc, gz.st, gz.sc, nt, w);
+        for (int64_t n = 0; n < N; n++) {
+            gAacc[n] += gAc[n];
+            if (bconst) gBacc[n] += gBc[n];
+            if (cconst) gCacc[n] += gCc[n];
+        }
+        store_tile(ogu, g->gu.p + b * g->gu.sb + s * g->gu.st + c * g->gu.sc, g->gu.st, g->gu.sc, nt, w);
+        store_tile(ogd, g->gdl.p + b * g->gdl.sb + s * g->gdl.st + c * g->gdl.sc, g->gdl.st, g->gdl.sc, nt, w);
+        if (z.p) store_tile(ogz, g->gz.p + b * g->gz.sb + s * g->gz.st + c * g->gz.sc, g->gz.st, g->gz.sc, nt, w);
     }
     for (int64_t l = 0; l < w; l++) { /* channels belong to one call: plain stores, summed over batch */
-        for (int64_t n = 0; n < N; n++) gA[(c + l) * N + n] += gAacc[n][l];
-        if (gD) gD[c + l] += gDacc[l];
-        if (gbias) gbias[c + l] += gbacc[l];
+        for (int64_t n = 0; n < N; n++) {
+            g->gA[(c + l) * N + n] += gAacc[n][l];
+            if (bconst) g->gBT[(c + l) * N + n] += gBacc[n][l];
+            if (cconst) g->gCT[(c + l) * N + n] += gCacc[n][l];
+            if (g->gh0) g->gh0[(b * dim + c + l) * N + n] = carry[n][l];
+        }
+        if (g->gD) g->gD[c + l] += gDacc[l];
+        if (g->gbias) g->gbias[c + l] += gbacc[l];
     }
     free(mem);
     return 0;
 }
 
-/* Backward of channels [c0, c1). gA (dim, N), gD and gbias (dim) are accumulated (+=) over the
- * batch and must be zeroed by the caller, as must gBT / gCT. Returns 0, or 1 when out of memory. */
+#define BWD_BLOCK(bc, cc)                                                                                      \
+    static int bwd_block_##bc##cc(const scan_args *a, const grad_args *g, int64_t b, int64_t c, int64_t w,     \
+                                  int64_t grp) {                                                              \
+        return bwd_block(a, g, b, c, w, grp, bc, cc);                                                         \
+    }
+BWD_BLOCK(0, 0)
+BWD_BLOCK(0, 1)
+BWD_BLOCK(1, 0)
+BWD_BLOCK(1, 1)
+
+/* Backward of channels [c0, c1). gA (dim, N), gD and gbias (dim), and gBT / gCT ((batch, L, groups,
+ * N), or (dim, N) when constant) are accumulated (+=) and must be zeroed by the caller. gh0: NULL,
+ * or (batch, dim, N) receiving the initial state's gradient. Returns 0, or 1 when out of memory. */
 int storm_scan_bwd_f32(int64_t batch, int64_t L, int64_t dim, int64_t groups, int64_t N, const float *u,
                        int64_t u_sb, int64_t u_st, int64_t u_sc, const float *delta, int64_t d_sb, int64_t d_st,
                        int64_t d_sc, const float *z, int64_t z_sb, int64_t z_st, int64_t z_sc, const float *gout,
                        int64_t g_sb, int64_t g_st, int64_t g_sc, const float *A2, const float *BT, const float *CT,
-                       const float *Dv, const float *bias, int softplus, int reverse, const float *states,
-                       int64_t chunk, const float *glast, float *gu, int64_t gu_sb, int64_t gu_st, int64_t gu_sc,
-                       float *gdelta, int64_t gd_sb, int64_t gd_st, int64_t gd_sc, float *gz, int64_t gz_sb,
-                       int64_t gz_st, int64_t gz_sc, float *gA, float *gD, float *gbias, float *gBT, float *gCT,
-                       int64_t c0, int64_t c1) {
+                       int bconst, int cconst, const float *Dv, const float *bias, int softplus, int reverse,
+                       const float *states, int64_t chunk, const float *glast, float *gu, int64_t gu_sb,
+                       int64_t gu_st, int64_t gu_sc, float *gdelta, int64_t gd_sb, int64_t gd_st, int64_t gd_sc,
+                       float *gz, int64_t gz_sb, int64_t gz_st, int64_t gz_sc, float *gA, float *gD, float *gbias,
+                       float *gBT, float *gCT, float *gh0, int64_t c0, int64_t c1) {
     const int64_t hd = dim / groups;
-    strided su = {u, u_sb, u_st, u_sc}, sd = {delta, d_sb, d_st, d_sc}, sz = {z, z_sb, z_st, z_sc};
-    strided sg = {gout, g_sb, g_st, g_sc};
-    strided_out ou = {gu, gu_sb, gu_st, gu_sc}, od = {gdelta, gd_sb, gd_st, gd_sc}, oz = {gz, gz_sb, gz_st, gz_sc};
+    const scan_args a = {batch, L, dim, groups, N, chunk, {u, u_sb, u_st, u_sc}, {delta, d_sb, d_st, d_sc},
+                         {z, z_sb, z_st, z_sc}, A2, BT, CT, Dv, bias, softplus, reverse};
+    const grad_args g = {{gout, g_sb, g_st, g_sc}, states, glast, {gu, gu_sb, gu_st, gu_sc},
+                         {gdelta, gd_sb, gd_st, gd_sc}, {gz, gz_sb, gz_st, gz_sc}, gA, gD, gbias, gBT, gCT, gh0};
+    int (*block)(const scan_args *, const grad_args *, int64_t, int64_t, int64_t, int64_t) =
+        bconst ? (cconst ? bwd_block_11 : bwd_block_10) : (cconst ? bwd_block_01 : bwd_block_00);
     for (int64_t b = 0; b < batch; b++)
         for (int64_t grp = 0; grp < groups; grp++) {
             int64_t lo = grp * hd > c0 ? grp * hd : c0, hi = (grp + 1) * hd < c1 ? (grp + 1) * hd : c1;
             for (int64_t c = lo; c < hi; c += LANES) {
                 const int64_t w = hi - c < LANES ? hi - c : LANES;
-                if (bwd_block(b, c, w, grp, L, dim, groups, N, su, sd, sz, sg, A2, BT, CT, Dv, bias, softplus,
-                              reverse, states, chunk, glast, batch, ou, od, oz, gA, gD, gbias, gBT, gCT))
-                    return 1;
+                if (block(&a, &g, b, c, w, grp)) return 1;
             }
         }
     return 0;

@@ -1,11 +1,39 @@
 """The fused CPU selective scan, forward and backward (``_scan_kernel.c``), compiled on first use.
 
-The C source ships with the package and is compiled with the system C compiler (``$CC``, else
-cc / gcc / clang) for this machine's CPU (``-march=native``) into a per-user cache, keyed by the
-source, compiler and CPU flags; the build is written to a temporary name and renamed, so
-concurrent processes never load a half-written library. Without a compiler, or when the build
-fails, ``load()`` returns None once with a warning and the pure-PyTorch scan is used instead.
+**Instruction set.** The C source ships with the package and is compiled with the system C compiler
+(``$CC``, else cc / gcc / clang) once per instruction set, with that set's flags, never
+``-march=native`` (so a forced narrower path really avoids the wider instructions):
+
+========= ===== ======================================================= ================================
+path      lanes flags                                                   chosen when /proc/cpuinfo lists
+========= ===== ======================================================= ================================
+avx512    16    -mavx512f -mavx512dq -mavx512bw -mavx512vl -mavx2 -mfma avx512f avx512dq avx512bw avx512vl
+                                                                        avx2 fma
+avx2      8     -mavx2 -mfma                                            avx2 fma
+generic   4     (the compiler's baseline: SSE2 on x86-64, NEON on       always (the portable fallback)
+                aarch64; 4 lanes = one 128-bit register there)
+========= ===== ======================================================= ================================
+
+The CPU check reads the ``flags`` line of /proc/cpuinfo (Linux lists a feature there only when the
+kernel also enables its registers); where that file does not exist it asks
+``torch.backends.cpu.get_cpu_capability()``. Never the vendor name. ``STORM_VLM_SCAN_ISA=avx2`` (or
+``generic``, ``avx512``) forces a narrower path; asking for one the CPU lacks warns and uses the
+detected one. A wider path that fails to build falls back to the next narrower one, with a warning.
 ``STORM_VLM_SCAN_KERNEL=0`` turns the kernel off (the benchmarks use it to time both paths).
+
+**Cache and its checks.** Builds are cached per user under ``$STORM_VLM_CACHE/kernels`` (else
+``$XDG_CACHE_HOME/storm_vlm/kernels``, else ``~/.cache/storm_vlm/kernels``), one folder per build
+keyed by the source, compiler version, flags and machine: ``scan-<key>/lib.so`` beside
+``lib.so.sha256``, the SHA-256 recorded when it was built. A build is compiled in a private
+temporary folder inside the cache and renamed into place whole, so no process sees half of one.
+Because loading a library runs its code, nothing is loaded from the cache unless the cache folder,
+the build's folder and both files are owned by this user and not writable by group or others
+(checked on open file descriptors, not on path names that could be swapped in between), and the
+library's bytes hash to the recorded value. Those very bytes are then loaded, from an anonymous
+in-memory file (``memfd_create``), so the file cannot change between the check and the load. On any
+failed check: a warning (once per cause) and a fresh build in a private temporary folder, loaded the
+same way and deleted; never the unverified file. Without a compiler, or when every build fails,
+``load()`` warns once and returns None, and the pure-PyTorch scan is used instead.
 
 Why ctypes and not a torch C++ extension: the kernel needs no torch headers, so it builds in
 about a second instead of a minute, and ctypes releases the GIL during the call, so channel
@@ -15,29 +43,59 @@ blocks scanned in worker threads really run in parallel.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["load", "enabled", "scan_forward", "scan_backward", "cache_dir"]
+__all__ = ["load", "build", "enabled", "scan_forward", "scan_backward", "cache_dir", "cpu_flags", "detect_isa",
+           "selected_isa", "ISAS", "Isa", "UnsafeCacheError"]
 
 logger = logging.getLogger("storm_vlm.model.ssm")
 SOURCE = Path(__file__).with_name("_scan_kernel.c")
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared"]
+BASE_FLAGS = ["-O3", "-fno-math-errno", "-fPIC", "-shared"]
 ENV_SWITCH = "STORM_VLM_SCAN_KERNEL"
+ENV_ISA = "STORM_VLM_SCAN_ISA"
+LIB_NAME = "lib.so"
+HASH_NAME = LIB_NAME + ".sha256"
+
+
+@dataclass(frozen=True)
+class Isa:
+    """One build of the kernel: its name, vector width, compiler flags and the CPU features it needs."""
+
+    name: str
+    lanes: int
+    flags: tuple[str, ...]
+    cpu_features: tuple[str, ...]
+
+
+ISAS = {  # narrowest first
+    "generic": Isa("generic", 4, (), ()),
+    "avx2": Isa("avx2", 8, ("-mavx2", "-mfma"), ("avx2", "fma")),
+    "avx512": Isa("avx512", 16, ("-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"),
+                  ("avx512f", "avx512dq", "avx512bw", "avx512vl", "avx2", "fma")),
+}
+_ORDER = list(ISAS)
 
 _lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
+_libs: dict[tuple[str, int], ctypes.CDLL | None] = {}
+_warned: set[str] = set()
+
+
+class UnsafeCacheError(RuntimeError):
+    """A cache folder or file that another user could have written, or a library that fails its hash."""
 
 
 def enabled() -> bool:
@@ -51,6 +109,60 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+def _warn_once(msg: str, *args) -> None:
+    text = msg % args
+    if text not in _warned:
+        _warned.add(text)
+        logger.warning(text)
+
+
+# ----------------------------------------------------------------------------- which instruction set
+def cpu_flags() -> set[str] | None:
+    """The CPU feature flags Linux reports (x86: the ``flags`` line), or None where there is no /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        return None
+    return set()
+
+
+@functools.lru_cache(maxsize=None)
+def detect_isa() -> str:
+    """The widest path this CPU runs: 'avx512', 'avx2' or 'generic' (see the module docstring)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return "generic"
+    flags = cpu_flags()
+    if flags is None:  # no /proc/cpuinfo: ask PyTorch's own CPU check
+        cap = torch.backends.cpu.get_cpu_capability().upper()
+        return "avx512" if cap.startswith("AVX512") else "avx2" if cap == "AVX2" else "generic"
+    for name in reversed(_ORDER):
+        if set(ISAS[name].cpu_features) <= flags:
+            return name
+    return "generic"
+
+
+def selected_isa(want: str | None = None) -> str:
+    """The path ``load()`` uses: ``want`` (default: ``STORM_VLM_SCAN_ISA``, else the detected path),
+    never one wider than the CPU runs (asking for one warns and gives the detected path)."""
+    best = detect_isa()
+    what = "asked for " if want else f"{ENV_ISA}="
+    want = (want or os.environ.get(ENV_ISA, "")).strip().lower()
+    if not want:
+        return best
+    if want not in ISAS:
+        _warn_once("storm_vlm: %s%s is not one of %s; using %s", what, want, ", ".join(_ORDER), best)
+        return best
+    if _ORDER.index(want) > _ORDER.index(best):
+        _warn_once("storm_vlm: %s%s needs instructions this CPU does not report; using %s", what, want, best)
+        return best
+    return want
+
+
+# ----------------------------------------------------------------------------- build
 def _compiler() -> str | None:
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name and shutil.which(name):
@@ -58,71 +170,244 @@ def _compiler() -> str | None:
     return None
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line
-    except OSError:
-        pass
-    return platform.processor()
+def _flags(isa: Isa, lanes: int) -> list[str]:
+    return [*BASE_FLAGS, *isa.flags, f"-DSTORM_LANES={lanes}"]
 
 
-def _build(cc: str) -> Path:
-    source = SOURCE.read_bytes()
+def _key(cc: str, isa: Isa, lanes: int) -> str:
+    """Cache key of one build: source, compiler version, flags (ISA and width included), machine."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(b"\0".join(x.encode() if isinstance(x, str) else x for x in
-                                    (source, version, " ".join(FLAGS), _cpu_flags(), platform.machine()))).hexdigest()
-    target = cache_dir() / f"scan_{key[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
-    os.close(fd)
+    parts = (SOURCE.read_bytes(), version, " ".join(_flags(isa, lanes)), isa.name, platform.machine())
+    return hashlib.sha256(b"\0".join(x.encode() if isinstance(x, str) else x for x in parts)).hexdigest()[:24]
+
+
+def _compile(cc: str, isa: Isa, lanes: int, folder: Path) -> bytes:
+    """Compile into ``folder``/lib.so and write its recorded hash beside it; returns the library's bytes."""
+    lib = folder / LIB_NAME
+    proc = subprocess.run([cc, *_flags(isa, lanes), "-o", str(lib), str(SOURCE)], capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cc} failed on {SOURCE} for {isa.name}: {proc.stderr.strip()[-2000:]}")
+    data = lib.read_bytes()
+    (folder / HASH_NAME).write_text(hashlib.sha256(data).hexdigest() + "\n")
+    for n in (LIB_NAME, HASH_NAME):  # whatever the umask: the loader refuses group/world-writable files
+        os.chmod(folder / n, 0o600)
+    return data
+
+
+def _check_private(st: os.stat_result, what: str, kind) -> None:
+    """Raise UnsafeCacheError unless st is a ``kind`` (stat.S_ISDIR / S_ISREG) owned by this user and
+    not writable by group or others."""
+    if not kind(st.st_mode):
+        raise UnsafeCacheError(f"{what} is not a {'folder' if kind is stat.S_ISDIR else 'regular file'}")
+    if st.st_uid != os.geteuid():
+        raise UnsafeCacheError(f"{what} is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeCacheError(f"{what} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
+                               f"chmod go-w it, or point STORM_VLM_CACHE at a private folder")
+
+
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
+_FILE_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+
+
+def _open_private(name, flags, kind, what, dir_fd=None) -> int:
+    """os.open + the ownership/mode check on the open descriptor (no symlinks followed). A missing
+    entry raises FileNotFoundError; anything else that fails, UnsafeCacheError."""
     try:
-        proc = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {SOURCE}: {proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # e.g. ELOOP: a symlink where a folder or file should be
+        raise UnsafeCacheError(f"cannot open {what} safely ({exc.strerror})") from None
+    try:
+        _check_private(os.fstat(fd), what, kind)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _read_verified(cache: Path, name: str) -> bytes | None:
+    """The bytes of cache/name/lib.so after every check passes; None when that build does not exist.
+    Raises UnsafeCacheError when a check fails."""
+    root = _open_private(cache, _DIR_FLAGS, stat.S_ISDIR, f"kernel cache folder {cache}")
+    try:
+        try:
+            sub = _open_private(name, _DIR_FLAGS, stat.S_ISDIR, f"kernel build folder {cache / name}", dir_fd=root)
+        except FileNotFoundError:
+            return None
+        try:
+            fds = []
+            for n in (LIB_NAME, HASH_NAME):
+                try:
+                    fds.append(_open_private(n, _FILE_FLAGS, stat.S_ISREG, f"kernel file {cache / name / n}",
+                                             dir_fd=sub))
+                except FileNotFoundError:
+                    for fd in fds:
+                        os.close(fd)
+                    raise UnsafeCacheError(f"kernel build folder {cache / name} has no {n}") from None
+            try:
+                data, recorded = (_read_all(fd) for fd in fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        finally:
+            os.close(sub)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+        os.close(root)
+    if hashlib.sha256(data).hexdigest() != recorded.decode("ascii", "replace").strip():
+        raise UnsafeCacheError(f"kernel library {cache / name / LIB_NAME} does not match its recorded SHA-256")
+    return data
 
 
-def load() -> ctypes.CDLL | None:
-    """The compiled kernel library, building it on first use; None when unavailable or disabled."""
-    global _lib, _tried
+def _private_cache() -> Path:
+    """The cache folder, created private (0700) when missing; raises UnsafeCacheError when it is not."""
+    if not hasattr(os, "geteuid"):
+        raise UnsafeCacheError("file ownership cannot be checked on this platform")
+    cache = cache_dir()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    os.close(_open_private(cache, _DIR_FLAGS, stat.S_ISDIR, f"kernel cache folder {cache}"))
+    return cache
+
+
+def _library_bytes(cc: str, isa: Isa, lanes: int) -> tuple[bytes, str]:
+    """(the library's bytes, where they came from): a verified cached build, a new one published
+    into the cache, or, when the cache fails a check, a build in a private temporary folder."""
+    try:
+        cache = _private_cache()
+        name = f"scan-{isa.name}-{lanes}-{_key(cc, isa, lanes)}"
+        data = _read_verified(cache, name)
+        if data is not None:
+            return data, str(cache / name / LIB_NAME)
+        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))  # 0700, ours
+        try:
+            data = _compile(cc, isa, lanes, tmp)
+            try:
+                os.rename(tmp, cache / name)  # whole folder at once; fails if another process won
+            except OSError:
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        data = _read_verified(cache, name)  # ours or the winner's, checked like any cached build
+        if data is None:
+            raise UnsafeCacheError(f"kernel build folder {cache / name} vanished after it was written")
+        return data, str(cache / name / LIB_NAME)
+    except UnsafeCacheError as exc:
+        _warn_once("storm_vlm: not loading the cached scan kernel (%s); building a private copy instead", exc)
+    tmp = Path(tempfile.mkdtemp(prefix="storm_vlm_scan_"))
+    try:
+        return _compile(cc, isa, lanes, tmp), "a private temporary build"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+_memfds: list[int] = []  # kept open: the dynamic loader identifies a library by its path name, and
+# a closed descriptor's number (hence "/proc/self/fd/N") would be reused by the next build loaded
+
+
+def _dlopen_bytes(data: bytes) -> ctypes.CDLL:
+    """Load a shared library from these exact bytes: an anonymous in-memory file where the platform
+    has one, else a fresh file in a private temporary folder (removed once loaded)."""
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        fd = os.memfd_create("storm_vlm_scan", 0)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
+        except BaseException:
+            os.close(fd)
+            raise
+        _memfds.append(fd)
+        return lib
+    tmp = Path(tempfile.mkdtemp(prefix="storm_vlm_scan_"))
+    try:
+        path = tmp / LIB_NAME
+        path.write_bytes(data)
+        return ctypes.CDLL(str(path))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _bind(lib: ctypes.CDLL, isa: Isa, lanes: int, origin: str) -> ctypes.CDLL:
+    lib.storm_scan_lanes.restype = ctypes.c_int
+    if lib.storm_scan_lanes() != lanes:
+        raise RuntimeError(f"scan kernel built for {lanes} lanes reports {lib.storm_scan_lanes()}")
+    lib.storm_scan_vector_isa.restype = ctypes.c_char_p
+    fn = lib.storm_scan_fwd_f32
+    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    fn.argtypes = ([i64] * 5 + [ptr, i64, i64, i64] * 3 + [ptr] * 3 + [cint] * 2 + [ptr] * 2 + [cint] * 2
+                   + [ptr] + [ptr, i64, i64, i64, ptr, i64, ptr, i64, i64])
+    fn.restype = cint
+    bwd = lib.storm_scan_bwd_f32
+    bwd.argtypes = ([i64] * 5 + [ptr, i64, i64, i64] * 4 + [ptr] * 3 + [cint] * 2 + [ptr] * 2 + [cint] * 2
+                    + [ptr, i64, ptr] + [ptr, i64, i64, i64] * 3 + [ptr] * 6 + [i64, i64])
+    bwd.restype = cint
+    lib.storm_isa = isa.name  # the path, its width, and where the bytes came from (benchmarks print them)
+    lib.storm_lanes = lanes
+    lib.storm_origin = origin
+    return lib
+
+
+def build(isa: str, lanes: int | None = None) -> ctypes.CDLL:
+    """Build (or take from the cache) and load the kernel for path ``isa``, raising on failure.
+    ``lanes`` overrides the path's vector width (the tests run the 16-lane logic with AVX2 flags,
+    where the compiler splits each vector in two). Loading a path the CPU lacks crashes on first use:
+    ``load()`` never does that; this is for the tests."""
+    spec = ISAS[isa]
+    lanes = spec.lanes if lanes is None else int(lanes)
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
+    data, origin = _library_bytes(cc, spec, lanes)
+    return _bind(_dlopen_bytes(data), spec, lanes, origin)
+
+
+def load(isa: str | None = None, lanes: int | None = None) -> ctypes.CDLL | None:
+    """The compiled kernel library for path ``selected_isa(isa)``, built on first use; None when
+    disabled or when no path builds. A path that fails falls back to the next narrower one."""
     if not enabled():
         return None
-    if _tried:
-        return _lib
+    name = selected_isa(isa)
+    key = (name, lanes or 0)
+    try:
+        return _libs[key]
+    except KeyError:
+        pass
     with _lock:
-        if _tried:
-            return _lib
-        try:
-            cc = _compiler()
-            if cc is None:
-                raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
-            lib = ctypes.CDLL(str(_build(cc)))
-            fn = lib.storm_scan_fwd_f32
-            i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            fn.argtypes = ([i64] * 5 + [ptr, i64, i64, i64] * 3 + [ptr] * 5 + [ctypes.c_int] * 2
-                           + [ptr, i64, i64, i64, ptr, i64, ptr, i64, i64])
-            fn.restype = ctypes.c_int
-            bwd = lib.storm_scan_bwd_f32
-            bwd.argtypes = ([i64] * 5 + [ptr, i64, i64, i64] * 4 + [ptr] * 5 + [ctypes.c_int] * 2
-                            + [ptr, i64, ptr] + [ptr, i64, i64, i64] * 3 + [ptr] * 5 + [i64, i64])
-            bwd.restype = ctypes.c_int
-            _lib = lib
-        except Exception as exc:  # a missing or broken toolchain must never break the model
-            logger.warning("storm_vlm: fused CPU scan kernel unavailable, using the PyTorch scan (%s)", exc)
-            _lib = None
-        _tried = True
-    return _lib
+        if key in _libs:
+            return _libs[key]
+        lib, errors = None, []
+        for cand in reversed(_ORDER[: _ORDER.index(name) + 1]):
+            try:
+                lib = build(cand, lanes if cand == name else None)
+                break
+            except Exception as exc:  # a missing or broken toolchain must never break the model
+                errors.append(f"{cand}: {exc}")
+                if "no C compiler" in str(exc):
+                    break
+        if lib is None:
+            _warn_once("storm_vlm: fused CPU scan kernel unavailable, using the PyTorch scan (%s)", "; ".join(errors))
+        elif errors:
+            _warn_once("storm_vlm: scan kernel path %s did not build, using %s (%s)", name, lib.storm_isa,
+                       "; ".join(errors))
+        _libs[key] = lib
+    return lib
 
 
+# ----------------------------------------------------------------------------- calls
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -136,37 +421,42 @@ def _strides(t: Tensor | None) -> tuple[int, int, int]:
 
 
 def scan_forward(lib: ctypes.CDLL, u: Tensor, delta: Tensor, z: Tensor | None, A2: Tensor, BT: Tensor,
-                 CT: Tensor, D: Tensor | None, bias: Tensor | None, softplus: bool, reverse: bool, out: Tensor,
-                 states: Tensor | None, chunk: int, last: Tensor | None, c0: int, c1: int) -> None:
+                 CT: Tensor, groups: int, D: Tensor | None, bias: Tensor | None, softplus: bool, reverse: bool,
+                 h0: Tensor | None, out: Tensor, states: Tensor | None, chunk: int, last: Tensor | None, c0: int,
+                 c1: int) -> None:
     """Scan channels [c0, c1) into ``out`` (and ``states`` / ``last`` when given).
 
     u, delta, z, out: (b, d, L) float32, any strides; A2 = A * log2(e): (d, N) contiguous;
-    BT, CT: (b, L, g, N) contiguous; D, bias: (d,) contiguous; states: (L/chunk + 1, b, g, N, d/g)
-    contiguous; last: (b, d, N) contiguous."""
+    BT, CT: (b, L, groups, N) contiguous, or (d, N) contiguous when constant over time; D, bias:
+    (d,) contiguous; h0: initial state (b, d, N) contiguous or None (zeros); states: (L/chunk + 1, b,
+    groups, N, d/groups) contiguous; last: (b, d, N) contiguous."""
     b, d, L = u.shape
-    g, n = BT.shape[2], BT.shape[3]
-    lib.storm_scan_fwd_f32(b, L, d, g, n, _ptr(u), *_strides(u), _ptr(delta), *_strides(delta), _ptr(z),
-                           *_strides(z), _ptr(A2), _ptr(BT), _ptr(CT), _ptr(D), _ptr(bias), int(softplus),
-                           int(reverse), _ptr(out), *_strides(out), _ptr(states), int(chunk), _ptr(last), c0, c1)
+    n = A2.shape[1]
+    lib.storm_scan_fwd_f32(b, L, d, groups, n, _ptr(u), *_strides(u), _ptr(delta), *_strides(delta), _ptr(z),
+                           *_strides(z), _ptr(A2), _ptr(BT), _ptr(CT), int(BT.dim() == 2), int(CT.dim() == 2),
+                           _ptr(D), _ptr(bias), int(softplus), int(reverse), _ptr(h0), _ptr(out), *_strides(out),
+                           _ptr(states), int(chunk), _ptr(last), c0, c1)
 
 
 def scan_backward(lib: ctypes.CDLL, u: Tensor, delta: Tensor, z: Tensor | None, gout: Tensor, A2: Tensor,
-                  BT: Tensor, CT: Tensor, D: Tensor | None, bias: Tensor | None, softplus: bool, reverse: bool,
-                  states: Tensor, chunk: int, glast: Tensor | None, gu: Tensor, gdelta: Tensor, gz: Tensor | None,
-                  gA: Tensor, gD: Tensor | None, gbias: Tensor | None, gBT: Tensor, gCT: Tensor, c0: int,
-                  c1: int) -> None:
+                  BT: Tensor, CT: Tensor, groups: int, D: Tensor | None, bias: Tensor | None, softplus: bool,
+                  reverse: bool, states: Tensor, chunk: int, glast: Tensor | None, gu: Tensor, gdelta: Tensor,
+                  gz: Tensor | None, gA: Tensor, gD: Tensor | None, gbias: Tensor | None, gBT: Tensor, gCT: Tensor,
+                  gh0: Tensor | None, c0: int, c1: int) -> None:
     """Gradients of channels [c0, c1), from the states the forward saved every ``chunk`` steps.
 
     u, delta, z, gout and the outputs gu, gdelta, gz: (b, d, L) float32, any strides; states:
-    (L/chunk + 1, b, g, N, d/g); glast: (b, d, N) contiguous or None. gA (d, N), gD, gbias (d,) and
-    gBT, gCT (b, L, g, N) are contiguous and accumulated into: pass zeros (gBT, gCT: one pair per
-    concurrent call)."""
+    (L/chunk + 1, b, groups, N, d/groups), index 0 the initial state; glast: (b, d, N) contiguous or
+    None. gA (d, N), gD, gbias (d,) and gBT, gCT (shaped like BT, CT) are contiguous and accumulated
+    into: pass zeros (per-step gBT, gCT: one pair per concurrent call). gh0: None, or (b, d, N)
+    contiguous receiving the initial state's gradient."""
     b, d, L = u.shape
-    g, n = BT.shape[2], BT.shape[3]
+    n = A2.shape[1]
     rc = lib.storm_scan_bwd_f32(
-        b, L, d, g, n, _ptr(u), *_strides(u), _ptr(delta), *_strides(delta), _ptr(z), *_strides(z), _ptr(gout),
-        *_strides(gout), _ptr(A2), _ptr(BT), _ptr(CT), _ptr(D), _ptr(bias), int(softplus), int(reverse),
-        _ptr(states), int(chunk), _ptr(glast), _ptr(gu), *_strides(gu), _ptr(gdelta), *_strides(gdelta), _ptr(gz),
-        *_strides(gz), _ptr(gA), _ptr(gD), _ptr(gbias), _ptr(gBT), _ptr(gCT), c0, c1)
+        b, L, d, groups, n, _ptr(u), *_strides(u), _ptr(delta), *_strides(delta), _ptr(z), *_strides(z),
+        _ptr(gout), *_strides(gout), _ptr(A2), _ptr(BT), _ptr(CT), int(BT.dim() == 2), int(CT.dim() == 2), _ptr(D),
+        _ptr(bias), int(softplus), int(reverse), _ptr(states), int(chunk), _ptr(glast), _ptr(gu), *_strides(gu),
+        _ptr(gdelta), *_strides(gdelta), _ptr(gz), *_strides(gz), _ptr(gA), _ptr(gD), _ptr(gbias), _ptr(gBT),
+        _ptr(gCT), _ptr(gh0), c0, c1)
     if rc != 0:
         raise MemoryError(f"selective-scan backward kernel: out of memory for chunk {chunk} x d_state {n}")

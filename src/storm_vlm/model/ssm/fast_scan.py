@@ -1,17 +1,20 @@
 """Chunked selective scan for the CPU, with a recomputing backward.
 
 On the CPU in float32 both directions run the fused C kernel (``_scan_kernel.c`` through
-``cpu_kernel``; forward 1.3-1.7x of the exp2 compute floor where the chunked PyTorch forward below
-is 2.9-4.6x, backward ~6x faster than the PyTorch one at d=448) when it builds; float64, other
-devices and machines without a C compiler use the pure-PyTorch chunked scan below. Both save the
-state entering each chunk in the forward and recompute the chunk in the backward, in the same
-layout, so either backward can follow either forward.
+``cpu_kernel``, built for the CPU's instruction set; per-machine figures in benchmarks/README.md)
+when it builds; float64, other devices and machines without a C compiler use the pure-PyTorch
+chunked scan below. Both save the state entering each chunk in the forward and recompute the chunk
+in the backward, in the same layout, so either backward can follow either forward.
 
 Computes exactly ``selective_scan_reference`` (see ``scan.py``)::
 
     delta = softplus(delta + delta_bias)                              (each optional)
     h_t = exp(delta_t * A) * h_{t-1} + delta_t * u_t * B_t ,   y_t = sum_n C_t h_t + D u_t
     out_t = y_t * silu(z_t)
+
+from h_0 = the initial state (zeros unless given), B and C per step or constant per channel. Worker
+threads (``_threads``) run under the caller's inference mode, and the scan computes with autocast
+off, forward and backward, in its compute dtype.
 
 Why the PyTorch path looks like this (measured on a 2-core AMD EPYC, fp32, 1 thread, d=2048, N=16):
 
@@ -44,17 +47,17 @@ which equals flipping every input along L and the output back, without the copie
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import math
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from storm_vlm.model.ssm import cpu_kernel
+from storm_vlm.model.ssm import _threads, cpu_kernel
 
 __all__ = ["chunked_scan", "DEFAULT_CHUNK", "auto_chunk"]
 
@@ -199,16 +202,37 @@ class _Prep:
         self.u4 = None if uT is None else uT.reshape(b, L, g, hd)
         self.d4 = None if dT is None else dT.reshape(b, L, g, hd)
         self.z4 = None if zT is None else zT.reshape(b, L, g, hd)
-        self.BT, self.CT = BT, CT  # (b, L, g, n) contiguous, compute dtype
+        # B, C per step: BT, CT (b, L, g, n) contiguous; constant: Bc, Cc (g, n, hd) (compute dtype)
+        self.BT, self.CT = (None if x.dim() == 2 else x for x in (BT, CT))
+        self.Bc, self.Cc = (_A_layout(x, g) if x.dim() == 2 else None for x in (BT, CT))
         self.An = _A_layout(A.to(cdt), g)  # (g, n, hd)
         self.A2 = self.An * LOG2E
         self.D = None if D is None else D.to(cdt).view(g, hd)
         self.bias = None if delta_bias is None else delta_bias.to(cdt).view(g, hd)
 
 
+def _B_operand(P: _Prep, s, e, j0, j1) -> Tensor:
+    """B for ``_states``: (b, t, g, n, 1) per step, or the constant (g, n, w), broadcast alike."""
+    return P.Bc[..., j0:j1] if P.BT is None else P.BT[:, s:e, :, :, None]
+
+
+def _C_dot(P: _Prep, s, e, j0, j1, H: Tensor, dest: Tensor | None = None, clobber: bool = False) -> Tensor:
+    """y[t, w] = sum_n C[t, n] H[t, n, w] for a chunk's states H (b, t, g, n, w), into dest (b, t, g, w)
+    when given. ``clobber``: H may be overwritten."""
+    b, t_, g, n, w = H.shape
+    if P.CT is not None:  # (1 x n) @ (n x w) per step and group: MKL's fast shape
+        tbg = b * t_ * g
+        if dest is None:
+            return torch.bmm(P.CT[:, s:e].reshape(tbg, 1, n), H.view(tbg, n, w)).view(b, t_, g, w)
+        _bmm_into(P.CT[:, s:e].reshape(tbg, 1, n), H.view(tbg, n, w), dest)
+        return dest
+    Cc = P.Cc[..., j0:j1]
+    y = (H.mul_(Cc) if clobber else H * Cc).sum(dim=3)
+    return y if dest is None else dest.copy_(y)
+
+
 _PARALLEL_MIN_WORK = 1 << 22  # b * L * d * N below this: one thread
 _MIN_BLOCK = 64
-_POOL = None
 
 
 def _blocks(hd: int, work: int):
@@ -221,56 +245,62 @@ def _blocks(hd: int, work: int):
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _worker_init():
-    torch.set_num_threads(1)  # OpenMP's thread count is per thread: this worker's ops stay serial
-
-
 def _run_blocks(fn, blocks):
     """fn(j0, j1) for every block; several blocks run in worker threads with one intra-op thread
-    each. Measured: 2 PyTorch intra-op threads on this scan's many small ops are slower than one
-    (up to 10x slower on a busy machine), while splitting channels over threads scales."""
+    each, under the caller's inference mode (the blocks write into the caller's tensors) with grad
+    off (these are autograd.Function internals). Measured: 2 PyTorch intra-op threads on this
+    scan's many small ops are slower than one (up to 10x slower on a busy machine), while
+    splitting channels over threads scales."""
     if len(blocks) == 1:
         return [fn(*blocks[0])]
-    global _POOL
-    if _POOL is None or _POOL._max_workers < len(blocks):
-        from concurrent.futures import ThreadPoolExecutor
 
-        _POOL = ThreadPoolExecutor(max_workers=max(len(blocks), os.cpu_count() or 1), initializer=_worker_init,
-                                   thread_name_prefix="scan")
     def run(j0, j1):
-        with torch.no_grad():  # grad mode is thread-local; these are autograd.Function internals
+        with torch.no_grad():
             return fn(j0, j1)
 
-    futures = [_POOL.submit(run, *blk) for blk in blocks]
+    futures = [_threads.submit(run, *blk, workers=len(blocks)) for blk in blocks]
     return [f.result() for f in futures]
+
+
+def _autocast_off(device_type: str):
+    """The scan computes in its own compute dtype: autocast (per thread, and still on in a backward
+    run inside an autocast region) must not turn its matrix products into bf16 ones."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class _ChunkedScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, want_last, cdt):
-        # u, delta, z: (b, d, L); A: (d, n); B, C: (b, g, n, L); D, delta_bias: (d,)
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus, reverse, chunk, want_last, cdt):
+        # u, delta, z: (b, d, L); A: (d, n); B, C: (b, g, n, L), or (d, n) when constant over time;
+        # D, delta_bias: (d,); h0: initial state (b, d, n) or None
         b, d, L = u.shape
         n = A.shape[1]
-        g = B.shape[1]
+        g = next((x.shape[1] for x in (B, C) if x.dim() == 4), 1)
         hd = d // g
         blocks = _blocks(hd, b * L * d * n)
         if chunk is None:
             chunk = auto_chunk(b * g * max(j1 - j0 for j0, j1 in blocks))
         T = max(1, min(chunk, L))
-        need_grad = any(ctx.needs_input_grad[:8])
+        need_grad = any(ctx.needs_input_grad[:9])
         nchunks = (L + T - 1) // T
-        BT = B.permute(0, 3, 1, 2).to(cdt).contiguous()  # (b, L, g, n): small
-        CT = C.permute(0, 3, 1, 2).to(cdt).contiguous()
+        # per step: (b, L, g, n), small; constant: (d, n)
+        BT, CT = ((x.to(cdt).contiguous() if x.dim() == 2 else x.permute(0, 3, 1, 2).to(cdt).contiguous())
+                  for x in (B, C))
         # h_in[k]: state entering the k-th processed chunk; h_in[nchunks]: the last state.
         h_in = _empty(nchunks + 1 if need_grad else 2, b, g, n, hd, dtype=cdt, device=u.device)
-        h_in[0].zero_()
+        if h0 is None:
+            h_in[0].zero_()
+        else:
+            h_in[0].copy_(h0.reshape(b, g, hd, n).transpose(-1, -2))
         yT = _empty(b, L, d, dtype=cdt, device=u.device)
         last_bdn = None
         if want_last:  # a fresh contiguous (b, d, n) tensor, never a view of h_in
             last_bdn = torch.empty(b, d, n, dtype=cdt, device=u.device)
         lib = _kernel_for(u, cdt)
         if lib is not None:
-            _kernel_forward(lib, u, delta, z, A, BT, CT, D, delta_bias, softplus, reverse, yT,
+            _kernel_forward(lib, u, delta, z, A, BT, CT, g, D, delta_bias, h0, softplus, reverse, yT,
                             h_in if need_grad else None, T, last_bdn)
         else:
             P = _Prep((b, L, d), None, None, None, A, BT, CT, D, delta_bias, g, cdt)
@@ -286,7 +316,7 @@ class _ChunkedScan(torch.autograd.Function):
                 last_bdn.view(b, g, hd, n).copy_(last.transpose(-1, -2))
         if need_grad:
             ctx.save_for_backward(u, delta, z, A, BT, CT, D, delta_bias, h_in)
-            ctx.cfg = (T, softplus, reverse, cdt)
+            ctx.cfg = (T, softplus, reverse, cdt, g, h0 is not None)
             ctx.time_major = tuple(x is not None and x.transpose(1, 2).stride(-1) == 1 for x in (u, delta, z))
         out = yT.transpose(1, 2)
         if u.dtype != cdt:
@@ -295,16 +325,21 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gout, glast):
-        u, delta, z, A, BT, CT, D, delta_bias, h_in = ctx.saved_tensors
-        T, softplus, reverse, cdt = ctx.cfg
+        saved = ctx.saved_tensors  # unpacked once (activation checkpointing allows no second time)
+        with _autocast_off(saved[0].device.type):
+            return _ChunkedScan._backward(ctx, saved, gout, glast)
+
+    @staticmethod
+    def _backward(ctx, saved, gout, glast):
+        u, delta, z, A, BT, CT, D, delta_bias, h_in = saved
+        T, softplus, reverse, cdt, g, has_h0 = ctx.cfg
         lib = _kernel_for(u, cdt)
         if lib is not None:
-            return _kernel_backward(lib, u, delta, z, A, BT, CT, D, delta_bias, h_in, T, softplus, reverse, gout,
-                                    glast, ctx.time_major) + (None,) * 5
+            return _kernel_backward(lib, u, delta, z, A, BT, CT, g, D, delta_bias, h_in, has_h0, T, softplus, reverse,
+                                    gout, glast, ctx.time_major) + (None,) * 5
         uT, dT, zT = _time_major(u), _time_major(delta), _time_major(z)
         b, L, d = uT.shape
         n = A.shape[1]
-        g = BT.shape[2]
         hd = d // g
         device = uT.device
         P = _Prep((b, L, d), uT, dT, zT, A, BT, CT, D, delta_bias, g, cdt)
@@ -317,6 +352,10 @@ class _ChunkedScan(torch.autograd.Function):
             A=torch.empty(g, n, hd, dtype=cdt, device=device),
             D=torch.empty(g, hd, dtype=cdt, device=device) if D is not None else None,
             bias=torch.empty(g, hd, dtype=cdt, device=device) if delta_bias is not None else None,
+            # constant B, C: per channel, (g, n, hd) like A; the initial state: (b, g, n, hd) like h_in
+            Bc=torch.empty(g, n, hd, dtype=cdt, device=device) if BT.dim() == 2 else None,
+            Cc=torch.empty(g, n, hd, dtype=cdt, device=device) if CT.dim() == 2 else None,
+            h0=torch.empty(b, g, n, hd, dtype=cdt, device=device) if has_h0 else None,
         )
         g4 = {k: (v.view(b, L, g, hd) if k in ("u", "delta", "z") and v is not None else v) for k, v in grads.items()}
         carry0 = torch.zeros(b, g, n, hd, dtype=cdt, device=device)
@@ -330,15 +369,24 @@ class _ChunkedScan(torch.autograd.Function):
         parts = _run_blocks(block, _blocks(hd, b * L * d * n))
         g_BT, g_CT = parts[0]
         for gb, gc in parts[1:]:
-            g_BT += gb
-            g_CT += gc
-        gA = grads["A"].transpose(1, 2).reshape(d, n)  # (g, n, hd) -> (d, n)
+            if g_BT is not None:
+                g_BT += gb
+            if g_CT is not None:
+                g_CT += gc
+
+        def per_channel(x):  # (g, n, hd) -> (d, n)
+            return x.transpose(1, 2).reshape(d, n)
+
+        gA = per_channel(grads["A"])
+        g_B = per_channel(grads["Bc"]) if g_BT is None else g_BT.permute(0, 2, 3, 1)
+        g_C = per_channel(grads["Cc"]) if g_CT is None else g_CT.permute(0, 2, 3, 1)
+        g_h0 = None if grads["h0"] is None else grads["h0"].transpose(-1, -2).reshape(b, d, n)
         g_D = None if grads["D"] is None else grads["D"].reshape(d)
         g_bias = None if grads["bias"] is None else grads["bias"].reshape(d)
         tm_u, tm_d, tm_z = ctx.time_major
         g_z = None if grads["z"] is None else _like_input(grads["z"], tm_z)
-        return (_like_input(grads["u"], tm_u), _like_input(grads["delta"], tm_d), gA, g_BT.permute(0, 2, 3, 1),
-                g_CT.permute(0, 2, 3, 1), g_D, g_z, g_bias, None, None, None, None, None)
+        return (_like_input(grads["u"], tm_u), _like_input(grads["delta"], tm_d), gA, g_B, g_C, g_D, g_z, g_bias,
+                g_h0, None, None, None, None, None)
 
 
 def _kernel_for(u: Tensor, cdt: torch.dtype):
@@ -355,30 +403,33 @@ def _kernel_inputs(u, delta, z, A, D, delta_bias):
             None if delta_bias is None else delta_bias.to(f32).contiguous())
 
 
-def _kernel_forward(lib, u, delta, z, A, BT, CT, D, delta_bias, softplus, reverse, yT, h_in, T, last_bdn):
-    """The forward through the fused C kernel (float32 CPU): writes yT (b, L, d), h_in[1:] when
-    given (the states the backward restarts from) and last_bdn (b, d, n) when given. Channel
-    ranges run in worker threads when there are several intra-op threads (ctypes drops the GIL)."""
+def _kernel_forward(lib, u, delta, z, A, BT, CT, g, D, delta_bias, h0, softplus, reverse, yT, h_in, T, last_bdn):
+    """The forward through the fused C kernel (float32 CPU), from the initial state h0 (b, d, n) when
+    given: writes yT (b, L, d), h_in[1:] when given (the states the backward restarts from) and
+    last_bdn (b, d, n) when given. Channel ranges run in worker threads when there are several
+    intra-op threads (ctypes drops the GIL)."""
     u, delta, z, A2, D, bias = _kernel_inputs(u, delta, z, A, D, delta_bias)
+    h0 = None if h0 is None else h0.to(torch.float32).contiguous()
     b, d, L = u.shape
     out = yT.transpose(1, 2)
-    parts = _kernel_ranges(d, b * L * d * A.shape[1])
+    parts = _kernel_ranges(d, b * L * d * A.shape[1], lib.storm_lanes)
 
     def run(c0, c1):
-        cpu_kernel.scan_forward(lib, u, delta, z, A2, BT, CT, D, bias, softplus, reverse, out, h_in, T,
+        cpu_kernel.scan_forward(lib, u, delta, z, A2, BT, CT, g, D, bias, softplus, reverse, h0, out, h_in, T,
                                 last_bdn, c0, c1)
 
     _run_blocks(run, parts)
 
 
-def _kernel_backward(lib, u, delta, z, A, BT, CT, D, delta_bias, h_in, T, softplus, reverse, gout, glast,
+def _kernel_backward(lib, u, delta, z, A, BT, CT, g, D, delta_bias, h_in, has_h0, T, softplus, reverse, gout, glast,
                      time_major):
     """The backward through the fused C kernel (float32 CPU), from the states the forward saved.
     Input gradients are written straight into their input's layout; each worker thread adds its
-    channels' share of the B and C gradients into its own (b, L, g, n) pair, summed here."""
+    channels' share of per-step B and C gradients into its own (b, L, g, n) pair, summed here
+    (constant ones are per channel: the pairs are (d, n) and each thread fills its own channels)."""
     f32 = torch.float32
     b, d, L = u.shape
-    g, n = BT.shape[2], BT.shape[3]
+    n = A.shape[1]
     u, delta, z, A2, Dc, bias = _kernel_inputs(u, delta, z, A, D, delta_bias)
     gout = torch.zeros(b, d, L, dtype=f32) if gout is None else gout.to(f32)
     glast = None if glast is None or not glast.numel() else glast.to(f32).contiguous()
@@ -392,30 +443,32 @@ def _kernel_backward(lib, u, delta, z, A, BT, CT, D, delta_bias, h_in, T, softpl
     gA = torch.zeros(d, n, dtype=f32)
     gD = None if D is None else torch.zeros(d, dtype=f32)
     gbias = None if delta_bias is None else torch.zeros(d, dtype=f32)
-    ranges = _kernel_ranges(d, b * L * d * n)
-    partial = {r: (torch.zeros(b, L, g, n, dtype=f32), torch.zeros(b, L, g, n, dtype=f32)) for r in ranges}
+    gh0 = torch.empty(b, d, n, dtype=f32) if has_h0 else None
+    ranges = _kernel_ranges(d, b * L * d * n, lib.storm_lanes)
+    partial = {r: tuple(torch.zeros(x.shape, dtype=f32) for x in (BT, CT)) for r in ranges}
 
     def run(c0, c1):
         gBT, gCT = partial[(c0, c1)]
-        cpu_kernel.scan_backward(lib, u, delta, z, gout, A2, BT, CT, Dc, bias, softplus, reverse, h_in, T, glast,
-                                 gu, gdelta, gz, gA, gD, gbias, gBT, gCT, c0, c1)
+        cpu_kernel.scan_backward(lib, u, delta, z, gout, A2, BT, CT, g, Dc, bias, softplus, reverse, h_in, T, glast,
+                                 gu, gdelta, gz, gA, gD, gbias, gBT, gCT, gh0, c0, c1)
 
     _run_blocks(run, ranges)
     gBT, gCT = partial[ranges[0]]
     for r in ranges[1:]:
         gBT += partial[r][0]
         gCT += partial[r][1]
-    return gu, gdelta, gA, gBT.permute(0, 2, 3, 1), gCT.permute(0, 2, 3, 1), gD, gz, gbias
+    gB, gC = (x if x.dim() == 2 else x.permute(0, 2, 3, 1) for x in (gBT, gCT))
+    return gu, gdelta, gA, gB, gC, gD, gz, gbias, gh0
 
 
-def _kernel_ranges(d: int, work: int):
-    """Channel ranges [c0, c1) for the kernel's worker threads, in whole 8-channel blocks."""
+def _kernel_ranges(d: int, work: int, lanes: int = 8):
+    """Channel ranges [c0, c1) for the kernel's worker threads, in whole vectors of ``lanes`` channels."""
     threads = torch.get_num_threads()
-    blocks8 = (d + 7) // 8
-    if threads <= 1 or work < _PARALLEL_MIN_WORK or blocks8 < 2:
+    blocks = (d + lanes - 1) // lanes
+    if threads <= 1 or work < _PARALLEL_MIN_WORK or blocks < 2:
         return [(0, d)]
-    p = min(threads, blocks8)
-    edges = [min(d, 8 * round(i * blocks8 / p)) for i in range(p + 1)]
+    p = min(threads, blocks)
+    edges = [min(d, lanes * round(i * blocks / p)) for i in range(p + 1)]
     return list(zip(edges[:-1], edges[1:]))
 
 
@@ -459,10 +512,9 @@ def _forward_block(P: _Prep, src, j0, j1, T, nchunks, reverse, softplus, need_gr
             (a, H), (aS, HS) = bufs.prefix(t_)
             i_prev, i_next = (ch.k, ch.k + 1) if need_grad else (ch.k % 2, (ch.k + 1) % 2)
             _states(a, H, aS, HS, db[:, o:o + t_].unsqueeze(3), du[:, o:o + t_].unsqueeze(3),
-                    P.BT[:, s:e, :, :, None], A2, h_in[i_prev][..., j0:j1], reverse)
+                    _B_operand(P, s, e, j0, j1), A2, h_in[i_prev][..., j0:j1], reverse)
             h_in[i_next][..., j0:j1].copy_(_ordered(HS, reverse)[-1])
-            tbg = b * t_ * g
-            _bmm_into(P.CT[:, s:e].reshape(tbg, 1, n), H.view(tbg, n, w), y4[:, s:e, :, j0:j1])
+            _C_dot(P, s, e, j0, j1, H, y4[:, s:e, :, j0:j1], clobber=True)
         yb = y4[:, s0:s1, :, j0:j1]
         if Dc is not None:
             yb.addcmul_(ub, Dc)
@@ -474,8 +526,9 @@ def _forward_block(P: _Prep, src, j0, j1, T, nchunks, reverse, softplus, need_gr
 
 
 def _backward_block(P: _Prep, j0, j1, T, nchunks, reverse, softplus, h_in, go4, carry0, g4):
-    """Backward of channels [j0, j1): writes their slices of g4's u, delta, z, A, D, bias and
-    returns this block's contribution to the B and C gradients, (b, L, g, n) each."""
+    """Backward of channels [j0, j1): writes their slices of g4's u, delta, z, A, D, bias (and of the
+    constant B, C and the initial state's gradients, when those are given) and returns this block's
+    contribution to the per-step B and C gradients, (b, L, g, n) each (None when constant)."""
     b, L, g, n, cdt = P.b, P.L, P.g, P.n, P.cdt
     w = j1 - j0
     device = P.u4.device
@@ -487,8 +540,10 @@ def _backward_block(P: _Prep, j0, j1, T, nchunks, reverse, softplus, h_in, go4, 
     accA = torch.zeros(b, T, g, n, w, dtype=cdt, device=device)
     accD = torch.zeros(b, T, g, w, dtype=cdt, device=device) if Dc is not None else None
     accBias = torch.zeros(b, T, g, w, dtype=cdt, device=device) if bias is not None else None
-    g_BT = torch.empty(b, L, g, n, dtype=cdt, device=device)
-    g_CT = torch.empty(b, L, g, n, dtype=cdt, device=device)
+    g_BT = torch.empty(b, L, g, n, dtype=cdt, device=device) if P.BT is not None else None
+    g_CT = torch.empty(b, L, g, n, dtype=cdt, device=device) if P.CT is not None else None
+    accB = torch.zeros(g, n, w, dtype=cdt, device=device) if P.BT is None else None
+    accC = torch.zeros(g, n, w, dtype=cdt, device=device) if P.CT is None else None
     # carry = a * G of the first-processed step of the chunk processed after this one
     carry = carry0[..., j0:j1].clone()
     for k in range(nchunks - 1, -1, -1):
@@ -501,13 +556,14 @@ def _backward_block(P: _Prep, j0, j1, T, nchunks, reverse, softplus, h_in, go4, 
         uc = P.u4[:, s:e, :, j0:j1].to(cdt).unsqueeze(3)
         du = dlt * uc
         h0 = h_in[k][..., j0:j1]
-        _states(a, H, aS, HS, dlt, du, P.BT[:, s:e, :, :, None], A2, h0, reverse)
+        Bop = _B_operand(P, s, e, j0, j1)
+        _states(a, H, aS, HS, dlt, du, Bop, A2, h0, reverse)
         tbg = b * t_ * g
         gy = go4[:, s:e, :, j0:j1].to(cdt)  # (b, t, g, w): gradient of y before the gate
         if P.z4 is not None:
             zc = P.z4[:, s:e, :, j0:j1].to(cdt)
             sz = torch.sigmoid(zc)
-            ypre = torch.bmm(P.CT[:, s:e].reshape(tbg, 1, n), H.view(tbg, n, w)).view(b, t_, g, w)
+            ypre = _C_dot(P, s, e, j0, j1, H)
             if Dc is not None:
                 ypre.unsqueeze(3).addcmul_(uc, Dc)
             # d silu(z)/dz = s (1 + z (1 - s))
@@ -518,7 +574,7 @@ def _backward_block(P: _Prep, j0, j1, T, nchunks, reverse, softplus, h_in, go4, 
         if accD is not None:
             (accD if t_ == T else _front(accD, (b, t_, g, w))).unsqueeze(3).addcmul_(gy5, uc)
         # adjoint states, in the opposite order of the forward steps
-        torch.mul(gy5, P.CT[:, s:e, :, :, None], out=G)
+        torch.mul(gy5, P.Cc[..., j0:j1] if P.CT is None else P.CT[:, s:e, :, :, None], out=G)
         aO, GO = _ordered(aS, reverse), _ordered(GS, reverse)
         GO[-1].add_(carry)
         for i in range(t_ - 2, -1, -1):
@@ -526,10 +582,20 @@ def _backward_block(P: _Prep, j0, j1, T, nchunks, reverse, softplus, h_in, go4, 
         torch.mul(aO[0], GO[0], out=carry)
         # g_C[t, n] = sum_w gy[t, w] H[t, n, w];  g_B[t, n] = sum_w G[t, n, w] du[t, w]
         # (as row-vector @ transposed matrix: ~10x faster in MKL than matrix @ column-vector)
-        _bmm_into(gy5.reshape(tbg, 1, w), H.view(tbg, n, w).transpose(1, 2), g_CT[:, s:e])
-        _bmm_into(du.reshape(tbg, 1, w), G.view(tbg, n, w).transpose(1, 2), g_BT[:, s:e])
+        # (constant B, C: the same products, summed over batch and time per channel)
+        if g_CT is not None:
+            _bmm_into(gy5.reshape(tbg, 1, w), H.view(tbg, n, w).transpose(1, 2), g_CT[:, s:e])
+        else:
+            accC.add_((gy5 * H).sum(dim=(0, 1)))
+        if g_BT is not None:
+            _bmm_into(du.reshape(tbg, 1, w), G.view(tbg, n, w).transpose(1, 2), g_BT[:, s:e])
+        else:
+            accB.add_((du * G).sum(dim=(0, 1)))
         # S[t, w] = sum_n B[t, n] G[t, n, w]: the gradient of du = delta * u
-        S = torch.bmm(P.BT[:, s:e].reshape(tbg, 1, n), G.view(tbg, n, w)).view(b, t_, g, 1, w)
+        if g_BT is not None:
+            S = torch.bmm(P.BT[:, s:e].reshape(tbg, 1, n), G.view(tbg, n, w)).view(b, t_, g, 1, w)
+        else:
+            S = (G * Bop).sum(dim=3, keepdim=True)
         # W = dLoss/d(delta*A) = G_t * h_prev(t) * a_t, built in place in a
         a.mul_(G)
         if t_ > 1:
@@ -552,6 +618,12 @@ def _backward_block(P: _Prep, j0, j1, T, nchunks, reverse, softplus, h_in, go4, 
             gu.addcmul_(gy5, Dc)
         g4["u"][:, s:e, :, j0:j1].copy_(gu.squeeze(3))
     g4["A"][..., j0:j1] = accA.sum(dim=(0, 1))
+    if accB is not None:
+        g4["Bc"][..., j0:j1] = accB
+    if accC is not None:
+        g4["Cc"][..., j0:j1] = accC
+    if g4["h0"] is not None:  # what is left of the adjoint after the first step
+        g4["h0"][..., j0:j1] = carry
     if accD is not None:
         g4["D"][:, j0:j1] = accD.sum(dim=(0, 1))
     if accBias is not None:
@@ -583,11 +655,15 @@ def _states(a, H, aS, HS, dlt, du, Bc, A2, h_prev, reverse):
 def chunked_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                  z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                  return_last_state: bool = False, reverse: bool = False, chunk: int | None = DEFAULT_CHUNK,
-                 compute_dtype: torch.dtype = torch.float32):
+                 compute_dtype: torch.dtype = torch.float32, initial_state: Tensor | None = None):
     """The selective scan (arguments as ``selective_scan``, already validated; B, C grouped
-    (b, g, n, L)). Any strides; inputs stored time-major (``x.transpose(1, 2)`` with unit last
-    stride) are read without a copy. Returns out (b, d, L) in u's dtype, stored time-major, and
-    h_L (b, d, n) in ``compute_dtype`` when asked (h_0 when ``reverse``)."""
-    out, last = _ChunkedScan.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse),
-                                   None if chunk is None else int(chunk), bool(return_last_state), compute_dtype)
+    (b, g, n, L), or (d, n) when constant over time). Any strides; inputs stored time-major
+    (``x.transpose(1, 2)`` with unit last stride) are read without a copy. Starts from
+    ``initial_state`` (b, d, n) when given. Returns out (b, d, L) in u's dtype, stored time-major,
+    and the last state (b, d, n) in ``compute_dtype`` when asked (the state after position 0 when
+    ``reverse``)."""
+    with _autocast_off(u.device.type):
+        out, last = _ChunkedScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus),
+                                       bool(reverse), None if chunk is None else int(chunk), bool(return_last_state),
+                                       compute_dtype)
     return (out, last) if return_last_state else out

@@ -6,20 +6,40 @@ backward direction's conv1d_b, x_proj_b, dt_proj_b, A_b_log, D_b, shares in_proj
 sums the two directions before out_proj.
 
 Shapes: hidden_states (B, L, d_model); mask (B, L) bool, True = real token, padding a suffix.
+
+``MambaMixer`` also runs a sequence piece by piece (mamba-ssm's prefill with ``inference_params``,
+and a streaming encoder's chunks): ``forward(x, state=s, return_state=True)`` starts from the
+``MambaState`` s (None: zeros) and returns the state after the piece, so feeding the pieces in
+order gives the outputs and final state of the whole sequence, and ``step()`` continues from any
+of them token by token.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from storm_vlm.model.ssm import _threads
 from storm_vlm.model.ssm import scan as _scan
 
-__all__ = ["MambaMixer", "BiMambaMixer"]
+__all__ = ["MambaMixer", "BiMambaMixer", "MambaState"]
+
+
+class MambaState(NamedTuple):
+    """A causal ``MambaMixer``'s recurrent state between calls, in mamba-ssm's layout (what its
+    ``inference_params`` cache holds per layer, and what ``step`` takes).
+
+    conv_state: (B, d_inner, d_conv), the conv's last d_conv inputs (x after in_proj), oldest first.
+    ssm_state: (B, d_inner, d_state), the scan's state h after the last position.
+    """
+
+    conv_state: Tensor
+    ssm_state: Tensor
 
 
 def _init_dt_proj(dt_proj: nn.Linear, dt_rank: int, dt_min: float, dt_max: float, dt_init_floor: float) -> None:
@@ -48,15 +68,17 @@ def _D(d_inner: int) -> nn.Parameter:
     return p
 
 
-def _depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None, reverse: bool) -> Tensor:
+def _depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None, reverse: bool,
+                    prefix: Tensor | None = None) -> Tensor:
     """nn.Conv1d(d, d, K, groups=d, padding=K-1)(x)[..., :L] on time-major x (B, L, d).
 
     ``reverse``: the same conv applied to x flipped along L, flipped back (anti-causal).
+    ``prefix`` (B, K-1, d): the inputs before x (a state carried from an earlier piece) instead of zeros.
     One fused multiply-add per tap into one buffer (3x faster on CPU than summing K products)."""
     Bsz, L, d = x.shape
     K = weight.shape[-1]
     w = weight[:, 0, :]  # (d, K)
-    pad = x.new_zeros(Bsz, K - 1, d)
+    pad = x.new_zeros(Bsz, K - 1, d) if prefix is None else prefix.to(x.dtype)
     xp = torch.cat([x, pad] if reverse else [pad, x], dim=1)  # (B, L + K - 1, d)
 
     def tap(k):  # the input slice multiplied by w[:, k]
@@ -123,11 +145,17 @@ class MambaMixer(nn.Module):
     # -- one direction ------------------------------------------------------------------------
     # Everything runs time-major, (B, L, d_inner): that is how in_proj produces x and z and how
     # out_proj consumes y, and the scan reads such tensors through a transpose without copies.
-    def _direction(self, x: Tensor, z: Tensor, valid: Tensor | None, sfx: str, reverse: bool) -> Tensor:
-        """x, z: (B, L, d_inner); valid: (B, L, 1) bool or None. Returns gated y (B, L, d_inner).
+    def _direction(self, x: Tensor, z: Tensor, valid: Tensor | None, sfx: str, reverse: bool,
+                   state: MambaState | None = None, want_state: bool = False):
+        """x, z: (B, L, d_inner); valid: (B, L, 1) bool or None. Returns (gated y (B, L, d_inner),
+        the MambaState after the last valid position when ``want_state``, else None).
 
         ``reverse``: the backward direction of BiMambaMixer, i.e. this direction applied to the
-        sequence flipped along L (conv and scan run anti-causally), without flipping anything."""
+        sequence flipped along L (conv and scan run anti-causally), without flipping anything.
+        ``state``: start from it (forward direction only) instead of zeros.
+
+        Padded positions leave the state as it was: x and u are zeroed there and delta is -inf
+        (softplus gives 0, so the decay is exp(0) = 1 and nothing is added)."""
         conv: nn.Conv1d = getattr(self, "conv1d" + sfx)
         x_proj: nn.Linear = getattr(self, "x_proj" + sfx)
         dt_proj: nn.Linear = getattr(self, "dt_proj" + sfx)
@@ -135,15 +163,17 @@ class MambaMixer(nn.Module):
         D: Tensor = getattr(self, "D" + sfx)
         if valid is not None:
             x = x.masked_fill(~valid, 0.0)
-        u = F.silu(_depthwise_conv(x, conv.weight, conv.bias, reverse).to(x.dtype))
+        prefix = None if state is None else state.conv_state[:, :, 1:].transpose(1, 2)  # (B, d_conv - 1, d)
+        u = F.silu(_depthwise_conv(x, conv.weight, conv.bias, reverse, prefix).to(x.dtype))
         if valid is not None:
-            # Keeps the state at 0 through padding (matters for the reversed direction).
             u = u.masked_fill(~valid, 0.0)
         x_dbl = x_proj(u)  # (B, L, dt_rank + 2N)
         dt, Bm, Cm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, dt_proj.weight)  # (B, L, d_inner); the bias goes in delta_bias
+        if valid is not None:
+            delta = delta.masked_fill(~valid, float("-inf"))
         A = -torch.exp(A_log.float())
-        y = _scan.selective_scan(
+        res = _scan.selective_scan(
             u.transpose(1, 2),
             delta.transpose(1, 2),
             A,
@@ -153,9 +183,31 @@ class MambaMixer(nn.Module):
             z=z.transpose(1, 2),
             delta_bias=dt_proj.bias.float(),
             delta_softplus=True,
+            return_last_state=want_state,
             reverse=reverse,
+            initial_state=None if state is None else state.ssm_state,
         )
-        return y.transpose(1, 2).to(x.dtype)
+        y, last = res if want_state else (res, None)
+        y = y.transpose(1, 2).to(x.dtype)
+        if not want_state:
+            return y, None
+        return y, MambaState(self._last_conv_inputs(x, valid, state), last if state is None else
+                             last.to(state.ssm_state.dtype))
+
+    def _last_conv_inputs(self, x: Tensor, valid: Tensor | None, state: MambaState | None) -> Tensor:
+        """The conv state after x (B, L, d_inner): the last d_conv inputs up to each row's last valid
+        position, the carried ones (or zeros) before x, as (B, d_inner, d_conv) contiguous."""
+        K = self.d_conv
+        bsz, L, d = x.shape
+        dtype = x.dtype if state is None else state.conv_state.dtype
+        before = x.new_zeros(bsz, K, d) if state is None else state.conv_state.transpose(1, 2).to(x.dtype)
+        xs = torch.cat([before, x], dim=1)  # (B, K + L, d): position t of x is row K + t
+        if valid is None:
+            last = xs[:, L:]
+        else:  # padding is a suffix: a row with n valid positions ends at row K + n - 1
+            n = valid[..., 0].sum(dim=1)
+            last = xs[torch.arange(bsz, device=x.device)[:, None], n[:, None] + torch.arange(K, device=x.device)]
+        return last.transpose(1, 2).to(dtype).contiguous()
 
     def _in(self, hidden_states: Tensor, mask: Tensor | None):
         _check_inputs(hidden_states, mask, self.d_model)
@@ -172,14 +224,34 @@ class MambaMixer(nn.Module):
             out = out.masked_fill(~mask[..., None], 0.0)
         return out
 
-    def forward(self, hidden_states: Tensor, mask: Tensor | None = None) -> Tensor:
-        """hidden_states (B, L, d_model), mask (B, L) bool or None -> (B, L, d_model).
+    def forward(self, hidden_states: Tensor, mask: Tensor | None = None, state: MambaState | None = None,
+                return_state: bool = False):
+        """hidden_states (B, L, d_model), mask (B, L) bool or None -> (B, L, d_model); with
+        ``return_state``, ``(out, MambaState)``.
 
         Padded positions (mask False, always a suffix) come out as zeros and do not affect
-        the valid ones.
+        the valid ones. ``state`` (a ``MambaState``, or a (conv_state, ssm_state) pair as
+        ``allocate_inference_cache`` makes): continue a sequence from where an earlier call or
+        ``step`` left it; it is not modified. The returned state is the one after each row's last
+        valid position (padding leaves it unchanged), ready for the next piece or for ``step``; it
+        keeps the given state's dtypes, else conv_state takes the activations' dtype and ssm_state
+        the scan's compute dtype (float32; float64 for a float64 model). Both are differentiable.
         """
         x, z, valid = self._in(hidden_states, mask)
-        return self._out(self._direction(x, z, valid, "", False), mask)
+        if state is not None:
+            state = self._check_state(MambaState(*state), x.shape[0])
+        y, new_state = self._direction(x, z, valid, "", False, state, return_state)
+        out = self._out(y, mask)
+        return (out, new_state) if return_state else out
+
+    def _check_state(self, state: MambaState, bsz: int) -> MambaState:
+        want = ((bsz, self.d_inner, self.d_conv), (bsz, self.d_inner, self.d_state))
+        if (tuple(state.conv_state.shape), tuple(state.ssm_state.shape)) != want:
+            raise ValueError(
+                f"state: conv_state {tuple(state.conv_state.shape)} / ssm_state {tuple(state.ssm_state.shape)} must be "
+                f"{want[0]} / {want[1]}"
+            )
+        return state
 
     # -- recurrent form -----------------------------------------------------------------------
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int | None = None, dtype=None, device=None):
@@ -231,26 +303,14 @@ class MambaMixer(nn.Module):
 
 
 _PARALLEL_MIN_ELEMENTS = 1 << 20
-_POOL = None
 
 
 def _run_both(f1, f2, parallel: bool):
-    """(f1(), f2()), the two in parallel threads (each with one intra-op thread) when asked."""
+    """(f1(), f2()); when asked, f2 runs in a worker thread (under this thread's grad, inference-mode
+    and autocast state, see ``_threads``) while f1 runs here, each with one intra-op thread."""
     if not parallel:
         return f1(), f2()
-    global _POOL
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bimamba")
-    grad = torch.is_grad_enabled()
-
-    def second():
-        torch.set_num_threads(1)  # per-thread OpenMP setting in the worker
-        with torch.set_grad_enabled(grad):
-            return f2()
-
-    fut = _POOL.submit(second)
+    fut = _threads.submit(f2)
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -266,6 +326,11 @@ class BiMambaMixer(MambaMixer):
     Every output position sees the whole (valid part of the) sequence. Same arguments as
     ``MambaMixer``; (B, L, d_model) -> (B, L, d_model). No ``step``: it is not causal.
 
+    ``divide_out=True`` halves the sum of the two directions before ``out_proj``, as Vim's released
+    bidirectional models do (its ``if_devide_out=True``): their state dicts load here with
+    ``strict=True`` either way, and give twice the activation without it. Default False (STORM's
+    projector sums).
+
     On CPU with more than one torch thread, the two directions run in two threads with one
     intra-op thread each (set ``parallel_directions = False`` to turn that off); results are
     identical either way.
@@ -273,18 +338,29 @@ class BiMambaMixer(MambaMixer):
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank="auto",
                  dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
-                 conv_bias: bool = True, bias: bool = False):
+                 conv_bias: bool = True, bias: bool = False, divide_out: bool = False):
         super().__init__(d_model, d_state, d_conv, expand, dt_rank, dt_min, dt_max, dt_init_floor, conv_bias, bias)
         self._make_direction("_b", conv_bias, dt_min, dt_max, dt_init_floor)
+        self.divide_out = bool(divide_out)
         self.parallel_directions = True
 
-    def forward(self, hidden_states: Tensor, mask: Tensor | None = None) -> Tensor:
-        """hidden_states (B, L, d_model), mask (B, L) bool or None -> (B, L, d_model)."""
+    def forward(self, hidden_states: Tensor, mask: Tensor | None = None, state=None,
+                return_state: bool = False) -> Tensor:
+        """hidden_states (B, L, d_model), mask (B, L) bool or None -> (B, L, d_model).
+        ``state`` / ``return_state`` are refused (NotImplementedError): see ``MambaMixer.forward``."""
+        if state is not None or return_state:
+            raise NotImplementedError(
+                "BiMambaMixer cannot carry a state from one call to the next: its backward direction "
+                "reads the sequence's future. Stream with the causal MambaMixer (bidirectional=False).")
         x, z, valid = self._in(hidden_states, mask)
-        y_f, y_b = _run_both(lambda: self._direction(x, z, valid, "", False),
-                             lambda: self._direction(x, z, valid, "_b", True),
-                             parallel=self._parallel_ok(x))
-        return self._out(y_f + y_b, mask)
+        (y_f, _), (y_b, _) = _run_both(lambda: self._direction(x, z, valid, "", False),
+                                       lambda: self._direction(x, z, valid, "_b", True),
+                                       parallel=self._parallel_ok(x))
+        y = y_f + y_b
+        return self._out(y * 0.5 if self.divide_out else y, mask)
+
+    def extra_repr(self) -> str:
+        return f"divide_out={self.divide_out}"
 
     def _parallel_ok(self, x: Tensor) -> bool:
         """Run the two directions in two threads? Only on CPU, with >1 intra-op thread, for big

@@ -2,7 +2,7 @@
 
 For every batch b, channel d and state n::
 
-    h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t      (h_0 = 0)
+    h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t      (h_0 = 0, or initial_state)
     y_t = sum_n C_t h_t + D * u_t ;   out_t = y_t * silu(z_t)    (when z is given)
 
 with ``delta = softplus(delta + delta_bias)`` when asked. Argument layout and meaning
@@ -11,8 +11,13 @@ are mamba-ssm's ``selective_scan_fn``:
 - ``u, delta, z``: (batch, dim, L)
 - ``A``: (dim, N), real (negative for a stable scan)
 - ``B, C``: (batch, N, L), or grouped (batch, groups, N, L) where channel d uses group
-  ``d // (dim // groups)``
+  ``d // (dim // groups)``, or constant over time (dim, N) — one row per channel, as mamba-ssm's
+  ``selective_scan_ref`` reads a 2-D B or C (``B[d, n]`` for every step); B and C choose apart
 - ``D, delta_bias``: (dim,)
+- ``initial_state`` (keyword, our extension; mamba-ssm has none): (batch, dim, N), the state h_0
+  the scan starts from (the state entering position L-1 when ``reverse``); None means zeros. It is
+  differentiable. Passing the ``last_state`` of one call as the next call's ``initial_state``
+  scans a sequence in pieces exactly as in one go (see ``MambaMixer.forward(state=...)``).
 
 ``out`` is (batch, dim, L) in u's dtype; ``last_state`` (batch, dim, N) is returned in the
 compute dtype (float32, or float64 for float64 inputs) like mamba-ssm's.
@@ -41,17 +46,19 @@ class ScanShapes:
     dim: int
     length: int
     state: int
-    groups: int
+    groups: int  # of the per-step B / C (1 when both are constant)
     compute_dtype: torch.dtype
+    variable_B: bool = True  # False: B is constant over time, (dim, N)
+    variable_C: bool = True
 
 
 def _shape(t: Tensor | None) -> str:
     return "None" if t is None else str(tuple(t.shape))
 
 
-def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> ScanShapes:
+def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None) -> ScanShapes:
     """Validate selective-scan arguments; raise ValueError naming the shapes/dtypes on mismatch."""
-    names = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+    names = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state)
     for name, t in names.items():
         if t is None:
             if name in ("u", "delta", "A", "B", "C"):
@@ -81,14 +88,17 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> Sca
     state = A.shape[1]
     groups = None
     for name, t in (("B", B), ("C", C)):
+        if t.dim() == 2 and t.shape == (dim, state):
+            continue  # constant over time
         if t.dim() == 3 and t.shape == (batch, state, length):
             g = 1
         elif t.dim() == 4 and t.shape[0] == batch and t.shape[2:] == (state, length) and t.shape[1] >= 1:
             g = t.shape[1]
         else:
             raise ValueError(
-                f"selective_scan: {name} must be (batch, N, L) = ({batch}, {state}, {length}) or "
-                f"(batch, groups, N, L), got shape {_shape(t)} (u {_shape(u)}, A {_shape(A)})"
+                f"selective_scan: {name} must be (batch, N, L) = ({batch}, {state}, {length}), "
+                f"(batch, groups, N, L) or constant (dim, N) = ({dim}, {state}), got shape {_shape(t)} "
+                f"(u {_shape(u)}, A {_shape(A)})"
             )
         if dim % g:
             raise ValueError(f"selective_scan: {name} has {g} groups, which does not divide dim {dim} (shape {_shape(t)})")
@@ -98,6 +108,9 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> Sca
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is not None and t.shape != (dim,):
             raise ValueError(f"selective_scan: {name} must be (dim,) = ({dim},), got shape {_shape(t)}")
+    if initial_state is not None and initial_state.shape != (batch, dim, state):
+        raise ValueError(f"selective_scan: initial_state must be (batch, dim, N) = ({batch}, {dim}, {state}), "
+                         f"got shape {_shape(initial_state)}")
     devices = {t.device for t in names.values() if t is not None}
     if len(devices) > 1:
         raise ValueError(f"selective_scan: all inputs must be on one device, got {sorted(map(str, devices))}")
@@ -105,12 +118,17 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> Sca
     for t in names.values():
         if t is not None and t.dtype == torch.float64:
             compute = torch.float64
-    return ScanShapes(batch, dim, length, state, groups, compute)
+    return ScanShapes(batch, dim, length, state, groups or 1, compute, B.dim() != 2, C.dim() != 2)
 
 
 def _grouped(t: Tensor, groups: int) -> Tensor:
-    """(batch, N, L) or (batch, G, N, L) -> (batch, G, N, L) view."""
+    """(batch, N, L) or (batch, G, N, L) -> (batch, G, N, L) view; a constant (dim, N) as it is."""
     return t.unsqueeze(1) if t.dim() == 3 else t
+
+
+def _flip_time(t: Tensor | None) -> Tensor | None:
+    """t reversed along L; a constant B / C (2-D, no time axis) as it is."""
+    return t if t is None or t.dim() == 2 else t.flip(-1)
 
 
 def _prepare_delta(delta: Tensor, delta_bias, delta_softplus: bool, dtype: torch.dtype) -> Tensor:
@@ -122,20 +140,10 @@ def _prepare_delta(delta: Tensor, delta_bias, delta_softplus: bool, dtype: torch
     return delta
 
 
-def selective_scan_reference(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-    *,
-    reverse: bool = False,
-):
+def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                             z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                             return_last_state: bool = False, *, reverse: bool = False,
+                             initial_state: Tensor | None = None):
     """The definition of the selective scan: a sequential loop over time.
 
     Shapes as in the module docstring. Materialises (batch, dim, L, N) tensors; use it to
@@ -143,11 +151,11 @@ def selective_scan_reference(
     with ``unbind``, whose backward is one ``stack``; indexing ``t[:, :, i]`` in the loop would
     make the backward quadratic).
     """
-    s = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    s = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
     if reverse:
-        res = selective_scan_reference(u.flip(-1), delta.flip(-1), A, B.flip(-1), C.flip(-1), D,
-                                       None if z is None else z.flip(-1), delta_bias, delta_softplus,
-                                       return_last_state)
+        res = selective_scan_reference(u.flip(-1), delta.flip(-1), A, _flip_time(B), _flip_time(C), D,
+                                       _flip_time(z), delta_bias, delta_softplus, return_last_state,
+                                       initial_state=initial_state)
         return (res[0].flip(-1), res[1]) if return_last_state else res.flip(-1)
     dt = s.compute_dtype
     b, d, L, n, g = s.batch, s.dim, s.length, s.state, s.groups
@@ -155,18 +163,23 @@ def selective_scan_reference(
     uf = u.to(dt)
     delta = _prepare_delta(delta, delta_bias, delta_softplus, dt)
     Af = A.to(dt)
-    Bg = _grouped(B, g).to(dt)  # (b, g, n, L)
-    Cg = _grouped(C, g).to(dt)
+
+    def per_step(t: Tensor) -> Tensor:
+        """B or C as (b, d, L, n) per channel and step: a group's row repeated over its channels,
+        or a constant (d, n) repeated over batch and time."""
+        if t.dim() == 2:
+            return t.to(dt)[None, :, None, :].expand(b, d, L, n)
+        tg = _grouped(t, g).to(dt).transpose(-1, -2)  # (b, g, L, n)
+        return tg.unsqueeze(2).expand(b, g, h_per_g, L, n).reshape(b, d, L, n)
 
     deltaA = torch.exp(delta.unsqueeze(-1) * Af.unsqueeze(1))  # (b, d, L, n)
-    du = (delta * uf).view(b, g, h_per_g, L, 1)
-    deltaB_u = (du * Bg.transpose(-1, -2).unsqueeze(2)).reshape(b, d, L, n)  # (b, d, L, n)
+    deltaB_u = (delta * uf).unsqueeze(-1) * per_step(B)  # (b, d, L, n)
 
-    h = uf.new_zeros(b, d, n)
+    h = uf.new_zeros(b, d, n) if initial_state is None else initial_state.to(dt)
     ys = []
-    for dA_t, dBu_t, C_t in zip(deltaA.unbind(2), deltaB_u.unbind(2), Cg.unbind(-1)):
+    for dA_t, dBu_t, C_t in zip(deltaA.unbind(2), deltaB_u.unbind(2), per_step(C).unbind(2)):
         h = dA_t * h + dBu_t
-        ys.append((h.view(b, g, h_per_g, n) * C_t.unsqueeze(2)).sum(-1).reshape(b, d))
+        ys.append((h * C_t).sum(-1))
     y = torch.stack(ys, dim=2) if ys else uf.new_zeros(b, d, 0)
     out = y if D is None else y + uf * D.to(dt)[:, None]
     if z is not None:
@@ -183,21 +196,10 @@ def _mamba_ssm_fn():
     return selective_scan_fn
 
 
-def selective_scan(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-    *,
-    reverse: bool = False,
-    chunk: int | None = DEFAULT_CHUNK,
-):
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                   z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                   return_last_state: bool = False, *, reverse: bool = False, chunk: int | None = DEFAULT_CHUNK,
+                   initial_state: Tensor | None = None):
     """Selective scan, same arguments and results as ``selective_scan_reference``; differentiable.
 
     On CUDA with mamba-ssm importable this calls its fused kernel (``selective_scan_fn``).
@@ -208,20 +210,23 @@ def selective_scan(
 
     Extensions (keyword-only): ``reverse=True`` scans from position L-1 down to 0 (the same as
     flipping u, delta, z, B, C along L and flipping the output back; ``last_state`` is then the
-    state after position 0). ``chunk`` (steps per chunk; None: chosen from the
-    channel count by ``fast_scan.auto_chunk``) trades speed only.
+    state after position 0). ``initial_state`` (batch, dim, N): the state to start from (see the
+    module docstring); mamba-ssm's kernel has none, so with it CUDA runs the chunked path too.
+    ``chunk`` (steps per chunk; None: chosen from the channel count by ``fast_scan.auto_chunk``)
+    trades speed only. B and C may be constant (dim, N) on every path, the C kernel included.
     """
-    s = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
-    if u.is_cuda and u.dtype in (torch.float32, torch.float16, torch.bfloat16):
+    s = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if u.is_cuda and u.dtype in (torch.float32, torch.float16, torch.bfloat16) and initial_state is None:
         fn = _mamba_ssm_fn()
         if fn is not None:
             if reverse:
-                res = fn(u.flip(-1), delta.flip(-1), A, B.flip(-1), C.flip(-1), D,
-                         None if z is None else z.flip(-1), delta_bias, delta_softplus, return_last_state)
+                res = fn(u.flip(-1), delta.flip(-1), A, _flip_time(B), _flip_time(C), D, _flip_time(z), delta_bias,
+                         delta_softplus, return_last_state)
                 return (res[0].flip(-1), res[1]) if return_last_state else res.flip(-1)
             return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if s.length == 0:
-        return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                        initial_state=initial_state)
     return chunked_scan(u, delta, A, _grouped(B, s.groups), _grouped(C, s.groups), D, z, delta_bias,
                         delta_softplus, return_last_state, reverse=reverse, chunk=chunk,
-                        compute_dtype=s.compute_dtype)
+                        compute_dtype=s.compute_dtype, initial_state=initial_state)

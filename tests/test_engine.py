@@ -1,0 +1,190 @@
+"""StormEngine's queue: batched requests answer as they do alone, each stops on its own budget,
+stop string or cancellation, a full queue is refused; and /v1/answer's input bounds."""
+
+import threading
+
+import pytest
+import torch
+from helpers import random_video, write_mp4
+
+from storm_vlm.errors import StormError
+from storm_vlm.inference import build_messages
+from storm_vlm.serve.engine import EngineBusy, SamplingParams, StormEngine
+
+
+@pytest.fixture(scope="module")
+def engine(qwen2_mamba_dir):
+    engine = StormEngine(qwen2_mamba_dir, default_frames=4, max_frames=16, max_batch_size=4, max_queue=8,
+                         precision="float32")
+    yield engine
+    engine.close()
+
+
+def _ask(engine, frames, question, sampling=SamplingParams(max_new_tokens=5), stride=None):
+    prepared = engine.prepare(build_messages(question), [len(frames)], sampling, stride)
+    return prepared, [frames]
+
+
+def _paused(engine):
+    """Hold the worker between batches until the returned event is set."""
+    gate, running = threading.Event(), threading.Event()
+    original = engine._run
+
+    def run(handles, started):
+        running.set()
+        gate.wait(60)
+        engine._run = original
+        return original(handles, started)
+
+    engine._run = run
+    return gate, running
+
+
+def test_a_batch_answers_as_each_request_alone(engine):
+    requests = [_ask(engine, random_video(t, seed=t), q) for t, q in
+                [(4, "What colour?"), (7, "How many squares are there?"), (2, "Which way?")]]
+    alone = [engine.submit(p, v).result() for p, v in requests]
+    gate, running = _paused(engine)
+    blocker = engine.submit(*_ask(engine, random_video(3), "hold"))
+    running.wait(60)  # the worker is busy: the next three wait and then run together
+    handles = [engine.submit(p, v) for p, v in requests]
+    gate.set()
+    blocker.result()
+    together = [h.result() for h in handles]
+    assert [c.timings["batch_size"] for c in together] == [3, 3, 3]
+    assert [c.text for c in together] == [c.text for c in alone]
+    assert [(c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in together] == \
+        [(c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in alone]
+
+
+def test_a_batch_holds_at_most_max_batch_frames(engine):
+    gate, running = _paused(engine)
+    blocker = engine.submit(*_ask(engine, random_video(3), "hold"))
+    running.wait(60)
+    saved, engine.max_batch_frames = engine.max_batch_frames, 10
+    try:
+        handles = [engine.submit(*_ask(engine, random_video(t, seed=t), "q", SamplingParams(max_new_tokens=1)))
+                   for t in (6, 4, 5)]
+        gate.set()
+        blocker.result()
+        assert [h.result().timings["batch_size"] for h in handles] == [2, 2, 1]  # 6 + 4 frames, then 5
+    finally:
+        engine.max_batch_frames = saved
+
+
+def test_each_request_stops_on_its_own_budget_and_stop_string(engine):
+    base = engine.submit(*_ask(engine, random_video(4), "What colour?", SamplingParams(max_new_tokens=8))).result()
+    assert len(base.text) > 2
+    stop = base.text[2:4]
+    gate, running = _paused(engine)
+    blocker = engine.submit(*_ask(engine, random_video(3), "hold"))
+    running.wait(60)
+    short = engine.submit(*_ask(engine, random_video(4), "What colour?", SamplingParams(max_new_tokens=2)))
+    stopped = engine.submit(*_ask(engine, random_video(4), "What colour?", SamplingParams(8, stop=(stop,))))
+    full = engine.submit(*_ask(engine, random_video(4), "What colour?", SamplingParams(max_new_tokens=8)))
+    gate.set()
+    blocker.result()
+    assert short.result().completion_tokens == 2 and short.result().finish_reason == "length"
+    assert stopped.result().text == base.text[:base.text.find(stop)]
+    assert stopped.result().finish_reason == "stop"
+    assert full.result().text == base.text
+
+
+def test_a_cancelled_request_stops_without_stopping_the_others(engine):
+    gate, running = _paused(engine)
+    blocker = engine.submit(*_ask(engine, random_video(3), "hold"))
+    running.wait(60)
+    cancelled = engine.submit(*_ask(engine, random_video(4), "What colour?", SamplingParams(max_new_tokens=20)))
+    other = engine.submit(*_ask(engine, random_video(4), "What colour?", SamplingParams(max_new_tokens=6)))
+    gate.set()
+    blocker.result()
+    for kind, payload in cancelled.events():
+        if kind == "delta":
+            cancelled.cancel()
+        if kind == "done":
+            assert payload.finish_reason == "cancelled" and payload.completion_tokens < 20
+    assert other.result().finish_reason in ("stop", "length") and other.result().completion_tokens >= 1
+
+
+def test_streamed_deltas_add_up_to_the_answer(engine):
+    handle = engine.submit(*_ask(engine, random_video(4), "What colour?", SamplingParams(max_new_tokens=8)))
+    deltas, completion = [], None
+    for kind, payload in handle.events():
+        if kind == "delta":
+            deltas.append(payload)
+        elif kind == "done":
+            completion = payload
+    assert "".join(deltas) == completion.text and completion.completion_tokens >= 1
+
+
+def test_a_full_queue_is_refused_with_a_retry_hint(engine):
+    gate, running = _paused(engine)
+    blocker = engine.submit(*_ask(engine, random_video(3), "hold"))
+    running.wait(60)
+    queued = [engine.submit(*_ask(engine, random_video(2), "q", SamplingParams(max_new_tokens=1)))
+              for _ in range(engine.max_queue)]
+    with pytest.raises(EngineBusy) as info:
+        engine.submit(*_ask(engine, random_video(2), "q"))
+    assert info.value.retry_after >= 1
+    gate.set()
+    blocker.result()
+    assert all(h.result().completion_tokens == 1 for h in queued)
+
+
+def test_seeded_sampling_repeats_and_bad_sampling_is_refused(engine):
+    sampling = engine.check_sampling(6, temperature=1.0, top_p=0.9, seed=3)
+    a = engine.submit(*_ask(engine, random_video(4), "What colour?", sampling)).result().text
+    b = engine.submit(*_ask(engine, random_video(4), "What colour?", sampling)).result().text
+    assert a == b
+    for kwargs, needle in [({"temperature": float("inf")}, "temperature"), ({"top_p": 0}, "top_p"),
+                           ({"stop": [""]}, "stop"), ({"seed": -1}, "seed"), ({"max_new_tokens": 0}, "max_new_tokens")]:
+        with pytest.raises(StormError, match=needle):
+            engine.check_sampling(**{"max_new_tokens": 4, **kwargs})
+
+
+# ---------------------------------------------------------------- /v1/answer bounds (never a 500)
+
+@pytest.fixture(scope="module")
+def client(engine):
+    from fastapi.testclient import TestClient
+
+    from storm_vlm.serve.api import create_app
+
+    return TestClient(create_app(engine), raise_server_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def video_bytes(tmp_path_factory):
+    return write_mp4(tmp_path_factory.mktemp("engine") / "clip.mp4", random_video(8, seed=3)).read_bytes()
+
+
+@pytest.mark.parametrize("fields,needle", [
+    ({"start": "1e308"}, "start"),
+    ({"end": "1e308"}, "end"),
+    ({"start": "nan"}, "start"),
+    ({"options": "[" * 100_000}, "nested too deeply"),
+    ({"options": ["x" * 2000, "y"]}, "options"),
+    ({"options": [str(i) for i in range(40)]}, "options"),
+    ({"temporal_sample_stride": "1000000000000"}, "temporal_sample_stride"),
+])
+def test_hostile_answer_fields_are_422(client, video_bytes, fields, needle):
+    r = client.post("/v1/answer", files={"video": ("clip.mp4", video_bytes, "video/mp4")},
+                    data={"question": "What?", **fields})
+    assert r.status_code == 422 and needle in r.text, r.text[:500]
+
+
+def test_a_full_queue_answers_503_with_retry_after(engine, client, video_bytes):
+    gate, running = _paused(engine)
+    blocker = engine.submit(*_ask(engine, random_video(3), "hold"))
+    running.wait(60)
+    queued = [engine.submit(*_ask(engine, random_video(2), "q", SamplingParams(max_new_tokens=1)))
+              for _ in range(engine.max_queue)]
+    try:
+        r = client.post("/v1/answer", files={"video": ("clip.mp4", video_bytes, "video/mp4")},
+                        data={"question": "What?"})
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+    finally:
+        gate.set()
+        blocker.result()
+        for h in queued:
+            h.result()
