@@ -232,3 +232,17 @@ def test_lean_siglip_layers_return_transformers_result_bit_for_bit(model):
             ref = SiglipEncoderLayer.forward(layer, h, None)
             assert torch.equal(ours, ref)
             h = ref
+
+
+def test_a_model_with_a_decode_step_is_freed():
+    import gc
+    import weakref
+
+    model = build_random_model(StormConfig(**TINY), seed=1)
+    ids = torch.randint(0, 60, (1, 5), generator=torch.Generator().manual_seed(3))
+    _generate(model, ids, max_new_tokens=2, min_new_tokens=2)
+    assert model.language_model in fast_paths._DECODE_STEPS
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

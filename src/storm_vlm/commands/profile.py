@@ -57,12 +57,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU: keep glibc's default allocator thresholds (by default freed memory is kept for "
                              "reuse, which saves the kernel faulting in fresh pages; see "
                              "storm_vlm.perf.allocator.tune_cpu_allocator)")
+    parser.add_argument("--compile-decode", action="store_true",
+                        help="CPU: run the decode step through torch.compile (needs a C++ compiler; the warm-up "
+                             "steps pay the compilation; see storm_vlm.model.fast_paths)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from storm_vlm.model.fast_paths import enable_fast_paths
     from storm_vlm.perf.allocator import tune_cpu_allocator
     from storm_vlm.perf.costmodel import parse_compressions
     from storm_vlm.perf.host import host_summary, load_line
@@ -118,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         model = load_saved_model(args.model_dir, settings)
         source = str(args.model_dir)
+    if args.compile_decode:
+        enable_fast_paths(model, compile_decode=True)
+        source += " (compiled decode step)"
     print(host_summary())
     result = profile_model(model, settings, source=source)
     path = write_profile(result, args.output)

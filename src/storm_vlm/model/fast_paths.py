@@ -428,7 +428,7 @@ class DecodeStep:
     """
 
     def __init__(self, lm, pack: bool | None = None, compile_layers: bool = False):
-        self.lm = lm
+        self._lm = weakref.ref(lm)  # _DECODE_STEPS holds steps weakly keyed by their LM: no cycle
         inner = lm.model
         cfg = lm.config
         attn0 = inner.layers[0].self_attn
@@ -510,13 +510,13 @@ class DecodeStep:
         return any([params[name] is not t for params, name, t in self._slots]) or self._weights_key() != self._snapshot
 
     def _rotation(self, pos: int, h: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.lm.model.rotary_emb(h[:1, None], torch.tensor([[pos]], device=h.device))
+        cos, sin = self._lm().model.rotary_emb(h[:1, None], torch.tensor([[pos]], device=h.device))
         rot = h.new_zeros(self.hd * self.hd)
         rot[self._rot_flat] = torch.cat([cos[0, 0], sin[0, 0]]).mul_(self._rot_sign)
         return rot.view(self.hd, self.hd)
 
     def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
-        lm = self.lm
+        lm = self._lm()
         pos = cache.get_seq_length()
         h = lm.model.embed_tokens(input_ids[:, 0])  # (B, d)
         rot = self._rotation(pos, h)
