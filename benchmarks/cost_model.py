@@ -27,6 +27,7 @@ from storm_vlm.perf.costmodel import (  # noqa: E402
     pipeline_cost,
     real_config,
 )
+from storm_vlm.perf.host import host_summary, load_line  # noqa: E402
 from storm_vlm.perf.profiler import load_model_config  # noqa: E402
 
 
@@ -46,6 +47,8 @@ def main(argv=None) -> int:
     params = param_counts(real)
     T, K = args.text_tokens, args.decode_tokens
     hw = A100_80GB
+    print(host_summary())
+    print("(arithmetic only: nothing below is timed on this host)")
 
     print("== cost model: SigLIP-so400m-448 + BiMamba projector (2 layers) + Qwen2-7B, bf16 ==")
     print("parameters: " + ", ".join(f"{k} {v / 1e6:,.1f} M" for k, v in params.items()))
@@ -128,6 +131,7 @@ def main(argv=None) -> int:
         r, b = (pipeline_cost(cfg, 256, DEFAULT_COMPRESSIONS[1], t, K).decode_per_token
                 for cfg, t in ((real, T), (bench, bt)))
         print(f"{'FLOPs decode/token 256f':28} {r.flops / 1e9:12.2f}G {b.flops / 1e6:12.2f}M {r.flops / b.flops:10.0f}")
+    print(load_line())
     return 0
 
 
