@@ -5,6 +5,8 @@ Sizes and counts are asserted, never timings: the time limit runs on a fake cloc
 cancellation on a callable that flips after N checks.
 """
 
+import gc
+import os
 import subprocess
 import sys
 import textwrap
@@ -75,14 +77,19 @@ def test_scaling_follows_the_display_rotation(tmp_path):
 def test_peak_memory_stays_far_below_the_full_size_clip(tmp_path):
     # 16 frames of 7680 x 4320 would be 16 x 95 MiB of RGB; capped, the loader holds the decoder's
     # pictures and 16 small frames. Peak RSS of a fresh process, a size bound, not a timing.
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs /proc (Linux) for the peak resident set")
     path = write_solid(tmp_path / "8k.mp4", 7680, 4320, 2, codec="libx264")
     script = textwrap.dedent(f"""
-        import resource
         from storm_vlm.video import load_video
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+        def peak():  # this process image's high-water mark (ru_maxrss would include pytest's at fork)
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+        base = peak()
         clip = load_video({str(path)!r}, num_frames=16)
-        rise = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
-        print(clip.frames.shape, rise * 1024)
+        print(clip.frames.shape, peak() - base)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
     full_frame = 7680 * 4320 * 3
@@ -173,6 +180,40 @@ def test_concurrent_decodes_wait_for_a_slot(tmp_path):
         video.set_max_concurrent_decodes(previous)
     with pytest.raises(ValueError):
         video.set_max_concurrent_decodes(0)
+
+
+def test_the_deadline_holds_while_the_decoding_thread_is_stuck(tmp_path):
+    # A decoding thread inside one long library call cannot check its budget; the caller still
+    # returns at the deadline, and the decode stops at its next check.
+    path = write_video(tmp_path / "v.mp4", 10, "mpeg4")
+    stuck, release = threading.Event(), threading.Event()
+
+    def stuck_inside():  # runs on the decoding thread, like a long FFmpeg call
+        stuck.set()
+        release.wait(30)
+        return False
+
+    with pytest.raises(DecodeTimeout, match="took longer than 0.3 s"):
+        load_video(path, num_frames=2, timeout_s=0.3, cancel=stuck_inside)
+    assert stuck.is_set()
+    release.set()
+    assert len(load_video(path, num_frames=2, timeout_s=30)) == 2  # the decoding thread is free again
+
+
+def test_a_call_leaves_no_reference_cycles(tmp_path):
+    # A cycle (reader <-> its decode generator) would keep the decoder and its pictures alive
+    # until Python's cycle collector runs: with large frames, hundreds of MB per call.
+    path = write_video(tmp_path / "v.mkv", 30, "mpeg4", gop=5)
+    load_video(path, num_frames=4)
+    gc.collect()
+    gc.disable()
+    try:
+        for kwargs in ({"num_frames": 4}, {"num_frames": 30}, {"num_frames": 3, "start": 1.0}):
+            clip = load_video(path, **kwargs)
+            del clip
+            assert gc.collect() == 0, kwargs
+    finally:
+        gc.enable()
 
 
 def test_new_arguments_are_checked(tmp_path):

@@ -7,7 +7,7 @@ What a call may cost is bounded, so that a hostile or broken file cannot take a 
   side; streams with pictures above `MAX_SOURCE_PIXELS` (images: `MAX_IMAGE_PIXELS`) are
   refused before decoding, since the decoder's own pictures cannot be scaled.
 - concurrency: at most `max_concurrent_decodes()` calls decode at once per process
-  (`set_max_concurrent_decodes`); others wait for a slot.
+  (`set_max_concurrent_decodes`), on the process's decoding threads; others wait for a slot.
 - time and cancellation: `timeout_s` bounds the call (waiting for a slot included) and
   `cancel` (a callable or threading.Event) stops it; both are checked between packets.
 - files: only self-contained formats (`ALLOWED_FORMATS`) are opened, so a playlist (HLS,
@@ -32,8 +32,8 @@ import numpy as np
 from storm_vlm.media.container import (ALLOWED_FORMATS, IMAGE_FORMATS, Truncation, av, av_errors, check_file,
                                        find_truncation, open_container)
 from storm_vlm.media.errors import DecodeCancelled, DecodeTimeout, VideoDecodeError, describe, fail
-from storm_vlm.media.limits import (DEFAULT_MAX_PIXELS, MAX_IMAGE_PIXELS, MAX_SOURCE_PIXELS, Budget, decode_slot,
-                                    max_concurrent_decodes, output_size, set_max_concurrent_decodes)
+from storm_vlm.media.limits import (DEFAULT_MAX_PIXELS, MAX_IMAGE_PIXELS, MAX_SOURCE_PIXELS, Budget,
+                                    max_concurrent_decodes, output_size, run_decode, set_max_concurrent_decodes)
 from storm_vlm.media.readers import FrameSink, SeekingReader, SequentialReader, decoded_frames, rotate_frame
 from storm_vlm.utils import check_int
 
@@ -160,8 +160,10 @@ def load_video(path, num_frames: int = 32, fps: float | None = None, start: floa
 
     timeout_s: give up (DecodeTimeout) after this many seconds, waiting for one of the
     process's decode slots (`set_max_concurrent_decodes`) included. cancel: a callable
-    returning True, or a threading.Event, checked between packets: when it fires the call
-    stops with DecodeCancelled (e.g. a server whose client disconnected). allow_truncated:
+    returning True, or a threading.Event, checked between packets (from the decoding thread)
+    and while waiting for a slot: when it fires the call stops with DecodeCancelled (e.g. a
+    server whose client disconnected). The decode runs on one of the process's decoding
+    threads; this call waits for it. allow_truncated:
     a file cut short fails by default; with True the clip samples the part that decodes and
     says so (`truncated=True`, extra["truncated"]).
 
@@ -173,24 +175,9 @@ def load_video(path, num_frames: int = 32, fps: float | None = None, start: floa
     _check_args(path, num_frames, fps, start, end, max_pixels, min_side, timeout_s, allow_truncated)
     budget = Budget(path, timeout_s, cancel)
     size = check_file(path)
-    truncation = find_truncation(path, size)
-    with decode_slot(budget):
-        budget.check()
-        container = open_container(path, budget, truncation=truncation)
-        loader = _Loader(path, size, truncation, budget, int(num_frames), fps, start, end, max_pixels, min_side,
-                         allow_truncated)
-        try:
-            with container:
-                return loader.load(container)
-        except VideoDecodeError:
-            raise
-        except MemoryError:
-            raise fail(path, loader.out_of_memory()) from None
-        except av_errors() as exc:
-            if isinstance(exc, av().ExitError):  # FFmpeg's read-timeout interrupt
-                budget.check()
-            damage = truncation.describe() if truncation is not None else "the file is corrupt"
-            raise fail(path, f"decoding failed: {damage} ({describe(exc)})") from None
+    loader = _Loader(path, size, find_truncation(path, size), budget, int(num_frames), fps, start, end,
+                     max_pixels, min_side, allow_truncated)
+    return run_decode(loader.run, budget)
 
 
 def _declared_duration(container, stream) -> float | None:
@@ -249,6 +236,23 @@ class _Loader:
 
     # -- the call
 
+    def run(self) -> VideoClip:
+        """Open, decode and sample (on a decoding thread); every failure as a VideoDecodeError."""
+        self.budget.check()
+        container = open_container(self.path, self.budget, truncation=self.truncation)
+        try:
+            with container:
+                return self.load(container)
+        except VideoDecodeError:
+            raise
+        except MemoryError:
+            raise fail(self.path, self.out_of_memory()) from None
+        except av_errors() as exc:
+            if isinstance(exc, av().ExitError):  # FFmpeg's read-timeout interrupt
+                self.budget.check()
+            damage = self.truncation.describe() if self.truncation is not None else "the file is corrupt"
+            raise fail(self.path, f"decoding failed: {damage} ({describe(exc)})") from None
+
     def load(self, container) -> VideoClip:
         format_names = set((container.format.name or "").split(","))
         image = bool(format_names & IMAGE_FORMATS)
@@ -274,20 +278,24 @@ class _Loader:
         else:
             reader = SeekingReader(container, stream, self.path, self.budget)
             if not (format_names & _SEEKABLE_FORMATS) or not reader.can_seek():
+                reader.close()
                 reader = SequentialReader(self.opener(), self.path, self.budget, rate)
-        n = reader.num_frames()
-        rate = reader.rate
-        if "truncated" in extra:
-            extra["truncated"]["decoded_frames"] = n
-        first, last = _clip_bounds(self.path, n, rate, self.start, self.end)
-        n_clip = last - first + 1
-        if self.fps is None:
-            rel, repeated = uniform_indices(n_clip, self.num_frames)
-        else:
-            rel, repeated = _fps_indices(n_clip, rate, float(self.fps), self.num_frames), False
-        indices = rel + first
-        self.sink = FrameSink(self.path, indices, self.max_pixels, self.min_side, self.source_size)
-        reader.read(self.sink)
+        try:
+            n = reader.num_frames()
+            rate = reader.rate
+            if "truncated" in extra:
+                extra["truncated"]["decoded_frames"] = n
+            first, last = _clip_bounds(self.path, n, rate, self.start, self.end)
+            n_clip = last - first + 1
+            if self.fps is None:
+                rel, repeated = uniform_indices(n_clip, self.num_frames)
+            else:
+                rel, repeated = _fps_indices(n_clip, rate, float(self.fps), self.num_frames), False
+            indices = rel + first
+            self.sink = FrameSink(self.path, indices, self.max_pixels, self.min_side, self.source_size)
+            reader.read(self.sink)
+        finally:
+            reader.close()
         return VideoClip(frames=self.sink.frames, timestamps=self.sink.timestamps, indices=indices.astype(np.int64),
                          native_fps=float(rate), duration=n / float(rate), num_source_frames=n,
                          repeated=bool(repeated), path=self.path, rotation=self.sink.rotation,
@@ -318,13 +326,15 @@ class _Loader:
         entries = stream.index_entries
         if stream.frames and len(entries) >= stream.frames:  # a full sample index (MP4): count what is present
             return declared, sum(1 for e in entries if not e.is_discard and e.pos >= 0 and e.pos + e.size <= self.size)
+        reader = SeekingReader(container, stream, self.path, self.budget)
         try:
-            reader = SeekingReader(container, stream, self.path, self.budget)
             return declared, (reader.num_frames() if reader.can_seek() else None)
         except (DecodeTimeout, DecodeCancelled):
             raise
         except (VideoDecodeError, *av_errors()):
             return declared, None
+        finally:
+            reader.close()
 
     @staticmethod
     def decodable_note(declared, decodable, rate) -> str:

@@ -109,7 +109,8 @@ def open_container(path: str, budget: Budget, options: dict | None = None, trunc
         raise fail(path, f"opening took longer than {budget.timeout_s:g} s (timeout_s)", DecodeTimeout) from None
     except av_errors() as exc:
         if truncation is not None:
-            raise fail(path, f"{truncation.describe()}; nothing can be decoded ({describe(exc)})") from None
+            raise fail(path, f"not a readable video or image: {truncation.describe()}; nothing can be decoded "
+                             f"({describe(exc)})") from None
         if isinstance(exc, av().ArgumentError) and getattr(exc, "errno", None) == 22:
             what = _sniff(path)
             if what:

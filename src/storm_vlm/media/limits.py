@@ -8,7 +8,8 @@ streams whose pictures exceed `MAX_SOURCE_PIXELS` are refused before decoding an
 told to refuse larger pictures inside the bitstream too (its `max_pixels` decoder option).
 
 Slots. Decoding is CPU-bound and each decode holds its decoder's pictures, so a process
-decodes at most `max_concurrent_decodes()` videos at once; further calls wait for a slot.
+decodes at most `max_concurrent_decodes()` videos at once, on that many long-lived decoding
+threads (`run_decode`); further calls wait for a slot.
 
 Time. `Budget` carries one call's deadline (`timeout_s`, waiting for a slot included) and its
 cancel check; readers call `Budget.check()` between packets, about once per frame.
@@ -20,13 +21,14 @@ import math
 import os
 import threading
 import time
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from storm_vlm.media.errors import DecodeCancelled, DecodeTimeout, fail
 from storm_vlm.utils import check_int
 
 __all__ = ["DEFAULT_MAX_PIXELS", "MAX_SOURCE_PIXELS", "MAX_IMAGE_PIXELS", "output_size", "Budget",
-           "set_max_concurrent_decodes", "max_concurrent_decodes", "decode_slot"]
+           "set_max_concurrent_decodes", "max_concurrent_decodes", "run_decode"]
 
 # Default bound on each returned frame: 1024 x 1024 pixels (1365 x 768 for 16:9). Every video
 # encoder this project pairs with reads far less (SigLIP-so400m-448: 448 x 448), and the bound
@@ -68,6 +70,9 @@ def output_size(width: int, height: int, max_pixels: int | None, min_side: int |
     return out_w, out_h
 
 
+_POLL_S = 0.05  # how often a waiting caller looks at its deadline and cancel check
+
+
 def _clock() -> float:
     return time.monotonic()
 
@@ -84,6 +89,7 @@ class Budget:
         self.path = path
         self.timeout_s = timeout_s
         self.deadline = None if timeout_s is None else _clock() + timeout_s
+        self._aborted = False
         if cancel is None or callable(getattr(cancel, "is_set", None)):
             self._cancelled = getattr(cancel, "is_set", None)
         elif callable(cancel):
@@ -94,7 +100,16 @@ class Budget:
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - _clock()
 
+    def expired(self) -> bool:
+        return self.deadline is not None and _clock() > self.deadline
+
+    def abort(self) -> None:
+        """The caller stopped waiting: the decode stops at its next check."""
+        self._aborted = True
+
     def check(self, waiting: str | None = None) -> None:
+        if self._aborted:
+            raise fail(self.path, "stopped: the caller is no longer waiting", DecodeCancelled)
         if self._cancelled is not None and self._cancelled():
             raise fail(self.path, "cancelled by the caller" + (f" while {waiting}" if waiting else "")
                        + " (decoding stopped)", DecodeCancelled)
@@ -105,53 +120,84 @@ class Budget:
             raise fail(self.path, cause, DecodeTimeout)
 
 
-class _DecodeSlots:
-    """A resizable counting semaphore whose waiters honour a Budget."""
+class _DecodePool:
+    """The process's decoding threads: at most `size` decodes run at once, always on these
+    threads. Keeping decodes off the callers' threads (a server may have dozens) matters for
+    memory too: glibc keeps an arena per thread, so freed decoder pictures would otherwise stay
+    resident once per caller thread instead of once per decoding thread."""
 
-    def __init__(self, limit: int):
-        self._cond = threading.Condition()
-        self._limit = limit
-        self._busy = 0
+    def __init__(self, size: int):
+        self._lock = threading.Lock()
+        self._size = size
+        self._executor = None
+        self._pid = None
+        self._running = 0
 
     @property
-    def limit(self) -> int:
-        return self._limit
+    def size(self) -> int:
+        return self._size
 
-    def set_limit(self, limit: int) -> None:
-        with self._cond:
-            self._limit = limit
-            self._cond.notify_all()
+    @property
+    def running(self) -> int:
+        return self._running
 
-    @contextmanager
-    def hold(self, budget: Budget):
-        with self._cond:
-            while self._busy >= self._limit:
-                budget.check(waiting=f"waiting for a decode slot ({self._busy} of {self._limit} busy)")
-                remaining = budget.remaining()
-                self._cond.wait(0.05 if remaining is None else max(0.001, min(0.05, remaining)))
-            self._busy += 1
+    def resize(self, size: int) -> None:
+        with self._lock:
+            old, self._executor, self._size = self._executor, None, size
+        if old is not None and self._pid == os.getpid():
+            old.shutdown(wait=False)  # its running and queued decodes still finish
+
+    def submit(self, fn) -> Future:
+        with self._lock:
+            if self._executor is None or self._pid != os.getpid():  # none yet, or inherited through fork
+                self._executor = ThreadPoolExecutor(self._size, thread_name_prefix="storm-video-decode")
+                self._pid = os.getpid()
+            return self._executor.submit(self._counted, fn)
+
+    def _counted(self, fn):
+        with self._lock:
+            self._running += 1
         try:
-            yield
+            return fn()
         finally:
-            with self._cond:
-                self._busy -= 1
-                self._cond.notify()
+            with self._lock:
+                self._running -= 1
 
 
-_SLOTS = _DecodeSlots(max(1, min(4, os.cpu_count() or 1)))
+_POOL = _DecodePool(max(1, min(4, os.cpu_count() or 1)))
+
+
+def run_decode(fn, budget: Budget):
+    """fn() on one of the process's decoding threads; returns its result or raises its error.
+
+    While the call waits for a thread, `budget` (deadline and cancel) is checked here; once it
+    runs, the decoding thread checks it between packets, and the deadline is also enforced
+    here, so a caller never waits past `timeout_s` even while FFmpeg is inside one long call.
+    Whenever this caller stops waiting (timeout, cancel, KeyboardInterrupt), the decode is
+    told to stop at its next check.
+    """
+    future = _POOL.submit(fn)
+    try:
+        while True:
+            try:
+                return future.result(timeout=_POLL_S)
+            except FutureTimeout:
+                if not future.running():
+                    budget.check(waiting=f"waiting for a decode slot ({_POOL.running} of {_POOL.size} busy)")
+                elif budget.expired():
+                    budget.check()
+    except BaseException:
+        future.cancel()
+        budget.abort()
+        raise
 
 
 def set_max_concurrent_decodes(limit: int) -> None:
     """At most `limit` `load_video` calls decode at once in this process; others wait (default:
-    the CPU count, at most 4). Takes effect at once; running decodes are not interrupted."""
-    _SLOTS.set_limit(check_int("max concurrent decodes", limit))
+    the CPU count, at most 4). Takes effect for new calls; running decodes finish."""
+    _POOL.resize(check_int("max concurrent decodes", limit))
 
 
 def max_concurrent_decodes() -> int:
     """The current limit (see `set_max_concurrent_decodes`)."""
-    return _SLOTS.limit
-
-
-def decode_slot(budget: Budget):
-    """Context manager holding one decode slot; waits (checking `budget`) while all are busy."""
-    return _SLOTS.hold(budget)
+    return _POOL.size

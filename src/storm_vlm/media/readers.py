@@ -155,7 +155,9 @@ class SeekingReader:
             return False
         self.frame_pts = float(1 / (self.rate * self.time_base))
         if self.first_pts is None:
-            frame = next(iter(self._decode_from(None)), None)
+            frames = self._decode_from(None)
+            frame = next(frames, None)
+            frames.close()
             if frame is None or frame.pts is None:
                 return False
             self.first_pts = frame.pts
@@ -238,9 +240,15 @@ class SeekingReader:
         return (target_pts - self._pos) / self.frame_pts > gop
 
     def _seek(self, pts: float) -> None:
+        self.close()
         self._frames = self._decode_from(pts)
-        self._pending = None
-        self._pos = None
+
+    def close(self) -> None:
+        """Drop the active decode (the generator refers back to this reader: without this the
+        cycle keeps the decoder and its pictures alive until Python's cycle collector runs)."""
+        if self._frames is not None:
+            self._frames.close()
+        self._frames = self._pending = self._pos = None
 
     def read(self, sink: FrameSink) -> None:
         """Decode the frames `sink` wants (sorted, distinct indices) into it."""
@@ -332,6 +340,9 @@ class SequentialReader:
                 return
             count += 1
             yield frame
+
+    def close(self) -> None:
+        """Nothing held between calls: each pass opens and closes its own container."""
 
     def num_frames(self) -> int:
         times = []
