@@ -251,6 +251,11 @@ class _Loader:
             if isinstance(exc, av().ExitError):  # FFmpeg's read-timeout interrupt
                 self.budget.check()
             damage = self.truncation.describe() if self.truncation is not None else "the file is corrupt"
+            if self.truncation is None and getattr(exc, "errno", None) == 22 and not self.source_size[0]:
+                # A picture whose size was unknown until decoding, refused by FFmpeg's max_pixels.
+                damage = (f"the decoder refused a picture: it is larger than this loader decodes "
+                          f"({MAX_SOURCE_PIXELS / 1e6:.1f} MP for video, {MAX_IMAGE_PIXELS / 1e6:.1f} MP for "
+                          f"images), or the file is corrupt")
             raise fail(self.path, f"decoding failed: {damage} ({describe(exc)})") from None
 
     def load(self, container) -> VideoClip:

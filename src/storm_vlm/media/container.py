@@ -25,16 +25,18 @@ __all__ = ["ALLOWED_FORMATS", "IMAGE_FORMATS", "av", "check_file", "open_contain
            "find_truncation"]
 
 # Demuxers (FFmpeg names) that read exactly the file they are given. Video containers and raw
-# video streams first, then single still images. Not here on purpose: hls, dash, concat,
-# image2 (file-name patterns), mxf, sdp/rtp/rtsp, tee, lavfi and capture devices.
+# video streams first, then single still images; image2 (which FFmpeg picks for some images by
+# their extension) is opened with pattern_type=none, so a name like "img%d.png" is one file,
+# never a numbered sequence. Not here on purpose: hls, dash, concat, mxf, sdp/rtp/rtsp, tee,
+# lavfi and capture devices.
 ALLOWED_FORMATS = frozenset({
     "mov", "mp4", "m4a", "3gp", "3g2", "mj2",  # FFmpeg's one QuickTime/MP4 demuxer
     "matroska", "webm", "avi", "mpegts", "mpeg", "flv", "ogg", "asf", "nut",
     "gif", "apng", "webp", "h264", "hevc", "m4v", "mpegvideo", "ivf", "obu", "mjpeg", "yuv4mpegpipe",
-    "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe", "gif_pipe", "jpegls_pipe",
+    "image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe", "gif_pipe", "jpegls_pipe",
     "jpegxl_pipe", "ppm_pipe", "pgm_pipe", "pbm_pipe", "pam_pipe", "qoi_pipe",
 })
-IMAGE_FORMATS = frozenset(name for name in ALLOWED_FORMATS if name.endswith("_pipe"))
+IMAGE_FORMATS = frozenset(name for name in ALLOWED_FORMATS if name.endswith("_pipe") or name == "image2")
 
 _WHITELIST = ",".join(sorted(ALLOWED_FORMATS))
 
@@ -93,7 +95,8 @@ def open_container(path: str, budget: Budget, options: dict | None = None, trunc
     `max_pixels` too, so it never decodes a picture above MAX_IMAGE_PIXELS; the deadline of
     `budget` bounds probing. `truncation` (from `find_truncation`) explains a failure.
     """
-    container_options = {"format_whitelist": _WHITELIST, "protocol_whitelist": "file", **(options or {})}
+    container_options = {"format_whitelist": _WHITELIST, "protocol_whitelist": "file", "pattern_type": "none",
+                         **(options or {})}
     kwargs = {}
     remaining = budget.remaining()
     if remaining is not None:
