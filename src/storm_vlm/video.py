@@ -257,6 +257,9 @@ class _Loader:
                           f"({MAX_SOURCE_PIXELS / 1e6:.1f} MP for video, {MAX_IMAGE_PIXELS / 1e6:.1f} MP for "
                           f"images), or the file is corrupt")
             raise fail(self.path, f"decoding failed: {damage} ({describe(exc)})") from None
+        finally:
+            if self.sink is not None:
+                self.sink.close()
 
     def load(self, container) -> VideoClip:
         format_names = set((container.format.name or "").split(","))

@@ -12,7 +12,9 @@ decodes at most `max_concurrent_decodes()` videos at once, on that many long-liv
 threads (`run_decode`); further calls wait for a slot.
 
 Time. `Budget` carries one call's deadline (`timeout_s`, waiting for a slot included) and its
-cancel check; readers call `Budget.check()` between packets, about once per frame.
+cancel check; readers call `Budget.check()` between packets, about once per frame, and the
+waiting caller enforces the deadline itself, so it returns on time even while FFmpeg is busy
+inside one long call (the decode then stops at its next check).
 """
 
 from __future__ import annotations

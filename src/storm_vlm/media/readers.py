@@ -22,7 +22,6 @@ truncated files read on request (decoding stops where the data ends).
 from __future__ import annotations
 
 import math
-import threading
 from fractions import Fraction
 
 import numpy as np
@@ -48,20 +47,11 @@ def frame_rotation(frame) -> int:
         return 0
 
 
-_local = threading.local()
-
-
-def to_rgb(frame, size: tuple[int, int], rotation: int) -> np.ndarray:
+def to_rgb(frame, size: tuple[int, int], rotation: int, reformatter) -> np.ndarray:
     """(h, w, 3) uint8 RGB of a decoded frame scaled to size = (w, h) (before rotation), rotated."""
-    reformatter = getattr(_local, "reformatter", None)
-    if reformatter is None:
-        from av.video.reformatter import VideoReformatter
-
-        # One converter per thread: building a new one for every frame costs more than the decode.
-        reformatter = _local.reformatter = VideoReformatter()
     if size == (frame.width, frame.height):
         rgb = reformatter.reformat(frame, format="rgb24")
-    else:  # area averaging: the downscaling filter that neither aliases nor blurs
+    else:  # area averaging: every source pixel counts (no aliasing when shrinking a lot)
         rgb = reformatter.reformat(frame, format="rgb24", width=size[0], height=size[1], interpolation="AREA")
     return rotate_frame(rgb.to_ndarray(), rotation)
 
@@ -105,6 +95,13 @@ class FrameSink:
         self.rotations: dict[int, int] = {}
         self.source_size = declared_size  # (w, h) of the pictures being decoded, for messages
         self.frame_size = None  # (w, h) of the output frames before rotation
+        # One converter per call, reused for every frame (building one per frame costs more than
+        # small decodes), released by `close`: never per thread, since FFmpeg's converter owns
+        # worker threads, and freeing one inherited through fork (a DataLoader worker) hangs.
+        self._reformatter = None
+
+    def close(self) -> None:
+        self._reformatter = None
 
     def put(self, index: int, frame, seconds: float) -> None:
         rotation = frame_rotation(frame)
@@ -114,7 +111,11 @@ class FrameSink:
             raise fail(self.path, f"frame size changes within the video (from {self.source_size[0]}x"
                                   f"{self.source_size[1]} to {source[0]}x{source[1]})")
         self.source_size, self.frame_size = source, size
-        rgb = to_rgb(frame, size, rotation)
+        if self._reformatter is None:
+            from av.video.reformatter import VideoReformatter
+
+            self._reformatter = VideoReformatter()
+        rgb = to_rgb(frame, size, rotation, self._reformatter)
         if self.frames is None:
             self.frames = np.empty((len(self.indices), *rgb.shape), dtype=np.uint8)
         for row in self.rows[index]:
