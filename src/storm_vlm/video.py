@@ -223,12 +223,12 @@ class _Loader:
         self.source_size = (width, height)
         return stream
 
-    def opener(self, options: dict | None = None, image: bool = False):
-        """A callable opening the file afresh: (container, its video stream)."""
+    def opener(self, options: dict | None = None):
+        """A callable opening the (video) file afresh: (container, its video stream)."""
         def open_stream():
             container = open_container(self.path, self.budget, options, truncation=self.truncation)
             try:
-                return container, self.video_stream(container, image)
+                return container, self.video_stream(container)
             except BaseException:
                 container.close()
                 raise
