@@ -102,9 +102,6 @@ class Budget:
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - _clock()
 
-    def expired(self) -> bool:
-        return self.deadline is not None and _clock() > self.deadline
-
     def abort(self) -> None:
         """The caller stopped waiting: the decode stops at its next check."""
         self._aborted = True
@@ -115,6 +112,10 @@ class Budget:
         if self._cancelled is not None and self._cancelled():
             raise fail(self.path, "cancelled by the caller" + (f" while {waiting}" if waiting else "")
                        + " (decoding stopped)", DecodeCancelled)
+        self.check_deadline(waiting)
+
+    def check_deadline(self, waiting: str | None = None) -> None:
+        """The deadline part of `check` alone (never calls the caller's cancel check)."""
         if self.deadline is not None and _clock() > self.deadline:
             cause = f"decoding took longer than {self.timeout_s:g} s (timeout_s)"
             if waiting:
@@ -186,8 +187,8 @@ def run_decode(fn, budget: Budget):
             except FutureTimeout:
                 if not future.running():
                     budget.check(waiting=f"waiting for a decode slot ({_POOL.running} of {_POOL.size} busy)")
-                elif budget.expired():
-                    budget.check()
+                else:  # the decoding thread checks `cancel`; this one only keeps the deadline
+                    budget.check_deadline()
     except BaseException:
         future.cancel()
         budget.abort()
