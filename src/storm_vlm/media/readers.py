@@ -245,8 +245,9 @@ class SeekingReader:
         self._frames = self._decode_from(pts)
 
     def close(self) -> None:
-        """Drop the active decode (the generator refers back to this reader: without this the
-        cycle keeps the decoder and its pictures alive until Python's cycle collector runs)."""
+        """Drop the active decode; call it before the file is closed: a decode left suspended
+        and freed after its file kept the decoder's pictures resident (tens of MB per call on
+        large frames, which the allocator could not reuse)."""
         if self._frames is not None:
             self._frames.close()
         self._frames = self._pending = self._pos = None
