@@ -50,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-local-paths", action="store_true",
                         help="also accept requests naming a video file on the server (file:// URLs, video_path; "
                              "off by default: any client could then read any video this process can read)")
+    parser.add_argument("--body-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="the longest wait for the next part of a request body (default: 60); then 408")
     parser.add_argument("--served-model-name", default=None, metavar="NAME",
                         help="the model id of /v1/models and chat completions (default: the model folder's name)")
 
@@ -110,8 +112,10 @@ def run(args: argparse.Namespace) -> int:
         raise StormError(f"storm-vlm serve needs fastapi, uvicorn and python-multipart ({exc}); "
                          "install them with: pip install 'storm-vlm[web]'") from None
     engine = load_engine(args)
+    if not 0 < args.body_timeout <= 3600:
+        raise StormError(f"--body-timeout must be between 0 and 3600 seconds, got {args.body_timeout}")
     app = create_app(engine, max_upload_mb=args.max_upload_mb, allow_local_paths=args.allow_local_paths,
-                     model_name=args.served_model_name)
+                     model_name=args.served_model_name, body_timeout_s=args.body_timeout)
     warn_if_public(args.host, "storm-vlm serve")
     start_server(app, args.host, args.port)
     return 0
