@@ -1,6 +1,6 @@
 """Peak memory of `load_video` on hostile files, each measurement in a fresh process.
 
-The files are generated here (cached in the temp folder) like the ones of issue 14: black
+The files are generated here (cached in the temp folder) like the reported memory bombs: black
 videos whose frames compress to almost nothing but decode to huge pictures.
 
   8k.mp4     7680 x 4320, 40 frames, H.264      (about 100 KiB)

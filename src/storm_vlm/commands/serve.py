@@ -45,7 +45,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
     parser.add_argument("--host", default=DEFAULT_HOST,
-                        help=f"address to listen on (default: {DEFAULT_HOST}, this machine only)")
+                        help=f"address to listen on (default: {DEFAULT_HOST}, this host only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
     parser.add_argument("--allow-local-paths", action="store_true",
                         help="also accept requests naming a video file on the server (file:// URLs, video_path; "
