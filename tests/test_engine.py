@@ -212,3 +212,21 @@ def test_a_slow_decode_answers_503(engine, client, video_bytes, monkeypatch):
     monkeypatch.setattr(engine, "read_video", slow)
     r = client.post("/v1/answer", files={"video": ("clip.mp4", video_bytes, "video/mp4")}, data={"question": "q"})
     assert r.status_code == 503 and r.headers["retry-after"] and r.json()["detail"].startswith("clip.mp4: ")
+
+
+def test_eight_concurrent_clients_all_get_their_answers(engine, tmp_path):
+    video = write_mp4(tmp_path / "clip.mp4", random_video(6, seed=5))
+    questions = [f"Question number {i}?" for i in range(8)]
+    alone = [engine.answer(video, q, num_frames=4, max_new_tokens=4)["answer"] for q in questions]
+    results = [None] * 8
+
+    def client(i):
+        results[i] = engine.answer(video, questions[i], num_frames=4, max_new_tokens=4)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert [r["answer"] for r in results] == alone
+    assert max(r["timings"]["batch_size"] for r in results) > 1  # some of them shared a generate call

@@ -31,7 +31,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=8, metavar="B",
                         help="waiting requests answered by one generate call at most (default: 8; 1: one at a time)")
     parser.add_argument("--max-batch-frames", type=int, default=None, metavar="F",
-                        help="video frames in one generate call at most (bounds memory; default: 2 x --max-frames)")
+                        help="video frames in one generate call at most (bounds memory; default: --max-batch-size "
+                             "requests of --frames frames, at least --max-frames)")
     parser.add_argument("--max-concurrent-decodes", type=int, default=None, metavar="N",
                         help="videos decoded at once at most (bounds memory; default: min(4, CPU cores))")
     parser.add_argument("--decode-timeout", type=float, default=60.0, metavar="SECONDS",

@@ -274,7 +274,8 @@ class StormEngine:
         max_new_tokens_limit: the longest answer a request may ask for.
         max_batch_size: requests answered by one generate call at most (1: one at a time).
         max_batch_frames: video frames in one generate call at most (bounds the vision tower's
-            memory; a request with more frames runs alone); default 2 x max_frames.
+            memory; a request with more frames runs alone); default: max_batch_size requests of
+            default_frames, at least max_frames.
         max_queue: requests waiting at most; beyond, `submit` raises EngineBusy.
         decode_timeout_s: the longest a request's video may take to decode (DecodeTimeout).
     """
@@ -288,7 +289,8 @@ class StormEngine:
         self.default_frames = _check_int("frames", default_frames, 1, self.max_frames)
         self.max_new_tokens_limit = _check_int("max_new_tokens_limit", max_new_tokens_limit, 1)
         self.max_batch_size = _check_int("max_batch_size", max_batch_size, 1)
-        self.max_batch_frames = _check_int("max_batch_frames", max_batch_frames or 2 * self.max_frames, 1)
+        self.max_batch_frames = _check_int(
+            "max_batch_frames", max_batch_frames or max(self.max_frames, self.max_batch_size * self.default_frames), 1)
         self.max_queue = _check_int("max_queue", max_queue, 1)
         self.decode_timeout_s = _check_float("decode_timeout_s", decode_timeout_s, 0.001, 86400)
         self.predictor = Predictor.from_pretrained(self.model_dir, device, precision, verbose=verbose)
@@ -561,7 +563,7 @@ class StormEngine:
                 "repeated": bool(clip.repeated),
             },
             "timings": {"decode_s": clip.extra.get("decode_s"),
-                        **{k: completion.timings.get(k) for k in ("wait_s", "prefill_s", "generate_s")},
+                        **{k: completion.timings.get(k) for k in ("wait_s", "prefill_s", "generate_s", "batch_size")},
                         "total_s": round(time.perf_counter() - started, 4)},
         }
 
