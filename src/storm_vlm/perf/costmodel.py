@@ -166,6 +166,7 @@ def parse_compressions(spec: str) -> list[Compression]:
 
 def real_config(**overrides):
     """StormConfig of the paper's size: SigLIP-so400m-patch14-448 + Qwen2-7B, Mamba projector."""
+    # imported here: the rest of the cost model is plain arithmetic and loads without torch
     from storm_vlm.model.configuration import SIGLIP_SO400M_448, StormConfig
 
     # `storm-vlm build` loads SigLIP without its attention-pooling head (STORM reads hidden states).

@@ -19,6 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+import transformers
 
 from storm_vlm.perf.costmodel import Hardware
 from storm_vlm.precision import cpu_has_fast_bf16
@@ -122,10 +123,7 @@ def describe_host() -> dict:
         "torch": torch.__version__,
         "load_average": load_average(),
     }
-    with contextlib.suppress(ImportError):
-        import transformers
-
-        info["transformers"] = transformers.__version__
+    info["transformers"] = transformers.__version__
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["gpu_memory_mb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**20)
