@@ -94,6 +94,8 @@ class AnswerResponse(BaseModel):
     frames: int = Field(description="frames decoded from the video (T)")
     visual_frames: int = Field(description="frames left after temporal pooling and sampling (T')")
     temporal_sample_stride: int
+    stride_planned: bool = Field(False, description="the frames did not fit the LLM at the stride asked for: "
+                                 "temporal_sample_stride is the smallest larger one that fits")
     text_tokens: int
     video: dict
     timings: AnswerTimings
