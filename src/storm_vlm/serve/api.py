@@ -387,6 +387,9 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
 
+    from storm_vlm.serve.sessions import add_session_routes  # here: it imports this module's body-size helpers
+
+    add_session_routes(app, engine, max_chunk_bytes=max_upload, body_timeout_s=body_timeout_s)
     return app
 
 

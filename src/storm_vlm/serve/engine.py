@@ -298,6 +298,9 @@ class StormEngine:
         self._wakeup = threading.Condition()
         self._recent_s = collections.deque(maxlen=16)  # durations of recent batches, for Retry-After
         self._closed = False
+        # Held while the model runs a batch; other users of the model (streaming sessions,
+        # `storm_vlm.serve.sessions`) take it too, so only one computation uses it at a time.
+        self.model_lock = threading.Lock()
         self._worker = threading.Thread(target=self._work, name="storm-engine", daemon=True)
         self._worker.start()
 
@@ -448,7 +451,8 @@ class StormEngine:
                 continue
             started = time.perf_counter()
             try:
-                self._run(live, started)
+                with self.model_lock:
+                    self._run(live, started)
             except Exception as exc:  # reported to every request of the batch; the worker goes on
                 error = exc if isinstance(exc, StormError) else StormError(
                     f"generation failed ({type(exc).__name__}: {exc})")
