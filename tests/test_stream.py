@@ -156,3 +156,14 @@ def test_rebuilt_cache_answers_as_a_one_shot_pass_over_the_kept_tokens(predictor
             embeds = torch.cat([embeds, embed(torch.tensor([[ids[-1]]]))], dim=1)
     reply = stream.ask(QUESTION, max_new_tokens=4)
     assert reply.token_ids and reply.token_ids == ids[:len(reply.token_ids)]
+
+
+def test_the_mlp_baseline_streams_too(qwen2_mlp_dir):
+    predictor = Predictor.from_pretrained(qwen2_mlp_dir, "cpu", "float32")
+    frames = random_video(5, seed=6)
+    stream = StormStream(predictor)
+    stream.feed(frames[:2])
+    stream.feed(frames[2:])
+    assert stream.ask(QUESTION, max_new_tokens=4).token_ids == _one_shot(predictor, frames, None, 4)[1]
+    with pytest.raises(StormError, match="feed: expected uint8"):
+        stream.feed(frames.astype(np.float32))

@@ -197,6 +197,8 @@ def test_limits_sessions_chunk_size_and_idle_timeout(engine, segments):
     time.sleep(0.4)
     assert client.get(f"/v1/sessions/{a}").status_code == 404  # ended after 0.3 s idle
     assert len(store) == 0 and client.post("/v1/sessions").status_code == 201
+    time.sleep(0.5)  # the reaper ends an idle session without any request
+    assert len(store) == 0
 
 
 def test_a_bidirectional_model_refuses_sessions(qwen2_mamba_dir):

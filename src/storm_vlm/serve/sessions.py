@@ -36,6 +36,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -196,12 +197,30 @@ def _add_segment(session: _Session, path: Path, model_lock) -> dict:
     return body
 
 
+def _start_reaper(store: SessionStore) -> None:
+    """A daemon thread ending idle sessions even when no request comes; it stops with the store."""
+    ref = weakref.ref(store)
+    period = max(0.05, min(60.0, store.idle_timeout_s / 2))
+
+    def loop():
+        while True:
+            time.sleep(period)
+            live = ref()
+            if live is None:
+                return
+            live.reap()
+            del live
+
+    threading.Thread(target=loop, name="storm-session-reaper", daemon=True).start()
+
+
 def add_session_routes(app: FastAPI, engine, *, max_sessions: int = 4, max_chunk_bytes: int = 64 * 2**20,
                        idle_timeout_s: float = 600.0, body_timeout_s: float = 60.0,
                        max_visual_tokens: int | None = None) -> SessionStore:
     """Add the /v1/sessions routes for `engine` (a `StormEngine`) to `app`; returns their SessionStore."""
     store = SessionStore(engine, max_sessions, idle_timeout_s, max_visual_tokens)
     model_lock = getattr(engine, "model_lock", None) or threading.Lock()
+    _start_reaper(store)
 
     async def json_body(request: Request, model: type[BaseModel], empty_ok: bool = False):
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()

@@ -8,11 +8,13 @@ budget of new tokens ("resample", "window") or half of it ("uniform"), not at ev
 
 - "resample" (default): keep every 2nd pooled frame of the oldest half. Test-time temporal
   sampling (the paper's own operation) applied to the past, again each time the budget is
-  reached, so the density of kept frames falls with age: the last minutes stay dense, the first
-  hour thins out but never disappears. With the causal projector every token also carries the
-  Mamba state of all frames before it, so a dropped frame is not entirely forgotten.
-- "uniform": keep every 2nd pooled frame of the whole past (a global sampling stride that
-  doubles each time): the same density everywhere, as a one-shot pass at a larger stride.
+  reached: the recent half stays dense, and the older a part of the video, the more rounds it has
+  been among the oldest half, so the sparser it is kept (the very first frame always stays). With
+  the causal projector every token also carries the Mamba state of all frames before it, so a
+  dropped frame is not entirely forgotten.
+- "uniform": keep every 2nd pooled frame of the whole past, counted from the newest: a global
+  sampling stride that doubles each time the budget is reached, so the past is kept at one density,
+  as a one-shot pass at a larger stride would (frames since the last time stay denser until the next).
 - "window": drop the oldest frames, keeping the most recent three quarters of the budget (a
   sliding window; older frames survive only through the state carried in later tokens).
 

@@ -245,7 +245,10 @@ class StormStream:
     # ------------------------------------------------------------------ feeding
 
     def _pixels(self, frames) -> torch.Tensor:
-        frames = _frames_of(frames, 0)
+        try:
+            frames = _frames_of(frames, 0)
+        except StormError as exc:
+            raise StormError(f"feed: {str(exc).removeprefix('video 0: ')}") from None
         pixels = self.processor._pixels(list(frames))
         return pixels.to(self.model.device, self.model.dtype)
 
