@@ -1,102 +1,151 @@
-"""Decode latency per generated token at 256 frames: 4x compression vs none, in one run.
+"""Decode latency per generated token against the byte bound, with and without the decode step of
+storm_vlm.model.fast_paths, at several cache lengths, in one run.
 
     python benchmarks/decode.py                     # bench-cpu model (configs/bench-cpu.yaml)
-    python benchmarks/decode.py runs/my-model
+    python benchmarks/decode.py runs/my-model --frames 32,256 --compile
 
-Each setting's video is prefilled once (vision tower + projector + LLM prefill) and its KV cache
-kept; then rounds of `--tokens` greedy decode steps alternate between the caches (`--warmup`
-untimed rounds, `--repeats` timed; each round's cache is cropped back), so load drift on a shared
-machine hits both alike; the median step is kept. A near-empty cache (a one-frame video, 8x
-compression) is measured the same way: it shows the fixed cost of a step (the weights, the
-per-layer overhead), which compression cannot reduce. Target: >= 2.5x lower per-token latency.
+Each video (32, 64, 128, 256 frames, no compression; 256 frames with 4x compression; a one-frame
+video) is prefilled once and its KV cache kept. Then rounds of `--tokens` greedy steps alternate
+between the caches and between the two decode paths — "step": `DecodeStep` (the default on CPU),
+"forward": the model's own forward (`enable_fast_paths(model, decode=False)`, what every step ran
+before the decode step existed) — each round's cache cropped back; `--warmup` untimed rounds, then
+`--repeats` timed; the median step is kept. `--compile` adds "compiled" (`compile_decode=True`)
+and prints what its compilation cost.
 
-Beside the measurement it prints the bounds (storm_vlm.perf.costmodel.decode_bounds): the FLOP ratio
-and the byte ratio (weights + KV cache read per step) of the two steps, and, on CPU, the roofline
-of this machine (its fp32 matmul rate and streaming bandwidth, measured in the same run); and the
-same ratios at the real size (SigLIP-so400m + Qwen2-7B).
+Beside each: the byte bound — the bytes a step must read (every LLM weight but the embedding
+table, plus the KV cache: storm_vlm.perf.costmodel.decode_cost) over this host's streaming
+bandwidth, timed in the same run (best of a start and an end measurement) — and the step's
+multiple of it (target: <= 2x). The greedy tokens of every path are compared (they must be
+identical). Also: 4x vs no compression at 256 frames against its FLOP and byte ratios, here and at
+the real size.
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 
 import _profile_common as common
+import torch
+
+from storm_vlm.model.fast_paths import enable_fast_paths
+from storm_vlm.perf.costmodel import A100_80GB, DEFAULT_COMPRESSIONS, decode_bounds, decode_cost, pipeline_cost, real_config
+from storm_vlm.perf.host import measure_cpu_roofline
+from storm_vlm.perf.profiler import Clock, prefill_video
+
+
+def run_steps(model, cache, token, steps: int, clock: Clock):
+    """`steps` greedy steps through model forward; (ms per step, tokens). The cache is cropped back."""
+    start = cache.get_seq_length()
+    times, tokens = [], []
+    with torch.inference_mode():
+        for _ in range(steps):
+            clock.sync()
+            t0 = clock.mark()
+            out = model(input_ids=token, cache=cache, use_cache=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            t1 = clock.mark()
+            times.append(clock.ms(t0, t1))
+            tokens.append(int(token[0, 0]))
+    cache.crop(start - cache.get_seq_length())
+    return times, tokens
 
 
 def main(argv=None) -> int:
-    p = common.parser(__doc__.splitlines()[0], repeats=6, warmup=1)
-    p.add_argument("--frames", type=int, default=256)
+    p = common.parser(__doc__.splitlines()[0], repeats=4, warmup=1)
+    p.add_argument("--frames", default="32,64,128,256", help="frame counts of the uncompressed caches")
     p.add_argument("--tokens", type=int, default=16, help="decode steps per round (default: 16)")
+    p.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
     args = p.parse_args(argv)
-    from storm_vlm.perf.costmodel import (A100_80GB, DEFAULT_COMPRESSIONS, decode_bounds, decode_cost, pipeline_cost,
-                                     real_config)
-    from storm_vlm.perf.profiling import decode_latency, measure_cpu_roofline, prefill_video
-
+    frames = [int(x) for x in args.frames.split(",")]
     model, source, defaults = common.load(args)
-    settings = {
-        "none": (args.frames, DEFAULT_COMPRESSIONS[1]),
-        "4x": (args.frames, DEFAULT_COMPRESSIONS[4]),
-        "empty": (1, DEFAULT_COMPRESSIONS[8]),
-    }
-    s = common.settings(args, defaults, [args.frames], [DEFAULT_COMPRESSIONS[1], DEFAULT_COMPRESSIONS[4]],
-                        decode_tokens=args.tokens)
+    s = common.settings(args, defaults, frames, [DEFAULT_COMPRESSIONS[1]], decode_tokens=args.tokens)
     model = common.prepare(model, s)
-    common.header("decode", source, s)
+    host = common.header("decode", source, s)
+    clock = Clock(s.device, s.clock)
+    roof = [measure_cpu_roofline()] if s.device == "cpu" else []
 
+    settings = {f"{f}f": (f, DEFAULT_COMPRESSIONS[1]) for f in frames}
+    settings[f"{max(frames)}f 4x"] = (max(frames), DEFAULT_COMPRESSIONS[4])
+    settings["1f 8x"] = (1, DEFAULT_COMPRESSIONS[8])
     caches = {}
-    for name, (frames, comp) in settings.items():
-        caches[name] = prefill_video(model, frames, comp, s)
-        print(f"  prefilled {name:>5}: {frames} frames, {comp.label}: KV cache {caches[name][0].get_seq_length()} tokens",
-              flush=True)
-    steps = {name: [] for name in settings}
+    for name, (f, comp) in settings.items():
+        caches[name] = prefill_video(model, f, comp, s)
+        print(f"  prefilled {name:>9}: KV cache {caches[name][0].get_seq_length()} tokens", flush=True)
+
+    paths = {"step": dict(decode=True), "forward": dict(decode=False)}
+    compile_s = None
+    if args.compile:
+        enable_fast_paths(model, compile_decode=True)
+        cache, token = caches[next(iter(caches))]
+        t = time.perf_counter()
+        run_steps(model, cache, token, 2, clock)
+        compile_s = time.perf_counter() - t
+        print(f"  compiled decode step: first two steps took {compile_s:.1f} s (compilation)", flush=True)
+        paths["compiled"] = dict(decode=True, compile_decode=True)
+    times = {(n, path): [] for n in caches for path in paths}
+    tokens = {}
     for rnd in range(s.warmup + s.repeats):
         for name, (cache, token) in caches.items():
-            times = decode_latency(model, cache, token, args.tokens, s)
-            if rnd >= s.warmup:
-                steps[name].extend(times)
-        print(f"  round {rnd + 1}{' (warm-up)' if rnd < s.warmup else ''}: " + ", ".join(
-            f"{n} {statistics.median(steps[n]):.1f}" for n in steps if steps[n]) + " ms/token (running medians)",
-            flush=True)
-    med = {name: statistics.median(v) for name, v in steps.items()}
-    ctx = {name: caches[name][0].get_seq_length() for name in caches}
-    ratio = med["none"] / med["4x"]
+            for path, switches in paths.items():
+                enable_fast_paths(model, **switches)
+                ts, toks = run_steps(model, cache, token, args.tokens, clock)
+                tokens.setdefault((name, path), toks)
+                if rnd >= s.warmup:
+                    times[(name, path)].extend(ts)
+        print(f"  round {rnd + 1}{' (warm-up)' if rnd < s.warmup else ''} done", flush=True)
+    enable_fast_paths(model)
+    if s.device == "cpu":
+        roof.append(measure_cpu_roofline())
+    med = {k: statistics.median(v) for k, v in times.items()}
     cfg = model.config
     el = s.resolved.weights.itemsize
-    cost = {name: decode_cost(cfg, ctx[name], el) for name in ctx}
-    hw = measure_cpu_roofline() if s.device == "cpu" else None
-    bounds = decode_bounds(cfg, ctx["none"], ctx["4x"], el, hardware=hw)
-    real = real_config()
-    real_ctx = [pipeline_cost(real, args.frames, DEFAULT_COMPRESSIONS[c]).visual_tokens + 64 for c in (1, 4)]
-    real_bounds = decode_bounds(real, *real_ctx, hardware=A100_80GB)
+    bandwidth = max(h.bandwidth for h in roof) if roof else None
+
     print()
-    print(f"decode latency per token at {args.frames} frames, none vs 4x: {med['none']:.2f} vs {med['4x']:.2f} ms "
-          f"= {ratio:.2f}x lower with 4x (target >= 2.5x: {common.verdict(ratio, 2.5)})")
-    print(f"  bounds for this model (storm_vlm.perf.costmodel.decode_bounds): FLOP ratio {bounds['flops_ratio']:.2f}x, "
-          f"byte ratio {bounds['bytes_ratio']:.2f}x (weights read {cost['4x'].weight_bytes / 2**20:.0f} MB per step; "
-          f"KV cache {cost['none'].activation_bytes / 2**20:.1f} vs {cost['4x'].activation_bytes / 2**20:.1f} MB)")
-    if hw is not None:
-        print(f"  roofline of {hw.name}: {1e3 * bounds['roofline_s_a']:.2f} vs {1e3 * bounds['roofline_s_b']:.2f} ms "
-              f"= {bounds['roofline_ratio']:.2f}x; measured steps are {med['none'] / (1e3 * bounds['roofline_s_a']):.1f}x / "
-              f"{med['4x'] / (1e3 * bounds['roofline_s_b']):.1f}x the roofline time")
-    for name in ("none", "4x", "empty"):
-        print(f"  {name:>5}: {ctx[name]:>5} cached tokens, {cost[name].flops / 1e6:6.1f} MFLOP, "
-              f"{cost[name].bytes / 2**20:6.1f} MB per step -> {cost[name].flops / med[name] / 1e6:5.2f} GFLOP/s, "
-              f"{cost[name].bytes / med[name] / 1e6:5.2f} GB/s achieved")
-    print(f"  near-empty cache ({ctx['empty']} tokens): {med['empty']:.2f} ms/token — the fixed part of a step; "
-          f"the cache-dependent part is {med['none'] - med['empty']:.2f} (none) vs {med['4x'] - med['empty']:.2f} (4x) ms")
-    print(f"real size (SigLIP-so400m + Qwen2-7B, bf16, {real_ctx[0]} vs {real_ctx[1]} cached tokens): FLOP ratio "
-          f"{real_bounds['flops_ratio']:.2f}x, byte ratio {real_bounds['bytes_ratio']:.2f}x, A100 roofline "
-          f"{real_bounds['roofline_ratio']:.2f}x — the 2.5x target is above both bounds")
-    common.write_json(args.json, {"benchmark": "decode", "source": source, "frames": args.frames,
-                                  "tokens_per_round": args.tokens, "rounds": s.repeats,
-                                  "kv_cache_tokens": ctx, "decode_ms_per_token": {k: round(v, 3) for k, v in med.items()},
-                                  "ratios": {"decode_ratio_4x": round(ratio, 3),
-                                             "flops_bound": round(bounds["flops_ratio"], 3),
-                                             "bytes_bound": round(bounds["bytes_ratio"], 3),
-                                             "roofline_bound": round(bounds.get("roofline_ratio", float("nan")), 3),
-                                             "real_size_flops_bound": round(real_bounds["flops_ratio"], 3),
-                                             "real_size_bytes_bound": round(real_bounds["bytes_ratio"], 3)},
-                                  "roofline": hw.name if hw is not None else None})
+    if bandwidth:
+        print(f"streaming bandwidth of this host (best of start / end): {bandwidth / 1e9:.1f} GB/s "
+              f"({' / '.join(f'{h.bandwidth / 1e9:.1f}' for h in roof)}); fp32 matmul {max(h.peak_flops for h in roof) / 1e9:.0f} GFLOP/s")
+    head = f"{'cache':>10} {'tokens':>7} {'MB/step':>8} {'bound ms':>9} | " + " | ".join(
+        f"{path + ' ms':>12} {'x bound':>7}" for path in paths) + " | greedy tokens"
+    print(head)
+    print("-" * len(head))
+    result, met = {}, True
+    for name, (cache, _) in caches.items():
+        ctx = cache.get_seq_length()
+        cost = decode_cost(cfg, ctx, el)
+        bound_ms = cost.bytes / bandwidth * 1e3 if bandwidth else float("nan")
+        same = all(tokens[(name, path)] == tokens[(name, "forward")] for path in paths)
+        cells = []
+        for path in paths:
+            ms = med[(name, path)]
+            cells.append(f"{ms:12.2f} {ms / bound_ms:7.2f}")
+            result[f"{name} {path}"] = {"ms": round(ms, 3), "x_bound": round(ms / bound_ms, 3)}
+        if name.endswith("f") and " " not in name:
+            met = met and med[(name, "step")] / bound_ms <= 2.0
+        print(f"{name:>10} {ctx:>7} {cost.bytes / 2**20:8.1f} {bound_ms:9.2f} | " + " | ".join(cells)
+              + f" | {'identical' if same else 'DIFFERENT'}")
+        result[f"{name} bound_ms"] = round(bound_ms, 3)
+        result[f"{name} identical"] = same
+    print(f"decode step within 2x of the byte bound at {frames[0]}-{frames[-1]} frames: "
+          f"{'MET' if met else 'MISSED'}; speedup of the step over the model's forward: " + ", ".join(
+              f"{n} {med[(n, 'forward')] / med[(n, 'step')]:.2f}x" for n in caches))
+
+    big = f"{max(frames)}f"
+    ctx_a, ctx_b = caches[big][0].get_seq_length(), caches[f"{big} 4x"][0].get_seq_length()
+    b = decode_bounds(cfg, ctx_a, ctx_b, el)
+    ratio = med[(big, "step")] / med[(f"{big} 4x", "step")]
+    real = real_config()
+    real_ctx = [pipeline_cost(real, max(frames), DEFAULT_COMPRESSIONS[c]).visual_tokens + 64 for c in (1, 4)]
+    rb = decode_bounds(real, *real_ctx, hardware=A100_80GB)
+    print(f"4x vs none at {max(frames)} frames: {ratio:.2f}x faster per token; FLOP ratio {b['flops_ratio']:.2f}x, "
+          f"byte ratio {b['bytes_ratio']:.2f}x (a step reads every weight whatever the cache); real size (SigLIP-so400m "
+          f"+ Qwen2-7B, bf16): FLOP ratio {rb['flops_ratio']:.2f}x, byte ratio {rb['bytes_ratio']:.2f}x")
+    common.footer()
+    common.write_json(args.json, {"benchmark": "decode", "source": source, "settings": s.as_dict(),
+                                  "tokens_per_round": args.tokens, "bandwidth_gb_s": bandwidth and bandwidth / 1e9,
+                                  "compile_s": compile_s, "kv_cache_tokens": {n: c.get_seq_length() for n, (c, _) in caches.items()},
+                                  "steps": result, "target_met": met}, host)
     return 0
 
 

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import _profile_common as common
 
+from storm_vlm.perf.costmodel import DEFAULT_COMPRESSIONS, param_counts, pipeline_cost, real_config
+from storm_vlm.perf.profiler import profile_row
+
 
 def main(argv=None) -> int:
     p = common.parser(__doc__.splitlines()[0], repeats=1, warmup=0)
@@ -21,14 +24,11 @@ def main(argv=None) -> int:
     p.add_argument("--compression", type=int, default=4, choices=[1, 4, 8])
     p.add_argument("--tokens", type=int, default=4, help="tokens decoded (default: 4)")
     args = p.parse_args(argv)
-    from storm_vlm.perf.costmodel import DEFAULT_COMPRESSIONS, param_counts, pipeline_cost, real_config
-    from storm_vlm.perf.profiling import profile_row
-
     model, source, defaults = common.load(args)
     comp = DEFAULT_COMPRESSIONS[args.compression]
     s = common.settings(args, defaults, [args.frames], [comp], decode_tokens=args.tokens)
     model = common.prepare(model, s)
-    common.header("memory", source, s)
+    host = common.header("memory", source, s)
     row = profile_row(model, args.frames, comp, s)
     if row.get("skipped"):
         print(row["note"])
@@ -52,11 +52,12 @@ def main(argv=None) -> int:
     print(f"cost model, this model: weights {w_mb:.0f} MB + largest activation set {act_mb:.0f} MB")
     print(f"cost model, real size in bf16: weights {real_w / 1024:.1f} GB + largest activation set "
           f"{real_act / 1024:.1f} GB (KV cache {real_c.decode_per_token.activation_bytes / 2**30:.2f} GB)")
+    common.footer()
     common.write_json(args.json, {"benchmark": "memory", "source": source, "frames": args.frames,
                                   "compression": args.compression, "row": row,
                                   "estimate_mb": {"weights": round(w_mb, 1), "activations": round(act_mb, 1)},
                                   "real_size_estimate_gb": {"weights": round(real_w / 1024, 2),
-                                                            "activations": round(real_act / 1024, 2)}})
+                                                            "activations": round(real_act / 1024, 2)}}, host)
     return 0
 
 

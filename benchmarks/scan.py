@@ -12,7 +12,7 @@ layout), at the default thread count and at 1 thread, it prints:
   inputs exist, each measurement in a fresh subprocess, so it counts everything the call
   allocates (autograd graph, temporaries, the gradients);
 - two floors measured in the same run: bytes the scan must read and write (u, delta, z, B, C in,
-  out out; for fwd+bwd also the output gradient in and the input gradients out) over this machine's
+  out out; for fwd+bwd also the output gradient in and the input gradients out) over the host's
   measured copy bandwidth; and its L*D*N exponentials plus ~6 flops each (fwd) over the measured
   single-thread exp2 rate (cache-resident exp2) and FMA rate, divided by the thread count.
   The rates are re-measured next to every configuration (the machine may be shared); the

@@ -10,8 +10,8 @@ work to do) and cached. All methods sample the same indices round(linspace(0, n-
 the frames are compared, each timing is the median of --repeats interleaved runs, and the
 table gives each time and its ratio to load_video.
 
-    .venv/bin/python benchmarks/video_loading.py            # the defaults above
-    .venv/bin/python benchmarks/video_loading.py --minutes 60 --gop 250
+    python benchmarks/video_loading.py            # the defaults above
+    python benchmarks/video_loading.py --minutes 60 --gop 250
 """
 
 from __future__ import annotations
@@ -22,8 +22,14 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from storm_vlm import load_video  # noqa: E402
+from storm_vlm.perf.host import host_summary, load_line  # noqa: E402
 
 
 def make_video(path: str, minutes: float, fps: int, width: int, height: int, gop: int) -> None:
@@ -87,8 +93,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--video", default=None, help="cache path of the generated video")
     args = parser.parse_args(argv)
-
-    from storm_vlm import load_video
+    print(host_summary())
 
     video = args.video or os.path.join(
         tempfile.gettempdir(),
@@ -134,6 +139,7 @@ def main(argv=None) -> int:
         diff = np.abs(results[name].astype(np.int16) - reference.astype(np.int16))
         lines.append(f"{name:<20} {t:>9.3f} {t / base:>12.1f}x {int(diff.max()):>14d} (mean {diff.mean():.2f})")
     print("\n".join(lines))
+    print(load_line())
     return 0
 
 

@@ -62,6 +62,7 @@ def test_interactive_chat_reads_questions_and_commands(qwen2_mamba_dir, tmp_path
     assert any(l.startswith("error: missing.mp4: ") for l in lines)
     assert any(l.startswith("unknown command /frobnicate") for l in lines)
     assert "loaded " in out.stderr and "Loading weights" not in out.stderr and "%|" not in out.stderr
+    assert "torchvision" not in out.stderr
 
 
 def test_an_empty_answer_is_said_as_such(predictor):

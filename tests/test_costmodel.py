@@ -151,7 +151,7 @@ def test_bench_cpu_config_keeps_the_real_proportions(real):
     """configs/bench-cpu.yaml: widths and tokens per frame / 16, depths kept -> same FLOP shares."""
     from pathlib import Path
 
-    from storm_vlm.perf.profiling import load_model_config
+    from storm_vlm.perf.profiler import load_model_config
 
     bench, defaults = load_model_config(Path(__file__).resolve().parents[1] / "configs" / "bench-cpu.yaml")
     assert bench.vision_config.num_hidden_layers == 27 and bench.text_config.num_hidden_layers == 28

@@ -57,6 +57,21 @@ def test_a_batch_answers_as_each_request_alone(engine):
         [(c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in alone]
 
 
+def test_a_batch_holds_at_most_max_batch_frames(engine):
+    gate, running = _paused(engine)
+    blocker = engine.submit(*_ask(engine, random_video(3), "hold"))
+    running.wait(60)
+    saved, engine.max_batch_frames = engine.max_batch_frames, 10
+    try:
+        handles = [engine.submit(*_ask(engine, random_video(t, seed=t), "q", SamplingParams(max_new_tokens=1)))
+                   for t in (6, 4, 5)]
+        gate.set()
+        blocker.result()
+        assert [h.result().timings["batch_size"] for h in handles] == [2, 2, 1]  # 6 + 4 frames, then 5
+    finally:
+        engine.max_batch_frames = saved
+
+
 def test_each_request_stops_on_its_own_budget_and_stop_string(engine):
     base = engine.submit(*_ask(engine, random_video(4), "What colour?", SamplingParams(max_new_tokens=8))).result()
     assert len(base.text) > 2
@@ -173,3 +188,27 @@ def test_a_full_queue_answers_503_with_retry_after(engine, client, video_bytes):
         blocker.result()
         for h in queued:
             h.result()
+
+
+def test_request_videos_are_scaled_to_the_model_input_and_can_be_stopped(engine, tmp_path):
+    from storm_vlm.video import DecodeCancelled
+
+    big = write_mp4(tmp_path / "big.mp4", random_video(6, height=480, width=640, seed=2))
+    clip = engine.read_video(big, 4)
+    side = engine.processor.image_size
+    assert min(clip.frames.shape[1:3]) >= side and max(clip.frames.shape[1:3]) < 640  # scaled while decoding
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(DecodeCancelled):
+        engine.read_video(big, 4, cancel=stop)
+
+
+def test_a_slow_decode_answers_503(engine, client, video_bytes, monkeypatch):
+    from storm_vlm.video import DecodeTimeout
+
+    def slow(path, *args, **kwargs):
+        raise DecodeTimeout(f"{path}: decoding took longer than 60 s")
+
+    monkeypatch.setattr(engine, "read_video", slow)
+    r = client.post("/v1/answer", files={"video": ("clip.mp4", video_bytes, "video/mp4")}, data={"question": "q"})
+    assert r.status_code == 503 and r.headers["retry-after"] and r.json()["detail"].startswith("clip.mp4: ")

@@ -56,8 +56,8 @@ def test_full_run_writes_predictions_results_and_table(synth, tmp_path, capsys):
     assert rows[0]["num_frames"] == 3 and rows[0]["reply"] == "The answer is A."
     saved = json.loads((out / "results.json").read_text())
     assert saved == json.loads(json.dumps(res))
-    assert saved["counts"] == {"total": 6, "predicted": 6, "answered": 4, "unparsed": 2, "decode_failures": 0,
-                               "missing": 0, "correct": 2}
+    assert saved["counts"] == {"total": 6, "predicted": 6, "answered": 4, "unparsed": 2, "empty_replies": 0,
+                               "decode_failures": 0, "missing": 0, "correct": 2}
     assert saved["accuracy"] == pytest.approx(2 / 6)
     # synthetic breaks down by task: ids 0,2,4 are "order", 1,3,5 "count"
     assert saved["breakdowns"]["task"]["order"] == {"correct": 1, "count": 3, "accuracy": pytest.approx(1 / 3)}
@@ -67,6 +67,18 @@ def test_full_run_writes_predictions_results_and_table(synth, tmp_path, capsys):
     table = (out / "results.md").read_text()
     assert "| accuracy (questions seen) | 33.33 |" in table and "| count | 33.33 | 1 / 3 |" in table
     assert "| unparsed | 2 |" in capsys.readouterr().out
+
+
+def test_empty_replies_are_counted_as_such(synth, tmp_path, capsys):
+    class Silent(Scripted):
+        def predict(self, record, frames):
+            reply = super().predict(record, frames)
+            return "" if reply == "I cannot tell." else reply
+
+    res = evaluate_with_predictor(Silent(), load_benchmark("synthetic", synth), tmp_path / "out", num_frames=3,
+                                  progress=False)
+    assert res["counts"]["unparsed"] == res["counts"]["empty_replies"] == 2
+    assert "| empty replies | 2 |" in capsys.readouterr().out
 
 
 def test_broken_and_missing_videos_are_recorded_and_the_run_goes_on(synth, tmp_path):

@@ -30,7 +30,7 @@ def server(qwen2_mamba_dir, tmp_path_factory):
         proc = subprocess.Popen(
             [sys.executable, "-m", "storm_vlm", "serve", str(qwen2_mamba_dir), "--port", str(port),
              "--frames", str(FRAMES), "--max-frames", "16", "--max-upload-mb", "0.2", "--precision", "float32",
-             "--served-model-name", "storm-tiny"], stdout=out, stderr=subprocess.STDOUT)
+             "--served-model-name", "storm-tiny", "--body-timeout", "2"], stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 240
@@ -139,3 +139,18 @@ def test_deeply_nested_json_is_400_not_500(server):
     r = httpx.post(f"{server}/v1/chat/completions", content=body, headers={"content-type": "application/json"},
                    timeout=60)
     assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
+
+
+def test_a_stalled_body_is_408_and_the_server_goes_on(server):
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"messages\": [")
+        reply = b""
+        while b"did not arrive" not in reply:  # sent after the 2 s body timeout
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408") and b"did not arrive within 2 s" in reply
+    assert httpx.get(f"{server}/health").status_code == 200

@@ -13,16 +13,14 @@ from storm_vlm import StormConfig
 from storm_vlm.cli import main
 from storm_vlm.perf.costmodel import DEFAULT_COMPRESSIONS, parse_compressions
 from storm_vlm.errors import StormError
-from storm_vlm.perf.profiling import (
+from storm_vlm.perf.profiler import (
     ROW_FIELDS,
     ProfileSettings,
     build_random_model,
-    format_table,
     load_model_config,
-    plot_profile,
     profile_model,
-    write_profile,
 )
+from storm_vlm.perf.report import format_table, plot_profile, write_profile
 from helpers import TINY_CONFIG as TINY
 
 
@@ -63,7 +61,8 @@ def test_profile_rows_json_table_and_plots(tiny_model, tmp_path):
         assert len(r["samples_ms"]["llm_prefill"]) == 2 and r["samples_ms"]["decode_steps"] == 2 * 3
     # 8 frames: none 8 x 4 tokens, pool 4 -> 2 frames, pool 4 + sample 2 -> 1 frame
     assert [r["visual_tokens"] for r in rows if r["frames"] == 8] == [32, 8, 4]
-    assert result["settings"]["repeats"] == 2 and result["hardware"]["device"] == "cpu"
+    assert result["settings"]["repeats"] == 2 and result["settings"]["device"] == "cpu"
+    assert result["host"]["cpu"] and "torch_threads" in result["host"] and "blas" in result["host"]
     assert result["model"]["parameters"]["projector"] > 0
 
     path = write_profile(result, tmp_path)
@@ -110,7 +109,7 @@ def test_rows_that_do_not_fit_are_skipped(tiny_model, tmp_path):
     assert len(plot_profile(result, tmp_path)) == 2  # plots still written (empty)
 
 
-def test_cli_with_config_and_model_dir(tmp_path, capsys):
+def test_cli_with_config_and_model_dir(tmp_path, capsys, qwen2_mamba_dir):
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(yaml.safe_dump({"model": TINY, "profile": {"text_tokens": 4, "decode_tokens": 2}}))
     config, defaults = load_model_config(cfg_path)
@@ -126,13 +125,15 @@ def test_cli_with_config_and_model_dir(tmp_path, capsys):
     assert result["settings"]["decode_tokens"] == 2 and result["rows"][0]["kv_cache_tokens"] == 16 + 4
     assert (out / "latency_vs_frames.png").read_bytes()[:8] == PNG_MAGIC
 
-    model_dir = tmp_path / "model"
-    build_random_model(config).save_pretrained(model_dir)
+    # a saved model folder goes through the project's loader (storm_vlm.inference.load_model);
+    # --dtype fp32 is a spelling of --precision float32
     out2 = tmp_path / "out2"
-    assert main(["profile", str(model_dir), "--frames", "2", "--compression", "8", "--repeats", "1",
-                 "--decode-tokens", "1", "--output", str(out2), "--no-plots"]) == 0
-    (row,) = json.loads((out2 / "profile.json").read_text())["rows"]
-    assert row["compression"] == 8 and row["visual_tokens"] == 4  # 2 frames -> 1 pooled frame -> 1 sampled
+    assert main(["profile", str(qwen2_mamba_dir), "--frames", "2", "--compression", "8", "--repeats", "1",
+                 "--decode-tokens", "1", "--output", str(out2), "--no-plots", "--dtype", "fp32"]) == 0
+    result = json.loads((out2 / "profile.json").read_text())
+    (row,) = result["rows"]
+    assert result["settings"]["precision"] == "float32"
+    assert row["compression"] == 8 and row["visual_tokens"] == 16  # 2 frames -> 1 pooled frame -> 1 sampled
     assert not (out2 / "breakdown.png").exists()
 
 
@@ -141,7 +142,7 @@ def test_cli_with_config_and_model_dir(tmp_path, capsys):
     (["--config", "{cfg}", "--compression", "3"], "no default mapping for 3"),
     (["--config", "{cfg}", "--frames", "0,4"], "--frames"),
     (["--config", "{missing}"], "cannot read"),
-    (["{missing}"], "not a STORM model folder"),
+    (["{missing}"], "does not exist"),
 ])
 def test_cli_errors(tmp_path, capsys, argv, message):
     cfg_path = tmp_path / "tiny.yaml"
@@ -153,7 +154,7 @@ def test_cli_errors(tmp_path, capsys, argv, message):
 
 
 def test_prefill_video_and_decode_latency(tiny_model):
-    from storm_vlm.perf.profiling import decode_latency, prefill_video
+    from storm_vlm.perf.profiler import decode_latency, prefill_video
 
     settings = _settings(text_tokens=6)
     comp = DEFAULT_COMPRESSIONS[4]
@@ -184,7 +185,8 @@ def test_tune_cpu_allocator_stops_page_faults_of_reused_memory():
     # every 4 KiB page again (~5,000 faults per round); after tuning, freed blocks are reused.
     code = textwrap.dedent("""
         import json, torch
-        from storm_vlm.perf.profiling import page_faults, tune_cpu_allocator
+        from storm_vlm.perf.allocator import tune_cpu_allocator
+        from storm_vlm.perf.host import page_faults
         def faults():
             for _ in range(2):  # warm
                 a, b, c = torch.ones(2 * 2**20), torch.ones(2 * 2**20), torch.ones(2**20)
@@ -202,12 +204,13 @@ def test_tune_cpu_allocator_stops_page_faults_of_reused_memory():
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["state"]["tuned"] and res["state"]["mmap_threshold"] == 32 * 2**20
     assert res["again"] == res["state"]  # idempotent
-    # (how many faults the defaults give depends on glibc's dynamic thresholds, usually ~100,000)
-    assert res["after"] < 200, res
+    # (how many faults the defaults give depends on glibc's dynamic thresholds, usually ~100,000; after
+    # tuning it is ~0, unless the kernel reclaims idle heap pages meanwhile, e.g. DAMON on a shared host)
+    assert res["after"] * 10 < max(res["before"], 2000), res
 
 
 def test_measure_cpu_roofline():
-    from storm_vlm.perf.profiling import measure_cpu_roofline
+    from storm_vlm.perf.host import measure_cpu_roofline
 
     hw = measure_cpu_roofline(matmul_size=128, stream_mb=8, repeats=2)
     assert 1e8 < hw.peak_flops < 1e14 and 1e8 < hw.bandwidth < 1e13 and hw.mfu == 1.0

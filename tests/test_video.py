@@ -251,18 +251,22 @@ def test_bad_arguments(tmp_path):
         assert str(path) in str(info.value)
 
 
-def test_video_module_imports_neither_torch_nor_av_at_import_time():
-    # The package __init__ may pull in other modules; this checks video.py's own imports.
+def test_video_modules_import_neither_torch_nor_av_at_import_time():
+    # The package __init__ may pull in other modules; this checks the loader's own imports.
     import ast
+    import pathlib
 
+    import storm_vlm.media as media
     import storm_vlm.video as video
 
-    tree = ast.parse(open(video.__file__).read())
-    top_level = set()
-    for node in tree.body:  # module-level statements only: function-level imports are lazy
-        if isinstance(node, ast.Import):
-            top_level |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            top_level.add(node.module.split(".")[0])
-    assert "torch" not in top_level and "av" not in top_level
-    assert top_level <= {"__future__", "math", "os", "threading", "dataclasses", "fractions", "numpy", "storm_vlm"}
+    files = [pathlib.Path(video.__file__), *sorted(pathlib.Path(media.__file__).parent.glob("*.py"))]
+    for file in files:
+        top_level = set()
+        for node in ast.parse(file.read_text()).body:  # module-level statements only: function-level imports are lazy
+            if isinstance(node, ast.Import):
+                top_level |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                top_level.add(node.module.split(".")[0])
+        assert "torch" not in top_level and "av" not in top_level, file
+        assert top_level <= {"__future__", "math", "os", "stat", "threading", "time", "concurrent", "dataclasses",
+                             "fractions", "numpy", "storm_vlm"}, (file, top_level)

@@ -8,7 +8,6 @@ them. `save_storm(model, processor, out_dir)` writes both (safetensors) atomical
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,9 +16,9 @@ import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.models.siglip import SiglipImageProcessorPil
-from transformers.utils import logging as hf_logging
 
 from storm_vlm.errors import StormError
+from storm_vlm.inference import quiet_transformers
 from storm_vlm.model.configuration import StormConfig
 from storm_vlm.model.modeling import StormForConditionalGeneration
 from storm_vlm.model.processing import StormProcessor, add_placeholder_tokens, default_chat_template
@@ -46,17 +45,6 @@ def _storage_dtype(dtype):
         return dtype
     name = parse_precision("auto" if dtype is None else dtype)
     return None if name == "auto" else getattr(torch, name)
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Hide transformers' load reports (e.g. SigLIP's unused pooling head)."""
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
 
 
 def read_part_configs(vision_dir, llm_dir):
@@ -103,7 +91,7 @@ def load_parts(vision_dir, llm_dir, dtype="auto"):
     vcfg, lcfg = read_part_configs(vision_dir, llm_dir)
     torch_dtype = _storage_dtype(dtype)
 
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             vision, info = SiglipVisionModel.from_pretrained(
                 vision_dir, vision_use_head=False, dtype=torch_dtype or "auto", output_loading_info=True

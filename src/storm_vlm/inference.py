@@ -40,6 +40,21 @@ GREEDY = {"do_sample": False, "num_beams": 1}
 EMPTY_ANSWER = "(empty answer: the model ended its turn at once)"
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """Hide transformers' loading progress bars and notices (e.g. that SigLIP's processor falls back
+    to its PIL version without torchvision, or an unused pooling head) while loading."""
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """`device` as a torch.device (default: CUDA if available); StormError for a bad or absent one."""
     if device is None:
@@ -65,16 +80,12 @@ def load_model(model_dir, device: str | torch.device | None = None, precision: s
     if not isinstance(precision, Precision):
         precision = resolve_precision(precision, torch_device)
     t0 = time.perf_counter()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=precision.weights, local_files_only=True)
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        with quiet_transformers():
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=precision.weights, local_files_only=True)
+            processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise StormError(f"{path}: cannot load the model ({exc})") from None
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
     model = model.to(torch_device).eval()
     if verbose:
         print(f"loaded {path} in {time.perf_counter() - t0:.1f} s ({torch_device}, {precision.describe()})",

@@ -1,65 +1,68 @@
 """Load frames from a video (or a still image) with PyAV: `load_video` and `VideoDecodeError`.
 
-Sampling seeks instead of decoding the whole file: for each wanted frame the decoder
-either jumps to the keyframe before it (when that keyframe lies beyond the current
-decoder position) or decodes forward (when the wanted frame is in the GOP already being
-decoded). 128 frames of an hour-long video therefore cost about 128 short decodes.
+What a call may cost is bounded, so that a hostile or broken file cannot take a server down:
 
-Frames are identified by presentation time: frame i of a stream is the one shown at
-`first_pts + i / fps`. Formats that cannot seek (or streams without timestamps or a frame
-rate) fall back to decoding sequentially. This module does not import torch.
+- pixels: frames are scaled down while they are converted to RGB (never materialised at full
+  size) to at most `max_pixels` (default `DEFAULT_MAX_PIXELS`) or to `min_side` on the shorter
+  side; streams with pictures above `MAX_SOURCE_PIXELS` (images: `MAX_IMAGE_PIXELS`) are
+  refused before decoding, since the decoder's own pictures cannot be scaled.
+- concurrency: at most `max_concurrent_decodes()` calls decode at once per process
+  (`set_max_concurrent_decodes`), on the process's decoding threads; others wait for a slot.
+- time and cancellation: `timeout_s` bounds the call (waiting for a slot included) and
+  `cancel` (a callable or threading.Event) stops it; both are checked between packets.
+- files: only self-contained formats (`ALLOWED_FORMATS`) are opened, so a playlist (HLS,
+  ffconcat, ...) cannot make the loader read other files on the machine.
+
+It also says what happened: a file shorter than its container declares fails as truncated
+(or, with `allow_truncated=True`, gives the part that decodes, marked `truncated`); a stream
+whose frame timestamps are implausible is read frame by frame; running out of memory is
+reported as such. How frames are picked (seeking vs decoding forward) is described in
+`storm_vlm.media.readers`. This module imports neither torch nor PyAV at import time.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import threading
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 import numpy as np
 
-from storm_vlm.errors import StormError
+from storm_vlm.media.container import (ALLOWED_FORMATS, IMAGE_FORMATS, Truncation, av, av_errors, check_file,
+                                       find_truncation, open_container)
+from storm_vlm.media.errors import DecodeCancelled, DecodeTimeout, VideoDecodeError, describe, fail
+from storm_vlm.media.limits import (DEFAULT_MAX_PIXELS, MAX_IMAGE_PIXELS, MAX_SOURCE_PIXELS, Budget,
+                                    max_concurrent_decodes, output_size, run_decode, set_max_concurrent_decodes)
+from storm_vlm.media.readers import FrameSink, SeekingReader, SequentialReader, decoded_frames, rotate_frame
 from storm_vlm.utils import check_int
 
-__all__ = ["VideoClip", "VideoDecodeError", "load_video", "rotate_frame", "uniform_indices"]
+__all__ = ["VideoClip", "VideoDecodeError", "DecodeTimeout", "DecodeCancelled", "load_video", "rotate_frame",
+           "uniform_indices", "ALLOWED_FORMATS", "DEFAULT_MAX_PIXELS", "MAX_SOURCE_PIXELS", "MAX_IMAGE_PIXELS",
+           "set_max_concurrent_decodes", "max_concurrent_decodes"]
 
 # Demuxers whose seeking is index-based and precise enough to sample by seeking.
 _SEEKABLE_FORMATS = {"mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm", "avi", "flv", "nut"}
-_IMAGE_FORMATS = {"image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe", "jpegls_pipe",
-                  "ppm_pipe", "pgm_pipe", "qoi_pipe"}
-
-
-def _av():
-    """PyAV, imported on first use so that `import storm_vlm` stays cheap."""
-    import av
-
-    return av
-
-
-def _av_errors() -> tuple:
-    return (_av().FFmpegError, OSError, EOFError, MemoryError, UnicodeDecodeError)
-
-
-class VideoDecodeError(StormError):
-    """A video (or image) could not be read; the message names the file and the cause."""
 
 
 @dataclass(frozen=True, eq=False)
 class VideoClip:
     """Frames sampled from a video.
 
-    frames: (T, H, W, 3) uint8 RGB, rotation metadata already applied.
+    frames: (T, H, W, 3) uint8 RGB, rotation metadata already applied, scaled down to the
+        call's max_pixels / min_side (extra["source_size"] is the decoded size).
     timestamps: (T,) float64 seconds from the first frame of the stream.
     indices: (T,) int64 source frame indices (frame i is shown at i / native_fps).
     native_fps: the stream's frame rate (None for a still image).
     duration: seconds spanned by the whole stream (num_source_frames / native_fps).
-    num_source_frames: frames in the whole stream.
+    num_source_frames: frames in the whole stream (the decodable part when truncated).
     repeated: True when the clip had fewer frames than asked and frames were repeated.
     is_image: True for a still image (then T == 1).
     rotation: display rotation applied, degrees counter-clockwise (0, 90, 180 or 270).
-    extra: how it was read: reader, seeks, frames decoded, where the frame count came from.
+    truncated: True when the file is cut short and the clip covers only the part that decodes
+        (only with allow_truncated=True; extra["truncated"] says how much is missing).
+    extra: how it was read: reader, seeks, frames decoded, where the frame count came from,
+        source_size and frame_size (width, height), and "timing" / "truncated" notes.
 
     Unpacks as `frames, timestamps = load_video(...)`.
     """
@@ -74,6 +77,7 @@ class VideoClip:
     path: str
     is_image: bool = False
     rotation: int = 0
+    truncated: bool = False
     extra: dict = field(default_factory=dict, repr=False)
 
     def __iter__(self):
@@ -104,41 +108,40 @@ def uniform_indices(num_available: int, num_frames: int) -> tuple[np.ndarray, bo
     return np.clip(idx, 0, num_available - 1), True
 
 
-def rotate_frame(frame: np.ndarray, rotation: float) -> np.ndarray:
-    """Apply a display rotation (degrees counter-clockwise, FFmpeg's convention) to (H, W, C)."""
-    k = int(round(float(rotation) / 90.0)) % 4
-    return np.ascontiguousarray(np.rot90(frame, k=k)) if k else frame
+def _positive_seconds(value) -> bool:
+    return isinstance(value, (int, float, Fraction)) and not isinstance(value, bool) and math.isfinite(value) \
+        and value > 0
 
 
-def _fail(path: str, cause: str) -> VideoDecodeError:
-    return VideoDecodeError(f"{path}: {cause}")
-
-
-def _describe(exc: BaseException) -> str:
-    # FFmpeg errors carry "[Errno N] cause: 'file'"; the cause alone reads better.
-    text = getattr(exc, "strerror", None) or str(exc).strip() or type(exc).__name__
-    return str(text).replace("\n", " ")
-
-
-def _check_args(path: str, num_frames, fps, start, end) -> None:
+def _check_args(path: str, num_frames, fps, start, end, max_pixels, min_side, timeout_s, allow_truncated) -> None:
     try:
         check_int("num_frames", num_frames)
+        if max_pixels is not None:
+            check_int("max_pixels", max_pixels)
+        if min_side is not None:
+            check_int("min_side", min_side)
     except ValueError as exc:
-        raise _fail(path, str(exc)) from None
-    if fps is not None and (not isinstance(fps, (int, float, Fraction)) or not math.isfinite(fps) or fps <= 0):
-        raise _fail(path, f"fps must be a positive number, got {fps!r}")
+        raise fail(path, str(exc)) from None
+    if fps is not None and not _positive_seconds(fps):
+        raise fail(path, f"fps must be a positive number, got {fps!r}")
     for name, value in (("start", start), ("end", end)):
         if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0):
-            raise _fail(path, f"{name} must be a non-negative number of seconds, got {value!r}")
+            raise fail(path, f"{name} must be a non-negative number of seconds, got {value!r}")
     if start is not None and end is not None and start >= end:
-        raise _fail(path, f"start ({start} s) must be before end ({end} s)")
+        raise fail(path, f"start ({start} s) must be before end ({end} s)")
+    if timeout_s is not None and not _positive_seconds(timeout_s):
+        raise fail(path, f"timeout_s must be a positive number of seconds or None, got {timeout_s!r}")
+    if not isinstance(allow_truncated, bool):
+        raise fail(path, f"allow_truncated must be True or False, got {allow_truncated!r}")
 
 
 # ---------------------------------------------------------------- entry point
 
 
 def load_video(path, num_frames: int = 32, fps: float | None = None, start: float | None = None,
-               end: float | None = None) -> VideoClip:
+               end: float | None = None, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               min_side: int | None = None, timeout_s: float | None = None, cancel=None,
+               allow_truncated: bool = False) -> VideoClip:
     """Sample frames from a video file (or load a still image as one frame).
 
     Uniform mode (fps=None): exactly `num_frames` frames at indices round(linspace(0, n-1, T))
@@ -148,62 +151,234 @@ def load_video(path, num_frames: int = 32, fps: float | None = None, start: floa
     rate); when that gives more than `num_frames`, `num_frames` uniformly spread frames.
     Still images (png, jpg, ...) give T=1.
 
+    Frame size: each frame is scaled down (never up, aspect ratio kept) while decoding to at
+    most `max_pixels` pixels (None: no cap) and, with `min_side`, until its shorter side is
+    `min_side` -- pass the model's input side (e.g. 448 for SigLIP-448): the processor resizes
+    to that anyway and no detail it could see is lost. The clip costs at most
+    T x max_pixels x 3 bytes. Sources above MAX_SOURCE_PIXELS (images: MAX_IMAGE_PIXELS) are
+    refused: the decoder's own pictures cannot be scaled.
+
+    timeout_s: give up (DecodeTimeout) after this many seconds, waiting for one of the
+    process's decode slots (`set_max_concurrent_decodes`) included. cancel: a callable
+    returning True, or a threading.Event, checked between packets (from the decoding thread)
+    and while waiting for a slot: when it fires the call stops with DecodeCancelled (e.g. a
+    server whose client disconnected). The decode runs on one of the process's decoding
+    threads; this call waits for it. allow_truncated:
+    a file cut short fails by default; with True the clip samples the part that decodes and
+    says so (`truncated=True`, extra["truncated"]).
+
     Returns a VideoClip: frames (T, H, W, 3) uint8, timestamps (T,) seconds, plus metadata.
-    Raises VideoDecodeError (a ValueError) naming the file and the cause on any failure.
+    Raises VideoDecodeError (a ValueError; DecodeTimeout and DecodeCancelled are subclasses)
+    naming the file and the cause on any failure.
     """
     path = os.fspath(path)
-    _check_args(path, num_frames, fps, start, end)
-    if not os.path.exists(path):
-        raise _fail(path, "no such file")
-    if os.path.isdir(path):
-        raise _fail(path, "is a directory, not a video file")
-    if os.path.getsize(path) == 0:
-        raise _fail(path, "file is empty (0 bytes)")
-    try:
-        container = _av().open(path, mode="r", metadata_errors="ignore")
-    except _av_errors() as exc:
-        raise _fail(path, f"not a readable video or image ({_describe(exc)})") from None
-    try:
-        with container:
-            return _load_from_container(container, path, int(num_frames), fps, start, end)
-    except VideoDecodeError:
-        raise
-    except _av_errors() as exc:
-        raise _fail(path, f"decoding failed, the file is truncated or corrupt ({_describe(exc)})") from None
+    _check_args(path, num_frames, fps, start, end, max_pixels, min_side, timeout_s, allow_truncated)
+    budget = Budget(path, timeout_s, cancel)
+    size = check_file(path)
+    loader = _Loader(path, size, find_truncation(path, size), budget, int(num_frames), fps, start, end,
+                     max_pixels, min_side, allow_truncated)
+    return run_decode(loader.run, budget)
 
 
-def _load_from_container(container, path, num_frames, fps, start, end) -> VideoClip:
-    if not container.streams.video:
-        kinds = sorted({s.type for s in container.streams}) or ["none"]
-        raise _fail(path, f"no video stream (streams found: {', '.join(kinds)})")
-    stream = container.streams.video[0]
-    format_names = set((container.format.name or "").split(","))
-    if format_names & _IMAGE_FORMATS:
-        return _load_image(container, stream, path)
-    reader = _SeekingReader(container, stream, path)
-    if not (format_names & _SEEKABLE_FORMATS) or not reader.can_seek():
-        reader = _SequentialReader(container, stream, path)
-    n = reader.num_frames()
-    rate = reader.rate
-    first, last = _clip_bounds(path, n, rate, start, end)
-    n_clip = last - first + 1
-    if fps is None:
-        rel, repeated = uniform_indices(n_clip, num_frames)
-    else:
-        rel, repeated = _fps_indices(n_clip, rate, float(fps), num_frames), False
-    indices = rel + first
-    wanted = np.unique(indices)
-    decoded = reader.read(wanted)  # index -> (frame array, timestamp, rotation)
-    shapes = {decoded[int(i)][0].shape for i in wanted}
-    if len(shapes) > 1:
-        raise _fail(path, f"frame size changes within the video ({sorted(shapes)})")
-    frames = np.stack([decoded[int(i)][0] for i in indices])
-    timestamps = np.array([decoded[int(i)][1] for i in indices], dtype=np.float64)
-    rotation = decoded[int(indices[0])][2]
-    return VideoClip(frames=frames, timestamps=timestamps, indices=indices.astype(np.int64),
-                     native_fps=float(rate), duration=n / float(rate), num_source_frames=n,
-                     repeated=bool(repeated), path=path, rotation=rotation,
-                     extra={"reader": type(reader).__name__, **reader.stats})
+def _declared_duration(container, stream) -> float | None:
+    """Seconds the stream (else the container) declares, or None."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / av().time_base
+    return None
+
+
+class _Loader:
+    """One `load_video` call on an open container."""
+
+    def __init__(self, path, size, truncation: Truncation | None, budget: Budget, num_frames, fps, start, end,
+                 max_pixels, min_side, allow_truncated):
+        self.path, self.size, self.truncation, self.budget = path, size, truncation, budget
+        self.num_frames, self.fps, self.start, self.end = num_frames, fps, start, end
+        self.max_pixels, self.min_side, self.allow_truncated = max_pixels, min_side, allow_truncated
+        self.source_size = (0, 0)
+        self.sink = None
+
+    # -- streams
+
+    def video_stream(self, container, image: bool = False):
+        """The first video stream, its size checked against the cap and FFmpeg told to enforce it."""
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise fail(self.path, f"no video stream (streams found: {', '.join(kinds)})")
+        stream = container.streams.video[0]
+        context = stream.codec_context
+        if context is None:
+            raise fail(self.path, "no decoder for its video codec")
+        cap, name = (MAX_IMAGE_PIXELS, "MAX_IMAGE_PIXELS") if image else (MAX_SOURCE_PIXELS, "MAX_SOURCE_PIXELS")
+        width, height = context.width, context.height
+        if width * height > cap:
+            raise fail(self.path, f"its pictures are {width}x{height} ({width * height / 1e6:.1f} MP), more than the "
+                                  f"{cap / 1e6:.1f} MP this loader decodes (storm_vlm.video.{name}): the decoder "
+                                  f"alone would need {width * height * 1.5 / 2**20:.0f} MiB per picture. Scale it "
+                                  f"down first (e.g. ffmpeg -i in -vf scale=-2:2160 out.mp4)")
+        # FFmpeg refuses pictures above the cap inside the bitstream too (a header may lie).
+        context.options = {**(context.options or {}), "max_pixels": str(cap)}
+        self.source_size = (width, height)
+        return stream
+
+    def opener(self, options: dict | None = None):
+        """A callable opening the (video) file afresh: (container, its video stream)."""
+        def open_stream():
+            container = open_container(self.path, self.budget, options, truncation=self.truncation)
+            try:
+                return container, self.video_stream(container)
+            except BaseException:
+                container.close()
+                raise
+        return open_stream
+
+    # -- the call
+
+    def run(self) -> VideoClip:
+        """Open, decode and sample (on a decoding thread); every failure as a VideoDecodeError."""
+        self.budget.check()
+        container = open_container(self.path, self.budget, truncation=self.truncation)
+        try:
+            with container:
+                return self.load(container)
+        except VideoDecodeError:
+            raise
+        except MemoryError:
+            raise fail(self.path, self.out_of_memory()) from None
+        except av_errors() as exc:
+            if isinstance(exc, av().ExitError):  # FFmpeg's read-timeout interrupt
+                self.budget.check()
+            damage = self.truncation.describe() if self.truncation is not None else "the file is corrupt"
+            if self.truncation is None and getattr(exc, "errno", None) == 22 and not self.source_size[0]:
+                # A picture whose size was unknown until decoding, refused by FFmpeg's max_pixels.
+                damage = (f"the decoder refused a picture: it is larger than this loader decodes "
+                          f"({MAX_SOURCE_PIXELS / 1e6:.1f} MP for video, {MAX_IMAGE_PIXELS / 1e6:.1f} MP for "
+                          f"images), or the file is corrupt")
+            raise fail(self.path, f"decoding failed: {damage} ({describe(exc)})") from None
+        finally:
+            if self.sink is not None:
+                self.sink.close()
+
+    def load(self, container) -> VideoClip:
+        format_names = set((container.format.name or "").split(","))
+        image = bool(format_names & IMAGE_FORMATS)
+        stream = self.video_stream(container, image)
+        if image:
+            return self.load_image(container, stream)
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        extra = {}
+        timing = _implausible_timing(container, stream)
+        if self.truncation is not None:
+            declared, decodable = self.decodable(container, stream)
+            if not self.allow_truncated:
+                raise fail(self.path, self.truncation.describe() + self.decodable_note(declared, decodable, rate)
+                           + "; pass allow_truncated=True to sample from the part that decodes")
+            reader = SequentialReader(self.opener(), self.path, self.budget, rate, tolerate_tail=True)
+            extra["truncated"] = {**self.truncation.as_dict(), "declared_frames": declared}
+        elif timing is not None:
+            note, duration_s = timing
+            options = {"ignore_editlist": "1"} if "mov" in format_names else None
+            reader = SequentialReader(self.opener(options), self.path, self.budget, rate, even_over=duration_s)
+            extra["timing"] = (f"{note}; frames were read in decoding order and spread evenly over the "
+                               f"declared {duration_s:.3f} s")
+        else:
+            reader = SeekingReader(container, stream, self.path, self.budget)
+            if not (format_names & _SEEKABLE_FORMATS) or not reader.can_seek():
+                reader.close()
+                reader = SequentialReader(self.opener(), self.path, self.budget, rate)
+        try:
+            n = reader.num_frames()
+            rate = reader.rate
+            if "truncated" in extra:
+                extra["truncated"]["decoded_frames"] = n
+            first, last = _clip_bounds(self.path, n, rate, self.start, self.end)
+            n_clip = last - first + 1
+            if self.fps is None:
+                rel, repeated = uniform_indices(n_clip, self.num_frames)
+            else:
+                rel, repeated = _fps_indices(n_clip, rate, float(self.fps), self.num_frames), False
+            indices = rel + first
+            self.sink = FrameSink(self.path, indices, self.max_pixels, self.min_side, self.source_size)
+            reader.read(self.sink)
+        finally:
+            reader.close()
+        return VideoClip(frames=self.sink.frames, timestamps=self.sink.timestamps, indices=indices.astype(np.int64),
+                         native_fps=float(rate), duration=n / float(rate), num_source_frames=n,
+                         repeated=bool(repeated), path=self.path, rotation=self.sink.rotation,
+                         truncated="truncated" in extra,
+                         extra={"reader": type(reader).__name__, **reader.stats, **self.sizes(), **extra})
+
+    def load_image(self, container, stream) -> VideoClip:
+        self.sink = FrameSink(self.path, np.zeros(1, dtype=np.int64), self.max_pixels, self.min_side,
+                              self.source_size)
+        stats = {"decoded": 0}
+        for frame in decoded_frames(container, stream, self.budget, stats):
+            self.sink.put(0, frame, 0.0)
+            return VideoClip(frames=self.sink.frames, timestamps=np.zeros(1), indices=np.zeros(1, dtype=np.int64),
+                             native_fps=None, duration=0.0, num_source_frames=1, repeated=False, path=self.path,
+                             is_image=True, rotation=self.sink.rotation, extra=self.sizes())
+        raise fail(self.path, "no decodable frame in the image")
+
+    def sizes(self) -> dict:
+        return {"source_size": tuple(self.sink.source_size), "frame_size": tuple(self.sink.frame_size)}
+
+    # -- what went wrong
+
+    def decodable(self, container, stream) -> tuple[int | None, int | None]:
+        """(frames the stream declares, frames that decode) of a truncated file, None when unknown."""
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        duration_s = _declared_duration(container, stream)
+        declared = int(stream.frames) or (round(duration_s * float(rate)) if duration_s and rate else None)
+        entries = stream.index_entries
+        if stream.frames and len(entries) >= stream.frames:  # a full sample index (MP4): count what is present
+            return declared, sum(1 for e in entries if not e.is_discard and e.pos >= 0 and e.pos + e.size <= self.size)
+        reader = SeekingReader(container, stream, self.path, self.budget)
+        try:
+            return declared, (reader.num_frames() if reader.can_seek() else None)
+        except (DecodeTimeout, DecodeCancelled):
+            raise
+        except (VideoDecodeError, *av_errors()):
+            return declared, None
+        finally:
+            reader.close()
+
+    @staticmethod
+    def decodable_note(declared, decodable, rate) -> str:
+        if decodable is None:
+            return "; how many of its frames decode is unknown"
+        seconds = f"{decodable / float(rate):.1f} s" if rate else ""
+        if declared:
+            if rate:
+                seconds = f" ({seconds} of {declared / float(rate):.1f} s)"
+            return f"; about {decodable} of its {declared} frames{seconds} can be decoded"
+        return f"; about {decodable} frames{f' ({seconds})' if seconds else ''} can be decoded"
+
+    def out_of_memory(self) -> str:
+        width, height = self.sink.source_size if self.sink is not None else self.source_size
+        if not width * height:
+            return "out of memory while decoding"
+        frame_w, frame_h = output_size(width, height, self.max_pixels, self.min_side)
+        clip_mib = self.num_frames * frame_w * frame_h * 3 / 2**20
+        return (f"out of memory while decoding {width}x{height} frames ({width * height * 1.5 / 2**20:.0f} MiB each "
+                f"in the decoder; the clip needs {self.num_frames} x {frame_w}x{frame_h} RGB = {clip_mib:.0f} MiB); "
+                f"free memory, or lower num_frames or max_pixels")
+
+
+def _implausible_timing(container, stream) -> tuple[str, float] | None:
+    """(note, declared seconds) when the frame rate says a frame lasts longer than the whole stream.
+
+    A stream declaring several frames in D seconds whose frame durations claim far more (e.g. an
+    MP4 time-to-sample table of 2^31 ticks) cannot be sampled by time: every target would land
+    on the first frame.
+    """
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    duration_s = _declared_duration(container, stream)
+    if stream.frames > 1 and duration_s and rate and rate > 0 and 1 / float(rate) > 1.5 * duration_s:
+        return (f"frame timestamps are implausible: {stream.frames} frames declared in {duration_s:.3f} s, but "
+                f"{1 / float(rate):.3g} s per frame"), duration_s
+    return None
 
 
 def _clip_bounds(path, n, rate, start, end) -> tuple[int, int]:
@@ -212,9 +387,9 @@ def _clip_bounds(path, n, rate, start, end) -> tuple[int, int]:
     first = 0 if start is None else int(math.ceil(start * rate - 1e-6))
     last = n - 1 if end is None else min(n - 1, int(math.ceil(end * rate - 1e-6)) - 1)
     if first > n - 1:
-        raise _fail(path, f"start {start} s is at or beyond the end of the video ({duration:.3f} s)")
+        raise fail(path, f"start {start} s is at or beyond the end of the video ({duration:.3f} s)")
     if last < first:
-        raise _fail(path, f"the clip [{start}, {end}) s contains no frame (video is {duration:.3f} s at "
+        raise fail(path, f"the clip [{start}, {end}) s contains no frame (video is {duration:.3f} s at "
                           f"{float(rate):g} fps)")
     return first, last
 
@@ -228,256 +403,3 @@ def _fps_indices(n_clip: int, rate, fps: float, num_frames: int) -> np.ndarray:
     if step <= 1:
         return np.arange(n_clip, dtype=np.int64)
     return np.floor(np.arange(count) * step + 1e-6).astype(np.int64)
-
-
-_local = threading.local()
-
-
-def _to_rgb(frame, rotation: int) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of a decoded frame, display rotation applied."""
-    reformatter = getattr(_local, "reformatter", None)
-    if reformatter is None:
-        from av.video.reformatter import VideoReformatter
-
-        # One converter per thread: building a new one for every frame costs more than the decode.
-        reformatter = _local.reformatter = VideoReformatter()
-    rgb = reformatter.reformat(frame, format="rgb24").to_ndarray()
-    return rotate_frame(rgb, rotation)
-
-
-def _frame_rotation(frame) -> int:
-    try:
-        return int(round(float(frame.rotation) / 90.0)) % 4 * 90  # 0, 90, 180 or 270 counter-clockwise
-    except (AttributeError, _av().FFmpegError):
-        return 0
-
-
-def _load_image(container, stream, path) -> VideoClip:
-    for frame in container.decode(stream):
-        rotation = _frame_rotation(frame)
-        array = _to_rgb(frame, rotation)
-        return VideoClip(frames=array[None], timestamps=np.zeros(1), indices=np.zeros(1, dtype=np.int64),
-                         native_fps=None, duration=0.0, num_source_frames=1, repeated=False, path=path,
-                         is_image=True, rotation=rotation)
-    raise _fail(path, "no decodable frame in the image")
-
-
-# ---------------------------------------------------------------- readers
-
-
-class _SeekingReader:
-    """Random access by presentation time: seek to a keyframe, decode forward to the wanted pts."""
-
-    def __init__(self, container, stream, path):
-        self.container, self.stream, self.path = container, stream, path
-        self.stats = {"seeks": 0, "decoded": 0}
-        self.time_base = stream.time_base
-        self.rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        self.first_pts = stream.start_time
-        self.frame_pts = 1.0  # pts units per frame, set by can_seek()
-        self._frames = None  # active decode iterator (None: must seek before decoding)
-        self._pending = None  # a decoded frame pushed back onto the active iterator
-        self._pos = None  # pts of the last frame taken from the active iterator
-        self._gop_frames = 0  # largest keyframe distance seen while decoding, in frames
-        self._keyframes = None  # sorted keyframe presentation timestamps from the container index
-
-    def can_seek(self) -> bool:
-        if not self.rate or self.rate <= 0 or not self.time_base:
-            return False
-        self.frame_pts = float(1 / (self.rate * self.time_base))
-        if self.first_pts is None:
-            frame = next(iter(self._decode_from(None)), None)
-            if frame is None or frame.pts is None:
-                return False
-            self.first_pts = frame.pts
-        entries = self.stream.index_entries
-        if len(entries):
-            # mp4 indexes decode timestamps; with B-frames they trail the presentation ones by a
-            # constant delay, which the first entry (a keyframe shown first) reveals.
-            shift = max(0, self.first_pts - entries[0].timestamp) if entries[0].is_keyframe else 0
-            keys = [e.timestamp for e in entries if e.is_keyframe]
-            if keys:
-                self._keyframes = np.array(sorted(keys), dtype=np.float64) + shift
-        return True
-
-    # -- frame count
-
-    def num_frames(self) -> int:
-        """Frames in the stream: stream.frames when it agrees with the duration, else probe the tail."""
-        stream = self.stream
-        duration_s = None
-        if stream.duration:
-            duration_s = float(stream.duration * self.time_base)
-        elif self.container.duration:
-            duration_s = self.container.duration / _av().time_base - float(self.first_pts * self.time_base)
-        estimate = round(duration_s * float(self.rate)) if duration_s else None
-        if stream.frames and estimate and abs(stream.frames - estimate) <= max(2, 0.02 * estimate):
-            self.stats["count_source"] = "stream.frames"
-            return int(stream.frames)
-        last_pts = self._probe_last_pts(duration_s)
-        self.stats["count_source"] = "tail probe"
-        return int(round((last_pts - self.first_pts) / self.frame_pts)) + 1
-
-    def _probe_last_pts(self, duration_s) -> float:
-        """Decode the last stretch of the stream and return the largest pts found."""
-        back_s = 2.0
-        while True:
-            target = self.first_pts
-            if duration_s:
-                target = self.first_pts + max(0.0, duration_s - back_s) / float(self.time_base)
-            last = None
-            for frame in self._decode_from(target):
-                if frame.pts is not None:
-                    last = frame.pts if last is None else max(last, frame.pts)
-            if last is not None:
-                return float(last)
-            if target <= self.first_pts:
-                raise _fail(self.path, "no decodable frame")
-            back_s *= 8
-
-    # -- decoding
-
-    def _decode_from(self, target_pts):
-        """Yield decoded frames (pts order), after seeking to the keyframe at or before target_pts."""
-        if target_pts is not None:
-            self.container.seek(int(math.floor(target_pts)), stream=self.stream, backward=True)
-            self.stats["seeks"] += 1
-        last_key = None
-        for packet in self.container.demux(self.stream):
-            for frame in self.stream.decode(packet):
-                self.stats["decoded"] += 1
-                if frame.key_frame and frame.pts is not None:
-                    if last_key is not None:
-                        gap = int(round((frame.pts - last_key) / self.frame_pts))
-                        self._gop_frames = max(self._gop_frames, gap)
-                    last_key = frame.pts
-                yield frame
-
-    def _next_frame(self):
-        if self._pending is not None:
-            frame, self._pending = self._pending, None
-            return frame
-        return next(self._frames, None)
-
-    def _should_seek(self, target_pts: float) -> bool:
-        """Seek when the keyframe before the target lies beyond the decoder position, else decode on."""
-        if self._frames is None or self._pos is None or target_pts <= self._pos:
-            return True
-        if self._keyframes is not None:
-            i = int(np.searchsorted(self._keyframes, target_pts, side="right")) - 1
-            # A seek saves decoding the frames between here and that keyframe; not worth it for one or two.
-            return i >= 0 and self._keyframes[i] - self._pos > 2 * self.frame_pts
-        gop = self._gop_frames or 32
-        return (target_pts - self._pos) / self.frame_pts > gop
-
-    def _seek(self, pts: float) -> None:
-        self._frames = self._decode_from(pts)
-        self._pending = None
-        self._pos = None
-
-    def read(self, indices: np.ndarray) -> dict:
-        """Decode the frames at sorted, distinct `indices`: {index: (rgb (H, W, 3), seconds, rotation)}."""
-        out = {}
-        for index in indices:
-            index = int(index)
-            target = self.first_pts + index * self.frame_pts
-            frame = None
-            # Back off further when a seek lands after the wanted frame (keyframe index in dts, VFR).
-            for backoff_s in (None, 1.0, 8.0, 64.0, math.inf):
-                seek_pts = target
-                if backoff_s is not None:
-                    seek_pts = max(self.first_pts, target - backoff_s / float(self.time_base))
-                    self._seek(seek_pts)
-                elif self._should_seek(target):
-                    self._seek(target)
-                frame, status = self._advance_to(target)
-                if status in ("ok", "eof") or seek_pts <= self.first_pts:
-                    break
-            if frame is None:
-                if index == 0:
-                    raise _fail(self.path, "no decodable frame")
-                raise _fail(self.path, f"truncated or corrupt: no frame decodable at "
-                                       f"{index / float(self.rate):.3f} s (frame {index} of the stream)")
-            rotation = _frame_rotation(frame)
-            out[index] = (_to_rgb(frame, rotation), float((frame.pts - self.first_pts) * self.time_base), rotation)
-        return out
-
-    def _advance_to(self, target: float):
-        """Decode forward to the frame nearest `target` pts.
-
-        Returns (frame, "ok"), (frame, "overshoot") when the first frame decoded is already past
-        the target, (None, "eof") when the stream ended more than 1.5 frames before the target,
-        or (None, "empty") when nothing was decoded.
-        """
-        half = self.frame_pts / 2
-        prev = None
-        while self._frames is not None:
-            frame = self._next_frame()
-            if frame is None:
-                self._frames = None  # end of stream
-                break
-            if frame.pts is None:
-                continue
-            self._pos = frame.pts
-            if frame.pts >= target - half:
-                if prev is None:
-                    return frame, ("overshoot" if frame.pts > target + half else "ok")
-                if abs(prev.pts - target) <= abs(frame.pts - target):
-                    self._pending, self._pos = frame, prev.pts
-                    return prev, "ok"
-                return frame, "ok"
-            prev = frame
-        if prev is None:
-            return None, "empty"
-        # The last frame counts only when within 1.5 frames of the target.
-        return (prev, "ok") if target - prev.pts <= 3 * half else (None, "eof")
-
-
-class _SequentialReader:
-    """Decode the whole stream (for formats that cannot seek, or streams without timestamps)."""
-
-    def __init__(self, container, stream, path):
-        self.container, self.stream, self.path = container, stream, path
-        self.stats = {"seeks": 0, "decoded": 0}
-        self._times = None
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        self.rate = rate if rate and rate > 0 else Fraction(25)
-
-    def _frames(self):
-        for packet in self.container.demux(self.stream):
-            for frame in self.stream.decode(packet):
-                self.stats["decoded"] += 1
-                yield frame
-
-    def num_frames(self) -> int:
-        times = []
-        for i, frame in enumerate(self._frames()):
-            if frame.pts is not None and frame.time_base:
-                times.append(float(frame.pts * frame.time_base))
-            else:
-                times.append(i / float(self.rate))
-        if not times:
-            raise _fail(self.path, "no decodable frame")
-        self._times = [t - times[0] for t in times]
-        self.stats["count_source"] = "full decode"
-        return len(times)
-
-    def read(self, indices: np.ndarray) -> dict:
-        """Second pass over a freshly opened file, converting only the wanted frames."""
-        wanted = set(int(i) for i in indices)
-        out = {}
-        with _av().open(self.path, metadata_errors="ignore") as container:
-            stream = container.streams.video[0]
-            i = 0
-            for packet in container.demux(stream):
-                for frame in stream.decode(packet):
-                    if i in wanted:
-                        rotation = _frame_rotation(frame)
-                        out[i] = (_to_rgb(frame, rotation), self._times[i], rotation)
-                    i += 1
-                if len(out) == len(wanted):
-                    break
-        missing = wanted - set(out)
-        if missing:
-            raise _fail(self.path, f"frame {min(missing)} could not be decoded on the second pass")
-        return out

@@ -2,7 +2,7 @@
 
 Per-module latency (vision tower / projector + compression / LLM prefill / decode per token) and
 peak memory for every frames x compression; writes OUT/profile.json, OUT/profile.txt and two PNG
-plots, and prints the table. See `storm_vlm.perf.profiling` for what is measured and how.
+plots, and prints the table. See `storm_vlm.perf.profiler` for what is timed and how.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 
 from storm_vlm.commands import add_precision_argument
 from storm_vlm.errors import StormError
+from storm_vlm.utils import check_int
 
 COMPRESSION_HELP = (
     "compression settings, comma separated: 1 = none, 4 = temporal pool 4, 8 = temporal pool 4 + "
@@ -23,8 +24,10 @@ def _int_list(text: str, flag: str) -> list[int]:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise StormError(f"{flag} must be comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
+    if not values:
         raise StormError(f"{flag} must be positive integers, got {text!r}")
+    for v in values:
+        check_int(flag, v, error=StormError)
     return values
 
 
@@ -52,26 +55,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "out time spent waiting for a core; with --threads 1 only)")
     parser.add_argument("--no-tune-malloc", action="store_true",
                         help="CPU: keep glibc's default allocator thresholds (by default freed memory is kept for "
-                             "reuse, which saves the page faults of fresh allocations; see "
+                             "reuse, which saves the kernel faulting in fresh pages; see "
                              "storm_vlm.perf.allocator.tune_cpu_allocator)")
+    parser.add_argument("--compile-decode", action="store_true",
+                        help="CPU: run the decode step through torch.compile (needs a C++ compiler; the warm-up "
+                             "steps pay the compilation; see storm_vlm.model.fast_paths)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from storm_vlm.model.fast_paths import enable_fast_paths
+    from storm_vlm.perf.allocator import tune_cpu_allocator
     from storm_vlm.perf.costmodel import parse_compressions
-    from storm_vlm.perf.profiling import (
+    from storm_vlm.perf.host import host_summary, load_line
+    from storm_vlm.perf.profiler import (
         ProfileSettings,
         build_random_model,
-        format_table,
-        load_model,
         load_model_config,
-        plot_profile,
+        load_saved_model,
         profile_model,
-        tune_cpu_allocator,
-        write_profile,
     )
+    from storm_vlm.perf.report import format_table, plot_profile, write_profile
 
     if (args.model_dir is None) == (args.config is None):
         raise StormError("give exactly one of MODEL_DIR or --config CONFIG")
@@ -105,8 +111,7 @@ def run(args: argparse.Namespace) -> int:
     )
     settings.validate()
     if args.threads is not None:
-        if args.threads < 1:
-            raise StormError(f"--threads must be >= 1, got {args.threads}")
+        check_int("--threads", args.threads, error=StormError)
         torch.set_num_threads(args.threads)
     if device == "cpu" and not args.no_tune_malloc:
         tune_cpu_allocator()
@@ -115,8 +120,12 @@ def run(args: argparse.Namespace) -> int:
         model = build_random_model(config, seed=args.seed)
         source = f"random weights from {args.config}"
     else:
-        model = load_model(args.model_dir)
+        model = load_saved_model(args.model_dir, settings)
         source = str(args.model_dir)
+    if args.compile_decode:
+        enable_fast_paths(model, compile_decode=True)
+        source += " (compiled decode step)"
+    print(host_summary())
     result = profile_model(model, settings, source=source)
     path = write_profile(result, args.output)
     print(format_table(result))
@@ -124,4 +133,5 @@ def run(args: argparse.Namespace) -> int:
         for p in plot_profile(result, args.output):
             print(f"wrote {p}")
     print(f"wrote {path}")
+    print(load_line())
     return 0

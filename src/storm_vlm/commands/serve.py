@@ -30,6 +30,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the longest answer a request may ask for (default: 1024)")
     parser.add_argument("--max-batch-size", type=int, default=8, metavar="B",
                         help="waiting requests answered by one generate call at most (default: 8; 1: one at a time)")
+    parser.add_argument("--max-batch-frames", type=int, default=None, metavar="F",
+                        help="video frames in one generate call at most (bounds memory; default: 2 x --max-frames)")
+    parser.add_argument("--max-concurrent-decodes", type=int, default=None, metavar="N",
+                        help="videos decoded at once at most (bounds memory; default: min(4, CPU cores))")
+    parser.add_argument("--decode-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="the longest one video may take to decode (default: 60)")
     parser.add_argument("--max-queue", type=int, default=64, metavar="Q",
                         help="requests waiting at most; beyond, 503 with Retry-After (default: 64)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -39,11 +45,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
     parser.add_argument("--host", default=DEFAULT_HOST,
-                        help=f"address to listen on (default: {DEFAULT_HOST}, this machine only)")
+                        help=f"address to listen on (default: {DEFAULT_HOST}, this host only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
     parser.add_argument("--allow-local-paths", action="store_true",
                         help="also accept requests naming a video file on the server (file:// URLs, video_path; "
                              "off by default: any client could then read any video this process can read)")
+    parser.add_argument("--body-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="the longest wait for the next part of a request body (default: 60); then 408")
     parser.add_argument("--served-model-name", default=None, metavar="NAME",
                         help="the model id of /v1/models and chat completions (default: the model folder's name)")
 
@@ -56,17 +64,24 @@ def check_engine_arguments(args: argparse.Namespace) -> None:
         raise StormError(f"--frames must be between 1 and --max-frames ({args.max_frames}), got {args.frames}")
     if not args.max_upload_mb > 0:
         raise StormError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
-    for flag in ("max_new_tokens", "max_batch_size", "max_queue"):
-        check_int("--" + flag.replace("_", "-"), getattr(args, flag), error=StormError)
+    if not 0 < args.decode_timeout <= 86400:
+        raise StormError(f"--decode-timeout must be between 0 and 86400 seconds, got {args.decode_timeout}")
+    for flag in ("max_new_tokens", "max_batch_size", "max_queue", "max_batch_frames", "max_concurrent_decodes"):
+        if getattr(args, flag) is not None:
+            check_int("--" + flag.replace("_", "-"), getattr(args, flag), error=StormError)
     check_model_dir(args.model)
 
 
 def load_engine(args: argparse.Namespace):
     from storm_vlm.serve import StormEngine
+    from storm_vlm.video import set_max_concurrent_decodes
 
+    if args.max_concurrent_decodes is not None:
+        set_max_concurrent_decodes(args.max_concurrent_decodes)
     return StormEngine(args.model, device=args.device, precision=args.precision, default_frames=args.frames,
                        max_frames=args.max_frames, max_new_tokens_limit=args.max_new_tokens,
-                       max_batch_size=args.max_batch_size, max_queue=args.max_queue, verbose=True)
+                       max_batch_size=args.max_batch_size, max_batch_frames=args.max_batch_frames,
+                       max_queue=args.max_queue, decode_timeout_s=args.decode_timeout, verbose=True)
 
 
 def start_server(app, host: str, port: int) -> None:
@@ -97,8 +112,10 @@ def run(args: argparse.Namespace) -> int:
         raise StormError(f"storm-vlm serve needs fastapi, uvicorn and python-multipart ({exc}); "
                          "install them with: pip install 'storm-vlm[web]'") from None
     engine = load_engine(args)
+    if not 0 < args.body_timeout <= 3600:
+        raise StormError(f"--body-timeout must be between 0 and 3600 seconds, got {args.body_timeout}")
     app = create_app(engine, max_upload_mb=args.max_upload_mb, allow_local_paths=args.allow_local_paths,
-                     model_name=args.served_model_name)
+                     model_name=args.served_model_name, body_timeout_s=args.body_timeout)
     warn_if_public(args.host, "storm-vlm serve")
     start_server(app, args.host, args.port)
     return 0

@@ -17,7 +17,7 @@ DEFAULT_PORT = 7860
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
     parser.add_argument("--host", default=DEFAULT_HOST,
-                        help=f"address to listen on (default: {DEFAULT_HOST}, this machine only)")
+                        help=f"address to listen on (default: {DEFAULT_HOST}, this host only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
 
 

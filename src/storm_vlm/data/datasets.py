@@ -102,11 +102,13 @@ def read_image(path: Path) -> np.ndarray:
         raise MediaUnreadable(f"{path}: {type(exc).__name__}: {exc}") from None
 
 
-def read_video(path: Path, num_frames: int, start: float | None, end: float | None) -> np.ndarray:
-    """(T, H, W, 3) uint8 frames sampled uniformly; MediaUnreadable on any decode failure."""
+def read_video(path: Path, num_frames: int, start: float | None, end: float | None,
+               min_side: int | None = None) -> np.ndarray:
+    """(T, H, W, 3) uint8 frames sampled uniformly (scaled while decoding, see `load_video`);
+    MediaUnreadable on any decode failure."""
     _check_regular_file(path)
     try:
-        return load_video(str(path), num_frames=num_frames, start=start, end=end).frames
+        return load_video(str(path), num_frames=num_frames, start=start, end=end, min_side=min_side).frames
     except (VideoDecodeError, OSError) as exc:
         raise MediaUnreadable(str(exc)) from None
     except Exception as exc:  # a decoder failure load_video does not wrap is still this file's, not the run's
@@ -145,7 +147,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         frames = None
         try:
             if rec.video is not None:
-                frames = read_video(rec.video, self.num_frames, rec.start, rec.end)
+                frames = read_video(rec.video, self.num_frames, rec.start, rec.end, self.processor.image_size)
             elif rec.image is not None:
                 frames = read_image(rec.image)
         except MediaUnreadable as exc:

@@ -70,13 +70,16 @@ def load_frame_folder(path: str | Path, num_frames: int, folder_fps: float | Non
     return np.stack(frames)
 
 
-def load_record_frames(record: Record, num_frames: int, fps: float | None = None) -> np.ndarray:
-    """Frames (T, H, W, 3) uint8 for `record`. Raises a StormError (VideoDecodeError) on failure."""
+def load_record_frames(record: Record, num_frames: int, fps: float | None = None,
+                       min_side: int | None = None) -> np.ndarray:
+    """Frames (T, H, W, 3) uint8 for `record`, videos scaled while decoding to no less than
+    `min_side` on their shorter side (the model's input size; see `load_video`). Raises a
+    StormError (VideoDecodeError) on failure."""
     start, end = record.start, record.end
     if start is not None and end is not None and end <= start:
         start = end = None  # a few public annotations have empty bounds; read the whole clip
     if os.path.isdir(record.video):
         return load_frame_folder(record.video, num_frames, record.frames_fps, start, end)
     _check_regular(record.video)
-    clip = load_video(record.video, num_frames=num_frames, fps=fps, start=start, end=end)
+    clip = load_video(record.video, num_frames=num_frames, fps=fps, start=start, end=end, min_side=min_side)
     return clip.frames

@@ -58,7 +58,8 @@ def _as_frame(item: Any) -> np.ndarray:
     return arr.astype(np.uint8, copy=False)
 
 
-def visuals_to_frames(visuals: Sequence[Any] | Any, num_frames: int, fps: float | None = None) -> np.ndarray:
+def visuals_to_frames(visuals: Sequence[Any] | Any, num_frames: int, fps: float | None = None,
+                      min_side: int | None = None) -> np.ndarray:
     """Frames (T, H, W, 3) uint8 from what a task's doc_to_visual returned.
 
     A video path (lmms-eval video tasks return ``[path]``) is sampled with `load_video`;
@@ -74,7 +75,8 @@ def visuals_to_frames(visuals: Sequence[Any] | Any, num_frames: int, fps: float 
         raise ValueError("this request has no visual input; STORM answers questions about videos")
     if all(isinstance(v, (str, os.PathLike)) for v in items):
         per = max(1, num_frames // len(items))
-        return np.concatenate([load_video(os.fspath(p), num_frames=per, fps=fps).frames for p in items])
+        return np.concatenate([load_video(os.fspath(p), num_frames=per, fps=fps, min_side=min_side).frames
+                               for p in items])
     frames = [_as_frame(v) for v in items]
     h, w = frames[0].shape[:2]
     if any(f.shape[:2] != (h, w) for f in frames):
@@ -156,7 +158,7 @@ class Storm(_LmmsBase):
         replies = []
         for request in tqdm(requests, desc="storm", disable=self.rank != 0):
             context, gen_kwargs, visuals = self._visuals(request)
-            frames = visuals_to_frames(visuals, self.num_frames, self.fps)
+            frames = visuals_to_frames(visuals, self.num_frames, self.fps, self.predictor.processor.image_size)
             kwargs, stops = generation_kwargs(gen_kwargs, self.default_max_new_tokens)
             max_new = kwargs.pop("max_new_tokens")
             text = cut_at_stops(self.predictor.reply(context, frames, max_new_tokens=max_new, **kwargs), stops)
@@ -172,7 +174,7 @@ class Storm(_LmmsBase):
             doc = self.task_dict[task][split][doc_id]
             continuation = target if isinstance(target, str) else target(doc)
             visuals = doc_to_visual(doc) if callable(doc_to_visual) else doc_to_visual
-            frames = visuals_to_frames(visuals, self.num_frames, self.fps)
+            frames = visuals_to_frames(visuals, self.num_frames, self.fps, self.predictor.processor.image_size)
             result = self.predictor.loglikelihood(context, continuation, frames)
             out.append(result)
             self.cache_hook.add_partial("loglikelihood", (context, continuation), result)

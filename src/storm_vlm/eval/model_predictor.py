@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from storm_vlm.eval.frames import load_record_frames
 from storm_vlm.eval.prompts import build_prompt, describe_prompt
 from storm_vlm.eval.records import Record
 from storm_vlm.eval.runner import FrameLoader, evaluate_with_predictor
@@ -76,6 +77,7 @@ def evaluate(model, processor, records: Sequence[Record], output_dir: str | Path
                               temporal_sample_stride=temporal_sample_stride, max_new_tokens=max_new_tokens)
     predictor = ModelPredictor(model, processor, temporal_sample_stride=temporal_sample_stride,
                                max_new_tokens=max_new_tokens, precision=precision)
+    frame_loader = frame_loader or (lambda r: load_record_frames(r, num_frames, fps, processor.image_size))
     return evaluate_with_predictor(predictor, records, output_dir, benchmark=benchmark, settings=settings,
                                    num_frames=num_frames, fps=fps, limit=limit, frame_loader=frame_loader,
                                    progress=progress, print_table=print_table, rank=rank, world_size=world_size,

@@ -1,7 +1,8 @@
 """Accuracy, counts and each benchmark's standard breakdowns, from records + predictions.
 
 A prediction row (one line of predictions.jsonl) has ``status`` "answered" (a letter was
-read), "unparsed" (the reply named no single option: counted wrong) or "decode_error"
+read), "unparsed" (the reply named no single option, or was empty — counted as
+`empty_replies` too: counted wrong) or "decode_error"
 (the video could not be read: counted separately). ``accuracy`` is over the questions the
 model saw (answered + unparsed); ``accuracy_all`` also counts decode failures as wrong.
 Breakdowns use the questions the model saw.
@@ -105,6 +106,8 @@ def score(benchmark: str, records: Iterable[Record], predictions: dict[str, dict
         "predicted": len(done),
         "answered": sum(p.get("status") == "answered" for _, p in done),
         "unparsed": sum(p.get("status") == "unparsed" for _, p in done),
+        # unparsed because the model ended its turn at once: an empty reply, said as such
+        "empty_replies": sum(p.get("status") == "unparsed" and not (p.get("reply") or "").strip() for _, p in done),
         "decode_failures": sum(p.get("status") == "decode_error" for _, p in done),
         "missing": len(records) - len(done),
         "correct": correct,
@@ -152,8 +155,9 @@ def format_table(results: dict) -> str:
         lines.append(f"| {results['headline']['name']} | {_pct(results['headline']['value'])} |")
     lines += [f"| accuracy (questions seen) | {_pct(results['accuracy'])} |",
               f"| accuracy (decode failures as wrong) | {_pct(results['accuracy_all'])} |"]
-    for k in ("total", "answered", "unparsed", "decode_failures", "missing"):
-        lines.append(f"| {k.replace('_', ' ')} | {c[k]} |")
+    for k in ("total", "answered", "unparsed", "empty_replies", "decode_failures", "missing"):
+        if k in c:
+            lines.append(f"| {k.replace('_', ' ')} | {c[k]} |")
     if "mean_latency_s" in results:
         lines.append(f"| mean latency per question (s) | {results['mean_latency_s']:.3f} |")
     if "mean_prefill_s" in results:

@@ -1,40 +1,72 @@
 """Speed paths that leave a STORM model's outputs unchanged; `enable_fast_paths(model)` turns them on.
 
-- On CPU inference the vision tower's tanh-GELU is evaluated as x·sigmoid(2u) (`_GELUTanhCPU`):
-  the same function through sigmoid and in-place ops, where PyTorch's CPU tanh-GELU goes through
-  a slow vectorised tanh.
+CPU inference only (fp32; no autograd, no autocast): everywhere else each path steps aside and the
+plain computation runs.
+
+- **Matmul backend** (`_MeasuredLinear`): every `nn.Linear` of the model picks, per weight shape,
+  the faster of torch's default BLAS (`F.linear`) and oneDNN (`torch.ops.mkldnn._linear_pointwise`
+  on the same weight, no copy), by timing both on the first input of at least
+  `_MEASURE_MIN_ROWS` rows (on at most `_MEASURE_ROWS` of its rows) and caching the answer for
+  the process. Which one wins depends on the CPU, its ISA and the shape, so it is measured, never
+  assumed. `STORM_VLM_MATMUL=blas|onednn` pins the choice (e.g. for bit-for-bit reproducibility
+  across runs; the two differ by float rounding only). bf16 is not chosen here: it is a precision
+  (`storm_vlm.precision`, whose "auto" takes bf16 autocast where the CPU has native bf16).
+- **Vision tower**: the tanh-GELU is evaluated as x·sigmoid(2u) (`_GELUTanhCPU`): the same
+  function through sigmoid and in-place ops, where PyTorch's CPU tanh-GELU goes through a slow
+  vectorised tanh; SigLIP encoder layers add their residuals in place (`_LeanSiglipLayer`,
+  bit-for-bit transformers' result). At small widths such elementwise passes cost about as much
+  as the matrix products, so each pass saved shows.
+- **Decode step** (`DecodeStep`, Llama-style LLMs: Qwen2, Llama): a greedy one-token step runs
+  through a lean single-token path on the `StormKVCache` (preallocated buffers the step writes
+  into in place): ~20 tensor ops per layer instead of the ~60 of transformers' generic forward,
+  q/k/v and gate/up read as one matrix each, rotary embedding as one small product. A decode step
+  reads every weight once per token, so it is bound by how fast the weights stream; each
+  projection is read in the layout that streams faster for its shape on this host — an
+  input-major (k x n) copy or the model's own (n x k) matrix — timed when the step is built (the
+  copies only where they fit in a quarter of free memory; otherwise the model's own matrices).
+  `enable_fast_paths(model, compile_decode=True)` also runs the per-layer step through
+  `torch.compile` (needs a C++ compiler; the first steps pay the compilation).
 - One-token decode attention with grouped KV heads on CPU runs as one r x L product per KV head
-  (`storm_sdpa`, registered with transformers' AttentionInterface when first enabled).
+  (`storm_sdpa`, registered with transformers' AttentionInterface when first enabled), for the
+  decode steps that do not take the path above.
 - `StormKVCache`: a DynamicCache whose layers append in place into a buffer with spare room,
   instead of concatenating (copying the whole cache) at every generated token.
 
-Each path falls back to the plain computation wherever it does not apply (autograd, other
-dtypes or devices, masks); tests/test_cpu_fast_paths.py checks outputs are identical.
+tests/test_cpu_fast_paths.py and tests/test_perf_fast_paths.py check that outputs are unchanged
+(logits within float rounding, greedy tokens identical).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
+import time
+import weakref
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.activations import GELUTanh
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import AttentionInterface
+from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
-__all__ = ["enable_fast_paths", "StormKVCache", "STORM_SDPA"]
+__all__ = ["enable_fast_paths", "decode_step", "DecodeStep", "StormKVCache", "STORM_SDPA", "matmul_choices"]
 
 
 class _GELUTanhCPU(nn.Module):
     """GELU with the tanh approximation (SigLIP's `gelu_pytorch_tanh`), computed faster on CPU.
 
-    0.5·x·(1 + tanh(u)) = x·sigmoid(2u), u = √(2/π)·(x + 0.044715·x³): the same function, evaluated
-    with sigmoid and in-place ops. PyTorch's CPU `gelu(approximate="tanh")` goes through a slow
-    vectorised tanh; this form is about twice as fast and differs by < 1e-6 (float rounding). Used for
-    fp32/fp64 CPU inference only; with autograd, other dtypes or devices it is `F.gelu(x, "tanh")`.
+    0.5·x·(1 + tanh(u)) = x·sigmoid(2u), 2u = x·(c + c·0.044715·x²), c = 2·√(2/π): the same
+    function in four passes (one addcmul, sigmoid and two in-place multiplies). PyTorch's CPU
+    `gelu(approximate="tanh")` goes through a slow vectorised tanh; this form is about twice as fast
+    and differs by < 1e-6 (float rounding). Used for fp32/fp64 CPU inference only; with autograd,
+    other dtypes or devices it is `F.gelu(x, "tanh")`.
     """
 
     _TWO_C = 2.0 * math.sqrt(2.0 / math.pi)
@@ -43,8 +75,7 @@ class _GELUTanhCPU(nn.Module):
         if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
                 or (torch.is_grad_enabled() and x.requires_grad)):
             return nn.functional.gelu(x, approximate="tanh")
-        y = x * x
-        y.mul_(0.044715 * self._TWO_C).add_(self._TWO_C).mul_(x)
+        y = torch.addcmul(x.new_tensor(self._TWO_C), x, x, value=0.044715 * self._TWO_C).mul_(x)
         return torch.sigmoid_(y).mul_(x)
 
 
@@ -54,6 +85,35 @@ def _fast_gelu_tanh(module: nn.Module) -> None:
         for name, child in list(parent.named_children()):
             if type(child) is GELUTanh and isinstance(getattr(child, "act", None), functools.partial):
                 setattr(parent, name, _GELUTanhCPU())
+
+
+class _LeanSiglipLayer(SiglipEncoderLayer):
+    """A SigLIP encoder layer whose CPU inference (no mask, SDPA attention, no autograd) runs the
+    same computation with fewer tensor passes: the residual adds land in place on the projection
+    outputs, and no attention-weights tuple is built. Bit-for-bit what transformers' layer returns
+    (the same ops in the same order); everywhere else it is that layer."""
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        attn = self.self_attn
+        if (attention_mask is not None or kwargs or torch.is_grad_enabled() or self.training
+                or hidden_states.device.type != "cpu" or attn.config._attn_implementation != "sdpa"):
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        shape = (*hidden_states.shape[:-1], -1, attn.head_dim)
+        x = self.layer_norm1(hidden_states)
+        q = attn.q_proj(x).view(shape).transpose(1, 2)
+        k = attn.k_proj(x).view(shape).transpose(1, 2)
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, scale=attn.scale).transpose(1, 2)
+        hidden_states = attn.out_proj(o.reshape(*hidden_states.shape[:-1], -1)).add_(hidden_states)
+        mlp = self.mlp
+        x = mlp.fc2(mlp.activation_fn(mlp.fc1(self.layer_norm2(hidden_states))))
+        return x.add_(hidden_states)
+
+
+def _lean_siglip_layers(module: nn.Module) -> None:
+    for sub in module.modules():
+        if type(sub) is SiglipEncoderLayer:
+            sub.__class__ = _LeanSiglipLayer
 
 
 STORM_SDPA = "storm_sdpa"
@@ -147,6 +207,29 @@ class _GrowingKVLayer(DynamicLayer):
         self.values = self._value_buf[:, :, :needed]
         return self.keys, self.values
 
+    def reserve(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key and value buffers (B, H, capacity, hd), with room for `tokens` more tokens after
+        the current ones (grown or adopted as `update` would). For writers that append in place
+        and then call `advance`."""
+        kb, n = self._key_buf, self.keys.shape[-2]
+        if (kb is not None and n + tokens <= kb.shape[-2] and self.keys.data_ptr() == kb.data_ptr()
+                and self.values.data_ptr() == self._value_buf.data_ptr() and self.keys.shape[0] == kb.shape[0]):
+            return kb, self._value_buf  # the views are ours (update / advance made them)
+        if not self._owns(self.keys, self.values, n + tokens):
+            capacity = n + tokens + max(128, (n + tokens) // 16)
+            kb = self.keys.new_empty(*self.keys.shape[:2], capacity, self.keys.shape[-1])
+            vb = self.values.new_empty(*self.values.shape[:2], capacity, self.values.shape[-1])
+            kb[:, :, :n].copy_(self.keys)
+            vb[:, :, :n].copy_(self.values)
+            self._key_buf, self._value_buf = kb, vb
+            self.keys, self.values = kb[:, :, :n], vb[:, :, :n]
+        return self._key_buf, self._value_buf
+
+    def advance(self, tokens: int) -> None:
+        """Count `tokens` tokens written into the buffers after the current ones (see `reserve`)."""
+        n = self.get_seq_length() + tokens
+        self.keys, self.values = self._key_buf[:, :, :n], self._value_buf[:, :, :n]
+
     def reset(self) -> None:
         self._key_buf = self._value_buf = None
         super().reset()
@@ -174,7 +257,375 @@ class StormKVCache(DynamicCache):
         return new
 
 
-def enable_fast_paths(model) -> None:
-    """Turn the paths above on for a StormForConditionalGeneration (its constructor calls this)."""
-    _use_storm_sdpa(model.language_model.config)
-    _fast_gelu_tanh(model.vision_tower)
+# ---- matmul backend --------------------------------------------------------------------------------
+
+_MATMUL_ENV = "STORM_VLM_MATMUL"
+_MEASURE_MIN_ROWS = 64  # fewer rows (decode, short prompts): torch's default, nothing to win
+_MEASURE_ROWS = 512  # rows of the input timed when choosing (bounds the cost at large widths)
+_MATMUL_CHOICE: dict = {}  # (in, out, bias) -> "blas" | "onednn"
+
+
+def _onednn_linear(x, weight, bias):
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _fastest(fns: dict, repeats: int = 3) -> str:
+    """The key of the fastest callable: best of `repeats` alternating runs each (one warm-up)."""
+    best = dict.fromkeys(fns, math.inf)
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return min(best, key=best.get)
+
+
+def _matmul_backend(x: torch.Tensor, weight: torch.Tensor, bias) -> str:
+    """"blas" or "onednn" for this weight shape: pinned by STORM_VLM_MATMUL, else timed once on `x`."""
+    pinned = os.environ.get(_MATMUL_ENV, "auto")
+    if pinned in ("blas", "onednn"):
+        return pinned if pinned == "blas" or torch.backends.mkldnn.is_available() else "blas"
+    key = (weight.shape[1], weight.shape[0], bias is not None)
+    choice = _MATMUL_CHOICE.get(key)
+    if choice is None:
+        choice = "blas"
+        if torch.backends.mkldnn.is_available():
+            sample = x.reshape(-1, x.shape[-1])[:_MEASURE_ROWS]
+            try:
+                choice = _fastest({"blas": lambda: F.linear(sample, weight, bias),
+                                   "onednn": lambda: _onednn_linear(sample, weight, bias)})
+            except RuntimeError:  # oneDNN refused this shape or layout
+                choice = "blas"
+        _MATMUL_CHOICE[key] = choice
+    return choice
+
+
+def matmul_choices() -> dict:
+    """The backend each Linear shape uses in this process: {(in, out, bias): "blas" | "onednn"}."""
+    return dict(_MATMUL_CHOICE)
+
+
+class _MeasuredLinear(nn.Linear):
+    """`nn.Linear` whose CPU fp32 inference runs on the faster of BLAS and oneDNN for its shape
+    (`_matmul_backend`). Same parameters, same state dict; autograd, other dtypes and devices, and
+    inputs under `_MEASURE_MIN_ROWS` rows take `F.linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+                and not torch.is_grad_enabled() and x.dim() >= 2 and w.is_contiguous()
+                and x.numel() >= _MEASURE_MIN_ROWS * x.shape[-1] and not torch.is_autocast_enabled("cpu")
+                and _matmul_backend(x, w, self.bias) == "onednn"):
+            return _onednn_linear(x, w, self.bias)
+        return F.linear(x, w, self.bias)
+
+
+def _measured_linears(module: nn.Module) -> None:
+    """Make every plain `nn.Linear` under `module` a `_MeasuredLinear` (the same object, parameters
+    and hooks: only its class changes)."""
+    for sub in module.modules():
+        if type(sub) is nn.Linear:
+            sub.__class__ = _MeasuredLinear
+
+
+# ---- decode step ------------------------------------------------------------------------------------
+
+_DECODE_MODEL_TYPES = ("qwen2", "llama")
+_DECODE_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # language model -> DecodeStep
+_PACK_MEMORY_SHARE = 0.25  # input-major copies only while they take at most this share of free memory
+
+
+def _free_memory_bytes() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    return math.inf
+
+
+def _decode_unsupported(lm) -> str | None:
+    """Why `DecodeStep` cannot run this causal LM (None when it can)."""
+    cfg = lm.config
+    if cfg.model_type not in _DECODE_MODEL_TYPES:
+        return f"model_type {cfg.model_type!r} is not one of {_DECODE_MODEL_TYPES}"
+    inner = getattr(lm, "model", None)
+    if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return "not a Llama-style decoder (model.embed_tokens / layers / norm / rotary_emb)"
+    if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ["full_attention"]):
+        return "sliding-window layers"
+    for layer in inner.layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is None or mlp is None or not all(
+                isinstance(getattr(attn, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            return "attention without q/k/v/o Linear projections"
+        if not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
+            return "MLP without gate/up/down Linear projections"
+        if getattr(attn, "sliding_window", None) is not None:
+            return "sliding-window attention"
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            if not hasattr(norm, "variance_epsilon"):
+                return "a norm that is not RMSNorm"
+    if not hasattr(inner.norm, "variance_epsilon") or not isinstance(getattr(lm, "lm_head", None), nn.Linear):
+        return "final norm / lm_head not RMSNorm / Linear"
+    eps = {n.variance_epsilon for L in inner.layers for n in (L.input_layernorm, L.post_attention_layernorm)}
+    if len(eps) != 1:
+        return "RMSNorm epsilons differ between layers"
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "attn_logit_softcapping", None):
+        return "logit soft-capping"
+    return None
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Llama/Qwen2 RMSNorm of an fp32 row: weight * (x * rsqrt(mean(x²) + eps)), as transformers computes it
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
+def _input_major_wins(mats: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Input-major (k x n contiguous) copies of `mats` ((n x k) matrices of one shape) when one pass
+    of matrix-vector products over the copies beats one over `mats` by at least 5 % on this host
+    (timed, alternating, best of 3); else None. Which layout streams faster depends on the shape
+    (short rows favour input-major) and the BLAS, so it is timed, not assumed."""
+    copies = [w.t().contiguous() for w in mats]
+    x = torch.randn(1, mats[0].shape[1], dtype=mats[0].dtype)
+    def own():
+        for w in mats:
+            torch.mm(x, w.t())
+    def input_major():
+        for w in copies:
+            torch.mm(x, w)
+    return copies if _fastest({"own": own, "input_major": input_major}) == "input_major" and \
+        _timed_ratio(own, input_major) > 1.05 else None
+
+
+def _timed_ratio(a, b, repeats: int = 3) -> float:
+    """best time of `a` / best time of `b` (alternating runs)."""
+    best = [math.inf, math.inf]
+    for _ in range(repeats):
+        for i, fn in enumerate((a, b)):
+            t = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best[0] / best[1]
+
+
+class DecodeStep:
+    """A greedy one-token decode step for a Llama-style causal LM (Qwen2, Llama) on CPU, fp32.
+
+    `step(input_ids (B, 1), cache: StormKVCache) -> logits (B, 1, V)`: appends the token's keys and
+    values to the cache in place and returns what `lm(input_ids, cache=cache).logits` returns, up to
+    float rounding. Built by `decode_step` the first time it applies; rebuilt when a weight changes
+    (a parameter's storage or version counter moves, as with `load_state_dict` or an optimizer step).
+
+    `fused` (the default where the copies take at most a quarter of free memory): q/k/v read as one
+    matrix and gate/up as one, each projection (q/k/v, o, gate/up, down, lm_head) in the layout that
+    streams faster on this host for its shape — an input-major copy or the model's own (out, in)
+    matrix — timed when the step is built (`layouts` says which). Otherwise every projection reads
+    the model's own matrices.
+    """
+
+    def __init__(self, lm, pack: bool | None = None, compile_layers: bool = False):
+        self._lm = weakref.ref(lm)  # _DECODE_STEPS holds steps weakly keyed by their LM: no cycle
+        inner = lm.model
+        cfg = lm.config
+        attn0 = inner.layers[0].self_attn
+        self.hd = attn0.head_dim
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.scaling = attn0.scaling
+        owners = [inner.embed_tokens, inner.norm, lm.lm_head]
+        for L in inner.layers:
+            owners += [L.input_layernorm, L.post_attention_layernorm, L.self_attn.q_proj, L.self_attn.k_proj,
+                       L.self_attn.v_proj, L.self_attn.o_proj, L.mlp.gate_proj, L.mlp.up_proj, L.mlp.down_proj]
+        # (the module's parameter dict, name, tensor) of every tensor the step reads
+        self._slots = [(m._parameters, name, m._parameters[name]) for m in owners for name in ("weight", "bias")
+                       if m._parameters.get(name) is not None]
+        self._tensors = [t for _, _, t in self._slots]
+        self._inference_weights = any(t.is_inference() for t in self._tensors)
+        self._snapshot = self._weights_key()
+        mods = [(L.input_layernorm, L.post_attention_layernorm, L.self_attn, L.mlp) for L in inner.layers]
+        mats = [m.weight for _, _, a, mlp in mods for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj,
+                                                           mlp.up_proj, mlp.down_proj)] + [lm.lm_head.weight]
+        nbytes = sum(w.numel() * w.element_size() for w in mats)
+        if pack is None:
+            pack = nbytes <= _PACK_MEMORY_SHARE * _free_memory_bytes()
+        self.fused = bool(pack)
+        # Every product is torch.mm(x, M) with M (in, out): an input-major copy, or a transposed view
+        # of an (out, in) matrix (then BLAS reads it row by row, as F.linear does).
+        if self.fused:
+            qkv = [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) for _, _, a, _ in mods]
+            gu = [torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) for _, _, _, mlp in mods]
+            groups = {"qkv": qkv, "o": [a.o_proj.weight for _, _, a, _ in mods], "gate_up": gu,
+                      "down": [mlp.down_proj.weight for _, _, _, mlp in mods], "lm_head": [lm.lm_head.weight]}
+            self.layouts, mm = {}, {}
+            for name, group in groups.items():
+                copies = _input_major_wins(group)
+                self.layouts[name] = "input-major" if copies is not None else "own"
+                mm[name] = copies if copies is not None else [w.t() for w in group]
+            self.weights = []
+            for i, (ln1, ln2, a, mlp) in enumerate(mods):
+                qkv_b = None
+                if any(m.bias is not None for m in (a.q_proj, a.k_proj, a.v_proj)):
+                    qkv_b = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
+                                       for m in (a.q_proj, a.k_proj, a.v_proj)])
+                gu_b = None if mlp.gate_proj.bias is None else torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
+                self.weights.append((ln1.weight, ln2.weight, mm["qkv"][i], qkv_b, mm["o"][i], a.o_proj.bias,
+                                     mm["gate_up"][i], gu_b, mm["down"][i], mlp.down_proj.bias))
+            self.head = (mm["lm_head"][0], lm.lm_head.bias)
+        else:
+            self.layouts = {}
+            self.weights = [(ln1.weight, ln2.weight) + tuple(t for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj,
+                                                                        mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+                                                            for t in (m.weight.t(), m.bias))
+                            for ln1, ln2, a, mlp in mods]
+            self.head = (lm.lm_head.weight.t(), lm.lm_head.bias)
+        ln1, _, _, mlp0 = mods[0]
+        act = F.silu if getattr(cfg, "hidden_act", None) == "silu" else mlp0.act_fn
+        self.dims = (self.heads, self.kv_heads, self.hd, self.scaling, mlp0.gate_proj.out_features,
+                     ln1.variance_epsilon, act, self.fused)
+        self.norm = (inner.norm.weight, inner.norm.variance_epsilon)
+        # rotary: out = x @ R with R[i, i] = cos_i, R[i + h, i] = -sin_i (i < h), R[i - h, i] = sin_i (i >= h),
+        # h = hd / 2: transformers' x * cos + rotate_half(x) * sin as one (hd x hd) product
+        half = self.hd // 2
+        idx = torch.arange(self.hd)
+        rows = torch.cat([idx, idx[:half] + half, idx[half:] - half])
+        self._rot_flat = rows * self.hd + torch.cat([idx, idx])  # where cos, then ±sin go in R (flattened)
+        self._rot_sign = torch.cat([torch.ones(self.hd), -torch.ones(half), torch.ones(self.hd - half)])
+        self._layers_fn = torch.compile(_decode_layers, dynamic=True) if compile_layers else _decode_layers
+
+    def _weights_key(self) -> tuple:
+        """Storages and version counters of every tensor the step reads, summed: replacing their
+        storage (`.data = ...`, `.to()`) or their values in place (`load_state_dict`, an optimizer
+        step) changes it. (Inference tensors have no version counter, and cannot be changed in place
+        outside inference mode.)"""
+        versions = 0 if self._inference_weights else sum([t._version for t in self._tensors])
+        return sum([t.data_ptr() for t in self._tensors]), versions
+
+    def stale(self) -> bool:
+        """True when a weight changed since this step was built (then `decode_step` rebuilds it):
+        a parameter replaced by another, or changed as `_weights_key` says."""
+        return any([params[name] is not t for params, name, t in self._slots]) or self._weights_key() != self._snapshot
+
+    def _rotation(self, pos: int, h: torch.Tensor) -> torch.Tensor:
+        cos, sin = self._lm().model.rotary_emb(h[:1, None], torch.tensor([[pos]], device=h.device))
+        rot = h.new_zeros(self.hd * self.hd)
+        rot[self._rot_flat] = torch.cat([cos[0, 0], sin[0, 0]]).mul_(self._rot_sign)
+        return rot.view(self.hd, self.hd)
+
+    def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+        lm = self._lm()
+        pos = cache.get_seq_length()
+        h = lm.model.embed_tokens(input_ids[:, 0])  # (B, d)
+        rot = self._rotation(pos, h)
+        bufs = [layer.reserve(1) for layer in cache.layers]
+        h = self._layers_fn(h, rot, self.weights, [kb for kb, _ in bufs], [vb for _, vb in bufs], pos, self.dims)
+        for layer in cache.layers:
+            layer.advance(1)
+        x = _rms_norm(h, *self.norm)
+        head, bias = self.head
+        logits = torch.mm(x, head) if bias is None else torch.addmm(bias, x, head)
+        return logits[:, None]
+
+
+def _mm(x, m, bias):
+    return torch.mm(x, m) if bias is None else torch.addmm(bias, x, m)
+
+
+def _decode_layers(h, rot, weights, key_bufs, value_bufs, pos: int, dims):
+    """Every decoder layer for one token: h (B, d) -> (B, d). Writes each layer's key and value at
+    position `pos` of its buffers (B, G, capacity, hd) and attends over positions 0..pos. Every
+    matrix is (in, out) for torch.mm (see DecodeStep). A pure tensor function (no Python state), so
+    `torch.compile` can take it whole."""
+    heads, kv_heads, hd, scaling, inter, eps, act, fused = dims
+    b = h.shape[0]
+    nqk = (heads + kv_heads) * hd
+    for w, kb, vb in zip(weights, key_bufs, value_bufs):
+        x = F.rms_norm(h, w[0].shape, w[0], eps)
+        if fused:
+            qkv = _mm(x, w[2], w[3])
+        else:
+            qkv = torch.cat([_mm(x, w[2], w[3]), _mm(x, w[4], w[5]), _mm(x, w[6], w[7])], -1)
+        qk = torch.mm(qkv[:, :nqk].reshape(-1, hd), rot).view(b, heads + kv_heads, hd)  # rotary embedding
+        kb.select(2, pos).copy_(qk[:, heads:])
+        vb.select(2, pos).copy_(qkv[:, nqk:].view(b, kv_heads, hd))
+        q = qk[:, :heads].reshape(b, kv_heads, heads // kv_heads, hd)  # the r query heads of a KV head as r rows
+        o = F.scaled_dot_product_attention(q, kb.narrow(2, 0, pos + 1), vb.narrow(2, 0, pos + 1), scale=scaling)
+        o = o.reshape(b, heads * hd)
+        o_w, o_b = (w[4], w[5]) if fused else (w[8], w[9])
+        h = torch.addmm(h, o, o_w) if o_b is None else torch.addmm(h, o, o_w).add_(o_b)
+        x = F.rms_norm(h, w[1].shape, w[1], eps)
+        if fused:
+            gu = _mm(x, w[6], w[7])
+            gu = act(gu[:, :inter]).mul_(gu[:, inter:])
+            d_w, d_b = w[8], w[9]
+        else:
+            gu = act(_mm(x, w[10], w[11])).mul_(_mm(x, w[12], w[13]))
+            d_w, d_b = w[14], w[15]
+        h = torch.addmm(h, gu, d_w) if d_b is None else torch.addmm(h, gu, d_w).add_(d_b)
+    return h
+
+
+_DECODE_KWARGS = {"return_dict", "cache_position", "logits_to_keep"}
+
+
+def decode_step(model, input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache, kwargs):
+    """`model`'s output for one greedy decode step through `DecodeStep`, or None where it does not
+    apply (then the model's own forward runs): CPU, fp32, no autograd or autocast, eval mode, one
+    new token per row on a non-empty `StormKVCache`, no padding in `attention_mask`, positions
+    that follow the cache, an LLM `DecodeStep` supports. Called by StormForConditionalGeneration.forward."""
+    if (not getattr(model, "_storm_decode", True) or input_ids is None or inputs_embeds is not None
+            or input_ids.dim() != 2 or input_ids.shape[1] != 1 or input_ids.device.type != "cpu"
+            or torch.is_grad_enabled() or model.training or use_cache is False
+            or not isinstance(cache, StormKVCache) or torch.is_autocast_enabled("cpu")
+            or not set(kwargs) <= _DECODE_KWARGS or not isinstance(kwargs.get("logits_to_keep", 0), int)
+            or kwargs.get("return_dict", True) is False):
+        return None
+    lm = model.language_model
+    if lm.lm_head.weight.dtype != torch.float32 or not all(type(layer) is _GrowingKVLayer for layer in cache.layers):
+        return None
+    past = cache.get_seq_length()
+    if past == 0 or len(cache.layers) != lm.config.num_hidden_layers:
+        return None
+    if attention_mask is not None and (attention_mask.shape != (input_ids.shape[0], past + 1)
+                                       or not bool(attention_mask.all())):
+        return None
+    if position_ids is not None and not bool((position_ids == past).all()):
+        return None
+    cache_position = kwargs.get("cache_position")
+    if cache_position is not None and not bool((cache_position == past).all()):
+        return None
+    step = _DECODE_STEPS.get(lm)
+    if step is None or step.stale():
+        if getattr(lm, "_storm_decode_unsupported", None) is None:
+            lm._storm_decode_unsupported = _decode_unsupported(lm) or ""
+        if lm._storm_decode_unsupported:
+            return None
+        step = DecodeStep(lm, compile_layers=getattr(model, "_storm_compile_decode", False))
+        _DECODE_STEPS[lm] = step
+    return CausalLMOutputWithPast(logits=step(input_ids, cache), cache=cache)
+
+
+def enable_fast_paths(model, *, decode: bool = True, compile_decode: bool = False) -> None:
+    """Turn the paths above on for `model` (StormForConditionalGeneration's constructor calls this).
+
+    The module-level paths (matmul backend, SigLIP layers and GELU, `storm_sdpa` on the
+    `language_model`'s config) apply to any transformers model that has such modules, so other
+    video-LLMs can be measured on the same kernels (benchmarks/peers.py). The decode step is taken
+    by StormForConditionalGeneration.forward: `decode=False` turns it off (the model's own forward
+    then runs every step), `compile_decode=True` runs its layer function through `torch.compile`
+    (a C++ compiler is needed; the first steps pay the compilation). Calling it again changes only
+    these two switches.
+    """
+    model._storm_decode = bool(decode)
+    model._storm_compile_decode = bool(compile_decode)
+    lm = getattr(model, "language_model", None)
+    if lm is not None:
+        _DECODE_STEPS.pop(lm, None)
+        if getattr(lm, "config", None) is not None:
+            _use_storm_sdpa(lm.config)
+    _fast_gelu_tanh(model)
+    _lean_siglip_layers(model)
+    _measured_linears(model)

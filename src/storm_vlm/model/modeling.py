@@ -16,7 +16,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from storm_vlm.model.compression import VisualTokenLayout
 from storm_vlm.model.configuration import StormConfig
-from storm_vlm.model.fast_paths import StormKVCache, enable_fast_paths
+from storm_vlm.model.fast_paths import StormKVCache, decode_step, enable_fast_paths
 from storm_vlm.model.projector import MambaTemporalProjector, MLPProjector
 from storm_vlm.utils import IGNORE_INDEX, check_int
 
@@ -324,6 +324,10 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
         """
         if "past_key_values" in kwargs and cache is None:
             cache = kwargs.pop("past_key_values")
+        if pixel_values_videos is None and pixel_values is None and labels is None:
+            fast = decode_step(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache, kwargs)
+            if fast is not None:  # one greedy CPU decode step (storm_vlm.model.fast_paths.DecodeStep)
+                return fast
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         has_visual = pixel_values_videos is not None or pixel_values is not None

@@ -189,6 +189,12 @@ class StormProcessor(ProcessorMixin):
         self._layout = layout
         self.visual_token_layout = layout.to_dict()  # what save_pretrained writes
 
+    @property
+    def image_size(self) -> int:
+        """The side, in pixels, the image processor resizes every frame to."""
+        size = getattr(self.image_processor, "size", None) or {}
+        return int(size.get("height") or size.get("shortest_edge") or 448)
+
     def num_visual_tokens(self, num_frames: int, temporal_sample_stride: int | None = None) -> int:
         """Placeholder tokens for a `num_frames`-frame video (`VisualTokenLayout.num_tokens`)."""
         return self.layout.with_sample_stride(temporal_sample_stride).num_tokens(num_frames)
@@ -353,7 +359,7 @@ class StormProcessor(ProcessorMixin):
                     if item.get("type") == "video":
                         source = next((item[k] for k in ("video", "path", "url") if item.get(k) is not None), None)
                         if isinstance(source, str):
-                            source = load_video(source, num_frames=item.get("num_frames", num_frames))
+                            source = load_video(source, num_frames=item.get("num_frames", num_frames), min_side=self.image_size)
                         if source is not None:
                             videos.append(source)
                     elif item.get("type") == "image":

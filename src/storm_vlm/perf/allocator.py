@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import ctypes
 
-__all__ = ["tune_cpu_allocator"]
+__all__ = ["tune_cpu_allocator", "allocator_state"]
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 # glibc refuses an mmap threshold above HEAP_MAX_SIZE / 2 (32 MiB on 64-bit); a tensor larger than
-# that still gets its own mapping, whose page faults are small next to the work on it.
+# that still gets its own mapping, whose first-touch faults are small next to the work on it.
 _MMAP_THRESHOLD = 32 * 2**20
 _TRIM_THRESHOLD = 2**31 - 1
 _ALLOCATOR_STATE: dict = {"tuned": False}
@@ -23,13 +23,12 @@ def tune_cpu_allocator() -> dict:
     """Keep freed CPU memory in the process for reuse instead of handing it back to the kernel.
 
     With glibc's defaults every tensor of more than ~128 KiB-32 MiB is a fresh mmap (or fresh
-    heap above a trimmed top) and each of its 4 KiB pages is faulted in and zeroed by the kernel
-    on first touch. An inference allocates such tensors all the time (every Linear output, every
-    KV-cache append). On this machine's bench-cpu 128-frame row (no compression, 1 thread, CPU time)
-    the row took 640,000-840,000 page faults and the LLM prefill 3.8-4.0 s with glibc's defaults,
-    22,000-36,000 faults and 2.8-3.1 s after tuning (vision tower and projector ~10-20% faster).
-    This sets M_MMAP_THRESHOLD to 32 MiB (the
-    largest glibc allows) and a high M_TRIM_THRESHOLD, so freed blocks are reused — what
+    heap above a trimmed top) and each of its 4 KiB pages is mapped and zeroed by the kernel on
+    first touch (a minor fault). An inference allocates such tensors all the time (every Linear
+    output, every KV-cache append), so on a CPU the kernel's page zeroing can cost a large share of
+    a prefill; `storm-vlm profile` reports the fault count per row (`page_faults`) and
+    `--no-tune-malloc` shows the difference on a given host. This sets M_MMAP_THRESHOLD to 32 MiB
+    (the largest glibc allows) and a high M_TRIM_THRESHOLD, so freed blocks are reused — what
     jemalloc/tcmalloc, which PyTorch's CPU tuning guide recommends, do too. The cost: the process
     keeps its peak heap resident (`malloc_trim(0)` still returns it; the profiler calls it before
     each row). Process-wide and irreversible; call it once at the start of a long-lived CPU
@@ -51,4 +50,9 @@ def tune_cpu_allocator() -> dict:
         _ALLOCATOR_STATE.update(tuned=True, mmap_threshold=_MMAP_THRESHOLD, trim_threshold=_TRIM_THRESHOLD)
     else:
         _ALLOCATOR_STATE.update(tuned=False, reason="mallopt refused the thresholds")
+    return dict(_ALLOCATOR_STATE)
+
+
+def allocator_state() -> dict:
+    """What `tune_cpu_allocator` did in this process: {"tuned": bool, ...} (a copy)."""
     return dict(_ALLOCATOR_STATE)

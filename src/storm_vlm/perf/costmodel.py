@@ -59,6 +59,7 @@ __all__ = [
     "decode_bounds",
     "pipeline_cost",
     "kv_bytes_per_token",
+    "gemm_shapes",
 ]
 
 # Qwen2-7B (the LLM of the paper's main model).
@@ -75,17 +76,13 @@ QWEN2_7B = dict(
     tie_word_embeddings=False,
 )
 
-# What the paper states about cost (the issue's figures and the abstract; the per-module numbers
-# of its Table 13 were not available to us, so they are not quoted).
+# What the paper states about cost, quoted from its abstract (STORM, arXiv 2503.04130): compute
+# cut by up to 8x and decoding latency by 2.4-2.9x for a fixed number of input frames. Its per-module
+# latency figures are not quoted here.
 PAPER_REFERENCE = {
-    "source": "STORM, arXiv 2503.04130 (abstract) and the issue's summary of its Table 13",
-    "hardware": "NVIDIA A100",
-    "projector_share_max": 0.03,
-    "latency_256_frames_no_compression_s": 10.3,
-    "latency_256_frames_4x_s": 3.7,
-    "speedup_256_frames_4x": round(10.3 / 3.7, 2),
-    "decoding_latency_reduction": "2.4-2.9x for a fixed number of input frames",
-    "compute_reduction": "up to 8x",
+    "source": "STORM, arXiv 2503.04130, abstract",
+    "compute_reduction_max": 8.0,
+    "decoding_latency_reduction": (2.4, 2.9),
 }
 
 SCAN_FLOPS_PER_STATE = 7
@@ -497,3 +494,35 @@ def pipeline_cost(
         llm_prefill=llm_prefill_cost(cfg, seq, bytes_per_el, causal),
         decode_per_token=decode_cost(cfg, seq, bytes_per_el),
     )
+
+
+def gemm_shapes(config, num_frames: int, compression: Compression | None = None, text_tokens: int = 64) -> dict:
+    """The matrix products of one prefill, per module: {"vision_tower" | "projector" | "llm_prefill":
+    [(m, k, n, count), ...]}, an (m x k) @ (k x n) product run `count` times (attention's
+    products, the scan and the convolution are not listed). What a module's FLOPs would cost if it
+    were nothing but these products at a given rate: the GEMM-only bound of its rate."""
+    cfg = config if compression is None else with_compression(config, compression)
+    v, p, l = _vision_shape(cfg), _projector_shape(cfg), _llm_shape(cfg)
+    layer = cfg.vision_feature_layer
+    run_layers = layer if layer >= 0 else v["layers"] + 1 + layer
+    chunk = min(num_frames, cfg.vision_batch_size)
+    rows = chunk * v["patches"]
+    chunks = math.ceil(num_frames / cfg.vision_batch_size)
+    d, i = v["d"], v["inter"]
+    vision = [(rows, d, d, 4 * run_layers * chunks), (rows, d, i, run_layers * chunks),
+              (rows, i, d, run_layers * chunks)]
+    lp = num_frames * cfg.projector_tokens_per_frame
+    D, Di = p["d"], p["d_inner"]
+    projector = [(lp, p["in_dim"], D, 1)]
+    if p["type"] == "mlp":
+        projector.append((lp, D, D, 1))
+    else:
+        projector += [(lp, D, 2 * Di, p["layers"]), (lp, Di, D, p["layers"]),
+                      (lp, Di, p["dt_rank"] + 2 * p["d_state"], p["layers"] * p["directions"]),
+                      (lp, p["dt_rank"], Di, p["layers"] * p["directions"])]
+    seq = cfg.num_visual_tokens(num_frames) + text_tokens
+    q, kv = l["heads"] * l["head_dim"], l["kv_heads"] * l["head_dim"]
+    n = l["layers"]
+    llm = [(seq, l["d"], q, n), (seq, l["d"], kv, 2 * n), (seq, q, l["d"], n), (seq, l["d"], l["inter"], 2 * n),
+           (seq, l["inter"], l["d"], n)]
+    return {"vision_tower": vision, "projector": projector, "llm_prefill": llm}

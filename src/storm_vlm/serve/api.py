@@ -26,6 +26,7 @@ import json
 import logging
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Annotated
@@ -41,6 +42,7 @@ import storm_vlm
 from storm_vlm.errors import StormError
 from storm_vlm.serve import openai_api as oai
 from storm_vlm.serve.engine import MAX_OPTION_CHARS, MAX_OPTIONS, MAX_QUESTION_CHARS, EngineBusy
+from storm_vlm.video import DecodeCancelled, DecodeTimeout
 
 __all__ = ["create_app", "AnswerParams", "LocalAnswerRequest", "AnswerResponse"]
 
@@ -230,6 +232,17 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
             chunks.append(chunk)
         return b"".join(chunks)
 
+    async def until_disconnect(request: Request, fn, *args, **kwargs):
+        """fn(*args, cancel=event, **kwargs) in a worker thread; the event is set when the client
+        disconnects first (decoding stops there)."""
+        cancel = threading.Event()
+        task = asyncio.ensure_future(run_in_threadpool(fn, *args, cancel=cancel, **kwargs))
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.5)
+            if not task.done() and await request.is_disconnected():
+                cancel.set()
+        return task.result()
+
     async def wait_or_cancel(request: Request, handle):
         """The request's Completion; cancels it when the client disconnects first."""
         while True:
@@ -266,8 +279,10 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
                                        f"{model_name!r}", "model", code="model_not_found")
         workdir = Path(tempfile.mkdtemp(prefix="storm-serve-"))
         try:
-            parsed, messages, videos, sampling = await run_in_threadpool(
-                oai.parse_chat_request, body, engine, workdir, allow_local_paths, max_upload)
+            parsed, messages, videos, sampling = await until_disconnect(
+                request, oai.parse_chat_request, body, engine, workdir, allow_local_paths, max_upload)
+        except DecodeCancelled:
+            return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         try:
@@ -313,11 +328,16 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
         try:
             prepared, options, frames = engine.prepare_question(
                 params.question, params.options, params.frames, params.temporal_sample_stride, params.max_new_tokens)
-            clip = await run_in_threadpool(engine.read_video, video_path, frames, params.start, params.end)
+            clip = await until_disconnect(request, engine.read_video, video_path, frames, params.start, params.end)
             handle = engine.submit(prepared, [clip.frames], loop=asyncio.get_running_loop())
             completion = await wait_or_cancel(request, handle)
         except EngineBusy as exc:
             return _error(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
+        except DecodeCancelled:
+            return _error(499, "the client disconnected")  # nobody reads this
+        except DecodeTimeout as exc:
+            message = str(exc) if shown_as is None else str(exc).replace(str(video_path), shown_as)
+            return _error(503, message, headers={"Retry-After": "10"})
         except StormError as exc:  # VideoDecodeError included: the message names the file and the cause
             message = str(exc)
             if shown_as is not None:

@@ -116,6 +116,10 @@ class _Prepared:
     visual_tokens: int
     planned: bool = False  # the stride was raised by `storm_vlm.planner.fit_stride` so the videos fit
 
+    @property
+    def frames(self) -> int:
+        return sum(len(v) for v in self.videos)
+
 
 class RequestHandle:
     """One queued request. Iterate `events()` (or `aevents()` in asyncio code) for
@@ -273,18 +277,24 @@ class StormEngine:
         max_frames: the most frames a request may ask for.
         max_new_tokens_limit: the longest answer a request may ask for.
         max_batch_size: requests answered by one generate call at most (1: one at a time).
+        max_batch_frames: video frames in one generate call at most (bounds the vision tower's
+            memory; a request with more frames runs alone); default 2 x max_frames.
         max_queue: requests waiting at most; beyond, `submit` raises EngineBusy.
+        decode_timeout_s: the longest a request's video may take to decode (DecodeTimeout).
     """
 
     def __init__(self, model_dir, *, device: str | None = None, precision: str = "auto", default_frames: int = 32,
                  max_frames: int = 256, max_new_tokens_limit: int = 1024, max_batch_size: int = 8,
-                 max_queue: int = 64, verbose: bool = False):
+                 max_batch_frames: int | None = None, max_queue: int = 64, decode_timeout_s: float = 60.0,
+                 verbose: bool = False):
         self.model_dir = check_model_dir(model_dir)
         self.max_frames = _check_int("max_frames", max_frames, 1)
         self.default_frames = _check_int("frames", default_frames, 1, self.max_frames)
         self.max_new_tokens_limit = _check_int("max_new_tokens_limit", max_new_tokens_limit, 1)
         self.max_batch_size = _check_int("max_batch_size", max_batch_size, 1)
+        self.max_batch_frames = _check_int("max_batch_frames", max_batch_frames or 2 * self.max_frames, 1)
         self.max_queue = _check_int("max_queue", max_queue, 1)
+        self.decode_timeout_s = _check_float("decode_timeout_s", decode_timeout_s, 0.001, 86400)
         self.predictor = Predictor.from_pretrained(self.model_dir, device, precision, verbose=verbose)
         self.model, self.processor = self.predictor.model, self.predictor.processor
         self.config = self.model.config
@@ -330,7 +340,8 @@ class StormEngine:
             },
             "defaults": {"frames": self.default_frames, "visual_tokens": cfg.num_visual_tokens(self.default_frames)},
             "limits": {"max_frames": self.max_frames, "max_new_tokens": self.max_new_tokens_limit,
-                       "max_batch_size": self.max_batch_size, "max_queue": self.max_queue,
+                       "max_batch_size": self.max_batch_size, "max_batch_frames": self.max_batch_frames,
+                       "max_queue": self.max_queue,
                        "max_options": MAX_OPTIONS, "max_option_chars": MAX_OPTION_CHARS,
                        "max_question_chars": MAX_QUESTION_CHARS},
         }
@@ -430,13 +441,15 @@ class StormEngine:
                 return None
             first = self._waiting.popleft()
             key = (first.prepared.sampling.batch_key(first.id), first.prepared.stride)
-            batch = [first]
+            batch, frames = [first], first.prepared.frames
             for handle in list(self._waiting):
                 if len(batch) >= self.max_batch_size:
                     break
-                if (handle.prepared.sampling.batch_key(handle.id), handle.prepared.stride) == key:
+                if (handle.prepared.sampling.batch_key(handle.id), handle.prepared.stride) == key \
+                        and frames + handle.prepared.frames <= self.max_batch_frames:
                     self._waiting.remove(handle)
                     batch.append(handle)
+                    frames += handle.prepared.frames
         return batch
 
     def _work(self) -> None:
@@ -536,10 +549,14 @@ class StormEngine:
                                 self.check_sampling(max_new_tokens), stride)
         return prepared, options, num_frames
 
-    def read_video(self, video_path, num_frames: int, start: float | None = None, end: float | None = None):
-        """`load_video` for a request (decode time in `clip.extra["decode_s"]`)."""
+    def read_video(self, video_path, num_frames: int, start: float | None = None, end: float | None = None,
+                   fps: float | None = None, cancel=None):
+        """`load_video` for a request: frames scaled while decoding to the model's input size,
+        at most `decode_timeout_s`, stopped when `cancel` (a threading.Event) is set; the decode
+        time is in `clip.extra["decode_s"]`."""
         t0 = time.perf_counter()
-        clip = load_video(video_path, num_frames=num_frames, start=start, end=end)
+        clip = load_video(video_path, num_frames=num_frames, fps=fps, start=start, end=end,
+                          min_side=self.processor.image_size, timeout_s=self.decode_timeout_s, cancel=cancel)
         clip.extra["decode_s"] = round(time.perf_counter() - t0, 4)
         return clip
 

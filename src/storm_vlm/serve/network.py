@@ -14,7 +14,7 @@ __all__ = ["check_listen", "is_loopback", "warn_if_public"]
 
 
 def is_loopback(host: str) -> bool:
-    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    """True for addresses only this host can reach (127.0.0.0/8, ::1, localhost)."""
     if host == "localhost":
         return True
     try:
@@ -41,5 +41,5 @@ def check_listen(host: str, port: int) -> None:
 
 def warn_if_public(host: str, what: str) -> None:
     if not is_loopback(host):
-        print(f"warning: {what} listens on {host}: anyone who can reach this machine can use it "
+        print(f"warning: {what} listens on {host}: anyone who can reach this host can use it "
               "(there is no authentication)", file=sys.stderr)

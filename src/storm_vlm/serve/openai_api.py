@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from storm_vlm.errors import StormError
 from storm_vlm.serve.engine import EngineBusy, MAX_QUESTION_CHARS, StormEngine
-from storm_vlm.video import load_video
+from storm_vlm.video import DecodeTimeout
 
 __all__ = ["ChatCompletionRequest", "OpenAIError", "parse_chat_request", "completion_body", "chunk_body",
            "models_body", "MAX_VIDEOS"]
@@ -155,12 +155,13 @@ def _image_frames(source: bytes | Path, what: str) -> np.ndarray:
         raise OpenAIError(400, f"{what}: not a readable image ({exc})") from None
 
 
-def parse_chat_request(body: Any, engine: StormEngine, workdir: Path, allow_local_paths: bool, max_bytes: int):
+def parse_chat_request(body: Any, engine: StormEngine, workdir: Path, allow_local_paths: bool, max_bytes: int,
+                       cancel=None):
     """Validate a chat-completions body and read its media (blocking: run it in a thread).
 
     Returns (request, messages in the processor's content format, videos as frame arrays,
     sampling params). `workdir` receives uploaded video bytes (under fixed names); a video or
-    image of more than `max_bytes` is refused (413).
+    image of more than `max_bytes` is refused (413); `cancel` (a threading.Event) stops decoding.
     """
     try:
         request = ChatCompletionRequest.model_validate(body)
@@ -201,7 +202,10 @@ def parse_chat_request(body: Any, engine: StormEngine, workdir: Path, allow_loca
                     path = workdir / f"video{len(videos)}"
                     path.write_bytes(source)
                 try:
-                    clip = load_video(str(path), num_frames=num_frames, fps=request.fps)
+                    clip = engine.read_video(str(path), num_frames, fps=request.fps, cancel=cancel)
+                except DecodeTimeout as exc:
+                    raise OpenAIError(503, f"{where}: {str(exc).replace(str(path), 'the video')}", where,
+                                      kind="server_busy", headers={"Retry-After": "10"}) from None
                 except StormError as exc:
                     raise OpenAIError(400, f"{where}: {str(exc).replace(str(path), 'the video')}", where) from None
                 videos.append(clip.frames)

@@ -133,9 +133,8 @@ def _front(buf: Tensor, shape) -> Tensor:
 def _time_major(x: Tensor | None) -> Tensor | None:
     """(b, c, L) -> (b, L, c) with unit channel stride: a free view when x is already stored
     time-major (as the mixer's tensors are), else per-batch 2-D copies, which hit PyTorch's
-    blocked transpose kernel (~5x faster than ``permute(...).contiguous()`` on a 3-D tensor; it
-    only applies to whole matrices: transposing 256-step blocks into a reused buffer measured
-    3-6x slower than one full transpose, page faults on the fresh memory included)."""
+    blocked transpose kernel (much faster than ``permute(...).contiguous()`` on a 3-D tensor; it
+    only applies to whole matrices, so the copy is not split into smaller blocks)."""
     if x is None:
         return None
     xt = x.transpose(1, 2)

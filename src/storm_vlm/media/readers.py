@@ -1,0 +1,383 @@
+"""From decoded pictures to the clip's frames.
+
+`FrameSink` holds the output: one (T, h, w, 3) uint8 array allocated at the first frame, each
+decoded picture converted to RGB and scaled to (w, h) by FFmpeg in one step and written to every
+row that wants it -- so the peak is the clip plus one small frame, never a stack of full-size
+frames.
+
+Readers decide which pictures those are:
+
+`SeekingReader` (random access by presentation time): for each wanted frame the decoder either
+jumps to the keyframe before it (when that keyframe lies beyond the current decoder position)
+or decodes forward (when the wanted frame is in the GOP already being decoded), so 128 frames of
+an hour-long video cost about 128 short decodes. Frame i of a stream is the one shown at
+`first_pts + i / fps`.
+
+`SequentialReader` decodes the whole stream, twice (count, then convert the wanted frames): for
+formats that cannot seek, streams without timestamps or frame rate, files whose timestamps are
+implausible (frames are then taken in order and spread evenly over the declared duration), and
+truncated files read on request (decoding stops where the data ends).
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+
+from storm_vlm.media.container import av, av_errors
+from storm_vlm.media.errors import fail
+from storm_vlm.media.limits import Budget, output_size
+
+__all__ = ["FrameSink", "SeekingReader", "SequentialReader", "rotate_frame", "frame_rotation", "decoded_frames"]
+
+
+def rotate_frame(frame: np.ndarray, rotation: float) -> np.ndarray:
+    """Apply a display rotation (degrees counter-clockwise, FFmpeg's convention) to (H, W, C)."""
+    k = int(round(float(rotation) / 90.0)) % 4
+    return np.ascontiguousarray(np.rot90(frame, k=k)) if k else frame
+
+
+def frame_rotation(frame) -> int:
+    """A decoded frame's display rotation: 0, 90, 180 or 270 degrees counter-clockwise."""
+    try:
+        return int(round(float(frame.rotation) / 90.0)) % 4 * 90
+    except (AttributeError, av().FFmpegError):
+        return 0
+
+
+def to_rgb(frame, size: tuple[int, int], rotation: int, reformatter) -> np.ndarray:
+    """(h, w, 3) uint8 RGB of a decoded frame scaled to size = (w, h) (before rotation), rotated."""
+    if size == (frame.width, frame.height):
+        rgb = reformatter.reformat(frame, format="rgb24")
+    else:  # area averaging: every source pixel counts (no aliasing when shrinking a lot)
+        rgb = reformatter.reformat(frame, format="rgb24", width=size[0], height=size[1], interpolation="AREA")
+    return rotate_frame(rgb.to_ndarray(), rotation)
+
+
+def decoded_frames(container, stream, budget: Budget, stats: dict, stop_at_corrupt: bool = False):
+    """Decoded frames of `stream` in presentation order, checking `budget` before each packet.
+
+    stop_at_corrupt: end at the first packet the demuxer flags corrupt (in a truncated file, the
+    one cut short), after draining the frames the decoder still holds.
+    """
+    for packet in container.demux(stream):
+        budget.check()
+        if stop_at_corrupt and packet.is_corrupt:
+            stats["stopped_at"] = "a packet cut short"
+            packet = None  # flush the decoder
+        for frame in stream.decode(packet):
+            stats["decoded"] += 1
+            yield frame
+        if packet is None:
+            return
+
+
+class FrameSink:
+    """The clip being filled: row r of the output holds source frame indices[r].
+
+    Frames are scaled with `output_size(w, h, max_pixels, min_side)`; the output array is
+    allocated when the first frame arrives (its size is known then).
+    """
+
+    def __init__(self, path: str, indices: np.ndarray, max_pixels: int | None, min_side: int | None,
+                 declared_size: tuple[int, int] = (0, 0)):
+        self.path = path
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.wanted = np.unique(self.indices)
+        self.max_pixels, self.min_side = max_pixels, min_side
+        self.rows: dict[int, list[int]] = {}
+        for row, index in enumerate(self.indices.tolist()):
+            self.rows.setdefault(index, []).append(row)
+        self.frames = None
+        self.timestamps = np.zeros(len(self.indices), dtype=np.float64)
+        self.rotations: dict[int, int] = {}
+        self.source_size = declared_size  # (w, h) of the pictures being decoded, for messages
+        self.frame_size = None  # (w, h) of the output frames before rotation
+        # One converter per call, reused for every frame (building one per frame costs more than
+        # small decodes), released by `close`: never per thread, since FFmpeg's converter owns
+        # worker threads, and freeing one inherited through fork (a DataLoader worker) hangs.
+        self._reformatter = None
+
+    def close(self) -> None:
+        self._reformatter = None
+
+    def put(self, index: int, frame, seconds: float) -> None:
+        rotation = frame_rotation(frame)
+        source = (frame.width, frame.height)
+        size = output_size(*source, self.max_pixels, self.min_side)
+        if self.frames is not None and size != self.frame_size:
+            raise fail(self.path, f"frame size changes within the video (from {self.source_size[0]}x"
+                                  f"{self.source_size[1]} to {source[0]}x{source[1]})")
+        self.source_size, self.frame_size = source, size
+        if self._reformatter is None:
+            from av.video.reformatter import VideoReformatter
+
+            self._reformatter = VideoReformatter()
+        rgb = to_rgb(frame, size, rotation, self._reformatter)
+        if self.frames is None:
+            self.frames = np.empty((len(self.indices), *rgb.shape), dtype=np.uint8)
+        for row in self.rows[index]:
+            self.frames[row] = rgb
+            self.timestamps[row] = seconds
+        self.rotations[index] = rotation
+
+    def missing(self) -> list[int]:
+        return [i for i in self.wanted.tolist() if i not in self.rotations]
+
+    @property
+    def rotation(self) -> int:
+        return self.rotations.get(int(self.indices[0]), 0)
+
+
+# ---------------------------------------------------------------- seeking
+
+
+class SeekingReader:
+    """Random access by presentation time: seek to a keyframe, decode forward to the wanted pts."""
+
+    def __init__(self, container, stream, path: str, budget: Budget, damage: str = "corrupt"):
+        self.container, self.stream, self.path, self.budget = container, stream, path, budget
+        self.damage = damage  # how a missing frame is explained ("corrupt", "corrupt or cut short")
+        self.stats = {"seeks": 0, "decoded": 0}
+        self.time_base = stream.time_base
+        self.rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        self.first_pts = stream.start_time
+        self.frame_pts = 1.0  # pts units per frame, set by can_seek()
+        self._frames = None  # active decode iterator (None: must seek before decoding)
+        self._pending = None  # a decoded frame pushed back onto the active iterator
+        self._pos = None  # pts of the last frame taken from the active iterator
+        self._gop_frames = 0  # largest keyframe distance seen while decoding, in frames
+        self._keyframes = None  # sorted keyframe presentation timestamps from the container index
+
+    def can_seek(self) -> bool:
+        if not self.rate or self.rate <= 0 or not self.time_base:
+            return False
+        self.frame_pts = float(1 / (self.rate * self.time_base))
+        if self.first_pts is None:
+            frames = self._decode_from(None)
+            frame = next(frames, None)
+            frames.close()
+            if frame is None or frame.pts is None:
+                return False
+            self.first_pts = frame.pts
+        entries = self.stream.index_entries
+        if len(entries):
+            # mp4 indexes decode timestamps; with B-frames they trail the presentation ones by a
+            # constant delay, which the first entry (a keyframe shown first) reveals.
+            shift = max(0, self.first_pts - entries[0].timestamp) if entries[0].is_keyframe else 0
+            keys = [e.timestamp for e in entries if e.is_keyframe]
+            if keys:
+                self._keyframes = np.array(sorted(keys), dtype=np.float64) + shift
+        return True
+
+    # -- frame count
+
+    def num_frames(self) -> int:
+        """Frames in the stream: stream.frames when it agrees with the duration, else probe the tail."""
+        stream = self.stream
+        duration_s = None
+        if stream.duration:
+            duration_s = float(stream.duration * self.time_base)
+        elif self.container.duration:
+            duration_s = self.container.duration / av().time_base - float(self.first_pts * self.time_base)
+        estimate = round(duration_s * float(self.rate)) if duration_s else None
+        if stream.frames and estimate and abs(stream.frames - estimate) <= max(2, 0.02 * estimate):
+            self.stats["count_source"] = "stream.frames"
+            return int(stream.frames)
+        last_pts = self._probe_last_pts(duration_s)
+        self.stats["count_source"] = "tail probe"
+        return int(round((last_pts - self.first_pts) / self.frame_pts)) + 1
+
+    def _probe_last_pts(self, duration_s) -> float:
+        """Decode the last stretch of the stream and return the largest pts found."""
+        back_s = 2.0
+        while True:
+            target = self.first_pts
+            if duration_s:
+                target = self.first_pts + max(0.0, duration_s - back_s) / float(self.time_base)
+            last = None
+            for frame in self._decode_from(target):
+                if frame.pts is not None:
+                    last = frame.pts if last is None else max(last, frame.pts)
+            if last is not None:
+                return float(last)
+            if target <= self.first_pts:
+                raise fail(self.path, "no decodable frame")
+            back_s *= 8
+
+    # -- decoding
+
+    def _decode_from(self, target_pts):
+        """Yield decoded frames (pts order), after seeking to the keyframe at or before target_pts."""
+        if target_pts is not None:
+            self.container.seek(int(math.floor(target_pts)), stream=self.stream, backward=True)
+            self.stats["seeks"] += 1
+        last_key = None
+        for frame in decoded_frames(self.container, self.stream, self.budget, self.stats):
+            if frame.key_frame and frame.pts is not None:
+                if last_key is not None:
+                    gap = int(round((frame.pts - last_key) / self.frame_pts))
+                    self._gop_frames = max(self._gop_frames, gap)
+                last_key = frame.pts
+            yield frame
+
+    def _next_frame(self):
+        if self._pending is not None:
+            frame, self._pending = self._pending, None
+            return frame
+        return next(self._frames, None)
+
+    def _should_seek(self, target_pts: float) -> bool:
+        """Seek when the keyframe before the target lies beyond the decoder position, else decode on."""
+        if self._frames is None or self._pos is None or target_pts <= self._pos:
+            return True
+        if self._keyframes is not None:
+            i = int(np.searchsorted(self._keyframes, target_pts, side="right")) - 1
+            # A seek saves decoding the frames between here and that keyframe; not worth it for one or two.
+            return i >= 0 and self._keyframes[i] - self._pos > 2 * self.frame_pts
+        gop = self._gop_frames or 32
+        return (target_pts - self._pos) / self.frame_pts > gop
+
+    def _seek(self, pts: float) -> None:
+        self.close()
+        self._frames = self._decode_from(pts)
+
+    def close(self) -> None:
+        """Drop the active decode; call it before the file is closed: a decode left suspended
+        and freed after its file kept the decoder's pictures resident (tens of MB per call on
+        large frames, which the allocator could not reuse)."""
+        if self._frames is not None:
+            self._frames.close()
+        self._frames = self._pending = self._pos = None
+
+    def read(self, sink: FrameSink) -> None:
+        """Decode the frames `sink` wants (sorted, distinct indices) into it."""
+        for index in sink.wanted.tolist():
+            target = self.first_pts + index * self.frame_pts
+            frame = None
+            # Back off further when a seek lands after the wanted frame (keyframe index in dts, VFR).
+            for backoff_s in (None, 1.0, 8.0, 64.0, math.inf):
+                seek_pts = target
+                if backoff_s is not None:
+                    seek_pts = max(self.first_pts, target - backoff_s / float(self.time_base))
+                    self._seek(seek_pts)
+                elif self._should_seek(target):
+                    self._seek(target)
+                frame, status = self._advance_to(target)
+                if status in ("ok", "eof") or seek_pts <= self.first_pts:
+                    break
+            if frame is None:
+                if index == 0:
+                    raise fail(self.path, "no decodable frame")
+                raise fail(self.path, f"the file is {self.damage}: no frame decodable at "
+                                      f"{index / float(self.rate):.3f} s (frame {index} of the stream)")
+            sink.put(index, frame, float((frame.pts - self.first_pts) * self.time_base))
+
+    def _advance_to(self, target: float):
+        """Decode forward to the frame nearest `target` pts.
+
+        Returns (frame, "ok"), (frame, "overshoot") when the first frame decoded is already past
+        the target, (None, "eof") when the stream ended more than 1.5 frames before the target,
+        or (None, "empty") when nothing was decoded.
+        """
+        half = self.frame_pts / 2
+        prev = None
+        while self._frames is not None:
+            frame = self._next_frame()
+            if frame is None:
+                self._frames = None  # end of stream
+                break
+            if frame.pts is None:
+                continue
+            self._pos = frame.pts
+            if frame.pts >= target - half:
+                if prev is None:
+                    return frame, ("overshoot" if frame.pts > target + half else "ok")
+                if abs(prev.pts - target) <= abs(frame.pts - target):
+                    self._pending, self._pos = frame, prev.pts
+                    return prev, "ok"
+                return frame, "ok"
+            prev = frame
+        if prev is None:
+            return None, "empty"
+        # The last frame counts only when within 1.5 frames of the target.
+        return (prev, "ok") if target - prev.pts <= 3 * half else (None, "eof")
+
+
+# ---------------------------------------------------------------- sequential
+
+
+class SequentialReader:
+    """Decode the whole stream: a counting pass, then a pass converting only the wanted frames.
+
+    open_stream: a callable returning (container, stream), a fresh one per pass.
+    even_over: None (timestamps from the frames' pts), or a duration in seconds to spread the
+    frames evenly over (for streams whose timestamps are implausible).
+    tolerate_tail: stop quietly at a decoding error after the first frame (a truncated file read
+    on request) instead of failing.
+    """
+
+    def __init__(self, open_stream, path: str, budget: Budget, rate=None, even_over: float | None = None,
+                 tolerate_tail: bool = False):
+        self.open_stream, self.path, self.budget = open_stream, path, budget
+        self.even_over, self.tolerate_tail = even_over, tolerate_tail
+        self.stats = {"seeks": 0, "decoded": 0}
+        self._times = None
+        self.rate = rate if rate and rate > 0 else Fraction(25)
+
+    def _frames(self, container, stream):
+        frames = decoded_frames(container, stream, self.budget, self.stats, stop_at_corrupt=self.tolerate_tail)
+        count = 0
+        while True:
+            try:
+                frame = next(frames)
+            except StopIteration:
+                return
+            except av_errors() as exc:
+                if not (self.tolerate_tail and count):
+                    raise
+                self.stats["stopped_at"] = f"frame {count}: {type(exc).__name__}"
+                return
+            count += 1
+            yield frame
+
+    def close(self) -> None:
+        """Nothing held between calls: each pass opens and closes its own container."""
+
+    def num_frames(self) -> int:
+        times = []
+        container, stream = self.open_stream()
+        with container:
+            for i, frame in enumerate(self._frames(container, stream)):
+                if frame.pts is not None and frame.time_base:
+                    times.append(float(frame.pts * frame.time_base))
+                else:
+                    times.append(i / float(self.rate))
+        if not times:
+            raise fail(self.path, "no decodable frame")
+        n = len(times)
+        if self.even_over:
+            self.rate = Fraction(n) / Fraction(self.even_over) if n > 1 else self.rate
+            self._times = [i / float(self.rate) for i in range(n)]
+        else:
+            self._times = [t - times[0] for t in times]
+        self.stats["count_source"] = "full decode"
+        return n
+
+    def read(self, sink: FrameSink) -> None:
+        """Second pass over a freshly opened file, converting only the wanted frames."""
+        wanted = set(sink.wanted.tolist())
+        container, stream = self.open_stream()
+        with container:
+            done = 0
+            for i, frame in enumerate(self._frames(container, stream)):
+                if i in wanted:
+                    sink.put(i, frame, self._times[i])
+                    done += 1
+                    if done == len(wanted):
+                        break
+        missing = sink.missing()
+        if missing:
+            raise fail(self.path, f"frame {missing[0]} could not be decoded on the second pass")

@@ -1,0 +1,266 @@
+"""What the host is and what it can do: CPU model and ISA, threads, BLAS / oneDNN, load, /proc
+readings (resident memory, minor faults, free memory) and the roofline it reaches.
+
+Every benchmark prints `host_summary()` when it starts and `load_line()` when it ends, so a
+figure always comes with the machine and the load it was taken on. Nothing here changes state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import re
+import resource
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from storm_vlm.perf.costmodel import Hardware
+from storm_vlm.precision import cpu_has_fast_bf16
+
+__all__ = [
+    "ISA_FLAGS",
+    "cpu_model",
+    "cpu_flags",
+    "isa_flags",
+    "math_libraries",
+    "load_average",
+    "describe_host",
+    "host_summary",
+    "load_line",
+    "proc_status_kb",
+    "reset_peak_rss",
+    "page_faults",
+    "available_memory_bytes",
+    "measure_cpu_roofline",
+    "best_gemm_rate",
+]
+
+# The instruction-set extensions that decide which matmul / elementwise kernels a CPU runs.
+ISA_FLAGS = (
+    "sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+    "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
+)
+
+
+def _cpuinfo() -> str:
+    with contextlib.suppress(OSError):
+        return Path("/proc/cpuinfo").read_text()
+    return ""
+
+
+@lru_cache(maxsize=None)
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, `platform.processor()` elsewhere)."""
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
+@lru_cache(maxsize=None)
+def cpu_flags() -> frozenset:
+    """Every flag the kernel reports for the first CPU (empty where /proc/cpuinfo is absent)."""
+    for line in _cpuinfo().splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def isa_flags() -> list[str]:
+    """The members of ISA_FLAGS this CPU has, in ISA_FLAGS order."""
+    flags = cpu_flags()
+    return [f for f in ISA_FLAGS if f in flags]
+
+
+@lru_cache(maxsize=None)
+def math_libraries() -> dict:
+    """The BLAS and oneDNN torch was built with, the vector ISA its kernels dispatch to, and whether
+    oneDNN runs bf16 natively here (`storm_vlm.precision.cpu_has_fast_bf16`)."""
+    config = torch.__config__.show()
+    blas = re.search(r"BLAS_INFO=(\w+)", config)
+    mkl = re.search(r"Math Kernel Library Version ([\w.\-]+)", config)
+    onednn = re.search(r"MKL-DNN v([\d.]+)", config)
+    return {
+        "blas": (blas.group(1) if blas else "unknown") + (f" {mkl.group(1)}" if mkl else ""),
+        "onednn": (f"oneDNN {onednn.group(1)}" if onednn else "none") if torch.backends.mkldnn.is_available() else "none",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": cpu_has_fast_bf16(),
+    }
+
+
+def load_average() -> tuple[float, float, float] | None:
+    """The 1/5/15-minute load averages, or None where the OS has none."""
+    try:
+        return os.getloadavg()
+    except (OSError, AttributeError):
+        return None
+
+
+def _cpus_usable() -> int:
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def describe_host() -> dict:
+    """The host as a dict (goes into every result file): CPU, ISA, threads, libraries, versions, load."""
+    info = {
+        "cpu": cpu_model(),
+        "isa": isa_flags(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": _cpus_usable(),
+        "torch_threads": torch.get_num_threads(),
+        **math_libraries(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_average": load_average(),
+    }
+    with contextlib.suppress(ImportError):
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["gpu_memory_mb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**20)
+    return info
+
+
+def _load_text(load) -> str:
+    return "n/a" if load is None else " / ".join(f"{x:.2f}" for x in load)
+
+
+def host_summary(info: dict | None = None) -> str:
+    """Three lines naming the host, for the top of a benchmark's output."""
+    info = info or describe_host()
+    lines = [
+        f"host: {info['cpu']}; ISA {' '.join(info['isa']) or 'n/a'} (torch kernels: {info['cpu_capability']}); "
+        f"{info['usable_cpus']} of {info['logical_cpus']} CPUs usable, torch threads {info['torch_threads']}",
+        f"      BLAS {info['blas']}, {info['onednn']}, native bf16: {'yes' if info['native_bf16'] else 'no'}; "
+        f"torch {info['torch']}, transformers {info.get('transformers', 'n/a')}, Python {info['python']}",
+        f"      load average at start (1/5/15 min): {_load_text(info['load_average'])}",
+    ]
+    if "gpu" in info:
+        lines.append(f"      GPU: {info['gpu']} ({info['gpu_memory_mb']} MiB)")
+    return "\n".join(lines)
+
+
+def load_line() -> str:
+    """One line with the load average now, for the end of a benchmark's output."""
+    return f"load average at end (1/5/15 min): {_load_text(load_average())}"
+
+
+# ---- /proc readings ------------------------------------------------------------------------
+
+
+def proc_status_kb(key: str) -> int | None:
+    """A kB field of /proc/self/status (VmRSS, VmHWM, ...); None where there is none (not Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS mark (VmHWM) through /proc/self/clear_refs; False where unsupported."""
+    if proc_status_kb("VmHWM") is None:
+        return False
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """The process's resident-set high-water mark (VmHWM, or getrusage's lifetime peak) in MiB."""
+    hwm = proc_status_kb("VmHWM")
+    if hwm is not None:
+        return hwm / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / 2**20
+
+
+def page_faults() -> int:
+    """Minor faults of this process so far (getrusage): pages the kernel had to map and zero."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def available_memory_bytes() -> float:
+    """MemAvailable of /proc/meminfo in bytes (inf where unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    return math.inf
+
+
+# ---- what the CPU can do ---------------------------------------------------------------------
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def best_gemm_rate(m: int, k: int, n: int, repeats: int = 5) -> dict:
+    """The best fp32 rate of an (m x k) @ (k x n) product on this host, in GFLOP/s, per backend.
+
+    Backends: "blas" (torch's default, `F.linear` with the weight stored (n, k)), "blas_kn" (the
+    weight stored transposed, (k, n) contiguous, as `storm_vlm.model.fast_paths` keeps it) and,
+    where torch has oneDNN, "onednn" (a prepacked oneDNN linear). Best-of `repeats`, not median:
+    a bound is what the machine can do, and other jobs only slow it. Returns {backend: GFLOP/s,
+    "best": the highest}.
+    """
+    x, w = torch.randn(m, k), torch.randn(n, k)
+    w_kn = w.t().contiguous().t()
+    fns = {
+        "blas": lambda: torch.nn.functional.linear(x, w),
+        "blas_kn": lambda: torch.nn.functional.linear(x, w_kn),
+    }
+    if torch.backends.mkldnn.is_available():
+        with contextlib.suppress(RuntimeError, AttributeError):
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+            torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+            fns["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    rates = {}
+    with torch.inference_mode():
+        for name, fn in fns.items():
+            rates[name] = 2.0 * m * k * n / _best_seconds(fn, repeats) / 1e9
+    rates["best"] = max(rates.values())
+    return rates
+
+
+def measure_cpu_roofline(matmul_size: int = 1024, stream_mb: int = 256, repeats: int = 5) -> Hardware:
+    """This CPU's roofline with the current torch threads: a `costmodel.Hardware` with mfu 1.
+
+    peak_flops: the best of `repeats` fp32 (n x n) @ (n x n) products; bandwidth: the best of
+    `repeats` streaming reads (a sum) of a `stream_mb` MB fp32 tensor, as a decode step streams its
+    weights. Best-of, not median: a bound is what the machine can do, and other jobs only slow it.
+    """
+    a = torch.randn(matmul_size, matmul_size)
+    b = torch.randn(matmul_size, matmul_size)
+    x = torch.ones(stream_mb * 2**20 // 4)
+    mm = _best_seconds(lambda: a @ b, repeats)
+    rd = _best_seconds(x.sum, repeats)
+    flops = 2 * matmul_size**3 / mm
+    bandwidth = x.numel() * 4 / rd
+    return Hardware(f"this CPU (fp32, {torch.get_num_threads()} thread(s): {flops / 1e9:.0f} GFLOP/s, "
+                    f"{bandwidth / 1e9:.1f} GB/s)", peak_flops=flops, bandwidth=bandwidth, mfu=1.0)

@@ -1,0 +1,248 @@
+"""The matmul backend choice and the decode step of storm_vlm.model.fast_paths change no result:
+logits within float rounding, greedy tokens identical to the model's own forward."""
+
+import pytest
+import torch
+from torch import nn
+
+import storm_vlm.model.modeling as modeling
+from storm_vlm import StormConfig
+from storm_vlm.model import fast_paths
+from storm_vlm.model.fast_paths import DecodeStep, StormKVCache, enable_fast_paths
+from storm_vlm.perf.profiler import build_random_model
+from helpers import TINY_CONFIG as TINY
+
+LLAMA = dict(TINY, text_config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                    attention_bias=True, mlp_bias=True))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_random_model(StormConfig(**TINY), seed=0)
+
+
+@pytest.fixture
+def plain_decode(monkeypatch):
+    """Within the test, `plain()` turns the decode step off (the model's own forward runs)."""
+    def plain():
+        monkeypatch.setattr(modeling, "decode_step", lambda *a, **k: None)
+    return plain
+
+
+def test_decode_switch_of_enable_fast_paths(model):
+    ids = torch.randint(0, 60, (1, 6), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True)
+    call = dict(inputs_embeds=None, attention_mask=None, position_ids=None, cache=out.cache, use_cache=True, kwargs={})
+    tok = out.logits[:, -1:].argmax(-1)
+    enable_fast_paths(model, decode=False)
+    try:
+        with torch.inference_mode():
+            assert fast_paths.decode_step(model, tok, **call) is None
+    finally:
+        enable_fast_paths(model)
+    with torch.inference_mode():
+        assert fast_paths.decode_step(model, tok, **call) is not None
+
+
+def _generate(model, ids, **kw):
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(ids)) | kw
+    with torch.inference_mode():
+        return model.generate(ids, **kw)
+
+
+# ---- matmul backend -------------------------------------------------------------------------------
+
+
+def test_every_linear_measures_its_backend_and_keeps_its_parameters(model):
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(type(m) is fast_paths._MeasuredLinear for m in linears)
+    plain = StormConfig(**TINY)
+    with torch.device("meta"):
+        ref = modeling.StormForConditionalGeneration(plain)
+    assert list(model.state_dict()) == list(ref.state_dict())
+
+
+@pytest.mark.parametrize("backend", ["blas", "onednn"])
+def test_both_backends_give_the_same_features_and_logits(model, monkeypatch, backend):
+    if backend == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("torch without oneDNN")
+    pixels = torch.randn(1, 8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 60, (1, 80), generator=torch.Generator().manual_seed(1))
+    calls = []
+    monkeypatch.setattr(fast_paths, "_onednn_linear", lambda x, w, b: calls.append(1) or torch.ops.mkldnn._linear_pointwise(
+        x, w, b, "none", [], ""))
+    with torch.inference_mode():
+        monkeypatch.setenv("STORM_VLM_MATMUL", backend)
+        feats, _ = model.get_video_features(pixels)
+        logits = model(input_ids=ids).logits
+        monkeypatch.setenv("STORM_VLM_MATMUL", "blas")
+        calls_before = len(calls)
+        ref_feats, _ = model.get_video_features(pixels)
+        ref_logits = model(input_ids=ids).logits
+    assert (calls_before > 0) == (backend == "onednn") and len(calls) == calls_before
+    torch.testing.assert_close(feats, ref_feats, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_measured_choice_is_cached_per_shape_and_autograd_takes_f_linear(monkeypatch):
+    monkeypatch.delenv("STORM_VLM_MATMUL", raising=False)
+    monkeypatch.setattr(fast_paths, "_MATMUL_CHOICE", {})
+    layer = nn.Linear(24, 40)
+    fast_paths._measured_linears(layer)
+    x = torch.randn(300, 24)
+    with torch.no_grad():
+        out = layer(x)
+    choices = fast_paths.matmul_choices()
+    assert list(choices) == [(24, 40, True)] and choices[(24, 40, True)] in ("blas", "onednn")
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    x.requires_grad_(True)
+    y = layer(x)  # training: F.linear and its gradient
+    y.sum().backward()
+    assert torch.equal(y, torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert layer.weight.grad is not None
+
+
+# ---- decode step ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [TINY, LLAMA], ids=["qwen2", "llama"])
+@pytest.mark.parametrize("layout", ["input-major", "own", "unfused"])
+def test_greedy_generation_equals_the_models_forward(config, layout, monkeypatch, plain_decode):
+    if layout == "unfused":  # no room for copies: every projection reads the model's own matrices
+        monkeypatch.setattr(fast_paths, "_PACK_MEMORY_SHARE", 0.0)
+    else:
+        monkeypatch.setattr(fast_paths, "_input_major_wins",
+                            lambda mats: [w.t().contiguous() for w in mats] if layout == "input-major" else None)
+    model = build_random_model(StormConfig(**config), seed=3)
+    steps = []
+    real = fast_paths.DecodeStep.__call__
+    monkeypatch.setattr(fast_paths.DecodeStep, "__call__",
+                        lambda self, *a: steps.append((self.fused, *self.layouts.values())) or real(self, *a))
+    ids = torch.randint(0, 60, (2, 9), generator=torch.Generator().manual_seed(2))
+    fast = _generate(model, ids)
+    expected = (False,) if layout == "unfused" else (True,) + (layout,) * 5
+    assert steps and set(steps) == {expected}  # every decode step took the fast path, in that layout
+    plain_decode()
+    plain = _generate(model, ids)
+    assert torch.equal(fast, plain)
+
+
+def test_long_generation_across_buffer_growth_and_logits(model, plain_decode):
+    # 150 tokens: past the cache's first capacity (prompt + 128), so the buffers grow once mid-way
+    ids = torch.randint(0, 60, (1, 5), generator=torch.Generator().manual_seed(4))
+    fast = _generate(model, ids, max_new_tokens=150, min_new_tokens=150)
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True)
+        cache, tok = out.cache, out.logits[:, -1:].argmax(-1)
+        fast_logits = [model(input_ids=tok, cache=cache, use_cache=True).logits for _ in range(3)]
+        assert cache.get_seq_length() == 8
+    plain_decode()
+    plain = _generate(model, ids, max_new_tokens=150, min_new_tokens=150)
+    assert torch.equal(fast, plain)
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True)
+        cache = out.cache
+        plain_logits = [model(input_ids=tok, cache=cache, use_cache=True).logits for _ in range(3)]
+    for a, b in zip(fast_logits, plain_logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_step_is_rebuilt_when_weights_change(model, plain_decode):
+    other = build_random_model(StormConfig(**TINY), seed=7)
+    ids = torch.randint(0, 60, (1, 6), generator=torch.Generator().manual_seed(5))
+    before = _generate(model, ids)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        model.load_state_dict(other.state_dict())
+        after = _generate(model, ids)
+        assert torch.equal(after, _generate(other, ids))
+        assert fast_paths._DECODE_STEPS[model.language_model].stale() is False
+    finally:
+        model.load_state_dict(saved)
+    assert torch.equal(_generate(model, ids), before)
+
+
+def test_it_steps_aside_where_it_does_not_apply(model):
+    ids = torch.randint(0, 60, (1, 6), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True)
+    cache, tok = out.cache, out.logits[:, -1:].argmax(-1)
+    call = dict(inputs_embeds=None, attention_mask=None, position_ids=None, cache=cache, use_cache=True, kwargs={})
+    with torch.inference_mode():
+        assert fast_paths.decode_step(model, tok, **call) is not None
+        cache.crop(-1)
+        assert fast_paths.decode_step(model, ids, **call) is None  # a prompt, not one token
+        assert fast_paths.decode_step(model, tok, **(call | {"attention_mask": torch.tensor([[0] + [1] * 6])})) is None
+        assert fast_paths.decode_step(model, tok, **(call | {"kwargs": {"output_attentions": True}})) is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert fast_paths.decode_step(model, tok, **call) is None
+    with torch.no_grad():
+        model.train()
+        try:
+            assert fast_paths.decode_step(model, tok, **call) is None
+        finally:
+            model.eval()
+    assert fast_paths.decode_step(model, tok, **call) is None  # autograd on
+    assert fast_paths.decode_step(model, tok, **(call | {"cache": StormKVCache()})) is None  # empty cache
+
+
+def test_unsupported_llms_are_named():
+    model = build_random_model(StormConfig(**TINY), seed=0)
+    assert fast_paths._decode_unsupported(model.language_model) is None
+    model.language_model.config.model_type = "gemma"
+    assert "gemma" in fast_paths._decode_unsupported(model.language_model)
+
+
+def test_rotation_matrix_is_transformers_rotary(model):
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    lm = model.language_model
+    step = DecodeStep(lm, pack=False)
+    q = torch.randn(1, 4, 1, step.hd)
+    k = torch.randn(1, 2, 1, step.hd)
+    for pos in (0, 5, 1000):
+        cos, sin = lm.model.rotary_emb(q, torch.tensor([[pos]]))
+        q_ref, k_ref = apply_rotary_pos_emb(q, k, cos, sin)
+        rot = step._rotation(pos, torch.zeros(1, lm.config.hidden_size))
+        torch.testing.assert_close(q.reshape(-1, step.hd) @ rot, q_ref.reshape(-1, step.hd), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(k.reshape(-1, step.hd) @ rot, k_ref.reshape(-1, step.hd), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_step_generates_the_same_tokens(plain_decode):
+    model = build_random_model(StormConfig(**TINY), seed=3)
+    enable_fast_paths(model, compile_decode=True)
+    ids = torch.randint(0, 60, (1, 7), generator=torch.Generator().manual_seed(8))
+    compiled = _generate(model, ids, max_new_tokens=20, min_new_tokens=20)
+    plain_decode()
+    assert torch.equal(compiled, _generate(model, ids, max_new_tokens=20, min_new_tokens=20))
+
+
+def test_lean_siglip_layers_return_transformers_result_bit_for_bit(model):
+    from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
+
+    layers = model.vision_tower.encoder.layers
+    assert all(type(layer) is fast_paths._LeanSiglipLayer for layer in layers)
+    h = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        for layer in layers:
+            ours = layer(h, None)
+            ref = SiglipEncoderLayer.forward(layer, h, None)
+            assert torch.equal(ours, ref)
+            h = ref
+
+
+def test_a_model_with_a_decode_step_is_freed():
+    import gc
+    import weakref
+
+    model = build_random_model(StormConfig(**TINY), seed=1)
+    ids = torch.randint(0, 60, (1, 5), generator=torch.Generator().manual_seed(3))
+    _generate(model, ids, max_new_tokens=2, min_new_tokens=2)
+    assert model.language_model in fast_paths._DECODE_STEPS
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

@@ -1,0 +1,54 @@
+"""benchmarks/peers.py: STORM and transformers' LLaVA-OneVision / LLaVA-NeXT-Video build at the same
+(tiny) widths and run the benchmark end to end."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import peers  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_peer_models_build_at_the_same_widths_and_run():
+    fields, text_tokens = peers.storm_config(tiny=True, config_path=None)
+    models = peers.build_models(fields)
+    storm, onevision, nextvideo = models["storm"], models["llava-onevision"], models["llava-next-video"]
+    vision = storm.config.vision_config
+    for peer in (onevision, nextvideo):
+        cfg = peer.config
+        assert cfg.text_config.hidden_size == storm.config.text_config.hidden_size
+        assert cfg.vision_config.hidden_size == vision.hidden_size
+        # the peers' towers stop where STORM's does (vision_feature_layer -2 of 2 layers: after 1)
+        assert cfg.vision_config.num_hidden_layers == vision.num_hidden_layers - 1
+    pixels = torch.randn(1, 4, 3, vision.image_size, vision.image_size)
+    text = torch.randint(0, 50, (1, text_tokens))
+    clock = peers.Clock("cpu", "wall")
+    tokens = {}
+    for name in peers.MODELS:
+        r = peers.measure(models, name, pixels, text, 2, clock)
+        assert r["ttft_ms"] > 0 and r["decode_ms_per_token"] > 0
+        tokens[name] = r["visual_tokens"]
+    per_frame = storm.config.tokens_per_frame
+    assert tokens["storm"] == 4 * per_frame and tokens["storm pool4"] == per_frame
+    assert tokens["llava-onevision"] == 4 * per_frame + 1  # 2x2-pooled patches + one newline token
+    assert tokens["llava-next-video"] == 4 * per_frame
+
+
+def test_peer_benchmark_writes_table_json_and_png(tmp_path, capsys):
+    out = tmp_path / "peers"
+    code = peers.main(["--tiny", "--frames", "2,4", "--repeats", "1", "--decode-tokens", "1", "--output", str(out),
+                       "--no-guards"])
+    assert code == 0
+    result = json.loads((out / "peers.json").read_text())
+    assert {r["model"] for r in result["rows"]} == set(peers.MODELS) | {"storm (forward)"}
+    assert len(result["rows"]) == 2 * 6 and result["guard_frames"] == 4
+    assert set(result["guards"]) == {"storm_none_vs_onevision", "onevision_vs_storm_pool4"}
+    assert result["host"]["cpu"] and "load_average_end" in result
+    assert (out / "peers.png").read_bytes()[:8] == PNG_MAGIC
+    printed = capsys.readouterr().out
+    assert "host:" in printed and "load average at end" in printed and "guard at 4 frames" in printed
