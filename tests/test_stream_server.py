@@ -243,3 +243,9 @@ def test_watch_refuses_a_bidirectional_model(qwen2_mamba_dir, segments, capsys):
 
     assert main(["watch", str(qwen2_mamba_dir), str(segments[0])]) == 2
     assert "projector_bidirectional=False" in capsys.readouterr().err
+
+
+def test_frames_are_scaled_down_while_decoded(tmp_path):
+    segment = write_segment(tmp_path / "big.ts", random_video(4, 96, 128))
+    frames = [f for _, f in decode_segment(str(segment), FrameSampler(8), "big", min_side=32)]
+    assert len(frames) == 4 and frames[0].shape == (32, 43, 3)  # the shorter side to the model's input size

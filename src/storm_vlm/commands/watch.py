@@ -251,12 +251,13 @@ def run(args: argparse.Namespace) -> int:
     from storm_vlm.streaming.sources import open_source
     from storm_vlm.streaming.stream import StormStream, check_streamable
 
-    source = open_source(args.source, fps=args.fps, chunk_seconds=args.chunk_seconds, realtime=args.realtime,
-                         fmt=args.format, idle_timeout=args.idle_timeout,
-                         on_error=lambda exc: print(f"storm-vlm watch: skipped: {exc}", file=sys.stderr, flush=True))
     from storm_vlm.model.configuration import StormConfig
 
-    check_streamable(StormConfig.from_pretrained(args.model, local_files_only=True))  # before loading the weights
+    config = StormConfig.from_pretrained(args.model, local_files_only=True)
+    check_streamable(config)  # before loading the weights
+    source = open_source(args.source, fps=args.fps, chunk_seconds=args.chunk_seconds, realtime=args.realtime,
+                         fmt=args.format, idle_timeout=args.idle_timeout, min_side=config.vision_config.image_size,
+                         on_error=lambda exc: print(f"storm-vlm watch: skipped: {exc}", file=sys.stderr, flush=True))
     predictor = Predictor.from_pretrained(args.model, args.device, args.precision, verbose=True)
     stream = StormStream(predictor, temporal_sample_stride=args.temporal_sample,
                          max_visual_tokens=args.max_visual_tokens, memory_policy=args.memory_policy)

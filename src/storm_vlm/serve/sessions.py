@@ -178,7 +178,8 @@ def _add_segment(session: _Session, path: Path, model_lock) -> dict:
 
     error = None
     try:
-        for _, frame in decode_segment(str(path), session.sampler, "the chunk"):
+        for _, frame in decode_segment(str(path), session.sampler, "the chunk",
+                                       min_side=session.stream.model.config.vision_config.image_size):
             if frames and frames[0].shape != frame.shape:
                 feed()
             frames.append(frame)

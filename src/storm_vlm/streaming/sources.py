@@ -35,16 +35,16 @@ from typing import Iterator
 import numpy as np
 
 from storm_vlm.errors import StormError
-from storm_vlm.video import VideoDecodeError, rotate_frame
+from storm_vlm.media.container import ALLOWED_FORMATS, IMAGE_FORMATS
+from storm_vlm.media.limits import DEFAULT_MAX_PIXELS, MAX_SOURCE_PIXELS, output_size
+from storm_vlm.media.readers import frame_rotation, to_rgb
+from storm_vlm.video import VideoDecodeError
 
 __all__ = ["Chunk", "FrameSampler", "FrameSource", "open_source", "decode_segment", "STREAM_FORMATS"]
 
-# Self-contained video demuxers (each reads only the bytes it is given). Not here on purpose: hls,
-# dash, concat, image2 sequences, sdp/rtp/rtsp, lavfi and capture devices.
-STREAM_FORMATS = frozenset({
-    "mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm", "avi", "mpegts", "mpeg", "flv", "ogg", "asf",
-    "nut", "h264", "hevc", "m4v", "mpegvideo", "ivf", "mjpeg", "yuv4mpegpipe", "gif",
-})
+# The loader's self-contained demuxers (each reads only the bytes it is given: no playlists or
+# reference formats), less the still-image ones.
+STREAM_FORMATS = ALLOWED_FORMATS - IMAGE_FORMATS
 _CONTAINER_OPTIONS = {"format_whitelist": ",".join(sorted(STREAM_FORMATS)), "protocol_whitelist": "file,pipe"}
 
 
@@ -110,24 +110,36 @@ def _open(target, fmt: str | None, name: str):
     try:
         if isinstance(target, str):
             target = "file:" + os.path.abspath(target)
-        return av.open(target, mode="r", format=fmt, metadata_errors="ignore", container_options=_CONTAINER_OPTIONS)
+        return av.open(target, mode="r", format=fmt, metadata_errors="ignore", container_options=_CONTAINER_OPTIONS,
+                       options={"max_pixels": str(MAX_SOURCE_PIXELS)})
     except (av.FFmpegError, OSError, EOFError, UnicodeDecodeError) as exc:
         cause = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise VideoDecodeError(f"{name}: not a readable video stream ({cause}); playlists and reference formats "
                                "are not read, and a pipe needs a streamable format (--format)") from None
 
 
-def decode_segment(target, sampler: FrameSampler, name: str, fmt: str | None = None) -> Iterator[tuple[float, np.ndarray]]:
+def decode_segment(target, sampler: FrameSampler, name: str, fmt: str | None = None,
+                   min_side: int | None = None) -> Iterator[tuple[float, np.ndarray]]:
     """(stream time, frame (H, W, 3) uint8) for the frames of one file or pipe that `sampler` keeps.
 
-    target: a path or a binary file object. Decoding errors after the start end the segment with
+    target: a path or a binary file object. Frames are converted to RGB and scaled down in one
+    step as `load_video` does (`storm_vlm.media.limits.output_size`: at most DEFAULT_MAX_PIXELS,
+    and to a shorter side of `min_side` when given, the vision tower's input size); pictures above
+    MAX_SOURCE_PIXELS are refused. Decoding errors after the start end the segment with
     VideoDecodeError naming `name` (frames before them have been yielded)."""
+    from av.video.reformatter import VideoReformatter
+
     av = _av()
     container = _open(target, fmt, name)
+    reformatter = VideoReformatter()
     with container:
         if not container.streams.video:
             raise VideoDecodeError(f"{name}: no video stream")
         stream = container.streams.video[0]
+        width, height = stream.codec_context.width or 0, stream.codec_context.height or 0
+        if width * height > MAX_SOURCE_PIXELS:
+            raise VideoDecodeError(f"{name}: {width} x {height} pictures are larger than this reader decodes "
+                                   f"({MAX_SOURCE_PIXELS} pixels)")
         stream.thread_type = "AUTO"
         rate = stream.average_rate or stream.guessed_rate
         sampler.begin_segment(1.0 / float(rate) if rate else None)
@@ -141,9 +153,8 @@ def decode_segment(target, sampler: FrameSampler, name: str, fmt: str | None = N
                 kept = sampler.take(float(t))
                 if kept is None:
                     continue
-                rgb = frame.to_ndarray(format="rgb24")
-                rotation = getattr(frame, "rotation", 0) or 0
-                yield kept, rotate_frame(rgb, rotation) if rotation else rgb
+                size = output_size(frame.width, frame.height, DEFAULT_MAX_PIXELS, min_side)
+                yield kept, to_rgb(frame, size, frame_rotation(frame), reformatter)
         except (av.FFmpegError, OSError, EOFError) as exc:
             cause = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             raise VideoDecodeError(f"{name}: decoding stopped ({cause})") from None
@@ -154,12 +165,13 @@ class FrameSource:
 
     kind: "file", "directory" or "pipe". `stop` (a threading.Event) ends `chunks()` early;
     `on_error(exc)` is told about a segment of a folder that cannot be decoded (it is skipped);
-    without it the error is raised.
+    without it the error is raised. `min_side`: frames are scaled down to this shorter side while
+    decoded (the model's input size: nothing it could see is lost).
     """
 
     def __init__(self, source: str, kind: str, *, fps: float = 1.0, chunk_seconds: float = 2.0,
                  realtime: bool = False, fmt: str | None = None, idle_timeout: float = 10.0, poll_s: float = 0.25,
-                 stop: threading.Event | None = None, on_error=None):
+                 stop: threading.Event | None = None, on_error=None, min_side: int | None = None):
         if not (isinstance(chunk_seconds, (int, float)) and chunk_seconds > 0):
             raise StormError(f"chunk seconds must be > 0, got {chunk_seconds!r}")
         if not (isinstance(idle_timeout, (int, float)) and idle_timeout > 0):
@@ -174,19 +186,20 @@ class FrameSource:
         self.poll_s = float(poll_s)
         self.stop = stop or threading.Event()
         self.on_error = on_error
+        self.min_side = min_side
         self.frames_read = 0
 
     # ---- frames ----
 
     def _frames(self) -> Iterator[tuple[float, np.ndarray, str]]:
         if self.kind == "file":
-            for t, f in decode_segment(self.source, self.sampler, self.source, self.fmt):
+            for t, f in decode_segment(self.source, self.sampler, self.source, self.fmt, self.min_side):
                 yield t, f, self.source
         elif self.kind == "pipe":
             name = "standard input" if self.source == "-" else self.source
             handle = sys.stdin.buffer if self.source == "-" else open(self.source, "rb")
             try:
-                for t, f in decode_segment(handle, self.sampler, name, self.fmt):
+                for t, f in decode_segment(handle, self.sampler, name, self.fmt, self.min_side):
                     yield t, f, name
             finally:
                 if handle is not sys.stdin.buffer:
@@ -194,7 +207,7 @@ class FrameSource:
         else:
             for path in self._segments():
                 try:
-                    for t, f in decode_segment(str(path), self.sampler, str(path), self.fmt):
+                    for t, f in decode_segment(str(path), self.sampler, str(path), self.fmt, self.min_side):
                         yield t, f, str(path)
                 except VideoDecodeError as exc:
                     if self.on_error is None:
