@@ -27,6 +27,8 @@ COMMANDS = {
     "synth": ("synth", "generate the synthetic temporal-reasoning video benchmark"),
     "web": ("web", "web demo (gradio)"),
     "serve": ("serve", "HTTP API (FastAPI)"),
+    "watch": ("watch", "watch a growing or live video (causal projector) and answer questions while it runs"),
+    "plan": ("plan", "which frames x (pool, sample) choices fit an LLM context, with predicted prefill and memory"),
 }
 
 

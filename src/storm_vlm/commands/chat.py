@@ -15,6 +15,8 @@ from storm_vlm.commands import add_precision_argument
 from storm_vlm.errors import StormError
 from storm_vlm.utils import check_int, check_model_dir
 
+# Positions kept for the conversation's text (template, questions, earlier answers) beside the video.
+CHAT_TEXT_TOKENS = 256
 HELP = "commands: /video PATH  another video (starts over) | /reset  forget the conversation | /quit"
 
 
@@ -55,7 +57,24 @@ def run(args: argparse.Namespace) -> int:
 
     frames = read(args.video)  # a bad video fails before the model loads
     predictor = Predictor.from_pretrained(args.model, args.device, args.precision, verbose=True)
-    session = ChatSession(predictor, frames, temporal_sample_stride=args.temporal_sample)
+
+    def stride_for(frames) -> int | None:
+        """--temporal-sample, raised to the smallest stride with which the video fits the LLM (planner)."""
+        from storm_vlm.planner import fit_stride
+
+        config = predictor.model.config
+        limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+        if not limit:
+            return args.temporal_sample
+        asked = args.temporal_sample or config.temporal_sample_stride
+        stride = fit_stride(config, [len(frames)], CHAT_TEXT_TOKENS + args.max_new_tokens, asked, limit)
+        if stride != asked:
+            print(f"({len(frames)} frames make {config.num_visual_tokens(len(frames), asked)} visual tokens at "
+                  f"temporal sampling s={asked}, more than the LLM's {limit} positions leave: s={stride} applied, "
+                  f"{config.num_visual_tokens(len(frames), stride)} visual tokens)", file=sys.stderr)
+        return stride
+
+    session = ChatSession(predictor, frames, temporal_sample_stride=stride_for(frames))
 
     def ask(question: str) -> None:
         text = format_question(question, args.options) if args.options else question
@@ -88,7 +107,9 @@ def run(args: argparse.Namespace) -> int:
         elif line.startswith("/video"):
             path = line[len("/video"):].strip()
             try:
-                session.set_video(read(path))
+                new_frames = read(path)
+                session.stride = stride_for(new_frames)
+                session.set_video(new_frames)
                 print(f"(now asking about {path})")
             except StormError as exc:
                 print(f"error: {exc}")

@@ -249,6 +249,21 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
         x = self.projector(full, frame_mask=mask)
         return self.config.visual_token_layout.apply(x, mask, sample_strides=strides)
 
+    def encode_video_chunk(self, pixel_values: torch.Tensor, projector_states: list | None = None):
+        """Streaming: projector outputs for the next frames of one video, continuing from `projector_states`.
+
+        pixel_values (T_c, 3, H, W) -> ``(x (T_c, N, D), states)``: the projector's outputs before
+        any compression (pooling windows may straddle chunks, so the caller pools) and the states
+        to pass with the next chunk (None at the video's start). Chunk after chunk equals
+        `get_video_features`' projector pass over the whole video. Needs a causal Mamba projector
+        (`projector_bidirectional=False`) or the MLP baseline (no state: frames are independent).
+        """
+        feats = self._vision_features(pixel_values)[None]
+        if isinstance(self.projector, MLPProjector):
+            return self.projector(feats)[0], None
+        out, states = self.projector.forward_chunk(feats, projector_states)
+        return out[0], states
+
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Visual tokens for images: pixel_values (B, 3, H, W) -> (B, 1, N', D) (a one-frame video)."""
         if pixel_values.dim() != 4:

@@ -138,8 +138,13 @@ class MambaBlock(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.mixer = mixer
 
-    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return hidden_states + self.mixer(self.norm(hidden_states), mask=mask)
+    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None, state=None,
+                return_state: bool = False):
+        """With ``return_state`` (causal mixers only): ``(out, MambaState)``, continuing from ``state``."""
+        if not return_state:
+            return hidden_states + self.mixer(self.norm(hidden_states), mask=mask)
+        out, new_state = self.mixer(self.norm(hidden_states), mask=mask, state=state, return_state=True)
+        return hidden_states + out, new_state
 
 
 class MambaTemporalProjector(nn.Module):
@@ -204,3 +209,28 @@ class MambaTemporalProjector(nn.Module):
                 hidden = layer(hidden, token_mask)
         out = self.norm_out(hidden).reshape(b, t, n, self.d_model)
         return _zero_padding(out, frame_mask)
+
+    def forward_chunk(self, features: torch.Tensor, states: list | None = None):
+        """The next frames of videos already begun: streaming with the causal projector.
+
+        features (B, T_c, N̂, vision_dim): the next T_c frames; ``states``: what the previous call
+        returned (one ``MambaState`` per layer), None at a video's first frame. Returns
+        ``(out (B, T_c, N, d_model), states)``. A chunk is a contiguous piece of the sweep order
+        (its frames' tokens follow the earlier frames' ones), and everything but the mixers works
+        token by token, so feeding a video chunk by chunk gives ``forward``'s outputs on the whole
+        video. Only the causal projector (``bidirectional=False``) can: the bidirectional one reads
+        the future (ValueError).
+        """
+        if self.bidirectional:
+            raise ValueError("a bidirectional projector cannot encode a video chunk by chunk: its backward scan "
+                             "reads frames that have not arrived yet (use projector_bidirectional=False)")
+        if states is not None and len(states) != len(self.layers):
+            raise ValueError(f"forward_chunk: {len(states)} states for {len(self.layers)} layers")
+        x, _ = _prepare(features, None, self.vision_dim, self.downsample_ratio, self.in_proj.weight.dtype)
+        b, t, n, _ = x.shape
+        hidden = self.in_proj(x).reshape(b, t * n, self.d_model)
+        new_states = []
+        for i, layer in enumerate(self.layers):
+            hidden, state = layer(hidden, None, None if states is None else states[i], return_state=True)
+            new_states.append(state)
+        return self.norm_out(hidden).reshape(b, t, n, self.d_model), new_states

@@ -96,6 +96,8 @@ class AnswerResponse(BaseModel):
     frames: int = Field(description="frames decoded from the video (T)")
     visual_frames: int = Field(description="frames left after temporal pooling and sampling (T')")
     temporal_sample_stride: int
+    stride_planned: bool = Field(False, description="the frames did not fit the LLM at the stride asked for: "
+                                 "temporal_sample_stride is the smallest larger one that fits")
     text_tokens: int
     video: dict
     timings: AnswerTimings
@@ -405,6 +407,9 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
 
+    from storm_vlm.serve.sessions import add_session_routes  # here: it imports this module's body-size helpers
+
+    add_session_routes(app, engine, max_chunk_bytes=max_upload, body_timeout_s=body_timeout_s)
     return app
 
 

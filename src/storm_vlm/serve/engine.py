@@ -36,6 +36,7 @@ from transformers.generation.streamers import BaseStreamer
 from storm_vlm.choices import LETTERS, extract_choice, format_question, strip_letter
 from storm_vlm.errors import StormError
 from storm_vlm.inference import Predictor, build_messages
+from storm_vlm.planner import fit_stride
 from storm_vlm.utils import check_int, check_model_dir
 from storm_vlm.video import load_video
 
@@ -101,6 +102,8 @@ class Completion:
     completion_tokens: int
     visual_tokens: int
     timings: dict
+    temporal_sample_stride: int | None = None  # the stride applied
+    stride_planned: bool = False  # True: the request's frames did not fit at the stride asked for
 
 
 @dataclass
@@ -111,6 +114,7 @@ class _Prepared:
     sampling: SamplingParams
     text_tokens: int
     visual_tokens: int
+    planned: bool = False  # the stride was raised by `storm_vlm.planner.fit_stride` so the videos fit
 
     @property
     def frames(self) -> int:
@@ -306,6 +310,9 @@ class StormEngine:
         self._wakeup = threading.Condition()
         self._recent_s = collections.deque(maxlen=16)  # durations of recent batches, for Retry-After
         self._closed = False
+        # Held while the model runs a batch; other users of the model (streaming sessions,
+        # `storm_vlm.serve.sessions`) take it too, so only one computation uses it at a time.
+        self.model_lock = threading.Lock()
         self._worker = threading.Thread(target=self._work, name="storm-engine", daemon=True)
         self._worker.start()
 
@@ -370,7 +377,10 @@ class StormEngine:
                 temporal_sample_stride: int | None = None) -> _Prepared:
         """Render `messages` (the model's chat template, with a {"type": "video"} item per video,
         in order; `frame_counts` gives each video's frames) once and check the request fits the
-        LLM; StormError otherwise. `submit` takes it with the decoded videos."""
+        LLM; StormError otherwise. When the videos do not fit at the stride asked for (or the
+        model's), the smallest larger test-time sampling stride that fits is applied instead of
+        failing (`storm_vlm.planner.fit_stride`; `planned` says so). `submit` takes it with the
+        decoded videos."""
         sampling = sampling or SamplingParams()
         if temporal_sample_stride is not None:
             _check_int("temporal_sample_stride", temporal_sample_stride, 1, 64)
@@ -378,10 +388,17 @@ class StormEngine:
         placeholders = prompt.count(self.processor.video_token)
         if placeholders != len(frame_counts):
             raise StormError(f"the messages hold {placeholders} videos but {len(frame_counts)} were given")
+        limit = getattr(self.config.get_text_config(), "max_position_embeddings", None)
+        planned = False
+        if frame_counts and limit:
+            other = self.predictor.text_tokens(prompt) + sampling.max_new_tokens
+            fitted = fit_stride(self.config, frame_counts, other, temporal_sample_stride, limit)
+            planned = fitted != (temporal_sample_stride or self.config.temporal_sample_stride)
+            temporal_sample_stride = fitted if planned else temporal_sample_stride
         layout = self.config.visual_token_layout.with_sample_stride(temporal_sample_stride)
         visual = sum(layout.num_tokens(t) for t in frame_counts)
         text_tokens = self.predictor.check_context(prompt, visual, sampling.max_new_tokens)
-        return _Prepared(prompt, [], temporal_sample_stride, sampling, text_tokens, visual)
+        return _Prepared(prompt, [], temporal_sample_stride, sampling, text_tokens, visual, planned)
 
     def submit(self, prepared: _Prepared, videos: Sequence[np.ndarray] = (),
                loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
@@ -449,7 +466,8 @@ class StormEngine:
                 continue
             started = time.perf_counter()
             try:
-                self._run(live, started)
+                with self.model_lock:
+                    self._run(live, started)
             except Exception as exc:  # reported to every request of the batch; the worker goes on
                 error = exc if isinstance(exc, StormError) else StormError(
                     f"generation failed ({type(exc).__name__}: {exc})")
@@ -482,7 +500,9 @@ class StormEngine:
                 visual_tokens=p.visual_tokens,
                 timings={"wait_s": round(started - handle.submitted, 4),
                          "prefill_s": round((rows.first_token_at or end) - started, 4),
-                         "generate_s": round(end - started, 4), "batch_size": len(handles)}))
+                         "generate_s": round(end - started, 4), "batch_size": len(handles)},
+                temporal_sample_stride=self.config.visual_token_layout.with_sample_stride(p.stride).temporal_sample_stride,
+                stride_planned=p.planned))
 
     # ------------------------------------------------------------------ one question (/v1/answer, chat, web)
 
@@ -556,6 +576,7 @@ class StormEngine:
             "frames": frames,
             "visual_frames": layout.num_frames(frames),
             "temporal_sample_stride": layout.temporal_sample_stride,
+            "stride_planned": prepared.planned,
             "text_tokens": prepared.text_tokens,
             "video": {
                 "duration_s": round(float(clip.duration), 3),

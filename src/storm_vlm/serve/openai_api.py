@@ -219,7 +219,9 @@ def parse_chat_request(body: Any, engine: StormEngine, workdir: Path, allow_loca
 def _usage(completion) -> dict:
     return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
             "total_tokens": completion.prompt_tokens + completion.completion_tokens,
-            "prompt_tokens_details": {"visual_tokens": completion.visual_tokens}}
+            "prompt_tokens_details": {"visual_tokens": completion.visual_tokens,
+                                      "temporal_sample_stride": completion.temporal_sample_stride,
+                                      "stride_planned": completion.stride_planned}}
 
 
 def new_id() -> str:

@@ -1,0 +1,293 @@
+"""Frames read incrementally with PyAV, for a stream: a file, a folder of growing segments, a pipe.
+
+`open_source(SOURCE, fps=..., chunk_seconds=...)` gives a `FrameSource` whose `chunks()` yields
+`Chunk`s of frames sampled at `fps` (frames per second of video time) as they are decoded, never
+holding more than one chunk:
+
+- a **file**: decoded front to back, as fast as possible or (``realtime=True``) at the pace the
+  video plays, each frame released when its time has come on the wall clock;
+- a **folder of segments** (what a recorder or an HLS/DASH segmenter writes: seg_000.ts,
+  seg_001.ts, ...): files are taken in name order; a segment is read once the next one exists
+  (so it is complete), the last one once the folder has not changed for ``idle_timeout`` seconds,
+  which also ends the stream. Times continue across segments;
+- a **pipe**: ``-`` (standard input) or a FIFO, for formats that PyAV can read without seeking
+  (MPEG-TS, Matroska/WebM, NUT, Y4M, MJPEG, fragmented MP4); ``fmt`` names the format when probing
+  cannot (``--format mpegts``). A plain MP4 needs its index, which is at the end: write it to a
+  file, or as fragmented MP4 (``-movflags frag_keyframe+empty_moov``).
+
+Only self-contained video demuxers are opened (no playlists or reference formats: an HLS .m3u8
+or an ffconcat list could make FFmpeg read other files); `FrameSampler` keeps the fps and the
+running time of the stream across segments (the server's session endpoint uses it for uploaded
+segments). This module does not import torch.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from storm_vlm.errors import StormError
+from storm_vlm.media.container import ALLOWED_FORMATS, IMAGE_FORMATS
+from storm_vlm.media.limits import DEFAULT_MAX_PIXELS, MAX_SOURCE_PIXELS, output_size
+from storm_vlm.media.readers import frame_rotation, to_rgb
+from storm_vlm.video import VideoDecodeError
+
+__all__ = ["Chunk", "FrameSampler", "FrameSource", "open_source", "decode_segment", "STREAM_FORMATS"]
+
+# The loader's self-contained demuxers (each reads only the bytes it is given: no playlists or
+# reference formats), less the still-image ones.
+STREAM_FORMATS = ALLOWED_FORMATS - IMAGE_FORMATS
+_CONTAINER_OPTIONS = {"format_whitelist": ",".join(sorted(STREAM_FORMATS)), "protocol_whitelist": "file,pipe"}
+
+
+def _av():
+    import av
+
+    return av
+
+
+@dataclass
+class Chunk:
+    """frames (T, H, W, 3) uint8 RGB; timestamps (T,) seconds of stream time; source: where they came from."""
+
+    frames: np.ndarray
+    timestamps: np.ndarray
+    source: str
+
+    def __len__(self) -> int:
+        return int(self.frames.shape[0])
+
+
+class FrameSampler:
+    """Keeps one frame per 1/fps seconds of stream time, across segments (times continue).
+
+    `begin_segment()` before each segment's frames; `take(t)` with a frame's time in its segment
+    returns its stream time when the frame is kept, else None.
+    """
+
+    def __init__(self, fps: float):
+        if not (isinstance(fps, (int, float)) and 0 < fps < 1000):
+            raise StormError(f"fps must be a number between 0 and 1000, got {fps!r}")
+        self.step = 1.0 / float(fps)
+        self.next_t = 0.0
+        self.end = 0.0  # stream time just after the last frame seen
+        self._offset = 0.0
+        self._first: float | None = None
+        self._frame_s = 0.0
+
+    def begin_segment(self, frame_s: float | None = None) -> None:
+        """A new segment starts where the stream so far ends; `frame_s`: its frames' duration if known."""
+        self._offset = self.end
+        self._first = None
+        self._frame_s = frame_s or 0.0
+
+    def take(self, t: float) -> float | None:
+        if self._first is None:
+            self._first = t
+        now = self._offset + max(0.0, t - self._first)
+        self.end = max(self.end, now + (self._frame_s or 0.0))
+        if now + 1e-6 < self.next_t:
+            return None
+        self.next_t += self.step
+        if self.next_t <= now:  # after a gap in the stream, no burst of frames: the next one is a step later
+            self.next_t = now + self.step
+        return now
+
+
+def _open(target, fmt: str | None, name: str):
+    """av.open with the demuxer allow-list; VideoDecodeError naming the source otherwise."""
+    av = _av()
+    if fmt is not None and fmt not in STREAM_FORMATS:
+        raise StormError(f"--format {fmt!r} is not a stream format read here ({', '.join(sorted(STREAM_FORMATS))})")
+    try:
+        if isinstance(target, str):
+            target = "file:" + os.path.abspath(target)
+        return av.open(target, mode="r", format=fmt, metadata_errors="ignore", container_options=_CONTAINER_OPTIONS,
+                       options={"max_pixels": str(MAX_SOURCE_PIXELS)})
+    except (av.FFmpegError, OSError, EOFError, UnicodeDecodeError) as exc:
+        cause = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise VideoDecodeError(f"{name}: not a readable video stream ({cause}); playlists and reference formats "
+                               "are not read, and a pipe needs a streamable format (--format)") from None
+
+
+def decode_segment(target, sampler: FrameSampler, name: str, fmt: str | None = None,
+                   min_side: int | None = None) -> Iterator[tuple[float, np.ndarray]]:
+    """(stream time, frame (H, W, 3) uint8) for the frames of one file or pipe that `sampler` keeps.
+
+    target: a path or a binary file object. Frames are converted to RGB and scaled down in one
+    step as `load_video` does (`storm_vlm.media.limits.output_size`: at most DEFAULT_MAX_PIXELS,
+    and to a shorter side of `min_side` when given, the vision tower's input size); pictures above
+    MAX_SOURCE_PIXELS are refused. Decoding errors after the start end the segment with
+    VideoDecodeError naming `name` (frames before them have been yielded)."""
+    from av.video.reformatter import VideoReformatter
+
+    av = _av()
+    container = _open(target, fmt, name)
+    reformatter = VideoReformatter()
+    with container:
+        if not container.streams.video:
+            raise VideoDecodeError(f"{name}: no video stream")
+        stream = container.streams.video[0]
+        width, height = stream.codec_context.width or 0, stream.codec_context.height or 0
+        if width * height > MAX_SOURCE_PIXELS:
+            raise VideoDecodeError(f"{name}: {width} x {height} pictures are larger than this reader decodes "
+                                   f"({MAX_SOURCE_PIXELS} pixels)")
+        stream.thread_type = "AUTO"
+        rate = stream.average_rate or stream.guessed_rate
+        sampler.begin_segment(1.0 / float(rate) if rate else None)
+        index = 0
+        try:
+            for frame in container.decode(stream):
+                t = frame.time
+                if t is None:
+                    t = index / float(rate) if rate else index * sampler.step
+                index += 1
+                kept = sampler.take(float(t))
+                if kept is None:
+                    continue
+                size = output_size(frame.width, frame.height, DEFAULT_MAX_PIXELS, min_side)
+                yield kept, to_rgb(frame, size, frame_rotation(frame), reformatter)
+        except (av.FFmpegError, OSError, EOFError) as exc:
+            cause = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            raise VideoDecodeError(f"{name}: decoding stopped ({cause})") from None
+
+
+class FrameSource:
+    """Chunks of frames from a file, a folder of segments or a pipe (see the module's docstring).
+
+    kind: "file", "directory" or "pipe". `stop` (a threading.Event) ends `chunks()` early;
+    `on_error(exc)` is told about a segment of a folder that cannot be decoded (it is skipped);
+    without it the error is raised. `min_side`: frames are scaled down to this shorter side while
+    decoded (the model's input size: nothing it could see is lost).
+    """
+
+    def __init__(self, source: str, kind: str, *, fps: float = 1.0, chunk_seconds: float = 2.0,
+                 realtime: bool = False, fmt: str | None = None, idle_timeout: float = 10.0, poll_s: float = 0.25,
+                 stop: threading.Event | None = None, on_error=None, min_side: int | None = None):
+        if not (isinstance(chunk_seconds, (int, float)) and chunk_seconds > 0):
+            raise StormError(f"chunk seconds must be > 0, got {chunk_seconds!r}")
+        if not (isinstance(idle_timeout, (int, float)) and idle_timeout > 0):
+            raise StormError(f"idle timeout must be > 0 seconds, got {idle_timeout!r}")
+        self.source = source
+        self.kind = kind
+        self.sampler = FrameSampler(fps)
+        self.chunk_frames = max(1, round(chunk_seconds * fps))
+        self.realtime = realtime
+        self.fmt = fmt
+        self.idle_timeout = float(idle_timeout)
+        self.poll_s = float(poll_s)
+        self.stop = stop or threading.Event()
+        self.on_error = on_error
+        self.min_side = min_side
+        self.frames_read = 0
+
+    # ---- frames ----
+
+    def _frames(self) -> Iterator[tuple[float, np.ndarray, str]]:
+        if self.kind == "file":
+            for t, f in decode_segment(self.source, self.sampler, self.source, self.fmt, self.min_side):
+                yield t, f, self.source
+        elif self.kind == "pipe":
+            name = "standard input" if self.source == "-" else self.source
+            handle = sys.stdin.buffer if self.source == "-" else open(self.source, "rb")
+            try:
+                for t, f in decode_segment(handle, self.sampler, name, self.fmt, self.min_side):
+                    yield t, f, name
+            finally:
+                if handle is not sys.stdin.buffer:
+                    handle.close()
+        else:
+            for path in self._segments():
+                try:
+                    for t, f in decode_segment(str(path), self.sampler, str(path), self.fmt, self.min_side):
+                        yield t, f, str(path)
+                except VideoDecodeError as exc:
+                    if self.on_error is None:
+                        raise
+                    self.on_error(exc)
+
+    def _listing(self) -> list[Path]:
+        return sorted(p for p in Path(self.source).iterdir() if p.is_file() and not p.name.startswith("."))
+
+    def _segments(self) -> Iterator[Path]:
+        """Complete segments in name order: one once a later one exists; the last once the folder
+        is idle for idle_timeout (then the stream ends)."""
+        done: set[str] = set()
+        changed = time.monotonic()
+        last_seen: tuple = ()
+        while not self.stop.is_set():
+            listing = [p for p in self._listing() if p.name not in done]
+            signature = tuple((p.name, p.stat().st_size) for p in listing)
+            if signature != last_seen:
+                last_seen, changed = signature, time.monotonic()
+            if len(listing) > 1:
+                done.add(listing[0].name)
+                yield listing[0]
+                continue
+            if time.monotonic() - changed >= self.idle_timeout:
+                if listing:
+                    done.add(listing[0].name)
+                    yield listing[0]
+                return
+            self.stop.wait(self.poll_s)
+
+    # ---- chunks ----
+
+    def chunks(self) -> Iterator[Chunk]:
+        """Chunks of up to chunk_seconds x fps frames (same frame size within a chunk), in order."""
+        frames, times, source = [], [], ""
+        wall0 = stream0 = None
+
+        def flush():
+            chunk = Chunk(np.stack(frames), np.asarray(times, dtype=np.float64), source)
+            frames.clear()
+            times.clear()
+            return chunk
+
+        for t, frame, name in self._frames():
+            if self.stop.is_set():
+                return
+            if self.realtime:
+                if wall0 is None:
+                    wall0, stream0 = time.monotonic(), t
+                wait = wall0 + (t - stream0) - time.monotonic()
+                if wait > 0 and self.stop.wait(wait):
+                    return
+            if frames and frames[0].shape != frame.shape:
+                yield flush()
+            frames.append(frame)
+            times.append(t)
+            source = name
+            self.frames_read += 1
+            if len(frames) >= self.chunk_frames:
+                yield flush()
+        if frames and not self.stop.is_set():
+            yield flush()
+
+
+def open_source(source: str, **kwargs) -> FrameSource:
+    """A FrameSource for `source`: "-" (standard input), a FIFO, a folder or a video file.
+    StormError when it is none of those."""
+    if source == "-":
+        return FrameSource(source, "pipe", **kwargs)
+    try:
+        mode = os.stat(source).st_mode
+    except OSError as exc:
+        raise StormError(f"{source}: cannot be read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        return FrameSource(source, "directory", **kwargs)
+    if stat.S_ISFIFO(mode):
+        return FrameSource(source, "pipe", **kwargs)
+    if stat.S_ISREG(mode):
+        if os.path.getsize(source) == 0:
+            raise StormError(f"{source}: the file is empty (0 bytes)")
+        return FrameSource(source, "file", **kwargs)
+    raise StormError(f"{source}: not a video file, a folder of segments or a pipe")

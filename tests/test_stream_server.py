@@ -1,0 +1,251 @@
+"""Streaming over HTTP (`storm_vlm.serve.sessions`) and the frame sources of `storm-vlm watch`
+(`storm_vlm.streaming.sources`): segments appended to a session answer as a one-shot pass over the
+same frames; every bad input is a 4xx naming the cause; sources read files, folders of segments
+and pipes with times continuing across segments."""
+
+import io
+import os
+import sys
+import threading
+import time
+
+import av
+import numpy as np
+import pytest
+import torch
+from helpers import random_video, write_mp4
+
+from storm_vlm.builder import build_storm, save_storm
+from storm_vlm.errors import StormError
+from storm_vlm.inference import build_messages
+from storm_vlm.streaming.sources import FrameSampler, decode_segment, open_source
+
+FPS = 4  # frames sampled per second of video in these tests (segments are written at 8 fps)
+
+
+def write_segment(path, frames, fps=8, fmt="mpegts"):
+    """(T, H, W, 3) uint8 frames as a self-contained segment file (MPEG-TS by default)."""
+    with av.open(str(path), "w", format=fmt) as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for t, array in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
+            frame.pts = t
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def segments(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("segments")
+    return [write_segment(folder / f"seg_{i:03d}.ts", random_video(12, 32, 32, seed=10 + i)) for i in range(3)]
+
+
+# ---- sources --------------------------------------------------------------------------------------
+
+
+def test_sampler_keeps_the_rate_across_segments():
+    sampler = FrameSampler(2)
+    kept = []
+    for segment in range(2):
+        sampler.begin_segment(1 / 8)
+        kept += [t for t in (sampler.take(i / 8) for i in range(12)) if t is not None]  # 1.5 s each
+    assert kept == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    assert sampler.end == 3.0
+
+
+def test_file_folder_and_pipe_sources(segments, tmp_path):
+    folder = os.path.dirname(segments[0])
+    chunks = list(open_source(folder, fps=FPS, chunk_seconds=1, idle_timeout=0.2, poll_s=0.02).chunks())
+    times = np.concatenate([c.timestamps for c in chunks])
+    assert np.allclose(times, np.arange(18) / FPS)  # 3 segments x 1.5 s at 4 fps, times continuing
+    assert all(len(c) == 4 for c in chunks[:-1]) and chunks[0].source.endswith("seg_000.ts")
+    clip = write_mp4(tmp_path / "clip.mp4", random_video(8, 32, 32), fps=8)
+    start = time.monotonic()
+    paced = list(open_source(str(clip), fps=FPS, chunk_seconds=1, realtime=True).chunks())
+    assert time.monotonic() - start >= 0.7  # the last frame (0.75 s) is released at its time
+    assert sum(len(c) for c in paced) == 4
+    fifo = tmp_path / "live.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: open(fifo, "wb").write(open(segments[1], "rb").read()))
+    writer.start()
+    piped = list(open_source(str(fifo), fps=FPS, fmt="mpegts").chunks())
+    writer.join()
+    assert sum(len(c) for c in piped) == 6
+
+
+def test_a_folder_picks_up_segments_as_they_are_written(segments, tmp_path):
+    live = tmp_path / "live"
+    live.mkdir()
+    source = open_source(str(live), fps=FPS, chunk_seconds=0.5, idle_timeout=0.6, poll_s=0.02)
+    got = []
+    reader = threading.Thread(target=lambda: got.extend(source.chunks()))
+    reader.start()
+    for i, seg in enumerate(segments):
+        time.sleep(0.1)
+        os.link(seg, live / f"seg_{i:03d}.ts")
+    reader.join(timeout=30)
+    assert not reader.is_alive()
+    assert np.allclose(np.concatenate([c.timestamps for c in got]), np.arange(18) / FPS)
+
+
+def test_sources_refuse_what_they_cannot_read(tmp_path):
+    with pytest.raises(StormError, match="cannot be read"):
+        open_source(str(tmp_path / "missing.mp4"))
+    playlist = tmp_path / "list.m3u8"
+    playlist.write_text("#EXTM3U\n#EXTINF:1,\nseg_000.ts\n")
+    with pytest.raises(StormError, match="not a readable video stream"):
+        list(open_source(str(playlist)).chunks())
+
+
+# ---- sessions over HTTP ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def causal_dir(tmp_path_factory, qwen2_parts):
+    model, processor = build_storm(*qwen2_parts, projector_type="mamba", projector_bidirectional=False,
+                                   projector_num_layers=1, temporal_pool_size=2)
+    return save_storm(model, processor, tmp_path_factory.mktemp("storm-causal-serve") / "model")
+
+
+@pytest.fixture(scope="module")
+def engine(causal_dir):
+    from storm_vlm.serve import StormEngine
+
+    engine = StormEngine(causal_dir, device="cpu", precision="float32", max_batch_size=1)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    from fastapi.testclient import TestClient
+
+    from storm_vlm.serve.api import create_app
+
+    return TestClient(create_app(engine))
+
+
+def _post_segment(client, sid, path):
+    return client.post(f"/v1/sessions/{sid}/chunks", content=open(path, "rb").read(),
+                       headers={"content-type": "video/mp2t"})
+
+
+def test_a_session_answers_as_a_one_shot_pass_over_the_frames_received(client, engine, segments):
+    created = client.post("/v1/sessions", json={"fps": FPS})
+    assert created.status_code == 201, created.text
+    sid = created.json()["id"]
+    for i, seg in enumerate(segments[:2]):
+        r = _post_segment(client, sid, seg)
+        assert r.status_code == 200, r.text
+        assert r.json()["frames_added"] == 6 and r.json()["frames"] == 6 * (i + 1)
+    assert r.json()["video_seconds"] == 3.0 and r.json()["visual_tokens"] == 6 * 16
+    question = "What colour is the square?"
+    answer = client.post(f"/v1/sessions/{sid}/ask", json={"question": question, "max_new_tokens": 5})
+    assert answer.status_code == 200, answer.text
+    # the reference: the same frames (sampled the same way) encoded at once
+    sampler = FrameSampler(FPS)
+    frames = np.stack([f for seg in segments[:2] for _, f in decode_segment(str(seg), sampler, "seg")])
+    p = engine.predictor
+    inputs = p.encode(p.render(build_messages(question)), [frames])
+    with torch.inference_mode():
+        out = p.model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    expected = p.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert answer.json()["answer"] == expected and answer.json()["frames"] == 12
+    with_options = client.post(f"/v1/sessions/{sid}/ask", json={"question": question, "options": ["red", "blue"],
+                                                                "max_new_tokens": 2}).json()
+    assert with_options["options"] == ["red", "blue"] and "choice" in with_options
+    status = client.get(f"/v1/sessions/{sid}").json()
+    assert status["frames"] == 12 and status["chunks"] == 2 and status["memory_bytes"] > 0
+    assert client.delete(f"/v1/sessions/{sid}").status_code == 204
+    assert client.get(f"/v1/sessions/{sid}").status_code == 404
+
+
+def test_session_errors_are_4xx_naming_the_cause(client, segments, tmp_path):
+    assert client.post("/v1/sessions", json={"fps": 0}).status_code == 422
+    assert client.post("/v1/sessions", json={"memory_policy": "forget"}).status_code == 422
+    assert client.post("/v1/sessions", json={"bogus": 1}).status_code == 422
+    assert client.post("/v1/sessions/nope/ask", json={"question": "x"}).status_code == 404
+    sid = client.post("/v1/sessions").json()["id"]  # no body: the defaults
+    early = client.post(f"/v1/sessions/{sid}/ask", json={"question": "What?"})
+    assert early.status_code == 422 and "no frames" in early.json()["detail"]
+    assert client.post(f"/v1/sessions/{sid}/ask", json={"question": ""}).status_code == 422
+    assert client.post(f"/v1/sessions/{sid}/chunks", json={"x": 1}).status_code == 415
+    bad = client.post(f"/v1/sessions/{sid}/chunks", content=b"not a video at all" * 10)
+    assert bad.status_code == 422 and "the chunk" in bad.json()["detail"]
+    assert client.post(f"/v1/sessions/{sid}/chunks", content=b"").status_code == 422
+    client.delete(f"/v1/sessions/{sid}")
+
+
+def test_limits_sessions_chunk_size_and_idle_timeout(engine, segments):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from storm_vlm.serve.sessions import add_session_routes
+
+    app = FastAPI()
+    store = add_session_routes(app, engine, max_sessions=2, max_chunk_bytes=1000, idle_timeout_s=0.3)
+    client = TestClient(app)
+    a, b = (client.post("/v1/sessions").json()["id"] for _ in range(2))
+    full = client.post("/v1/sessions")
+    assert full.status_code == 429 and "Retry-After" in full.headers
+    big = _post_segment(client, a, segments[0])
+    assert big.status_code == 413
+    time.sleep(0.4)
+    assert client.get(f"/v1/sessions/{a}").status_code == 404  # ended after 0.3 s idle
+    assert len(store) == 0 and client.post("/v1/sessions").status_code == 201
+    time.sleep(0.5)  # the reaper ends an idle session without any request
+    assert len(store) == 0
+
+
+def test_a_bidirectional_model_refuses_sessions(qwen2_mamba_dir):
+    from fastapi.testclient import TestClient
+
+    from storm_vlm.serve import StormEngine
+    from storm_vlm.serve.api import create_app
+
+    engine = StormEngine(qwen2_mamba_dir, device="cpu", precision="float32", max_batch_size=1)
+    try:
+        r = TestClient(create_app(engine)).post("/v1/sessions")
+        assert r.status_code == 400 and "projector_bidirectional=False" in r.json()["detail"]
+    finally:
+        engine.close()
+
+
+# ---- storm-vlm watch ---------------------------------------------------------------------------------
+
+
+def test_watch_answers_questions_typed_while_it_runs(causal_dir, segments, monkeypatch, capsys):
+    from storm_vlm.cli import main
+
+    folder = os.path.dirname(segments[0])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("@1 What colour is the square?\n/status\n/frobnicate\n"
+                                                  "@99 And at the end?\n"))
+    assert main(["watch", str(causal_dir), folder, "--fps", str(FPS), "--chunk-seconds", "0.5", "--idle-timeout",
+                 "0.3", "--max-new-tokens", "3", "--device", "cpu", "--precision", "float32", "-q", "Last question?",
+                 "--status-every", "1"]) == 0
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    asked = [line for line in lines if line.startswith("[")]
+    assert asked[0].startswith("[0:00:00] ") and "frames" in asked[0]  # /status, before any frame
+    assert any(line.startswith("[0:00:01, 4 frames] What colour is the square?") for line in asked)
+    assert any("asked for 0:01:39, the video ended before] And at the end?" in line for line in asked)
+    assert any(line.startswith("[0:00:04, 18 frames] Last question?") for line in asked)
+    assert "unknown command /frobnicate" in out.out
+    assert "end of the video at 0:00:04: 18 frames" in out.err
+
+
+def test_watch_refuses_a_bidirectional_model(qwen2_mamba_dir, segments, capsys):
+    from storm_vlm.cli import main
+
+    assert main(["watch", str(qwen2_mamba_dir), str(segments[0])]) == 2
+    assert "projector_bidirectional=False" in capsys.readouterr().err
+
+
+def test_frames_are_scaled_down_while_decoded(tmp_path):
+    segment = write_segment(tmp_path / "big.ts", random_video(4, 96, 128))
+    frames = [f for _, f in decode_segment(str(segment), FrameSampler(8), "big", min_side=32)]
+    assert len(frames) == 4 and frames[0].shape == (32, 43, 3)  # the shorter side to the model's input size
