@@ -158,3 +158,13 @@ def test_build_tiny_model_is_the_build_path(tmp_path):
     inputs = processor(text="<video>\nWhat colour?", videos=[random_video(8)])
     with torch.no_grad():
         assert torch.isfinite(model(**inputs).logits).all()
+
+
+def test_build_causal_makes_a_streamable_model(qwen2_parts, tmp_path):
+    from storm_vlm.cli import main
+    from storm_vlm.model.configuration import StormConfig
+
+    out = tmp_path / "causal"
+    assert main(["build", "--vision", str(qwen2_parts[0]), "--llm", str(qwen2_parts[1]), "--out", str(out),
+                 "--layers", "1", "--causal"]) == 0
+    assert StormConfig.from_pretrained(out).projector_bidirectional is False

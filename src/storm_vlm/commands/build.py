@@ -12,6 +12,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--projector", choices=["mamba", "mlp"], default="mamba",
                         help="mamba: STORM temporal projector; mlp: VILA baseline (default: mamba)")
     parser.add_argument("--layers", type=int, default=2, metavar="N", help="Mamba projector layers (default: 2)")
+    parser.add_argument("--causal", action="store_true",
+                        help="a unidirectional (causal) Mamba projector: what live video streaming needs "
+                             "(default: bidirectional)")
     parser.add_argument("--temporal-pool", type=int, default=1, metavar="K",
                         help="average groups of K frames after the projector (default: 1)")
     parser.add_argument("--spatial-pool", type=int, default=1, metavar="P",
@@ -32,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
         args.llm,
         projector_type=args.projector,
         projector_num_layers=args.layers,
+        projector_bidirectional=not args.causal,
         temporal_pool_size=args.temporal_pool,
         spatial_pool_stride=args.spatial_pool,
         dtype=args.dtype,

@@ -53,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "off by default: any client could then read any video this process can read)")
     parser.add_argument("--body-timeout", type=float, default=60.0, metavar="SECONDS",
                         help="the longest wait for the next part of a request body (default: 60); then 408")
+    parser.add_argument("--max-sessions", type=int, default=4, metavar="N",
+                        help="live-video sessions (/v1/sessions) open at once at most (default: 4)")
+    parser.add_argument("--session-idle", type=float, default=600.0, metavar="SECONDS",
+                        help="a live-video session idle this long is closed (default: 600)")
     parser.add_argument("--served-model-name", default=None, metavar="NAME",
                         help="the model id of /v1/models and chat completions (default: the model folder's name)")
 
@@ -113,10 +117,14 @@ def run(args: argparse.Namespace) -> int:
         raise StormError(f"storm-vlm serve needs fastapi, uvicorn and python-multipart ({exc}); "
                          "install them with: pip install 'storm-vlm[web]'") from None
     engine = load_engine(args)
+    if not 0 < args.session_idle <= 86400:
+        raise StormError(f"--session-idle must be between 0 and 86400 seconds, got {args.session_idle}")
     if not 0 < args.body_timeout <= 3600:
         raise StormError(f"--body-timeout must be between 0 and 3600 seconds, got {args.body_timeout}")
     app = create_app(engine, max_upload_mb=args.max_upload_mb, allow_local_paths=args.allow_local_paths,
-                     model_name=args.served_model_name, body_timeout_s=args.body_timeout)
+                     model_name=args.served_model_name, body_timeout_s=args.body_timeout,
+                     max_sessions=check_int("--max-sessions", args.max_sessions, error=StormError),
+                     session_idle_s=args.session_idle)
     warn_if_public(args.host, "storm-vlm serve")
     start_server(app, args.host, args.port)
     return 0

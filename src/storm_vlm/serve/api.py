@@ -41,7 +41,9 @@ from starlette.datastructures import UploadFile
 import storm_vlm
 from storm_vlm.errors import StormError
 from storm_vlm.serve import openai_api as oai
+from storm_vlm.serve.bodies import BodyTooLarge, BodyTooSlow, content_length, limited, parse_json
 from storm_vlm.serve.engine import MAX_OPTION_CHARS, MAX_OPTIONS, MAX_QUESTION_CHARS, EngineBusy
+from storm_vlm.serve.sessions import add_session_routes
 from storm_vlm.video import DecodeCancelled, DecodeTimeout
 
 __all__ = ["create_app", "AnswerParams", "LocalAnswerRequest", "AnswerResponse"]
@@ -103,52 +105,8 @@ class AnswerResponse(BaseModel):
     timings: AnswerTimings
 
 
-class _TooLarge(Exception):
-    pass
-
-
-class _TooSlow(Exception):
-    pass
-
-
 def _error(status: int, detail, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
-
-
-def _limited(request: Request, limit: int, timeout_s: float) -> Request:
-    """The same request, whose body stream raises _TooLarge once more than `limit` bytes arrive
-    (bodies sent without a Content-Length are stopped too) and _TooSlow when the next part of the
-    body takes longer than `timeout_s`."""
-    received = 0
-
-    async def receive():
-        nonlocal received
-        try:
-            message = await asyncio.wait_for(request.receive(), timeout_s)
-        except asyncio.TimeoutError:
-            raise _TooSlow from None
-        if message.get("type") == "http.request":
-            received += len(message.get("body", b""))
-            if received > limit:
-                raise _TooLarge
-        return message
-
-    return Request(request.scope, receive)
-
-
-def _json(raw: bytes):
-    """Parse a JSON body; ValueError (with the cause) for invalid or too deeply nested JSON."""
-    try:
-        return json.loads(raw)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
-
-
-def _content_length(request: Request) -> int | None:
-    try:
-        return int(request.headers["content-length"])
-    except (KeyError, ValueError):
-        return None
 
 
 def _validate(model: type[BaseModel], data) -> BaseModel:
@@ -168,7 +126,7 @@ def _form_params(form) -> AnswerParams:
     options = [o for o in form.getlist("options") if isinstance(o, str) and o != ""]
     if len(options) == 1 and options[0].lstrip().startswith("["):
         try:
-            options = _json(options[0])
+            options = parse_json(options[0])
         except ValueError as exc:
             raise RequestValidationError([{"type": "json_invalid", "loc": ["body", "options"],
                                            "msg": f"options is not a valid JSON array ({exc})",
@@ -196,10 +154,11 @@ _MULTIPART_SCHEMA = {
 
 
 def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = False, model_name: str | None = None,
-               body_timeout_s: float = 60.0) -> FastAPI:
+               body_timeout_s: float = 60.0, max_sessions: int = 4, session_idle_s: float = 600.0) -> FastAPI:
     """A FastAPI app serving `engine` (a `StormEngine`). `model_name`: the id /v1/models reports and
     chat completions accept (default: the model folder's name); `body_timeout_s`: the longest wait
-    for the next part of a request body."""
+    for the next part of a request body; `max_sessions`, `session_idle_s`: live-video sessions open
+    at once at most, and how long one may stay idle (see `storm_vlm.serve.sessions`)."""
     if not max_upload_mb > 0:
         raise StormError(f"max_upload_mb must be > 0, got {max_upload_mb!r}")
     max_upload = int(max_upload_mb * 1024 * 1024)
@@ -225,10 +184,10 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
         return oai.models_body(model_name, started)
 
     async def read_body(request: Request, limit: int) -> bytes:
-        if (_content_length(request) or 0) > limit:
-            raise _TooLarge
+        if (content_length(request) or 0) > limit:
+            raise BodyTooLarge
         chunks = []
-        async for chunk in _limited(request, limit, body_timeout_s).stream():
+        async for chunk in limited(request, limit, body_timeout_s).stream():
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -266,11 +225,11 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
         if content_type != "application/json":
             raise oai.OpenAIError(415, "send the request as application/json")
         try:
-            body = _json(await read_body(request, chat_limit))
-        except _TooLarge:
+            body = parse_json(await read_body(request, chat_limit))
+        except BodyTooLarge:
             raise oai.OpenAIError(413, f"request body larger than the server's limit ({max_upload_mb:g} MB of "
                                        "media, base64-encoded)", code="request_too_large") from None
-        except _TooSlow:
+        except BodyTooSlow:
             raise oai.OpenAIError(408, f"the request body did not arrive within {body_timeout_s:g} s") from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise oai.OpenAIError(400, f"the body is not valid JSON ({exc})") from None
@@ -366,10 +325,10 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
                 return _error(403, "local video paths are disabled on this server (start it with "
                                    "--allow-local-paths); upload the video as multipart/form-data instead")
             try:
-                body = _json(await read_body(request, _JSON_LIMIT))
-            except _TooLarge:
+                body = parse_json(await read_body(request, _JSON_LIMIT))
+            except BodyTooLarge:
                 return _error(413, f"JSON body larger than {_JSON_LIMIT} bytes")
-            except _TooSlow:
+            except BodyTooSlow:
                 return _error(408, f"the request body did not arrive within {body_timeout_s:g} s")
             except (ValueError, UnicodeDecodeError) as exc:
                 return _error(422, f"body is not valid JSON ({exc})")
@@ -379,14 +338,14 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
             return _error(415, "send the video as multipart/form-data (field 'video') with a 'question' field")
 
         too_large = f"upload larger than the server's limit of {max_upload_mb:g} MB"
-        if (_content_length(request) or 0) > max_upload + _FORM_SLACK:
+        if (content_length(request) or 0) > max_upload + _FORM_SLACK:
             return _error(413, too_large)
         form = None
         try:
-            form = await _limited(request, max_upload + _FORM_SLACK, body_timeout_s).form(max_files=1, max_fields=64)
-        except _TooLarge:
+            form = await limited(request, max_upload + _FORM_SLACK, body_timeout_s).form(max_files=1, max_fields=64)
+        except BodyTooLarge:
             return _error(413, too_large)
-        except _TooSlow:
+        except BodyTooSlow:
             return _error(408, f"the request body did not arrive within {body_timeout_s:g} s")
         workdir = None
         try:
@@ -407,9 +366,8 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
 
-    from storm_vlm.serve.sessions import add_session_routes  # here: it imports this module's body-size helpers
-
-    add_session_routes(app, engine, max_chunk_bytes=max_upload, body_timeout_s=body_timeout_s)
+    add_session_routes(app, engine, max_sessions=max_sessions, max_chunk_bytes=max_upload,
+                       idle_timeout_s=session_idle_s, body_timeout_s=body_timeout_s)
     return app
 
 

@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from storm_vlm.errors import StormError
-from storm_vlm.serve.api import _limited, _TooLarge, _TooSlow
+from storm_vlm.serve.bodies import BodyTooLarge, BodyTooSlow, limited
 from storm_vlm.serve.engine import MAX_OPTION_CHARS, MAX_OPTIONS, MAX_QUESTION_CHARS
 
 __all__ = ["add_session_routes", "SessionStore", "CreateSession", "AskSession"]
@@ -226,10 +226,10 @@ def add_session_routes(app: FastAPI, engine, *, max_sessions: int = 4, max_chunk
     async def json_body(request: Request, model: type[BaseModel], empty_ok: bool = False):
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         try:
-            raw = b"".join([c async for c in _limited(request, 64 * 1024, body_timeout_s).stream()])
-        except _TooLarge:
+            raw = b"".join([c async for c in limited(request, 64 * 1024, body_timeout_s).stream()])
+        except BodyTooLarge:
             return _error(413, "JSON body larger than 64 KiB")
-        except _TooSlow:
+        except BodyTooSlow:
             return _error(408, f"the request body did not arrive within {body_timeout_s:g} s")
         if not raw.strip() and empty_ok:
             return model()
@@ -309,12 +309,12 @@ def add_session_routes(app: FastAPI, engine, *, max_sessions: int = 4, max_chunk
             size = 0
             try:
                 with open(path, "wb") as out:
-                    async for piece in _limited(request, max_chunk_bytes, body_timeout_s).stream():
+                    async for piece in limited(request, max_chunk_bytes, body_timeout_s).stream():
                         size += len(piece)
                         out.write(piece)
-            except _TooLarge:
+            except BodyTooLarge:
                 return _error(413, too_large)
-            except _TooSlow:
+            except BodyTooSlow:
                 return _error(408, f"the segment did not arrive within {body_timeout_s:g} s")
             if size == 0:
                 return _error(422, "the chunk is empty: send a segment file's bytes as the body")
