@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import numbers
 import os
 import shutil
@@ -17,7 +18,7 @@ from storm_vlm.errors import StormError
 
 __all__ = [
     "IGNORE_INDEX", "VIDEO_TOKEN", "IMAGE_TOKEN", "check_int", "atomic_path", "atomic_write_text",
-    "atomic_write_json", "fsync_dir", "publish_dir", "check_model_dir",
+    "atomic_write_json", "fsync_dir", "publish_dir", "check_model_dir", "available_memory_bytes",
 ]
 
 # Label of a position the loss ignores (PyTorch's and transformers' convention).
@@ -146,3 +147,14 @@ def check_model_dir(model_dir) -> Path:
     if model_type != "storm":
         raise StormError(f"{config}: model_type is {model_type!r}, expected 'storm' (a STORM model folder)")
     return path
+
+
+def available_memory_bytes() -> float:
+    """MemAvailable of /proc/meminfo in bytes (inf where unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    return math.inf

@@ -43,7 +43,6 @@ import math
 import os
 import time
 import weakref
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +54,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import AttentionInterface
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
+
+from storm_vlm.utils import available_memory_bytes
 
 __all__ = ["enable_fast_paths", "decode_step", "DecodeStep", "StormKVCache", "STORM_SDPA", "matmul_choices"]
 
@@ -337,16 +338,6 @@ _DECODE_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # lang
 _PACK_MEMORY_SHARE = 0.25  # input-major copies only while they take at most this share of free memory
 
 
-def _free_memory_bytes() -> float:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024.0
-    except OSError:
-        pass
-    return math.inf
-
-
 def _decode_unsupported(lm) -> str | None:
     """Why `DecodeStep` cannot run this causal LM (None when it can)."""
     cfg = lm.config
@@ -451,7 +442,7 @@ class DecodeStep:
                                                            mlp.up_proj, mlp.down_proj)] + [lm.lm_head.weight]
         nbytes = sum(w.numel() * w.element_size() for w in mats)
         if pack is None:
-            pack = nbytes <= _PACK_MEMORY_SHARE * _free_memory_bytes()
+            pack = nbytes <= _PACK_MEMORY_SHARE * available_memory_bytes()
         self.fused = bool(pack)
         # Every product is torch.mm(x, M) with M (in, out): an input-major copy, or a transposed view
         # of an (out, in) matrix (then BLAS reads it row by row, as F.linear does).

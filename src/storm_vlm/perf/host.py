@@ -37,7 +37,6 @@ __all__ = [
     "proc_status_kb",
     "reset_peak_rss",
     "page_faults",
-    "available_memory_bytes",
     "measure_cpu_roofline",
     "best_gemm_rate",
 ]
@@ -192,17 +191,6 @@ def peak_rss_mb() -> float:
 def page_faults() -> int:
     """Minor faults of this process so far (getrusage): pages the kernel had to map and zero."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def available_memory_bytes() -> float:
-    """MemAvailable of /proc/meminfo in bytes (inf where unknown)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024.0
-    except OSError:
-        pass
-    return math.inf
 
 
 # ---- what the CPU can do ---------------------------------------------------------------------

@@ -56,7 +56,6 @@ from storm_vlm.model.modeling import StormForConditionalGeneration
 from storm_vlm.perf.allocator import allocator_state
 from storm_vlm.perf.costmodel import DEFAULT_COMPRESSIONS, Compression, pipeline_cost
 from storm_vlm.perf.host import (
-    available_memory_bytes,
     describe_host,
     load_average,
     page_faults,
@@ -65,7 +64,7 @@ from storm_vlm.perf.host import (
     reset_peak_rss,
 )
 from storm_vlm.precision import Precision, resolve_precision
-from storm_vlm.utils import check_int
+from storm_vlm.utils import available_memory_bytes, check_int
 
 __all__ = [
     "ROW_FIELDS",
