@@ -27,37 +27,34 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from helpers import encode_video  # noqa: E402  (the tests' video writer)
 from storm_vlm import load_video  # noqa: E402
 from storm_vlm.perf.host import host_summary, load_line  # noqa: E402
 
 
 def make_video(path: str, minutes: float, fps: int, width: int, height: int, gop: int) -> None:
-    import av
     from tqdm import tqdm
 
     n = int(round(minutes * 60 * fps))
     rng = np.random.default_rng(0)
     texture = rng.integers(0, 256, size=(height * 2, width * 2, 3), dtype=np.uint8)
     texture = ((texture.astype(np.uint16) + np.roll(texture, 1, axis=0) + np.roll(texture, 1, axis=1)) // 3).astype(np.uint8)
+    side = height // 4
+
+    def frame(t: int) -> np.ndarray:
+        oy, ox = (t * 2) % height, (t * 3) % width
+        out = texture[oy:oy + height, ox:ox + width].copy()
+        y = int(abs((t * 4) % (2 * (height - side)) - (height - side)))
+        x = int(abs((t * 5) % (2 * (width - side)) - (width - side)))
+        out[y:y + side, x:x + side] = (255 * (t % 2), 200, 40)
+        return out
+
     tmp = path + ".tmp"
-    with av.open(tmp, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "crf": "23", "g": str(gop),
-                                                                    "keyint_min": str(gop)})
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        side = height // 4
-        for t in tqdm(range(n), desc="generating test video", unit="frame", mininterval=2):
-            oy, ox = (t * 2) % height, (t * 3) % width
-            frame = texture[oy:oy + height, ox:ox + width].copy()
-            y = int(abs((t * 4) % (2 * (height - side)) - (height - side)))
-            x = int(abs((t * 5) % (2 * (width - side)) - (width - side)))
-            frame[y:y + side, x:x + side] = (255 * (t % 2), 200, 40)
-            vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
-            vf.pts = t
-            for packet in stream.encode(vf):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    frames = (frame(t) for t in tqdm(range(n), desc="generating test video", unit="frame", mininterval=2))
+    encode_video(tmp, frames, fps, "libx264", fmt="mp4", gop=gop,
+                 options={"preset": "ultrafast", "crf": "23", "keyint_min": str(gop)})
     os.replace(tmp, path)
 
 

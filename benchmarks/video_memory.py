@@ -38,6 +38,8 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # helpers.py
+
 FILES = {  # name: (width, height, frames, container format)
     "8k.mp4": (7680, 4320, 40, "mp4"),
     "16k.mp4": (16000, 16000, 10, "mp4"),
@@ -47,21 +49,10 @@ FILES = {  # name: (width, height, frames, container format)
 
 
 def make_black(path: str, width: int, height: int, frames: int, fmt: str) -> None:
-    import av
+    from helpers import write_solid  # imported here: it imports torch, and the children never write
 
     tmp = path + ".tmp"
-    with av.open(tmp, "w", format=fmt) as container:
-        stream = container.add_stream("libx264", rate=10, options={"preset": "ultrafast", "crf": "40"})
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        frame = av.VideoFrame(width, height, "yuv420p")
-        for plane, value in zip(frame.planes, (16, 128, 128)):
-            plane.update(np.full(plane.buffer_size, value, np.uint8).tobytes())
-        for i in range(frames):
-            frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    write_solid(tmp, width, height, frames, "libx264", fmt=fmt, luma=16)
     os.replace(tmp, path)
 
 
@@ -133,15 +124,11 @@ def child(spec: dict) -> dict:
 
 
 def host() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     import av
 
-    return (f"{model}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, "
+    from storm_vlm.perf.host import cpu_model
+
+    return (f"{cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, "
             f"Python {platform.python_version()}, PyAV {av.__version__}")
 
 

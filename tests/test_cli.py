@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import heavy_imports
 
 from storm_vlm.cli import COMMANDS, main
 
@@ -33,9 +34,4 @@ def test_commands_tune_the_cpu_allocator_unless_told_not_to(tmp_path, argv, tune
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["eval", "--help"], ["serve", "--help"],
                                   ["chat", "--help"], ["train", "--help"], ["demo", "--help"]])
 def test_help_and_version_import_no_torch(argv):
-    code = ("import sys; from storm_vlm import cli\n"
-            f"try:\n    cli.main({argv!r})\nexcept SystemExit:\n    pass\n"
-            "heavy = sorted(m for m in ('torch', 'transformers', 'av', 'numpy', 'pandas') if m in sys.modules)\n"
-            "print('HEAVY', heavy)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "HEAVY []" in out.stdout, out.stdout[-500:]
+    assert heavy_imports(argv, ("torch", "transformers", "av", "numpy", "pandas")) == []

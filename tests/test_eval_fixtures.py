@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import write_mp4 as encode_mp4
 from PIL import Image
 
-from storm_vlm.demo.synth import write_mp4 as encode_mp4
 from storm_vlm.errors import StormError
 from storm_vlm.eval import load_benchmark
 from storm_vlm.eval.readers import BenchmarkFormatError
@@ -22,8 +22,7 @@ def write_mp4(path: Path, num_frames: int = 6, size: int = 32, fps: int = 6) -> 
     """A small mpeg4 video whose frame i is a flat grey of level 40 * i."""
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = np.stack([np.full((size, size, 3), (40 * i) % 256, dtype=np.uint8) for i in range(num_frames)])
-    encode_mp4(str(path), frames, fps, "mpeg4")
-    return path
+    return encode_mp4(path, frames, fps, "mpeg4")
 
 
 class Videos:

@@ -3,53 +3,26 @@ real server process on 127.0.0.1."""
 
 import base64
 import socket
-import subprocess
 import sys
-import time
 
 import httpx
 import pytest
-from helpers import random_video, write_mp4
+from helpers import free_port, random_video, running_server, write_mp4
 
 openai = pytest.importorskip("openai")
 
 FRAMES = 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(qwen2_mamba_dir, tmp_path_factory):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "storm_vlm", "serve", str(qwen2_mamba_dir), "--port", str(port),
-             "--frames", str(FRAMES), "--max-frames", "16", "--max-upload-mb", "0.2", "--precision", "float32",
-             "--served-model-name", "storm-tiny", "--body-timeout", "2"], stdout=out, stderr=subprocess.STDOUT)
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the server did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+    argv = [sys.executable, "-m", "storm_vlm", "serve", str(qwen2_mamba_dir), "--port", str(port),
+            "--frames", str(FRAMES), "--max-frames", "16", "--max-upload-mb", "0.2", "--precision", "float32",
+            "--served-model-name", "storm-tiny", "--body-timeout", "2"]
+    with running_server(argv, f"{base}/health", tmp_path_factory.mktemp("server") / "server.log"):
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")

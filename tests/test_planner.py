@@ -4,11 +4,9 @@ than fit gets the planner's stride instead of an error, and says so."""
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
-from helpers import random_video, write_mp4
+from helpers import heavy_imports, random_video, write_mp4
 
 from storm_vlm.cli import main
 from storm_vlm.errors import StormError
@@ -70,12 +68,7 @@ def test_plan_command(qwen2_mamba_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv", [["plan", "--help"], ["watch", "--help"]])
 def test_help_imports_no_torch(argv):
-    code = ("import sys; from storm_vlm import cli\n"
-            f"try:\n    cli.main({argv!r})\nexcept SystemExit:\n    pass\n"
-            "heavy = sorted(m for m in ('torch', 'transformers', 'av', 'numpy') if m in sys.modules)\n"
-            "print('HEAVY', heavy)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "HEAVY []" in out.stdout, out.stdout[-500:]
+    assert heavy_imports(argv, ("torch", "transformers", "av", "numpy")) == []
 
 
 @pytest.fixture(scope="module")

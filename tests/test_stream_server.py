@@ -9,11 +9,10 @@ import sys
 import threading
 import time
 
-import av
 import numpy as np
 import pytest
 import torch
-from helpers import random_video, write_mp4
+from helpers import encode_video, random_video, write_mp4
 
 from storm_vlm.builder import build_storm, save_storm
 from storm_vlm.errors import StormError
@@ -25,17 +24,7 @@ FPS = 4  # frames sampled per second of video in these tests (segments are writt
 
 def write_segment(path, frames, fps=8, fmt="mpegts"):
     """(T, H, W, 3) uint8 frames as a self-contained segment file (MPEG-TS by default)."""
-    with av.open(str(path), "w", format=fmt) as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for t, array in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
-            frame.pts = t
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    return encode_video(path, frames, fps, "mpeg4", fmt=fmt)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ survive lossy compression, so the tests check *which* frames came back, not just
 import av
 import numpy as np
 import pytest
+from helpers import encode_video
 from PIL import Image
 
 from storm_vlm import VideoDecodeError, load_video
@@ -51,23 +52,13 @@ def read_index(frame: np.ndarray) -> int:
     return value
 
 
-def write_video(path, n, codec="libx264", fps=10, rotation=None, gop=None, fmt_options=None):
-    with av.open(str(path), "w", options=fmt_options or {}) as container:
-        options = {"g": str(gop)} if gop else {}
-        if codec == "libx264":
-            options.update({"crf": "18", "preset": "ultrafast"} if gop is None else {"crf": "18"})
-        stream = container.add_stream(codec, rate=fps, options=options)
-        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-        if rotation is not None:
-            stream.set_display_rotation(rotation)
-        for i in range(n):
-            frame = av.VideoFrame.from_ndarray(index_frame(i), format="rgb24")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+def write_video(path, n, codec="libx264", fps=10, rotation=None, gop=None, fmt_options=None, fmt=None):
+    """n index frames (frame i shows i, see index_frame); libx264 at crf 18 (ultrafast unless gop is set)."""
+    options = {}
+    if codec == "libx264":
+        options = {"crf": "18", "preset": "ultrafast"} if gop is None else {"crf": "18"}
+    return encode_video(path, (index_frame(i) for i in range(n)), fps, codec, fmt=fmt, container_options=fmt_options,
+                        gop=gop, rotation=rotation, options=options)
 
 
 def decoded_indices(clip) -> list[int]:

@@ -11,21 +11,11 @@ import pytest
 
 import storm_vlm.media.readers as readers
 from storm_vlm import VideoDecodeError, load_video
-from test_video import H, W, decoded_indices, index_frame, write_video
+from test_video import H, W, decoded_indices, write_video
 
 
 def write(path, n, codec, fmt=None, gop=10, options=None):
-    with av.open(str(path), "w", format=fmt, options=options or {}) as container:
-        stream = container.add_stream(codec, rate=10, options={"g": str(gop)})
-        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-        for i in range(n):
-            frame = av.VideoFrame.from_ndarray(index_frame(i), format="rgb24")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    return write_video(path, n, codec, gop=gop, fmt=fmt, fmt_options=options)
 
 
 def cut(path, fraction):

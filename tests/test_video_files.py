@@ -50,17 +50,7 @@ class FifoWatch:
 
 
 def write_ts(path, n=20):
-    with av.open(str(path), "w", format="mpegts") as container:
-        stream = container.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-        for i in range(n):
-            frame = av.VideoFrame.from_ndarray(index_frame(i), format="rgb24")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    return write_video(path, n, "mpeg4", fmt="mpegts")
 
 
 def test_hls_playlist_naming_a_server_file_is_refused_unopened(tmp_path):
@@ -149,16 +139,7 @@ def test_common_containers_still_load(tmp_path, suffix, fmt):
     if codec not in av.codecs_available:
         pytest.skip(f"no {codec} encoder")
     path = tmp_path / f"v.{suffix}"
-    with av.open(str(path), "w", format=fmt) as container:
-        stream = container.add_stream(codec, rate=10)
-        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-        for i in range(12):
-            frame = av.VideoFrame.from_ndarray(index_frame(i), format="rgb24")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    write_video(path, 12, codec, fmt=fmt)
     clip = load_video(path, num_frames=4)
     assert clip.frames.shape == (4, H, W, 3) and clip.num_source_frames == 12
     assert np.all(np.diff(clip.indices) > 0)

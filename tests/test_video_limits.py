@@ -12,9 +12,9 @@ import sys
 import textwrap
 import threading
 
-import av
 import numpy as np
 import pytest
+from helpers import write_solid
 from PIL import Image
 
 import storm_vlm.media.limits as limits
@@ -22,24 +22,6 @@ import storm_vlm.video as video
 from storm_vlm import VideoDecodeError, load_video
 from storm_vlm.video import DEFAULT_MAX_PIXELS, DecodeCancelled, DecodeTimeout
 from test_video import read_index, write_video
-
-
-def write_solid(path, width, height, n, codec="mpeg4"):
-    """n flat grey frames of width x height, cheap to encode at any size."""
-    with av.open(str(path), "w") as container:
-        options = {"preset": "ultrafast", "crf": "40"} if codec == "libx264" else {}
-        stream = container.add_stream(codec, rate=10, options=options)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        frame = av.VideoFrame(width, height, "yuv420p")
-        for plane, value in zip(frame.planes, (100, 128, 128)):
-            plane.update(np.full(plane.buffer_size, value, np.uint8).tobytes())
-        for i in range(n):
-            frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 # ------------------------------------------------------------------ pixel cap

@@ -4,15 +4,11 @@ page, save a screenshot. Skipped, with the reason, where no browser can be had."
 
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
-from helpers import random_video, write_mp4
+from helpers import free_port, random_video, running_server, write_mp4
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -22,39 +18,14 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-component-update", "--disable-sync"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def page_url(qwen2_mamba_dir, tmp_path_factory):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("web") / "web.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "storm_vlm", "web", str(qwen2_mamba_dir), "--port", str(port),
-                                 "--frames", "4", "--max-frames", "16", "--precision", "float32"],
-                                stdout=out, stderr=subprocess.STDOUT)
+    port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"storm-vlm web did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+    argv = [sys.executable, "-m", "storm_vlm", "web", str(qwen2_mamba_dir), "--port", str(port),
+            "--frames", "4", "--max-frames", "16", "--precision", "float32"]
+    with running_server(argv, url, tmp_path_factory.mktemp("web") / "web.log"):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_upload_ask_and_read_the_answer_in_chromium(page_url, tmp_path):

@@ -10,11 +10,12 @@ import numpy as np
 
 def write_video(path: Path, frames: np.ndarray, fps: int = 8) -> Path:
     """Write (T, H, W, 3) uint8 frames as an mp4 (PyAV, libx264 or mpeg4)."""
-    from storm_vlm.demo.synth import pick_codec, write_mp4
+    from helpers import write_mp4
+
+    from storm_vlm.demo.synth import pick_codec
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_mp4(str(path), frames, fps, pick_codec(None))
-    return path
+    return write_mp4(path, frames, fps, pick_codec(None))
 
 
 def write_image(path: Path, array: np.ndarray) -> Path:
