@@ -28,7 +28,7 @@ def load(out, name):
 def bench(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("synth"))
     # 8 videos per task, half held out: 4 per (task, split), so letters can balance exactly.
-    meta = generate_synthetic_benchmark(out, num_videos=40, num_frames=32, size=64, seed=3, split=0.5,
+    meta = generate_synthetic_benchmark(out, num_videos=8 * len(TASKS), num_frames=32, size=64, seed=3, split=0.5,
                                         num_images=12, workers=1)
     return out, meta
 
@@ -38,7 +38,7 @@ def test_outputs_and_json_formats(bench):
     train, test, align = load(out, "train.json"), load(out, "test.json"), load(out, "align.json")
     assert load(out, "meta.json") == meta
     assert meta["seed"] == 3 and meta["frames"] == 32 and meta["size"] == 64 and meta["tasks"] == list(TASKS)
-    assert (len(train), len(test), len(align)) == (meta["num_train"], meta["num_test"], 12) == (20, 20, 12)
+    assert (len(train), len(test), len(align)) == (meta["num_train"], meta["num_test"], 12) == (4 * len(TASKS), 4 * len(TASKS), 12)
     for r in train:
         assert set(r) == {"id", "video", "task", "conversations"}
         human, gpt = r["conversations"]
@@ -54,7 +54,7 @@ def test_outputs_and_json_formats(bench):
     for r in train + test:
         assert not os.path.isabs(r["video"]) and os.path.isfile(os.path.join(out, r["video"]))
     assert not {r["video"] for r in train} & {r["video"] for r in test}  # distinct videos per split
-    assert len(os.listdir(os.path.join(out, "videos"))) == 40
+    assert len(os.listdir(os.path.join(out, "videos"))) == 8 * len(TASKS)
     for r in align:
         human, gpt = r["conversations"]
         assert human["value"].startswith("<image>") and gpt["value"].endswith("grey background.")
@@ -120,7 +120,7 @@ def test_deterministic_for_a_seed_serial_or_pooled(tmp_path):
 
 def test_long_videos_and_mpeg4(tmp_path):
     out = str(tmp_path / "long")
-    generate_synthetic_benchmark(out, num_videos=5, num_frames=512, size=32, seed=1, split=0.0, num_images=0,
+    generate_synthetic_benchmark(out, num_videos=len(TASKS), num_frames=512, size=32, seed=1, split=0.0, num_images=0,
                                  codec="mpeg4")
     train = load(out, "train.json")
     assert sorted(r["task"] for r in train) == sorted(TASKS)

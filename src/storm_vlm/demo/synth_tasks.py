@@ -12,6 +12,15 @@ Tasks (4 options each; the fact is chosen so that the answer letter is the one r
   direction  a square leaves the centre, travels to an edge and returns: which way?
   count      a square blinks k times (k in 2..5), each blink lasting about T/64 frames
   static     control: a square of one colour stays put in every frame: which colour?
+  flash_order  two squares flash in consecutive frames of one pooling window: which colour came first?
+  step         a square shows for one pooling window, two frames at one place and two frames one
+               step away: which way did it step?
+
+flash_order and step live inside one window of WINDOW = 4 frames (windows start at frame 0, as
+temporal pooling with k = 4 over every frame of the video groups them), and the scene holds
+still in that window apart from the squares. The two answers' windows therefore hold the same
+frames in another order, so averaging each window's per-frame features erases the answer
+exactly; only a model that mixes information across time before the pooling can keep it.
 """
 
 from __future__ import annotations
@@ -32,7 +41,8 @@ PALETTE = {
 COLOURS = list(PALETTE)
 DIRECTIONS = ["left", "right", "up", "down"]
 COUNTS = ["2", "3", "4", "5"]
-TASKS = ("transient", "order", "direction", "count", "static")
+TASKS = ("transient", "order", "direction", "count", "static", "flash_order", "step")
+WINDOW = 4  # frames per temporal pooling window that flash_order and step are built around
 MIN_FRAMES, MAX_FRAMES = 16, 512
 
 QUESTIONS = {
@@ -41,6 +51,8 @@ QUESTIONS = {
     "direction": "The coloured square leaves the centre, travels away and comes back. In which direction did it move?",
     "count": "A coloured square blinks on and off. How many times did it appear?",
     "static": "One coloured square stays in the same place for the whole video. What colour is it?",
+    "flash_order": "Two coloured squares flash one right after the other. Which colour flashed first?",
+    "step": "A coloured square appears briefly and jumps once. In which direction did it jump?",
 }
 
 _SATURATION = 80  # max(rgb) - min(rgb) above this marks an event pixel; the grey scene is ~0
@@ -177,8 +189,49 @@ def render_static(rng, num_frames: int, size: int, answer: str) -> Rendered:
     return Rendered(frames, _colour_options(rng, answer, colour), answer)
 
 
+def _window_start(rng, num_frames: int) -> int:
+    """First frame of a random whole pooling window."""
+    return WINDOW * int(rng.integers(num_frames // WINDOW))
+
+
+def _hold_still(frames: np.ndarray, start: int, stop: int) -> None:
+    """Freeze the scene (the drifting dot) over frames[start:stop] at frames[start]."""
+    frames[start + 1:stop] = frames[start]
+
+
+def render_flash_order(rng, num_frames: int, size: int, answer: str) -> Rendered:
+    frames = _background(rng, num_frames, size)
+    first, second = (str(c) for c in rng.choice(COLOURS, size=2, replace=False))
+    t = _window_start(rng, num_frames) + int(rng.integers(WINDOW - 1))  # t and t + 1 share a window
+    _hold_still(frames, t, t + 2)
+    side = _even(size // 2)
+    for colour, u in ((first, t), (second, t + 1)):
+        y, x = _random_corner(rng, size, side)
+        _square(frames[u], y, x, side, PALETTE[colour])
+    return Rendered(frames, _colour_options(rng, answer, first, must_include=(second,)), answer)
+
+
+def render_step(rng, num_frames: int, size: int, answer: str) -> Rendered:
+    frames = _background(rng, num_frames, size)
+    dy, dx = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}[DIRECTIONS[LETTERS.index(answer)]]
+    colour = PALETTE[str(rng.choice(COLOURS))]
+    side, step = _even(size * 3 // 8), _even(size // 4)
+    start = _window_start(rng, num_frames)
+    _hold_still(frames, start, start + WINDOW)
+    # a corner from which the square stays inside the frame after the step
+    lo, hi = 2, size - side - 2
+    y = _even(rng.integers(lo - min(dy, 0) * step, hi - max(dy, 0) * step + 1))
+    x = _even(rng.integers(lo - min(dx, 0) * step, hi - max(dx, 0) * step + 1))
+    half = WINDOW // 2
+    for u in range(start, start + WINDOW):
+        moved = u >= start + half
+        _square(frames[u], y + moved * dy * step, x + moved * dx * step, side, colour)
+    return Rendered(frames, list(DIRECTIONS), answer)
+
+
 RENDERERS = {"transient": render_transient, "order": render_order, "direction": render_direction,
-             "count": render_count, "static": render_static}
+             "count": render_count, "static": render_static, "flash_order": render_flash_order,
+             "step": render_step}
 
 
 # ------------------------------------------------------------------ checking
@@ -204,8 +257,9 @@ def recover_fact(frames: np.ndarray, task: str) -> str | None:
     num_frames, size = frames.shape[0], frames.shape[1]
     mask = _event_mask(frames)
     counts = mask.reshape(num_frames, -1).sum(axis=1)  # (T,)
-    if task in ("transient", "order", "count", "static"):
-        big = {"transient": size // 2, "order": size // 4, "count": size // 4, "static": size // 4}[task]
+    if task in ("transient", "order", "count", "static", "flash_order"):
+        big = {"transient": size // 2, "order": size // 4, "count": size // 4, "static": size // 4,
+               "flash_order": size // 2}[task]
         on = counts > 0.5 * _even(big) ** 2
         if task == "transient":
             hits = np.flatnonzero(on)
@@ -216,12 +270,26 @@ def recover_fact(frames: np.ndarray, task: str) -> str | None:
             return _colour_name(frames[mask])
         if task == "count":
             return str(int(np.sum(on[1:] & ~on[:-1]) + on[0]))
+        if task == "flash_order":
+            hits = np.flatnonzero(on)
+            if len(hits) != 2 or hits[1] != hits[0] + 1 or hits[0] // WINDOW != hits[1] // WINDOW:
+                return None
+            return _colour_name(frames[hits[0]][mask[hits[0]]])
         seen = []  # order: colours in order of first appearance
         for t in np.flatnonzero(on):
             name = _colour_name(frames[t][mask[t]])
             if name not in seen:
                 seen.append(name)
         return seen[0] if len(seen) == 2 else None
+    if task == "step":
+        on = np.flatnonzero(counts > 0.5 * _even(size * 3 // 8) ** 2)
+        if len(on) != WINDOW or on[0] % WINDOW or on[-1] != on[0] + WINDOW - 1:
+            return None
+        ys, xs = np.indices((size, size))
+        (y0, x0), (y1, x1) = ((ys[mask[t]].mean(), xs[mask[t]].mean()) for t in (on[0], on[-1]))
+        if abs(x1 - x0) >= abs(y1 - y0):
+            return "right" if x1 > x0 else "left"
+        return "down" if y1 > y0 else "up"
     if task == "direction":
         if not (counts > 0).all():
             return None

@@ -144,6 +144,7 @@ def make_tiny_parts(
     llm_kv_heads: int = 2,
     llm_intermediate: int = 128,
     vocab_size: int = 1024,
+    llm_init_std: float = 0.02,
     seed: int = 0,
 ) -> tuple[Path, Path]:
     """Write a tiny SigLIP folder and a tiny causal-LM folder under `root`; returns (vision_dir, llm_dir).
@@ -151,6 +152,8 @@ def make_tiny_parts(
     Weights are random (seeded). The vision folder holds a `SiglipVisionModel` and a
     `SiglipImageProcessor` resizing to `image_size`; the LLM folder holds a
     `Qwen2ForCausalLM` or `LlamaForCausalLM` plus a freshly trained tokenizer with a chat template.
+    `llm_init_std` is the LLM's `initializer_range` (transformers' default 0.02); a larger one
+    (e.g. 0.1) lets a from-scratch tiny LLM learn to read the visual tokens in far fewer steps.
     """
     import torch
     from transformers import (
@@ -197,6 +200,7 @@ def make_tiny_parts(
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
         tie_word_embeddings=False,
+        initializer_range=llm_init_std,
     )
     if llm == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
