@@ -160,3 +160,16 @@ def test_save_load_round_trip(processor, tmp_path):
     videos = [random_video(6)]
     a, b = processor(text="<video> q", videos=videos), back(text="<video> q", videos=videos)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_frames_at_the_processor_size_skip_the_resize_with_the_same_pixels(processor):
+    size = processor.image_size
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(3)]
+    reference = processor.image_processor(images=frames, return_tensors="pt")["pixel_values"].float()
+    fast = processor(text="<video>", videos=[np.stack(frames)], return_tensors="pt")["pixel_values_videos"][0]
+    torch.testing.assert_close(fast, reference, atol=1e-6, rtol=0)
+    # other sizes still go through the image processor's resize
+    big = rng.integers(0, 256, (2, size + 8, size + 8, 3), dtype=np.uint8)
+    out = processor(text="<video>", videos=[big], return_tensors="pt")["pixel_values_videos"]
+    torch.testing.assert_close(out[0], processor.image_processor(images=list(big), return_tensors="pt")["pixel_values"].float())

@@ -206,6 +206,9 @@ class Predictor:
         stride = self.temporal_sample_stride if temporal_sample_stride is None else temporal_sample_stride
         inputs = self.processor(text=prompt, videos=list(videos) or None, temporal_sample_stride=stride,
                                 return_tensors="pt")
+        return self._on_device(inputs)
+
+    def _on_device(self, inputs) -> dict:
         device, dtype = self.model.device, self.model.dtype
         return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
 
@@ -238,6 +241,24 @@ class Predictor:
         t0 = time.perf_counter()
         inputs = self.encode(self.render(build_messages(prompt)), [frames])
         return self.generate(inputs, max_new_tokens, started=t0, **generation).text
+
+    def reply_batch(self, prompts: Sequence[str], videos: Sequence[np.ndarray], max_new_tokens: int | None = None,
+                    **generation) -> list[str]:
+        """`reply` for several (prompt, frames) pairs as one batch: prompts left-padded, videos of
+        different lengths padded with a frame mask, so each row is answered as it would be alone."""
+        if len(prompts) != len(videos):
+            raise StormError(f"{len(prompts)} prompts but {len(videos)} videos")
+        texts = [self.render(build_messages(p)) for p in prompts]
+        inputs = self._on_device(self.processor(text=texts, videos=list(videos), padding_side="left",
+                                                temporal_sample_stride=self.temporal_sample_stride,
+                                                return_tensors="pt"))
+        kwargs = {**GREEDY, **generation, "max_new_tokens": max_new_tokens or self.max_new_tokens}
+        pad = self.model.generation_config.pad_token_id
+        with torch.inference_mode(), self._context():
+            out = self.model.generate(**inputs, pad_token_id=self.tokenizer.pad_token_id if pad is None else pad,
+                                      **kwargs)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        return [text.strip() for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
     def loglikelihood(self, prompt: str, continuation: str, frames: np.ndarray) -> tuple[float, bool]:
         """(log P(continuation | video, prompt), whether greedy decoding would produce it).

@@ -13,8 +13,8 @@ Tasks (4 options each; the fact is chosen so that the answer letter is the one r
   count      a square blinks k times (k in 2..5), each blink lasting about T/64 frames
   static     control: a square of one colour stays put in every frame: which colour?
   flash_order  two squares flash in consecutive frames of one pooling window: which colour came first?
-  step         a square shows for one pooling window, two frames at one place and two frames one
-               step away: which way did it step?
+  step         a square fills one quadrant for two frames, then the next quadrant for two frames,
+               all inside one pooling window: which way did it step?
 
 flash_order and step live inside one window of WINDOW = 4 frames (windows start at frame 0, as
 temporal pooling with k = 4 over every frame of the video groups them), and the scene holds
@@ -213,20 +213,28 @@ def render_flash_order(rng, num_frames: int, size: int, answer: str) -> Rendered
 
 def render_step(rng, num_frames: int, size: int, answer: str) -> Rendered:
     frames = _background(rng, num_frames, size)
-    dy, dx = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}[DIRECTIONS[LETTERS.index(answer)]]
+    direction = DIRECTIONS[LETTERS.index(answer)]
     colour = PALETTE[str(rng.choice(COLOURS))]
-    side, step = _even(size * 3 // 8), _even(size // 4)
+    # the square fills one quadrant and steps to the next one: quadrant-aligned, so each position
+    # is one spatial token after the 2x2 pixel shuffle of a 4 x 4 patch grid
+    side = size // 2
+    (y0, x0), (y1, x1) = _step_quadrants(rng, direction)
     start = _window_start(rng, num_frames)
     _hold_still(frames, start, start + WINDOW)
-    # a corner from which the square stays inside the frame after the step
-    lo, hi = 2, size - side - 2
-    y = _even(rng.integers(lo - min(dy, 0) * step, hi - max(dy, 0) * step + 1))
-    x = _even(rng.integers(lo - min(dx, 0) * step, hi - max(dx, 0) * step + 1))
-    half = WINDOW // 2
     for u in range(start, start + WINDOW):
-        moved = u >= start + half
-        _square(frames[u], y + moved * dy * step, x + moved * dx * step, side, colour)
+        y, x = (y1, x1) if u >= start + WINDOW // 2 else (y0, x0)
+        _square(frames[u], y * side, x * side, side, colour)
     return Rendered(frames, list(DIRECTIONS), answer)
+
+
+def _step_quadrants(rng, direction: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(row, column) quadrants before and after a step in `direction`; the other axis is random."""
+    other = int(rng.integers(2))
+    if direction in ("left", "right"):
+        x0 = 1 if direction == "left" else 0
+        return (other, x0), (other, 1 - x0)
+    y0 = 1 if direction == "up" else 0
+    return (y0, other), (1 - y0, other)
 
 
 RENDERERS = {"transient": render_transient, "order": render_order, "direction": render_direction,
@@ -282,7 +290,7 @@ def recover_fact(frames: np.ndarray, task: str) -> str | None:
                 seen.append(name)
         return seen[0] if len(seen) == 2 else None
     if task == "step":
-        on = np.flatnonzero(counts > 0.5 * _even(size * 3 // 8) ** 2)
+        on = np.flatnonzero(counts > 0.5 * (size // 2) ** 2)
         if len(on) != WINDOW or on[0] % WINDOW or on[-1] != on[0] + WINDOW - 1:
             return None
         ys, xs = np.indices((size, size))

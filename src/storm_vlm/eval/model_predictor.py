@@ -40,6 +40,9 @@ class ModelPredictor(Predictor):
     def predict(self, record: Record, frames: np.ndarray) -> str:
         return self.reply(build_prompt(record), frames)
 
+    def predict_batch(self, records: Sequence[Record], frames: Sequence[np.ndarray]) -> list[str]:
+        return self.reply_batch([build_prompt(r) for r in records], frames)
+
 
 def model_settings(model, benchmark: str, *, model_dir: str | None, num_frames: int, fps: float | None,
                    temporal_sample_stride: int | None, max_new_tokens: int) -> dict:
@@ -66,11 +69,11 @@ def evaluate(model, processor, records: Sequence[Record], output_dir: str | Path
              max_new_tokens: int = 16, progress: bool = True, model_dir: str | None = None,
              frame_loader: FrameLoader | None = None, print_table: bool = True,
              rank: int | None = None, world_size: int | None = None, retry_failed: bool = False,
-             precision: Precision | None = None) -> dict | None:
+             precision: Precision | None = None, batch_size: int = 1) -> dict | None:
     """Evaluate a loaded model on `records`; writes predictions.jsonl, results.json, results.md
     into `output_dir` (resuming what is already there; `retry_failed` also redoes recorded decode
     failures) and returns the results (None on ranks > 0). `precision`: what the model was loaded
-    with (its autocast applies)."""
+    with (its autocast applies); `batch_size`: questions answered per padded generate call."""
     records = list(records)
     benchmark = records[0].benchmark if records else "synthetic"
     settings = model_settings(model, benchmark, model_dir=model_dir, num_frames=num_frames, fps=fps,
@@ -81,4 +84,4 @@ def evaluate(model, processor, records: Sequence[Record], output_dir: str | Path
     return evaluate_with_predictor(predictor, records, output_dir, benchmark=benchmark, settings=settings,
                                    num_frames=num_frames, fps=fps, limit=limit, frame_loader=frame_loader,
                                    progress=progress, print_table=print_table, rank=rank, world_size=world_size,
-                                   retry_failed=retry_failed)
+                                   retry_failed=retry_failed, batch_size=batch_size)

@@ -3,7 +3,9 @@
 ``run_predictions`` walks a rank's shard of records, skips ids already in the output
 folder, loads frames, asks a `Predictor`, reads the reply with `extract_choice`, and
 appends one row per question to predictions.jsonl (fsync'd). A video that fails to decode
-becomes a row with status "decode_error" and the run goes on. ``finalize`` scores every
+becomes a row with status "decode_error" and the run goes on. With ``batch_size`` > 1 and a
+predictor that has ``predict_batch`` (the model-backed one does), questions are answered that
+many at a time in one padded batch. ``finalize`` scores every
 row and writes results.json (atomically), results.md and the printed table.
 
 Ranks (torchrun's RANK / WORLD_SIZE) take the disjoint shards ``records[rank::world]``,
@@ -87,37 +89,67 @@ def check_settings(out_dir: Path, settings: dict, write: bool) -> None:
         atomic_write_text(path, json.dumps(identity, indent=2) + "\n")
 
 
-def predict_row(record: Record, predictor: Predictor, frame_loader: FrameLoader) -> dict:
-    """One predictions.jsonl row for `record` (decode failures become a row, not an exception)."""
-    row: dict = {"id": record.id, "answer": record.answer,
-                 "answer_letter": record.answer_letter, "categories": record.categories}
+def _load(record: Record, frame_loader: FrameLoader, row: dict) -> np.ndarray | None:
+    """The record's frames, or None after recording the decode failure in `row`."""
     try:
-        frames = frame_loader(record)
+        return frame_loader(record)
     except Exception as exc:  # any failure to read the video is recorded and the run goes on
         log.warning("decode failure for %s: %s", record.id, exc)
         row.update(status="decode_error", pred=None, pred_letter=None, correct=False, reply=None,
                    error=f"{type(exc).__name__}: {exc}")
-        return row
-    t0 = time.perf_counter()
-    reply = predictor.predict(record, frames)
-    latency = time.perf_counter() - t0
+        return None
+
+
+def _answered(row: dict, record: Record, reply, frames: np.ndarray, latency: float) -> dict:
     if not isinstance(reply, str):
-        raise TypeError(f"{type(predictor).__name__}.predict returned {type(reply).__name__}, not the reply text")
+        raise TypeError(f"the predictor returned {type(reply).__name__}, not the reply text")
     verdict = judge(reply, record)
     if verdict["pred"] is None:
         log.warning("unparsed reply for %s: %r", record.id, reply)
     row.update(**verdict, reply=reply, error=None, num_frames=int(frames.shape[0]), latency_s=round(latency, 4))
+    return row
+
+
+def _blank_row(record: Record) -> dict:
+    return {"id": record.id, "answer": record.answer, "answer_letter": record.answer_letter,
+            "categories": record.categories}
+
+
+def predict_row(record: Record, predictor: Predictor, frame_loader: FrameLoader) -> dict:
+    """One predictions.jsonl row for `record` (decode failures become a row, not an exception)."""
+    row = _blank_row(record)
+    frames = _load(record, frame_loader, row)
+    if frames is None:
+        return row
+    t0 = time.perf_counter()
+    reply = predictor.predict(record, frames)
+    _answered(row, record, reply, frames, time.perf_counter() - t0)
     timing = getattr(predictor, "last_timing", None)
     if isinstance(timing, dict) and "prefill_s" in timing:
         row["prefill_s"] = timing["prefill_s"]
     return row
 
 
+def predict_rows(records: Sequence[Record], predictor, frame_loader: FrameLoader) -> list[dict]:
+    """predictions.jsonl rows for `records`, answered as one batch by `predictor.predict_batch`;
+    latency_s is the batch's wall time shared evenly among its questions."""
+    rows = [_blank_row(r) for r in records]
+    loaded = [(row, r, f) for row, r in zip(rows, records)
+              if (f := _load(r, frame_loader, row)) is not None]
+    if loaded:
+        t0 = time.perf_counter()
+        replies = predictor.predict_batch([r for _, r, _ in loaded], [f for _, _, f in loaded])
+        latency = (time.perf_counter() - t0) / len(loaded)
+        for (row, record, frames), reply in zip(loaded, replies, strict=True):
+            _answered(row, record, reply, frames, latency)
+    return rows
+
+
 def run_predictions(records: Sequence[Record], predictor: Predictor, out_dir: str | Path, *,
                     frame_loader: FrameLoader, rank: int = 0, world_size: int = 1,
-                    progress: bool = True, retry_failed: bool = False) -> int:
+                    progress: bool = True, retry_failed: bool = False, batch_size: int = 1) -> int:
     """Predict this rank's shard of `records` not yet in `out_dir` (nor, with `retry_failed`,
-    recorded as decode failures); returns how many were added."""
+    recorded as decode failures), `batch_size` at a time; returns how many were added."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mine = shard(records, rank, world_size)
@@ -130,9 +162,17 @@ def run_predictions(records: Sequence[Record], predictor: Predictor, out_dir: st
     with P.PredictionWriter(P.shard_path(out_dir, rank, world_size)) as writer:
         bar = tqdm(todo, desc=f"eval{'' if world_size == 1 else f' rank {rank}'}", unit="q",
                    disable=not progress, initial=len(mine) - len(todo), total=len(mine))
-        for record in bar:
-            writer.write(predict_row(record, predictor, frame_loader))
-            added += 1
+        if batch_size > 1 and hasattr(predictor, "predict_batch"):
+            for i in range(0, len(todo), batch_size):
+                for row in predict_rows(todo[i:i + batch_size], predictor, frame_loader):
+                    writer.write(row)
+                    added += 1
+                bar.update(len(todo[i:i + batch_size]))
+        else:
+            for record in bar:
+                writer.write(predict_row(record, predictor, frame_loader))
+                added += 1
+        bar.close()
     return added
 
 
@@ -162,7 +202,8 @@ def evaluate_with_predictor(predictor: Predictor, records: Sequence[Record], out
                             num_frames: int = 32, fps: float | None = None, limit: int | None = None,
                             frame_loader: FrameLoader | None = None, rank: int | None = None,
                             world_size: int | None = None, progress: bool = True,
-                            print_table: bool = True, retry_failed: bool = False) -> dict | None:
+                            print_table: bool = True, retry_failed: bool = False,
+                            batch_size: int = 1) -> dict | None:
     """Run and score `records` with any predictor. Returns results on rank 0, None elsewhere."""
     records = list(records)
     if not records:
@@ -184,7 +225,7 @@ def evaluate_with_predictor(predictor: Predictor, records: Sequence[Record], out
     check_settings(out_dir, settings, write=rank == 0)
     loader = frame_loader or (lambda r: load_record_frames(r, num_frames, fps))
     run_predictions(records, predictor, out_dir, frame_loader=loader, rank=rank, world_size=world_size,
-                    progress=progress, retry_failed=retry_failed)
+                    progress=progress, retry_failed=retry_failed, batch_size=batch_size)
     _barrier()
     if rank != 0:
         return None
