@@ -159,3 +159,31 @@ def test_torchrun_two_ranks_shard_and_rank0_merges(tiny, tmp_path):
     ids = [json.loads(x)["id"] for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert ids == [f"syn-{i}" for i in range(4)] and not list(out.glob("predictions.rank*.jsonl"))
     assert json.loads((out / "results.json").read_text())["counts"]["predicted"] == 4
+
+
+def test_batched_evaluation_answers_as_one_at_a_time(tiny, layouts, tmp_path):
+    """Videos of different lengths in one padded batch get the replies they get alone; a broken
+    video in a batch is recorded and the rest of the batch is answered."""
+    import numpy as np
+
+    path, model, processor = tiny
+    records = load_benchmark("synthetic", layouts["synthetic"])
+    rng = np.random.default_rng(0)
+    clips = {r.id: rng.integers(0, 256, (2 + i % 3, 64, 64, 3), dtype=np.uint8) for i, r in enumerate(records)}
+    broken = records[1].id
+
+    def loader(record):
+        if record.id == broken:
+            raise ValueError("damaged file")
+        return clips[record.id]
+
+    kwargs = dict(num_frames=4, max_new_tokens=5, progress=False, print_table=False, frame_loader=loader)
+    evaluate(model, processor, records, tmp_path / "one", **kwargs)
+    evaluate(model, processor, records, tmp_path / "batched", batch_size=3, **kwargs)
+    read = lambda d: {r["id"]: r for r in map(json.loads, (tmp_path / d / "predictions.jsonl").read_text().splitlines())}
+    one, batched = read("one"), read("batched")
+    assert one.keys() == batched.keys() == {r.id for r in records}
+    assert batched[broken]["status"] == "decode_error" and batched[broken]["reply"] is None
+    for rid, row in one.items():
+        assert (batched[rid]["reply"], batched[rid].get("num_frames")) == (row["reply"], row.get("num_frames")), rid
+    assert len({r["reply"] for r in one.values()}) > 1  # the replies differ: the comparison is not vacuous

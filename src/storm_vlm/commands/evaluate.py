@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="test-time temporal sampling stride (default: the model's setting)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="greedy decoding budget (default 16)")
+    parser.add_argument("--batch-size", type=int, default=1, metavar="N",
+                        help="questions answered per padded generate call (default 1)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     add_precision_argument(parser)
     parser.add_argument("--retry-failed", action="store_true",
@@ -48,6 +50,8 @@ def _check(args) -> None:
         raise StormError(f"--limit must be >= 1, got {args.limit}")
     if args.max_new_tokens < 1:
         raise StormError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.batch_size < 1:
+        raise StormError(f"--batch-size must be >= 1, got {args.batch_size}")
     check_model_dir(args.model_dir)
 
 
@@ -80,7 +84,7 @@ def run(args) -> int:
                            temporal_sample_stride=args.temporal_sample, fps=args.fps, limit=args.limit,
                            max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
                            model_dir=str(Path(args.model_dir).resolve()), rank=rank, world_size=world_size,
-                           retry_failed=args.retry_failed)
+                           retry_failed=args.retry_failed, batch_size=args.batch_size)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
