@@ -17,56 +17,73 @@ from storm_vlm.errors import StormError
 
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory):
+    """`storm-vlm demo --tiny` end to end, as a user runs it (two seeds, one job)."""
+    from storm_vlm.cli import main
+
     out = tmp_path_factory.mktemp("demo")
-    results = run_demo(out, settings=DemoSettings.tiny_preset(), jobs=1, progress=False, log=lambda s: None)
-    return out, results
+    assert main(["demo", "--tiny", "--output", str(out), "--seeds", "2", "--jobs", "1", "--no-progress"]) == 0
+    return out, json.loads((out / "results.json").read_text())
 
 
 def _read_predictions(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_tiny_demo_writes_a_complete_table(tiny_demo):
+def test_tiny_demo_writes_claims_rows_and_the_correctness_behind_them(tiny_demo):
     from storm_vlm import StormConfig
+    from storm_vlm.demo.stats import bootstrap_ci, paired_gap
 
     out, results = tiny_demo
-    on_disk = json.loads((out / "results.json").read_text())
-    assert on_disk["rows"] == json.loads(json.dumps(results["rows"]))
+    on_disk = results
+    assert on_disk["seeds"] == [0, 1]
     assert [r["row"] for r in on_disk["rows"]] == [r.name for r in ROWS]
-    assert (out / "results.md").read_text().count("\n| ") == len(ROWS) + 1  # header + rows
+    md = (out / "results.md").read_text()
+    assert md.index("| claim |") < md.index("| row |")  # the claims table opens the report
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     settings = DemoSettings.tiny_preset()
-    tasks = on_disk["tasks"]
-    assert tasks == list(settings.tasks) and "transient" in tasks
+    tasks, tasks_of = on_disk["tasks"], on_disk["question_tasks"]
+    assert tasks == list(settings.tasks) and set(tasks_of.values()) == set(tasks)
+    assert len(tasks_of) == on_disk["data"]["num_test"] == len(tasks) * settings.test_per_task
+    correctness = {row: {int(s): per for s, per in seeds.items()} for row, seeds in on_disk["correctness"].items()}
     budget = None
     for row in on_disk["rows"]:
-        folder = model_dir(out, row["variant"], 0) / "final"
-        config = StormConfig.from_pretrained(folder)
-        assert config.projector_type == row["projector"]
-        assert config.temporal_pool_size == row["temporal_pool"]
+        config = StormConfig.from_pretrained(model_dir(out, row["variant"], 0) / "final")
+        assert config.projector_type == row["projector"] and config.temporal_pool_size == row["temporal_pool"]
+        assert config.projector_bidirectional == row["bidirectional"]
         # token counts are the model's own count for the row's frames and sampling
         assert row["visual_tokens"] == config.num_visual_tokens(row["input_frames"], row["temporal_sample_stride"])
-        if row["note"] == "trained setting":
-            # every variant reads the same token budget: base_frames frames' worth
+        if row["note"] == "trained setting":  # every variant reads the same token budget
             budget = budget or config.num_visual_tokens(settings.base_frames, 1)
             assert row["visual_tokens"] == budget
-        for t in tasks:
-            assert 0.0 <= row["tasks"][t]["mean"] <= 1.0
-        assert row["average"]["mean"] == pytest.approx(np.mean([row["tasks"][t]["mean"] for t in tasks]))
         assert row["prefill_ms"] > 0
-
-        # the accuracy is what the saved predictions say
-        preds = _read_predictions(out / "eval" / "seed0" / row["row"] / "predictions.jsonl")
-        assert len(preds) == row["questions"] == on_disk["data"]["num_test"]
+        # every figure is recomputable from the saved per-question correctness ...
+        table = correctness[row["row"]]
+        assert row["accuracy"]["average"] == bootstrap_ci(table, tasks_of, reps=settings.bootstrap_reps)
+        # ... which is what the row's predictions.jsonl says
+        for seed in (0, 1):
+            preds = _read_predictions(out / "eval" / f"seed{seed}" / row["row"] / "predictions.jsonl")
+            assert {p["id"]: p["correct"] for p in preds} == table[seed]
+        assert len(row["accuracy"]["average"]["per_seed"]) == 2
         for t in tasks:
-            rows_t = [p for p in preds if p["categories"]["task"] == t]
-            assert row["tasks"][t]["mean"] == pytest.approx(np.mean([p["correct"] for p in rows_t]))
-        for p in preds:
-            assert p["correct"] == (p["pred_letter"] == p["answer_letter"])
+            stat = row["accuracy"][t]
+            assert stat["low"] <= stat["mean"] <= stat["high"]
+            by_seed = [np.mean([table[seed][q] for q, task in tasks_of.items() if task == t]) for seed in (0, 1)]
+            assert stat["mean"] == pytest.approx(np.mean(by_seed))
 
-    half = {r["row"]: r["visual_tokens"] for r in on_disk["rows"]}
-    assert half["vila_raw_half"] == half["storm_s2_half"] == budget // 2
+    tokens = {r["row"]: r["visual_tokens"] for r in on_disk["rows"]}
+    assert tokens["vila_raw_half"] == tokens["storm_s2"] == budget // 2
+    claims = {c["claim"]: c for c in on_disk["claims"]}
+    assert sorted(claims) == ["C1", "C2", "C3", "C4", "C5"]
+    for c in claims.values():
+        assert c["scopes"] and c["paper"]
+        for scope in c["scopes"]:
+            assert scope["verdict"] in ("reproduced", "contradicted", "inconclusive")
+            assert scope["low"] <= scope["gap"] <= scope["high"]
+        average = next(s for s in c["scopes"] if s["scope"] == "average")
+        gap = paired_gap(correctness[c["row_a"]], correctness[c["row_b"]], tasks_of, reps=settings.bootstrap_reps)
+        assert {k: average[k] for k in gap} == gap
+    assert [s["scope"] for s in claims["C1"]["scopes"]] == ["within-window", "average"]
     ex = on_disk["example"]
     assert ex["truth"] in "ABCD" and len(ex["options"]) == 4 and ex["question"]
     assert {t["variant"] for t in on_disk["trainings"]} == {v.name for v in VARIANTS}
@@ -78,9 +95,10 @@ def test_rerun_reuses_finished_work_and_refuses_other_settings(tiny_demo, tmp_pa
     out, first = tiny_demo
     moved = tmp_path / "moved"
     shutil.copytree(out, moved)  # a copied (or moved) demo folder resumes too
-    again = run_demo(moved, settings=DemoSettings.tiny_preset(), jobs=1, progress=False, log=lambda s: None)
+    again = run_demo(moved, settings=DemoSettings.tiny_preset(), seeds=2, jobs=1, progress=False, log=lambda s: None)
     assert all(t["reused"] for t in again["trainings"])
-    assert [r["tasks"] for r in again["rows"]] == [r["tasks"] for r in first["rows"]]
+    assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in first["rows"]]
+    assert again["claims"] == first["claims"]
     with pytest.raises(StormError, match="other settings.*steps"):
         run_demo(out, settings=DemoSettings.tiny_preset(steps=7), jobs=1, progress=False, log=lambda s: None)
 
@@ -151,5 +169,5 @@ def test_settings_reject_bad_values():
     with pytest.raises(StormError, match="answer_format"):
         DemoSettings.default(answer_format="emoji").validate()
     s = DemoSettings.default()
-    assert [s.input_frames(r) for r in ROWS if r.variant == "storm_pool4"] == [4 * s.base_frames, 8 * s.base_frames]
+    assert [s.input_frames(r) for r in ROWS if r.variant == "storm_pool4"] == [4 * s.base_frames]
     assert {s.input_frames(r) for r in ROWS if r.note == "trained setting" and "pool" not in r.variant} == {s.base_frames}

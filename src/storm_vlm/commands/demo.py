@@ -7,16 +7,16 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="runs/demo", help="output folder (default: runs/demo)")
-    parser.add_argument("--seeds", type=int, default=1, metavar="N",
-                        help="train every variant with seeds 0..N-1 and report mean ± std (default: 1)")
+    parser.add_argument("--seeds", type=int, default=3, metavar="N",
+                        help="train every variant with seeds 0..N-1; intervals cover seeds and questions (default: 3)")
     parser.add_argument("--tiny", action="store_true",
                         help="a seconds-long smoke run with toy sizes (numbers mean nothing, the pipeline is real)")
     parser.add_argument("--steps", type=int, default=None, metavar="N", help="training steps per model")
-    parser.add_argument("--videos", type=int, default=None, metavar="N",
-                        help="synthetic videos in total (80%% train, 20%% held out)")
+    parser.add_argument("--train-per-task", type=int, default=None, metavar="N", help="training videos per task")
+    parser.add_argument("--questions", type=int, default=None, metavar="N", help="held-out questions per task")
     parser.add_argument("--tasks", default=None, metavar="T1,T2",
-                        help="synthetic tasks to train and test (default: transient,static; all: "
-                             "transient,order,direction,count,static)")
+                        help="synthetic tasks to train and test (default: flash_order,transient,static; all: "
+                             "transient,order,direction,count,static,flash_order,step)")
     parser.add_argument("--jobs", type=int, default=None, metavar="J",
                         help="parallel worker processes for training and evaluation (default: CPU cores, at most 4)")
     parser.add_argument("--threads", type=int, default=1, metavar="T", help="torch threads per job (default: 1)")
@@ -32,8 +32,10 @@ def run(args: argparse.Namespace) -> int:
     overrides = {}
     if args.steps is not None:
         overrides["steps"] = args.steps
-    if args.videos is not None:
-        overrides["num_videos"] = args.videos
+    if args.train_per_task is not None:
+        overrides["train_per_task"] = args.train_per_task
+    if args.questions is not None:
+        overrides["test_per_task"] = args.questions
     if args.tasks is not None:
         overrides["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     settings = DemoSettings.tiny_preset(**overrides) if args.tiny else DemoSettings.default(**overrides)

@@ -29,6 +29,7 @@ from storm_vlm.demo.settings import ROWS, VARIANT_BY_NAME, DemoSettings, Row
 from storm_vlm.demo.synth import generate_synthetic_benchmark
 from storm_vlm.errors import StormError
 from storm_vlm.eval.model_predictor import evaluate
+from storm_vlm.eval.predictions import read_predictions
 from storm_vlm.eval.prompts import build_prompt
 from storm_vlm.eval.readers import read_synthetic
 from storm_vlm.inference import Predictor, build_messages, load_model
@@ -125,6 +126,7 @@ def train_config(spec: dict) -> dict:
         "tiny": {
             "projector_type": variant.projector,
             "projector_num_layers": settings.projector_layers,
+            **({} if variant.projector == "mlp" else {"projector_bidirectional": variant.bidirectional}),
             "parts_kwargs": settings.parts_kwargs(int(spec["seed"])),
         },
         "temporal_pool_size": variant.temporal_pool,
@@ -283,12 +285,15 @@ def evaluate_variant(spec: dict) -> dict:
         res = evaluate(model, processor, records, Path(spec["eval_dir"]) / row.name, num_frames=frames,
                        temporal_sample_stride=row.sample, max_new_tokens=settings.max_new_tokens,
                        progress=False, print_table=False, model_dir=spec.get("model_name", str(spec["model_dir"])),
-                       frame_loader=cache.loader(frames), rank=0, world_size=1)
+                       frame_loader=cache.loader(frames), rank=0, world_size=1,
+                       batch_size=settings.eval_batch_size)
+        predictions = read_predictions(Path(spec["eval_dir"]) / row.name / "predictions.jsonl")
         out[row.name] = {
             "accuracy": res["accuracy"],
-            "tasks": {t: v["accuracy"] for t, v in res["breakdowns"]["task"].items()},
-            "task_counts": {t: v["count"] for t, v in res["breakdowns"]["task"].items()},
-            "counts": res["counts"],
+            "correct": {q: bool(p["correct"]) for q, p in predictions.items()},
+            "tasks_of": {q: p["categories"]["task"] for q, p in predictions.items()},
+            "replies": {"empty": sum(1 for p in predictions.values() if p.get("reply") == ""),
+                        "unparsed": int(res["counts"].get("unparsed", 0))},
             "input_frames": frames,
             "visual_tokens": int(model.config.num_visual_tokens(frames, row.sample)),
         }

@@ -1,139 +1,177 @@
-"""Turning per-seed evaluation results into the demo's table: results.json, results.md and a PNG.
+"""The demo's report: rows with confidence intervals, the paper's claims with verdicts, a PNG.
 
-The table has the shape of the paper's Table 2: variant | input frames | visual tokens to the
-LLM | accuracy per task | average | prefill latency (ms). With several seeds each number is
-mean ± std (population std over seeds; n = number of seeds).
+Every number comes from the per-question correctness of each (row, seed) -- results.json keeps
+those tables, so anyone can recompute the intervals. A row's accuracy is the mean over seeds
+and questions with a 95 % two-stage bootstrap CI (`storm_vlm.demo.stats.bootstrap_ci`); a
+claim is the paired gap between two rows (`paired_gap`) with its verdict: *reproduced* when
+the CI lies above 0, *contradicted* when below, *inconclusive* otherwise.
 """
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
-from storm_vlm.demo.settings import ROWS, VARIANT_BY_NAME, DemoSettings
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+from storm_vlm.demo.settings import CLAIMS, ROWS, VARIANT_BY_NAME, WITHIN_WINDOW, DemoSettings
+from storm_vlm.demo.stats import bootstrap_ci, paired_gap
 from storm_vlm.utils import atomic_path
 
 CHANCE = 0.25
 
 
-def _stats(values: list[float]) -> dict:
-    values = [float(v) for v in values]
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
-        "per_seed": values,
-    }
+def scope_tasks(scope: str, tasks: list[str]) -> list[str]:
+    """The tasks a scope averages over: all of them, the within-window ones, or one task."""
+    if scope == "average":
+        return list(tasks)
+    if scope == "within-window":
+        return [t for t in tasks if t in WITHIN_WINDOW]
+    return [scope] if scope in tasks else []
 
 
-def build_rows(settings: DemoSettings, evals: dict, latency: dict, tasks: list[str]) -> list[dict]:
-    """One dict per table row.
+def _restrict(table: dict, tasks_of: dict, tasks: list[str]) -> tuple[dict, dict]:
+    keep = {q: t for q, t in tasks_of.items() if t in tasks}
+    return {s: {q: c for q, c in per.items() if q in keep} for s, per in table.items()}, keep
 
-    evals: {seed: {row name: evaluate_variant()'s row result}}; latency: {row name: {...}}.
-    The row's average is the mean of its per-task accuracies (tasks have equal question counts).
+
+def _scopes(tasks: list[str]) -> list[str]:
+    return list(tasks) + (["within-window"] if len(scope_tasks("within-window", tasks)) > 1 else []) + ["average"]
+
+
+def build_rows(settings: DemoSettings, correctness: dict, tasks_of: dict, tokens: dict, latency: dict,
+               tasks: list[str]) -> list[dict]:
+    """One dict per table row: accuracy per task, within-window and average, each with its CI.
+
+    correctness: {row: {seed: {question_id: bool}}}; tasks_of: {question_id: task};
+    tokens: {row: visual tokens}; latency: {row: measure_prefill()'s dict}.
     """
     out = []
-    seeds = sorted(evals)
     for row in ROWS:
-        per_seed = [evals[s][row.name] for s in seeds if row.name in evals[s]]
-        if not per_seed:
+        if row.name not in correctness:
             continue
         variant = VARIANT_BY_NAME[row.variant]
-        tokens = {r["visual_tokens"] for r in per_seed}
-        assert len(tokens) == 1, f"row {row.name}: token counts differ between seeds {tokens}"
-        task_stats = {t: _stats([r["tasks"].get(t, 0.0) for r in per_seed]) for t in tasks}
-        averages = [statistics.fmean(r["tasks"].get(t, 0.0) for t in tasks) for r in per_seed]
+        table = correctness[row.name]
+        stats = {}
+        for scope in _scopes(tasks):
+            sub, sub_tasks = _restrict(table, tasks_of, scope_tasks(scope, tasks))
+            stats[scope] = bootstrap_ci(sub, sub_tasks, reps=settings.bootstrap_reps)
         lat = latency.get(row.name)
         out.append({
             "row": row.name,
             "label": row.label,
             "variant": row.variant,
             "projector": variant.projector,
+            "bidirectional": variant.bidirectional,
             "temporal_pool": variant.temporal_pool,
             "trained_frames": settings.trained_frames(variant),
-            "input_frames": per_seed[0]["input_frames"],
+            "input_frames": settings.input_frames(row),
             "temporal_sample_stride": row.sample,
-            "visual_tokens": tokens.pop(),
+            "visual_tokens": tokens[row.name],
             "note": row.note,
-            "tasks": task_stats,
-            "average": _stats(averages),
-            "accuracy_all_questions": _stats([r["accuracy"] for r in per_seed]),
-            "questions": int(per_seed[0]["counts"]["total"]),
-            "questions_per_task": per_seed[0]["task_counts"],
-            "unparsed": [int(r["counts"].get("unparsed", 0)) for r in per_seed],
+            "accuracy": stats,
             "prefill_ms": None if lat is None else round(lat["prefill_ms"], 3),
             "prefill_sequence_length": None if lat is None else lat["sequence_length"],
         })
     return out
 
 
-def _fmt(stat: dict, seeds: int, scale: float = 100.0, digits: int = 1) -> str:
-    mean = stat["mean"] * scale
-    if seeds > 1:
-        return f"{mean:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
-    return f"{mean:.{digits}f}"
+def build_claims(settings: DemoSettings, correctness: dict, tasks_of: dict, tasks: list[str]) -> list[dict]:
+    """Each paper claim as paired gaps (row_a - row_b) per scope, with CI and verdict."""
+    out = []
+    for claim in CLAIMS:
+        if claim.row_a not in correctness or claim.row_b not in correctness:
+            continue
+        scopes = []
+        for scope in claim.scopes:
+            names = scope_tasks(scope, tasks)
+            if not names:
+                continue
+            a, keep = _restrict(correctness[claim.row_a], tasks_of, names)
+            b, _ = _restrict(correctness[claim.row_b], tasks_of, names)
+            gap = paired_gap(a, b, keep, reps=settings.bootstrap_reps)
+            scopes.append({"scope": scope, "tasks": names, **gap})
+        out.append({"claim": claim.name, "statement": claim.statement, "row_a": claim.row_a,
+                    "row_b": claim.row_b, "paper": claim.paper, "scopes": scopes})
+    return out
 
 
-def format_markdown(rows: list[dict], tasks: list[str], seeds: int) -> str:
-    """The results table as GitHub markdown (accuracies in %)."""
-    head = ["variant", "input frames", "visual tokens", *tasks, "average", "prefill (ms)"]
+# ------------------------------------------------------------------------------------------ text
+
+
+def _pct(stat: dict) -> str:
+    return f"{100 * stat['mean']:.1f} [{100 * stat['low']:.1f}, {100 * stat['high']:.1f}]"
+
+
+def _gap(scope: dict) -> str:
+    return f"{100 * scope['gap']:+.1f} [{100 * scope['low']:+.1f}, {100 * scope['high']:+.1f}]"
+
+
+def claims_markdown(claims: list[dict]) -> str:
+    """The claims table: one line per (claim, scope), gap in points with its 95 % CI."""
+    lines = ["| claim | scope | ours: gap (points) [95 % CI] | verdict | paper |", "|---|---|---:|---|---|"]
+    for c in claims:
+        for i, s in enumerate(c["scopes"]):
+            head = f"**{c['claim']}** {c['statement']}" if i == 0 else ""
+            lines.append(f"| {head} | {s['scope']} | {_gap(s)} | {s['verdict']} | {c['paper'] if i == 0 else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def rows_markdown(rows: list[dict], tasks: list[str]) -> str:
+    """The rows table: accuracy % with 95 % CI per task, within-window and average."""
+    scopes = [s for s in _scopes(tasks)]
+    head = ["row", "input frames", "visual tokens", *scopes, "seed std (avg)", "prefill (ms)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in rows:
+        acc = r["accuracy"]
         cells = [r["label"], str(r["input_frames"]), str(r["visual_tokens"])]
-        cells += [_fmt(r["tasks"][t], seeds) for t in tasks]
-        cells.append("**" + _fmt(r["average"], seeds) + "**")
+        cells += [("**" + _pct(acc[s]) + "**") if s == "average" else _pct(acc[s]) for s in scopes]
+        cells.append(f"{100 * acc['average']['std_over_seeds']:.1f}")
         cells.append("—" if r["prefill_ms"] is None else f"{r['prefill_ms']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def format_console(rows: list[dict], tasks: list[str], seeds: int) -> str:
-    """A fixed-width version of the table for the terminal."""
-    head = ["variant", "frames", "tokens", *tasks, "average", "prefill ms"]
-    body = []
-    for r in rows:
-        body.append([r["label"], str(r["input_frames"]), str(r["visual_tokens"]),
-                     *[_fmt(r["tasks"][t], seeds) for t in tasks], _fmt(r["average"], seeds),
-                     "-" if r["prefill_ms"] is None else f"{r['prefill_ms']:.1f}"])
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([fmt(head), "  ".join("-" * w for w in widths), *[fmt(b) for b in body]]) + "\n"
+def format_console(rows: list[dict], claims: list[dict], tasks: list[str]) -> str:
+    """Fixed-width claims and rows for the terminal."""
+    def table(head, body):
+        widths = [max(len(x) for x in col) for col in zip(head, *body)]
+        fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "\n".join([fmt(head), "  ".join("-" * w for w in widths), *[fmt(b) for b in body]])
+
+    claim_body = [[f"{c['claim']} {c['row_a']} - {c['row_b']}", s["scope"], _gap(s), s["verdict"]]
+                  for c in claims for s in c["scopes"]]
+    scopes = _scopes(tasks)
+    row_body = [[r["label"], str(r["input_frames"]), str(r["visual_tokens"]),
+                 *[f"{100 * r['accuracy'][s]['mean']:.1f}" for s in scopes],
+                 _pct(r["accuracy"]["average"]), f"{100 * r['accuracy']['average']['std_over_seeds']:.1f}"]
+                for r in rows]
+    return (table(["claim (gap in points, 95 % CI)", "scope", "gap", "verdict"], claim_body) + "\n\n"
+            + table(["row", "frames", "tokens", *scopes, "average [95 % CI]", "seed std"], row_body) + "\n")
 
 
 def plot(rows: list[dict], tasks: list[str], path: Path, title: str) -> None:
-    """Two panels: average accuracy per row (error bars = std over seeds), accuracy per task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    labels = [f"{r['label']}\n{r['input_frames']} fr → {r['visual_tokens']} tok" for r in rows]
-    colours = ["#4C72B0" if r["projector"] == "mlp" else "#DD8452" for r in rows]
+    """Accuracy per row with 95 % CI error bars: the average, and each task."""
+    scopes = _scopes(tasks)
     y = np.arange(len(rows))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 0.55 * len(rows) + 2.5),
-                                   gridspec_kw={"width_ratios": [1, 1.6]})
-    means = [100 * r["average"]["mean"] for r in rows]
-    stds = [100 * r["average"]["std"] for r in rows]
-    ax1.barh(y, means, xerr=stds, color=colours)
-    ax1.axvline(100 * CHANCE, color="k", ls="--", lw=1, label="chance (25%)")
-    ax1.set_yticks(y, labels, fontsize=8)
-    ax1.invert_yaxis()
-    ax1.set_xlabel("average accuracy (%)")
-    ax1.set_xlim(0, 100)
-    ax1.legend(loc="lower right", fontsize=8)
-    ax1.set_title("average over tasks (blue: MLP/VILA, orange: Mamba/STORM)", fontsize=9)
-    width = 0.8 / max(1, len(tasks))
-    for i, t in enumerate(tasks):
-        ax2.barh(y + (i - (len(tasks) - 1) / 2) * width, [100 * r["tasks"][t]["mean"] for r in rows],
-                 height=width, label=t, color=plt.get_cmap("Dark2")(i % 8))
-    ax2.axvline(100 * CHANCE, color="k", ls="--", lw=1)
-    ax2.set_yticks(y, [r["label"] for r in rows], fontsize=8)
-    ax2.invert_yaxis()
-    ax2.set_xlim(0, 100)
-    ax2.set_xlabel("accuracy per task (%)")
-    ax2.legend(fontsize=8, loc="lower right")
-    fig.suptitle(title, fontsize=10)
+    fig = Figure(figsize=(11, 0.9 * len(rows) + 2))  # no pyplot: no GUI backend, no global state
+    ax = fig.subplots()
+    height = 0.8 / len(scopes)
+    for i, scope in enumerate(scopes):
+        stats = [r["accuracy"][scope] for r in rows]
+        mean = np.array([100 * s["mean"] for s in stats])
+        err = np.array([[100 * (s["mean"] - s["low"]) for s in stats], [100 * (s["high"] - s["mean"]) for s in stats]])
+        colour = "black" if scope == "average" else colormaps["Dark2"](i % 8)
+        ax.barh(y + (i - (len(scopes) - 1) / 2) * height, mean, height=height, xerr=err, capsize=2,
+                label=scope, color=colour, alpha=0.85)
+    ax.axvline(100 * CHANCE, color="k", ls="--", lw=1)
+    ax.set_yticks(y, [f"{r['label']}\n{r['input_frames']} fr → {r['visual_tokens']} tok" for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("accuracy (%), error bars: 95 % CI over seeds and questions; dashed: chance")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+        fig.savefig(tmp, dpi=110, format="png")

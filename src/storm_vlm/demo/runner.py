@@ -1,4 +1,5 @@
-"""`run_demo`: synthetic data -> 4 trained variants -> every row evaluated -> table, chart, example.
+"""`run_demo`: synthetic data -> 5 trained variants x seeds -> every row evaluated -> claims with
+verdicts, rows with confidence intervals, chart, example.
 
 Layout of the output folder (default runs/demo):
 
@@ -6,7 +7,8 @@ Layout of the output folder (default runs/demo):
     data/                    the synthetic benchmark (train.json, test.json, videos/)
     models/<variant>/final   trained models (seed 0); models/<variant>-seed<k>/final for k > 0
     eval/seed<k>/<row>/      predictions.jsonl + results.json of each row
-    results.json, results.md, results.png
+    results.json             claims, rows, settings, timings, and every (row, seed, question)'s correctness
+    results.md, results.png  the claims table, the rows table; the rows with their error bars
 
 Reruns reuse what is finished: the data when meta.json matches, a model when its
 training_summary.json holds the same training config, and evaluation rows through the
@@ -17,24 +19,32 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import sys
 import threading
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable
 
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
+
 from storm_vlm.demo import phases
-from storm_vlm.demo.report import CHANCE, build_rows, format_console, format_markdown, plot
+from storm_vlm.demo.report import (CHANCE, build_claims, build_rows, claims_markdown, format_console, plot,
+                                   rows_markdown, scope_tasks)
 from storm_vlm.demo.settings import ROWS, VARIANTS, DemoSettings
 from storm_vlm.errors import StormError
+from storm_vlm.eval.prompts import build_prompt
 from storm_vlm.utils import atomic_write_json, atomic_write_text, check_int
 
 # Longest trainings first, so two workers finish together.
-_SCHEDULE = ("storm_pool4", "vila_pool4", "storm", "vila")
+_SCHEDULE = ("storm_pool4", "storm_causal_pool4", "vila_pool4", "storm", "vila")
 _OWNED = ("data", "models", "eval", "settings.json", "results.json", "results.md", "results.png")
 
 
@@ -46,15 +56,10 @@ def model_dir(output: Path, variant: str, seed: int) -> Path:
 
 def _quiet() -> None:
     """Silence library chatter (warnings, transformers' progress bars) for the rest of a worker process."""
-    import logging
-    import warnings
-
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     warnings.filterwarnings("ignore")
-    from transformers.utils import logging as hf_logging
-
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     logging.getLogger("storm_vlm").setLevel(logging.ERROR)
@@ -63,11 +68,6 @@ def _quiet() -> None:
 @contextlib.contextmanager
 def _quiet_here():
     """`_quiet` for the calling process, restoring every setting it changes on exit."""
-    import logging
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
     logger = logging.getLogger("storm_vlm")
@@ -87,8 +87,6 @@ def _quiet_here():
 
 
 def _worker_init(threads: int) -> None:
-    import torch
-
     _quiet()
     torch.set_num_threads(max(1, threads))
 
@@ -167,7 +165,7 @@ def _check_folder(output: Path, record: dict, fresh: bool) -> None:
                          "pass --fresh to start it over or choose another --output")
 
 
-def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings | None = None, seeds: int = 1,
+def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings | None = None, seeds: int = 3,
              jobs: int | None = None, threads: int = 1, fresh: bool = False, progress: bool = True,
              log: Callable[[str], None] = print) -> dict:
     """Run the whole demo; returns the results dict (also written to `output/results.json`).
@@ -192,8 +190,6 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings | N
 
 def _run_phases(output: Path, settings: DemoSettings, seeds: int, jobs: int, threads: int, progress: bool,
                 log: Callable[[str], None]) -> dict:
-    from tqdm.auto import tqdm
-
     t_start, c_start = time.perf_counter(), time.process_time()
     timings: dict[str, float] = {}
     data_dir = output / "data"
@@ -239,9 +235,16 @@ def _run_phases(output: Path, settings: DemoSettings, seeds: int, jobs: int, thr
     with tqdm(total=len(pred_files) * num_test, desc="eval", unit="q", disable=not progress) as bar:
         with _Poller(bar, lambda: _count_lines(pred_files)):
             evaluated = _run_jobs(phases.evaluate_variant, eval_specs, jobs, threads)
-    evals: dict[int, dict] = {}
+    correctness: dict[str, dict] = {}
+    tasks_of: dict[str, str] = {}
+    tokens: dict[str, int] = {}
+    empty: dict[str, int] = {}
     for spec, res in zip(eval_specs, evaluated):
-        evals.setdefault(spec["seed"], {}).update(res)
+        for row, r in res.items():
+            correctness.setdefault(row, {})[spec["seed"]] = r["correct"]
+            tasks_of.update(r["tasks_of"])
+            tokens[row] = r["visual_tokens"]
+            empty[row] = empty.get(row, 0) + r["replies"]["empty"]
     timings["eval_s"] = time.perf_counter() - t0
 
     # 4. latency (seed-0 models, one at a time so nothing else competes for the cores) ------------
@@ -249,8 +252,6 @@ def _run_phases(output: Path, settings: DemoSettings, seeds: int, jobs: int, thr
     log(f"[4/5] prefill latency per row ({settings.latency_repeats} repeats, {threads} thread(s), median)")
     latency: dict[str, dict] = {}
     seed0 = [s for s in eval_specs if s["seed"] == 0]
-    import torch
-
     old_threads = torch.get_num_threads()
     try:
         for spec in tqdm(seed0, desc="latency", unit="model", disable=not progress):
@@ -260,9 +261,10 @@ def _run_phases(output: Path, settings: DemoSettings, seeds: int, jobs: int, thr
     timings["latency_s"] = time.perf_counter() - t0
 
     # 5. report + example ------------------------------------------------------------------------
-    rows = build_rows(settings, evals, latency, tasks)
-    best = max(rows, key=lambda r: r["average"]["mean"])
-    best_task = max(tasks, key=lambda t: best["tasks"][t]["mean"])
+    rows = build_rows(settings, correctness, tasks_of, tokens, latency, tasks)
+    claims = build_claims(settings, correctness, tasks_of, tasks)
+    best = max(rows, key=lambda r: r["accuracy"]["average"]["mean"])
+    best_task = max(tasks, key=lambda t: best["accuracy"][t]["mean"])
     best_row = next(r for r in ROWS if r.name == best["row"])
     log(f"[5/5] example: {best['label']} answers the first held-out '{best_task}' question")
     example = phases.answer_example(model_dir(output, best["variant"], 0) / phases.FINAL, data_dir, settings,
@@ -277,29 +279,36 @@ def _run_phases(output: Path, settings: DemoSettings, seeds: int, jobs: int, thr
         "jobs": jobs,
         "threads": threads,
         "tasks": tasks,
+        "within_window_tasks": scope_tasks("within-window", tasks),
         "chance": CHANCE,
         "data": {"dir": str(data_dir), "num_train": meta["num_train"], "num_test": meta["num_test"],
                  "frames_per_video": meta["frames"], "size": meta["size"], "seed": meta["seed"]},
+        "claims": claims,
         "rows": rows,
+        "empty_replies": empty,
         "trainings": trained,
         "latency_note": "median wall time of one prefill forward (vision tower + projector + compression + "
                         f"LLM over the prompt), {settings.latency_repeats} repeats after a warm-up, "
                         f"{threads} torch thread(s), seed-0 model, first held-out video; preprocessing excluded",
         "example": example,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        # per (row, seed, question) correctness: every interval above can be recomputed from these
+        "question_tasks": tasks_of,
+        "correctness": {row: {str(seed): per for seed, per in by_seed.items()} for row, by_seed in correctness.items()},
     }
     atomic_write_json(output / "results.json", results)
     atomic_write_text(output / "results.md", _markdown(results, tasks, seeds))
     plot(rows, tasks, output / "results.png",
-         f"storm-vlm demo: {meta['num_test']} held-out questions, {seeds} seed(s), "
+         f"storm-vlm demo: {meta['num_test']} held-out questions x {seeds} seed(s), "
          f"{settings.steps} training steps per model")
 
     log("")
-    log(format_console(rows, tasks, seeds))
+    log(format_console(rows, claims, tasks))
     log(_example_text(example))
     log(_next_steps(output, settings, data_dir, best))
-    log(f"results: {output / 'results.md'}, {output / 'results.json'}, {output / 'results.png'} "
-        f"({timings['total_s']:.0f} s)")
+    log(f"results: {output / 'results.md'}, {output / 'results.json'}, {output / 'results.png'}")
+    log(f"demo wall time: {timings['total_s'] / 60:.1f} min ({timings['total_s']:.0f} s; data {timings['data_s']:.0f}, "
+        f"training {timings['train_s']:.0f}, evaluation {timings['eval_s']:.0f}, latency {timings['latency_s']:.0f})")
     return results
 
 
@@ -320,8 +329,6 @@ def _shell_quote(text: str) -> str:
 
 def _next_steps(output: Path, settings: DemoSettings, data_dir: Path, best: dict) -> str:
     """The chat / eval commands for the trained models (the best row's model and setting first)."""
-    from storm_vlm.eval.prompts import build_prompt
-
     record = phases.load_test_records(data_dir, limit=1)[0]
     best_dir = model_dir(output, best["variant"], 0) / phases.FINAL
     sample = f" --temporal-sample {best['temporal_sample_stride']}" if best["temporal_sample_stride"] > 1 else ""
@@ -341,27 +348,35 @@ def _next_steps(output: Path, settings: DemoSettings, data_dir: Path, best: dict
 def _markdown(results: dict, tasks: list[str], seeds: int) -> str:
     s = results["settings"]
     ex = results["example"]
+    n_test = results["data"]["num_test"]
+    verdicts = {}
+    for c in results["claims"]:
+        for sc in c["scopes"]:
+            verdicts.setdefault(sc["verdict"], []).append(f"{c['claim']} ({sc['scope']})")
+    summary = "; ".join(f"{v}: {', '.join(names)}" for v, names in sorted(verdicts.items()))
     head = (
-        f"# storm-vlm demo results\n\n"
-        f"Synthetic benchmark: {results['data']['num_train']} training / {results['data']['num_test']} held-out "
-        f"videos of {results['data']['frames_per_video']} frames at {results['data']['size']} px "
-        f"(data seed {results['data']['seed']}); tasks: {', '.join(tasks)}; 4 options each, chance = 25%.\n"
-        f"Every model: tiny random-init SigLIP ({s['vision_layers']} layers, width {s['vision_hidden']}, "
-        f"{s['patch_size']} px patches) + tiny Qwen2 LLM ({s['llm_layers']} layers, width {s['llm_hidden']}), "
-        f"trained {s['steps']} steps x batch {s['batch_size']} (lr {s['learning_rate']}, {s['lr_scheduler']} after {s['warmup_ratio']:.0%} warm-up), "
-        f"parts trained: {', '.join(s['train_parts'])}; seeds: {len(results['seeds'])}"
-        f"{' (mean ± std)' if seeds > 1 else ''}.\n"
-        f"The vision tower stays frozen at its random init; the models are trained to reply with the "
-        f"option's text (e.g. `red`), which `extract_choice` maps back to the option.\n"
-        f"Accuracies in %, from greedy generation read by `extract_choice`; a reply that names no option "
-        f"counts as wrong, so a model that cannot see scores 25% only if it picks among the options "
-        f"(naming one of the 6 colours blindly gives ~17%). Prefill latency: {results['latency_note']}.\n\n"
+        "# storm-vlm demo results\n\n"
+        f"## The paper's claims\n\nGap = row A − row B in accuracy points over {seeds} training seed(s) and "
+        f"{n_test} held-out questions, with a 95 % CI from a paired two-stage bootstrap (seeds, then questions); "
+        "verdict: *reproduced* when the CI lies above 0, *contradicted* when below, else *inconclusive*. "
+        "Paper figures: arXiv 2503.04130v4 (MVBench / MLVU / LongVideoBench / VideoMME).\n\n"
+        + claims_markdown(results["claims"]) + f"\n{summary}.\n\n"
+        "## Rows\n\nAccuracy % with its 95 % CI (seeds and questions); *within-window* averages the tasks whose "
+        "answer lives inside one pooling window; *seed std*: standard deviation of the average over seeds.\n\n"
+        + rows_markdown(results["rows"], tasks)
     )
-    repeat = results["data"]["frames_per_video"]
-    notes = (f"Videos have {repeat} frames: rows reading more than {repeat} frames get each frame repeated "
-             "evenly (as `load_video` does), so they see no more distinct frames than a "
-             f"{repeat}-frame row.\n\n")
-    notes += "\n".join(f"- **{r['label']}**: trained on {r['trained_frames']} frames"
+    setup = (
+        f"\n## Set-up\n\nSynthetic benchmark: {results['data']['num_train']} training / {n_test} held-out videos "
+        f"of {results['data']['frames_per_video']} frames at {results['data']['size']} px (data seed "
+        f"{results['data']['seed']}); tasks: {', '.join(tasks)}; 4 options each, chance = 25 %.\n"
+        f"Every model: tiny random-init SigLIP ({s['vision_layers']} layers, width {s['vision_hidden']}, "
+        f"{s['patch_size']} px patches, frozen) + tiny Qwen2 LLM ({s['llm_layers']} layers, width {s['llm_hidden']}, "
+        f"init std {s['llm_init_std']}), trained {s['steps']} steps x batch {s['batch_size']} (lr {s['learning_rate']}, "
+        f"{s['lr_scheduler']} after {s['warmup_ratio']:.0%} warm-up; parts trained: {', '.join(s['train_parts'])}) "
+        "to reply with the option's text, which `extract_choice` maps back to the option. Greedy generation; a reply "
+        f"that names no option counts as wrong. Prefill latency: {results['latency_note']}.\n\n"
+    )
+    notes = "\n".join(f"- **{r['label']}**: trained on {r['trained_frames']} frames"
                       f"{', temporal pool k=' + str(r['temporal_pool']) if r['temporal_pool'] > 1 else ''}; "
                       f"evaluated on {r['input_frames']} frames"
                       f"{', test-time sampling s=' + str(r['temporal_sample_stride']) if r['temporal_sample_stride'] > 1 else ''}"
@@ -371,4 +386,4 @@ def _markdown(results: dict, tasks: list[str], seeds: int) -> str:
     t = results["timings_s"]
     timing = (f"\nWall time: {t['total_s']:.0f} s (data {t['data_s']:.0f}, training {t['train_s']:.0f}, "
               f"evaluation {t['eval_s']:.0f}, latency {t['latency_s']:.0f}).\n")
-    return head + format_markdown(results["rows"], tasks, seeds) + "\nRows:\n\n" + notes + "\n" + example + timing
+    return head + setup + notes + "\n" + example + timing
