@@ -13,6 +13,21 @@ import itertools
 import os
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+
+from storm_vlm.builder import build_storm, save_storm
+
 # Sentences covering the synthetic benchmark's vocabulary (colours, shapes, directions,
 # counts, order, option letters) plus everyday English, so the trained tokenizer splits
 # benchmark prompts and answers into sensible tokens.
@@ -104,9 +119,6 @@ def make_tiny_tokenizer(llm: str = "qwen2", vocab_size: int = 1024):
     `llm="qwen2"` gives ChatML special tokens (pad = eos = `<|endoftext|>`, turns end with
     `<|im_end|>`); `llm="llama"` gives Llama-3 style tokens (`<|begin_of_text|>`, `<|eot_id|>`).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     specials = CHATML_SPECIAL if llm == "qwen2" else LLAMA3_SPECIAL
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -155,17 +167,6 @@ def make_tiny_parts(
     `llm_init_std` is the LLM's `initializer_range` (transformers' default 0.02); a larger one
     (e.g. 0.1) lets a from-scratch tiny LLM learn to read the visual tokens in far fewer steps.
     """
-    import torch
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-        SiglipImageProcessor,
-        SiglipVisionConfig,
-        SiglipVisionModel,
-    )
-
     if llm not in ("qwen2", "llama"):
         raise ValueError(f"llm must be 'qwen2' or 'llama', got {llm!r}")
     root = Path(root)
@@ -229,8 +230,6 @@ def build_tiny_model(
     StormConfig (e.g. projector_num_layers=1, temporal_pool_size=2, spatial_pool_stride=2).
     Defaults: 64 px frames, 8 px patches -> 16 visual tokens per frame; 2-layer 64-wide LLM.
     """
-    from storm_vlm.builder import build_storm, save_storm
-
     out_dir = Path(out_dir)
     parts_root = Path(parts_root) if parts_root is not None else out_dir.with_name(out_dir.name + ".parts")
     vision_dir, llm_dir = make_tiny_parts(parts_root, llm=llm, **(parts_kwargs or {}))
