@@ -6,8 +6,8 @@
   stage "sft"); the only addition is that each decoded + preprocessed training sample is kept
   in memory after its first use, so later epochs do not decode the same mp4 again.
 - `evaluate_variant`: every table row of one trained model through `storm_vlm.eval.evaluate`
-  (greedy generation + `extract_choice`); each video is decoded once and each row takes the
-  frames `load_video` would return for its frame count.
+  (batched greedy generation + `extract_choice`); each video is decoded once and each row takes
+  the frames `load_video` would return for its frame count. `train_and_evaluate` runs both.
 - `measure_prefill`: latency of one prefill (vision tower + projector + compression + LLM over
   the whole prompt) per row.
 - `answer_example`: one held-out question answered by a model, for the closing printout.
@@ -298,6 +298,11 @@ def evaluate_variant(spec: dict) -> dict:
             "visual_tokens": int(model.config.num_visual_tokens(frames, row.sample)),
         }
     return out
+
+
+def train_and_evaluate(spec: dict) -> dict:
+    """`train_variant` then `evaluate_variant` for one (variant, seed): {"training": ..., "rows": ...}."""
+    return {"training": train_variant(spec), "rows": evaluate_variant(spec)}
 
 
 # ----------------------------------------------------------------------------- latency

@@ -196,62 +196,56 @@ def _run_phases(output: Path, settings: DemoSettings, seeds: int, jobs: int, thr
 
     # 1. data ------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    log(f"[1/5] synthetic benchmark -> {data_dir}")
+    log(f"[1/4] synthetic benchmark -> {data_dir}")
     meta = phases.make_data(data_dir, settings, workers=None if jobs > 1 else 1)
     tasks = list(meta["tasks"])
     timings["data_s"] = time.perf_counter() - t0
 
     # 2. training --------------------------------------------------------------------------------
+    # 2. training and evaluation: each job trains one (variant, seed) and evaluates its rows, so
+    # both workers stay busy until the end ----------------------------------------------------------
     t0 = time.perf_counter()
     order = {name: i for i, name in enumerate(_SCHEDULE)}
-    train_specs = [
-        {"settings": settings.to_dict(), "variant": v.name, "seed": s, "data_dir": str(data_dir),
-         "output_dir": str(model_dir(output, v.name, s)), "threads": threads}
-        for s in range(seeds) for v in sorted(VARIANTS, key=lambda v: order[v.name])
-    ]
-    log(f"[2/5] training {len(train_specs)} models ({settings.steps} steps each, batch {settings.batch_size}, "
-        f"{jobs} parallel job(s) x {threads} thread(s))")
-    metric_files = [Path(s["output_dir"]) / "metrics.jsonl" for s in train_specs]
-    with tqdm(total=len(train_specs) * settings.steps, desc="train", unit="step", disable=not progress) as bar:
-        with _Poller(bar, lambda: _count_lines(metric_files)):
-            trained = _run_jobs(phases.train_variant, train_specs, jobs, threads)
-    timings["train_s"] = time.perf_counter() - t0
-
-    # 3. evaluation ------------------------------------------------------------------------------
-    t0 = time.perf_counter()
     num_test = int(meta["num_test"])
-    eval_specs = [
-        {"settings": settings.to_dict(), "variant": s["variant"], "seed": s["seed"], "data_dir": str(data_dir),
-         "model_dir": str(Path(s["output_dir"]) / phases.FINAL),
-         # the name recorded with the predictions: relative to the demo folder, so a moved or
-         # copied folder still resumes its evaluations
-         "model_name": str(Path(s["output_dir"]).relative_to(output) / phases.FINAL),
-         "eval_dir": str(output / "eval" / f"seed{s['seed']}"), "threads": threads}
-        for s in train_specs
-    ]
-    pred_files = [Path(s["eval_dir"]) / row.name / "predictions.jsonl" for s in eval_specs
+    specs = []
+    for s in range(seeds):
+        for v in sorted(VARIANTS, key=lambda v: order[v.name]):
+            run_dir = model_dir(output, v.name, s)
+            specs.append({
+                "settings": settings.to_dict(), "variant": v.name, "seed": s, "data_dir": str(data_dir),
+                "output_dir": str(run_dir), "model_dir": str(run_dir / phases.FINAL),
+                # the name recorded with the predictions: relative to the demo folder, so a moved or
+                # copied folder still resumes its evaluations
+                "model_name": str(run_dir.relative_to(output) / phases.FINAL),
+                "eval_dir": str(output / "eval" / f"seed{s}"), "threads": threads})
+    metric_files = [Path(s["output_dir"]) / "metrics.jsonl" for s in specs]
+    pred_files = [Path(s["eval_dir"]) / row.name / "predictions.jsonl" for s in specs
                   for row in phases.rows_of(s["variant"])]
-    log(f"[3/5] evaluating {len(pred_files)} (model, setting) pairs on {num_test} held-out questions each")
-    with tqdm(total=len(pred_files) * num_test, desc="eval", unit="q", disable=not progress) as bar:
-        with _Poller(bar, lambda: _count_lines(pred_files)):
-            evaluated = _run_jobs(phases.evaluate_variant, eval_specs, jobs, threads)
+    log(f"[2/4] training {len(specs)} models ({settings.steps} steps each, batch {settings.batch_size}) and "
+        f"evaluating {len(pred_files)} (model, setting) pairs on {num_test} held-out questions each "
+        f"({jobs} parallel job(s) x {threads} thread(s))")
+    with (tqdm(total=len(specs) * settings.steps, desc="train", unit="step", disable=not progress) as train_bar,
+          tqdm(total=len(pred_files) * num_test, desc="eval ", unit="q", disable=not progress) as eval_bar,
+          _Poller(train_bar, lambda: _count_lines(metric_files)), _Poller(eval_bar, lambda: _count_lines(pred_files))):
+        done = _run_jobs(phases.train_and_evaluate, specs, jobs, threads)
+    trained = [d["training"] for d in done]
     correctness: dict[str, dict] = {}
     tasks_of: dict[str, str] = {}
     tokens: dict[str, int] = {}
     empty: dict[str, int] = {}
-    for spec, res in zip(eval_specs, evaluated):
-        for row, r in res.items():
+    for spec, d in zip(specs, done):
+        for row, r in d["rows"].items():
             correctness.setdefault(row, {})[spec["seed"]] = r["correct"]
             tasks_of.update(r["tasks_of"])
             tokens[row] = r["visual_tokens"]
             empty[row] = empty.get(row, 0) + r["replies"]["empty"]
-    timings["eval_s"] = time.perf_counter() - t0
+    timings["train_eval_s"] = time.perf_counter() - t0
 
-    # 4. latency (seed-0 models, one at a time so nothing else competes for the cores) ------------
+    # 3. latency (seed-0 models, one at a time so nothing else competes for the cores) ------------
     t0 = time.perf_counter()
-    log(f"[4/5] prefill latency per row ({settings.latency_repeats} repeats, {threads} thread(s), median)")
+    log(f"[3/4] prefill latency per row ({settings.latency_repeats} repeats, {threads} thread(s), median)")
     latency: dict[str, dict] = {}
-    seed0 = [s for s in eval_specs if s["seed"] == 0]
+    seed0 = [s for s in specs if s["seed"] == 0]
     old_threads = torch.get_num_threads()
     try:
         for spec in tqdm(seed0, desc="latency", unit="model", disable=not progress):
@@ -260,13 +254,13 @@ def _run_phases(output: Path, settings: DemoSettings, seeds: int, jobs: int, thr
         torch.set_num_threads(old_threads)
     timings["latency_s"] = time.perf_counter() - t0
 
-    # 5. report + example ------------------------------------------------------------------------
+    # 4. report + example ------------------------------------------------------------------------
     rows = build_rows(settings, correctness, tasks_of, tokens, latency, tasks)
     claims = build_claims(settings, correctness, tasks_of, tasks)
     best = max(rows, key=lambda r: r["accuracy"]["average"]["mean"])
     best_task = max(tasks, key=lambda t: best["accuracy"][t]["mean"])
     best_row = next(r for r in ROWS if r.name == best["row"])
-    log(f"[5/5] example: {best['label']} answers the first held-out '{best_task}' question")
+    log(f"[4/4] example: {best['label']} answers the first held-out '{best_task}' question")
     example = phases.answer_example(model_dir(output, best["variant"], 0) / phases.FINAL, data_dir, settings,
                                     best_row, best_task)
     timings["total_s"] = time.perf_counter() - t_start
@@ -308,7 +302,7 @@ def _run_phases(output: Path, settings: DemoSettings, seeds: int, jobs: int, thr
     log(_next_steps(output, settings, data_dir, best))
     log(f"results: {output / 'results.md'}, {output / 'results.json'}, {output / 'results.png'}")
     log(f"demo wall time: {timings['total_s'] / 60:.1f} min ({timings['total_s']:.0f} s; data {timings['data_s']:.0f}, "
-        f"training {timings['train_s']:.0f}, evaluation {timings['eval_s']:.0f}, latency {timings['latency_s']:.0f})")
+        f"training + evaluation {timings['train_eval_s']:.0f}, latency {timings['latency_s']:.0f})")
     return results
 
 
@@ -384,6 +378,6 @@ def _markdown(results: dict, tasks: list[str], seeds: int) -> str:
     example = (f"\n## Example\n\n{ex['question']}\n\n" + "\n".join(f"    {o}" for o in ex["options"])
                + f"\n\nModel ({ex['row']}) replied {ex['reply']!r} → {ex['predicted']}; truth {ex['truth']}.\n")
     t = results["timings_s"]
-    timing = (f"\nWall time: {t['total_s']:.0f} s (data {t['data_s']:.0f}, training {t['train_s']:.0f}, "
-              f"evaluation {t['eval_s']:.0f}, latency {t['latency_s']:.0f}).\n")
+    timing = (f"\nWall time: {t['total_s']:.0f} s (data {t['data_s']:.0f}, training + evaluation "
+              f"{t['train_eval_s']:.0f}, latency {t['latency_s']:.0f}).\n")
     return head + setup + notes + "\n" + example + timing
