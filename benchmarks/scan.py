@@ -37,7 +37,8 @@ import sys
 import tempfile
 import time
 
-from _profile_common import _load  # the benchmarks' one load-average formatter (puts src/ on sys.path)
+import _profile_common  # noqa: F401  (puts src/ on sys.path)
+from storm_vlm.perf.host import host_summary, load_line
 
 N_STATE = 16
 
@@ -257,22 +258,6 @@ def floors_for(d, L, threads, rates):
 
 
 # ----------------------------------------------------------------------------- host
-_ISA_FLAGS = ("sse2", "avx", "avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_bf16",
-              "amx_tile", "asimd", "sve")
-
-
-def host_description() -> str:
-    """CPU model, its vector-ISA flags (of those that matter here), CPU count and torch threads."""
-    from storm_vlm.perf.profiling import _hardware
-    from storm_vlm.model.ssm import cpu_kernel
-
-    hw = _hardware("cpu")
-    flags = cpu_kernel.cpu_flags() or set()
-    isa = " ".join(f for f in _ISA_FLAGS if f in flags) or "unknown"
-    return (f"{hw.get('cpu', hw['platform'])}; ISA flags: {isa}; {hw['cpu_count']} CPUs; "
-            f"torch threads {hw['torch_threads']}")
-
-
 def kernel_description() -> str:
     from storm_vlm.model.ssm import cpu_kernel
 
@@ -338,15 +323,14 @@ def main(argv=None):
 
     default_threads = torch.get_num_threads()
     print(f"# selective scan benchmark: N={N_STATE}, batch 1, fp32, torch {torch.__version__}", flush=True)
-    print(f"# host: {host_description()}", flush=True)
-    print(f"# load average at start (1, 5, 15 min): {_load()}", flush=True)
+    print("\n".join(f"# {line.strip()}" for line in host_summary().splitlines()), flush=True)
     rates = measure_floors()
     print(f"# copy bandwidth {rates['copy_bandwidth_Bps'] / 1e9:.2f} GB/s, exp2 {rates['exp2_per_s'] / 1e9:.3f} G/s "
           f"(1 thread, cache-resident), fma {rates['flops_per_s'] / 1e9:.1f} GFLOP/s (1 thread)", flush=True)
     print(f"# fast path, forward and backward: {kernel_description()}", flush=True)
     if args.floor_check_only:
         _floor_table(args)
-        print(f"# load average at end (1, 5, 15 min): {_load()}", flush=True)
+        print(f"# {load_line()}", flush=True)
         return 0
     mambapy = _mambapy_installed()
     print(f"# mambapy pscan: {'installed (not measured)' if mambapy else 'not installed'}", flush=True)
@@ -370,7 +354,7 @@ def main(argv=None):
             _print_row(row, header=len(rows) == 1)
     print()
     _floor_table(args)
-    print(f"# load average at end (1, 5, 15 min): {_load()}", flush=True)
+    print(f"# {load_line()}", flush=True)
     if args.json:
         tmp_path = args.json + ".tmp"
         with open(tmp_path, "w") as f:
