@@ -38,7 +38,8 @@ import tempfile
 import time
 
 import _profile_common  # noqa: F401  (puts src/ on sys.path)
-from storm_vlm.perf.host import host_summary, load_line
+from storm_vlm.perf.host import host_summary, load_line, proc_status_kb, reset_peak_rss
+from storm_vlm.perf.profiler import Clock
 
 N_STATE = 16
 
@@ -68,8 +69,6 @@ def _rss_bytes():
 
 
 def _peak_bytes():
-    from storm_vlm.perf.profiling import proc_status_kb
-
     hwm = proc_status_kb("VmHWM")
     if hwm is not None:
         return hwm * 1024
@@ -115,8 +114,6 @@ def _worker(spec):
     import gc
 
     gc.collect()
-    from storm_vlm.perf.profiling import reset_peak_rss
-
     reset = reset_peak_rss()
     base = _rss_bytes()
     peak_before = _peak_bytes()
@@ -157,13 +154,12 @@ def _worker(spec):
 def _floorcheck(spec):
     """Fast forward (the fused C kernel, and the pure-PyTorch chunked path with the kernel switched
     off) and its exp2 floor, timed alternately in one process (same machine state), on the wall
-    clock or, with clock "cpu", the process's CPU time (see ``storm_vlm.perf.profiling._Clock``)."""
+    clock or, with clock "cpu", the process's CPU time (see ``storm_vlm.perf.profiler.Clock``)."""
     import torch
 
-    from storm_vlm.perf.profiling import _Clock
     from storm_vlm.model.ssm import cpu_kernel, selective_scan
 
-    clock = _Clock("cpu", spec.get("clock", "wall"))
+    clock = Clock("cpu", spec.get("clock", "wall"))
 
     t = _inputs(spec["d"], spec["L"])
     ldn = spec["d"] * spec["L"] * N_STATE
@@ -232,7 +228,7 @@ def measure_floors():
 
 
 def _timed(f, clock=None):
-    """Seconds f() takes: wall time, or on ``clock`` (a ``storm_vlm.perf.profiling._Clock``)."""
+    """Seconds f() takes: wall time, or on ``clock`` (a ``storm_vlm.perf.profiler.Clock``)."""
     if clock is None:
         t = time.perf_counter()
         f()

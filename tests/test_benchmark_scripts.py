@@ -16,3 +16,14 @@ def test_every_benchmark_script_imports():
     done = subprocess.run([sys.executable, "-c", code, str(BENCHMARKS), *scripts], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_scan_benchmark_runs_at_a_tiny_size(tmp_path):
+    """`make bench`'s script end to end on tiny shapes (its helpers run in subprocesses, which an
+    import alone does not reach)."""
+    out = tmp_path / "scan.json"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "scan.py"), "--dims", "32", "--lengths", "64",
+                           "--threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stdout + done.stderr and "Error" not in done.stdout, done.stdout[-3000:]
+    assert out.is_file()
