@@ -163,3 +163,47 @@ def test_api_rejects_bad_values(tmp_path):
         generate_synthetic_benchmark(tmp_path, num_videos=2, num_frames=1000)
     with pytest.raises(StormError, match="tasks"):
         generate_synthetic_benchmark(tmp_path, num_videos=2, num_frames=16, tasks=["nope"])
+
+
+def test_text_answers_write_option_texts_to_train_json_only(tmp_path, capsys):
+    from storm_vlm.demo.synth import option_text_answers
+
+    kwargs = dict(num_videos=2 * len(TASKS), num_frames=16, size=32, seed=4, split=0.5, num_images=2, workers=1)
+    letters = generate_synthetic_benchmark(tmp_path / "letter", **kwargs)
+    assert main(["synth", str(tmp_path / "text"), "--videos", str(2 * len(TASKS)), "--frames", "16", "--size", "32",
+                 "--seed", "4", "--test-fraction", "0.5", "--images", "2", "--workers", "1", "--answers", "text"]) == 0
+    assert "answers are the options' texts" in capsys.readouterr().out
+    meta = load(tmp_path / "text", "meta.json")
+    assert letters["answers"] == "letter" and meta["answers"] == "text"
+    assert {k: v for k, v in meta.items() if k != "answers"} == {k: v for k, v in letters.items() if k != "answers"}
+    for name in ("test.json", "align.json"):
+        assert load(tmp_path / "text", name) == load(tmp_path / "letter", name)
+    by_letter, by_text = load(tmp_path / "letter", "train.json"), load(tmp_path / "text", "train.json")
+    assert by_text == option_text_answers(by_letter)
+    for a, b in zip(by_letter, by_text):
+        human = a["conversations"][0]["value"]
+        letter, text = a["conversations"][1]["value"], b["conversations"][1]["value"]
+        assert b["conversations"][0]["value"] == human and text not in LETTERS
+        assert f"\n{letter}. {text}\n" in human  # the answer's own option line
+        assert check_sample(tmp_path / "text" / b["video"], b), b["id"]  # the checker reads text answers too
+
+
+def test_option_text_answers_rejects_an_answer_that_is_no_option():
+    from storm_vlm.demo.synth import option_text_answers
+
+    human = "<video>\nWhat colour?\nA. red\nB. cyan\nC. blue\nD. green\n" + ANSWER_PROMPT
+    rec = {"id": "x", "video": "v.mp4", "conversations": [{"from": "human", "value": human},
+                                                          {"from": "gpt", "value": "B"}]}
+    assert option_text_answers([rec])[0]["conversations"][1]["value"] == "cyan"
+    assert rec["conversations"][1]["value"] == "B"  # the input is not modified
+    with pytest.raises(StormError, match="'E' is not one of its options"):
+        option_text_answers([{**rec, "conversations": [rec["conversations"][0], {"from": "gpt", "value": "E"}]}])
+
+
+def test_bad_answers_format_is_refused(tmp_path, capsys):
+    with pytest.raises(StormError, match="answers='words'"):
+        generate_synthetic_benchmark(tmp_path / "a", num_videos=2, num_frames=16, size=32, answers="words")
+    with pytest.raises(SystemExit) as exit_info:  # argparse's choices
+        main(["synth", str(tmp_path / "b"), "--answers", "words"])
+    assert exit_info.value.code == 2
+    assert "--answers" in capsys.readouterr().err and not (tmp_path / "b" / "meta.json").exists()

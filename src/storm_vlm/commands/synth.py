@@ -1,7 +1,8 @@
-"""`storm-vlm synth OUT_DIR [--videos N] [--frames T] [--size PX] [--seed S]`: the synthetic benchmark.
+"""`storm-vlm synth OUT_DIR [--videos N] [--frames T] [--size PX] [--seed S] [--answers text]`: the synthetic benchmark.
 
-Writes OUT_DIR/videos/*.mp4, train.json (LLaVA conversations), test.json (evaluation
-records), images/*.png + align.json (image-caption pairs) and meta.json.
+Writes OUT_DIR/videos/*.mp4, train.json (LLaVA conversations; `--answers text` makes the
+assistant turns the option's text instead of its letter), test.json (evaluation records),
+images/*.png + align.json (image-caption pairs) and meta.json.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import os
 import time
 
 _FLAG_NAMES = {"num_videos": "--videos", "num_frames": "--frames", "size": "--size", "seed": "--seed",
-               "split": "--test-fraction", "tasks": "--tasks", "num_images": "--images", "fps": "--fps"}
+               "split": "--test-fraction", "tasks": "--tasks", "num_images": "--images", "fps": "--fps",
+               "answers": "--answers"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
     parser.add_argument("--images", type=int, default=None, help="image-caption pairs (default: --videos)")
     parser.add_argument("--fps", type=float, default=8, help="frame rate written in the files (default 8)")
+    parser.add_argument("--answers", choices=("letter", "text"), default="letter",
+                        help="train.json's answers: the option's letter (default) or its text ('red'), which a "
+                             "model trained from scratch learns far sooner; test.json is the same either way")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, at most 8)")
 
 
@@ -36,7 +41,7 @@ def run(args) -> int:
 
     num_images = args.videos if args.images is None else args.images
     tasks = validate_synth_args(args.videos, args.frames, args.size, args.seed, args.test_fraction, args.tasks,
-                                num_images, args.fps, names=_FLAG_NAMES)
+                                num_images, args.fps, names=_FLAG_NAMES, answers=args.answers)
     if args.workers is not None and args.workers < 1:
         raise StormError(f"--workers={args.workers}: must be >= 1")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
@@ -44,11 +49,13 @@ def run(args) -> int:
     start = time.perf_counter()
     meta = generate_synthetic_benchmark(args.out_dir, num_videos=args.videos, num_frames=args.frames,
                                         size=args.size, seed=args.seed, split=args.test_fraction, tasks=tasks,
-                                        num_images=num_images, fps=args.fps, workers=args.workers)
+                                        num_images=num_images, fps=args.fps, workers=args.workers,
+                                        answers=args.answers)
     seconds = time.perf_counter() - start
     print(f"wrote {meta['num_videos']} videos ({meta['frames']} frames, {meta['size']}px, {meta['codec']}), "
           f"{meta['num_train']} train / {meta['num_test']} test questions and {meta['num_images']} captioned "
-          f"images to {args.out_dir} in {seconds:.1f} s")
+          f"images to {args.out_dir} in {seconds:.1f} s"
+          + (" (train.json answers are the options' texts)" if meta["answers"] == "text" else ""))
     for task, c in meta["task_counts"].items():
         print(f"  {task:<10} train {c['train']:>5}  test {c['test']:>5}")
     return 0

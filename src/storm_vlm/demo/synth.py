@@ -2,14 +2,16 @@
 
 Writes into OUT_DIR:
   videos/*.mp4   real H.264 (or MPEG-4 Part 2) files, one per question
-  train.json     LLaVA conversations: {"id", "video", "task", "conversations": [human, gpt]}
+  train.json     LLaVA conversations: {"id", "video", "task", "conversations": [human, gpt]}; the gpt
+                 turn is the answer's letter ("B"), or with answers="text" its option's text ("red")
   test.json      evaluation records: {"id", "video", "question", "options", "answer", "task"}
   images/*.png + align.json   image-caption pairs (LLaVA format with "image") for the align stage
-  meta.json      seed, counts, tasks, frames, size, fps, codec
+  meta.json      seed, counts, tasks, frames, size, fps, codec, answers ("letter" or "text")
 
 Same seed, same arguments: same JSON files and same decoded frames. Answers are balanced
 per task and split (each letter equally often, up to one when a group is not a multiple of
-4). Videos are rendered and encoded in a process pool.
+4). Videos are rendered and encoded in a process pool. test.json always holds the letter: the
+evaluation reads a reply that names an option's text back to that option (`extract_choice`).
 """
 
 from __future__ import annotations
@@ -34,17 +36,18 @@ from storm_vlm.demo.synth_tasks import (
 from storm_vlm.errors import StormError
 
 __all__ = ["generate_synthetic_benchmark", "check_sample", "read_all_frames", "validate_synth_args",
-           "ANSWER_PROMPT", "TASKS"]
+           "option_text_answers", "ANSWER_PROMPT", "ANSWER_FORMATS", "TASKS"]
 
 ANSWER_PROMPT = "Answer with the option's letter from the given choices directly."
 FORMAT_VERSION = 1
+ANSWER_FORMATS = ("letter", "text")  # what train.json's assistant turns hold
 SHAPES = ("square", "circle", "triangle")
 POSITIONS = {"top left": (0.25, 0.25), "top right": (0.25, 0.75), "bottom left": (0.75, 0.25),
              "bottom right": (0.75, 0.75), "centre": (0.5, 0.5)}
 
 
 def validate_synth_args(num_videos, num_frames, size, seed, split=0.2, tasks=TASKS, num_images=0, fps=8,
-                        names=None) -> list[str]:
+                        names=None, answers="letter") -> list[str]:
     """Raise StormError naming the bad value; return the task list. `names` maps args to flag names."""
     names = names or {}
 
@@ -68,6 +71,8 @@ def validate_synth_args(num_videos, num_frames, size, seed, split=0.2, tasks=TAS
         bad("num_images", num_images, "must be an integer >= 0")
     if not isinstance(fps, (int, float)) or not 1 <= fps <= 120:
         bad("fps", fps, "must be between 1 and 120")
+    if answers not in ANSWER_FORMATS:
+        bad("answers", answers, f"must be one of {', '.join(ANSWER_FORMATS)}")
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     tasks = list(tasks)
@@ -199,6 +204,24 @@ def human_prompt(question: str, options: list[str]) -> str:
     return "<video>\n" + question + "\n" + "\n".join(_options_text(options)) + "\n" + ANSWER_PROMPT
 
 
+def option_text_answers(train_records: list[dict]) -> list[dict]:
+    """train.json records with each assistant answer letter replaced by its option's text.
+
+    "B" -> "red" when the prompt lists "B. red". A from-scratch 2-layer LLM learns "which colour
+    did I see" in a few hundred steps, but not "which letter stands next to that colour"
+    (measured: static task, 300 steps, letters stay at chance while option texts reach >90%).
+    `extract_choice` reads an option's text back to the option, so evaluation is unchanged.
+    """
+    out = []
+    for rec in train_records:
+        human, gpt = rec["conversations"][0]["value"], rec["conversations"][1]["value"].strip()
+        texts = {line[0]: line[3:].strip() for line in human.splitlines() if len(line) > 3 and line[1:3] == ". "}
+        if gpt not in texts:
+            raise StormError(f"training record {rec.get('id')!r}: answer {gpt!r} is not one of its options")
+        out.append({**rec, "conversations": [rec["conversations"][0], {"from": "gpt", "value": texts[gpt]}]})
+    return out
+
+
 def _write_json(path: str, obj) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -222,16 +245,19 @@ def _run(fn, jobs: list[dict], workers: int, desc: str) -> list[dict]:
 
 def generate_synthetic_benchmark(out_dir, num_videos: int = 200, num_frames: int = 128, size: int = 64,
                                  seed: int = 0, split: float = 0.2, tasks=TASKS, num_images: int | None = None,
-                                 fps: float = 8, workers: int | None = None, codec: str | None = None) -> dict:
+                                 fps: float = 8, workers: int | None = None, codec: str | None = None,
+                                 answers: str = "letter") -> dict:
     """Write the synthetic benchmark into `out_dir` and return its meta dict (also meta.json).
 
     num_videos videos of num_frames (16..512) frames of size x size pixels, tasks cycled
     over the videos; `split` is the fraction of each task's videos held out for test.json
     (distinct videos from train.json). num_images image-caption pairs (default num_videos).
     workers: processes for rendering/encoding (default: the CPU count, at most 8).
+    answers: what train.json's assistant turns say -- "letter" (the option's letter, "B") or
+    "text" (the option's text, "red"; see `option_text_answers`). test.json is the same either way.
     """
     tasks = validate_synth_args(num_videos, num_frames, size, seed, split, tasks,
-                                num_videos if num_images is None else num_images, fps)
+                                num_videos if num_images is None else num_images, fps, answers=answers)
     num_images = num_videos if num_images is None else num_images
     codec = pick_codec(codec)
     workers = min(8, os.cpu_count() or 1) if workers is None else max(1, int(workers))
@@ -263,12 +289,15 @@ def generate_synthetic_benchmark(out_dir, num_videos: int = 200, num_frames: int
     align = [{"id": f"img_{c['index']:05d}", "image": f"images/img_{c['index']:05d}.png", "conversations": [
         {"from": "human", "value": "<image>\nDescribe the image briefly."},
         {"from": "gpt", "value": c["caption"]}]} for c in captions]
+    if answers == "text":
+        train = option_text_answers(train)
 
     counts = {t: {"train": sum(1 for p in plan if p["task"] == t and p["split"] == "train"),
                   "test": sum(1 for p in plan if p["task"] == t and p["split"] == "test")} for t in tasks}
     meta = {"format_version": FORMAT_VERSION, "seed": seed, "num_videos": num_videos, "num_train": len(train),
             "num_test": len(test), "num_images": num_images, "tasks": tasks, "task_counts": counts,
             "frames": num_frames, "size": size, "fps": fps, "codec": codec, "test_fraction": split,
+            "answers": answers,
             "files": {"train": "train.json", "test": "test.json", "align": "align.json", "videos": "videos",
                       "images": "images"}}
     _write_json(os.path.join(out_dir, "train.json"), train)
@@ -282,11 +311,13 @@ def generate_synthetic_benchmark(out_dir, num_videos: int = 200, num_frames: int
 
 
 def _record_fields(record: dict) -> tuple[str, list[str], str]:
-    """(task, option texts, answer letter) from a test.json or a train.json record."""
+    """(task, option texts, answer letter) from a test.json or a train.json record (either answers format)."""
     if "conversations" in record:
         human = record["conversations"][0]["value"]
         options = [line for line in human.splitlines() if line[:3] in {f"{L}. " for L in LETTERS}]
-        return record["task"], options, record["conversations"][1]["value"].strip()
+        answer = record["conversations"][1]["value"].strip()
+        letter = {line[3:].strip(): line[0] for line in options}.get(answer)  # an option-text answer
+        return record["task"], options, answer if letter is None or answer in LETTERS else letter
     return record["task"], list(record["options"]), record["answer"]
 
 
