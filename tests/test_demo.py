@@ -148,19 +148,6 @@ def test_blind_model_scores_chance_on_transient(tiny_demo, tmp_path):
     assert res["accuracy"] <= 0.25 + 0.15
 
 
-def test_option_text_answers_replaces_letters_and_rejects_unknown_answers():
-    from storm_vlm.demo.phases import option_text_answers
-
-    human = "<video>\nWhat colour?\nA. red\nB. cyan\nC. blue\nD. green\nAnswer with the option's letter from the given choices directly."
-    rec = {"id": "x", "video": "v.mp4", "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": "B"}]}
-    out = option_text_answers([rec])
-    assert out[0]["conversations"][1]["value"] == "cyan"
-    assert out[0]["conversations"][0]["value"] == human and rec["conversations"][1]["value"] == "B"
-    bad = {**rec, "conversations": [rec["conversations"][0], {"from": "gpt", "value": "E"}]}
-    with pytest.raises(StormError, match="'E' is not one of its options"):
-        option_text_answers([bad])
-
-
 def test_settings_reject_bad_values():
     with pytest.raises(StormError, match="steps"):
         DemoSettings.default(steps=0).validate()

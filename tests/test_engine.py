@@ -4,7 +4,6 @@ stop string or cancellation, a full queue is refused; and /v1/answer's input bou
 import threading
 
 import pytest
-import torch
 from helpers import random_video, write_mp4
 
 from storm_vlm.errors import StormError

@@ -1,7 +1,6 @@
 """storm_vlm.inference (one loader, one message builder, a predictor that renders once) and
 storm_vlm.precision (one vocabulary, one resolver)."""
 
-import numpy as np
 import pytest
 import torch
 from helpers import random_video

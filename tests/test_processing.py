@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import random_video, video_question
 
-from storm_vlm import StormConfig, StormProcessor
+from storm_vlm import StormProcessor
 from storm_vlm.errors import StormError
 from storm_vlm.model.compression import VisualTokenLayout
 from storm_vlm.model.processing import default_chat_template

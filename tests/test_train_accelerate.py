@@ -41,7 +41,8 @@ def test_the_step_runs_through_the_accelerator(data, tmp_path, monkeypatch):
         trainer = Trainer(cfg, accelerator, dataset_wrapper=CountingDataset)
         trainer.setup()
         assert trainer.accelerator is accelerator
-        assert accelerator.num_processes == 1 and accelerator.mixed_precision == "no"
+        # precision "auto": bf16 autocast where this CPU has native bf16, else fp32 ("no")
+        assert accelerator.num_processes == 1 and accelerator.mixed_precision == mixed_precision(cfg, "cpu")
         assert accelerator.device.type == "cpu" and not owns_group
         # The model the step calls is the one accelerate prepared (and tracks).
         assert getattr(trainer.wrapped, "_is_accelerate_prepared", False)

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from storm_vlm.train.config import load_config
 from storm_vlm.train.model_source import instantiate_on_meta

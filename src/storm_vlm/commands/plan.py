@@ -11,7 +11,6 @@ without a model folder.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from storm_vlm.errors import StormError

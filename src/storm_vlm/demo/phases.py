@@ -1,7 +1,7 @@
 """The demo's phases as plain functions of JSON-able specs (so they can run in worker processes).
 
-- `make_data`: the synthetic benchmark (`storm_vlm.demo.synth.generate_synthetic_benchmark`) and
-  the demo's training file (`train.json` with option-text answers, see `option_text_answers`).
+- `make_data`: the synthetic benchmark (`storm_vlm.demo.synth.generate_synthetic_benchmark`), its
+  train.json answering with the options' texts (`answers="text"`).
 - `train_variant`: one model through the real training loop (`storm_vlm.train.train`,
   stage "sft"); the only addition is that each decoded + preprocessed training sample is kept
   in memory after its first use, so later epochs do not decode the same mp4 again.
@@ -27,7 +27,6 @@ import torch
 from storm_vlm.choices import LETTERS, extract_choice
 from storm_vlm.demo.settings import ROWS, VARIANT_BY_NAME, DemoSettings, Row
 from storm_vlm.demo.synth import generate_synthetic_benchmark
-from storm_vlm.errors import StormError
 from storm_vlm.eval.model_predictor import evaluate
 from storm_vlm.eval.predictions import read_predictions
 from storm_vlm.eval.prompts import build_prompt
@@ -35,7 +34,6 @@ from storm_vlm.eval.readers import read_synthetic
 from storm_vlm.inference import Predictor, build_messages, load_model
 from storm_vlm.train import train
 from storm_vlm.train.config import config_from_dict
-from storm_vlm.utils import atomic_write_json
 from storm_vlm.video import load_video, uniform_indices
 
 FINAL = "final"
@@ -67,42 +65,17 @@ def data_is_complete(data_dir: Path, settings: DemoSettings) -> bool:
     kw = settings.synth_kwargs()
     return (meta.get("seed") == kw["seed"] and meta.get("num_videos") == kw["num_videos"]
             and meta.get("frames") == kw["num_frames"] and meta.get("size") == kw["size"]
-            and meta.get("test_fraction") == kw["split"] and list(meta.get("tasks", [])) == kw["tasks"])
-
-
-TRAIN_FILE = "train_demo.json"
-
-
-def option_text_answers(train_records: list[dict]) -> list[dict]:
-    """train.json records with each assistant answer letter replaced by its option's text.
-
-    "B" -> "red" when the prompt lists "B. red". A from-scratch 2-layer LLM learns "which colour
-    did I see" in a few hundred steps, but not "which letter stands next to that colour"
-    (measured: static task, 300 steps, letters stay at chance while option texts reach >90%).
-    `extract_choice` reads an option's text back to the option, so evaluation is unchanged.
-    """
-    out = []
-    for rec in train_records:
-        human, gpt = rec["conversations"][0]["value"], rec["conversations"][1]["value"].strip()
-        texts = {line[0]: line[3:].strip() for line in human.splitlines() if len(line) > 3 and line[1:3] == ". "}
-        if gpt not in texts:
-            raise StormError(f"training record {rec.get('id')!r}: answer {gpt!r} is not one of its options")
-        out.append({**rec, "conversations": [rec["conversations"][0], {"from": "gpt", "value": texts[gpt]}]})
-    return out
+            and meta.get("test_fraction") == kw["split"] and list(meta.get("tasks", [])) == kw["tasks"]
+            and meta.get("answers") == kw["answers"])
 
 
 def make_data(data_dir: Path, settings: DemoSettings, workers: int | None = None) -> dict:
     """Generate (or reuse) the synthetic benchmark and the demo's training file; returns its meta dict."""
 
     data_dir = Path(data_dir)
-    if data_is_complete(data_dir, settings) and (data_dir / TRAIN_FILE).is_file():
+    if data_is_complete(data_dir, settings):
         return json.loads((data_dir / "meta.json").read_text(encoding="utf-8"))
-    meta = generate_synthetic_benchmark(data_dir, workers=workers, **settings.synth_kwargs())
-    train = json.loads((data_dir / "train.json").read_text(encoding="utf-8"))
-    if settings.answer_format == "text":
-        train = option_text_answers(train)
-    atomic_write_json(data_dir / TRAIN_FILE, train)
-    return meta
+    return generate_synthetic_benchmark(data_dir, workers=workers, **settings.synth_kwargs())
 
 
 # ----------------------------------------------------------------------------- training
@@ -117,7 +90,7 @@ def train_config(spec: dict) -> dict:
         "stage": "sft",
         "description": f"storm-vlm demo: {variant.label}, seed {spec['seed']}",
         "output_dir": str(spec["output_dir"]),
-        "train_file": str(data_dir / TRAIN_FILE),
+        "train_file": str(data_dir / "train.json"),
         "media_root": str(data_dir),
         "num_frames": settings.trained_frames(variant),
         "max_steps": settings.steps,

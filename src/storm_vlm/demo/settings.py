@@ -206,7 +206,8 @@ class DemoSettings:
     def synth_kwargs(self) -> dict:
         per_task = self.train_per_task + self.test_per_task
         return dict(num_videos=len(self.tasks) * per_task, num_frames=self.video_frames, size=self.video_size,
-                    seed=self.data_seed, split=self.test_per_task / per_task, num_images=0, tasks=list(self.tasks))
+                    seed=self.data_seed, split=self.test_per_task / per_task, num_images=0, tasks=list(self.tasks),
+                    answers=self.answer_format)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
