@@ -16,12 +16,15 @@ evaluation reads a reply that names an option's text back to that option (`extra
 
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_all_start_methods, get_context
 
+import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 from storm_vlm.demo.synth_tasks import (
     LETTERS,
@@ -34,6 +37,7 @@ from storm_vlm.demo.synth_tasks import (
     recover_answer,
 )
 from storm_vlm.errors import StormError
+from storm_vlm.utils import atomic_write_json
 
 __all__ = ["generate_synthetic_benchmark", "check_sample", "read_all_frames", "validate_synth_args",
            "option_text_answers", "ANSWER_PROMPT", "ANSWER_FORMATS", "TASKS"]
@@ -106,8 +110,6 @@ def _plan(num_videos: int, seed: int, split: float, tasks: list[str]) -> list[di
 
 
 def pick_codec(codec: str | None) -> str:
-    import av
-
     for name in ([codec] if codec else ["libx264", "mpeg4"]):
         try:
             av.codec.Codec(name, "w")
@@ -119,8 +121,6 @@ def pick_codec(codec: str | None) -> str:
 
 def write_mp4(path: str, frames: np.ndarray, fps: float, codec: str) -> None:
     """Encode (T, S, S, 3) uint8 RGB frames to an mp4 file, atomically."""
-    import av
-
     tmp = f"{path}.tmp"
     with av.open(tmp, "w", format="mp4") as container:
         if codec == "libx264":
@@ -147,9 +147,6 @@ def write_mp4(path: str, frames: np.ndarray, fps: float, codec: str) -> None:
 
 def read_all_frames(path: str) -> np.ndarray:
     """Every frame of a video as (T, H, W, 3) uint8, decoded in order (independent of load_video)."""
-    import av
-    from av.video.reformatter import VideoReformatter
-
     reformatter = VideoReformatter()
     with av.open(str(path)) as container:
         frames = [reformatter.reformat(f, format="rgb24").to_ndarray() for f in container.decode(video=0)]
@@ -166,8 +163,6 @@ def _make_video(job: dict) -> dict:
 
 def _make_image(job: dict) -> dict:
     """Worker: draw one shape on a grey background, save PNG, return its caption."""
-    from PIL import Image, ImageDraw
-
     rng = np.random.default_rng([job["seed"], 2, job["index"]])
     size = job["size"]
     colour, shape = str(rng.choice(list(PALETTE))), str(rng.choice(SHAPES))
@@ -222,17 +217,7 @@ def option_text_answers(train_records: list[dict]) -> list[dict]:
     return out
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _run(fn, jobs: list[dict], workers: int, desc: str) -> list[dict]:
-    from tqdm.auto import tqdm
-
     if workers <= 1 or len(jobs) < 16:
         return [fn(j) for j in tqdm(jobs, desc=desc, leave=False, disable=len(jobs) < 16)]
     # fork (as torch's DataLoader does) needs no `if __name__ == "__main__"` guard in the caller;
@@ -300,10 +285,10 @@ def generate_synthetic_benchmark(out_dir, num_videos: int = 200, num_frames: int
             "answers": answers,
             "files": {"train": "train.json", "test": "test.json", "align": "align.json", "videos": "videos",
                       "images": "images"}}
-    _write_json(os.path.join(out_dir, "train.json"), train)
-    _write_json(os.path.join(out_dir, "test.json"), test)
-    _write_json(os.path.join(out_dir, "align.json"), align)
-    _write_json(os.path.join(out_dir, "meta.json"), meta)  # last: its presence marks a complete set
+    atomic_write_json(os.path.join(out_dir, "train.json"), train)
+    atomic_write_json(os.path.join(out_dir, "test.json"), test)
+    atomic_write_json(os.path.join(out_dir, "align.json"), align)
+    atomic_write_json(os.path.join(out_dir, "meta.json"), meta)  # last: its presence marks a complete set
     return meta
 
 
