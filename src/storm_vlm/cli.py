@@ -18,7 +18,7 @@ from storm_vlm.perf.allocator import tune_cpu_allocator
 
 # name -> (module under storm_vlm.commands, one-line help)
 COMMANDS = {
-    "demo": ("demo", "train and compare STORM vs the VILA baseline on the synthetic benchmark"),
+    "demo": ("demo", "test the paper's claims: STORM vs the VILA baseline on the synthetic benchmark, with CIs"),
     "chat": ("chat", "ask a model a question about a video"),
     "train": ("train", "train a stage (align / sft / long) from a YAML config"),
     "eval": ("evaluate", "evaluate a model on a video benchmark"),

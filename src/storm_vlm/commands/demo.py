@@ -1,4 +1,4 @@
-"""`storm-vlm demo`: train and compare STORM vs the VILA baseline on the synthetic benchmark."""
+"""`storm-vlm demo`: the paper's claims tested on the synthetic benchmark (STORM vs the VILA baseline)."""
 
 from __future__ import annotations
 

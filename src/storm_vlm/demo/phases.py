@@ -70,7 +70,7 @@ def data_is_complete(data_dir: Path, settings: DemoSettings) -> bool:
 
 
 def make_data(data_dir: Path, settings: DemoSettings, workers: int | None = None) -> dict:
-    """Generate (or reuse) the synthetic benchmark and the demo's training file; returns its meta dict."""
+    """Generate (or reuse) the synthetic benchmark; returns its meta dict."""
 
     data_dir = Path(data_dir)
     if data_is_complete(data_dir, settings):
@@ -265,8 +265,7 @@ def evaluate_variant(spec: dict) -> dict:
             "accuracy": res["accuracy"],
             "correct": {q: bool(p["correct"]) for q, p in predictions.items()},
             "tasks_of": {q: p["categories"]["task"] for q, p in predictions.items()},
-            "replies": {"empty": sum(1 for p in predictions.values() if p.get("reply") == ""),
-                        "unparsed": int(res["counts"].get("unparsed", 0))},
+            "replies": {"empty": int(res["counts"]["empty_replies"]), "unparsed": int(res["counts"]["unparsed"])},
             "input_frames": frames,
             "visual_tokens": int(model.config.num_visual_tokens(frames, row.sample)),
         }

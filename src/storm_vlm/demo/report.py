@@ -120,7 +120,7 @@ def claims_markdown(claims: list[dict]) -> str:
 
 def rows_markdown(rows: list[dict], tasks: list[str]) -> str:
     """The rows table: accuracy % with 95 % CI per task, within-window and average."""
-    scopes = [s for s in _scopes(tasks)]
+    scopes = _scopes(tasks)
     head = ["row", "input frames", "visual tokens", *scopes, "seed std (avg)", "prefill (ms)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in rows:

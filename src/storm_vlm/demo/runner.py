@@ -170,7 +170,8 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings | N
              log: Callable[[str], None] = print) -> dict:
     """Run the whole demo; returns the results dict (also written to `output/results.json`).
 
-    seeds: train every variant with training seeds 0..seeds-1 (same data) and report mean ± std.
+    seeds: train every variant with training seeds 0..seeds-1 (same data); the intervals cover
+    seeds and questions.
     jobs: worker processes for training/evaluation (default: CPU cores, at most 4); 1 runs
     everything in this process. threads: torch threads per job.
     """
