@@ -155,7 +155,7 @@ def plot(rows: list[dict], tasks: list[str], path: Path, title: str) -> None:
     """Accuracy per row with 95 % CI error bars: the average, and each task."""
     scopes = _scopes(tasks)
     y = np.arange(len(rows))
-    fig = Figure(figsize=(11, 0.9 * len(rows) + 2))  # no pyplot: no GUI backend, no global state
+    fig = Figure(figsize=(12, 0.9 * len(rows) + 2))  # no pyplot: no GUI backend, no global state
     ax = fig.subplots()
     height = 0.8 / len(scopes)
     for i, scope in enumerate(scopes):
@@ -170,7 +170,7 @@ def plot(rows: list[dict], tasks: list[str], path: Path, title: str) -> None:
     ax.invert_yaxis()
     ax.set_xlim(0, 100)
     ax.set_xlabel("accuracy (%), error bars: 95 % CI over seeds and questions; dashed: chance")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars reach 100 %
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
