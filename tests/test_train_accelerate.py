@@ -41,8 +41,7 @@ def test_the_step_runs_through_the_accelerator(data, tmp_path, monkeypatch):
         trainer = Trainer(cfg, accelerator, dataset_wrapper=CountingDataset)
         trainer.setup()
         assert trainer.accelerator is accelerator
-        # precision "auto": bf16 autocast where this CPU has native bf16, else fp32 ("no")
-        assert accelerator.num_processes == 1 and accelerator.mixed_precision == mixed_precision(cfg, "cpu")
+        assert accelerator.num_processes == 1 and accelerator.mixed_precision == "no"  # precision float32
         assert accelerator.device.type == "cpu" and not owns_group
         # The model the step calls is the one accelerate prepared (and tracks).
         assert getattr(trainer.wrapped, "_is_accelerate_prepared", False)
@@ -85,7 +84,7 @@ def test_bf16_only_where_the_hardware_has_it(data, tmp_path, monkeypatch, caplog
     with caplog.at_level(logging.WARNING, logger="storm_vlm.train"):
         assert mixed_precision(cfg, "cpu") == "no"
     assert "no native bf16" in caplog.text
-    auto = config_from_dict(base_config(tmp_path / "run", data))
+    auto = config_from_dict(base_config(tmp_path / "run", data, precision="auto"))
     assert mixed_precision(auto, "cpu") == "no"  # auto: bf16 only where the CPU has it
 
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)

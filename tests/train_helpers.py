@@ -101,6 +101,10 @@ def base_config(out: Path, data: dict, **overrides) -> dict:
         num_frames=4, max_steps=6, save_steps=0, seed=0, build=build_source(), per_device_batch_size=2,
         learning_rate=3e-3, warmup_ratio=0.0, progress_bar=False, tensorboard=False,
     )
+    if "bf16" not in overrides:
+        # fp32 unless a test asks: tests compare runs exactly (resume, DDP vs one process), and
+        # precision "auto" picks bf16 autocast on CPUs with native bf16
+        cfg["precision"] = "float32"
     cfg.update(overrides)
     return cfg
 
