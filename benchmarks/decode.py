@@ -26,29 +26,11 @@ import statistics
 import time
 
 import _profile_common as common
-import torch
 
 from storm_vlm.model.fast_paths import enable_fast_paths
 from storm_vlm.perf.costmodel import A100_80GB, DEFAULT_COMPRESSIONS, decode_bounds, decode_cost, pipeline_cost, real_config
 from storm_vlm.perf.host import measure_cpu_roofline
-from storm_vlm.perf.profiler import Clock, prefill_video
-
-
-def run_steps(model, cache, token, steps: int, clock: Clock):
-    """`steps` greedy steps through model forward; (ms per step, tokens). The cache is cropped back."""
-    start = cache.get_seq_length()
-    times, tokens = [], []
-    with torch.inference_mode():
-        for _ in range(steps):
-            clock.sync()
-            t0 = clock.mark()
-            out = model(input_ids=token, cache=cache, use_cache=True)
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-            t1 = clock.mark()
-            times.append(clock.ms(t0, t1))
-            tokens.append(int(token[0, 0]))
-    cache.crop(start - cache.get_seq_length())
-    return times, tokens
+from storm_vlm.perf.profiler import Clock, decode_steps, prefill_video
 
 
 def main(argv=None) -> int:
@@ -79,7 +61,7 @@ def main(argv=None) -> int:
         enable_fast_paths(model, compile_decode=True)
         cache, token = caches[next(iter(caches))]
         t = time.perf_counter()
-        run_steps(model, cache, token, 2, clock)
+        decode_steps(model, cache, token, 2, clock)
         compile_s = time.perf_counter() - t
         print(f"  compiled decode step: first two steps took {compile_s:.1f} s (compilation)", flush=True)
         paths["compiled"] = dict(decode=True, compile_decode=True)
@@ -89,7 +71,7 @@ def main(argv=None) -> int:
         for name, (cache, token) in caches.items():
             for path, switches in paths.items():
                 enable_fast_paths(model, **switches)
-                ts, toks = run_steps(model, cache, token, args.tokens, clock)
+                ts, toks = decode_steps(model, cache, token, args.tokens, clock)
                 tokens.setdefault((name, path), toks)
                 if rnd >= s.warmup:
                     times[(name, path)].extend(ts)

@@ -339,21 +339,25 @@ def _prefill(model, pixels, text, compression: Compression, visual: int, clock: 
     return out, (t0, t1, t2, t3)
 
 
-def _decode(model, cache, token, steps: int, clock: Clock) -> list[float]:
-    """`steps` greedy one-token steps on `cache` (grown in place), then cropped back. Returns ms per step."""
+def decode_steps(model, cache, token, steps: int, clock: Clock) -> tuple[list[float], list[int]]:
+    """`steps` greedy one-token steps on `cache` (grown in place), then cropped back.
+
+    Returns (ms per step, the greedy token ids of batch row 0)."""
     start = cache.get_seq_length()
-    times = []
-    for _ in range(steps):
-        clock.sync()
-        s0 = clock.mark()
-        out = model(input_ids=token, cache=cache, use_cache=True)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        s1 = clock.mark()
-        times.append(clock.ms(s0, s1))
+    times, tokens = [], []
+    with torch.inference_mode():
+        for _ in range(steps):
+            clock.sync()
+            s0 = clock.mark()
+            out = model(input_ids=token, cache=cache, use_cache=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            s1 = clock.mark()
+            times.append(clock.ms(s0, s1))
+            tokens.append(int(token[0, 0]))
     extra = cache.get_seq_length() - start
     if extra:
         cache.crop(-extra)
-    return times
+    return times, tokens
 
 
 def prefill_video(model, frames: int, compression: Compression, settings: ProfileSettings):
@@ -372,7 +376,7 @@ def prefill_video(model, frames: int, compression: Compression, settings: Profil
 def decode_latency(model, cache, token, steps: int, settings: ProfileSettings) -> list[float]:
     """Milliseconds of each of `steps` greedy decode steps on `cache`; the cache is cropped back after."""
     with torch.inference_mode(), settings.resolved.context():
-        return _decode(model, cache, token, steps, Clock(settings.device, settings.clock))
+        return decode_steps(model, cache, token, steps, Clock(settings.device, settings.clock))[0]
 
 
 def _measure(model, frames, compression, visual, settings, clock, memory) -> dict:
@@ -398,7 +402,7 @@ def _measure(model, frames, compression, visual, settings, clock, memory) -> dic
             steps = []
             if settings.decode_tokens:
                 for r in range(settings.warmup + settings.repeats):
-                    times = _decode(model, cache, next_token, settings.decode_tokens, clock)
+                    times, _ = decode_steps(model, cache, next_token, settings.decode_tokens, clock)
                     if r >= settings.warmup:
                         steps.extend(times)
     finally:
