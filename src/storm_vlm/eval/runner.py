@@ -160,19 +160,17 @@ def run_predictions(records: Sequence[Record], predictor: Predictor, out_dir: st
         log.info("rank %d: %d of %d questions already done in %s", rank, len(mine) - len(todo), len(mine), out_dir)
     added = 0
     with P.PredictionWriter(P.shard_path(out_dir, rank, world_size)) as writer:
-        bar = tqdm(todo, desc=f"eval{'' if world_size == 1 else f' rank {rank}'}", unit="q",
-                   disable=not progress, initial=len(mine) - len(todo), total=len(mine))
-        if batch_size > 1 and hasattr(predictor, "predict_batch"):
-            for i in range(0, len(todo), batch_size):
-                for row in predict_rows(todo[i:i + batch_size], predictor, frame_loader):
+        step = batch_size if batch_size > 1 and hasattr(predictor, "predict_batch") else 1
+        with tqdm(desc=f"eval{'' if world_size == 1 else f' rank {rank}'}", unit="q", disable=not progress,
+                  initial=len(mine) - len(todo), total=len(mine)) as bar:
+            for i in range(0, len(todo), step):
+                chunk = todo[i:i + step]
+                rows = predict_rows(chunk, predictor, frame_loader) if step > 1 else \
+                    [predict_row(chunk[0], predictor, frame_loader)]
+                for row in rows:
                     writer.write(row)
-                    added += 1
-                bar.update(len(todo[i:i + batch_size]))
-        else:
-            for record in bar:
-                writer.write(predict_row(record, predictor, frame_loader))
-                added += 1
-        bar.close()
+                added += len(rows)
+                bar.update(len(chunk))
     return added
 
 
