@@ -1,6 +1,9 @@
 """The matmul backend choice and the decode step of storm_vlm.model.fast_paths change no result:
 logits within float rounding, greedy tokens identical to the model's own forward."""
 
+import time
+import types
+
 import pytest
 import torch
 from torch import nn
@@ -95,13 +98,44 @@ def test_measured_choice_is_cached_per_shape_and_autograd_takes_f_linear(monkeyp
     with torch.no_grad():
         out = layer(x)
     choices = fast_paths.matmul_choices()
-    assert list(choices) == [(24, 40, True)] and choices[(24, 40, True)] in ("blas", "onednn")
+    assert list(choices) == [(24, 40, True, 256)] and choices[(24, 40, True, 256)] in ("blas", "onednn")
     torch.testing.assert_close(out, torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
     x.requires_grad_(True)
     y = layer(x)  # training: F.linear and its gradient
     y.sum().backward()
     assert torch.equal(y, torch.nn.functional.linear(x, layer.weight, layer.bias))
     assert layer.weight.grad is not None
+
+
+def test_backend_is_measured_per_rows_bucket_on_the_real_rows(monkeypatch):
+    """The faster library depends on the row count: each power-of-two bucket is timed on its own input
+    (capped at _MEASURE_ROWS rows) and keeps its own answer."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch without oneDNN")
+    monkeypatch.delenv("STORM_VLM_MATMUL", raising=False)
+    monkeypatch.setattr(fast_paths, "_MATMUL_CHOICE", {})
+    timed_rows = []
+
+    def slow_when(backend_slow_below, fn):  # this backend sleeps below 256 rows, the other above
+        def run(x, w, b):
+            timed_rows.append(x.shape[0])
+            if (x.shape[0] < 256) == backend_slow_below:
+                time.sleep(0.002)
+            return fn(x, w, b)
+        return run
+
+    onednn = slow_when(True, fast_paths._onednn_linear)
+    monkeypatch.setattr(fast_paths, "_onednn_linear", onednn)
+    monkeypatch.setattr(fast_paths, "F", types.SimpleNamespace(linear=slow_when(False, torch.nn.functional.linear)))
+    layer = nn.Linear(16, 8)
+    fast_paths._measured_linears(layer)
+    with torch.no_grad():
+        for rows in (100, 120, 300, 5000):
+            layer(torch.randn(rows, 16))
+    assert fast_paths.matmul_choices() == {(16, 8, True, 64): "blas", (16, 8, True, 256): "onednn",
+                                           (16, 8, True, fast_paths._MEASURE_ROWS): "onednn"}
+    # 100, 300 and the first _MEASURE_ROWS of 5000 rows were timed; 120 rows reused bucket 64's answer (one call)
+    assert min(timed_rows.count(r) for r in (100, 300, fast_paths._MEASURE_ROWS)) > 5 and timed_rows.count(120) == 1
 
 
 # ---- decode step ----------------------------------------------------------------------------------------

@@ -3,12 +3,14 @@
 CPU inference only (fp32; no autograd, no autocast): everywhere else each path steps aside and the
 plain computation runs.
 
-- **Matmul backend** (`_MeasuredLinear`): every `nn.Linear` of the model picks, per weight shape,
-  the faster of torch's default BLAS (`F.linear`) and oneDNN (`torch.ops.mkldnn._linear_pointwise`
-  on the same weight, no copy), by timing both on the first input of at least
-  `_MEASURE_MIN_ROWS` rows (on at most `_MEASURE_ROWS` of its rows) and caching the answer for
-  the process. Which one wins depends on the CPU, its ISA and the shape, so it is measured, never
-  assumed. `STORM_VLM_MATMUL=blas|onednn` pins the choice (e.g. for bit-for-bit reproducibility
+- **Matmul backend** (`_MeasuredLinear`): every `nn.Linear` of the model picks, per weight shape
+  and number of input rows (in power-of-two buckets from `_MEASURE_MIN_ROWS` up to
+  `_MEASURE_ROWS`, one bucket above), the faster of torch's default BLAS (`F.linear`) and oneDNN
+  (`torch.ops.mkldnn._linear_pointwise` on the same weight, no copy), by timing both on the first
+  input of that bucket (on at most `_MEASURE_ROWS` of its rows) and caching the answer for the
+  process. Which one wins depends on the CPU, its ISA, the shape and the row count (the two
+  libraries block the product differently: on one CPU oneDNN loses below ~512 rows of a narrow
+  weight and wins above), so it is measured, never assumed. `STORM_VLM_MATMUL=blas|onednn` pins the choice (e.g. for bit-for-bit reproducibility
   across runs; the two differ by float rounding only). bf16 is not chosen here: it is a precision
   (`storm_vlm.precision`, whose "auto" takes bf16 autocast where the CPU has native bf16).
 - **Vision tower**: the tanh-GELU is evaluated as x·sigmoid(2u) (`_GELUTanhCPU`): the same
@@ -262,19 +264,21 @@ class StormKVCache(DynamicCache):
 
 _MATMUL_ENV = "STORM_VLM_MATMUL"
 _MEASURE_MIN_ROWS = 64  # fewer rows (decode, short prompts): torch's default, nothing to win
-_MEASURE_ROWS = 512  # rows of the input timed when choosing (bounds the cost at large widths)
-_MATMUL_CHOICE: dict = {}  # (in, out, bias) -> "blas" | "onednn"
+_MEASURE_ROWS = 2048  # rows timed at most when choosing; also the last bucket (bounds the cost at large widths)
+_MATMUL_CHOICE: dict = {}  # (in, out, bias, rows bucket) -> "blas" | "onednn"
 
 
 def _onednn_linear(x, weight, bias):
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def _fastest(fns: dict, repeats: int = 3) -> str:
-    """The key of the fastest callable: best of `repeats` alternating runs each (one warm-up)."""
+def _fastest(fns: dict, repeats: int = 5, warmup: int = 2) -> str:
+    """The key of the fastest callable: best of `repeats` alternating runs each, after `warmup` rounds
+    (oneDNN builds its kernel for a new shape on the first call; both libraries touch fresh buffers)."""
     best = dict.fromkeys(fns, math.inf)
-    for fn in fns.values():
-        fn()
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
     for _ in range(repeats):
         for name, fn in fns.items():
             t = time.perf_counter()
@@ -283,12 +287,19 @@ def _fastest(fns: dict, repeats: int = 3) -> str:
     return min(best, key=best.get)
 
 
+def _rows_bucket(rows: int) -> int:
+    """The power of two at or below `rows`, at most `_MEASURE_ROWS`: choices are cached per bucket."""
+    return min(1 << (rows.bit_length() - 1), _MEASURE_ROWS)
+
+
 def _matmul_backend(x: torch.Tensor, weight: torch.Tensor, bias) -> str:
-    """"blas" or "onednn" for this weight shape: pinned by STORM_VLM_MATMUL, else timed once on `x`."""
+    """"blas" or "onednn" for this weight shape and row count: pinned by STORM_VLM_MATMUL, else timed
+    once per rows bucket on `x`."""
     pinned = os.environ.get(_MATMUL_ENV, "auto")
     if pinned in ("blas", "onednn"):
         return pinned if pinned == "blas" or torch.backends.mkldnn.is_available() else "blas"
-    key = (weight.shape[1], weight.shape[0], bias is not None)
+    rows = x.numel() // x.shape[-1]
+    key = (weight.shape[1], weight.shape[0], bias is not None, _rows_bucket(rows))
     choice = _MATMUL_CHOICE.get(key)
     if choice is None:
         choice = "blas"
@@ -304,7 +315,7 @@ def _matmul_backend(x: torch.Tensor, weight: torch.Tensor, bias) -> str:
 
 
 def matmul_choices() -> dict:
-    """The backend each Linear shape uses in this process: {(in, out, bias): "blas" | "onednn"}."""
+    """The backend each Linear shape uses in this process: {(in, out, bias, rows bucket): "blas" | "onednn"}."""
     return dict(_MATMUL_CHOICE)
 
 
