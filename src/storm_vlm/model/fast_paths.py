@@ -9,8 +9,8 @@ plain computation runs.
   (`torch.ops.mkldnn._linear_pointwise` on the same weight, no copy), by timing both on the first
   input of that bucket (on at most `_MEASURE_ROWS` of its rows) and caching the answer for the
   process. Which one wins depends on the CPU, its ISA, the shape and the row count (the two
-  libraries block the product differently: on one CPU oneDNN loses below ~512 rows of a narrow
-  weight and wins above), so it is measured, never assumed. `STORM_VLM_MATMUL=blas|onednn` pins the choice (e.g. for bit-for-bit reproducibility
+  libraries block the product differently, so the winner for one weight can change with the rows),
+  so it is measured, never assumed. `STORM_VLM_MATMUL=blas|onednn` pins the choice (e.g. for bit-for-bit reproducibility
   across runs; the two differ by float rounding only). bf16 is not chosen here: it is a precision
   (`storm_vlm.precision`, whose "auto" takes bf16 autocast where the CPU has native bf16).
 - **Vision tower**: the tanh-GELU is evaluated as x·sigmoid(2u) (`_GELUTanhCPU`): the same
