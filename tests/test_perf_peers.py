@@ -2,6 +2,7 @@
 (tiny) widths and run the benchmark end to end."""
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -41,13 +42,18 @@ def test_peer_models_build_at_the_same_widths_and_run():
 
 def test_peer_benchmark_writes_table_json_and_png(tmp_path, capsys):
     out = tmp_path / "peers"
-    code = peers.main(["--tiny", "--frames", "2,4", "--repeats", "1", "--decode-tokens", "1", "--output", str(out),
+    code = peers.main(["--tiny", "--frames", "2,4", "--repeats", "2", "--decode-tokens", "1", "--output", str(out),
                        "--no-guards"])
     assert code == 0
     result = json.loads((out / "peers.json").read_text())
     assert {r["model"] for r in result["rows"]} == set(peers.MODELS) | {"storm (forward)"}
     assert len(result["rows"]) == 2 * 6 and result["guard_frames"] == 4
     assert set(result["guards"]) == {"storm_none_vs_onevision", "onevision_vs_storm_pool4"}
+    # each guard pairs the two models' times of the same round, then takes the median over rounds
+    rounds = result["guard_rounds_ttft_ms"]
+    assert len(rounds["storm"]) == 2
+    ratios = [a / b for a, b in zip(rounds["storm"], rounds["llava-onevision"])]
+    assert result["guards"]["storm_none_vs_onevision"]["ratio"] == round(statistics.median(ratios), 3)
     assert result["host"]["cpu"] and "load_average_end" in result
     assert (out / "peers.png").read_bytes()[:8] == PNG_MAGIC
     printed = capsys.readouterr().out
