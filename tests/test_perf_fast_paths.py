@@ -11,6 +11,7 @@ from torch import nn
 import storm_vlm.model.modeling as modeling
 from storm_vlm import StormConfig
 from storm_vlm.model import fast_paths
+from storm_vlm.model.ssm import cpu_kernel
 from storm_vlm.model.fast_paths import DecodeStep, StormKVCache, enable_fast_paths
 from storm_vlm.perf.profiler import build_random_model
 from helpers import TINY_CONFIG as TINY
@@ -144,6 +145,8 @@ def test_backend_is_measured_per_rows_bucket_on_the_real_rows(monkeypatch):
 @pytest.mark.parametrize("config", [TINY, LLAMA], ids=["qwen2", "llama"])
 @pytest.mark.parametrize("layout", ["input-major", "own", "unfused"])
 def test_greedy_generation_equals_the_models_forward(config, layout, monkeypatch, plain_decode):
+    """The step as tensor operations (the C step off), in each layout, on a batch of two rows."""
+    monkeypatch.setenv("STORM_VLM_DECODE_KERNEL", "0")
     if layout == "unfused":  # no room for copies: every projection reads the model's own matrices
         monkeypatch.setattr(fast_paths, "_PACK_MEMORY_SHARE", 0.0)
     else:
@@ -161,6 +164,51 @@ def test_greedy_generation_equals_the_models_forward(config, layout, monkeypatch
     plain_decode()
     plain = _generate(model, ids)
     assert torch.equal(fast, plain)
+
+
+@pytest.fixture
+def kernel_steps(monkeypatch):
+    """Records whether each decode step ran through the C step; skips without a C compiler."""
+    if cpu_kernel.load_library() is None:
+        pytest.skip("no C compiler: the decode step runs as tensor operations")
+    monkeypatch.delenv("STORM_VLM_DECODE_KERNEL", raising=False)
+    ran = []
+    real = fast_paths.DecodeStep._kernel_step
+    monkeypatch.setattr(fast_paths.DecodeStep, "_kernel_step", lambda self, *a: ran.append(real(self, *a)) or ran[-1])
+    return ran
+
+
+@pytest.mark.parametrize("config", [TINY, LLAMA, {**TINY, "text_config": {**TINY["text_config"], "hidden_size": 40,
+                                                                             "intermediate_size": 52}}],
+                         ids=["qwen2", "llama", "qwen2-ragged-widths"])
+def test_c_decode_step_generates_the_models_tokens_and_logits(config, kernel_steps, plain_decode):
+    """One row: every step through the C step (all layers in one call); greedy tokens equal the model's
+    own forward, logits within float rounding, KV cache the same."""
+    model = build_random_model(StormConfig(**config), seed=3)
+    ids = torch.randint(0, 60, (1, 7), generator=torch.Generator().manual_seed(2))
+    fast = _generate(model, ids, max_new_tokens=20, min_new_tokens=20)
+    assert kernel_steps and all(kernel_steps)
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True)
+        cache, tok = out.cache, out.logits[:, -1:].argmax(-1)
+        fast_logits = [model(input_ids=tok, cache=cache, use_cache=True).logits for _ in range(3)]
+        fast_keys = [layer.keys.clone() for layer in cache.layers]
+    plain_decode()
+    assert torch.equal(fast, _generate(model, ids, max_new_tokens=20, min_new_tokens=20))
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True)
+        cache = out.cache
+        plain_logits = [model(input_ids=tok, cache=cache, use_cache=True).logits for _ in range(3)]
+    for a, b in zip(fast_logits, plain_logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, layer in zip(fast_keys, cache.layers):
+        torch.testing.assert_close(a, layer.keys, rtol=1e-5, atol=1e-5)
+
+
+def test_c_decode_step_steps_aside_for_batches(kernel_steps):
+    model = build_random_model(StormConfig(**TINY), seed=3)
+    _generate(model, torch.randint(0, 60, (2, 5), generator=torch.Generator().manual_seed(1)))
+    assert kernel_steps and not any(kernel_steps)
 
 
 def test_long_generation_across_buffer_growth_and_logits(model, plain_decode):

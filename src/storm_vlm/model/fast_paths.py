@@ -20,7 +20,13 @@ plain computation runs.
   as the matrix products, so each pass saved shows.
 - **Decode step** (`DecodeStep`, Llama-style LLMs: Qwen2, Llama): a greedy one-token step runs
   through a lean single-token path on the `StormKVCache` (preallocated buffers the step writes
-  into in place): ~20 tensor ops per layer instead of the ~60 of transformers' generic forward,
+  into in place). For one row (batch 1, SiLU MLP, fp32 weights) every layer runs in one call of a
+  C function (`ssm/_decode_kernel.c`, built with the scan kernel by `ssm/cpu_kernel.py`), which
+  reads the model's own matrices, no copies, each as one sequential stream; the per-layer small
+  operations (norms, rotary, softmax, gate) then cost microseconds instead of a tensor operation
+  each. `STORM_VLM_DECODE_KERNEL=0` turns it off; without a C compiler, for batches, or with
+  `compile_decode=True`, the step runs as tensor operations:
+  ~20 tensor ops per layer instead of the ~60 of transformers' generic forward,
   q/k/v and gate/up read as one matrix each, rotary embedding as one small product. A decode step
   reads every weight once per token, so it is bound by how fast the weights stream; each
   projection is read in the layout that streams faster for its shape on this host — an
@@ -40,6 +46,7 @@ tests/test_cpu_fast_paths.py and tests/test_perf_fast_paths.py check that output
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import os
@@ -57,6 +64,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import AttentionInterface
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
+from storm_vlm.model.ssm import cpu_kernel
 from storm_vlm.utils import available_memory_bytes
 
 __all__ = ["enable_fast_paths", "decode_step", "DecodeStep", "StormKVCache", "STORM_SDPA", "matmul_choices"]
@@ -349,6 +357,14 @@ _DECODE_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # lang
 _PACK_MEMORY_SHARE = 0.25  # input-major copies only while they take at most this share of free memory
 
 
+_DECODE_KERNEL_ENV = "STORM_VLM_DECODE_KERNEL"
+
+
+def _decode_kernel_enabled() -> bool:
+    """False when STORM_VLM_DECODE_KERNEL is 0/false/off/no (the step then runs as tensor operations)."""
+    return os.environ.get(_DECODE_KERNEL_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
 def _decode_unsupported(lm) -> str | None:
     """Why `DecodeStep` cannot run this causal LM (None when it can)."""
     cfg = lm.config
@@ -426,7 +442,8 @@ class DecodeStep:
     matrix and gate/up as one, each projection (q/k/v, o, gate/up, down, lm_head) in the layout that
     streams faster on this host for its shape — an input-major copy or the model's own (out, in)
     matrix — timed when the step is built (`layouts` says which). Otherwise every projection reads
-    the model's own matrices.
+    the model's own matrices. Those layouts serve the tensor-operation path (batches, no C compiler);
+    one row goes through the C step (`_kernel_step`), which reads the model's own matrices.
     """
 
     def __init__(self, lm, pack: bool | None = None, compile_layers: bool = False):
@@ -457,6 +474,19 @@ class DecodeStep:
         self.fused = bool(pack)
         # Every product is torch.mm(x, M) with M (in, out): an input-major copy, or a transposed view
         # of an (out, in) matrix (then BLAS reads it row by row, as F.linear does).
+        ln1, _, _, mlp0 = mods[0]
+        act = F.silu if getattr(cfg, "hidden_act", None) == "silu" else mlp0.act_fn
+        # the C step (every layer in one call) reads the model's own matrices: no copies
+        own = [t for ln1_, ln2_, a, mlp in mods for m in (ln1_, ln2_, a.q_proj, a.k_proj, a.v_proj, a.o_proj,
+                                                          mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+               for t in ((m.weight,) if m in (ln1_, ln2_) else (m.weight, m.bias))]
+        self._kernel = None
+        if (not compile_layers and act is F.silu and _decode_kernel_enabled()
+                and all(t is None or (t.is_contiguous() and t.dtype == torch.float32) for t in own)):
+            self._kernel = cpu_kernel.load_library()
+        if self._kernel is not None:  # 16 pointers per layer, in storm_decode_f32's order
+            self._kernel_weights = (ctypes.c_void_p * len(own))(*[None if t is None else t.data_ptr() for t in own])
+            self._scratch = torch.empty(0)
         if self.fused:
             qkv = [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) for _, _, a, _ in mods]
             gu = [torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) for _, _, _, mlp in mods]
@@ -484,8 +514,6 @@ class DecodeStep:
                                                             for t in (m.weight.t(), m.bias))
                             for ln1, ln2, a, mlp in mods]
             self.head = (lm.lm_head.weight.t(), lm.lm_head.bias)
-        ln1, _, _, mlp0 = mods[0]
-        act = F.silu if getattr(cfg, "hidden_act", None) == "silu" else mlp0.act_fn
         self.dims = (self.heads, self.kv_heads, self.hd, self.scaling, mlp0.gate_proj.out_features,
                      ln1.variance_epsilon, act, self.fused)
         self.norm = (inner.norm.weight, inner.norm.variance_epsilon)
@@ -517,13 +545,35 @@ class DecodeStep:
         rot[self._rot_flat] = torch.cat([cos[0, 0], sin[0, 0]]).mul_(self._rot_sign)
         return rot.view(self.hd, self.hd)
 
+    def _kernel_step(self, h: torch.Tensor, pos: int, bufs) -> bool:
+        """Every layer through the C step (`_decode_kernel.c`), h (1, d) updated in place; False
+        (nothing done) where it does not apply: no kernel, more than one row, buffers not laid out
+        (1, G, capacity, hd) with hd contiguous."""
+        kb0, vb0 = bufs[0]
+        if self._kernel is None or h.shape[0] != 1 or not h.is_contiguous() or kb0.stride(-1) != 1 or not all(
+                kb.stride() == vb.stride() == kb0.stride() for kb, vb in bufs):
+            return False
+        heads, kv_heads, hd, scaling, inter, eps, _, _ = self.dims
+        cos, sin = self._lm().model.rotary_emb(h[:1, None], torch.tensor([[pos]], device=h.device))
+        cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
+        d = h.shape[1]
+        need = self._kernel.storm_decode_scratch(d, heads, kv_heads, hd, inter, kb0.shape[2])
+        if self._scratch.numel() < need:
+            self._scratch = torch.empty(need)
+        kv = (ctypes.c_void_p * (2 * len(bufs)))(*[t.data_ptr() for pair in bufs for t in pair])
+        self._kernel.storm_decode_f32(len(bufs), d, heads, kv_heads, hd, inter, eps, scaling, pos, h.data_ptr(),
+                                      cos.data_ptr(), sin.data_ptr(), self._kernel_weights, kv, kb0.stride(1),
+                                      kb0.stride(2), self._scratch.data_ptr())
+        return True
+
     def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
         lm = self._lm()
         pos = cache.get_seq_length()
         h = lm.model.embed_tokens(input_ids[:, 0])  # (B, d)
-        rot = self._rotation(pos, h)
         bufs = [layer.reserve(1) for layer in cache.layers]
-        h = self._layers_fn(h, rot, self.weights, [kb for kb, _ in bufs], [vb for _, vb in bufs], pos, self.dims)
+        if not self._kernel_step(h, pos, bufs):
+            rot = self._rotation(pos, h)
+            h = self._layers_fn(h, rot, self.weights, [kb for kb, _ in bufs], [vb for _, vb in bufs], pos, self.dims)
         for layer in cache.layers:
             layer.advance(1)
         x = _rms_norm(h, *self.norm)

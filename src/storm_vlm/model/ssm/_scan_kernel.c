@@ -12,84 +12,15 @@
  *
  * Why vectorise over channels (not over N): with time-major inputs, LANES neighbouring channels are
  * one load per step, and y = sum_n C[n] h[n] needs no horizontal sum.
- * exp2 is a degree-6 polynomial on [-0.5, 0.5] scaled by 2^k through the exponent bits
- * (relative error <= 1e-7, about one float32 ulp); NaN in, NaN out; below 2^-127 it flushes to 0.
+ * The vector type, exp2 and the other basics are in _vec.h (shared with _decode_kernel.c).
  */
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "_vec.h"
 
-#ifndef STORM_LANES
-#define STORM_LANES 8
-#endif
-#define LANES STORM_LANES
-#define TILE 64
-
-#if LANES != 4 && LANES != 8 && LANES != 16
-#error "STORM_LANES must be 4, 8 or 16"
-#endif
-
-typedef float vf __attribute__((vector_size(4 * LANES)));
-typedef int32_t vi __attribute__((vector_size(4 * LANES)));
-
-static inline vf splat(float x) { return (vf){0} + x; }
-/* m ? a : b per lane, m from a vector comparison (all ones or zero) */
-static inline vf sel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
-
-#if LANES == 16 && defined(__AVX512F__)
-#include <immintrin.h>
-#define STORM_VECTOR_ISA "avx512"
-/* max/min that return their second operand when it is NaN (x86 semantics), so NaN survives */
-static inline vf vmax_keepnan(vf lo, vf x) { return (vf)_mm512_max_ps((__m512)lo, (__m512)x); }
-static inline vf vmin_keepnan(vf hi, vf x) { return (vf)_mm512_min_ps((__m512)hi, (__m512)x); }
-static inline float hsum(vf v) { return _mm512_reduce_add_ps((__m512)v); }
-#elif LANES == 8 && defined(__AVX__)
-#include <immintrin.h>
-#define STORM_VECTOR_ISA "avx"
-static inline vf vmax_keepnan(vf lo, vf x) { return (vf)_mm256_max_ps((__m256)lo, (__m256)x); }
-static inline vf vmin_keepnan(vf hi, vf x) { return (vf)_mm256_min_ps((__m256)hi, (__m256)x); }
-static inline float hsum(vf v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-#else
-#define STORM_VECTOR_ISA "generic"
-/* pairwise: lane i + lane i + LANES/2, and so on down (the AVX version's order for 8 lanes) */
-static inline float hsum(vf v) {
-    float s[LANES];
-    memcpy(s, &v, sizeof v);
-    for (int w = LANES / 2; w >= 1; w /= 2)
-        for (int i = 0; i < w; i++) s[i] += s[i + w];
-    return s[0];
-}
-static inline vf vmax_keepnan(vf lo, vf x) { return sel(x < lo, lo, x); }
-static inline vf vmin_keepnan(vf hi, vf x) { return sel(x > hi, hi, x); }
-#endif
+#define TILE 64 /* time steps loaded per block (registers and L1) */
 
 /* The build's vector width and instruction set, checked by the loader. */
 int storm_scan_lanes(void) { return LANES; }
 const char *storm_scan_vector_isa(void) { return STORM_VECTOR_ISA; }
-
-static inline vf vexp2(vf x) {
-    /* clamp to [-127, 128]; 2^k is then built from exponent bits 0 (k = -127: flushes to 0) to
-     * 255 (k = 128: +inf), and multiplying by it keeps NaN as NaN */
-    vf xc = vmin_keepnan(splat(128.0f), vmax_keepnan(splat(-127.0f), x));
-    const vf magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
-    vf r = xc + magic;
-    vf k = r - magic;
-    vi ki = (vi)r - (vi)magic;
-    vf f = xc - k; /* in [-0.5, 0.5] */
-    vf q = splat(0.00015370726760011166f);
-    q = q * f + 0.0013399848248809576f;
-    q = q * f + 0.009618373587727547f;
-    q = q * f + 0.05550329014658928f;
-    q = q * f + 0.24022647738456726f;
-    q = q * f + 0.6931471824645996f;
-    vf p = q * f + 1.0f;
-    return p * (vf)((ki + 127) << 23);
-}
 
 /* natural log of w >= 1 (w finite or +inf) */
 static inline vf vlog_ge1(vf w) {

@@ -1,4 +1,6 @@
-"""The fused CPU selective scan, forward and backward (``_scan_kernel.c``), compiled on first use.
+"""The CPU kernels, compiled on first use into one library: the fused selective scan, forward and
+backward (``_scan_kernel.c``), and the one-token decode step of a Llama-style layer stack
+(``_decode_kernel.c``, used by ``storm_vlm.model.fast_paths.DecodeStep``); both include ``_vec.h``.
 
 **Instruction set.** The C source ships with the package and is compiled with the system C compiler
 (``$CC``, else cc / gcc / clang) once per instruction set, with that set's flags, never
@@ -19,7 +21,8 @@ kernel also enables its registers); where that file does not exist it asks
 ``torch.backends.cpu.get_cpu_capability()``. Never the vendor name. ``STORM_VLM_SCAN_ISA=avx2`` (or
 ``generic``, ``avx512``) forces a narrower path; asking for one the CPU lacks warns and uses the
 detected one. A wider path that fails to build falls back to the next narrower one, with a warning.
-``STORM_VLM_SCAN_KERNEL=0`` turns the kernel off (the benchmarks use it to time both paths).
+``STORM_VLM_SCAN_KERNEL=0`` turns the scan kernel off (the benchmarks use it to time both paths; the
+decode step has its own switch, see fast_paths).
 
 **Cache and its checks.** Builds are cached per user under ``$STORM_VLM_CACHE/kernels`` (else
 ``$XDG_CACHE_HOME/storm_vlm/kernels``, else ``~/.cache/storm_vlm/kernels``), one folder per build
@@ -59,11 +62,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["load", "build", "enabled", "scan_forward", "scan_backward", "cache_dir", "cpu_flags", "detect_isa",
+__all__ = ["load", "load_library", "build", "enabled", "scan_forward", "scan_backward", "cache_dir", "cpu_flags", "detect_isa",
            "selected_isa", "ISAS", "Isa", "UnsafeCacheError"]
 
 logger = logging.getLogger("storm_vlm.model.ssm")
 SOURCE = Path(__file__).with_name("_scan_kernel.c")
+DECODE_SOURCE = Path(__file__).with_name("_decode_kernel.c")
+HEADER = Path(__file__).with_name("_vec.h")
 BASE_FLAGS = ["-O3", "-fno-math-errno", "-fPIC", "-shared"]
 ENV_SWITCH = "STORM_VLM_SCAN_KERNEL"
 ENV_ISA = "STORM_VLM_SCAN_ISA"
@@ -177,17 +182,19 @@ def _flags(isa: Isa, lanes: int) -> list[str]:
 def _key(cc: str, isa: Isa, lanes: int) -> str:
     """Cache key of one build: source, compiler version, flags (ISA and width included), machine."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    parts = (SOURCE.read_bytes(), version, " ".join(_flags(isa, lanes)), isa.name, platform.machine())
+    sources = b"\0".join(p.read_bytes() for p in (SOURCE, DECODE_SOURCE, HEADER))
+    parts = (sources, version, " ".join(_flags(isa, lanes)), isa.name, platform.machine())
     return hashlib.sha256(b"\0".join(x.encode() if isinstance(x, str) else x for x in parts)).hexdigest()[:24]
 
 
 def _compile(cc: str, isa: Isa, lanes: int, folder: Path) -> bytes:
     """Compile into ``folder``/lib.so and write its recorded hash beside it; returns the library's bytes."""
     lib = folder / LIB_NAME
-    proc = subprocess.run([cc, *_flags(isa, lanes), "-o", str(lib), str(SOURCE)], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([cc, *_flags(isa, lanes), f"-I{HEADER.parent}", "-o", str(lib), str(SOURCE),
+                           str(DECODE_SOURCE)], capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
-        raise RuntimeError(f"{cc} failed on {SOURCE} for {isa.name}: {proc.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"{cc} failed on {SOURCE} + {DECODE_SOURCE.name} for {isa.name}: "
+                           f"{proc.stderr.strip()[-2000:]}")
     data = lib.read_bytes()
     (folder / HASH_NAME).write_text(hashlib.sha256(data).hexdigest() + "\n")
     for n in (LIB_NAME, HASH_NAME):  # whatever the umask: the loader refuses group/world-writable files
@@ -355,6 +362,11 @@ def _bind(lib: ctypes.CDLL, isa: Isa, lanes: int, origin: str) -> ctypes.CDLL:
     bwd.argtypes = ([i64] * 5 + [ptr, i64, i64, i64] * 4 + [ptr] * 3 + [cint] * 2 + [ptr] * 2 + [cint] * 2
                     + [ptr, i64, ptr] + [ptr, i64, i64, i64] * 3 + [ptr] * 6 + [i64, i64])
     bwd.restype = cint
+    lib.storm_decode_scratch.argtypes = [i64] * 6
+    lib.storm_decode_scratch.restype = i64
+    dec = lib.storm_decode_f32
+    dec.argtypes = [i64] * 6 + [ctypes.c_float] * 2 + [i64] + [ptr] * 5 + [i64, i64, ptr]
+    dec.restype = cint
     lib.storm_isa = isa.name  # the path, its width, and where the bytes came from (benchmarks print them)
     lib.storm_lanes = lanes
     lib.storm_origin = origin
@@ -376,10 +388,14 @@ def build(isa: str, lanes: int | None = None) -> ctypes.CDLL:
 
 
 def load(isa: str | None = None, lanes: int | None = None) -> ctypes.CDLL | None:
-    """The compiled kernel library for path ``selected_isa(isa)``, built on first use; None when
-    disabled or when no path builds. A path that fails falls back to the next narrower one."""
-    if not enabled():
-        return None
+    """The library for the scan: ``load_library(isa, lanes)``, or None when ``STORM_VLM_SCAN_KERNEL``
+    turns the scan kernel off."""
+    return load_library(isa, lanes) if enabled() else None
+
+
+def load_library(isa: str | None = None, lanes: int | None = None) -> ctypes.CDLL | None:
+    """The compiled kernel library for path ``selected_isa(isa)``, built on first use; None when no
+    path builds. A path that fails falls back to the next narrower one."""
     name = selected_isa(isa)
     key = (name, lanes or 0)
     try:
