@@ -6,7 +6,8 @@ storm_vlm.model.fast_paths, at several cache lengths, in one run.
 
 Each video (32, 64, 128, 256 frames, no compression; 256 frames with 4x compression; a one-frame
 video) is prefilled once and its KV cache kept. Then rounds of `--tokens` greedy steps alternate
-between the caches and between the two decode paths — "step": `DecodeStep` (the default on CPU),
+between the caches and between the two decode paths — "step": `DecodeStep` (the default on CPU; for
+one row, one C call per token runs every layer, printed as "step ran as"),
 "forward": the model's own forward (`enable_fast_paths(model, decode=False)`, what every step ran
 before the decode step existed) — each round's cache cropped back; `--warmup` untimed rounds, then
 `--repeats` timed; the median step is kept. `--compile` adds "compiled" (`compile_decode=True`)
@@ -27,7 +28,7 @@ import time
 
 import _profile_common as common
 
-from storm_vlm.model.fast_paths import enable_fast_paths
+from storm_vlm.model.fast_paths import decode_step_path, enable_fast_paths
 from storm_vlm.perf.costmodel import A100_80GB, DEFAULT_COMPRESSIONS, decode_bounds, decode_cost, pipeline_cost, real_config
 from storm_vlm.perf.host import measure_cpu_roofline
 from storm_vlm.perf.profiler import Clock, decode_steps, prefill_video
@@ -66,13 +67,15 @@ def main(argv=None) -> int:
         print(f"  compiled decode step: first two steps took {compile_s:.1f} s (compilation)", flush=True)
         paths["compiled"] = dict(decode=True, compile_decode=True)
     times = {(n, path): [] for n in caches for path in paths}
-    tokens = {}
+    tokens, step_path = {}, "not taken"
     for rnd in range(s.warmup + s.repeats):
         for name, (cache, token) in caches.items():
             for path, switches in paths.items():
                 enable_fast_paths(model, **switches)
                 ts, toks = decode_steps(model, cache, token, args.tokens, clock)
                 tokens.setdefault((name, path), toks)
+                if path == "step":
+                    step_path = decode_step_path(model) or step_path
                 if rnd >= s.warmup:
                     times[(name, path)].extend(ts)
         print(f"  round {rnd + 1}{' (warm-up)' if rnd < s.warmup else ''} done", flush=True)
@@ -90,6 +93,7 @@ def main(argv=None) -> int:
               f"({' / '.join(f'{h.bandwidth / 1e9:.1f}' for h in roof)}); fp32 matmul {max(h.peak_flops for h in roof) / 1e9:.0f} GFLOP/s")
     head = f"{'cache':>10} {'tokens':>7} {'MB/step':>8} {'bound ms':>9} | " + " | ".join(
         f"{path + ' ms':>12} {'x bound':>7}" for path in paths) + " | greedy tokens"
+    print(f'"step" ran as: {step_path} (batch 1; STORM_VLM_DECODE_KERNEL=0: tensor operations)')
     print(head)
     print("-" * len(head))
     result, met = {}, True

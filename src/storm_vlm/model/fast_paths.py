@@ -67,7 +67,7 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 from storm_vlm.model.ssm import cpu_kernel
 from storm_vlm.utils import available_memory_bytes
 
-__all__ = ["enable_fast_paths", "decode_step", "DecodeStep", "StormKVCache", "STORM_SDPA", "matmul_choices"]
+__all__ = ["enable_fast_paths", "decode_step", "decode_step_path", "DecodeStep", "StormKVCache", "STORM_SDPA", "matmul_choices"]
 
 
 class _GELUTanhCPU(nn.Module):
@@ -545,6 +545,12 @@ class DecodeStep:
         rot[self._rot_flat] = torch.cat([cos[0, 0], sin[0, 0]]).mul_(self._rot_sign)
         return rot.view(self.hd, self.hd)
 
+    @property
+    def path(self) -> str:
+        """How one row's step runs: "C step (<isa> x<lanes>)" or "tensor operations"."""
+        k = self._kernel
+        return "tensor operations" if k is None else f"C step ({k.storm_isa} x{k.storm_lanes})"
+
     def _kernel_step(self, h: torch.Tensor, pos: int, bufs) -> bool:
         """Every layer through the C step (`_decode_kernel.c`), h (1, d) updated in place; False
         (nothing done) where it does not apply: no kernel, more than one row, buffers not laid out
@@ -658,6 +664,12 @@ def decode_step(model, input_ids, inputs_embeds, attention_mask, position_ids, c
         step = DecodeStep(lm, compile_layers=getattr(model, "_storm_compile_decode", False))
         _DECODE_STEPS[lm] = step
     return CausalLMOutputWithPast(logits=step(input_ids, cache), cache=cache)
+
+
+def decode_step_path(model) -> str | None:
+    """How `model`'s current decode step runs one row (`DecodeStep.path`); None before its first step."""
+    step = _DECODE_STEPS.get(getattr(model, "language_model", None))
+    return None if step is None else step.path
 
 
 def enable_fast_paths(model, *, decode: bool = True, compile_decode: bool = False) -> None:
