@@ -486,7 +486,6 @@ class DecodeStep:
             self._kernel = cpu_kernel.load_library()
         if self._kernel is not None:  # 16 pointers per layer, in storm_decode_f32's order
             self._kernel_weights = (ctypes.c_void_p * len(own))(*[None if t is None else t.data_ptr() for t in own])
-            self._scratch = torch.empty(0)
         if self.fused:
             qkv = [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) for _, _, a, _ in mods]
             gu = [torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) for _, _, _, mlp in mods]
@@ -562,14 +561,15 @@ class DecodeStep:
         heads, kv_heads, hd, scaling, inter, eps, _, _ = self.dims
         cos, sin = self._lm().model.rotary_emb(h[:1, None], torch.tensor([[pos]], device=h.device))
         cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
+        if cos.numel() != hd or sin.numel() != hd or hd % 2:  # partial rotary: not what the C step computes
+            return False
         d = h.shape[1]
-        need = self._kernel.storm_decode_scratch(d, heads, kv_heads, hd, inter, kb0.shape[2])
-        if self._scratch.numel() < need:
-            self._scratch = torch.empty(need)
+        # scratch per call, not per step object: two threads may decode with the same model
+        scratch = torch.empty(self._kernel.storm_decode_scratch(d, heads, kv_heads, hd, inter, pos + 1))
         kv = (ctypes.c_void_p * (2 * len(bufs)))(*[t.data_ptr() for pair in bufs for t in pair])
         self._kernel.storm_decode_f32(len(bufs), d, heads, kv_heads, hd, inter, eps, scaling, pos, h.data_ptr(),
                                       cos.data_ptr(), sin.data_ptr(), self._kernel_weights, kv, kb0.stride(1),
-                                      kb0.stride(2), self._scratch.data_ptr())
+                                      kb0.stride(2), scratch.data_ptr())
         return True
 
     def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
