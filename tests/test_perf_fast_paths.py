@@ -211,6 +211,18 @@ def test_c_decode_step_steps_aside_for_batches(kernel_steps):
     assert kernel_steps and not any(kernel_steps)
 
 
+def test_c_decode_step_switch(kernel_steps):
+    """enable_fast_paths(decode_kernel=False) runs one row as tensor operations, with the same tokens."""
+    model = build_random_model(StormConfig(**TINY), seed=3)
+    ids = torch.randint(0, 60, (1, 6), generator=torch.Generator().manual_seed(1))
+    with_kernel = _generate(model, ids)
+    assert fast_paths.decode_step_path(model).startswith("C step (") and all(kernel_steps)
+    enable_fast_paths(model, decode_kernel=False)
+    kernel_steps.clear()
+    assert torch.equal(_generate(model, ids), with_kernel)
+    assert fast_paths.decode_step_path(model) == "tensor operations" and not any(kernel_steps)
+
+
 def test_long_generation_across_buffer_growth_and_logits(model, plain_decode):
     # 150 tokens: past the cache's first capacity (prompt + 128), so the buffers grow once mid-way
     ids = torch.randint(0, 60, (1, 5), generator=torch.Generator().manual_seed(4))

@@ -446,7 +446,7 @@ class DecodeStep:
     one row goes through the C step (`_kernel_step`), which reads the model's own matrices.
     """
 
-    def __init__(self, lm, pack: bool | None = None, compile_layers: bool = False):
+    def __init__(self, lm, pack: bool | None = None, compile_layers: bool = False, kernel: bool = True):
         self._lm = weakref.ref(lm)  # _DECODE_STEPS holds steps weakly keyed by their LM: no cycle
         inner = lm.model
         cfg = lm.config
@@ -481,7 +481,7 @@ class DecodeStep:
                                                           mlp.gate_proj, mlp.up_proj, mlp.down_proj)
                for t in ((m.weight,) if m in (ln1_, ln2_) else (m.weight, m.bias))]
         self._kernel = None
-        if (not compile_layers and act is F.silu and _decode_kernel_enabled()
+        if (kernel and not compile_layers and act is F.silu and _decode_kernel_enabled()
                 and all(t is None or (t.is_contiguous() and t.dtype == torch.float32) for t in own)):
             self._kernel = cpu_kernel.load_library()
         if self._kernel is not None:  # 16 pointers per layer, in storm_decode_f32's order
@@ -661,7 +661,8 @@ def decode_step(model, input_ids, inputs_embeds, attention_mask, position_ids, c
             lm._storm_decode_unsupported = _decode_unsupported(lm) or ""
         if lm._storm_decode_unsupported:
             return None
-        step = DecodeStep(lm, compile_layers=getattr(model, "_storm_compile_decode", False))
+        step = DecodeStep(lm, compile_layers=getattr(model, "_storm_compile_decode", False),
+                          kernel=getattr(model, "_storm_decode_kernel", True))
         _DECODE_STEPS[lm] = step
     return CausalLMOutputWithPast(logits=step(input_ids, cache), cache=cache)
 
@@ -672,7 +673,7 @@ def decode_step_path(model) -> str | None:
     return None if step is None else step.path
 
 
-def enable_fast_paths(model, *, decode: bool = True, compile_decode: bool = False) -> None:
+def enable_fast_paths(model, *, decode: bool = True, compile_decode: bool = False, decode_kernel: bool = True) -> None:
     """Turn the paths above on for `model` (StormForConditionalGeneration's constructor calls this).
 
     The module-level paths (matmul backend, SigLIP layers and GELU, `storm_sdpa` on the
@@ -680,11 +681,13 @@ def enable_fast_paths(model, *, decode: bool = True, compile_decode: bool = Fals
     video-LLMs can be measured on the same kernels (benchmarks/peers.py). The decode step is taken
     by StormForConditionalGeneration.forward: `decode=False` turns it off (the model's own forward
     then runs every step), `compile_decode=True` runs its layer function through `torch.compile`
-    (a C++ compiler is needed; the first steps pay the compilation). Calling it again changes only
-    these two switches.
+    (a C++ compiler is needed; the first steps pay the compilation), `decode_kernel=False` runs one
+    row's step as tensor operations instead of the C step (as `STORM_VLM_DECODE_KERNEL=0` does).
+    Calling it again changes only these three switches.
     """
     model._storm_decode = bool(decode)
     model._storm_compile_decode = bool(compile_decode)
+    model._storm_decode_kernel = bool(decode_kernel)
     lm = getattr(model, "language_model", None)
     if lm is not None:
         _DECODE_STEPS.pop(lm, None)
