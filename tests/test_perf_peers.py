@@ -42,8 +42,8 @@ def test_peer_models_build_at_the_same_widths_and_run():
 
 def test_peer_benchmark_writes_table_json_and_png(tmp_path, capsys):
     out = tmp_path / "peers"
-    code = peers.main(["--tiny", "--frames", "2,4", "--repeats", "2", "--decode-tokens", "1", "--output", str(out),
-                       "--no-guards"])
+    code = peers.main(["--tiny", "--frames", "2,4", "--repeats", "1", "--guard-repeats", "2", "--decode-tokens", "1",
+                       "--output", str(out), "--no-guards"])
     assert code == 0
     result = json.loads((out / "peers.json").read_text())
     assert {r["model"] for r in result["rows"]} == set(peers.MODELS) | {"storm (forward)"}
