@@ -124,15 +124,15 @@ def main(argv=None) -> int:
     out["gflop_per_s_128f_none"] = {k: round(v, 2) for k, v in rates.items()}
     out["gemm_bounds"] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in bounds.items()}
     print("  (rates: FLOPs from storm_vlm.perf.costmodel, LLM attention counted causal, over the median time)")
-    choices = matmul_choices()
-    print("Linear backends chosen (in x out, +b: bias, @rows bucket): " + ", ".join(
-        f"{k[0]}x{k[1]}{'+b' if k[2] else ''}@{k[3]} {v}" for k, v in sorted(choices.items())))
+    backends = {f"{k[0]}x{k[1]}{'+b' if k[2] else ''}@{k[3]}": v for k, v in sorted(matmul_choices().items())}
+    print("Linear backends chosen (in x out, +b: bias, @rows bucket): "
+          + ", ".join(f"{k} {v}" for k, v in backends.items()))
     vision_share = rows[(128, 4)]["vision_tower_ms"] / ttft(rows[(128, 4)])
     print(f"(vision tower share of prefill at 128 frames, 4x: {100 * vision_share:.1f} % — compression does not "
           f"reduce it)")
     common.footer()
     common.write_json(args.json, {"benchmark": "prefill", "source": source, "settings": s.as_dict(), "ratios": out,
-                                  "targets_met": met, "matmul_backends": {f"{k[0]}x{k[1]}{'+b' if k[2] else ''}@{k[3]}": v for k, v in choices.items()},
+                                  "targets_met": met, "matmul_backends": backends,
                                   "rows": list(rows.values())}, host)
     return 0
 

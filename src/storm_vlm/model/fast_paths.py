@@ -10,9 +10,10 @@ plain computation runs.
   input of that bucket (on at most `_MEASURE_ROWS` of its rows) and caching the answer for the
   process. Which one wins depends on the CPU, its ISA, the shape and the row count (the two
   libraries block the product differently, so the winner for one weight can change with the rows),
-  so it is measured, never assumed. `STORM_VLM_MATMUL=blas|onednn` pins the choice (e.g. for bit-for-bit reproducibility
-  across runs; the two differ by float rounding only). bf16 is not chosen here: it is a precision
-  (`storm_vlm.precision`, whose "auto" takes bf16 autocast where the CPU has native bf16).
+  so it is measured, never assumed. `STORM_VLM_MATMUL=blas|onednn` pins the choice (e.g. for
+  bit-for-bit reproducibility across runs; the two differ by float rounding only). bf16 is not
+  chosen here: it is a precision (`storm_vlm.precision`, whose "auto" takes bf16 autocast where the
+  CPU has native bf16).
 - **Vision tower**: the tanh-GELU is evaluated as x·sigmoid(2u) (`_GELUTanhCPU`): the same
   function through sigmoid and in-place ops, where PyTorch's CPU tanh-GELU goes through a slow
   vectorised tanh; SigLIP encoder layers add their residuals in place (`_LeanSiglipLayer`,
@@ -67,7 +68,8 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 from storm_vlm.model.ssm import cpu_kernel
 from storm_vlm.utils import available_memory_bytes
 
-__all__ = ["enable_fast_paths", "decode_step", "decode_step_path", "DecodeStep", "StormKVCache", "STORM_SDPA", "matmul_choices"]
+__all__ = ["enable_fast_paths", "decode_step", "decode_step_path", "DecodeStep", "StormKVCache", "STORM_SDPA",
+           "matmul_choices"]
 
 
 class _GELUTanhCPU(nn.Module):
@@ -472,20 +474,23 @@ class DecodeStep:
         if pack is None:
             pack = nbytes <= _PACK_MEMORY_SHARE * available_memory_bytes()
         self.fused = bool(pack)
-        # Every product is torch.mm(x, M) with M (in, out): an input-major copy, or a transposed view
-        # of an (out, in) matrix (then BLAS reads it row by row, as F.linear does).
         ln1, _, _, mlp0 = mods[0]
         act = F.silu if getattr(cfg, "hidden_act", None) == "silu" else mlp0.act_fn
-        # the C step (every layer in one call) reads the model's own matrices: no copies
-        own = [t for ln1_, ln2_, a, mlp in mods for m in (ln1_, ln2_, a.q_proj, a.k_proj, a.v_proj, a.o_proj,
-                                                          mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-               for t in ((m.weight,) if m in (ln1_, ln2_) else (m.weight, m.bias))]
+        # The C step (one row, every layer in one call) reads the model's own tensors, 16 per layer in
+        # storm_decode_f32's order: the two norms' weights, then each projection's weight and bias.
+        own = []
+        for norm1, norm2, a, mlp in mods:
+            own += [norm1.weight, norm2.weight]
+            for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                own += [m.weight, m.bias]
         self._kernel = None
         if (kernel and not compile_layers and act is F.silu and _decode_kernel_enabled()
                 and all(t is None or (t.is_contiguous() and t.dtype == torch.float32) for t in own)):
             self._kernel = cpu_kernel.load_library()
-        if self._kernel is not None:  # 16 pointers per layer, in storm_decode_f32's order
+        if self._kernel is not None:
             self._kernel_weights = (ctypes.c_void_p * len(own))(*[None if t is None else t.data_ptr() for t in own])
+        # The tensor path: every product is torch.mm(x, M) with M (in, out): an input-major copy, or a
+        # transposed view of an (out, in) matrix (then BLAS reads it row by row, as F.linear does).
         if self.fused:
             qkv = [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) for _, _, a, _ in mods]
             gu = [torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) for _, _, _, mlp in mods]
@@ -669,11 +674,13 @@ def decode_step(model, input_ids, inputs_embeds, attention_mask, position_ids, c
 
 def decode_step_path(model) -> str | None:
     """How `model`'s current decode step runs one row (`DecodeStep.path`); None before its first step."""
-    step = _DECODE_STEPS.get(getattr(model, "language_model", None))
+    lm = getattr(model, "language_model", None)
+    step = None if lm is None else _DECODE_STEPS.get(lm)
     return None if step is None else step.path
 
 
-def enable_fast_paths(model, *, decode: bool = True, compile_decode: bool = False, decode_kernel: bool = True) -> None:
+def enable_fast_paths(model, *, decode: bool = True, compile_decode: bool = False,
+                      decode_kernel: bool = True) -> None:
     """Turn the paths above on for `model` (StormForConditionalGeneration's constructor calls this).
 
     The module-level paths (matmul backend, SigLIP layers and GELU, `storm_sdpa` on the

@@ -62,8 +62,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["load", "load_library", "build", "enabled", "scan_forward", "scan_backward", "cache_dir", "cpu_flags", "detect_isa",
-           "selected_isa", "ISAS", "Isa", "UnsafeCacheError"]
+__all__ = ["load", "load_library", "build", "enabled", "scan_forward", "scan_backward", "cache_dir", "cpu_flags",
+           "detect_isa", "selected_isa", "ISAS", "Isa", "UnsafeCacheError"]
 
 logger = logging.getLogger("storm_vlm.model.ssm")
 SOURCE = Path(__file__).with_name("_scan_kernel.c")
