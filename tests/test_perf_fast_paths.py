@@ -1,6 +1,7 @@
 """The matmul backend choice and the decode step of storm_vlm.model.fast_paths change no result:
 logits within float rounding, greedy tokens identical to the model's own forward."""
 
+import copy
 import time
 import types
 
@@ -211,6 +212,32 @@ def test_c_decode_step_steps_aside_for_batches(kernel_steps):
     assert kernel_steps and not any(kernel_steps)
 
 
+def test_c_decode_step_under_bf16_autocast(kernel_steps):
+    """The bfloat16 precision on CPU (fp32 weights under bf16 autocast) leaves part of the KV cache in
+    bf16: the C step reads it as such and computes in float32. Against the model's fp32 forward on the
+    same cache: logits within bf16 rounding of the one new value, that value stored as torch rounds it."""
+    model = build_random_model(StormConfig(**TINY), seed=3)
+    ids = torch.randint(0, 60, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, use_cache=True)
+    cache, tok = out.cache, out.logits[:, -1:].argmax(-1)
+    assert torch.bfloat16 in {t.dtype for layer in cache.layers for t in (layer.keys, layer.values)}
+    ref_cache = copy.deepcopy(cache)
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = model(input_ids=tok, cache=cache, use_cache=True).logits
+        assert kernel_steps == [True] and fast.dtype == torch.float32
+        for layer in ref_cache.layers:  # the same cached values, in float32
+            layer.keys, layer.values = layer.keys.float(), layer.values.float()
+        enable_fast_paths(model, decode=False)
+        ref = model(input_ids=tok, cache=ref_cache, use_cache=True).logits
+    torch.testing.assert_close(fast, ref.float(), rtol=1e-3, atol=1e-3)
+    for layer, ref_layer in zip(cache.layers, ref_cache.layers):
+        assert layer.keys.shape[2] == ref_layer.keys.shape[2] == 10
+        for t, r in ((layer.keys, ref_layer.keys), (layer.values, ref_layer.values)):
+            torch.testing.assert_close(t[:, :, -1].float(), r[:, :, -1].to(t.dtype).float(), rtol=1e-2, atol=1e-2)
+
+
 def test_c_decode_step_switch(kernel_steps):
     """enable_fast_paths(decode_kernel=False) runs one row as tensor operations, with the same tokens."""
     model = build_random_model(StormConfig(**TINY), seed=3)
@@ -270,8 +297,14 @@ def test_it_steps_aside_where_it_does_not_apply(model):
         assert fast_paths.decode_step(model, ids, **call) is None  # a prompt, not one token
         assert fast_paths.decode_step(model, tok, **(call | {"attention_mask": torch.tensor([[0] + [1] * 6])})) is None
         assert fast_paths.decode_step(model, tok, **(call | {"kwargs": {"output_attentions": True}})) is None
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert fast_paths.decode_step(model, tok, **call) is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the C step only (a batch of one row here)
+            assert (fast_paths.decode_step(model, tok, **call) is not None) == (cpu_kernel.load_library() is not None)
+            cache.crop(-1)
+            enable_fast_paths(model, decode_kernel=False)
+            try:
+                assert fast_paths.decode_step(model, tok, **call) is None
+            finally:
+                enable_fast_paths(model)
     with torch.no_grad():
         model.train()
         try:

@@ -1,7 +1,7 @@
 """Speed paths that leave a STORM model's outputs unchanged; `enable_fast_paths(model)` turns them on.
 
-CPU inference only (fp32; no autograd, no autocast): everywhere else each path steps aside and the
-plain computation runs.
+CPU inference only (fp32; no autograd; no autocast but for the C decode step): everywhere else each
+path steps aside and the plain computation runs.
 
 - **Matmul backend** (`_MeasuredLinear`): every `nn.Linear` of the model picks, per weight shape
   and number of input rows (in power-of-two buckets from `_MEASURE_MIN_ROWS` up to
@@ -21,7 +21,8 @@ plain computation runs.
   as the matrix products, so each pass saved shows.
 - **Decode step** (`DecodeStep`, Llama-style LLMs: Qwen2, Llama): a greedy one-token step runs
   through a lean single-token path on the `StormKVCache` (preallocated buffers the step writes
-  into in place). For one row (batch 1, SiLU MLP, fp32 weights) every layer runs in one call of a
+  into in place). For one row (batch 1, SiLU MLP, fp32 weights; also under CPU bf16 autocast, on a
+  partly bf16 cache) every layer runs in one call of a
   C function (`ssm/_decode_kernel.c`, built with the scan kernel by `ssm/cpu_kernel.py`), which
   reads the model's own matrices, no copies, each as one sequential stream; the per-layer small
   operations (norms, rotary, softmax, gate) then cost microseconds instead of a tensor operation
@@ -560,8 +561,10 @@ class DecodeStep:
         (nothing done) where it does not apply: no kernel, more than one row, buffers not laid out
         (1, G, capacity, hd) with hd contiguous."""
         kb0, vb0 = bufs[0]
+        dtypes = (torch.float32, torch.bfloat16)
         if self._kernel is None or h.shape[0] != 1 or not h.is_contiguous() or kb0.stride(-1) != 1 or not all(
-                kb.stride() == vb.stride() == kb0.stride() for kb, vb in bufs):
+                kb.stride() == vb.stride() == kb0.stride() and kb.dtype == kb0.dtype and vb.dtype == vb0.dtype
+                for kb, vb in bufs) or kb0.dtype not in dtypes or vb0.dtype not in dtypes:
             return False
         heads, kv_heads, hd, scaling, inter, eps, _, _ = self.dims
         cos, sin = self._lm().model.rotary_emb(h[:1, None], torch.tensor([[pos]], device=h.device))
@@ -574,15 +577,20 @@ class DecodeStep:
         kv = (ctypes.c_void_p * (2 * len(bufs)))(*[t.data_ptr() for pair in bufs for t in pair])
         self._kernel.storm_decode_f32(len(bufs), d, heads, kv_heads, hd, inter, eps, scaling, pos, h.data_ptr(),
                                       cos.data_ptr(), sin.data_ptr(), self._kernel_weights, kv, kb0.stride(1),
-                                      kb0.stride(2), scratch.data_ptr())
+                                      kb0.stride(2), (kb0.dtype == torch.bfloat16) | (vb0.dtype == torch.bfloat16) << 1,
+                                      scratch.data_ptr())
         return True
 
-    def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, cache, kernel_only: bool = False) -> torch.Tensor | None:
+        """Logits (B, 1, V) of the next token; with `kernel_only`, None (the cache untouched) where the
+        C step does not apply."""
         lm = self._lm()
         pos = cache.get_seq_length()
         h = lm.model.embed_tokens(input_ids[:, 0])  # (B, d)
         bufs = [layer.reserve(1) for layer in cache.layers]
         if not self._kernel_step(h, pos, bufs):
+            if kernel_only:
+                return None
             rot = self._rotation(pos, h)
             h = self._layers_fn(h, rot, self.weights, [kb for kb, _ in bufs], [vb for _, vb in bufs], pos, self.dims)
         for layer in cache.layers:
@@ -636,13 +644,16 @@ _DECODE_KWARGS = {"return_dict", "cache_position", "logits_to_keep"}
 
 def decode_step(model, input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache, kwargs):
     """`model`'s output for one greedy decode step through `DecodeStep`, or None where it does not
-    apply (then the model's own forward runs): CPU, fp32, no autograd or autocast, eval mode, one
-    new token per row on a non-empty `StormKVCache`, no padding in `attention_mask`, positions
-    that follow the cache, an LLM `DecodeStep` supports. Called by StormForConditionalGeneration.forward."""
+    apply (then the model's own forward runs): CPU, fp32 weights, no autograd, eval mode, one new
+    token per row on a non-empty `StormKVCache`, no padding in `attention_mask`, positions that
+    follow the cache, an LLM `DecodeStep` supports. Under CPU autocast (the bfloat16 precision: fp32
+    weights, bf16 products) only the C step is taken, in float32 on a bf16 or fp32 cache: autocast
+    would cast every weight to bf16 at every step, more work than reading it once in fp32, and the
+    float32 step is at least as accurate. Called by StormForConditionalGeneration.forward."""
     if (not getattr(model, "_storm_decode", True) or input_ids is None or inputs_embeds is not None
             or input_ids.dim() != 2 or input_ids.shape[1] != 1 or input_ids.device.type != "cpu"
             or torch.is_grad_enabled() or model.training or use_cache is False
-            or not isinstance(cache, StormKVCache) or torch.is_autocast_enabled("cpu")
+            or not isinstance(cache, StormKVCache)
             or not set(kwargs) <= _DECODE_KWARGS or not isinstance(kwargs.get("logits_to_keep", 0), int)
             or kwargs.get("return_dict", True) is False):
         return None
@@ -669,7 +680,11 @@ def decode_step(model, input_ids, inputs_embeds, attention_mask, position_ids, c
         step = DecodeStep(lm, compile_layers=getattr(model, "_storm_compile_decode", False),
                           kernel=getattr(model, "_storm_decode_kernel", True))
         _DECODE_STEPS[lm] = step
-    return CausalLMOutputWithPast(logits=step(input_ids, cache), cache=cache)
+    if not torch.is_autocast_enabled("cpu"):
+        return CausalLMOutputWithPast(logits=step(input_ids, cache), cache=cache)
+    with torch.autocast("cpu", enabled=False):
+        logits = step(input_ids, cache, kernel_only=True)
+    return None if logits is None else CausalLMOutputWithPast(logits=logits, cache=cache)
 
 
 def decode_step_path(model) -> str | None:

@@ -82,30 +82,77 @@ static float exp_shifted(float *p, int64_t T) {
     return sum;
 }
 
+/* The KV cache holds float32, or bfloat16 (the upper half of a float32) where the prefill ran under
+ * bf16 autocast. Loads widen bf16 to float32 exactly; stores round to nearest even as torch does. */
+typedef uint16_t vh __attribute__((vector_size(2 * LANES)));
+
+static inline vf load_kv(const void *p, int64_t i, int bf16) {
+    if (!bf16) return loadu((const float *)p + i);
+    vh b;
+    memcpy(&b, (const uint16_t *)p + i, sizeof b);
+    return (vf)(__builtin_convertvector(b, vi) << 16);
+}
+
+static inline float kv_at(const void *p, int64_t i, int bf16) {
+    if (!bf16) return ((const float *)p)[i];
+    const uint32_t b = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float f;
+    memcpy(&f, &b, sizeof f);
+    return f;
+}
+
+static inline uint16_t to_bf16(float f) {
+    uint32_t b;
+    memcpy(&b, &f, sizeof b);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN, as torch writes it */
+    return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+/* n values of src at element `off` of a cache buffer */
+static void store_kv(void *p, int64_t off, const float *src, int64_t n, int bf16) {
+    if (!bf16) {
+        memcpy((float *)p + off, src, (size_t)n * sizeof(float));
+        return;
+    }
+    for (int64_t i = 0; i < n; i++) ((uint16_t *)p)[off + i] = to_bf16(src[i]);
+}
+
+/* q . (the cached row at element `off`), n values */
+static inline float dot_kv(const float *q, const void *K, int64_t off, int64_t n, int bf16) {
+    vf s = splat(0.0f);
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) s += loadu(q + i) * load_kv(K, off + i, bf16);
+    float out = hsum(s);
+    for (; i < n; i++) out += q[i] * kv_at(K, off + i, bf16);
+    return out;
+}
+
 /* Grouped-query attention of one token over T cached positions. q, out (heads, hd); K, V: KV head g,
- * position t at K + g * sg + t * st (hd contiguous). Each KV head is read once for its r query heads.
- * scores: r * T floats of scratch. */
-static void attend(const float *q, const float *K, const float *V, int64_t sg, int64_t st, int64_t T,
+ * position t at element g * sg + t * st (hd contiguous), float32 or bfloat16 (kbf16, vbf16). Each KV
+ * head is read once for its r query heads. scores: r * T floats of scratch. */
+static void attend(const float *q, const void *K, const void *V, int kbf16, int vbf16, int64_t sg, int64_t st,
+                   int64_t T,
                    int64_t heads, int64_t kv_heads, int64_t hd, float scaling, float *scores, float *out) {
     const int64_t r = heads / kv_heads;
     for (int64_t g = 0; g < kv_heads; g++) {
-        const float *Kg = K + g * sg, *Vg = V + g * sg, *qg = q + g * r * hd;
+        const float *qg = q + g * r * hd;
         float *og = out + g * r * hd;
         for (int64_t t = 0; t < T; t++)
-            for (int64_t j = 0; j < r; j++) scores[j * T + t] = dot(qg + j * hd, Kg + t * st, hd) * scaling;
+            for (int64_t j = 0; j < r; j++)
+                scores[j * T + t] = dot_kv(qg + j * hd, K, g * sg + t * st, hd, kbf16) * scaling;
         for (int64_t j = 0; j < r; j++) {
             const float inv = 1.0f / exp_shifted(scores + j * T, T);
             for (int64_t t = 0; t < T; t++) scores[j * T + t] *= inv;
         }
         for (int64_t i = 0; i < r * hd; i++) og[i] = 0.0f;
         for (int64_t t = 0; t < T; t++) {
-            const float *vt = Vg + t * st;
+            const int64_t vt = g * sg + t * st;
             for (int64_t j = 0; j < r; j++) {
                 const float p = scores[j * T + t];
                 float *o = og + j * hd;
                 int64_t i = 0;
-                for (; i + LANES <= hd; i += LANES) storeu(o + i, loadu(o + i) + p * loadu(vt + i));
-                for (; i < hd; i++) o[i] += p * vt[i];
+                for (; i + LANES <= hd; i += LANES) storeu(o + i, loadu(o + i) + p * load_kv(V, vt + i, vbf16));
+                for (; i < hd; i++) o[i] += p * kv_at(V, vt + i, vbf16);
             }
         }
     }
@@ -136,12 +183,13 @@ int64_t storm_decode_scratch(int64_t d, int64_t heads, int64_t kv_heads, int64_t
  *      k (kv_heads hd, d), its bias, v (kv_heads hd, d), its bias, o (d, heads hd), its bias,
  *      gate (inter, d), its bias, up (inter, d), its bias, down (d, inter), its bias;
  *   kv: 2 pointers per layer, the key and the value buffer, both with element strides sg (KV head)
- *      and st (position), hd contiguous;
+ *      and st (position), hd contiguous; float32, or bfloat16 where bit 0 (keys) / bit 1 (values) of
+ *      kv_bf16 is set (under bf16 autocast the keys come out of the rotary embedding in float32);
  *   cos, sin (hd): the rotary embedding at `pos`, as the model's rotary module returns it;
  *   scratch: at least storm_decode_scratch(..., pos + 1) floats. Returns 0. */
 int storm_decode_f32(int64_t layers, int64_t d, int64_t heads, int64_t kv_heads, int64_t hd, int64_t inter,
                      float eps, float scaling, int64_t pos, float *h, const float *cos, const float *sin,
-                     const float *const *w, float *const *kv, int64_t sg, int64_t st, float *scratch) {
+                     const float *const *w, void *const *kv, int64_t sg, int64_t st, int kv_bf16, float *scratch) {
     const int64_t nq = heads * hd, nk = kv_heads * hd, T = pos + 1;
     float *x = scratch, *qkv = x + d, *att = qkv + nq + 2 * nk, *gu = att + nq, *scores = gu + 2 * inter;
     for (int64_t l = 0; l < layers; l++, w += 16, kv += 2) {
@@ -151,10 +199,10 @@ int storm_decode_f32(int64_t layers, int64_t d, int64_t heads, int64_t kv_heads,
         gemv(x, w[6], w[7], qkv + nq + nk, d, nk, 0);
         rotary(qkv, heads + kv_heads, hd, cos, sin); /* q and k heads are adjacent */
         for (int64_t g = 0; g < kv_heads; g++) {
-            memcpy(kv[0] + g * sg + pos * st, qkv + nq + g * hd, (size_t)hd * sizeof(float));
-            memcpy(kv[1] + g * sg + pos * st, qkv + nq + nk + g * hd, (size_t)hd * sizeof(float));
+            store_kv(kv[0], g * sg + pos * st, qkv + nq + g * hd, hd, kv_bf16 & 1);
+            store_kv(kv[1], g * sg + pos * st, qkv + nq + nk + g * hd, hd, kv_bf16 & 2);
         }
-        attend(qkv, kv[0], kv[1], sg, st, T, heads, kv_heads, hd, scaling, scores, att);
+        attend(qkv, kv[0], kv[1], kv_bf16 & 1, kv_bf16 & 2, sg, st, T, heads, kv_heads, hd, scaling, scores, att);
         gemv(att, w[8], w[9], h, nq, d, 1);
         rms_norm(h, w[1], x, d, eps);
         gemv(x, w[10], w[11], gu, d, inter, 0);
