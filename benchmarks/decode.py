@@ -17,8 +17,9 @@ and prints what its compilation cost.
 Beside each: the byte bound — the bytes a step must read (every LLM weight but the embedding
 table, plus the KV cache: storm_vlm.perf.costmodel.decode_cost) over this host's streaming
 bandwidth, timed in the same run (best of a start and an end measurement) — and the step's
-multiple of it (target: <= 2x). The greedy tokens of every path are compared (they must be
-identical). Also: 4x vs no compression at 256 frames against its FLOP and byte ratios, here and at
+multiple of it (target: <= 2x). The greedy tokens of every path are compared (identical in float32; under
+`--dtype bfloat16` on CPU the C step computes in float32 while the others' products are bf16, so
+they may differ). Also: 4x vs no compression at 256 frames against its FLOP and byte ratios, here and at
 the real size.
 """
 
@@ -64,7 +65,8 @@ def main(argv=None) -> int:
         enable_fast_paths(model, compile_decode=True)
         cache, token = caches[next(iter(caches))]
         t = time.perf_counter()
-        decode_steps(model, cache, token, 2, clock)
+        with s.resolved.context():  # the precision's autocast, as the prefill ran
+            decode_steps(model, cache, token, 2, clock)
         compile_s = time.perf_counter() - t
         print(f"  compiled decode step: first two steps took {compile_s:.1f} s (compilation)", flush=True)
         paths["compiled"] = dict(decode=True, compile_decode=True)
@@ -74,7 +76,8 @@ def main(argv=None) -> int:
         for name, (cache, token) in caches.items():
             for path, switches in paths.items():
                 enable_fast_paths(model, **switches)
-                ts, toks = decode_steps(model, cache, token, args.tokens, clock)
+                with s.resolved.context():
+                    ts, toks = decode_steps(model, cache, token, args.tokens, clock)
                 tokens.setdefault((name, path), toks)
                 if path == "step":
                     step_path = decode_step_path(model) or step_path

@@ -236,6 +236,10 @@ def test_c_decode_step_under_bf16_autocast(kernel_steps):
         assert layer.keys.shape[2] == ref_layer.keys.shape[2] == 10
         for t, r in ((layer.keys, ref_layer.keys), (layer.values, ref_layer.values)):
             torch.testing.assert_close(t[:, :, -1].float(), r[:, :, -1].to(t.dtype).float(), rtol=1e-2, atol=1e-2)
+    enable_fast_paths(model, decode_kernel=False)  # the tensor path takes float32 caches only: it steps aside
+    call = dict(inputs_embeds=None, attention_mask=None, position_ids=None, cache=cache, use_cache=True, kwargs={})
+    with torch.inference_mode():
+        assert fast_paths.decode_step(model, tok, **call) is None
 
 
 def test_c_decode_step_switch(kernel_steps):

@@ -582,14 +582,14 @@ class DecodeStep:
         return True
 
     def __call__(self, input_ids: torch.Tensor, cache, kernel_only: bool = False) -> torch.Tensor | None:
-        """Logits (B, 1, V) of the next token; with `kernel_only`, None (the cache untouched) where the
-        C step does not apply."""
+        """Logits (B, 1, V) of the next token; None (the cache untouched) where the C step does not
+        apply and either `kernel_only` is set or the cache is not float32 (a prefill under autocast)."""
         lm = self._lm()
         pos = cache.get_seq_length()
         h = lm.model.embed_tokens(input_ids[:, 0])  # (B, d)
         bufs = [layer.reserve(1) for layer in cache.layers]
         if not self._kernel_step(h, pos, bufs):
-            if kernel_only:
+            if kernel_only or any(t.dtype != h.dtype for pair in bufs for t in pair):
                 return None
             rot = self._rotation(pos, h)
             h = self._layers_fn(h, rot, self.weights, [kb for kb, _ in bufs], [vb for _, vb in bufs], pos, self.dims)
@@ -681,9 +681,10 @@ def decode_step(model, input_ids, inputs_embeds, attention_mask, position_ids, c
                           kernel=getattr(model, "_storm_decode_kernel", True))
         _DECODE_STEPS[lm] = step
     if not torch.is_autocast_enabled("cpu"):
-        return CausalLMOutputWithPast(logits=step(input_ids, cache), cache=cache)
-    with torch.autocast("cpu", enabled=False):
-        logits = step(input_ids, cache, kernel_only=True)
+        logits = step(input_ids, cache)
+    else:
+        with torch.autocast("cpu", enabled=False):
+            logits = step(input_ids, cache, kernel_only=True)
     return None if logits is None else CausalLMOutputWithPast(logits=logits, cache=cache)
 
 
