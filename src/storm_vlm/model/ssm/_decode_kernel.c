@@ -1,14 +1,15 @@
 /* One greedy decode step of a Llama-style decoder stack (Qwen2, Llama) for one token, float32, on the
- * CPU, in one call: per layer RMSNorm, the q/k/v product, the rotary embedding, the KV-cache write,
+ * CPU, in one call: per layer RMSNorm, the q/k/v products, the rotary embedding, the KV-cache write,
  * grouped-query attention over positions 0..pos, the output product and residual, RMSNorm, the
- * gate/up product, SiLU(gate) * up, the down product and residual. Called by
+ * gate/up products, SiLU(gate) * up, the down product and residual. Called by
  * storm_vlm.model.fast_paths.DecodeStep; built with the scan kernel (cpu_kernel.py), same vector width.
  *
  * A step reads every weight once, so its time is set by how fast the weights stream from memory.
- * Each product reads its matrix input-major, (in, out) row-major, one whole row after the other —
- * one sequential stream, which the hardware prefetcher follows best — and accumulates x[i] * row i
- * into an output block that stays in L1. The small operations around the products (norms, rotary,
- * softmax, the gate) cost microseconds here, where each is a separate tensor operation in PyTorch.
+ * Each product reads the model's own (out, in) matrix one whole row after the other — one sequential
+ * stream, which the hardware prefetcher follows best — with no copy of any weight. The small
+ * operations around the products (norms, rotary, softmax, the gate) cost microseconds here, where
+ * each is a separate tensor operation in PyTorch. The KV cache may hold bfloat16 (a prefill under
+ * bf16 autocast): it is read and written as such.
  */
 #include "_vec.h"
 
