@@ -12,8 +12,8 @@ from torch import nn
 import storm_vlm.model.modeling as modeling
 from storm_vlm import StormConfig
 from storm_vlm.model import fast_paths
-from storm_vlm.model.ssm import cpu_kernel
 from storm_vlm.model.fast_paths import DecodeStep, StormKVCache, enable_fast_paths
+from storm_vlm.model.ssm import cpu_kernel
 from storm_vlm.perf.profiler import build_random_model
 from helpers import TINY_CONFIG as TINY
 
