@@ -57,6 +57,14 @@ def _generate(model, ids, **kw):
         return model.generate(ids, **kw)
 
 
+
+def _three_steps(model, ids):
+    """Prefill `ids`, then three decode steps, each fed the prefill's next token: (their logits, the cache)."""
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True)
+        cache, tok = out.cache, out.logits[:, -1:].argmax(-1)
+        return [model(input_ids=tok, cache=cache, use_cache=True).logits for _ in range(3)], cache
+
 # ---- matmul backend -------------------------------------------------------------------------------
 
 
@@ -189,17 +197,11 @@ def test_c_decode_step_generates_the_models_tokens_and_logits(config, kernel_ste
     ids = torch.randint(0, 60, (1, 7), generator=torch.Generator().manual_seed(2))
     fast = _generate(model, ids, max_new_tokens=20, min_new_tokens=20)
     assert kernel_steps and all(kernel_steps)
-    with torch.inference_mode():
-        out = model(input_ids=ids, use_cache=True)
-        cache, tok = out.cache, out.logits[:, -1:].argmax(-1)
-        fast_logits = [model(input_ids=tok, cache=cache, use_cache=True).logits for _ in range(3)]
-        fast_keys = [layer.keys.clone() for layer in cache.layers]
+    fast_logits, cache = _three_steps(model, ids)
+    fast_keys = [layer.keys for layer in cache.layers]
     plain_decode()
     assert torch.equal(fast, _generate(model, ids, max_new_tokens=20, min_new_tokens=20))
-    with torch.inference_mode():
-        out = model(input_ids=ids, use_cache=True)
-        cache = out.cache
-        plain_logits = [model(input_ids=tok, cache=cache, use_cache=True).logits for _ in range(3)]
+    plain_logits, cache = _three_steps(model, ids)
     for a, b in zip(fast_logits, plain_logits):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     for a, layer in zip(fast_keys, cache.layers):
@@ -258,18 +260,12 @@ def test_long_generation_across_buffer_growth_and_logits(model, plain_decode):
     # 150 tokens: past the cache's first capacity (prompt + 128), so the buffers grow once mid-way
     ids = torch.randint(0, 60, (1, 5), generator=torch.Generator().manual_seed(4))
     fast = _generate(model, ids, max_new_tokens=150, min_new_tokens=150)
-    with torch.inference_mode():
-        out = model(input_ids=ids, use_cache=True)
-        cache, tok = out.cache, out.logits[:, -1:].argmax(-1)
-        fast_logits = [model(input_ids=tok, cache=cache, use_cache=True).logits for _ in range(3)]
-        assert cache.get_seq_length() == 8
+    fast_logits, cache = _three_steps(model, ids)
+    assert cache.get_seq_length() == 8
     plain_decode()
     plain = _generate(model, ids, max_new_tokens=150, min_new_tokens=150)
     assert torch.equal(fast, plain)
-    with torch.inference_mode():
-        out = model(input_ids=ids, use_cache=True)
-        cache = out.cache
-        plain_logits = [model(input_ids=tok, cache=cache, use_cache=True).logits for _ in range(3)]
+    plain_logits, _ = _three_steps(model, ids)
     for a, b in zip(fast_logits, plain_logits):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
