@@ -208,6 +208,60 @@ def test_c_decode_step_generates_the_models_tokens_and_logits(config, kernel_ste
         torch.testing.assert_close(a, layer.keys, rtol=1e-5, atol=1e-5)
 
 
+# head size 24: at 16 lanes one vector and a tail, at 8 three vectors, at 4 six; 3 query heads per KV head
+WIDE_HEADS = {**TINY, "text_config": {**TINY["text_config"], "hidden_size": 72, "num_attention_heads": 3,
+                                      "num_key_value_heads": 1, "intermediate_size": 40}}
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_c_decode_step_on_each_isa_path(isa, monkeypatch, kernel_steps, plain_decode):
+    """Every vector width of the C step (the narrower ones forced), over a cache longer than the
+    values' block of 64 positions and not a multiple of the width: the model's tokens and logits."""
+    if list(cpu_kernel.ISAS).index(isa) > list(cpu_kernel.ISAS).index(cpu_kernel.detect_isa()):
+        pytest.skip(f"this CPU does not run {isa}")
+    lib = cpu_kernel.build(isa)
+    monkeypatch.setattr(cpu_kernel, "load_library", lambda *a, **k: lib)
+    model = build_random_model(StormConfig(**WIDE_HEADS), seed=5)
+    assert model.language_model.model.layers[0].self_attn.head_dim == 24
+    ids = torch.randint(0, 60, (1, 61), generator=torch.Generator().manual_seed(3))
+    fast = _generate(model, ids, max_new_tokens=12, min_new_tokens=12)
+    fast_logits, _ = _three_steps(model, ids)
+    assert kernel_steps and all(kernel_steps)
+    assert fast_paths.decode_step_path(model) == f"C step ({isa} x{lib.storm_lanes})"
+    plain_decode()
+    assert torch.equal(fast, _generate(model, ids, max_new_tokens=12, min_new_tokens=12))
+    for a, b in zip(fast_logits, _three_steps(model, ids)[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_c_decode_step_follows_every_other_writer_of_the_cache(kernel_steps):
+    """The C step keeps its own copy of the keys in its layout; a crop, the tensor step and the model's
+    forward rewrite positions of the cache between its steps, and it must attend over the new keys:
+    each step's logits equal the model's forward over the whole sequence, without a cache."""
+    model = build_random_model(StormConfig(**TINY), seed=3)
+    seq = torch.randint(0, 60, (1, 7), generator=torch.Generator().manual_seed(4))
+
+    def step(cache, tokens):
+        nonlocal seq
+        seq = torch.cat([seq[:, :cache.get_seq_length()], torch.tensor([tokens])], 1)
+        logits = model(input_ids=torch.tensor([tokens]), cache=cache, use_cache=True).logits[:, -1]
+        torch.testing.assert_close(logits, model(input_ids=seq).logits[:, -1], rtol=1e-4, atol=1e-4)
+
+    with torch.inference_mode():
+        cache = model(input_ids=seq, use_cache=True).cache
+        for tok in (5, 6, 7):
+            step(cache, [tok])  # positions 7, 8, 9 through the C step
+        cache.crop(-2)  # back to 8 positions
+        enable_fast_paths(model, decode_kernel=False)
+        step(cache, [11])  # position 8 rewritten by the tensor step
+        enable_fast_paths(model)
+        step(cache, [12])  # the C step at 9 attends over the new key at 8
+        cache.crop(-1)  # back to 9
+        step(cache, [13, 14])  # positions 9, 10 rewritten by the model's forward (two tokens)
+        step(cache, [15])
+    assert kernel_steps == [True] * 3 + [False, True, True]
+
+
 def test_c_decode_step_steps_aside_for_batches(kernel_steps):
     model = build_random_model(StormConfig(**TINY), seed=3)
     _generate(model, torch.randint(0, 60, (2, 5), generator=torch.Generator().manual_seed(1)))

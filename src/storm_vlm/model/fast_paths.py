@@ -181,11 +181,30 @@ class _GrowingKVLayer(DynamicLayer):
     e.g. `batch_select_indices`, makes the next append re-adopt them into a fresh buffer). When
     gradients flow into the cache it falls back to concatenation (in-place writes would break
     autograd's saved views).
+
+    For the C decode step the layer also keeps its keys in that step's layout (`transposed_keys`),
+    filled by the step itself: positions from `_keys_t_len` on are (re)copied at the next step, so
+    every writer of keys moves that mark back to where it writes (`update`, `reserve`, a new buffer).
     """
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        self._key_buf = self._value_buf = None
+        self._set_buffers(None, None)
+
+    def _set_buffers(self, kb, vb) -> None:
+        self._key_buf, self._value_buf = kb, vb
+        self._keys_t, self._keys_t_len = None, 0  # a new buffer: the transposed keys start over
+
+    def transposed_keys(self, lanes: int) -> tuple[torch.Tensor, int]:
+        """(KT, n): the key buffer (1, H, capacity, hd) laid out for the C decode step as float32
+        (H, ceil(capacity / lanes), hd, lanes) — `lanes` positions per block, component-major — and
+        how many leading positions of it hold the current keys. Call after `reserve`."""
+        kb = self._key_buf
+        shape = (kb.shape[1], -(-kb.shape[2] // lanes), kb.shape[3], lanes)
+        if self._keys_t is None or self._keys_t.shape != shape:
+            self._keys_t = torch.zeros(shape, dtype=torch.float32, device=kb.device)
+            self._keys_t_len = 0
+        return self._keys_t, self._keys_t_len
 
     def _owns(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> bool:
         kb, vb = self._key_buf, self._value_buf
@@ -203,7 +222,7 @@ class _GrowingKVLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
-            self._key_buf = self._value_buf = None
+            self._set_buffers(None, None)
             return super().update(key_states, value_states, *args, **kwargs)
         n = self.get_seq_length()
         needed = n + key_states.shape[-2]
@@ -214,7 +233,8 @@ class _GrowingKVLayer(DynamicLayer):
             if n:
                 kb[:, :, :n].copy_(self.keys)
                 vb[:, :, :n].copy_(self.values)
-            self._key_buf, self._value_buf = kb, vb
+            self._set_buffers(kb, vb)
+        self._keys_t_len = min(self._keys_t_len, n)  # positions n.. are rewritten
         self._key_buf[:, :, n:needed].copy_(key_states)
         self._value_buf[:, :, n:needed].copy_(value_states)
         self.keys = self._key_buf[:, :, :needed]
@@ -226,6 +246,7 @@ class _GrowingKVLayer(DynamicLayer):
         the current ones (grown or adopted as `update` would). For writers that append in place
         and then call `advance`."""
         kb, n = self._key_buf, self.keys.shape[-2]
+        self._keys_t_len = min(self._keys_t_len, n)  # the caller writes positions n..
         if (kb is not None and n + tokens <= kb.shape[-2] and self.keys.data_ptr() == kb.data_ptr()
                 and self.values.data_ptr() == self._value_buf.data_ptr() and self.keys.shape[0] == kb.shape[0]):
             return kb, self._value_buf  # the views are ours (update / advance made them)
@@ -235,7 +256,7 @@ class _GrowingKVLayer(DynamicLayer):
             vb = self.values.new_empty(*self.values.shape[:2], capacity, self.values.shape[-1])
             kb[:, :, :n].copy_(self.keys)
             vb[:, :, :n].copy_(self.values)
-            self._key_buf, self._value_buf = kb, vb
+            self._set_buffers(kb, vb)
             self.keys, self.values = kb[:, :, :n], vb[:, :, :n]
         return self._key_buf, self._value_buf
 
@@ -245,7 +266,7 @@ class _GrowingKVLayer(DynamicLayer):
         self.keys, self.values = self._key_buf[:, :, :n], self._value_buf[:, :, :n]
 
     def reset(self) -> None:
-        self._key_buf = self._value_buf = None
+        self._set_buffers(None, None)
         super().reset()
 
 
@@ -556,13 +577,14 @@ class DecodeStep:
         k = self._kernel
         return "tensor operations" if k is None else f"C step ({k.storm_isa} x{k.storm_lanes})"
 
-    def _kernel_step(self, h: torch.Tensor, pos: int, bufs) -> bool:
+    def _kernel_step(self, h: torch.Tensor, pos: int, layers, bufs) -> bool:
         """Every layer through the C step (`_decode_kernel.c`), h (1, d) updated in place; False
         (nothing done) where it does not apply: no kernel, more than one row, buffers not laid out
-        (1, G, capacity, hd) with hd contiguous."""
+        (1, G, capacity, hd) with hd contiguous. `layers`: the cache's layers, `bufs` what their
+        `reserve(1)` returned."""
         kb0, vb0 = bufs[0]
         dtypes = (torch.float32, torch.bfloat16)
-        if self._kernel is None or h.shape[0] != 1 or not h.is_contiguous() or kb0.stride(-1) != 1 or not all(
+        if self._kernel is None or h.shape[0] != 1 or kb0.shape[0] != 1 or not h.is_contiguous() or kb0.stride(-1) != 1 or not all(
                 kb.stride() == vb.stride() == kb0.stride() and kb.dtype == kb0.dtype and vb.dtype == vb0.dtype
                 for kb, vb in bufs) or kb0.dtype not in dtypes or vb0.dtype not in dtypes:
             return False
@@ -575,10 +597,14 @@ class DecodeStep:
         # scratch per call, not per step object: two threads may decode with the same model
         scratch = torch.empty(self._kernel.storm_decode_scratch(d, heads, kv_heads, hd, inter, pos + 1))
         kv = (ctypes.c_void_p * (2 * len(bufs)))(*[t.data_ptr() for pair in bufs for t in pair])
+        kts = [layer.transposed_keys(self._kernel.storm_lanes) for layer in layers]
+        kt = (ctypes.c_void_p * len(kts))(*[t.data_ptr() for t, _ in kts])
         self._kernel.storm_decode_f32(len(bufs), d, heads, kv_heads, hd, inter, eps, scaling, pos, h.data_ptr(),
                                       cos.data_ptr(), sin.data_ptr(), self._kernel_weights, kv, kb0.stride(1),
                                       kb0.stride(2), (kb0.dtype == torch.bfloat16) | (vb0.dtype == torch.bfloat16) << 1,
-                                      scratch.data_ptr())
+                                      kt, kts[0][0].stride(0), min(n for _, n in kts), scratch.data_ptr())
+        for layer in layers:
+            layer._keys_t_len = pos + 1
         return True
 
     def __call__(self, input_ids: torch.Tensor, cache, kernel_only: bool = False) -> torch.Tensor | None:
@@ -588,7 +614,7 @@ class DecodeStep:
         pos = cache.get_seq_length()
         h = lm.model.embed_tokens(input_ids[:, 0])  # (B, d)
         bufs = [layer.reserve(1) for layer in cache.layers]
-        if not self._kernel_step(h, pos, bufs):
+        if not self._kernel_step(h, pos, cache.layers, bufs):
             if kernel_only or any(t.dtype != h.dtype for pair in bufs for t in pair):
                 return None
             rot = self._rotation(pos, h)

@@ -65,11 +65,20 @@ static void rotary(float *v, int64_t count, int64_t hd, const float *cos, const 
 
 /* p[t] = exp(p[t] - max) for t < T; returns their sum */
 static float exp_shifted(float *p, int64_t T) {
+    int64_t t = 0;
     float mx = p[0];
-    for (int64_t t = 1; t < T; t++) mx = p[t] > mx ? p[t] : mx;
+    if (T >= LANES) {
+        vf m = loadu(p);
+        for (t = LANES; t + LANES <= T; t += LANES) {
+            const vf x = loadu(p + t);
+            m = sel(x > m, x, m);
+        }
+        for (int i = 0; i < LANES; i++) mx = m[i] > mx ? m[i] : mx;
+    }
+    for (; t < T; t++) mx = p[t] > mx ? p[t] : mx;
     const vf m2 = splat(mx * LOG2E);
     vf s = splat(0.0f);
-    int64_t t = 0;
+    t = 0;
     for (; t + LANES <= T; t += LANES) {
         const vf e = vexp2(loadu(p + t) * LOG2E - m2);
         storeu(p + t, e);
@@ -118,43 +127,79 @@ static void store_kv(void *p, int64_t off, const float *src, int64_t n, int bf16
     for (int64_t i = 0; i < n; i++) ((uint16_t *)p)[off + i] = to_bf16(src[i]);
 }
 
-/* q . (the cached row at element `off`), n values */
-static inline float dot_kv(const float *q, const void *K, int64_t off, int64_t n, int bf16) {
-    vf s = splat(0.0f);
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES) s += loadu(q + i) * load_kv(K, off + i, bf16);
-    float out = hsum(s);
-    for (; i < n; i++) out += q[i] * kv_at(K, off + i, bf16);
-    return out;
+/* Keys laid out for vector-wide scores: KV head g's positions in blocks of LANES, each block (hd, LANES)
+ * (lane i of row c holds component c of position block * LANES + i), so that one vector of LANES scores
+ * is hd multiply-adds with no horizontal sum; a score per position in the cache's own layout needs a
+ * horizontal sum of hd products each. Copies positions from..T-1 of keys K (element `off` + t * st). */
+static void transpose_keys(const void *K, int kbf16, int64_t off, int64_t st, int64_t from, int64_t T, int64_t hd,
+                           float *kt) {
+    for (int64_t t = from; t < T; t++) {
+        float *dst = kt + t / LANES * hd * LANES + t % LANES;
+        for (int64_t c = 0; c < hd; c++) dst[c * LANES] = kv_at(K, off + t * st + c, kbf16);
+    }
 }
 
-/* Grouped-query attention of one token over T cached positions. q, out (heads, hd); K, V: KV head g,
- * position t at element g * sg + t * st (hd contiguous), float32 or bfloat16 (kbf16, vbf16). Each KV
- * head is read once for its r query heads. scores: r * T floats of scratch. */
-static void attend(const float *q, const void *K, const void *V, int kbf16, int vbf16, int64_t sg, int64_t st,
-                   int64_t T,
-                   int64_t heads, int64_t kv_heads, int64_t hd, float scaling, float *scores, float *out) {
-    const int64_t r = heads / kv_heads;
+#define VALUE_BLOCK 64 /* positions of values summed per pass over the heads: 8 KB of float32 at hd 32 */
+
+/* Grouped-query attention of one token over T cached positions. q, out (heads, hd); KT: the keys as
+ * transpose_keys lays them out, KV head g from element g * ktg; V: KV head g, position t at element
+ * g * sg + t * st (hd contiguous), float32 or bfloat16 (vbf16). Each KV head's keys and values are
+ * read once from memory for its r query heads (the values in blocks of VALUE_BLOCK positions that
+ * stay in cache across the r heads). scores: r * (T rounded up to LANES) + r floats of scratch. */
+static void attend(const float *q, const float *KT, int64_t ktg, const void *V, int vbf16, int64_t sg, int64_t st,
+                   int64_t T, int64_t heads, int64_t kv_heads, int64_t hd, float scaling, float *scores, float *out) {
+    const int64_t r = heads / kv_heads, blocks = (T + LANES - 1) / LANES, Tp = blocks * LANES;
+    float *sums = scores + r * Tp;
     for (int64_t g = 0; g < kv_heads; g++) {
         const float *qg = q + g * r * hd;
         float *og = out + g * r * hd;
-        for (int64_t t = 0; t < T; t++)
-            for (int64_t j = 0; j < r; j++)
-                scores[j * T + t] = dot_kv(qg + j * hd, K, g * sg + t * st, hd, kbf16) * scaling;
-        for (int64_t j = 0; j < r; j++) {
-            const float inv = 1.0f / exp_shifted(scores + j * T, T);
-            for (int64_t t = 0; t < T; t++) scores[j * T + t] *= inv;
-        }
-        for (int64_t i = 0; i < r * hd; i++) og[i] = 0.0f;
-        for (int64_t t = 0; t < T; t++) {
-            const int64_t vt = g * sg + t * st;
+        for (int64_t b = 0; b < blocks; b++) {
+            const float *kb = KT + g * ktg + b * hd * LANES;
             for (int64_t j = 0; j < r; j++) {
-                const float p = scores[j * T + t];
-                float *o = og + j * hd;
-                int64_t i = 0;
-                for (; i + LANES <= hd; i += LANES) storeu(o + i, loadu(o + i) + p * load_kv(V, vt + i, vbf16));
-                for (; i < hd; i++) o[i] += p * kv_at(V, vt + i, vbf16);
+                const float *qj = qg + j * hd;
+                vf a0 = splat(0.0f), a1 = a0, a2 = a0, a3 = a0; /* four chains: the adds do not wait */
+                int64_t c = 0;
+                for (; c + 4 <= hd; c += 4) {
+                    a0 += qj[c] * loadu(kb + c * LANES);
+                    a1 += qj[c + 1] * loadu(kb + (c + 1) * LANES);
+                    a2 += qj[c + 2] * loadu(kb + (c + 2) * LANES);
+                    a3 += qj[c + 3] * loadu(kb + (c + 3) * LANES);
+                }
+                for (; c < hd; c++) a0 += qj[c] * loadu(kb + c * LANES);
+                storeu(scores + j * Tp + b * LANES, ((a0 + a1) + (a2 + a3)) * scaling);
             }
+        }
+        for (int64_t j = 0; j < r; j++) sums[j] = exp_shifted(scores + j * Tp, T);
+        for (int64_t i = 0; i < r * hd; i++) og[i] = 0.0f;
+        for (int64_t t0 = 0; t0 < T; t0 += VALUE_BLOCK) {
+            const int64_t t1 = t0 + VALUE_BLOCK < T ? t0 + VALUE_BLOCK : T;
+            const int64_t vg = g * sg;
+            for (int64_t j = 0; j < r; j++) {
+                const float *p = scores + j * Tp;
+                float *o = og + j * hd;
+                int64_t c = 0;
+                for (; c + LANES <= hd; c += LANES) {
+                    vf a0 = loadu(o + c), a1 = splat(0.0f), a2 = a1, a3 = a1;
+                    int64_t t = t0;
+                    for (; t + 4 <= t1; t += 4) {
+                        a0 += p[t] * load_kv(V, vg + t * st + c, vbf16);
+                        a1 += p[t + 1] * load_kv(V, vg + (t + 1) * st + c, vbf16);
+                        a2 += p[t + 2] * load_kv(V, vg + (t + 2) * st + c, vbf16);
+                        a3 += p[t + 3] * load_kv(V, vg + (t + 3) * st + c, vbf16);
+                    }
+                    for (; t < t1; t++) a0 += p[t] * load_kv(V, vg + t * st + c, vbf16);
+                    storeu(o + c, (a0 + a1) + (a2 + a3));
+                }
+                for (; c < hd; c++) {
+                    float a = o[c];
+                    for (int64_t t = t0; t < t1; t++) a += p[t] * kv_at(V, vg + t * st + c, vbf16);
+                    o[c] = a;
+                }
+            }
+        }
+        for (int64_t j = 0; j < r; j++) {
+            const float inv = 1.0f / sums[j];
+            for (int64_t c = 0; c < hd; c++) og[j * hd + c] *= inv;
         }
     }
 }
@@ -174,7 +219,8 @@ static void silu_mul(float *gu, int64_t inter) {
 
 /* Floats of scratch storm_decode_f32 needs for a cache of T positions. */
 int64_t storm_decode_scratch(int64_t d, int64_t heads, int64_t kv_heads, int64_t hd, int64_t inter, int64_t T) {
-    return d + (heads + 2 * kv_heads) * hd + heads * hd + 2 * inter + heads / kv_heads * T;
+    const int64_t r = heads / kv_heads;
+    return d + (heads + 2 * kv_heads) * hd + heads * hd + 2 * inter + r * ((T + LANES - 1) / LANES * LANES) + r;
 }
 
 /* Every layer for one token: h (d) in, h out. Writes each layer's key and value at position `pos`
@@ -186,14 +232,17 @@ int64_t storm_decode_scratch(int64_t d, int64_t heads, int64_t kv_heads, int64_t
  *   kv: 2 pointers per layer, the key and the value buffer, both with element strides sg (KV head)
  *      and st (position), hd contiguous; float32, or bfloat16 where bit 0 (keys) / bit 1 (values) of
  *      kv_bf16 is set (under bf16 autocast the keys come out of the rotary embedding in float32);
+ *   kt: 1 pointer per layer, its keys as transpose_keys lays them out (float32), KV head g from element
+ *      g * ktg, with room for position pos; positions 0..kt_from-1 already there, the rest copied here;
  *   cos, sin (hd): the rotary embedding at `pos`, as the model's rotary module returns it;
  *   scratch: at least storm_decode_scratch(..., pos + 1) floats. Returns 0. */
 int storm_decode_f32(int64_t layers, int64_t d, int64_t heads, int64_t kv_heads, int64_t hd, int64_t inter,
                      float eps, float scaling, int64_t pos, float *h, const float *cos, const float *sin,
-                     const float *const *w, void *const *kv, int64_t sg, int64_t st, int kv_bf16, float *scratch) {
+                     const float *const *w, void *const *kv, int64_t sg, int64_t st, int kv_bf16, float *const *kt,
+                     int64_t ktg, int64_t kt_from, float *scratch) {
     const int64_t nq = heads * hd, nk = kv_heads * hd, T = pos + 1;
     float *x = scratch, *qkv = x + d, *att = qkv + nq + 2 * nk, *gu = att + nq, *scores = gu + 2 * inter;
-    for (int64_t l = 0; l < layers; l++, w += 16, kv += 2) {
+    for (int64_t l = 0; l < layers; l++, w += 16, kv += 2, kt++) {
         rms_norm(h, w[0], x, d, eps);
         gemv(x, w[2], w[3], qkv, d, nq, 0);
         gemv(x, w[4], w[5], qkv + nq, d, nk, 0);
@@ -202,8 +251,9 @@ int storm_decode_f32(int64_t layers, int64_t d, int64_t heads, int64_t kv_heads,
         for (int64_t g = 0; g < kv_heads; g++) {
             store_kv(kv[0], g * sg + pos * st, qkv + nq + g * hd, hd, kv_bf16 & 1);
             store_kv(kv[1], g * sg + pos * st, qkv + nq + nk + g * hd, hd, kv_bf16 & 2);
+            transpose_keys(kv[0], kv_bf16 & 1, g * sg, st, kt_from, T, hd, kt[0] + g * ktg);
         }
-        attend(qkv, kv[0], kv[1], kv_bf16 & 1, kv_bf16 & 2, sg, st, T, heads, kv_heads, hd, scaling, scores, att);
+        attend(qkv, kt[0], ktg, kv[1], kv_bf16 & 2, sg, st, T, heads, kv_heads, hd, scaling, scores, att);
         gemv(att, w[8], w[9], h, nq, d, 1);
         rms_norm(h, w[1], x, d, eps);
         gemv(x, w[10], w[11], gu, d, inter, 0);
