@@ -183,7 +183,11 @@ def kernel_steps(monkeypatch):
     monkeypatch.delenv("STORM_VLM_DECODE_KERNEL", raising=False)
     ran = []
     real = fast_paths.DecodeStep._kernel_step
-    monkeypatch.setattr(fast_paths.DecodeStep, "_kernel_step", lambda self, *a: ran.append(real(self, *a)) or ran[-1])
+    def recorded(self, *a):
+        logits = real(self, *a)
+        ran.append(logits is not None)
+        return logits
+    monkeypatch.setattr(fast_paths.DecodeStep, "_kernel_step", recorded)
     return ran
 
 

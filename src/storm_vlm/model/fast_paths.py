@@ -50,8 +50,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import math
+import operator
 import os
+import threading
 import time
 import weakref
 
@@ -169,6 +172,11 @@ def _use_storm_sdpa(config) -> None:
         config._attn_implementation = STORM_SDPA
 
 
+_BUFFER_GENERATIONS = itertools.count()
+_VERSION = operator.attrgetter("_version")
+_ROPE_BLOCK = 256  # positions of the rotary embedding computed at once for the C decode step
+
+
 class _GrowingKVLayer(DynamicLayer):
     """A `DynamicLayer` that appends in place into a buffer with spare room.
 
@@ -182,18 +190,56 @@ class _GrowingKVLayer(DynamicLayer):
     gradients flow into the cache it falls back to concatenation (in-place writes would break
     autograd's saved views).
 
-    For the C decode step the layer also keeps its keys in that step's layout (`transposed_keys`),
-    filled by the step itself: positions from `_keys_t_len` on are (re)copied at the next step, so
-    every writer of keys moves that mark back to where it writes (`update`, `reserve`, a new buffer).
+    `advance` only counts: the views `keys` / `values` are made when next read (a decode step on
+    every layer would otherwise make two views per layer per token, a sizeable share of a step's
+    overhead). For the C decode step the layer also keeps its keys in that step's layout
+    (`transposed_keys`), filled by the step itself: positions from `_keys_t_len` on are (re)copied
+    at the next step, so every writer of keys moves that mark back to where it writes (`update`,
+    `reserve`, a new buffer). `generation` changes whenever the buffers do.
     """
+
+    _pending: int | None = None  # set by `advance`: `keys` / `values` are views of this length, not made yet
+
+    @property
+    def keys(self):
+        if self._pending is not None:
+            self._make_views()
+        return self._keys
+
+    @keys.setter
+    def keys(self, t) -> None:
+        if self._pending is not None:
+            self._make_views()
+        self._keys = t
+
+    @property
+    def values(self):
+        if self._pending is not None:
+            self._make_views()
+        return self._values
+
+    @values.setter
+    def values(self, t) -> None:
+        if self._pending is not None:
+            self._make_views()
+        self._values = t
+
+    def _make_views(self) -> None:
+        n, self._pending = self._pending, None
+        self._keys, self._values = self._key_buf.narrow(2, 0, n), self._value_buf.narrow(2, 0, n)
+
+    def get_seq_length(self) -> int:
+        return self._pending if self._pending is not None else super().get_seq_length()
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         self._set_buffers(None, None)
 
     def _set_buffers(self, kb, vb) -> None:
+        self._pending = None  # callers have read (or drop) the views
         self._key_buf, self._value_buf = kb, vb
         self._keys_t, self._keys_t_len = None, 0  # a new buffer: the transposed keys start over
+        self.generation = next(_BUFFER_GENERATIONS)
 
     def transposed_keys(self, lanes: int) -> tuple[torch.Tensor, int]:
         """(KT, n): the key buffer (1, H, capacity, hd) laid out for the C decode step as float32
@@ -204,6 +250,7 @@ class _GrowingKVLayer(DynamicLayer):
         if self._keys_t is None or self._keys_t.shape != shape:
             self._keys_t = torch.zeros(shape, dtype=torch.float32, device=kb.device)
             self._keys_t_len = 0
+            self.generation = next(_BUFFER_GENERATIONS)
         return self._keys_t, self._keys_t_len
 
     def _owns(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> bool:
@@ -245,8 +292,10 @@ class _GrowingKVLayer(DynamicLayer):
         """The key and value buffers (B, H, capacity, hd), with room for `tokens` more tokens after
         the current ones (grown or adopted as `update` would). For writers that append in place
         and then call `advance`."""
-        kb, n = self._key_buf, self.keys.shape[-2]
+        kb, n = self._key_buf, self.get_seq_length()
         self._keys_t_len = min(self._keys_t_len, n)  # the caller writes positions n..
+        if self._pending is not None and n + tokens <= kb.shape[2]:
+            return kb, self._value_buf  # advance counted tokens in our buffers
         if (kb is not None and n + tokens <= kb.shape[-2] and self.keys.data_ptr() == kb.data_ptr()
                 and self.values.data_ptr() == self._value_buf.data_ptr() and self.keys.shape[0] == kb.shape[0]):
             return kb, self._value_buf  # the views are ours (update / advance made them)
@@ -262,8 +311,7 @@ class _GrowingKVLayer(DynamicLayer):
 
     def advance(self, tokens: int) -> None:
         """Count `tokens` tokens written into the buffers after the current ones (see `reserve`)."""
-        n = self.get_seq_length() + tokens
-        self.keys, self.values = self._key_buf[:, :, :n], self._value_buf[:, :, :n]
+        self._pending = self.get_seq_length() + tokens
 
     def reset(self) -> None:
         self._set_buffers(None, None)
@@ -460,7 +508,9 @@ class DecodeStep:
     `step(input_ids (B, 1), cache: StormKVCache) -> logits (B, 1, V)`: appends the token's keys and
     values to the cache in place and returns what `lm(input_ids, cache=cache).logits` returns, up to
     float rounding. Built by `decode_step` the first time it applies; rebuilt when a weight changes
-    (a parameter's storage or version counter moves, as with `load_state_dict` or an optimizer step).
+    (a parameter's storage or version counter moves, as with `load_state_dict` or an optimizer step),
+    which `decode_step` checks when a cache first meets the step: change weights between
+    generations, not in the middle of one.
 
     `fused` (the default where the copies take at most a quarter of free memory): q/k/v read as one
     matrix and gate/up as one, each projection (q/k/v, o, gate/up, down, lm_head) in the layout that
@@ -486,7 +536,7 @@ class DecodeStep:
         # (the module's parameter dict, name, tensor) of every tensor the step reads
         self._slots = [(m._parameters, name, m._parameters[name]) for m in owners for name in ("weight", "bias")
                        if m._parameters.get(name) is not None]
-        self._tensors = [t for _, _, t in self._slots]
+        self._slot_dicts, self._slot_names, self._tensors = (list(x) for x in zip(*self._slots))
         self._inference_weights = any(t.is_inference() for t in self._tensors)
         self._snapshot = self._weights_key()
         mods = [(L.input_layernorm, L.post_attention_layernorm, L.self_attn, L.mlp) for L in inner.layers]
@@ -505,12 +555,20 @@ class DecodeStep:
             own += [norm1.weight, norm2.weight]
             for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
                 own += [m.weight, m.bias]
+        # ... and the embedding table, the final norm's weight and the LM head
+        self._kernel_ends = (inner.embed_tokens.weight, inner.norm.weight, lm.lm_head.weight, lm.lm_head.bias)
         self._kernel = None
         if (kernel and not compile_layers and act is F.silu and _decode_kernel_enabled()
-                and all(t is None or (t.is_contiguous() and t.dtype == torch.float32) for t in own)):
+                and type(inner.embed_tokens) is nn.Embedding
+                and all(t is None or (t.is_contiguous() and t.dtype == torch.float32)
+                        for t in own + list(self._kernel_ends))):
             self._kernel = cpu_kernel.load_library()
         if self._kernel is not None:
             self._kernel_weights = (ctypes.c_void_p * len(own))(*[None if t is None else t.data_ptr() for t in own])
+            # the storages those addresses point into stay alive even if a parameter's `.data` is replaced
+            self._kernel_storages = [t.detach() for t in own + list(self._kernel_ends) if t is not None]
+        self._rope_table = None  # (first position, cos, sin, inv_freq's address): see _rope
+        self._scratch = threading.local()  # the C step's scratch, per thread
         # The tensor path: every product is torch.mm(x, M) with M (in, out): an input-major copy, or a
         # transposed view of an (out, in) matrix (then BLAS reads it row by row, as F.linear does).
         if self.fused:
@@ -557,13 +615,15 @@ class DecodeStep:
         storage (`.data = ...`, `.to()`) or their values in place (`load_state_dict`, an optimizer
         step) changes it. (Inference tensors have no version counter, and cannot be changed in place
         outside inference mode.)"""
-        versions = 0 if self._inference_weights else sum([t._version for t in self._tensors])
-        return sum([t.data_ptr() for t in self._tensors]), versions
+        # map() over a few hundred tensors: checked at every step, where a Python loop costs a visible share
+        versions = 0 if self._inference_weights else sum(map(_VERSION, self._tensors))
+        return sum(map(torch.Tensor.data_ptr, self._tensors)), versions
 
     def stale(self) -> bool:
         """True when a weight changed since this step was built (then `decode_step` rebuilds it):
         a parameter replaced by another, or changed as `_weights_key` says."""
-        return any([params[name] is not t for params, name, t in self._slots]) or self._weights_key() != self._snapshot
+        current = map(operator.getitem, self._slot_dicts, self._slot_names)
+        return not all(map(operator.is_, current, self._tensors)) or self._weights_key() != self._snapshot
 
     def _rotation(self, pos: int, h: torch.Tensor) -> torch.Tensor:
         cos, sin = self._lm().model.rotary_emb(h[:1, None], torch.tensor([[pos]], device=h.device))
@@ -577,53 +637,103 @@ class DecodeStep:
         k = self._kernel
         return "tensor operations" if k is None else f"C step ({k.storm_isa} x{k.storm_lanes})"
 
-    def _kernel_step(self, h: torch.Tensor, pos: int, layers, bufs) -> bool:
-        """Every layer through the C step (`_decode_kernel.c`), h (1, d) updated in place; False
-        (nothing done) where it does not apply: no kernel, more than one row, buffers not laid out
-        (1, G, capacity, hd) with hd contiguous. `layers`: the cache's layers, `bufs` what their
-        `reserve(1)` returned."""
+    def _rope(self, pos: int):
+        """(cos, sin) rows (hd,) of the rotary embedding at `pos`, as the model's rotary module gives
+        them; None for a partial rotary embedding (not what the C step computes). Taken from a table
+        of _ROPE_BLOCK positions, computed by the module in one call: one call per step costs more
+        than the step's other Python work. RoPE types whose module changes its frequencies with the
+        position (dynamic, longrope) are called for each position."""
+        rot = self._lm().model.rotary_emb
+        table = self._rope_table
+        if table is None or not table[0] <= pos < table[0] + table[1].shape[0] or table[3] != rot.inv_freq.data_ptr():
+            rope_type = str(getattr(rot, "rope_type", "default"))
+            n = 1 if "dynamic" in rope_type or "longrope" in rope_type else _ROPE_BLOCK
+            cos, sin = rot(torch.empty(1), torch.arange(pos, pos + n)[None])
+            table = self._rope_table = (pos, cos[0].contiguous(), sin[0].contiguous(), rot.inv_freq.data_ptr())
+        _, cos, sin, _ = table
+        if cos.shape[1] != self.hd or self.hd % 2:
+            return None
+        return cos[pos - table[0]], sin[pos - table[0]]
+
+    def _kernel_plan(self, cache):
+        """What the C step needs of `cache` besides the position (after `reserve(1)` on every layer):
+        (pointer arrays of the key / value buffers and of the transposed keys, their strides, the
+        bf16 bits), or None where it does not apply (not one row; buffers not (1, G, capacity, hd)
+        with hd contiguous, float32 or bfloat16, alike in every layer). Kept on the cache until a
+        layer's buffers change (their `generation`)."""
+        lanes = self._kernel.storm_lanes
+        key = (lanes, [layer.generation for layer in cache.layers])
+        plan = getattr(cache, "_storm_c_plan", None)
+        if plan is not None and plan[0] == key:
+            return plan[1]
+        bufs = [(layer._key_buf, layer._value_buf) for layer in cache.layers]
         kb0, vb0 = bufs[0]
         dtypes = (torch.float32, torch.bfloat16)
-        if self._kernel is None or h.shape[0] != 1 or kb0.shape[0] != 1 or not h.is_contiguous() or kb0.stride(-1) != 1 or not all(
-                kb.stride() == vb.stride() == kb0.stride() and kb.dtype == kb0.dtype and vb.dtype == vb0.dtype
-                for kb, vb in bufs) or kb0.dtype not in dtypes or vb0.dtype not in dtypes:
-            return False
+        usable = (kb0.shape[0] == 1 and kb0.stride(-1) == 1 and kb0.dtype in dtypes and vb0.dtype in dtypes
+                  and all(kb.stride() == vb.stride() == kb0.stride() and kb.dtype == kb0.dtype
+                          and vb.dtype == vb0.dtype for kb, vb in bufs))
+        plan = None
+        if usable:
+            kts = [layer.transposed_keys(lanes)[0] for layer in cache.layers]  # may start new ones
+            key = (lanes, [layer.generation for layer in cache.layers])
+            plan = ((ctypes.c_void_p * (2 * len(bufs)))(*[t.data_ptr() for pair in bufs for t in pair]),
+                    (ctypes.c_void_p * len(kts))(*[t.data_ptr() for t in kts]), kts[0].stride(0),
+                    kb0.stride(1), kb0.stride(2), (kb0.dtype == torch.bfloat16) | (vb0.dtype == torch.bfloat16) << 1)
+        cache._storm_c_plan = (key, plan)
+        return plan
+
+    def _kernel_step(self, input_ids: torch.Tensor, pos: int, cache) -> torch.Tensor | None:
+        """The token's logits (1, V) through the C step (`_decode_kernel.c`: the embedding, every
+        layer, the final norm and the LM head), its keys and values written at `pos` of the cache's
+        buffers (after `reserve(1)` on every layer); None (nothing done) where it does not apply: no
+        kernel, more than one row, a token outside the embedding table (its error comes from the
+        embedding), buffers or rotary embedding not as the C step takes them."""
+        if self._kernel is None or input_ids.shape[0] != 1:
+            return None
+        embed, norm_w, head_w, head_b = self._kernel_ends
+        token = int(input_ids[0, 0])
+        plan = self._kernel_plan(cache) if 0 <= token < embed.shape[0] else None
+        rope = self._rope(pos) if plan is not None else None
+        if rope is None:
+            return None
+        kv, kt, ktg, sg, st, kv_bf16 = plan
         heads, kv_heads, hd, scaling, inter, eps, _, _ = self.dims
-        cos, sin = self._lm().model.rotary_emb(h[:1, None], torch.tensor([[pos]], device=h.device))
-        cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
-        if cos.numel() != hd or sin.numel() != hd or hd % 2:  # partial rotary: not what the C step computes
-            return False
-        d = h.shape[1]
-        # scratch per call, not per step object: two threads may decode with the same model
-        scratch = torch.empty(self._kernel.storm_decode_scratch(d, heads, kv_heads, hd, inter, pos + 1))
-        kv = (ctypes.c_void_p * (2 * len(bufs)))(*[t.data_ptr() for pair in bufs for t in pair])
-        kts = [layer.transposed_keys(self._kernel.storm_lanes) for layer in layers]
-        kt = (ctypes.c_void_p * len(kts))(*[t.data_ptr() for t, _ in kts])
-        self._kernel.storm_decode_f32(len(bufs), d, heads, kv_heads, hd, inter, eps, scaling, pos, h.data_ptr(),
-                                      cos.data_ptr(), sin.data_ptr(), self._kernel_weights, kv, kb0.stride(1),
-                                      kb0.stride(2), (kb0.dtype == torch.bfloat16) | (vb0.dtype == torch.bfloat16) << 1,
-                                      kt, kts[0][0].stride(0), min(n for _, n in kts), scratch.data_ptr())
+        d = embed.shape[1]
+        # scratch per thread, not per step object: two threads may decode with the same model
+        need = self._kernel.storm_decode_scratch(d, heads, kv_heads, hd, inter, pos + 1)
+        scratch = getattr(self._scratch, "buf", None)
+        if scratch is None or scratch.numel() < need:
+            scratch = self._scratch.buf = torch.empty(need + need // 4)
+        logits = torch.empty(1, head_w.shape[0])
+        layers = cache.layers
+        cos, sin = rope
+        self._kernel.storm_decode_f32(len(layers), d, heads, kv_heads, hd, inter, eps, scaling, pos, embed.data_ptr(),
+                                      token, cos.data_ptr(), sin.data_ptr(), self._kernel_weights, kv, sg, st, kv_bf16,
+                                      kt, ktg, min([layer._keys_t_len for layer in layers]), norm_w.data_ptr(),
+                                      self.norm[1], head_w.data_ptr(), None if head_b is None else head_b.data_ptr(),
+                                      head_w.shape[0], logits.data_ptr(), scratch.data_ptr())
         for layer in layers:
             layer._keys_t_len = pos + 1
-        return True
+        return logits
 
     def __call__(self, input_ids: torch.Tensor, cache, kernel_only: bool = False) -> torch.Tensor | None:
         """Logits (B, 1, V) of the next token; None (the cache untouched) where the C step does not
         apply and either `kernel_only` is set or the cache is not float32 (a prefill under autocast)."""
         lm = self._lm()
         pos = cache.get_seq_length()
-        h = lm.model.embed_tokens(input_ids[:, 0])  # (B, d)
         bufs = [layer.reserve(1) for layer in cache.layers]
-        if not self._kernel_step(h, pos, cache.layers, bufs):
+        logits = self._kernel_step(input_ids, pos, cache)
+        if logits is None:
+            h = lm.model.embed_tokens(input_ids[:, 0])  # (B, d)
             if kernel_only or any(t.dtype != h.dtype for pair in bufs for t in pair):
                 return None
             rot = self._rotation(pos, h)
             h = self._layers_fn(h, rot, self.weights, [kb for kb, _ in bufs], [vb for _, vb in bufs], pos, self.dims)
+            x = _rms_norm(h, *self.norm)
+            head, bias = self.head
+            logits = torch.mm(x, head) if bias is None else torch.addmm(bias, x, head)
         for layer in cache.layers:
             layer.advance(1)
-        x = _rms_norm(h, *self.norm)
-        head, bias = self.head
-        logits = torch.mm(x, head) if bias is None else torch.addmm(bias, x, head)
         return logits[:, None]
 
 
@@ -698,7 +808,10 @@ def decode_step(model, input_ids, inputs_embeds, attention_mask, position_ids, c
     if cache_position is not None and not bool((cache_position == past).all()):
         return None
     step = _DECODE_STEPS.get(lm)
-    if step is None or step.stale():
+    # The weights are checked when a cache first meets this step (a generation's first step), not at
+    # every step: over a few hundred tensors the check costs a few percent of a step (cold caches)
+    seen = getattr(cache, "_storm_step", None)
+    if step is None or ((seen is None or seen() is not step) and step.stale()):
         if getattr(lm, "_storm_decode_unsupported", None) is None:
             lm._storm_decode_unsupported = _decode_unsupported(lm) or ""
         if lm._storm_decode_unsupported:
@@ -706,6 +819,7 @@ def decode_step(model, input_ids, inputs_embeds, attention_mask, position_ids, c
         step = DecodeStep(lm, compile_layers=getattr(model, "_storm_compile_decode", False),
                           kernel=getattr(model, "_storm_decode_kernel", True))
         _DECODE_STEPS[lm] = step
+    cache._storm_step = weakref.ref(step)
     if not torch.is_autocast_enabled("cpu"):
         logits = step(input_ids, cache)
     else:

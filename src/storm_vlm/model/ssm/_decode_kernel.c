@@ -1,8 +1,9 @@
 /* One greedy decode step of a Llama-style decoder stack (Qwen2, Llama) for one token, float32, on the
  * CPU, in one call: per layer RMSNorm, the q/k/v products, the rotary embedding, the KV-cache write,
  * grouped-query attention over positions 0..pos, the output product and residual, RMSNorm, the
- * gate/up products, SiLU(gate) * up, the down product and residual. Called by
- * storm_vlm.model.fast_paths.DecodeStep; built with the scan kernel (cpu_kernel.py), same vector width.
+ * gate/up products, SiLU(gate) * up, the down product and residual; then the final RMSNorm and the
+ * LM head. Called by storm_vlm.model.fast_paths.DecodeStep; built with the scan kernel (cpu_kernel.py),
+ * same vector width.
  *
  * A step reads every weight once, so its time is set by how fast the weights stream from memory.
  * Each product reads the model's own (out, in) matrix one whole row after the other — one sequential
@@ -220,11 +221,12 @@ static void silu_mul(float *gu, int64_t inter) {
 /* Floats of scratch storm_decode_f32 needs for a cache of T positions. */
 int64_t storm_decode_scratch(int64_t d, int64_t heads, int64_t kv_heads, int64_t hd, int64_t inter, int64_t T) {
     const int64_t r = heads / kv_heads;
-    return d + (heads + 2 * kv_heads) * hd + heads * hd + 2 * inter + r * ((T + LANES - 1) / LANES * LANES) + r;
+    return 2 * d + (heads + 2 * kv_heads) * hd + heads * hd + 2 * inter + r * ((T + LANES - 1) / LANES * LANES) + r;
 }
 
-/* Every layer for one token: h (d) in, h out. Writes each layer's key and value at position `pos`
- * of its cache buffers and attends over positions 0..pos.
+/* Every layer for token `token` (its row of the embedding table embed (vocab, d) is the input), then
+ * the final norm and the LM head. Writes each layer's key and value at position `pos` of its cache
+ * buffers and attends over positions 0..pos.
  *   w: 16 pointers per layer, every matrix (out, in) row-major as nn.Linear holds it, each bias or NULL:
  *      input RMSNorm weight (d), post-attention RMSNorm weight (d), q (heads hd, d), its bias,
  *      k (kv_heads hd, d), its bias, v (kv_heads hd, d), its bias, o (d, heads hd), its bias,
@@ -235,13 +237,18 @@ int64_t storm_decode_scratch(int64_t d, int64_t heads, int64_t kv_heads, int64_t
  *   kt: 1 pointer per layer, its keys as transpose_keys lays them out (float32), KV head g from element
  *      g * ktg, with room for position pos; positions 0..kt_from-1 already there, the rest copied here;
  *   cos, sin (hd): the rotary embedding at `pos`, as the model's rotary module returns it;
+ *   norm_w (d), norm_eps, head_w (vocab, d), head_b (vocab) or NULL: the final RMSNorm and the LM head,
+ *      whose product of h goes to logits (vocab);
  *   scratch: at least storm_decode_scratch(..., pos + 1) floats. Returns 0. */
 int storm_decode_f32(int64_t layers, int64_t d, int64_t heads, int64_t kv_heads, int64_t hd, int64_t inter,
-                     float eps, float scaling, int64_t pos, float *h, const float *cos, const float *sin,
+                     float eps, float scaling, int64_t pos, const float *embed, int64_t token,
+                     const float *cos, const float *sin,
                      const float *const *w, void *const *kv, int64_t sg, int64_t st, int kv_bf16, float *const *kt,
-                     int64_t ktg, int64_t kt_from, float *scratch) {
+                     int64_t ktg, int64_t kt_from, const float *norm_w, float norm_eps, const float *head_w,
+                     const float *head_b, int64_t vocab, float *logits, float *scratch) {
     const int64_t nq = heads * hd, nk = kv_heads * hd, T = pos + 1;
-    float *x = scratch, *qkv = x + d, *att = qkv + nq + 2 * nk, *gu = att + nq, *scores = gu + 2 * inter;
+    float *h = scratch, *x = h + d, *qkv = x + d, *att = qkv + nq + 2 * nk, *gu = att + nq, *scores = gu + 2 * inter;
+    memcpy(h, embed + token * d, (size_t)d * sizeof(float));
     for (int64_t l = 0; l < layers; l++, w += 16, kv += 2, kt++) {
         rms_norm(h, w[0], x, d, eps);
         gemv(x, w[2], w[3], qkv, d, nq, 0);
@@ -261,5 +268,7 @@ int storm_decode_f32(int64_t layers, int64_t d, int64_t heads, int64_t kv_heads,
         silu_mul(gu, inter);
         gemv(gu, w[14], w[15], h, inter, d, 1);
     }
+    rms_norm(h, norm_w, x, d, norm_eps);
+    gemv(x, head_w, head_b, logits, d, vocab, 0);
     return 0;
 }

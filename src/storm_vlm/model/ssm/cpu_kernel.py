@@ -365,7 +365,8 @@ def _bind(lib: ctypes.CDLL, isa: Isa, lanes: int, origin: str) -> ctypes.CDLL:
     lib.storm_decode_scratch.argtypes = [i64] * 6
     lib.storm_decode_scratch.restype = i64
     dec = lib.storm_decode_f32
-    dec.argtypes = [i64] * 6 + [ctypes.c_float] * 2 + [i64] + [ptr] * 5 + [i64, i64, cint, ptr, i64, i64, ptr]
+    dec.argtypes = ([i64] * 6 + [ctypes.c_float] * 2 + [i64, ptr, i64] + [ptr] * 4 + [i64, i64, cint, ptr, i64, i64]
+                    + [ptr, ctypes.c_float, ptr, ptr, i64, ptr, ptr])
     dec.restype = cint
     lib.storm_isa = isa.name  # the path, its width, and where the bytes came from (benchmarks print them)
     lib.storm_lanes = lanes
