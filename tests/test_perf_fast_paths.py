@@ -266,6 +266,28 @@ def test_c_decode_step_follows_every_other_writer_of_the_cache(kernel_steps):
     assert kernel_steps == [True] * 3 + [False, True, True]
 
 
+def test_c_decode_step_on_a_copy_of_the_cache(kernel_steps):
+    """A deep copy of a cache mid-generation (as for beams or a branching chat) decodes into its own
+    buffers: the original and the copy continue differently, each as the forward says."""
+    model = build_random_model(StormConfig(**TINY), seed=3)
+    ids = torch.randint(0, 60, (1, 7), generator=torch.Generator().manual_seed(4))
+
+    def last(tokens, cache=None):
+        inputs = torch.tensor([tokens]) if cache is not None else torch.cat([ids, torch.tensor([tokens])], 1)
+        return model(input_ids=inputs, cache=cache, use_cache=cache is not None).logits[:, -1]
+
+    with torch.inference_mode():
+        cache = model(input_ids=ids, use_cache=True).cache
+        for tok in (5, 6):
+            last([tok], cache)
+        twin = copy.deepcopy(cache)
+        got = [last([7], twin), last([8], cache), last([9], twin), last([10], cache)]
+        expected = [last([5, 6, 7]), last([5, 6, 8]), last([5, 6, 7, 9]), last([5, 6, 8, 10])]
+    assert kernel_steps == [True] * 6
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_c_decode_step_steps_aside_for_batches(kernel_steps):
     model = build_random_model(StormConfig(**TINY), seed=3)
     _generate(model, torch.randint(0, 60, (2, 5), generator=torch.Generator().manual_seed(1)))

@@ -22,11 +22,11 @@ path steps aside and the plain computation runs.
 - **Decode step** (`DecodeStep`, Llama-style LLMs: Qwen2, Llama): a greedy one-token step runs
   through a lean single-token path on the `StormKVCache` (preallocated buffers the step writes
   into in place). For one row (batch 1, SiLU MLP, fp32 weights; also under CPU bf16 autocast, on a
-  partly bf16 cache) every layer runs in one call of a
-  C function (`ssm/_decode_kernel.c`, built with the scan kernel by `ssm/cpu_kernel.py`), which
-  reads the model's own matrices, no copies, each as one sequential stream; the per-layer small
-  operations (norms, rotary, softmax, gate) then cost microseconds instead of a tensor operation
-  each. `STORM_VLM_DECODE_KERNEL=0` turns it off; without a C compiler, for batches, or with
+  partly bf16 cache) the whole step (embedding row, every layer, final norm, LM head) runs in one
+  call of a C function (`ssm/_decode_kernel.c`, built with the scan kernel by `ssm/cpu_kernel.py`),
+  which reads the model's own matrices, no copies, each as one sequential stream; the per-layer
+  small operations (norms, rotary, softmax, gate) then cost microseconds instead of a tensor
+  operation each. `STORM_VLM_DECODE_KERNEL=0` turns it off; without a C compiler, for batches, or with
   `compile_decode=True`, the step runs as tensor operations:
   ~20 tensor ops per layer instead of the ~60 of transformers' generic forward,
   q/k/v and gate/up read as one matrix each, rotary embedding as one small product. A decode step
@@ -52,7 +52,6 @@ import ctypes
 import functools
 import itertools
 import math
-import operator
 import os
 import threading
 import time
@@ -173,7 +172,6 @@ def _use_storm_sdpa(config) -> None:
 
 
 _BUFFER_GENERATIONS = itertools.count()
-_VERSION = operator.attrgetter("_version")
 _ROPE_BLOCK = 256  # positions of the rotary embedding computed at once for the C decode step
 
 
@@ -426,6 +424,8 @@ def _measured_linears(module: nn.Module) -> None:
 
 _DECODE_MODEL_TYPES = ("qwen2", "llama")
 _DECODE_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # language model -> DecodeStep
+_C_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # cache -> (key, DecodeStep._kernel_plan)
+_CHECKED_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # cache -> ref to the step that checked
 _PACK_MEMORY_SHARE = 0.25  # input-major copies only while they take at most this share of free memory
 
 
@@ -536,7 +536,7 @@ class DecodeStep:
         # (the module's parameter dict, name, tensor) of every tensor the step reads
         self._slots = [(m._parameters, name, m._parameters[name]) for m in owners for name in ("weight", "bias")
                        if m._parameters.get(name) is not None]
-        self._slot_dicts, self._slot_names, self._tensors = (list(x) for x in zip(*self._slots))
+        self._tensors = [t for _, _, t in self._slots]
         self._inference_weights = any(t.is_inference() for t in self._tensors)
         self._snapshot = self._weights_key()
         mods = [(L.input_layernorm, L.post_attention_layernorm, L.self_attn, L.mlp) for L in inner.layers]
@@ -615,15 +615,13 @@ class DecodeStep:
         storage (`.data = ...`, `.to()`) or their values in place (`load_state_dict`, an optimizer
         step) changes it. (Inference tensors have no version counter, and cannot be changed in place
         outside inference mode.)"""
-        # map() over a few hundred tensors: checked at every step, where a Python loop costs a visible share
-        versions = 0 if self._inference_weights else sum(map(_VERSION, self._tensors))
-        return sum(map(torch.Tensor.data_ptr, self._tensors)), versions
+        versions = 0 if self._inference_weights else sum([t._version for t in self._tensors])
+        return sum([t.data_ptr() for t in self._tensors]), versions
 
     def stale(self) -> bool:
         """True when a weight changed since this step was built (then `decode_step` rebuilds it):
         a parameter replaced by another, or changed as `_weights_key` says."""
-        current = map(operator.getitem, self._slot_dicts, self._slot_names)
-        return not all(map(operator.is_, current, self._tensors)) or self._weights_key() != self._snapshot
+        return any([params[name] is not t for params, name, t in self._slots]) or self._weights_key() != self._snapshot
 
     def _rotation(self, pos: int, h: torch.Tensor) -> torch.Tensor:
         cos, sin = self._lm().model.rotary_emb(h[:1, None], torch.tensor([[pos]], device=h.device))
@@ -659,11 +657,12 @@ class DecodeStep:
         """What the C step needs of `cache` besides the position (after `reserve(1)` on every layer):
         (pointer arrays of the key / value buffers and of the transposed keys, their strides, the
         bf16 bits), or None where it does not apply (not one row; buffers not (1, G, capacity, hd)
-        with hd contiguous, float32 or bfloat16, alike in every layer). Kept on the cache until a
-        layer's buffers change (their `generation`)."""
+        with hd contiguous, float32 or bfloat16, alike in every layer). Kept per cache object (not
+        on it: a copy of the cache has buffers of its own) until a layer's buffers change (their
+        `generation`)."""
         lanes = self._kernel.storm_lanes
         key = (lanes, [layer.generation for layer in cache.layers])
-        plan = getattr(cache, "_storm_c_plan", None)
+        plan = _C_PLANS.get(cache)
         if plan is not None and plan[0] == key:
             return plan[1]
         bufs = [(layer._key_buf, layer._value_buf) for layer in cache.layers]
@@ -679,7 +678,7 @@ class DecodeStep:
             plan = ((ctypes.c_void_p * (2 * len(bufs)))(*[t.data_ptr() for pair in bufs for t in pair]),
                     (ctypes.c_void_p * len(kts))(*[t.data_ptr() for t in kts]), kts[0].stride(0),
                     kb0.stride(1), kb0.stride(2), (kb0.dtype == torch.bfloat16) | (vb0.dtype == torch.bfloat16) << 1)
-        cache._storm_c_plan = (key, plan)
+        _C_PLANS[cache] = (key, plan)
         return plan
 
     def _kernel_step(self, input_ids: torch.Tensor, pos: int, cache) -> torch.Tensor | None:
@@ -810,7 +809,7 @@ def decode_step(model, input_ids, inputs_embeds, attention_mask, position_ids, c
     step = _DECODE_STEPS.get(lm)
     # The weights are checked when a cache first meets this step (a generation's first step), not at
     # every step: over a few hundred tensors the check costs a few percent of a step (cold caches)
-    seen = getattr(cache, "_storm_step", None)
+    seen = _CHECKED_CACHES.get(cache)
     if step is None or ((seen is None or seen() is not step) and step.stale()):
         if getattr(lm, "_storm_decode_unsupported", None) is None:
             lm._storm_decode_unsupported = _decode_unsupported(lm) or ""
@@ -819,7 +818,7 @@ def decode_step(model, input_ids, inputs_embeds, attention_mask, position_ids, c
         step = DecodeStep(lm, compile_layers=getattr(model, "_storm_compile_decode", False),
                           kernel=getattr(model, "_storm_decode_kernel", True))
         _DECODE_STEPS[lm] = step
-    cache._storm_step = weakref.ref(step)
+    _CHECKED_CACHES[cache] = weakref.ref(step)
     if not torch.is_autocast_enabled("cpu"):
         logits = step(input_ids, cache)
     else:
