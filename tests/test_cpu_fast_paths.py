@@ -9,6 +9,7 @@ from transformers.cache_utils import DynamicCache
 
 from storm_vlm import StormConfig
 from storm_vlm.model.fast_paths import STORM_SDPA, StormKVCache, _GELUTanhCPU, _GrowingKVLayer
+from storm_vlm.model.ssm import cpu_kernel
 from storm_vlm.perf.profiling import build_random_model
 from helpers import TINY_CONFIG as TINY
 
@@ -97,19 +98,54 @@ def test_generate_output_is_unchanged(model, beams):
     assert torch.equal(fast, plain)
 
 
-def test_sigmoid_form_gelu_is_the_tanh_gelu(model):
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", None], ids=["generic", "avx2", "avx512", "tensor passes"])
+def test_sigmoid_form_gelu_is_the_tanh_gelu(model, monkeypatch, isa):
+    """float32 and bfloat16 (what the vision tower runs under bf16 autocast), through each vector
+    width of the C kernel the CPU runs, and without it; ragged sizes; inf, NaN and both tails."""
+    lib = None
+    if isa is not None:
+        if cpu_kernel._compiler() is None or list(cpu_kernel.ISAS).index(isa) > list(cpu_kernel.ISAS).index(
+                cpu_kernel.detect_isa()):
+            pytest.skip(f"no C compiler, or this CPU does not run {isa}")
+        lib = cpu_kernel.build(isa)
+    monkeypatch.setattr(cpu_kernel, "load_library", lambda *a, **k: lib)
     x = torch.randn(4, 64, 269, generator=torch.Generator().manual_seed(3)) * 4
-    x[0, 0, :6] = torch.tensor([0.0, -30.0, 30.0, 1e-8, -1e4, 1e4])
+    x[0, 0, :8] = torch.tensor([0.0, -30.0, 30.0, 1e-8, -1e4, 1e4, float("inf"), float("nan")])
     act, ref = _GELUTanhCPU(), GELUTanh()
     with torch.inference_mode():
-        torch.testing.assert_close(act(x), ref(x), rtol=1e-5, atol=2e-6)
-        torch.testing.assert_close(act(x.double()), ref(x.double()), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(act(x), ref(x), rtol=1e-5, atol=2e-6, equal_nan=True)
+        torch.testing.assert_close(act(x.double()), ref(x.double()), rtol=1e-12, atol=1e-12, equal_nan=True)
+        # bf16: one rounding step of bf16 at most (and below 1e-6 in the far negative tail, where the tanh
+        # form cancels to 0)
+        out = act(x.bfloat16())
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), ref(x.bfloat16()).float(), rtol=2 ** -7, atol=1e-6, equal_nan=True)
+        if lib is not None:  # the float32 result, rounded as torch rounds
+            torch.testing.assert_close(out, act(x.bfloat16().float()).bfloat16(), rtol=0, atol=0, equal_nan=True)
+        for n in (1, 17, 100_003):  # vector tails
+            torch.testing.assert_close(act(x.flatten()[:n]), ref(x.flatten()[:n]), rtol=1e-5, atol=2e-6,
+                                       equal_nan=True)
     x.requires_grad_(True)  # training: the original op (and its gradient)
     act(x).sum().backward()
     g = x.grad.clone()
     x.grad = None
     ref(x).sum().backward()
-    assert torch.equal(g, x.grad)
+    torch.testing.assert_close(g, x.grad, rtol=0, atol=0, equal_nan=True)
+
+
+def test_one_pass_gelu_over_threads_equals_one_thread():
+    if cpu_kernel.load_library() is None:
+        pytest.skip("no C compiler")
+    x = torch.randn(3, 200_001, generator=torch.Generator().manual_seed(1))
+    act, threads = _GELUTanhCPU(), torch.get_num_threads()
+    with torch.inference_mode():
+        try:
+            torch.set_num_threads(1)
+            one = act(x)
+            torch.set_num_threads(3)  # three chunks of whole vectors, two of them on the pool's threads
+            assert torch.equal(act(x), one)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def test_vision_tower_uses_it_and_features_are_unchanged(model):

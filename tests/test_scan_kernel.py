@@ -164,7 +164,7 @@ def test_build_is_cached_private_and_atomic(monkeypatch, tmp_path):
 def test_compile_error_names_the_source(monkeypatch, tmp_path):
     bad = tmp_path / "bad.c"
     bad.write_text("this is not C\n")
-    monkeypatch.setattr(cpu_kernel, "SOURCE", bad)
+    monkeypatch.setattr(cpu_kernel, "SOURCES", (*cpu_kernel.SOURCES[:-1], bad))
     monkeypatch.setenv("STORM_VLM_CACHE", str(tmp_path / "cache"))
     with pytest.raises(RuntimeError, match="bad.c"):
         cpu_kernel.build("generic")

@@ -15,8 +15,8 @@ path steps aside and the plain computation runs.
   chosen here: it is a precision (`storm_vlm.precision`, whose "auto" takes bf16 autocast where the
   CPU has native bf16).
 - **Vision tower**: the tanh-GELU is evaluated as x·sigmoid(2u) (`_GELUTanhCPU`): the same
-  function through sigmoid and in-place ops, where PyTorch's CPU tanh-GELU goes through a slow
-  vectorised tanh; SigLIP encoder layers add their residuals in place (`_LeanSiglipLayer`,
+  function in one pass of a C kernel (float32 and bfloat16; four tensor passes without a C
+  compiler), where PyTorch's CPU tanh-GELU goes through a slow vectorised tanh; SigLIP encoder layers add their residuals in place (`_LeanSiglipLayer`,
   bit-for-bit transformers' result). At small widths such elementwise passes cost about as much
   as the matrix products, so each pass saved shows.
 - **Decode step** (`DecodeStep`, Llama-style LLMs: Qwen2, Llama): a greedy one-token step runs
@@ -56,6 +56,7 @@ import os
 import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -78,21 +79,55 @@ __all__ = ["enable_fast_paths", "decode_step", "decode_step_path", "DecodeStep",
 class _GELUTanhCPU(nn.Module):
     """GELU with the tanh approximation (SigLIP's `gelu_pytorch_tanh`), computed faster on CPU.
 
-    0.5·x·(1 + tanh(u)) = x·sigmoid(2u), 2u = x·(c + c·0.044715·x²), c = 2·√(2/π): the same
-    function in four passes (one addcmul, sigmoid and two in-place multiplies). PyTorch's CPU
-    `gelu(approximate="tanh")` goes through a slow vectorised tanh; this form is about twice as fast
-    and differs by < 1e-6 (float rounding). Used for fp32/fp64 CPU inference only; with autograd,
-    other dtypes or devices it is `F.gelu(x, "tanh")`.
+    0.5·x·(1 + tanh(u)) = x·sigmoid(2u), 2u = x·(c + c·0.044715·x²), c = 2·√(2/π). PyTorch's CPU
+    `gelu(approximate="tanh")` goes through a slow vectorised tanh (in bfloat16 slower still: under
+    bf16 autocast it was a quarter of the vision tower's time). Here, for contiguous float32 and
+    bfloat16 tensors, one pass of the C kernel (`ssm/_elementwise_kernel.c`, float32 math, bf16
+    rounded as torch rounds), split over torch's thread count; without the kernel, float32/64 take
+    the sigmoid form in four tensor passes (one addcmul, sigmoid and two in-place multiplies). Both
+    differ from transformers' result by float rounding (< 1e-6; one bf16 rounding step at most in
+    bf16). Inference only: with autograd, or on other dtypes and devices, it is `F.gelu(x, "tanh")`.
     """
 
     _TWO_C = 2.0 * math.sqrt(2.0 / math.pi)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
-                or (torch.is_grad_enabled() and x.requires_grad)):
+        if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+            return nn.functional.gelu(x, approximate="tanh")
+        kernel = _ELEMENTWISE.get(x.dtype) if x.is_contiguous() else None
+        lib = cpu_kernel.load_library() if kernel else None
+        if lib is not None:
+            return _one_pass(getattr(lib, kernel), x)
+        if x.dtype not in (torch.float32, torch.float64):
             return nn.functional.gelu(x, approximate="tanh")
         y = torch.addcmul(x.new_tensor(self._TWO_C), x, x, value=0.044715 * self._TWO_C).mul_(x)
         return torch.sigmoid_(y).mul_(x)
+
+
+_ELEMENTWISE = {torch.float32: "storm_gelu_tanh_f32", torch.bfloat16: "storm_gelu_tanh_bf16"}
+_ONE_PASS_CHUNK = 1 << 16  # elements per thread at least: below, one thread (a hand-off costs ~10 µs)
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a pool does not survive a fork
+
+
+def _one_pass(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn(x, y, n) of a C element-wise kernel over contiguous x into a new y, split into one
+    contiguous chunk per torch thread (ctypes releases the GIL, so the chunks run in parallel)."""
+    global _POOL
+    y = torch.empty_like(x)
+    n, size = x.numel(), x.element_size()
+    parts = max(1, min(torch.get_num_threads(), n // _ONE_PASS_CHUNK))
+    step = -(-n // parts + 63) // 64 * 64  # whole vectors per chunk: results do not depend on the split
+    xp, yp = x.data_ptr(), y.data_ptr()
+    if parts == 1:
+        fn(xp, yp, n)
+        return y
+    if _POOL is None or _POOL[0] != os.getpid():
+        _POOL = (os.getpid(), ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="storm-elementwise"))
+    rest = [_POOL[1].submit(fn, xp + i * size, yp + i * size, min(step, n - i)) for i in range(step, n, step)]
+    fn(xp, yp, step)
+    for f in rest:
+        f.result()
+    return y
 
 
 def _fast_gelu_tanh(module: nn.Module) -> None:

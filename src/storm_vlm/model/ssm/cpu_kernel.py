@@ -1,6 +1,7 @@
 """The CPU kernels, compiled on first use into one library: the fused selective scan, forward and
-backward (``_scan_kernel.c``), and the one-token decode step of a Llama-style layer stack
-(``_decode_kernel.c``, used by ``storm_vlm.model.fast_paths.DecodeStep``); both include ``_vec.h``.
+backward (``_scan_kernel.c``), the one-token decode step of a Llama-style layer stack
+(``_decode_kernel.c``, used by ``storm_vlm.model.fast_paths.DecodeStep``) and one-pass element-wise
+functions (``_elementwise_kernel.c``: the tanh-GELU of fast_paths); all include ``_vec.h``.
 
 **Instruction set.** The C source ships with the package and is compiled with the system C compiler
 (``$CC``, else cc / gcc / clang) once per instruction set, with that set's flags, never
@@ -66,8 +67,7 @@ __all__ = ["load", "load_library", "build", "enabled", "scan_forward", "scan_bac
            "detect_isa", "selected_isa", "ISAS", "Isa", "UnsafeCacheError"]
 
 logger = logging.getLogger("storm_vlm.model.ssm")
-SOURCE = Path(__file__).with_name("_scan_kernel.c")
-DECODE_SOURCE = Path(__file__).with_name("_decode_kernel.c")
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("_scan_kernel.c", "_decode_kernel.c", "_elementwise_kernel.c"))
 HEADER = Path(__file__).with_name("_vec.h")
 BASE_FLAGS = ["-O3", "-fno-math-errno", "-fPIC", "-shared"]
 ENV_SWITCH = "STORM_VLM_SCAN_KERNEL"
@@ -182,7 +182,7 @@ def _flags(isa: Isa, lanes: int) -> list[str]:
 def _key(cc: str, isa: Isa, lanes: int) -> str:
     """Cache key of one build: source, compiler version, flags (ISA and width included), machine."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    sources = b"\0".join(p.read_bytes() for p in (SOURCE, DECODE_SOURCE, HEADER))
+    sources = b"\0".join(p.read_bytes() for p in (*SOURCES, HEADER))
     parts = (sources, version, " ".join(_flags(isa, lanes)), isa.name, platform.machine())
     return hashlib.sha256(b"\0".join(x.encode() if isinstance(x, str) else x for x in parts)).hexdigest()[:24]
 
@@ -190,10 +190,10 @@ def _key(cc: str, isa: Isa, lanes: int) -> str:
 def _compile(cc: str, isa: Isa, lanes: int, folder: Path) -> bytes:
     """Compile into ``folder``/lib.so and write its recorded hash beside it; returns the library's bytes."""
     lib = folder / LIB_NAME
-    proc = subprocess.run([cc, *_flags(isa, lanes), f"-I{HEADER.parent}", "-o", str(lib), str(SOURCE),
-                           str(DECODE_SOURCE)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([cc, *_flags(isa, lanes), f"-I{HEADER.parent}", "-o", str(lib), *map(str, SOURCES)],
+                          capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
-        raise RuntimeError(f"{cc} failed on {SOURCE} + {DECODE_SOURCE.name} for {isa.name}: "
+        raise RuntimeError(f"{cc} failed on {', '.join(p.name for p in SOURCES)} for {isa.name}: "
                            f"{proc.stderr.strip()[-2000:]}")
     data = lib.read_bytes()
     (folder / HASH_NAME).write_text(hashlib.sha256(data).hexdigest() + "\n")
@@ -368,6 +368,9 @@ def _bind(lib: ctypes.CDLL, isa: Isa, lanes: int, origin: str) -> ctypes.CDLL:
     dec.argtypes = ([i64] * 6 + [ctypes.c_float] * 2 + [i64, ptr, i64] + [ptr] * 4 + [i64, i64, cint, ptr, i64, i64]
                     + [ptr, ctypes.c_float, ptr, ptr, i64, ptr, ptr])
     dec.restype = cint
+    for name in ("storm_gelu_tanh_f32", "storm_gelu_tanh_bf16"):
+        getattr(lib, name).argtypes = [ptr, ptr, i64]
+        getattr(lib, name).restype = None
     lib.storm_isa = isa.name  # the path, its width, and where the bytes came from (benchmarks print them)
     lib.storm_lanes = lanes
     lib.storm_origin = origin
