@@ -7,6 +7,7 @@ import torch
 
 from storm_vlm.model.projector import MambaTemporalProjector
 from storm_vlm.model.ssm import BiMambaMixer, MambaMixer, selective_scan_reference
+from storm_vlm.model.ssm import cpu_kernel
 from storm_vlm.model.ssm import mixer as mixer_mod
 
 D_MODEL = 16
@@ -86,6 +87,51 @@ def test_forward_matches_explicit_mamba_computation():
                                  delta_bias=m.dt_proj.bias, delta_softplus=True)
     expected = y.transpose(1, 2) @ m.out_proj.weight.T
     torch.testing.assert_close(m(x), expected)
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_c_conv_silu_equals_the_tensor_conv(isa, monkeypatch):
+    """The one-pass C conv + SiLU of float32 inference, on each vector width the CPU runs: both
+    directions, a carried prefix, ragged widths, sequences shorter than the kernel; the mixer with it."""
+    order = list(cpu_kernel.ISAS)
+    if cpu_kernel._compiler() is None or order.index(isa) > order.index(cpu_kernel.detect_isa()):
+        pytest.skip(f"no C compiler, or this CPU does not run {isa}")
+    lib = cpu_kernel.build(isa)
+    monkeypatch.setattr(cpu_kernel, "load_library", lambda *a, **k: lib)
+    g = torch.Generator().manual_seed(0)
+    calls = []
+    real = lib.storm_dwconv_silu_f32
+    monkeypatch.setattr(lib, "storm_dwconv_silu_f32", lambda *a: calls.append(a) or real(*a))
+    for bsz, L, d, K, bias, reverse, prefix in [(2, 70, 37, 4, True, False, False), (2, 70, 37, 4, True, True, False),
+                                                (1, 3, 40, 4, False, False, True), (2, 300, 48, 3, True, False, True),
+                                                (1, 1, 16, 4, True, True, False)]:
+        x = torch.randn(bsz, L, d, generator=g)
+        w, b = torch.randn(d, 1, K, generator=g), torch.randn(d, generator=g) if bias else None
+        pre = torch.randn(bsz, d, K - 1, generator=g).transpose(1, 2) if prefix else None  # a conv state's view
+        with torch.no_grad():
+            got = mixer_mod._conv_silu(x, w, b, reverse, pre)
+        torch.testing.assert_close(got, torch.nn.functional.silu(mixer_mod._depthwise_conv(x, w, b, reverse, pre)),
+                                   rtol=1e-5, atol=1e-6)
+    assert len(calls) >= 5
+    with pytest.raises(RuntimeError):  # shapes that do not fit: the tensor conv's own error, no read out of bounds
+        mixer_mod._conv_silu(torch.randn(1, 8, 40), torch.randn(16, 1, 4), None, False)
+    x, w, b = torch.randn(1, 900, 40, generator=g), torch.randn(40, 1, 4, generator=g), torch.randn(40, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            one = mixer_mod._conv_silu(x, w, b, False)
+            torch.set_num_threads(3)  # three pieces of the time axis: the same bits
+            assert torch.equal(mixer_mod._conv_silu(x, w, b, False), one)
+    finally:
+        torch.set_num_threads(threads)
+    m = _mixer(BiMambaMixer).float()
+    with torch.no_grad():
+        calls.clear()
+        fast = m(_x().float())
+        assert len(calls) == 4  # both directions of both rows
+        monkeypatch.setattr(cpu_kernel, "load_library", lambda *a, **k: None)
+        torch.testing.assert_close(fast, m(_x().float()), rtol=1e-5, atol=1e-6)
 
 
 def test_step_equals_forward():

@@ -16,8 +16,8 @@ path steps aside and the plain computation runs.
   CPU has native bf16).
 - **Vision tower**: the tanh-GELU is evaluated as x·sigmoid(2u) (`_GELUTanhCPU`): the same
   function in one pass of a C kernel (float32 and bfloat16; four tensor passes without a C
-  compiler), where PyTorch's CPU tanh-GELU goes through a slow vectorised tanh; SigLIP encoder layers add their residuals in place (`_LeanSiglipLayer`,
-  bit-for-bit transformers' result). At small widths such elementwise passes cost about as much
+  compiler), where PyTorch's CPU tanh-GELU goes through a slow vectorised tanh; SigLIP encoder
+  layers add their residuals in place (`_LeanSiglipLayer`, bit-for-bit transformers' result). At small widths such elementwise passes cost about as much
   as the matrix products, so each pass saved shows.
 - **Decode step** (`DecodeStep`, Llama-style LLMs: Qwen2, Llama): a greedy one-token step runs
   through a lean single-token path on the `StormKVCache` (preallocated buffers the step writes
@@ -56,7 +56,6 @@ import os
 import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +68,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import AttentionInterface
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
-from storm_vlm.model.ssm import cpu_kernel
+from storm_vlm.model.ssm import _threads, cpu_kernel
 from storm_vlm.utils import available_memory_bytes
 
 __all__ = ["enable_fast_paths", "decode_step", "decode_step_path", "DecodeStep", "StormKVCache", "STORM_SDPA",
@@ -105,28 +104,16 @@ class _GELUTanhCPU(nn.Module):
 
 
 _ELEMENTWISE = {torch.float32: "storm_gelu_tanh_f32", torch.bfloat16: "storm_gelu_tanh_bf16"}
-_ONE_PASS_CHUNK = 1 << 16  # elements per thread at least: below, one thread (a hand-off costs ~10 µs)
-_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a pool does not survive a fork
+_ONE_PASS_CHUNK = 1 << 16  # elements per thread at least: a hand-off to a worker costs tens of microseconds
 
 
 def _one_pass(fn, x: torch.Tensor) -> torch.Tensor:
-    """fn(x, y, n) of a C element-wise kernel over contiguous x into a new y, split into one
-    contiguous chunk per torch thread (ctypes releases the GIL, so the chunks run in parallel)."""
-    global _POOL
+    """fn(x, y, n) of a C element-wise kernel over contiguous x into a new y, in one piece of whole
+    vectors per torch thread."""
     y = torch.empty_like(x)
-    n, size = x.numel(), x.element_size()
-    parts = max(1, min(torch.get_num_threads(), n // _ONE_PASS_CHUNK))
-    step = -(-n // parts + 63) // 64 * 64  # whole vectors per chunk: results do not depend on the split
-    xp, yp = x.data_ptr(), y.data_ptr()
-    if parts == 1:
-        fn(xp, yp, n)
-        return y
-    if _POOL is None or _POOL[0] != os.getpid():
-        _POOL = (os.getpid(), ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="storm-elementwise"))
-    rest = [_POOL[1].submit(fn, xp + i * size, yp + i * size, min(step, n - i)) for i in range(step, n, step)]
-    fn(xp, yp, step)
-    for f in rest:
-        f.result()
+    xp, yp, size = x.data_ptr(), y.data_ptr(), x.element_size()
+    pieces = _threads.spans(x.numel(), _ONE_PASS_CHUNK, 64)
+    _threads.run_all(fn, [(xp + i * size, yp + i * size, j - i) for i, j in pieces])
     return y
 
 

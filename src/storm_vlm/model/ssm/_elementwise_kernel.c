@@ -1,5 +1,6 @@
 /* Element-wise functions that PyTorch computes in several passes over memory, in one pass here.
- * Called by storm_vlm.model.fast_paths; built with the scan kernel (cpu_kernel.py), same vector width.
+ * Called by storm_vlm.model.fast_paths (GELU) and storm_vlm.model.ssm.mixer (conv + SiLU); built with the
+ * scan kernel (cpu_kernel.py), same vector width.
  *
  * tanh-GELU (SigLIP's gelu_pytorch_tanh): 0.5 x (1 + tanh(u)) = x * sigmoid(2u),
  * 2u = x (c + c * 0.044715 x^2), c = 2 sqrt(2 / pi), with sigmoid through the exp2 of _vec.h: float32
@@ -49,5 +50,44 @@ void storm_gelu_tanh_bf16(const uint16_t *x, uint16_t *y, int64_t n) {
         float f;
         memcpy(&f, &b, sizeof f);
         y[i] = (uint16_t)round_bf16(gelu_tanh(splat(f)))[0];
+    }
+}
+
+/* Mamba's depthwise causal conv and SiLU, one pass: out[t, c] = silu(bias[c] + sum_k w[k, c] x[t + k - K + 1, c])
+ * for rows t0 <= t < t1 of one sequence, x and out (L, d) time-major (channels contiguous), wT the conv
+ * weight transposed to (K, d), bias (d) or NULL; before the sequence, prefix (K - 1, d) (a carried
+ * conv state), or zeros where NULL. reverse: the same conv over x flipped along L, flipped back
+ * (anti-causal: tap k reads x[t + K - 1 - k], zeros after the end; prefix unused). PyTorch takes six
+ * passes for it (a padded copy, one multiply-add per tap, the SiLU). */
+static inline float tap_value(const float *x, const float *prefix, int64_t s, int64_t L, int64_t d, int64_t c,
+                              int64_t K) {
+    if (s >= 0 && s < L) return x[s * d + c];
+    return (s < 0 && prefix) ? prefix[(s + K - 1) * d + c] : 0.0f;
+}
+
+void storm_dwconv_silu_f32(const float *x, const float *wT, const float *bias, const float *prefix, float *out,
+                           int64_t L, int64_t d, int64_t K, int reverse, int64_t t0, int64_t t1) {
+    const int64_t dv = d / LANES * LANES;
+    for (int64_t t = t0; t < t1; t++) {
+        /* rows whose taps all lie inside x take the vector loop; the first / last K - 1 rows the generic one */
+        const int inside = reverse ? t + K - 1 < L : t - K + 1 >= 0;
+        int64_t c = 0;
+        if (inside) {
+            for (; c < dv; c += LANES) {
+                vf acc = bias ? loadu(bias + c) : splat(0.0f);
+                for (int64_t k = 0; k < K; k++) {
+                    const int64_t s = reverse ? t + K - 1 - k : t + k - K + 1;
+                    acc += loadu(wT + k * d + c) * loadu(x + s * d + c);
+                }
+                storeu(out + t * d + c, acc / (1.0f + vexp2(-acc * LOG2E)));
+            }
+        }
+        for (; c < d; c++) {
+            float acc = bias ? bias[c] : 0.0f;
+            for (int64_t k = 0; k < K; k++)
+                acc += wT[k * d + c] * tap_value(x, reverse ? NULL : prefix, reverse ? t + K - 1 - k : t + k - K + 1,
+                                                 L, d, c, K);
+            out[t * d + c] = acc / (1.0f + vexp2(splat(-acc * LOG2E))[0]);
+        }
     }
 }

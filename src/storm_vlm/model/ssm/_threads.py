@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ThreadState", "submit"]
+__all__ = ["ThreadState", "run_all", "spans", "submit"]
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 _pool: ThreadPoolExecutor | None = None
@@ -77,3 +77,24 @@ def submit(fn, *args, workers: int = 1) -> Future:
             return fn(*args)
 
     return _get_pool(workers).submit(job)
+
+
+def run_all(fn, calls: list[tuple]) -> None:
+    """``fn(*args)`` for every ``args`` in ``calls``, at once: the first in this thread, the others in
+    pool workers (for C kernels over disjoint pieces of one tensor; ctypes releases the GIL)."""
+    futures = [submit(fn, *args, workers=len(calls) - 1) for args in calls[1:]]
+    fn(*calls[0])
+    for f in futures:
+        f.result()
+
+
+def spans(n: int, min_size: int, multiple: int = 1) -> list[tuple[int, int]]:
+    """[0, n) in at most ``torch.get_num_threads()`` contiguous pieces of at least ``min_size``, each
+    a multiple of ``multiple`` long but the last (so that where a piece ends does not change results)."""
+    parts = max(1, min(torch.get_num_threads(), n // max(min_size, 1)))
+    if n <= 0:
+        return [(0, 0)]
+    per = -(-n // parts)
+    step = -(-per // multiple) * multiple
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+

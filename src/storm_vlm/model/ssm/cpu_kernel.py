@@ -1,7 +1,8 @@
 """The CPU kernels, compiled on first use into one library: the fused selective scan, forward and
 backward (``_scan_kernel.c``), the one-token decode step of a Llama-style layer stack
 (``_decode_kernel.c``, used by ``storm_vlm.model.fast_paths.DecodeStep``) and one-pass element-wise
-functions (``_elementwise_kernel.c``: the tanh-GELU of fast_paths); all include ``_vec.h``.
+functions (``_elementwise_kernel.c``: the tanh-GELU of fast_paths, the mixers' conv + SiLU); all
+include ``_vec.h``.
 
 **Instruction set.** The C source ships with the package and is compiled with the system C compiler
 (``$CC``, else cc / gcc / clang) once per instruction set, with that set's flags, never
@@ -371,6 +372,8 @@ def _bind(lib: ctypes.CDLL, isa: Isa, lanes: int, origin: str) -> ctypes.CDLL:
     for name in ("storm_gelu_tanh_f32", "storm_gelu_tanh_bf16"):
         getattr(lib, name).argtypes = [ptr, ptr, i64]
         getattr(lib, name).restype = None
+    lib.storm_dwconv_silu_f32.argtypes = [ptr] * 5 + [i64] * 3 + [cint, i64, i64]
+    lib.storm_dwconv_silu_f32.restype = None
     lib.storm_isa = isa.name  # the path, its width, and where the bytes came from (benchmarks print them)
     lib.storm_lanes = lanes
     lib.storm_origin = origin

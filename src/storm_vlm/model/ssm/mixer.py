@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from storm_vlm.model.ssm import _threads
+from storm_vlm.model.ssm import _threads, cpu_kernel
 from storm_vlm.model.ssm import scan as _scan
 
 __all__ = ["MambaMixer", "BiMambaMixer", "MambaState"]
@@ -88,6 +88,37 @@ def _depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None, reverse: boo
     out = tap(0) * w[:, 0] if bias is None else torch.addcmul(bias.to(x.dtype), tap(0), w[:, 0])
     for k in range(1, K):
         out.addcmul_(tap(k), w[:, k])
+    return out
+
+
+_CONV_ROWS = 256  # time steps per thread at least for the C conv (a hand-off costs tens of microseconds)
+
+
+def _conv_silu(x: Tensor, weight: Tensor, bias: Tensor | None, reverse: bool, prefix: Tensor | None = None) -> Tensor:
+    """``F.silu(_depthwise_conv(x, weight, bias, reverse, prefix))``, x (B, L, d) time-major. For float32
+    CPU inference, one pass of the C kernel (``_elementwise_kernel.c``) split over torch's threads by
+    time steps; PyTorch takes six passes over (B, L, d) for it. Elsewhere (autograd, other dtypes or
+    devices, no C compiler): the tensor operations."""
+    bsz, L, d = x.shape
+    K = weight.shape[-1]
+    use_kernel = (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and weight.shape == (d, 1, K)
+                  and (bias is None or (bias.dtype == torch.float32 and bias.shape == (d,)))
+                  and (prefix is None or (prefix.shape == (bsz, K - 1, d) and not reverse))
+                  and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                        or (bias is not None and bias.requires_grad))))
+    lib = cpu_kernel.load_library() if use_kernel else None
+    if lib is None:
+        return F.silu(_depthwise_conv(x, weight, bias, reverse, prefix).to(x.dtype))
+    x = x.contiguous()
+    w_t = weight[:, 0, :].t().contiguous()  # (K, d): one tap's weights for every channel, contiguous
+    bias = None if bias is None else bias.contiguous()
+    prefix = None if prefix is None else prefix.to(torch.float32).contiguous()  # (B, K - 1, d)
+    out = torch.empty_like(x)
+    row = L * d * 4
+    calls = [(x.data_ptr() + b * row, w_t.data_ptr(), None if bias is None else bias.data_ptr(),
+              None if prefix is None else prefix[b].data_ptr(), out.data_ptr() + b * row, L, d, K, int(reverse), t0, t1)
+             for b in range(bsz) for t0, t1 in _threads.spans(L, _CONV_ROWS)]
+    _threads.run_all(lib.storm_dwconv_silu_f32, calls)
     return out
 
 
@@ -164,7 +195,7 @@ class MambaMixer(nn.Module):
         if valid is not None:
             x = x.masked_fill(~valid, 0.0)
         prefix = None if state is None else state.conv_state[:, :, 1:].transpose(1, 2)  # (B, d_conv - 1, d)
-        u = F.silu(_depthwise_conv(x, conv.weight, conv.bias, reverse, prefix).to(x.dtype))
+        u = _conv_silu(x, conv.weight, conv.bias, reverse, prefix)
         if valid is not None:
             u = u.masked_fill(~valid, 0.0)
         x_dbl = x_proj(u)  # (B, L, dt_rank + 2N)
