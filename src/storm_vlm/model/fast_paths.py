@@ -1,7 +1,7 @@
 """Speed paths that leave a STORM model's outputs unchanged; `enable_fast_paths(model)` turns them on.
 
-CPU inference only (fp32; no autograd; no autocast but for the C decode step): everywhere else each
-path steps aside and the plain computation runs.
+CPU inference only (fp32; no autograd; under bf16 autocast only the GELU and the C decode step):
+everywhere else each path steps aside and the plain computation runs.
 
 - **Matmul backend** (`_MeasuredLinear`): every `nn.Linear` of the model picks, per weight shape
   and number of input rows (in power-of-two buckets from `_MEASURE_MIN_ROWS` up to
