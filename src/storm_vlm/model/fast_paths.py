@@ -213,7 +213,7 @@ class _GrowingKVLayer(DynamicLayer):
     `advance` only counts: the views `keys` / `values` are made when next read (a decode step on
     every layer would otherwise make two views per layer per token, a sizeable share of a step's
     overhead). For the C decode step the layer also keeps its keys in that step's layout
-    (`transposed_keys`), filled by the step itself: positions from `_keys_t_len` on are (re)copied
+    (`transposed_keys`, float32: as much memory again as float32 keys), filled by the step itself: positions from `_keys_t_len` on are (re)copied
     at the next step, so every writer of keys moves that mark back to where it writes (`update`,
     `reserve`, a new buffer). `generation` changes whenever the buffers do.
     """
