@@ -422,9 +422,10 @@ def load_library(isa: str | None = None, lanes: int | None = None) -> ctypes.CDL
                 if "no C compiler" in str(exc):
                     break
         if lib is None:
-            _warn_once("storm_vlm: fused CPU scan kernel unavailable, using the PyTorch scan (%s)", "; ".join(errors))
+            _warn_once("storm_vlm: CPU kernels unavailable, using PyTorch for the scan, the decode step, GELU and "
+                       "conv (%s)", "; ".join(errors))
         elif errors:
-            _warn_once("storm_vlm: scan kernel path %s did not build, using %s (%s)", name, lib.storm_isa,
+            _warn_once("storm_vlm: CPU kernel path %s did not build, using %s (%s)", name, lib.storm_isa,
                        "; ".join(errors))
         _libs[key] = lib
     return lib
