@@ -1,6 +1,7 @@
-"""Worker threads for the selective scan and the bidirectional mixer.
+"""Worker threads for the selective scan, the bidirectional mixer and the C element-wise kernels.
 
-The scan splits channels over threads and ``BiMambaMixer`` runs its two directions in two threads
+The scan splits channels over threads, ``BiMambaMixer`` runs its two directions in two threads, and
+the one-pass C kernels (GELU, conv + SiLU) split their tensors into pieces (``spans``, ``run_all``)
 (ctypes and most torch kernels release the GIL, so they really run in parallel). PyTorch keeps grad
 mode, inference mode and autocast per thread: a worker started plainly runs without the caller's
 ``torch.autocast`` (a bf16 input then meets an fp32 weight in ``x_proj``) and outside the caller's
@@ -91,9 +92,9 @@ def run_all(fn, calls: list[tuple]) -> None:
 def spans(n: int, min_size: int, multiple: int = 1) -> list[tuple[int, int]]:
     """[0, n) in at most ``torch.get_num_threads()`` contiguous pieces of at least ``min_size``, each
     a multiple of ``multiple`` long but the last (so that where a piece ends does not change results)."""
-    parts = max(1, min(torch.get_num_threads(), n // max(min_size, 1)))
     if n <= 0:
         return [(0, 0)]
+    parts = max(1, min(torch.get_num_threads(), n // max(min_size, 1)))
     per = -(-n // parts)
     step = -(-per // multiple) * multiple
     return [(i, min(i + step, n)) for i in range(0, n, step)]
