@@ -220,11 +220,13 @@ WIDE_HEADS = {**TINY, "text_config": {**TINY["text_config"], "hidden_size": 72, 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 def test_c_decode_step_on_each_isa_path(isa, monkeypatch, kernel_steps, plain_decode):
     """Every vector width of the C step (the narrower ones forced), over a cache longer than the
-    values' block of 64 positions and not a multiple of the width: the model's tokens and logits."""
+    values' block of 64 positions and not a multiple of the width, the rotary table refilled every 5
+    positions: the model's tokens and logits."""
     if list(cpu_kernel.ISAS).index(isa) > list(cpu_kernel.ISAS).index(cpu_kernel.detect_isa()):
         pytest.skip(f"this CPU does not run {isa}")
     lib = cpu_kernel.build(isa)
     monkeypatch.setattr(cpu_kernel, "load_library", lambda *a, **k: lib)
+    monkeypatch.setattr(fast_paths, "_ROPE_BLOCK", 5)
     model = build_random_model(StormConfig(**WIDE_HEADS), seed=5)
     assert model.language_model.model.layers[0].self_attn.head_dim == 24
     ids = torch.randint(0, 60, (1, 61), generator=torch.Generator().manual_seed(3))
