@@ -79,8 +79,8 @@ class _GELUTanhCPU(nn.Module):
     """GELU with the tanh approximation (SigLIP's `gelu_pytorch_tanh`), computed faster on CPU.
 
     0.5·x·(1 + tanh(u)) = x·sigmoid(2u), 2u = x·(c + c·0.044715·x²), c = 2·√(2/π). PyTorch's CPU
-    `gelu(approximate="tanh")` goes through a slow vectorised tanh (in bfloat16 slower still: under
-    bf16 autocast it was a quarter of the vision tower's time). Here, for contiguous float32 and
+    `gelu(approximate="tanh")` goes through a slow vectorised tanh (in bfloat16, what the vision tower
+    runs under bf16 autocast, slower still). Here, for contiguous float32 and
     bfloat16 tensors, one pass of the C kernel (`ssm/_elementwise_kernel.c`, float32 math, bf16
     rounded as torch rounds), split over torch's thread count; without the kernel, float32/64 take
     the sigmoid form in four tensor passes (one addcmul, sigmoid and two in-place multiplies). Both
