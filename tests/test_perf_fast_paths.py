@@ -290,6 +290,47 @@ def test_c_decode_step_on_a_copy_of_the_cache(kernel_steps):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("case", ["C step slower", "tensor step slower", "C step pinned"])
+def test_with_several_threads_the_faster_step_is_timed_once(case, monkeypatch, kernel_steps, plain_decode):
+    """With several torch threads the C step (one core) and the threaded tensor step are timed on the
+    first steps — the C step twice, the tensor step once — and the faster takes the rest;
+    STORM_VLM_DECODE_KERNEL=1 skips the timing. The tokens are the model's either way."""
+    def slowed(fn):
+        def slow(*a, **k):
+            time.sleep(0.05)
+            return fn(*a, **k)
+        return slow
+    if case == "C step slower":
+        monkeypatch.setattr(fast_paths.DecodeStep, "_kernel_step", slowed(fast_paths.DecodeStep._kernel_step))
+    elif case == "tensor step slower":
+        monkeypatch.setattr(fast_paths, "_decode_layers", slowed(fast_paths._decode_layers))
+    else:
+        monkeypatch.setenv("STORM_VLM_DECODE_KERNEL", "1")
+    model = build_random_model(StormConfig(**TINY), seed=3)
+    ids = torch.randint(0, 60, (1, 6), generator=torch.Generator().manual_seed(1))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        fast = _generate(model, ids, max_new_tokens=8, min_new_tokens=8)
+    finally:
+        torch.set_num_threads(threads)
+    steps = 7  # the first new token comes from the prefill
+    expected = {"C step slower": [True, True],  # then never called again
+                "tensor step slower": [True] * (steps - 1),  # all but the third step
+                "C step pinned": [True] * steps}[case]
+    assert kernel_steps == expected
+    step = fast_paths._DECODE_STEPS[model.language_model]
+    assert step._kernel_wins == ({} if case == "C step pinned" else {2: case == "tensor step slower"})
+    torch.set_num_threads(2)
+    try:
+        assert fast_paths.decode_step_path(model).startswith(
+            "tensor operations (timed" if case == "C step slower" else "C step (")
+    finally:
+        torch.set_num_threads(threads)
+    plain_decode()
+    assert torch.equal(fast, _generate(model, ids, max_new_tokens=8, min_new_tokens=8))
+
+
 def test_c_decode_step_steps_aside_for_batches(kernel_steps):
     model = build_random_model(StormConfig(**TINY), seed=3)
     _generate(model, torch.randint(0, 60, (2, 5), generator=torch.Generator().manual_seed(1)))

@@ -26,7 +26,9 @@ everywhere else each path steps aside and the plain computation runs.
   call of a C function (`ssm/_decode_kernel.c`, built with the scan kernel by `ssm/cpu_kernel.py`),
   which reads the model's own matrices, no copies, each as one sequential stream; the per-layer
   small operations (norms, rotary, softmax, gate) then cost microseconds instead of a tensor
-  operation each. `STORM_VLM_DECODE_KERNEL=0` turns it off; without a C compiler, for batches, or with
+  operation each. It runs on one core: with several torch threads the first steps time it against
+  the (threaded) tensor step and the faster runs the rest. `STORM_VLM_DECODE_KERNEL=1` pins it, `=0`
+  turns it off; without a C compiler, for batches, or with
   `compile_decode=True`, the step runs as tensor operations:
   ~20 tensor ops per layer instead of the ~60 of transformers' generic forward,
   q/k/v and gate/up read as one matrix each, rotary embedding as one small product. A decode step
@@ -456,7 +458,14 @@ _DECODE_KERNEL_ENV = "STORM_VLM_DECODE_KERNEL"
 
 def _decode_kernel_enabled() -> bool:
     """False when STORM_VLM_DECODE_KERNEL is 0/false/off/no (the step then runs as tensor operations)."""
-    return os.environ.get(_DECODE_KERNEL_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+    return os.environ.get(_DECODE_KERNEL_ENV, "auto").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _decode_kernel_pinned() -> bool:
+    """True when STORM_VLM_DECODE_KERNEL is 1/true/on/yes: the C step for every row it applies to,
+    whatever the thread count (by default, with several torch threads, it is timed against the
+    tensor step first, see `DecodeStep.__call__`)."""
+    return os.environ.get(_DECODE_KERNEL_ENV, "auto").strip().lower() in ("1", "true", "on", "yes")
 
 
 def _decode_unsupported(lm) -> str | None:
@@ -590,6 +599,8 @@ class DecodeStep:
             # the storages those addresses point into stay alive even if a parameter's `.data` is replaced
             self._kernel_storages = [t.detach() for t in own + list(self._kernel_ends) if t is not None]
         self._rope_table = None  # (first position, cos, sin, inv_freq's address): see _rope
+        self._trials: dict[int, list[float]] = {}  # torch thread count -> seconds of the timed steps
+        self._kernel_wins: dict[int, bool] = {}  # torch thread count -> the C step was the faster
         self._scratch = threading.local()  # the C step's scratch, per thread
         # The tensor path: every product is torch.mm(x, M) with M (in, out): an input-major copy, or a
         # transposed view of an (out, in) matrix (then BLAS reads it row by row, as F.linear does).
@@ -653,9 +664,15 @@ class DecodeStep:
 
     @property
     def path(self) -> str:
-        """How one row's step runs: "C step (<isa> x<lanes>)" or "tensor operations"."""
+        """How one row's step runs at the current thread count: "C step (<isa> x<lanes>)" or "tensor
+        operations" (with the reason where the C step was timed slower)."""
         k = self._kernel
-        return "tensor operations" if k is None else f"C step ({k.storm_isa} x{k.storm_lanes})"
+        if k is None:
+            return "tensor operations"
+        threads = torch.get_num_threads()
+        if self._kernel_wins.get(threads) is False:
+            return f"tensor operations (timed faster than the C step at {threads} threads)"
+        return f"C step ({k.storm_isa} x{k.storm_lanes})"
 
     def _rope(self, pos: int):
         """(cos, sin) rows (hd,) of the rotary embedding at `pos`, as the model's rotary module gives
@@ -739,11 +756,25 @@ class DecodeStep:
 
     def __call__(self, input_ids: torch.Tensor, cache, kernel_only: bool = False) -> torch.Tensor | None:
         """Logits (B, 1, V) of the next token; None (the cache untouched) where the C step does not
-        apply and either `kernel_only` is set or the cache is not float32 (a prefill under autocast)."""
+        apply and either `kernel_only` is set or the cache is not float32 (a prefill under autocast).
+
+        The C step runs on one core; with several torch threads the tensor step's products are
+        threaded, so which is faster depends on the host and the model's size. Then the first steps
+        decide, once per thread count: the C step twice (the first copies every cached key into its
+        layout, untimed), the tensor step once, and the faster takes the steps after (both give the
+        model's logits up to float rounding). STORM_VLM_DECODE_KERNEL=1 pins the C step, =0 the tensor step."""
         lm = self._lm()
         pos = cache.get_seq_length()
         bufs = [layer.reserve(1) for layer in cache.layers]
-        logits = self._kernel_step(input_ids, pos, cache)
+        threads = torch.get_num_threads()
+        trials = None
+        if (self._kernel is not None and threads > 1 and threads not in self._kernel_wins and not kernel_only
+                and input_ids.shape[0] == 1 and not _decode_kernel_pinned()
+                and all(t.dtype == torch.float32 for pair in bufs for t in pair)):
+            trials = self._trials.setdefault(threads, [])
+        start = time.perf_counter()
+        kernel = self._kernel_wins.get(threads, True) and (trials is None or len(trials) < 2)
+        logits = self._kernel_step(input_ids, pos, cache) if kernel else None
         if logits is None:
             h = lm.model.embed_tokens(input_ids[:, 0])  # (B, d)
             if kernel_only or any(t.dtype != h.dtype for pair in bufs for t in pair):
@@ -755,6 +786,10 @@ class DecodeStep:
             logits = torch.mm(x, head) if bias is None else torch.addmm(bias, x, head)
         for layer in cache.layers:
             layer.advance(1)
+        if trials is not None:
+            trials.append(time.perf_counter() - start)
+            if len(trials) == 3:
+                self._kernel_wins[threads] = trials[1] <= trials[2]
         return logits[:, None]
 
 
