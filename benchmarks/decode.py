@@ -7,7 +7,9 @@ storm_vlm.model.fast_paths, at several cache lengths, in one run.
 Each video (32, 64, 128, 256 frames, no compression; 256 frames with 4x compression; a one-frame
 video) is prefilled once and its KV cache kept. Then rounds of `--tokens` greedy steps alternate
 between the caches and between the decode paths — "step": `DecodeStep` (the default on CPU; for one
-row, one C call per token runs every layer, printed as "step ran as"), "tensor step": the same step
+row, one C call per token runs every layer, printed as "step ran as"; pinned to the C step with
+STORM_VLM_DECODE_KERNEL=1 unless set, where with several threads it would time itself against the
+tensor step first), "tensor step": the same step
 as tensor operations (`enable_fast_paths(model, decode_kernel=False)`, what it was before the C step),
 "forward": the model's own forward (`enable_fast_paths(model, decode=False)`, what every step ran
 before the decode step existed) — each round's cache cropped back; `--warmup` untimed rounds, then
@@ -25,6 +27,7 @@ the real size.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -70,6 +73,9 @@ def main(argv=None) -> int:
         compile_s = time.perf_counter() - t
         print(f"  compiled decode step: first two steps took {compile_s:.1f} s (compilation)", flush=True)
         paths["compiled"] = dict(decode=True, compile_decode=True)
+    # With several threads a DecodeStep times the C step against the tensor step at its first steps,
+    # and every switch below builds a new one: pin the C step so that "step" is the C step throughout
+    os.environ.setdefault("STORM_VLM_DECODE_KERNEL", "1")
     times = {(n, path): [] for n in caches for path in paths}
     tokens, step_path = {}, "not taken"
     for rnd in range(s.warmup + s.repeats):

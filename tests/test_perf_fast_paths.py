@@ -240,6 +240,27 @@ def test_c_decode_step_on_each_isa_path(isa, monkeypatch, kernel_steps, plain_de
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_c_decode_step_on_several_threads(threads, monkeypatch, kernel_steps, plain_decode):
+    """The C step with its products' rows and the query heads split over threads (5: more than the 3
+    heads, so 3; 3: more threads than this machine may have cores): the model's tokens and logits."""
+    monkeypatch.setenv("STORM_VLM_DECODE_KERNEL", "1")  # the C step, untimed
+    model = build_random_model(StormConfig(**WIDE_HEADS), seed=5)
+    ids = torch.randint(0, 60, (1, 70), generator=torch.Generator().manual_seed(3))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        fast = _generate(model, ids, max_new_tokens=12, min_new_tokens=12)
+        fast_logits, _ = _three_steps(model, ids)
+    finally:
+        torch.set_num_threads(before)
+    assert kernel_steps and all(kernel_steps)
+    plain_decode()
+    assert torch.equal(fast, _generate(model, ids, max_new_tokens=12, min_new_tokens=12))
+    for a, b in zip(fast_logits, _three_steps(model, ids)[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_c_decode_step_follows_every_other_writer_of_the_cache(kernel_steps):
     """The C step keeps its own copy of the keys in its layout; a crop, the tensor step and the model's
     forward rewrite positions of the cache between its steps, and it must attend over the new keys:

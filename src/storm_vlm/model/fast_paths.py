@@ -738,7 +738,8 @@ class DecodeStep:
         heads, kv_heads, hd, scaling, inter, eps, _, _ = self.dims
         d = embed.shape[1]
         # scratch per thread, not per step object: two threads may decode with the same model
-        need = self._kernel.storm_decode_scratch(d, heads, kv_heads, hd, inter, pos + 1)
+        threads = torch.get_num_threads()
+        need = self._kernel.storm_decode_scratch(d, heads, kv_heads, hd, inter, pos + 1, threads)
         scratch = getattr(self._scratch, "buf", None)
         if scratch is None or scratch.numel() < need:
             scratch = self._scratch.buf = torch.empty(need + need // 4)
@@ -749,7 +750,7 @@ class DecodeStep:
                                       token, cos.data_ptr(), sin.data_ptr(), self._kernel_weights, kv, sg, st, kv_bf16,
                                       kt, ktg, min([layer._keys_t_len for layer in layers]), norm_w.data_ptr(),
                                       self.norm[1], head_w.data_ptr(), None if head_b is None else head_b.data_ptr(),
-                                      head_w.shape[0], logits.data_ptr(), scratch.data_ptr())
+                                      head_w.shape[0], logits.data_ptr(), scratch.data_ptr(), threads)
         for layer in layers:
             layer._keys_t_len = pos + 1
         return logits

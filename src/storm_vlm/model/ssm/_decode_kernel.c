@@ -13,6 +13,9 @@
  * bf16 autocast): it is read and written as such.
  */
 #include "_vec.h"
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 
 #define LOG2E 1.4426950408889634f
 
@@ -146,17 +149,21 @@ static void transpose_keys(const void *K, int kbf16, int64_t off, int64_t st, in
  * transpose_keys lays them out, KV head g from element g * ktg; V: KV head g, position t at element
  * g * sg + t * st (hd contiguous), float32 or bfloat16 (vbf16). Each KV head's keys and values are
  * read once from memory for its r query heads (the values in blocks of VALUE_BLOCK positions that
- * stay in cache across the r heads). scores: r * (T rounded up to LANES) + r floats of scratch. */
+ * stay in cache across the r heads). Only query heads h0 <= head < h1 (a thread's share). scores: r * (T
+ * rounded up to LANES) + r floats of scratch. */
 static void attend(const float *q, const float *KT, int64_t ktg, const void *V, int vbf16, int64_t sg, int64_t st,
-                   int64_t T, int64_t heads, int64_t kv_heads, int64_t hd, float scaling, float *scores, float *out) {
+                   int64_t T, int64_t heads, int64_t kv_heads, int64_t hd, float scaling, float *scores, float *out,
+                   int64_t h0, int64_t h1) {
     const int64_t r = heads / kv_heads, blocks = (T + LANES - 1) / LANES, Tp = blocks * LANES;
     float *sums = scores + r * Tp;
     for (int64_t g = 0; g < kv_heads; g++) {
         const float *qg = q + g * r * hd;
         float *og = out + g * r * hd;
+        const int64_t j0 = h0 - g * r > 0 ? h0 - g * r : 0, j1 = h1 - g * r < r ? h1 - g * r : r;
+        if (j0 >= j1) continue;
         for (int64_t b = 0; b < blocks; b++) {
             const float *kb = KT + g * ktg + b * hd * LANES;
-            for (int64_t j = 0; j < r; j++) {
+            for (int64_t j = j0; j < j1; j++) {
                 const float *qj = qg + j * hd;
                 vf a0 = splat(0.0f), a1 = a0, a2 = a0, a3 = a0; /* four chains: the adds do not wait */
                 int64_t c = 0;
@@ -170,12 +177,12 @@ static void attend(const float *q, const float *KT, int64_t ktg, const void *V, 
                 storeu(scores + j * Tp + b * LANES, ((a0 + a1) + (a2 + a3)) * scaling);
             }
         }
-        for (int64_t j = 0; j < r; j++) sums[j] = exp_shifted(scores + j * Tp, T);
-        for (int64_t i = 0; i < r * hd; i++) og[i] = 0.0f;
+        for (int64_t j = j0; j < j1; j++) sums[j] = exp_shifted(scores + j * Tp, T);
+        for (int64_t i = j0 * hd; i < j1 * hd; i++) og[i] = 0.0f;
         for (int64_t t0 = 0; t0 < T; t0 += VALUE_BLOCK) {
             const int64_t t1 = t0 + VALUE_BLOCK < T ? t0 + VALUE_BLOCK : T;
             const int64_t vg = g * sg;
-            for (int64_t j = 0; j < r; j++) {
+            for (int64_t j = j0; j < j1; j++) {
                 const float *p = scores + j * Tp;
                 float *o = og + j * hd;
                 int64_t c = 0;
@@ -198,7 +205,7 @@ static void attend(const float *q, const float *KT, int64_t ktg, const void *V, 
                 }
             }
         }
-        for (int64_t j = 0; j < r; j++) {
+        for (int64_t j = j0; j < j1; j++) {
             const float inv = 1.0f / sums[j];
             for (int64_t c = 0; c < hd; c++) og[j * hd + c] *= inv;
         }
@@ -218,15 +225,123 @@ static void silu_mul(float *gu, int64_t inter) {
     }
 }
 
-/* Floats of scratch storm_decode_f32 needs for a cache of T positions. */
-int64_t storm_decode_scratch(int64_t d, int64_t heads, int64_t kv_heads, int64_t hd, int64_t inter, int64_t T) {
+/* Floats of scratch storm_decode_f32 needs for a cache of T positions and `threads` threads. */
+int64_t storm_decode_scratch(int64_t d, int64_t heads, int64_t kv_heads, int64_t hd, int64_t inter, int64_t T,
+                             int64_t threads) {
     const int64_t r = heads / kv_heads;
-    return 2 * d + (heads + 2 * kv_heads) * hd + heads * hd + 2 * inter + r * ((T + LANES - 1) / LANES * LANES) + r;
+    return 2 * d + (heads + 2 * kv_heads) * hd + heads * hd + 2 * inter
+           + threads * (r * ((T + LANES - 1) / LANES * LANES) + r);
+}
+
+/* A sense-reversing spin barrier for the step's threads (one wait per product: microseconds apart, so
+ * sleeping in the kernel would cost more than the wait); it yields the core after a while of spinning,
+ * for hosts with fewer free cores than threads. */
+typedef struct {
+    atomic_int count, sense;
+    int n;
+} spin_barrier;
+
+static void barrier_wait(spin_barrier *b, int *local) {
+    if (b->n == 1) return;
+    *local = !*local;
+    if (atomic_fetch_add_explicit(&b->count, 1, memory_order_acq_rel) == b->n - 1) {
+        atomic_store_explicit(&b->count, 0, memory_order_relaxed);
+        atomic_store_explicit(&b->sense, *local, memory_order_release);
+        return;
+    }
+    for (int spins = 0; atomic_load_explicit(&b->sense, memory_order_acquire) != *local; spins++) {
+        if (spins > 2000) sched_yield();
+#if defined(__x86_64__) || defined(__i386__)
+        else __builtin_ia32_pause();
+#endif
+    }
+}
+
+typedef struct {
+    int64_t layers, d, heads, kv_heads, hd, inter, pos, token, sg, st, ktg, kt_from, vocab;
+    float eps, scaling, norm_eps;
+    const float *embed, *cos, *sin, *norm_w, *head_w, *head_b;
+    const float *const *w;
+    void *const *kv;
+    float *const *kt;
+    float *logits, *scratch;
+    int kv_bf16, threads;
+    spin_barrier barrier;
+} step_args;
+
+/* rows [n * tid / threads, n * (tid + 1) / threads) of gemv */
+static void gemv_part(const step_args *a, int tid, const float *x, const float *W, const float *bias, float *y,
+                      int64_t k, int64_t n, int accumulate) {
+    const int64_t j0 = n * tid / a->threads, j1 = n * (tid + 1) / a->threads;
+    gemv(x, W + j0 * k, bias ? bias + j0 : NULL, y + j0, k, j1 - j0, accumulate);
+}
+
+/* The step as thread `tid` of a->threads runs it: every product's rows and the attention's query heads
+ * split between the threads, the small operations on thread 0, a barrier between dependent parts. */
+static void step_run(step_args *a, int tid) {
+    const int64_t d = a->d, heads = a->heads, kv_heads = a->kv_heads, hd = a->hd, inter = a->inter;
+    const int64_t nq = heads * hd, nk = kv_heads * hd, T = a->pos + 1, r = heads / kv_heads;
+    float *h = a->scratch, *x = h + d, *qkv = x + d, *att = qkv + nq + 2 * nk, *gu = att + nq;
+    float *scores = gu + 2 * inter + tid * (r * ((T + LANES - 1) / LANES * LANES) + r);
+    const int64_t h0 = heads * tid / a->threads, h1 = heads * (tid + 1) / a->threads;
+    int sense = 0;
+    const float *const *w = a->w;
+    void *const *kv = a->kv;
+    float *const *kt = a->kt;
+    for (int64_t l = 0; l < a->layers; l++, w += 16, kv += 2, kt++) {
+        if (tid == 0) rms_norm(h, w[0], x, d, a->eps);
+        barrier_wait(&a->barrier, &sense);
+        gemv_part(a, tid, x, w[2], w[3], qkv, d, nq, 0);
+        gemv_part(a, tid, x, w[4], w[5], qkv + nq, d, nk, 0);
+        gemv_part(a, tid, x, w[6], w[7], qkv + nq + nk, d, nk, 0);
+        barrier_wait(&a->barrier, &sense);
+        if (tid == 0) {
+            rotary(qkv, heads + kv_heads, hd, a->cos, a->sin); /* q and k heads are adjacent */
+            for (int64_t g = 0; g < kv_heads; g++) {
+                store_kv(kv[0], g * a->sg + a->pos * a->st, qkv + nq + g * hd, hd, a->kv_bf16 & 1);
+                store_kv(kv[1], g * a->sg + a->pos * a->st, qkv + nq + nk + g * hd, hd, a->kv_bf16 & 2);
+                transpose_keys(kv[0], a->kv_bf16 & 1, g * a->sg, a->st, a->kt_from, T, hd, kt[0] + g * a->ktg);
+            }
+        }
+        barrier_wait(&a->barrier, &sense);
+        attend(qkv, kt[0], a->ktg, kv[1], a->kv_bf16 & 2, a->sg, a->st, T, heads, kv_heads, hd, a->scaling, scores,
+               att, h0, h1);
+        barrier_wait(&a->barrier, &sense);
+        gemv_part(a, tid, att, w[8], w[9], h, nq, d, 1);
+        barrier_wait(&a->barrier, &sense);
+        if (tid == 0) rms_norm(h, w[1], x, d, a->eps);
+        barrier_wait(&a->barrier, &sense);
+        gemv_part(a, tid, x, w[10], w[11], gu, d, inter, 0);
+        gemv_part(a, tid, x, w[12], w[13], gu + inter, d, inter, 0);
+        barrier_wait(&a->barrier, &sense);
+        if (tid == 0) silu_mul(gu, inter);
+        barrier_wait(&a->barrier, &sense);
+        gemv_part(a, tid, gu, w[14], w[15], h, inter, d, 1);
+        barrier_wait(&a->barrier, &sense);
+    }
+    if (tid == 0) rms_norm(h, a->norm_w, x, d, a->norm_eps);
+    barrier_wait(&a->barrier, &sense);
+    gemv_part(a, tid, x, a->head_w, a->head_b, a->logits, d, a->vocab, 0);
+}
+
+typedef struct {
+    step_args *args;
+    int tid;
+    atomic_int *go; /* 0: wait, 1: run, -1: not all threads started, return */
+} step_thread;
+
+static void *step_thread_main(void *p) {
+    step_thread *t = p;
+    int g;
+    for (int spins = 0; (g = atomic_load_explicit(t->go, memory_order_acquire)) == 0; spins++)
+        if (spins > 2000) sched_yield();
+    if (g == 1) step_run(t->args, t->tid);
+    return NULL;
 }
 
 /* Every layer for token `token` (its row of the embedding table embed (vocab, d) is the input), then
- * the final norm and the LM head. Writes each layer's key and value at position `pos` of its cache
- * buffers and attends over positions 0..pos.
+ * the final norm and the LM head, on `threads` threads (this one and threads - 1 started here). Writes
+ * each layer's key and value at position `pos` of its cache buffers and attends over positions 0..pos.
  *   w: 16 pointers per layer, every matrix (out, in) row-major as nn.Linear holds it, each bias or NULL:
  *      input RMSNorm weight (d), post-attention RMSNorm weight (d), q (heads hd, d), its bias,
  *      k (kv_heads hd, d), its bias, v (kv_heads hd, d), its bias, o (d, heads hd), its bias,
@@ -239,36 +354,38 @@ int64_t storm_decode_scratch(int64_t d, int64_t heads, int64_t kv_heads, int64_t
  *   cos, sin (hd): the rotary embedding at `pos`, as the model's rotary module returns it;
  *   norm_w (d), norm_eps, head_w (vocab, d), head_b (vocab) or NULL: the final RMSNorm and the LM head,
  *      whose product of h goes to logits (vocab);
- *   scratch: at least storm_decode_scratch(..., pos + 1) floats. Returns 0. */
+ *   scratch: at least storm_decode_scratch(..., pos + 1, threads) floats. Returns 0. (Where a thread
+ *      cannot be started, the step runs on this one.) */
 int storm_decode_f32(int64_t layers, int64_t d, int64_t heads, int64_t kv_heads, int64_t hd, int64_t inter,
                      float eps, float scaling, int64_t pos, const float *embed, int64_t token,
                      const float *cos, const float *sin,
                      const float *const *w, void *const *kv, int64_t sg, int64_t st, int kv_bf16, float *const *kt,
                      int64_t ktg, int64_t kt_from, const float *norm_w, float norm_eps, const float *head_w,
-                     const float *head_b, int64_t vocab, float *logits, float *scratch) {
-    const int64_t nq = heads * hd, nk = kv_heads * hd, T = pos + 1;
-    float *h = scratch, *x = h + d, *qkv = x + d, *att = qkv + nq + 2 * nk, *gu = att + nq, *scores = gu + 2 * inter;
-    memcpy(h, embed + token * d, (size_t)d * sizeof(float));
-    for (int64_t l = 0; l < layers; l++, w += 16, kv += 2, kt++) {
-        rms_norm(h, w[0], x, d, eps);
-        gemv(x, w[2], w[3], qkv, d, nq, 0);
-        gemv(x, w[4], w[5], qkv + nq, d, nk, 0);
-        gemv(x, w[6], w[7], qkv + nq + nk, d, nk, 0);
-        rotary(qkv, heads + kv_heads, hd, cos, sin); /* q and k heads are adjacent */
-        for (int64_t g = 0; g < kv_heads; g++) {
-            store_kv(kv[0], g * sg + pos * st, qkv + nq + g * hd, hd, kv_bf16 & 1);
-            store_kv(kv[1], g * sg + pos * st, qkv + nq + nk + g * hd, hd, kv_bf16 & 2);
-            transpose_keys(kv[0], kv_bf16 & 1, g * sg, st, kt_from, T, hd, kt[0] + g * ktg);
-        }
-        attend(qkv, kt[0], ktg, kv[1], kv_bf16 & 2, sg, st, T, heads, kv_heads, hd, scaling, scores, att);
-        gemv(att, w[8], w[9], h, nq, d, 1);
-        rms_norm(h, w[1], x, d, eps);
-        gemv(x, w[10], w[11], gu, d, inter, 0);
-        gemv(x, w[12], w[13], gu + inter, d, inter, 0);
-        silu_mul(gu, inter);
-        gemv(gu, w[14], w[15], h, inter, d, 1);
+                     const float *head_b, int64_t vocab, float *logits, float *scratch, int threads) {
+    if (threads < 1) threads = 1;
+    if (threads > heads) threads = (int)heads;
+    step_args a = {layers, d, heads, kv_heads, hd, inter, pos, token, sg, st, ktg, kt_from, vocab, eps, scaling,
+                   norm_eps, embed, cos, sin, norm_w, head_w, head_b, w, kv, kt, logits, scratch, kv_bf16, threads,
+                   {0, 0, threads}};
+    pthread_t ids[threads];
+    step_thread ts[threads];
+    atomic_int go = 0;
+    int started = 0;
+    for (; started < threads - 1; started++) {
+        ts[started] = (step_thread){&a, started + 1, &go};
+        if (pthread_create(&ids[started], NULL, step_thread_main, &ts[started]) != 0) break;
     }
-    rms_norm(h, norm_w, x, d, norm_eps);
-    gemv(x, head_w, head_b, logits, d, vocab, 0);
+    memcpy(scratch, embed + token * d, (size_t)d * sizeof(float));
+    if (started < threads - 1) { /* a thread would not start: release the others, run on this one */
+        atomic_store_explicit(&go, -1, memory_order_release);
+        for (int i = 0; i < started; i++) pthread_join(ids[i], NULL);
+        started = 0;
+        a.threads = 1;
+        a.barrier.n = 1;
+    } else {
+        atomic_store_explicit(&go, 1, memory_order_release);
+    }
+    step_run(&a, 0);
+    for (int i = 0; i < started; i++) pthread_join(ids[i], NULL);
     return 0;
 }

@@ -70,7 +70,7 @@ __all__ = ["load", "load_library", "build", "enabled", "scan_forward", "scan_bac
 logger = logging.getLogger("storm_vlm.model.ssm")
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("_scan_kernel.c", "_decode_kernel.c", "_elementwise_kernel.c"))
 HEADER = Path(__file__).with_name("_vec.h")
-BASE_FLAGS = ["-O3", "-fno-math-errno", "-fPIC", "-shared"]
+BASE_FLAGS = ["-O3", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
 ENV_SWITCH = "STORM_VLM_SCAN_KERNEL"
 ENV_ISA = "STORM_VLM_SCAN_ISA"
 LIB_NAME = "lib.so"
@@ -363,11 +363,11 @@ def _bind(lib: ctypes.CDLL, isa: Isa, lanes: int, origin: str) -> ctypes.CDLL:
     bwd.argtypes = ([i64] * 5 + [ptr, i64, i64, i64] * 4 + [ptr] * 3 + [cint] * 2 + [ptr] * 2 + [cint] * 2
                     + [ptr, i64, ptr] + [ptr, i64, i64, i64] * 3 + [ptr] * 6 + [i64, i64])
     bwd.restype = cint
-    lib.storm_decode_scratch.argtypes = [i64] * 6
+    lib.storm_decode_scratch.argtypes = [i64] * 7
     lib.storm_decode_scratch.restype = i64
     dec = lib.storm_decode_f32
     dec.argtypes = ([i64] * 6 + [ctypes.c_float] * 2 + [i64, ptr, i64] + [ptr] * 4 + [i64, i64, cint, ptr, i64, i64]
-                    + [ptr, ctypes.c_float, ptr, ptr, i64, ptr, ptr])
+                    + [ptr, ctypes.c_float, ptr, ptr, i64, ptr, ptr, cint])
     dec.restype = cint
     for name in ("storm_gelu_tanh_f32", "storm_gelu_tanh_bf16"):
         getattr(lib, name).argtypes = [ptr, ptr, i64]
