@@ -26,9 +26,10 @@ everywhere else each path steps aside and the plain computation runs.
   call of a C function (`ssm/_decode_kernel.c`, built with the scan kernel by `ssm/cpu_kernel.py`),
   which reads the model's own matrices, no copies, each as one sequential stream; the per-layer
   small operations (norms, rotary, softmax, gate) then cost microseconds instead of a tensor
-  operation each. It runs on one core: with several torch threads the first steps time it against
-  the (threaded) tensor step and the faster runs the rest. `STORM_VLM_DECODE_KERNEL=1` pins it, `=0`
-  turns it off; without a C compiler, for batches, or with
+  operation each. It runs on torch's threads (each product's rows and the attention's query heads
+  split between them); with several, the first steps also time it against the tensor step and the
+  faster runs the rest. `STORM_VLM_DECODE_KERNEL=1` pins it, `=0` turns it off; without a C
+  compiler, for batches, or with
   `compile_decode=True`, the step runs as tensor operations:
   ~20 tensor ops per layer instead of the ~60 of transformers' generic forward,
   q/k/v and gate/up read as one matrix each, rotary embedding as one small product. A decode step
@@ -759,9 +760,10 @@ class DecodeStep:
         """Logits (B, 1, V) of the next token; None (the cache untouched) where the C step does not
         apply and either `kernel_only` is set or the cache is not float32 (a prefill under autocast).
 
-        The C step runs on one core; with several torch threads the tensor step's products are
-        threaded, so which is faster depends on the host and the model's size. Then the first steps
-        decide, once per thread count: the C step twice (the first copies every cached key into its
+        With several torch threads both steps are threaded (the C step splits each product's rows
+        and the attention's query heads, with a barrier between dependent parts; the tensor step
+        through BLAS / oneDNN), and which is faster depends on the host and the model's size. Then
+        the first steps decide, once per thread count: the C step twice (the first copies every cached key into its
         layout, untimed), the tensor step once, and the faster takes the steps after (both give the
         model's logits up to float rounding). STORM_VLM_DECODE_KERNEL=1 pins the C step, =0 the tensor step."""
         lm = self._lm()
