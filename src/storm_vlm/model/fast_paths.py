@@ -17,8 +17,9 @@ everywhere else each path steps aside and the plain computation runs.
 - **Vision tower**: the tanh-GELU is evaluated as x·sigmoid(2u) (`_GELUTanhCPU`): the same
   function in one pass of a C kernel (float32 and bfloat16; four tensor passes without a C
   compiler), where PyTorch's CPU tanh-GELU goes through a slow vectorised tanh; SigLIP encoder
-  layers add their residuals in place (`_LeanSiglipLayer`, bit-for-bit transformers' result). At small widths such elementwise passes cost about as much
-  as the matrix products, so each pass saved shows.
+  layers add their residuals in place (`_LeanSiglipLayer`, bit-for-bit transformers' result). At
+  small widths such elementwise passes cost about as much as the matrix products, so each pass
+  saved shows.
 - **Decode step** (`DecodeStep`, Llama-style LLMs: Qwen2, Llama): a greedy one-token step runs
   through a lean single-token path on the `StormKVCache` (preallocated buffers the step writes
   into in place). For one row (batch 1, SiLU MLP, fp32 weights; also under CPU bf16 autocast, on a
@@ -83,8 +84,8 @@ class _GELUTanhCPU(nn.Module):
 
     0.5·x·(1 + tanh(u)) = x·sigmoid(2u), 2u = x·(c + c·0.044715·x²), c = 2·√(2/π). PyTorch's CPU
     `gelu(approximate="tanh")` goes through a slow vectorised tanh (in bfloat16, what the vision tower
-    runs under bf16 autocast, slower still). Here, for contiguous float32 and
-    bfloat16 tensors, one pass of the C kernel (`ssm/_elementwise_kernel.c`, float32 math, bf16
+    runs under bf16 autocast, slower still). Here, for contiguous float32 and bfloat16 tensors, one
+    pass of the C kernel (`ssm/_elementwise_kernel.c`, float32 math, bf16
     rounded as torch rounds), split over torch's thread count; without the kernel, float32/64 take
     the sigmoid form in four tensor passes (one addcmul, sigmoid and two in-place multiplies). Both
     differ from transformers' result by float rounding (< 1e-6; one bf16 rounding step at most in
@@ -200,6 +201,21 @@ _BUFFER_GENERATIONS = itertools.count()
 _ROPE_BLOCK = 256  # positions of the rotary embedding computed at once for the C decode step
 
 
+def _pending_view(name: str) -> property:
+    """`_GrowingKVLayer.keys` / `.values`, stored as `name`: reading or assigning either first makes
+    the views `advance` left pending."""
+    def get(self):
+        if self._pending is not None:
+            self._make_views()
+        return getattr(self, name)
+
+    def set(self, t) -> None:
+        if self._pending is not None:
+            self._make_views()
+        setattr(self, name, t)
+    return property(get, set)
+
+
 class _GrowingKVLayer(DynamicLayer):
     """A `DynamicLayer` that appends in place into a buffer with spare room.
 
@@ -216,36 +232,15 @@ class _GrowingKVLayer(DynamicLayer):
     `advance` only counts: the views `keys` / `values` are made when next read (a decode step on
     every layer would otherwise make two views per layer per token, a sizeable share of a step's
     overhead). For the C decode step the layer also keeps its keys in that step's layout
-    (`transposed_keys`, float32: as much memory again as float32 keys), filled by the step itself: positions from `_keys_t_len` on are (re)copied
-    at the next step, so every writer of keys moves that mark back to where it writes (`update`,
-    `reserve`, a new buffer). `generation` changes whenever the buffers do.
+    (`transposed_keys`, float32: as much memory again as float32 keys), filled by the step itself:
+    positions from `_keys_t_len` on are (re)copied at the next step (which then sets the mark), so
+    every writer of keys moves that mark back to where it writes (`update`, `reserve`, a new
+    buffer). `generation` changes whenever the buffers do.
     """
 
     _pending: int | None = None  # set by `advance`: `keys` / `values` are views of this length, not made yet
-
-    @property
-    def keys(self):
-        if self._pending is not None:
-            self._make_views()
-        return self._keys
-
-    @keys.setter
-    def keys(self, t) -> None:
-        if self._pending is not None:
-            self._make_views()
-        self._keys = t
-
-    @property
-    def values(self):
-        if self._pending is not None:
-            self._make_views()
-        return self._values
-
-    @values.setter
-    def values(self, t) -> None:
-        if self._pending is not None:
-            self._make_views()
-        self._values = t
+    keys = _pending_view("_keys")
+    values = _pending_view("_values")
 
     def _make_views(self) -> None:
         n, self._pending = self._pending, None
@@ -264,17 +259,17 @@ class _GrowingKVLayer(DynamicLayer):
         self._keys_t, self._keys_t_len = None, 0  # a new buffer: the transposed keys start over
         self.generation = next(_BUFFER_GENERATIONS)
 
-    def transposed_keys(self, lanes: int) -> tuple[torch.Tensor, int]:
-        """(KT, n): the key buffer (1, H, capacity, hd) laid out for the C decode step as float32
-        (H, ceil(capacity / lanes), hd, lanes) — `lanes` positions per block, component-major — and
-        how many leading positions of it hold the current keys. Call after `reserve`."""
+    def transposed_keys(self, lanes: int) -> torch.Tensor:
+        """The key buffer (1, H, capacity, hd) laid out for the C decode step as float32
+        (H, ceil(capacity / lanes), hd, lanes) — `lanes` positions per block, component-major; its
+        first `_keys_t_len` positions hold the current keys. Call after `reserve`."""
         kb = self._key_buf
         shape = (kb.shape[1], -(-kb.shape[2] // lanes), kb.shape[3], lanes)
         if self._keys_t is None or self._keys_t.shape != shape:
             self._keys_t = torch.zeros(shape, dtype=torch.float32, device=kb.device)
             self._keys_t_len = 0
             self.generation = next(_BUFFER_GENERATIONS)
-        return self._keys_t, self._keys_t_len
+        return self._keys_t
 
     def _owns(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> bool:
         kb, vb = self._key_buf, self._value_buf
@@ -457,16 +452,13 @@ _PACK_MEMORY_SHARE = 0.25  # input-major copies only while they take at most thi
 _DECODE_KERNEL_ENV = "STORM_VLM_DECODE_KERNEL"
 
 
-def _decode_kernel_enabled() -> bool:
-    """False when STORM_VLM_DECODE_KERNEL is 0/false/off/no (the step then runs as tensor operations)."""
-    return os.environ.get(_DECODE_KERNEL_ENV, "auto").strip().lower() not in ("0", "false", "off", "no")
-
-
-def _decode_kernel_pinned() -> bool:
-    """True when STORM_VLM_DECODE_KERNEL is 1/true/on/yes: the C step for every row it applies to,
-    whatever the thread count (by default, with several torch threads, it is timed against the
-    tensor step first, see `DecodeStep.__call__`)."""
-    return os.environ.get(_DECODE_KERNEL_ENV, "auto").strip().lower() in ("1", "true", "on", "yes")
+def _decode_kernel_setting() -> str:
+    """STORM_VLM_DECODE_KERNEL as "off" (0/false/off/no: the step runs as tensor operations), "on"
+    (1/true/on/yes: the C step for every row it applies to, whatever the thread count) or "auto"
+    (anything else: with several torch threads it is timed against the tensor step first, see
+    `DecodeStep.__call__`)."""
+    value = os.environ.get(_DECODE_KERNEL_ENV, "auto").strip().lower()
+    return "off" if value in ("0", "false", "off", "no") else "on" if value in ("1", "true", "on", "yes") else "auto"
 
 
 def _decode_unsupported(lm) -> str | None:
@@ -590,7 +582,7 @@ class DecodeStep:
         # ... and the embedding table, the final norm's weight and the LM head
         self._kernel_ends = (inner.embed_tokens.weight, inner.norm.weight, lm.lm_head.weight, lm.lm_head.bias)
         self._kernel = None
-        if (kernel and not compile_layers and act is F.silu and _decode_kernel_enabled()
+        if (kernel and not compile_layers and act is F.silu and _decode_kernel_setting() != "off"
                 and type(inner.embed_tokens) is nn.Embedding
                 and all(t is None or (t.is_contiguous() and t.dtype == torch.float32)
                         for t in own + list(self._kernel_ends))):
@@ -713,7 +705,7 @@ class DecodeStep:
                           and vb.dtype == vb0.dtype for kb, vb in bufs))
         plan = None
         if usable:
-            kts = [layer.transposed_keys(lanes)[0] for layer in cache.layers]  # may start new ones
+            kts = [layer.transposed_keys(lanes) for layer in cache.layers]  # may start new ones
             key = (lanes, [layer.generation for layer in cache.layers])
             plan = ((ctypes.c_void_p * (2 * len(bufs)))(*[t.data_ptr() for pair in bufs for t in pair]),
                     (ctypes.c_void_p * len(kts))(*[t.data_ptr() for t in kts]), kts[0].stride(0),
@@ -763,16 +755,17 @@ class DecodeStep:
         With several torch threads both steps are threaded (the C step splits each product's rows
         and the attention's query heads, with a barrier between dependent parts; the tensor step
         through BLAS / oneDNN), and which is faster depends on the host and the model's size. Then
-        the first steps decide, once per thread count: the C step twice (the first copies every cached key into its
-        layout, untimed), the tensor step once, and the faster takes the steps after (both give the
-        model's logits up to float rounding). STORM_VLM_DECODE_KERNEL=1 pins the C step, =0 the tensor step."""
+        the first steps decide, once per thread count: the C step twice (the first copies every
+        cached key into its layout, untimed), the tensor step once, and the faster takes the steps
+        after (both give the model's logits up to float rounding). STORM_VLM_DECODE_KERNEL=1 pins the
+        C step, =0 the tensor step."""
         lm = self._lm()
         pos = cache.get_seq_length()
         bufs = [layer.reserve(1) for layer in cache.layers]
         threads = torch.get_num_threads()
         trials = None
         if (self._kernel is not None and threads > 1 and threads not in self._kernel_wins and not kernel_only
-                and input_ids.shape[0] == 1 and not _decode_kernel_pinned()
+                and input_ids.shape[0] == 1 and _decode_kernel_setting() != "on"
                 and all(t.dtype == torch.float32 for pair in bufs for t in pair)):
             trials = self._trials.setdefault(threads, [])
         start = time.perf_counter()
