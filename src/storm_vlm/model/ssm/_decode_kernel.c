@@ -17,8 +17,6 @@
 #include <sched.h>
 #include <stdatomic.h>
 
-#define LOG2E 1.4426950408889634f
-
 /* y = (accumulate ? y : 0) + (bias ? bias : 0) + W @ x; x (k), W (n, k) row-major (nn.Linear's own
  * layout), y and bias (n). Row after row: the matrix is read as one sequential stream, which the
  * hardware prefetcher follows best (interleaving even two rows' streams halves the rate on some CPUs). */
@@ -96,30 +94,13 @@ static float exp_shifted(float *p, int64_t T) {
     return sum;
 }
 
-/* The KV cache holds float32, or bfloat16 (the upper half of a float32) where the prefill ran under
- * bf16 autocast. Loads widen bf16 to float32 exactly; stores round to nearest even as torch does. */
-typedef uint16_t vh __attribute__((vector_size(2 * LANES)));
-
+/* The KV cache holds float32, or bfloat16 where the prefill ran under bf16 autocast (see _vec.h). */
 static inline vf load_kv(const void *p, int64_t i, int bf16) {
-    if (!bf16) return loadu((const float *)p + i);
-    vh b;
-    memcpy(&b, (const uint16_t *)p + i, sizeof b);
-    return (vf)(__builtin_convertvector(b, vi) << 16);
+    return bf16 ? load_bf16((const uint16_t *)p + i) : loadu((const float *)p + i);
 }
 
 static inline float kv_at(const void *p, int64_t i, int bf16) {
-    if (!bf16) return ((const float *)p)[i];
-    const uint32_t b = (uint32_t)((const uint16_t *)p)[i] << 16;
-    float f;
-    memcpy(&f, &b, sizeof f);
-    return f;
-}
-
-static inline uint16_t to_bf16(float f) {
-    uint32_t b;
-    memcpy(&b, &f, sizeof b);
-    if ((b & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN, as torch writes it */
-    return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
 /* n values of src at element `off` of a cache buffer */
@@ -128,7 +109,7 @@ static void store_kv(void *p, int64_t off, const float *src, int64_t n, int bf16
         memcpy((float *)p + off, src, (size_t)n * sizeof(float));
         return;
     }
-    for (int64_t i = 0; i < n; i++) ((uint16_t *)p)[off + i] = to_bf16(src[i]);
+    for (int64_t i = 0; i < n; i++) ((uint16_t *)p)[off + i] = f32_to_bf16(src[i]);
 }
 
 /* Keys laid out for vector-wide scores: KV head g's positions in blocks of LANES, each block (hd, LANES)
@@ -217,11 +198,11 @@ static void silu_mul(float *gu, int64_t inter) {
     int64_t i = 0;
     for (; i + LANES <= inter; i += LANES) {
         const vf g = loadu(gu + i);
-        storeu(gu + i, g / (1.0f + vexp2(-g * LOG2E)) * loadu(gu + inter + i));
+        storeu(gu + i, vsilu(g) * loadu(gu + inter + i));
     }
     for (; i < inter; i++) {
         const float g = gu[i];
-        gu[i] = g / (1.0f + vexp2(splat(-g * LOG2E))[0]) * gu[inter + i];
+        gu[i] = vsilu(splat(g))[0] * gu[inter + i];
     }
 }
 

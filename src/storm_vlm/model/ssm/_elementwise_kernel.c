@@ -9,7 +9,6 @@
  */
 #include "_vec.h"
 
-#define LOG2E 1.4426950408889634f
 #define TWO_C 1.5957691216057308f /* 2 sqrt(2 / pi) */
 
 static inline vf gelu_tanh(vf x) {
@@ -24,33 +23,14 @@ void storm_gelu_tanh_f32(const float *x, float *y, int64_t n) {
     for (; i < n; i++) y[i] = gelu_tanh(splat(x[i]))[0];
 }
 
-/* The same on bfloat16 values (the upper halves of float32), computed in float32 and rounded to the
- * nearest even as torch rounds (NaN stays NaN) */
-typedef uint16_t vbf __attribute__((vector_size(2 * LANES)));
-typedef uint32_t vu __attribute__((vector_size(4 * LANES)));
-
-static inline vu round_bf16(vf v) {
-    const vu b = (vu)v;
-    const vu rounded = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
-    const vu nan = (vu)((b & 0x7fffffffu) > 0x7f800000u);
-    return (nan & 0x7fc0u) | (~nan & rounded);
-}
-
+/* The same on bfloat16 values, computed in float32 and rounded as torch rounds (_vec.h) */
 void storm_gelu_tanh_bf16(const uint16_t *x, uint16_t *y, int64_t n) {
     int64_t i = 0;
     for (; i + LANES <= n; i += LANES) {
-        vbf b;
-        memcpy(&b, x + i, sizeof b);
-        const vf v = (vf)(__builtin_convertvector(b, vu) << 16);
-        const vbf out = __builtin_convertvector(round_bf16(gelu_tanh(v)), vbf);
+        const vbf out = __builtin_convertvector(round_bf16(gelu_tanh(load_bf16(x + i))), vbf);
         memcpy(y + i, &out, sizeof out);
     }
-    for (; i < n; i++) {
-        const uint32_t b = (uint32_t)x[i] << 16;
-        float f;
-        memcpy(&f, &b, sizeof f);
-        y[i] = (uint16_t)round_bf16(gelu_tanh(splat(f)))[0];
-    }
+    for (; i < n; i++) y[i] = (uint16_t)round_bf16(gelu_tanh(splat(bf16_to_f32(x[i]))))[0];
 }
 
 /* Mamba's depthwise causal conv and SiLU, one pass: out[t, c] = silu(bias[c] + sum_k w[k, c] x[t + k - K + 1, c])
@@ -79,7 +59,7 @@ void storm_dwconv_silu_f32(const float *x, const float *wT, const float *bias, c
                     const int64_t s = reverse ? t + K - 1 - k : t + k - K + 1;
                     acc += loadu(wT + k * d + c) * loadu(x + s * d + c);
                 }
-                storeu(out + t * d + c, acc / (1.0f + vexp2(-acc * LOG2E)));
+                storeu(out + t * d + c, vsilu(acc));
             }
         }
         for (; c < d; c++) {
@@ -87,7 +67,7 @@ void storm_dwconv_silu_f32(const float *x, const float *wT, const float *bias, c
             for (int64_t k = 0; k < K; k++)
                 acc += wT[k * d + c] * tap_value(x, reverse ? NULL : prefix, reverse ? t + K - 1 - k : t + k - K + 1,
                                                  L, d, c, K);
-            out[t * d + c] = acc / (1.0f + vexp2(splat(-acc * LOG2E))[0]);
+            out[t * d + c] = vsilu(splat(acc))[0];
         }
     }
 }

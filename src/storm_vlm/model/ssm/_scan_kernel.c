@@ -42,8 +42,6 @@ static inline vf vlog_ge1(vf w) {
     return sel(w == __builtin_inff(), w, out);
 }
 
-#define LOG2E 1.4426950408889634f
-
 /* torch's softplus (beta 1, threshold 20): x > 20 ? x : log1p(exp(x)) */
 static inline vf vsoftplus(vf x) {
     vf y = vexp2(sel(x > 20.0f, splat(0.0f), x) * LOG2E);
@@ -54,8 +52,6 @@ static inline vf vsoftplus(vf x) {
     vf lp = sel(wm1 == 0.0f, y, l * (y / sel(wm1 == 0.0f, splat(1.0f), wm1)));
     return sel(x > 20.0f, x, lp);
 }
-
-static inline vf vsilu(vf z) { return z / (1.0f + vexp2(-z * LOG2E)); }
 
 /* tile[t][lane] = src[t * st + lane * sc] for t < nt, lane < w; zero elsewhere */
 static void load_tile(vf *tile, const float *src, int64_t st, int64_t sc, int64_t nt, int64_t w) {

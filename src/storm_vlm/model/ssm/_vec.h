@@ -1,7 +1,7 @@
-/* Vector basics shared by the CPU kernels (_scan_kernel.c, _decode_kernel.c): a float vector of
- * STORM_LANES lanes through GCC/Clang vector extensions (the compiler splits a vector wider than the
- * target's registers), lane select, NaN-keeping max/min, horizontal sum, unaligned load/store and
- * exp2. Built by storm_vlm/model/ssm/cpu_kernel.py with -DSTORM_LANES=16 (AVX-512 flags), 8 (AVX2 + FMA)
+/* Vector basics shared by the CPU kernels (_scan_kernel.c, _decode_kernel.c, _elementwise_kernel.c): a
+ * float vector of STORM_LANES lanes through GCC/Clang vector extensions (the compiler splits a vector
+ * wider than the target's registers), lane select, NaN-keeping max/min, horizontal sum, unaligned
+ * load/store, exp2 and SiLU, and bfloat16 loads and rounding. Built by storm_vlm/model/ssm/cpu_kernel.py with -DSTORM_LANES=16 (AVX-512 flags), 8 (AVX2 + FMA)
  * or 4 (the compiler's baseline flags).
  *
  * exp2 is a degree-6 polynomial on [-0.5, 0.5] scaled by 2^k through the exponent bits
@@ -79,6 +79,39 @@ static inline vf vexp2(vf x) {
     vf p = q * f + 1.0f;
     return p * (vf)((ki + 127) << 23);
 }
+
+#define LOG2E 1.4426950408889634f
+
+/* x * sigmoid(x) */
+static inline vf vsilu(vf x) { return x / (1.0f + vexp2(-x * LOG2E)); }
+
+/* bfloat16 is the upper half of a float32: widened exactly, and rounded to the nearest even as torch
+ * rounds (NaN stays NaN, written as torch writes it) */
+typedef uint16_t vbf __attribute__((vector_size(2 * LANES)));
+typedef uint32_t vu __attribute__((vector_size(4 * LANES)));
+
+static inline vf load_bf16(const uint16_t *p) {
+    vbf b;
+    memcpy(&b, p, sizeof b);
+    return (vf)(__builtin_convertvector(b, vu) << 16);
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    const uint32_t b = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &b, sizeof f);
+    return f;
+}
+
+/* the bf16 bits of each lane, in the low 16 bits */
+static inline vu round_bf16(vf v) {
+    const vu b = (vu)v;
+    const vu rounded = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+    const vu nan = (vu)((b & 0x7fffffffu) > 0x7f800000u);
+    return (nan & 0x7fc0u) | (~nan & rounded);
+}
+
+static inline uint16_t f32_to_bf16(float f) { return (uint16_t)round_bf16(splat(f))[0]; }
 
 /* unaligned vector load / store (memcpy compiles to one unaligned vector move) */
 static inline vf loadu(const float *p) {
