@@ -19,6 +19,7 @@ import storm_vlm  # noqa: F401  (registers the STORM classes with the Auto class
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from storm_vlm.demo.synth import write_mp4 as encode
+from storm_vlm.model.ssm import cpu_kernel
 
 def load(model_dir):
     """(model in eval mode, processor) from a folder, through the Auto classes."""
@@ -143,3 +144,19 @@ TINY_CONFIG = dict(
     video_token_id=63,
     image_token_id=62,
 )
+
+
+def isa_runs(isa: str) -> bool:
+    """This CPU runs the kernels' `isa` path (cpu_kernel.ISAS is ordered narrow to wide)."""
+    order = list(cpu_kernel.ISAS)
+    return order.index(isa) <= order.index(cpu_kernel.detect_isa())
+
+
+def use_kernel_library(monkeypatch, isa: str):
+    """The C kernel library built for `isa`, made the one `cpu_kernel.load_library` returns; skips
+    the test without a C compiler or where this CPU does not run `isa`."""
+    if cpu_kernel._compiler() is None or not isa_runs(isa):
+        pytest.skip(f"no C compiler, or this CPU does not run {isa}")
+    lib = cpu_kernel.build(isa)
+    monkeypatch.setattr(cpu_kernel, "load_library", lambda *a, **k: lib)
+    return lib

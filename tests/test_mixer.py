@@ -9,6 +9,7 @@ from storm_vlm.model.projector import MambaTemporalProjector
 from storm_vlm.model.ssm import BiMambaMixer, MambaMixer, selective_scan_reference
 from storm_vlm.model.ssm import cpu_kernel
 from storm_vlm.model.ssm import mixer as mixer_mod
+from helpers import use_kernel_library
 
 D_MODEL = 16
 
@@ -93,11 +94,7 @@ def test_forward_matches_explicit_mamba_computation():
 def test_c_conv_silu_equals_the_tensor_conv(isa, monkeypatch):
     """The one-pass C conv + SiLU of float32 inference, on each vector width the CPU runs: both
     directions, a carried prefix, ragged widths, sequences shorter than the kernel; the mixer with it."""
-    order = list(cpu_kernel.ISAS)
-    if cpu_kernel._compiler() is None or order.index(isa) > order.index(cpu_kernel.detect_isa()):
-        pytest.skip(f"no C compiler, or this CPU does not run {isa}")
-    lib = cpu_kernel.build(isa)
-    monkeypatch.setattr(cpu_kernel, "load_library", lambda *a, **k: lib)
+    lib = use_kernel_library(monkeypatch, isa)
     g = torch.Generator().manual_seed(0)
     calls = []
     real = lib.storm_dwconv_silu_f32

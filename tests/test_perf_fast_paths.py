@@ -16,6 +16,7 @@ from storm_vlm.model.fast_paths import DecodeStep, StormKVCache, enable_fast_pat
 from storm_vlm.model.ssm import cpu_kernel
 from storm_vlm.perf.profiler import build_random_model
 from helpers import TINY_CONFIG as TINY
+from helpers import use_kernel_library
 
 LLAMA = dict(TINY, text_config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
@@ -222,10 +223,7 @@ def test_c_decode_step_on_each_isa_path(isa, monkeypatch, kernel_steps, plain_de
     """Every vector width of the C step (the narrower ones forced), over a cache longer than the
     values' block of 64 positions and not a multiple of the width, the rotary table refilled every 5
     positions: the model's tokens and logits."""
-    if list(cpu_kernel.ISAS).index(isa) > list(cpu_kernel.ISAS).index(cpu_kernel.detect_isa()):
-        pytest.skip(f"this CPU does not run {isa}")
-    lib = cpu_kernel.build(isa)
-    monkeypatch.setattr(cpu_kernel, "load_library", lambda *a, **k: lib)
+    lib = use_kernel_library(monkeypatch, isa)
     monkeypatch.setattr(fast_paths, "_ROPE_BLOCK", 5)
     model = build_random_model(StormConfig(**WIDE_HEADS), seed=5)
     assert model.language_model.model.layers[0].self_attn.head_dim == 24

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from storm_vlm.model.ssm import cpu_kernel, fast_scan, selective_scan, selective_scan_reference
+from helpers import isa_runs
 from test_scan import _assert_close, _inputs, _run
 
 pytestmark = pytest.mark.skipif(cpu_kernel.load() is None, reason="no C compiler: the kernel is optional")
@@ -172,11 +173,6 @@ def test_compile_error_names_the_source(monkeypatch, tmp_path):
 
 
 # ----------------------------------------------------------------------------- instruction-set paths
-def _runnable(isa):
-    order = list(cpu_kernel.ISAS)
-    return order.index(isa) <= order.index(cpu_kernel.detect_isa())
-
-
 # (path, lanes): every path at its own width, and the wider logic built with narrower flags (the
 # compiler splits each vector), so the 16-lane code runs and is checked on an AVX2 machine too
 VARIANTS = [("generic", None), ("generic", 8), ("generic", 16), ("avx2", None), ("avx2", 16), ("avx512", None)]
@@ -184,7 +180,7 @@ VARIANTS = [("generic", None), ("generic", 8), ("generic", 16), ("avx2", None), 
 
 @pytest.mark.parametrize("isa,lanes", VARIANTS, ids=[f"{i}-{n or 'own'}" for i, n in VARIANTS])
 def test_each_isa_path_equals_reference(monkeypatch, pytorch_path, isa, lanes):
-    if not _runnable(isa):
+    if not isa_runs(isa):
         pytest.skip(f"this CPU does not run {isa} (test_every_isa_path_compiles builds it)")
     lib = cpu_kernel.build(isa, lanes)
     assert lib.storm_isa == isa and lib.storm_lanes == (lanes or cpu_kernel.ISAS[isa].lanes)
