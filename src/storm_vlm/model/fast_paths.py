@@ -863,7 +863,8 @@ def decode_step(model, input_ids, inputs_embeds, attention_mask, position_ids, c
     # The weights are checked when a cache first meets this step (a generation's first step), not at
     # every step: over a few hundred tensors the check costs a few percent of a step (cold caches)
     seen = _CHECKED_CACHES.get(cache)
-    if step is None or ((seen is None or seen() is not step) and step.stale()):
+    checked = seen is not None and step is not None and seen() is step
+    if step is None or (not checked and step.stale()):
         if getattr(lm, "_storm_decode_unsupported", None) is None:
             lm._storm_decode_unsupported = _decode_unsupported(lm) or ""
         if lm._storm_decode_unsupported:
@@ -871,7 +872,8 @@ def decode_step(model, input_ids, inputs_embeds, attention_mask, position_ids, c
         step = DecodeStep(lm, compile_layers=getattr(model, "_storm_compile_decode", False),
                           kernel=getattr(model, "_storm_decode_kernel", True))
         _DECODE_STEPS[lm] = step
-    _CHECKED_CACHES[cache] = weakref.ref(step)
+    if not checked:
+        _CHECKED_CACHES[cache] = weakref.ref(step)
     if not torch.is_autocast_enabled("cpu"):
         logits = step(input_ids, cache)
     else:

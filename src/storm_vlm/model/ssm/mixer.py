@@ -114,7 +114,7 @@ def _conv_silu(x: Tensor, weight: Tensor, bias: Tensor | None, reverse: bool, pr
     bias = None if bias is None else bias.contiguous()
     prefix = None if prefix is None else prefix.to(torch.float32).contiguous()  # (B, K - 1, d)
     out = torch.empty_like(x)
-    row = L * d * 4
+    row = L * d * x.element_size()
     calls = [(x.data_ptr() + b * row, w_t.data_ptr(), None if bias is None else bias.data_ptr(),
               None if prefix is None else prefix[b].data_ptr(), out.data_ptr() + b * row, L, d, K, int(reverse), t0, t1)
              for b in range(bsz) for t0, t1 in _threads.spans(L, _CONV_ROWS)]
