@@ -27,7 +27,7 @@ import statistics
 
 import _profile_common as common
 
-from storm_vlm.model.fast_paths import matmul_choices
+from storm_vlm.model.fast_paths import matmul_choices, stacked_qkv_choices
 from storm_vlm.perf.costmodel import DEFAULT_COMPRESSIONS, gemm_shapes, pipeline_cost
 from storm_vlm.perf.host import best_gemm_rate
 from storm_vlm.perf.report import format_table
@@ -127,12 +127,15 @@ def main(argv=None) -> int:
     backends = {f"{k[0]}x{k[1]}{'+b' if k[2] else ''}@{k[3]}": v for k, v in sorted(matmul_choices().items())}
     print("Linear backends chosen (in x out, +b: bias, @rows bucket): "
           + ", ".join(f"{k} {v}" for k, v in backends.items()))
+    stacked = {f"{k[0]}{'+b' if k[1] else ''}@{k[2]}": v for k, v in sorted(stacked_qkv_choices().items())}
+    print("vision q/k/v as one product (width, +b: bias, @rows bucket): "
+          + (", ".join(f"{k} {'yes' if v else 'no'}" for k, v in stacked.items()) or "not timed (no C kernels)"))
     vision_share = rows[(128, 4)]["vision_tower_ms"] / ttft(rows[(128, 4)])
     print(f"(vision tower share of prefill at 128 frames, 4x: {100 * vision_share:.1f} % — compression does not "
           f"reduce it)")
     common.footer()
     common.write_json(args.json, {"benchmark": "prefill", "source": source, "settings": s.as_dict(), "ratios": out,
-                                  "targets_met": met, "matmul_backends": backends,
+                                  "targets_met": met, "matmul_backends": backends, "stacked_qkv": stacked,
                                   "rows": list(rows.values())}, host)
     return 0
 

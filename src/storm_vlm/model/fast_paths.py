@@ -16,10 +16,13 @@ everywhere else each path steps aside and the plain computation runs.
   CPU has native bf16).
 - **Vision tower**: the tanh-GELU is evaluated as x·sigmoid(2u) (`_GELUTanhCPU`): the same
   function in one pass of a C kernel (float32 and bfloat16; four tensor passes without a C
-  compiler), where PyTorch's CPU tanh-GELU goes through a slow vectorised tanh; SigLIP encoder
-  layers add their residuals in place (`_LeanSiglipLayer`, bit-for-bit transformers' result). At
-  small widths such elementwise passes cost about as much as the matrix products, so each pass
-  saved shows.
+  compiler), where PyTorch's CPU tanh-GELU goes through a slow vectorised tanh. SigLIP encoder
+  layers (`_LeanSiglipLayer`) in float32 run both LayerNorms (the residual add folded into the
+  second) and the per-frame attention in C (`ssm/_vision_kernel.c`), and q/k/v as one product over
+  the stacked weights where that is timed faster (`_qkv`); without the C kernels (or under bf16
+  autocast) they only add their residuals in place (bit-for-bit transformers' result). At small
+  widths such element-wise passes cost about as much as the matrix products, so each pass saved
+  shows. Frames go through the tower in calls sized to the L2 cache (`vision_frames_per_call`).
 - **Decode step** (`DecodeStep`, Llama-style LLMs: Qwen2, Llama): a greedy one-token step runs
   through a lean single-token path on the `StormKVCache` (preallocated buffers the step writes
   into in place). For one row (batch 1, SiLU MLP, fp32 weights; also under CPU bf16 autocast, on a
@@ -73,10 +76,10 @@ from transformers.modeling_utils import AttentionInterface
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
 from storm_vlm.model.ssm import _threads, cpu_kernel
-from storm_vlm.utils import available_memory_bytes
+from storm_vlm.utils import available_memory_bytes, l2_cache_bytes
 
 __all__ = ["enable_fast_paths", "decode_step", "decode_step_path", "DecodeStep", "StormKVCache", "STORM_SDPA",
-           "matmul_choices"]
+           "matmul_choices", "stacked_qkv_choices", "vision_frames_per_call"]
 
 
 class _GELUTanhCPU(nn.Module):
@@ -129,17 +132,125 @@ def _fast_gelu_tanh(module: nn.Module) -> None:
                 setattr(parent, name, _GELUTanhCPU())
 
 
+_LN_ELEMENTS = 1 << 16  # per thread at least (as _ONE_PASS_CHUNK)
+_ATTENTION_PAIRS = 8  # (frame, head) pairs per thread at least: each is ~10-20 microseconds at SigLIP's sizes
+
+
+_QKV_STACKED: dict = {}  # (width, bias, rows bucket) -> whether one product over the stacked q/k/v weights was faster
+
+
+def _stacked_qkv(attn) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """q_proj, k_proj and v_proj's weights (3·D', D) and biases (3·D',) stacked, a copy kept on `attn`
+    and rebuilt when any of them changes (its storage, or its version counter: `load_state_dict`,
+    an optimizer step)."""
+    parts = (attn.q_proj, attn.k_proj, attn.v_proj)
+    tensors = [t for p in parts for t in (p.weight, p.bias) if t is not None]
+    key = tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors)
+    cached = attn.__dict__.get("_storm_stacked_qkv")
+    if cached is None or cached[0] != key:
+        biases = [p.bias for p in parts]
+        bias = torch.cat(biases) if all(b is not None for b in biases) else None
+        cached = (key, torch.cat([p.weight for p in parts]), bias)
+        attn.__dict__["_storm_stacked_qkv"] = cached
+    return cached[1], cached[2]
+
+
+def _qkv(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v projections of x (B, L, D), float32: three products, or one over the three weights
+    stacked (`_stacked_qkv`, its columns then split as views) where that was timed faster for this
+    width and row count (`_QKV_STACKED`; the copy is dropped where it was not). One product reads x
+    once and its three outputs are written as one."""
+    parts = (attn.q_proj, attn.k_proj, attn.v_proj)
+    width = x.shape[-1]
+    same = all(type(p) in (nn.Linear, _MeasuredLinear) and p.weight.shape == parts[0].weight.shape
+               and p.weight.dtype == torch.float32 and (p.bias is None) == (parts[0].bias is None) for p in parts)
+    rows = x.numel() // width
+    if not same or rows < _MEASURE_MIN_ROWS:
+        return tuple(p(x) for p in parts)
+    key = (width, parts[0].bias is not None, _rows_bucket(rows))
+    stacked = _QKV_STACKED.get(key)
+    if stacked is None:
+        sample = x.reshape(-1, width)[:_MEASURE_ROWS]
+        w, b = _stacked_qkv(attn)
+        stacked = _fastest({"stacked": lambda: _measured_linear(sample, w, b),
+                            "three": lambda: [p(sample) for p in parts]}) == "stacked"
+        _QKV_STACKED[key] = stacked
+    if not stacked:
+        attn.__dict__.pop("_storm_stacked_qkv", None)
+        return tuple(p(x) for p in parts)
+    y = _measured_linear(x, *_stacked_qkv(attn))
+    return y.split(parts[0].weight.shape[0], dim=-1)
+
+
+def stacked_qkv_choices() -> dict:
+    """Where the vision layers' q/k/v run as one product in this process: {(width, bias, rows bucket): bool}."""
+    return dict(_QKV_STACKED)
+
+
+def _c_layer_norm(lib, x: torch.Tensor, norm: nn.LayerNorm, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """norm(x) in one C pass per row (float32, contiguous); with `residual`, x += residual first, in place."""
+    y = torch.empty_like(x)
+    d = x.shape[-1]
+    args = (x.data_ptr(), None if residual is None else residual.data_ptr(), norm.weight.data_ptr(),
+            norm.bias.data_ptr(), norm.eps, y.data_ptr(), d)
+    rows = _threads.spans(x.numel() // d, max(1, _LN_ELEMENTS // d))
+    _threads.run_all(lib.storm_add_layer_norm_f32, [(*args, r0, r1) for r0, r1 in rows])
+    return y
+
+
+def _c_frame_attention(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """softmax(scale·q·kᵀ)·v per sequence and head, every key visible. q, k, v (B, L, heads·hd)
+    float32, each contiguous or all three column slices of one contiguous (B, L, 3·heads·hd);
+    returns (B, L, heads·hd), the heads side by side (what out_proj reads)."""
+    b, length, width = q.shape
+    ld = q.stride(1)
+    if not all(t.shape == q.shape and t.dtype == torch.float32 and t.stride() == (length * ld, ld, 1)
+               for t in (q, k, v)):
+        q, k, v = (t.float().contiguous() for t in (q, k, v))
+        ld = width
+    o = q.new_empty(b, length, width)
+    args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), ld, o.data_ptr(), width, length, heads, width // heads,
+            scale)
+    pairs = _threads.spans(b * heads, _ATTENTION_PAIRS)
+    if any(_threads.run_all(lib.storm_frame_attention_f32, [(*args, p0, p1) for p0, p1 in pairs])):
+        raise MemoryError("storm_vlm: no memory for the vision attention's scratch")
+    return o
+
+
+def _plain_layer_norm(norm) -> bool:
+    return (type(norm) is nn.LayerNorm and norm.weight is not None and norm.bias is not None
+            and norm.weight.dtype == torch.float32 and norm.bias.dtype == torch.float32
+            and norm.weight.is_contiguous() and norm.bias.is_contiguous() and len(norm.normalized_shape) == 1)
+
+
 class _LeanSiglipLayer(SiglipEncoderLayer):
     """A SigLIP encoder layer whose CPU inference (no mask, SDPA attention, no autograd) runs the
-    same computation with fewer tensor passes: the residual adds land in place on the projection
-    outputs, and no attention-weights tuple is built. Bit-for-bit what transformers' layer returns
-    (the same ops in the same order); everywhere else it is that layer."""
+    same computation with fewer tensor passes.
+
+    In float32 (no autocast) with the C kernels built, both LayerNorms (the second with the residual
+    add folded in) and the attention run in `ssm/_vision_kernel.c` (`_c_layer_norm`,
+    `_c_frame_attention`): at SigLIP's frame length each (frame, head) is a few 64 x 64 products that
+    SDPA's flash kernel blocks for much longer sequences, and torch's LayerNorm is slow at small
+    widths. Same result within float rounding. Otherwise (bf16 autocast, no compiler) the residual
+    adds land in place on the projection outputs and no attention-weights tuple is built:
+    bit-for-bit transformers' result. With a mask, autograd or off CPU it is that layer."""
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         attn = self.self_attn
         if (attention_mask is not None or kwargs or torch.is_grad_enabled() or self.training
                 or hidden_states.device.type != "cpu" or attn.config._attn_implementation != "sdpa"):
             return super().forward(hidden_states, attention_mask, **kwargs)
+        mlp = self.mlp
+        lib = None
+        if (hidden_states.dtype == torch.float32 and hidden_states.dim() == 3 and not torch.is_autocast_enabled("cpu")
+                and _plain_layer_norm(self.layer_norm1) and _plain_layer_norm(self.layer_norm2)):
+            lib = cpu_kernel.load_library()
+        if lib is not None:
+            hidden_states = hidden_states.contiguous()  # the embeddings' output is a transposed view
+            x = _c_layer_norm(lib, hidden_states, self.layer_norm1)
+            h = attn.out_proj(_c_frame_attention(lib, *_qkv(attn, x), attn.num_heads, attn.scale))
+            x = _c_layer_norm(lib, h, self.layer_norm2, residual=hidden_states)  # h += hidden_states
+            return mlp.fc2(mlp.activation_fn(mlp.fc1(x))).add_(h)
         shape = (*hidden_states.shape[:-1], -1, attn.head_dim)
         x = self.layer_norm1(hidden_states)
         q = attn.q_proj(x).view(shape).transpose(1, 2)
@@ -147,9 +258,35 @@ class _LeanSiglipLayer(SiglipEncoderLayer):
         v = attn.v_proj(x).view(shape).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v, scale=attn.scale).transpose(1, 2)
         hidden_states = attn.out_proj(o.reshape(*hidden_states.shape[:-1], -1)).add_(hidden_states)
-        mlp = self.mlp
         x = mlp.fc2(mlp.activation_fn(mlp.fc1(self.layer_norm2(hidden_states))))
         return x.add_(hidden_states)
+
+
+_VISION_MIN_ROWS = 512  # rows per vision-tower call at least: fewer, and the ~15 ops per layer cost more than they save
+
+
+def vision_frames_per_call(config, device: torch.device, dtype: torch.dtype) -> int:
+    """Frames per vision-tower call, on `device` with the tower in `dtype`: `config.vision_batch_size`, or fewer for
+    CPU inference — as many as keep one call's widest activation (patches x max(width, MLP width) x
+    element size) within the L2 cache (`storm_vlm.utils.l2_cache_bytes`), but at least
+    `_VISION_MIN_ROWS` patches' worth (and one frame). A ViT runs each frame on its own, so the
+    split changes results by float rounding at most; at small widths the layer's products and
+    element-wise passes then read what the previous op left in L2 instead of memory (at SigLIP's
+    real width one frame's MLP activation is larger than any L2: one frame per call)."""
+    step = config.vision_batch_size
+    vision = config.vision_config
+    size = getattr(vision, "image_size", None)
+    patch = getattr(vision, "patch_size", None)
+    l2 = l2_cache_bytes()
+    if (device.type != "cpu" or torch.is_grad_enabled() or not l2 or not isinstance(size, int)
+            or not isinstance(patch, int) or patch <= 0):
+        return step
+    patches = (size // patch) ** 2
+    widest = max(vision.hidden_size, getattr(vision, "intermediate_size", 0) or 0)
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+    fit = l2 // (patches * widest * dtype.itemsize)
+    return max(1, min(step, max(fit, -(-_VISION_MIN_ROWS // patches))))
 
 
 def _lean_siglip_layers(module: nn.Module) -> None:
@@ -423,13 +560,18 @@ class _MeasuredLinear(nn.Linear):
     inputs under `_MEASURE_MIN_ROWS` rows take `F.linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
-                and not torch.is_grad_enabled() and x.dim() >= 2 and w.is_contiguous()
-                and x.numel() >= _MEASURE_MIN_ROWS * x.shape[-1] and not torch.is_autocast_enabled("cpu")
-                and _matmul_backend(x, w, self.bias) == "onednn"):
-            return _onednn_linear(x, w, self.bias)
-        return F.linear(x, w, self.bias)
+        return _measured_linear(x, self.weight, self.bias)
+
+
+def _measured_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, w, bias), on oneDNN where `_matmul_backend` chose it for this shape (CPU fp32
+    inference on at least `_MEASURE_MIN_ROWS` rows)."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+            and not torch.is_grad_enabled() and x.dim() >= 2 and w.is_contiguous()
+            and x.numel() >= _MEASURE_MIN_ROWS * x.shape[-1] and not torch.is_autocast_enabled("cpu")
+            and _matmul_backend(x, w, bias) == "onednn"):
+        return _onednn_linear(x, w, bias)
+    return F.linear(x, w, bias)
 
 
 def _measured_linears(module: nn.Module) -> None:

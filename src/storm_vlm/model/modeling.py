@@ -16,7 +16,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from storm_vlm.model.compression import VisualTokenLayout
 from storm_vlm.model.configuration import StormConfig
-from storm_vlm.model.fast_paths import StormKVCache, decode_step, enable_fast_paths
+from storm_vlm.model.fast_paths import StormKVCache, decode_step, enable_fast_paths, vision_frames_per_call
 from storm_vlm.model.projector import MambaTemporalProjector, MLPProjector
 from storm_vlm.utils import IGNORE_INDEX, check_int
 
@@ -159,10 +159,11 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
         """frames (F, 3, H, W) -> vision features (F, N̂, C) from `vision_feature_layer`, in chunks.
 
         Each chunk is written into the output as soon as it is done, so only one chunk's features
-        exist besides the output (concatenating at the end held all of them twice).
+        exist besides the output (concatenating at the end held all of them twice). Chunks are
+        `config.vision_batch_size` frames, fewer for CPU inference (`vision_frames_per_call`).
         """
         dtype = next(self.vision_tower.parameters()).dtype
-        step = self.config.vision_batch_size
+        step = vision_frames_per_call(self.config, frames.device, dtype)
         n = frames.shape[0]
         out = None
         for i in range(0, n, step):

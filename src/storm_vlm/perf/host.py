@@ -23,6 +23,7 @@ import transformers
 
 from storm_vlm.perf.costmodel import Hardware
 from storm_vlm.precision import cpu_has_fast_bf16
+from storm_vlm.utils import l2_cache_bytes
 
 __all__ = [
     "ISA_FLAGS",
@@ -113,6 +114,7 @@ def describe_host() -> dict:
     info = {
         "cpu": cpu_model(),
         "isa": isa_flags(),
+        "l2_cache_bytes": l2_cache_bytes(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": _cpus_usable(),
         "torch_threads": torch.get_num_threads(),
@@ -129,6 +131,10 @@ def describe_host() -> dict:
     return info
 
 
+def _bytes_text(n) -> str:
+    return "n/a" if not n else f"{n / 2**20:g} MiB" if n >= 2**20 else f"{n / 2**10:g} KiB"
+
+
 def _load_text(load) -> str:
     return "n/a" if load is None else " / ".join(f"{x:.2f}" for x in load)
 
@@ -138,7 +144,8 @@ def host_summary(info: dict | None = None) -> str:
     info = info or describe_host()
     lines = [
         f"host: {info['cpu']}; ISA {' '.join(info['isa']) or 'n/a'} (torch kernels: {info['cpu_capability']}); "
-        f"{info['usable_cpus']} of {info['logical_cpus']} CPUs usable, torch threads {info['torch_threads']}",
+        f"{info['usable_cpus']} of {info['logical_cpus']} CPUs usable, torch threads {info['torch_threads']}, "
+        f"L2 {_bytes_text(info.get('l2_cache_bytes'))}",
         f"      BLAS {info['blas']}, {info['onednn']}, native bf16: {'yes' if info['native_bf16'] else 'no'}; "
         f"torch {info['torch']}, transformers {info.get('transformers', 'n/a')}, Python {info['python']}",
         f"      load average at start (1/5/15 min): {_load_text(info['load_average'])}",

@@ -1,8 +1,9 @@
 """Worker threads for the selective scan, the bidirectional mixer and the C element-wise kernels.
 
 The scan splits channels over threads, ``BiMambaMixer`` runs its two directions in two threads, and
-the one-pass C kernels (GELU, conv + SiLU) split their tensors into pieces (``spans``, ``run_all``)
-(ctypes and most torch kernels release the GIL, so they really run in parallel). PyTorch keeps grad
+the one-pass C kernels (GELU, conv + SiLU, the vision layers' norm and attention) split their
+tensors into pieces (``spans``, ``run_all``) (ctypes and most torch kernels release the GIL, so they
+really run in parallel). PyTorch keeps grad
 mode, inference mode and autocast per thread: a worker started plainly runs without the caller's
 ``torch.autocast`` (a bf16 input then meets an fp32 weight in ``x_proj``) and outside the caller's
 ``torch.inference_mode()`` (in-place writes to the caller's inference tensors then fail). ``submit``
@@ -80,13 +81,13 @@ def submit(fn, *args, workers: int = 1) -> Future:
     return _get_pool(workers).submit(job)
 
 
-def run_all(fn, calls: list[tuple]) -> None:
+def run_all(fn, calls: list[tuple]) -> list:
     """``fn(*args)`` for every ``args`` in ``calls``, at once: the first in this thread, the others in
-    pool workers (for C kernels over disjoint pieces of one tensor; ctypes releases the GIL)."""
+    pool workers (for C kernels over disjoint pieces of one tensor; ctypes releases the GIL); their
+    results, in order."""
     futures = [submit(fn, *args, workers=len(calls) - 1) for args in calls[1:]]
-    fn(*calls[0])
-    for f in futures:
-        f.result()
+    first = fn(*calls[0])
+    return [first, *(f.result() for f in futures)]
 
 
 def spans(n: int, min_size: int, multiple: int = 1) -> list[tuple[int, int]]:

@@ -1,0 +1,228 @@
+"""The vision tower's CPU paths (storm_vlm.model.fast_paths, ssm/_vision_kernel.c) change no result
+beyond float rounding: the C LayerNorm (with its residual add) and per-frame attention on every
+vector width the CPU runs, the stacked q/k/v product, the split of frames into L2-sized calls."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch import nn
+from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
+
+from storm_vlm import StormConfig
+from storm_vlm.model import fast_paths
+from storm_vlm.model.ssm import cpu_kernel
+from storm_vlm.perf.profiler import build_random_model
+from storm_vlm.utils import l2_cache_bytes
+from helpers import TINY_CONFIG as TINY
+from helpers import use_kernel_library
+
+ISAS = ["generic", "avx2", "avx512"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_random_model(StormConfig(**TINY), seed=0)
+
+
+def _sdpa(q, k, v, heads, scale):
+    b, length, width = q.shape
+    q, k, v = (t.reshape(b, length, heads, -1).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return out.transpose(1, 2).reshape(b, length, width)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("b,length,heads,hd", [(4, 64, 1, 72), (3, 7, 2, 5), (2, 33, 3, 16), (1, 130, 2, 20),
+                                               (2, 1, 1, 3), (1, 70, 1, 100)])
+def test_frame_attention_is_sdpa(monkeypatch, isa, b, length, heads, hd):
+    """Lengths and head sizes off the vector width (tails of keys and of value columns), one key,
+    a last block of fewer than four query rows; q/k/v as three tensors and as column slices of
+    one: as close to the float64 result as SDPA's float32 is. Equal scores of ~1e5 (where a softmax
+    without its max subtracted overflows): the mean of the values."""
+    lib = use_kernel_library(monkeypatch, isa)
+    g = torch.Generator().manual_seed(length * 100 + hd)
+    scale = hd ** -0.5
+    fused = torch.randn(b, length, 3 * heads * hd, generator=g) * 2
+    q, k, v = fused.split(heads * hd, dim=-1)
+    exact = _sdpa(q.double(), k.double(), v.double(), heads, scale)
+    sdpa_error = (_sdpa(q, k, v, heads, scale) - exact).abs().max()
+    for args in ((q, k, v), tuple(t.contiguous() for t in (q, k, v))):
+        out = fast_paths._c_frame_attention(lib, *args, heads, scale)
+        assert out.shape == q.shape and out.dtype == torch.float32
+        assert (out - exact).abs().max() <= 4 * sdpa_error + 1e-6
+    big = torch.full_like(q, 300.0)
+    out = fast_paths._c_frame_attention(lib, big, big, v, heads, scale)
+    torch.testing.assert_close(out, v.mean(dim=1, keepdim=True).expand_as(v), rtol=1e-5, atol=1e-5)
+    q = q.contiguous()
+    q[0, 0] = float("nan")  # a NaN query row: NaN out for that row alone, as the math kernel (and eager
+    out = fast_paths._c_frame_attention(lib, q, k, v, heads, scale)  # attention) give; CPU flash writes 0
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = _sdpa(q, k, v, heads, scale)
+    assert ref.isnan().any() and torch.equal(out.isnan(), ref.isnan())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("width", [1, 15, 16, 72, 75])
+def test_layer_norm_is_torch_layer_norm(monkeypatch, isa, width):
+    lib = use_kernel_library(monkeypatch, isa)
+    g = torch.Generator().manual_seed(width)
+    norm = nn.LayerNorm(width, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(generator=g)
+        norm.bias.normal_(generator=g)
+        x = torch.randn(3, 11, width, generator=g) * 5 + 3
+        res = torch.randn(3, 11, width, generator=g)
+        torch.testing.assert_close(fast_paths._c_layer_norm(lib, x.clone(), norm), norm(x), rtol=1e-5, atol=2e-5)
+        stream = x.clone()
+        out = fast_paths._c_layer_norm(lib, stream, norm, residual=res)
+        torch.testing.assert_close(out, norm(x + res), rtol=1e-5, atol=2e-5)
+        assert torch.equal(stream, x + res)  # the residual stream, written in place
+
+
+def test_thread_split_changes_no_bit(monkeypatch):
+    """Frames (attention) and rows (norm) spread over 3 threads give one thread's result exactly."""
+    lib = cpu_kernel.load_library()
+    if lib is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setattr(fast_paths, "_ATTENTION_PAIRS", 1)
+    monkeypatch.setattr(fast_paths, "_LN_ELEMENTS", 1)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(7, 20, 24, generator=g) for _ in range(3))
+    norm = nn.LayerNorm(24)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                results.append((fast_paths._c_frame_attention(lib, q, k, v, 2, 0.3),
+                                fast_paths._c_layer_norm(lib, q.clone(), norm, residual=k)))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def _layers(model):
+    layers = model.vision_tower.encoder.layers
+    assert all(type(layer) is fast_paths._LeanSiglipLayer for layer in layers)
+    return layers
+
+
+@pytest.mark.parametrize("isa", [*ISAS, None], ids=[*ISAS, "no kernels"])
+@pytest.mark.parametrize("stacked", [False, True], ids=["three products", "stacked q/k/v"])
+def test_lean_layer_is_transformers_layer(model, monkeypatch, isa, stacked):
+    """Through the C kernels: transformers' result within float rounding, q/k/v as one product or
+    three (the timed choice forced each way); without them: bit for bit."""
+    if isa is None:
+        monkeypatch.setattr(cpu_kernel, "load_library", lambda *a, **k: None)
+    else:
+        use_kernel_library(monkeypatch, isa)
+    monkeypatch.setattr(fast_paths, "_QKV_STACKED", _Forced(stacked))
+    h = torch.randn(5, 16, 16, generator=torch.Generator().manual_seed(9))  # 80 rows: the stacked product applies
+    for layer in _layers(model):
+        layer.self_attn.__dict__.pop("_storm_stacked_qkv", None)
+    with torch.inference_mode():
+        for layer in _layers(model):
+            ours = layer(h, None)
+            ref = SiglipEncoderLayer.forward(layer, h, None)
+            if isa is None:
+                assert torch.equal(ours, ref)
+            else:
+                torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+            assert ("_storm_stacked_qkv" in layer.self_attn.__dict__) == (stacked and isa is not None)
+            h = ref
+
+
+class _Forced(dict):
+    """A `_QKV_STACKED` that answers `value` for every shape (no timing)."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def get(self, key, default=None):
+        return self.value
+
+
+def test_stacked_qkv_follows_weight_changes(model, monkeypatch):
+    """The stacked copy is rebuilt after an in-place change (load_state_dict) and after a parameter
+    is replaced; without that the layer would keep computing with the old weights."""
+    if cpu_kernel.load_library() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setattr(fast_paths, "_QKV_STACKED", _Forced(True))
+    layer = _layers(model)[0]
+    attn = layer.self_attn
+    saved = {k: v.clone() for k, v in layer.state_dict().items()}
+    h = torch.randn(5, 16, 16, generator=torch.Generator().manual_seed(10))
+    try:
+        with torch.no_grad():
+            layer(h, None)
+            new = {k: v + 0.5 if ".k_proj." in k else v for k, v in saved.items()}
+            layer.load_state_dict(new)
+            torch.testing.assert_close(layer(h, None), SiglipEncoderLayer.forward(layer, h, None), rtol=1e-5, atol=1e-5)
+            attn.v_proj.weight = nn.Parameter(attn.v_proj.weight * 2)
+            torch.testing.assert_close(layer(h, None), SiglipEncoderLayer.forward(layer, h, None), rtol=1e-5, atol=1e-5)
+    finally:
+        attn.v_proj.weight = nn.Parameter(saved["self_attn.v_proj.weight"])
+        layer.load_state_dict(saved)
+
+
+def test_frames_per_call_fit_the_l2_cache(model, monkeypatch):
+    cfg = model.config
+    vision = cfg.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    widest = max(vision.hidden_size, vision.intermediate_size)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(cfg, "vision_batch_size", 10**6)
+    for l2 in (2**20, 4 * 2**20):
+        monkeypatch.setattr(fast_paths, "l2_cache_bytes", lambda l2=l2: l2)
+        with torch.no_grad():
+            assert fast_paths.vision_frames_per_call(cfg, cpu, torch.float32) == l2 // (patches * widest * 4)
+            assert fast_paths.vision_frames_per_call(cfg, cpu, torch.bfloat16) == l2 // (patches * widest * 2)
+        assert fast_paths.vision_frames_per_call(cfg, cpu, torch.float32) == 10**6  # autograd: the config's
+    monkeypatch.setattr(fast_paths, "l2_cache_bytes", lambda: 1)  # a tiny cache: _VISION_MIN_ROWS patches still
+    with torch.no_grad():
+        assert fast_paths.vision_frames_per_call(cfg, cpu, torch.float32) == -(-fast_paths._VISION_MIN_ROWS // patches)
+        monkeypatch.setattr(cfg, "vision_batch_size", 3)  # never above the config's bound
+        assert fast_paths.vision_frames_per_call(cfg, cpu, torch.float32) == 3
+        assert fast_paths.vision_frames_per_call(cfg, torch.device("meta"), torch.float32) == 3
+        monkeypatch.setattr(fast_paths, "l2_cache_bytes", lambda: None)
+        monkeypatch.setattr(cfg, "vision_batch_size", 1000)
+        assert fast_paths.vision_frames_per_call(cfg, cpu, torch.float32) == 1000
+
+
+def test_features_do_not_depend_on_frames_per_call(model, monkeypatch):
+    pixels = torch.randn(1, 7, 3, 32, 32, generator=torch.Generator().manual_seed(11))
+    vision = model.config.vision_config
+    frame_bytes = (vision.image_size // vision.patch_size) ** 2 * max(vision.hidden_size, vision.intermediate_size) * 4
+    seen = []
+    hook = model.vision_tower.embeddings.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    try:
+        with torch.inference_mode():
+            monkeypatch.setattr(fast_paths, "l2_cache_bytes", lambda: 10**12)
+            whole, _ = model.get_video_features(pixels)
+            monkeypatch.setattr(fast_paths, "_VISION_MIN_ROWS", 1)
+            monkeypatch.setattr(fast_paths, "l2_cache_bytes", lambda: 3 * frame_bytes)  # three frames per call
+            split, _ = model.get_video_features(pixels)
+    finally:
+        hook.remove()
+    assert seen == [7, 3, 3, 1]
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_l2_cache_size_from_sysfs(tmp_path):
+    def index(n, level, kind, size):
+        d = tmp_path / f"index{n}"
+        d.mkdir()
+        for name, text in (("level", level), ("type", kind), ("size", size)):
+            (d / name).write_text(f"{text}\n")
+
+    (tmp_path / "empty").mkdir()
+    assert l2_cache_bytes(str(tmp_path / "empty")) is None
+    index(0, 1, "Data", "32K")
+    index(1, 1, "Instruction", "32K")
+    index(2, 2, "Unified", "2048K")
+    index(3, 3, "Unified", "32768K")
+    assert l2_cache_bytes(str(tmp_path / "missing")) is None
+    assert l2_cache_bytes(str(tmp_path)) == 2 * 2**20
