@@ -177,7 +177,7 @@ def test_real_frames_reach_the_tower_as_views_and_features_match_the_masked_path
     finally:
         model.config.vision_batch_size = old
         hook.remove()
-    assert [x.shape[0] for x in seen_plain] == [2, 2, 1]
+    assert [x.shape[0] for x in seen_plain] == [1, 2, 2]  # at most 2 per call, evened out
     assert seen_plain[0].data_ptr() == pixels.data_ptr()  # no copy of the pixels
     assert out_mask.tolist() == mask.tolist()
     torch.testing.assert_close(masked[:, :5], plain, rtol=1e-5, atol=1e-5)

@@ -18,7 +18,7 @@ everywhere else each path steps aside and the plain computation runs.
   function in one pass of a C kernel (float32 and bfloat16; four tensor passes without a C
   compiler), where PyTorch's CPU tanh-GELU goes through a slow vectorised tanh. SigLIP encoder
   layers (`_LeanSiglipLayer`) in float32 run both LayerNorms (the residual add folded into the
-  second) and the per-frame attention in C (`ssm/_vision_kernel.c`), and q/k/v as one product over
+  second) and the per-frame attention in C (`ssm/_attention_kernel.c`), and q/k/v as one product over
   the stacked weights where that is timed faster (`_qkv`); without the C kernels (or under bf16
   autocast) they only add their residuals in place (bit-for-bit transformers' result). At small
   widths such element-wise passes cost about as much as the matrix products, so each pass saved
@@ -43,9 +43,11 @@ everywhere else each path steps aside and the plain computation runs.
   copies only where they fit in a quarter of free memory; otherwise the model's own matrices).
   `enable_fast_paths(model, compile_decode=True)` also runs the per-layer step through
   `torch.compile` (needs a C++ compiler; the first steps pay the compilation).
-- One-token decode attention with grouped KV heads on CPU runs as one r x L product per KV head
-  (`storm_sdpa`, registered with transformers' AttentionInterface when first enabled), for the
-  decode steps that do not take the path above.
+- **LLM attention** (`storm_sdpa`, registered with transformers' AttentionInterface when first
+  enabled, the LLM's SDPA otherwise): a causal prompt (no mask: transformers' causal-only case) in
+  float32 runs in C (`ssm/_attention_kernel.c`, each KV head read once for its query heads); a
+  one-token step with grouped KV heads that does not take the decode step above runs as one r x L
+  product per KV head.
 - `StormKVCache`: a DynamicCache whose layers append in place into a buffer with spare room,
   instead of concatenating (copying the whole cache) at every generated token.
 
@@ -133,7 +135,6 @@ def _fast_gelu_tanh(module: nn.Module) -> None:
 
 
 _LN_ELEMENTS = 1 << 16  # per thread at least (as _ONE_PASS_CHUNK)
-_ATTENTION_PAIRS = 8  # (frame, head) pairs per thread at least: each is ~10-20 microseconds at SigLIP's sizes
 
 
 _QKV_STACKED: dict = {}  # (width, bias, rows bucket) -> whether one product over the stacked q/k/v weights was faster
@@ -198,22 +199,34 @@ def _c_layer_norm(lib, x: torch.Tensor, norm: nn.LayerNorm, residual: torch.Tens
     return y
 
 
+_ATTENTION_WORK = 1 << 21  # multiply-adds per thread at least: a hand-off to a worker costs tens of microseconds
+
+
+def _c_attention(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, scale: float,
+                 causal: bool) -> torch.Tensor:
+    """out = softmax(scale·q·kᵀ)·v per batch row and head (`_attention_kernel.c`), every key visible or
+    causal; grouped-query heads h read KV head h // (H / G). q, out (B, H, L, hd), k, v (B, G, L, hd):
+    float32 views with unit last stride (any other strides: transposed or column-sliced views need no
+    copy). The (batch, head) pairs are split over torch's threads."""
+    b, heads, length, hd = q.shape
+    strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (q, k, v, out)]
+    work = length * length * hd // (2 if causal else 1)
+    pairs = _threads.spans(b * heads, max(1, _ATTENTION_WORK // max(work, 1)))
+    args = (q.data_ptr(), strides[0], k.data_ptr(), strides[1], v.data_ptr(), strides[2], out.data_ptr(), strides[3],
+            heads, k.shape[1], length, hd, scale, int(causal))
+    if any(_threads.run_all(lib.storm_attention_f32, [(*args, p0, p1) for p0, p1 in pairs])):
+        raise MemoryError("storm_vlm: no memory for the attention kernel's scratch")
+    return out
+
+
 def _c_frame_attention(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-    """softmax(scale·q·kᵀ)·v per sequence and head, every key visible. q, k, v (B, L, heads·hd)
-    float32, each contiguous or all three column slices of one contiguous (B, L, 3·heads·hd);
-    returns (B, L, heads·hd), the heads side by side (what out_proj reads)."""
+    """A ViT's attention, every key visible: q, k, v (B, L, heads·hd) float32 (e.g. column slices of one
+    stacked product) -> (B, L, heads·hd), the heads side by side (what out_proj reads)."""
     b, length, width = q.shape
-    ld = q.stride(1)
-    if not all(t.shape == q.shape and t.dtype == torch.float32 and t.stride() == (length * ld, ld, 1)
-               for t in (q, k, v)):
-        q, k, v = (t.float().contiguous() for t in (q, k, v))
-        ld = width
+    q, k, v = (t if t.dtype == torch.float32 and t.stride(-1) == 1 else t.float().contiguous() for t in (q, k, v))
     o = q.new_empty(b, length, width)
-    args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), ld, o.data_ptr(), width, length, heads, width // heads,
-            scale)
-    pairs = _threads.spans(b * heads, _ATTENTION_PAIRS)
-    if any(_threads.run_all(lib.storm_frame_attention_f32, [(*args, p0, p1) for p0, p1 in pairs])):
-        raise MemoryError("storm_vlm: no memory for the vision attention's scratch")
+    split = [t.view(b, length, heads, width // heads).transpose(1, 2) for t in (q, k, v, o)]
+    _c_attention(lib, *split, scale=scale, causal=False)
     return o
 
 
@@ -228,7 +241,7 @@ class _LeanSiglipLayer(SiglipEncoderLayer):
     same computation with fewer tensor passes.
 
     In float32 (no autocast) with the C kernels built, both LayerNorms (the second with the residual
-    add folded in) and the attention run in `ssm/_vision_kernel.c` (`_c_layer_norm`,
+    add folded in) and the attention run in `ssm/_attention_kernel.c` (`_c_layer_norm`,
     `_c_frame_attention`): at SigLIP's frame length each (frame, head) is a few 64 x 64 products that
     SDPA's flash kernel blocks for much longer sequences, and torch's LayerNorm is slow at small
     widths. Same result within float rounding. Otherwise (bf16 autocast, no compiler) the residual
@@ -300,35 +313,50 @@ STORM_SDPA = "storm_sdpa"
 
 def _storm_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                           **kwargs):
-    """transformers' SDPA attention, with one faster case: a single query token on CPU with grouped KV heads.
+    """transformers' SDPA attention, with two faster cases on CPU for grouped KV heads.
 
-    query (B, H, 1, hd), key/value (B, G, L, hd) with H = G·r. transformers hands this (no mask) to
-    `scaled_dot_product_attention(..., enable_gqa=True)`, whose CPU kernel then runs H separate
-    1 x L products and reads each KV head r times; here the r query heads of a group become r query
-    rows of that group's KV head — (B, G, r, hd) against (B, G, L, hd): one r x L product per KV
-    head, same result (what transformers itself does when a mask is present). Every other
-    case (prefill, masks, CUDA, ...) goes to `sdpa_attention_forward` unchanged.
+    query (B, H, q, hd), key/value (B, G, L, hd) with H = G·r.
+    - One query token (decode), no mask: the r query heads of a group become r query rows of that
+      group's KV head — (B, G, r, hd) against (B, G, L, hd): one r x L product per KV head, where
+      `scaled_dot_product_attention(..., enable_gqa=True)` runs H separate 1 x L products.
+    - Causal prefill (q > 1 tokens, no mask: transformers' causal-only case) in float32 without
+      autograd, with the C kernels built: `_c_attention` (`ssm/_attention_kernel.c`) reads each KV head
+      once for its r query heads and the (B, H, q, hd) views as they are, where PyTorch's CPU flash
+      kernel runs blocked products sized for wide heads. Same result within float rounding.
+    Every other case (masks, autograd, bf16, CUDA, ...) goes to `sdpa_attention_forward` unchanged.
     """
     groups = getattr(module, "num_key_value_groups", 1)
-    if (
-        query.shape[2] == 1 and groups > 1 and query.device.type == "cpu" and attention_mask is None
-        and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
-        and not kwargs.get("output_attentions", False) and key.shape[1] * groups == query.shape[1]
-    ):
+    plain = (query.device.type == "cpu" and attention_mask is None and kwargs.get("position_bias") is None
+             and kwargs.get("softcap") is None and not kwargs.get("output_attentions", False)
+             and key.shape[1] * groups == query.shape[1])
+    length = query.shape[2]
+    if plain and length == 1 and groups > 1:
         b, h, _, hd = query.shape
         out = torch.nn.functional.scaled_dot_product_attention(
             query.reshape(b, h // groups, groups, hd), key, value, dropout_p=dropout, scale=scaling
         )
         return out.reshape(b, h, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if (plain and causal and length > 1 and key.shape[2] >= length and (dropout == 0 or not module.training)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
+            and all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in (query, key, value))
+            and query.shape[-1] == key.shape[-1] == value.shape[-1]):
+        lib = cpu_kernel.load_library()
+        if lib is not None:
+            b, h, _, hd = query.shape
+            out = query.new_empty(b, length, h, hd)
+            key, value = key[:, :, :length], value[:, :, :length]  # as transformers: the causal mask's keys
+            _c_attention(lib, query, key, value, out.transpose(1, 2), hd ** -0.5 if scaling is None else scaling,
+                         causal=True)
+            return out, None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
 
 
 def _use_storm_sdpa(config) -> None:
-    """Switch a text config from "sdpa" to STORM_SDPA (same masks and kernels, faster GQA decode on CPU)."""
-    heads = getattr(config, "num_attention_heads", None)
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    if config._attn_implementation == "sdpa" and heads and kv < heads:
+    """Switch a text config from "sdpa" to STORM_SDPA (same masks; faster GQA decode and causal
+    prefill on CPU)."""
+    if config._attn_implementation == "sdpa" and getattr(config, "num_attention_heads", None):
         AttentionInterface.register(STORM_SDPA, _storm_sdpa_attention)  # idempotent
         AttentionMaskInterface.register(STORM_SDPA, sdpa_mask)
         config._attn_implementation = STORM_SDPA

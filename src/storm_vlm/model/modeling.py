@@ -159,15 +159,17 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
         """frames (F, 3, H, W) -> vision features (F, N̂, C) from `vision_feature_layer`, in chunks.
 
         Each chunk is written into the output as soon as it is done, so only one chunk's features
-        exist besides the output (concatenating at the end held all of them twice). Chunks are
-        `config.vision_batch_size` frames, fewer for CPU inference (`vision_frames_per_call`).
+        exist besides the output (concatenating at the end held all of them twice). Chunks are at
+        most `config.vision_batch_size` frames, fewer for CPU inference (`vision_frames_per_call`),
+        and as even as their count allows.
         """
         dtype = next(self.vision_tower.parameters()).dtype
-        step = vision_frames_per_call(self.config, frames.device, dtype)
         n = frames.shape[0]
+        calls = -(-n // vision_frames_per_call(self.config, frames.device, dtype))
         out = None
-        for i in range(0, n, step):
-            hidden = self._tower_layer_output(frames[i : i + step].to(dtype))
+        for c in range(calls):  # calls of (nearly) equal size: no short last one
+            i, j = n * c // calls, n * (c + 1) // calls
+            hidden = self._tower_layer_output(frames[i:j].to(dtype))
             if hidden.shape[0] == n:
                 return hidden
             if out is None:

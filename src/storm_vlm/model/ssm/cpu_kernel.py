@@ -1,9 +1,9 @@
 """The CPU kernels, compiled on first use into one library: the fused selective scan, forward and
 backward (``_scan_kernel.c``), the one-token decode step of a Llama-style layer stack
 (``_decode_kernel.c``, used by ``storm_vlm.model.fast_paths.DecodeStep``) and one-pass element-wise
-functions (``_elementwise_kernel.c``: the tanh-GELU of fast_paths, the mixers' conv + SiLU) and the
-vision tower's LayerNorm and per-frame attention (``_vision_kernel.c``, for fast_paths'
-``_LeanSiglipLayer``); all include ``_vec.h``.
+functions (``_elementwise_kernel.c``: the tanh-GELU of fast_paths, the mixers' conv + SiLU) and
+softmax attention with LayerNorm (``_attention_kernel.c``: fast_paths' vision layers and the LLM's
+causal prefill attention); all include ``_vec.h``.
 
 **Instruction set.** The C source ships with the package and is compiled with the system C compiler
 (``$CC``, else cc / gcc / clang) once per instruction set, with that set's flags, never
@@ -70,7 +70,7 @@ __all__ = ["load", "load_library", "build", "enabled", "scan_forward", "scan_bac
 
 logger = logging.getLogger("storm_vlm.model.ssm")
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("_scan_kernel.c", "_decode_kernel.c", "_elementwise_kernel.c",
-                                                       "_vision_kernel.c"))
+                                                       "_attention_kernel.c"))
 HEADER = Path(__file__).with_name("_vec.h")
 BASE_FLAGS = ["-O3", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
 ENV_SWITCH = "STORM_VLM_SCAN_KERNEL"
@@ -378,8 +378,8 @@ def _bind(lib: ctypes.CDLL, isa: Isa, lanes: int, origin: str) -> ctypes.CDLL:
     lib.storm_dwconv_silu_f32.restype = None
     lib.storm_add_layer_norm_f32.argtypes = [ptr] * 4 + [ctypes.c_float, ptr] + [i64] * 3
     lib.storm_add_layer_norm_f32.restype = None
-    lib.storm_frame_attention_f32.argtypes = [ptr] * 3 + [i64, ptr] + [i64] * 4 + [ctypes.c_float, i64, i64]
-    lib.storm_frame_attention_f32.restype = cint
+    lib.storm_attention_f32.argtypes = [ptr] * 8 + [i64] * 4 + [ctypes.c_float, cint, i64, i64]
+    lib.storm_attention_f32.restype = cint
     lib.storm_isa = isa.name  # the path, its width, and where the bytes came from (benchmarks print them)
     lib.storm_lanes = lanes
     lib.storm_origin = origin
@@ -429,7 +429,7 @@ def load_library(isa: str | None = None, lanes: int | None = None) -> ctypes.CDL
                     break
         if lib is None:
             _warn_once("storm_vlm: CPU kernels unavailable, using PyTorch for the scan, the decode step, GELU, "
-                       "conv and the vision layers (%s)", "; ".join(errors))
+                       "conv, LayerNorm and attention (%s)", "; ".join(errors))
         elif errors:
             _warn_once("storm_vlm: CPU kernel path %s did not build, using %s (%s)", name, lib.storm_isa,
                        "; ".join(errors))

@@ -1,16 +1,18 @@
-/* Two pieces of a ViT encoder layer (SigLIP's) in one pass each, for float32 CPU inference. Called by
- * storm_vlm.model.fast_paths (`_LeanSiglipLayer`); built with the scan kernel (cpu_kernel.py), same
- * vector width.
+/* LayerNorm (with the residual add) and softmax attention, for float32 CPU inference: a ViT encoder
+ * layer's (SigLIP's, `_LeanSiglipLayer`) and the LLM's causal grouped-query prefill attention
+ * (`_storm_sdpa_attention`), both in storm_vlm.model.fast_paths; built with the scan kernel
+ * (cpu_kernel.py), same vector width.
  *
  * LayerNorm, optionally after the residual add: PyTorch takes a pass for the add and a slow per-row
  * kernel for the norm at small widths.
  *
- * Attention over short sequences with every key visible (one frame's patches): for each (sequence,
- * head), K is transposed into blocks of keys so a vector of LANES scores is hd multiply-adds with no
- * horizontal sum, four query rows at a time share each key load; the softmax runs on those four rows
- * of scores (exp2 of _vec.h); the values, copied with their columns padded to whole vectors, are
- * summed into four rows of outputs at a time. Everything a (sequence, head) touches stays in L1 / L2
- * for the sequence lengths of a frame. Differs from PyTorch's SDPA by float rounding only.
+ * Attention: for each (batch, KV head), K is transposed into blocks of keys so a vector of LANES scores
+ * is hd multiply-adds with no horizontal sum, and four query rows at a time share each key load; the
+ * softmax runs on those four rows of scores, each held whole (exp2 of _vec.h; causal rows stop at
+ * their own position); the values, copied with their columns padded to whole vectors, are summed into
+ * four rows of outputs at a time. A frame's keys (64-1024) stay in L1 / L2; an LLM prompt's transposed
+ * keys take 4 * L * hd bytes per thread. Differs from PyTorch's SDPA by float rounding only; a NaN
+ * query row gives NaN, as eager attention does (PyTorch's CPU flash kernel writes 0).
  */
 #include "_vec.h"
 
@@ -100,47 +102,60 @@ static inline __attribute__((always_inline)) void values(const float *p, int64_t
         }
 }
 
-/* o = softmax(scale q k^T) v for sequences of L rows, every key visible. q, k, v: row t of sequence s
- * at (s * L + t) * ld, head h at column h * hd (so q, k, v may be column slices of one fused tensor);
- * o likewise with row stride ldo. Runs the (sequence, head) pairs p0 <= p < p1, p = s * heads + h.
- * Returns 0, or 1 when its scratch could not be allocated (nothing written then). */
-int storm_frame_attention_f32(const float *q, const float *k, const float *v, int64_t ld, float *o, int64_t ldo,
-                              int64_t L, int64_t heads, int64_t hd, float scale, int64_t p0, int64_t p1) {
+/* o = softmax(scale q k^T) v per (batch, head): every key visible, or causal (query t sees keys 0..t).
+ * q, o: element (b, h, t, c) at b * s[0] + h * s[1] + t * s[2] + c (strides in floats); k, v: the same
+ * with kv head g = h / (heads / kv_heads) (grouped-query heads share their KV head). L queries and L
+ * keys, head size hd. Runs the pairs p0 <= p < p1, p = b * heads + h; consecutive heads of one KV head
+ * reuse its transposed keys. Returns 0, or 1 when its scratch could not be allocated (nothing written). */
+int storm_attention_f32(const float *q, const int64_t *qs, const float *k, const int64_t *ks, const float *v,
+                        const int64_t *vs, float *o, const int64_t *os, int64_t heads, int64_t kv_heads, int64_t L,
+                        int64_t hd, float scale, int causal, int64_t p0, int64_t p1) {
     const int64_t lp = (L + LANES - 1) / LANES * LANES, hdp = (hd + LANES - 1) / LANES * LANES;
+    const int64_t group = heads / kv_heads;
     float *kt = malloc(sizeof(float) * (size_t)(hd * lp + L * hdp + QROWS * lp));
     if (!kt) return 1;
     float *vp = kt + hd * lp, *s = vp + L * hdp;
     const float scale2 = scale * LOG2E; /* scores in base 2 */
+    int64_t loaded = -1;                /* the (batch, kv head) in kt / vp */
     for (int64_t p = p0; p < p1; p++) {
-        const int64_t base = (p / heads) * L, col = (p % heads) * hd;
-        for (int64_t j = 0; j < lp; j++)
-            for (int64_t c = 0; c < hd; c++) kt[c * lp + j] = j < L ? k[(base + j) * ld + col + c] : 0.0f;
-        for (int64_t j = 0; j < L; j++) {
-            memcpy(vp + j * hdp, v + (base + j) * ld + col, (size_t)hd * sizeof(float));
-            memset(vp + j * hdp + hd, 0, (size_t)(hdp - hd) * sizeof(float));
+        const int64_t b = p / heads, h = p % heads, kv = b * kv_heads + h / group;
+        if (kv != loaded) {
+            const float *kb = k + b * ks[0] + (h / group) * ks[1], *vb = v + b * vs[0] + (h / group) * vs[1];
+            for (int64_t j = 0; j < lp; j++)
+                for (int64_t c = 0; c < hd; c++) kt[c * lp + j] = j < L ? kb[j * ks[2] + c] : 0.0f;
+            for (int64_t j = 0; j < L; j++) {
+                memcpy(vp + j * hdp, vb + j * vs[2], (size_t)hd * sizeof(float));
+                memset(vp + j * hdp + hd, 0, (size_t)(hdp - hd) * sizeof(float));
+            }
+            loaded = kv;
         }
+        const float *qb = q + b * qs[0] + h * qs[1];
+        float *ob = o + b * os[0] + h * os[1];
         for (int64_t i0 = 0; i0 < L; i0 += QROWS) {
             const int rows = L - i0 < QROWS ? (int)(L - i0) : QROWS;
+            const int64_t nk = causal ? i0 + rows : L; /* keys any row of the block sees */
+            const int64_t lk = (nk + LANES - 1) / LANES * LANES;
             const float *qr[QROWS];
             float *orow[QROWS];
             for (int r = 0; r < QROWS; r++) { /* a short last block repeats its last row, stored once */
-                const int64_t t = base + i0 + (r < rows ? r : rows - 1);
-                qr[r] = q + t * ld + col;
-                orow[r] = o + t * ldo + col;
+                const int64_t t = i0 + (r < rows ? r : rows - 1);
+                qr[r] = qb + t * qs[2];
+                orow[r] = ob + t * os[2];
             }
             int64_t j0 = 0;
-            for (; j0 + KVECS * LANES <= lp; j0 += KVECS * LANES) scores(qr, kt + j0, lp, hd, KVECS, scale2, s + j0);
-            for (; j0 < lp; j0 += LANES) scores(qr, kt + j0, lp, hd, 1, scale2, s + j0);
+            for (; j0 + KVECS * LANES <= lk; j0 += KVECS * LANES) scores(qr, kt + j0, lp, hd, KVECS, scale2, s + j0);
+            for (; j0 < lk; j0 += LANES) scores(qr, kt + j0, lp, hd, 1, scale2, s + j0);
             float inv[QROWS];
             for (int r = 0; r < QROWS; r++) {
                 float *sr = s + r * lp;
-                for (int64_t j = L; j < lp; j++) sr[j] = -__builtin_inff();
+                const int64_t seen = causal ? i0 + (r < rows ? r : rows - 1) + 1 : L;
+                for (int64_t j = seen; j < lk; j++) sr[j] = -__builtin_inff();
                 vf m = splat(-__builtin_inff());
-                for (int64_t j = 0; j < lp; j += LANES) m = vmax_keepnan(m, loadu(sr + j));
+                for (int64_t j = 0; j < lk; j += LANES) m = vmax_keepnan(m, loadu(sr + j));
                 float mx = m[0];
                 for (int i = 1; i < LANES; i++) mx = mx > m[i] || mx != mx ? mx : m[i];
                 vf sum = splat(0.0f);
-                for (int64_t j = 0; j < lp; j += LANES) {
+                for (int64_t j = 0; j < lk; j += LANES) {
                     const vf e = vexp2(loadu(sr + j) - mx);
                     storeu(sr + j, e);
                     sum += e;
@@ -149,12 +164,12 @@ int storm_frame_attention_f32(const float *q, const float *k, const float *v, in
             }
             for (int64_t c0 = 0; c0 < hdp; c0 += VVECS * LANES) {
                 switch ((hdp - c0) / LANES) { /* a constant vector count in each case: the loops unroll */
-                case 1: values(s, lp, vp, hdp, L, c0, 1, inv, orow, rows, hd); break;
-                case 2: values(s, lp, vp, hdp, L, c0, 2, inv, orow, rows, hd); break;
-                case 3: values(s, lp, vp, hdp, L, c0, 3, inv, orow, rows, hd); break;
-                case 4: values(s, lp, vp, hdp, L, c0, 4, inv, orow, rows, hd); break;
-                case 5: values(s, lp, vp, hdp, L, c0, 5, inv, orow, rows, hd); break;
-                default: values(s, lp, vp, hdp, L, c0, VVECS, inv, orow, rows, hd);
+                case 1: values(s, lp, vp, hdp, nk, c0, 1, inv, orow, rows, hd); break;
+                case 2: values(s, lp, vp, hdp, nk, c0, 2, inv, orow, rows, hd); break;
+                case 3: values(s, lp, vp, hdp, nk, c0, 3, inv, orow, rows, hd); break;
+                case 4: values(s, lp, vp, hdp, nk, c0, 4, inv, orow, rows, hd); break;
+                case 5: values(s, lp, vp, hdp, nk, c0, 5, inv, orow, rows, hd); break;
+                default: values(s, lp, vp, hdp, nk, c0, VVECS, inv, orow, rows, hd);
                 }
             }
         }

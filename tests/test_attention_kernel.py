@@ -1,6 +1,7 @@
-"""The vision tower's CPU paths (storm_vlm.model.fast_paths, ssm/_vision_kernel.c) change no result
-beyond float rounding: the C LayerNorm (with its residual add) and per-frame attention on every
-vector width the CPU runs, the stacked q/k/v product, the split of frames into L2-sized calls."""
+"""The CPU paths of storm_vlm.model.fast_paths built on ssm/_attention_kernel.c change no result
+beyond float rounding: the vision tower's C LayerNorm (with its residual add) and per-frame
+attention on every vector width the CPU runs, its stacked q/k/v product and its frames split into
+L2-sized calls; the LLM's causal grouped-query prefill attention, taken only where it applies."""
 
 import pytest
 import torch
@@ -85,7 +86,7 @@ def test_thread_split_changes_no_bit(monkeypatch):
     lib = cpu_kernel.load_library()
     if lib is None:
         pytest.skip("no C compiler")
-    monkeypatch.setattr(fast_paths, "_ATTENTION_PAIRS", 1)
+    monkeypatch.setattr(fast_paths, "_ATTENTION_WORK", 1)
     monkeypatch.setattr(fast_paths, "_LN_ELEMENTS", 1)
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(7, 20, 24, generator=g) for _ in range(3))
@@ -207,7 +208,7 @@ def test_features_do_not_depend_on_frames_per_call(model, monkeypatch):
             split, _ = model.get_video_features(pixels)
     finally:
         hook.remove()
-    assert seen == [7, 3, 3, 1]
+    assert seen == [7, 2, 2, 3]  # three calls of at most three frames, evened out
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
 
 
@@ -226,3 +227,61 @@ def test_l2_cache_size_from_sysfs(tmp_path):
     index(3, 3, "Unified", "32768K")
     assert l2_cache_bytes(str(tmp_path / "missing")) is None
     assert l2_cache_bytes(str(tmp_path)) == 2 * 2**20
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("b,heads,kv_heads,length,hd", [(2, 6, 2, 37, 20), (1, 7, 1, 130, 32), (1, 4, 4, 5, 8),
+                                                        (1, 2, 1, 1, 16), (2, 3, 1, 70, 40)])
+def test_causal_grouped_attention_is_sdpa(monkeypatch, isa, b, heads, kv_heads, length, hd):
+    """The LLM's prefill case: causal, grouped-query heads (and plain multi-head), q and out as the
+    transposed (B, L, H, hd) views the model hands over; as close to float64 as SDPA's float32."""
+    lib = use_kernel_library(monkeypatch, isa)
+    g = torch.Generator().manual_seed(length + hd)
+    q = torch.randn(b, length, heads, hd, generator=g).transpose(1, 2)
+    k, v = (torch.randn(b, kv_heads, length, hd, generator=g) for _ in range(2))
+    scale = hd ** -0.5
+
+    def sdpa(*t):
+        return F.scaled_dot_product_attention(*t, is_causal=True, scale=scale, enable_gqa=True)
+
+    exact = sdpa(q.double(), k.double(), v.double())
+    out = torch.full((b, length, heads, hd), float("nan"))
+    fast_paths._c_attention(lib, q, k, v, out.transpose(1, 2), scale, causal=True)
+    error = (out.transpose(1, 2) - exact).abs().max()
+    assert error <= 4 * (sdpa(q, k, v) - exact).abs().max() + 1e-6
+
+
+def _logits(model, ids, **kwargs):
+    with torch.inference_mode():
+        return model(input_ids=ids, **kwargs).logits
+
+
+def test_llm_prefill_takes_the_kernel_only_where_it_applies(model, monkeypatch):
+    """A causal prompt without a mask runs the C attention, with the logits of PyTorch's SDPA; a
+    padded batch (a mask), a prompt continuing a cache, and autograd take transformers' SDPA."""
+    if cpu_kernel.load_library() is None:
+        pytest.skip("no C compiler")
+    calls = []
+    real = fast_paths._c_attention
+    monkeypatch.setattr(fast_paths, "_c_attention", lambda *a, **k: calls.append(k["causal"]) or real(*a, **k))
+    ids = torch.randint(0, 60, (2, 23), generator=torch.Generator().manual_seed(12))
+    fast = _logits(model, ids)
+    assert calls == [True] * model.config.text_config.num_hidden_layers
+    with monkeypatch.context() as m:
+        m.setattr(cpu_kernel, "load_library", lambda *a, **k: None)
+        plain = _logits(model, ids)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+
+    calls.clear()
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    _logits(model, ids, attention_mask=mask)
+    assert calls == []
+    with torch.inference_mode():
+        cache = model(input_ids=ids[:, :10], use_cache=True).past_key_values
+        calls.clear()
+        model(input_ids=ids[:, 10:], past_key_values=cache, use_cache=True)
+    assert calls == []
+    model(input_ids=ids).logits.sum().backward()
+    assert calls == []
+    model.zero_grad(set_to_none=True)
