@@ -135,6 +135,30 @@ def test_lean_layer_is_transformers_layer(model, monkeypatch, isa, stacked):
             h = ref
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["C kernels", "no kernels"])
+def test_lean_layer_under_bf16_autocast(model, monkeypatch, kernels):
+    """The residual stream stays float32 as in transformers' layer (a bf16 branch output joins it in
+    float32); without the C kernels the result is transformers' bit for bit, with them as close to
+    the float32 layer as transformers' own autocast result is."""
+    if kernels:
+        if cpu_kernel.load_library() is None:
+            pytest.skip("no C compiler")
+    else:
+        monkeypatch.setattr(cpu_kernel, "load_library", lambda *a, **k: None)
+    h = torch.randn(5, 16, 16, generator=torch.Generator().manual_seed(13))
+    for layer in _layers(model):
+        with torch.inference_mode():
+            exact = SiglipEncoderLayer.forward(layer, h, None)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ours, ref = layer(h, None), SiglipEncoderLayer.forward(layer, h, None)
+        assert ours.dtype == ref.dtype == torch.float32
+        if kernels:
+            assert (ours - exact).abs().max() <= 2 * (ref - exact).abs().max()
+        else:
+            assert torch.equal(ours, ref)
+        h = exact
+
+
 class _Forced(dict):
     """A `_QKV_STACKED` that answers `value` for every shape (no timing)."""
 
@@ -251,6 +275,29 @@ def test_causal_grouped_attention_is_sdpa(monkeypatch, isa, b, heads, kv_heads, 
     assert error <= 4 * (sdpa(q, k, v) - exact).abs().max() + 1e-6
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("causal", [False, True], ids=["every key", "causal"])
+def test_bfloat16_attention_is_as_close_as_sdpa(monkeypatch, isa, causal):
+    """bf16 in and out (what q/k/v are under autocast), float32 inside: no further from the float64
+    result than SDPA's own bf16 kernel, plus one bf16 rounding of the output."""
+    lib = use_kernel_library(monkeypatch, isa)
+    g = torch.Generator().manual_seed(21)
+    q = torch.randn(2, 45, 6, 24, generator=g).bfloat16().transpose(1, 2)
+    k, v = (torch.randn(2, 2, 45, 24, generator=g).bfloat16() for _ in range(2))
+
+    def sdpa(*t):
+        return F.scaled_dot_product_attention(*t, is_causal=causal, enable_gqa=True)
+
+    exact = sdpa(q.double(), k.double(), v.double())
+    out = torch.empty(2, 45, 6, 24, dtype=torch.bfloat16)
+    fast_paths._c_attention(lib, q, k, v, out.transpose(1, 2), 24 ** -0.5, causal=causal)
+    error = (out.transpose(1, 2).double() - exact).abs().max()
+    assert error <= (sdpa(q, k, v).double() - exact).abs().max() + 2 ** -8 * exact.abs().max()
+    rounded = torch.empty_like(out, dtype=torch.float32)
+    fast_paths._c_attention(lib, q.float(), k.float(), v.float(), rounded.transpose(1, 2), 24 ** -0.5, causal=causal)
+    assert torch.equal(out, rounded.bfloat16())  # float32 inside, rounded once as torch rounds
+
+
 def _logits(model, ids, **kwargs):
     with torch.inference_mode():
         return model(input_ids=ids, **kwargs).logits
@@ -271,6 +318,15 @@ def test_llm_prefill_takes_the_kernel_only_where_it_applies(model, monkeypatch):
         m.setattr(cpu_kernel, "load_library", lambda *a, **k: None)
         plain = _logits(model, ids)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+
+    calls.clear()  # under bf16 autocast (bf16 q/k/v): the kernel too, as close to float32 as SDPA's bf16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast_bf16 = _logits(model, ids)
+        assert calls == [True] * model.config.text_config.num_hidden_layers
+        with monkeypatch.context() as m:
+            m.setattr(cpu_kernel, "load_library", lambda *a, **k: None)
+            plain_bf16 = _logits(model, ids)
+    assert (fast_bf16 - plain).abs().max() <= 2 * (plain_bf16 - plain).abs().max()
 
     calls.clear()
     mask = torch.ones_like(ids)

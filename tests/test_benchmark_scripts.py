@@ -1,11 +1,16 @@
 """Every benchmarks/*.py script loads (a renamed helper breaks `make bench` without failing any
-other test): all are imported as modules, not run, in one subprocess."""
+other test): all are imported as modules in one subprocess; the scan and prefill scripts also run
+at a tiny size."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
+
+from helpers import TINY_CONFIG
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -37,3 +42,16 @@ def test_scan_benchmark_floor_check_runs_at_a_tiny_size():
 def test_scan_benchmark_full_table_at_a_tiny_size(tmp_path):
     _run_scan("--json", str(tmp_path / "scan.json"))
     assert (tmp_path / "scan.json").is_file()
+
+
+def test_prefill_benchmark_runs_on_a_tiny_model(tmp_path):
+    """Its ratios, the vision rate each target needs and the choices it reports, on a tiny config."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"model": TINY_CONFIG, "profile": {"text_tokens": 4}}))
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "prefill.py"), "--config", str(config), "--repeats", "1",
+                           "--warmup", "0", "--json", str(tmp_path / "prefill.json")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("the vision tower would need") + done.stdout.count("out of reach however fast") == 2
+    ratios = json.loads((tmp_path / "prefill.json").read_text())["ratios"]
+    assert {"share_of_bound_128f_4x", "share_of_bound_128f_8x", "gflop_per_s_128f_none"} <= set(ratios)

@@ -176,7 +176,7 @@ def test_only_real_frames_reach_the_vision_tower_in_chunks(qwen2):
     finally:
         model.config.vision_batch_size = old
         pre.remove()
-    assert calls == [4, 4, 1]  # 9 real frames of 14 slots
+    assert calls == [3, 3, 3]  # 9 real frames of 14 slots, at most 4 per call, evened out
     assert torch.allclose(full, chunked, atol=1e-5)
 
 
@@ -257,4 +257,5 @@ def test_vision_features_are_the_requested_hidden_state(qwen2, layer):
     finally:
         model.config.vision_feature_layer = old
     assert ours.shape == (3, 64, model.config.vision_config.hidden_size)
-    assert torch.allclose(ours, ref, atol=1e-6)
+    assert torch.allclose(ours, ref, atol=1e-5)  # float rounding: the tower's forward passes kwargs, so
+    # its layers take transformers' path, ours the C kernels

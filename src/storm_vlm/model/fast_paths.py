@@ -1,7 +1,7 @@
 """Speed paths that leave a STORM model's outputs unchanged; `enable_fast_paths(model)` turns them on.
 
-CPU inference only (fp32; no autograd; under bf16 autocast only the GELU and the C decode step):
-everywhere else each path steps aside and the plain computation runs.
+CPU inference only (fp32, or bf16 autocast for the vision layers, GELU, LLM attention and the C
+decode step; no autograd): everywhere else each path steps aside and the plain computation runs.
 
 - **Matmul backend** (`_MeasuredLinear`): every `nn.Linear` of the model picks, per weight shape
   and number of input rows (in power-of-two buckets from `_MEASURE_MIN_ROWS` up to
@@ -17,10 +17,10 @@ everywhere else each path steps aside and the plain computation runs.
 - **Vision tower**: the tanh-GELU is evaluated as x·sigmoid(2u) (`_GELUTanhCPU`): the same
   function in one pass of a C kernel (float32 and bfloat16; four tensor passes without a C
   compiler), where PyTorch's CPU tanh-GELU goes through a slow vectorised tanh. SigLIP encoder
-  layers (`_LeanSiglipLayer`) in float32 run both LayerNorms (the residual add folded into the
-  second) and the per-frame attention in C (`ssm/_attention_kernel.c`), and q/k/v as one product over
-  the stacked weights where that is timed faster (`_qkv`); without the C kernels (or under bf16
-  autocast) they only add their residuals in place (bit-for-bit transformers' result). At small
+  layers (`_LeanSiglipLayer`) run both LayerNorms (the residual add folded into the second) and the
+  per-frame attention in C (`ssm/_attention_kernel.c`; float32, or bf16 products under autocast),
+  and q/k/v as one product over the stacked weights where that is timed faster (`_qkv`); without
+  the C kernels they only add their residuals in place (bit-for-bit transformers' result). At small
   widths such element-wise passes cost about as much as the matrix products, so each pass saved
   shows. Frames go through the tower in calls sized to the L2 cache (`vision_frames_per_call`).
 - **Decode step** (`DecodeStep`, Llama-style LLMs: Qwen2, Llama): a greedy one-token step runs
@@ -137,7 +137,7 @@ def _fast_gelu_tanh(module: nn.Module) -> None:
 _LN_ELEMENTS = 1 << 16  # per thread at least (as _ONE_PASS_CHUNK)
 
 
-_QKV_STACKED: dict = {}  # (width, bias, rows bucket) -> whether one product over the stacked q/k/v weights was faster
+_QKV_STACKED: dict = {}  # (width, bias, rows bucket, dtype) -> whether one product over the stacked q/k/v weights was faster
 
 
 def _stacked_qkv(attn) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -168,7 +168,8 @@ def _qkv(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     rows = x.numel() // width
     if not same or rows < _MEASURE_MIN_ROWS:
         return tuple(p(x) for p in parts)
-    key = (width, parts[0].bias is not None, _rows_bucket(rows))
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    key = (width, parts[0].bias is not None, _rows_bucket(rows), dtype)
     stacked = _QKV_STACKED.get(key)
     if stacked is None:
         sample = x.reshape(-1, width)[:_MEASURE_ROWS]
@@ -184,7 +185,8 @@ def _qkv(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def stacked_qkv_choices() -> dict:
-    """Where the vision layers' q/k/v run as one product in this process: {(width, bias, rows bucket): bool}."""
+    """Where the vision layers' q/k/v run as one product in this process: {(width, bias, rows bucket,
+    dtype of the product): bool}."""
     return dict(_QKV_STACKED)
 
 
@@ -202,28 +204,34 @@ def _c_layer_norm(lib, x: torch.Tensor, norm: nn.LayerNorm, residual: torch.Tens
 _ATTENTION_WORK = 1 << 21  # multiply-adds per thread at least: a hand-off to a worker costs tens of microseconds
 
 
+_ATTENTION_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def _c_attention(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, scale: float,
                  causal: bool) -> torch.Tensor:
     """out = softmax(scale·q·kᵀ)·v per batch row and head (`_attention_kernel.c`), every key visible or
     causal; grouped-query heads h read KV head h // (H / G). q, out (B, H, L, hd), k, v (B, G, L, hd):
-    float32 views with unit last stride (any other strides: transposed or column-sliced views need no
-    copy). The (batch, head) pairs are split over torch's threads."""
+    views with unit last stride (any other strides: transposed or column-sliced views need no copy),
+    all float32 or all bfloat16 (computed in float32). The (batch, head) pairs are split over torch's
+    threads."""
     b, heads, length, hd = q.shape
     strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (q, k, v, out)]
     work = length * length * hd // (2 if causal else 1)
     pairs = _threads.spans(b * heads, max(1, _ATTENTION_WORK // max(work, 1)))
     args = (q.data_ptr(), strides[0], k.data_ptr(), strides[1], v.data_ptr(), strides[2], out.data_ptr(), strides[3],
-            heads, k.shape[1], length, hd, scale, int(causal))
-    if any(_threads.run_all(lib.storm_attention_f32, [(*args, p0, p1) for p0, p1 in pairs])):
+            heads, k.shape[1], length, hd, scale, int(causal), int(q.dtype == torch.bfloat16))
+    if any(_threads.run_all(lib.storm_attention, [(*args, p0, p1) for p0, p1 in pairs])):
         raise MemoryError("storm_vlm: no memory for the attention kernel's scratch")
     return out
 
 
 def _c_frame_attention(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-    """A ViT's attention, every key visible: q, k, v (B, L, heads·hd) float32 (e.g. column slices of one
-    stacked product) -> (B, L, heads·hd), the heads side by side (what out_proj reads)."""
+    """A ViT's attention, every key visible: q, k, v (B, L, heads·hd) (e.g. column slices of one
+    stacked product), float32 or bfloat16 -> (B, L, heads·hd) in q's dtype, the heads side by side
+    (what out_proj reads)."""
     b, length, width = q.shape
-    q, k, v = (t if t.dtype == torch.float32 and t.stride(-1) == 1 else t.float().contiguous() for t in (q, k, v))
+    dtype = q.dtype if q.dtype in _ATTENTION_DTYPES else torch.float32
+    q, k, v = (t if t.dtype == dtype and t.stride(-1) == 1 else t.to(dtype).contiguous() for t in (q, k, v))
     o = q.new_empty(b, length, width)
     split = [t.view(b, length, heads, width // heads).transpose(1, 2) for t in (q, k, v, o)]
     _c_attention(lib, *split, scale=scale, causal=False)
@@ -236,17 +244,24 @@ def _plain_layer_norm(norm) -> bool:
             and norm.weight.is_contiguous() and norm.bias.is_contiguous() and len(norm.normalized_shape) == 1)
 
 
+def _residual_add(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """residual + x as transformers adds them (in the promoted dtype: under bf16 autocast a bf16 branch
+    output joins the float32 residual stream in float32), in place on x where x already has that dtype."""
+    return x.add_(residual) if x.dtype == torch.promote_types(x.dtype, residual.dtype) else residual + x
+
+
 class _LeanSiglipLayer(SiglipEncoderLayer):
     """A SigLIP encoder layer whose CPU inference (no mask, SDPA attention, no autograd) runs the
     same computation with fewer tensor passes.
 
-    In float32 (no autocast) with the C kernels built, both LayerNorms (the second with the residual
-    add folded in) and the attention run in `ssm/_attention_kernel.c` (`_c_layer_norm`,
+    With the C kernels built (float32, or under bf16 autocast), both LayerNorms (the second with the
+    residual add folded in) and the attention run in `ssm/_attention_kernel.c` (`_c_layer_norm`,
     `_c_frame_attention`): at SigLIP's frame length each (frame, head) is a few 64 x 64 products that
     SDPA's flash kernel blocks for much longer sequences, and torch's LayerNorm is slow at small
-    widths. Same result within float rounding. Otherwise (bf16 autocast, no compiler) the residual
-    adds land in place on the projection outputs and no attention-weights tuple is built:
-    bit-for-bit transformers' result. With a mask, autograd or off CPU it is that layer."""
+    widths. Same result within float rounding (under autocast: the same dtypes as transformers', the
+    norms and the residual stream in float32, the products in bf16). Otherwise the residual adds land
+    in place where the dtypes allow and no attention-weights tuple is built: bit-for-bit transformers'
+    result. With a mask, autograd or off CPU it is that layer."""
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         attn = self.self_attn
@@ -255,24 +270,25 @@ class _LeanSiglipLayer(SiglipEncoderLayer):
             return super().forward(hidden_states, attention_mask, **kwargs)
         mlp = self.mlp
         lib = None
-        if (hidden_states.dtype == torch.float32 and hidden_states.dim() == 3 and not torch.is_autocast_enabled("cpu")
+        if (hidden_states.dtype == torch.float32 and hidden_states.dim() == 3
+                and (not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") == torch.bfloat16)
                 and _plain_layer_norm(self.layer_norm1) and _plain_layer_norm(self.layer_norm2)):
             lib = cpu_kernel.load_library()
         if lib is not None:
             hidden_states = hidden_states.contiguous()  # the embeddings' output is a transposed view
             x = _c_layer_norm(lib, hidden_states, self.layer_norm1)
-            h = attn.out_proj(_c_frame_attention(lib, *_qkv(attn, x), attn.num_heads, attn.scale))
+            h = attn.out_proj(_c_frame_attention(lib, *_qkv(attn, x), attn.num_heads, attn.scale)).float()
             x = _c_layer_norm(lib, h, self.layer_norm2, residual=hidden_states)  # h += hidden_states
-            return mlp.fc2(mlp.activation_fn(mlp.fc1(x))).add_(h)
+            return _residual_add(mlp.fc2(mlp.activation_fn(mlp.fc1(x))), h)
         shape = (*hidden_states.shape[:-1], -1, attn.head_dim)
         x = self.layer_norm1(hidden_states)
         q = attn.q_proj(x).view(shape).transpose(1, 2)
         k = attn.k_proj(x).view(shape).transpose(1, 2)
         v = attn.v_proj(x).view(shape).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v, scale=attn.scale).transpose(1, 2)
-        hidden_states = attn.out_proj(o.reshape(*hidden_states.shape[:-1], -1)).add_(hidden_states)
+        hidden_states = _residual_add(attn.out_proj(o.reshape(*hidden_states.shape[:-1], -1)), hidden_states)
         x = mlp.fc2(mlp.activation_fn(mlp.fc1(self.layer_norm2(hidden_states))))
-        return x.add_(hidden_states)
+        return _residual_add(x, hidden_states)
 
 
 _VISION_MIN_ROWS = 512  # rows per vision-tower call at least: fewer, and the ~15 ops per layer cost more than they save
@@ -319,11 +335,11 @@ def _storm_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     - One query token (decode), no mask: the r query heads of a group become r query rows of that
       group's KV head — (B, G, r, hd) against (B, G, L, hd): one r x L product per KV head, where
       `scaled_dot_product_attention(..., enable_gqa=True)` runs H separate 1 x L products.
-    - Causal prefill (q > 1 tokens, no mask: transformers' causal-only case) in float32 without
-      autograd, with the C kernels built: `_c_attention` (`ssm/_attention_kernel.c`) reads each KV head
+    - Causal prefill (q > 1 tokens, no mask: transformers' causal-only case) in float32 or bfloat16
+      (under autocast) without autograd, with the C kernels built: `_c_attention` (`ssm/_attention_kernel.c`) reads each KV head
       once for its r query heads and the (B, H, q, hd) views as they are, where PyTorch's CPU flash
       kernel runs blocked products sized for wide heads. Same result within float rounding.
-    Every other case (masks, autograd, bf16, CUDA, ...) goes to `sdpa_attention_forward` unchanged.
+    Every other case (masks, autograd, CUDA, ...) goes to `sdpa_attention_forward` unchanged.
     """
     groups = getattr(module, "num_key_value_groups", 1)
     plain = (query.device.type == "cpu" and attention_mask is None and kwargs.get("position_bias") is None
@@ -337,15 +353,18 @@ def _storm_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
         )
         return out.reshape(b, h, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    # under autocast SDPA casts q, k, v to the autocast dtype (rotary has made q and k float32 again)
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
     if (plain and causal and length > 1 and key.shape[2] >= length and (dropout == 0 or not module.training)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
-            and all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in (query, key, value))
-            and query.shape[-1] == key.shape[-1] == value.shape[-1]):
+            and dtype in _ATTENTION_DTYPES and query.shape[-1] == key.shape[-1] == value.shape[-1]):
         lib = cpu_kernel.load_library()
         if lib is not None:
             b, h, _, hd = query.shape
-            out = query.new_empty(b, length, h, hd)
             key, value = key[:, :, :length], value[:, :, :length]  # as transformers: the causal mask's keys
+            query, key, value = (t if t.dtype == dtype and t.stride(-1) == 1 else t.to(dtype).contiguous()
+                                 for t in (query, key, value))
+            out = query.new_empty(b, length, h, hd)
             _c_attention(lib, query, key, value, out.transpose(1, 2), hd ** -0.5 if scaling is None else scaling,
                          causal=True)
             return out, None

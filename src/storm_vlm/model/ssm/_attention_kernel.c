@@ -1,4 +1,4 @@
-/* LayerNorm (with the residual add) and softmax attention, for float32 CPU inference: a ViT encoder
+/* LayerNorm (with the residual add) and softmax attention, for CPU inference: a ViT encoder
  * layer's (SigLIP's, `_LeanSiglipLayer`) and the LLM's causal grouped-query prefill attention
  * (`_storm_sdpa_attention`), both in storm_vlm.model.fast_paths; built with the scan kernel
  * (cpu_kernel.py), same vector width.
@@ -12,7 +12,9 @@
  * their own position); the values, copied with their columns padded to whole vectors, are summed into
  * four rows of outputs at a time. A frame's keys (64-1024) stay in L1 / L2; an LLM prompt's transposed
  * keys take 4 * L * hd bytes per thread. Differs from PyTorch's SDPA by float rounding only; a NaN
- * query row gives NaN, as eager attention does (PyTorch's CPU flash kernel writes 0).
+ * query row gives NaN, as eager attention does (PyTorch's CPU flash kernel writes 0). bfloat16 arrays
+ * (under autocast) are widened as they are copied and the output rounded as torch rounds; the
+ * arithmetic is float32 either way.
  */
 #include "_vec.h"
 
@@ -102,35 +104,42 @@ static inline __attribute__((always_inline)) void values(const float *p, int64_t
         }
 }
 
+/* element i of a float32 (bf16 = 0) or bfloat16 (bf16 = 1) array */
+static inline float element(const void *p, int64_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
 /* o = softmax(scale q k^T) v per (batch, head): every key visible, or causal (query t sees keys 0..t).
- * q, o: element (b, h, t, c) at b * s[0] + h * s[1] + t * s[2] + c (strides in floats); k, v: the same
- * with kv head g = h / (heads / kv_heads) (grouped-query heads share their KV head). L queries and L
- * keys, head size hd. Runs the pairs p0 <= p < p1, p = b * heads + h; consecutive heads of one KV head
- * reuse its transposed keys. Returns 0, or 1 when its scratch could not be allocated (nothing written). */
-int storm_attention_f32(const float *q, const int64_t *qs, const float *k, const int64_t *ks, const float *v,
-                        const int64_t *vs, float *o, const int64_t *os, int64_t heads, int64_t kv_heads, int64_t L,
-                        int64_t hd, float scale, int causal, int64_t p0, int64_t p1) {
+ * q, o: element (b, h, t, c) at b * s[0] + h * s[1] + t * s[2] + c (strides in elements); k, v: the
+ * same with kv head g = h / (heads / kv_heads) (grouped-query heads share their KV head). L queries and
+ * L keys, head size hd. bf16 = 0: every array float32; 1: every array bfloat16 (computed in float32,
+ * o rounded as torch rounds). Runs the pairs p0 <= p < p1, p = b * heads + h; consecutive heads of one
+ * KV head reuse its transposed keys. Returns 0, or 1 when its scratch could not be allocated (nothing
+ * written then). */
+int storm_attention(const void *q, const int64_t *qs, const void *k, const int64_t *ks, const void *v,
+                    const int64_t *vs, void *o, const int64_t *os, int64_t heads, int64_t kv_heads, int64_t L,
+                    int64_t hd, float scale, int causal, int bf16, int64_t p0, int64_t p1) {
     const int64_t lp = (L + LANES - 1) / LANES * LANES, hdp = (hd + LANES - 1) / LANES * LANES;
     const int64_t group = heads / kv_heads;
-    float *kt = malloc(sizeof(float) * (size_t)(hd * lp + L * hdp + QROWS * lp));
+    /* transposed keys, padded values, four rows of scores; for bf16, four query rows and output rows */
+    float *kt = malloc(sizeof(float) * (size_t)(hd * lp + L * hdp + QROWS * lp + QROWS * (hd + hdp)));
     if (!kt) return 1;
-    float *vp = kt + hd * lp, *s = vp + L * hdp;
+    float *vp = kt + hd * lp, *s = vp + L * hdp, *qbuf = s + QROWS * lp, *obuf = qbuf + QROWS * hd;
     const float scale2 = scale * LOG2E; /* scores in base 2 */
     int64_t loaded = -1;                /* the (batch, kv head) in kt / vp */
     for (int64_t p = p0; p < p1; p++) {
         const int64_t b = p / heads, h = p % heads, kv = b * kv_heads + h / group;
         if (kv != loaded) {
-            const float *kb = k + b * ks[0] + (h / group) * ks[1], *vb = v + b * vs[0] + (h / group) * vs[1];
+            const int64_t kb = b * ks[0] + (h / group) * ks[1], vb = b * vs[0] + (h / group) * vs[1];
             for (int64_t j = 0; j < lp; j++)
-                for (int64_t c = 0; c < hd; c++) kt[c * lp + j] = j < L ? kb[j * ks[2] + c] : 0.0f;
+                for (int64_t c = 0; c < hd; c++) kt[c * lp + j] = j < L ? element(k, kb + j * ks[2] + c, bf16) : 0.0f;
             for (int64_t j = 0; j < L; j++) {
-                memcpy(vp + j * hdp, vb + j * vs[2], (size_t)hd * sizeof(float));
+                for (int64_t c = 0; c < hd; c++) vp[j * hdp + c] = element(v, vb + j * vs[2] + c, bf16);
                 memset(vp + j * hdp + hd, 0, (size_t)(hdp - hd) * sizeof(float));
             }
             loaded = kv;
         }
-        const float *qb = q + b * qs[0] + h * qs[1];
-        float *ob = o + b * os[0] + h * os[1];
+        const int64_t qb = b * qs[0] + h * qs[1], ob = b * os[0] + h * os[1];
         for (int64_t i0 = 0; i0 < L; i0 += QROWS) {
             const int rows = L - i0 < QROWS ? (int)(L - i0) : QROWS;
             const int64_t nk = causal ? i0 + rows : L; /* keys any row of the block sees */
@@ -139,8 +148,14 @@ int storm_attention_f32(const float *q, const int64_t *qs, const float *k, const
             float *orow[QROWS];
             for (int r = 0; r < QROWS; r++) { /* a short last block repeats its last row, stored once */
                 const int64_t t = i0 + (r < rows ? r : rows - 1);
-                qr[r] = qb + t * qs[2];
-                orow[r] = ob + t * os[2];
+                if (bf16) {
+                    for (int64_t c = 0; c < hd; c++) qbuf[r * hd + c] = element(q, qb + t * qs[2] + c, 1);
+                    qr[r] = qbuf + r * hd;
+                    orow[r] = obuf + r * hdp;
+                } else {
+                    qr[r] = (const float *)q + qb + t * qs[2];
+                    orow[r] = (float *)o + ob + t * os[2];
+                }
             }
             int64_t j0 = 0;
             for (; j0 + KVECS * LANES <= lk; j0 += KVECS * LANES) scores(qr, kt + j0, lp, hd, KVECS, scale2, s + j0);
@@ -171,6 +186,15 @@ int storm_attention_f32(const float *q, const int64_t *qs, const float *k, const
                 case 5: values(s, lp, vp, hdp, nk, c0, 5, inv, orow, rows, hd); break;
                 default: values(s, lp, vp, hdp, nk, c0, VVECS, inv, orow, rows, hd);
                 }
+            }
+            for (int r = 0; bf16 && r < rows; r++) {
+                uint16_t *dst = (uint16_t *)o + ob + (i0 + r) * os[2];
+                int64_t c = 0;
+                for (; c + LANES <= hd; c += LANES) {
+                    const vbf out = __builtin_convertvector(round_bf16(loadu(obuf + r * hdp + c)), vbf);
+                    memcpy(dst + c, &out, sizeof out);
+                }
+                for (; c < hd; c++) dst[c] = f32_to_bf16(obuf[r * hdp + c]);
             }
         }
     }
