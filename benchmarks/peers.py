@@ -18,8 +18,8 @@ tiny config with `--tiny`):
   pooling, then its 2-layer MLP projector.
 
 All share the LLM (Qwen2 at the bench widths) and get the same CPU kernels
-(`storm_vlm.model.fast_paths.enable_fast_paths`: matmul backend per shape, SigLIP layers, GQA
-one-token attention). Each (frames, model) runs the model's own video path on random pixels:
+(`storm_vlm.model.fast_paths.enable_fast_paths`: matmul backend per shape, SigLIP layers, the LLM's
+attention). Each (frames, model) runs the model's own video path on random pixels:
 vision tower (until the first projector / pooling module starts), projector + pooling (until
 the visual tokens are returned), LLM prefill on [text | visual tokens | text] with
 `logits_to_keep=1`, then `--decode-tokens` greedy steps through the model's forward. STORM's

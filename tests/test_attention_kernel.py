@@ -159,6 +159,25 @@ def test_lean_layer_under_bf16_autocast(model, monkeypatch, kernels):
         h = exact
 
 
+def test_lean_layer_takes_the_kernels_with_inert_keyword_arguments_only(model, monkeypatch):
+    """Towers pass keyword arguments down (transformers' `output_hidden_states`, LLaVA-OneVision's
+    `vision_aspect_ratio`): those keep the C path; any other (e.g. `output_attentions`) takes
+    transformers' layer, bit for bit."""
+    if cpu_kernel.load_library() is None:
+        pytest.skip("no C compiler")
+    calls = []
+    real = fast_paths._c_frame_attention
+    monkeypatch.setattr(fast_paths, "_c_frame_attention", lambda *a: calls.append(1) or real(*a))
+    layer = _layers(model)[0]
+    h = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(14))
+    with torch.inference_mode():
+        layer(h, None, output_hidden_states=True, vision_aspect_ratio="anyres_max_9")
+        assert calls == [1]
+        ours = layer(h, None, output_attentions=True)
+        assert calls == [1]
+        assert torch.equal(ours, SiglipEncoderLayer.forward(layer, h, None))
+
+
 class _Forced(dict):
     """A `_QKV_STACKED` that answers `value` for every shape (no timing)."""
 

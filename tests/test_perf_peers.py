@@ -26,6 +26,8 @@ def test_peer_models_build_at_the_same_widths_and_run():
         assert cfg.vision_config.hidden_size == vision.hidden_size
         # the peers' towers stop where STORM's does (vision_feature_layer -2 of 2 layers: after 1)
         assert cfg.vision_config.num_hidden_layers == vision.num_hidden_layers - 1
+        # the same CPU kernels: their LLM (in `peer.model`) takes STORM's attention too
+        assert peer.model.language_model.config._attn_implementation == "storm_sdpa"
     pixels = torch.randn(1, 4, 3, vision.image_size, vision.image_size)
     text = torch.randint(0, 50, (1, text_tokens))
     clock = peers.Clock("cpu", "wall")

@@ -244,6 +244,15 @@ def _plain_layer_norm(norm) -> bool:
             and norm.weight.is_contiguous() and norm.bias.is_contiguous() and len(norm.normalized_shape) == 1)
 
 
+# Keyword arguments towers pass down to their layers that change nothing in an SDPA layer's result
+# (LLaVA-OneVision passes its `vision_aspect_ratio`; transformers' towers pass `output_hidden_states`).
+_INERT_KWARGS = ("output_hidden_states", "return_dict", "vision_aspect_ratio")
+
+
+def _inert(kwargs: dict) -> bool:
+    return all(key in _INERT_KWARGS for key in kwargs)
+
+
 def _residual_add(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """residual + x as transformers adds them (in the promoted dtype: under bf16 autocast a bf16 branch
     output joins the float32 residual stream in float32), in place on x where x already has that dtype."""
@@ -261,11 +270,12 @@ class _LeanSiglipLayer(SiglipEncoderLayer):
     widths. Same result within float rounding (under autocast: the same dtypes as transformers', the
     norms and the residual stream in float32, the products in bf16). Otherwise the residual adds land
     in place where the dtypes allow and no attention-weights tuple is built: bit-for-bit transformers'
-    result. With a mask, autograd or off CPU it is that layer."""
+    result. With a mask, autograd, keyword arguments outside `_INERT_KWARGS` or off CPU it is that
+    layer."""
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         attn = self.self_attn
-        if (attention_mask is not None or kwargs or torch.is_grad_enabled() or self.training
+        if (attention_mask is not None or not _inert(kwargs) or torch.is_grad_enabled() or self.training
                 or hidden_states.device.type != "cpu" or attn.config._attn_implementation != "sdpa"):
             return super().forward(hidden_states, attention_mask, **kwargs)
         mlp = self.mlp
@@ -1094,7 +1104,8 @@ def enable_fast_paths(model, *, decode: bool = True, compile_decode: bool = Fals
     model._storm_decode = bool(decode)
     model._storm_compile_decode = bool(compile_decode)
     model._storm_decode_kernel = bool(decode_kernel)
-    lm = getattr(model, "language_model", None)
+    # STORM's LLM is `model.language_model`; transformers' LLaVA models keep theirs in `model.model`
+    lm = getattr(model, "language_model", None) or getattr(getattr(model, "model", None), "language_model", None)
     if lm is not None:
         _DECODE_STEPS.pop(lm, None)
         if getattr(lm, "config", None) is not None:
