@@ -55,3 +55,14 @@ def test_prefill_benchmark_runs_on_a_tiny_model(tmp_path):
     assert done.stdout.count("the vision tower would need") + done.stdout.count("out of reach however fast") == 2
     ratios = json.loads((tmp_path / "prefill.json").read_text())["ratios"]
     assert {"share_of_bound_128f_4x", "share_of_bound_128f_8x", "gflop_per_s_128f_none"} <= set(ratios)
+
+
+def test_attention_benchmark_runs_at_bench_shapes():
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "attention.py"), "--quick", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=600)
+    if "no C kernels" in done.stdout:
+        pytest.skip("no C compiler")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("vision", "LLM"))]
+    assert len(rows) == 9  # 4 attention shapes x (float32, bfloat16), 1 LayerNorm
+    assert all(line.rstrip()[-1].isdigit() or line.rstrip().endswith("x") for line in rows)
