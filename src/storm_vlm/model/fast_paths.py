@@ -45,7 +45,7 @@ decode step; no autograd): everywhere else each path steps aside and the plain c
   `torch.compile` (needs a C++ compiler; the first steps pay the compilation).
 - **LLM attention** (`storm_sdpa`, registered with transformers' AttentionInterface when first
   enabled, the LLM's SDPA otherwise): a causal prompt (no mask: transformers' causal-only case) in
-  float32 runs in C (`ssm/_attention_kernel.c`, each KV head read once for its query heads); a
+  float32 or under bf16 autocast runs in C (`ssm/_attention_kernel.c`, each KV head read once for its query heads); a
   one-token step with grouped KV heads that does not take the decode step above runs as one r x L
   product per KV head.
 - `StormKVCache`: a DynamicCache whose layers append in place into a buffer with spare room,
@@ -135,8 +135,6 @@ def _fast_gelu_tanh(module: nn.Module) -> None:
 
 
 _LN_ELEMENTS = 1 << 16  # per thread at least (as _ONE_PASS_CHUNK)
-
-
 _QKV_STACKED: dict = {}  # (width, bias, rows bucket, dtype) -> whether one product over the stacked q/k/v weights was faster
 
 
@@ -202,8 +200,6 @@ def _c_layer_norm(lib, x: torch.Tensor, norm: nn.LayerNorm, residual: torch.Tens
 
 
 _ATTENTION_WORK = 1 << 21  # multiply-adds per thread at least: a hand-off to a worker costs tens of microseconds
-
-
 _ATTENTION_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -339,16 +335,18 @@ STORM_SDPA = "storm_sdpa"
 
 def _storm_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                           **kwargs):
-    """transformers' SDPA attention, with two faster cases on CPU for grouped KV heads.
+    """transformers' SDPA attention, with two faster cases on CPU.
 
     query (B, H, q, hd), key/value (B, G, L, hd) with H = G·r.
-    - One query token (decode), no mask: the r query heads of a group become r query rows of that
-      group's KV head — (B, G, r, hd) against (B, G, L, hd): one r x L product per KV head, where
-      `scaled_dot_product_attention(..., enable_gqa=True)` runs H separate 1 x L products.
+    - One query token (decode) with grouped KV heads (r > 1), no mask: the r query heads of a group
+      become r query rows of that group's KV head — (B, G, r, hd) against (B, G, L, hd): one r x L
+      product per KV head, where `scaled_dot_product_attention(..., enable_gqa=True)` runs H
+      separate 1 x L products.
     - Causal prefill (q > 1 tokens, no mask: transformers' causal-only case) in float32 or bfloat16
-      (under autocast) without autograd, with the C kernels built: `_c_attention` (`ssm/_attention_kernel.c`) reads each KV head
-      once for its r query heads and the (B, H, q, hd) views as they are, where PyTorch's CPU flash
-      kernel runs blocked products sized for wide heads. Same result within float rounding.
+      (under autocast) without autograd, with the C kernels built: `_c_attention`
+      (`ssm/_attention_kernel.c`) reads each KV head once for its r query heads and the
+      (B, H, q, hd) views as they are, where PyTorch's CPU flash kernel runs blocked products sized
+      for wide heads. Same result within float rounding.
     Every other case (masks, autograd, CUDA, ...) goes to `sdpa_attention_forward` unchanged.
     """
     groups = getattr(module, "num_key_value_groups", 1)
