@@ -1,7 +1,7 @@
 """The CPU paths of storm_vlm.model.fast_paths built on ssm/_attention_kernel.c change no result
 beyond float rounding: the vision tower's C LayerNorm (with its residual add) and per-frame
-attention on every vector width the CPU runs, its stacked q/k/v product and its frames split into
-L2-sized calls; the LLM's causal grouped-query prefill attention, taken only where it applies."""
+attention on every vector width the CPU runs, its stacked q/k/v product; the LLM's causal
+grouped-query prefill attention, taken only where it applies."""
 
 import pytest
 import torch
@@ -14,7 +14,6 @@ from storm_vlm import StormConfig
 from storm_vlm.model import fast_paths
 from storm_vlm.model.ssm import cpu_kernel
 from storm_vlm.perf.profiler import build_random_model
-from storm_vlm.utils import l2_cache_bytes
 from helpers import TINY_CONFIG as TINY
 from helpers import use_kernel_library
 
@@ -210,66 +209,6 @@ def test_stacked_qkv_follows_weight_changes(model, monkeypatch):
     finally:
         attn.v_proj.weight = nn.Parameter(saved["self_attn.v_proj.weight"])
         layer.load_state_dict(saved)
-
-
-def test_frames_per_call_fit_the_l2_cache(model, monkeypatch):
-    cfg = model.config
-    vision = cfg.vision_config
-    patches = (vision.image_size // vision.patch_size) ** 2
-    widest = max(vision.hidden_size, vision.intermediate_size)
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(cfg, "vision_batch_size", 10**6)
-    for l2 in (2**20, 4 * 2**20):
-        monkeypatch.setattr(fast_paths, "l2_cache_bytes", lambda l2=l2: l2)
-        with torch.no_grad():
-            assert fast_paths.vision_frames_per_call(cfg, cpu, torch.float32) == l2 // (patches * widest * 4)
-            assert fast_paths.vision_frames_per_call(cfg, cpu, torch.bfloat16) == l2 // (patches * widest * 2)
-        assert fast_paths.vision_frames_per_call(cfg, cpu, torch.float32) == 10**6  # autograd: the config's
-    monkeypatch.setattr(fast_paths, "l2_cache_bytes", lambda: 1)  # a tiny cache: _VISION_MIN_ROWS patches still
-    with torch.no_grad():
-        assert fast_paths.vision_frames_per_call(cfg, cpu, torch.float32) == -(-fast_paths._VISION_MIN_ROWS // patches)
-        monkeypatch.setattr(cfg, "vision_batch_size", 3)  # never above the config's bound
-        assert fast_paths.vision_frames_per_call(cfg, cpu, torch.float32) == 3
-        assert fast_paths.vision_frames_per_call(cfg, torch.device("meta"), torch.float32) == 3
-        monkeypatch.setattr(fast_paths, "l2_cache_bytes", lambda: None)
-        monkeypatch.setattr(cfg, "vision_batch_size", 1000)
-        assert fast_paths.vision_frames_per_call(cfg, cpu, torch.float32) == 1000
-
-
-def test_features_do_not_depend_on_frames_per_call(model, monkeypatch):
-    pixels = torch.randn(1, 7, 3, 32, 32, generator=torch.Generator().manual_seed(11))
-    vision = model.config.vision_config
-    frame_bytes = (vision.image_size // vision.patch_size) ** 2 * max(vision.hidden_size, vision.intermediate_size) * 4
-    seen = []
-    hook = model.vision_tower.embeddings.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
-    try:
-        with torch.inference_mode():
-            monkeypatch.setattr(fast_paths, "l2_cache_bytes", lambda: 10**12)
-            whole, _ = model.get_video_features(pixels)
-            monkeypatch.setattr(fast_paths, "_VISION_MIN_ROWS", 1)
-            monkeypatch.setattr(fast_paths, "l2_cache_bytes", lambda: 3 * frame_bytes)  # three frames per call
-            split, _ = model.get_video_features(pixels)
-    finally:
-        hook.remove()
-    assert seen == [7, 2, 2, 3]  # three calls of at most three frames, evened out
-    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
-
-
-def test_l2_cache_size_from_sysfs(tmp_path):
-    def index(n, level, kind, size):
-        d = tmp_path / f"index{n}"
-        d.mkdir()
-        for name, text in (("level", level), ("type", kind), ("size", size)):
-            (d / name).write_text(f"{text}\n")
-
-    (tmp_path / "empty").mkdir()
-    assert l2_cache_bytes(str(tmp_path / "empty")) is None
-    index(0, 1, "Data", "32K")
-    index(1, 1, "Instruction", "32K")
-    index(2, 2, "Unified", "2048K")
-    index(3, 3, "Unified", "32768K")
-    assert l2_cache_bytes(str(tmp_path / "missing")) is None
-    assert l2_cache_bytes(str(tmp_path)) == 2 * 2**20
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -12,6 +12,7 @@ import yaml
 from storm_vlm import StormConfig
 from storm_vlm.cli import main
 from storm_vlm.perf.costmodel import DEFAULT_COMPRESSIONS, parse_compressions
+from storm_vlm.perf.host import l2_cache_bytes
 from storm_vlm.errors import StormError
 from storm_vlm.perf.profiler import (
     ROW_FIELDS,
@@ -224,3 +225,20 @@ def test_cpu_time_clock(tiny_model):
     assert row["vision_tower_ms"] > 0 and row["decode_ms_per_token"] > 0
     with pytest.raises(StormError, match="--clock"):
         _settings(clock="gpu").validate()
+
+
+def test_l2_cache_size_from_sysfs(tmp_path):
+    def index(n, level, kind, size):
+        d = tmp_path / f"index{n}"
+        d.mkdir()
+        for name, text in (("level", level), ("type", kind), ("size", size)):
+            (d / name).write_text(f"{text}\n")
+
+    (tmp_path / "empty").mkdir()
+    assert l2_cache_bytes(str(tmp_path / "empty")) is None
+    index(0, 1, "Data", "32K")
+    index(1, 1, "Instruction", "32K")
+    index(2, 2, "Unified", "2048K")
+    index(3, 3, "Unified", "32768K")
+    assert l2_cache_bytes(str(tmp_path / "missing")) is None
+    assert l2_cache_bytes(str(tmp_path)) == 2 * 2**20

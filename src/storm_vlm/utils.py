@@ -1,5 +1,5 @@
 """Small helpers every part of storm-vlm shares: atomic files, integer checks, the label and
-placeholder conventions, the model-folder check, two host readings (free memory, L2 cache size). Nothing here imports torch (the CLI checks its
+placeholder conventions, the model-folder check. Nothing here imports torch (the CLI checks its
 arguments with these before loading anything heavy)."""
 
 from __future__ import annotations
@@ -9,10 +9,8 @@ import json
 import math
 import numbers
 import os
-import re
 import shutil
 import uuid
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,7 +18,7 @@ from storm_vlm.errors import StormError
 
 __all__ = [
     "IGNORE_INDEX", "VIDEO_TOKEN", "IMAGE_TOKEN", "check_int", "atomic_path", "atomic_write_text",
-    "atomic_write_json", "fsync_dir", "publish_dir", "check_model_dir", "available_memory_bytes", "l2_cache_bytes",
+    "atomic_write_json", "fsync_dir", "publish_dir", "check_model_dir", "available_memory_bytes",
 ]
 
 # Label of a position the loss ignores (PyTorch's and transformers' convention).
@@ -160,20 +158,3 @@ def available_memory_bytes() -> float:
     except OSError:
         pass
     return math.inf
-
-
-_SIZE_SUFFIX = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
-
-
-@lru_cache(maxsize=None)
-def l2_cache_bytes(caches: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
-    """The first CPU's level-2 data (or unified) cache in bytes, as Linux's sysfs reports it under
-    `caches`; None where it does not (not Linux, a container hiding sysfs)."""
-    for index in sorted(Path(caches).glob("index*")):
-        with contextlib.suppress(OSError, ValueError):
-            if (index / "level").read_text().strip() == "2" and (index / "type").read_text().strip() != "Instruction":
-                size = (index / "size").read_text().strip().upper()
-                match = re.fullmatch(r"(\d+)\s*([KMG]?)B?", size)
-                if match:
-                    return int(match[1]) * _SIZE_SUFFIX[match[2]]
-    return None

@@ -22,7 +22,7 @@ decode step; no autograd): everywhere else each path steps aside and the plain c
   and q/k/v as one product over the stacked weights where that is timed faster (`_qkv`); without
   the C kernels they only add their residuals in place (bit-for-bit transformers' result). At small
   widths such element-wise passes cost about as much as the matrix products, so each pass saved
-  shows. Frames go through the tower in calls sized to the L2 cache (`vision_frames_per_call`).
+  shows.
 - **Decode step** (`DecodeStep`, Llama-style LLMs: Qwen2, Llama): a greedy one-token step runs
   through a lean single-token path on the `StormKVCache` (preallocated buffers the step writes
   into in place). For one row (batch 1, SiLU MLP, fp32 weights; also under CPU bf16 autocast, on a
@@ -78,10 +78,10 @@ from transformers.modeling_utils import AttentionInterface
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
 from storm_vlm.model.ssm import _threads, cpu_kernel
-from storm_vlm.utils import available_memory_bytes, l2_cache_bytes
+from storm_vlm.utils import available_memory_bytes
 
 __all__ = ["enable_fast_paths", "decode_step", "decode_step_path", "DecodeStep", "StormKVCache", "STORM_SDPA",
-           "matmul_choices", "stacked_qkv_choices", "vision_frames_per_call"]
+           "matmul_choices", "stacked_qkv_choices"]
 
 
 class _GELUTanhCPU(nn.Module):
@@ -295,33 +295,6 @@ class _LeanSiglipLayer(SiglipEncoderLayer):
         hidden_states = _residual_add(attn.out_proj(o.reshape(*hidden_states.shape[:-1], -1)), hidden_states)
         x = mlp.fc2(mlp.activation_fn(mlp.fc1(self.layer_norm2(hidden_states))))
         return _residual_add(x, hidden_states)
-
-
-_VISION_MIN_ROWS = 512  # rows per vision-tower call at least: fewer, and the ~15 ops per layer cost more than they save
-
-
-def vision_frames_per_call(config, device: torch.device, dtype: torch.dtype) -> int:
-    """Frames per vision-tower call, on `device` with the tower in `dtype`: `config.vision_batch_size`, or fewer for
-    CPU inference — as many as keep one call's widest activation (patches x max(width, MLP width) x
-    element size) within the L2 cache (`storm_vlm.utils.l2_cache_bytes`), but at least
-    `_VISION_MIN_ROWS` patches' worth (and one frame). A ViT runs each frame on its own, so the
-    split changes results by float rounding at most; at small widths the layer's products and
-    element-wise passes then read what the previous op left in L2 instead of memory (at SigLIP's
-    real width one frame's MLP activation is larger than any L2: one frame per call)."""
-    step = config.vision_batch_size
-    vision = config.vision_config
-    size = getattr(vision, "image_size", None)
-    patch = getattr(vision, "patch_size", None)
-    l2 = l2_cache_bytes()
-    if (device.type != "cpu" or torch.is_grad_enabled() or not l2 or not isinstance(size, int)
-            or not isinstance(patch, int) or patch <= 0):
-        return step
-    patches = (size // patch) ** 2
-    widest = max(vision.hidden_size, getattr(vision, "intermediate_size", 0) or 0)
-    if torch.is_autocast_enabled("cpu"):
-        dtype = torch.get_autocast_dtype("cpu")
-    fit = l2 // (patches * widest * dtype.itemsize)
-    return max(1, min(step, max(fit, -(-_VISION_MIN_ROWS // patches))))
 
 
 def _lean_siglip_layers(module: nn.Module) -> None:

@@ -16,7 +16,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from storm_vlm.model.compression import VisualTokenLayout
 from storm_vlm.model.configuration import StormConfig
-from storm_vlm.model.fast_paths import StormKVCache, decode_step, enable_fast_paths, vision_frames_per_call
+from storm_vlm.model.fast_paths import StormKVCache, decode_step, enable_fast_paths
 from storm_vlm.model.projector import MambaTemporalProjector, MLPProjector
 from storm_vlm.utils import IGNORE_INDEX, check_int
 
@@ -160,12 +160,11 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
 
         Each chunk is written into the output as soon as it is done, so only one chunk's features
         exist besides the output (concatenating at the end held all of them twice). Chunks are at
-        most `config.vision_batch_size` frames, fewer for CPU inference (`vision_frames_per_call`),
-        and as even as their count allows.
+        most `config.vision_batch_size` frames, as even as their count allows.
         """
         dtype = next(self.vision_tower.parameters()).dtype
         n = frames.shape[0]
-        calls = -(-n // vision_frames_per_call(self.config, frames.device, dtype))
+        calls = -(-n // self.config.vision_batch_size)
         out = None
         for c in range(calls):  # calls of (nearly) equal size: no short last one
             i, j = n * c // calls, n * (c + 1) // calls

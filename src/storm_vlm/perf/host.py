@@ -23,13 +23,13 @@ import transformers
 
 from storm_vlm.perf.costmodel import Hardware
 from storm_vlm.precision import cpu_has_fast_bf16
-from storm_vlm.utils import l2_cache_bytes
 
 __all__ = [
     "ISA_FLAGS",
     "cpu_model",
     "cpu_flags",
     "isa_flags",
+    "l2_cache_bytes",
     "math_libraries",
     "load_average",
     "describe_host",
@@ -71,6 +71,23 @@ def cpu_flags() -> frozenset:
         if line.startswith(("flags", "Features")):
             return frozenset(line.split(":", 1)[1].split())
     return frozenset()
+
+
+_SIZE_SUFFIX = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+
+
+@lru_cache(maxsize=None)
+def l2_cache_bytes(caches: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
+    """The first CPU's level-2 data (or unified) cache in bytes, as Linux's sysfs reports it under
+    `caches`; None where it does not (not Linux, a container hiding sysfs)."""
+    for index in sorted(Path(caches).glob("index*")):
+        with contextlib.suppress(OSError, ValueError):
+            if (index / "level").read_text().strip() == "2" and (index / "type").read_text().strip() != "Instruction":
+                size = (index / "size").read_text().strip().upper()
+                match = re.fullmatch(r"(\d+)\s*([KMG]?)B?", size)
+                if match:
+                    return int(match[1]) * _SIZE_SUFFIX[match[2]]
+    return None
 
 
 def isa_flags() -> list[str]:
