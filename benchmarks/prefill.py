@@ -20,8 +20,7 @@ machine hits them alike. Prints:
     rate at the bench size — the best of BLAS, BLAS on input-major weights and oneDNN over the
     module's own product shapes, timed here (target: >= 80 %) — and the module's GEMM-only bound
     (its FLOPs at the best rate of each of its shapes, everything else free);
-  * which backend each Linear shape took, and where the vision q/k/v ran as one product
-    (storm_vlm.model.fast_paths).
+  * which backend each Linear shape took (storm_vlm.model.fast_paths).
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ import statistics
 
 import _profile_common as common
 
-from storm_vlm.model.fast_paths import matmul_choices, stacked_qkv_choices
+from storm_vlm.model.fast_paths import matmul_choices
 from storm_vlm.perf.costmodel import DEFAULT_COMPRESSIONS, gemm_shapes, pipeline_cost
 from storm_vlm.perf.host import best_gemm_rate
 from storm_vlm.perf.report import format_table
@@ -145,16 +144,12 @@ def main(argv=None) -> int:
     backends = {f"{k[0]}x{k[1]}{'+b' if k[2] else ''}@{k[3]}": v for k, v in sorted(matmul_choices().items())}
     print("Linear backends chosen (in x out, +b: bias, @rows bucket): "
           + ", ".join(f"{k} {v}" for k, v in backends.items()))
-    stacked = {f"{k[0]}{'+b' if k[1] else ''}@{k[2]} {str(k[3]).removeprefix('torch.')}": v
-               for k, v in sorted(stacked_qkv_choices().items(), key=str)}
-    print("vision q/k/v as one product (width, +b: bias, @rows bucket, dtype): "
-          + (", ".join(f"{k} {'yes' if v else 'no'}" for k, v in stacked.items()) or "not timed (no C kernels)"))
     vision_share = rows[(128, 4)]["vision_tower_ms"] / ttft(rows[(128, 4)])
     print(f"(vision tower share of prefill at 128 frames, 4x: {100 * vision_share:.1f} % — compression does not "
           f"reduce it)")
     common.footer()
     common.write_json(args.json, {"benchmark": "prefill", "source": source, "settings": s.as_dict(), "ratios": out,
-                                  "targets_met": met, "matmul_backends": backends, "stacked_qkv": stacked,
+                                  "targets_met": met, "matmul_backends": backends,
                                   "rows": list(rows.values())}, host)
     return 0
 

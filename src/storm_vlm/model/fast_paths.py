@@ -18,9 +18,8 @@ decode step; no autograd): everywhere else each path steps aside and the plain c
   function in one pass of a C kernel (float32 and bfloat16; four tensor passes without a C
   compiler), where PyTorch's CPU tanh-GELU goes through a slow vectorised tanh. SigLIP encoder
   layers (`_LeanSiglipLayer`) run both LayerNorms (the residual add folded into the second) and the
-  per-frame attention in C (`ssm/_attention_kernel.c`; float32, or bf16 products under autocast),
-  and q/k/v as one product over the stacked weights where that is timed faster (`_qkv`); without
-  the C kernels they only add their residuals in place (bit-for-bit transformers' result). At small
+  per-frame attention in C (`ssm/_attention_kernel.c`; float32, or bf16 products under autocast);
+  without the C kernels they only add their residuals in place (bit-for-bit transformers' result). At small
   widths such element-wise passes cost about as much as the matrix products, so each pass saved
   shows.
 - **Decode step** (`DecodeStep`, Llama-style LLMs: Qwen2, Llama): a greedy one-token step runs
@@ -81,7 +80,7 @@ from storm_vlm.model.ssm import _threads, cpu_kernel
 from storm_vlm.utils import available_memory_bytes
 
 __all__ = ["enable_fast_paths", "decode_step", "decode_step_path", "DecodeStep", "StormKVCache", "STORM_SDPA",
-           "matmul_choices", "stacked_qkv_choices"]
+           "matmul_choices"]
 
 
 class _GELUTanhCPU(nn.Module):
@@ -135,59 +134,6 @@ def _fast_gelu_tanh(module: nn.Module) -> None:
 
 
 _LN_ELEMENTS = 1 << 16  # per thread at least (as _ONE_PASS_CHUNK)
-_QKV_STACKED: dict = {}  # (width, bias, rows bucket, dtype) -> whether one product over the stacked q/k/v weights was faster
-
-
-def _stacked_qkv(attn) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """q_proj, k_proj and v_proj's weights (3·D', D) and biases (3·D',) stacked, a copy kept on `attn`
-    and rebuilt when any of them changes (its storage, or its version counter: `load_state_dict`,
-    an optimizer step)."""
-    parts = (attn.q_proj, attn.k_proj, attn.v_proj)
-    tensors = [t for p in parts for t in (p.weight, p.bias) if t is not None]
-    key = tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors)
-    cached = attn.__dict__.get("_storm_stacked_qkv")
-    if cached is None or cached[0] != key:
-        biases = [p.bias for p in parts]
-        bias = torch.cat(biases) if all(b is not None for b in biases) else None
-        cached = (key, torch.cat([p.weight for p in parts]), bias)
-        attn.__dict__["_storm_stacked_qkv"] = cached
-    return cached[1], cached[2]
-
-
-def _qkv(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v projections of x (B, L, D), float32: three products, or one over the three weights
-    stacked (`_stacked_qkv`, its columns then split as views) where that was timed faster for this
-    width and row count (`_QKV_STACKED`; the copy is dropped where it was not). One product reads x
-    once and its three outputs are written as one."""
-    parts = (attn.q_proj, attn.k_proj, attn.v_proj)
-    width = x.shape[-1]
-    same = all(type(p) in (nn.Linear, _MeasuredLinear) and p.weight.shape == parts[0].weight.shape
-               and p.weight.dtype == torch.float32 and (p.bias is None) == (parts[0].bias is None) for p in parts)
-    rows = x.numel() // width
-    if not same or rows < _MEASURE_MIN_ROWS:
-        return tuple(p(x) for p in parts)
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    key = (width, parts[0].bias is not None, _rows_bucket(rows), dtype)
-    stacked = _QKV_STACKED.get(key)
-    if stacked is None:
-        sample = x.reshape(-1, width)[:_MEASURE_ROWS]
-        w, b = _stacked_qkv(attn)
-        stacked = _fastest({"stacked": lambda: _measured_linear(sample, w, b),
-                            "three": lambda: [p(sample) for p in parts]}) == "stacked"
-        _QKV_STACKED[key] = stacked
-    if not stacked:
-        attn.__dict__.pop("_storm_stacked_qkv", None)
-        return tuple(p(x) for p in parts)
-    y = _measured_linear(x, *_stacked_qkv(attn))
-    return y.split(parts[0].weight.shape[0], dim=-1)
-
-
-def stacked_qkv_choices() -> dict:
-    """Where the vision layers' q/k/v run as one product in this process: {(width, bias, rows bucket,
-    dtype of the product): bool}."""
-    return dict(_QKV_STACKED)
-
-
 def _c_layer_norm(lib, x: torch.Tensor, norm: nn.LayerNorm, residual: torch.Tensor | None = None) -> torch.Tensor:
     """norm(x) in one C pass per row (float32, contiguous); with `residual`, x += residual first, in place."""
     y = torch.empty_like(x)
@@ -222,9 +168,9 @@ def _c_attention(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
 
 
 def _c_frame_attention(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-    """A ViT's attention, every key visible: q, k, v (B, L, heads·hd) (e.g. column slices of one
-    stacked product), float32 or bfloat16 -> (B, L, heads·hd) in q's dtype, the heads side by side
-    (what out_proj reads)."""
+    """A ViT's attention, every key visible: q, k, v (B, L, heads·hd) views with unit last stride
+    (column slices of one fused q/k/v product too), float32 or bfloat16 -> (B, L, heads·hd) in q's
+    dtype, the heads side by side (what out_proj reads)."""
     b, length, width = q.shape
     dtype = q.dtype if q.dtype in _ATTENTION_DTYPES else torch.float32
     q, k, v = (t if t.dtype == dtype and t.stride(-1) == 1 else t.to(dtype).contiguous() for t in (q, k, v))
@@ -283,7 +229,8 @@ class _LeanSiglipLayer(SiglipEncoderLayer):
         if lib is not None:
             hidden_states = hidden_states.contiguous()  # the embeddings' output is a transposed view
             x = _c_layer_norm(lib, hidden_states, self.layer_norm1)
-            h = attn.out_proj(_c_frame_attention(lib, *_qkv(attn, x), attn.num_heads, attn.scale)).float()
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            h = attn.out_proj(_c_frame_attention(lib, q, k, v, attn.num_heads, attn.scale)).float()
             x = _c_layer_norm(lib, h, self.layer_norm2, residual=hidden_states)  # h += hidden_states
             return _residual_add(mlp.fc2(mlp.activation_fn(mlp.fc1(x))), h)
         shape = (*hidden_states.shape[:-1], -1, attn.head_dim)
@@ -588,18 +535,13 @@ class _MeasuredLinear(nn.Linear):
     inputs under `_MEASURE_MIN_ROWS` rows take `F.linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _measured_linear(x, self.weight, self.bias)
-
-
-def _measured_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, w, bias), on oneDNN where `_matmul_backend` chose it for this shape (CPU fp32
-    inference on at least `_MEASURE_MIN_ROWS` rows)."""
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
-            and not torch.is_grad_enabled() and x.dim() >= 2 and w.is_contiguous()
-            and x.numel() >= _MEASURE_MIN_ROWS * x.shape[-1] and not torch.is_autocast_enabled("cpu")
-            and _matmul_backend(x, w, bias) == "onednn"):
-        return _onednn_linear(x, w, bias)
-    return F.linear(x, w, bias)
+        w = self.weight
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+                and not torch.is_grad_enabled() and x.dim() >= 2 and w.is_contiguous()
+                and x.numel() >= _MEASURE_MIN_ROWS * x.shape[-1] and not torch.is_autocast_enabled("cpu")
+                and _matmul_backend(x, w, self.bias) == "onednn"):
+            return _onednn_linear(x, w, self.bias)
+        return F.linear(x, w, self.bias)
 
 
 def _measured_linears(module: nn.Module) -> None:
