@@ -2,6 +2,7 @@
 
     python benchmarks/attention.py                  # bench-cpu and real-size shapes, fp32 and bf16
     python benchmarks/attention.py --quick          # bench-cpu shapes only
+    python benchmarks/attention.py --models         # + bench-cpu's vision tower and LLM prefill, kernels on / off
 
 Attention: the vision tower's per-frame case (every key visible: frames x 64 patches x 1 head of 72
 at bench-cpu's width, 1024 patches x 16 heads of 72 for SigLIP-so400m) and the LLM's causal
@@ -9,12 +10,17 @@ grouped-query prefill (7 query heads of 32 on 1 KV head for bench-cpu, 28 of 128
 Qwen2-7B), each against `scaled_dot_product_attention` on the same views (PyTorch's CPU flash
 kernel), in float32 and bfloat16 (what autocast hands over). LayerNorm against `nn.LayerNorm`.
 Times are the best of `--repeats` alternating runs of each (CPU time of this process); GFLOP/s
-count QK and PV (causal: half).
+count QK and PV (causal: half). `--models` also times the bench-cpu model's vision tower (128
+frames) and LLM prefill (2052 tokens) with the kernels on and off (STORM_VLM_ATTENTION_KERNEL),
+alternating, in float32 and under bf16 autocast, with the allocator tuned as every command tunes it
+(medians: whole-model runs vary more than the kernels alone).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,9 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from storm_vlm.model.fast_paths import _c_attention, _c_layer_norm  # noqa: E402
+from storm_vlm.model.fast_paths import _ATTENTION_KERNEL_ENV, _c_attention, _c_layer_norm  # noqa: E402
 from storm_vlm.model.ssm import cpu_kernel  # noqa: E402
+from storm_vlm.perf.allocator import tune_cpu_allocator  # noqa: E402
 from storm_vlm.perf.host import host_summary, load_line  # noqa: E402
+from storm_vlm.perf.profiler import build_random_model, load_model_config  # noqa: E402
+
+BENCH_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "bench-cpu.yaml"
 
 # (label, batch, query heads, kv heads, length, head size, causal, bench-cpu size)
 ATTENTION = [
@@ -52,11 +62,42 @@ def best_ms(fns: dict, repeats: int) -> dict:
     return best
 
 
+def models(repeats: int) -> None:
+    """The bench-cpu model's vision tower and LLM prefill with the attention kernels on and off."""
+    model = build_random_model(load_model_config(BENCH_CONFIG)[0]).eval()
+    gen = torch.Generator().manual_seed(1)
+    frames = torch.randn(128, 3, 112, 112, generator=gen)
+    prompt = torch.randn(1, 2052, model.config.text_config.hidden_size, generator=gen)
+    parts = {"vision tower, 128 frames": lambda: model._vision_features(frames),
+             "LLM prefill, 2052 tokens": lambda: model(inputs_embeds=prompt, use_cache=True, logits_to_keep=1)}
+    saved = os.environ.get(_ATTENTION_KERNEL_ENV)
+    print(f"\n{'bench-cpu model':<26}{'':>9}{'on ms':>10}{'off ms':>10}{'off / on':>10}   (medians of {repeats})")
+    for label, fn in parts.items():
+        for autocast in (False, True):
+            times = {"on": [], "off": []}
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                for i in range(repeats + 1):
+                    for setting in times:
+                        os.environ[_ATTENTION_KERNEL_ENV] = "1" if setting == "on" else "0"
+                        t = time.process_time()
+                        fn()
+                        if i:  # the first round warms up
+                            times[setting].append((time.process_time() - t) * 1e3)
+            on, off = statistics.median(times["on"]), statistics.median(times["off"])
+            dtype = "bf16 ac" if autocast else "float32"
+            print(f"{label:<26}{dtype:>9}{on:10.1f}{off:10.1f}{off / on:9.2f}x")
+    if saved is None:
+        os.environ.pop(_ATTENTION_KERNEL_ENV)
+    else:
+        os.environ[_ATTENTION_KERNEL_ENV] = saved
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="bench-cpu shapes only")
+    p.add_argument("--models", action="store_true", help="also the bench-cpu model's tower and LLM prefill, on / off")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     lib = cpu_kernel.load_library()
@@ -90,6 +131,9 @@ def main(argv=None) -> int:
             x = torch.randn(rows, width, generator=gen)
             ms = best_ms({"c": lambda: _c_layer_norm(lib, x, norm), "torch": lambda: norm(x)}, args.repeats * 4)
             print(f"{label:<24}{'float32':>9}{ms['c']:10.3f}{ms['torch']:10.3f}{ms['torch'] / ms['c']:9.2f}x")
+    if args.models:
+        tune_cpu_allocator()
+        models(args.repeats)
     print(load_line())
     return 0
 

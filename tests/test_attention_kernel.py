@@ -259,3 +259,19 @@ def test_llm_prefill_takes_the_kernel_only_where_it_applies(model, monkeypatch):
     model(input_ids=ids).logits.sum().backward()
     assert calls == []
     model.zero_grad(set_to_none=True)
+
+
+def test_attention_kernel_switch_keeps_transformers_computation(model, monkeypatch):
+    """STORM_VLM_ATTENTION_KERNEL=0: the vision layers bit for bit transformers', the LLM prefill on SDPA."""
+    if cpu_kernel.load_library() is None:
+        pytest.skip("no C compiler")
+    calls = []
+    real = fast_paths._c_attention
+    monkeypatch.setattr(fast_paths, "_c_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("STORM_VLM_ATTENTION_KERNEL", "off")
+    layer = _layers(model)[0]
+    h = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(15))
+    with torch.inference_mode():
+        assert torch.equal(layer(h, None), SiglipEncoderLayer.forward(layer, h, None))
+        model(input_ids=torch.randint(0, 60, (1, 9), generator=torch.Generator().manual_seed(16)))
+    assert calls == []

@@ -19,7 +19,8 @@ decode step; no autograd): everywhere else each path steps aside and the plain c
   compiler), where PyTorch's CPU tanh-GELU goes through a slow vectorised tanh. SigLIP encoder
   layers (`_LeanSiglipLayer`) run both LayerNorms (the residual add folded into the second) and the
   per-frame attention in C (`ssm/_attention_kernel.c`; float32, or bf16 products under autocast);
-  without the C kernels they only add their residuals in place (bit-for-bit transformers' result). At small
+  without the C kernels (or with `STORM_VLM_ATTENTION_KERNEL=0`) they only add their residuals in
+  place (bit-for-bit transformers' result). At small
   widths such element-wise passes cost about as much as the matrix products, so each pass saved
   shows.
 - **Decode step** (`DecodeStep`, Llama-style LLMs: Qwen2, Llama): a greedy one-token step runs
@@ -44,7 +45,8 @@ decode step; no autograd): everywhere else each path steps aside and the plain c
   `torch.compile` (needs a C++ compiler; the first steps pay the compilation).
 - **LLM attention** (`storm_sdpa`, registered with transformers' AttentionInterface when first
   enabled, the LLM's SDPA otherwise): a causal prompt (no mask: transformers' causal-only case) in
-  float32 or under bf16 autocast runs in C (`ssm/_attention_kernel.c`, each KV head read once for its query heads); a
+  float32 or under bf16 autocast runs in C (`ssm/_attention_kernel.c`, each KV head read once for its
+  query heads; `STORM_VLM_ATTENTION_KERNEL=0` keeps transformers' SDPA); a
   one-token step with grouped KV heads that does not take the decode step above runs as one r x L
   product per KV head.
 - `StormKVCache`: a DynamicCache whose layers append in place into a buffer with spare room,
@@ -145,6 +147,17 @@ def _c_layer_norm(lib, x: torch.Tensor, norm: nn.LayerNorm, residual: torch.Tens
     return y
 
 
+_ATTENTION_KERNEL_ENV = "STORM_VLM_ATTENTION_KERNEL"
+
+
+def _attention_library():
+    """The C kernel library for the attention and LayerNorm paths, or None: no C compiler, or
+    STORM_VLM_ATTENTION_KERNEL=0 (false/off/no), which keeps transformers' computation."""
+    if os.environ.get(_ATTENTION_KERNEL_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
+        return None
+    return cpu_kernel.load_library()
+
+
 _ATTENTION_WORK = 1 << 21  # multiply-adds per thread at least: a hand-off to a worker costs tens of microseconds
 _ATTENTION_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -225,7 +238,7 @@ class _LeanSiglipLayer(SiglipEncoderLayer):
         if (hidden_states.dtype == torch.float32 and hidden_states.dim() == 3
                 and (not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") == torch.bfloat16)
                 and _plain_layer_norm(self.layer_norm1) and _plain_layer_norm(self.layer_norm2)):
-            lib = cpu_kernel.load_library()
+            lib = _attention_library()
         if lib is not None:
             hidden_states = hidden_states.contiguous()  # the embeddings' output is a transposed view
             x = _c_layer_norm(lib, hidden_states, self.layer_norm1)
@@ -286,7 +299,7 @@ def _storm_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     if (plain and causal and length > 1 and key.shape[2] >= length and (dropout == 0 or not module.training)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
             and dtype in _ATTENTION_DTYPES and query.shape[-1] == key.shape[-1] == value.shape[-1]):
-        lib = cpu_kernel.load_library()
+        lib = _attention_library()
         if lib is not None:
             b, h, _, hd = query.shape
             key, value = key[:, :, :length], value[:, :, :length]  # as transformers: the causal mask's keys
