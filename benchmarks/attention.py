@@ -7,7 +7,7 @@
 Attention: the vision tower's per-frame case (every key visible: frames x 64 patches x 1 head of 72
 at bench-cpu's width, 1024 patches x 16 heads of 72 for SigLIP-so400m) and the LLM's causal
 grouped-query prefill (7 query heads of 32 on 1 KV head for bench-cpu, 28 of 128 on 4 for
-Qwen2-7B), each against `scaled_dot_product_attention` on the same views (PyTorch's CPU flash
+Qwen2-7B; also a prompt continuing a cache, where SDPA gets the mask transformers builds), each against `scaled_dot_product_attention` on the same views (PyTorch's CPU flash
 kernel), in float32 and bfloat16 (what autocast hands over). LayerNorm against `nn.LayerNorm`.
 Times are the best of `--repeats` alternating runs of each (CPU time of this process); GFLOP/s
 count QK and PV (causal: half). `--models` also times the bench-cpu model's vision tower (128
@@ -38,14 +38,15 @@ from storm_vlm.perf.profiler import build_random_model, load_model_config  # noq
 
 BENCH_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "bench-cpu.yaml"
 
-# (label, batch, query heads, kv heads, length, head size, causal, bench-cpu size)
+# (label, batch, query heads, kv heads, queries, cached positions before them, head size, causal, bench-cpu size)
 ATTENTION = [
-    ("vision, 15 frames", 15, 1, 1, 64, 72, False, True),
-    ("vision, 32 frames", 32, 1, 1, 64, 72, False, True),
-    ("LLM prefill 512", 1, 7, 1, 512, 32, True, True),
-    ("LLM prefill 2048", 1, 7, 1, 2048, 32, True, True),
-    ("SigLIP-so400m frame", 1, 16, 16, 1024, 72, False, False),
-    ("Qwen2-7B prefill 2048", 1, 28, 4, 2048, 128, True, False),
+    ("vision, 15 frames", 15, 1, 1, 64, 0, 72, False, True),
+    ("vision, 32 frames", 32, 1, 1, 64, 0, 72, False, True),
+    ("LLM prefill 512", 1, 7, 1, 512, 0, 32, True, True),
+    ("LLM prefill 2048", 1, 7, 1, 2048, 0, 32, True, True),
+    ("LLM 512 after 2048", 1, 7, 1, 512, 2048, 32, True, True),
+    ("SigLIP-so400m frame", 1, 16, 16, 1024, 0, 72, False, False),
+    ("Qwen2-7B prefill 2048", 1, 28, 4, 2048, 0, 128, True, False),
 ]
 NORMS = [("vision 2048 x 72", 2048, 72, True), ("SigLIP 1024 x 1152", 1024, 1152, False)]
 
@@ -109,18 +110,23 @@ def main(argv=None) -> int:
     print(f"{'attention':<24}{'dtype':>9}{'C ms':>10}{'SDPA ms':>10}{'SDPA / C':>10}{'C GFLOP/s':>11}")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for label, b, heads, kv, length, hd, causal, bench in ATTENTION:
+        for label, b, heads, kv, length, cached, hd, causal, bench in ATTENTION:
             if args.quick and not bench:
                 continue
+            keys = cached + length
+            # a prompt after a cache: transformers hands SDPA the causal mask of that offset
+            mask = torch.ones(length, keys, dtype=torch.bool).tril(cached) if cached else None
             for dtype in (torch.float32, torch.bfloat16):
                 q = torch.randn(b, length, heads, hd, generator=gen).to(dtype).transpose(1, 2)
-                k, v = (torch.randn(b, kv, length, hd, generator=gen).to(dtype) for _ in range(2))
+                k, v = (torch.randn(b, kv, keys, hd, generator=gen).to(dtype) for _ in range(2))
                 out = torch.empty(b, length, heads, hd, dtype=dtype).transpose(1, 2)
                 ms = best_ms({
                     "c": lambda: _c_attention(lib, q, k, v, out, hd ** -0.5, causal),
-                    "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=kv < heads),
+                    "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                                   is_causal=causal and mask is None,
+                                                                   enable_gqa=kv < heads),
                 }, args.repeats)
-                flops = 4 * b * heads * length * length * hd / (2 if causal else 1)
+                flops = 4 * b * heads * length * (cached + length / (2 if causal else 1)) * hd
                 print(f"{label:<24}{str(dtype)[6:]:>9}{ms['c']:10.3f}{ms['sdpa']:10.3f}{ms['sdpa'] / ms['c']:9.2f}x"
                       f"{flops / ms['c'] / 1e6:11.1f}")
         print(f"\n{'LayerNorm':<24}{'':>9}{'C ms':>10}{'torch ms':>10}{'torch / C':>10}")

@@ -216,14 +216,46 @@ def test_bfloat16_attention_is_as_close_as_sdpa(monkeypatch, isa, causal):
     assert torch.equal(out, rounded.bfloat16())  # float32 inside, rounded once as torch rounds
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("length,keys", [(5, 23), (17, 40), (2, 2), (33, 100)])
+def test_causal_attention_after_a_cache(monkeypatch, isa, length, keys):
+    """`length` queries after `keys - length` cached positions: SDPA with the causal mask of that
+    offset, as transformers builds it for a prompt continuing a cache."""
+    lib = use_kernel_library(monkeypatch, isa)
+    g = torch.Generator().manual_seed(length * keys)
+    q = torch.randn(2, length, 6, 16, generator=g).transpose(1, 2)
+    k, v = (torch.randn(2, 2, keys, 16, generator=g) for _ in range(2))
+    mask = torch.ones(length, keys, dtype=torch.bool).tril(keys - length)
+    assert fast_paths._continues_cache(mask.expand(2, 1, length, keys), length, keys)
+
+    def sdpa(*t):
+        return F.scaled_dot_product_attention(*t, attn_mask=mask, scale=0.25, enable_gqa=True)
+
+    exact = sdpa(q.double(), k.double(), v.double())
+    out = torch.empty(2, length, 6, 16)
+    fast_paths._c_attention(lib, q, k, v, out.transpose(1, 2), 0.25, causal=True)
+    assert (out.transpose(1, 2) - exact).abs().max() <= 4 * (sdpa(q, k, v) - exact).abs().max() + 1e-6
+
+
+def test_only_the_exact_continuation_mask_is_dropped():
+    mask = torch.ones(3, 7, dtype=torch.bool).tril(4)
+    assert fast_paths._continues_cache(mask[None, None], 3, 7)
+    padded = mask.expand(2, 1, 3, 7).clone()
+    padded[1, 0, :, 0] = False  # a padded first position in row 1
+    assert not fast_paths._continues_cache(padded, 3, 7)
+    assert not fast_paths._continues_cache(mask[None, None].float(), 3, 7)  # an additive float mask
+    assert not fast_paths._continues_cache(torch.ones(1, 1, 3, 7, dtype=torch.bool), 3, 7)  # not causal
+    assert not fast_paths._continues_cache(mask[None, None], 3, 8)  # other key count
+
+
 def _logits(model, ids, **kwargs):
     with torch.inference_mode():
         return model(input_ids=ids, **kwargs).logits
 
 
 def test_llm_prefill_takes_the_kernel_only_where_it_applies(model, monkeypatch):
-    """A causal prompt without a mask runs the C attention, with the logits of PyTorch's SDPA; a
-    padded batch (a mask), a prompt continuing a cache, and autograd take transformers' SDPA."""
+    """A causal prompt, from the start or continuing a cache, runs the C attention, with the logits
+    of PyTorch's SDPA; a padded batch (a mask) and autograd take transformers' SDPA."""
     if cpu_kernel.load_library() is None:
         pytest.skip("no C compiler")
     calls = []
@@ -251,11 +283,13 @@ def test_llm_prefill_takes_the_kernel_only_where_it_applies(model, monkeypatch):
     mask[1, :5] = 0
     _logits(model, ids, attention_mask=mask)
     assert calls == []
-    with torch.inference_mode():
+    with torch.inference_mode():  # 13 tokens after a cache of 10: the kernel, with the logits of one pass
         cache = model(input_ids=ids[:, :10], use_cache=True).past_key_values
         calls.clear()
-        model(input_ids=ids[:, 10:], past_key_values=cache, use_cache=True)
-    assert calls == []
+        continued = model(input_ids=ids[:, 10:], past_key_values=cache, use_cache=True).logits
+    assert calls == [True] * model.config.text_config.num_hidden_layers
+    torch.testing.assert_close(continued, plain[:, 10:], rtol=1e-5, atol=1e-5)
+    calls.clear()
     model(input_ids=ids).logits.sum().backward()
     assert calls == []
     model.zero_grad(set_to_none=True)

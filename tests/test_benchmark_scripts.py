@@ -64,5 +64,5 @@ def test_attention_benchmark_runs_at_bench_shapes():
         pytest.skip("no C compiler")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith(("vision", "LLM"))]
-    assert len(rows) == 9  # 4 attention shapes x (float32, bfloat16), 1 LayerNorm
+    assert len(rows) == 11  # 5 attention shapes x (float32, bfloat16), 1 LayerNorm
     assert all(line.rstrip()[-1].isdigit() or line.rstrip().endswith("x") for line in rows)

@@ -44,8 +44,8 @@ decode step; no autograd): everywhere else each path steps aside and the plain c
   `enable_fast_paths(model, compile_decode=True)` also runs the per-layer step through
   `torch.compile` (needs a C++ compiler; the first steps pay the compilation).
 - **LLM attention** (`storm_sdpa`, registered with transformers' AttentionInterface when first
-  enabled, the LLM's SDPA otherwise): a causal prompt (no mask: transformers' causal-only case) in
-  float32 or under bf16 autocast runs in C (`ssm/_attention_kernel.c`, each KV head read once for its
+  enabled, the LLM's SDPA otherwise): a causal prompt, from the start or continuing a cache (no
+  padding), in float32 or under bf16 autocast runs in C (`ssm/_attention_kernel.c`, each KV head read once for its
   query heads; `STORM_VLM_ATTENTION_KERNEL=0` keeps transformers' SDPA); a
   one-token step with grouped KV heads that does not take the decode step above runs as one r x L
   product per KV head.
@@ -165,16 +165,20 @@ _ATTENTION_DTYPES = (torch.float32, torch.bfloat16)
 def _c_attention(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, scale: float,
                  causal: bool) -> torch.Tensor:
     """out = softmax(scale·q·kᵀ)·v per batch row and head (`_attention_kernel.c`), every key visible or
-    causal; grouped-query heads h read KV head h // (H / G). q, out (B, H, L, hd), k, v (B, G, L, hd):
-    views with unit last stride (any other strides: transposed or column-sliced views need no copy),
-    all float32 or all bfloat16 (computed in float32). The (batch, head) pairs are split over torch's
+    causal (the L queries are the last L of the Lk key positions: query t sees keys 0..Lk - L + t);
+    grouped-query heads h read KV head h // (H / G). q, out (B, H, L, hd), k, v (B, G, Lk, hd): views
+    with unit last stride (any other strides: transposed or column-sliced views need no copy), all
+    float32 or all bfloat16 (computed in float32). The (batch, head) pairs are split over torch's
     threads."""
     b, heads, length, hd = q.shape
+    keys = k.shape[2]
+    if causal and keys < length:
+        raise ValueError(f"causal attention of {length} queries needs at least as many keys, got {keys}")
     strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (q, k, v, out)]
-    work = length * length * hd // (2 if causal else 1)
+    work = length * keys * hd // (2 if causal else 1)
     pairs = _threads.spans(b * heads, max(1, _ATTENTION_WORK // max(work, 1)))
     args = (q.data_ptr(), strides[0], k.data_ptr(), strides[1], v.data_ptr(), strides[2], out.data_ptr(), strides[3],
-            heads, k.shape[1], length, hd, scale, int(causal), int(q.dtype == torch.bfloat16))
+            heads, k.shape[1], length, keys, hd, scale, int(causal), int(q.dtype == torch.bfloat16))
     if any(_threads.run_all(lib.storm_attention, [(*args, p0, p1) for p0, p1 in pairs])):
         raise MemoryError("storm_vlm: no memory for the attention kernel's scratch")
     return out
@@ -275,19 +279,20 @@ def _storm_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
       become r query rows of that group's KV head — (B, G, r, hd) against (B, G, L, hd): one r x L
       product per KV head, where `scaled_dot_product_attention(..., enable_gqa=True)` runs H
       separate 1 x L products.
-    - Causal prefill (q > 1 tokens, no mask: transformers' causal-only case) in float32 or bfloat16
-      (under autocast) without autograd, with the C kernels built: `_c_attention`
+    - Causal prefill (q > 1 tokens; no mask — transformers' causal-only case — or exactly the causal
+      mask of a prompt continuing a cache, `_continues_cache`) in float32 or bfloat16 (under
+      autocast) without autograd, with the C kernels built: `_c_attention`
       (`ssm/_attention_kernel.c`) reads each KV head once for its r query heads and the
       (B, H, q, hd) views as they are, where PyTorch's CPU flash kernel runs blocked products sized
       for wide heads. Same result within float rounding.
-    Every other case (masks, autograd, CUDA, ...) goes to `sdpa_attention_forward` unchanged.
+    Every other case (padding or other masks, autograd, CUDA, ...) goes to `sdpa_attention_forward`
+    unchanged.
     """
     groups = getattr(module, "num_key_value_groups", 1)
-    plain = (query.device.type == "cpu" and attention_mask is None and kwargs.get("position_bias") is None
-             and kwargs.get("softcap") is None and not kwargs.get("output_attentions", False)
-             and key.shape[1] * groups == query.shape[1])
+    plain = (query.device.type == "cpu" and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+             and not kwargs.get("output_attentions", False) and key.shape[1] * groups == query.shape[1])
     length = query.shape[2]
-    if plain and length == 1 and groups > 1:
+    if plain and attention_mask is None and length == 1 and groups > 1:
         b, h, _, hd = query.shape
         out = torch.nn.functional.scaled_dot_product_attention(
             query.reshape(b, h // groups, groups, hd), key, value, dropout_p=dropout, scale=scaling
@@ -298,11 +303,13 @@ def _storm_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
     if (plain and causal and length > 1 and key.shape[2] >= length and (dropout == 0 or not module.training)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
-            and dtype in _ATTENTION_DTYPES and query.shape[-1] == key.shape[-1] == value.shape[-1]):
+            and dtype in _ATTENTION_DTYPES and query.shape[-1] == key.shape[-1] == value.shape[-1]
+            and (attention_mask is None or _continues_cache(attention_mask, length, key.shape[2]))):
         lib = _attention_library()
         if lib is not None:
             b, h, _, hd = query.shape
-            key, value = key[:, :, :length], value[:, :, :length]  # as transformers: the causal mask's keys
+            if attention_mask is None:  # as transformers: the causal mask covers the first `length` keys
+                key, value = key[:, :, :length], value[:, :, :length]
             query, key, value = (t if t.dtype == dtype and t.stride(-1) == 1 else t.to(dtype).contiguous()
                                  for t in (query, key, value))
             out = query.new_empty(b, length, h, hd)
@@ -311,6 +318,17 @@ def _storm_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
             return out, None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
+
+
+def _continues_cache(mask: torch.Tensor, length: int, keys: int) -> bool:
+    """Whether `mask` (transformers' boolean SDPA mask, (B or 1, 1, length, keys)) is exactly causal
+    for `length` new tokens after `keys - length` cached ones, in every batch row (no padding): a
+    prompt that continues a cache, which `_c_attention` computes without the mask. One pass over the
+    mask, 1/(heads·hd) of what the attention reads."""
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (length, keys):
+        return False
+    causal = torch.ones(length, keys, dtype=torch.bool, device=mask.device).tril_(keys - length)
+    return bool(torch.equal(mask, causal.expand_as(mask)))
 
 
 def _use_storm_sdpa(config) -> None:

@@ -109,22 +109,24 @@ static inline float element(const void *p, int64_t i, int bf16) {
     return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-/* o = softmax(scale q k^T) v per (batch, head): every key visible, or causal (query t sees keys 0..t).
- * q, o: element (b, h, t, c) at b * s[0] + h * s[1] + t * s[2] + c (strides in elements); k, v: the
- * same with kv head g = h / (heads / kv_heads) (grouped-query heads share their KV head). L queries and
- * L keys, head size hd. bf16 = 0: every array float32; 1: every array bfloat16 (computed in float32,
+/* o = softmax(scale q k^T) v per (batch, head): every key visible, or causal (query t sees keys
+ * 0..Lk - L + t: the last L of Lk positions, as after a cache of Lk - L). q, o: element (b, h, t, c)
+ * at b * s[0] + h * s[1] + t * s[2] + c (strides in elements); k, v: the same with kv head
+ * g = h / (heads / kv_heads) (grouped-query heads share their KV head). L queries, Lk >= L keys (Lk = L
+ * without causal), head size hd. bf16 = 0: every array float32; 1: every array bfloat16 (computed in float32,
  * o rounded as torch rounds). Runs the pairs p0 <= p < p1, p = b * heads + h; consecutive heads of one
  * KV head reuse its transposed keys. Returns 0, or 1 when its scratch could not be allocated (nothing
  * written then). */
 int storm_attention(const void *q, const int64_t *qs, const void *k, const int64_t *ks, const void *v,
                     const int64_t *vs, void *o, const int64_t *os, int64_t heads, int64_t kv_heads, int64_t L,
-                    int64_t hd, float scale, int causal, int bf16, int64_t p0, int64_t p1) {
-    const int64_t lp = (L + LANES - 1) / LANES * LANES, hdp = (hd + LANES - 1) / LANES * LANES;
+                    int64_t Lk, int64_t hd, float scale, int causal, int bf16, int64_t p0, int64_t p1) {
+    const int64_t lp = (Lk + LANES - 1) / LANES * LANES, hdp = (hd + LANES - 1) / LANES * LANES;
+    const int64_t offset = Lk - L; /* causal: query t is at key position offset + t */
     const int64_t group = heads / kv_heads;
     /* transposed keys, padded values, four rows of scores; for bf16, four query rows and output rows */
-    float *kt = malloc(sizeof(float) * (size_t)(hd * lp + L * hdp + QROWS * lp + QROWS * (hd + hdp)));
+    float *kt = malloc(sizeof(float) * (size_t)(hd * lp + Lk * hdp + QROWS * lp + QROWS * (hd + hdp)));
     if (!kt) return 1;
-    float *vp = kt + hd * lp, *s = vp + L * hdp, *qbuf = s + QROWS * lp, *obuf = qbuf + QROWS * hd;
+    float *vp = kt + hd * lp, *s = vp + Lk * hdp, *qbuf = s + QROWS * lp, *obuf = qbuf + QROWS * hd;
     const float scale2 = scale * LOG2E; /* scores in base 2 */
     int64_t loaded = -1;                /* the (batch, kv head) in kt / vp */
     for (int64_t p = p0; p < p1; p++) {
@@ -132,8 +134,8 @@ int storm_attention(const void *q, const int64_t *qs, const void *k, const int64
         if (kv != loaded) {
             const int64_t kb = b * ks[0] + (h / group) * ks[1], vb = b * vs[0] + (h / group) * vs[1];
             for (int64_t j = 0; j < lp; j++)
-                for (int64_t c = 0; c < hd; c++) kt[c * lp + j] = j < L ? element(k, kb + j * ks[2] + c, bf16) : 0.0f;
-            for (int64_t j = 0; j < L; j++) {
+                for (int64_t c = 0; c < hd; c++) kt[c * lp + j] = j < Lk ? element(k, kb + j * ks[2] + c, bf16) : 0.0f;
+            for (int64_t j = 0; j < Lk; j++) {
                 for (int64_t c = 0; c < hd; c++) vp[j * hdp + c] = element(v, vb + j * vs[2] + c, bf16);
                 memset(vp + j * hdp + hd, 0, (size_t)(hdp - hd) * sizeof(float));
             }
@@ -142,7 +144,7 @@ int storm_attention(const void *q, const int64_t *qs, const void *k, const int64
         const int64_t qb = b * qs[0] + h * qs[1], ob = b * os[0] + h * os[1];
         for (int64_t i0 = 0; i0 < L; i0 += QROWS) {
             const int rows = L - i0 < QROWS ? (int)(L - i0) : QROWS;
-            const int64_t nk = causal ? i0 + rows : L; /* keys any row of the block sees */
+            const int64_t nk = causal ? offset + i0 + rows : Lk; /* keys any row of the block sees */
             const int64_t lk = (nk + LANES - 1) / LANES * LANES;
             const float *qr[QROWS];
             float *orow[QROWS];
@@ -163,7 +165,7 @@ int storm_attention(const void *q, const int64_t *qs, const void *k, const int64
             float inv[QROWS];
             for (int r = 0; r < QROWS; r++) {
                 float *sr = s + r * lp;
-                const int64_t seen = causal ? i0 + (r < rows ? r : rows - 1) + 1 : L;
+                const int64_t seen = causal ? offset + i0 + (r < rows ? r : rows - 1) + 1 : Lk;
                 for (int64_t j = seen; j < lk; j++) sr[j] = -__builtin_inff();
                 vf m = splat(-__builtin_inff());
                 for (int64_t j = 0; j < lk; j += LANES) m = vmax_keepnan(m, loadu(sr + j));

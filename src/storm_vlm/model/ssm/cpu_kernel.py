@@ -378,7 +378,7 @@ def _bind(lib: ctypes.CDLL, isa: Isa, lanes: int, origin: str) -> ctypes.CDLL:
     lib.storm_dwconv_silu_f32.restype = None
     lib.storm_add_layer_norm_f32.argtypes = [ptr] * 4 + [ctypes.c_float, ptr] + [i64] * 3
     lib.storm_add_layer_norm_f32.restype = None
-    lib.storm_attention.argtypes = [ptr] * 8 + [i64] * 4 + [ctypes.c_float, cint, cint, i64, i64]
+    lib.storm_attention.argtypes = [ptr] * 8 + [i64] * 5 + [ctypes.c_float, cint, cint, i64, i64]
     lib.storm_attention.restype = cint
     lib.storm_isa = isa.name  # the path, its width, and where the bytes came from (benchmarks print them)
     lib.storm_lanes = lanes
