@@ -9,9 +9,9 @@
  * Attention: for each (batch, KV head), K is transposed into blocks of keys so a vector of LANES scores
  * is hd multiply-adds with no horizontal sum, and four query rows at a time share each key load; the
  * softmax runs on those four rows of scores, each held whole (exp2 of _vec.h; causal rows stop at
- * their own position); the values, copied with their columns padded to whole vectors, are summed into
- * four rows of outputs at a time. A frame's keys (64-1024) stay in L1 / L2; an LLM prompt's transposed
- * keys take 4 * L * hd bytes per thread. Differs from PyTorch's SDPA by float rounding only; a NaN
+ * their own position, after any cached positions); the values, copied with their columns padded to
+ * whole vectors, are summed into four rows of outputs at a time. A frame's keys (64-1024) stay in
+ * L1 / L2; an LLM prompt's transposed keys take 4 * Lk * hd bytes per thread. Differs from PyTorch's SDPA by float rounding only; a NaN
  * query row gives NaN, as eager attention does (PyTorch's CPU flash kernel writes 0). bfloat16 arrays
  * (under autocast) are widened as they are copied and the output rounded as torch rounds; the
  * arithmetic is float32 either way.
