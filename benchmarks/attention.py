@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from storm_vlm.model.fast_paths import _ATTENTION_KERNEL_ENV, _c_attention, _c_layer_norm  # noqa: E402
+from storm_vlm.model.cpu_attention import ATTENTION_KERNEL_ENV, c_attention, c_layer_norm  # noqa: E402
 from storm_vlm.model.ssm import cpu_kernel  # noqa: E402
 from storm_vlm.perf.allocator import tune_cpu_allocator  # noqa: E402
 from storm_vlm.perf.host import host_summary, load_line  # noqa: E402
@@ -71,7 +71,7 @@ def models(repeats: int) -> None:
     prompt = torch.randn(1, 2052, model.config.text_config.hidden_size, generator=gen)
     parts = {"vision tower, 128 frames": lambda: model._vision_features(frames),
              "LLM prefill, 2052 tokens": lambda: model(inputs_embeds=prompt, use_cache=True, logits_to_keep=1)}
-    saved = os.environ.get(_ATTENTION_KERNEL_ENV)
+    saved = os.environ.get(ATTENTION_KERNEL_ENV)
     print(f"\n{'bench-cpu model':<26}{'':>9}{'on ms':>10}{'off ms':>10}{'off / on':>10}   (medians of {repeats})")
     for label, fn in parts.items():
         for autocast in (False, True):
@@ -79,7 +79,7 @@ def models(repeats: int) -> None:
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 for i in range(repeats + 1):
                     for setting in times:
-                        os.environ[_ATTENTION_KERNEL_ENV] = "1" if setting == "on" else "0"
+                        os.environ[ATTENTION_KERNEL_ENV] = "1" if setting == "on" else "0"
                         t = time.process_time()
                         fn()
                         if i:  # the first round warms up
@@ -88,9 +88,9 @@ def models(repeats: int) -> None:
             dtype = "bf16 ac" if autocast else "float32"
             print(f"{label:<26}{dtype:>9}{on:10.1f}{off:10.1f}{off / on:9.2f}x")
     if saved is None:
-        os.environ.pop(_ATTENTION_KERNEL_ENV)
+        os.environ.pop(ATTENTION_KERNEL_ENV)
     else:
-        os.environ[_ATTENTION_KERNEL_ENV] = saved
+        os.environ[ATTENTION_KERNEL_ENV] = saved
 
 
 def main(argv=None) -> int:
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
                 k, v = (torch.randn(b, kv, keys, hd, generator=gen).to(dtype) for _ in range(2))
                 out = torch.empty(b, length, heads, hd, dtype=dtype).transpose(1, 2)
                 ms = best_ms({
-                    "c": lambda: _c_attention(lib, q, k, v, out, hd ** -0.5, causal),
+                    "c": lambda: c_attention(lib, q, k, v, out, hd ** -0.5, causal),
                     "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                                    is_causal=causal and mask is None,
                                                                    enable_gqa=kv < heads),
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
                 continue
             norm = torch.nn.LayerNorm(width)
             x = torch.randn(rows, width, generator=gen)
-            ms = best_ms({"c": lambda: _c_layer_norm(lib, x, norm), "torch": lambda: norm(x)}, args.repeats * 4)
+            ms = best_ms({"c": lambda: c_layer_norm(lib, x, norm), "torch": lambda: norm(x)}, args.repeats * 4)
             print(f"{label:<24}{'float32':>9}{ms['c']:10.3f}{ms['torch']:10.3f}{ms['torch'] / ms['c']:9.2f}x")
     if args.models:
         tune_cpu_allocator()

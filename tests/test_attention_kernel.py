@@ -1,4 +1,4 @@
-"""The CPU paths of storm_vlm.model.fast_paths built on ssm/_attention_kernel.c change no result
+"""The CPU paths built on ssm/_attention_kernel.c (storm_vlm.model.cpu_attention) change no result
 beyond float rounding: the vision tower's C LayerNorm (with its residual add) and per-frame
 attention on every vector width the CPU runs, under bf16 autocast too; the LLM's causal
 grouped-query prefill attention, taken only where it applies."""
@@ -11,7 +11,7 @@ from torch import nn
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
 from storm_vlm import StormConfig
-from storm_vlm.model import fast_paths
+from storm_vlm.model import cpu_attention, fast_paths
 from storm_vlm.model.ssm import cpu_kernel
 from storm_vlm.perf.profiler import build_random_model
 from helpers import TINY_CONFIG as TINY
@@ -48,15 +48,15 @@ def test_frame_attention_is_sdpa(monkeypatch, isa, b, length, heads, hd):
     exact = _sdpa(q.double(), k.double(), v.double(), heads, scale)
     sdpa_error = (_sdpa(q, k, v, heads, scale) - exact).abs().max()
     for args in ((q, k, v), tuple(t.contiguous() for t in (q, k, v))):
-        out = fast_paths._c_frame_attention(lib, *args, heads, scale)
+        out = cpu_attention.c_frame_attention(lib, *args, heads, scale)
         assert out.shape == q.shape and out.dtype == torch.float32
         assert (out - exact).abs().max() <= 4 * sdpa_error + 1e-6
     big = torch.full_like(q, 300.0)
-    out = fast_paths._c_frame_attention(lib, big, big, v, heads, scale)
+    out = cpu_attention.c_frame_attention(lib, big, big, v, heads, scale)
     torch.testing.assert_close(out, v.mean(dim=1, keepdim=True).expand_as(v), rtol=1e-5, atol=1e-5)
     q = q.contiguous()
     q[0, 0] = float("nan")  # a NaN query row: NaN out for that row alone, as the math kernel (and eager
-    out = fast_paths._c_frame_attention(lib, q, k, v, heads, scale)  # attention) give; CPU flash writes 0
+    out = cpu_attention.c_frame_attention(lib, q, k, v, heads, scale)  # attention) give; CPU flash writes 0
     with sdpa_kernel(SDPBackend.MATH):
         ref = _sdpa(q, k, v, heads, scale)
     assert ref.isnan().any() and torch.equal(out.isnan(), ref.isnan())
@@ -73,9 +73,9 @@ def test_layer_norm_is_torch_layer_norm(monkeypatch, isa, width):
         norm.bias.normal_(generator=g)
         x = torch.randn(3, 11, width, generator=g) * 5 + 3
         res = torch.randn(3, 11, width, generator=g)
-        torch.testing.assert_close(fast_paths._c_layer_norm(lib, x.clone(), norm), norm(x), rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(cpu_attention.c_layer_norm(lib, x.clone(), norm), norm(x), rtol=1e-5, atol=2e-5)
         stream = x.clone()
-        out = fast_paths._c_layer_norm(lib, stream, norm, residual=res)
+        out = cpu_attention.c_layer_norm(lib, stream, norm, residual=res)
         torch.testing.assert_close(out, norm(x + res), rtol=1e-5, atol=2e-5)
         assert torch.equal(stream, x + res)  # the residual stream, written in place
 
@@ -85,8 +85,8 @@ def test_thread_split_changes_no_bit(monkeypatch):
     lib = cpu_kernel.load_library()
     if lib is None:
         pytest.skip("no C compiler")
-    monkeypatch.setattr(fast_paths, "_ATTENTION_WORK", 1)
-    monkeypatch.setattr(fast_paths, "_LN_ELEMENTS", 1)
+    monkeypatch.setattr(cpu_attention, "_ATTENTION_WORK", 1)
+    monkeypatch.setattr(cpu_attention, "_LN_ELEMENTS", 1)
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(7, 20, 24, generator=g) for _ in range(3))
     norm = nn.LayerNorm(24)
@@ -96,8 +96,8 @@ def test_thread_split_changes_no_bit(monkeypatch):
         for n in (1, 3):
             torch.set_num_threads(n)
             with torch.no_grad():
-                results.append((fast_paths._c_frame_attention(lib, q, k, v, 2, 0.3),
-                                fast_paths._c_layer_norm(lib, q.clone(), norm, residual=k)))
+                results.append((cpu_attention.c_frame_attention(lib, q, k, v, 2, 0.3),
+                                cpu_attention.c_layer_norm(lib, q.clone(), norm, residual=k)))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*results))
@@ -159,8 +159,8 @@ def test_lean_layer_takes_the_kernels_with_inert_keyword_arguments_only(model, m
     if cpu_kernel.load_library() is None:
         pytest.skip("no C compiler")
     calls = []
-    real = fast_paths._c_frame_attention
-    monkeypatch.setattr(fast_paths, "_c_frame_attention", lambda *a: calls.append(1) or real(*a))
+    real = fast_paths.c_frame_attention
+    monkeypatch.setattr(fast_paths, "c_frame_attention", lambda *a: calls.append(1) or real(*a))
     layer = _layers(model)[0]
     h = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(14))
     with torch.inference_mode():
@@ -188,7 +188,7 @@ def test_causal_grouped_attention_is_sdpa(monkeypatch, isa, b, heads, kv_heads, 
 
     exact = sdpa(q.double(), k.double(), v.double())
     out = torch.full((b, length, heads, hd), float("nan"))
-    fast_paths._c_attention(lib, q, k, v, out.transpose(1, 2), scale, causal=True)
+    cpu_attention.c_attention(lib, q, k, v, out.transpose(1, 2), scale, causal=True)
     error = (out.transpose(1, 2) - exact).abs().max()
     assert error <= 4 * (sdpa(q, k, v) - exact).abs().max() + 1e-6
 
@@ -208,11 +208,11 @@ def test_bfloat16_attention_is_as_close_as_sdpa(monkeypatch, isa, causal):
 
     exact = sdpa(q.double(), k.double(), v.double())
     out = torch.empty(2, 45, 6, 24, dtype=torch.bfloat16)
-    fast_paths._c_attention(lib, q, k, v, out.transpose(1, 2), 24 ** -0.5, causal=causal)
+    cpu_attention.c_attention(lib, q, k, v, out.transpose(1, 2), 24 ** -0.5, causal=causal)
     error = (out.transpose(1, 2).double() - exact).abs().max()
     assert error <= (sdpa(q, k, v).double() - exact).abs().max() + 2 ** -8 * exact.abs().max()
     rounded = torch.empty_like(out, dtype=torch.float32)
-    fast_paths._c_attention(lib, q.float(), k.float(), v.float(), rounded.transpose(1, 2), 24 ** -0.5, causal=causal)
+    cpu_attention.c_attention(lib, q.float(), k.float(), v.float(), rounded.transpose(1, 2), 24 ** -0.5, causal=causal)
     assert torch.equal(out, rounded.bfloat16())  # float32 inside, rounded once as torch rounds
 
 
@@ -226,26 +226,26 @@ def test_causal_attention_after_a_cache(monkeypatch, isa, length, keys):
     q = torch.randn(2, length, 6, 16, generator=g).transpose(1, 2)
     k, v = (torch.randn(2, 2, keys, 16, generator=g) for _ in range(2))
     mask = torch.ones(length, keys, dtype=torch.bool).tril(keys - length)
-    assert fast_paths._continues_cache(mask.expand(2, 1, length, keys), length, keys)
+    assert cpu_attention.continues_cache(mask.expand(2, 1, length, keys), length, keys)
 
     def sdpa(*t):
         return F.scaled_dot_product_attention(*t, attn_mask=mask, scale=0.25, enable_gqa=True)
 
     exact = sdpa(q.double(), k.double(), v.double())
     out = torch.empty(2, length, 6, 16)
-    fast_paths._c_attention(lib, q, k, v, out.transpose(1, 2), 0.25, causal=True)
+    cpu_attention.c_attention(lib, q, k, v, out.transpose(1, 2), 0.25, causal=True)
     assert (out.transpose(1, 2) - exact).abs().max() <= 4 * (sdpa(q, k, v) - exact).abs().max() + 1e-6
 
 
 def test_only_the_exact_continuation_mask_is_dropped():
     mask = torch.ones(3, 7, dtype=torch.bool).tril(4)
-    assert fast_paths._continues_cache(mask[None, None], 3, 7)
+    assert cpu_attention.continues_cache(mask[None, None], 3, 7)
     padded = mask.expand(2, 1, 3, 7).clone()
     padded[1, 0, :, 0] = False  # a padded first position in row 1
-    assert not fast_paths._continues_cache(padded, 3, 7)
-    assert not fast_paths._continues_cache(mask[None, None].float(), 3, 7)  # an additive float mask
-    assert not fast_paths._continues_cache(torch.ones(1, 1, 3, 7, dtype=torch.bool), 3, 7)  # not causal
-    assert not fast_paths._continues_cache(mask[None, None], 3, 8)  # other key count
+    assert not cpu_attention.continues_cache(padded, 3, 7)
+    assert not cpu_attention.continues_cache(mask[None, None].float(), 3, 7)  # an additive float mask
+    assert not cpu_attention.continues_cache(torch.ones(1, 1, 3, 7, dtype=torch.bool), 3, 7)  # not causal
+    assert not cpu_attention.continues_cache(mask[None, None], 3, 8)  # other key count
 
 
 def _logits(model, ids, **kwargs):
@@ -259,8 +259,8 @@ def test_llm_prefill_takes_the_kernel_only_where_it_applies(model, monkeypatch):
     if cpu_kernel.load_library() is None:
         pytest.skip("no C compiler")
     calls = []
-    real = fast_paths._c_attention
-    monkeypatch.setattr(fast_paths, "_c_attention", lambda *a, **k: calls.append(k["causal"]) or real(*a, **k))
+    real = cpu_attention.c_attention
+    monkeypatch.setattr(cpu_attention, "c_attention", lambda *a, **k: calls.append(k["causal"]) or real(*a, **k))
     ids = torch.randint(0, 60, (2, 23), generator=torch.Generator().manual_seed(12))
     fast = _logits(model, ids)
     assert calls == [True] * model.config.text_config.num_hidden_layers
@@ -300,8 +300,8 @@ def test_attention_kernel_switch_keeps_transformers_computation(model, monkeypat
     if cpu_kernel.load_library() is None:
         pytest.skip("no C compiler")
     calls = []
-    real = fast_paths._c_attention
-    monkeypatch.setattr(fast_paths, "_c_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = cpu_attention.c_attention
+    monkeypatch.setattr(cpu_attention, "c_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setenv("STORM_VLM_ATTENTION_KERNEL", "off")
     layer = _layers(model)[0]
     h = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(15))

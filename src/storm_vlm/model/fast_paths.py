@@ -18,7 +18,8 @@ decode step; no autograd): everywhere else each path steps aside and the plain c
   function in one pass of a C kernel (float32 and bfloat16; four tensor passes without a C
   compiler), where PyTorch's CPU tanh-GELU goes through a slow vectorised tanh. SigLIP encoder
   layers (`_LeanSiglipLayer`) run both LayerNorms (the residual add folded into the second) and the
-  per-frame attention in C (`ssm/_attention_kernel.c`; float32, or bf16 products under autocast);
+  per-frame attention in C (`cpu_attention`, `ssm/_attention_kernel.c`; float32, or bf16 products
+  under autocast);
   without the C kernels (or with `STORM_VLM_ATTENTION_KERNEL=0`) they only add their residuals in
   place (bit-for-bit transformers' result). At small widths such element-wise passes cost about as
   much as the matrix products, so each pass saved shows.
@@ -42,8 +43,8 @@ decode step; no autograd): everywhere else each path steps aside and the plain c
   copies only where they fit in a quarter of free memory; otherwise the model's own matrices).
   `enable_fast_paths(model, compile_decode=True)` also runs the per-layer step through
   `torch.compile` (needs a C++ compiler; the first steps pay the compilation).
-- **LLM attention** (`storm_sdpa`, registered with transformers' AttentionInterface when first
-  enabled, the LLM's SDPA otherwise): a causal prompt, from the start or continuing a cache (no
+- **LLM attention** (`storm_vlm.model.cpu_attention`, registered as `storm_sdpa` with transformers'
+  AttentionInterface when first enabled, the LLM's SDPA otherwise): a causal prompt, from the start or continuing a cache (no
   padding), in float32 or under bf16 autocast runs in C (`ssm/_attention_kernel.c`, each KV head
   read once for its query heads; `STORM_VLM_ATTENTION_KERNEL=0` keeps transformers' SDPA); a
   one-token step with grouped KV heads that does not take the decode step above runs as one r x L
@@ -71,12 +72,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import GELUTanh
 from transformers.cache_utils import DynamicCache, DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.modeling_utils import AttentionInterface
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
+from storm_vlm.model.cpu_attention import (STORM_SDPA, attention_library, c_frame_attention, c_layer_norm,
+                                           use_storm_sdpa)
 from storm_vlm.model.ssm import _threads, cpu_kernel
 from storm_vlm.utils import available_memory_bytes
 
@@ -134,68 +134,6 @@ def _fast_gelu_tanh(module: nn.Module) -> None:
                 setattr(parent, name, _GELUTanhCPU())
 
 
-_LN_ELEMENTS = 1 << 16  # per thread at least (as _ONE_PASS_CHUNK)
-def _c_layer_norm(lib, x: torch.Tensor, norm: nn.LayerNorm, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """norm(x) in one C pass per row (float32, contiguous); with `residual`, x += residual first, in place."""
-    y = torch.empty_like(x)
-    d = x.shape[-1]
-    args = (x.data_ptr(), None if residual is None else residual.data_ptr(), norm.weight.data_ptr(),
-            norm.bias.data_ptr(), norm.eps, y.data_ptr(), d)
-    rows = _threads.spans(x.numel() // d, max(1, _LN_ELEMENTS // d))
-    _threads.run_all(lib.storm_add_layer_norm_f32, [(*args, r0, r1) for r0, r1 in rows])
-    return y
-
-
-_ATTENTION_KERNEL_ENV = "STORM_VLM_ATTENTION_KERNEL"
-
-
-def _attention_library():
-    """The C kernel library for the attention and LayerNorm paths, or None: no C compiler, or
-    STORM_VLM_ATTENTION_KERNEL=0 (false/off/no), which keeps transformers' computation."""
-    if os.environ.get(_ATTENTION_KERNEL_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
-        return None
-    return cpu_kernel.load_library()
-
-
-_ATTENTION_WORK = 1 << 21  # multiply-adds per thread at least: a hand-off to a worker costs tens of microseconds
-_ATTENTION_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def _c_attention(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, scale: float,
-                 causal: bool) -> torch.Tensor:
-    """out = softmax(scale·q·kᵀ)·v per batch row and head (`_attention_kernel.c`), every key visible or
-    causal (the L queries are the last L of the Lk key positions: query t sees keys 0..Lk - L + t);
-    grouped-query heads h read KV head h // (H / G). q, out (B, H, L, hd), k, v (B, G, Lk, hd): views
-    with unit last stride (any other strides: transposed or column-sliced views need no copy), all
-    float32 or all bfloat16 (computed in float32). The (batch, head) pairs are split over torch's
-    threads."""
-    b, heads, length, hd = q.shape
-    keys = k.shape[2]
-    if causal and keys < length:
-        raise ValueError(f"causal attention of {length} queries needs at least as many keys, got {keys}")
-    strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (q, k, v, out)]
-    work = length * keys * hd // (2 if causal else 1)
-    pairs = _threads.spans(b * heads, max(1, _ATTENTION_WORK // max(work, 1)))
-    args = (q.data_ptr(), strides[0], k.data_ptr(), strides[1], v.data_ptr(), strides[2], out.data_ptr(), strides[3],
-            heads, k.shape[1], length, keys, hd, scale, int(causal), int(q.dtype == torch.bfloat16))
-    if any(_threads.run_all(lib.storm_attention, [(*args, p0, p1) for p0, p1 in pairs])):
-        raise MemoryError("storm_vlm: no memory for the attention kernel's scratch")
-    return out
-
-
-def _c_frame_attention(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-    """A ViT's attention, every key visible: q, k, v (B, L, heads·hd) views with unit last stride
-    (column slices of one fused q/k/v product too), float32 or bfloat16 -> (B, L, heads·hd) in q's
-    dtype, the heads side by side (what out_proj reads)."""
-    b, length, width = q.shape
-    dtype = q.dtype if q.dtype in _ATTENTION_DTYPES else torch.float32
-    q, k, v = (t if t.dtype == dtype and t.stride(-1) == 1 else t.to(dtype).contiguous() for t in (q, k, v))
-    o = q.new_empty(b, length, width)
-    split = [t.view(b, length, heads, width // heads).transpose(1, 2) for t in (q, k, v, o)]
-    _c_attention(lib, *split, scale=scale, causal=False)
-    return o
-
-
 def _plain_layer_norm(norm) -> bool:
     return (type(norm) is nn.LayerNorm and norm.weight is not None and norm.bias is not None
             and norm.weight.dtype == torch.float32 and norm.bias.dtype == torch.float32
@@ -222,8 +160,8 @@ class _LeanSiglipLayer(SiglipEncoderLayer):
     same computation with fewer tensor passes.
 
     With the C kernels built (float32, or under bf16 autocast), both LayerNorms (the second with the
-    residual add folded in) and the attention run in `ssm/_attention_kernel.c` (`_c_layer_norm`,
-    `_c_frame_attention`): at SigLIP's frame length each (frame, head) is a few 64 x 64 products that
+    residual add folded in) and the attention run in `ssm/_attention_kernel.c` (`c_layer_norm`,
+    `c_frame_attention`): at SigLIP's frame length each (frame, head) is a few 64 x 64 products that
     SDPA's flash kernel blocks for much longer sequences, and torch's LayerNorm is slow at small
     widths. Same result within float rounding (under autocast: the same dtypes as transformers', the
     norms and the residual stream in float32, the products in bf16). Otherwise the residual adds land
@@ -241,13 +179,13 @@ class _LeanSiglipLayer(SiglipEncoderLayer):
         if (hidden_states.dtype == torch.float32 and hidden_states.dim() == 3
                 and (not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") == torch.bfloat16)
                 and _plain_layer_norm(self.layer_norm1) and _plain_layer_norm(self.layer_norm2)):
-            lib = _attention_library()
+            lib = attention_library()
         if lib is not None:
             hidden_states = hidden_states.contiguous()  # the embeddings' output is a transposed view
-            x = _c_layer_norm(lib, hidden_states, self.layer_norm1)
+            x = c_layer_norm(lib, hidden_states, self.layer_norm1)
             q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-            h = attn.out_proj(_c_frame_attention(lib, q, k, v, attn.num_heads, attn.scale)).float()
-            x = _c_layer_norm(lib, h, self.layer_norm2, residual=hidden_states)  # h += hidden_states
+            h = attn.out_proj(c_frame_attention(lib, q, k, v, attn.num_heads, attn.scale)).float()
+            x = c_layer_norm(lib, h, self.layer_norm2, residual=hidden_states)  # h += hidden_states
             return _residual_add(mlp.fc2(mlp.activation_fn(mlp.fc1(x))), h)
         shape = (*hidden_states.shape[:-1], -1, attn.head_dim)
         x = self.layer_norm1(hidden_states)
@@ -264,79 +202,6 @@ def _lean_siglip_layers(module: nn.Module) -> None:
     for sub in module.modules():
         if type(sub) is SiglipEncoderLayer:
             sub.__class__ = _LeanSiglipLayer
-
-
-STORM_SDPA = "storm_sdpa"
-
-
-def _storm_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                          **kwargs):
-    """transformers' SDPA attention, with two faster cases on CPU.
-
-    query (B, H, q, hd), key/value (B, G, L, hd) with H = G·r.
-    - One query token (decode) with grouped KV heads (r > 1), no mask: the r query heads of a group
-      become r query rows of that group's KV head — (B, G, r, hd) against (B, G, L, hd): one r x L
-      product per KV head, where `scaled_dot_product_attention(..., enable_gqa=True)` runs H
-      separate 1 x L products.
-    - Causal prefill (q > 1 tokens; no mask — transformers' causal-only case — or exactly the causal
-      mask of a prompt continuing a cache, `_continues_cache`) in float32 or bfloat16 (under
-      autocast) without autograd, with the C kernels built: `_c_attention`
-      (`ssm/_attention_kernel.c`) reads each KV head once for its r query heads and the
-      (B, H, q, hd) views as they are, where PyTorch's CPU flash kernel runs blocked products sized
-      for wide heads. Same result within float rounding.
-    Every other case (padding or other masks, autograd, CUDA, ...) goes to `sdpa_attention_forward`
-    unchanged.
-    """
-    groups = getattr(module, "num_key_value_groups", 1)
-    plain = (query.device.type == "cpu" and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
-             and not kwargs.get("output_attentions", False) and key.shape[1] * groups == query.shape[1])
-    length = query.shape[2]
-    if plain and attention_mask is None and length == 1 and groups > 1:
-        b, h, _, hd = query.shape
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query.reshape(b, h // groups, groups, hd), key, value, dropout_p=dropout, scale=scaling
-        )
-        return out.reshape(b, h, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    # under autocast SDPA casts q, k, v to the autocast dtype (rotary has made q and k float32 again)
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
-    if (plain and causal and length > 1 and key.shape[2] >= length and (dropout == 0 or not module.training)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
-            and dtype in _ATTENTION_DTYPES and query.shape[-1] == key.shape[-1] == value.shape[-1]
-            and (attention_mask is None or _continues_cache(attention_mask, length, key.shape[2]))):
-        lib = _attention_library()
-        if lib is not None:
-            b, h, _, hd = query.shape
-            if attention_mask is None:  # as transformers: the causal mask covers the first `length` keys
-                key, value = key[:, :, :length], value[:, :, :length]
-            query, key, value = (t if t.dtype == dtype and t.stride(-1) == 1 else t.to(dtype).contiguous()
-                                 for t in (query, key, value))
-            out = query.new_empty(b, length, h, hd)
-            _c_attention(lib, query, key, value, out.transpose(1, 2), hd ** -0.5 if scaling is None else scaling,
-                         causal=True)
-            return out, None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  is_causal=is_causal, **kwargs)
-
-
-def _continues_cache(mask: torch.Tensor, length: int, keys: int) -> bool:
-    """Whether `mask` (transformers' boolean SDPA mask, (B or 1, 1, length, keys)) is exactly causal
-    for `length` new tokens after `keys - length` cached ones, in every batch row (no padding): a
-    prompt that continues a cache, which `_c_attention` computes without the mask. One pass over the
-    mask, 1/(heads·hd) of what the attention reads."""
-    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (length, keys):
-        return False
-    causal = torch.ones(length, keys, dtype=torch.bool, device=mask.device).tril_(keys - length)
-    return bool(torch.equal(mask, causal.expand_as(mask)))
-
-
-def _use_storm_sdpa(config) -> None:
-    """Switch a text config from "sdpa" to STORM_SDPA (same masks; faster GQA decode and causal
-    prefill on CPU)."""
-    if config._attn_implementation == "sdpa" and getattr(config, "num_attention_heads", None):
-        AttentionInterface.register(STORM_SDPA, _storm_sdpa_attention)  # idempotent
-        AttentionMaskInterface.register(STORM_SDPA, sdpa_mask)
-        config._attn_implementation = STORM_SDPA
 
 
 _BUFFER_GENERATIONS = itertools.count()
@@ -1052,7 +917,7 @@ def enable_fast_paths(model, *, decode: bool = True, compile_decode: bool = Fals
     if lm is not None:
         _DECODE_STEPS.pop(lm, None)
         if getattr(lm, "config", None) is not None:
-            _use_storm_sdpa(lm.config)
+            use_storm_sdpa(lm.config)
     _fast_gelu_tanh(model)
     _lean_siglip_layers(model)
     _measured_linears(model)

@@ -1,7 +1,6 @@
 /* LayerNorm (with the residual add) and softmax attention, for CPU inference: a ViT encoder
- * layer's (SigLIP's, `_LeanSiglipLayer`) and the LLM's causal grouped-query prefill attention
- * (`_storm_sdpa_attention`), both in storm_vlm.model.fast_paths; built with the scan kernel
- * (cpu_kernel.py), same vector width.
+ * layer's (SigLIP's) and the LLM's causal grouped-query prefill attention, called through
+ * storm_vlm.model.cpu_attention; built with the scan kernel (cpu_kernel.py), same vector width.
  *
  * LayerNorm, optionally after the residual add: PyTorch takes a pass for the add and a slow per-row
  * kernel for the norm at small widths.

@@ -2,8 +2,8 @@
 backward (``_scan_kernel.c``), the one-token decode step of a Llama-style layer stack
 (``_decode_kernel.c``, used by ``storm_vlm.model.fast_paths.DecodeStep``) and one-pass element-wise
 functions (``_elementwise_kernel.c``: the tanh-GELU of fast_paths, the mixers' conv + SiLU) and
-softmax attention with LayerNorm (``_attention_kernel.c``: fast_paths' vision layers and the LLM's
-causal prefill attention); all include ``_vec.h``.
+softmax attention with LayerNorm (``_attention_kernel.c``, called by ``storm_vlm.model.cpu_attention``
+for the vision layers and the LLM's causal prefill); all include ``_vec.h``.
 
 **Instruction set.** The C source ships with the package and is compiled with the system C compiler
 (``$CC``, else cc / gcc / clang) once per instruction set, with that set's flags, never
