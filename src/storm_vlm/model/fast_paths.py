@@ -19,10 +19,9 @@ decode step; no autograd): everywhere else each path steps aside and the plain c
   compiler), where PyTorch's CPU tanh-GELU goes through a slow vectorised tanh. SigLIP encoder
   layers (`_LeanSiglipLayer`) run both LayerNorms (the residual add folded into the second) and the
   per-frame attention in C (`cpu_attention`, `ssm/_attention_kernel.c`; float32, or bf16 products
-  under autocast);
-  without the C kernels (or with `STORM_VLM_ATTENTION_KERNEL=0`) they only add their residuals in
-  place (bit-for-bit transformers' result). At small widths such element-wise passes cost about as
-  much as the matrix products, so each pass saved shows.
+  under autocast); without the C kernels (or with `STORM_VLM_ATTENTION_KERNEL=0`) they only add
+  their residuals in place (bit-for-bit transformers' result). At small widths such element-wise
+  passes cost about as much as the matrix products, so each pass saved shows.
 - **Decode step** (`DecodeStep`, Llama-style LLMs: Qwen2, Llama): a greedy one-token step runs
   through a lean single-token path on the `StormKVCache` (preallocated buffers the step writes
   into in place). For one row (batch 1, SiLU MLP, fp32 weights; also under CPU bf16 autocast, on a
@@ -44,11 +43,11 @@ decode step; no autograd): everywhere else each path steps aside and the plain c
   `enable_fast_paths(model, compile_decode=True)` also runs the per-layer step through
   `torch.compile` (needs a C++ compiler; the first steps pay the compilation).
 - **LLM attention** (`storm_vlm.model.cpu_attention`, registered as `storm_sdpa` with transformers'
-  AttentionInterface when first enabled, the LLM's SDPA otherwise): a causal prompt, from the start or continuing a cache (no
-  padding), in float32 or under bf16 autocast runs in C (`ssm/_attention_kernel.c`, each KV head
-  read once for its query heads; `STORM_VLM_ATTENTION_KERNEL=0` keeps transformers' SDPA); a
-  one-token step with grouped KV heads that does not take the decode step above runs as one r x L
-  product per KV head.
+  AttentionInterface when first enabled, the LLM's SDPA otherwise): a causal prompt, from the start
+  or continuing a cache (no padding), in float32 or under bf16 autocast runs in C
+  (`ssm/_attention_kernel.c`, each KV head read once for its query heads;
+  `STORM_VLM_ATTENTION_KERNEL=0` keeps transformers' SDPA); a one-token step with grouped KV heads
+  that does not take the decode step above runs as one r x L product per KV head.
 - `StormKVCache`: a DynamicCache whose layers append in place into a buffer with spare room,
   instead of concatenating (copying the whole cache) at every generated token.
 
