@@ -18,7 +18,6 @@ tests/test_attention_kernel.py checks them against PyTorch's SDPA and LayerNorm 
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
 from torch import nn
@@ -42,9 +41,7 @@ _LN_ELEMENTS = 1 << 16  # elements per thread at least, likewise
 def attention_library():
     """The C kernel library for the attention and LayerNorm paths, or None: no C compiler, or
     STORM_VLM_ATTENTION_KERNEL=0 (false/off/no), which keeps transformers' computation."""
-    if os.environ.get(ATTENTION_KERNEL_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
-        return None
-    return cpu_kernel.load_library()
+    return None if cpu_kernel.switched_off(ATTENTION_KERNEL_ENV) else cpu_kernel.load_library()
 
 
 def c_layer_norm(lib, x: torch.Tensor, norm: nn.LayerNorm, residual: torch.Tensor | None = None) -> torch.Tensor:

@@ -463,8 +463,9 @@ def _decode_kernel_setting() -> str:
     (1/true/on/yes: the C step for every row it applies to, whatever the thread count) or "auto"
     (anything else: with several torch threads it is timed against the tensor step first, see
     `DecodeStep.__call__`)."""
-    value = os.environ.get(_DECODE_KERNEL_ENV, "auto").strip().lower()
-    return "off" if value in ("0", "false", "off", "no") else "on" if value in ("1", "true", "on", "yes") else "auto"
+    if cpu_kernel.switched_off(_DECODE_KERNEL_ENV):
+        return "off"
+    return "on" if os.environ.get(_DECODE_KERNEL_ENV, "").strip().lower() in ("1", "true", "on", "yes") else "auto"
 
 
 def _decode_unsupported(lm) -> str | None:

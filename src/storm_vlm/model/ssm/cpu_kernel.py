@@ -65,7 +65,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["load", "load_library", "build", "enabled", "scan_forward", "scan_backward", "cache_dir", "cpu_flags",
+__all__ = ["load", "load_library", "build", "enabled", "switched_off", "scan_forward", "scan_backward", "cache_dir", "cpu_flags",
            "detect_isa", "selected_isa", "ISAS", "Isa", "UnsafeCacheError"]
 
 logger = logging.getLogger("storm_vlm.model.ssm")
@@ -106,9 +106,17 @@ class UnsafeCacheError(RuntimeError):
     """A cache folder or file that another user could have written, or a library that fails its hash."""
 
 
+OFF_VALUES = ("0", "false", "off", "no")  # what turns a STORM_VLM_*_KERNEL switch off
+
+
+def switched_off(variable: str) -> bool:
+    """True when the environment variable `variable` is set to 0/false/off/no (any case)."""
+    return os.environ.get(variable, "").strip().lower() in OFF_VALUES
+
+
 def enabled() -> bool:
-    """False when ``STORM_VLM_SCAN_KERNEL`` is set to 0/false/off."""
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+    """False when ``STORM_VLM_SCAN_KERNEL`` is set to 0/false/off/no."""
+    return not switched_off(ENV_SWITCH)
 
 
 def cache_dir() -> Path:
