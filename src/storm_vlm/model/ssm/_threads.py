@@ -3,11 +3,11 @@
 The scan splits channels over threads, ``BiMambaMixer`` runs its two directions in two threads, and
 the one-pass C kernels (GELU, conv + SiLU, the vision layers' norm and attention) split their
 tensors into pieces (``spans``, ``run_all``) (ctypes and most torch kernels release the GIL, so they
-really run in parallel). PyTorch keeps grad
-mode, inference mode and autocast per thread: a worker started plainly runs without the caller's
-``torch.autocast`` (a bf16 input then meets an fp32 weight in ``x_proj``) and outside the caller's
-``torch.inference_mode()`` (in-place writes to the caller's inference tensors then fail). ``submit``
-therefore runs every job under the state of the thread that submitted it.
+really run in parallel). PyTorch keeps grad mode, inference mode and autocast per thread: a worker
+started plainly runs without the caller's ``torch.autocast`` (a bf16 input then meets an fp32 weight
+in ``x_proj``) and outside the caller's ``torch.inference_mode()`` (in-place writes to the caller's
+inference tensors then fail). ``submit`` therefore runs every job under the state of the thread
+that submitted it.
 
 All jobs share one pool whose workers run with one intra-op thread each: the parallelism comes from
 the jobs, and nested OpenMP teams inside them only slow the scan's many small ops down.
