@@ -142,11 +142,13 @@ static inline __attribute__((always_inline)) void scan_block(const scan_args *a,
         load_tile(tu, u.p + b * u.sb + t0 * u.st + c * u.sc, u.st, u.sc, nt, w);
         load_tile(td, dl.p + b * dl.sb + t0 * dl.st + c * dl.sc, dl.st, dl.sc, nt, w);
         if (z.p) load_tile(tz, z.p + b * z.sb + t0 * z.st + c * z.sc, z.st, z.sc, nt, w);
+        /* the step sizes of the whole tile first: the softplus is a long chain of dependent operations
+         * (exp2, log, two divisions), which inside the time loop would delay every step's decays */
+        for (int64_t k = 0; k < nt; k++) td[k] = softplus ? vsoftplus(td[k] + bvec) : td[k] + bvec;
         for (int64_t j = 0; j < nt; j++) {
             const int64_t k = reverse ? nt - 1 - j : j;
             const int64_t t = t0 + k;
-            vf dt = td[k] + bvec;
-            if (softplus) dt = vsoftplus(dt);
+            const vf dt = td[k];
             const vf du = dt * tu[k];
             const float *Bt = bconst ? NULL : a->BT + ((size_t)(b * L + t)) * gstride + grp * N;
             const float *Ct = cconst ? NULL : a->CT + ((size_t)(b * L + t)) * gstride + grp * N;
@@ -162,9 +164,7 @@ static inline __attribute__((always_inline)) void scan_block(const scan_args *a,
                 h[n] = vexp2(dt * a2[n]) * h[n] + du * BN(n);
                 y0 += CN(n) * h[n];
             }
-            vf y = y0 + y1;
-            if (z.p) y *= vsilu(tz[k]);
-            ty[k] = y;
+            ty[k] = y0 + y1;
             if (states) {
                 /* the state entering each processed chunk, as the recomputing backward expects */
                 int64_t kk = -1;
@@ -177,6 +177,8 @@ static inline __attribute__((always_inline)) void scan_block(const scan_args *a,
                 }
             }
         }
+        if (z.p) /* the gate, off the time loop likewise */
+            for (int64_t k = 0; k < nt; k++) ty[k] *= vsilu(tz[k]);
         store_tile(ty, o.p + b * o.sb + t0 * o.st + c * o.sc, o.st, o.sc, nt, w);
     }
     if (last)
@@ -258,8 +260,8 @@ static inline __attribute__((always_inline)) int bwd_block(const scan_args *a, c
     /* one allocation for every work buffer: H, Ab (T x N each), 9 tiles of T, 12 vectors of N */
     vf *mem = aligned_buf((size_t)(2 * T * N + 9 * T + 12 * N));
     if (!mem) return 1;
-    vf *H = mem, *Ab = H + T * N, *tu = Ab + T * N, *td = tu + T, *tz = td + T, *tg = tz + T, *traw = tg + T;
-    vf *ty = traw + T, *ogu = ty + T, *ogd = ogu + T, *ogz = ogd + T, *an = ogz + T, *a2 = an + N;
+    vf *H = mem, *Ab = H + T * N, *tu = Ab + T * N, *td = tu + T, *tz = td + T, *tg = tz + T, *tsig = tg + T;
+    vf *ty = tsig + T, *ogu = ty + T, *ogd = ogu + T, *ogz = ogd + T, *an = ogz + T, *a2 = an + N;
     vf *carry = a2 + N, *gAacc = carry + N, *h0 = gAacc + N, *gAc = h0 + N;
     vf *bv = gAc + N, *cv = bv + N, *gBacc = cv + N, *gCacc = gBacc + N, *gBc = gCacc + N, *gCc = gBc + N;
     vf Dvec = splat(0.0f), bvec = splat(0.0f), gDacc = splat(0.0f), gbacc = splat(0.0f);
@@ -289,14 +291,18 @@ static inline __attribute__((always_inline)) int bwd_block(const scan_args *a, c
             h0[n] = splat(0.0f);
             for (int64_t l = 0; l < w; l++) h0[n][l] = hs[n * hd + l];
         }
+        /* the chunk's step sizes and softplus' derivative (tsig: sigmoid of the raw step) first, off
+         * the time loops (see scan_block) */
+        for (int64_t kk = 0; kk < nt; kk++) {
+            const vf raw = td[kk] + bvec;
+            td[kk] = softplus ? vsoftplus(raw) : raw;
+            if (softplus) tsig[kk] = vsigmoid(raw);
+        }
         /* recompute: j runs in processing order, position s + kk */
         for (int64_t j = 0; j < nt; j++) {
             const int64_t kk = reverse ? nt - 1 - j : j;
             const int64_t t = s + kk;
-            vf raw = td[kk] + bvec;
-            vf dt = softplus ? vsoftplus(raw) : raw;
-            traw[kk] = raw;
-            td[kk] = dt;
+            const vf dt = td[kk];
             const vf du = dt * tu[kk];
             const float *Bt = bconst ? NULL : a->BT + ((size_t)(b * L + t)) * gstride + grp * N;
             const float *Ct = cconst ? NULL : a->CT + ((size_t)(b * L + t)) * gstride + grp * N;
@@ -314,16 +320,16 @@ static inline __attribute__((always_inline)) int bwd_block(const scan_args *a, c
          * partials first (two-level summation: the error grows with chunk + L / chunk, not L). */
         vf gDc = splat(0.0f), gbc = splat(0.0f);
         for (int64_t n = 0; n < N; n++) gAc[n] = gBc[n] = gCc[n] = splat(0.0f);
+        if (z.p) /* through the gate: z's gradient, and y's in tg */
+            for (int64_t kk = 0; kk < nt; kk++) {
+                const vf gy = tg[kk], zz = tz[kk], sz = vsigmoid(zz);
+                ogz[kk] = gy * ty[kk] * sz * (1.0f + zz * (1.0f - sz));
+                tg[kk] = gy * zz * sz;
+            }
         for (int64_t j = nt - 1; j >= 0; j--) {
             const int64_t kk = reverse ? nt - 1 - j : j;
             const int64_t t = s + kk;
-            const vf dt = td[kk], uu = tu[kk];
-            vf gy = tg[kk];
-            if (z.p) {
-                const vf zz = tz[kk], sz = vsigmoid(zz);
-                ogz[kk] = gy * ty[kk] * sz * (1.0f + zz * (1.0f - sz));
-                gy = gy * zz * sz;
-            }
+            const vf dt = td[kk], uu = tu[kk], gy = tg[kk];
             gDc += gy * uu;
             const vf du = dt * uu;
             const float *Bt = bconst ? NULL : a->BT + ((size_t)(b * L + t)) * gstride + grp * N;
@@ -350,7 +356,7 @@ static inline __attribute__((always_inline)) int bwd_block(const scan_args *a, c
                 carry[n] = ac[n] * G;
             }
             vf gdt = gdtA + gdu * uu;
-            if (softplus) gdt *= vsigmoid(traw[kk]);
+            if (softplus) gdt *= tsig[kk];
             gbc += gdt;
             ogd[kk] = gdt;
             ogu[kk] = gdu * dt + gy * Dvec;

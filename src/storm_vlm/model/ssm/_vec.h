@@ -25,7 +25,9 @@
 typedef float vf __attribute__((vector_size(4 * LANES)));
 typedef int32_t vi __attribute__((vector_size(4 * LANES)));
 
-static inline vf splat(float x) { return (vf){0} + x; }
+/* every lane x: -0 + x is x for every x (NaN, -0 included), so this compiles to a broadcast alone,
+ * where 0 + x would cost an add per call (and make -0 into +0) */
+static inline vf splat(float x) { return -(vf){0} + x; }
 /* m ? a : b per lane, m from a vector comparison (all ones or zero) */
 static inline vf sel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
 
