@@ -1,14 +1,17 @@
 """The CPU speed-ups of StormForConditionalGeneration change no result: StormKVCache (in-place KV
-appends), the grouped-query single-token attention ("storm_sdpa") and the vision tower's
-sigmoid-form tanh-GELU."""
+appends), the grouped-query single-token attention ("storm_sdpa"), the vision tower's
+sigmoid-form tanh-GELU and the LLM's one-pass SiLU gate and RMSNorm."""
 
 import pytest
 import torch
 from transformers.activations import GELUTanh
 from transformers.cache_utils import DynamicCache
+from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm
 
 from storm_vlm import StormConfig
-from storm_vlm.model.fast_paths import STORM_SDPA, StormKVCache, _GELUTanhCPU, _GrowingKVLayer
+from storm_vlm.model.fast_paths import (STORM_SDPA, StormKVCache, _GELUTanhCPU, _GrowingKVLayer, _Qwen2MLPCPU,
+                                        _Qwen2RMSNormCPU)
+from storm_vlm.model import fast_paths
 from storm_vlm.model.ssm import cpu_kernel
 from storm_vlm.perf.profiling import build_random_model
 from helpers import TINY_CONFIG as TINY
@@ -159,6 +162,72 @@ def test_vision_tower_uses_it_and_features_are_unchanged(model):
             for layer in model.vision_tower.encoder.layers:
                 layer.mlp.activation_fn = _GELUTanhCPU()
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("width", [1, 17, 64])
+def test_gated_mlp_and_rms_norm_are_transformers(model, monkeypatch, isa, width):
+    """The LLM's MLP (silu(gate) · up in one C pass, in place) and RMSNorm (one C pass per row) on each
+    vector width: transformers' result within float rounding in float32, ragged widths (vector tails);
+    under bf16 autocast the MLP's gate is the float32 result rounded once, as close to float32 as
+    transformers' two bf16 passes; with autograd, transformers' computation and gradients."""
+    lib = use_kernel_library(monkeypatch, isa)
+    g = torch.Generator().manual_seed(width)
+    cfg = model.config.text_config
+    mlp, norm = Qwen2MLP(cfg), Qwen2RMSNorm(cfg.hidden_size, eps=1e-6)
+    with torch.no_grad():
+        for p in (*mlp.parameters(), norm.weight):
+            p.normal_(generator=g)
+    mlp.gate_proj.out_features = mlp.up_proj.out_features = width  # ragged activation widths
+    for proj in (mlp.gate_proj, mlp.up_proj):
+        proj.weight = torch.nn.Parameter(proj.weight[:width].clone())
+    mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight[:, :width].clone())
+    x = torch.randn(3, 11, cfg.hidden_size, generator=g) * 3
+    with torch.inference_mode():
+        ref_mlp, ref_norm = mlp(x), norm(x)
+        mlp.__class__, norm.__class__ = _Qwen2MLPCPU, _Qwen2RMSNormCPU
+        calls = []
+        real = lib.storm_silu_mul_f32
+        monkeypatch.setattr(lib, "storm_silu_mul_f32", lambda *a: calls.append(a) or real(*a))
+        torch.testing.assert_close(mlp(x), ref_mlp, rtol=1e-5, atol=1e-5)
+        assert calls  # the C pass ran
+        torch.testing.assert_close(norm(x), ref_norm, rtol=1e-6, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast_bf16 = mlp(x)
+            mlp.__class__ = Qwen2MLP
+            plain_bf16 = mlp(x)
+            mlp.__class__ = _Qwen2MLPCPU
+        assert (fast_bf16.float() - ref_mlp).abs().max() <= 1.5 * (plain_bf16.float() - ref_mlp).abs().max()
+        gu = torch.randn(2, 3, width, generator=g).bfloat16(), torch.randn(2, 3, width, generator=g).bfloat16()
+        out = fast_paths._one_pass(lib.storm_silu_mul_bf16, *gu)
+        want = (torch.nn.functional.silu(gu[0].float()) * gu[1].float()).bfloat16()
+        torch.testing.assert_close(out, want, rtol=0, atol=0)  # float32 math, rounded once
+    x.requires_grad_(True)
+    for module, ref in ((mlp, ref_mlp), (norm, ref_norm)):
+        y = module(x)
+        assert y.requires_grad
+        torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_llm_takes_the_one_pass_gate_and_norm(model, monkeypatch):
+    """Every Qwen2 MLP and RMSNorm of the LLM runs the C passes; the logits are transformers' (float
+    rounding), and with STORM_VLM_ATTENTION_KERNEL=0 the norms are transformers' own."""
+    if cpu_kernel.load_library() is None:
+        pytest.skip("no C compiler")
+    lm = model.language_model
+    mods = [m for m in lm.modules() if isinstance(m, (Qwen2MLP, Qwen2RMSNorm))]
+    assert mods and all(type(m) in (_Qwen2MLPCPU, _Qwen2RMSNormCPU) for m in mods)
+    ids = torch.randint(0, 60, (2, 19), generator=torch.Generator().manual_seed(21))
+    with torch.inference_mode():
+        fast = model(input_ids=ids).logits
+        with monkeypatch.context() as m:
+            m.setattr(cpu_kernel, "load_library", lambda *a, **k: None)
+            plain = model(input_ids=ids).logits
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+        norm = next(m for m in mods if type(m) is _Qwen2RMSNormCPU)
+        h = torch.randn(4, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(22))
+        monkeypatch.setenv("STORM_VLM_ATTENTION_KERNEL", "0")
+        assert torch.equal(norm(h), Qwen2RMSNorm.forward(norm, h))
 
 
 def test_real_frames_reach_the_tower_as_views_and_features_match_the_masked_path(model):

@@ -5,7 +5,7 @@ and the `storm_sdpa` attention function that hands transformers' LLM attention t
   (also after cached positions), grouped-query heads, float32 or bfloat16 arrays (float32 inside),
   split over torch's threads by (batch, head). `c_frame_attention` is a ViT layer's case (the heads
   side by side in the last dimension), `c_layer_norm` a LayerNorm with the residual add folded in:
-  both for `fast_paths._LeanSiglipLayer`.
+  both for `fast_paths._LeanSiglipLayer`. `c_rms_norm`: the LLM's RMSNorm (`fast_paths._RMSNormCPU`).
 - `storm_sdpa_attention` (registered as "storm_sdpa" by `use_storm_sdpa`): transformers' SDPA
   attention, with a causal prompt — from the start, or continuing a cache without padding — through
   `c_attention`, and a one-token step with grouped KV heads as one r x L product per KV head.
@@ -28,7 +28,7 @@ from transformers.modeling_utils import AttentionInterface
 from storm_vlm.model.ssm import _threads, cpu_kernel
 
 __all__ = ["STORM_SDPA", "ATTENTION_KERNEL_ENV", "attention_library", "c_attention", "c_frame_attention",
-           "c_layer_norm", "continues_cache", "storm_sdpa_attention", "use_storm_sdpa"]
+           "c_layer_norm", "c_rms_norm", "continues_cache", "storm_sdpa_attention", "use_storm_sdpa"]
 
 
 STORM_SDPA = "storm_sdpa"
@@ -52,6 +52,17 @@ def c_layer_norm(lib, x: torch.Tensor, norm: nn.LayerNorm, residual: torch.Tenso
             norm.bias.data_ptr(), norm.eps, y.data_ptr(), d)
     rows = _threads.spans(x.numel() // d, max(1, _LN_ELEMENTS // d))
     _threads.run_all(lib.storm_add_layer_norm_f32, [(*args, r0, r1) for r0, r1 in rows])
+    return y
+
+
+def c_rms_norm(lib, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's / Qwen2's RMSNorm of x (float32, contiguous, weight float32 of x's last size) in one C
+    pass per row: weight · x / sqrt(mean(x²) + eps)."""
+    y = torch.empty_like(x)
+    d = x.shape[-1]
+    args = (x.data_ptr(), weight.data_ptr(), eps, y.data_ptr(), d)
+    rows = _threads.spans(x.numel() // d, max(1, _LN_ELEMENTS // d))
+    _threads.run_all(lib.storm_rms_norm_f32, [(*args, r0, r1) for r0, r1 in rows])
     return y
 
 

@@ -22,6 +22,10 @@ decode step; no autograd): everywhere else each path steps aside and the plain c
   under autocast); without the C kernels (or with `STORM_VLM_ATTENTION_KERNEL=0`) they only add
   their residuals in place (bit-for-bit transformers' result). At small widths such element-wise
   passes cost about as much as the matrix products, so each pass saved shows.
+- **LLM layers** (Qwen2, Llama): the RMSNorm (`_RMSNormCPU`) and the MLP's gate, silu(gate) · up
+  (`_GatedMLPCPU`), run as one C pass each (`ssm/_attention_kernel.c`, `ssm/_elementwise_kernel.c`;
+  the gate also in bfloat16 under autocast), where transformers takes six and two tensor passes
+  over the prompt's activations. Float rounding apart, transformers' result.
 - **Decode step** (`DecodeStep`, Llama-style LLMs: Qwen2, Llama): a greedy one-token step runs
   through a lean single-token path on the `StormKVCache` (preallocated buffers the step writes
   into in place). For one row (batch 1, SiLU MLP, fp32 weights; also under CPU bf16 autocast, on a
@@ -69,13 +73,15 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import GELUTanh
+from transformers.activations import GELUTanh, SiLUActivation
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
 from storm_vlm.model.cpu_attention import (STORM_SDPA, attention_library, c_frame_attention, c_layer_norm,
-                                           use_storm_sdpa)
+                                           c_rms_norm, use_storm_sdpa)
 from storm_vlm.model.ssm import _threads, cpu_kernel
 from storm_vlm.utils import available_memory_bytes
 
@@ -115,13 +121,13 @@ _ELEMENTWISE = {torch.float32: "storm_gelu_tanh_f32", torch.bfloat16: "storm_gel
 _ONE_PASS_CHUNK = 1 << 16  # elements per thread at least: a hand-off to a worker costs tens of microseconds
 
 
-def _one_pass(fn, x: torch.Tensor) -> torch.Tensor:
-    """fn(x, y, n) of a C element-wise kernel over contiguous x into a new y, in one piece of whole
-    vectors per torch thread."""
-    y = torch.empty_like(x)
-    xp, yp, size = x.data_ptr(), y.data_ptr(), x.element_size()
-    pieces = _threads.spans(x.numel(), _ONE_PASS_CHUNK, 64)
-    _threads.run_all(fn, [(xp + i * size, yp + i * size, j - i) for i, j in pieces])
+def _one_pass(fn, *xs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """fn(x..., y, n) of a C element-wise kernel over contiguous xs (one shape and dtype) into y — a
+    new tensor, or `out` (which may be one of xs) — in one piece of whole vectors per torch thread."""
+    y = torch.empty_like(xs[0]) if out is None else out
+    ptrs, size = [t.data_ptr() for t in (*xs, y)], y.element_size()
+    pieces = _threads.spans(y.numel(), _ONE_PASS_CHUNK, 64)
+    _threads.run_all(fn, [(*(p + i * size for p in ptrs), j - i) for i, j in pieces])
     return y
 
 
@@ -131,6 +137,72 @@ def _fast_gelu_tanh(module: nn.Module) -> None:
         for name, child in list(parent.named_children()):
             if type(child) is GELUTanh and isinstance(getattr(child, "act", None), functools.partial):
                 setattr(parent, name, _GELUTanhCPU())
+
+
+def _inference_on_cpu(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" for t in tensors) and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+class _RMSNormCPU(nn.Module):
+    """Llama's / Qwen2's RMSNorm (mixed in before the model's class) whose CPU float32 inference is one
+    pass of the C kernel (`cpu_attention.c_rms_norm`), where transformers takes six tensor passes;
+    the same operations in the same order, the mean of squares summed in another order (float
+    rounding). Otherwise, and with `STORM_VLM_ATTENTION_KERNEL=0`, transformers' forward."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (hidden_states.dtype == w.dtype == torch.float32 and hidden_states.is_contiguous() and w.is_contiguous()
+                and w.dim() == 1 and _inference_on_cpu(hidden_states, w)):
+            lib = attention_library()
+            if lib is not None:
+                return c_rms_norm(lib, hidden_states, w, self.variance_epsilon)
+        return super().forward(hidden_states)
+
+
+class _Qwen2RMSNormCPU(_RMSNormCPU, Qwen2RMSNorm):
+    pass
+
+
+class _LlamaRMSNormCPU(_RMSNormCPU, LlamaRMSNorm):
+    pass
+
+
+class _GatedMLPCPU(nn.Module):
+    """Llama's / Qwen2's MLP, down(silu(gate(x)) · up(x)) (mixed in before the model's class), whose CPU
+    inference computes silu(gate) · up in one pass of the C kernel, float32 or bfloat16 (under
+    autocast; float32 math rounded once), in place in gate's output, where PyTorch takes two passes
+    and an intermediate tensor the size of the MLP's activation. Otherwise transformers' forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (type(self.act_fn) is SiLUActivation and _inference_on_cpu(x)):
+            return super().forward(x)
+        g, u = self.gate_proj(x), self.up_proj(x)
+        kernel = _SILU_MUL.get(g.dtype)
+        lib = (cpu_kernel.load_library() if kernel and g.dtype == u.dtype and g.shape == u.shape
+               and g.is_contiguous() and u.is_contiguous() and not (g.requires_grad or u.requires_grad) else None)
+        return self.down_proj(self.act_fn(g) * u if lib is None else _one_pass(getattr(lib, kernel), g, u, out=g))
+
+
+class _Qwen2MLPCPU(_GatedMLPCPU, Qwen2MLP):
+    pass
+
+
+class _LlamaMLPCPU(_GatedMLPCPU, LlamaMLP):
+    pass
+
+
+_SILU_MUL = {torch.float32: "storm_silu_mul_f32", torch.bfloat16: "storm_silu_mul_bf16"}
+_LLM_CLASSES = {Qwen2RMSNorm: _Qwen2RMSNormCPU, LlamaRMSNorm: _LlamaRMSNormCPU, Qwen2MLP: _Qwen2MLPCPU,
+                LlamaMLP: _LlamaMLPCPU}
+
+
+def _lean_llm_modules(module: nn.Module) -> None:
+    """Swap the class of every Qwen2 / Llama RMSNorm and MLP under `module` for its CPU variant above
+    (the same object, parameters and state dict)."""
+    for sub in module.modules():
+        if type(sub) in _LLM_CLASSES:
+            sub.__class__ = _LLM_CLASSES[type(sub)]
 
 
 def _plain_layer_norm(norm) -> bool:
@@ -920,4 +992,5 @@ def enable_fast_paths(model, *, decode: bool = True, compile_decode: bool = Fals
             use_storm_sdpa(lm.config)
     _fast_gelu_tanh(model)
     _lean_siglip_layers(model)
+    _lean_llm_modules(model)
     _measured_linears(model)

@@ -1,4 +1,4 @@
-/* LayerNorm (with the residual add) and softmax attention, for CPU inference: a ViT encoder
+/* LayerNorm (with the residual add), RMSNorm and softmax attention, for CPU inference: a ViT encoder
  * layer's (SigLIP's) and the LLM's causal grouped-query prefill attention, called through
  * storm_vlm.model.cpu_attention; built with the scan kernel (cpu_kernel.py), same vector width.
  *
@@ -50,6 +50,27 @@ void storm_add_layer_norm_f32(float *x, const float *res, const float *w, const 
         for (c = 0; c < dv; c += LANES)
             storeu(yr + c, (loadu(xr + c) - mean) * inv * loadu(w + c) + loadu(b + c));
         for (; c < d; c++) yr[c] = (xr[c] - mean) * inv * w[c] + b[c];
+    }
+}
+
+/* rows r0 <= r < r1 of x (rows of d floats): y[r] = w * (x[r] / sqrt(mean(x[r]^2) + eps)) (Llama's /
+ * Qwen2's RMSNorm, in transformers' order of operations), float32. y may be x. */
+void storm_rms_norm_f32(const float *x, const float *w, float eps, float *y, int64_t d, int64_t r0, int64_t r1) {
+    const int64_t dv = d / LANES * LANES;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *xr = x + r * d;
+        float *yr = y + r * d;
+        vf acc = splat(0.0f);
+        float tail = 0.0f;
+        int64_t c = 0;
+        for (; c < dv; c += LANES) {
+            const vf v = loadu(xr + c);
+            acc += v * v;
+        }
+        for (; c < d; c++) tail += xr[c] * xr[c];
+        const float inv = 1.0f / __builtin_sqrtf((hsum(acc) + tail) / (float)d + eps);
+        for (c = 0; c < dv; c += LANES) storeu(yr + c, loadu(w + c) * (loadu(xr + c) * inv));
+        for (; c < d; c++) yr[c] = w[c] * (xr[c] * inv);
     }
 }
 

@@ -38,21 +38,9 @@ static void gemv(const float *x, const float *W, const float *bias, float *y, in
     }
 }
 
-/* sum of a[i] * b[i], i < n */
-static inline float dot(const float *a, const float *b, int64_t n) {
-    vf s = splat(0.0f);
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES) s += loadu(a + i) * loadu(b + i);
-    float out = hsum(s);
-    for (; i < n; i++) out += a[i] * b[i];
-    return out;
-}
-
-/* out = weight * (x / sqrt(mean(x^2) + eps)) (Llama's RMSNorm), x and out (d) */
-static void rms_norm(const float *x, const float *weight, float *out, int64_t d, float eps) {
-    const float r = 1.0f / __builtin_sqrtf(dot(x, x, d) / (float)d + eps);
-    for (int64_t i = 0; i < d; i++) out[i] = weight[i] * (x[i] * r);
-}
+/* from _attention_kernel.c and _elementwise_kernel.c (one library) */
+void storm_rms_norm_f32(const float *x, const float *w, float eps, float *y, int64_t d, int64_t r0, int64_t r1);
+void storm_silu_mul_f32(const float *g, const float *u, float *y, int64_t n);
 
 /* v = v * cos + rotate_half(v) * sin for each of `count` vectors of hd (rotate_half(v) = (-v2, v1)) */
 static void rotary(float *v, int64_t count, int64_t hd, const float *cos, const float *sin) {
@@ -193,19 +181,6 @@ static void attend(const float *q, const float *KT, int64_t ktg, const void *V, 
     }
 }
 
-/* gu[i] = silu(gu[i]) * gu[inter + i] for i < inter, in place in the first half */
-static void silu_mul(float *gu, int64_t inter) {
-    int64_t i = 0;
-    for (; i + LANES <= inter; i += LANES) {
-        const vf g = loadu(gu + i);
-        storeu(gu + i, vsilu(g) * loadu(gu + inter + i));
-    }
-    for (; i < inter; i++) {
-        const float g = gu[i];
-        gu[i] = vsilu(splat(g))[0] * gu[inter + i];
-    }
-}
-
 /* Floats of scratch storm_decode_f32 needs for a cache of T positions and `threads` threads. */
 int64_t storm_decode_scratch(int64_t d, int64_t heads, int64_t kv_heads, int64_t hd, int64_t inter, int64_t T,
                              int64_t threads) {
@@ -270,7 +245,7 @@ static void step_run(step_args *a, int tid) {
     void *const *kv = a->kv;
     float *const *kt = a->kt;
     for (int64_t l = 0; l < a->layers; l++, w += 16, kv += 2, kt++) {
-        if (tid == 0) rms_norm(h, w[0], x, d, a->eps);
+        if (tid == 0) storm_rms_norm_f32(h, w[0], a->eps, x, d, 0, 1);
         barrier_wait(&a->barrier, &sense);
         gemv_part(a, tid, x, w[2], w[3], qkv, d, nq, 0);
         gemv_part(a, tid, x, w[4], w[5], qkv + nq, d, nk, 0);
@@ -290,17 +265,17 @@ static void step_run(step_args *a, int tid) {
         barrier_wait(&a->barrier, &sense);
         gemv_part(a, tid, att, w[8], w[9], h, nq, d, 1);
         barrier_wait(&a->barrier, &sense);
-        if (tid == 0) rms_norm(h, w[1], x, d, a->eps);
+        if (tid == 0) storm_rms_norm_f32(h, w[1], a->eps, x, d, 0, 1);
         barrier_wait(&a->barrier, &sense);
         gemv_part(a, tid, x, w[10], w[11], gu, d, inter, 0);
         gemv_part(a, tid, x, w[12], w[13], gu + inter, d, inter, 0);
         barrier_wait(&a->barrier, &sense);
-        if (tid == 0) silu_mul(gu, inter);
+        if (tid == 0) storm_silu_mul_f32(gu, gu + inter, gu, inter);
         barrier_wait(&a->barrier, &sense);
         gemv_part(a, tid, gu, w[14], w[15], h, inter, d, 1);
         barrier_wait(&a->barrier, &sense);
     }
-    if (tid == 0) rms_norm(h, a->norm_w, x, d, a->norm_eps);
+    if (tid == 0) storm_rms_norm_f32(h, a->norm_w, a->norm_eps, x, d, 0, 1);
     barrier_wait(&a->barrier, &sense);
     gemv_part(a, tid, x, a->head_w, a->head_b, a->logits, d, a->vocab, 0);
 }

@@ -6,6 +6,9 @@
  * 2u = x (c + c * 0.044715 x^2), c = 2 sqrt(2 / pi), with sigmoid through the exp2 of _vec.h: float32
  * math, within float rounding of the tanh form. PyTorch takes four passes for it in float32 (or one
  * pass through a slow vectorised tanh), and in bfloat16 one pass that is slower still.
+ *
+ * SiLU gate (Llama's / Qwen2's MLP): silu(g) * u in one pass, where PyTorch takes two (and a tensor
+ * between them the size of the MLP's activation).
  */
 #include "_vec.h"
 
@@ -31,6 +34,24 @@ void storm_gelu_tanh_bf16(const uint16_t *x, uint16_t *y, int64_t n) {
         memcpy(y + i, &out, sizeof out);
     }
     for (; i < n; i++) y[i] = (uint16_t)round_bf16(gelu_tanh(splat(bf16_to_f32(x[i]))))[0];
+}
+
+/* y[i] = silu(g[i]) * u[i], i < n, float32 (y may be g or u) */
+void storm_silu_mul_f32(const float *g, const float *u, float *y, int64_t n) {
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) storeu(y + i, vsilu(loadu(g + i)) * loadu(u + i));
+    for (; i < n; i++) y[i] = vsilu(splat(g[i]))[0] * u[i];
+}
+
+/* The same on bfloat16 values, computed in float32 and rounded once as torch rounds */
+void storm_silu_mul_bf16(const uint16_t *g, const uint16_t *u, uint16_t *y, int64_t n) {
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        const vbf out = __builtin_convertvector(round_bf16(vsilu(load_bf16(g + i)) * load_bf16(u + i)), vbf);
+        memcpy(y + i, &out, sizeof out);
+    }
+    for (; i < n; i++)
+        y[i] = (uint16_t)round_bf16(vsilu(splat(bf16_to_f32(g[i]))) * bf16_to_f32(u[i]))[0];
 }
 
 /* Mamba's depthwise causal conv and SiLU, one pass: out[t, c] = silu(bias[c] + sum_k w[k, c] x[t + k - K + 1, c])
