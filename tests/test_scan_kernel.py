@@ -124,6 +124,29 @@ def test_extreme_values_match_reference():
     torch.testing.assert_close(out[fin], ref[fin], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_kernel_softplus_is_torch_softplus(monkeypatch, isa):
+    """With A = 0, B = C = u = 1 and no D the scan's output is the step size itself: the kernel's
+    softplus against torch's (float64) over -80..40 (both tails, the threshold at 20, NaN, -inf: +inf
+    makes the scan's decay exp(inf · 0) NaN)."""
+    if not isa_runs(isa):
+        pytest.skip(f"this CPU does not run {isa}")
+    lib = cpu_kernel.build(isa)
+    monkeypatch.setattr(cpu_kernel, "load", lambda *a, **k: lib)
+    calls = _calls(monkeypatch)
+    x = torch.cat([torch.linspace(-80, 40, 20001), torch.tensor([20.0, 20.000002, 19.999998, 0.0, -0.0,
+                                                                 float("-inf"), float("nan")])])
+    d = x.numel()
+    ones = torch.ones(1, 1, 1)
+    out = selective_scan(torch.ones(1, d, 1), x.view(1, d, 1), torch.zeros(d, 1), ones, ones, delta_softplus=True)
+    assert calls
+    ref = torch.nn.functional.softplus(x.double())
+    # exp's float32 argument x · log2(e) is rounded: a relative error growing as ~6e-8 |x|
+    torch.testing.assert_close(out.view(-1).double(), ref, rtol=5e-6, atol=0, equal_nan=True)
+    body = x.abs() < 5
+    torch.testing.assert_close(out.view(-1)[body].double(), ref[body], rtol=5e-7, atol=0)
+
+
 def test_nan_stays_nan_in_the_kernel(monkeypatch):
     calls = _calls(monkeypatch)
     t = {k: (v.detach().clone() if v is not None else None) for k, v in _inputs(torch.float32, d=16, L=20).items()}
