@@ -55,19 +55,20 @@ void storm_silu_mul_bf16(const uint16_t *g, const uint16_t *u, uint16_t *y, int6
 }
 
 /* Mamba's depthwise causal conv and SiLU, one pass: out[t, c] = silu(bias[c] + sum_k w[k, c] x[t + k - K + 1, c])
- * for rows t0 <= t < t1 of one sequence, x and out (L, d) time-major (channels contiguous), wT the conv
+ * for rows t0 <= t < t1 of one sequence, x (L, d) time-major with rows xs floats apart (channels
+ * contiguous: a column slice of the in-projection's output needs no copy), out (L, d) contiguous, wT the conv
  * weight transposed to (K, d), bias (d) or NULL; before the sequence, prefix (K - 1, d) (a carried
  * conv state), or zeros where NULL. reverse: the same conv over x flipped along L, flipped back
  * (anti-causal: tap k reads x[t + K - 1 - k], zeros after the end; prefix unused). PyTorch takes six
  * passes for it (a padded copy, one multiply-add per tap, the SiLU). */
-static inline float tap_value(const float *x, const float *prefix, int64_t s, int64_t L, int64_t d, int64_t c,
-                              int64_t K) {
-    if (s >= 0 && s < L) return x[s * d + c];
+static inline float tap_value(const float *x, int64_t xs, const float *prefix, int64_t s, int64_t L, int64_t d,
+                              int64_t c, int64_t K) {
+    if (s >= 0 && s < L) return x[s * xs + c];
     return (s < 0 && prefix) ? prefix[(s + K - 1) * d + c] : 0.0f;
 }
 
-void storm_dwconv_silu_f32(const float *x, const float *wT, const float *bias, const float *prefix, float *out,
-                           int64_t L, int64_t d, int64_t K, int reverse, int64_t t0, int64_t t1) {
+void storm_dwconv_silu_f32(const float *x, int64_t xs, const float *wT, const float *bias, const float *prefix,
+                           float *out, int64_t L, int64_t d, int64_t K, int reverse, int64_t t0, int64_t t1) {
     const int64_t dv = d / LANES * LANES;
     for (int64_t t = t0; t < t1; t++) {
         /* rows whose taps all lie inside x take the vector loop; the first / last K - 1 rows the generic one */
@@ -78,7 +79,7 @@ void storm_dwconv_silu_f32(const float *x, const float *wT, const float *bias, c
                 vf acc = bias ? loadu(bias + c) : splat(0.0f);
                 for (int64_t k = 0; k < K; k++) {
                     const int64_t s = reverse ? t + K - 1 - k : t + k - K + 1;
-                    acc += loadu(wT + k * d + c) * loadu(x + s * d + c);
+                    acc += loadu(wT + k * d + c) * loadu(x + s * xs + c);
                 }
                 storeu(out + t * d + c, vsilu(acc));
             }
@@ -86,8 +87,8 @@ void storm_dwconv_silu_f32(const float *x, const float *wT, const float *bias, c
         for (; c < d; c++) {
             float acc = bias ? bias[c] : 0.0f;
             for (int64_t k = 0; k < K; k++)
-                acc += wT[k * d + c] * tap_value(x, reverse ? NULL : prefix, reverse ? t + K - 1 - k : t + k - K + 1,
-                                                 L, d, c, K);
+                acc += wT[k * d + c] * tap_value(x, xs, reverse ? NULL : prefix,
+                                                 reverse ? t + K - 1 - k : t + k - K + 1, L, d, c, K);
             out[t * d + c] = vsilu(splat(acc))[0];
         }
     }

@@ -109,14 +109,16 @@ def _conv_silu(x: Tensor, weight: Tensor, bias: Tensor | None, reverse: bool, pr
     lib = cpu_kernel.load_library() if use_kernel else None
     if lib is None:
         return F.silu(_depthwise_conv(x, weight, bias, reverse, prefix).to(x.dtype))
-    x = x.contiguous()
+    if x.stride(2) != 1:  # rows may sit apart (x a column slice of in_proj's output), channels not
+        x = x.contiguous()
     w_t = weight[:, 0, :].t().contiguous()  # (K, d): one tap's weights for every channel, contiguous
     bias = None if bias is None else bias.contiguous()
     prefix = None if prefix is None else prefix.to(torch.float32).contiguous()  # (B, K - 1, d)
-    out = torch.empty_like(x)
-    row = L * d * x.element_size()
-    calls = [(x.data_ptr() + b * row, w_t.data_ptr(), None if bias is None else bias.data_ptr(),
-              None if prefix is None else prefix[b].data_ptr(), out.data_ptr() + b * row, L, d, K, int(reverse), t0, t1)
+    out = x.new_empty(bsz, L, d)
+    size = x.element_size()
+    calls = [(x.data_ptr() + b * x.stride(0) * size, x.stride(1), w_t.data_ptr(),
+              None if bias is None else bias.data_ptr(), None if prefix is None else prefix[b].data_ptr(),
+              out.data_ptr() + b * L * d * size, L, d, K, int(reverse), t0, t1)
              for b in range(bsz) for t0, t1 in _threads.spans(L, _CONV_ROWS)]
     _threads.run_all(lib.storm_dwconv_silu_f32, calls)
     return out
