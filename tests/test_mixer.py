@@ -111,13 +111,14 @@ def test_c_conv_silu_equals_the_tensor_conv(isa, monkeypatch):
                                    rtol=1e-5, atol=1e-6)
     assert len(calls) >= 5
     xz = torch.randn(2, 70, 74, generator=g)  # x as the mixer passes it: a column slice of in_proj's output
-    w, b = torch.randn(37, 1, 4, generator=g), torch.randn(37, generator=g)
+    x, w, b = xz[..., 37:], torch.randn(37, 1, 4, generator=g), torch.randn(37, generator=g)
     for reverse in (False, True):
+        calls.clear()
         with torch.no_grad():
-            got = mixer_mod._conv_silu(xz[..., 37:], w, b, reverse)
-        torch.testing.assert_close(got, torch.nn.functional.silu(mixer_mod._depthwise_conv(xz[..., 37:].contiguous(),
-                                                                                          w, b, reverse)),
-                                   rtol=1e-5, atol=1e-6)
+            got = mixer_mod._conv_silu(x, w, b, reverse)
+        assert calls[-1][:2] == (x[1].data_ptr(), 74)  # read in place, rows 74 floats apart: no copy
+        want = torch.nn.functional.silu(mixer_mod._depthwise_conv(x.contiguous(), w, b, reverse))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(RuntimeError):  # shapes that do not fit: the tensor conv's own error, no read out of bounds
         mixer_mod._conv_silu(torch.randn(1, 8, 40), torch.randn(16, 1, 4), None, False)
     x, w, b = torch.randn(1, 900, 40, generator=g), torch.randn(40, 1, 4, generator=g), torch.randn(40, generator=g)
