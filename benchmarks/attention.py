@@ -7,8 +7,9 @@
 Attention: the vision tower's per-frame case (every key visible: frames x 64 patches x 1 head of 72
 at bench-cpu's width, 1024 patches x 16 heads of 72 for SigLIP-so400m) and the LLM's causal
 grouped-query prefill (7 query heads of 32 on 1 KV head for bench-cpu, 28 of 128 on 4 for
-Qwen2-7B; also a prompt continuing a cache, where SDPA gets the mask transformers builds), each against `scaled_dot_product_attention` on the same views (PyTorch's CPU flash
-kernel), in float32 and bfloat16 (what autocast hands over). LayerNorm against `nn.LayerNorm`.
+Qwen2-7B; also a prompt continuing a cache, where SDPA gets the mask transformers builds), each
+against `scaled_dot_product_attention` on the same views (PyTorch's CPU flash kernel), in float32
+and bfloat16 (what autocast hands over). LayerNorm against `nn.LayerNorm`.
 Times are the best of `--repeats` alternating runs of each (CPU time of this process); GFLOP/s
 count QK and PV (causal: half). `--models` also times the bench-cpu model's vision tower (128
 frames) and LLM prefill (2052 tokens) with the kernels on and off (STORM_VLM_ATTENTION_KERNEL),

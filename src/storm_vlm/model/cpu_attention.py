@@ -44,26 +44,26 @@ def attention_library():
     return None if cpu_kernel.switched_off(ATTENTION_KERNEL_ENV) else cpu_kernel.load_library()
 
 
-def c_layer_norm(lib, x: torch.Tensor, norm: nn.LayerNorm, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """norm(x) in one C pass per row (float32, contiguous); with `residual`, x += residual first, in place."""
+def _by_rows(fn, x: torch.Tensor, *args) -> torch.Tensor:
+    """y = fn(*args, y, d, r0, r1) of a C row kernel over x's rows of d (a new y like x), the rows
+    split over torch's threads."""
     y = torch.empty_like(x)
     d = x.shape[-1]
-    args = (x.data_ptr(), None if residual is None else residual.data_ptr(), norm.weight.data_ptr(),
-            norm.bias.data_ptr(), norm.eps, y.data_ptr(), d)
     rows = _threads.spans(x.numel() // d, max(1, _LN_ELEMENTS // d))
-    _threads.run_all(lib.storm_add_layer_norm_f32, [(*args, r0, r1) for r0, r1 in rows])
+    _threads.run_all(fn, [(*args, y.data_ptr(), d, r0, r1) for r0, r1 in rows])
     return y
+
+
+def c_layer_norm(lib, x: torch.Tensor, norm: nn.LayerNorm, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """norm(x) in one C pass per row (float32, contiguous); with `residual`, x += residual first, in place."""
+    return _by_rows(lib.storm_add_layer_norm_f32, x, x.data_ptr(), None if residual is None else residual.data_ptr(),
+                    norm.weight.data_ptr(), norm.bias.data_ptr(), norm.eps)
 
 
 def c_rms_norm(lib, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama's / Qwen2's RMSNorm of x (float32, contiguous, weight float32 of x's last size) in one C
     pass per row: weight · x / sqrt(mean(x²) + eps)."""
-    y = torch.empty_like(x)
-    d = x.shape[-1]
-    args = (x.data_ptr(), weight.data_ptr(), eps, y.data_ptr(), d)
-    rows = _threads.spans(x.numel() // d, max(1, _LN_ELEMENTS // d))
-    _threads.run_all(lib.storm_rms_norm_f32, [(*args, r0, r1) for r0, r1 in rows])
-    return y
+    return _by_rows(lib.storm_rms_norm_f32, x, x.data_ptr(), weight.data_ptr(), eps)
 
 
 def c_attention(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, scale: float,

@@ -10,10 +10,10 @@
  * softmax runs on those four rows of scores, each held whole (exp2 of _vec.h; causal rows stop at
  * their own position, after any cached positions); the values, copied with their columns padded to
  * whole vectors, are summed into four rows of outputs at a time. A frame's keys (64-1024) stay in
- * L1 / L2; an LLM prompt's transposed keys take 4 * Lk * hd bytes per thread. Differs from PyTorch's SDPA by float rounding only; a NaN
- * query row gives NaN, as eager attention does (PyTorch's CPU flash kernel writes 0). bfloat16 arrays
- * (under autocast) are widened as they are copied and the output rounded as torch rounds; the
- * arithmetic is float32 either way.
+ * L1 / L2; an LLM prompt's transposed keys take 4 * Lk * hd bytes per thread. Differs from PyTorch's
+ * SDPA by float rounding only; a NaN query row gives NaN, as eager attention does (PyTorch's CPU
+ * flash kernel writes 0). bfloat16 arrays (under autocast) are widened as they are copied and the
+ * output rounded as torch rounds; the arithmetic is float32 either way.
  */
 #include "_vec.h"
 
@@ -132,9 +132,9 @@ static inline float element(const void *p, int64_t i, int bf16) {
 /* o = softmax(scale q k^T) v per (batch, head): every key visible, or causal (query t sees keys
  * 0..Lk - L + t: the last L of Lk positions, as after a cache of Lk - L). q, o: element (b, h, t, c)
  * at b * s[0] + h * s[1] + t * s[2] + c (strides in elements); k, v: the same with kv head
- * g = h / (heads / kv_heads) (grouped-query heads share their KV head). L queries, Lk >= L keys (Lk = L
- * without causal), head size hd. bf16 = 0: every array float32; 1: every array bfloat16 (computed in float32,
- * o rounded as torch rounds). Runs the pairs p0 <= p < p1, p = b * heads + h; consecutive heads of one
+ * g = h / (heads / kv_heads) (grouped-query heads share their KV head). L queries, Lk >= L keys
+ * (Lk = L without causal), head size hd. bf16 = 0: every array float32; 1: every array bfloat16
+ * (computed in float32, o rounded as torch rounds). Runs the pairs p0 <= p < p1, p = b * heads + h; consecutive heads of one
  * KV head reuse its transposed keys. Returns 0, or 1 when its scratch could not be allocated (nothing
  * written then). */
 int storm_attention(const void *q, const int64_t *qs, const void *k, const int64_t *ks, const void *v,

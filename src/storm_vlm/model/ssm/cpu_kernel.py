@@ -65,8 +65,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["load", "load_library", "build", "enabled", "switched_off", "scan_forward", "scan_backward", "cache_dir", "cpu_flags",
-           "detect_isa", "selected_isa", "ISAS", "Isa", "UnsafeCacheError"]
+__all__ = ["load", "load_library", "build", "enabled", "switched_off", "scan_forward", "scan_backward", "cache_dir",
+           "cpu_flags", "detect_isa", "selected_isa", "ISAS", "Isa", "UnsafeCacheError"]
 
 logger = logging.getLogger("storm_vlm.model.ssm")
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("_scan_kernel.c", "_decode_kernel.c", "_elementwise_kernel.c",
