@@ -206,6 +206,9 @@ def test_reference_backward_is_linear_in_length():
         (dict(delta=torch.zeros(2, 6, 11, dtype=torch.float64)), r"share a dtype"),
         (dict(u=torch.zeros(2, 6, 11, dtype=torch.long)), r"floating-point"),
         (dict(A=torch.zeros(6, 4, dtype=torch.complex64)), r"complex A"),
+        (dict(delta_proj=torch.zeros(5, 3)), r"delta_proj must be \(dim, R\) = \(6, R\), got shape \(5, 3\)"),
+        (dict(delta_proj=torch.zeros(6, 3)),
+         r"with delta_proj \(6, 3\), delta must be \(batch, R, L\) = \(2, 3, 11\), got shape \(2, 6, 11\)"),
     ],
 )
 @pytest.mark.parametrize("fn", [selective_scan, selective_scan_reference])
@@ -214,6 +217,34 @@ def test_bad_inputs_raise_value_error(fn, override, match):
     t.update(override)
     with pytest.raises(ValueError, match=match):
         fn(**t)
+
+
+def factored_delta(t: dict, rank: int, seed: int = 2) -> dict:
+    """``t`` with delta given as its factor: delta (b, R, L), a column slice of a time-major (b, L, R + 5)
+    tensor as the mixer's dt is of x_proj's output, and delta_proj (d, R); they require grad if u does."""
+    b, d, L = t["u"].shape
+    g = torch.Generator().manual_seed(seed)
+    grad = t["u"].requires_grad
+    wide = (torch.randn(b, L, rank + 5, generator=g, dtype=t["u"].dtype) * 0.5).requires_grad_(grad)
+    proj = (torch.randn(d, rank, generator=g, dtype=t["u"].dtype) * rank**-0.5).requires_grad_(grad)
+    return dict(t, delta=wide[..., :rank].transpose(1, 2), delta_proj=proj)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_factored_delta_equals_the_full_delta_with_gradients(reverse):
+    """delta given as (b, R, L) with delta_proj (d, R) is the scan of delta_proj @ delta, gradients
+    (to the factor and to delta_proj) included, on the fast path and the reference."""
+    t = factored_delta(_inputs(torch.float64, b=2, d=6, L=23, n=4, h0=True), rank=3)
+    full = dict(t, delta=t["delta_proj"] @ t["delta"], delta_proj=None)
+    for fn in (selective_scan, selective_scan_reference):
+        out, last = fn(**t, delta_softplus=True, return_last_state=True, reverse=reverse)
+        ref_out, ref_last = selective_scan_reference(**full, delta_softplus=True, return_last_state=True,
+                                                     reverse=reverse)
+        torch.testing.assert_close((out, last), (ref_out, ref_last))
+        leaves = [t["delta_proj"], t["u"], t["A"]]
+        got = torch.autograd.grad(out.square().sum() + last.sum(), leaves + [t["delta"]], retain_graph=True)
+        want = torch.autograd.grad(ref_out.square().sum() + ref_last.sum(), leaves + [t["delta"]], retain_graph=True)
+        torch.testing.assert_close(got, want)
 
 
 def test_nan_and_inf_propagate():

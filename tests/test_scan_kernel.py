@@ -10,7 +10,7 @@ import torch
 
 from storm_vlm.model.ssm import cpu_kernel, fast_scan, selective_scan, selective_scan_reference
 from helpers import isa_runs
-from test_scan import _assert_close, _inputs, _run
+from test_scan import _assert_close, _inputs, _run, factored_delta
 
 pytestmark = pytest.mark.skipif(cpu_kernel.load() is None, reason="no C compiler: the kernel is optional")
 
@@ -222,6 +222,48 @@ def test_each_isa_path_equals_reference(monkeypatch, pytorch_path, isa, lanes):
         got = _run(selective_scan, t, True, reverse=reverse, chunk=8)
         assert calls and bwd_calls
         _assert_close(got, _run(selective_scan_reference, t, True, reverse=reverse), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("isa,lanes", VARIANTS, ids=[f"{i}-{n or 'own'}" for i, n in VARIANTS])
+def test_each_isa_path_forms_delta_from_its_factor(monkeypatch, isa, lanes):
+    """Inference with delta given as its factor (b, R, L) and delta_proj (d, R): the kernel forms the
+    product itself, tile by tile (the factor read at its row stride), equal to the reference on the
+    full delta; also split over threads, at R = 1, odd R and R = 4 N. Autograd, and R > 4 N, take the
+    full delta (formed first) instead."""
+    if not isa_runs(isa):
+        pytest.skip(f"this CPU does not run {isa} (test_every_isa_path_compiles builds it)")
+    lib = cpu_kernel.build(isa, lanes)
+    monkeypatch.setattr(cpu_kernel, "load", lambda *a, **k: lib)
+    monkeypatch.setattr(fast_scan, "_PARALLEL_MIN_WORK", 0)
+    fused = []
+    real = cpu_kernel.scan_forward
+    monkeypatch.setattr(cpu_kernel, "scan_forward",
+                        lambda *a, **k: fused.append(k.get("delta_proj") is not None) or real(*a, **k))
+    prev = torch.get_num_threads()
+    try:
+        for b, d, L, n, rank, reverse, threads in [
+                (2, 37, 70, 16, 14, False, 1),  # the bench projector's R, ragged vector, two tiles
+                (1, 40, 130, 4, 16, True, 3),  # R = 4 N, reverse, three threads
+                (3, 16, 1, 4, 1, False, 1)]:  # R = 1, L = 1
+            t = factored_delta(_inputs(torch.float32, b=b, d=d, L=L, n=n, h0=b == 2), rank)
+            full = dict(t, delta=t["delta_proj"] @ t["delta"], delta_proj=None)
+            torch.set_num_threads(threads)
+            fused.clear()
+            with torch.no_grad():
+                got = selective_scan(**t, delta_softplus=True, return_last_state=True, reverse=reverse)
+            assert fused and all(fused), "the kernel did not form delta from its factor"
+            want = selective_scan_reference(**full, delta_softplus=True, return_last_state=True, reverse=reverse)
+            torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+        torch.set_num_threads(1)
+        t = factored_delta(_inputs(torch.float32, d=24, L=40, n=2), rank=9)  # R > 4 N
+        for grad in (False, True):  # with grad: the kernel's backward needs the full delta
+            fused.clear()
+            with torch.set_grad_enabled(grad):
+                got = selective_scan(**t, delta_softplus=True)
+            assert fused == [False]
+            torch.testing.assert_close(got, selective_scan_reference(**t, delta_softplus=True), rtol=2e-5, atol=2e-5)
+    finally:
+        torch.set_num_threads(prev)
 
 
 def test_channel_ranges_follow_the_vector_width(monkeypatch):

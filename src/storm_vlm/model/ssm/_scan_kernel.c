@@ -80,6 +80,8 @@ typedef struct {
     strided u, dl, z;
     const float *A2, *BT, *CT, *Dv, *bias;
     int softplus, reverse;
+    const float *dtW; /* forward only: NULL, or (dim, R) contiguous when dl holds delta's low-rank factor */
+    int64_t R;
 } scan_args;
 
 /* B[n] (or C[n]) of this step: a broadcast scalar, or the block's constant vector */
@@ -94,6 +96,22 @@ static inline void load_cols(vf *dst, const float *src, int64_t c, int64_t w, in
     }
 }
 
+/* tile[t] = sum_r W[r] * dt[t * st + r * sr] for t < nt: delta's tile from its low-rank factor dt
+ * (the mixer's dt_proj product done here, where its L x dim result never goes through memory) */
+static void lowrank_tile(vf *tile, const vf *W, const float *dt, int64_t st, int64_t sr, int64_t nt, int64_t R) {
+    for (int64_t t = 0; t < nt; t++) {
+        const float *row = dt + t * st;
+        vf acc0 = splat(0.0f), acc1 = splat(0.0f);
+        int64_t r = 0;
+        for (; r + 1 < R; r += 2) {
+            acc0 += W[r] * row[r * sr];
+            acc1 += W[r + 1] * row[(r + 1) * sr];
+        }
+        if (r < R) acc0 += W[r] * row[r * sr];
+        tile[t] = acc0 + acc1;
+    }
+}
+
 /* One block: batch b, channels [c, c + w) of group grp. h0: NULL (start from 0) or (batch, dim, N). */
 static inline __attribute__((always_inline)) void scan_block(const scan_args *a, int64_t b, int64_t c, int64_t w,
                                                              int64_t grp, const float *h0, strided_out o,
@@ -103,10 +121,11 @@ static inline __attribute__((always_inline)) void scan_block(const scan_args *a,
     const int reverse = a->reverse, softplus = a->softplus;
     const strided u = a->u, dl = a->dl, z = a->z;
     const int64_t hd = dim / a->groups;
-    vf h[N], a2[N], bv[bconst ? N : 1], cv[cconst ? N : 1];
+    vf h[N], a2[N], bv[bconst ? N : 1], cv[cconst ? N : 1], wdt[a->dtW ? a->R : 1];
     vf tu[TILE], td[TILE], tz[TILE], ty[TILE];
     vf Dvec = splat(0.0f), bvec = splat(0.0f);
     load_cols(a2, a->A2, c, w, N);
+    if (a->dtW) load_cols(wdt, a->dtW, c, w, a->R);
     if (bconst) load_cols(bv, a->BT, c, w, N);
     if (cconst) load_cols(cv, a->CT, c, w, N);
     for (int64_t n = 0; n < N; n++) {
@@ -126,7 +145,10 @@ static inline __attribute__((always_inline)) void scan_block(const scan_args *a,
         const int64_t t0 = tile * TILE;
         const int64_t nt = (L - t0) < TILE ? (L - t0) : TILE;
         load_tile(tu, u.p + b * u.sb + t0 * u.st + c * u.sc, u.st, u.sc, nt, w);
-        load_tile(td, dl.p + b * dl.sb + t0 * dl.st + c * dl.sc, dl.st, dl.sc, nt, w);
+        if (a->dtW)
+            lowrank_tile(td, wdt, dl.p + b * dl.sb + t0 * dl.st, dl.st, dl.sc, nt, a->R);
+        else
+            load_tile(td, dl.p + b * dl.sb + t0 * dl.st + c * dl.sc, dl.st, dl.sc, nt, w);
         if (z.p) load_tile(tz, z.p + b * z.sb + t0 * z.st + c * z.sc, z.st, z.sc, nt, w);
         /* the step sizes of the whole tile first: the softplus is a long chain of dependent operations
          * (exp2, log, two divisions), which inside the time loop would delay every step's decays */
@@ -183,19 +205,22 @@ SCAN_BLOCK(0, 1)
 SCAN_BLOCK(1, 0)
 SCAN_BLOCK(1, 1)
 
-/* Scan channels [c0, c1) of every batch element. bconst / cconst: B / C are (dim, N) constants;
- * h0: NULL (start from 0) or the initial state (batch, dim, N); states: NULL, or (L/chunk + 1,
+/* Scan channels [c0, c1) of every batch element. delta: (batch, L, dim) through its strides or, when
+ * dtW (dim, R) is given, its low-rank factor dt (batch, L, R) through the same strides (the channel
+ * stride then steps over R), delta = dt dtW^T computed tile by tile. bconst / cconst: B / C are
+ * (dim, N) constants; h0: NULL (start from 0) or the initial state (batch, dim, N); states: NULL, or (L/chunk + 1,
  * batch, groups, N, dim/groups) receiving the state entering each processed chunk (index 0 is left
  * alone); last: NULL, or (batch, dim, N) receiving the final state. Returns 0. */
 int storm_scan_fwd_f32(int64_t batch, int64_t L, int64_t dim, int64_t groups, int64_t N, const float *u,
                        int64_t u_sb, int64_t u_st, int64_t u_sc, const float *delta, int64_t d_sb, int64_t d_st,
-                       int64_t d_sc, const float *z, int64_t z_sb, int64_t z_st, int64_t z_sc, const float *A2,
-                       const float *BT, const float *CT, int bconst, int cconst, const float *Dv, const float *bias,
-                       int softplus, int reverse, const float *h0, float *out, int64_t o_sb, int64_t o_st,
-                       int64_t o_sc, float *states, int64_t chunk, float *last, int64_t c0, int64_t c1) {
+                       int64_t d_sc, const float *dtW, int64_t R, const float *z, int64_t z_sb, int64_t z_st,
+                       int64_t z_sc, const float *A2, const float *BT, const float *CT, int bconst, int cconst,
+                       const float *Dv, const float *bias, int softplus, int reverse, const float *h0, float *out,
+                       int64_t o_sb, int64_t o_st, int64_t o_sc, float *states, int64_t chunk, float *last,
+                       int64_t c0, int64_t c1) {
     const int64_t hd = dim / groups;
     const scan_args a = {batch, L, dim, groups, N, chunk, {u, u_sb, u_st, u_sc}, {delta, d_sb, d_st, d_sc},
-                         {z, z_sb, z_st, z_sc}, A2, BT, CT, Dv, bias, softplus, reverse};
+                         {z, z_sb, z_st, z_sc}, A2, BT, CT, Dv, bias, softplus, reverse, dtW, R};
     const strided_out o = {out, o_sb, o_st, o_sc};
     void (*block)(const scan_args *, int64_t, int64_t, int64_t, int64_t, const float *, strided_out, float *,
                   float *) = bconst ? (cconst ? scan_block_11 : scan_block_10)
@@ -396,7 +421,7 @@ int storm_scan_bwd_f32(int64_t batch, int64_t L, int64_t dim, int64_t groups, in
                        float *gBT, float *gCT, float *gh0, int64_t c0, int64_t c1) {
     const int64_t hd = dim / groups;
     const scan_args a = {batch, L, dim, groups, N, chunk, {u, u_sb, u_st, u_sc}, {delta, d_sb, d_st, d_sc},
-                         {z, z_sb, z_st, z_sc}, A2, BT, CT, Dv, bias, softplus, reverse};
+                         {z, z_sb, z_st, z_sc}, A2, BT, CT, Dv, bias, softplus, reverse, NULL, 0};
     const grad_args g = {{gout, g_sb, g_st, g_sc}, states, glast, {gu, gu_sb, gu_st, gu_sc},
                          {gdelta, gd_sb, gd_st, gd_sc}, {gz, gz_sb, gz_st, gz_sc}, gA, gD, gbias, gBT, gCT, gh0};
     int (*block)(const scan_args *, const grad_args *, int64_t, int64_t, int64_t, int64_t) =

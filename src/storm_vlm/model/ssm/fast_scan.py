@@ -59,7 +59,7 @@ from torch import Tensor
 
 from storm_vlm.model.ssm import _threads, cpu_kernel
 
-__all__ = ["chunked_scan", "DEFAULT_CHUNK", "auto_chunk"]
+__all__ = ["chunked_scan", "project_delta", "fuses_delta_proj", "DEFAULT_CHUNK", "auto_chunk"]
 
 LOG2E = 1.0 / math.log(2.0)
 DEFAULT_CHUNK = None  # chosen per shape by ``auto_chunk``
@@ -271,9 +271,11 @@ def _autocast_off(device_type: str):
 
 class _ChunkedScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus, reverse, chunk, want_last, cdt):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus, reverse, chunk, want_last, cdt,
+                delta_proj=None):
         # u, delta, z: (b, d, L); A: (d, n); B, C: (b, g, n, L), or (d, n) when constant over time;
-        # D, delta_bias: (d,); h0: initial state (b, d, n) or None
+        # D, delta_bias: (d,); h0: initial state (b, d, n) or None. delta_proj (d, R): delta is its
+        # factor (b, R, L), given only where the kernel runs without autograd (``fuses_delta_proj``)
         b, d, L = u.shape
         n = A.shape[1]
         g = next((x.shape[1] for x in (B, C) if x.dim() == 4), 1)
@@ -300,7 +302,7 @@ class _ChunkedScan(torch.autograd.Function):
         lib = _kernel_for(u, cdt)
         if lib is not None:
             _kernel_forward(lib, u, delta, z, A, BT, CT, g, D, delta_bias, h0, softplus, reverse, yT,
-                            h_in if need_grad else None, T, last_bdn)
+                            h_in if need_grad else None, T, last_bdn, delta_proj)
         else:
             P = _Prep((b, L, d), None, None, None, A, BT, CT, D, delta_bias, g, cdt)
             src = [None if x is None else _time_major(x).reshape(b, L, g, hd) for x in (u, delta, z)]
@@ -335,7 +337,7 @@ class _ChunkedScan(torch.autograd.Function):
         lib = _kernel_for(u, cdt)
         if lib is not None:
             return _kernel_backward(lib, u, delta, z, A, BT, CT, g, D, delta_bias, h_in, has_h0, T, softplus, reverse,
-                                    gout, glast, ctx.time_major) + (None,) * 5
+                                    gout, glast, ctx.time_major) + (None,) * 6
         uT, dT, zT = _time_major(u), _time_major(delta), _time_major(z)
         b, L, d = uT.shape
         n = A.shape[1]
@@ -385,7 +387,7 @@ class _ChunkedScan(torch.autograd.Function):
         tm_u, tm_d, tm_z = ctx.time_major
         g_z = None if grads["z"] is None else _like_input(grads["z"], tm_z)
         return (_like_input(grads["u"], tm_u), _like_input(grads["delta"], tm_d), gA, g_B, g_C, g_D, g_z, g_bias,
-                g_h0, None, None, None, None, None)
+                g_h0, None, None, None, None, None, None)
 
 
 def _kernel_for(u: Tensor, cdt: torch.dtype):
@@ -402,12 +404,15 @@ def _kernel_inputs(u, delta, z, A, D, delta_bias):
             None if delta_bias is None else delta_bias.to(f32).contiguous())
 
 
-def _kernel_forward(lib, u, delta, z, A, BT, CT, g, D, delta_bias, h0, softplus, reverse, yT, h_in, T, last_bdn):
+def _kernel_forward(lib, u, delta, z, A, BT, CT, g, D, delta_bias, h0, softplus, reverse, yT, h_in, T, last_bdn,
+                    delta_proj=None):
     """The forward through the fused C kernel (float32 CPU), from the initial state h0 (b, d, n) when
     given: writes yT (b, L, d), h_in[1:] when given (the states the backward restarts from) and
-    last_bdn (b, d, n) when given. Channel ranges run in worker threads when there are several
-    intra-op threads (ctypes drops the GIL)."""
+    last_bdn (b, d, n) when given. With ``delta_proj`` (d, R), delta is its factor (b, R, L). Channel
+    ranges run in worker threads when there are several intra-op threads (ctypes drops the GIL)."""
     u, delta, z, A2, D, bias = _kernel_inputs(u, delta, z, A, D, delta_bias)
+    if delta_proj is not None:
+        delta_proj = delta_proj.to(torch.float32).contiguous()
     h0 = None if h0 is None else h0.to(torch.float32).contiguous()
     b, d, L = u.shape
     out = yT.transpose(1, 2)
@@ -415,7 +420,7 @@ def _kernel_forward(lib, u, delta, z, A, BT, CT, g, D, delta_bias, h0, softplus,
 
     def run(c0, c1):
         cpu_kernel.scan_forward(lib, u, delta, z, A2, BT, CT, g, D, bias, softplus, reverse, h0, out, h_in, T,
-                                last_bdn, c0, c1)
+                                last_bdn, c0, c1, delta_proj=delta_proj)
 
     _run_blocks(run, parts)
 
@@ -651,18 +656,45 @@ def _states(a, H, aS, HS, dlt, du, Bc, A2, h_prev, reverse):
         HO[i].addcmul_(aO[i], HO[i - 1])
 
 
+def project_delta(delta: Tensor, delta_proj: Tensor) -> Tensor:
+    """delta_proj @ delta: the factor (b, R, L) times (d, R) -> (b, d, L), stored time-major as the
+    mixer's tensors are (the product runs as one (b·L, R) x (R, d) matrix product)."""
+    return F.linear(delta.transpose(1, 2), delta_proj.to(delta.dtype)).transpose(1, 2)
+
+
+# The kernel forms delta from its factor (R multiply-adds per channel and step, in the scan's own
+# vector loop) while the step's N states cost ~16 N operations; a BLAS product does the R at its
+# higher rate but writes and reads back a (b, L, d) delta. The fused form wins while R is small next
+# to N (Mamba's dt_rank = d_model / 16 is 14 at d_model 224, 224 at 3584).
+_FUSED_RANK_PER_STATE = 4
+
+
+def fuses_delta_proj(u: Tensor, A: Tensor, delta_proj: Tensor, compute_dtype: torch.dtype, *tensors) -> bool:
+    """Does the C kernel form delta from its factor (``chunked_scan(delta_proj=...)``) for these inputs?
+    A float32 CPU scan without autograd (the kernel's backward takes a full delta), R <= 4 N, and the
+    kernel builds."""
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, A, delta_proj, *tensors))
+    return (delta_proj.shape[1] <= _FUSED_RANK_PER_STATE * A.shape[1] and not grads
+            and _kernel_for(u, compute_dtype) is not None)
+
+
 def chunked_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                  z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                  return_last_state: bool = False, reverse: bool = False, chunk: int | None = DEFAULT_CHUNK,
-                 compute_dtype: torch.dtype = torch.float32, initial_state: Tensor | None = None):
+                 compute_dtype: torch.dtype = torch.float32, initial_state: Tensor | None = None,
+                 delta_proj: Tensor | None = None):
     """The selective scan (arguments as ``selective_scan``, already validated; B, C grouped
     (b, g, n, L), or (d, n) when constant over time). Any strides; inputs stored time-major
     (``x.transpose(1, 2)`` with unit last stride) are read without a copy. Starts from
-    ``initial_state`` (b, d, n) when given. Returns out (b, d, L) in u's dtype, stored time-major,
-    and the last state (b, d, n) in ``compute_dtype`` when asked (the state after position 0 when
-    ``reverse``)."""
+    ``initial_state`` (b, d, n) when given. With ``delta_proj`` (d, R), delta is its factor
+    (b, R, L): the C kernel forms the product tile by tile where ``fuses_delta_proj``, else it is
+    computed first. Returns out (b, d, L) in u's dtype, stored time-major, and the last state
+    (b, d, n) in ``compute_dtype`` when asked (the state after position 0 when ``reverse``)."""
+    if delta_proj is not None and not fuses_delta_proj(u, A, delta_proj, compute_dtype, delta, B, C, D, z,
+                                                        delta_bias, initial_state):
+        delta, delta_proj = project_delta(delta, delta_proj), None
     with _autocast_off(u.device.type):
         out, last = _ChunkedScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus),
                                        bool(reverse), None if chunk is None else int(chunk), bool(return_last_state),
-                                       compute_dtype)
+                                       compute_dtype, delta_proj)
     return (out, last) if return_last_state else out

@@ -202,9 +202,10 @@ class MambaMixer(nn.Module):
             u = u.masked_fill(~valid, 0.0)
         x_dbl = x_proj(u)  # (B, L, dt_rank + 2N)
         dt, Bm, Cm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, dt_proj.weight)  # (B, L, d_inner); the bias goes in delta_bias
-        if valid is not None:
-            delta = delta.masked_fill(~valid, float("-inf"))
+        if valid is None:  # the scan applies dt_proj (on the CPU kernel, without writing delta out)
+            delta, delta_proj = dt, dt_proj.weight
+        else:  # the bias goes in delta_bias
+            delta, delta_proj = F.linear(dt, dt_proj.weight).masked_fill(~valid, float("-inf")), None
         A = -torch.exp(A_log.float())
         res = _scan.selective_scan(
             u.transpose(1, 2),
@@ -219,6 +220,7 @@ class MambaMixer(nn.Module):
             return_last_state=want_state,
             reverse=reverse,
             initial_state=None if state is None else state.ssm_state,
+            delta_proj=delta_proj,
         )
         y, last = res if want_state else (res, None)
         y = y.transpose(1, 2).to(x.dtype)

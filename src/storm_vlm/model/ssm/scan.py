@@ -14,6 +14,10 @@ are mamba-ssm's ``selective_scan_fn``:
   ``d // (dim // groups)``, or constant over time (dim, N) — one row per channel, as mamba-ssm's
   ``selective_scan_ref`` reads a 2-D B or C (``B[d, n]`` for every step); B and C choose apart
 - ``D, delta_bias``: (dim,)
+- ``delta_proj`` (keyword, our extension): (dim, R). Then ``delta`` is (batch, R, L) and the scan
+  uses ``delta_proj @ delta``, Mamba's dt_proj without its bias (which goes in ``delta_bias``). The
+  CPU kernel forms that product tile by tile inside the scan when it runs without autograd, so the
+  (batch, dim, L) step sizes never go through memory; every other path computes them first.
 - ``initial_state`` (keyword, our extension; mamba-ssm has none): (batch, dim, N), the state h_0
   the scan starts from (the state entering position L-1 when ``reverse``); None means zeros. It is
   differentiable. Passing the ``last_state`` of one call as the next call's ``initial_state``
@@ -35,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from storm_vlm.model.ssm.fast_scan import DEFAULT_CHUNK, chunked_scan
+from storm_vlm.model.ssm.fast_scan import DEFAULT_CHUNK, chunked_scan, project_delta
 
 __all__ = ["selective_scan", "selective_scan_reference", "ScanShapes", "check_scan_inputs"]
 
@@ -56,9 +60,11 @@ def _shape(t: Tensor | None) -> str:
     return "None" if t is None else str(tuple(t.shape))
 
 
-def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None) -> ScanShapes:
+def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None,
+                      delta_proj=None) -> ScanShapes:
     """Validate selective-scan arguments; raise ValueError naming the shapes/dtypes on mismatch."""
-    names = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state)
+    names = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state,
+                 delta_proj=delta_proj)
     for name, t in names.items():
         if t is None:
             if name in ("u", "delta", "A", "B", "C"):
@@ -74,7 +80,14 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initia
     if u.dim() != 3:
         raise ValueError(f"selective_scan: u must be (batch, dim, L), got shape {_shape(u)}")
     batch, dim, length = u.shape
-    if delta.shape != u.shape:
+    if delta_proj is not None:
+        if delta_proj.dim() != 2 or delta_proj.shape[0] != dim:
+            raise ValueError(f"selective_scan: delta_proj must be (dim, R) = ({dim}, R), got shape {_shape(delta_proj)}")
+        want = (batch, delta_proj.shape[1], length)
+        if delta.shape != want:
+            raise ValueError(f"selective_scan: with delta_proj {_shape(delta_proj)}, delta must be (batch, R, L) = "
+                             f"{want}, got shape {_shape(delta)}")
+    elif delta.shape != u.shape:
         raise ValueError(f"selective_scan: delta shape {_shape(delta)} must equal u shape {_shape(u)}")
     if z is not None and z.shape != u.shape:
         raise ValueError(f"selective_scan: z shape {_shape(z)} must equal u shape {_shape(u)}")
@@ -143,7 +156,7 @@ def _prepare_delta(delta: Tensor, delta_bias, delta_softplus: bool, dtype: torch
 def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                              z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                              return_last_state: bool = False, *, reverse: bool = False,
-                             initial_state: Tensor | None = None):
+                             initial_state: Tensor | None = None, delta_proj: Tensor | None = None):
     """The definition of the selective scan: a sequential loop over time.
 
     Shapes as in the module docstring. Materialises (batch, dim, L, N) tensors; use it to
@@ -151,6 +164,9 @@ def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
     with ``unbind``, whose backward is one ``stack``; indexing ``t[:, :, i]`` in the loop would
     make the backward quadratic).
     """
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_proj)
+    if delta_proj is not None:
+        delta = delta_proj.to(delta.dtype) @ delta
     s = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
     if reverse:
         res = selective_scan_reference(u.flip(-1), delta.flip(-1), A, _flip_time(B), _flip_time(C), D,
@@ -199,7 +215,7 @@ def _mamba_ssm_fn():
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                    return_last_state: bool = False, *, reverse: bool = False, chunk: int | None = DEFAULT_CHUNK,
-                   initial_state: Tensor | None = None):
+                   initial_state: Tensor | None = None, delta_proj: Tensor | None = None):
     """Selective scan, same arguments and results as ``selective_scan_reference``; differentiable.
 
     On CUDA with mamba-ssm importable this calls its fused kernel (``selective_scan_fn``).
@@ -214,8 +230,11 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     module docstring); mamba-ssm's kernel has none, so with it CUDA runs the chunked path too.
     ``chunk`` (steps per chunk; None: chosen from the channel count by ``fast_scan.auto_chunk``)
     trades speed only. B and C may be constant (dim, N) on every path, the C kernel included.
+    ``delta_proj`` (dim, R): delta is given as its factor (batch, R, L) (see the module docstring).
     """
-    s = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    s = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_proj)
+    if delta_proj is not None and (u.device.type != "cpu" or s.length == 0):
+        delta, delta_proj = project_delta(delta, delta_proj), None
     if u.is_cuda and u.dtype in (torch.float32, torch.float16, torch.bfloat16) and initial_state is None:
         fn = _mamba_ssm_fn()
         if fn is not None:
@@ -229,4 +248,4 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
                                         initial_state=initial_state)
     return chunked_scan(u, delta, A, _grouped(B, s.groups), _grouped(C, s.groups), D, z, delta_bias,
                         delta_softplus, return_last_state, reverse=reverse, chunk=chunk,
-                        compute_dtype=s.compute_dtype, initial_state=initial_state)
+                        compute_dtype=s.compute_dtype, initial_state=initial_state, delta_proj=delta_proj)
