@@ -21,7 +21,10 @@ layout), at the default thread count and at 1 thread, it prints:
 - the host: CPU model, its vector-ISA flags, CPU count, torch threads and the load average at the
   start and the end (the table's ratios are measured in one run, each pair alternately in one
   process, so they hold on a shared machine; absolute times do not); which kernel path ran
-  (``cpu_kernel``'s instruction set and vector width, detected or forced with ``--isa``).
+  (``cpu_kernel``'s instruction set and vector width, detected or forced with ``--isa``). A path
+  forced with ``--isa`` runs with torch's and MKL's kernels held to the same instruction set
+  (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS), so its floor is the one a CPU with only that
+  set has.
 
 Usage: python benchmarks/scan.py [--quick] [--dims 1024 2048] [--lengths 1024 4096 16384]
        [--threads default 1] [--isa avx2 generic] [--floor-check-only] [--json out.json] [--timeout 900]
@@ -193,7 +196,7 @@ def _floorcheck(spec):
             floor.append((e + flop_s) / threads)
     lib = cpu_kernel.load()
     result = {"fast_fwd": min(fast or torch_path), "pytorch_fwd": min(torch_path), "floor": min(floor),
-              "threads": threads, "kernel": has_kernel,
+              "threads": threads, "kernel": has_kernel, "torch_isa": torch.backends.cpu.get_cpu_capability(),
               "isa": f"{lib.storm_isa} x{lib.storm_lanes}" if lib is not None else "none"}
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -267,10 +270,15 @@ def kernel_description() -> str:
 
 
 # ----------------------------------------------------------------------------- driver
+# torch's and MKL's settings for each kernel path (see the module docstring)
+_TORCH_ISA = {"avx512": ("avx512", "AVX512"), "avx2": ("avx2", "AVX2"), "generic": ("default", "SSE4_2")}
+
+
 def _run_worker(spec, timeout, isa=None):
     env = dict(os.environ)
     if isa:
         env["STORM_VLM_SCAN_ISA"] = isa
+        env["ATEN_CPU_CAPABILITY"], env["MKL_ENABLE_INSTRUCTIONS"] = _TORCH_ISA[isa]
     src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
@@ -363,7 +371,8 @@ def _floor_table(args):
     """Fast forward vs the compute floor (L*D*N exp2 + 6 flops each), all timed in one process."""
     print(f"# fast forward vs compute floor, timed alternately in one process (min of 5 each, {args.clock} clock);")
     print("# fast = the fused C kernel on the path shown (else the PyTorch path), pytorch = the chunked PyTorch path")
-    print(" thr  d_inner      L  path          | fast fwd s  pytorch s  floor s  fast/floor  pytorch/floor")
+    print("# path: the kernel's instruction set and width, and the one torch's own kernels (the floor's) ran")
+    print(" thr  d_inner      L  path                       | fast fwd s  pytorch s  floor s  fast/floor  pytorch/floor")
     for isa in args.isa:
         for th in args.threads:
             for d in args.dims:
@@ -371,12 +380,13 @@ def _floor_table(args):
                     r = _run_worker(dict(impl="floorcheck", d=d, L=L, threads=th, repeats=5, clock=args.clock),
                                     args.timeout, isa)
                     if "fast_fwd" in r:
-                        print(f"{r['threads']:4d} {d:8d} {L:6d}  {r['isa']:<13} | {r['fast_fwd']:10.3f} "
+                        path = f"{r['isa']} (torch {r['torch_isa']})"
+                        print(f"{r['threads']:4d} {d:8d} {L:6d}  {path:<26} | {r['fast_fwd']:10.3f} "
                               f"{r['pytorch_fwd']:10.3f} {r['floor']:8.3f} {r['fast_fwd'] / r['floor']:10.2f}x "
                               f"{r['pytorch_fwd'] / r['floor']:13.2f}x"
                               + ("" if r["kernel"] else "  (no C kernel: fast = pytorch)"), flush=True)
                     else:
-                        print(f"{th:>4} {d:8d} {L:6d}  {isa or '':<13} | {r.get('error')}", flush=True)
+                        print(f"{th:>4} {d:8d} {L:6d}  {isa or '':<26} | {r.get('error')}", flush=True)
     return 0
 
 

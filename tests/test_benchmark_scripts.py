@@ -38,6 +38,12 @@ def test_scan_benchmark_floor_check_runs_at_a_tiny_size():
     assert "fast/floor" in _run_scan("--floor-check-only").stdout
 
 
+def test_scan_floor_of_a_forced_path_is_measured_at_its_instruction_set():
+    """A narrower kernel path is held to a floor timed with torch's kernels at that instruction set."""
+    out = _run_scan("--floor-check-only", "--isa", "generic").stdout
+    assert "generic x4 (torch DEFAULT)" in out, out[-2000:]
+
+
 @pytest.mark.slow
 def test_scan_benchmark_full_table_at_a_tiny_size(tmp_path):
     _run_scan("--json", str(tmp_path / "scan.json"))
