@@ -33,7 +33,8 @@ import time
 
 import _profile_common as common
 
-from storm_vlm.model.fast_paths import decode_step_path, enable_fast_paths
+from storm_vlm.model.decode import decode_step_path
+from storm_vlm.model.fast_paths import enable_fast_paths
 from storm_vlm.perf.costmodel import A100_80GB, DEFAULT_COMPRESSIONS, decode_bounds, decode_cost, pipeline_cost, real_config
 from storm_vlm.perf.host import measure_cpu_roofline
 from storm_vlm.perf.profiler import Clock, decode_steps, prefill_video

@@ -29,7 +29,7 @@ import statistics
 
 import _profile_common as common
 
-from storm_vlm.model.fast_paths import matmul_choices
+from storm_vlm.model.matmul_backend import matmul_choices
 from storm_vlm.perf.costmodel import DEFAULT_COMPRESSIONS, gemm_shapes, pipeline_cost
 from storm_vlm.perf.host import best_gemm_rate
 from storm_vlm.perf.report import format_table

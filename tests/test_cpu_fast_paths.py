@@ -9,8 +9,8 @@ from transformers.cache_utils import DynamicCache
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm
 
 from storm_vlm import StormConfig
-from storm_vlm.model.fast_paths import (STORM_SDPA, StormKVCache, _GELUTanhCPU, _GrowingKVLayer, _Qwen2MLPCPU,
-                                        _Qwen2RMSNormCPU)
+from storm_vlm.model.fast_paths import STORM_SDPA, _GELUTanhCPU, _Qwen2MLPCPU, _Qwen2RMSNormCPU
+from storm_vlm.model.kv_cache import StormKVCache, _GrowingKVLayer
 from storm_vlm.model import fast_paths
 from storm_vlm.model.ssm import cpu_kernel
 from storm_vlm.perf.profiling import build_random_model

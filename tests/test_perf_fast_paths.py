@@ -1,4 +1,5 @@
-"""The matmul backend choice and the decode step of storm_vlm.model.fast_paths change no result:
+"""The matmul backend choice (storm_vlm.model.matmul_backend) and the decode step (storm_vlm.model.decode)
+change no result:
 logits within float rounding, greedy tokens identical to the model's own forward."""
 
 import copy
@@ -11,8 +12,10 @@ from torch import nn
 
 import storm_vlm.model.modeling as modeling
 from storm_vlm import StormConfig
-from storm_vlm.model import fast_paths
-from storm_vlm.model.fast_paths import DecodeStep, StormKVCache, enable_fast_paths
+from storm_vlm.model import decode, matmul_backend
+from storm_vlm.model.decode import DecodeStep
+from storm_vlm.model.fast_paths import enable_fast_paths
+from storm_vlm.model.kv_cache import StormKVCache
 from storm_vlm.model.ssm import cpu_kernel
 from storm_vlm.perf.profiler import build_random_model
 from helpers import TINY_CONFIG as TINY
@@ -45,11 +48,11 @@ def test_decode_switch_of_enable_fast_paths(model):
     enable_fast_paths(model, decode=False)
     try:
         with torch.inference_mode():
-            assert fast_paths.decode_step(model, tok, **call) is None
+            assert decode.decode_step(model, tok, **call) is None
     finally:
         enable_fast_paths(model)
     with torch.inference_mode():
-        assert fast_paths.decode_step(model, tok, **call) is not None
+        assert decode.decode_step(model, tok, **call) is not None
 
 
 def _generate(model, ids, **kw):
@@ -71,7 +74,7 @@ def _three_steps(model, ids):
 
 def test_every_linear_measures_its_backend_and_keeps_its_parameters(model):
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    assert linears and all(type(m) is fast_paths._MeasuredLinear for m in linears)
+    assert linears and all(type(m) is matmul_backend._MeasuredLinear for m in linears)
     plain = StormConfig(**TINY)
     with torch.device("meta"):
         ref = modeling.StormForConditionalGeneration(plain)
@@ -85,7 +88,7 @@ def test_both_backends_give_the_same_features_and_logits(model, monkeypatch, bac
     pixels = torch.randn(1, 8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     ids = torch.randint(0, 60, (1, 80), generator=torch.Generator().manual_seed(1))
     calls = []
-    monkeypatch.setattr(fast_paths, "_onednn_linear", lambda x, w, b: calls.append(1) or torch.ops.mkldnn._linear_pointwise(
+    monkeypatch.setattr(matmul_backend, "_onednn_linear", lambda x, w, b: calls.append(1) or torch.ops.mkldnn._linear_pointwise(
         x, w, b, "none", [], ""))
     with torch.inference_mode():
         monkeypatch.setenv("STORM_VLM_MATMUL", backend)
@@ -102,13 +105,13 @@ def test_both_backends_give_the_same_features_and_logits(model, monkeypatch, bac
 
 def test_measured_choice_is_cached_per_shape_and_autograd_takes_f_linear(monkeypatch):
     monkeypatch.delenv("STORM_VLM_MATMUL", raising=False)
-    monkeypatch.setattr(fast_paths, "_MATMUL_CHOICE", {})
+    monkeypatch.setattr(matmul_backend, "_MATMUL_CHOICE", {})
     layer = nn.Linear(24, 40)
-    fast_paths._measured_linears(layer)
+    matmul_backend._measured_linears(layer)
     x = torch.randn(300, 24)
     with torch.no_grad():
         out = layer(x)
-    choices = fast_paths.matmul_choices()
+    choices = matmul_backend.matmul_choices()
     assert list(choices) == [(24, 40, True, 256)] and choices[(24, 40, True, 256)] in ("blas", "onednn")
     torch.testing.assert_close(out, torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
     x.requires_grad_(True)
@@ -124,7 +127,7 @@ def test_backend_is_measured_per_rows_bucket_on_the_real_rows(monkeypatch):
     if not torch.backends.mkldnn.is_available():
         pytest.skip("torch without oneDNN")
     monkeypatch.delenv("STORM_VLM_MATMUL", raising=False)
-    monkeypatch.setattr(fast_paths, "_MATMUL_CHOICE", {})
+    monkeypatch.setattr(matmul_backend, "_MATMUL_CHOICE", {})
     timed_rows = []
 
     def slow_when(backend_slow_below, fn):  # this backend sleeps below 256 rows, the other above
@@ -135,18 +138,18 @@ def test_backend_is_measured_per_rows_bucket_on_the_real_rows(monkeypatch):
             return fn(x, w, b)
         return run
 
-    onednn = slow_when(True, fast_paths._onednn_linear)
-    monkeypatch.setattr(fast_paths, "_onednn_linear", onednn)
-    monkeypatch.setattr(fast_paths, "F", types.SimpleNamespace(linear=slow_when(False, torch.nn.functional.linear)))
+    onednn = slow_when(True, matmul_backend._onednn_linear)
+    monkeypatch.setattr(matmul_backend, "_onednn_linear", onednn)
+    monkeypatch.setattr(matmul_backend, "F", types.SimpleNamespace(linear=slow_when(False, torch.nn.functional.linear)))
     layer = nn.Linear(16, 8)
-    fast_paths._measured_linears(layer)
+    matmul_backend._measured_linears(layer)
     with torch.no_grad():
         for rows in (100, 120, 300, 5000):
             layer(torch.randn(rows, 16))
-    assert fast_paths.matmul_choices() == {(16, 8, True, 64): "blas", (16, 8, True, 256): "onednn",
-                                           (16, 8, True, fast_paths._MEASURE_ROWS): "onednn"}
+    assert matmul_backend.matmul_choices() == {(16, 8, True, 64): "blas", (16, 8, True, 256): "onednn",
+                                           (16, 8, True, matmul_backend._MEASURE_ROWS): "onednn"}
     # 100, 300 and the first _MEASURE_ROWS of 5000 rows were timed; 120 rows reused bucket 64's answer (one call)
-    assert min(timed_rows.count(r) for r in (100, 300, fast_paths._MEASURE_ROWS)) > 5 and timed_rows.count(120) == 1
+    assert min(timed_rows.count(r) for r in (100, 300, matmul_backend._MEASURE_ROWS)) > 5 and timed_rows.count(120) == 1
 
 
 # ---- decode step ----------------------------------------------------------------------------------------
@@ -158,14 +161,14 @@ def test_greedy_generation_equals_the_models_forward(config, layout, monkeypatch
     """The step as tensor operations (the C step off), in each layout, on a batch of two rows."""
     monkeypatch.setenv("STORM_VLM_DECODE_KERNEL", "0")
     if layout == "unfused":  # no room for copies: every projection reads the model's own matrices
-        monkeypatch.setattr(fast_paths, "_PACK_MEMORY_SHARE", 0.0)
+        monkeypatch.setattr(decode, "_PACK_MEMORY_SHARE", 0.0)
     else:
-        monkeypatch.setattr(fast_paths, "_input_major_wins",
+        monkeypatch.setattr(decode, "_input_major_wins",
                             lambda mats: [w.t().contiguous() for w in mats] if layout == "input-major" else None)
     model = build_random_model(StormConfig(**config), seed=3)
     steps = []
-    real = fast_paths.DecodeStep.__call__
-    monkeypatch.setattr(fast_paths.DecodeStep, "__call__",
+    real = decode.DecodeStep.__call__
+    monkeypatch.setattr(decode.DecodeStep, "__call__",
                         lambda self, *a: steps.append((self.fused, *self.layouts.values())) or real(self, *a))
     ids = torch.randint(0, 60, (2, 9), generator=torch.Generator().manual_seed(2))
     fast = _generate(model, ids)
@@ -183,12 +186,12 @@ def kernel_steps(monkeypatch):
         pytest.skip("no C compiler: the decode step runs as tensor operations")
     monkeypatch.delenv("STORM_VLM_DECODE_KERNEL", raising=False)
     ran = []
-    real = fast_paths.DecodeStep._kernel_step
+    real = decode.DecodeStep._kernel_step
     def recorded(self, *a):
         logits = real(self, *a)
         ran.append(logits is not None)
         return logits
-    monkeypatch.setattr(fast_paths.DecodeStep, "_kernel_step", recorded)
+    monkeypatch.setattr(decode.DecodeStep, "_kernel_step", recorded)
     return ran
 
 
@@ -224,14 +227,14 @@ def test_c_decode_step_on_each_isa_path(isa, monkeypatch, kernel_steps, plain_de
     values' block of 64 positions and not a multiple of the width, the rotary table refilled every 5
     positions: the model's tokens and logits."""
     lib = use_kernel_library(monkeypatch, isa)
-    monkeypatch.setattr(fast_paths, "_ROPE_BLOCK", 5)
+    monkeypatch.setattr(decode, "_ROPE_BLOCK", 5)
     model = build_random_model(StormConfig(**WIDE_HEADS), seed=5)
     assert model.language_model.model.layers[0].self_attn.head_dim == 24
     ids = torch.randint(0, 60, (1, 61), generator=torch.Generator().manual_seed(3))
     fast = _generate(model, ids, max_new_tokens=12, min_new_tokens=12)
     fast_logits, _ = _three_steps(model, ids)
     assert kernel_steps and all(kernel_steps)
-    assert fast_paths.decode_step_path(model) == f"C step ({isa} x{lib.storm_lanes})"
+    assert decode.decode_step_path(model) == f"C step ({isa} x{lib.storm_lanes})"
     plain_decode()
     assert torch.equal(fast, _generate(model, ids, max_new_tokens=12, min_new_tokens=12))
     for a, b in zip(fast_logits, _three_steps(model, ids)[0]):
@@ -320,9 +323,9 @@ def test_with_several_threads_the_faster_step_is_timed_once(case, monkeypatch, k
             return fn(*a, **k)
         return slow
     if case == "C step slower":
-        monkeypatch.setattr(fast_paths.DecodeStep, "_kernel_step", slowed(fast_paths.DecodeStep._kernel_step))
+        monkeypatch.setattr(decode.DecodeStep, "_kernel_step", slowed(decode.DecodeStep._kernel_step))
     elif case == "tensor step slower":
-        monkeypatch.setattr(fast_paths, "_decode_layers", slowed(fast_paths._decode_layers))
+        monkeypatch.setattr(decode, "_decode_layers", slowed(decode._decode_layers))
     else:
         monkeypatch.setenv("STORM_VLM_DECODE_KERNEL", "1")
     model = build_random_model(StormConfig(**TINY), seed=3)
@@ -338,11 +341,11 @@ def test_with_several_threads_the_faster_step_is_timed_once(case, monkeypatch, k
                 "tensor step slower": [True] * (steps - 1),  # all but the third step
                 "C step pinned": [True] * steps}[case]
     assert kernel_steps == expected
-    step = fast_paths._DECODE_STEPS[model.language_model]
+    step = decode._DECODE_STEPS[model.language_model]
     assert step._kernel_wins == ({} if case == "C step pinned" else {2: case == "tensor step slower"})
     torch.set_num_threads(2)
     try:
-        assert fast_paths.decode_step_path(model).startswith(
+        assert decode.decode_step_path(model).startswith(
             "tensor operations (timed" if case == "C step slower" else "C step (")
     finally:
         torch.set_num_threads(threads)
@@ -383,7 +386,7 @@ def test_c_decode_step_under_bf16_autocast(kernel_steps):
     enable_fast_paths(model, decode_kernel=False)  # the tensor path takes float32 caches only: it steps aside
     call = dict(inputs_embeds=None, attention_mask=None, position_ids=None, cache=cache, use_cache=True, kwargs={})
     with torch.inference_mode():
-        assert fast_paths.decode_step(model, tok, **call) is None
+        assert decode.decode_step(model, tok, **call) is None
 
 
 def test_c_decode_step_switch(kernel_steps):
@@ -391,11 +394,11 @@ def test_c_decode_step_switch(kernel_steps):
     model = build_random_model(StormConfig(**TINY), seed=3)
     ids = torch.randint(0, 60, (1, 6), generator=torch.Generator().manual_seed(1))
     with_kernel = _generate(model, ids)
-    assert fast_paths.decode_step_path(model).startswith("C step (") and all(kernel_steps)
+    assert decode.decode_step_path(model).startswith("C step (") and all(kernel_steps)
     enable_fast_paths(model, decode_kernel=False)
     kernel_steps.clear()
     assert torch.equal(_generate(model, ids), with_kernel)
-    assert fast_paths.decode_step_path(model) == "tensor operations" and not any(kernel_steps)
+    assert decode.decode_step_path(model) == "tensor operations" and not any(kernel_steps)
 
 
 def test_long_generation_across_buffer_growth_and_logits(model, plain_decode):
@@ -421,7 +424,7 @@ def test_step_is_rebuilt_when_weights_change(model, plain_decode):
         model.load_state_dict(other.state_dict())
         after = _generate(model, ids)
         assert torch.equal(after, _generate(other, ids))
-        assert fast_paths._DECODE_STEPS[model.language_model].stale() is False
+        assert decode._DECODE_STEPS[model.language_model].stale() is False
     finally:
         model.load_state_dict(saved)
     assert torch.equal(_generate(model, ids), before)
@@ -434,34 +437,34 @@ def test_it_steps_aside_where_it_does_not_apply(model):
     cache, tok = out.cache, out.logits[:, -1:].argmax(-1)
     call = dict(inputs_embeds=None, attention_mask=None, position_ids=None, cache=cache, use_cache=True, kwargs={})
     with torch.inference_mode():
-        assert fast_paths.decode_step(model, tok, **call) is not None
+        assert decode.decode_step(model, tok, **call) is not None
         cache.crop(-1)
-        assert fast_paths.decode_step(model, ids, **call) is None  # a prompt, not one token
-        assert fast_paths.decode_step(model, tok, **(call | {"attention_mask": torch.tensor([[0] + [1] * 6])})) is None
-        assert fast_paths.decode_step(model, tok, **(call | {"kwargs": {"output_attentions": True}})) is None
+        assert decode.decode_step(model, ids, **call) is None  # a prompt, not one token
+        assert decode.decode_step(model, tok, **(call | {"attention_mask": torch.tensor([[0] + [1] * 6])})) is None
+        assert decode.decode_step(model, tok, **(call | {"kwargs": {"output_attentions": True}})) is None
         with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the C step only (a batch of one row here)
-            assert (fast_paths.decode_step(model, tok, **call) is not None) == (cpu_kernel.load_library() is not None)
+            assert (decode.decode_step(model, tok, **call) is not None) == (cpu_kernel.load_library() is not None)
             cache.crop(-1)
             enable_fast_paths(model, decode_kernel=False)
             try:
-                assert fast_paths.decode_step(model, tok, **call) is None
+                assert decode.decode_step(model, tok, **call) is None
             finally:
                 enable_fast_paths(model)
     with torch.no_grad():
         model.train()
         try:
-            assert fast_paths.decode_step(model, tok, **call) is None
+            assert decode.decode_step(model, tok, **call) is None
         finally:
             model.eval()
-    assert fast_paths.decode_step(model, tok, **call) is None  # autograd on
-    assert fast_paths.decode_step(model, tok, **(call | {"cache": StormKVCache()})) is None  # empty cache
+    assert decode.decode_step(model, tok, **call) is None  # autograd on
+    assert decode.decode_step(model, tok, **(call | {"cache": StormKVCache()})) is None  # empty cache
 
 
 def test_unsupported_llms_are_named():
     model = build_random_model(StormConfig(**TINY), seed=0)
-    assert fast_paths._decode_unsupported(model.language_model) is None
+    assert decode._decode_unsupported(model.language_model) is None
     model.language_model.config.model_type = "gemma"
-    assert "gemma" in fast_paths._decode_unsupported(model.language_model)
+    assert "gemma" in decode._decode_unsupported(model.language_model)
 
 
 def test_rotation_matrix_is_transformers_rotary(model):
@@ -496,7 +499,7 @@ def test_a_model_with_a_decode_step_is_freed():
     model = build_random_model(StormConfig(**TINY), seed=1)
     ids = torch.randint(0, 60, (1, 5), generator=torch.Generator().manual_seed(3))
     _generate(model, ids, max_new_tokens=2, min_new_tokens=2)
-    assert model.language_model in fast_paths._DECODE_STEPS
+    assert model.language_model in decode._DECODE_STEPS
     ref = weakref.ref(model)
     del model
     gc.collect()

@@ -16,7 +16,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from storm_vlm.model.compression import VisualTokenLayout
 from storm_vlm.model.configuration import StormConfig
-from storm_vlm.model.fast_paths import StormKVCache, decode_step, enable_fast_paths
+from storm_vlm.model.decode import decode_step
+from storm_vlm.model.fast_paths import enable_fast_paths
+from storm_vlm.model.kv_cache import StormKVCache
 from storm_vlm.model.projector import MambaTemporalProjector, MLPProjector
 from storm_vlm.utils import IGNORE_INDEX, check_int
 
@@ -328,7 +330,7 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
             cache = kwargs.pop("past_key_values")
         if pixel_values_videos is None and pixel_values is None and labels is None:
             fast = decode_step(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache, kwargs)
-            if fast is not None:  # one greedy CPU decode step (storm_vlm.model.fast_paths.DecodeStep)
+            if fast is not None:  # one greedy CPU decode step (storm_vlm.model.decode.DecodeStep)
                 return fast
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")

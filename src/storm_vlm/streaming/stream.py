@@ -52,7 +52,7 @@ from transformers import LogitsProcessorList
 from storm_vlm.errors import StormError
 from storm_vlm.inference import GREEDY, Predictor, Reply, _FirstLogits, build_messages
 from storm_vlm.model.compression import spatial_pool, temporal_pool
-from storm_vlm.model.fast_paths import StormKVCache
+from storm_vlm.model.kv_cache import StormKVCache
 from storm_vlm.model.processing import _frames_of
 from storm_vlm.streaming.memory import DEFAULT_POLICY, check_policy, select_kept
 from storm_vlm.utils import check_int

@@ -2,7 +2,7 @@
  * CPU, in one call: per layer RMSNorm, the q/k/v products, the rotary embedding, the KV-cache write,
  * grouped-query attention over positions 0..pos, the output product and residual, RMSNorm, the
  * gate/up products, SiLU(gate) * up, the down product and residual; then the final RMSNorm and the
- * LM head. Called by storm_vlm.model.fast_paths.DecodeStep; built with the scan kernel (cpu_kernel.py),
+ * LM head. Called by storm_vlm.model.decode.DecodeStep; built with the scan kernel (cpu_kernel.py),
  * same vector width.
  *
  * A step reads every weight once, so its time is set by how fast the weights stream from memory.

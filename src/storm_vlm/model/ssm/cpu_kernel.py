@@ -1,6 +1,6 @@
 """The CPU kernels, compiled on first use into one library: the fused selective scan, forward and
 backward (``_scan_kernel.c``), the one-token decode step of a Llama-style layer stack
-(``_decode_kernel.c``, used by ``storm_vlm.model.fast_paths.DecodeStep``) and one-pass element-wise
+(``_decode_kernel.c``, used by ``storm_vlm.model.decode.DecodeStep``) and one-pass element-wise
 functions (``_elementwise_kernel.c``: the tanh-GELU of fast_paths, the mixers' conv + SiLU) and
 softmax attention with LayerNorm (``_attention_kernel.c``, called by ``storm_vlm.model.cpu_attention``
 for the vision layers and the LLM's causal prefill); all include ``_vec.h``.
