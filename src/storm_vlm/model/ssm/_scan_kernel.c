@@ -151,7 +151,7 @@ static inline __attribute__((always_inline)) void scan_block(const scan_args *a,
             load_tile(td, dl.p + b * dl.sb + t0 * dl.st + c * dl.sc, dl.st, dl.sc, nt, w);
         if (z.p) load_tile(tz, z.p + b * z.sb + t0 * z.st + c * z.sc, z.st, z.sc, nt, w);
         /* the step sizes of the whole tile first: the softplus is a long chain of dependent operations
-         * (exp2, log, two divisions), which inside the time loop would delay every step's decays */
+         * (exp2, a division, a series), which inside the time loop would delay every step's decays */
         for (int64_t k = 0; k < nt; k++) td[k] = softplus ? vsoftplus(td[k] + bvec) : td[k] + bvec;
         for (int64_t j = 0; j < nt; j++) {
             const int64_t k = reverse ? nt - 1 - j : j;
@@ -208,9 +208,9 @@ SCAN_BLOCK(1, 1)
 /* Scan channels [c0, c1) of every batch element. delta: (batch, L, dim) through its strides or, when
  * dtW (dim, R) is given, its low-rank factor dt (batch, L, R) through the same strides (the channel
  * stride then steps over R), delta = dt dtW^T computed tile by tile. bconst / cconst: B / C are
- * (dim, N) constants; h0: NULL (start from 0) or the initial state (batch, dim, N); states: NULL, or (L/chunk + 1,
- * batch, groups, N, dim/groups) receiving the state entering each processed chunk (index 0 is left
- * alone); last: NULL, or (batch, dim, N) receiving the final state. Returns 0. */
+ * (dim, N) constants; h0: NULL (start from 0) or the initial state (batch, dim, N); states: NULL, or
+ * (L/chunk + 1, batch, groups, N, dim/groups) receiving the state entering each processed chunk
+ * (index 0 is left alone); last: NULL, or (batch, dim, N) receiving the final state. Returns 0. */
 int storm_scan_fwd_f32(int64_t batch, int64_t L, int64_t dim, int64_t groups, int64_t N, const float *u,
                        int64_t u_sb, int64_t u_st, int64_t u_sc, const float *delta, int64_t d_sb, int64_t d_st,
                        int64_t d_sc, const float *dtW, int64_t R, const float *z, int64_t z_sb, int64_t z_st,

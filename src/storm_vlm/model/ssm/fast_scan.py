@@ -59,7 +59,7 @@ from torch import Tensor
 
 from storm_vlm.model.ssm import _threads, cpu_kernel
 
-__all__ = ["chunked_scan", "project_delta", "fuses_delta_proj", "DEFAULT_CHUNK", "auto_chunk"]
+__all__ = ["chunked_scan", "project_delta", "DEFAULT_CHUNK", "auto_chunk"]
 
 LOG2E = 1.0 / math.log(2.0)
 DEFAULT_CHUNK = None  # chosen per shape by ``auto_chunk``
@@ -275,7 +275,7 @@ class _ChunkedScan(torch.autograd.Function):
                 delta_proj=None):
         # u, delta, z: (b, d, L); A: (d, n); B, C: (b, g, n, L), or (d, n) when constant over time;
         # D, delta_bias: (d,); h0: initial state (b, d, n) or None. delta_proj (d, R): delta is its
-        # factor (b, R, L), given only where the kernel runs without autograd (``fuses_delta_proj``)
+        # factor (b, R, L), given only where the kernel runs without autograd (``_fuses_delta_proj``)
         b, d, L = u.shape
         n = A.shape[1]
         g = next((x.shape[1] for x in (B, C) if x.dim() == 4), 1)
@@ -669,7 +669,7 @@ def project_delta(delta: Tensor, delta_proj: Tensor) -> Tensor:
 _FUSED_RANK_PER_STATE = 4
 
 
-def fuses_delta_proj(u: Tensor, A: Tensor, delta_proj: Tensor, compute_dtype: torch.dtype, *tensors) -> bool:
+def _fuses_delta_proj(u: Tensor, A: Tensor, delta_proj: Tensor, compute_dtype: torch.dtype, *tensors) -> bool:
     """Does the C kernel form delta from its factor (``chunked_scan(delta_proj=...)``) for these inputs?
     A float32 CPU scan without autograd (the kernel's backward takes a full delta), R <= 4 N, and the
     kernel builds."""
@@ -687,10 +687,10 @@ def chunked_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: T
     (b, g, n, L), or (d, n) when constant over time). Any strides; inputs stored time-major
     (``x.transpose(1, 2)`` with unit last stride) are read without a copy. Starts from
     ``initial_state`` (b, d, n) when given. With ``delta_proj`` (d, R), delta is its factor
-    (b, R, L): the C kernel forms the product tile by tile where ``fuses_delta_proj``, else it is
+    (b, R, L): the C kernel forms the product tile by tile where ``_fuses_delta_proj``, else it is
     computed first. Returns out (b, d, L) in u's dtype, stored time-major, and the last state
     (b, d, n) in ``compute_dtype`` when asked (the state after position 0 when ``reverse``)."""
-    if delta_proj is not None and not fuses_delta_proj(u, A, delta_proj, compute_dtype, delta, B, C, D, z,
+    if delta_proj is not None and not _fuses_delta_proj(u, A, delta_proj, compute_dtype, delta, B, C, D, z,
                                                         delta_bias, initial_state):
         delta, delta_proj = project_delta(delta, delta_proj), None
     with _autocast_off(u.device.type):

@@ -202,9 +202,11 @@ class MambaMixer(nn.Module):
             u = u.masked_fill(~valid, 0.0)
         x_dbl = x_proj(u)  # (B, L, dt_rank + 2N)
         dt, Bm, Cm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        if valid is None:  # the scan applies dt_proj (on the CPU kernel, without writing delta out)
+        # dt_proj's weight is applied by the scan (the CPU kernel forms delta itself) or, where padding must
+        # be masked, here; its bias goes in delta_bias either way
+        if valid is None:
             delta, delta_proj = dt, dt_proj.weight
-        else:  # the bias goes in delta_bias
+        else:
             delta, delta_proj = F.linear(dt, dt_proj.weight).masked_fill(~valid, float("-inf")), None
         A = -torch.exp(A_log.float())
         res = _scan.selective_scan(
