@@ -226,7 +226,7 @@ def factored_delta(t: dict, rank: int, seed: int = 2) -> dict:
     g = torch.Generator().manual_seed(seed)
     grad = t["u"].requires_grad
     wide = (torch.randn(b, L, rank + 5, generator=g, dtype=t["u"].dtype) * 0.5).requires_grad_(grad)
-    proj = (torch.randn(d, rank, generator=g, dtype=t["u"].dtype) * rank**-0.5).requires_grad_(grad)
+    proj = (torch.randn(d, rank, generator=g, dtype=t["u"].dtype) * max(rank, 1)**-0.5).requires_grad_(grad)
     return dict(t, delta=wide[..., :rank].transpose(1, 2), delta_proj=proj)
 
 

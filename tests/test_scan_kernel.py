@@ -228,8 +228,8 @@ def test_each_isa_path_equals_reference(monkeypatch, pytorch_path, isa, lanes):
 def test_each_isa_path_forms_delta_from_its_factor(monkeypatch, isa, lanes):
     """Inference with delta given as its factor (b, R, L) and delta_proj (d, R): the kernel forms the
     product itself, tile by tile (the factor read at its row stride), equal to the reference on the
-    full delta; also split over threads, at R = 1, odd R and R = 4 N. Autograd, and R > 4 N, take the
-    full delta (formed first) instead."""
+    full delta; also split over threads, at R = 1, 14 and 4 N. Autograd, R > 4 N and R = 0 (delta is
+    the bias alone) take the full delta, formed first, instead."""
     if not isa_runs(isa):
         pytest.skip(f"this CPU does not run {isa} (test_every_isa_path_compiles builds it)")
     lib = cpu_kernel.build(isa, lanes)
@@ -255,8 +255,8 @@ def test_each_isa_path_forms_delta_from_its_factor(monkeypatch, isa, lanes):
             want = selective_scan_reference(**full, delta_softplus=True, return_last_state=True, reverse=reverse)
             torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
         torch.set_num_threads(1)
-        t = factored_delta(_inputs(torch.float32, d=24, L=40, n=2), rank=9)  # R > 4 N
-        for grad in (False, True):  # with grad: the kernel's backward needs the full delta
+        for rank, grad in [(9, False), (9, True), (0, False)]:  # R > 4 N; autograd; R = 0
+            t = factored_delta(_inputs(torch.float32, d=24, L=40, n=2), rank=rank)
             fused.clear()
             with torch.set_grad_enabled(grad):
                 got = selective_scan(**t, delta_softplus=True)

@@ -671,10 +671,10 @@ _FUSED_RANK_PER_STATE = 4
 
 def _fuses_delta_proj(u: Tensor, A: Tensor, delta_proj: Tensor, compute_dtype: torch.dtype, *tensors) -> bool:
     """Does the C kernel form delta from its factor (``chunked_scan(delta_proj=...)``) for these inputs?
-    A float32 CPU scan without autograd (the kernel's backward takes a full delta), R <= 4 N, and the
-    kernel builds."""
+    A float32 CPU scan without autograd (the kernel's backward takes a full delta), 0 < R <= 4 N, and
+    the kernel builds."""
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, A, delta_proj, *tensors))
-    return (delta_proj.shape[1] <= _FUSED_RANK_PER_STATE * A.shape[1] and not grads
+    return (0 < delta_proj.shape[1] <= _FUSED_RANK_PER_STATE * A.shape[1] and not grads
             and _kernel_for(u, compute_dtype) is not None)
 
 
