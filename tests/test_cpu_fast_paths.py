@@ -10,7 +10,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm
 
 from storm_vlm import StormConfig
 from storm_vlm.model.fast_paths import STORM_SDPA, _GELUTanhCPU, _Qwen2MLPCPU, _Qwen2RMSNormCPU
-from storm_vlm.model.kv_cache import StormKVCache, _GrowingKVLayer
+from storm_vlm.model.kv_cache import GrowingKVLayer, StormKVCache
 from storm_vlm.model import fast_paths
 from storm_vlm.model.ssm import cpu_kernel
 from storm_vlm.perf.profiling import build_random_model
@@ -31,7 +31,7 @@ def _kv(n, seed, batch=2):
 def test_growing_cache_holds_what_dynamic_cache_holds(model):
     cfg = model.config.text_config
     ours, ref = StormKVCache(config=cfg), DynamicCache(config=cfg)
-    assert all(type(layer) is _GrowingKVLayer for layer in ours.layers)
+    assert all(type(layer) is GrowingKVLayer for layer in ours.layers)
 
     def step(n, seed):
         for layer in range(2):
@@ -256,11 +256,11 @@ def test_growing_cache_keeps_data_it_is_built_with(model):
     k, v = _kv(3, 7)
     for cfg in (None, model.config.text_config):
         cache = StormKVCache([(k, v), (k, v)], config=cfg)
-        assert all(type(layer) is _GrowingKVLayer for layer in cache.layers)
+        assert all(type(layer) is GrowingKVLayer for layer in cache.layers)
         assert cache.get_seq_length() == 3 and torch.equal(cache.layers[1].keys, k)
         k2, v2 = _kv(1, 8)
         keys, values = cache.update(k2, v2, 0)
         assert torch.equal(keys, torch.cat([k, k2], dim=-2)) and torch.equal(values, torch.cat([v, v2], dim=-2))
     lazy = StormKVCache()
     lazy.update(k, v, 0)
-    assert type(lazy.layers[0]) is _GrowingKVLayer
+    assert type(lazy.layers[0]) is GrowingKVLayer

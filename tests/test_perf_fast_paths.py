@@ -107,7 +107,7 @@ def test_measured_choice_is_cached_per_shape_and_autograd_takes_f_linear(monkeyp
     monkeypatch.delenv("STORM_VLM_MATMUL", raising=False)
     monkeypatch.setattr(matmul_backend, "_MATMUL_CHOICE", {})
     layer = nn.Linear(24, 40)
-    matmul_backend._measured_linears(layer)
+    matmul_backend.use_measured_linears(layer)
     x = torch.randn(300, 24)
     with torch.no_grad():
         out = layer(x)
@@ -142,7 +142,7 @@ def test_backend_is_measured_per_rows_bucket_on_the_real_rows(monkeypatch):
     monkeypatch.setattr(matmul_backend, "_onednn_linear", onednn)
     monkeypatch.setattr(matmul_backend, "F", types.SimpleNamespace(linear=slow_when(False, torch.nn.functional.linear)))
     layer = nn.Linear(16, 8)
-    matmul_backend._measured_linears(layer)
+    matmul_backend.use_measured_linears(layer)
     with torch.no_grad():
         for rows in (100, 120, 300, 5000):
             layer(torch.randn(rows, 16))

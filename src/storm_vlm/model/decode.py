@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from storm_vlm.model.kv_cache import StormKVCache, _GrowingKVLayer
-from storm_vlm.model.matmul_backend import _fastest
+from storm_vlm.model.kv_cache import GrowingKVLayer, StormKVCache
+from storm_vlm.model.matmul_backend import fastest
 from storm_vlm.model.ssm import cpu_kernel
 from storm_vlm.utils import available_memory_bytes
 
@@ -112,7 +112,7 @@ def _input_major_wins(mats: list[torch.Tensor]) -> list[torch.Tensor] | None:
     def input_major():
         for w in copies:
             torch.mm(x, w)
-    return copies if _fastest({"own": own, "input_major": input_major}) == "input_major" and \
+    return copies if fastest({"own": own, "input_major": input_major}) == "input_major" and \
         _timed_ratio(own, input_major) > 1.05 else None
 
 
@@ -447,7 +447,7 @@ def decode_step(model, input_ids, inputs_embeds, attention_mask, position_ids, c
             or kwargs.get("return_dict", True) is False):
         return None
     lm = model.language_model
-    if lm.lm_head.weight.dtype != torch.float32 or not all(type(layer) is _GrowingKVLayer for layer in cache.layers):
+    if lm.lm_head.weight.dtype != torch.float32 or not all(type(layer) is GrowingKVLayer for layer in cache.layers):
         return None
     past = cache.get_seq_length()
     if past == 0 or len(cache.layers) != lm.config.num_hidden_layers:

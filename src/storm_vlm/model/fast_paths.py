@@ -47,7 +47,7 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 from storm_vlm.model.cpu_attention import (STORM_SDPA, attention_library, c_frame_attention, c_layer_norm,
                                            c_rms_norm, use_storm_sdpa)
 from storm_vlm.model.decode import drop_decode_step
-from storm_vlm.model.matmul_backend import _measured_linears
+from storm_vlm.model.matmul_backend import use_measured_linears
 from storm_vlm.model.ssm import _threads, cpu_kernel
 
 __all__ = ["enable_fast_paths", "STORM_SDPA"]
@@ -264,4 +264,4 @@ def enable_fast_paths(model, *, decode: bool = True, compile_decode: bool = Fals
     _fast_gelu_tanh(model)
     _lean_siglip_layers(model)
     _lean_llm_modules(model)
-    _measured_linears(model)
+    use_measured_linears(model)

@@ -12,13 +12,13 @@ import itertools
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-__all__ = ["StormKVCache"]
+__all__ = ["StormKVCache", "GrowingKVLayer"]
 
 _BUFFER_GENERATIONS = itertools.count()
 
 
 def _pending_view(name: str) -> property:
-    """`_GrowingKVLayer.keys` / `.values`, stored as `name`: reading or assigning either first makes
+    """`GrowingKVLayer.keys` / `.values`, stored as `name`: reading or assigning either first makes
     the views `advance` left pending."""
     def get(self):
         if self._pending is not None:
@@ -32,7 +32,7 @@ def _pending_view(name: str) -> property:
     return property(get, set)
 
 
-class _GrowingKVLayer(DynamicLayer):
+class GrowingKVLayer(DynamicLayer):
     """A `DynamicLayer` that appends in place into a buffer with spare room.
 
     `DynamicLayer.update` concatenates, copying the whole cache of the layer at every generated
@@ -153,7 +153,7 @@ class _GrowingKVLayer(DynamicLayer):
 
 
 class StormKVCache(DynamicCache):
-    """`DynamicCache` whose full-attention layers append in place (see `_GrowingKVLayer`).
+    """`DynamicCache` whose full-attention layers append in place (see `GrowingKVLayer`).
 
     What `StormForConditionalGeneration` uses when it creates a KV cache (in `generate`, or in
     `forward` with `use_cache=True` and no cache given); same contents as a `DynamicCache`.
@@ -164,11 +164,11 @@ class StormKVCache(DynamicCache):
         super().__init__(ddp_cache_data, config=config, **kwargs)
         self.layers = [self._growing(layer) if type(layer) is DynamicLayer else layer for layer in self.layers]
         if self.layer_class_to_replicate is DynamicLayer:
-            self.layer_class_to_replicate = _GrowingKVLayer
+            self.layer_class_to_replicate = GrowingKVLayer
 
     @staticmethod
-    def _growing(layer: DynamicLayer) -> _GrowingKVLayer:
-        new = _GrowingKVLayer()
+    def _growing(layer: DynamicLayer) -> GrowingKVLayer:
+        new = GrowingKVLayer()
         if layer.is_initialized and layer.keys is not None and layer.keys.numel():
             new.update(layer.keys, layer.values)
         return new

@@ -8,7 +8,7 @@ libraries block the product differently, so the winner for one weight can change
 so it is measured, never assumed. `STORM_VLM_MATMUL=blas|onednn` pins the choice (e.g. for
 bit-for-bit reproducibility across runs; the two differ by float rounding only). bf16 is not
 chosen here: it is a precision (`storm_vlm.precision`, whose "auto" takes bf16 autocast where the
-CPU has native bf16).
+CPU has native bf16). `fast_paths.enable_fast_paths` installs it (`use_measured_linears`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["matmul_choices"]
+__all__ = ["matmul_choices", "use_measured_linears", "fastest"]
 
 _MATMUL_ENV = "STORM_VLM_MATMUL"
 _MEASURE_MIN_ROWS = 64  # fewer rows (decode, short prompts): torch's default, nothing to win
@@ -33,7 +33,7 @@ def _onednn_linear(x, weight, bias):
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def _fastest(fns: dict, repeats: int = 5, warmup: int = 2) -> str:
+def fastest(fns: dict, repeats: int = 5, warmup: int = 2) -> str:
     """The key of the fastest callable: best of `repeats` alternating runs each, after `warmup` rounds
     (oneDNN builds its kernel for a new shape on the first call; both libraries touch fresh buffers)."""
     best = dict.fromkeys(fns, math.inf)
@@ -67,7 +67,7 @@ def _matmul_backend(x: torch.Tensor, weight: torch.Tensor, bias) -> str:
         if torch.backends.mkldnn.is_available():
             sample = x.reshape(-1, x.shape[-1])[:_MEASURE_ROWS]
             try:
-                choice = _fastest({"blas": lambda: F.linear(sample, weight, bias),
+                choice = fastest({"blas": lambda: F.linear(sample, weight, bias),
                                    "onednn": lambda: _onednn_linear(sample, weight, bias)})
             except RuntimeError:  # oneDNN refused this shape or layout
                 choice = "blas"
@@ -95,7 +95,7 @@ class _MeasuredLinear(nn.Linear):
         return F.linear(x, w, self.bias)
 
 
-def _measured_linears(module: nn.Module) -> None:
+def use_measured_linears(module: nn.Module) -> None:
     """Make every plain `nn.Linear` under `module` a `_MeasuredLinear` (the same object, parameters
     and hooks: only its class changes)."""
     for sub in module.modules():
