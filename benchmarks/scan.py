@@ -372,7 +372,8 @@ def _floor_table(args):
     print(f"# fast forward vs compute floor, timed alternately in one process (min of 5 each, {args.clock} clock);")
     print("# fast = the fused C kernel on the path shown (else the PyTorch path), pytorch = the chunked PyTorch path")
     print("# path: the kernel's instruction set and width, and the one torch's own kernels (the floor's) ran")
-    print(" thr  d_inner      L  path                       | fast fwd s  pytorch s  floor s  fast/floor  pytorch/floor")
+    print(" thr  d_inner      L  path                       | fast fwd s  pytorch s  floor s  fast/floor"
+          "  pytorch/floor")
     for isa in args.isa:
         for th in args.threads:
             for d in args.dims:

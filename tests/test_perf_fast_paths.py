@@ -88,8 +88,8 @@ def test_both_backends_give_the_same_features_and_logits(model, monkeypatch, bac
     pixels = torch.randn(1, 8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     ids = torch.randint(0, 60, (1, 80), generator=torch.Generator().manual_seed(1))
     calls = []
-    monkeypatch.setattr(matmul_backend, "_onednn_linear", lambda x, w, b: calls.append(1) or torch.ops.mkldnn._linear_pointwise(
-        x, w, b, "none", [], ""))
+    monkeypatch.setattr(matmul_backend, "_onednn_linear",
+                        lambda x, w, b: calls.append(1) or torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""))
     with torch.inference_mode():
         monkeypatch.setenv("STORM_VLM_MATMUL", backend)
         feats, _ = model.get_video_features(pixels)
@@ -140,16 +140,18 @@ def test_backend_is_measured_per_rows_bucket_on_the_real_rows(monkeypatch):
 
     onednn = slow_when(True, matmul_backend._onednn_linear)
     monkeypatch.setattr(matmul_backend, "_onednn_linear", onednn)
-    monkeypatch.setattr(matmul_backend, "F", types.SimpleNamespace(linear=slow_when(False, torch.nn.functional.linear)))
+    monkeypatch.setattr(matmul_backend, "F",
+                        types.SimpleNamespace(linear=slow_when(False, torch.nn.functional.linear)))
     layer = nn.Linear(16, 8)
     matmul_backend.use_measured_linears(layer)
     with torch.no_grad():
         for rows in (100, 120, 300, 5000):
             layer(torch.randn(rows, 16))
     assert matmul_backend.matmul_choices() == {(16, 8, True, 64): "blas", (16, 8, True, 256): "onednn",
-                                           (16, 8, True, matmul_backend._MEASURE_ROWS): "onednn"}
+                                               (16, 8, True, matmul_backend._MEASURE_ROWS): "onednn"}
     # 100, 300 and the first _MEASURE_ROWS of 5000 rows were timed; 120 rows reused bucket 64's answer (one call)
-    assert min(timed_rows.count(r) for r in (100, 300, matmul_backend._MEASURE_ROWS)) > 5 and timed_rows.count(120) == 1
+    assert (min(timed_rows.count(r) for r in (100, 300, matmul_backend._MEASURE_ROWS)) > 5
+            and timed_rows.count(120) == 1)
 
 
 # ---- decode step ----------------------------------------------------------------------------------------

@@ -82,7 +82,8 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initia
     batch, dim, length = u.shape
     if delta_proj is not None:
         if delta_proj.dim() != 2 or delta_proj.shape[0] != dim:
-            raise ValueError(f"selective_scan: delta_proj must be (dim, R) = ({dim}, R), got shape {_shape(delta_proj)}")
+            raise ValueError(f"selective_scan: delta_proj must be (dim, R) = ({dim}, R), "
+                             f"got shape {_shape(delta_proj)}")
         want = (batch, delta_proj.shape[1], length)
         if delta.shape != want:
             raise ValueError(f"selective_scan: with delta_proj {_shape(delta_proj)}, delta must be (batch, R, L) = "
