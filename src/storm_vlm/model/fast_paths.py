@@ -53,6 +53,11 @@ from storm_vlm.model.ssm import _threads, cpu_kernel
 __all__ = ["enable_fast_paths", "STORM_SDPA"]
 
 
+def _inference_on_cpu(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" for t in tensors) and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 class _GELUTanhCPU(nn.Module):
     """GELU with the tanh approximation (SigLIP's `gelu_pytorch_tanh`), computed faster on CPU.
 
@@ -69,7 +74,7 @@ class _GELUTanhCPU(nn.Module):
     _TWO_C = 2.0 * math.sqrt(2.0 / math.pi)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+        if not _inference_on_cpu(x):
             return nn.functional.gelu(x, approximate="tanh")
         kernel = _ELEMENTWISE.get(x.dtype) if x.is_contiguous() else None
         lib = cpu_kernel.load_library() if kernel else None
@@ -101,11 +106,6 @@ def _fast_gelu_tanh(module: nn.Module) -> None:
         for name, child in list(parent.named_children()):
             if type(child) is GELUTanh and isinstance(getattr(child, "act", None), functools.partial):
                 setattr(parent, name, _GELUTanhCPU())
-
-
-def _inference_on_cpu(*tensors: torch.Tensor) -> bool:
-    return all(t.device.type == "cpu" for t in tensors) and not (
-        torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 class _RMSNormCPU(nn.Module):

@@ -134,9 +134,9 @@ static inline float element(const void *p, int64_t i, int bf16) {
  * at b * s[0] + h * s[1] + t * s[2] + c (strides in elements); k, v: the same with kv head
  * g = h / (heads / kv_heads) (grouped-query heads share their KV head). L queries, Lk >= L keys
  * (Lk = L without causal), head size hd. bf16 = 0: every array float32; 1: every array bfloat16
- * (computed in float32, o rounded as torch rounds). Runs the pairs p0 <= p < p1, p = b * heads + h; consecutive heads of one
- * KV head reuse its transposed keys. Returns 0, or 1 when its scratch could not be allocated (nothing
- * written then). */
+ * (computed in float32, o rounded as torch rounds). Runs the pairs p0 <= p < p1, p = b * heads + h;
+ * consecutive heads of one KV head reuse its transposed keys. Returns 0, or 1 when its scratch could
+ * not be allocated (nothing written then). */
 int storm_attention(const void *q, const int64_t *qs, const void *k, const int64_t *ks, const void *v,
                     const int64_t *vs, void *o, const int64_t *os, int64_t heads, int64_t kv_heads, int64_t L,
                     int64_t Lk, int64_t hd, float scale, int causal, int bf16, int64_t p0, int64_t p1) {

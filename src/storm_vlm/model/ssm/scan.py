@@ -165,15 +165,14 @@ def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
     with ``unbind``, whose backward is one ``stack``; indexing ``t[:, :, i]`` in the loop would
     make the backward quadratic).
     """
-    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_proj)
-    if delta_proj is not None:
-        delta = delta_proj.to(delta.dtype) @ delta
-    s = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    s = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_proj)
     if reverse:
         res = selective_scan_reference(u.flip(-1), delta.flip(-1), A, _flip_time(B), _flip_time(C), D,
                                        _flip_time(z), delta_bias, delta_softplus, return_last_state,
-                                       initial_state=initial_state)
+                                       initial_state=initial_state, delta_proj=delta_proj)
         return (res[0].flip(-1), res[1]) if return_last_state else res.flip(-1)
+    if delta_proj is not None:
+        delta = project_delta(delta, delta_proj)
     dt = s.compute_dtype
     b, d, L, n, g = s.batch, s.dim, s.length, s.state, s.groups
     h_per_g = d // g
