@@ -29,6 +29,7 @@ from storm_vlm.perf.profiler import (  # noqa: E402
     build_random_model,
     load_model_config,
     load_saved_model,
+    prepare_model,
     profile_row,
 )
 from storm_vlm.precision import PRECISION_HELP, parse_precision  # noqa: E402
@@ -97,8 +98,6 @@ def settings(args, defaults, frames, compressions, decode_tokens) -> ProfileSett
     return s
 
 
-def prepare(model, s: ProfileSettings):
-    return model.to(device=s.device, dtype=s.resolved.weights).eval()
 
 
 def header(name: str, source: str, s: ProfileSettings) -> dict:

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     frames = [int(x) for x in args.frames.split(",")]
     model, source, defaults = common.load(args)
     s = common.settings(args, defaults, frames, [DEFAULT_COMPRESSIONS[1]], decode_tokens=args.tokens)
-    model = common.prepare(model, s)
+    model = common.prepare_model(model, s)
     host = common.header("decode", source, s)
     clock = Clock(s.device, s.clock)
     roof = [measure_cpu_roofline()] if s.device == "cpu" else []

@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     model, source, defaults = common.load(args)
     comp = DEFAULT_COMPRESSIONS[args.compression]
     s = common.settings(args, defaults, [args.frames], [comp], decode_tokens=args.tokens)
-    model = common.prepare(model, s)
+    model = common.prepare_model(model, s)
     host = common.header("memory", source, s)
     row = profile_row(model, args.frames, comp, s)
     if row.get("skipped"):

@@ -19,7 +19,8 @@ tiny config with `--tiny`):
 
 All share the LLM (Qwen2 at the bench widths) and get the same CPU kernels
 (`storm_vlm.model.fast_paths.enable_fast_paths`: matmul backend per shape, SigLIP layers, the LLM's
-attention). Each (frames, model) runs the model's own video path on random pixels:
+attention) and weights on huge pages (`storm_vlm.perf.allocator.place_in_huge_pages`, as the loaders place a
+CPU model's). Each (frames, model) runs the model's own video path on random pixels:
 vision tower (until the first projector / pooling module starts), projector + pooling (until
 the visual tokens are returned), LLM prefill on [text | visual tokens | text] with
 `logits_to_keep=1`, then `--decode-tokens` greedy steps through the model's forward. STORM's
@@ -52,6 +53,7 @@ from transformers import (
 
 from storm_vlm.model.configuration import StormConfig
 from storm_vlm.model.fast_paths import enable_fast_paths
+from storm_vlm.perf.allocator import place_in_huge_pages
 from storm_vlm.perf.profiler import Clock, build_random_model, load_model_config
 from storm_vlm.perf.report import save_figure
 from storm_vlm.utils import atomic_write_json, atomic_write_text
@@ -98,7 +100,10 @@ def build_models(fields: dict, seed: int = 0) -> dict:
         spatial_pool_stride=2, spatial_pool_mode="average", **ids)).eval()
     for model in (onevision, nextvideo):
         enable_fast_paths(model)  # the same CPU kernels as STORM's
-    return {"storm": storm, "storm pool4": pooled, "llava-onevision": onevision, "llava-next-video": nextvideo}
+    models = {"storm": storm, "storm pool4": pooled, "llava-onevision": onevision, "llava-next-video": nextvideo}
+    for model in models.values():
+        place_in_huge_pages(model)  # as the loaders place a CPU model's weights
+    return models
 
 
 def _video_path(models: dict, name: str):

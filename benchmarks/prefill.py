@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     model, source, defaults = common.load(args)
     comps = [DEFAULT_COMPRESSIONS[c] for c in (1, 4, 8)]
     s = common.settings(args, defaults, [32, 128], comps, decode_tokens=0)
-    model = common.prepare(model, s)
+    model = common.prepare_model(model, s)
     host = common.header("prefill", source, s)
     cfg = model.config
 

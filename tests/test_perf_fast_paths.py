@@ -221,17 +221,23 @@ def test_c_decode_step_generates_the_models_tokens_and_logits(config, kernel_ste
 # head size 24: at 16 lanes one vector and a tail, at 8 three vectors, at 4 six; 3 query heads per KV head
 WIDE_HEADS = {**TINY, "text_config": {**TINY["text_config"], "hidden_size": 72, "num_attention_heads": 3,
                                       "num_key_value_heads": 1, "intermediate_size": 40}}
+# 9 query heads per KV head (the attention's head groups: 8 + 1 at 16 lanes, 4 + 4 + 1 at 8 and 4), two KV
+# heads, head size 40 (at 16 lanes two vectors and a tail)
+MANY_HEADS = {**TINY, "text_config": {**TINY["text_config"], "hidden_size": 720, "num_attention_heads": 18,
+                                      "num_key_value_heads": 2, "intermediate_size": 40}}
 
 
+@pytest.mark.parametrize("config", [WIDE_HEADS, MANY_HEADS], ids=["3-heads-of-24", "9x2-heads-of-40"])
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
-def test_c_decode_step_on_each_isa_path(isa, monkeypatch, kernel_steps, plain_decode):
+def test_c_decode_step_on_each_isa_path(isa, config, monkeypatch, kernel_steps, plain_decode):
     """Every vector width of the C step (the narrower ones forced), over a cache longer than the
     values' block of 64 positions and not a multiple of the width, the rotary table refilled every 5
     positions: the model's tokens and logits."""
     lib = use_kernel_library(monkeypatch, isa)
     monkeypatch.setattr(decode, "_ROPE_BLOCK", 5)
-    model = build_random_model(StormConfig(**WIDE_HEADS), seed=5)
-    assert model.language_model.model.layers[0].self_attn.head_dim == 24
+    model = build_random_model(StormConfig(**config), seed=5)
+    text = config["text_config"]
+    assert model.language_model.model.layers[0].self_attn.head_dim == text["hidden_size"] // text["num_attention_heads"]
     ids = torch.randint(0, 60, (1, 61), generator=torch.Generator().manual_seed(3))
     fast = _generate(model, ids, max_new_tokens=12, min_new_tokens=12)
     fast_logits, _ = _three_steps(model, ids)

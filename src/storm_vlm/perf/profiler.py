@@ -53,7 +53,7 @@ from storm_vlm.errors import ConfigError, StormError
 from storm_vlm.inference import load_model
 from storm_vlm.model.configuration import StormConfig
 from storm_vlm.model.modeling import StormForConditionalGeneration
-from storm_vlm.perf.allocator import allocator_state
+from storm_vlm.perf.allocator import allocator_state, place_in_huge_pages
 from storm_vlm.perf.costmodel import DEFAULT_COMPRESSIONS, Compression, pipeline_cost
 from storm_vlm.perf.host import (
     describe_host,
@@ -72,6 +72,7 @@ __all__ = [
     "load_model_config",
     "build_random_model",
     "load_saved_model",
+    "prepare_model",
     "profile_model",
     "profile_row",
     "prefill_video",
@@ -175,6 +176,16 @@ def build_random_model(config: StormConfig, seed: int = 0) -> StormForConditiona
     """A randomly initialised `StormForConditionalGeneration` for `config`, in eval mode."""
     torch.manual_seed(seed)
     return StormForConditionalGeneration(config).eval()
+
+
+def prepare_model(model, settings: ProfileSettings):
+    """`model` on the settings' device and weight dtype, in eval mode; on CPU its weights on huge pages
+    as the loader places them (`place_in_huge_pages`), so a random-weight model streams as a loaded
+    one does."""
+    model = model.to(device=settings.device, dtype=settings.resolved.weights).eval()
+    if settings.device == "cpu":
+        place_in_huge_pages(model)
+    return model
 
 
 def load_saved_model(model_dir, settings: ProfileSettings):
@@ -524,8 +535,7 @@ def profile_model(model, settings: ProfileSettings, source: str = "", progress: 
     """Profile every frames x compression row; returns {"settings", "host", "model", "rows", ...}."""
     settings.validate()
     host = describe_host()
-    model.to(device=settings.device, dtype=settings.resolved.weights)
-    model.eval()
+    model = prepare_model(model, settings)
     clock, memory = Clock(settings.device, settings.clock), PeakMemory(settings.device)
     combos = [(f, c) for c in settings.compressions for f in settings.frames]
     rows = []

@@ -11,6 +11,7 @@ from storm_vlm.perf.profiler import (
     load_model_config,
     load_saved_model,
     prefill_video,
+    prepare_model,
     profile_model,
     profile_row,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "page_faults",
     "plot_profile",
     "prefill_video",
+    "prepare_model",
     "profile_model",
     "profile_row",
     "tune_cpu_allocator",

@@ -113,65 +113,140 @@ static void transpose_keys(const void *K, int kbf16, int64_t off, int64_t st, in
 }
 
 #define VALUE_BLOCK 64 /* positions of values summed per pass over the heads: 8 KB of float32 at hd 32 */
+#define GROUP_MAX (LANES == 16 ? 8 : 4) /* query heads whose sums stay in the vector registers together */
+#define PREFETCH_BYTES 4096 /* how far ahead of its use a key block is prefetched */
+
+/* The attention's inner loops, for a group of NH query heads of one KV head: each key or value vector
+ * is loaded once for the NH heads (a load per multiply-add leaves the loads the bottleneck), with CH
+ * independent chains of sums per head so the adds do not wait on each other (NH * CH >= 4).
+ *
+ * scores_NH: s[j * Tp + 0..LANES) = scaling * q_j . (the LANES keys of block kb), kb as transpose_keys
+ * lays it out (hd, LANES), for heads j < NH (q_j at q + j * hd). */
+#define SCORES(NH, CH)                                                                                    \
+    static void scores_##NH(const float *q, const float *kb, int64_t hd, float scaling, float *s,         \
+                            int64_t Tp) {                                                                 \
+        vf a[CH][NH];                                                                                     \
+        for (int u = 0; u < CH; u++)                                                                      \
+            for (int j = 0; j < NH; j++) a[u][j] = splat(0.0f);                                           \
+        int64_t c = 0;                                                                                    \
+        for (; c + CH <= hd; c += CH)                                                                     \
+            for (int u = 0; u < CH; u++) {                                                                \
+                const vf k = loadu(kb + (c + u) * LANES);                                                 \
+                for (int j = 0; j < NH; j++) a[u][j] += q[j * hd + c + u] * k;                            \
+            }                                                                                             \
+        for (; c < hd; c++) {                                                                             \
+            const vf k = loadu(kb + c * LANES);                                                           \
+            for (int j = 0; j < NH; j++) a[0][j] += q[j * hd + c] * k;                                    \
+        }                                                                                                 \
+        for (int j = 0; j < NH; j++) {                                                                    \
+            vf sum = a[0][j];                                                                             \
+            for (int u = 1; u < CH; u++) sum += a[u][j];                                                  \
+            storeu(s + j * Tp, sum * scaling);                                                            \
+        }                                                                                                 \
+    }
+
+/* values_NH: o_j[c .. c + NV * LANES) += sum over t0 <= t < t1 of p_j[t] * V[t][c ..], heads j < NH
+ * (p_j at p + j * Tp, o_j at o + j * hd); V's position t at element vg + t * st. */
+#define VALUES(NH, CH)                                                                                    \
+    static void values_##NH(const float *p, int64_t Tp, const void *V, int vbf16, int64_t vg, int64_t st,   \
+                            int64_t t0, int64_t t1, int64_t c, int nv, float *o, int64_t hd) {             \
+        vf a[CH][NH][2];                                                                                  \
+        for (int j = 0; j < NH; j++)                                                                      \
+            for (int v = 0; v < 2; v++) {                                                                 \
+                a[0][j][v] = v < nv ? loadu(o + j * hd + c + v * LANES) : splat(0.0f);                    \
+                for (int u = 1; u < CH; u++) a[u][j][v] = splat(0.0f);                                    \
+            }                                                                                             \
+        int64_t t = t0;                                                                                   \
+        for (; t + CH <= t1; t += CH)                                                                     \
+            for (int u = 0; u < CH; u++) {                                                                \
+                const vf x0 = load_kv(V, vg + (t + u) * st + c, vbf16);                                   \
+                const vf x1 = nv > 1 ? load_kv(V, vg + (t + u) * st + c + LANES, vbf16) : x0;             \
+                for (int j = 0; j < NH; j++) {                                                            \
+                    const float pj = p[j * Tp + t + u];                                                   \
+                    a[u][j][0] += pj * x0;                                                                \
+                    a[u][j][1] += pj * x1;                                                                \
+                }                                                                                         \
+            }                                                                                             \
+        for (; t < t1; t++) {                                                                             \
+            const vf x0 = load_kv(V, vg + t * st + c, vbf16);                                             \
+            const vf x1 = nv > 1 ? load_kv(V, vg + t * st + c + LANES, vbf16) : x0;                       \
+            for (int j = 0; j < NH; j++) {                                                                \
+                a[0][j][0] += p[j * Tp + t] * x0;                                                         \
+                a[0][j][1] += p[j * Tp + t] * x1;                                                         \
+            }                                                                                             \
+        }                                                                                                 \
+        for (int j = 0; j < NH; j++)                                                                      \
+            for (int v = 0; v < nv; v++) {                                                                \
+                vf sum = a[0][j][v];                                                                      \
+                for (int u = 1; u < CH; u++) sum += a[u][j][v];                                           \
+                storeu(o + j * hd + c + v * LANES, sum);                                                  \
+            }                                                                                             \
+    }
+
+SCORES(1, 4) SCORES(2, 2) SCORES(3, 2) SCORES(4, 1)
+VALUES(1, 2) VALUES(2, 1) VALUES(3, 1) VALUES(4, 1)
+#if GROUP_MAX == 8
+SCORES(5, 1) SCORES(6, 1) SCORES(7, 1) SCORES(8, 1)
+VALUES(5, 1) VALUES(6, 1) VALUES(7, 1) VALUES(8, 1)
+#endif
+typedef void (*scores_fn)(const float *, const float *, int64_t, float, float *, int64_t);
+typedef void (*values_fn)(const float *, int64_t, const void *, int, int64_t, int64_t, int64_t, int64_t, int64_t,
+                          int, float *, int64_t);
+static const scores_fn SCORES_FOR[GROUP_MAX] = {scores_1, scores_2, scores_3, scores_4,
+#if GROUP_MAX == 8
+                                                scores_5, scores_6, scores_7, scores_8
+#endif
+};
+static const values_fn VALUES_FOR[GROUP_MAX] = {values_1, values_2, values_3, values_4,
+#if GROUP_MAX == 8
+                                                values_5, values_6, values_7, values_8
+#endif
+};
 
 /* Grouped-query attention of one token over T cached positions. q, out (heads, hd); KT: the keys as
  * transpose_keys lays them out, KV head g from element g * ktg; V: KV head g, position t at element
  * g * sg + t * st (hd contiguous), float32 or bfloat16 (vbf16). Each KV head's keys and values are
- * read once from memory for its r query heads (the values in blocks of VALUE_BLOCK positions that
- * stay in cache across the r heads). Only query heads h0 <= head < h1 (a thread's share). scores: r * (T
- * rounded up to LANES) + r floats of scratch. */
+ * read once from memory for its r query heads, in groups of up to GROUP_MAX heads (the keys one block
+ * at a time, prefetched PREFETCH_BYTES ahead: the score loop's work per byte is too small for the
+ * hardware prefetcher alone to keep the stream ahead; the values in blocks of VALUE_BLOCK positions
+ * that stay in cache across the groups). Only query heads h0 <= head < h1 (a thread's share).
+ * scores: r * (T rounded up to LANES) + r floats of scratch. */
 static void attend(const float *q, const float *KT, int64_t ktg, const void *V, int vbf16, int64_t sg, int64_t st,
                    int64_t T, int64_t heads, int64_t kv_heads, int64_t hd, float scaling, float *scores, float *out,
                    int64_t h0, int64_t h1) {
     const int64_t r = heads / kv_heads, blocks = (T + LANES - 1) / LANES, Tp = blocks * LANES;
+    const int64_t block_floats = hd * LANES, ahead = (PREFETCH_BYTES / 4 + block_floats - 1) / block_floats;
     float *sums = scores + r * Tp;
     for (int64_t g = 0; g < kv_heads; g++) {
         const float *qg = q + g * r * hd;
         float *og = out + g * r * hd;
         const int64_t j0 = h0 - g * r > 0 ? h0 - g * r : 0, j1 = h1 - g * r < r ? h1 - g * r : r;
         if (j0 >= j1) continue;
+        const float *kg = KT + g * ktg;
         for (int64_t b = 0; b < blocks; b++) {
-            const float *kb = KT + g * ktg + b * hd * LANES;
-            for (int64_t j = j0; j < j1; j++) {
-                const float *qj = qg + j * hd;
-                vf a0 = splat(0.0f), a1 = a0, a2 = a0, a3 = a0; /* four chains: the adds do not wait */
-                int64_t c = 0;
-                for (; c + 4 <= hd; c += 4) {
-                    a0 += qj[c] * loadu(kb + c * LANES);
-                    a1 += qj[c + 1] * loadu(kb + (c + 1) * LANES);
-                    a2 += qj[c + 2] * loadu(kb + (c + 2) * LANES);
-                    a3 += qj[c + 3] * loadu(kb + (c + 3) * LANES);
-                }
-                for (; c < hd; c++) a0 += qj[c] * loadu(kb + c * LANES);
-                storeu(scores + j * Tp + b * LANES, ((a0 + a1) + (a2 + a3)) * scaling);
+            if (b + ahead < blocks)
+                for (int64_t i = 0; i < block_floats; i += 16) __builtin_prefetch(kg + (b + ahead) * block_floats + i);
+            for (int64_t j = j0; j < j1; j += GROUP_MAX) {
+                const int64_t n = j1 - j < GROUP_MAX ? j1 - j : GROUP_MAX;
+                SCORES_FOR[n - 1](qg + j * hd, kg + b * block_floats, hd, scaling, scores + j * Tp + b * LANES, Tp);
             }
         }
         for (int64_t j = j0; j < j1; j++) sums[j] = exp_shifted(scores + j * Tp, T);
         for (int64_t i = j0 * hd; i < j1 * hd; i++) og[i] = 0.0f;
+        const int64_t hv = hd / LANES * LANES, vg = g * sg;
         for (int64_t t0 = 0; t0 < T; t0 += VALUE_BLOCK) {
             const int64_t t1 = t0 + VALUE_BLOCK < T ? t0 + VALUE_BLOCK : T;
-            const int64_t vg = g * sg;
-            for (int64_t j = j0; j < j1; j++) {
-                const float *p = scores + j * Tp;
-                float *o = og + j * hd;
-                int64_t c = 0;
-                for (; c + LANES <= hd; c += LANES) {
-                    vf a0 = loadu(o + c), a1 = splat(0.0f), a2 = a1, a3 = a1;
-                    int64_t t = t0;
-                    for (; t + 4 <= t1; t += 4) {
-                        a0 += p[t] * load_kv(V, vg + t * st + c, vbf16);
-                        a1 += p[t + 1] * load_kv(V, vg + (t + 1) * st + c, vbf16);
-                        a2 += p[t + 2] * load_kv(V, vg + (t + 2) * st + c, vbf16);
-                        a3 += p[t + 3] * load_kv(V, vg + (t + 3) * st + c, vbf16);
+            for (int64_t j = j0; j < j1; j += GROUP_MAX) {
+                const int64_t n = j1 - j < GROUP_MAX ? j1 - j : GROUP_MAX;
+                for (int64_t c = 0; c < hv; c += 2 * LANES)
+                    VALUES_FOR[n - 1](scores + j * Tp, Tp, V, vbf16, vg, st, t0, t1, c, hv - c > LANES ? 2 : 1,
+                                      og + j * hd, hd);
+                for (int64_t jj = j; jj < j + n; jj++)
+                    for (int64_t c = hv; c < hd; c++) {
+                        float a = og[jj * hd + c];
+                        for (int64_t t = t0; t < t1; t++) a += scores[jj * Tp + t] * kv_at(V, vg + t * st + c, vbf16);
+                        og[jj * hd + c] = a;
                     }
-                    for (; t < t1; t++) a0 += p[t] * load_kv(V, vg + t * st + c, vbf16);
-                    storeu(o + c, (a0 + a1) + (a2 + a3));
-                }
-                for (; c < hd; c++) {
-                    float a = o[c];
-                    for (int64_t t = t0; t < t1; t++) a += p[t] * kv_at(V, vg + t * st + c, vbf16);
-                    o[c] = a;
-                }
             }
         }
         for (int64_t j = j0; j < j1; j++) {
