@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         roof.append(measure_cpu_roofline())
     med = {k: statistics.median(v) for k, v in times.items()}
     cfg = model.config
-    el = s.resolved.weights.itemsize
+    el = (s.resolved.llm_linears or s.resolved.weights).itemsize  # of the LLM linear layers a step streams
     bandwidth = max(h.bandwidth for h in roof) if roof else None
 
     print()

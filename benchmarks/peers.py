@@ -19,7 +19,7 @@ tiny config with `--tiny`):
 
 All share the LLM (Qwen2 at the bench widths) and get the same CPU kernels
 (`storm_vlm.model.fast_paths.enable_fast_paths`: matmul backend per shape, SigLIP layers, the LLM's
-attention) and weights on huge pages (`storm_vlm.perf.allocator.place_in_huge_pages`, as the loaders place a
+attention) and weights on huge pages (`storm_vlm.huge_pages.place_in_huge_pages`, as the loaders place a
 CPU model's). Each (frames, model) runs the model's own video path on random pixels:
 vision tower (until the first projector / pooling module starts), projector + pooling (until
 the visual tokens are returned), LLM prefill on [text | visual tokens | text] with
@@ -53,7 +53,7 @@ from transformers import (
 
 from storm_vlm.model.configuration import StormConfig
 from storm_vlm.model.fast_paths import enable_fast_paths
-from storm_vlm.perf.allocator import place_in_huge_pages
+from storm_vlm.huge_pages import place_in_huge_pages
 from storm_vlm.perf.profiler import Clock, build_random_model, load_model_config
 from storm_vlm.perf.report import save_figure
 from storm_vlm.utils import atomic_write_json, atomic_write_text

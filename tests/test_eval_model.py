@@ -27,7 +27,9 @@ def tiny(tmp_path_factory):
     from storm_vlm.demo.tiny import build_tiny_model
 
     path = build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
-    model, processor = load_model(str(path))
+    # float32: the scores below are compared at 1e-3, finer than the bfloat16 precision's rounding
+    # ("auto" on a CPU with native bf16), where a decode step and a forward round differently
+    model, processor = load_model(str(path), "cpu", "float32")
     return path, model, processor
 
 

@@ -64,15 +64,18 @@ def model_tokens(predictor, frames, stride):
     return predictor.model.config.num_visual_tokens(frames, stride)
 
 
+BF16_CPU = (torch.float32, torch.bfloat16, torch.bfloat16)  # weights, autocast, the LLM's linear layers
+
+
 @pytest.mark.parametrize("name,fast,want", [
-    ("float32", True, (torch.float32, None)), ("fp32", False, (torch.float32, None)),
-    ("bfloat16", False, (torch.float32, torch.bfloat16)), ("bf16", True, (torch.float32, torch.bfloat16)),
-    ("auto", True, (torch.float32, torch.bfloat16)), ("auto", False, (torch.float32, None)),
+    ("float32", True, (torch.float32, None, None)), ("fp32", False, (torch.float32, None, None)),
+    ("bfloat16", False, BF16_CPU), ("bf16", True, BF16_CPU),
+    ("auto", True, BF16_CPU), ("auto", False, (torch.float32, None, None)),
 ])
 def test_precision_on_cpu(monkeypatch, name, fast, want):
     monkeypatch.setattr(P, "cpu_has_fast_bf16", lambda: fast)
     got = P.resolve_precision(name, "cpu")
-    assert (got.weights, got.autocast) == want
+    assert (got.weights, got.autocast, got.llm_linears) == want
     assert got.name in P.PRECISIONS
 
 
@@ -82,7 +85,8 @@ def test_precision_refusals_and_spellings():
         P.resolve_precision("float16", "cpu")
     with pytest.raises(StormError, match="precision must be one of auto, float32, bfloat16, float16"):
         P.parse_precision("int8")
-    assert P.resolve_precision("bfloat16", "cpu").describe() == "float32 weights, bfloat16 autocast"
+    assert (P.resolve_precision("bfloat16", "cpu").describe()
+            == "float32 weights (the LLM's linear layers bfloat16), bfloat16 autocast")
 
 
 def test_every_command_shares_the_precision_flag():
@@ -96,3 +100,31 @@ def test_every_command_shares_the_precision_flag():
             argv = [command, "--config", "c.yaml", "--output", "o"]
         args = parser.parse_args(argv + ["--dtype", "bf16"])
         assert args.precision == "bfloat16", command
+
+
+def _stored_in_bf16(model, module) -> bool:
+    """An nn.Linear of the LLM not tied to its embedding table."""
+    lm = model.language_model
+    return isinstance(module, torch.nn.Linear) and module.weight is not lm.get_input_embeddings().weight
+
+
+def test_bfloat16_precision_on_cpu_stores_the_llms_linear_layers_in_bf16(qwen2_mamba_dir):
+    """The loader keeps the LLM's linear layers in bf16 under the CPU bfloat16 precision (half their
+    memory; what autocast would cast them to), every other weight in float32, and the model runs under
+    its autocast even when called without it: the same tokens as float32 weights holding the same
+    values under autocast."""
+    model, processor = load_model(qwen2_mamba_dir, "cpu", P.resolve_precision("bfloat16", "cpu"))
+    lm_linears = {id(p) for m in model.language_model.modules() if _stored_in_bf16(model, m) for p in m.parameters()}
+    assert lm_linears
+    for name, p in model.named_parameters():
+        assert p.dtype == (torch.bfloat16 if id(p) in lm_linears else torch.float32), name
+    ref, _ = load_model(qwen2_mamba_dir, "cpu", "float32")
+    for m in ref.language_model.modules():
+        if _stored_in_bf16(ref, m):
+            m.to(torch.bfloat16).to(torch.float32)
+    predictor = Predictor(model, processor, max_new_tokens=8)  # no precision given: the model brings its own
+    inputs = predictor.encode(predictor.render(build_messages("What colour?")), [random_video(4)])
+    got = predictor.generate(inputs).token_ids
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = ref.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    assert got == want.tolist()[:len(got)] and len(got) >= 1

@@ -249,6 +249,42 @@ def test_c_decode_step_on_each_isa_path(isa, config, monkeypatch, kernel_steps, 
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def _llm_linears(model) -> list[nn.Linear]:
+    return [m for m in model.language_model.modules() if isinstance(m, nn.Linear)]
+
+
+@pytest.mark.parametrize("config", [WIDE_HEADS, MANY_HEADS], ids=["3-heads-of-24", "9x2-heads-of-40"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_c_decode_step_reads_bf16_projections_on_each_isa_path(isa, config, monkeypatch, kernel_steps):
+    """The LLM's linear layers in bfloat16 (the bfloat16 precision as the loaders set it up): the C step
+    widens them as it reads, so its tokens and logits are those of the same step on float32 weights
+    holding the same values (up to the order of float32 sums); neither the tensor path nor the model's
+    forward runs (on bf16 weights and float32 activations they would fail)."""
+    use_kernel_library(monkeypatch, isa)
+    fp32 = build_random_model(StormConfig(**config), seed=5)
+    for m in _llm_linears(fp32):  # float32 weights that bfloat16 holds exactly
+        m.to(torch.bfloat16).to(torch.float32)
+    bf16 = copy.deepcopy(fp32)
+    for m in _llm_linears(bf16):
+        m.to(torch.bfloat16)
+    ids = torch.randint(0, 60, (1, 70), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        out = fp32(input_ids=ids, use_cache=True)
+        caches = {"fp32": out.cache, "bf16": copy.deepcopy(out.cache)}
+        tokens = {name: out.logits[:, -1:].argmax(-1) for name in caches}
+        logits = {name: [] for name in caches}
+        for _ in range(12):
+            for name, model in (("fp32", fp32), ("bf16", bf16)):
+                step = model(input_ids=tokens[name], cache=caches[name], use_cache=True).logits
+                logits[name].append(step)
+                tokens[name] = step[:, -1:].argmax(-1)
+    assert kernel_steps and all(kernel_steps) and len(kernel_steps) == 24
+    for a, b in zip(logits["fp32"], logits["bf16"]):
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not decode._DECODE_STEPS[bf16.language_model].tensor_path
+
+
 @pytest.mark.parametrize("threads", [2, 3, 5])
 def test_c_decode_step_on_several_threads(threads, monkeypatch, kernel_steps, plain_decode):
     """The C step with its products' rows and the query heads split over threads (5: more than the 3

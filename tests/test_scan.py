@@ -138,21 +138,6 @@ def test_input_staging_boundaries(monkeypatch, reverse):
                   _run(selective_scan_reference, t, True, reverse=reverse), rtol=1e-10, atol=1e-10)
 
 
-def test_huge_page_buffers(monkeypatch):
-    """Buffers advised as huge pages (threshold lowered so small ones are) hold ordinary values."""
-    from storm_vlm.model.ssm import fast_scan
-
-    monkeypatch.setattr(fast_scan, "_HUGE", 4096)
-    buf = fast_scan._empty(3, 5000, dtype=torch.float32, device=torch.device("cpu"))
-    assert buf.shape == (3, 5000) and buf.dtype == torch.float32
-    want = torch.arange(15000, dtype=torch.float32).view(3, 5000)
-    buf.copy_(want)
-    assert torch.equal(buf, want)
-    t = _inputs(torch.float64, b=2, d=64, L=40, n=8)
-    _assert_close(_run(selective_scan, t, True, chunk=8), _run(selective_scan_reference, t, True),
-                  rtol=1e-10, atol=1e-10)
-
-
 def test_bfloat16_inputs_computed_in_float32():
     t = _inputs(torch.float32, b=1, d=4, L=19, n=8, groups=None)
     t16 = {k: (v.detach().to(torch.bfloat16) if k in ("u", "delta", "z") and v is not None else

@@ -3,7 +3,8 @@
 Every caller goes through here — `storm-vlm eval`, the lmms-eval plugin, `chat`, `serve`,
 `web`, the demo and the profiler:
 
-- `load_model(dir, device, precision)`: the one loader (model + processor, eval mode).
+- `load_model(dir, device, precision)`: the one loader (model + processor, eval mode), which sets
+  the model up for the precision (`prepare_for_inference`).
 - `build_messages(question, history)`: the one message builder; the video comes first in the
   first user turn, as the model was trained.
 - `Predictor`: renders the chat template once and tokenizes once per request, applies the
@@ -24,11 +25,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessorList, TextStreamer
 from transformers.utils import logging as hf_logging
 
 from storm_vlm.errors import StormError
-from storm_vlm.perf.allocator import place_in_huge_pages
+from storm_vlm.huge_pages import place_in_huge_pages
 from storm_vlm.precision import Precision, resolve_precision
 from storm_vlm.utils import check_model_dir
 
@@ -73,10 +75,8 @@ def load_model(model_dir, device: str | torch.device | None = None, precision: s
     """(model, processor) from a STORM model folder, in eval mode on `device` (default: CUDA if any).
 
     `precision` is a name of `storm_vlm.precision.PRECISIONS` (or a resolved `Precision`); the
-    weights get its dtype (the autocast part is the `Predictor`'s). On CPU the weights are placed on
-    transparent huge pages where the kernel offers them (`place_in_huge_pages`: decode steps stream
-    them faster). With `verbose`, one line "loaded DIR in N s" goes to stderr instead of transformers'
-    loading progress bars.
+    model is set up for it by `prepare_for_inference`. With `verbose`, one line "loaded DIR in N s"
+    goes to stderr instead of transformers' loading progress bars.
     """
     path = check_model_dir(model_dir)
     torch_device = resolve_device(device)
@@ -89,13 +89,39 @@ def load_model(model_dir, device: str | torch.device | None = None, precision: s
             processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise StormError(f"{path}: cannot load the model ({exc})") from None
-    model = model.to(torch_device).eval()
-    if torch_device.type == "cpu":
-        place_in_huge_pages(model)
+    model = prepare_for_inference(model, torch_device, precision)
     if verbose:
         print(f"loaded {path} in {time.perf_counter() - t0:.1f} s ({torch_device}, {precision.describe()})",
               file=sys.stderr)
     return model, processor
+
+
+def prepare_for_inference(model, device: str | torch.device, precision: Precision):
+    """`model` set up for inference with `precision` on `device`, as every command runs it: its weights
+    in the precision's dtype, eval mode.
+
+    Under the bfloat16 precision on CPU (bf16 autocast) the LLM's nn.Linear layers are stored in
+    bfloat16: autocast casts their float32 weights to exactly that at every call, so the products
+    are the same, while their memory (most of the model's) halves and a decode step, which streams
+    every one of them per token, reads half the bytes (the C decode step widens them as it reads). A
+    layer tied to the embedding table stays float32 (the embeddings start the float32 residual
+    stream), as does every other weight (norms, the vision tower, the projector). The model then runs
+    under the precision's autocast wherever it is called (`StormForConditionalGeneration.forward`).
+    On CPU the weights go on transparent huge pages where the kernel offers them
+    (`place_in_huge_pages`: decode steps stream them faster).
+    """
+    device = torch.device(device)
+    model = model.to(device=device, dtype=precision.weights).eval()
+    if precision.llm_linears is not None:
+        lm = getattr(model, "language_model", model)
+        embeddings = lm.get_input_embeddings().weight
+        for module in lm.modules():
+            if isinstance(module, nn.Linear) and module.weight is not embeddings:
+                module.to(precision.llm_linears)
+    model._storm_precision = precision
+    if device.type == "cpu":
+        place_in_huge_pages(model)
+    return model
 
 
 def build_messages(question: str, history: Sequence[tuple[str, str]] = (), system: str | None = None,

@@ -5,7 +5,10 @@ as spellings of the same). `resolve_precision(name, device)` says what runs:
 
 - ``float32``: float32 weights, no autocast.
 - ``bfloat16``: on CUDA bfloat16 weights; on CPU float32 weights under bfloat16 autocast (CPU
-  matmuls read bf16 operands and accumulate in fp32; the weights keep full precision).
+  matmuls read bf16 operands and accumulate in fp32), the LLM's linear layers stored in bfloat16
+  (`llm_linears`): autocast would cast them to exactly that at every call, and stored so they take
+  half the memory and a decode step streams half the bytes (`storm_vlm.inference.prepare_for_inference`
+  sets this up); every other weight keeps full precision.
 - ``float16``: float16 weights on CUDA; refused on CPU, where fp16 matmuls are emulated.
 - ``auto``: ``bfloat16`` on CUDA where supported (else ``float32``); on CPU ``bfloat16`` only
   where the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX, as oneDNN reports —
@@ -56,12 +59,14 @@ def parse_precision(value) -> str:
 
 @dataclass(frozen=True)
 class Precision:
-    """What a precision name means on one device: the weights' dtype and the autocast dtype (or None)."""
+    """What a precision name means on one device: the weights' dtype, the autocast dtype (or None), and
+    the dtype of the LLM's linear layers where it differs from the weights' (or None)."""
 
     name: str
     device_type: str
     weights: torch.dtype
     autocast: torch.dtype | None = None
+    llm_linears: torch.dtype | None = None
 
     def context(self):
         """The autocast context to run the model under (a null context without autocast)."""
@@ -72,8 +77,14 @@ class Precision:
         return torch.autocast(self.device_type, dtype=self.autocast)
 
     def describe(self) -> str:
-        weights = str(self.weights).replace("torch.", "")
-        return weights if self.autocast is None else f"{weights} weights, {str(self.autocast).replace('torch.', '')} autocast"
+        if self.autocast is None:
+            return _dtype_name(self.weights)
+        linears = f" (the LLM's linear layers {_dtype_name(self.llm_linears)})" if self.llm_linears else ""
+        return f"{_dtype_name(self.weights)} weights{linears}, {_dtype_name(self.autocast)} autocast"
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def resolve_precision(value, device: str | torch.device = "cpu") -> Precision:
@@ -95,5 +106,5 @@ def resolve_precision(value, device: str | torch.device = "cpu") -> Precision:
             raise StormError("float16 is not used on CPU (emulated, far slower than float32): use float32 or bfloat16")
         return Precision(name, device_type, torch.float16)
     if on_cpu:
-        return Precision(name, device_type, torch.float32, torch.bfloat16)
+        return Precision(name, device_type, torch.float32, torch.bfloat16, llm_linears=torch.bfloat16)
     return Precision(name, device_type, torch.bfloat16)

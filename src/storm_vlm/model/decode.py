@@ -46,6 +46,7 @@ _DECODE_MODEL_TYPES = ("qwen2", "llama")
 _DECODE_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # language model -> DecodeStep
 _C_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # cache -> (key, DecodeStep._kernel_plan)
 _CHECKED_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # cache -> ref to the step that checked
+_KERNEL_WEIGHT_DTYPES = (torch.float32, torch.bfloat16)  # of the projections the C step reads
 _PACK_MEMORY_SHARE = 0.25  # input-major copies only while they take at most this share of free memory
 
 
@@ -168,26 +169,35 @@ class DecodeStep:
         mats = [m.weight for _, _, a, mlp in mods for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj,
                                                            mlp.up_proj, mlp.down_proj)] + [lm.lm_head.weight]
         nbytes = sum(w.numel() * w.element_size() for w in mats)
+        # the tensor path computes in float32 on float32 weights; with bfloat16 projections (the bfloat16
+        # precision) only the C step runs, and the tensor path's copies would be memory spent for nothing
+        self.tensor_path = all(w.dtype == torch.float32 for w in mats)
         if pack is None:
-            pack = nbytes <= _PACK_MEMORY_SHARE * available_memory_bytes()
+            pack = self.tensor_path and nbytes <= _PACK_MEMORY_SHARE * available_memory_bytes()
         self.fused = bool(pack)
         ln1, _, _, mlp0 = mods[0]
         act = F.silu if getattr(cfg, "hidden_act", None) == "silu" else mlp0.act_fn
         # The C step (one row, every layer in one call) reads the model's own tensors, 16 per layer in
-        # storm_decode_f32's order: the two norms' weights, then each projection's weight and bias.
-        own = []
+        # storm_decode_f32's order: the two norms' weights (float32), then each projection's weight and
+        # bias (all float32, or all bfloat16: the bfloat16 precision's LLM linear layers)
+        own, norms, projections = [], [], []
         for norm1, norm2, a, mlp in mods:
             own += [norm1.weight, norm2.weight]
+            norms += [norm1.weight, norm2.weight]
             for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
                 own += [m.weight, m.bias]
-        # ... and the embedding table, the final norm's weight and the LM head
+                projections += [t for t in (m.weight, m.bias) if t is not None]
+        # ... and the embedding table, the final norm's weight and the LM head (float32 or bfloat16)
         self._kernel_ends = (inner.embed_tokens.weight, inner.norm.weight, lm.lm_head.weight, lm.lm_head.bias)
+        head = [t for t in self._kernel_ends[2:] if t is not None]
         self._kernel = None
         if (kernel and not compile_layers and act is F.silu and _decode_kernel_setting() != "off"
                 and type(inner.embed_tokens) is nn.Embedding
-                and all(t is None or (t.is_contiguous() and t.dtype == torch.float32)
-                        for t in own + list(self._kernel_ends))):
+                and all(t.is_contiguous() and t.dtype == torch.float32 for t in norms + list(self._kernel_ends[:2]))
+                and all(t.is_contiguous() and t.dtype in _KERNEL_WEIGHT_DTYPES for t in projections + head)
+                and len({t.dtype for t in projections}) == 1 == len({t.dtype for t in head})):
             self._kernel = cpu_kernel.load_library()
+            self._kernel_bf16 = (int(projections[0].dtype == torch.bfloat16), int(head[0].dtype == torch.bfloat16))
         if self._kernel is not None:
             self._kernel_weights = (ctypes.c_void_p * len(own))(*[None if t is None else t.data_ptr() for t in own])
             # the storages those addresses point into stay alive even if a parameter's `.data` is replaced
@@ -340,11 +350,13 @@ class DecodeStep:
         logits = torch.empty(1, head_w.shape[0])
         layers = cache.layers
         cos, sin = rope
+        w_bf16, head_bf16 = self._kernel_bf16
         self._kernel.storm_decode_f32(len(layers), d, heads, kv_heads, hd, inter, eps, scaling, pos, embed.data_ptr(),
-                                      token, cos.data_ptr(), sin.data_ptr(), self._kernel_weights, kv, sg, st, kv_bf16,
-                                      kt, ktg, min([layer._keys_t_len for layer in layers]), norm_w.data_ptr(),
-                                      self.norm[1], head_w.data_ptr(), None if head_b is None else head_b.data_ptr(),
-                                      head_w.shape[0], logits.data_ptr(), scratch.data_ptr(), threads)
+                                      token, cos.data_ptr(), sin.data_ptr(), self._kernel_weights, w_bf16, kv, sg, st,
+                                      kv_bf16, kt, ktg, min([layer._keys_t_len for layer in layers]),
+                                      norm_w.data_ptr(), self.norm[1], head_w.data_ptr(),
+                                      None if head_b is None else head_b.data_ptr(), head_bf16, head_w.shape[0],
+                                      logits.data_ptr(), scratch.data_ptr(), threads)
         for layer in layers:
             layer._keys_t_len = pos + 1
         return logits
@@ -433,12 +445,14 @@ _DECODE_KWARGS = {"return_dict", "cache_position", "logits_to_keep"}
 
 def decode_step(model, input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache, kwargs):
     """`model`'s output for one greedy decode step through `DecodeStep`, or None where it does not
-    apply (then the model's own forward runs): CPU, fp32 weights, no autograd, eval mode, one new
-    token per row on a non-empty `StormKVCache`, no padding in `attention_mask`, positions that
-    follow the cache, an LLM `DecodeStep` supports. Under CPU autocast (the bfloat16 precision: fp32
-    weights, bf16 products) only the C step is taken, in float32 on a bf16 or fp32 cache: autocast
-    would cast every weight to bf16 at every step, more work than reading it once in fp32, and the
-    float32 step is at least as accurate. Called by StormForConditionalGeneration.forward."""
+    apply (then the model's own forward runs): CPU, fp32 weights (or bf16 LLM linear layers), no
+    autograd, eval mode, one new token per row on a non-empty `StormKVCache`, no padding in
+    `attention_mask`, positions that follow the cache, an LLM `DecodeStep` supports. Under CPU autocast
+    (the bfloat16 precision: bf16 products) or with bf16 linear layers (that precision as the loaders
+    set it up: storm_vlm.inference.prepare_for_inference) only the C step is taken, in float32 on a
+    bf16 or fp32 cache: autocast would cast every fp32 weight to bf16 at every step, more work than
+    reading it once, and the float32 step is at least as accurate. Called by
+    StormForConditionalGeneration.forward."""
     if (not getattr(model, "_storm_decode", True) or input_ids is None or inputs_embeds is not None
             or input_ids.dim() != 2 or input_ids.shape[1] != 1 or input_ids.device.type != "cpu"
             or torch.is_grad_enabled() or model.training or use_cache is False
@@ -447,7 +461,8 @@ def decode_step(model, input_ids, inputs_embeds, attention_mask, position_ids, c
             or kwargs.get("return_dict", True) is False):
         return None
     lm = model.language_model
-    if lm.lm_head.weight.dtype != torch.float32 or not all(type(layer) is GrowingKVLayer for layer in cache.layers):
+    if (lm.lm_head.weight.dtype not in _KERNEL_WEIGHT_DTYPES
+            or not all(type(layer) is GrowingKVLayer for layer in cache.layers)):
         return None
     past = cache.get_seq_length()
     if past == 0 or len(cache.layers) != lm.config.num_hidden_layers:
@@ -475,7 +490,7 @@ def decode_step(model, input_ids, inputs_embeds, attention_mask, position_ids, c
         _DECODE_STEPS[lm] = step
     if not checked:
         _CHECKED_CACHES[cache] = weakref.ref(step)
-    if not torch.is_autocast_enabled("cpu"):
+    if not torch.is_autocast_enabled("cpu") and step.tensor_path:
         logits = step(input_ids, cache)
     else:
         with torch.autocast("cpu", enabled=False):

@@ -326,6 +326,14 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
         without video_token_layout (else it must match it). labels (B, L), -100 = ignored
         (placeholder positions are always ignored). Returns CausalLMOutputWithPast (loss, logits, cache).
         """
+        precision = getattr(self, "_storm_precision", None)  # set by storm_vlm.inference.prepare_for_inference
+        if precision is not None and precision.autocast is not None and not torch.is_autocast_enabled(
+                precision.device_type):
+            # a model prepared for the bfloat16 precision on CPU keeps its LLM's linear layers in bf16, which
+            # only autocast pairs with the float32 activations: run under it wherever the model is called
+            call = {k: v for k, v in locals().items() if k not in ("self", "kwargs", "precision", "__class__")}
+            with precision.context():
+                return self.forward(**call, **kwargs)
         if "past_key_values" in kwargs and cache is None:
             cache = kwargs.pop("past_key_values")
         if pixel_values_videos is None and pixel_values is None and labels is None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from storm_vlm.perf.allocator import huge_page_buffers, huge_pages_unavailable
+from storm_vlm.huge_pages import huge_page_buffers, huge_pages_unavailable
 from storm_vlm.perf.costmodel import Hardware
 from storm_vlm.precision import cpu_has_fast_bf16
 
@@ -265,7 +265,7 @@ def measure_cpu_roofline(matmul_size: int = 1024, stream_mb: int = 256, repeats:
     peak_flops: the best of `repeats` fp32 (n x n) @ (n x n) products; bandwidth: the best of
     `repeats` streaming reads (a sum) of a `stream_mb` MB fp32 tensor, as a decode step streams its
     weights, on 4 KiB pages and, where the kernel offers them, on 2 MiB transparent huge pages (where
-    the loaders put a CPU model's weights: `storm_vlm.perf.allocator.place_in_huge_pages`), the
+    the loaders put a CPU model's weights: `storm_vlm.huge_pages.place_in_huge_pages`), the
     faster of the two. Best-of, not median: a bound is what the machine can do, and other jobs only
     slow it.
     """

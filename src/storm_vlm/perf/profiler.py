@@ -50,10 +50,10 @@ import yaml
 from tqdm.auto import tqdm
 
 from storm_vlm.errors import ConfigError, StormError
-from storm_vlm.inference import load_model
+from storm_vlm.inference import load_model, prepare_for_inference
 from storm_vlm.model.configuration import StormConfig
 from storm_vlm.model.modeling import StormForConditionalGeneration
-from storm_vlm.perf.allocator import allocator_state, place_in_huge_pages
+from storm_vlm.perf.allocator import allocator_state
 from storm_vlm.perf.costmodel import DEFAULT_COMPRESSIONS, Compression, pipeline_cost
 from storm_vlm.perf.host import (
     describe_host,
@@ -179,13 +179,9 @@ def build_random_model(config: StormConfig, seed: int = 0) -> StormForConditiona
 
 
 def prepare_model(model, settings: ProfileSettings):
-    """`model` on the settings' device and weight dtype, in eval mode; on CPU its weights on huge pages
-    as the loader places them (`place_in_huge_pages`), so a random-weight model streams as a loaded
-    one does."""
-    model = model.to(device=settings.device, dtype=settings.resolved.weights).eval()
-    if settings.device == "cpu":
-        place_in_huge_pages(model)
-    return model
+    """`model` set up for the settings' device and precision as the loader sets up a loaded one
+    (`storm_vlm.inference.prepare_for_inference`), so a random-weight model runs as a loaded one does."""
+    return prepare_for_inference(model, settings.device, settings.resolved)
 
 
 def load_saved_model(model_dir, settings: ProfileSettings):

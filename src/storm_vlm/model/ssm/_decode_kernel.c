@@ -10,31 +10,43 @@
  * stream, which the hardware prefetcher follows best — with no copy of any weight. The small
  * operations around the products (norms, rotary, softmax, the gate) cost microseconds here, where
  * each is a separate tensor operation in PyTorch. The KV cache may hold bfloat16 (a prefill under
- * bf16 autocast): it is read and written as such.
+ * bf16 autocast): it is read and written as such. The projections' weights and biases (and, apart,
+ * the LM head's) may be bfloat16 too (the bfloat16 precision on CPU): half the bytes to stream,
+ * widened to float32 as they are read; the arithmetic is float32 either way.
  */
 #include "_vec.h"
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
 
+/* element i of a float32 (bf16 = 0) or bfloat16 (bf16 = 1) array, as float32 */
+static inline vf load_w(const void *p, int64_t i, int bf16) {
+    return bf16 ? load_bf16((const uint16_t *)p + i) : loadu((const float *)p + i);
+}
+
+static inline float w_at(const void *p, int64_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
 /* y = (accumulate ? y : 0) + (bias ? bias : 0) + W @ x; x (k), W (n, k) row-major (nn.Linear's own
- * layout), y and bias (n). Row after row: the matrix is read as one sequential stream, which the
- * hardware prefetcher follows best (interleaving even two rows' streams halves the rate on some CPUs). */
-static void gemv(const float *x, const float *W, const float *bias, float *y, int64_t k, int64_t n,
-                 int accumulate) {
+ * layout), y and bias (n); W and bias float32 or, with wbf16, bfloat16. Row after row: the matrix is
+ * read as one sequential stream, which the hardware prefetcher follows best (interleaving even two
+ * rows' streams halves the rate on some CPUs). Inlined with a constant wbf16 (gemv_part). */
+static inline __attribute__((always_inline)) void gemv(const float *x, const void *W, const void *bias, float *y,
+                                                       int64_t k, int64_t n, int accumulate, int wbf16) {
     const int64_t kv = k / LANES * LANES;
     for (int64_t j = 0; j < n; j++) {
-        const float *w = W + j * k;
+        const int64_t row = j * k;
         vf a = splat(0.0f), b = splat(0.0f);
         int64_t i = 0;
         for (; i + 2 * LANES <= kv; i += 2 * LANES) {
-            a += loadu(w + i) * loadu(x + i);
-            b += loadu(w + i + LANES) * loadu(x + i + LANES);
+            a += load_w(W, row + i, wbf16) * loadu(x + i);
+            b += load_w(W, row + i + LANES, wbf16) * loadu(x + i + LANES);
         }
-        if (i < kv) a += loadu(w + i) * loadu(x + i);
+        if (i < kv) a += load_w(W, row + i, wbf16) * loadu(x + i);
         float v = hsum(a + b);
-        for (i = kv; i < k; i++) v += w[i] * x[i];
-        y[j] = v + (bias ? bias[j] : 0.0f) + (accumulate ? y[j] : 0.0f);
+        for (i = kv; i < k; i++) v += w_at(W, row + i, wbf16) * x[i];
+        y[j] = v + (bias ? w_at(bias, j, wbf16) : 0.0f) + (accumulate ? y[j] : 0.0f);
     }
 }
 
@@ -291,20 +303,26 @@ static void barrier_wait(spin_barrier *b, int *local) {
 typedef struct {
     int64_t layers, d, heads, kv_heads, hd, inter, pos, token, sg, st, ktg, kt_from, vocab;
     float eps, scaling, norm_eps;
-    const float *embed, *cos, *sin, *norm_w, *head_w, *head_b;
-    const float *const *w;
+    const float *embed, *cos, *sin, *norm_w;
+    const void *head_w, *head_b;
+    const void *const *w;
     void *const *kv;
     float *const *kt;
     float *logits, *scratch;
-    int kv_bf16, threads;
+    int kv_bf16, w_bf16, head_bf16, threads;
     spin_barrier barrier;
 } step_args;
 
-/* rows [n * tid / threads, n * (tid + 1) / threads) of gemv */
-static void gemv_part(const step_args *a, int tid, const float *x, const float *W, const float *bias, float *y,
-                      int64_t k, int64_t n, int accumulate) {
+/* rows [n * tid / threads, n * (tid + 1) / threads) of gemv, W and bias float32 or (wbf16) bfloat16 */
+static void gemv_part(const step_args *a, int tid, const float *x, const void *W, const void *bias, float *y,
+                      int64_t k, int64_t n, int accumulate, int wbf16) {
     const int64_t j0 = n * tid / a->threads, j1 = n * (tid + 1) / a->threads;
-    gemv(x, W + j0 * k, bias ? bias + j0 : NULL, y + j0, k, j1 - j0, accumulate);
+    const size_t size = wbf16 ? 2 : 4;
+    const char *w = (const char *)W + (size_t)(j0 * k) * size, *b = bias ? (const char *)bias + (size_t)j0 * size : NULL;
+    if (wbf16)
+        gemv(x, w, b, y + j0, k, j1 - j0, accumulate, 1);
+    else
+        gemv(x, w, b, y + j0, k, j1 - j0, accumulate, 0);
 }
 
 /* The step as thread `tid` of a->threads runs it: every product's rows and the attention's query heads
@@ -316,15 +334,16 @@ static void step_run(step_args *a, int tid) {
     float *scores = gu + 2 * inter + tid * (r * ((T + LANES - 1) / LANES * LANES) + r);
     const int64_t h0 = heads * tid / a->threads, h1 = heads * (tid + 1) / a->threads;
     int sense = 0;
-    const float *const *w = a->w;
+    const void *const *w = a->w;
+    const int wb = a->w_bf16;
     void *const *kv = a->kv;
     float *const *kt = a->kt;
     for (int64_t l = 0; l < a->layers; l++, w += 16, kv += 2, kt++) {
         if (tid == 0) storm_rms_norm_f32(h, w[0], a->eps, x, d, 0, 1);
         barrier_wait(&a->barrier, &sense);
-        gemv_part(a, tid, x, w[2], w[3], qkv, d, nq, 0);
-        gemv_part(a, tid, x, w[4], w[5], qkv + nq, d, nk, 0);
-        gemv_part(a, tid, x, w[6], w[7], qkv + nq + nk, d, nk, 0);
+        gemv_part(a, tid, x, w[2], w[3], qkv, d, nq, 0, wb);
+        gemv_part(a, tid, x, w[4], w[5], qkv + nq, d, nk, 0, wb);
+        gemv_part(a, tid, x, w[6], w[7], qkv + nq + nk, d, nk, 0, wb);
         barrier_wait(&a->barrier, &sense);
         if (tid == 0) {
             rotary(qkv, heads + kv_heads, hd, a->cos, a->sin); /* q and k heads are adjacent */
@@ -338,21 +357,21 @@ static void step_run(step_args *a, int tid) {
         attend(qkv, kt[0], a->ktg, kv[1], a->kv_bf16 & 2, a->sg, a->st, T, heads, kv_heads, hd, a->scaling, scores,
                att, h0, h1);
         barrier_wait(&a->barrier, &sense);
-        gemv_part(a, tid, att, w[8], w[9], h, nq, d, 1);
+        gemv_part(a, tid, att, w[8], w[9], h, nq, d, 1, wb);
         barrier_wait(&a->barrier, &sense);
         if (tid == 0) storm_rms_norm_f32(h, w[1], a->eps, x, d, 0, 1);
         barrier_wait(&a->barrier, &sense);
-        gemv_part(a, tid, x, w[10], w[11], gu, d, inter, 0);
-        gemv_part(a, tid, x, w[12], w[13], gu + inter, d, inter, 0);
+        gemv_part(a, tid, x, w[10], w[11], gu, d, inter, 0, wb);
+        gemv_part(a, tid, x, w[12], w[13], gu + inter, d, inter, 0, wb);
         barrier_wait(&a->barrier, &sense);
         if (tid == 0) storm_silu_mul_f32(gu, gu + inter, gu, inter);
         barrier_wait(&a->barrier, &sense);
-        gemv_part(a, tid, gu, w[14], w[15], h, inter, d, 1);
+        gemv_part(a, tid, gu, w[14], w[15], h, inter, d, 1, wb);
         barrier_wait(&a->barrier, &sense);
     }
     if (tid == 0) storm_rms_norm_f32(h, a->norm_w, a->norm_eps, x, d, 0, 1);
     barrier_wait(&a->barrier, &sense);
-    gemv_part(a, tid, x, a->head_w, a->head_b, a->logits, d, a->vocab, 0);
+    gemv_part(a, tid, x, a->head_w, a->head_b, a->logits, d, a->vocab, 0, a->head_bf16);
 }
 
 typedef struct {
@@ -376,7 +395,8 @@ static void *step_thread_main(void *p) {
  *   w: 16 pointers per layer, every matrix (out, in) row-major as nn.Linear holds it, each bias or NULL:
  *      input RMSNorm weight (d), post-attention RMSNorm weight (d), q (heads hd, d), its bias,
  *      k (kv_heads hd, d), its bias, v (kv_heads hd, d), its bias, o (d, heads hd), its bias,
- *      gate (inter, d), its bias, up (inter, d), its bias, down (d, inter), its bias;
+ *      gate (inter, d), its bias, up (inter, d), its bias, down (d, inter), its bias; the norms'
+ *      weights float32, the projections' weights and biases float32, or bfloat16 with w_bf16;
  *   kv: 2 pointers per layer, the key and the value buffer, both with element strides sg (KV head)
  *      and st (position), hd contiguous; float32, or bfloat16 where bit 0 (keys) / bit 1 (values) of
  *      kv_bf16 is set (under bf16 autocast the keys come out of the rotary embedding in float32);
@@ -384,19 +404,21 @@ static void *step_thread_main(void *p) {
  *      g * ktg, with room for position pos; positions 0..kt_from-1 already there, the rest copied here;
  *   cos, sin (hd): the rotary embedding at `pos`, as the model's rotary module returns it;
  *   norm_w (d), norm_eps, head_w (vocab, d), head_b (vocab) or NULL: the final RMSNorm and the LM head,
- *      whose product of h goes to logits (vocab);
+ *      whose product of h goes to logits (vocab); head_w and head_b float32, or bfloat16 with head_bf16;
  *   scratch: at least storm_decode_scratch(..., pos + 1, threads) floats. Returns 0. (Where a thread
  *      cannot be started, the step runs on this one.) */
 int storm_decode_f32(int64_t layers, int64_t d, int64_t heads, int64_t kv_heads, int64_t hd, int64_t inter,
                      float eps, float scaling, int64_t pos, const float *embed, int64_t token,
                      const float *cos, const float *sin,
-                     const float *const *w, void *const *kv, int64_t sg, int64_t st, int kv_bf16, float *const *kt,
-                     int64_t ktg, int64_t kt_from, const float *norm_w, float norm_eps, const float *head_w,
-                     const float *head_b, int64_t vocab, float *logits, float *scratch, int threads) {
+                     const void *const *w, int w_bf16, void *const *kv, int64_t sg, int64_t st, int kv_bf16,
+                     float *const *kt, int64_t ktg, int64_t kt_from, const float *norm_w, float norm_eps,
+                     const void *head_w, const void *head_b, int head_bf16, int64_t vocab, float *logits,
+                     float *scratch, int threads) {
     if (threads < 1) threads = 1;
     if (threads > heads) threads = (int)heads;
     step_args a = {layers, d, heads, kv_heads, hd, inter, pos, token, sg, st, ktg, kt_from, vocab, eps, scaling,
-                   norm_eps, embed, cos, sin, norm_w, head_w, head_b, w, kv, kt, logits, scratch, kv_bf16, threads,
+                   norm_eps, embed, cos, sin, norm_w, head_w, head_b, w, kv, kt, logits, scratch, kv_bf16, w_bf16,
+                   head_bf16, threads,
                    {0, 0, threads}};
     pthread_t ids[threads];
     step_thread ts[threads];

@@ -48,15 +48,13 @@ which equals flipping every input along L and the output back, without the copie
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import math
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from storm_vlm.huge_pages import advise_huge_pages
 from storm_vlm.model.ssm import _threads, cpu_kernel
 
 __all__ = ["chunked_scan", "project_delta", "DEFAULT_CHUNK", "auto_chunk"]
@@ -65,38 +63,12 @@ LOG2E = 1.0 / math.log(2.0)
 DEFAULT_CHUNK = None  # chosen per shape by ``auto_chunk``
 
 
-_HUGE = 2 << 20  # bytes in an x86-64 transparent huge page
-_MADV_HUGEPAGE = 14
-
-
-def _load_madvise():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_madvise = _load_madvise()
-
-
 def _empty(*shape, dtype, device) -> Tensor:
-    """torch.empty for the large (L-sized) buffers, asking Linux for transparent huge pages
-    (advice only; ignored where unsupported). Fresh multi-MB CPU tensors are otherwise faulted in
+    """torch.empty for the large (L-sized) buffers, advised as transparent huge pages where Linux offers
+    them (`storm_vlm.huge_pages.advise_huge_pages`). Fresh multi-MB CPU tensors are otherwise faulted in
     4 KiB pages on first touch: a full transpose into fresh memory measured 2x slower than into
     touched memory, about a quarter of the whole forward at d=2048."""
-    t = torch.empty(*shape, dtype=dtype, device=device)
-    nbytes = t.numel() * t.element_size()
-    if _madvise is not None and t.device.type == "cpu" and nbytes >= 4 * _HUGE:
-        start = (t.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
-        end = (t.data_ptr() + nbytes) & ~(_HUGE - 1)
-        if end > start:
-            _madvise(start, end - start, _MADV_HUGEPAGE)
-    return t
+    return advise_huge_pages(torch.empty(*shape, dtype=dtype, device=device))
 
 
 def auto_chunk(step_channels: int) -> int:

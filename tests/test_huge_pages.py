@@ -1,5 +1,5 @@
-"""Weights on transparent huge pages (`storm_vlm.perf.allocator.place_in_huge_pages`): same values,
-same Parameter objects, storages of their own, saved and reloaded intact; ties and views left alone."""
+"""Transparent huge pages (`storm_vlm.huge_pages`): weights placed on them keep their values, Parameter
+objects and a storage each, save and reload intact, ties and views left alone; advised tensors too."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ from torch import nn
 from helpers import TINY_CONFIG
 from storm_vlm.inference import load_model
 from storm_vlm.model.configuration import StormConfig
-from storm_vlm.perf.allocator import huge_page_buffers, huge_pages_unavailable, place_in_huge_pages
+from storm_vlm.huge_pages import advise_huge_pages, huge_page_buffers, huge_pages_unavailable, place_in_huge_pages
 from storm_vlm.perf.profiler import build_random_model
 
 pytestmark = pytest.mark.skipif(huge_pages_unavailable() is not None, reason=str(huge_pages_unavailable()))
@@ -46,6 +46,15 @@ def test_buffers_start_at_2_mib_and_64_bytes_each_with_a_storage_of_its_own():
     assert bufs[2].untyped_storage().nbytes() == 4096
 
 
+def test_an_advised_tensor_has_its_whole_huge_pages_advised_and_keeps_its_values():
+    t = advise_huge_pages(torch.empty(3 * 2**20))  # 12 MiB: at least four whole 2 MiB pages inside
+    inner = t[(-t.data_ptr() % (2 * 2**20)) // 4:][: 4 * 2**20 // 4 * 2]
+    assert on_huge_pages(inner)
+    want = torch.arange(t.numel(), dtype=torch.float32)
+    t.copy_(want)
+    assert torch.equal(t, want)
+
+
 def test_placed_model_keeps_its_parameters_values_and_tokens():
     model = build_random_model(StormConfig(**TINY_CONFIG), seed=1)
     params = dict(model.named_parameters())
@@ -73,7 +82,7 @@ def test_ties_through_one_parameter_stay_tied_and_shared_storages_stay_put():
     place_in_huge_pages(model)
     assert a.weight is b.weight and on_huge_pages(shared)
     assert on_huge_pages(a.bias) and on_huge_pages(b.bias)
-    assert not on_huge_pages(c.w) and c.w.untyped_storage().data_ptr() == d.w.untyped_storage().data_ptr()
+    assert c.w.data_ptr() == base.data_ptr() and d.w.data_ptr() == base.data_ptr() + 24 * 4  # not moved
     assert torch.equal(torch.cat([c.w.flatten(), d.w.flatten()]), base)
 
 
