@@ -19,12 +19,14 @@
 #include <sched.h>
 #include <stdatomic.h>
 
-/* element i of a float32 (bf16 = 0) or bfloat16 (bf16 = 1) array, as float32 */
-static inline vf load_w(const void *p, int64_t i, int bf16) {
+/* Elements i.. of a float32 (bf16 = 0) or bfloat16 (bf16 = 1) array as float32: a vector, one value.
+ * (The KV cache holds bfloat16 where the prefill ran under bf16 autocast, the projections' weights
+ * under the bfloat16 precision.) */
+static inline vf load_wide(const void *p, int64_t i, int bf16) {
     return bf16 ? load_bf16((const uint16_t *)p + i) : loadu((const float *)p + i);
 }
 
-static inline float w_at(const void *p, int64_t i, int bf16) {
+static inline float wide_at(const void *p, int64_t i, int bf16) {
     return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
@@ -40,13 +42,13 @@ static inline __attribute__((always_inline)) void gemv(const float *x, const voi
         vf a = splat(0.0f), b = splat(0.0f);
         int64_t i = 0;
         for (; i + 2 * LANES <= kv; i += 2 * LANES) {
-            a += load_w(W, row + i, wbf16) * loadu(x + i);
-            b += load_w(W, row + i + LANES, wbf16) * loadu(x + i + LANES);
+            a += load_wide(W, row + i, wbf16) * loadu(x + i);
+            b += load_wide(W, row + i + LANES, wbf16) * loadu(x + i + LANES);
         }
-        if (i < kv) a += load_w(W, row + i, wbf16) * loadu(x + i);
+        if (i < kv) a += load_wide(W, row + i, wbf16) * loadu(x + i);
         float v = hsum(a + b);
-        for (i = kv; i < k; i++) v += w_at(W, row + i, wbf16) * x[i];
-        y[j] = v + (bias ? w_at(bias, j, wbf16) : 0.0f) + (accumulate ? y[j] : 0.0f);
+        for (i = kv; i < k; i++) v += wide_at(W, row + i, wbf16) * x[i];
+        y[j] = v + (bias ? wide_at(bias, j, wbf16) : 0.0f) + (accumulate ? y[j] : 0.0f);
     }
 }
 
@@ -94,15 +96,6 @@ static float exp_shifted(float *p, int64_t T) {
     return sum;
 }
 
-/* The KV cache holds float32, or bfloat16 where the prefill ran under bf16 autocast (see _vec.h). */
-static inline vf load_kv(const void *p, int64_t i, int bf16) {
-    return bf16 ? load_bf16((const uint16_t *)p + i) : loadu((const float *)p + i);
-}
-
-static inline float kv_at(const void *p, int64_t i, int bf16) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
 /* n values of src at element `off` of a cache buffer */
 static void store_kv(void *p, int64_t off, const float *src, int64_t n, int bf16) {
     if (!bf16) {
@@ -120,7 +113,7 @@ static void transpose_keys(const void *K, int kbf16, int64_t off, int64_t st, in
                            float *kt) {
     for (int64_t t = from; t < T; t++) {
         float *dst = kt + t / LANES * hd * LANES + t % LANES;
-        for (int64_t c = 0; c < hd; c++) dst[c * LANES] = kv_at(K, off + t * st + c, kbf16);
+        for (int64_t c = 0; c < hd; c++) dst[c * LANES] = wide_at(K, off + t * st + c, kbf16);
     }
 }
 
@@ -171,8 +164,8 @@ static void transpose_keys(const void *K, int kbf16, int64_t off, int64_t st, in
         int64_t t = t0;                                                                                   \
         for (; t + CH <= t1; t += CH)                                                                     \
             for (int u = 0; u < CH; u++) {                                                                \
-                const vf x0 = load_kv(V, vg + (t + u) * st + c, vbf16);                                   \
-                const vf x1 = nv > 1 ? load_kv(V, vg + (t + u) * st + c + LANES, vbf16) : x0;             \
+                const vf x0 = load_wide(V, vg + (t + u) * st + c, vbf16);                                   \
+                const vf x1 = nv > 1 ? load_wide(V, vg + (t + u) * st + c + LANES, vbf16) : x0;             \
                 for (int j = 0; j < NH; j++) {                                                            \
                     const float pj = p[j * Tp + t + u];                                                   \
                     a[u][j][0] += pj * x0;                                                                \
@@ -180,8 +173,8 @@ static void transpose_keys(const void *K, int kbf16, int64_t off, int64_t st, in
                 }                                                                                         \
             }                                                                                             \
         for (; t < t1; t++) {                                                                             \
-            const vf x0 = load_kv(V, vg + t * st + c, vbf16);                                             \
-            const vf x1 = nv > 1 ? load_kv(V, vg + t * st + c + LANES, vbf16) : x0;                       \
+            const vf x0 = load_wide(V, vg + t * st + c, vbf16);                                             \
+            const vf x1 = nv > 1 ? load_wide(V, vg + t * st + c + LANES, vbf16) : x0;                       \
             for (int j = 0; j < NH; j++) {                                                                \
                 a[0][j][0] += p[j * Tp + t] * x0;                                                         \
                 a[0][j][1] += p[j * Tp + t] * x1;                                                         \
@@ -256,7 +249,7 @@ static void attend(const float *q, const float *KT, int64_t ktg, const void *V, 
                 for (int64_t jj = j; jj < j + n; jj++)
                     for (int64_t c = hv; c < hd; c++) {
                         float a = og[jj * hd + c];
-                        for (int64_t t = t0; t < t1; t++) a += scores[jj * Tp + t] * kv_at(V, vg + t * st + c, vbf16);
+                        for (int64_t t = t0; t < t1; t++) a += scores[jj * Tp + t] * wide_at(V, vg + t * st + c, vbf16);
                         og[jj * hd + c] = a;
                     }
             }
