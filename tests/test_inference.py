@@ -128,3 +128,13 @@ def test_bfloat16_precision_on_cpu_stores_the_llms_linear_layers_in_bf16(qwen2_m
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         want = ref.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
     assert got == want.tolist()[:len(got)] and len(got) >= 1
+
+
+def test_preparing_a_prepared_model_again_changes_nothing(qwen2_mamba_dir):
+    from storm_vlm.inference import prepare_for_inference
+
+    bf16 = P.resolve_precision("bfloat16", "cpu")
+    model, _ = load_model(qwen2_mamba_dir, "cpu", bf16)
+    before = {name: (p.data_ptr(), p.dtype) for name, p in model.named_parameters()}
+    assert prepare_for_inference(model, "cpu", bf16) is model
+    assert {name: (p.data_ptr(), p.dtype) for name, p in model.named_parameters()} == before

@@ -104,11 +104,11 @@ def place_in_huge_pages(module: nn.Module) -> int:
     A decode step reads every weight once per token, so its time is how fast the weights stream
     from memory. On 4 KiB pages that stream crosses a page every 4 KiB: a TLB miss each, and the
     hardware prefetchers stop at every page boundary; on 2 MiB pages a single core streams markedly
-    faster (`python benchmarks/decode.py` prints this host's rate both ways). Small weights, as most of
+    faster (docs/performance.md). Small weights, as most of
     a narrow model's, never get huge pages from the allocator (only allocations of 2 MiB and more
     can), so they are packed side by side here. Values, shapes, dtypes and the Parameter objects are
     unchanged, each parameter keeps a storage of its own (`huge_page_buffers`), and the old storage
-    is freed. For inference models (the loaders call it on CPU): it changes every parameter's
+    is freed. For inference models (the loader calls it on CPU): it changes every parameter's
     `.data`, so a step built on the old storages (the decode step) is rebuilt, as after any weight
     change. Left where they are: parameters off the CPU, not contiguous, inference tensors, and any
     that shares its storage with another tensor of the module (a view, a tie through storage rather

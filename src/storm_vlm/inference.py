@@ -108,9 +108,12 @@ def prepare_for_inference(model, device: str | torch.device, precision: Precisio
     stream), as does every other weight (norms, the vision tower, the projector). The model then runs
     under the precision's autocast wherever it is called (`StormForConditionalGeneration.forward`).
     On CPU the weights go on transparent huge pages where the kernel offers them
-    (`place_in_huge_pages`: decode steps stream them faster).
+    (`place_in_huge_pages`: decode steps stream them faster). A model already set up so is returned
+    as it is.
     """
     device = torch.device(device)
+    if getattr(model, "_storm_precision", None) == precision and model.device == device:
+        return model.eval()
     model = model.to(device=device, dtype=precision.weights).eval()
     if precision.llm_linears is not None:
         lm = getattr(model, "language_model", model)
