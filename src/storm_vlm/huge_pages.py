@@ -87,7 +87,7 @@ def huge_page_buffers(sizes: list[int]) -> list[torch.Tensor]:
         raise OSError(reason)
     ends = [(n + 63) // 64 * 64 for n in sizes]
     mapping = mmap.mmap(-1, sum(ends) + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    mapping.madvise(mmap.MADV_HUGEPAGE)  # before the first touch: the page faults then map 2 MiB pages
+    mapping.madvise(mmap.MADV_HUGEPAGE)  # before the first touch, so it is mapped 2 MiB at a time
     view = memoryview(mapping)
     off = -ctypes.addressof(ctypes.c_char.from_buffer(mapping)) % _HUGE_PAGE
     out = []

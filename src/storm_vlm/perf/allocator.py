@@ -57,4 +57,3 @@ def tune_cpu_allocator() -> dict:
 def allocator_state() -> dict:
     """What `tune_cpu_allocator` did in this process: {"tuned": bool, ...} (a copy)."""
     return dict(_ALLOCATOR_STATE)
-
