@@ -195,25 +195,41 @@ def test_causal_grouped_attention_is_sdpa(monkeypatch, isa, b, heads, kv_heads, 
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("causal", [False, True], ids=["every key", "causal"])
-def test_bfloat16_attention_is_as_close_as_sdpa(monkeypatch, isa, causal):
-    """bf16 in and out (what q/k/v are under autocast), float32 inside: no further from the float64
-    result than SDPA's own bf16 kernel, plus one bf16 rounding of the output."""
+@pytest.mark.parametrize("dot", [False, True], ids=["widened", "bf16 dot products"])
+@pytest.mark.parametrize("length,hd", [(45, 24), (33, 7), (1, 72)])
+def test_bfloat16_attention_is_as_close_as_sdpa(monkeypatch, isa, causal, dot, length, hd):
+    """bf16 in and out (what q/k/v are under autocast): no further from the float64 result than
+    SDPA's own bf16 kernel, plus one bf16 rounding of the output. Widened, it is the float32 kernel's
+    result rounded once as torch rounds; through AVX512-BF16 dot products (odd head sizes and key
+    counts: pairs completed with zeros), the float64 attention whose probabilities are rounded to
+    bf16 before the value product, within one bf16 rounding."""
     lib = use_kernel_library(monkeypatch, isa)
-    g = torch.Generator().manual_seed(21)
-    q = torch.randn(2, 45, 6, 24, generator=g).bfloat16().transpose(1, 2)
-    k, v = (torch.randn(2, 2, 45, 24, generator=g).bfloat16() for _ in range(2))
+    if dot and not lib.storm_bf16_dot:
+        pytest.skip(f"the {isa} build or this CPU has no bf16 dot products")
+    g = torch.Generator().manual_seed(21 + length)
+    q = torch.randn(2, length, 6, hd, generator=g).bfloat16().transpose(1, 2)
+    k, v = (torch.randn(2, 2, length, hd, generator=g).bfloat16() for _ in range(2))
+    scale = hd ** -0.5
 
     def sdpa(*t):
-        return F.scaled_dot_product_attention(*t, is_causal=causal, enable_gqa=True)
+        return F.scaled_dot_product_attention(*t, is_causal=causal, scale=scale, enable_gqa=True)
 
     exact = sdpa(q.double(), k.double(), v.double())
-    out = torch.empty(2, 45, 6, 24, dtype=torch.bfloat16)
-    cpu_attention.c_attention(lib, q, k, v, out.transpose(1, 2), 24 ** -0.5, causal=causal)
-    error = (out.transpose(1, 2).double() - exact).abs().max()
-    assert error <= (sdpa(q, k, v).double() - exact).abs().max() + 2 ** -8 * exact.abs().max()
-    rounded = torch.empty_like(out, dtype=torch.float32)
-    cpu_attention.c_attention(lib, q.float(), k.float(), v.float(), rounded.transpose(1, 2), 24 ** -0.5, causal=causal)
-    assert torch.equal(out, rounded.bfloat16())  # float32 inside, rounded once as torch rounds
+    out = torch.empty(2, length, 6, hd, dtype=torch.bfloat16)
+    cpu_attention.c_attention(lib, q, k, v, out.transpose(1, 2), scale, causal=causal, bf16_dot=dot)
+    out = out.transpose(1, 2).double()
+    assert (out - exact).abs().max() <= (sdpa(q, k, v).double() - exact).abs().max() + 2 ** -8 * exact.abs().max()
+    if dot:
+        s = (q.double() @ k.double().repeat_interleave(3, dim=1).transpose(-1, -2)) * scale
+        if causal:
+            s = s.masked_fill(torch.ones(length, length, dtype=torch.bool).triu(1), float("-inf"))
+        e = (s - s.amax(-1, keepdim=True)).exp()
+        ref = (e.float().bfloat16().double() @ v.double().repeat_interleave(3, dim=1)) / e.sum(-1, keepdim=True)
+        torch.testing.assert_close(out, ref, rtol=2 ** -8, atol=1e-4)
+    else:
+        rounded = torch.empty(2, length, 6, hd)
+        cpu_attention.c_attention(lib, q.float(), k.float(), v.float(), rounded.transpose(1, 2), scale, causal=causal)
+        assert torch.equal(out, rounded.transpose(1, 2).bfloat16().double())  # float32 inside, rounded once
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -13,7 +13,12 @@
  * L1 / L2; an LLM prompt's transposed keys take 4 * Lk * hd bytes per thread. Differs from PyTorch's
  * SDPA by float rounding only; a NaN query row gives NaN, as eager attention does (PyTorch's CPU
  * flash kernel writes 0). bfloat16 arrays (under autocast) are widened as they are copied and the
- * output rounded as torch rounds; the arithmetic is float32 either way.
+ * output rounded as torch rounds; the arithmetic is float32 either way (bf16 = 1). On CPUs with
+ * AVX512-BF16, bf16 = 2 takes the products as bf16 dot products instead (`vdpbf16ps`: two
+ * multiply-adds per float32 lane, twice the float32 rate; products exact, sums in float32): keys
+ * and values are laid out in pairs of bf16 (two head columns of a key, two keys of a value column),
+ * and the softmax probabilities are rounded to bf16 before the value product, as PyTorch's bf16 SDPA
+ * rounds them; the softmax itself and its row sums stay float32.
  */
 #include "_vec.h"
 
@@ -129,17 +134,208 @@ static inline float element(const void *p, int64_t i, int bf16) {
     return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
+/* The softmax of QROWS rows of scores s (rows of lp floats, the first lk computed) in place: row r
+ * keeps keys j < its `seen` (the rest become 0), each row divided by its sum later (inv[r]) */
+static inline void softmax_rows(float *s, int64_t lp, int64_t lk, const int64_t *seen, float *inv) {
+    for (int r = 0; r < QROWS; r++) {
+        float *sr = s + r * lp;
+        for (int64_t j = seen[r]; j < lk; j++) sr[j] = -__builtin_inff();
+        vf m = splat(-__builtin_inff());
+        for (int64_t j = 0; j < lk; j += LANES) m = vmax_keepnan(m, loadu(sr + j));
+        float mx = m[0];
+        for (int i = 1; i < LANES; i++) mx = mx > m[i] || mx != mx ? mx : m[i];
+        vf sum = splat(0.0f);
+        for (int64_t j = 0; j < lk; j += LANES) {
+            const vf e = vexp2(loadu(sr + j) - mx);
+            storeu(sr + j, e);
+            sum += e;
+        }
+        inv[r] = 1.0f / hsum(sum);
+    }
+}
+
+/* the block's first `rows` output rows (obuf, rows of hdp floats) rounded to bf16 into o's rows i0.., hd columns */
+static inline void store_bf16_rows(const float *obuf, int64_t hdp, int rows, uint16_t *o, int64_t ob, int64_t os2,
+                                   int64_t i0, int64_t hd) {
+    for (int r = 0; r < rows; r++) {
+        uint16_t *dst = o + ob + (i0 + r) * os2;
+        int64_t c = 0;
+        for (; c + LANES <= hd; c += LANES) {
+            const vbf out = __builtin_convertvector(round_bf16(loadu(obuf + r * hdp + c)), vbf);
+            memcpy(dst + c, &out, sizeof out);
+        }
+        for (; c < hd; c++) dst[c] = f32_to_bf16(obuf[r * hdp + c]);
+    }
+}
+
+#if LANES == 16 && defined(__AVX512F__) && (defined(__clang__) || __GNUC__ >= 10)
+#define STORM_DPBF16 1
+#define DP_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+/* the 32-bit word of bf16 elements 2i (low half) and 2i + 1 (high half) of a row of n, zeros past n */
+static inline uint32_t bf16_pair(const uint16_t *row, int64_t i, int64_t n) {
+    const uint32_t lo = 2 * i < n ? row[2 * i] : 0, hi = 2 * i + 1 < n ? row[2 * i + 1] : 0;
+    return lo | hi << 16;
+}
+
+DP_TARGET static inline __m512bh bf16_splat(uint32_t pair) { return (__m512bh)_mm512_set1_epi32((int)pair); }
+DP_TARGET static inline __m512bh bf16_load(const uint32_t *p) { return (__m512bh)_mm512_loadu_si512(p); }
+
+/* `scores` on bf16 pairs: q2 rows of hd2 pairs, kt2 hd2 rows of lp pairs (a key's two columns) */
+DP_TARGET static inline __attribute__((always_inline)) void scores_dp(const uint32_t *q2, int64_t hd2,
+                                                                      const uint32_t *kt2, int64_t lp, int nv,
+                                                                      float scale, float *s) {
+    __m512 acc[QROWS][KVECS];
+    for (int r = 0; r < QROWS; r++)
+        for (int j = 0; j < KVECS; j++) acc[r][j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < hd2; c++) {
+        __m512bh kv[KVECS];
+#pragma GCC unroll 4
+        for (int j = 0; j < nv; j++) kv[j] = bf16_load(kt2 + c * lp + j * LANES);
+#pragma GCC unroll 4
+        for (int r = 0; r < QROWS; r++) {
+            const __m512bh qv = bf16_splat(q2[r * hd2 + c]);
+#pragma GCC unroll 4
+            for (int j = 0; j < nv; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], qv, kv[j]);
+        }
+    }
+    const __m512 sc = _mm512_set1_ps(scale);
+#pragma GCC unroll 4
+    for (int r = 0; r < QROWS; r++)
+#pragma GCC unroll 4
+        for (int j = 0; j < nv; j++) _mm512_storeu_ps(s + r * lp + j * LANES, _mm512_mul_ps(acc[r][j], sc));
+}
+
+/* `values` on bf16 pairs: p QROWS rows of lp bf16 probabilities, vp2 rows of hdp pairs (a column's
+ * value at two consecutive keys), L2 key pairs */
+DP_TARGET static inline __attribute__((always_inline)) void values_dp(const uint16_t *p, int64_t lp,
+                                                                      const uint32_t *vp2, int64_t hdp, int64_t L2,
+                                                                      int64_t c0, int nv, const float *inv,
+                                                                      float *const *o, int rows, int64_t cols) {
+    __m512 acc[QROWS][VVECS];
+    for (int r = 0; r < QROWS; r++)
+        for (int i = 0; i < VVECS; i++) acc[r][i] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < L2; j++) {
+        __m512bh vv[VVECS];
+#pragma GCC unroll 6
+        for (int i = 0; i < nv; i++) vv[i] = bf16_load(vp2 + j * hdp + c0 + i * LANES);
+#pragma GCC unroll 4
+        for (int r = 0; r < QROWS; r++) {
+            uint32_t pair;
+            memcpy(&pair, p + r * lp + 2 * j, sizeof pair);
+            const __m512bh pv = bf16_splat(pair);
+#pragma GCC unroll 6
+            for (int i = 0; i < nv; i++) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], pv, vv[i]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int i = 0; i < nv; i++) {
+            const int64_t c = c0 + i * LANES;
+            const __m512 out = _mm512_mul_ps(acc[r][i], _mm512_set1_ps(inv[r]));
+            if (c + LANES <= cols)
+                _mm512_storeu_ps(o[r] + c, out);
+            else
+                memcpy(o[r] + c, &out, (size_t)(cols - c) * sizeof(float));
+        }
+}
+
+/* storm_attention for bf16 arrays through bf16 dot products (bf16 = 2, see the top of the file) */
+DP_TARGET static int attention_dp(const uint16_t *q, const int64_t *qs, const uint16_t *k, const int64_t *ks,
+                                  const uint16_t *v, const int64_t *vs, uint16_t *o, const int64_t *os,
+                                  int64_t heads, int64_t kv_heads, int64_t L, int64_t Lk, int64_t hd, float scale,
+                                  int causal, int64_t p0, int64_t p1) {
+    const int64_t lp = (Lk + LANES - 1) / LANES * LANES, hdp = (hd + LANES - 1) / LANES * LANES;
+    const int64_t hd2 = (hd + 1) / 2, offset = Lk - L, group = heads / kv_heads;
+    /* key pairs (hd2 x lp), value pairs (lp / 2 x hdp), four rows of scores, of bf16 probabilities,
+     * of query pairs and of outputs */
+    const size_t words = (size_t)(hd2 * lp + lp / 2 * hdp + QROWS * lp + QROWS * lp / 2 + QROWS * hd2 + QROWS * hdp);
+    uint32_t *kt2 = malloc(sizeof(uint32_t) * words);
+    if (!kt2) return 1;
+    uint32_t *vp2 = kt2 + hd2 * lp, *q2 = vp2 + lp / 2 * hdp;
+    float *s = (float *)(q2 + QROWS * hd2), *obuf = s + QROWS * lp;
+    uint16_t *pb = (uint16_t *)(obuf + QROWS * hdp);
+    const float scale2 = scale * LOG2E;
+    int64_t loaded = -1;
+    for (int64_t p = p0; p < p1; p++) {
+        const int64_t b = p / heads, h = p % heads, kv = b * kv_heads + h / group;
+        if (kv != loaded) {
+            const uint16_t *kb = k + b * ks[0] + (h / group) * ks[1], *vb = v + b * vs[0] + (h / group) * vs[1];
+            for (int64_t j = 0; j < lp; j++)
+                for (int64_t c = 0; c < hd2; c++) kt2[c * lp + j] = j < Lk ? bf16_pair(kb + j * ks[2], c, hd) : 0;
+            for (int64_t j = 0; j < lp; j += 2) {
+                const uint16_t *r0 = j < Lk ? vb + j * vs[2] : NULL, *r1 = j + 1 < Lk ? vb + (j + 1) * vs[2] : NULL;
+                for (int64_t c = 0; c < hdp; c++) {
+                    const uint32_t lo = r0 && c < hd ? r0[c] : 0, hi = r1 && c < hd ? r1[c] : 0;
+                    vp2[j / 2 * hdp + c] = lo | hi << 16;
+                }
+            }
+            loaded = kv;
+        }
+        const int64_t qb = b * qs[0] + h * qs[1], ob = b * os[0] + h * os[1];
+        for (int64_t i0 = 0; i0 < L; i0 += QROWS) {
+            const int rows = L - i0 < QROWS ? (int)(L - i0) : QROWS;
+            const int64_t nk = causal ? offset + i0 + rows : Lk;
+            const int64_t lk = (nk + LANES - 1) / LANES * LANES;
+            float *orow[QROWS];
+            int64_t seen[QROWS];
+            for (int r = 0; r < QROWS; r++) { /* a short last block repeats its last row, stored once */
+                const int64_t t = i0 + (r < rows ? r : rows - 1);
+                for (int64_t c = 0; c < hd2; c++) q2[r * hd2 + c] = bf16_pair(q + qb + t * qs[2], c, hd);
+                orow[r] = obuf + r * hdp;
+                seen[r] = causal ? offset + t + 1 : Lk;
+            }
+            int64_t j0 = 0;
+            for (; j0 + KVECS * LANES <= lk; j0 += KVECS * LANES) scores_dp(q2, hd2, kt2 + j0, lp, KVECS, scale2, s + j0);
+            for (; j0 < lk; j0 += LANES) scores_dp(q2, hd2, kt2 + j0, lp, 1, scale2, s + j0);
+            float inv[QROWS];
+            softmax_rows(s, lp, lk, seen, inv);
+            for (int r = 0; r < QROWS; r++) /* probabilities past a row's keys are 0, so a last odd key pairs with 0 */
+                for (int64_t j = 0; j < lk; j += LANES)
+                    _mm256_storeu_si256((__m256i *)(pb + r * lp + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + r * lp + j)));
+            const int64_t L2 = (nk + 1) / 2;
+            for (int64_t c0 = 0; c0 < hdp; c0 += VVECS * LANES) {
+                switch ((hdp - c0) / LANES) {
+                case 1: values_dp(pb, lp, vp2, hdp, L2, c0, 1, inv, orow, rows, hd); break;
+                case 2: values_dp(pb, lp, vp2, hdp, L2, c0, 2, inv, orow, rows, hd); break;
+                case 3: values_dp(pb, lp, vp2, hdp, L2, c0, 3, inv, orow, rows, hd); break;
+                case 4: values_dp(pb, lp, vp2, hdp, L2, c0, 4, inv, orow, rows, hd); break;
+                case 5: values_dp(pb, lp, vp2, hdp, L2, c0, 5, inv, orow, rows, hd); break;
+                default: values_dp(pb, lp, vp2, hdp, L2, c0, VVECS, inv, orow, rows, hd);
+                }
+            }
+            store_bf16_rows(obuf, hdp, rows, o, ob, os[2], i0, hd);
+        }
+    }
+    free(kt2);
+    return 0;
+}
+#endif
+
+/* 1 when this build has the bf16 dot-product attention (bf16 = 2; the CPU must also have AVX512-BF16) */
+int storm_attention_has_bf16_dot(void) {
+#ifdef STORM_DPBF16
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* o = softmax(scale q k^T) v per (batch, head): every key visible, or causal (query t sees keys
  * 0..Lk - L + t: the last L of Lk positions, as after a cache of Lk - L). q, o: element (b, h, t, c)
  * at b * s[0] + h * s[1] + t * s[2] + c (strides in elements); k, v: the same with kv head
  * g = h / (heads / kv_heads) (grouped-query heads share their KV head). L queries, Lk >= L keys
  * (Lk = L without causal), head size hd. bf16 = 0: every array float32; 1: every array bfloat16
- * (computed in float32, o rounded as torch rounds). Runs the pairs p0 <= p < p1, p = b * heads + h;
+ * (computed in float32, o rounded as torch rounds); 2: bfloat16 through bf16 dot products (builds
+ * with STORM_DPBF16, CPUs with AVX512-BF16). Runs the pairs p0 <= p < p1, p = b * heads + h;
  * consecutive heads of one KV head reuse its transposed keys. Returns 0, or 1 when its scratch could
  * not be allocated (nothing written then). */
 int storm_attention(const void *q, const int64_t *qs, const void *k, const int64_t *ks, const void *v,
                     const int64_t *vs, void *o, const int64_t *os, int64_t heads, int64_t kv_heads, int64_t L,
                     int64_t Lk, int64_t hd, float scale, int causal, int bf16, int64_t p0, int64_t p1) {
+#ifdef STORM_DPBF16
+    if (bf16 == 2)
+        return attention_dp(q, qs, k, ks, v, vs, o, os, heads, kv_heads, L, Lk, hd, scale, causal, p0, p1);
+#endif
     const int64_t lp = (Lk + LANES - 1) / LANES * LANES, hdp = (hd + LANES - 1) / LANES * LANES;
     const int64_t offset = Lk - L; /* causal: query t is at key position offset + t */
     const int64_t group = heads / kv_heads;
@@ -168,8 +364,10 @@ int storm_attention(const void *q, const int64_t *qs, const void *k, const int64
             const int64_t lk = (nk + LANES - 1) / LANES * LANES;
             const float *qr[QROWS];
             float *orow[QROWS];
+            int64_t seen[QROWS];
             for (int r = 0; r < QROWS; r++) { /* a short last block repeats its last row, stored once */
                 const int64_t t = i0 + (r < rows ? r : rows - 1);
+                seen[r] = causal ? offset + t + 1 : Lk;
                 if (bf16) {
                     for (int64_t c = 0; c < hd; c++) qbuf[r * hd + c] = element(q, qb + t * qs[2] + c, 1);
                     qr[r] = qbuf + r * hd;
@@ -183,22 +381,7 @@ int storm_attention(const void *q, const int64_t *qs, const void *k, const int64
             for (; j0 + KVECS * LANES <= lk; j0 += KVECS * LANES) scores(qr, kt + j0, lp, hd, KVECS, scale2, s + j0);
             for (; j0 < lk; j0 += LANES) scores(qr, kt + j0, lp, hd, 1, scale2, s + j0);
             float inv[QROWS];
-            for (int r = 0; r < QROWS; r++) {
-                float *sr = s + r * lp;
-                const int64_t seen = causal ? offset + i0 + (r < rows ? r : rows - 1) + 1 : Lk;
-                for (int64_t j = seen; j < lk; j++) sr[j] = -__builtin_inff();
-                vf m = splat(-__builtin_inff());
-                for (int64_t j = 0; j < lk; j += LANES) m = vmax_keepnan(m, loadu(sr + j));
-                float mx = m[0];
-                for (int i = 1; i < LANES; i++) mx = mx > m[i] || mx != mx ? mx : m[i];
-                vf sum = splat(0.0f);
-                for (int64_t j = 0; j < lk; j += LANES) {
-                    const vf e = vexp2(loadu(sr + j) - mx);
-                    storeu(sr + j, e);
-                    sum += e;
-                }
-                inv[r] = 1.0f / hsum(sum);
-            }
+            softmax_rows(s, lp, lk, seen, inv);
             for (int64_t c0 = 0; c0 < hdp; c0 += VVECS * LANES) {
                 switch ((hdp - c0) / LANES) { /* a constant vector count in each case: the loops unroll */
                 case 1: values(s, lp, vp, hdp, nk, c0, 1, inv, orow, rows, hd); break;
@@ -209,15 +392,7 @@ int storm_attention(const void *q, const int64_t *qs, const void *k, const int64
                 default: values(s, lp, vp, hdp, nk, c0, VVECS, inv, orow, rows, hd);
                 }
             }
-            for (int r = 0; bf16 && r < rows; r++) {
-                uint16_t *dst = (uint16_t *)o + ob + (i0 + r) * os[2];
-                int64_t c = 0;
-                for (; c + LANES <= hd; c += LANES) {
-                    const vbf out = __builtin_convertvector(round_bf16(loadu(obuf + r * hdp + c)), vbf);
-                    memcpy(dst + c, &out, sizeof out);
-                }
-                for (; c < hd; c++) dst[c] = f32_to_bf16(obuf[r * hdp + c]);
-            }
+            if (bf16) store_bf16_rows(obuf, hdp, rows, o, ob, os[2], i0, hd);
         }
     }
     free(kt);

@@ -393,6 +393,9 @@ def _bind(lib: ctypes.CDLL, isa: Isa, lanes: int, origin: str) -> ctypes.CDLL:
     lib.storm_rms_norm_f32.restype = None
     lib.storm_attention.argtypes = [ptr] * 8 + [i64] * 5 + [ctypes.c_float, cint, cint, i64, i64]
     lib.storm_attention.restype = cint
+    # the attention's bf16 dot products (`vdpbf16ps`) need the build's code and the CPU's AVX512-BF16
+    lib.storm_attention_has_bf16_dot.restype = cint
+    lib.storm_bf16_dot = bool(lib.storm_attention_has_bf16_dot()) and "avx512_bf16" in (cpu_flags() or ())
     lib.storm_isa = isa.name  # the path, its width, and where the bytes came from (benchmarks print them)
     lib.storm_lanes = lanes
     lib.storm_origin = origin
