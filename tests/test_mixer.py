@@ -140,6 +140,38 @@ def test_c_conv_silu_equals_the_tensor_conv(isa, monkeypatch):
         torch.testing.assert_close(fast, m(_x().float()), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_c_conv_silu_reads_bf16_inputs(isa, monkeypatch):
+    """Under autocast in_proj's output is bf16: the C conv reads it as it is (a column slice, rows
+    apart) and gives exactly the float32 kernel's result on its widened values rounded to bf16, both
+    directions and with a carried prefix; the mixer under autocast takes it and stays as close to the
+    float32 mixer as the tensor path under autocast."""
+    lib = use_kernel_library(monkeypatch, isa)
+    g = torch.Generator().manual_seed(3)
+    calls = []
+    real = lib.storm_dwconv_silu_bf16
+    monkeypatch.setattr(lib, "storm_dwconv_silu_bf16", lambda *a: calls.append(a) or real(*a))
+    xz = torch.randn(2, 70, 74, generator=g).bfloat16()
+    x, w, b = xz[..., 37:], torch.randn(37, 1, 4, generator=g), torch.randn(37, generator=g)
+    pre = torch.randn(2, 3, 37, generator=g)
+    with torch.no_grad():
+        for reverse, prefix in ((False, None), (True, None), (False, pre)):
+            got = mixer_mod._conv_silu(x, w, b, reverse, prefix)
+            assert got.dtype == torch.bfloat16 and calls[-1][:2] == (x[1].data_ptr(), 74)
+            assert torch.equal(got, mixer_mod._conv_silu(x.float(), w, b, reverse, prefix).bfloat16())
+    m = _mixer(BiMambaMixer).float()
+    with torch.no_grad():
+        exact = m(_x().float())
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = m(_x().float())
+        assert len(calls) == 4
+        monkeypatch.setattr(cpu_kernel, "load_library", lambda *a, **k: None)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tensors = m(_x().float())
+    assert (fast.float() - exact).abs().max() <= 1.5 * (tensors.float() - exact).abs().max()
+
+
 def test_step_equals_forward():
     m = _mixer(MambaMixer)
     x = _x(b=2, L=10)

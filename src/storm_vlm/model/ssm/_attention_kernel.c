@@ -129,11 +129,6 @@ static inline __attribute__((always_inline)) void values(const float *p, int64_t
         }
 }
 
-/* element i of a float32 (bf16 = 0) or bfloat16 (bf16 = 1) array */
-static inline float element(const void *p, int64_t i, int bf16) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
 /* The softmax of QROWS rows of scores s (rows of lp floats, the first lk computed) in place: row r
  * keeps keys j < its `seen` (the rest become 0), each row divided by its sum later (inv[r]) */
 static inline void softmax_rows(float *s, int64_t lp, int64_t lk, const int64_t *seen, float *inv) {
@@ -160,10 +155,7 @@ static inline void store_bf16_rows(const float *obuf, int64_t hdp, int rows, uin
     for (int r = 0; r < rows; r++) {
         uint16_t *dst = o + ob + (i0 + r) * os2;
         int64_t c = 0;
-        for (; c + LANES <= hd; c += LANES) {
-            const vbf out = __builtin_convertvector(round_bf16(loadu(obuf + r * hdp + c)), vbf);
-            memcpy(dst + c, &out, sizeof out);
-        }
+        for (; c + LANES <= hd; c += LANES) store_bf16(dst + c, loadu(obuf + r * hdp + c));
         for (; c < hd; c++) dst[c] = f32_to_bf16(obuf[r * hdp + c]);
     }
 }
@@ -350,9 +342,9 @@ int storm_attention(const void *q, const int64_t *qs, const void *k, const int64
         if (kv != loaded) {
             const int64_t kb = b * ks[0] + (h / group) * ks[1], vb = b * vs[0] + (h / group) * vs[1];
             for (int64_t j = 0; j < lp; j++)
-                for (int64_t c = 0; c < hd; c++) kt[c * lp + j] = j < Lk ? element(k, kb + j * ks[2] + c, bf16) : 0.0f;
+                for (int64_t c = 0; c < hd; c++) kt[c * lp + j] = j < Lk ? wide_at(k, kb + j * ks[2] + c, bf16) : 0.0f;
             for (int64_t j = 0; j < Lk; j++) {
-                for (int64_t c = 0; c < hd; c++) vp[j * hdp + c] = element(v, vb + j * vs[2] + c, bf16);
+                for (int64_t c = 0; c < hd; c++) vp[j * hdp + c] = wide_at(v, vb + j * vs[2] + c, bf16);
                 memset(vp + j * hdp + hd, 0, (size_t)(hdp - hd) * sizeof(float));
             }
             loaded = kv;
@@ -369,7 +361,7 @@ int storm_attention(const void *q, const int64_t *qs, const void *k, const int64
                 const int64_t t = i0 + (r < rows ? r : rows - 1);
                 seen[r] = causal ? offset + t + 1 : Lk;
                 if (bf16) {
-                    for (int64_t c = 0; c < hd; c++) qbuf[r * hd + c] = element(q, qb + t * qs[2] + c, 1);
+                    for (int64_t c = 0; c < hd; c++) qbuf[r * hd + c] = wide_at(q, qb + t * qs[2] + c, 1);
                     qr[r] = qbuf + r * hd;
                     orow[r] = obuf + r * hdp;
                 } else {

@@ -19,17 +19,6 @@
 #include <sched.h>
 #include <stdatomic.h>
 
-/* Elements i.. of a float32 (bf16 = 0) or bfloat16 (bf16 = 1) array as float32: a vector, one value.
- * (The KV cache holds bfloat16 where the prefill ran under bf16 autocast, the projections' weights
- * under the bfloat16 precision.) */
-static inline vf load_wide(const void *p, int64_t i, int bf16) {
-    return bf16 ? load_bf16((const uint16_t *)p + i) : loadu((const float *)p + i);
-}
-
-static inline float wide_at(const void *p, int64_t i, int bf16) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
 /* y = (accumulate ? y : 0) + (bias ? bias : 0) + W @ x; x (k), W (n, k) row-major (nn.Linear's own
  * layout), y and bias (n); W and bias float32 or, with wbf16, bfloat16. Row after row: the matrix is
  * read as one sequential stream, which the hardware prefetcher follows best (interleaving even two

@@ -115,6 +115,11 @@ static inline vu round_bf16(vf v) {
 
 static inline uint16_t f32_to_bf16(float f) { return (uint16_t)round_bf16(splat(f))[0]; }
 
+static inline void store_bf16(uint16_t *p, vf v) {
+    const vbf b = __builtin_convertvector(round_bf16(v), vbf);
+    memcpy(p, &b, sizeof b);
+}
+
 /* unaligned vector load / store (memcpy compiles to one unaligned vector move) */
 static inline vf loadu(const float *p) {
     vf v;
@@ -122,5 +127,23 @@ static inline vf loadu(const float *p) {
     return v;
 }
 static inline void storeu(float *p, vf v) { memcpy(p, &v, sizeof v); }
+
+/* Elements i.. of a float32 (bf16 = 0) or bfloat16 (bf16 = 1) array as float32: a vector, one value
+ * (the KV cache and the LLM's weights under the bfloat16 precision, activations under autocast) */
+static inline vf load_wide(const void *p, int64_t i, int bf16) {
+    return bf16 ? load_bf16((const uint16_t *)p + i) : loadu((const float *)p + i);
+}
+
+static inline float wide_at(const void *p, int64_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* a vector into elements i.. of a float32 or bfloat16 array (rounded as torch rounds) */
+static inline void store_wide(void *p, int64_t i, vf v, int bf16) {
+    if (bf16)
+        store_bf16((uint16_t *)p + i, v);
+    else
+        storeu((float *)p + i, v);
+}
 
 #endif

@@ -385,8 +385,9 @@ def _bind(lib: ctypes.CDLL, isa: Isa, lanes: int, origin: str) -> ctypes.CDLL:
     for name in ("storm_silu_mul_f32", "storm_silu_mul_bf16"):
         getattr(lib, name).argtypes = [ptr, ptr, ptr, i64]
         getattr(lib, name).restype = None
-    lib.storm_dwconv_silu_f32.argtypes = [ptr, i64] + [ptr] * 4 + [i64] * 3 + [cint, i64, i64]
-    lib.storm_dwconv_silu_f32.restype = None
+    for name in ("storm_dwconv_silu_f32", "storm_dwconv_silu_bf16"):
+        getattr(lib, name).argtypes = [ptr, i64] + [ptr] * 4 + [i64] * 3 + [cint, i64, i64]
+        getattr(lib, name).restype = None
     lib.storm_add_layer_norm_f32.argtypes = [ptr] * 4 + [ctypes.c_float, ptr] + [i64] * 3
     lib.storm_add_layer_norm_f32.restype = None
     lib.storm_rms_norm_f32.argtypes = [ptr, ptr, ctypes.c_float, ptr] + [i64] * 3

@@ -92,16 +92,20 @@ def _depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None, reverse: boo
 
 
 _CONV_ROWS = 256  # time steps per thread at least for the C conv (a hand-off costs tens of microseconds)
+_CONV_KERNELS = {torch.float32: "storm_dwconv_silu_f32", torch.bfloat16: "storm_dwconv_silu_bf16"}  # by x's dtype
 
 
 def _conv_silu(x: Tensor, weight: Tensor, bias: Tensor | None, reverse: bool, prefix: Tensor | None = None) -> Tensor:
-    """``F.silu(_depthwise_conv(x, weight, bias, reverse, prefix))``, x (B, L, d) time-major. For float32
-    CPU inference, one pass of the C kernel (``_elementwise_kernel.c``) split over torch's threads by
-    time steps; PyTorch takes six passes over (B, L, d) for it. Elsewhere (autograd, other dtypes or
-    devices, no C compiler): the tensor operations."""
+    """``F.silu(_depthwise_conv(x, weight, bias, reverse, prefix))``, x (B, L, d) time-major. For CPU
+    inference with float32 weights, one pass of the C kernel (``_elementwise_kernel.c``) split over
+    torch's threads by time steps, where PyTorch takes six passes over (B, L, d): x float32, or
+    bfloat16 (in_proj's output under autocast; computed in float32 and rounded once, where PyTorch
+    rounds the conv and the SiLU each). Elsewhere (autograd, other dtypes or devices, no C
+    compiler): the tensor operations."""
     bsz, L, d = x.shape
     K = weight.shape[-1]
-    use_kernel = (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and weight.shape == (d, 1, K)
+    use_kernel = (x.device.type == "cpu" and x.dtype in _CONV_KERNELS and weight.dtype == torch.float32
+                  and weight.shape == (d, 1, K)
                   and (bias is None or (bias.dtype == torch.float32 and bias.shape == (d,)))
                   and (prefix is None or (prefix.shape == (bsz, K - 1, d) and not reverse))
                   and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
@@ -120,7 +124,7 @@ def _conv_silu(x: Tensor, weight: Tensor, bias: Tensor | None, reverse: bool, pr
               None if bias is None else bias.data_ptr(), None if prefix is None else prefix[b].data_ptr(),
               out.data_ptr() + b * L * d * size, L, d, K, int(reverse), t0, t1)
              for b in range(bsz) for t0, t1 in _threads.spans(L, _CONV_ROWS)]
-    _threads.run_all(lib.storm_dwconv_silu_f32, calls)
+    _threads.run_all(getattr(lib, _CONV_KERNELS[x.dtype]), calls)
     return out
 
 
