@@ -171,6 +171,33 @@ def test_lean_layer_takes_the_kernels_with_inert_keyword_arguments_only(model, m
         assert torch.equal(ours, SiglipEncoderLayer.forward(layer, h, None))
 
 
+def test_lean_layer_projects_qkv_as_one_product_unless_a_projection_is_hooked(model, monkeypatch):
+    """q, k, v come from one product of the three weights side by side, with transformers' result; a
+    hook on a projection (an adapter, a probe) makes the layer call the projections themselves, and
+    the hook sees its output."""
+    if cpu_kernel.load_library() is None:
+        pytest.skip("no C compiler")
+    layer = _layers(model)[0]
+    attn = layer.self_attn
+    products = []
+    real = fast_paths.measured_linear
+    monkeypatch.setattr(fast_paths, "measured_linear", lambda x, w, b: products.append(w.shape) or real(x, w, b))
+    h = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(15))
+    seen = []
+    with torch.inference_mode():
+        ref = SiglipEncoderLayer.forward(layer, h, None)
+        fused = layer(h, None)
+        assert products == [torch.Size([48, 16])]
+        handle = attn.k_proj.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+        try:
+            hooked = layer(h, None)
+        finally:
+            handle.remove()
+    assert products == [torch.Size([48, 16])] and seen == [torch.Size([3, 16, 16])]
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hooked, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("b,heads,kv_heads,length,hd", [(2, 6, 2, 37, 20), (1, 7, 1, 130, 32), (1, 4, 4, 5, 8),
                                                         (1, 2, 1, 1, 16), (2, 3, 1, 70, 40)])

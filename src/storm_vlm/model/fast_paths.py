@@ -47,7 +47,7 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 from storm_vlm.model.cpu_attention import (STORM_SDPA, attention_library, c_frame_attention, c_layer_norm,
                                            c_rms_norm, use_storm_sdpa)
 from storm_vlm.model.decode import drop_decode_step
-from storm_vlm.model.matmul_backend import use_measured_linears
+from storm_vlm.model.matmul_backend import measured_linear, plain_linear, use_measured_linears
 from storm_vlm.model.ssm import _threads, cpu_kernel
 
 __all__ = ["enable_fast_paths", "STORM_SDPA"]
@@ -190,6 +190,19 @@ def _residual_add(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     return x.add_(residual) if x.dtype == torch.promote_types(x.dtype, residual.dtype) else residual + x
 
 
+def _qkv(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SigLIP's q, k, v projections of x as column slices of one product, the three weights side by
+    side (one wider product, x read and, under autocast, cast once; the weights are concatenated per
+    call, a copy 1/rows of the product's work), which the C attention reads in place. Projections
+    that are not plain biased Linear layers (`plain_linear`) of one dtype run as they are."""
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    if all(plain_linear(p) and p.bias is not None and p.weight.dtype == projs[0].weight.dtype for p in projs):
+        weight = torch.cat([p.weight for p in projs])
+        bias = torch.cat([p.bias for p in projs])
+        return measured_linear(x, weight, bias).split([p.out_features for p in projs], dim=-1)
+    return tuple(p(x) for p in projs)
+
+
 class _LeanSiglipLayer(SiglipEncoderLayer):
     """A SigLIP encoder layer whose CPU inference (no mask, SDPA attention, no autograd) runs the
     same computation with fewer tensor passes.
@@ -218,7 +231,7 @@ class _LeanSiglipLayer(SiglipEncoderLayer):
         if lib is not None:
             hidden_states = hidden_states.contiguous()  # the embeddings' output is a transposed view
             x = c_layer_norm(lib, hidden_states, self.layer_norm1)
-            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            q, k, v = _qkv(attn, x)
             h = attn.out_proj(c_frame_attention(lib, q, k, v, attn.num_heads, attn.scale)).float()
             x = c_layer_norm(lib, h, self.layer_norm2, residual=hidden_states)  # h += hidden_states
             return _residual_add(mlp.fc2(mlp.activation_fn(mlp.fc1(x))), h)

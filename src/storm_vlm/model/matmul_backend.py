@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["matmul_choices", "use_measured_linears", "fastest"]
+__all__ = ["matmul_choices", "measured_linear", "plain_linear", "use_measured_linears", "fastest"]
 
 _MATMUL_ENV = "STORM_VLM_MATMUL"
 _MEASURE_MIN_ROWS = 64  # fewer rows (decode, short prompts): torch's default, nothing to win
@@ -80,19 +80,30 @@ def matmul_choices() -> dict:
     return dict(_MATMUL_CHOICE)
 
 
+def measured_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias), for CPU fp32 inference on the faster of BLAS and oneDNN for the
+    shape (`_matmul_backend`); autograd, autocast, other dtypes and devices, and inputs under
+    `_MEASURE_MIN_ROWS` rows take `F.linear`."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not torch.is_grad_enabled() and x.dim() >= 2 and weight.is_contiguous()
+            and x.numel() >= _MEASURE_MIN_ROWS * x.shape[-1] and not torch.is_autocast_enabled("cpu")
+            and _matmul_backend(x, weight, bias) == "onednn"):
+        return _onednn_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 class _MeasuredLinear(nn.Linear):
-    """`nn.Linear` whose CPU fp32 inference runs on the faster of BLAS and oneDNN for its shape
-    (`_matmul_backend`). Same parameters, same state dict; autograd, other dtypes and devices, and
-    inputs under `_MEASURE_MIN_ROWS` rows take `F.linear`."""
+    """`nn.Linear` through `measured_linear`. Same parameters, same state dict."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
-                and not torch.is_grad_enabled() and x.dim() >= 2 and w.is_contiguous()
-                and x.numel() >= _MEASURE_MIN_ROWS * x.shape[-1] and not torch.is_autocast_enabled("cpu")
-                and _matmul_backend(x, w, self.bias) == "onednn"):
-            return _onednn_linear(x, w, self.bias)
-        return F.linear(x, w, self.bias)
+        return measured_linear(x, self.weight, self.bias)
+
+
+def plain_linear(module: nn.Module) -> bool:
+    """Whether `module` computes F.linear(x, its weight, its bias) and nothing else: an nn.Linear or
+    `_MeasuredLinear` (no subclass with its own forward) without hooks."""
+    return (type(module) in (nn.Linear, _MeasuredLinear) and not module._forward_hooks
+            and not module._forward_pre_hooks)
 
 
 def use_measured_linears(module: nn.Module) -> None:
