@@ -146,6 +146,9 @@ TINY_CONFIG = dict(
 )
 
 
+KERNEL_ISAS = list(cpu_kernel.ISAS)  # every build of the C kernels, narrowest first
+
+
 def isa_runs(isa: str) -> bool:
     """This CPU runs the kernels' `isa` path (cpu_kernel.ISAS is ordered narrow to wide)."""
     order = list(cpu_kernel.ISAS)

@@ -15,9 +15,9 @@ from storm_vlm.model import cpu_attention, fast_paths
 from storm_vlm.model.ssm import cpu_kernel
 from storm_vlm.perf.profiler import build_random_model
 from helpers import TINY_CONFIG as TINY
-from helpers import use_kernel_library
+from helpers import KERNEL_ISAS, use_kernel_library
 
-ISAS = ["generic", "avx2", "avx512"]
+ISAS = KERNEL_ISAS
 
 
 @pytest.fixture(scope="module")
@@ -222,17 +222,15 @@ def test_causal_grouped_attention_is_sdpa(monkeypatch, isa, b, heads, kv_heads, 
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("causal", [False, True], ids=["every key", "causal"])
-@pytest.mark.parametrize("dot", [False, True], ids=["widened", "bf16 dot products"])
 @pytest.mark.parametrize("length,hd", [(45, 24), (33, 7), (1, 72)])
-def test_bfloat16_attention_is_as_close_as_sdpa(monkeypatch, isa, causal, dot, length, hd):
+def test_bfloat16_attention_is_as_close_as_sdpa(monkeypatch, isa, causal, length, hd):
     """bf16 in and out (what q/k/v are under autocast): no further from the float64 result than
     SDPA's own bf16 kernel, plus one bf16 rounding of the output. Widened, it is the float32 kernel's
-    result rounded once as torch rounds; through AVX512-BF16 dot products (odd head sizes and key
-    counts: pairs completed with zeros), the float64 attention whose probabilities are rounded to
-    bf16 before the value product, within one bf16 rounding."""
+    result rounded once as torch rounds; in the avx512bf16 build's dot products (odd head sizes and
+    key counts: pairs completed with zeros), the float64 attention whose probabilities are rounded
+    to bf16 before the value product, within one bf16 rounding."""
     lib = use_kernel_library(monkeypatch, isa)
-    if dot and not lib.storm_bf16_dot:
-        pytest.skip(f"the {isa} build or this CPU has no bf16 dot products")
+    dot = isa == "avx512bf16"
     g = torch.Generator().manual_seed(21 + length)
     q = torch.randn(2, length, 6, hd, generator=g).bfloat16().transpose(1, 2)
     k, v = (torch.randn(2, 2, length, hd, generator=g).bfloat16() for _ in range(2))
@@ -243,7 +241,7 @@ def test_bfloat16_attention_is_as_close_as_sdpa(monkeypatch, isa, causal, dot, l
 
     exact = sdpa(q.double(), k.double(), v.double())
     out = torch.empty(2, length, 6, hd, dtype=torch.bfloat16)
-    cpu_attention.c_attention(lib, q, k, v, out.transpose(1, 2), scale, causal=causal, bf16_dot=dot)
+    cpu_attention.c_attention(lib, q, k, v, out.transpose(1, 2), scale, causal=causal)
     out = out.transpose(1, 2).double()
     assert (out - exact).abs().max() <= (sdpa(q, k, v).double() - exact).abs().max() + 2 ** -8 * exact.abs().max()
     if dot:

@@ -15,7 +15,7 @@ from storm_vlm.model import fast_paths
 from storm_vlm.model.ssm import cpu_kernel
 from storm_vlm.perf.profiling import build_random_model
 from helpers import TINY_CONFIG as TINY
-from helpers import use_kernel_library
+from helpers import KERNEL_ISAS, use_kernel_library
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_generate_output_is_unchanged(model, beams):
     assert torch.equal(fast, plain)
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", None], ids=["generic", "avx2", "avx512", "tensor passes"])
+@pytest.mark.parametrize("isa", [*KERNEL_ISAS, None], ids=[*KERNEL_ISAS, "tensor passes"])
 def test_sigmoid_form_gelu_is_the_tanh_gelu(model, monkeypatch, isa):
     """float32 and bfloat16 (what the vision tower runs under bf16 autocast), through each vector
     width of the C kernel the CPU runs, and without it; ragged sizes; inf, NaN and both tails."""
@@ -164,7 +164,7 @@ def test_vision_tower_uses_it_and_features_are_unchanged(model):
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
 @pytest.mark.parametrize("width", [1, 17, 64])
 def test_gated_mlp_and_rms_norm_are_transformers(model, monkeypatch, isa, width):
     """The LLM's MLP (silu(gate) · up in one C pass, in place) and RMSNorm (one C pass per row) on each

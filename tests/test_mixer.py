@@ -9,7 +9,7 @@ from storm_vlm.model.projector import MambaTemporalProjector
 from storm_vlm.model.ssm import BiMambaMixer, MambaMixer, selective_scan_reference
 from storm_vlm.model.ssm import cpu_kernel
 from storm_vlm.model.ssm import mixer as mixer_mod
-from helpers import use_kernel_library
+from helpers import KERNEL_ISAS, use_kernel_library
 
 D_MODEL = 16
 
@@ -90,7 +90,7 @@ def test_forward_matches_explicit_mamba_computation():
     torch.testing.assert_close(m(x), expected)
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
 def test_c_conv_silu_equals_the_tensor_conv(isa, monkeypatch):
     """The one-pass C conv + SiLU of float32 inference, on each vector width the CPU runs: both
     directions, a carried prefix, ragged widths, sequences shorter than the kernel; the mixer with it."""
@@ -140,7 +140,7 @@ def test_c_conv_silu_equals_the_tensor_conv(isa, monkeypatch):
         torch.testing.assert_close(fast, m(_x().float()), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
 def test_c_conv_silu_reads_bf16_inputs(isa, monkeypatch):
     """Under autocast in_proj's output is bf16: the C conv reads it as it is (a column slice, rows
     apart) and gives exactly the float32 kernel's result on its widened values rounded to bf16, both

@@ -19,7 +19,7 @@ from storm_vlm.model.kv_cache import StormKVCache
 from storm_vlm.model.ssm import cpu_kernel
 from storm_vlm.perf.profiler import build_random_model
 from helpers import TINY_CONFIG as TINY
-from helpers import use_kernel_library
+from helpers import KERNEL_ISAS, use_kernel_library
 
 LLAMA = dict(TINY, text_config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
@@ -228,7 +228,7 @@ MANY_HEADS = {**TINY, "text_config": {**TINY["text_config"], "hidden_size": 720,
 
 
 @pytest.mark.parametrize("config", [WIDE_HEADS, MANY_HEADS], ids=["3-heads-of-24", "9x2-heads-of-40"])
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
 def test_c_decode_step_on_each_isa_path(isa, config, monkeypatch, kernel_steps, plain_decode):
     """Every vector width of the C step (the narrower ones forced), over a cache longer than the
     values' block of 64 positions and not a multiple of the width, the rotary table refilled every 5
@@ -254,7 +254,7 @@ def _llm_linears(model) -> list[nn.Linear]:
 
 
 @pytest.mark.parametrize("config", [WIDE_HEADS, MANY_HEADS], ids=["3-heads-of-24", "9x2-heads-of-40"])
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
 def test_c_decode_step_reads_bf16_projections_on_each_isa_path(isa, config, monkeypatch, kernel_steps):
     """The LLM's linear layers in bfloat16 (the bfloat16 precision as the loaders set it up): the C step
     widens them as it reads, so its tokens and logits are those of the same step on float32 weights

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from storm_vlm.model.ssm import cpu_kernel, fast_scan, selective_scan, selective_scan_reference
-from helpers import isa_runs
+from helpers import KERNEL_ISAS, isa_runs
 from test_scan import _assert_close, _inputs, _run, factored_delta
 
 pytestmark = pytest.mark.skipif(cpu_kernel.load() is None, reason="no C compiler: the kernel is optional")
@@ -124,7 +124,7 @@ def test_extreme_values_match_reference():
     torch.testing.assert_close(out[fin], ref[fin], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
 def test_kernel_softplus_is_torch_softplus(monkeypatch, isa):
     """With A = 0, B = C = u = 1 and no D the scan's output is the step size itself: the kernel's
     softplus against torch's (float64) over -80..40 (both tails, the threshold at 20, NaN, -inf: +inf
@@ -198,7 +198,8 @@ def test_compile_error_names_the_source(monkeypatch, tmp_path):
 # ----------------------------------------------------------------------------- instruction-set paths
 # (path, lanes): every path at its own width, and the wider logic built with narrower flags (the
 # compiler splits each vector), so the 16-lane code runs and is checked on an AVX2 machine too
-VARIANTS = [("generic", None), ("generic", 8), ("generic", 16), ("avx2", None), ("avx2", 16), ("avx512", None)]
+VARIANTS = [("generic", None), ("generic", 8), ("generic", 16), ("avx2", None), ("avx2", 16), ("avx512", None),
+            ("avx512bf16", None)]
 
 
 @pytest.mark.parametrize("isa,lanes", VARIANTS, ids=[f"{i}-{n or 'own'}" for i, n in VARIANTS])
@@ -298,6 +299,7 @@ def test_isa_detection_reads_cpu_flags_not_vendor(monkeypatch):
     try:
         skx = {"sse2", "avx", "avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl"}
         assert detect(skx) == "avx512"
+        assert detect(skx | {"avx512_bf16"}) == "avx512bf16"  # Cooper Lake, Sapphire Rapids, Zen 4
         assert detect(skx - {"avx512vl"}) == "avx2"  # e.g. Xeon Phi's AVX-512F alone: the AVX2 build
         assert detect({"sse2", "avx", "avx2", "fma"}) == "avx2"
         assert detect({"sse2", "avx", "avx2"}) == "generic"  # no FMA

@@ -67,15 +67,15 @@ def c_rms_norm(lib, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 
 
 def c_attention(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, scale: float,
-                causal: bool, bf16_dot: bool | None = None) -> torch.Tensor:
+                causal: bool) -> torch.Tensor:
     """out = softmax(scale·q·kᵀ)·v per batch row and head (`_attention_kernel.c`), every key visible or
     causal (the L queries are the last L of the Lk key positions: query t sees keys 0..Lk - L + t);
     grouped-query heads h read KV head h // (H / G). q, out (B, H, L, hd), k, v (B, G, Lk, hd): views
     with unit last stride (any other strides: transposed or column-sliced views need no copy), all
-    float32 or all bfloat16. bfloat16 arrays are multiplied as bf16 dot products where the library
-    and the CPU have them (`lib.storm_bf16_dot`: AVX512-BF16; the probabilities rounded to bf16 for
-    the value product, as PyTorch's bf16 SDPA does), else widened and computed in float32;
-    `bf16_dot=False` asks for the latter. The (batch, head) pairs are split over torch's threads."""
+    float32 or all bfloat16: widened and computed in float32, or in the avx512bf16 build (CPUs with
+    AVX512-BF16) multiplied as bf16 dot products, the probabilities rounded to bf16 for the value
+    product as PyTorch's bf16 SDPA rounds them. The (batch, head) pairs are split over torch's
+    threads."""
     b, heads, length, hd = q.shape
     keys = k.shape[2]
     if causal and keys < length:
@@ -84,17 +84,10 @@ def c_attention(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     work = length * keys * hd // (2 if causal else 1)
     pairs = _threads.spans(b * heads, max(1, _ATTENTION_WORK // max(work, 1)))
     args = (q.data_ptr(), strides[0], k.data_ptr(), strides[1], v.data_ptr(), strides[2], out.data_ptr(), strides[3],
-            heads, k.shape[1], length, keys, hd, scale, int(causal), _array_mode(lib, q.dtype, bf16_dot))
+            heads, k.shape[1], length, keys, hd, scale, int(causal), int(q.dtype == torch.bfloat16))
     if any(_threads.run_all(lib.storm_attention, [(*args, p0, p1) for p0, p1 in pairs])):
         raise MemoryError("storm_vlm: no memory for the attention kernel's scratch")
     return out
-
-
-def _array_mode(lib, dtype: torch.dtype, bf16_dot: bool | None) -> int:
-    """storm_attention's `bf16` argument: 0 float32, 1 bfloat16 widened, 2 bfloat16 dot products."""
-    if dtype != torch.bfloat16:
-        return 0
-    return 2 if lib.storm_bf16_dot and bf16_dot is not False else 1
 
 
 def c_frame_attention(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:

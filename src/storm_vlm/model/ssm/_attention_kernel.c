@@ -160,9 +160,7 @@ static inline void store_bf16_rows(const float *obuf, int64_t hdp, int rows, uin
     }
 }
 
-#if LANES == 16 && defined(__AVX512F__) && (defined(__clang__) || __GNUC__ >= 10)
-#define STORM_DPBF16 1
-#define DP_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#ifdef __AVX512BF16__
 
 /* the 32-bit word of bf16 elements 2i (low half) and 2i + 1 (high half) of a row of n, zeros past n */
 static inline uint32_t bf16_pair(const uint16_t *row, int64_t i, int64_t n) {
@@ -170,11 +168,11 @@ static inline uint32_t bf16_pair(const uint16_t *row, int64_t i, int64_t n) {
     return lo | hi << 16;
 }
 
-DP_TARGET static inline __m512bh bf16_splat(uint32_t pair) { return (__m512bh)_mm512_set1_epi32((int)pair); }
-DP_TARGET static inline __m512bh bf16_load(const uint32_t *p) { return (__m512bh)_mm512_loadu_si512(p); }
+static inline __m512bh bf16_splat(uint32_t pair) { return (__m512bh)_mm512_set1_epi32((int)pair); }
+static inline __m512bh bf16_load(const uint32_t *p) { return (__m512bh)_mm512_loadu_si512(p); }
 
 /* `scores` on bf16 pairs: q2 rows of hd2 pairs, kt2 hd2 rows of lp pairs (a key's two columns) */
-DP_TARGET static inline __attribute__((always_inline)) void scores_dp(const uint32_t *q2, int64_t hd2,
+static inline __attribute__((always_inline)) void scores_dp(const uint32_t *q2, int64_t hd2,
                                                                       const uint32_t *kt2, int64_t lp, int nv,
                                                                       float scale, float *s) {
     __m512 acc[QROWS][KVECS];
@@ -200,7 +198,7 @@ DP_TARGET static inline __attribute__((always_inline)) void scores_dp(const uint
 
 /* `values` on bf16 pairs: p QROWS rows of lp bf16 probabilities, vp2 rows of hdp pairs (a column's
  * value at two consecutive keys), L2 key pairs */
-DP_TARGET static inline __attribute__((always_inline)) void values_dp(const uint16_t *p, int64_t lp,
+static inline __attribute__((always_inline)) void values_dp(const uint16_t *p, int64_t lp,
                                                                       const uint32_t *vp2, int64_t hdp, int64_t L2,
                                                                       int64_t c0, int nv, const float *inv,
                                                                       float *const *o, int rows, int64_t cols) {
@@ -231,8 +229,8 @@ DP_TARGET static inline __attribute__((always_inline)) void values_dp(const uint
         }
 }
 
-/* storm_attention for bf16 arrays through bf16 dot products (bf16 = 2, see the top of the file) */
-DP_TARGET static int attention_dp(const uint16_t *q, const int64_t *qs, const uint16_t *k, const int64_t *ks,
+/* storm_attention for bf16 arrays through bf16 dot products (see the top of the file) */
+static int attention_dp(const uint16_t *q, const int64_t *qs, const uint16_t *k, const int64_t *ks,
                                   const uint16_t *v, const int64_t *vs, uint16_t *o, const int64_t *os,
                                   int64_t heads, int64_t kv_heads, int64_t L, int64_t Lk, int64_t hd, float scale,
                                   int causal, int64_t p0, int64_t p1) {
@@ -283,7 +281,7 @@ DP_TARGET static int attention_dp(const uint16_t *q, const int64_t *qs, const ui
             softmax_rows(s, lp, lk, seen, inv);
             for (int r = 0; r < QROWS; r++) /* probabilities past a row's keys are 0, so a last odd key pairs with 0 */
                 for (int64_t j = 0; j < lk; j += LANES)
-                    _mm256_storeu_si256((__m256i *)(pb + r * lp + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + r * lp + j)));
+                    store_bf16(pb + r * lp + j, loadu(s + r * lp + j));
             const int64_t L2 = (nk + 1) / 2;
             for (int64_t c0 = 0; c0 < hdp; c0 += VVECS * LANES) {
                 switch ((hdp - c0) / LANES) {
@@ -303,29 +301,20 @@ DP_TARGET static int attention_dp(const uint16_t *q, const int64_t *qs, const ui
 }
 #endif
 
-/* 1 when this build has the bf16 dot-product attention (bf16 = 2; the CPU must also have AVX512-BF16) */
-int storm_attention_has_bf16_dot(void) {
-#ifdef STORM_DPBF16
-    return 1;
-#else
-    return 0;
-#endif
-}
-
 /* o = softmax(scale q k^T) v per (batch, head): every key visible, or causal (query t sees keys
  * 0..Lk - L + t: the last L of Lk positions, as after a cache of Lk - L). q, o: element (b, h, t, c)
  * at b * s[0] + h * s[1] + t * s[2] + c (strides in elements); k, v: the same with kv head
  * g = h / (heads / kv_heads) (grouped-query heads share their KV head). L queries, Lk >= L keys
  * (Lk = L without causal), head size hd. bf16 = 0: every array float32; 1: every array bfloat16
- * (computed in float32, o rounded as torch rounds); 2: bfloat16 through bf16 dot products (builds
- * with STORM_DPBF16, CPUs with AVX512-BF16). Runs the pairs p0 <= p < p1, p = b * heads + h;
+ * (computed in float32, or in bf16 dot products in the avx512bf16 build; o rounded as torch
+ * rounds). Runs the pairs p0 <= p < p1, p = b * heads + h;
  * consecutive heads of one KV head reuse its transposed keys. Returns 0, or 1 when its scratch could
  * not be allocated (nothing written then). */
 int storm_attention(const void *q, const int64_t *qs, const void *k, const int64_t *ks, const void *v,
                     const int64_t *vs, void *o, const int64_t *os, int64_t heads, int64_t kv_heads, int64_t L,
                     int64_t Lk, int64_t hd, float scale, int causal, int bf16, int64_t p0, int64_t p1) {
-#ifdef STORM_DPBF16
-    if (bf16 == 2)
+#ifdef __AVX512BF16__
+    if (bf16)
         return attention_dp(q, qs, k, ks, v, vs, o, os, heads, kv_heads, L, Lk, hd, scale, causal, p0, p1);
 #endif
     const int64_t lp = (Lk + LANES - 1) / LANES * LANES, hdp = (hd + LANES - 1) / LANES * LANES;

@@ -88,14 +88,21 @@ static inline vf vexp2(vf x) {
 static inline vf vsilu(vf x) { return x / (1.0f + vexp2(-x * LOG2E)); }
 
 /* bfloat16 is the upper half of a float32: widened exactly, and rounded to the nearest even as torch
- * rounds (NaN stays NaN, written as torch writes it) */
+ * rounds (NaN stays NaN: written as c10's scalar conversion writes it, 0x7fc0, except by AVX512-BF16's
+ * own conversion, which keeps the sign and top bits) */
 typedef uint16_t vbf __attribute__((vector_size(2 * LANES)));
 typedef uint32_t vu __attribute__((vector_size(4 * LANES)));
 
 static inline vf load_bf16(const uint16_t *p) {
+#if LANES == 16 && defined(__AVX512F__) /* one zero-extending load (the generic form compiles to five) */
+    return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
+#elif LANES == 8 && defined(__AVX2__)
+    return (vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
+#else
     vbf b;
     memcpy(&b, p, sizeof b);
     return (vf)(__builtin_convertvector(b, vu) << 16);
+#endif
 }
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -116,8 +123,14 @@ static inline vu round_bf16(vf v) {
 static inline uint16_t f32_to_bf16(float f) { return (uint16_t)round_bf16(splat(f))[0]; }
 
 static inline void store_bf16(uint16_t *p, vf v) {
+#if defined(__AVX512BF16__) /* the same rounding in one instruction (a NaN keeps its sign and top bits) */
+    _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh((__m512)v));
+#elif LANES == 16 && defined(__AVX512F__) /* one narrowing move (the generic form compiles to a permute) */
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16((__m512i)round_bf16(v)));
+#else
     const vbf b = __builtin_convertvector(round_bf16(v), vbf);
     memcpy(p, &b, sizeof b);
+#endif
 }
 
 /* unaligned vector load / store (memcpy compiles to one unaligned vector move) */

@@ -89,11 +89,13 @@ class Isa:
     cpu_features: tuple[str, ...]
 
 
+_AVX512_FLAGS = ("-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma")
+_AVX512_FEATURES = ("avx512f", "avx512dq", "avx512bw", "avx512vl", "avx2", "fma")
 ISAS = {  # narrowest first
     "generic": Isa("generic", 4, (), ()),
     "avx2": Isa("avx2", 8, ("-mavx2", "-mfma"), ("avx2", "fma")),
-    "avx512": Isa("avx512", 16, ("-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"),
-                  ("avx512f", "avx512dq", "avx512bw", "avx512vl", "avx2", "fma")),
+    "avx512": Isa("avx512", 16, _AVX512_FLAGS, _AVX512_FEATURES),
+    "avx512bf16": Isa("avx512bf16", 16, (*_AVX512_FLAGS, "-mavx512bf16"), (*_AVX512_FEATURES, "avx512_bf16")),
 }
 _ORDER = list(ISAS)
 
@@ -394,9 +396,6 @@ def _bind(lib: ctypes.CDLL, isa: Isa, lanes: int, origin: str) -> ctypes.CDLL:
     lib.storm_rms_norm_f32.restype = None
     lib.storm_attention.argtypes = [ptr] * 8 + [i64] * 5 + [ctypes.c_float, cint, cint, i64, i64]
     lib.storm_attention.restype = cint
-    # the attention's bf16 dot products (`vdpbf16ps`) need the build's code and the CPU's AVX512-BF16
-    lib.storm_attention_has_bf16_dot.restype = cint
-    lib.storm_bf16_dot = bool(lib.storm_attention_has_bf16_dot()) and "avx512_bf16" in (cpu_flags() or ())
     lib.storm_isa = isa.name  # the path, its width, and where the bytes came from (benchmarks print them)
     lib.storm_lanes = lanes
     lib.storm_origin = origin
