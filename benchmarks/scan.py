@@ -271,7 +271,8 @@ def kernel_description() -> str:
 
 # ----------------------------------------------------------------------------- driver
 # torch's and MKL's settings for each kernel path (see the module docstring)
-_TORCH_ISA = {"avx512": ("avx512", "AVX512"), "avx2": ("avx2", "AVX2"), "generic": ("default", "SSE4_2")}
+_TORCH_ISA = {"avx512bf16": ("avx512", "AVX512"), "avx512": ("avx512", "AVX512"), "avx2": ("avx2", "AVX2"),
+              "generic": ("default", "SSE4_2")}
 
 
 def _run_worker(spec, timeout, isa=None):
@@ -313,8 +314,8 @@ def main(argv=None):
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="floor table: time on the wall clock or with the process's CPU time (1 thread; on a "
                         "shared machine CPU time leaves out waiting for a core)")
-    p.add_argument("--isa", nargs="+", default=[None],
-                   help="kernel paths for the floor table (STORM_VLM_SCAN_ISA: avx512, avx2, generic); "
+    p.add_argument("--isa", nargs="+", default=[None], choices=[*_TORCH_ISA, None],
+                   help="kernel paths for the floor table (STORM_VLM_SCAN_ISA: avx512bf16, avx512, avx2, generic); "
                         "default: the one this CPU selects")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -13,9 +13,9 @@
  * L1 / L2; an LLM prompt's transposed keys take 4 * Lk * hd bytes per thread. Differs from PyTorch's
  * SDPA by float rounding only; a NaN query row gives NaN, as eager attention does (PyTorch's CPU
  * flash kernel writes 0). bfloat16 arrays (under autocast) are widened as they are copied and the
- * output rounded as torch rounds; the arithmetic is float32 either way (bf16 = 1). On CPUs with
- * AVX512-BF16, bf16 = 2 takes the products as bf16 dot products instead (`vdpbf16ps`: two
- * multiply-adds per float32 lane, twice the float32 rate; products exact, sums in float32): keys
+ * output rounded as torch rounds, the arithmetic float32; the avx512bf16 build (CPUs with
+ * AVX512-BF16) takes their products as bf16 dot products instead (`vdpbf16ps`: two multiply-adds per
+ * float32 lane, twice the float32 rate; products exact, sums in float32): keys
  * and values are laid out in pairs of bf16 (two head columns of a key, two keys of a value column),
  * and the softmax probabilities are rounded to bf16 before the value product, as PyTorch's bf16 SDPA
  * rounds them; the softmax itself and its row sums stay float32.

@@ -9,20 +9,25 @@ for the vision layers and the LLM's causal prefill); all include ``_vec.h``.
 (``$CC``, else cc / gcc / clang) once per instruction set, with that set's flags, never
 ``-march=native`` (so a forced narrower path really avoids the wider instructions):
 
-========= ===== ======================================================= ================================
-path      lanes flags                                                   chosen when /proc/cpuinfo lists
-========= ===== ======================================================= ================================
-avx512    16    -mavx512f -mavx512dq -mavx512bw -mavx512vl -mavx2 -mfma avx512f avx512dq avx512bw avx512vl
-                                                                        avx2 fma
-avx2      8     -mavx2 -mfma                                            avx2 fma
-generic   4     (the compiler's baseline: SSE2 on x86-64, NEON on       always (the portable fallback)
-                aarch64; 4 lanes = one 128-bit register there)
-========= ===== ======================================================= ================================
+========== ===== ======================================================= ================================
+path       lanes flags                                                   chosen when /proc/cpuinfo lists
+========== ===== ======================================================= ================================
+avx512bf16 16    avx512's and -mavx512bf16                               avx512's and avx512_bf16
+avx512     16    -mavx512f -mavx512dq -mavx512bw -mavx512vl -mavx2 -mfma avx512f avx512dq avx512bw avx512vl
+                                                                         avx2 fma
+avx2       8     -mavx2 -mfma                                            avx2 fma
+generic    4     (the compiler's baseline: SSE2 on x86-64, NEON on       always (the portable fallback)
+                 aarch64; 4 lanes = one 128-bit register there)
+========== ===== ======================================================= ================================
+
+avx512bf16 is avx512 plus bf16 instructions (Cooper Lake, Sapphire Rapids and later Xeons, Zen 4):
+the attention multiplies bf16 arrays as bf16 dot products, bf16 results are rounded in one
+instruction; float32 code is avx512's.
 
 The CPU check reads the ``flags`` line of /proc/cpuinfo (Linux lists a feature there only when the
 kernel also enables its registers); where that file does not exist it asks
 ``torch.backends.cpu.get_cpu_capability()``. Never the vendor name. ``STORM_VLM_SCAN_ISA=avx2`` (or
-``generic``, ``avx512``) forces a narrower path; asking for one the CPU lacks warns and uses the
+``generic``, ``avx512``, ``avx512bf16``) forces a narrower path; asking for one the CPU lacks warns and uses the
 detected one. A wider path that fails to build falls back to the next narrower one, with a warning.
 ``STORM_VLM_SCAN_KERNEL=0`` turns the scan kernel off (the benchmarks use it to time both paths; the
 decode step has its own switch, see fast_paths).
@@ -150,7 +155,7 @@ def cpu_flags() -> set[str] | None:
 
 @functools.lru_cache(maxsize=None)
 def detect_isa() -> str:
-    """The widest path this CPU runs: 'avx512', 'avx2' or 'generic' (see the module docstring)."""
+    """The widest path this CPU runs: 'avx512bf16', 'avx512', 'avx2' or 'generic' (see the module docstring)."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
         return "generic"
     flags = cpu_flags()
