@@ -15,10 +15,10 @@
  * flash kernel writes 0). bfloat16 arrays (under autocast) are widened as they are copied and the
  * output rounded as torch rounds, the arithmetic float32; the avx512bf16 build (CPUs with
  * AVX512-BF16) takes their products as bf16 dot products instead (`vdpbf16ps`: two multiply-adds per
- * float32 lane, twice the float32 rate; products exact, sums in float32): keys
- * and values are laid out in pairs of bf16 (two head columns of a key, two keys of a value column),
- * and the softmax probabilities are rounded to bf16 before the value product, as PyTorch's bf16 SDPA
- * rounds them; the softmax itself and its row sums stay float32.
+ * float32 lane, twice the float32 rate; products exact, sums in float32): keys and values are laid
+ * out in pairs of bf16 (two head columns of a key, two keys of a value column), and the softmax
+ * probabilities are rounded to bf16 before the value product, as PyTorch's bf16 SDPA rounds them;
+ * the softmax itself and its row sums stay float32.
  */
 #include "_vec.h"
 
@@ -149,7 +149,8 @@ static inline void softmax_rows(float *s, int64_t lp, int64_t lk, const int64_t 
     }
 }
 
-/* the block's first `rows` output rows (obuf, rows of hdp floats) rounded to bf16 into o's rows i0.., hd columns */
+/* the block's first `rows` output rows (obuf, rows of hdp floats) rounded to bf16 into o's rows i0..
+ * (hd columns, rows os2 apart, from offset ob) */
 static inline void store_bf16_rows(const float *obuf, int64_t hdp, int rows, uint16_t *o, int64_t ob, int64_t os2,
                                    int64_t i0, int64_t hd) {
     for (int r = 0; r < rows; r++) {
@@ -172,9 +173,8 @@ static inline __m512bh bf16_splat(uint32_t pair) { return (__m512bh)_mm512_set1_
 static inline __m512bh bf16_load(const uint32_t *p) { return (__m512bh)_mm512_loadu_si512(p); }
 
 /* `scores` on bf16 pairs: q2 rows of hd2 pairs, kt2 hd2 rows of lp pairs (a key's two columns) */
-static inline __attribute__((always_inline)) void scores_dp(const uint32_t *q2, int64_t hd2,
-                                                                      const uint32_t *kt2, int64_t lp, int nv,
-                                                                      float scale, float *s) {
+static inline __attribute__((always_inline)) void scores_dp(const uint32_t *q2, int64_t hd2, const uint32_t *kt2,
+                                                            int64_t lp, int nv, float scale, float *s) {
     __m512 acc[QROWS][KVECS];
     for (int r = 0; r < QROWS; r++)
         for (int j = 0; j < KVECS; j++) acc[r][j] = _mm512_setzero_ps();
@@ -198,10 +198,10 @@ static inline __attribute__((always_inline)) void scores_dp(const uint32_t *q2, 
 
 /* `values` on bf16 pairs: p QROWS rows of lp bf16 probabilities, vp2 rows of hdp pairs (a column's
  * value at two consecutive keys), L2 key pairs */
-static inline __attribute__((always_inline)) void values_dp(const uint16_t *p, int64_t lp,
-                                                                      const uint32_t *vp2, int64_t hdp, int64_t L2,
-                                                                      int64_t c0, int nv, const float *inv,
-                                                                      float *const *o, int rows, int64_t cols) {
+static inline __attribute__((always_inline)) void values_dp(const uint16_t *p, int64_t lp, const uint32_t *vp2,
+                                                            int64_t hdp, int64_t L2, int64_t c0, int nv,
+                                                            const float *inv, float *const *o, int rows,
+                                                            int64_t cols) {
     __m512 acc[QROWS][VVECS];
     for (int r = 0; r < QROWS; r++)
         for (int i = 0; i < VVECS; i++) acc[r][i] = _mm512_setzero_ps();
@@ -231,9 +231,9 @@ static inline __attribute__((always_inline)) void values_dp(const uint16_t *p, i
 
 /* storm_attention for bf16 arrays through bf16 dot products (see the top of the file) */
 static int attention_dp(const uint16_t *q, const int64_t *qs, const uint16_t *k, const int64_t *ks,
-                                  const uint16_t *v, const int64_t *vs, uint16_t *o, const int64_t *os,
-                                  int64_t heads, int64_t kv_heads, int64_t L, int64_t Lk, int64_t hd, float scale,
-                                  int causal, int64_t p0, int64_t p1) {
+                        const uint16_t *v, const int64_t *vs, uint16_t *o, const int64_t *os, int64_t heads,
+                        int64_t kv_heads, int64_t L, int64_t Lk, int64_t hd, float scale, int causal, int64_t p0,
+                        int64_t p1) {
     const int64_t lp = (Lk + LANES - 1) / LANES * LANES, hdp = (hd + LANES - 1) / LANES * LANES;
     const int64_t hd2 = (hd + 1) / 2, offset = Lk - L, group = heads / kv_heads;
     /* key pairs (hd2 x lp), value pairs (lp / 2 x hdp), four rows of scores, of bf16 probabilities,
@@ -275,11 +275,13 @@ static int attention_dp(const uint16_t *q, const int64_t *qs, const uint16_t *k,
                 seen[r] = causal ? offset + t + 1 : Lk;
             }
             int64_t j0 = 0;
-            for (; j0 + KVECS * LANES <= lk; j0 += KVECS * LANES) scores_dp(q2, hd2, kt2 + j0, lp, KVECS, scale2, s + j0);
+            for (; j0 + KVECS * LANES <= lk; j0 += KVECS * LANES)
+                scores_dp(q2, hd2, kt2 + j0, lp, KVECS, scale2, s + j0);
             for (; j0 < lk; j0 += LANES) scores_dp(q2, hd2, kt2 + j0, lp, 1, scale2, s + j0);
             float inv[QROWS];
             softmax_rows(s, lp, lk, seen, inv);
-            for (int r = 0; r < QROWS; r++) /* probabilities past a row's keys are 0, so a last odd key pairs with 0 */
+            /* probabilities past a row's keys are 0, so a last odd key pairs with 0 */
+            for (int r = 0; r < QROWS; r++)
                 for (int64_t j = 0; j < lk; j += LANES)
                     store_bf16(pb + r * lp + j, loadu(s + r * lp + j));
             const int64_t L2 = (nk + 1) / 2;

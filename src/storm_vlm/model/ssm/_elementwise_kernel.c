@@ -52,10 +52,11 @@ void storm_silu_mul_bf16(const uint16_t *g, const uint16_t *u, uint16_t *y, int6
  * for rows t0 <= t < t1 of one sequence, x (L, d) time-major with rows xs elements apart (channels
  * contiguous: a column slice of the in-projection's output needs no copy), out (L, d) contiguous,
  * both float32 or, with bf16, both bfloat16 (the in-projection's output under autocast: widened as
- * read, float32 math, rounded once as torch rounds), wT the conv weight transposed to (K, d), bias (d) or NULL; before the sequence, prefix
- * (K - 1, d) float32 (a carried conv state), or zeros where NULL. reverse: the same conv over x
- * flipped along L, flipped back (anti-causal: tap k reads x[t + K - 1 - k], zeros after the end;
- * prefix unused). PyTorch takes six passes for it (a padded copy, one multiply-add per tap, the SiLU). */
+ * read, float32 math, rounded once as torch rounds), wT the conv weight transposed to (K, d), bias
+ * (d) or NULL; before the sequence, prefix (K - 1, d) float32 (a carried conv state), or zeros where
+ * NULL. reverse: the same conv over x flipped along L, flipped back (anti-causal: tap k reads
+ * x[t + K - 1 - k], zeros after the end; prefix unused). PyTorch takes six passes for it (a padded
+ * copy, one multiply-add per tap, the SiLU). */
 static inline float tap_value(const void *x, int bf16, int64_t xs, const float *prefix, int64_t s, int64_t L,
                               int64_t d, int64_t c, int64_t K) {
     if (s >= 0 && s < L) return wide_at(x, s * xs + c, bf16);
