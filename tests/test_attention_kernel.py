@@ -255,6 +255,13 @@ def test_bfloat16_attention_is_as_close_as_sdpa(monkeypatch, isa, causal, length
         rounded = torch.empty(2, length, 6, hd)
         cpu_attention.c_attention(lib, q.float(), k.float(), v.float(), rounded.transpose(1, 2), scale, causal=causal)
         assert torch.equal(out, rounded.transpose(1, 2).bfloat16().double())  # float32 inside, rounded once
+    q = q.clone()
+    q[0, 0, -1, 0] = float("nan")  # a NaN query row: NaN out for that row alone, as eager attention gives
+    nan_out = torch.empty(2, length, 6, hd, dtype=torch.bfloat16)
+    cpu_attention.c_attention(lib, q, k, v, nan_out.transpose(1, 2), scale, causal=causal)
+    nan_out = nan_out.transpose(1, 2).double()
+    assert nan_out[0, 0, -1].isnan().all() and not nan_out[0, 0, :-1].isnan().any()
+    assert torch.equal(nan_out[1], out[1]) and torch.equal(nan_out[0, 1:], out[0, 1:])
 
 
 @pytest.mark.parametrize("isa", ISAS)
