@@ -29,6 +29,7 @@ import statistics
 
 import _profile_common as common
 
+from storm_vlm.model.cpu_attention import attention_choices
 from storm_vlm.model.matmul_backend import matmul_choices
 from storm_vlm.perf.costmodel import DEFAULT_COMPRESSIONS, gemm_shapes, pipeline_cost
 from storm_vlm.perf.host import best_gemm_rate
@@ -144,6 +145,11 @@ def main(argv=None) -> int:
     backends = {f"{k[0]}x{k[1]}{'+b' if k[2] else ''}@{k[3]}": v for k, v in sorted(matmul_choices().items())}
     print("Linear backends chosen (in x out, +b: bias, @rows bucket): "
           + ", ".join(f"{k} {v}" for k, v in backends.items()))
+    attention = {f"{str(k[0]).replace('torch.', '')} {k[1]}/{k[2]}x{k[3]}{' causal' if k[4] else ''}@{k[5]}": v
+                 for k, v in attention_choices().items()}
+    print("attention timed, C kernel or SDPA (dtype, heads/KV heads x head size, @rows bucket; smaller calls take C): "
+          + (", ".join(f"{k} {v}" for k, v in attention.items()) or "none"))
+    out["attention_choices"] = attention
     vision_share = rows[(128, 4)]["vision_tower_ms"] / ttft(rows[(128, 4)])
     print(f"(vision tower share of prefill at 128 frames, 4x: {100 * vision_share:.1f} % — compression does not "
           f"reduce it)")

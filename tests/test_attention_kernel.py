@@ -3,6 +3,8 @@ beyond float rounding: the vision tower's C LayerNorm (with its residual add) an
 attention on every vector width the CPU runs, under bf16 autocast too; the LLM's causal
 grouped-query prefill attention, taken only where it applies."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,15 +50,15 @@ def test_frame_attention_is_sdpa(monkeypatch, isa, b, length, heads, hd):
     exact = _sdpa(q.double(), k.double(), v.double(), heads, scale)
     sdpa_error = (_sdpa(q, k, v, heads, scale) - exact).abs().max()
     for args in ((q, k, v), tuple(t.contiguous() for t in (q, k, v))):
-        out = cpu_attention.c_frame_attention(lib, *args, heads, scale)
+        out = cpu_attention.frame_attention(lib, *args, heads, scale)
         assert out.shape == q.shape and out.dtype == torch.float32
         assert (out - exact).abs().max() <= 4 * sdpa_error + 1e-6
     big = torch.full_like(q, 300.0)
-    out = cpu_attention.c_frame_attention(lib, big, big, v, heads, scale)
+    out = cpu_attention.frame_attention(lib, big, big, v, heads, scale)
     torch.testing.assert_close(out, v.mean(dim=1, keepdim=True).expand_as(v), rtol=1e-5, atol=1e-5)
     q = q.contiguous()
     q[0, 0] = float("nan")  # a NaN query row: NaN out for that row alone, as the math kernel (and eager
-    out = cpu_attention.c_frame_attention(lib, q, k, v, heads, scale)  # attention) give; CPU flash writes 0
+    out = cpu_attention.frame_attention(lib, q, k, v, heads, scale)  # attention) give; CPU flash writes 0
     with sdpa_kernel(SDPBackend.MATH):
         ref = _sdpa(q, k, v, heads, scale)
     assert ref.isnan().any() and torch.equal(out.isnan(), ref.isnan())
@@ -80,6 +82,46 @@ def test_layer_norm_is_torch_layer_norm(monkeypatch, isa, width):
         assert torch.equal(stream, x + res)  # the residual stream, written in place
 
 
+@pytest.mark.parametrize("winner", ["c", "sdpa"])
+def test_attention_takes_the_faster_of_c_and_sdpa_timed_once_per_shape(monkeypatch, winner):
+    """Calls big enough are timed against PyTorch's SDPA once per shape class, and the winner runs
+    (SDPA only when `_SDPA_MARGIN` faster): frames and a causal prompt alike, the result SDPA's within
+    float rounding either way; smaller calls and STORM_VLM_ATTENTION_KERNEL=1 take C untimed."""
+    lib = cpu_kernel.load_library()
+    if lib is None:
+        pytest.skip("no C compiler")
+    monkeypatch.delenv(cpu_attention.ATTENTION_KERNEL_ENV, raising=False)
+    monkeypatch.setattr(cpu_attention, "_ATTENTION_CHOICE", {})
+    monkeypatch.setattr(cpu_attention, "_TIMED_WORK", 50_000)
+    timings, c_calls = [], []
+    times = {"c": 1.0, "sdpa": 0.5 if winner == "sdpa" else 0.9}  # 0.9: faster, not by the margin
+    monkeypatch.setattr(cpu_attention, "timed", lambda fns: timings.append(sorted(fns)) or times)
+    real_c = cpu_attention.c_attention
+    monkeypatch.setattr(cpu_attention, "c_attention", lambda *a, **k: c_calls.append(1) or real_c(*a, **k))
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(6, 40, 2 * 16, generator=g) for _ in range(3))  # 6 frames of 40, 2 heads of 16
+    exact = _sdpa(q.double(), k.double(), v.double(), 2, 0.25)
+    for _ in range(2):
+        out = cpu_attention.frame_attention(lib, q, k, v, 2, 0.25)
+        assert (out - exact).abs().max() < 1e-5
+    assert timings == [["c", "sdpa"]] and bool(c_calls) == (winner == "c")
+    qp = torch.randn(1, 4, 90, 16, generator=g)  # a causal prompt: 4 heads on 2 KV heads
+    kp, vp = torch.randn(1, 2, 90, 16, generator=g), torch.randn(1, 2, 90, 16, generator=g)
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
+    c_calls.clear()
+    with torch.inference_mode():
+        out, _ = cpu_attention.storm_sdpa_attention(module, qp, kp, vp, None, scaling=0.25)
+    ref = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=0.25, enable_gqa=True)
+    assert (out - ref.transpose(1, 2)).abs().max() < 1e-5 and bool(c_calls) == (winner == "c")
+    assert len(timings) == 2 and len(cpu_attention.attention_choices()) == 2
+    assert cpu_attention.c_attention_is_faster(lib, qp, kp, vp, 0.25, causal=True) == (winner == "c")
+    small = [t[:1, :, :8] for t in (qp, kp, vp)]  # under _TIMED_WORK: C, untimed
+    assert cpu_attention.c_attention_is_faster(lib, *small, 0.25, causal=True) and len(timings) == 2
+    monkeypatch.setenv(cpu_attention.ATTENTION_KERNEL_ENV, "1")
+    monkeypatch.setattr(cpu_attention, "_ATTENTION_CHOICE", {})
+    assert cpu_attention.c_attention_is_faster(lib, qp, kp, vp, 0.25, causal=True) and len(timings) == 2
+
+
 def test_thread_split_changes_no_bit(monkeypatch):
     """Frames (attention) and rows (norm) spread over 3 threads give one thread's result exactly."""
     lib = cpu_kernel.load_library()
@@ -96,7 +138,7 @@ def test_thread_split_changes_no_bit(monkeypatch):
         for n in (1, 3):
             torch.set_num_threads(n)
             with torch.no_grad():
-                results.append((cpu_attention.c_frame_attention(lib, q, k, v, 2, 0.3),
+                results.append((cpu_attention.frame_attention(lib, q, k, v, 2, 0.3),
                                 cpu_attention.c_layer_norm(lib, q.clone(), norm, residual=k)))
     finally:
         torch.set_num_threads(threads)
@@ -159,8 +201,8 @@ def test_lean_layer_takes_the_kernels_with_inert_keyword_arguments_only(model, m
     if cpu_kernel.load_library() is None:
         pytest.skip("no C compiler")
     calls = []
-    real = fast_paths.c_frame_attention
-    monkeypatch.setattr(fast_paths, "c_frame_attention", lambda *a: calls.append(1) or real(*a))
+    real = fast_paths.frame_attention
+    monkeypatch.setattr(fast_paths, "frame_attention", lambda *a: calls.append(1) or real(*a))
     layer = _layers(model)[0]
     h = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(14))
     with torch.inference_mode():

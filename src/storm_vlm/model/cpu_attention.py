@@ -2,13 +2,15 @@
 and the `storm_sdpa` attention function that hands transformers' LLM attention to it.
 
 - `c_attention`: softmax(scale·q·kᵀ)·v over strided (B, H, L, hd) views, every key visible or causal
-  (also after cached positions), grouped-query heads, float32 or bfloat16 arrays (float32 inside),
-  split over torch's threads by (batch, head). `c_frame_attention` is a ViT layer's case (the heads
-  side by side in the last dimension), `c_layer_norm` a LayerNorm with the residual add folded in:
-  both for `fast_paths._LeanSiglipLayer`. `c_rms_norm`: the LLM's RMSNorm (`fast_paths._RMSNormCPU`).
+  (also after cached positions), grouped-query heads, float32 or bfloat16 arrays, split over torch's
+  threads by (batch, head). `c_attention_is_faster` says whether it or PyTorch's SDPA runs a call
+  (timed per shape class on this CPU). `frame_attention` is a ViT layer's case (the heads side by
+  side in the last dimension), `c_layer_norm` a LayerNorm with the residual add folded in: both for
+  `fast_paths._LeanSiglipLayer`. `c_rms_norm`: the LLM's RMSNorm (`fast_paths._RMSNormCPU`).
 - `storm_sdpa_attention` (registered as "storm_sdpa" by `use_storm_sdpa`): transformers' SDPA
   attention, with a causal prompt — from the start, or continuing a cache without padding — through
-  `c_attention`, and a one-token step with grouped KV heads as one r x L product per KV head.
+  `c_attention` where it is the faster, and a one-token step with grouped KV heads as one r x L
+  product per KV head.
 - `attention_library()`: the C library, or None without a compiler or with
   `STORM_VLM_ATTENTION_KERNEL=0` (transformers' computation, bit for bit).
 
@@ -18,6 +20,7 @@ tests/test_attention_kernel.py checks them against PyTorch's SDPA and LayerNorm 
 from __future__ import annotations
 
 import ctypes
+import os
 
 import torch
 from torch import nn
@@ -25,10 +28,12 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
+from storm_vlm.model.matmul_backend import timed
 from storm_vlm.model.ssm import _threads, cpu_kernel
 
-__all__ = ["STORM_SDPA", "ATTENTION_KERNEL_ENV", "attention_library", "c_attention", "c_frame_attention",
-           "c_layer_norm", "c_rms_norm", "continues_cache", "storm_sdpa_attention", "use_storm_sdpa"]
+__all__ = ["STORM_SDPA", "ATTENTION_KERNEL_ENV", "attention_choices", "attention_library", "c_attention",
+           "c_attention_is_faster", "c_layer_norm", "c_rms_norm", "continues_cache", "frame_attention",
+           "storm_sdpa_attention", "use_storm_sdpa"]
 
 
 STORM_SDPA = "storm_sdpa"
@@ -36,6 +41,10 @@ ATTENTION_KERNEL_ENV = "STORM_VLM_ATTENTION_KERNEL"
 _ATTENTION_DTYPES = (torch.float32, torch.bfloat16)
 _ATTENTION_WORK = 1 << 21  # multiply-adds per thread at least: a hand-off to a worker costs tens of microseconds
 _LN_ELEMENTS = 1 << 16  # elements per thread at least, likewise
+_TIMED_WORK = 1 << 24  # multiply-adds of a call at least before C and SDPA are timed against each other
+_SAMPLE_ROWS = 512  # queries (and keys) they are timed on at most
+_SDPA_MARGIN = 1.15  # how much faster SDPA must be to be taken (the C kernel is the path tested everywhere)
+_ATTENTION_CHOICE: dict = {}  # (dtype, H, G, hd, causal, rows bucket) -> "c" | "sdpa"
 
 
 def attention_library():
@@ -90,17 +99,56 @@ def c_attention(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     return out
 
 
-def c_frame_attention(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+def frame_attention(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
     """A ViT's attention, every key visible: q, k, v (B, L, heads·hd) views with unit last stride
     (column slices of one fused q/k/v product too), float32 or bfloat16 -> (B, L, heads·hd) in q's
-    dtype, the heads side by side (what out_proj reads)."""
+    dtype, the heads side by side (what out_proj reads). Through `c_attention`, or PyTorch's SDPA
+    where `c_attention_is_faster` says so."""
     b, length, width = q.shape
     dtype = q.dtype if q.dtype in _ATTENTION_DTYPES else torch.float32
     q, k, v = (t if t.dtype == dtype and t.stride(-1) == 1 else t.to(dtype).contiguous() for t in (q, k, v))
+    split = [t.view(b, length, heads, width // heads).transpose(1, 2) for t in (q, k, v)]
+    if not c_attention_is_faster(lib, *split, scale=scale, causal=False):
+        out = torch.nn.functional.scaled_dot_product_attention(*split, scale=scale)
+        return out.transpose(1, 2).reshape(b, length, width)
     o = q.new_empty(b, length, width)
-    split = [t.view(b, length, heads, width // heads).transpose(1, 2) for t in (q, k, v, o)]
-    c_attention(lib, *split, scale=scale, causal=False)
+    c_attention(lib, *split, o.view(b, length, heads, width // heads).transpose(1, 2), scale=scale, causal=False)
     return o
+
+
+def c_attention_is_faster(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> bool:
+    """Whether `c_attention` should run this call (q (B, H, L, hd), k, v (B, G, Lk, hd)) rather than
+    PyTorch's SDPA. Which is faster depends on the CPU (PyTorch's flash kernel runs its blocks through
+    oneDNN, which uses AMX where the CPU has it), the dtype, the head layout and the length, so it is
+    timed, not assumed: once per (dtype, H, G, hd, causal, power-of-two bucket of L up to
+    `_SAMPLE_ROWS`), on the first call of at least `_TIMED_WORK` multiply-adds, both run on its first
+    `_SAMPLE_ROWS` queries and keys (a few frames' worth), and SDPA is taken only when
+    `_SDPA_MARGIN` times faster. Smaller calls take the C kernel untimed. STORM_VLM_ATTENTION_KERNEL=1
+    pins the C kernel (no timing; bit-for-bit the same result on every run)."""
+    if os.environ.get(ATTENTION_KERNEL_ENV, "").strip() == "1":
+        return True
+    b, heads, length, hd = q.shape
+    work = b * heads * length * k.shape[2] * hd // (2 if causal else 1)
+    if work < _TIMED_WORK:
+        return True
+    rows = min(1 << (length.bit_length() - 1), _SAMPLE_ROWS)
+    key = (q.dtype, heads, k.shape[1], hd, causal, rows)
+    choice = _ATTENTION_CHOICE.get(key)
+    if choice is None:
+        frames = max(1, min(b, _SAMPLE_ROWS // length))  # frames: a few whole ones; a prompt: its first rows
+        qs, ks, vs = q[:frames, :, :rows], k[:frames, :, :rows], v[:frames, :, :rows]
+        out = torch.empty(frames, rows, heads, hd, dtype=q.dtype).transpose(1, 2)
+        times = timed({"c": lambda: c_attention(lib, qs, ks, vs, out, scale, causal),
+                       "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(
+                           qs, ks, vs, scale=scale, is_causal=causal, enable_gqa=heads != k.shape[1])})
+        choice = "sdpa" if times["sdpa"] * _SDPA_MARGIN < times["c"] else "c"
+        _ATTENTION_CHOICE[key] = choice
+    return choice == "c"
+
+
+def attention_choices() -> dict:
+    """What `c_attention_is_faster` timed in this process: {(dtype, H, G, hd, causal, rows): "c" | "sdpa"}."""
+    return dict(_ATTENTION_CHOICE)
 
 
 def storm_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
@@ -117,7 +165,8 @@ def storm_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0,
       autocast) without autograd, with the C kernels built: `c_attention`
       (`ssm/_attention_kernel.c`) reads each KV head once for its r query heads and the
       (B, H, q, hd) views as they are, where PyTorch's CPU flash kernel runs blocked products sized
-      for wide heads. Same result within float rounding.
+      for wide heads; unless `c_attention_is_faster` finds SDPA faster on this CPU. Same result
+      within float rounding.
     Every other case (padding or other masks, autograd, CUDA, ...) goes to `sdpa_attention_forward`
     unchanged.
     """
@@ -145,10 +194,11 @@ def storm_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0,
                 key, value = key[:, :, :length], value[:, :, :length]
             query, key, value = (t if t.dtype == dtype and t.stride(-1) == 1 else t.to(dtype).contiguous()
                                  for t in (query, key, value))
-            out = query.new_empty(b, length, h, hd)
-            c_attention(lib, query, key, value, out.transpose(1, 2), hd ** -0.5 if scaling is None else scaling,
-                        causal=True)
-            return out, None
+            scale = hd ** -0.5 if scaling is None else scaling
+            if c_attention_is_faster(lib, query, key, value, scale, causal=True):
+                out = query.new_empty(b, length, h, hd)
+                c_attention(lib, query, key, value, out.transpose(1, 2), scale, causal=True)
+                return out, None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
 

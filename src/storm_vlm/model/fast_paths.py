@@ -44,8 +44,8 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
-from storm_vlm.model.cpu_attention import (STORM_SDPA, attention_library, c_frame_attention, c_layer_norm,
-                                           c_rms_norm, use_storm_sdpa)
+from storm_vlm.model.cpu_attention import (STORM_SDPA, attention_library, c_layer_norm, c_rms_norm,
+                                           frame_attention, use_storm_sdpa)
 from storm_vlm.model.decode import drop_decode_step
 from storm_vlm.model.matmul_backend import measured_linear, plain_linear, use_measured_linears
 from storm_vlm.model.ssm import _threads, cpu_kernel
@@ -209,7 +209,7 @@ class _LeanSiglipLayer(SiglipEncoderLayer):
 
     With the C kernels built (float32, or under bf16 autocast), both LayerNorms (the second with the
     residual add folded in) and the attention run in `ssm/_attention_kernel.c` (`c_layer_norm`,
-    `c_frame_attention`): at SigLIP's frame length each (frame, head) is a few 64 x 64 products that
+    `frame_attention`): at SigLIP's frame length each (frame, head) is a few 64 x 64 products that
     SDPA's flash kernel blocks for much longer sequences, and torch's LayerNorm is slow at small
     widths. Same result within float rounding (under autocast: the same dtypes as transformers', the
     norms and the residual stream in float32, the products in bf16). Otherwise the residual adds land
@@ -232,7 +232,7 @@ class _LeanSiglipLayer(SiglipEncoderLayer):
             hidden_states = hidden_states.contiguous()  # the embeddings' output is a transposed view
             x = c_layer_norm(lib, hidden_states, self.layer_norm1)
             q, k, v = _qkv(attn, x)
-            h = attn.out_proj(c_frame_attention(lib, q, k, v, attn.num_heads, attn.scale)).float()
+            h = attn.out_proj(frame_attention(lib, q, k, v, attn.num_heads, attn.scale)).float()
             x = c_layer_norm(lib, h, self.layer_norm2, residual=hidden_states)  # h += hidden_states
             return _residual_add(mlp.fc2(mlp.activation_fn(mlp.fc1(x))), h)
         shape = (*hidden_states.shape[:-1], -1, attn.head_dim)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["matmul_choices", "measured_linear", "plain_linear", "use_measured_linears", "fastest"]
+__all__ = ["matmul_choices", "measured_linear", "plain_linear", "use_measured_linears", "fastest", "timed"]
 
 _MATMUL_ENV = "STORM_VLM_MATMUL"
 _MEASURE_MIN_ROWS = 64  # fewer rows (decode, short prompts): torch's default, nothing to win
@@ -33,8 +33,8 @@ def _onednn_linear(x, weight, bias):
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def fastest(fns: dict, repeats: int = 5, warmup: int = 2) -> str:
-    """The key of the fastest callable: best of `repeats` alternating runs each, after `warmup` rounds
+def timed(fns: dict, repeats: int = 5, warmup: int = 2) -> dict:
+    """{key: best seconds of `repeats` alternating runs} of each callable, after `warmup` rounds
     (oneDNN builds its kernel for a new shape on the first call; both libraries touch fresh buffers)."""
     best = dict.fromkeys(fns, math.inf)
     for _ in range(warmup):
@@ -45,6 +45,12 @@ def fastest(fns: dict, repeats: int = 5, warmup: int = 2) -> str:
             t = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - t)
+    return best
+
+
+def fastest(fns: dict, repeats: int = 5, warmup: int = 2) -> str:
+    """The key of the fastest callable (`timed`)."""
+    best = timed(fns, repeats, warmup)
     return min(best, key=best.get)
 
 
