@@ -206,13 +206,38 @@ def _key(cc: str, isa: Isa, lanes: int) -> str:
 
 
 def _compile(cc: str, isa: Isa, lanes: int, folder: Path) -> bytes:
-    """Compile into ``folder``/lib.so and write its recorded hash beside it; returns the library's bytes."""
+    """Compile into ``folder``/lib.so and write its recorded hash beside it; returns the library's bytes.
+    Each source compiles in a process of its own, side by side (the build takes as long as its
+    slowest source where there are cores for them), then the objects are linked and removed."""
     lib = folder / LIB_NAME
-    proc = subprocess.run([cc, *_flags(isa, lanes), f"-I{HEADER.parent}", "-o", str(lib), *map(str, SOURCES)],
-                          capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cc} failed on {', '.join(p.name for p in SOURCES)} for {isa.name}: "
-                           f"{proc.stderr.strip()[-2000:]}")
+    flags = [*_flags(isa, lanes), f"-I{HEADER.parent}"]
+    objects = [folder / f"{p.stem}.o" for p in SOURCES]
+    procs = [subprocess.Popen([cc, *flags, "-c", "-o", str(o), str(p)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for p, o in zip(SOURCES, objects)]
+    errors = []
+    try:
+        for source, proc in zip(SOURCES, procs):
+            try:
+                err = proc.communicate(timeout=300)[1]
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                err = proc.communicate()[1] + "\n(timed out after 300 s)"
+            if proc.returncode != 0:
+                errors.append(f"{source.name}: {err.strip()[-1000:]}")
+        if not errors:
+            link = subprocess.run([cc, *flags, "-o", str(lib), *map(str, objects)], capture_output=True, text=True,
+                                  timeout=300)
+            if link.returncode != 0:
+                errors.append(f"linking: {link.stderr.strip()[-1000:]}")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for o in objects:
+            o.unlink(missing_ok=True)
+    if errors:
+        raise RuntimeError(f"{cc} failed for {isa.name}: " + "; ".join(errors))
     data = lib.read_bytes()
     (folder / HASH_NAME).write_text(hashlib.sha256(data).hexdigest() + "\n")
     for n in (LIB_NAME, HASH_NAME):  # whatever the umask: the loader refuses group/world-writable files
