@@ -47,7 +47,7 @@ same way and deleted; never the unverified file. Without a compiler, or when eve
 ``load()`` warns once and returns None, and the pure-PyTorch scan is used instead.
 
 Why ctypes and not a torch C++ extension: the kernel needs no torch headers, so it builds in
-about a second instead of a minute, and ctypes releases the GIL during the call, so channel
+seconds instead of minutes, and ctypes releases the GIL during the call, so channel
 blocks scanned in worker threads really run in parallel.
 """
 
