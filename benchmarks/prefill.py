@@ -19,7 +19,8 @@ machine hits them alike. Prints:
   * each module's GFLOP/s (LLM attention counted causal) against the host's best fp32 matrix-product
     rate at the bench size — the best of BLAS, BLAS on input-major weights and oneDNN over the
     module's own product shapes, timed here (target: >= 80 %) — and the module's GEMM-only bound
-    (its FLOPs at the best rate of each of its shapes, everything else free);
+    (its FLOPs at the best rate of each of its shapes in the dtype they run in: bf16 under bf16
+    autocast; everything else free);
   * which backend each Linear shape took (storm_vlm.model.fast_paths).
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import statistics
 
 import _profile_common as common
+import torch
 
 from storm_vlm.model.cpu_attention import attention_choices
 from storm_vlm.model.matmul_backend import matmul_choices
@@ -43,16 +45,16 @@ def ttft(r: dict) -> float:
     return r["vision_tower_ms"] + r["projector_ms"] + r["llm_prefill_ms"]
 
 
-def gemm_bounds(config, frames: int, text_tokens: int) -> dict:
+def gemm_bounds(config, frames: int, text_tokens: int, dtype=torch.float32) -> dict:
     """Per module: its GEMM-only rate at the best backend of each of its shapes, and the host's best
-    rate over all of them (GFLOP/s), timed now."""
+    rate over all of them (GFLOP/s), products in `dtype`, timed now."""
     rates, out = {}, {}
     shapes = gemm_shapes(config, frames, DEFAULT_COMPRESSIONS[1], text_tokens)
     for module, items in shapes.items():
         flops = seconds = 0.0
         for m, k, n, count in items:
             if (m, k, n) not in rates:
-                rates[(m, k, n)] = best_gemm_rate(m, k, n, repeats=3)
+                rates[(m, k, n)] = best_gemm_rate(m, k, n, repeats=3, dtype=dtype)
             f = 2.0 * m * k * n * count
             flops += f
             seconds += f / (rates[(m, k, n)]["best"] * 1e9)
@@ -81,7 +83,14 @@ def main(argv=None) -> int:
     print(format_table({"settings": s.as_dict(), "peak_memory_kind": "rss (max)", "rows": list(rows.values())}))
     print()
 
+    # the target's reference: the host's best float32 product rate; each module's GEMM-only bound at
+    # the dtype its products run in (bf16 under bf16 autocast)
     bounds = gemm_bounds(cfg, 128, s.text_tokens)
+    product_dtype = s.resolved.autocast or torch.float32
+    if product_dtype != torch.float32:
+        run_bounds = gemm_bounds(cfg, 128, s.text_tokens, product_dtype)
+        bounds.update({m: run_bounds[m] for m in MODULES}, shapes_run=run_bounds["shapes"])
+    dtype_name = str(product_dtype).replace("torch.", "")
     vision_flops = pipeline_cost(cfg, 128, DEFAULT_COMPRESSIONS[1], s.text_tokens, causal=True).vision_tower.flops
     out, met = {}, {}
     for factor in (4, 8):
@@ -110,7 +119,7 @@ def main(argv=None) -> int:
             rate = vision_flops / vision_ms / 1e6
             out[f"vision_gflop_per_s_needed_{factor}x"] = round(rate, 1)
             print(f"  for the target the vision tower would need {rate:5.1f} GFLOP/s ({100 * rate / bounds['vision_tower']:.0f} % "
-                  f"of its GEMM-only bound, {bounds['vision_tower']:.1f}), the projector and LLM as timed")
+                  f"of its {dtype_name} GEMM-only bound, {bounds['vision_tower']:.1f}), the projector and LLM as timed")
         else:
             print("  the target is out of reach however fast the vision tower runs, the projector and LLM as timed")
 
@@ -137,7 +146,7 @@ def main(argv=None) -> int:
         rate = getattr(est, module).flops / r128[f"{module}_ms"] / 1e6
         rates[module] = rate
         print(f"  {module:>12} at 128 frames (none): {rate:5.1f} GFLOP/s = {100 * rate / best:5.1f} % of the host's best "
-              f"(target >= 80 %: {common.verdict(rate / best, 0.8)}); its GEMM-only bound {bounds[module]:5.1f} GFLOP/s "
+              f"(target >= 80 %: {common.verdict(rate / best, 0.8)}); its {dtype_name} GEMM-only bound {bounds[module]:5.1f} GFLOP/s "
               f"({100 * rate / bounds[module]:5.1f} % of it)")
     out["gflop_per_s_128f_none"] = {k: round(v, 2) for k, v in rates.items()}
     out["gemm_bounds"] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in bounds.items()}

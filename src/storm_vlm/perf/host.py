@@ -231,8 +231,9 @@ def _best_seconds(fn, repeats: int) -> float:
     return best
 
 
-def best_gemm_rate(m: int, k: int, n: int, repeats: int = 5) -> dict:
-    """The best fp32 rate of an (m x k) @ (k x n) product on this host, in GFLOP/s, per backend.
+def best_gemm_rate(m: int, k: int, n: int, repeats: int = 5, dtype: torch.dtype = torch.float32) -> dict:
+    """The best rate of an (m x k) @ (k x n) product in `dtype` (float32, or bfloat16 as bf16 autocast
+    multiplies) on this host, in GFLOP/s, per backend.
 
     Backends: "blas" (torch's default, `F.linear` with the weight stored (n, k)), "blas_kn" (the
     weight stored transposed, (k, n) contiguous, as `storm_vlm.model.fast_paths` keeps it) and,
@@ -240,7 +241,7 @@ def best_gemm_rate(m: int, k: int, n: int, repeats: int = 5) -> dict:
     a bound is what the machine can do, and other jobs only slow it. Returns {backend: GFLOP/s,
     "best": the highest}.
     """
-    x, w = torch.randn(m, k), torch.randn(n, k)
+    x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
     w_kn = w.t().contiguous().t()
     fns = {
         "blas": lambda: torch.nn.functional.linear(x, w),
