@@ -163,10 +163,12 @@ static inline void store_bf16_rows(const float *obuf, int64_t hdp, int rows, uin
 
 #ifdef __AVX512BF16__
 
-/* the 32-bit word of bf16 elements 2i (low half) and 2i + 1 (high half) of a row of n, zeros past n */
-static inline uint32_t bf16_pair(const uint16_t *row, int64_t i, int64_t n) {
-    const uint32_t lo = 2 * i < n ? row[2 * i] : 0, hi = 2 * i + 1 < n ? row[2 * i + 1] : 0;
-    return lo | hi << 16;
+/* a row of n bf16 as (n + 1) / 2 32-bit words, stride apart in dst: word i holds elements 2i (low
+ * half) and 2i + 1 (high half; 0 past n). In memory a pair already is that word. */
+static inline void copy_pairs(const uint16_t *row, int64_t n, uint32_t *dst, int64_t stride) {
+    int64_t i = 0;
+    for (; 2 * i + 1 < n; i++) memcpy(dst + i * stride, row + 2 * i, sizeof(uint32_t));
+    if (n % 2) dst[i * stride] = row[n - 1];
 }
 
 static inline __m512bh bf16_splat(uint32_t pair) { return (__m512bh)_mm512_set1_epi32((int)pair); }
@@ -251,12 +253,23 @@ static int attention_dp(const uint16_t *q, const int64_t *qs, const uint16_t *k,
         if (kv != loaded) {
             const uint16_t *kb = k + b * ks[0] + (h / group) * ks[1], *vb = v + b * vs[0] + (h / group) * vs[1];
             for (int64_t j = 0; j < lp; j++)
-                for (int64_t c = 0; c < hd2; c++) kt2[c * lp + j] = j < Lk ? bf16_pair(kb + j * ks[2], c, hd) : 0;
-            for (int64_t j = 0; j < lp; j += 2) {
+                if (j >= Lk)
+                    for (int64_t c = 0; c < hd2; c++) kt2[c * lp + j] = 0;
+                else
+                    copy_pairs(kb + j * ks[2], hd, kt2 + j, lp);
+            for (int64_t j = 0; j < lp; j += 2) { /* a value column's pairs: keys j and j + 1 */
                 const uint16_t *r0 = j < Lk ? vb + j * vs[2] : NULL, *r1 = j + 1 < Lk ? vb + (j + 1) * vs[2] : NULL;
-                for (int64_t c = 0; c < hdp; c++) {
+                uint32_t *dst = vp2 + j / 2 * hdp;
+                int64_t c = 0;
+                for (; r0 && c + LANES <= hd; c += LANES) {
+                    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(r0 + c)));
+                    const __m512i hi = r1 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(r1 + c)))
+                                          : _mm512_setzero_si512();
+                    _mm512_storeu_si512(dst + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+                }
+                for (; c < hdp; c++) {
                     const uint32_t lo = r0 && c < hd ? r0[c] : 0, hi = r1 && c < hd ? r1[c] : 0;
-                    vp2[j / 2 * hdp + c] = lo | hi << 16;
+                    dst[c] = lo | hi << 16;
                 }
             }
             loaded = kv;
@@ -270,7 +283,7 @@ static int attention_dp(const uint16_t *q, const int64_t *qs, const uint16_t *k,
             int64_t seen[QROWS];
             for (int r = 0; r < QROWS; r++) { /* a short last block repeats its last row, stored once */
                 const int64_t t = i0 + (r < rows ? r : rows - 1);
-                for (int64_t c = 0; c < hd2; c++) q2[r * hd2 + c] = bf16_pair(q + qb + t * qs[2], c, hd);
+                copy_pairs(q + qb + t * qs[2], hd, q2 + r * hd2, 1);
                 orow[r] = obuf + r * hdp;
                 seen[r] = causal ? offset + t + 1 : Lk;
             }
