@@ -20,7 +20,6 @@ tests/test_attention_kernel.py checks them against PyTorch's SDPA and LayerNorm 
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
 from torch import nn
@@ -124,8 +123,8 @@ def c_attention_is_faster(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     `_SAMPLE_ROWS`), on the first call of at least `_TIMED_WORK` multiply-adds, both run on its first
     `_SAMPLE_ROWS` queries and keys (a few frames' worth), and SDPA is taken only when
     `_SDPA_MARGIN` times faster. Smaller calls take the C kernel untimed. STORM_VLM_ATTENTION_KERNEL=1
-    pins the C kernel (no timing; bit-for-bit the same result on every run)."""
-    if os.environ.get(ATTENTION_KERNEL_ENV, "").strip() == "1":
+    (true/on/yes) pins the C kernel (no timing; bit-for-bit the same result on every run)."""
+    if cpu_kernel.switched_on(ATTENTION_KERNEL_ENV):
         return True
     b, heads, length, hd = q.shape
     work = b * heads * length * k.shape[2] * hd // (2 if causal else 1)

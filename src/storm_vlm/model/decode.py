@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 import threading
 import time
 import weakref
@@ -60,7 +59,7 @@ def _decode_kernel_setting() -> str:
     `DecodeStep.__call__`)."""
     if cpu_kernel.switched_off(_DECODE_KERNEL_ENV):
         return "off"
-    return "on" if os.environ.get(_DECODE_KERNEL_ENV, "").strip().lower() in ("1", "true", "on", "yes") else "auto"
+    return "on" if cpu_kernel.switched_on(_DECODE_KERNEL_ENV) else "auto"
 
 
 def _decode_unsupported(lm) -> str | None:

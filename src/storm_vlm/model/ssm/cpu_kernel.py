@@ -70,8 +70,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["load", "load_library", "build", "enabled", "switched_off", "scan_forward", "scan_backward", "cache_dir",
-           "cpu_flags", "detect_isa", "selected_isa", "ISAS", "Isa", "UnsafeCacheError"]
+__all__ = ["load", "load_library", "build", "enabled", "switched_off", "switched_on", "scan_forward", "scan_backward",
+           "cache_dir", "cpu_flags", "detect_isa", "selected_isa", "ISAS", "Isa", "UnsafeCacheError"]
 
 logger = logging.getLogger("storm_vlm.model.ssm")
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("_scan_kernel.c", "_decode_kernel.c", "_elementwise_kernel.c",
@@ -119,6 +119,12 @@ OFF_VALUES = ("0", "false", "off", "no")  # what turns a STORM_VLM_*_KERNEL swit
 def switched_off(variable: str) -> bool:
     """True when the environment variable `variable` is set to 0/false/off/no (any case)."""
     return os.environ.get(variable, "").strip().lower() in OFF_VALUES
+
+
+def switched_on(variable: str) -> bool:
+    """True when the environment variable `variable` is set to 1/true/on/yes (any case): a switch
+    that pins a kernel instead of letting it be timed against the alternative."""
+    return os.environ.get(variable, "").strip().lower() in ("1", "true", "on", "yes")
 
 
 def enabled() -> bool:
