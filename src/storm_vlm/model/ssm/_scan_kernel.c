@@ -6,9 +6,10 @@
  * extensions carry the arithmetic at any width (the compiler splits a vector wider than the
  * target's registers); only max/min and the horizontal sum use intrinsics where they exist.
  *
- * Layout: u, delta, z are (batch, L, dim) or (batch, dim, L) through explicit element strides;
- * A2 = A * log2(e), (dim, N) contiguous; BT, CT are (batch, L, groups, N) contiguous; out has
- * explicit strides. Channel c uses group c / (dim / groups).
+ * Layout: u, delta, z are (batch, L, dim) or (batch, dim, L) through explicit element strides (the
+ * forward also reads them, and writes out, in bfloat16); A2 = A * log2(e), (dim, N) contiguous; BT,
+ * CT are (batch, L, groups, N) contiguous; out has explicit strides. Channel c uses group
+ * c / (dim / groups).
  *
  * Why vectorise over channels (not over N): with time-major inputs, LANES neighbouring channels are
  * one load per step, and y = sum_n C[n] h[n] needs no horizontal sum.
@@ -39,39 +40,49 @@ static inline vf vsoftplus(vf x) {
     return sel(x > 20.0f, x, vmax_keepnan(splat(0.0f), x) + log1p_t);
 }
 
-/* tile[t][lane] = src[t * st + lane * sc] for t < nt, lane < w; zero elsewhere */
-static void load_tile(vf *tile, const float *src, int64_t st, int64_t sc, int64_t nt, int64_t w) {
-    if (sc == 1 && w == LANES) {
-        for (int64_t t = 0; t < nt; t++) memcpy(&tile[t], src + t * st, sizeof(vf));
-        return;
-    }
-    memset(tile, 0, (size_t)nt * sizeof(vf));
-    for (int64_t l = 0; l < w; l++) {
-        const float *p = src + l * sc;
-        for (int64_t t = 0; t < nt; t++) ((float *)&tile[t])[l] = p[t * st];
-    }
-}
-
-static void store_tile(const vf *tile, float *dst, int64_t st, int64_t sc, int64_t nt, int64_t w) {
-    if (sc == 1 && w == LANES) {
-        for (int64_t t = 0; t < nt; t++) memcpy(dst + t * st, &tile[t], sizeof(vf));
-        return;
-    }
-    for (int64_t l = 0; l < w; l++) {
-        float *p = dst + l * sc;
-        for (int64_t t = 0; t < nt; t++) p[t * st] = ((const float *)&tile[t])[l];
-    }
-}
-
+/* An array read or written through element strides (batch, time, channel), float32 or, with bf16,
+ * bfloat16 (the forward's inputs and output under bf16 autocast: widened as read, rounded as
+ * written, as torch rounds) */
 typedef struct {
-    const float *p;
+    const void *p;
     int64_t sb, st, sc;
+    int bf16;
 } strided;
 
 typedef struct {
-    float *p;
+    void *p;
     int64_t sb, st, sc;
+    int bf16;
 } strided_out;
+
+#define AT(s, b, t, c) ((b) * (s).sb + (t) * (s).st + (c) * (s).sc) /* element (b, t, c)'s offset */
+
+/* tile[t][lane] = element off + t * st + lane * sc of s for t < nt, lane < w; zero elsewhere */
+static void load_tile(vf *tile, strided s, int64_t off, int64_t nt, int64_t w) {
+    if (s.sc == 1 && w == LANES) {
+        for (int64_t t = 0; t < nt; t++) tile[t] = load_wide(s.p, off + t * s.st, s.bf16);
+        return;
+    }
+    memset(tile, 0, (size_t)nt * sizeof(vf));
+    for (int64_t l = 0; l < w; l++)
+        for (int64_t t = 0; t < nt; t++) ((float *)&tile[t])[l] = wide_at(s.p, off + l * s.sc + t * s.st, s.bf16);
+}
+
+static void store_tile(const vf *tile, strided_out s, int64_t off, int64_t nt, int64_t w) {
+    if (s.sc == 1 && w == LANES) {
+        for (int64_t t = 0; t < nt; t++) store_wide(s.p, off + t * s.st, tile[t], s.bf16);
+        return;
+    }
+    for (int64_t l = 0; l < w; l++)
+        for (int64_t t = 0; t < nt; t++) {
+            const float v = ((const float *)&tile[t])[l];
+            const int64_t i = off + l * s.sc + t * s.st;
+            if (s.bf16)
+                ((uint16_t *)s.p)[i] = f32_to_bf16(v);
+            else
+                ((float *)s.p)[i] = v;
+        }
+}
 
 /* Everything one call scans. B and C are either per step, BT/CT (batch, L, groups, N) contiguous, or
  * constant per channel (bconst / cconst), (dim, N) contiguous like A2 (mamba-ssm's constant B/C). */
@@ -96,18 +107,20 @@ static inline void load_cols(vf *dst, const float *src, int64_t c, int64_t w, in
     }
 }
 
-/* tile[t] = sum_r W[r] * dt[t * st + r * sr] for t < nt: delta's tile from its low-rank factor dt
- * (the mixer's dt_proj product done here, where its L x dim result never goes through memory) */
-static void lowrank_tile(vf *tile, const vf *W, const float *dt, int64_t st, int64_t sr, int64_t nt, int64_t R) {
+/* tile[t] = sum_r W[r] * dt[off + t * st + r * sr] for t < nt (dt.sc steps over r): delta's tile from
+ * its low-rank factor dt (the mixer's dt_proj product done here, where its L x dim result never goes
+ * through memory) */
+static void lowrank_tile(vf *tile, const vf *W, strided dt, int64_t off, int64_t nt, int64_t R) {
+    const int64_t sr = dt.sc;
     for (int64_t t = 0; t < nt; t++) {
-        const float *row = dt + t * st;
+        const int64_t row = off + t * dt.st;
         vf acc0 = splat(0.0f), acc1 = splat(0.0f);
         int64_t r = 0;
         for (; r + 1 < R; r += 2) {
-            acc0 += W[r] * row[r * sr];
-            acc1 += W[r + 1] * row[(r + 1) * sr];
+            acc0 += W[r] * wide_at(dt.p, row + r * sr, dt.bf16);
+            acc1 += W[r + 1] * wide_at(dt.p, row + (r + 1) * sr, dt.bf16);
         }
-        if (r < R) acc0 += W[r] * row[r * sr];
+        if (r < R) acc0 += W[r] * wide_at(dt.p, row + r * sr, dt.bf16);
         tile[t] = acc0 + acc1;
     }
 }
@@ -144,12 +157,12 @@ static inline __attribute__((always_inline)) void scan_block(const scan_args *a,
         const int64_t tile = reverse ? ntiles - 1 - i : i;
         const int64_t t0 = tile * TILE;
         const int64_t nt = (L - t0) < TILE ? (L - t0) : TILE;
-        load_tile(tu, u.p + b * u.sb + t0 * u.st + c * u.sc, u.st, u.sc, nt, w);
+        load_tile(tu, u, AT(u, b, t0, c), nt, w);
         if (a->dtW)
-            lowrank_tile(td, wdt, dl.p + b * dl.sb + t0 * dl.st, dl.st, dl.sc, nt, a->R);
+            lowrank_tile(td, wdt, dl, AT(dl, b, t0, 0), nt, a->R);
         else
-            load_tile(td, dl.p + b * dl.sb + t0 * dl.st + c * dl.sc, dl.st, dl.sc, nt, w);
-        if (z.p) load_tile(tz, z.p + b * z.sb + t0 * z.st + c * z.sc, z.st, z.sc, nt, w);
+            load_tile(td, dl, AT(dl, b, t0, c), nt, w);
+        if (z.p) load_tile(tz, z, AT(z, b, t0, c), nt, w);
         /* the step sizes of the whole tile first: the softplus is a long chain of dependent operations
          * (exp2, a division, a series), which inside the time loop would delay every step's decays */
         for (int64_t k = 0; k < nt; k++) td[k] = softplus ? vsoftplus(td[k] + bvec) : td[k] + bvec;
@@ -187,7 +200,7 @@ static inline __attribute__((always_inline)) void scan_block(const scan_args *a,
         }
         if (z.p) /* the gate, off the time loop likewise */
             for (int64_t k = 0; k < nt; k++) ty[k] *= vsilu(tz[k]);
-        store_tile(ty, o.p + b * o.sb + t0 * o.st + c * o.sc, o.st, o.sc, nt, w);
+        store_tile(ty, o, AT(o, b, t0, c), nt, w);
     }
     if (last)
         for (int64_t l = 0; l < w; l++)
@@ -210,18 +223,21 @@ SCAN_BLOCK(1, 1)
  * stride then steps over R), delta = dt dtW^T computed tile by tile. bconst / cconst: B / C are
  * (dim, N) constants; h0: NULL (start from 0) or the initial state (batch, dim, N); states: NULL, or
  * (L/chunk + 1, batch, groups, N, dim/groups) receiving the state entering each processed chunk
- * (index 0 is left alone); last: NULL, or (batch, dim, N) receiving the final state. Returns 0. */
-int storm_scan_fwd_f32(int64_t batch, int64_t L, int64_t dim, int64_t groups, int64_t N, const float *u,
-                       int64_t u_sb, int64_t u_st, int64_t u_sc, const float *delta, int64_t d_sb, int64_t d_st,
-                       int64_t d_sc, const float *dtW, int64_t R, const float *z, int64_t z_sb, int64_t z_st,
+ * (index 0 is left alone); last: NULL, or (batch, dim, N) receiving the final state. io_bf16: u,
+ * delta (or dt), z and out are bfloat16 (inference under bf16 autocast: no float32 copies of them),
+ * else float32; everything else is float32 and the arithmetic float32 either way. Returns 0. */
+int storm_scan_fwd_f32(int64_t batch, int64_t L, int64_t dim, int64_t groups, int64_t N, const void *u,
+                       int64_t u_sb, int64_t u_st, int64_t u_sc, const void *delta, int64_t d_sb, int64_t d_st,
+                       int64_t d_sc, const float *dtW, int64_t R, const void *z, int64_t z_sb, int64_t z_st,
                        int64_t z_sc, const float *A2, const float *BT, const float *CT, int bconst, int cconst,
-                       const float *Dv, const float *bias, int softplus, int reverse, const float *h0, float *out,
+                       const float *Dv, const float *bias, int softplus, int reverse, const float *h0, void *out,
                        int64_t o_sb, int64_t o_st, int64_t o_sc, float *states, int64_t chunk, float *last,
-                       int64_t c0, int64_t c1) {
+                       int64_t c0, int64_t c1, int io_bf16) {
     const int64_t hd = dim / groups;
-    const scan_args a = {batch, L, dim, groups, N, chunk, {u, u_sb, u_st, u_sc}, {delta, d_sb, d_st, d_sc},
-                         {z, z_sb, z_st, z_sc}, A2, BT, CT, Dv, bias, softplus, reverse, dtW, R};
-    const strided_out o = {out, o_sb, o_st, o_sc};
+    const scan_args a = {batch, L, dim, groups, N, chunk, {u, u_sb, u_st, u_sc, io_bf16},
+                         {delta, d_sb, d_st, d_sc, io_bf16}, {z, z_sb, z_st, z_sc, io_bf16}, A2, BT, CT, Dv, bias,
+                         softplus, reverse, dtW, R};
+    const strided_out o = {out, o_sb, o_st, o_sc, io_bf16};
     void (*block)(const scan_args *, int64_t, int64_t, int64_t, int64_t, const float *, strided_out, float *,
                   float *) = bconst ? (cconst ? scan_block_11 : scan_block_10)
                                     : (cconst ? scan_block_01 : scan_block_00);
@@ -293,10 +309,10 @@ static inline __attribute__((always_inline)) int bwd_block(const scan_args *a, c
     for (int64_t k = nchunks - 1; k >= 0; k--) {
         const int64_t ci = reverse ? nchunks - 1 - k : k;
         const int64_t s = ci * T, nt = (L - s) < T ? (L - s) : T;
-        load_tile(tu, u.p + b * u.sb + s * u.st + c * u.sc, u.st, u.sc, nt, w);
-        load_tile(td, dl.p + b * dl.sb + s * dl.st + c * dl.sc, dl.st, dl.sc, nt, w);
-        load_tile(tg, go.p + b * go.sb + s * go.st + c * go.sc, go.st, go.sc, nt, w);
-        if (z.p) load_tile(tz, z.p + b * z.sb + s * z.st + c * z.sc, z.st, z.sc, nt, w);
+        load_tile(tu, u, AT(u, b, s, c), nt, w);
+        load_tile(td, dl, AT(dl, b, s, c), nt, w);
+        load_tile(tg, go, AT(go, b, s, c), nt, w);
+        if (z.p) load_tile(tz, z, AT(z, b, s, c), nt, w);
         const float *hs = g->states + (((k * a->batch + b) * a->groups + grp) * N) * hd + (c - grp * hd);
         for (int64_t n = 0; n < N; n++) {
             h0[n] = splat(0.0f);
@@ -379,9 +395,9 @@ static inline __attribute__((always_inline)) int bwd_block(const scan_args *a, c
             if (bconst) gBacc[n] += gBc[n];
             if (cconst) gCacc[n] += gCc[n];
         }
-        store_tile(ogu, g->gu.p + b * g->gu.sb + s * g->gu.st + c * g->gu.sc, g->gu.st, g->gu.sc, nt, w);
-        store_tile(ogd, g->gdl.p + b * g->gdl.sb + s * g->gdl.st + c * g->gdl.sc, g->gdl.st, g->gdl.sc, nt, w);
-        if (z.p) store_tile(ogz, g->gz.p + b * g->gz.sb + s * g->gz.st + c * g->gz.sc, g->gz.st, g->gz.sc, nt, w);
+        store_tile(ogu, g->gu, AT(g->gu, b, s, c), nt, w);
+        store_tile(ogd, g->gdl, AT(g->gdl, b, s, c), nt, w);
+        if (z.p) store_tile(ogz, g->gz, AT(g->gz, b, s, c), nt, w);
     }
     for (int64_t l = 0; l < w; l++) { /* channels belong to one call: plain stores, summed over batch */
         for (int64_t n = 0; n < N; n++) {
@@ -420,10 +436,11 @@ int storm_scan_bwd_f32(int64_t batch, int64_t L, int64_t dim, int64_t groups, in
                        float *gz, int64_t gz_sb, int64_t gz_st, int64_t gz_sc, float *gA, float *gD, float *gbias,
                        float *gBT, float *gCT, float *gh0, int64_t c0, int64_t c1) {
     const int64_t hd = dim / groups;
-    const scan_args a = {batch, L, dim, groups, N, chunk, {u, u_sb, u_st, u_sc}, {delta, d_sb, d_st, d_sc},
-                         {z, z_sb, z_st, z_sc}, A2, BT, CT, Dv, bias, softplus, reverse, NULL, 0};
-    const grad_args g = {{gout, g_sb, g_st, g_sc}, states, glast, {gu, gu_sb, gu_st, gu_sc},
-                         {gdelta, gd_sb, gd_st, gd_sc}, {gz, gz_sb, gz_st, gz_sc}, gA, gD, gbias, gBT, gCT, gh0};
+    const scan_args a = {batch, L, dim, groups, N, chunk, {u, u_sb, u_st, u_sc, 0}, {delta, d_sb, d_st, d_sc, 0},
+                         {z, z_sb, z_st, z_sc, 0}, A2, BT, CT, Dv, bias, softplus, reverse, NULL, 0};
+    const grad_args g = {{gout, g_sb, g_st, g_sc, 0}, states, glast, {gu, gu_sb, gu_st, gu_sc, 0},
+                         {gdelta, gd_sb, gd_st, gd_sc, 0}, {gz, gz_sb, gz_st, gz_sc, 0}, gA, gD, gbias, gBT, gCT,
+                         gh0};
     int (*block)(const scan_args *, const grad_args *, int64_t, int64_t, int64_t, int64_t) =
         bconst ? (cconst ? bwd_block_11 : bwd_block_10) : (cconst ? bwd_block_01 : bwd_block_00);
     for (int64_t b = 0; b < batch; b++)

@@ -405,7 +405,8 @@ def _bind(lib: ctypes.CDLL, isa: Isa, lanes: int, origin: str) -> ctypes.CDLL:
     fn = lib.storm_scan_fwd_f32
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     fn.argtypes = ([i64] * 5 + [ptr, i64, i64, i64] * 2 + [ptr, i64] + [ptr, i64, i64, i64] + [ptr] * 3
-                   + [cint] * 2 + [ptr] * 2 + [cint] * 2 + [ptr] + [ptr, i64, i64, i64, ptr, i64, ptr, i64, i64])
+                   + [cint] * 2 + [ptr] * 2 + [cint] * 2 + [ptr] + [ptr, i64, i64, i64, ptr, i64, ptr, i64, i64]
+                   + [cint])
     fn.restype = cint
     bwd = lib.storm_scan_bwd_f32
     bwd.argtypes = ([i64] * 5 + [ptr, i64, i64, i64] * 4 + [ptr] * 3 + [cint] * 2 + [ptr] * 2 + [cint] * 2
@@ -508,8 +509,9 @@ def scan_forward(lib: ctypes.CDLL, u: Tensor, delta: Tensor, z: Tensor | None, A
                  c1: int, delta_proj: Tensor | None = None) -> None:
     """Scan channels [c0, c1) into ``out`` (and ``states`` / ``last`` when given).
 
-    u, delta, z, out: (b, d, L) float32, any strides (with ``delta_proj`` (d, R) contiguous, delta is
-    instead the factor (b, R, L) of ``delta_proj @ delta``); A2 = A * log2(e): (d, N) contiguous;
+    u, delta, z, out: (b, d, L), any strides, all float32 or all bfloat16 (read and written as such,
+    float32 arithmetic) (with ``delta_proj`` (d, R) float32 contiguous, delta is instead the factor
+    (b, R, L) of ``delta_proj @ delta``); A2 = A * log2(e): (d, N) contiguous;
     BT, CT: (b, L, groups, N) contiguous, or (d, N) contiguous when constant over time; D, bias: (d,)
     contiguous; h0: initial state (b, d, N) contiguous or None (zeros); states: (L/chunk + 1, b,
     groups, N, d/groups) contiguous; last: (b, d, N) contiguous."""
@@ -519,7 +521,8 @@ def scan_forward(lib: ctypes.CDLL, u: Tensor, delta: Tensor, z: Tensor | None, A
     lib.storm_scan_fwd_f32(b, L, d, groups, n, _ptr(u), *_strides(u), _ptr(delta), *_strides(delta),
                            _ptr(delta_proj), rank, _ptr(z), *_strides(z), _ptr(A2), _ptr(BT), _ptr(CT),
                            int(BT.dim() == 2), int(CT.dim() == 2), _ptr(D), _ptr(bias), int(softplus), int(reverse),
-                           _ptr(h0), _ptr(out), *_strides(out), _ptr(states), int(chunk), _ptr(last), c0, c1)
+                           _ptr(h0), _ptr(out), *_strides(out), _ptr(states), int(chunk), _ptr(last), c0, c1,
+                           int(u.dtype == torch.bfloat16))
 
 
 def scan_backward(lib: ctypes.CDLL, u: Tensor, delta: Tensor, z: Tensor | None, gout: Tensor, A2: Tensor,

@@ -267,11 +267,14 @@ class _ChunkedScan(torch.autograd.Function):
             h_in[0].zero_()
         else:
             h_in[0].copy_(h0.reshape(b, g, hd, n).transpose(-1, -2))
-        yT = _empty(b, L, d, dtype=cdt, device=u.device)
+        lib = _kernel_for(u, cdt)
+        # inference on bf16 inputs (bf16 autocast): the kernel reads them and writes y in bf16 itself,
+        # no float32 copies of the (b, L, d) tensors
+        io_dtype = u.dtype if lib is not None and not need_grad and u.dtype in _KERNEL_IO else cdt
+        yT = _empty(b, L, d, dtype=io_dtype, device=u.device)
         last_bdn = None
         if want_last:  # a fresh contiguous (b, d, n) tensor, never a view of h_in
             last_bdn = torch.empty(b, d, n, dtype=cdt, device=u.device)
-        lib = _kernel_for(u, cdt)
         if lib is not None:
             _kernel_forward(lib, u, delta, z, A, BT, CT, g, D, delta_bias, h0, softplus, reverse, yT,
                             h_in if need_grad else None, T, last_bdn, delta_proj)
@@ -362,17 +365,20 @@ class _ChunkedScan(torch.autograd.Function):
                 g_h0, None, None, None, None, None, None)
 
 
+_KERNEL_IO = (torch.float32, torch.bfloat16)  # what the kernel's forward reads and writes as it is
+
+
 def _kernel_for(u: Tensor, cdt: torch.dtype):
     """The C kernel library when it applies (a float32 scan on the CPU and the kernel builds), else None."""
     return cpu_kernel.load() if u.device.type == "cpu" and cdt == torch.float32 else None
 
 
-def _kernel_inputs(u, delta, z, A, D, delta_bias):
-    """The kernel's float32 arguments: u, delta, z (any strides), A2 = A * log2(e) (d, n) and D,
-    delta_bias (d,) contiguous."""
+def _kernel_inputs(u, delta, z, A, D, delta_bias, io_dtype=torch.float32):
+    """The kernel's arguments: u, delta, z (any strides) in `io_dtype` (float32, or bfloat16 for the
+    forward), A2 = A * log2(e) (d, n) and D, delta_bias (d,) contiguous float32."""
     f32 = torch.float32
-    return (u.to(f32), delta.to(f32), None if z is None else z.to(f32), (A.to(f32) * LOG2E).contiguous(),
-            None if D is None else D.to(f32).contiguous(),
+    return (u.to(io_dtype), delta.to(io_dtype), None if z is None else z.to(io_dtype),
+            (A.to(f32) * LOG2E).contiguous(), None if D is None else D.to(f32).contiguous(),
             None if delta_bias is None else delta_bias.to(f32).contiguous())
 
 
@@ -380,9 +386,10 @@ def _kernel_forward(lib, u, delta, z, A, BT, CT, g, D, delta_bias, h0, softplus,
                     delta_proj=None):
     """The forward through the fused C kernel (float32 CPU), from the initial state h0 (b, d, n) when
     given: writes yT (b, L, d), h_in[1:] when given (the states the backward restarts from) and
-    last_bdn (b, d, n) when given. With ``delta_proj`` (d, R), delta is its factor (b, R, L). Channel
+    last_bdn (b, d, n) when given. yT float32, or bfloat16: then u, delta and z are read in bfloat16
+    (cast to it if they are not). With ``delta_proj`` (d, R), delta is its factor (b, R, L). Channel
     ranges run in worker threads when there are several intra-op threads (ctypes drops the GIL)."""
-    u, delta, z, A2, D, bias = _kernel_inputs(u, delta, z, A, D, delta_bias)
+    u, delta, z, A2, D, bias = _kernel_inputs(u, delta, z, A, D, delta_bias, yT.dtype)
     if delta_proj is not None:
         delta_proj = delta_proj.to(torch.float32).contiguous()
     h0 = None if h0 is None else h0.to(torch.float32).contiguous()
