@@ -150,9 +150,8 @@ KERNEL_ISAS = list(cpu_kernel.ISAS)  # every build of the C kernels, narrowest f
 
 
 def isa_runs(isa: str) -> bool:
-    """This CPU runs the kernels' `isa` path (cpu_kernel.ISAS is ordered narrow to wide)."""
-    order = list(cpu_kernel.ISAS)
-    return order.index(isa) <= order.index(cpu_kernel.detect_isa())
+    """This CPU runs the kernels' `isa` path."""
+    return KERNEL_ISAS.index(isa) <= KERNEL_ISAS.index(cpu_kernel.detect_isa())
 
 
 def use_kernel_library(monkeypatch, isa: str):
