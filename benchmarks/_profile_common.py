@@ -39,7 +39,7 @@ DEFAULT_CONFIG = ROOT / "configs" / "bench-cpu.yaml"
 MODULE_FIELDS = ("vision_tower_ms", "projector_ms", "llm_prefill_ms", "decode_ms_per_token")
 
 
-def _precision(value: str) -> str:
+def precision_name(value: str) -> str:
     try:
         return parse_precision(value)
     except StormError as exc:
@@ -51,7 +51,7 @@ def parser(description: str, repeats: int, warmup: int) -> argparse.ArgumentPars
     p.add_argument("model_dir", nargs="?", help="a saved STORM model (default: random bench-cpu model)")
     p.add_argument("--config", default=None, help=f"profile YAML (default: {DEFAULT_CONFIG.relative_to(ROOT)})")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--precision", "--dtype", dest="precision", type=_precision, default="float32",
+    p.add_argument("--precision", "--dtype", dest="precision", type=precision_name, default="float32",
                    help=f"{PRECISION_HELP} (default: float32)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: figures from a shared machine compare best single-threaded)")

@@ -19,8 +19,10 @@ tiny config with `--tiny`):
 
 All share the LLM (Qwen2 at the bench widths) and get the same CPU kernels
 (`storm_vlm.model.fast_paths.enable_fast_paths`: matmul backend per shape, SigLIP layers, the LLM's
-attention) and weights on huge pages (`storm_vlm.huge_pages.place_in_huge_pages`, as the loaders place a
-CPU model's). Each (frames, model) runs the model's own video path on random pixels:
+attention) and the same set-up for `--precision` (`storm_vlm.inference.prepare_for_inference`, as the
+loaders do: weights on huge pages; under bf16 autocast the LLM's linear layers in bf16; default
+float32), and run under that precision's autocast. Each (frames, model) runs the model's own video
+path on random pixels:
 vision tower (until the first projector / pooling module starts), projector + pooling (until
 the visual tokens are returned), LLM prefill on [text | visual tokens | text] with
 `logits_to_keep=1`, then `--decode-tokens` greedy steps through the model's forward. STORM's
@@ -51,10 +53,11 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration,
 )
 
+from storm_vlm.inference import prepare_for_inference
 from storm_vlm.model.configuration import StormConfig
 from storm_vlm.model.fast_paths import enable_fast_paths
-from storm_vlm.huge_pages import place_in_huge_pages
 from storm_vlm.perf.profiler import Clock, build_random_model, load_model_config
+from storm_vlm.precision import Precision, resolve_precision
 from storm_vlm.perf.report import save_figure
 from storm_vlm.utils import atomic_write_json, atomic_write_text
 
@@ -80,8 +83,9 @@ def storm_config(tiny: bool, config_path: str | None) -> tuple[dict, int]:
     return fields, defaults.get("text_tokens", 64)
 
 
-def build_models(fields: dict, seed: int = 0) -> dict:
-    """The five models of MODELS (two STORM instances; sampling is a call argument), eval mode."""
+def build_models(fields: dict, seed: int = 0, precision: Precision | None = None) -> dict:
+    """The five models of MODELS (two STORM instances; sampling is a call argument), set up for
+    `precision` (default float32) as the loaders set a model up."""
     storm = build_random_model(StormConfig(**{**fields, "temporal_pool_size": 1}), seed)
     pooled = build_random_model(StormConfig(**{**fields, "temporal_pool_size": 4}), seed)
     vision = StormConfig(**fields).vision_config.to_dict()
@@ -101,9 +105,8 @@ def build_models(fields: dict, seed: int = 0) -> dict:
     for model in (onevision, nextvideo):
         enable_fast_paths(model)  # the same CPU kernels as STORM's
     models = {"storm": storm, "storm pool4": pooled, "llava-onevision": onevision, "llava-next-video": nextvideo}
-    for model in models.values():
-        place_in_huge_pages(model)  # as the loaders place a CPU model's weights
-    return models
+    precision = precision or resolve_precision("float32")
+    return {name: prepare_for_inference(model, "cpu", precision) for name, model in models.items()}
 
 
 def _video_path(models: dict, name: str):
@@ -128,8 +131,10 @@ def _video_path(models: dict, name: str):
     return model, features, after
 
 
-def measure(models: dict, name: str, pixels, text, decode_tokens: int, clock: Clock, decode: bool = True) -> dict:
-    """One run of `name` on one video: module times (ms), visual tokens, decode ms per token."""
+def measure(models: dict, name: str, pixels, text, decode_tokens: int, clock: Clock, decode: bool = True,
+            precision: Precision | None = None) -> dict:
+    """One run of `name` on one video (under `precision`'s autocast, if any): module times (ms), visual
+    tokens, decode ms per token."""
     model, features, after = _video_path(models, name)
     marks = {}
 
@@ -141,7 +146,7 @@ def measure(models: dict, name: str, pixels, text, decode_tokens: int, clock: Cl
     if name.startswith("storm"):
         enable_fast_paths(model, decode=decode)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), (precision or resolve_precision("float32")).context():
             clock.sync()
             t0 = clock.mark()
             feats = features(pixels)
@@ -244,6 +249,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=None, help="a profile YAML (default configs/bench-cpu.yaml)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--clock", choices=["wall", "cpu"], default="cpu")
+    p.add_argument("--precision", "--dtype", dest="precision", type=common.precision_name, default="float32",
+                   help=f"{common.PRECISION_HELP} (default: float32)")
     p.add_argument("--output", default="runs/peers", help="folder for peers.json, peers.txt, peers.png")
     p.add_argument("--no-guards", action="store_true", help="report the guards but always exit 0")
     args = p.parse_args(argv)
@@ -251,11 +258,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     common.tune_cpu_allocator()
     fields, text_tokens = storm_config(args.tiny, args.config)
-    models = build_models(fields)
+    precision = resolve_precision(args.precision, "cpu")
+    models = build_models(fields, precision=precision)
     widths = "tiny widths" if args.tiny else "bench-cpu widths"
     print("== peers ==")
     print(f"models: {', '.join(MODELS)} at {widths}; text tokens {text_tokens}; decode {args.decode_tokens} tokens; "
-          f"clock {'CPU time of this process' if args.clock == 'cpu' else 'wall'}")
+          f"clock {'CPU time of this process' if args.clock == 'cpu' else 'wall'}; {precision.describe()}")
     host = common.describe_host()
     print(common.host_summary(host))
     clock = Clock("cpu", args.clock)
@@ -270,7 +278,7 @@ def main(argv=None) -> int:
         repeats = max(args.repeats, args.guard_repeats) if f == gf else args.repeats
         for rnd in range((1 if i == 0 else 0) + repeats):
             for name, decode in runs:
-                r = measure(models, name, pixels, text, args.decode_tokens, clock, decode)
+                r = measure(models, name, pixels, text, args.decode_tokens, clock, decode, precision)
                 if rnd >= (1 if i == 0 else 0):
                     samples[(name, decode)].append(r)
         for (name, decode), rs in samples.items():
@@ -291,6 +299,7 @@ def main(argv=None) -> int:
                                            "ok": speedup >= GUARD_SPEEDUP}}
     result = {"benchmark": "peers", "widths": widths, "models": list(MODELS) + ["storm (forward)"], "frames": frames,
               "text_tokens": text_tokens, "decode_tokens": args.decode_tokens, "clock": args.clock,
+              "precision": precision.describe(),
               "guard_frames": gf, "guards": guards, "guard_rounds_ttft_ms": ttft, "host": host, "rows": rows}
     out = Path(args.output)
     table = format_rows(result)

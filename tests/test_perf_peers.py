@@ -7,6 +7,10 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import nn
+
+from storm_vlm.model.fast_paths import language_model_of
+from storm_vlm.precision import resolve_precision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -40,6 +44,29 @@ def test_peer_models_build_at_the_same_widths_and_run():
     assert tokens["storm"] == 4 * per_frame and tokens["storm pool4"] == per_frame
     assert tokens["llava-onevision"] == 4 * per_frame + 1  # 2x2-pooled patches + one newline token
     assert tokens["llava-next-video"] == 4 * per_frame
+
+
+def test_peer_models_are_set_up_for_the_precision_alike():
+    """Under the bfloat16 precision every model's LLM linear layers, LM head included (LLaVA keeps
+    it outside its language model), are stored in bf16 and everything else stays float32, as the
+    loaders set STORM up; each model runs under the precision's autocast."""
+    fields, text_tokens = peers.storm_config(tiny=True, config_path=None)
+    precision = resolve_precision("bfloat16", "cpu")
+    models = peers.build_models(fields, precision=precision)
+    for name, model in models.items():
+        lm = language_model_of(model)
+        llm = {id(m) for m in lm.modules()} | {id(model.get_output_embeddings())}
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        assert model.get_output_embeddings().weight.dtype == torch.bfloat16, name
+        for m in linears:
+            assert m.weight.dtype == (torch.bfloat16 if id(m) in llm else torch.float32), name
+        assert lm.get_input_embeddings().weight.dtype == torch.float32
+    vision = models["storm"].config.vision_config
+    pixels = torch.randn(1, 4, 3, vision.image_size, vision.image_size)
+    text = torch.randint(0, 50, (1, text_tokens))
+    for name in ("storm pool4", "llava-onevision"):
+        r = peers.measure(models, name, pixels, text, 1, peers.Clock("cpu", "wall"), precision=precision)
+        assert r["ttft_ms"] > 0 and r["decode_ms_per_token"] > 0
 
 
 def test_peer_benchmark_writes_table_json_and_png(tmp_path, capsys):

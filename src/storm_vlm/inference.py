@@ -31,6 +31,7 @@ from transformers.utils import logging as hf_logging
 
 from storm_vlm.errors import StormError
 from storm_vlm.huge_pages import place_in_huge_pages
+from storm_vlm.model.fast_paths import language_model_of
 from storm_vlm.precision import Precision, resolve_precision
 from storm_vlm.utils import check_model_dir
 
@@ -100,12 +101,13 @@ def prepare_for_inference(model, device: str | torch.device, precision: Precisio
     """`model` set up for inference with `precision` on `device`, as every command runs it: its weights
     in the precision's dtype, eval mode.
 
-    Under the bfloat16 precision on CPU (bf16 autocast) the LLM's nn.Linear layers are stored in
-    bfloat16: autocast casts their float32 weights to exactly that at every call, so the products
-    are the same, while their memory (most of the model's) halves and a decode step, which streams
-    every one of them per token, reads half the bytes (the C decode step widens them as it reads). A
-    layer tied to the embedding table stays float32 (the embeddings start the float32 residual
-    stream), as does every other weight (norms, the vision tower, the projector). The model then runs
+    Under the bfloat16 precision on CPU (bf16 autocast) the LLM's nn.Linear layers (its LM head
+    included, wherever the model keeps it: transformers' LLaVA models outside their language model)
+    are stored in bfloat16: autocast casts their float32 weights to exactly that at every call, so
+    the products are the same, while their memory (most of the model's) halves and a decode step,
+    which streams every one of them per token, reads half the bytes (the C decode step widens them
+    as it reads). A layer tied to the embedding table stays float32 (the embeddings start the float32
+    residual stream), as does every other weight (norms, the vision tower, the projector). The model then runs
     under the precision's autocast wherever it is called (`StormForConditionalGeneration.forward`).
     On CPU the weights go on transparent huge pages where the kernel offers them
     (`place_in_huge_pages`: decode steps stream them faster). A model already set up so is returned
@@ -116,9 +118,9 @@ def prepare_for_inference(model, device: str | torch.device, precision: Precisio
         return model.eval()
     model = model.to(device=device, dtype=precision.weights).eval()
     if precision.llm_linears is not None:
-        lm = getattr(model, "language_model", model)
+        lm = language_model_of(model) or model
         embeddings = lm.get_input_embeddings().weight
-        for module in lm.modules():
+        for module in [*lm.modules(), model.get_output_embeddings()]:
             if isinstance(module, nn.Linear) and module.weight is not embeddings:
                 module.to(precision.llm_linears)
     model._storm_precision = precision

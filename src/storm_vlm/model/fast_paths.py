@@ -50,7 +50,7 @@ from storm_vlm.model.decode import drop_decode_step
 from storm_vlm.model.matmul_backend import measured_linear, plain_linear, use_measured_linears
 from storm_vlm.model.ssm import _threads, cpu_kernel
 
-__all__ = ["enable_fast_paths", "STORM_SDPA"]
+__all__ = ["enable_fast_paths", "language_model_of", "STORM_SDPA"]
 
 
 def _inference_on_cpu(*tensors: torch.Tensor) -> bool:
@@ -252,6 +252,12 @@ def _lean_siglip_layers(module: nn.Module) -> None:
             sub.__class__ = _LeanSiglipLayer
 
 
+def language_model_of(model) -> nn.Module | None:
+    """The LLM of a video-LLM: STORM's `model.language_model`; transformers' LLaVA models keep theirs
+    in `model.model.language_model`. None where there is neither."""
+    return getattr(model, "language_model", None) or getattr(getattr(model, "model", None), "language_model", None)
+
+
 def enable_fast_paths(model, *, decode: bool = True, compile_decode: bool = False,
                       decode_kernel: bool = True) -> None:
     """Turn the paths above on for `model` (StormForConditionalGeneration's constructor calls this).
@@ -268,8 +274,7 @@ def enable_fast_paths(model, *, decode: bool = True, compile_decode: bool = Fals
     model._storm_decode = bool(decode)
     model._storm_compile_decode = bool(compile_decode)
     model._storm_decode_kernel = bool(decode_kernel)
-    # STORM's LLM is `model.language_model`; transformers' LLaVA models keep theirs in `model.model`
-    lm = getattr(model, "language_model", None) or getattr(getattr(model, "model", None), "language_model", None)
+    lm = language_model_of(model)
     if lm is not None:
         drop_decode_step(lm)
         if getattr(lm, "config", None) is not None:
