@@ -57,8 +57,8 @@ from storm_vlm.inference import prepare_for_inference
 from storm_vlm.model.configuration import StormConfig
 from storm_vlm.model.fast_paths import enable_fast_paths
 from storm_vlm.perf.profiler import Clock, build_random_model, load_model_config
-from storm_vlm.precision import Precision, resolve_precision
 from storm_vlm.perf.report import save_figure
+from storm_vlm.precision import Precision, resolve_precision
 from storm_vlm.utils import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
