@@ -101,6 +101,14 @@ static inline __attribute__((always_inline)) void scores(const float *const *q, 
         for (int j = 0; j < nv; j++) storeu(s + r * lp + j * LANES, acc[r][j] * scale);
 }
 
+/* v into columns c.. of row o, stopping at column `cols` (a row's last, partial vector) */
+static inline void store_cols(float *o, int64_t c, int64_t cols, vf v) {
+    if (c + LANES <= cols)
+        storeu(o + c, v);
+    else
+        memcpy(o + c, &v, (size_t)(cols - c) * sizeof(float));
+}
+
 /* out rows o[0..QROWS) columns [c0, c0 + nv * LANES) = sum_j p[r][j] vp[j] over the L keys (vp: L rows of
  * hdp floats), divided by the row's softmax sum; the last row block and the last vector stop at `cols` */
 static inline __attribute__((always_inline)) void values(const float *p, int64_t lp, const float *vp, int64_t hdp,
@@ -119,14 +127,7 @@ static inline __attribute__((always_inline)) void values(const float *p, int64_t
         }
     }
     for (int r = 0; r < rows; r++)
-        for (int i = 0; i < nv; i++) {
-            const int64_t c = c0 + i * LANES;
-            const vf out = acc[r][i] * inv[r];
-            if (c + LANES <= cols)
-                storeu(o[r] + c, out);
-            else
-                memcpy(o[r] + c, &out, (size_t)(cols - c) * sizeof(float));
-        }
+        for (int i = 0; i < nv; i++) store_cols(o[r], c0 + i * LANES, cols, acc[r][i] * inv[r]);
 }
 
 /* The softmax of QROWS rows of scores s (rows of lp floats, the first lk computed) in place: row r
@@ -221,14 +222,7 @@ static inline __attribute__((always_inline)) void values_dp(const uint16_t *p, i
         }
     }
     for (int r = 0; r < rows; r++)
-        for (int i = 0; i < nv; i++) {
-            const int64_t c = c0 + i * LANES;
-            const __m512 out = _mm512_mul_ps(acc[r][i], _mm512_set1_ps(inv[r]));
-            if (c + LANES <= cols)
-                _mm512_storeu_ps(o[r] + c, out);
-            else
-                memcpy(o[r] + c, &out, (size_t)(cols - c) * sizeof(float));
-        }
+        for (int i = 0; i < nv; i++) store_cols(o[r], c0 + i * LANES, cols, (vf)acc[r][i] * inv[r]);
 }
 
 /* storm_attention for bf16 arrays through bf16 dot products (see the top of the file) */

@@ -87,11 +87,7 @@ static inline __attribute__((always_inline)) void dwconv_silu(const void *x, int
             for (int64_t k = 0; k < K; k++)
                 acc += wT[k * d + c] * tap_value(x, bf16, xs, reverse ? NULL : prefix,
                                                  reverse ? t + K - 1 - k : t + k - K + 1, L, d, c, K);
-            const float y = vsilu(splat(acc))[0];
-            if (bf16)
-                ((uint16_t *)out)[t * d + c] = f32_to_bf16(y);
-            else
-                ((float *)out)[t * d + c] = y;
+            set_wide(out, t * d + c, vsilu(splat(acc))[0], bf16);
         }
     }
 }

@@ -74,14 +74,7 @@ static void store_tile(const vf *tile, strided_out s, int64_t off, int64_t nt, i
         return;
     }
     for (int64_t l = 0; l < w; l++)
-        for (int64_t t = 0; t < nt; t++) {
-            const float v = ((const float *)&tile[t])[l];
-            const int64_t i = off + l * s.sc + t * s.st;
-            if (s.bf16)
-                ((uint16_t *)s.p)[i] = f32_to_bf16(v);
-            else
-                ((float *)s.p)[i] = v;
-        }
+        for (int64_t t = 0; t < nt; t++) set_wide(s.p, off + l * s.sc + t * s.st, ((const float *)&tile[t])[l], s.bf16);
 }
 
 /* Everything one call scans. B and C are either per step, BT/CT (batch, L, groups, N) contiguous, or

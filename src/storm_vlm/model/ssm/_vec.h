@@ -151,6 +151,14 @@ static inline float wide_at(const void *p, int64_t i, int bf16) {
     return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
+/* one value into element i of a float32 or bfloat16 array (rounded as torch rounds) */
+static inline void set_wide(void *p, int64_t i, float v, int bf16) {
+    if (bf16)
+        ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+
 /* a vector into elements i.. of a float32 or bfloat16 array (rounded as torch rounds) */
 static inline void store_wide(void *p, int64_t i, vf v, int bf16) {
     if (bf16)
