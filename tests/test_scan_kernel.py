@@ -269,25 +269,28 @@ def test_each_isa_path_forms_delta_from_its_factor(monkeypatch, isa, lanes):
 
 @pytest.mark.parametrize("isa,lanes", VARIANTS, ids=[f"{i}-{n or 'own'}" for i, n in VARIANTS])
 def test_each_isa_path_reads_and_writes_bf16_in_inference(monkeypatch, isa, lanes):
-    """bf16 u, delta, z (what the mixer hands over under bf16 autocast), without autograd: the kernel
-    reads them and writes y in bf16 itself (no float32 copies), the float32 kernel's result on the
-    widened inputs rounded as torch rounds, bit for bit: time-major and channel-major, ragged vectors,
-    constant C, reverse, a factored delta; the last state float32 as before. With autograd the inputs
-    are widened and y rounded after, as before."""
+    """bf16 u, delta, z (what the mixer hands over under bf16 autocast), without autograd — D and
+    delta_bias requiring grad, as a model's parameters do under no_grad: the kernel reads them and
+    writes y in bf16 itself (no float32 copies) and keeps no per-chunk states for a backward, the
+    float32 kernel's result on the widened inputs rounded as torch rounds, bit for bit: time-major and
+    channel-major, ragged vectors, constant C, reverse, a factored delta; the last state float32 as
+    before. With autograd the inputs are widened, y rounded after and the states kept, as before."""
     if not isa_runs(isa):
         pytest.skip(f"this CPU does not run {isa} (test_every_isa_path_compiles builds it)")
     lib = cpu_kernel.build(isa, lanes)
     monkeypatch.setattr(cpu_kernel, "load", lambda *a, **k: lib)
     io = []
     real = cpu_kernel.scan_forward
-    monkeypatch.setattr(cpu_kernel, "scan_forward", lambda *a, **k: io.append((a[1].dtype, a[13].dtype)) or real(*a, **k))
+    monkeypatch.setattr(cpu_kernel, "scan_forward",
+                        lambda *a, **k: io.append((a[1].dtype, a[13].dtype, a[14] is not None)) or real(*a, **k))
     for b, d, L, n, const, reverse, time_major, rank in [(2, 37, 70, 16, "", False, True, 0),
                                                           (1, 40, 33, 5, "C", True, False, 0),
                                                           (2, 24, 130, 4, "", False, True, 14)]:
         t = _inputs(torch.float32, b=b, d=d, L=L, n=n, const=const, h0=b == 2)
         if rank:
             t = factored_delta(t, rank)
-        t = {k: (v.detach().bfloat16() if k in ("u", "delta", "z") else v.detach()) for k, v in t.items()}
+        t = {k: (v.detach().bfloat16() if k in ("u", "delta", "z") else
+                 v.detach().requires_grad_(k in ("D", "delta_bias"))) for k, v in t.items()}
         if time_major:
             t = {k: (v.transpose(1, 2).contiguous().transpose(1, 2) if k in ("u", "delta", "z") else v)
                  for k, v in t.items()}
@@ -295,7 +298,7 @@ def test_each_isa_path_reads_and_writes_bf16_in_inference(monkeypatch, isa, lane
         with torch.no_grad():
             io.clear()
             got, last = selective_scan(**t, delta_softplus=True, return_last_state=True, reverse=reverse)
-            assert io and all(x == (torch.bfloat16, torch.bfloat16) for x in io), io
+            assert io and all(x == (torch.bfloat16, torch.bfloat16, False) for x in io), io
             want, want_last = selective_scan(**wide, delta_softplus=True, return_last_state=True, reverse=reverse)
         assert got.dtype == torch.bfloat16 and torch.equal(got, want.bfloat16())
         assert last.dtype == torch.float32 and torch.equal(last, want_last)
@@ -303,7 +306,7 @@ def test_each_isa_path_reads_and_writes_bf16_in_inference(monkeypatch, isa, lane
          for k, v in _inputs(torch.float32, d=16, L=20, n=4).items()}
     io.clear()
     got = selective_scan(**t, delta_softplus=True)
-    assert io == [(torch.float32, torch.float32)] and got.dtype == torch.bfloat16
+    assert io == [(torch.float32, torch.float32, True)] and got.dtype == torch.bfloat16
     got.float().sum().backward()
     assert t["u"].grad is not None and t["u"].grad.dtype == torch.bfloat16
 

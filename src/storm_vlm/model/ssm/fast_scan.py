@@ -244,10 +244,12 @@ def _autocast_off(device_type: str):
 class _ChunkedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus, reverse, chunk, want_last, cdt,
-                delta_proj=None):
+                delta_proj, grad_enabled):
         # u, delta, z: (b, d, L); A: (d, n); B, C: (b, g, n, L), or (d, n) when constant over time;
         # D, delta_bias: (d,); h0: initial state (b, d, n) or None. delta_proj (d, R): delta is its
-        # factor (b, R, L), given only where the kernel runs without autograd (``_fuses_delta_proj``)
+        # factor (b, R, L), given only where the kernel runs without autograd (``_fuses_delta_proj``).
+        # grad_enabled: the caller's grad mode (forward runs without it, and needs_input_grad follows
+        # requires_grad alone: a model's parameters, D and delta_bias here, require grad under no_grad too)
         b, d, L = u.shape
         n = A.shape[1]
         g = next((x.shape[1] for x in (B, C) if x.dim() == 4), 1)
@@ -256,7 +258,7 @@ class _ChunkedScan(torch.autograd.Function):
         if chunk is None:
             chunk = auto_chunk(b * g * max(j1 - j0 for j0, j1 in blocks))
         T = max(1, min(chunk, L))
-        need_grad = any(ctx.needs_input_grad[:9])
+        need_grad = grad_enabled and any(ctx.needs_input_grad[:9])
         nchunks = (L + T - 1) // T
         # per step: (b, L, g, n), small; constant: (d, n)
         BT, CT = ((x.to(cdt).contiguous() if x.dim() == 2 else x.permute(0, 3, 1, 2).to(cdt).contiguous())
@@ -312,7 +314,7 @@ class _ChunkedScan(torch.autograd.Function):
         lib = _kernel_for(u, cdt)
         if lib is not None:
             return _kernel_backward(lib, u, delta, z, A, BT, CT, g, D, delta_bias, h_in, has_h0, T, softplus, reverse,
-                                    gout, glast, ctx.time_major) + (None,) * 6
+                                    gout, glast, ctx.time_major) + (None,) * 7
         uT, dT, zT = _time_major(u), _time_major(delta), _time_major(z)
         b, L, d = uT.shape
         n = A.shape[1]
@@ -362,7 +364,7 @@ class _ChunkedScan(torch.autograd.Function):
         tm_u, tm_d, tm_z = ctx.time_major
         g_z = None if grads["z"] is None else _like_input(grads["z"], tm_z)
         return (_like_input(grads["u"], tm_u), _like_input(grads["delta"], tm_d), gA, g_B, g_C, g_D, g_z, g_bias,
-                g_h0, None, None, None, None, None, None)
+                g_h0, None, None, None, None, None, None, None)
 
 
 _KERNEL_IO = (torch.float32, torch.bfloat16)  # what the kernel's forward reads and writes as it is
@@ -675,5 +677,5 @@ def chunked_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: T
     with _autocast_off(u.device.type):
         out, last = _ChunkedScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus),
                                        bool(reverse), None if chunk is None else int(chunk), bool(return_last_state),
-                                       compute_dtype, delta_proj)
+                                       compute_dtype, delta_proj, torch.is_grad_enabled())
     return (out, last) if return_last_state else out
