@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
 
+from storm_vlm.commands import non_negative_int, positive_int  # noqa: E402
 from storm_vlm.errors import StormError  # noqa: E402
 from storm_vlm.perf.allocator import allocator_state, tune_cpu_allocator  # noqa: E402
 from storm_vlm.perf.host import describe_host, host_summary, load_average, load_line  # noqa: E402
@@ -53,11 +54,12 @@ def parser(description: str, repeats: int, warmup: int) -> argparse.ArgumentPars
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--precision", "--dtype", dest="precision", type=precision_name, default="float32",
                    help=f"{PRECISION_HELP} (default: float32)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads (default 1: figures from a shared machine compare best single-threaded)")
-    p.add_argument("--repeats", type=int, default=repeats)
-    p.add_argument("--warmup", type=int, default=warmup)
-    p.add_argument("--text-tokens", type=int, default=None, help="prompt tokens (default: the config's, 4 for bench-cpu)")
+    p.add_argument("--repeats", type=positive_int, default=repeats)
+    p.add_argument("--warmup", type=non_negative_int, default=warmup)
+    p.add_argument("--text-tokens", type=non_negative_int, default=None,
+                   help="prompt tokens (default: the config's, 4 for bench-cpu)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the rows, ratios and host here")
     p.add_argument("--clock", choices=["wall", "cpu"], default="cpu",
                    help="CPU timer: this process's CPU time (default; leaves out the time spent waiting for a core "

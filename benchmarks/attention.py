@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from storm_vlm.commands import positive_int  # noqa: E402
 from storm_vlm.model.cpu_attention import ATTENTION_KERNEL_ENV, c_attention, c_layer_norm  # noqa: E402
 from storm_vlm.model.ssm import cpu_kernel  # noqa: E402
 from storm_vlm.perf.allocator import tune_cpu_allocator  # noqa: E402
@@ -96,8 +97,8 @@ def models(repeats: int) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--quick", action="store_true", help="bench-cpu shapes only")
     p.add_argument("--models", action="store_true", help="also the bench-cpu model's tower and LLM prefill, on / off")
     args = p.parse_args(argv)

@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from storm_vlm.commands import non_negative_int  # noqa: E402
 from storm_vlm.perf.costmodel import (  # noqa: E402
     A100_80GB,
     DEFAULT_COMPRESSIONS,
@@ -34,8 +35,8 @@ from storm_vlm.perf.profiler import load_model_config  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--frames", default="32,64,128,256,512")
-    p.add_argument("--text-tokens", type=int, default=64)
-    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--text-tokens", type=non_negative_int, default=64)
+    p.add_argument("--decode-tokens", type=non_negative_int, default=16)
     p.add_argument("--causal", action="store_true",
                    help="count causal attention (lower triangle) instead of dense")
     p.add_argument("--bench-config", default=str(ROOT / "configs" / "bench-cpu.yaml"))

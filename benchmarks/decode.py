@@ -33,6 +33,7 @@ import time
 
 import _profile_common as common
 
+from storm_vlm.commands import int_list, positive_int
 from storm_vlm.model.decode import decode_step_path
 from storm_vlm.model.fast_paths import enable_fast_paths
 from storm_vlm.perf.costmodel import A100_80GB, DEFAULT_COMPRESSIONS, decode_bounds, decode_cost, pipeline_cost, real_config
@@ -42,11 +43,12 @@ from storm_vlm.perf.profiler import Clock, decode_steps, prefill_video
 
 def main(argv=None) -> int:
     p = common.parser(__doc__.splitlines()[0], repeats=4, warmup=1)
-    p.add_argument("--frames", default="32,64,128,256", help="frame counts of the uncompressed caches")
-    p.add_argument("--tokens", type=int, default=16, help="decode steps per round (default: 16)")
+    p.add_argument("--frames", type=int_list, default=[32, 64, 128, 256],
+                   help="frame counts of the uncompressed caches (default: 32,64,128,256)")
+    p.add_argument("--tokens", type=positive_int, default=16, help="decode steps per round (default: 16)")
     p.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
     args = p.parse_args(argv)
-    frames = [int(x) for x in args.frames.split(",")]
+    frames = args.frames
     model, source, defaults = common.load(args)
     s = common.settings(args, defaults, frames, [DEFAULT_COMPRESSIONS[1]], decode_tokens=args.tokens)
     model = common.prepare_model(model, s)

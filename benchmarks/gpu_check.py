@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
 
+from storm_vlm.commands import positive_int  # noqa: E402
 from storm_vlm.model.configuration import StormConfig  # noqa: E402
 from storm_vlm.model.modeling import StormForConditionalGeneration  # noqa: E402
 from storm_vlm.model.ssm import scan as scan_module  # noqa: E402
@@ -248,7 +249,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output", default="runs/gpu_check/gpu_check.json")
     p.add_argument("--frames", default="32,128,256")
-    p.add_argument("--llm-layers", type=int, default=None,
+    p.add_argument("--llm-layers", type=positive_int, default=None,
                    help="Qwen2-7B layers to build (default: all 28 where the GPU has >= 64 GiB, fewer below)")
     p.add_argument("--budget-s", type=float, default=540, help="time left for these checks (the NCCL step's limit)")
     p.add_argument("--dry-run", action="store_true", help="every step on CPU at tiny sizes (no NCCL)")

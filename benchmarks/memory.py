@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import _profile_common as common
 
+from storm_vlm.commands import non_negative_int, positive_int
 from storm_vlm.perf.costmodel import DEFAULT_COMPRESSIONS, param_counts, pipeline_cost, real_config
 from storm_vlm.perf.profiler import profile_row
 
 
 def main(argv=None) -> int:
     p = common.parser(__doc__.splitlines()[0], repeats=1, warmup=0)
-    p.add_argument("--frames", type=int, default=512)
-    p.add_argument("--compression", type=int, default=4, choices=[1, 4, 8])
-    p.add_argument("--tokens", type=int, default=4, help="tokens decoded (default: 4)")
+    p.add_argument("--frames", type=positive_int, default=512)
+    p.add_argument("--compression", type=positive_int, default=4, choices=[1, 4, 8])
+    p.add_argument("--tokens", type=non_negative_int, default=4, help="tokens decoded (default: 4)")
     args = p.parse_args(argv)
     model, source, defaults = common.load(args)
     comp = DEFAULT_COMPRESSIONS[args.compression]

@@ -53,6 +53,7 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration,
 )
 
+from storm_vlm.commands import int_list, non_negative_int, positive_int
 from storm_vlm.inference import prepare_for_inference
 from storm_vlm.model.configuration import StormConfig
 from storm_vlm.model.fast_paths import enable_fast_paths
@@ -239,22 +240,22 @@ def format_rows(result: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--frames", default="4,8,16,32,64,128,256")
-    p.add_argument("--repeats", type=int, default=2, help="timed rounds per frame count (default 2)")
-    p.add_argument("--guard-repeats", type=int, default=5,
+    p.add_argument("--frames", type=int_list, default=[4, 8, 16, 32, 64, 128, 256])
+    p.add_argument("--repeats", type=positive_int, default=2, help="timed rounds per frame count (default 2)")
+    p.add_argument("--guard-repeats", type=positive_int, default=5,
                    help="timed rounds at the guards' frame count, at least (default 5: the guards sit within a "
                         "few percent of 1 and 2.5, closer than one round's noise on a shared machine)")
-    p.add_argument("--decode-tokens", type=int, default=8)
+    p.add_argument("--decode-tokens", type=non_negative_int, default=8)
     p.add_argument("--tiny", action="store_true", help="the tests' tiny widths instead of bench-cpu")
     p.add_argument("--config", default=None, help="a profile YAML (default configs/bench-cpu.yaml)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--clock", choices=["wall", "cpu"], default="cpu")
     p.add_argument("--precision", "--dtype", dest="precision", type=common.precision_name, default="float32",
                    help=f"{common.PRECISION_HELP} (default: float32)")
     p.add_argument("--output", default="runs/peers", help="folder for peers.json, peers.txt, peers.png")
     p.add_argument("--no-guards", action="store_true", help="report the guards but always exit 0")
     args = p.parse_args(argv)
-    frames = [int(x) for x in args.frames.split(",")]
+    frames = args.frames
     torch.set_num_threads(args.threads)
     common.tune_cpu_allocator()
     fields, text_tokens = storm_config(args.tiny, args.config)

@@ -41,6 +41,7 @@ import tempfile
 import time
 
 import _profile_common  # noqa: F401  (puts src/ on sys.path)
+from storm_vlm.commands import positive_int
 from storm_vlm.perf.host import host_summary, load_line, proc_status_kb, reset_peak_rss
 from storm_vlm.perf.profiler import Clock
 
@@ -303,8 +304,8 @@ def _mambapy_installed():
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dims", type=int, nargs="+", default=[1024, 2048])
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--dims", type=positive_int, nargs="+", default=[1024, 2048])
+    p.add_argument("--lengths", type=positive_int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--threads", nargs="+", default=["default", "1"])
     p.add_argument("--quick", action="store_true", help="d_inner 1024 and 2048 at L 1024 only")
     p.add_argument("--json", help="also write the results here (atomically)")

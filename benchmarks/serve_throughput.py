@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from storm_vlm.commands import positive_int
 from storm_vlm.demo.synth import pick_codec, write_mp4
 from storm_vlm.demo.synth_tasks import render_transient
 from storm_vlm.demo.tiny import build_tiny_model
@@ -67,10 +68,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model_dir", nargs="?", help="a STORM model folder (default: random weights, see BENCH_PARTS)")
     p.add_argument("--clients", default="1,4,8", help="concurrent clients per row (default: 1,4,8)")
-    p.add_argument("--requests", type=int, default=8, help="questions per client (default: 8)")
-    p.add_argument("--frames", type=int, default=32, help="frames per video (default: 32)")
-    p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    p.add_argument("--requests", type=positive_int, default=8, help="questions per client (default: 8)")
+    p.add_argument("--frames", type=positive_int, default=32, help="frames per video (default: 32)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=8)
+    p.add_argument("--threads", type=positive_int, default=torch.get_num_threads(), help="torch threads")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="storm-serve-bench-"))

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from storm_vlm.commands import positive_int
+
 
 def train(out: Path) -> Path:
     """Train the tiny causal model with the demo's recipe; returns its final folder."""
@@ -74,10 +76,11 @@ def main(argv=None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a trained STORM model folder with a causal projector")
     src.add_argument("--train", metavar="OUT", help="train the tiny causal model under OUT first")
-    p.add_argument("--frames", type=int, default=512, help="frames of each long video (default 512)")
-    p.add_argument("--window", type=int, default=60, help="early / recent: within this many frames of an end (60)")
-    p.add_argument("--videos", type=int, default=40, help="videos per position, early and recent (default 40)")
-    p.add_argument("--budget", type=int, default=None, help="visual tokens (default: 128 frames' worth)")
+    p.add_argument("--frames", type=positive_int, default=512, help="frames of each long video (default 512)")
+    p.add_argument("--window", type=positive_int, default=60,
+                   help="early / recent: within this many frames of an end (60)")
+    p.add_argument("--videos", type=positive_int, default=40, help="videos per position, early and recent (default 40)")
+    p.add_argument("--budget", type=positive_int, default=None, help="visual tokens (default: 128 frames' worth)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results as JSON")
     args = p.parse_args(argv)

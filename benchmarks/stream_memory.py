@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from storm_vlm.commands import positive_int
+
 
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
@@ -84,9 +86,9 @@ def main(argv=None) -> int:
     p.add_argument("--fps", type=float, default=1.0, help="frames per second of video (default 1)")
     p.add_argument("--chunk-seconds", type=float, default=10.0, help="seconds of video per chunk (default 10)")
     p.add_argument("--every", type=float, default=10.0, help="minutes of video between rows (default 10)")
-    p.add_argument("--max-visual-tokens", type=int, default=None, help="the budget (default: the stream's)")
+    p.add_argument("--max-visual-tokens", type=positive_int, default=None, help="the budget (default: the stream's)")
     p.add_argument("--memory-policy", default="resample", choices=["resample", "uniform", "window"])
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
     p.add_argument("--json", default=None, help="also write the rows as JSON")
     args = p.parse_args(argv)
 

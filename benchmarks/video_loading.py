@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from helpers import encode_video  # noqa: E402  (the tests' video writer)
+from storm_vlm.commands import positive_int  # noqa: E402
 from storm_vlm import load_video  # noqa: E402
 from storm_vlm.perf.host import host_summary, load_line  # noqa: E402
 
@@ -82,12 +83,12 @@ def decord_batch(path: str, indices: np.ndarray) -> np.ndarray:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=30)
-    parser.add_argument("--fps", type=int, default=10)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--height", type=int, default=144)
-    parser.add_argument("--gop", type=int, default=50, help="keyframe interval in frames (default 50 = 5 s)")
-    parser.add_argument("--frames", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--fps", type=positive_int, default=10)
+    parser.add_argument("--width", type=positive_int, default=256)
+    parser.add_argument("--height", type=positive_int, default=144)
+    parser.add_argument("--gop", type=positive_int, default=50, help="keyframe interval in frames (default 50 = 5 s)")
+    parser.add_argument("--frames", type=positive_int, default=128)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--video", default=None, help="cache path of the generated video")
     args = parser.parse_args(argv)
     print(host_summary())

@@ -38,6 +38,8 @@ import time
 
 import numpy as np
 
+from storm_vlm.commands import positive_int
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # helpers.py
 
 FILES = {  # name: (width, height, frames, container format)
@@ -148,7 +150,8 @@ def main(argv=None) -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "storm_video_memory"))
     parser.add_argument("--compare-src", default=None, help="a checkout's src folder to measure as 'before'")
-    parser.add_argument("--concurrent", type=int, default=6, help="threads in the concurrency rows (default 6)")
+    parser.add_argument("--concurrent", type=positive_int, default=6,
+                        help="threads in the concurrency rows (default 6)")
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))

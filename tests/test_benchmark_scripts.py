@@ -25,6 +25,25 @@ def test_every_benchmark_script_imports():
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.parametrize("script,argv,flag", [
+    ("peers", ["--frames", "4,0"], "--frames"),
+    ("peers", ["--frames", "a,b"], "--frames"),
+    ("peers", ["--threads", "0"], "--threads"),
+    ("decode", ["--frames", "-3"], "--frames"),
+    ("prefill", ["--repeats", "0"], "--repeats"),
+    ("prefill", ["--warmup", "-1"], "--warmup"),
+    ("scan", ["--lengths", "x"], "--lengths"),
+    ("video_loading", ["--frames", "0"], "--frames"),
+])
+def test_benchmarks_reject_bad_counts_with_one_error(script, argv, flag):
+    """A count out of range or not a number is one argparse error naming the flag (exit 2), before any
+    model is built, not a traceback from deep inside the run."""
+    done = subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), *argv], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"error: argument {flag}: expected" in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
 def _run_scan(*args: str) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, str(BENCHMARKS / "scan.py"), "--dims", "32", "--lengths", "64",
                            "--threads", "1", *args], capture_output=True, text=True, timeout=600)

@@ -13,18 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from storm_vlm.commands import int_list
 from storm_vlm.errors import StormError
 from storm_vlm.utils import check_int, check_model_dir
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return values
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,12 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="LLM positions to fill (default: the LLM's max_position_embeddings)")
     parser.add_argument("--minutes", type=float, default=None, metavar="M",
                         help="the video's length: frame counts are capped at --max-fps over it, and fps is shown")
-    parser.add_argument("--frames", type=_ints, default=None, metavar="N,N,...",
+    parser.add_argument("--frames", type=int_list, default=None, metavar="N,N,...",
                         help="frame counts to consider (default: powers of two from 8 to --max-frames)")
     parser.add_argument("--max-frames", type=int, default=1024, metavar="N", help="most frames considered (default 1024)")
     parser.add_argument("--max-fps", type=float, default=2.0, metavar="F",
                         help="with --minutes: never more frames than F per second of video (default 2)")
-    parser.add_argument("--strides", type=_ints, default=[1, 2, 4, 8], metavar="S,S,...",
+    parser.add_argument("--strides", type=int_list, default=[1, 2, 4, 8], metavar="S,S,...",
                         help="test-time temporal sampling strides (default 1,2,4,8)")
     parser.add_argument("--text-tokens", type=int, default=128, metavar="N",
                         help="prompt text: template + question (default 128)")

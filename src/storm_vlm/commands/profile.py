@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from storm_vlm.commands import add_precision_argument
+from storm_vlm.commands import add_precision_argument, int_list
 from storm_vlm.errors import StormError
 from storm_vlm.utils import check_int
 
@@ -20,15 +20,11 @@ COMPRESSION_HELP = (
 
 
 def _int_list(text: str, flag: str) -> list[int]:
+    """`int_list` for a value that may come from the config as well as from the command line."""
     try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise StormError(f"{flag} must be comma-separated integers, got {text!r}") from None
-    if not values:
-        raise StormError(f"{flag} must be positive integers, got {text!r}")
-    for v in values:
-        check_int(flag, v, error=StormError)
-    return values
+        return int_list(text)
+    except argparse.ArgumentTypeError as exc:
+        raise StormError(f"{flag}: {exc}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
