@@ -315,7 +315,7 @@ def main(argv=None):
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="floor table: time on the wall clock or with the process's CPU time (1 thread; on a "
                         "shared machine CPU time leaves out waiting for a core)")
-    p.add_argument("--isa", nargs="+", default=[None], choices=[*_TORCH_ISA, None],
+    p.add_argument("--isa", nargs="+", default=[None], choices=list(_TORCH_ISA),
                    help="kernel paths for the floor table (STORM_VLM_SCAN_ISA: avx512bf16, avx512, avx2, generic); "
                         "default: the one this CPU selects")
     p.add_argument("--worker", help=argparse.SUPPRESS)
