@@ -54,15 +54,11 @@ def _run_scan(*args: str) -> subprocess.CompletedProcess:
     return done
 
 
-def test_scan_benchmark_floor_check_runs_at_a_tiny_size():
-    """`make bench`'s script on tiny shapes: its helpers run in subprocesses an import does not reach."""
-    assert "fast/floor" in _run_scan("--floor-check-only").stdout
-
-
-def test_scan_floor_of_a_forced_path_is_measured_at_its_instruction_set():
-    """A narrower kernel path is held to a floor timed with torch's kernels at that instruction set."""
+def test_scan_benchmark_floor_check_of_a_forced_path_runs_at_a_tiny_size():
+    """`make bench`'s script on tiny shapes (its helpers run in subprocesses an import does not reach): a
+    narrower kernel path is held to a floor timed with torch's kernels at that instruction set."""
     out = _run_scan("--floor-check-only", "--isa", "generic").stdout
-    assert "generic x4 (torch DEFAULT)" in out, out[-2000:]
+    assert "fast/floor" in out and "generic x4 (torch DEFAULT)" in out, out[-2000:]
 
 
 @pytest.mark.slow
