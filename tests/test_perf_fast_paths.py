@@ -403,12 +403,19 @@ def test_c_decode_step_steps_aside_for_batches(kernel_steps):
     assert kernel_steps and not any(kernel_steps)
 
 
-def test_c_decode_step_under_bf16_autocast(kernel_steps):
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+def test_c_decode_step_under_bf16_autocast(isa, monkeypatch, kernel_steps):
     """The bfloat16 precision on CPU (fp32 weights under bf16 autocast) leaves part of the KV cache in
-    bf16: the C step reads it as such and computes in float32. Against the model's fp32 forward on the
-    same cache: logits within bf16 rounding of the one new value, that value stored as torch rounds it."""
+    bf16: the C step reads it as such and computes in float32, its scores on q and k rounded to bf16 as
+    SDPA's bf16 attention takes them (the keys kept as bf16 pairs: AVX512-BF16 dot products, or widened).
+    On each ISA path, against the model's fp32 forward on the same cache: logits within bf16 rounding
+    of the one new value, that value stored as torch rounds it."""
+    use_kernel_library(monkeypatch, isa)
     model = build_random_model(StormConfig(**TINY), seed=3)
-    ids = torch.randint(0, 60, (1, 9), generator=torch.Generator().manual_seed(2))
+    for layer in model.language_model.model.layers:  # scores far from 0, so attention is not near uniform and
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):  # a wrong key or query shows in the logits
+            proj.weight.data *= 8
+    ids = torch.randint(0, 60, (1, 40), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(input_ids=ids, use_cache=True)
     cache, tok = out.cache, out.logits[:, -1:].argmax(-1)
@@ -418,13 +425,14 @@ def test_c_decode_step_under_bf16_autocast(kernel_steps):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             fast = model(input_ids=tok, cache=cache, use_cache=True).logits
         assert kernel_steps == [True] and fast.dtype == torch.float32
+        assert all(layer._keys_t.dtype == torch.int32 for layer in cache.layers)  # bf16 pairs
         for layer in ref_cache.layers:  # the same cached values, in float32
             layer.keys, layer.values = layer.keys.float(), layer.values.float()
         enable_fast_paths(model, decode=False)
         ref = model(input_ids=tok, cache=ref_cache, use_cache=True).logits
     torch.testing.assert_close(fast, ref.float(), rtol=1e-3, atol=1e-3)
     for layer, ref_layer in zip(cache.layers, ref_cache.layers):
-        assert layer.keys.shape[2] == ref_layer.keys.shape[2] == 10
+        assert layer.keys.shape[2] == ref_layer.keys.shape[2] == 41
         for t, r in ((layer.keys, ref_layer.keys), (layer.values, ref_layer.values)):
             torch.testing.assert_close(t[:, :, -1].float(), r[:, :, -1].to(t.dtype).float(), rtol=1e-2, atol=1e-2)
     enable_fast_paths(model, decode_kernel=False)  # the tensor path takes float32 caches only: it steps aside

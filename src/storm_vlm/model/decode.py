@@ -315,11 +315,15 @@ class DecodeStep:
                           and vb.dtype == vb0.dtype for kb, vb in bufs))
         plan = None
         if usable:
-            kts = [layer.transposed_keys(lanes) for layer in cache.layers]  # may start new ones
+            # bf16 values: a prefill under bf16 autocast, whose attention multiplies q and k rounded to bf16
+            # (SDPA casts them), as the step's scores then do, on keys kept as bf16 pairs
+            pairs = vb0.dtype == torch.bfloat16
+            kts = [layer.transposed_keys(lanes, pairs) for layer in cache.layers]  # may start new ones
             key = (lanes, [layer.generation for layer in cache.layers])
             plan = ((ctypes.c_void_p * (2 * len(bufs)))(*[t.data_ptr() for pair in bufs for t in pair]),
                     (ctypes.c_void_p * len(kts))(*[t.data_ptr() for t in kts]), kts[0].stride(0),
-                    kb0.stride(1), kb0.stride(2), (kb0.dtype == torch.bfloat16) | (vb0.dtype == torch.bfloat16) << 1)
+                    kb0.stride(1), kb0.stride(2),
+                    (kb0.dtype == torch.bfloat16) | (vb0.dtype == torch.bfloat16) << 1 | pairs << 2)
         _C_PLANS[cache] = (key, plan)
         return plan
 

@@ -48,7 +48,7 @@ class GrowingKVLayer(DynamicLayer):
     `advance` only counts: the views `keys` / `values` are made when next read (a decode step on
     every layer would otherwise make two views per layer per token, a sizeable share of a step's
     overhead). For the C decode step the layer also keeps its keys in that step's layout
-    (`transposed_keys`, float32: as much memory again as float32 keys), filled by the step itself:
+    (`transposed_keys`: as much memory again as float32 keys, half under bf16 autocast), filled by the step itself:
     positions from `_keys_t_len` on are (re)copied at the next step (which then sets the mark), so
     every writer of keys moves that mark back to where it writes (`update`, `reserve`, a new
     buffer). `generation` changes whenever the buffers do.
@@ -75,14 +75,18 @@ class GrowingKVLayer(DynamicLayer):
         self._keys_t, self._keys_t_len = None, 0  # a new buffer: the transposed keys start over
         self.generation = next(_BUFFER_GENERATIONS)
 
-    def transposed_keys(self, lanes: int) -> torch.Tensor:
+    def transposed_keys(self, lanes: int, pairs: bool = False) -> torch.Tensor:
         """The key buffer (1, H, capacity, hd) laid out for the C decode step as float32
-        (H, ceil(capacity / lanes), hd, lanes) — `lanes` positions per block, component-major; its
-        first `_keys_t_len` positions hold the current keys. Call after `reserve`."""
+        (H, ceil(capacity / lanes), hd, lanes) — `lanes` positions per block, component-major — or,
+        with `pairs` (scores on bf16 q and k), as int32 (H, ceil(capacity / lanes), ceil(hd / 2), lanes),
+        each a pair of consecutive components in bf16; its first `_keys_t_len` positions hold the
+        current keys. Call after `reserve`."""
         kb = self._key_buf
-        shape = (kb.shape[1], -(-kb.shape[2] // lanes), kb.shape[3], lanes)
-        if self._keys_t is None or self._keys_t.shape != shape:
-            self._keys_t = torch.zeros(shape, dtype=torch.float32, device=kb.device)
+        blocks = -(-kb.shape[2] // lanes)
+        shape = (kb.shape[1], blocks, -(-kb.shape[3] // 2), lanes) if pairs else (kb.shape[1], blocks, kb.shape[3], lanes)
+        dtype = torch.int32 if pairs else torch.float32
+        if self._keys_t is None or self._keys_t.shape != shape or self._keys_t.dtype != dtype:
+            self._keys_t = torch.zeros(shape, dtype=dtype, device=kb.device)
             self._keys_t_len = 0
             self.generation = next(_BUFFER_GENERATIONS)
         return self._keys_t

@@ -106,6 +106,27 @@ static void transpose_keys(const void *K, int kbf16, int64_t off, int64_t st, in
     }
 }
 
+/* Keys for scores on bf16 q and k (under bf16 autocast: what SDPA's bf16 attention multiplies), as bf16
+ * pairs: block b of KV head g holds hd2 = ceil(hd / 2) rows of LANES pairs, row c2 lane i the pair
+ * (component 2 c2, component 2 c2 + 1) of position b * LANES + i, each rounded to bf16 (an odd hd's last
+ * pair padded with 0). Half the bytes of transpose_keys' float32, and a row of pairs is one operand of
+ * AVX512-BF16's dot product. */
+static inline uint32_t bf16_pair(float lo, float hi) {
+    return (uint32_t)f32_to_bf16(lo) | (uint32_t)f32_to_bf16(hi) << 16;
+}
+
+static void transpose_key_pairs(const void *K, int kbf16, int64_t off, int64_t st, int64_t from, int64_t T,
+                                int64_t hd, uint32_t *kt) {
+    const int64_t hd2 = (hd + 1) / 2;
+    for (int64_t t = from; t < T; t++) {
+        uint32_t *dst = kt + t / LANES * hd2 * LANES + t % LANES;
+        const int64_t row = off + t * st;
+        for (int64_t c = 0; c < hd2; c++)
+            dst[c * LANES] = bf16_pair(wide_at(K, row + 2 * c, kbf16),
+                                       2 * c + 1 < hd ? wide_at(K, row + 2 * c + 1, kbf16) : 0.0f);
+    }
+}
+
 #define VALUE_BLOCK 64 /* positions of values summed per pass over the heads: 8 KB of float32 at hd 32 */
 #define GROUP_MAX (LANES == 16 ? 8 : 4) /* query heads whose sums stay in the vector registers together */
 #define PREFETCH_BYTES 4096 /* how far ahead of its use a key block is prefetched */
@@ -131,6 +152,42 @@ static void transpose_keys(const void *K, int kbf16, int64_t off, int64_t st, in
         for (; c < hd; c++) {                                                                             \
             const vf k = loadu(kb + c * LANES);                                                           \
             for (int j = 0; j < NH; j++) a[0][j] += q[j * hd + c] * k;                                    \
+        }                                                                                                 \
+        for (int j = 0; j < NH; j++) {                                                                    \
+            vf sum = a[0][j];                                                                             \
+            for (int u = 1; u < CH; u++) sum += a[u][j];                                                  \
+            storeu(s + j * Tp, sum * scaling);                                                            \
+        }                                                                                                 \
+    }
+
+/* a += the products of the LANES key pairs k with the query pair q, summed in float32: one AVX512-BF16
+ * dot product, or widened (a pair's low half is its even component, its high half its odd one) */
+#ifdef __AVX512BF16__
+#define PAIR_MADD(a, k, q) ((a) = (vf)_mm512_dpbf16_ps((__m512)(a), (__m512bh)(k), (__m512bh)_mm512_set1_epi32((int)(q))))
+#else
+#define PAIR_MADD(a, k, q) \
+    ((a) += (vf)((k) << 16) * bf16_to_f32((uint16_t)(q)) + (vf)((k) & 0xffff0000u) * bf16_to_f32((uint16_t)((q) >> 16)))
+#endif
+
+/* scores_pairs_NH: scores_NH on bf16 pairs: q2 (NH heads, hd2 pairs), the block kb as transpose_key_pairs
+ * lays it out (hd2, LANES) */
+#define SCORES_PAIRS(NH, CH)                                                                              \
+    static void scores_pairs_##NH(const uint32_t *q2, const uint32_t *kb, int64_t hd2, float scaling,      \
+                                  float *s, int64_t Tp) {                                                 \
+        vf a[CH][NH];                                                                                     \
+        for (int u = 0; u < CH; u++)                                                                      \
+            for (int j = 0; j < NH; j++) a[u][j] = splat(0.0f);                                           \
+        int64_t c = 0;                                                                                    \
+        for (; c + CH <= hd2; c += CH)                                                                    \
+            for (int u = 0; u < CH; u++) {                                                                \
+                vu k;                                                                                     \
+                memcpy(&k, kb + (c + u) * LANES, sizeof k);                                               \
+                for (int j = 0; j < NH; j++) PAIR_MADD(a[u][j], k, q2[j * hd2 + c + u]);                  \
+            }                                                                                             \
+        for (; c < hd2; c++) {                                                                            \
+            vu k;                                                                                         \
+            memcpy(&k, kb + c * LANES, sizeof k);                                                         \
+            for (int j = 0; j < NH; j++) PAIR_MADD(a[0][j], k, q2[j * hd2 + c]);                          \
         }                                                                                                 \
         for (int j = 0; j < NH; j++) {                                                                    \
             vf sum = a[0][j];                                                                             \
@@ -178,17 +235,27 @@ static void transpose_keys(const void *K, int kbf16, int64_t off, int64_t st, in
     }
 
 SCORES(1, 4) SCORES(2, 2) SCORES(3, 2) SCORES(4, 1)
+SCORES_PAIRS(1, 4) SCORES_PAIRS(2, 2) SCORES_PAIRS(3, 2) SCORES_PAIRS(4, 1)
 VALUES(1, 2) VALUES(2, 1) VALUES(3, 1) VALUES(4, 1)
 #if GROUP_MAX == 8
 SCORES(5, 1) SCORES(6, 1) SCORES(7, 1) SCORES(8, 1)
+SCORES_PAIRS(5, 1) SCORES_PAIRS(6, 1) SCORES_PAIRS(7, 1) SCORES_PAIRS(8, 1)
 VALUES(5, 1) VALUES(6, 1) VALUES(7, 1) VALUES(8, 1)
 #endif
 typedef void (*scores_fn)(const float *, const float *, int64_t, float, float *, int64_t);
+typedef void (*scores_pairs_fn)(const uint32_t *, const uint32_t *, int64_t, float, float *, int64_t);
 typedef void (*values_fn)(const float *, int64_t, const void *, int, int64_t, int64_t, int64_t, int64_t, int64_t,
                           int, float *, int64_t);
 static const scores_fn SCORES_FOR[GROUP_MAX] = {scores_1, scores_2, scores_3, scores_4,
 #if GROUP_MAX == 8
                                                 scores_5, scores_6, scores_7, scores_8
+#endif
+};
+static const scores_pairs_fn SCORES_PAIRS_FOR[GROUP_MAX] = {scores_pairs_1, scores_pairs_2, scores_pairs_3,
+                                                             scores_pairs_4,
+#if GROUP_MAX == 8
+                                                             scores_pairs_5, scores_pairs_6, scores_pairs_7,
+                                                             scores_pairs_8
 #endif
 };
 static const values_fn VALUES_FOR[GROUP_MAX] = {values_1, values_2, values_3, values_4,
@@ -197,32 +264,49 @@ static const values_fn VALUES_FOR[GROUP_MAX] = {values_1, values_2, values_3, va
 #endif
 };
 
+/* Floats of scratch one thread's `attend` takes: r * (T rounded up to LANES) scores, r sums, the r query
+ * heads as bf16 pairs (hd floats' room each). */
+static int64_t attend_scratch(int64_t r, int64_t T, int64_t hd) {
+    return r * ((T + LANES - 1) / LANES * LANES + 1 + hd);
+}
+
 /* Grouped-query attention of one token over T cached positions. q, out (heads, hd); KT: the keys as
- * transpose_keys lays them out, KV head g from element g * ktg; V: KV head g, position t at element
+ * transpose_keys lays them out (float32), or with `pairs` as transpose_key_pairs does (the scores then
+ * multiply q and k rounded to bf16), KV head g from 4-byte word g * ktg; V: KV head g, position t at element
  * g * sg + t * st (hd contiguous), float32 or bfloat16 (vbf16). Each KV head's keys and values are
  * read once from memory for its r query heads, in groups of up to GROUP_MAX heads (the keys one block
  * at a time, prefetched PREFETCH_BYTES ahead: the score loop's work per byte is too small for the
  * hardware prefetcher alone to keep the stream ahead; the values in blocks of VALUE_BLOCK positions
  * that stay in cache across the groups). Only query heads h0 <= head < h1 (a thread's share).
- * scores: r * (T rounded up to LANES) + r floats of scratch. */
-static void attend(const float *q, const float *KT, int64_t ktg, const void *V, int vbf16, int64_t sg, int64_t st,
-                   int64_t T, int64_t heads, int64_t kv_heads, int64_t hd, float scaling, float *scores, float *out,
-                   int64_t h0, int64_t h1) {
-    const int64_t r = heads / kv_heads, blocks = (T + LANES - 1) / LANES, Tp = blocks * LANES;
-    const int64_t block_floats = hd * LANES, ahead = (PREFETCH_BYTES / 4 + block_floats - 1) / block_floats;
+ * scores: attend_scratch(r, T, hd) floats. */
+static void attend(const float *q, const void *KT, int pairs, int64_t ktg, const void *V, int vbf16, int64_t sg,
+                   int64_t st, int64_t T, int64_t heads, int64_t kv_heads, int64_t hd, float scaling, float *scores,
+                   float *out, int64_t h0, int64_t h1) {
+    const int64_t r = heads / kv_heads, blocks = (T + LANES - 1) / LANES, Tp = blocks * LANES, hd2 = (hd + 1) / 2;
+    const int64_t block = (pairs ? hd2 : hd) * LANES; /* 4-byte words: floats, or pairs */
+    const int64_t ahead = (PREFETCH_BYTES / 4 + block - 1) / block;
     float *sums = scores + r * Tp;
+    uint32_t *q2 = (uint32_t *)(sums + r);
     for (int64_t g = 0; g < kv_heads; g++) {
         const float *qg = q + g * r * hd;
         float *og = out + g * r * hd;
         const int64_t j0 = h0 - g * r > 0 ? h0 - g * r : 0, j1 = h1 - g * r < r ? h1 - g * r : r;
         if (j0 >= j1) continue;
-        const float *kg = KT + g * ktg;
+        const float *kg = (const float *)KT + g * ktg;
+        if (pairs)
+            for (int64_t j = j0; j < j1; j++)
+                for (int64_t c = 0; c < hd2; c++)
+                    q2[j * hd2 + c] = bf16_pair(qg[j * hd + 2 * c], 2 * c + 1 < hd ? qg[j * hd + 2 * c + 1] : 0.0f);
         for (int64_t b = 0; b < blocks; b++) {
             if (b + ahead < blocks)
-                for (int64_t i = 0; i < block_floats; i += 16) __builtin_prefetch(kg + (b + ahead) * block_floats + i);
+                for (int64_t i = 0; i < block; i += 16) __builtin_prefetch(kg + (b + ahead) * block + i);
             for (int64_t j = j0; j < j1; j += GROUP_MAX) {
                 const int64_t n = j1 - j < GROUP_MAX ? j1 - j : GROUP_MAX;
-                SCORES_FOR[n - 1](qg + j * hd, kg + b * block_floats, hd, scaling, scores + j * Tp + b * LANES, Tp);
+                if (pairs)
+                    SCORES_PAIRS_FOR[n - 1](q2 + j * hd2, (const uint32_t *)kg + b * block, hd2, scaling,
+                                            scores + j * Tp + b * LANES, Tp);
+                else
+                    SCORES_FOR[n - 1](qg + j * hd, kg + b * block, hd, scaling, scores + j * Tp + b * LANES, Tp);
             }
         }
         for (int64_t j = j0; j < j1; j++) sums[j] = exp_shifted(scores + j * Tp, T);
@@ -253,9 +337,7 @@ static void attend(const float *q, const float *KT, int64_t ktg, const void *V, 
 /* Floats of scratch storm_decode_f32 needs for a cache of T positions and `threads` threads. */
 int64_t storm_decode_scratch(int64_t d, int64_t heads, int64_t kv_heads, int64_t hd, int64_t inter, int64_t T,
                              int64_t threads) {
-    const int64_t r = heads / kv_heads;
-    return 2 * d + (heads + 2 * kv_heads) * hd + heads * hd + 2 * inter
-           + threads * (r * ((T + LANES - 1) / LANES * LANES) + r);
+    return 2 * d + (heads + 2 * kv_heads) * hd + heads * hd + 2 * inter + threads * attend_scratch(heads / kv_heads, T, hd);
 }
 
 /* A sense-reversing spin barrier for the step's threads (one wait per product: microseconds apart, so
@@ -289,7 +371,7 @@ typedef struct {
     const void *head_w, *head_b;
     const void *const *w;
     void *const *kv;
-    float *const *kt;
+    void *const *kt;
     float *logits, *scratch;
     int kv_bf16, w_bf16, head_bf16, threads;
     spin_barrier barrier;
@@ -313,13 +395,14 @@ static void step_run(step_args *a, int tid) {
     const int64_t d = a->d, heads = a->heads, kv_heads = a->kv_heads, hd = a->hd, inter = a->inter;
     const int64_t nq = heads * hd, nk = kv_heads * hd, T = a->pos + 1, r = heads / kv_heads;
     float *h = a->scratch, *x = h + d, *qkv = x + d, *att = qkv + nq + 2 * nk, *gu = att + nq;
-    float *scores = gu + 2 * inter + tid * (r * ((T + LANES - 1) / LANES * LANES) + r);
+    float *scores = gu + 2 * inter + tid * attend_scratch(r, T, hd);
     const int64_t h0 = heads * tid / a->threads, h1 = heads * (tid + 1) / a->threads;
     int sense = 0;
     const void *const *w = a->w;
     const int wb = a->w_bf16;
     void *const *kv = a->kv;
-    float *const *kt = a->kt;
+    void *const *kt = a->kt;
+    const int pairs = (a->kv_bf16 & 4) != 0;
     for (int64_t l = 0; l < a->layers; l++, w += 16, kv += 2, kt++) {
         if (tid == 0) storm_rms_norm_f32(h, w[0], a->eps, x, d, 0, 1);
         barrier_wait(&a->barrier, &sense);
@@ -332,12 +415,17 @@ static void step_run(step_args *a, int tid) {
             for (int64_t g = 0; g < kv_heads; g++) {
                 store_kv(kv[0], g * a->sg + a->pos * a->st, qkv + nq + g * hd, hd, a->kv_bf16 & 1);
                 store_kv(kv[1], g * a->sg + a->pos * a->st, qkv + nq + nk + g * hd, hd, a->kv_bf16 & 2);
-                transpose_keys(kv[0], a->kv_bf16 & 1, g * a->sg, a->st, a->kt_from, T, hd, kt[0] + g * a->ktg);
+                if (pairs)
+                    transpose_key_pairs(kv[0], a->kv_bf16 & 1, g * a->sg, a->st, a->kt_from, T, hd,
+                                        (uint32_t *)kt[0] + g * a->ktg);
+                else
+                    transpose_keys(kv[0], a->kv_bf16 & 1, g * a->sg, a->st, a->kt_from, T, hd,
+                                   (float *)kt[0] + g * a->ktg);
             }
         }
         barrier_wait(&a->barrier, &sense);
-        attend(qkv, kt[0], a->ktg, kv[1], a->kv_bf16 & 2, a->sg, a->st, T, heads, kv_heads, hd, a->scaling, scores,
-               att, h0, h1);
+        attend(qkv, kt[0], pairs, a->ktg, kv[1], a->kv_bf16 & 2, a->sg, a->st, T, heads, kv_heads, hd, a->scaling,
+               scores, att, h0, h1);
         barrier_wait(&a->barrier, &sense);
         gemv_part(a, tid, att, w[8], w[9], h, nq, d, 1, wb);
         barrier_wait(&a->barrier, &sense);
@@ -382,8 +470,10 @@ static void *step_thread_main(void *p) {
  *   kv: 2 pointers per layer, the key and the value buffer, both with element strides sg (KV head)
  *      and st (position), hd contiguous; float32, or bfloat16 where bit 0 (keys) / bit 1 (values) of
  *      kv_bf16 is set (under bf16 autocast the keys come out of the rotary embedding in float32);
- *   kt: 1 pointer per layer, its keys as transpose_keys lays them out (float32), KV head g from element
- *      g * ktg, with room for position pos; positions 0..kt_from-1 already there, the rest copied here;
+ *   kt: 1 pointer per layer, its keys as transpose_keys lays them out (float32), or, where bit 2 of kv_bf16
+ *      is set, as transpose_key_pairs does (the scores then on q and k rounded to bf16, as SDPA's bf16
+ *      attention under autocast), KV head g from 4-byte word g * ktg, with room for position pos;
+ *      positions 0..kt_from-1 already there, the rest copied here;
  *   cos, sin (hd): the rotary embedding at `pos`, as the model's rotary module returns it;
  *   norm_w (d), norm_eps, head_w (vocab, d), head_b (vocab) or NULL: the final RMSNorm and the LM head,
  *      whose product of h goes to logits (vocab); head_w and head_b float32, or bfloat16 with head_bf16;
@@ -393,7 +483,7 @@ int storm_decode_f32(int64_t layers, int64_t d, int64_t heads, int64_t kv_heads,
                      float eps, float scaling, int64_t pos, const float *embed, int64_t token,
                      const float *cos, const float *sin,
                      const void *const *w, int w_bf16, void *const *kv, int64_t sg, int64_t st, int kv_bf16,
-                     float *const *kt, int64_t ktg, int64_t kt_from, const float *norm_w, float norm_eps,
+                     void *const *kt, int64_t ktg, int64_t kt_from, const float *norm_w, float norm_eps,
                      const void *head_w, const void *head_b, int head_bf16, int64_t vocab, float *logits,
                      float *scratch, int threads) {
     if (threads < 1) threads = 1;
