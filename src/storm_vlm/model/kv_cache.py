@@ -48,10 +48,10 @@ class GrowingKVLayer(DynamicLayer):
     `advance` only counts: the views `keys` / `values` are made when next read (a decode step on
     every layer would otherwise make two views per layer per token, a sizeable share of a step's
     overhead). For the C decode step the layer also keeps its keys in that step's layout
-    (`transposed_keys`: as much memory again as float32 keys, half under bf16 autocast), filled by the step itself:
-    positions from `_keys_t_len` on are (re)copied at the next step (which then sets the mark), so
-    every writer of keys moves that mark back to where it writes (`update`, `reserve`, a new
-    buffer). `generation` changes whenever the buffers do.
+    (`transposed_keys`: as much memory again as float32 keys, half that under bf16 autocast), filled by
+    the step itself: positions from `_keys_t_len` on are (re)copied at the next step (which then sets
+    the mark), so every writer of keys moves that mark back to where it writes (`update`, `reserve`, a
+    new buffer). `generation` changes whenever the buffers do.
     """
 
     _pending: int | None = None  # set by `advance`: `keys` / `values` are views of this length, not made yet
@@ -83,7 +83,8 @@ class GrowingKVLayer(DynamicLayer):
         current keys. Call after `reserve`."""
         kb = self._key_buf
         blocks = -(-kb.shape[2] // lanes)
-        shape = (kb.shape[1], blocks, -(-kb.shape[3] // 2), lanes) if pairs else (kb.shape[1], blocks, kb.shape[3], lanes)
+        components = -(-kb.shape[3] // 2) if pairs else kb.shape[3]
+        shape = (kb.shape[1], blocks, components, lanes)
         dtype = torch.int32 if pairs else torch.float32
         if self._keys_t is None or self._keys_t.shape != shape or self._keys_t.dtype != dtype:
             self._keys_t = torch.zeros(shape, dtype=dtype, device=kb.device)

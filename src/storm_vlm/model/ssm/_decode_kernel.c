@@ -163,10 +163,12 @@ static void transpose_key_pairs(const void *K, int kbf16, int64_t off, int64_t s
 /* a += the products of the LANES key pairs k with the query pair q, summed in float32: one AVX512-BF16
  * dot product, or widened (a pair's low half is its even component, its high half its odd one) */
 #ifdef __AVX512BF16__
-#define PAIR_MADD(a, k, q) ((a) = (vf)_mm512_dpbf16_ps((__m512)(a), (__m512bh)(k), (__m512bh)_mm512_set1_epi32((int)(q))))
-#else
 #define PAIR_MADD(a, k, q) \
-    ((a) += (vf)((k) << 16) * bf16_to_f32((uint16_t)(q)) + (vf)((k) & 0xffff0000u) * bf16_to_f32((uint16_t)((q) >> 16)))
+    ((a) = (vf)_mm512_dpbf16_ps((__m512)(a), (__m512bh)(k), (__m512bh)_mm512_set1_epi32((int)(q))))
+#else
+#define PAIR_MADD(a, k, q)                                              \
+    ((a) += (vf)((k) << 16) * bf16_to_f32((uint16_t)(q))                \
+            + (vf)((k) & 0xffff0000u) * bf16_to_f32((uint16_t)((q) >> 16)))
 #endif
 
 /* scores_pairs_NH: scores_NH on bf16 pairs: q2 (NH heads, hd2 pairs), the block kb as transpose_key_pairs
@@ -337,7 +339,8 @@ static void attend(const float *q, const void *KT, int pairs, int64_t ktg, const
 /* Floats of scratch storm_decode_f32 needs for a cache of T positions and `threads` threads. */
 int64_t storm_decode_scratch(int64_t d, int64_t heads, int64_t kv_heads, int64_t hd, int64_t inter, int64_t T,
                              int64_t threads) {
-    return 2 * d + (heads + 2 * kv_heads) * hd + heads * hd + 2 * inter + threads * attend_scratch(heads / kv_heads, T, hd);
+    return 2 * d + (heads + 2 * kv_heads) * hd + heads * hd + 2 * inter
+           + threads * attend_scratch(heads / kv_heads, T, hd);
 }
 
 /* A sense-reversing spin barrier for the step's threads (one wait per product: microseconds apart, so
