@@ -106,25 +106,26 @@ static void transpose_keys(const void *K, int kbf16, int64_t off, int64_t st, in
     }
 }
 
+/* the hd components of x from element `off` (float32, or bfloat16 with xbf16) as ceil(hd / 2) bf16 pairs,
+ * the low half the even component, at dst, dst + stride, ... (an odd hd's last pair padded with 0) */
+static void to_pairs(const void *x, int64_t off, int xbf16, int64_t hd, uint32_t *dst, int64_t stride) {
+    for (int64_t c = 0; 2 * c < hd; c++) {
+        const float lo = wide_at(x, off + 2 * c, xbf16);
+        const float hi = 2 * c + 1 < hd ? wide_at(x, off + 2 * c + 1, xbf16) : 0.0f;
+        dst[c * stride] = (uint32_t)f32_to_bf16(lo) | (uint32_t)f32_to_bf16(hi) << 16;
+    }
+}
+
 /* Keys for scores on bf16 q and k (under bf16 autocast: what SDPA's bf16 attention multiplies), as bf16
  * pairs: block b of KV head g holds hd2 = ceil(hd / 2) rows of LANES pairs, row c2 lane i the pair
  * (component 2 c2, component 2 c2 + 1) of position b * LANES + i, each rounded to bf16 (an odd hd's last
  * pair padded with 0). Half the bytes of transpose_keys' float32, and a row of pairs is one operand of
  * AVX512-BF16's dot product. */
-static inline uint32_t bf16_pair(float lo, float hi) {
-    return (uint32_t)f32_to_bf16(lo) | (uint32_t)f32_to_bf16(hi) << 16;
-}
-
 static void transpose_key_pairs(const void *K, int kbf16, int64_t off, int64_t st, int64_t from, int64_t T,
                                 int64_t hd, uint32_t *kt) {
     const int64_t hd2 = (hd + 1) / 2;
-    for (int64_t t = from; t < T; t++) {
-        uint32_t *dst = kt + t / LANES * hd2 * LANES + t % LANES;
-        const int64_t row = off + t * st;
-        for (int64_t c = 0; c < hd2; c++)
-            dst[c * LANES] = bf16_pair(wide_at(K, row + 2 * c, kbf16),
-                                       2 * c + 1 < hd ? wide_at(K, row + 2 * c + 1, kbf16) : 0.0f);
-    }
+    for (int64_t t = from; t < T; t++)
+        to_pairs(K, off + t * st, kbf16, hd, kt + t / LANES * hd2 * LANES + t % LANES, LANES);
 }
 
 #define VALUE_BLOCK 64 /* positions of values summed per pass over the heads: 8 KB of float32 at hd 32 */
@@ -135,23 +136,25 @@ static void transpose_key_pairs(const void *K, int kbf16, int64_t off, int64_t s
  * is loaded once for the NH heads (a load per multiply-add leaves the loads the bottleneck), with CH
  * independent chains of sums per head so the adds do not wait on each other (NH * CH >= 4).
  *
- * scores_NH: s[j * Tp + 0..LANES) = scaling * q_j . (the LANES keys of block kb), kb as transpose_keys
- * lays it out (hd, LANES), for heads j < NH (q_j at q + j * hd). */
-#define SCORES(NH, CH)                                                                                    \
-    static void scores_##NH(const float *q, const float *kb, int64_t hd, float scaling, float *s,         \
-                            int64_t Tp) {                                                                 \
+ * NAME_NH: s[j * Tp + 0..LANES) = scaling * q_j . (the LANES keys of block kb), for heads j < NH (q_j at
+ * q + j * n), over n words of type T per key: scores_NH on float32 components (kb as transpose_keys lays
+ * it out, (hd, LANES)), scores_pairs_NH on bf16 pairs (kb as transpose_key_pairs lays it out,
+ * (hd2, LANES)). LOAD reads the LANES words of one row into a vector of type KV; MADD adds one row's
+ * products with q_j's word to a sum. */
+#define SCORES(NAME, T, KV, LOAD, MADD, NH, CH)                                                          \
+    static void NAME##_##NH(const T *q, const T *kb, int64_t n, float scaling, float *s, int64_t Tp) {    \
         vf a[CH][NH];                                                                                     \
         for (int u = 0; u < CH; u++)                                                                      \
             for (int j = 0; j < NH; j++) a[u][j] = splat(0.0f);                                           \
         int64_t c = 0;                                                                                    \
-        for (; c + CH <= hd; c += CH)                                                                     \
+        for (; c + CH <= n; c += CH)                                                                      \
             for (int u = 0; u < CH; u++) {                                                                \
-                const vf k = loadu(kb + (c + u) * LANES);                                                 \
-                for (int j = 0; j < NH; j++) a[u][j] += q[j * hd + c + u] * k;                            \
+                const KV k = LOAD(kb + (c + u) * LANES);                                                  \
+                for (int j = 0; j < NH; j++) MADD(a[u][j], k, q[j * n + c + u]);                          \
             }                                                                                             \
-        for (; c < hd; c++) {                                                                             \
-            const vf k = loadu(kb + c * LANES);                                                           \
-            for (int j = 0; j < NH; j++) a[0][j] += q[j * hd + c] * k;                                    \
+        for (; c < n; c++) {                                                                              \
+            const KV k = LOAD(kb + c * LANES);                                                            \
+            for (int j = 0; j < NH; j++) MADD(a[0][j], k, q[j * n + c]);                                  \
         }                                                                                                 \
         for (int j = 0; j < NH; j++) {                                                                    \
             vf sum = a[0][j];                                                                             \
@@ -159,6 +162,8 @@ static void transpose_key_pairs(const void *K, int kbf16, int64_t off, int64_t s
             storeu(s + j * Tp, sum * scaling);                                                            \
         }                                                                                                 \
     }
+
+#define FLOAT_MADD(a, k, q) ((a) += (q) * (k))
 
 /* a += the products of the LANES key pairs k with the query pair q, summed in float32: one AVX512-BF16
  * dot product, or widened (a pair's low half is its even component, its high half its odd one) */
@@ -171,32 +176,14 @@ static void transpose_key_pairs(const void *K, int kbf16, int64_t off, int64_t s
             + (vf)((k) & 0xffff0000u) * bf16_to_f32((uint16_t)((q) >> 16)))
 #endif
 
-/* scores_pairs_NH: scores_NH on bf16 pairs: q2 (NH heads, hd2 pairs), the block kb as transpose_key_pairs
- * lays it out (hd2, LANES) */
-#define SCORES_PAIRS(NH, CH)                                                                              \
-    static void scores_pairs_##NH(const uint32_t *q2, const uint32_t *kb, int64_t hd2, float scaling,      \
-                                  float *s, int64_t Tp) {                                                 \
-        vf a[CH][NH];                                                                                     \
-        for (int u = 0; u < CH; u++)                                                                      \
-            for (int j = 0; j < NH; j++) a[u][j] = splat(0.0f);                                           \
-        int64_t c = 0;                                                                                    \
-        for (; c + CH <= hd2; c += CH)                                                                    \
-            for (int u = 0; u < CH; u++) {                                                                \
-                vu k;                                                                                     \
-                memcpy(&k, kb + (c + u) * LANES, sizeof k);                                               \
-                for (int j = 0; j < NH; j++) PAIR_MADD(a[u][j], k, q2[j * hd2 + c + u]);                  \
-            }                                                                                             \
-        for (; c < hd2; c++) {                                                                            \
-            vu k;                                                                                         \
-            memcpy(&k, kb + c * LANES, sizeof k);                                                         \
-            for (int j = 0; j < NH; j++) PAIR_MADD(a[0][j], k, q2[j * hd2 + c]);                          \
-        }                                                                                                 \
-        for (int j = 0; j < NH; j++) {                                                                    \
-            vf sum = a[0][j];                                                                             \
-            for (int u = 1; u < CH; u++) sum += a[u][j];                                                  \
-            storeu(s + j * Tp, sum * scaling);                                                            \
-        }                                                                                                 \
-    }
+static inline vu load_pairs(const uint32_t *p) {
+    vu k;
+    memcpy(&k, p, sizeof k);
+    return k;
+}
+
+#define SCORES_F32(NH, CH) SCORES(scores, float, vf, loadu, FLOAT_MADD, NH, CH)
+#define SCORES_PAIRS(NH, CH) SCORES(scores_pairs, uint32_t, vu, load_pairs, PAIR_MADD, NH, CH)
 
 /* values_NH: o_j[c .. c + NV * LANES) += sum over t0 <= t < t1 of p_j[t] * V[t][c ..], heads j < NH
  * (p_j at p + j * Tp, o_j at o + j * hd); V's position t at element vg + t * st. */
@@ -236,11 +223,11 @@ static void transpose_key_pairs(const void *K, int kbf16, int64_t off, int64_t s
             }                                                                                             \
     }
 
-SCORES(1, 4) SCORES(2, 2) SCORES(3, 2) SCORES(4, 1)
+SCORES_F32(1, 4) SCORES_F32(2, 2) SCORES_F32(3, 2) SCORES_F32(4, 1)
 SCORES_PAIRS(1, 4) SCORES_PAIRS(2, 2) SCORES_PAIRS(3, 2) SCORES_PAIRS(4, 1)
 VALUES(1, 2) VALUES(2, 1) VALUES(3, 1) VALUES(4, 1)
 #if GROUP_MAX == 8
-SCORES(5, 1) SCORES(6, 1) SCORES(7, 1) SCORES(8, 1)
+SCORES_F32(5, 1) SCORES_F32(6, 1) SCORES_F32(7, 1) SCORES_F32(8, 1)
 SCORES_PAIRS(5, 1) SCORES_PAIRS(6, 1) SCORES_PAIRS(7, 1) SCORES_PAIRS(8, 1)
 VALUES(5, 1) VALUES(6, 1) VALUES(7, 1) VALUES(8, 1)
 #endif
@@ -296,9 +283,7 @@ static void attend(const float *q, const void *KT, int pairs, int64_t ktg, const
         if (j0 >= j1) continue;
         const float *kg = (const float *)KT + g * ktg;
         if (pairs)
-            for (int64_t j = j0; j < j1; j++)
-                for (int64_t c = 0; c < hd2; c++)
-                    q2[j * hd2 + c] = bf16_pair(qg[j * hd + 2 * c], 2 * c + 1 < hd ? qg[j * hd + 2 * c + 1] : 0.0f);
+            for (int64_t j = j0; j < j1; j++) to_pairs(qg, j * hd, 0, hd, q2 + j * hd2, 1);
         for (int64_t b = 0; b < blocks; b++) {
             if (b + ahead < blocks)
                 for (int64_t i = 0; i < block; i += 16) __builtin_prefetch(kg + (b + ahead) * block + i);
