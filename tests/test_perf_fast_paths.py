@@ -61,6 +61,17 @@ def _generate(model, ids, **kw):
         return model.generate(ids, **kw)
 
 
+def _left_padded(lengths, seed=2):
+    """(input_ids, attention_mask) of rows of random tokens of these lengths, left-padded as a
+    processor pads a batch for generation."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, ids.shape[1] - n:] = torch.randint(0, 60, (n,), generator=g)
+        mask[row, ids.shape[1] - n:] = 1
+    return ids, mask
+
 
 def _three_steps(model, ids):
     """Prefill `ids`, then three decode steps, each fed the prefill's next token: (their logits, the cache)."""
@@ -68,6 +79,7 @@ def _three_steps(model, ids):
         out = model(input_ids=ids, use_cache=True)
         cache, tok = out.cache, out.logits[:, -1:].argmax(-1)
         return [model(input_ids=tok, cache=cache, use_cache=True).logits for _ in range(3)], cache
+
 
 # ---- matmul backend -------------------------------------------------------------------------------
 
@@ -171,7 +183,7 @@ def test_greedy_generation_equals_the_models_forward(config, layout, monkeypatch
     steps = []
     real = decode.DecodeStep.__call__
     monkeypatch.setattr(decode.DecodeStep, "__call__",
-                        lambda self, *a: steps.append((self.fused, *self.layouts.values())) or real(self, *a))
+                        lambda self, *a, **k: steps.append((self.fused, *self.layouts.values())) or real(self, *a, **k))
     ids = torch.randint(0, 60, (2, 9), generator=torch.Generator().manual_seed(2))
     fast = _generate(model, ids)
     expected = (False,) if layout == "unfused" else (True,) + (layout,) * 5
@@ -288,20 +300,24 @@ def test_c_decode_step_reads_bf16_projections_on_each_isa_path(isa, config, monk
 @pytest.mark.parametrize("threads", [2, 3, 5])
 def test_c_decode_step_on_several_threads(threads, monkeypatch, kernel_steps, plain_decode):
     """The C step with its products' rows and the query heads split over threads (5: more than the 3
-    heads, so 3; 3: more threads than this machine may have cores): the model's tokens and logits."""
+    heads, so 3; 3: more threads than this machine may have cores): the model's tokens and logits, for
+    one row and for a left-padded batch."""
     monkeypatch.setenv("STORM_VLM_DECODE_KERNEL", "1")  # the C step, untimed
     model = build_random_model(StormConfig(**WIDE_HEADS), seed=5)
     ids = torch.randint(0, 60, (1, 70), generator=torch.Generator().manual_seed(3))
+    batch, mask = _left_padded([70, 40, 55])
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
         fast = _generate(model, ids, max_new_tokens=12, min_new_tokens=12)
+        fast_batch = _generate(model, batch, attention_mask=mask)
         fast_logits, _ = _three_steps(model, ids)
     finally:
         torch.set_num_threads(before)
     assert kernel_steps and all(kernel_steps)
     plain_decode()
     assert torch.equal(fast, _generate(model, ids, max_new_tokens=12, min_new_tokens=12))
+    assert torch.equal(fast_batch, _generate(model, batch, attention_mask=mask))
     for a, b in zip(fast_logits, _three_steps(model, ids)[0]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -397,39 +413,58 @@ def test_with_several_threads_the_faster_step_is_timed_once(case, monkeypatch, k
     assert torch.equal(fast, _generate(model, ids, max_new_tokens=8, min_new_tokens=8))
 
 
-def test_c_decode_step_steps_aside_for_batches(kernel_steps):
-    model = build_random_model(StormConfig(**TINY), seed=3)
-    _generate(model, torch.randint(0, 60, (2, 5), generator=torch.Generator().manual_seed(1)))
-    assert kernel_steps and not any(kernel_steps)
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+@pytest.mark.parametrize("config", [TINY, LLAMA], ids=["qwen2", "llama"])
+@pytest.mark.parametrize("lengths", [[9, 4, 7], [9, 4, 7, 1, 9, 3, 6, 8, 2, 5]], ids=["3-rows", "10-rows"])
+def test_c_decode_step_on_a_left_padded_batch(isa, config, lengths, monkeypatch, kernel_steps, plain_decode):
+    """A batched generation (left padding, positions counted from each row's first token, as generate
+    gives them) runs every step through the C step, all rows in one call (10 rows: more than one pass
+    of rows over the weights on every ISA path): greedy tokens equal the model's own forward on the same
+    batch, logits within float rounding; and each row's tokens equal that row generated alone."""
+    use_kernel_library(monkeypatch, isa)
+    model = build_random_model(StormConfig(**config), seed=3)
+    ids, mask = _left_padded(lengths)
+    kw = dict(attention_mask=mask, output_logits=True, return_dict_in_generate=True)
+    fast = _generate(model, ids, **kw)
+    assert len(kernel_steps) == 11 and all(kernel_steps)
+    alone = [_generate(model, ids[row:row + 1, ids.shape[1] - n:])[0, n:] for row, n in enumerate(lengths)]
+    plain_decode()
+    plain = _generate(model, ids, **kw)
+    assert torch.equal(fast.sequences, plain.sequences)
+    for a, b in zip(fast.logits, plain.logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(fast.sequences[row, ids.shape[1]:], tokens) for row, tokens in enumerate(alone))
 
 
 @pytest.mark.parametrize("isa", KERNEL_ISAS)
-def test_c_decode_step_under_bf16_autocast(isa, monkeypatch, kernel_steps):
+@pytest.mark.parametrize("lengths", [[40], [40, 25, 33]], ids=["1-row", "3-rows-left-padded"])
+def test_c_decode_step_under_bf16_autocast(isa, lengths, monkeypatch, kernel_steps):
     """The bfloat16 precision on CPU (fp32 weights under bf16 autocast) leaves part of the KV cache in
     bf16: the C step reads it as such and computes in float32, its scores on q and k rounded to bf16 as
     SDPA's bf16 attention takes them (the keys kept as bf16 pairs: AVX512-BF16 dot products, or widened).
     On each ISA path, against the model's fp32 forward on the same cache: logits within bf16 rounding
-    of the one new value, that value stored as torch rounds it."""
+    of the one new value, that value stored as torch rounds it. Also on a left-padded batch."""
     use_kernel_library(monkeypatch, isa)
     model = build_random_model(StormConfig(**TINY), seed=3)
     for layer in model.language_model.model.layers:  # scores far from 0, so attention is not near uniform and
         for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):  # a wrong key or query shows in the logits
             proj.weight.data *= 8
-    ids = torch.randint(0, 60, (1, 40), generator=torch.Generator().manual_seed(2))
+    ids, mask = _left_padded(lengths)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(input_ids=ids, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     cache, tok = out.cache, out.logits[:, -1:].argmax(-1)
     assert torch.bfloat16 in {t.dtype for layer in cache.layers for t in (layer.keys, layer.values)}
     ref_cache = copy.deepcopy(cache)
     with torch.inference_mode():
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            fast = model(input_ids=tok, cache=cache, use_cache=True).logits
+            fast = model(input_ids=tok, attention_mask=mask, cache=cache, use_cache=True).logits
         assert kernel_steps == [True] and fast.dtype == torch.float32
         assert all(layer._keys_t.dtype == torch.int32 for layer in cache.layers)  # bf16 pairs
         for layer in ref_cache.layers:  # the same cached values, in float32
             layer.keys, layer.values = layer.keys.float(), layer.values.float()
         enable_fast_paths(model, decode=False)
-        ref = model(input_ids=tok, cache=ref_cache, use_cache=True).logits
+        ref = model(input_ids=tok, attention_mask=mask, cache=ref_cache, use_cache=True).logits
     torch.testing.assert_close(fast, ref.float(), rtol=1e-3, atol=1e-3)
     for layer, ref_layer in zip(cache.layers, ref_cache.layers):
         assert layer.keys.shape[2] == ref_layer.keys.shape[2] == 41
@@ -492,7 +527,7 @@ def test_it_steps_aside_where_it_does_not_apply(model):
         assert decode.decode_step(model, tok, **call) is not None
         cache.crop(-1)
         assert decode.decode_step(model, ids, **call) is None  # a prompt, not one token
-        assert decode.decode_step(model, tok, **(call | {"attention_mask": torch.tensor([[0] + [1] * 6])})) is None
+        assert decode.decode_step(model, tok, **(call | {"attention_mask": torch.tensor([[1, 0] + [1] * 5])})) is None
         assert decode.decode_step(model, tok, **(call | {"kwargs": {"output_attentions": True}})) is None
         with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the C step only (a batch of one row here)
             assert (decode.decode_step(model, tok, **call) is not None) == (cpu_kernel.load_library() is not None)

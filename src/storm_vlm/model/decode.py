@@ -1,20 +1,23 @@
-"""The decode step (`DecodeStep`, Llama-style LLMs: Qwen2, Llama): a greedy one-token step runs through a
-lean single-token path on the `StormKVCache` (preallocated buffers the step writes into in place). For
-one row (batch 1, SiLU MLP, fp32 weights; also under CPU bf16 autocast, on a partly bf16 cache) the
-whole step (embedding row, every layer, final norm, LM head) runs in one call of a C function
-(`ssm/_decode_kernel.c`, built with the scan kernel by `ssm/cpu_kernel.py`), which reads the model's own
-matrices, no copies, each as one sequential stream; the per-layer small operations (norms, rotary,
-softmax, gate) then cost microseconds instead of a tensor operation each. It runs on torch's threads
-(each product's rows and the attention's query heads split between them); with several, the first steps
-also time it against the tensor step and the faster runs the rest. `STORM_VLM_DECODE_KERNEL=1` pins it,
-`=0` turns it off; without a C compiler, for batches, or with `compile_decode=True`, the step runs as
-tensor operations: ~20 tensor ops per layer instead of the ~60 of transformers' generic forward, q/k/v
-and gate/up read as one matrix each, rotary embedding as one small product. A decode step reads every
-weight once per token, so it is bound by how fast the weights stream; each projection is read in the
-layout that streams faster for its shape on this host — an input-major (k x n) copy or the model's own
-(n x k) matrix — timed when the step is built (the copies only where they fit in a quarter of free
-memory; otherwise the model's own matrices). `enable_fast_paths(model, compile_decode=True)` also runs
-the per-layer step through `torch.compile` (needs a C++ compiler; the first steps pay the compilation).
+"""The decode step (`DecodeStep`, Llama-style LLMs: Qwen2, Llama): a one-token step runs through a lean
+path on the `StormKVCache` (preallocated buffers the step writes into in place). The whole step
+(embedding rows, every layer, final norm, LM head) runs in one call of a C function
+(`ssm/_decode_kernel.c`, built with the scan kernel by `ssm/cpu_kernel.py`) for a batch's rows at once —
+one row, or a batched generation's left-padded rows (a server's or an evaluation's batch), fp32
+weights or the bfloat16 precision's bf16 linear layers, SiLU MLP, on a float32 or partly bf16 cache. It
+reads the model's own matrices, no copies, each as one sequential stream that serves every row; the
+per-layer small operations (norms, rotary, softmax, gate) then cost microseconds instead of a tensor
+operation each. It runs on torch's threads (each product's rows and the attention's query heads split
+between them); with several, the first steps of one row also time it against the tensor step and the
+faster runs the rest. `STORM_VLM_DECODE_KERNEL=1` pins it, `=0` turns it off; without a C compiler or
+with `compile_decode=True`, an unpadded step runs as tensor operations: ~20 tensor ops per layer instead
+of the ~60 of transformers' generic forward, q/k/v and gate/up read as one matrix each, rotary
+embedding as one small product (a padded batch then takes the model's own forward). A decode step
+reads every weight once per token, so it is bound by how fast the weights stream; each projection is
+read in the layout that streams faster for its shape on this host — an input-major (k x n) copy or the
+model's own (n x k) matrix — timed when the step is built (the copies only where they fit in a quarter
+of free memory; otherwise the model's own matrices). `enable_fast_paths(model, compile_decode=True)`
+also runs the per-layer step through `torch.compile` (needs a C++ compiler; the first steps pay the
+compilation).
 
 `decode_step` is what StormForConditionalGeneration.forward calls; `fast_paths.enable_fast_paths`
 sets the switches it reads.
@@ -128,7 +131,7 @@ def _timed_ratio(a, b, repeats: int = 3) -> float:
 
 
 class DecodeStep:
-    """A greedy one-token decode step for a Llama-style causal LM (Qwen2, Llama) on CPU, fp32.
+    """A one-token decode step for a Llama-style causal LM (Qwen2, Llama) on CPU, fp32.
 
     `step(input_ids (B, 1), cache: StormKVCache) -> logits (B, 1, V)`: appends the token's keys and
     values to the cache in place and returns what `lm(input_ids, cache=cache).logits` returns, up to
@@ -141,8 +144,8 @@ class DecodeStep:
     matrix and gate/up as one, each projection (q/k/v, o, gate/up, down, lm_head) in the layout that
     streams faster on this host for its shape — an input-major copy or the model's own (out, in)
     matrix — timed when the step is built (`layouts` says which). Otherwise every projection reads
-    the model's own matrices. Those layouts serve the tensor-operation path (batches, no C compiler);
-    one row goes through the C step (`_kernel_step`), which reads the model's own matrices.
+    the model's own matrices. Those layouts serve the tensor-operation path (no C compiler, or the
+    tensor step timed faster); the C step (`_kernel_step`) reads the model's own matrices.
     """
 
     def __init__(self, lm, pack: bool | None = None, compile_layers: bool = False, kernel: bool = True):
@@ -176,7 +179,7 @@ class DecodeStep:
         self.fused = bool(pack)
         ln1, _, _, mlp0 = mods[0]
         act = F.silu if getattr(cfg, "hidden_act", None) == "silu" else mlp0.act_fn
-        # The C step (one row, every layer in one call) reads the model's own tensors, 16 per layer in
+        # The C step (every row, every layer in one call) reads the model's own tensors, 16 per layer in
         # storm_decode_f32's order: the two norms' weights (float32), then each projection's weight and
         # bias (all float32, or all bfloat16: the bfloat16 precision's LLM linear layers)
         own, norms, projections = [], [], []
@@ -277,30 +280,41 @@ class DecodeStep:
             return f"tensor operations (timed faster than the C step at {threads} threads)"
         return f"C step ({k.storm_isa} x{k.storm_lanes})"
 
-    def _rope(self, pos: int):
-        """(cos, sin) rows (hd,) of the rotary embedding at `pos`, as the model's rotary module gives
-        them; None for a partial rotary embedding (not what the C step computes). Taken from a table
-        of _ROPE_BLOCK positions, computed by the module in one call: one call per step costs more
-        than the step's other Python work. RoPE types whose module changes its frequencies with the
-        position (dynamic, longrope) are called for each position."""
+    def _rope(self, positions: list[int]):
+        """(cos, sin), each (B, hd), of the rotary embedding at each row's position, as the model's
+        rotary module gives them; None for a partial rotary embedding (not what the C step computes).
+        Taken from a table of positions computed by the module in one call (from the smallest position
+        to _ROPE_BLOCK past the largest): one call per step costs more than the step's other Python
+        work. RoPE types whose module changes its frequencies with the positions (dynamic, longrope)
+        are called at every step, with every row's position, as the model's forward calls them."""
         rot = self._lm().model.rotary_emb
-        table = self._rope_table
-        if table is None or not table[0] <= pos < table[0] + table[1].shape[0] or table[3] != rot.inv_freq.data_ptr():
-            rope_type = str(getattr(rot, "rope_type", "default"))
-            n = 1 if "dynamic" in rope_type or "longrope" in rope_type else _ROPE_BLOCK
-            cos, sin = rot(torch.empty(1), torch.arange(pos, pos + n)[None])
-            table = self._rope_table = (pos, cos[0].contiguous(), sin[0].contiguous(), rot.inv_freq.data_ptr())
-        _, cos, sin, _ = table
+        lo, hi = min(positions), max(positions)
+        rope_type = str(getattr(rot, "rope_type", "default"))
+        if "dynamic" in rope_type or "longrope" in rope_type:
+            cos, sin = rot(torch.empty(1), torch.tensor(positions)[:, None])
+            cos, sin = cos[:, 0], sin[:, 0]
+        else:
+            table = self._rope_table
+            if (table is None or not table[0] <= lo <= hi < table[0] + table[1].shape[0]
+                    or table[3] != rot.inv_freq.data_ptr()):
+                cos, sin = rot(torch.empty(1), torch.arange(lo, hi + _ROPE_BLOCK)[None])
+                table = self._rope_table = (lo, cos[0].contiguous(), sin[0].contiguous(), rot.inv_freq.data_ptr())
+            first, cos, sin, _ = table
+            if lo == hi:  # (one row, or rows at one position: a view, no copy)
+                cos, sin = cos[lo - first].expand(len(positions), -1), sin[lo - first].expand(len(positions), -1)
+            else:
+                rows = torch.tensor(positions) - first
+                cos, sin = cos[rows], sin[rows]
         if cos.shape[1] != self.hd or self.hd % 2:
             return None
-        return cos[pos - table[0]], sin[pos - table[0]]
+        return cos.contiguous(), sin.contiguous()
 
     def _kernel_plan(self, cache):
         """What the C step needs of `cache` besides the position (after `reserve(1)` on every layer):
         (pointer arrays of the key / value buffers and of the transposed keys, their strides, the
-        bf16 bits), or None where it does not apply (not one row; buffers not (1, G, capacity, hd)
-        with hd contiguous, float32 or bfloat16, alike in every layer). Kept per cache object (not
-        on it: a copy of the cache has buffers of its own) until a layer's buffers change (their
+        bf16 bits), or None where it does not apply (buffers not (B, G, capacity, hd) with hd
+        contiguous, float32 or bfloat16, alike in every layer). Kept per cache object (not on it: a
+        copy of the cache has buffers of its own) until a layer's buffers change (their
         `generation`)."""
         lanes = self._kernel.storm_lanes
         key = (lanes, [layer.generation for layer in cache.layers])
@@ -310,7 +324,7 @@ class DecodeStep:
         bufs = [(layer._key_buf, layer._value_buf) for layer in cache.layers]
         kb0, vb0 = bufs[0]
         dtypes = (torch.float32, torch.bfloat16)
-        usable = (kb0.shape[0] == 1 and kb0.stride(-1) == 1 and kb0.dtype in dtypes and vb0.dtype in dtypes
+        usable = (kb0.stride(-1) == 1 and kb0.dtype in dtypes and vb0.dtype in dtypes
                   and all(kb.stride() == vb.stride() == kb0.stride() and kb.dtype == kb0.dtype
                           and vb.dtype == vb0.dtype for kb, vb in bufs))
         plan = None
@@ -321,42 +335,46 @@ class DecodeStep:
             kts = [layer.transposed_keys(lanes, pairs) for layer in cache.layers]  # may start new ones
             key = (lanes, [layer.generation for layer in cache.layers])
             plan = ((ctypes.c_void_p * (2 * len(bufs)))(*[t.data_ptr() for pair in bufs for t in pair]),
-                    (ctypes.c_void_p * len(kts))(*[t.data_ptr() for t in kts]), kts[0].stride(0),
-                    kb0.stride(1), kb0.stride(2),
+                    (ctypes.c_void_p * len(kts))(*[t.data_ptr() for t in kts]), kts[0].stride(0), kts[0].stride(1),
+                    kb0.stride(0), kb0.stride(1), kb0.stride(2),
                     (kb0.dtype == torch.bfloat16) | (vb0.dtype == torch.bfloat16) << 1 | pairs << 2)
         _C_PLANS[cache] = (key, plan)
         return plan
 
-    def _kernel_step(self, input_ids: torch.Tensor, pos: int, cache) -> torch.Tensor | None:
-        """The token's logits (1, V) through the C step (`_decode_kernel.c`: the embedding, every
-        layer, the final norm and the LM head), its keys and values written at `pos` of the cache's
-        buffers (after `reserve(1)` on every layer); None (nothing done) where it does not apply: no
-        kernel, more than one row, a token outside the embedding table (its error comes from the
-        embedding), buffers or rotary embedding not as the C step takes them."""
-        if self._kernel is None or input_ids.shape[0] != 1:
+    def _kernel_step(self, input_ids: torch.Tensor, pos: int, cache, positions: list[int],
+                     froms: torch.Tensor | None) -> torch.Tensor | None:
+        """The tokens' logits (B, V) through the C step (`_decode_kernel.c`: the embedding, every layer,
+        the final norm and the LM head, for the B rows at once), their keys and values written at `pos`
+        of the cache's buffers (after `reserve(1)` on every layer), row b's rotary embedding at
+        positions[b], its attention over cache positions froms[b].. (None: all); None (nothing done)
+        where it does not apply: no kernel, a token outside the embedding table (its error comes from
+        the embedding), buffers or rotary embedding not as the C step takes them."""
+        if self._kernel is None:
             return None
         embed, norm_w, head_w, head_b = self._kernel_ends
-        token = int(input_ids[0, 0])
-        plan = self._kernel_plan(cache) if 0 <= token < embed.shape[0] else None
-        rope = self._rope(pos) if plan is not None else None
+        tokens = input_ids[:, 0].contiguous()
+        inside = bool(((tokens >= 0) & (tokens < embed.shape[0])).all())
+        plan = self._kernel_plan(cache) if inside else None
+        rope = self._rope(positions) if plan is not None else None
         if rope is None:
             return None
-        kv, kt, ktg, sg, st, kv_bf16 = plan
+        kv, kt, ktb, ktg, sb, sg, st, kv_bf16 = plan
         heads, kv_heads, hd, scaling, inter, eps, _, _ = self.dims
-        d = embed.shape[1]
+        d, rows = embed.shape[1], tokens.shape[0]
         # scratch per thread, not per step object: two threads may decode with the same model
         threads = torch.get_num_threads()
-        need = self._kernel.storm_decode_scratch(d, heads, kv_heads, hd, inter, pos + 1, threads)
+        need = self._kernel.storm_decode_scratch(rows, d, heads, kv_heads, hd, inter, pos + 1, threads)
         scratch = getattr(self._scratch, "buf", None)
         if scratch is None or scratch.numel() < need:
             scratch = self._scratch.buf = torch.empty(need + need // 4)
-        logits = torch.empty(1, head_w.shape[0])
+        logits = torch.empty(rows, head_w.shape[0])
         layers = cache.layers
         cos, sin = rope
         w_bf16, head_bf16 = self._kernel_bf16
-        self._kernel.storm_decode_f32(len(layers), d, heads, kv_heads, hd, inter, eps, scaling, pos, embed.data_ptr(),
-                                      token, cos.data_ptr(), sin.data_ptr(), self._kernel_weights, w_bf16, kv, sg, st,
-                                      kv_bf16, kt, ktg, min([layer._keys_t_len for layer in layers]),
+        self._kernel.storm_decode_f32(rows, len(layers), d, heads, kv_heads, hd, inter, eps, scaling, pos,
+                                      None if froms is None else froms.data_ptr(), embed.data_ptr(),
+                                      tokens.data_ptr(), cos.data_ptr(), sin.data_ptr(), self._kernel_weights, w_bf16,
+                                      kv, sb, sg, st, kv_bf16, kt, ktb, ktg, min([layer._keys_t_len for layer in layers]),
                                       norm_w.data_ptr(), self.norm[1], head_w.data_ptr(),
                                       None if head_b is None else head_b.data_ptr(), head_bf16, head_w.shape[0],
                                       logits.data_ptr(), scratch.data_ptr(), threads)
@@ -364,32 +382,39 @@ class DecodeStep:
             layer._keys_t_len = pos + 1
         return logits
 
-    def __call__(self, input_ids: torch.Tensor, cache, kernel_only: bool = False) -> torch.Tensor | None:
+    def __call__(self, input_ids: torch.Tensor, cache, kernel_only: bool = False, positions: list[int] | None = None,
+                 froms: torch.Tensor | None = None) -> torch.Tensor | None:
         """Logits (B, 1, V) of the next token; None (the cache untouched) where the C step does not
-        apply and either `kernel_only` is set or the cache is not float32 (a prefill under autocast).
+        apply and either `kernel_only` is set, the cache is not float32 (a prefill under autocast) or
+        the rows are not all at the cache's length with no padding: `positions` (B ints: each row's
+        rotary position; default: the cache's length) and `froms` (B int64: each row's first
+        attended cache position; default: all 0) describe a left-padded batch, which only the C step
+        takes.
 
         With several torch threads both steps are threaded (the C step splits each product's rows
         and the attention's query heads, with a barrier between dependent parts; the tensor step
         through BLAS / oneDNN), and which is faster depends on the host and the model's size. Then
-        the first steps decide, once per thread count: the C step twice (the first copies every
-        cached key into its layout, untimed), the tensor step once, and the faster takes the steps
-        after (both give the model's logits up to float rounding). STORM_VLM_DECODE_KERNEL=1 pins the
-        C step, =0 the tensor step."""
+        the first steps of one row decide, once per thread count: the C step twice (the first copies
+        every cached key into its layout, untimed), the tensor step once, and the faster takes the
+        steps after (both give the model's logits up to float rounding). STORM_VLM_DECODE_KERNEL=1
+        pins the C step, =0 the tensor step."""
         lm = self._lm()
         pos = cache.get_seq_length()
+        plain = froms is None and (positions is None or all(p == pos for p in positions))
+        positions = positions or [pos] * input_ids.shape[0]
         bufs = [layer.reserve(1) for layer in cache.layers]
         threads = torch.get_num_threads()
         trials = None
         if (self._kernel is not None and threads > 1 and threads not in self._kernel_wins and not kernel_only
-                and input_ids.shape[0] == 1 and _decode_kernel_setting() != "on"
+                and input_ids.shape[0] == 1 and plain and _decode_kernel_setting() != "on"
                 and all(t.dtype == torch.float32 for pair in bufs for t in pair)):
             trials = self._trials.setdefault(threads, [])
         start = time.perf_counter()
         kernel = self._kernel_wins.get(threads, True) and (trials is None or len(trials) < 2)
-        logits = self._kernel_step(input_ids, pos, cache) if kernel else None
+        logits = self._kernel_step(input_ids, pos, cache, positions, froms) if kernel else None
         if logits is None:
             h = lm.model.embed_tokens(input_ids[:, 0])  # (B, d)
-            if kernel_only or any(t.dtype != h.dtype for pair in bufs for t in pair):
+            if kernel_only or not plain or any(t.dtype != h.dtype for pair in bufs for t in pair):
                 return None
             rot = self._rotation(pos, h)
             h = self._layers_fn(h, rot, self.weights, [kb for kb, _ in bufs], [vb for _, vb in bufs], pos, self.dims)
@@ -447,15 +472,17 @@ _DECODE_KWARGS = {"return_dict", "cache_position", "logits_to_keep"}
 
 
 def decode_step(model, input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache, kwargs):
-    """`model`'s output for one greedy decode step through `DecodeStep`, or None where it does not
-    apply (then the model's own forward runs): CPU, fp32 weights (or bf16 LLM linear layers), no
-    autograd, eval mode, one new token per row on a non-empty `StormKVCache`, no padding in
-    `attention_mask`, positions that follow the cache, an LLM `DecodeStep` supports. Under CPU autocast
-    (the bfloat16 precision: bf16 products) or with bf16 linear layers (that precision as the loaders
-    set it up: storm_vlm.inference.prepare_for_inference) only the C step is taken, in float32 on a
-    bf16 or fp32 cache: autocast would cast every fp32 weight to bf16 at every step, more work than
-    reading it once, and the float32 step is at least as accurate. Called by
-    StormForConditionalGeneration.forward."""
+    """`model`'s output for one decode step through `DecodeStep`, or None where it does not apply
+    (then the model's own forward runs): CPU, fp32 weights (or bf16 LLM linear layers), no autograd,
+    eval mode, one new token per row on a non-empty `StormKVCache`, at most left padding in
+    `attention_mask` (a batched generation's: zeros, then ones), the new tokens at the cache's
+    length, an LLM `DecodeStep` supports. Each row's rotary position is what the model's forward
+    would give it: `position_ids` (generate passes them, counted from each row's first real token),
+    else the cache's length. Under CPU autocast (the bfloat16 precision: bf16 products), with bf16
+    linear layers (that precision as the loaders set it up: storm_vlm.inference.prepare_for_inference)
+    or with padding, only the C step is taken, in float32 on a bf16 or fp32 cache: autocast would cast
+    every fp32 weight to bf16 at every step, more work than reading it once, and the float32 step is
+    at least as accurate. Called by StormForConditionalGeneration.forward."""
     if (not getattr(model, "_storm_decode", True) or input_ids is None or inputs_embeds is not None
             or input_ids.dim() != 2 or input_ids.shape[1] != 1 or input_ids.device.type != "cpu"
             or torch.is_grad_enabled() or model.training or use_cache is False
@@ -467,14 +494,22 @@ def decode_step(model, input_ids, inputs_embeds, attention_mask, position_ids, c
     if (lm.lm_head.weight.dtype not in _KERNEL_WEIGHT_DTYPES
             or not all(type(layer) is GrowingKVLayer for layer in cache.layers)):
         return None
-    past = cache.get_seq_length()
+    past, rows = cache.get_seq_length(), input_ids.shape[0]
     if past == 0 or len(cache.layers) != lm.config.num_hidden_layers:
         return None
-    if attention_mask is not None and (attention_mask.shape != (input_ids.shape[0], past + 1)
-                                       or not bool(attention_mask.all())):
-        return None
-    if position_ids is not None and not bool((position_ids == past).all()):
-        return None
+    froms = None
+    if attention_mask is not None:
+        if attention_mask.shape != (rows, past + 1):
+            return None
+        if not bool(attention_mask.all()):
+            froms = past + 1 - attention_mask.sum(1, dtype=torch.int64)
+            if not torch.equal(attention_mask.bool(), torch.arange(past + 1) >= froms[:, None]):
+                return None  # not left padding
+    positions = None
+    if position_ids is not None:
+        if position_ids.dim() != 2 or position_ids.shape[1] != 1 or position_ids.shape[0] not in (1, rows):
+            return None
+        positions = position_ids[:, 0].expand(rows).tolist()
     cache_position = kwargs.get("cache_position")
     if cache_position is not None and not bool((cache_position == past).all()):
         return None
@@ -494,10 +529,10 @@ def decode_step(model, input_ids, inputs_embeds, attention_mask, position_ids, c
     if not checked:
         _CHECKED_CACHES[cache] = weakref.ref(step)
     if not torch.is_autocast_enabled("cpu") and step.tensor_path:
-        logits = step(input_ids, cache)
+        logits = step(input_ids, cache, positions=positions, froms=froms)
     else:
         with torch.autocast("cpu", enabled=False):
-            logits = step(input_ids, cache, kernel_only=True)
+            logits = step(input_ids, cache, kernel_only=True, positions=positions, froms=froms)
     return None if logits is None else CausalLMOutputWithPast(logits=logits, cache=cache)
 
 

@@ -76,15 +76,15 @@ class GrowingKVLayer(DynamicLayer):
         self.generation = next(_BUFFER_GENERATIONS)
 
     def transposed_keys(self, lanes: int, pairs: bool = False) -> torch.Tensor:
-        """The key buffer (1, H, capacity, hd) laid out for the C decode step as float32
-        (H, ceil(capacity / lanes), hd, lanes) — `lanes` positions per block, component-major — or,
-        with `pairs` (scores on bf16 q and k), as int32 (H, ceil(capacity / lanes), ceil(hd / 2), lanes),
-        each a pair of consecutive components in bf16; its first `_keys_t_len` positions hold the
-        current keys. Call after `reserve`."""
+        """The key buffer (B, H, capacity, hd) laid out for the C decode step as float32
+        (B, H, ceil(capacity / lanes), hd, lanes) — `lanes` positions per block, component-major — or,
+        with `pairs` (scores on bf16 q and k), as int32 (B, H, ceil(capacity / lanes), ceil(hd / 2),
+        lanes), each a pair of consecutive components in bf16; its first `_keys_t_len` positions hold
+        the current keys. Call after `reserve`."""
         kb = self._key_buf
         blocks = -(-kb.shape[2] // lanes)
         components = -(-kb.shape[3] // 2) if pairs else kb.shape[3]
-        shape = (kb.shape[1], blocks, components, lanes)
+        shape = (*kb.shape[:2], blocks, components, lanes)
         dtype = torch.int32 if pairs else torch.float32
         if self._keys_t is None or self._keys_t.shape != shape or self._keys_t.dtype != dtype:
             self._keys_t = torch.zeros(shape, dtype=dtype, device=kb.device)

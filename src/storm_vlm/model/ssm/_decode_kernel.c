@@ -1,43 +1,59 @@
-/* One greedy decode step of a Llama-style decoder stack (Qwen2, Llama) for one token, float32, on the
- * CPU, in one call: per layer RMSNorm, the q/k/v products, the rotary embedding, the KV-cache write,
- * grouped-query attention over positions 0..pos, the output product and residual, RMSNorm, the
- * gate/up products, SiLU(gate) * up, the down product and residual; then the final RMSNorm and the
- * LM head. Called by storm_vlm.model.decode.DecodeStep; built with the scan kernel (cpu_kernel.py),
- * same vector width.
+/* One decode step of a Llama-style decoder stack (Qwen2, Llama) for one token per sequence of a batch,
+ * float32, on the CPU, in one call: per layer RMSNorm, the q/k/v products, the rotary embedding, the
+ * KV-cache write, grouped-query attention over the cached positions (a left-padded sequence's from its
+ * first real one), the output product and residual, RMSNorm, the gate/up products, SiLU(gate) * up, the
+ * down product and residual; then the final RMSNorm and the LM head. Called by
+ * storm_vlm.model.decode.DecodeStep; built with the scan kernel (cpu_kernel.py), same vector width.
  *
- * A step reads every weight once, so its time is set by how fast the weights stream from memory.
- * Each product reads the model's own (out, in) matrix one whole row after the other — one sequential
- * stream, which the hardware prefetcher follows best — with no copy of any weight. The small
- * operations around the products (norms, rotary, softmax, the gate) cost microseconds here, where
- * each is a separate tensor operation in PyTorch. The KV cache may hold bfloat16 (a prefill under
- * bf16 autocast): it is read and written as such. The projections' weights and biases (and, apart,
- * the LM head's) may be bfloat16 too (the bfloat16 precision on CPU): half the bytes to stream,
- * widened to float32 as they are read; the arithmetic is float32 either way.
+ * A step reads every weight once (for up to ROWS_MAX tokens at a time), so its time is set by how fast the
+ * weights stream from memory. Each product reads the model's own (out, in) matrix one whole row after the
+ * other — one sequential stream, which the hardware prefetcher follows best — with no copy of any weight.
+ * The small operations around the products (norms, rotary, softmax, the gate) cost microseconds here,
+ * where each is a separate tensor operation in PyTorch. The KV cache may hold bfloat16 (a prefill under
+ * bf16 autocast): it is read and written as such. The projections' weights and biases (and, apart, the LM
+ * head's) may be bfloat16 too (the bfloat16 precision on CPU): half the bytes to stream, widened to
+ * float32 as they are read; the arithmetic is float32 either way.
  */
 #include "_vec.h"
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
 
-/* y = (accumulate ? y : 0) + (bias ? bias : 0) + W @ x; x (k), W (n, k) row-major (nn.Linear's own
- * layout), y and bias (n); W and bias float32 or, with wbf16, bfloat16. Row after row: the matrix is
- * read as one sequential stream, which the hardware prefetcher follows best (interleaving even two
- * rows' streams halves the rate on some CPUs). Inlined with a constant wbf16 (gemv_part). */
-static inline __attribute__((always_inline)) void gemv(const float *x, const void *W, const void *bias, float *y,
-                                                       int64_t k, int64_t n, int accumulate, int wbf16) {
+/* For each of nb rows x_b of x (row b at x + b * ldx, k floats): y_b = (accumulate ? y_b : 0) + (bias ? bias : 0)
+ * + W @ x_b, y_b at y + b * ldy (n floats); W (n, k) row-major (nn.Linear's own layout), bias (n); W and
+ * bias float32 or, with wbf16, bfloat16. Row of W after row: the matrix is read as one sequential stream,
+ * which the hardware prefetcher follows best (interleaving even two rows' streams halves the rate on
+ * some CPUs), and each of its vectors is loaded once for the nb rows of x: a batch of tokens costs one
+ * pass over the weights. Two chains of sums per row, so the adds do not wait on each other; each row's
+ * sums are added in the same order whatever nb is (a token's result does not depend on its batch).
+ * Inlined with constant nb (<= ROWS_MAX: the 2 nb sums stay in the vector registers) and wbf16. */
+#define ROWS_MAX (LANES == 16 ? 8 : 4)
+static inline __attribute__((always_inline)) void gemv(const float *x, int64_t ldx, const void *W, const void *bias,
+                                                       float *y, int64_t ldy, int64_t k, int64_t n, int accumulate,
+                                                       int wbf16, const int nb) {
     const int64_t kv = k / LANES * LANES;
     for (int64_t j = 0; j < n; j++) {
         const int64_t row = j * k;
-        vf a = splat(0.0f), b = splat(0.0f);
+        vf a[ROWS_MAX], c[ROWS_MAX];
+        for (int b = 0; b < nb; b++) a[b] = c[b] = splat(0.0f);
         int64_t i = 0;
         for (; i + 2 * LANES <= kv; i += 2 * LANES) {
-            a += load_wide(W, row + i, wbf16) * loadu(x + i);
-            b += load_wide(W, row + i + LANES, wbf16) * loadu(x + i + LANES);
+            const vf w0 = load_wide(W, row + i, wbf16), w1 = load_wide(W, row + i + LANES, wbf16);
+            for (int b = 0; b < nb; b++) {
+                a[b] += w0 * loadu(x + b * ldx + i);
+                c[b] += w1 * loadu(x + b * ldx + i + LANES);
+            }
         }
-        if (i < kv) a += load_wide(W, row + i, wbf16) * loadu(x + i);
-        float v = hsum(a + b);
-        for (i = kv; i < k; i++) v += wide_at(W, row + i, wbf16) * x[i];
-        y[j] = v + (bias ? wide_at(bias, j, wbf16) : 0.0f) + (accumulate ? y[j] : 0.0f);
+        if (i < kv) {
+            const vf w0 = load_wide(W, row + i, wbf16);
+            for (int b = 0; b < nb; b++) a[b] += w0 * loadu(x + b * ldx + i);
+        }
+        const float add = bias ? wide_at(bias, j, wbf16) : 0.0f;
+        for (int b = 0; b < nb; b++) {
+            float v = hsum(a[b] + c[b]);
+            for (i = kv; i < k; i++) v += wide_at(W, row + i, wbf16) * x[b * ldx + i];
+            y[b * ldy + j] = v + add + (accumulate ? y[b * ldy + j] : 0.0f);
+        }
     }
 }
 
@@ -259,7 +275,8 @@ static int64_t attend_scratch(int64_t r, int64_t T, int64_t hd) {
     return r * ((T + LANES - 1) / LANES * LANES + 1 + hd);
 }
 
-/* Grouped-query attention of one token over T cached positions. q, out (heads, hd); KT: the keys as
+/* Grouped-query attention of one token over cached positions from..T-1 (the ones before `from`: a
+ * left-padded row's padding). q, out (heads, hd); KT: the keys as
  * transpose_keys lays them out (float32), or with `pairs` as transpose_key_pairs does (the scores then
  * multiply q and k rounded to bf16), KV head g from 4-byte word g * ktg; V: KV head g, position t at element
  * g * sg + t * st (hd contiguous), float32 or bfloat16 (vbf16). Each KV head's keys and values are
@@ -269,8 +286,8 @@ static int64_t attend_scratch(int64_t r, int64_t T, int64_t hd) {
  * that stay in cache across the groups). Only query heads h0 <= head < h1 (a thread's share).
  * scores: attend_scratch(r, T, hd) floats. */
 static void attend(const float *q, const void *KT, int pairs, int64_t ktg, const void *V, int vbf16, int64_t sg,
-                   int64_t st, int64_t T, int64_t heads, int64_t kv_heads, int64_t hd, float scaling, float *scores,
-                   float *out, int64_t h0, int64_t h1) {
+                   int64_t st, int64_t from, int64_t T, int64_t heads, int64_t kv_heads, int64_t hd, float scaling,
+                   float *scores, float *out, int64_t h0, int64_t h1) {
     const int64_t r = heads / kv_heads, blocks = (T + LANES - 1) / LANES, Tp = blocks * LANES, hd2 = (hd + 1) / 2;
     const int64_t block = (pairs ? hd2 : hd) * LANES; /* 4-byte words: floats, or pairs */
     const int64_t ahead = (PREFETCH_BYTES / 4 + block - 1) / block;
@@ -284,7 +301,7 @@ static void attend(const float *q, const void *KT, int pairs, int64_t ktg, const
         const float *kg = (const float *)KT + g * ktg;
         if (pairs)
             for (int64_t j = j0; j < j1; j++) to_pairs(qg, j * hd, 0, hd, q2 + j * hd2, 1);
-        for (int64_t b = 0; b < blocks; b++) {
+        for (int64_t b = from / LANES; b < blocks; b++) {
             if (b + ahead < blocks)
                 for (int64_t i = 0; i < block; i += 16) __builtin_prefetch(kg + (b + ahead) * block + i);
             for (int64_t j = j0; j < j1; j += GROUP_MAX) {
@@ -296,10 +313,10 @@ static void attend(const float *q, const void *KT, int pairs, int64_t ktg, const
                     SCORES_FOR[n - 1](qg + j * hd, kg + b * block, hd, scaling, scores + j * Tp + b * LANES, Tp);
             }
         }
-        for (int64_t j = j0; j < j1; j++) sums[j] = exp_shifted(scores + j * Tp, T);
+        for (int64_t j = j0; j < j1; j++) sums[j] = exp_shifted(scores + j * Tp + from, T - from);
         for (int64_t i = j0 * hd; i < j1 * hd; i++) og[i] = 0.0f;
         const int64_t hv = hd / LANES * LANES, vg = g * sg;
-        for (int64_t t0 = 0; t0 < T; t0 += VALUE_BLOCK) {
+        for (int64_t t0 = from; t0 < T; t0 += VALUE_BLOCK) {
             const int64_t t1 = t0 + VALUE_BLOCK < T ? t0 + VALUE_BLOCK : T;
             for (int64_t j = j0; j < j1; j += GROUP_MAX) {
                 const int64_t n = j1 - j < GROUP_MAX ? j1 - j : GROUP_MAX;
@@ -321,10 +338,10 @@ static void attend(const float *q, const void *KT, int pairs, int64_t ktg, const
     }
 }
 
-/* Floats of scratch storm_decode_f32 needs for a cache of T positions and `threads` threads. */
-int64_t storm_decode_scratch(int64_t d, int64_t heads, int64_t kv_heads, int64_t hd, int64_t inter, int64_t T,
-                             int64_t threads) {
-    return 2 * d + (heads + 2 * kv_heads) * hd + heads * hd + 2 * inter
+/* Floats of scratch storm_decode_f32 needs for `rows` tokens, a cache of T positions and `threads` threads. */
+int64_t storm_decode_scratch(int64_t rows, int64_t d, int64_t heads, int64_t kv_heads, int64_t hd, int64_t inter,
+                             int64_t T, int64_t threads) {
+    return rows * (2 * d + (heads + 2 * kv_heads) * hd + heads * hd + 2 * inter)
            + threads * attend_scratch(heads / kv_heads, T, hd);
 }
 
@@ -353,9 +370,10 @@ static void barrier_wait(spin_barrier *b, int *local) {
 }
 
 typedef struct {
-    int64_t layers, d, heads, kv_heads, hd, inter, pos, token, sg, st, ktg, kt_from, vocab;
+    int64_t rows, layers, d, heads, kv_heads, hd, inter, pos, sb, sg, st, ktb, ktg, kt_from, vocab;
     float eps, scaling, norm_eps;
-    const float *embed, *cos, *sin, *norm_w;
+    const int64_t *from;
+    const float *cos, *sin, *norm_w;
     const void *head_w, *head_b;
     const void *const *w;
     void *const *kv;
@@ -365,25 +383,41 @@ typedef struct {
     spin_barrier barrier;
 } step_args;
 
-/* rows [n * tid / threads, n * (tid + 1) / threads) of gemv, W and bias float32 or (wbf16) bfloat16 */
-static void gemv_part(const step_args *a, int tid, const float *x, const void *W, const void *bias, float *y,
-                      int64_t k, int64_t n, int accumulate, int wbf16) {
+#define GEMV_ROWS(NB)                                                                                       \
+    case NB:                                                                                                \
+        if (wbf16)                                                                                          \
+            gemv(x + b * ldx, ldx, w, bias ? (const char *)bias + (size_t)j0 * size : NULL, y + b * ldy + j0, ldy, \
+                 k, j1 - j0, accumulate, 1, NB);                                                            \
+        else                                                                                                \
+            gemv(x + b * ldx, ldx, w, bias ? (const char *)bias + (size_t)j0 * size : NULL, y + b * ldy + j0, ldy, \
+                 k, j1 - j0, accumulate, 0, NB);                                                            \
+        break;
+
+/* Output rows [n * tid / threads, n * (tid + 1) / threads) of gemv for a->rows rows of x (ldx apart) into
+ * y (ldy apart), ROWS_MAX rows of x per pass over W; W and bias float32 or (wbf16) bfloat16 */
+static void gemv_part(const step_args *a, int tid, const float *x, int64_t ldx, const void *W, const void *bias,
+                      float *y, int64_t ldy, int64_t k, int64_t n, int accumulate, int wbf16) {
     const int64_t j0 = n * tid / a->threads, j1 = n * (tid + 1) / a->threads;
     const size_t size = wbf16 ? 2 : 4;
-    const char *w = (const char *)W + (size_t)(j0 * k) * size, *b = bias ? (const char *)bias + (size_t)j0 * size : NULL;
-    if (wbf16)
-        gemv(x, w, b, y + j0, k, j1 - j0, accumulate, 1);
-    else
-        gemv(x, w, b, y + j0, k, j1 - j0, accumulate, 0);
+    const char *w = (const char *)W + (size_t)(j0 * k) * size;
+    for (int64_t b = 0; b < a->rows; b += ROWS_MAX) {
+        switch (a->rows - b < ROWS_MAX ? a->rows - b : ROWS_MAX) {
+            GEMV_ROWS(1) GEMV_ROWS(2) GEMV_ROWS(3) GEMV_ROWS(4)
+#if ROWS_MAX == 8
+            GEMV_ROWS(5) GEMV_ROWS(6) GEMV_ROWS(7) GEMV_ROWS(8)
+#endif
+        }
+    }
 }
 
 /* The step as thread `tid` of a->threads runs it: every product's rows and the attention's query heads
- * split between the threads, the small operations on thread 0, a barrier between dependent parts. */
+ * split between the threads, the small operations on thread 0, a barrier between dependent parts. Each
+ * token's activations are one row of h, x, qkv, att and gu. */
 static void step_run(step_args *a, int tid) {
-    const int64_t d = a->d, heads = a->heads, kv_heads = a->kv_heads, hd = a->hd, inter = a->inter;
-    const int64_t nq = heads * hd, nk = kv_heads * hd, T = a->pos + 1, r = heads / kv_heads;
-    float *h = a->scratch, *x = h + d, *qkv = x + d, *att = qkv + nq + 2 * nk, *gu = att + nq;
-    float *scores = gu + 2 * inter + tid * attend_scratch(r, T, hd);
+    const int64_t rows = a->rows, d = a->d, heads = a->heads, kv_heads = a->kv_heads, hd = a->hd, inter = a->inter;
+    const int64_t nq = heads * hd, nk = kv_heads * hd, nqkv = nq + 2 * nk, T = a->pos + 1, r = heads / kv_heads;
+    float *h = a->scratch, *x = h + rows * d, *qkv = x + rows * d, *att = qkv + rows * nqkv, *gu = att + rows * nq;
+    float *scores = gu + rows * 2 * inter + tid * attend_scratch(r, T, hd);
     const int64_t h0 = heads * tid / a->threads, h1 = heads * (tid + 1) / a->threads;
     int sense = 0;
     const void *const *w = a->w;
@@ -392,44 +426,52 @@ static void step_run(step_args *a, int tid) {
     void *const *kt = a->kt;
     const int pairs = (a->kv_bf16 & 4) != 0;
     for (int64_t l = 0; l < a->layers; l++, w += 16, kv += 2, kt++) {
-        if (tid == 0) storm_rms_norm_f32(h, w[0], a->eps, x, d, 0, 1);
+        if (tid == 0) storm_rms_norm_f32(h, w[0], a->eps, x, d, 0, rows);
         barrier_wait(&a->barrier, &sense);
-        gemv_part(a, tid, x, w[2], w[3], qkv, d, nq, 0, wb);
-        gemv_part(a, tid, x, w[4], w[5], qkv + nq, d, nk, 0, wb);
-        gemv_part(a, tid, x, w[6], w[7], qkv + nq + nk, d, nk, 0, wb);
+        gemv_part(a, tid, x, d, w[2], w[3], qkv, nqkv, d, nq, 0, wb);
+        gemv_part(a, tid, x, d, w[4], w[5], qkv + nq, nqkv, d, nk, 0, wb);
+        gemv_part(a, tid, x, d, w[6], w[7], qkv + nq + nk, nqkv, d, nk, 0, wb);
         barrier_wait(&a->barrier, &sense);
-        if (tid == 0) {
-            rotary(qkv, heads + kv_heads, hd, a->cos, a->sin); /* q and k heads are adjacent */
-            for (int64_t g = 0; g < kv_heads; g++) {
-                store_kv(kv[0], g * a->sg + a->pos * a->st, qkv + nq + g * hd, hd, a->kv_bf16 & 1);
-                store_kv(kv[1], g * a->sg + a->pos * a->st, qkv + nq + nk + g * hd, hd, a->kv_bf16 & 2);
-                if (pairs)
-                    transpose_key_pairs(kv[0], a->kv_bf16 & 1, g * a->sg, a->st, a->kt_from, T, hd,
-                                        (uint32_t *)kt[0] + g * a->ktg);
-                else
-                    transpose_keys(kv[0], a->kv_bf16 & 1, g * a->sg, a->st, a->kt_from, T, hd,
-                                   (float *)kt[0] + g * a->ktg);
+        if (tid == 0)
+            for (int64_t b = 0; b < rows; b++) {
+                float *qkv_b = qkv + b * nqkv;
+                /* q and k heads are adjacent */
+                rotary(qkv_b, heads + kv_heads, hd, a->cos + b * hd, a->sin + b * hd);
+                for (int64_t g = 0; g < kv_heads; g++) {
+                    const int64_t off = b * a->sb + g * a->sg;
+                    store_kv(kv[0], off + a->pos * a->st, qkv_b + nq + g * hd, hd, a->kv_bf16 & 1);
+                    store_kv(kv[1], off + a->pos * a->st, qkv_b + nq + nk + g * hd, hd, a->kv_bf16 & 2);
+                    if (pairs)
+                        transpose_key_pairs(kv[0], a->kv_bf16 & 1, off, a->st, a->kt_from, T, hd,
+                                            (uint32_t *)kt[0] + b * a->ktb + g * a->ktg);
+                    else
+                        transpose_keys(kv[0], a->kv_bf16 & 1, off, a->st, a->kt_from, T, hd,
+                                       (float *)kt[0] + b * a->ktb + g * a->ktg);
+                }
             }
-        }
         barrier_wait(&a->barrier, &sense);
-        attend(qkv, kt[0], pairs, a->ktg, kv[1], a->kv_bf16 & 2, a->sg, a->st, T, heads, kv_heads, hd, a->scaling,
-               scores, att, h0, h1);
+        for (int64_t b = 0; b < rows; b++)
+            attend(qkv + b * nqkv, (const float *)kt[0] + b * a->ktb, pairs, a->ktg, (const char *)kv[1]
+                   + (size_t)(b * a->sb) * ((a->kv_bf16 & 2) ? 2 : 4), a->kv_bf16 & 2, a->sg, a->st,
+                   a->from ? a->from[b] : 0, T, heads, kv_heads, hd, a->scaling, scores, att + b * nq, h0, h1);
         barrier_wait(&a->barrier, &sense);
-        gemv_part(a, tid, att, w[8], w[9], h, nq, d, 1, wb);
+        gemv_part(a, tid, att, nq, w[8], w[9], h, d, nq, d, 1, wb);
         barrier_wait(&a->barrier, &sense);
-        if (tid == 0) storm_rms_norm_f32(h, w[1], a->eps, x, d, 0, 1);
+        if (tid == 0) storm_rms_norm_f32(h, w[1], a->eps, x, d, 0, rows);
         barrier_wait(&a->barrier, &sense);
-        gemv_part(a, tid, x, w[10], w[11], gu, d, inter, 0, wb);
-        gemv_part(a, tid, x, w[12], w[13], gu + inter, d, inter, 0, wb);
+        gemv_part(a, tid, x, d, w[10], w[11], gu, 2 * inter, d, inter, 0, wb);
+        gemv_part(a, tid, x, d, w[12], w[13], gu + inter, 2 * inter, d, inter, 0, wb);
         barrier_wait(&a->barrier, &sense);
-        if (tid == 0) storm_silu_mul_f32(gu, gu + inter, gu, inter);
+        if (tid == 0)
+            for (int64_t b = 0; b < rows; b++) storm_silu_mul_f32(gu + b * 2 * inter, gu + b * 2 * inter + inter,
+                                                                  gu + b * 2 * inter, inter);
         barrier_wait(&a->barrier, &sense);
-        gemv_part(a, tid, gu, w[14], w[15], h, inter, d, 1, wb);
+        gemv_part(a, tid, gu, 2 * inter, w[14], w[15], h, d, inter, d, 1, wb);
         barrier_wait(&a->barrier, &sense);
     }
-    if (tid == 0) storm_rms_norm_f32(h, a->norm_w, a->norm_eps, x, d, 0, 1);
+    if (tid == 0) storm_rms_norm_f32(h, a->norm_w, a->norm_eps, x, d, 0, rows);
     barrier_wait(&a->barrier, &sense);
-    gemv_part(a, tid, x, a->head_w, a->head_b, a->logits, d, a->vocab, 0, a->head_bf16);
+    gemv_part(a, tid, x, d, a->head_w, a->head_b, a->logits, a->vocab, d, a->vocab, 0, a->head_bf16);
 }
 
 typedef struct {
@@ -447,38 +489,40 @@ static void *step_thread_main(void *p) {
     return NULL;
 }
 
-/* Every layer for token `token` (its row of the embedding table embed (vocab, d) is the input), then
- * the final norm and the LM head, on `threads` threads (this one and threads - 1 started here). Writes
- * each layer's key and value at position `pos` of its cache buffers and attends over positions 0..pos.
+/* Every layer for `rows` tokens, one per sequence of a batch (token b's row of the embedding table embed
+ * (vocab, d) is its input), then the final norm and the LM head, on `threads` threads (this one and
+ * threads - 1 started here). Writes each layer's keys and values at position `pos` of sequence b's cache
+ * buffers and attends over its positions from[b]..pos (from NULL: 0..pos; the positions before from[b]:
+ * a left-padded sequence's padding). Every weight is read once for the whole batch (ROWS_MAX tokens per pass).
  *   w: 16 pointers per layer, every matrix (out, in) row-major as nn.Linear holds it, each bias or NULL:
  *      input RMSNorm weight (d), post-attention RMSNorm weight (d), q (heads hd, d), its bias,
  *      k (kv_heads hd, d), its bias, v (kv_heads hd, d), its bias, o (d, heads hd), its bias,
  *      gate (inter, d), its bias, up (inter, d), its bias, down (d, inter), its bias; the norms'
  *      weights float32, the projections' weights and biases float32, or bfloat16 with w_bf16;
- *   kv: 2 pointers per layer, the key and the value buffer, both with element strides sg (KV head)
- *      and st (position), hd contiguous; float32, or bfloat16 where bit 0 (keys) / bit 1 (values) of
- *      kv_bf16 is set (under bf16 autocast the keys come out of the rotary embedding in float32);
+ *   kv: 2 pointers per layer, the key and the value buffer, both with element strides sb (sequence), sg
+ *      (KV head) and st (position), hd contiguous; float32, or bfloat16 where bit 0 (keys) / bit 1
+ *      (values) of kv_bf16 is set (under bf16 autocast the keys come out of the rotary embedding in float32);
  *   kt: 1 pointer per layer, its keys as transpose_keys lays them out (float32), or, where bit 2 of kv_bf16
  *      is set, as transpose_key_pairs does (the scores then on q and k rounded to bf16, as SDPA's bf16
- *      attention under autocast), KV head g from 4-byte word g * ktg, with room for position pos;
- *      positions 0..kt_from-1 already there, the rest copied here;
- *   cos, sin (hd): the rotary embedding at `pos`, as the model's rotary module returns it;
+ *      attention under autocast), sequence b's KV head g from 4-byte word b * ktb + g * ktg, with room for
+ *      position pos; positions 0..kt_from-1 already there, the rest copied here;
+ *   cos, sin (rows, hd): each token's rotary embedding, as the model's rotary module returns it;
  *   norm_w (d), norm_eps, head_w (vocab, d), head_b (vocab) or NULL: the final RMSNorm and the LM head,
- *      whose product of h goes to logits (vocab); head_w and head_b float32, or bfloat16 with head_bf16;
- *   scratch: at least storm_decode_scratch(..., pos + 1, threads) floats. Returns 0. (Where a thread
+ *      whose product of each token's h goes to its row of logits (rows, vocab); head_w and head_b float32,
+ *      or bfloat16 with head_bf16;
+ *   scratch: at least storm_decode_scratch(rows, ..., pos + 1, threads) floats. Returns 0. (Where a thread
  *      cannot be started, the step runs on this one.) */
-int storm_decode_f32(int64_t layers, int64_t d, int64_t heads, int64_t kv_heads, int64_t hd, int64_t inter,
-                     float eps, float scaling, int64_t pos, const float *embed, int64_t token,
-                     const float *cos, const float *sin,
-                     const void *const *w, int w_bf16, void *const *kv, int64_t sg, int64_t st, int kv_bf16,
-                     void *const *kt, int64_t ktg, int64_t kt_from, const float *norm_w, float norm_eps,
-                     const void *head_w, const void *head_b, int head_bf16, int64_t vocab, float *logits,
-                     float *scratch, int threads) {
+int storm_decode_f32(int64_t rows, int64_t layers, int64_t d, int64_t heads, int64_t kv_heads, int64_t hd,
+                     int64_t inter, float eps, float scaling, int64_t pos, const int64_t *from, const float *embed,
+                     const int64_t *tokens, const float *cos, const float *sin, const void *const *w, int w_bf16,
+                     void *const *kv, int64_t sb, int64_t sg, int64_t st, int kv_bf16, void *const *kt, int64_t ktb,
+                     int64_t ktg, int64_t kt_from, const float *norm_w, float norm_eps, const void *head_w,
+                     const void *head_b, int head_bf16, int64_t vocab, float *logits, float *scratch, int threads) {
     if (threads < 1) threads = 1;
     if (threads > heads) threads = (int)heads;
-    step_args a = {layers, d, heads, kv_heads, hd, inter, pos, token, sg, st, ktg, kt_from, vocab, eps, scaling,
-                   norm_eps, embed, cos, sin, norm_w, head_w, head_b, w, kv, kt, logits, scratch, kv_bf16, w_bf16,
-                   head_bf16, threads,
+    step_args a = {rows, layers, d, heads, kv_heads, hd, inter, pos, sb, sg, st, ktb, ktg, kt_from, vocab, eps,
+                   scaling, norm_eps, from, cos, sin, norm_w, head_w, head_b, w, kv, kt, logits, scratch, kv_bf16,
+                   w_bf16, head_bf16, threads,
                    {0, 0, threads}};
     pthread_t ids[threads];
     step_thread ts[threads];
@@ -488,7 +532,7 @@ int storm_decode_f32(int64_t layers, int64_t d, int64_t heads, int64_t kv_heads,
         ts[started] = (step_thread){&a, started + 1, &go};
         if (pthread_create(&ids[started], NULL, step_thread_main, &ts[started]) != 0) break;
     }
-    memcpy(scratch, embed + token * d, (size_t)d * sizeof(float));
+    for (int64_t b = 0; b < rows; b++) memcpy(scratch + b * d, embed + tokens[b] * d, (size_t)d * sizeof(float));
     if (started < threads - 1) { /* a thread would not start: release the others, run on this one */
         atomic_store_explicit(&go, -1, memory_order_release);
         for (int i = 0; i < started; i++) pthread_join(ids[i], NULL);

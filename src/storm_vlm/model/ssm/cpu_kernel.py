@@ -412,11 +412,11 @@ def _bind(lib: ctypes.CDLL, isa: Isa, lanes: int, origin: str) -> ctypes.CDLL:
     bwd.argtypes = ([i64] * 5 + [ptr, i64, i64, i64] * 4 + [ptr] * 3 + [cint] * 2 + [ptr] * 2 + [cint] * 2
                     + [ptr, i64, ptr] + [ptr, i64, i64, i64] * 3 + [ptr] * 6 + [i64, i64])
     bwd.restype = cint
-    lib.storm_decode_scratch.argtypes = [i64] * 7
+    lib.storm_decode_scratch.argtypes = [i64] * 8
     lib.storm_decode_scratch.restype = i64
     dec = lib.storm_decode_f32
-    dec.argtypes = ([i64] * 6 + [ctypes.c_float] * 2 + [i64, ptr, i64] + [ptr] * 3 + [cint, ptr, i64, i64, cint, ptr, i64, i64]
-                    + [ptr, ctypes.c_float, ptr, ptr, cint, i64, ptr, ptr, cint])
+    dec.argtypes = ([i64] * 7 + [ctypes.c_float] * 2 + [i64] + [ptr] * 6 + [cint, ptr, i64, i64, i64, cint, ptr]
+                    + [i64] * 3 + [ptr, ctypes.c_float, ptr, ptr, cint, i64, ptr, ptr, cint])
     dec.restype = cint
     for name in ("storm_gelu_tanh_f32", "storm_gelu_tanh_bf16"):
         getattr(lib, name).argtypes = [ptr, ptr, i64]
