@@ -35,6 +35,7 @@ def test_every_benchmark_script_imports():
     ("prefill", ["--warmup", "-1"], "--warmup"),
     ("scan", ["--lengths", "x"], "--lengths"),
     ("video_loading", ["--frames", "0"], "--frames"),
+    ("serve_throughput", ["--clients", "1,x"], "--clients"),
 ])
 def test_benchmarks_reject_bad_counts_with_one_error(script, argv, flag, monkeypatch, capsys):
     """A count out of range or not a number is one argparse error naming the flag (exit 2), before any
