@@ -22,7 +22,8 @@ bandwidth, timed in the same run (best of a start and an end measurement) — an
 multiple of it (target: <= 2x). The greedy tokens of every path are compared (identical in float32; under
 `--dtype bfloat16` on CPU the C step computes in float32 while the others' products are bf16, so
 they may differ). Also: 4x vs no compression at 256 frames against its FLOP and byte ratios, here and at
-the real size.
+the real size; and a table of left-padded batches (`--rows`, a server's or an evaluation's batch: the
+step takes every row in one pass over the weights) against their rows decoded one after the other.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from __future__ import annotations
 import os
 import statistics
 import time
+
+import torch
 
 import _profile_common as common
 
@@ -47,6 +50,8 @@ def main(argv=None) -> int:
                    help="frame counts of the uncompressed caches (default: 32,64,128,256)")
     p.add_argument("--tokens", type=positive_int, default=16, help="decode steps per round (default: 16)")
     p.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
+    p.add_argument("--rows", type=int_list, default=[4, 8],
+                   help="batch sizes of the left-padded batch table (default: 4,8)")
     args = p.parse_args(argv)
     frames = args.frames
     model, source, defaults = common.load(args)
@@ -143,12 +148,62 @@ def main(argv=None) -> int:
     print(f"4x vs none at {max(frames)} frames: {ratio:.2f}x faster per token; FLOP ratio {b['flops_ratio']:.2f}x, "
           f"byte ratio {b['bytes_ratio']:.2f}x (a step reads every weight whatever the cache); real size (SigLIP-so400m "
           f"+ Qwen2-7B, bf16): FLOP ratio {rb['flops_ratio']:.2f}x, byte ratio {rb['bytes_ratio']:.2f}x")
+    batched = batch_table(model, args.rows, caches[f"{frames[0]}f"][0].get_seq_length(), args.tokens, s, clock)
     common.footer()
     common.write_json(args.json, {"benchmark": "decode", "source": source, "settings": s.as_dict(),
                                   "tokens_per_round": args.tokens, "bandwidth_gb_s": bandwidth and bandwidth / 1e9,
                                   "compile_s": compile_s, "kv_cache_tokens": {n: c.get_seq_length() for n, (c, _) in caches.items()},
-                                  "steps": result, "target_met": met}, host)
+                                  "steps": result, "batched": batched, "target_met": met}, host)
     return 0
+
+
+def batch_table(model, rows: list[int], length: int, steps: int, s, clock) -> dict:
+    """A batched generation's decode steps (a server's or an evaluation's batch): `rows` prompts of
+    random tokens, `length` down to `length` - 13 (rows - 1) long, left-padded, prefilled together; then
+    rounds of `steps` greedy steps alternate between the decode step and the model's forward. Printed:
+    ms per step and per row, and the batch's speed-up over its rows decoded one after the other (each
+    at the one-row step's time on the longest prompt, timed here too)."""
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.config.get_text_config().vocab_size
+    batches = {}
+    for b in [1, *rows]:
+        lengths = [length - 13 * i for i in range(b)]
+        ids = torch.zeros(b, length, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, n in enumerate(lengths):
+            ids[i, length - n:] = torch.randint(0, vocab, (n,), generator=gen)
+            mask[i, length - n:] = 1
+        with torch.inference_mode(), s.resolved.context():
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        batches[b] = (out.cache, out.logits[:, -1:].argmax(-1), mask)
+    paths = {"step": dict(decode=True), "forward": dict(decode=False)}
+    times = {(b, path): [] for b in batches for path in paths}
+    tokens = {}
+    for rnd in range(s.warmup + s.repeats):
+        for b, (cache, token, mask) in batches.items():
+            for path, switches in paths.items():
+                enable_fast_paths(model, **switches)
+                with s.resolved.context():
+                    ts, toks = decode_steps(model, cache, token, steps, clock, attention_mask=mask)
+                tokens.setdefault((b, path), toks)
+                if rnd >= s.warmup:
+                    times[(b, path)].extend(ts)
+    enable_fast_paths(model)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    one = med[(1, "step")]
+    print(f"\nleft-padded batches, prompts of {length} tokens down to {length - 13 * (max(rows) - 1)}:")
+    head = f"{'rows':>5} | {'step ms':>8} {'ms/row':>7} {'x rows one by one':>18} | {'forward ms':>10} {'ms/row':>7} | greedy tokens"
+    print(head)
+    print("-" * len(head))
+    out = {}
+    for b in batches:
+        step, fwd = med[(b, "step")], med[(b, "forward")]
+        same = tokens[(b, "step")] == tokens[(b, "forward")]
+        print(f"{b:>5} | {step:8.2f} {step / b:7.2f} {b * one / step:17.2f}x | {fwd:10.2f} {fwd / b:7.2f} | "
+              f"{'identical' if same else 'DIFFERENT'}")
+        out[str(b)] = {"step_ms": round(step, 3), "forward_ms": round(fwd, 3), "speedup_over_one_by_one": round(b * one / step, 3),
+                       "identical": same}
+    return out
 
 
 if __name__ == "__main__":

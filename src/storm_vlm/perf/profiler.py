@@ -346,21 +346,28 @@ def _prefill(model, pixels, text, compression: Compression, visual: int, clock: 
     return out, (t0, t1, t2, t3)
 
 
-def decode_steps(model, cache, token, steps: int, clock: Clock) -> tuple[list[float], list[int]]:
-    """`steps` greedy one-token steps on `cache` (grown in place), then cropped back.
+def decode_steps(model, cache, token, steps: int, clock: Clock,
+                 attention_mask: torch.Tensor | None = None) -> tuple[list[float], list[list[int]]]:
+    """`steps` greedy one-token steps on `cache` (grown in place), then cropped back. token (B, 1);
+    `attention_mask` (B, cached tokens): a left-padded batch's, extended by a column per step, with
+    each row's positions counted from its first token (as generate passes them).
 
-    Returns (ms per step, the greedy token ids of batch row 0)."""
+    Returns (ms per step, the greedy token ids of every row at each step)."""
     start = cache.get_seq_length()
     times, tokens = [], []
+    extra = {}
     with torch.inference_mode():
         for _ in range(steps):
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(token.shape[0], 1)], 1)
+                extra = dict(attention_mask=attention_mask, position_ids=attention_mask.sum(1, keepdim=True) - 1)
             clock.sync()
             s0 = clock.mark()
-            out = model(input_ids=token, cache=cache, use_cache=True)
+            out = model(input_ids=token, cache=cache, use_cache=True, **extra)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             s1 = clock.mark()
             times.append(clock.ms(s0, s1))
-            tokens.append(int(token[0, 0]))
+            tokens.append(token[:, 0].tolist())
     extra = cache.get_seq_length() - start
     if extra:
         cache.crop(-extra)
