@@ -95,7 +95,7 @@ def test_out_of_memory_is_reported_as_such(tmp_path, monkeypatch):
     def no_memory(*args, **kwargs):
         raise MemoryError()
 
-    monkeypatch.setattr(readers, "to_rgb", no_memory)
+    monkeypatch.setattr(readers, "scaled_rgb", no_memory)
     with pytest.raises(VideoDecodeError) as info:
         load_video(path, num_frames=4)
     message = str(info.value)
@@ -105,7 +105,7 @@ def test_out_of_memory_is_reported_as_such(tmp_path, monkeypatch):
     def ffmpeg_no_memory(*args, **kwargs):
         raise av.error.MemoryError(12, "Cannot allocate memory")
 
-    monkeypatch.setattr(readers, "to_rgb", ffmpeg_no_memory)
+    monkeypatch.setattr(readers, "scaled_rgb", ffmpeg_no_memory)
     with pytest.raises(VideoDecodeError, match="out of memory while decoding"):
         load_video(path, num_frames=4)
 

@@ -23,14 +23,14 @@ reported as such. How frames are picked (seeking vs decoding forward) is describ
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
-from fractions import Fraction
 
 import numpy as np
 
-from storm_vlm.media.container import (ALLOWED_FORMATS, IMAGE_FORMATS, Truncation, av, av_errors, check_file,
-                                       find_truncation, open_container)
+from storm_vlm.media.container import (ALLOWED_FORMATS, IMAGE_FORMATS, Truncation, animated_webp, av, av_errors,
+                                       check_file, find_truncation, open_container)
 from storm_vlm.media.errors import DecodeCancelled, DecodeTimeout, VideoDecodeError, describe, fail
 from storm_vlm.media.limits import (DEFAULT_MAX_PIXELS, MAX_IMAGE_PIXELS, MAX_SOURCE_PIXELS, Budget,
                                     max_concurrent_decodes, output_size, run_decode, set_max_concurrent_decodes)
@@ -41,7 +41,8 @@ __all__ = ["VideoClip", "VideoDecodeError", "DecodeTimeout", "DecodeCancelled", 
            "uniform_indices", "ALLOWED_FORMATS", "DEFAULT_MAX_PIXELS", "MAX_SOURCE_PIXELS", "MAX_IMAGE_PIXELS",
            "set_max_concurrent_decodes", "max_concurrent_decodes"]
 
-# Demuxers whose seeking is index-based and precise enough to sample by seeking.
+# Demuxers whose seeking is index-based and precise enough to sample by seeking (not MPEG-TS:
+# see storm_vlm.media.readers).
 _SEEKABLE_FORMATS = {"mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm", "avi", "flv", "nut"}
 
 
@@ -58,11 +59,14 @@ class VideoClip:
     num_source_frames: frames in the whole stream (the decodable part when truncated).
     repeated: True when the clip had fewer frames than asked and frames were repeated.
     is_image: True for a still image (then T == 1).
-    rotation: display rotation applied, degrees counter-clockwise (0, 90, 180 or 270).
+    rotation: display rotation applied, degrees counter-clockwise (0, 90, 180 or 270); a display
+        matrix with a mirror is applied as ffmpeg shows it (extra["mirrored"]: mirrored left-right
+        before the rotation).
     truncated: True when the file is cut short and the clip covers only the part that decodes
         (only with allow_truncated=True; extra["truncated"] says how much is missing).
     extra: how it was read: reader, seeks, frames decoded, where the frame count came from,
-        source_size and frame_size (width, height), and "timing" / "truncated" notes.
+        source_size (of the first picture decoded) and frame_size (width, height), and "timing" /
+        "truncated" / "mirrored" notes.
 
     Unpacks as `frames, timestamps = load_video(...)`.
     """
@@ -108,9 +112,13 @@ def uniform_indices(num_available: int, num_frames: int) -> tuple[np.ndarray, bo
     return np.clip(idx, 0, num_available - 1), True
 
 
+def _real(value) -> bool:
+    """A finite real number: int, float, Fraction or a numpy scalar (a pandas cell), never a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _positive_seconds(value) -> bool:
-    return isinstance(value, (int, float, Fraction)) and not isinstance(value, bool) and math.isfinite(value) \
-        and value > 0
+    return _real(value) and value > 0
 
 
 def _check_args(path: str, num_frames, fps, start, end, max_pixels, min_side, timeout_s, allow_truncated) -> None:
@@ -125,7 +133,7 @@ def _check_args(path: str, num_frames, fps, start, end, max_pixels, min_side, ti
     if fps is not None and not _positive_seconds(fps):
         raise fail(path, f"fps must be a positive number, got {fps!r}")
     for name, value in (("start", start), ("end", end)):
-        if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0):
+        if value is not None and (not _real(value) or value < 0):
             raise fail(path, f"{name} must be a non-negative number of seconds, got {value!r}")
     if start is not None and end is not None and start >= end:
         raise fail(path, f"start ({start} s) must be before end ({end} s)")
@@ -145,8 +153,9 @@ def load_video(path, num_frames: int = 32, fps: float | None = None, start: floa
     """Sample frames from a video file (or load a still image as one frame).
 
     Uniform mode (fps=None): exactly `num_frames` frames at indices round(linspace(0, n-1, T))
-    of the clip [start, end) (seconds; default the whole video); a clip with fewer frames
-    than asked is padded by repeating frames evenly (`repeated=True`).
+    of the clip [start, end) (seconds; default the whole video: the frames on screen during it,
+    the one on screen at `start` included); a clip with fewer frames than asked is padded by
+    repeating frames evenly (`repeated=True`).
     fps mode: one frame every 1/fps seconds of the clip (never more often than the native
     rate); when that gives more than `num_frames`, `num_frames` uniformly spread frames.
     Still images (png, jpg, ...) give T=1.
@@ -173,6 +182,7 @@ def load_video(path, num_frames: int = 32, fps: float | None = None, start: floa
     """
     path = os.fspath(path)
     _check_args(path, num_frames, fps, start, end, max_pixels, min_side, timeout_s, allow_truncated)
+    start, end = (None if value is None else float(value) for value in (start, end))
     budget = Budget(path, timeout_s, cancel)
     size = check_file(path)
     loader = _Loader(path, size, find_truncation(path, size), budget, int(num_frames), fps, start, end,
@@ -203,11 +213,21 @@ class _Loader:
     # -- streams
 
     def video_stream(self, container, image: bool = False):
-        """The first video stream, its size checked against the cap and FFmpeg told to enforce it."""
-        if not container.streams.video:
+        """The video stream to read, its size checked against the cap and FFmpeg told to enforce it.
+
+        FFmpeg's choice (av_find_best_stream: a default-flagged track first, then by frames probed
+        and bit rate), never an attached picture (the cover art of a song or podcast); when that
+        choice is one, the default-flagged stream, else the first.
+        """
+        disposition = av().stream.Disposition
+        streams = [s for s in container.streams.video if not s.disposition & disposition.attached_pic]
+        if not streams:
             kinds = sorted({s.type for s in container.streams}) or ["none"]
-            raise fail(self.path, f"no video stream (streams found: {', '.join(kinds)})")
-        stream = container.streams.video[0]
+            found = "only a cover picture" if container.streams.video else f"streams found: {', '.join(kinds)}"
+            raise fail(self.path, f"no video stream ({found})")
+        stream = container.streams.best("video")
+        if stream is None or stream.disposition & disposition.attached_pic:
+            stream = next((s for s in streams if s.disposition & disposition.default), streams[0])
         context = stream.codec_context
         if context is None:
             raise fail(self.path, "no decoder for its video codec")
@@ -264,18 +284,23 @@ class _Loader:
     def load(self, container) -> VideoClip:
         format_names = set((container.format.name or "").split(","))
         image = bool(format_names & IMAGE_FORMATS)
+        if "webp_pipe" in format_names and animated_webp(self.path):
+            raise fail(self.path, "animated WebP is not supported (FFmpeg decodes only still WebP images); "
+                                  "convert it to a video or GIF first")
         stream = self.video_stream(container, image)
         if image:
             return self.load_image(container, stream)
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         extra = {}
         timing = _implausible_timing(container, stream)
+        in_order = _pts_are_guesses(format_names, stream)
         if self.truncation is not None:
             declared, decodable = self.decodable(container, stream)
             if not self.allow_truncated:
                 raise fail(self.path, self.truncation.describe() + self.decodable_note(declared, decodable, rate)
                            + "; pass allow_truncated=True to sample from the part that decodes")
-            reader = SequentialReader(self.opener(), self.path, self.budget, rate, tolerate_tail=True)
+            reader = SequentialReader(self.opener(), self.path, self.budget, rate, in_order=in_order,
+                                      tolerate_tail=True)
             extra["truncated"] = {**self.truncation.as_dict(), "declared_frames": declared}
         elif timing is not None:
             note, duration_s = timing
@@ -285,9 +310,9 @@ class _Loader:
                                f"declared {duration_s:.3f} s")
         else:
             reader = SeekingReader(container, stream, self.path, self.budget)
-            if not (format_names & _SEEKABLE_FORMATS) or not reader.can_seek():
+            if in_order or not (format_names & _SEEKABLE_FORMATS) or not reader.can_seek():
                 reader.close()
-                reader = SequentialReader(self.opener(), self.path, self.budget, rate)
+                reader = SequentialReader(self.opener(), self.path, self.budget, rate, in_order=in_order)
         try:
             n = reader.num_frames()
             rate = reader.rate
@@ -322,7 +347,9 @@ class _Loader:
         raise fail(self.path, "no decodable frame in the image")
 
     def sizes(self) -> dict:
-        return {"source_size": tuple(self.sink.source_size), "frame_size": tuple(self.sink.frame_size)}
+        """source_size and frame_size for `extra`, and "mirrored" when the picture was."""
+        mirrored = {"mirrored": True} if self.sink.mirrored else {}
+        return {"source_size": tuple(self.sink.source_size), "frame_size": tuple(self.sink.frame_size), **mirrored}
 
     # -- what went wrong
 
@@ -381,16 +408,22 @@ def _implausible_timing(container, stream) -> tuple[str, float] | None:
     return None
 
 
+def _pts_are_guesses(format_names, stream) -> bool:
+    """AVI stores no presentation timestamps: for codecs that reorder frames (H.264, MPEG-4 ASP as
+    in Xvid/DivX files: UCF101, HMDB51) FFmpeg's guesses are a frame late and, with B-frames, out
+    of order, so sampling by time returned wrong frames. Such files are read in display order."""
+    codec = stream.codec_context.codec
+    return "avi" in format_names and codec is not None and bool(codec.reorder)
+
+
 def _clip_bounds(path, n, rate, start, end) -> tuple[int, int]:
-    """First and last source frame index of the clip [start, end) in seconds."""
-    duration = n / float(rate)
-    first = 0 if start is None else int(math.ceil(start * rate - 1e-6))
-    last = n - 1 if end is None else min(n - 1, int(math.ceil(end * rate - 1e-6)) - 1)
+    """First and last source frame index of the clip [start, end) in seconds: the frames on
+    screen during it (frame i is shown from i / rate to (i + 1) / rate), so a clip within one
+    frame's display time has that frame."""
+    first = 0 if start is None else int(math.floor(start * rate + 1e-6))
     if first > n - 1:
-        raise fail(path, f"start {start} s is at or beyond the end of the video ({duration:.3f} s)")
-    if last < first:
-        raise fail(path, f"the clip [{start}, {end}) s contains no frame (video is {duration:.3f} s at "
-                          f"{float(rate):g} fps)")
+        raise fail(path, f"start {start} s is at or beyond the end of the video ({n / float(rate):.3f} s)")
+    last = n - 1 if end is None else min(n - 1, max(first, int(math.ceil(end * rate - 1e-6)) - 1))
     return first, last
 
 

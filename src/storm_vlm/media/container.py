@@ -22,7 +22,7 @@ from storm_vlm.media.errors import DecodeTimeout, describe, fail
 from storm_vlm.media.limits import MAX_IMAGE_PIXELS, Budget
 
 __all__ = ["ALLOWED_FORMATS", "IMAGE_FORMATS", "av", "check_file", "open_container", "Truncation",
-           "find_truncation"]
+           "find_truncation", "animated_webp"]
 
 # Demuxers (FFmpeg names) that read exactly the file they are given. Video containers and raw
 # video streams first, then single still images; image2 (which FFmpeg picks for some images by
@@ -86,6 +86,17 @@ def _sniff(path: str) -> str | None:
     if head.lower().startswith(b"[playlist]"):
         return "a playlist (pls)"
     return None
+
+
+def animated_webp(path: str) -> bool:
+    """Whether `path` is an animated WebP (its VP8X header's animation flag), which FFmpeg's WebP
+    decoder cannot read: it fails as invalid data, which would be reported as a corrupt file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(21)
+    except OSError:
+        return False
+    return len(head) == 21 and head[:4] == b"RIFF" and head[8:16] == b"WEBPVP8X" and bool(head[20] & 0x02)
 
 
 def open_container(path: str, budget: Budget, options: dict | None = None, truncation=None):

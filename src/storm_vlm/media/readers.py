@@ -11,12 +11,20 @@ Readers decide which pictures those are:
 jumps to the keyframe before it (when that keyframe lies beyond the current decoder position)
 or decodes forward (when the wanted frame is in the GOP already being decoded), so 128 frames of
 an hour-long video cost about 128 short decodes. Frame i of a stream is the one shown at
-`first_pts + i / fps`.
+`first_pts + i / fps` (the frame nearest that time; past the last frame's timestamp, the last
+frame while its display time lasts).
 
 `SequentialReader` decodes the whole stream, twice (count, then convert the wanted frames): for
-formats that cannot seek, streams without timestamps or frame rate, files whose timestamps are
-implausible (frames are then taken in order and spread evenly over the declared duration), and
-truncated files read on request (decoding stops where the data ends).
+formats that cannot seek exactly, streams without timestamps or frame rate, AVI with codecs that
+reorder frames (AVI stores no presentation timestamps: FFmpeg's guesses are a frame late and,
+with B-frames, out of order; frame i is then the i-th in display order, shown at i / fps), files
+whose timestamps are implausible (frames are then taken in order and spread evenly over the
+declared duration), and truncated files read on request (decoding stops where the data ends).
+MPEG-TS/PS (.ts, .m2ts, .mts) and raw streams are read so, at the cost of two full decodes: they
+have no keyframe index and FFmpeg seeks them by a binary search over timestamps, landing on any
+packet. Measured against a full decode, seeking sampled wrong frames in .ts files of H.264 (with
+B-frames, or open GOPs), MPEG-2 and HEVC (up to 13 of 64 frames), and on a 3-minute file still
+decoded three quarters of it or more.
 """
 
 from __future__ import annotations
@@ -30,13 +38,17 @@ from storm_vlm.media.container import av, av_errors
 from storm_vlm.media.errors import fail
 from storm_vlm.media.limits import Budget, output_size
 
-__all__ = ["FrameSink", "SeekingReader", "SequentialReader", "rotate_frame", "frame_rotation", "decoded_frames"]
+__all__ = ["FrameSink", "SeekingReader", "SequentialReader", "rotate_frame", "frame_rotation", "frame_orientation",
+           "decoded_frames"]
 
 
-def rotate_frame(frame: np.ndarray, rotation: float) -> np.ndarray:
-    """Apply a display rotation (degrees counter-clockwise, FFmpeg's convention) to (H, W, C)."""
+def rotate_frame(frame: np.ndarray, rotation: float, mirrored: bool = False) -> np.ndarray:
+    """Apply a display rotation (degrees counter-clockwise, FFmpeg's convention) to (H, W, C),
+    after mirroring it left-right when `mirrored` (see `frame_orientation`)."""
+    if mirrored:
+        frame = frame[:, ::-1]
     k = int(round(float(rotation) / 90.0)) % 4
-    return np.ascontiguousarray(np.rot90(frame, k=k)) if k else frame
+    return np.ascontiguousarray(np.rot90(frame, k=k)) if k or mirrored else frame
 
 
 def frame_rotation(frame) -> int:
@@ -47,13 +59,48 @@ def frame_rotation(frame) -> int:
         return 0
 
 
+def frame_orientation(frame) -> tuple[int, bool]:
+    """(rotation, mirrored) of a decoded frame's display matrix, as ffmpeg's autorotate shows it:
+    mirror left-right when `mirrored`, then rotate by `rotation` degrees counter-clockwise.
+
+    A mirrored matrix (a front camera's recording) is not a rotation: its angle alone would turn
+    a left-right mirror into a 180-degree turn. The cases follow fftools' autorotate (transpose,
+    hflip and vflip filters) one for one; angles are rounded to a multiple of 90 degrees.
+
+    Reading `frame.side_data` ties the frame into a reference cycle (PyAV caches the container on
+    the frame), freed only by the garbage collector: pass a small frame (`scaled_rgb`'s copy,
+    which carries the side data), never a decoder's full-size picture.
+    """
+    try:
+        side_data = frame.side_data.get(av().sidedata.sidedata.Type.DISPLAYMATRIX)
+    except (AttributeError, av().FFmpegError):
+        side_data = None
+    if side_data is None:
+        return 0, False
+    m = np.frombuffer(bytes(side_data), dtype=np.int32)
+    clockwise = int(round(-float(frame.rotation) / 90.0)) % 4  # fftools' get_rotation
+    if clockwise == 1:
+        return (90, True) if m[3] > 0 else (270, False)  # transpose=cclock_flip, or clock
+    if clockwise == 3:
+        return (270, True) if m[3] < 0 else (90, False)  # transpose=clock_flip, or cclock
+    if clockwise == 2:  # hflip if m[0] < 0, vflip if m[4] < 0
+        return {(True, True): (180, False), (True, False): (0, True), (False, True): (180, True),
+                (False, False): (0, False)}[(bool(m[0] < 0), bool(m[4] < 0))]
+    return (180, True) if m[4] < 0 else (0, False)  # vflip, or nothing
+
+
+def scaled_rgb(frame, size: tuple[int, int], reformatter):
+    """A decoded frame as an rgb24 av.VideoFrame of size = (w, h), its properties and side data
+    copied from it."""
+    if size == (frame.width, frame.height):
+        return reformatter.reformat(frame, format="rgb24")
+    # area averaging: every source pixel counts (no aliasing when shrinking a lot)
+    return reformatter.reformat(frame, format="rgb24", width=size[0], height=size[1], interpolation="AREA")
+
+
 def to_rgb(frame, size: tuple[int, int], rotation: int, reformatter) -> np.ndarray:
     """(h, w, 3) uint8 RGB of a decoded frame scaled to size = (w, h) (before rotation), rotated."""
-    if size == (frame.width, frame.height):
-        rgb = reformatter.reformat(frame, format="rgb24")
-    else:  # area averaging: every source pixel counts (no aliasing when shrinking a lot)
-        rgb = reformatter.reformat(frame, format="rgb24", width=size[0], height=size[1], interpolation="AREA")
-    return rotate_frame(rgb.to_ndarray(), rotation)
+    return rotate_frame(scaled_rgb(frame, size, reformatter).to_ndarray(), rotation)
 
 
 def decoded_frames(container, stream, budget: Budget, stats: dict, stop_at_corrupt: bool = False):
@@ -78,7 +125,9 @@ class FrameSink:
     """The clip being filled: row r of the output holds source frame indices[r].
 
     Frames are scaled with `output_size(w, h, max_pixels, min_side)`; the output array is
-    allocated when the first frame arrives (its size is known then).
+    allocated when the first frame arrives (its size is known then). A stream whose picture size
+    changes midway (an HLS recording switching variants, a WebRTC recording) has its later frames
+    scaled to that same size, as ffmpeg does.
     """
 
     def __init__(self, path: str, indices: np.ndarray, max_pixels: int | None, min_side: int | None,
@@ -92,8 +141,9 @@ class FrameSink:
             self.rows.setdefault(index, []).append(row)
         self.frames = None
         self.timestamps = np.zeros(len(self.indices), dtype=np.float64)
-        self.rotations: dict[int, int] = {}
-        self.source_size = declared_size  # (w, h) of the pictures being decoded, for messages
+        self.orientation = None  # (rotation, mirrored) of the first frame, applied to every frame
+        self.done: set[int] = set()
+        self.source_size = declared_size  # (w, h) of the first picture decoded (the stream's, before)
         self.frame_size = None  # (w, h) of the output frames before rotation
         # One converter per call, reused for every frame (building one per frame costs more than
         # small decodes), released by `close`: never per thread, since FFmpeg's converter owns
@@ -104,31 +154,34 @@ class FrameSink:
         self._reformatter = None
 
     def put(self, index: int, frame, seconds: float) -> None:
-        rotation = frame_rotation(frame)
-        source = (frame.width, frame.height)
-        size = output_size(*source, self.max_pixels, self.min_side)
-        if self.frames is not None and size != self.frame_size:
-            raise fail(self.path, f"frame size changes within the video (from {self.source_size[0]}x"
-                                  f"{self.source_size[1]} to {source[0]}x{source[1]})")
-        self.source_size, self.frame_size = source, size
+        if self.frames is None:
+            self.source_size = (frame.width, frame.height)
+            self.frame_size = output_size(*self.source_size, self.max_pixels, self.min_side)
         if self._reformatter is None:
             from av.video.reformatter import VideoReformatter
 
             self._reformatter = VideoReformatter()
-        rgb = to_rgb(frame, size, rotation, self._reformatter)
+        scaled = scaled_rgb(frame, self.frame_size, self._reformatter)
+        if self.orientation is None:  # on the small copy (the frame itself when already rgb24 at that size)
+            self.orientation = frame_orientation(scaled)
+        rgb = rotate_frame(scaled.to_ndarray(), *self.orientation)
         if self.frames is None:
             self.frames = np.empty((len(self.indices), *rgb.shape), dtype=np.uint8)
         for row in self.rows[index]:
             self.frames[row] = rgb
             self.timestamps[row] = seconds
-        self.rotations[index] = rotation
+        self.done.add(index)
 
     def missing(self) -> list[int]:
-        return [i for i in self.wanted.tolist() if i not in self.rotations]
+        return [i for i in self.wanted.tolist() if i not in self.done]
 
     @property
     def rotation(self) -> int:
-        return self.rotations.get(int(self.indices[0]), 0)
+        return (self.orientation or (0, False))[0]
+
+    @property
+    def mirrored(self) -> bool:
+        return (self.orientation or (0, False))[1]
 
 
 # ---------------------------------------------------------------- seeking
@@ -148,6 +201,7 @@ class SeekingReader:
         self._frames = None  # active decode iterator (None: must seek before decoding)
         self._pending = None  # a decoded frame pushed back onto the active iterator
         self._pos = None  # pts of the last frame taken from the active iterator
+        self._ended = False  # the active iterator reached the end of the stream
         self._gop_frames = 0  # largest keyframe distance seen while decoding, in frames
         self._keyframes = None  # sorted keyframe presentation timestamps from the container index
 
@@ -162,15 +216,22 @@ class SeekingReader:
             if frame is None or frame.pts is None:
                 return False
             self.first_pts = frame.pts
-        entries = self.stream.index_entries
-        if len(entries):
-            # mp4 indexes decode timestamps; with B-frames they trail the presentation ones by a
-            # constant delay, which the first entry (a keyframe shown first) reveals.
-            shift = max(0, self.first_pts - entries[0].timestamp) if entries[0].is_keyframe else 0
-            keys = [e.timestamp for e in entries if e.is_keyframe]
-            if keys:
-                self._keyframes = np.array(sorted(keys), dtype=np.float64) + shift
+        self._load_keyframes()
         return True
+
+    def _load_keyframes(self) -> None:
+        """Keyframe times from the container's index; None (guess from the GOPs decoded) while the
+        index has at most one entry: Matroska/WebM read theirs (Cues) only at the first seek, so
+        this runs again after each seek until it is known."""
+        entries = self.stream.index_entries
+        if len(entries) <= 1:
+            return
+        # mp4 indexes decode timestamps; with B-frames they trail the presentation ones by a
+        # constant delay, which the first entry (a keyframe shown first) reveals.
+        shift = max(0, self.first_pts - entries[0].timestamp) if entries[0].is_keyframe else 0
+        keys = [e.timestamp for e in entries if e.is_keyframe]
+        if len(keys) > 1:
+            self._keyframes = np.array(sorted(keys), dtype=np.float64) + shift
 
     # -- frame count
 
@@ -214,6 +275,8 @@ class SeekingReader:
         if target_pts is not None:
             self.container.seek(int(math.floor(target_pts)), stream=self.stream, backward=True)
             self.stats["seeks"] += 1
+            if self._keyframes is None:
+                self._load_keyframes()
         last_key = None
         for frame in decoded_frames(self.container, self.stream, self.budget, self.stats):
             if frame.key_frame and frame.pts is not None:
@@ -233,6 +296,8 @@ class SeekingReader:
         """Seek when the keyframe before the target lies beyond the decoder position, else decode on."""
         if self._frames is None or self._pos is None or target_pts <= self._pos:
             return True
+        if self._ended:  # nothing lies beyond the end of the stream
+            return False
         if self._keyframes is not None:
             i = int(np.searchsorted(self._keyframes, target_pts, side="right")) - 1
             # A seek saves decoding the frames between here and that keyframe; not worth it for one or two.
@@ -251,6 +316,7 @@ class SeekingReader:
         if self._frames is not None:
             self._frames.close()
         self._frames = self._pending = self._pos = None
+        self._ended = False
 
     def read(self, sink: FrameSink) -> None:
         """Decode the frames `sink` wants (sorted, distinct indices) into it."""
@@ -276,34 +342,38 @@ class SeekingReader:
             sink.put(index, frame, float((frame.pts - self.first_pts) * self.time_base))
 
     def _advance_to(self, target: float):
-        """Decode forward to the frame nearest `target` pts.
+        """Decode forward to the frame nearest `target` pts: the nearer of the last frame before it
+        and the first at or after it (with a variable frame rate they can be far apart).
 
-        Returns (frame, "ok"), (frame, "overshoot") when the first frame decoded is already past
-        the target, (None, "eof") when the stream ended more than 1.5 frames before the target,
-        or (None, "empty") when nothing was decoded.
+        Returns (frame, "ok"); (frame, "overshoot") when the first frame decoded is more than half
+        a frame past the target; (None, "empty") when nothing was decoded. When the stream ends
+        first, its last frame is on screen for its duration (at least a frame and a half; a
+        recording or slideshow may hold it for seconds) and stays pending for the next targets:
+        (it, "ok") within that time, else (None, "eof"): frames were due that the data lacks.
         """
         half = self.frame_pts / 2
         prev = None
         while self._frames is not None:
             frame = self._next_frame()
             if frame is None:
-                self._frames = None  # end of stream
+                self._ended = True
                 break
             if frame.pts is None:
                 continue
             self._pos = frame.pts
-            if frame.pts >= target - half:
+            if frame.pts >= target:
                 if prev is None:
                     return frame, ("overshoot" if frame.pts > target + half else "ok")
-                if abs(prev.pts - target) <= abs(frame.pts - target):
+                if target - prev.pts <= frame.pts - target:
                     self._pending, self._pos = frame, prev.pts
                     return prev, "ok"
                 return frame, "ok"
             prev = frame
         if prev is None:
             return None, "empty"
-        # The last frame counts only when within 1.5 frames of the target.
-        return (prev, "ok") if target - prev.pts <= 3 * half else (None, "eof")
+        self._pending = prev
+        shown = max(prev.duration or 0, self.frame_pts) + half
+        return (prev, "ok") if target - prev.pts <= shown else (None, "eof")
 
 
 # ---------------------------------------------------------------- sequential
@@ -315,14 +385,15 @@ class SequentialReader:
     open_stream: a callable returning (container, stream), a fresh one per pass.
     even_over: None (timestamps from the frames' pts), or a duration in seconds to spread the
     frames evenly over (for streams whose timestamps are implausible).
+    in_order: frame i is shown at i / rate, whatever its pts (AVI, whose pts are guesses).
     tolerate_tail: stop quietly at a decoding error after the first frame (a truncated file read
     on request) instead of failing.
     """
 
     def __init__(self, open_stream, path: str, budget: Budget, rate=None, even_over: float | None = None,
-                 tolerate_tail: bool = False):
+                 in_order: bool = False, tolerate_tail: bool = False):
         self.open_stream, self.path, self.budget = open_stream, path, budget
-        self.even_over, self.tolerate_tail = even_over, tolerate_tail
+        self.even_over, self.in_order, self.tolerate_tail = even_over, in_order, tolerate_tail
         self.stats = {"seeks": 0, "decoded": 0}
         self._times = None
         self.rate = rate if rate and rate > 0 else Fraction(25)
@@ -358,8 +429,9 @@ class SequentialReader:
         if not times:
             raise fail(self.path, "no decodable frame")
         n = len(times)
-        if self.even_over:
-            self.rate = Fraction(n) / Fraction(self.even_over) if n > 1 else self.rate
+        if self.even_over and n > 1:
+            self.rate = Fraction(n) / Fraction(self.even_over)
+        if self.even_over or self.in_order:
             self._times = [i / float(self.rate) for i in range(n)]
         else:
             self._times = [t - times[0] for t in times]
