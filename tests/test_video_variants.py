@@ -13,6 +13,7 @@ from helpers import encode_video
 from PIL import Image
 
 from storm_vlm import VideoDecodeError, load_video
+from storm_vlm.streaming.sources import FrameSampler, decode_segment
 from test_video import CODECS, H, W, decoded_indices, index_frame, write_video
 
 
@@ -195,6 +196,9 @@ def test_mirrored_display_matrices_are_shown_as_ffmpeg_shows_them(tmp_path, rota
     assert decoded_indices(plain) == [259]
     np.testing.assert_array_equal(clip.frames[0], shown(plain.frames[0]))
     assert clip.extra["mirrored"] and "mirrored" not in plain.extra
+    # the live-video reader (storm-vlm watch, sessions) shows it the same way
+    (_, live), = list(decode_segment(str(tmp_path / "mirrored.mp4"), FrameSampler(1.0), "mirrored.mp4"))
+    np.testing.assert_array_equal(live, clip.frames[0])
 
 
 # ------------------------------------------------------------------ arguments

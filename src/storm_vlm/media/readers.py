@@ -38,7 +38,7 @@ from storm_vlm.media.container import av, av_errors
 from storm_vlm.media.errors import fail
 from storm_vlm.media.limits import Budget, output_size
 
-__all__ = ["FrameSink", "SeekingReader", "SequentialReader", "rotate_frame", "frame_rotation", "frame_orientation",
+__all__ = ["FrameSink", "SeekingReader", "SequentialReader", "rotate_frame", "frame_orientation", "scaled_rgb",
            "decoded_frames"]
 
 
@@ -49,14 +49,6 @@ def rotate_frame(frame: np.ndarray, rotation: float, mirrored: bool = False) -> 
         frame = frame[:, ::-1]
     k = int(round(float(rotation) / 90.0)) % 4
     return np.ascontiguousarray(np.rot90(frame, k=k)) if k or mirrored else frame
-
-
-def frame_rotation(frame) -> int:
-    """A decoded frame's display rotation: 0, 90, 180 or 270 degrees counter-clockwise."""
-    try:
-        return int(round(float(frame.rotation) / 90.0)) % 4 * 90
-    except (AttributeError, av().FFmpegError):
-        return 0
 
 
 def frame_orientation(frame) -> tuple[int, bool]:
@@ -96,11 +88,6 @@ def scaled_rgb(frame, size: tuple[int, int], reformatter):
         return reformatter.reformat(frame, format="rgb24")
     # area averaging: every source pixel counts (no aliasing when shrinking a lot)
     return reformatter.reformat(frame, format="rgb24", width=size[0], height=size[1], interpolation="AREA")
-
-
-def to_rgb(frame, size: tuple[int, int], rotation: int, reformatter) -> np.ndarray:
-    """(h, w, 3) uint8 RGB of a decoded frame scaled to size = (w, h) (before rotation), rotated."""
-    return rotate_frame(scaled_rgb(frame, size, reformatter).to_ndarray(), rotation)
 
 
 def decoded_frames(container, stream, budget: Budget, stats: dict, stop_at_corrupt: bool = False):

@@ -37,7 +37,7 @@ import numpy as np
 from storm_vlm.errors import StormError
 from storm_vlm.media.container import ALLOWED_FORMATS, IMAGE_FORMATS
 from storm_vlm.media.limits import DEFAULT_MAX_PIXELS, MAX_SOURCE_PIXELS, output_size
-from storm_vlm.media.readers import frame_rotation, to_rgb
+from storm_vlm.media.readers import frame_orientation, rotate_frame, scaled_rgb
 from storm_vlm.video import VideoDecodeError
 
 __all__ = ["Chunk", "FrameSampler", "FrameSource", "open_source", "decode_segment", "STREAM_FORMATS"]
@@ -143,7 +143,7 @@ def decode_segment(target, sampler: FrameSampler, name: str, fmt: str | None = N
         stream.thread_type = "AUTO"
         rate = stream.average_rate or stream.guessed_rate
         sampler.begin_segment(1.0 / float(rate) if rate else None)
-        index = 0
+        index, orientation = 0, None
         try:
             for frame in container.decode(stream):
                 t = frame.time
@@ -154,7 +154,10 @@ def decode_segment(target, sampler: FrameSampler, name: str, fmt: str | None = N
                 if kept is None:
                     continue
                 size = output_size(frame.width, frame.height, DEFAULT_MAX_PIXELS, min_side)
-                yield kept, to_rgb(frame, size, frame_rotation(frame), reformatter)
+                scaled = scaled_rgb(frame, size, reformatter)
+                if orientation is None:  # read from the small copy: see frame_orientation
+                    orientation = frame_orientation(scaled)
+                yield kept, rotate_frame(scaled.to_ndarray(), *orientation)
         except (av.FFmpegError, OSError, EOFError) as exc:
             cause = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             raise VideoDecodeError(f"{name}: decoding stopped ({cause})") from None
