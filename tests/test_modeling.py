@@ -91,6 +91,16 @@ def test_placeholder_mismatch_states_both_counts(qwen2):
             model(input_ids=ids, pixel_values_videos=inputs["pixel_values_videos"])
 
 
+def test_videos_out_of_row_order_are_an_error(qwen2):
+    model, processor = qwen2
+    batch = processor(text=["<video>\nq", "<video>\nq"], videos=[random_video(2), random_video(3, seed=1)])
+    swapped = {k: v[[1, 0]] if k in ("pixel_values_videos", "video_frame_mask", "video_token_layout") else v
+               for k, v in batch.items()}  # as many visual tokens in all, but row 0 would read the 3-frame video
+    with pytest.raises(ValueError, match="row 0 of input_ids holds 32 <video> tokens, which is not a whole number"):
+        with torch.no_grad():
+            model(**swapped)
+
+
 def test_save_load_identical_logits_and_auto_classes(qwen2, tmp_path):
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 

@@ -4,10 +4,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import random_video, video_question
+from helpers import random_video, video_question, write_mp4
+from PIL import Image
 
-from storm_vlm import StormProcessor
+from storm_vlm import StormProcessor, load_video
 from storm_vlm.errors import StormError
+from storm_vlm.media.images import load_image
 from storm_vlm.model.compression import VisualTokenLayout
 from storm_vlm.model.processing import default_chat_template
 
@@ -28,6 +30,16 @@ def make_processor(parts, **fields):
 @pytest.fixture(scope="module")
 def processor(qwen2_parts):
     return make_processor(qwen2_parts)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """(an mp4 of 12 frames at 8 fps = 1.5 s, a png)."""
+    root = tmp_path_factory.mktemp("media")
+    video = write_mp4(root / "clip.mp4", random_video(12, 64, 64, seed=7), fps=8)
+    image = root / "image.png"
+    Image.fromarray(random_video(1, seed=8)[0]).save(image)
+    return video, image
 
 
 def test_tiny_tokenizer_covers_the_benchmark_vocabulary(processor):
@@ -97,8 +109,13 @@ def test_images_count_as_one_frame(processor):
         (dict(text="<video> <video>", videos=[random_video(2)]), "2 <video> placeholders but 1 videos"),
         (dict(text="no placeholder", videos=[random_video(2)]), "0 <video> placeholders"),
         (dict(text="<image>", images=[]), "1 <image> placeholders but 0 images"),
-        (dict(text="<video>", videos=[np.zeros((2, 8, 8, 3), np.float32)]), "uint8"),
+        (dict(text="<video>", videos=[np.zeros((2, 8, 8, 3), np.int16)]), "uint8"),
+        (dict(text="<video>", videos=[np.full((2, 8, 8, 3), 7.0, np.float32)]),
+         r"uint8 pixels or floats in \[0, 1\], got float32 values in \[7, 7\]"),
         (dict(text="<video>", videos=[np.zeros((2, 8, 8), np.uint8)]), "shape"),
+        (dict(text="<video>", videos=b"clip.mp4"), r"videos must be a video \(a file path, .* got bytes"),
+        (dict(text="<image>", images={"image": 1}), r"images must be an image \(a file path, .* got dict"),
+        (dict(text="<video>", videos=[3]), "an item is a int"),
     ],
 )
 def test_input_errors(processor, kwargs, message):
@@ -173,3 +190,103 @@ def test_frames_at_the_processor_size_skip_the_resize_with_the_same_pixels(proce
     big = rng.integers(0, 256, (2, size + 8, size + 8, 3), dtype=np.uint8)
     out = processor(text="<video>", videos=[big], return_tensors="pt")["pixel_values_videos"]
     torch.testing.assert_close(out[0], processor.image_processor(images=list(big), return_tensors="pt")["pixel_values"].float())
+
+
+def test_file_paths_are_read_as_one_video_or_image_each(processor, media):
+    video, image = media
+    clip = load_video(video, num_frames=4, min_side=processor.image_size)
+    ref = processor(text="<video><image>", videos=[clip], images=[load_image(image)])
+    for videos, images in (([str(video)], [str(image)]), (str(video), str(image)), (video, image)):
+        out = processor(text="<video><image>", videos=videos, images=images, num_frames=4)
+        assert out.keys() == ref.keys() and all(torch.equal(out[k], ref[k]) for k in ref)
+    # fps mode: a frame every 1/2 s of the 1.5 s clip
+    assert processor(text="<video>", videos=[video], fps=2)["pixel_values_videos"].shape[1] == 3
+
+
+def test_chat_template_sends_other_keywords_to_the_processor(processor, media):
+    video, _ = media
+    kw = dict(add_generation_prompt=True, tokenize=True, return_dict=True)
+    batch = [video_question(random_video(4)), [{"role": "user", "content": "a text-only prompt"}]]
+    for how in (dict(padding_side="right"), dict(processor_kwargs={"padding_side": "right"})):
+        mask = processor.apply_chat_template(batch, **kw, **how)["attention_mask"]
+        assert mask[1, 0] == 1 and mask[1, -1] == 0, how  # the shorter row is padded on the right
+
+    def frames(item, **extra):
+        conversation = [{"role": "user", "content": [{"type": "video", "path": str(video), **item},
+                                                     {"type": "text", "text": "q"}]}]
+        return processor.apply_chat_template(conversation, **kw, **extra)["pixel_values_videos"].shape[1]
+
+    assert frames({}) == 32
+    assert frames({}, fps=2) == frames({"fps": 2}) == 3  # to load_video; the item's own setting too
+    assert frames({}, processor_kwargs={"num_frames": 4}) == frames({"num_frames": 4}) == 4
+    # what the template reads stays a template variable; an unknown keyword is an error
+    template = "{{ greeting }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert processor.apply_chat_template([{"role": "user", "content": "x"}], chat_template=template,
+                                         greeting="Hi ") == "Hi x"
+    with pytest.raises(TypeError, match="num_frame"):
+        processor.apply_chat_template(video_question(random_video(2)), tokenize=True, num_frame=4)
+
+
+def test_tokenized_conversation_is_a_batch_of_one(processor):
+    conversation = video_question(random_video(2))
+    ids = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+    full = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert ids.dim() == 2 and torch.equal(ids, full["input_ids"])
+
+
+def test_channels_first_and_float_pixels_give_the_same_inputs(processor):
+    video = random_video(3)
+    t = torch.from_numpy(video)
+    ref = processor(text="<video><image>", videos=[video], images=[video[0]])
+    for videos, images in (
+        ([t.permute(0, 3, 1, 2)], [t[0].permute(2, 0, 1)]),  # channels-first tensors
+        ([list(t.permute(0, 3, 1, 2))], [Image.fromarray(video[0])]),  # a list of channels-first frames
+        ([video.astype(np.float32) / 255], [video[0] / 255]),  # floats in [0, 1]
+    ):
+        out = processor(text="<video><image>", videos=videos, images=images)
+        assert all(torch.equal(out[k], ref[k]) for k in ref)
+
+
+@pytest.mark.parametrize("height", [1, 3])
+def test_frames_one_or_three_pixels_tall_are_read_channels_last(processor, height):
+    frame = np.zeros((height, 8, 3), np.uint8)
+    frame[:, :4] = 255  # left half white
+    pixels = processor(text="<video>", videos=[np.stack([frame] * 2)])["pixel_values_videos"][0, 0]
+    assert pixels[:, :, :24].mean() > 0.95 and pixels[:, :, -24:].mean() < -0.95
+
+
+def test_tokenizer_options_apply_to_the_expanded_rows(processor):
+    texts, videos = ["<video>\nWhat colour is the circle?", "Hi"], [random_video(2)]
+    n = processor.num_visual_tokens(2)
+    padded = processor(text=texts, videos=videos, padding="max_length", max_length=n + 16)
+    assert padded["input_ids"].shape == (2, n + 16)
+    assert processor(text=texts, videos=videos, pad_to_multiple_of=16)["input_ids"].shape[1] % 16 == 0
+    assert list(processor(text="a", return_attention_mask=False)) == ["input_ids"]
+    with pytest.raises(TypeError, match="retun_tensors"):
+        processor(text="a", retun_tensors="np")
+    # truncation counts the visual tokens and never cuts a placeholder
+    full = processor(text=texts[0], videos=videos)["input_ids"][0]
+    cut = processor(text=texts, videos=videos, truncation=True, max_length=n + 2, padding_side="right")
+    assert torch.equal(cut["input_ids"][0], full[: n + 2])
+    with pytest.raises(StormError, match="would cut visual placeholders from row 0"):
+        processor(text=texts, videos=videos, truncation=True, max_length=n - 1)
+    tokenizer = processor.tokenizer
+    tokenizer.truncation_side = "left"
+    try:
+        kept = processor(text="Describe this: <video>", videos=videos, truncation=True, max_length=n)["input_ids"]
+    finally:
+        tokenizer.truncation_side = "right"
+    assert kept.tolist() == [[processor.video_token_id] * n]
+
+
+def test_padding_side_is_the_tokenizers(processor, tmp_path):
+    assert processor.padding_side == processor.tokenizer.padding_side == "left"
+    try:
+        processor.tokenizer.padding_side = "right"
+        assert processor(text=["a", "b c d"])["attention_mask"][0, 0] == 1
+        processor.save_pretrained(tmp_path)
+        assert json.loads((tmp_path / "processor_config.json").read_text())["padding_side"] == "right"
+        assert StormProcessor.from_pretrained(tmp_path).padding_side == "right"
+    finally:
+        processor.padding_side = "left"
+    assert processor.tokenizer.padding_side == "left"

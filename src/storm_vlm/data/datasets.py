@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from storm_vlm.data.records import Conversation, load_records
 from storm_vlm.errors import StormError
+from storm_vlm.media.images import load_image
 from storm_vlm.utils import IGNORE_INDEX
 from storm_vlm.video import VideoDecodeError, load_video
 
@@ -91,11 +92,10 @@ def _check_regular_file(path: Path) -> None:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """(1, H, W, 3) uint8 RGB; MediaUnreadable when the file cannot be decoded."""
+    """(1, H, W, 3) uint8 RGB, upright (see `load_image`); MediaUnreadable when the file cannot be decoded."""
     _check_regular_file(path)
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)[None]
+        return load_image(path)[None]
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise MediaUnreadable(f"{path}: {exc}") from None
     except Exception as exc:  # e.g. PIL's DecompressionBombError: whatever the decoder raises is this file's

@@ -16,6 +16,7 @@ from PIL import Image
 
 from storm_vlm.errors import StormError
 from storm_vlm.eval.records import Record
+from storm_vlm.media.images import load_image
 from storm_vlm.video import VideoDecodeError, load_video
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -58,8 +59,7 @@ def load_frame_folder(path: str | Path, num_frames: int, folder_fps: float | Non
     for i in idx:
         _check_regular(os.path.join(path, names[i]), folder)
         try:
-            with Image.open(os.path.join(path, names[i])) as im:
-                frame = np.asarray(im.convert("RGB"))
+            frame = load_image(os.path.join(path, names[i]))
         except (OSError, ValueError) as exc:
             raise _decode_error(os.path.join(path, names[i]), f"unreadable frame image ({exc})") from None
         if size is None:

@@ -64,13 +64,18 @@ def frame_orientation(frame) -> tuple[int, bool]:
     which carries the side data), never a decoder's full-size picture.
     """
     try:
-        side_data = frame.side_data.get(av().sidedata.sidedata.Type.DISPLAYMATRIX)
+        clockwise = int(round(-float(frame.rotation) / 90.0)) % 4  # fftools' get_rotation
     except (AttributeError, av().FFmpegError):
-        side_data = None
+        return 0, False
+    try:
+        side_data = frame.side_data.get(av().sidedata.sidedata.Type.DISPLAYMATRIX)
+    except (AttributeError, ValueError, av().FFmpegError):
+        # ValueError: side data of a type this PyAV does not name (a JPEG's EXIF block with some
+        # FFmpeg builds): the rotation alone, which frame.rotation reads without that enumeration
+        return clockwise * 270 % 360, False
     if side_data is None:
         return 0, False
     m = np.frombuffer(bytes(side_data), dtype=np.int32)
-    clockwise = int(round(-float(frame.rotation) / 90.0)) % 4  # fftools' get_rotation
     if clockwise == 1:
         return (90, True) if m[3] > 0 else (270, False)  # transpose=cclock_flip, or clock
     if clockwise == 3:

@@ -24,6 +24,9 @@ from storm_vlm.utils import IGNORE_INDEX, check_int
 
 __all__ = ["StormPreTrainedModel", "StormForConditionalGeneration", "build_projector"]
 
+# The inputs with one entry per video (the processor's output), repeated together when generate expands rows.
+_PER_VIDEO_INPUTS = ("pixel_values_videos", "video_frame_mask", "video_token_layout")
+
 
 def build_projector(config: StormConfig) -> nn.Module:
     """A freshly initialised projector for `config` (vision width -> LLM width)."""
@@ -274,19 +277,94 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
             raise ValueError(f"pixel_values must have shape (B, 3, H, W), got {tuple(pixel_values.shape)}")
         return self.get_video_features(pixel_values[:, None], temporal_sample_stride=1)[0]
 
-    def _merge(self, input_ids, inputs_embeds, token_id, name, features: torch.Tensor) -> torch.Tensor:
-        """Write `features` (M, D) into the positions of `token_id` in input_ids (B, L), in order."""
+    def _items_per_row(self, input_ids: torch.Tensor, token_id: int | None, name: str,
+                       item_tokens: list[int]) -> list[int]:
+        """How many of the videos (or images), taken in order, each row of input_ids (B, L) holds.
+
+        item_tokens: each video's / image's visual-token count. A row's `token_id` placeholders must
+        be the tokens of whole consecutive items: the order `_merge` writes features in, and the
+        groups `_expand_inputs_for_generation` repeats. A ValueError names the mismatch otherwise.
+        """
         if token_id is None:
             raise ValueError(f"config.{name}_token_id is not set, so {name} placeholders cannot be found")
-        positions = input_ids == token_id
-        n_placeholders = int(positions.sum())
-        if n_placeholders != features.shape[0]:
+        per_row = (input_ids == token_id).sum(-1).tolist()
+        if sum(per_row) != sum(item_tokens):
             raise ValueError(
-                f"{name} placeholder mismatch: input_ids hold {n_placeholders} <{name}> tokens but the "
-                f"{name}s give {features.shape[0]} visual tokens"
+                f"{name} placeholder mismatch: input_ids hold {sum(per_row)} <{name}> tokens but the "
+                f"{name}s give {sum(item_tokens)} visual tokens"
             )
+        groups, start = [], 0
+        for row, want in enumerate(per_row):
+            end, have = start, 0
+            while have < want:
+                have += item_tokens[end]
+                end += 1
+            if have != want:
+                raise ValueError(
+                    f"{name} placeholder mismatch: row {row} of input_ids holds {want} <{name}> tokens, which "
+                    f"is not a whole number of {name}s (visual tokens per {name}, in order: {item_tokens})"
+                )
+            groups.append(end - start)
+            start = end
+        return groups
+
+    def _merge(self, input_ids, inputs_embeds, token_id, name, features: torch.Tensor,
+               item_tokens: list[int]) -> torch.Tensor:
+        """Write `features` (M, D), the visual tokens of items with `item_tokens` tokens each, into
+        the positions of `token_id` in input_ids (B, L), in order (`_items_per_row` checks the counts)."""
+        self._items_per_row(input_ids, token_id, name, item_tokens)
+        positions = input_ids == token_id
         features = features.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(positions[..., None].to(inputs_embeds.device), features)
+
+    # ---- generate: expanding a batch for beams / num_return_sequences ------------------------------
+
+    def _video_token_counts(self, pixel_values_videos: torch.Tensor, video_frame_mask: torch.Tensor | None,
+                            video_token_layout: torch.Tensor | None,
+                            temporal_sample_stride: int | None) -> list[int]:
+        """Visual tokens each video gives (what `get_video_features` makes of it), counted from its
+        real frames and stride as the processor counts them, without running the vision tower."""
+        v, t = pixel_values_videos.shape[:2]
+        frames = [t] * v if video_frame_mask is None else video_frame_mask.sum(-1).tolist()
+        strides = self.video_sample_strides(v, video_token_layout, temporal_sample_stride)
+        layout = self.config.visual_token_layout
+        return [layout.with_sample_stride(s).num_tokens(n) for s, n in zip(strides, frames)]
+
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
+                                      input_ids: torch.LongTensor | None = None, **model_kwargs):
+        """GenerationMixin's expansion of each row into `expand_size` rows (beams,
+        num_return_sequences), with the per-video and per-image inputs repeated a row's group at a time.
+
+        GenerationMixin repeats every tensor item by item along dim 0: right for per-row tensors, but
+        a row holding videos [A, B] must become two rows that each read [A, B], i.e. [A, B, A, B], not
+        [A, A, B, B] (the grouping transformers' `_expand_multimodal_outputs` applies to encoded
+        visuals). Each row's group is found from its placeholders (`_items_per_row`), before
+        input_ids are expanded.
+        """
+        visual = {}
+        if expand_size > 1 and input_ids is not None:
+            kinds = []
+            if model_kwargs.get("pixel_values_videos") is not None:
+                tokens = self._video_token_counts(
+                    model_kwargs["pixel_values_videos"], model_kwargs.get("video_frame_mask"),
+                    model_kwargs.get("video_token_layout"), model_kwargs.get("temporal_sample_stride"))
+                kinds.append((self.config.video_token_id, "video", tokens, _PER_VIDEO_INPUTS))
+            if model_kwargs.get("pixel_values") is not None:
+                tokens = [self.config.tokens_per_frame] * model_kwargs["pixel_values"].shape[0]
+                kinds.append((self.config.image_token_id, "image", tokens, ("pixel_values",)))
+            for token_id, name, tokens, keys in kinds:
+                index, start = [], 0
+                for n in self._items_per_row(input_ids, token_id, name, tokens):
+                    index += list(range(start, start + n)) * expand_size
+                    start += n
+                for key in keys:
+                    if model_kwargs.get(key) is not None:
+                        value = torch.as_tensor(model_kwargs.pop(key))
+                        visual[key] = value[torch.tensor(index, dtype=torch.long, device=value.device)]
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs)
+        model_kwargs.update(visual)
+        return input_ids, model_kwargs
 
     # ---- forward / generate ------------------------------------------------------------------------
 
@@ -350,12 +428,14 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
                                                           temporal_sample_stride, video_token_layout)
                 tokens = feats[out_mask]
                 inputs_embeds = self._merge(
-                    input_ids, inputs_embeds, self.config.video_token_id, "video", tokens.flatten(0, 1)
+                    input_ids, inputs_embeds, self.config.video_token_id, "video", tokens.flatten(0, 1),
+                    (out_mask.sum(-1) * feats.shape[2]).tolist()
                 )
             if pixel_values is not None:
                 feats = self.get_image_features(pixel_values)
                 inputs_embeds = self._merge(
-                    input_ids, inputs_embeds, self.config.image_token_id, "image", feats.flatten(0, 2)
+                    input_ids, inputs_embeds, self.config.image_token_id, "image", feats.flatten(0, 2),
+                    [feats.shape[2]] * feats.shape[0]
                 )
         elif has_visual:
             raise ValueError("pixel values need input_ids (the placeholders tell where visual tokens go)")

@@ -9,6 +9,8 @@ sampling stride is named once, to the processor.
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,15 +18,19 @@ import torch
 from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 from transformers.tokenization_utils_base import AddedToken
-from transformers.utils.chat_template_utils import render_jinja_template
+from transformers.utils.chat_template_utils import _compile_jinja_template, render_jinja_template
 
 from storm_vlm.errors import StormError
+from storm_vlm.media.images import load_image
 from storm_vlm.model.compression import VisualTokenLayout
 from storm_vlm.utils import IGNORE_INDEX, IMAGE_TOKEN, VIDEO_TOKEN
 from storm_vlm.video import load_video
 
 __all__ = ["StormProcessor", "add_placeholder_tokens", "CHATML_VISUAL_TEMPLATE", "LLAMA3_VISUAL_TEMPLATE",
-           "default_chat_template"]
+           "default_chat_template", "DEFAULT_NUM_FRAMES"]
+
+# Frames sampled from a video file when the call does not say (`load_video`'s default).
+DEFAULT_NUM_FRAMES = 32
 
 
 def add_placeholder_tokens(tokenizer, video_token: str = VIDEO_TOKEN, image_token: str = IMAGE_TOKEN) -> int:
@@ -78,6 +84,11 @@ LLAMA3_VISUAL_TEMPLATE = _RENDER_CONTENT + (
 )
 
 
+def _check_padding_side(side) -> None:
+    if side not in ("left", "right"):
+        raise StormError(f"padding_side must be 'left' or 'right', got {side!r}")
+
+
 def default_chat_template(tokenizer) -> str:
     """The multimodal chat template matching a tokenizer's conversation format (Llama-3 or ChatML)."""
     vocab = tokenizer.get_vocab()
@@ -86,43 +97,103 @@ def default_chat_template(tokenizer) -> str:
     return CHATML_VISUAL_TEMPLATE
 
 
+def _as_array(x) -> np.ndarray:
+    """A numpy array, a torch tensor (any device; bf16 read as float32) or a PIL image (as RGB) -> np.ndarray."""
+    if isinstance(x, Image.Image):
+        return np.asarray(x.convert("RGB"))
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        return (x.float() if x.is_floating_point() else x).numpy()
+    return np.asarray(x)
+
+
+def _rgb_uint8(pixels: np.ndarray, what: str, shape: str) -> np.ndarray:
+    """An image (H, W, 3) or frames (T, H, W, 3), given channels-last or channels-first, as
+    channels-last uint8.
+
+    Channels are read as transformers' `infer_channel_dimension_format` reads them (3 on the last
+    or the channel-first axis), except that where both axes are 3 (a frame 3 pixels tall) they are
+    taken as last, the documented layout, so frames `load_video` returns are never misread. Floats
+    must be in [0, 1]: they are scaled by 255 and rounded, as transformers rescales them to 8 bits.
+    """
+    first = pixels.ndim - 3
+    if pixels.shape[-1] != 3 and pixels.shape[first] == 3:
+        pixels = np.moveaxis(pixels, first, -1)
+    elif pixels.shape[-1] != 3:
+        raise StormError(f"{what}: expected {shape} (or channels first), got {pixels.shape}")
+    expected = f"{what}: expected uint8 pixels or floats in [0, 1], got {pixels.dtype}"
+    if np.issubdtype(pixels.dtype, np.floating):
+        lo, hi = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
+        if not (0.0 <= lo and hi <= 1.0):  # NaN fails too
+            raise StormError(f"{expected} values in [{lo:g}, {hi:g}]")
+        return np.rint(pixels * 255).astype(np.uint8)
+    if pixels.dtype != np.uint8:
+        raise StormError(expected)
+    return pixels
+
+
 def _frames_of(video, index: int) -> np.ndarray:
-    """A video (array (T, H, W, 3) uint8, a clip with `.frames`, or a list of frames) -> (T, H, W, 3) uint8."""
+    """A video (a (T, H, W, 3) array or tensor, a clip with `.frames`, or a list of frames) -> (T, H, W, 3) uint8."""
+    what = f"video {index}"
     frames = getattr(video, "frames", video)
-    if isinstance(frames, torch.Tensor):
-        frames = frames.cpu().numpy()
     if isinstance(frames, (list, tuple)):
-        frames = np.stack([np.asarray(f) for f in frames]) if len(frames) else np.zeros((0, 1, 1, 3), np.uint8)
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise StormError(f"video {index}: expected frames of shape (T, H, W, 3), got {frames.shape}")
+        if not frames:
+            raise StormError(f"{what}: has no frames")
+        arrays = [_as_array(f) for f in frames]
+        if len({a.shape for a in arrays}) > 1:
+            raise StormError(f"{what}: frames of different sizes {sorted({a.shape for a in arrays})}")
+        frames = np.stack(arrays)
+    frames = _as_array(frames)
+    if frames.ndim != 4:
+        raise StormError(f"{what}: expected frames of shape (T, H, W, 3), got {frames.shape}")
     if frames.shape[0] == 0:
-        raise StormError(f"video {index}: has no frames")
-    if frames.dtype != np.uint8:
-        raise StormError(f"video {index}: expected uint8 frames, got {frames.dtype}")
-    return frames
+        raise StormError(f"{what}: has no frames")
+    return _rgb_uint8(frames, what, "frames of shape (T, H, W, 3)")
 
 
 def _image_of(image, index: int) -> np.ndarray:
-    array = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
-    if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
-        raise StormError(f"image {index}: expected a PIL image or a uint8 array (H, W, 3), got {array.shape} {array.dtype}")
-    return array
+    """An image (a path, a PIL image, an (H, W, 3) array or tensor, or (H, W) grey) -> (H, W, 3) uint8."""
+    what = f"image {index}"
+    array = load_image(image) if _is_path(image) else _as_array(image)
+    if array.ndim == 2:  # grey, as PIL's convert("RGB") widens it
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3:
+        raise StormError(f"{what}: expected a PIL image, a path or an (H, W, 3) array, got shape {array.shape}")
+    return _rgb_uint8(array, what, "an (H, W, 3) array")
 
 
 def _ndim(x) -> int:
     return x.ndim if isinstance(x, (np.ndarray, torch.Tensor)) else -1
 
 
+def _is_path(x) -> bool:
+    return isinstance(x, (str, os.PathLike))
+
+
 def _is_one_video(x) -> bool:
-    """A clip with `.frames`, a (T, H, W, 3) array, or a list of (H, W, 3) frames."""
-    if hasattr(x, "frames") or _ndim(x) == 4:
+    """A file path, a clip with `.frames`, a (T, H, W, 3) array, or a list of (H, W, 3) frames."""
+    if _is_path(x) or hasattr(x, "frames") or _ndim(x) == 4:
         return True
-    return isinstance(x, (list, tuple)) and len(x) > 0 and (_ndim(x[0]) == 3 or hasattr(x[0], "convert"))
+    return isinstance(x, (list, tuple)) and len(x) > 0 and (_ndim(x[0]) == 3 or isinstance(x[0], Image.Image))
 
 
 def _is_one_image(x) -> bool:
-    return hasattr(x, "convert") or _ndim(x) == 3
+    """A file path, a PIL image, or an (H, W, 3) / (H, W) array."""
+    return _is_path(x) or isinstance(x, Image.Image) or _ndim(x) in (2, 3)
+
+
+_ONE_VIDEO = "a video (a file path, a (T, H, W, 3) array, a clip with .frames or a list of frames)"
+_ONE_IMAGE = "an image (a file path, a PIL image or an (H, W, 3) array)"
+
+
+@functools.lru_cache(maxsize=8)
+def _template_variables(template: str) -> frozenset[str]:
+    """The names a chat template reads from its context. transformers' ProcessorMixin.apply_chat_template
+    sends a keyword argument to the template if the template reads it, else to the processor call;
+    this is its test (`_get_template_variables`, which early 5.x releases lack)."""
+    from jinja2 import meta
+
+    return frozenset(meta.find_undeclared_variables(_compile_jinja_template(template).environment.parse(template)))
 
 
 class StormProcessor(ProcessorMixin):
@@ -139,7 +210,8 @@ class StormProcessor(ProcessorMixin):
         visual_token_config: what 0.1.0 saved instead (image/patch size, downsample ratio, pooling,
             sampling); read when `visual_token_layout` is absent, never written.
         padding_side: default side for batch padding ("left" suits batched generation; the model
-            gives the same logits either way).
+            gives the same logits either way). It is the tokenizer's `padding_side` (one setting, as in
+            transformers' processors): setting either sets both.
     """
 
     def __init__(
@@ -154,9 +226,7 @@ class StormProcessor(ProcessorMixin):
         visual_token_config: dict | None = None,
         **kwargs,
     ):
-        if padding_side not in ("left", "right"):
-            raise StormError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        self.padding_side = padding_side
+        _check_padding_side(padding_side)
         self.video_token = video_token
         self.image_token = image_token
         if visual_token_layout is None:
@@ -170,8 +240,24 @@ class StormProcessor(ProcessorMixin):
         if tokenizer is not None:
             add_placeholder_tokens(tokenizer, video_token, image_token)
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        if tokenizer is not None:
+            self.padding_side = padding_side
         self.video_token_id = tokenizer.convert_tokens_to_ids(video_token) if tokenizer is not None else None
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token) if tokenizer is not None else None
+
+    @property
+    def padding_side(self) -> str:
+        """The side `__call__` pads batches on unless told: the tokenizer's `padding_side`."""
+        return self.tokenizer.padding_side
+
+    @padding_side.setter
+    def padding_side(self, value: str) -> None:
+        _check_padding_side(value)
+        self.tokenizer.padding_side = value
+
+    def to_dict(self) -> dict:
+        """ProcessorMixin's, with `padding_side` (kept on the tokenizer, so not among the attributes it saves)."""
+        return {**super().to_dict(), "padding_side": self.padding_side}
 
     # ---- counting ----------------------------------------------------------------------------------
 
@@ -216,7 +302,8 @@ class StormProcessor(ProcessorMixin):
             mean = torch.tensor(ip.image_mean, dtype=torch.float32).view(1, -1, 1, 1)
             std = torch.tensor(ip.image_std, dtype=torch.float32).view(1, -1, 1, 1)
             return ((x - mean) / std).contiguous()
-        out = ip(images=list(frames), return_tensors="pt")["pixel_values"]
+        # channels_last: a frame 1 or 3 pixels tall would otherwise be guessed channels-first
+        out = ip(images=list(frames), return_tensors="pt", input_data_format="channels_last")["pixel_values"]
         return out.to(torch.float32)
 
     def _videos_to_pixels(self, videos: list) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -235,19 +322,51 @@ class StormProcessor(ProcessorMixin):
     # ---- text --------------------------------------------------------------------------------------
 
     @staticmethod
-    def _flatten(x, is_single) -> list:
-        """One input, a flat list, or per-sample nested lists -> a flat list in order."""
+    def _flatten(x, is_single, one: str, name: str) -> list:
+        """One input, a flat list, or per-sample nested lists -> a flat list in order.
+
+        `one` describes a single input for the error that anything else gets (a bare string is one
+        path, never a sequence of characters)."""
         if x is None:
             return []
         if is_single(x):
             return [x]
+        if not isinstance(x, (list, tuple, np.ndarray, torch.Tensor)):
+            raise StormError(f"{name} must be {one} or a list of them, got {type(x).__name__}")
         flat = []
         for item in x:
             if is_single(item):
                 flat.append(item)
-            else:
+            elif isinstance(item, (list, tuple)):
                 flat.extend(item)
+            else:
+                raise StormError(f"{name} must be {one} or a list of them; an item is a {type(item).__name__}")
         return flat
+
+    def _load_video(self, path, num_frames: int, fps: float | None):
+        """A video file's clip, its frames scaled while decoding to no less than the processor's size."""
+        return load_video(path, num_frames=num_frames, fps=fps, min_side=self.image_size)
+
+    def _truncate(self, ids_batch: list, offsets_batch: list, max_length: int) -> None:
+        """Cut rows (visual tokens counted) to `max_length` from the tokenizer's `truncation_side`, in place.
+
+        A cut that would take a visual placeholder is a StormError: the row's pixel values would
+        no longer match its placeholders."""
+        left = self.tokenizer.truncation_side == "left"
+        visual = {self.video_token_id, self.image_token_id}
+        for row, ids in enumerate(ids_batch):
+            extra = len(ids) - max_length
+            if extra <= 0:
+                continue
+            keep = slice(extra, None) if left else slice(None, max_length)
+            cut = ids[:extra] if left else ids[max_length:]
+            if any(t in visual for t in cut):
+                raise StormError(
+                    f"truncation to max_length={max_length} would cut visual placeholders from row {row} "
+                    f"({len(ids)} tokens with its visual tokens; the tokenizer truncates on the "
+                    f"{self.tokenizer.truncation_side}): raise max_length, or give fewer frames or a larger "
+                    "temporal_sample_stride")
+            ids_batch[row], offsets_batch[row] = ids[keep], offsets_batch[row][keep]
 
     def __call__(
         self,
@@ -256,32 +375,49 @@ class StormProcessor(ProcessorMixin):
         images=None,
         temporal_sample_stride: int | None = None,
         return_tensors: str | None = "pt",
-        padding: bool = True,
+        padding: bool | str = True,
         padding_side: str | None = None,
         return_offsets_mapping: bool = False,
-        **kwargs,
+        num_frames: int = DEFAULT_NUM_FRAMES,
+        fps: float | None = None,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        return_attention_mask: bool | None = None,
+        add_special_tokens: bool | None = None,
     ) -> BatchFeature:
         """Tokenize `text` and preprocess `videos` / `images`.
 
         text: one string or a batch; each `<video>` / `<image>` in it is expanded to the visual token
         count of the matching input (videos and images are matched to placeholders in order of
-        appearance over the batch). videos: list of (T, H, W, 3) uint8 arrays or `load_video` clips
-        (a single one is accepted too); images: list of PIL images or (H, W, 3) uint8 arrays.
+        appearance over the batch). videos: one video or a list of them (flat, or one list per
+        text): file paths (read with `load_video(num_frames=num_frames, fps=fps)`), `load_video`
+        clips, (T, H, W, 3) arrays or tensors, or lists of frames. images: one or a list of file
+        paths, PIL images or (H, W, 3) arrays. Arrays may also be channels-first ((T, 3, H, W),
+        (3, H, W)); pixels are uint8, or floats in [0, 1].
 
         temporal_sample_stride: test-time sampling for every video (None: the layout's default); it is
         recorded per video in `video_token_layout`, which the model reads, so it is named only here.
 
+        Tokenizer options, with the tokenizer's meaning, on the rows with their visual tokens:
+        padding (True / "longest", "max_length" with max_length, False / "do_not_pad"),
+        pad_to_multiple_of, padding_side (default: the processor's, which is the tokenizer's),
+        truncation with max_length (default the tokenizer's model_max_length; cutting a visual
+        placeholder is an error), return_attention_mask, add_special_tokens (default: added unless
+        every text already starts with BOS), return_offsets_mapping. Other keywords are a TypeError.
+
         Returns a BatchFeature with input_ids (B, L), attention_mask (B, L), and with videos
         pixel_values_videos (V, T_max, 3, S, S), video_frame_mask (V, T_max) bool and
         video_token_layout (V, 4) int64 (`VisualTokenLayout.as_row()` each video was counted with);
-        with images pixel_values (I, 3, S, S). Padding side: `padding_side`, else the processor's
-        (left by default).
+        with images pixel_values (I, 3, S, S).
         """
         if text is None:
             raise StormError("StormProcessor needs text (with <video>/<image> placeholders for the visual inputs)")
+        side = padding_side or self.padding_side
+        _check_padding_side(side)
         texts = [text] if isinstance(text, str) else list(text)
-        video_list = self._flatten(videos, _is_one_video)
-        image_list = self._flatten(images, _is_one_image)
+        video_list = self._flatten(videos, _is_one_video, _ONE_VIDEO, "videos")
+        image_list = self._flatten(images, _is_one_image, _ONE_IMAGE, "images")
         n_video_ph = sum(t.count(self.video_token) for t in texts)
         n_image_ph = sum(t.count(self.image_token) for t in texts)
         if n_video_ph != len(video_list):
@@ -292,6 +428,7 @@ class StormProcessor(ProcessorMixin):
         data: dict = {}
         video_counts: list[int] = []
         if video_list:
+            video_list = [self._load_video(v, num_frames, fps) if _is_path(v) else v for v in video_list]
             pixels, mask, lengths = self._videos_to_pixels(video_list)
             data["pixel_values_videos"] = pixels
             data["video_frame_mask"] = mask
@@ -303,12 +440,12 @@ class StormProcessor(ProcessorMixin):
             data["pixel_values"] = self._pixels([_image_of(im, i) for i, im in enumerate(image_list)])
             image_counts = [self.num_visual_tokens(1, 1)] * len(image_list)
 
-        add_special = kwargs.get("add_special_tokens")
-        if add_special is None:
+        if add_special_tokens is None:
             # A prompt rendered by a chat template already starts with BOS: don't add a second one.
             bos = self.tokenizer.bos_token
-            add_special = not (bos is not None and all(t.startswith(bos) for t in texts))
-        enc = self.tokenizer(texts, add_special_tokens=add_special, return_offsets_mapping=return_offsets_mapping)
+            add_special_tokens = not (bos is not None and all(t.startswith(bos) for t in texts))
+        enc = self.tokenizer(texts, add_special_tokens=add_special_tokens,
+                             return_offsets_mapping=return_offsets_mapping)
         ids_batch, offsets_batch = [], []
         vi = ii = 0
         for row, ids in enumerate(enc["input_ids"]):
@@ -333,33 +470,54 @@ class StormProcessor(ProcessorMixin):
                 f"{ii} image placeholder tokens for {len(video_counts)} videos and {len(image_counts)} images"
             )
 
-        side = padding_side or self.padding_side
-        max_len = max(len(x) for x in ids_batch)
-        if not padding and len({len(x) for x in ids_batch}) > 1:
-            raise StormError("texts tokenize to different lengths; use padding=True")
+        truncation = getattr(truncation, "value", truncation)  # transformers' TruncationStrategy
+        if truncation in (True, "longest_first", "only_first"):
+            self._truncate(ids_batch, offsets_batch,
+                           max_length if max_length is not None else self.tokenizer.model_max_length)
+        elif truncation not in (None, False, "do_not_truncate"):
+            raise StormError(f"truncation must be True, False, 'longest_first', 'only_first' or 'do_not_truncate', "
+                             f"got {truncation!r}")
+        padding = getattr(padding, "value", padding)  # transformers' PaddingStrategy
+        if padding in (True, "longest"):
+            target = max(len(x) for x in ids_batch)
+        elif padding == "max_length":
+            if max_length is None:
+                raise StormError("padding='max_length' needs max_length")
+            target = max_length
+        elif padding in (False, None, "do_not_pad"):
+            target = 0
+        else:
+            raise StormError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
+        if target and pad_to_multiple_of:
+            target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+        if return_tensors is not None and len({max(len(x), target) for x in ids_batch}) > 1:
+            raise StormError("texts tokenize to different lengths; use padding=True (or truncation with max_length)")
+
         pad_id = self.tokenizer.pad_token_id
-        input_ids, attention = [], []
-        for ids in ids_batch:
-            pad = max_len - len(ids)
+        input_ids, attention, offsets_out = [], [], []
+        for ids, offs in zip(ids_batch, offsets_batch):
+            pad = max(target - len(ids), 0)
+            mask = [1] * len(ids)
             if side == "left":
                 input_ids.append([pad_id] * pad + ids)
-                attention.append([0] * pad + [1] * len(ids))
+                attention.append([0] * pad + mask)
+                offsets_out.append([(0, 0)] * pad + offs)
             else:
                 input_ids.append(ids + [pad_id] * pad)
-                attention.append([1] * len(ids) + [0] * pad)
+                attention.append(mask + [0] * pad)
+                offsets_out.append(offs + [(0, 0)] * pad)
         data["input_ids"] = input_ids
-        data["attention_mask"] = attention
+        if return_attention_mask is not False:
+            data["attention_mask"] = attention
         if return_offsets_mapping:
-            padded = []
-            for offs in offsets_batch:
-                pad = [(0, 0)] * (max_len - len(offs))
-                padded.append(pad + offs if side == "left" else offs + pad)
-            data["offset_mapping"] = padded
+            data["offset_mapping"] = offsets_out
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     # ---- chat --------------------------------------------------------------------------------------
 
-    def _collect_visuals(self, conversations: list, num_frames: int) -> tuple[list, list]:
+    def _collect_visuals(self, conversations: list, num_frames: int, fps: float | None) -> tuple[list, list]:
+        """The videos and images of the conversations' content items, in order. Video paths are read
+        here, with the item's own "num_frames" / "fps" if it has them; image paths by `__call__`."""
         videos, images = [], []
         for conversation in conversations:
             for message in conversation:
@@ -371,15 +529,12 @@ class StormProcessor(ProcessorMixin):
                         continue
                     if item.get("type") == "video":
                         source = next((item[k] for k in ("video", "path", "url") if item.get(k) is not None), None)
-                        if isinstance(source, str):
-                            source = load_video(source, num_frames=item.get("num_frames", num_frames), min_side=self.image_size)
+                        if _is_path(source):
+                            source = self._load_video(source, item.get("num_frames", num_frames), item.get("fps", fps))
                         if source is not None:
                             videos.append(source)
                     elif item.get("type") == "image":
                         source = next((item[k] for k in ("image", "path", "url") if item.get(k) is not None), None)
-                        if isinstance(source, str):
-                            with Image.open(source) as im:
-                                source = im.convert("RGB")
                         if source is not None:
                             images.append(source)
         return videos, images
@@ -388,52 +543,66 @@ class StormProcessor(ProcessorMixin):
         self,
         conversation,
         chat_template: str | None = None,
+        tools: list | None = None,
+        documents: list | None = None,
         add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
         tokenize: bool = False,
         return_dict: bool = False,
         return_tensors: str | None = "pt",
         return_assistant_tokens_mask: bool = False,
+        processor_kwargs: dict | None = None,
         videos=None,
         images=None,
-        temporal_sample_stride: int | None = None,
-        num_frames: int = 32,
         **kwargs,
     ):
         """Render a conversation (or a batch of them) with the processor's chat template.
 
-        Content items: `{"type": "text", "text": ...}`, `{"type": "video", "video": frames | clip | path}`,
-        `{"type": "image", "image": PIL | array | path}` (paths are loaded; videos with `num_frames`).
-        `tokenize=False` returns the prompt string(s). `tokenize=True` returns input_ids, or with
+        Content items: `{"type": "text", "text": ...}`, `{"type": "video", "video": frames | clip | path}`
+        (a path is read with the call's `num_frames` / `fps`, or the item's own "num_frames" / "fps"),
+        `{"type": "image", "image": PIL | array | path}`. `tokenize=False` returns the prompt string(s).
+        `tokenize=True` returns input_ids (B, L) (B = 1 for one conversation), or with
         `return_dict=True` the full BatchFeature (as `__call__`); `return_assistant_tokens_mask=True`
         adds `assistant_masks` (B, L), 1 on the tokens of assistant turns (their end-of-turn token
         included). Explicit `videos=` / `images=` replace the ones found in the content items.
+
+        Other keyword arguments are routed as transformers' `ProcessorMixin.apply_chat_template`
+        routes them: those the template reads are template variables; the others, and
+        `processor_kwargs`, go to `__call__` (padding_side, truncation, max_length,
+        temporal_sample_stride, num_frames, fps, ...), where an unknown one is a TypeError.
         """
         template = chat_template or self.chat_template or default_chat_template(self.tokenizer)
         if isinstance(conversation, (list, tuple)) and conversation and isinstance(conversation[0], (list, tuple)):
             conversations, batched = [list(c) for c in conversation], True
         else:
             conversations, batched = [list(conversation)], False
-        special = {k: v for k, v in self.tokenizer.special_tokens_map.items() if isinstance(v, str)}
+        variables = _template_variables(template)
+        template_kwargs = {k: v for k, v in self.tokenizer.special_tokens_map.items() if isinstance(v, str)}
+        template_kwargs.update((k, v) for k, v in kwargs.items() if k in variables)
+        call_kwargs = {**(processor_kwargs or {}), **{k: v for k, v in kwargs.items() if k not in variables}}
         prompts, generation_indices = render_jinja_template(
             conversations=conversations,
+            tools=tools,
+            documents=documents,
             chat_template=template,
             return_assistant_tokens_mask=return_assistant_tokens_mask,
+            continue_final_message=continue_final_message,
             add_generation_prompt=add_generation_prompt,
-            **special,
-            **kwargs,
+            **template_kwargs,
         )
         if not tokenize:
             return prompts if batched else prompts[0]
-        found_videos, found_images = self._collect_visuals(conversations, num_frames)
-        videos = found_videos if videos is None else videos
-        images = found_images if images is None else images
+        return_tensors = call_kwargs.pop("return_tensors", return_tensors)
+        videos, images = call_kwargs.pop("videos", videos), call_kwargs.pop("images", images)
+        found_videos, found_images = self._collect_visuals(
+            conversations, call_kwargs.get("num_frames", DEFAULT_NUM_FRAMES), call_kwargs.get("fps"))
         out = self(
             text=prompts,
-            videos=videos or None,
-            images=images or None,
-            temporal_sample_stride=temporal_sample_stride,
+            videos=(found_videos or None) if videos is None else videos,
+            images=(found_images or None) if images is None else images,
             return_tensors=None,
             return_offsets_mapping=return_assistant_tokens_mask,
+            **call_kwargs,
         )
         if return_assistant_tokens_mask:
             masks = []
@@ -446,9 +615,7 @@ class StormProcessor(ProcessorMixin):
                 masks.append(row)
             out["assistant_masks"] = masks
         out.convert_to_tensors(tensor_type=return_tensors)
-        if return_dict:
-            return out
-        return out["input_ids"] if batched else out["input_ids"][0]
+        return out if return_dict else out["input_ids"]
 
     def build_training_example(
         self,
@@ -456,7 +623,7 @@ class StormProcessor(ProcessorMixin):
         videos=None,
         images=None,
         temporal_sample_stride: int | None = None,
-        num_frames: int = 32,
+        num_frames: int = DEFAULT_NUM_FRAMES,
     ) -> BatchFeature:
         """One supervised example from a (multi-turn) conversation.
 
