@@ -8,7 +8,7 @@ from helpers import random_video, write_mp4
 
 from storm_vlm.errors import StormError
 from storm_vlm.inference import build_messages
-from storm_vlm.serve.engine import EngineBusy, SamplingParams, StormEngine
+from storm_vlm.serve.engine import EngineBusy, RequestError, SamplingParams, StormEngine
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,27 @@ def test_a_batch_holds_at_most_max_batch_frames(engine):
         assert [h.result().timings["batch_size"] for h in handles] == [2, 2, 1]  # 6 + 4 frames, then 5
     finally:
         engine.max_batch_frames = saved
+
+
+def test_a_request_that_cannot_be_built_fails_alone(engine):
+    """One request whose inputs the processor refuses gets a RequestError (a 4xx); the requests
+    batched with it are answered as they are alone."""
+    requests = [_ask(engine, random_video(4, seed=i), f"Question {i}?") for i in range(3)]
+    alone = [engine.submit(p, v).result().text for p, v in requests]
+    broken, videos = _ask(engine, random_video(4), "q")
+    broken.prompt += engine.processor.image_token  # a placeholder no image goes with
+    gate, running = _paused(engine)
+    blocker = engine.submit(*_ask(engine, random_video(3), "hold"))
+    running.wait(60)
+    handles = [engine.submit(*requests[0]), engine.submit(broken, videos), *(engine.submit(*r) for r in requests[1:])]
+    gate.set()
+    blocker.result()
+    with pytest.raises(RequestError, match="placeholders"):
+        handles[1].result()
+    answered = [handles[0].result(), handles[2].result(), handles[3].result()]
+    assert [c.text for c in answered] == alone and [c.timings["batch_size"] for c in answered] == [3, 3, 3]
+    with pytest.raises(RequestError):  # alone, too
+        engine.submit(broken, videos).result()
 
 
 def test_each_request_stops_on_its_own_budget_and_stop_string(engine):

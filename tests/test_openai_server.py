@@ -100,7 +100,7 @@ def test_an_oversized_body_is_413(client, server):
     ({"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "file:///etc/hosts"}}]}]},
      403, "file:// URLs are disabled"),
     ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "not served here"),
-    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, 400, "max_new_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, 400, "max_tokens must be at most 1024"),
 ])
 def test_bad_requests_get_openai_error_objects(server, body, status, needle):
     r = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)

@@ -186,9 +186,10 @@ def test_serve_binds_localhost_by_default(qwen2_mamba_dir, monkeypatch):
     assert (args.host, args.port, args.allow_local_paths, args.max_upload_mb) == ("127.0.0.1", 8000, False, 200)
     started = {}
     monkeypatch.setattr(serve_command, "start_server",
-                        lambda app, host, port: started.update(app=app, host=host, port=port))
+                        lambda app, host, port, **limits: started.update(app=app, host=host, port=port, **limits))
     assert main(["serve", str(qwen2_mamba_dir), "--frames", "4", "--port", "0"]) == 0
     assert started["host"] == "127.0.0.1" and started["port"] == 0
+    assert started["header_timeout_s"] == 30 and started["limit_concurrency"] == 256
     assert "/v1/answer" in {route.path for route in started["app"].routes}
 
 

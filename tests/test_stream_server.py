@@ -169,6 +169,26 @@ def test_session_errors_are_4xx_naming_the_cause(client, segments, tmp_path):
     client.delete(f"/v1/sessions/{sid}")
 
 
+def test_session_questions_read_placeholders_as_text(client, segments):
+    sid = client.post("/v1/sessions", json={"fps": FPS}).json()["id"]
+    assert _post_segment(client, sid, segments[0]).status_code == 200
+    for question, options in [("What is <video>?", None), ("Is there an <image>?", ["<video>", "<image>"])]:
+        r = client.post(f"/v1/sessions/{sid}/ask", json={"question": question, "options": options, "max_new_tokens": 1})
+        assert r.status_code == 200, r.text
+    client.delete(f"/v1/sessions/{sid}")
+
+
+def test_a_chunk_past_the_decode_timeout_is_503(client, engine, segments, monkeypatch):
+    sid = client.post("/v1/sessions", json={"fps": FPS}).json()["id"]
+    monkeypatch.setattr(engine, "decode_timeout_s", 1e-9)  # the server's --decode-timeout
+    r = _post_segment(client, sid, segments[0])
+    assert r.status_code == 503 and r.headers["retry-after"], r.text
+    assert r.json()["detail"].startswith("the chunk: ") and "took longer" in r.json()["detail"]
+    monkeypatch.undo()
+    assert _post_segment(client, sid, segments[1]).json()["frames_added"] == 6
+    client.delete(f"/v1/sessions/{sid}")
+
+
 def test_limits_sessions_chunk_size_and_idle_timeout(engine, segments):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient

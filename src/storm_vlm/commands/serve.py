@@ -2,7 +2,8 @@
 
 Listens on 127.0.0.1 unless --host says otherwise. Endpoints: GET /health, the OpenAI-compatible
 GET /v1/models and POST /v1/chat/completions (streaming too), POST /v1/answer (multipart video
-upload); OpenAPI docs at /docs. See `storm_vlm.serve.api`.
+upload); OpenAPI docs at /docs. See `storm_vlm.serve.api`; uvicorn's limits (connections, request
+heads, timeouts) are in `storm_vlm.serve.network.uvicorn_config`.
 """
 
 from __future__ import annotations
@@ -59,6 +60,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a live-video session idle this long is closed (default: 600)")
     parser.add_argument("--served-model-name", default=None, metavar="NAME",
                         help="the model id of /v1/models and chat completions (default: the model folder's name)")
+    parser.add_argument("--max-concurrent-bodies", type=int, default=4, metavar="N",
+                        help="chat-completion and /v1/answer request bodies read and parsed at once at most (each "
+                             "costs several times its size in memory); beyond, 503 with Retry-After (default: 4)")
+    parser.add_argument("--limit-concurrency", type=int, default=256, metavar="N",
+                        help="connections and requests at once at most; beyond, uvicorn answers 503 (default: 256)")
+    parser.add_argument("--header-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="the longest a request's line and headers may take to arrive; then the connection is "
+                             "closed (default: 30)")
 
 
 def check_engine_arguments(args: argparse.Namespace) -> None:
@@ -89,11 +98,16 @@ def load_engine(args: argparse.Namespace):
                        max_queue=args.max_queue, decode_timeout_s=args.decode_timeout, verbose=True)
 
 
-def start_server(app, host: str, port: int) -> None:
-    """Serve `app` with uvicorn until interrupted (the one place the API server is started)."""
+def start_server(app, host: str, port: int, header_timeout_s: float = 30.0,
+                 limit_concurrency: int | None = 256) -> None:
+    """Serve `app` with uvicorn until interrupted (the one place the API server is started), with
+    the limits of `storm_vlm.serve.network.uvicorn_config`."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    from storm_vlm.serve.network import uvicorn_config
+
+    uvicorn.Server(uvicorn_config(app, host, port, header_timeout_s=header_timeout_s,
+                                  limit_concurrency=limit_concurrency)).run()
 
 
 def _require_multipart() -> None:
@@ -105,6 +119,10 @@ def _require_multipart() -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_engine_arguments(args)
+    if not 0 < args.header_timeout <= 3600:
+        raise StormError(f"--header-timeout must be between 0 and 3600 seconds, got {args.header_timeout}")
+    for flag in ("max_sessions", "max_concurrent_bodies", "limit_concurrency"):
+        check_int("--" + flag.replace("_", "-"), getattr(args, flag), error=StormError)
     from storm_vlm.serve.network import check_listen, warn_if_public
 
     check_listen(args.host, args.port)
@@ -123,8 +141,9 @@ def run(args: argparse.Namespace) -> int:
         raise StormError(f"--body-timeout must be between 0 and 3600 seconds, got {args.body_timeout}")
     app = create_app(engine, max_upload_mb=args.max_upload_mb, allow_local_paths=args.allow_local_paths,
                      model_name=args.served_model_name, body_timeout_s=args.body_timeout,
-                     max_sessions=check_int("--max-sessions", args.max_sessions, error=StormError),
-                     session_idle_s=args.session_idle)
+                     max_sessions=args.max_sessions, session_idle_s=args.session_idle,
+                     max_concurrent_bodies=args.max_concurrent_bodies)
     warn_if_public(args.host, "storm-vlm serve")
-    start_server(app, args.host, args.port)
+    start_server(app, args.host, args.port, header_timeout_s=args.header_timeout,
+                 limit_concurrency=args.limit_concurrency)
     return 0

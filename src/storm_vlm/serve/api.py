@@ -1,7 +1,8 @@
 """The HTTP API (FastAPI): `create_app(engine, ...)`.
 
-    GET  /health                model folder, device, precision, compression settings, limits
-    GET  /v1/models             OpenAI's model list (the one model served)
+    GET  /health                model folder, device, precision, compression settings, limits (HEAD too)
+    GET  /v1/models             OpenAI's model list (the one model served; HEAD too), and
+         /v1/models/{model}     that model (OpenAI's models.retrieve)
     POST /v1/chat/completions   OpenAI's chat completions, streaming too (see `storm_vlm.serve.openai_api`)
     POST /v1/answer             a question about a video:
         multipart/form-data: video (the file), question, options (repeat the field, or one
@@ -12,11 +13,13 @@
 Status codes of /v1/answer: 200 the answer (see `StormEngine.answer`); 403 local paths not
 allowed; 408 the body did not arrive in time; 413 upload larger than max_upload_mb; 415 another
 content type; 422 bad parameters or a video that cannot be decoded (the message names the cause,
-never a traceback); 503 the queue is full (with Retry-After). Every input is bounded and checked
-before any work (option count and length, finite numbers in range, JSON nesting); uploads are
-written under a fixed name to a private temporary folder deleted when the request ends; a request
-whose client hangs up stops generating. The OpenAPI schema is at /openapi.json, the interactive
-docs at /docs.
+never a traceback); 503 the queue is full, or `max_concurrent_bodies` bodies are being read
+already (with Retry-After). Every input is bounded and checked before any work (option count and
+length, finite numbers in range, JSON nesting, text that is not Unicode, NUL in paths);
+rendering, tokenizing and the parsing of large bodies run in worker threads, never on the event
+loop; uploads are written under a fixed name to a private temporary folder deleted when the
+request ends; a request whose client hangs up stops generating. The OpenAPI schema is at
+/openapi.json, the interactive docs at /docs.
 """
 
 from __future__ import annotations
@@ -34,16 +37,18 @@ from typing import Annotated
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 import storm_vlm
 from storm_vlm.errors import StormError
 from storm_vlm.serve import openai_api as oai
-from storm_vlm.serve.bodies import BodyTooLarge, BodyTooSlow, content_length, limited, parse_json
-from storm_vlm.serve.engine import MAX_OPTION_CHARS, MAX_OPTIONS, MAX_QUESTION_CHARS, EngineBusy
+from storm_vlm.serve.bodies import (BodiesBusy, BodySlots, BodyTooLarge, BodyTooSlow, content_length, limited,
+                                    parse_json)
+from storm_vlm.serve.engine import MAX_OPTION_CHARS, MAX_OPTIONS, MAX_QUESTION_CHARS, EngineBusy, RequestError
 from storm_vlm.serve.sessions import add_session_routes
+from storm_vlm.utils import check_int
 from storm_vlm.video import DecodeCancelled, DecodeTimeout
 
 __all__ = ["create_app", "AnswerParams", "LocalAnswerRequest", "AnswerResponse"]
@@ -75,10 +80,17 @@ class AnswerParams(BaseModel):
                               description="read the video up to this second")
 
 
+def _no_nul(path: str) -> str:
+    if "\x00" in path:
+        raise ValueError("the path holds a NUL character")
+    return path
+
+
 class LocalAnswerRequest(AnswerParams):
     """JSON body naming a video file on the server (needs --allow-local-paths)."""
 
-    video_path: str = Field(min_length=1, description="path of a video file on the server")
+    video_path: Annotated[str, AfterValidator(_no_nul)] = Field(min_length=1, description="path of a video file on "
+                                                                "the server")
 
 
 class AnswerTimings(BaseModel):
@@ -154,11 +166,15 @@ _MULTIPART_SCHEMA = {
 
 
 def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = False, model_name: str | None = None,
-               body_timeout_s: float = 60.0, max_sessions: int = 4, session_idle_s: float = 600.0) -> FastAPI:
+               body_timeout_s: float = 60.0, max_sessions: int = 4, session_idle_s: float = 600.0,
+               max_concurrent_bodies: int = 4) -> FastAPI:
     """A FastAPI app serving `engine` (a `StormEngine`). `model_name`: the id /v1/models reports and
     chat completions accept (default: the model folder's name); `body_timeout_s`: the longest wait
     for the next part of a request body; `max_sessions`, `session_idle_s`: live-video sessions open
-    at once at most, and how long one may stay idle (see `storm_vlm.serve.sessions`)."""
+    at once at most, and how long one may stay idle (see `storm_vlm.serve.sessions`);
+    `max_concurrent_bodies`: chat-completion and /v1/answer bodies read and parsed at once at
+    most (`BodySlots`: each costs several times its size in memory); a request that finds no slot
+    free within 10 s is answered 503 with Retry-After (`app.state.body_slots`)."""
     if not max_upload_mb > 0:
         raise StormError(f"max_upload_mb must be > 0, got {max_upload_mb!r}")
     max_upload = int(max_upload_mb * 1024 * 1024)
@@ -168,20 +184,32 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
     started = int(time.time())
     app = FastAPI(title="storm-vlm", summary="Ask a STORM video-LLM questions about videos.",
                   version=storm_vlm.__version__)
+    app.state.body_slots = body_slots = BodySlots(check_int("max_concurrent_bodies", max_concurrent_bodies,
+                                                            error=StormError))
 
     @app.exception_handler(oai.OpenAIError)
     async def openai_error(request: Request, exc: oai.OpenAIError):
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
+    @app.head("/health", include_in_schema=False)
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok", **engine.info(),
                 "server": {"model_name": model_name, "max_upload_mb": max_upload_mb,
-                           "allow_local_paths": allow_local_paths}}
+                           "allow_local_paths": allow_local_paths, "max_concurrent_bodies": max_concurrent_bodies}}
 
+    @app.head("/v1/models", include_in_schema=False)
     @app.get("/v1/models", summary="The model this server answers with (OpenAI's model list)")
     def models() -> dict:
         return oai.models_body(model_name, started)
+
+    @app.head("/v1/models/{model:path}", include_in_schema=False)
+    @app.get("/v1/models/{model:path}", summary="The served model (OpenAI's models.retrieve); 404 for another name")
+    def model(model: str) -> dict:
+        if model != model_name:
+            raise oai.OpenAIError(404, f"The model {model!r} does not exist; this server serves {model_name!r}",
+                                  "model", code="model_not_found")
+        return oai.model_body(model_name, started)
 
     async def read_body(request: Request, limit: int) -> bytes:
         if (content_length(request) or 0) > limit:
@@ -216,6 +244,41 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
             if kind == "done":
                 return payload
 
+    async def chat_body(request: Request):
+        """The parsed JSON body of a chat completion (OpenAIError for a body too large, too slow or
+        not JSON); parsed in a worker thread (a body may be hundreds of MB of base64)."""
+        try:
+            return await run_in_threadpool(parse_json, await read_body(request, chat_limit))
+        except BodyTooLarge:
+            raise oai.OpenAIError(413, f"request body larger than the server's limit ({max_upload_mb:g} MB of "
+                                       "media, base64-encoded)", code="request_too_large") from None
+        except BodyTooSlow:
+            raise oai.OpenAIError(408, f"the request body did not arrive within {body_timeout_s:g} s") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise oai.OpenAIError(400, f"the body is not valid JSON ({exc})") from None
+
+    def build_chat(body, cancel=None):
+        """(prepared, videos, stream, include_usage) of a chat-completions body: validated, its
+        media read, rendered and tokenized (blocking: run in a worker thread)."""
+        workdir = Path(tempfile.mkdtemp(prefix="storm-serve-"))
+        try:
+            parsed, messages, videos, sampling = oai.parse_chat_request(body, engine, workdir, allow_local_paths,
+                                                                        max_upload, cancel=cancel)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            prepared = engine.prepare(messages, [len(v) for v in videos], sampling, parsed.temporal_sample_stride)
+        except StormError as exc:
+            raise oai.OpenAIError(400, str(exc)) from None
+        include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+        return prepared, videos, bool(parsed.stream), include_usage
+
+    def handle_error(exc: Exception) -> oai.OpenAIError:
+        """A queued request's error: 400 when its own inputs could not be built, else the server's 503."""
+        if isinstance(exc, RequestError):
+            return oai.OpenAIError(400, str(exc))
+        return oai.OpenAIError(503, str(exc), kind="server_error")
+
     @app.post("/v1/chat/completions", summary="OpenAI-compatible chat completions about videos and images",
               response_model=None,
               openapi_extra={"requestBody": {"required": True, "content": {
@@ -225,54 +288,46 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
         if content_type != "application/json":
             raise oai.OpenAIError(415, "send the request as application/json")
         try:
-            body = parse_json(await read_body(request, chat_limit))
-        except BodyTooLarge:
-            raise oai.OpenAIError(413, f"request body larger than the server's limit ({max_upload_mb:g} MB of "
-                                       "media, base64-encoded)", code="request_too_large") from None
-        except BodyTooSlow:
-            raise oai.OpenAIError(408, f"the request body did not arrive within {body_timeout_s:g} s") from None
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise oai.OpenAIError(400, f"the body is not valid JSON ({exc})") from None
-        if isinstance(body, dict) and body.get("model") not in (None, model_name):
-            raise oai.OpenAIError(404, f"model {body.get('model')!r} is not served here; this server serves "
-                                       f"{model_name!r}", "model", code="model_not_found")
-        workdir = Path(tempfile.mkdtemp(prefix="storm-serve-"))
-        try:
-            parsed, messages, videos, sampling = await until_disconnect(
-                request, oai.parse_chat_request, body, engine, workdir, allow_local_paths, max_upload)
+            async with body_slots.take():
+                body = await chat_body(request)
+                if isinstance(body, dict) and body.get("model") not in (None, model_name):
+                    raise oai.OpenAIError(404, f"model {body.get('model')!r} is not served here; this server serves "
+                                               f"{model_name!r}", "model", code="model_not_found")
+                prepared, videos, stream, include_usage = await until_disconnect(request, build_chat, body)
+                del body  # its media (base64) is not kept while the request waits and generates
+        except BodiesBusy as exc:
+            raise oai.OpenAIError(503, str(exc), kind="server_busy", code="bodies_full",
+                                  headers={"Retry-After": str(exc.retry_after)}) from None
         except DecodeCancelled:
             return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
         try:
-            prepared = engine.prepare(messages, [len(v) for v in videos], sampling, parsed.temporal_sample_stride)
             handle = engine.submit(prepared, videos, loop=asyncio.get_running_loop())
         except EngineBusy as exc:
             raise oai.busy_error(exc) from None
         except StormError as exc:
-            raise oai.OpenAIError(400, str(exc)) from None
+            raise oai.OpenAIError(503, str(exc), kind="server_error") from None
         completion_id = oai.new_id()
-        if not parsed.stream:
+        if not stream:
             try:
                 completion = await wait_or_cancel(request, handle)
             except StormError as exc:
-                raise oai.OpenAIError(503, str(exc), kind="server_error") from None
+                raise handle_error(exc) from None
             return JSONResponse(oai.completion_body(completion_id, model_name, completion))
 
-        include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+        def chunk(delta: dict, finish_reason: str | None = None) -> str:
+            return oai.chunk_body(completion_id, model_name, delta, finish_reason, include_usage=include_usage)
 
         async def events():
             try:
-                yield oai.chunk_body(completion_id, model_name, {"role": "assistant", "content": ""})
+                yield chunk({"role": "assistant", "content": ""})
                 async for kind, payload in handle.aevents():
                     if kind == "delta":
-                        yield oai.chunk_body(completion_id, model_name, {"content": payload})
+                        yield chunk({"content": payload})
                     elif kind == "error":
-                        yield f"data: {json.dumps(oai.OpenAIError(503, str(payload), kind='server_error').body())}\n\n"
+                        yield f"data: {json.dumps(handle_error(payload).body())}\n\n"
                         break
                     else:
-                        reason = "length" if payload.finish_reason == "length" else "stop"
-                        yield oai.chunk_body(completion_id, model_name, {}, reason)
+                        yield chunk({}, "length" if payload.finish_reason == "length" else "stop")
                         if include_usage:
                             yield oai.chunk_body(completion_id, model_name, {}, completion=payload, usage_only=True)
                 yield "data: [DONE]\n\n"
@@ -285,8 +340,9 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
     async def run_answer(request: Request, video_path, params: AnswerParams, shown_as: str | None = None):
         started = time.perf_counter()
         try:
-            prepared, options, frames = engine.prepare_question(
-                params.question, params.options, params.frames, params.temporal_sample_stride, params.max_new_tokens)
+            prepared, options, frames = await run_in_threadpool(
+                engine.prepare_question, params.question, params.options, params.frames,
+                params.temporal_sample_stride, params.max_new_tokens)
             clip = await until_disconnect(request, engine.read_video, video_path, frames, params.start, params.end)
             handle = engine.submit(prepared, [clip.frames], loop=asyncio.get_running_loop())
             completion = await wait_or_cancel(request, handle)
@@ -325,7 +381,10 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
                 return _error(403, "local video paths are disabled on this server (start it with "
                                    "--allow-local-paths); upload the video as multipart/form-data instead")
             try:
-                body = parse_json(await read_body(request, _JSON_LIMIT))
+                async with body_slots.take():
+                    body = parse_json(await read_body(request, _JSON_LIMIT))
+            except BodiesBusy as exc:
+                return _error(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
             except BodyTooLarge:
                 return _error(413, f"JSON body larger than {_JSON_LIMIT} bytes")
             except BodyTooSlow:
@@ -342,7 +401,11 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
             return _error(413, too_large)
         form = None
         try:
-            form = await limited(request, max_upload + _FORM_SLACK, body_timeout_s).form(max_files=1, max_fields=64)
+            async with body_slots.take():
+                form = await limited(request, max_upload + _FORM_SLACK, body_timeout_s).form(max_files=1,
+                                                                                               max_fields=64)
+        except BodiesBusy as exc:
+            return _error(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
         except BodyTooLarge:
             return _error(413, too_large)
         except BodyTooSlow:

@@ -2,17 +2,24 @@
 
 `limited(request, limit, timeout_s)` wraps a request so its body stream stops with BodyTooLarge
 past `limit` bytes (bodies without a Content-Length too) and with BodyTooSlow when the next part
-of the body takes longer than `timeout_s`; `parse_json` refuses invalid and too deeply nested JSON.
+of the body takes longer than `timeout_s`; `parse_json` refuses invalid and too deeply nested JSON
+and strings that are not text (lone UTF-16 surrogates); `BodySlots` bounds the bodies read and
+parsed at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import re
+import time
 
 from fastapi import Request
 
-__all__ = ["BodyTooLarge", "BodyTooSlow", "content_length", "limited", "parse_json"]
+__all__ = ["BodyTooLarge", "BodyTooSlow", "BodiesBusy", "BodySlots", "content_length", "limited", "parse_json"]
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class BodyTooLarge(Exception):
@@ -21,6 +28,39 @@ class BodyTooLarge(Exception):
 
 class BodyTooSlow(Exception):
     pass
+
+
+class BodiesBusy(Exception):
+    """No body slot came free in time; try again after `retry_after` seconds."""
+
+    retry_after = 2
+
+
+class BodySlots:
+    """At most `limit` requests reading and parsing their bodies at once: a body costs several
+    times its size in memory while it is parsed (a chat completion's base64 media: the bytes, the
+    JSON string, the decoded video), so the requests in flight bound the server's memory. `take()`
+    waits up to `wait_s` for a slot (a waiting request has not read its body yet, so it costs no
+    memory), then refuses with BodiesBusy. Used on the event loop only: a counter is enough."""
+
+    def __init__(self, limit: int, wait_s: float = 10.0):
+        self.limit = limit
+        self.wait_s = wait_s
+        self.busy = 0
+
+    @contextlib.asynccontextmanager
+    async def take(self):
+        deadline = time.monotonic() + self.wait_s
+        while self.busy >= self.limit:
+            if time.monotonic() >= deadline:
+                raise BodiesBusy(f"{self.busy} request bodies are being read already, this server's limit "
+                                 f"(--max-concurrent-bodies), for {self.wait_s:g} s; try again shortly")
+            await asyncio.sleep(0.05)
+        self.busy += 1
+        try:
+            yield
+        finally:
+            self.busy -= 1
 
 
 def limited(request: Request, limit: int, timeout_s: float) -> Request:
@@ -45,11 +85,24 @@ def limited(request: Request, limit: int, timeout_s: float) -> Request:
 
 
 def parse_json(raw: bytes):
-    """Parse a JSON body; ValueError (with the cause) for invalid or too deeply nested JSON."""
+    """Parse a JSON body; ValueError (with the cause) for invalid or too deeply nested JSON, and for
+    a string holding a lone UTF-16 surrogate ("\\ud800": valid JSON, but not a character; no
+    tokenizer, file name or UTF-8 encoder takes it)."""
     try:
-        return json.loads(raw)
+        data = json.loads(raw)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str) and not item.isascii() and _SURROGATE.search(item):
+            raise ValueError(f"a string holds a lone UTF-16 surrogate ({item[:40]!r}), which is not a character")
+    return data
 
 
 def content_length(request: Request) -> int | None:

@@ -40,8 +40,8 @@ from storm_vlm.planner import fit_stride
 from storm_vlm.utils import check_int, check_model_dir
 from storm_vlm.video import load_video
 
-__all__ = ["StormEngine", "SamplingParams", "RequestHandle", "Completion", "EngineBusy", "MAX_OPTIONS",
-           "MAX_OPTION_CHARS", "MAX_QUESTION_CHARS"]
+__all__ = ["StormEngine", "SamplingParams", "RequestHandle", "Completion", "EngineBusy", "RequestError",
+           "MAX_OPTIONS", "MAX_OPTION_CHARS", "MAX_QUESTION_CHARS"]
 
 MAX_QUESTION_CHARS = 8000
 MAX_OPTIONS = 26
@@ -56,6 +56,11 @@ class EngineBusy(StormError):
     def __init__(self, message: str, retry_after: int):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class RequestError(StormError):
+    """This request's own inputs could not be built (a client error: the requests batched with it
+    are answered); other errors of a batch are the server's."""
 
 
 def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
@@ -121,6 +126,12 @@ class _Prepared:
         return sum(len(v) for v in self.videos)
 
 
+def _request_error(exc: Exception) -> RequestError:
+    if isinstance(exc, StormError):
+        return RequestError(str(exc))
+    return RequestError(f"the request's inputs could not be built ({type(exc).__name__}: {exc})")
+
+
 class RequestHandle:
     """One queued request. Iterate `events()` (or `aevents()` in asyncio code) for
     ("delta", text) items followed by ("done", Completion) or ("error", exception);
@@ -136,6 +147,7 @@ class RequestHandle:
         self._loop = loop
         self._queue: asyncio.Queue | queue.Queue = asyncio.Queue() if loop is not None else queue.Queue()
         self._outcome: Completion | Exception | None = None
+        self.finished = False  # its "done" or "error" has been emitted
 
     @property
     def cancelled(self) -> bool:
@@ -145,6 +157,7 @@ class RequestHandle:
         self._cancel.set()
 
     def emit(self, kind: str, payload) -> None:
+        self.finished = self.finished or kind in ("done", "error")
         if self._loop is not None:
             try:
                 self._loop.call_soon_threadsafe(self._queue.put_nowait, (kind, payload))
@@ -377,17 +390,20 @@ class StormEngine:
                 temporal_sample_stride: int | None = None) -> _Prepared:
         """Render `messages` (the model's chat template, with a {"type": "video"} item per video,
         in order; `frame_counts` gives each video's frames) once and check the request fits the
-        LLM; StormError otherwise. When the videos do not fit at the stride asked for (or the
+        LLM; StormError otherwise. Texts are read as text (`literal`): only the video items
+        become placeholders. When the videos do not fit at the stride asked for (or the
         model's), the smallest larger test-time sampling stride that fits is applied instead of
         failing (`storm_vlm.planner.fit_stride`; `planned` says so). `submit` takes it with the
         decoded videos."""
         sampling = sampling or SamplingParams()
         if temporal_sample_stride is not None:
             _check_int("temporal_sample_stride", temporal_sample_stride, 1, 64)
-        prompt = self.predictor.render(messages)
+        prompt = self.predictor.render(self._literal_messages(messages))
         placeholders = prompt.count(self.processor.video_token)
-        if placeholders != len(frame_counts):
-            raise StormError(f"the messages hold {placeholders} videos but {len(frame_counts)} were given")
+        if placeholders != len(frame_counts) or self.processor.image_token in prompt:
+            raise StormError(f"the rendered messages hold {placeholders} {self.processor.video_token} and "
+                             f"{prompt.count(self.processor.image_token)} {self.processor.image_token} placeholders "
+                             f"for {len(frame_counts)} videos")
         limit = getattr(self.config.get_text_config(), "max_position_embeddings", None)
         planned = False
         if frame_counts and limit:
@@ -399,6 +415,34 @@ class StormEngine:
         visual = sum(layout.num_tokens(t) for t in frame_counts)
         text_tokens = self.predictor.check_context(prompt, visual, sampling.max_new_tokens)
         return _Prepared(prompt, [], temporal_sample_stride, sampling, text_tokens, visual, planned)
+
+    def literal(self, text: str) -> str:
+        """`text` with the processor's placeholders (<video>, <image>) it holds broken by a word
+        joiner (U+2060, invisible), so they tokenize as text: typed by a user ("what does the HTML
+        <video> tag do?"), they would otherwise be read as a video or an image that is not there."""
+        for token in (self.processor.video_token, self.processor.image_token):
+            text = text.replace(token, token[:1] + "\u2060" + token[1:])
+        return text
+
+    def _literal_messages(self, messages: list[dict]) -> list[dict]:
+        """`messages` with every text `literal`; adjacent text items are joined first (the template
+        joins them too: "<vid" + "eo>" must not spell a placeholder)."""
+        out = []
+        for message in messages:
+            content = message["content"]
+            if isinstance(content, str):
+                content = self.literal(content)
+            else:
+                joined: list[dict] = []
+                for item in content:
+                    if item.get("type") == "text" and joined and joined[-1].get("type") == "text":
+                        joined[-1] = {**joined[-1], "text": joined[-1]["text"] + item["text"]}
+                    else:
+                        joined.append(item)
+                content = [{**item, "text": self.literal(item["text"])} if item.get("type") == "text" else item
+                           for item in joined]
+            out.append({**message, "content": content})
+        return out
 
     def submit(self, prepared: _Prepared, videos: Sequence[np.ndarray] = (),
                loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
@@ -468,18 +512,44 @@ class StormEngine:
             try:
                 with self.model_lock:
                     self._run(live, started)
-            except Exception as exc:  # reported to every request of the batch; the worker goes on
+            except Exception as exc:  # reported to the batch's unanswered requests; the worker goes on
                 error = exc if isinstance(exc, StormError) else StormError(
                     f"generation failed ({type(exc).__name__}: {exc})")
                 for handle in live:
-                    handle.emit("error", error)
+                    if not handle.finished:
+                        handle.emit("error", error)
             self._recent_s.append(time.perf_counter() - started)
 
+    def _encode(self, handles: list[RequestHandle]):
+        """The processor's inputs of `handles` as one batch (videos padded, prompts left-padded)."""
+        return self.processor(text=[h.prepared.prompt for h in handles],
+                              videos=[v for h in handles for v in h.prepared.videos] or None,
+                              temporal_sample_stride=handles[0].prepared.stride, padding_side="left",
+                              return_tensors="pt")
+
+    def _inputs(self, handles: list[RequestHandle]):
+        """(handles, their inputs). When the batch's inputs cannot be built, each request is built
+        alone: one that fails is answered with a RequestError and left out, so a request never
+        fails the ones it was batched with."""
+        try:
+            return handles, self._encode(handles)
+        except Exception as exc:
+            if len(handles) == 1:
+                raise _request_error(exc) from exc
+        kept = []
+        for handle in handles:
+            try:
+                self._encode([handle])
+                kept.append(handle)
+            except Exception as exc:
+                handle.emit("error", _request_error(exc))
+        return kept, (self._encode(kept) if kept else None)
+
     def _run(self, handles: list[RequestHandle], started: float) -> None:
+        handles, inputs = self._inputs(handles)
+        if not handles:
+            return
         first = handles[0].prepared
-        inputs = self.processor(text=[h.prepared.prompt for h in handles],
-                                videos=[v for h in handles for v in h.prepared.videos] or None,
-                                temporal_sample_stride=first.stride, padding_side="left", return_tensors="pt")
         device, dtype = self.model.device, self.model.dtype
         inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
         rows = _Rows(self.processor.tokenizer, handles, self._eos)

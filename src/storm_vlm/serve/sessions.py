@@ -19,7 +19,9 @@ are sampled at the session's fps with times continuing from one segment to the n
 a question never re-encodes anything.
 
 Bounds: at most `max_sessions` sessions (429 beyond); a segment of at most `max_chunk_bytes`
-(413); a body that stalls for `body_timeout_s` (408); a session unused for `idle_timeout_s` is
+(413); a body that stalls for `body_timeout_s` (408); a segment that takes longer than the engine's
+`decode_timeout_s` (the server's --decode-timeout) to decode and encode keeps the frames added so
+far and ends there (503 with Retry-After when none were); a session unused for `idle_timeout_s` is
 ended and its memory freed; each session's memory is bounded by its `max_visual_tokens` (at most
 the server's `max_visual_tokens`, default the LLM's positions less room for a question). Model
 work takes the engine's `model_lock`, so sessions and one-shot requests never compute at the same
@@ -31,6 +33,7 @@ cause: 404 no such session, 422 bad parameters or a segment that cannot be decod
 from __future__ import annotations
 
 import asyncio
+import io
 import secrets
 import shutil
 import tempfile
@@ -38,6 +41,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -45,8 +49,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from storm_vlm.errors import StormError
+from storm_vlm.media.limits import Budget
 from storm_vlm.serve.bodies import BodyTooLarge, BodyTooSlow, limited
 from storm_vlm.serve.engine import MAX_OPTION_CHARS, MAX_OPTIONS, MAX_QUESTION_CHARS
+from storm_vlm.video import DecodeTimeout
 
 __all__ = ["add_session_routes", "SessionStore", "CreateSession", "AskSession"]
 
@@ -70,7 +76,7 @@ class AskSession(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
-    options: list[str] | None = Field(None, max_length=MAX_OPTIONS)
+    options: list[Annotated[str, Field(max_length=MAX_OPTION_CHARS)]] | None = Field(None, max_length=MAX_OPTIONS)
     max_new_tokens: int = Field(64, ge=1)
 
 
@@ -158,13 +164,30 @@ class _Full(StormError):
     pass
 
 
-def _add_segment(session: _Session, path: Path, model_lock) -> dict:
-    """Decode the segment at `path` at the session's fps and feed its frames; the session's lock is held."""
+class _Timed(io.FileIO):
+    """A file whose reads stop with DecodeTimeout once `budget`'s deadline has passed: the
+    segment's demuxer reads through it, so decoding stops within one read of the deadline even
+    between the frames the session keeps."""
+
+    def __init__(self, path: Path, budget: Budget):
+        super().__init__(path, "rb")
+        self.budget = budget
+
+    def read(self, size: int = -1) -> bytes:
+        self.budget.check()
+        return super().read(size)
+
+
+def _add_segment(session: _Session, path: Path, model_lock, timeout_s: float | None) -> tuple[dict, Exception | None]:
+    """Decode the segment at `path` at the session's fps and feed its frames, for at most
+    `timeout_s` seconds (decoding, encoding and waiting for the model included); the session's
+    lock is held. (body, the error that ended the segment early or None)."""
     import numpy as np
 
     from storm_vlm.streaming.sources import decode_segment
 
     t0 = time.perf_counter()
+    budget = Budget("the chunk", timeout_s, None)
     before = session.stream.frames_seen
     totals = {"encode_s": 0.0, "prefill_s": 0.0, "rebuild_s": 0.0}
     frames: list = []
@@ -178,13 +201,15 @@ def _add_segment(session: _Session, path: Path, model_lock) -> dict:
 
     error = None
     try:
-        for _, frame in decode_segment(str(path), session.sampler, "the chunk",
-                                       min_side=session.stream.model.config.vision_config.image_size):
-            if frames and frames[0].shape != frame.shape:
-                feed()
-            frames.append(frame)
-            if len(frames) >= FEED_FRAMES:
-                feed()
+        with _Timed(path, budget) as source:
+            for _, frame in decode_segment(source, session.sampler, "the chunk",
+                                           min_side=session.stream.model.config.vision_config.image_size):
+                budget.check()
+                if frames and frames[0].shape != frame.shape:
+                    feed()
+                frames.append(frame)
+                if len(frames) >= FEED_FRAMES:
+                    feed()
         if frames:
             feed()
     except StormError as exc:
@@ -195,7 +220,7 @@ def _add_segment(session: _Session, path: Path, model_lock) -> dict:
             "timings": {**{k: round(v, 4) for k, v in totals.items()}, "total_s": round(time.perf_counter() - t0, 4)}}
     if error is not None:
         body["error"] = str(error)
-    return body
+    return body, error
 
 
 def _start_reaper(store: SessionStore) -> None:
@@ -318,10 +343,12 @@ def add_session_routes(app: FastAPI, engine, *, max_sessions: int = 4, max_chunk
                 return _error(408, f"the segment did not arrive within {body_timeout_s:g} s")
             if size == 0:
                 return _error(422, "the chunk is empty: send a segment file's bytes as the body")
-            body = await locked(session, _add_segment, session, path, model_lock)
+            body, error = await locked(session, _add_segment, session, path, model_lock, engine.decode_timeout_s)
         finally:
             await asyncio.to_thread(shutil.rmtree, workdir, True)
-        if "error" in body and body["frames_added"] == 0:
+        if isinstance(error, DecodeTimeout) and body["frames_added"] == 0:
+            return _error(503, body["error"], headers={"Retry-After": "10"})
+        if error is not None and body["frames_added"] == 0:
             return _error(422, body["error"])
         return JSONResponse(body)
 
@@ -333,8 +360,6 @@ def add_session_routes(app: FastAPI, engine, *, max_sessions: int = 4, max_chunk
         params = await json_body(request, AskSession)
         if isinstance(params, Response):
             return params
-        if params.options and any(len(o) > MAX_OPTION_CHARS for o in params.options):
-            return _error(422, f"each option must be at most {MAX_OPTION_CHARS} characters")
 
         def answer():
             from storm_vlm.choices import LETTERS, extract_choice
@@ -342,7 +367,7 @@ def add_session_routes(app: FastAPI, engine, *, max_sessions: int = 4, max_chunk
             question, options, _, _, max_new = engine.check_request(params.question, params.options, 1, None,
                                                                     params.max_new_tokens)
             with model_lock:
-                reply = session.stream.ask(engine.prompt(question, options), max_new)
+                reply = session.stream.ask(engine.literal(engine.prompt(question, options)), max_new)
             choice = extract_choice(reply.text, options) if options else None
             return {"answer": reply.text, "choice": choice, "choice_letter": None if choice is None else LETTERS[choice],
                     "options": options, "frames": session.stream.frames_seen,
