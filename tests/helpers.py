@@ -43,13 +43,14 @@ def write_mp4(path, frames: np.ndarray, fps: int = 8, codec: str = "mpeg4"):
 
 
 def encode_video(path, frames, fps=10, codec="mpeg4", fmt=None, container_options=None, gop=None, rotation=None,
-                 options=None):
+                 options=None, hflip=False, vflip=False):
     """Encode frames with PyAV, frame t at pts t (time base 1/fps), as yuv420p; returns path.
 
     frames: any iterable (a generator too) of (H, W, 3) uint8 RGB arrays, or of yuv420p av.VideoFrames
     (encoded as they are; one frame may come several times). fmt: the container format (None: from
     the file name); container_options: the muxer's (e.g. {"movflags": "faststart"}); options: the
-    encoder's (e.g. {"crf": "18"}), gop sets its "g"; rotation: display-rotation metadata in degrees.
+    encoder's (e.g. {"crf": "18"}), gop sets its "g"; rotation: display-rotation metadata in degrees,
+    with hflip / vflip: a display matrix that also mirrors.
     """
     import av
 
@@ -60,8 +61,8 @@ def encode_video(path, frames, fps=10, codec="mpeg4", fmt=None, container_option
     with av.open(str(path), "w", format=fmt, options=container_options or {}) as container:
         stream = container.add_stream(codec, rate=fps, options=options)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        if rotation is not None:
-            stream.set_display_rotation(rotation)
+        if rotation is not None or hflip or vflip:
+            stream.set_display_rotation(rotation or 0, hflip=hflip, vflip=vflip)
         for t, image in enumerate(itertools.chain([first], frames)):
             if isinstance(image, av.VideoFrame):
                 frame = image

@@ -169,19 +169,8 @@ def test_the_default_video_track_is_read_not_the_first(tmp_path):
 
 def write_oriented(path, rotation=0, hflip=False, vflip=False):
     """Two frames showing index 259 (blocks top-left and bottom-left: no flip or turn leaves it
-    alone) with a display matrix (encode_video sets rotations only, not mirrors)."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-        stream.set_display_rotation(rotation, hflip=hflip, vflip=vflip)
-        for t in range(2):
-            frame = av.VideoFrame.from_ndarray(index_frame(259), format="rgb24")
-            frame.pts = t
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    alone) with a display matrix."""
+    return encode_video(path, [index_frame(259)] * 2, 10, "mpeg4", rotation=rotation, hflip=hflip, vflip=vflip)
 
 
 @pytest.mark.parametrize("rotation,hflip,vflip,shown", [
