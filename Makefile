@@ -1,6 +1,9 @@
 # Two commands on a fresh machine: `make demo` (the main job) and `make test`.
-# The CPU wheel of torch is pinned and installed first: an unpinned `torch` would pull a multi-GB CUDA build.
+# The CPU wheel of torch is pinned and installed first: plain PyPI's torch==2.13.0 is the multi-GB CUDA
+# build. torch==2.13.0+cpu comes from what pip is already given (a local mirror, find-links), else
+# from TORCH_INDEX, PyTorch's CPU index (where PyTorch has no +cpu wheel, e.g. macOS: plain 2.13.0).
 VENV ?= .venv
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.storm-installed
 
@@ -9,7 +12,8 @@ STAMP := $(VENV)/.storm-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0+cpu 2>/dev/null \
+		|| $(PY) -m pip install -q torch==2.13.0 --extra-index-url $(TORCH_INDEX)
 	$(PY) -m pip install -q -e '.[dev,web]'
 	touch $(STAMP)
 

@@ -35,3 +35,18 @@ def test_commands_tune_the_cpu_allocator_unless_told_not_to(tmp_path, argv, tune
                                   ["chat", "--help"], ["train", "--help"], ["demo", "--help"]])
 def test_help_and_version_import_no_torch(argv):
     assert heavy_imports(argv, ("torch", "transformers", "av", "numpy", "pandas")) == []
+
+
+def test_synth_help_gives_every_default():
+    import argparse
+
+    from storm_vlm.commands import synth
+    from storm_vlm.demo.synth_tasks import TASKS
+
+    parser = argparse.ArgumentParser()
+    synth.add_arguments(parser)
+    for action in parser._actions:
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            assert "default" in action.help, action.option_strings
+    tasks = next(a for a in parser._actions if "--tasks" in a.option_strings)
+    assert tasks.default == ",".join(TASKS) and f"(default: all {len(TASKS)})" in tasks.help

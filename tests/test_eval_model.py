@@ -86,6 +86,23 @@ def test_cli_runs_resumes_and_records_a_broken_video(tiny, tmp_path, capsys):
     assert "| decode failures | 1 |" in capsys.readouterr().out
 
 
+def test_a_resume_with_another_precision_is_refused(tiny, tmp_path):
+    from storm_vlm.errors import StormError
+    from storm_vlm.precision import resolve_precision
+
+    path, model, processor = tiny
+    records = load_benchmark("synthetic", MAKERS["synthetic"](tmp_path / "syn", Videos(tmp_path)))
+    out = tmp_path / "out"
+    kw = dict(num_frames=2, max_new_tokens=2, progress=False, print_table=False, model_dir=str(path), limit=1)
+    evaluate(model, processor, records, out, precision=resolve_precision("float32", "cpu"), **kw)
+    fp32 = {"weights": "float32", "llm_linears": None, "autocast": None}
+    assert json.loads((out / "run_config.json").read_text())["precision"] == fp32
+    assert json.loads((out / "results.json").read_text())["settings"]["precision"] == fp32
+    with pytest.raises(StormError, match="other settings.*precision"):
+        evaluate(model, processor, records, out, precision=resolve_precision("bfloat16", "cpu"), **kw)
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 1
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["eval", str(tmp_path), "--benchmark", "synthetic", "--data-root", str(tmp_path),
                  "--output", str(tmp_path / "o")]) == 2

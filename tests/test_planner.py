@@ -66,6 +66,16 @@ def test_plan_command(qwen2_mamba_dir, tmp_path, capsys):
     assert "go with --real-size" in capsys.readouterr().err
 
 
+def test_a_context_past_the_models_positions_is_refused(capsys):
+    config = real_config()  # Qwen2-7B: max_position_embeddings 32768
+    assert plan(config, 32768, minutes=1).context == 32768
+    with pytest.raises(StormError, match=r"--context 65536 .*max_position_embeddings 32768"):
+        plan(config, 65536, minutes=1)
+    assert main(["plan", "--real-size", "--context", "1000000", "--minutes", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--context 1000000" in err and "max_position_embeddings 32768" in err
+
+
 @pytest.mark.parametrize("argv", [["plan", "--help"], ["watch", "--help"]])
 def test_help_imports_no_torch(argv):
     assert heavy_imports(argv, ("torch", "transformers", "av", "numpy")) == []

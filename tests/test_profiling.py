@@ -154,6 +154,20 @@ def test_cli_errors(tmp_path, capsys, argv, message):
     assert not (tmp_path / "o" / "profile.json").exists()
 
 
+def test_cli_cpu_clock_needs_one_thread(tmp_path, capsys, monkeypatch):
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump({"model": TINY}))
+    argv = ["profile", "--config", str(cfg_path), "--device", "cpu", "--clock", "cpu", "--output", str(tmp_path / "o")]
+    before = torch.get_num_threads()
+    assert main([*argv, "--threads", "2"]) == 2
+    assert "--clock cpu needs one torch thread (--threads 1); this run would use 2" in capsys.readouterr().err
+    assert torch.get_num_threads() == before
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert main(argv) == 2
+    assert "this run would use 4 (torch default)" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "profile.json").exists()
+
+
 def test_prefill_video_and_decode_latency(tiny_model):
     from storm_vlm.perf.profiler import decode_latency, prefill_video
 

@@ -109,3 +109,35 @@ def test_an_unknown_stage_is_named_before_anything_else(tmp_path):
     path.write_text("stage: align\nstages:\n  align: {output_dir: o, max_steps: 1}\n")
     with pytest.raises(ConfigError, match="key 'stage': 'foo' is not a stage"):
         load_config(path, ["stage=foo"])
+
+
+def _build_config(tmp_path, out, vision="no-such-siglip", llm="no-such-llm"):
+    return write(tmp_path, BASE.replace("output_dir: runs/x", f"output_dir: {out}").replace(
+        "tiny: {projector_type: mamba}", f"build: {{vision: {tmp_path / vision}, llm: {tmp_path / llm}}}"))
+
+
+def test_errors_found_after_loading_name_the_config_file(tmp_path):
+    from storm_vlm.train import train
+
+    path = _build_config(tmp_path, tmp_path / "run")
+    with pytest.raises(ConfigError) as info:
+        train(path)
+    assert str(info.value).startswith(f"{path}: key 'build': vision folder ") and "does not exist" in str(info.value)
+
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    with pytest.raises(ConfigError) as info:
+        train(path)
+    assert str(info.value).startswith(f"{path}: key 'output_dir': ") and "already holds a run" in str(info.value)
+
+
+def test_cli_train_error_is_one_line(tmp_path):
+    """No transformers warning (SiglipImageProcessor without torchvision) before the error."""
+    import subprocess
+    import sys
+
+    path = _build_config(tmp_path, tmp_path / "run")
+    proc = subprocess.run([sys.executable, "-m", "storm_vlm", "train", str(path)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and f"{path}: key 'build': vision folder" in lines[0], lines

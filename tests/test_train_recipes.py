@@ -35,10 +35,27 @@ def folders(tmp_path_factory):
 
 
 def real_size(stage, folders, *extra):
-    sets = [f"build.vision={folders['siglip']}", f"build.llm={folders['qwen2']}", "build.projector=mamba"]
-    if stage != "align":
-        sets.append("init_from=null")  # these recipes chain from the previous stage's output
+    sets = [f"build.vision={folders['siglip']}", f"build.llm={folders['qwen2']}", "build.projector=mamba",
+            "build.projector_num_layers=2"]
+    sets.append("init_from=null")  # these recipes chain from `storm-vlm build` / the previous stage's output
     return load_config(CONFIGS / f"storm-qwen2-7b-{stage}.yaml", sets + list(extra))
+
+
+def test_real_size_recipes_chain_from_the_readme_build():
+    """README step 1 writes the model align starts from; sft reads align's output, long sft's."""
+    import re
+    import shlex
+
+    readme = (CONFIGS.parent / "README.md").read_text()
+    block = readme.split("## Real-size workflow", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    build = shlex.split(re.search(r"storm-vlm build ([^\n]*)", block.replace("\\\n", " ")).group(1))
+    previous = build[build.index("--out") + 1]
+    for stage in ("align", "sft", "long"):
+        cfg = load_config(CONFIGS / f"storm-qwen2-7b-{stage}.yaml")
+        assert cfg.build is None and cfg.tiny is None
+        assert cfg.init_from == previous, (stage, cfg.init_from, previous)
+        assert f"storm-qwen2-7b-{stage}.yaml" in block
+        previous = cfg.output_dir
 
 
 @pytest.mark.parametrize("stage", ["align", "sft", "long"])

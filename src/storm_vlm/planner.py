@@ -140,7 +140,7 @@ def plan(config, context: int | None = None, *, minutes: float | None = None, fr
          max_fps: float = 2.0, hardware=None, bytes_per_el: int = 2, max_prefill_s: float | None = None) -> Plan:
     """Every (frames, stride) option for a `StormConfig`, and the one to pick.
 
-    context: the LLM's positions to fill (default: its max_position_embeddings); frames: the frame
+    context: the LLM's positions to fill (default, and at most: its max_position_embeddings); frames: the frame
     counts to consider (default `frame_candidates(minutes, max_frames, max_fps)`); text_tokens: the
     prompt's text (template + question); answer_tokens: room kept for the answer; hardware: a
     `storm_vlm.perf.costmodel.Hardware` (default A100_80GB); max_prefill_s: also require the
@@ -150,7 +150,14 @@ def plan(config, context: int | None = None, *, minutes: float | None = None, fr
     from storm_vlm.perf.costmodel import A100_80GB
 
     hardware = hardware or A100_80GB
-    context = context_of(config) if context is None else check_int("context", context, 1, error=StormError)
+    if context is None:
+        context = context_of(config)
+    else:
+        check_int("context", context, 1, error=StormError)
+        limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+        if limit and context > limit:  # past its last position the LLM has no trained positions: nothing "fits"
+            raise StormError(f"--context {context} is more than the model's LLM has positions for "
+                             f"(max_position_embeddings {limit}): give at most {limit}")
     check_int("text_tokens", text_tokens, 0, error=StormError)
     check_int("answer_tokens", answer_tokens, 0, error=StormError)
     strides = sorted({check_int("stride", s, 1, error=StormError) for s in strides})

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spatial-pool", type=int, default=None, metavar="P",
                         help="with --real-size: the trained spatial pooling p (default 1)")
     parser.add_argument("--context", type=int, default=None, metavar="TOKENS",
-                        help="LLM positions to fill (default: the LLM's max_position_embeddings)")
+                        help="LLM positions to fill (default and most: the LLM's max_position_embeddings)")
     parser.add_argument("--minutes", type=float, default=None, metavar="M",
                         help="the video's length: frame counts are capped at --max-fps over it, and fps is shown")
     parser.add_argument("--frames", type=int_list, default=None, metavar="N,N,...",

@@ -108,6 +108,12 @@ def run(args: argparse.Namespace) -> int:
     settings.validate()
     if args.threads is not None:
         check_int("--threads", args.threads, error=StormError)
+    threads = args.threads if args.threads is not None else torch.get_num_threads()
+    if settings.clock == "cpu" and device == "cpu" and threads != 1:
+        # process CPU time adds up every thread's time: with N threads it reads up to N times the latency
+        raise StormError(f"--clock cpu needs one torch thread (--threads 1); this run would use {threads}"
+                         f"{'' if args.threads is not None else ' (torch default)'}")
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     if device == "cpu" and not args.no_tune_malloc:
         tune_cpu_allocator()

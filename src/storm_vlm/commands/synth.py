@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0): same seed, same files")
     parser.add_argument("--test-fraction", type=float, default=0.2,
                         help="fraction of each task's videos held out for test.json (default 0.2)")
-    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    parser.add_argument("--tasks", default=",".join(TASKS),
+                        help=f"comma-separated subset of {','.join(TASKS)} (default: all {len(TASKS)})")
     parser.add_argument("--images", type=int, default=None, help="image-caption pairs (default: --videos)")
     parser.add_argument("--fps", type=float, default=8, help="frame rate written in the files (default 8)")
     parser.add_argument("--answers", choices=("letter", "text"), default="letter",

@@ -21,10 +21,10 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
-    SiglipImageProcessor,
     SiglipVisionConfig,
     SiglipVisionModel,
 )
+from transformers.models.siglip import SiglipImageProcessorPil
 
 from storm_vlm.builder import build_storm, save_storm
 
@@ -162,7 +162,7 @@ def make_tiny_parts(
     """Write a tiny SigLIP folder and a tiny causal-LM folder under `root`; returns (vision_dir, llm_dir).
 
     Weights are random (seeded). The vision folder holds a `SiglipVisionModel` and a
-    `SiglipImageProcessor` resizing to `image_size`; the LLM folder holds a
+    `SiglipImageProcessorPil` resizing to `image_size`; the LLM folder holds a
     `Qwen2ForCausalLM` or `LlamaForCausalLM` plus a freshly trained tokenizer with a chat template.
     `llm_init_std` is the LLM's `initializer_range` (transformers' default 0.02); a larger one
     (e.g. 0.1) lets a from-scratch tiny LLM learn to read the visual tokens in far fewer steps.
@@ -182,7 +182,7 @@ def make_tiny_parts(
         patch_size=patch_size,
     )
     SiglipVisionModel(vcfg).save_pretrained(vision_dir)
-    SiglipImageProcessor(
+    SiglipImageProcessorPil(
         size={"height": image_size, "width": image_size},
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],

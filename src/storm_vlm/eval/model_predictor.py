@@ -44,8 +44,25 @@ class ModelPredictor(Predictor):
         return self.reply_batch([build_prompt(r) for r in records], frames)
 
 
+def _dtype_name(dtype) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def precision_settings(model, precision: Precision | None) -> dict:
+    """The arithmetic the answers come from: the weights' dtype, the LLM's linear layers' where they
+    differ, and the autocast dtype (None: none). `precision`: what the predictor runs under (None: no
+    autocast, the model as it is)."""
+    loaded = precision if precision is not None else getattr(model, "_storm_precision", None)
+    return {
+        "weights": _dtype_name(precision.weights if precision is not None else getattr(model, "dtype", None)),
+        "llm_linears": _dtype_name(getattr(loaded, "llm_linears", None)),
+        "autocast": _dtype_name(precision.autocast if precision is not None else None),
+    }
+
+
 def model_settings(model, benchmark: str, *, model_dir: str | None, num_frames: int, fps: float | None,
-                   temporal_sample_stride: int | None, max_new_tokens: int) -> dict:
+                   temporal_sample_stride: int | None, max_new_tokens: int,
+                   precision: Precision | None = None) -> dict:
     """The settings block of results.json: enough to reproduce the number exactly."""
     name = model_dir or getattr(model.config, "_name_or_path", None) or type(model).__name__
     return {
@@ -60,6 +77,7 @@ def model_settings(model, benchmark: str, *, model_dir: str | None, num_frames: 
         "decoding": {**GREEDY, "max_new_tokens": max_new_tokens},
         "prompt": describe_prompt(benchmark),
         "dtype": str(getattr(model, "dtype", None)),
+        "precision": precision_settings(model, precision),
         "device": str(getattr(model, "device", None)),
     }
 
@@ -77,7 +95,8 @@ def evaluate(model, processor, records: Sequence[Record], output_dir: str | Path
     records = list(records)
     benchmark = records[0].benchmark if records else "synthetic"
     settings = model_settings(model, benchmark, model_dir=model_dir, num_frames=num_frames, fps=fps,
-                              temporal_sample_stride=temporal_sample_stride, max_new_tokens=max_new_tokens)
+                              temporal_sample_stride=temporal_sample_stride, max_new_tokens=max_new_tokens,
+                              precision=precision)
     predictor = ModelPredictor(model, processor, temporal_sample_stride=temporal_sample_stride,
                                max_new_tokens=max_new_tokens, precision=precision)
     frame_loader = frame_loader or (lambda r: load_record_frames(r, num_frames, fps, processor.image_size))

@@ -36,8 +36,10 @@ from storm_vlm.utils import atomic_write_text
 
 log = logging.getLogger("storm_vlm.eval")
 
-# Settings that must match for a rerun to add to an existing output folder.
-IDENTITY_KEYS = ("benchmark", "model", "num_frames", "fps", "temporal_sample_stride", "max_new_tokens", "prompt")
+# Settings that must match for a rerun to add to an existing output folder. "precision": the weights',
+# LLM linear layers' and autocast dtypes (model_predictor.precision_settings): bf16 and fp32 answers differ.
+IDENTITY_KEYS = ("benchmark", "model", "num_frames", "fps", "temporal_sample_stride", "max_new_tokens", "prompt",
+                 "precision")
 
 
 @runtime_checkable

@@ -119,6 +119,10 @@ def _build_from_parts(build: dict, seed: int):
                            dtype="float32", seed=seed, **extra)
     except TypeError as exc:
         raise ConfigError(f"key 'build': {exc}") from None
+    except ConfigError:
+        raise
+    except StormError as exc:  # a missing / unreadable vision or LLM folder: it is this key's value
+        raise ConfigError(f"key 'build': {exc}") from None
 
 
 def _materialise_tiny(cfg: TrainConfig, env) -> Path:

@@ -562,19 +562,28 @@ def train(config: TrainConfig | Mapping | str | os.PathLike, overrides: list[str
     under torchrun (the Accelerator starts the process group and it is ended here).
     `dataset_wrapper`: see `Trainer`.
     """
+    source = None
     if isinstance(config, (str, os.PathLike)):
+        source = str(config)
         cfg = load_config(config, overrides)
     elif isinstance(config, TrainConfig):
         cfg = config_from_dict(resolve_raw(config.to_dict(), overrides)) if overrides else config
     else:
         cfg = config_from_dict(resolve_raw(dict(config), overrides))
-    accelerator, owns_group = make_accelerator(cfg)
     try:
-        trainer = Trainer(cfg, accelerator, resume=resume, dataset_wrapper=dataset_wrapper)
-        done = trainer.finished_run()
-        if done is not None:
-            return done
-        trainer.setup()
-        return trainer.train()
-    finally:
-        end_accelerator(accelerator, owns_group)
+        accelerator, owns_group = make_accelerator(cfg)
+        try:
+            trainer = Trainer(cfg, accelerator, resume=resume, dataset_wrapper=dataset_wrapper)
+            done = trainer.finished_run()
+            if done is not None:
+                return done
+            trainer.setup()
+            return trainer.train()
+        finally:
+            end_accelerator(accelerator, owns_group)
+    except ConfigError as exc:
+        # Checks made after loading (output_dir, build/init_from folders, precision) name the key;
+        # name the file too, as load_config's own errors do.
+        if source is None or str(exc).startswith(f"{source}: "):
+            raise
+        raise ConfigError(f"{source}: {exc}") from None
