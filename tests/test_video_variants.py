@@ -1,7 +1,7 @@
-"""Valid files that are unusual but common in the wild (audit of video loading): a last frame held
-for seconds, AVI without presentation timestamps, Matroska's late keyframe index, a resolution
-change midway, several video streams, mirrored display matrices, variable frame rates, numpy
-arguments, clips within one frame, animated WebP. Frames carry their own index (test_video)."""
+"""Valid files that are unusual but common in the wild: a last frame held for seconds, AVI without
+presentation timestamps, Matroska's late keyframe index, a resolution change midway, several video
+streams, mirrored display matrices, variable frame rates, numpy arguments, clips within one frame,
+animated WebP. Frames carry their own index (test_video)."""
 
 import struct
 from fractions import Fraction
