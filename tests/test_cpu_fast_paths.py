@@ -11,7 +11,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm
 from storm_vlm import StormConfig
 from storm_vlm.model.fast_paths import STORM_SDPA, _GELUTanhCPU, _Qwen2MLPCPU, _Qwen2RMSNormCPU
 from storm_vlm.model.kv_cache import GrowingKVLayer, StormKVCache
-from storm_vlm.model import fast_paths
+from storm_vlm.model import fast_paths, kv_cache
 from storm_vlm.model.ssm import cpu_kernel
 from storm_vlm.perf.profiling import build_random_model
 from helpers import TINY_CONFIG as TINY
@@ -264,3 +264,35 @@ def test_growing_cache_keeps_data_it_is_built_with(model):
     lazy = StormKVCache()
     lazy.update(k, v, 0)
     assert type(lazy.layers[0]) is GrowingKVLayer
+
+
+def test_keys_are_kept_in_the_autocast_dtype(model, monkeypatch):
+    """Under bf16 autocast the rotary embedding hands float32 keys to the cache beside bf16 values;
+    the attention casts them to bf16 before reading. Kept in bf16 they take half the bytes, and a
+    prefill plus decode steps through the model's forward give bitwise the logits of float32 keys."""
+    ids = torch.randint(0, 60, (2, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # a left-padded row: the masked attention path too
+
+    def run():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            fast_paths.enable_fast_paths(model, decode=False)  # the model's own forward at every step
+            try:
+                out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+                logits, cache, m = [out.logits], out.cache, mask
+                for _ in range(3):
+                    m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
+                    out = model(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=m, cache=cache, use_cache=True)
+                    logits.append(out.logits)
+            finally:
+                fast_paths.enable_fast_paths(model)
+        return logits, cache
+
+    logits, cache = run()
+    assert {layer.keys.dtype for layer in cache.layers} == {layer.values.dtype for layer in cache.layers} == {
+        torch.bfloat16}
+    monkeypatch.setattr(kv_cache, "keys_as_attention_reads_them", lambda k, v: k)  # the keys stay float32
+    ref_logits, ref_cache = run()
+    assert {layer.keys.dtype for layer in ref_cache.layers} == {torch.float32}
+    for a, b in zip(logits, ref_logits):
+        assert torch.equal(a, b)

@@ -32,6 +32,18 @@ def _pending_view(name: str) -> property:
     return property(get, set)
 
 
+def keys_as_attention_reads_them(key_states: torch.Tensor, value_states: torch.Tensor) -> torch.Tensor:
+    """Under autocast, keys in the values' autocast dtype: transformers' rotary embedding hands over
+    float32 keys beside values in the autocast dtype, and every attention casts the keys to that
+    dtype before reading them, so kept in it they take half the bytes and attention reads the same
+    values. Otherwise the keys as they are."""
+    device = key_states.device.type
+    if (key_states.dtype != value_states.dtype and torch.is_autocast_enabled(device)
+            and value_states.dtype == torch.get_autocast_dtype(device)):
+        return key_states.to(value_states.dtype)
+    return key_states
+
+
 class GrowingKVLayer(DynamicLayer):
     """A `DynamicLayer` that appends in place into a buffer with spare room.
 
@@ -44,6 +56,9 @@ class GrowingKVLayer(DynamicLayer):
     e.g. `batch_select_indices`, makes the next append re-adopt them into a fresh buffer). When
     gradients flow into the cache it falls back to concatenation (in-place writes would break
     autograd's saved views).
+
+    Under autocast the keys are kept in the autocast dtype, as the values are (the attention casts
+    them to it anyway; transformers' rotary embedding makes them float32).
 
     `advance` only counts: the views `keys` / `values` are made when next read (a decode step on
     every layer would otherwise make two views per layer per token, a sizeable share of a step's
@@ -105,6 +120,7 @@ class GrowingKVLayer(DynamicLayer):
         )
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        key_states = keys_as_attention_reads_them(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
