@@ -198,3 +198,25 @@ def test_train_command_stops_on_a_hostile_record_with_one_message(tmp_path, caps
     assert main(["train", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert f"{data['train']}:2 (id v1): 'start' must be seconds" in err and "Traceback" not in err
+
+
+def test_llava_video_178k_records_use_image_as_the_video_placeholder(tmp_path):
+    """LLaVA-Video-178K / LLaVA-NeXT write "<image>" for a video's frames (their one visual token):
+    a JSON array of such records, multi-turn, with the dataset's extra keys, is read as video records."""
+    f = tmp_path / "0_30_s_academic_v0_1_cap_processed.json"
+    f.write_text(json.dumps([
+        {"id": "v_abc123", "conversations": [
+            {"from": "human", "value": "<image>\nWhat does the person do first?"},
+            {"from": "gpt", "value": "Opens the door."},
+            {"from": "human", "value": "And then?"}, {"from": "gpt", "value": "Sits down."}],
+         "data_source": "0_30_s_academic_v0_1", "video": "academic_source/Charades/ABC12.mp4"},
+    ], indent=4))
+    (rec,) = load_records(f, tmp_path)
+    assert rec.modality == "video" and rec.video == (tmp_path / "academic_source/Charades/ABC12.mp4").resolve()
+    assert rec.messages[0]["content"] == "<video>\nWhat does the person do first?"
+    assert "<image>" not in "".join(m["content"] for m in rec.messages)
+    assert rec.extra == {"data_source": "0_30_s_academic_v0_1"}
+    # "<image>" with no video and no image is still an error, and so is a second placeholder
+    bad = write_jsonl(tmp_path / "b.jsonl", [{"video": "a.mp4", "conversations": conv("<image>\n<image>\nQ")}])
+    with pytest.raises(StormError, match="exactly once"):
+        load_records(bad, tmp_path)

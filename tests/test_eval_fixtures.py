@@ -262,3 +262,20 @@ def test_unknown_benchmark_and_missing_root(tmp_path):
         load_benchmark("nope", tmp_path)
     with pytest.raises(StormError, match="is not a folder"):
         load_benchmark("synthetic", tmp_path / "absent")
+
+
+def test_mlvu_generation_tasks_are_skipped_with_a_warning_or_refused_alone(tmp_path, caplog):
+    """MLVU's release also holds json/8_sub_scene.json and json/9_summary.json: open-ended answers (no
+    candidates) scored by an LLM judge. They are skipped with a warning naming the file, and a folder
+    holding only them is one error saying why, not a 'file not found' for 1_plotQA."""
+    root = make_mlvu(tmp_path / "mlvu", Videos(tmp_path))
+    gen = [{"video": "subPlot_1.mp4", "duration": 500, "question": "Describe the scene where he runs.",
+            "answer": "He runs to the car.", "question_type": "subPlot", "scoring_points": ["runs", "car"]}]
+    _dump(root / "json" / "8_sub_scene.json", gen)
+    with caplog.at_level("WARNING", logger="storm_vlm.eval"):
+        recs = load_benchmark("mlvu", root)
+    assert len(recs) == 3 and "8_sub_scene.json" in caplog.text and "generation task" in caplog.text
+    only = tmp_path / "only"
+    _dump(only / "json" / "8_sub_scene.json", gen)
+    with pytest.raises(BenchmarkFormatError, match=r"8_sub_scene\.json.*generation task.*not supported"):
+        load_benchmark("mlvu", only)

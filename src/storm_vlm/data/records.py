@@ -9,7 +9,9 @@ list. Optional `"start"`/`"end"` (seconds) cut a clip from a video.
 
 A media path is relative to `media_root` (an absolute path must still lie inside it); a path
 that resolves outside the root (`..`, an absolute path elsewhere, a symlink pointing out) is
-rejected with a StormError naming the record. When a record has media but no placeholder,
+rejected with a StormError naming the record. A video record whose text has `<image>` and no
+`<video>` (LLaVA-NeXT / LLaVA-Video-178K write every visual placeholder as `<image>`) reads that
+`<image>` as the video's placeholder. When a record has media but no placeholder,
 `<image>\\n` / `<video>\\n` is put in front of the first user turn; a placeholder without media
 (or more than one) is an error.
 
@@ -271,6 +273,11 @@ def _parse_record(obj, where: str, media_root: Path, index: int) -> Conversation
         if rec.start is not None and rec.end is not None and rec.start >= rec.end:
             raise StormError(f"{here}: 'start' ({rec.start:g} s) must be before 'end' ({rec.end:g} s)")
 
+    if rec.video is not None and not any(VIDEO_TOKEN in m["content"] for m in messages):
+        # LLaVA-NeXT / LLaVA-Video-178K write the video's placeholder as "<image>" (their one visual token):
+        # in a video record (which has no image) a lone "<image>" stands for the video.
+        for m in messages:
+            m["content"] = m["content"].replace(IMAGE_TOKEN, VIDEO_TOKEN)
     for placeholder, present in ((IMAGE_TOKEN, rec.image is not None), (VIDEO_TOKEN, rec.video is not None)):
         count = sum(m["content"].count(placeholder) for m in messages)
         in_user = sum(m["content"].count(placeholder) for m in messages if m["role"] == "user")

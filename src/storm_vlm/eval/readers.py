@@ -22,8 +22,9 @@ mvbench
 mlvu
     ``DATA_ROOT/json/{1_plotQA,2_needle,3_ego,4_count,5_order,6_anomaly_reco,
     7_topic_reasoning}.json`` (the multiple-choice tasks; ``DATA_ROOT/MLVU/json`` also
-    works), each a list of ``{video, duration, question, candidates, answer (text),
-    question_type}``; videos ``DATA_ROOT/video/<task>/<video>``.
+    works; the generation tasks ``8_sub_scene``/``9_summary`` are skipped with a warning),
+    each a list of ``{video, duration, question, candidates, answer (text), question_type}``;
+    videos ``DATA_ROOT/video/<task>/<video>``.
 longvideobench
     ``DATA_ROOT/lvb_val.json``: a list of ``{id, video_path, question, candidates,
     correct_choice (int), duration_group, question_category, ...}``; videos
@@ -51,6 +52,7 @@ results.json); start/end are finite seconds in [0, MAX_SECONDS].
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -59,6 +61,9 @@ from storm_vlm.choices import LETTERS, strip_letter
 from storm_vlm.data.records import MAX_SECONDS, check_text
 from storm_vlm.errors import StormError
 from storm_vlm.eval.records import Record
+
+log = logging.getLogger("storm_vlm.eval")
+
 
 class BenchmarkFormatError(StormError):
     """An annotation file is missing or one of its records is malformed."""
@@ -317,12 +322,21 @@ def read_mvbench(root: Path, tasks: list[str] | None = None) -> list[Record]:
 # ---------------------------------------------------------------- MLVU
 
 MLVU_TASKS = ("1_plotQA", "2_needle", "3_ego", "4_count", "5_order", "6_anomaly_reco", "7_topic_reasoning")
+# MLVU's open-ended tasks: no candidates, answers scored by a GPT judge (not supported here).
+MLVU_GENERATION_TASKS = ("8_sub_scene", "9_summary")
 
 
 def read_mlvu(root: Path) -> list[Record]:
     data_root = root
     if not (root / "json").is_dir() and (root / "MLVU" / "json").is_dir():
         root = root / "MLVU"
+    generation = [root / "json" / f"{t}.json" for t in MLVU_GENERATION_TASKS if (root / "json" / f"{t}.json").is_file()]
+    if generation and not any((root / "json" / f"{t}.json").is_file() for t in MLVU_TASKS):
+        raise _fail(generation[0], None, "an MLVU generation task (open-ended answers scored by an LLM judge), which "
+                                         f"is not supported; only the multiple-choice tasks {list(MLVU_TASKS)} are read")
+    for path in generation:
+        log.warning("MLVU: skipping %s, a generation task (open-ended answers scored by an LLM judge, not supported); "
+                    "M-Avg is over the multiple-choice tasks", path)
     records = []
     for task, path, i, row, raw, options in _task_rows(root / "json", MLVU_TASKS, "MLVU"):
         qtype = row.get("question_type") or task.split("_", 1)[1]
