@@ -3,7 +3,7 @@ path on the `StormKVCache` (preallocated buffers the step writes into in place).
 (embedding rows, every layer, final norm, LM head) runs in one call of a C function
 (`ssm/_decode_kernel.c`, built with the scan kernel by `ssm/cpu_kernel.py`) for a batch's rows at once —
 one row, or a batched generation's left-padded rows (a server's or an evaluation's batch), fp32
-weights or the bfloat16 precision's bf16 linear layers, SiLU MLP, on a float32 or partly bf16 cache. It
+weights or the bfloat16 precision's bf16 linear layers, SiLU MLP, on a float32 or bf16 cache. It
 reads the model's own matrices, no copies, each as one sequential stream that serves every row; the
 per-layer small operations (norms, rotary, softmax, gate) then cost microseconds instead of a tensor
 operation each. It runs on torch's threads (each product's rows and the attention's query heads split

@@ -501,7 +501,7 @@ static void *step_thread_main(void *p) {
  *      weights float32, the projections' weights and biases float32, or bfloat16 with w_bf16;
  *   kv: 2 pointers per layer, the key and the value buffer, both with element strides sb (sequence), sg
  *      (KV head) and st (position), hd contiguous; float32, or bfloat16 where bit 0 (keys) / bit 1
- *      (values) of kv_bf16 is set (under bf16 autocast the keys come out of the rotary embedding in float32);
+ *      (values) of kv_bf16 is set;
  *   kt: 1 pointer per layer, its keys as transpose_keys lays them out (float32), or, where bit 2 of kv_bf16
  *      is set, as transpose_key_pairs does (the scores then on q and k rounded to bf16, as SDPA's bf16
  *      attention under autocast), sequence b's KV head g from 4-byte word b * ktb + g * ktg, with room for
