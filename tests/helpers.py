@@ -76,6 +76,20 @@ def encode_video(path, frames, fps=10, codec="mpeg4", fmt=None, container_option
     return path
 
 
+def mux_silence(container, stream, frames: int) -> None:
+    """Encode and mux `frames` frames of mono silence (1024 samples each) on an audio `stream` of
+    `container` at its rate, then flush the encoder."""
+    import av
+
+    for i in range(frames):
+        samples = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        samples.sample_rate, samples.pts = stream.rate, i * 1024
+        for packet in stream.encode(samples):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+
+
 def write_solid(path, width, height, n, codec="mpeg4", fmt=None, luma=100):
     """n flat grey frames (yuv420p, Y = luma) of width x height at 10 fps, cheap to encode at any size."""
     import av

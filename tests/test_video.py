@@ -7,7 +7,7 @@ survive lossy compression, so the tests check *which* frames came back, not just
 import av
 import numpy as np
 import pytest
-from helpers import encode_video
+from helpers import encode_video, mux_silence
 from PIL import Image
 
 from storm_vlm import VideoDecodeError, load_video
@@ -207,14 +207,7 @@ def _broken_corpus(tmp_path):
         if data is not None:
             paths[name].write_bytes(data)
     with av.open(str(tmp_path / "audio.m4a"), "w") as c:  # audio only
-        s = c.add_stream("aac", rate=16000)
-        for i in range(8):
-            fr = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-            fr.sample_rate, fr.pts = 16000, i * 1024
-            for p in s.encode(fr):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+        mux_silence(c, c.add_stream("aac", rate=16000), 8)
     paths["audio.m4a"] = tmp_path / "audio.m4a"
     paths["a_directory"] = tmp_path
     return paths

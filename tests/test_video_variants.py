@@ -9,7 +9,7 @@ from fractions import Fraction
 import av
 import numpy as np
 import pytest
-from helpers import encode_video
+from helpers import encode_video, mux_silence
 from PIL import Image
 
 from storm_vlm import VideoDecodeError, load_video
@@ -132,13 +132,7 @@ def test_cover_art_is_not_a_video(tmp_path):
         picture.pts = 0
         for packet in [*cover.encode(picture), *cover.encode()]:
             container.mux(packet)
-        for i in range(4):
-            samples = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-            samples.sample_rate, samples.pts = 16000, i * 1024
-            for packet in audio.encode(samples):
-                container.mux(packet)
-        for packet in audio.encode():
-            container.mux(packet)
+        mux_silence(container, audio, 4)
     with pytest.raises(VideoDecodeError, match=r"no video stream \(only a cover picture\)"):
         load_video(path, num_frames=4)
 
