@@ -594,8 +594,10 @@ class StormProcessor(ProcessorMixin):
             return prompts if batched else prompts[0]
         return_tensors = call_kwargs.pop("return_tensors", return_tensors)
         videos, images = call_kwargs.pop("videos", videos), call_kwargs.pop("images", images)
-        found_videos, found_images = self._collect_visuals(
-            conversations, call_kwargs.get("num_frames", DEFAULT_NUM_FRAMES), call_kwargs.get("fps"))
+        found_videos = found_images = None
+        if videos is None or images is None:  # (explicit ones replace them: their files are not read)
+            found_videos, found_images = self._collect_visuals(
+                conversations, call_kwargs.get("num_frames", DEFAULT_NUM_FRAMES), call_kwargs.get("fps"))
         out = self(
             text=prompts,
             videos=(found_videos or None) if videos is None else videos,
