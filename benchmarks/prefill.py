@@ -89,7 +89,9 @@ def main(argv=None) -> int:
     product_dtype = s.resolved.autocast or torch.float32
     if product_dtype != torch.float32:
         run_bounds = gemm_bounds(cfg, 128, s.text_tokens, product_dtype)
-        bounds.update({m: run_bounds[m] for m in MODULES}, shapes_run=run_bounds["shapes"])
+        bounds.update({m: run_bounds[m] for m in MODULES}, shapes_run=run_bounds["shapes"],
+                      host_best_run=run_bounds["host_best"])
+    best_run = bounds.get("host_best_run", bounds["host_best"])  # the best product rate in the dtype the products run in
     dtype_name = str(product_dtype).replace("torch.", "")
     vision_flops = pipeline_cost(cfg, 128, DEFAULT_COMPRESSIONS[1], s.text_tokens, causal=True).vision_tower.flops
     out, met = {}, {}
@@ -118,8 +120,13 @@ def main(argv=None) -> int:
         if vision_ms > 0:
             rate = vision_flops / vision_ms / 1e6
             out[f"vision_gflop_per_s_needed_{factor}x"] = round(rate, 1)
+            out[f"vision_need_above_host_best_{factor}x"] = rate > best_run
+            # A rate above the host's best product rate (over every product shape of the three modules) is out of
+            # reach for any tower kernel: the tower is products plus work that is not, and cannot outrun products.
+            reach = "ABOVE" if rate > best_run else "below"
             print(f"  for the target the vision tower would need {rate:5.1f} GFLOP/s ({100 * rate / bounds['vision_tower']:.0f} % "
-                  f"of its {dtype_name} GEMM-only bound, {bounds['vision_tower']:.1f}), the projector and LLM as timed")
+                  f"of its {dtype_name} GEMM-only bound, {bounds['vision_tower']:.1f}; {reach} the host's best {dtype_name} "
+                  f"product rate, {best_run:.1f}), the projector and LLM as timed")
         else:
             print("  the target is out of reach however fast the vision tower runs, the projector and LLM as timed")
 
