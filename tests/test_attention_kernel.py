@@ -82,6 +82,25 @@ def test_layer_norm_is_torch_layer_norm(monkeypatch, isa, width):
         assert torch.equal(stream, x + res)  # the residual stream, written in place
 
 
+def test_row_kernels_refuse_tensors_they_would_overrun():
+    """The row kernels address float32 rows through raw pointers: a bf16 input (half the bytes), a
+    residual or weight of another size, or a strided view is a ValueError, never a read or write
+    outside the buffers."""
+    lib = cpu_kernel.load_library()
+    if lib is None:
+        pytest.skip("no C compiler")
+    norm = nn.LayerNorm(8)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        for bad in ({"x": x.bfloat16()}, {"x": x, "residual": torch.randn(4, 7)}, {"x": x, "residual": x.bfloat16()},
+                    {"x": torch.randn(8, 4).t()}):
+            with pytest.raises(ValueError, match="c_layer_norm"):
+                cpu_attention.c_layer_norm(lib, bad["x"], norm, residual=bad.get("residual"))
+        with pytest.raises(ValueError, match="c_rms_norm"):
+            cpu_attention.c_rms_norm(lib, x, torch.ones(16), 1e-6)
+        torch.testing.assert_close(cpu_attention.c_layer_norm(lib, x.clone(), norm), norm(x), rtol=1e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("winner", ["c", "sdpa"])
 def test_attention_takes_the_faster_of_c_and_sdpa_timed_once_per_shape(monkeypatch, winner):
     """Calls big enough are timed against PyTorch's SDPA once per shape class, and the winner runs

@@ -52,6 +52,17 @@ def attention_library():
     return None if cpu_kernel.switched_off(ATTENTION_KERNEL_ENV) else cpu_kernel.load_library()
 
 
+def _check_rows(name: str, x: torch.Tensor, *others: torch.Tensor | None) -> None:
+    """The row kernels read and write float32 through raw pointers: x and every other tensor must be
+    contiguous float32 CPU tensors, each the shape of x or of one row of it (a ValueError otherwise,
+    where a wrong dtype or size would read or write outside the buffers)."""
+    for t in (x, *(o for o in others if o is not None)):
+        if (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()
+                or t.shape not in (x.shape, x.shape[-1:])):
+            raise ValueError(f"{name}: needs contiguous float32 CPU tensors shaped like x {tuple(x.shape)} or "
+                             f"its rows, got {t.dtype} {tuple(t.shape)} on {t.device}")
+
+
 def _by_rows(fn, x: torch.Tensor, *args) -> torch.Tensor:
     """y = fn(*args, y, d, r0, r1) of a C row kernel over x's rows of d (a new y like x), the rows
     split over torch's threads."""
@@ -64,6 +75,7 @@ def _by_rows(fn, x: torch.Tensor, *args) -> torch.Tensor:
 
 def c_layer_norm(lib, x: torch.Tensor, norm: nn.LayerNorm, residual: torch.Tensor | None = None) -> torch.Tensor:
     """norm(x) in one C pass per row (float32, contiguous); with `residual`, x += residual first, in place."""
+    _check_rows("c_layer_norm", x, residual, norm.weight, norm.bias)
     return _by_rows(lib.storm_add_layer_norm_f32, x, x.data_ptr(), None if residual is None else residual.data_ptr(),
                     norm.weight.data_ptr(), norm.bias.data_ptr(), norm.eps)
 
@@ -71,6 +83,7 @@ def c_layer_norm(lib, x: torch.Tensor, norm: nn.LayerNorm, residual: torch.Tenso
 def c_rms_norm(lib, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama's / Qwen2's RMSNorm of x (float32, contiguous, weight float32 of x's last size) in one C
     pass per row: weight · x / sqrt(mean(x²) + eps)."""
+    _check_rows("c_rms_norm", x, weight)
     return _by_rows(lib.storm_rms_norm_f32, x, x.data_ptr(), weight.data_ptr(), eps)
 
 
