@@ -76,16 +76,22 @@ def test_layer_norm_is_torch_layer_norm(monkeypatch, isa, width):
         x = torch.randn(3, 11, width, generator=g) * 5 + 3
         res = torch.randn(3, 11, width, generator=g)
         torch.testing.assert_close(cpu_attention.c_layer_norm(lib, x.clone(), norm), norm(x), rtol=1e-5, atol=2e-5)
+    q = torch.randn(1, 4, 5, 8)
+    kv = torch.randn(1, 2, 5, 8)
+    for args in ((q, kv.bfloat16(), kv, torch.empty_like(q)), (q, kv, kv, torch.empty(1, 4, 5, 4)),
+                 (q, torch.randn(1, 3, 5, 8), torch.randn(1, 3, 5, 8), torch.empty_like(q))):
+        with pytest.raises(ValueError, match="c_attention"):
+            cpu_attention.c_attention(lib, *args, scale=1.0, causal=False)
         stream = x.clone()
         out = cpu_attention.c_layer_norm(lib, stream, norm, residual=res)
         torch.testing.assert_close(out, norm(x + res), rtol=1e-5, atol=2e-5)
         assert torch.equal(stream, x + res)  # the residual stream, written in place
 
 
-def test_row_kernels_refuse_tensors_they_would_overrun():
-    """The row kernels address float32 rows through raw pointers: a bf16 input (half the bytes), a
-    residual or weight of another size, or a strided view is a ValueError, never a read or write
-    outside the buffers."""
+def test_kernels_refuse_tensors_they_would_overrun():
+    """The C kernels address their arrays through raw pointers: a bf16 input among float32 ones (half
+    the bytes), a residual, weight or output of another size, a strided row, KV heads that do not
+    divide the query heads are a ValueError, never a read or write outside the buffers."""
     lib = cpu_kernel.load_library()
     if lib is None:
         pytest.skip("no C compiler")
@@ -99,6 +105,12 @@ def test_row_kernels_refuse_tensors_they_would_overrun():
         with pytest.raises(ValueError, match="c_rms_norm"):
             cpu_attention.c_rms_norm(lib, x, torch.ones(16), 1e-6)
         torch.testing.assert_close(cpu_attention.c_layer_norm(lib, x.clone(), norm), norm(x), rtol=1e-5, atol=2e-5)
+    q = torch.randn(1, 4, 5, 8)
+    kv = torch.randn(1, 2, 5, 8)
+    for args in ((q, kv.bfloat16(), kv, torch.empty_like(q)), (q, kv, kv, torch.empty(1, 4, 5, 4)),
+                 (q, torch.randn(1, 3, 5, 8), torch.randn(1, 3, 5, 8), torch.empty_like(q))):
+        with pytest.raises(ValueError, match="c_attention"):
+            cpu_attention.c_attention(lib, *args, scale=1.0, causal=False)
 
 
 @pytest.mark.parametrize("winner", ["c", "sdpa"])

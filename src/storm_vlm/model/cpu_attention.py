@@ -99,6 +99,12 @@ def c_attention(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     threads."""
     b, heads, length, hd = q.shape
     keys = k.shape[2]
+    if (any(t.dtype != q.dtype or t.device.type != "cpu" or t.dim() != 4 or t.stride(-1) != 1 for t in (q, k, v, out))
+            or q.dtype not in _ATTENTION_DTYPES or out.shape != q.shape or k.shape != v.shape
+            or k.shape[0] != b or k.shape[3] != hd or heads % k.shape[1]):
+        raise ValueError(f"c_attention: needs float32 or bfloat16 CPU tensors of one dtype with unit last stride, q and "
+                         f"out (B, H, L, hd), k and v (B, G, Lk, hd) with G dividing H; got q {tuple(q.shape)} {q.dtype}, "
+                         f"k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} {v.dtype}, out {tuple(out.shape)} {out.dtype}")
     if causal and keys < length:
         raise ValueError(f"causal attention of {length} queries needs at least as many keys, got {keys}")
     strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (q, k, v, out)]
