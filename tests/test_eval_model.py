@@ -12,6 +12,7 @@ from test_eval_fixtures import MAKERS, Videos
 
 EXPECTED_BREAKDOWNS = {
     "videomme": {"duration": {"short": 2, "medium": 1, "long": 1}, "domain": {"Knowledge": 2, "Sports Competition": 2},
+                 "sub_category": {"Astronomy": 2, "Football": 1, "Basketball": 1},
                  "task_type": {"Counting Problem": 2, "OCR Problems": 1, "Action Recognition": 1}},
     "mvbench": {"task": {"action_sequence": 2, "object_shuffle": 1, "episodic_reasoning": 1}},
     "mlvu": {"question_type": {"plotQA": 2, "count": 1}},

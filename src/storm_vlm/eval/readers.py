@@ -39,8 +39,10 @@ synthetic
     question, options ["A. ..."], answer ("B"), task}``.
 
 A missing annotation file or a malformed record raises `StormError` naming the file
-and the record. A missing *video* is not an error here: it is recorded as a decode
-failure when the run reaches it, so one absent file never stops a benchmark.
+and the record (JSON files may start with a UTF-8 byte-order mark). For MVBench and MLVU, task
+files that are absent while others are present are named in a warning: the mean over tasks then
+covers fewer tasks than the benchmark's headline. A missing *video* is not an error here: it is
+recorded as a decode failure when the run reaches it, so one absent file never stops a benchmark.
 
 Annotation files are not trusted to stay inside the benchmark: every video path is resolved
 and must lie inside the data root -- a `..`, an absolute path elsewhere or a symlink pointing out
@@ -78,7 +80,7 @@ def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise _fail(path, None, "file not found")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark from a Windows editor is not content
             return json.load(f)
     except OSError as exc:
         raise _fail(path, None, f"cannot read ({exc})") from None
@@ -207,6 +209,10 @@ def _task_rows(json_dir: Path, tasks, benchmark: str):
     if not present:
         raise _fail(json_dir / f"{tasks[0]}.json", None,
                     f"file not found (expected json/<task>.json for the {benchmark} tasks {list(tasks)})")
+    absent = [t for t in tasks if t not in present]
+    if absent:
+        log.warning("%s: no %s in %s; the mean over tasks covers only the %d present, so it is not comparable "
+                    "with a full run", benchmark, ", ".join(f"{t}.json" for t in absent), json_dir, len(present))
     for task in present:
         path = json_dir / f"{task}.json"
         for i, row in enumerate(_as_list(_read_json(path), path)):

@@ -13,7 +13,8 @@ function the runner uses when it writes the row), so an edited `correct` flag or
 rule cannot change a number. Rows whose stored fields disagree are listed in `corrected_ids`;
 rows whose id is not one of the records are not scored and are listed in `unknown_ids`.
 
-Standard breakdowns: VideoMME by duration, domain and task type; MVBench per task and
+Standard breakdowns (the groups lmms-eval reports for each task): VideoMME by duration, domain,
+sub-category and task type; MVBench per task and
 the mean over tasks (its headline); MLVU per question type and the mean over types
 (M-Avg, its headline); LongVideoBench by duration group and question category; EgoSchema
 the 500-question subset; synthetic by task.
@@ -31,7 +32,7 @@ log = logging.getLogger("storm_vlm.eval")
 JUDGED = ("status", "pred", "pred_letter", "correct")
 
 BREAKDOWNS: dict[str, tuple[str, ...]] = {
-    "videomme": ("duration", "domain", "task_type"),
+    "videomme": ("duration", "domain", "sub_category", "task_type"),
     "mvbench": ("task",),
     "mlvu": ("question_type",),
     "longvideobench": ("duration_group", "question_category"),
