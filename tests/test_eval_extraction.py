@@ -11,6 +11,7 @@ PLAIN = ["red ball", "red", "a blue cube", "the dog"]
     ("(B)", 1), ("B.", 1), ("B", 1), ("b)", 1), ("[B]", 1), ("B:", 1), (" B \n", 1),
     ("The answer is B", 1), ("The answer is B.", 1), ("Answer: B", 1), ("answer: b.", 1),
     ("The best answer is (D).", 3), ("Best option: (D)", 3), ("The correct option is C, the cube.", 2),
+    ("B. a blue cube", 1),  # letter and text disagree: the letter the prompt asked for decides
     ("B. red", 1), ("(C) a blue cube", 2), ("b) red", 1), ("B\nBecause the ball is red.", 1), ("**C**", 2),
     ("I think (C) fits best.", 2), ("It is probably C.", 2), ("The answer is A because it rolls", 0),
     # the option's text
@@ -19,7 +20,6 @@ PLAIN = ["red ball", "red", "a blue cube", "the dog"]
     ("", None), ("   ", None), ("I don't know", None), ("A man is running", None), ("B or C", None),
     ("The answer is B or C", None), ("Option A is wrong, option B is right", None),
     ("The answer is A dog", None), ("the answer is a dog", None), ("I see a red ball and the dog", None),
-    ("B. a blue cube", None),  # letter and text disagree
     ("E", None), ("The answer is F.", None),  # beyond the options
     ("(A) or (C)", None),
 ])

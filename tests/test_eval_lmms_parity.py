@@ -21,6 +21,7 @@ OPTS = ["A. red ball", "B. red", "C. a blue cube", "D. the dog"]
     ("B", "B"), ("(B)", "B"), ("B.", "B"), ("B)", "B"), ("B:", "B"), ("[B]", "B"), (" B \n", "B"),
     ("The answer is B.", "B"), ("The best answer is B", "B"), ("Answer: B) red", "B"), ("Option B", "B"),
     ("Best option: (D)", "D"), ("Best option: (D) the dog", "D"), ("D. A book", "D"), ("C. a blue cube", "C"),
+    ("B. a blue cube", "B"),
     ("B\nBecause the ball is red.", "B"), ("**B**", "B"), ("B.\n\nExplanation: A dog ...", "B"),
     ("The correct option is C, the cube.", "C"), ("C is correct", "C"), ("Correct answer: C", "C"),
     ("The answer is: (A)", "A"), ("A", "A"), ("A.", "A"), ("The answer is (B). The ball is red.", "B"),

@@ -18,8 +18,9 @@ names, or None when it names none or more than one. None is counted wrong and lo
 by the runner: there is never a random guess. The rules, tried in order:
 
 1. The reply (or its first line) is just a letter: "B", "(B)", "B.", "b)", "[B]", "B:".
-2. The reply starts with a lettered option: "B. Apples", "(B) apples", "b) apples".
-   If the text after the letter is exactly another option's text, it is a contradiction: None.
+2. The reply starts with a lettered option: "B. Apples", "(B) apples", "b) apples". The letter
+   decides, as the prompt asks for it (and as lmms-eval reads it), even when the text after it
+   is another option's.
 3. An answer phrase names a letter: "The answer is B", "Answer: (C)", "Best option: D.",
    "the correct choice is b.". Different letters named this way ("option A ... option C"),
    or "B or C", give None.
@@ -141,13 +142,7 @@ def extract_choice(text: str, options: Sequence[str]) -> int | None:
         letter = m.group(1) or m.group(2)
         if _OR.match(s[m.end():]):
             return None
-        i = _index(letter, n)
-        rest = _norm(s[m.end():])
-        if i is not None and rest:
-            other = [j for j, t in enumerate(texts) if _norm(t) == rest]
-            if other and i not in other:
-                return None
-        return i
+        return _index(letter, n)
 
     # 3. an answer phrase
     named = []
