@@ -6,6 +6,7 @@ import statistics
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -84,6 +85,18 @@ def test_peer_benchmark_writes_table_json_and_png(tmp_path, capsys):
     ratios = [a / b for a, b in zip(rounds["storm"], rounds["llava-onevision"])]
     assert result["guards"]["storm_none_vs_onevision"]["ratio"] == round(statistics.median(ratios), 3)
     assert result["host"]["cpu"] and "load_average_end" in result
+    allowed = result["guards"]["onevision_vs_storm_pool4"]["vision_ms_allowed"]
+    assert allowed == round(peers.tower_allowance(result["rows"], 4), 3)
     assert (out / "peers.png").read_bytes()[:8] == PNG_MAGIC
     printed = capsys.readouterr().out
     assert "host:" in printed and "load average at end" in printed and "guard at 4 frames" in printed
+
+
+def test_tower_allowance_is_where_the_pool4_guard_ratio_reaches_its_limit():
+    rows = [{"frames": 128, "model": "llava-onevision", "projector_ms": 10.0, "llm_prefill_ms": 990.0},
+            {"frames": 128, "model": "storm pool4", "projector_ms": 50.0, "llm_prefill_ms": 150.0},
+            {"frames": 32, "model": "storm pool4", "projector_ms": 1.0, "llm_prefill_ms": 1.0}]
+    allowed = peers.tower_allowance(rows, 128)
+    assert (allowed + 1000.0) / (allowed + 200.0) == pytest.approx(peers.GUARD_SPEEDUP)
+    rows[1]["llm_prefill_ms"] = 400.0  # OneVision's rest only 2.2x STORM pool 4's: no tower time is enough
+    assert peers.tower_allowance(rows, 128) < 0
