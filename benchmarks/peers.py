@@ -29,7 +29,8 @@ the visual tokens are returned), LLM prefill on [text | visual tokens | text] wi
 decode steps take its CPU decode step (`DecodeStep`); the LLaVA models' their own forward, so the
 decode column also gives STORM's step with the decode step off ("storm (forward)"). Within a
 frame count the models alternate round by round (`--repeats` rounds, at least `--guard-repeats` at the
-guards' frame count; medians kept).
+guards' frame count; medians kept), each round starting one model further on, so no model always
+follows the same one.
 
 Guards (exit status 1 when one fails, unless --no-guards), on time to first token at 128 frames
 (or the largest frame count given below it), each the median over rounds of the ratio of two models'
@@ -289,7 +290,7 @@ def main(argv=None) -> int:
         samples = {run: [] for run in runs}
         repeats = max(args.repeats, args.guard_repeats) if f == gf else args.repeats
         for rnd in range((1 if i == 0 else 0) + repeats):
-            for name, decode in runs:
+            for name, decode in runs[rnd % len(runs):] + runs[:rnd % len(runs)]:  # each model starts a round in turn
                 r = measure(models, name, pixels, text, args.decode_tokens, clock, decode, precision)
                 if rnd >= (1 if i == 0 else 0):
                     samples[(name, decode)].append(r)
