@@ -10,7 +10,7 @@ import torch
 from storm_vlm.data.collator import StormCollator
 from storm_vlm.data.datasets import LlavaDataset
 from storm_vlm.data.records import load_records
-from storm_vlm.errors import StormError
+from storm_vlm.errors import ConfigError, StormError
 from train_helpers import processor_and_model, write_image, write_video
 
 
@@ -148,5 +148,54 @@ def test_any_media_failure_is_a_skip_never_a_traceback(media, tmp_path, caplog, 
 def test_no_readable_media_at_all_names_the_first_cause(media, tmp_path):
     ds = dataset(media, tmp_path, [rec("bad", ["Q"], ["A"], video="broken.mp4"),
                                    rec("gone", ["Q"], ["A"], image="missing.png")])
-    with pytest.raises(StormError, match=r"none of the 2 training records has readable media \(first: .*t\.jsonl:1"):
+    with pytest.raises(StormError, match=r"none of the 2 training records can make a sample \(first: .*t\.jsonl:1"):
         ds[0]
+
+
+def test_a_folder_of_frames_is_read_as_the_video(media, tmp_path):
+    """LLaVA-NeXT-style data stores some videos as a folder of frame images: they are sampled
+    uniformly in name order (non-image files ignored); `start`/`end` cannot cut a folder (no
+    timestamps), so such a record is a skip naming the cause."""
+    for i in range(6):
+        write_image(media / "clip" / f"{i:03d}.jpg", np.full((32, 32, 3), 20 + 40 * i, np.uint8))
+    (media / "clip" / "notes.txt").write_text("not a frame")
+    ds = dataset(media, tmp_path, [rec("folder", ["<image>\nWhat happens?"], ["It brightens."], video="clip"),
+                                   {**rec("cut", ["Q"], ["A"], video="clip"), "start": 1.0},
+                                   rec("ok", ["Q"], ["A"], video="four.mp4")], num_frames=3)
+    item = ds[0]
+    assert item["record_index"] == 0 and item["num_skipped"] == 0
+    pixels = item["pixel_values_videos"]
+    assert pixels.shape == (3, 3, 32, 32)
+    means = pixels.mean(dim=(1, 2, 3))
+    assert bool((means[1:] > means[:-1]).all())  # frames 0, 2 (or 3), 5: in name order
+    assert ds[1]["record_index"] == 2 and ds[1]["num_skipped"] == 1
+    assert "no timestamps" in ds._bad[1]
+
+
+def test_a_record_too_long_for_max_length_is_skipped_not_fatal(media, tmp_path, caplog):
+    """A record whose text leaves no answer token (or would split its visual tokens) under
+    max_length shows only when its sample is built: it is skipped and logged, the run goes on."""
+    long_question = "word " * 400
+    f = tmp_path / "t.jsonl"
+    records = [rec("long", [long_question], ["A"], video="four.mp4"),
+               rec("split", [long_question + "<video>"], ["A"], video="two.mp4"),
+               rec("ok", ["Q"], ["A"], video="four.mp4")]
+    f.write_text("".join(json.dumps(r) + "\n" for r in records))
+    proc, _ = processor_and_model()
+    ds = LlavaDataset(load_records(f, media), proc, num_frames=4, max_length=200)
+    with caplog.at_level(logging.WARNING, logger="storm_vlm.data"):
+        item = ds[0]
+    assert item["record_index"] == 2 and item["num_skipped"] == 2
+    assert "t.jsonl:1 (id long): too long: no assistant token left" in caplog.text
+    assert "t.jsonl:2 (id split): too long:" in caplog.text and "split the visual tokens" in caplog.text
+
+
+def test_max_length_too_short_for_any_sample_is_a_config_error(media, tmp_path):
+    f = tmp_path / "t.jsonl"
+    f.write_text(json.dumps(rec("v", ["Q"], ["A"], video="four.mp4")) + "\n")
+    proc, _ = processor_and_model()
+    records = load_records(f, media)
+    need = proc.num_visual_tokens(4)
+    with pytest.raises(ConfigError, match=r"key 'max_length': .* a 4-frame video"):
+        LlavaDataset(records, proc, num_frames=4, max_length=need)
+    assert len(LlavaDataset(records, proc, num_frames=4, max_length=need + 64)) == 1

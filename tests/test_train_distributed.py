@@ -122,6 +122,34 @@ def test_lora_with_different_media_on_each_rank_fsdp2_and_ddp(setup):
     compare(ref, torchrun(path, tmp / "mixed_ddp", "distributed=ddp", "per_device_batch_size=2"))
 
 
+def test_ranks_that_skip_different_records_stay_in_step(tmp_path):
+    """Rank 1 skips an unreadable video at step 2 and rank 0 a record too long for max_length at
+    step 4: both still run every step (a skip takes the next usable record), the run follows one
+    process with double batch, and rank 0 logs both ranks' skips in skipped_media.jsonl."""
+    data = make_dataset(tmp_path / "data", num_videos=6, num_images=0)
+    video = [json.loads(line) for line in data["train"].read_text().splitlines()]
+    (data["root"] / "videos" / "cut.mp4").write_bytes(b"not a video" * 40)
+    cut = {**video[0], "id": "cut", "video": "videos/cut.mp4"}
+    long = {**video[1], "id": "long", "conversations": [{"from": "human", "value": "word " * 300},
+                                                        video[1]["conversations"][1]]}
+    f = data["root"] / "skips.jsonl"  # global batch 2 in order: rank 0 takes records 0, 2, 4, 6; rank 1 1, 3, 5, 7
+    records = [video[0], video[1], video[2], cut, video[3], video[4], long, video[5]]
+    f.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = base_config(tmp_path / "unused", {"train": f, "root": data["root"]}, max_steps=4, per_device_batch_size=2,
+                      shuffle=False, max_length=160)
+    ref = train(dict(cfg, output_dir=str(tmp_path / "single")))
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = torchrun(path, tmp_path / "ddp", "distributed=ddp")
+    compare(ref, out)
+
+    def skipped(run: Path):
+        return [json.loads(line) for line in (run / "skipped_media.jsonl").read_text().splitlines()]
+
+    assert skipped(out) == skipped(ref.parent)
+    assert [(r["step"], r["id"]) for r in skipped(out)] == [(2, "cut"), (4, "long")]
+
+
 ACCELERATE_PROBE = """
 import json, os, sys, torch
 from accelerate import Accelerator

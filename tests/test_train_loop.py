@@ -1,6 +1,7 @@
 """The training loop on a tiny model: loss goes down, stages train the right parts, skips are counted."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from safetensors.torch import load_file
 
 from storm_vlm.errors import ConfigError
 from storm_vlm.train import train
-from train_helpers import base_config, make_dataset, write_video
+from train_helpers import base_config, make_dataset, write_image, write_video
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +94,60 @@ def test_long_stage_pools_frames_and_counts_skipped_media(data, tmp_path):
     assert state["skipped_media"] == 1 and state["epoch"] == 1 and state["step_in_epoch"] == 0
     config = json.loads((final / "config.json").read_text())
     assert config["temporal_pool_size"] == 4
+
+
+def test_a_run_goes_on_past_a_record_too_long_for_max_length(data, tmp_path):
+    """A record that does not fit max_length is met deep into a run: it is skipped and counted like
+    unreadable media (the run used to stop there); a frame-folder video trains like a file."""
+    root = data["root"]
+    for i in range(4):
+        write_image(root / "frames" / f"{i}.png", np.full((32, 32, 3), 50 * i, np.uint8))
+    conv = [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "Nothing."}]
+    recs = [{"id": "folder", "video": "frames", "conversations": conv},
+            {"id": "long", "video": "videos/v0.mp4",
+             "conversations": [{"from": "human", "value": "word " * 300}, conv[1]]}]
+    f = root / "too_long.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "run"
+    train(base_config(out, data, train_file=str(f), max_length=160, per_device_batch_size=1, max_steps=2,
+                      shuffle=False))
+    assert [r["skipped_media_step"] for r in metrics(out)] == [0, 1]
+    rows = [json.loads(line) for line in (out / "skipped_media.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 2, "record": f"{f}:2", "id": "long",
+                     "cause": "too long: no assistant token left to learn from (max_length 160)"}]
+
+
+def test_resume_across_skipped_records_is_exact_and_logs_each_skip_once(data, tmp_path):
+    """A resumed run skips the same records at the same steps as an uninterrupted one and ends with
+    the same weights; skipped_media.jsonl drops the rows logged past the checkpoint, as metrics.jsonl does."""
+    root = data["root"]
+    (root / "videos" / "cut.mp4").write_bytes((root / "videos" / "v1.mp4").read_bytes()[:300])
+    conv = [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "Nothing."}]
+    recs = [{"id": "ok", "video": "videos/v0.mp4", "conversations": conv},
+            {"id": "cut", "video": "videos/cut.mp4", "conversations": conv},
+            {"id": "ok2", "video": "videos/v2.mp4", "conversations": conv},
+            {"id": "long", "video": "videos/v3.mp4",
+             "conversations": [{"from": "human", "value": "word " * 300}, conv[1]]}]
+    f = root / "skips.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    ref = tmp_path / "ref"
+    cfg = base_config(ref, data, train_file=str(f), max_length=160, per_device_batch_size=1, max_steps=4,
+                      save_steps=2, shuffle=False)
+    train(cfg)
+    skipped = [json.loads(line) for line in (ref / "skipped_media.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["id"]) for r in skipped] == [(2, "cut"), (4, "long")]
+    assert skipped[0]["record"] == f"{f}:2" and skipped[0]["cause"].startswith("unreadable media:")
+
+    resumed = tmp_path / "resumed"  # the ref run as a kill after checkpoint-2 would have left it
+    shutil.copytree(ref, resumed, ignore=shutil.ignore_patterns("final"))
+    train({**cfg, "output_dir": str(resumed)}, resume=True)
+    for name in ("skipped_media.jsonl", "metrics.jsonl"):
+        rows = [json.loads(line) for line in (resumed / name).read_text().splitlines()]
+        ref_rows = [json.loads(line) for line in (ref / name).read_text().splitlines()]
+        assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
+    assert metrics(resumed)[-1]["loss"] == metrics(ref)[-1]["loss"]
+    a, b = load_file(str(ref / "final" / "model.safetensors")), load_file(str(resumed / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_metrics_log_writes_tensorboard_scalars_when_installed(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ class StormCollator:
         pixel_values_videos (V, Tmax, 3, H, W) + video_frame_mask (V, Tmax) bool (padding frames
         are zeros at the end, masked False) -- V = samples with a video, in batch order,
         pixel_values (I, 3, H, W) -- I = samples with an image, in batch order,
-        num_skipped: unreadable records skipped to produce this batch.
+        num_skipped: records skipped to produce this batch, skipped: their descriptions (see LlavaDataset).
     """
 
     def __init__(self, pad_token_id: int):
@@ -43,6 +43,7 @@ class StormCollator:
             "attention_mask": attention_mask,
             "labels": labels,
             "num_skipped": sum(int(s.get("num_skipped", 0)) for s in samples),
+            "skipped": [r for s in samples for r in s.get("skipped", ())],
         }
         videos = [s["pixel_values_videos"] for s in samples if s.get("pixel_values_videos") is not None]
         if videos:

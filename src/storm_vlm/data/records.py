@@ -5,7 +5,8 @@ Accepted record (one JSON object):
      "conversations": [{"from": "human", "value": "<video>\\n..."}, {"from": "gpt", "value": "..."}, ...]}
 Roles: human/user, gpt/assistant (and an optional leading system turn). Turns alternate
 user/assistant and end with an assistant turn. `"image"`/`"video"` may also be a one-element
-list. Optional `"start"`/`"end"` (seconds) cut a clip from a video.
+list; `"video"` names a video file or a folder of its frames. Optional `"start"`/`"end"` (seconds)
+cut a clip from a video file.
 
 A media path is relative to `media_root` (an absolute path must still lie inside it); a path
 that resolves outside the root (`..`, an absolute path elsewhere, a symlink pointing out) is
@@ -20,8 +21,8 @@ record stops the run with one StormError naming `file:line` and the cause: JSON 
 parse (or uses NaN/Infinity, or nests deeper than Python's parser allows), a line longer than
 `MAX_LINE_BYTES`, text that is not UTF-8, a string holding a NUL character or an unpaired
 surrogate, `start`/`end` that are not finite seconds in [0, MAX_SECONDS] with start < end.
-Whether the media can be *read* is only known when a sample is built: that is a skip, counted
-and logged by `storm_vlm.data.datasets`.
+Whether the media can be *read*, and whether the tokens fit `max_length`, is only known when a
+sample is built: that is a skip, counted and logged by `storm_vlm.data.datasets`.
 
 JSONL is read line by line (a multi-GB file is never held as one string); a JSON array is read
 whole, then taken apart element by element so each record still gets its line number.

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from storm_vlm import precision
@@ -135,6 +135,12 @@ class DistEnv:
         if self.accelerator is None or not self.is_distributed:
             return t
         return self.accelerator.reduce(t.to(self.device), reduction="sum")
+
+    def gather_lists(self, items: list) -> list:
+        """Every rank's list, concatenated in rank order (a collective: every rank must call it)."""
+        if self.accelerator is None or not self.is_distributed:
+            return items
+        return gather_object(items)
 
 
 def _fsdp_blocks(model) -> list:

@@ -1,4 +1,5 @@
-"""The training metrics log: metrics.jsonl on rank 0, plus TensorBoard scalars when it is installed.
+"""The training logs on rank 0: metrics.jsonl (plus TensorBoard scalars when it is installed) and
+skipped_media.jsonl (one row per record skipped: step, record `file:line`, id, cause).
 
 A resumed run first drops the rows a killed run logged past the checkpoint it resumes from.
 """
@@ -11,13 +12,15 @@ from pathlib import Path
 from storm_vlm.utils import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
+SKIPPED_FILE = "skipped_media.jsonl"
 
 
 class MetricsLog:
-    """metrics.jsonl (rank 0), plus TensorBoard scalars when the package is installed."""
+    """A JSONL log of rows with a "step" (rank 0), plus TensorBoard scalars when asked and installed."""
 
-    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool, resume_step: int):
-        self.path = output_dir / METRICS_FILE
+    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool, resume_step: int,
+                 name: str = METRICS_FILE):
+        self.path = output_dir / name
         self.enabled = enabled
         self.tb = None
         if not enabled:

@@ -57,7 +57,7 @@ from storm_vlm.errors import ConfigError, StormError
 from storm_vlm.train import checkpoint as ckpt
 from storm_vlm.train.config import TrainConfig, config_from_dict, load_config, resolve_raw
 from storm_vlm.train.launch import DistEnv, end_accelerator, fully_shard_model, make_accelerator
-from storm_vlm.train.metrics import MetricsLog
+from storm_vlm.train.metrics import SKIPPED_FILE, MetricsLog
 from storm_vlm.train.model_source import load_model_and_processor
 from storm_vlm.train.stages import apply_stage, has_lora, merged_state_dict, parameter_groups, trainable_names
 from storm_vlm.utils import IGNORE_INDEX, atomic_write_json, publish_dir
@@ -456,6 +456,7 @@ class Trainer:
 
         loader = self.make_loader()
         metrics = MetricsLog(self.output_dir, env.is_main, cfg.tensorboard, self.start_step)
+        skips = MetricsLog(self.output_dir, env.is_main, False, self.start_step, name=SKIPPED_FILE)
         bar = None
         if env.is_main and cfg.progress_bar:
             bar = tqdm(total=cfg.max_steps, initial=self.start_step, desc=f"train {cfg.stage}", unit="step")
@@ -472,6 +473,8 @@ class Trainer:
                 counts = env.all_reduce_sum(torch.tensor([local_tokens, local_skipped], dtype=torch.float64))
                 global_tokens, step_skipped = int(counts[0]), int(counts[1])
                 self.skipped_total += step_skipped
+                # every rank knows step_skipped, so all of them join this gather (or none does)
+                skipped = env.gather_lists([r for b in micro for r in b.get("skipped", [])]) if step_skipped else []
                 loss_sum = torch.zeros((), dtype=torch.float64)
                 for a, batch in enumerate(micro):
                     if self.fsdp:
@@ -503,6 +506,8 @@ class Trainer:
                 }
                 if step % cfg.logging_steps == 0 or step == cfg.max_steps:
                     metrics.log(row)
+                for r in skipped:
+                    skips.log({"step": step, **r})
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", skipped=self.skipped_total)
@@ -512,6 +517,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
             metrics.close()
+            skips.close()
         return self.save_final()
 
     def _clip(self, params) -> float:
