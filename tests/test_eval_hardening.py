@@ -261,3 +261,19 @@ def test_eval_refuses_a_non_finite_fps(tmp_path, capsys, fps):
     rc = main(["eval", str(tmp_path / "model"), "--benchmark", "synthetic", "--data-root", str(tmp_path),
                "--output", str(tmp_path / "out"), "--fps", fps])
     assert rc == 2 and "--fps must be a finite number > 0" in capsys.readouterr().err
+
+
+def test_a_frame_folder_is_read_in_frame_number_order_and_scaled_as_read(tmp_path):
+    """Unpadded frame numbers ("2.png" before "10.png") keep their order, and each frame is scaled
+    down to the model's input size while it is read, as video files are."""
+    from PIL import Image
+
+    from storm_vlm.eval.frames import load_frame_folder
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(1, 13):
+        Image.new("RGB", (64, 48), (10 * i, 0, 0)).save(folder / f"{i}.png")
+    frames = load_frame_folder(folder, 12)
+    assert [int(f[0, 0, 0]) for f in frames] == [10 * i for i in range(1, 13)]
+    assert load_frame_folder(folder, 3, min_side=16).shape == (3, 16, 21, 3)

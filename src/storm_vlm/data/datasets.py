@@ -127,7 +127,7 @@ def read_video(path: Path, num_frames: int, start: float | None, end: float | No
         if path.is_dir():
             if start is not None or end is not None:
                 raise MediaUnreadable(f"{path}: a folder of frames has no timestamps to cut 'start'/'end' from")
-            return load_frame_folder(path, num_frames)
+            return load_frame_folder(path, num_frames, min_side=min_side)
         _check_regular_file(path)
         return load_video(str(path), num_frames=num_frames, start=start, end=end, min_side=min_side).frames
     except MediaUnreadable:

@@ -8,6 +8,7 @@ is a decode failure -- recorded for that question, and the run goes on."""
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -38,14 +39,20 @@ def _check_regular(path: str, inside: Path | None = None) -> None:
         raise _decode_error(path, "not a regular file")
 
 
+def _frame_order(name: str) -> list:
+    """Sort key putting numbered frames in number order whether or not the numbers are zero-padded
+    ("2.jpg" before "10.jpg"): the name split into text and whole numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def load_frame_folder(path: str | Path, num_frames: int, folder_fps: float | None = None,
-                      start: float | None = None, end: float | None = None) -> np.ndarray:
-    """`num_frames` images spread uniformly over a folder of frames (sorted by name),
-    restricted to [start, end) seconds when the folder's frame rate is known.
-    Returns (T, H, W, 3) uint8."""
+                      start: float | None = None, end: float | None = None, min_side: int | None = None) -> np.ndarray:
+    """`num_frames` images spread uniformly over a folder of frames (in name order, numbers by
+    value), restricted to [start, end) seconds when the folder's frame rate is known, each scaled
+    down to `min_side` on its shorter side as it is read (`load_image`). Returns (T, H, W, 3) uint8."""
     path = str(path)
     folder = Path(path).resolve()
-    names = sorted(n for n in os.listdir(path) if Path(n).suffix.lower() in _IMAGE_SUFFIXES)
+    names = sorted((n for n in os.listdir(path) if Path(n).suffix.lower() in _IMAGE_SUFFIXES), key=_frame_order)
     if not names:
         raise _decode_error(path, "frame folder holds no images")
     lo, hi = 0, len(names) - 1
@@ -59,7 +66,7 @@ def load_frame_folder(path: str | Path, num_frames: int, folder_fps: float | Non
     for i in idx:
         _check_regular(os.path.join(path, names[i]), folder)
         try:
-            frame = load_image(os.path.join(path, names[i]))
+            frame = load_image(os.path.join(path, names[i]), min_side=min_side)
         except (OSError, ValueError) as exc:
             raise _decode_error(os.path.join(path, names[i]), f"unreadable frame image ({exc})") from None
         if size is None:
@@ -79,7 +86,7 @@ def load_record_frames(record: Record, num_frames: int, fps: float | None = None
     if start is not None and end is not None and end <= start:
         start = end = None  # a few public annotations have empty bounds; read the whole clip
     if os.path.isdir(record.video):
-        return load_frame_folder(record.video, num_frames, record.frames_fps, start, end)
+        return load_frame_folder(record.video, num_frames, record.frames_fps, start, end, min_side)
     _check_regular(record.video)
     clip = load_video(record.video, num_frames=num_frames, fps=fps, start=start, end=end, min_side=min_side)
     return clip.frames
