@@ -167,3 +167,48 @@ def test_the_mlp_baseline_streams_too(qwen2_mlp_dir):
     assert stream.ask(QUESTION, max_new_tokens=4).token_ids == _one_shot(predictor, frames, None, 4)[1]
     with pytest.raises(StormError, match="feed: expected uint8"):
         stream.feed(frames.astype(np.float32))
+
+
+def test_a_failed_append_leaves_a_stream_that_still_answers_as_one_shot(predictor, monkeypatch):
+    frames = random_video(12, seed=7)
+    stream = StormStream(predictor)
+    stream.feed(frames[:5])
+
+    def out_of_memory(embeds):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(stream, "_append", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        stream.feed(frames[5:9])  # encoded, but its tokens never reached the cache
+    monkeypatch.undo()
+    assert stream.ask(QUESTION, max_new_tokens=4).token_ids == _one_shot(predictor, frames[:9], None, 4)[1]
+    stream.feed(frames[9:])
+    assert stream.ask(QUESTION, max_new_tokens=4).token_ids == _one_shot(predictor, frames, None, 4)[1]
+    assert stream.stats()["cache_tokens"] == len(stream._prefix_ids) + stream.visual_tokens
+
+
+def test_a_failing_question_leaves_the_stream_as_it_was(predictor, monkeypatch):
+    frames = random_video(8, seed=8)
+    stream = StormStream(predictor)
+    stream.feed(frames)  # 8 frames, k = 3: a partial window is appended for each question
+    before = stream.ask(QUESTION, max_new_tokens=4).token_ids
+    generate = predictor.model.generate
+
+    def failing(*args, **kwargs):
+        generate(*args, **{**kwargs, "max_new_tokens": 2})  # fills the cache with the question, then fails
+        raise RuntimeError("generation failed")
+
+    monkeypatch.setattr(predictor.model, "generate", failing)
+    with pytest.raises(RuntimeError):
+        stream.ask(QUESTION, max_new_tokens=4)
+    monkeypatch.undo()
+    assert stream.stats()["cache_tokens"] == len(stream._prefix_ids) + stream.visual_tokens
+    assert stream.ask(QUESTION, max_new_tokens=4).token_ids == before
+
+
+def test_questions_are_text(predictor):
+    stream = StormStream(predictor)
+    stream.feed(random_video(3, seed=9))
+    # a typed placeholder is a word, not a second video; text that was not UTF-8 is still a question
+    for question in ("What does the <video> tag do?", "Is there an <image>?", "caf\udce9?"):
+        assert stream.ask(question, max_new_tokens=2).visual_tokens == 4

@@ -240,7 +240,8 @@ def test_watch_answers_questions_typed_while_it_runs(causal_dir, segments, monke
     lines = out.out.splitlines()
     asked = [line for line in lines if line.startswith("[")]
     assert asked[0].startswith("[0:00:00] ") and "frames" in asked[0]  # /status, before any frame
-    assert any(line.startswith("[0:00:01, 4 frames] What colour is the square?") for line in asked)
+    # frames at 0, 0.25, 0.5, 0.75 and 1.0: the chunk holding 1.0 and 1.25 is split after 1.0
+    assert any(line.startswith("[0:00:01, 5 frames] What colour is the square?") for line in asked)
     assert any("asked for 0:01:39, the video ended before] And at the end?" in line for line in asked)
     assert any(line.startswith("[0:00:04, 18 frames] Last question?") for line in asked)
     assert "unknown command /frobnicate" in out.out
@@ -258,3 +259,122 @@ def test_frames_are_scaled_down_while_decoded(tmp_path):
     segment = write_segment(tmp_path / "big.ts", random_video(4, 96, 128))
     frames = [f for _, f in decode_segment(str(segment), FrameSampler(8), "big", min_side=32)]
     assert len(frames) == 4 and frames[0].shape == (32, 43, 3)  # the shorter side to the model's input size
+
+
+def _watch(causal_dir, source, *extra):
+    from storm_vlm.cli import main
+
+    return main(["watch", str(causal_dir), str(source), "--fps", str(FPS), "--idle-timeout", "0.3", "--max-new-tokens",
+                 "2", "--device", "cpu", "--precision", "float32", "--status-every", "0", *extra])
+
+
+def test_a_timed_question_sees_the_frames_up_to_its_time_and_no_later(causal_dir, segments, monkeypatch, capsys):
+    folder = os.path.dirname(segments[0])
+    # chunks of 2 s (8 frames); the questions fall inside the first one; an untimed question that comes
+    # before the first frame waits for them
+    monkeypatch.setattr(sys, "stdin", io.StringIO("First?\n@0.5 At half a second?\n@1.6 Between frames?\n"))
+    assert _watch(causal_dir, folder, "--chunk-seconds", "2") == 0
+    asked = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert any(line.startswith("[0:00:00, 3 frames] At half a second?") for line in asked)  # 0, 0.25, 0.5
+    assert any(line.startswith("[0:00:01, 7 frames] Between frames?") for line in asked)  # 0 ... 1.5
+    assert any(line.startswith("[0:00:02, 8 frames] First?") for line in asked)  # after the first chunk
+    assert not any("no frames" in line for line in asked)
+
+
+def test_watch_survives_undecodable_input_and_a_failing_question(causal_dir, segments, monkeypatch, capsys):
+    from storm_vlm.streaming.stream import StormStream
+
+    ask = StormStream.ask
+
+    def failing_once(self, question, *args, **kwargs):
+        if "boom" in question:
+            raise RuntimeError("CUDA out of memory")
+        return ask(self, question, *args, **kwargs)
+
+    monkeypatch.setattr(StormStream, "ask", failing_once)
+    typed = b"@0.5 caf\xe9 or <video>?\n@1 boom?\n@1.25 Still there?\n"  # Latin-1, not UTF-8
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(typed), encoding="utf-8", errors="strict"))
+    assert _watch(causal_dir, segments[0], "--chunk-seconds", "0.5", "--exit-at-end") == 0
+    out = capsys.readouterr().out
+    assert "caf\ufffd or <video>?" in out and "exactly one <video>" not in out
+    assert "error: answering failed (RuntimeError: CUDA out of memory)" in out
+    assert "[0:00:01, 6 frames] Still there?" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--chunk-seconds", "inf"], "--chunk-seconds must be > 0 and hold at most 128 frames"),
+    (["--fps", "30", "--chunk-seconds", "60"], "at most 4.26667 s"),
+    (["--format", "hls"], "--format 'hls' is not a stream format"),
+    (["--idle-timeout", "nan"], "--idle-timeout must be > 0"),
+])
+def test_watch_bad_arguments_are_one_line_errors(causal_dir, segments, monkeypatch, capsys, argv, message):
+    from storm_vlm.cli import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert main(["watch", str(causal_dir), str(segments[0]), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_watch_refuses_a_source_before_loading_the_model(causal_dir, tmp_path, monkeypatch, capsys):
+    from storm_vlm.cli import main
+    from storm_vlm.inference import Predictor
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(Predictor, "from_pretrained", no_loading)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    notes = tmp_path / "notes.ts"
+    notes.write_text("not a video\n" * 30)
+    assert main(["watch", str(causal_dir), str(notes)]) == 2
+    assert "not a readable video stream" in capsys.readouterr().err
+    assert main(["watch", str(causal_dir), "rtsp://camera/stream"]) == 2
+    assert "URLs are not opened" in capsys.readouterr().err
+
+
+def test_watch_refuses_a_terminal_as_its_video_and_endless_times(causal_dir, monkeypatch, capsys):
+    from storm_vlm.cli import main
+    from storm_vlm.commands.watch import parse_question
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal(""))
+    assert main(["watch", str(causal_dir), "-", "-q", "What happened?"]) == 2
+    assert "standard input, which is a terminal" in capsys.readouterr().err
+    assert parse_question("@90 What happened?") == (90.0, "What happened?")
+    for line in ("@inf What?", "@nan What?", "@-1 What?", "@5"):
+        with pytest.raises(StormError, match="SECONDS"):
+            parse_question(line)
+
+
+def test_watch_without_any_frame_exits_1(causal_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    folder = tmp_path / "segments"
+    folder.mkdir()
+    (folder / "seg_000.ts").write_bytes(b"\x00" * 4096)
+    assert _watch(causal_dir, folder, "-q", "What happened?") == 1
+    err = capsys.readouterr().err
+    assert "skipped" in err and "no video frames could be read" in err
+
+
+def test_watch_stops_cleanly_on_sigterm(causal_dir, tmp_path):
+    import signal
+    import subprocess
+
+    fifo = tmp_path / "live.fifo"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([sys.executable, "-m", "storm_vlm", "watch", str(causal_dir), str(fifo), "--format",
+                             "mpegts", "--device", "cpu"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    writer = open(fifo, "wb")  # returns once the model is loaded and the source opened; then nothing comes
+    try:
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        writer.close()
+        proc.kill()
+    assert proc.returncode == 143 and "Traceback" not in err and "(stopped at 0:00:00: 0 frames)" in err

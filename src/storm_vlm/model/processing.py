@@ -285,6 +285,14 @@ class StormProcessor(ProcessorMixin):
         """Placeholder tokens for a `num_frames`-frame video (`VisualTokenLayout.num_tokens`)."""
         return self.layout.with_sample_stride(temporal_sample_stride).num_tokens(num_frames)
 
+    def literal(self, text: str) -> str:
+        """`text` with the placeholders (<video>, <image>) it holds broken by a word joiner (U+2060,
+        invisible), so they tokenize as text: typed by a user ("what does the HTML <video> tag
+        do?"), they would otherwise be read as a video or an image that is not there."""
+        for token in (self.video_token, self.image_token):
+            text = text.replace(token, token[:1] + "\u2060" + token[1:])
+        return text
+
     # ---- pixels ------------------------------------------------------------------------------------
 
     def _pixels(self, frames: Sequence[np.ndarray]) -> torch.Tensor:

@@ -417,12 +417,8 @@ class StormEngine:
         return _Prepared(prompt, [], temporal_sample_stride, sampling, text_tokens, visual, planned)
 
     def literal(self, text: str) -> str:
-        """`text` with the processor's placeholders (<video>, <image>) it holds broken by a word
-        joiner (U+2060, invisible), so they tokenize as text: typed by a user ("what does the HTML
-        <video> tag do?"), they would otherwise be read as a video or an image that is not there."""
-        for token in (self.processor.video_token, self.processor.image_token):
-            text = text.replace(token, token[:1] + "\u2060" + token[1:])
-        return text
+        """`text` with the processor's placeholders as text (`StormProcessor.literal`)."""
+        return self.processor.literal(text)
 
     def _literal_messages(self, messages: list[dict]) -> list[dict]:
         """`messages` with every text `literal`; adjacent text items are joined first (the template

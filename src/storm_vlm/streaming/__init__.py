@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["StormStream", "ChunkStats", "check_streamable", "MEMORY_POLICIES"]
+__all__ = ["StormStream", "ChunkStats", "check_streamable", "MEMORY_POLICIES", "MAX_CHUNK_FRAMES"]
+
+# Frames a source's chunk may hold: a chunk is decoded, queued and encoded at once, so this bounds
+# memory (here, not in `sources`, so that `storm-vlm watch --help` can name it without numpy).
+MAX_CHUNK_FRAMES = 128
 
 _LAZY = {"StormStream": "stream", "ChunkStats": "stream", "check_streamable": "stream", "MEMORY_POLICIES": "memory"}
 

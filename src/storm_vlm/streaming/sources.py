@@ -9,21 +9,29 @@ holding more than one chunk:
 - a **folder of segments** (what a recorder or an HLS/DASH segmenter writes: seg_000.ts,
   seg_001.ts, ...): files are taken in name order; a segment is read once the next one exists
   (so it is complete), the last one once the folder has not changed for ``idle_timeout`` seconds,
-  which also ends the stream. Times continue across segments;
+  which also ends the stream. Names are compared with their numbers as numbers (seg_9 before
+  seg_10, seg_999 before seg_1000), only names after the last segment taken are read (a
+  recorder may delete old segments), and playlists, lists and partial files a recorder writes
+  beside its segments (.m3u8, .mpd, .csv, .txt, .tmp, .part, ...) are ignored. Times continue
+  across segments;
 - a **pipe**: ``-`` (standard input) or a FIFO, for formats that PyAV can read without seeking
   (MPEG-TS, Matroska/WebM, NUT, Y4M, MJPEG, fragmented MP4); ``fmt`` names the format when probing
   cannot (``--format mpegts``). A plain MP4 needs its index, which is at the end: write it to a
   file, or as fragmented MP4 (``-movflags frag_keyframe+empty_moov``).
 
-Only self-contained video demuxers are opened (no playlists or reference formats: an HLS .m3u8
-or an ffconcat list could make FFmpeg read other files); `FrameSampler` keeps the fps and the
-running time of the stream across segments (the server's session endpoint uses it for uploaded
-segments). This module does not import torch.
+Only local files, folders and pipes are read, through self-contained video demuxers (no URLs, no
+playlists or reference formats: an HLS .m3u8 or an ffconcat list could make FFmpeg read other
+files). `FrameSampler` keeps the fps and the running time of the stream across segments (the
+server's session endpoint uses it for uploaded segments); timestamps that jump back (a camera
+that reconnects, an encoder restarted, MPEG-TS timestamps wrapping) continue the stream's time
+instead of hiding the frames until the old time is reached again. This module does not import
+torch.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import stat
 import sys
 import threading
@@ -35,17 +43,25 @@ from typing import Iterator
 import numpy as np
 
 from storm_vlm.errors import StormError
-from storm_vlm.media.container import ALLOWED_FORMATS, IMAGE_FORMATS
+from storm_vlm.media.container import ALLOWED_FORMATS, IMAGE_FORMATS, find_truncation
 from storm_vlm.media.limits import DEFAULT_MAX_PIXELS, MAX_SOURCE_PIXELS, output_size
 from storm_vlm.media.readers import frame_orientation, rotate_frame, scaled_rgb
+from storm_vlm.streaming import MAX_CHUNK_FRAMES
 from storm_vlm.video import VideoDecodeError
 
-__all__ = ["Chunk", "FrameSampler", "FrameSource", "open_source", "decode_segment", "STREAM_FORMATS"]
+__all__ = ["Chunk", "FrameSampler", "FrameSource", "open_source", "decode_segment", "stdin_binary", "STREAM_FORMATS",
+           "MAX_CHUNK_FRAMES"]
 
 # The loader's self-contained demuxers (each reads only the bytes it is given: no playlists or
 # reference formats), less the still-image ones.
 STREAM_FORMATS = ALLOWED_FORMATS - IMAGE_FORMATS
 _CONTAINER_OPTIONS = {"format_whitelist": ",".join(sorted(STREAM_FORMATS)), "protocol_whitelist": "file,pipe"}
+# Timestamps going back by more than this start a new run of time (smaller steps back are jitter).
+BACKWARD_JUMP_S = 1.0
+# What a recorder writes beside its segments (playlists, segment lists, files being written).
+NOT_SEGMENTS = frozenset({".m3u8", ".m3u", ".mpd", ".csv", ".txt", ".ffconcat", ".json", ".xml", ".log",
+                          ".tmp", ".part", ".partial"})
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def _av():
@@ -70,7 +86,9 @@ class FrameSampler:
     """Keeps one frame per 1/fps seconds of stream time, across segments (times continue).
 
     `begin_segment()` before each segment's frames; `take(t)` with a frame's time in its segment
-    returns its stream time when the frame is kept, else None.
+    returns its stream time when the frame is kept, else None. A time more than BACKWARD_JUMP_S
+    before the previous one (a reconnect, a restarted encoder, a timestamp wrap) starts a new
+    run that continues from the stream's end, as a new segment would.
     """
 
     def __init__(self, fps: float):
@@ -81,17 +99,18 @@ class FrameSampler:
         self.end = 0.0  # stream time just after the last frame seen
         self._offset = 0.0
         self._first: float | None = None
+        self._last = 0.0
         self._frame_s = 0.0
 
     def begin_segment(self, frame_s: float | None = None) -> None:
         """A new segment starts where the stream so far ends; `frame_s`: its frames' duration if known."""
-        self._offset = self.end
         self._first = None
         self._frame_s = frame_s or 0.0
 
     def take(self, t: float) -> float | None:
-        if self._first is None:
-            self._first = t
+        if self._first is None or t < self._last - BACKWARD_JUMP_S:
+            self._offset, self._first = self.end, t
+        self._last = t
         now = self._offset + max(0.0, t - self._first)
         self.end = max(self.end, now + (self._frame_s or 0.0))
         if now + 1e-6 < self.next_t:
@@ -102,18 +121,33 @@ class FrameSampler:
         return now
 
 
+def stdin_binary():
+    """Standard input as a binary file object of its own, over the same descriptor (falling back
+    to sys.stdin's buffer, or sys.stdin, when it has none: a test's StringIO). Not sys.stdin's own
+    buffer: a daemon thread blocked reading that holds the lock the interpreter takes to flush it
+    at exit, and the process aborts ("could not acquire lock ... at interpreter shutdown")."""
+    try:
+        return open(sys.stdin.fileno(), "rb", closefd=False)
+    except (AttributeError, OSError, ValueError):
+        return getattr(sys.stdin, "buffer", sys.stdin)
+
+
 def _open(target, fmt: str | None, name: str):
     """av.open with the demuxer allow-list; VideoDecodeError naming the source otherwise."""
     av = _av()
     if fmt is not None and fmt not in STREAM_FORMATS:
         raise StormError(f"--format {fmt!r} is not a stream format read here ({', '.join(sorted(STREAM_FORMATS))})")
+    path = target if isinstance(target, str) else None
     try:
-        if isinstance(target, str):
-            target = "file:" + os.path.abspath(target)
-        return av.open(target, mode="r", format=fmt, metadata_errors="ignore", container_options=_CONTAINER_OPTIONS,
+        return av.open("file:" + os.path.abspath(path) if path else target, mode="r", format=fmt,
+                       metadata_errors="ignore", container_options=_CONTAINER_OPTIONS,
                        options={"max_pixels": str(MAX_SOURCE_PIXELS)})
     except (av.FFmpegError, OSError, EOFError, UnicodeDecodeError) as exc:
         cause = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        truncation = find_truncation(path, os.path.getsize(path)) if path and os.path.isfile(path) else None
+        if truncation is not None:  # e.g. an MP4 still being recorded: its index is written last
+            raise VideoDecodeError(f"{name}: {truncation.describe()}; a recording still being written is read from "
+                                   "a folder of segments or a pipe (MPEG-TS, Matroska, fragmented MP4)") from None
         raise VideoDecodeError(f"{name}: not a readable video stream ({cause}); playlists and reference formats "
                                "are not read, and a pipe needs a streamable format (--format)") from None
 
@@ -175,13 +209,16 @@ class FrameSource:
     def __init__(self, source: str, kind: str, *, fps: float = 1.0, chunk_seconds: float = 2.0,
                  realtime: bool = False, fmt: str | None = None, idle_timeout: float = 10.0, poll_s: float = 0.25,
                  stop: threading.Event | None = None, on_error=None, min_side: int | None = None):
-        if not (isinstance(chunk_seconds, (int, float)) and chunk_seconds > 0):
-            raise StormError(f"chunk seconds must be > 0, got {chunk_seconds!r}")
+        self.sampler = FrameSampler(fps)
+        if not (isinstance(chunk_seconds, (int, float)) and 0 < chunk_seconds * fps <= MAX_CHUNK_FRAMES):
+            raise StormError(f"chunk seconds must be > 0 and a chunk at most {MAX_CHUNK_FRAMES} frames (it is "
+                             f"decoded and encoded at once), got {chunk_seconds!r} s at {fps:g} fps")
         if not (isinstance(idle_timeout, (int, float)) and idle_timeout > 0):
             raise StormError(f"idle timeout must be > 0 seconds, got {idle_timeout!r}")
+        if fmt is not None and fmt not in STREAM_FORMATS:
+            raise StormError(f"format {fmt!r} is not a stream format read here ({', '.join(sorted(STREAM_FORMATS))})")
         self.source = source
         self.kind = kind
-        self.sampler = FrameSampler(fps)
         self.chunk_frames = max(1, round(chunk_seconds * fps))
         self.realtime = realtime
         self.fmt = fmt
@@ -200,12 +237,12 @@ class FrameSource:
                 yield t, f, self.source
         elif self.kind == "pipe":
             name = "standard input" if self.source == "-" else self.source
-            handle = sys.stdin.buffer if self.source == "-" else open(self.source, "rb")
+            handle = stdin_binary() if self.source == "-" else open(self.source, "rb")
             try:
                 for t, f in decode_segment(handle, self.sampler, name, self.fmt, self.min_side):
                     yield t, f, name
             finally:
-                if handle is not sys.stdin.buffer:
+                if self.source != "-":  # standard input stays open
                     handle.close()
         else:
             for path in self._segments():
@@ -217,28 +254,51 @@ class FrameSource:
                         raise
                     self.on_error(exc)
 
-    def _listing(self) -> list[Path]:
-        return sorted(p for p in Path(self.source).iterdir() if p.is_file() and not p.name.startswith("."))
+    def check(self) -> None:
+        """VideoDecodeError unless a file source opens as a video (cheap: the header only), so that a
+        caller learns of a wrong file before loading a model; folders and pipes are read as they come."""
+        if self.kind == "file":
+            with _open(self.source, self.fmt, self.source) as container:
+                if not container.streams.video:
+                    raise VideoDecodeError(f"{self.source}: no video stream")
+
+    def _listing(self, after: list | None) -> list[tuple[list, Path, int]]:
+        """(name key, path, size) of the folder's segments named after `after`, in name order.
+        A file deleted while listed (a recorder removing old segments) is left out."""
+        found = []
+        with os.scandir(self.source) as entries:
+            for entry in entries:
+                key = _name_key(entry.name)
+                if entry.name.startswith(".") or Path(entry.name).suffix.lower() in NOT_SEGMENTS:
+                    continue
+                if after is not None and key <= after:
+                    continue
+                try:
+                    if entry.is_file():
+                        found.append((key, Path(entry.path), entry.stat().st_size))
+                except OSError:
+                    continue
+        return sorted(found, key=lambda item: item[0])
 
     def _segments(self) -> Iterator[Path]:
         """Complete segments in name order: one once a later one exists; the last once the folder
-        is idle for idle_timeout (then the stream ends)."""
-        done: set[str] = set()
+        is idle for idle_timeout (then the stream ends). Only the last name taken is remembered, so
+        an endless recording costs no memory per segment."""
+        after = None
         changed = time.monotonic()
-        last_seen: tuple = ()
+        last_seen: list = []
         while not self.stop.is_set():
-            listing = [p for p in self._listing() if p.name not in done]
-            signature = tuple((p.name, p.stat().st_size) for p in listing)
+            listing = self._listing(after)
+            signature = [(str(path), size) for _, path, size in listing]
             if signature != last_seen:
                 last_seen, changed = signature, time.monotonic()
             if len(listing) > 1:
-                done.add(listing[0].name)
-                yield listing[0]
+                after = listing[0][0]
+                yield listing[0][1]
                 continue
             if time.monotonic() - changed >= self.idle_timeout:
                 if listing:
-                    done.add(listing[0].name)
-                    yield listing[0]
+                    yield listing[0][1]
                 return
             self.stop.wait(self.poll_s)
 
@@ -255,35 +315,49 @@ class FrameSource:
             times.clear()
             return chunk
 
-        for t, frame, name in self._frames():
-            if self.stop.is_set():
-                return
-            if self.realtime:
-                if wall0 is None:
-                    wall0, stream0 = time.monotonic(), t
-                wait = wall0 + (t - stream0) - time.monotonic()
-                if wait > 0 and self.stop.wait(wait):
+        try:
+            for t, frame, name in self._frames():
+                if self.stop.is_set():
                     return
-            if frames and frames[0].shape != frame.shape:
+                if self.realtime:
+                    if wall0 is None:
+                        wall0, stream0 = time.monotonic(), t
+                    wait = wall0 + (t - stream0) - time.monotonic()
+                    if wait > 0 and self.stop.wait(wait):
+                        return
+                if frames and frames[0].shape != frame.shape:
+                    yield flush()
+                frames.append(frame)
+                times.append(t)
+                source = name
+                self.frames_read += 1
+                if len(frames) >= self.chunk_frames:
+                    yield flush()
+        except Exception:
+            if frames and not self.stop.is_set():  # the frames decoded before an error are part of the stream
                 yield flush()
-            frames.append(frame)
-            times.append(t)
-            source = name
-            self.frames_read += 1
-            if len(frames) >= self.chunk_frames:
-                yield flush()
+            raise
         if frames and not self.stop.is_set():
             yield flush()
 
 
+def _name_key(name: str) -> list:
+    """A file name's sort key with its runs of digits as numbers: seg_9 < seg_10 < seg_1000."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def open_source(source: str, **kwargs) -> FrameSource:
     """A FrameSource for `source`: "-" (standard input), a FIFO, a folder or a video file.
-    StormError when it is none of those."""
+    StormError when it is none of those (a URL included: network sources are not opened)."""
     if source == "-":
         return FrameSource(source, "pipe", **kwargs)
     try:
         mode = os.stat(source).st_mode
     except OSError as exc:
+        if _URL.match(source):
+            raise StormError(f"{source}: URLs are not opened, only local files, folders and pipes; let ffmpeg "
+                             "read it and pipe the video in: ffmpeg -i URL -c copy -f mpegts - | storm-vlm watch "
+                             "MODEL -") from None
         raise StormError(f"{source}: cannot be read ({exc.strerror or exc})") from None
     if stat.S_ISDIR(mode):
         return FrameSource(source, "directory", **kwargs)

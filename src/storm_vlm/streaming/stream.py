@@ -157,6 +157,7 @@ class StormStream:
         self._window: list[torch.Tensor] = []  # projector outputs (N, D) of the incomplete pooling window
         self._kept: list[tuple[int, torch.Tensor]] = []  # (pooled index, features (N', D)), oldest first
         self._cache = None
+        self._stale = False  # the cache does not hold the kept features (an append failed): rebuild it
 
     @property
     def visual_tokens(self) -> int:
@@ -200,6 +201,13 @@ class StormStream:
 
     # ------------------------------------------------------------------ prompt
 
+    def as_text(self, question: str) -> str:
+        """`question` as plain text: the processor's placeholders typed in it (<video>, <image>) are
+        broken by a word joiner (U+2060, invisible) so they tokenize as words, since the stream
+        supplies the one video itself; characters that cannot be encoded (lone surrogates, from
+        input that was not UTF-8) become U+FFFD."""
+        return self.processor.literal(question.encode("utf-8", "surrogatepass").decode("utf-8", "replace"))
+
     def _split_prompt(self, question: str) -> tuple[list[int], list[int]]:
         """(ids before the video's tokens, ids after them) of the one-shot prompt for `question`,
         tokenized exactly as the processor tokenizes it (the video's run of placeholders cut out)."""
@@ -234,9 +242,11 @@ class StormStream:
 
     def _rebuild(self) -> None:
         """A fresh KV cache: the prompt's opening, then the kept frames' tokens at their new positions."""
+        self._stale = True
         self._new_cache()
         if self._kept:
             self._append(self.features().to(self.model.device)[None].flatten(1, 2))
+        self._stale = False
         self.rebuilds += 1
 
     def _cached_length(self) -> int:
@@ -264,6 +274,8 @@ class StormStream:
         t0 = time.perf_counter()
         pixels = self._pixels(frames)
         with torch.inference_mode(), self._context():
+            if self._stale:
+                self._rebuild()
             out, self._states = self.model.encode_video_chunk(pixels, self._states)
             self.frames_seen += out.shape[0]
             window = self._window + list(out.unbind(0))
@@ -276,18 +288,24 @@ class StormStream:
                     new.append((j, self._pool(torch.stack(group))))
             self._window = window
             t1 = time.perf_counter()
-            if self._cache is None:
-                self._new_cache()
             self._kept.extend(new)
             rebuild_s = 0.0
-            if len(self._kept) > self.budget_frames:
-                keep = select_kept(len(self._kept), self.budget_frames, self.memory_policy)
-                self._kept = [self._kept[i] for i in keep]
-                t2 = time.perf_counter()
-                self._rebuild()
-                rebuild_s = time.perf_counter() - t2
-            elif new:
-                self._append(torch.stack([f for _, f in new])[None].flatten(1, 2))
+            try:
+                if self._cache is None:
+                    self._new_cache()
+                if len(self._kept) > self.budget_frames:
+                    keep = select_kept(len(self._kept), self.budget_frames, self.memory_policy)
+                    self._kept = [self._kept[i] for i in keep]
+                    t2 = time.perf_counter()
+                    self._rebuild()
+                    rebuild_s = time.perf_counter() - t2
+                elif new:
+                    self._append(torch.stack([f for _, f in new])[None].flatten(1, 2))
+            except BaseException:
+                # the kept features are complete; a cache left half-appended (out of memory, an
+                # interrupt) is rebuilt from them before it is used again
+                self._stale = True
+                raise
         end = time.perf_counter()
         tokens = len(new) * self.tokens_per_frame
         return ChunkStats(frames=int(pixels.shape[0]), new_visual_tokens=tokens, visual_tokens=self.visual_tokens,
@@ -300,15 +318,16 @@ class StormStream:
         """Answer `question` from the frames seen so far (greedy unless `generation` says otherwise).
 
         Nothing is encoded again: the question and the answer run after the cached video, and are
-        cropped off afterwards. StormError before any frame, or when the question and the answer
-        would not fit the LLM's positions.
+        cropped off afterwards (also when generating fails), so a question never changes what the
+        next one sees. The question is text (`as_text`). StormError before any frame, or when the
+        question and the answer would not fit the LLM's positions.
         """
         if not isinstance(question, str) or not question.strip():
             raise StormError("the question must be a non-empty string")
         check_int("max_new_tokens", max_new_tokens, 1, error=StormError)
         if self.frames_seen == 0:
             raise StormError("no frames have arrived yet: feed the stream before asking about it")
-        prefix, suffix = self._split_prompt(question)
+        prefix, suffix = self._split_prompt(self.as_text(question))
         if prefix != self._prefix_ids:
             raise StormError("this chat template renders the prompt before the video differently for each question, "
                              "so a stream cannot keep it cached")
@@ -329,6 +348,9 @@ class StormStream:
         first = _FirstLogits(self.model.device)
         processors = LogitsProcessorList([*generation.pop("logits_processor", []), first])
         kwargs = {**GREEDY, **generation, "max_new_tokens": max_new_tokens}
+        if self._stale:
+            with torch.inference_mode(), self._context():
+                self._rebuild()
         try:
             with torch.inference_mode(), self._context():
                 if partial is not None:
