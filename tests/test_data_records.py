@@ -89,7 +89,7 @@ def test_bad_records_name_the_line(tmp_path, record, msg):
     assert "t.jsonl:2" in str(info.value)
 
 
-# ----------------------------------------------------------------------------- hostile records (issue 14, item 5)
+# ----------------------------------------------------------------------------- hostile records
 @pytest.mark.parametrize(
     "extra, msg",
     [

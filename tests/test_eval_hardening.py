@@ -1,4 +1,4 @@
-"""Evaluation does not trust what it reads back (issue 14, item 7): correctness is recomputed from
+"""Evaluation does not trust what it reads back: correctness is recomputed from
 the stored reply and the benchmark's answer, prediction rows and run_config.json are validated,
 and every reader confines video paths to --data-root."""
 

@@ -1,4 +1,4 @@
-"""--resume verifies before it trusts (issue 14, item 6): every checkpoint carries a manifest.json
+"""--resume verifies before it trusts: every checkpoint carries a manifest.json
 (sizes and SHA-256, written last); a damaged newest checkpoint is skipped, with the reason logged, and
 training resumes from the newest one that verifies and ends bit-identical to an uninterrupted run.
 Checkpoints written before manifests existed still resume (reported as unverified)."""

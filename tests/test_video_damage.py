@@ -1,4 +1,4 @@
-"""Damaged files say what happened (issue 14, item 4): a truncated file fails as truncated with
+"""Damaged files say what happened: a truncated file fails as truncated with
 how much of it decodes (or, on request, gives the part that decodes, marked); implausible
 frame durations do not collapse a clip onto one frame; running out of memory is reported as
 such, never as a corrupt file."""

@@ -1,4 +1,4 @@
-"""Which files load_video opens (issue 14, item 2): only self-contained formats, only the file
+"""Which files load_video opens: only self-contained formats, only the file
 it is given. A playlist naming another file must fail *without opening that file*: the named
 file is a FIFO here, and a watcher thread notices any reader that opens it (opening a FIFO for
 reading blocks until a writer comes, so no open can slip by unseen)."""

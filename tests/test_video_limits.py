@@ -1,4 +1,4 @@
-"""load_video's bounds (issue 14, item 1): frames scaled while decoding, huge sources refused,
+"""load_video's bounds: frames scaled while decoding, huge sources refused,
 a process-wide limit on concurrent decodes, a time limit and cancellation.
 
 Sizes and counts are asserted, never timings: the time limit runs on a fake clock and
