@@ -237,3 +237,22 @@ def test_a_damaged_final_model_is_trained_again_not_returned(run, tmp_path, capl
         final = train(dict(run["cfg"], output_dir=str(out)), resume=True)
     assert "final is damaged (model.safetensors has" in caplog.text
     assert same_weights(run["final"], final)  # rebuilt from checkpoint-6
+
+
+def test_a_run_killed_while_replacing_a_checkpoint_resumes_from_it(run, tmp_path, caplog):
+    """Killed inside publish_dir (old checkpoint-6 moved aside to .old, the new one still .tmp):
+    the finished .tmp gets the name back and the run resumes from step 6, not from step 4; with
+    only the .old left, the old folder comes back."""
+    out = crashed_copy(run, tmp_path)
+    os.replace(out / "checkpoint-6", out / "checkpoint-6.old")
+    shutil.copytree(out / "checkpoint-6.old", out / "checkpoint-6.tmp")
+    (out / "checkpoint-6.old" / ckpt.TRAINER_STATE).write_text("{}")  # the copy being replaced: not this one
+    with caplog.at_level(logging.INFO, logger="storm_vlm.train"):
+        final = train(dict(run["cfg"], output_dir=str(out)), resume=True)
+    assert "checkpoint-6 was being replaced when the run stopped" in caplog.text
+    assert "(step 6," in caplog.text
+    assert same_weights(run["final"], final)
+    assert not list(out.glob("*.old")) and not list(out.glob("*.tmp"))
+    os.replace(out / "checkpoint-4", out / "checkpoint-4.old")
+    assert ckpt.finish_interrupted_publish(out) == [out / "checkpoint-4"]
+    assert ckpt.verify_checkpoint(out / "checkpoint-4").startswith("sizes and SHA-256")

@@ -12,7 +12,9 @@ Layout of `output_dir/checkpoint-<step>/`:
 A checkpoint is first written to `checkpoint-<step>.tmp/` and renamed with os.replace once
 every file (of every rank) is on disk and `manifest.json` lists them, so a folder named
 `checkpoint-<step>` was complete when it was written; a half-written `.tmp` folder is never
-picked up and is removed on the next start.
+picked up and is removed on the next start. Saving a step that already has a folder (after a
+resume past a damaged checkpoint) moves the old one aside to `.old` first: a run killed between
+that and the rename gets the folder back on `--resume` (`finish_interrupted_publish`).
 
 A disk can still lose or damage a file after that (a full disk, a copy cut short, a bad
 block), so `--resume` verifies before it trusts: `find_resume_checkpoint` walks the checkpoints
@@ -343,6 +345,23 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, checksums: bool = True
             skipped.append((path, f"cannot read {Path(exc.filename).name if exc.filename else 'a file'} "
                                   f"({exc.strerror or exc})"))
     return None, "", skipped
+
+
+def finish_interrupted_publish(output_dir: str | os.PathLike) -> list[Path]:
+    """Folders a run killed inside `publish_dir` left without their name: killed after the old `X`
+    was moved aside to `X.old` and before the finished `X.tmp` became `X` (a step saved again after
+    a resume past a damaged checkpoint, or final/ written again). `publish_dir` starts only once
+    `X.tmp` is written, so `X.tmp` becomes `X`; without one, `X.old` comes back. Resume verifies
+    them like any checkpoint. Returns the folders given back their names."""
+    restored = []
+    for old in sorted(Path(output_dir).glob("*.old")):
+        final = old.with_name(old.name[: -len(".old")])
+        if not old.is_dir() or final.exists():
+            continue
+        tmp = final.with_name(final.name + ".tmp")
+        os.replace(tmp if tmp.is_dir() else old, final)
+        restored.append(final)
+    return restored
 
 
 def remove_stale_tmp(output_dir: str | os.PathLike) -> list[Path]:

@@ -136,9 +136,16 @@ class Trainer:
 
         A final/ whose training_summary.json cannot be read, or whose files do not match its
         manifest.json, is not taken as done: training resumes from the checkpoints and writes
-        final/ again."""
+        final/ again. First, a folder the run was replacing when it stopped gets its name back
+        (`checkpoint.finish_interrupted_publish`)."""
+        if not self.resume:
+            return None
+        if self.env.is_main and self.output_dir.is_dir():
+            for path in ckpt.finish_interrupted_publish(self.output_dir):
+                logger.warning("--resume: %s was being replaced when the run stopped; it has its name back", path.name)
+        self.env.barrier()  # every rank reads the output folder after this
         summary = self.output_dir / FINAL_DIR / "training_summary.json"
-        if not (self.resume and summary.is_file()):
+        if not summary.is_file():
             return None
         try:
             data = ckpt.read_json(summary)
