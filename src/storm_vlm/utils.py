@@ -9,6 +9,7 @@ import json
 import math
 import numbers
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -158,3 +159,9 @@ def available_memory_bytes() -> float:
     except OSError:
         pass
     return math.inf
+
+
+def numbered_name_key(name: str) -> list:
+    """Sort key for file names whose runs of digits are numbers, padded or not: frame_2 before
+    frame_10, seg_999 before seg_1000 (the name split into text and whole numbers)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]

@@ -8,7 +8,6 @@ is a decode failure -- recorded for that question, and the run goes on."""
 from __future__ import annotations
 
 import os
-import re
 import stat
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from PIL import Image
 from storm_vlm.errors import StormError
 from storm_vlm.eval.records import Record
 from storm_vlm.media.images import load_image
+from storm_vlm.utils import numbered_name_key
 from storm_vlm.video import VideoDecodeError, load_video
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -39,12 +39,6 @@ def _check_regular(path: str, inside: Path | None = None) -> None:
         raise _decode_error(path, "not a regular file")
 
 
-def _frame_order(name: str) -> list:
-    """Sort key putting numbered frames in number order whether or not the numbers are zero-padded
-    ("2.jpg" before "10.jpg"): the name split into text and whole numbers."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
 def load_frame_folder(path: str | Path, num_frames: int, folder_fps: float | None = None,
                       start: float | None = None, end: float | None = None, min_side: int | None = None) -> np.ndarray:
     """`num_frames` images spread uniformly over a folder of frames (in name order, numbers by
@@ -52,7 +46,7 @@ def load_frame_folder(path: str | Path, num_frames: int, folder_fps: float | Non
     down to `min_side` on its shorter side as it is read (`load_image`). Returns (T, H, W, 3) uint8."""
     path = str(path)
     folder = Path(path).resolve()
-    names = sorted((n for n in os.listdir(path) if Path(n).suffix.lower() in _IMAGE_SUFFIXES), key=_frame_order)
+    names = sorted((n for n in os.listdir(path) if Path(n).suffix.lower() in _IMAGE_SUFFIXES), key=numbered_name_key)
     if not names:
         raise _decode_error(path, "frame folder holds no images")
     lo, hi = 0, len(names) - 1

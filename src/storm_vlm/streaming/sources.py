@@ -47,6 +47,7 @@ from storm_vlm.media.container import ALLOWED_FORMATS, IMAGE_FORMATS, find_trunc
 from storm_vlm.media.limits import DEFAULT_MAX_PIXELS, MAX_SOURCE_PIXELS, output_size
 from storm_vlm.media.readers import frame_orientation, rotate_frame, scaled_rgb
 from storm_vlm.streaming import MAX_CHUNK_FRAMES
+from storm_vlm.utils import numbered_name_key
 from storm_vlm.video import VideoDecodeError
 
 __all__ = ["Chunk", "FrameSampler", "FrameSource", "open_source", "decode_segment", "stdin_binary", "STREAM_FORMATS",
@@ -268,7 +269,7 @@ class FrameSource:
         found = []
         with os.scandir(self.source) as entries:
             for entry in entries:
-                key = _name_key(entry.name)
+                key = numbered_name_key(entry.name)
                 if entry.name.startswith(".") or Path(entry.name).suffix.lower() in NOT_SEGMENTS:
                     continue
                 if after is not None and key <= after:
@@ -339,11 +340,6 @@ class FrameSource:
             raise
         if frames and not self.stop.is_set():
             yield flush()
-
-
-def _name_key(name: str) -> list:
-    """A file name's sort key with its runs of digits as numbers: seg_9 < seg_10 < seg_1000."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def open_source(source: str, **kwargs) -> FrameSource:
