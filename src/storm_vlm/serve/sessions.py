@@ -367,7 +367,7 @@ def add_session_routes(app: FastAPI, engine, *, max_sessions: int = 4, max_chunk
             question, options, _, _, max_new = engine.check_request(params.question, params.options, 1, None,
                                                                     params.max_new_tokens)
             with model_lock:
-                reply = session.stream.ask(engine.literal(engine.prompt(question, options)), max_new)
+                reply = session.stream.ask(engine.prompt(question, options), max_new)  # ask keeps placeholders as text
             choice = extract_choice(reply.text, options) if options else None
             return {"answer": reply.text, "choice": choice, "choice_letter": None if choice is None else LETTERS[choice],
                     "options": options, "frames": session.stream.frames_seen,
