@@ -57,7 +57,7 @@ def test_full_run_writes_predictions_results_and_table(synth, tmp_path, capsys):
     saved = json.loads((out / "results.json").read_text())
     assert saved == json.loads(json.dumps(res))
     assert saved["counts"] == {"total": 6, "predicted": 6, "answered": 4, "unparsed": 2, "empty_replies": 0,
-                               "decode_failures": 0, "missing": 0, "correct": 2}
+                               "model_failures": 0, "decode_failures": 0, "missing": 0, "correct": 2}
     assert saved["accuracy"] == pytest.approx(2 / 6)
     # synthetic breaks down by task: ids 0,2,4 are "order", 1,3,5 "count"
     assert saved["breakdowns"]["task"]["order"] == {"correct": 1, "count": 3, "accuracy": pytest.approx(1 / 3)}
@@ -115,6 +115,64 @@ def test_retry_failed_redoes_only_the_decode_failures(synth, tmp_path):
     assert retry.calls == ["syn-1"] and res["counts"]["decode_failures"] == 0
     rows = _lines(out / "predictions.jsonl")
     assert [r["id"] for r in rows] == [f"syn-{i}" for i in range(6)] and rows[1]["status"] == "answered"
+
+
+class FailsOn(Scripted):
+    """Scripted, but raises on the given ids (one at a time and in any batch holding one)."""
+
+    def __init__(self, *bad):
+        super().__init__()
+        self.bad, self.batches = set(bad), []
+
+    def predict(self, record, frames):
+        if record.id in self.bad or "*" in self.bad:
+            raise RuntimeError(f"out of memory on {record.id}")
+        return super().predict(record, frames)
+
+    def predict_batch(self, records, frames):
+        self.batches.append([r.id for r in records])
+        if any(r.id in self.bad for r in records):
+            raise RuntimeError("out of memory in a batch")
+        return [Scripted.predict(self, r, f) for r, f in zip(records, frames)]
+
+
+def test_a_question_the_model_raises_on_is_recorded_counted_wrong_and_tried_again(synth, tmp_path):
+    records = load_benchmark("synthetic", synth)
+    out = tmp_path / "out"
+    res = evaluate_with_predictor(FailsOn("syn-3"), records, out, num_frames=2, progress=False, print_table=False)
+    rows = {r["id"]: r for r in _lines(out / "predictions.jsonl")}
+    assert rows["syn-3"]["status"] == "model_error" and rows["syn-3"]["reply"] is None
+    assert rows["syn-3"]["error"] == "RuntimeError: out of memory on syn-3"
+    assert [rows[f"syn-{i}"]["status"] for i in (4, 5)] == ["answered", "unparsed"]  # the run went on
+    assert res["counts"]["model_failures"] == 1 and res["model_failure_ids"] == ["syn-3"]
+    assert res["accuracy"] == pytest.approx(1 / 6)  # syn-3 would have been right: counted wrong, not dropped
+    assert "| model failures | 1 |" in (out / "results.md").read_text()
+    again = Scripted()
+    res = evaluate_with_predictor(again, records, out, num_frames=2, progress=False, print_table=False)
+    assert again.calls == ["syn-3"] and res["counts"]["model_failures"] == 0
+    assert res["accuracy"] == pytest.approx(2 / 6)
+
+
+def test_a_batch_that_raises_is_answered_one_question_at_a_time(synth, tmp_path):
+    predictor = FailsOn("syn-1")
+    res = evaluate_with_predictor(predictor, load_benchmark("synthetic", synth), tmp_path / "out", num_frames=2,
+                                  progress=False, print_table=False, batch_size=3)
+    assert predictor.batches == [["syn-0", "syn-1", "syn-2"], ["syn-3", "syn-4", "syn-5"]]
+    assert predictor.calls == ["syn-0", "syn-2", "syn-3", "syn-4", "syn-5"]  # syn-1 alone failed
+    rows = {r["id"]: r for r in _lines(tmp_path / "out" / "predictions.jsonl")}
+    assert [rows[f"syn-{i}"]["status"] for i in range(3)] == ["answered", "model_error", "unparsed"]
+    assert res["counts"]["model_failures"] == 1 and res["counts"]["answered"] == 3
+
+
+def test_a_model_that_fails_on_every_question_stops_the_run(synth, tmp_path):
+    records = load_benchmark("synthetic", synth)
+    out = tmp_path / "out"
+    with pytest.raises(StormError, match=r"failed on each of the first 5 questions .*out of memory on syn-4"):
+        evaluate_with_predictor(FailsOn("*"), records, out, num_frames=2, progress=False, print_table=False)
+    assert [r["status"] for r in _lines(out / "predictions.jsonl")] == ["model_error"] * 5  # not syn-5
+    fixed = Scripted()
+    res = evaluate_with_predictor(fixed, records, out, num_frames=2, progress=False, print_table=False)
+    assert fixed.calls == [f"syn-{i}" for i in range(6)] and res["counts"]["model_failures"] == 0
 
 
 def test_rerun_skips_done_ids_and_drops_a_truncated_last_line(synth, tmp_path):

@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     add_precision_argument(parser)
     parser.add_argument("--retry-failed", action="store_true",
-                        help="on a rerun, try again the videos that failed to decode before")
+                        help="on a rerun, also try again the videos that failed to decode before "
+                             "(questions the model failed on are always tried again)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 

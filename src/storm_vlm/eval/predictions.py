@@ -7,8 +7,8 @@ other unreadable line means the file was damaged some other way, and reading sto
 an error naming the file and line rather than guessing.
 
 Every row read back is validated (`check_row`): `id` a non-empty string, `status` one of
-answered / unparsed / decode_error, a text `reply` for the first two and a text `error` for the
-third, optional numbers finite. A row that fails is the same error naming file and line. What a
+answered / unparsed / decode_error / model_error, a text `reply` for the first two and a text
+`error` (and no reply) for the failures, optional numbers finite. A row that fails is the same error naming file and line. What a
 row's `pred`, `pred_letter` and `correct` say is never trusted: scoring recomputes them from the
 stored reply and the benchmark's own answer (`storm_vlm.eval.scoring.judge`).
 """
@@ -23,7 +23,8 @@ from pathlib import Path
 from storm_vlm.errors import StormError
 from storm_vlm.utils import atomic_write_text
 
-STATUSES = ("answered", "unparsed", "decode_error")
+FAILURES = ("decode_error", "model_error")  # no reply: the video could not be read / the model raised
+STATUSES = ("answered", "unparsed", *FAILURES)
 
 
 class BadRow(ValueError):
@@ -44,11 +45,11 @@ def check_row(row) -> dict:
     status = row.get("status")
     if status not in STATUSES:
         raise BadRow(f"'status' must be one of {', '.join(STATUSES)}, got {status!r}")
-    if status == "decode_error":
+    if status in FAILURES:
         if not isinstance(row.get("error"), str):
-            raise BadRow(f"a decode_error row needs its 'error' text, got {row.get('error')!r}")
+            raise BadRow(f"a {status} row needs its 'error' text, got {row.get('error')!r}")
         if row.get("reply") is not None:
-            raise BadRow("a decode_error row has a 'reply'")
+            raise BadRow(f"a {status} row has a 'reply'")
     elif not isinstance(row.get("reply"), str):
         raise BadRow(f"an {status} row needs the model's 'reply' text, got {row.get('reply')!r}")
     for key in ("latency_s", "prefill_s"):
@@ -84,7 +85,7 @@ def all_prediction_files(out_dir: Path) -> list[Path]:
 
 def read_predictions(path: Path) -> dict[str, dict]:
     """id -> row for every complete line of `path` (a later line for the same id wins: a retried
-    decode failure); {} if absent. StormError naming the file and line for a damaged or invalid row."""
+    failure); {} if absent. StormError naming the file and line for a damaged or invalid row."""
     if not path.exists():
         return {}
     rows: dict[str, dict] = {}

@@ -3,15 +3,20 @@
 ``run_predictions`` walks a rank's shard of records, skips ids already in the output
 folder, loads frames, asks a `Predictor`, reads the reply with `extract_choice`, and
 appends one row per question to predictions.jsonl (fsync'd). A video that fails to decode
-becomes a row with status "decode_error" and the run goes on. With ``batch_size`` > 1 and a
+becomes a row with status "decode_error", a question the predictor raises on one with status
+"model_error" (a long video past the model's memory, a prompt past its context), and the run
+goes on; only a model that fails on every one of the run's first `FAILED_START` questions stops
+it, as that is the model or its settings, not the questions. With ``batch_size`` > 1 and a
 predictor that has ``predict_batch`` (the model-backed one does), questions are answered that
-many at a time in one padded batch. ``finalize`` scores every
+many at a time in one padded batch; a batch that raises is answered again one question at a
+time, so one bad question fails alone. ``finalize`` scores every
 row and writes results.json (atomically), results.md and the printed table.
 
 Ranks (torchrun's RANK / WORLD_SIZE) take the disjoint shards ``records[rank::world]``,
 each appending to its own predictions.rank{r}.jsonl; after a barrier rank 0 merges them
 into predictions.jsonl. A rerun — with any number of ranks — skips every id already in
-any of these files (decode failures too, unless asked to retry them).
+any of these files, except model errors, which are tried again (decode failures only when
+asked to retry them: they are the file's).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ log = logging.getLogger("storm_vlm.eval")
 # LLM linear layers' and autocast dtypes (model_predictor.precision_settings): bf16 and fp32 answers differ.
 IDENTITY_KEYS = ("benchmark", "model", "num_frames", "fps", "temporal_sample_stride", "max_new_tokens", "prompt",
                  "precision")
+FAILED_START = 5  # model errors, before any answer of a run, that stop it
 
 
 @runtime_checkable
@@ -91,14 +97,19 @@ def check_settings(out_dir: Path, settings: dict, write: bool) -> None:
         atomic_write_text(path, json.dumps(identity, indent=2) + "\n")
 
 
+def _failed(row: dict, status: str, exc: Exception) -> dict:
+    log.warning("%s for %s: %s", status.replace("_", " "), row["id"], exc)
+    row.update(status=status, pred=None, pred_letter=None, correct=False, reply=None,
+               error=f"{type(exc).__name__}: {exc}")
+    return row
+
+
 def _load(record: Record, frame_loader: FrameLoader, row: dict) -> np.ndarray | None:
     """The record's frames, or None after recording the decode failure in `row`."""
     try:
         return frame_loader(record)
     except Exception as exc:  # any failure to read the video is recorded and the run goes on
-        log.warning("decode failure for %s: %s", record.id, exc)
-        row.update(status="decode_error", pred=None, pred_letter=None, correct=False, reply=None,
-                   error=f"{type(exc).__name__}: {exc}")
+        _failed(row, "decode_error", exc)
         return None
 
 
@@ -117,14 +128,12 @@ def _blank_row(record: Record) -> dict:
             "categories": record.categories}
 
 
-def predict_row(record: Record, predictor: Predictor, frame_loader: FrameLoader) -> dict:
-    """One predictions.jsonl row for `record` (decode failures become a row, not an exception)."""
-    row = _blank_row(record)
-    frames = _load(record, frame_loader, row)
-    if frames is None:
-        return row
+def _predict(row: dict, record: Record, frames: np.ndarray, predictor: Predictor) -> dict:
     t0 = time.perf_counter()
-    reply = predictor.predict(record, frames)
+    try:
+        reply = predictor.predict(record, frames)
+    except Exception as exc:  # this question's failure is recorded and the run goes on
+        return _failed(row, "model_error", exc)
     _answered(row, record, reply, frames, time.perf_counter() - t0)
     timing = getattr(predictor, "last_timing", None)
     if isinstance(timing, dict) and "prefill_s" in timing:
@@ -132,35 +141,54 @@ def predict_row(record: Record, predictor: Predictor, frame_loader: FrameLoader)
     return row
 
 
+def predict_row(record: Record, predictor: Predictor, frame_loader: FrameLoader) -> dict:
+    """One predictions.jsonl row for `record` (decode and model failures become a row, not an
+    exception)."""
+    row = _blank_row(record)
+    frames = _load(record, frame_loader, row)
+    return row if frames is None else _predict(row, record, frames, predictor)
+
+
 def predict_rows(records: Sequence[Record], predictor, frame_loader: FrameLoader) -> list[dict]:
-    """predictions.jsonl rows for `records`, answered as one batch by `predictor.predict_batch`;
-    latency_s is the batch's wall time shared evenly among its questions."""
+    """predictions.jsonl rows for `records`, answered as one batch by `predictor.predict_batch`
+    (if it raises, one question at a time by `predictor.predict`); latency_s is the batch's wall
+    time shared evenly among its questions."""
     rows = [_blank_row(r) for r in records]
     loaded = [(row, r, f) for row, r in zip(rows, records)
               if (f := _load(r, frame_loader, row)) is not None]
-    if loaded:
-        t0 = time.perf_counter()
+    if not loaded:
+        return rows
+    t0 = time.perf_counter()
+    try:
         replies = predictor.predict_batch([r for _, r, _ in loaded], [f for _, _, f in loaded])
-        latency = (time.perf_counter() - t0) / len(loaded)
-        for (row, record, frames), reply in zip(loaded, replies, strict=True):
-            _answered(row, record, reply, frames, latency)
+    except Exception as exc:
+        log.warning("a batch of %d questions failed (%s: %s); answering them one at a time",
+                    len(loaded), type(exc).__name__, exc)
+        for row, record, frames in loaded:
+            _predict(row, record, frames, predictor)
+        return rows
+    latency = (time.perf_counter() - t0) / len(loaded)
+    for (row, record, frames), reply in zip(loaded, replies, strict=True):
+        _answered(row, record, reply, frames, latency)
     return rows
 
 
 def run_predictions(records: Sequence[Record], predictor: Predictor, out_dir: str | Path, *,
                     frame_loader: FrameLoader, rank: int = 0, world_size: int = 1,
                     progress: bool = True, retry_failed: bool = False, batch_size: int = 1) -> int:
-    """Predict this rank's shard of `records` not yet in `out_dir` (nor, with `retry_failed`,
-    recorded as decode failures), `batch_size` at a time; returns how many were added."""
+    """Predict this rank's shard of `records` not yet answered in `out_dir` (model errors are tried
+    again; decode failures too with `retry_failed`), `batch_size` at a time; returns how many rows
+    were added. StormError when the model fails on each of the run's first `FAILED_START`
+    questions."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mine = shard(records, rank, world_size)
-    done = {rid for rid, row in P.read_all(out_dir).items()
-            if not (retry_failed and row.get("status") == "decode_error")}
+    retry = ("model_error", "decode_error") if retry_failed else ("model_error",)
+    done = {rid for rid, row in P.read_all(out_dir).items() if row.get("status") not in retry}
     todo = [r for r in mine if r.id not in done]
     if len(mine) - len(todo):
         log.info("rank %d: %d of %d questions already done in %s", rank, len(mine) - len(todo), len(mine), out_dir)
-    added = 0
+    added = model_answered = model_failed = 0
     with P.PredictionWriter(P.shard_path(out_dir, rank, world_size)) as writer:
         step = batch_size if batch_size > 1 and hasattr(predictor, "predict_batch") else 1
         with tqdm(desc=f"eval{'' if world_size == 1 else f' rank {rank}'}", unit="q", disable=not progress,
@@ -172,7 +200,14 @@ def run_predictions(records: Sequence[Record], predictor: Predictor, out_dir: st
                 for row in rows:
                     writer.write(row)
                 added += len(rows)
+                failures = [row["error"] for row in rows if row["status"] == "model_error"]
+                model_failed += len(failures)
+                model_answered += sum(row["status"] in ("answered", "unparsed") for row in rows)
                 bar.update(len(chunk))
+                if not model_answered and model_failed >= FAILED_START:
+                    raise StormError(f"the model failed on each of the first {model_failed} questions it saw (the last: "
+                                     f"{failures[-1]}); fix the model or its settings and run again "
+                                     "(failed questions are tried again)")
     return added
 
 

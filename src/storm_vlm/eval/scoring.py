@@ -2,10 +2,10 @@
 
 A prediction row (one line of predictions.jsonl) has ``status`` "answered" (a letter was
 read), "unparsed" (the reply named no single option, or was empty — counted as
-`empty_replies` too: counted wrong) or "decode_error"
-(the video could not be read: counted separately). ``accuracy`` is over the questions the
-model saw (answered + unparsed); ``accuracy_all`` also counts decode failures as wrong.
-Breakdowns use the questions the model saw.
+`empty_replies` too: counted wrong), "model_error" (the model raised on this question: counted
+wrong) or "decode_error" (the video could not be read: counted separately). ``accuracy`` is over
+the questions the model saw (answered + unparsed + model errors); ``accuracy_all`` also counts
+decode failures as wrong. Breakdowns use the questions the model saw.
 
 Nothing a row says about its own correctness is trusted: `score` recomputes status, pred,
 pred_letter and correct from the row's stored `reply` and the record's answer (`judge`, the same
@@ -26,6 +26,7 @@ import logging
 from typing import Iterable
 
 from storm_vlm.choices import LETTERS, extract_choice
+from storm_vlm.eval.predictions import FAILURES
 from storm_vlm.eval.records import Record
 
 log = logging.getLogger("storm_vlm.eval")
@@ -64,10 +65,11 @@ def _group(rows: list[tuple[Record, dict]], key: str) -> dict:
     return {v: {"correct": c, "count": n, "accuracy": _acc(c, n)} for v, (c, n) in groups.items()}
 
 
-def judge(reply: str | None, record: Record) -> dict:
-    """status, pred, pred_letter and correct of a reply to `record` (None: the video was not read)."""
+def judge(reply: str | None, record: Record, failure: str = "decode_error") -> dict:
+    """status, pred, pred_letter and correct of a reply to `record`; a reply of None is the
+    `failure` status (one of `FAILURES`: no reply was made)."""
     if reply is None:
-        return {"status": "decode_error", "pred": None, "pred_letter": None, "correct": False}
+        return {"status": failure, "pred": None, "pred_letter": None, "correct": False}
     pred = extract_choice(reply, record.options)
     return {"status": "answered" if pred is not None else "unparsed", "pred": pred,
             "pred_letter": None if pred is None else LETTERS[pred],
@@ -83,7 +85,8 @@ def rescore(records: Iterable[Record], predictions: dict[str, dict]) -> tuple[di
         record = by_id.get(rid)
         if record is None:
             continue
-        fresh = judge(None if row.get("status") == "decode_error" else row.get("reply"), record)
+        status = row.get("status")
+        fresh = judge(None, record, status) if status in FAILURES else judge(row.get("reply"), record)
         if any(row.get(k) != fresh[k] for k in JUDGED):
             corrected.append(rid)
         out[rid] = {**row, **fresh}
@@ -110,6 +113,7 @@ def score(benchmark: str, records: Iterable[Record], predictions: dict[str, dict
         # unparsed because the model ended its turn at once: an empty reply, said as such
         "empty_replies": sum(p.get("status") == "unparsed" and not (p.get("reply") or "").strip() for _, p in done),
         "decode_failures": sum(p.get("status") == "decode_error" for _, p in done),
+        "model_failures": sum(p.get("status") == "model_error" for _, p in done),
         "missing": len(records) - len(done),
         "correct": correct,
     }
@@ -129,6 +133,7 @@ def score(benchmark: str, records: Iterable[Record], predictions: dict[str, dict
     out["headline"] = {"name": HEADLINE_NAMES.get(benchmark, "accuracy"), "value": headline}
     out["unparsed_ids"] = [r.id for r, p in done if p["status"] == "unparsed"][:100]
     out["decode_failure_ids"] = [r.id for r, p in done if p["status"] == "decode_error"][:100]
+    out["model_failure_ids"] = [r.id for r, p in done if p["status"] == "model_error"][:100]
     out["corrected_ids"] = corrected[:100]
     out["unknown_ids"] = unknown[:100]
     for key in ("latency_s", "prefill_s"):
@@ -156,7 +161,7 @@ def format_table(results: dict) -> str:
         lines.append(f"| {results['headline']['name']} | {_pct(results['headline']['value'])} |")
     lines += [f"| accuracy (questions seen) | {_pct(results['accuracy'])} |",
               f"| accuracy (decode failures as wrong) | {_pct(results['accuracy_all'])} |"]
-    for k in ("total", "answered", "unparsed", "empty_replies", "decode_failures", "missing"):
+    for k in ("total", "answered", "unparsed", "empty_replies", "model_failures", "decode_failures", "missing"):
         if k in c:
             lines.append(f"| {k.replace('_', ' ')} | {c[k]} |")
     if "mean_latency_s" in results:
