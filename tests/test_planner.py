@@ -76,6 +76,12 @@ def test_a_context_past_the_models_positions_is_refused(capsys):
     assert "--context 1000000" in err and "max_position_embeddings 32768" in err
 
 
+@pytest.mark.parametrize("flag", [["--bandwidth-gbs", "inf"], ["--peak-tflops", "nan"], ["--mfu", "0"]])
+def test_hardware_figures_must_be_finite_and_positive(flag, capsys):
+    assert main(["plan", "--real-size", "--context", "32768", "--minutes", "60", *flag]) == 2
+    assert "must be finite numbers > 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv", [["plan", "--help"], ["watch", "--help"]])
 def test_help_imports_no_torch(argv):
     assert heavy_imports(argv, ("torch", "transformers", "av", "numpy")) == []

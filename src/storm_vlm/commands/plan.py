@@ -11,6 +11,7 @@ without a model folder.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from storm_vlm.commands import int_list
@@ -61,8 +62,8 @@ def _hardware(args):
     peak = A100_80GB.peak_flops if args.peak_tflops is None else args.peak_tflops * 1e12
     bandwidth = A100_80GB.bandwidth if args.bandwidth_gbs is None else args.bandwidth_gbs * 1e9
     mfu = A100_80GB.mfu if args.mfu is None else args.mfu
-    if not (peak > 0 and bandwidth > 0 and 0 < mfu <= 1):
-        raise StormError("--peak-tflops and --bandwidth-gbs must be > 0 and --mfu in (0, 1]")
+    if not (0 < peak < math.inf and 0 < bandwidth < math.inf and 0 < mfu <= 1):
+        raise StormError("--peak-tflops and --bandwidth-gbs must be finite numbers > 0 and --mfu in (0, 1]")
     return Hardware(f"custom ({peak / 1e12:g} TFLOP/s, {bandwidth / 1e9:g} GB/s, {mfu:.0%} MFU)", peak, bandwidth, mfu)
 
 
