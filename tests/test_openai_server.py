@@ -60,6 +60,15 @@ def test_streaming_and_not_streaming_give_the_same_answer(client, video_url, qwe
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
 
+def test_text_completions_through_the_client(client):
+    kw = dict(model="storm-tiny", prompt="Once upon a time", max_tokens=3, temperature=0)
+    whole = client.completions.create(**kw)
+    assert whole.object == "text_completion" and whole.choices[0].finish_reason in ("stop", "length")
+    chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
 def test_storm_knobs_travel_as_extra_body_fields(client, video_url):
     reply = client.chat.completions.create(model="storm-tiny", messages=_messages(video_url), max_tokens=2,
                                            temperature=0, extra_body={"num_frames": 8, "temporal_sample_stride": 2})

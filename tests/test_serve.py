@@ -193,6 +193,22 @@ def test_serve_binds_localhost_by_default(qwen2_mamba_dir, monkeypatch):
     assert "/v1/answer" in {route.path for route in started["app"].routes}
 
 
+def test_serve_confines_local_media_to_the_allowed_folder(qwen2_mamba_dir, tmp_path, monkeypatch, capsys):
+    from fastapi.testclient import TestClient
+
+    import storm_vlm.commands.serve as serve_command
+
+    started = {}
+    monkeypatch.setattr(serve_command, "start_server", lambda app, host, port, **limits: started.update(app=app))
+    assert main(["serve", str(qwen2_mamba_dir), "--frames", "4", "--port", "0",
+                 "--allowed-local-media-path", str(tmp_path)]) == 0
+    server = TestClient(started["app"]).get("/health").json()["server"]
+    assert server["allowed_local_media_path"] == str(tmp_path.resolve()) and server["allow_local_paths"] is False
+    monkeypatch.setattr(serve_command, "load_engine", lambda args: pytest.fail("the model was loaded"))
+    assert main(["serve", str(qwen2_mamba_dir), "--allowed-local-media-path", str(tmp_path / "absent")]) == 2
+    assert "absent: not a folder" in capsys.readouterr().err
+
+
 def test_web_defaults_and_no_share_flag(qwen2_mamba_dir, capsys):
     args = build_parser("web").parse_args(["web", str(qwen2_mamba_dir)])
     assert (args.host, args.port) == ("127.0.0.1", 7860)

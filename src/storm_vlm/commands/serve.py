@@ -9,6 +9,7 @@ heads, timeouts) are in `storm_vlm.serve.network.uvicorn_config`.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from storm_vlm.commands import add_precision_argument
 from storm_vlm.errors import StormError
@@ -51,7 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
     parser.add_argument("--allow-local-paths", action="store_true",
                         help="also accept requests naming a video file on the server (file:// URLs, video_path; "
-                             "off by default: any client could then read any video this process can read)")
+                             "off by default: any client could then read any video this process can read; "
+                             "--allowed-local-media-path confines them to one folder)")
+    parser.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                        help="accept requests naming files on the server inside DIR only (symbolic links and '..' "
+                             "resolved first), as vLLM's flag of that name")
     parser.add_argument("--body-timeout", type=float, default=60.0, metavar="SECONDS",
                         help="the longest wait for the next part of a request body (default: 60); then 408")
     parser.add_argument("--max-sessions", type=int, default=4, metavar="N",
@@ -134,13 +139,15 @@ def run(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as exc:
         raise StormError(f"storm-vlm serve needs fastapi, uvicorn and python-multipart ({exc}); "
                          "install them with: pip install 'storm-vlm[web]'") from None
+    if args.allowed_local_media_path is not None and not Path(args.allowed_local_media_path).is_dir():
+        raise StormError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a folder")
     engine = load_engine(args)
     if not 0 < args.session_idle <= 86400:
         raise StormError(f"--session-idle must be between 0 and 86400 seconds, got {args.session_idle}")
     if not 0 < args.body_timeout <= 3600:
         raise StormError(f"--body-timeout must be between 0 and 3600 seconds, got {args.body_timeout}")
     app = create_app(engine, max_upload_mb=args.max_upload_mb, allow_local_paths=args.allow_local_paths,
-                     model_name=args.served_model_name, body_timeout_s=args.body_timeout,
+                     allowed_local_media_path=args.allowed_local_media_path, model_name=args.served_model_name, body_timeout_s=args.body_timeout,
                      max_sessions=args.max_sessions, session_idle_s=args.session_idle,
                      max_concurrent_bodies=args.max_concurrent_bodies)
     warn_if_public(args.host, "storm-vlm serve")

@@ -4,11 +4,13 @@
     GET  /v1/models             OpenAI's model list (the one model served; HEAD too), and
          /v1/models/{model}     that model (OpenAI's models.retrieve)
     POST /v1/chat/completions   OpenAI's chat completions, streaming too (see `storm_vlm.serve.openai_api`)
+    POST /v1/completions        OpenAI's text completions: a raw prompt, no chat template, no media
     POST /v1/answer             a question about a video:
         multipart/form-data: video (the file), question, options (repeat the field, or one
             JSON array), frames, temporal_sample_stride, max_new_tokens, start, end
         application/json: the same fields plus video_path (a file on the server) -- only
-            when the app was created with allow_local_paths=True (never by default)
+            when the app was created with allow_local_paths=True or allowed_local_media_path
+            (never by default)
 
 Status codes of /v1/answer: 200 the answer (see `StormEngine.answer`); 403 local paths not
 allowed; 408 the body did not arrive in time; 413 upload larger than max_upload_mb; 415 another
@@ -44,8 +46,8 @@ from starlette.datastructures import UploadFile
 import storm_vlm
 from storm_vlm.errors import StormError
 from storm_vlm.serve import openai_api as oai
-from storm_vlm.serve.bodies import (BodiesBusy, BodySlots, BodyTooLarge, BodyTooSlow, content_length, limited,
-                                    parse_json)
+from storm_vlm.serve.bodies import (BodiesBusy, BodySlots, BodyTooLarge, BodyTooSlow, TooManyValues, content_length,
+                                    limited, parse_json)
 from storm_vlm.serve.engine import MAX_OPTION_CHARS, MAX_OPTIONS, MAX_QUESTION_CHARS, EngineBusy, RequestError
 from storm_vlm.serve.sessions import add_session_routes
 from storm_vlm.utils import check_int
@@ -57,6 +59,8 @@ log = logging.getLogger("storm_vlm.serve")
 
 _FORM_SLACK = 64 * 1024  # multipart boundaries and the small text fields next to the video
 _JSON_LIMIT = 1024 * 1024
+# JSON values a chat body may hold: room for its longest texts (whose commas and brackets count too)
+_CHAT_JSON_VALUES = 2 * oai.MAX_TOTAL_TEXT_CHARS
 _MAX_SECONDS = 10**7  # start / end beyond ~4 months of video are refused before any work
 _UPLOAD_NAME = "upload"  # a fixed name: the client's file name never chooses how the bytes are read
 _Option = Annotated[str, Field(max_length=MAX_OPTION_CHARS)]
@@ -165,11 +169,15 @@ _MULTIPART_SCHEMA = {
 }
 
 
-def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = False, model_name: str | None = None,
+def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = False,
+               allowed_local_media_path: str | Path | None = None, model_name: str | None = None,
                body_timeout_s: float = 60.0, max_sessions: int = 4, session_idle_s: float = 600.0,
                max_concurrent_bodies: int = 4) -> FastAPI:
-    """A FastAPI app serving `engine` (a `StormEngine`). `model_name`: the id /v1/models reports and
-    chat completions accept (default: the model folder's name); `body_timeout_s`: the longest wait
+    """A FastAPI app serving `engine` (a `StormEngine`). Files on the server (file: URLs,
+    /v1/answer's video_path) are read only with `allow_local_paths` (any file) or inside the folder
+    `allowed_local_media_path` (vLLM's --allowed-local-media-path; see `openai_api.LocalMedia`).
+    `model_name`: the id /v1/models reports and
+    completions accept (default: the model folder's name); `body_timeout_s`: the longest wait
     for the next part of a request body; `max_sessions`, `session_idle_s`: live-video sessions open
     at once at most, and how long one may stay idle (see `storm_vlm.serve.sessions`);
     `max_concurrent_bodies`: chat-completion and /v1/answer bodies read and parsed at once at
@@ -178,6 +186,7 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
     if not max_upload_mb > 0:
         raise StormError(f"max_upload_mb must be > 0, got {max_upload_mb!r}")
     max_upload = int(max_upload_mb * 1024 * 1024)
+    local = oai.LocalMedia(allow_local_paths, allowed_local_media_path)
     # a chat-completions body carries its media base64-encoded (4 bytes per 3)
     chat_limit = max_upload * 4 // 3 + _JSON_LIMIT
     model_name = model_name or engine.model_dir.name
@@ -196,7 +205,9 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
     def health() -> dict:
         return {"status": "ok", **engine.info(),
                 "server": {"model_name": model_name, "max_upload_mb": max_upload_mb,
-                           "allow_local_paths": allow_local_paths, "max_concurrent_bodies": max_concurrent_bodies}}
+                           "allow_local_paths": allow_local_paths,
+                           "allowed_local_media_path": None if local.root is None else str(local.root),
+                           "max_concurrent_bodies": max_concurrent_bodies}}
 
     @app.head("/v1/models", include_in_schema=False)
     @app.get("/v1/models", summary="The model this server answers with (OpenAI's model list)")
@@ -244,26 +255,40 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
             if kind == "done":
                 return payload
 
-    async def chat_body(request: Request):
-        """The parsed JSON body of a chat completion (OpenAIError for a body too large, too slow or
-        not JSON); parsed in a worker thread (a body may be hundreds of MB of base64)."""
+    async def openai_body(request: Request):
+        """The parsed JSON body of a (chat) completion, a dict (OpenAIError for a body that is not
+        JSON, too large, too slow or naming another model); parsed in a worker thread (a body may be
+        hundreds of MB of base64). A request without a Content-Type is read as JSON, as FastAPI's
+        (and so vLLM's) routes read it."""
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type not in ("", "application/json"):
+            raise oai.OpenAIError(415, "send the request as application/json")
         try:
-            return await run_in_threadpool(parse_json, await read_body(request, chat_limit))
+            body = await run_in_threadpool(parse_json, await read_body(request, chat_limit), _CHAT_JSON_VALUES)
         except BodyTooLarge:
             raise oai.OpenAIError(413, f"request body larger than the server's limit ({max_upload_mb:g} MB of "
                                        "media, base64-encoded)", code="request_too_large") from None
         except BodyTooSlow:
             raise oai.OpenAIError(408, f"the request body did not arrive within {body_timeout_s:g} s") from None
+        except TooManyValues as exc:
+            raise oai.OpenAIError(413, str(exc), code="request_too_large") from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise oai.OpenAIError(400, f"the body is not valid JSON ({exc})") from None
+        if not isinstance(body, dict):
+            raise oai.OpenAIError(400, "the body must be a JSON object")
+        model = body.get("model")
+        if isinstance(model, str) and model != model_name:  # another type is the validation's 400
+            raise oai.OpenAIError(404, f"model {model[:200]!r} is not served here; this server serves "
+                                       f"{model_name!r}", "model", code="model_not_found")
+        return body
 
     def build_chat(body, cancel=None):
         """(prepared, videos, stream, include_usage) of a chat-completions body: validated, its
         media read, rendered and tokenized (blocking: run in a worker thread)."""
         workdir = Path(tempfile.mkdtemp(prefix="storm-serve-"))
         try:
-            parsed, messages, videos, sampling = oai.parse_chat_request(body, engine, workdir, allow_local_paths,
-                                                                        max_upload, cancel=cancel)
+            parsed, messages, videos, sampling = oai.parse_chat_request(body, engine, workdir, local, max_upload,
+                                                                        cancel=cancel)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         try:
@@ -279,20 +304,52 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
             return oai.OpenAIError(400, str(exc))
         return oai.OpenAIError(503, str(exc), kind="server_error")
 
+    async def respond(request: Request, prepared, videos, reply: oai.Reply, stream: bool, echo: str = ""):
+        """Queue a built request and answer it with `reply`: one JSON body, or server-sent events
+        ending with `data: [DONE]` (an error after the stream started is one event with OpenAI's
+        error object)."""
+        try:
+            handle = engine.submit(prepared, videos, loop=asyncio.get_running_loop())
+        except EngineBusy as exc:
+            raise oai.busy_error(exc) from None
+        except StormError as exc:
+            raise oai.OpenAIError(503, str(exc), kind="server_error") from None
+        if not stream:
+            try:
+                completion = await wait_or_cancel(request, handle)
+            except StormError as exc:
+                raise handle_error(exc) from None
+            return JSONResponse(reply.body(completion, echo))
+
+        async def events():
+            try:
+                if reply.chat or echo:
+                    yield reply.chunk(echo, first=True)
+                async for kind, payload in handle.aevents():
+                    if kind == "delta":
+                        yield reply.chunk(payload)
+                    elif kind == "error":
+                        yield f"data: {json.dumps(handle_error(payload).body())}\n\n"
+                        break
+                    else:
+                        yield reply.chunk("", completion=payload)
+                        if reply.include_usage:
+                            yield reply.usage_chunk(payload)
+                yield "data: [DONE]\n\n"
+            finally:  # the client went away (the response task is cancelled) or the stream ended
+                handle.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
     @app.post("/v1/chat/completions", summary="OpenAI-compatible chat completions about videos and images",
               response_model=None,
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": oai.ChatCompletionRequest.model_json_schema()}}}})
     async def chat_completions(request: Request):
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type != "application/json":
-            raise oai.OpenAIError(415, "send the request as application/json")
         try:
             async with body_slots.take():
-                body = await chat_body(request)
-                if isinstance(body, dict) and body.get("model") not in (None, model_name):
-                    raise oai.OpenAIError(404, f"model {body.get('model')!r} is not served here; this server serves "
-                                               f"{model_name!r}", "model", code="model_not_found")
+                body = await openai_body(request)
                 prepared, videos, stream, include_usage = await until_disconnect(request, build_chat, body)
                 del body  # its media (base64) is not kept while the request waits and generates
         except BodiesBusy as exc:
@@ -300,42 +357,24 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
                                   headers={"Retry-After": str(exc.retry_after)}) from None
         except DecodeCancelled:
             return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
+        return await respond(request, prepared, videos, oai.Reply(model_name, True, include_usage), stream)
+
+    @app.post("/v1/completions", summary="OpenAI-compatible text completions (a raw prompt, no chat template)",
+              response_model=None,
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": oai.CompletionRequest.model_json_schema()}}}})
+    async def completions(request: Request):
         try:
-            handle = engine.submit(prepared, videos, loop=asyncio.get_running_loop())
-        except EngineBusy as exc:
-            raise oai.busy_error(exc) from None
-        except StormError as exc:
-            raise oai.OpenAIError(503, str(exc), kind="server_error") from None
-        completion_id = oai.new_id()
-        if not stream:
-            try:
-                completion = await wait_or_cancel(request, handle)
-            except StormError as exc:
-                raise handle_error(exc) from None
-            return JSONResponse(oai.completion_body(completion_id, model_name, completion))
-
-        def chunk(delta: dict, finish_reason: str | None = None) -> str:
-            return oai.chunk_body(completion_id, model_name, delta, finish_reason, include_usage=include_usage)
-
-        async def events():
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                async for kind, payload in handle.aevents():
-                    if kind == "delta":
-                        yield chunk({"content": payload})
-                    elif kind == "error":
-                        yield f"data: {json.dumps(handle_error(payload).body())}\n\n"
-                        break
-                    else:
-                        yield chunk({}, "length" if payload.finish_reason == "length" else "stop")
-                        if include_usage:
-                            yield oai.chunk_body(completion_id, model_name, {}, completion=payload, usage_only=True)
-                yield "data: [DONE]\n\n"
-            finally:  # the client went away (the response task is cancelled) or the stream ended
-                handle.cancel()
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            async with body_slots.take():
+                body = await openai_body(request)
+                parsed, prepared = await run_in_threadpool(oai.parse_completion_request, body, engine)
+        except BodiesBusy as exc:
+            raise oai.OpenAIError(503, str(exc), kind="server_busy", code="bodies_full",
+                                  headers={"Retry-After": str(exc.retry_after)}) from None
+        include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+        echo = (parsed.prompt if isinstance(parsed.prompt, str) else parsed.prompt[0]) if parsed.echo else ""
+        return await respond(request, prepared, [], oai.Reply(model_name, False, include_usage), bool(parsed.stream),
+                             echo)
 
     async def run_answer(request: Request, video_path, params: AnswerParams, shown_as: str | None = None):
         started = time.perf_counter()
@@ -377,9 +416,10 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
     async def answer(request: Request):
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type == "application/json":
-            if not allow_local_paths:
+            if not local.enabled:
                 return _error(403, "local video paths are disabled on this server (start it with "
-                                   "--allow-local-paths); upload the video as multipart/form-data instead")
+                                   "--allowed-local-media-path DIR or --allow-local-paths); upload the video as "
+                                   "multipart/form-data instead")
             try:
                 async with body_slots.take():
                     body = parse_json(await read_body(request, _JSON_LIMIT))
@@ -392,7 +432,11 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
             except (ValueError, UnicodeDecodeError) as exc:
                 return _error(422, f"body is not valid JSON ({exc})")
             params = _validate(LocalAnswerRequest, body)
-            return await run_answer(request, params.video_path, params)
+            try:
+                video_path = str(local.check(params.video_path, "video_path"))
+            except oai.OpenAIError as exc:
+                return _error(exc.status, exc.message)
+            return await run_answer(request, video_path, params, shown_as=params.video_path)
         if content_type != "multipart/form-data":
             return _error(415, "send the video as multipart/form-data (field 'video') with a 'question' field")
 

@@ -17,7 +17,8 @@ import time
 
 from fastapi import Request
 
-__all__ = ["BodyTooLarge", "BodyTooSlow", "BodiesBusy", "BodySlots", "content_length", "limited", "parse_json"]
+__all__ = ["BodyTooLarge", "BodyTooSlow", "BodiesBusy", "BodySlots", "TooManyValues", "content_length", "limited",
+           "parse_json"]
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -28,6 +29,10 @@ class BodyTooLarge(Exception):
 
 class BodyTooSlow(Exception):
     pass
+
+
+class TooManyValues(ValueError):
+    """A JSON body holds more values than its `max_values` (`parse_json`)."""
 
 
 class BodiesBusy(Exception):
@@ -84,10 +89,16 @@ def limited(request: Request, limit: int, timeout_s: float) -> Request:
     return Request(request.scope, receive)
 
 
-def parse_json(raw: bytes):
+def parse_json(raw: bytes, max_values: int | None = None):
     """Parse a JSON body; ValueError (with the cause) for invalid or too deeply nested JSON, and for
     a string holding a lone UTF-16 surrogate ("\\ud800": valid JSON, but not a character; no
-    tokenizer, file name or UTF-8 encoder takes it)."""
+    tokenizer, file name or UTF-8 encoder takes it). `max_values` bounds the arrays, objects and
+    their items (counted before parsing, from the bytes that open or separate them; those inside
+    strings count too, so the bound must leave room for the longest texts): a parsed value costs
+    up to ~25 times its bytes ("{}," is a 64-byte dict), so a large body of small values would cost
+    far more memory than its size, while its strings (base64 media) cost about their size."""
+    if max_values is not None and sum(map(raw.count, (b"[", b"{", b","))) > max_values:
+        raise TooManyValues(f"the body holds more than {max_values} JSON values (arrays, objects and their items)")
     try:
         data = json.loads(raw)
     except RecursionError:

@@ -416,6 +416,16 @@ class StormEngine:
         text_tokens = self.predictor.check_context(prompt, visual, sampling.max_new_tokens)
         return _Prepared(prompt, [], temporal_sample_stride, sampling, text_tokens, visual, planned)
 
+    def prepare_text(self, text: str, sampling: SamplingParams | None = None) -> _Prepared:
+        """A raw prompt (OpenAI's text completions: no chat template, no video), read as text
+        (`literal`); StormError when it is empty or does not fit the LLM with its answer."""
+        sampling = sampling or SamplingParams()
+        prompt = self.literal(text)
+        text_tokens = self.predictor.check_context(prompt, 0, sampling.max_new_tokens)
+        if text_tokens == 0:
+            raise StormError("the prompt holds no tokens")
+        return _Prepared(prompt, [], None, sampling, text_tokens, 0)
+
     def literal(self, text: str) -> str:
         """`text` with the processor's placeholders as text (`StormProcessor.literal`)."""
         return self.processor.literal(text)

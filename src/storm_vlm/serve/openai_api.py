@@ -1,25 +1,35 @@
-"""The OpenAI-compatible part of the HTTP API: `GET /v1/models` and `POST /v1/chat/completions`.
+"""The OpenAI-compatible part of the HTTP API: `GET /v1/models`, `POST /v1/chat/completions` and
+`POST /v1/completions`.
 
-Request: OpenAI's chat-completions body. Message content is a string or a list of parts:
+Chat request: OpenAI's chat-completions body. Message content is a string or a list of parts:
 `{"type": "text", "text": ...}`, `{"type": "video_url", "video_url": {"url": ...}}`,
-`{"type": "image_url", "image_url": {"url": ...}}`; a URL is a `data:` URL with base64 bytes, or a
-`file:` URL of a path on the server (RFC 8089: file:///path or file://localhost/path,
-percent-encoded) when the server allows local paths. Nothing is fetched from the network. An
-image is read as a one-frame video (the model's image path computes exactly that). Text is read
-as text: a `<video>` or `<image>` typed in it is not a placeholder (`StormEngine.literal`).
-Supported: multi-turn messages (system; developer, read as system as OpenAI does; user;
-assistant, whose content may be null), `max_tokens` (or `max_completion_tokens`;
-default min(256, the server's --max-new-tokens)), `temperature`, `top_p`, `seed`, `stop`,
-`stream` (server-sent events of `chat.completion.chunk` objects ending with `data: [DONE]`;
-`stream_options.include_usage` adds a usage chunk, and `"usage": null` on the others), `n` = 1.
-OpenAI's other fields are accepted with the values that change nothing here, as vLLM accepts them
-(`logprobs` false, penalties 0, `response_format` text, no tools, `tool_choice` none or auto);
-another value is a 400 naming the field. `store`, `metadata`, `service_tier`, `reasoning_effort`,
-`parallel_tool_calls` and `user` are accepted and ignored. STORM's own knobs are extra body fields
+`{"type": "image_url", "image_url": {"url": ...}}`; a URL is a `data:` URL with base64 bytes (line
+breaks allowed), or a `file:` URL of a path on the server (RFC 8089: file:///path or
+file://localhost/path, percent-encoded) when the server allows local paths (any, or only inside
+one folder: `LocalMedia`). Nothing is fetched from the network. An image is read as a one-frame
+video (the model's image path computes exactly that). Text is read as text: a `<video>` or
+`<image>` typed in it is not a placeholder (`StormEngine.literal`). Supported: multi-turn
+messages (system; developer, read as system as OpenAI does; user; assistant, whose content may be
+null), `max_tokens` (or `max_completion_tokens`; default min(256, the server's
+--max-new-tokens)), `temperature`, `top_p`, `seed`, `stop`, `stream` (server-sent events of
+`chat.completion.chunk` objects ending with `data: [DONE]`; `stream_options.include_usage` adds a
+usage chunk, and `"usage": null` on the others), `n` = 1. STORM's own knobs are extra body fields
 (the OpenAI client's `extra_body`): `num_frames`, `temporal_sample_stride`, `fps`.
-`usage.prompt_tokens` counts the visual tokens. Errors are OpenAI's error object
-`{"error": {"message", "type", "param", "code"}}` with a 4xx status (503 with Retry-After when the
-server is busy); `param` names the field (`messages.0.content.1.video_url.url`).
+
+Text-completion request (`CompletionRequest`): `prompt` (one string, or a list of one), read raw
+(no chat template) and as text; the same sampling fields, `max_tokens` defaulting to 16 as
+OpenAI's and vLLM's do, and `echo`.
+
+Both: fields are typed strictly, as OpenAI's API types them (`"max_tokens": "3"` and `"stream":
+"yes"` are 400s, not 3 and true). OpenAI's other fields and vLLM's sampling fields (`top_k`,
+`min_p`, `repetition_penalty`, `best_of`, ...) are accepted with the values that change nothing
+here (`logprobs` false or null, penalties 0, `repetition_penalty` 1, `top_k` -1 or 0,
+`response_format` text, no tools, `tool_choice` none or auto); another value is a 400 naming the
+field, as is any other field. `store`, `metadata`, `service_tier`, `reasoning_effort`,
+`parallel_tool_calls` and `user` are accepted and ignored. `usage.prompt_tokens` counts the visual
+tokens. Errors are OpenAI's error object `{"error": {"message", "type", "param", "code"}}` with a
+4xx status (503 with Retry-After when the server is busy); `param` names the field
+(`messages.0.content.1.video_url.url`).
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 import re
 import time
 import urllib.parse
@@ -43,8 +54,8 @@ from storm_vlm.media.images import ImageTooLarge, load_image
 from storm_vlm.serve.engine import MAX_QUESTION_CHARS, MAX_STOP_CHARS, MAX_STOPS, EngineBusy, StormEngine
 from storm_vlm.video import DecodeTimeout
 
-__all__ = ["ChatCompletionRequest", "OpenAIError", "parse_chat_request", "completion_body", "chunk_body",
-           "model_body", "models_body", "MAX_VIDEOS"]
+__all__ = ["ChatCompletionRequest", "CompletionRequest", "LocalMedia", "OpenAIError", "Reply", "parse_chat_request",
+           "parse_completion_request", "model_body", "models_body", "MAX_VIDEOS"]
 
 MAX_VIDEOS = 4
 MAX_MESSAGES = 64
@@ -133,6 +144,7 @@ class _Message(BaseModel):
 class _StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False  # vLLM's: usage on every chunk (refused when true)
 
 
 class _ResponseFormat(BaseModel):
@@ -145,17 +157,19 @@ _Stops = _by_json_type("a string or a list of strings", string=_Stop,
                        array=Annotated[list[_Stop], Field(max_length=MAX_STOPS)])
 _ToolChoice = _by_json_type("'none', 'auto', 'required' or a named tool",
                             string=Literal["none", "auto", "required"], object=dict[str, Any])
+_Prompt = _by_json_type("a string or a list of one string",
+                        string=Annotated[str, Field(min_length=1, max_length=MAX_TOTAL_TEXT_CHARS)],
+                        array=Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_TOTAL_TEXT_CHARS)]],
+                                        Field(min_length=1, max_length=1)])
 
 
-class ChatCompletionRequest(BaseModel):
-    """The accepted body of POST /v1/chat/completions."""
+class _SamplingRequest(BaseModel):
+    """The fields chat and text completions share: OpenAI's sampling fields and vLLM's extra ones."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    messages: list[_Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
@@ -164,11 +178,31 @@ class ChatCompletionRequest(BaseModel):
     stream_options: _StreamOptions | None = None
     n: int | None = Field(1, ge=1)
     # OpenAI's, accepted with the values that change nothing here (`_refuse_unsupported`)
-    logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
     presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
     frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
+    # vLLM's sampling fields, accepted with the values that change nothing here
+    best_of: int | None = Field(None, ge=1)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
+    min_tokens: int | None = Field(None, ge=0)
+    ignore_eos: bool | None = None
+    use_beam_search: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    # accepted and ignored: who asks
+    user: str | None = None
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """The accepted body of POST /v1/chat/completions."""
+
+    messages: list[_Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    # OpenAI's, accepted with the values that change nothing here (`_refuse_unsupported`)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: _ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: _ToolChoice | None = None
@@ -178,11 +212,20 @@ class ChatCompletionRequest(BaseModel):
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
     reasoning_effort: str | None = None
-    user: str | None = None
     # STORM's knobs
     num_frames: int | None = Field(None, ge=1)
     temporal_sample_stride: int | None = Field(None, ge=1, le=64)
     fps: float | None = Field(None, gt=0, le=240, allow_inf_nan=False)
+
+
+class CompletionRequest(_SamplingRequest):
+    """The accepted body of POST /v1/completions (OpenAI's legacy text completions): a raw prompt,
+    no chat template, no media."""
+
+    prompt: _Prompt
+    echo: bool | None = False
+    suffix: str | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)  # a count here, not a flag
 
 
 def _pydantic_error(exc: ValidationError) -> OpenAIError:
@@ -193,24 +236,86 @@ def _pydantic_error(exc: ValidationError) -> OpenAIError:
     return OpenAIError(400, f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param or None)
 
 
-def _refuse_unsupported(request: ChatCompletionRequest) -> None:
-    """A 400 naming the first of OpenAI's fields whose value asks for what this server does not do
-    (their default and null values pass, as vLLM accepts them)."""
+def _validate(model: type[BaseModel], body: Any):
+    """`body` as `model`, strictly typed as OpenAI's API is: "3" is not an integer, true is not 1
+    and "yes" is not true (pydantic's lax mode would read them so and answer something the client
+    did not ask for); OpenAIError (400) naming the first bad field."""
+    try:
+        return model.model_validate(body, strict=True)
+    except ValidationError as exc:
+        raise _pydantic_error(exc) from None
+
+
+def _refuse_unsupported(request: _SamplingRequest) -> None:
+    """A 400 naming the first field whose value asks for what this server does not do (their
+    default and null values pass, as vLLM accepts them)."""
+    chat = isinstance(request, ChatCompletionRequest)
+
+    def get(field):  # a field of one of the two requests only
+        return getattr(request, field, None)
+
     for field, supported, why in (
         ("n", request.n in (None, 1), "one choice per request is generated (n=1)"),
-        ("logprobs", not request.logprobs, "log probabilities are not returned"),
-        ("top_logprobs", not request.top_logprobs, "log probabilities are not returned"),
+        ("best_of", request.best_of in (None, 1), "one candidate per request is generated (best_of=1)"),
+        ("use_beam_search", not request.use_beam_search, "beam search is not supported"),
+        ("logprobs", not request.logprobs if chat else request.logprobs is None, "log probabilities are not returned"),
+        ("top_logprobs", not get("top_logprobs"), "log probabilities are not returned"),
         ("presence_penalty", not request.presence_penalty, "penalties are not supported (0 only)"),
         ("frequency_penalty", not request.frequency_penalty, "penalties are not supported (0 only)"),
+        ("repetition_penalty", request.repetition_penalty in (None, 1), "penalties are not supported (1 only)"),
         ("logit_bias", not request.logit_bias, "logit_bias is not supported"),
-        ("response_format", request.response_format is None or request.response_format.type == "text",
+        ("top_k", request.top_k in (None, -1, 0), "top_k is not supported (-1 or 0: all tokens)"),
+        ("min_p", not request.min_p, "min_p is not supported (0 only)"),
+        ("min_tokens", not request.min_tokens, "min_tokens is not supported (0 only)"),
+        ("ignore_eos", not request.ignore_eos, "ignore_eos is not supported"),
+        ("include_stop_str_in_output", not request.include_stop_str_in_output, "stop strings are left out"),
+        ("skip_special_tokens", request.skip_special_tokens in (None, True), "special tokens are always skipped"),
+        ("response_format", get("response_format") is None or get("response_format").type == "text",
          'only {"type": "text"} is supported'),
-        ("tools", not request.tools, "tool calls are not supported"),
-        ("tool_choice", request.tool_choice in (None, "none", "auto"), "tool calls are not supported"),
+        ("tools", not get("tools"), "tool calls are not supported"),
+        ("tool_choice", get("tool_choice") in (None, "none", "auto"), "tool calls are not supported"),
+        ("suffix", get("suffix") is None, "suffix (insertion) is not supported"),
         ("stream_options", request.stream_options is None or request.stream, "stream_options needs stream=true"),
+        ("stream_options.continuous_usage_stats",
+         request.stream_options is None or not request.stream_options.continuous_usage_stats,
+         "usage comes in one last chunk (include_usage), not on every chunk"),
     ):
         if not supported:
             raise OpenAIError(400, f"{field}: {why}", field)
+
+
+def _sampling(request: _SamplingRequest, engine: StormEngine, default_max_tokens: int):
+    """The request's SamplingParams: max_completion_tokens (chat) or max_tokens, else
+    `default_max_tokens` (at most the server's --max-new-tokens); temperature and top_p default to
+    the model's generation config, as vLLM's do. OpenAIError (400) for a value out of range."""
+    limit = engine.max_new_tokens_limit
+    for field in ("max_completion_tokens", "max_tokens"):  # the one the client sent, by its name
+        value = getattr(request, field, None)
+        if value is not None and value > limit:
+            raise OpenAIError(400, f"{field} must be at most {limit} (the server's --max-new-tokens), got {value}",
+                              field)
+    max_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens or min(default_max_tokens, limit)
+    temperature, top_p = engine.default_sampling()
+    try:
+        return engine.check_sampling(max_tokens, temperature=temperature if request.temperature is None
+                                     else request.temperature, top_p=top_p if request.top_p is None else request.top_p,
+                                     seed=request.seed, stop=request.stop)
+    except StormError as exc:
+        raise OpenAIError(400, str(exc)) from None
+
+
+def parse_completion_request(body: Any, engine: StormEngine):
+    """Validate a text-completions body and render its prompt (blocking: run it in a thread):
+    (request, prepared). The prompt is read as text (a `<video>` in it is not a placeholder);
+    max_tokens defaults to 16, OpenAI's and vLLM's default here."""
+    request = _validate(CompletionRequest, body)
+    _refuse_unsupported(request)
+    sampling = _sampling(request, engine, 16)
+    prompt = request.prompt if isinstance(request.prompt, str) else request.prompt[0]
+    try:
+        return request, engine.prepare_text(prompt, sampling)
+    except StormError as exc:
+        raise OpenAIError(400, str(exc), "prompt") from None
 
 
 _OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
@@ -244,7 +349,51 @@ def _file_path(url: str, what: str) -> Path:
     return Path(path)
 
 
-def _media_bytes(url: str, allow_local_paths: bool, what: str, max_bytes: int) -> bytes | Path:
+class LocalMedia:
+    """Which files on the server a request may name (file: URLs; /v1/answer's video_path): none (the
+    default), any file this process can read (`allow_any`: --allow-local-paths), or only the files
+    inside the folder `root` (vLLM's --allowed-local-media-path), symbolic links and `..` resolved
+    before the check so neither leads out of it."""
+
+    def __init__(self, allow_any: bool = False, root: str | Path | None = None):
+        self.allow_any = bool(allow_any)
+        self.root = None if root is None else Path(os.path.realpath(root))
+        if self.root is not None and not self.root.is_dir():
+            raise StormError(f"the allowed local media path {str(root)!r} is not a folder")
+
+    @property
+    def enabled(self) -> bool:
+        return self.allow_any or self.root is not None
+
+    def check(self, path: str | Path, what: str) -> Path:
+        """The path to open (resolved when confined to `root`); OpenAIError 403 when not allowed."""
+        if not self.enabled:
+            raise OpenAIError(403, f"{what}: file:// URLs are disabled on this server (start it with "
+                                   "--allowed-local-media-path DIR or --allow-local-paths); send the bytes as a data: URL", what,
+                              code="local_paths_disabled")
+        if self.root is None:
+            return Path(path)
+        resolved = Path(os.path.realpath(path))
+        if not resolved.is_relative_to(self.root):
+            raise OpenAIError(403, f"{what}: only files inside the server's allowed media folder may be read",
+                              what, code="local_path_not_allowed")
+        return resolved
+
+
+def _b64decode(payload: str, what: str) -> bytes:
+    """The bytes of a data URL's base64 text; line breaks and spaces in it are skipped (MIME base64,
+    as Python's base64.encodebytes writes it, breaks lines every 76 characters)."""
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        pass
+    try:
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise OpenAIError(400, f"{what}: the data URL is not valid base64", what) from None
+
+
+def _media_bytes(url: str, local: LocalMedia, what: str, max_bytes: int) -> bytes | Path:
     scheme = url.partition(":")[0].lower()  # URL schemes are case-insensitive (RFC 3986)
     if scheme == "data":
         header, sep, payload = url.partition(",")
@@ -253,16 +402,9 @@ def _media_bytes(url: str, allow_local_paths: bool, what: str, max_bytes: int) -
         if len(payload) // 4 * 3 > max_bytes:
             raise OpenAIError(413, f"{what}: larger than the server's limit of {max_bytes} bytes per video or image",
                               what, code="request_too_large")
-        try:
-            return base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise OpenAIError(400, f"{what}: the data URL is not valid base64", what) from None
+        return _b64decode(payload, what)
     if scheme == "file":
-        if not allow_local_paths:
-            raise OpenAIError(403, f"{what}: file:// URLs are disabled on this server (start it with "
-                                   "--allow-local-paths); send the bytes as a data: URL", what,
-                              code="local_paths_disabled")
-        return _file_path(url, what)
+        return local.check(_file_path(url, what), what)
     if ":" not in url:
         raise OpenAIError(400, f"{what}: not a URL; send the bytes as a data: URL", what)
     raise OpenAIError(400, f"{what}: {url.split(':', 1)[0][:16]!r} URLs are not fetched by this server; send the "
@@ -280,37 +422,22 @@ def _image_frames(source: bytes | Path, what: str, min_side: int | None = None) 
         raise OpenAIError(400, f"{what}: not a readable image ({exc})") from None
 
 
-def parse_chat_request(body: Any, engine: StormEngine, workdir: Path, allow_local_paths: bool, max_bytes: int,
+def parse_chat_request(body: Any, engine: StormEngine, workdir: Path, local: LocalMedia, max_bytes: int,
                        cancel=None):
     """Validate a chat-completions body and read its media (blocking: run it in a thread).
 
     Returns (request, messages in the processor's content format, videos as frame arrays,
     sampling params). Every bound is checked before any media is decoded. `workdir` receives
-    uploaded video bytes (under fixed names); a video or image of more than `max_bytes` is
-    refused (413); `cancel` (a threading.Event) stops decoding.
+    uploaded video bytes (under fixed names); `local` says which files on the server file: URLs may
+    name; a video or image of more than `max_bytes` is refused (413); `cancel` (a threading.Event)
+    stops decoding.
     """
-    try:
-        request = ChatCompletionRequest.model_validate(body)
-    except ValidationError as exc:
-        raise _pydantic_error(exc) from None
+    request = _validate(ChatCompletionRequest, body)
     _refuse_unsupported(request)
-    for field in ("max_completion_tokens", "max_tokens"):  # the one the client sent, by its name
-        value = getattr(request, field)
-        if value is not None and value > engine.max_new_tokens_limit:
-            raise OpenAIError(400, f"{field} must be at most {engine.max_new_tokens_limit} (the server's "
-                                   f"--max-new-tokens), got {value}", field)
-    max_tokens = request.max_completion_tokens or request.max_tokens or min(256, engine.max_new_tokens_limit)
+    sampling = _sampling(request, engine, 256)
     num_frames = engine.default_frames if request.num_frames is None else request.num_frames
     if num_frames > engine.max_frames:
         raise OpenAIError(400, f"num_frames must be at most {engine.max_frames}, got {num_frames}", "num_frames")
-    temperature, top_p = engine.default_sampling()
-    try:
-        sampling = engine.check_sampling(max_tokens,
-                                         temperature=temperature if request.temperature is None else request.temperature,
-                                         top_p=top_p if request.top_p is None else request.top_p,
-                                         seed=request.seed, stop=request.stop)
-    except StormError as exc:
-        raise OpenAIError(400, str(exc)) from None
     total = 0
     for m, message in enumerate(request.messages):
         if message.content is None and message.role != "assistant":
@@ -338,7 +465,7 @@ def parse_chat_request(body: Any, engine: StormEngine, workdir: Path, allow_loca
                 if len(videos) == MAX_VIDEOS:
                     raise OpenAIError(400, f"{where}: at most {MAX_VIDEOS} videos or images per request", where)
                 try:
-                    videos.append(_part_frames(part, engine, workdir / f"video{len(videos)}", allow_local_paths,
+                    videos.append(_part_frames(part, engine, workdir / f"video{len(videos)}", local,
                                                where, max_bytes, num_frames, request.fps, cancel))
                 except OpenAIError as exc:
                     raise _at(exc, where) from None
@@ -350,11 +477,11 @@ def parse_chat_request(body: Any, engine: StormEngine, workdir: Path, allow_loca
     return request, messages, videos, sampling
 
 
-def _part_frames(part: _VideoPart | _ImagePart, engine: StormEngine, upload: Path, allow_local_paths: bool,
+def _part_frames(part: _VideoPart | _ImagePart, engine: StormEngine, upload: Path, local: LocalMedia,
                  where: str, max_bytes: int, num_frames: int, fps: float | None, cancel) -> np.ndarray:
     """The frames of one video or image part ((T, H, W, 3) uint8); video bytes are written to `upload`."""
     url = part.video_url if isinstance(part, _VideoPart) else part.image_url
-    source = _media_bytes(url if isinstance(url, str) else url.url, allow_local_paths, where, max_bytes)
+    source = _media_bytes(url if isinstance(url, str) else url.url, local, where, max_bytes)
     if isinstance(part, _ImagePart):
         return _image_frames(source, where, engine.processor.image_size)
     path = source
@@ -378,29 +505,54 @@ def _usage(completion) -> dict:
                                       "stride_planned": completion.stride_planned}}
 
 
-def new_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
+class Reply:
+    """The response of one completion, whole or streamed: `chat` (chat.completion, choices with a
+    message / a delta) or text (text_completion, choices with a text). Every chunk of a stream
+    shares the id and `created` of the request, as OpenAI's and vLLM's do; with `include_usage`
+    (the request's stream_options) the last chunk (no choices) carries the usage and every other
+    chunk `"usage": null`."""
+
+    def __init__(self, model: str, chat: bool = True, include_usage: bool = False):
+        self.model, self.chat, self.include_usage = model, chat, include_usage
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def _head(self, kind: str | None = None) -> dict:
+        kind = kind or ("chat.completion.chunk" if self.chat else "text_completion")
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def body(self, completion, echo: str = "") -> dict:
+        """The whole response; `echo`: the prompt, put before the text (text completions' echo)."""
+        if self.chat:
+            kind, choice = "chat.completion", {"message": {"role": "assistant", "content": completion.text}}
+        else:
+            kind, choice = "text_completion", {"text": echo + completion.text}
+        return {**self._head(kind), "choices": [{"index": 0, **choice, "finish_reason": _finish(completion),
+                                                 "logprobs": None}], "usage": _usage(completion)}
+
+    def chunk(self, text: str, completion=None, first: bool = False) -> str:
+        """One server-sent event: `text` (a chat's `first` chunk names the role too), or with
+        `completion` the last chunk, which gives its finish_reason."""
+        if not self.chat:
+            choice = {"text": text}
+        elif completion is not None:
+            choice = {"delta": {}}
+        else:
+            choice = {"delta": {"role": "assistant", "content": text} if first else {"content": text}}
+        finish = None if completion is None else _finish(completion)
+        body = {**self._head(), "choices": [{"index": 0, **choice, "finish_reason": finish, "logprobs": None}]}
+        if self.include_usage:
+            body["usage"] = None
+        return f"data: {json.dumps(body)}\n\n"
+
+    def usage_chunk(self, completion) -> str:
+        return f"data: {json.dumps({**self._head(), 'choices': [], 'usage': _usage(completion)})}\n\n"
 
 
-def completion_body(completion_id: str, model: str, completion) -> dict:
-    return {"id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
-                         "finish_reason": "length" if completion.finish_reason == "length" else "stop",
-                         "logprobs": None}],
-            "usage": _usage(completion)}
-
-
-def chunk_body(completion_id: str, model: str, delta: dict, finish_reason: str | None = None,
-               completion=None, usage_only: bool = False, include_usage: bool = False) -> str:
-    """One server-sent event of a streamed completion. With `include_usage` (the request's
-    stream_options), the usage chunk (`usage_only`, no choices) carries the usage and every other
-    chunk `"usage": null`, as OpenAI's stream does."""
-    body = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [] if usage_only else [{"index": 0, "delta": delta, "finish_reason": finish_reason,
-                                               "logprobs": None}]}
-    if usage_only or include_usage:
-        body["usage"] = _usage(completion) if usage_only else None
-    return f"data: {json.dumps(body)}\n\n"
+def _finish(completion) -> str:
+    """OpenAI's finish_reason: "length" (the token budget ran out) or "stop" (end of turn, a stop
+    string; a cancelled request's client is gone)."""
+    return "length" if completion.finish_reason == "length" else "stop"
 
 
 def model_body(model: str, created: int) -> dict:
