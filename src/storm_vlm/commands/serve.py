@@ -141,13 +141,14 @@ def run(args: argparse.Namespace) -> int:
                          "install them with: pip install 'storm-vlm[web]'") from None
     if args.allowed_local_media_path is not None and not Path(args.allowed_local_media_path).is_dir():
         raise StormError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a folder")
-    engine = load_engine(args)
     if not 0 < args.session_idle <= 86400:
         raise StormError(f"--session-idle must be between 0 and 86400 seconds, got {args.session_idle}")
     if not 0 < args.body_timeout <= 3600:
         raise StormError(f"--body-timeout must be between 0 and 3600 seconds, got {args.body_timeout}")
+    engine = load_engine(args)
     app = create_app(engine, max_upload_mb=args.max_upload_mb, allow_local_paths=args.allow_local_paths,
-                     allowed_local_media_path=args.allowed_local_media_path, model_name=args.served_model_name, body_timeout_s=args.body_timeout,
+                     allowed_local_media_path=args.allowed_local_media_path, model_name=args.served_model_name,
+                     body_timeout_s=args.body_timeout,
                      max_sessions=args.max_sessions, session_idle_s=args.session_idle,
                      max_concurrent_bodies=args.max_concurrent_bodies)
     warn_if_public(args.host, "storm-vlm serve")

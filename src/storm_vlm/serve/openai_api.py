@@ -369,7 +369,8 @@ class LocalMedia:
         """The path to open (resolved when confined to `root`); OpenAIError 403 when not allowed."""
         if not self.enabled:
             raise OpenAIError(403, f"{what}: file:// URLs are disabled on this server (start it with "
-                                   "--allowed-local-media-path DIR or --allow-local-paths); send the bytes as a data: URL", what,
+                                   "--allowed-local-media-path DIR or --allow-local-paths); send the bytes as a "
+                                   "data: URL", what,
                               code="local_paths_disabled")
         if self.root is None:
             return Path(path)
