@@ -31,15 +31,55 @@ NO_VISUALS = [{"role": "user", "content": "none at all"}]
 def test_each_copy_of_a_row_reads_the_rows_videos_in_order(qwen2):
     model, processor = qwen2
     batch = chat(processor, [TWO_VIDEOS, NO_VISUALS, ask(("video", random_video(4, seed=3)))])
-    ids, kw = model._expand_inputs_for_generation(
-        expand_size=2, input_ids=batch["input_ids"], **{k: v for k, v in batch.items() if k != "input_ids"})
-    order = [0, 1, 0, 1, 2, 2]
-    for key in ("pixel_values_videos", "video_frame_mask", "video_token_layout"):
-        assert torch.equal(kw[key], batch[key][order]), key
     with torch.no_grad():
+        encoded = model.get_video_features(batch["pixel_values_videos"], batch["video_frame_mask"],
+                                           video_token_layout=batch["video_token_layout"], return_dict=True)
+        tokens = [len(t) for t in encoded.pooler_output]
+        assert tokens == [2 * tokens[0] // 2, 3 * tokens[0] // 2, 4 * tokens[0] // 2]  # 2, 3 and 4 frames
+        ids, kw = model._expand_inputs_for_generation(
+            expand_size=2, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            mm_encoder_outputs={"video": encoded})
+        order = [0, 1, 0, 1, 2, 2]  # row 0's videos [A, B] -> [A, B, A, B], never [A, A, B, B]
+        assert [len(t) for t in kw["mm_encoder_outputs"]["video"].pooler_output] == [tokens[i] for i in order]
         expanded = model(input_ids=ids, **kw).logits[:, -1]
         rows = model(**batch).logits[:, -1]
     torch.testing.assert_close(expanded, rows.repeat_interleave(2, 0), atol=1e-5, rtol=0)
+
+
+def test_generate_encodes_each_video_once_whatever_the_beams(qwen2, monkeypatch):
+    model, processor = qwen2
+    inputs = chat(processor, TWO_VIDEOS)
+    seen = []
+    encode = model._vision_features
+    monkeypatch.setattr(model, "_vision_features", lambda frames: seen.append(len(frames)) or encode(frames))
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, num_beams=3, num_return_sequences=3, do_sample=False)
+    assert sum(seen) == 5  # the 2 + 3 frames, not once per beam
+
+
+def test_pre_encoded_visuals_answer_as_pixels_do_and_a_chunked_prefill_too(qwen2):
+    model, processor = qwen2
+    inputs = chat(processor, ask(("video", random_video(3, seed=4)), ("image", Image.fromarray(random_video(1)[0]))))
+    pixels = {k: inputs.pop(k) for k in ("pixel_values_videos", "video_frame_mask", "video_token_layout",
+                                         "pixel_values")}
+    kw = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        encoded = {"video": model.get_video_features(pixels["pixel_values_videos"], pixels["video_frame_mask"],
+                                                     video_token_layout=pixels["video_token_layout"],
+                                                     return_dict=True),
+                   "image": model.get_image_features(pixels["pixel_values"], return_dict=True)}
+        own = model.generate(**inputs, **pixels, **kw)
+        again = model.generate(**inputs, mm_encoder_outputs=encoded, **kw)  # a video encoded once, asked again
+        chunked = model.generate(**inputs, **pixels, prefill_chunk_size=5, **kw)
+        with pytest.raises(ValueError, match="not both"):
+            model(**inputs, **pixels, mm_encoder_outputs=encoded)
+        short = {"video": type(encoded["video"])(pooler_output=[encoded["video"].pooler_output[0][:-1]])}
+        with pytest.raises(ValueError, match="video placeholder mismatch"):
+            model(**inputs, mm_encoder_outputs=short)
+    assert inputs["input_ids"].shape[1] > 10  # the prompt was split into several chunks
+    for out in (again, chunked):
+        assert torch.equal(out.sequences, own.sequences)
+        torch.testing.assert_close(torch.stack(out.logits), torch.stack(own.logits), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("conversation", [TWO_VIDEOS, TWO_IMAGES], ids=["two-videos", "two-images"])

@@ -8,11 +8,13 @@ D width; L sequence length.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
 
 from storm_vlm.model.compression import VisualTokenLayout
 from storm_vlm.model.configuration import StormConfig
@@ -23,9 +25,6 @@ from storm_vlm.model.projector import MambaTemporalProjector, MLPProjector
 from storm_vlm.utils import IGNORE_INDEX, check_int
 
 __all__ = ["StormPreTrainedModel", "StormForConditionalGeneration", "build_projector"]
-
-# The inputs with one entry per video (the processor's output), repeated together when generate expands rows.
-_PER_VIDEO_INPUTS = ("pixel_values_videos", "video_frame_mask", "video_token_layout")
 
 
 def build_projector(config: StormConfig) -> nn.Module:
@@ -220,7 +219,8 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
         video_frame_mask: torch.Tensor | None = None,
         temporal_sample_stride: int | None = None,
         video_token_layout: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return_dict: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor] | BaseModelOutputWithPooling:
         """Visual tokens for a batch of videos.
 
         pixel_values_videos (B, T, 3, H, W); video_frame_mask (B, T) bool (True = real frame,
@@ -230,8 +230,17 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
         temporal pooling, spatial pooling and test-time sampling (stride per video: see
         `video_sample_strides`).
 
-        Returns (features (B, T', N', D), mask (B, T') bool: True where a video has a real frame).
+        Returns (features (B, T', N', D), mask (B, T') bool: True where a video has a real frame);
+        with ``return_dict`` a BaseModelOutputWithPooling whose pooler_output lists each video's
+        visual tokens (N_b, D) in the order forward writes them: what `generate` asks for to encode
+        the videos once (before it repeats rows for beams, before a chunked prefill) and hands to
+        forward as ``mm_encoder_outputs["video"]``.
         """
+        if return_dict:
+            with self._autocast():
+                feats, mask = self.get_video_features(pixel_values_videos, video_frame_mask, temporal_sample_stride,
+                                                      video_token_layout)
+            return BaseModelOutputWithPooling(pooler_output=[f[m].flatten(0, 1) for f, m in zip(feats, mask)])
         if pixel_values_videos.dim() != 5:
             raise ValueError(
                 f"pixel_values_videos must have shape (B, T, 3, H, W), got {tuple(pixel_values_videos.shape)}"
@@ -271,19 +280,33 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
         out, states = self.projector.forward_chunk(feats, projector_states)
         return out[0], states
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Visual tokens for images: pixel_values (B, 3, H, W) -> (B, 1, N', D) (a one-frame video)."""
+    def get_image_features(self, pixel_values: torch.Tensor,
+                           return_dict: bool = False) -> torch.Tensor | BaseModelOutputWithPooling:
+        """Visual tokens for images: pixel_values (B, 3, H, W) -> (B, 1, N', D) (a one-frame video);
+        with ``return_dict``, each image's (N', D) listed in pooler_output (see `get_video_features`)."""
         if pixel_values.dim() != 4:
             raise ValueError(f"pixel_values must have shape (B, 3, H, W), got {tuple(pixel_values.shape)}")
-        return self.get_video_features(pixel_values[:, None], temporal_sample_stride=1)[0]
+        with self._autocast():
+            feats = self.get_video_features(pixel_values[:, None], temporal_sample_stride=1)[0]
+        return BaseModelOutputWithPooling(pooler_output=list(feats.flatten(1, 2))) if return_dict else feats
+
+    def _autocast(self):
+        """The autocast of a model prepared for the bfloat16 precision on CPU
+        (`storm_vlm.inference.prepare_for_inference`) when its caller set none, else a no-op: the
+        model runs under it wherever it is called, generate's encoding of the visuals included."""
+        precision = getattr(self, "_storm_precision", None)
+        if (precision is not None and precision.autocast is not None
+                and not torch.is_autocast_enabled(precision.device_type)):
+            return precision.context()
+        return contextlib.nullcontext()
 
     def _items_per_row(self, input_ids: torch.Tensor, token_id: int | None, name: str,
                        item_tokens: list[int]) -> list[int]:
         """How many of the videos (or images), taken in order, each row of input_ids (B, L) holds.
 
         item_tokens: each video's / image's visual-token count. A row's `token_id` placeholders must
-        be the tokens of whole consecutive items: the order `_merge` writes features in, and the
-        groups `_expand_inputs_for_generation` repeats. A ValueError names the mismatch otherwise.
+        be the tokens of whole consecutive items: the order `_merge` writes features in. A
+        ValueError names the mismatch otherwise.
         """
         if token_id is None:
             raise ValueError(f"config.{name}_token_id is not set, so {name} placeholders cannot be found")
@@ -309,62 +332,19 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
         return groups
 
     def _merge(self, input_ids, inputs_embeds, token_id, name, features: torch.Tensor,
-               item_tokens: list[int]) -> torch.Tensor:
+               item_tokens: list[int] | None) -> torch.Tensor:
         """Write `features` (M, D), the visual tokens of items with `item_tokens` tokens each, into
-        the positions of `token_id` in input_ids (B, L), in order (`_items_per_row` checks the counts)."""
-        self._items_per_row(input_ids, token_id, name, item_tokens)
+        the positions of `token_id` in input_ids (B, L), in order over (batch, sequence)
+        (`_items_per_row` checks the counts). `item_tokens` None: features generate encoded before
+        it split the prompt into chunks, where an item may span chunks; only the total is checked."""
+        if item_tokens is not None:
+            self._items_per_row(input_ids, token_id, name, item_tokens)
+        elif int((input_ids == token_id).sum()) != features.shape[0]:
+            raise ValueError(f"{name} placeholder mismatch: input_ids hold {int((input_ids == token_id).sum())} "
+                             f"<{name}> tokens but mm_encoder_outputs gives {features.shape[0]} visual tokens")
         positions = input_ids == token_id
         features = features.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(positions[..., None].to(inputs_embeds.device), features)
-
-    # ---- generate: expanding a batch for beams / num_return_sequences ------------------------------
-
-    def _video_token_counts(self, pixel_values_videos: torch.Tensor, video_frame_mask: torch.Tensor | None,
-                            video_token_layout: torch.Tensor | None,
-                            temporal_sample_stride: int | None) -> list[int]:
-        """Visual tokens each video gives (what `get_video_features` makes of it), counted from its
-        real frames and stride as the processor counts them, without running the vision tower."""
-        v, t = pixel_values_videos.shape[:2]
-        frames = [t] * v if video_frame_mask is None else video_frame_mask.sum(-1).tolist()
-        strides = self.video_sample_strides(v, video_token_layout, temporal_sample_stride)
-        layout = self.config.visual_token_layout
-        return [layout.with_sample_stride(s).num_tokens(n) for s, n in zip(strides, frames)]
-
-    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
-                                      input_ids: torch.LongTensor | None = None, **model_kwargs):
-        """GenerationMixin's expansion of each row into `expand_size` rows (beams,
-        num_return_sequences), with the per-video and per-image inputs repeated a row's group at a time.
-
-        GenerationMixin repeats every tensor item by item along dim 0: right for per-row tensors, but
-        a row holding videos [A, B] must become two rows that each read [A, B], i.e. [A, B, A, B], not
-        [A, A, B, B] (the grouping transformers' `_expand_multimodal_outputs` applies to encoded
-        visuals). Each row's group is found from its placeholders (`_items_per_row`), before
-        input_ids are expanded.
-        """
-        visual = {}
-        if expand_size > 1 and input_ids is not None:
-            kinds = []
-            if model_kwargs.get("pixel_values_videos") is not None:
-                tokens = self._video_token_counts(
-                    model_kwargs["pixel_values_videos"], model_kwargs.get("video_frame_mask"),
-                    model_kwargs.get("video_token_layout"), model_kwargs.get("temporal_sample_stride"))
-                kinds.append((self.config.video_token_id, "video", tokens, _PER_VIDEO_INPUTS))
-            if model_kwargs.get("pixel_values") is not None:
-                tokens = [self.config.tokens_per_frame] * model_kwargs["pixel_values"].shape[0]
-                kinds.append((self.config.image_token_id, "image", tokens, ("pixel_values",)))
-            for token_id, name, tokens, keys in kinds:
-                index, start = [], 0
-                for n in self._items_per_row(input_ids, token_id, name, tokens):
-                    index += list(range(start, start + n)) * expand_size
-                    start += n
-                for key in keys:
-                    if model_kwargs.get(key) is not None:
-                        value = torch.as_tensor(model_kwargs.pop(key))
-                        visual[key] = value[torch.tensor(index, dtype=torch.long, device=value.device)]
-        input_ids, model_kwargs = super()._expand_inputs_for_generation(
-            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs)
-        model_kwargs.update(visual)
-        return input_ids, model_kwargs
 
     # ---- forward / generate ------------------------------------------------------------------------
 
@@ -392,6 +372,7 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         video_token_layout: torch.Tensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Causal-LM forward with visual tokens spliced in.
@@ -401,7 +382,11 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
         (V, T, 3, H, W), video_frame_mask (V, T) bool and video_token_layout (V, 4), as the
         processor returns them; pixel_values (I, 3, H, W). Videos and images are in the order their
         placeholder runs appear in the batch (row by row). temporal_sample_stride: only for inputs
-        without video_token_layout (else it must match it). labels (B, L), -100 = ignored
+        without video_token_layout (else it must match it). mm_encoder_outputs: instead of pixels,
+        the visual tokens already encoded ({"video": get_video_features(..., return_dict=True),
+        "image": get_image_features(..., return_dict=True)}), as generate passes them: it encodes
+        the visuals once, then repeats them for beams or slices them for a chunked prefill (so a
+        video can also be encoded once and asked about many times). labels (B, L), -100 = ignored
         (placeholder positions are always ignored). Returns CausalLMOutputWithPast (loss, logits, cache).
         """
         precision = getattr(self, "_storm_precision", None)  # set by storm_vlm.inference.prepare_for_inference
@@ -414,13 +399,16 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
                 return self.forward(**call, **kwargs)
         if "past_key_values" in kwargs and cache is None:
             cache = kwargs.pop("past_key_values")
-        if pixel_values_videos is None and pixel_values is None and labels is None:
+        encoded = {k: v for k, v in (mm_encoder_outputs or {}).items() if v is not None}
+        if pixel_values_videos is None and pixel_values is None and not encoded and labels is None:
             fast = decode_step(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache, kwargs)
             if fast is not None:  # one greedy CPU decode step (storm_vlm.model.decode.DecodeStep)
                 return fast
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         has_visual = pixel_values_videos is not None or pixel_values is not None
+        if has_visual and encoded:
+            raise ValueError("pass pixel values or mm_encoder_outputs, not both")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
             if pixel_values_videos is not None:
@@ -437,8 +425,16 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
                     input_ids, inputs_embeds, self.config.image_token_id, "image", feats.flatten(0, 2),
                     [feats.shape[2]] * feats.shape[0]
                 )
-        elif has_visual:
-            raise ValueError("pixel values need input_ids (the placeholders tell where visual tokens go)")
+            for name, output in encoded.items():
+                if name not in ("video", "image"):
+                    raise ValueError(f"mm_encoder_outputs holds {name!r}: this model reads 'video' and 'image'")
+                feats = output.pooler_output
+                feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]) if isinstance(feats, (list, tuple)) \
+                    else feats.reshape(-1, feats.shape[-1])
+                inputs_embeds = self._merge(input_ids, inputs_embeds, getattr(self.config, f"{name}_token_id"), name,
+                                            feats, None)
+        elif has_visual or encoded:
+            raise ValueError("visual inputs need input_ids (the placeholders tell where visual tokens go)")
 
         if labels is not None and input_ids is not None:
             for token_id in (self.config.video_token_id, self.config.image_token_id):
