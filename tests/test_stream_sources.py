@@ -4,6 +4,7 @@ seg_999 with its playlist beside the segments and old segments deleted, an error
 frames, and sources that are refused with a message saying why."""
 
 import os
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ from helpers import encode_video, random_video, write_mp4
 from storm_vlm.errors import StormError
 from storm_vlm.streaming import sources
 from storm_vlm.streaming.sources import FrameSampler, FrameSource, open_source
-from storm_vlm.video import VideoDecodeError
+from storm_vlm.video import VideoDecodeError, load_video
+from test_video_realworld import write_anamorphic
 
 FPS = 4  # frames sampled per second; segments are written at 8 fps
 
@@ -31,6 +33,12 @@ def test_timestamps_that_restart_continue_the_stream(tmp_path):
     times = np.concatenate([c.timestamps for c in chunks])
     assert np.allclose(times, np.arange(24) / FPS)  # 3 s + 3 s, the second run after the first
     assert {c.frames.shape[1:3] for c in chunks} == {(32, 32), (48, 64)}
+
+
+def test_anamorphic_pixels_are_shown_as_load_video_shows_them(tmp_path):
+    path = write_anamorphic(tmp_path / "anamorphic.mp4", Fraction(2), frames=8)
+    frames = np.concatenate([c.frames for c in open_source(str(path), fps=FPS, chunk_seconds=1).chunks()])
+    assert frames.shape[1:] == load_video(path, num_frames=1).frames.shape[1:] == (24, 64, 3)
 
 
 def test_sampler_restarts_on_a_jump_back_and_ignores_jitter():

@@ -34,7 +34,8 @@ from storm_vlm.media.container import (ALLOWED_FORMATS, IMAGE_FORMATS, Truncatio
 from storm_vlm.media.errors import DecodeCancelled, DecodeTimeout, VideoDecodeError, describe, fail
 from storm_vlm.media.limits import (DEFAULT_MAX_PIXELS, MAX_IMAGE_PIXELS, MAX_SOURCE_PIXELS, Budget,
                                     max_concurrent_decodes, output_size, run_decode, set_max_concurrent_decodes)
-from storm_vlm.media.readers import FrameSink, SeekingReader, SequentialReader, decoded_frames, rotate_frame
+from storm_vlm.media.readers import (FrameSink, SeekingReader, SequentialReader, decoded_frames, rotate_frame,
+                                     sample_aspect_ratio)
 from storm_vlm.utils import check_int
 
 __all__ = ["VideoClip", "VideoDecodeError", "DecodeTimeout", "DecodeCancelled", "load_video", "rotate_frame",
@@ -50,8 +51,10 @@ _SEEKABLE_FORMATS = {"mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm
 class VideoClip:
     """Frames sampled from a video.
 
-    frames: (T, H, W, 3) uint8 RGB, rotation metadata already applied, scaled down to the
-        call's max_pixels / min_side (extra["source_size"] is the decoded size).
+    frames: (T, H, W, 3) uint8 RGB, rotation metadata already applied, at the display aspect
+        ratio (anamorphic video's non-square pixels made square, extra["sample_aspect_ratio"]),
+        transparent pictures shown over white, scaled down to the call's max_pixels / min_side
+        (extra["source_size"] is the decoded size).
     timestamps: (T,) float64 seconds from the first frame of the stream.
     indices: (T,) int64 source frame indices (frame i is shown at i / native_fps).
     native_fps: the stream's frame rate (None for a still image).
@@ -208,6 +211,7 @@ class _Loader:
         self.num_frames, self.fps, self.start, self.end = num_frames, fps, start, end
         self.max_pixels, self.min_side, self.allow_truncated = max_pixels, min_side, allow_truncated
         self.source_size = (0, 0)
+        self.sample_aspect_ratio = None
         self.sink = None
 
     # -- streams
@@ -241,6 +245,8 @@ class _Loader:
         # FFmpeg refuses pictures above the cap inside the bitstream too (a header may lie).
         context.options = {**(context.options or {}), "max_pixels": str(cap)}
         self.source_size = (width, height)
+        if not image:
+            self.sample_aspect_ratio = sample_aspect_ratio(stream)
         return stream
 
     def opener(self, options: dict | None = None):
@@ -325,7 +331,8 @@ class _Loader:
             else:
                 rel, repeated = _fps_indices(n_clip, rate, float(self.fps), self.num_frames), False
             indices = rel + first
-            self.sink = FrameSink(self.path, indices, self.max_pixels, self.min_side, self.source_size)
+            self.sink = FrameSink(self.path, indices, self.max_pixels, self.min_side, self.source_size,
+                                  self.sample_aspect_ratio)
             reader.read(self.sink)
         finally:
             reader.close()
@@ -344,12 +351,19 @@ class _Loader:
             return VideoClip(frames=self.sink.frames, timestamps=np.zeros(1), indices=np.zeros(1, dtype=np.int64),
                              native_fps=None, duration=0.0, num_source_frames=1, repeated=False, path=self.path,
                              is_image=True, rotation=self.sink.rotation, extra=self.sizes())
-        raise fail(self.path, "no decodable frame in the image")
+        damage = ": its picture data is corrupt or cut short" if stats.get("skipped_packets") else ""
+        raise fail(self.path, f"no decodable frame in the image{damage}")
 
     def sizes(self) -> dict:
-        """source_size and frame_size for `extra`, and "mirrored" when the picture was."""
-        mirrored = {"mirrored": True} if self.sink.mirrored else {}
-        return {"source_size": tuple(self.sink.source_size), "frame_size": tuple(self.sink.frame_size), **mirrored}
+        """source_size and frame_size for `extra`, "mirrored" when the picture was, and the
+        sample_aspect_ratio of non-square pixels."""
+        sizes = {"source_size": tuple(self.sink.source_size), "frame_size": tuple(self.sink.frame_size)}
+        if self.sink.mirrored:
+            sizes["mirrored"] = True
+        sar = self.sink.sample_aspect_ratio
+        if sar and sar != 1:
+            sizes["sample_aspect_ratio"] = float(sar)
+        return sizes
 
     # -- what went wrong
 

@@ -3,9 +3,11 @@
 The processor's image paths, the OpenAI server's `image_url`, training records and evaluation
 frame folders all read their images here, so every path sees the same picture: turned upright by
 its EXIF orientation (as a viewer shows a phone photo, and as `storm_vlm.video.load_video` does
-for a still image) and converted to RGB uint8. Only the raster formats in IMAGE_FORMATS are opened:
+for a still image) and converted to RGB uint8: a transparent picture shown over white (a logo or
+screenshot whose transparent pixels hold black would otherwise be black on black), a 16-bit grey
+one scaled to 8 bits (not clipped to white). Only the raster formats in IMAGE_FORMATS are opened:
 PIL would otherwise try every plugin it has, EPS among them, which runs Ghostscript on the file
-(Pillow's security notes: block EPS at the application layer). Imports PIL and numpy only.
+(Pillow's security notes: block EPS at the application layer). Imports PIL, numpy and the pixel caps.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["load_image", "ImageTooLarge", "IMAGE_FORMATS"]
+from storm_vlm.media.limits import MAX_IMAGE_PIXELS
+
+__all__ = ["load_image", "ImageTooLarge", "IMAGE_FORMATS", "over_white"]
 
 # PIL format names opened (JPEG's opener also reads MPO, a phone's JPEG with a second picture)
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
@@ -27,12 +31,34 @@ class ImageTooLarge(ValueError):
     """The picture has more pixels than the caller's `max_pixels` (seen in its header, before decoding)."""
 
 
-def load_image(source: str | os.PathLike | bytes | BinaryIO, max_pixels: int | None = None,
+# PIL modes of 16-bit (and 32-bit integer) grey pictures: PIL's convert("RGB") clips them at 255
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def over_white(rgba: np.ndarray) -> np.ndarray:
+    """(..., 3) uint8 RGB of (..., 4) uint8 RGBA pixels shown over a white background (what a
+    browser or viewer shows, and what qwen-vl-utils hands its model)."""
+    alpha = rgba[..., 3:].astype(np.uint16)
+    return ((rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+def _rgb(image: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 of a PIL image of any mode (see the module's docstring)."""
+    if image.mode in _WIDE_GREY:
+        grey = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
+        return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        return over_white(np.asarray(image.convert("RGBA")))
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def load_image(source: str | os.PathLike | bytes | BinaryIO, max_pixels: int | None = MAX_IMAGE_PIXELS,
                min_side: int | None = None) -> np.ndarray:
     """(H, W, 3) uint8 RGB, upright, from an image file: a path, its bytes or a binary file object.
 
-    max_pixels: raise ImageTooLarge for a larger picture without decoding it (None: PIL's own
-    decompression-bomb limit only). min_side: scale a larger picture down, area-averaged, until
+    max_pixels: raise ImageTooLarge for a larger picture without decoding it (default the cap
+    `load_video` applies to images, which holds even where a program turned PIL's own limit off;
+    None: PIL's decompression-bomb limit only). min_side: scale a larger picture down, area-averaged, until
     its shorter side is min_side (a model's input size: nothing it could see is lost, and a
     server holds a few hundred kilobytes per image, not the full picture; a JPEG is decoded at a
     reduced scale directly). PIL's errors pass through: OSError (UnidentifiedImageError) for what
@@ -43,7 +69,7 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO, max_pixels: int | N
             raise ImageTooLarge(f"{im.width}x{im.height} is larger than {max_pixels} pixels")
         if min_side is not None and min(im.size) > min_side:
             im.draft("RGB", (min_side, min_side))  # JPEG: decode at the smallest scale still >= min_side
-        image = ImageOps.exif_transpose(im).convert("RGB")
+        image = Image.fromarray(_rgb(ImageOps.exif_transpose(im)))
     if min_side is not None and min(image.size) > min_side:
         scale = min_side / min(image.size)
         size = (max(min_side, round(image.width * scale)), max(min_side, round(image.height * scale)))

@@ -29,7 +29,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from storm_vlm.media.errors import DecodeCancelled, DecodeTimeout, fail
 from storm_vlm.utils import check_int
 
-__all__ = ["DEFAULT_MAX_PIXELS", "MAX_SOURCE_PIXELS", "MAX_IMAGE_PIXELS", "output_size", "Budget",
+__all__ = ["DEFAULT_MAX_PIXELS", "MAX_SOURCE_PIXELS", "MAX_IMAGE_PIXELS", "display_size", "output_size", "Budget",
            "set_max_concurrent_decodes", "max_concurrent_decodes", "run_decode"]
 
 # Default bound on each returned frame: 1024 x 1024 pixels (1365 x 768 for 16:9). Every video
@@ -46,6 +46,23 @@ MAX_SOURCE_PIXELS = 8192 * 4352
 # Still images are decoded once, with no reference pictures, so a larger picture is affordable:
 # Pillow's decompression-bomb threshold (about 89.5 MP, a 48 MP phone photo passes).
 MAX_IMAGE_PIXELS = 89_478_485
+
+
+def display_size(width: int, height: int, sample_aspect_ratio=None) -> tuple[int, int]:
+    """(width, height) a width x height picture is shown at, given its pixels' aspect ratio.
+
+    Anamorphic video (a DVD's 720 x 480 shown at 16:9, HDV's 1440 x 1080 shown at 1920 x 1080)
+    stores non-square pixels; players stretch it to the display aspect ratio, and so must frames
+    handed to a model, or every circle is an ellipse. The picture is shrunk along one side rather
+    than stretched along the other, so no pixels are invented. None or a non-positive ratio
+    (unknown) means square pixels.
+    """
+    sar = sample_aspect_ratio
+    if not sar or sar <= 0 or sar == 1:
+        return width, height
+    if sar > 1:
+        return width, max(1, round(height / sar))
+    return max(1, round(width * sar)), height
 
 
 def output_size(width: int, height: int, max_pixels: int | None, min_side: int | None) -> tuple[int, int]:

@@ -36,10 +36,11 @@ import numpy as np
 
 from storm_vlm.media.container import av, av_errors
 from storm_vlm.media.errors import fail
-from storm_vlm.media.limits import Budget, output_size
+from storm_vlm.media.images import over_white
+from storm_vlm.media.limits import Budget, display_size, output_size
 
 __all__ = ["FrameSink", "SeekingReader", "SequentialReader", "rotate_frame", "frame_orientation", "scaled_rgb",
-           "decoded_frames"]
+           "has_alpha", "shown_rgb", "sample_aspect_ratio", "decoded_frames", "continuous_times"]
 
 
 def rotate_frame(frame: np.ndarray, rotation: float, mirrored: bool = False) -> np.ndarray:
@@ -86,27 +87,64 @@ def frame_orientation(frame) -> tuple[int, bool]:
     return (180, True) if m[4] < 0 else (0, False)  # vflip, or nothing
 
 
-def scaled_rgb(frame, size: tuple[int, int], reformatter):
-    """A decoded frame as an rgb24 av.VideoFrame of size = (w, h), its properties and side data
-    copied from it."""
+def scaled_rgb(frame, size: tuple[int, int], reformatter, format: str = "rgb24"):
+    """A decoded frame as an rgb24 (or `format`) av.VideoFrame of size = (w, h), its properties
+    and side data copied from it."""
     if size == (frame.width, frame.height):
-        return reformatter.reformat(frame, format="rgb24")
+        return reformatter.reformat(frame, format=format)
     # area averaging: every source pixel counts (no aliasing when shrinking a lot)
-    return reformatter.reformat(frame, format="rgb24", width=size[0], height=size[1], interpolation="AREA")
+    return reformatter.reformat(frame, format=format, width=size[0], height=size[1], interpolation="AREA")
+
+
+def has_alpha(frame) -> bool:
+    """Whether a decoded frame may be transparent: an alpha plane, or a palette (GIF, PNG)."""
+    return frame.format.has_palette or any(c.is_alpha for c in frame.format.components)
+
+
+def shown_rgb(frame, size: tuple[int, int], reformatter, orientation: tuple[int, bool] | None = None):
+    """(pixels (h, w, 3) uint8, orientation) of a decoded frame as a player shows it: scaled to
+    size = (w, h), transparent pixels over white (as `storm_vlm.media.images.load_image` shows
+    them), turned upright by `orientation` (rotation, mirrored), read from the scaled copy's side
+    data when None (see `frame_orientation`)."""
+    alpha = has_alpha(frame)
+    scaled = scaled_rgb(frame, size, reformatter, "rgba" if alpha else "rgb24")
+    if orientation is None:
+        orientation = frame_orientation(scaled)
+    pixels = scaled.to_ndarray()
+    return rotate_frame(over_white(pixels) if alpha else pixels, *orientation), orientation
+
+
+def sample_aspect_ratio(stream):
+    """The shape of a video stream's pixels (width / height; None when unknown), as ffmpeg guesses
+    it: the container's (an MP4 'pasp' box, Matroska's display size) over the bitstream's."""
+    for ratio in (stream.sample_aspect_ratio, stream.codec_context.sample_aspect_ratio):
+        if ratio and ratio > 0:
+            return ratio
+    return None
 
 
 def decoded_frames(container, stream, budget: Budget, stats: dict, stop_at_corrupt: bool = False):
     """Decoded frames of `stream` in presentation order, checking `budget` before each packet.
 
+    A packet the decoder rejects as invalid data (a damaged stretch of a recording or a download)
+    is skipped, as ffmpeg and players do, and counted in stats["skipped_packets"]: the frames
+    around it still decode, where raising would lose the whole video to one bad packet. A file
+    none of whose frames decode still fails (the readers find the frames missing).
     stop_at_corrupt: end at the first packet the demuxer flags corrupt (in a truncated file, the
     one cut short), after draining the frames the decoder still holds.
     """
+    invalid = av().InvalidDataError
     for packet in container.demux(stream):
         budget.check()
         if stop_at_corrupt and packet.is_corrupt:
             stats["stopped_at"] = "a packet cut short"
             packet = None  # flush the decoder
-        for frame in stream.decode(packet):
+        try:
+            frames = stream.decode(packet)
+        except invalid:
+            stats["skipped_packets"] = stats.get("skipped_packets", 0) + 1
+            frames = ()
+        for frame in frames:
             stats["decoded"] += 1
             yield frame
         if packet is None:
@@ -116,15 +154,18 @@ def decoded_frames(container, stream, budget: Budget, stats: dict, stop_at_corru
 class FrameSink:
     """The clip being filled: row r of the output holds source frame indices[r].
 
-    Frames are scaled with `output_size(w, h, max_pixels, min_side)`; the output array is
+    Frames are scaled with `output_size(w, h, max_pixels, min_side)` from their display size
+    (`display_size`: non-square pixels of `sample_aspect_ratio` shown square); the output array is
     allocated when the first frame arrives (its size is known then). A stream whose picture size
     changes midway (an HLS recording switching variants, a WebRTC recording) has its later frames
-    scaled to that same size, as ffmpeg does.
+    scaled to that same size, as ffmpeg does. Transparent pictures (PNG, GIF, WebP, video with
+    alpha) are shown over white, as `storm_vlm.media.images.load_image` shows them.
     """
 
     def __init__(self, path: str, indices: np.ndarray, max_pixels: int | None, min_side: int | None,
-                 declared_size: tuple[int, int] = (0, 0)):
+                 declared_size: tuple[int, int] = (0, 0), sample_aspect_ratio=None):
         self.path = path
+        self.sample_aspect_ratio = sample_aspect_ratio
         self.indices = np.asarray(indices, dtype=np.int64)
         self.wanted = np.unique(self.indices)
         self.max_pixels, self.min_side = max_pixels, min_side
@@ -148,15 +189,13 @@ class FrameSink:
     def put(self, index: int, frame, seconds: float) -> None:
         if self.frames is None:
             self.source_size = (frame.width, frame.height)
-            self.frame_size = output_size(*self.source_size, self.max_pixels, self.min_side)
+            shown = display_size(*self.source_size, self.sample_aspect_ratio)
+            self.frame_size = output_size(*shown, self.max_pixels, self.min_side)
         if self._reformatter is None:
             from av.video.reformatter import VideoReformatter
 
             self._reformatter = VideoReformatter()
-        scaled = scaled_rgb(frame, self.frame_size, self._reformatter)
-        if self.orientation is None:  # on the small copy (the frame itself when already rgb24 at that size)
-            self.orientation = frame_orientation(scaled)
-        rgb = rotate_frame(scaled.to_ndarray(), *self.orientation)
+        rgb, self.orientation = shown_rgb(frame, self.frame_size, self._reformatter, self.orientation)
         if self.frames is None:
             self.frames = np.empty((len(self.indices), *rgb.shape), dtype=np.uint8)
         for row in self.rows[index]:
@@ -371,6 +410,23 @@ class SeekingReader:
 # ---------------------------------------------------------------- sequential
 
 
+# A forward timestamp jump this large in a format whose timestamps may restart (MPEG-TS/PS, FLV)
+# is a discontinuity, not a pause: ffmpeg's own threshold (its -dts_delta_threshold).
+_TS_JUMP_S = 10.0
+
+
+def continuous_times(times: list[float], step: float, max_jump: float = math.inf) -> list[float]:
+    """Seconds from the first frame for frames decoded at `times` (display order), running on by
+    `step` across discontinuities: a time that goes back or stays (recordings joined, a camera's
+    or broadcast's clock restarting) or jumps ahead by more than `max_jump` seconds. Clip
+    timestamps then always increase, as they do in ffmpeg's output for such files."""
+    out = [0.0]
+    for before, now in zip(times, times[1:]):
+        gap = now - before
+        out.append(out[-1] + (gap if 0 < gap <= max_jump else step))
+    return out
+
+
 class SequentialReader:
     """Decode the whole stream: a counting pass, then a pass converting only the wanted frames.
 
@@ -413,6 +469,7 @@ class SequentialReader:
         times = []
         container, stream = self.open_stream()
         with container:
+            discontinuous = bool(container.format.flags & av().format.Flags.ts_discont.value)
             for i, frame in enumerate(self._frames(container, stream)):
                 if frame.pts is not None and frame.time_base:
                     times.append(float(frame.pts * frame.time_base))
@@ -426,7 +483,7 @@ class SequentialReader:
         if self.even_over or self.in_order:
             self._times = [i / float(self.rate) for i in range(n)]
         else:
-            self._times = [t - times[0] for t in times]
+            self._times = continuous_times(times, 1 / float(self.rate), _TS_JUMP_S if discontinuous else math.inf)
         self.stats["count_source"] = "full decode"
         return n
 

@@ -44,8 +44,8 @@ import numpy as np
 
 from storm_vlm.errors import StormError
 from storm_vlm.media.container import ALLOWED_FORMATS, IMAGE_FORMATS, find_truncation
-from storm_vlm.media.limits import DEFAULT_MAX_PIXELS, MAX_SOURCE_PIXELS, output_size
-from storm_vlm.media.readers import frame_orientation, rotate_frame, scaled_rgb
+from storm_vlm.media.limits import DEFAULT_MAX_PIXELS, MAX_SOURCE_PIXELS, display_size, output_size
+from storm_vlm.media.readers import sample_aspect_ratio, shown_rgb
 from storm_vlm.streaming import MAX_CHUNK_FRAMES
 from storm_vlm.utils import numbered_name_key
 from storm_vlm.video import VideoDecodeError
@@ -159,7 +159,8 @@ def decode_segment(target, sampler: FrameSampler, name: str, fmt: str | None = N
 
     target: a path or a binary file object. Frames are converted to RGB and scaled down in one
     step as `load_video` does (`storm_vlm.media.limits.output_size`: at most DEFAULT_MAX_PIXELS,
-    and to a shorter side of `min_side` when given, the vision tower's input size); pictures above
+    and to a shorter side of `min_side` when given, the vision tower's input size), at their display
+    aspect ratio and with transparent pixels over white (`storm_vlm.media.readers.shown_rgb`); pictures above
     MAX_SOURCE_PIXELS are refused. Decoding errors after the start end the segment with
     VideoDecodeError naming `name` (frames before them have been yielded)."""
     from av.video.reformatter import VideoReformatter
@@ -177,6 +178,7 @@ def decode_segment(target, sampler: FrameSampler, name: str, fmt: str | None = N
                                    f"({MAX_SOURCE_PIXELS} pixels)")
         stream.thread_type = "AUTO"
         rate = stream.average_rate or stream.guessed_rate
+        pixel_shape = sample_aspect_ratio(stream)
         sampler.begin_segment(1.0 / float(rate) if rate else None)
         index, orientation = 0, None
         try:
@@ -188,11 +190,9 @@ def decode_segment(target, sampler: FrameSampler, name: str, fmt: str | None = N
                 kept = sampler.take(float(t))
                 if kept is None:
                     continue
-                size = output_size(frame.width, frame.height, DEFAULT_MAX_PIXELS, min_side)
-                scaled = scaled_rgb(frame, size, reformatter)
-                if orientation is None:  # read from the small copy: see frame_orientation
-                    orientation = frame_orientation(scaled)
-                yield kept, rotate_frame(scaled.to_ndarray(), *orientation)
+                size = output_size(*display_size(frame.width, frame.height, pixel_shape), DEFAULT_MAX_PIXELS, min_side)
+                pixels, orientation = shown_rgb(frame, size, reformatter, orientation)
+                yield kept, pixels
         except (av.FFmpegError, OSError, EOFError) as exc:
             cause = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             raise VideoDecodeError(f"{name}: decoding stopped ({cause})") from None
