@@ -6,7 +6,8 @@ Layout of `output_dir/checkpoint-<step>/`:
     optimizer.pt                 optimizer state (tensors + plain values; loaded with weights_only=True)
     scheduler.json               LR scheduler state
     rng_state_<rank>.json        python / numpy / torch (and CUDA) RNG states of every rank
-    trainer_state.json           step, epoch, step_in_epoch, skipped-media count, config snapshot
+    trainer_state.json           step, epoch, step_in_epoch, global batch, record count, world size,
+                                 skipped-media count, config snapshot (a resume checks them against its own)
     manifest.json                every other file's size and SHA-256; written last
 
 A checkpoint is first written to `checkpoint-<step>.tmp/` and renamed with os.replace once
@@ -112,6 +113,13 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def seed_all(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) with `seed` (< 2**32)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------- finding checkpoints

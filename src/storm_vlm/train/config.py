@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -96,6 +97,9 @@ class TrainConfig:
     save_total_limit: int | None = None
     # manifest.json of each checkpoint holds SHA-256s, checked by --resume (false: sizes and structure only)
     checkpoint_checksums: bool = True
+    # --resume on a different number of processes when the model draws random numbers (dropout):
+    # false refuses (the ranks' RNG streams cannot be carried over), true reseeds each rank
+    resume_reseed_rng: bool = False
     progress_bar: bool = True
     tensorboard: bool = True  # written when the tensorboard package is installed
     description: str = ""
@@ -118,6 +122,17 @@ class TrainConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# What --resume does when a key differs from the checkpoint's config (`resume_config_changes`):
+# these may change freely (bookkeeping, or how the same global batch is split over processes; the
+# global batch itself is checked on its own) ...
+RESUME_FREE_KEYS = frozenset({
+    "output_dir", "save_steps", "save_total_limit", "logging_steps", "progress_bar", "tensorboard",
+    "checkpoint_checksums", "num_workers", "description", "distributed", "per_device_batch_size",
+    "gradient_accumulation_steps", "gradient_checkpointing", "resume_reseed_rng",
+})
+# ... these may change and are reported (a longer or shorter run, another machine's precision, data
+# moved to another folder: its record count is checked on its own); every other key is refused.
+RESUME_STATED_KEYS = ("max_steps", "precision", "train_file", "media_root")
 REQUIRED_KEYS = ("stage", "output_dir", "train_file", "media_root", "num_frames", "max_steps", "save_steps", "seed")
 
 
@@ -384,6 +399,7 @@ def config_from_dict(raw: Mapping, source: str = "config") -> TrainConfig:
     v["logging_steps"] = _int(s, "logging_steps", raw.get("logging_steps", 1), minimum=1)
     v["save_total_limit"] = _int(s, "save_total_limit", raw.get("save_total_limit"), minimum=1, allow_none=True)
     v["checkpoint_checksums"] = _bool(s, "checkpoint_checksums", raw.get("checkpoint_checksums", True))
+    v["resume_reseed_rng"] = _bool(s, "resume_reseed_rng", raw.get("resume_reseed_rng", False))
     v["progress_bar"] = _bool(s, "progress_bar", raw.get("progress_bar", True))
     v["tensorboard"] = _bool(s, "tensorboard", raw.get("tensorboard", True))
     desc = raw.get("description", "")
@@ -392,3 +408,26 @@ def config_from_dict(raw: Mapping, source: str = "config") -> TrainConfig:
     if v["stage"] == "align" and v["train_parts"] is not None and set(v["train_parts"]) != {"projector"}:
         raise _bad(s, "train_parts", "the align stage trains only the projector")
     return TrainConfig(**v)
+
+
+def resume_config_changes(saved: Mapping, cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """Keys that differ between a checkpoint's config snapshot and this run's: (refused, stated),
+    each as "key: old -> new". A key the snapshot lacks (written before the key existed) counts as
+    its default. Values are compared as JSON, the form the snapshot is stored in."""
+    now = json.loads(json.dumps(cfg.to_dict()))
+    saved = json.loads(json.dumps(dict(saved)))
+    refused, stated = [], []
+    for key, f in _FIELDS.items():
+        if key in RESUME_FREE_KEYS:
+            continue
+        if key in saved:
+            old = saved[key]
+        elif f.default is not dataclasses.MISSING:
+            old = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            old = json.loads(json.dumps(f.default_factory()))
+        else:
+            old = None
+        if old != now[key]:
+            (stated if key in RESUME_STATED_KEYS else refused).append(f"{key}: {old!r} -> {now[key]!r}")
+    return refused, stated

@@ -54,6 +54,18 @@ def has_lora(model: nn.Module) -> bool:
     return any("lora_" in name for name, _ in model.named_parameters())
 
 
+def draws_random_numbers(model: nn.Module) -> bool:
+    """Whether a training forward draws random numbers: a Dropout with p > 0 (LoRA's lora_dropout
+    among them) or an attention layer with attention dropout (transformers keeps that rate as a
+    float attribute, `attention_dropout` or `dropout`, and applies it only in training mode)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return True
+        if any(isinstance(getattr(m, a, None), float) and getattr(m, a) > 0 for a in ("attention_dropout", "dropout")):
+            return True
+    return False
+
+
 def trainable_names(model: nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters() if p.requires_grad]
 

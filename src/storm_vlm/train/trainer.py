@@ -12,7 +12,9 @@ step's counts, `wait_for_everyone`, `unwrap_model`. What we keep: the data order
 re-shards), the loss normalisation below, and the checkpoints (storm_vlm.train.checkpoint:
 `checkpoint-N.tmp` + manifest.json (sizes, SHA-256) + rename, RNG states as JSON, optimizer loaded
 with weights_only=True; `--resume` takes the newest checkpoint that verifies and names each one it
-skips) -- accelerate's save_state writes in place and pickles.
+skips) -- accelerate's save_state writes in place and pickles. A resume whose config, global batch,
+record count or (with dropout) number of processes would make it continue differently from how the
+run started is refused before anything loads (`_check_resume_config`, `_check_resume_world_size`).
 
 FSDP2: accelerate enables its FSDP plugin only for GPU-like devices; on CPU/gloo the plugin is
 silently dropped and `prepare` wraps the model in DDP (a slow test notices if that changes). So with
@@ -35,6 +37,8 @@ b follow 1 process x batch 2b.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -45,6 +49,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
@@ -55,11 +60,12 @@ from storm_vlm.data.datasets import LlavaDataset
 from storm_vlm.data.sampler import GlobalBatchSampler, StepBatchSampler
 from storm_vlm.errors import ConfigError, StormError
 from storm_vlm.train import checkpoint as ckpt
-from storm_vlm.train.config import TrainConfig, config_from_dict, load_config, resolve_raw
+from storm_vlm.train.config import TrainConfig, config_from_dict, load_config, resolve_raw, resume_config_changes
 from storm_vlm.train.launch import DistEnv, end_accelerator, fully_shard_model, make_accelerator
 from storm_vlm.train.metrics import SKIPPED_FILE, MetricsLog
 from storm_vlm.train.model_source import load_model_and_processor
-from storm_vlm.train.stages import apply_stage, has_lora, merged_state_dict, parameter_groups, trainable_names
+from storm_vlm.train.stages import (apply_stage, draws_random_numbers, has_lora, merged_state_dict, parameter_groups,
+                                   trainable_names)
 from storm_vlm.utils import IGNORE_INDEX, atomic_write_json, publish_dir
 
 logger = logging.getLogger("storm_vlm.train")
@@ -129,6 +135,9 @@ class Trainer:
         self.skipped_total = 0
         self.start_step = 0
         self.resume_dir: Path | None = None
+        self.last_checkpoint: Path | None = None  # the newest complete one: resumed from or saved
+        self._rng_to_restore: dict | None = None  # this rank's RNG states from the checkpoint
+        self._reseed: int | None = None  # or a seed, resuming on another number of processes
 
     # -------------------------------------------------------------- setup
     def finished_run(self) -> Path | None:
@@ -200,7 +209,7 @@ class Trainer:
 
     def _check_output_dir(self) -> None:
         if self.resume:
-            self.resume_dir = self._choose_resume_checkpoint()
+            self.resume_dir = self.last_checkpoint = self._choose_resume_checkpoint()
         elif ckpt.list_checkpoints(self.output_dir) or (self.output_dir / FINAL_DIR).exists():
             raise ConfigError(
                 f"key 'output_dir': {str(self.output_dir)!r} already holds a run "
@@ -210,6 +219,10 @@ class Trainer:
     def setup(self) -> None:
         cfg, env, acc = self.cfg, self.env, self.accelerator
         self._check_output_dir()
+        state = None
+        if self.resume_dir is not None:  # before anything is written or loaded
+            state = ckpt.read_json(self.resume_dir / ckpt.TRAINER_STATE)
+            self._check_resume_config(self.resume_dir, state)
         if env.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_tmp(self.output_dir)
@@ -219,7 +232,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model, processor = load_model_and_processor(cfg, env)
         apply_stage(model, cfg)
-        if self.resume_dir is not None:
+        if state is not None:
+            self._check_resume_world_size(self.resume_dir, state, model)
             self._load_trainable(model, self.resume_dir)
         if cfg.gradient_checkpointing:
             # Non-reentrant checkpointing also works when the embeddings are frozen (align, LoRA).
@@ -234,6 +248,10 @@ class Trainer:
 
         dataset = LlavaDataset.from_config(cfg, processor)
         self.dataset = self.dataset_wrapper(dataset) if self.dataset_wrapper is not None else dataset
+        if state is not None and state.get("num_samples", len(self.dataset)) != len(self.dataset):
+            raise ConfigError(f"--resume: {self.resume_dir} was trained on {state['num_samples']} records, "
+                              f"{cfg.train_file} now has {len(self.dataset)}: every epoch's order would differ "
+                              "from the one the run started; resume with the same training file")
         self.collator = StormCollator(pad_token_id=_pad_id(processor))
         self.sampler = GlobalBatchSampler(
             num_samples=len(self.dataset),
@@ -260,8 +278,8 @@ class Trainer:
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(cfg))
         self.optimizer, self.scheduler = acc.prepare(optimizer, scheduler)
-        if self.resume_dir is not None:
-            self._load_training_state(self.resume_dir)
+        if state is not None:
+            self._load_training_state(self.resume_dir, state)
 
     # -------------------------------------------------------------- checkpoint IO
     def _full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -299,6 +317,21 @@ class Trainer:
         self.model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
         self.processor.save_pretrained(out)
 
+    @contextlib.contextmanager
+    def _writing(self, tmp: Path, what: str):
+        """Around the writes of a checkpoint or final/ folder: a write that fails (a full disk, an I/O
+        error) removes the half-written `tmp` -- it would only hold space the next try needs -- and
+        stops the run with one message saying what --resume continues from. The folders written
+        before are never touched: each is only replaced once its successor is complete."""
+        try:
+            yield
+        except (OSError, SafetensorError) as exc:
+            if self.env.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            last = self.last_checkpoint.name if self.last_checkpoint else "step 0 (this run has no checkpoint yet)"
+            raise StormError(f"cannot write {self.output_dir / what} ({type(exc).__name__}: {exc}); free space and "
+                             f"run again with --resume: it continues from {last}") from exc
+
     def save_checkpoint(self, step: int) -> Path:
         env = self.env
         final = self.output_dir / f"checkpoint-{step}"
@@ -311,34 +344,37 @@ class Trainer:
         sd = self._model_state_for_saving()
         trainable_sd = self._trainable_state()
         osd = self._optimizer_state()
-        atomic_write_json(tmp / f"rng_state_{env.rank}.json", ckpt.get_rng_state())
-        if env.is_main:
-            self.save_model_folder(tmp, sd)
-            if trainable_sd is not None:
-                save_file(trainable_sd, str(tmp / ckpt.TRAINABLE_FILE))
-            ckpt.save_torch_state(osd, tmp / ckpt.OPTIMIZER_FILE)
-            atomic_write_json(tmp / ckpt.SCHEDULER_FILE, ckpt.scheduler_state_to_json(self.scheduler.state_dict()))
-            epoch, pos = self.sampler.position(step)
-            atomic_write_json(
-                tmp / ckpt.TRAINER_STATE,
-                {
-                    "global_step": step,
-                    "epoch": epoch,
-                    "step_in_epoch": pos,
-                    "samples_seen": step * self.sampler.global_batch_size,
-                    "global_batch_size": self.sampler.global_batch_size,
-                    "world_size": env.world_size,
-                    "skipped_media": self.skipped_total,
-                    "lora": has_lora(self.model),
-                    "config": self.cfg.to_dict(),
-                },
-            )
-        env.barrier()  # every rank's RNG file is on disk
-        if env.is_main:
-            ckpt.write_manifest(tmp, self.cfg.checkpoint_checksums)  # last: it vouches for every file above
-            publish_dir(tmp, final)
-            ckpt.prune_checkpoints(self.output_dir, self.cfg.save_total_limit, upto_step=step)
-            logger.info("saved %s", final)
+        with self._writing(tmp, final.name):
+            atomic_write_json(tmp / f"rng_state_{env.rank}.json", ckpt.get_rng_state())
+            if env.is_main:
+                self.save_model_folder(tmp, sd)
+                if trainable_sd is not None:
+                    save_file(trainable_sd, str(tmp / ckpt.TRAINABLE_FILE))
+                ckpt.save_torch_state(osd, tmp / ckpt.OPTIMIZER_FILE)
+                atomic_write_json(tmp / ckpt.SCHEDULER_FILE, ckpt.scheduler_state_to_json(self.scheduler.state_dict()))
+                epoch, pos = self.sampler.position(step)
+                atomic_write_json(
+                    tmp / ckpt.TRAINER_STATE,
+                    {
+                        "global_step": step,
+                        "epoch": epoch,
+                        "step_in_epoch": pos,
+                        "samples_seen": step * self.sampler.global_batch_size,
+                        "global_batch_size": self.sampler.global_batch_size,
+                        "num_samples": self.sampler.num_samples,
+                        "world_size": env.world_size,
+                        "skipped_media": self.skipped_total,
+                        "lora": has_lora(self.model),
+                        "config": self.cfg.to_dict(),
+                    },
+                )
+            env.barrier()  # every rank's RNG file is on disk
+            if env.is_main:
+                ckpt.write_manifest(tmp, self.cfg.checkpoint_checksums)  # last: it vouches for every file above
+                publish_dir(tmp, final)
+                self.last_checkpoint = final
+                ckpt.prune_checkpoints(self.output_dir, self.cfg.save_total_limit, upto_step=step)
+                logger.info("saved %s", final)
         env.barrier()
         return final
 
@@ -365,16 +401,73 @@ class Trainer:
             for n in names:
                 params[n].copy_(tensors[n])
 
-    def _load_training_state(self, ckpt_dir: Path) -> None:
-        """Optimizer, scheduler, data position and RNG states from a checkpoint `_choose_resume_checkpoint`
-        verified; a file that still does not fit this run is a StormError naming it."""
-        state = ckpt.read_json(ckpt_dir / ckpt.TRAINER_STATE)
-        if state["global_batch_size"] != self.sampler.global_batch_size:
+    def _check_resume_config(self, ckpt_dir: Path, state: dict) -> None:
+        """Refuse a resume whose config would silently change what the remaining steps compute.
+
+        The optimizer and scheduler files carry the checkpoint's learning rates and AdamW settings
+        (they would win over the config's), the data order follows seed / shuffle / global batch,
+        and the frozen weights come from the model source again: a change to any of these is a
+        ConfigError listing each. max_steps, precision and the data paths may change and are
+        logged (a new max_steps recomputes the LR schedule from this step on)."""
+        cfg, env = self.cfg, self.env
+        where = f"--resume: {ckpt_dir}"
+        saved = state.get("config")
+        refused, stated = resume_config_changes(saved, cfg) if isinstance(saved, dict) else ([], [])
+        if refused:
+            raise ConfigError(f"{where} was trained with a different config ({'; '.join(refused)}); resume "
+                              f"with the checkpoint's values, or start a new run from its weights with "
+                              f"init_from: {ckpt_dir}")
+        step = state["global_step"]
+        if step > cfg.max_steps:
+            raise ConfigError(f"{where} is at step {step}, past max_steps {cfg.max_steps}; raise max_steps or "
+                              f"move the checkpoints past step {cfg.max_steps} out of {self.output_dir}")
+        global_batch = env.world_size * cfg.per_device_batch_size * cfg.gradient_accumulation_steps
+        if state["global_batch_size"] != global_batch:
+            per_process = state["global_batch_size"] / (env.world_size * cfg.gradient_accumulation_steps)
+            hint = (f"; with {env.world_size} process(es) and gradient_accumulation_steps "
+                    f"{cfg.gradient_accumulation_steps} that is per_device_batch_size={int(per_process)}"
+                    if per_process == int(per_process) else "")
             raise ConfigError(
-                f"--resume: {ckpt_dir} was trained with global batch {state['global_batch_size']} "
-                f"but this run has {self.sampler.global_batch_size} (world_size x per_device_batch_size x "
-                "gradient_accumulation_steps); the data position would not match"
-            )
+                f"{where} was trained with global batch {state['global_batch_size']} but this run has "
+                f"{global_batch} (processes x per_device_batch_size x gradient_accumulation_steps); the data "
+                f"position and the LR schedule count steps of the global batch, so keep it{hint}")
+        if env.is_main:
+            for change in stated:
+                logger.warning("%s: %s since the checkpoint", where, change)
+            old_steps = saved.get("max_steps", cfg.max_steps) if isinstance(saved, dict) else cfg.max_steps
+            if old_steps != cfg.max_steps:
+                before = lr_lambda_factory(dataclasses.replace(cfg, max_steps=old_steps))(step)
+                after = lr_lambda_factory(cfg)(step)
+                logger.warning("%s: the LR schedule is recomputed for %d steps: its factor at step %d goes from "
+                               "%.4g to %.4g", where, cfg.max_steps, step, before, after)
+
+    def _check_resume_world_size(self, ckpt_dir: Path, state: dict, model) -> None:
+        """A checkpoint saved by another number of processes resumes exactly -- data order, optimizer,
+        scheduler and step do not depend on it -- except for the ranks' RNG streams, which cannot
+        be split or merged. So when the model draws random numbers (dropout) such a resume is
+        refused unless `resume_reseed_rng` is set; then, and always when nothing draws from them,
+        each rank is reseeded from (seed, step, rank) instead of restoring a saved stream."""
+        saved, now = state["world_size"], self.env.world_size
+        if saved == now:
+            return
+        if draws_random_numbers(model) and not self.cfg.resume_reseed_rng:
+            raise ConfigError(
+                f"--resume: {ckpt_dir} was saved by {saved} process(es), this run has {now}, and the model "
+                "draws random numbers in training (dropout): the saved per-process RNG streams cannot be "
+                "carried over, so the run would not continue as it started. Resume with "
+                f"{saved} process(es), or pass --set resume_reseed_rng=true to continue with each process "
+                "reseeded (data order, optimizer, LR schedule and step still carry over exactly)")
+        step, rank = state["global_step"], self.env.rank
+        self._reseed = int.from_bytes(hashlib.sha256(f"{self.cfg.seed}/{step}/{rank}".encode()).digest()[:4], "little")
+        if self.env.is_main:
+            logger.warning("--resume: %s was saved by %d process(es), this run has %d: data order, optimizer, "
+                           "LR schedule and step carry over; each process's RNG is reseeded from (seed, step, rank)",
+                           ckpt_dir, saved, now)
+
+    def _load_training_state(self, ckpt_dir: Path, state: dict) -> None:
+        """Optimizer, scheduler, data position and RNG states from a checkpoint `_choose_resume_checkpoint`
+        verified and `_check_resume_config` accepted; a file that still does not fit this run is a
+        StormError naming it."""
         osd = ckpt.load_torch_state(ckpt_dir / ckpt.OPTIMIZER_FILE)
         # strict=False: trainable parameters that never got a gradient (e.g. the vision tower's last
         # layer, unused with vision_feature_layer=-2) have no AdamW state in either run.
@@ -395,8 +488,8 @@ class Trainer:
         self.scheduler.load_state_dict(sched)
         self.start_step = int(state["global_step"])
         self.skipped_total = int(state.get("skipped_media", 0))
-        rng_file = ckpt_dir / f"rng_state_{self.env.rank}.json"
-        self._rng_to_restore = ckpt.read_json(rng_file) if rng_file.is_file() else None
+        if self._reseed is None:
+            self._rng_to_restore = ckpt.read_json(ckpt_dir / f"rng_state_{self.env.rank}.json")
         if self.env.is_main:
             logger.info("resuming from %s (step %d, epoch %d)", ckpt_dir, self.start_step, state["epoch"])
 
@@ -456,9 +549,9 @@ class Trainer:
 
     def train(self) -> Path:
         cfg, env, acc = self.cfg, self.env, self.accelerator
-        if self.start_step >= cfg.max_steps and (self.output_dir / FINAL_DIR).exists():
-            return self.output_dir / FINAL_DIR
-        if getattr(self, "_rng_to_restore", None) is not None:
+        if self._reseed is not None:
+            ckpt.seed_all(self._reseed)
+        elif self._rng_to_restore is not None:
             ckpt.set_rng_state(self._rng_to_restore)
 
         loader = self.make_loader()
@@ -542,18 +635,19 @@ class Trainer:
         final = self.output_dir / FINAL_DIR
         tmp = self.output_dir / f"{FINAL_DIR}.tmp"
         sd = self._model_state_for_saving()
-        if env.is_main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            self.save_model_folder(tmp, sd)
-            atomic_write_json(
-                tmp / "training_summary.json",
-                {"stage": self.cfg.stage, "steps": self.cfg.max_steps, "skipped_media": self.skipped_total,
-                 "config": self.cfg.to_dict()},
-            )
-            ckpt.write_manifest(tmp, self.cfg.checkpoint_checksums)
-            publish_dir(tmp, final)
-            logger.info("saved final model to %s", final)
+        with self._writing(tmp, FINAL_DIR):
+            if env.is_main:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                self.save_model_folder(tmp, sd)
+                atomic_write_json(
+                    tmp / "training_summary.json",
+                    {"stage": self.cfg.stage, "steps": self.cfg.max_steps, "skipped_media": self.skipped_total,
+                     "config": self.cfg.to_dict()},
+                )
+                ckpt.write_manifest(tmp, self.cfg.checkpoint_checksums)
+                publish_dir(tmp, final)
+                logger.info("saved final model to %s", final)
         env.barrier()
         return final
 
