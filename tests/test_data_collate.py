@@ -66,7 +66,7 @@ def test_collate_mixed_batch_runs_through_the_model(media, tmp_path):
     proc, model = processor_and_model()
     items = [ds[i] for i in range(4)]
     assert "pixel_values" not in items[2] and "pixel_values_videos" not in items[2]
-    assert items[1]["pixel_values"].shape == (3, 32, 32)
+    assert items[1]["pixel_values"].shape == (1, 3, 32, 32)
     assert int((items[1]["input_ids"] == proc.image_token_id).sum()) == model.config.num_visual_tokens(1)
     batch = StormCollator(pad_token_id=proc.tokenizer.pad_token_id)(items)
     lengths = [len(i["input_ids"]) for i in items]
@@ -83,6 +83,34 @@ def test_collate_mixed_batch_runs_through_the_model(media, tmp_path):
         out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values_videos",
                                              "video_frame_mask", "pixel_values", "labels")})
     assert torch.isfinite(out.loss)
+
+
+def test_multi_image_records_train_with_each_image_at_its_placeholder(media, tmp_path):
+    """LLaVA-OneVision's multi-image records: "image" lists the files, one <image> per file in order
+    (without placeholders, one per image goes before the first question)."""
+    write_image(media / "dark.png", np.full((24, 20, 3), 30, np.uint8))
+    ds = dataset(media, tmp_path, [
+        rec(0, ["First <image>, then <image>: which is brighter?"], ["The first."], image=["img.png", "dark.png"]),
+        rec(1, ["Describe."], ["A white square."], image="img.png"),
+        rec(2, ["Compare them."], ["Same size."], image=["dark.png", "img.png"]),
+    ])
+    proc, model = processor_and_model()
+    items = [ds[i] for i in range(3)]
+    assert [tuple(i["pixel_values"].shape[:1]) for i in items] == [(2,), (1,), (2,)]
+    per_image = model.config.num_visual_tokens(1)
+    assert [int((i["input_ids"] == proc.image_token_id).sum()) for i in items] == [2 * per_image, per_image,
+                                                                                    2 * per_image]
+    assert items[2]["pixel_values"][0].mean() < items[2]["pixel_values"][1].mean()  # dark.png, then img.png
+    batch = StormCollator(pad_token_id=proc.tokenizer.pad_token_id)(items)
+    assert batch["pixel_values"].shape == (5, 3, 32, 32)
+    torch.testing.assert_close(batch["pixel_values"][3], items[2]["pixel_values"][0])  # batch order, then file order
+    with torch.no_grad():
+        out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")})
+        alone = model(**{k: v[None] for k, v in items[0].items() if k in ("input_ids", "labels")},
+                      pixel_values=items[0]["pixel_values"])
+    assert torch.isfinite(out.loss)
+    n = items[0]["input_ids"].shape[0]
+    torch.testing.assert_close(out.logits[0, :n], alone.logits[0], atol=1e-5, rtol=0)  # row 0 read its own images
 
 
 def test_collator_pads_videos_in_time_with_a_mask():
@@ -105,7 +133,7 @@ def test_unreadable_media_is_skipped_counted_and_logged(media, tmp_path, caplog)
     with caplog.at_level(logging.WARNING, logger="storm_vlm.data"):
         item = ds[1]
     assert item["record_index"] == 3 and item["num_skipped"] == 2  # bad -> gone -> ok3
-    assert item["pixel_values"].shape == (3, 32, 32)
+    assert item["pixel_values"].shape == (1, 3, 32, 32)
     assert "id bad" in caplog.text and "id gone" in caplog.text
     assert ds[2]["record_index"] == 3 and ds[2]["num_skipped"] == 1
     assert ds[0]["record_index"] == 0 and ds[0]["num_skipped"] == 0

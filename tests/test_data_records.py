@@ -77,7 +77,9 @@ def test_malformed_line_names_file_and_line(tmp_path):
         ({"conversations": conv() + [{"from": "human", "value": "?"}]}, "end with a gpt turn"),
         ({"conversations": [{"from": "robot", "value": "x"}]}, "unknown role"),
         ({"conversations": conv("<video>\nQ")}, "has no 'video' file"),
-        ({"video": "a.mp4", "conversations": conv("<video><video> Q")}, "exactly once"),
+        ({"video": "a.mp4", "conversations": conv("<video><video> Q")}, r"<video> must appear 1 time\(s\)"),
+        ({"image": ["a.png", "b.png"], "conversations": conv("<image> Q")}, r"<image> must appear 2 time\(s\)"),
+        ({"image": [], "conversations": conv()}, "'image' lists no files"),
         ({"image": "a.png", "video": "a.mp4", "conversations": conv()}, "not both"),
         ([1, 2], "JSON object"),
     ],
@@ -218,5 +220,5 @@ def test_llava_video_178k_records_use_image_as_the_video_placeholder(tmp_path):
     assert rec.extra == {"data_source": "0_30_s_academic_v0_1"}
     # "<image>" with no video and no image is still an error, and so is a second placeholder
     bad = write_jsonl(tmp_path / "b.jsonl", [{"video": "a.mp4", "conversations": conv("<image>\n<image>\nQ")}])
-    with pytest.raises(StormError, match="exactly once"):
+    with pytest.raises(StormError, match=r"<video> must appear 1 time\(s\).*found 2"):
         load_records(bad, tmp_path)

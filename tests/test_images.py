@@ -45,7 +45,7 @@ def test_every_reader_of_image_files_sees_it_upright(photo, upright, tmp_path, m
     from storm_vlm.eval.frames import load_frame_folder
     from storm_vlm.serve import openai_api
 
-    np.testing.assert_array_equal(read_image(photo)[0], upright)
+    np.testing.assert_array_equal(read_image(photo), upright)
     np.testing.assert_array_equal(openai_api._image_frames(photo.read_bytes(), "image")[0], upright)
     monkeypatch.setattr(openai_api, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(openai_api.OpenAIError, match="image: 16x8 is larger than 100 pixels"):

@@ -1,4 +1,4 @@
-"""Batching encoded samples: right-pad text, stack images, pad videos along time with a frame mask."""
+"""Batching encoded samples: right-pad text, concatenate images, pad videos along time with a frame mask."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ class StormCollator:
     """Collate `LlavaDataset` samples into model inputs.
 
     Each sample: input_ids (L,), labels (L,), optional pixel_values_videos (T, 3, H, W) or
-    pixel_values (3, H, W), num_skipped (int). Returns:
+    pixel_values (I, 3, H, W) (or (3, H, W): one image), num_skipped (int). Returns:
         input_ids (B, Lmax) right-padded with `pad_token_id`, attention_mask (B, Lmax),
         labels (B, Lmax) padded with -100,
         pixel_values_videos (V, Tmax, 3, H, W) + video_frame_mask (V, Tmax) bool (padding frames
         are zeros at the end, masked False) -- V = samples with a video, in batch order,
-        pixel_values (I, 3, H, W) -- I = samples with an image, in batch order,
+        pixel_values (I, 3, H, W) -- I = the samples' images, in batch order (a sample's in its order),
         num_skipped: records skipped to produce this batch, skipped: their descriptions (see LlavaDataset).
     """
 
@@ -57,5 +57,5 @@ class StormCollator:
             out["video_frame_mask"] = mask
         images = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
         if images:
-            out["pixel_values"] = torch.stack(images)
+            out["pixel_values"] = torch.cat([im.reshape(-1, *im.shape[-3:]) for im in images])
         return out

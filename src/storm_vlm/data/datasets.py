@@ -66,20 +66,21 @@ def encode_conversation(processor, messages: list[dict], frames: np.ndarray | No
                         kind: str | None = None, max_length: int | None = None, where: str = "") -> dict:
     """Token ids + labels (+ pixel values) for one conversation, via `StormProcessor.build_training_example`.
 
-    messages: [{"role", "content": str}] with at most one `<video>`/`<image>` placeholder.
-    frames: (T, H, W, 3) uint8 for kind="video", (1, H, W, 3) for kind="image".
+    messages: [{"role", "content": str}] with one `<video>` placeholder, or one `<image>` per image.
+    frames: (T, H, W, 3) uint8 for kind="video"; for kind="image", (I, H, W, 3) or a list of I
+    (H, W, 3) images (of any sizes), in the order of their placeholders.
     Returns input_ids (L,), labels (L,) (-100 off the assistant turns) and
-    pixel_values_videos (T, 3, S, S) or pixel_values (3, S, S).
+    pixel_values_videos (T, 3, S, S) or pixel_values (I, 3, S, S).
     """
     videos = [frames] if kind == "video" else None
-    images = [frames[0] if frames.ndim == 4 else frames] if kind == "image" else None
+    images = list(frames) if kind == "image" else None
     enc = processor.build_training_example(messages, videos=videos, images=images)
     out: dict = {}
     if kind == "video":
         t_real = int(enc["video_frame_mask"][0].sum())
         out["pixel_values_videos"] = enc["pixel_values_videos"][0, :t_real]
     elif kind == "image":
-        out["pixel_values"] = enc["pixel_values"][0]
+        out["pixel_values"] = enc["pixel_values"]
     input_ids = enc["input_ids"][0].long()
     label_ids = enc["labels"][0].long()
     if max_length is not None and input_ids.shape[0] > max_length:
@@ -109,10 +110,10 @@ def _check_regular_file(path: Path) -> None:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """(1, H, W, 3) uint8 RGB, upright (see `load_image`); MediaUnreadable when the file cannot be decoded."""
+    """(H, W, 3) uint8 RGB, upright (see `load_image`); MediaUnreadable when the file cannot be decoded."""
     _check_regular_file(path)
     try:
-        return load_image(path)[None]
+        return load_image(path)
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise MediaUnreadable(f"{path}: {exc}") from None
     except Exception as exc:  # e.g. PIL's DecompressionBombError: whatever the decoder raises is this file's
@@ -142,7 +143,7 @@ class LlavaDataset(torch.utils.data.Dataset):
     """Map-style dataset over validated `Conversation`s (see `storm_vlm.data.records`).
 
     Each item: input_ids (L,), labels (L,), pixel_values_videos (T, 3, H, W) for video records,
-    pixel_values (3, H, W) for image records, num_skipped (int), record_index (int), skipped
+    pixel_values (I, 3, H, W) for records of I images, num_skipped (int), record_index (int), skipped
     ([{"record": "file:line", "id", "cause"}] for each record skipped to reach this one).
     """
 
@@ -189,8 +190,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         try:
             if rec.video is not None:
                 frames = read_video(rec.video, self.num_frames, rec.start, rec.end, self.processor.image_size)
-            elif rec.image is not None:
-                frames = read_image(rec.image)
+            elif rec.images:
+                frames = [read_image(path) for path in rec.images]
         except MediaUnreadable as exc:
             self._skip(index, f"unreadable media: {exc}")
         try:

@@ -1,20 +1,22 @@
 """Reading LLaVA-style training records (JSON array or JSONL) into validated `Conversation`s.
 
 Accepted record (one JSON object):
-    {"id": "...", "video": "rel/path.mp4" | "image": "rel/path.png" | neither (text-only),
-     "conversations": [{"from": "human", "value": "<video>\\n..."}, {"from": "gpt", "value": "..."}, ...]}
+    {"id": "...", "video": "rel/path.mp4" | "image": "rel/path.png" | "image": [paths] | neither
+     (text-only), "conversations": [{"from": "human", "value": "<video>\\n..."}, {"from": "gpt", ...}, ...]}
 Roles: human/user, gpt/assistant (and an optional leading system turn). Turns alternate
-user/assistant and end with an assistant turn. `"image"`/`"video"` may also be a one-element
-list; `"video"` names a video file or a folder of its frames. Optional `"start"`/`"end"` (seconds)
-cut a clip from a video file.
+user/assistant and end with an assistant turn. `"image"` may list several images (LLaVA-OneVision's
+multi-image records: one `<image>` per image, in order); `"video"` may be a one-element list, and
+names a video file or a folder of its frames. Optional `"start"`/`"end"` (seconds) cut a clip from
+a video file.
 
 A media path is relative to `media_root` (an absolute path must still lie inside it); a path
 that resolves outside the root (`..`, an absolute path elsewhere, a symlink pointing out) is
 rejected with a StormError naming the record. A video record whose text has `<image>` and no
 `<video>` (LLaVA-NeXT / LLaVA-Video-178K write every visual placeholder as `<image>`) reads that
-`<image>` as the video's placeholder. When a record has media but no placeholder,
-`<image>\\n` / `<video>\\n` is put in front of the first user turn; a placeholder without media
-(or more than one) is an error.
+`<image>` as the video's placeholder. When a record has media but no placeholder, one
+`<image>\\n` per image / `<video>\\n` is put in front of the first user turn; placeholders that do
+not match the media (a count other than the images', several videos, any in an assistant turn) are
+an error.
 
 Everything here is checked when the file is loaded, before any training step, and a malformed
 record stops the run with one StormError naming `file:line` and the cause: JSON that does not
@@ -59,7 +61,7 @@ class Conversation:
     id: str
     messages: list[dict]
     where: str  # "file:line" (JSONL) or "file:line (record #i)" (JSON array), for messages
-    image: Path | None = None
+    images: list[Path] = field(default_factory=list)
     video: Path | None = None
     start: float | None = None
     end: float | None = None
@@ -67,7 +69,7 @@ class Conversation:
 
     @property
     def modality(self) -> str:
-        return "video" if self.video is not None else "image" if self.image is not None else "text"
+        return "video" if self.video is not None else "image" if self.images else "text"
 
 
 def _reject_constant(name: str):
@@ -267,7 +269,10 @@ def _parse_record(obj, where: str, media_root: Path, index: int) -> Conversation
         raise StormError(f"{here}: a record has either 'image' or 'video', not both")
     rec = Conversation(id=rid, messages=messages, where=where)
     if image is not None:
-        rec.image = resolve_media(media_root, image, where, rid, "image")
+        paths = image if isinstance(image, list) else [image]
+        if not paths:
+            raise StormError(f"{here}: 'image' lists no files")
+        rec.images = [resolve_media(media_root, p, where, rid, "image") for p in paths]
     if video is not None:
         rec.video = resolve_media(media_root, video, where, rid, "video")
         rec.start, rec.end = _seconds(obj, "start", here), _seconds(obj, "end", here)
@@ -279,15 +284,17 @@ def _parse_record(obj, where: str, media_root: Path, index: int) -> Conversation
         # in a video record (which has no image) a lone "<image>" stands for the video.
         for m in messages:
             m["content"] = m["content"].replace(IMAGE_TOKEN, VIDEO_TOKEN)
-    for placeholder, present in ((IMAGE_TOKEN, rec.image is not None), (VIDEO_TOKEN, rec.video is not None)):
+    for placeholder, files in ((IMAGE_TOKEN, len(rec.images)), (VIDEO_TOKEN, int(rec.video is not None))):
         count = sum(m["content"].count(placeholder) for m in messages)
         in_user = sum(m["content"].count(placeholder) for m in messages if m["role"] == "user")
-        if present:
+        if files:
             if count == 0:
                 first_user = next(m for m in messages if m["role"] == "user")
-                first_user["content"] = f"{placeholder}\n{first_user['content']}"
-            elif count != 1 or in_user != 1:
-                raise StormError(f"{here}: {placeholder} must appear exactly once, in a human turn (found {count})")
+                first_user["content"] = f"{placeholder}\n" * files + first_user["content"]
+            elif count != files or in_user != files:
+                where_found = f"{count}, {count - in_user} of them in gpt turns" if count != in_user else str(count)
+                raise StormError(f"{here}: {placeholder} must appear {files} time(s), once per file, in human "
+                                 f"turns (found {where_found})")
         elif count:
             name = placeholder.strip("<>")
             raise StormError(f"{here}: text has {placeholder} but the record has no {name!r} file")
