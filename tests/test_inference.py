@@ -33,6 +33,19 @@ def test_model_dir_check_names_the_cause_and_points_at_final(tmp_path):
         check_model_dir(tmp_path / "x")
 
 
+def test_weights_are_read_from_safetensors_never_from_a_pickle(qwen2_mamba_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = shutil.copytree(qwen2_mamba_dir, tmp_path / "pickled")
+    (weights,) = folder.glob("*.safetensors")
+    torch.save(load_file(weights), folder / "pytorch_model.bin")  # the same weights, pickled
+    weights.unlink()
+    with pytest.raises(StormError, match=r"pickled.*cannot load the model.*safetensors"):
+        load_model(folder, "cpu", "float32")
+
+
 def test_predictor_renders_and_tokenizes_each_request_once(qwen2_mamba_dir, monkeypatch):
     model, processor = load_model(qwen2_mamba_dir, "cpu", "float32")
     predictor = Predictor(model, processor, max_new_tokens=3)

@@ -94,14 +94,15 @@ def load_parts(vision_dir, llm_dir, dtype="auto"):
     with quiet_transformers():
         try:
             vision, info = SiglipVisionModel.from_pretrained(
-                vision_dir, vision_use_head=False, dtype=torch_dtype or "auto", output_loading_info=True
+                vision_dir, vision_use_head=False, dtype=torch_dtype or "auto", output_loading_info=True,
+                use_safetensors=True,  # never a pickle
             )
         except (OSError, ValueError) as exc:
             raise StormError(f"vision folder {vision_dir}: cannot load the SigLIP weights ({exc})") from exc
         _check_complete(vision_dir, "vision", info)
         try:
             language_model, info = AutoModelForCausalLM.from_pretrained(
-                llm_dir, dtype=torch_dtype or "auto", output_loading_info=True
+                llm_dir, dtype=torch_dtype or "auto", output_loading_info=True, use_safetensors=True
             )
         except (OSError, ValueError) as exc:
             raise StormError(

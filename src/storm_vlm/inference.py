@@ -86,7 +86,8 @@ def load_model(model_dir, device: str | torch.device | None = None, precision: s
     t0 = time.perf_counter()
     try:
         with quiet_transformers():
-            model = AutoModelForImageTextToText.from_pretrained(path, dtype=precision.weights, local_files_only=True)
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=precision.weights, local_files_only=True,
+                                                                use_safetensors=True)  # never a pickle
             processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise StormError(f"{path}: cannot load the model ({exc})") from None

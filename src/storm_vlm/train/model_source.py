@@ -162,7 +162,8 @@ def load_model_and_processor(cfg: TrainConfig, env):
         model, processor = _build_from_parts(cfg.build, cfg.seed)
     else:
         folder = resolve_model_dir(cfg.init_from) if cfg.init_from is not None else _materialise_tiny(cfg, env)
-        model = StormForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+        model = StormForConditionalGeneration.from_pretrained(folder, dtype=torch.float32,
+                                                              use_safetensors=True)  # never a pickle
         processor = StormProcessor.from_pretrained(folder)
     _apply_overrides(model.config, cfg)
     processor.layout = model.config.visual_token_layout
