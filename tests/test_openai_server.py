@@ -102,7 +102,7 @@ def test_an_oversized_body_is_413(client, server):
 @pytest.mark.parametrize("body,status,needle", [
     ({"messages": []}, 400, "messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400, "temperature"),
-    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 99}, 400, "n"),
     ({"messages": [{"role": "user", "content": "hi"}], "bogus": 1}, 400, "bogus"),
     ({"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "http://x/v.mp4"}}]}]},
      400, "not fetched"),

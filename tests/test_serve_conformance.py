@@ -122,12 +122,36 @@ def test_text_completions_answer_in_openai_format(client):
 
 @pytest.mark.parametrize("fields,param", [
     ({"prompt": ["a", "b"]}, "prompt"), ({"prompt": [1, 2]}, "prompt"), ({"prompt": ""}, "prompt"),
-    ({"suffix": "x"}, "suffix"), ({"logprobs": 1}, "logprobs"), ({"n": 2}, "n"), ({"max_tokens": 10**6}, "max_tokens"),
+    ({"suffix": "x"}, "suffix"), ({"logprobs": 1}, "logprobs"), ({"n": 9}, "n"), ({"max_tokens": 10**6}, "max_tokens"),
 ])
 def test_text_completions_refuse_what_they_cannot_honour(client, fields, param):
     error = _error(_post(client, "/v1/completions", {"prompt": "hi", **fields}), 400)
     assert error["param"] == param, error
     assert _error(_post(client, "/v1/completions", {"prompt": "hi", "model": "gpt-4o"}), 404)["param"] == "model"
+
+
+@pytest.mark.parametrize("path,body", [("/v1/chat/completions", {"messages": TEXT}), ("/v1/completions", {"prompt": "hi"})])
+def test_n_choices_are_seed_plus_i_and_stream_interleaved(client, path, body):
+    """Choice i of a seeded request is what one request with seed + i answers (so the choices differ
+    and repeat); a stream carries every choice's chunks under its index; usage counts the prompt once."""
+    kw = {**body, "max_tokens": 4, "temperature": 1.0, "seed": 11}
+    text = (lambda c: c["message"]["content"]) if "messages" in body else (lambda c: c["text"])
+    alone = [_post(client, path, {**kw, "seed": 11 + i}).json() for i in range(3)]
+    together = _post(client, path, {**kw, "n": 3}).json()
+    assert [c["index"] for c in together["choices"]] == [0, 1, 2]
+    assert [text(c) for c in together["choices"]] == [text(a["choices"][0]) for a in alone]
+    usage = together["usage"]
+    assert usage["prompt_tokens"] == alone[0]["usage"]["prompt_tokens"]
+    assert usage["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in alone)
+
+    chunks = _events(_post(client, path, {**kw, "n": 3, "stream": True, "stream_options": {"include_usage": True}}))
+    delta = (lambda c: c["delta"].get("content", "")) if "messages" in body else (lambda c: c["text"])
+    streamed = ["".join(delta(c["choices"][0]) for c in chunks if c["choices"] and c["choices"][0]["index"] == i)
+                for i in range(3)]
+    assert streamed == [text(c) for c in together["choices"]]
+    finished = [c["choices"][0]["index"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert sorted(finished) == [0, 1, 2] and chunks[-1]["usage"] == usage
+    assert _error(_post(client, path, {**kw, "n": 9}), 400)["param"] == "n"  # past the server's --max-batch-size
 
 
 def test_chat_stream_chunks_share_id_and_created(client):

@@ -27,6 +27,7 @@ request ends; a request whose client hangs up stops generating. The OpenAPI sche
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import shutil
@@ -283,7 +284,7 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
         return body
 
     def build_chat(body, cancel=None):
-        """(prepared, videos, stream, include_usage) of a chat-completions body: validated, its
+        """(prepared, videos, stream, include_usage, n) of a chat-completions body: validated, its
         media read, rendered and tokenized (blocking: run in a worker thread)."""
         workdir = Path(tempfile.mkdtemp(prefix="storm-serve-"))
         try:
@@ -296,7 +297,7 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
         except StormError as exc:
             raise oai.OpenAIError(400, str(exc)) from None
         include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
-        return prepared, videos, bool(parsed.stream), include_usage
+        return prepared, videos, bool(parsed.stream), include_usage, parsed.n or 1
 
     def handle_error(exc: Exception) -> oai.OpenAIError:
         """A queued request's error: 400 when its own inputs could not be built, else the server's 503."""
@@ -304,40 +305,73 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
             return oai.OpenAIError(400, str(exc))
         return oai.OpenAIError(503, str(exc), kind="server_error")
 
-    async def respond(request: Request, prepared, videos, reply: oai.Reply, stream: bool, echo: str = ""):
-        """Queue a built request and answer it with `reply`: one JSON body, or server-sent events
-        ending with `data: [DONE]` (an error after the stream started is one event with OpenAI's
-        error object)."""
+    def submit_choices(prepared, videos, n: int) -> list:
+        """Queue `n` copies of a built request (a seeded one's copy i with seed + i, so the choices
+        differ and repeat), all or none: EngineBusy or a StormError cancels those queued."""
+        handles = []
         try:
-            handle = engine.submit(prepared, videos, loop=asyncio.get_running_loop())
+            for i in range(n):
+                sampling = prepared.sampling
+                if i and sampling.seed is not None:
+                    sampling = dataclasses.replace(sampling, seed=(sampling.seed + i) % 2**63)
+                handles.append(engine.submit(dataclasses.replace(prepared, sampling=sampling), videos,
+                                             loop=asyncio.get_running_loop()))
         except EngineBusy as exc:
             raise oai.busy_error(exc) from None
         except StormError as exc:
             raise oai.OpenAIError(503, str(exc), kind="server_error") from None
+        finally:
+            if len(handles) < n:
+                for handle in handles:
+                    handle.cancel()
+        return handles
+
+    async def respond(request: Request, prepared, videos, reply: oai.Reply, stream: bool, echo: str = ""):
+        """Queue a built request (`reply.n` choices) and answer it with `reply`: one JSON body, or
+        server-sent events ending with `data: [DONE]` (an error after the stream started is one
+        event with OpenAI's error object, and ends every choice)."""
+        handles = submit_choices(prepared, videos, reply.n)
         if not stream:
             try:
-                completion = await wait_or_cancel(request, handle)
+                completions = [await wait_or_cancel(request, handle) for handle in handles]
             except StormError as exc:
                 raise handle_error(exc) from None
-            return JSONResponse(reply.body(completion, echo))
+            finally:
+                for handle in handles:
+                    handle.cancel()  # a no-op for those done
+            return JSONResponse(reply.body(completions, echo))
 
         async def events():
+            merged: asyncio.Queue = asyncio.Queue()
+
+            async def forward(index, handle):
+                async for kind, payload in handle.aevents():
+                    await merged.put((index, kind, payload))
+
+            tasks = [asyncio.create_task(forward(i, handle)) for i, handle in enumerate(handles)]
             try:
                 if reply.chat or echo:
-                    yield reply.chunk(echo, first=True)
-                async for kind, payload in handle.aevents():
+                    for index in range(reply.n):
+                        yield reply.chunk(echo, first=True, index=index)
+                done = {}
+                while len(done) < reply.n:
+                    index, kind, payload = await merged.get()
                     if kind == "delta":
-                        yield reply.chunk(payload)
+                        yield reply.chunk(payload, index=index)
                     elif kind == "error":
                         yield f"data: {json.dumps(handle_error(payload).body())}\n\n"
                         break
                     else:
-                        yield reply.chunk("", completion=payload)
-                        if reply.include_usage:
-                            yield reply.usage_chunk(payload)
+                        done[index] = payload
+                        yield reply.chunk("", completion=payload, index=index)
+                else:
+                    if reply.include_usage:
+                        yield reply.usage_chunk([done[i] for i in range(reply.n)])
                 yield "data: [DONE]\n\n"
             finally:  # the client went away (the response task is cancelled) or the stream ended
-                handle.cancel()
+                for handle, task in zip(handles, tasks):
+                    handle.cancel()
+                    task.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -350,14 +384,14 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
         try:
             async with body_slots.take():
                 body = await openai_body(request)
-                prepared, videos, stream, include_usage = await until_disconnect(request, build_chat, body)
+                prepared, videos, stream, include_usage, n = await until_disconnect(request, build_chat, body)
                 del body  # its media (base64) is not kept while the request waits and generates
         except BodiesBusy as exc:
             raise oai.OpenAIError(503, str(exc), kind="server_busy", code="bodies_full",
                                   headers={"Retry-After": str(exc.retry_after)}) from None
         except DecodeCancelled:
             return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
-        return await respond(request, prepared, videos, oai.Reply(model_name, True, include_usage), stream)
+        return await respond(request, prepared, videos, oai.Reply(model_name, True, include_usage, n), stream)
 
     @app.post("/v1/completions", summary="OpenAI-compatible text completions (a raw prompt, no chat template)",
               response_model=None,
@@ -373,8 +407,8 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
                                   headers={"Retry-After": str(exc.retry_after)}) from None
         include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
         echo = (parsed.prompt if isinstance(parsed.prompt, str) else parsed.prompt[0]) if parsed.echo else ""
-        return await respond(request, prepared, [], oai.Reply(model_name, False, include_usage), bool(parsed.stream),
-                             echo)
+        return await respond(request, prepared, [], oai.Reply(model_name, False, include_usage, parsed.n or 1),
+                             bool(parsed.stream), echo)
 
     async def run_answer(request: Request, video_path, params: AnswerParams, shown_as: str | None = None):
         started = time.perf_counter()

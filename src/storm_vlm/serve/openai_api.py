@@ -13,7 +13,9 @@ messages (system; developer, read as system as OpenAI does; user; assistant, who
 null), `max_tokens` (or `max_completion_tokens`; default min(256, the server's
 --max-new-tokens)), `temperature`, `top_p`, `seed`, `stop`, `stream` (server-sent events of
 `chat.completion.chunk` objects ending with `data: [DONE]`; `stream_options.include_usage` adds a
-usage chunk, and `"usage": null` on the others), `n` = 1. STORM's own knobs are extra body fields
+usage chunk, and `"usage": null` on the others), `n` (choices; at most the server's
+--max-batch-size, answered together in one batch, a seeded request's choice i with seed + i, so
+the choices differ and repeat). STORM's own knobs are extra body fields
 (the OpenAI client's `extra_body`): `num_frames`, `temporal_sample_stride`, `fps`.
 
 Text-completion request (`CompletionRequest`): `prompt` (one string, or a list of one), read raw
@@ -255,7 +257,6 @@ def _refuse_unsupported(request: _SamplingRequest) -> None:
         return getattr(request, field, None)
 
     for field, supported, why in (
-        ("n", request.n in (None, 1), "one choice per request is generated (n=1)"),
         ("best_of", request.best_of in (None, 1), "one candidate per request is generated (best_of=1)"),
         ("use_beam_search", not request.use_beam_search, "beam search is not supported"),
         ("logprobs", not request.logprobs if chat else request.logprobs is None, "log probabilities are not returned"),
@@ -288,6 +289,9 @@ def _sampling(request: _SamplingRequest, engine: StormEngine, default_max_tokens
     """The request's SamplingParams: max_completion_tokens (chat) or max_tokens, else
     `default_max_tokens` (at most the server's --max-new-tokens); temperature and top_p default to
     the model's generation config, as vLLM's do. OpenAIError (400) for a value out of range."""
+    if request.n is not None and request.n > engine.max_batch_size:
+        raise OpenAIError(400, f"n: at most {engine.max_batch_size} choices per request (the server's "
+                               f"--max-batch-size), got {request.n}", "n")
     limit = engine.max_new_tokens_limit
     for field in ("max_completion_tokens", "max_tokens"):  # the one the client sent, by its name
         value = getattr(request, field, None)
@@ -498,12 +502,15 @@ def _part_frames(part: _VideoPart | _ImagePart, engine: StormEngine, upload: Pat
         raise OpenAIError(400, f"{where}: {str(exc).replace(str(path), 'the video')}", where) from None
 
 
-def _usage(completion) -> dict:
-    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
-            "total_tokens": completion.prompt_tokens + completion.completion_tokens,
-            "prompt_tokens_details": {"visual_tokens": completion.visual_tokens,
-                                      "temporal_sample_stride": completion.temporal_sample_stride,
-                                      "stride_planned": completion.stride_planned}}
+def _usage(completions: list) -> dict:
+    """OpenAI's usage of a request's choices: the prompt counted once, the completions' tokens summed."""
+    first = completions[0]
+    completion_tokens = sum(c.completion_tokens for c in completions)
+    return {"prompt_tokens": first.prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": first.prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"visual_tokens": first.visual_tokens,
+                                      "temporal_sample_stride": first.temporal_sample_stride,
+                                      "stride_planned": first.stride_planned}}
 
 
 class Reply:
@@ -511,10 +518,10 @@ class Reply:
     message / a delta) or text (text_completion, choices with a text). Every chunk of a stream
     shares the id and `created` of the request, as OpenAI's and vLLM's do; with `include_usage`
     (the request's stream_options) the last chunk (no choices) carries the usage and every other
-    chunk `"usage": null`."""
+    chunk `"usage": null`. `n`: the choices (indexed 0..n-1; a stream interleaves their chunks)."""
 
-    def __init__(self, model: str, chat: bool = True, include_usage: bool = False):
-        self.model, self.chat, self.include_usage = model, chat, include_usage
+    def __init__(self, model: str, chat: bool = True, include_usage: bool = False, n: int = 1):
+        self.model, self.chat, self.include_usage, self.n = model, chat, include_usage, n
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -522,18 +529,22 @@ class Reply:
         kind = kind or ("chat.completion.chunk" if self.chat else "text_completion")
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def body(self, completion, echo: str = "") -> dict:
-        """The whole response; `echo`: the prompt, put before the text (text completions' echo)."""
-        if self.chat:
-            kind, choice = "chat.completion", {"message": {"role": "assistant", "content": completion.text}}
-        else:
-            kind, choice = "text_completion", {"text": echo + completion.text}
-        return {**self._head(kind), "choices": [{"index": 0, **choice, "finish_reason": _finish(completion),
-                                                 "logprobs": None}], "usage": _usage(completion)}
+    def body(self, completions: list, echo: str = "") -> dict:
+        """The whole response, a choice per completion; `echo`: the prompt, put before each text
+        (text completions' echo)."""
+        choices = []
+        for index, completion in enumerate(completions):
+            if self.chat:
+                choice = {"message": {"role": "assistant", "content": completion.text}}
+            else:
+                choice = {"text": echo + completion.text}
+            choices.append({"index": index, **choice, "finish_reason": _finish(completion), "logprobs": None})
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {**self._head(kind), "choices": choices, "usage": _usage(completions)}
 
-    def chunk(self, text: str, completion=None, first: bool = False) -> str:
-        """One server-sent event: `text` (a chat's `first` chunk names the role too), or with
-        `completion` the last chunk, which gives its finish_reason."""
+    def chunk(self, text: str, completion=None, first: bool = False, index: int = 0) -> str:
+        """One server-sent event of choice `index`: `text` (a chat's `first` chunk names the role
+        too), or with `completion` that choice's last chunk, which gives its finish_reason."""
         if not self.chat:
             choice = {"text": text}
         elif completion is not None:
@@ -541,13 +552,13 @@ class Reply:
         else:
             choice = {"delta": {"role": "assistant", "content": text} if first else {"content": text}}
         finish = None if completion is None else _finish(completion)
-        body = {**self._head(), "choices": [{"index": 0, **choice, "finish_reason": finish, "logprobs": None}]}
+        body = {**self._head(), "choices": [{"index": index, **choice, "finish_reason": finish, "logprobs": None}]}
         if self.include_usage:
             body["usage"] = None
         return f"data: {json.dumps(body)}\n\n"
 
-    def usage_chunk(self, completion) -> str:
-        return f"data: {json.dumps({**self._head(), 'choices': [], 'usage': _usage(completion)})}\n\n"
+    def usage_chunk(self, completions: list) -> str:
+        return f"data: {json.dumps({**self._head(), 'choices': [], 'usage': _usage(completions)})}\n\n"
 
 
 def _finish(completion) -> str:
