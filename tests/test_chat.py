@@ -65,6 +65,25 @@ def test_interactive_chat_reads_questions_and_commands(qwen2_mamba_dir, tmp_path
     assert "torchvision" not in out.stderr
 
 
+def test_chat_reads_a_folder_of_frames_as_the_video_of_those_frames(qwen2_mamba_dir, predictor, tmp_path, capsys):
+    from PIL import Image
+
+    from storm_vlm.cli import main
+
+    frames = random_video(4, seed=5)
+    (tmp_path / "frames").mkdir()
+    for i, frame in enumerate(frames):  # numbered by value: 10 comes after 9
+        Image.fromarray(frame).save(tmp_path / "frames" / f"{[1, 2, 9, 10][i]}.png")
+    args = [str(qwen2_mamba_dir), "--frames", "4", "--max-new-tokens", "4", "-q", "What?", "--precision", "float32"]
+    assert main(["chat", args[0], str(tmp_path / "frames"), *args[1:]]) == 0
+    expected = ChatSession(predictor, frames).ask("What?", 4).text  # the frames themselves, in number order
+    assert expected and capsys.readouterr().out.strip() == expected.strip()
+    assert main(["chat", args[0], str(tmp_path / "frames"), *args[1:], "--start", "1"]) == 2
+    assert "has no timestamps" in capsys.readouterr().err
+    assert main(["chat", args[0], "https://example.com/clip.mp4", *args[1:]]) == 2
+    assert "URLs are not fetched" in capsys.readouterr().err
+
+
 def test_an_empty_answer_is_said_as_such(predictor):
     import io
 

@@ -9,6 +9,7 @@ also be piped in, one per line.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from storm_vlm.commands import add_precision_argument
@@ -22,7 +23,8 @@ HELP = "commands: /video PATH  another video (starts over) | /reset  forget the 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL_DIR", help="a STORM model folder (from `storm-vlm build` or training)")
-    parser.add_argument("video", metavar="VIDEO", help="video file (or a still image)")
+    parser.add_argument("video", metavar="VIDEO",
+                        help="video file, a still image, or a folder of a video's frames (image files in name order)")
     parser.add_argument("-q", "--question", default=None,
                         help="the question to ask (without it: a conversation, questions typed or piped in)")
     parser.add_argument("--options", nargs="+", default=None, metavar="OPTION",
@@ -50,10 +52,15 @@ def run(args: argparse.Namespace) -> int:
     check_model_dir(args.model)
     from storm_vlm.choices import LETTERS, extract_choice, format_question
     from storm_vlm.inference import ChatSession, Predictor, PrintStreamer
+    from storm_vlm.eval.frames import load_frame_folder
     from storm_vlm.video import load_video
 
     def read(path: str):
-        return load_video(path, num_frames=args.frames, fps=args.fps, start=args.start, end=args.end).frames
+        if not os.path.isdir(path):
+            return load_video(path, num_frames=args.frames, fps=args.fps, start=args.start, end=args.end).frames
+        if (args.fps, args.start, args.end) != (None, None, None):
+            raise StormError(f"{path}: a folder of frames has no timestamps for --fps / --start / --end")
+        return load_frame_folder(path, args.frames)
 
     frames = read(args.video)  # a bad video fails before the model loads
     predictor = Predictor.from_pretrained(args.model, args.device, args.precision, verbose=True)

@@ -15,6 +15,7 @@ WebM segment, AVI RIFF chunks): a file shorter than they declare was cut short.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from dataclasses import dataclass
 
@@ -58,6 +59,8 @@ def check_file(path: str) -> int:
     try:
         info = os.stat(path)
     except FileNotFoundError:
+        if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", str(path)):  # http://, rtsp://, s3://, ...
+            raise fail(path, "URLs are not fetched; download the video and give its path") from None
         raise fail(path, "no such file") from None
     except OSError as exc:
         raise fail(path, f"cannot be read ({describe(exc)})") from None
