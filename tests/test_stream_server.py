@@ -166,6 +166,7 @@ def test_session_errors_are_4xx_naming_the_cause(client, segments, tmp_path):
     bad = client.post(f"/v1/sessions/{sid}/chunks", content=b"not a video at all" * 10)
     assert bad.status_code == 422 and "the chunk" in bad.json()["detail"]
     assert client.post(f"/v1/sessions/{sid}/chunks", content=b"").status_code == 422
+    assert client.get(f"/v1/sessions/{sid}").json()["chunks"] == 0  # nothing was read from either
     client.delete(f"/v1/sessions/{sid}")
 
 

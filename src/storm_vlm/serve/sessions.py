@@ -214,8 +214,9 @@ def _add_segment(session: _Session, path: Path, model_lock, timeout_s: float | N
             feed()
     except StormError as exc:
         error = exc
-    session.chunks += 1
     added = session.stream.frames_seen - before
+    if error is None or added:  # a chunk of which nothing could be read is not one the session holds
+        session.chunks += 1
     body = {"frames_added": added, **session.describe(),
             "timings": {**{k: round(v, 4) for k, v in totals.items()}, "total_s": round(time.perf_counter() - t0, 4)}}
     if error is not None:
