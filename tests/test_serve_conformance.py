@@ -154,6 +154,22 @@ def test_n_choices_are_seed_plus_i_and_stream_interleaved(client, path, body):
     assert _error(_post(client, path, {**kw, "n": 9}), 400)["param"] == "n"  # past the server's --max-batch-size
 
 
+def test_n_choices_about_a_video_encode_it_once(client, engine, tmp_path, monkeypatch):
+    video = write_mp4(tmp_path / "clip.mp4", random_video(FRAMES, seed=3))
+    url = "data:video/mp4;base64," + base64.b64encode(video.read_bytes()).decode()
+    body = {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                                      {"type": "text", "text": "What?"}]}],
+            "max_tokens": 3, "temperature": 0}
+    one = _post(client, "/v1/chat/completions", body).json()["choices"][0]["message"]["content"]
+    seen = []
+    encode = engine.model._vision_features
+    monkeypatch.setattr(engine.model, "_vision_features", lambda frames: seen.append(len(frames)) or encode(frames))
+    r = _post(client, "/v1/chat/completions", {**body, "n": 3})
+    assert r.status_code == 200, r.text
+    assert [c["message"]["content"] for c in r.json()["choices"]] == [one] * 3  # greedy: three times the same
+    assert sum(seen) == FRAMES  # one video's frames through the tower, not three copies
+
+
 def test_chat_stream_chunks_share_id_and_created(client):
     chunks = _events(_post(client, "/v1/chat/completions", {"messages": TEXT, "max_tokens": 3, "stream": True}))
     assert len({(c["id"], c["created"]) for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")

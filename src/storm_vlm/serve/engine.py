@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from storm_vlm.choices import LETTERS, extract_choice, format_question, strip_letter
 from storm_vlm.errors import StormError
@@ -551,6 +552,28 @@ class StormEngine:
                 handle.emit("error", _request_error(exc))
         return kept, (self._encode(kept) if kept else None)
 
+    def _encode_each_video_once(self, inputs: dict, videos: list) -> dict:
+        """`inputs` with each distinct video of the batch encoded once (vision tower and projector)
+        and handed to generate as `mm_encoder_outputs`, when videos repeat (the copies of a request
+        with n choices share their frame arrays); `inputs` as they are otherwise."""
+        first: dict[int, int] = {}
+        for i, video in enumerate(videos):
+            first.setdefault(id(video), i)
+        if len(first) == len(videos):
+            return inputs
+        inputs = dict(inputs)
+        keep = sorted(first.values())
+        pick = torch.tensor(keep, device=inputs["pixel_values_videos"].device)  # the first copy of each
+        pixels, mask, layout = (inputs.pop(k, None) for k in ("pixel_values_videos", "video_frame_mask",
+                                                               "video_token_layout"))
+        encoded = self.model.get_video_features(pixels[pick], None if mask is None else mask[pick],
+                                                video_token_layout=None if layout is None else layout[pick],
+                                                return_dict=True)
+        tokens = dict(zip(keep, encoded.pooler_output))
+        inputs["mm_encoder_outputs"] = {"video": BaseModelOutputWithPooling(
+            pooler_output=[tokens[first[id(video)]] for video in videos])}
+        return inputs
+
     def _run(self, handles: list[RequestHandle], started: float) -> None:
         handles, inputs = self._inputs(handles)
         if not handles:
@@ -562,6 +585,7 @@ class StormEngine:
         if first.sampling.seed is not None:
             torch.manual_seed(first.sampling.seed)
         with torch.inference_mode(), self.predictor._context():
+            inputs = self._encode_each_video_once(inputs, [v for h in handles for v in h.prepared.videos])
             self.model.generate(**inputs, **first.sampling.generate_kwargs(), streamer=rows,
                                 max_new_tokens=max(h.prepared.sampling.max_new_tokens for h in handles),
                                 stopping_criteria=StoppingCriteriaList([_RowsDone(rows)]), pad_token_id=self._pad)
