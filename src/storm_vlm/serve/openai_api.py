@@ -14,8 +14,8 @@ null), `max_tokens` (or `max_completion_tokens`; default min(256, the server's
 --max-new-tokens)), `temperature`, `top_p`, `seed`, `stop`, `stream` (server-sent events of
 `chat.completion.chunk` objects ending with `data: [DONE]`; `stream_options.include_usage` adds a
 usage chunk, and `"usage": null` on the others), `n` (choices; at most the server's
---max-batch-size, answered together in one batch, a seeded request's choice i with seed + i, so
-the choices differ and repeat). STORM's own knobs are extra body fields
+--max-batch-size, answered together in one batch; a seeded request's choice i with seed + i, so
+the choices differ and repeat, one after another). STORM's own knobs are extra body fields
 (the OpenAI client's `extra_body`): `num_frames`, `temporal_sample_stride`, `fps`.
 
 Text-completion request (`CompletionRequest`): `prompt` (one string, or a list of one), read raw
