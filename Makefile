@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0+cpu 2>/dev/null \
 		|| $(PY) -m pip install -q torch==2.13.0 --extra-index-url $(TORCH_INDEX)
 	$(PY) -m pip install -q -e '.[dev,web]'
+	# lmms-eval's own API for the plugin's tests, without its dependencies (they would replace torch)
+	-$(PY) -m pip install -q --no-deps lmms-eval==0.7.3 loguru
 	touch $(STAMP)
 
 install: $(STAMP)

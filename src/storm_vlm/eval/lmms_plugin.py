@@ -11,37 +11,66 @@ The adapter logic that does not need lmms-eval lives in plain functions:
 prompt is lmms-eval's task text as given (each task writes its own options and
 instructions), placed after the video in one user turn.
 
-``loglikelihood`` (multiple choice by likelihood, e.g. egoschema_subset_mcppl) scores the
-continuation after the assistant-turn opening, with the same video and prompt placement.
+The contract is the one lmms-eval's own video models (llava_vid, llava_onevision, qwen2_5_vl)
+keep, so their published numbers can be reproduced:
+
+- ``loglikelihood`` returns (mean negative log-likelihood per continuation token, is_greedy):
+  the language-model *loss* those models return. lmms-eval's multiple-choice scoring (its
+  ``multiple_choice`` output type and the *_mcppl tasks' process_results) takes the option with
+  the *lowest* value; a sum of log-probabilities (lm-evaluation-harness' convention) would make
+  it pick the least likely option.
+- A task's gen_kwargs without ``max_new_tokens`` (lmms-eval's default is only ``until`` and
+  ``do_sample``, e.g. NExT-QA, TempCompass, VideoMMMU) get `DEFAULT_MAX_NEW_TOKENS`, the llava
+  models' default, not a short cap that would cut open-ended answers.
+- A request whose video or images cannot be read is answered with "" (loglikelihood: an
+  infinite loss) and logged, and the run goes on, as llava_vid does; lmms-eval's response cache
+  does not store an empty answer (it does store the loss), so a rerun asks again.
+- The evaluator shards the documents over ranks; the model only reports rank / world size (from
+  RANK / WORLD_SIZE, as the evaluator reads them) and runs each process on its own GPU
+  (cuda:LOCAL_RANK).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from storm_vlm.eval.frames import load_frame_folder
 from storm_vlm.inference import Predictor
-from storm_vlm.video import load_video
+from storm_vlm.video import VideoDecodeError, load_video, uniform_indices
 
 try:  # the module must import without lmms-eval (the `lmms` extra)
     from lmms_eval.api.model import lmms as _LmmsBase
 
-    HAVE_LMMS_EVAL = True
-except ImportError:  # pragma: no cover - depends on the environment
+    HAVE_LMMS_EVAL, _IMPORT_ERROR = True, ""
+except ImportError as exc:  # pragma: no cover - depends on the environment
     _LmmsBase = object
-    HAVE_LMMS_EVAL = False
+    HAVE_LMMS_EVAL, _IMPORT_ERROR = False, str(exc)
 
 CLASS_PATH = "storm_vlm.eval.lmms_plugin.Storm"
+# max_new_tokens for a task that sets none: llava_vid's and llava_onevision's default
+DEFAULT_MAX_NEW_TOKENS = 1024
+# what a request whose visuals cannot be read gets (lmms-eval scores it wrong, and does not cache it)
+FAILED_REPLY = ""
+FAILED_LOGLIKELIHOOD = (float("inf"), False)
+
+log = logging.getLogger("storm_vlm.eval")
+
+
+def _require_lmms_eval() -> None:
+    if not HAVE_LMMS_EVAL:
+        raise ImportError(f"lmms-eval cannot be imported ({_IMPORT_ERROR}): pip install 'storm-vlm[lmms]'")
 
 
 def manifest():
     """lmms-eval's registration record for ``--model storm``."""
-    if not HAVE_LMMS_EVAL:
-        raise ImportError("lmms-eval is not installed: pip install 'storm-vlm[lmms]'")
+    _require_lmms_eval()
     # imported here: lmms_eval.models loads the entry points, and so this module, on import
     from lmms_eval.models.registry_v2 import ModelManifest
 
@@ -49,22 +78,38 @@ def manifest():
 
 
 def _as_frame(item: Any) -> np.ndarray:
-    if isinstance(item, np.ndarray):
-        arr = item
-    else:  # PIL image
+    if isinstance(item, Image.Image):
         arr = np.asarray(item.convert("RGB"))
+    elif isinstance(item, np.ndarray):
+        arr = item
+    else:
+        raise ValueError(f"unsupported visual {type(item).__name__}: STORM reads video paths, frame folders "
+                         "and images")
     if arr.ndim != 3 or arr.shape[-1] != 3:
         raise ValueError(f"expected an RGB image (H, W, 3), got shape {arr.shape}")
     return arr.astype(np.uint8, copy=False)
+
+
+def _read(item: Any, num_frames: int, fps: float | None, min_side: int | None) -> np.ndarray:
+    """Frames (T, H, W, 3) from one visual: a video file, a folder of frame images, or an image."""
+    if isinstance(item, (str, os.PathLike)):
+        path = os.fspath(item)
+        if os.path.isdir(path):  # llava_vid reads a folder as its frames
+            return load_frame_folder(path, num_frames, min_side=min_side)
+        return load_video(path, num_frames=num_frames, fps=fps, min_side=min_side).frames
+    return _as_frame(item)[None]
 
 
 def visuals_to_frames(visuals: Sequence[Any] | Any, num_frames: int, fps: float | None = None,
                       min_side: int | None = None) -> np.ndarray:
     """Frames (T, H, W, 3) uint8 from what a task's doc_to_visual returned.
 
-    A video path (lmms-eval video tasks return ``[path]``) is sampled with `load_video`;
-    several paths are each sampled and concatenated; images (PIL or arrays) become the
-    frames in order, resized to the first one's size.
+    A video path (lmms-eval video tasks return ``[path]``) is sampled with `load_video`, a folder
+    with `load_frame_folder`; several videos share the `num_frames`; images (PIL, arrays or image
+    files: a task's frames one by one, as MVBench's frame subsets give them) are the frames in
+    order, `num_frames` of them spread uniformly when there are more. Every frame is resized to
+    the first one's size. Raises VideoDecodeError (or OSError from a lazily read PIL image) when
+    a file cannot be read, ValueError when there is nothing to read.
     """
     if visuals is None:
         raise ValueError("this request has no visual input; STORM answers questions about videos")
@@ -73,33 +118,47 @@ def visuals_to_frames(visuals: Sequence[Any] | Any, num_frames: int, fps: float 
         items = list(items[0])
     if not items:
         raise ValueError("this request has no visual input; STORM answers questions about videos")
-    if all(isinstance(v, (str, os.PathLike)) for v in items):
-        per = max(1, num_frames // len(items))
-        return np.concatenate([load_video(os.fspath(p), num_frames=per, fps=fps, min_side=min_side).frames
-                               for p in items])
-    frames = [_as_frame(v) for v in items]
+    if len(items) > num_frames:
+        items = [items[i] for i in uniform_indices(len(items), num_frames)[0]]
+    per = max(1, num_frames // len(items))
+    frames = [f for item in items for f in _read(item, per, fps, min_side)]
     h, w = frames[0].shape[:2]
-    if any(f.shape[:2] != (h, w) for f in frames):
-        frames = [f if f.shape[:2] == (h, w) else np.asarray(Image.fromarray(f).resize((w, h))) for f in frames]
-    return np.stack(frames)
+    return np.stack([f if f.shape[:2] == (h, w) else np.asarray(Image.fromarray(f).resize((w, h)))
+                     for f in frames])
 
 
-def generation_kwargs(gen_kwargs: dict | None, default_max_new_tokens: int = 16) -> tuple[dict, list[str]]:
+def generation_kwargs(gen_kwargs: dict | None,
+                      default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> tuple[dict, list[str]]:
     """(kwargs for generate, stop strings) from lmms-eval's per-task gen_kwargs.
 
-    temperature 0 (lmms-eval's usual setting) or do_sample false means greedy.
+    Greedy unless sampling is asked: ``do_sample`` true, or (without ``do_sample``, as llava_vid
+    and qwen2_5_vl read it) a temperature above 0; temperature 0 is always greedy. top_p / top_k
+    apply to sampling only. Keys for other models (image_aspect_ratio, ...) are ignored; ``null``
+    values mean the default.
     """
     g = dict(gen_kwargs or {})
-    until = g.pop("until", None)
-    stops = [until] if isinstance(until, str) else list(until or [])
-    temperature = float(g.get("temperature", 0) or 0)
-    do_sample = bool(g.get("do_sample", False)) and temperature > 0
-    out: dict = {"max_new_tokens": int(g.get("max_new_tokens", default_max_new_tokens)), "do_sample": do_sample,
-                 "num_beams": int(g.get("num_beams", 1) or 1)}
-    if do_sample:
-        out["temperature"] = temperature
-        if g.get("top_p") is not None:
-            out["top_p"] = float(g["top_p"])
+    until = g.get("until")
+    if until is None:
+        stops = []
+    elif isinstance(until, str):
+        stops = [until]
+    elif isinstance(until, (list, tuple)):
+        stops = [str(s) for s in until if s]
+    else:
+        raise ValueError(f"gen_kwargs 'until' must be a string or a list of strings, got {type(until).__name__}")
+    temperature = None if g.get("temperature") is None else float(g["temperature"])
+    do_sample = g.get("do_sample")
+    sample = bool(do_sample) if do_sample is not None else (temperature or 0.0) > 0
+    if temperature == 0:
+        sample = False
+    out: dict = {"max_new_tokens": int(g.get("max_new_tokens") or default_max_new_tokens), "do_sample": sample,
+                 "num_beams": int(g.get("num_beams") or 1)}
+    if sample:
+        for key, cast in (("temperature", float), ("top_p", float), ("top_k", int)):
+            if g.get(key) is not None:
+                out[key] = cast(g[key])
+    if g.get("repetition_penalty") is not None:
+        out["repetition_penalty"] = float(g["repetition_penalty"])
     return out, stops
 
 
@@ -114,71 +173,115 @@ def cut_at_stops(text: str, stops: Sequence[str]) -> str:
     return text[:cut]
 
 
-def _parse_optional_int(value) -> int | None:
+def _optional(value, cast):
+    """`value` as lmms-eval's model_args parser leaves it (int, float, bool or str) cast, or None for
+    None / "" / "none" / "null"."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
         return None
-    return int(value)
+    return cast(value)
+
+
+def process_device(device: str | None) -> str | None:
+    """The device for this process. In a multi-process run (torchrun, accelerate launch) an absent or
+    bare CUDA device is cuda:LOCAL_RANK, one GPU per rank as lmms-eval's models place them; any other
+    is used as given."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    if (int(os.environ.get("WORLD_SIZE", 1)) > 1 and local_rank is not None and torch.cuda.is_available()
+            and (device is None or str(device) == "cuda")):
+        return f"cuda:{int(local_rank)}"
+    return device
 
 
 class Storm(_LmmsBase):
     """STORM for lmms-eval (a "simple" model: the task's text plus the raw visuals).
 
-    model_args: pretrained (model folder, required), num_frames (32), fps (None),
-    temporal_sample_stride (model default), max_new_tokens (16), device, dtype (a precision name,
-    storm_vlm.precision; default auto).
+    model_args: pretrained (model folder, required), num_frames (32), fps (None), temporal_sample_stride
+    (model default), max_new_tokens (for tasks that set none: DEFAULT_MAX_NEW_TOKENS), device,
+    dtype (a precision name, storm_vlm.precision; default auto). An unknown argument is an error, as
+    in lmms-eval's models (a misspelt num_frames must not run with the default). batch_size and
+    max_batch_size come from lmms-eval's command line; requests run one at a time (batch_size 1).
     """
 
     is_simple = True
 
     def __init__(self, pretrained: str, num_frames: int = 32, fps: float | None = None,
-                 temporal_sample_stride: int | None = None, max_new_tokens: int = 16,
-                 device: str | None = None, dtype: str | None = None, batch_size: int = 1, **kwargs) -> None:
-        if not HAVE_LMMS_EVAL:
-            raise ImportError("lmms-eval is not installed: pip install 'storm-vlm[lmms]'")
+                 temporal_sample_stride: int | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                 device: str | None = None, dtype: str | None = None, batch_size: int | str = 1,
+                 max_batch_size: int | None = None) -> None:
+        _require_lmms_eval()
         super().__init__()
-
-        if int(batch_size) != 1:
-            raise ValueError("the storm lmms-eval model runs batch_size=1")
+        if str(batch_size).strip() != "1":
+            raise ValueError(f"the storm lmms-eval model answers one request at a time: batch_size must be 1, "
+                             f"got {batch_size!r}")
         self.pretrained = str(pretrained)
         self.num_frames = int(num_frames)
-        self.fps = None if fps in (None, "", "None") else float(fps)
+        self.fps = _optional(fps, float)
         self.default_max_new_tokens = int(max_new_tokens)
+        # lmms-eval's evaluator shards by these (RANK / WORLD_SIZE) and sets them again itself
         self._rank = int(os.environ.get("RANK", 0))
         self._world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.predictor = Predictor.from_pretrained(
-            self.pretrained, device, dtype or "auto", temporal_sample_stride=_parse_optional_int(temporal_sample_stride),
-            max_new_tokens=self.default_max_new_tokens)
+            self.pretrained, process_device(_optional(device, str)), _optional(dtype, str) or "auto",
+            temporal_sample_stride=_optional(temporal_sample_stride, int), max_new_tokens=self.default_max_new_tokens)
+        self._last_visuals: tuple = (None, None)  # (request key, frames), within one call: see _frames
 
-    def _visuals(self, request) -> tuple[str, dict, Any]:
-        context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args[:6]
-        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if callable(doc_to_visual) else doc_to_visual
-        return context, gen_kwargs, visuals
+    @property
+    def device(self) -> torch.device:
+        """The model's device (lmms-eval's evaluator gathers request counts on it in multi-process runs)."""
+        return self.predictor.model.device
+
+    def _doc(self, task: str, split: str, doc_id):
+        return self.task_dict[task][split][doc_id]
+
+    def _frames(self, doc_to_visual, doc, key) -> np.ndarray | None:
+        """A request's frames, or None (logged) when its video or images cannot be read. Within one
+        call the last request's frames are reused for the same document (its other choices, its repeats)."""
+        if self._last_visuals[0] == key:
+            return self._last_visuals[1]
+        visuals = doc_to_visual(doc) if callable(doc_to_visual) else doc_to_visual
+        try:
+            frames = visuals_to_frames(visuals, self.num_frames, self.fps, self.predictor.processor.image_size)
+        except (VideoDecodeError, OSError) as exc:
+            log.warning("storm: %s/%s document %s: cannot read its visuals (%s); it is scored as a failed answer",
+                        *key, exc)
+            frames = None
+        self._last_visuals = (key, frames)
+        return frames
 
     def generate_until(self, requests) -> list[str]:
-        replies = []
+        """One reply per request, in the order given."""
+        replies, self._last_visuals = [], (None, None)
         for request in tqdm(requests, desc="storm", disable=self.rank != 0):
-            context, gen_kwargs, visuals = self._visuals(request)
-            frames = visuals_to_frames(visuals, self.num_frames, self.fps, self.predictor.processor.image_size)
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
             kwargs, stops = generation_kwargs(gen_kwargs, self.default_max_new_tokens)
-            max_new = kwargs.pop("max_new_tokens")
-            text = cut_at_stops(self.predictor.reply(context, frames, max_new_tokens=max_new, **kwargs), stops)
+            frames = self._frames(doc_to_visual, self._doc(task, split, doc_id), (task, split, doc_id))
+            if frames is None:
+                replies.append(FAILED_REPLY)
+                continue
+            text = cut_at_stops(self.predictor.reply(context, frames, **kwargs), stops)
             replies.append(text)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
         return replies
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        """(log P(continuation | video, context), is_greedy) per request: multiple choice by likelihood."""
-        out = []
+        """(mean negative log-likelihood per continuation token, is_greedy) per request: the loss
+        lmms-eval's models return and its multiple-choice scoring minimises (module docstring)."""
+        out, self._last_visuals = [], (None, None)
         for request in tqdm(requests, desc="storm loglikelihood", disable=self.rank != 0):
-            context, target, doc_to_visual, doc_id, task, split = request.args[:6]
-            doc = self.task_dict[task][split][doc_id]
+            context, target, doc_to_visual, doc_id, task, split = request.args
+            doc = self._doc(task, split, doc_id)
             continuation = target if isinstance(target, str) else target(doc)
-            visuals = doc_to_visual(doc) if callable(doc_to_visual) else doc_to_visual
-            frames = visuals_to_frames(visuals, self.num_frames, self.fps, self.predictor.processor.image_size)
-            result = self.predictor.loglikelihood(context, continuation, frames)
+            frames = self._frames(doc_to_visual, doc, (task, split, doc_id))
+            if frames is None:
+                out.append(FAILED_LOGLIKELIHOOD)
+                continue
+            logprob, greedy = self.predictor.loglikelihood(context, continuation, frames)
+            # the continuation's tokens as Predictor.loglikelihood scores them (on their own)
+            n = len(self.predictor.tokenizer(continuation, add_special_tokens=False)["input_ids"])
+            result = (-logprob / n if n else 0.0, greedy)
             out.append(result)
             self.cache_hook.add_partial("loglikelihood", (context, continuation), result)
         return out
 
     def generate_until_multi_round(self, requests):
-        raise NotImplementedError("storm: multi-round generation is not supported")
+        raise NotImplementedError("storm: multi-round generation is not supported (nor by lmms-eval's llava_vid)")
