@@ -6,6 +6,8 @@ import os
 import pytest
 import torch
 
+from helpers import SERVE_FRAMES
+
 from storm_vlm.builder import build_storm, save_storm
 from storm_vlm.demo.tiny import make_tiny_parts
 
@@ -45,3 +47,23 @@ def qwen2_mlp_dir(tmp_path_factory, qwen2_parts):
 @pytest.fixture(scope="session")
 def llama_mamba_dir(tmp_path_factory, llama_parts):
     return _model_dir(tmp_path_factory, llama_parts, "llama", "mamba", projector_num_layers=1)
+
+
+# The OpenAI-compatible server of a tiny STORM, for the modules that test it without fixtures of
+# their own (test_serve_hardening, test_serve_conformance); a module's own `engine` / `client` win.
+@pytest.fixture(scope="module")
+def engine(qwen2_mamba_dir):
+    from storm_vlm.serve import StormEngine
+
+    engine = StormEngine(qwen2_mamba_dir, default_frames=SERVE_FRAMES, max_frames=16, precision="float32")
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    from fastapi.testclient import TestClient
+
+    from storm_vlm.serve.api import create_app
+
+    return TestClient(create_app(engine, max_upload_mb=0.2, model_name="storm-tiny"))

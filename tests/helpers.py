@@ -21,6 +21,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from storm_vlm.demo.synth import write_mp4 as encode
 from storm_vlm.model.ssm import cpu_kernel
 
+SERVE_FRAMES = 4  # frames per video of the tiny server the `engine` / `client` fixtures (conftest.py) run
+
 def load(model_dir):
     """(model in eval mode, processor) from a folder, through the Auto classes."""
     return AutoModelForImageTextToText.from_pretrained(model_dir).eval(), AutoProcessor.from_pretrained(model_dir)
@@ -43,14 +45,15 @@ def write_mp4(path, frames: np.ndarray, fps: int = 8, codec: str = "mpeg4"):
 
 
 def encode_video(path, frames, fps=10, codec="mpeg4", fmt=None, container_options=None, gop=None, rotation=None,
-                 options=None, hflip=False, vflip=False):
+                 options=None, hflip=False, vflip=False, sample_aspect_ratio=None):
     """Encode frames with PyAV, frame t at pts t (time base 1/fps), as yuv420p; returns path.
 
     frames: any iterable (a generator too) of (H, W, 3) uint8 RGB arrays, or of yuv420p av.VideoFrames
     (encoded as they are; one frame may come several times). fmt: the container format (None: from
     the file name); container_options: the muxer's (e.g. {"movflags": "faststart"}); options: the
     encoder's (e.g. {"crf": "18"}), gop sets its "g"; rotation: display-rotation metadata in degrees,
-    with hflip / vflip: a display matrix that also mirrors.
+    with hflip / vflip: a display matrix that also mirrors; sample_aspect_ratio: the shape of the
+    pixels (width / height, a Fraction) the bitstream declares.
     """
     import av
 
@@ -63,6 +66,8 @@ def encode_video(path, frames, fps=10, codec="mpeg4", fmt=None, container_option
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if rotation is not None or hflip or vflip:
             stream.set_display_rotation(rotation or 0, hflip=hflip, vflip=vflip)
+        if sample_aspect_ratio is not None:
+            stream.codec_context.sample_aspect_ratio = sample_aspect_ratio
         for t, image in enumerate(itertools.chain([first], frames)):
             if isinstance(image, av.VideoFrame):
                 frame = image

@@ -9,29 +9,11 @@ import io
 import json
 
 import pytest
+from helpers import SERVE_FRAMES as FRAMES
 from helpers import random_video, write_mp4
 from PIL import Image
 
-FRAMES = 4
 TEXT = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture(scope="module")
-def engine(qwen2_mamba_dir):
-    from storm_vlm.serve import StormEngine
-
-    engine = StormEngine(qwen2_mamba_dir, default_frames=FRAMES, max_frames=16, precision="float32")
-    yield engine
-    engine.close()
-
-
-@pytest.fixture(scope="module")
-def client(engine):
-    from fastapi.testclient import TestClient
-
-    from storm_vlm.serve.api import create_app
-
-    return TestClient(create_app(engine, max_upload_mb=0.2, model_name="storm-tiny"))
 
 
 def _post(client, path: str, body, headers=None):

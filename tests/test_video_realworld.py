@@ -78,18 +78,7 @@ def write_anamorphic(path, sar, frames=3):
     """A W x H mpeg4 video whose pixels have the shape `sar` (width / height), its left half white."""
     image = np.zeros((H, W, 3), np.uint8)
     image[:, : W // 2] = 255
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-        stream.codec_context.sample_aspect_ratio = sar
-        for t in range(frames):
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts = t
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    return encode_video(path, [image] * frames, 10, "mpeg4", sample_aspect_ratio=sar)
 
 
 @pytest.mark.parametrize("sar,shown", [(Fraction(2), (24, 64)), (Fraction(1, 2), (48, 32))])

@@ -27,6 +27,7 @@ request ends; a request whose client hangs up stops generating. The OpenAPI sche
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -256,6 +257,17 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
             if kind == "done":
                 return payload
 
+    @contextlib.asynccontextmanager
+    async def openai_body_slot():
+        """One of the body slots while a (chat) completion's body is read and built; OpenAI's 503
+        with Retry-After when none comes free in time."""
+        try:
+            async with body_slots.take():
+                yield
+        except BodiesBusy as exc:
+            raise oai.OpenAIError(503, str(exc), kind="server_busy", code="bodies_full",
+                                  headers={"Retry-After": str(exc.retry_after)}) from None
+
     async def openai_body(request: Request):
         """The parsed JSON body of a (chat) completion, a dict (OpenAIError for a body that is not
         JSON, too large, too slow or naming another model); parsed in a worker thread (a body may be
@@ -382,13 +394,10 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
                   "application/json": {"schema": oai.ChatCompletionRequest.model_json_schema()}}}})
     async def chat_completions(request: Request):
         try:
-            async with body_slots.take():
+            async with openai_body_slot():
                 body = await openai_body(request)
                 prepared, videos, stream, include_usage, n = await until_disconnect(request, build_chat, body)
                 del body  # its media (base64) is not kept while the request waits and generates
-        except BodiesBusy as exc:
-            raise oai.OpenAIError(503, str(exc), kind="server_busy", code="bodies_full",
-                                  headers={"Retry-After": str(exc.retry_after)}) from None
         except DecodeCancelled:
             return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
         return await respond(request, prepared, videos, oai.Reply(model_name, True, include_usage, n), stream)
@@ -398,13 +407,9 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": oai.CompletionRequest.model_json_schema()}}}})
     async def completions(request: Request):
-        try:
-            async with body_slots.take():
-                body = await openai_body(request)
-                parsed, prepared = await run_in_threadpool(oai.parse_completion_request, body, engine)
-        except BodiesBusy as exc:
-            raise oai.OpenAIError(503, str(exc), kind="server_busy", code="bodies_full",
-                                  headers={"Retry-After": str(exc.retry_after)}) from None
+        async with openai_body_slot():
+            body = await openai_body(request)
+            parsed, prepared = await run_in_threadpool(oai.parse_completion_request, body, engine)
         include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
         echo = (parsed.prompt if isinstance(parsed.prompt, str) else parsed.prompt[0]) if parsed.echo else ""
         return await respond(request, prepared, [], oai.Reply(model_name, False, include_usage, parsed.n or 1),
