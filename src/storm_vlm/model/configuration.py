@@ -112,6 +112,31 @@ class StormConfig(PreTrainedConfig):
             raise ConfigError(f"StormConfig: invalid sub-config: {exc}") from exc
         self.validate_storm_fields()
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """PreTrainedConfig's, with the keyword overrides checked too (`from_pretrained(path,
+        temporal_sample_stride=0)` is a ConfigError here, not a model that fails later).
+
+        A keyword naming one of the derived read-only properties (`visual_token_layout`,
+        `tokens_per_frame`, ...) is left unused, as an unknown one is: AutoTokenizer and
+        AutoProcessor hand a processor's own keywords (its `visual_token_layout`) to this method,
+        and setting a property would raise AttributeError.
+        """
+        derived = {k: kwargs.pop(k) for k in list(kwargs)
+                   if isinstance(getattr(cls, k, None), property) and getattr(cls, k).fset is None}
+        out = super().from_dict(config_dict, **kwargs)
+        config, unused = out if isinstance(out, tuple) else (out, None)
+        config.validate_storm_fields()
+        if unused is not None:
+            unused.update(derived)
+        return out
+
+    def validate(self) -> None:
+        """PreTrainedConfig's checks (run by `save_pretrained`), then the STORM fields: a field
+        changed after construction to an invalid value fails when saved, not when loaded back."""
+        super().validate()
+        self.validate_storm_fields()
+
     def validate_storm_fields(self) -> None:
         """Raise ConfigError naming the first invalid field."""
         if self.projector_type not in PROJECTOR_TYPES:

@@ -23,13 +23,13 @@ from transformers.utils.chat_template_utils import _compile_jinja_template, rend
 from storm_vlm.errors import StormError
 from storm_vlm.media.images import load_image
 from storm_vlm.model.compression import VisualTokenLayout
-from storm_vlm.utils import IGNORE_INDEX, IMAGE_TOKEN, VIDEO_TOKEN
-from storm_vlm.video import load_video
+from storm_vlm.utils import IGNORE_INDEX, IMAGE_TOKEN, VIDEO_TOKEN, check_int
+from storm_vlm.video import load_video, uniform_indices
 
 __all__ = ["StormProcessor", "add_placeholder_tokens", "CHATML_VISUAL_TEMPLATE", "LLAMA3_VISUAL_TEMPLATE",
            "default_chat_template", "DEFAULT_NUM_FRAMES"]
 
-# Frames sampled from a video file when the call does not say (`load_video`'s default).
+# Frames read from a video file when the call does not say (`load_video`'s default).
 DEFAULT_NUM_FRAMES = 32
 
 
@@ -212,6 +212,8 @@ class StormProcessor(ProcessorMixin):
         padding_side: default side for batch padding ("left" suits batched generation; the model
             gives the same logits either way). It is the tokenizer's `padding_side` (one setting, as in
             transformers' processors): setting either sets both.
+
+    Any other keyword is a TypeError (as `ProcessorMixin` makes it), never silently dropped.
     """
 
     def __init__(
@@ -239,7 +241,7 @@ class StormProcessor(ProcessorMixin):
         self.layout = visual_token_layout
         if tokenizer is not None:
             add_placeholder_tokens(tokenizer, video_token, image_token)
-        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
         if tokenizer is not None:
             self.padding_side = padding_side
         self.video_token_id = tokenizer.convert_tokens_to_ids(video_token) if tokenizer is not None else None
@@ -355,6 +357,26 @@ class StormProcessor(ProcessorMixin):
         """A video file's clip, its frames scaled while decoding to no less than the processor's size."""
         return load_video(path, num_frames=num_frames, fps=fps, min_side=self.image_size)
 
+    def _sample_video(self, video, index: int, num_frames: int | None, fps: float | None):
+        """Video `index` with the frames a call's `num_frames` / `fps` ask for.
+
+        A file is read with `load_video` (num_frames None: DEFAULT_NUM_FRAMES). Frames already in
+        memory are resampled to `num_frames` by `load_video`'s own rule (`uniform_indices`: evenly
+        spread, repeated evenly when there are fewer), so a path and its decoded frames give the
+        same count; None keeps them all. They carry no frame rate, so `fps` for them is an error:
+        a sampling keyword is applied or refused, never ignored.
+        """
+        if _is_path(video):
+            return self._load_video(video, DEFAULT_NUM_FRAMES if num_frames is None else num_frames, fps)
+        if fps is not None:
+            raise StormError(f"video {index}: fps={fps!r} samples a video file by its frame rate, but this video is "
+                             "frames already (no frame rate): pass its path, or num_frames")
+        if num_frames is None:
+            return video
+        check_int("num_frames", num_frames, error=StormError)
+        frames = _frames_of(video, index)
+        return frames[uniform_indices(len(frames), num_frames)[0]]
+
     def _truncate(self, ids_batch: list, offsets_batch: list, max_length: int) -> None:
         """Cut rows (visual tokens counted) to `max_length` from the tokenizer's `truncation_side`, in place.
 
@@ -386,7 +408,7 @@ class StormProcessor(ProcessorMixin):
         padding: bool | str = True,
         padding_side: str | None = None,
         return_offsets_mapping: bool = False,
-        num_frames: int = DEFAULT_NUM_FRAMES,
+        num_frames: int | None = None,
         fps: float | None = None,
         truncation: bool | str | None = None,
         max_length: int | None = None,
@@ -399,10 +421,11 @@ class StormProcessor(ProcessorMixin):
         text: one string or a batch; each `<video>` / `<image>` in it is expanded to the visual token
         count of the matching input (videos and images are matched to placeholders in order of
         appearance over the batch). videos: one video or a list of them (flat, or one list per
-        text): file paths (read with `load_video(num_frames=num_frames, fps=fps)`), `load_video`
-        clips, (T, H, W, 3) arrays or tensors, or lists of frames. images: one or a list of file
-        paths, PIL images or (H, W, 3) arrays. Arrays may also be channels-first ((T, 3, H, W),
-        (3, H, W)); pixels are uint8, or floats in [0, 1].
+        text): file paths (read with `load_video(num_frames=num_frames, fps=fps)`; num_frames None:
+        DEFAULT_NUM_FRAMES), `load_video` clips, (T, H, W, 3) arrays or tensors, or lists of frames
+        (resampled to `num_frames` if given, by load_video's rule; `fps` needs a file). images: one
+        or a list of file paths, PIL images or (H, W, 3) arrays. Arrays may also be channels-first
+        ((T, 3, H, W), (3, H, W)); pixels are uint8, or floats in [0, 1].
 
         temporal_sample_stride: test-time sampling for every video (None: the layout's default); it is
         recorded per video in `video_token_layout`, which the model reads, so it is named only here.
@@ -436,7 +459,7 @@ class StormProcessor(ProcessorMixin):
         data: dict = {}
         video_counts: list[int] = []
         if video_list:
-            video_list = [self._load_video(v, num_frames, fps) if _is_path(v) else v for v in video_list]
+            video_list = [self._sample_video(v, i, num_frames, fps) for i, v in enumerate(video_list)]
             pixels, mask, lengths = self._videos_to_pixels(video_list)
             data["pixel_values_videos"] = pixels
             data["video_frame_mask"] = mask
@@ -523,9 +546,12 @@ class StormProcessor(ProcessorMixin):
 
     # ---- chat --------------------------------------------------------------------------------------
 
-    def _collect_visuals(self, conversations: list, num_frames: int, fps: float | None) -> tuple[list, list]:
-        """The videos and images of the conversations' content items, in order. Video paths are read
-        here, with the item's own "num_frames" / "fps" if it has them; image paths by `__call__`."""
+    def _collect_visuals(self, conversations: list, num_frames: int | None, fps: float | None,
+                         read_videos: bool = True) -> tuple[list, list]:
+        """The videos and images of the conversations' content items, in order. Videos are sampled
+        here (`_sample_video`), with the item's own "num_frames" / "fps" if it has them, else the
+        call's; image paths are read by `__call__`. read_videos=False skips the video items (the
+        call gave its own videos: those files are not read)."""
         videos, images = [], []
         for conversation in conversations:
             for message in conversation:
@@ -535,12 +561,11 @@ class StormProcessor(ProcessorMixin):
                 for item in content:
                     if not isinstance(item, dict):
                         continue
-                    if item.get("type") == "video":
+                    if item.get("type") == "video" and read_videos:
                         source = next((item[k] for k in ("video", "path", "url") if item.get(k) is not None), None)
-                        if _is_path(source):
-                            source = self._load_video(source, item.get("num_frames", num_frames), item.get("fps", fps))
                         if source is not None:
-                            videos.append(source)
+                            videos.append(self._sample_video(source, len(videos), item.get("num_frames", num_frames),
+                                                             item.get("fps", fps)))
                     elif item.get("type") == "image":
                         source = next((item[k] for k in ("image", "path", "url") if item.get(k) is not None), None)
                         if source is not None:
@@ -566,19 +591,27 @@ class StormProcessor(ProcessorMixin):
     ):
         """Render a conversation (or a batch of them) with the processor's chat template.
 
-        Content items: `{"type": "text", "text": ...}`, `{"type": "video", "video": frames | clip | path}`
-        (a path is read with the call's `num_frames` / `fps`, or the item's own "num_frames" / "fps"),
-        `{"type": "image", "image": PIL | array | path}`. `tokenize=False` returns the prompt string(s).
-        `tokenize=True` returns input_ids (B, L) (B = 1 for one conversation), or with
+        Content items: `{"type": "text", "text": ...}`, `{"type": "video", "video" | "path": frames |
+        clip | path}` (sampled with the item's own "num_frames" / "fps", else the call's, as `__call__`
+        samples: a path is read with them, frames are resampled to num_frames, fps needs a path),
+        `{"type": "image", "image" | "path": PIL | array | path}`. `tokenize=False` returns the
+        prompt string(s). `tokenize=True` returns input_ids (B, L) (B = 1 for one conversation), or with
         `return_dict=True` the full BatchFeature (as `__call__`); `return_assistant_tokens_mask=True`
         adds `assistant_masks` (B, L), 1 on the tokens of assistant turns (their end-of-turn token
         included). Explicit `videos=` / `images=` replace the ones found in the content items.
+        `continue_final_message=True` leaves the last (assistant) message open for the model to
+        continue; as in transformers, it cannot be combined with `add_generation_prompt` or
+        `return_assistant_tokens_mask` (a StormError).
 
         Other keyword arguments are routed as transformers' `ProcessorMixin.apply_chat_template`
         routes them: those the template reads are template variables; the others, and
         `processor_kwargs`, go to `__call__` (padding_side, truncation, max_length,
         temporal_sample_stride, num_frames, fps, ...), where an unknown one is a TypeError.
         """
+        if continue_final_message and (add_generation_prompt or return_assistant_tokens_mask):
+            other = "add_generation_prompt" if add_generation_prompt else "return_assistant_tokens_mask"
+            raise StormError(f"continue_final_message continues the last message, so it cannot be combined with "
+                             f"{other} (a new assistant turn / the mask of finished assistant turns)")
         template = chat_template or self.chat_template or default_chat_template(self.tokenizer)
         if isinstance(conversation, (list, tuple)) and conversation and isinstance(conversation[0], (list, tuple)):
             conversations, batched = [list(c) for c in conversation], True
@@ -602,16 +635,18 @@ class StormProcessor(ProcessorMixin):
             return prompts if batched else prompts[0]
         return_tensors = call_kwargs.pop("return_tensors", return_tensors)
         videos, images = call_kwargs.pop("videos", videos), call_kwargs.pop("images", images)
+        # the content items' videos are sampled here; explicit videos by `__call__`
+        sampling = {k: call_kwargs.pop(k, None) for k in ("num_frames", "fps")}
         found_videos = found_images = None
         if videos is None or images is None:  # (explicit ones replace them: their files are not read)
-            found_videos, found_images = self._collect_visuals(
-                conversations, call_kwargs.get("num_frames", DEFAULT_NUM_FRAMES), call_kwargs.get("fps"))
+            found_videos, found_images = self._collect_visuals(conversations, **sampling, read_videos=videos is None)
         out = self(
             text=prompts,
             videos=(found_videos or None) if videos is None else videos,
             images=(found_images or None) if images is None else images,
             return_tensors=None,
             return_offsets_mapping=return_assistant_tokens_mask,
+            **(sampling if videos is not None else {}),
             **call_kwargs,
         )
         if return_assistant_tokens_mask:
@@ -633,13 +668,15 @@ class StormProcessor(ProcessorMixin):
         videos=None,
         images=None,
         temporal_sample_stride: int | None = None,
-        num_frames: int = DEFAULT_NUM_FRAMES,
+        num_frames: int | None = None,
     ) -> BatchFeature:
         """One supervised example from a (multi-turn) conversation.
 
         Returns a BatchFeature (batch of 1, tensors) with input_ids (1, L), attention_mask (1, L),
         labels (1, L) = input_ids on assistant tokens (end-of-turn included) and -100 elsewhere,
         plus pixel_values_videos / video_frame_mask / pixel_values for the visual inputs.
+        num_frames: frames per video, sampled as `__call__` samples them (None: a file gives
+        DEFAULT_NUM_FRAMES, frames in memory are kept as they are).
         """
         out = self.apply_chat_template(
             conversation,
