@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from storm_vlm import StormConfig, StormProcessor
 from storm_vlm.errors import ConfigError, StormError
+from storm_vlm.model.cpu_attention import STORM_SDPA
 from storm_vlm.video import uniform_indices
 
 
@@ -129,6 +130,7 @@ def test_attention_implementations_and_output_options(qwen2, qwen2_mamba_dir):
         assert [a.shape[-2:] for a in out.attentions] == [(length, length)] * layers
         assert len(out.hidden_states) == layers + 1
         eager.set_attn_implementation("sdpa")
+        assert eager.language_model.config._attn_implementation == STORM_SDPA  # the CPU fast path again
         torch.testing.assert_close(eager(**inputs).logits, ref.logits, atol=1e-5, rtol=0)
         as_tuple = model(**inputs, return_dict=False)
         assert torch.equal(as_tuple[0], ref.logits)
@@ -176,7 +178,10 @@ def test_activation_checkpointing_v5_name(qwen2):
     try:
         model.activation_checkpointing_enable()
         assert model.is_activation_checkpointing and model.projector.gradient_checkpointing
+        recompute, blocks = model.projector._gradient_checkpointing_func, []  # the options it was enabled with
+        model.projector._gradient_checkpointing_func = lambda fn, *a, **k: blocks.append(fn) or recompute(fn, *a, **k)
         loss = model(**example).loss
+        assert blocks == list(model.projector.layers)
         loss.backward()
         torch.testing.assert_close(loss, ref, atol=1e-5, rtol=0)
         assert model.projector.in_proj.weight.grad is not None

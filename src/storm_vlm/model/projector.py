@@ -10,6 +10,7 @@ video then gets exactly the output it gets alone, and padded frames come out as 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -156,7 +157,9 @@ class MambaTemporalProjector(nn.Module):
     not (MambaMixer, the streaming variant).
 
     forward(features (B, T, N̂, vision_dim), frame_mask (B, T) bool or None) -> (B, T, N̂/r², d_model).
-    Set ``gradient_checkpointing = True`` to recompute each block in backward while training.
+    Set ``gradient_checkpointing = True`` to recompute each block in backward while training (the
+    model's `gradient_checkpointing_enable` does, and its `_gradient_checkpointing_func` with the
+    options it was given, e.g. offloading, is what recomputes; non-reentrant `checkpoint` otherwise).
     ``divide_out`` (bidirectional only): halve the sum of the two scan directions, as Vim's released
     bidirectional models do (see ``BiMambaMixer``).
     """
@@ -204,7 +207,9 @@ class MambaTemporalProjector(nn.Module):
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if use_checkpoint:
-                hidden = checkpoint(layer, hidden, token_mask, use_reentrant=False)
+                recompute = getattr(self, "_gradient_checkpointing_func", None) or \
+                    functools.partial(checkpoint, use_reentrant=False)
+                hidden = recompute(layer, hidden, token_mask)
             else:
                 hidden = layer(hidden, token_mask)
         out = self.norm_out(hidden).reshape(b, t, n, self.d_model)
