@@ -3,7 +3,9 @@
 `build_storm(vision_dir, llm_dir, ...)` loads a SigLIP vision tower (with its image processor) and a
 causal LM (with its tokenizer) from ordinary transformers folders, adds the `<video>` / `<image>`
 special tokens, resizes the embeddings if needed and puts a freshly initialised projector between
-them. `save_storm(model, processor, out_dir)` writes both (safetensors) atomically.
+them. The chat template (ChatML or Llama-3, from the tokenizer's turn tokens) ends each answer with a
+token generation stops at; an LLM whose tokenizer has neither format's tokens is refused.
+`save_storm(model, processor, out_dir)` writes both (safetensors) atomically.
 """
 
 from __future__ import annotations
@@ -16,16 +18,29 @@ import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.models.siglip import SiglipImageProcessorPil
+from transformers.utils import is_protobuf_available, is_sentencepiece_available
 
-from storm_vlm.errors import StormError
+from storm_vlm.errors import ConfigError, StormError
 from storm_vlm.inference import quiet_transformers
 from storm_vlm.model.configuration import StormConfig
 from storm_vlm.model.modeling import StormForConditionalGeneration
-from storm_vlm.model.processing import StormProcessor, add_placeholder_tokens, default_chat_template
+from storm_vlm.model.processing import (
+    CHATML_VISUAL_TEMPLATE,
+    LLAMA3_VISUAL_TEMPLATE,
+    StormProcessor,
+    add_placeholder_tokens,
+    default_chat_template,
+)
 from storm_vlm.precision import parse_precision
 from storm_vlm.utils import IMAGE_TOKEN, VIDEO_TOKEN, publish_dir
 
 __all__ = ["build_storm", "save_storm", "check_out_dir", "load_parts", "read_part_configs"]
+
+# The turn markers each of STORM's chat templates writes as text; the last one ends a turn.
+TURN_MARKERS = {
+    CHATML_VISUAL_TEMPLATE: ("<|im_start|>", "<|im_end|>"),
+    LLAMA3_VISUAL_TEMPLATE: ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+}
 
 
 def _check_dir(path, what: str) -> Path:
@@ -57,9 +72,11 @@ def read_part_configs(vision_dir, llm_dir):
     except (OSError, ValueError) as exc:
         raise StormError(f"vision folder {vision_dir}: cannot read config.json ({exc})") from exc
     if vcfg.model_type not in ("siglip", "siglip_vision_model"):
+        hint = ("; SigLIP2 NaFlex (variable-resolution) towers are not supported, the fixed-resolution "
+                "SigLIP2 releases (model_type 'siglip') are") if vcfg.model_type.startswith("siglip2") else ""
         raise StormError(
             f"vision folder {vision_dir} holds a {vcfg.model_type!r} model; expected SigLIP "
-            "(model_type 'siglip' or 'siglip_vision_model')"
+            f"(model_type 'siglip' or 'siglip_vision_model'){hint}"
         )
     if vcfg.model_type == "siglip":
         vcfg = vcfg.vision_config
@@ -72,12 +89,58 @@ def read_part_configs(vision_dir, llm_dir):
     return vcfg, lcfg
 
 
+def _check_safetensors(folder: Path, what: str) -> None:
+    """Weights are read from safetensors only (a pickle can run code): say so for a .bin-only folder."""
+    if not any(folder.glob("*.safetensors")) and any(folder.glob("pytorch_model*.bin")):
+        raise StormError(f"{what} folder {folder} holds PyTorch .bin weights only; STORM reads safetensors only "
+                         "(pickles can run code): use the release's *.safetensors files")
+
+
 def _check_complete(folder, what: str, info: dict) -> None:
     """Pretrained parts must load completely: missing weights would silently be random."""
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise StormError(f"{what} folder {folder}: the checkpoint lacks {len(missing)} weights ({shown})")
+
+
+def _load_tokenizer(llm_dir: Path):
+    """The LLM folder's tokenizer, or a StormError saying why there is none."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+    except (OSError, ValueError, TypeError, ImportError) as exc:
+        spm_only = (llm_dir / "tokenizer.model").is_file() and not (llm_dir / "tokenizer.json").is_file()
+        if spm_only and not (is_sentencepiece_available() and is_protobuf_available()):
+            # transformers then reports a failed tiktoken fallback, which hides the real cause
+            raise StormError(
+                f"LLM folder {llm_dir}: its tokenizer is a SentencePiece tokenizer.model only; reading it needs "
+                "the sentencepiece and protobuf packages (or put the LLM's tokenizer.json beside it)"
+            ) from exc
+        raise StormError(f"LLM folder {llm_dir}: cannot load the tokenizer ({exc})") from exc
+    if not tokenizer("What colour is the square?", add_special_tokens=False)["input_ids"]:
+        # transformers builds an empty tokenizer from a folder without tokenizer files
+        raise StormError(f"LLM folder {llm_dir}: has no usable tokenizer (no tokenizer.json / tokenizer.model "
+                         "there, or it encodes text to nothing); copy the LLM's tokenizer files into it")
+    return tokenizer
+
+
+def _chat_format(tokenizer, llm_dir) -> tuple[str, str]:
+    """(STORM's chat template for this tokenizer, the token that ends a turn in it).
+
+    The templates write their turn markers as text, so each must be one token of the LLM's
+    vocabulary: split into pieces (Vicuna's or GPT-2's vocabulary has no such tokens) the model
+    could never stop at the end of its turn, so such an LLM is refused.
+    """
+    template = default_chat_template(tokenizer)
+    markers = TURN_MARKERS[template]
+    vocab = tokenizer.get_vocab()
+    if not all(m in vocab for m in markers):
+        raise StormError(
+            f"LLM folder {llm_dir}: its tokenizer has neither ChatML turn tokens (<|im_start|>, <|im_end|>: "
+            "Qwen2 / Qwen2.5) nor Llama-3 ones (<|start_header_id|>, <|eot_id|>), which STORM's chat templates "
+            "use; build from a Qwen2 / Qwen2.5 or Llama-3 LLM"
+        )
+    return template, markers[-1]
 
 
 def load_parts(vision_dir, llm_dir, dtype="auto"):
@@ -92,6 +155,10 @@ def load_parts(vision_dir, llm_dir, dtype="auto"):
     torch_dtype = _storage_dtype(dtype)
 
     with quiet_transformers():
+        tokenizer = _load_tokenizer(llm_dir)  # before the weights: its faults are found in seconds
+        _chat_format(tokenizer, llm_dir)
+        _check_safetensors(vision_dir, "vision")
+        _check_safetensors(llm_dir, "LLM")
         try:
             vision, info = SiglipVisionModel.from_pretrained(
                 vision_dir, vision_use_head=False, dtype=torch_dtype or "auto", output_loading_info=True,
@@ -109,14 +176,6 @@ def load_parts(vision_dir, llm_dir, dtype="auto"):
                 f"LLM folder {llm_dir}: cannot load a causal LM of type {lcfg.model_type!r} ({exc})"
             ) from exc
         _check_complete(llm_dir, "LLM", info)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(llm_dir)
-        except (OSError, ValueError, TypeError) as exc:
-            raise StormError(f"LLM folder {llm_dir}: cannot load the tokenizer ({exc})") from exc
-        if not tokenizer("What colour is the square?", add_special_tokens=False)["input_ids"]:
-            # transformers builds an empty tokenizer from a folder without tokenizer files
-            raise StormError(f"LLM folder {llm_dir}: has no usable tokenizer (no tokenizer.json / tokenizer.model "
-                             "there, or it encodes text to nothing); copy the LLM's tokenizer files into it")
         try:
             image_processor = AutoImageProcessor.from_pretrained(vision_dir)
         except (OSError, ValueError):
@@ -146,15 +205,20 @@ def build_storm(
     """
     vcfg, lcfg = read_part_configs(vision_dir, llm_dir)
     # Validate the STORM fields before loading any weights.
-    StormConfig(
-        vision_config=vcfg,
-        text_config=lcfg,
-        projector_type=projector_type,
-        projector_num_layers=projector_num_layers,
-        temporal_pool_size=temporal_pool_size,
-        spatial_pool_stride=spatial_pool_stride,
-        **config_overrides,
-    )
+    try:
+        StormConfig(
+            vision_config=vcfg,
+            text_config=lcfg,
+            projector_type=projector_type,
+            projector_num_layers=projector_num_layers,
+            temporal_pool_size=temporal_pool_size,
+            spatial_pool_stride=spatial_pool_stride,
+            **config_overrides,
+        )
+    except ConfigError as exc:  # e.g. a 384 px SigLIP in 14 px patches: pixel shuffle cannot halve 27 x 27
+        raise ConfigError(
+            f"cannot build STORM from vision folder {vision_dir} and LLM folder {llm_dir}: {exc}"
+        ) from exc
     vision, image_processor, language_model, tokenizer = load_parts(vision_dir, llm_dir, dtype)
     llm_dtype = language_model.get_input_embeddings().weight.dtype
     vision.to(llm_dtype)
@@ -179,18 +243,29 @@ def build_storm(
     if seed is not None:
         torch.manual_seed(seed)
     model = StormForConditionalGeneration.from_parts(config, vision, language_model)
+    template, end_of_turn = _chat_format(tokenizer, llm_dir)
     gen = language_model.generation_config
     gen.pad_token_id = tokenizer.pad_token_id
-    if gen.eos_token_id is None:
-        gen.eos_token_id = tokenizer.eos_token_id
+    end_id = tokenizer.convert_tokens_to_ids(end_of_turn)
+    gen.eos_token_id = _with_stop(gen.eos_token_id, tokenizer.eos_token_id, end_id)
     model.generation_config = gen
     processor = StormProcessor(
-        image_processor,
-        tokenizer,
-        chat_template=default_chat_template(tokenizer),
-        visual_token_layout=config.visual_token_layout,
+        image_processor, tokenizer, chat_template=template, visual_token_layout=config.visual_token_layout
     )
     return model, processor
+
+
+def _with_stop(eos, fallback, end_of_turn: int):
+    """The LLM's eos id(s) (`fallback` where it has none) plus the chat template's end-of-turn id.
+
+    A base LLM's generation config stops only at its end of text (Qwen2.5's <|endoftext|>, Llama-3's
+    <|end_of_text|>), while STORM's answers end with the template's <|im_end|> / <|eot_id|>.
+    """
+    eos = fallback if eos is None else eos
+    ids = list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
+    if end_of_turn not in ids:
+        ids.append(end_of_turn)
+    return ids[0] if len(ids) == 1 else ids
 
 
 def check_out_dir(out_dir, overwrite: bool = False) -> Path:

@@ -7,7 +7,9 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vision", required=True, metavar="DIR", help="SigLIP folder (e.g. siglip-so400m-patch14-448)")
-    parser.add_argument("--llm", required=True, metavar="DIR", help="causal-LM folder with its tokenizer (e.g. Qwen2-7B)")
+    parser.add_argument("--llm", required=True, metavar="DIR",
+                        help="causal-LM folder with its tokenizer, in ChatML or Llama-3 chat format "
+                             "(e.g. Qwen2-7B-Instruct, Qwen2.5-*, Llama-3.x)")
     parser.add_argument("--out", required=True, metavar="DIR", help="where to write the model and processor")
     parser.add_argument("--projector", choices=["mamba", "mlp"], default="mamba",
                         help="mamba: STORM temporal projector; mlp: VILA baseline (default: mamba)")
