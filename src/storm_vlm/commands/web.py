@@ -32,5 +32,6 @@ def run(args: argparse.Namespace) -> int:
         raise StormError(f"storm-vlm web needs gradio ({exc}); install it with: pip install 'storm-vlm[web]'") from None
     demo = build_demo(load_engine(args))
     warn_if_public(args.host, "storm-vlm web")
-    launch_demo(demo, args.host, args.port, max_upload_mb=args.max_upload_mb, concurrency=args.max_batch_size)
+    launch_demo(demo, args.host, args.port, max_upload_mb=args.max_upload_mb, concurrency=args.max_batch_size,
+                max_queue=args.max_queue)
     return 0

@@ -6,6 +6,14 @@ carry multiple-choice options (one per line; the reply is read as one of them). 
 cannot be decoded, or a bad setting, shows its one-line message in the conversation, never a
 traceback. The limits are the HTTP API's (`StormEngine.info()["limits"]`).
 
+As in gradio's chat apps, the question box empties and locks while an answer streams; "Stop",
+"New conversation" and a new video cancel the answer being written (and the engine stops
+generating it). Each turn sends the whole conversation and the video to the model again, but a
+video is decoded once per upload and frame count (`ClipCache`).
+
+What gradio serves from disk is its upload / cache folders only (no `allowed_paths`); uploads are
+limited to `max_upload_mb` and the queue to `max_queue` waiting requests.
+
 Nothing here reaches the internet: gradio analytics and its version check are off and there is
 no share link. Importing this module imports gradio (seconds); nothing else in storm_vlm does.
 """
@@ -14,6 +22,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry, no version check
@@ -28,7 +38,7 @@ from storm_vlm.errors import StormError  # noqa: E402
 from storm_vlm.inference import build_messages  # noqa: E402
 from storm_vlm.serve.engine import MAX_OPTION_CHARS, MAX_OPTIONS  # noqa: E402
 
-__all__ = ["build_demo", "chat_turn", "example_videos", "launch_demo", "TEMPORAL_SAMPLE_CHOICES"]
+__all__ = ["build_demo", "chat_turn", "ClipCache", "example_videos", "launch_demo", "TEMPORAL_SAMPLE_CHOICES"]
 
 MODEL_DEFAULT = "default"
 TEMPORAL_SAMPLE_CHOICES = (MODEL_DEFAULT, "1", "2", "4", "8")
@@ -52,17 +62,65 @@ def example_videos(folder: Path) -> list[tuple[str, str]]:
     return out
 
 
+class ClipCache:
+    """The decoded clips of the last `size` (video file, frame count) pairs, shared by all sessions.
+
+    Every turn of a conversation sends the video to the model again; this keeps the page from
+    decoding the file again each time. An entry is keyed by the file's path, size and mtime as
+    well (gradio names an upload by a hash of its bytes, so sessions never see each other's
+    videos under one key); a file that cannot be stat'ed is not cached (reading it reports why).
+    """
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self._clips: OrderedDict[tuple, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def read(self, engine, path: str, num_frames: int):
+        """(clip, cached): `engine.read_video(path, num_frames)`, or the clip read earlier."""
+        try:
+            st = os.stat(path)
+            key = (str(path), st.st_size, st.st_mtime_ns, num_frames)
+        except OSError:
+            key = None
+        with self._lock:
+            if key in self._clips:
+                self._clips.move_to_end(key)
+                return self._clips[key], True
+        clip = engine.read_video(path, num_frames)
+        if key is not None:
+            with self._lock:
+                self._clips[key] = clip
+                while len(self._clips) > self.size:
+                    self._clips.popitem(last=False)
+        return clip, False
+
+
+def _whole(name: str, value) -> int:
+    """`value` (a slider's float, a dropdown's string) as an int; StormError naming it if it is none."""
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise StormError(f"{name} must be a whole number, got {value!r}") from None
+
+
 def _options(text: str | None) -> list[str] | None:
     lines = [line.strip() for line in (text or "").splitlines()]
     return [line for line in lines if line] or None
 
 
 def chat_turn(engine, video: str | None, question: str, history: list[dict], turns: list, options_text: str = "",
-              frames: float = 32, temporal_sample: str | None = MODEL_DEFAULT, max_new_tokens: float = 64):
+              frames: float = 32, temporal_sample: str | None = MODEL_DEFAULT, max_new_tokens: float = 64,
+              clips: ClipCache | None = None):
     """One turn of the page's conversation: yields (chat messages, model turns, status) as the
     answer streams in. `history` holds the chat as shown ({"role", "content"} dicts); `turns` the
-    (prompt, answer) pairs the model saw. Errors end up in the conversation as one line."""
-    shown = [*history, {"role": "user", "content": question or ""}]
+    (prompt, answer) pairs the model saw; `clips` keeps decoded videos between turns. Errors end
+    up in the conversation as one line; an empty question changes nothing. Closing the generator
+    (gradio does when the page cancels the turn) cancels the request in the engine."""
+    if not (question or "").strip():
+        yield history, turns, "Type a question first."
+        return
+    shown = [*history, {"role": "user", "content": question}]
     try:
         if not video:
             raise StormError("Upload a video first (or pick an example).")
@@ -71,12 +129,13 @@ def chat_turn(engine, video: str | None, question: str, history: list[dict], tur
             raise StormError(f"give between 2 and {MAX_OPTIONS} options, one per line")
         if options and max(map(len, options)) > MAX_OPTION_CHARS:
             raise StormError(f"each option must be at most {MAX_OPTION_CHARS} characters")
-        stride = None if temporal_sample in (None, "", MODEL_DEFAULT) else int(temporal_sample)
+        stride = (None if temporal_sample in (None, "", MODEL_DEFAULT)
+                  else _whole("temporal_sample_stride", temporal_sample))
         question, options, num_frames, stride, max_new = engine.check_request(
-            question, options, int(frames), stride, int(max_new_tokens))
+            question, options, _whole("frames", frames), stride, _whole("max_new_tokens", max_new_tokens))
         prompt = format_question(question, options) if options else question
         prepared = engine.prepare(build_messages(prompt, turns), [num_frames], engine.check_sampling(max_new), stride)
-        clip = engine.read_video(video, num_frames)
+        clip, cached = (clips or ClipCache(0)).read(engine, video, num_frames)
         handle = engine.submit(prepared, [clip.frames])
     except StormError as exc:
         # name the file as the user knows it, not by gradio's cache folder
@@ -84,24 +143,29 @@ def chat_turn(engine, video: str | None, question: str, history: list[dict], tur
         yield [*shown, {"role": "assistant", "content": ERROR_PREFIX + message}], turns, ""
         return
     answer = ""
-    for kind, payload in handle.events():
-        if kind == "delta":
-            answer += payload
-            yield [*shown, {"role": "assistant", "content": answer}], turns, "generating ..."
-        elif kind == "error":
-            yield [*shown, {"role": "assistant", "content": ERROR_PREFIX + str(payload)}], turns, ""
-            return
-        else:
-            completion = payload
+    try:
+        for kind, payload in handle.events():
+            if kind == "delta":
+                answer += payload
+                yield [*shown, {"role": "assistant", "content": answer}], turns, "generating ..."
+            elif kind == "error":
+                yield [*shown, {"role": "assistant", "content": ERROR_PREFIX + str(payload)}], turns, ""
+                return
+            else:
+                completion = payload
+    finally:
+        handle.cancel()  # a no-op once it is done; stops generating when the page cancelled the turn
     text = completion.text or "(empty answer)"
     if options:
         choice = extract_choice(completion.text, options)
         text += ("\n\n→ names none of the options" if choice is None
                  else f"\n\n→ option {LETTERS[choice]}: {options[choice]}")
     t = completion.timings
-    status = (f"{completion.visual_tokens} visual tokens ({len(clip)} frames, stride "
+    n = len(clip)
+    decoded = "video decoded earlier" if cached else f"decode video {clip.extra['decode_s']:.2f} s"
+    status = (f"{completion.visual_tokens} visual tokens ({n} frame{'s' * (n != 1)}, stride "
               f"{engine.config.visual_token_layout.with_sample_stride(stride).temporal_sample_stride}); "
-              f"decode video {clip.extra['decode_s']:.2f} s, queued {t['wait_s']:.2f} s, "
+              f"{decoded}, queued {t['wait_s']:.2f} s, "
               f"prefill {t['prefill_s']:.2f} s, generate {t['generate_s']:.2f} s")
     yield [*shown, {"role": "assistant", "content": text}], [*turns, (prompt, completion.text)], status
 
@@ -142,28 +206,42 @@ def build_demo(engine, title: str = "STORM video question answering", examples_d
                 question = gr.Textbox(label="Question", placeholder=examples[0][1], lines=2, elem_id="question")
                 with gr.Row():
                     ask = gr.Button("Ask", variant="primary", elem_id="ask")
-                    clear = gr.Button("New conversation")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                    clear = gr.Button("New conversation", elem_id="clear")
                 status = gr.Markdown(elem_id="status")
+        asked = gr.State("")  # the question being answered; the box is emptied when it is asked
+        clips = ClipCache()
 
         def turn(video, question, history, turns, options, frames, temporal_sample, max_new_tokens):
             yield from chat_turn(engine, video, question, history or [], turns or [], options, frames,
-                                 temporal_sample, max_new_tokens)
+                                 temporal_sample, max_new_tokens, clips)
 
-        inputs = [video, question, chat, turns, options, frames, temporal_sample, max_new_tokens]
-        for event in (ask.click, question.submit):
-            event(turn, inputs=inputs, outputs=[chat, turns, status], api_name=False).then(
-                lambda: "", outputs=[question], api_name=False)
-        for event in (clear.click, video.change):
-            event(lambda: ([], [], ""), outputs=[chat, turns, status], api_name=False)
+        # gradio's chat pattern: take the question out of the box and lock it (and Ask) until the
+        # answer is written, so a second Ask / Enter cannot start a second turn meanwhile
+        locked, unlocked = gr.update(interactive=False), gr.update(interactive=True)
+        take = gr.on([ask.click, question.submit], lambda q: (gr.update(value="", interactive=False), locked, q),
+                     inputs=[question], outputs=[question, ask, asked], queue=False, api_name=False)
+        answering = take.then(turn, inputs=[video, asked, chat, turns, options, frames, temporal_sample,
+                                            max_new_tokens], outputs=[chat, turns, status], api_name=False)
+        answering.then(lambda: (unlocked, unlocked), outputs=[question, ask], queue=False, api_name=False)
+        # a cancelled turn may never reach its `.then`: these unlock the box themselves
+        stop.click(lambda: (unlocked, unlocked), outputs=[question, ask], cancels=[answering], queue=False,
+                   api_name=False)
+        gr.on([clear.click, video.change], lambda: ([], [], "", unlocked, unlocked),
+              outputs=[chat, turns, status, question, ask], cancels=[answering], queue=False, api_name=False)
     return demo
 
 
-def launch_demo(demo: gr.Blocks, host: str, port: int, max_upload_mb: float = 200, concurrency: int = 8) -> None:
-    """Serve the page on host:port until interrupted; never a share link. `concurrency`: requests
-    handled at once (the engine batches them)."""
+def launch_demo(demo: gr.Blocks, host: str, port: int, max_upload_mb: float = 200, concurrency: int = 8,
+                max_queue: int | None = None, block: bool = True) -> None:
+    """Serve the page on host:port (until interrupted, or in the background with block=False);
+    never a share link. `concurrency`: answers written at once (the engine batches them);
+    `max_queue`: answers waiting at most (beyond, the page says the queue is full); uploads over
+    `max_upload_mb` (MiB, as `storm-vlm serve` counts them) are refused."""
     shown = f"[{host}]" if ":" in host else host
     print(f"storm-vlm web: serving on http://{shown}:{port} (Ctrl+C to stop)", flush=True)
-    # quiet: gradio's banner would suggest share=True, which this command never offers
-    demo.queue(default_concurrency_limit=concurrency).launch(
+    # quiet: gradio's banner would suggest share=True, which this command never offers. The upload
+    # limit goes as bytes: gradio reads a size string's number as an int ("0.5mb" fails).
+    demo.queue(default_concurrency_limit=concurrency, max_size=max_queue).launch(
         server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False, quiet=True,
-        max_file_size=f"{max_upload_mb:g}mb")
+        max_file_size=int(max_upload_mb * 2**20), prevent_thread_lock=not block)
