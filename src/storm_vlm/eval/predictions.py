@@ -8,9 +8,10 @@ an error naming the file and line rather than guessing.
 
 Every row read back is validated (`check_row`): `id` a non-empty string, `status` one of
 answered / unparsed / decode_error / model_error, a text `reply` for the first two and a text
-`error` (and no reply) for the failures, optional numbers finite. A row that fails is the same error naming file and line. What a
-row's `pred`, `pred_letter` and `correct` say is never trusted: scoring recomputes them from the
-stored reply and the benchmark's own answer (`storm_vlm.eval.scoring.judge`).
+`error` (and no reply) for the failures, optional numbers finite. A row that fails is the same
+error naming file and line. What a row's `pred`, `pred_letter` and `correct` say is never
+trusted: scoring recomputes them from the stored reply and the benchmark's own answer
+(`storm_vlm.eval.scoring.judge`).
 """
 
 from __future__ import annotations

@@ -205,9 +205,9 @@ def run_predictions(records: Sequence[Record], predictor: Predictor, out_dir: st
                 model_answered += sum(row["status"] in ("answered", "unparsed") for row in rows)
                 bar.update(len(chunk))
                 if not model_answered and model_failed >= FAILED_START:
-                    raise StormError(f"the model failed on each of the first {model_failed} questions it saw (the last: "
-                                     f"{failures[-1]}); fix the model or its settings and run again "
-                                     "(failed questions are tried again)")
+                    raise StormError(f"the model failed on each of the first {model_failed} questions it saw "
+                                     f"(the last: {failures[-1]}); fix the model or its settings and run "
+                                     "again (failed questions are tried again)")
     return added
 
 
