@@ -19,7 +19,6 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOu
 from storm_vlm.model.compression import VisualTokenLayout
 from storm_vlm.model.configuration import StormConfig
 from storm_vlm.model.decode import decode_step
-from storm_vlm.model.cpu_attention import use_storm_sdpa
 from storm_vlm.model.fast_paths import enable_fast_paths
 from storm_vlm.model.kv_cache import StormKVCache
 from storm_vlm.model.projector import MambaTemporalProjector, MLPProjector
@@ -346,13 +345,6 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
         positions = input_ids == token_id
         features = features.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(positions[..., None].to(inputs_embeds.device), features)
-
-    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
-        """PreTrainedModel's; the LLM's "sdpa" becomes the CPU fast path's STORM_SDPA again (the same
-        results; outside CPU inference it is SDPA), as when the model was built."""
-        out = super().set_attn_implementation(attn_implementation, *args, **kwargs)
-        use_storm_sdpa(self.language_model.config)
-        return out
 
     # ---- forward / generate ------------------------------------------------------------------------
 
