@@ -60,6 +60,27 @@ def test_predictor_renders_and_tokenizes_each_request_once(qwen2_mamba_dir, monk
     assert isinstance(text, str) and predictor.last_timing["generate_s"] >= predictor.last_timing["prefill_s"] > 0
 
 
+def test_greedy_is_greedy_whatever_penalty_the_generation_config_carries(qwen2_mamba_dir):
+    """A built model keeps its LLM's generation config (Qwen2-Instruct's repetition_penalty 1.05);
+    evaluation, chat and the server's greedy answers must not apply it behind the stated decoding."""
+    from storm_vlm.serve.engine import SamplingParams
+
+    predictor = Predictor.from_pretrained(qwen2_mamba_dir, "cpu", "float32", max_new_tokens=12)
+    inputs = predictor.encode(predictor.render(build_messages("What colour?")), [random_video(4, seed=7)])
+    plain = predictor.generate(inputs).token_ids
+    config = predictor.model.generation_config
+    config.repetition_penalty = 0.01  # below 1: tokens already seen win, so the answer would change
+    try:
+        with torch.inference_mode():
+            penalised = predictor.model.generate(**inputs, do_sample=False, max_new_tokens=12, min_new_tokens=12)
+        assert penalised[0, inputs["input_ids"].shape[1]:].tolist() != plain  # the config's penalty would show
+        assert predictor.generate(inputs).token_ids == plain
+        assert SamplingParams(temperature=0).generate_kwargs()["repetition_penalty"] == 1.0
+        assert SamplingParams(temperature=0.7).generate_kwargs()["repetition_penalty"] == 1.0
+    finally:
+        config.repetition_penalty = 1.0
+
+
 def test_predictor_generate_reports_tokens_and_counts(qwen2_mamba_dir):
     predictor = Predictor.from_pretrained(qwen2_mamba_dir, "cpu", "float32", max_new_tokens=4)
     prompt = predictor.render(build_messages("What colour?"))

@@ -38,8 +38,10 @@ from storm_vlm.utils import check_model_dir
 __all__ = ["EMPTY_ANSWER", "GREEDY", "ChatSession", "Predictor", "PrintStreamer", "Reply", "build_messages",
            "load_model", "resolve_device"]
 
-# The decoding every evaluation uses (and the default everywhere): greedy, one beam.
-GREEDY = {"do_sample": False, "num_beams": 1}
+# The decoding every evaluation uses (and the default everywhere): greedy, one beam, and no
+# repetition penalty, which a model's generation config may carry from its LLM (Qwen2-Instruct's
+# 1.05) and `generate` would otherwise still apply to "greedy" answers.
+GREEDY = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0}
 # What is shown instead of a blank line when the model ends its turn at once.
 EMPTY_ANSWER = "(empty answer: the model ended its turn at once)"
 

@@ -1,7 +1,8 @@
 """The exact question text sent to the model for each benchmark.
 
 Every benchmark is asked with `storm_vlm.choices.format_question` in the "default" style; MVBench
-keeps its own release's framing ("mvbench" style). Decoding is greedy (`storm_vlm.inference.GREEDY`),
+keeps its own release's framing ("mvbench" style). Decoding is greedy (`storm_vlm.inference.GREEDY`,
+no repetition penalty),
 at most ``max_new_tokens`` new tokens (default 16), and the reply is read with
 `storm_vlm.choices.extract_choice`. `describe_prompt` is written into every results.json, so a
 number can always be traced to the words that produced it.

@@ -36,7 +36,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from storm_vlm.choices import LETTERS, extract_choice, format_question, strip_letter
 from storm_vlm.errors import StormError
-from storm_vlm.inference import Predictor, build_messages
+from storm_vlm.inference import GREEDY, Predictor, build_messages
 from storm_vlm.planner import fit_stride
 from storm_vlm.utils import check_int, check_model_dir
 from storm_vlm.video import load_video
@@ -92,9 +92,13 @@ class SamplingParams:
         return ("greedy",) if self.temperature == 0 else ("sample", self.temperature, self.top_p)
 
     def generate_kwargs(self) -> dict:
+        """What generate is told: these settings only, none inherited from the model's generation
+        config (a repetition penalty there would apply to every answer, which the API says it
+        does not)."""
         if self.temperature == 0:
-            return {"do_sample": False, "num_beams": 1}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
+            return dict(GREEDY)
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0,
+                "repetition_penalty": 1.0}
 
 
 @dataclass
