@@ -222,16 +222,19 @@ def write_siglip(folder: Path, image_size: int, patch_size: int, full: bool = Tr
 @pytest.fixture(scope="module")
 def towers(tmp_path_factory):
     """Tiny SigLIP folders shaped as released: full image-text (google/siglip-so400m-patch14-448's
-    14 px patches, a 4 x 4 grid here) and a vision tower alone without a preprocessor_config.json."""
+    14 px patches, a 4 x 4 grid here), a vision tower alone without a preprocessor_config.json, and
+    an odd grid (siglip-so400m-patch14-384's 27 x 27 patches; 3 x 3 here)."""
     root = tmp_path_factory.mktemp("towers")
     vision_only = write_siglip(root / "siglip-vision-only", 56, 14, full=False)
     (vision_only / "preprocessor_config.json").unlink()
-    return {"full": write_siglip(root / "siglip-so400m-patch14-448", 56, 14), "vision-only": vision_only}
+    return {"full": write_siglip(root / "siglip-so400m-patch14-448", 56, 14), "vision-only": vision_only,
+            "odd-grid": write_siglip(root / "siglip-so400m-patch14-384", 42, 14)}
 
 
 BUILDABLE = [("Qwen2-7B-Instruct", "full"), ("Qwen2.5-0.5B-Instruct", "vision-only"),
              ("Qwen2.5-7B-Instruct-yarn", "full"), ("Qwen2.5-0.5B", "full"),
-             ("Llama-3.1-8B-Instruct", "vision-only"), ("Llama-3.2-1B-Instruct", "full")]
+             ("Llama-3.1-8B-Instruct", "vision-only"), ("Llama-3.2-1B-Instruct", "full"),
+             ("Qwen2.5-0.5B-Instruct", "odd-grid")]
 
 
 @pytest.mark.parametrize("release,tower", BUILDABLE)
@@ -257,7 +260,8 @@ def test_release_folder_builds_loads_and_stops_at_its_end_of_turn(release, tower
 
     # a video turn renders in the LLM's own conversation format, with one BOS at most
     llama = "Llama" in release
-    conversation = video_question(random_video(4, 56, 56))
+    size = model.config.vision_config.image_size
+    conversation = video_question(random_video(4, size, size))
     prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     user_turn = "<|start_header_id|>user<|end_header_id|>\n\n" if llama else "<|im_start|>user\n"
     assert user_turn + "<video>\n" in prompt
@@ -309,7 +313,6 @@ def _bin_only(folder: Path) -> Path:
 REFUSED = {
     "vicuna-no-chat-tokens": (None, lambda d: write_llm(d, **LLMS["vicuna-7b-v1.5"]), "llm", "neither ChatML"),
     "siglip2-naflex": (_naflex, None, "vision", "NaFlex"),
-    "siglip-384-odd-grid": (lambda d: write_siglip(d, 384, 14), None, "vision", "27 x 27 patch grid"),
     "sentencepiece-only": (None, _sentencepiece_only, "llm", "SentencePiece tokenizer.model"),
     "bin-only": (None, _bin_only, "llm", "safetensors only"),
 }

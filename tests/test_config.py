@@ -52,7 +52,7 @@ def test_visual_token_layout_mirrors_the_config_fields():
         (dict(spatial_pool_stride=-1), "spatial_pool_stride"),
         (dict(temporal_sample_stride=1.5), "temporal_sample_stride"),
         (dict(spatial_pool_stride=3), "spatial_pool_stride"),
-        (dict(downsample_ratio=3), "downsample_ratio"),
+        (dict(downsample_ratio=0), "downsample_ratio"),
         (dict(vision_feature_layer=7), "vision_feature_layer"),
         (dict(vision_batch_size=0), "vision_batch_size"),
         (dict(projector_num_layers=-1), "projector_num_layers"),
@@ -98,3 +98,14 @@ def test_sub_configs_may_be_positional():
     assert cfg.text_config.model_type == "llama" and cfg.projector_type == "mlp"
     assert cfg.vision_batch_size == 32  # untouched fields keep their defaults
     assert cfg.num_visual_tokens(8) == 4 * 16
+
+
+def test_a_384px_siglip_grid_is_padded_to_whole_windows():
+    """siglip-so400m-patch14-384: 27 x 27 patches -> 14 x 14 tokens after the 2 x 2 pixel shuffle."""
+    from transformers import SiglipVisionConfig
+
+    cfg = StormConfig(SiglipVisionConfig(image_size=384, patch_size=14), spatial_pool_stride=2)
+    assert cfg.patch_grid_side == 27 and cfg.projector_tokens_per_frame == 196
+    assert cfg.tokens_per_frame == 49 and cfg.num_visual_tokens(8) == 8 * 49
+    with pytest.raises(ConfigError, match="spatial_pool_stride 4 does not divide the 14 x 14 token grid"):
+        StormConfig(SiglipVisionConfig(image_size=384, patch_size=14), spatial_pool_stride=4)

@@ -46,11 +46,24 @@ def test_pixel_shuffle_ratio_and_batch_frames():
     assert pixel_shuffled_tokens(1024, 2) == 256 and pixel_shuffled_tokens(36, 3) == 4
 
 
+def test_pixel_shuffle_pads_an_odd_grid_with_zeros():
+    """A 384 px SigLIP's 27 x 27 grid: zero tokens below and right of it, as VILA's DownSampleBlock."""
+    x = torch.randn(2, 3, 25, 4)  # 5 x 5
+    out = pixel_shuffle(x, 2)
+    assert out.shape == (2, 3, 9, 16) and pixel_shuffled_tokens(25, 2) == 9 and pixel_shuffled_tokens(729, 2) == 196
+    padded = torch.zeros(2, 3, 6, 6, 4)
+    padded[:, :, :5, :5] = x.reshape(2, 3, 5, 5, 4)
+    torch.testing.assert_close(out, pixel_shuffle(padded.reshape(2, 3, 36, 4), 2))
+    # the corner window holds the grid's last token, then three zero tokens
+    torch.testing.assert_close(out[:, :, 8, :4], x[:, :, 24])
+    assert not out[:, :, 8, 4:].any()
+    # the last coarse column's windows: their right half is padding
+    assert not out[:, :, 2, 4:8].any() and not out[:, :, 2, 12:].any()
+
+
 def test_pixel_shuffle_bad_input():
     with pytest.raises(ValueError, match="N̂ = 15"):
         pixel_shuffle(torch.zeros(1, 1, 15, 2))
-    with pytest.raises(ValueError, match="side 5.*ratio 2"):
-        pixel_shuffle(torch.zeros(1, 1, 25, 2))
     with pytest.raises(ValueError, match=r"\(1, 16, 2\)"):
         pixel_shuffle(torch.zeros(1, 16, 2))
     with pytest.raises(ValueError, match="ratio.*0"):

@@ -215,7 +215,7 @@ def build_storm(
             spatial_pool_stride=spatial_pool_stride,
             **config_overrides,
         )
-    except ConfigError as exc:  # e.g. a 384 px SigLIP in 14 px patches: pixel shuffle cannot halve 27 x 27
+    except ConfigError as exc:  # e.g. a spatial_pool_stride that does not divide the token grid
         raise ConfigError(
             f"cannot build STORM from vision folder {vision_dir} and LLM folder {llm_dir}: {exc}"
         ) from exc

@@ -38,7 +38,17 @@ __all__ = [
     "pooled_num_frames",
     "sampled_num_frames",
     "spatial_pooled_tokens",
+    "shuffled_grid_side",
 ]
+
+
+def shuffled_grid_side(side: int, ratio: int) -> int:
+    """Side of a side x side patch grid after a ratio x ratio pixel shuffle: ceil(side / ratio).
+
+    A side that ratio does not divide (a 384 px SigLIP in 14 px patches: 27) is zero-padded to the
+    next multiple first, as VILA does (see `storm_vlm.model.projector.pixel_shuffle`).
+    """
+    return -(-side // ratio)
 
 
 def _check_x(fn: str, x) -> None:
@@ -228,7 +238,8 @@ class VisualTokenLayout:
         (image_size, patch_size and downsample_ratio instead of grid_side)."""
         data = dict(data)
         if "grid_side" not in data and {"image_size", "patch_size", "downsample_ratio"} <= set(data):
-            data["grid_side"] = data.pop("image_size") // data.pop("patch_size") // data.pop("downsample_ratio")
+            side = data.pop("image_size") // data.pop("patch_size")
+            data["grid_side"] = shuffled_grid_side(side, data.pop("downsample_ratio"))
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown or "grid_side" not in data:

@@ -13,7 +13,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from storm_vlm.errors import ConfigError
-from storm_vlm.model.compression import VisualTokenLayout
+from storm_vlm.model.compression import VisualTokenLayout, shuffled_grid_side
 from storm_vlm.utils import check_int
 
 __all__ = ["StormConfig"]
@@ -48,7 +48,8 @@ class StormConfig(PreTrainedConfig):
         projector_bidirectional: Mamba projector shape.
         projector_divide_out: halve the sum of the two scan directions (Vim's released
             bidirectional models do; bidirectional projectors only).
-        downsample_ratio: pixel-shuffle ratio r (N̂ patch tokens -> N̂ / r² tokens per frame).
+        downsample_ratio: pixel-shuffle ratio r (a √N̂ x √N̂ patch grid -> ceil(√N̂ / r)² tokens per frame;
+            a 384 px SigLIP's 27 x 27 patches are zero-padded to 28 x 28 first, as in VILA).
         temporal_pool_size: k, average groups of k frames after the projector (trained).
         spatial_pool_stride: p, average p x p token windows per frame after the projector (trained).
         temporal_sample_stride: s, keep every s-th frame after pooling (test-time default; can be
@@ -174,15 +175,12 @@ class StormConfig(PreTrainedConfig):
                 f"StormConfig.vision_config: image_size {self.vision_config.image_size} is smaller than "
                 f"patch_size {self.vision_config.patch_size}"
             )
-        if side % self.downsample_ratio:
-            raise ConfigError(
-                f"StormConfig.downsample_ratio {self.downsample_ratio} does not divide the {side} x {side} "
-                f"patch grid (image_size {self.vision_config.image_size} / patch_size {self.vision_config.patch_size})"
-            )
-        if (side // self.downsample_ratio) % self.spatial_pool_stride:
+        grid = self.shuffled_grid_side
+        if grid % self.spatial_pool_stride:
             raise ConfigError(
                 f"StormConfig.spatial_pool_stride {self.spatial_pool_stride} does not divide the "
-                f"{side // self.downsample_ratio} x {side // self.downsample_ratio} token grid after pixel shuffle"
+                f"{grid} x {grid} token grid after pixel shuffle ({side} x {side} patches, downsample_ratio "
+                f"{self.downsample_ratio})"
             )
 
     # ---- visual tokens -------------------------------------------------------------------------------
@@ -193,15 +191,20 @@ class StormConfig(PreTrainedConfig):
         return self.vision_config.image_size // self.vision_config.patch_size
 
     @property
+    def shuffled_grid_side(self) -> int:
+        """Tokens per side after pixel shuffle: ceil(patch_grid_side / downsample_ratio) (see `pixel_shuffle`)."""
+        return shuffled_grid_side(self.patch_grid_side, self.downsample_ratio)
+
+    @property
     def projector_tokens_per_frame(self) -> int:
-        """N: tokens per frame leaving the projector (patches / downsample_ratio²), before spatial pooling."""
-        return (self.patch_grid_side // self.downsample_ratio) ** 2
+        """N: tokens per frame leaving the projector (shuffled_grid_side²), before spatial pooling."""
+        return self.shuffled_grid_side**2
 
     @property
     def visual_token_layout(self) -> VisualTokenLayout:
         """How this model turns a video into visual tokens (grid, pooling, default sampling stride)."""
         return VisualTokenLayout(
-            grid_side=self.patch_grid_side // self.downsample_ratio,
+            grid_side=self.shuffled_grid_side,
             temporal_pool_size=self.temporal_pool_size,
             spatial_pool_stride=self.spatial_pool_stride,
             temporal_sample_stride=self.temporal_sample_stride,

@@ -2,7 +2,8 @@
 
 Both take vision features (B, T, N̂, C) — B videos, T frames (T = 1 for an image), N̂ tokens per
 frame on a row-major sqrt(N̂) x sqrt(N̂) grid, C = vision_dim channels — and return
-(B, T, N, d_model) with N = N̂ / downsample_ratio**2.
+(B, T, N, d_model) with N = ceil(sqrt(N̂) / downsample_ratio)**2 (an odd grid, such as a 384 px
+SigLIP's 27 x 27, is padded with zeros first, as VILA does).
 
 Padded batches pass ``frame_mask`` (B, T) bool, True for a real frame, padding as a suffix. Each
 video then gets exactly the output it gets alone, and padded frames come out as zeros.
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from storm_vlm.model.compression import shuffled_grid_side
 from storm_vlm.model.ssm import BiMambaMixer, MambaMixer
 
 __all__ = ["pixel_shuffle", "pixel_shuffled_tokens", "MLPProjector", "MambaTemporalProjector"]
@@ -28,29 +30,29 @@ def _check_int(name: str, value, minimum: int = 1) -> int:
     return value
 
 
-def _grid_side(num_tokens: int, ratio: int) -> int:
+def _grid_side(num_tokens: int) -> int:
     side = math.isqrt(num_tokens)
     if side * side != num_tokens:
         raise ValueError(f"pixel_shuffle: N̂ = {num_tokens} tokens per frame is not a square grid")
-    if side % ratio:
-        raise ValueError(
-            f"pixel_shuffle: grid side {side} (N̂ = {num_tokens}) is not divisible by downsample ratio {ratio}"
-        )
     return side
 
 
 def pixel_shuffled_tokens(num_tokens: int, ratio: int = 2) -> int:
-    """Tokens per frame after ``pixel_shuffle`` of a square grid of ``num_tokens``: N̂ / ratio**2."""
+    """Tokens per frame after ``pixel_shuffle`` of a square grid of ``num_tokens``: ceil(√N̂ / ratio)²."""
     _check_int("num_tokens", num_tokens, 0)
     _check_int("ratio", ratio)
-    return (_grid_side(num_tokens, ratio) // ratio) ** 2
+    return shuffled_grid_side(_grid_side(num_tokens), ratio) ** 2
 
 
 def pixel_shuffle(features: torch.Tensor, ratio: int = 2) -> torch.Tensor:
     """Space-to-channel: fold each ratio x ratio window of the token grid into one token.
 
-    features: (B, T, N̂, C), N̂ a square grid (row-major) whose side is divisible by ``ratio``
-    -> (B, T, N̂ / ratio**2, C * ratio**2), output tokens row-major over the coarse grid.
+    features: (B, T, N̂, C), N̂ a square grid (row-major)
+    -> (B, T, g², C * ratio**2) with g = ceil(√N̂ / ratio), output tokens row-major over the coarse grid.
+
+    A side that ``ratio`` does not divide (a 384 px SigLIP in 14 px patches: 27 x 27) is padded with
+    zero tokens at the bottom and the right first, as VILA's ``DownSampleBlock`` does, so the last
+    row and column of windows are part zeros.
 
     Channel order: output channel ``(dy * ratio + dx) * C + c`` holds channel c of the input token
     at offset (row dy, column dx) inside the window, i.e. the window's tokens are concatenated
@@ -62,11 +64,15 @@ def pixel_shuffle(features: torch.Tensor, ratio: int = 2) -> torch.Tensor:
         shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
         raise ValueError(f"pixel_shuffle: features must have shape (B, T, N̂, C), got {shape}")
     b, t, n, c = features.shape
-    side = _grid_side(n, ratio)
+    side = _grid_side(n)
     if ratio == 1:
         return features
-    g = side // ratio
-    x = features.reshape(b, t, g, ratio, g, ratio, c)
+    g = shuffled_grid_side(side, ratio)
+    x = features.reshape(b, t, side, side, c)
+    if g * ratio != side:
+        pad = g * ratio - side
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad, 0, pad))
+    x = x.reshape(b, t, g, ratio, g, ratio, c)
     x = x.permute(0, 1, 2, 4, 3, 5, 6)  # (B, T, gy, gx, dy, dx, C)
     return x.reshape(b, t, g * g, ratio * ratio * c)
 
