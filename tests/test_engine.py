@@ -3,12 +3,14 @@ stop string or cancellation, a full queue is refused; and /v1/answer's input bou
 
 import threading
 
+import numpy as np
 import pytest
+import torch
 from helpers import random_video, write_mp4
 
 from storm_vlm.errors import StormError
 from storm_vlm.inference import build_messages
-from storm_vlm.serve.engine import EngineBusy, RequestError, SamplingParams, StormEngine
+from storm_vlm.serve.engine import EngineBusy, RequestError, SamplingParams, StormEngine, VideoTokenCache
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +56,42 @@ def test_a_batch_answers_as_each_request_alone(engine):
     assert [c.text for c in together] == [c.text for c in alone]
     assert [(c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in together] == \
         [(c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in alone]
+
+
+def test_a_video_asked_about_again_is_not_encoded_again(engine, monkeypatch):
+    """The next turn about the same clip (another array of the same frames) starts at the LLM; another
+    stride encodes again; answers are those of an engine without the cache."""
+    video, seen = random_video(4, seed=11), []
+    encode = engine.model._vision_features
+    monkeypatch.setattr(engine.model, "_vision_features", lambda frames: seen.append(len(frames)) or encode(frames))
+    first = engine.submit(*_ask(engine, video, "What colour?")).result()
+    again = engine.submit(*_ask(engine, video.copy(), "What colour is it?")).result()
+    assert sum(seen) == 4
+    engine.submit(*_ask(engine, video, "What colour?", stride=2)).result()
+    assert sum(seen) == 8
+    monkeypatch.setattr(engine, "video_cache", VideoTokenCache(0))
+    assert engine.submit(*_ask(engine, video, "What colour?")).result().text == first.text
+    assert engine.submit(*_ask(engine, video, "What colour is it?")).result().text == again.text
+    assert sum(seen) == 16
+
+
+def test_the_video_token_cache_keeps_the_most_recent_within_its_bytes():
+    cache = VideoTokenCache(max_bytes=3 * 400)
+    frames = [np.full((2, 4, 4, 3), i, np.uint8) for i in range(4)]
+    keys = [cache.key(f, None) for f in frames]
+    assert cache.key(frames[0].copy(), None) == keys[0]  # the frames decide, not the array
+    assert cache.key(frames[0], 2) != keys[0] and cache.key(frames[0].reshape(4, 2, 4, 3), None) != keys[0]
+    for key in keys[:3]:
+        cache.put(key, torch.zeros(100))  # 400 bytes each
+    assert cache.get(keys[0]) is not None  # used last: the second is the oldest now
+    cache.put(keys[3], torch.zeros(100))
+    assert cache.get(keys[1]) is None and all(cache.get(k) is not None for k in (keys[0], keys[2], keys[3]))
+    assert cache.bytes == 1200
+    cache.put(("big",), torch.zeros(301))  # more than the whole cache: not kept, nothing evicted
+    assert cache.get(("big",)) is None and cache.bytes == 1200
+    off = VideoTokenCache(0)
+    off.put(off.key(frames[0], None), torch.zeros(1))
+    assert off.get(off.key(frames[0], None)) is None and off.bytes == 0
 
 
 def test_a_batch_holds_at_most_max_batch_frames(engine):

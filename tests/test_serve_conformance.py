@@ -13,6 +13,8 @@ from helpers import SERVE_FRAMES as FRAMES
 from helpers import random_video, write_mp4
 from PIL import Image
 
+from storm_vlm.serve.engine import VideoTokenCache
+
 TEXT = [{"role": "user", "content": "hi"}]
 
 
@@ -146,6 +148,7 @@ def test_n_choices_about_a_video_encode_it_once(client, engine, tmp_path, monkey
     seen = []
     encode = engine.model._vision_features
     monkeypatch.setattr(engine.model, "_vision_features", lambda frames: seen.append(len(frames)) or encode(frames))
+    monkeypatch.setattr(engine, "video_cache", VideoTokenCache(0))  # else the first request's tokens are reused
     r = _post(client, "/v1/chat/completions", {**body, "n": 3})
     assert r.status_code == 200, r.text
     assert [c["message"]["content"] for c in r.json()["choices"]] == [one] * 3  # greedy: three times the same

@@ -10,6 +10,11 @@ a request stops on its own token budget, one of its stop strings, the end-of-tur
 `RequestHandle.cancel()` (a client that hung up) without stopping the others. A full queue
 raises `EngineBusy` (the HTTP server answers 503 with Retry-After).
 
+Each video is encoded (vision tower and projector) once per batch, and its visual tokens are kept
+in `VideoTokenCache`, keyed by a digest of the frames: the next turn of a conversation about the
+same video (a chat client sends the whole conversation again; the web page sends the same clip)
+or a seeded request's next choice starts at the LLM.
+
 `StormEngine.answer` (the `/v1/answer` endpoint, `chat -q`, the web page) is one request through
 the same queue. A question is asked exactly as `storm-vlm eval` asks it (`storm_vlm.inference`:
 the video first in the user turn, greedy decoding unless told otherwise; with options, the
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import itertools
 import math
 import queue
@@ -42,7 +48,7 @@ from storm_vlm.utils import check_int, check_model_dir
 from storm_vlm.video import load_video
 
 __all__ = ["StormEngine", "SamplingParams", "RequestHandle", "Completion", "EngineBusy", "RequestError",
-           "MAX_OPTIONS", "MAX_OPTION_CHARS", "MAX_QUESTION_CHARS"]
+           "VideoTokenCache", "MAX_OPTIONS", "MAX_OPTION_CHARS", "MAX_QUESTION_CHARS"]
 
 MAX_QUESTION_CHARS = 8000
 MAX_OPTIONS = 26
@@ -284,6 +290,42 @@ class _RowsDone(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+class VideoTokenCache:
+    """The visual tokens of recently encoded videos, at most `max_bytes` of them, least recently
+    used out first. Keyed by `key(frames, stride)`: a SHA-256 of the frames' bytes and shape and
+    the test-time stride they were encoded at (the only setting of a request that changes a
+    video's tokens). With `max_bytes` 0 nothing is kept, and `key` is the array's identity, so a
+    batch still encodes the copies of one array (a request's n choices) once without hashing."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._tokens: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
+
+    def key(self, frames: np.ndarray, stride: int | None) -> tuple:
+        if not self.max_bytes:
+            return id(frames), stride
+        frames = np.ascontiguousarray(frames)
+        digest = hashlib.sha256(memoryview(frames).cast("B")).hexdigest()
+        return digest, frames.shape, str(frames.dtype), stride
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        tokens = self._tokens.get(key)
+        if tokens is not None:
+            self._tokens.move_to_end(key)
+        return tokens
+
+    def put(self, key: tuple, tokens: torch.Tensor) -> None:
+        size = tokens.numel() * tokens.element_size()
+        if size > self.max_bytes or key in self._tokens:
+            return
+        self._tokens[key] = tokens
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self._tokens.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+
 class StormEngine:
     """A STORM model + processor loaded once from `model_dir`, serving a queue of requests.
 
@@ -300,12 +342,14 @@ class StormEngine:
             default_frames, at least max_frames.
         max_queue: requests waiting at most; beyond, `submit` raises EngineBusy.
         decode_timeout_s: the longest a request's video may take to decode (DecodeTimeout).
+        video_cache_mb: memory (on the model's device) for the visual tokens of recent videos, so
+            a video asked about again is not encoded again (`VideoTokenCache`; 0: off).
     """
 
     def __init__(self, model_dir, *, device: str | None = None, precision: str = "auto", default_frames: int = 32,
                  max_frames: int = 256, max_new_tokens_limit: int = 1024, max_batch_size: int = 8,
                  max_batch_frames: int | None = None, max_queue: int = 64, decode_timeout_s: float = 60.0,
-                 verbose: bool = False):
+                 video_cache_mb: float = 512, verbose: bool = False):
         self.model_dir = check_model_dir(model_dir)
         self.max_frames = _check_int("max_frames", max_frames, 1)
         self.default_frames = _check_int("frames", default_frames, 1, self.max_frames)
@@ -315,6 +359,7 @@ class StormEngine:
             "max_batch_frames", max_batch_frames or max(self.max_frames, self.max_batch_size * self.default_frames), 1)
         self.max_queue = _check_int("max_queue", max_queue, 1)
         self.decode_timeout_s = _check_float("decode_timeout_s", decode_timeout_s, 0.001, 86400)
+        self.video_cache = VideoTokenCache(int(_check_float("video_cache_mb", video_cache_mb, 0, 2**30) * 2**20))
         self.predictor = Predictor.from_pretrained(self.model_dir, device, precision, verbose=verbose)
         self.model, self.processor = self.predictor.model, self.predictor.processor
         self.config = self.model.config
@@ -556,26 +601,31 @@ class StormEngine:
                 handle.emit("error", _request_error(exc))
         return kept, (self._encode(kept) if kept else None)
 
-    def _encode_each_video_once(self, inputs: dict, videos: list) -> dict:
-        """`inputs` with each distinct video of the batch encoded once (vision tower and projector)
-        and handed to generate as `mm_encoder_outputs`, when videos repeat (the copies of a request
-        with n choices share their frame arrays); `inputs` as they are otherwise."""
-        first: dict[int, int] = {}
-        for i, video in enumerate(videos):
-            first.setdefault(id(video), i)
-        if len(first) == len(videos):
+    def _encode_videos(self, inputs: dict, videos: list, stride: int | None) -> dict:
+        """`inputs` with the batch's videos as visual tokens (generate's `mm_encoder_outputs`):
+        each distinct video encoded once (the copies of a request with n choices share their
+        frames), or taken from `video_cache` when an earlier batch encoded it."""
+        if not videos:
             return inputs
+        keys = [self.video_cache.key(video, stride) for video in videos]
+        tokens, todo = {}, []
+        for i, key in enumerate(keys):
+            if key not in tokens:
+                tokens[key] = self.video_cache.get(key)
+                if tokens[key] is None:
+                    todo.append(i)
         inputs = dict(inputs)
-        keep = sorted(first.values())
-        pick = torch.tensor(keep, device=inputs["pixel_values_videos"].device)  # the first copy of each
         pixels, mask, layout = (inputs.pop(k, None) for k in ("pixel_values_videos", "video_frame_mask",
                                                                "video_token_layout"))
-        encoded = self.model.get_video_features(pixels[pick], None if mask is None else mask[pick],
-                                                video_token_layout=None if layout is None else layout[pick],
-                                                return_dict=True)
-        tokens = dict(zip(keep, encoded.pooler_output))
-        inputs["mm_encoder_outputs"] = {"video": BaseModelOutputWithPooling(
-            pooler_output=[tokens[first[id(video)]] for video in videos])}
+        if todo:
+            pick = torch.tensor(todo, device=pixels.device)
+            encoded = self.model.get_video_features(pixels[pick], None if mask is None else mask[pick],
+                                                    video_token_layout=None if layout is None else layout[pick],
+                                                    return_dict=True)
+            for i, video_tokens in zip(todo, encoded.pooler_output):
+                tokens[keys[i]] = video_tokens
+                self.video_cache.put(keys[i], video_tokens)
+        inputs["mm_encoder_outputs"] = {"video": BaseModelOutputWithPooling(pooler_output=[tokens[k] for k in keys])}
         return inputs
 
     def _run(self, handles: list[RequestHandle], started: float) -> None:
@@ -589,7 +639,7 @@ class StormEngine:
         if first.sampling.seed is not None:
             torch.manual_seed(first.sampling.seed)
         with torch.inference_mode(), self.predictor._context():
-            inputs = self._encode_each_video_once(inputs, [v for h in handles for v in h.prepared.videos])
+            inputs = self._encode_videos(inputs, [v for h in handles for v in h.prepared.videos], first.stride)
             self.model.generate(**inputs, **first.sampling.generate_kwargs(), streamer=rows,
                                 max_new_tokens=max(h.prepared.sampling.max_new_tokens for h in handles),
                                 stopping_criteria=StoppingCriteriaList([_RowsDone(rows)]), pad_token_id=self._pad)
