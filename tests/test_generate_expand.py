@@ -104,3 +104,31 @@ def test_a_batch_of_rows_with_two_and_no_videos(qwen2):
                              do_sample=False, output_logits=True, return_dict_in_generate=True)
     assert out.sequences.shape[0] == 4
     torch.testing.assert_close(out.logits[0], rows.repeat_interleave(2, 0), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kw", [dict(num_beams=3, num_return_sequences=2, do_sample=False),
+                                dict(num_return_sequences=3, do_sample=True),
+                                dict(num_beams=2, do_sample=False, prefill_chunk_size=7)],
+                         ids=["beams", "samples", "chunked"])
+def test_the_llm_prefills_each_prompt_once_whatever_the_copies(qwen2, kw, monkeypatch):
+    """generate repeats rows for beams / returned sequences before the prefill; the prefill runs on
+    one copy of each row and the copies continue from its cache, as if each had prefilled itself."""
+    from transformers import GenerationMixin
+
+    model, processor = qwen2
+    batch = chat(processor, [TWO_VIDEOS, NO_VISUALS])
+    gen = dict(max_new_tokens=3, min_new_tokens=3, output_logits=True, return_dict_in_generate=True, **kw)
+    rows = []
+    llm = model.language_model.forward
+    monkeypatch.setattr(model.language_model, "forward",
+                        lambda *a, **k: rows.append(k["inputs_embeds"].shape) or llm(*a, **k))
+    with torch.no_grad():
+        torch.manual_seed(0)
+        once = model.generate(**batch, **gen)
+        prefill_rows = {shape[0] for shape in rows if shape[1] > 1}
+        monkeypatch.setattr(type(model), "_prefill", GenerationMixin._prefill)  # transformers': every copy
+        torch.manual_seed(0)
+        every = model.generate(**batch, **gen)
+    assert prefill_rows == {2}  # the two prompts, not their copies
+    assert torch.equal(once.sequences, every.sequences)
+    torch.testing.assert_close(torch.stack(once.logits), torch.stack(every.logits), atol=1e-5, rtol=0)

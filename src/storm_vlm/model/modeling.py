@@ -62,6 +62,11 @@ class StormPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False
 
 
+# The generate kwargs `_prefill` knows how to take one copy of (per row, or the shared cache and
+# settings); any other kwarg makes it prefill every copy, as transformers does.
+_PREFILL_ROW_KWARGS = {"attention_mask", "position_ids", "mm_encoder_outputs", "logits_to_keep", "cache", "use_cache"}
+
+
 def _mark_initialised(module: nn.Module) -> None:
     # The projector initialises itself in __init__ (Mamba's dt / A / D inits are not the generic
     # normal(0.02) of `_init_weights`); flagged modules are skipped by `post_init`'s initialisation.
@@ -356,6 +361,36 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
                 and cache.get_seq_length() == 0):
             model_kwargs["cache"] = StormKVCache(config=self.config.get_text_config(decoder=True))
         return out
+
+    def _prefill(self, input_ids, generation_config, model_kwargs: dict, is_first_iteration: bool = True):
+        """As GenerationMixin's, once per prompt: for beams or `num_return_sequences` generate repeats
+        each row before the prefill (k copies in a row), so here the prefill runs on one copy of each
+        and its cache and last logits are repeated k times: the same values for 1/k of the work."""
+        copies = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+        cache = model_kwargs.get("cache")
+        if (copies == 1 or not is_first_iteration or type(cache) is not StormKVCache or cache.get_seq_length()
+                or set(model_kwargs) - _PREFILL_ROW_KWARGS or input_ids.shape[0] % copies
+                or generation_config.output_hidden_states or generation_config.output_attentions
+                or not torch.equal(input_ids, input_ids[::copies].repeat_interleave(copies, 0))):
+            return super()._prefill(input_ids, generation_config, model_kwargs, is_first_iteration)
+        one = {k: v[::copies] if k in ("attention_mask", "position_ids") and v is not None else v
+               for k, v in model_kwargs.items()}
+        if one.get("mm_encoder_outputs"):
+            one["mm_encoder_outputs"] = {name: self._first_copies(input_ids, name, output, copies)
+                                         for name, output in one["mm_encoder_outputs"].items() if output is not None}
+        outputs = super()._prefill(input_ids[::copies], generation_config, one, is_first_iteration)
+        outputs.cache.batch_repeat_interleave(copies)
+        outputs.logits = outputs.logits.repeat_interleave(copies, 0)
+        return outputs
+
+    def _first_copies(self, input_ids, name: str, output: BaseModelOutputWithPooling, copies: int):
+        """`output`'s visual tokens (pooler_output: each item's (N_i, D), over the expanded rows of
+        input_ids) for rows 0, copies, 2·copies, ...: one (M_row, D) entry per kept row."""
+        per_row = (input_ids == getattr(self.config, f"{name}_token_id")).sum(-1).tolist()
+        tokens = output.pooler_output
+        tokens = torch.cat([t.reshape(-1, t.shape[-1]) for t in tokens]) if isinstance(tokens, (list, tuple)) \
+            else tokens.reshape(-1, tokens.shape[-1])
+        return BaseModelOutputWithPooling(pooler_output=list(tokens.split(per_row))[::copies])
 
     def forward(
         self,
