@@ -10,7 +10,12 @@ alternate between them, so the ratio compares like with like. Also printed: each
 batch size and the answers it produced that differ from the one-at-a-time answers (greedy
 decoding: in float32 there should be none; under `--precision bfloat16`, `auto`'s choice on CPUs with
 native bf16, a padded batch's prefill rounds differently from a request's alone, and a random model's
-near-tied tokens can then flip).
+near-tied tokens can then flip). These engines keep no video tokens (`video_cache_mb=0`), so every
+question encodes its video, as questions about different videos do.
+
+A second table is a conversation: one client asks `--requests` questions about one video, through
+an engine that keeps the visual tokens of recent videos (the default, `--video-cache-mb`) and one
+that does not, alternating question by question; the cache encodes the video once.
 """
 
 from __future__ import annotations
@@ -87,7 +92,8 @@ def main(argv=None) -> int:
           f"{args.requests} questions per client, {args.threads} torch thread(s), precision {args.precision}")
     print("# " + host_summary().replace("\n", "\n# "), flush=True)
     engines = {name: StormEngine(model_dir, precision=args.precision, default_frames=args.frames, max_frames=args.frames,
-                                 max_batch_size=size) for name, size in (("batched (8)", 8), ("one at a time", 1))}
+                                 max_batch_size=size, video_cache_mb=0)
+               for name, size in (("batched (8)", 8), ("one at a time", 1))}
     for engine in engines.values():  # warm-up
         engine.answer(video, QUESTIONS[0], num_frames=args.frames, max_new_tokens=args.max_new_tokens)
     rows = []
@@ -106,10 +112,34 @@ def main(argv=None) -> int:
     for clients, result, differ in rows:
         (batched, size, _), (single, _, _) = result["batched (8)"], result["one at a time"]
         print(f"| {clients} | {batched:.1f} | {size:.2f} | {single:.1f} | {batched / single:.2f}x | {differ} |")
-    print(f"\n# {load_line()}")
     for engine in engines.values():
         engine.close()
+    conversation(model_dir, str(video), args)
+    print(f"\n# {load_line()}")
     return 0
+
+
+def conversation(model_dir, video: str, args) -> None:
+    """One client, `args.requests` questions about one video: video cache on vs off, alternating."""
+    engines = {"cache on": StormEngine(model_dir, precision=args.precision, default_frames=args.frames,
+                                       max_frames=args.frames, max_batch_size=1),
+               "cache off": StormEngine(model_dir, precision=args.precision, default_frames=args.frames,
+                                        max_frames=args.frames, max_batch_size=1, video_cache_mb=0)}
+    seconds = dict.fromkeys(engines, 0.0)
+    answers = {name: [] for name in engines}
+    for r in range(args.requests):
+        for name, engine in engines.items():
+            t = time.perf_counter()
+            answers[name].append(engine.answer(video, QUESTIONS[r % len(QUESTIONS)], num_frames=args.frames,
+                                               max_new_tokens=args.max_new_tokens)["answer"])
+            seconds[name] += time.perf_counter() - t
+    on, off = (60.0 * args.requests / seconds[name] for name in engines)
+    differ = sum(a != b for a, b in zip(answers["cache on"], answers["cache off"]))
+    print(f"\n| a conversation of {args.requests} questions about one video | answers/min |\n|---|---:|")
+    print(f"| video cache on (the default) | {on:.1f} |\n| video cache off | {off:.1f} |")
+    print(f"| speed-up | {on / off:.2f}x |\n| answers that differ | {differ} |")
+    for engine in engines.values():
+        engine.close()
 
 
 if __name__ == "__main__":
