@@ -4,8 +4,8 @@
 layout the benchmark's own release unpacks to (field names match the public files):
 
 videomme
-    ``DATA_ROOT/videomme/test-00000-of-00001.parquet`` (or any ``*.parquet`` in
-    ``DATA_ROOT`` or ``DATA_ROOT/videomme``) with columns ``videoID, question_id,
+    ``DATA_ROOT/videomme/test-00000-of-00001.parquet`` (every ``*.parquet`` of
+    ``DATA_ROOT/videomme``, else of ``DATA_ROOT``: all shards of a split) with columns ``videoID, question_id,
     duration (short/medium/long), domain, sub_category, task_type, question,
     options ["A. ...", ...], answer ("B")``; videos ``DATA_ROOT/data/{videoID}.mp4``
     (``.MP4`` and ``.mkv`` are also found).
@@ -226,28 +226,36 @@ VIDEOMME_COLUMNS = ("videoID", "question_id", "duration", "domain", "sub_categor
                     "task_type", "question", "options", "answer")
 
 
-def _videomme_parquet(root: Path) -> Path:
+def _videomme_parquets(root: Path) -> list[Path]:
+    """Every ``*.parquet`` of the first of DATA_ROOT/videomme, DATA_ROOT that has any: a split the Hub
+    stores as several shards (test-00000-of-00002, ...) is read whole, never just its first shard."""
     for folder in (root / "videomme", root):
         found = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
         if found:
-            return found[0]
+            return found
     raise _fail(root / "videomme" / "test-00000-of-00001.parquet", None,
                 "file not found (no *.parquet in the data root or its videomme/ folder)")
 
 
-def read_videomme(root: Path) -> list[Record]:
+def _videomme_rows(root: Path):
+    """(parquet file, row index in it, row) for every row of every shard, columns checked per file."""
     import pandas as pd
 
-    path = _videomme_parquet(root)
-    try:
-        table = pd.read_parquet(path)
-    except Exception as exc:  # pyarrow raises several unrelated types for a bad file
-        raise _fail(path, None, f"cannot read parquet ({exc})") from None
-    missing = [c for c in VIDEOMME_COLUMNS if c not in table.columns]
-    if missing:
-        raise _fail(path, None, f"missing columns {missing}")
+    for path in _videomme_parquets(root):
+        try:
+            table = pd.read_parquet(path)
+        except Exception as exc:  # pyarrow raises several unrelated types for a bad file
+            raise _fail(path, None, f"cannot read parquet ({exc})") from None
+        missing = [c for c in VIDEOMME_COLUMNS if c not in table.columns]
+        if missing:
+            raise _fail(path, None, f"missing columns {missing}")
+        for i, row in enumerate(table.to_dict("records")):
+            yield path, i, row
+
+
+def read_videomme(root: Path) -> list[Record]:
     records = []
-    for i, row in enumerate(table.to_dict("records")):
+    for path, i, row in _videomme_rows(root):
         rec = f"{i} (question_id {row.get('question_id')!r})"
         raw = row["options"]
         raw = list(raw) if raw is not None and not isinstance(raw, str) else raw

@@ -7,6 +7,12 @@ wrong) or "decode_error" (the video could not be read: counted separately). ``ac
 the questions the model saw (answered + unparsed + model errors); ``accuracy_all`` also counts
 decode failures as wrong. Breakdowns use the questions the model saw.
 
+For the benchmarks whose headline is a mean over groups (MVBench's tasks, MLVU's question types),
+``mean_over_<key>`` averages the groups with at least one question seen; a group whose every
+question failed to decode (a video folder left unzipped) would silently drop out of it, so such
+groups are named in a warning and in ``headline["groups_without_answers"]``, and
+``mean_over_<key>_all`` averages every group, decode failures counted wrong (as ``accuracy_all``).
+
 Nothing a row says about its own correctness is trusted: `score` recomputes status, pred,
 pred_letter and correct from the row's stored `reply` and the record's answer (`judge`, the same
 function the runner uses when it writes the row), so an edited `correct` flag or a stale reading
@@ -63,6 +69,12 @@ def _group(rows: list[tuple[Record, dict]], key: str) -> dict:
         g[0] += bool(row.get("correct"))
         g[1] += 1
     return {v: {"correct": c, "count": n, "accuracy": _acc(c, n)} for v, (c, n) in groups.items()}
+
+
+def _mean_accuracy(groups: dict) -> float | None:
+    """The unweighted mean of the groups' accuracies (groups with no question left out), or None."""
+    accs = [g["accuracy"] for g in groups.values() if g["accuracy"] is not None]
+    return sum(accs) / len(accs) if accs else None
 
 
 def judge(reply: str | None, record: Record, failure: str = "decode_error") -> dict:
@@ -124,13 +136,18 @@ def score(benchmark: str, records: Iterable[Record], predictions: dict[str, dict
         "counts": counts,
         "breakdowns": {key: _group(seen, key) for key in BREAKDOWNS.get(benchmark, ())},
     }
-    headline = out["accuracy"]
+    out["headline"] = {"name": HEADLINE_NAMES.get(benchmark, "accuracy"), "value": out["accuracy"]}
     if benchmark in MEAN_OVER:
         key = MEAN_OVER[benchmark]
-        accs = [g["accuracy"] for g in out["breakdowns"][key].values() if g["accuracy"] is not None]
-        out[f"mean_over_{key}"] = sum(accs) / len(accs) if accs else None
-        headline = out[f"mean_over_{key}"]
-    out["headline"] = {"name": HEADLINE_NAMES.get(benchmark, "accuracy"), "value": headline}
+        seen_groups, all_groups = out["breakdowns"][key], _group(done, key)
+        out[f"mean_over_{key}"] = _mean_accuracy(seen_groups)
+        out[f"mean_over_{key}_all"] = _mean_accuracy(all_groups)
+        unseen = [g for g in all_groups if g not in seen_groups]
+        if unseen:
+            log.warning("%s: every question of %s %s failed to decode; %s covers only the other %d (%s counts "
+                        "them wrong)", benchmark, key, ", ".join(map(repr, unseen)), f"mean_over_{key}",
+                        len(seen_groups), f"mean_over_{key}_all")
+        out["headline"].update(value=out[f"mean_over_{key}"], groups_without_answers=unseen)
     out["unparsed_ids"] = [r.id for r, p in done if p["status"] == "unparsed"][:100]
     out["decode_failure_ids"] = [r.id for r, p in done if p["status"] == "decode_error"][:100]
     out["model_failure_ids"] = [r.id for r, p in done if p["status"] == "model_error"][:100]
@@ -157,8 +174,15 @@ def format_table(results: dict) -> str:
                      f"temporal sample stride: {s.get('temporal_sample_stride')}")
         lines.append("")
     lines += ["| metric | value |", "| --- | --- |"]
-    if results["headline"]["name"] != "accuracy":
-        lines.append(f"| {results['headline']['name']} | {_pct(results['headline']['value'])} |")
+    headline = results["headline"]
+    if headline["name"] != "accuracy":
+        lines.append(f"| {headline['name']} | {_pct(headline['value'])} |")
+    key = MEAN_OVER.get(results["benchmark"])
+    if key and f"mean_over_{key}_all" in results:
+        lines.append(f"| {headline['name']} (decode failures as wrong) | {_pct(results[f'mean_over_{key}_all'])} |")
+    if headline.get("groups_without_answers"):
+        lines.append(f"| {key} with every video undecodable (left out of the mean) | "
+                     f"{', '.join(headline['groups_without_answers'])} |")
     lines += [f"| accuracy (questions seen) | {_pct(results['accuracy'])} |",
               f"| accuracy (decode failures as wrong) | {_pct(results['accuracy_all'])} |"]
     for k in ("total", "answered", "unparsed", "empty_replies", "model_failures", "decode_failures", "missing"):
