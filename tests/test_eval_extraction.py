@@ -42,6 +42,25 @@ def test_numbers_match_whole_words_only():
     assert extract_choice("Between 3 and 13.", opts) is None
 
 
+@pytest.mark.parametrize("reply,expected", [
+    ("C, since it is red", 2), ("A because it is red", 0), ("A, because the ball is red", 0),
+    ("I would say B.", 1), ("I think B.", 1), ("C, D", None), ("A, B or C", None),
+])
+def test_a_leading_letter_before_its_reason_decides(reply, expected):
+    assert extract_choice(reply, OPTS) == expected
+
+
+def test_egoschema_c_the_camera_wearer_is_not_option_c():
+    """EgoSchema's options call the camera wearer "C": a partial quote of an option names nothing."""
+    opts = ["C is scrolling on the phone.", "C is cooking a meal.", "C cleans the kitchen counter.",
+            "C reads a book on the sofa.", "C takes a break to drink from a cup and then washes it."]
+    assert extract_choice("C takes a break to drink from a cup", opts) is None
+    assert extract_choice("C is scrolling", opts) is None
+    assert extract_choice("C is cooking a meal.", opts) == 1  # an option's whole text
+    assert extract_choice("C", opts) == 2 and extract_choice("The answer is E.", opts) == 4
+    assert extract_choice("E. C takes a break", opts) == 4
+
+
 def test_two_options_and_yes_no():
     assert extract_choice("Yes.", ["yes", "no"]) == 0
     assert extract_choice("B", ["yes", "no"]) == 1

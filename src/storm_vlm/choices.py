@@ -18,9 +18,9 @@ names, or None when it names none or more than one. None is counted wrong and lo
 by the runner: there is never a random guess. The rules, tried in order:
 
 1. The reply (or its first line) is just a letter: "B", "(B)", "B.", "b)", "[B]", "B:".
-2. The reply starts with a lettered option: "B. Apples", "(B) apples", "b) apples". The letter
-   decides, as the prompt asks for it (and as lmms-eval reads it), even when the text after it
-   is another option's.
+2. The reply starts with a lettered option: "B. Apples", "(B) apples", "b) apples", "C, since
+   ...", "C because ...". The letter decides, as the prompt asks for it (and as lmms-eval reads
+   it), even when the text after it is another option's.
 3. An answer phrase names a letter: "The answer is B", "Answer: (C)", "Best option: D.",
    "the correct choice is b.". Different letters named this way ("option A ... option C"),
    or "B or C", give None.
@@ -29,11 +29,14 @@ by the runner: there is never a random guess. The rules, tried in order:
    text as whole words (an option contained in another matching option is ignored, so
    "red ball" beats "red").
 6. In a short reply (at most 10 words), exactly one distinct standalone capital letter:
-   "Probably C, the cup".
+   "Probably C, the cup", "I would say B.". A letter the options themselves use as a word is
+   not counted here: EgoSchema calls the camera wearer "C" ("C picks up a cup"), so a reply
+   quoting part of an option is not option C.
 
 A letter beyond the number of options gives None. The capital "A" (or "I") followed by a
 lowercase word is read as the English article (or pronoun), not an option — "A man is
-running" names nothing — unless the word is a connective such as "because". Lowercase
+running" names nothing — unless the word is a connective such as "because" ("I would"
+stays the pronoun). Lowercase
 letters count only where nothing else could be meant ("b)", "answer: b.").
 """
 
@@ -71,7 +74,7 @@ def format_question(question: str, options: Sequence[str], style: str = "default
 
 
 _ALONE = re.compile(r"[\(\[]?([A-Za-z])[\)\]]?[\.\):]?")
-_LEADING = re.compile(r"(?:[\(\[]([A-Za-z])[\)\]]|([A-Za-z])[\.\):])(?=\s|$)")
+_LEADING = re.compile(r"(?:[\(\[]([A-Za-z])[\)\]]|([A-Za-z])[\.\):,])(?=\s|$)|([A-Z])(?=\s+(?:because|since)\b)")
 _PHRASE = re.compile(
     r"\b(?:answer|option|choice)\b\s*(?:is|would be|should be|will be|=)?\s*:?\s*"
     r"(?:option\s*|choice\s*)?:?\s*([\(\[])?([A-Za-z])([\)\]])?(?![A-Za-z0-9'])",
@@ -81,6 +84,7 @@ _PAREN = re.compile(r"[\(\[]([A-Z])[\)\]]")
 _CAPITAL = re.compile(r"(?<![A-Za-z0-9'\-])([A-Z])(?![A-Za-z0-9'\-])")
 _OR = re.compile(r"\s*(?:or|and|/|,)\s*[\(\[]?[A-Z][\)\]]?(?![A-Za-z])")
 _CONNECTIVES = {"because", "since", "as", "is", "was", "would", "should", "seems", "fits", "matches", "and", "or"}
+_PRONOUN_I = {"was", "would", "should", "as"}  # "I would ..." is the pronoun, "I is ..." the letter
 _NONWORD = re.compile(r"[^0-9a-z]+")
 
 
@@ -98,7 +102,7 @@ def _article_like(text: str, end: int, letter: str) -> bool:
     if letter not in "AI":
         return False
     m = re.match(r"\s+([a-z][a-z']*)", text[end:])
-    return bool(m) and m.group(1) not in _CONNECTIVES
+    return bool(m) and (m.group(1) not in _CONNECTIVES or (letter == "I" and m.group(1) in _PRONOUN_I))
 
 
 def _by_text(reply: str, texts: list[str]) -> int | None:
@@ -139,8 +143,8 @@ def extract_choice(text: str, options: Sequence[str]) -> int | None:
     # 2. a leading lettered option
     m = _LEADING.match(s)
     if m:
-        letter = m.group(1) or m.group(2)
-        if _OR.match(s[m.end():]):
+        letter = m.group(1) or m.group(2) or m.group(3)
+        if _OR.match(s[m.end() - m.group(0).endswith(","):]):  # "B or C", "C, D": a list names no one option
             return None
         return _index(letter, n)
 
@@ -176,7 +180,9 @@ def extract_choice(text: str, options: Sequence[str]) -> int | None:
 
     # 6. one standalone capital letter in a short reply
     if len(s.split()) <= 10:
-        caps = {m.group(1) for m in _CAPITAL.finditer(s) if not _article_like(s, m.end(), m.group(1))}
+        words = {m.group(1) for t in texts for m in _CAPITAL.finditer(t)}  # letters the options use as words
+        caps = {m.group(1) for m in _CAPITAL.finditer(s)
+                if not _article_like(s, m.end(), m.group(1)) and m.group(1) not in words}
         if len(caps) == 1:
             return _index(caps.pop(), n)
     return None
