@@ -67,6 +67,8 @@ def test_a_video_asked_about_again_is_not_encoded_again(engine, monkeypatch):
     first = engine.submit(*_ask(engine, video, "What colour?")).result()
     again = engine.submit(*_ask(engine, video.copy(), "What colour is it?")).result()
     assert sum(seen) == 4
+    cached = engine.info()["video_cache"]
+    assert cached["videos"] >= 1 and 0 < cached["used_mb"] <= cached["max_mb"] == 512
     engine.submit(*_ask(engine, video, "What colour?", stride=2)).result()
     assert sum(seen) == 8
     monkeypatch.setattr(engine, "video_cache", VideoTokenCache(0))

@@ -309,6 +309,9 @@ class VideoTokenCache:
         digest = hashlib.sha256(memoryview(frames).cast("B")).hexdigest()
         return digest, frames.shape, str(frames.dtype), stride
 
+    def __len__(self) -> int:
+        return len(self._tokens)
+
     def get(self, key: tuple) -> torch.Tensor | None:
         tokens = self._tokens.get(key)
         if tokens is not None:
@@ -382,7 +385,8 @@ class StormEngine:
     # ------------------------------------------------------------------ description
 
     def info(self) -> dict:
-        """What /health reports: model folder, device, precision, compression settings, limits."""
+        """What /health reports: model folder, device, precision, compression settings, limits, the
+        video cache's use."""
         cfg = self.config
         text = cfg.get_text_config()
         precision = self.predictor.precision
@@ -409,6 +413,8 @@ class StormEngine:
                        "max_queue": self.max_queue,
                        "max_options": MAX_OPTIONS, "max_option_chars": MAX_OPTION_CHARS,
                        "max_question_chars": MAX_QUESTION_CHARS},
+            "video_cache": {"max_mb": round(self.video_cache.max_bytes / 2**20, 3),
+                            "used_mb": round(self.video_cache.bytes / 2**20, 3), "videos": len(self.video_cache)},
         }
 
     # ------------------------------------------------------------------ requests
