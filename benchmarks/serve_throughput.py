@@ -10,12 +10,14 @@ alternate between them, so the ratio compares like with like. Also printed: each
 batch size and the answers it produced that differ from the one-at-a-time answers (greedy
 decoding: in float32 there should be none; under `--precision bfloat16`, `auto`'s choice on CPUs with
 native bf16, a padded batch's prefill rounds differently from a request's alone, and a random model's
-near-tied tokens can then flip). These engines keep no video tokens (`video_cache_mb=0`), so every
-question encodes its video, as questions about different videos do.
+near-tied tokens can then flip). These engines keep nothing from one request for the next
+(`video_cache_mb=0`, `prefix_cache_mb=0`), so every question encodes and prefills its video, as
+questions about different videos do.
 
-A second table is a conversation: one client asks `--requests` questions about one video, through
-an engine that keeps the visual tokens of recent videos (the default, `--video-cache-mb`) and one
-that does not, alternating question by question; the cache encodes the video once.
+A second table: one client asks `--requests` questions about one video, through an engine with
+its caches (the default: `--video-cache-mb`, `--prefix-cache-mb`) and one without, alternating
+question by question. With them the video is encoded and prefilled once, and each later question
+prefills only its own tokens.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
           f"{args.requests} questions per client, {args.threads} torch thread(s), precision {args.precision}")
     print("# " + host_summary().replace("\n", "\n# "), flush=True)
     engines = {name: StormEngine(model_dir, precision=args.precision, default_frames=args.frames, max_frames=args.frames,
-                                 max_batch_size=size, video_cache_mb=0)
+                                 max_batch_size=size, video_cache_mb=0, prefix_cache_mb=0)
                for name, size in (("batched (8)", 8), ("one at a time", 1))}
     for engine in engines.values():  # warm-up
         engine.answer(video, QUESTIONS[0], num_frames=args.frames, max_new_tokens=args.max_new_tokens)
@@ -120,11 +122,11 @@ def main(argv=None) -> int:
 
 
 def conversation(model_dir, video: str, args) -> None:
-    """One client, `args.requests` questions about one video: video cache on vs off, alternating."""
-    engines = {"cache on": StormEngine(model_dir, precision=args.precision, default_frames=args.frames,
-                                       max_frames=args.frames, max_batch_size=1),
-               "cache off": StormEngine(model_dir, precision=args.precision, default_frames=args.frames,
-                                        max_frames=args.frames, max_batch_size=1, video_cache_mb=0)}
+    """One client, `args.requests` questions about one video: caches on vs off, alternating."""
+    engines = {"caches on": StormEngine(model_dir, precision=args.precision, default_frames=args.frames,
+                                        max_frames=args.frames, max_batch_size=1),
+               "caches off": StormEngine(model_dir, precision=args.precision, default_frames=args.frames,
+                                         max_frames=args.frames, max_batch_size=1, video_cache_mb=0, prefix_cache_mb=0)}
     seconds = dict.fromkeys(engines, 0.0)
     answers = {name: [] for name in engines}
     for r in range(args.requests):
@@ -134,9 +136,9 @@ def conversation(model_dir, video: str, args) -> None:
                                                max_new_tokens=args.max_new_tokens)["answer"])
             seconds[name] += time.perf_counter() - t
     on, off = (60.0 * args.requests / seconds[name] for name in engines)
-    differ = sum(a != b for a, b in zip(answers["cache on"], answers["cache off"]))
-    print(f"\n| a conversation of {args.requests} questions about one video | answers/min |\n|---|---:|")
-    print(f"| video cache on (the default) | {on:.1f} |\n| video cache off | {off:.1f} |")
+    differ = sum(a != b for a, b in zip(answers["caches on"], answers["caches off"]))
+    print(f"\n| {args.requests} questions about one video | answers/min |\n|---|---:|")
+    print(f"| video and prefix caches on (the default) | {on:.1f} |\n| caches off | {off:.1f} |")
     print(f"| speed-up | {on / off:.2f}x |\n| answers that differ | {differ} |")
     for engine in engines.values():
         engine.close()

@@ -10,7 +10,8 @@ from helpers import random_video, write_mp4
 
 from storm_vlm.errors import StormError
 from storm_vlm.inference import build_messages
-from storm_vlm.serve.engine import EngineBusy, RequestError, SamplingParams, StormEngine, VideoTokenCache
+from storm_vlm.serve.caches import VideoTokenCache, video_keys
+from storm_vlm.serve.engine import EngineBusy, RequestError, SamplingParams, StormEngine
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,7 @@ def test_a_video_asked_about_again_is_not_encoded_again(engine, monkeypatch):
     """The next turn about the same clip (another array of the same frames) starts at the LLM; another
     stride encodes again; answers are those of an engine without the cache."""
     video, seen = random_video(4, seed=11), []
+    monkeypatch.setattr(engine.prefix_cache, "max_bytes", 0)  # else the LLM's cache of the first turn is reused
     encode = engine.model._vision_features
     monkeypatch.setattr(engine.model, "_vision_features", lambda frames: seen.append(len(frames)) or encode(frames))
     first = engine.submit(*_ask(engine, video, "What colour?")).result()
@@ -77,12 +79,44 @@ def test_a_video_asked_about_again_is_not_encoded_again(engine, monkeypatch):
     assert sum(seen) == 16
 
 
+def test_the_next_turn_of_a_conversation_prefills_only_what_is_new(engine, monkeypatch):
+    """A request that starts with an earlier request's conversation (its video included) reuses
+    that request's KV cache: the LLM reads only the new tokens, the video is not encoded, and the
+    answer is the one computed from scratch. Another video, or an earlier start, reuses nothing."""
+    video, other, sampling = random_video(4, seed=12), random_video(4, seed=13), SamplingParams(max_new_tokens=5)
+    prefilled, seen = [], []
+    llm, encode = engine.model.language_model.forward, engine.model._vision_features
+    monkeypatch.setattr(engine.model.language_model, "forward",
+                        lambda *a, **k: (k["inputs_embeds"].shape[1] > 1 and prefilled.append(k["inputs_embeds"].shape[1]))
+                        or llm(*a, **k))
+    monkeypatch.setattr(engine.model, "_vision_features", lambda frames: seen.append(len(frames)) or encode(frames))
+
+    def ask(question, history=(), frames=video):
+        prepared = engine.prepare(build_messages(question, history), [len(frames)], sampling)
+        return engine.submit(prepared, [frames.copy()]).result()
+
+    first = ask("What colour is the square?")
+    history = [("What colour is the square?", first.text)]
+    second = ask("And the background?", history)
+    assert first.cached_tokens == 0 and second.cached_tokens > first.prompt_tokens - 5
+    assert prefilled[-1] == second.prompt_tokens - second.cached_tokens < second.prompt_tokens // 2
+    assert sum(seen) == 4  # the second turn's video came with the reused cache
+    assert engine.info()["prefix_cache"]["entries"] >= 2
+    assert ask("And the background?", history, frames=other).cached_tokens == 0  # another video
+    monkeypatch.setattr(engine.prefix_cache, "max_bytes", 0)
+    monkeypatch.setattr(engine, "video_cache", VideoTokenCache(0))
+    scratch = ask("And the background?", history)
+    assert scratch.cached_tokens == 0 and prefilled[-1] == scratch.prompt_tokens
+    assert (scratch.text, scratch.completion_tokens) == (second.text, second.completion_tokens)
+
+
 def test_the_video_token_cache_keeps_the_most_recent_within_its_bytes():
     cache = VideoTokenCache(max_bytes=3 * 400)
     frames = [np.full((2, 4, 4, 3), i, np.uint8) for i in range(4)]
-    keys = [cache.key(f, None) for f in frames]
-    assert cache.key(frames[0].copy(), None) == keys[0]  # the frames decide, not the array
-    assert cache.key(frames[0], 2) != keys[0] and cache.key(frames[0].reshape(4, 2, 4, 3), None) != keys[0]
+    keys = video_keys(frames, None)
+    assert video_keys([frames[0].copy()], None) == keys[:1]  # the frames decide, not the array
+    assert video_keys([frames[0]], 2) != keys[:1] and video_keys([frames[0].reshape(4, 2, 4, 3)], None) != keys[:1]
+    assert video_keys(frames[:1], None, by_content=False) == [(id(frames[0]), None)]
     for key in keys[:3]:
         cache.put(key, torch.zeros(100))  # 400 bytes each
     assert cache.get(keys[0]) is not None  # used last: the second is the oldest now
@@ -92,8 +126,8 @@ def test_the_video_token_cache_keeps_the_most_recent_within_its_bytes():
     cache.put(("big",), torch.zeros(301))  # more than the whole cache: not kept, nothing evicted
     assert cache.get(("big",)) is None and cache.bytes == 1200
     off = VideoTokenCache(0)
-    off.put(off.key(frames[0], None), torch.zeros(1))
-    assert off.get(off.key(frames[0], None)) is None and off.bytes == 0
+    off.put(keys[0], torch.zeros(1))
+    assert off.get(keys[0]) is None and off.bytes == 0
 
 
 def test_a_batch_holds_at_most_max_batch_frames(engine):
@@ -290,3 +324,22 @@ def test_eight_concurrent_clients_all_get_their_answers(engine, tmp_path):
         t.join(300)
     assert [r["answer"] for r in results] == alone
     assert max(r["timings"]["batch_size"] for r in results) > 1  # some of them shared a generate call
+
+
+def test_the_prefix_cache_reuses_only_a_start_that_holds_every_placeholder():
+    from storm_vlm.model.kv_cache import StormKVCache
+    from storm_vlm.serve.caches import PrefixCache
+
+    V = 9  # the placeholder id
+    prefix = PrefixCache(10**6, None, {V})
+    cache = StormKVCache()
+    for layer in range(2):
+        cache.update(torch.arange(6.0).reshape(1, 1, 6, 1), -torch.arange(6.0).reshape(1, 1, 6, 1), layer)
+    prefix.put([1, 2, V, V, 3, 4, 5], ["video"], cache)  # generate's ids: the cache holds the first 6
+    copy, n = prefix.take(torch.tensor([1, 2, V, V, 3, 7, 8]), ["video"])
+    assert n == 5 and copy.get_seq_length() == 5 and copy.layers[1].values[0, 0, :, 0].tolist() == [0, -1, -2, -3, -4]
+    assert cache.get_seq_length() == 6  # the kept entry is not cut
+    assert prefix.take(torch.tensor([1, 2, V, V, 3, 4, 5, 6, 7]), ["video"])[1] == 6  # all it holds
+    assert prefix.take(torch.tensor([1, 2, V, V, 3, 7]), ["another video"]) == (None, 0)
+    assert prefix.take(torch.tensor([1, 2, V, 3]), ["video"]) == (None, 0)  # cut inside the placeholders
+    assert prefix.take(torch.tensor([1, 2, V, V]), ["video"]) == (None, 0)  # nothing left to prefill after them

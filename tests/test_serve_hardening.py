@@ -158,7 +158,9 @@ def test_openai_default_and_null_fields_are_accepted(client):
     assert developer.status_code == 200, developer.text
     system = _chat(client, {"messages": [{"role": "system", "content": "Be brief."}, *turns], "max_tokens": 2,
                             "temperature": 0}).json()
-    assert developer.json()["usage"] == system["usage"]  # a developer message is a system message
+    # a developer message is a system message: the same prompt (the second one's was cached by the first)
+    assert developer.json()["usage"]["prompt_tokens"] == system["usage"]["prompt_tokens"]
+    assert system["usage"]["prompt_tokens_details"]["cached_tokens"] == system["usage"]["prompt_tokens"] - 1
     assert developer.json()["choices"][0]["message"] == system["choices"][0]["message"]
 
 

@@ -44,6 +44,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--video-cache-mb", type=float, default=512, metavar="MB",
                         help="memory on the model's device for the visual tokens of recent videos, so a video asked "
                              "about again (the next turn of a conversation) is not encoded again (default: 512; 0: off)")
+    parser.add_argument("--prefix-cache-mb", type=float, default=1024, metavar="MB",
+                        help="memory on the model's device for the LLM's KV caches of recent requests, so a request "
+                             "that starts with an earlier one's conversation and video prefills only what is new "
+                             "(default: 1024; 0: off)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     add_precision_argument(parser)
 
@@ -86,8 +90,9 @@ def check_engine_arguments(args: argparse.Namespace) -> None:
         raise StormError(f"--frames must be between 1 and --max-frames ({args.max_frames}), got {args.frames}")
     if not args.max_upload_mb > 0:
         raise StormError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
-    if not 0 <= args.video_cache_mb <= 2**30:
-        raise StormError(f"--video-cache-mb must be between 0 and {2**30}, got {args.video_cache_mb}")
+    for flag in ("video_cache_mb", "prefix_cache_mb"):
+        if not 0 <= getattr(args, flag) <= 2**30:
+            raise StormError(f"--{flag.replace('_', '-')} must be between 0 and {2**30}, got {getattr(args, flag)}")
     if not 0 < args.decode_timeout <= 86400:
         raise StormError(f"--decode-timeout must be between 0 and 86400 seconds, got {args.decode_timeout}")
     for flag in ("max_new_tokens", "max_batch_size", "max_queue", "max_batch_frames", "max_concurrent_decodes"):
@@ -106,7 +111,7 @@ def load_engine(args: argparse.Namespace):
                        max_frames=args.max_frames, max_new_tokens_limit=args.max_new_tokens,
                        max_batch_size=args.max_batch_size, max_batch_frames=args.max_batch_frames,
                        max_queue=args.max_queue, decode_timeout_s=args.decode_timeout,
-                       video_cache_mb=args.video_cache_mb, verbose=True)
+                       video_cache_mb=args.video_cache_mb, prefix_cache_mb=args.prefix_cache_mb, verbose=True)
 
 
 def start_server(app, host: str, port: int, header_timeout_s: float = 30.0,

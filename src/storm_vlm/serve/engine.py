@@ -10,10 +10,11 @@ a request stops on its own token budget, one of its stop strings, the end-of-tur
 `RequestHandle.cancel()` (a client that hung up) without stopping the others. A full queue
 raises `EngineBusy` (the HTTP server answers 503 with Retry-After).
 
-Each video is encoded (vision tower and projector) once per batch, and its visual tokens are kept
-in `VideoTokenCache`, keyed by a digest of the frames: the next turn of a conversation about the
-same video (a chat client sends the whole conversation again; the web page sends the same clip)
-or a seeded request's next choice starts at the LLM.
+Each video is encoded (vision tower and projector) once per batch. What a request computed is
+kept for the next (`storm_vlm.serve.caches`): its videos' visual tokens, and, for a request that
+ran alone, the LLM's KV cache, so the next turn of a conversation about the same video (a chat
+client sends the whole conversation again; the web page sends the same clip) prefills only what
+is new, and a seeded request's next choice starts at the LLM.
 
 `StormEngine.answer` (the `/v1/answer` endpoint, `chat -q`, the web page) is one request through
 the same queue. A question is asked exactly as `storm-vlm eval` asks it (`storm_vlm.inference`:
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import itertools
 import math
 import queue
@@ -43,12 +43,14 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from storm_vlm.choices import LETTERS, extract_choice, format_question, strip_letter
 from storm_vlm.errors import StormError
 from storm_vlm.inference import GREEDY, Predictor, build_messages
+from storm_vlm.model.kv_cache import StormKVCache
 from storm_vlm.planner import fit_stride
+from storm_vlm.serve.caches import PrefixCache, VideoTokenCache, video_keys
 from storm_vlm.utils import check_int, check_model_dir
 from storm_vlm.video import load_video
 
 __all__ = ["StormEngine", "SamplingParams", "RequestHandle", "Completion", "EngineBusy", "RequestError",
-           "VideoTokenCache", "MAX_OPTIONS", "MAX_OPTION_CHARS", "MAX_QUESTION_CHARS"]
+           "MAX_OPTIONS", "MAX_OPTION_CHARS", "MAX_QUESTION_CHARS"]
 
 MAX_QUESTION_CHARS = 8000
 MAX_OPTIONS = 26
@@ -120,6 +122,7 @@ class Completion:
     timings: dict
     temporal_sample_stride: int | None = None  # the stride applied
     stride_planned: bool = False  # True: the request's frames did not fit at the stride asked for
+    cached_tokens: int = 0  # prompt tokens whose KV cache came from an earlier request (`PrefixCache`)
 
 
 @dataclass
@@ -290,45 +293,6 @@ class _RowsDone(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-class VideoTokenCache:
-    """The visual tokens of recently encoded videos, at most `max_bytes` of them, least recently
-    used out first. Keyed by `key(frames, stride)`: a SHA-256 of the frames' bytes and shape and
-    the test-time stride they were encoded at (the only setting of a request that changes a
-    video's tokens). With `max_bytes` 0 nothing is kept, and `key` is the array's identity, so a
-    batch still encodes the copies of one array (a request's n choices) once without hashing."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._tokens: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
-
-    def key(self, frames: np.ndarray, stride: int | None) -> tuple:
-        if not self.max_bytes:
-            return id(frames), stride
-        frames = np.ascontiguousarray(frames)
-        digest = hashlib.sha256(memoryview(frames).cast("B")).hexdigest()
-        return digest, frames.shape, str(frames.dtype), stride
-
-    def __len__(self) -> int:
-        return len(self._tokens)
-
-    def get(self, key: tuple) -> torch.Tensor | None:
-        tokens = self._tokens.get(key)
-        if tokens is not None:
-            self._tokens.move_to_end(key)
-        return tokens
-
-    def put(self, key: tuple, tokens: torch.Tensor) -> None:
-        size = tokens.numel() * tokens.element_size()
-        if size > self.max_bytes or key in self._tokens:
-            return
-        self._tokens[key] = tokens
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, old = self._tokens.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
-
-
 class StormEngine:
     """A STORM model + processor loaded once from `model_dir`, serving a queue of requests.
 
@@ -347,12 +311,14 @@ class StormEngine:
         decode_timeout_s: the longest a request's video may take to decode (DecodeTimeout).
         video_cache_mb: memory (on the model's device) for the visual tokens of recent videos, so
             a video asked about again is not encoded again (`VideoTokenCache`; 0: off).
+        prefix_cache_mb: memory (on the model's device) for the KV caches of recent requests that
+            ran alone, so a request that continues one prefills only what is new (`PrefixCache`; 0: off).
     """
 
     def __init__(self, model_dir, *, device: str | None = None, precision: str = "auto", default_frames: int = 32,
                  max_frames: int = 256, max_new_tokens_limit: int = 1024, max_batch_size: int = 8,
                  max_batch_frames: int | None = None, max_queue: int = 64, decode_timeout_s: float = 60.0,
-                 video_cache_mb: float = 512, verbose: bool = False):
+                 video_cache_mb: float = 512, prefix_cache_mb: float = 1024, verbose: bool = False):
         self.model_dir = check_model_dir(model_dir)
         self.max_frames = _check_int("max_frames", max_frames, 1)
         self.default_frames = _check_int("frames", default_frames, 1, self.max_frames)
@@ -372,6 +338,9 @@ class StormEngine:
         self._eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         tokenizer = self.processor.tokenizer
         self._pad = generation.pad_token_id if generation.pad_token_id is not None else tokenizer.pad_token_id
+        self._text_config = self.config.get_text_config(decoder=True)
+        self.prefix_cache = PrefixCache(int(_check_float("prefix_cache_mb", prefix_cache_mb, 0, 2**30) * 2**20),
+                                        self._text_config, {self.config.video_token_id, self.config.image_token_id})
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._wakeup = threading.Condition()
         self._recent_s = collections.deque(maxlen=16)  # durations of recent batches, for Retry-After
@@ -415,6 +384,8 @@ class StormEngine:
                        "max_question_chars": MAX_QUESTION_CHARS},
             "video_cache": {"max_mb": round(self.video_cache.max_bytes / 2**20, 3),
                             "used_mb": round(self.video_cache.bytes / 2**20, 3), "videos": len(self.video_cache)},
+            "prefix_cache": {"max_mb": round(self.prefix_cache.max_bytes / 2**20, 3),
+                             "used_mb": round(self.prefix_cache.bytes / 2**20, 3), "entries": len(self.prefix_cache)},
         }
 
     # ------------------------------------------------------------------ requests
@@ -607,13 +578,12 @@ class StormEngine:
                 handle.emit("error", _request_error(exc))
         return kept, (self._encode(kept) if kept else None)
 
-    def _encode_videos(self, inputs: dict, videos: list, stride: int | None) -> dict:
-        """`inputs` with the batch's videos as visual tokens (generate's `mm_encoder_outputs`):
-        each distinct video encoded once (the copies of a request with n choices share their
-        frames), or taken from `video_cache` when an earlier batch encoded it."""
-        if not videos:
+    def _encode_videos(self, inputs: dict, keys: list[tuple]) -> dict:
+        """`inputs` with the batch's videos (their `video_keys`) as visual tokens (generate's
+        `mm_encoder_outputs`): each distinct video encoded once (the copies of a request with n
+        choices share their frames), or taken from `video_cache` when an earlier batch encoded it."""
+        if not keys:
             return inputs
-        keys = [self.video_cache.key(video, stride) for video in videos]
         tokens, todo = {}, []
         for i, key in enumerate(keys):
             if key not in tokens:
@@ -644,11 +614,22 @@ class StormEngine:
         rows = _Rows(self.processor.tokenizer, handles, self._eos)
         if first.sampling.seed is not None:
             torch.manual_seed(first.sampling.seed)
+        videos = [v for h in handles for v in h.prepared.videos]
+        keys = video_keys(videos, first.stride, by_content=bool(self.video_cache.max_bytes or self.prefix_cache.max_bytes))
+        alone = len(handles) == 1 and self.prefix_cache.max_bytes > 0
+        cache, reused = self.prefix_cache.take(inputs["input_ids"][0].cpu(), keys) if alone else (None, 0)
         with torch.inference_mode(), self.predictor._context():
-            inputs = self._encode_videos(inputs, [v for h in handles for v in h.prepared.videos], first.stride)
-            self.model.generate(**inputs, **first.sampling.generate_kwargs(), streamer=rows,
-                                max_new_tokens=max(h.prepared.sampling.max_new_tokens for h in handles),
-                                stopping_criteria=StoppingCriteriaList([_RowsDone(rows)]), pad_token_id=self._pad)
+            if reused:  # the cached start holds every video: generate reads only the ids after it
+                inputs = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+            else:
+                inputs = self._encode_videos(inputs, keys)
+                cache = StormKVCache(config=self._text_config) if alone else None
+            out = self.model.generate(**inputs, **first.sampling.generate_kwargs(), streamer=rows,
+                                      max_new_tokens=max(h.prepared.sampling.max_new_tokens for h in handles),
+                                      stopping_criteria=StoppingCriteriaList([_RowsDone(rows)]), pad_token_id=self._pad,
+                                      **({} if cache is None else {"cache": cache}))
+        if alone:
+            self.prefix_cache.put(out[0].tolist(), keys, cache)
         rows.end()
         end = time.perf_counter()
         prompt_lengths = inputs["attention_mask"].sum(1).tolist()
@@ -662,7 +643,7 @@ class StormEngine:
                          "prefill_s": round((rows.first_token_at or end) - started, 4),
                          "generate_s": round(end - started, 4), "batch_size": len(handles)},
                 temporal_sample_stride=self.config.visual_token_layout.with_sample_stride(p.stride).temporal_sample_stride,
-                stride_planned=p.planned))
+                stride_planned=p.planned, cached_tokens=reused))
 
     # ------------------------------------------------------------------ one question (/v1/answer, chat, web)
 

@@ -508,7 +508,7 @@ def _usage(completions: list) -> dict:
     completion_tokens = sum(c.completion_tokens for c in completions)
     return {"prompt_tokens": first.prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": first.prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"visual_tokens": first.visual_tokens,
+            "prompt_tokens_details": {"cached_tokens": first.cached_tokens, "visual_tokens": first.visual_tokens,
                                       "temporal_sample_stride": first.temporal_sample_stride,
                                       "stride_planned": first.stride_planned}}
 

@@ -1,0 +1,128 @@
+"""What `StormEngine` keeps from one request for the next, each bounded in bytes, least recently
+used out first.
+
+A chat client sends the whole conversation, video included, with every turn (the web page sends
+its clip with every question). Two things of an earlier turn can then be reused:
+
+- `VideoTokenCache`: a video's visual tokens (vision tower and projector), keyed by the frames'
+  content and the sampling stride, so the video is not encoded again;
+- `PrefixCache`: the LLM's KV cache of an earlier conversation, so a request whose prompt starts
+  with that conversation (its video included) prefills only what follows.
+
+Videos are identified by `video_keys`: a SHA-256 of each video's frames and shape, with the
+stride (the one request setting that changes a video's tokens).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+
+import numpy as np
+import torch
+
+from storm_vlm.model.kv_cache import GrowingKVLayer, StormKVCache
+
+__all__ = ["video_keys", "VideoTokenCache", "PrefixCache"]
+
+
+def video_keys(videos, stride: int | None, by_content: bool = True) -> list[tuple]:
+    """A key per video ((T, H, W, 3) uint8 arrays): a SHA-256 of its frames' bytes, shape and dtype
+    with `stride`; or, without `by_content`, the array's identity (enough to find the copies of one
+    array inside one batch, without hashing)."""
+    if not by_content:
+        return [(id(video), stride) for video in videos]
+    keys = []
+    for video in videos:
+        frames = np.ascontiguousarray(video)
+        digest = hashlib.sha256(memoryview(frames).cast("B")).hexdigest()
+        keys.append((digest, frames.shape, str(frames.dtype), stride))
+    return keys
+
+
+class _BoundedLRU:
+    """{key: value} of at most `max_bytes` (each value's size given when put), least recently used
+    out first; a value larger than the whole budget is not kept."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: collections.OrderedDict = collections.OrderedDict()  # key -> (value, size)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key):
+        item = self._items.get(key)
+        if item is None:
+            return None
+        self._items.move_to_end(key)
+        return item[0]
+
+    def put(self, key, value, size: int) -> None:
+        if size > self.max_bytes:
+            return
+        if key in self._items:
+            self.bytes -= self._items.pop(key)[1]
+        self._items[key] = (value, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (_, old) = self._items.popitem(last=False)
+            self.bytes -= old
+
+
+class VideoTokenCache(_BoundedLRU):
+    """Visual tokens ((N, D) tensors on the model's device) by `video_keys` key."""
+
+    def put(self, key, tokens: torch.Tensor) -> None:
+        super().put(key, tokens, tokens.numel() * tokens.element_size())
+
+
+class PrefixCache(_BoundedLRU):
+    """KV caches of earlier requests, each with the token ids it holds and its videos' keys.
+
+    `take(ids, keys)` finds the entry whose ids share the longest start with `ids` (at least one
+    token shorter than `ids`, so the prefill has a token to read logits from), among those of the
+    same videos whose placeholders that start covers; it returns a copy of that entry's cache cut
+    to the shared start, or None. Entries stay for other requests (a regenerated answer, another
+    branch of the conversation). Only caches of whole-sequence layers (`GrowingKVLayer`, what the
+    model creates) are kept: a sliding-window cache cannot be cut back.
+    """
+
+    def __init__(self, max_bytes: int, text_config, placeholder_ids: set[int]):
+        super().__init__(max_bytes)
+        self._config = text_config
+        self._placeholders = torch.tensor(sorted(placeholder_ids))
+        self._placeholder_set = set(placeholder_ids)
+
+    def take(self, ids: torch.Tensor, keys: list[tuple]) -> tuple[StormKVCache | None, int]:
+        """(a copy of the best entry's cache cut to its shared start, that length) or (None, 0).
+        ids: (L,) the request's prompt ids; keys: its videos' keys, in order."""
+        visual = torch.isin(ids, self._placeholders).nonzero()
+        needed = int(visual[-1]) + 1 if len(visual) else 1  # every placeholder inside the reused start
+        best, best_len = None, 0
+        for (entry_ids, entry_keys), (cache, _) in self._items.items():
+            if list(entry_keys) != list(keys):
+                continue
+            n = min(len(entry_ids), len(ids) - 1)
+            differ = (torch.as_tensor(entry_ids[:n]) != ids[:n]).nonzero()
+            shared = int(differ[0]) if len(differ) else n
+            cut_run = shared < len(entry_ids) and entry_ids[shared] in self._placeholder_set  # a video's tokens
+            if shared >= needed and shared > best_len and not cut_run:
+                best, best_len = (entry_ids, entry_keys), shared
+        if best is None:
+            return None, 0
+        cache = self.get(best)
+        copy = StormKVCache(config=self._config)
+        for i, layer in enumerate(cache.layers):
+            copy.update(layer.keys[:, :, :best_len], layer.values[:, :, :best_len], i)
+        return copy, best_len
+
+    def put(self, ids: list[int], keys: list[tuple], cache) -> None:
+        """Keep `cache` (one row) as holding `ids` (its first cache.get_seq_length() tokens)."""
+        if (not isinstance(cache, StormKVCache) or not all(type(layer) is GrowingKVLayer for layer in cache.layers)
+                or cache.layers[0].keys.shape[0] != 1):
+            return
+        length = cache.get_seq_length()
+        size = sum(t.untyped_storage().nbytes() for layer in cache.layers for t in (layer.keys, layer.values))
+        super().put((tuple(ids[:length]), tuple(keys)), cache, size)
