@@ -336,10 +336,10 @@ def test_the_prefix_cache_reuses_only_a_start_that_holds_every_placeholder():
     for layer in range(2):
         cache.update(torch.arange(6.0).reshape(1, 1, 6, 1), -torch.arange(6.0).reshape(1, 1, 6, 1), layer)
     prefix.put([1, 2, V, V, 3, 4, 5], ["video"], cache)  # generate's ids: the cache holds the first 6
-    copy, n = prefix.take(torch.tensor([1, 2, V, V, 3, 7, 8]), ["video"])
+    copy, n = prefix.take([1, 2, V, V, 3, 7, 8], ["video"])
     assert n == 5 and copy.get_seq_length() == 5 and copy.layers[1].values[0, 0, :, 0].tolist() == [0, -1, -2, -3, -4]
     assert cache.get_seq_length() == 6  # the kept entry is not cut
-    assert prefix.take(torch.tensor([1, 2, V, V, 3, 4, 5, 6, 7]), ["video"])[1] == 6  # all it holds
-    assert prefix.take(torch.tensor([1, 2, V, V, 3, 7]), ["another video"]) == (None, 0)
-    assert prefix.take(torch.tensor([1, 2, V, 3]), ["video"]) == (None, 0)  # cut inside the placeholders
-    assert prefix.take(torch.tensor([1, 2, V, V]), ["video"]) == (None, 0)  # nothing left to prefill after them
+    assert prefix.take([1, 2, V, V, 3, 4, 5, 6, 7], ["video"])[1] == 6  # all it holds
+    assert prefix.take([1, 2, V, V, 3, 7], ["another video"]) == (None, 0)
+    assert prefix.take([1, 2, V, 3], ["video"]) == (None, 0)  # cut inside the placeholders
+    assert prefix.take([1, 2, V, V], ["video"]) == (None, 0)  # nothing left to prefill after them

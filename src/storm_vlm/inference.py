@@ -32,6 +32,7 @@ from transformers.utils import logging as hf_logging
 from storm_vlm.errors import StormError
 from storm_vlm.huge_pages import place_in_huge_pages
 from storm_vlm.model.fast_paths import language_model_of
+from storm_vlm.model.kv_cache import reusable_start
 from storm_vlm.precision import Precision, resolve_precision
 from storm_vlm.utils import check_model_dir
 
@@ -368,14 +369,9 @@ class ChatSession:
         prompt = p.render(build_messages(question, self.history, self.system, video=self.frames is not None))
         inputs = p.encode(prompt, [] if self.frames is None else [self.frames], self.stride)
         ids = inputs["input_ids"][0].tolist()
-        keep = 0
-        for a, b in zip(ids, self._cached_ids):
-            if a != b:
-                break
-            keep += 1
-        keep = min(keep, len(ids) - 1)  # the last prompt token always runs: it gives the first logits
-        visual = [i for i, t in enumerate(ids) if t in (p.processor.video_token_id, p.processor.image_token_id)]
-        if self._cache is not None and (not visual or keep > visual[-1]):
+        placeholders = {p.processor.video_token_id, p.processor.image_token_id}
+        keep = reusable_start(ids, self._cached_ids, placeholders)
+        if self._cache is not None and keep:
             self._cache.crop(keep - self._cache.get_seq_length())  # a negative count: tokens to drop
             inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
                       "cache": self._cache}
@@ -395,5 +391,5 @@ class ChatSession:
         new = sequence[len(ids):]
         text = p.tokenizer.decode(new, skip_special_tokens=True).strip()
         self.history.append((question, text))
-        return Reply(text=text, token_ids=new, prompt_tokens=len(ids), visual_tokens=len(visual),
+        return Reply(text=text, token_ids=new, prompt_tokens=len(ids), visual_tokens=sum(t in placeholders for t in ids),
                      prefill_s=round((first.at or end) - t0, 4), generate_s=round(end - t0, 4))

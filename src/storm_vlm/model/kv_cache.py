@@ -8,11 +8,12 @@ step (`decode.py`) writes a token's keys and values straight into its buffers.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Collection, Sequence
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-__all__ = ["StormKVCache", "GrowingKVLayer"]
+__all__ = ["StormKVCache", "GrowingKVLayer", "reusable_start"]
 
 _BUFFER_GENERATIONS = itertools.count()
 
@@ -193,3 +194,16 @@ class StormKVCache(DynamicCache):
         if layer.is_initialized and layer.keys is not None and layer.keys.numel():
             new.update(layer.keys, layer.values)
         return new
+
+
+def reusable_start(ids: Sequence[int], cached_ids: Sequence[int], placeholder_ids: Collection[int]) -> int:
+    """How many leading tokens of a prompt `ids` a KV cache of `cached_ids` can give: their shared
+    start, at most len(ids) - 1 (the last prompt token always runs: it gives the first logits), and
+    0 unless that start holds every placeholder of `ids` and ends outside a run of them (a video's
+    visual tokens come from the cache whole, or not at all)."""
+    n = min(len(ids), len(cached_ids))
+    shared = next((i for i in range(n) if ids[i] != cached_ids[i]), n)
+    shared = min(shared, len(ids) - 1)
+    last = max((i for i, t in enumerate(ids) if t in placeholder_ids), default=-1)
+    cut_run = shared < len(cached_ids) and cached_ids[shared] in placeholder_ids
+    return shared if shared > last and not cut_run else 0

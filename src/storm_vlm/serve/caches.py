@@ -21,7 +21,7 @@ import hashlib
 import numpy as np
 import torch
 
-from storm_vlm.model.kv_cache import GrowingKVLayer, StormKVCache
+from storm_vlm.model.kv_cache import GrowingKVLayer, StormKVCache, reusable_start
 
 __all__ = ["video_keys", "VideoTokenCache", "PrefixCache"]
 
@@ -81,10 +81,9 @@ class VideoTokenCache(_BoundedLRU):
 class PrefixCache(_BoundedLRU):
     """KV caches of earlier requests, each with the token ids it holds and its videos' keys.
 
-    `take(ids, keys)` finds the entry whose ids share the longest start with `ids` (at least one
-    token shorter than `ids`, so the prefill has a token to read logits from), among those of the
-    same videos whose placeholders that start covers; it returns a copy of that entry's cache cut
-    to the shared start, or None. Entries stay for other requests (a regenerated answer, another
+    `take(ids, keys)` finds the entry of the same videos whose ids give `ids` the longest reusable
+    start (`storm_vlm.model.kv_cache.reusable_start`) and returns a copy of that entry's cache cut
+    to it, or None. Entries stay for other requests (a regenerated answer, another
     branch of the conversation). Only caches of whole-sequence layers (`GrowingKVLayer`, what the
     model creates) are kept: a sliding-window cache cannot be cut back.
     """
@@ -92,23 +91,15 @@ class PrefixCache(_BoundedLRU):
     def __init__(self, max_bytes: int, text_config, placeholder_ids: set[int]):
         super().__init__(max_bytes)
         self._config = text_config
-        self._placeholders = torch.tensor(sorted(placeholder_ids))
-        self._placeholder_set = set(placeholder_ids)
+        self._placeholders = set(placeholder_ids)
 
-    def take(self, ids: torch.Tensor, keys: list[tuple]) -> tuple[StormKVCache | None, int]:
+    def take(self, ids: list[int], keys: list[tuple]) -> tuple[StormKVCache | None, int]:
         """(a copy of the best entry's cache cut to its shared start, that length) or (None, 0).
-        ids: (L,) the request's prompt ids; keys: its videos' keys, in order."""
-        visual = torch.isin(ids, self._placeholders).nonzero()
-        needed = int(visual[-1]) + 1 if len(visual) else 1  # every placeholder inside the reused start
+        ids: the request's prompt ids; keys: its videos' keys, in order (`reusable_start`)."""
         best, best_len = None, 0
-        for (entry_ids, entry_keys), (cache, _) in self._items.items():
-            if list(entry_keys) != list(keys):
-                continue
-            n = min(len(entry_ids), len(ids) - 1)
-            differ = (torch.as_tensor(entry_ids[:n]) != ids[:n]).nonzero()
-            shared = int(differ[0]) if len(differ) else n
-            cut_run = shared < len(entry_ids) and entry_ids[shared] in self._placeholder_set  # a video's tokens
-            if shared >= needed and shared > best_len and not cut_run:
+        for entry_ids, entry_keys in self._items:
+            shared = reusable_start(ids, entry_ids, self._placeholders) if list(entry_keys) == list(keys) else 0
+            if shared > best_len:
                 best, best_len = (entry_ids, entry_keys), shared
         if best is None:
             return None, 0

@@ -617,7 +617,7 @@ class StormEngine:
         videos = [v for h in handles for v in h.prepared.videos]
         keys = video_keys(videos, first.stride, by_content=bool(self.video_cache.max_bytes or self.prefix_cache.max_bytes))
         alone = len(handles) == 1 and self.prefix_cache.max_bytes > 0
-        cache, reused = self.prefix_cache.take(inputs["input_ids"][0].cpu(), keys) if alone else (None, 0)
+        cache, reused = self.prefix_cache.take(inputs["input_ids"][0].tolist(), keys) if alone else (None, 0)
         with torch.inference_mode(), self.predictor._context():
             if reused:  # the cached start holds every video: generate reads only the ids after it
                 inputs = {k: inputs[k] for k in ("input_ids", "attention_mask")}
