@@ -183,7 +183,9 @@ def test_mvbench_uses_the_task_folder_table_bounds_and_frame_folders(layouts):
     s = recs["object_shuffle/0"]
     assert s.video.endswith("perception/videos/video_1.mp4") and s.start is None and s.answer == 2
     e = recs["episodic_reasoning/0"]
-    assert Path(e.video).is_dir() and e.frames_fps == 3.0 and (e.start, e.end) == (1.0, 2.0)
+    assert Path(e.video).is_dir() and e.frames_fps == 3.0
+    # 1 s .. 2 s is MVBench's frames 3..6 (00003.jpg is frame 3): images 2..5 of the folder, from 0
+    assert (e.start, e.end) == pytest.approx((2 / 3, 5.25 / 3))
     assert len(e.options) == 5 and e.answer == 2
 
 

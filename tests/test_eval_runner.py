@@ -288,6 +288,6 @@ def test_frame_folders_respect_bounds_at_their_frame_rate(tmp_path):
     rec = next(r for r in load_benchmark("mvbench", root) if r.id == "episodic_reasoning/0")
     frames = load_record_frames(rec, 4)
     assert frames.shape == (4, 24, 24, 3)
-    # 1 s .. 2 s at 3 fps is frames 3..6 of the sorted folder: images 00004..00007 (grey 80..140)
-    assert np.allclose(frames[:, 12, 12, 0], [80, 100, 120, 140], atol=6)
+    # 1 s .. 2 s at 3 fps is MVBench's frames 3..6 (00001.jpg is frame 1): images 00003..00006 (grey 60..120)
+    assert np.allclose(frames[:, 12, 12, 0], [60, 80, 100, 120], atol=6)
     assert LETTERS[rec.answer] == "C"

@@ -1,7 +1,9 @@
 """Readers for each benchmark's public on-disk layout, all producing `Record`s.
 
 ``load_benchmark(name, data_root)`` dispatches on the name. Each reader expects the
-layout the benchmark's own release unpacks to (field names match the public files):
+layout the benchmark's own release unpacks to, or its Hugging Face Hub copy as
+``huggingface-cli download --repo-type dataset REPO --local-dir DATA_ROOT`` leaves it with the
+video archives extracted in place (field names match the public files):
 
 videomme
     ``DATA_ROOT/videomme/test-00000-of-00001.parquet`` (every ``*.parquet`` of
@@ -14,7 +16,8 @@ mvbench
     candidates, answer (text), start?, end?}``; videos under ``DATA_ROOT/video/<folder>``
     with MVBench's own task -> folder table (e.g. action_sequence ->
     ``star/Charades_v1_480``, read between start and end; episodic_reasoning ->
-    ``tvqa/frames_fps3_hq``, a folder of frames at 3 fps). The pre-cut folders of the
+    ``tvqa/frames_fps3_hq``, a folder of frames at 3 fps numbered from ``00001.jpg``, read over
+    the same frames as MVBench's code: see `_tvqa_bounds`). The pre-cut folders of the
     lmms-eval mirror (``star/Charades_segment``, ``sta/sta_video_segment``,
     ``tvqa/video_fps3_hq_segment``, ``nturgbd_convert``, ``ssv2_video_mp4``) are used when
     the original is absent, without re-cutting. The folders may also sit directly
@@ -25,23 +28,35 @@ mlvu
     works; the generation tasks ``8_sub_scene``/``9_summary`` are skipped with a warning),
     each a list of ``{video, duration, question, candidates, answer (text), question_type}``;
     videos ``DATA_ROOT/video/<task>/<video>``.
+    Or, where there is no ``json/``, the Hub's MLVU-Dev (``sy1998/MLVU_dev``:
+    ``DATA_ROOT/mlvu/test-00000-of-00001.parquet``) or MLVU-Test (``sy1998/MLVU_Test``:
+    ``DATA_ROOT/mlvu_test/*.parquet``), columns ``video_name, question (the options may follow
+    on their own lines, "(A) ..."; they are dropped from the question), candidates, answer
+    (a letter, "A"), task_type``; videos ``DATA_ROOT/<video_name>``, where its
+    ``video_part_*.zip`` archives extract.
 longvideobench
     ``DATA_ROOT/lvb_val.json``: a list of ``{id, video_path, question, candidates,
-    correct_choice (int), duration_group, question_category, ...}``; videos
-    ``DATA_ROOT/videos/<video_path>``.
+    correct_choice (int), duration_group, question_category, ...}`` (or ``option0..option4``,
+    "N/A" where absent, instead of candidates); without it, the Hub's
+    ``DATA_ROOT/validation-*.parquet`` with those columns (``option0..option4``); videos
+    ``DATA_ROOT/videos/<video_path>`` (the extracted ``videos.tar.part.*``). The test split has no
+    answers and is never read.
 egoschema
     ``DATA_ROOT/questions.json`` (``{q_uid, question, "option 0".."option 4"}``) and
-    ``DATA_ROOT/subset_answers.json`` (``{q_uid: index}``); videos
-    ``DATA_ROOT/videos/<q_uid>.mp4`` (or ``good_clips_git/``). Only the 500 questions whose
-    answers are public are read: the rest can only be scored by the official server.
+    ``DATA_ROOT/subset_answers.json`` (``{q_uid: index}``); without them, the Hub's
+    ``lmms-lab/egoschema`` ``DATA_ROOT/Subset/test-*.parquet`` (columns ``video_idx, question,
+    option ["A. ...", ...], answer (index 0-4)``). Videos ``DATA_ROOT/videos/<q_uid or
+    video_idx>.mp4`` (where the Hub's ``videos_chunked_*.zip`` extract; or ``good_clips_git/``).
+    Only the 500 questions whose answers are public are read: the rest can only be scored by
+    the official server.
 synthetic
     ``DATA_ROOT/test.json`` from ``storm-vlm synth``: ``{id, video (relative to DATA_ROOT),
     question, options ["A. ..."], answer ("B"), task}``.
 
 A missing annotation file or a malformed record raises `StormError` naming the file
-and the record (JSON files may start with a UTF-8 byte-order mark). For MVBench and MLVU, task
-files that are absent while others are present are named in a warning: the mean over tasks then
-covers fewer tasks than the benchmark's headline. A missing *video* is not an error here: it is
+and the record (JSON files may start with a UTF-8 byte-order mark; in parquet files a null cell is a
+missing field). For MVBench and MLVU, task files that are absent while others are present are named
+in a warning: the mean over tasks then covers fewer tasks than the benchmark's headline. A missing *video* is not an error here: it is
 recorded as a decode failure when the run reaches it, so one absent file never stops a benchmark.
 
 Annotation files are not trusted to stay inside the benchmark: every video path is resolved
@@ -56,6 +71,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -220,46 +236,61 @@ def _task_rows(json_dir: Path, tasks, benchmark: str):
             yield task, path, i, row, raw, _options(raw, path, i, "candidates")
 
 
+def _parquets(folders: list[Path], pattern: str = "*.parquet") -> list[Path]:
+    """Every file matching `pattern` in the first of `folders` that has any, [] if none: a split the Hub
+    stores as several shards (test-00000-of-00002, ...) is read whole, never just its first shard."""
+    for folder in folders:
+        found = sorted(folder.glob(pattern)) if folder.is_dir() else []
+        if found:
+            return found
+    return []
+
+
+def _parquet_rows(paths: list[Path], columns: tuple[str, ...]):
+    """(parquet file, row index in it, row) for every row of every file, `columns` checked per file. Cells
+    come as the JSON readers' values: lists for arrays, Python numbers, None for a null (NaN, NA)."""
+    import pandas as pd
+
+    def plain(value: Any) -> Any:
+        value = value.tolist() if hasattr(value, "tolist") else value  # numpy arrays and scalars
+        return None if not isinstance(value, (list, dict)) and pd.isna(value) else value
+
+    for path in paths:
+        try:
+            table = pd.read_parquet(path)
+        except Exception as exc:  # pyarrow raises several unrelated types for a bad file
+            raise _fail(path, None, f"cannot read parquet ({exc})") from None
+        missing = [c for c in columns if c not in table.columns]
+        if missing:
+            raise _fail(path, None, f"missing columns {missing}")
+        for i, row in enumerate(table.to_dict("records")):
+            yield path, i, {k: plain(v) for k, v in row.items()}
+
+
+def _index_answer(answer: Any, n: int, path: Path, rec: Any) -> int:
+    """A 0-based answer index given as an integer or a string of digits (releases use both)."""
+    if isinstance(answer, str) and answer.strip().isdigit():
+        answer = int(answer)
+    if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < n:
+        raise _fail(path, rec, f"answer {answer!r} is not an index 0..{n - 1}")
+    return answer
+
+
 # ---------------------------------------------------------------- VideoMME
 
 VIDEOMME_COLUMNS = ("videoID", "question_id", "duration", "domain", "sub_category",
                     "task_type", "question", "options", "answer")
 
 
-def _videomme_parquets(root: Path) -> list[Path]:
-    """Every ``*.parquet`` of the first of DATA_ROOT/videomme, DATA_ROOT that has any: a split the Hub
-    stores as several shards (test-00000-of-00002, ...) is read whole, never just its first shard."""
-    for folder in (root / "videomme", root):
-        found = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-        if found:
-            return found
-    raise _fail(root / "videomme" / "test-00000-of-00001.parquet", None,
-                "file not found (no *.parquet in the data root or its videomme/ folder)")
-
-
-def _videomme_rows(root: Path):
-    """(parquet file, row index in it, row) for every row of every shard, columns checked per file."""
-    import pandas as pd
-
-    for path in _videomme_parquets(root):
-        try:
-            table = pd.read_parquet(path)
-        except Exception as exc:  # pyarrow raises several unrelated types for a bad file
-            raise _fail(path, None, f"cannot read parquet ({exc})") from None
-        missing = [c for c in VIDEOMME_COLUMNS if c not in table.columns]
-        if missing:
-            raise _fail(path, None, f"missing columns {missing}")
-        for i, row in enumerate(table.to_dict("records")):
-            yield path, i, row
-
-
 def read_videomme(root: Path) -> list[Record]:
+    paths = _parquets([root / "videomme", root])
+    if not paths:
+        raise _fail(root / "videomme" / "test-00000-of-00001.parquet", None,
+                    "file not found (no *.parquet in the data root or its videomme/ folder)")
     records = []
-    for path, i, row in _videomme_rows(root):
+    for path, i, row in _parquet_rows(paths, VIDEOMME_COLUMNS):
         rec = f"{i} (question_id {row.get('question_id')!r})"
-        raw = row["options"]
-        raw = list(raw) if raw is not None and not isinstance(raw, str) else raw
-        options = _options(raw, path, rec, "options")
+        options = _options(row["options"], path, rec, "options")
         video_id = _field(row, "videoID", path, rec)
         video = _first_existing([root / "data" / f"{video_id}{s}" for s in (".mp4", ".MP4", ".mkv")])
         records.append(Record(
@@ -314,10 +345,28 @@ def _mvbench_video(root: Path, task: str, name: str) -> tuple[Path, bool, float 
     return root / "video" / folder / name, bounded, fps
 
 
+def _tvqa_bounds(start: float | None, end: float | None, fps: float) -> tuple[float | None, float | None]:
+    """MVBench's bounds on a TVQA frame folder, moved onto the folder's own timeline.
+
+    MVBench's reader numbers the frames from 1 (``00001.jpg`` is frame 1, at 1/fps s) and reads
+    frames round(start * fps) .. round(end * fps); `load_frame_folder` puts the i-th image (from 0)
+    at i/fps. So each bound becomes MVBench's frame number less one, over fps (rounded as MVBench
+    rounds, so the same frames are read); the end gains a quarter frame, which rounds away but keeps
+    a one-frame bound after its start. An empty bound (end <= start) stays as it is: the whole clip."""
+    if start is not None and end is not None and end <= start:
+        return start, end
+    first = None if start is None else max(round(start * fps) - 1, 0) / fps
+    last = None if end is None else (max(round(end * fps) - 1, 0) + 0.25) / fps
+    return first, last
+
+
 def read_mvbench(root: Path, tasks: list[str] | None = None) -> list[Record]:
     records = []
     for task, path, i, row, raw, options in _task_rows(root / "json", tasks or list(MVBENCH_TASKS), "MVBench"):
         video, bounded, fps = _mvbench_video(root, task, _field(row, "video", path, i))
+        start, end = (_optional_float(row, k, path, i) if bounded else None for k in ("start", "end"))
+        if fps is not None:
+            start, end = _tvqa_bounds(start, end, fps)
         records.append(Record(
             id=f"{task}/{i}",
             benchmark="mvbench",
@@ -325,8 +374,8 @@ def read_mvbench(root: Path, tasks: list[str] | None = None) -> list[Record]:
             question=_field(row, "question", path, i).strip(),
             options=options,
             answer=_text_index(row.get("answer"), options, raw, path, i),
-            start=_optional_float(row, "start", path, i) if bounded else None,
-            end=_optional_float(row, "end", path, i) if bounded else None,
+            start=start,
+            end=end,
             categories={"task": task},
             frames_fps=fps,
         ))
@@ -340,9 +389,59 @@ MLVU_TASKS = ("1_plotQA", "2_needle", "3_ego", "4_count", "5_order", "6_anomaly_
 MLVU_GENERATION_TASKS = ("8_sub_scene", "9_summary")
 
 
+# The Hub copies lmms-eval reads: sy1998/MLVU_dev (folder mlvu/) and sy1998/MLVU_Test (mlvu_test/).
+MLVU_HUB_FOLDERS = ("mlvu", "mlvu_test")
+MLVU_HUB_COLUMNS = ("video_name", "question", "candidates", "answer", "task_type")
+# "(A) text" or "A. text": an option repeated on its own line after the question.
+_OPTION_LINE = re.compile(r"[\(\[]?[A-Z][\)\].:]\s*(.*)")
+
+
+def _question_stem(question: str, options: tuple[str, ...]) -> str:
+    """`question` without the trailing lines that repeat its options (the Hub's MLVU puts them there for
+    lmms-eval's prompt; here the options are asked once, in the shared prompt). Only lines whose text is
+    one of the options go, so a question that merely ends in a lettered line keeps it."""
+    lines = question.strip().splitlines()
+    while len(lines) > 1:
+        last = lines[-1].strip()
+        option = _OPTION_LINE.fullmatch(last)
+        if last and not (option and option.group(1).strip() in options):
+            break
+        lines.pop()
+    return "\n".join(lines).strip()
+
+
+def _read_mlvu_hub(root: Path, paths: list[Path]) -> list[Record]:
+    """The Hub's MLVU parquet rows (see the module docstring); ids are task_type/n, n counting within it."""
+    records, counts = [], {}
+    for path, i, row in _parquet_rows(paths, MLVU_HUB_COLUMNS):
+        options = _options(_field(row, "candidates", path, i, list), path, i, "candidates")
+        task = _field(row, "task_type", path, i)
+        counts[task] = counts.get(task, -1) + 1
+        records.append(Record(
+            id=f"{task}/{counts[task]}",
+            benchmark="mlvu",
+            video=_inside(root, root / _field(row, "video_name", path, i), path, i),
+            question=_question_stem(_field(row, "question", path, i), options),
+            options=options,
+            answer=_letter_index(row["answer"], len(options), path, i),
+            categories={"question_type": task},
+        ))
+    return records
+
+
 def read_mlvu(root: Path) -> list[Record]:
     data_root = root
-    if not (root / "json").is_dir() and (root / "MLVU" / "json").is_dir():
+    if not (root / "json").is_dir() and not (root / "MLVU" / "json").is_dir():
+        hub = [f for f in MLVU_HUB_FOLDERS if _parquets([root / f])]
+        if len(hub) > 1:
+            raise _fail(root, None, "holds both mlvu/ (MLVU-Dev) and mlvu_test/ (MLVU-Test) parquet files; "
+                                    "point --data-root at one of the two downloads")
+        if hub:
+            return _read_mlvu_hub(root, _parquets([root / hub[0]]))
+        raise _fail(root / "json" / f"{MLVU_TASKS[0]}.json", None,
+                    "file not found (expected json/<task>.json of MLVU's release, or the Hub's "
+                    "mlvu/*.parquet of sy1998/MLVU_dev or mlvu_test/*.parquet of sy1998/MLVU_Test)")
+    if not (root / "json").is_dir():
         root = root / "MLVU"
     generation = [root / "json" / f"{t}.json" for t in MLVU_GENERATION_TASKS if (root / "json" / f"{t}.json").is_file()]
     if generation and not any((root / "json" / f"{t}.json").is_file() for t in MLVU_TASKS):
@@ -369,10 +468,27 @@ def read_mlvu(root: Path) -> list[Record]:
 # ---------------------------------------------------------------- LongVideoBench
 
 
-def read_longvideobench(root: Path) -> list[Record]:
+LONGVIDEOBENCH_COLUMNS = ("id", "video_path", "question", "correct_choice", "duration_group",
+                          "question_category", "option0", "option1")
+
+
+def _longvideobench_rows(root: Path):
+    """(annotation file, record label, row) from lvb_val.json, else from the Hub's validation-*.parquet."""
     path = root / "lvb_val.json"
+    if path.is_file():
+        for _, rec, row in _rows_with_ids(path):
+            yield path, rec, row
+        return
+    paths = _parquets([root], "validation-*.parquet")  # never test-*: it has no answers
+    if not paths:
+        raise _fail(path, None, "file not found (nor the Hub's validation-*.parquet beside it)")
+    for parquet, i, row in _parquet_rows(paths, LONGVIDEOBENCH_COLUMNS):
+        yield parquet, f"{i} (id {row.get('id')!r})", row
+
+
+def read_longvideobench(root: Path) -> list[Record]:
     records = []
-    for i, rec, row in _rows_with_ids(path):
+    for i, (path, rec, row) in enumerate(_longvideobench_rows(root)):
         if isinstance(row, dict) and "candidates" not in row and "option0" in row:
             raw = [row[f"option{k}"] for k in range(5) if row.get(f"option{k}") not in (None, "N/A")]
         else:
@@ -398,9 +514,38 @@ def read_longvideobench(root: Path) -> list[Record]:
 
 # ---------------------------------------------------------------- EgoSchema
 
+# lmms-lab/egoschema's Subset config: the 500 questions of subset_answers.json, with their answers.
+EGOSCHEMA_HUB_COLUMNS = ("video_idx", "question", "option", "answer")
+
+
+def _egoschema_video(root: Path, uid: str) -> Path:
+    """Where EgoSchema's video `uid` is (videos/ of the Hub's zips or the release, good_clips_git/, the root)."""
+    return _first_existing([root / d / f"{uid}{ext}" for d in ("videos", "good_clips_git", ".")
+                            for ext in (".mp4", ".MP4")])
+
+
+def _read_egoschema_hub(root: Path, paths: list[Path]) -> list[Record]:
+    records = []
+    for path, i, row in _parquet_rows(paths, EGOSCHEMA_HUB_COLUMNS):
+        uid = _id(_field(row, "video_idx", path, i), path, i, "video_idx")
+        rec = f"{i} (video_idx {uid!r})"
+        options = _options(_field(row, "option", path, rec, list), path, rec, "option")
+        records.append(Record(
+            id=uid, benchmark="egoschema", video=_inside(root, _egoschema_video(root, uid), path, rec),
+            question=_field(row, "question", path, rec).strip(), options=options,
+            answer=_index_answer(row["answer"], len(options), path, rec), categories={"subset": "subset"},
+        ))
+    return records
+
 
 def read_egoschema(root: Path) -> list[Record]:
     qpath, apath = root / "questions.json", root / "subset_answers.json"
+    if not qpath.is_file() and not apath.is_file():
+        hub = _parquets([root / "Subset"], "test-*.parquet")
+        if hub:
+            return _read_egoschema_hub(root, hub)
+        raise _fail(qpath, None, "file not found (expected questions.json + subset_answers.json of EgoSchema's "
+                                 "release, or the Hub's Subset/test-*.parquet of lmms-lab/egoschema)")
     questions = _as_list(_read_json(qpath), qpath)
     answers = _read_json(apath)
     if not isinstance(answers, dict):
@@ -413,17 +558,11 @@ def read_egoschema(root: Path) -> list[Record]:
         rec = f"{i} (q_uid {uid!r})"
         raw = [_field(row, f"option {k}", qpath, rec) for k in range(5)]
         options = _options(raw, qpath, rec, "option 0..4")
-        answer = answers[uid]
-        if isinstance(answer, str) and answer.strip().isdigit():
-            answer = int(answer)
-        if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < 5:
-            raise _fail(apath, f"q_uid {uid!r}", f"answer {answer!r} is not an index 0..4")
-        video = _first_existing([root / d / f"{uid}{ext}" for d in ("videos", "good_clips_git", ".")
-                                 for ext in (".mp4", ".MP4")])
         records.append(Record(
-            id=_id(uid, qpath, rec, "q_uid"), benchmark="egoschema", video=_inside(root, video, qpath, rec),
-            question=_field(row, "question", qpath, rec).strip(), options=options, answer=answer,
-            categories={"subset": "subset"},
+            id=_id(uid, qpath, rec, "q_uid"), benchmark="egoschema",
+            video=_inside(root, _egoschema_video(root, uid), qpath, rec),
+            question=_field(row, "question", qpath, rec).strip(), options=options,
+            answer=_index_answer(answers[uid], 5, apath, f"q_uid {uid!r}"), categories={"subset": "subset"},
         ))
     missing = set(answers) - {r.id for r in records}
     if missing:
