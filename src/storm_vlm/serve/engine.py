@@ -354,8 +354,8 @@ class StormEngine:
     # ------------------------------------------------------------------ description
 
     def info(self) -> dict:
-        """What /health reports: model folder, device, precision, compression settings, limits, the
-        video cache's use."""
+        """What /health reports: model folder, device, precision, compression settings, limits, what
+        the caches hold."""
         cfg = self.config
         text = cfg.get_text_config()
         precision = self.predictor.precision
@@ -615,7 +615,8 @@ class StormEngine:
         if first.sampling.seed is not None:
             torch.manual_seed(first.sampling.seed)
         videos = [v for h in handles for v in h.prepared.videos]
-        keys = video_keys(videos, first.stride, by_content=bool(self.video_cache.max_bytes or self.prefix_cache.max_bytes))
+        kept = self.video_cache.max_bytes or self.prefix_cache.max_bytes  # keys must then name the frames
+        keys = video_keys(videos, first.stride, by_content=bool(kept))
         alone = len(handles) == 1 and self.prefix_cache.max_bytes > 0
         cache, reused = self.prefix_cache.take(inputs["input_ids"][0].tolist(), keys) if alone else (None, 0)
         with torch.inference_mode(), self.predictor._context():
@@ -629,7 +630,7 @@ class StormEngine:
                                       stopping_criteria=StoppingCriteriaList([_RowsDone(rows)]), pad_token_id=self._pad,
                                       **({} if cache is None else {"cache": cache}))
         if alone:
-            self.prefix_cache.put(out[0].tolist(), keys, cache)
+            self.prefix_cache.put(getattr(out, "sequences", out)[0].tolist(), keys, cache)
         rows.end()
         end = time.perf_counter()
         prompt_lengths = inputs["attention_mask"].sum(1).tolist()
