@@ -4,10 +4,11 @@ Accepted record (one JSON object):
     {"id": "...", "video": "rel/path.mp4" | "image": "rel/path.png" | "image": [paths] | neither
      (text-only), "conversations": [{"from": "human", "value": "<video>\\n..."}, {"from": "gpt", ...}, ...]}
 Roles: human/user, gpt/assistant (and an optional leading system turn). Turns alternate
-user/assistant and end with an assistant turn. `"image"` may list several images (LLaVA-OneVision's
-multi-image records: one `<image>` per image, in order); `"video"` may be a one-element list, and
-names a video file or a folder of its frames. Optional `"start"`/`"end"` (seconds) cut a clip from
-a video file.
+user/assistant and end with an assistant turn; an assistant turn that opens the conversation
+(ShareGPT-derived records do) is dropped, as LLaVA and LLaVA-NeXT drop it: nothing prompts it.
+`"image"` may list several images (LLaVA-OneVision's multi-image records: one `<image>` per image,
+in order); `"video"` may be a one-element list, and names a video file or a folder of its frames.
+Optional `"start"`/`"end"` (seconds) cut a clip from a video file.
 
 A media path is relative to `media_root` (an absolute path must still lie inside it); a path
 that resolves outside the root (`..`, an absolute path elsewhere, a symlink pointing out) is
@@ -28,6 +29,14 @@ sample is built: that is a skip, counted and logged by `storm_vlm.data.datasets`
 
 JSONL is read line by line (a multi-GB file is never held as one string); a JSON array is read
 whole, then taken apart element by element so each record still gets its line number.
+
+A `.yaml`/`.yml` training file is a LLaVA-NeXT data mixture (its `--data_path` format):
+    datasets:
+      - json_path: /data/LLaVA-Video-178K/0_30_s_academic_v0_1/0_30_s_academic_oe_v0_1_qa_processed.json
+        sampling_strategy: "first:10%"     # all | first:N | end:N | random:N, N a count or a percentage
+A relative `json_path` is relative to the yaml's folder. A percentage is rounded up (as LLaVA-NeXT
+does); `random:N` picks with a fixed seed (LLaVA-NeXT's is unseeded), so every rank and every resumed
+run reads the same records. Only the chosen records are validated; each keeps its own `file:line`.
 """
 
 from __future__ import annotations
@@ -35,9 +44,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from storm_vlm.errors import StormError
 from storm_vlm.utils import IMAGE_TOKEN, VIDEO_TOKEN
@@ -52,6 +64,8 @@ MAX_LINE_BYTES = 16 * 1024 * 1024
 MAX_SECONDS = 1e7
 _BOM = b"\xef\xbb\xbf"
 _WS = re.compile(r"[ \t\n\r]*")
+_MIXTURE_SUFFIXES = (".yaml", ".yml")
+_STRATEGY = re.compile(r"(first|end|random):(\d+)(%?)")
 
 
 @dataclass
@@ -257,10 +271,13 @@ def _parse_record(obj, where: str, media_root: Path, index: int) -> Conversation
         if role == "system" and t != 0:
             raise StormError(f"{here}: a system turn may only come first (turn {t})")
         messages.append({"role": role, "content": value})
-    body = messages[1:] if messages[0]["role"] == "system" else messages
+    roles = " ".join(m["role"] for m in messages)  # as written, for the error below
+    first = 1 if messages[0]["role"] == "system" else 0
+    if messages[first:] and messages[first]["role"] == "assistant":
+        del messages[first]  # an opening gpt turn answers nothing: LLaVA / LLaVA-NeXT drop it too
+    body = messages[first:]
     expected = ["user", "assistant"] * (len(body) // 2 + 1)
     if not body or [m["role"] for m in body] != expected[: len(body)] or body[-1]["role"] != "assistant":
-        roles = " ".join(m["role"] for m in messages)
         raise StormError(f"{here}: turns must alternate human/gpt and end with a gpt turn (got: {roles})")
 
     image = obj.get("image")
@@ -302,8 +319,57 @@ def _parse_record(obj, where: str, media_root: Path, index: int) -> Conversation
     return rec
 
 
+def _mixture(path: Path) -> list[tuple[Path, str]]:
+    """(json file, sampling strategy) for each entry of a LLaVA-NeXT data yaml (see the module
+    docstring), every entry checked before any file is read."""
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StormError(f"{path}: cannot read training file ({exc})") from None
+    except yaml.YAMLError as exc:
+        raise StormError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
+    entries = doc.get("datasets") if isinstance(doc, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise StormError(f"{path}: a data mixture needs a non-empty 'datasets' list of "
+                         "{json_path, sampling_strategy} entries (LLaVA-NeXT's data yaml)")
+    out = []
+    for i, entry in enumerate(entries):
+        at = f"{path}: datasets[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("json_path"), str) or not entry["json_path"]:
+            raise StormError(f"{at}: needs a 'json_path' (the annotation file), got {entry!r}")
+        unknown = sorted(set(entry) - {"json_path", "sampling_strategy"})
+        if unknown:
+            raise StormError(f"{at}: unknown key(s) {', '.join(map(repr, unknown))} "
+                             "(an entry has json_path and sampling_strategy)")
+        strategy = entry.get("sampling_strategy", "all")
+        if not (strategy == "all" or isinstance(strategy, str) and _STRATEGY.fullmatch(strategy)):
+            raise StormError(f"{at}: sampling_strategy must be all, first:N, end:N or random:N (N a count "
+                             f"or a percentage such as 10%), got {strategy!r}")
+        file = path.parent / entry["json_path"]
+        if file.suffix.lower() in _MIXTURE_SUFFIXES:
+            raise StormError(f"{at}: json_path {entry['json_path']!r} is a yaml; mixtures do not nest")
+        if not file.is_file():
+            raise StormError(f"{at}: json_path {str(file)!r} is not a file")
+        out.append((file, strategy))
+    return out
+
+
+def _sample(raw: list, strategy: str) -> list:
+    """The items of one file's records that `strategy` keeps, in file order (see the module docstring)."""
+    if strategy == "all":
+        return raw
+    how, number, percent = _STRATEGY.fullmatch(strategy).groups()
+    n = min(len(raw), math.ceil(int(number) * len(raw) / 100) if percent else int(number))
+    if how == "first":
+        return raw[:n]
+    if how == "end":
+        return raw[len(raw) - n:]
+    return [raw[i] for i in sorted(random.Random(0).sample(range(len(raw)), n))]
+
+
 def load_records(path: str | os.PathLike, media_root: str | os.PathLike) -> list[Conversation]:
-    """Parse and validate every record of a LLaVA-style .json / .jsonl file (no media is read).
+    """Parse and validate every record of a LLaVA-style .json / .jsonl file, or of the files a
+    LLaVA-NeXT data yaml names (no media is read).
 
     Any malformed record raises StormError naming `file:line` and the cause (see the module docstring).
     """
@@ -312,7 +378,12 @@ def load_records(path: str | os.PathLike, media_root: str | os.PathLike) -> list
         raise StormError(f"media_root {str(media_root)!r} is not a folder")
     if path.is_dir():
         raise StormError(f"{path}: is a folder, not a training file")
-    records = [_parse_record(obj, where, media_root, i) for i, (where, obj) in enumerate(_iter_raw(path))]
+    if path.suffix.lower() in _MIXTURE_SUFFIXES:  # (index in its file, (where, obj)) for each chosen record
+        chosen = (item for file, strategy in _mixture(path)
+                  for item in _sample(list(enumerate(_iter_raw(file))), strategy))
+    else:
+        chosen = enumerate(_iter_raw(path))
+    records = [_parse_record(obj, where, media_root, i) for i, (where, obj) in chosen]
     if not records:
         raise StormError(f"{path}: no training records")
     return records
