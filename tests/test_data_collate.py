@@ -206,7 +206,7 @@ def test_a_record_too_long_for_max_length_is_skipped_not_fatal(media, tmp_path, 
     long_question = "word " * 400
     f = tmp_path / "t.jsonl"
     records = [rec("long", [long_question], ["A"], video="four.mp4"),
-               rec("split", [long_question + "<video>"], ["A"], video="two.mp4"),
+               rec("split", [long_question, "<video>\nAnd now?"], ["A", "B"], video="two.mp4"),
                rec("ok", ["Q"], ["A"], video="four.mp4")]
     f.write_text("".join(json.dumps(r) + "\n" for r in records))
     proc, _ = processor_and_model()

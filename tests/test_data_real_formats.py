@@ -148,3 +148,20 @@ def test_public_record_shapes_encode_with_one_visual_block_per_file(tmp_path):
     tok = proc.tokenizer
     assert tok.decode(items[1]["input_ids"][items[1]["labels"] != -100]) == "Grey.<|im_end|>Darker.<|im_end|>"
     assert tok.decode(items[2]["input_ids"][items[2]["labels"] != -100]) == "一个表情。<|im_end|>"
+
+
+def test_a_turns_one_placeholder_goes_first_as_llava_next_puts_it(tmp_path):
+    """LCS-558K writes the caption prompt before its <image>; LLaVA-NeXT moves a turn's lone
+    placeholder to the front, which is also where inference puts the video."""
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "b.png").write_bytes(b"")
+    rows = [{"id": "lcs", "image": "a.png", "conversations": [
+                {"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
+                {"from": "gpt", "value": "a cat"}]},
+            {"id": "two", "image": ["a.png", "b.png"], "conversations": [
+                {"from": "human", "value": "Compare <image> and <image>."}, {"from": "gpt", "value": "same"}]}]
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(rows))
+    lcs, two = load_records(path, tmp_path)
+    assert lcs.messages[0]["content"] == "<image>\nRender a clear and concise summary of the photo."
+    assert two.messages[0]["content"] == "Compare <image> and <image>."  # several: left where they are

@@ -8,7 +8,9 @@ user/assistant and end with an assistant turn; an assistant turn that opens the 
 (ShareGPT-derived records do) is dropped, as LLaVA and LLaVA-NeXT drop it: nothing prompts it.
 `"image"` may list several images (LLaVA-OneVision's multi-image records: one `<image>` per image,
 in order); `"video"` may be a one-element list, and names a video file or a folder of its frames.
-Optional `"start"`/`"end"` (seconds) cut a clip from a video file.
+Optional `"start"`/`"end"` (seconds) cut a clip from a video file. A turn's one placeholder is
+moved to the front of the turn (LCS-558K writes "...\n<image>"), as LLaVA-NeXT's
+`preprocess_multimodal` does and as the model is asked at inference (the video first).
 
 A media path is relative to `media_root` (an absolute path must still lie inside it); a path
 that resolves outside the root (`..`, an absolute path elsewhere, a symlink pointing out) is
@@ -315,6 +317,10 @@ def _parse_record(obj, where: str, media_root: Path, index: int) -> Conversation
         elif count:
             name = placeholder.strip("<>")
             raise StormError(f"{here}: text has {placeholder} but the record has no {name!r} file")
+    for m in messages:  # a turn's one placeholder goes first, as LLaVA-NeXT's preprocess_multimodal puts it
+        found = [p for p in (IMAGE_TOKEN, VIDEO_TOKEN) if p in m["content"]]
+        if len(found) == 1 and m["content"].count(found[0]) == 1 and not m["content"].startswith(found[0]):
+            m["content"] = f"{found[0]}\n" + m["content"].replace(found[0], "").strip()
     rec.extra = {k: v for k, v in obj.items() if k not in ("id", "image", "video", "conversations", "start", "end")}
     return rec
 
