@@ -289,3 +289,33 @@ def test_web_page_builds_and_a_turn_streams_into_the_conversation(engine, video,
     assert "Upload a video" in chat[-1]["content"]
     chat, _, _ = list(chat_turn(engine, str(video), "q", [], [], "\n".join(str(i) for i in range(30))))[-1]
     assert "between 2 and 26 options" in chat[-1]["content"]
+
+
+def test_an_api_key_guards_v1_and_leaves_health_open(engine):
+    """--api-key, as vLLM's: every /v1 request needs 'Authorization: Bearer KEY' (401 before its body
+    is read, an OpenAI error the official client raises as AuthenticationError); /health is open."""
+    from fastapi.testclient import TestClient
+
+    from storm_vlm.serve.api import create_app
+
+    client = TestClient(create_app(engine, api_key="s3cret"))
+    assert client.get("/health").status_code == 200
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}, {"Authorization": "Bearer "}):
+        r = client.get("/v1/models", headers=headers)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", headers
+        assert r.json()["error"]["code"] == "invalid_api_key"
+    assert client.post("/v1/chat/completions", content=b"{" * 1000).status_code == 401  # refused unread
+    assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    openai = pytest.importorskip("openai")
+    kw = dict(model=engine.model_dir.name, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    good = openai.OpenAI(base_url="http://testserver/v1", api_key="s3cret", http_client=client, max_retries=0)
+    assert good.chat.completions.create(**kw).choices[0].finish_reason in ("stop", "length")
+    bad = openai.OpenAI(base_url="http://testserver/v1", api_key="nope", http_client=client, max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(**kw)
+
+
+def test_serve_refuses_an_empty_api_key(qwen2_mamba_dir, capsys, monkeypatch):
+    monkeypatch.setenv("STORM_VLM_API_KEY", " ")
+    assert main(["serve", str(qwen2_mamba_dir)]) == 2
+    assert "--api-key" in capsys.readouterr().err

@@ -9,6 +9,7 @@ heads, timeouts) are in `storm_vlm.serve.network.uvicorn_config`.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from storm_vlm.commands import add_precision_argument
@@ -17,6 +18,7 @@ from storm_vlm.utils import check_int, check_model_dir
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+API_KEY_ENV = "STORM_VLM_API_KEY"
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="live-video sessions (/v1/sessions) open at once at most (default: 4)")
     parser.add_argument("--session-idle", type=float, default=600.0, metavar="SECONDS",
                         help="a live-video session idle this long is closed (default: 600)")
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), metavar="KEY",
+                        help=f"requests under /v1 must send 'Authorization: Bearer KEY' (401 otherwise), as vLLM's "
+                             f"flag of that name; default: ${API_KEY_ENV} (the environment keeps the key out of "
+                             "the process list)")
     parser.add_argument("--served-model-name", default=None, metavar="NAME",
                         help="the model id of /v1/models and chat completions (default: the model folder's name)")
     parser.add_argument("--max-concurrent-bodies", type=int, default=4, metavar="N",
@@ -154,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
         raise StormError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a folder")
     if not 0 < args.session_idle <= 86400:
         raise StormError(f"--session-idle must be between 0 and 86400 seconds, got {args.session_idle}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise StormError(f"--api-key (or ${API_KEY_ENV}) must not be empty")
     if not 0 < args.body_timeout <= 3600:
         raise StormError(f"--body-timeout must be between 0 and 3600 seconds, got {args.body_timeout}")
     engine = load_engine(args)
@@ -161,8 +169,8 @@ def run(args: argparse.Namespace) -> int:
                      allowed_local_media_path=args.allowed_local_media_path, model_name=args.served_model_name,
                      body_timeout_s=args.body_timeout,
                      max_sessions=args.max_sessions, session_idle_s=args.session_idle,
-                     max_concurrent_bodies=args.max_concurrent_bodies)
-    warn_if_public(args.host, "storm-vlm serve")
+                     max_concurrent_bodies=args.max_concurrent_bodies, api_key=args.api_key)
+    warn_if_public(args.host, "storm-vlm serve", keyed=args.api_key is not None)
     start_server(app, args.host, args.port, header_timeout_s=args.header_timeout,
                  limit_concurrency=args.limit_concurrency)
     return 0

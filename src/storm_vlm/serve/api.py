@@ -51,6 +51,7 @@ from storm_vlm.serve import openai_api as oai
 from storm_vlm.serve.bodies import (BodiesBusy, BodySlots, BodyTooLarge, BodyTooSlow, TooManyValues, content_length,
                                     limited, parse_json)
 from storm_vlm.serve.engine import MAX_OPTION_CHARS, MAX_OPTIONS, MAX_QUESTION_CHARS, EngineBusy, RequestError
+from storm_vlm.serve.network import BearerKey
 from storm_vlm.serve.sessions import add_session_routes
 from storm_vlm.utils import check_int
 from storm_vlm.video import DecodeCancelled, DecodeTimeout
@@ -174,7 +175,7 @@ _MULTIPART_SCHEMA = {
 def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = False,
                allowed_local_media_path: str | Path | None = None, model_name: str | None = None,
                body_timeout_s: float = 60.0, max_sessions: int = 4, session_idle_s: float = 600.0,
-               max_concurrent_bodies: int = 4) -> FastAPI:
+               max_concurrent_bodies: int = 4, api_key: str | None = None) -> FastAPI:
     """A FastAPI app serving `engine` (a `StormEngine`). Files on the server (file: URLs,
     /v1/answer's video_path) are read only with `allow_local_paths` (any file) or inside the folder
     `allowed_local_media_path` (vLLM's --allowed-local-media-path; see `openai_api.LocalMedia`).
@@ -184,7 +185,8 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
     at once at most, and how long one may stay idle (see `storm_vlm.serve.sessions`);
     `max_concurrent_bodies`: chat-completion and /v1/answer bodies read and parsed at once at
     most (`BodySlots`: each costs several times its size in memory); a request that finds no slot
-    free within 10 s is answered 503 with Retry-After (`app.state.body_slots`)."""
+    free within 10 s is answered 503 with Retry-After (`app.state.body_slots`). `api_key`: requests
+    under /v1 must carry it as a bearer token (`storm_vlm.serve.network.BearerKey`)."""
     if not max_upload_mb > 0:
         raise StormError(f"max_upload_mb must be > 0, got {max_upload_mb!r}")
     max_upload = int(max_upload_mb * 1024 * 1024)
@@ -197,6 +199,8 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
                   version=storm_vlm.__version__)
     app.state.body_slots = body_slots = BodySlots(check_int("max_concurrent_bodies", max_concurrent_bodies,
                                                             error=StormError))
+    if api_key is not None:
+        app.add_middleware(BearerKey, key=api_key)
 
     @app.exception_handler(oai.OpenAIError)
     async def openai_error(request: Request, exc: oai.OpenAIError):

@@ -1,17 +1,20 @@
 """Where a server listens: refuse a port that is taken (one clear message), warn when the address
-is reachable from other machines (neither server has authentication), and the uvicorn settings of
-`storm-vlm serve` (`uvicorn_config`: connection limits and timeouts)."""
+is reachable from other machines without a key, the API key of `storm-vlm serve` (`BearerKey`,
+vLLM's --api-key), and its uvicorn settings (`uvicorn_config`: connection limits and timeouts)."""
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
+import json
 import socket
 import sys
 
 from storm_vlm.errors import StormError
 from storm_vlm.utils import check_int
 
-__all__ = ["check_listen", "is_loopback", "warn_if_public", "uvicorn_config", "KEEP_ALIVE_S", "MAX_HEAD_BYTES"]
+__all__ = ["check_listen", "is_loopback", "warn_if_public", "uvicorn_config", "BearerKey", "KEEP_ALIVE_S",
+           "MAX_HEAD_BYTES"]
 
 KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this many seconds (uvicorn's default)
 MAX_HEAD_BYTES = 16 * 1024  # a request head still incomplete past this many bytes is refused (400; h11's default)
@@ -43,10 +46,38 @@ def check_listen(host: str, port: int) -> None:
             raise StormError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
-def warn_if_public(host: str, what: str) -> None:
+def warn_if_public(host: str, what: str, keyed: bool = False) -> None:
     if not is_loopback(host):
-        print(f"warning: {what} listens on {host}: anyone who can reach this host can use it "
-              "(there is no authentication)", file=sys.stderr)
+        how = ("with the API key (sent unencrypted: put TLS in front)" if keyed
+               else "(there is no authentication: storm-vlm serve takes --api-key)")
+        print(f"warning: {what} listens on {host}: anyone who can reach this host can use it {how}", file=sys.stderr)
+
+
+class BearerKey:
+    """ASGI middleware: a request to a path under /v1 needs `Authorization: Bearer <key>`, as vLLM's
+    --api-key asks; without it, 401 with an OpenAI error body (the official client raises
+    AuthenticationError). /health, /docs and /openapi.json stay open, and CORS preflights pass.
+    The key is compared in constant time."""
+
+    def __init__(self, app, key: str):
+        if not key:
+            raise StormError("the API key must not be empty")
+        self.app, self._expected = app, b"Bearer " + key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] == "http" and scope.get("method") != "OPTIONS"
+                and (scope["path"] == "/v1" or scope["path"].startswith("/v1/"))):
+            given = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")
+            if not hmac.compare_digest(given, self._expected):
+                body = json.dumps({"error": {"message": "a valid API key is needed: Authorization: Bearer <key>",
+                                             "type": "invalid_request_error", "param": None,
+                                             "code": "invalid_api_key"}}).encode()
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
 
 
 def _head_timeout_protocol(timeout_s: float):
