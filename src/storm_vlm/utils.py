@@ -164,4 +164,4 @@ def available_memory_bytes() -> float:
 def numbered_name_key(name: str) -> list:
     """Sort key for file names whose runs of digits are numbers, padded or not: frame_2 before
     frame_10, seg_999 before seg_1000 (the name split into text and whole numbers)."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+    return [int(part) if part.isdecimal() else part for part in re.split(r"(\d+)", name)]  # isdigit: also "²"

@@ -26,8 +26,11 @@ ended and its memory freed; each session's memory is bounded by its `max_visual_
 the server's `max_visual_tokens`, default the LLM's positions less room for a question). Model
 work takes the engine's `model_lock`, so sessions and one-shot requests never compute at the same
 time (a segment is fed in pieces of `FEED_FRAMES` frames, releasing the lock between them);
-one request per session at a time (a second one waits). Errors are 4xx with a message naming the
-cause: 404 no such session, 422 bad parameters or a segment that cannot be decoded.
+one request per session at a time (a second one waits, in the event loop: no worker thread is
+held while waiting). A segment damaged after some frames keeps them (the body's `error` says where
+it stopped). A session deleted or expired while requests wait answers them 404 (a segment being
+added stops at its next frame). Errors are 4xx with a message naming the cause: 400 a model that
+cannot stream, 404 no such session, 422 bad parameters or a segment that cannot be decoded.
 """
 
 from __future__ import annotations
@@ -52,11 +55,12 @@ from storm_vlm.errors import StormError
 from storm_vlm.media.limits import Budget
 from storm_vlm.serve.bodies import BodyTooLarge, BodyTooSlow, limited
 from storm_vlm.serve.engine import MAX_OPTION_CHARS, MAX_OPTIONS, MAX_QUESTION_CHARS
-from storm_vlm.video import DecodeTimeout
+from storm_vlm.video import DecodeCancelled, DecodeTimeout, VideoDecodeError
 
 __all__ = ["add_session_routes", "SessionStore", "CreateSession", "AskSession"]
 
 FEED_FRAMES = 32  # frames encoded per model-lock hold while a segment is added
+LOCK_POLL_S = 0.02  # how often a request waiting for its session's turn looks again
 _UPLOAD_NAME = "segment"  # a fixed name: the client never chooses how the bytes are read
 
 
@@ -90,10 +94,11 @@ class _Session:
         self.stream = stream
         self.sampler = sampler
         self.settings = settings
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # held while a request of the session works (see `locked`)
         self.created = self.used = time.monotonic()
         self.busy = 0  # requests inside (holding or waiting for the lock): never reaped while > 0
         self.chunks = 0
+        self.ended = threading.Event()  # deleted or expired: requests still waiting or running stop
 
     def describe(self) -> dict:
         return {"id": self.id, **self.settings, "chunks": self.chunks, "video_seconds": round(self.sampler.end, 3),
@@ -120,13 +125,17 @@ class SessionStore:
             stale = [sid for sid, s in self._sessions.items()
                      if s.busy == 0 and now - s.used > self.idle_timeout_s]
             for sid in stale:
-                del self._sessions[sid]
+                self._sessions.pop(sid).ended.set()
         return len(stale)
 
     def create(self, params: CreateSession) -> _Session:
         from storm_vlm.streaming.sources import FrameSampler
-        from storm_vlm.streaming.stream import StormStream
+        from storm_vlm.streaming.stream import StormStream, check_streamable
 
+        try:
+            check_streamable(self.engine.predictor.model.config)
+        except StormError as exc:
+            raise _CannotStream(str(exc)) from None
         self.reap()
         cap = self.max_visual_tokens
         if cap is not None and params.max_visual_tokens is not None and params.max_visual_tokens > cap:
@@ -153,8 +162,14 @@ class SessionStore:
             return session
 
     def delete(self, sid: str) -> bool:
+        """End a session: a request of it still waiting is answered 404, a segment being added
+        stops at its next frame, and its memory is freed once that request returns."""
         with self._lock:
-            return self._sessions.pop(sid, None) is not None
+            session = self._sessions.pop(sid, None)
+        if session is None:
+            return False
+        session.ended.set()
+        return True
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -162,6 +177,14 @@ class SessionStore:
 
 class _Full(StormError):
     pass
+
+
+class _CannotStream(StormError):
+    """The server's model cannot stream (a bidirectional projector): 400, whatever the parameters."""
+
+
+class _Ended(StormError):
+    """The session was deleted or expired while a request of it waited or ran."""
 
 
 class _Timed(io.FileIO):
@@ -187,7 +210,7 @@ def _add_segment(session: _Session, path: Path, model_lock, timeout_s: float | N
     from storm_vlm.streaming.sources import decode_segment
 
     t0 = time.perf_counter()
-    budget = Budget("the chunk", timeout_s, None)
+    budget = Budget("the chunk", timeout_s, session.ended)  # a deleted session stops decoding
     before = session.stream.frames_seen
     totals = {"encode_s": 0.0, "prefill_s": 0.0, "rebuild_s": 0.0}
     frames: list = []
@@ -201,15 +224,20 @@ def _add_segment(session: _Session, path: Path, model_lock, timeout_s: float | N
 
     error = None
     try:
-        with _Timed(path, budget) as source:
-            for _, frame in decode_segment(source, session.sampler, "the chunk",
-                                           min_side=session.stream.model.config.vision_config.image_size):
-                budget.check()
-                if frames and frames[0].shape != frame.shape:
-                    feed()
-                frames.append(frame)
-                if len(frames) >= FEED_FRAMES:
-                    feed()
+        try:
+            with _Timed(path, budget) as source:
+                for _, frame in decode_segment(source, session.sampler, "the chunk",
+                                               min_side=session.stream.model.config.vision_config.image_size):
+                    budget.check()
+                    if frames and frames[0].shape != frame.shape:
+                        feed()
+                    frames.append(frame)
+                    if len(frames) >= FEED_FRAMES:
+                        feed()
+        except (DecodeTimeout, DecodeCancelled):
+            raise  # past the deadline, or the session ended: the frames not encoded yet are dropped
+        except VideoDecodeError as exc:
+            error = exc  # damaged after some frames: those are part of the video, as `storm-vlm watch` keeps them
         if frames:
             feed()
     except StormError as exc:
@@ -276,17 +304,26 @@ def add_session_routes(app: FastAPI, engine, *, max_sessions: int = 4, max_chunk
         return session, None
 
     async def locked(session: _Session, fn, *args):
-        """Run fn(*args) in a worker thread while holding the session's lock (waiting for it)."""
-        def run():
-            with session.lock:
-                try:
-                    return fn(*args)
-                finally:
-                    session.used = time.monotonic()
+        """Run fn(*args) in a worker thread while holding the session's lock; _Ended when the
+        session was deleted or expired while the request waited (it does nothing then).
 
+        The lock is waited for in the event loop, polling: a waiting request holds no worker
+        thread, so a client queueing many requests on its session cannot take every thread of
+        the pool that the other sessions and the one-shot requests need. (Not an asyncio.Lock,
+        which belongs to one event loop: a TestClient runs each request in a loop of its own.)
+        The worker thread is never abandoned on cancellation, so the lock is released only once
+        it has returned."""
         session.busy += 1
         try:
-            return await run_in_threadpool(run)
+            while not session.lock.acquire(blocking=False):
+                await asyncio.sleep(LOCK_POLL_S)
+            try:
+                if session.ended.is_set():
+                    raise _Ended(f"session {session.id!r} was ended while this request waited")
+                return await run_in_threadpool(fn, *args)
+            finally:
+                session.used = time.monotonic()
+                session.lock.release()
         finally:
             session.busy -= 1
 
@@ -299,8 +336,10 @@ def add_session_routes(app: FastAPI, engine, *, max_sessions: int = 4, max_chunk
             session = store.create(params)
         except _Full as exc:
             return _error(429, str(exc), headers={"Retry-After": str(int(min(idle_timeout_s, 3600)))})
-        except StormError as exc:
+        except _CannotStream as exc:
             return _error(400, str(exc))
+        except StormError as exc:  # parameters this model cannot use (a budget too small or too large)
+            return _error(422, str(exc))
         return JSONResponse({**session.describe(), "idle_timeout_s": idle_timeout_s,
                              "max_chunk_bytes": max_chunk_bytes}, status_code=201)
 
@@ -345,8 +384,12 @@ def add_session_routes(app: FastAPI, engine, *, max_sessions: int = 4, max_chunk
             if size == 0:
                 return _error(422, "the chunk is empty: send a segment file's bytes as the body")
             body, error = await locked(session, _add_segment, session, path, model_lock, engine.decode_timeout_s)
+        except _Ended as exc:
+            return _error(404, str(exc))
         finally:
             await asyncio.to_thread(shutil.rmtree, workdir, True)
+        if session.ended.is_set():  # deleted while the segment was added: it stopped, and is gone with the session
+            return _error(404, f"session {session.id!r} was ended while this chunk was added")
         if isinstance(error, DecodeTimeout) and body["frames_added"] == 0:
             return _error(503, body["error"], headers={"Retry-After": "10"})
         if error is not None and body["frames_added"] == 0:
@@ -378,6 +421,8 @@ def add_session_routes(app: FastAPI, engine, *, max_sessions: int = 4, max_chunk
 
         try:
             return JSONResponse(await locked(session, answer))
+        except _Ended as exc:
+            return _error(404, str(exc))
         except StormError as exc:
             return _error(422, str(exc))
 

@@ -145,12 +145,17 @@ def _open(target, fmt: str | None, name: str):
                        options={"max_pixels": str(MAX_SOURCE_PIXELS)})
     except (av.FFmpegError, OSError, EOFError, UnicodeDecodeError) as exc:
         cause = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        truncation = find_truncation(path, os.path.getsize(path)) if path and os.path.isfile(path) else None
+        # a regular file, named or opened (the server's uploaded segment), can say whether it was cut off
+        on_disk = path or getattr(target, "name", None)
+        if not (isinstance(on_disk, (str, os.PathLike)) and os.path.isfile(on_disk)):
+            on_disk = None
+        truncation = find_truncation(on_disk, os.path.getsize(on_disk)) if on_disk else None
         if truncation is not None:  # e.g. an MP4 still being recorded: its index is written last
             raise VideoDecodeError(f"{name}: {truncation.describe()}; a recording still being written is read from "
                                    "a folder of segments or a pipe (MPEG-TS, Matroska, fragmented MP4)") from None
+        hint = "" if on_disk else ", and a pipe needs a streamable format (--format)"
         raise VideoDecodeError(f"{name}: not a readable video stream ({cause}); playlists and reference formats "
-                               "are not read, and a pipe needs a streamable format (--format)") from None
+                               f"are not read{hint}") from None
 
 
 def decode_segment(target, sampler: FrameSampler, name: str, fmt: str | None = None,
