@@ -108,7 +108,10 @@ def _input_major_wins(mats: list[torch.Tensor]) -> list[torch.Tensor] | None:
     (timed, alternating, best of 3); else None. Which layout streams faster depends on the shape
     (short rows favour input-major) and the BLAS, so it is timed, not assumed."""
     copies = [w.t().contiguous() for w in mats]
-    x = torch.randn(1, mats[0].shape[1], dtype=mats[0].dtype)
+    # The step is built during a generation's first decode step: drawing from torch's global generator
+    # here would shift every later sample, so `manual_seed(s); generate(do_sample=True)` would give other
+    # tokens on a model's first generation than on its next ones (and than transformers' model)
+    x = torch.randn(1, mats[0].shape[1], dtype=mats[0].dtype, generator=torch.Generator().manual_seed(0))
     def own():
         for w in mats:
             torch.mm(x, w.t())
