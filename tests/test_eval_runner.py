@@ -291,3 +291,29 @@ def test_frame_folders_respect_bounds_at_their_frame_rate(tmp_path):
     # 1 s .. 2 s at 3 fps is MVBench's frames 3..6 (00001.jpg is frame 1): images 00003..00006 (grey 60..120)
     assert np.allclose(frames[:, 12, 12, 0], [60, 80, 100, 120], atol=6)
     assert LETTERS[rec.answer] == "C"
+
+
+def test_a_videos_questions_go_to_one_rank_together_and_decode_once():
+    from storm_vlm.eval.runner import last_clip_memo, shard
+    from storm_vlm.video import VideoDecodeError
+
+    recs = [Record(id=f"q{i}", benchmark="synthetic", video=v, question="q", options=("a", "b"), answer=0)
+            for i, v in enumerate("abacb")]
+    assert [r.id for r in shard(recs, 0, 2)] == ["q0", "q2", "q3"]  # videos a and c, a's questions together
+    assert [r.id for r in shard(recs, 1, 2)] == ["q1", "q4"]
+    assert [r.id for r in shard(recs, 0, 1)] == ["q0", "q2", "q1", "q4", "q3"]
+    calls = []
+
+    def loader(record):
+        calls.append(record.video)
+        if record.video == "c":
+            raise VideoDecodeError("c: broken")
+        return np.full((1, 2, 2, 3), ord(record.video), np.uint8)
+
+    load = last_clip_memo(loader)
+    a0, a2, b = load(recs[0]), load(recs[2]), load(recs[1])
+    assert a0 is a2 and b[0, 0, 0, 0] == ord("b") and calls == ["a", "b"]
+    for _ in range(2):
+        with pytest.raises(VideoDecodeError, match="c: broken"):
+            load(recs[3])
+    assert calls == ["a", "b", "c"]  # the failure is remembered for the clip's other questions

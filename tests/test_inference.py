@@ -172,3 +172,25 @@ def test_preparing_a_prepared_model_again_changes_nothing(qwen2_mamba_dir):
     before = {name: (p.data_ptr(), p.dtype) for name, p in model.named_parameters()}
     assert prepare_for_inference(model, "cpu", bf16) is model
     assert {name: (p.data_ptr(), p.dtype) for name, p in model.named_parameters()} == before
+
+
+def test_a_videos_next_question_continues_from_the_kept_cache(qwen2_mamba_dir, monkeypatch):
+    """Questions about the same frames (another array of them) encode and prefill the video once;
+    the answers are those computed from scratch; other frames start over."""
+    model, processor = load_model(qwen2_mamba_dir, "cpu", "float32")
+    video = random_video(4, seed=21)
+    questions = ["What colour is the square?", "Where is it?", "How many squares are there?"]
+    prefilled, encoded = [], []
+    llm, encode = model.language_model.forward, model._vision_features
+    monkeypatch.setattr(model.language_model, "forward",
+                        lambda *a, **k: (k["inputs_embeds"].shape[1] > 1 and prefilled.append(k["inputs_embeds"].shape[1]))
+                        or llm(*a, **k))
+    monkeypatch.setattr(model, "_vision_features", lambda frames: encoded.append(len(frames)) or encode(frames))
+    reusing = Predictor(model, processor, max_new_tokens=4)
+    replies = [reusing.reply(q, video.copy()) for q in questions]
+    assert sum(encoded) == 4 and max(prefilled[1:]) < processor.num_visual_tokens(4)
+    scratch = Predictor(model, processor, max_new_tokens=4, reuse_prefix=False)
+    assert [scratch.reply(q, video) for q in questions] == replies
+    assert sum(encoded) == 4 + 3 * 4
+    reusing.reply(questions[0], random_video(4, seed=22))  # other frames: encoded, the whole prompt prefilled
+    assert sum(encoded) == 5 * 4 and prefilled[-1] > processor.num_visual_tokens(4)

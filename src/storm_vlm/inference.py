@@ -12,6 +12,12 @@ Every caller goes through here — `storm-vlm eval`, the lmms-eval plugin, `chat
 - `ChatSession`: a multi-turn conversation about one video, which is encoded once: each turn
   reuses the KV cache of everything said before.
 
+A Predictor keeps the KV cache of its last request about a video (`reuse_prefix`): the next
+request about the same frames (by content: another question about the video, the next turn of a
+conversation) runs only what follows their shared start, the video's tokens among it
+(`storm_vlm.model.kv_cache.reusable_start`), so a video is encoded and prefilled once for all its
+questions. The answers are those of a request from scratch up to float rounding.
+
 Shapes: frames are (T, H, W, 3) uint8 arrays (what `storm_vlm.load_video` returns).
 """
 
@@ -32,9 +38,9 @@ from transformers.utils import logging as hf_logging
 from storm_vlm.errors import StormError
 from storm_vlm.huge_pages import place_in_huge_pages
 from storm_vlm.model.fast_paths import language_model_of
-from storm_vlm.model.kv_cache import reusable_start
+from storm_vlm.model.kv_cache import StormKVCache, reusable_start
 from storm_vlm.precision import Precision, resolve_precision
-from storm_vlm.utils import check_model_dir
+from storm_vlm.utils import array_key, check_model_dir
 
 __all__ = ["EMPTY_ANSWER", "GREEDY", "ChatSession", "Predictor", "PrintStreamer", "Reply", "build_messages",
            "load_model", "resolve_device"]
@@ -186,17 +192,21 @@ class Predictor:
     """Answers from a loaded model + processor pair.
 
     temporal_sample_stride: test-time sampling for every request (None: the model's default);
-    precision: the `Precision` the model was loaded with (its autocast applies), default none.
+    precision: the `Precision` the model was loaded with (its autocast applies), default none;
+    reuse_prefix: keep the KV cache of the last request about a video for the next one about the
+    same frames (see the module docstring; it holds that one cache between requests).
     """
 
     def __init__(self, model, processor, *, temporal_sample_stride: int | None = None, max_new_tokens: int = 16,
-                 precision: Precision | None = None):
+                 precision: Precision | None = None, reuse_prefix: bool = True):
         self.model = model
         self.processor = processor
         self.temporal_sample_stride = temporal_sample_stride
         self.max_new_tokens = int(max_new_tokens)
         self.precision = precision
+        self.reuse_prefix = bool(reuse_prefix)
         self.last_timing: dict = {}
+        self._kept: tuple | None = None  # (frames key, the ids its cache holds, the cache) of the last request
 
     @classmethod
     def from_pretrained(cls, model_dir, device: str | None = None, precision: str = "auto", verbose: bool = False,
@@ -253,23 +263,39 @@ class Predictor:
         return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
 
     def generate(self, inputs: dict, max_new_tokens: int | None = None, streamer=None, started: float | None = None,
-                 **generation) -> Reply:
+                 reuse: tuple | None = None, **generation) -> Reply:
         """Generate from `encode`d inputs (greedy unless `generation` says otherwise). Times count
-        from `started` (a `time.perf_counter()` value; default now)."""
+        from `started` (a `time.perf_counter()` value; default now). `reuse`: the key of the
+        request's frames (one row): continue from the last request's KV cache when it was about the
+        same frames and shares the prompt's start (see the module docstring)."""
         t0 = time.perf_counter() if started is None else started
         first = _FirstLogits(self.model.device)
+        processors = LogitsProcessorList([*generation.pop("logits_processor", []), first])
         kwargs = {**GREEDY, **generation, "max_new_tokens": max_new_tokens or self.max_new_tokens}
+        placeholders = {self.processor.video_token_id, self.processor.image_token_id} - {None}
+        ids = inputs["input_ids"][0].tolist()
+        cache = None
+        one_row = len(inputs["input_ids"]) == 1 and kwargs.get("num_beams", 1) == kwargs.get("num_return_sequences", 1) == 1
+        if reuse is not None and one_row:
+            kept, self._kept = self._kept, None  # the cache changes below: kept again once generate returns
+            keep = reusable_start(ids, kept[1], placeholders) if kept is not None and kept[0] == reuse else 0
+            if keep:
+                cache = kept[2]
+                cache.crop(keep - cache.get_seq_length())  # a negative count: tokens to drop
+                inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+            else:
+                cache = StormKVCache(config=self.model.config.get_text_config(decoder=True))
         with torch.inference_mode(), self._context():
-            out = self.model.generate(**inputs, logits_processor=LogitsProcessorList([first]), streamer=streamer,
-                                      **kwargs)
+            out = self.model.generate(**inputs, logits_processor=processors, streamer=streamer,
+                                      **({} if cache is None else {"cache": cache}), **kwargs)
         _sync(self.model.device)
         end = time.perf_counter()
-        prompt_len = inputs["input_ids"].shape[1]
-        new = out[0, prompt_len:].tolist()
-        visual = int(sum((inputs["input_ids"] == t).sum() for t in
-                         (self.processor.video_token_id, self.processor.image_token_id) if t is not None))
+        sequence = getattr(out, "sequences", out)[0].tolist()
+        if cache is not None:
+            self._kept = (reuse, sequence[: cache.get_seq_length()], cache)
+        new = sequence[len(ids):]
         reply = Reply(text=self.tokenizer.decode(new, skip_special_tokens=True).strip(), token_ids=new,
-                      prompt_tokens=prompt_len, visual_tokens=visual,
+                      prompt_tokens=len(ids), visual_tokens=sum(t in placeholders for t in ids),
                       prefill_s=round((first.at or end) - t0, 4), generate_s=round(end - t0, 4))
         self.last_timing = {"prefill_s": reply.prefill_s, "generate_s": reply.generate_s}
         return reply
@@ -280,7 +306,8 @@ class Predictor:
         """The model's reply to `prompt` about `frames` (T, H, W, 3) uint8; greedy unless told otherwise."""
         t0 = time.perf_counter()
         inputs = self.encode(self.render(build_messages(prompt)), [frames])
-        return self.generate(inputs, max_new_tokens, started=t0, **generation).text
+        key = (array_key(frames), self.temporal_sample_stride) if self.reuse_prefix else None
+        return self.generate(inputs, max_new_tokens, started=t0, reuse=key, **generation).text
 
     def reply_batch(self, prompts: Sequence[str], videos: Sequence[np.ndarray], max_new_tokens: int | None = None,
                     **generation) -> list[str]:
@@ -339,11 +366,11 @@ class PrintStreamer(TextStreamer):
 class ChatSession:
     """A multi-turn conversation about one video (or none), for `storm-vlm chat`.
 
-    The video goes through the vision tower and the projector once: the session keeps the KV
-    cache of every token so far, and each turn renders the whole conversation, keeps the cache
-    for the longest prefix whose tokens did not change (the system prompt and the video's visual
-    tokens among them) and runs only the rest. `reset()` forgets the questions and answers but
-    keeps the video's part of the cache; `set_video` starts over with another video.
+    The video goes through the vision tower and the projector once: each turn renders the whole
+    conversation and the predictor continues from the previous turn's KV cache for the longest
+    start whose tokens did not change (the system prompt and the video's visual tokens among
+    them; `Predictor.generate`'s `reuse`). `reset()` forgets the questions and answers, and the
+    next turn still starts after the video; `set_video` starts over with another video.
     """
 
     def __init__(self, predictor: Predictor, frames: np.ndarray | None = None,
@@ -357,8 +384,7 @@ class ChatSession:
     def set_video(self, frames: np.ndarray | None) -> None:
         self.frames = frames
         self.history = []
-        self._cache = None
-        self._cached_ids: list[int] = []
+        self._key = (None if frames is None else array_key(frames), self.stride)
 
     def reset(self) -> None:
         self.history = []
@@ -368,28 +394,6 @@ class ChatSession:
         p = self.predictor
         prompt = p.render(build_messages(question, self.history, self.system, video=self.frames is not None))
         inputs = p.encode(prompt, [] if self.frames is None else [self.frames], self.stride)
-        ids = inputs["input_ids"][0].tolist()
-        placeholders = {p.processor.video_token_id, p.processor.image_token_id}
-        keep = reusable_start(ids, self._cached_ids, placeholders)
-        if self._cache is not None and keep:
-            self._cache.crop(keep - self._cache.get_seq_length())  # a negative count: tokens to drop
-            inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
-                      "cache": self._cache}
-        else:
-            self._cache = None  # the video's tokens changed: encode it again
-        t0 = time.perf_counter()
-        first = _FirstLogits(p.model.device)
-        processors = LogitsProcessorList([*generation.pop("logits_processor", []), first])
-        kwargs = {**GREEDY, **generation, "max_new_tokens": max_new_tokens}
-        with torch.inference_mode(), p._context():
-            out = p.model.generate(**inputs, logits_processor=processors, streamer=streamer,
-                                   return_dict_in_generate=True, **kwargs)
-        end = time.perf_counter()
-        sequence = out.sequences[0].tolist()
-        self._cache = out.cache
-        self._cached_ids = sequence[: self._cache.get_seq_length()]
-        new = sequence[len(ids):]
-        text = p.tokenizer.decode(new, skip_special_tokens=True).strip()
-        self.history.append((question, text))
-        return Reply(text=text, token_ids=new, prompt_tokens=len(ids), visual_tokens=sum(t in placeholders for t in ids),
-                     prefill_s=round((first.at or end) - t0, 4), generate_s=round(end - t0, 4))
+        reply = p.generate(inputs, max_new_tokens, streamer, reuse=self._key, **generation)
+        self.history.append((question, reply.text))
+        return reply

@@ -5,6 +5,7 @@ arguments with these before loading anything heavy)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import numbers
@@ -159,6 +160,13 @@ def available_memory_bytes() -> float:
     except OSError:
         pass
     return math.inf
+
+
+def array_key(array) -> tuple:
+    """A key naming an array by its content: (SHA-256 of its bytes, shape, dtype). What a kept
+    computation about decoded frames is found by: another array of the same frames has the same key."""
+    data = memoryview(array.tobytes() if not array.flags.c_contiguous else array).cast("B")
+    return hashlib.sha256(data).hexdigest(), tuple(array.shape), str(array.dtype)
 
 
 def numbered_name_key(name: str) -> list:

@@ -32,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16, help="greedy decoding budget (default 16)")
     parser.add_argument("--batch-size", type=int, default=1, metavar="N",
                         help="questions answered per padded generate call (default 1)")
+    parser.add_argument("--no-prefix-reuse", action="store_true",
+                        help="compute every question from scratch; by default (--batch-size 1) a video's next question "
+                             "continues from the previous one's KV cache of the video, which answers the same up to "
+                             "float rounding in a fraction of the time")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     add_precision_argument(parser)
     parser.add_argument("--retry-failed", action="store_true",
@@ -85,7 +89,8 @@ def run(args) -> int:
                            temporal_sample_stride=args.temporal_sample, fps=args.fps, limit=args.limit,
                            max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
                            model_dir=str(Path(args.model_dir).resolve()), rank=rank, world_size=world_size,
-                           retry_failed=args.retry_failed, batch_size=args.batch_size)
+                           retry_failed=args.retry_failed, batch_size=args.batch_size,
+                           reuse_prefix=not args.no_prefix_reuse)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -59,10 +59,36 @@ FrameLoader = Callable[[Record], np.ndarray]
 
 
 def shard(records: Sequence[Record], rank: int, world_size: int) -> list[Record]:
-    """This rank's disjoint share: records[rank::world_size]."""
+    """This rank's disjoint share, a video's questions together: the videos (in order of first
+    appearance) dealt round-robin, each with all its questions, in order. Asked one after the
+    other, the questions of one video share its decoded frames (`last_clip_memo`) and the model's
+    work on it (`storm_vlm.inference.Predictor`'s `reuse_prefix`)."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise StormError(f"rank {rank} is not within world size {world_size}")
-    return list(records[rank::world_size])
+    by_video: dict[str, list[Record]] = {}
+    for record in records:
+        by_video.setdefault(record.video, []).append(record)
+    return [r for group in list(by_video.values())[rank::world_size] for r in group]
+
+
+def last_clip_memo(frame_loader: FrameLoader) -> FrameLoader:
+    """`frame_loader` that hands a record the previous record's frames when both read the same
+    clip (video, start, end): the questions of one video decode it once (and a video that fails
+    to decode fails them all at once, with its error). Holds one clip."""
+    last: list = [None, None]  # (clip, frames or the decode error)
+
+    def load(record: Record) -> np.ndarray:
+        clip = (record.video, record.start, record.end, record.frames_fps)
+        if last[0] != clip:
+            last[:] = [None, None]  # the old frames are freed before the new ones are decoded
+            try:
+                last[:] = [clip, frame_loader(record)]
+            except Exception as exc:
+                last[:] = [clip, exc]
+        if isinstance(last[1], Exception):
+            raise last[1]
+        return last[1]
+    return load
 
 
 def dist_env() -> tuple[int, int]:
@@ -189,6 +215,7 @@ def run_predictions(records: Sequence[Record], predictor: Predictor, out_dir: st
     if len(mine) - len(todo):
         log.info("rank %d: %d of %d questions already done in %s", rank, len(mine) - len(todo), len(mine), out_dir)
     added = model_answered = model_failed = 0
+    frame_loader = last_clip_memo(frame_loader)
     with P.PredictionWriter(P.shard_path(out_dir, rank, world_size)) as writer:
         step = batch_size if batch_size > 1 and hasattr(predictor, "predict_batch") else 1
         with tqdm(desc=f"eval{'' if world_size == 1 else f' rank {rank}'}", unit="q", disable=not progress,

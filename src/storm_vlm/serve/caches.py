@@ -16,12 +16,11 @@ stride (the one request setting that changes a video's tokens).
 from __future__ import annotations
 
 import collections
-import hashlib
 
-import numpy as np
 import torch
 
 from storm_vlm.model.kv_cache import GrowingKVLayer, StormKVCache, reusable_start
+from storm_vlm.utils import array_key
 
 __all__ = ["video_keys", "VideoTokenCache", "PrefixCache"]
 
@@ -32,12 +31,7 @@ def video_keys(videos, stride: int | None, by_content: bool = True) -> list[tupl
     array inside one batch, without hashing)."""
     if not by_content:
         return [(id(video), stride) for video in videos]
-    keys = []
-    for video in videos:
-        frames = np.ascontiguousarray(video)
-        digest = hashlib.sha256(memoryview(frames).cast("B")).hexdigest()
-        keys.append((digest, frames.shape, str(frames.dtype), stride))
-    return keys
+    return [(*array_key(video), stride) for video in videos]
 
 
 class _BoundedLRU:
