@@ -276,7 +276,8 @@ class Predictor:
         ids = inputs["input_ids"][0].tolist()
         cache = None
         one_row = len(inputs["input_ids"]) == 1 and kwargs.get("num_beams", 1) == kwargs.get("num_return_sequences", 1) == 1
-        if reuse is not None and one_row:
+        own_cache = kwargs.get("cache_implementation", self.model.generation_config.cache_implementation) is not None
+        if reuse is not None and one_row and not own_cache:  # (a static cache cannot be handed over)
             kept, self._kept = self._kept, None  # the cache changes below: kept again once generate returns
             keep = reusable_start(ids, kept[1], placeholders) if kept is not None and kept[0] == reuse else 0
             if keep:

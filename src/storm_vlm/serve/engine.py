@@ -617,7 +617,8 @@ class StormEngine:
         videos = [v for h in handles for v in h.prepared.videos]
         kept = self.video_cache.max_bytes or self.prefix_cache.max_bytes  # keys must then name the frames
         keys = video_keys(videos, first.stride, by_content=bool(kept))
-        alone = len(handles) == 1 and self.prefix_cache.max_bytes > 0
+        alone = (len(handles) == 1 and self.prefix_cache.max_bytes > 0
+                 and self.model.generation_config.cache_implementation is None)  # a static cache is generate's own
         cache, reused = self.prefix_cache.take(inputs["input_ids"][0].tolist(), keys) if alone else (None, 0)
         with torch.inference_mode(), self.predictor._context():
             if reused:  # the cached start holds every video: generate reads only the ids after it
