@@ -343,3 +343,18 @@ def test_the_prefix_cache_reuses_only_a_start_that_holds_every_placeholder():
     assert prefix.take([1, 2, V, V, 3, 7], ["another video"]) == (None, 0)
     assert prefix.take([1, 2, V, 3], ["video"]) == (None, 0)  # cut inside the placeholders
     assert prefix.take([1, 2, V, V], ["video"]) == (None, 0)  # nothing left to prefill after them
+
+
+def test_a_cache_salt_keeps_a_videos_tokens_apart(engine, monkeypatch):
+    video, seen = random_video(4, seed=14), []
+    encode = engine.model._vision_features
+    monkeypatch.setattr(engine.model, "_vision_features", lambda frames: seen.append(len(frames)) or encode(frames))
+
+    def ask(salt):
+        prepared = engine.prepare(build_messages("What colour?"), [4], SamplingParams(max_new_tokens=2))
+        prepared.cache_salt = salt
+        return engine.submit(prepared, [video.copy()]).result()
+
+    assert ask("alice").cached_tokens == 0 and sum(seen) == 4
+    assert ask("bob").cached_tokens == 0 and sum(seen) == 8  # neither its KV cache nor its visual tokens
+    assert ask("alice").cached_tokens > 0 and sum(seen) == 8

@@ -217,3 +217,21 @@ def test_local_files_are_read_only_inside_the_allowed_folder(engine, tmp_path):
     assert client.post("/v1/answer", json={**answer, "video_path": str(inside)}).status_code == 200
     r = client.post("/v1/answer", json={**answer, "video_path": str(allowed / "link.mp4")})
     assert r.status_code == 403 and "allowed media folder" in r.json()["detail"]
+
+
+def test_cache_salt_keeps_cached_work_apart(client):
+    """vLLM's cache_salt: a prompt computed under one salt is reused only under the same salt, so a
+    client cannot learn from `cached_tokens` (or timing) what others asked."""
+    body = {"messages": [{"role": "user", "content": "Tell me about salt and pepper."}], "max_tokens": 2,
+            "temperature": 0}
+
+    def cached(**extra):
+        r = _post(client, "/v1/chat/completions", {**body, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    alice, bob = "alice-" + "a" * 40, "bob-" + "b" * 40
+    assert cached(cache_salt=alice) == 0  # nothing computed under this salt yet
+    assert cached(cache_salt=bob) == 0  # alice's prompt is not bob's
+    assert cached(cache_salt=alice) > 0
+    assert _error(_post(client, "/v1/chat/completions", {**body, "cache_salt": ""}), 400)["param"] == "cache_salt"

@@ -38,7 +38,7 @@ from transformers.utils import logging as hf_logging
 from storm_vlm.errors import StormError
 from storm_vlm.huge_pages import place_in_huge_pages
 from storm_vlm.model.fast_paths import language_model_of
-from storm_vlm.model.kv_cache import StormKVCache, reusable_start
+from storm_vlm.model.kv_cache import GrowingKVLayer, StormKVCache, reusable_start
 from storm_vlm.precision import Precision, resolve_precision
 from storm_vlm.utils import array_key, check_model_dir
 
@@ -280,6 +280,8 @@ class Predictor:
         if reuse is not None and one_row and not own_cache:  # (a static cache cannot be handed over)
             kept, self._kept = self._kept, None  # the cache changes below: kept again once generate returns
             keep = reusable_start(ids, kept[1], placeholders) if kept is not None and kept[0] == reuse else 0
+            if keep and not all(type(layer) is GrowingKVLayer for layer in kept[2].layers):
+                keep = 0  # a sliding-window layer cannot be cut back to the shared start
             if keep:
                 cache = kept[2]
                 cache.crop(keep - cache.get_seq_length())  # a negative count: tokens to drop

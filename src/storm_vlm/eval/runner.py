@@ -86,7 +86,7 @@ def last_clip_memo(frame_loader: FrameLoader) -> FrameLoader:
             except Exception as exc:
                 last[:] = [clip, exc]
         if isinstance(last[1], Exception):
-            raise last[1]
+            raise last[1].with_traceback(None)  # (each question's own traceback, not all of them)
         return last[1]
     return load
 

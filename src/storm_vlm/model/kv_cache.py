@@ -108,6 +108,11 @@ class GrowingKVLayer(DynamicLayer):
             self.generation = next(_BUFFER_GENERATIONS)
         return self._keys_t
 
+    def drop_transposed_keys(self) -> None:
+        """Free the decode step's copy of the keys (`transposed_keys`, as large as the keys again): a
+        cache kept for later copying needs only its keys and values; a decode step remakes it."""
+        self._keys_t, self._keys_t_len = None, 0
+
     def _owns(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> bool:
         kb, vb = self._key_buf, self._value_buf
         if kb is None or needed > kb.shape[-2] or self.keys.numel() == 0:

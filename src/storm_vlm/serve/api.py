@@ -312,6 +312,7 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
             prepared = engine.prepare(messages, [len(v) for v in videos], sampling, parsed.temporal_sample_stride)
         except StormError as exc:
             raise oai.OpenAIError(400, str(exc)) from None
+        prepared.cache_salt = parsed.cache_salt
         include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
         return prepared, videos, bool(parsed.stream), include_usage, parsed.n or 1
 

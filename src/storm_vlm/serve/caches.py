@@ -64,12 +64,22 @@ class _BoundedLRU:
             _, (_, old) = self._items.popitem(last=False)
             self.bytes -= old
 
+    def close(self) -> None:
+        """Drop every value and keep none from now on (the engine is shut down: what the cache held
+        is freed as soon as the requests using it are done, even while the engine is still referenced;
+        a `put` racing with this keeps nothing, as the budget is 0)."""
+        self.max_bytes = 0
+        self._items.clear()
+        self.bytes = 0
+
 
 class VideoTokenCache(_BoundedLRU):
     """Visual tokens ((N, D) tensors on the model's device) by `video_keys` key."""
 
     def put(self, key, tokens: torch.Tensor) -> None:
-        super().put(key, tokens, tokens.numel() * tokens.element_size())
+        """Keep `tokens`, counted as the bytes of the storage they keep alive (a view of a larger
+        tensor holds all of it)."""
+        super().put(key, tokens, tokens.untyped_storage().nbytes())
 
 
 class PrefixCache(_BoundedLRU):
@@ -78,8 +88,10 @@ class PrefixCache(_BoundedLRU):
     `take(ids, keys)` finds the entry of the same videos whose ids give `ids` the longest reusable
     start (`storm_vlm.model.kv_cache.reusable_start`) and returns a copy of that entry's cache cut
     to it, or None. Entries stay for other requests (a regenerated answer, another
-    branch of the conversation). Only caches of whole-sequence layers (`GrowingKVLayer`, what the
-    model creates) are kept: a sliding-window cache cannot be cut back.
+    branch of the conversation), except one that starts a newer entry of the same videos (the
+    previous turn of a conversation): the newer one gives every request at least as much. Only
+    caches of whole-sequence layers (`GrowingKVLayer`, what the model creates) are kept: a
+    sliding-window cache cannot be cut back.
     """
 
     def __init__(self, max_bytes: int, text_config, placeholder_ids: set[int]):
@@ -104,10 +116,18 @@ class PrefixCache(_BoundedLRU):
         return copy, best_len
 
     def put(self, ids: list[int], keys: list[tuple], cache) -> None:
-        """Keep `cache` (one row) as holding `ids` (its first cache.get_seq_length() tokens)."""
+        """Keep `cache` (one row) as holding `ids` (its first cache.get_seq_length() tokens), counted
+        as the bytes of its key and value buffers (spare room included). The decode step's transposed
+        copy of the keys (as large again) is dropped: `take` copies only keys and values."""
         if (not isinstance(cache, StormKVCache) or not all(type(layer) is GrowingKVLayer for layer in cache.layers)
                 or cache.layers[0].keys.shape[0] != 1):
             return
         length = cache.get_seq_length()
+        for layer in cache.layers:
+            layer.drop_transposed_keys()
         size = sum(t.untyped_storage().nbytes() for layer in cache.layers for t in (layer.keys, layer.values))
-        super().put((tuple(ids[:length]), tuple(keys)), cache, size)
+        key = (tuple(ids[:length]), tuple(keys))
+        super().put(key, cache, size)
+        if key in self._items:  # an entry of the same videos that starts this one can give no request more
+            for old in [k for k in self._items if k != key and k[1] == key[1] and key[0][:len(k[0])] == k[0]]:
+                self.bytes -= self._items.pop(old)[1]

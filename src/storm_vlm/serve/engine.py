@@ -134,6 +134,7 @@ class _Prepared:
     text_tokens: int
     visual_tokens: int
     planned: bool = False  # the stride was raised by `storm_vlm.planner.fit_stride` so the videos fit
+    cache_salt: str | None = None  # only requests with the same salt share cached work (vLLM's cache_salt)
 
     @property
     def frames(self) -> int:
@@ -501,7 +502,8 @@ class StormEngine:
         return max(1, math.ceil(per_batch * batches))
 
     def close(self) -> None:
-        """Stop the worker after the batch it is running; waiting requests are cancelled."""
+        """Stop the worker after the batch it is running; waiting requests are cancelled; the caches
+        let go of what they hold (on the model's device: the engine object may outlive its use)."""
         with self._wakeup:
             self._closed = True
             for handle in self._waiting:
@@ -509,6 +511,8 @@ class StormEngine:
             self._waiting.clear()
             self._wakeup.notify()
         self._worker.join(timeout=60)
+        self.video_cache.close()
+        self.prefix_cache.close()
 
     # ------------------------------------------------------------------ the worker
 
@@ -614,12 +618,13 @@ class StormEngine:
         rows = _Rows(self.processor.tokenizer, handles, self._eos)
         if first.sampling.seed is not None:
             torch.manual_seed(first.sampling.seed)
-        videos = [v for h in handles for v in h.prepared.videos]
         kept = self.video_cache.max_bytes or self.prefix_cache.max_bytes  # keys must then name the frames
-        keys = video_keys(videos, first.stride, by_content=bool(kept))
+        keys = [(*key, h.prepared.cache_salt) for h in handles
+                for key in video_keys(h.prepared.videos, first.stride, by_content=bool(kept))]
         alone = (len(handles) == 1 and self.prefix_cache.max_bytes > 0
                  and self.model.generation_config.cache_implementation is None)  # a static cache is generate's own
-        cache, reused = self.prefix_cache.take(inputs["input_ids"][0].tolist(), keys) if alone else (None, 0)
+        prefix_keys = [*keys, ("cache_salt", first.cache_salt)]  # a text-only prompt is salted too
+        cache, reused = self.prefix_cache.take(inputs["input_ids"][0].tolist(), prefix_keys) if alone else (None, 0)
         with torch.inference_mode(), self.predictor._context():
             if reused:  # the cached start holds every video: generate reads only the ids after it
                 inputs = {k: inputs[k] for k in ("input_ids", "attention_mask")}
@@ -631,7 +636,7 @@ class StormEngine:
                                       stopping_criteria=StoppingCriteriaList([_RowsDone(rows)]), pad_token_id=self._pad,
                                       **({} if cache is None else {"cache": cache}))
         if alone:
-            self.prefix_cache.put(getattr(out, "sequences", out)[0].tolist(), keys, cache)
+            self.prefix_cache.put(getattr(out, "sequences", out)[0].tolist(), prefix_keys, cache)
         rows.end()
         end = time.perf_counter()
         prompt_lengths = inputs["attention_mask"].sum(1).tolist()

@@ -28,8 +28,9 @@ Both: fields are typed strictly, as OpenAI's API types them (`"max_tokens": "3"`
 here (`logprobs` false or null, penalties 0, `repetition_penalty` 1, `top_k` -1 or 0,
 `response_format` text, no tools, `tool_choice` none or auto); another value is a 400 naming the
 field, as is any other field. `store`, `metadata`, `service_tier`, `reasoning_effort`,
-`parallel_tool_calls` and `user` are accepted and ignored. `usage.prompt_tokens` counts the visual
-tokens. Errors are OpenAI's error object `{"error": {"message", "type", "param", "code"}}` with a
+`parallel_tool_calls` and `user` are accepted and ignored. `cache_salt` (vLLM's) keeps a request's
+cached work (`StormEngine`'s video and prefix caches) apart from requests with another salt or
+none. `usage.prompt_tokens` counts the visual tokens. Errors are OpenAI's error object `{"error": {"message", "type", "param", "code"}}` with a
 4xx status (503 with Retry-After when the server is busy); `param` names the field
 (`messages.0.content.1.video_url.url`).
 """
@@ -193,6 +194,8 @@ class _SamplingRequest(BaseModel):
     use_beam_search: bool | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
+    # vLLM's: only requests with the same salt share cached work (the engine's prefix and video caches)
+    cache_salt: str | None = Field(None, min_length=1, max_length=256)
     # accepted and ignored: who asks
     user: str | None = None
 
@@ -317,9 +320,11 @@ def parse_completion_request(body: Any, engine: StormEngine):
     sampling = _sampling(request, engine, 16)
     prompt = request.prompt if isinstance(request.prompt, str) else request.prompt[0]
     try:
-        return request, engine.prepare_text(prompt, sampling)
+        prepared = engine.prepare_text(prompt, sampling)
     except StormError as exc:
         raise OpenAIError(400, str(exc), "prompt") from None
+    prepared.cache_salt = request.cache_salt
+    return request, prepared
 
 
 _OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
