@@ -10,6 +10,8 @@ from helpers import SERVE_FRAMES
 
 from storm_vlm.builder import build_storm, save_storm
 from storm_vlm.demo.tiny import make_tiny_parts
+from storm_vlm.model import decode
+from storm_vlm.model.ssm import cpu_kernel
 
 # Tests are small: one intra-op thread keeps them deterministic and fair on a shared 2-core machine.
 torch.set_num_threads(1)
@@ -67,3 +69,21 @@ def client(engine):
     from storm_vlm.serve.api import create_app
 
     return TestClient(create_app(engine, max_upload_mb=0.2, model_name="storm-tiny"))
+
+
+@pytest.fixture
+def kernel_steps(monkeypatch):
+    """Records whether each decode step ran the C step (skips without a C compiler)."""
+    if cpu_kernel.load_library() is None:
+        pytest.skip("no C compiler: the decode step runs as tensor operations")
+    monkeypatch.delenv("STORM_VLM_DECODE_KERNEL", raising=False)
+    monkeypatch.delenv("STORM_VLM_ATTENTION_KERNEL", raising=False)
+    ran = []
+    real = decode.DecodeStep._kernel_step
+
+    def recorded(self, *a):
+        logits = real(self, *a)
+        ran.append(logits is not None)
+        return logits
+    monkeypatch.setattr(decode.DecodeStep, "_kernel_step", recorded)
+    return ran

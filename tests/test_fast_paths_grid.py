@@ -24,8 +24,6 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from storm_vlm import StormConfig
 from storm_vlm.inference import prepare_for_inference
-from storm_vlm.model import decode
-from storm_vlm.model.ssm import cpu_kernel
 from storm_vlm.perf.profiler import build_random_model
 from storm_vlm.precision import resolve_precision
 from helpers import KERNEL_ISAS, use_kernel_library
@@ -125,29 +123,11 @@ def _teacher_forced(ref, sequences, prompt_mask):
     return logits[:, prompt_mask.shape[1] - 1:-1]
 
 
-@pytest.fixture
-def c_steps(monkeypatch):
-    """Records whether each decode step ran the C step (skips without a C compiler)."""
-    if cpu_kernel.load_library() is None:
-        pytest.skip("no C compiler: the decode step runs as tensor operations")
-    monkeypatch.delenv("STORM_VLM_DECODE_KERNEL", raising=False)
-    monkeypatch.delenv("STORM_VLM_ATTENTION_KERNEL", raising=False)
-    ran = []
-    real = decode.DecodeStep._kernel_step
-
-    def recorded(self, *a):
-        logits = real(self, *a)
-        ran.append(logits is not None)
-        return logits
-    monkeypatch.setattr(decode.DecodeStep, "_kernel_step", recorded)
-    return ran
-
-
-def _check_generation(name, lengths, new, c_steps, atol=ATOL, **kw):
+def _check_generation(name, lengths, new, kernel_steps, atol=ATOL, **kw):
     storm, ref = _build(GRID[name])
     ids, mask = _left_padded(lengths)
     fast = _generate(storm, ids, mask, new, **kw)
-    assert c_steps and all(c_steps) and len(c_steps) == new - 1  # every decode step: the C step
+    assert kernel_steps and all(kernel_steps) and len(kernel_steps) == new - 1  # every decode step: the C step
     plain = _generate(ref, ids, mask, new, **kw)
     assert torch.equal(fast.sequences, plain.sequences)
     torch.testing.assert_close(torch.stack(fast.logits, 1), torch.stack(plain.logits, 1), rtol=0, atol=atol)
@@ -158,30 +138,30 @@ def _check_generation(name, lengths, new, c_steps, atol=ATOL, **kw):
 
 @pytest.mark.parametrize("lengths", [[9], [9, 4, 1, 12]], ids=["1-row", "4-rows-left-padded"])
 @pytest.mark.parametrize("name", DEFAULT)
-def test_greedy_generation_is_transformers(name, lengths, c_steps):
-    _check_generation(name, lengths, 16, c_steps)
+def test_greedy_generation_is_transformers(name, lengths, kernel_steps):
+    _check_generation(name, lengths, 16, kernel_steps)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("lengths", [[9], [9, 4, 1, 12]], ids=["1-row", "4-rows-left-padded"])
 @pytest.mark.parametrize("name", SLOW)
-def test_greedy_generation_is_transformers_whole_grid(name, lengths, c_steps):
-    _check_generation(name, lengths, 24, c_steps)
+def test_greedy_generation_is_transformers_whole_grid(name, lengths, kernel_steps):
+    _check_generation(name, lengths, 24, kernel_steps)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("isa", KERNEL_ISAS)
 @pytest.mark.parametrize("name", list(GRID))
-def test_greedy_generation_is_transformers_on_each_isa(name, isa, monkeypatch, c_steps):
+def test_greedy_generation_is_transformers_on_each_isa(name, isa, monkeypatch, kernel_steps):
     use_kernel_library(monkeypatch, isa)
-    _check_generation(name, [9, 4, 1, 12], 12, c_steps)
+    _check_generation(name, [9, 4, 1, 12], 12, kernel_steps)
 
 
 @pytest.mark.parametrize("name", ["qwen2.5-7b-yarn", "llama3.2-1b-hd64-tied"])
-def test_beams_and_return_sequences_are_transformers(name, c_steps):
+def test_beams_and_return_sequences_are_transformers(name, kernel_steps):
     """generate prefills one copy per prompt and repeats its cache (`_prefill`): the beams' tokens
     and every step's logits are transformers' (which prefills every copy)."""
-    _check_generation(name, [9, 4, 7], 8, c_steps, num_beams=3, num_return_sequences=2)
+    _check_generation(name, [9, 4, 7], 8, kernel_steps, num_beams=3, num_return_sequences=2)
 
 
 @pytest.mark.parametrize("name", ["qwen2-gqa-2:1", "llama3.2-1b-hd64-tied"])
@@ -202,18 +182,18 @@ def test_sampling_with_a_seed_is_transformers(name):
 
 
 @pytest.mark.parametrize("name", ["qwen2-gqa-2:1"])
-def test_context_past_the_kv_buffer_is_transformers(name, c_steps):
+def test_context_past_the_kv_buffer_is_transformers(name, kernel_steps):
     """Prompts of 130 and 5 tokens then 140 new: every layer's buffer (prompt + 128 spare) grows while
     the C step writes into it, its transposed keys start over; rotary positions pass the 256 of the
     step's table."""
-    _check_generation(name, [5, 130], 140, c_steps)
+    _check_generation(name, [5, 130], 140, kernel_steps)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama-head-dim-32", "qwen2.5-7b"])
-def test_long_context_past_the_kv_buffer_is_transformers(name, c_steps):
+def test_long_context_past_the_kv_buffer_is_transformers(name, kernel_steps):
     """Past 2048 positions the buffer grows by 1/16 rather than 128."""
-    _check_generation(name, [2100, 1500], 140, c_steps, atol=1e-3)
+    _check_generation(name, [2100, 1500], 140, kernel_steps, atol=1e-3)
 
 
 @pytest.mark.parametrize("rows", [1, 3])
@@ -243,7 +223,7 @@ def test_chat_segments_continuing_a_cache_are_transformers(name, rows):
 
 
 @pytest.mark.parametrize("lengths", [[300], [300, 120, 7]], ids=["1-row", "3-rows-left-padded"])
-def test_two_threads_are_transformers(lengths, c_steps):
+def test_two_threads_are_transformers(lengths, kernel_steps):
     """With two torch threads: the prefill attention split over (batch, head) pairs (head_dim 128, 300
     keys: more work per pair than one thread takes), the C step's products and heads split, one row's
     step timed against the tensor step (either runs the rest)."""
@@ -256,7 +236,7 @@ def test_two_threads_are_transformers(lengths, c_steps):
         plain = _generate(ref, ids, mask, 12)
     finally:
         torch.set_num_threads(threads)
-    assert c_steps and c_steps[0]
+    assert kernel_steps and kernel_steps[0]
     assert torch.equal(fast.sequences, plain.sequences)
     torch.testing.assert_close(torch.stack(fast.logits, 1), torch.stack(plain.logits, 1), rtol=0, atol=ATOL)
 
@@ -275,7 +255,7 @@ AttentionInterface.register("bf16_scores_sdpa", _bf16_scores_sdpa)
 AttentionMaskInterface.register("bf16_scores_sdpa", sdpa_mask)  # (else no padding mask is built)
 
 
-def _bf16_step_check(name, lengths, c_steps, steps=6):
+def _bf16_step_check(name, lengths, kernel_steps, steps=6):
     """The bfloat16 precision (prepare_for_inference: bf16 LLM linear layers, bf16 autocast): after its
     prefill, each C step's logits against transformers' model in float32 on the same weights (bf16
     values, exact in float32), attention scores on bf16-rounded q and k, over a float32 copy of the
@@ -301,20 +281,20 @@ def _bf16_step_check(name, lengths, c_steps, steps=6):
             got = storm(input_ids=tok, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True).logits
             torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=6e-2)  # ~ one bf16 step of |logit| 8-16
             tok = got[:, -1:].argmax(-1)
-    assert c_steps and all(c_steps) and len(c_steps) == steps
+    assert kernel_steps and all(kernel_steps) and len(kernel_steps) == steps
 
 
 @pytest.mark.parametrize("lengths", [[9], [30, 4, 17]], ids=["1-row", "3-rows-left-padded"])
 @pytest.mark.parametrize("name", ["qwen2.5-7b-yarn", "llama3.2-1b-hd64-tied"])
-def test_bf16_precision_decode_step_is_its_specification(name, lengths, c_steps):
-    _bf16_step_check(name, lengths, c_steps)
+def test_bf16_precision_decode_step_is_its_specification(name, lengths, kernel_steps):
+    _bf16_step_check(name, lengths, kernel_steps)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("lengths", [[9], [30, 4, 17]], ids=["1-row", "3-rows-left-padded"])
 @pytest.mark.parametrize("name", [n for n in GRID if n not in ("qwen2.5-7b-yarn", "llama3.2-1b-hd64-tied")])
-def test_bf16_precision_decode_step_is_its_specification_whole_grid(name, lengths, c_steps):
-    _bf16_step_check(name, lengths, c_steps)
+def test_bf16_precision_decode_step_is_its_specification_whole_grid(name, lengths, kernel_steps):
+    _bf16_step_check(name, lengths, kernel_steps)
 
 
 @pytest.mark.parametrize("name", ["qwen2.5-0.5b-tied", "llama3.1-8b-hd128"])

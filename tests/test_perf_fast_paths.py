@@ -193,22 +193,6 @@ def test_greedy_generation_equals_the_models_forward(config, layout, monkeypatch
     assert torch.equal(fast, plain)
 
 
-@pytest.fixture
-def kernel_steps(monkeypatch):
-    """Records whether each decode step ran through the C step; skips without a C compiler."""
-    if cpu_kernel.load_library() is None:
-        pytest.skip("no C compiler: the decode step runs as tensor operations")
-    monkeypatch.delenv("STORM_VLM_DECODE_KERNEL", raising=False)
-    ran = []
-    real = decode.DecodeStep._kernel_step
-    def recorded(self, *a):
-        logits = real(self, *a)
-        ran.append(logits is not None)
-        return logits
-    monkeypatch.setattr(decode.DecodeStep, "_kernel_step", recorded)
-    return ran
-
-
 @pytest.mark.parametrize("config", [TINY, LLAMA, {**TINY, "text_config": {**TINY["text_config"], "hidden_size": 40,
                                                                              "intermediate_size": 52}}],
                          ids=["qwen2", "llama", "qwen2-ragged-widths"])
