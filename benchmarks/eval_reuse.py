@@ -40,8 +40,13 @@ def main(argv=None) -> int:
     add_precision_argument(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="storm-eval-reuse-") as work:  # the random model
+        return run(args, Path(work))
+
+
+def run(args, work: Path) -> int:
     model_dir = Path(args.model_dir) if args.model_dir else build_tiny_model(
-        Path(tempfile.mkdtemp(prefix="storm-eval-reuse-")) / "bench", parts_kwargs=BENCH_PARTS, projector_num_layers=2)
+        work / "bench", parts_kwargs=BENCH_PARTS, projector_num_layers=2)
     loaded = Predictor.from_pretrained(model_dir, "cpu", args.precision)
 
     def predictor(reuse: bool) -> Predictor:  # a new one per round: the video unseen

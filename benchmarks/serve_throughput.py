@@ -84,7 +84,11 @@ def main(argv=None) -> int:
     add_precision_argument(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    work = Path(tempfile.mkdtemp(prefix="storm-serve-bench-"))
+    with tempfile.TemporaryDirectory(prefix="storm-serve-bench-") as work:  # the random model and the video
+        return run(args, Path(work))
+
+
+def run(args, work: Path) -> int:
     model_dir = Path(args.model_dir) if args.model_dir else build_tiny_model(
         work / "bench", parts_kwargs=BENCH_PARTS, projector_num_layers=2)
     video = work / "flash.mp4"

@@ -12,7 +12,8 @@ many at a time in one padded batch; a batch that raises is answered again one qu
 time, so one bad question fails alone. ``finalize`` scores every
 row and writes results.json (atomically), results.md and the printed table.
 
-Ranks (torchrun's RANK / WORLD_SIZE) take the disjoint shards ``records[rank::world]``,
+Ranks (torchrun's RANK / WORLD_SIZE) take disjoint shards, whole videos dealt round-robin
+(`shard`: a video's questions stay together, so its frames and the model's work on it are shared),
 each appending to its own predictions.rank{r}.jsonl; after a barrier rank 0 merges them
 into predictions.jsonl. A rerun — with any number of ranks — skips every id already in
 any of these files, except model errors, which are tried again (decode failures only when
