@@ -135,14 +135,17 @@ def _iter_jsonl(path: Path, f):
         yield where, obj
 
 
-def _iter_json_array(path: Path, data: bytes):
-    """Yield (where, obj) for each element of a JSON array, `where` naming its line and index."""
-    data = data[len(_BOM):] if data.startswith(_BOM) else data
+def _utf8(path: Path, data: bytes) -> str:
+    """The text of a file's bytes (a UTF-8 byte-order mark dropped); StormError naming the line otherwise."""
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise StormError(f"{path}:{line}: not UTF-8 text") from None
+
+
+def _iter_json_array(path: Path, text: str):
+    """Yield (where, obj) for each element of a JSON array, `where` naming its line and index."""
     pos = _WS.match(text).end() + 1  # past "["
     line, counted = 1, 0
 
@@ -189,11 +192,11 @@ def _iter_raw(path: Path):
                 f.seek(0)
                 yield from _iter_jsonl(path, f)
                 return
-            data = head + f.read()
+            text = _utf8(path, head + f.read())  # the bytes are freed here: a 2 GB file is held once, as text
     except OSError as exc:
         raise StormError(f"{path}: cannot read training file ({exc.strerror or exc})") from None
     # the whole array is decoded before any record is checked: a file that is not JSON is named as such
-    yield from list(_iter_json_array(path, data))
+    yield from list(_iter_json_array(path, text))
 
 
 def check_text(value: str, where: str, what: str) -> str:
