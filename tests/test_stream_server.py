@@ -379,3 +379,25 @@ def test_watch_stops_cleanly_on_sigterm(causal_dir, tmp_path):
         writer.close()
         proc.kill()
     assert proc.returncode == 143 and "Traceback" not in err and "(stopped at 0:00:00: 0 frames)" in err
+
+
+def test_watch_stops_with_one_message_when_a_chunk_cannot_be_encoded(causal_dir, segments, monkeypatch, capsys):
+    """A chunk the model cannot encode (out of memory) ends the watch with one line, no traceback:
+    the stream's state cannot skip its frames."""
+    from storm_vlm.streaming.stream import StormStream
+
+    feed = StormStream.feed
+    calls = []
+
+    def failing_second(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return feed(self, *args, **kwargs)
+
+    monkeypatch.setattr(StormStream, "feed", failing_second)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert _watch(causal_dir, segments[0], "--chunk-seconds", "0.5", "--exit-at-end") == 1
+    err = capsys.readouterr().err
+    assert "storm-vlm watch: error: encoding the video after" in err and "CUDA out of memory" in err
+    assert "Traceback" not in err

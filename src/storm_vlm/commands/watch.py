@@ -43,6 +43,10 @@ class _NoFrames(StormError):
     """The source ended, or failed, before its first frame."""
 
 
+class _EncodeFailed(StormError):
+    """A chunk could not be encoded (e.g. out of memory): the stream cannot go on without it."""
+
+
 def _terminate(signum, frame):
     raise _Terminated()
 
@@ -345,7 +349,11 @@ class _Watcher:
             except queue.Empty:
                 continue
             if kind == "chunk":
-                self.feed(payload)
+                try:
+                    self.feed(payload)
+                except Exception as exc:  # the video's state would skip these frames: stop, saying why
+                    raise _EncodeFailed(f"encoding the video after {_clock(self.video_s)} failed ({type(exc).__name__}: "
+                                        f"{exc}); stopped (a smaller --chunk-seconds or --fps needs less memory)") from exc
                 continue
             if self.stream.frames_seen == 0:
                 detail = f": {payload}" if kind == "error" else ""
@@ -354,13 +362,13 @@ class _Watcher:
 
     def run(self) -> int:
         """Watch until the source and standard input end (or /quit); 130 after Ctrl-C, 143 after
-        SIGTERM, 1 when the source gave no frame."""
+        SIGTERM, 1 when the source gave no frame or a chunk could not be encoded."""
         threading.Thread(target=self.decode, name="storm-watch-decode", daemon=True).start()
         if not self.stdin_done:
             threading.Thread(target=self.read_stdin, name="storm-watch-stdin", daemon=True).start()
         try:
             self.loop()
-        except _NoFrames as exc:
+        except (_NoFrames, _EncodeFailed) as exc:
             print(f"storm-vlm watch: error: {exc}", file=sys.stderr, flush=True)
             return 1
         except KeyboardInterrupt as exc:
