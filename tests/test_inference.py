@@ -194,3 +194,16 @@ def test_a_videos_next_question_continues_from_the_kept_cache(qwen2_mamba_dir, m
     assert sum(encoded) == 4 + 3 * 4
     reusing.reply(questions[0], random_video(4, seed=22))  # other frames: encoded, the whole prompt prefilled
     assert sum(encoded) == 5 * 4 and prefilled[-1] > processor.num_visual_tokens(4)
+
+
+def test_a_batch_encodes_a_video_asked_about_twice_once(qwen2_mamba_dir, monkeypatch):
+    model, processor = load_model(qwen2_mamba_dir, "cpu", "float32")
+    video, other = random_video(4, seed=23), random_video(3, seed=24)
+    questions = ["What colour is the square?", "Where is it?", "Which way does it move?"]
+    predictor, encoded = Predictor(model, processor, max_new_tokens=4), []
+    encode = model._vision_features
+    monkeypatch.setattr(model, "_vision_features", lambda frames: encoded.append(len(frames)) or encode(frames))
+    shared = predictor.reply_batch(questions, [video, other, video])  # one array for two rows
+    assert sum(encoded) == 4 + 3
+    assert predictor.reply_batch(questions, [video, other, video.copy()]) == shared  # three encoded
+    assert sum(encoded) == 2 * (4 + 3) + 4

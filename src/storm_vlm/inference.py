@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessorList, TextStreamer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import logging as hf_logging
 
 from storm_vlm.errors import StormError
@@ -43,7 +44,7 @@ from storm_vlm.precision import Precision, resolve_precision
 from storm_vlm.utils import array_key, check_model_dir
 
 __all__ = ["EMPTY_ANSWER", "GREEDY", "ChatSession", "Predictor", "PrintStreamer", "Reply", "build_messages",
-           "load_model", "resolve_device"]
+           "encode_each_video_once", "load_model", "resolve_device"]
 
 # The decoding every evaluation uses (and the default everywhere): greedy, one beam, and no
 # repetition penalty, which a model's generation config may carry from its LLM (Qwen2-Instruct's
@@ -315,7 +316,8 @@ class Predictor:
     def reply_batch(self, prompts: Sequence[str], videos: Sequence[np.ndarray], max_new_tokens: int | None = None,
                     **generation) -> list[str]:
         """`reply` for several (prompt, frames) pairs as one batch: prompts left-padded, videos of
-        different lengths padded with a frame mask, so each row is answered as it would be alone."""
+        different lengths padded with a frame mask, so each row is answered as it would be alone.
+        A frames array given for several rows (a video's questions) is encoded once."""
         if len(prompts) != len(videos):
             raise StormError(f"{len(prompts)} prompts but {len(videos)} videos")
         texts = [self.render(build_messages(p)) for p in prompts]
@@ -325,6 +327,7 @@ class Predictor:
         kwargs = {**GREEDY, **generation, "max_new_tokens": max_new_tokens or self.max_new_tokens}
         pad = self.model.generation_config.pad_token_id
         with torch.inference_mode(), self._context():
+            inputs = encode_each_video_once(self.model, inputs, [id(v) for v in videos])
             out = self.model.generate(**inputs, pad_token_id=self.tokenizer.pad_token_id if pad is None else pad,
                                       **kwargs)
         new = out[:, inputs["input_ids"].shape[1]:]
@@ -348,6 +351,36 @@ class Predictor:
         logp = logits[0, -n - 1:-1].float().log_softmax(-1)
         target = cont[0]
         return float(logp.gather(-1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all())
+
+
+def encode_each_video_once(model, inputs: dict, keys: Sequence, cache=None) -> dict:
+    """Processor `inputs` with their videos as visual tokens (generate's `mm_encoder_outputs`), each
+    distinct video encoded once: `keys` names the videos, in order (the same key: the same video,
+    e.g. the copies of a request with n choices, or one video's questions in a batch); `cache`
+    (get(key) / put(key, tokens), e.g. `storm_vlm.serve.caches.VideoTokenCache`) gives videos an
+    earlier batch encoded and keeps the new ones. Run it under the model's inference context."""
+    if not keys:
+        return inputs
+    tokens, todo = {}, []
+    for i, key in enumerate(keys):
+        if key not in tokens:
+            tokens[key] = None if cache is None else cache.get(key)
+            if tokens[key] is None:
+                todo.append(i)
+    inputs = dict(inputs)
+    pixels, mask, layout = (inputs.pop(k, None) for k in ("pixel_values_videos", "video_frame_mask",
+                                                           "video_token_layout"))
+    if todo:
+        pick = torch.tensor(todo, device=pixels.device)
+        encoded = model.get_video_features(pixels[pick], None if mask is None else mask[pick],
+                                           video_token_layout=None if layout is None else layout[pick],
+                                           return_dict=True)
+        for i, video_tokens in zip(todo, encoded.pooler_output):
+            tokens[keys[i]] = video_tokens
+            if cache is not None:
+                cache.put(keys[i], video_tokens)
+    inputs["mm_encoder_outputs"] = {"video": BaseModelOutputWithPooling(pooler_output=[tokens[k] for k in keys])}
+    return inputs
 
 
 class PrintStreamer(TextStreamer):

@@ -38,11 +38,10 @@ import numpy as np
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from storm_vlm.choices import LETTERS, extract_choice, format_question, strip_letter
 from storm_vlm.errors import StormError
-from storm_vlm.inference import GREEDY, Predictor, build_messages
+from storm_vlm.inference import GREEDY, Predictor, build_messages, encode_each_video_once
 from storm_vlm.model.kv_cache import StormKVCache
 from storm_vlm.planner import fit_stride
 from storm_vlm.serve.caches import PrefixCache, VideoTokenCache, video_keys
@@ -582,32 +581,6 @@ class StormEngine:
                 handle.emit("error", _request_error(exc))
         return kept, (self._encode(kept) if kept else None)
 
-    def _encode_videos(self, inputs: dict, keys: list[tuple]) -> dict:
-        """`inputs` with the batch's videos (their `video_keys`) as visual tokens (generate's
-        `mm_encoder_outputs`): each distinct video encoded once (the copies of a request with n
-        choices share their frames), or taken from `video_cache` when an earlier batch encoded it."""
-        if not keys:
-            return inputs
-        tokens, todo = {}, []
-        for i, key in enumerate(keys):
-            if key not in tokens:
-                tokens[key] = self.video_cache.get(key)
-                if tokens[key] is None:
-                    todo.append(i)
-        inputs = dict(inputs)
-        pixels, mask, layout = (inputs.pop(k, None) for k in ("pixel_values_videos", "video_frame_mask",
-                                                               "video_token_layout"))
-        if todo:
-            pick = torch.tensor(todo, device=pixels.device)
-            encoded = self.model.get_video_features(pixels[pick], None if mask is None else mask[pick],
-                                                    video_token_layout=None if layout is None else layout[pick],
-                                                    return_dict=True)
-            for i, video_tokens in zip(todo, encoded.pooler_output):
-                tokens[keys[i]] = video_tokens
-                self.video_cache.put(keys[i], video_tokens)
-        inputs["mm_encoder_outputs"] = {"video": BaseModelOutputWithPooling(pooler_output=[tokens[k] for k in keys])}
-        return inputs
-
     def _run(self, handles: list[RequestHandle], started: float) -> None:
         handles, inputs = self._inputs(handles)
         if not handles:
@@ -629,7 +602,7 @@ class StormEngine:
             if reused:  # the cached start holds every video: generate reads only the ids after it
                 inputs = {k: inputs[k] for k in ("input_ids", "attention_mask")}
             else:
-                inputs = self._encode_videos(inputs, keys)
+                inputs = encode_each_video_once(self.model, inputs, keys, self.video_cache)
                 cache = StormKVCache(config=self._text_config) if alone else None
             out = self.model.generate(**inputs, **first.sampling.generate_kwargs(), streamer=rows,
                                       max_new_tokens=max(h.prepared.sampling.max_new_tokens for h in handles),
