@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serve_throughput import BENCH_PARTS, QUESTIONS
+from serve_throughput import QUESTIONS, bench_model
 from storm_vlm.commands import add_precision_argument, positive_int
 from storm_vlm.demo.synth_tasks import render_transient
-from storm_vlm.demo.tiny import build_tiny_model
 from storm_vlm.inference import Predictor
 from storm_vlm.perf.host import host_summary, load_line
 
@@ -45,8 +44,7 @@ def main(argv=None) -> int:
 
 
 def run(args, work: Path) -> int:
-    model_dir = Path(args.model_dir) if args.model_dir else build_tiny_model(
-        work / "bench", parts_kwargs=BENCH_PARTS, projector_num_layers=2)
+    model_dir = bench_model(args.model_dir, work)
     loaded = Predictor.from_pretrained(model_dir, "cpu", args.precision)
 
     def predictor(reuse: bool) -> Predictor:  # a new one per round: the video unseen

@@ -48,6 +48,13 @@ QUESTIONS = ["A coloured square flashes for a single frame. What colour was the 
              "What colour is the square?", "Which colour appears?", "Describe the video."]
 
 
+def bench_model(model_dir: str | None, work: Path) -> Path:
+    """`model_dir`, or a random model of BENCH_PARTS built in `work`."""
+    if model_dir:
+        return Path(model_dir)
+    return build_tiny_model(work / "bench", parts_kwargs=BENCH_PARTS, projector_num_layers=2)
+
+
 def run_row(engine: StormEngine, video: str, clients: int, requests: int, frames: int, max_new_tokens: int):
     answers: dict[tuple[int, int], str] = {}
     sizes: list[int] = []
@@ -89,8 +96,7 @@ def main(argv=None) -> int:
 
 
 def run(args, work: Path) -> int:
-    model_dir = Path(args.model_dir) if args.model_dir else build_tiny_model(
-        work / "bench", parts_kwargs=BENCH_PARTS, projector_num_layers=2)
+    model_dir = bench_model(args.model_dir, work)
     video = work / "flash.mp4"
     write_mp4(str(video), render_transient(np.random.default_rng(0), 128, 64, "A").frames, 8, pick_codec(None))
 
