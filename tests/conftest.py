@@ -42,6 +42,13 @@ def qwen2_mamba_dir(tmp_path_factory, qwen2_parts):
 
 
 @pytest.fixture(scope="session")
+def qwen2_causal_dir(tmp_path_factory, qwen2_parts):
+    """A tiny causal STORM (1 causal Mamba layer, temporal pool 2): what live video needs."""
+    return _model_dir(tmp_path_factory, qwen2_parts, "qwen2", "mamba", projector_bidirectional=False,
+                      projector_num_layers=1, temporal_pool_size=2)
+
+
+@pytest.fixture(scope="session")
 def qwen2_mlp_dir(tmp_path_factory, qwen2_parts):
     return _model_dir(tmp_path_factory, qwen2_parts, "qwen2", "mlp")
 

@@ -11,7 +11,6 @@ import weakref
 import pytest
 from helpers import encode_video, random_video
 
-from storm_vlm.builder import build_storm, save_storm
 from storm_vlm.streaming import sources
 from storm_vlm.video import VideoDecodeError
 
@@ -19,13 +18,10 @@ FPS = 4  # frames sampled per second; segments are written at 8 fps
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory, qwen2_parts):
+def engine(qwen2_causal_dir):
     from storm_vlm.serve import StormEngine
 
-    model, processor = build_storm(*qwen2_parts, projector_type="mamba", projector_bidirectional=False,
-                                   projector_num_layers=1, temporal_pool_size=2)
-    folder = save_storm(model, processor, tmp_path_factory.mktemp("storm-causal-audit") / "model")
-    engine = StormEngine(folder, device="cpu", precision="float32", max_batch_size=1)
+    engine = StormEngine(qwen2_causal_dir, device="cpu", precision="float32", max_batch_size=1)
     yield engine
     engine.close()
 

@@ -14,7 +14,6 @@ import pytest
 import torch
 from helpers import encode_video, random_video, write_mp4
 
-from storm_vlm.builder import build_storm, save_storm
 from storm_vlm.errors import StormError
 from storm_vlm.inference import build_messages
 from storm_vlm.streaming.sources import FrameSampler, decode_segment, open_source
@@ -94,17 +93,10 @@ def test_sources_refuse_what_they_cannot_read(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def causal_dir(tmp_path_factory, qwen2_parts):
-    model, processor = build_storm(*qwen2_parts, projector_type="mamba", projector_bidirectional=False,
-                                   projector_num_layers=1, temporal_pool_size=2)
-    return save_storm(model, processor, tmp_path_factory.mktemp("storm-causal-serve") / "model")
-
-
-@pytest.fixture(scope="module")
-def engine(causal_dir):
+def engine(qwen2_causal_dir):
     from storm_vlm.serve import StormEngine
 
-    engine = StormEngine(causal_dir, device="cpu", precision="float32", max_batch_size=1)
+    engine = StormEngine(qwen2_causal_dir, device="cpu", precision="float32", max_batch_size=1)
     yield engine
     engine.close()
 
@@ -228,13 +220,13 @@ def test_a_bidirectional_model_refuses_sessions(qwen2_mamba_dir):
 # ---- storm-vlm watch ---------------------------------------------------------------------------------
 
 
-def test_watch_answers_questions_typed_while_it_runs(causal_dir, segments, monkeypatch, capsys):
+def test_watch_answers_questions_typed_while_it_runs(qwen2_causal_dir, segments, monkeypatch, capsys):
     from storm_vlm.cli import main
 
     folder = os.path.dirname(segments[0])
     monkeypatch.setattr(sys, "stdin", io.StringIO("@1 What colour is the square?\n/status\n/frobnicate\n"
                                                   "@99 And at the end?\n"))
-    assert main(["watch", str(causal_dir), folder, "--fps", str(FPS), "--chunk-seconds", "0.5", "--idle-timeout",
+    assert main(["watch", str(qwen2_causal_dir), folder, "--fps", str(FPS), "--chunk-seconds", "0.5", "--idle-timeout",
                  "0.3", "--max-new-tokens", "3", "--device", "cpu", "--precision", "float32", "-q", "Last question?",
                  "--status-every", "1"]) == 0
     out = capsys.readouterr()
@@ -262,19 +254,19 @@ def test_frames_are_scaled_down_while_decoded(tmp_path):
     assert len(frames) == 4 and frames[0].shape == (32, 43, 3)  # the shorter side to the model's input size
 
 
-def _watch(causal_dir, source, *extra):
+def _watch(qwen2_causal_dir, source, *extra):
     from storm_vlm.cli import main
 
-    return main(["watch", str(causal_dir), str(source), "--fps", str(FPS), "--idle-timeout", "0.3", "--max-new-tokens",
+    return main(["watch", str(qwen2_causal_dir), str(source), "--fps", str(FPS), "--idle-timeout", "0.3", "--max-new-tokens",
                  "2", "--device", "cpu", "--precision", "float32", "--status-every", "0", *extra])
 
 
-def test_a_timed_question_sees_the_frames_up_to_its_time_and_no_later(causal_dir, segments, monkeypatch, capsys):
+def test_a_timed_question_sees_the_frames_up_to_its_time_and_no_later(qwen2_causal_dir, segments, monkeypatch, capsys):
     folder = os.path.dirname(segments[0])
     # chunks of 2 s (8 frames); the questions fall inside the first one; an untimed question that comes
     # before the first frame waits for them
     monkeypatch.setattr(sys, "stdin", io.StringIO("First?\n@0.5 At half a second?\n@1.6 Between frames?\n"))
-    assert _watch(causal_dir, folder, "--chunk-seconds", "2") == 0
+    assert _watch(qwen2_causal_dir, folder, "--chunk-seconds", "2") == 0
     asked = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     assert any(line.startswith("[0:00:00, 3 frames] At half a second?") for line in asked)  # 0, 0.25, 0.5
     assert any(line.startswith("[0:00:01, 7 frames] Between frames?") for line in asked)  # 0 ... 1.5
@@ -282,7 +274,7 @@ def test_a_timed_question_sees_the_frames_up_to_its_time_and_no_later(causal_dir
     assert not any("no frames" in line for line in asked)
 
 
-def test_watch_survives_undecodable_input_and_a_failing_question(causal_dir, segments, monkeypatch, capsys):
+def test_watch_survives_undecodable_input_and_a_failing_question(qwen2_causal_dir, segments, monkeypatch, capsys):
     from storm_vlm.streaming.stream import StormStream
 
     ask = StormStream.ask
@@ -295,7 +287,7 @@ def test_watch_survives_undecodable_input_and_a_failing_question(causal_dir, seg
     monkeypatch.setattr(StormStream, "ask", failing_once)
     typed = b"@0.5 caf\xe9 or <video>?\n@1 boom?\n@1.25 Still there?\n"  # Latin-1, not UTF-8
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(typed), encoding="utf-8", errors="strict"))
-    assert _watch(causal_dir, segments[0], "--chunk-seconds", "0.5", "--exit-at-end") == 0
+    assert _watch(qwen2_causal_dir, segments[0], "--chunk-seconds", "0.5", "--exit-at-end") == 0
     out = capsys.readouterr().out
     assert "caf\ufffd or <video>?" in out and "exactly one <video>" not in out
     assert "error: answering failed (RuntimeError: CUDA out of memory)" in out
@@ -308,16 +300,16 @@ def test_watch_survives_undecodable_input_and_a_failing_question(causal_dir, seg
     (["--format", "hls"], "--format 'hls' is not a stream format"),
     (["--idle-timeout", "nan"], "--idle-timeout must be > 0"),
 ])
-def test_watch_bad_arguments_are_one_line_errors(causal_dir, segments, monkeypatch, capsys, argv, message):
+def test_watch_bad_arguments_are_one_line_errors(qwen2_causal_dir, segments, monkeypatch, capsys, argv, message):
     from storm_vlm.cli import main
 
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
-    assert main(["watch", str(causal_dir), str(segments[0]), *argv]) == 2
+    assert main(["watch", str(qwen2_causal_dir), str(segments[0]), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_watch_refuses_a_source_before_loading_the_model(causal_dir, tmp_path, monkeypatch, capsys):
+def test_watch_refuses_a_source_before_loading_the_model(qwen2_causal_dir, tmp_path, monkeypatch, capsys):
     from storm_vlm.cli import main
     from storm_vlm.inference import Predictor
 
@@ -328,13 +320,13 @@ def test_watch_refuses_a_source_before_loading_the_model(causal_dir, tmp_path, m
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     notes = tmp_path / "notes.ts"
     notes.write_text("not a video\n" * 30)
-    assert main(["watch", str(causal_dir), str(notes)]) == 2
+    assert main(["watch", str(qwen2_causal_dir), str(notes)]) == 2
     assert "not a readable video stream" in capsys.readouterr().err
-    assert main(["watch", str(causal_dir), "rtsp://camera/stream"]) == 2
+    assert main(["watch", str(qwen2_causal_dir), "rtsp://camera/stream"]) == 2
     assert "URLs are not opened" in capsys.readouterr().err
 
 
-def test_watch_refuses_a_terminal_as_its_video_and_endless_times(causal_dir, monkeypatch, capsys):
+def test_watch_refuses_a_terminal_as_its_video_and_endless_times(qwen2_causal_dir, monkeypatch, capsys):
     from storm_vlm.cli import main
     from storm_vlm.commands.watch import parse_question
 
@@ -343,7 +335,7 @@ def test_watch_refuses_a_terminal_as_its_video_and_endless_times(causal_dir, mon
             return True
 
     monkeypatch.setattr(sys, "stdin", Terminal(""))
-    assert main(["watch", str(causal_dir), "-", "-q", "What happened?"]) == 2
+    assert main(["watch", str(qwen2_causal_dir), "-", "-q", "What happened?"]) == 2
     assert "standard input, which is a terminal" in capsys.readouterr().err
     assert parse_question("@90 What happened?") == (90.0, "What happened?")
     for line in ("@inf What?", "@nan What?", "@-1 What?", "@5"):
@@ -351,23 +343,23 @@ def test_watch_refuses_a_terminal_as_its_video_and_endless_times(causal_dir, mon
             parse_question(line)
 
 
-def test_watch_without_any_frame_exits_1(causal_dir, tmp_path, monkeypatch, capsys):
+def test_watch_without_any_frame_exits_1(qwen2_causal_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     folder = tmp_path / "segments"
     folder.mkdir()
     (folder / "seg_000.ts").write_bytes(b"\x00" * 4096)
-    assert _watch(causal_dir, folder, "-q", "What happened?") == 1
+    assert _watch(qwen2_causal_dir, folder, "-q", "What happened?") == 1
     err = capsys.readouterr().err
     assert "skipped" in err and "no video frames could be read" in err
 
 
-def test_watch_stops_cleanly_on_sigterm(causal_dir, tmp_path):
+def test_watch_stops_cleanly_on_sigterm(qwen2_causal_dir, tmp_path):
     import signal
     import subprocess
 
     fifo = tmp_path / "live.fifo"
     os.mkfifo(fifo)
-    proc = subprocess.Popen([sys.executable, "-m", "storm_vlm", "watch", str(causal_dir), str(fifo), "--format",
+    proc = subprocess.Popen([sys.executable, "-m", "storm_vlm", "watch", str(qwen2_causal_dir), str(fifo), "--format",
                              "mpegts", "--device", "cpu"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     writer = open(fifo, "wb")  # returns once the model is loaded and the source opened; then nothing comes
@@ -381,7 +373,7 @@ def test_watch_stops_cleanly_on_sigterm(causal_dir, tmp_path):
     assert proc.returncode == 143 and "Traceback" not in err and "(stopped at 0:00:00: 0 frames)" in err
 
 
-def test_watch_stops_with_one_message_when_a_chunk_cannot_be_encoded(causal_dir, segments, monkeypatch, capsys):
+def test_watch_stops_with_one_message_when_a_chunk_cannot_be_encoded(qwen2_causal_dir, segments, monkeypatch, capsys):
     """A chunk the model cannot encode (out of memory) ends the watch with one line, no traceback:
     the stream's state cannot skip its frames."""
     from storm_vlm.streaming.stream import StormStream
@@ -397,7 +389,7 @@ def test_watch_stops_with_one_message_when_a_chunk_cannot_be_encoded(causal_dir,
 
     monkeypatch.setattr(StormStream, "feed", failing_second)
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
-    assert _watch(causal_dir, segments[0], "--chunk-seconds", "0.5", "--exit-at-end") == 1
+    assert _watch(qwen2_causal_dir, segments[0], "--chunk-seconds", "0.5", "--exit-at-end") == 1
     err = capsys.readouterr().err
     assert "storm-vlm watch: error: encoding the video after" in err and "CUDA out of memory" in err
     assert "Traceback" not in err
