@@ -204,17 +204,11 @@ def build_storm(
     projector_d_state, temporal_sample_stride).
     """
     vcfg, lcfg = read_part_configs(vision_dir, llm_dir)
+    fields = dict(projector_type=projector_type, projector_num_layers=projector_num_layers,
+                  temporal_pool_size=temporal_pool_size, spatial_pool_stride=spatial_pool_stride, **config_overrides)
     # Validate the STORM fields before loading any weights.
     try:
-        StormConfig(
-            vision_config=vcfg,
-            text_config=lcfg,
-            projector_type=projector_type,
-            projector_num_layers=projector_num_layers,
-            temporal_pool_size=temporal_pool_size,
-            spatial_pool_stride=spatial_pool_stride,
-            **config_overrides,
-        )
+        StormConfig(vision_config=vcfg, text_config=lcfg, **fields)
     except ConfigError as exc:  # e.g. a spatial_pool_stride that does not divide the token grid
         raise ConfigError(
             f"cannot build STORM from vision folder {vision_dir} and LLM folder {llm_dir}: {exc}"
@@ -230,14 +224,10 @@ def build_storm(
     config = StormConfig(
         vision_config=vision.config,
         text_config=language_model.config,
-        projector_type=projector_type,
-        projector_num_layers=projector_num_layers,
-        temporal_pool_size=temporal_pool_size,
-        spatial_pool_stride=spatial_pool_stride,
         video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         tie_word_embeddings=bool(getattr(language_model.config, "tie_word_embeddings", False)),
-        **config_overrides,
+        **fields,
     )
     config.dtype = llm_dtype
     if seed is not None:
