@@ -209,6 +209,6 @@ def reusable_start(ids: Sequence[int], cached_ids: Sequence[int], placeholder_id
     n = min(len(ids), len(cached_ids))
     shared = next((i for i in range(n) if ids[i] != cached_ids[i]), n)
     shared = min(shared, len(ids) - 1)
-    last = max((i for i, t in enumerate(ids) if t in placeholder_ids), default=-1)
+    last = next((i for i in range(len(ids) - 1, -1, -1) if ids[i] in placeholder_ids), -1)  # the text after is short
     cut_run = shared < len(cached_ids) and cached_ids[shared] in placeholder_ids
     return shared if shared > last and not cut_run else 0
