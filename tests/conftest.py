@@ -48,6 +48,25 @@ def qwen2_causal_dir(tmp_path_factory, qwen2_parts):
                       projector_num_layers=1, temporal_pool_size=2)
 
 
+@pytest.fixture(scope="module")
+def live_engine(qwen2_causal_dir):
+    """The live-video server's engine: the causal model, one request at a time."""
+    from storm_vlm.serve import StormEngine
+
+    engine = StormEngine(qwen2_causal_dir, device="cpu", precision="float32", max_batch_size=1)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def live_client(live_engine):
+    from fastapi.testclient import TestClient
+
+    from storm_vlm.serve.api import create_app
+
+    return TestClient(create_app(live_engine))
+
+
 @pytest.fixture(scope="session")
 def qwen2_mlp_dir(tmp_path_factory, qwen2_parts):
     return _model_dir(tmp_path_factory, qwen2_parts, "qwen2", "mlp")

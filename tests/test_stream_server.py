@@ -92,104 +92,86 @@ def test_sources_refuse_what_they_cannot_read(tmp_path):
 # ---- sessions over HTTP ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def engine(qwen2_causal_dir):
-    from storm_vlm.serve import StormEngine
-
-    engine = StormEngine(qwen2_causal_dir, device="cpu", precision="float32", max_batch_size=1)
-    yield engine
-    engine.close()
-
-
-@pytest.fixture(scope="module")
-def client(engine):
-    from fastapi.testclient import TestClient
-
-    from storm_vlm.serve.api import create_app
-
-    return TestClient(create_app(engine))
-
-
-def _post_segment(client, sid, path):
-    return client.post(f"/v1/sessions/{sid}/chunks", content=open(path, "rb").read(),
+def _post_segment(live_client, sid, path):
+    return live_client.post(f"/v1/sessions/{sid}/chunks", content=open(path, "rb").read(),
                        headers={"content-type": "video/mp2t"})
 
 
-def test_a_session_answers_as_a_one_shot_pass_over_the_frames_received(client, engine, segments):
-    created = client.post("/v1/sessions", json={"fps": FPS})
+def test_a_session_answers_as_a_one_shot_pass_over_the_frames_received(live_client, live_engine, segments):
+    created = live_client.post("/v1/sessions", json={"fps": FPS})
     assert created.status_code == 201, created.text
     sid = created.json()["id"]
     for i, seg in enumerate(segments[:2]):
-        r = _post_segment(client, sid, seg)
+        r = _post_segment(live_client, sid, seg)
         assert r.status_code == 200, r.text
         assert r.json()["frames_added"] == 6 and r.json()["frames"] == 6 * (i + 1)
     assert r.json()["video_seconds"] == 3.0 and r.json()["visual_tokens"] == 6 * 16
     question = "What colour is the square?"
-    answer = client.post(f"/v1/sessions/{sid}/ask", json={"question": question, "max_new_tokens": 5})
+    answer = live_client.post(f"/v1/sessions/{sid}/ask", json={"question": question, "max_new_tokens": 5})
     assert answer.status_code == 200, answer.text
     # the reference: the same frames (sampled the same way) encoded at once
     sampler = FrameSampler(FPS)
     frames = np.stack([f for seg in segments[:2] for _, f in decode_segment(str(seg), sampler, "seg")])
-    p = engine.predictor
+    p = live_engine.predictor
     inputs = p.encode(p.render(build_messages(question)), [frames])
     with torch.inference_mode():
         out = p.model.generate(**inputs, max_new_tokens=5, do_sample=False)
     expected = p.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     assert answer.json()["answer"] == expected and answer.json()["frames"] == 12
-    with_options = client.post(f"/v1/sessions/{sid}/ask", json={"question": question, "options": ["red", "blue"],
+    with_options = live_client.post(f"/v1/sessions/{sid}/ask", json={"question": question, "options": ["red", "blue"],
                                                                 "max_new_tokens": 2}).json()
     assert with_options["options"] == ["red", "blue"] and "choice" in with_options
-    status = client.get(f"/v1/sessions/{sid}").json()
+    status = live_client.get(f"/v1/sessions/{sid}").json()
     assert status["frames"] == 12 and status["chunks"] == 2 and status["memory_bytes"] > 0
-    assert client.delete(f"/v1/sessions/{sid}").status_code == 204
-    assert client.get(f"/v1/sessions/{sid}").status_code == 404
+    assert live_client.delete(f"/v1/sessions/{sid}").status_code == 204
+    assert live_client.get(f"/v1/sessions/{sid}").status_code == 404
 
 
-def test_session_errors_are_4xx_naming_the_cause(client, segments, tmp_path):
-    assert client.post("/v1/sessions", json={"fps": 0}).status_code == 422
-    assert client.post("/v1/sessions", json={"memory_policy": "forget"}).status_code == 422
-    assert client.post("/v1/sessions", json={"bogus": 1}).status_code == 422
-    assert client.post("/v1/sessions/nope/ask", json={"question": "x"}).status_code == 404
-    sid = client.post("/v1/sessions").json()["id"]  # no body: the defaults
-    early = client.post(f"/v1/sessions/{sid}/ask", json={"question": "What?"})
+def test_session_errors_are_4xx_naming_the_cause(live_client, segments, tmp_path):
+    assert live_client.post("/v1/sessions", json={"fps": 0}).status_code == 422
+    assert live_client.post("/v1/sessions", json={"memory_policy": "forget"}).status_code == 422
+    assert live_client.post("/v1/sessions", json={"bogus": 1}).status_code == 422
+    assert live_client.post("/v1/sessions/nope/ask", json={"question": "x"}).status_code == 404
+    sid = live_client.post("/v1/sessions").json()["id"]  # no body: the defaults
+    early = live_client.post(f"/v1/sessions/{sid}/ask", json={"question": "What?"})
     assert early.status_code == 422 and "no frames" in early.json()["detail"]
-    assert client.post(f"/v1/sessions/{sid}/ask", json={"question": ""}).status_code == 422
-    assert client.post(f"/v1/sessions/{sid}/chunks", json={"x": 1}).status_code == 415
-    bad = client.post(f"/v1/sessions/{sid}/chunks", content=b"not a video at all" * 10)
+    assert live_client.post(f"/v1/sessions/{sid}/ask", json={"question": ""}).status_code == 422
+    assert live_client.post(f"/v1/sessions/{sid}/chunks", json={"x": 1}).status_code == 415
+    bad = live_client.post(f"/v1/sessions/{sid}/chunks", content=b"not a video at all" * 10)
     assert bad.status_code == 422 and "the chunk" in bad.json()["detail"]
-    assert client.post(f"/v1/sessions/{sid}/chunks", content=b"").status_code == 422
-    assert client.get(f"/v1/sessions/{sid}").json()["chunks"] == 0  # nothing was read from either
-    client.delete(f"/v1/sessions/{sid}")
+    assert live_client.post(f"/v1/sessions/{sid}/chunks", content=b"").status_code == 422
+    assert live_client.get(f"/v1/sessions/{sid}").json()["chunks"] == 0  # nothing was read from either
+    live_client.delete(f"/v1/sessions/{sid}")
 
 
-def test_session_questions_read_placeholders_as_text(client, segments):
-    sid = client.post("/v1/sessions", json={"fps": FPS}).json()["id"]
-    assert _post_segment(client, sid, segments[0]).status_code == 200
+def test_session_questions_read_placeholders_as_text(live_client, segments):
+    sid = live_client.post("/v1/sessions", json={"fps": FPS}).json()["id"]
+    assert _post_segment(live_client, sid, segments[0]).status_code == 200
     for question, options in [("What is <video>?", None), ("Is there an <image>?", ["<video>", "<image>"])]:
-        r = client.post(f"/v1/sessions/{sid}/ask", json={"question": question, "options": options, "max_new_tokens": 1})
+        r = live_client.post(f"/v1/sessions/{sid}/ask", json={"question": question, "options": options, "max_new_tokens": 1})
         assert r.status_code == 200, r.text
-    client.delete(f"/v1/sessions/{sid}")
+    live_client.delete(f"/v1/sessions/{sid}")
 
 
-def test_a_chunk_past_the_decode_timeout_is_503(client, engine, segments, monkeypatch):
-    sid = client.post("/v1/sessions", json={"fps": FPS}).json()["id"]
-    monkeypatch.setattr(engine, "decode_timeout_s", 1e-9)  # the server's --decode-timeout
-    r = _post_segment(client, sid, segments[0])
+def test_a_chunk_past_the_decode_timeout_is_503(live_client, live_engine, segments, monkeypatch):
+    sid = live_client.post("/v1/sessions", json={"fps": FPS}).json()["id"]
+    monkeypatch.setattr(live_engine, "decode_timeout_s", 1e-9)  # the server's --decode-timeout
+    r = _post_segment(live_client, sid, segments[0])
     assert r.status_code == 503 and r.headers["retry-after"], r.text
     assert r.json()["detail"].startswith("the chunk: ") and "took longer" in r.json()["detail"]
     monkeypatch.undo()
-    assert _post_segment(client, sid, segments[1]).json()["frames_added"] == 6
-    client.delete(f"/v1/sessions/{sid}")
+    assert _post_segment(live_client, sid, segments[1]).json()["frames_added"] == 6
+    live_client.delete(f"/v1/sessions/{sid}")
 
 
-def test_limits_sessions_chunk_size_and_idle_timeout(engine, segments):
+def test_limits_sessions_chunk_size_and_idle_timeout(live_engine, segments):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
     from storm_vlm.serve.sessions import add_session_routes
 
     app = FastAPI()
-    store = add_session_routes(app, engine, max_sessions=2, max_chunk_bytes=1000, idle_timeout_s=0.3)
+    store = add_session_routes(app, live_engine, max_sessions=2, max_chunk_bytes=1000, idle_timeout_s=0.3)
     client = TestClient(app)
     a, b = (client.post("/v1/sessions").json()["id"] for _ in range(2))
     full = client.post("/v1/sessions")
