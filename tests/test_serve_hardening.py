@@ -152,7 +152,8 @@ def test_openai_default_and_null_fields_are_accepted(client):
     no_ops = {"n": None, "stream": None, "logprobs": False, "top_logprobs": None, "presence_penalty": 0,
               "frequency_penalty": 0, "logit_bias": {}, "response_format": {"type": "text"}, "tools": [],
               "tool_choice": "none", "parallel_tool_calls": False, "store": False, "metadata": {"k": "v"},
-              "service_tier": "auto", "reasoning_effort": "low", "user": "u", "seed": None, "stop": None,
+              "service_tier": "auto", "reasoning_effort": "low", "user": "u", "safety_identifier": "s",
+              "prompt_cache_key": "k", "seed": None, "stop": None,
               "max_completion_tokens": None, "max_tokens": 2, "temperature": 0}
     developer = _chat(client, {"messages": [{"role": "developer", "content": "Be brief."}, *turns], **no_ops})
     assert developer.status_code == 200, developer.text

@@ -240,18 +240,6 @@ class Predictor:
         stride = self.temporal_sample_stride if temporal_sample_stride is None else temporal_sample_stride
         return self.processor.num_visual_tokens(num_frames, stride)
 
-    def check_context(self, prompt: str, visual_tokens: int, max_new_tokens: int) -> int:
-        """The prompt's text tokens; StormError when prompt + visual tokens + answer exceed the LLM's positions."""
-        text_tokens = self.text_tokens(prompt)
-        needed = text_tokens + visual_tokens + max_new_tokens
-        limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
-        if limit and needed > limit:
-            raise StormError(
-                f"the request needs {needed} positions ({visual_tokens} visual tokens + {text_tokens} text tokens "
-                f"+ {max_new_tokens} new tokens) but the LLM has {limit}; ask for fewer frames, a larger "
-                "temporal_sample_stride or fewer new tokens")
-        return text_tokens
-
     def encode(self, prompt: str, videos: Sequence[np.ndarray] = (), temporal_sample_stride: int | None = None):
         """Processor inputs for a rendered prompt and its videos, on the model's device and dtype."""
         stride = self.temporal_sample_stride if temporal_sample_stride is None else temporal_sample_stride

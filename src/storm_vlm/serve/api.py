@@ -247,19 +247,27 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
                 cancel.set()
         return task.result()
 
-    async def wait_or_cancel(request: Request, handle):
-        """The request's Completion; cancels it when the client disconnects first."""
-        while True:
-            try:
-                kind, payload = await asyncio.wait_for(handle.next_event(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    handle.cancel()
-                continue
-            if kind == "error":
-                raise payload
-            if kind == "done":
-                return payload
+    async def wait_or_cancel(request: Request, handles: list) -> list:
+        """The Completions of queued requests (the first error raised); all are cancelled when the
+        client disconnects first, which is checked every 0.5 s however fast their tokens come."""
+        async def outcome(handle):
+            async for kind, payload in handle.aevents():
+                if kind == "error":
+                    raise payload
+                if kind == "done":
+                    return payload
+
+        async def watch():
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.5)
+            for handle in handles:
+                handle.cancel()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            return [await outcome(handle) for handle in handles]
+        finally:
+            watcher.cancel()
 
     @contextlib.asynccontextmanager
     async def openai_body_slot():
@@ -309,9 +317,10 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         try:
-            prepared = engine.prepare(messages, [len(v) for v in videos], sampling, parsed.temporal_sample_stride)
+            prepared = engine.prepare(messages, [len(v) for v in videos], sampling, parsed.temporal_sample_stride,
+                                      fit_answer=not parsed.budget_chosen)
         except StormError as exc:
-            raise oai.OpenAIError(400, str(exc)) from None
+            raise oai.prepare_error(exc, "messages") from None
         prepared.cache_salt = parsed.cache_salt
         include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
         return prepared, videos, bool(parsed.stream), include_usage, parsed.n or 1
@@ -350,7 +359,7 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
         handles = submit_choices(prepared, videos, reply.n)
         if not stream:
             try:
-                completions = [await wait_or_cancel(request, handle) for handle in handles]
+                completions = await wait_or_cancel(request, handles)
             except StormError as exc:
                 raise handle_error(exc) from None
             finally:
@@ -428,7 +437,7 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
                 params.temporal_sample_stride, params.max_new_tokens)
             clip = await until_disconnect(request, engine.read_video, video_path, frames, params.start, params.end)
             handle = engine.submit(prepared, [clip.frames], loop=asyncio.get_running_loop())
-            completion = await wait_or_cancel(request, handle)
+            (completion,) = await wait_or_cancel(request, [handle])
         except EngineBusy as exc:
             return _error(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
         except DecodeCancelled:

@@ -31,7 +31,7 @@ import math
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -49,7 +49,7 @@ from storm_vlm.utils import check_int, check_model_dir
 from storm_vlm.video import load_video
 
 __all__ = ["StormEngine", "SamplingParams", "RequestHandle", "Completion", "EngineBusy", "RequestError",
-           "MAX_OPTIONS", "MAX_OPTION_CHARS", "MAX_QUESTION_CHARS"]
+           "ContextTooLong", "MAX_OPTIONS", "MAX_OPTION_CHARS", "MAX_QUESTION_CHARS"]
 
 MAX_QUESTION_CHARS = 8000
 MAX_OPTIONS = 26
@@ -64,6 +64,11 @@ class EngineBusy(StormError):
     def __init__(self, message: str, retry_after: int):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class ContextTooLong(StormError):
+    """The prompt (text and visual tokens) and the answer budget do not fit the LLM's positions
+    (the OpenAI API answers this with code context_length_exceeded)."""
 
 
 class RequestError(StormError):
@@ -414,14 +419,16 @@ class StormEngine:
         return SamplingParams(max_new_tokens, temperature, top_p, seed, tuple(stops))
 
     def prepare(self, messages: list[dict], frame_counts: Sequence[int] = (), sampling: SamplingParams | None = None,
-                temporal_sample_stride: int | None = None) -> _Prepared:
+                temporal_sample_stride: int | None = None, fit_answer: bool = False) -> _Prepared:
         """Render `messages` (the model's chat template, with a {"type": "video"} item per video,
         in order; `frame_counts` gives each video's frames) once and check the request fits the
-        LLM; StormError otherwise. Texts are read as text (`literal`): only the video items
-        become placeholders. When the videos do not fit at the stride asked for (or the
-        model's), the smallest larger test-time sampling stride that fits is applied instead of
-        failing (`storm_vlm.planner.fit_stride`; `planned` says so). `submit` takes it with the
-        decoded videos."""
+        LLM with its answer budget; StormError otherwise (ContextTooLong when it does not fit).
+        Texts are read as text (`literal`): only the video items become placeholders. When the
+        videos do not fit at the stride asked for (or the model's), the smallest larger test-time
+        sampling stride that fits is applied instead of failing (`storm_vlm.planner.fit_stride`;
+        `planned` says so). `fit_answer`: the answer budget is a default, not the client's choice,
+        and is cut to the positions the prompt leaves rather than refused. `submit` takes it with
+        the decoded videos."""
         sampling = sampling or SamplingParams()
         if temporal_sample_stride is not None:
             _check_int("temporal_sample_stride", temporal_sample_stride, 1, 64)
@@ -431,27 +438,62 @@ class StormEngine:
             raise StormError(f"the rendered messages hold {placeholders} {self.processor.video_token} and "
                              f"{prompt.count(self.processor.image_token)} {self.processor.image_token} placeholders "
                              f"for {len(frame_counts)} videos")
-        limit = getattr(self.config.get_text_config(), "max_position_embeddings", None)
+        limit = self._context()
+        text_tokens = self.predictor.text_tokens(prompt)
         planned = False
         if frame_counts and limit:
-            other = self.predictor.text_tokens(prompt) + sampling.max_new_tokens
-            fitted = fit_stride(self.config, frame_counts, other, temporal_sample_stride, limit)
+            fitted = self._plan_stride(frame_counts, text_tokens, sampling.max_new_tokens, temporal_sample_stride,
+                                       limit, fit_answer)
             planned = fitted != (temporal_sample_stride or self.config.temporal_sample_stride)
             temporal_sample_stride = fitted if planned else temporal_sample_stride
         layout = self.config.visual_token_layout.with_sample_stride(temporal_sample_stride)
         visual = sum(layout.num_tokens(t) for t in frame_counts)
-        text_tokens = self.predictor.check_context(prompt, visual, sampling.max_new_tokens)
+        sampling = self._fit(sampling, text_tokens, visual, limit, fit_answer)
         return _Prepared(prompt, [], temporal_sample_stride, sampling, text_tokens, visual, planned)
 
-    def prepare_text(self, text: str, sampling: SamplingParams | None = None) -> _Prepared:
+    def prepare_text(self, text: str, sampling: SamplingParams | None = None, fit_answer: bool = False) -> _Prepared:
         """A raw prompt (OpenAI's text completions: no chat template, no video), read as text
-        (`literal`); StormError when it is empty or does not fit the LLM with its answer."""
+        (`literal`); StormError when it is empty, ContextTooLong when it does not fit the LLM with
+        its answer (`fit_answer`: see `prepare`)."""
         sampling = sampling or SamplingParams()
         prompt = self.literal(text)
-        text_tokens = self.predictor.check_context(prompt, 0, sampling.max_new_tokens)
+        text_tokens = self.predictor.text_tokens(prompt)
         if text_tokens == 0:
             raise StormError("the prompt holds no tokens")
+        sampling = self._fit(sampling, text_tokens, 0, self._context(), fit_answer)
         return _Prepared(prompt, [], None, sampling, text_tokens, 0)
+
+    def _context(self) -> int | None:
+        """The LLM's positions (None: unbounded)."""
+        return getattr(self.config.get_text_config(), "max_position_embeddings", None)
+
+    def _plan_stride(self, frame_counts, text_tokens: int, max_new_tokens: int, stride: int | None, limit: int,
+                     fit_answer: bool) -> int:
+        """`fit_stride` for the videos next to the text and the answer budget; with `fit_answer`,
+        next to one answer token when the whole budget fits at no stride (`_fit` then shrinks it)."""
+        for budget in (max_new_tokens, 1) if fit_answer else (max_new_tokens,):
+            try:
+                return fit_stride(self.config, frame_counts, text_tokens + budget, stride, limit)
+            except StormError as exc:
+                error = exc
+        raise ContextTooLong(f"This model's maximum context length is {limit} tokens: {error}")
+
+    @staticmethod
+    def _fit(sampling: SamplingParams, text_tokens: int, visual_tokens: int, limit: int | None,
+             fit_answer: bool) -> SamplingParams:
+        """`sampling` when the prompt and its answer budget fit `limit` positions; with
+        `fit_answer` (a budget the client did not choose), the budget cut to the positions left, as
+        vLLM's default max_tokens is; ContextTooLong when not even one answer token fits, or the
+        budget the client chose does not."""
+        prompt = text_tokens + visual_tokens
+        if limit and fit_answer and prompt < limit:
+            sampling = replace(sampling, max_new_tokens=min(sampling.max_new_tokens, limit - prompt))
+        if limit and prompt + sampling.max_new_tokens > limit:
+            raise ContextTooLong(
+                f"This model's maximum context length is {limit} tokens and the request has {prompt} input tokens "
+                f"({visual_tokens} visual + {text_tokens} text) and asks for up to {sampling.max_new_tokens} new "
+                "tokens; send less text, fewer frames or a larger temporal_sample_stride, or ask for fewer new tokens")
+        return sampling
 
     def literal(self, text: str) -> str:
         """`text` with the processor's placeholders as text (`StormProcessor.literal`)."""

@@ -11,16 +11,17 @@ video (the model's image path computes exactly that). Text is read as text: a `<
 `<image>` typed in it is not a placeholder (`StormEngine.literal`). Supported: multi-turn
 messages (system; developer, read as system as OpenAI does; user; assistant, whose content may be
 null), `max_tokens` (or `max_completion_tokens`; default min(256, the server's
---max-new-tokens)), `temperature`, `top_p`, `seed`, `stop`, `stream` (server-sent events of
-`chat.completion.chunk` objects ending with `data: [DONE]`; `stream_options.include_usage` adds a
-usage chunk, and `"usage": null` on the others), `n` (choices; at most the server's
---max-batch-size, answered together in one batch; a seeded request's choice i with seed + i, so
-the choices differ and repeat, one after another). STORM's own knobs are extra body fields
-(the OpenAI client's `extra_body`): `num_frames`, `temporal_sample_stride`, `fps`.
+--max-new-tokens), cut to the positions the prompt leaves), `temperature`, `top_p`, `seed`,
+`stop`, `stream` (server-sent events of `chat.completion.chunk` objects ending with
+`data: [DONE]`; `stream_options.include_usage` adds a usage chunk, and `"usage": null` on the
+others), `n` (choices; at most the server's --max-batch-size, answered together in one batch; a
+seeded request's choice i with seed + i, so the choices differ and repeat, one after another).
+STORM's own knobs are extra body fields (the OpenAI client's `extra_body`): `num_frames`,
+`temporal_sample_stride`, `fps`.
 
 Text-completion request (`CompletionRequest`): `prompt` (one string, or a list of one), read raw
 (no chat template) and as text; the same sampling fields, `max_tokens` defaulting to 16 as
-OpenAI's and vLLM's do, and `echo`.
+OpenAI's and vLLM's do (cut likewise), and `echo`.
 
 Both: fields are typed strictly, as OpenAI's API types them (`"max_tokens": "3"` and `"stream":
 "yes"` are 400s, not 3 and true). OpenAI's other fields and vLLM's sampling fields (`top_k`,
@@ -28,11 +29,12 @@ Both: fields are typed strictly, as OpenAI's API types them (`"max_tokens": "3"`
 here (`logprobs` false or null, penalties 0, `repetition_penalty` 1, `top_k` -1 or 0,
 `response_format` text, no tools, `tool_choice` none or auto); another value is a 400 naming the
 field, as is any other field. `store`, `metadata`, `service_tier`, `reasoning_effort`,
-`parallel_tool_calls` and `user` are accepted and ignored. `cache_salt` (vLLM's) keeps a request's
-cached work (`StormEngine`'s video and prefix caches) apart from requests with another salt or
-none. `usage.prompt_tokens` counts the visual tokens. Errors are OpenAI's error object `{"error": {"message", "type", "param", "code"}}` with a
-4xx status (503 with Retry-After when the server is busy); `param` names the field
-(`messages.0.content.1.video_url.url`).
+`parallel_tool_calls`, `user`, `safety_identifier` and `prompt_cache_key` are accepted and
+ignored. `cache_salt` (vLLM's) keeps a request's cached work (`StormEngine`'s video and prefix
+caches) apart from requests with another salt or none. `usage.prompt_tokens` counts the visual tokens. Errors are OpenAI's error object
+`{"error": {"message", "type", "param", "code"}}` with a 4xx status (503 with Retry-After when the
+server is busy); `param` names the field (`messages.0.content.1.video_url.url`); a request too long
+for the model's context has code `context_length_exceeded` (`prepare_error`).
 """
 
 from __future__ import annotations
@@ -54,11 +56,12 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 
 from storm_vlm.errors import StormError
 from storm_vlm.media.images import ImageTooLarge, load_image
-from storm_vlm.serve.engine import MAX_QUESTION_CHARS, MAX_STOP_CHARS, MAX_STOPS, EngineBusy, StormEngine
+from storm_vlm.serve.engine import (MAX_QUESTION_CHARS, MAX_STOP_CHARS, MAX_STOPS, ContextTooLong, EngineBusy,
+                                    StormEngine)
 from storm_vlm.video import DecodeTimeout
 
 __all__ = ["ChatCompletionRequest", "CompletionRequest", "LocalMedia", "OpenAIError", "Reply", "parse_chat_request",
-           "parse_completion_request", "model_body", "models_body", "MAX_VIDEOS"]
+           "parse_completion_request", "prepare_error", "model_body", "models_body", "MAX_VIDEOS"]
 
 MAX_VIDEOS = 4
 MAX_MESSAGES = 64
@@ -196,8 +199,17 @@ class _SamplingRequest(BaseModel):
     skip_special_tokens: bool | None = None
     # vLLM's: only requests with the same salt share cached work (the engine's prefix and video caches)
     cache_salt: str | None = Field(None, min_length=1, max_length=256)
-    # accepted and ignored: who asks
+    # accepted and ignored: who asks, and OpenAI's hint for its own prompt cache
     user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+
+    @property
+    def budget_chosen(self) -> bool:
+        """Whether the client chose the answer's token budget (max_tokens, max_completion_tokens);
+        a default budget is cut to the positions the prompt leaves (`StormEngine.prepare`'s
+        fit_answer), as vLLM's default is the rest of the context."""
+        return self.max_tokens is not None or getattr(self, "max_completion_tokens", None) is not None
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -320,11 +332,19 @@ def parse_completion_request(body: Any, engine: StormEngine):
     sampling = _sampling(request, engine, 16)
     prompt = request.prompt if isinstance(request.prompt, str) else request.prompt[0]
     try:
-        prepared = engine.prepare_text(prompt, sampling)
+        prepared = engine.prepare_text(prompt, sampling, fit_answer=not request.budget_chosen)
     except StormError as exc:
-        raise OpenAIError(400, str(exc), "prompt") from None
+        raise prepare_error(exc, "prompt") from None
     prepared.cache_salt = request.cache_salt
     return request, prepared
+
+
+def prepare_error(exc: StormError, param: str) -> OpenAIError:
+    """The 400 of a request the engine could not prepare; one that does not fit the model's context
+    has OpenAI's (and vLLM's) code context_length_exceeded and message ("This model's maximum
+    context length is N tokens"), which clients match to shorten a conversation and ask again."""
+    code = "context_length_exceeded" if isinstance(exc, ContextTooLong) else None
+    return OpenAIError(400, str(exc), param, code=code)
 
 
 _OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
