@@ -7,6 +7,8 @@ fully and the vision tower stays frozen (unless `train_parts` lists it). The pro
 
 from __future__ import annotations
 
+import re
+
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
@@ -17,6 +19,11 @@ from storm_vlm.errors import ConfigError
 from storm_vlm.train.config import PARTS, TrainConfig
 
 LORA_ADAPTER = "default"
+# A Mamba mixer's state matrix, A_log (and A_b_log for the backward direction): 2-D, but, as in
+# mamba_ssm (`_no_weight_decay`), never decayed -- decay pulls A = -exp(A_log) towards -1 and so
+# changes how fast the scan forgets. Matched by name because `from_pretrained` and FSDP2 replace
+# the Parameter objects, dropping the `_no_weight_decay` attribute the mixer sets on them.
+_NO_DECAY_NAME = re.compile(r"A(_\w+)?_log")
 
 
 def apply_stage(model: nn.Module, cfg: TrainConfig) -> nn.Module:
@@ -73,14 +80,16 @@ def trainable_names(model: nn.Module) -> list[str]:
 def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """AdamW groups: projector vs the rest (separate lr), each split into decay / no-decay.
 
-    Biases and 1-D weights (norms) get no weight decay. Every group carries a "name".
+    Biases, 1-D weights (norms) and the Mamba mixers' A_log matrices get no weight decay.
+    Every group carries a "name".
     """
     buckets: dict[str, list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         part = "projector" if name.startswith("projector.") else "model"
-        decay = cfg.weight_decay > 0 and p.ndim >= 2
+        decay = (cfg.weight_decay > 0 and p.ndim >= 2 and not getattr(p, "_no_weight_decay", False)
+                 and not _NO_DECAY_NAME.fullmatch(name.rsplit(".", 1)[-1]))
         key = part if decay or cfg.weight_decay == 0 else f"{part}_no_decay"
         buckets.setdefault(key, []).append(p)
     groups = []

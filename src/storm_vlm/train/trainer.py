@@ -262,6 +262,7 @@ class Trainer:
             seed=cfg.seed,
             shuffle=cfg.shuffle,
         )
+        self._log_epoch_remainder()
 
         if self.fsdp:
             model.to(self.device)
@@ -280,6 +281,16 @@ class Trainer:
         self.optimizer, self.scheduler = acc.prepare(optimizer, scheduler)
         if state is not None:
             self._load_training_state(self.resume_dir, state)
+
+    def _log_epoch_remainder(self) -> None:
+        """Say when a run that reaches an epoch's end trains only part of each epoch: the records
+        left over after the last full global batch (a different few each shuffled epoch)."""
+        s = self.sampler
+        left = s.num_samples % s.global_batch_size
+        if self.env.is_main and left and self.cfg.max_steps >= s.steps_per_epoch:
+            logger.info("each epoch trains %d of the %d records in steps of global batch %d: the last %d of "
+                        "each epoch's order are left out of that epoch", s.num_samples - left, s.num_samples,
+                        s.global_batch_size, left)
 
     # -------------------------------------------------------------- checkpoint IO
     def _full_state_dict(self) -> dict[str, torch.Tensor]:
