@@ -51,12 +51,16 @@ _SEEKABLE_FORMATS = {"mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm
 class VideoClip:
     """Frames sampled from a video.
 
-    frames: (T, H, W, 3) uint8 RGB, rotation metadata already applied, at the display aspect
+    frames: (T, H, W, 3) uint8 RGB, rotation metadata already applied (a phone's portrait video
+        comes back portrait, as ffmpeg and players show it; decord, which lmms-eval and LLaVA-NeXT
+        read videos with, returns the stored landscape pictures), at the display aspect
         ratio (anamorphic video's non-square pixels made square, extra["sample_aspect_ratio"]),
         transparent pictures shown over white, scaled down to the call's max_pixels / min_side
         (extra["source_size"] is the decoded size).
-    timestamps: (T,) float64 seconds from the first frame of the stream.
-    indices: (T,) int64 source frame indices (frame i is shown at i / native_fps).
+    timestamps: (T,) float64 seconds from the first frame of the stream (an MP4 edit list applied:
+        the first frame shown).
+    indices: (T,) int64 source frame indices (frame i is shown at i / native_fps; with a variable
+        frame rate, the index of a time on that grid: the frame nearest it was read).
     native_fps: the stream's frame rate (None for a still image).
     duration: seconds spanned by the whole stream (num_source_frames / native_fps).
     num_source_frames: frames in the whole stream (the decodable part when truncated).
@@ -100,7 +104,9 @@ class VideoClip:
 def uniform_indices(num_available: int, num_frames: int) -> tuple[np.ndarray, bool]:
     """Indices into `num_available` frames for uniform sampling of exactly `num_frames`.
 
-    With enough frames: round(linspace(0, n-1, T)), distinct, first and last included.
+    With enough frames: round(linspace(0, n-1, T)), distinct, first and last included. (lmms-eval's
+    and LLaVA-NeXT's readers truncate instead, linspace(..., dtype=int): where the two differ, this
+    picks the next frame, never more than one frame apart.)
     With fewer: each frame repeated evenly (counts differ by at most one), in order,
     still including the first and last frame. Returns (indices (T,), repeated).
     """

@@ -260,7 +260,10 @@ def _riff_truncation(f, size: int) -> Truncation | None:
         header = f.read(12)
         if len(header) < 8 or header[:4] != b"RIFF":
             return None
-        end = offset + 8 + int.from_bytes(header[4:8], "little")
+        length = int.from_bytes(header[4:8], "little")
+        if length == 0xFFFFFFFF:
+            return None  # unknown size: written to a pipe, the muxer could not go back to fill it in
+        end = offset + 8 + length
         if end > size:
             return Truncation("AVI", size, end, f"its '{header[8:12].decode('latin-1')}' RIFF chunk is cut off")
         offset = end + (end & 1)

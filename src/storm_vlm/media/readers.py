@@ -40,7 +40,7 @@ from storm_vlm.media.images import over_white
 from storm_vlm.media.limits import Budget, display_size, output_size
 
 __all__ = ["FrameSink", "SeekingReader", "SequentialReader", "rotate_frame", "frame_orientation", "scaled_rgb",
-           "has_alpha", "shown_rgb", "sample_aspect_ratio", "decoded_frames", "continuous_times"]
+           "has_alpha", "shown_rgb", "sample_aspect_ratio", "decoded_frames", "continuous_times", "nearest_frames"]
 
 
 def rotate_frame(frame: np.ndarray, rotation: float, mirrored: bool = False) -> np.ndarray:
@@ -217,6 +217,10 @@ class FrameSink:
 
 # ---------------------------------------------------------------- seeking
 
+# Seconds past a stream's first frame that lie beyond the end of any video (a seek there lands on
+# the last keyframe), yet small enough that demuxers rescale them without overflow.
+_PAST_THE_END_S = 2.0 ** 31
+
 
 class SeekingReader:
     """Random access by presentation time: seek to a keyframe, decode forward to the wanted pts."""
@@ -283,21 +287,38 @@ class SeekingReader:
         return int(round((last_pts - self.first_pts) / self.frame_pts)) + 1
 
     def _probe_last_pts(self, duration_s) -> float:
-        """Decode the last stretch of the stream and return the largest pts found."""
+        """Decode the last stretch of the stream and return the largest pts found.
+
+        Without a declared duration (Matroska/WebM written to a pipe: a browser's MediaRecorder, a
+        live recording; they have no Cues either) the decode starts at the last keyframe, found by
+        seeking past the end: the demuxer reads packets up to there, far cheaper than decoding
+        the whole stream. Where that finds nothing, the whole stream is decoded."""
+        if not duration_s:
+            try:
+                last = self._last_pts_from(self.first_pts + _PAST_THE_END_S / float(self.time_base))
+            except av_errors():
+                last = None
+            if last is not None:
+                return last
         back_s = 2.0
         while True:
             target = self.first_pts
             if duration_s:
                 target = self.first_pts + max(0.0, duration_s - back_s) / float(self.time_base)
-            last = None
-            for frame in self._decode_from(target):
-                if frame.pts is not None:
-                    last = frame.pts if last is None else max(last, frame.pts)
+            last = self._last_pts_from(target)
             if last is not None:
-                return float(last)
+                return last
             if target <= self.first_pts:
                 raise fail(self.path, "no decodable frame")
             back_s *= 8
+
+    def _last_pts_from(self, target) -> float | None:
+        """The largest pts decoded from the keyframe at or before `target` to the end (None: no frame)."""
+        last = None
+        for frame in self._decode_from(target):
+            if frame.pts is not None:
+                last = frame.pts if last is None else max(last, frame.pts)
+        return None if last is None else float(last)
 
     # -- decoding
 
@@ -427,8 +448,24 @@ def continuous_times(times: list[float], step: float, max_jump: float = math.inf
     return out
 
 
+def nearest_frames(times, targets) -> np.ndarray:
+    """For frames shown at increasing `times` (seconds), the index of the one nearest each target
+    time: the nearer of the last frame before it and the first at or after it, the earlier on a
+    tie, the last frame past the end (the frame SeekingReader decodes for a target)."""
+    times = np.asarray(times, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.float64)
+    after = np.minimum(np.searchsorted(times, targets), len(times) - 1)
+    before = np.maximum(after - 1, 0)
+    return np.where(targets - times[before] <= times[after] - targets, before, after)
+
+
 class SequentialReader:
     """Decode the whole stream: a counting pass, then a pass converting only the wanted frames.
+
+    Clip index i means the frame shown at i / rate, as with SeekingReader: with a constant frame
+    rate the i-th frame decoded; with a variable one (an animated GIF's per-frame delays, a
+    screen recording in MPEG-TS) the decoded frame nearest that time, so that start / end and
+    fps select by time and uniform sampling spreads over time whatever the container.
 
     open_stream: a callable returning (container, stream), a fresh one per pass.
     even_over: None (timestamps from the frames' pts), or a duration in seconds to spread the
@@ -443,7 +480,8 @@ class SequentialReader:
         self.open_stream, self.path, self.budget = open_stream, path, budget
         self.even_over, self.in_order, self.tolerate_tail = even_over, in_order, tolerate_tail
         self.stats = {"seeks": 0, "decoded": 0}
-        self._times = None
+        self._times = None  # seconds of each decoded frame from the first
+        self._variable = False  # frames are not at i / rate: clip indices are times on that grid
         self.rate = rate if rate and rate > 0 else Fraction(25)
 
     def _frames(self, container, stream):
@@ -485,20 +523,28 @@ class SequentialReader:
         else:
             self._times = continuous_times(times, 1 / float(self.rate), _TS_JUMP_S if discontinuous else math.inf)
         self.stats["count_source"] = "full decode"
+        seconds = np.asarray(self._times)
+        self._variable = not np.all(np.abs(seconds * float(self.rate) - np.arange(n)) < 0.5)
+        if self._variable:  # as SeekingReader counts: the time grid up to the last frame
+            n = int(round(seconds[-1] * float(self.rate))) + 1
         return n
 
     def read(self, sink: FrameSink) -> None:
-        """Second pass over a freshly opened file, converting only the wanted frames."""
-        wanted = set(sink.wanted.tolist())
+        """Second pass over a freshly opened file, converting only the wanted frames (with a variable
+        frame rate, the decoded frame nearest each wanted index's time i / rate)."""
+        wanted = sink.wanted
+        sources = nearest_frames(self._times, wanted / float(self.rate)) if self._variable else wanted
+        targets: dict[int, list[int]] = {}
+        for index, source in zip(wanted.tolist(), sources.tolist()):
+            targets.setdefault(source, []).append(index)
+        last = max(targets, default=-1)
         container, stream = self.open_stream()
         with container:
-            done = 0
             for i, frame in enumerate(self._frames(container, stream)):
-                if i in wanted:
-                    sink.put(i, frame, self._times[i])
-                    done += 1
-                    if done == len(wanted):
-                        break
+                for index in targets.get(i, ()):
+                    sink.put(index, frame, self._times[i])
+                if i >= last:
+                    break
         missing = sink.missing()
         if missing:
             raise fail(self.path, f"frame {missing[0]} could not be decoded on the second pass")
