@@ -1,11 +1,14 @@
 """Training correctness on unequal samples: loss normalisation over accumulation and ranks, the
 records an epoch leaves out, and which parameters weight decay reaches."""
 
+import copy
 import json
 import logging
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 import yaml
 
 from storm_vlm.data.sampler import GlobalBatchSampler
@@ -13,6 +16,7 @@ from storm_vlm.model import StormForConditionalGeneration
 from storm_vlm.train import train
 from storm_vlm.train.config import config_from_dict
 from storm_vlm.train.stages import parameter_groups
+from storm_vlm.train.trainer import IGNORE_INDEX, loss_positions, token_loss_sum
 from test_train_distributed import compare, losses, torchrun
 from train_helpers import base_config, make_dataset, processor_and_model
 
@@ -89,3 +93,39 @@ def test_ddp_with_a_record_count_the_ranks_do_not_divide_follows_one_process(une
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == pytest.approx([1 / 3, 2 / 3, 1, 4 / 3, 5 / 3, 2], abs=1e-4)
     assert len({r["tokens"] for r in rows}) > 1 and np.all(np.isfinite(losses(out)))
+
+
+def test_the_loss_reads_logits_only_where_labels_are_and_equals_the_full_cross_entropy():
+    """The step asks the model for logits only at positions followed by a label (`logits_to_keep`):
+    a video's visual tokens, most of a sequence, never are. Loss and gradients equal the cross
+    entropy over every position's logits."""
+    processor, model = processor_and_model()
+    model = copy.deepcopy(model).float().train()
+    rng = np.random.default_rng(0)
+    videos = [rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8) for _ in range(2)]
+    batch = processor(text=["<video> What colour flashed? red", "<video> Which? a much longer answer here"],
+                      videos=videos, padding=True, return_tensors="pt")
+    labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+    labels[0, -3:-1] = batch["input_ids"][0, -3:-1]
+    labels[1, -5:] = batch["input_ids"][1, -5:]
+    keep = loss_positions(labels)
+    assert 0 < len(keep) < batch["input_ids"].shape[1] // 4
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values_videos", "video_frame_mask")
+              if batch.get(k) is not None}
+
+    def loss_and_grads(**extra):
+        model.zero_grad()
+        out = model(**inputs, **extra)
+        loss = (token_loss_sum(out.logits, labels, keep) if extra else
+                F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                ignore_index=IGNORE_INDEX, reduction="sum"))
+        loss.backward()
+        return out.logits.shape[1], loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    kept, loss, grads = loss_and_grads(logits_to_keep=keep)
+    everywhere, full_loss, full_grads = loss_and_grads()
+    assert (kept, everywhere) == (len(keep), batch["input_ids"].shape[1])
+    torch.testing.assert_close(loss, full_loss)
+    assert len(grads) == len(full_grads) > 0
+    for g, f in zip(grads, full_grads):
+        torch.testing.assert_close(g, f, rtol=1e-4, atol=1e-6)

@@ -31,7 +31,10 @@ Loss: token-level cross entropy summed over every label token of the *global* ba
 ranks, all accumulation micro-steps) and divided by their total count. Each rank back-propagates
 its share times world_size, because DDP/FSDP average gradients over ranks; the result is the
 same gradient a single process would compute on the whole global batch, so 2 processes x batch
-b follow 1 process x batch 2b.
+b follow 1 process x batch 2b. The model computes logits only at the positions some row's loss
+reads (`loss_positions`, the model's `logits_to_keep`): a video sample's visual tokens are most of
+its sequence, and their logits (kept in float32 for the loss) would be the largest tensors of a
+long-video step.
 """
 
 from __future__ import annotations
@@ -91,13 +94,20 @@ def lr_lambda_factory(cfg: TrainConfig):
 
 
 # ----------------------------------------------------------------------------- loss
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross entropy over label positions. logits (B, L, V), labels (B, L)."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:].to(shift_logits.device)
-    return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+def loss_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The positions whose next token is a label in some row: the only logits the loss reads.
+    labels (B, L) -> (K,) int64, ascending. A video sample's visual tokens are most of its sequence
+    and never labels, so the model computes (and keeps in float32) logits for far fewer positions
+    (the model's `logits_to_keep`)."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross entropy over label positions: logits (B, K, V) at `positions` (K,)
+    of labels (B, L), each predicting the label after its position."""
+    targets = labels[:, positions + 1].to(logits.device)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def count_label_tokens(labels: torch.Tensor) -> int:
@@ -592,8 +602,10 @@ class Trainer:
                         batch = self._with_dummy_video(batch)
                     batch = _move(batch, self.device)
                     with self._no_sync(a == accum - 1):
-                        out = self.wrapped(**{k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None})
-                        s = token_loss_sum(out.logits, batch["labels"])
+                        keep = loss_positions(batch["labels"])
+                        out = self.wrapped(**{k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None},
+                                           logits_to_keep=keep)
+                        s = token_loss_sum(out.logits, batch["labels"], keep)
                         acc.backward(s * (env.world_size / max(global_tokens, 1)))
                     loss_sum += s.detach().double().cpu()
                 loss_sum = env.all_reduce_sum(loss_sum)
