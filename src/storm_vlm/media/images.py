@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 
 from storm_vlm.media.limits import MAX_IMAGE_PIXELS
 
-__all__ = ["load_image", "ImageTooLarge", "IMAGE_FORMATS", "over_white"]
+__all__ = ["load_image", "ImageTooLarge", "IMAGE_FORMATS", "over_white", "pil_rgb"]
 
 # PIL format names opened (JPEG's opener also reads MPO, a phone's JPEG with a second picture)
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
@@ -42,7 +42,7 @@ def over_white(rgba: np.ndarray) -> np.ndarray:
     return ((rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
 
 
-def _rgb(image: Image.Image) -> np.ndarray:
+def pil_rgb(image: Image.Image) -> np.ndarray:
     """(H, W, 3) uint8 of a PIL image of any mode (see the module's docstring)."""
     if image.mode in _WIDE_GREY:
         grey = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
@@ -69,7 +69,7 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO, max_pixels: int | N
             raise ImageTooLarge(f"{im.width}x{im.height} is larger than {max_pixels} pixels")
         if min_side is not None and min(im.size) > min_side:
             im.draft("RGB", (min_side, min_side))  # JPEG: decode at the smallest scale still >= min_side
-        image = Image.fromarray(_rgb(ImageOps.exif_transpose(im)))
+        image = Image.fromarray(pil_rgb(ImageOps.exif_transpose(im)))
     if min_side is not None and min(image.size) > min_side:
         scale = min_side / min(image.size)
         size = (max(min_side, round(image.width * scale)), max(min_side, round(image.height * scale)))

@@ -353,6 +353,22 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
 
     # ---- forward / generate ------------------------------------------------------------------------
 
+    @staticmethod
+    def _positions_from_mask(attention_mask, cache, input_ids, inputs_embeds) -> torch.Tensor | None:
+        """Positions (B, L) of the new tokens, counted from each row's first real token, from a 2-D
+        attention mask over the cached and the new tokens: a padded row gets the positions it has
+        alone, in the prefill and in every cached step after it (generate passes position_ids; a
+        hand-written decode loop passes only the growing mask). None where the LLM's own positions
+        (from the cache's length on) are the same, or the mask does not cover past + new tokens."""
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if attention_mask is None or attention_mask.dim() != 2 or tokens is None or tokens.dim() < 2:
+            return None
+        new = tokens.shape[1]
+        past = cache.get_seq_length() if cache is not None else 0
+        if attention_mask.shape[1] != past + new or (past and bool(attention_mask.all())):
+            return None
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new:]
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
         """As GenerationMixin's, but the default dynamic cache is a `StormKVCache` (in-place appends)."""
         out = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
@@ -434,6 +450,8 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
                 return self.forward(**call, **kwargs)
         if "past_key_values" in kwargs and cache is None:
             cache = kwargs.pop("past_key_values")
+        if position_ids is None:
+            position_ids = self._positions_from_mask(attention_mask, cache, input_ids, inputs_embeds)
         encoded = {k: v for k, v in (mm_encoder_outputs or {}).items() if v is not None}
         if pixel_values_videos is None and pixel_values is None and not encoded and labels is None:
             fast = decode_step(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache, kwargs)
@@ -478,12 +496,6 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
 
         if cache is None and use_cache:
             cache = StormKVCache(config=self.config.get_text_config(decoder=True))
-
-        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
-            past = cache.get_seq_length() if cache is not None else 0
-            if past == 0:
-                # Left padding gives each sequence the positions it has alone.
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
         return self.language_model(
             attention_mask=attention_mask,

@@ -21,7 +21,7 @@ from transformers.tokenization_utils_base import AddedToken
 from transformers.utils.chat_template_utils import _compile_jinja_template, render_jinja_template
 
 from storm_vlm.errors import StormError
-from storm_vlm.media.images import load_image
+from storm_vlm.media.images import load_image, pil_rgb
 from storm_vlm.model.compression import VisualTokenLayout
 from storm_vlm.utils import IGNORE_INDEX, IMAGE_TOKEN, VIDEO_TOKEN, check_int
 from storm_vlm.video import load_video, uniform_indices
@@ -98,9 +98,12 @@ def default_chat_template(tokenizer) -> str:
 
 
 def _as_array(x) -> np.ndarray:
-    """A numpy array, a torch tensor (any device; bf16 read as float32) or a PIL image (as RGB) -> np.ndarray."""
+    """A numpy array, a torch tensor (any device; bf16 read as float32) or a PIL image -> np.ndarray.
+
+    A PIL image becomes RGB as `load_image` makes a file's picture (transparent pixels over white, as
+    transformers' image processors show them too), so a picture gives the same pixels as its path."""
     if isinstance(x, Image.Image):
-        return np.asarray(x.convert("RGB"))
+        return pil_rgb(x)
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu()
         return (x.float() if x.is_floating_point() else x).numpy()
@@ -154,7 +157,13 @@ def _frames_of(video, index: int) -> np.ndarray:
 def _image_of(image, index: int) -> np.ndarray:
     """An image (a path, a PIL image, an (H, W, 3) array or tensor, or (H, W) grey) -> (H, W, 3) uint8."""
     what = f"image {index}"
-    array = load_image(image) if _is_path(image) else _as_array(image)
+    if _is_path(image):
+        try:
+            array = load_image(image)
+        except OSError as exc:  # a missing file, or one PIL cannot read (as load_video's VideoDecodeError says)
+            raise StormError(f"{what}: cannot read {os.fspath(image)}: {exc}") from None
+    else:
+        array = _as_array(image)
     if array.ndim == 2:  # grey, as PIL's convert("RGB") widens it
         array = np.repeat(array[..., None], 3, axis=-1)
     if array.ndim != 3:
@@ -444,9 +453,16 @@ class StormProcessor(ProcessorMixin):
         """
         if text is None:
             raise StormError("StormProcessor needs text (with <video>/<image> placeholders for the visual inputs)")
+        texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
+        if not texts or not all(isinstance(t, str) for t in texts):
+            # transformers' processors take images first: processor(image, prompt) lands here
+            bad = text if texts is None else next((t for t in texts if not isinstance(t, str)), [])
+            raise StormError(f"text must be a string or a non-empty list of strings, got {type(bad).__name__} "
+                             "(StormProcessor's arguments are text, videos, images: pass videos= and images= by name)")
+        if temporal_sample_stride is not None:
+            check_int("temporal_sample_stride", temporal_sample_stride, error=StormError)
         side = padding_side or self.padding_side
         _check_padding_side(side)
-        texts = [text] if isinstance(text, str) else list(text)
         video_list = self._flatten(videos, _is_one_video, _ONE_VIDEO, "videos")
         image_list = self._flatten(images, _is_one_image, _ONE_IMAGE, "images")
         n_video_ph = sum(t.count(self.video_token) for t in texts)
