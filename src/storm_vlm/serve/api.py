@@ -49,7 +49,7 @@ import storm_vlm
 from storm_vlm.errors import StormError
 from storm_vlm.serve import openai_api as oai
 from storm_vlm.serve.bodies import (BodiesBusy, BodySlots, BodyTooLarge, BodyTooSlow, TooManyValues, content_length,
-                                    limited, parse_json)
+                                    detail_error, limited, parse_json)
 from storm_vlm.serve.engine import MAX_OPTION_CHARS, MAX_OPTIONS, MAX_QUESTION_CHARS, EngineBusy, RequestError
 from storm_vlm.serve.network import BearerKey
 from storm_vlm.serve.sessions import add_session_routes
@@ -122,10 +122,6 @@ class AnswerResponse(BaseModel):
     text_tokens: int
     video: dict
     timings: AnswerTimings
-
-
-def _error(status: int, detail, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
 def _validate(model: type[BaseModel], data) -> BaseModel:
@@ -439,17 +435,17 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
             handle = engine.submit(prepared, [clip.frames], loop=asyncio.get_running_loop())
             (completion,) = await wait_or_cancel(request, [handle])
         except EngineBusy as exc:
-            return _error(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
+            return detail_error(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
         except DecodeCancelled:
-            return _error(499, "the client disconnected")  # nobody reads this
+            return detail_error(499, "the client disconnected")  # nobody reads this
         except DecodeTimeout as exc:
             message = str(exc) if shown_as is None else str(exc).replace(str(video_path), shown_as)
-            return _error(503, message, headers={"Retry-After": "10"})
+            return detail_error(503, message, headers={"Retry-After": "10"})
         except StormError as exc:  # VideoDecodeError included: the message names the file and the cause
             message = str(exc)
             if shown_as is not None:
                 message = message.replace(str(video_path), shown_as)
-            return _error(422, message)
+            return detail_error(422, message)
         return JSONResponse(engine.answer_body(completion, clip, options, prepared, started))
 
     @app.post(
@@ -470,43 +466,43 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type == "application/json":
             if not local.enabled:
-                return _error(403, "local video paths are disabled on this server (start it with "
+                return detail_error(403, "local video paths are disabled on this server (start it with "
                                    "--allowed-local-media-path DIR or --allow-local-paths); upload the video as "
                                    "multipart/form-data instead")
             try:
                 async with body_slots.take():
                     body = parse_json(await read_body(request, _JSON_LIMIT))
             except BodiesBusy as exc:
-                return _error(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
+                return detail_error(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
             except BodyTooLarge:
-                return _error(413, f"JSON body larger than {_JSON_LIMIT} bytes")
+                return detail_error(413, f"JSON body larger than {_JSON_LIMIT} bytes")
             except BodyTooSlow:
-                return _error(408, f"the request body did not arrive within {body_timeout_s:g} s")
+                return detail_error(408, f"the request body did not arrive within {body_timeout_s:g} s")
             except (ValueError, UnicodeDecodeError) as exc:
-                return _error(422, f"body is not valid JSON ({exc})")
+                return detail_error(422, f"body is not valid JSON ({exc})")
             params = _validate(LocalAnswerRequest, body)
             try:
                 video_path = str(local.check(params.video_path, "video_path"))
             except oai.OpenAIError as exc:
-                return _error(exc.status, exc.message)
+                return detail_error(exc.status, exc.message)
             return await run_answer(request, video_path, params, shown_as=params.video_path)
         if content_type != "multipart/form-data":
-            return _error(415, "send the video as multipart/form-data (field 'video') with a 'question' field")
+            return detail_error(415, "send the video as multipart/form-data (field 'video') with a 'question' field")
 
         too_large = f"upload larger than the server's limit of {max_upload_mb:g} MB"
         if (content_length(request) or 0) > max_upload + _FORM_SLACK:
-            return _error(413, too_large)
+            return detail_error(413, too_large)
         form = None
         try:
             async with body_slots.take():
                 form = await limited(request, max_upload + _FORM_SLACK, body_timeout_s).form(max_files=1,
                                                                                                max_fields=64)
         except BodiesBusy as exc:
-            return _error(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
+            return detail_error(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
         except BodyTooLarge:
-            return _error(413, too_large)
+            return detail_error(413, too_large)
         except BodyTooSlow:
-            return _error(408, f"the request body did not arrive within {body_timeout_s:g} s")
+            return detail_error(408, f"the request body did not arrive within {body_timeout_s:g} s")
         workdir = None
         try:
             video = form.get("video")
@@ -515,7 +511,7 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
                                                "msg": "Field required: the video file", "input": None}])
             params = _form_params(form)
             if video.size is not None and video.size > max_upload:
-                return _error(413, too_large)
+                return detail_error(413, too_large)
             shown_as = Path(video.filename or "upload").name or "upload"
             workdir = Path(tempfile.mkdtemp(prefix="storm-serve-"))
             path = workdir / _UPLOAD_NAME

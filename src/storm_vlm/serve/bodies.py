@@ -4,7 +4,8 @@
 past `limit` bytes (bodies without a Content-Length too) and with BodyTooSlow when the next part
 of the body takes longer than `timeout_s`; `parse_json` refuses invalid and too deeply nested JSON
 and strings that are not text (lone UTF-16 surrogates); `BodySlots` bounds the bodies read and
-parsed at once.
+parsed at once; `detail_error` is the error response of the routes that answer in FastAPI's
+`{"detail": ...}` form.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import re
 import time
 
 from fastapi import Request
+from fastapi.responses import JSONResponse
 
-__all__ = ["BodyTooLarge", "BodyTooSlow", "BodiesBusy", "BodySlots", "TooManyValues", "content_length", "limited",
-           "parse_json"]
+__all__ = ["BodyTooLarge", "BodyTooSlow", "BodiesBusy", "BodySlots", "TooManyValues", "content_length", "detail_error",
+           "limited", "parse_json"]
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -121,3 +123,8 @@ def content_length(request: Request) -> int | None:
         return int(request.headers["content-length"])
     except (KeyError, ValueError):
         return None
+
+
+def detail_error(status: int, detail, headers: dict | None = None) -> JSONResponse:
+    """An error answered as FastAPI answers its own: `{"detail": detail}` with `status`."""
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)

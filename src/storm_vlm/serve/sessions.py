@@ -53,7 +53,7 @@ from starlette.concurrency import run_in_threadpool
 
 from storm_vlm.errors import StormError
 from storm_vlm.media.limits import Budget
-from storm_vlm.serve.bodies import BodyTooLarge, BodyTooSlow, limited
+from storm_vlm.serve.bodies import BodyTooLarge, BodyTooSlow, detail_error, limited
 from storm_vlm.serve.engine import MAX_OPTION_CHARS, MAX_OPTIONS, MAX_QUESTION_CHARS
 from storm_vlm.video import DecodeCancelled, DecodeTimeout, VideoDecodeError
 
@@ -82,10 +82,6 @@ class AskSession(BaseModel):
     question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
     options: list[Annotated[str, Field(max_length=MAX_OPTION_CHARS)]] | None = Field(None, max_length=MAX_OPTIONS)
     max_new_tokens: int = Field(64, ge=1)
-
-
-def _error(status: int, detail: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
 class _Session:
@@ -282,24 +278,24 @@ def add_session_routes(app: FastAPI, engine, *, max_sessions: int = 4, max_chunk
         try:
             raw = b"".join([c async for c in limited(request, 64 * 1024, body_timeout_s).stream()])
         except BodyTooLarge:
-            return _error(413, "JSON body larger than 64 KiB")
+            return detail_error(413, "JSON body larger than 64 KiB")
         except BodyTooSlow:
-            return _error(408, f"the request body did not arrive within {body_timeout_s:g} s")
+            return detail_error(408, f"the request body did not arrive within {body_timeout_s:g} s")
         if not raw.strip() and empty_ok:
             return model()
         if content_type != "application/json":
-            return _error(415, "send the parameters as application/json")
+            return detail_error(415, "send the parameters as application/json")
         try:
             return model.model_validate_json(raw)
         except ValidationError as exc:
             first = exc.errors(include_url=False)[0]
             where = ".".join(str(p) for p in first.get("loc", ())) or "body"
-            return _error(422, f"{where}: {first.get('msg')}")
+            return detail_error(422, f"{where}: {first.get('msg')}")
 
     def session_or_404(sid: str):
         session = store.get(sid)
         if session is None:
-            return None, _error(404, f"no session {sid!r} (never made, deleted, or ended after "
+            return None, detail_error(404, f"no session {sid!r} (never made, deleted, or ended after "
                                      f"{idle_timeout_s:g} s idle)")
         return session, None
 
@@ -335,11 +331,11 @@ def add_session_routes(app: FastAPI, engine, *, max_sessions: int = 4, max_chunk
         try:
             session = store.create(params)
         except _Full as exc:
-            return _error(429, str(exc), headers={"Retry-After": str(int(min(idle_timeout_s, 3600)))})
+            return detail_error(429, str(exc), headers={"Retry-After": str(int(min(idle_timeout_s, 3600)))})
         except _CannotStream as exc:
-            return _error(400, str(exc))
+            return detail_error(400, str(exc))
         except StormError as exc:  # parameters this model cannot use (a budget too small or too large)
-            return _error(422, str(exc))
+            return detail_error(422, str(exc))
         return JSONResponse({**session.describe(), "idle_timeout_s": idle_timeout_s,
                              "max_chunk_bytes": max_chunk_bytes}, status_code=201)
 
@@ -351,7 +347,7 @@ def add_session_routes(app: FastAPI, engine, *, max_sessions: int = 4, max_chunk
     @app.delete("/v1/sessions/{sid}", status_code=204, summary="End a session")
     async def delete_session(sid: str):
         if not store.delete(sid):
-            return _error(404, f"no session {sid!r}")
+            return detail_error(404, f"no session {sid!r}")
         return Response(status_code=204)
 
     @app.post("/v1/sessions/{sid}/chunks", summary="Append the next segment of the video (the file's bytes as the body)")
@@ -361,13 +357,13 @@ def add_session_routes(app: FastAPI, engine, *, max_sessions: int = 4, max_chunk
             return error
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type in ("application/json", "multipart/form-data", "application/x-www-form-urlencoded"):
-            return _error(415, "send the segment's bytes as the body (e.g. application/octet-stream or video/mp2t)")
+            return detail_error(415, "send the segment's bytes as the body (e.g. application/octet-stream or video/mp2t)")
         too_large = f"segment larger than the server's limit of {max_chunk_bytes} bytes"
         try:
             if int(request.headers.get("content-length") or 0) > max_chunk_bytes:
-                return _error(413, too_large)
+                return detail_error(413, too_large)
         except ValueError:
-            return _error(400, "invalid Content-Length")
+            return detail_error(400, "invalid Content-Length")
         workdir = Path(tempfile.mkdtemp(prefix="storm-session-"))
         try:
             path = workdir / _UPLOAD_NAME
@@ -378,22 +374,22 @@ def add_session_routes(app: FastAPI, engine, *, max_sessions: int = 4, max_chunk
                         size += len(piece)
                         out.write(piece)
             except BodyTooLarge:
-                return _error(413, too_large)
+                return detail_error(413, too_large)
             except BodyTooSlow:
-                return _error(408, f"the segment did not arrive within {body_timeout_s:g} s")
+                return detail_error(408, f"the segment did not arrive within {body_timeout_s:g} s")
             if size == 0:
-                return _error(422, "the chunk is empty: send a segment file's bytes as the body")
+                return detail_error(422, "the chunk is empty: send a segment file's bytes as the body")
             body, error = await locked(session, _add_segment, session, path, model_lock, engine.decode_timeout_s)
         except _Ended as exc:
-            return _error(404, str(exc))
+            return detail_error(404, str(exc))
         finally:
             await asyncio.to_thread(shutil.rmtree, workdir, True)
         if session.ended.is_set():  # deleted while the segment was added: it stopped, and is gone with the session
-            return _error(404, f"session {session.id!r} was ended while this chunk was added")
+            return detail_error(404, f"session {session.id!r} was ended while this chunk was added")
         if isinstance(error, DecodeTimeout) and body["frames_added"] == 0:
-            return _error(503, body["error"], headers={"Retry-After": "10"})
+            return detail_error(503, body["error"], headers={"Retry-After": "10"})
         if error is not None and body["frames_added"] == 0:
-            return _error(422, body["error"])
+            return detail_error(422, body["error"])
         return JSONResponse(body)
 
     @app.post("/v1/sessions/{sid}/ask", summary="Ask about everything the session has received so far")
@@ -422,9 +418,9 @@ def add_session_routes(app: FastAPI, engine, *, max_sessions: int = 4, max_chunk
         try:
             return JSONResponse(await locked(session, answer))
         except _Ended as exc:
-            return _error(404, str(exc))
+            return detail_error(404, str(exc))
         except StormError as exc:
-            return _error(422, str(exc))
+            return detail_error(422, str(exc))
 
     app.state.sessions = store
     return store
