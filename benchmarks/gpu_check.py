@@ -10,7 +10,10 @@
 4. `storm_vlm.perf.profiler` on the real widths (SigLIP-so400m-448 + 2-layer BiMamba projector +
    Qwen2-7B, random weights, bf16) at 32 / 128 / 256 frames, no compression / 4x / 8x;
 
-and writes everything into one JSON. Each step is time-boxed and a failure is recorded, not fatal.
+and writes everything into one JSON, rewritten after each step (and each frame count of the
+profile), so a run cut short by its time limit keeps what it measured and names the step it was in.
+A failure is recorded, not fatal; the NCCL step has its own time limit, and the profile starts no
+frame count after `--budget-s` has run out.
 
     python benchmarks/gpu_check.py --output runs/gpu_check/gpu_check.json
     python benchmarks/gpu_check.py --dry-run --output /tmp/gpu_check.json   # the same steps on CPU, tiny
@@ -21,10 +24,14 @@ and writes everything into one JSON. Each step is time-boxed and a failure is re
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -55,15 +62,19 @@ SMALL = dict(  # a small STORM for the training steps (fits any GPU)
 )
 
 
-def _step(name: str, results: dict, fn, *args):
-    """Run one check; record its result, its time, or its error (the next checks still run)."""
+def _step(name: str, results: dict, save, fn, *args):
+    """Run one check; record its result, its time, or its error (the next checks still run). The JSON
+    is saved as the step starts (marked running) and as it ends."""
     t = time.perf_counter()
     print(f"[gpu_check] {name} ...", flush=True)
+    results[name] = {"ok": None, "running": True}
+    save()
     try:
         results[name] = {"ok": True, **fn(*args)}
     except Exception as exc:  # noqa: BLE001 - a failed check is a result
         results[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
     results[name]["seconds"] = round(time.perf_counter() - t, 1)
+    save()
     print(f"[gpu_check] {name}: {'ok' if results[name]['ok'] else 'FAILED: ' + results[name]['error']} "
           f"({results[name]['seconds']} s)", flush=True)
 
@@ -85,16 +96,44 @@ def _scan_inputs(device, dtype, b=2, d=256, n=16, length=1024, seed=0):
     return [u, delta, A, B, C, D, z, delta_bias]
 
 
+@contextlib.contextmanager
+def _mamba_ssm_calls():
+    """A list that grows by one for each scan that reaches mamba-ssm's kernel while inside."""
+    calls: list[int] = []
+    fn = scan_module._mamba_ssm_fn()
+    if fn is None:
+        yield calls
+        return
+
+    def counted(*args):
+        calls.append(1)
+        return fn(*args)
+
+    saved = scan_module._mamba_ssm_fn
+    scan_module._mamba_ssm_fn = lambda: counted
+    try:
+        yield calls
+    finally:
+        scan_module._mamba_ssm_fn = saved
+
+
 def check_scan(device: str) -> dict:
-    dispatched = device == "cuda" and scan_module._mamba_ssm_fn() is not None
-    out = {"mamba_ssm": dispatched, "cases": []}
-    if device == "cuda" and not dispatched:
-        out["note"] = "mamba-ssm is not importable: selective_scan ran its pure-PyTorch path on CUDA"
+    """Each case scans twice through the dispatch: with autograd for the output and its gradients,
+    and without for the last state (mamba-ssm's kernel drops a last state's gradient, so a scan that
+    records one runs the PyTorch path). Where mamba-ssm is importable, both must reach its kernel."""
+    kernel = device == scan_module._MAMBA_SSM_DEVICE and scan_module._mamba_ssm_fn() is not None
+    out = {"mamba_ssm": kernel, "cases": []}
+    if device == "cuda" and not kernel:
+        out["note"] = ("mamba-ssm is not usable (not installed, not importable, or built without its kernel: see "
+                       "mamba_ssm_version and any warning): selective_scan ran its pure-PyTorch path on CUDA")
     for dtype, tol in ((torch.float32, 2e-3), (torch.bfloat16, 5e-2)):
         for reverse in (False, True):
             inputs = _scan_inputs(device, dtype, length=256 if device == "cpu" else 1024)
             leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
-            y, last = selective_scan(*leaves, delta_softplus=True, return_last_state=True, reverse=reverse)
+            with _mamba_ssm_calls() as calls:
+                y = selective_scan(*leaves, delta_softplus=True, reverse=reverse)
+                with torch.no_grad():
+                    _, last = selective_scan(*inputs, delta_softplus=True, return_last_state=True, reverse=reverse)
             ref_leaves = [t.detach().double().requires_grad_(True) for t in inputs]
             flip = (lambda t: t.flip(-1)) if reverse else (lambda t: t)
             u, delta, A, B, C, D, z, bias = ref_leaves
@@ -105,7 +144,7 @@ def check_scan(device: str) -> dict:
             (y.double() * gy).sum().backward()
             (y_ref * gy).sum().backward()
             scale = y_ref.abs().max().item()
-            case = {"dtype": str(dtype).replace("torch.", ""), "reverse": reverse,
+            case = {"dtype": str(dtype).replace("torch.", ""), "reverse": reverse, "mamba_ssm_calls": len(calls),
                     "out_max_rel_err": (y.double() - y_ref).abs().max().item() / scale,
                     "last_state_max_rel_err": (last.double() - last_ref).abs().max().item()
                     / last_ref.abs().max().item()}
@@ -113,10 +152,11 @@ def check_scan(device: str) -> dict:
             for name, a, b in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), leaves, ref_leaves):
                 grads[name] = (a.grad.double() - b.grad).abs().max().item() / max(b.grad.abs().max().item(), 1e-30)
             case["grad_max_rel_err"] = grads
-            case["ok"] = max(case["out_max_rel_err"], case["last_state_max_rel_err"], *grads.values()) < tol
+            case["ok"] = (max(case["out_max_rel_err"], case["last_state_max_rel_err"], *grads.values()) < tol
+                          and len(calls) == (2 if kernel else 0))
             out["cases"].append(case)
     if not all(c["ok"] for c in out["cases"]):
-        raise AssertionError(f"scan differs from the reference: {out['cases']}")
+        raise AssertionError(f"scan differs from the reference or missed mamba-ssm's kernel: {out['cases']}")
     return out
 
 
@@ -159,13 +199,14 @@ def ddp_worker() -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    local_rank = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(local_rank)  # before the process group, whose NCCL communicators use the current device
     dist.init_process_group("nccl")
     rank = dist.get_rank()
-    torch.cuda.set_device(rank)
     torch.manual_seed(0)
     model = StormForConditionalGeneration(StormConfig(**SMALL)).cuda().train()
     # the vision layers after vision_feature_layer and the image path get no gradient
-    ddp = DistributedDataParallel(model, device_ids=[rank], find_unused_parameters=True)
+    ddp = DistributedDataParallel(model, device_ids=[local_rank], find_unused_parameters=True)
     ids, pixels, labels = _batch(model, "cuda", seed=rank)  # different data per rank
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = ddp(input_ids=ids, pixel_values_videos=pixels, labels=labels).loss
@@ -181,14 +222,37 @@ def ddp_worker() -> None:
     dist.destroy_process_group()
 
 
+def run_torchrun(cmd: list[str], env: dict, timeout_s: float, grace_s: float = 40.0) -> tuple[int, str]:
+    """(exit status, stderr) of the torchrun command `cmd`. Past `timeout_s` it gets SIGTERM, on which
+    torchrun stops its workers (each runs in a session of its own, so neither subprocess.run's
+    timeout nor killing torchrun's process group would reach them, and a hung NCCL step would keep
+    the GPUs the next check needs); after `grace_s` more its group gets SIGKILL. Then TimeoutExpired
+    is raised. stderr goes through a file: workers that outlive torchrun keep its pipes open."""
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            raise
+        err.seek(0)
+        return proc.returncode, err.read()
+
+
 def nccl_step(timeout_s: float) -> dict:
     out = Path(os.environ.get("TMPDIR", "/tmp")) / f"gpu_check_ddp_{os.getpid()}.json"
     env = {**os.environ, "GPU_CHECK_DDP_OUT": str(out)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(Path(__file__).resolve()), "--ddp-worker"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
-    if proc.returncode != 0:
-        raise RuntimeError(f"torchrun exited {proc.returncode}: {proc.stderr[-2000:]}")
+    code, err = run_torchrun(cmd, env, timeout_s)
+    if code != 0:
+        raise RuntimeError(f"torchrun exited {code}: {err[-2000:]}")
     res = json.loads(out.read_text())
     out.unlink()
     if res["max_grad_diff_between_ranks"] != 0.0:
@@ -223,25 +287,46 @@ def _auto_llm_layers(device: str) -> int | None:
     return max(2, int((total * 0.6 - 8) / per_layer_gb))
 
 
-def profile_real(device: str, frames: list[int], llm_layers: int | None) -> dict:
+def _profile_in_time(model, settings: ProfileSettings, source: str, deadline: float, partial) -> dict:
+    """`profile_model` one frame count at a time while `deadline` (time.monotonic) has not passed, the
+    rows of all in one result (in profile_model's order); `partial(result)` after each frame count
+    saves what is measured so far. Frame counts left out for time are listed in `frames_skipped`."""
+    result, done, skipped = None, [], []
+    for frames in settings.frames:
+        if time.monotonic() >= deadline:
+            skipped.append(frames)
+            continue
+        part = profile_model(model, dataclasses.replace(settings, frames=[frames]), source=source, progress=False)
+        done.append(frames)
+        if result is None:
+            result = part
+        else:
+            result["rows"] = sorted(result["rows"] + part["rows"], key=lambda r: (r["compression"], r["frames"]))
+        result["settings"]["frames"] = done
+        partial(result)
+    if result is None:
+        raise TimeoutError(f"no time left to profile any of the frame counts {settings.frames}")
+    result["frames_skipped"] = skipped
+    print(format_table(result), flush=True)
+    return result
+
+
+def profile_real(device: str, frames: list[int], llm_layers: int | None, deadline: float, partial) -> dict:
     model = real_model(device, llm_layers)
     settings = ProfileSettings(frames=frames, compressions=list(DEFAULT_COMPRESSIONS.values()), repeats=2,
                                warmup=1, decode_tokens=16, text_tokens=64, precision="bfloat16", device=device)
-    result = profile_model(model, settings, source=f"random weights, real widths{f', {llm_layers} LLM layers' if llm_layers else ''}",
-                           progress=False)
-    print(format_table(result), flush=True)
-    return {"llm_layers": llm_layers or 28, "profile": result}
+    source = f"random weights, real widths{f', {llm_layers} LLM layers' if llm_layers else ''}"
+    return {"llm_layers": llm_layers or 28, "profile": _profile_in_time(model, settings, source, deadline, partial)}
 
 
-def dry_profile(frames: list[int]) -> dict:
+def dry_profile(frames: list[int], deadline: float, partial) -> dict:
     from helpers import TINY_CONFIG
 
     torch.manual_seed(0)
     model = StormForConditionalGeneration(StormConfig(**TINY_CONFIG)).eval()
     settings = ProfileSettings(frames=frames, compressions=list(DEFAULT_COMPRESSIONS.values()), repeats=1, warmup=0,
                                decode_tokens=2, text_tokens=4, precision="float32", device="cpu")
-    result = profile_model(model, settings, source="dry run: tiny random model on CPU", progress=False)
-    print(format_table(result), flush=True)
+    result = _profile_in_time(model, settings, "dry run: tiny random model on CPU", deadline, partial)
     return {"llm_layers": model.config.text_config.num_hidden_layers, "profile": result}
 
 
@@ -259,12 +344,18 @@ def main(argv=None) -> int:
         ddp_worker()
         return 0
     start = time.perf_counter()
+    deadline = time.monotonic() + args.budget_s - 30  # the profile starts no frame count after this
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device (torch.cuda.is_available() is False); use --dry-run to check the harness",
               file=sys.stderr)
         return 2
     results: dict = {"dry_run": args.dry_run, "host": describe_host(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def save():
+        results["seconds"] = round(time.perf_counter() - start, 1)
+        atomic_write_json(args.output, results, indent=2)
+
     if device == "cuda":
         results["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         results["cuda"] = torch.version.cuda
@@ -274,26 +365,29 @@ def main(argv=None) -> int:
         results["mamba_ssm_version"] = mamba_ssm.__version__
     except Exception as exc:  # noqa: BLE001
         results["mamba_ssm_version"] = f"not importable ({type(exc).__name__}: {exc})"
-    _step("scan_vs_reference", results, check_scan, device)
-    _step("bf16_train_step", results, train_step, device)
+    _step("scan_vs_reference", results, save, check_scan, device)
+    _step("bf16_train_step", results, save, train_step, device)
     if device == "cuda" and torch.cuda.device_count() >= 2:
-        _step("nccl_2_process_step", results, nccl_step, max(60.0, args.budget_s / 4))
+        _step("nccl_2_process_step", results, save, nccl_step, max(60.0, args.budget_s / 4))
     else:
         results["nccl_2_process_step"] = {"ok": None, "skipped": "fewer than 2 GPUs" if device == "cuda" else "dry run"}
+
+    def partial(profile: dict):
+        results["profile"] = {"ok": None, "running": True, "profile": profile}
+        save()
+
     frames = [int(x) for x in args.frames.split(",")]
     if args.dry_run:
-        _step("profile", results, dry_profile, [2, 4])
+        _step("profile", results, save, dry_profile, [2, 4], deadline, partial)
     else:
         layers = args.llm_layers or _auto_llm_layers(device)
-        _step("profile", results, profile_real, device, frames, layers)
-    results["seconds"] = round(time.perf_counter() - start, 1)
+        _step("profile", results, save, profile_real, device, frames, layers, deadline, partial)
     results["load_average_end"] = load_average()
-    atomic_write_json(args.output, results, indent=2)
+    save()
     failed = [k for k, v in results.items() if isinstance(v, dict) and v.get("ok") is False]
     print(f"[gpu_check] wrote {args.output} ({results['seconds']} s); "
           + (f"FAILED: {', '.join(failed)}" if failed else "all checks passed"))
     return 1 if failed else 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

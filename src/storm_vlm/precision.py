@@ -10,9 +10,11 @@ as spellings of the same). `resolve_precision(name, device)` says what runs:
   half the memory and a decode step streams half the bytes (`storm_vlm.inference.prepare_for_inference`
   sets this up); every other weight keeps full precision.
 - ``float16``: float16 weights on CUDA; refused on CPU, where fp16 matmuls are emulated.
-- ``auto``: ``bfloat16`` on CUDA where supported (else ``float32``); on CPU ``bfloat16`` only
-  where the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX, as oneDNN reports —
-  without them oneDNN emulates bf16 and it is far slower than fp32), else ``float32``.
+- ``auto``: ``bfloat16`` on CUDA GPUs with native bf16 (compute capability 8.0 and up: A100, H100,
+  ...), else ``float32`` (older GPUs only emulate bf16, slowly, though `torch.cuda.is_bf16_supported()`
+  says True for them); on CPU ``bfloat16`` only where the CPU has native bf16 matrix instructions
+  (AVX512-BF16 or AMX, as oneDNN reports — without them oneDNN emulates bf16 and it is far slower
+  than fp32), else ``float32``.
 
 The names and `parse_precision` need no torch (every command's ``--help`` lists them); torch is
 imported when a precision is resolved.
@@ -30,12 +32,24 @@ from storm_vlm.errors import StormError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["PRECISIONS", "PRECISION_HELP", "Precision", "parse_precision", "resolve_precision", "cpu_has_fast_bf16"]
+__all__ = ["PRECISIONS", "PRECISION_HELP", "Precision", "parse_precision", "resolve_precision", "cpu_has_fast_bf16",
+           "cuda_has_native_bf16"]
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
-PRECISION_HELP = ("auto: bfloat16 on CUDA; on CPU bfloat16 autocast only where the CPU has native bf16, else float32; "
-                  "float16: CUDA only")
+PRECISION_HELP = ("auto: bfloat16 where the GPU or CPU has native bf16 (CUDA: compute capability 8.0+; CPU: bf16 "
+                  "autocast), else float32; float16: CUDA only")
 _SPELLINGS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def cuda_has_native_bf16(device) -> bool:
+    """True when the CUDA (or ROCm) device `device` computes in bf16 natively: compute capability 8.0
+    and up. `torch.cuda.is_bf16_supported()` also says True where bf16 is only emulated (V100, T4),
+    and asks about the current device rather than `device`."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
 
 
 @functools.lru_cache(maxsize=None)
@@ -92,13 +106,14 @@ def resolve_precision(value, device: str | torch.device = "cpu") -> Precision:
     import torch
 
     name = parse_precision(value)
-    device_type = torch.device(device).type
+    device = torch.device(device)
+    device_type = device.type
     on_cpu = device_type == "cpu"
     if name == "auto":
         if on_cpu:
             name = "bfloat16" if cpu_has_fast_bf16() else "float32"
         else:
-            name = "bfloat16" if device_type != "cuda" or torch.cuda.is_bf16_supported() else "float32"
+            name = "bfloat16" if device_type != "cuda" or cuda_has_native_bf16(device) else "float32"
     if name == "float32":
         return Precision(name, device_type, torch.float32)
     if name == "float16":

@@ -28,11 +28,15 @@ compute dtype (float32, or float64 for float64 inputs) like mamba-ssm's.
 
 ``selective_scan_reference`` is the definition: a plain loop over time. ``selective_scan``
 gives the same results faster (see ``storm_vlm.model.ssm.fast_scan``) and dispatches to
-mamba-ssm's CUDA kernel when the inputs live on CUDA and mamba-ssm imports.
+mamba-ssm's CUDA kernel when the inputs live on CUDA, mamba-ssm imports with its kernel built,
+and the kernel computes what was asked (see ``_takes_mamba_ssm``).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -204,12 +208,65 @@ def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
     return (out, h) if return_last_state else out
 
 
+_MAMBA_SSM_DEVICE = "cuda"  # the device type mamba-ssm's kernel runs on
+_MAMBA_SSM_MAX_STATE = 256  # its largest N (selective_scan_cuda refuses more)
+_MAMBA_SSM_INPUTS = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes it takes for u, delta, z, B, C
+
+
+@functools.lru_cache(maxsize=None)
 def _mamba_ssm_fn():
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except Exception:  # not installed, or built without CUDA
+    """mamba-ssm's ``selective_scan_fn``, or None where it cannot run: not installed (silently), or
+    installed but not importable or built without its CUDA kernel (a warning says why, once: CUDA
+    then runs the slower PyTorch scan). mamba-ssm before 2.3 does not import with transformers 5
+    (its ``mamba_ssm.utils.generation`` imports names transformers 5 removed); a mamba-ssm built
+    without ``MAMBA_KEEP_CUDA_BUILD=TRUE`` (later releases' default) imports but has no kernel."""
+    if importlib.util.find_spec("mamba_ssm") is None:
         return None
-    return selective_scan_fn
+    try:
+        from mamba_ssm.ops import selective_scan_interface as interface
+    except Exception as exc:  # noqa: BLE001 - anything a broken install raises
+        warnings.warn(f"mamba-ssm is installed but does not import ({type(exc).__name__}: {exc}); selective_scan "
+                      "runs its PyTorch path on CUDA (mamba-ssm >= 2.3 imports with transformers 5)", stacklevel=3)
+        return None
+    if getattr(interface, "selective_scan_cuda", True) is None:
+        warnings.warn("mamba-ssm is installed without its CUDA kernel (selective_scan_cuda); selective_scan runs its "
+                      "PyTorch path on CUDA (reinstall with MAMBA_KEEP_CUDA_BUILD=TRUE pip install "
+                      "--no-build-isolation mamba-ssm)", stacklevel=3)
+        return None
+    return interface.selective_scan_fn
+
+
+def _takes_mamba_ssm(s: ScanShapes, u: Tensor, B: Tensor, C: Tensor, tensors, return_last_state: bool,
+                     initial_state: Tensor | None) -> bool:
+    """Whether mamba-ssm's kernel computes this scan as ``selective_scan_reference`` defines it.
+
+    It runs on CUDA, from a zero state, for N <= 256; it takes u, delta, z and per-step B, C in one
+    of its dtypes (no float64, whose compute dtype it lacks); and its backward drops the last
+    state's gradient, so a last state that autograd records stays on the PyTorch path."""
+    if u.device.type != _MAMBA_SSM_DEVICE or initial_state is not None:
+        return False
+    if s.compute_dtype != torch.float32 or u.dtype not in _MAMBA_SSM_INPUTS or s.state > _MAMBA_SSM_MAX_STATE:
+        return False
+    if any(t.dim() > 2 and t.dtype != u.dtype for t in (B, C)):
+        return False
+    return not (return_last_state and torch.is_grad_enabled()
+                and any(t is not None and t.requires_grad for t in tensors))
+
+
+def _mamba_ssm_scan(fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse):
+    """``fn`` (mamba-ssm's ``selective_scan_fn``) on the scan's inputs in the dtypes its kernel requires:
+    A, D, delta_bias and constant B, C float32 (exact from float16 / bfloat16), D and delta_bias
+    contiguous; ``reverse`` as the scan of the inputs flipped along L."""
+    def f32(t):
+        return None if t is None else t.float().contiguous()
+
+    B, C = (f32(t) if t.dim() == 2 else t for t in (B, C))
+    if reverse:
+        u, delta, B, C, z = (_flip_time(t) for t in (u, delta, B, C, z))
+    res = fn(u, delta, A.float(), B, C, f32(D), z, f32(delta_bias), delta_softplus, return_last_state)
+    if not reverse:
+        return res
+    return (res[0].flip(-1), res[1]) if return_last_state else res.flip(-1)
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
@@ -218,11 +275,13 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
                    initial_state: Tensor | None = None, delta_proj: Tensor | None = None):
     """Selective scan, same arguments and results as ``selective_scan_reference``; differentiable.
 
-    On CUDA with mamba-ssm importable this calls its fused kernel (``selective_scan_fn``).
-    Elsewhere it runs the chunked pure-PyTorch scan (``fast_scan.chunked_scan``): compute in
-    float32 (float64 for float64 inputs), memory O(chunk * batch * dim * N) instead of
-    O(L * batch * dim * N). ``out`` may be stored time-major (``out.transpose(1, 2)``
-    contiguous); inputs stored that way are read without copies.
+    On CUDA with mamba-ssm importable this calls its fused kernel (``selective_scan_fn``) wherever
+    that computes what was asked (``_takes_mamba_ssm``: no ``initial_state``, no gradient through
+    the last state, N <= 256, inputs in the kernel's dtypes). Elsewhere it runs the chunked
+    pure-PyTorch scan (``fast_scan.chunked_scan``): compute in float32 (float64 for float64
+    inputs), memory O(chunk * batch * dim * N) instead of O(L * batch * dim * N). ``out`` may be
+    stored time-major (``out.transpose(1, 2)`` contiguous); inputs stored that way are read without
+    copies.
 
     Extensions (keyword-only): ``reverse=True`` scans from position L-1 down to 0 (the same as
     flipping u, delta, z, B, C along L and flipping the output back; ``last_state`` is then the
@@ -233,19 +292,15 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     ``delta_proj`` (dim, R): delta is given as its factor (batch, R, L) (see the module docstring).
     """
     s = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_proj)
-    if delta_proj is not None and (u.device.type != "cpu" or s.length == 0):
-        delta, delta_proj = project_delta(delta, delta_proj), None
-    if u.is_cuda and u.dtype in (torch.float32, torch.float16, torch.bfloat16) and initial_state is None:
-        fn = _mamba_ssm_fn()
-        if fn is not None:
-            if reverse:
-                res = fn(u.flip(-1), delta.flip(-1), A, _flip_time(B), _flip_time(C), D, _flip_time(z), delta_bias,
-                         delta_softplus, return_last_state)
-                return (res[0].flip(-1), res[1]) if return_last_state else res.flip(-1)
-            return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    if s.length == 0:
+    if s.length == 0:  # nothing to scan (mamba-ssm's kernel would fail reading an empty sequence's last state)
         return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                        initial_state=initial_state)
+                                        reverse=reverse, initial_state=initial_state, delta_proj=delta_proj)
+    tensors = (u, delta, A, B, C, D, z, delta_bias, delta_proj)
+    fn = _mamba_ssm_fn() if _takes_mamba_ssm(s, u, B, C, tensors, return_last_state, initial_state) else None
+    if fn is not None:
+        if delta_proj is not None:  # the product in u's dtype, whatever autocast made of it
+            delta = project_delta(delta, delta_proj).to(u.dtype)
+        return _mamba_ssm_scan(fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse)
     return chunked_scan(u, delta, A, _grouped(B, s.groups), _grouped(C, s.groups), D, z, delta_bias,
                         delta_softplus, return_last_state, reverse=reverse, chunk=chunk,
                         compute_dtype=s.compute_dtype, initial_state=initial_state, delta_proj=delta_proj)
