@@ -297,17 +297,20 @@ def test_time_major_inputs_and_outputs():
 
 @pytest.mark.parametrize("groups,reverse", [(None, False), (2, True)])
 def test_channel_blocks_in_threads_equal_reference(monkeypatch, groups, reverse):
-    """With >1 torch thread the fast path splits channels over worker threads."""
+    """With >1 torch thread the fast path splits channels over worker threads (on the CPU only: a
+    GPU's kernels are launched from one thread)."""
     from storm_vlm.model.ssm import fast_scan
 
     monkeypatch.setattr(fast_scan, "_PARALLEL_MIN_WORK", 0)
     monkeypatch.setattr(fast_scan, "_MIN_BLOCK", 1)
-    assert fast_scan._blocks(3, 10**9) == [(0, 3)]  # 1 thread (conftest): one block
+    cpu = torch.device("cpu")
+    assert fast_scan._blocks(3, 10**9, cpu) == [(0, 3)]  # 1 thread (conftest): one block
     t = _inputs(torch.float64, b=2, d=6, L=11, n=4, groups=groups)
     prev = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        assert len(fast_scan._blocks(3, 10**9)) == 3
+        assert len(fast_scan._blocks(3, 10**9, cpu)) == 3
+        assert fast_scan._blocks(3, 10**9, torch.device("meta")) == [(0, 3)]
         fast = _run(selective_scan, t, True, chunk=4, reverse=reverse)
     finally:
         torch.set_num_threads(prev)

@@ -206,10 +206,11 @@ _PARALLEL_MIN_WORK = 1 << 22  # b * L * d * N below this: one thread
 _MIN_BLOCK = 64
 
 
-def _blocks(hd: int, work: int):
-    """Channel blocks [j0, j1) of hd, one per worker thread (see ``_run_blocks``)."""
+def _blocks(hd: int, work: int, device: torch.device):
+    """Channel blocks [j0, j1) of hd, one per worker thread (see ``_run_blocks``); one block off the
+    CPU (a GPU runs each block's kernels in parallel already, launched from one thread)."""
     threads = torch.get_num_threads()
-    if threads <= 1 or work < _PARALLEL_MIN_WORK or hd < 2 * _MIN_BLOCK:
+    if device.type != "cpu" or threads <= 1 or work < _PARALLEL_MIN_WORK or hd < 2 * _MIN_BLOCK:
         return [(0, hd)]
     p = min(threads, hd // _MIN_BLOCK)
     edges = [round(i * hd / p) for i in range(p + 1)]
@@ -254,7 +255,7 @@ class _ChunkedScan(torch.autograd.Function):
         n = A.shape[1]
         g = next((x.shape[1] for x in (B, C) if x.dim() == 4), 1)
         hd = d // g
-        blocks = _blocks(hd, b * L * d * n)
+        blocks = _blocks(hd, b * L * d * n, u.device)
         if chunk is None:
             chunk = auto_chunk(b * g * max(j1 - j0 for j0, j1 in blocks))
         T = max(1, min(chunk, L))
@@ -344,7 +345,7 @@ class _ChunkedScan(torch.autograd.Function):
         def block(j0, j1):
             return _backward_block(P, j0, j1, T, nchunks, reverse, softplus, h_in, go4, carry0, g4)
 
-        parts = _run_blocks(block, _blocks(hd, b * L * d * n))
+        parts = _run_blocks(block, _blocks(hd, b * L * d * n, device))
         g_BT, g_CT = parts[0]
         for gb, gc in parts[1:]:
             if g_BT is not None:
