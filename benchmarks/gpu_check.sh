@@ -5,8 +5,7 @@
 #
 #   1. installs mamba-ssm (>= 2.3, the first to import with transformers 5) with its CUDA kernel into the
 #      current Python, at most 5 minutes (SKIP_INSTALL=1 to skip; without network, a matching wheel or nvcc the
-#      check goes on without it and says so). causal-conv1d, the rest of the [cuda] extra, is not installed:
-#      storm_vlm never calls it, and compiling it would take this step's time;
+#      check goes on without it and says so), the [cuda] extra;
 #   2. runs benchmarks/gpu_check.py: the scan through storm_vlm's dispatch (mamba-ssm's kernel) against the
 #      float64 reference, a bf16 training step, a 2-process NCCL step when 2 GPUs exist, and the profiler on the
 #      real widths with random weights at 32/128/256 frames; everything goes into OUT_DIR/gpu_check.json.

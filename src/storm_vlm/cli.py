@@ -9,6 +9,7 @@ one command never breaks another.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 
@@ -48,12 +49,41 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _check_words(parser: argparse.ArgumentParser, argv: list[str], command: str | None) -> None:
+    """A misspelt command or `--flag` is one error naming it with the closest right spelling, from the
+    parser it belongs to (so the right usage is shown). Left to argparse, a command's unknown flag is
+    reported by the top-level parser after the command's required arguments were checked, so
+    `plan --modle DIR` would only say that --model is missing."""
+    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    if command is None and first < len(argv):
+        parser.error(f"unknown command {argv[first]!r}{_did_you_mean(argv[first], COMMANDS)}; "
+                     f"commands: {', '.join(COMMANDS)}")
+    parts = [(parser, argv[:first])]
+    if command is not None:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+        parts.append((sub, argv[first + 1:]))
+    for owner, tokens in parts:
+        flags = [f for action in owner._actions for f in action.option_strings]
+        for token in tokens:
+            if token == "--":
+                break
+            name = token.split("=", 1)[0]
+            if name.startswith("--") and not any(f.startswith(name) for f in flags):  # argparse takes prefixes
+                owner.error(f"unrecognized argument {name}{_did_you_mean(name, flags)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:
         command = None
     parser = build_parser(command)
+    _check_words(parser, argv, command)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

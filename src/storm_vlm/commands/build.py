@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from storm_vlm.commands import check_output_folder
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vision", required=True, metavar="DIR", help="SigLIP folder (e.g. siglip-so400m-patch14-448)")
@@ -31,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from storm_vlm.builder import build_storm, check_out_dir, save_storm
 
-    check_out_dir(args.out, args.overwrite)  # fail before loading any weights
+    check_output_folder(args.out, "--out", parent_only=True)  # fail before loading any weights
+    check_out_dir(args.out, args.overwrite)
     model, processor = build_storm(
         args.vision,
         args.llm,

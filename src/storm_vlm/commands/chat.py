@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from storm_vlm.commands import add_precision_argument
+from storm_vlm.commands import add_precision_argument, check_model_then_media
 from storm_vlm.errors import StormError
 from storm_vlm.utils import check_int, check_model_dir
 
@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         check_int("--temporal-sample", args.temporal_sample, error=StormError)
     if args.options is not None and not 2 <= len(args.options) <= 26:
         raise StormError(f"--options: give between 2 and 26 options, got {len(args.options)}")
+    check_model_then_media(args.model, args.video, "VIDEO")
     check_model_dir(args.model)
     from storm_vlm.choices import LETTERS, extract_choice, format_question
     from storm_vlm.inference import ChatSession, Predictor, PrintStreamer
@@ -100,7 +101,11 @@ def run(args: argparse.Namespace) -> int:
     while True:
         try:
             line = input(">>> " if interactive else "").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt) as exc:
+            if interactive:
+                print()  # end the prompt's line (Ctrl-D, Ctrl-C)
+            if isinstance(exc, KeyboardInterrupt):
+                raise  # the CLI says "interrupted" and exits 130
             return 0
         if not line:
             continue

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from storm_vlm.commands import check_output_folder
+from storm_vlm.errors import StormError
+from storm_vlm.utils import check_int
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="runs/demo", help="output folder (default: runs/demo)")
@@ -30,15 +34,14 @@ def run(args: argparse.Namespace) -> int:
     from storm_vlm.demo.settings import DemoSettings
 
     overrides = {}
-    if args.steps is not None:
-        overrides["steps"] = args.steps
-    if args.train_per_task is not None:
-        overrides["train_per_task"] = args.train_per_task
-    if args.questions is not None:
-        overrides["test_per_task"] = args.questions
+    for flag, key in (("--steps", "steps"), ("--train-per-task", "train_per_task"), ("--questions", "test_per_task")):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            overrides[key] = check_int(flag, value, error=StormError)
     if args.tasks is not None:
         overrides["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     settings = DemoSettings.tiny_preset(**overrides) if args.tiny else DemoSettings.default(**overrides)
+    check_output_folder(args.output, "--output")
     run_demo(args.output, settings=settings, seeds=args.seeds, jobs=args.jobs, threads=args.threads,
              fresh=args.fresh, progress=not args.no_progress)
     return 0

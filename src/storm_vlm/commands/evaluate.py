@@ -12,7 +12,7 @@ import datetime
 import math
 from pathlib import Path
 
-from storm_vlm.commands import add_precision_argument
+from storm_vlm.commands import add_precision_argument, check_output_folder
 from storm_vlm.errors import StormError
 from storm_vlm.utils import check_model_dir
 
@@ -20,9 +20,11 @@ from storm_vlm.utils import check_model_dir
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from storm_vlm.eval.readers import READERS
 
-    parser.add_argument("model_dir", help="a saved STORM model folder (config.json + safetensors + processor)")
+    parser.add_argument("model_dir", metavar="MODEL_DIR",
+                        help="a saved STORM model folder (config.json + safetensors + processor)")
     parser.add_argument("--benchmark", required=True, choices=sorted(READERS), help="which benchmark layout to read")
-    parser.add_argument("--data-root", required=True, help="the benchmark's folder (see storm_vlm.eval.readers)")
+    parser.add_argument("--data-root", required=True,
+                        help="the benchmark's folder, as released or as the Hub copy unpacks (docs/evaluation.md)")
     parser.add_argument("--output", required=True, help="output folder (predictions.jsonl, results.json, results.md)")
     parser.add_argument("--frames", type=int, default=32, help="frames sampled per video (default 32)")
     parser.add_argument("--fps", type=float, default=None, help="sample at this rate instead (capped at --frames)")
@@ -79,6 +81,7 @@ def run(args) -> int:
 
     _check(args)
     records = load_benchmark(args.benchmark, args.data_root)
+    check_output_folder(args.output, "--output")  # before the model loads
     rank, world_size = dist_env()
     _init_distributed(world_size)
     try:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 
-from storm_vlm.commands import int_list
+from storm_vlm.commands import check_output_folder, int_list
 from storm_vlm.errors import StormError
 from storm_vlm.utils import check_int, check_model_dir
 
@@ -89,6 +90,10 @@ def run(args: argparse.Namespace) -> int:
                   error=StormError)
     if args.context is not None:
         check_int("--context", args.context, error=StormError)
+    if args.json:
+        if Path(args.json).is_dir():
+            raise StormError(f"--json {args.json}: a folder; name the file to write")
+        check_output_folder(Path(args.json).parent, "--json's folder")
     from storm_vlm.planner import format_bytes, plan
 
     config = load_config(args)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from storm_vlm.commands import add_precision_argument, int_list
+from storm_vlm.commands import add_precision_argument, check_output_folder, int_list
 from storm_vlm.errors import StormError
 from storm_vlm.utils import check_int
 
@@ -113,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         # process CPU time adds up every thread's time: with N threads it reads up to N times the latency
         raise StormError(f"--clock cpu needs one torch thread (--threads 1); this run would use {threads}"
                          f"{'' if args.threads is not None else ' (torch default)'}")
+    check_output_folder(args.output, "--output")  # before the model is built and profiled
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if device == "cpu" and not args.no_tune_malloc:

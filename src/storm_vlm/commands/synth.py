@@ -8,8 +8,9 @@ images/*.png + align.json (image-caption pairs) and meta.json.
 from __future__ import annotations
 
 import argparse
-import os
 import time
+
+from storm_vlm.commands import check_output_folder
 
 _FLAG_NAMES = {"num_videos": "--videos", "num_frames": "--frames", "size": "--size", "seed": "--seed",
                "split": "--test-fraction", "tasks": "--tasks", "num_images": "--images", "fps": "--fps",
@@ -45,8 +46,7 @@ def run(args) -> int:
                                 num_images, args.fps, names=_FLAG_NAMES, answers=args.answers)
     if args.workers is not None and args.workers < 1:
         raise StormError(f"--workers={args.workers}: must be >= 1")
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise StormError(f"{args.out_dir}: exists and is not a folder")
+    check_output_folder(args.out_dir, "OUT_DIR")
     start = time.perf_counter()
     meta = generate_synthetic_benchmark(args.out_dir, num_videos=args.videos, num_frames=args.frames,
                                         size=args.size, seed=args.seed, split=args.test_fraction, tasks=tasks,

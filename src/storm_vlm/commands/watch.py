@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 
-from storm_vlm.commands import add_precision_argument
+from storm_vlm.commands import add_precision_argument, check_model_then_media
 from storm_vlm.errors import StormError
 from storm_vlm.streaming import MAX_CHUNK_FRAMES
 from storm_vlm.utils import check_int, check_model_dir
@@ -119,6 +119,7 @@ def _clock(seconds: float) -> str:
 
 
 def _check(args) -> None:
+    check_model_then_media(args.model, args.source, "SOURCE")
     check_model_dir(args.model)
     check_int("--max-new-tokens", args.max_new_tokens, error=StormError)
     if args.temporal_sample is not None:
