@@ -7,7 +7,7 @@ from helpers import random_video
 
 from storm_vlm import precision as P
 from storm_vlm.errors import StormError
-from storm_vlm.inference import Predictor, build_messages, load_model
+from storm_vlm.inference import Predictor, build_messages, load_model, resolve_device
 from storm_vlm.utils import check_model_dir
 
 
@@ -204,3 +204,18 @@ def test_a_batch_encodes_a_video_asked_about_twice_once(qwen2_mamba_dir, monkeyp
     assert sum(encoded) == 4 + 3
     assert predictor.reply_batch(questions, [video, other, video.copy()]) == shared  # three encoded
     assert sum(encoded) == 2 * (4 + 3) + 4
+
+
+def test_each_process_of_a_multi_process_run_takes_its_own_gpu(monkeypatch):
+    """Under torchrun every rank would otherwise load its model onto GPU 0."""
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device(None) == resolve_device("cuda") == torch.device("cuda", 1)
+    assert current == [torch.device("cuda", 1)] * 2  # "cuda" elsewhere in the process means it too
+    assert resolve_device("cuda:0") == torch.device("cuda", 0) and resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert resolve_device(None) == torch.device("cuda")
+    assert len(current) == 2

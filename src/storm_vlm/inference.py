@@ -24,6 +24,7 @@ Shapes: frames are (T, H, W, 3) uint8 arrays (what `storm_vlm.load_video` return
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -70,7 +71,12 @@ def quiet_transformers():
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """`device` as a torch.device (default: CUDA if available); StormError for a bad or absent one."""
+    """`device` as a torch.device (default: CUDA if available); StormError for a bad or absent one.
+
+    In a multi-process run (torchrun, accelerate launch: WORLD_SIZE > 1 and LOCAL_RANK set) an
+    absent or bare "cuda" device is cuda:LOCAL_RANK, one GPU per process, and becomes the current
+    CUDA device (so "cuda" anywhere else in the process means it too); otherwise every rank would
+    load its model onto GPU 0."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -79,6 +85,11 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         raise StormError(f"invalid device {str(device)!r} ({exc})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise StormError(f"device {str(device)!r} asked for, but CUDA is not available")
+    local_rank = os.environ.get("LOCAL_RANK")
+    if device.type == "cuda" and device.index is None and local_rank is not None \
+            and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        device = torch.device("cuda", int(local_rank))
+        torch.cuda.set_device(device)
     return device
 
 

@@ -181,17 +181,6 @@ def _optional(value, cast):
     return cast(value)
 
 
-def process_device(device: str | None) -> str | None:
-    """The device for this process. In a multi-process run (torchrun, accelerate launch) an absent or
-    bare CUDA device is cuda:LOCAL_RANK, one GPU per rank as lmms-eval's models place them; any other
-    is used as given."""
-    local_rank = os.environ.get("LOCAL_RANK")
-    if (int(os.environ.get("WORLD_SIZE", 1)) > 1 and local_rank is not None and torch.cuda.is_available()
-            and (device is None or str(device) == "cuda")):
-        return f"cuda:{int(local_rank)}"
-    return device
-
-
 class Storm(_LmmsBase):
     """STORM for lmms-eval (a "simple" model: the task's text plus the raw visuals).
 
@@ -221,7 +210,7 @@ class Storm(_LmmsBase):
         self._rank = int(os.environ.get("RANK", 0))
         self._world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.predictor = Predictor.from_pretrained(
-            self.pretrained, process_device(_optional(device, str)), _optional(dtype, str) or "auto",
+            self.pretrained, _optional(device, str), _optional(dtype, str) or "auto",
             temporal_sample_stride=_optional(temporal_sample_stride, int), max_new_tokens=self.default_max_new_tokens)
         self._last_visuals: tuple = (None, None)  # (request key, frames), within one call: see _frames
 
