@@ -168,3 +168,20 @@ def test_build_causal_makes_a_streamable_model(qwen2_parts, tmp_path):
     assert main(["build", "--vision", str(qwen2_parts[0]), "--llm", str(qwen2_parts[1]), "--out", str(out),
                  "--layers", "1", "--causal"]) == 0
     assert StormConfig.from_pretrained(out).projector_bidirectional is False
+
+
+def test_save_storm_never_replaces_a_file_nor_a_model_folder_unasked(qwen2_parts, tmp_path):
+    from storm_vlm.builder import build_storm, save_storm
+    from storm_vlm.errors import StormError
+
+    model, processor = build_storm(*qwen2_parts, projector_type="mlp")
+    notes = tmp_path / "model"
+    notes.write_text("notes")
+    for overwrite in (False, True):
+        with pytest.raises(StormError, match="is a file, not a folder"):
+            save_storm(model, processor, notes, overwrite=overwrite)
+    assert notes.read_text() == "notes"
+    out = save_storm(model, processor, tmp_path / "folder")
+    with pytest.raises(StormError, match="not empty"):
+        save_storm(model, processor, out)
+    assert save_storm(model, processor, out, overwrite=True) == out and (out / "config.json").is_file()

@@ -277,3 +277,13 @@ def test_a_frame_folder_is_read_in_frame_number_order_and_scaled_as_read(tmp_pat
     frames = load_frame_folder(folder, 12)
     assert [int(f[0, 0, 0]) for f in frames] == [10 * i for i in range(1, 13)]
     assert load_frame_folder(folder, 3, min_side=16).shape == (3, 16, 21, 3)
+
+
+def test_a_folder_of_videos_given_as_frames_says_what_it_holds(tmp_path):
+    from storm_vlm.eval.frames import load_frame_folder
+    from storm_vlm.video import VideoDecodeError
+
+    for name in ("b.mp4", "a.mp4"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(VideoDecodeError, match="holds no images .*; it holds a.mp4, b.mp4: for a video, pass the file"):
+        load_frame_folder(tmp_path, 4)

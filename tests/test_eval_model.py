@@ -108,6 +108,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["eval", str(tmp_path), "--benchmark", "synthetic", "--data-root", str(tmp_path),
                  "--output", str(tmp_path / "o")]) == 2
     assert "has no config.json" in capsys.readouterr().err
+    (tmp_path / "test.json").write_text("[]")  # annotations without a question: said before the model loads
+    (tmp_path / "config.json").write_text('{"model_type": "storm"}')
+    assert main(["eval", str(tmp_path), "--benchmark", "synthetic", "--data-root", str(tmp_path),
+                 "--output", str(tmp_path / "o")]) == 2
+    assert f"{tmp_path}: its synthetic annotations hold no questions" in capsys.readouterr().err
 
 
 def test_lmms_eval_generate_until_with_the_real_api(tiny, tmp_path):

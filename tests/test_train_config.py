@@ -92,6 +92,10 @@ def test_align_rejects_lora_and_file_errors(tmp_path):
         load_config(write(tmp_path, "stage: [unclosed\n"))
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yaml")
+    video = tmp_path / "clip.mp4"  # `storm-vlm train clip.mp4`
+    video.write_bytes(b"\x00\x00\x00\x18ftypmp42\xff\xfe\x80")
+    with pytest.raises(ConfigError, match="clip.mp4: not a YAML config"):
+        load_config(video)
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_override("novalue")
 

@@ -259,9 +259,12 @@ def _with_stop(eos, fallback, end_of_turn: int):
 
 
 def check_out_dir(out_dir, overwrite: bool = False) -> Path:
-    """An existing non-empty `out_dir` is a StormError unless `overwrite=True`."""
+    """An existing non-empty `out_dir` is a StormError unless `overwrite=True`; a file there always is
+    (overwrite replaces a model folder, never a file)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise StormError(f"output folder {out_dir} exists and is a file, not a folder")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise StormError(f"output folder {out_dir} already exists and is not empty (use --overwrite)")
     return out_dir
 

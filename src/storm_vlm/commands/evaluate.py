@@ -81,6 +81,8 @@ def run(args) -> int:
 
     _check(args)
     records = load_benchmark(args.benchmark, args.data_root)
+    if not records:
+        raise StormError(f"{args.data_root}: its {args.benchmark} annotations hold no questions")
     check_output_folder(args.output, "--output")  # before the model loads
     rank, world_size = dist_env()
     _init_distributed(world_size)

@@ -46,9 +46,13 @@ def load_frame_folder(path: str | Path, num_frames: int, folder_fps: float | Non
     down to `min_side` on its shorter side as it is read (`load_image`). Returns (T, H, W, 3) uint8."""
     path = str(path)
     folder = Path(path).resolve()
-    names = sorted((n for n in os.listdir(path) if Path(n).suffix.lower() in _IMAGE_SUFFIXES), key=numbered_name_key)
+    entries = os.listdir(path)
+    names = sorted((n for n in entries if Path(n).suffix.lower() in _IMAGE_SUFFIXES), key=numbered_name_key)
     if not names:
-        raise _decode_error(path, "frame folder holds no images")
+        files = sorted(n for n in entries if (folder / n).is_file())
+        hint = (f" ({', '.join(sorted(_IMAGE_SUFFIXES))}); it holds {', '.join(files[:3])}"
+                f"{', ...' if len(files) > 3 else ''}: for a video, pass the file itself") if files else ""
+        raise _decode_error(path, f"frame folder holds no images{hint}")
     lo, hi = 0, len(names) - 1
     if folder_fps and start is not None:
         lo = min(max(0, int(round(start * folder_fps))), hi)
