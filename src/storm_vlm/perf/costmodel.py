@@ -12,9 +12,11 @@ repository executes for one video of T frames:
   C = r²·d_vision inputs, width D = LLM width): pixel shuffle moves bytes only (0 FLOPs); the input
   Linear 2·Lp·C·D; each Mamba layer: in_proj 2·Lp·D·2Di (Di = expand·D), out_proj 2·Lp·Di·D, and
   per direction (two when bidirectional) depthwise conv 2·Lp·Di·K, x_proj 2·Lp·Di·(R + 2S),
-  dt_proj 2·Lp·R·Di and the selective scan 7·Lp·Di·S (per state: δ·A, B·(δu), h·dA + ·, C·h;
-  the exp is not counted). The MLP baseline: 2·Lp·C·D + 2·Lp·D·D. Compression (temporal / spatial
-  pooling) adds one FLOP per pooled input element (T·N·D).
+  dt_proj 2·Lp·R·Di and the selective scan 6·Lp·Di·S (per state and step, as
+  `selective_scan_reference` computes it: δ·A, (δu)·B, h·dA + (δu)B, C·h and its sum over the states;
+  the exp and the per-channel δ·u, D·u and z gate are left out, as elementwise). The MLP baseline:
+  2·Lp·C·D + 2·Lp·D·D. Compression adds one FLOP per pooled input element: T·N·D for temporal
+  pooling, then (frames left)·N·D for spatial pooling.
 * **LLM prefill** over L = visual tokens + text tokens (width d, MLP width I, h query heads and g
   key/value heads of size hd): per layer q/o 4·L·d·h·hd, k/v 4·L·d·g·hd, attention 4·L²·h·hd
   (dense, as SDPA computes it; `causal=True` counts the lower triangle only, as flash kernels
@@ -22,7 +24,8 @@ repository executes for one video of T frames:
   logit row).
 * **decode**, per generated token with c tokens in the KV cache: per layer the same projections
   and MLP for one token plus attention 4·(c+1)·h·hd; the LM head 2·d·V. Its bytes are the LLM's
-  weights it reads (all but the input-embedding table, of which it reads one row) plus the KV cache,
+  weights it reads (all but the input-embedding table, of which it reads one row, unless the LM head
+  is tied to it and reads it whole) plus the KV cache,
   2·layers·g·hd·(c+1) elements: a decode step is memory bound on GPUs and CPUs alike, and
   compression shrinks only the KV part (see `decode_bounds`).
 
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 __all__ = [
@@ -85,7 +89,7 @@ PAPER_REFERENCE = {
     "decoding_latency_reduction": (2.4, 2.9),
 }
 
-SCAN_FLOPS_PER_STATE = 7
+SCAN_FLOPS_PER_STATE = 6
 SCAN_CHUNK = 16  # steps per chunk of storm_vlm.model.ssm's CPU scan (for the memory estimate)
 
 
@@ -243,6 +247,13 @@ def _projector_shape(config) -> dict:
     )
 
 
+def _vision_chunks(config, num_frames: int) -> list[int]:
+    """Frames per vision-tower call: `vision_batch_size` at most, split as evenly as
+    `StormForConditionalGeneration._vision_features` splits them (no short last call)."""
+    calls = -(-num_frames // config.vision_batch_size)
+    return [num_frames * (c + 1) // calls - num_frames * c // calls for c in range(calls)]
+
+
 # ---- parameters -------------------------------------------------------------------------------
 
 
@@ -308,7 +319,7 @@ def vision_tower_cost(config, num_frames: int, bytes_per_el: int = 2) -> ModuleC
     run_layers = layer if layer >= 0 else v["layers"] + 1 + layer  # hidden_states[k] is after k layers
     per_layer = P * (8 * d * d + 4 * d * I) + 4 * P * P * d
     per_frame = 2 * P * (v["channels"] * v["patch"] ** 2) * d + run_layers * per_layer
-    chunk = min(num_frames, config.vision_batch_size)
+    chunk = max(_vision_chunks(config, num_frames), default=0)
     # a chunk's running hidden state, the MLP intermediate and one head's attention matrix;
     # the selected layer of every frame is kept for the projector.
     act = chunk * P * (2 * d + I) + chunk * P * P + num_frames * P * d
@@ -332,8 +343,10 @@ def projector_cost(config, num_frames: int, bytes_per_el: int = 2) -> ModuleCost
         # x, z, δ, u and each direction's y over the whole sequence; the scan keeps its per-state
         # tensors (Di x S) for one chunk of steps only (the fused CUDA kernel: one step)
         act = Lp * (C + D) + Lp * Di * (4 + p["directions"]) + 2 * SCAN_CHUNK * Di * S
-    if config.temporal_pool_size > 1 or config.spatial_pool_stride > 1:
+    if config.temporal_pool_size > 1:
         flops += Lp * D
+    if config.spatial_pool_stride > 1:  # on the frames temporal pooling left
+        flops += -(-num_frames // config.temporal_pool_size) * N * D
     weights = param_counts(config)["projector"]
     return ModuleCost(flops, weights * bytes_per_el, act * bytes_per_el)
 
@@ -368,8 +381,8 @@ def decode_cost(config, context_len: int, bytes_per_el: int = 2) -> ModuleCost:
     per_layer = _llm_token_linear_flops(l) + 4 * (context_len + 1) * q
     flops = l["layers"] * per_layer + 2 * l["d"] * l["vocab"]
     kv = kv_bytes_per_token(config, bytes_per_el) * (context_len + 1)
-    # the input-embedding lookup reads one row of the table, not the table
-    weights = param_counts(config)["llm"] - (l["vocab"] - 1) * l["d"]
+    # the input-embedding lookup reads one row of the table, not the table; a tied LM head reads all of it
+    weights = param_counts(config)["llm"] - (0 if l["tied"] else (l["vocab"] - 1) * l["d"])
     return ModuleCost(flops, weights * bytes_per_el, kv)
 
 
@@ -500,18 +513,19 @@ def pipeline_cost(
 def gemm_shapes(config, num_frames: int, compression: Compression | None = None, text_tokens: int = 64) -> dict:
     """The matrix products of one prefill, per module: {"vision_tower" | "projector" | "llm_prefill":
     [(m, k, n, count), ...]}, an (m x k) @ (k x n) product run `count` times (attention's
-    products, the scan and the convolution are not listed). What a module's FLOPs would cost if it
-    were nothing but these products at a given rate: the GEMM-only bound of its rate."""
+    products, the scan and the convolution are not listed), as the CPU fast paths run them: one call
+    per vision chunk (`vision_batch_size` frames at most, split evenly), SigLIP's q, k and v as one
+    product (`fast_paths._qkv`). What a module's FLOPs would cost if it were nothing but these
+    products at a given rate: the GEMM-only bound of its rate."""
     cfg = config if compression is None else with_compression(config, compression)
     v, p, l = _vision_shape(cfg), _projector_shape(cfg), _llm_shape(cfg)
     layer = cfg.vision_feature_layer
     run_layers = layer if layer >= 0 else v["layers"] + 1 + layer
-    chunk = min(num_frames, cfg.vision_batch_size)
-    rows = chunk * v["patches"]
-    chunks = math.ceil(num_frames / cfg.vision_batch_size)
     d, i = v["d"], v["inter"]
-    vision = [(rows, d, d, 4 * run_layers * chunks), (rows, d, i, run_layers * chunks),
-              (rows, i, d, run_layers * chunks)]
+    vision = []
+    for frames, calls in sorted(Counter(_vision_chunks(cfg, num_frames)).items()):
+        rows, n = frames * v["patches"], run_layers * calls
+        vision += [(rows, d, 3 * d, n), (rows, d, d, n), (rows, d, i, n), (rows, i, d, n)]
     lp = num_frames * cfg.projector_tokens_per_frame
     D, Di = p["d"], p["d_inner"]
     projector = [(lp, p["in_dim"], D, 1)]

@@ -22,7 +22,8 @@ Compression c (see `storm_vlm.perf.costmodel.DEFAULT_COMPRESSIONS`): 1 = none, 4
 pooling sizes are switched on the model's config for the row and restored afterwards: this changes
 what a model trained with other pooling computes (not its cost), so rows measure latency only.
 
-Each row also carries `gflop` (per module, from `storm_vlm.perf.costmodel`, attention counted dense)
+Each row also carries `gflop` (per module, from `storm_vlm.perf.costmodel`; the LLM's attention counted
+causal, the lower triangle its kernels compute, as benchmarks/prefill.py counts it)
 and `gflop_per_s` (the rate each module reached), and `page_faults` (minor faults during the row).
 
 Peak memory: CUDA `max_memory_allocated` (reset per row); on CPU the process's resident-set
@@ -448,7 +449,7 @@ def _measure(model, frames, compression, visual, settings, clock, memory) -> dic
 
 
 def _achieved(row: dict, est) -> dict:
-    """Each module's FLOPs (storm_vlm.perf.costmodel, attention counted dense) and the rate reached."""
+    """Each module's FLOPs (storm_vlm.perf.costmodel, LLM attention counted causal) and the rate reached."""
     parts = {
         "vision_tower": (est.vision_tower.flops, row["vision_tower_ms"]),
         "projector": (est.projector.flops, row["projector_ms"]),
@@ -489,7 +490,8 @@ def profile_row(model, frames: int, compression: Compression, settings: ProfileS
         }
         # Skip what would not fit: activations + KV (weights are already resident).
         bytes_per_el = settings.resolved.weights.itemsize
-        est = pipeline_cost(cfg, frames, compression, settings.text_tokens, settings.decode_tokens, bytes_per_el)
+        est = pipeline_cost(cfg, frames, compression, settings.text_tokens, settings.decode_tokens, bytes_per_el,
+                            causal=True)
         need = max(est.vision_tower.activation_bytes, est.projector.activation_bytes,
                    est.llm_prefill.activation_bytes + est.decode_per_token.activation_bytes)
         limit = memory.free_bytes() * 0.9
