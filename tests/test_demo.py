@@ -31,7 +31,7 @@ def _read_predictions(path: Path) -> list[dict]:
 
 def test_tiny_demo_writes_claims_rows_and_the_correctness_behind_them(tiny_demo):
     from storm_vlm import StormConfig
-    from storm_vlm.demo.stats import bootstrap_ci, paired_gap
+    from storm_vlm.demo.stats import accuracy_ci, paired_gap
 
     out, results = tiny_demo
     on_disk = results
@@ -59,7 +59,7 @@ def test_tiny_demo_writes_claims_rows_and_the_correctness_behind_them(tiny_demo)
         assert row["prefill_ms"] > 0
         # every figure is recomputable from the saved per-question correctness ...
         table = correctness[row["row"]]
-        assert row["accuracy"]["average"] == bootstrap_ci(table, tasks_of, reps=settings.bootstrap_reps)
+        assert row["accuracy"]["average"] == accuracy_ci(table, tasks_of)
         # ... which is what the row's predictions.jsonl says
         for seed in (0, 1):
             preds = _read_predictions(out / "eval" / f"seed{seed}" / row["row"] / "predictions.jsonl")
@@ -81,7 +81,7 @@ def test_tiny_demo_writes_claims_rows_and_the_correctness_behind_them(tiny_demo)
             assert scope["verdict"] in ("reproduced", "contradicted", "inconclusive")
             assert scope["low"] <= scope["gap"] <= scope["high"]
         average = next(s for s in c["scopes"] if s["scope"] == "average")
-        gap = paired_gap(correctness[c["row_a"]], correctness[c["row_b"]], tasks_of, reps=settings.bootstrap_reps)
+        gap = paired_gap(correctness[c["row_a"]], correctness[c["row_b"]], tasks_of)
         assert {k: average[k] for k in gap} == gap
     assert [s["scope"] for s in claims["C1"]["scopes"]] == ["within-window", "average"]
     ex = on_disk["example"]

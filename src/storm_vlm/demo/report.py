@@ -2,7 +2,7 @@
 
 Every number comes from the per-question correctness of each (row, seed) -- results.json keeps
 those tables, so anyone can recompute the intervals. A row's accuracy is the mean over seeds
-and questions with a 95 % two-stage bootstrap CI (`storm_vlm.demo.stats.bootstrap_ci`); a
+and questions with a 95 % t interval that covers both (`storm_vlm.demo.stats.accuracy_ci`); a
 claim is the paired gap between two rows (`paired_gap`) with its verdict: *reproduced* when
 the CI lies above 0, *contradicted* when below, *inconclusive* otherwise.
 """
@@ -16,7 +16,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from storm_vlm.demo.settings import CLAIMS, ROWS, VARIANT_BY_NAME, WITHIN_WINDOW, DemoSettings
-from storm_vlm.demo.stats import bootstrap_ci, paired_gap
+from storm_vlm.demo.stats import accuracy_ci, paired_gap
 from storm_vlm.utils import atomic_path
 
 CHANCE = 0.25
@@ -56,7 +56,7 @@ def build_rows(settings: DemoSettings, correctness: dict, tasks_of: dict, tokens
         stats = {}
         for scope in _scopes(tasks):
             sub, sub_tasks = _restrict(table, tasks_of, scope_tasks(scope, tasks))
-            stats[scope] = bootstrap_ci(sub, sub_tasks, reps=settings.bootstrap_reps)
+            stats[scope] = accuracy_ci(sub, sub_tasks)
         lat = latency.get(row.name)
         out.append({
             "row": row.name,
@@ -77,7 +77,7 @@ def build_rows(settings: DemoSettings, correctness: dict, tasks_of: dict, tokens
     return out
 
 
-def build_claims(settings: DemoSettings, correctness: dict, tasks_of: dict, tasks: list[str]) -> list[dict]:
+def build_claims(correctness: dict, tasks_of: dict, tasks: list[str]) -> list[dict]:
     """Each paper claim as paired gaps (row_a - row_b) per scope, with CI and verdict."""
     out = []
     for claim in CLAIMS:
@@ -90,7 +90,7 @@ def build_claims(settings: DemoSettings, correctness: dict, tasks_of: dict, task
                 continue
             a, keep = _restrict(correctness[claim.row_a], tasks_of, names)
             b, _ = _restrict(correctness[claim.row_b], tasks_of, names)
-            gap = paired_gap(a, b, keep, reps=settings.bootstrap_reps)
+            gap = paired_gap(a, b, keep)
             scopes.append({"scope": scope, "tasks": names, **gap})
         out.append({"claim": claim.name, "statement": claim.statement, "row_a": claim.row_a,
                     "row_b": claim.row_b, "paper": claim.paper, "scopes": scopes})

@@ -157,8 +157,8 @@ def _check_folder(output: Path, record: dict, fresh: bool) -> None:
         old = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return
-    diff = [k for k in sorted(set(old["settings"]) | set(record["settings"]))
-            if old["settings"].get(k) != record["settings"].get(k)]
+    # settings this version no longer has (they changed nothing the folder holds) are not compared
+    diff = [k for k in sorted(record["settings"]) if old["settings"].get(k) != record["settings"].get(k)]
     if diff:
         desc = "; ".join(f"{k}: {old['settings'].get(k)!r} before, {record['settings'].get(k)!r} now" for k in diff[:6])
         raise StormError(f"{output} holds a demo run with other settings ({desc}); "
@@ -257,7 +257,7 @@ def _run_phases(output: Path, settings: DemoSettings, seeds: int, jobs: int, thr
 
     # 4. report + example ------------------------------------------------------------------------
     rows = build_rows(settings, correctness, tasks_of, tokens, latency, tasks)
-    claims = build_claims(settings, correctness, tasks_of, tasks)
+    claims = build_claims(correctness, tasks_of, tasks)
     best = max(rows, key=lambda r: r["accuracy"]["average"]["mean"])
     best_task = max(tasks, key=lambda t: best["accuracy"][t]["mean"])
     best_row = next(r for r in ROWS if r.name == best["row"])
@@ -352,7 +352,7 @@ def _markdown(results: dict, tasks: list[str], seeds: int) -> str:
     head = (
         "# storm-vlm demo results\n\n"
         f"## The paper's claims\n\nGap = row A − row B in accuracy points over {seeds} training seed(s) and "
-        f"{n_test} held-out questions, with a 95 % CI from a paired two-stage bootstrap (seeds, then questions); "
+        f"{n_test} held-out questions, with a 95 % t interval over seeds and questions (docs/demo.md); "
         "verdict: *reproduced* when the CI lies above 0, *contradicted* when below, else *inconclusive*. "
         "Paper figures: arXiv 2503.04130v4 (MVBench / MLVU / LongVideoBench / VideoMME).\n\n"
         + claims_markdown(results["claims"]) + f"\n{summary}.\n\n"

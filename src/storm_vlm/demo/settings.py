@@ -146,7 +146,6 @@ class DemoSettings:
     # evaluation
     max_new_tokens: int = 4
     eval_batch_size: int = 32
-    bootstrap_reps: int = 2000
     latency_repeats: int = 5
     tiny: bool = False
 
@@ -159,13 +158,13 @@ class DemoSettings:
         base = dict(train_per_task=8, test_per_task=6, video_frames=16, tasks=("flash_order", "static"),
                     vision_hidden=16, llm_hidden=32, llm_layers=1, llm_heads=2, llm_kv_heads=1,
                     projector_layers=1, base_frames=4, steps=30, batch_size=4, learning_rate=1e-2,
-                    warmup_ratio=0.1, bootstrap_reps=200, latency_repeats=1, tiny=True)
+                    warmup_ratio=0.1, latency_repeats=1, tiny=True)
         base.update(overrides)
         return cls(**base)
 
     def validate(self) -> "DemoSettings":
         ints = {"train_per_task": 1, "test_per_task": 1, "video_frames": 16, "video_size": 32, "base_frames": 1,
-                "steps": 1, "batch_size": 1, "max_new_tokens": 1, "eval_batch_size": 1, "bootstrap_reps": 10,
+                "steps": 1, "batch_size": 1, "max_new_tokens": 1, "eval_batch_size": 1,
                 "latency_repeats": 1}
         for key, minimum in ints.items():
             check_int(f"demo setting {key}", getattr(self, key), minimum, error=StormError)
