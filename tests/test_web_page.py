@@ -161,17 +161,17 @@ def test_uploads_are_limited_and_only_uploads_are_served(served, engine, video):
 
 
 def ask(client, config, session: str, video_path: str, question: str, chat: list) -> dict:
-    """What the page does on Ask: the question into the session's state (gradio's /run/predict),
-    then the turn through the queue; gradio's last message about it (its "output" holds the chat)."""
+    """What the page does on Ask: lock the question box (gradio's /run/predict), then the turn
+    through the queue; gradio's last message about it (its "output" holds the chat)."""
     deps = config["dependencies"]
     elem = {c["props"].get("elem_id"): c["id"] for c in config["components"] if c["props"].get("elem_id")}
     take = next(d for d in deps if [elem["ask"], "click"] in map(list, d["targets"]))
     answer = next(d for d in deps if d["trigger_after"] == take["id"])
-    took = client.post("/gradio_api/run/predict", json={"fn_index": take["id"], "data": [question],
+    took = client.post("/gradio_api/run/predict", json={"fn_index": take["id"], "data": [],
                                                         "session_hash": session})
     assert took.status_code == 200, took.text
     file = {"path": video_path, "orig_name": "clip.mp4", "meta": {"_type": "gradio.FileData"}}
-    data = [file, None, chat, None, "", 4, "default", 3]  # states come from the session
+    data = [file, question, chat, None, "", 4, "default", 3]  # the model's turns come from the session
     joined = client.post("/gradio_api/queue/join", json={"fn_index": answer["id"], "data": data,
                                                          "session_hash": session})
     assert joined.status_code == 200, joined.text

@@ -12,7 +12,13 @@ generating it). Each turn sends the whole conversation and the video to the mode
 video is decoded once per upload and frame count (`ClipCache`).
 
 What gradio serves from disk is its upload / cache folders only (no `allowed_paths`); uploads are
-limited to `max_upload_mb` and the queue to `max_queue` waiting requests.
+limited to `max_upload_mb` and the queue to `max_queue` waiting requests. gradio deletes an upload
+an hour after the last question about it (checked hourly) and all of them when the page stops.
+
+Questions and answers are shown as the text they are (HTML-escaped, no markdown): the chatbot
+would otherwise render HTML, hiding text such as "a<b" or "<video>". A turn that fails shows one
+line in the conversation, after what was answered before it; a turn gradio itself refuses (the
+queue is full) leaves the question in the box, and gradio says why.
 
 Nothing here reaches the internet: gradio analytics and its version check are off and there is
 no share link. Importing this module imports gradio (seconds); nothing else in storm_vlm does.
@@ -20,8 +26,12 @@ no share link. Importing this module imports gradio (seconds); nothing else in s
 
 from __future__ import annotations
 
+import html
+import logging
 import os
+import shutil
 import tempfile
+import weakref
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -34,15 +44,17 @@ import numpy as np  # noqa: E402
 from storm_vlm.choices import LETTERS, extract_choice, format_question  # noqa: E402
 from storm_vlm.demo.synth import pick_codec, write_mp4  # noqa: E402
 from storm_vlm.demo.synth_tasks import render_static, render_transient  # noqa: E402
+from storm_vlm.data.records import check_text  # noqa: E402
 from storm_vlm.errors import StormError  # noqa: E402
 from storm_vlm.inference import build_messages  # noqa: E402
-from storm_vlm.serve.engine import MAX_OPTION_CHARS, MAX_OPTIONS  # noqa: E402
+from storm_vlm.serve.engine import MAX_OPTION_CHARS, MAX_OPTIONS, ContextTooLong  # noqa: E402
 
 __all__ = ["build_demo", "chat_turn", "ClipCache", "example_videos", "launch_demo", "TEMPORAL_SAMPLE_CHOICES"]
 
 MODEL_DEFAULT = "default"
 TEMPORAL_SAMPLE_CHOICES = (MODEL_DEFAULT, "1", "2", "4", "8")
 ERROR_PREFIX = "⚠️ "
+log = logging.getLogger("storm_vlm.web")
 
 
 def example_videos(folder: Path) -> list[tuple[str, str]]:
@@ -109,48 +121,95 @@ def _options(text: str | None) -> list[str] | None:
     return [line for line in lines if line] or None
 
 
+def _keep(path: str) -> None:
+    """Mark the uploaded video at `path` as in use: gradio deletes an upload an hour after its
+    ctime (`delete_cache`), even in a conversation still going on. Setting its times to what they
+    are renews the ctime, not the mtime `ClipCache` keys on. StormError when it is gone already."""
+    try:
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    except FileNotFoundError:
+        raise StormError(f"{os.path.basename(path)} is no longer on the server (an upload is kept for an hour "
+                         "after the last question about it): upload it again") from None
+    except OSError:
+        pass  # reading it says what is wrong
+
+
+def _shown(role: str, text: str) -> dict:
+    """A chat message as the page shows it: the text exactly as typed or generated. The chatbot
+    renders HTML (sanitized, so no script runs), which would hide text such as "a<b" or "<video>";
+    escaped, it shows as the characters themselves."""
+    return {"role": role, "content": html.escape(text, quote=False)}
+
+
+def _error_message(exc: Exception, video, turns: list) -> str:
+    """The one line the page shows for `exc`: a StormError's message with the video named as the
+    user knows it (not by gradio's cache folder); anything else (a bug) by its type, with its
+    traceback in the server's log."""
+    if not isinstance(exc, StormError):
+        log.error("the web page's turn failed", exc_info=exc)
+        return f"internal error ({type(exc).__name__}: {exc}); the server's log has the details"
+    message = str(exc).replace(str(video), os.path.basename(str(video))) if video else str(exc)
+    if isinstance(exc, ContextTooLong) and turns:  # every earlier turn is part of the prompt
+        message += " (or start a new conversation)"
+    return message
+
+
 def chat_turn(engine, video: str | None, question: str, history: list[dict], turns: list, options_text: str = "",
               frames: float = 32, temporal_sample: str | None = MODEL_DEFAULT, max_new_tokens: float = 64,
               clips: ClipCache | None = None):
     """One turn of the page's conversation: yields (chat messages, model turns, status) as the
-    answer streams in. `history` holds the chat as shown ({"role", "content"} dicts); `turns` the
-    (prompt, answer) pairs the model saw; `clips` keeps decoded videos between turns. Errors end
-    up in the conversation as one line; an empty question changes nothing. Closing the generator
-    (gradio does when the page cancels the turn) cancels the request in the engine."""
+    answer streams in. `history` holds the chat as shown ({"role", "content"} dicts, `_shown`);
+    `turns` the (prompt, answer) pairs the model saw, the answer so far while it streams (so a
+    stopped answer stays part of the conversation, as the page shows it); `clips` keeps decoded
+    videos between turns. Any error ends up in the conversation as one line, after what was
+    answered before it; an empty question changes nothing. Closing the generator (gradio does when
+    the page cancels the turn) cancels the request in the engine."""
     if not (question or "").strip():
         yield history, turns, "Type a question first."
         return
-    shown = [*history, {"role": "user", "content": question}]
+    shown = [*history, _shown("user", question)]
+    steps = _answer(engine, video, question, turns, options_text, frames, temporal_sample, max_new_tokens, clips)
+    answer = ""
     try:
-        if not video:
-            raise StormError("Upload a video first (or pick an example).")
-        options = _options(options_text)
-        if options and not 2 <= len(options) <= MAX_OPTIONS:
-            raise StormError(f"give between 2 and {MAX_OPTIONS} options, one per line")
-        if options and max(map(len, options)) > MAX_OPTION_CHARS:
-            raise StormError(f"each option must be at most {MAX_OPTION_CHARS} characters")
-        stride = (None if temporal_sample in (None, "", MODEL_DEFAULT)
-                  else _whole("temporal_sample_stride", temporal_sample))
-        question, options, num_frames, stride, max_new = engine.check_request(
-            question, options, _whole("frames", frames), stride, _whole("max_new_tokens", max_new_tokens))
-        prompt = format_question(question, options) if options else question
-        prepared = engine.prepare(build_messages(prompt, turns), [num_frames], engine.check_sampling(max_new), stride)
-        clip, cached = (clips or ClipCache(0)).read(engine, video, num_frames)
-        handle = engine.submit(prepared, [clip.frames])
-    except StormError as exc:
-        # name the file as the user knows it, not by gradio's cache folder
-        message = str(exc).replace(str(video), os.path.basename(str(video))) if video else str(exc)
-        yield [*shown, {"role": "assistant", "content": ERROR_PREFIX + message}], turns, ""
-        return
+        for answer, now, status in steps:
+            yield [*shown, _shown("assistant", answer)], now, status
+    except Exception as exc:  # noqa: BLE001 - the page shows every failure as one line
+        told = (f"{answer}\n\n" if answer else "") + ERROR_PREFIX + _error_message(exc, video, turns)
+        yield [*shown, _shown("assistant", told)], turns, ""
+    finally:
+        steps.close()  # cancels the request when the page cancelled the turn
+
+
+def _answer(engine, video, question, turns, options_text, frames, temporal_sample, max_new_tokens, clips):
+    """`chat_turn`'s work: yields (answer so far, model turns, status); raises on any error."""
+    if not video:
+        raise StormError("Upload a video first (or pick an example).")
+    _keep(video)
+    options = _options(options_text)
+    if options and not 2 <= len(options) <= MAX_OPTIONS:
+        raise StormError(f"give between 2 and {MAX_OPTIONS} options, one per line")
+    if options and max(map(len, options)) > MAX_OPTION_CHARS:
+        raise StormError(f"each option must be at most {MAX_OPTION_CHARS} characters")
+    check_text(question, "question", "the text")  # the tokenizer takes neither NUL nor a lone surrogate
+    for option in options or []:
+        check_text(option, "options", "an option")
+    stride = (None if temporal_sample in (None, "", MODEL_DEFAULT)
+              else _whole("temporal_sample_stride", temporal_sample))
+    question, options, num_frames, stride, max_new = engine.check_request(
+        question, options, _whole("frames", frames), stride, _whole("max_new_tokens", max_new_tokens))
+    prompt = format_question(question, options) if options else question
+    prepared = engine.prepare(build_messages(prompt, turns), [num_frames], engine.check_sampling(max_new), stride)
+    clip, cached = (clips or ClipCache(0)).read(engine, video, num_frames)
+    handle = engine.submit(prepared, [clip.frames])
     answer = ""
     try:
         for kind, payload in handle.events():
             if kind == "delta":
                 answer += payload
-                yield [*shown, {"role": "assistant", "content": answer}], turns, "generating ..."
+                yield answer, [*turns, (prompt, answer)], "generating ..."
             elif kind == "error":
-                yield [*shown, {"role": "assistant", "content": ERROR_PREFIX + str(payload)}], turns, ""
-                return
+                raise payload
             else:
                 completion = payload
     finally:
@@ -167,24 +226,27 @@ def chat_turn(engine, video: str | None, question: str, history: list[dict], tur
               f"{engine.config.visual_token_layout.with_sample_stride(stride).temporal_sample_stride}); "
               f"{decoded}, queued {t['wait_s']:.2f} s, "
               f"prefill {t['prefill_s']:.2f} s, generate {t['generate_s']:.2f} s")
-    yield [*shown, {"role": "assistant", "content": text}], [*turns, (prompt, completion.text)], status
+    yield text, [*turns, (prompt, completion.text)], status
 
 
 def build_demo(engine, title: str = "STORM video question answering", examples_dir: str | Path | None = None):
     """The gradio Blocks for `engine` (a `StormEngine`); not launched. Example videos are written
-    to `examples_dir` (default: a temporary folder)."""
+    to `examples_dir` (default: a temporary folder, removed with the Blocks or at exit)."""
     info = engine.info()
     cfg, limits = info["config"], info["limits"]
     folder = Path(examples_dir or tempfile.mkdtemp(prefix="storm-web-examples-"))
     folder.mkdir(parents=True, exist_ok=True)
     examples = example_videos(folder)
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+        if examples_dir is None:
+            weakref.finalize(demo, shutil.rmtree, folder, ignore_errors=True)
         precision = info["dtype"] + (f", {info['autocast']} autocast" if info["autocast"] else "")
         gr.Markdown(
             f"## {title}\n"
             f"Model `{Path(info['model_dir']).name}`: {cfg['projector_type']} projector, "
             f"temporal pool {cfg['temporal_pool_size']}, spatial pool {cfg['spatial_pool_stride']}, "
-            f"{cfg['tokens_per_frame']} tokens per frame; {info['device']} ({precision})."
+            f"{cfg['tokens_per_frame']} tokens per frame; {info['device']} ({precision}). "
+            "A video the browser cannot play (its player says so: HEVC, MPEG-4 Part 2, ...) is still answered."
         )
         turns = gr.State([])
         with gr.Row():
@@ -202,28 +264,38 @@ def build_demo(engine, title: str = "STORM video question answering", examples_d
                 max_new_tokens = gr.Slider(1, limits["max_new_tokens"], value=min(64, limits["max_new_tokens"]),
                                            step=1, label="Max new tokens")
             with gr.Column(scale=3):
-                chat = gr.Chatbot(label="Conversation about the video", height=420, elem_id="chat")
+                # the messages are HTML-escaped text (`_shown`), shown as they are: no markdown
+                chat = gr.Chatbot(label="Conversation about the video", height=420, elem_id="chat",
+                                  render_markdown=False)
                 question = gr.Textbox(label="Question", placeholder=examples[0][1], lines=2, elem_id="question")
                 with gr.Row():
                     ask = gr.Button("Ask", variant="primary", elem_id="ask")
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
                     clear = gr.Button("New conversation", elem_id="clear")
                 status = gr.Markdown(elem_id="status")
-        asked = gr.State("")  # the question being answered; the box is emptied when it is asked
         clips = ClipCache()
 
         def turn(video, question, history, turns, options, frames, temporal_sample, max_new_tokens):
-            yield from chat_turn(engine, video, question, history or [], turns or [], options, frames,
-                                 temporal_sample, max_new_tokens, clips)
+            """`chat_turn`, emptying the question box at its first step (the question is in the chat then)."""
+            steps = chat_turn(engine, video, question, history or [], turns or [], options, frames,
+                              temporal_sample, max_new_tokens, clips)
+            try:
+                for i, step in enumerate(steps):
+                    yield *step, (gr.update() if i else "")
+            finally:
+                steps.close()  # the page cancelled the turn: so is the request
 
-        # gradio's chat pattern: take the question out of the box and lock it (and Ask) until the
-        # answer is written, so a second Ask / Enter cannot start a second turn meanwhile
+        # gradio's chat pattern: lock the question box (and Ask) until the answer is written, so a
+        # second Ask / Enter cannot start a second turn meanwhile. The question moves from the box to
+        # the chat at the turn's first step: a turn gradio refuses (the queue is full; gradio says
+        # so) leaves it in the box.
         locked, unlocked = gr.update(interactive=False), gr.update(interactive=True)
-        take = gr.on([ask.click, question.submit], lambda q: (gr.update(value="", interactive=False), locked, q),
-                     inputs=[question], outputs=[question, ask, asked], queue=False, api_name=False)
-        answering = take.then(turn, inputs=[video, asked, chat, turns, options, frames, temporal_sample,
-                                            max_new_tokens], outputs=[chat, turns, status], api_name=False)
-        answering.then(lambda: (unlocked, unlocked), outputs=[question, ask], queue=False, api_name=False)
+        take = gr.on([ask.click, question.submit], lambda: (locked, locked), outputs=[question, ask], queue=False,
+                     api_name=False)
+        answering = take.then(turn, inputs=[video, question, chat, turns, options, frames, temporal_sample,
+                                            max_new_tokens], outputs=[chat, turns, status, question], api_name=False)
+        for after in (answering.then, answering.failure):  # the page runs no `.then` after a failure
+            after(lambda: (unlocked, unlocked), outputs=[question, ask], queue=False, api_name=False)
         # a cancelled turn may never reach its `.then`: these unlock the box themselves
         stop.click(lambda: (unlocked, unlocked), outputs=[question, ask], cancels=[answering], queue=False,
                    api_name=False)
