@@ -117,6 +117,27 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
+def uvicorn_in_thread(config):
+    """A uvicorn server for `config` (uvicorn.Config) running in a thread of this process while
+    inside; stopped at the end."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        yield server
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@contextlib.contextmanager
 def running_server(argv, url, log_path, timeout_s=240):
     """Start argv (its output to log_path), wait until GET url answers 200 (the test fails, with the
     log's tail, if the process exits or timeout_s pass first), yield, then stop the process."""

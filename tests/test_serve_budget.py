@@ -5,12 +5,11 @@ client that hangs up on a non-streamed request stops its generation however fast
 
 import base64
 import json
-import threading
 import time
 
 import httpx
 import pytest
-from helpers import free_port, random_video, write_mp4
+from helpers import free_port, random_video, uvicorn_in_thread, write_mp4
 
 from storm_vlm.serve import engine as engine_module
 
@@ -80,21 +79,12 @@ def test_a_client_that_hangs_up_on_a_whole_answer_stops_its_generation(engine, m
     monkeypatch.setattr(engine_module._Rows, "put", slow_put)
     monkeypatch.setattr(engine_module.RequestHandle, "emit", record)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), "127.0.0.1", port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.01)
+    with uvicorn_in_thread(uvicorn.Config(create_app(engine), "127.0.0.1", port, log_level="warning")):
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 60, "temperature": 0}
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=0.6)
         deadline = time.monotonic() + 10
         while not finished and time.monotonic() < deadline:
             time.sleep(0.05)
-    finally:
-        server.should_exit = True
-        thread.join(30)
     (completion,) = finished
     assert completion.finish_reason == "cancelled" and completion.completion_tokens < 50, completion

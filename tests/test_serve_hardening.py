@@ -13,7 +13,7 @@ import time
 
 import pytest
 from helpers import SERVE_FRAMES as FRAMES
-from helpers import free_port, random_video, write_mp4
+from helpers import free_port, random_video, uvicorn_in_thread, write_mp4
 from PIL import Image
 
 TEXT = [{"role": "user", "content": "hi"}]
@@ -204,8 +204,6 @@ def test_requests_beyond_the_body_slots_wait_then_get_503_with_retry_after(clien
 
 
 def test_a_request_head_that_stalls_or_is_too_large_is_refused():
-    import uvicorn
-
     from storm_vlm.serve.network import uvicorn_config
 
     async def app(scope, receive, send):
@@ -214,13 +212,7 @@ def test_a_request_head_that_stalls_or_is_too_large_is_refused():
             await send({"type": "http.response.body", "body": b"ok"})
 
     port = free_port()
-    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, header_timeout_s=0.3, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.01)
+    with uvicorn_in_thread(uvicorn_config(app, "127.0.0.1", port, header_timeout_s=0.3, log_level="warning")):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             start = time.monotonic()
             sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # half a head, then a byte now and then
@@ -239,9 +231,6 @@ def test_a_request_head_that_stalls_or_is_too_large_is_refused():
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000)
             assert sock.recv(100).startswith(b"HTTP/1.1 400")  # 16 KiB of head and no end in sight
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 # ---------------------------------------------------------------- error shapes and small compatibility (10)
