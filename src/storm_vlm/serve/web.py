@@ -31,8 +31,8 @@ import logging
 import os
 import shutil
 import tempfile
-import weakref
 import threading
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
@@ -42,9 +42,9 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 
 from storm_vlm.choices import LETTERS, extract_choice, format_question  # noqa: E402
+from storm_vlm.data.records import check_text  # noqa: E402
 from storm_vlm.demo.synth import pick_codec, write_mp4  # noqa: E402
 from storm_vlm.demo.synth_tasks import render_static, render_transient  # noqa: E402
-from storm_vlm.data.records import check_text  # noqa: E402
 from storm_vlm.errors import StormError  # noqa: E402
 from storm_vlm.inference import build_messages  # noqa: E402
 from storm_vlm.serve.engine import MAX_OPTION_CHARS, MAX_OPTIONS, ContextTooLong  # noqa: E402
