@@ -55,6 +55,7 @@ def _run_scan(*args: str) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.slow
 def test_scan_benchmark_floor_check_of_a_forced_path_runs_at_a_tiny_size():
     """`make bench`'s script on tiny shapes (its helpers run in subprocesses an import does not reach): a
     narrower kernel path is held to a floor timed with torch's kernels at that instruction set."""

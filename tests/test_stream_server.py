@@ -335,6 +335,7 @@ def test_watch_without_any_frame_exits_1(qwen2_causal_dir, tmp_path, monkeypatch
     assert "skipped" in err and "no video frames could be read" in err
 
 
+@pytest.mark.slow
 def test_watch_stops_cleanly_on_sigterm(qwen2_causal_dir, tmp_path):
     import signal
     import subprocess

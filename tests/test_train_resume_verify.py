@@ -188,6 +188,7 @@ def test_unreadable_summary_and_metrics_do_not_stop_a_resume(run, tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 9))
 
 
+@pytest.mark.slow
 def test_resume_falls_back_in_a_real_process(run, tmp_path):
     """`storm-vlm train --resume` in its own interpreter: two damaged checkpoints skipped and named on
     stderr, the run resumes from checkpoint-2 and ends bit-identical; with nothing usable it exits 2
