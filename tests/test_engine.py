@@ -358,3 +358,11 @@ def test_a_cache_salt_keeps_a_videos_tokens_apart(engine, monkeypatch):
     assert ask("alice").cached_tokens == 0 and sum(seen) == 4
     assert ask("bob").cached_tokens == 0 and sum(seen) == 8  # neither its KV cache nor its visual tokens
     assert ask("alice").cached_tokens > 0 and sum(seen) == 8
+
+
+@pytest.mark.parametrize("question,options,needle", [("what\ud800", None, "question: the text holds an unpaired"),
+                                                     ("what?", ["red", "bl\x00ue"], "options: an option holds a NUL")])
+def test_text_the_tokenizer_cannot_take_is_refused_by_name(engine, question, options, needle):
+    """A Python caller gets the error the HTTP API gives, not the tokenizer's TypeError."""
+    with pytest.raises(StormError, match=needle):
+        engine.check_request(question, options)

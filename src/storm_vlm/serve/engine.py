@@ -40,6 +40,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from storm_vlm.choices import LETTERS, extract_choice, format_question, strip_letter
+from storm_vlm.data.records import check_text
 from storm_vlm.errors import StormError
 from storm_vlm.inference import GREEDY, Predictor, build_messages, encode_each_video_once
 from storm_vlm.model.kv_cache import StormKVCache
@@ -681,6 +682,7 @@ class StormEngine:
             raise StormError("question must be a non-empty string")
         if len(question) > MAX_QUESTION_CHARS:
             raise StormError(f"question is {len(question)} characters long; the limit is {MAX_QUESTION_CHARS}")
+        check_text(question, "question", "the text")  # the tokenizer takes neither NUL nor a lone surrogate
         if options is not None:
             if isinstance(options, str) or not isinstance(options, (list, tuple)) \
                     or not all(isinstance(o, str) for o in options):
@@ -697,7 +699,7 @@ class StormEngine:
             elif max(len(o) for o in options) > MAX_OPTION_CHARS:
                 raise StormError(f"each option must be at most {MAX_OPTION_CHARS} characters")
             else:
-                options = [strip_letter(o, i) or o for i, o in enumerate(options)]
+                options = [strip_letter(check_text(o, "options", "an option"), i) or o for i, o in enumerate(options)]
         num_frames = self.default_frames if num_frames is None else num_frames
         _check_int("frames", num_frames, 1, self.max_frames)
         if temporal_sample_stride is not None:

@@ -42,7 +42,6 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 
 from storm_vlm.choices import LETTERS, extract_choice, format_question  # noqa: E402
-from storm_vlm.data.records import check_text  # noqa: E402
 from storm_vlm.demo.synth import pick_codec, write_mp4  # noqa: E402
 from storm_vlm.demo.synth_tasks import render_static, render_transient  # noqa: E402
 from storm_vlm.errors import StormError  # noqa: E402
@@ -191,9 +190,6 @@ def _answer(engine, video, question, turns, options_text, frames, temporal_sampl
         raise StormError(f"give between 2 and {MAX_OPTIONS} options, one per line")
     if options and max(map(len, options)) > MAX_OPTION_CHARS:
         raise StormError(f"each option must be at most {MAX_OPTION_CHARS} characters")
-    check_text(question, "question", "the text")  # the tokenizer takes neither NUL nor a lone surrogate
-    for option in options or []:
-        check_text(option, "options", "an option")
     stride = (None if temporal_sample in (None, "", MODEL_DEFAULT)
               else _whole("temporal_sample_stride", temporal_sample))
     question, options, num_frames, stride, max_new = engine.check_request(
