@@ -389,5 +389,6 @@ def main(argv=None) -> int:
           + (f"FAILED: {', '.join(failed)}" if failed else "all checks passed"))
     return 1 if failed else 0
 
+
 if __name__ == "__main__":
     raise SystemExit(main())
