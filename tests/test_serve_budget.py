@@ -3,6 +3,7 @@ token budget is answered within the context its prompt leaves (vLLM's default ma
 rest of the context), a prompt that does not fit is OpenAI's context_length_exceeded error, and a
 client that hangs up on a non-streamed request stops its generation however fast tokens come."""
 
+import asyncio
 import base64
 import json
 import time
@@ -12,6 +13,7 @@ import pytest
 from helpers import free_port, random_video, uvicorn_in_thread, write_mp4
 
 from storm_vlm.serve import engine as engine_module
+from storm_vlm.serve.api import create_app, on_disconnect
 
 LONG = "hello " * 1340  # ~4060 tokens of the tiny tokenizer: fits the 4096 positions, not with 256 more
 
@@ -63,8 +65,6 @@ def test_a_client_that_hangs_up_on_a_whole_answer_stops_its_generation(engine, m
     request is cancelled, not generated to its budget for nobody."""
     import uvicorn
 
-    from storm_vlm.serve.api import create_app
-
     put, emit, finished = engine_module._Rows.put, engine_module.RequestHandle.emit, []
 
     def slow_put(rows, value):
@@ -88,3 +88,26 @@ def test_a_client_that_hangs_up_on_a_whole_answer_stops_its_generation(engine, m
             time.sleep(0.05)
     (completion,) = finished
     assert completion.finish_reason == "cancelled" and completion.completion_tokens < 50, completion
+
+
+def test_work_inside_on_disconnect_is_told_once_when_its_client_leaves():
+    """The one mechanism behind a hang-up cancelling a decode (`until_disconnect`) and queued
+    answers (`wait_or_cancel`): polled while the work inside runs, acted on once, stopped after."""
+    class Client:  # a Request whose client leaves at its third check
+        checks = 0
+
+        async def is_disconnected(self):
+            self.checks += 1
+            return self.checks >= 3
+
+    async def scenario():
+        told, staying = [], Client()
+        async with on_disconnect(Client(), lambda: told.append(1)):
+            await asyncio.sleep(1.5)  # busy past the third check
+        async with on_disconnect(staying, lambda: told.append(2)):
+            await asyncio.sleep(0)  # done before the client could leave
+        await asyncio.sleep(1.2)
+        return told, staying.checks
+
+    told, checks = asyncio.run(scenario())
+    assert told == [1] and checks == 1
