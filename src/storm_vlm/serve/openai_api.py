@@ -31,10 +31,11 @@ here (`logprobs` false or null, penalties 0, `repetition_penalty` 1, `top_k` -1 
 field, as is any other field. `store`, `metadata`, `service_tier`, `reasoning_effort`,
 `parallel_tool_calls`, `user`, `safety_identifier` and `prompt_cache_key` are accepted and
 ignored. `cache_salt` (vLLM's) keeps a request's cached work (`StormEngine`'s video and prefix
-caches) apart from requests with another salt or none. `usage.prompt_tokens` counts the visual tokens. Errors are OpenAI's error object
-`{"error": {"message", "type", "param", "code"}}` with a 4xx status (503 with Retry-After when the
-server is busy); `param` names the field (`messages.0.content.1.video_url.url`); a request too long
-for the model's context has code `context_length_exceeded` (`prepare_error`).
+caches) apart from requests with another salt or none. `usage.prompt_tokens` counts the visual
+tokens. Errors are OpenAI's error object `{"error": {"message", "type", "param", "code"}}` with a
+4xx status (503 with Retry-After when the server is busy); `param` names the field
+(`messages.0.content.1.video_url.url`); a request too long for the model's context has code
+`context_length_exceeded` (`prepare_error`).
 """
 
 from __future__ import annotations
