@@ -34,6 +34,11 @@ mlvu
     on their own lines, "(A) ..."; they are dropped from the question), candidates, answer
     (a letter, "A"), task_type``; videos ``DATA_ROOT/<video_name>``, where its
     ``video_part_*.zip`` archives extract.
+    Or MLVU-Test as ``MLVU/MLVU_Test`` publishes it: ``DATA_ROOT/test-ground-truth/test_mcq_gt.json``,
+    a list of ``{video, duration, question, candidates, answer (text), question_type, question_id}``
+    (``test_multi_choice_tasks.json`` holds the same questions without answers and is not read);
+    videos ``DATA_ROOT/MLVU_Test/video/<video>`` (where ``test_video.tar.gz.part-*`` extract) or
+    ``DATA_ROOT/video/<video>``.
 longvideobench
     ``DATA_ROOT/lvb_val.json``: a list of ``{id, video_path, question, candidates,
     correct_choice (int), duration_group, question_category, ...}`` (or ``option0..option4``,
@@ -61,9 +66,11 @@ recorded as a decode failure when the run reaches it, so one absent file never s
 
 Annotation files are not trusted to stay inside the benchmark: every video path is resolved
 and must lie inside the data root -- a `..`, an absolute path elsewhere or a symlink pointing out
-of the root is a malformed record (`Record.video` holds the resolved path). Ids are non-empty
-strings or integers; text fields hold no NUL or unpaired surrogate (they reach the tokenizer and
-results.json); start/end are finite seconds in [0, MAX_SECONDS].
+of the root is a malformed record (`Record.video` holds the resolved path), and so is an empty video
+name. Ids are non-empty strings or integers; text fields hold no NUL or unpaired surrogate (they reach
+the tokenizer and results.json); options and text answers given as JSON integers count as their text;
+start/end are finite seconds in [0, MAX_SECONDS]. An annotation file larger than MAX_ANNOTATION_BYTES
+is refused before it is read.
 """
 
 from __future__ import annotations
@@ -82,6 +89,10 @@ from storm_vlm.eval.records import Record
 
 log = logging.getLogger("storm_vlm.eval")
 
+# The largest annotation file of these benchmarks is a few MB; a file far larger is the wrong file,
+# and reading it whole could exhaust memory before any error is said.
+MAX_ANNOTATION_BYTES = 256 * 2**20
+
 
 class BenchmarkFormatError(StormError):
     """An annotation file is missing or one of its records is malformed."""
@@ -92,9 +103,18 @@ def _fail(path: Path, record: Any, cause: str) -> BenchmarkFormatError:
     return BenchmarkFormatError(f"{where}: {cause}")
 
 
+def _check_size(path: Path) -> None:
+    """BenchmarkFormatError if `path` is larger than any annotation file (MAX_ANNOTATION_BYTES)."""
+    size = path.stat().st_size
+    if size > MAX_ANNOTATION_BYTES:
+        raise _fail(path, None, f"{size} bytes, larger than the {MAX_ANNOTATION_BYTES} an annotation file may have "
+                                "(is it the benchmark's annotation file?)")
+
+
 def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise _fail(path, None, "file not found")
+    _check_size(path)
     try:
         with open(path, encoding="utf-8-sig") as f:  # a byte-order mark from a Windows editor is not content
             return json.load(f)
@@ -169,6 +189,7 @@ def _options(values: Any, path: Path, rec: Any, key: str) -> tuple[str, ...]:
         raise _fail(path, rec, f"field {key!r} has {len(values)} options (at most {len(LETTERS)})")
     out = []
     for i, v in enumerate(values):
+        v = _number_text(v)
         if not isinstance(v, str) or not v.strip():
             raise _fail(path, rec, f"option {i} of {key!r} is not a non-empty string: {v!r}")
         out.append(strip_letter(_clean(v, path, rec, f"option {i} of {key!r}"), i))
@@ -181,7 +202,14 @@ def _letter_index(letter: Any, n: int, path: Path, rec: Any) -> int:
     return LETTERS.index(letter.strip().upper())
 
 
+def _number_text(value: Any) -> Any:
+    """An integer as its text ("3"), anything else as it is: counting questions may store their
+    candidates or answer as JSON numbers, which the benchmarks' own code compares as text."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 def _text_index(answer: Any, options: tuple[str, ...], raw: list, path: Path, rec: Any) -> int:
+    answer = _number_text(answer)
     if not isinstance(answer, str):
         raise _fail(path, rec, f"answer {answer!r} is not a string")
     for i, (clean, given) in enumerate(zip(options, raw)):
@@ -206,17 +234,34 @@ def _optional_float(row: dict, key: str, path: Path, rec: Any) -> float | None:
     return seconds
 
 
+def _video_field(row: Any, key: str, path: Path, rec: Any) -> str:
+    """The video name in field `key`: a non-blank string (a blank one would name the video folder itself)."""
+    name = _field(row, key, path, rec)
+    if not name.strip():
+        raise _fail(path, rec, f"field {key!r} is empty")
+    return name
+
+
+def _exists(path: Path) -> bool:
+    """Whether `path` exists; False where it cannot even be looked up (a name too long, a folder without
+    permission): the record is kept, and the run records why its video cannot be read."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
 def _first_existing(candidates: list[Path]) -> Path:
     for p in candidates:
-        if p.exists():
+        if _exists(p):
             return p
     return candidates[0]
 
 
-def _rows_with_ids(path: Path):
-    """(index, index and id for error messages, row) for each row of a JSON list file."""
+def _rows_with_ids(path: Path, key: str = "id"):
+    """(index, index and id (field `key`) for error messages, row) for each row of a JSON list file."""
     for i, row in enumerate(_as_list(_read_json(path), path)):
-        yield i, (f"{i} (id {row.get('id')!r})" if isinstance(row, dict) else i), row
+        yield i, (f"{i} ({key} {row.get(key)!r})" if isinstance(row, dict) else i), row
 
 
 def _task_rows(json_dir: Path, tasks, benchmark: str):
@@ -256,6 +301,7 @@ def _parquet_rows(paths: list[Path], columns: tuple[str, ...]):
         return None if not isinstance(value, (list, dict)) and pd.isna(value) else value
 
     for path in paths:
+        _check_size(path)
         try:
             table = pd.read_parquet(path)
         except Exception as exc:  # pyarrow raises several unrelated types for a bad file
@@ -291,7 +337,7 @@ def read_videomme(root: Path) -> list[Record]:
     for path, i, row in _parquet_rows(paths, VIDEOMME_COLUMNS):
         rec = f"{i} (question_id {row.get('question_id')!r})"
         options = _options(row["options"], path, rec, "options")
-        video_id = _field(row, "videoID", path, rec)
+        video_id = _video_field(row, "videoID", path, rec)
         video = _first_existing([root / "data" / f"{video_id}{s}" for s in (".mp4", ".MP4", ".mkv")])
         records.append(Record(
             id=_id(_field(row, "question_id", path, rec), path, rec, "question_id"),
@@ -334,12 +380,14 @@ MVBENCH_TASKS: dict[str, list[tuple[str, bool, float | None]]] = {
 
 
 def _mvbench_video(root: Path, task: str, name: str) -> tuple[Path, bool, float | None]:
+    """Where `name` of `task` is, and whether its bounds apply and its frame rate: the first folder of the
+    task's table holding it (a video also under its .mp4 name, as the pre-cut copies convert .webm/.avi)."""
+    mp4 = str(Path(name).with_suffix(".mp4")) if Path(name).name else name
     for folder, bounded, fps in MVBENCH_TASKS[task]:
         for base in (root / "video", root, root / "video" / "data0613", root / "data0613"):
-            names = [name] if fps is not None else [name, str(Path(name).with_suffix(".mp4"))]
-            for n in dict.fromkeys(names):
+            for n in dict.fromkeys([name] if fps is not None else [name, mp4]):
                 p = base / folder / n
-                if p.exists():
+                if _exists(p):
                     return p, bounded, fps
     folder, bounded, fps = MVBENCH_TASKS[task][0]
     return root / "video" / folder / name, bounded, fps
@@ -363,7 +411,7 @@ def _tvqa_bounds(start: float | None, end: float | None, fps: float) -> tuple[fl
 def read_mvbench(root: Path, tasks: list[str] | None = None) -> list[Record]:
     records = []
     for task, path, i, row, raw, options in _task_rows(root / "json", tasks or list(MVBENCH_TASKS), "MVBench"):
-        video, bounded, fps = _mvbench_video(root, task, _field(row, "video", path, i))
+        video, bounded, fps = _mvbench_video(root, task, _video_field(row, "video", path, i))
         start, end = (_optional_float(row, k, path, i) if bounded else None for k in ("start", "end"))
         if fps is not None:
             start, end = _tvqa_bounds(start, end, fps)
@@ -420,11 +468,35 @@ def _read_mlvu_hub(root: Path, paths: list[Path]) -> list[Record]:
         records.append(Record(
             id=f"{task}/{counts[task]}",
             benchmark="mlvu",
-            video=_inside(root, root / _field(row, "video_name", path, i), path, i),
+            video=_inside(root, root / _video_field(row, "video_name", path, i), path, i),
             question=_question_stem(_field(row, "question", path, i), options),
             options=options,
             answer=_letter_index(row["answer"], len(options), path, i),
             categories={"question_type": task},
+        ))
+    return records
+
+
+# MLVU/MLVU_Test: the multiple-choice questions with their answers (test_multi_choice_tasks.json has none).
+MLVU_TEST_ANSWERS = "test-ground-truth/test_mcq_gt.json"
+
+
+def _read_mlvu_test(root: Path, path: Path) -> list[Record]:
+    """MLVU-Test as MLVU/MLVU_Test publishes it (see the module docstring); ids are its question_ids."""
+    records = []
+    for i, rec, row in _rows_with_ids(path, "question_id"):
+        raw = _field(row, "candidates", path, rec, list)
+        options = _options(raw, path, rec, "candidates")
+        name = _video_field(row, "video", path, rec)
+        records.append(Record(
+            id=_id(_field(row, "question_id", path, rec, (str, int)), path, rec, "question_id"),
+            benchmark="mlvu",
+            video=_inside(root, _first_existing([root / "MLVU_Test" / "video" / name, root / "video" / name]),
+                          path, rec),
+            question=_question_stem(_field(row, "question", path, rec), options),
+            options=options,
+            answer=_text_index(row.get("answer"), options, raw, path, rec),
+            categories={"question_type": _field(row, "question_type", path, rec)},
         ))
     return records
 
@@ -438,9 +510,16 @@ def read_mlvu(root: Path) -> list[Record]:
                                     "point --data-root at one of the two downloads")
         if hub:
             return _read_mlvu_hub(root, _parquets([root / hub[0]]))
+        if (root / MLVU_TEST_ANSWERS).is_file():
+            return _read_mlvu_test(root, root / MLVU_TEST_ANSWERS)
+        if (root / "test_multi_choice_tasks.json").is_file():
+            raise _fail(root / MLVU_TEST_ANSWERS, None, "file not found: test_multi_choice_tasks.json beside it holds "
+                                                        "MLVU-Test's questions without answers, which MLVU/MLVU_Test "
+                                                        f"publishes in {MLVU_TEST_ANSWERS}")
         raise _fail(root / "json" / f"{MLVU_TASKS[0]}.json", None,
-                    "file not found (expected json/<task>.json of MLVU's release, or the Hub's "
-                    "mlvu/*.parquet of sy1998/MLVU_dev or mlvu_test/*.parquet of sy1998/MLVU_Test)")
+                    "file not found (expected json/<task>.json of MLVU's release, MLVU/MLVU_Test's "
+                    f"{MLVU_TEST_ANSWERS}, or the Hub's mlvu/*.parquet of sy1998/MLVU_dev or mlvu_test/*.parquet "
+                    "of sy1998/MLVU_Test)")
     if not (root / "json").is_dir():
         root = root / "MLVU"
     generation = [root / "json" / f"{t}.json" for t in MLVU_GENERATION_TASKS if (root / "json" / f"{t}.json").is_file()]
@@ -456,7 +535,7 @@ def read_mlvu(root: Path) -> list[Record]:
         records.append(Record(
             id=f"{task}/{i}",
             benchmark="mlvu",
-            video=_inside(data_root, root / "video" / task / _field(row, "video", path, i), path, i),
+            video=_inside(data_root, root / "video" / task / _video_field(row, "video", path, i), path, i),
             question=_field(row, "question", path, i).strip(),
             options=options,
             answer=_text_index(row.get("answer"), options, raw, path, i),
@@ -481,7 +560,8 @@ def _longvideobench_rows(root: Path):
         return
     paths = _parquets([root], "validation-*.parquet")  # never test-*: it has no answers
     if not paths:
-        raise _fail(path, None, "file not found (nor the Hub's validation-*.parquet beside it)")
+        raise _fail(path, None, "file not found (nor the Hub's validation-*.parquet beside it; the test split, "
+                                "lvb_test_wo_gt.json or test-*.parquet, has no answers and is never read)")
     for parquet, i, row in _parquet_rows(paths, LONGVIDEOBENCH_COLUMNS):
         yield parquet, f"{i} (id {row.get('id')!r})", row
 
@@ -500,7 +580,7 @@ def read_longvideobench(root: Path) -> list[Record]:
         records.append(Record(
             id=_id(row.get("id", i), path, rec),
             benchmark="longvideobench",
-            video=_inside(root, root / "videos" / _field(row, "video_path", path, rec), path, rec),
+            video=_inside(root, root / "videos" / _video_field(row, "video_path", path, rec), path, rec),
             question=_field(row, "question", path, rec).strip(),
             options=options,
             answer=answer,
@@ -547,6 +627,9 @@ def read_egoschema(root: Path) -> list[Record]:
         raise _fail(qpath, None, "file not found (expected questions.json + subset_answers.json of EgoSchema's "
                                  "release, or the Hub's Subset/test-*.parquet of lmms-lab/egoschema)")
     questions = _as_list(_read_json(qpath), qpath)
+    if not apath.is_file():
+        raise _fail(apath, None, f"file not found (the answers of the 500-question subset; {qpath.name} alone has "
+                                 "no answers: the full set is scored only by EgoSchema's own server)")
     answers = _read_json(apath)
     if not isinstance(answers, dict):
         raise _fail(apath, None, f"expected a JSON object {{q_uid: answer index}}, got {type(answers).__name__}")
@@ -581,7 +664,7 @@ def read_synthetic(root: Path) -> list[Record]:
         records.append(Record(
             id=_id(_field(row, "id", path, rec, (str, int)), path, rec),
             benchmark="synthetic",
-            video=_inside(root, root / _field(row, "video", path, rec), path, rec),
+            video=_inside(root, root / _video_field(row, "video", path, rec), path, rec),
             question=_field(row, "question", path, rec).strip(),
             options=options,
             answer=_letter_index(row.get("answer"), len(options), path, rec),
