@@ -22,9 +22,14 @@ keep, so their published numbers can be reproduced:
 - A task's gen_kwargs without ``max_new_tokens`` (lmms-eval's default is only ``until`` and
   ``do_sample``, e.g. NExT-QA, TempCompass, VideoMMMU) get `DEFAULT_MAX_NEW_TOKENS`, the llava
   models' default, not a short cap that would cut open-ended answers.
-- A request whose video or images cannot be read is answered with "" (loglikelihood: an
-  infinite loss) and logged, and the run goes on, as llava_vid does; lmms-eval's response cache
-  does not store an empty answer (it does store the loss), so a rerun asks again.
+- Replies are cut at the task's ``until`` strings, but not at ``"\n\n"``: lmms-eval gives that
+  (its few-shot delimiter) to every task whose gen_kwargs name no ``until``, and cutting there
+  would keep only the first paragraph of open-ended answers (VideoChatGPT, detailed captions).
+  qwen2_5_vl and qwen3_vl drop it too; the llava models cut at no ``until`` at all.
+- A request whose video or images cannot be read (by the plugin, or by the task's own doc_to_visual,
+  which may open the files itself) is answered with "" (loglikelihood: an infinite loss) and
+  logged, and the run goes on, as llava_vid does; lmms-eval's response cache does not store an
+  empty answer (it does store the loss), so a rerun asks again.
 - The evaluator shards the documents over ranks; the model only reports rank / world size (from
   RANK / WORLD_SIZE, as the evaluator reads them) and runs each process on its own GPU
   (cuda:LOCAL_RANK).
@@ -33,6 +38,7 @@ keep, so their published numbers can be reproduced:
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any, Sequence
 
@@ -59,6 +65,8 @@ DEFAULT_MAX_NEW_TOKENS = 1024
 # what a request whose visuals cannot be read gets (lmms-eval scores it wrong, and does not cache it)
 FAILED_REPLY = ""
 FAILED_LOGLIKELIHOOD = (float("inf"), False)
+# lmms-eval's TaskConfig.fewshot_delimiter: the `until` of every task that names none (module docstring)
+FEWSHOT_DELIMITER = "\n\n"
 
 log = logging.getLogger("storm_vlm.eval")
 
@@ -163,14 +171,15 @@ def generation_kwargs(gen_kwargs: dict | None,
 
 
 def cut_at_stops(text: str, stops: Sequence[str]) -> str:
-    """`text` up to the first stop string."""
+    """`text` up to the first stop string, stripped (the whitespace before a stop is no part of
+    the answer: exact-match metrics would count "B\n" wrong)."""
     cut = len(text)
     for s in stops:
         if s:
             i = text.find(s)
             if i != -1:
                 cut = min(cut, i)
-    return text[:cut]
+    return text[:cut].strip()
 
 
 def _optional(value, cast):
@@ -179,6 +188,20 @@ def _optional(value, cast):
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
         return None
     return cast(value)
+
+
+def _positive(name: str, value, cast):
+    """model_args `name` as a positive finite `cast` (int or float), or a ValueError naming it: a bad
+    value fails at load, not as every video "unreadable" (fps=0) or at the first request."""
+    try:
+        number = cast(value)
+        ok = not isinstance(value, bool) and math.isfinite(number) and number > 0 and number == float(value)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        kind = "an integer >= 1" if cast is int else "a positive number"
+        raise ValueError(f"storm model_args: {name} must be {kind}, got {value!r}")
+    return number
 
 
 class Storm(_LmmsBase):
@@ -203,9 +226,9 @@ class Storm(_LmmsBase):
             raise ValueError(f"the storm lmms-eval model answers one request at a time: batch_size must be 1, "
                              f"got {batch_size!r}")
         self.pretrained = str(pretrained)
-        self.num_frames = int(num_frames)
-        self.fps = _optional(fps, float)
-        self.default_max_new_tokens = int(max_new_tokens)
+        self.num_frames = _positive("num_frames", num_frames, int)
+        self.fps = _optional(fps, lambda v: _positive("fps", v, float))
+        self.default_max_new_tokens = _positive("max_new_tokens", max_new_tokens, int)
         # lmms-eval's evaluator shards by these (RANK / WORLD_SIZE) and sets them again itself
         self._rank = int(os.environ.get("RANK", 0))
         self._world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -223,12 +246,13 @@ class Storm(_LmmsBase):
         return self.task_dict[task][split][doc_id]
 
     def _frames(self, doc_to_visual, doc, key) -> np.ndarray | None:
-        """A request's frames, or None (logged) when its video or images cannot be read. Within one
-        call the last request's frames are reused for the same document (its other choices, its repeats)."""
+        """A request's frames, or None (logged) when its video or images cannot be read, by the plugin or
+        the task's doc_to_visual (a missing frame folder, an image file it opens). Within one call the
+        last request's frames are reused for the same document (its other choices, its repeats)."""
         if self._last_visuals[0] == key:
             return self._last_visuals[1]
-        visuals = doc_to_visual(doc) if callable(doc_to_visual) else doc_to_visual
         try:
+            visuals = doc_to_visual(doc) if callable(doc_to_visual) else doc_to_visual
             frames = visuals_to_frames(visuals, self.num_frames, self.fps, self.predictor.processor.image_size)
         except (VideoDecodeError, OSError) as exc:
             log.warning("storm: %s/%s document %s: cannot read its visuals (%s); it is scored as a failed answer",
@@ -243,6 +267,7 @@ class Storm(_LmmsBase):
         for request in tqdm(requests, desc="storm", disable=self.rank != 0):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
             kwargs, stops = generation_kwargs(gen_kwargs, self.default_max_new_tokens)
+            stops = [s for s in stops if s != FEWSHOT_DELIMITER]
             frames = self._frames(doc_to_visual, self._doc(task, split, doc_id), (task, split, doc_id))
             if frames is None:
                 replies.append(FAILED_REPLY)
