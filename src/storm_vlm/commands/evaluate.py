@@ -95,7 +95,8 @@ def run(args) -> int:
                            max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
                            model_dir=str(Path(args.model_dir).resolve()), rank=rank, world_size=world_size,
                            retry_failed=args.retry_failed, batch_size=args.batch_size,
-                           reuse_prefix=not args.no_prefix_reuse)
+                           reuse_prefix=not args.no_prefix_reuse,
+                           data_root=str(Path(args.data_root).expanduser().resolve()))
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

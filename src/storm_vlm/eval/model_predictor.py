@@ -87,19 +87,22 @@ def evaluate(model, processor, records: Sequence[Record], output_dir: str | Path
              max_new_tokens: int = 16, progress: bool = True, model_dir: str | None = None,
              frame_loader: FrameLoader | None = None, print_table: bool = True,
              rank: int | None = None, world_size: int | None = None, retry_failed: bool = False,
-             precision: Precision | None = None, batch_size: int = 1, reuse_prefix: bool = True) -> dict | None:
+             precision: Precision | None = None, batch_size: int = 1, reuse_prefix: bool = True,
+             data_root: str | None = None) -> dict | None:
     """Evaluate a loaded model on `records`; writes predictions.jsonl, results.json, results.md
     into `output_dir` (resuming what is already there; `retry_failed` also redoes recorded decode
     failures) and returns the results (None on ranks > 0). `precision`: what the model was loaded
     with (its autocast applies); `batch_size`: questions answered per padded generate call;
     `reuse_prefix`: one question at a time, a video's next question continues from the previous
-    one's KV cache of the video (`storm_vlm.inference.Predictor`)."""
+    one's KV cache of the video (`storm_vlm.inference.Predictor`); `data_root`: the benchmark folder
+    `records` were read from, recorded with the settings (a resume from another folder is refused)."""
     records = list(records)
     benchmark = records[0].benchmark if records else "synthetic"
     settings = model_settings(model, benchmark, model_dir=model_dir, num_frames=num_frames, fps=fps,
                               temporal_sample_stride=temporal_sample_stride, max_new_tokens=max_new_tokens,
                               precision=precision)
     settings["reuse_prefix"] = reuse_prefix and batch_size == 1  # how, not what: not an identity key
+    settings["data_root"] = data_root
     predictor = ModelPredictor(model, processor, temporal_sample_stride=temporal_sample_stride,
                                max_new_tokens=max_new_tokens, precision=precision, reuse_prefix=reuse_prefix)
     frame_loader = frame_loader or (lambda r: load_record_frames(r, num_frames, fps, processor.image_size))

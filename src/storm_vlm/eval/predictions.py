@@ -24,8 +24,9 @@ from pathlib import Path
 from storm_vlm.errors import StormError
 from storm_vlm.utils import atomic_write_text
 
+REPLIED = ("answered", "unparsed")  # the model replied (a letter was read / none was)
 FAILURES = ("decode_error", "model_error")  # no reply: the video could not be read / the model raised
-STATUSES = ("answered", "unparsed", *FAILURES)
+STATUSES = (*REPLIED, *FAILURES)
 
 
 class BadRow(ValueError):
@@ -115,10 +116,16 @@ def read_predictions(path: Path) -> dict[str, dict]:
 
 
 def read_all(out_dir: Path) -> dict[str, dict]:
-    """Predictions from every file in `out_dir`: the merged file, then per-rank shards (which win)."""
+    """Predictions from every file in `out_dir`: the merged file, then per-rank shards (which win),
+    except that a reply is never replaced by a failure from another file. A question answered is
+    never asked again, so its reply is the newest row; a failure beside it is an older attempt (a
+    shard a killed multi-rank run left, whose failed question a rerun with another number of ranks
+    answered in another file)."""
     rows: dict[str, dict] = {}
     for f in all_prediction_files(out_dir):
-        rows.update(read_predictions(f))
+        for rid, row in read_predictions(f).items():
+            if not (row["status"] in FAILURES and rid in rows and rows[rid]["status"] not in FAILURES):
+                rows[rid] = row
     return rows
 
 

@@ -5,11 +5,11 @@ folder, loads frames, asks a `Predictor`, reads the reply with `extract_choice`,
 appends one row per question to predictions.jsonl (fsync'd). A video that fails to decode
 becomes a row with status "decode_error", a question the predictor raises on one with status
 "model_error" (a long video past the model's memory, a prompt past its context), and the run
-goes on; only a model that fails on every one of the run's first `FAILED_START` questions stops
-it, as that is the model or its settings, not the questions. With ``batch_size`` > 1 and a
-predictor that has ``predict_batch`` (the model-backed one does), questions are answered that
-many at a time in one padded batch; a batch that raises is answered again one question at a
-time, so one bad question fails alone. ``finalize`` scores every
+goes on; only a model that fails on every one of the run's first `FAILED_START` questions, with
+no reply in the folder yet, stops it, as that is the model or its settings, not the questions.
+With ``batch_size`` > 1 and a predictor that has ``predict_batch`` (the model-backed one does),
+questions are answered that many at a time in one padded batch; a batch that raises is answered
+again one question at a time, so one bad question fails alone. ``finalize`` scores every
 row and writes results.json (atomically), results.md and the printed table.
 
 Ranks (torchrun's RANK / WORLD_SIZE) take disjoint shards, whole videos dealt round-robin
@@ -44,8 +44,10 @@ log = logging.getLogger("storm_vlm.eval")
 
 # Settings that must match for a rerun to add to an existing output folder. "precision": the weights',
 # LLM linear layers' and autocast dtypes (model_predictor.precision_settings): bf16 and fp32 answers differ.
+# "data_root": the benchmark's folder (None in-process): two releases of one benchmark (MLVU's dev and test)
+# number their questions alike, so a reply to one must not be scored against the other's answer.
 IDENTITY_KEYS = ("benchmark", "model", "num_frames", "fps", "temporal_sample_stride", "max_new_tokens", "prompt",
-                 "precision")
+                 "precision", "data_root")
 FAILED_START = 5  # model errors, before any answer of a run, that stop it
 
 
@@ -101,8 +103,8 @@ def check_settings(out_dir: Path, settings: dict, write: bool) -> None:
     """Refuse to mix predictions made with different settings in one output folder.
 
     run_config.json must be a JSON object (a key it lacks reads as null); anything else (a list,
-    garbage, a file cut short) is an error naming the file: the predictions beside it cannot be
-    tied to settings, so they are not added to."""
+    garbage, a file cut short), or predictions without it, is an error naming the file: the
+    predictions cannot be tied to settings, so they are not added to."""
     path = out_dir / "run_config.json"
     identity = {k: settings.get(k) for k in IDENTITY_KEYS}
     if path.exists():
@@ -120,8 +122,22 @@ def check_settings(out_dir: Path, settings: dict, write: bool) -> None:
             desc = "; ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in diff.items())
             raise StormError(f"{out_dir} holds predictions made with other settings ({desc}); "
                              "use a new --output folder")
+    elif (pred := out_dir / "predictions.jsonl").exists() and pred.stat().st_size:
+        # (not the per-rank files: under torchrun another rank may write its own before rank 0 gets here)
+        raise StormError(f"{pred} holds predictions but there is no {path.name} naming the settings they were "
+                         "made with; use a new --output folder")
     elif write:
         atomic_write_text(path, json.dumps(identity, indent=2) + "\n")
+
+
+def check_unique_ids(records: Sequence[Record]) -> None:
+    """StormError when two records share an id: predictions.jsonl holds one row per id, so one
+    question's reply would be scored twice and the other's lost."""
+    first: dict[str, int] = {}
+    for i, record in enumerate(records):
+        if first.setdefault(record.id, i) != i:
+            raise StormError(f"records {first[record.id]} and {i} share the id {record.id!r}; "
+                             "every question needs its own id")
 
 
 def _failed(row: dict, status: str, exc: Exception) -> dict:
@@ -206,16 +222,20 @@ def run_predictions(records: Sequence[Record], predictor: Predictor, out_dir: st
     """Predict this rank's shard of `records` not yet answered in `out_dir` (model errors are tried
     again; decode failures too with `retry_failed`), `batch_size` at a time; returns how many rows
     were added. StormError when the model fails on each of the run's first `FAILED_START`
-    questions."""
+    questions and no reply is in `out_dir` yet."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mine = shard(records, rank, world_size)
     retry = ("model_error", "decode_error") if retry_failed else ("model_error",)
-    done = {rid for rid, row in P.read_all(out_dir).items() if row.get("status") not in retry}
+    existing = P.read_all(out_dir)
+    done = {rid for rid, row in existing.items() if row["status"] not in retry}
     todo = [r for r in mine if r.id not in done]
     if len(mine) - len(todo):
         log.info("rank %d: %d of %d questions already done in %s", rank, len(mine) - len(todo), len(mine), out_dir)
-    added = model_answered = model_failed = 0
+    # replies already in the folder (made with these settings: check_settings) show that the model
+    # works, so a rerun left with only the questions it failed on is not stopped for failing again
+    model_answered = sum(row["status"] in P.REPLIED for row in existing.values())
+    added = model_failed = 0
     frame_loader = last_clip_memo(frame_loader)
     with P.PredictionWriter(P.shard_path(out_dir, rank, world_size)) as writer:
         step = batch_size if batch_size > 1 and hasattr(predictor, "predict_batch") else 1
@@ -230,7 +250,7 @@ def run_predictions(records: Sequence[Record], predictor: Predictor, out_dir: st
                 added += len(rows)
                 failures = [row["error"] for row in rows if row["status"] == "model_error"]
                 model_failed += len(failures)
-                model_answered += sum(row["status"] in ("answered", "unparsed") for row in rows)
+                model_answered += sum(row["status"] in P.REPLIED for row in rows)
                 bar.update(len(chunk))
                 if not model_answered and model_failed >= FAILED_START:
                     raise StormError(f"the model failed on each of the first {model_failed} questions it saw "
@@ -271,6 +291,7 @@ def evaluate_with_predictor(predictor: Predictor, records: Sequence[Record], out
     records = list(records)
     if not records:
         raise StormError("no records to evaluate")
+    check_unique_ids(records)
     benchmark = benchmark or records[0].benchmark
     if limit is not None:
         records = records[: max(0, int(limit))]

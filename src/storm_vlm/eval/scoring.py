@@ -116,6 +116,11 @@ def score(benchmark: str, records: Iterable[Record], predictions: dict[str, dict
     predictions, corrected, unknown = rescore(records, predictions)
     done = [(r, predictions[r.id]) for r in records if r.id in predictions]
     seen = [(r, p) for r, p in done if p.get("status") != "decode_error"]
+    if done and not seen:
+        first = done[0][1]
+        log.warning("%s: the video of every one of the %d questions failed to decode (the first, %s: %s), so no "
+                    "accuracy can be given; check that the videos are where the annotations say", benchmark,
+                    len(done), first["id"], first.get("error"))
     correct = sum(bool(p.get("correct")) for _, p in seen)
     counts = {
         "total": len(records),
@@ -193,6 +198,8 @@ def format_table(results: dict) -> str:
     if "mean_prefill_s" in results:
         lines.append(f"| mean prefill latency (s) | {results['mean_prefill_s']:.3f} |")
     for key, groups in results["breakdowns"].items():
+        if not groups:  # no question seen
+            continue
         lines += ["", f"| {key} | accuracy | correct / count |", "| --- | --- | --- |"]
         for value, g in groups.items():
             lines.append(f"| {value} | {_pct(g['accuracy'])} | {g['correct']} / {g['count']} |")
