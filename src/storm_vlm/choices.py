@@ -22,8 +22,10 @@ by the runner: there is never a random guess. The rules, tried in order:
    ...", "C because ...". The letter decides, as the prompt asks for it (and as lmms-eval reads
    it), even when the text after it is another option's.
 3. An answer phrase names a letter: "The answer is B", "Answer: (C)", "Best option: D.",
-   "the correct choice is b.". Different letters named this way ("option A ... option C"),
-   or "B or C", give None.
+   "the correct choice is b.". A letter the reply gives as its answer ("answer ...", "option is
+   ...", "option: ...") decides over options it only discusses, as Video-MME's reader reads the
+   letter after "The answer is": "The answer is B. Option A is wrong" is B. Different letters
+   given or discussed so ("option A ... option C"), or "B or C", give None.
 4. Exactly one distinct letter in parentheses anywhere: "I think (C) fits".
 5. The option's text: the reply equals one option's text, or contains exactly one option's
    text as whole words (an option contained in another matching option is ignored, so
@@ -31,7 +33,8 @@ by the runner: there is never a random guess. The rules, tried in order:
 6. In a short reply (at most 10 words), exactly one distinct standalone capital letter:
    "Probably C, the cup", "I would say B.". A letter the options themselves use as a word is
    not counted here: EgoSchema calls the camera wearer "C" ("C picks up a cup"), so a reply
-   quoting part of an option is not option C.
+   quoting part of an option is not option C (an article "A dog ..." in an option hides no
+   letter: "A and C" names two).
 
 A letter beyond the number of options gives None. The capital "A" (or "I") followed by a
 lowercase word is read as the English article (or pronoun), not an option — "A man is
@@ -76,7 +79,7 @@ def format_question(question: str, options: Sequence[str], style: str = "default
 _ALONE = re.compile(r"[\(\[]?([A-Za-z])[\)\]]?[\.\):]?")
 _LEADING = re.compile(r"(?:[\(\[]([A-Za-z])[\)\]]|([A-Za-z])[\.\):,])(?=\s|$)|([A-Z])(?=\s+(?:because|since)\b)")
 _PHRASE = re.compile(
-    r"\b(?:answer|option|choice)\b\s*(?:is|would be|should be|will be|=)?\s*:?\s*"
+    r"\b(answer|option|choice)\b\s*((?:is|would be|should be|will be|=)?\s*:?)\s*"
     r"(?:option\s*|choice\s*)?:?\s*([\(\[])?([A-Za-z])([\)\]])?(?![A-Za-z0-9'])",
     re.IGNORECASE,
 )
@@ -148,10 +151,10 @@ def extract_choice(text: str, options: Sequence[str]) -> int | None:
             return None
         return _index(letter, n)
 
-    # 3. an answer phrase
-    named = []
+    # 3. an answer phrase: the letters given as the answer, else those discussed
+    named, given = [], []
     for m in _PHRASE.finditer(s):
-        opened, letter, closed = m.group(1), m.group(2), m.group(3)
+        word, says, opened, letter, closed = m.groups()
         wrapped = bool(opened and closed)
         after = s[m.end():]
         if letter.islower() and not wrapped and not re.match(r"\s*(?:[\.\):;,]|$)", after):
@@ -161,6 +164,9 @@ def extract_choice(text: str, options: Sequence[str]) -> int | None:
         if _OR.match(after):
             return None
         named.append(letter.upper())
+        if word.lower() == "answer" or says.strip():
+            given.append(letter.upper())
+    named = given or named
     if named:
         if len(set(named)) > 1:
             return None
@@ -180,7 +186,8 @@ def extract_choice(text: str, options: Sequence[str]) -> int | None:
 
     # 6. one standalone capital letter in a short reply
     if len(s.split()) <= 10:
-        words = {m.group(1) for t in texts for m in _CAPITAL.finditer(t)}  # letters the options use as words
+        words = {m.group(1) for t in texts for m in _CAPITAL.finditer(t)  # letters the options use as words
+                 if not _article_like(t, m.end(), m.group(1))}
         caps = {m.group(1) for m in _CAPITAL.finditer(s)
                 if not _article_like(s, m.end(), m.group(1)) and m.group(1) not in words}
         if len(caps) == 1:

@@ -8,9 +8,12 @@ Every caller goes through here — `storm-vlm eval`, the lmms-eval plugin, `chat
 - `build_messages(question, history)`: the one message builder; the video comes first in the
   first user turn, as the model was trained.
 - `Predictor`: renders the chat template once and tokenizes once per request, applies the
-  precision's autocast, times the prefill, and decodes greedily unless told otherwise.
+  precision's autocast, times the prefill, and decodes greedily unless told otherwise: keyword
+  arguments go to `generate` (`decoding`: a temperature above 0 samples, 0 is greedy, as in vLLM;
+  `stop_strings` end the answer).
 - `ChatSession`: a multi-turn conversation about one video, which is encoded once: each turn
-  reuses the KV cache of everything said before.
+  reuses the KV cache of everything said before; what is said is read as text (`as_text`), and a
+  turn that would not fit the LLM's context with its answer is refused (StormError).
 
 A Predictor keeps the KV cache of its last request about a video (`reuse_prefix`): the next
 request about the same frames (by content: another question about the video, the next turn of a
@@ -42,10 +45,10 @@ from storm_vlm.huge_pages import place_in_huge_pages
 from storm_vlm.model.fast_paths import language_model_of
 from storm_vlm.model.kv_cache import GrowingKVLayer, StormKVCache, reusable_start
 from storm_vlm.precision import Precision, resolve_precision
-from storm_vlm.utils import array_key, check_model_dir
+from storm_vlm.utils import array_key, check_int, check_model_dir
 
-__all__ = ["EMPTY_ANSWER", "GREEDY", "ChatSession", "Predictor", "PrintStreamer", "Reply", "build_messages",
-           "encode_each_video_once", "load_model", "resolve_device"]
+__all__ = ["EMPTY_ANSWER", "GREEDY", "ChatSession", "Predictor", "PrintStreamer", "Reply", "as_text",
+           "build_messages", "decoding", "encode_each_video_once", "load_model", "resolve_device"]
 
 # The decoding every evaluation uses (and the default everywhere): greedy, one beam, and no
 # repetition penalty, which a model's generation config may carry from its LLM (Qwen2-Instruct's
@@ -53,6 +56,28 @@ __all__ = ["EMPTY_ANSWER", "GREEDY", "ChatSession", "Predictor", "PrintStreamer"
 GREEDY = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0}
 # What is shown instead of a blank line when the model ends its turn at once.
 EMPTY_ANSWER = "(empty answer: the model ended its turn at once)"
+
+
+def decoding(generation: dict) -> dict:
+    """generate's decoding settings: `GREEDY` overridden by `generation`. A `temperature` given
+    without `do_sample` decides as in vLLM and the OpenAI API: above 0 samples, 0 is greedy
+    (transformers would otherwise ignore it and answer greedily, or refuse 0 when sampling)."""
+    kwargs = {**GREEDY, **generation}
+    if "temperature" in generation and "do_sample" not in generation:
+        t = generation["temperature"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < float("inf"):
+            raise StormError(f"temperature must be a number >= 0 (0: greedy), got {t!r}")
+        kwargs["do_sample"] = t > 0
+        if t == 0:
+            del kwargs["temperature"]
+    return kwargs
+
+
+def as_text(processor, text: str) -> str:
+    """`text` as the model should read what a user typed: the processor's placeholders in it
+    (<video>, <image>) as words (`StormProcessor.literal`), characters that cannot be encoded (lone
+    surrogates, from input that was not UTF-8) as U+FFFD."""
+    return processor.literal(text.encode("utf-8", "surrogatepass").decode("utf-8", "replace"))
 
 
 @contextlib.contextmanager
@@ -258,20 +283,26 @@ class Predictor:
                                 return_tensors="pt")
         return self._on_device(inputs)
 
+    def _budget(self, max_new_tokens: int | None) -> int:
+        """The answer's token budget: `max_new_tokens`, or the predictor's when None."""
+        if max_new_tokens is None:
+            return self.max_new_tokens
+        return check_int("max_new_tokens", max_new_tokens, error=StormError)
+
     def _on_device(self, inputs) -> dict:
         device, dtype = self.model.device, self.model.dtype
         return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
 
     def generate(self, inputs: dict, max_new_tokens: int | None = None, streamer=None, started: float | None = None,
                  reuse: tuple | None = None, **generation) -> Reply:
-        """Generate from `encode`d inputs (greedy unless `generation` says otherwise). Times count
+        """Generate from `encode`d inputs (`decoding(generation)`: greedy unless told otherwise). Times count
         from `started` (a `time.perf_counter()` value; default now). `reuse`: the key of the
         request's frames (one row): continue from the last request's KV cache when it was about the
         same frames and shares the prompt's start (see the module docstring)."""
         t0 = time.perf_counter() if started is None else started
         first = _FirstLogits(self.model.device)
         processors = LogitsProcessorList([*generation.pop("logits_processor", []), first])
-        kwargs = {**GREEDY, **generation, "max_new_tokens": max_new_tokens or self.max_new_tokens}
+        kwargs = {**decoding(generation), "max_new_tokens": self._budget(max_new_tokens)}
         placeholders = {self.processor.video_token_id, self.processor.image_token_id} - {None}
         ids = inputs["input_ids"][0].tolist()
         cache = None
@@ -290,6 +321,7 @@ class Predictor:
                 cache = StormKVCache(config=self.model.config.get_text_config(decoder=True))
         with torch.inference_mode(), self._context():
             out = self.model.generate(**inputs, logits_processor=processors, streamer=streamer,
+                                      tokenizer=self.tokenizer,  # what stop_strings are read with
                                       **({} if cache is None else {"cache": cache}), **kwargs)
         _sync(self.model.device)
         end = time.perf_counter()
@@ -323,12 +355,12 @@ class Predictor:
         inputs = self._on_device(self.processor(text=texts, videos=list(videos), padding_side="left",
                                                 temporal_sample_stride=self.temporal_sample_stride,
                                                 return_tensors="pt"))
-        kwargs = {**GREEDY, **generation, "max_new_tokens": max_new_tokens or self.max_new_tokens}
+        kwargs = {**decoding(generation), "max_new_tokens": self._budget(max_new_tokens)}
         pad = self.model.generation_config.pad_token_id
         with torch.inference_mode(), self._context():
             inputs = encode_each_video_once(self.model, inputs, [id(v) for v in videos])
             out = self.model.generate(**inputs, pad_token_id=self.tokenizer.pad_token_id if pad is None else pad,
-                                      **kwargs)
+                                      tokenizer=self.tokenizer, **kwargs)
         new = out[:, inputs["input_ids"].shape[1]:]
         return [text.strip() for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
@@ -425,10 +457,24 @@ class ChatSession:
         self.history = []
 
     def ask(self, question: str, max_new_tokens: int = 256, streamer=None, **generation) -> Reply:
-        """Answer `question` after the turns so far (greedy unless `generation` says otherwise)."""
+        """Answer `question` after the turns so far (`decoding(generation)`: greedy unless told
+        otherwise). The turns are read as text (`as_text`: a typed "<video>" is a word, not another
+        video); StormError, the conversation unchanged, when they and an answer of `max_new_tokens`
+        do not fit the LLM's positions (the model would answer past its context)."""
         p = self.predictor
-        prompt = p.render(build_messages(question, self.history, self.system, video=self.frames is not None))
+        budget = p._budget(max_new_tokens)
+        history = [(as_text(p.processor, asked), as_text(p.processor, answered)) for asked, answered in self.history]
+        prompt = p.render(build_messages(as_text(p.processor, question), history, self.system,
+                                         video=self.frames is not None))
         inputs = p.encode(prompt, [] if self.frames is None else [self.frames], self.stride)
-        reply = p.generate(inputs, max_new_tokens, streamer, reuse=self._key, **generation)
+        limit = getattr(p.model.config.get_text_config(), "max_position_embeddings", None)
+        used = inputs["input_ids"].shape[1]
+        if limit and used + budget > limit:
+            visual = 0 if self.frames is None else p.visual_tokens(len(self.frames), self.stride)
+            raise StormError(f"the conversation ({used} tokens, {visual} of them the video's) and an answer of up to "
+                             f"{budget} tokens do not fit the LLM's {limit} positions: ask a shorter question or start "
+                             "over (reset), ask for fewer new tokens, or use fewer frames or a larger temporal "
+                             "sampling stride")
+        reply = p.generate(inputs, budget, streamer, reuse=self._key, **generation)
         self.history.append((question, reply.text))
         return reply

@@ -3,7 +3,9 @@
 With `-q` it answers one question and exits. Without, it opens a conversation about the video
 (decoded and encoded once; each answer streams as it is generated): type a question, or
 `/video PATH` (another video), `/reset` (forget the conversation), `/help`, `/quit`. Questions may
-also be piped in, one per line.
+also be piped in, one per line (bytes that are not UTF-8 are read as U+FFFD). At a terminal, Ctrl-C
+during an answer stops that answer and returns to the prompt; at the prompt (or when piped) it
+exits.
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         ask(args.question)
         return 0
     interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 reaches ask (as_text), not a crash
     if interactive:
         print(HELP, file=sys.stderr)
     while True:
@@ -132,3 +136,7 @@ def run(args: argparse.Namespace) -> int:
                 ask(line)
             except StormError as exc:
                 print(f"error: {exc}")
+            except KeyboardInterrupt:
+                if not interactive:
+                    raise
+                print("\n(answer interrupted)", flush=True)  # not part of the conversation; the model stays loaded
