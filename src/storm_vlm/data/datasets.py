@@ -11,8 +11,10 @@ order as LLaVA-NeXT reads such folders; see `storm_vlm.eval.frames.load_frame_fo
 
 Skips: a record that cannot make a sample is skipped -- its image/video cannot be read (missing,
 not a regular file (a FIFO would block), undecodable, a decompression bomb, a clip outside the
-video, `start`/`end` on a frame folder, any exception the decoder raises), or its text is too long
-for `max_length` (the cut would split its visual tokens or leave no assistant token). Such a
+video, `start`/`end` on a frame folder, any exception the decoder raises), its text is too long
+for `max_length` (the cut would split its visual tokens or leave no assistant token), or every
+assistant reply is empty or blank (its only label would be the end-of-turn token: it would teach
+the model to answer nothing). Such a
 record only shows when its sample is built, possibly deep into a long run, so it must not end
 the run: `__getitem__(i)` moves on to the next usable record (i+1, i+2, ... wrapping around),
 deterministically (a resumed run and every DDP rank make the same choice and the same number of
@@ -186,6 +188,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         rec = self.records[index]
         if index in self._bad:
             raise MediaUnreadable(self._bad[index])
+        if not any(m["content"].strip() for m in rec.messages if m["role"] == "assistant"):
+            self._skip(index, "no answer: every gpt reply is empty (it would only teach ending the turn at once)")
         frames = None
         try:
             if rec.video is not None:

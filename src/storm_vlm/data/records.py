@@ -30,7 +30,8 @@ Whether the media can be *read*, and whether the tokens fit `max_length`, is onl
 sample is built: that is a skip, counted and logged by `storm_vlm.data.datasets`.
 
 JSONL is read line by line (a multi-GB file is never held as one string); a JSON array is read
-whole, then taken apart element by element so each record still gets its line number.
+whole, then taken apart element by element so each record still gets its line number. A file whose
+first character is `[` is a JSON array whatever its name says.
 
 A `.yaml`/`.yml` training file is a LLaVA-NeXT data mixture (its `--data_path` format):
     datasets:
@@ -67,6 +68,9 @@ MAX_SECONDS = 1e7
 _BOM = b"\xef\xbb\xbf"
 _WS = re.compile(r"[ \t\n\r]*")
 _MIXTURE_SUFFIXES = (".yaml", ".yml")
+# A UTF-16/32 byte-order mark, or JSON's first character (a bracket or a blank) next to a NUL byte:
+# what Windows tools (PowerShell's `>` and Out-File, Notepad's "Unicode") write.
+_UTF16 = re.compile(rb"\xff\xfe|\xfe\xff|[\[{ \t\r\n]\x00|\x00[\[{ \t\r\n]")
 _STRATEGY = re.compile(r"(first|end|random):(\d+)(%?)")
 
 
@@ -102,7 +106,12 @@ def _decode(text: str, pos: int, where: str, path: Path | None = None) -> tuple[
         return _DECODER.raw_decode(text, pos)
     except json.JSONDecodeError as exc:
         at = where if path is None else f"{path}:{exc.lineno}"
-        raise StormError(f"{at}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        cut = ""
+        if path is None and (exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string")):
+            # the JSONL line ends inside its record
+            cut = ("; the line ends before its record does: JSONL holds one whole record per line "
+                   "(a pretty-printed file must be one JSON array of records)")
+        raise StormError(f"{at}: malformed JSON ({exc.msg} at column {exc.colno}){cut}") from None
     except RecursionError:
         raise StormError(f"{where}: JSON nested too deeply (deeper than Python's JSON parser allows)") from None
     except ValueError as exc:  # NaN / Infinity (_reject_constant)
@@ -116,7 +125,7 @@ def _iter_jsonl(path: Path, f):
         raw = f.readline(MAX_LINE_BYTES + 1)
         if not raw:
             return
-        if lineno == 0 and raw.startswith(_BOM):
+        if raw.startswith(_BOM):  # on any line: JSONL files saved with a BOM are often joined with `cat`
             raw = raw[len(_BOM):]
         lineno += 1
         where = f"{path}:{lineno}"
@@ -181,14 +190,17 @@ def _iter_json_array(path: Path, text: str):
 def _iter_raw(path: Path):
     """Yield (where, obj) for every record of a .json (array) or .jsonl file.
 
-    A file is a JSON array when its first non-blank character is `[` and its name does not end in
-    .jsonl; anything else is read as JSONL (one record per line)."""
+    A file is a JSON array when its first non-blank character is `[`, whatever its name (a record
+    is an object, so no JSONL file starts so); anything else is read as JSONL (one record per line)."""
     try:
         with open(path, "rb") as f:
             head = f.read(1 << 16)
             while head.removeprefix(_BOM).strip() == b"" and (more := f.read(1 << 16)):
                 head += more
-            if path.suffix.lower() == ".jsonl" or not head.removeprefix(_BOM).lstrip().startswith(b"["):
+            if _UTF16.match(head):
+                raise StormError(f"{path}: UTF-16 or UTF-32 text (a training file is UTF-8, JSON's encoding); "
+                                 "save it as UTF-8")
+            if not head.removeprefix(_BOM).lstrip().startswith(b"["):
                 f.seek(0)
                 yield from _iter_jsonl(path, f)
                 return
@@ -210,25 +222,48 @@ def check_text(value: str, where: str, what: str) -> str:
     return value
 
 
-def resolve_media(media_root: Path, rel, where: str, rid: str, key: str) -> Path:
-    """media_root / rel, refusing anything that resolves outside media_root (.., absolute, symlinks)."""
-    if isinstance(rel, list):
-        if len(rel) != 1:
-            raise StormError(f"{where} (id {rid}): {key!r} lists {len(rel)} files; one per record is supported")
-        rel = rel[0]
-    if not isinstance(rel, str) or not rel:
-        raise StormError(f"{where} (id {rid}): {key!r} must be a file path, got {rel!r}")
-    check_text(rel, f"{where} (id {rid})", f"{key} path")
-    root = media_root.resolve()
-    try:
-        full = (root / rel).resolve()
-    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
-        raise StormError(f"{where} (id {rid}): {key} path {rel!r} cannot be resolved ({exc})") from None
-    if not full.is_relative_to(root):
-        raise StormError(f"{where} (id {rid}): {key} path {rel!r} escapes the media root {str(root)!r}")
-    if full == root:
-        raise StormError(f"{where} (id {rid}): {key} path {rel!r} names the media root itself, not a file")
-    return full
+class MediaRoot:
+    """The folder records' media paths are relative to; `resolve` refuses anything outside it.
+
+    A path is resolved as its folder (each folder resolved once, then remembered: a training file
+    names a few folders millions of times, and resolving every path component by component from the
+    root cost several times more than parsing the file) plus its last component, which is resolved
+    only when it is a symlink. The result is the path `Path.resolve()` gives: `..`, absolute paths
+    and symlinks anywhere on the way count."""
+
+    def __init__(self, folder: Path):
+        self.root = folder.resolve()
+        self._folders: dict[str, Path] = {}
+
+    def _resolve(self, rel: str) -> Path:
+        head, name = os.path.split(rel)
+        if name in ("", ".", ".."):
+            return (self.root / rel).resolve()
+        folder = self._folders.get(head)
+        if folder is None:
+            folder = self._folders[head] = (self.root / head).resolve()
+        full = folder / name
+        return full.resolve() if os.path.islink(full) else full  # islink: False when lstat fails, as in resolve
+
+    def resolve(self, rel, where: str, rid: str, key: str) -> Path:
+        """The file `rel` names (a string, or a one-element list), inside the root; StormError naming
+        the record otherwise."""
+        if isinstance(rel, list):
+            if len(rel) != 1:
+                raise StormError(f"{where} (id {rid}): {key!r} lists {len(rel)} files; one per record is supported")
+            rel = rel[0]
+        if not isinstance(rel, str) or not rel:
+            raise StormError(f"{where} (id {rid}): {key!r} must be a file path, got {rel!r}")
+        check_text(rel, f"{where} (id {rid})", f"{key} path")
+        try:
+            full = self._resolve(rel)
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+            raise StormError(f"{where} (id {rid}): {key} path {rel!r} cannot be resolved ({exc})") from None
+        if not full.is_relative_to(self.root):
+            raise StormError(f"{where} (id {rid}): {key} path {rel!r} escapes the media root {str(self.root)!r}")
+        if full == self.root:
+            raise StormError(f"{where} (id {rid}): {key} path {rel!r} names the media root itself, not a file")
+        return full
 
 
 def _seconds(obj: dict, key: str, where: str) -> float | None:
@@ -253,7 +288,7 @@ def _record_id(obj: dict, where: str, index: int) -> str:
     raise StormError(f"{where}: 'id' must be a non-empty string or an integer, got {rid!r}")
 
 
-def _parse_record(obj, where: str, media_root: Path, index: int) -> Conversation:
+def _parse_record(obj, where: str, media: MediaRoot, index: int) -> Conversation:
     if not isinstance(obj, dict):
         raise StormError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
     rid = _record_id(obj, where, index)
@@ -294,9 +329,9 @@ def _parse_record(obj, where: str, media_root: Path, index: int) -> Conversation
         paths = image if isinstance(image, list) else [image]
         if not paths:
             raise StormError(f"{here}: 'image' lists no files")
-        rec.images = [resolve_media(media_root, p, where, rid, "image") for p in paths]
+        rec.images = [media.resolve(p, where, rid, "image") for p in paths]
     if video is not None:
-        rec.video = resolve_media(media_root, video, where, rid, "video")
+        rec.video = media.resolve(video, where, rid, "video")
         rec.start, rec.end = _seconds(obj, "start", here), _seconds(obj, "end", here)
         if rec.start is not None and rec.end is not None and rec.start >= rec.end:
             raise StormError(f"{here}: 'start' ({rec.start:g} s) must be before 'end' ({rec.end:g} s)")
@@ -314,7 +349,8 @@ def _parse_record(obj, where: str, media_root: Path, index: int) -> Conversation
                 first_user = next(m for m in messages if m["role"] == "user")
                 first_user["content"] = f"{placeholder}\n" * files + first_user["content"]
             elif count != files or in_user != files:
-                where_found = f"{count}, {count - in_user} of them in gpt turns" if count != in_user else str(count)
+                outside = count - in_user
+                where_found = f"{count}, {outside} of them outside human turns" if outside else str(count)
                 raise StormError(f"{here}: {placeholder} must appear {files} time(s), once per file, in human "
                                  f"turns (found {where_found})")
         elif count:
@@ -392,7 +428,8 @@ def load_records(path: str | os.PathLike, media_root: str | os.PathLike) -> list
                   for item in _sample(list(enumerate(_iter_raw(file))), strategy))
     else:
         chosen = enumerate(_iter_raw(path))
-    records = [_parse_record(obj, where, media_root, i) for i, (where, obj) in chosen]
+    media = MediaRoot(media_root)
+    records = [_parse_record(obj, where, media, i) for i, (where, obj) in chosen]
     if not records:
         raise StormError(f"{path}: no training records")
     return records
