@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import encode_video, random_video, write_mp4
+from test_video import write_video
+from test_video_realworld import damage_packets
 
 from storm_vlm.errors import StormError
 from storm_vlm.inference import build_messages
@@ -376,3 +378,14 @@ def test_watch_stops_with_one_message_when_a_chunk_cannot_be_encoded(qwen2_causa
     err = capsys.readouterr().err
     assert "storm-vlm watch: error: encoding the video after" in err and "CUDA out of memory" in err
     assert "Traceback" not in err
+
+
+def test_a_segment_with_a_damaged_stretch_keeps_its_frames_and_says_so(live_client, tmp_path):
+    damaged = damage_packets(write_video(tmp_path / "cam.mkv", 60, "mpeg4", gop=10), (25, 26), tmp_path / "bad.mkv")
+    sid = live_client.post("/v1/sessions", json={"fps": 8}).json()["id"]
+    r = live_client.post(f"/v1/sessions/{sid}/chunks", content=damaged.read_bytes(),
+                         headers={"content-type": "video/x-matroska"})
+    assert r.status_code == 200
+    assert r.json()["frames_added"] >= 40  # decoding went on past the damage
+    assert "damaged packet(s) skipped" in r.json()["error"]
+    live_client.delete(f"/v1/sessions/{sid}")

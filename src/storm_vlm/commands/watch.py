@@ -1,10 +1,11 @@
 """`storm-vlm watch MODEL_DIR SOURCE`: watch a video as it comes in and answer questions while it runs.
 
-SOURCE is a video file (read as fast as possible, or at the pace it plays with --realtime), a
-folder of growing segments (new files taken in name order, see `storm_vlm.streaming.sources`) or
-a pipe (`-` for standard input, or a FIFO; --format names a streamable format such as mpegts).
-Frames are sampled at --fps and encoded chunk by chunk (--chunk-seconds) through the model's
-causal projector (`storm_vlm.streaming.StormStream`); memory stays bounded by --max-visual-tokens.
+SOURCE is a video file (read as fast as possible, or at the pace it plays with --realtime; with
+--follow, as a recorder still writes it), a folder of growing segments (new files taken in name
+order, see `storm_vlm.streaming.sources`) or a pipe (`-` for standard input, or a FIFO; --format
+names a streamable format such as mpegts). Frames are sampled at --fps and encoded chunk by chunk
+(--chunk-seconds) through the model's causal projector (`storm_vlm.streaming.StormStream`); memory
+stays bounded by --max-visual-tokens.
 
 Questions are typed (or piped) on standard input while it runs, one per line, and answered from
 everything seen so far (a question that comes before the first frames waits for them);
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import os
 import queue
 import signal
 import sys
@@ -56,6 +58,7 @@ examples:
   storm-vlm watch MODEL recording.mp4 -q "What happened?" --exit-at-end
   storm-vlm watch MODEL recording.mp4 --realtime           # at the pace it plays; type questions
   storm-vlm watch MODEL segments/ --idle-timeout 30        # a folder a recorder fills (seg_00001.ts, ...)
+  storm-vlm watch MODEL recording.ts --follow              # a file a recorder is still writing
   ffmpeg -i rtsp://camera/stream -c copy -f mpegts - | storm-vlm watch MODEL - -q "What happened?"
 
 while it runs, type a question (answered from what has been seen so far), '@SECONDS question'
@@ -77,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pace = reading.add_mutually_exclusive_group()
     pace.add_argument("--realtime", action="store_true", help="read a file at the pace it plays")
     pace.add_argument("--fast", action="store_true", help="read a file as fast as possible (the default)")
+    reading.add_argument("--follow", action="store_true",
+                         help="a file still being written (MPEG-TS, Matroska, fragmented MP4): read it as it grows, "
+                              "until nothing is appended for --idle-timeout seconds")
     reading.add_argument("--fps", type=float, default=1.0, metavar="F",
                          help="frames sampled per second of video (default 1, at most 120)")
     reading.add_argument("--chunk-seconds", type=float, default=None, metavar="S",
@@ -86,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="the container format of a pipe when it cannot be probed (mpegts, matroska, nut, "
                               "yuv4mpegpipe, ...)")
     reading.add_argument("--idle-timeout", type=float, default=10.0, metavar="S",
-                         help="a folder of segments ends when nothing changed for S seconds (default 10)")
+                         help="a folder of segments (or a file with --follow) ends when nothing changed for S "
+                              "seconds (default 10)")
 
     memory = parser.add_argument_group("memory")
     memory.add_argument("--max-visual-tokens", type=int, default=None, metavar="N",
@@ -149,6 +156,18 @@ def _check(args) -> None:
             raise StormError("-q: a question must not be empty")
 
 
+def video_on_stdin(source: str) -> bool:
+    """Whether SOURCE is standard input: '-', or another name of it (/dev/stdin, /proc/self/fd/0).
+    Questions are then not read from standard input: they would take the video's bytes."""
+    if source == "-":
+        return True
+    try:
+        named, stdin = os.stat(source), os.fstat(sys.stdin.fileno())
+    except (AttributeError, OSError, ValueError):  # no such file, or a standard input without a descriptor
+        return False
+    return (named.st_dev, named.st_ino) == (stdin.st_dev, stdin.st_ino)
+
+
 def parse_question(line: str) -> tuple[float | None, str]:
     """'@90 What happened?' -> (90.0, 'What happened?'); a plain line -> (None, line)."""
     if line.startswith("@"):
@@ -180,7 +199,7 @@ class _Watcher:
         self.started = time.monotonic()
         self.next_status = args.status_every or float("inf")
         self.source_done = False
-        self.stdin_done = args.source == "-"
+        self.stdin_done = video_on_stdin(args.source)
         self.quit = False
 
     # ---- threads ----
@@ -241,7 +260,8 @@ class _Watcher:
         late = at is not None and at > self.video_s + _EPS
         self.ask(question, at, f"; asked for {_clock(at)}, the video ended before" if late else "")
 
-    def status(self, out=sys.stderr) -> None:
+    def status(self, out=None) -> None:
+        """The stream's state on `out` (None: standard error as it is now, not as it was at import)."""
         s = self.stream.stats()
         mem = self.stream.memory_bytes()["total"] / 2**20
         lag = ""
@@ -249,7 +269,7 @@ class _Watcher:
             lag = f", {max(0.0, time.monotonic() - self.started - self.video_s):.1f} s behind real time"
         print(f"[{_clock(self.video_s)}] {s['frames']} frames, {s['visual_tokens']} visual tokens kept of "
               f"{s['max_visual_tokens']} ({s['kept_frames']} pooled frames, {s['rebuilds']} rebuilds), "
-              f"{mem:.1f} MiB held{lag}", file=out, flush=True)
+              f"{mem:.1f} MiB held{lag}", file=out or sys.stderr, flush=True)
 
     def handle(self, line: str) -> None:
         if not line:
@@ -322,6 +342,9 @@ class _Watcher:
         self.video_s = max(self.video_s, self.source.sampler.end)
         print(f"(end of the video at {_clock(self.video_s)}: {self.stream.frames_seen} frames)",
               file=sys.stderr, flush=True)
+        if not self.source.follow and self.source.grew():
+            print(f"({self.args.source} has grown since it was opened: it is still being written, and what came "
+                  "after its end then was not read; --follow reads a file as it grows)", file=sys.stderr, flush=True)
         for at, question in self.timed:
             self.ask_late(at, question)
         for question in self.early + self.args.question:
@@ -386,7 +409,7 @@ def run(args: argparse.Namespace) -> int:
     if args.source == "-" and sys.stdin.isatty():
         raise StormError("SOURCE '-' reads the video from standard input, which is a terminal here: pipe a video in "
                          "(ffmpeg -i INPUT -f mpegts - | storm-vlm watch MODEL - -q QUESTION)")
-    if args.source == "-" and not args.question:
+    if video_on_stdin(args.source) and not args.question:
         print("(the video comes on standard input, so questions cannot: give them with -q)", file=sys.stderr)
     from storm_vlm.inference import Predictor
     from storm_vlm.model.configuration import StormConfig
@@ -397,7 +420,11 @@ def run(args: argparse.Namespace) -> int:
     check_streamable(config)  # before loading the weights
     source = open_source(args.source, fps=args.fps, chunk_seconds=args.chunk_seconds, realtime=args.realtime,
                          fmt=args.format, idle_timeout=args.idle_timeout, min_side=config.vision_config.image_size,
+                         follow=args.follow,
                          on_error=lambda exc: print(f"storm-vlm watch: skipped: {exc}", file=sys.stderr, flush=True))
+    if args.follow and source.kind != "file":
+        raise StormError(f"--follow reads a file still being written; {args.source} is a {source.kind}, which is "
+                         "read as it comes anyway")
     source.check()  # a file that is not a video fails now, not after the model has loaded
     previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
         else None
@@ -405,7 +432,7 @@ def run(args: argparse.Namespace) -> int:
         predictor = Predictor.from_pretrained(args.model, args.device, args.precision, verbose=True)
         stream = StormStream(predictor, temporal_sample_stride=args.temporal_sample,
                              max_visual_tokens=args.max_visual_tokens, memory_policy=args.memory_policy)
-        if sys.stdin.isatty() and args.source != "-":
+        if sys.stdin.isatty() and not video_on_stdin(args.source):
             print(HELP, file=sys.stderr)
         return _Watcher(args, stream, source).run()
     except _Terminated:  # while the model loads

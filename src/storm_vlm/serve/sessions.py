@@ -219,11 +219,13 @@ def _add_segment(session: _Session, path: Path, model_lock, timeout_s: float | N
         frames.clear()
 
     error = None
+    damage: list[str] = []  # damaged stretches skipped (decoding went on): said in the body's "error"
     try:
         try:
             with _Timed(path, budget) as source:
                 for _, frame in decode_segment(source, session.sampler, "the chunk",
-                                               min_side=session.stream.model.config.vision_config.image_size):
+                                               min_side=session.stream.model.config.vision_config.image_size,
+                                               on_damage=lambda exc: damage.append(str(exc))):
                     budget.check()
                     if frames and frames[0].shape != frame.shape:
                         feed()
@@ -243,8 +245,8 @@ def _add_segment(session: _Session, path: Path, model_lock, timeout_s: float | N
         session.chunks += 1
     body = {"frames_added": added, **session.describe(),
             "timings": {**{k: round(v, 4) for k, v in totals.items()}, "total_s": round(time.perf_counter() - t0, 4)}}
-    if error is not None:
-        body["error"] = str(error)
+    if error is not None or damage:
+        body["error"] = "; ".join([*damage, *([] if error is None else [str(error)])])
     return body, error
 
 

@@ -5,7 +5,9 @@
 holding more than one chunk:
 
 - a **file**: decoded front to back, as fast as possible or (``realtime=True``) at the pace the
-  video plays, each frame released when its time has come on the wall clock;
+  video plays, each frame released when its time has come on the wall clock; with ``follow=True``
+  a file still being written (MPEG-TS, Matroska, fragmented MP4) is read as it grows, until
+  nothing has been appended for ``idle_timeout`` seconds;
 - a **folder of segments** (what a recorder or an HLS/DASH segmenter writes: seg_000.ts,
   seg_001.ts, ...): files are taken in name order; a segment is read once the next one exists
   (so it is complete), the last one once the folder has not changed for ``idle_timeout`` seconds,
@@ -44,8 +46,8 @@ import numpy as np
 
 from storm_vlm.errors import StormError
 from storm_vlm.media.container import ALLOWED_FORMATS, IMAGE_FORMATS, find_truncation
-from storm_vlm.media.limits import DEFAULT_MAX_PIXELS, MAX_SOURCE_PIXELS, display_size, output_size
-from storm_vlm.media.readers import sample_aspect_ratio, shown_rgb
+from storm_vlm.media.limits import DEFAULT_MAX_PIXELS, MAX_SOURCE_PIXELS, Budget, display_size, output_size
+from storm_vlm.media.readers import decoded_frames, sample_aspect_ratio, shown_rgb
 from storm_vlm.streaming import MAX_CHUNK_FRAMES
 from storm_vlm.utils import numbered_name_key
 from storm_vlm.video import VideoDecodeError
@@ -159,15 +161,18 @@ def _open(target, fmt: str | None, name: str):
 
 
 def decode_segment(target, sampler: FrameSampler, name: str, fmt: str | None = None,
-                   min_side: int | None = None) -> Iterator[tuple[float, np.ndarray]]:
+                   min_side: int | None = None, on_damage=None) -> Iterator[tuple[float, np.ndarray]]:
     """(stream time, frame (H, W, 3) uint8) for the frames of one file or pipe that `sampler` keeps.
 
     target: a path or a binary file object. Frames are converted to RGB and scaled down in one
     step as `load_video` does (`storm_vlm.media.limits.output_size`: at most DEFAULT_MAX_PIXELS,
     and to a shorter side of `min_side` when given, the vision tower's input size), at their display
     aspect ratio and with transparent pixels over white (`storm_vlm.media.readers.shown_rgb`); pictures above
-    MAX_SOURCE_PIXELS are refused. Decoding errors after the start end the segment with
-    VideoDecodeError naming `name` (frames before them have been yielded)."""
+    MAX_SOURCE_PIXELS are refused. Packets the decoder rejects as invalid data (a damaged stretch of
+    a recording or of a camera's stream) are skipped and decoding goes on, as `load_video` and
+    players do: `on_damage(VideoDecodeError)` is told once per damaged stretch, where the stream
+    was. Other decoding errors after the start end the segment with VideoDecodeError naming `name`
+    (frames before them have been yielded), as does a segment none of whose frames decode."""
     from av.video.reformatter import VideoReformatter
 
     av = _av()
@@ -186,8 +191,20 @@ def decode_segment(target, sampler: FrameSampler, name: str, fmt: str | None = N
         pixel_shape = sample_aspect_ratio(stream)
         sampler.begin_segment(1.0 / float(rate) if rate else None)
         index, orientation = 0, None
+        stats = {"decoded": 0}
+        reported = 0  # damaged packets told to on_damage so far
+
+        def report_damage():
+            nonlocal reported
+            skipped = stats.get("skipped_packets", 0)
+            if skipped > reported and on_damage is not None:
+                on_damage(VideoDecodeError(f"{name}: {skipped - reported} damaged packet(s) skipped at "
+                                           f"{sampler.end:.1f} s of the stream (invalid data); going on"))
+            reported = skipped
+
         try:
-            for frame in container.decode(stream):
+            for frame in decoded_frames(container, stream, Budget(name, None, None), stats):
+                report_damage()
                 t = frame.time
                 if t is None:
                     t = index / float(rate) if rate else index * sampler.step
@@ -201,20 +218,53 @@ def decode_segment(target, sampler: FrameSampler, name: str, fmt: str | None = N
         except (av.FFmpegError, OSError, EOFError) as exc:
             cause = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             raise VideoDecodeError(f"{name}: decoding stopped ({cause})") from None
+        if index == 0 and stats.get("skipped_packets"):
+            raise VideoDecodeError(f"{name}: no frame could be decoded ({stats['skipped_packets']} packet(s) of "
+                                   "invalid data)")
+        report_damage()
+
+
+class _Growing:
+    """A file still being written, read front to back as a pipe is (no seeking): at its end, more
+    is waited for until nothing has been appended for `idle_timeout` seconds, or `stop` is set."""
+
+    def __init__(self, path: str, idle_timeout: float, poll_s: float, stop: threading.Event):
+        self.name = path  # lets a failed open say that an MP4 being recorded has no index yet
+        self._file = open(path, "rb")
+        self._idle_timeout, self._poll_s, self._stop = idle_timeout, poll_s, stop
+        self._ended = False  # once idle that long, the end is the end (FFmpeg may read again at its end)
+
+    def read(self, size: int = -1) -> bytes:
+        waited_since = time.monotonic()
+        while True:
+            data = self._file.read(size)
+            if data or self._ended or self._stop.is_set():
+                return data
+            if time.monotonic() - waited_since >= self._idle_timeout:
+                self._ended = True
+                return data
+            self._stop.wait(self._poll_s)
+
+    def close(self) -> None:
+        self._file.close()
 
 
 class FrameSource:
     """Chunks of frames from a file, a folder of segments or a pipe (see the module's docstring).
 
     kind: "file", "directory" or "pipe". `stop` (a threading.Event) ends `chunks()` early;
-    `on_error(exc)` is told about a segment of a folder that cannot be decoded (it is skipped);
-    without it the error is raised. `min_side`: frames are scaled down to this shorter side while
-    decoded (the model's input size: nothing it could see is lost).
+    `on_error(exc)` is told about a segment of a folder that cannot be decoded (it is skipped;
+    without `on_error` the error is raised) and about damaged data skipped within a source.
+    `follow`: a file still being written (MPEG-TS, Matroska, fragmented MP4) is read as it grows,
+    until nothing is appended for `idle_timeout` seconds; without it a file ends where it ended when
+    its end was reached (`grew()` says whether it has grown since). `min_side`: frames are scaled
+    down to this shorter side while decoded (the model's input size: nothing it could see is lost).
     """
 
     def __init__(self, source: str, kind: str, *, fps: float = 1.0, chunk_seconds: float = 2.0,
                  realtime: bool = False, fmt: str | None = None, idle_timeout: float = 10.0, poll_s: float = 0.25,
-                 stop: threading.Event | None = None, on_error=None, min_side: int | None = None):
+                 stop: threading.Event | None = None, on_error=None, min_side: int | None = None,
+                 follow: bool = False):
         self.sampler = FrameSampler(fps)
         if not (isinstance(chunk_seconds, (int, float)) and 0 < chunk_seconds * fps <= MAX_CHUNK_FRAMES):
             raise StormError(f"chunk seconds must be > 0 and a chunk at most {MAX_CHUNK_FRAMES} frames (it is "
@@ -233,37 +283,53 @@ class FrameSource:
         self.stop = stop or threading.Event()
         self.on_error = on_error
         self.min_side = min_side
+        self.follow = follow and kind == "file"
         self.frames_read = 0
+        self._size = os.path.getsize(source) if kind == "file" else 0
 
     # ---- frames ----
 
+    def _decode(self, target, name: str) -> Iterator[tuple[float, np.ndarray, str]]:
+        for t, f in decode_segment(target, self.sampler, name, self.fmt, self.min_side, self.on_error):
+            yield t, f, name
+
     def _frames(self) -> Iterator[tuple[float, np.ndarray, str]]:
-        if self.kind == "file":
-            for t, f in decode_segment(self.source, self.sampler, self.source, self.fmt, self.min_side):
-                yield t, f, self.source
-        elif self.kind == "pipe":
+        if self.kind == "file" and not self.follow:
+            yield from self._decode(self.source, self.source)
+        elif self.kind in ("file", "pipe"):
             name = "standard input" if self.source == "-" else self.source
-            handle = stdin_binary() if self.source == "-" else open(self.source, "rb")
+            if self.source == "-":
+                handle = stdin_binary()
+            elif self.follow:
+                handle = _Growing(self.source, self.idle_timeout, self.poll_s, self.stop)
+            else:
+                handle = open(self.source, "rb")
             try:
-                for t, f in decode_segment(handle, self.sampler, name, self.fmt, self.min_side):
-                    yield t, f, name
+                yield from self._decode(handle, name)
             finally:
                 if self.source != "-":  # standard input stays open
                     handle.close()
         else:
             for path in self._segments():
                 try:
-                    for t, f in decode_segment(str(path), self.sampler, str(path), self.fmt, self.min_side):
-                        yield t, f, str(path)
+                    yield from self._decode(str(path), str(path))
                 except VideoDecodeError as exc:
                     if self.on_error is None:
                         raise
                     self.on_error(exc)
 
+    def grew(self) -> bool:
+        """Whether a file source is larger now than when the source was made (still being written)."""
+        try:
+            return self.kind == "file" and os.path.getsize(self.source) > self._size
+        except OSError:
+            return False
+
     def check(self) -> None:
         """VideoDecodeError unless a file source opens as a video (cheap: the header only), so that a
-        caller learns of a wrong file before loading a model; folders and pipes are read as they come."""
-        if self.kind == "file":
+        caller learns of a wrong file before loading a model; folders, pipes and a followed file that
+        is still empty are read as they come."""
+        if self.kind == "file" and not (self.follow and self._size == 0):
             with _open(self.source, self.fmt, self.source) as container:
                 if not container.streams.video:
                     raise VideoDecodeError(f"{self.source}: no video stream")
@@ -365,7 +431,11 @@ def open_source(source: str, **kwargs) -> FrameSource:
     if stat.S_ISFIFO(mode):
         return FrameSource(source, "pipe", **kwargs)
     if stat.S_ISREG(mode):
-        if os.path.getsize(source) == 0:
+        if os.path.getsize(source) == 0 and not kwargs.get("follow"):
             raise StormError(f"{source}: the file is empty (0 bytes)")
         return FrameSource(source, "file", **kwargs)
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        raise StormError(f"{source}: devices (a camera, a capture card) are not opened, only files, folders and "
+                         f"pipes; let ffmpeg read it and pipe the video in: ffmpeg -i {source} -f mpegts - | "
+                         "storm-vlm watch MODEL -")
     raise StormError(f"{source}: not a video file, a folder of segments or a pipe")

@@ -50,7 +50,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from storm_vlm.errors import StormError
-from storm_vlm.inference import GREEDY, Predictor, Reply, _FirstLogits, build_messages
+from storm_vlm.inference import Predictor, Reply, _FirstLogits, as_text, build_messages, decoding
 from storm_vlm.model.compression import spatial_pool, temporal_pool
 from storm_vlm.model.kv_cache import StormKVCache
 from storm_vlm.model.processing import _frames_of
@@ -201,13 +201,6 @@ class StormStream:
 
     # ------------------------------------------------------------------ prompt
 
-    def as_text(self, question: str) -> str:
-        """`question` as plain text: the processor's placeholders typed in it (<video>, <image>) are
-        broken by a word joiner (U+2060, invisible) so they tokenize as words, since the stream
-        supplies the one video itself; characters that cannot be encoded (lone surrogates, from
-        input that was not UTF-8) become U+FFFD."""
-        return self.processor.literal(question.encode("utf-8", "surrogatepass").decode("utf-8", "replace"))
-
     def _split_prompt(self, question: str) -> tuple[list[int], list[int]]:
         """(ids before the video's tokens, ids after them) of the one-shot prompt for `question`,
         tokenized exactly as the processor tokenizes it (the video's run of placeholders cut out)."""
@@ -286,7 +279,7 @@ class StormStream:
                 self.pooled_frames += 1
                 if j % self.s == 0:
                     new.append((j, self._pool(torch.stack(group))))
-            self._window = window
+            self._window = [f.clone() for f in window]  # a view would hold the whole chunk's outputs
             t1 = time.perf_counter()
             self._kept.extend(new)
             rebuild_s = 0.0
@@ -319,15 +312,15 @@ class StormStream:
 
         Nothing is encoded again: the question and the answer run after the cached video, and are
         cropped off afterwards (also when generating fails), so a question never changes what the
-        next one sees. The question is text (`as_text`). StormError before any frame, or when the
-        question and the answer would not fit the LLM's positions.
+        next one sees. The question is text (`storm_vlm.inference.as_text`). StormError before any
+        frame, or when the question and the answer would not fit the LLM's positions.
         """
         if not isinstance(question, str) or not question.strip():
             raise StormError("the question must be a non-empty string")
         check_int("max_new_tokens", max_new_tokens, 1, error=StormError)
         if self.frames_seen == 0:
             raise StormError("no frames have arrived yet: feed the stream before asking about it")
-        prefix, suffix = self._split_prompt(self.as_text(question))
+        prefix, suffix = self._split_prompt(as_text(self.processor, question))
         if prefix != self._prefix_ids:
             raise StormError("this chat template renders the prompt before the video differently for each question, "
                              "so a stream cannot keep it cached")
@@ -347,7 +340,7 @@ class StormStream:
         p = self.predictor
         first = _FirstLogits(self.model.device)
         processors = LogitsProcessorList([*generation.pop("logits_processor", []), first])
-        kwargs = {**GREEDY, **generation, "max_new_tokens": max_new_tokens}
+        kwargs = {**decoding(generation), "max_new_tokens": max_new_tokens}
         if self._stale:
             with torch.inference_mode(), self._context():
                 self._rebuild()
