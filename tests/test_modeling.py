@@ -200,7 +200,7 @@ def test_bf16_autocast_and_gradient_checkpointing(qwen2):
     assert torch.isfinite(bf16) and abs(float(bf16) - float(ref)) < 0.1
     model.train()
     try:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
         assert model.projector.gradient_checkpointing
         assert any(getattr(m, "gradient_checkpointing", False) for m in model.vision_tower.modules())
         assert any(getattr(m, "gradient_checkpointing", False) for m in model.language_model.modules())
@@ -209,7 +209,7 @@ def test_bf16_autocast_and_gradient_checkpointing(qwen2):
         assert torch.allclose(loss, ref, atol=1e-5)
         assert model.projector.in_proj.weight.grad is not None
     finally:
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable()
         model.zero_grad(set_to_none=True)
         model.eval()
     assert not model.projector.gradient_checkpointing
