@@ -9,13 +9,13 @@ one command never breaks another.
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
 import sys
 
 from storm_vlm import __version__
 from storm_vlm.errors import StormError
 from storm_vlm.perf.allocator import tune_cpu_allocator
+from storm_vlm.utils import did_you_mean
 
 # name -> (module under storm_vlm.commands, one-line help)
 COMMANDS = {
@@ -49,11 +49,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
-
-
 def _check_words(parser: argparse.ArgumentParser, argv: list[str], command: str | None) -> None:
     """A misspelt command or `--flag` is one error naming it with the closest right spelling, from the
     parser it belongs to (so the right usage is shown). Left to argparse, a command's unknown flag is
@@ -61,7 +56,7 @@ def _check_words(parser: argparse.ArgumentParser, argv: list[str], command: str 
     `plan --modle DIR` would only say that --model is missing."""
     first = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
     if command is None and first < len(argv):
-        parser.error(f"unknown command {argv[first]!r}{_did_you_mean(argv[first], COMMANDS)}; "
+        parser.error(f"unknown command {argv[first]!r}{did_you_mean(argv[first], COMMANDS)}; "
                      f"commands: {', '.join(COMMANDS)}")
     parts = [(parser, argv[:first])]
     if command is not None:
@@ -74,7 +69,7 @@ def _check_words(parser: argparse.ArgumentParser, argv: list[str], command: str 
                 break
             name = token.split("=", 1)[0]
             if name.startswith("--") and not any(f.startswith(name) for f in flags):  # argparse takes prefixes
-                owner.error(f"unrecognized argument {name}{_did_you_mean(name, flags)}")
+                owner.error(f"unrecognized argument {name}{did_you_mean(name, flags)}")
 
 
 def main(argv: list[str] | None = None) -> int:

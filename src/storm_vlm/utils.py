@@ -5,6 +5,7 @@ arguments with these before loading anything heavy)."""
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import json
 import math
@@ -28,6 +29,12 @@ IGNORE_INDEX = -100
 # Placeholder strings: where a video's / an image's visual tokens go in a prompt.
 VIDEO_TOKEN = "<video>"
 IMAGE_TOKEN = "<image>"
+
+
+def did_you_mean(word: str, choices) -> str:
+    """" (did you mean x?)" with the choice closest to a misspelt `word`, else "" (for error messages)."""
+    close = difflib.get_close_matches(word, sorted(choices), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def check_int(name: str, value, minimum: int | None = 1, maximum: int | None = None,

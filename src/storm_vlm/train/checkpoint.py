@@ -62,6 +62,7 @@ SCHEDULER_FILE = "scheduler.json"
 TRAINABLE_FILE = "trainable.safetensors"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
+PRUNED_SUFFIX = ".pruned"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -309,6 +310,20 @@ def verify_manifest(folder: str | os.PathLike, checksums: bool = True) -> str | 
     return _check_hashes(folder, entries, checksums)
 
 
+def check_model_files(folder: str | os.PathLike) -> None:
+    """Check a model folder's weight files without hashing them: each has the size its manifest.json
+    lists (final/ and checkpoints have one) and a safetensors header that covers the file. Catches a
+    copy cut short before a long model load does; CheckpointInvalid naming the file otherwise. The
+    small files (config.json, the processor's) may have been edited by hand and are not compared."""
+    folder = Path(folder)
+    names = [n for n in _weight_files(folder) if n.endswith(".safetensors")]
+    if (folder / MANIFEST_FILE).is_file():
+        entries = _manifest_entries(folder)
+        _check_sizes(folder, {n: entries[n] for n in names if n in entries})
+    for name in names:
+        _check_safetensors(folder / name)
+
+
 def verify_checkpoint(folder: str | os.PathLike, checksums: bool = True) -> str:
     """Check that `folder` (output_dir/checkpoint-<step>) can be resumed from; returns how it was
     checked, raises CheckpointInvalid with the reason otherwise (see the module docstring)."""
@@ -373,12 +388,13 @@ def finish_interrupted_publish(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def remove_stale_tmp(output_dir: str | os.PathLike) -> list[Path]:
-    """Delete half-written `*.tmp` / `*.old` folders a killed run left behind."""
+    """Delete half-written `*.tmp`, replaced `*.old` and half-deleted `*.pruned` folders a killed run
+    left behind."""
     output_dir = Path(output_dir)
     removed = []
     if output_dir.is_dir():
         for p in output_dir.iterdir():
-            if p.is_dir() and (p.name.endswith(".tmp") or p.name.endswith(".old")):
+            if p.is_dir() and p.name.endswith((".tmp", ".old", PRUNED_SUFFIX)):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed
@@ -389,18 +405,34 @@ def prune_checkpoints(output_dir: str | os.PathLike, keep: int | None, upto_step
 
     Checkpoints past `upto_step` are left by an earlier run (e.g. damaged ones a resume skipped):
     they are neither counted nor deleted, so they can never push out the checkpoint just written;
-    the run replaces each when it saves that step again."""
+    the run replaces each when it saves that step again. Each folder is renamed to `.pruned` before
+    it is deleted: a run killed while deleting leaves a folder the next start removes, never a
+    `checkpoint-N` with part of its files gone (nor one that has lost trainer_state.json and would
+    no longer be counted, so never pruned)."""
     if not keep:
         return
     ckpts = [(s, p) for s, p in list_checkpoints(output_dir) if upto_step is None or s <= upto_step]
     for _, p in ckpts[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
+        doomed = p.with_name(p.name + PRUNED_SUFFIX)
+        os.replace(p, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- optimizer / scheduler files
 def save_torch_state(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save `obj` to `path` atomically; a failed write (a full disk, an I/O error) is the
+    OSError naming `path`. Given a file name, torch.save's own writer reports a failed write as a
+    RuntimeError that has lost its cause ("unexpected pos ..."), so it writes through a Python
+    file here, whose OSError torch keeps as the RuntimeError's context."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+        except RuntimeError as exc:
+            cause = exc.__context__
+            if not isinstance(cause, OSError):
+                raise
+            raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from exc
 
 
 def load_torch_state(path: str | os.PathLike) -> Any:

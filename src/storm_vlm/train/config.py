@@ -23,7 +23,7 @@ import yaml
 
 from storm_vlm.errors import ConfigError, StormError
 from storm_vlm.precision import parse_precision
-from storm_vlm.utils import check_int
+from storm_vlm.utils import check_int, did_you_mean
 
 STAGES = ("align", "sft", "long")
 PARTS = ("vision_tower", "projector", "language_model")
@@ -134,6 +134,34 @@ RESUME_FREE_KEYS = frozenset({
 # moved to another folder: its record count is checked on its own); every other key is refused.
 RESUME_STATED_KEYS = ("max_steps", "precision", "train_file", "media_root")
 REQUIRED_KEYS = ("stage", "output_dir", "train_file", "media_root", "num_frames", "max_steps", "save_steps", "seed")
+TOP_KEYS = frozenset(_FIELDS) | {"bf16"}  # bf16: the legacy spelling of precision
+SEED_MAX = 2**32 - 1  # numpy's seeds, and the sampler's per-epoch seed must fit a 64-bit generator
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line: int, first: int):
+        super().__init__(f"line {line}: key {key!r} is given twice (first on line {first})")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last one
+    silently, so a key added at the end of a long config would quietly override the one above it.
+    Keys a `<<` merge brings in may still be overridden."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    line = first.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: the base constructor reports it
+                    continue
+                if line != key_node.start_mark.line + 1:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1, line)
+        return super().construct_mapping(node, deep=deep)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -191,7 +219,9 @@ def read_yaml(path: str | os.PathLike) -> dict:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a YAML config (not UTF-8 text)") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML ({exc})") from None
     if data is None:
@@ -213,6 +243,9 @@ def resolve_raw(raw: Mapping, overrides: list[str] | None = None, source: str = 
                 raise ConfigError(f"{source}: key 'stages.{name}': unknown stage (choose from {', '.join(STAGES)})")
             if not isinstance(section, dict):
                 raise ConfigError(f"{source}: key 'stages.{name}' must be a mapping")
+            for key in section:
+                if key not in TOP_KEYS:
+                    raise ConfigError(f"{source}: unknown key 'stages.{name}.{key}'{did_you_mean(str(key), TOP_KEYS)}")
         stage = raw.get("stage")
         if stage not in STAGES:
             raise ConfigError(f"{source}: key 'stage': {stage!r} is not a stage (choose from {', '.join(STAGES)})")
@@ -233,11 +266,11 @@ def _bad(source: str, key: str, msg: str) -> ConfigError:
     return ConfigError(f"{source}: key {key!r}: {msg}")
 
 
-def _int(source, key, v, minimum=None, allow_none=False):
+def _int(source, key, v, minimum=None, allow_none=False, maximum=None):
     if v is None and allow_none:
         return None
     try:
-        return check_int("value", v, minimum)
+        return check_int("value", v, minimum, maximum)
     except ValueError as exc:
         raise _bad(source, key, str(exc).removeprefix("value ")) from None
 
@@ -307,8 +340,8 @@ def config_from_dict(raw: Mapping, source: str = "config") -> TrainConfig:
     raw = dict(raw)
     raw.pop("stages", None)
     for key in raw:
-        if key not in _FIELDS and key != "bf16":  # bf16: the legacy spelling of precision
-            raise ConfigError(f"{source}: unknown key {key!r}")
+        if key not in TOP_KEYS:
+            raise ConfigError(f"{source}: unknown key {key!r}{did_you_mean(str(key), TOP_KEYS)}")
     for key in REQUIRED_KEYS:
         if raw.get(key) is None:
             raise ConfigError(f"{source}: missing required key {key!r}")
@@ -320,7 +353,7 @@ def config_from_dict(raw: Mapping, source: str = "config") -> TrainConfig:
     v["num_frames"] = _int(s, "num_frames", raw["num_frames"], minimum=1)
     v["max_steps"] = _int(s, "max_steps", raw["max_steps"], minimum=1)
     v["save_steps"] = _int(s, "save_steps", raw["save_steps"], minimum=0)
-    v["seed"] = _int(s, "seed", raw["seed"], minimum=0)
+    v["seed"] = _int(s, "seed", raw["seed"], minimum=0, maximum=SEED_MAX)
 
     sources = [k for k in ("init_from", "build", "tiny") if raw.get(k) is not None]
     if len(sources) != 1:
@@ -358,7 +391,8 @@ def config_from_dict(raw: Mapping, source: str = "config") -> TrainConfig:
         lora = _mapping(s, "lora", lora, allow_none=False)
         for k in lora:
             if k not in LORA_KEYS:
-                raise _bad(s, f"lora.{k}", f"unknown LoRA option (known: {', '.join(sorted(LORA_KEYS))})")
+                raise _bad(s, f"lora.{k}", f"unknown LoRA option{did_you_mean(str(k), LORA_KEYS)} "
+                                           f"(known: {', '.join(sorted(LORA_KEYS))})")
         d = LoraConfig()
         tm = lora.get("target_modules", d.target_modules)
         if isinstance(tm, str):
@@ -384,8 +418,10 @@ def config_from_dict(raw: Mapping, source: str = "config") -> TrainConfig:
     v["learning_rate"] = _float(s, "learning_rate", raw.get("learning_rate", 2e-5), minimum=0)
     v["projector_lr"] = _float(s, "projector_lr", raw.get("projector_lr"), minimum=0, allow_none=True)
     v["weight_decay"] = _float(s, "weight_decay", raw.get("weight_decay", 0.0), minimum=0)
-    v["adam_beta1"] = _float(s, "adam_beta1", raw.get("adam_beta1", 0.9), minimum=0, maximum=1)
-    v["adam_beta2"] = _float(s, "adam_beta2", raw.get("adam_beta2", 0.999), minimum=0, maximum=1)
+    for key, default in (("adam_beta1", 0.9), ("adam_beta2", 0.999)):
+        v[key] = _float(s, key, raw.get(key, default), minimum=0)
+        if v[key] >= 1:  # AdamW divides by 1 - beta**step
+            raise _bad(s, key, f"must be below 1, got {v[key]}")
     v["adam_epsilon"] = _float(s, "adam_epsilon", raw.get("adam_epsilon", 1e-8), minimum=0)
     v["lr_scheduler"] = _str(s, "lr_scheduler", raw.get("lr_scheduler", "cosine"), choices=("cosine", "linear", "constant"))
     v["warmup_ratio"] = _float(s, "warmup_ratio", raw.get("warmup_ratio", 0.03), minimum=0, maximum=1)

@@ -2,6 +2,7 @@
 
 - init_from: a saved STORM model folder (config.json + safetensors + processor), e.g. the
   previous stage's `output_dir/final`; a stage output_dir itself is accepted too (its `final/`).
+  Before the load its files are checked (sizes against its manifest.json, complete safetensors).
 - build: {vision: DIR, llm: DIR, projector: mamba|mlp, **StormConfig fields} -- a local SigLIP
   folder and a local causal-LM folder assembled by `storm_vlm.builder.build_storm` (what
   `storm-vlm build` runs; the projector is freshly initialised with the run's seed).
@@ -26,8 +27,10 @@ from storm_vlm.errors import ConfigError, StormError
 from storm_vlm.model.configuration import StormConfig
 from storm_vlm.model.modeling import StormForConditionalGeneration
 from storm_vlm.model.processing import StormProcessor, default_chat_template
+from storm_vlm.train.checkpoint import CheckpointInvalid, check_model_files
 from storm_vlm.train.config import TrainConfig
 from storm_vlm.train.stages import apply_stage
+from storm_vlm.utils import check_model_dir, did_you_mean
 
 # StormConfig fields a config may change on an existing model (they add no weights).
 OVERRIDABLE = ("temporal_pool_size", "spatial_pool_stride", "temporal_sample_stride", "vision_batch_size")
@@ -35,11 +38,22 @@ SOURCE_DIR = "source-model"
 
 
 def resolve_model_dir(path: str | Path, key: str = "init_from") -> Path:
+    """The STORM model folder `path` names (itself or its final/), checked before the long load: a
+    model of another type, or a weight file cut short (a copy or a stage that stopped), is a
+    ConfigError naming the key and the file."""
     p = Path(path)
-    for cand in (p, p / "final"):
-        if (cand / "config.json").is_file():
-            return cand
-    raise ConfigError(f"key {key!r}: {str(p)!r} is not a STORM model folder (no config.json in it or in its final/)")
+    folder = next((c for c in (p, p / "final") if (c / "config.json").is_file()), None)
+    if folder is None:
+        raise ConfigError(f"key {key!r}: {str(p)!r} is not a STORM model folder (no config.json in it or in its final/)")
+    try:
+        check_model_dir(folder)
+    except StormError as exc:
+        raise ConfigError(f"key {key!r}: {exc}") from None
+    try:
+        check_model_files(folder)
+    except (CheckpointInvalid, OSError) as exc:
+        raise ConfigError(f"key {key!r}: {folder} is damaged: {exc}") from None
+    return folder
 
 
 def _vision_config(vision_dir: Path):
@@ -108,7 +122,8 @@ def check_source_keys(cfg: TrainConfig) -> None:
         allowed.discard("config_overrides")
         for k in section:
             if k not in allowed:
-                raise ConfigError(f"key '{key}.{k}': unknown option (known: {', '.join(sorted(allowed))})")
+                raise ConfigError(f"key '{key}.{k}': unknown option{did_you_mean(str(k), allowed)} "
+                                  f"(known: {', '.join(sorted(allowed))})")
 
 
 def _build_from_parts(build: dict, seed: int):
