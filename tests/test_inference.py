@@ -1,6 +1,8 @@
 """storm_vlm.inference (one loader, one message builder, a predictor that renders once) and
 storm_vlm.precision (one vocabulary, one resolver)."""
 
+import shutil
+
 import pytest
 import torch
 from helpers import random_video
@@ -219,3 +221,12 @@ def test_each_process_of_a_multi_process_run_takes_its_own_gpu(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert resolve_device(None) == torch.device("cuda")
     assert len(current) == 2
+
+
+def test_a_model_folder_whose_weights_are_cut_short_is_one_error_naming_it(qwen2_mamba_dir, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(qwen2_mamba_dir, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy that stopped halfway
+    with pytest.raises(StormError, match=f"{copy}: cannot load the model"):
+        load_model(copy, "cpu", "float32")

@@ -248,3 +248,15 @@ train(yaml.safe_load(open(sys.argv[1])))
     assert not list(out.glob("*.tmp"))
     a, b = load_file(str(ref / "model.safetensors")), load_file(str(final / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("key", ["train_file", "media_root"])
+def test_a_missing_data_path_is_named_before_the_model_loads(data, tmp_path, monkeypatch, key):
+    import storm_vlm.train.trainer as trainer
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data paths were checked")
+
+    monkeypatch.setattr(trainer, "load_model_and_processor", no_loading)
+    with pytest.raises(ConfigError, match=rf"key '{key}': .*missing.* does not exist"):
+        train(base_config(tmp_path / "out", data, **{key: str(tmp_path / "missing")}))

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from safetensors import SafetensorError
 import torch
 from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessorList, TextStreamer
@@ -135,7 +136,7 @@ def load_model(model_dir, device: str | torch.device | None = None, precision: s
             model = AutoModelForImageTextToText.from_pretrained(path, dtype=precision.weights, local_files_only=True,
                                                                 use_safetensors=True)  # never a pickle
             processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a weight file cut short or damaged
         raise StormError(f"{path}: cannot load the model ({exc})") from None
     model = prepare_for_inference(model, torch_device, precision)
     if verbose:

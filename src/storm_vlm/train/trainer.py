@@ -229,6 +229,9 @@ class Trainer:
     def setup(self) -> None:
         cfg, env, acc = self.cfg, self.env, self.accelerator
         self._check_output_dir()
+        for key in ("train_file", "media_root"):  # before anything is written, or a model load of minutes
+            if not Path(getattr(cfg, key)).exists():
+                raise ConfigError(f"key {key!r}: {getattr(cfg, key)} does not exist")
         state = None
         if self.resume_dir is not None:  # before anything is written or loaded
             state = ckpt.read_json(self.resume_dir / ckpt.TRAINER_STATE)
