@@ -5,7 +5,7 @@ import pytest
 from storm_vlm.errors import ConfigError
 from storm_vlm.train.config import load_config, parse_override
 
-BASE = """
+BASE = """\
 stage: sft
 output_dir: runs/x
 train_file: data/train.json
@@ -116,8 +116,13 @@ def test_an_unknown_stage_is_named_before_anything_else(tmp_path):
 
 
 def _build_config(tmp_path, out, vision="no-such-siglip", llm="no-such-llm"):
+    """A config whose data exists and whose model parts do not."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.json").write_text("[]")
     return write(tmp_path, BASE.replace("output_dir: runs/x", f"output_dir: {out}").replace(
-        "tiny: {projector_type: mamba}", f"build: {{vision: {tmp_path / vision}, llm: {tmp_path / llm}}}"))
+        "tiny: {projector_type: mamba}", f"build: {{vision: {tmp_path / vision}, llm: {tmp_path / llm}}}").replace(
+        "train_file: data/train.json", f"train_file: {tmp_path / 'data' / 'train.json'}").replace(
+        "media_root: data", f"media_root: {tmp_path / 'data'}"))
 
 
 def test_errors_found_after_loading_name_the_config_file(tmp_path):

@@ -25,6 +25,7 @@ from storm_vlm.train import checkpoint as ckpt
 from storm_vlm.train import train
 from storm_vlm.train.config import config_from_dict, load_config, read_yaml
 from storm_vlm.train.model_source import check_source_keys
+from test_train_config import BASE
 from train_helpers import base_config, make_dataset, processor_and_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,20 +155,6 @@ def test_a_damaged_init_from_folder_is_named_before_the_model_loads(data, tmp_pa
     (model_folder / "config.json").write_text(json.dumps(dict(config, model_type="qwen2")))
     with pytest.raises(ConfigError, match=r"key 'init_from': .*model_type is 'qwen2', expected 'storm'"):
         train(cfg)
-
-
-BASE = """\
-stage: sft
-output_dir: runs/x
-train_file: data/train.json
-media_root: data
-num_frames: 8
-max_steps: 10
-save_steps: 5
-seed: 0
-tiny: {projector_type: mamba}
-learning_rate: 1.0e-4
-"""
 
 
 @pytest.mark.parametrize("text, overrides, message", [
