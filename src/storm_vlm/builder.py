@@ -5,7 +5,9 @@ causal LM (with its tokenizer) from ordinary transformers folders, adds the `<vi
 special tokens, resizes the embeddings if needed and puts a freshly initialised projector between
 them. The chat template (ChatML or Llama-3, from the tokenizer's turn tokens) ends each answer with a
 token generation stops at; an LLM whose tokenizer has neither format's tokens is refused.
-`save_storm(model, processor, out_dir)` writes both (safetensors) atomically.
+`save_storm(model, processor, out_dir)` writes both (safetensors) atomically. A folder that is not
+a full-precision pretrained release (quantized, .bin-only, weight files cut short, weights that do not
+fit its config.json) is refused with one message naming it, before or instead of a long load.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from storm_vlm.model.processing import (
     default_chat_template,
 )
 from storm_vlm.precision import parse_precision
-from storm_vlm.utils import IMAGE_TOKEN, VIDEO_TOKEN, publish_dir
+from storm_vlm.utils import IMAGE_TOKEN, VIDEO_TOKEN, publish_dir, safetensors_problem
 
 __all__ = ["build_storm", "save_storm", "check_out_dir", "load_parts", "read_part_configs"]
 
@@ -86,22 +88,43 @@ def read_part_configs(vision_dir, llm_dir):
         raise StormError(f"LLM folder {llm_dir}: cannot read config.json ({exc})") from exc
     if lcfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise StormError(f"LLM folder {llm_dir} holds a {lcfg.model_type!r} model, which is not a causal LM")
+    quantized = getattr(lcfg, "quantization_config", None)
+    if quantized:
+        method = quantized.get("quant_method") if isinstance(quantized, dict) else quantized.quant_method
+        raise StormError(f"LLM folder {llm_dir} holds a quantized ({method}) checkpoint, which cannot be "
+                         "trained nor saved as STORM; build from the full-precision release")
     return vcfg, lcfg
 
 
 def _check_safetensors(folder: Path, what: str) -> None:
-    """Weights are read from safetensors only (a pickle can run code): say so for a .bin-only folder."""
+    """Weights are read from safetensors only (a pickle can run code): say so for a .bin-only folder.
+
+    The header of each file transformers reads (model.safetensors or its model-*-of-*.safetensors
+    shards; not e.g. a consolidated.safetensors duplicate) is parsed and must cover the file exactly, so
+    a copy or download cut short, or a Git LFS pointer left by a clone without LFS, is named before any
+    weights load.
+    """
     if not any(folder.glob("*.safetensors")) and any(folder.glob("pytorch_model*.bin")):
         raise StormError(f"{what} folder {folder} holds PyTorch .bin weights only; STORM reads safetensors only "
                          "(pickles can run code): use the release's *.safetensors files")
+    for path in sorted(folder.glob("model*.safetensors")):
+        if (problem := safetensors_problem(path)) is not None:
+            raise StormError(f"{what} folder {folder}: {path.name} is not a complete safetensors file ({problem}); "
+                             "a copy or download cut short, or a Git LFS pointer (run `git lfs pull`)")
 
 
 def _check_complete(folder, what: str, info: dict) -> None:
-    """Pretrained parts must load completely: missing weights would silently be random."""
+    """Pretrained parts must load completely: missing weights, or weights whose shapes do not fit the
+    config.json (an edited image_size, another checkpoint's config), would silently be random."""
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise StormError(f"{what} folder {folder}: the checkpoint lacks {len(missing)} weights ({shown})")
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        key, stored, expected = mismatched[0]
+        raise StormError(f"{what} folder {folder}: {len(mismatched)} of its weights do not fit its config.json "
+                         f"(e.g. {key} is stored as {tuple(stored)}, the config makes it {tuple(expected)})")
 
 
 def _load_tokenizer(llm_dir: Path):
@@ -162,14 +185,15 @@ def load_parts(vision_dir, llm_dir, dtype="auto"):
         try:
             vision, info = SiglipVisionModel.from_pretrained(
                 vision_dir, vision_use_head=False, dtype=torch_dtype or "auto", output_loading_info=True,
-                use_safetensors=True,  # never a pickle
+                use_safetensors=True, ignore_mismatched_sizes=True,  # never a pickle; mismatches: _check_complete
             )
         except (OSError, ValueError) as exc:
             raise StormError(f"vision folder {vision_dir}: cannot load the SigLIP weights ({exc})") from exc
         _check_complete(vision_dir, "vision", info)
         try:
             language_model, info = AutoModelForCausalLM.from_pretrained(
-                llm_dir, dtype=torch_dtype or "auto", output_loading_info=True, use_safetensors=True
+                llm_dir, dtype=torch_dtype or "auto", output_loading_info=True, use_safetensors=True,
+                ignore_mismatched_sizes=True,
             )
         except (OSError, ValueError) as exc:
             raise StormError(
@@ -258,12 +282,18 @@ def _with_stop(eos, fallback, end_of_turn: int):
     return ids[0] if len(ids) == 1 else ids
 
 
-def check_out_dir(out_dir, overwrite: bool = False) -> Path:
+def check_out_dir(out_dir, overwrite: bool = False, sources=()) -> Path:
     """An existing non-empty `out_dir` is a StormError unless `overwrite=True`; a file there always is
-    (overwrite replaces a model folder, never a file)."""
+    (overwrite replaces a model folder, never a file), and so is a folder that is or holds one of
+    `sources` (the pretrained folders the model is built from, which overwriting would delete)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise StormError(f"output folder {out_dir} exists and is a file, not a folder")
+    for source in filter(None, sources):
+        source = Path(source)
+        if source.exists() and out_dir.resolve() in (source.resolve(), *source.resolve().parents):
+            raise StormError(f"output folder {out_dir} is or holds the pretrained folder {source} the model is "
+                             "built from, which it would delete; choose another output folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise StormError(f"output folder {out_dir} already exists and is not empty (use --overwrite)")
     return out_dir
@@ -272,11 +302,19 @@ def check_out_dir(out_dir, overwrite: bool = False) -> Path:
 def save_storm(model, processor, out_dir, overwrite: bool = False) -> Path:
     """Write model (safetensors) + processor to `out_dir` atomically; returns the folder.
 
-    An existing non-empty `out_dir` is an error unless `overwrite=True`.
+    An existing non-empty `out_dir` is an error unless `overwrite=True`, and so is the folder of a
+    part the model was built from (or one above it). The files are written to a hidden
+    `.NAME.partial-*` folder beside `out_dir` and renamed once complete; one left by a save that
+    was killed is removed by the next save to `out_dir`.
     """
-    out_dir = check_out_dir(out_dir, overwrite)
+    sources = (model.vision_tower.config.name_or_path, model.language_model.config.name_or_path)
+    out_dir = check_out_dir(out_dir, overwrite, sources)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    prefix = f".{out_dir.name}.partial-"
+    for stale in out_dir.parent.iterdir():
+        if stale.name.startswith(prefix):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir.parent))
     try:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)

@@ -17,6 +17,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+from safetensors import SafetensorError, safe_open
+
 from storm_vlm.errors import StormError
 
 __all__ = [
@@ -35,6 +37,17 @@ def did_you_mean(word: str, choices) -> str:
     """" (did you mean x?)" with the choice closest to a misspelt `word`, else "" (for error messages)."""
     close = difflib.get_close_matches(word, sorted(choices), n=1)
     return f" (did you mean {close[0]}?)" if close else ""
+
+
+def safetensors_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` is not a complete safetensors file (a copy cut short, a Git LFS pointer, another
+    format), or None. Opening it parses its header, whose tensors must cover the file exactly; no
+    tensor is read."""
+    try:
+        with safe_open(str(path), framework="pt"):
+            return None
+    except (SafetensorError, OSError, ValueError) as exc:
+        return str(exc)
 
 
 def check_int(name: str, value, minimum: int | None = 1, maximum: int | None = None,

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from storm_vlm.builder import build_storm, check_out_dir, save_storm
 
     check_output_folder(args.out, "--out", parent_only=True)  # fail before loading any weights
-    check_out_dir(args.out, args.overwrite)
+    check_out_dir(args.out, args.overwrite, sources=(args.vision, args.llm))
     model, processor = build_storm(
         args.vision,
         args.llm,

@@ -49,11 +49,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from storm_vlm.errors import StormError
-from storm_vlm.utils import atomic_path, atomic_write_json
+from storm_vlm.utils import atomic_path, atomic_write_json, safetensors_problem
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -214,11 +213,8 @@ def _check_trainer_state(folder: Path, step: int) -> dict:
 def _check_safetensors(path: Path) -> None:
     if not path.is_file():
         raise CheckpointInvalid(f"{path.name} is missing")
-    try:
-        with safe_open(str(path), framework="pt"):
-            pass  # opening parses the header and checks that its tensors cover the file exactly
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointInvalid(f"{path.name} is not a complete safetensors file ({exc})") from None
+    if (problem := safetensors_problem(path)) is not None:
+        raise CheckpointInvalid(f"{path.name} is not a complete safetensors file ({problem})")
 
 
 def _weight_files(folder: Path) -> list[str]:
