@@ -10,7 +10,9 @@ inference tensors then fail). ``submit`` therefore runs every job under the stat
 that submitted it.
 
 All jobs share one pool whose workers run with one intra-op thread each: the parallelism comes from
-the jobs, and nested OpenMP teams inside them only slow the scan's many small ops down.
+the jobs, and nested OpenMP teams inside them only slow the scan's many small ops down. A process
+forked after the pool started (a multiprocessing or DataLoader worker, a pre-forking server) gets a
+pool of its own.
 """
 
 from __future__ import annotations
@@ -54,6 +56,17 @@ class ThreadState:
             for dev, dtype in self.autocast:
                 stack.enter_context(torch.autocast(dev, dtype=dtype, cache_enabled=self.autocast_cache))
             yield
+
+
+def _forget_pool():
+    """In a forked child: the parent's workers do not exist there, yet its pool would count them as
+    idle and queue jobs for them forever; the child starts a pool of its own."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _worker_init():

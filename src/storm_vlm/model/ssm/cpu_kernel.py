@@ -36,14 +36,20 @@ decode step has its own switch, see fast_paths).
 ``$XDG_CACHE_HOME/storm_vlm/kernels``, else ``~/.cache/storm_vlm/kernels``), one folder per build
 keyed by the source, compiler version, flags and machine: ``scan-<key>/lib.so`` beside
 ``lib.so.sha256``, the SHA-256 recorded when it was built. A build is compiled in a private
-temporary folder inside the cache and renamed into place whole, so no process sees half of one.
+temporary folder, then written into a private temporary folder inside the cache and renamed into
+place whole, so no process sees half of one. Processes that need the same build at once (the ranks
+of one job, test workers) take turns on a lock of the cache folder, so one compiles and the others
+find its build (where the file system has no locks, each compiles its own; the renames keep that safe).
 Because loading a library runs its code, nothing is loaded from the cache unless the cache folder,
 the build's folder and both files are owned by this user and not writable by group or others
 (checked on open file descriptors, not on path names that could be swapped in between), and the
 library's bytes hash to the recorded value. Those very bytes are then loaded, from an anonymous
 in-memory file (``memfd_create``), so the file cannot change between the check and the load. On any
 failed check: a warning (once per cause) and a fresh build in a private temporary folder, loaded the
-same way and deleted; never the unverified file. Without a compiler, or when every build fails,
+same way and deleted; never the unverified file. A build of this user's that lacks a file or fails
+its hash (a crash or a full disk while it was saved) is replaced by that fresh build. A cache that
+cannot be used at all (no home folder, a read-only or full disk) costs the same warning and a
+private build per process, never the kernels. Without a compiler, or when every build fails,
 ``load()`` warns once and returns None, and the pure-PyTorch scan is used instead.
 
 Why ctypes and not a torch C++ extension: the kernel needs no torch headers, so it builds in
@@ -53,7 +59,9 @@ blocks scanned in worker threads really run in parallel.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import functools
 import hashlib
 import logging
@@ -64,11 +72,17 @@ import stat
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: the cache is not used there (see _private_cache)
+    fcntl = None
 
 __all__ = ["load", "load_library", "build", "enabled", "switched_off", "switched_on", "scan_forward", "scan_backward",
            "cache_dir", "cpu_flags", "detect_isa", "selected_isa", "ISAS", "Isa", "UnsafeCacheError"]
@@ -113,6 +127,11 @@ class UnsafeCacheError(RuntimeError):
     """A cache folder or file that another user could have written, or a library that fails its hash."""
 
 
+class _DamagedBuild(UnsafeCacheError):
+    """A build folder that passed the ownership checks (only this user wrote it) but lacks a file or
+    fails its hash: a crash or a full disk while it was saved. Replaced, never loaded."""
+
+
 OFF_VALUES = ("0", "false", "off", "no")  # what turns a STORM_VLM_*_KERNEL switch off
 
 
@@ -132,10 +151,14 @@ def enabled() -> bool:
     return not switched_off(ENV_SWITCH)
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("STORM_VLM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "storm_vlm")
-    return Path(root) / "kernels"
+def cache_dir() -> Path | None:
+    """Where builds are cached (see the module docstring); None when no variable names a folder and
+    this user has no home folder (HOME unset and no passwd entry, as in a container run under an
+    arbitrary uid), where "~" would otherwise become a folder named "~" in the working directory."""
+    if os.environ.get("STORM_VLM_CACHE"):
+        return Path(os.environ["STORM_VLM_CACHE"]) / "kernels"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return None if base.startswith("~") else Path(base) / "storm_vlm" / "kernels"
 
 
 def _warn_once(msg: str, *args) -> None:
@@ -193,10 +216,17 @@ def selected_isa(want: str | None = None) -> str:
 
 # ----------------------------------------------------------------------------- build
 def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
+    """The path of ``$CC``, else of cc / gcc / clang, whichever is found first. ``$CC`` must name one
+    program (a name on PATH or a path, without options: the cache key does not see options); one
+    that is not found is warned about, not silently replaced."""
+    want = os.environ.get("CC", "").strip()
+    if want and shutil.which(want):
+        return shutil.which(want)
+    found = next(filter(None, map(shutil.which, ("cc", "gcc", "clang"))), None)
+    if want:
+        _warn_once("storm_vlm: CC=%s is not a program found on PATH (name one compiler, without options); "
+                   "building the CPU kernels with %s", want, found or "nothing: none of cc, gcc, clang is installed")
+    return found
 
 
 def _flags(isa: Isa, lanes: int) -> list[str]:
@@ -212,9 +242,10 @@ def _key(cc: str, isa: Isa, lanes: int) -> str:
 
 
 def _compile(cc: str, isa: Isa, lanes: int, folder: Path) -> bytes:
-    """Compile into ``folder``/lib.so and write its recorded hash beside it; returns the library's bytes.
-    Each source compiles in a process of its own, side by side (the build takes as long as its
-    slowest source where there are cores for them), then the objects are linked and removed."""
+    """Compile into ``folder``/lib.so and return the library's bytes. Each source compiles in a
+    process of its own, side by side (the build takes as long as its slowest source where there are
+    cores for them), then the objects are linked and removed. A failure raises RuntimeError with the
+    first failing source's errors (a broken toolchain fails every source the same way)."""
     lib = folder / LIB_NAME
     flags = [*_flags(isa, lanes), f"-I{HEADER.parent}"]
     objects = [folder / f"{p.stem}.o" for p in SOURCES]
@@ -229,12 +260,12 @@ def _compile(cc: str, isa: Isa, lanes: int, folder: Path) -> bytes:
                 proc.kill()
                 err = proc.communicate()[1] + "\n(timed out after 300 s)"
             if proc.returncode != 0:
-                errors.append(f"{source.name}: {err.strip()[-1000:]}")
+                errors.append(f"{source.name}: {err.strip()[-1000:] or f'exit status {proc.returncode}'}")
         if not errors:
             link = subprocess.run([cc, *flags, "-o", str(lib), *map(str, objects)], capture_output=True, text=True,
                                   timeout=300)
             if link.returncode != 0:
-                errors.append(f"linking: {link.stderr.strip()[-1000:]}")
+                errors.append(f"linking: {link.stderr.strip()[-1000:] or f'exit status {link.returncode}'}")
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -243,12 +274,18 @@ def _compile(cc: str, isa: Isa, lanes: int, folder: Path) -> bytes:
         for o in objects:
             o.unlink(missing_ok=True)
     if errors:
-        raise RuntimeError(f"{cc} failed for {isa.name}: " + "; ".join(errors))
-    data = lib.read_bytes()
-    (folder / HASH_NAME).write_text(hashlib.sha256(data).hexdigest() + "\n")
-    for n in (LIB_NAME, HASH_NAME):  # whatever the umask: the loader refuses group/world-writable files
-        os.chmod(folder / n, 0o600)
-    return data
+        count = f" ({len(errors)} of {len(SOURCES)} sources)" if len(errors) > 1 else ""
+        raise RuntimeError(f"{cc} failed for {isa.name}{count}: {errors[0]}")
+    return lib.read_bytes()
+
+
+def _compile_private(cc: str, isa: Isa, lanes: int) -> bytes:
+    """Compile in a private temporary folder (0700, in $TMPDIR), removed afterwards."""
+    tmp = Path(tempfile.mkdtemp(prefix="storm_vlm_scan_"))
+    try:
+        return _compile(cc, isa, lanes, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_private(st: os.stat_result, what: str, kind) -> None:
@@ -309,7 +346,7 @@ def _read_verified(cache: Path, name: str) -> bytes | None:
                 except FileNotFoundError:
                     for fd in fds:
                         os.close(fd)
-                    raise UnsafeCacheError(f"kernel build folder {cache / name} has no {n}") from None
+                    raise _DamagedBuild(f"kernel build folder {cache / name} has no {n}") from None
             try:
                 data, recorded = (_read_all(fd) for fd in fds)
             finally:
@@ -320,15 +357,18 @@ def _read_verified(cache: Path, name: str) -> bytes | None:
     finally:
         os.close(root)
     if hashlib.sha256(data).hexdigest() != recorded.decode("ascii", "replace").strip():
-        raise UnsafeCacheError(f"kernel library {cache / name / LIB_NAME} does not match its recorded SHA-256")
+        raise _DamagedBuild(f"kernel library {cache / name / LIB_NAME} does not match its recorded SHA-256")
     return data
 
 
 def _private_cache() -> Path:
-    """The cache folder, created private (0700) when missing; raises UnsafeCacheError when it is not."""
+    """The cache folder, created private (0700) when missing; raises UnsafeCacheError when it is not,
+    OSError when there is none or it cannot be created."""
     if not hasattr(os, "geteuid"):
         raise UnsafeCacheError("file ownership cannot be checked on this platform")
     cache = cache_dir()
+    if cache is None:
+        raise OSError("HOME is unset and this user has no home folder")
     cache.parent.mkdir(parents=True, exist_ok=True)
     try:
         cache.mkdir(mode=0o700)
@@ -338,35 +378,105 @@ def _private_cache() -> Path:
     return cache
 
 
-def _library_bytes(cc: str, isa: Isa, lanes: int) -> tuple[bytes, str]:
-    """(the library's bytes, where they came from): a verified cached build, a new one published
-    into the cache, or, when the cache fails a check, a build in a private temporary folder."""
+_LOCK_WAIT_S = 900  # longer than a build may take (its compile and link time out at 300 s each)
+
+
+@contextlib.contextmanager
+def _cache_lock(cache: Path):
+    """Hold the cache folder's lock (``flock`` on the folder itself: no lock file to leave behind)
+    while a build is looked up, compiled and saved, so processes needing it at once compile it once.
+    Where the file system has no locks, or the holder does not finish in _LOCK_WAIT_S (a stopped
+    process), go on without: saving a build is atomic either way."""
+    fd = os.open(cache, _DIR_FLAGS)
     try:
-        cache = _private_cache()
-        name = f"scan-{isa.name}-{lanes}-{_key(cc, isa, lanes)}"
-        data = _read_verified(cache, name)
-        if data is not None:
-            return data, str(cache / name / LIB_NAME)
+        deadline = time.monotonic() + _LOCK_WAIT_S
+        while fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            except OSError:
+                break
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _write_private(folder: Path, name: str, data: bytes) -> None:
+    """Write a new file folder/name, mode 0600 whatever the umask (the loader refuses files others
+    can write), synced to disk."""
+    fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)  # on disk before the rename makes it visible: no empty library after a power loss
+    finally:
+        os.close(fd)
+
+
+def _publish(cache: Path, name: str, data: bytes, replace: bool = False) -> bool:
+    """Save a build as cache/name: written into a private temporary folder in the cache, then renamed
+    into place whole. ``replace``: a damaged build of this user's is there, removed first. True when
+    the build is there now (ours, or another process's that won the race); False, with a warning,
+    when the cache cannot take it (a read-only folder, a full disk)."""
+    try:
+        if replace:
+            trash = tempfile.mkdtemp(prefix=".damaged-", dir=cache)
+            os.rename(cache / name, os.path.join(trash, name))
+            shutil.rmtree(trash, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))  # 0700, ours
         try:
-            data = _compile(cc, isa, lanes, tmp)
+            _write_private(tmp, LIB_NAME, data)
+            _write_private(tmp, HASH_NAME, (hashlib.sha256(data).hexdigest() + "\n").encode())
             try:
-                os.rename(tmp, cache / name)  # whole folder at once; fails if another process won
-            except OSError:
-                pass
+                os.rename(tmp, cache / name)
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        data = _read_verified(cache, name)  # ours or the winner's, checked like any cached build
-        if data is None:
-            raise UnsafeCacheError(f"kernel build folder {cache / name} vanished after it was written")
-        return data, str(cache / name / LIB_NAME)
-    except UnsafeCacheError as exc:
-        _warn_once("storm_vlm: not loading the cached scan kernel (%s); building a private copy instead", exc)
-    tmp = Path(tempfile.mkdtemp(prefix="storm_vlm_scan_"))
+    except OSError as exc:
+        _warn_once("storm_vlm: cannot save the CPU kernels in %s (%s); every new process builds them again",
+                   cache, exc)
+        return False
+    return True
+
+
+_UNSAFE = "storm_vlm: not loading the cached scan kernel (%s); building a private copy instead"
+
+
+def _library_bytes(cc: str, isa: Isa, lanes: int) -> tuple[bytes, str]:
+    """(the library's bytes, where they came from): a verified cached build, a new one saved into the
+    cache, or, when the cache fails a check or cannot be used, a build in a private temporary folder."""
+    name = f"scan-{isa.name}-{lanes}-{_key(cc, isa, lanes)}"
+    private = "a private temporary build"
     try:
-        return _compile(cc, isa, lanes, tmp), "a private temporary build"
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        cache = _private_cache()
+    except UnsafeCacheError as exc:
+        _warn_once(_UNSAFE, exc)
+        return _compile_private(cc, isa, lanes), private
+    except OSError as exc:  # no home folder, a read-only or full disk: the kernels all the same
+        _warn_once("storm_vlm: no kernel cache (%s); every new process builds the CPU kernels again "
+                   "(set STORM_VLM_CACHE to a writable folder)", exc)
+        return _compile_private(cc, isa, lanes), private
+    with _cache_lock(cache):
+        try:
+            data = _read_verified(cache, name)
+        except UnsafeCacheError as exc:
+            _warn_once(_UNSAFE, exc)
+            data = _compile_private(cc, isa, lanes)
+            if isinstance(exc, _DamagedBuild):
+                _publish(cache, name, data, replace=True)
+            return data, private
+        if data is not None:
+            return data, str(cache / name / LIB_NAME)
+        data = _compile_private(cc, isa, lanes)
+        return data, str(cache / name / LIB_NAME) if _publish(cache, name, data) else private
 
 
 _memfds: list[int] = []  # kept open: the dynamic loader identifies a library by its path name, and
@@ -482,7 +592,7 @@ def load_library(isa: str | None = None, lanes: int | None = None) -> ctypes.CDL
                     break
         if lib is None:
             _warn_once("storm_vlm: CPU kernels unavailable, using PyTorch for the scan, the decode step, GELU, "
-                       "conv, LayerNorm and attention (%s)", "; ".join(errors))
+                       "conv, LayerNorm and attention (%s)", errors[-1])  # the narrowest path's cause
         elif errors:
             _warn_once("storm_vlm: CPU kernel path %s did not build, using %s (%s)", name, lib.storm_isa,
                        "; ".join(errors))
