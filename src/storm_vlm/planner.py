@@ -28,10 +28,11 @@ from storm_vlm.errors import StormError
 from storm_vlm.utils import check_int
 
 __all__ = ["PlanOption", "Plan", "plan", "fit_stride", "frame_candidates", "format_bytes", "DEFAULT_STRIDES",
-           "context_of"]
+           "MAX_FRAMES", "MAX_STRIDE", "context_of"]
 
 DEFAULT_STRIDES = (1, 2, 4, 8)
 MAX_STRIDE = 64  # what the server accepts for temporal_sample_stride
+MAX_FRAMES = 2**20  # over nine hours at 30 fps; the cost model's per-chunk arithmetic stays instant up to here
 
 
 def context_of(config) -> int:
@@ -101,12 +102,12 @@ def frame_candidates(minutes: float | None = None, max_frames: int = 1024, max_f
                      min_frames: int = 8) -> list[int]:
     """Frame counts to consider: powers of two from `min_frames` up to `max_frames`, no more than
     `minutes` of video holds at `max_fps` (that count itself is a candidate when it is smaller)."""
-    check_int("max_frames", max_frames, 1, error=StormError)
+    check_int("max_frames", max_frames, 1, MAX_FRAMES, error=StormError)
+    _check_positive("max_fps", max_fps)
     cap = max_frames
     if minutes is not None:
-        if not (isinstance(minutes, (int, float)) and math.isfinite(minutes) and minutes > 0):
-            raise StormError(f"minutes must be a positive number, got {minutes!r}")
-        cap = max(1, min(cap, int(minutes * 60 * max_fps)))
+        _check_positive("minutes", minutes)
+        cap = max(1, int(min(cap, minutes * 60 * max_fps)))  # min first: int() refuses the inf a huge `minutes` gives
     out = []
     n = min_frames
     while n <= cap:
@@ -115,6 +116,13 @@ def frame_candidates(minutes: float | None = None, max_frames: int = 1024, max_f
     if not out or out[-1] != cap:
         out.append(cap)
     return sorted(set(out))
+
+
+def _check_positive(name: str, value) -> float:
+    """`value` if it is a finite number > 0; StormError naming `name` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise StormError(f"{name} must be a finite number > 0, got {value!r}")
+    return value
 
 
 def _option(config, frames, stride, context, text_tokens, answer_tokens, minutes, hardware, bytes_per_el):
@@ -160,9 +168,12 @@ def plan(config, context: int | None = None, *, minutes: float | None = None, fr
                              f"(max_position_embeddings {limit}): give at most {limit}")
     check_int("text_tokens", text_tokens, 0, error=StormError)
     check_int("answer_tokens", answer_tokens, 0, error=StormError)
-    strides = sorted({check_int("stride", s, 1, error=StormError) for s in strides})
+    if max_prefill_s is not None:
+        _check_positive("max_prefill_s", max_prefill_s)
+    # strides past MAX_STRIDE would be advice that `chat` and the server refuse
+    strides = sorted({check_int("stride", s, 1, MAX_STRIDE, error=StormError) for s in strides})
     frames = frame_candidates(minutes, max_frames, max_fps) if frames is None else sorted(
-        {check_int("frames", f, 1, error=StormError) for f in frames})
+        {check_int("frames", f, 1, MAX_FRAMES, error=StormError) for f in frames})
     options = []
     for f in frames:
         seen = set()

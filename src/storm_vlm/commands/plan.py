@@ -72,7 +72,9 @@ def load_config(args):
     if args.real_size:
         from storm_vlm.perf.costmodel import real_config
 
-        return real_config(temporal_pool_size=args.temporal_pool or 1, spatial_pool_stride=args.spatial_pool or 1)
+        pools = {flag: check_int(flag, 1 if value is None else value, error=StormError)
+                 for flag, value in (("--temporal-pool", args.temporal_pool), ("--spatial-pool", args.spatial_pool))}
+        return real_config(temporal_pool_size=pools["--temporal-pool"], spatial_pool_stride=pools["--spatial-pool"])
     if args.temporal_pool is not None or args.spatial_pool is not None:
         raise StormError("--temporal-pool / --spatial-pool go with --real-size: a model folder's pooling is trained")
     path = check_model_dir(args.model)
@@ -82,6 +84,21 @@ def load_config(args):
         return StormConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise StormError(f"{path}: cannot read the model's config ({exc})") from None
+
+
+def _nothing_fits(result, args) -> str:
+    """Why no option was picked, and which flag to change."""
+    room = result.context - result.text_tokens - result.answer_tokens
+    least = min(result.options, key=lambda o: o.visual_tokens, default=None)
+    if room <= 0:
+        return (f"nothing fits: the {result.text_tokens} text and {result.answer_tokens} answer tokens alone fill the "
+                f"context of {result.context}; lower --text-tokens / --answer-tokens or raise --context")
+    if least is not None and least.visual_tokens > room:
+        return (f"nothing fits: {room} positions are left for the video, and the fewest visual tokens of any option "
+                f"are {least.visual_tokens} ({least.frames} frames at s={least.sample_stride}); fewer frames, a larger "
+                "stride, or a larger context")
+    return (f"nothing fits: no option that fits the context predicts a prefill within --max-prefill-s "
+            f"{args.max_prefill_s:g} s on {result.hardware}; raise it or give faster hardware figures")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
           f"(cost model, {args.bytes_per_element} bytes per element; memory = weights + peak activations + KV)")
     print(result.table())
     if result.chosen is None:
-        print("nothing fits: fewer frames, a larger stride, or a larger context", file=sys.stderr)
+        print(_nothing_fits(result, args), file=sys.stderr)
     else:
         c = result.chosen
         fps = "" if c.fps is None else f" ({c.fps:.3g} fps over {args.minutes:g} min)"

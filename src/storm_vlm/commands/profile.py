@@ -8,9 +8,13 @@ plots, and prints the table. See `storm_vlm.perf.profiler` for what is timed and
 from __future__ import annotations
 
 import argparse
+import math
+import sys
+from pathlib import Path
 
 from storm_vlm.commands import add_precision_argument, check_output_folder, int_list
 from storm_vlm.errors import StormError
+from storm_vlm.planner import MAX_FRAMES
 from storm_vlm.utils import check_int
 
 COMPRESSION_HELP = (
@@ -19,12 +23,27 @@ COMPRESSION_HELP = (
 )
 
 
-def _int_list(text: str, flag: str) -> list[int]:
-    """`int_list` for a value that may come from the config as well as from the command line."""
+def _frame_list(text: str, flag: str) -> list[int]:
+    """Frame counts (`int_list`, up to the planner's MAX_FRAMES) from the command line or the config,
+    each once, in the order given."""
     try:
-        return int_list(text)
+        values = list(dict.fromkeys(int_list(text)))
     except argparse.ArgumentTypeError as exc:
         raise StormError(f"{flag}: {exc}") from None
+    for value in values:
+        check_int(flag, value, 1, MAX_FRAMES, error=StormError)
+    return values
+
+
+def _check_sources(args) -> None:
+    """Exactly one of MODEL_DIR and --config, each of its own kind: a saved model is a folder, a
+    profile config a YAML file."""
+    if (args.model_dir is None) == (args.config is None):
+        raise StormError("give exactly one of MODEL_DIR or --config CONFIG")
+    if args.config is not None and Path(args.config).is_dir():
+        raise StormError(f"--config {args.config}: a folder; give a saved model folder as MODEL_DIR, without --config")
+    if args.model_dir is not None and Path(args.model_dir).is_file():
+        raise StormError(f"{args.model_dir}: a file, not a model folder; give a profile YAML as --config CONFIG")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,9 +93,11 @@ def run(args: argparse.Namespace) -> int:
         profile_model,
     )
     from storm_vlm.perf.report import format_table, plot_profile, write_profile
+    from storm_vlm.precision import cpu_has_fast_bf16
 
-    if (args.model_dir is None) == (args.config is None):
-        raise StormError("give exactly one of MODEL_DIR or --config CONFIG")
+    _check_sources(args)
+    if args.max_memory_gb is not None and not (math.isfinite(args.max_memory_gb) and args.max_memory_gb > 0):
+        raise StormError(f"--max-memory-gb must be a finite number > 0, got {args.max_memory_gb}")
     defaults: dict = {}
     config = None
     if args.config is not None:
@@ -88,12 +109,12 @@ def run(args: argparse.Namespace) -> int:
     frames = pick(args.frames, "frames", "4,8,16,32,64,128,256")
     comp = pick(args.compression, "compression", "1,4,8")
     try:
-        compressions = parse_compressions(str(comp))
+        compressions = list(dict.fromkeys(parse_compressions(str(comp))))
     except ValueError as exc:
         raise StormError(f"--compression: {exc}") from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     settings = ProfileSettings(
-        frames=_int_list(str(frames), "--frames"),
+        frames=_frame_list(str(frames), "--frames"),
         compressions=compressions,
         repeats=pick(args.repeats, "repeats", 3),
         warmup=pick(args.warmup, "warmup", 1),
@@ -129,6 +150,9 @@ def run(args: argparse.Namespace) -> int:
         enable_fast_paths(model, compile_decode=True)
         source += " (compiled decode step)"
     print(host_summary())
+    if settings.resolved.autocast == torch.bfloat16 and device == "cpu" and not cpu_has_fast_bf16():
+        print("note: this CPU has no native bf16 (oneDNN's check): bfloat16 is emulated here and far slower than "
+              "float32 (--precision auto picks float32 on it)", file=sys.stderr)
     result = profile_model(model, settings, source=source)
     path = write_profile(result, args.output)
     print(format_table(result))
