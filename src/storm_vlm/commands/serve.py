@@ -43,6 +43,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the longest one video may take to decode (default: 60)")
     parser.add_argument("--max-queue", type=int, default=64, metavar="Q",
                         help="requests waiting at most; beyond, 503 with Retry-After (default: 64)")
+    parser.add_argument("--max-queue-frames", type=int, default=None, metavar="F",
+                        help="video frames waiting at most (each held decoded in memory); beyond, 503 with Retry-After "
+                             "(default: --max-queue x --frames)")
     parser.add_argument("--video-cache-mb", type=float, default=512, metavar="MB",
                         help="memory on the model's device for the visual tokens of recent videos, so a video asked "
                              "about again (the next turn of a conversation) is not encoded again (default: 512; 0: off)")
@@ -101,7 +104,8 @@ def check_engine_arguments(args: argparse.Namespace) -> None:
             raise StormError(f"--{flag.replace('_', '-')} must be between 0 and {2**30}, got {getattr(args, flag)}")
     if not 0 < args.decode_timeout <= 86400:
         raise StormError(f"--decode-timeout must be between 0 and 86400 seconds, got {args.decode_timeout}")
-    for flag in ("max_new_tokens", "max_batch_size", "max_queue", "max_batch_frames", "max_concurrent_decodes"):
+    for flag in ("max_new_tokens", "max_batch_size", "max_queue", "max_queue_frames", "max_batch_frames",
+                 "max_concurrent_decodes"):
         if getattr(args, flag) is not None:
             check_int("--" + flag.replace("_", "-"), getattr(args, flag), error=StormError)
     check_model_dir(args.model)
@@ -116,7 +120,8 @@ def load_engine(args: argparse.Namespace):
     return StormEngine(args.model, device=args.device, precision=args.precision, default_frames=args.frames,
                        max_frames=args.max_frames, max_new_tokens_limit=args.max_new_tokens,
                        max_batch_size=args.max_batch_size, max_batch_frames=args.max_batch_frames,
-                       max_queue=args.max_queue, decode_timeout_s=args.decode_timeout,
+                       max_queue=args.max_queue, max_queue_frames=args.max_queue_frames,
+                       decode_timeout_s=args.decode_timeout,
                        video_cache_mb=args.video_cache_mb, prefix_cache_mb=args.prefix_cache_mb, verbose=True)
 
 

@@ -28,10 +28,13 @@ __all__ = ["video_keys", "VideoTokenCache", "PrefixCache"]
 def video_keys(videos, stride: int | None, by_content: bool = True) -> list[tuple]:
     """A key per video ((T, H, W, 3) uint8 arrays): a SHA-256 of its frames' bytes, shape and dtype
     with `stride`; or, without `by_content`, the array's identity (enough to find the copies of one
-    array inside one batch, without hashing)."""
-    if not by_content:
-        return [(id(video), stride) for video in videos]
-    return [(*array_key(video), stride) for video in videos]
+    array inside one batch, without hashing). An array given more than once (the choices of a
+    request with n > 1 share their videos) is hashed once."""
+    named: dict[int, tuple] = {}
+    for video in videos:
+        if id(video) not in named:
+            named[id(video)] = (*array_key(video), stride) if by_content else (id(video), stride)
+    return [named[id(video)] for video in videos]
 
 
 class _BoundedLRU:

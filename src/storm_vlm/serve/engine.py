@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 import math
 import queue
 import threading
@@ -51,6 +52,8 @@ from storm_vlm.video import load_video
 
 __all__ = ["StormEngine", "SamplingParams", "RequestHandle", "Completion", "EngineBusy", "RequestError",
            "ContextTooLong", "MAX_OPTIONS", "MAX_OPTION_CHARS", "MAX_QUESTION_CHARS"]
+
+log = logging.getLogger("storm_vlm.serve")
 
 MAX_QUESTION_CHARS = 8000
 MAX_OPTIONS = 26
@@ -146,6 +149,11 @@ class _Prepared:
         return sum(len(v) for v in self.videos)
 
 
+def _frames(videos) -> int:
+    """Frames of `videos`, each array counted once (a request's choices share its videos)."""
+    return sum(len(v) for v in {id(v): v for v in videos}.values())
+
+
 def _request_error(exc: Exception) -> RequestError:
     if isinstance(exc, StormError):
         return RequestError(str(exc))
@@ -159,15 +167,17 @@ class RequestHandle:
 
     _ids = itertools.count()
 
-    def __init__(self, prepared: _Prepared, loop: asyncio.AbstractEventLoop | None = None):
+    def __init__(self, prepared: _Prepared, loop: asyncio.AbstractEventLoop | None = None, on_cancel=None):
         self.id = next(self._ids)
         self.prepared = prepared
         self.submitted = time.perf_counter()
         self._cancel = threading.Event()
+        self._on_cancel = on_cancel  # called with the handle by `cancel()` (the engine's queue lets it go)
         self._loop = loop
         self._queue: asyncio.Queue | queue.Queue = asyncio.Queue() if loop is not None else queue.Queue()
         self._outcome: Completion | Exception | None = None
         self.finished = False  # its "done" or "error" has been emitted
+        self.streamed = False  # a "delta" has been emitted
 
     @property
     def cancelled(self) -> bool:
@@ -175,9 +185,12 @@ class RequestHandle:
 
     def cancel(self) -> None:
         self._cancel.set()
+        if self._on_cancel is not None:
+            self._on_cancel(self)
 
     def emit(self, kind: str, payload) -> None:
         self.finished = self.finished or kind in ("done", "error")
+        self.streamed = self.streamed or kind == "delta"
         if self._loop is not None:
             try:
                 self._loop.call_soon_threadsafe(self._queue.put_nowait, (kind, payload))
@@ -314,6 +327,10 @@ class StormEngine:
             memory; a request with more frames runs alone); default: max_batch_size requests of
             default_frames, at least max_frames.
         max_queue: requests waiting at most; beyond, `submit` raises EngineBusy.
+        max_queue_frames: video frames waiting at most (each is held decoded in memory until its
+            batch runs; the choices of one request share theirs); beyond, `submit` raises
+            EngineBusy, except for a request that finds no frames waiting. Default: max_queue
+            requests of default_frames.
         decode_timeout_s: the longest a request's video may take to decode (DecodeTimeout).
         video_cache_mb: memory (on the model's device) for the visual tokens of recent videos, so
             a video asked about again is not encoded again (`VideoTokenCache`; 0: off).
@@ -323,7 +340,8 @@ class StormEngine:
 
     def __init__(self, model_dir, *, device: str | None = None, precision: str = "auto", default_frames: int = 32,
                  max_frames: int = 256, max_new_tokens_limit: int = 1024, max_batch_size: int = 8,
-                 max_batch_frames: int | None = None, max_queue: int = 64, decode_timeout_s: float = 60.0,
+                 max_batch_frames: int | None = None, max_queue: int = 64, max_queue_frames: int | None = None,
+                 decode_timeout_s: float = 60.0,
                  video_cache_mb: float = 512, prefix_cache_mb: float = 1024, verbose: bool = False):
         self.model_dir = check_model_dir(model_dir)
         self.max_frames = _check_int("max_frames", max_frames, 1)
@@ -333,6 +351,8 @@ class StormEngine:
         self.max_batch_frames = _check_int(
             "max_batch_frames", max_batch_frames or max(self.max_frames, self.max_batch_size * self.default_frames), 1)
         self.max_queue = _check_int("max_queue", max_queue, 1)
+        self.max_queue_frames = _check_int("max_queue_frames",
+                                           max_queue_frames or self.max_queue * self.default_frames, 1)
         self.decode_timeout_s = _check_float("decode_timeout_s", decode_timeout_s, 0.001, 86400)
         self.video_cache = VideoTokenCache(int(_check_float("video_cache_mb", video_cache_mb, 0, 2**30) * 2**20))
         self.predictor = Predictor.from_pretrained(self.model_dir, device, precision, verbose=verbose)
@@ -385,7 +405,7 @@ class StormEngine:
             "defaults": {"frames": self.default_frames, "visual_tokens": cfg.num_visual_tokens(self.default_frames)},
             "limits": {"max_frames": self.max_frames, "max_new_tokens": self.max_new_tokens_limit,
                        "max_batch_size": self.max_batch_size, "max_batch_frames": self.max_batch_frames,
-                       "max_queue": self.max_queue,
+                       "max_queue": self.max_queue, "max_queue_frames": self.max_queue_frames,
                        "max_options": MAX_OPTIONS, "max_option_chars": MAX_OPTION_CHARS,
                        "max_question_chars": MAX_QUESTION_CHARS},
             "video_cache": {"max_mb": round(self.video_cache.max_bytes / 2**20, 3),
@@ -523,20 +543,35 @@ class StormEngine:
     def submit(self, prepared: _Prepared, videos: Sequence[np.ndarray] = (),
                loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
         """Queue a prepared request with its videos ((T, H, W, 3) uint8 each, no more frames than
-        `prepare` was told); EngineBusy when `max_queue` requests are already waiting."""
+        `prepare` was told); EngineBusy when `max_queue` requests are already waiting, or when its
+        frames would take the frames waiting past `max_queue_frames`."""
         layout = self.config.visual_token_layout.with_sample_stride(prepared.stride)
         prepared.videos = list(videos)
         prepared.visual_tokens = sum(layout.num_tokens(len(v)) for v in prepared.videos)
-        handle = RequestHandle(prepared, loop)
+        handle = RequestHandle(prepared, loop, on_cancel=self._withdraw)
         with self._wakeup:
             if self._closed:
                 raise StormError("the engine is shut down")
             if len(self._waiting) >= self.max_queue:
                 raise EngineBusy(f"{len(self._waiting)} requests are waiting already; try again later",
                                  retry_after=self._retry_after())
+            waiting = [v for h in self._waiting for v in h.prepared.videos]
+            if waiting and _frames(waiting + prepared.videos) > self.max_queue_frames:
+                raise EngineBusy(f"{_frames(waiting)} video frames are waiting already (at most "
+                                 f"{self.max_queue_frames}); try again later", retry_after=self._retry_after())
             self._waiting.append(handle)
             self._wakeup.notify()
         return handle
+
+    def _withdraw(self, handle: RequestHandle) -> None:
+        """A cancelled request that is still waiting (its client hung up) leaves the queue at once:
+        its place is free for the next request and its frames are no longer held for nobody."""
+        with self._wakeup:
+            try:
+                self._waiting.remove(handle)
+            except ValueError:  # the worker has it already, or it is done
+                return
+        handle.emit("done", Completion("", "cancelled", 0, 0, 0, {}))
 
     def _retry_after(self) -> int:
         per_batch = sum(self._recent_s) / len(self._recent_s) if self._recent_s else 1.0
@@ -579,25 +614,41 @@ class StormEngine:
 
     def _work(self) -> None:
         while (batch := self._next_batch()) is not None:
-            live = []
-            for handle in batch:
-                if handle.cancelled:
-                    handle.emit("done", Completion("", "cancelled", 0, 0, 0, {}))
-                else:
-                    live.append(handle)
-            if not live:
-                continue
             started = time.perf_counter()
-            try:
-                with self.model_lock:
-                    self._run(live, started)
-            except Exception as exc:  # reported to the batch's unanswered requests; the worker goes on
-                error = exc if isinstance(exc, StormError) else StormError(
-                    f"generation failed ({type(exc).__name__}: {exc})")
-                for handle in live:
-                    if not handle.finished:
-                        handle.emit("error", error)
-            self._recent_s.append(time.perf_counter() - started)
+            if self._run_or_fail(batch, started):
+                self._recent_s.append(time.perf_counter() - started)
+
+    def _run_or_fail(self, handles: list[RequestHandle], started: float) -> bool:
+        """Run the requests of `handles` not cancelled as one batch (False: all were). When that
+        raises, each request that has shown nothing yet runs again alone, so one request the model
+        cannot take (or a batch too large for the device's memory) fails only itself; the others are
+        told the error (the server's, a 503). The worker goes on either way; an error that is not a
+        StormError goes to the log with its traceback."""
+        live = []
+        for handle in handles:
+            if handle.cancelled:
+                handle.emit("done", Completion("", "cancelled", 0, 0, 0, {}))
+            else:
+                live.append(handle)
+        if not live:
+            return False
+        try:
+            with self.model_lock:
+                self._run(live, started)
+            return True
+        except StormError as exc:
+            error = exc
+        except Exception as exc:
+            log.error("a batch of %d requests failed", len(live), exc_info=exc)
+            error = StormError(f"generation failed ({type(exc).__name__}: {exc})")
+        for handle in live:
+            if handle.finished:
+                continue
+            if len(live) > 1 and not handle.streamed:
+                self._run_or_fail([handle], started)
+            else:
+                handle.emit("error", error)
+        return True
 
     def _encode(self, handles: list[RequestHandle]):
         """The processor's inputs of `handles` as one batch (videos padded, prompts left-padded)."""
@@ -635,8 +686,9 @@ class StormEngine:
         if first.sampling.seed is not None:
             torch.manual_seed(first.sampling.seed)
         kept = self.video_cache.max_bytes or self.prefix_cache.max_bytes  # keys must then name the frames
-        keys = [(*key, h.prepared.cache_salt) for h in handles
-                for key in video_keys(h.prepared.videos, first.stride, by_content=bool(kept))]
+        salts = [h.prepared.cache_salt for h in handles for _ in h.prepared.videos]
+        keys = [(*key, salt) for key, salt in zip(video_keys([v for h in handles for v in h.prepared.videos],
+                                                             first.stride, by_content=bool(kept)), salts)]
         alone = (len(handles) == 1 and self.prefix_cache.max_bytes > 0
                  and self.model.generation_config.cache_implementation is None)  # a static cache is generate's own
         prefix_keys = [*keys, ("cache_salt", first.cache_salt)]  # a text-only prompt is salted too

@@ -305,9 +305,10 @@ def _sampling(request: _SamplingRequest, engine: StormEngine, default_max_tokens
     """The request's SamplingParams: max_completion_tokens (chat) or max_tokens, else
     `default_max_tokens` (at most the server's --max-new-tokens); temperature and top_p default to
     the model's generation config, as vLLM's do. OpenAIError (400) for a value out of range."""
-    if request.n is not None and request.n > engine.max_batch_size:
-        raise OpenAIError(400, f"n: at most {engine.max_batch_size} choices per request (the server's "
-                               f"--max-batch-size), got {request.n}", "n")
+    most = min(engine.max_batch_size, engine.max_queue)  # the choices run as one batch, queued all at once
+    if request.n is not None and request.n > most:
+        raise OpenAIError(400, f"n: at most {most} choices per request (the server's --max-batch-size and "
+                               f"--max-queue), got {request.n}", "n")
     limit = engine.max_new_tokens_limit
     for field in ("max_completion_tokens", "max_tokens"):  # the one the client sent, by its name
         value = getattr(request, field, None)
