@@ -21,11 +21,10 @@ Pure arithmetic on a config (no weights, no tensors); this module imports no tor
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 from storm_vlm.errors import StormError
-from storm_vlm.utils import check_int
+from storm_vlm.utils import check_int, check_positive
 
 __all__ = ["PlanOption", "Plan", "plan", "fit_stride", "frame_candidates", "format_bytes", "DEFAULT_STRIDES",
            "MAX_FRAMES", "MAX_STRIDE", "context_of"]
@@ -103,10 +102,10 @@ def frame_candidates(minutes: float | None = None, max_frames: int = 1024, max_f
     """Frame counts to consider: powers of two from `min_frames` up to `max_frames`, no more than
     `minutes` of video holds at `max_fps` (that count itself is a candidate when it is smaller)."""
     check_int("max_frames", max_frames, 1, MAX_FRAMES, error=StormError)
-    _check_positive("max_fps", max_fps)
+    check_positive("max_fps", max_fps, StormError)
     cap = max_frames
     if minutes is not None:
-        _check_positive("minutes", minutes)
+        check_positive("minutes", minutes, StormError)
         cap = max(1, int(min(cap, minutes * 60 * max_fps)))  # min first: int() refuses the inf a huge `minutes` gives
     out = []
     n = min_frames
@@ -116,13 +115,6 @@ def frame_candidates(minutes: float | None = None, max_frames: int = 1024, max_f
     if not out or out[-1] != cap:
         out.append(cap)
     return sorted(set(out))
-
-
-def _check_positive(name: str, value) -> float:
-    """`value` if it is a finite number > 0; StormError naming `name` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise StormError(f"{name} must be a finite number > 0, got {value!r}")
-    return value
 
 
 def _option(config, frames, stride, context, text_tokens, answer_tokens, minutes, hardware, bytes_per_el):
@@ -169,7 +161,7 @@ def plan(config, context: int | None = None, *, minutes: float | None = None, fr
     check_int("text_tokens", text_tokens, 0, error=StormError)
     check_int("answer_tokens", answer_tokens, 0, error=StormError)
     if max_prefill_s is not None:
-        _check_positive("max_prefill_s", max_prefill_s)
+        check_positive("max_prefill_s", max_prefill_s, StormError)
     # strides past MAX_STRIDE would be advice that `chat` and the server refuse
     strides = sorted({check_int("stride", s, 1, MAX_STRIDE, error=StormError) for s in strides})
     frames = frame_candidates(minutes, max_frames, max_fps) if frames is None else sorted(

@@ -50,6 +50,13 @@ def safetensors_problem(path: str | os.PathLike) -> str | None:
         return str(exc)
 
 
+def check_positive(name: str, value, error: type[Exception] = ValueError) -> float:
+    """`value` if it is a finite number > 0 (not a bool); else `error` naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+        raise error(f"{name} must be a finite number > 0, got {value!r}")
+    return value
+
+
 def check_int(name: str, value, minimum: int | None = 1, maximum: int | None = None,
               error: type[Exception] = ValueError) -> int:
     """`value` as an int if it is an integer (not a bool) within [minimum, maximum]; else `error`."""

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 from pathlib import Path
 
 from storm_vlm.commands import add_precision_argument, check_output_folder
 from storm_vlm.errors import StormError
-from storm_vlm.utils import check_model_dir
+from storm_vlm.utils import check_model_dir, check_positive
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check(args) -> None:
     if args.frames < 1:
         raise StormError(f"--frames must be >= 1, got {args.frames}")
-    if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
-        raise StormError(f"--fps must be a finite number > 0, got {args.fps}")
+    if args.fps is not None:
+        check_positive("--fps", args.fps, StormError)
     if args.temporal_sample is not None and args.temporal_sample < 1:
         raise StormError(f"--temporal-sample must be >= 1, got {args.temporal_sample}")
     if args.limit is not None and args.limit < 1:

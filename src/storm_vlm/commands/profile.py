@@ -8,14 +8,13 @@ plots, and prints the table. See `storm_vlm.perf.profiler` for what is timed and
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 from storm_vlm.commands import add_precision_argument, check_output_folder, int_list
 from storm_vlm.errors import StormError
 from storm_vlm.planner import MAX_FRAMES
-from storm_vlm.utils import check_int
+from storm_vlm.utils import check_int, check_positive
 
 COMPRESSION_HELP = (
     "compression settings, comma separated: 1 = none, 4 = temporal pool 4, 8 = temporal pool 4 + "
@@ -96,8 +95,8 @@ def run(args: argparse.Namespace) -> int:
     from storm_vlm.precision import cpu_has_fast_bf16
 
     _check_sources(args)
-    if args.max_memory_gb is not None and not (math.isfinite(args.max_memory_gb) and args.max_memory_gb > 0):
-        raise StormError(f"--max-memory-gb must be a finite number > 0, got {args.max_memory_gb}")
+    if args.max_memory_gb is not None:
+        check_positive("--max-memory-gb", args.max_memory_gb, StormError)
     defaults: dict = {}
     config = None
     if args.config is not None:
