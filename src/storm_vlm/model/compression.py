@@ -9,10 +9,12 @@ know nothing of models:
 - ``temporal_sample(x, s)`` keeps frames 0, s, 2s, ... (test time; s may differ per video).
 
 Each returns ``(x', mask')``. ``frame_mask`` (B, T) bool marks real frames (True) in a padded
-batch; padded frames never contribute to a real output frame, so a video in a padded batch gets
-exactly the frames it gets alone (padding is expected as a suffix; other masks work too, frame by
-frame). Output frames that hold no real frame are False in ``mask'``; their values are zeros for
-``temporal_pool`` and unspecified for the others. Without a mask every frame is real.
+batch, padding as a suffix; padded frames never contribute to a real output frame, so a video in a
+padded batch gets exactly the frames it gets alone. The temporal operations refuse a mask with a
+real frame after a padded one (ValueError): pooling windows and sampled frames are counted from a
+video's first frame, so leading padding or holes would shift them. Output frames that hold no real
+frame are False in ``mask'``; their values are zeros for ``temporal_pool`` and unspecified for the
+others. Without a mask every frame is real.
 
 `VisualTokenLayout` bundles the three settings with the projector's grid: the one value that
 says how many tokens a T-frame video becomes (`num_tokens`), which `StormConfig` exposes, the
@@ -58,8 +60,12 @@ def _check_x(fn: str, x) -> None:
         raise ValueError(f"{fn}: x must have shape (B, T, N, D), got shape {tuple(x.shape)}")
 
 
-def check_frame_mask(fn: str, x: torch.Tensor, frame_mask) -> torch.Tensor | None:
-    """`frame_mask` validated against x's (B, T) and moved to x's device (None stays None)."""
+def check_frame_mask(fn: str, x: torch.Tensor, frame_mask, suffix: bool = True) -> torch.Tensor | None:
+    """`frame_mask` validated against x's (B, T) and moved to x's device (None stays None).
+
+    ``suffix``: also require each video's padding to follow all its real frames, as the processor
+    and the collator pad (operations that look across frames count them from a video's start).
+    """
     if frame_mask is None:
         return None
     if not isinstance(frame_mask, torch.Tensor):
@@ -68,10 +74,19 @@ def check_frame_mask(fn: str, x: torch.Tensor, frame_mask) -> torch.Tensor | Non
         raise ValueError(f"{fn}: frame_mask must have dtype torch.bool, got {frame_mask.dtype}")
     if tuple(frame_mask.shape) != tuple(x.shape[:2]):
         raise ValueError(
-            f"{fn}: frame_mask shape {tuple(frame_mask.shape)} does not match x's (B, T) = "
-            f"{tuple(x.shape[:2])} (x shape {tuple(x.shape)})"
+            f"{fn}: frame_mask shape {tuple(frame_mask.shape)} does not match the input's (B, T) = "
+            f"{tuple(x.shape[:2])} (input shape {tuple(x.shape)})"
         )
-    return frame_mask.to(x.device)
+    frame_mask = frame_mask.to(x.device)
+    if suffix:
+        late = frame_mask[:, 1:] & ~frame_mask[:, :-1]  # a real frame right after a padded one
+        if bool(late.any()):
+            video, before = late.nonzero()[0].tolist()
+            raise ValueError(
+                f"{fn}: frame_mask must be True for a video's real frames, then False for its padding "
+                f"(padding as a suffix); video {video} has a real frame at index {before + 1} after padding"
+            )
+    return frame_mask
 
 
 def _grid_side(fn: str, num_tokens: int) -> int:
@@ -155,6 +170,15 @@ def _temporal_sample(x: torch.Tensor, s: int | Sequence[int], mask: torch.Tensor
     return out, (keep if mask is None else mask.gather(1, index) & keep)
 
 
+def _check_strides(fn: str, s, batch: int) -> int | list[int]:
+    """One sampling stride (an int), or one per video (a list or tuple of ``batch`` ints)."""
+    if not isinstance(s, (list, tuple)):
+        return check_int(f"{fn}: s", s)
+    if len(s) != batch:
+        raise ValueError(f"{fn}: {len(s)} strides for a batch of {batch} videos")
+    return [check_int(f"{fn}: s", v) for v in s]
+
+
 def _with_mask(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     return x, (mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
 
@@ -177,11 +201,11 @@ def spatial_pool(x: torch.Tensor, stride: int, frame_mask: torch.Tensor | None =
 
     x: (B, T, N, D) with N a square grid whose side is divisible by ``stride`` -> ``(x', mask)``
     with x' (B, T, N / stride**2, D), tokens in row-major order; frames are pooled independently,
-    so the mask passes through.
+    so the mask (any pattern) passes through.
     """
     _check_x("spatial_pool", x)
     check_int("stride", stride)
-    return _with_mask(*_spatial_pool(x, stride, check_frame_mask("spatial_pool", x, frame_mask)))
+    return _with_mask(*_spatial_pool(x, stride, check_frame_mask("spatial_pool", x, frame_mask, suffix=False)))
 
 
 def temporal_sample(x: torch.Tensor, s: int | Sequence[int], frame_mask: torch.Tensor | None = None):
@@ -192,12 +216,7 @@ def temporal_sample(x: torch.Tensor, s: int | Sequence[int], frame_mask: torch.T
     packed to the front, x' has the longest count, and mask' is False past a video's own.
     """
     _check_x("temporal_sample", x)
-    if isinstance(s, (list, tuple)):
-        s = [check_int("s", v) for v in s]
-        if len(s) != x.shape[0]:
-            raise ValueError(f"temporal_sample: {len(s)} strides for a batch of {x.shape[0]} videos")
-    else:
-        s = check_int("s", s)
+    s = _check_strides("temporal_sample", s, x.shape[0])
     return _with_mask(*_temporal_sample(x, s, check_frame_mask("temporal_sample", x, frame_mask)))
 
 
@@ -286,11 +305,14 @@ class VisualTokenLayout:
         ``sample_strides`` (one per video) replaces this layout's stride where a batch mixes them.
         """
         _check_x("VisualTokenLayout.apply", x)
+        strides = self.temporal_sample_stride
+        if sample_strides is not None:
+            given = sample_strides.tolist() if isinstance(sample_strides, torch.Tensor) else list(sample_strides)
+            strides = _check_strides("VisualTokenLayout.apply", given, x.shape[0])
         if x.shape[2] != self.grid_side**2:
             raise ValueError(f"VisualTokenLayout.apply: x has {x.shape[2]} tokens per frame, the layout "
                              f"expects a {self.grid_side} x {self.grid_side} grid")
         mask = check_frame_mask("VisualTokenLayout.apply", x, frame_mask)
         x, mask = _temporal_pool(x, self.temporal_pool_size, mask)
         x, mask = _spatial_pool(x, self.spatial_pool_stride, mask)
-        strides = self.temporal_sample_stride if sample_strides is None else [int(v) for v in sample_strides]
         return _with_mask(*_temporal_sample(x, strides, mask))

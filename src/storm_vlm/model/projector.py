@@ -5,8 +5,9 @@ frame on a row-major sqrt(N̂) x sqrt(N̂) grid, C = vision_dim channels — and
 (B, T, N, d_model) with N = ceil(sqrt(N̂) / downsample_ratio)**2 (an odd grid, such as a 384 px
 SigLIP's 27 x 27, is padded with zeros first, as VILA does).
 
-Padded batches pass ``frame_mask`` (B, T) bool, True for a real frame, padding as a suffix. Each
-video then gets exactly the output it gets alone, and padded frames come out as zeros.
+Padded batches pass ``frame_mask`` (B, T) bool, True for a real frame, padding as a suffix (a
+real frame after a padded one is a ValueError). Each video then gets exactly the output it gets
+alone, and padded frames come out as zeros.
 """
 
 from __future__ import annotations
@@ -18,16 +19,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from storm_vlm.model.compression import shuffled_grid_side
+from storm_vlm.model.compression import check_frame_mask, shuffled_grid_side
 from storm_vlm.model.ssm import BiMambaMixer, MambaMixer
+from storm_vlm.utils import check_int
 
 __all__ = ["pixel_shuffle", "pixel_shuffled_tokens", "MLPProjector", "MambaTemporalProjector"]
-
-
-def _check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def _grid_side(num_tokens: int) -> int:
@@ -39,8 +35,8 @@ def _grid_side(num_tokens: int) -> int:
 
 def pixel_shuffled_tokens(num_tokens: int, ratio: int = 2) -> int:
     """Tokens per frame after ``pixel_shuffle`` of a square grid of ``num_tokens``: ceil(√N̂ / ratio)²."""
-    _check_int("num_tokens", num_tokens, 0)
-    _check_int("ratio", ratio)
+    check_int("num_tokens", num_tokens, 0)
+    check_int("ratio", ratio)
     return shuffled_grid_side(_grid_side(num_tokens), ratio) ** 2
 
 
@@ -59,7 +55,7 @@ def pixel_shuffle(features: torch.Tensor, ratio: int = 2) -> torch.Tensor:
     in row-major order (for ratio 2: top-left, top-right, bottom-left, bottom-right), the same
     layout as VILA's ``mlp_downsample``.
     """
-    _check_int("ratio", ratio)
+    check_int("ratio", ratio)
     if not isinstance(features, torch.Tensor) or features.dim() != 4:
         shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
         raise ValueError(f"pixel_shuffle: features must have shape (B, T, N̂, C), got {shape}")
@@ -78,7 +74,8 @@ def pixel_shuffle(features: torch.Tensor, ratio: int = 2) -> torch.Tensor:
 
 
 def _prepare(features, frame_mask, vision_dim: int, ratio: int, dtype: torch.dtype):
-    """Validate, zero padded frames (so NaN/garbage there cannot leak), pixel-shuffle.
+    """Validate (padding must be a suffix: the scan reads a video's tokens from its first frame on),
+    zero padded frames (so NaN/garbage there cannot leak), pixel-shuffle.
 
     Returns (x (B, T, N, C·ratio²), frame_mask or None when every frame is real).
     """
@@ -90,16 +87,8 @@ def _prepare(features, frame_mask, vision_dim: int, ratio: int, dtype: torch.dty
             f"features have {features.shape[-1]} channels but the projector expects vision_dim={vision_dim} "
             f"(features shape {tuple(features.shape)})"
         )
+    frame_mask = check_frame_mask("projector", features, frame_mask)
     if frame_mask is not None:
-        if not isinstance(frame_mask, torch.Tensor) or frame_mask.dtype != torch.bool:
-            what = frame_mask.dtype if isinstance(frame_mask, torch.Tensor) else type(frame_mask).__name__
-            raise ValueError(f"frame_mask must be a torch.bool tensor of shape (B, T), got {what}")
-        if tuple(frame_mask.shape) != tuple(features.shape[:2]):
-            raise ValueError(
-                f"frame_mask shape {tuple(frame_mask.shape)} does not match features' (B, T) = "
-                f"{tuple(features.shape[:2])} (features shape {tuple(features.shape)})"
-            )
-        frame_mask = frame_mask.to(features.device)
         if bool(frame_mask.all()):
             frame_mask = None
         else:
@@ -122,9 +111,9 @@ class MLPProjector(nn.Module):
 
     def __init__(self, vision_dim: int, d_model: int, downsample_ratio: int = 2):
         super().__init__()
-        self.vision_dim = _check_int("vision_dim", vision_dim)
-        self.d_model = _check_int("d_model", d_model)
-        self.downsample_ratio = _check_int("downsample_ratio", downsample_ratio)
+        self.vision_dim = check_int("vision_dim", vision_dim)
+        self.d_model = check_int("d_model", d_model)
+        self.downsample_ratio = check_int("downsample_ratio", downsample_ratio)
         in_dim = vision_dim * downsample_ratio**2
         self.norm = nn.LayerNorm(in_dim)
         self.fc1 = nn.Linear(in_dim, d_model)
@@ -183,10 +172,10 @@ class MambaTemporalProjector(nn.Module):
         divide_out: bool = False,
     ):
         super().__init__()
-        self.vision_dim = _check_int("vision_dim", vision_dim)
-        self.d_model = _check_int("d_model", d_model)
-        self.downsample_ratio = _check_int("downsample_ratio", downsample_ratio)
-        _check_int("num_layers", num_layers, 0)
+        self.vision_dim = check_int("vision_dim", vision_dim)
+        self.d_model = check_int("d_model", d_model)
+        self.downsample_ratio = check_int("downsample_ratio", downsample_ratio)
+        check_int("num_layers", num_layers, 0)
         self.bidirectional = bool(bidirectional)
         if divide_out and not self.bidirectional:
             raise ValueError("divide_out=True halves the sum of two scan directions: it needs bidirectional=True")
