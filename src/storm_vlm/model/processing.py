@@ -9,8 +9,11 @@ sampling stride is named once, to the processor.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import os
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,6 +34,9 @@ __all__ = ["StormProcessor", "add_placeholder_tokens", "CHATML_VISUAL_TEMPLATE",
 
 # Frames read from a video file when the call does not say (`load_video`'s default).
 DEFAULT_NUM_FRAMES = 32
+
+# A URL (http://, s3://, ...): never fetched.
+_URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
 def add_placeholder_tokens(tokenizer, video_token: str = VIDEO_TOKEN, image_token: str = IMAGE_TOKEN) -> int:
@@ -154,14 +160,35 @@ def _frames_of(video, index: int) -> np.ndarray:
     return _rgb_uint8(frames, what, "frames of shape (T, H, W, 3)")
 
 
+def _decode_base64(text: str, what: str) -> bytes:
+    """The bytes of base64 `text` (line breaks and spaces in it skipped, as MIME base64 has them)."""
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise StormError(f"{what}: not valid base64") from None
+
+
 def _image_of(image, index: int) -> np.ndarray:
-    """An image (a path, a PIL image, an (H, W, 3) array or tensor, or (H, W) grey) -> (H, W, 3) uint8."""
+    """An image (a path, a `data:` URL, a file's bytes, a PIL image, an (H, W, 3) array or tensor,
+    or (H, W) grey) -> (H, W, 3) uint8.
+
+    A data URL ("data:image/png;base64,...") is decoded as transformers' `load_image` decodes one;
+    other URLs are not fetched (as `load_video` does not fetch them)."""
     what = f"image {index}"
-    if _is_path(image):
+    if isinstance(image, str) and image[:5].lower() == "data:":
+        header, _, payload = image.partition(",")
+        if not header.lower().endswith(";base64"):
+            raise StormError(f"{what}: a data URL must be base64-encoded (data:<type>;base64,<bytes>)")
+        image = _decode_base64(payload, what)
+    if _is_path(image) or isinstance(image, bytes):
+        name = "its bytes" if isinstance(image, bytes) else os.fspath(image)
         try:
             array = load_image(image)
         except OSError as exc:  # a missing file, or one PIL cannot read (as load_video's VideoDecodeError says)
-            raise StormError(f"{what}: cannot read {os.fspath(image)}: {exc}") from None
+            if _URL.match(name):
+                raise StormError(f"{what}: {name}: URLs are not fetched; download the image and give its "
+                                 "path") from None
+            raise StormError(f"{what}: cannot read {name}: {exc}") from None
     else:
         array = _as_array(image)
     if array.ndim == 2:  # grey, as PIL's convert("RGB") widens it
@@ -187,12 +214,12 @@ def _is_one_video(x) -> bool:
 
 
 def _is_one_image(x) -> bool:
-    """A file path, a PIL image, or an (H, W, 3) / (H, W) array."""
-    return _is_path(x) or isinstance(x, Image.Image) or _ndim(x) in (2, 3)
+    """A file path or data URL, a file's bytes, a PIL image, or an (H, W, 3) / (H, W) array."""
+    return _is_path(x) or isinstance(x, (bytes, Image.Image)) or _ndim(x) in (2, 3)
 
 
 _ONE_VIDEO = "a video (a file path, a (T, H, W, 3) array, a clip with .frames or a list of frames)"
-_ONE_IMAGE = "an image (a file path, a PIL image or an (H, W, 3) array)"
+_ONE_IMAGE = "an image (a file path, a data: URL, a file's bytes, a PIL image or an (H, W, 3) array)"
 
 
 @functools.lru_cache(maxsize=8)
@@ -341,26 +368,42 @@ class StormProcessor(ProcessorMixin):
     # ---- text --------------------------------------------------------------------------------------
 
     @staticmethod
-    def _flatten(x, is_single, one: str, name: str) -> list:
-        """One input, a flat list, or per-sample nested lists -> a flat list in order.
+    def _flatten(x, is_single, one: str, name: str) -> tuple[list, list[int] | None]:
+        """One input, a flat list, or per-sample nested lists -> (a flat list in order, how many each
+        nested list held: None unless every item of `x` is a nested list).
 
         `one` describes a single input for the error that anything else gets (a bare string is one
         path, never a sequence of characters)."""
         if x is None:
-            return []
+            return [], None
         if is_single(x):
-            return [x]
+            return [x], None
         if not isinstance(x, (list, tuple, np.ndarray, torch.Tensor)):
             raise StormError(f"{name} must be {one} or a list of them, got {type(x).__name__}")
-        flat = []
+        flat, nested = [], []
         for item in x:
             if is_single(item):
                 flat.append(item)
             elif isinstance(item, (list, tuple)):
                 flat.extend(item)
+                nested.append(len(item))
             else:
                 raise StormError(f"{name} must be {one} or a list of them; an item is a {type(item).__name__}")
-        return flat
+        return flat, nested if nested and len(nested) == len(x) else None
+
+    @staticmethod
+    def _check_placeholders(texts: list[str], token: str, items: list, per_text: list[int] | None, name: str) -> None:
+        """StormError unless the texts hold one `token` per item; with the items given per text
+        (`per_text`, one nested list per text), each text must hold its own: the placeholders
+        are matched to the items in order over the batch, so a text with a neighbour's video would
+        silently read that video."""
+        counts = [t.count(token) for t in texts]
+        if sum(counts) != len(items):
+            raise StormError(f"the text has {sum(counts)} {token} placeholders but {len(items)} {name} were given")
+        if per_text is not None and len(per_text) == len(texts) and per_text != counts:
+            row = next(i for i, (want, have) in enumerate(zip(counts, per_text)) if want != have)
+            raise StormError(f"text {row} has {counts[row]} {token} placeholders but {per_text[row]} {name} were "
+                             f"given for it ({token} placeholders per text: {counts}; {name} per text: {per_text})")
 
     def _load_video(self, path, num_frames: int, fps: float | None):
         """A video file's clip, its frames scaled while decoding to no less than the processor's size."""
@@ -429,12 +472,13 @@ class StormProcessor(ProcessorMixin):
 
         text: one string or a batch; each `<video>` / `<image>` in it is expanded to the visual token
         count of the matching input (videos and images are matched to placeholders in order of
-        appearance over the batch). videos: one video or a list of them (flat, or one list per
-        text): file paths (read with `load_video(num_frames=num_frames, fps=fps)`; num_frames None:
-        DEFAULT_NUM_FRAMES), `load_video` clips, (T, H, W, 3) arrays or tensors, or lists of frames
-        (resampled to `num_frames` if given, by load_video's rule; `fps` needs a file). images: one
-        or a list of file paths, PIL images or (H, W, 3) arrays. Arrays may also be channels-first
-        ((T, 3, H, W), (3, H, W)); pixels are uint8, or floats in [0, 1].
+        appearance over the batch; given as one list per text, each text must hold its own).
+        videos: one video or a list of them (flat, or one list per text): file paths (read with
+        `load_video(num_frames=num_frames, fps=fps)`; num_frames None: DEFAULT_NUM_FRAMES),
+        `load_video` clips, (T, H, W, 3) arrays or tensors, or lists of frames (resampled to
+        `num_frames` if given, by load_video's rule; `fps` needs a file). images: one or a list of
+        file paths, `data:` URLs, files' bytes, PIL images or (H, W, 3) arrays. Arrays may also be
+        channels-first ((T, 3, H, W), (3, H, W)); pixels are uint8, or floats in [0, 1].
 
         temporal_sample_stride: test-time sampling for every video (None: the layout's default); it is
         recorded per video in `video_token_layout`, which the model reads, so it is named only here.
@@ -463,14 +507,10 @@ class StormProcessor(ProcessorMixin):
             check_int("temporal_sample_stride", temporal_sample_stride, error=StormError)
         side = padding_side or self.padding_side
         _check_padding_side(side)
-        video_list = self._flatten(videos, _is_one_video, _ONE_VIDEO, "videos")
-        image_list = self._flatten(images, _is_one_image, _ONE_IMAGE, "images")
-        n_video_ph = sum(t.count(self.video_token) for t in texts)
-        n_image_ph = sum(t.count(self.image_token) for t in texts)
-        if n_video_ph != len(video_list):
-            raise StormError(f"the text has {n_video_ph} {self.video_token} placeholders but {len(video_list)} videos were given")
-        if n_image_ph != len(image_list):
-            raise StormError(f"the text has {n_image_ph} {self.image_token} placeholders but {len(image_list)} images were given")
+        video_list, videos_per_text = self._flatten(videos, _is_one_video, _ONE_VIDEO, "videos")
+        image_list, images_per_text = self._flatten(images, _is_one_image, _ONE_IMAGE, "images")
+        self._check_placeholders(texts, self.video_token, video_list, videos_per_text, "videos")
+        self._check_placeholders(texts, self.image_token, image_list, images_per_text, "images")
 
         data: dict = {}
         video_counts: list[int] = []
@@ -567,7 +607,8 @@ class StormProcessor(ProcessorMixin):
         """The videos and images of the conversations' content items, in order. Videos are sampled
         here (`_sample_video`), with the item's own "num_frames" / "fps" if it has them, else the
         call's; image paths are read by `__call__`. read_videos=False skips the video items (the
-        call gave its own videos: those files are not read)."""
+        call gave its own videos: those files are not read). An image item's source is its "image",
+        "path" or "url" (a data URL too), or its "base64" text: the keys transformers reads."""
         videos, images = [], []
         for conversation in conversations:
             for message in conversation:
@@ -584,6 +625,8 @@ class StormProcessor(ProcessorMixin):
                                                              item.get("fps", fps)))
                     elif item.get("type") == "image":
                         source = next((item[k] for k in ("image", "path", "url") if item.get(k) is not None), None)
+                        if source is None and item.get("base64") is not None:
+                            source = _decode_base64(item["base64"], f"image {len(images)}")
                         if source is not None:
                             images.append(source)
         return videos, images
@@ -610,11 +653,12 @@ class StormProcessor(ProcessorMixin):
         Content items: `{"type": "text", "text": ...}`, `{"type": "video", "video" | "path": frames |
         clip | path}` (sampled with the item's own "num_frames" / "fps", else the call's, as `__call__`
         samples: a path is read with them, frames are resampled to num_frames, fps needs a path),
-        `{"type": "image", "image" | "path": PIL | array | path}`. `tokenize=False` returns the
-        prompt string(s). `tokenize=True` returns input_ids (B, L) (B = 1 for one conversation), or with
-        `return_dict=True` the full BatchFeature (as `__call__`); `return_assistant_tokens_mask=True`
-        adds `assistant_masks` (B, L), 1 on the tokens of assistant turns (their end-of-turn token
-        included). Explicit `videos=` / `images=` replace the ones found in the content items.
+        `{"type": "image", "image" | "path" | "url" | "base64": PIL | array | path | data URL | base64
+        text}`. `tokenize=False` returns the prompt string(s). `tokenize=True` returns input_ids
+        (B, L) (B = 1 for one conversation), or with `return_dict=True` the full BatchFeature (as
+        `__call__`); `return_assistant_tokens_mask=True` adds `assistant_masks` (B, L), 1 on the
+        tokens of assistant turns (their end-of-turn token included). Explicit `videos=` / `images=`
+        replace the ones found in the content items.
         `continue_final_message=True` leaves the last (assistant) message open for the model to
         continue; as in transformers, it cannot be combined with `add_generation_prompt` or
         `return_assistant_tokens_mask` (a StormError).
