@@ -69,8 +69,8 @@ def test_projector_and_model_refuse_padding_before_a_real_frame():
     with pytest.raises(ValueError, match="projector: .*padding as a suffix"):
         proj(torch.randn(2, 5, 16, C), frame_mask=LEFT_PADDED)
     model = StormForConditionalGeneration(StormConfig(**TINY_CONFIG, temporal_pool_size=2)).eval()
-    with torch.no_grad(), pytest.raises(ValueError, match="padding as a suffix"):
-        model.get_video_features(torch.randn(2, 5, 3, 32, 32), LEFT_PADDED)
+    with torch.no_grad(), pytest.raises(ValueError, match="video_frame_mask: .*padding as a suffix"):
+        model.get_video_features(torch.randn(2, 5, 3, 32, 32), LEFT_PADDED)  # refused before the vision tower
 
 
 def test_layout_checks_per_video_sample_strides():

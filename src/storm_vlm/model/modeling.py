@@ -16,7 +16,7 @@ from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTr
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
 
-from storm_vlm.model.compression import VisualTokenLayout
+from storm_vlm.model.compression import VisualTokenLayout, check_frame_mask
 from storm_vlm.model.configuration import StormConfig
 from storm_vlm.model.decode import decode_step
 from storm_vlm.model.fast_paths import enable_fast_paths
@@ -257,6 +257,7 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
             if tuple(mask.shape) != (b, t):
                 raise ValueError(f"video_frame_mask shape {tuple(mask.shape)} does not match (B, T) = {(b, t)}")
             mask = mask.to(device=pixel_values_videos.device, dtype=torch.bool)
+            check_frame_mask("video_frame_mask", pixel_values_videos, mask)  # padding after the real frames
             if bool(mask.all()):
                 mask = None
         if mask is None:
