@@ -20,7 +20,8 @@ already (with Retry-After). Every input is bounded and checked before any work (
 length, finite numbers in range, JSON nesting, text that is not Unicode, NUL in paths);
 rendering, tokenizing and the parsing of large bodies run in worker threads, never on the event
 loop; uploads are written under a fixed name to a private temporary folder deleted when the
-request ends; a request whose client hangs up stops generating. The OpenAPI schema is at
+request ends; a request whose client hangs up stops generating. An unknown path (404) or method
+(405) is answered with OpenAI's error object, as vLLM's server answers it. The OpenAPI schema is at
 /openapi.json, the interactive docs at /docs.
 """
 
@@ -35,15 +36,18 @@ import shutil
 import tempfile
 import threading
 import time
+from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 import storm_vlm
 from storm_vlm.errors import StormError
@@ -218,6 +222,21 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
     async def openai_error(request: Request, exc: oai.OpenAIError):
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
+    @app.exception_handler(HTTPException)
+    async def route_error(request: Request, exc: HTTPException):
+        """A path this server does not have (404) or a method its route does not take (405, with
+        Allow): OpenAI's error object, shaped as vLLM's server answers HTTP errors (type: the
+        status's phrase, code: the status), so OpenAI clients show the message; other HTTP errors
+        keep FastAPI's form."""
+        if exc.status_code not in (404, 405):
+            return await http_exception_handler(request, exc)
+        where = f"{request.method} {request.url.path[:200]}"
+        message = (f"{where}: no such route on this server (see /docs)" if exc.status_code == 404 else
+                   f"{where}: method not allowed; this route takes {(exc.headers or {}).get('Allow', '?')}")
+        error = {"message": message, "type": HTTPStatus(exc.status_code).phrase, "param": None,
+                 "code": exc.status_code}
+        return JSONResponse({"error": error}, status_code=exc.status_code, headers=exc.headers)
+
     @app.head("/health", include_in_schema=False)
     @app.get("/health")
     def health() -> dict:
@@ -315,16 +334,9 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
         media read, rendered and tokenized (blocking: run in a worker thread)."""
         workdir = Path(tempfile.mkdtemp(prefix="storm-serve-"))
         try:
-            parsed, messages, videos, sampling = oai.parse_chat_request(body, engine, workdir, local, max_upload,
-                                                                        cancel=cancel)
+            parsed, prepared, videos = oai.parse_chat_request(body, engine, workdir, local, max_upload, cancel=cancel)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-        try:
-            prepared = engine.prepare(messages, [len(v) for v in videos], sampling, parsed.temporal_sample_stride,
-                                      fit_answer=not parsed.budget_chosen)
-        except StormError as exc:
-            raise oai.prepare_error(exc, "messages") from None
-        prepared.cache_salt = parsed.cache_salt
         include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
         return prepared, videos, bool(parsed.stream), include_usage, parsed.n or 1
 

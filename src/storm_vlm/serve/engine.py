@@ -552,16 +552,29 @@ class StormEngine:
         with self._wakeup:
             if self._closed:
                 raise StormError("the engine is shut down")
-            if len(self._waiting) >= self.max_queue:
-                raise EngineBusy(f"{len(self._waiting)} requests are waiting already; try again later",
-                                 retry_after=self._retry_after())
-            waiting = [v for h in self._waiting for v in h.prepared.videos]
-            if waiting and _frames(waiting + prepared.videos) > self.max_queue_frames:
-                raise EngineBusy(f"{_frames(waiting)} video frames are waiting already (at most "
-                                 f"{self.max_queue_frames}); try again later", retry_after=self._retry_after())
+            self._check_room(1, prepared.videos)
             self._waiting.append(handle)
             self._wakeup.notify()
         return handle
+
+    def check_room(self, frames: int, requests: int = 1) -> None:
+        """EngineBusy when the queue cannot take `requests` more requests holding `frames` more video
+        frames now (what `submit` checks), so a request is turned away before its videos are
+        decoded; `submit` checks again, with the frames decoded."""
+        with self._wakeup:
+            self._check_room(requests, frames=frames)
+
+    def _check_room(self, requests: int, videos: Sequence[np.ndarray] = (), frames: int = 0) -> None:
+        """EngineBusy unless `requests` more fit `max_queue` and their `videos` (arrays already
+        waiting counted once) and `frames` fit `max_queue_frames`; a request that finds no frames
+        waiting is taken whatever its frames. Called holding `_wakeup`."""
+        if len(self._waiting) + requests > self.max_queue:
+            raise EngineBusy(f"{len(self._waiting)} requests are waiting already; try again later",
+                             retry_after=self._retry_after())
+        waiting = [v for h in self._waiting for v in h.prepared.videos]
+        if waiting and _frames(waiting + list(videos)) + frames > self.max_queue_frames:
+            raise EngineBusy(f"{_frames(waiting)} video frames are waiting already (at most "
+                             f"{self.max_queue_frames}); try again later", retry_after=self._retry_after())
 
     def _withdraw(self, handle: RequestHandle) -> None:
         """A cancelled request that is still waiting (its client hung up) leaves the queue at once:

@@ -35,7 +35,8 @@ caches) apart from requests with another salt or none. `usage.prompt_tokens` cou
 tokens. Errors are OpenAI's error object `{"error": {"message", "type", "param", "code"}}` with a
 4xx status (503 with Retry-After when the server is busy); `param` names the field
 (`messages.0.content.1.video_url.url`); a request too long for the model's context has code
-`context_length_exceeded` (`prepare_error`).
+`context_length_exceeded` (`prepare_error`), found before its media are decoded when the frames
+they give at least already do not fit (`parse_chat_request`).
 """
 
 from __future__ import annotations
@@ -456,13 +457,16 @@ def _image_frames(source: bytes | Path, what: str, min_side: int | None = None) 
 
 def parse_chat_request(body: Any, engine: StormEngine, workdir: Path, local: LocalMedia, max_bytes: int,
                        cancel=None):
-    """Validate a chat-completions body and read its media (blocking: run it in a thread).
+    """Validate a chat-completions body, read its media and prepare it (blocking: run it in a thread).
 
-    Returns (request, messages in the processor's content format, videos as frame arrays,
-    sampling params). Every bound is checked before any media is decoded. `workdir` receives
-    uploaded video bytes (under fixed names); `local` says which files on the server file: URLs may
-    name; a video or image of more than `max_bytes` is refused (413); `cancel` (a threading.Event)
-    stops decoding.
+    Returns (request, prepared: `StormEngine.prepare`'s, videos as frame arrays). Every bound is
+    checked before any media is decoded, the context and the queue too: from the frames each video
+    or image gives at least (`_least_frames`), a request that cannot fit the model's context is
+    refused (400, context_length_exceeded) and one the queue cannot take now is 503, before
+    decoding; once decoded, the frames are checked again, exactly. `workdir` receives uploaded
+    video bytes (under fixed names); `local` says which files on the server file: URLs may name; a
+    video or image of more than `max_bytes` is refused (413); `cancel` (a threading.Event) stops
+    decoding.
     """
     request = _validate(ChatCompletionRequest, body)
     _refuse_unsupported(request)
@@ -481,7 +485,7 @@ def parse_chat_request(body: Any, engine: StormEngine, workdir: Path, local: Loc
     if total > MAX_TOTAL_TEXT_CHARS:
         raise OpenAIError(400, f"messages: the texts of a request may hold {MAX_TOTAL_TEXT_CHARS} characters "
                                f"together, these hold {total}", "messages")
-    messages, videos = [], []
+    messages, media = [], []  # media: (where, part) of each video or image, in order
     for m, message in enumerate(request.messages):
         if not isinstance(message.content, list):
             content = [{"type": "text", "text": message.content or ""}]
@@ -494,39 +498,95 @@ def parse_chat_request(body: Any, engine: StormEngine, workdir: Path, local: Loc
                     continue
                 if message.role != "user":
                     raise OpenAIError(400, f"{where}: only user messages may hold videos or images", where)
-                if len(videos) == MAX_VIDEOS:
+                if len(media) == MAX_VIDEOS:
                     raise OpenAIError(400, f"{where}: at most {MAX_VIDEOS} videos or images per request", where)
-                try:
-                    videos.append(_part_frames(part, engine, workdir / f"video{len(videos)}", local,
-                                               where, max_bytes, num_frames, request.fps, cancel))
-                except OpenAIError as exc:
-                    raise _at(exc, where) from None
+                media.append((where, part))
                 content.append({"type": "video"})
         role = "system" if message.role == "developer" else message.role  # as OpenAI reads it
         messages.append({"role": role, "content": content})
     if messages[-1]["role"] != "user":
         raise OpenAIError(400, "the last message must be the user's", "messages")
-    return request, messages, videos, sampling
+    sources = []
+    for i, (where, part) in enumerate(media):
+        try:
+            sources.append(_part_source(part, workdir / f"video{i}", local, where, max_bytes))
+        except OpenAIError as exc:
+            raise _at(exc, where) from None
+    least = [_least_frames(part, source, num_frames, request.fps) for (_, part), source in zip(media, sources)]
+    prepared = _prepare(engine, request, messages, least, sampling)
+    if media:
+        try:
+            engine.check_room(sum(least), request.n or 1)
+        except EngineBusy as exc:
+            raise busy_error(exc) from None
+    videos = []
+    for (where, part), source in zip(media, sources):
+        try:
+            videos.append(_part_frames(part, source, engine, where, num_frames, request.fps, cancel))
+        except OpenAIError as exc:
+            raise _at(exc, where) from None
+    if [len(v) for v in videos] != least:
+        prepared = _prepare(engine, request, messages, [len(v) for v in videos], sampling)
+    return request, prepared, videos
 
 
-def _part_frames(part: _VideoPart | _ImagePart, engine: StormEngine, upload: Path, local: LocalMedia,
-                 where: str, max_bytes: int, num_frames: int, fps: float | None, cancel) -> np.ndarray:
-    """The frames of one video or image part ((T, H, W, 3) uint8); video bytes are written to `upload`."""
+def _prepare(engine: StormEngine, request: ChatCompletionRequest, messages: list, frame_counts: list, sampling):
+    """`engine.prepare` of the request's messages with videos of `frame_counts` frames; its errors as 400s."""
+    try:
+        prepared = engine.prepare(messages, frame_counts, sampling, request.temporal_sample_stride,
+                                  fit_answer=not request.budget_chosen)
+    except StormError as exc:
+        raise prepare_error(exc, "messages") from None
+    prepared.cache_salt = request.cache_salt
+    return prepared
+
+
+# The first bytes of the containers read as videos, never as one still image: ISO BMFF (MP4, MOV,
+# 3GP; a top-level box type at byte 4), Matroska / WebM (EBML) and AVI (RIFF).
+_ISO_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide")
+
+
+def _least_frames(part: _VideoPart | _ImagePart, source: bytes | Path, num_frames: int, fps: float | None) -> int:
+    """The frames a video or image part gives at least, known before it is decoded: an image one; a
+    video `num_frames` (uniform sampling repeats frames of a shorter one) when its first bytes name
+    a video container and no fps is asked for (fps sampling gives fewer from a short clip), else one
+    (a video_url may hold a still image)."""
+    if isinstance(part, _ImagePart) or fps is not None or not os.path.isfile(source):
+        return 1  # not a regular file (a pipe would block a read): decoding names the cause
+    try:
+        with open(source, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return 1  # decoding names the cause
+    video = (head[4:8] in _ISO_BOXES or head[:4] == b"\x1a\x45\xdf\xa3"
+             or (head[:4] == b"RIFF" and head[8:12] == b"AVI "))
+    return num_frames if video else 1
+
+
+def _part_source(part: _VideoPart | _ImagePart, upload: Path, local: LocalMedia, where: str,
+                 max_bytes: int) -> bytes | Path:
+    """Where a video or image part's bytes are, read but not decoded: an image's data URL bytes, or
+    a path (a video's data URL bytes are written to `upload`)."""
     url = part.video_url if isinstance(part, _VideoPart) else part.image_url
     source = _media_bytes(url if isinstance(url, str) else url.url, local, where, max_bytes)
+    if isinstance(part, _VideoPart) and isinstance(source, bytes):
+        upload.write_bytes(source)
+        return upload
+    return source
+
+
+def _part_frames(part: _VideoPart | _ImagePart, source: bytes | Path, engine: StormEngine, where: str,
+                 num_frames: int, fps: float | None, cancel) -> np.ndarray:
+    """The frames of one video or image part ((T, H, W, 3) uint8) from its `_part_source`."""
     if isinstance(part, _ImagePart):
         return _image_frames(source, where, engine.processor.image_size)
-    path = source
-    if isinstance(source, bytes):
-        upload.write_bytes(source)
-        path = upload
     try:
-        return engine.read_video(str(path), num_frames, fps=fps, cancel=cancel).frames
+        return engine.read_video(str(source), num_frames, fps=fps, cancel=cancel).frames
     except DecodeTimeout as exc:
-        raise OpenAIError(503, f"{where}: {str(exc).replace(str(path), 'the video')}", where,
+        raise OpenAIError(503, f"{where}: {str(exc).replace(str(source), 'the video')}", where,
                           kind="server_busy", headers={"Retry-After": "10"}) from None
     except StormError as exc:
-        raise OpenAIError(400, f"{where}: {str(exc).replace(str(path), 'the video')}", where) from None
+        raise OpenAIError(400, f"{where}: {str(exc).replace(str(source), 'the video')}", where) from None
 
 
 def _usage(completions: list) -> dict:
