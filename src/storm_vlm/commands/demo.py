@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=3, metavar="N",
                         help="train every variant with seeds 0..N-1; intervals cover seeds and questions (default: 3)")
     parser.add_argument("--tiny", action="store_true",
-                        help="a seconds-long smoke run with toy sizes (numbers mean nothing, the pipeline is real)")
+                        help="a short smoke run with toy sizes (numbers mean nothing, the pipeline is real)")
     parser.add_argument("--steps", type=int, default=None, metavar="N", help="training steps per model")
     parser.add_argument("--train-per-task", type=int, default=None, metavar="N", help="training videos per task")
     parser.add_argument("--questions", type=int, default=None, metavar="N", help="held-out questions per task")
