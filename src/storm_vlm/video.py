@@ -32,10 +32,11 @@ import numpy as np
 from storm_vlm.media.container import (ALLOWED_FORMATS, IMAGE_FORMATS, Truncation, animated_webp, av, av_errors,
                                        check_file, find_truncation, open_container)
 from storm_vlm.media.errors import DecodeCancelled, DecodeTimeout, VideoDecodeError, describe, fail
+from storm_vlm.media.images import ImageTooLarge, image_header
 from storm_vlm.media.limits import (DEFAULT_MAX_PIXELS, MAX_IMAGE_PIXELS, MAX_SOURCE_PIXELS, Budget,
                                     max_concurrent_decodes, output_size, run_decode, set_max_concurrent_decodes)
 from storm_vlm.media.readers import (FrameSink, SeekingReader, SequentialReader, decoded_frames, rotate_frame,
-                                     sample_aspect_ratio)
+                                     sample_aspect_ratio, shown_frames)
 from storm_vlm.utils import check_int
 
 __all__ = ["VideoClip", "VideoDecodeError", "DecodeTimeout", "DecodeCancelled", "load_video", "rotate_frame",
@@ -222,12 +223,13 @@ class _Loader:
 
     # -- streams
 
-    def video_stream(self, container, image: bool = False):
+    def video_stream(self, container, image: bool = False, header_size: tuple[int, int] | None = None):
         """The video stream to read, its size checked against the cap and FFmpeg told to enforce it.
 
         FFmpeg's choice (av_find_best_stream: a default-flagged track first, then by frames probed
         and bit rate), never an attached picture (the cover art of a song or podcast); when that
-        choice is one, the default-flagged stream, else the first.
+        choice is one, the default-flagged stream, else the first. header_size: an image's size
+        from its header, for when FFmpeg's probe left it unknown (it does above its max_pixels).
         """
         disposition = av().stream.Disposition
         streams = [s for s in container.streams.video if not s.disposition & disposition.attached_pic]
@@ -243,6 +245,8 @@ class _Loader:
             raise fail(self.path, "no decoder for its video codec")
         cap, name = (MAX_IMAGE_PIXELS, "MAX_IMAGE_PIXELS") if image else (MAX_SOURCE_PIXELS, "MAX_SOURCE_PIXELS")
         width, height = context.width, context.height
+        if not width * height and header_size:
+            width, height = header_size
         if width * height > cap:
             raise fail(self.path, f"its pictures are {width}x{height} ({width * height / 1e6:.1f} MP), more than the "
                                   f"{cap / 1e6:.1f} MP this loader decodes (storm_vlm.video.{name}): the decoder "
@@ -299,9 +303,15 @@ class _Loader:
         if "webp_pipe" in format_names and animated_webp(self.path):
             raise fail(self.path, "animated WebP is not supported (FFmpeg decodes only still WebP images); "
                                   "convert it to a video or GIF first")
-        stream = self.video_stream(container, image)
         if image:
-            return self.load_image(container, stream)
+            try:
+                header = image_header(self.path)
+            except ImageTooLarge as exc:
+                raise fail(self.path, f"its picture is larger than the {MAX_IMAGE_PIXELS / 1e6:.1f} MP this loader "
+                                      f"decodes (storm_vlm.video.MAX_IMAGE_PIXELS): {exc}") from None
+            stream = self.video_stream(container, image, header and header.size)
+            return self.load_image(container, stream, header and header.orientation)
+        stream = self.video_stream(container)
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         extra = {}
         timing = _implausible_timing(container, stream)
@@ -348,9 +358,12 @@ class _Loader:
                          truncated="truncated" in extra,
                          extra={"reader": type(reader).__name__, **reader.stats, **self.sizes(), **extra})
 
-    def load_image(self, container, stream) -> VideoClip:
+    def load_image(self, container, stream, orientation: tuple[int, bool] | None) -> VideoClip:
+        """The one frame of a still image, turned upright by `orientation` (its header's EXIF, as
+        `load_image` shows it) or, without one, by the decoded frame's display matrix."""
         self.sink = FrameSink(self.path, np.zeros(1, dtype=np.int64), self.max_pixels, self.min_side,
                               self.source_size)
+        self.sink.orientation = orientation
         stats = {"decoded": 0}
         for frame in decoded_frames(container, stream, self.budget, stats):
             self.sink.put(0, frame, 0.0)
@@ -377,7 +390,7 @@ class _Loader:
         """(frames the stream declares, frames that decode) of a truncated file, None when unknown."""
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         duration_s = _declared_duration(container, stream)
-        declared = int(stream.frames) or (round(duration_s * float(rate)) if duration_s and rate else None)
+        declared = shown_frames(stream) or (round(duration_s * float(rate)) if duration_s and rate else None)
         entries = stream.index_entries
         if stream.frames and len(entries) >= stream.frames:  # a full sample index (MP4): count what is present
             return declared, sum(1 for e in entries if not e.is_discard and e.pos >= 0 and e.pos + e.size <= self.size)

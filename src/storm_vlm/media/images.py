@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import io
 import os
-from typing import BinaryIO
+import warnings
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from storm_vlm.media.limits import MAX_IMAGE_PIXELS
 
-__all__ = ["load_image", "ImageTooLarge", "IMAGE_FORMATS", "over_white", "pil_rgb"]
+__all__ = ["load_image", "ImageTooLarge", "IMAGE_FORMATS", "over_white", "pil_rgb", "ImageHeader", "image_header"]
 
 # PIL format names opened (JPEG's opener also reads MPO, a phone's JPEG with a second picture)
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
@@ -29,6 +30,44 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 class ImageTooLarge(ValueError):
     """The picture has more pixels than the caller's `max_pixels` (seen in its header, before decoding)."""
+
+
+class ImageHeader(NamedTuple):
+    """What an image file's header says: its size (width, height) and its EXIF orientation as
+    (rotation in degrees counter-clockwise, mirrored left-right before it), FFmpeg's display-matrix
+    convention (`storm_vlm.media.readers.frame_orientation`); orientation None: not in the header."""
+
+    size: tuple[int, int]
+    orientation: tuple[int, bool] | None
+
+
+# EXIF orientation -> (rotation, mirrored): the picture PIL's exif_transpose shows
+_EXIF_ORIENTATION = {1: (0, False), 2: (0, True), 3: (180, False), 4: (180, True), 5: (90, True), 6: (270, False),
+                     7: (270, True), 8: (90, False)}
+
+
+def image_header(path: str) -> ImageHeader | None:
+    """The size and EXIF orientation of an image file, read from its header (no pixel decoded);
+    None when PIL cannot read the header or the format is not in IMAGE_FORMATS.
+
+    `load_video` turns still images upright with it: FFmpeg reads the orientation too, but PyAV
+    cannot read its display matrix next to the EXIF block FFmpeg also attaches, so the mirrored
+    orientations (2, 4, 5, 7) would come back turned instead of mirrored. Raises ImageTooLarge
+    above PIL's decompression-bomb error threshold, where PIL gives no size.
+    """
+    try:
+        with warnings.catch_warnings():  # a size above PIL's warning threshold is the caller's to judge
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path, formats=IMAGE_FORMATS)
+        with im:
+            orientation = None
+            if im.format != "PNG" or "exif" in im.info:  # PNG: PIL would decode it to look past the pixels
+                orientation = _EXIF_ORIENTATION.get(im.getexif().get(ExifTags.Base.Orientation, 1), (0, False))
+            return ImageHeader(im.size, orientation)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(str(exc)) from None
+    except (OSError, ValueError, SyntaxError):
+        return None
 
 
 # PIL modes of 16-bit (and 32-bit integer) grey pictures: PIL's convert("RGB") clips them at 255

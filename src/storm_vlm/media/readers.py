@@ -40,7 +40,8 @@ from storm_vlm.media.images import over_white
 from storm_vlm.media.limits import Budget, display_size, output_size
 
 __all__ = ["FrameSink", "SeekingReader", "SequentialReader", "rotate_frame", "frame_orientation", "scaled_rgb",
-           "has_alpha", "shown_rgb", "sample_aspect_ratio", "decoded_frames", "continuous_times", "nearest_frames"]
+           "has_alpha", "shown_rgb", "sample_aspect_ratio", "shown_frames", "decoded_frames", "continuous_times",
+           "nearest_frames"]
 
 
 def rotate_frame(frame: np.ndarray, rotation: float, mirrored: bool = False) -> np.ndarray:
@@ -121,6 +122,18 @@ def sample_aspect_ratio(stream):
         if ratio and ratio > 0:
             return ratio
     return None
+
+
+def shown_frames(stream) -> int:
+    """The frames a stream declares that are shown (0: none declared): `stream.frames` less the
+    samples an MP4 edit list hides. A clip cut without re-encoding (`ffmpeg -ss 5 -i in.mp4 -c
+    copy out.mp4`, phone and editor trims) keeps the frames from the keyframe before its start,
+    marked discarded in the index: ffmpeg and players never show them, and counting them put
+    frames past the end of the stream."""
+    entries = stream.index_entries
+    if stream.frames and len(entries) >= stream.frames:  # a full sample index (MP4)
+        return stream.frames - sum(1 for e in entries if e.is_discard)
+    return stream.frames
 
 
 def decoded_frames(container, stream, budget: Budget, stats: dict, stop_at_corrupt: bool = False):
@@ -279,9 +292,10 @@ class SeekingReader:
         elif self.container.duration:
             duration_s = self.container.duration / av().time_base - float(self.first_pts * self.time_base)
         estimate = round(duration_s * float(self.rate)) if duration_s else None
-        if stream.frames and estimate and abs(stream.frames - estimate) <= max(2, 0.02 * estimate):
+        declared = shown_frames(stream)
+        if declared and estimate and abs(declared - estimate) <= max(2, 0.02 * estimate):
             self.stats["count_source"] = "stream.frames"
-            return int(stream.frames)
+            return int(declared)
         last_pts = self._probe_last_pts(duration_s)
         self.stats["count_source"] = "tail probe"
         return int(round((last_pts - self.first_pts) / self.frame_pts)) + 1
@@ -372,6 +386,10 @@ class SeekingReader:
 
     def read(self, sink: FrameSink) -> None:
         """Decode the frames `sink` wants (sorted, distinct indices) into it."""
+        # Backing off may reach before the first frame shown: a trimmed MP4's first frames are
+        # decoded from a keyframe its edit list hides (the index's first entry).
+        entries = self.stream.index_entries
+        earliest = min(self.first_pts, entries[0].timestamp) if len(entries) else self.first_pts
         for index in sink.wanted.tolist():
             target = self.first_pts + index * self.frame_pts
             frame = None
@@ -379,12 +397,12 @@ class SeekingReader:
             for backoff_s in (None, 1.0, 8.0, 64.0, math.inf):
                 seek_pts = target
                 if backoff_s is not None:
-                    seek_pts = max(self.first_pts, target - backoff_s / float(self.time_base))
+                    seek_pts = max(earliest, target - backoff_s / float(self.time_base))
                     self._seek(seek_pts)
                 elif self._should_seek(target):
                     self._seek(target)
                 frame, status = self._advance_to(target)
-                if status in ("ok", "eof") or seek_pts <= self.first_pts:
+                if status in ("ok", "eof") or seek_pts <= earliest:
                     break
             if frame is None:
                 if index == 0:
