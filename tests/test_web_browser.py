@@ -34,7 +34,9 @@ def test_upload_ask_and_read_the_answer_in_chromium(page_url, tmp_path):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            # Playwright's wait_for_function evaluates its text, which the page's CSP (no eval) refuses;
+            # tests/test_web_page_behaviour.py drives the page under its CSP
+            page = browser.new_page(viewport={"width": 1280, "height": 900}, bypass_csp=True)
             page.goto(page_url, wait_until="load", timeout=120_000)
             page.wait_for_selector("#ask", timeout=120_000)
             page.set_input_files("#video input[type=file]", str(video))

@@ -175,7 +175,7 @@ def test_html_text_in_chromium_and_sigterm_leaves_no_files(qwen2_mamba_dir, tmp_
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:
-                page = browser.new_page()
+                page = browser.new_page(bypass_csp=True)  # for wait_for_function (see test_web_browser)
                 page.goto(f"http://127.0.0.1:{port}/", timeout=120_000)
                 page.set_input_files("#video input[type=file]", str(clip))
                 page.wait_for_selector("#video video", timeout=60_000)

@@ -6,22 +6,27 @@ carry multiple-choice options (one per line; the reply is read as one of them). 
 cannot be decoded, or a bad setting, shows its one-line message in the conversation, never a
 traceback. The limits are the HTTP API's (`StormEngine.info()["limits"]`).
 
-As in gradio's chat apps, the question box empties and locks while an answer streams; "Stop",
-"New conversation" and a new video cancel the answer being written (and the engine stops
-generating it). Each turn sends the whole conversation and the video to the model again, but a
-video is decoded once per upload and frame count (`ClipCache`).
+As in chat apps, Enter sends the question and Shift+Enter starts a new line; the question box
+empties and locks while an answer streams; "Stop", "New conversation" and a new video cancel the
+answer being written (and the engine stops generating it). Each turn sends the whole conversation
+and the video to the model again, but a video is decoded once per upload and frame count
+(`ClipCache`).
 
 What gradio serves from disk is its upload / cache folders only (no `allowed_paths`); uploads are
 limited to `max_upload_mb` and the queue to `max_queue` waiting requests. gradio deletes an upload
 an hour after the last question about it (checked hourly) and all of them when the page stops.
 
-Questions and answers are shown as the text they are (HTML-escaped, no markdown): the chatbot
-would otherwise render HTML, hiding text such as "a<b" or "<video>". A turn that fails shows one
-line in the conversation, after what was answered before it; a turn gradio itself refuses (the
-queue is full) leaves the question in the box, and gradio says why.
+Questions and answers are shown as the text they are (HTML-escaped, no markdown or LaTeX): the
+chatbot would otherwise render HTML, hiding text such as "a<b" or "<video>"; its copy buttons copy
+that text, not the escapes (`COPY_AS_TEXT`). A turn that fails shows one line in the conversation,
+after what was answered before it; a turn gradio itself refuses (the queue is full) leaves the
+question in the box, and gradio says why.
 
 Nothing here reaches the internet: gradio analytics and its version check are off and there is
-no share link. Importing this module imports gradio (seconds); nothing else in storm_vlm does.
+no share link. Every response carries `SECURITY_HEADERS` (the page loads and sends nothing to
+other hosts, and no other site may frame it), and a page listening on a loopback address answers
+only requests addressed to a loopback name (`PageGuard`: no DNS rebinding). Importing this module
+imports gradio (seconds); nothing else in storm_vlm does.
 """
 
 from __future__ import annotations
@@ -35,11 +40,13 @@ import threading
 import weakref
 from collections import OrderedDict
 from pathlib import Path
+from urllib.parse import urlsplit
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry, no version check
 
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
 
 from storm_vlm.choices import LETTERS, extract_choice, format_question  # noqa: E402
 from storm_vlm.demo.synth import pick_codec, write_mp4  # noqa: E402
@@ -47,12 +54,50 @@ from storm_vlm.demo.synth_tasks import render_static, render_transient  # noqa: 
 from storm_vlm.errors import StormError  # noqa: E402
 from storm_vlm.inference import build_messages  # noqa: E402
 from storm_vlm.serve.engine import MAX_OPTION_CHARS, MAX_OPTIONS, ContextTooLong  # noqa: E402
+from storm_vlm.serve.network import is_loopback  # noqa: E402
 
-__all__ = ["build_demo", "chat_turn", "ClipCache", "example_videos", "launch_demo", "TEMPORAL_SAMPLE_CHOICES"]
+__all__ = ["build_demo", "chat_turn", "ClipCache", "example_videos", "launch_demo", "PageGuard",
+           "SECURITY_HEADERS", "TEMPORAL_SAMPLE_CHOICES"]
 
 MODEL_DEFAULT = "default"
 TEMPORAL_SAMPLE_CHOICES = (MODEL_DEFAULT, "1", "2", "4", "8")
 ERROR_PREFIX = "⚠️ "
+GENERATING, STOPPED = "generating ...", "Stopped."
+# What every response of the page says to the browser: load scripts, styles, media and fonts from
+# this server only and send nothing elsewhere (gradio's page needs its inline scripts and styles),
+# never be framed by another site (clickjacking), no MIME sniffing, no Referer to other sites.
+SECURITY_HEADERS = {
+    "content-security-policy": "; ".join([
+        "default-src 'self'", "script-src 'self' 'unsafe-inline'", "style-src 'self' 'unsafe-inline'",
+        "img-src 'self' data: blob:", "media-src 'self' data: blob:", "font-src 'self' data:",
+        "worker-src 'self' blob:", "connect-src 'self'", "object-src 'none'", "base-uri 'self'",
+        "form-action 'self'", "frame-ancestors 'none'"]),
+    "x-frame-options": "DENY",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
+# The chat's messages are HTML-escaped (`_shown`), and gradio's copy buttons copy a message as it
+# is stored: this script of the page gives the clipboard the text itself ("a<b", not "a&lt;b"),
+# through the clipboard API or, where the page is no secure context, the `copy` event.
+COPY_AS_TEXT = """<script>
+(() => {
+  let fromChat = false;
+  const text = (s) => s.replace(/&lt;/g, "<").replace(/&gt;/g, ">").replace(/&amp;/g, "&");
+  document.addEventListener("click", (e) => { fromChat = !!e.target.closest?.("#chat"); }, true);
+  const clipboard = navigator.clipboard;
+  if (clipboard) {
+    const write = clipboard.writeText.bind(clipboard);
+    clipboard.writeText = (s) => write(fromChat ? text(s) : s);
+  }
+  document.addEventListener("copy", (e) => {
+    const box = e.target;
+    if (fromChat && box instanceof HTMLTextAreaElement && !box.closest("gradio-app")) {
+      e.clipboardData.setData("text/plain", text(box.value));
+      e.preventDefault();
+    }
+  }, true);
+})();
+</script>"""
 log = logging.getLogger("storm_vlm.web")
 
 
@@ -203,7 +248,7 @@ def _answer(engine, video, question, turns, options_text, frames, temporal_sampl
         for kind, payload in handle.events():
             if kind == "delta":
                 answer += payload
-                yield answer, [*turns, (prompt, answer)], "generating ..."
+                yield answer, [*turns, (prompt, answer)], GENERATING
             elif kind == "error":
                 raise payload
             else:
@@ -260,10 +305,13 @@ def build_demo(engine, title: str = "STORM video question answering", examples_d
                 max_new_tokens = gr.Slider(1, limits["max_new_tokens"], value=min(64, limits["max_new_tokens"]),
                                            step=1, label="Max new tokens")
             with gr.Column(scale=3):
-                # the messages are HTML-escaped text (`_shown`), shown as they are: no markdown
+                # the messages are HTML-escaped text (`_shown`), shown as they are: no markdown or LaTeX
                 chat = gr.Chatbot(label="Conversation about the video", height=420, elem_id="chat",
-                                  render_markdown=False)
-                question = gr.Textbox(label="Question", placeholder=examples[0][1], lines=2, elem_id="question")
+                                  render_markdown=False, latex_delimiters=[])
+                # one line that grows: gradio's Enter sends it, Shift+Enter starts a new line (in a
+                # box of several lines, gradio has Enter start a line and Shift+Enter send)
+                question = gr.Textbox(label="Question (Enter sends, Shift+Enter starts a new line)",
+                                      placeholder=examples[0][1], lines=1, max_lines=8, elem_id="question")
                 with gr.Row():
                     ask = gr.Button("Ask", variant="primary", elem_id="ask")
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -292,12 +340,57 @@ def build_demo(engine, title: str = "STORM video question answering", examples_d
                                             max_new_tokens], outputs=[chat, turns, status, question], api_name=False)
         for after in (answering.then, answering.failure):  # the page runs no `.then` after a failure
             after(lambda: (unlocked, unlocked), outputs=[question, ask], queue=False, api_name=False)
-        # a cancelled turn may never reach its `.then`: these unlock the box themselves
-        stop.click(lambda: (unlocked, unlocked), outputs=[question, ask], cancels=[answering], queue=False,
+        # a cancelled turn may never reach its `.then`: these unlock the box themselves (and Stop
+        # says so where the status still reads as generating)
+        stop.click(lambda shown: (unlocked, unlocked, STOPPED if shown == GENERATING else gr.update()),
+                   inputs=[status], outputs=[question, ask, status], cancels=[answering], queue=False,
                    api_name=False)
         gr.on([clear.click, video.change], lambda: ([], [], "", unlocked, unlocked),
               outputs=[chat, turns, status, question, ask], cancels=[answering], queue=False, api_name=False)
     return demo
+
+
+class PageGuard:
+    """ASGI middleware around gradio's app: `SECURITY_HEADERS` on every response (headers gradio
+    set itself are kept), and, with `loopback_only`, a 400 for a request whose Host header names
+    anything but a loopback address or localhost. A page on 127.0.0.1 is otherwise open to any
+    web site the browser visits that points a name of its own at 127.0.0.1 (DNS rebinding): the
+    browser treats the page as that site's, so it could upload files and ask questions."""
+
+    def __init__(self, app, loopback_only: bool):
+        self.app, self.loopback_only = app, loopback_only
+        self._headers = [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        host = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"host"), None)
+        if self.loopback_only and host is not None and not _is_loopback_host(host):
+            if scope["type"] == "websocket":
+                return await send({"type": "websocket.close", "code": 1008})
+            body = (f"storm-vlm web listens on a loopback address: open it as http://127.0.0.1 or "
+                    f"http://localhost, not as {host!r}").encode()
+            await send({"type": "http.response.start", "status": 400,
+                        "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                    (b"content-length", str(len(body)).encode()), *self._headers]})
+            return await send({"type": "http.response.body", "body": body})
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                given = {k.lower() for k, _ in message.get("headers", ())}
+                message["headers"] = [*message.get("headers", ()), *(h for h in self._headers if h[0] not in given)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _is_loopback_host(host: str) -> bool:
+    """Whether a Host header ("127.0.0.1:7860", "[::1]:7860", "localhost") names this host only."""
+    try:
+        name = urlsplit(f"//{host}").hostname
+    except ValueError:
+        return False
+    return bool(name) and is_loopback(name)
 
 
 def launch_demo(demo: gr.Blocks, host: str, port: int, max_upload_mb: float = 200, concurrency: int = 8,
@@ -305,11 +398,13 @@ def launch_demo(demo: gr.Blocks, host: str, port: int, max_upload_mb: float = 20
     """Serve the page on host:port (until interrupted, or in the background with block=False);
     never a share link. `concurrency`: answers written at once (the engine batches them);
     `max_queue`: answers waiting at most (beyond, the page says the queue is full); uploads over
-    `max_upload_mb` (MiB, as `storm-vlm serve` counts them) are refused."""
+    `max_upload_mb` (MiB, as `storm-vlm serve` counts them) are refused. Every response goes
+    through `PageGuard` (for a loopback `host`, only requests addressed to a loopback name)."""
     shown = f"[{host}]" if ":" in host else host
     print(f"storm-vlm web: serving on http://{shown}:{port} (Ctrl+C to stop)", flush=True)
     # quiet: gradio's banner would suggest share=True, which this command never offers. The upload
     # limit goes as bytes: gradio reads a size string's number as an int ("0.5mb" fails).
     demo.queue(default_concurrency_limit=concurrency, max_size=max_queue).launch(
         server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False, quiet=True,
-        max_file_size=int(max_upload_mb * 2**20), prevent_thread_lock=not block)
+        max_file_size=int(max_upload_mb * 2**20), prevent_thread_lock=not block, head=COPY_AS_TEXT,
+        app_kwargs={"middleware": [Middleware(PageGuard, loopback_only=is_loopback(host))]})
