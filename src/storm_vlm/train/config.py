@@ -97,8 +97,9 @@ class TrainConfig:
     save_total_limit: int | None = None
     # manifest.json of each checkpoint holds SHA-256s, checked by --resume (false: sizes and structure only)
     checkpoint_checksums: bool = True
-    # --resume on a different number of processes when the model draws random numbers (dropout):
-    # false refuses (the ranks' RNG streams cannot be carried over), true reseeds each rank
+    # --resume with the global batch split otherwise (processes, per_device_batch_size,
+    # gradient_accumulation_steps) when the model draws random numbers (dropout): false refuses
+    # (the ranks' RNG streams cannot be carried over, masks are drawn per micro-batch), true reseeds each rank
     resume_reseed_rng: bool = False
     progress_bar: bool = True
     tensorboard: bool = True  # written when the tensorboard package is installed

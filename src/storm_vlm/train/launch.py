@@ -86,10 +86,16 @@ def make_accelerator(cfg: TrainConfig, timeout_s: float = 1800.0) -> tuple[Accel
     return accelerator, owns_group
 
 
-def end_accelerator(accelerator: Accelerator | None, owns_group: bool) -> None:
+def end_accelerator(accelerator: Accelerator | None, owns_group: bool, failed: bool = False) -> None:
+    """Release a run's Accelerator, and the process group it started -- unless the run `failed`.
+
+    After a failure on one rank the others may be blocked in a collective; tearing the group down
+    then can wait on them (NCCL's destroy does), so the failing process would neither exit nor
+    print its error, and torchrun, which ends the other ranks once one exits, would never see it.
+    The process exit releases the group instead."""
     if accelerator is not None:
         accelerator.free_memory()
-    if owns_group and dist.is_initialized():
+    if owns_group and not failed and dist.is_initialized():
         dist.destroy_process_group()
     reset_accelerate_state()
 

@@ -13,8 +13,9 @@ re-shards), the loss normalisation below, and the checkpoints (storm_vlm.train.c
 `checkpoint-N.tmp` + manifest.json (sizes, SHA-256) + rename, RNG states as JSON, optimizer loaded
 with weights_only=True; `--resume` takes the newest checkpoint that verifies and names each one it
 skips) -- accelerate's save_state writes in place and pickles. A resume whose config, global batch,
-record count or (with dropout) number of processes would make it continue differently from how the
-run started is refused before anything loads (`_check_resume_config`, `_check_resume_world_size`).
+record count or (with dropout) split of the global batch over processes and micro-steps would make it
+continue differently from how the run started is refused before anything loads (`_check_resume_config`,
+`_check_resume_split`).
 
 FSDP2: accelerate enables its FSDP plugin only for GPU-like devices; on CPU/gloo the plugin is
 silently dropped and `prepare` wraps the model in DDP (a slow test notices if that changes). So with
@@ -246,7 +247,7 @@ class Trainer:
         model, processor = load_model_and_processor(cfg, env)
         apply_stage(model, cfg)
         if state is not None:
-            self._check_resume_world_size(self.resume_dir, state, model)
+            self._check_resume_split(self.resume_dir, state, model)
             self._load_trainable(model, self.resume_dir)
         if cfg.gradient_checkpointing:
             # Non-reentrant checkpointing also works when the embeddings are frozen (align, LoRA).
@@ -396,10 +397,10 @@ class Trainer:
             if env.is_main:
                 ckpt.write_manifest(tmp, self.cfg.checkpoint_checksums)  # last: it vouches for every file above
                 publish_dir(tmp, final)
-                self.last_checkpoint = final
                 ckpt.prune_checkpoints(self.output_dir, self.cfg.save_total_limit, upto_step=step)
                 logger.info("saved %s", final)
         env.barrier()
+        self.last_checkpoint = final  # on every rank: any rank's failed write names it as what --resume takes
         return final
 
     def _load_trainable(self, model, ckpt_dir: Path) -> None:
@@ -465,28 +466,44 @@ class Trainer:
                 logger.warning("%s: the LR schedule is recomputed for %d steps: its factor at step %d goes from "
                                "%.4g to %.4g", where, cfg.max_steps, step, before, after)
 
-    def _check_resume_world_size(self, ckpt_dir: Path, state: dict, model) -> None:
-        """A checkpoint saved by another number of processes resumes exactly -- data order, optimizer,
-        scheduler and step do not depend on it -- except for the ranks' RNG streams, which cannot
-        be split or merged. So when the model draws random numbers (dropout) such a resume is
-        refused unless `resume_reseed_rng` is set; then, and always when nothing draws from them,
-        each rank is reseeded from (seed, step, rank) instead of restoring a saved stream."""
-        saved, now = state["world_size"], self.env.world_size
-        if saved == now:
+    def _check_resume_split(self, ckpt_dir: Path, state: dict, model) -> None:
+        """How the global batch is split (processes x per_device_batch_size x gradient_accumulation_steps)
+        may change on resume: data order, optimizer, scheduler and step do not depend on it. The RNG
+        streams do: a rank's stream cannot be split or merged over another number of processes, and
+        dropout draws its masks per micro-batch, so another split on the same processes would draw
+        other masks than the run it continues. So when the model draws random numbers (dropout) a
+        changed split is refused unless `resume_reseed_rng` is set; then each rank is reseeded from
+        (seed, step, rank). Without dropout the saved streams are restored where the number of
+        processes is unchanged, and each rank is reseeded where it changed."""
+        cfg, env = self.cfg, self.env
+        saved_cfg = state.get("config") if isinstance(state.get("config"), dict) else {}
+        was = (state["world_size"], saved_cfg.get("per_device_batch_size", cfg.per_device_batch_size),
+               saved_cfg.get("gradient_accumulation_steps", cfg.gradient_accumulation_steps))
+        now = (env.world_size, cfg.per_device_batch_size, cfg.gradient_accumulation_steps)
+        if was == now:
             return
-        if draws_random_numbers(model) and not self.cfg.resume_reseed_rng:
+        dropout = draws_random_numbers(model)
+        if was[0] != now[0]:
+            change = f"was saved by {was[0]} process(es), this run has {now[0]}"
+            why, keep = "the saved per-process RNG streams cannot be carried over", f"{was[0]} process(es)"
+        else:
+            change = (f"was saved with per_device_batch_size {was[1]} x gradient_accumulation_steps {was[2]}, "
+                      f"this run has {now[1]} x {now[2]}")
+            why = "its masks are drawn per micro-batch"
+            keep = f"per_device_batch_size={was[1]} and gradient_accumulation_steps={was[2]}"
+        if dropout and not cfg.resume_reseed_rng:
             raise ConfigError(
-                f"--resume: {ckpt_dir} was saved by {saved} process(es), this run has {now}, and the model "
-                "draws random numbers in training (dropout): the saved per-process RNG streams cannot be "
-                "carried over, so the run would not continue as it started. Resume with "
-                f"{saved} process(es), or pass --set resume_reseed_rng=true to continue with each process "
-                "reseeded (data order, optimizer, LR schedule and step still carry over exactly)")
-        step, rank = state["global_step"], self.env.rank
-        self._reseed = int.from_bytes(hashlib.sha256(f"{self.cfg.seed}/{step}/{rank}".encode()).digest()[:4], "little")
-        if self.env.is_main:
-            logger.warning("--resume: %s was saved by %d process(es), this run has %d: data order, optimizer, "
-                           "LR schedule and step carry over; each process's RNG is reseeded from (seed, step, rank)",
-                           ckpt_dir, saved, now)
+                f"--resume: {ckpt_dir} {change}, and the model draws random numbers in training (dropout): {why}, "
+                f"so the run would not continue as it started. Resume with {keep}, or pass --set "
+                "resume_reseed_rng=true to continue with each process reseeded (data order, optimizer, LR schedule "
+                "and step still carry over exactly)")
+        if was[0] == now[0] and not dropout:
+            return  # the saved streams are restored: nothing draws from them per micro-batch
+        step, rank = state["global_step"], env.rank
+        self._reseed = int.from_bytes(hashlib.sha256(f"{cfg.seed}/{step}/{rank}".encode()).digest()[:4], "little")
+        if env.is_main:
+            logger.warning("--resume: %s %s: data order, optimizer, LR schedule and step carry over; each "
+                           "process's RNG is reseeded from (seed, step, rank)", ckpt_dir, change)
 
     def _load_training_state(self, ckpt_dir: Path, state: dict) -> None:
         """Optimizer, scheduler, data position and RNG states from a checkpoint `_choose_resume_checkpoint`
@@ -705,15 +722,17 @@ def train(config: TrainConfig | Mapping | str | os.PathLike, overrides: list[str
         cfg = config_from_dict(resolve_raw(dict(config), overrides))
     try:
         accelerator, owns_group = make_accelerator(cfg)
+        failed = True
         try:
             trainer = Trainer(cfg, accelerator, resume=resume, dataset_wrapper=dataset_wrapper)
-            done = trainer.finished_run()
-            if done is not None:
-                return done
-            trainer.setup()
-            return trainer.train()
+            final = trainer.finished_run()
+            if final is None:
+                trainer.setup()
+                final = trainer.train()
+            failed = False
+            return final
         finally:
-            end_accelerator(accelerator, owns_group)
+            end_accelerator(accelerator, owns_group, failed)
     except ConfigError as exc:
         # Checks made after loading (output_dir, build/init_from folders, precision) name the key;
         # name the file too, as load_config's own errors do.
