@@ -48,6 +48,11 @@ def evil(tmp_path):
     return (tmp_path / "evil.so").read_bytes(), marker
 
 
+def _slow(*values):
+    """Further cases of one check: each builds the kernels privately (seconds), so they run with -m slow."""
+    return [pytest.param(v, marks=pytest.mark.slow) for v in values]
+
+
 def _build_name():
     spec = cpu_kernel.ISAS["generic"]
     return f"scan-generic-{spec.lanes}-{cpu_kernel._key('cc', spec, spec.lanes)}"
@@ -78,7 +83,7 @@ def _scan_works(monkeypatch, lib):
                   rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("mode", [0o770, 0o707, 0o777])
+@pytest.mark.parametrize("mode", [0o770, *_slow(0o707, 0o777)])
 def test_group_or_world_writable_cache_folder_is_refused(monkeypatch, cache, evil, caplog, mode):
     data, marker = evil
     _plant(cache / _build_name(), data)
@@ -89,7 +94,7 @@ def test_group_or_world_writable_cache_folder_is_refused(monkeypatch, cache, evi
     _scan_works(monkeypatch, lib)
 
 
-@pytest.mark.parametrize("what", ["cache", "build", "lib"])
+@pytest.mark.parametrize("what", ["cache", *_slow("build", "lib")])
 def test_cache_entries_owned_by_another_user_are_refused(monkeypatch, cache, evil, caplog, what):
     if os.geteuid() != 0:
         pytest.skip("changing a file's owner needs root")
@@ -101,7 +106,7 @@ def test_cache_entries_owned_by_another_user_are_refused(monkeypatch, cache, evi
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("where", ["build", "lib", "hash"])
+@pytest.mark.parametrize("where", ["build", *_slow("lib", "hash")])
 def test_group_writable_build_or_file_is_refused(cache, evil, caplog, where):
     data, marker = evil
     folder = cache / _build_name()
