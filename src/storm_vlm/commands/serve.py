@@ -9,6 +9,7 @@ heads, timeouts) are in `storm_vlm.serve.network.uvicorn_config`.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -97,8 +98,8 @@ def check_engine_arguments(args: argparse.Namespace) -> None:
         raise StormError(f"--max-frames must be >= 1, got {args.max_frames}")
     if not 1 <= args.frames <= args.max_frames:
         raise StormError(f"--frames must be between 1 and --max-frames ({args.max_frames}), got {args.frames}")
-    if not args.max_upload_mb > 0:
-        raise StormError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
+    if not 0 < args.max_upload_mb < math.inf:
+        raise StormError(f"--max-upload-mb must be a finite number > 0, got {args.max_upload_mb}")
     for flag in ("video_cache_mb", "prefix_cache_mb"):
         if not 0 <= getattr(args, flag) <= 2**30:
             raise StormError(f"--{flag.replace('_', '-')} must be between 0 and {2**30}, got {getattr(args, flag)}")

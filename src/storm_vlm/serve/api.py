@@ -13,9 +13,10 @@
             (never by default)
 
 Status codes of /v1/answer: 200 the answer (see `StormEngine.answer`); 403 local paths not
-allowed; 408 the body did not arrive in time; 413 upload larger than max_upload_mb; 415 another
-content type; 422 bad parameters or a video that cannot be decoded (the message names the cause,
-never a traceback); 503 the queue is full, or `max_concurrent_bodies` bodies are being read
+allowed; 408 the body did not arrive in time; 413 upload larger than max_upload_mb (a JSON body:
+over 1 MB, or of too many values); 415 another content type; 422 bad parameters (each refused
+input shown only when a short scalar) or a video that cannot be decoded (the message names the
+cause, never a traceback); 503 the queue is full, or `max_concurrent_bodies` bodies are being read
 already (with Retry-After). Every input is bounded and checked before any work (option count and
 length, finite numbers in range, JSON nesting, text that is not Unicode, NUL in paths);
 rendering, tokenizing and the parsing of large bodies run in worker threads, never on the event
@@ -32,6 +33,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import shutil
 import tempfile
 import threading
@@ -53,7 +55,7 @@ import storm_vlm
 from storm_vlm.errors import StormError
 from storm_vlm.serve import openai_api as oai
 from storm_vlm.serve.bodies import (BodiesBusy, BodySlots, BodyTooLarge, BodyTooSlow, TooManyValues, content_length,
-                                    detail_error, limited, parse_json)
+                                    detail_error, limited, parse_json, validation_errors)
 from storm_vlm.serve.engine import MAX_OPTION_CHARS, MAX_OPTIONS, MAX_QUESTION_CHARS, EngineBusy, RequestError
 from storm_vlm.serve.network import BearerKey
 from storm_vlm.serve.sessions import add_session_routes
@@ -68,6 +70,7 @@ _FORM_SLACK = 64 * 1024  # multipart boundaries and the small text fields next t
 _JSON_LIMIT = 1024 * 1024
 # JSON values a chat body may hold: room for its longest texts (whose commas and brackets count too)
 _CHAT_JSON_VALUES = 2 * oai.MAX_TOTAL_TEXT_CHARS
+_ANSWER_JSON_VALUES = 2 * (MAX_QUESTION_CHARS + MAX_OPTIONS * MAX_OPTION_CHARS)  # likewise, for /v1/answer's
 _MAX_SECONDS = 10**7  # start / end beyond ~4 months of video are refused before any work
 _UPLOAD_NAME = "upload"  # a fixed name: the client's file name never chooses how the bytes are read
 _Option = Annotated[str, Field(max_length=MAX_OPTION_CHARS)]
@@ -203,8 +206,8 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
     most (`BodySlots`: each costs several times its size in memory); a request that finds no slot
     free within 10 s is answered 503 with Retry-After (`app.state.body_slots`). `api_key`: requests
     under /v1 must carry it as a bearer token (`storm_vlm.serve.network.BearerKey`)."""
-    if not max_upload_mb > 0:
-        raise StormError(f"max_upload_mb must be > 0, got {max_upload_mb!r}")
+    if not 0 < max_upload_mb < math.inf:
+        raise StormError(f"max_upload_mb must be a finite number > 0, got {max_upload_mb!r}")
     max_upload = int(max_upload_mb * 1024 * 1024)
     local = oai.LocalMedia(allow_local_paths, allowed_local_media_path)
     # a chat-completions body carries its media base64-encoded (4 bytes per 3)
@@ -221,6 +224,12 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
     @app.exception_handler(oai.OpenAIError)
     async def openai_error(request: Request, exc: oai.OpenAIError):
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError):
+        """FastAPI's 422 for /v1/answer's parameters, with each refused input shown only when it is
+        a short scalar (`validation_errors`): never the whole body, NaN or lone surrogates."""
+        return detail_error(422, validation_errors(exc.errors()))
 
     @app.exception_handler(HTTPException)
     async def route_error(request: Request, exc: HTTPException):
@@ -490,11 +499,14 @@ def create_app(engine, *, max_upload_mb: float = 200, allow_local_paths: bool = 
                                    "multipart/form-data instead")
             try:
                 async with body_slots.take():
-                    body = parse_json(await read_body(request, _JSON_LIMIT))
+                    raw = await read_body(request, _JSON_LIMIT)
+                    body = await run_in_threadpool(parse_json, raw, _ANSWER_JSON_VALUES)
             except BodiesBusy as exc:
                 return detail_error(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
             except BodyTooLarge:
                 return detail_error(413, f"JSON body larger than {_JSON_LIMIT} bytes")
+            except TooManyValues as exc:
+                return detail_error(413, str(exc))
             except BodyTooSlow:
                 return detail_error(408, f"the request body did not arrive within {body_timeout_s:g} s")
             except (ValueError, UnicodeDecodeError) as exc:

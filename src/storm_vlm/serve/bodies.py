@@ -5,7 +5,7 @@ past `limit` bytes (bodies without a Content-Length too) and with BodyTooSlow wh
 of the body takes longer than `timeout_s`; `parse_json` refuses invalid and too deeply nested JSON
 and strings that are not text (lone UTF-16 surrogates); `BodySlots` bounds the bodies read and
 parsed at once; `detail_error` is the error response of the routes that answer in FastAPI's
-`{"detail": ...}` form.
+`{"detail": ...}` form, and `validation_errors` the list it holds for a body pydantic refused.
 """
 
 from __future__ import annotations
@@ -13,16 +13,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import re
 import time
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-__all__ = ["BodyTooLarge", "BodyTooSlow", "BodiesBusy", "BodySlots", "TooManyValues", "content_length", "detail_error",
-           "limited", "parse_json"]
+__all__ = ["BodyTooLarge", "BodyTooSlow", "BodiesBusy", "BodySlots", "TooManyValues", "as_text", "content_length",
+           "detail_error", "limited", "parse_json", "validation_errors"]
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_SHOWN_INPUT_CHARS = 200  # of a refused string, in a validation error
 
 
 class BodyTooLarge(Exception):
@@ -125,6 +127,32 @@ def content_length(request: Request) -> int | None:
         return None
 
 
+def as_text(value: str) -> str:
+    """`value` with each lone UTF-16 surrogate as U+FFFD: text a UTF-8 response can carry (a
+    multipart field, file name or path decoded from bytes that were not UTF-8 may hold them)."""
+    return value if value.isascii() else _SURROGATE.sub("\ufffd", value)
+
+
+def validation_errors(errors: list[dict]) -> list[dict]:
+    """pydantic's errors as a JSON response can carry them: type, loc, msg and the input when it is
+    a short scalar. The input pydantic keeps may be the whole body (a missing field's), a float
+    that JSON has no spelling for (NaN, Infinity) or a string holding lone surrogates: echoed
+    as they are, the first costs the body's size again and the others fail to render (a 500)."""
+    shown = []
+    for error in errors:
+        loc = [as_text(p) if isinstance(p, str) else p for p in error.get("loc", ())]
+        item = {"type": error.get("type"), "loc": loc, "msg": as_text(str(error.get("msg", "")))}
+        value = error.get("input")
+        if isinstance(value, str):
+            item["input"] = as_text(value[:_SHOWN_INPUT_CHARS])
+        elif value is None or isinstance(value, (bool, int)) or (isinstance(value, float) and math.isfinite(value)):
+            item["input"] = value
+        shown.append(item)
+    return shown
+
+
 def detail_error(status: int, detail, headers: dict | None = None) -> JSONResponse:
-    """An error answered as FastAPI answers its own: `{"detail": detail}` with `status`."""
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+    """An error answered as FastAPI answers its own: `{"detail": detail}` with `status` (a text
+    detail with lone surrogates, which UTF-8 cannot carry, has them as U+FFFD)."""
+    return JSONResponse({"detail": as_text(detail) if isinstance(detail, str) else detail}, status_code=status,
+                        headers=headers)

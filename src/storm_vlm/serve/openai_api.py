@@ -57,7 +57,9 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from storm_vlm.errors import StormError
+from storm_vlm.media.container import check_file
 from storm_vlm.media.images import ImageTooLarge, load_image
+from storm_vlm.serve.bodies import as_text
 from storm_vlm.serve.engine import (MAX_QUESTION_CHARS, MAX_STOP_CHARS, MAX_STOPS, ContextTooLong, EngineBusy,
                                     StormEngine)
 from storm_vlm.video import DecodeTimeout
@@ -78,6 +80,7 @@ class OpenAIError(Exception):
 
     def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
                  code: str | None = None, headers: dict | None = None):
+        message = as_text(message)  # a path or file name decoded from bytes that were not UTF-8 holds surrogates
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
         self.headers = headers or {}
@@ -446,7 +449,13 @@ def _media_bytes(url: str, local: LocalMedia, what: str, max_bytes: int) -> byte
 
 def _image_frames(source: bytes | Path, what: str, min_side: int | None = None) -> np.ndarray:
     """(1, H, W, 3) uint8 from image bytes or a path (upright, scaled down to `min_side`, see
-    `load_image`); OpenAIError for what PIL cannot read."""
+    `load_image`); OpenAIError for what PIL cannot read, and for a path that is not a non-empty
+    regular file (opening a FIFO would block the worker, and the request's body slot, for ever)."""
+    if isinstance(source, Path):
+        try:
+            check_file(str(source))
+        except StormError as exc:
+            raise OpenAIError(400, f"{what}: {str(exc).replace(str(source), 'the image')}") from None
     try:
         return load_image(source, max_pixels=MAX_IMAGE_PIXELS, min_side=min_side)[None]
     except ImageTooLarge as exc:
