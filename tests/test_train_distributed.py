@@ -1,9 +1,11 @@
 """torchrun on CPU (gloo): 2 processes x batch b follow 1 process x batch 2b, with DDP and FSDP2
-(also with LoRA and with different media on each rank)."""
+(also with LoRA and with different media on each rank); a rank that fails ends the whole job at once
+with its error, naming what --resume continues from."""
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from storm_vlm.train import checkpoint as ckpt
 from storm_vlm.train import train
 from train_helpers import base_config, make_dataset
 
@@ -176,3 +179,54 @@ def test_accelerate_still_drops_fsdp2_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     found = json.loads((tmp_path / "out.json").read_text())
     assert found == {"processes": 2, "type": "MULTI_CPU", "fsdp2": False, "wrapper": "DistributedDataParallel"}
+
+
+FAULTY_RANK = """
+import errno, sys, time
+import torch.distributed as dist
+from storm_vlm.train import trainer
+
+def write(path, obj, original=trainer.atomic_write_json):
+    if path.name == "rng_state_1.json" and path.parent.name == "checkpoint-4.tmp":
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    return original(path, obj)
+
+trainer.atomic_write_json = write
+dist.destroy_process_group = lambda *args, **kwargs: time.sleep(3600)  # as NCCL's can, with a peer blocked
+from storm_vlm.cli import main
+raise SystemExit(main())
+"""
+
+
+def test_a_rank_whose_write_fails_ends_the_job_at_once_naming_the_checkpoint_to_resume_from(tmp_path):
+    """torchrun, 2 processes: rank 1 finds the disk full writing its RNG state into checkpoint-4 while rank
+    0 waits for it. Rank 1 must print its error and exit at once -- not first tear the process group down,
+    which waits on the blocked rank 0 (as NCCL's destroy can: the job then hung, silent, until the
+    timeout) -- and the error must name checkpoint-2 as where --resume continues (rank 1 said "step 0":
+    only rank 0 knew of the checkpoints saved)."""
+    data = make_dataset(tmp_path / "data", num_videos=4, num_images=0)
+    cfg = base_config(tmp_path / "unused", data, max_steps=6, save_steps=2, per_device_batch_size=1,
+                      gradient_accumulation_steps=1)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    script = tmp_path / "faulty_rank.py"
+    script.write_text(FAULTY_RANK)
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           "train", str(path), "--set", f"output_dir={out}", "--set", "distributed=ddp"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # torchrun ends its ranks (each in a session of its own) on SIGTERM
+        proc.communicate(timeout=120)
+        pytest.fail("the job did not end after rank 1 failed")
+    assert proc.returncode != 0
+    assert (f"storm-vlm train: error: cannot write {out / 'checkpoint-4'} (OSError: [Errno 28] No space left on "
+            f"device: '{out / 'checkpoint-4.tmp' / 'rng_state_1.json'}'); free space and run again with --resume: "
+            "it continues from checkpoint-2") in stderr, stderr[-4000:]
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [2] and not (out / "final").exists()
+    ckpt.verify_checkpoint(out / "checkpoint-2")
+    state = json.loads((out / "checkpoint-2" / ckpt.TRAINER_STATE).read_text())
+    assert state["world_size"] == 2 and state["global_step"] == 2

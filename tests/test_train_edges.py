@@ -1,5 +1,5 @@
-"""Resuming under changed circumstances: another config, another number of processes, a checkpoint
-write that fails. Each is either exact or refused with one message naming the checkpoint and the
+"""Resuming under changed circumstances: another config, another number of processes or split of the
+global batch, a checkpoint write that fails. Each is either exact or refused with one message naming the checkpoint and the
 cause -- never a run that silently continues differently from how it started."""
 
 import copy
@@ -132,6 +132,32 @@ def test_another_number_of_processes_resumes_exactly_or_is_refused(run, tmp_path
         train(cfg, resume=True)
     assert not (out / "final").exists()
     assert train(dict(cfg, resume_reseed_rng=True), resume=True) == out / "final"
+
+
+def test_another_accumulation_split_resumes_exactly_or_is_refused_with_dropout(run, tmp_path, monkeypatch):
+    """Batch 1 x accumulation 2 resumed as batch 2 x accumulation 1 (same processes, same global batch)
+    ends where the uninterrupted run ends. With dropout the masks are drawn per micro-batch, so the
+    same change would continue differently: it is refused like another number of processes, and
+    resume_reseed_rng lets it continue."""
+    split = {"per_device_batch_size": 2, "gradient_accumulation_steps": 1}
+    out = killed_after(run, tmp_path / "exact", 2)
+    final = train(dict(run["cfg"], output_dir=str(out), **split), resume=True)
+    a, b = weights(final), weights(run["final"])
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+    monkeypatch.setattr(trainer_module, "draws_random_numbers", lambda model: True)
+    out = killed_after(run, tmp_path / "dropout", 2)
+    cfg = dict(run["cfg"], output_dir=str(out), max_steps=2, **split)
+    with pytest.raises(ConfigError, match=r"checkpoint-2 was saved with per_device_batch_size 1 x "
+                                          r"gradient_accumulation_steps 2, this run has 2 x 1, .*dropout.*Resume "
+                                          r"with per_device_batch_size=1 and gradient_accumulation_steps=2.*"
+                                          r"resume_reseed_rng=true"):
+        train(cfg, resume=True)
+    assert not (out / "final").exists()
+    assert train(dict(cfg, resume_reseed_rng=True), resume=True) == out / "final"
+    # the checkpoint's own split still restores the saved RNG streams, dropout or not
+    shutil.rmtree(out / "final")
+    assert train(dict(cfg, per_device_batch_size=1, gradient_accumulation_steps=2), resume=True) == out / "final"
 
 
 def test_dropout_anywhere_counts_as_drawing_random_numbers(run):
