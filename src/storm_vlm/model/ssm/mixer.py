@@ -74,18 +74,22 @@ def _depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None, reverse: boo
 
     ``reverse``: the same conv applied to x flipped along L, flipped back (anti-causal).
     ``prefix`` (B, K-1, d): the inputs before x (a state carried from an earlier piece) instead of zeros.
-    One fused multiply-add per tap into one buffer (3x faster on CPU than summing K products)."""
+    One fused multiply-add per tap into one buffer (3x faster on CPU than summing K products).
+    Computed, as causal-conv1d does, in the dtype x and weight promote to (float32 for bf16 activations
+    and float32 weights), in which the result comes (the caller rounds it once) and the gradient of x
+    is summed over the taps before it is rounded to x's dtype."""
     Bsz, L, d = x.shape
     K = weight.shape[-1]
     w = weight[:, 0, :]  # (d, K)
-    pad = x.new_zeros(Bsz, K - 1, d) if prefix is None else prefix.to(x.dtype)
-    xp = torch.cat([x, pad] if reverse else [pad, x], dim=1)  # (B, L + K - 1, d)
+    dtype = torch.promote_types(x.dtype, weight.dtype)
+    pad = x.new_zeros(Bsz, K - 1, d, dtype=dtype) if prefix is None else prefix.to(dtype)
+    xp = torch.cat([x.to(dtype), pad] if reverse else [pad, x.to(dtype)], dim=1)  # (B, L + K - 1, d)
 
     def tap(k):  # the input slice multiplied by w[:, k]
         start = K - 1 - k if reverse else k
         return xp[:, start : start + L]
 
-    out = tap(0) * w[:, 0] if bias is None else torch.addcmul(bias.to(x.dtype), tap(0), w[:, 0])
+    out = tap(0) * w[:, 0] if bias is None else torch.addcmul(bias, tap(0), w[:, 0])
     for k in range(1, K):
         out.addcmul_(tap(k), w[:, k])
     return out
@@ -99,9 +103,10 @@ def _conv_silu(x: Tensor, weight: Tensor, bias: Tensor | None, reverse: bool, pr
     """``F.silu(_depthwise_conv(x, weight, bias, reverse, prefix))``, x (B, L, d) time-major. For CPU
     inference with float32 weights, one pass of the C kernel (``_elementwise_kernel.c``) split over
     torch's threads by time steps, where PyTorch takes six passes over (B, L, d): x float32, or
-    bfloat16 (in_proj's output under autocast; computed in float32 and rounded once, where PyTorch
-    rounds the conv and the SiLU each). Elsewhere (autograd, other dtypes or devices, no C
-    compiler): the tensor operations."""
+    bfloat16 (in_proj's output under autocast). Elsewhere (autograd, other dtypes or devices, no C
+    compiler): the tensor operations. Both compute in the weights' dtype (float32 for bf16
+    activations) and round to x's dtype once, as causal-conv1d does, so training and inference see
+    the same activations."""
     bsz, L, d = x.shape
     K = weight.shape[-1]
     use_kernel = (x.device.type == "cpu" and x.dtype in _CONV_KERNELS and weight.dtype == torch.float32
@@ -112,7 +117,7 @@ def _conv_silu(x: Tensor, weight: Tensor, bias: Tensor | None, reverse: bool, pr
                                                         or (bias is not None and bias.requires_grad))))
     lib = cpu_kernel.load_library() if use_kernel else None
     if lib is None:
-        return F.silu(_depthwise_conv(x, weight, bias, reverse, prefix).to(x.dtype))
+        return F.silu(_depthwise_conv(x, weight, bias, reverse, prefix)).to(x.dtype)
     if x.stride(2) != 1:  # rows may sit apart (x a column slice of in_proj's output), channels not
         x = x.contiguous()
     w_t = weight[:, 0, :].t().contiguous()  # (K, d): one tap's weights for every channel, contiguous
