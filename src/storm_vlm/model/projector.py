@@ -6,8 +6,9 @@ frame on a row-major sqrt(N̂) x sqrt(N̂) grid, C = vision_dim channels — and
 SigLIP's 27 x 27, is padded with zeros first, as VILA does).
 
 Padded batches pass ``frame_mask`` (B, T) bool, True for a real frame, padding as a suffix (a
-real frame after a padded one is a ValueError). Each video then gets exactly the output it gets
-alone, and padded frames come out as zeros.
+real frame after a padded one is a ValueError). Each video then gets the output it gets alone
+(exactly in float32; in bfloat16 within a rounding step, the padded path forming the scan's step
+sizes apart), and padded frames come out as zeros.
 """
 
 from __future__ import annotations
