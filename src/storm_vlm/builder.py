@@ -7,7 +7,9 @@ them. The chat template (ChatML or Llama-3, from the tokenizer's turn tokens) en
 token generation stops at; an LLM whose tokenizer has neither format's tokens is refused.
 `save_storm(model, processor, out_dir)` writes both (safetensors) atomically. A folder that is not
 a full-precision pretrained release (quantized, .bin-only, weight files cut short, weights that do not
-fit its config.json) is refused with one message naming it, before or instead of a long load.
+fit its config.json) is refused with one message naming it, before or instead of a long load, and so
+is one that names Python code of its own (`auto_map`: never run, trust_remote_code=False) or holds a
+symbolic link out of itself.
 """
 
 from __future__ import annotations
@@ -34,7 +36,15 @@ from storm_vlm.model.processing import (
     default_chat_template,
 )
 from storm_vlm.precision import parse_precision
-from storm_vlm.utils import IMAGE_TOKEN, VIDEO_TOKEN, publish_dir, safetensors_problem
+from storm_vlm.utils import (
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    check_links_inside,
+    check_loaded_weights,
+    no_custom_code,
+    publish_dir,
+    safetensors_problem,
+)
 
 __all__ = ["build_storm", "save_storm", "check_out_dir", "load_parts", "read_part_configs"]
 
@@ -53,6 +63,7 @@ def _check_dir(path, what: str) -> Path:
         raise StormError(f"{what} folder {path} is not a directory")
     if not (path / "config.json").is_file():
         raise StormError(f"{what} folder {path} has no config.json (expected a transformers model folder)")
+    check_links_inside(path, f"{what} folder")
     return path
 
 
@@ -65,12 +76,18 @@ def _storage_dtype(dtype):
 
 
 def read_part_configs(vision_dir, llm_dir):
-    """Check both folders and return (vision config, LLM config) without loading weights."""
+    """Check both folders and return (vision config, LLM config) without loading weights.
+
+    Every transformers load here passes trust_remote_code=False: code a folder names is never run.
+    """
 
     vision_dir = _check_dir(vision_dir, "vision")
     llm_dir = _check_dir(llm_dir, "LLM")
     try:
-        vcfg = AutoConfig.from_pretrained(vision_dir)
+        with no_custom_code(vision_dir, "vision folder"):
+            vcfg = AutoConfig.from_pretrained(vision_dir, trust_remote_code=False)
+    except StormError:
+        raise
     except (OSError, ValueError) as exc:
         raise StormError(f"vision folder {vision_dir}: cannot read config.json ({exc})") from exc
     if vcfg.model_type not in ("siglip", "siglip_vision_model"):
@@ -83,7 +100,10 @@ def read_part_configs(vision_dir, llm_dir):
     if vcfg.model_type == "siglip":
         vcfg = vcfg.vision_config
     try:
-        lcfg = AutoConfig.from_pretrained(llm_dir)
+        with no_custom_code(llm_dir, "LLM folder"):
+            lcfg = AutoConfig.from_pretrained(llm_dir, trust_remote_code=False)
+    except StormError:
+        raise
     except (OSError, ValueError) as exc:
         raise StormError(f"LLM folder {llm_dir}: cannot read config.json ({exc})") from exc
     if lcfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
@@ -113,24 +133,13 @@ def _check_safetensors(folder: Path, what: str) -> None:
                              "a copy or download cut short, or a Git LFS pointer (run `git lfs pull`)")
 
 
-def _check_complete(folder, what: str, info: dict) -> None:
-    """Pretrained parts must load completely: missing weights, or weights whose shapes do not fit the
-    config.json (an edited image_size, another checkpoint's config), would silently be random."""
-    missing = sorted(info.get("missing_keys") or [])
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise StormError(f"{what} folder {folder}: the checkpoint lacks {len(missing)} weights ({shown})")
-    mismatched = sorted(info.get("mismatched_keys") or [])
-    if mismatched:
-        key, stored, expected = mismatched[0]
-        raise StormError(f"{what} folder {folder}: {len(mismatched)} of its weights do not fit its config.json "
-                         f"(e.g. {key} is stored as {tuple(stored)}, the config makes it {tuple(expected)})")
-
-
 def _load_tokenizer(llm_dir: Path):
     """The LLM folder's tokenizer, or a StormError saying why there is none."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+        with no_custom_code(llm_dir, "LLM folder"):
+            tokenizer = AutoTokenizer.from_pretrained(llm_dir, trust_remote_code=False)
+    except StormError:
+        raise
     except (OSError, ValueError, TypeError, ImportError) as exc:
         spm_only = (llm_dir / "tokenizer.model").is_file() and not (llm_dir / "tokenizer.json").is_file()
         if spm_only and not (is_sentencepiece_available() and is_protobuf_available()):
@@ -185,24 +194,27 @@ def load_parts(vision_dir, llm_dir, dtype="auto"):
         try:
             vision, info = SiglipVisionModel.from_pretrained(
                 vision_dir, vision_use_head=False, dtype=torch_dtype or "auto", output_loading_info=True,
-                use_safetensors=True, ignore_mismatched_sizes=True,  # never a pickle; mismatches: _check_complete
+                use_safetensors=True, ignore_mismatched_sizes=True,  # never a pickle; mismatches: check_loaded_weights
             )
         except (OSError, ValueError) as exc:
             raise StormError(f"vision folder {vision_dir}: cannot load the SigLIP weights ({exc})") from exc
-        _check_complete(vision_dir, "vision", info)
+        check_loaded_weights(vision_dir, "vision folder", info)
         try:
             language_model, info = AutoModelForCausalLM.from_pretrained(
                 llm_dir, dtype=torch_dtype or "auto", output_loading_info=True, use_safetensors=True,
-                ignore_mismatched_sizes=True,
+                ignore_mismatched_sizes=True, trust_remote_code=False,
             )
         except (OSError, ValueError) as exc:
             raise StormError(
                 f"LLM folder {llm_dir}: cannot load a causal LM of type {lcfg.model_type!r} ({exc})"
             ) from exc
-        _check_complete(llm_dir, "LLM", info)
+        check_loaded_weights(llm_dir, "LLM folder", info)
         try:
-            image_processor = AutoImageProcessor.from_pretrained(vision_dir)
-        except (OSError, ValueError):
+            with no_custom_code(vision_dir, "vision folder"):
+                image_processor = AutoImageProcessor.from_pretrained(vision_dir, trust_remote_code=False)
+        except StormError:
+            raise
+        except (OSError, ValueError):  # no preprocessor_config.json: SigLIP's defaults
             size = vision.config.image_size
             image_processor = SiglipImageProcessorPil(
                 size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3

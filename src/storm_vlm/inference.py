@@ -45,8 +45,9 @@ from storm_vlm.errors import StormError
 from storm_vlm.huge_pages import place_in_huge_pages
 from storm_vlm.model.fast_paths import language_model_of
 from storm_vlm.model.kv_cache import GrowingKVLayer, StormKVCache, reusable_start
+from storm_vlm.model.processing import StormProcessor
 from storm_vlm.precision import Precision, resolve_precision
-from storm_vlm.utils import array_key, check_int, check_model_dir
+from storm_vlm.utils import array_key, check_int, check_loaded_weights, check_model_dir, no_custom_code
 
 __all__ = ["EMPTY_ANSWER", "GREEDY", "ChatSession", "Predictor", "PrintStreamer", "Reply", "as_text",
            "build_messages", "decoding", "encode_each_video_once", "load_model", "resolve_device"]
@@ -125,6 +126,11 @@ def load_model(model_dir, device: str | torch.device | None = None, precision: s
     `precision` is a name of `storm_vlm.precision.PRECISIONS` (or a resolved `Precision`); the
     model is set up for it by `prepare_for_inference`. With `verbose`, one line "loaded DIR in N s"
     goes to stderr instead of transformers' loading progress bars.
+
+    The folder is read as data only: weights from safetensors (never a pickle), no code it names
+    (trust_remote_code=False), no file it links to outside itself (`check_model_dir`). A folder that
+    does not load completely (weights missing, or not fitting its config.json) is a StormError, never
+    a model with random weights.
     """
     path = check_model_dir(model_dir)
     torch_device = resolve_device(device)
@@ -132,12 +138,22 @@ def load_model(model_dir, device: str | torch.device | None = None, precision: s
         precision = resolve_precision(precision, torch_device)
     t0 = time.perf_counter()
     try:
-        with quiet_transformers():
-            model = AutoModelForImageTextToText.from_pretrained(path, dtype=precision.weights, local_files_only=True,
-                                                                use_safetensors=True)  # never a pickle
-            processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a weight file cut short or damaged
-        raise StormError(f"{path}: cannot load the model ({exc})") from None
+        with quiet_transformers(), no_custom_code(path, "model folder"):
+            model, info = AutoModelForImageTextToText.from_pretrained(
+                path, dtype=precision.weights, local_files_only=True, use_safetensors=True, trust_remote_code=False,
+                output_loading_info=True)
+            processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except StormError:
+        raise
+    # SafetensorError: a weight file cut short or damaged; RuntimeError: weights that do not fit the config
+    # (or cannot be allocated); TypeError: a tokenizer.json transformers cannot build
+    except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
+        cause = "its weights do not fit its config.json" if "ignore_mismatched_sizes" in str(exc) else exc
+        raise StormError(f"{path}: cannot load the model ({cause})") from None
+    check_loaded_weights(path, "model folder", info)
+    if not isinstance(processor, StormProcessor):
+        raise StormError(f"{path}: processor_config.json makes a {type(processor).__name__}, not a StormProcessor "
+                         "(its processor_class was changed)")
     model = prepare_for_inference(model, torch_device, precision)
     if verbose:
         print(f"loaded {path} in {time.perf_counter() - t0:.1f} s ({torch_device}, {precision.describe()})",

@@ -1,5 +1,5 @@
 """Small helpers every part of storm-vlm shares: atomic files, integer checks, the label and
-placeholder conventions, the model-folder check. Nothing here imports torch (the CLI checks its
+placeholder conventions, the checks of a model folder. Nothing here imports torch (the CLI checks its
 arguments with these before loading anything heavy)."""
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from storm_vlm.errors import StormError
 
 __all__ = [
     "IGNORE_INDEX", "VIDEO_TOKEN", "IMAGE_TOKEN", "check_int", "atomic_path", "atomic_write_text",
-    "atomic_write_json", "fsync_dir", "publish_dir", "check_model_dir", "available_memory_bytes",
+    "atomic_write_json", "fsync_dir", "publish_dir", "check_model_dir", "check_links_inside", "no_custom_code",
+    "check_loaded_weights", "available_memory_bytes",
 ]
 
 # Label of a position the loss ignores (PyTorch's and transformers' convention).
@@ -175,7 +176,69 @@ def check_model_dir(model_dir) -> Path:
         raise StormError(f"{config}: not a readable JSON config ({exc})") from None
     if model_type != "storm":
         raise StormError(f"{config}: model_type is {model_type!r}, expected 'storm' (a STORM model folder)")
+    check_links_inside(path, "model folder")
     return path
+
+
+def check_links_inside(folder: str | os.PathLike, what: str) -> None:
+    """StormError when a symbolic link in `folder` other than a weight file leads out of it.
+
+    The text files of a model folder (configs, tokenizer, chat template) are then read from the
+    folder itself: a link out of an unpacked archive (a chat_template.jinja linked to ~/.ssh/id_rsa)
+    would put another file's contents into every prompt. Weight files (*.safetensors: tensors, their
+    header checked) may link anywhere, as they do when kept on shared storage; a folder that is
+    itself a link is fine, and so is a Hugging Face cache snapshot, whose files link to its
+    repository's blobs (snapshots/REV/NAME -> ../../blobs/HASH).
+    """
+    root = Path(os.path.realpath(folder))
+    roots = [root, root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [root]
+    for entry in sorted(root.iterdir()):
+        if entry.is_symlink() and entry.suffix != ".safetensors":
+            target = Path(os.path.realpath(entry))
+            if not any(target.is_relative_to(r) for r in roots):
+                raise StormError(f"{what} {folder}: {entry.name} is a symbolic link to {target}, outside the folder; "
+                                 "a model folder's files are read from inside it only (copy the file in)")
+
+
+def _auto_map_files(folder: Path) -> list[str]:
+    """The JSON files of `folder` that name classes of their own (an `auto_map` key)."""
+    named = []
+    for path in sorted(folder.glob("*.json")):
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            if '"auto_map"' in path.read_text(encoding="utf-8"):
+                named.append(path.name)
+    return named
+
+
+@contextlib.contextmanager
+def no_custom_code(folder: str | os.PathLike, what: str, error: type[Exception] = StormError):
+    """Around transformers loads from `folder`, which pass trust_remote_code=False: code a folder names
+    (`auto_map`, or a `tokenizer_class` / `processor_class` transformers does not have) is never run, and
+    transformers' refusal (a ValueError asking for trust_remote_code=True, which storm-vlm has no way to
+    give) becomes one `error` naming the folder and the files that name the code."""
+    try:
+        yield
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        files = ", ".join(_auto_map_files(Path(folder))) or "its configs"
+        raise error(f"{what} {folder}: {files} names Python code of its own (auto_map), which storm-vlm never "
+                    "runs (no trust_remote_code); use a folder whose classes transformers has") from None
+
+
+def check_loaded_weights(folder, what: str, info: dict) -> None:
+    """StormError unless a transformers load (its `output_loading_info`) filled every weight from the
+    folder: missing weights, or weights whose shapes do not fit the config.json (an edited
+    image_size, another checkpoint's config), would silently stay random."""
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise StormError(f"{what} {folder}: the checkpoint lacks {len(missing)} weights ({shown})")
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        key, stored, expected = mismatched[0]
+        raise StormError(f"{what} {folder}: {len(mismatched)} of its weights do not fit its config.json "
+                         f"(e.g. {key} is stored as {tuple(stored)}, the config makes it {tuple(expected)})")
 
 
 def available_memory_bytes() -> float:

@@ -88,6 +88,8 @@ def _sniff(path: str) -> str | None:
         return "a DASH manifest"
     if head.lower().startswith(b"[playlist]"):
         return "a playlist (pls)"
+    if head.startswith(b"v=0"):
+        return "an SDP session description"
     return None
 
 
@@ -109,8 +111,8 @@ def open_container(path: str, budget: Budget, options: dict | None = None, trunc
     `max_pixels` too, so it never decodes a picture above MAX_IMAGE_PIXELS; the deadline of
     `budget` bounds probing. `truncation` (from `find_truncation`) explains a failure.
     """
-    container_options = {"format_whitelist": _WHITELIST, "protocol_whitelist": "file", "pattern_type": "none",
-                         **(options or {})}
+    container_options = {"pattern_type": "none", **(options or {}),  # the allow-lists are not for callers to lift
+                         "format_whitelist": _WHITELIST, "protocol_whitelist": "file"}
     kwargs = {}
     remaining = budget.remaining()
     if remaining is not None:
@@ -125,14 +127,15 @@ def open_container(path: str, budget: Budget, options: dict | None = None, trunc
         budget.check()
         raise fail(path, f"opening took longer than {budget.timeout_s:g} s (timeout_s)", DecodeTimeout) from None
     except av_errors() as exc:
+        # FFmpeg refuses a playlist by its content, whatever its name: as a format off the allow-list
+        # when the name says what it is (list.m3u8), as invalid data otherwise (a playlist named .mp4)
+        if what := _sniff(path):
+            raise fail(path, f"is {what}, which refers to other files or streams; playlists and reference formats "
+                             "are not read (only self-contained video and image files)") from None
         if truncation is not None:
             raise fail(path, f"not a readable video or image: {truncation.describe()}; nothing can be decoded "
                              f"({describe(exc)})") from None
         if isinstance(exc, av().ArgumentError) and getattr(exc, "errno", None) == 22:
-            what = _sniff(path)
-            if what:
-                raise fail(path, f"is {what}, which refers to other files; playlists and reference formats "
-                                 "are not read (only self-contained video and image files)") from None
             raise fail(path, "not a readable video or image: its format is not one this loader opens "
                              "(storm_vlm.video.ALLOWED_FORMATS) or its header is invalid") from None
         raise fail(path, f"not a readable video or image ({describe(exc)})") from None

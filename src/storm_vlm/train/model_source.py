@@ -30,7 +30,7 @@ from storm_vlm.model.processing import StormProcessor, default_chat_template
 from storm_vlm.train.checkpoint import CheckpointInvalid, check_model_files
 from storm_vlm.train.config import TrainConfig
 from storm_vlm.train.stages import apply_stage
-from storm_vlm.utils import check_model_dir, did_you_mean
+from storm_vlm.utils import check_loaded_weights, check_model_dir, did_you_mean, no_custom_code
 
 # StormConfig fields a config may change on an existing model (they add no weights).
 OVERRIDABLE = ("temporal_pool_size", "spatial_pool_stride", "temporal_sample_stride", "vision_batch_size")
@@ -58,7 +58,10 @@ def resolve_model_dir(path: str | Path, key: str = "init_from") -> Path:
 
 def _vision_config(vision_dir: Path):
     try:
-        cfg = AutoConfig.from_pretrained(vision_dir)
+        with no_custom_code(vision_dir, "key 'build.vision': folder", ConfigError):
+            cfg = AutoConfig.from_pretrained(vision_dir, trust_remote_code=False)
+    except ConfigError:
+        raise
     except (OSError, ValueError) as exc:
         raise ConfigError(f"key 'build.vision': cannot read a model config from {str(vision_dir)!r} ({exc})") from None
     return getattr(cfg, "vision_config", cfg)  # a full SigLIP folder holds text + vision configs
@@ -66,7 +69,10 @@ def _vision_config(vision_dir: Path):
 
 def _text_config(llm_dir: Path):
     try:
-        return AutoConfig.from_pretrained(llm_dir)
+        with no_custom_code(llm_dir, "key 'build.llm': folder", ConfigError):
+            return AutoConfig.from_pretrained(llm_dir, trust_remote_code=False)
+    except ConfigError:
+        raise
     except (OSError, ValueError) as exc:
         raise ConfigError(f"key 'build.llm': cannot read a model config from {str(llm_dir)!r} ({exc})") from None
 
@@ -177,9 +183,11 @@ def load_model_and_processor(cfg: TrainConfig, env):
         model, processor = _build_from_parts(cfg.build, cfg.seed)
     else:
         folder = resolve_model_dir(cfg.init_from) if cfg.init_from is not None else _materialise_tiny(cfg, env)
-        model = StormForConditionalGeneration.from_pretrained(folder, dtype=torch.float32,
-                                                              use_safetensors=True)  # never a pickle
-        processor = StormProcessor.from_pretrained(folder)
+        with no_custom_code(folder, "model folder"):
+            model, info = StormForConditionalGeneration.from_pretrained(
+                folder, dtype=torch.float32, use_safetensors=True, output_loading_info=True)  # never a pickle
+            processor = StormProcessor.from_pretrained(folder, trust_remote_code=False)
+        check_loaded_weights(folder, "model folder", info)
     _apply_overrides(model.config, cfg)
     processor.layout = model.config.visual_token_layout
     if not processor.chat_template or "generation" not in processor.chat_template:
