@@ -124,3 +124,10 @@ def test_pixel_formats_cameras_and_editors_write(tmp_path, suffix, codec, pix_fm
     expected = [18, 18, 18] if pix_fmt == "gray" else [60, 0, 0]
     background = clip.frames[:, H // 2 - 2, W - 4]
     assert np.abs(background.astype(int) - expected).max() <= 4, background
+
+
+def test_a_file_url_is_told_to_be_given_as_its_path(tmp_path):
+    """file:///x.mp4 is a local file named the URL way: the message says to drop the scheme (not to
+    download it, as for http://)."""
+    with pytest.raises(VideoDecodeError, match=r"a file: URL; give the file's path itself \(without file://\)"):
+        load_video(f"file://{tmp_path}/clip.mp4")

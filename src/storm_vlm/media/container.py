@@ -59,6 +59,8 @@ def check_file(path: str) -> int:
     try:
         info = os.stat(path)
     except FileNotFoundError:
+        if str(path).lower().startswith("file://"):
+            raise fail(path, "a file: URL; give the file's path itself (without file://)") from None
         if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", str(path)):  # http://, rtsp://, s3://, ...
             raise fail(path, "URLs are not fetched; download the video and give its path") from None
         raise fail(path, "no such file") from None
