@@ -13,9 +13,9 @@ from PIL import Image
 
 from storm_vlm.cli import build_parser
 
-pytest.importorskip("gradio", reason="gradio is not installed (pip install 'storm-vlm[web]')")
+gr = pytest.importorskip("gradio", reason="gradio is not installed (pip install 'storm-vlm[web]')")
 
-from storm_vlm.serve.web import ERROR_PREFIX, ClipCache, build_demo, chat_turn, launch_demo  # noqa: E402
+from storm_vlm.serve.web import ERROR_PREFIX, ClipCache, TurnStop, build_demo, chat_turn, launch_demo  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +97,9 @@ def test_a_still_image_is_one_frame(engine, tmp_path):
 # ---------------------------------------------------------------- the page's events
 
 
-def test_stop_clear_and_a_new_video_cancel_the_answer_being_written(engine, tmp_path):
-    config = build_demo(engine, examples_dir=tmp_path).get_config_file()
+def test_stop_clear_and_a_new_video_stop_the_answer_being_written(engine, tmp_path):
+    demo = build_demo(engine, examples_dir=tmp_path)
+    config = demo.get_config_file()
     elem = {c["props"].get("elem_id"): c["id"] for c in config["components"] if c["props"].get("elem_id")}
     deps = config["dependencies"]
     (take,) = [d for d in deps if (elem["ask"], "click") in map(tuple, d["targets"])]
@@ -106,10 +107,31 @@ def test_stop_clear_and_a_new_video_cancel_the_answer_being_written(engine, tmp_
     assert elem["question"] in take["outputs"] and elem["ask"] in take["outputs"]  # emptied and locked
     (answer,) = [d for d in deps if d["trigger_after"] == take["id"]]
     assert elem["chat"] in answer["outputs"] and answer["queue"]
-    for trigger in [(elem["stop"], "click"), (elem["clear"], "click"), (elem["video"], "change")]:
-        cancels = {c for d in deps if trigger in map(tuple, d["targets"]) for c in d["cancels"]}
-        unlocks = [d for d in deps if trigger in map(tuple, d["targets"]) and elem["question"] in d["outputs"]]
-        assert answer["id"] in cancels and unlocks, trigger
+    stopper = answer["inputs"][-1]  # each Ask makes the turn's own TurnStop
+    assert take["outputs"][-1] == stopper and isinstance(demo.fns[take["id"]].fn()[-1], TurnStop)
+    for trigger, cleared in [((elem["stop"], "click"), False), ((elem["clear"], "click"), True),
+                             ((elem["video"], "change"), True)]:
+        (handler,) = [d for d in deps if trigger in map(tuple, d["targets"])]
+        assert handler["inputs"][0] == stopper and elem["question"] in handler["outputs"], trigger  # unlocks
+        assert not handler["queue"], trigger  # runs at once, however busy the queue is
+        turn_stop = TurnStop()
+        turn_stop.begin("clip.mp4")
+        demo.fns[handler["id"]].fn(turn_stop, *["other.mp4"][:len(handler["inputs"]) - 1])
+        assert turn_stop.is_set() and turn_stop.cleared == cleared, trigger
+    # the change event of the very upload a turn is about (late, on a busy machine: before or after the
+    # turn starts) leaves the turn be; another video's, before the turn starts, stops it as it starts
+    (changed,) = [d for d in deps if (elem["video"], "change") in map(tuple, d["targets"])]
+    for late_before_start in (True, False):
+        turn_stop = TurnStop()
+        if not late_before_start:
+            turn_stop.begin("clip.mp4")
+        assert demo.fns[changed["id"]].fn(turn_stop, "clip.mp4") == (gr.update(),) * 5
+        turn_stop.begin("clip.mp4")
+        assert not turn_stop.is_set()
+    turn_stop = TurnStop()
+    demo.fns[changed["id"]].fn(turn_stop, "other.mp4")
+    turn_stop.begin("clip.mp4")
+    assert turn_stop.is_set() and turn_stop.cleared
 
 
 def test_the_command_listens_on_127_0_0_1_with_the_queue_limit(qwen2_mamba_dir, monkeypatch):
@@ -167,11 +189,11 @@ def ask(client, config, session: str, video_path: str, question: str, chat: list
     elem = {c["props"].get("elem_id"): c["id"] for c in config["components"] if c["props"].get("elem_id")}
     take = next(d for d in deps if [elem["ask"], "click"] in map(list, d["targets"]))
     answer = next(d for d in deps if d["trigger_after"] == take["id"])
+    file = {"path": video_path, "orig_name": "clip.mp4", "meta": {"_type": "gradio.FileData"}}
     took = client.post("/gradio_api/run/predict", json={"fn_index": take["id"], "data": [],
                                                         "session_hash": session})
     assert took.status_code == 200, took.text
-    file = {"path": video_path, "orig_name": "clip.mp4", "meta": {"_type": "gradio.FileData"}}
-    data = [file, question, chat, None, "", 4, "default", 3]  # the model's turns come from the session
+    data = [file, question, chat, None, "", 4, "default", 3, None]  # turns and TurnStop: the session's
     joined = client.post("/gradio_api/queue/join", json={"fn_index": answer["id"], "data": data,
                                                          "session_hash": session})
     assert joined.status_code == 200, joined.text

@@ -1,6 +1,7 @@
 """The web page of `storm-vlm web` in headless Chromium under the page's own Content-Security-Policy
 (no `bypass_csp`), driven as a chat user drives it: Enter and Shift+Enter, a reply that looks like
-HTML, markdown or LaTeX shown and copied as the text it is, what Stop leaves in the status; and,
+HTML, markdown or LaTeX shown and copied as the text it is, Stop and "New conversation" while a
+reply streams (the reply stops, its request in the engine is cancelled, nothing comes late); and,
 over HTTP, the headers of every response and the Host check of a page on 127.0.0.1. The tiny STORM
 decodes the video; its replies are scripted, streamed a word at a time until stopped."""
 
@@ -27,11 +28,15 @@ from storm_vlm.serve.web import GENERATING, SECURITY_HEADERS, STOPPED, PageGuard
 
 REPLY = 'It is <img src=x onerror="window.hacked=1"> a<b & c, **not bold**, $$x^2$$'
 QUESTION = "a<b & <i>c</i> $$y$$?"
+SUBMITTED: list[RequestHandle] = []  # the scripted engine's requests, in order
+# gradio's "Error" over a component (its status tracker) or in a toast
+ERROR_SHOWN = "document.querySelector(\"[data-testid='status-tracker'] .error, .toast-body.error\") !== null"
 
 
 def scripted_submit(prepared, videos=(), loop=None):
     """The engine's submit, answering REPLY and then a word every 50 ms (for 10 s) until cancelled."""
     handle = RequestHandle(prepared)
+    SUBMITTED.append(handle)
 
     def write():
         text = REPLY
@@ -139,17 +144,46 @@ def test_a_reply_is_shown_and_copied_as_the_text_it_is(page):
 
 
 def test_stop_unlocks_the_box_and_says_the_reply_stopped(engine, tmp_path):
-    """Stop cancels the turn (test_web_page checks the wiring), so no last step of the turn
-    replaces its "generating ..." status: Stop's own handler must."""
+    """Stop unlocks the box and says the reply stopped at once, before the turn's own last step
+    (which says so too) reaches the page; where nothing streams, it leaves the status alone."""
     demo = build_demo(engine, examples_dir=tmp_path)
     config = demo.get_config_file()
     elem = {c["props"].get("elem_id"): c["id"] for c in config["components"] if c["props"].get("elem_id")}
-    (stop,) = [d for d in config["dependencies"]  # gradio adds one more, for the cancelling itself
-               if [elem["stop"], "click"] in map(list, d["targets"]) and d["outputs"]]
-    assert stop["inputs"] == [elem["status"]] and stop["outputs"] == [elem["question"], elem["ask"], elem["status"]]
+    (stop,) = [d for d in config["dependencies"] if [elem["stop"], "click"] in map(list, d["targets"])]
+    assert stop["inputs"][1:] == [elem["status"]] and stop["outputs"] == [elem["question"], elem["ask"], elem["status"]]
     unlocked = {"__type__": "update", "interactive": True}
-    assert demo.fns[stop["id"]].fn(GENERATING) == (unlocked, unlocked, STOPPED)
-    assert demo.fns[stop["id"]].fn("64 visual tokens (4 frames)")[2] == {"__type__": "update"}  # nothing streams
+    assert demo.fns[stop["id"]].fn(None, GENERATING) == (unlocked, unlocked, STOPPED)
+    assert demo.fns[stop["id"]].fn(None, "64 visual tokens (4 frames)")[2] == {"__type__": "update"}  # nothing streams
+
+
+@pytest.mark.parametrize("rounds", [4, pytest.param(10, marks=pytest.mark.slow)])
+def test_stop_and_new_conversation_end_a_streaming_reply_every_time(page, rounds):
+    """Ask, and once words stream in, Stop (even rounds) or "New conversation" (odd ones): the
+    reply stops at once and for good, its request in the engine is cancelled, the box unlocks,
+    and no error shows. Stop leaves the words so far and says so; a new conversation is empty."""
+    for i in range(rounds):
+        stopping = i % 2 == 0
+        asked = len(SUBMITTED)
+        page.fill("#question textarea", f"question {i}")
+        page.click("#ask")
+        wait_for(page, f"(([q, a]) => q?.innerText === 'question {i}' && a?.innerText.includes(' w2'))"
+                       "([...document.querySelectorAll('#chat .message-row')].slice(-2))")
+        page.click("#stop" if stopping else "#clear")
+        handle = SUBMITTED[-1]
+        assert len(SUBMITTED) == asked + 1
+        wait_for(page, f"document.querySelectorAll('#chat .message-row').length === {2 if stopping else 0}"
+                       " && !document.querySelector('#question textarea').disabled", timeout_s=3)
+        deadline = time.monotonic() + 2
+        while not handle.cancelled:
+            assert time.monotonic() < deadline, f"round {i}: the engine's request was not cancelled"
+            time.sleep(0.05)
+        shown = rows(page)
+        page.wait_for_timeout(400)  # eight more words, were the reply still streaming
+        assert rows(page) == shown, f"round {i}: the reply went on"
+        assert page.inner_text("#status") == (STOPPED if stopping else ""), f"round {i}"
+        assert not page.evaluate(ERROR_SHOWN), f"round {i}: gradio shows an error"
+        if stopping:
+            assert shown[0] == f"question {i}" and shown[1].startswith(f"{REPLY} w0 w1 w2"), shown
 
 
 def test_the_page_runs_under_its_csp_and_fetches_only_from_this_server(page, url):

@@ -1,5 +1,6 @@
 """The web page of `storm-vlm web` as people use it and break it: text that looks like HTML in
 questions and answers, a model that fails mid-answer or a bug in a turn, a stopped answer, a
+Stop and "New conversation" from gradio's other threads, a
 conversation that outgrows the context, an upload gradio has deleted, a turn gradio itself
 refuses, and the command's temporary files (on a tiny STORM; one test in headless Chromium)."""
 
@@ -7,6 +8,7 @@ import html
 import os
 import stat
 import sys
+import threading
 import time
 
 import pytest
@@ -18,7 +20,7 @@ from storm_vlm.serve.engine import Completion, RequestHandle
 
 pytest.importorskip("gradio", reason="gradio is not installed (pip install 'storm-vlm[web]')")
 
-from storm_vlm.serve.web import ERROR_PREFIX, build_demo, chat_turn  # noqa: E402
+from storm_vlm.serve.web import ERROR_PREFIX, STOPPED, TurnStop, build_demo, chat_turn  # noqa: E402
 
 TRICKY = 'a<b and c>d, <video> tokens, <img src=x onerror="window.hacked=1"> **not bold** & 日本語'
 
@@ -91,6 +93,46 @@ def test_a_stopped_answer_stays_part_of_the_conversation(engine, video, scripted
     assert chat[-1]["content"] == "It is red and" and turns == [("What colour?", "It is red and")]
 
 
+@pytest.mark.parametrize("clear", [False, True])
+def test_stop_ends_a_turn_waiting_for_words_and_cancels_its_request(engine, video, monkeypatch, clear):
+    """Stop / "New conversation" run in another thread while the turn waits for the engine's next
+    words: the request is cancelled at once (the engine then ends it), and the turn's last step
+    keeps the words so far and says it stopped, or leaves the conversation empty."""
+    handles = []
+
+    def submit(prepared, videos=(), loop=None):
+        end = lambda handle: handle.emit("done", done("It is")[1])  # noqa: E731
+        handle = RequestHandle(prepared, on_cancel=end)
+        handles.append(handle)
+        handle.emit("delta", "It is")
+        threading.Timer(5, end, [handle]).start()  # the last word, were the request never cancelled
+        return handle
+
+    monkeypatch.setattr(engine, "submit", submit)
+    history, turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], [("q", "a")]
+    stop = TurnStop()
+    turn = chat_turn(engine, video, "What colour?", history, turns, "", 4, "default", 8, stop=stop)
+    next(turn)
+    threading.Timer(0.1, stop.stop, kwargs={"clear": clear}).start()
+    started = time.monotonic()
+    steps = list(turn)
+    assert time.monotonic() - started < 2 and handles[0].cancelled
+    assert steps[-1] == (([], [], "") if clear else (
+        [*history, {"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "It is"}],
+        [*turns, ("What colour?", "It is")], STOPPED))
+
+
+@pytest.mark.parametrize("clear", [False, True])
+def test_a_turn_stopped_before_its_first_word_asks_nothing(engine, video, monkeypatch, clear):
+    """Stopped while it waited in gradio's queue (or decoded the video): no request reaches the
+    engine, and the question stays out of the conversation (it is still in the box)."""
+    monkeypatch.setattr(engine, "submit", lambda *a, **k: pytest.fail("a stopped turn asked the engine"))
+    stop = TurnStop()
+    stop.stop(clear=clear)
+    steps = list(chat_turn(engine, video, "What colour?", [], [("q", "a")], "", 4, "default", 8, stop=stop))
+    assert steps == [([], [], "")] if clear else [([], [("q", "a")], STOPPED)]
+
+
 def test_a_conversation_too_long_for_the_model_says_to_start_a_new_one(engine, video):
     long_ago = [(" ".join(map(str, range(3000))), "ok")]  # far beyond the 4096 positions
     chat, turns, _ = last(chat_turn(engine, video, "And now?", [], long_ago, "", 4, "default", 8))
@@ -121,7 +163,7 @@ def test_a_turn_gradio_refuses_leaves_the_question_in_the_box_unlocked(engine, t
     elem = {c["props"].get("elem_id"): c["id"] for c in config["components"] if c["props"].get("elem_id")}
     deps = config["dependencies"]
     (take,) = [d for d in deps if [elem["ask"], "click"] in map(list, d["targets"])]
-    assert not any("value" in update for update in demo.fns[take["id"]].fn())  # it locks, keeps the text
+    assert not any("value" in update for update in demo.fns[take["id"]].fn()[:2])  # it locks, keeps the text
     (answer,) = [d for d in deps if d["trigger_after"] == take["id"]]
     assert elem["question"] in answer["inputs"] and elem["question"] in answer["outputs"]
     (failed,) = [d for d in deps if d["trigger_after"] == answer["id"] and d["trigger_only_on_failure"]]

@@ -7,8 +7,9 @@ cannot be decoded, or a bad setting, shows its one-line message in the conversat
 traceback. The limits are the HTTP API's (`StormEngine.info()["limits"]`).
 
 As in chat apps, Enter sends the question and Shift+Enter starts a new line; the question box
-empties and locks while an answer streams; "Stop", "New conversation" and a new video cancel the
-answer being written (and the engine stops generating it). Each turn sends the whole conversation
+empties and locks while an answer streams; "Stop", "New conversation" and a new video stop the
+answer being written (`TurnStop`: the engine stops generating it, Stop leaves the words written so
+far, the others an empty conversation). Each turn sends the whole conversation
 and the video to the model again, but a video is decoded once per upload and frame count
 (`ClipCache`).
 
@@ -57,7 +58,7 @@ from storm_vlm.serve.engine import MAX_OPTION_CHARS, MAX_OPTIONS, ContextTooLong
 from storm_vlm.serve.network import is_loopback  # noqa: E402
 
 __all__ = ["build_demo", "chat_turn", "ClipCache", "example_videos", "launch_demo", "PageGuard",
-           "SECURITY_HEADERS", "TEMPORAL_SAMPLE_CHOICES"]
+           "SECURITY_HEADERS", "TEMPORAL_SAMPLE_CHOICES", "TurnStop"]
 
 MODEL_DEFAULT = "default"
 TEMPORAL_SAMPLE_CHOICES = (MODEL_DEFAULT, "1", "2", "4", "8")
@@ -132,8 +133,9 @@ class ClipCache:
         self._clips: OrderedDict[tuple, object] = OrderedDict()
         self._lock = threading.Lock()
 
-    def read(self, engine, path: str, num_frames: int):
-        """(clip, cached): `engine.read_video(path, num_frames)`, or the clip read earlier."""
+    def read(self, engine, path: str, num_frames: int, cancel=None):
+        """(clip, cached): `engine.read_video(path, num_frames, cancel=cancel)`, or the clip read
+        earlier (a decode stopped by `cancel` raises, and is not kept)."""
         try:
             st = os.stat(path)
             key = (str(path), st.st_size, st.st_mtime_ns, num_frames)
@@ -143,13 +145,72 @@ class ClipCache:
             if key in self._clips:
                 self._clips.move_to_end(key)
                 return self._clips[key], True
-        clip = engine.read_video(path, num_frames)
+        clip = engine.read_video(path, num_frames, cancel=cancel)
         if key is not None:
             with self._lock:
                 self._clips[key] = clip
                 while len(self._clips) > self.size:
                     self._clips.popitem(last=False)
         return clip, False
+
+
+class TurnStop(threading.Event):
+    """What stops one turn of the page: "Stop", "New conversation" and a new video call `stop`
+    (from gradio's request threads) on the turn's own stop, which Ask made and the session keeps
+    (a `gr.State`). It cancels the engine's request at once (the one the turn `watch`es), so the
+    turn's wait for the next words ends; the turn then ends with a last step that says how it
+    ended. As a threading.Event it also stops the video's decoding.
+
+    The page does not use gradio's `cancels=` for this: that cancels the asyncio task while the
+    turn's generator runs in a worker thread, so a turn could go on streaming, a step already
+    written could reach the page after the conversation was cleared, and the page could show
+    gradio's error overlay. A turn that ends itself has none of these races: its last step is the
+    last word, and agrees with what the button's own handler showed."""
+
+    def __init__(self):
+        super().__init__()
+        self.cleared = False  # "New conversation" / a new video: the turn leaves an empty conversation
+        self._handle = None
+        self._lock = threading.Lock()
+        self._video = None  # the video the turn is about, once it starts
+        self._changed_to = None  # a video the page changed to before the turn started
+
+    def begin(self, video) -> None:
+        """The turn starts, about `video`; a page that changed to another video meanwhile stops it."""
+        with self._lock:
+            self._video = video
+            changed = self._changed_to is not None and self._changed_to != video
+        if changed:
+            self.stop(clear=True)
+
+    def video_changed(self, video) -> bool:
+        """The page's video changed to `video`: stops the turn (True) unless it is the video the turn
+        is about -- the change event of the upload Ask followed can reach the server after Ask on a
+        busy machine. Before the turn starts, `begin` decides (False)."""
+        with self._lock:
+            if self._video is None:
+                self._changed_to = video
+                return False
+            if self._video == video:
+                return False
+        self.stop(clear=True)
+        return True
+
+    def stop(self, clear: bool = False) -> None:
+        with self._lock:
+            self.cleared = self.cleared or clear
+            self.set()
+            handle = self._handle
+        if handle is not None:
+            handle.cancel()  # a no-op once the request is done
+
+    def watch(self, handle) -> None:
+        """The engine's request of this turn: cancelled by `stop`, at once if it came already."""
+        with self._lock:
+            self._handle = handle
+            stopped = self.is_set()
+        if stopped:
+            handle.cancel()
 
 
 def _whole(name: str, value) -> int:
@@ -201,32 +262,48 @@ def _error_message(exc: Exception, video, turns: list) -> str:
 
 def chat_turn(engine, video: str | None, question: str, history: list[dict], turns: list, options_text: str = "",
               frames: float = 32, temporal_sample: str | None = MODEL_DEFAULT, max_new_tokens: float = 64,
-              clips: ClipCache | None = None):
+              clips: ClipCache | None = None, stop: TurnStop | None = None):
     """One turn of the page's conversation: yields (chat messages, model turns, status) as the
     answer streams in. `history` holds the chat as shown ({"role", "content"} dicts, `_shown`);
     `turns` the (prompt, answer) pairs the model saw, the answer so far while it streams (so a
     stopped answer stays part of the conversation, as the page shows it); `clips` keeps decoded
     videos between turns. Any error ends up in the conversation as one line, after what was
-    answered before it; an empty question changes nothing. Closing the generator (gradio does when
-    the page cancels the turn) cancels the request in the engine."""
+    answered before it; an empty question changes nothing.
+
+    `stop` (see `TurnStop`) ends the turn early: its last step holds the words written so far and
+    the status `STOPPED` (the question stays out of the chat when no word was written yet), or,
+    when the conversation was cleared, an empty one. Closing the generator cancels the request in
+    the engine too."""
     if not (question or "").strip():
         yield history, turns, "Type a question first."
         return
+    stop = stop if stop is not None else TurnStop()
     shown = [*history, _shown("user", question)]
-    steps = _answer(engine, video, question, turns, options_text, frames, temporal_sample, max_new_tokens, clips)
+    steps = _answer(engine, video, question, turns, options_text, frames, temporal_sample, max_new_tokens, clips,
+                    stop)
     answer = ""
     try:
         for answer, now, status in steps:
-            yield [*shown, _shown("assistant", answer)], now, status
+            if stop.cleared:
+                break
+            yield ([*shown, _shown("assistant", answer)], now, status) if answer or status != STOPPED else (
+                history, turns, STOPPED)  # stopped before the first word: the question stays in the box
     except Exception as exc:  # noqa: BLE001 - the page shows every failure as one line
-        told = (f"{answer}\n\n" if answer else "") + ERROR_PREFIX + _error_message(exc, video, turns)
-        yield [*shown, _shown("assistant", told)], turns, ""
+        if not stop.is_set():
+            told = (f"{answer}\n\n" if answer else "") + ERROR_PREFIX + _error_message(exc, video, turns)
+            yield [*shown, _shown("assistant", told)], turns, ""
+        elif not stop.cleared:  # what failed was stopped (the video's decoding)
+            yield history, turns, STOPPED
     finally:
-        steps.close()  # cancels the request when the page cancelled the turn
+        steps.close()  # cancels the request when this generator is closed early
+    if stop.cleared:
+        yield [], [], ""  # after any step already on its way to the page
 
 
-def _answer(engine, video, question, turns, options_text, frames, temporal_sample, max_new_tokens, clips):
-    """`chat_turn`'s work: yields (answer so far, model turns, status); raises on any error."""
+def _answer(engine, video, question, turns, options_text, frames, temporal_sample, max_new_tokens, clips,
+            stop: TurnStop):
+    """`chat_turn`'s work: yields (answer so far, model turns, status), the last one with status
+    `STOPPED` when `stop` ended it; raises on any error."""
     if not video:
         raise StormError("Upload a video first (or pick an example).")
     _keep(video)
@@ -241,20 +318,27 @@ def _answer(engine, video, question, turns, options_text, frames, temporal_sampl
         question, options, _whole("frames", frames), stride, _whole("max_new_tokens", max_new_tokens))
     prompt = format_question(question, options) if options else question
     prepared = engine.prepare(build_messages(prompt, turns), [num_frames], engine.check_sampling(max_new), stride)
-    clip, cached = (clips or ClipCache(0)).read(engine, video, num_frames)
-    handle = engine.submit(prepared, [clip.frames])
-    answer = ""
-    try:
-        for kind, payload in handle.events():
-            if kind == "delta":
-                answer += payload
-                yield answer, [*turns, (prompt, answer)], GENERATING
-            elif kind == "error":
-                raise payload
-            else:
-                completion = payload
-    finally:
-        handle.cancel()  # a no-op once it is done; stops generating when the page cancelled the turn
+    clip, cached = (clips or ClipCache(0)).read(engine, video, num_frames, cancel=stop)
+    answer, completion = "", None
+    if not stop.is_set():
+        handle = engine.submit(prepared, [clip.frames])
+        stop.watch(handle)
+        try:
+            for kind, payload in handle.events():
+                if stop.is_set():
+                    break
+                if kind == "delta":
+                    answer += payload
+                    yield answer, [*turns, (prompt, answer)], GENERATING
+                elif kind == "error":
+                    raise payload
+                else:
+                    completion = payload
+        finally:
+            handle.cancel()  # a no-op once it is done; stops generating when the turn ends early
+    if completion is None:  # stopped
+        yield answer, [*turns, (prompt, answer)], STOPPED
+        return
     text = completion.text or "(empty answer)"
     if options:
         choice = extract_choice(completion.text, options)
@@ -290,6 +374,7 @@ def build_demo(engine, title: str = "STORM video question answering", examples_d
             "A video the browser cannot play (its player says so: HEVC, MPEG-4 Part 2, ...) is still answered."
         )
         turns = gr.State([])
+        stopper = gr.State(None)  # the `TurnStop` of the session's last turn
         with gr.Row():
             with gr.Column(scale=2):
                 video = gr.Video(label="Video", sources=["upload"], format=None, elem_id="video")
@@ -319,34 +404,61 @@ def build_demo(engine, title: str = "STORM video question answering", examples_d
                 status = gr.Markdown(elem_id="status")
         clips = ClipCache()
 
-        def turn(video, question, history, turns, options, frames, temporal_sample, max_new_tokens):
-            """`chat_turn`, emptying the question box at its first step (the question is in the chat then)."""
-            steps = chat_turn(engine, video, question, history or [], turns or [], options, frames,
-                              temporal_sample, max_new_tokens, clips)
+        def turn(video, question, history, turns, options, frames, temporal_sample, max_new_tokens, stopper):
+            """`chat_turn`, emptying the question box once the question is in the chat."""
+            history = history or []
+            if stopper is not None:
+                stopper.begin(video)
+            steps = chat_turn(engine, video, question, history, turns or [], options, frames,
+                              temporal_sample, max_new_tokens, clips, stopper)
+            taken = False
             try:
-                for i, step in enumerate(steps):
-                    yield *step, (gr.update() if i else "")
+                for shown, *step in steps:
+                    takes = not taken and len(shown) > len(history)
+                    taken = taken or takes
+                    yield shown, *step, ("" if takes else gr.update())
             finally:
-                steps.close()  # the page cancelled the turn: so is the request
+                steps.close()  # gradio closes a turn whose page went away: so is the request
+
+        def stop_turn(stopper, shown):
+            """Stop: the turn stops (its last step keeps the words written so far, and says so)."""
+            if stopper is not None:
+                stopper.stop()
+            return unlocked, unlocked, STOPPED if shown == GENERATING else gr.update()
+
+        def new_conversation(stopper):
+            """"New conversation" or a new video: the turn stops, and leaves the conversation empty."""
+            if stopper is not None:
+                stopper.stop(clear=True)
+            return [], [], "", unlocked, unlocked
+
+        def new_video(stopper, video):
+            """A new video starts a new conversation (`TurnStop.video_changed`: not the late change
+            event of the upload the turn is about)."""
+            if stopper is None or stopper.video_changed(video):
+                return [], [], "", unlocked, unlocked
+            return (gr.update(),) * 5
 
         # gradio's chat pattern: lock the question box (and Ask) until the answer is written, so a
         # second Ask / Enter cannot start a second turn meanwhile. The question moves from the box to
         # the chat at the turn's first step: a turn gradio refuses (the queue is full; gradio says
-        # so) leaves it in the box.
+        # so) leaves it in the box. Each turn gets a new `TurnStop`, for the buttons that stop it.
         locked, unlocked = gr.update(interactive=False), gr.update(interactive=True)
-        take = gr.on([ask.click, question.submit], lambda: (locked, locked), outputs=[question, ask], queue=False,
-                     api_name=False)
+        take = gr.on([ask.click, question.submit], lambda: (locked, locked, TurnStop()),
+                     outputs=[question, ask, stopper], queue=False, api_name=False)
         answering = take.then(turn, inputs=[video, question, chat, turns, options, frames, temporal_sample,
-                                            max_new_tokens], outputs=[chat, turns, status, question], api_name=False)
+                                            max_new_tokens, stopper], outputs=[chat, turns, status, question],
+                              api_name=False)
         for after in (answering.then, answering.failure):  # the page runs no `.then` after a failure
             after(lambda: (unlocked, unlocked), outputs=[question, ask], queue=False, api_name=False)
-        # a cancelled turn may never reach its `.then`: these unlock the box themselves (and Stop
-        # says so where the status still reads as generating)
-        stop.click(lambda shown: (unlocked, unlocked, STOPPED if shown == GENERATING else gr.update()),
-                   inputs=[status], outputs=[question, ask, status], cancels=[answering], queue=False,
+        # not gradio's `cancels=` (see `TurnStop`): the turn ends itself, soon after; these unlock
+        # the box at once (and Stop says so where the status still reads as generating)
+        stop.click(stop_turn, inputs=[stopper, status], outputs=[question, ask, status], queue=False,
                    api_name=False)
-        gr.on([clear.click, video.change], lambda: ([], [], "", unlocked, unlocked),
-              outputs=[chat, turns, status, question, ask], cancels=[answering], queue=False, api_name=False)
+        clear.click(new_conversation, inputs=[stopper], outputs=[chat, turns, status, question, ask], queue=False,
+                    api_name=False)
+        video.change(new_video, inputs=[stopper, video], outputs=[chat, turns, status, question, ask], queue=False,
+                     api_name=False)
     return demo
 
 
