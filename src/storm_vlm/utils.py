@@ -4,6 +4,7 @@ arguments with these before loading anything heavy)."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import difflib
 import hashlib
@@ -24,7 +25,7 @@ from storm_vlm.errors import StormError
 __all__ = [
     "IGNORE_INDEX", "VIDEO_TOKEN", "IMAGE_TOKEN", "check_int", "atomic_path", "atomic_write_text",
     "atomic_write_json", "fsync_dir", "publish_dir", "check_model_dir", "check_links_inside", "no_custom_code",
-    "check_loaded_weights", "available_memory_bytes",
+    "check_loaded_weights", "base64_bytes", "available_memory_bytes",
 ]
 
 # Label of a position the loss ignores (PyTorch's and transformers' convention).
@@ -239,6 +240,16 @@ def check_loaded_weights(folder, what: str, info: dict) -> None:
         key, stored, expected = mismatched[0]
         raise StormError(f"{what} {folder}: {len(mismatched)} of its weights do not fit its config.json "
                          f"(e.g. {key} is stored as {tuple(stored)}, the config makes it {tuple(expected)})")
+
+
+def base64_bytes(text: str) -> bytes:
+    """The bytes of base64 `text` (a data URL's payload); line breaks and spaces in it are skipped
+    (MIME base64, as Python's base64.encodebytes writes it, breaks lines every 76 characters).
+    ValueError when it is not base64."""
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:  # binascii.Error is one
+        return base64.b64decode("".join(text.split()), validate=True)
 
 
 def available_memory_bytes() -> float:

@@ -9,8 +9,6 @@ sampling stride is named once, to the processor.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
 import os
 import re
@@ -26,7 +24,7 @@ from transformers.utils.chat_template_utils import _compile_jinja_template, rend
 from storm_vlm.errors import StormError
 from storm_vlm.media.images import load_image, pil_rgb
 from storm_vlm.model.compression import VisualTokenLayout
-from storm_vlm.utils import IGNORE_INDEX, IMAGE_TOKEN, VIDEO_TOKEN, check_int
+from storm_vlm.utils import IGNORE_INDEX, IMAGE_TOKEN, VIDEO_TOKEN, base64_bytes, check_int
 from storm_vlm.video import load_video, uniform_indices
 
 __all__ = ["StormProcessor", "add_placeholder_tokens", "CHATML_VISUAL_TEMPLATE", "LLAMA3_VISUAL_TEMPLATE",
@@ -161,10 +159,9 @@ def _frames_of(video, index: int) -> np.ndarray:
 
 
 def _decode_base64(text: str, what: str) -> bytes:
-    """The bytes of base64 `text` (line breaks and spaces in it skipped, as MIME base64 has them)."""
     try:
-        return base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError):
+        return base64_bytes(text)
+    except ValueError:
         raise StormError(f"{what}: not valid base64") from None
 
 

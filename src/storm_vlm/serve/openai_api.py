@@ -41,8 +41,6 @@ they give at least already do not fit (`parse_chat_request`).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import os
 import re
@@ -62,6 +60,7 @@ from storm_vlm.media.images import ImageTooLarge, load_image
 from storm_vlm.serve.bodies import as_text
 from storm_vlm.serve.engine import (MAX_QUESTION_CHARS, MAX_STOP_CHARS, MAX_STOPS, ContextTooLong, EngineBusy,
                                     StormEngine)
+from storm_vlm.utils import base64_bytes
 from storm_vlm.video import DecodeTimeout
 
 __all__ = ["ChatCompletionRequest", "CompletionRequest", "LocalMedia", "OpenAIError", "Reply", "parse_chat_request",
@@ -416,19 +415,6 @@ class LocalMedia:
         return resolved
 
 
-def _b64decode(payload: str, what: str) -> bytes:
-    """The bytes of a data URL's base64 text; line breaks and spaces in it are skipped (MIME base64,
-    as Python's base64.encodebytes writes it, breaks lines every 76 characters)."""
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        pass
-    try:
-        return base64.b64decode("".join(payload.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise OpenAIError(400, f"{what}: the data URL is not valid base64", what) from None
-
-
 def _media_bytes(url: str, local: LocalMedia, what: str, max_bytes: int) -> bytes | Path:
     scheme = url.partition(":")[0].lower()  # URL schemes are case-insensitive (RFC 3986)
     if scheme == "data":
@@ -438,7 +424,10 @@ def _media_bytes(url: str, local: LocalMedia, what: str, max_bytes: int) -> byte
         if len(payload) // 4 * 3 > max_bytes:
             raise OpenAIError(413, f"{what}: larger than the server's limit of {max_bytes} bytes per video or image",
                               what, code="request_too_large")
-        return _b64decode(payload, what)
+        try:
+            return base64_bytes(payload)
+        except ValueError:
+            raise OpenAIError(400, f"{what}: the data URL is not valid base64", what) from None
     if scheme == "file":
         return local.check(_file_path(url, what), what)
     if ":" not in url:
