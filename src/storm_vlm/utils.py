@@ -23,7 +23,8 @@ from safetensors import SafetensorError, safe_open
 from storm_vlm.errors import StormError
 
 __all__ = [
-    "IGNORE_INDEX", "VIDEO_TOKEN", "IMAGE_TOKEN", "check_int", "atomic_path", "atomic_write_text",
+    "IGNORE_INDEX", "VIDEO_TOKEN", "IMAGE_TOKEN", "did_you_mean", "safetensors_problem", "check_positive",
+    "check_int", "atomic_path", "atomic_write_text",
     "atomic_write_json", "fsync_dir", "publish_dir", "check_model_dir", "check_links_inside", "no_custom_code",
     "check_loaded_weights", "base64_bytes", "available_memory_bytes",
 ]

@@ -159,6 +159,7 @@ def _frames_of(video, index: int) -> np.ndarray:
 
 
 def _decode_base64(text: str, what: str) -> bytes:
+    """`utils.base64_bytes`, a StormError naming `what` when the text is not base64."""
     try:
         return base64_bytes(text)
     except ValueError:
