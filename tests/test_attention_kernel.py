@@ -176,13 +176,23 @@ def _layers(model):
     return layers
 
 
+def _separate_passes(monkeypatch):
+    """Make SigLIP layers run their separate C passes (what they run where the fused layer of
+    cpu_vit_layer is the slower, as at real widths), not the fused layer."""
+    monkeypatch.setattr(fast_paths, "fused_layer_is_faster", lambda *a: False)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused layer", "separate passes"])
 @pytest.mark.parametrize("isa", [*ISAS, None], ids=[*ISAS, "no kernels"])
-def test_lean_layer_is_transformers_layer(model, monkeypatch, isa):
-    """Through the C kernels: transformers' result within float rounding; without them: bit for bit."""
+def test_lean_layer_is_transformers_layer(model, monkeypatch, isa, fused):
+    """Through the C kernels (the fused layer or the separate passes): transformers' result within
+    float rounding; without them: bit for bit."""
     if isa is None:
         monkeypatch.setattr(cpu_kernel, "load_library", lambda *a, **k: None)
     else:
         use_kernel_library(monkeypatch, isa)
+    if not fused:
+        _separate_passes(monkeypatch)
     h = torch.randn(5, 16, 16, generator=torch.Generator().manual_seed(9))
     with torch.inference_mode():
         for layer in _layers(model):
@@ -225,6 +235,7 @@ def test_lean_layer_takes_the_kernels_with_inert_keyword_arguments_only(model, m
     transformers' layer, bit for bit."""
     if cpu_kernel.load_library() is None:
         pytest.skip("no C compiler")
+    _separate_passes(monkeypatch)
     calls = []
     real = fast_paths.frame_attention
     monkeypatch.setattr(fast_paths, "frame_attention", lambda *a: calls.append(1) or real(*a))
@@ -244,6 +255,7 @@ def test_lean_layer_projects_qkv_as_one_product_unless_a_projection_is_hooked(mo
     the hook sees its output."""
     if cpu_kernel.load_library() is None:
         pytest.skip("no C compiler")
+    _separate_passes(monkeypatch)
     layer = _layers(model)[0]
     attn = layer.self_attn
     products = []

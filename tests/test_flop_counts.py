@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from storm_vlm import StormConfig, StormForConditionalGeneration
 from storm_vlm.model.cpu_attention import attention_library
+from storm_vlm.model import fast_paths
 from storm_vlm.model.fast_paths import enable_fast_paths
 from storm_vlm.model.ssm import mixer
 from storm_vlm.model.ssm import scan as scan_module
@@ -232,8 +233,10 @@ class ProductShapes(TorchDispatchMode):
 
 @pytest.mark.skipif(attention_library() is None, reason="no C compiler: SigLIP's q, k, v run apart")
 def test_gemm_shapes_are_the_products_run(monkeypatch):
-    """40 frames at vision_batch_size 32 run as two calls of 20 frames, q/k/v as one product."""
+    """40 frames at vision_batch_size 32 run as two calls of 20 frames, q/k/v as one product (the
+    SigLIP layers' separate passes: the fused layer of cpu_vit_layer runs its products in C)."""
     monkeypatch.delenv("STORM_VLM_ATTENTION_KERNEL")
+    monkeypatch.setattr(fast_paths, "fused_layer_is_faster", lambda *a: False)
     cfg, model = build(siglip(layers=2), vision_feature_layer=-1, vision_batch_size=32)
     frames, text = 40, 6
     recorded = {}

@@ -8,11 +8,14 @@ decode step; no autograd): everywhere else each path steps aside and the plain c
 - **Vision tower**: the tanh-GELU is evaluated as x·sigmoid(2u) (`_GELUTanhCPU`): the same
   function in one pass of a C kernel (float32 and bfloat16; four tensor passes without a C
   compiler), where PyTorch's CPU tanh-GELU goes through a slow vectorised tanh. SigLIP encoder
-  layers (`_LeanSiglipLayer`) run both LayerNorms (the residual add folded into the second) and the
-  per-frame attention in C (`cpu_attention`, `ssm/_attention_kernel.c`; float32, or bf16 products
-  under autocast); without the C kernels (or with `STORM_VLM_ATTENTION_KERNEL=0`) they only add
-  their residuals in place (bit-for-bit transformers' result). At small widths such element-wise
-  passes cost about as much as the matrix products, so each pass saved shows.
+  layers (`_LeanSiglipLayer`) in float32 run whole, one frame at a time, in C (`cpu_vit_layer`,
+  `ssm/_vit_layer_kernel.c`) where that is the faster (timed per layer shape: while the weights fit
+  in cache); otherwise, and under bf16 autocast, both LayerNorms (the residual add folded into the
+  second) and the per-frame attention run in C (`cpu_attention`, `ssm/_attention_kernel.c`; float32,
+  or bf16 products under autocast) between the library's products. Without the C kernels (or with
+  `STORM_VLM_ATTENTION_KERNEL=0`) they only add their residuals in place (bit-for-bit transformers'
+  result). At small widths element-wise passes cost about as much as the matrix products, so each
+  pass saved shows.
 - **LLM layers** (Qwen2, Llama): the RMSNorm (`_RMSNormCPU`) and the MLP's gate, silu(gate) · up
   (`_GatedMLPCPU`), run as one C pass each (`ssm/_attention_kernel.c`, `ssm/_elementwise_kernel.c`;
   the gate also in bfloat16 under autocast), where transformers takes six and two tensor passes
@@ -27,8 +30,9 @@ decode step; no autograd): everywhere else each path steps aside and the plain c
   `STORM_VLM_ATTENTION_KERNEL=0` keeps transformers' SDPA); a one-token step with grouped KV heads
   that does not take the decode step above runs as one r x L product per KV head.
 
-tests/test_cpu_fast_paths.py, tests/test_perf_fast_paths.py and tests/test_attention_kernel.py check
-that outputs are unchanged (logits within float rounding, greedy tokens identical).
+tests/test_cpu_fast_paths.py, tests/test_perf_fast_paths.py, tests/test_attention_kernel.py and
+tests/test_vit_layer_kernel.py check that outputs are unchanged (logits within float rounding, greedy
+tokens identical).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
 from storm_vlm.model.cpu_attention import (STORM_SDPA, attention_library, c_layer_norm, c_rms_norm,
                                            frame_attention, use_storm_sdpa)
+from storm_vlm.model.cpu_vit_layer import fused_layer_applies, fused_layer_is_faster, vit_layer
 from storm_vlm.model.decode import drop_decode_step
 from storm_vlm.model.matmul_backend import measured_linear, plain_linear, use_measured_linears
 from storm_vlm.model.ssm import _threads, cpu_kernel
@@ -207,12 +212,14 @@ class _LeanSiglipLayer(SiglipEncoderLayer):
     """A SigLIP encoder layer whose CPU inference (no mask, SDPA attention, no autograd) runs the
     same computation with fewer tensor passes.
 
-    With the C kernels built (float32, or under bf16 autocast), both LayerNorms (the second with the
-    residual add folded in) and the attention run in `ssm/_attention_kernel.c` (`c_layer_norm`,
-    `frame_attention`): at SigLIP's frame length each (frame, head) is a few 64 x 64 products that
-    SDPA's flash kernel blocks for much longer sequences, and torch's LayerNorm is slow at small
-    widths. Same result within float rounding (under autocast: the same dtypes as transformers', the
-    norms and the residual stream in float32, the products in bf16). Otherwise the residual adds land
+    With the C kernels built, in float32 with a tanh-GELU MLP: the whole layer per frame in C
+    (`cpu_vit_layer.vit_layer`) where `fused_layer_is_faster`. Otherwise (float32, or under bf16
+    autocast) `_c_passes`: both LayerNorms (the second with the residual add folded in) and the
+    attention run in `ssm/_attention_kernel.c` (`c_layer_norm`, `frame_attention`): at SigLIP's
+    frame length each (frame, head) is a few 64 x 64 products that SDPA's flash kernel blocks for
+    much longer sequences, and torch's LayerNorm is slow at small widths. Same result within float
+    rounding (under autocast: the same dtypes as transformers', the norms and the residual stream in
+    float32, the products in bf16). Without the C kernels the residual adds land
     in place where the dtypes allow and no attention-weights tuple is built: bit-for-bit transformers'
     result. With a mask, autograd, keyword arguments outside `_INERT_KWARGS` or off CPU it is that
     layer."""
@@ -229,12 +236,10 @@ class _LeanSiglipLayer(SiglipEncoderLayer):
                 and _plain_layer_norm(self.layer_norm1) and _plain_layer_norm(self.layer_norm2)):
             lib = attention_library()
         if lib is not None:
-            hidden_states = hidden_states.contiguous()  # the embeddings' output is a transposed view
-            x = c_layer_norm(lib, hidden_states, self.layer_norm1)
-            q, k, v = _qkv(attn, x)
-            h = attn.out_proj(frame_attention(lib, q, k, v, attn.num_heads, attn.scale)).float()
-            x = c_layer_norm(lib, h, self.layer_norm2, residual=hidden_states)  # h += hidden_states
-            return _residual_add(mlp.fc2(mlp.activation_fn(mlp.fc1(x))), h)
+            if (type(mlp.activation_fn) is _GELUTanhCPU and fused_layer_applies(self, hidden_states)
+                    and fused_layer_is_faster(lib, self, hidden_states, lambda x: self._c_passes(lib, x))):
+                return vit_layer(lib, self, hidden_states)
+            return self._c_passes(lib, hidden_states)
         shape = (*hidden_states.shape[:-1], -1, attn.head_dim)
         x = self.layer_norm1(hidden_states)
         q = attn.q_proj(x).view(shape).transpose(1, 2)
@@ -244,6 +249,18 @@ class _LeanSiglipLayer(SiglipEncoderLayer):
         hidden_states = _residual_add(attn.out_proj(o.reshape(*hidden_states.shape[:-1], -1)), hidden_states)
         x = mlp.fc2(mlp.activation_fn(mlp.fc1(self.layer_norm2(hidden_states))))
         return _residual_add(x, hidden_states)
+
+
+    def _c_passes(self, lib, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The layer as separate passes: LayerNorms and attention in C, the products through
+        `measured_linear`, the GELU through `_GELUTanhCPU`."""
+        attn, mlp = self.self_attn, self.mlp
+        hidden_states = hidden_states.contiguous()  # the embeddings' output is a transposed view
+        x = c_layer_norm(lib, hidden_states, self.layer_norm1)
+        q, k, v = _qkv(attn, x)
+        h = attn.out_proj(frame_attention(lib, q, k, v, attn.num_heads, attn.scale)).float()
+        x = c_layer_norm(lib, h, self.layer_norm2, residual=hidden_states)  # h += hidden_states
+        return _residual_add(mlp.fc2(mlp.activation_fn(mlp.fc1(x))), h)
 
 
 def _lean_siglip_layers(module: nn.Module) -> None:

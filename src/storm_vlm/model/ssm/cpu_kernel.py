@@ -89,7 +89,7 @@ __all__ = ["load", "load_library", "build", "enabled", "switched_off", "switched
 
 logger = logging.getLogger("storm_vlm.model.ssm")
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("_scan_kernel.c", "_decode_kernel.c", "_elementwise_kernel.c",
-                                                       "_attention_kernel.c"))
+                                                       "_attention_kernel.c", "_vit_layer_kernel.c"))
 HEADER = Path(__file__).with_name("_vec.h")
 BASE_FLAGS = ["-O3", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
 ENV_SWITCH = "STORM_VLM_SCAN_KERNEL"
@@ -543,6 +543,10 @@ def _bind(lib: ctypes.CDLL, isa: Isa, lanes: int, origin: str) -> ctypes.CDLL:
     lib.storm_rms_norm_f32.restype = None
     lib.storm_attention.argtypes = [ptr] * 8 + [i64] * 5 + [ctypes.c_float, cint, cint, i64, i64]
     lib.storm_attention.restype = cint
+    f32 = ctypes.c_float
+    lib.storm_vit_layer_f32.argtypes = ([ptr] + [i64] * 3 + [ptr] + [i64] * 4 + [ptr] * 2 + [f32] + [ptr] * 10 + [f32]
+                                        + [ptr] * 4 + [f32, i64, i64])
+    lib.storm_vit_layer_f32.restype = cint
     lib.storm_isa = isa.name  # the path, its width, and where the bytes came from (benchmarks print them)
     lib.storm_lanes = lanes
     lib.storm_origin = origin

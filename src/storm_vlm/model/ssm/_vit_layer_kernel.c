@@ -1,0 +1,241 @@
+/* A ViT encoder layer (SigLIP's: pre-LayerNorm multi-head attention, then a tanh-GELU MLP, each with
+ * its residual add) run one frame at a time, for CPU inference in float32; called through
+ * storm_vlm.model.cpu_vit_layer; built with the scan kernel (cpu_kernel.py), same vector width.
+ *
+ * Why: at small widths a layer's products are short in their inner dimension, so a BLAS call spends
+ * much of its time packing and streaming whole-video activations (megabytes, far beyond L2) between
+ * a dozen separate passes (LayerNorms, q/k/v, attention, out, residuals, fc1, GELU, fc2). Here a
+ * frame's activations stay in L1 / L2 from the first LayerNorm to the last residual add.
+ *
+ * Layout: inside the kernel a frame is held feature-major — D rows of its T tokens, padded to TP, a
+ * whole number of vectors — so every product is W · X with the weight in nn.Linear's own (out, in)
+ * layout (no packing) and the tokens along the vectors: no output width (72, 269, ...) is ever
+ * rounded up to whole vectors, only T is. The attention works on the transposed scores S' = K Q'
+ * (keys x queries): the softmax runs down each column, every lane a different query, and the output
+ * O' = V' P' is again feature-major. All products go through one register-blocked kernel (`block`:
+ * MR output rows x NV vectors of tokens in registers, each weight broadcast once for NV vectors and
+ * each token vector loaded once for MR rows) whose bias, residual add and GELU are applied to the
+ * registers before the single store.
+ *
+ * Same arithmetic as transformers' layer in float32 up to the order of additions (a product's bias
+ * and residual enter its sum first; the softmax is normalised before the value product).
+ */
+#include "_vec.h"
+
+#if LANES == 16
+#define MR 6 /* 24 accumulators + 4 token vectors + 1 broadcast of the 32 vector registers */
+#define NV 4
+#else
+#define MR 4 /* 12 + 3 + 1 of 16 */
+#define NV 3
+#endif
+
+#define TWO_C 1.5957691216057308f /* 2 sqrt(2 / pi), as _elementwise_kernel.c */
+
+static inline vf gelu_tanh(vf x) {
+    const vf two_u = x * (TWO_C + (0.044715f * TWO_C) * x * x);
+    return x / (1.0f + vexp2(-two_u * LOG2E));
+}
+
+/* Full-width interleaves of two vectors: lanes a0 b0 a1 b1 ... of their lower halves (LO), of their
+ * upper halves (HI) */
+#if LANES == 16
+#define LO_LANES 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23
+#define HI_LANES 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31
+#elif LANES == 8
+#define LO_LANES 0, 8, 1, 9, 2, 10, 3, 11
+#define HI_LANES 4, 12, 5, 13, 6, 14, 7, 15
+#else
+#define LO_LANES 0, 4, 1, 5
+#define HI_LANES 2, 6, 3, 7
+#endif
+#ifdef __clang__
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (vi){__VA_ARGS__})
+#endif
+
+/* dst[j][i] = src[i][j] for i < rows, j < cols (src rows ss apart, dst rows ds apart): LANES x LANES
+ * blocks in registers — log2(LANES) rounds of interleaving row i with row i + LANES / 2 (the perfect
+ * shuffle) — and the edges one float at a time */
+static void transpose(const float *src, int64_t ss, float *dst, int64_t ds, int64_t rows, int64_t cols) {
+    const int64_t rb = rows / LANES * LANES, cb = cols / LANES * LANES;
+    for (int64_t i0 = 0; i0 < rb; i0 += LANES)
+        for (int64_t j0 = 0; j0 < cb; j0 += LANES) {
+            vf r[LANES], n[LANES];
+            for (int i = 0; i < LANES; i++) r[i] = loadu(src + (i0 + i) * ss + j0);
+            for (int round = 1; round < LANES; round *= 2) {
+                for (int i = 0; i < LANES / 2; i++) {
+                    n[2 * i] = SHUFFLE(r[i], r[i + LANES / 2], LO_LANES);
+                    n[2 * i + 1] = SHUFFLE(r[i], r[i + LANES / 2], HI_LANES);
+                }
+                memcpy(r, n, sizeof r);
+            }
+            for (int j = 0; j < LANES; j++) storeu(dst + (j0 + j) * ds + i0, r[j]);
+        }
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t j = i < rb ? cb : 0; j < cols; j++) dst[j * ds + i] = src[i * ss + j];
+}
+
+/* c[i][0 .. nv vectors) for rows i < mr (ldc apart) = (bias[i], or 0) + (c's own value when add)
+ * + sum_p a(i, p) b[p][..], then GELU when gelu; a(i, p) = a[i * ars + p * acs], b: k rows ldb apart.
+ * mr and nv are constants after inlining, so acc lives in registers. */
+static inline __attribute__((always_inline)) void block(const float *a, int64_t ars, int64_t acs, const float *b,
+                                                        int64_t ldb, int64_t k, const float *bias, float *c,
+                                                        int64_t ldc, int mr, int nv, int add, int gelu) {
+    vf acc[MR][NV];
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++) {
+        const vf b0 = splat(bias ? bias[i] : 0.0f);
+#pragma GCC unroll 8
+        for (int j = 0; j < nv; j++) acc[i][j] = add ? b0 + loadu(c + i * ldc + j * LANES) : b0;
+    }
+    for (int64_t p = 0; p < k; p++) {
+        vf bv[NV];
+#pragma GCC unroll 8
+        for (int j = 0; j < nv; j++) bv[j] = loadu(b + p * ldb + j * LANES);
+#pragma GCC unroll 8
+        for (int i = 0; i < mr; i++) {
+            const vf av = splat(a[i * ars + p * acs]);
+#pragma GCC unroll 8
+            for (int j = 0; j < nv; j++) acc[i][j] += av * bv[j];
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++)
+#pragma GCC unroll 8
+        for (int j = 0; j < nv; j++) storeu(c + i * ldc + j * LANES, gelu ? gelu_tanh(acc[i][j]) : acc[i][j]);
+}
+
+#define BLOCK(M, N)                                                                                                   \
+    block(a + r * ars, ars, acs, b + col, ldb, k, bias ? bias + r : NULL, c + r * ldc + col, ldc, M, N, add, gelu)
+#if NV == 4
+#define BY_NV(M)                                                                                                      \
+    switch (nv) {                                                                                                     \
+    case 1: BLOCK(M, 1); break;                                                                                       \
+    case 2: BLOCK(M, 2); break;                                                                                       \
+    case 3: BLOCK(M, 3); break;                                                                                       \
+    default: BLOCK(M, 4);                                                                                             \
+    }
+#else
+#define BY_NV(M)                                                                                                      \
+    switch (nv) {                                                                                                     \
+    case 1: BLOCK(M, 1); break;                                                                                       \
+    case 2: BLOCK(M, 2); break;                                                                                       \
+    default: BLOCK(M, 3);                                                                                             \
+    }
+#endif
+
+/* c (m rows ldc apart, vecs vectors each) = [c +] bias + a (m x k) b (k rows ldb apart), GELU'd when gelu
+ * (`block`). Column blocks of NV vectors (the last two shared evenly, so none is much narrower), each
+ * over all rows in MR-row blocks: a column block of b (k x NV vectors) stays in L1 while the rows pass. */
+static void gemm(const float *a, int64_t ars, int64_t acs, int64_t m, int64_t k, const float *b, int64_t ldb,
+                 const float *bias, float *c, int64_t ldc, int64_t vecs, int add, int gelu) {
+    for (int64_t v0 = 0; v0 < vecs;) {
+        const int64_t left = vecs - v0;
+        const int nv = (int)(left <= NV ? left : left < 2 * NV ? (left + 1) / 2 : NV);
+        const int64_t col = v0 * LANES;
+        v0 += nv;
+        for (int64_t r = 0; r < m; r += MR) {
+            switch (m - r < MR ? m - r : MR) {
+            case 1: BY_NV(1) break;
+            case 2: BY_NV(2) break;
+            case 3: BY_NV(3) break;
+#if MR == 6
+            case 4: BY_NV(4) break;
+            case 5: BY_NV(5) break;
+#endif
+            default: BY_NV(MR)
+            }
+        }
+    }
+}
+
+/* y = LayerNorm(x) over the d rows of each token column (x, y: d rows of tp floats), mean and variance
+ * in float32, every lane a token */
+static void layer_norm_cols(const float *x, float *y, int64_t d, int64_t tp, const float *w, const float *b,
+                            float eps) {
+    for (int64_t j = 0; j < tp; j += LANES) {
+        vf sum = splat(0.0f), sq = splat(0.0f);
+        for (int64_t c = 0; c < d; c++) sum += loadu(x + c * tp + j);
+        const vf mean = sum / (float)d;
+        for (int64_t c = 0; c < d; c++) {
+            const vf e = loadu(x + c * tp + j) - mean;
+            sq += e * e;
+        }
+        vf inv;
+        for (int l = 0; l < LANES; l++) inv[l] = 1.0f / __builtin_sqrtf(sq[l] / (float)d + eps);
+        for (int64_t c = 0; c < d; c++) storeu(y + c * tp + j, (loadu(x + c * tp + j) - mean) * inv * w[c] + b[c]);
+    }
+}
+
+/* softmax(scale * column) in place down each column of s (t rows of tp floats: keys x queries) */
+static void softmax_cols(float *s, int64_t t, int64_t tp, float scale) {
+    const float k = scale * LOG2E;
+    for (int64_t j = 0; j < tp; j += LANES) {
+        vf mx = splat(-__builtin_inff());
+        for (int64_t r = 0; r < t; r++) mx = vmax_keepnan(mx, loadu(s + r * tp + j));
+        vf sum = splat(0.0f);
+        for (int64_t r = 0; r < t; r++) {
+            const vf e = vexp2((loadu(s + r * tp + j) - mx) * k);
+            storeu(s + r * tp + j, e);
+            sum += e;
+        }
+        const vf inv = 1.0f / sum;
+        for (int64_t r = 0; r < t; r++) storeu(s + r * tp + j, loadu(s + r * tp + j) * inv);
+    }
+}
+
+/* Frames f0 <= f < f1 of x (frame f, token i, channel c at x[f * xf + i * xt + c * xc], float32) through
+ * one layer into y (frames x t x d, contiguous):
+ *   h = x + attn(ln1(x)) Wo' + bo,  y = h + gelu(ln2(h) W1' + b1) W2' + b2,
+ * attn: `heads` heads of d / heads channels, softmax(scale q k') v per frame and head. Weights in
+ * nn.Linear's layout (out, in), contiguous: wq, wk, wv, wo (d, d), w1 (i, d), w2 (d, i); biases (out).
+ * Returns 0, or 1 when the scratch could not be allocated. */
+int storm_vit_layer_f32(const float *x, int64_t xf, int64_t xt, int64_t xc, float *y, int64_t t, int64_t d,
+                        int64_t i_dim, int64_t heads, const float *ln1w, const float *ln1b, float eps1, const float *wq,
+                        const float *bq, const float *wk, const float *bk, const float *wv, const float *bv,
+                        const float *wo, const float *bo, const float *ln2w, const float *ln2b, float eps2,
+                        const float *w1, const float *b1, const float *w2, const float *b2, float scale, int64_t f0,
+                        int64_t f1) {
+    const int64_t tp = (t + LANES - 1) / LANES * LANES, vecs = tp / LANES, hd = d / heads;
+    const int64_t rows[] = {d, d, 3 * d, t, d, i_dim}; /* h, xn, q|k|v, scores, o, MLP hidden: rows of tp */
+    int64_t total = 0;
+    for (int j = 0; j < 6; j++) total += rows[j] * tp;
+    /* Padding tokens (columns t..tp) never reach a real token's column — the scores use keys below t
+     * only — so their values do not matter; they start as zeros and are reset to zeros for every
+     * frame so their arithmetic stays on ordinary numbers (no NaN or denormal arising there). */
+    float *buf = calloc((size_t)total, sizeof(float));
+    if (!buf) return 1;
+    float *h = buf, *xn = h + d * tp, *q = xn + d * tp, *kk = q + d * tp, *v = kk + d * tp, *s = v + d * tp,
+          *o = s + t * tp, *hid = o + d * tp;
+    for (int64_t f = f0; f < f1; f++) {
+        const float *xs = x + f * xf;
+        if (xt == 1) /* feature-major already (the patch embedding's output): row copies */
+            for (int64_t c = 0; c < d; c++) memcpy(h + c * tp, xs + c * xc, (size_t)t * sizeof(float));
+        else if (xc == 1)
+            transpose(xs, xt, h, tp, t, d);
+        else
+            for (int64_t i = 0; i < t; i++)
+                for (int64_t c = 0; c < d; c++) h[c * tp + i] = xs[i * xt + c * xc];
+        for (int64_t c = 0; c < d; c++)
+            for (int64_t i = t; i < tp; i++) h[c * tp + i] = 0.0f;
+        layer_norm_cols(h, xn, d, tp, ln1w, ln1b, eps1);
+        gemm(wq, d, 1, d, d, xn, tp, bq, q, tp, vecs, 0, 0);
+        gemm(wk, d, 1, d, d, xn, tp, bk, kk, tp, vecs, 0, 0);
+        gemm(wv, d, 1, d, d, xn, tp, bv, v, tp, vecs, 0, 0);
+        for (int64_t e = 0; e < heads; e++) {
+            const int64_t c0 = e * hd * tp;
+            gemm(kk + c0, 1, tp, t, hd, q + c0, tp, NULL, s, tp, vecs, 0, 0); /* S' = K Q': row j = key j */
+            softmax_cols(s, t, tp, scale);
+            gemm(v + c0, tp, 1, hd, t, s, tp, NULL, o + c0, tp, vecs, 0, 0); /* O' = V' P' */
+        }
+        gemm(wo, d, 1, d, d, o, tp, bo, h, tp, vecs, 1, 0);
+        layer_norm_cols(h, xn, d, tp, ln2w, ln2b, eps2);
+        gemm(w1, d, 1, i_dim, d, xn, tp, b1, hid, tp, vecs, 0, 1);
+        gemm(w2, i_dim, 1, d, i_dim, hid, tp, b2, h, tp, vecs, 1, 0);
+        transpose(h, tp, y + f * t * d, d, d, t);
+    }
+    free(buf);
+    return 0;
+}

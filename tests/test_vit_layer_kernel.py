@@ -1,0 +1,180 @@
+"""The fused SigLIP encoder layer (storm_vlm.model.cpu_vit_layer, ssm/_vit_layer_kernel.c) is
+transformers' layer within float rounding, on every vector width the CPU runs, for any head count,
+width and frame length (none of them whole vectors included), whatever the input's strides; frames
+do not affect each other; and `_LeanSiglipLayer` takes it only where it applies and is faster."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import SiglipVisionConfig
+from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
+
+from storm_vlm.model import cpu_vit_layer, fast_paths
+from storm_vlm.model.cpu_attention import ATTENTION_KERNEL_ENV
+from storm_vlm.model.ssm import cpu_kernel
+from helpers import KERNEL_ISAS, use_kernel_library
+
+# (width, heads, MLP width, tokens per frame): the bench tower's, several heads, and widths / lengths
+# that are not whole vectors on any instruction set
+SHAPES = [(72, 1, 269, 64), (48, 3, 100, 49), (40, 2, 37, 17), (24, 3, 50, 5), (16, 1, 16, 33)]
+
+
+def _layer(d, heads, inter, seed=0):
+    config = SiglipVisionConfig(hidden_size=d, num_attention_heads=heads, intermediate_size=inter)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    layer = SiglipEncoderLayer(config).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0.0, 0.3)
+    return layer
+
+
+def _lean(layer):
+    fast_paths.enable_fast_paths(layer, decode=False)
+    assert type(layer) is fast_paths._LeanSiglipLayer
+    return layer
+
+
+def _reference(layer, x):
+    """transformers' layer in float64 (a copy), as float64."""
+    ref = SiglipEncoderLayer(layer.self_attn.config).double().eval()
+    ref.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        return SiglipEncoderLayer.forward(ref, x.double(), None)
+
+
+def _library():
+    lib = cpu_kernel.load_library()
+    if lib is None:
+        pytest.skip("no C compiler")
+    return lib
+
+
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+@pytest.mark.parametrize("d, heads, inter, t", SHAPES)
+def test_fused_layer_is_transformers_layer(monkeypatch, isa, d, heads, inter, t):
+    lib = use_kernel_library(monkeypatch, isa)
+    layer = _layer(d, heads, inter)
+    x = torch.randn(3, t, d, generator=torch.Generator().manual_seed(1))
+    assert cpu_vit_layer.fused_layer_applies(layer, x)
+    with torch.no_grad():
+        ours = cpu_vit_layer.vit_layer(lib, layer, x)
+        theirs = SiglipEncoderLayer.forward(layer, x, None)  # float32, as transformers computes it
+    exact = _reference(layer, x)
+    assert ours.shape == x.shape and ours.is_contiguous()
+    # as close to the float64 result as transformers' own float32 layer is, within a small factor
+    ours_err = (ours.double() - exact).abs().max()
+    theirs_err = (theirs.double() - exact).abs().max()
+    assert ours_err <= 4 * theirs_err + 1e-6 * exact.abs().max()
+
+
+def test_any_input_strides_give_the_same_result():
+    """Token-major rows, the patch embedding's feature-major view, and a view with strides neither
+    has all read the same values: the same output bit for bit."""
+    lib = _library()
+    layer = _layer(40, 2, 37)
+    x = torch.randn(4, 17, 40, generator=torch.Generator().manual_seed(2))
+    feature_major = x.transpose(1, 2).contiguous().transpose(1, 2)
+    spread = torch.zeros(4, 17, 80)
+    spread[..., ::2] = x
+    with torch.no_grad():
+        outs = [cpu_vit_layer.vit_layer(lib, layer, v) for v in (x, feature_major, spread[..., ::2])]
+    assert feature_major.stride() != x.stride() and spread[..., ::2].stride(-1) == 2
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert torch.equal(x, feature_major)  # the input is only read
+
+
+def test_frames_are_independent_and_threads_change_nothing():
+    """Each frame's output is what it gets alone (a NaN frame stays in its frame), on 1 or 3 threads."""
+    lib = _library()
+    layer = _layer(24, 3, 50)
+    x = torch.randn(6, 5, 24, generator=torch.Generator().manual_seed(3))
+    x[2, 1, 4] = float("nan")
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                outs.append(cpu_vit_layer.vit_layer(lib, layer, x))
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0, equal_nan=True)
+    with torch.no_grad():
+        alone = [cpu_vit_layer.vit_layer(lib, layer, x[i : i + 1]) for i in (0, 5)]
+    assert torch.equal(outs[0][0:1], alone[0]) and torch.equal(outs[0][5:6], alone[1])
+    assert outs[0][2].isnan().all() and not outs[0][[0, 1, 3, 4, 5]].isnan().any()
+
+
+def test_fused_layer_applies_only_to_plain_float32_layers():
+    layer = _layer(16, 1, 16)
+    x = torch.randn(2, 4, 16)
+    assert cpu_vit_layer.fused_layer_applies(layer, x)
+    assert not cpu_vit_layer.fused_layer_applies(layer, x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not cpu_vit_layer.fused_layer_applies(layer, x)
+    handle = layer.mlp.fc1.register_forward_hook(lambda *a: None)
+    assert not cpu_vit_layer.fused_layer_applies(layer, x)
+    handle.remove()
+    layer.self_attn.k_proj.weight = nn.Parameter(layer.self_attn.k_proj.weight.detach().t().contiguous().t())
+    assert not cpu_vit_layer.fused_layer_applies(layer, x)  # a transposed (non-contiguous) weight
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Which path each `_LeanSiglipLayer` call took: "fused" or "separate"."""
+    seen = []
+    real_fused, real_separate = fast_paths.vit_layer, fast_paths._LeanSiglipLayer._c_passes
+    monkeypatch.setattr(fast_paths, "vit_layer", lambda *a: seen.append("fused") or real_fused(*a))
+    monkeypatch.setattr(fast_paths._LeanSiglipLayer, "_c_passes",
+                        lambda self, *a: seen.append("separate") or real_separate(self, *a))
+    monkeypatch.setattr(cpu_vit_layer, "_CHOICE", {})
+    monkeypatch.delenv(ATTENTION_KERNEL_ENV, raising=False)
+    return seen
+
+
+def test_lean_layer_takes_the_fused_layer_where_it_is_faster(monkeypatch, calls):
+    """Large calls time both paths once per layer shape and keep the faster; small ones take the
+    fused layer untimed; STORM_VLM_ATTENTION_KERNEL=1 pins it. Either way: transformers' result."""
+    _library()
+    layer = _lean(_layer(24, 3, 50))
+    x = torch.randn(4, 5, 24, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = SiglipEncoderLayer.forward(layer, x, None)
+        torch.testing.assert_close(layer(x, None), ref, rtol=1e-5, atol=1e-5)
+        assert calls == ["fused"] and cpu_vit_layer.vit_layer_choices() == {}  # small: untimed
+
+        monkeypatch.setattr(cpu_vit_layer, "_TIMED_WORK", 1)
+        timings = []
+        monkeypatch.setattr(cpu_vit_layer, "timed",
+                            lambda fns: timings.append(sorted(fns)) or {"fused": 2.0, "separate": 1.0})
+        calls.clear()
+        for _ in range(2):
+            torch.testing.assert_close(layer(x, None), ref, rtol=1e-5, atol=1e-5)
+        assert timings == [["fused", "separate"]]  # timed once, then remembered
+        assert calls == ["separate", "separate"]
+        assert cpu_vit_layer.vit_layer_choices() == {(5, 24, 50, 3): "separate"}
+
+        monkeypatch.setenv(ATTENTION_KERNEL_ENV, "1")
+        calls.clear()
+        torch.testing.assert_close(layer(x, None), ref, rtol=1e-5, atol=1e-5)
+        assert calls == ["fused"] and len(timings) == 1
+
+
+def test_lean_layer_keeps_its_other_paths(monkeypatch, calls):
+    """Under bf16 autocast, or with another MLP activation, the layer runs its separate passes; with
+    output_attentions, transformers' layer (neither)."""
+    _library()
+    x = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(5))
+    layer = _lean(_layer(24, 3, 50))
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(x, None)
+        assert calls == ["separate"]
+        layer(x, None, output_attentions=True)
+        assert calls == ["separate"]
+        layer.mlp.activation_fn = nn.GELU()
+        out = layer(x, None)
+        assert calls == ["separate", "separate"]
+        torch.testing.assert_close(out, SiglipEncoderLayer.forward(layer, x, None), rtol=1e-5, atol=1e-5)
