@@ -44,6 +44,13 @@ def _reference(layer, x):
         return SiglipEncoderLayer.forward(ref, x.double(), None)
 
 
+def _fused(lib, layer, x):
+    """The fused layer on x, which it must apply to."""
+    struct = cpu_vit_layer.fused_layer(layer, x)
+    assert struct is not None
+    return cpu_vit_layer.vit_layer(lib, struct, x)
+
+
 def _library():
     lib = cpu_kernel.load_library()
     if lib is None:
@@ -57,9 +64,8 @@ def test_fused_layer_is_transformers_layer(monkeypatch, isa, d, heads, inter, t)
     lib = use_kernel_library(monkeypatch, isa)
     layer = _layer(d, heads, inter)
     x = torch.randn(3, t, d, generator=torch.Generator().manual_seed(1))
-    assert cpu_vit_layer.fused_layer_applies(layer, x)
     with torch.no_grad():
-        ours = cpu_vit_layer.vit_layer(lib, layer, x)
+        ours = _fused(lib, layer, x)
         theirs = SiglipEncoderLayer.forward(layer, x, None)  # float32, as transformers computes it
     exact = _reference(layer, x)
     assert ours.shape == x.shape and ours.is_contiguous()
@@ -79,7 +85,7 @@ def test_any_input_strides_give_the_same_result():
     spread = torch.zeros(4, 17, 80)
     spread[..., ::2] = x
     with torch.no_grad():
-        outs = [cpu_vit_layer.vit_layer(lib, layer, v) for v in (x, feature_major, spread[..., ::2])]
+        outs = [_fused(lib, layer, v) for v in (x, feature_major, spread[..., ::2])]
     assert feature_major.stride() != x.stride() and spread[..., ::2].stride(-1) == 2
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     assert torch.equal(x, feature_major)  # the input is only read
@@ -97,12 +103,12 @@ def test_frames_are_independent_and_threads_change_nothing():
         for n in (1, 3):
             torch.set_num_threads(n)
             with torch.no_grad():
-                outs.append(cpu_vit_layer.vit_layer(lib, layer, x))
+                outs.append(_fused(lib, layer, x))
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0, equal_nan=True)
     with torch.no_grad():
-        alone = [cpu_vit_layer.vit_layer(lib, layer, x[i : i + 1]) for i in (0, 5)]
+        alone = [_fused(lib, layer, x[i : i + 1]) for i in (0, 5)]
     assert torch.equal(outs[0][0:1], alone[0]) and torch.equal(outs[0][5:6], alone[1])
     assert outs[0][2].isnan().all() and not outs[0][[0, 1, 3, 4, 5]].isnan().any()
 
@@ -110,15 +116,32 @@ def test_frames_are_independent_and_threads_change_nothing():
 def test_fused_layer_applies_only_to_plain_float32_layers():
     layer = _layer(16, 1, 16)
     x = torch.randn(2, 4, 16)
-    assert cpu_vit_layer.fused_layer_applies(layer, x)
-    assert not cpu_vit_layer.fused_layer_applies(layer, x.double())
+    assert cpu_vit_layer.fused_layer(layer, x) is not None
+    assert cpu_vit_layer.fused_layer(layer, x.double()) is None
+    assert cpu_vit_layer.fused_layer(layer, torch.randn(2, 4, 8)) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not cpu_vit_layer.fused_layer_applies(layer, x)
+        assert cpu_vit_layer.fused_layer(layer, x) is None
     handle = layer.mlp.fc1.register_forward_hook(lambda *a: None)
-    assert not cpu_vit_layer.fused_layer_applies(layer, x)
+    assert cpu_vit_layer.fused_layer(layer, x) is None
     handle.remove()
+    assert cpu_vit_layer.fused_layer(layer, x) is not None
     layer.self_attn.k_proj.weight = nn.Parameter(layer.self_attn.k_proj.weight.detach().t().contiguous().t())
-    assert not cpu_vit_layer.fused_layer_applies(layer, x)  # a transposed (non-contiguous) weight
+    assert cpu_vit_layer.fused_layer(layer, x) is None  # a transposed (non-contiguous) weight
+
+
+def test_fused_layer_reads_the_parameters_the_layer_has_now():
+    """New values written into the parameters are read as they are; parameters replaced (new
+    tensors, or new storage behind the same ones) are found again."""
+    lib = _library()
+    layer = _layer(16, 2, 24)
+    x = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        _fused(lib, layer, x)
+        layer.mlp.fc2.bias.add_(1.0)
+        layer.self_attn.q_proj.weight = nn.Parameter(torch.randn(16, 16))
+        layer.layer_norm2.weight.data = torch.randn(16)
+        ref = SiglipEncoderLayer.forward(layer, x, None)
+        torch.testing.assert_close(_fused(lib, layer, x), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture
@@ -148,7 +171,7 @@ def test_lean_layer_takes_the_fused_layer_where_it_is_faster(monkeypatch, calls)
         monkeypatch.setattr(cpu_vit_layer, "_TIMED_WORK", 1)
         timings = []
         monkeypatch.setattr(cpu_vit_layer, "timed",
-                            lambda fns: timings.append(sorted(fns)) or {"fused": 2.0, "separate": 1.0})
+                            lambda fns, *rounds: timings.append(sorted(fns)) or {"fused": 2.0, "separate": 1.0})
         calls.clear()
         for _ in range(2):
             torch.testing.assert_close(layer(x, None), ref, rtol=1e-5, atol=1e-5)

@@ -50,7 +50,7 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
 from storm_vlm.model.cpu_attention import (STORM_SDPA, attention_library, c_layer_norm, c_rms_norm,
                                            frame_attention, use_storm_sdpa)
-from storm_vlm.model.cpu_vit_layer import fused_layer_applies, fused_layer_is_faster, vit_layer
+from storm_vlm.model.cpu_vit_layer import fused_layer, fused_layer_is_faster, vit_layer
 from storm_vlm.model.decode import drop_decode_step
 from storm_vlm.model.matmul_backend import measured_linear, plain_linear, use_measured_linears
 from storm_vlm.model.ssm import _threads, cpu_kernel
@@ -230,16 +230,15 @@ class _LeanSiglipLayer(SiglipEncoderLayer):
                 or hidden_states.device.type != "cpu" or attn.config._attn_implementation != "sdpa"):
             return super().forward(hidden_states, attention_mask, **kwargs)
         mlp = self.mlp
-        lib = None
-        if (hidden_states.dtype == torch.float32 and hidden_states.dim() == 3
-                and (not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") == torch.bfloat16)
-                and _plain_layer_norm(self.layer_norm1) and _plain_layer_norm(self.layer_norm2)):
-            lib = attention_library()
+        lib = attention_library() if hidden_states.dtype == torch.float32 and hidden_states.dim() == 3 else None
         if lib is not None:
-            if (type(mlp.activation_fn) is _GELUTanhCPU and fused_layer_applies(self, hidden_states)
-                    and fused_layer_is_faster(lib, self, hidden_states, lambda x: self._c_passes(lib, x))):
-                return vit_layer(lib, self, hidden_states)
-            return self._c_passes(lib, hidden_states)
+            fused = fused_layer(self, hidden_states) if type(mlp.activation_fn) is _GELUTanhCPU else None
+            if fused is not None and fused_layer_is_faster(lib, fused, hidden_states,
+                                                           lambda x: self._c_passes(lib, x)):
+                return vit_layer(lib, fused, hidden_states)
+            if ((not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") == torch.bfloat16)
+                    and _plain_layer_norm(self.layer_norm1) and _plain_layer_norm(self.layer_norm2)):
+                return self._c_passes(lib, hidden_states)
         shape = (*hidden_states.shape[:-1], -1, attn.head_dim)
         x = self.layer_norm1(hidden_states)
         q = attn.q_proj(x).view(shape).transpose(1, 2)
@@ -249,7 +248,6 @@ class _LeanSiglipLayer(SiglipEncoderLayer):
         hidden_states = _residual_add(attn.out_proj(o.reshape(*hidden_states.shape[:-1], -1)), hidden_states)
         x = mlp.fc2(mlp.activation_fn(mlp.fc1(self.layer_norm2(hidden_states))))
         return _residual_add(x, hidden_states)
-
 
     def _c_passes(self, lib, hidden_states: torch.Tensor) -> torch.Tensor:
         """The layer as separate passes: LayerNorms and attention in C, the products through

@@ -186,18 +186,22 @@ static void softmax_cols(float *s, int64_t t, int64_t tp, float scale) {
     }
 }
 
+/* One layer's sizes and parameters: weights in nn.Linear's layout (out, in), contiguous — wq, wk, wv,
+ * wo (d, d), w1 (i_dim, d), w2 (d, i_dim) — biases (out), LayerNorm weights and biases (d) */
+typedef struct {
+    int64_t d, i_dim, heads;
+    float eps1, eps2, scale;
+    const float *ln1w, *ln1b, *wq, *bq, *wk, *bk, *wv, *bv, *wo, *bo, *ln2w, *ln2b, *w1, *b1, *w2, *b2;
+} storm_vit_layer;
+
 /* Frames f0 <= f < f1 of x (frame f, token i, channel c at x[f * xf + i * xt + c * xc], float32) through
- * one layer into y (frames x t x d, contiguous):
+ * layer L into y (frames x t x d, contiguous):
  *   h = x + attn(ln1(x)) Wo' + bo,  y = h + gelu(ln2(h) W1' + b1) W2' + b2,
- * attn: `heads` heads of d / heads channels, softmax(scale q k') v per frame and head. Weights in
- * nn.Linear's layout (out, in), contiguous: wq, wk, wv, wo (d, d), w1 (i, d), w2 (d, i); biases (out).
+ * attn: L->heads heads of d / heads channels, softmax(scale q k') v per frame and head.
  * Returns 0, or 1 when the scratch could not be allocated. */
-int storm_vit_layer_f32(const float *x, int64_t xf, int64_t xt, int64_t xc, float *y, int64_t t, int64_t d,
-                        int64_t i_dim, int64_t heads, const float *ln1w, const float *ln1b, float eps1, const float *wq,
-                        const float *bq, const float *wk, const float *bk, const float *wv, const float *bv,
-                        const float *wo, const float *bo, const float *ln2w, const float *ln2b, float eps2,
-                        const float *w1, const float *b1, const float *w2, const float *b2, float scale, int64_t f0,
-                        int64_t f1) {
+int storm_vit_layer_f32(const storm_vit_layer *L, const float *x, int64_t xf, int64_t xt, int64_t xc, float *y,
+                        int64_t t, int64_t f0, int64_t f1) {
+    const int64_t d = L->d, i_dim = L->i_dim, heads = L->heads;
     const int64_t tp = (t + LANES - 1) / LANES * LANES, vecs = tp / LANES, hd = d / heads;
     const int64_t rows[] = {d, d, 3 * d, t, d, i_dim}; /* h, xn, q|k|v, scores, o, MLP hidden: rows of tp */
     int64_t total = 0;
@@ -220,20 +224,20 @@ int storm_vit_layer_f32(const float *x, int64_t xf, int64_t xt, int64_t xc, floa
                 for (int64_t c = 0; c < d; c++) h[c * tp + i] = xs[i * xt + c * xc];
         for (int64_t c = 0; c < d; c++)
             for (int64_t i = t; i < tp; i++) h[c * tp + i] = 0.0f;
-        layer_norm_cols(h, xn, d, tp, ln1w, ln1b, eps1);
-        gemm(wq, d, 1, d, d, xn, tp, bq, q, tp, vecs, 0, 0);
-        gemm(wk, d, 1, d, d, xn, tp, bk, kk, tp, vecs, 0, 0);
-        gemm(wv, d, 1, d, d, xn, tp, bv, v, tp, vecs, 0, 0);
+        layer_norm_cols(h, xn, d, tp, L->ln1w, L->ln1b, L->eps1);
+        gemm(L->wq, d, 1, d, d, xn, tp, L->bq, q, tp, vecs, 0, 0);
+        gemm(L->wk, d, 1, d, d, xn, tp, L->bk, kk, tp, vecs, 0, 0);
+        gemm(L->wv, d, 1, d, d, xn, tp, L->bv, v, tp, vecs, 0, 0);
         for (int64_t e = 0; e < heads; e++) {
             const int64_t c0 = e * hd * tp;
             gemm(kk + c0, 1, tp, t, hd, q + c0, tp, NULL, s, tp, vecs, 0, 0); /* S' = K Q': row j = key j */
-            softmax_cols(s, t, tp, scale);
+            softmax_cols(s, t, tp, L->scale);
             gemm(v + c0, tp, 1, hd, t, s, tp, NULL, o + c0, tp, vecs, 0, 0); /* O' = V' P' */
         }
-        gemm(wo, d, 1, d, d, o, tp, bo, h, tp, vecs, 1, 0);
-        layer_norm_cols(h, xn, d, tp, ln2w, ln2b, eps2);
-        gemm(w1, d, 1, i_dim, d, xn, tp, b1, hid, tp, vecs, 0, 1);
-        gemm(w2, i_dim, 1, d, i_dim, hid, tp, b2, h, tp, vecs, 1, 0);
+        gemm(L->wo, d, 1, d, d, o, tp, L->bo, h, tp, vecs, 1, 0);
+        layer_norm_cols(h, xn, d, tp, L->ln2w, L->ln2b, L->eps2);
+        gemm(L->w1, d, 1, i_dim, d, xn, tp, L->b1, hid, tp, vecs, 0, 1);
+        gemm(L->w2, i_dim, 1, d, i_dim, hid, tp, L->b2, h, tp, vecs, 1, 0);
         transpose(h, tp, y + f * t * d, d, d, t);
     }
     free(buf);
