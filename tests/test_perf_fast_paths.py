@@ -93,15 +93,18 @@ def test_every_linear_measures_its_backend_and_keeps_its_parameters(model):
     assert list(model.state_dict()) == list(ref.state_dict())
 
 
-@pytest.mark.parametrize("backend", ["blas", "onednn"])
-def test_both_backends_give_the_same_features_and_logits(model, monkeypatch, backend):
+@pytest.mark.parametrize("backend", ["blas", "onednn", "storm"])
+def test_every_backend_gives_the_same_features_and_logits(model, monkeypatch, backend):
     if backend == "onednn" and not torch.backends.mkldnn.is_available():
         pytest.skip("torch without oneDNN")
+    if backend == "storm" and matmul_backend.cpu_kernel.load_library() is None:
+        pytest.skip("no C compiler")
     pixels = torch.randn(1, 8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     ids = torch.randint(0, 60, (1, 80), generator=torch.Generator().manual_seed(1))
     calls = []
-    monkeypatch.setattr(matmul_backend, "_onednn_linear",
-                        lambda x, w, b: calls.append(1) or torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""))
+    name = {"blas": "_onednn_linear", "onednn": "_onednn_linear", "storm": "storm_linear"}[backend]
+    real = getattr(matmul_backend, name)
+    monkeypatch.setattr(matmul_backend, name, lambda x, w, b: calls.append(1) or real(x, w, b))
     with torch.inference_mode():
         monkeypatch.setenv("STORM_VLM_MATMUL", backend)
         feats, _ = model.get_video_features(pixels)
@@ -110,7 +113,7 @@ def test_both_backends_give_the_same_features_and_logits(model, monkeypatch, bac
         calls_before = len(calls)
         ref_feats, _ = model.get_video_features(pixels)
         ref_logits = model(input_ids=ids).logits
-    assert (calls_before > 0) == (backend == "onednn") and len(calls) == calls_before
+    assert (calls_before > 0) == (backend != "blas") and len(calls) == calls_before
     torch.testing.assert_close(feats, ref_feats, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
 
@@ -124,7 +127,7 @@ def test_measured_choice_is_cached_per_shape_and_autograd_takes_f_linear(monkeyp
     with torch.no_grad():
         out = layer(x)
     choices = matmul_backend.matmul_choices()
-    assert list(choices) == [(24, 40, True, 256)] and choices[(24, 40, True, 256)] in ("blas", "onednn")
+    assert list(choices) == [(24, 40, True, 256)] and choices[(24, 40, True, 256)] in ("blas", "onednn", "storm")
     torch.testing.assert_close(out, torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
     x.requires_grad_(True)
     y = layer(x)  # training: F.linear and its gradient
@@ -152,6 +155,8 @@ def test_backend_is_measured_per_rows_bucket_on_the_real_rows(monkeypatch):
 
     onednn = slow_when(True, matmul_backend._onednn_linear)
     monkeypatch.setattr(matmul_backend, "_onednn_linear", onednn)
+    storm = matmul_backend.storm_linear  # slower than both at every row count
+    monkeypatch.setattr(matmul_backend, "storm_linear", lambda x, w, b: time.sleep(0.004) or storm(x, w, b))
     monkeypatch.setattr(matmul_backend, "F",
                         types.SimpleNamespace(linear=slow_when(False, torch.nn.functional.linear)))
     layer = nn.Linear(16, 8)
@@ -164,6 +169,27 @@ def test_backend_is_measured_per_rows_bucket_on_the_real_rows(monkeypatch):
     # 100, 300 and the first _MEASURE_ROWS of 5000 rows were timed; 120 rows reused bucket 64's answer (one call)
     assert (min(timed_rows.count(r) for r in (100, 300, matmul_backend._MEASURE_ROWS)) > 5
             and timed_rows.count(120) == 1)
+
+
+def test_c_kernel_is_taken_where_it_is_the_fastest(monkeypatch):
+    if matmul_backend.cpu_kernel.load_library() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.delenv("STORM_VLM_MATMUL", raising=False)
+    monkeypatch.setattr(matmul_backend, "_MATMUL_CHOICE", {})
+    slow = lambda fn: lambda *a: time.sleep(0.002) or fn(*a)  # noqa: E731
+    monkeypatch.setattr(matmul_backend, "_onednn_linear", slow(matmul_backend._onednn_linear))
+    monkeypatch.setattr(matmul_backend, "F", types.SimpleNamespace(linear=slow(torch.nn.functional.linear)))
+    calls = []
+    storm = matmul_backend.storm_linear
+    monkeypatch.setattr(matmul_backend, "storm_linear", lambda *a: calls.append(1) or storm(*a))
+    layer = nn.Linear(16, 8)
+    matmul_backend.use_measured_linears(layer)
+    x = torch.randn(100, 16)
+    with torch.no_grad():
+        calls.clear()
+        out = layer(x)
+    assert matmul_backend.matmul_choices() == {(16, 8, True, 64): "storm"} and calls
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
 
 
 # ---- decode step ----------------------------------------------------------------------------------------

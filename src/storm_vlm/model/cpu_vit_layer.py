@@ -13,6 +13,7 @@ tests/test_vit_layer_kernel.py checks it against transformers' layer.
 from __future__ import annotations
 
 import ctypes
+import weakref
 
 import torch
 from torch import nn
@@ -29,6 +30,9 @@ _SAMPLE_WORK = 1 << 27  # multiply-adds they are timed on at most (whole frames:
 _CHOICE: dict = {}  # (T, D, I, heads) -> "fused" | "separate"
 
 
+# layer -> (key, its _LayerStruct or None): beside the layer, not on it, so copying or pickling a model
+# never meets a ctypes structure of raw addresses
+_STRUCTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _PARAMS = ("ln1w", "ln1b", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "ln2w", "ln2b", "w1", "b1", "w2", "b2")
 
 
@@ -43,7 +47,8 @@ def _layer_struct(layer) -> _LayerStruct | None:
     """The layer as the kernel reads it, or None where it does not apply: plain LayerNorms and biased
     Linear layers (no hooks) of SigLIP's shapes with contiguous float32 parameters, d divisible by the
     heads, a positive scale. Kept on the layer while its parameters stay the same tensors in the same
-    places (the kernel reads them in place, so new values written into them need nothing). Every call
+    places (the kernel reads them in place, so new values written into them need nothing), in
+    `_STRUCTS`. Every call
     of a layer asks, so modules and parameters are read from their dicts (nn.Module's attribute
     lookup would cost more than a frame's layer at the bench widths)."""
     mods = layer._modules
@@ -57,7 +62,7 @@ def _layer_struct(layer) -> _LayerStruct | None:
     if any(t is None for t in params):
         return None
     key = (n1.eps, n2.eps, attn.scale, attn.num_heads, *map(id, params), *(t.data_ptr() for t in params))
-    cached = layer.__dict__.get("_storm_vit_layer")
+    cached = _STRUCTS.get(layer)
     if cached is not None and cached[0] == key:
         return cached[1]
     d, inter = params[0].shape[0], params[12].shape[0]
@@ -68,7 +73,7 @@ def _layer_struct(layer) -> _LayerStruct | None:
           and attn.scale > 0)
     struct = _LayerStruct(d, inter, attn.num_heads, n1.eps, n2.eps, attn.scale,
                           *(t.data_ptr() for t in params)) if ok else None
-    layer._storm_vit_layer = (key, struct)
+    _STRUCTS[layer] = (key, struct)
     return struct
 
 

@@ -22,6 +22,8 @@ import torch
 import transformers
 
 from storm_vlm.huge_pages import huge_page_buffers, huge_pages_unavailable
+from storm_vlm.model.matmul_backend import storm_linear
+from storm_vlm.model.ssm import cpu_kernel
 from storm_vlm.perf.costmodel import Hardware
 from storm_vlm.precision import cpu_has_fast_bf16
 
@@ -38,6 +40,7 @@ __all__ = [
     "load_line",
     "proc_status_kb",
     "reset_peak_rss",
+    "fma_peak",
     "page_faults",
     "measure_cpu_roofline",
     "best_gemm_rate",
@@ -236,10 +239,11 @@ def best_gemm_rate(m: int, k: int, n: int, repeats: int = 5, dtype: torch.dtype 
     multiplies) on this host, in GFLOP/s, per backend.
 
     Backends: "blas" (torch's default, `F.linear` with the weight stored (n, k)), "blas_kn" (the
-    weight stored transposed, (k, n) contiguous, as `storm_vlm.model.fast_paths` keeps it) and,
-    where torch has oneDNN, "onednn" (a prepacked oneDNN linear). Best-of `repeats`, not median:
-    a bound is what the machine can do, and other jobs only slow it. Returns {backend: GFLOP/s,
-    "best": the highest}.
+    weight stored transposed, (k, n) contiguous), where torch has oneDNN "onednn" (a prepacked
+    oneDNN linear) and, in float32 with the C kernels built, "storm" (`ssm/_linear_kernel.c`, the
+    matmul backend's own kernel, on its packed weight). Best-of `repeats`, not median: a bound is
+    what the machine can do, and other jobs only slow it. Returns {backend: GFLOP/s, "best": the
+    highest}.
     """
     x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
     w_kn = w.t().contiguous().t()
@@ -252,12 +256,27 @@ def best_gemm_rate(m: int, k: int, n: int, repeats: int = 5, dtype: torch.dtype 
             packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
             torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
             fns["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    lib = cpu_kernel.load_library() if dtype == torch.float32 else None
+    if lib is not None:
+        fns["storm"] = lambda: storm_linear(x, w, None, lib)
     rates = {}
     with torch.inference_mode():
         for name, fn in fns.items():
             rates[name] = 2.0 * m * k * n / _best_seconds(fn, repeats) / 1e9
     rates["best"] = max(rates.values())
     return rates
+
+
+def fma_peak(repeats: int = 5) -> float | None:
+    """This core's float32 multiply-add peak in GFLOP/s: 12 independent chains of vector FMAs of the
+    C kernels' width (`storm_fma_chains`: nothing but multiply-adds on registers), best of
+    `repeats`. Every float32 kernel of a module is bounded by it; None without the C kernels."""
+    lib = cpu_kernel.load_library()
+    if lib is None:
+        return None
+    steps = 1 << 22
+    seconds = _best_seconds(lambda: lib.storm_fma_chains(steps), repeats)
+    return 2.0 * 12 * lib.storm_lanes * steps / seconds / 1e9
 
 
 def measure_cpu_roofline(matmul_size: int = 1024, stream_mb: int = 256, repeats: int = 5) -> Hardware:

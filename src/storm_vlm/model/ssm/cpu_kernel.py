@@ -3,7 +3,9 @@ backward (``_scan_kernel.c``), the one-token decode step of a Llama-style layer 
 (``_decode_kernel.c``, used by ``storm_vlm.model.decode.DecodeStep``) and one-pass element-wise
 functions (``_elementwise_kernel.c``: the tanh-GELU of fast_paths, the mixers' conv + SiLU) and
 softmax attention with LayerNorm (``_attention_kernel.c``, called by ``storm_vlm.model.cpu_attention``
-for the vision layers and the LLM's causal prefill); all include ``_vec.h``.
+for the vision layers and the LLM's causal prefill), a whole ViT encoder layer per frame
+(``_vit_layer_kernel.c``, ``storm_vlm.model.cpu_vit_layer``) and nn.Linear's product
+(``_linear_kernel.c``, a backend of ``storm_vlm.model.matmul_backend``); all include ``_vec.h``.
 
 **Instruction set.** The C source ships with the package and is compiled with the system C compiler
 (``$CC``, else cc / gcc / clang) once per instruction set, with that set's flags, never
@@ -89,7 +91,8 @@ __all__ = ["load", "load_library", "build", "enabled", "switched_off", "switched
 
 logger = logging.getLogger("storm_vlm.model.ssm")
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("_scan_kernel.c", "_decode_kernel.c", "_elementwise_kernel.c",
-                                                       "_attention_kernel.c", "_vit_layer_kernel.c"))
+                                                       "_attention_kernel.c", "_vit_layer_kernel.c",
+                                                       "_linear_kernel.c"))
 HEADER = Path(__file__).with_name("_vec.h")
 BASE_FLAGS = ["-O3", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
 ENV_SWITCH = "STORM_VLM_SCAN_KERNEL"
@@ -544,6 +547,10 @@ def _bind(lib: ctypes.CDLL, isa: Isa, lanes: int, origin: str) -> ctypes.CDLL:
     lib.storm_attention.argtypes = [ptr] * 8 + [i64] * 5 + [ctypes.c_float, cint, cint, i64, i64]
     lib.storm_attention.restype = cint
     lib.storm_vit_layer_f32.argtypes = [ptr] * 2 + [i64] * 3 + [ptr] + [i64] * 3
+    lib.storm_linear_f32.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr] + [i64] * 4
+    lib.storm_linear_f32.restype = None
+    lib.storm_fma_chains.argtypes = [i64]
+    lib.storm_fma_chains.restype = ctypes.c_float
     lib.storm_vit_layer_f32.restype = cint
     lib.storm_isa = isa.name  # the path, its width, and where the bytes came from (benchmarks print them)
     lib.storm_lanes = lanes
