@@ -1,7 +1,9 @@
 """The fused SigLIP encoder layer (storm_vlm.model.cpu_vit_layer, ssm/_vit_layer_kernel.c) is
 transformers' layer within float rounding, on every vector width the CPU runs, for any head count,
 width and frame length (none of them whole vectors included), whatever the input's strides; frames
-do not affect each other; and `_LeanSiglipLayer` takes it only where it applies and is faster."""
+do not affect each other; `_LeanSiglipLayer` takes it only where it applies and is faster; and a
+stack of layers in one call (`fast_paths.siglip_stack`, STORM's tower) gives the bits the layers
+give one by one."""
 
 import pytest
 import torch
@@ -9,10 +11,12 @@ from torch import nn
 from transformers import SiglipVisionConfig
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
-from storm_vlm.model import cpu_vit_layer, fast_paths
+from storm_vlm import StormConfig
+from storm_vlm.model import cpu_vit_layer, fast_paths, modeling
 from storm_vlm.model.cpu_attention import ATTENTION_KERNEL_ENV
 from storm_vlm.model.ssm import cpu_kernel
-from helpers import KERNEL_ISAS, use_kernel_library
+from storm_vlm.perf.profiler import build_random_model
+from helpers import KERNEL_ISAS, TINY_CONFIG, use_kernel_library
 
 # (width, heads, MLP width, tokens per frame): the bench tower's, several heads, and widths / lengths
 # that are not whole vectors on any instruction set
@@ -201,3 +205,69 @@ def test_lean_layer_keeps_its_other_paths(monkeypatch, calls):
         out = layer(x, None)
         assert calls == ["separate", "separate"]
         torch.testing.assert_close(out, SiglipEncoderLayer.forward(layer, x, None), rtol=1e-5, atol=1e-5)
+
+
+def _stack(n, d=16, heads=2, inter=24):
+    """n lean layers of one width, different weights."""
+    return [_lean(_layer(d, heads, inter, seed=i)) for i in range(n)]
+
+
+@pytest.mark.parametrize("frames", [1, 37])  # 37: groups of frames that do not divide it
+def test_stack_is_the_layers_one_by_one_bit_for_bit(frames):
+    """Each group of frames through every layer before the next group: the same bits as calling the
+    layers in turn, on 1 or 3 threads."""
+    _library()
+    layers = _stack(3)
+    x = torch.randn(frames, 9, 16, generator=torch.Generator().manual_seed(7)).transpose(1, 2).contiguous().transpose(1, 2)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                outs.append(fast_paths.siglip_stack(layers, x))
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():
+        h = x
+        for layer in layers:
+            h = layer(h, None)
+    assert outs[0] is not None and torch.equal(outs[0], h) and torch.equal(outs[1], h)
+
+
+def test_stack_steps_aside_where_a_layer_would_not_take_the_fused_layer(monkeypatch):
+    """A hook on a layer, training, autograd, float64, or the timing choosing the separate passes:
+    None, and the caller calls the layers (hooks and all)."""
+    _library()
+    layers = _stack(2)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        assert fast_paths.siglip_stack(layers, x) is not None
+        handle = layers[1].register_forward_hook(lambda *a: None)
+        assert fast_paths.siglip_stack(layers, x) is None
+        handle.remove()
+        layers[0].train()
+        assert fast_paths.siglip_stack(layers, x) is None
+        layers[0].eval()
+        assert fast_paths.siglip_stack(layers, x.double()) is None
+        monkeypatch.setattr(fast_paths, "fused_layer_is_faster", lambda *a: False)
+        assert fast_paths.siglip_stack(layers, x) is None
+    assert fast_paths.siglip_stack(layers[:1], x) is None  # autograd on: not inference
+
+
+def test_storm_tower_runs_its_layers_as_one_stack(monkeypatch):
+    """StormForConditionalGeneration's tower takes the stack up to `vision_feature_layer` (the same
+    features as its layers one by one)."""
+    _library()
+    model = build_random_model(StormConfig(**TINY_CONFIG), seed=0)
+    stacks = []
+    real = modeling.siglip_stack
+    monkeypatch.setattr(modeling, "siglip_stack", lambda layers, h: stacks.append(len(layers)) or real(layers, h))
+    frames = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        stacked = model._vision_features(frames)
+        monkeypatch.setattr(modeling, "siglip_stack", lambda *a: None)
+        one_by_one = model._vision_features(frames)
+    layers = model.vision_tower.encoder.layers
+    wanted = model.config.vision_feature_layer % (len(layers) + 1)
+    assert stacks == [wanted] and torch.equal(stacked, one_by_one)

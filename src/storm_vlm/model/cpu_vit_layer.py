@@ -22,7 +22,7 @@ from storm_vlm.model.cpu_attention import ATTENTION_KERNEL_ENV
 from storm_vlm.model.matmul_backend import plain_linear, timed
 from storm_vlm.model.ssm import _threads, cpu_kernel
 
-__all__ = ["fused_layer", "fused_layer_is_faster", "vit_layer", "vit_layer_choices"]
+__all__ = ["fused_layer", "fused_layer_is_faster", "vit_layer", "vit_layers", "vit_layer_choices"]
 
 _LAYER_WORK = 1 << 22  # multiply-adds per thread at least: a hand-off to a worker costs tens of microseconds
 _TIMED_WORK = 1 << 26  # multiply-adds of a call at least before the fused and the separate passes are timed
@@ -95,11 +95,20 @@ def _work(t: int, d: int, inter: int) -> int:
 def vit_layer(lib, layer: _LayerStruct, x: torch.Tensor) -> torch.Tensor:
     """transformers' SigLIP encoder layer on x (frames, T, D), one frame at a time in C: a new
     contiguous tensor (x, any strides, is only read). `layer`: what `fused_layer` gave for x."""
+    return vit_layers(lib, [layer], x)
+
+
+def vit_layers(lib, layers: list[_LayerStruct], x: torch.Tensor) -> torch.Tensor:
+    """Several layers in a row (each what `fused_layer` gave for x, one width) on x, each frame through
+    all of them before the next: the same bits as `vit_layer` once per layer, without the frames
+    leaving the cache between layers."""
     frames, t, d = x.shape
     y = x.new_empty(frames, t, d)
-    args = (ctypes.addressof(layer), x.data_ptr(), *x.stride(), y.data_ptr(), t)
-    spans = _threads.spans(frames, max(1, _LAYER_WORK // max(_work(t, d, layer.i_dim), 1)))
-    if any(_threads.run_all(lib.storm_vit_layer_f32, [(*args, f0, f1) for f0, f1 in spans])):
+    table = (ctypes.c_void_p * len(layers))(*map(ctypes.addressof, layers))
+    args = (table, len(layers), x.data_ptr(), *x.stride(), y.data_ptr(), t)
+    work = sum(_work(t, d, layer.i_dim) for layer in layers)
+    spans = _threads.spans(frames, max(1, _LAYER_WORK // max(work, 1)))
+    if any(_threads.run_all(lib.storm_vit_layers_f32, [(*args, f0, f1) for f0, f1 in spans])):
         raise MemoryError("storm_vlm: no memory for the ViT layer kernel's scratch")
     return y
 

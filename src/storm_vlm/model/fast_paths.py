@@ -3,16 +3,17 @@
 CPU inference only (fp32, or bf16 autocast for the vision layers, GELU, LLM attention and the C
 decode step; no autograd): everywhere else each path steps aside and the plain computation runs.
 
-- **Matmul backend** (`matmul_backend.py`): every `nn.Linear` runs on the faster of torch's BLAS and
-  oneDNN for its shape and row count, timed on first use.
+- **Matmul backend** (`matmul_backend.py`): every `nn.Linear` runs on the fastest of torch's BLAS,
+  oneDNN and a C kernel for its shape and row count, timed on first use.
 - **Vision tower**: the tanh-GELU is evaluated as x·sigmoid(2u) (`_GELUTanhCPU`): the same
   function in one pass of a C kernel (float32 and bfloat16; four tensor passes without a C
   compiler), where PyTorch's CPU tanh-GELU goes through a slow vectorised tanh. SigLIP encoder
   layers (`_LeanSiglipLayer`) in float32 run whole, one frame at a time, in C (`cpu_vit_layer`,
   `ssm/_vit_layer_kernel.c`) where that is the faster (timed per layer shape: while the weights fit
-  in cache); otherwise, and under bf16 autocast, both LayerNorms (the residual add folded into the
-  second) and the per-frame attention run in C (`cpu_attention`, `ssm/_attention_kernel.c`; float32,
-  or bf16 products under autocast) between the library's products. Without the C kernels (or with
+  in cache; STORM's tower runs its layers as one such stack, `siglip_stack`); otherwise, and under
+  bf16 autocast, both LayerNorms (the residual add folded into the second) and the per-frame
+  attention run in C (`cpu_attention`, `ssm/_attention_kernel.c`; float32, or bf16 products under
+  autocast) between the library's products. Without the C kernels (or with
   `STORM_VLM_ATTENTION_KERNEL=0`) they only add their residuals in place (bit-for-bit transformers'
   result). At small widths element-wise passes cost about as much as the matrix products, so each
   pass saved shows.
@@ -50,12 +51,12 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
 from storm_vlm.model.cpu_attention import (STORM_SDPA, attention_library, c_layer_norm, c_rms_norm,
                                            frame_attention, use_storm_sdpa)
-from storm_vlm.model.cpu_vit_layer import fused_layer, fused_layer_is_faster, vit_layer
+from storm_vlm.model.cpu_vit_layer import fused_layer, fused_layer_is_faster, vit_layer, vit_layers
 from storm_vlm.model.decode import drop_decode_step
 from storm_vlm.model.matmul_backend import measured_linear, plain_linear, use_measured_linears
 from storm_vlm.model.ssm import _threads, cpu_kernel
 
-__all__ = ["enable_fast_paths", "language_model_of", "STORM_SDPA"]
+__all__ = ["enable_fast_paths", "language_model_of", "siglip_stack", "STORM_SDPA"]
 
 
 def _inference_on_cpu(*tensors: torch.Tensor) -> bool:
@@ -259,6 +260,30 @@ class _LeanSiglipLayer(SiglipEncoderLayer):
         h = attn.out_proj(frame_attention(lib, q, k, v, attn.num_heads, attn.scale)).float()
         x = c_layer_norm(lib, h, self.layer_norm2, residual=hidden_states)  # h += hidden_states
         return _residual_add(mlp.fc2(mlp.activation_fn(mlp.fc1(x))), h)
+
+
+def siglip_stack(layers, hidden_states: torch.Tensor) -> torch.Tensor | None:
+    """`layers` (SigLIP encoder layers in a row) on hidden_states (frames, T, D) as one C call per
+    piece of frames — each frame through every layer before the next (`cpu_vit_layer.vit_layers`) —
+    where each layer, called alone, would take the fused layer: the same bits as calling them one by
+    one, without the frames leaving the cache between layers. None where any would not (hooks on a
+    layer, another path, `fused_layer_is_faster` saying no): the caller then calls them."""
+    if (not layers or torch.is_grad_enabled() or hidden_states.dtype != torch.float32 or hidden_states.dim() != 3
+            or hidden_states.device.type != "cpu"):
+        return None
+    lib = attention_library()
+    structs = []
+    for layer in layers:
+        if (lib is None or type(layer) is not _LeanSiglipLayer or layer.training or layer._forward_hooks
+                or layer._forward_pre_hooks or layer.self_attn.config._attn_implementation != "sdpa"
+                or type(layer.mlp.activation_fn) is not _GELUTanhCPU):
+            return None
+        struct = fused_layer(layer, hidden_states)
+        if struct is None or not fused_layer_is_faster(lib, struct, hidden_states,
+                                                       lambda x, layer=layer: layer._c_passes(lib, x)):
+            return None
+        structs.append(struct)
+    return vit_layers(lib, structs, hidden_states)
 
 
 def _lean_siglip_layers(module: nn.Module) -> None:

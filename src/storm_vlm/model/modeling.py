@@ -19,7 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOu
 from storm_vlm.model.compression import VisualTokenLayout, check_frame_mask
 from storm_vlm.model.configuration import StormConfig
 from storm_vlm.model.decode import decode_step
-from storm_vlm.model.fast_paths import enable_fast_paths
+from storm_vlm.model.fast_paths import enable_fast_paths, siglip_stack
 from storm_vlm.model.kv_cache import StormKVCache
 from storm_vlm.model.projector import MambaTemporalProjector, MLPProjector
 from storm_vlm.utils import IGNORE_INDEX, check_int
@@ -156,6 +156,9 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
             layer = self.config.vision_feature_layer
             stop = layer if layer >= 0 else len(layers) + 1 + layer  # hidden_states[k]: after k layers
             hidden = tower.embeddings(pixel_values)
+            stacked = siglip_stack(layers[:stop], hidden)  # CPU inference: every layer in one C call per frame
+            if stacked is not None:
+                return stacked
             for block in layers[:stop]:
                 hidden = block(hidden, None)
                 if isinstance(hidden, tuple):

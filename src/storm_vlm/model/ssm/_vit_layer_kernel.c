@@ -194,51 +194,74 @@ typedef struct {
     const float *ln1w, *ln1b, *wq, *bq, *wk, *bk, *wv, *bv, *wo, *bo, *ln2w, *ln2b, *w1, *b1, *w2, *b2;
 } storm_vit_layer;
 
+/* One frame through layer L in place on h (d rows of tp floats: the frame's t tokens, feature-major):
+ *   h = h + attn(ln1(h)) Wo' + bo,  h = h + gelu(ln2(h) W1' + b1) W2' + b2,
+ * attn: L->heads heads of d / heads channels, softmax(scale q k') v. xn, q, kk, v, o: d rows of tp; s: t
+ * rows of tp; hid: L->i_dim rows of tp. */
+static void frame_layer(const storm_vit_layer *L, float *h, float *xn, float *q, float *kk, float *v, float *s,
+                        float *o, float *hid, int64_t t, int64_t tp) {
+    const int64_t d = L->d, i_dim = L->i_dim, hd = d / L->heads, vecs = tp / LANES;
+    layer_norm_cols(h, xn, d, tp, L->ln1w, L->ln1b, L->eps1);
+    gemm(L->wq, d, 1, d, d, xn, tp, L->bq, q, tp, vecs, 0, 0);
+    gemm(L->wk, d, 1, d, d, xn, tp, L->bk, kk, tp, vecs, 0, 0);
+    gemm(L->wv, d, 1, d, d, xn, tp, L->bv, v, tp, vecs, 0, 0);
+    for (int64_t e = 0; e < L->heads; e++) {
+        const int64_t c0 = e * hd * tp;
+        gemm(kk + c0, 1, tp, t, hd, q + c0, tp, NULL, s, tp, vecs, 0, 0); /* S' = K Q': row j = key j */
+        softmax_cols(s, t, tp, L->scale);
+        gemm(v + c0, tp, 1, hd, t, s, tp, NULL, o + c0, tp, vecs, 0, 0); /* O' = V' P' */
+    }
+    gemm(L->wo, d, 1, d, d, o, tp, L->bo, h, tp, vecs, 1, 0);
+    layer_norm_cols(h, xn, d, tp, L->ln2w, L->ln2b, L->eps2);
+    gemm(L->w1, d, 1, i_dim, d, xn, tp, L->b1, hid, tp, vecs, 0, 1);
+    gemm(L->w2, i_dim, 1, d, i_dim, hid, tp, L->b2, h, tp, vecs, 1, 0);
+}
+
+/* Frames through the layers together: as many as keep their residual streams within GROUP_BYTES (with
+ * one layer's weights and the scratch, in L2 at the bench widths), at most MAX_GROUP; one frame at a
+ * time where a frame alone is larger (real SigLIP widths). */
+#define GROUP_BYTES (256 * 1024)
+#define MAX_GROUP 16
+
 /* Frames f0 <= f < f1 of x (frame f, token i, channel c at x[f * xf + i * xt + c * xc], float32) through
- * layer L into y (frames x t x d, contiguous):
- *   h = x + attn(ln1(x)) Wo' + bo,  y = h + gelu(ln2(h) W1' + b1) W2' + b2,
- * attn: L->heads heads of d / heads channels, softmax(scale q k') v per frame and head.
+ * layers[0], ..., layers[n - 1] (one width d) into y (frames x t x d, contiguous). Frames go in groups
+ * (GROUP_BYTES), each group through every layer before the next group, held feature-major in cache from
+ * the first layer to the last: a layer's weights are read once per group, the frames are transposed
+ * once per group, and running n layers here is the same arithmetic as n calls of one layer.
  * Returns 0, or 1 when the scratch could not be allocated. */
-int storm_vit_layer_f32(const storm_vit_layer *L, const float *x, int64_t xf, int64_t xt, int64_t xc, float *y,
-                        int64_t t, int64_t f0, int64_t f1) {
-    const int64_t d = L->d, i_dim = L->i_dim, heads = L->heads;
-    const int64_t tp = (t + LANES - 1) / LANES * LANES, vecs = tp / LANES, hd = d / heads;
-    const int64_t rows[] = {d, d, 3 * d, t, d, i_dim}; /* h, xn, q|k|v, scores, o, MLP hidden: rows of tp */
-    int64_t total = 0;
-    for (int j = 0; j < 6; j++) total += rows[j] * tp;
-    /* Padding tokens (columns t..tp) never reach a real token's column — the scores use keys below t
-     * only — so their values do not matter; they start as zeros and are reset to zeros for every
-     * frame so their arithmetic stays on ordinary numbers (no NaN or denormal arising there). */
-    float *buf = calloc((size_t)total, sizeof(float));
+int storm_vit_layers_f32(const storm_vit_layer *const *layers, int64_t n, const float *x, int64_t xf, int64_t xt,
+                         int64_t xc, float *y, int64_t t, int64_t f0, int64_t f1) {
+    const int64_t d = layers[0]->d, tp = (t + LANES - 1) / LANES * LANES;
+    int64_t i_dim = 0;
+    for (int64_t l = 0; l < n; l++) i_dim = layers[l]->i_dim > i_dim ? layers[l]->i_dim : i_dim;
+    const int64_t per_frame = d * tp * (int64_t)sizeof(float), fit = GROUP_BYTES / per_frame;
+    const int64_t group = fit < 1 ? 1 : fit > MAX_GROUP ? MAX_GROUP : fit;
+    /* The group's h, then xn, q, k, v (d rows each), scores (t), o (d), MLP hidden (i_dim): rows of
+     * tp floats. Padding tokens (columns t..tp) never reach a real token's column — the scores use
+     * keys below t only — so their values do not matter; they start as zeros and are reset to zeros
+     * for every frame so their arithmetic stays on ordinary numbers (no NaN or denormal there). */
+    float *buf = calloc((size_t)(((group + 5) * d + t + i_dim) * tp), sizeof(float));
     if (!buf) return 1;
-    float *h = buf, *xn = h + d * tp, *q = xn + d * tp, *kk = q + d * tp, *v = kk + d * tp, *s = v + d * tp,
+    float *xn = buf + group * d * tp, *q = xn + d * tp, *kk = q + d * tp, *v = kk + d * tp, *s = v + d * tp,
           *o = s + t * tp, *hid = o + d * tp;
-    for (int64_t f = f0; f < f1; f++) {
-        const float *xs = x + f * xf;
-        if (xt == 1) /* feature-major already (the patch embedding's output): row copies */
-            for (int64_t c = 0; c < d; c++) memcpy(h + c * tp, xs + c * xc, (size_t)t * sizeof(float));
-        else if (xc == 1)
-            transpose(xs, xt, h, tp, t, d);
-        else
-            for (int64_t i = 0; i < t; i++)
-                for (int64_t c = 0; c < d; c++) h[c * tp + i] = xs[i * xt + c * xc];
-        for (int64_t c = 0; c < d; c++)
-            for (int64_t i = t; i < tp; i++) h[c * tp + i] = 0.0f;
-        layer_norm_cols(h, xn, d, tp, L->ln1w, L->ln1b, L->eps1);
-        gemm(L->wq, d, 1, d, d, xn, tp, L->bq, q, tp, vecs, 0, 0);
-        gemm(L->wk, d, 1, d, d, xn, tp, L->bk, kk, tp, vecs, 0, 0);
-        gemm(L->wv, d, 1, d, d, xn, tp, L->bv, v, tp, vecs, 0, 0);
-        for (int64_t e = 0; e < heads; e++) {
-            const int64_t c0 = e * hd * tp;
-            gemm(kk + c0, 1, tp, t, hd, q + c0, tp, NULL, s, tp, vecs, 0, 0); /* S' = K Q': row j = key j */
-            softmax_cols(s, t, tp, L->scale);
-            gemm(v + c0, tp, 1, hd, t, s, tp, NULL, o + c0, tp, vecs, 0, 0); /* O' = V' P' */
+    for (int64_t g = f0; g < f1; g += group) {
+        const int64_t frames = f1 - g < group ? f1 - g : group;
+        for (int64_t f = 0; f < frames; f++) {
+            const float *xs = x + (g + f) * xf;
+            float *h = buf + f * d * tp;
+            if (xt == 1) /* feature-major already (the patch embedding's output): row copies */
+                for (int64_t c = 0; c < d; c++) memcpy(h + c * tp, xs + c * xc, (size_t)t * sizeof(float));
+            else if (xc == 1)
+                transpose(xs, xt, h, tp, t, d);
+            else
+                for (int64_t i = 0; i < t; i++)
+                    for (int64_t c = 0; c < d; c++) h[c * tp + i] = xs[i * xt + c * xc];
+            for (int64_t c = 0; c < d; c++)
+                for (int64_t i = t; i < tp; i++) h[c * tp + i] = 0.0f;
         }
-        gemm(L->wo, d, 1, d, d, o, tp, L->bo, h, tp, vecs, 1, 0);
-        layer_norm_cols(h, xn, d, tp, L->ln2w, L->ln2b, L->eps2);
-        gemm(L->w1, d, 1, i_dim, d, xn, tp, L->b1, hid, tp, vecs, 0, 1);
-        gemm(L->w2, i_dim, 1, d, i_dim, hid, tp, L->b2, h, tp, vecs, 1, 0);
-        transpose(h, tp, y + f * t * d, d, d, t);
+        for (int64_t l = 0; l < n; l++)
+            for (int64_t f = 0; f < frames; f++) frame_layer(layers[l], buf + f * d * tp, xn, q, kk, v, s, o, hid, t, tp);
+        for (int64_t f = 0; f < frames; f++) transpose(buf + f * d * tp, tp, y + (g + f) * t * d, d, d, t);
     }
     free(buf);
     return 0;

@@ -546,12 +546,12 @@ def _bind(lib: ctypes.CDLL, isa: Isa, lanes: int, origin: str) -> ctypes.CDLL:
     lib.storm_rms_norm_f32.restype = None
     lib.storm_attention.argtypes = [ptr] * 8 + [i64] * 5 + [ctypes.c_float, cint, cint, i64, i64]
     lib.storm_attention.restype = cint
-    lib.storm_vit_layer_f32.argtypes = [ptr] * 2 + [i64] * 3 + [ptr] + [i64] * 3
+    lib.storm_vit_layers_f32.argtypes = [ptr, i64, ptr] + [i64] * 3 + [ptr] + [i64] * 3
+    lib.storm_vit_layers_f32.restype = cint
     lib.storm_linear_f32.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr] + [i64] * 4
     lib.storm_linear_f32.restype = None
     lib.storm_fma_chains.argtypes = [i64]
     lib.storm_fma_chains.restype = ctypes.c_float
-    lib.storm_vit_layer_f32.restype = cint
     lib.storm_isa = isa.name  # the path, its width, and where the bytes came from (benchmarks print them)
     lib.storm_lanes = lanes
     lib.storm_origin = origin
