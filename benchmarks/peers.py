@@ -19,9 +19,11 @@ tiny config with `--tiny`):
 
 All share the LLM (Qwen2 at the bench widths) and get the same CPU kernels
 (`storm_vlm.model.fast_paths.enable_fast_paths`: matmul backend per shape, SigLIP layers, the LLM's
-attention) and the same set-up for `--precision` (`storm_vlm.inference.prepare_for_inference`, as the
-loaders do: weights on huge pages; under bf16 autocast the LLM's linear layers in bf16; default
-float32), and run under that precision's autocast. Each (frames, model) runs the model's own video
+attention; STORM's own tower loop hands its SigLIP layers to the kernel as one stack,
+`fast_paths.siglip_stack`, where transformers' encoders call the same layers one by one, so the
+vision column also shows what that loop gains) and the same set-up for `--precision`
+(`storm_vlm.inference.prepare_for_inference`, as the loaders do: weights on huge pages; under bf16
+autocast the LLM's linear layers in bf16; default float32), and run under that precision's autocast. Each (frames, model) runs the model's own video
 path on random pixels:
 vision tower (until the first projector / pooling module starts), projector + pooling (until
 the visual tokens are returned), LLM prefill on [text | visual tokens | text] with
