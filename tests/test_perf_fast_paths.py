@@ -190,6 +190,11 @@ def test_c_kernel_is_taken_where_it_is_the_fastest(monkeypatch):
         out = layer(x)
     assert matmul_backend.matmul_choices() == {(16, 8, True, 64): "storm"} and calls
     torch.testing.assert_close(out, torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    # the kernels switched off after the choice (STORM_VLM_SCAN_KERNEL=0, no compiler): F.linear
+    monkeypatch.setattr(matmul_backend.cpu_kernel, "load_library", lambda *a, **k: None)
+    calls.clear()
+    with torch.no_grad():
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias)) and not calls
 
 
 # ---- decode step ----------------------------------------------------------------------------------------

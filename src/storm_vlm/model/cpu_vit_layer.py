@@ -1,11 +1,12 @@
 """A SigLIP encoder layer one frame at a time in C (`ssm/_vit_layer_kernel.c`), for CPU inference in float32.
 
 `vit_layer(lib, fused_layer(layer, x), x)`: (frames, T, D) -> (frames, T, D), transformers'
-`SiglipEncoderLayer` result within float rounding, the frames split over torch's threads. Each frame's activations stay in
-cache from the first LayerNorm to the last residual add, and every product runs through one
-register-blocked kernel reading the weights where nn.Linear keeps them. `fused_layer_is_faster` says
-whether it or the layer's separate passes (`fast_paths._LeanSiglipLayer`) run a call: timed per layer
-shape on this CPU, because at real SigLIP widths the weights no longer fit in cache and BLAS wins.
+`SiglipEncoderLayer` result within float rounding, the frames split over torch's threads. Each
+frame's activations stay in cache from the first LayerNorm to the last residual add, and every
+product runs through one register-blocked kernel reading the weights where nn.Linear keeps them;
+`vit_layers` runs several layers in a row the same way. `fused_layer_is_faster` says whether it or
+the layer's separate passes (`fast_paths._LeanSiglipLayer`) run a call: timed per layer shape on this
+CPU, because which wins depends on the caches and the widths.
 
 tests/test_vit_layer_kernel.py checks it against transformers' layer.
 """
@@ -32,7 +33,7 @@ _CHOICE: dict = {}  # (T, D, I, heads) -> "fused" | "separate"
 
 # layer -> (key, its _LayerStruct or None): beside the layer, not on it, so copying or pickling a model
 # never meets a ctypes structure of raw addresses
-_STRUCTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_STRUCTS = weakref.WeakKeyDictionary()
 _PARAMS = ("ln1w", "ln1b", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "ln2w", "ln2b", "w1", "b1", "w2", "b2")
 
 
@@ -46,11 +47,10 @@ class _LayerStruct(ctypes.Structure):
 def _layer_struct(layer) -> _LayerStruct | None:
     """The layer as the kernel reads it, or None where it does not apply: plain LayerNorms and biased
     Linear layers (no hooks) of SigLIP's shapes with contiguous float32 parameters, d divisible by the
-    heads, a positive scale. Kept on the layer while its parameters stay the same tensors in the same
-    places (the kernel reads them in place, so new values written into them need nothing), in
-    `_STRUCTS`. Every call
-    of a layer asks, so modules and parameters are read from their dicts (nn.Module's attribute
-    lookup would cost more than a frame's layer at the bench widths)."""
+    heads, a positive scale. Kept in `_STRUCTS` while the layer's parameters stay the same tensors in
+    the same places (the kernel reads them in place, so new values written into them need nothing).
+    Every call of a layer asks, so modules and parameters are read from their dicts (nn.Module's
+    attribute lookups would cost as much as a frame's layer at the bench widths)."""
     mods = layer._modules
     attn, mlp = mods["self_attn"], mods["mlp"]
     n1, n2 = mods["layer_norm1"], mods["layer_norm2"]
@@ -99,9 +99,9 @@ def vit_layer(lib, layer: _LayerStruct, x: torch.Tensor) -> torch.Tensor:
 
 
 def vit_layers(lib, layers: list[_LayerStruct], x: torch.Tensor) -> torch.Tensor:
-    """Several layers in a row (each what `fused_layer` gave for x, one width) on x, each frame through
-    all of them before the next: the same bits as `vit_layer` once per layer, without the frames
-    leaving the cache between layers."""
+    """Several layers in a row (each what `fused_layer` gave for x, one width) on x, groups of frames
+    through all of them before the next group: the same bits as `vit_layer` once per layer, without
+    the frames leaving the cache between layers."""
     frames, t, d = x.shape
     y = x.new_empty(frames, t, d)
     table = (ctypes.c_void_p * len(layers))(*map(ctypes.addressof, layers))

@@ -25,7 +25,8 @@ from torch import nn
 
 from storm_vlm.model.ssm import _threads, cpu_kernel
 
-__all__ = ["matmul_choices", "measured_linear", "plain_linear", "storm_linear", "use_measured_linears", "fastest", "timed"]
+__all__ = ["matmul_choices", "measured_linear", "plain_linear", "storm_linear", "use_measured_linears", "fastest",
+           "timed"]
 
 _MATMUL_ENV = "STORM_VLM_MATMUL"
 _MEASURE_MIN_ROWS = 64  # fewer rows (decode, short prompts): torch's default, nothing to win
@@ -71,8 +72,9 @@ def _packed(weight: torch.Tensor, bias: torch.Tensor | None, lanes: int) -> tupl
 
 
 def storm_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lib=None) -> torch.Tensor:
-    """F.linear(x, weight, bias) through `storm_linear_f32` (float32, contiguous weight and bias), the
-    rows split over torch's threads."""
+    """F.linear(x, weight, bias) through `storm_linear_f32` (float32, a contiguous weight), the rows
+    split over torch's threads; `lib`: the C kernel library (default: `cpu_kernel.load_library()`,
+    which must not be None)."""
     lib = lib or cpu_kernel.load_library()
     k, n = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, k)
@@ -117,12 +119,9 @@ def _rows_bucket(rows: int) -> int:
 def _matmul_backend(x: torch.Tensor, weight: torch.Tensor, bias) -> str:
     """"blas", "onednn" or "storm" for this weight shape and row count: pinned by STORM_VLM_MATMUL
     (where that backend exists here), else timed once per rows bucket on `x`."""
-    available = {"blas": True, "onednn": torch.backends.mkldnn.is_available(),
-                 "storm": (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
-                 and cpu_kernel.load_library() is not None}
     pinned = os.environ.get(_MATMUL_ENV, "auto")
     if pinned in _BACKENDS:
-        return pinned if available[pinned] else "blas"
+        return pinned if _available(pinned) else "blas"
     rows = x.numel() // x.shape[-1]
     key = (weight.shape[1], weight.shape[0], bias is not None, _rows_bucket(rows))
     choice = _MATMUL_CHOICE.get(key)
@@ -131,7 +130,7 @@ def _matmul_backend(x: torch.Tensor, weight: torch.Tensor, bias) -> str:
         candidates = {"blas": lambda: F.linear(sample, weight, bias),
                       "onednn": lambda: _onednn_linear(sample, weight, bias),
                       "storm": lambda: storm_linear(sample, weight, bias)}
-        fns = {name: fn for name, fn in candidates.items() if available[name]}
+        fns = {name: fn for name, fn in candidates.items() if _available(name)}
         try:
             choice = fastest(fns)
         except RuntimeError:  # oneDNN refused this shape or layout
@@ -139,6 +138,12 @@ def _matmul_backend(x: torch.Tensor, weight: torch.Tensor, bias) -> str:
             choice = fastest(fns)
         _MATMUL_CHOICE[key] = choice
     return choice
+
+
+def _available(backend: str) -> bool:
+    if backend == "onednn":
+        return torch.backends.mkldnn.is_available()
+    return backend == "blas" or cpu_kernel.load_library() is not None
 
 
 def matmul_choices() -> dict:
@@ -157,8 +162,9 @@ def measured_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         backend = _matmul_backend(x, weight, bias)
         if backend == "onednn":
             return _onednn_linear(x, weight, bias)
-        if backend == "storm":
-            return storm_linear(x, weight, bias)
+        lib = cpu_kernel.load_library() if backend == "storm" else None
+        if lib is not None:  # (None: the kernels were switched off after this shape's choice)
+            return storm_linear(x, weight, bias, lib)
     return F.linear(x, weight, bias)
 
 

@@ -1,6 +1,7 @@
-/* A ViT encoder layer (SigLIP's: pre-LayerNorm multi-head attention, then a tanh-GELU MLP, each with
- * its residual add) run one frame at a time, for CPU inference in float32; called through
- * storm_vlm.model.cpu_vit_layer; built with the scan kernel (cpu_kernel.py), same vector width.
+/* ViT encoder layers (SigLIP's: pre-LayerNorm multi-head attention, then a tanh-GELU MLP, each with
+ * its residual add), one or several in a row, run a few frames at a time, for CPU inference in
+ * float32; called through storm_vlm.model.cpu_vit_layer; built with the scan kernel (cpu_kernel.py),
+ * same vector width.
  *
  * Why: at small widths a layer's products are short in their inner dimension, so a BLAS call spends
  * much of its time packing and streaming whole-video activations (megabytes, far beyond L2) between
