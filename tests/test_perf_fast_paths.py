@@ -104,7 +104,7 @@ def test_every_backend_gives_the_same_features_and_logits(model, monkeypatch, ba
     calls = []
     name = {"blas": "_onednn_linear", "onednn": "_onednn_linear", "storm": "storm_linear"}[backend]
     real = getattr(matmul_backend, name)
-    monkeypatch.setattr(matmul_backend, name, lambda x, w, b: calls.append(1) or real(x, w, b))
+    monkeypatch.setattr(matmul_backend, name, lambda *a: calls.append(1) or real(*a))
     with torch.inference_mode():
         monkeypatch.setenv("STORM_VLM_MATMUL", backend)
         feats, _ = model.get_video_features(pixels)
@@ -156,7 +156,7 @@ def test_backend_is_measured_per_rows_bucket_on_the_real_rows(monkeypatch):
     onednn = slow_when(True, matmul_backend._onednn_linear)
     monkeypatch.setattr(matmul_backend, "_onednn_linear", onednn)
     storm = matmul_backend.storm_linear  # slower than both at every row count
-    monkeypatch.setattr(matmul_backend, "storm_linear", lambda x, w, b: time.sleep(0.004) or storm(x, w, b))
+    monkeypatch.setattr(matmul_backend, "storm_linear", lambda *a: time.sleep(0.004) or storm(*a))
     monkeypatch.setattr(matmul_backend, "F",
                         types.SimpleNamespace(linear=slow_when(False, torch.nn.functional.linear)))
     layer = nn.Linear(16, 8)
