@@ -55,6 +55,20 @@ def _fused(lib, layer, x):
     return cpu_vit_layer.vit_layer(lib, struct, x)
 
 
+def _on_one_and_three_threads(fn):
+    """[fn() on 1 torch thread, fn() on 3], without autograd."""
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                outs.append(fn())
+    finally:
+        torch.set_num_threads(threads)
+    return outs
+
+
 def _library():
     lib = cpu_kernel.load_library()
     if lib is None:
@@ -101,15 +115,7 @@ def test_frames_are_independent_and_threads_change_nothing():
     layer = _layer(24, 3, 50)
     x = torch.randn(6, 5, 24, generator=torch.Generator().manual_seed(3))
     x[2, 1, 4] = float("nan")
-    threads = torch.get_num_threads()
-    outs = []
-    try:
-        for n in (1, 3):
-            torch.set_num_threads(n)
-            with torch.no_grad():
-                outs.append(_fused(lib, layer, x))
-    finally:
-        torch.set_num_threads(threads)
+    outs = _on_one_and_three_threads(lambda: _fused(lib, layer, x))
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0, equal_nan=True)
     with torch.no_grad():
         alone = [_fused(lib, layer, x[i : i + 1]) for i in (0, 5)]
@@ -219,15 +225,7 @@ def test_stack_is_the_layers_one_by_one_bit_for_bit(frames):
     _library()
     layers = _stack(3)
     x = torch.randn(frames, 9, 16, generator=torch.Generator().manual_seed(7)).transpose(1, 2).contiguous().transpose(1, 2)
-    threads = torch.get_num_threads()
-    outs = []
-    try:
-        for n in (1, 3):
-            torch.set_num_threads(n)
-            with torch.no_grad():
-                outs.append(fast_paths.siglip_stack(layers, x))
-    finally:
-        torch.set_num_threads(threads)
+    outs = _on_one_and_three_threads(lambda: fast_paths.siglip_stack(layers, x))
     with torch.no_grad():
         h = x
         for layer in layers:
