@@ -264,7 +264,7 @@ class _LeanSiglipLayer(SiglipEncoderLayer):
 
 def siglip_stack(layers, hidden_states: torch.Tensor) -> torch.Tensor | None:
     """`layers` (SigLIP encoder layers in a row) on hidden_states (frames, T, D) as one C call per
-    piece of frames — each frame through every layer before the next (`cpu_vit_layer.vit_layers`) —
+    piece of frames — groups of frames through every layer before the next group (`vit_layers`) —
     where each layer, called alone, would take the fused layer: the same bits as calling them one by
     one, without the frames leaving the cache between layers. None where any would not (hooks on a
     layer, another path, `fused_layer_is_faster` saying no): the caller then calls them."""

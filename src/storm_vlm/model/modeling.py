@@ -156,7 +156,7 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
             layer = self.config.vision_feature_layer
             stop = layer if layer >= 0 else len(layers) + 1 + layer  # hidden_states[k]: after k layers
             hidden = tower.embeddings(pixel_values)
-            stacked = siglip_stack(layers[:stop], hidden)  # CPU inference: every layer in one C call per frame
+            stacked = siglip_stack(layers[:stop], hidden)  # CPU inference: all the layers in one C call
             if stacked is not None:
                 return stacked
             for block in layers[:stop]:
