@@ -5,7 +5,9 @@
  * or 4 (the compiler's baseline flags).
  *
  * exp2 is a degree-6 polynomial on [-0.5, 0.5] scaled by 2^k through the exponent bits
- * (relative error <= 1e-7, about one float32 ulp); NaN in, NaN out; below 2^-127 it flushes to 0.
+ * (relative error <= 1e-7, about one float32 ulp); NaN in, NaN out. On AVX-512 it takes three
+ * instructions for the rest (round, reduce, scale) and rounds results below 2^-126 to subnormals; the
+ * other builds clamp, build 2^k from exponent bits and flush below 2^-127 to 0.
  */
 #ifndef STORM_VEC_H
 #define STORM_VEC_H
@@ -63,6 +65,27 @@ static inline vf vmax_keepnan(vf lo, vf x) { return sel(x < lo, lo, x); }
 static inline vf vmin_keepnan(vf hi, vf x) { return sel(x > hi, hi, x); }
 #endif
 
+/* 2^f for f in [-0.5, 0.5] */
+static inline vf exp2_poly(vf f) {
+    vf q = splat(0.00015370726760011166f);
+    q = q * f + 0.0013399848248809576f;
+    q = q * f + 0.009618373587727547f;
+    q = q * f + 0.05550329014658928f;
+    q = q * f + 0.24022647738456726f;
+    q = q * f + 0.6931471824645996f;
+    return q * f + 1.0f;
+}
+
+#if LANES == 16 && defined(__AVX512F__)
+static inline vf vexp2(vf x) {
+    /* k = round(x) and f = x - k (vreduceps: 0 for +-inf, so no clamp), then p(f) * 2^k by vscalefps,
+     * which rounds a result below 2^-126 to the nearest subnormal (or 0) and one above the float
+     * range to +inf; NaN stays NaN */
+    const int near = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    const __m512 k = _mm512_roundscale_ps((__m512)x, near);
+    return (vf)_mm512_scalef_ps((__m512)exp2_poly((vf)_mm512_reduce_ps((__m512)x, near)), k);
+}
+#else
 static inline vf vexp2(vf x) {
     /* clamp to [-127, 128]; 2^k is then built from exponent bits 0 (k = -127: flushes to 0) to
      * 255 (k = 128: +inf), and multiplying by it keeps NaN as NaN */
@@ -71,16 +94,9 @@ static inline vf vexp2(vf x) {
     vf r = xc + magic;
     vf k = r - magic;
     vi ki = (vi)r - (vi)magic;
-    vf f = xc - k; /* in [-0.5, 0.5] */
-    vf q = splat(0.00015370726760011166f);
-    q = q * f + 0.0013399848248809576f;
-    q = q * f + 0.009618373587727547f;
-    q = q * f + 0.05550329014658928f;
-    q = q * f + 0.24022647738456726f;
-    q = q * f + 0.6931471824645996f;
-    vf p = q * f + 1.0f;
-    return p * (vf)((ki + 127) << 23);
+    return exp2_poly(xc - k) * (vf)((ki + 127) << 23); /* f = xc - k in [-0.5, 0.5] */
 }
+#endif
 
 #define LOG2E 1.4426950408889634f
 
