@@ -1,6 +1,7 @@
 /* Fused selective scan for the CPU (float32), forward and backward: one pass over time per block of
- * LANES channels, everything (bias, softplus, the L*D*N decays, the state update, y = C.h + D*u, the
- * silu(z) gate) in registers and L1. Compiled on first use by storm_vlm/ssm/cpu_kernel.py, once per
+ * LANES channels (the forward takes every block through one time tile before the next tile),
+ * everything (bias, softplus, the L*D*N decays, the state update, y = C.h + D*u, the silu(z) gate)
+ * in registers and L1. Compiled on first use by storm_vlm/ssm/cpu_kernel.py, once per
  * instruction set: -DSTORM_LANES=16 with AVX-512 flags, 8 with AVX2 + FMA, 4 with the compiler's
  * baseline flags (SSE2 on x86-64, NEON on aarch64) as the portable fallback. GCC/Clang vector
  * extensions carry the arithmetic at any width (the compiler splits a vector wider than the
@@ -118,18 +119,19 @@ static void lowrank_tile(vf *tile, const vf *W, strided dt, int64_t off, int64_t
     }
 }
 
-/* One block: batch b, channels [c, c + w) of group grp. h0: NULL (start from 0) or (batch, dim, N). */
-static inline __attribute__((always_inline)) void scan_block(const scan_args *a, int64_t b, int64_t c, int64_t w,
-                                                             int64_t grp, const float *h0, strided_out o,
-                                                             float *states, float *last, const int bconst,
-                                                             const int cconst) {
-    const int64_t L = a->L, dim = a->dim, N = a->N, chunk = a->chunk;
-    const int reverse = a->reverse, softplus = a->softplus;
-    const strided u = a->u, dl = a->dl, z = a->z;
-    const int64_t hd = dim / a->groups;
-    vf h[N], a2[N], bv[bconst ? N : 1], cv[cconst ? N : 1], wdt[a->dtW ? a->R : 1];
-    vf tu[TILE], td[TILE], tz[TILE], ty[TILE];
-    vf Dvec = splat(0.0f), bvec = splat(0.0f);
+static void *aligned_buf(size_t count) { /* count vectors, aligned to a vector */
+    return aligned_alloc(sizeof(vf), (count ? count : 1) * sizeof(vf));
+}
+
+/* One block's vectors between tiles: its state h, then the constants it reads every step. */
+static inline int64_t block_vectors(const scan_args *a) { return 3 * a->N + a->R + 2 + 2 * a->N; }
+
+/* Set up one block (batch b, channels [c, c + w) of group grp) in mem (block_vectors(a) vectors):
+ * its state from h0 (NULL: zeros; else (batch, dim, N)) and its constants, lanes past w zero. */
+static void block_init(const scan_args *a, vf *mem, int64_t b, int64_t c, int64_t w, const float *h0, int bconst,
+                       int cconst) {
+    const int64_t N = a->N, dim = a->dim;
+    vf *h = mem, *a2 = h + N, *wdt = a2 + N, *bv = wdt + a->R, *cv = bv + N, *dv = cv + N;
     load_cols(a2, a->A2, c, w, N);
     if (a->dtW) load_cols(wdt, a->dtW, c, w, a->R);
     if (bconst) load_cols(bv, a->BT, c, w, N);
@@ -139,77 +141,87 @@ static inline __attribute__((always_inline)) void scan_block(const scan_args *a,
         if (h0)
             for (int64_t l = 0; l < w; l++) h[n][l] = h0[(b * dim + c + l) * N + n];
     }
+    dv[0] = dv[1] = splat(0.0f);
     for (int64_t l = 0; l < w; l++) {
-        if (a->Dv) Dvec[l] = a->Dv[c + l];
-        if (a->bias) bvec[l] = a->bias[c + l];
+        if (a->Dv) dv[0][l] = a->Dv[c + l];
+        if (a->bias) dv[1][l] = a->bias[c + l];
     }
+}
+
+/* One tile (the i-th in processing order) of one block set up by block_init in mem; the block's
+ * state stays in mem for its next tile. */
+static inline __attribute__((always_inline)) void scan_tile(const scan_args *a, vf *mem, int64_t i, int64_t b,
+                                                            int64_t c, int64_t w, int64_t grp, strided_out o,
+                                                            float *states, const int bconst, const int cconst) {
+    const int64_t L = a->L, N = a->N, chunk = a->chunk;
+    const int reverse = a->reverse, softplus = a->softplus;
+    const strided u = a->u, dl = a->dl, z = a->z;
+    const int64_t hd = a->dim / a->groups;
+    vf *h = mem, *a2 = h + N, *wdt = a2 + N, *bv = wdt + a->R, *cv = bv + N;
+    const vf Dvec = cv[N], bvec = cv[N + 1];
+    vf tu[TILE], td[TILE], tz[TILE], ty[TILE];
     const int64_t ntiles = (L + TILE - 1) / TILE;
     const int64_t nchunks = chunk > 0 ? (L + chunk - 1) / chunk : 0;
     const size_t gstride = (size_t)a->groups * N; /* BT/CT elements per time step */
-    for (int64_t i = 0; i < ntiles; i++) {
-        const int64_t tile = reverse ? ntiles - 1 - i : i;
-        const int64_t t0 = tile * TILE;
-        const int64_t nt = (L - t0) < TILE ? (L - t0) : TILE;
-        load_tile(tu, u, AT(u, b, t0, c), nt, w);
-        if (a->dtW)
-            lowrank_tile(td, wdt, dl, AT(dl, b, t0, 0), nt, a->R);
-        else
-            load_tile(td, dl, AT(dl, b, t0, c), nt, w);
-        if (z.p) load_tile(tz, z, AT(z, b, t0, c), nt, w);
-        /* the step sizes of the whole tile first: the softplus is a long chain of dependent operations
-         * (exp2, a division, a series), which inside the time loop would delay every step's decays */
-        for (int64_t k = 0; k < nt; k++) td[k] = softplus ? vsoftplus(td[k] + bvec) : td[k] + bvec;
-        for (int64_t j = 0; j < nt; j++) {
-            const int64_t k = reverse ? nt - 1 - j : j;
-            const int64_t t = t0 + k;
-            const vf dt = td[k];
-            const vf du = dt * tu[k];
-            const float *Bt = bconst ? NULL : a->BT + ((size_t)(b * L + t)) * gstride + grp * N;
-            const float *Ct = cconst ? NULL : a->CT + ((size_t)(b * L + t)) * gstride + grp * N;
-            vf y0 = Dvec * tu[k], y1 = splat(0.0f);
-            int64_t n = 0;
-            for (; n + 1 < N; n += 2) {
-                h[n] = vexp2(dt * a2[n]) * h[n] + du * BN(n);
-                h[n + 1] = vexp2(dt * a2[n + 1]) * h[n + 1] + du * BN(n + 1);
-                y0 += CN(n) * h[n];
-                y1 += CN(n + 1) * h[n + 1];
-            }
-            if (n < N) {
-                h[n] = vexp2(dt * a2[n]) * h[n] + du * BN(n);
-                y0 += CN(n) * h[n];
-            }
-            ty[k] = y0 + y1;
-            if (states) {
-                /* the state entering each processed chunk, as the recomputing backward expects */
-                int64_t kk = -1;
-                if (!reverse && ((t + 1) % chunk == 0 || t == L - 1)) kk = t / chunk + 1;
-                if (reverse && t % chunk == 0) kk = nchunks - t / chunk;
-                if (kk >= 0) {
-                    float *s = states + (((kk * a->batch + b) * a->groups + grp) * N) * hd + (c - grp * hd);
-                    for (int64_t m = 0; m < N; m++)
-                        for (int64_t l = 0; l < w; l++) s[m * hd + l] = h[m][l];
-                }
+    const int64_t tile = reverse ? ntiles - 1 - i : i;
+    const int64_t t0 = tile * TILE;
+    const int64_t nt = (L - t0) < TILE ? (L - t0) : TILE;
+    load_tile(tu, u, AT(u, b, t0, c), nt, w);
+    if (a->dtW)
+        lowrank_tile(td, wdt, dl, AT(dl, b, t0, 0), nt, a->R);
+    else
+        load_tile(td, dl, AT(dl, b, t0, c), nt, w);
+    if (z.p) load_tile(tz, z, AT(z, b, t0, c), nt, w);
+    /* the step sizes of the whole tile first: the softplus is a long chain of dependent operations
+     * (exp2, a division, a series), which inside the time loop would delay every step's decays */
+    for (int64_t k = 0; k < nt; k++) td[k] = softplus ? vsoftplus(td[k] + bvec) : td[k] + bvec;
+    for (int64_t j = 0; j < nt; j++) {
+        const int64_t k = reverse ? nt - 1 - j : j;
+        const int64_t t = t0 + k;
+        const vf dt = td[k];
+        const vf du = dt * tu[k];
+        const float *Bt = bconst ? NULL : a->BT + ((size_t)(b * L + t)) * gstride + grp * N;
+        const float *Ct = cconst ? NULL : a->CT + ((size_t)(b * L + t)) * gstride + grp * N;
+        vf y0 = Dvec * tu[k], y1 = splat(0.0f);
+        int64_t n = 0;
+        for (; n + 1 < N; n += 2) {
+            h[n] = vexp2(dt * a2[n]) * h[n] + du * BN(n);
+            h[n + 1] = vexp2(dt * a2[n + 1]) * h[n + 1] + du * BN(n + 1);
+            y0 += CN(n) * h[n];
+            y1 += CN(n + 1) * h[n + 1];
+        }
+        if (n < N) {
+            h[n] = vexp2(dt * a2[n]) * h[n] + du * BN(n);
+            y0 += CN(n) * h[n];
+        }
+        ty[k] = y0 + y1;
+        if (states) {
+            /* the state entering each processed chunk, as the recomputing backward expects */
+            int64_t kk = -1;
+            if (!reverse && ((t + 1) % chunk == 0 || t == L - 1)) kk = t / chunk + 1;
+            if (reverse && t % chunk == 0) kk = nchunks - t / chunk;
+            if (kk >= 0) {
+                float *s = states + (((kk * a->batch + b) * a->groups + grp) * N) * hd + (c - grp * hd);
+                for (int64_t m = 0; m < N; m++)
+                    for (int64_t l = 0; l < w; l++) s[m * hd + l] = h[m][l];
             }
         }
-        if (z.p) /* the gate, off the time loop likewise */
-            for (int64_t k = 0; k < nt; k++) ty[k] *= vsilu(tz[k]);
-        store_tile(ty, o, AT(o, b, t0, c), nt, w);
     }
-    if (last)
-        for (int64_t l = 0; l < w; l++)
-            for (int64_t m = 0; m < N; m++) last[(b * dim + c + l) * N + m] = h[m][l];
+    if (z.p) /* the gate, off the time loop likewise */
+        for (int64_t k = 0; k < nt; k++) ty[k] *= vsilu(tz[k]);
+    store_tile(ty, o, AT(o, b, t0, c), nt, w);
 }
 
 /* the four specialisations (per-step or constant B, C), so neither choice costs a branch per step */
-#define SCAN_BLOCK(bc, cc)                                                                                     \
-    static void scan_block_##bc##cc(const scan_args *a, int64_t b, int64_t c, int64_t w, int64_t grp,         \
-                                    const float *h0, strided_out o, float *states, float *last) {             \
-        scan_block(a, b, c, w, grp, h0, o, states, last, bc, cc);                                             \
+#define SCAN_TILE(bc, cc)                                                                                      \
+    static void scan_tile_##bc##cc(const scan_args *a, vf *mem, int64_t i, int64_t b, int64_t c, int64_t w,    \
+                                   int64_t grp, strided_out o, float *states) {                                \
+        scan_tile(a, mem, i, b, c, w, grp, o, states, bc, cc);                                                 \
     }
-SCAN_BLOCK(0, 0)
-SCAN_BLOCK(0, 1)
-SCAN_BLOCK(1, 0)
-SCAN_BLOCK(1, 1)
+SCAN_TILE(0, 0)
+SCAN_TILE(0, 1)
+SCAN_TILE(1, 0)
+SCAN_TILE(1, 1)
 
 /* Scan channels [c0, c1) of every batch element. delta: (batch, L, dim) through its strides or, when
  * dtW (dim, R) is given, its low-rank factor dt (batch, L, R) through the same strides (the channel
@@ -218,7 +230,11 @@ SCAN_BLOCK(1, 1)
  * (L/chunk + 1, batch, groups, N, dim/groups) receiving the state entering each processed chunk
  * (index 0 is left alone); last: NULL, or (batch, dim, N) receiving the final state. io_bf16: u,
  * delta (or dt), z and out are bfloat16 (inference under bf16 autocast: no float32 copies of them),
- * else float32; everything else is float32 and the arithmetic float32 either way. Returns 0. */
+ * else float32; everything else is float32 and the arithmetic float32 either way.
+ * Time tile by time tile, each tile through every block of the range (the blocks' states wait in a
+ * buffer in between), so the rows a tile reads and writes are read once and stay in cache, where a
+ * block running through all of time would stride across every row of the tensors.
+ * Returns 0, or 1 when the block buffer cannot be allocated. */
 int storm_scan_fwd_f32(int64_t batch, int64_t L, int64_t dim, int64_t groups, int64_t N, const void *u,
                        int64_t u_sb, int64_t u_st, int64_t u_sc, const void *delta, int64_t d_sb, int64_t d_st,
                        int64_t d_sc, const float *dtW, int64_t R, const void *z, int64_t z_sb, int64_t z_st,
@@ -229,19 +245,28 @@ int storm_scan_fwd_f32(int64_t batch, int64_t L, int64_t dim, int64_t groups, in
     const int64_t hd = dim / groups;
     const scan_args a = {batch, L, dim, groups, N, chunk, {u, u_sb, u_st, u_sc, io_bf16},
                          {delta, d_sb, d_st, d_sc, io_bf16}, {z, z_sb, z_st, z_sc, io_bf16}, A2, BT, CT, Dv, bias,
-                         softplus, reverse, dtW, R};
+                         softplus, reverse, dtW, dtW ? R : 0};
     const strided_out o = {out, o_sb, o_st, o_sc, io_bf16};
-    void (*block)(const scan_args *, int64_t, int64_t, int64_t, int64_t, const float *, strided_out, float *,
-                  float *) = bconst ? (cconst ? scan_block_11 : scan_block_10)
-                                    : (cconst ? scan_block_01 : scan_block_00);
+    void (*tile)(const scan_args *, vf *, int64_t, int64_t, int64_t, int64_t, int64_t, strided_out, float *) =
+        bconst ? (cconst ? scan_tile_11 : scan_tile_10) : (cconst ? scan_tile_01 : scan_tile_00);
+    const int64_t S = block_vectors(&a), ntiles = (L + TILE - 1) / TILE;
+    vf *mem = aligned_buf((size_t)((c1 - c0 + LANES - 1) / LANES + 1) * S);
+    if (!mem) return 1;
     for (int64_t b = 0; b < batch; b++)
         for (int64_t grp = 0; grp < groups; grp++) {
-            int64_t lo = grp * hd > c0 ? grp * hd : c0, hi = (grp + 1) * hd < c1 ? (grp + 1) * hd : c1;
-            for (int64_t c = lo; c < hi; c += LANES) {
-                const int64_t w = hi - c < LANES ? hi - c : LANES;
-                block(&a, b, c, w, grp, h0, o, states, last);
-            }
+            const int64_t lo = grp * hd > c0 ? grp * hd : c0, hi = (grp + 1) * hd < c1 ? (grp + 1) * hd : c1;
+            for (int64_t c = lo; c < hi; c += LANES)
+                block_init(&a, mem + (c - lo) / LANES * S, b, c, hi - c < LANES ? hi - c : LANES, h0, bconst,
+                           cconst);
+            for (int64_t i = 0; i < ntiles; i++)
+                for (int64_t c = lo; c < hi; c += LANES)
+                    tile(&a, mem + (c - lo) / LANES * S, i, b, c, hi - c < LANES ? hi - c : LANES, grp, o, states);
+            if (last)
+                for (int64_t c = lo; c < hi; c += LANES)
+                    for (int64_t l = 0; l < LANES && c + l < hi; l++)
+                        for (int64_t m = 0; m < N; m++) last[(b * dim + c + l) * N + m] = mem[(c - lo) / LANES * S + m][l];
         }
+    free(mem);
     return 0;
 }
 
@@ -261,10 +286,6 @@ typedef struct {
     strided_out gu, gdl, gz;
     float *gA, *gD, *gbias, *gBT, *gCT, *gh0;
 } grad_args;
-
-static void *aligned_buf(size_t count) { /* count vectors, aligned to a vector */
-    return aligned_alloc(sizeof(vf), (count ? count : 1) * sizeof(vf));
-}
 
 static inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp2(-x * LOG2E)); }
 

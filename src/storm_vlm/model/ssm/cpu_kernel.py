@@ -637,11 +637,13 @@ def scan_forward(lib: ctypes.CDLL, u: Tensor, delta: Tensor, z: Tensor | None, A
     b, d, L = u.shape
     n = A2.shape[1]
     rank = 0 if delta_proj is None else delta_proj.shape[1]
-    lib.storm_scan_fwd_f32(b, L, d, groups, n, _ptr(u), *_strides(u), _ptr(delta), *_strides(delta),
-                           _ptr(delta_proj), rank, _ptr(z), *_strides(z), _ptr(A2), _ptr(BT), _ptr(CT),
-                           int(BT.dim() == 2), int(CT.dim() == 2), _ptr(D), _ptr(bias), int(softplus), int(reverse),
-                           _ptr(h0), _ptr(out), *_strides(out), _ptr(states), int(chunk), _ptr(last), c0, c1,
-                           int(u.dtype == torch.bfloat16))
+    rc = lib.storm_scan_fwd_f32(b, L, d, groups, n, _ptr(u), *_strides(u), _ptr(delta), *_strides(delta),
+                                _ptr(delta_proj), rank, _ptr(z), *_strides(z), _ptr(A2), _ptr(BT), _ptr(CT),
+                                int(BT.dim() == 2), int(CT.dim() == 2), _ptr(D), _ptr(bias), int(softplus),
+                                int(reverse), _ptr(h0), _ptr(out), *_strides(out), _ptr(states), int(chunk),
+                                _ptr(last), c0, c1, int(u.dtype == torch.bfloat16))
+    if rc != 0:
+        raise MemoryError(f"selective-scan forward kernel: out of memory for channels {c0}..{c1} x d_state {n}")
 
 
 def scan_backward(lib: ctypes.CDLL, u: Tensor, delta: Tensor, z: Tensor | None, gout: Tensor, A2: Tensor,
