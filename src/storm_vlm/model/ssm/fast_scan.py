@@ -245,10 +245,9 @@ def _autocast_off(device_type: str):
 class _ChunkedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus, reverse, chunk, want_last, cdt,
-                delta_proj, grad_enabled):
+                grad_enabled):
         # u, delta, z: (b, d, L); A: (d, n); B, C: (b, g, n, L), or (d, n) when constant over time;
-        # D, delta_bias: (d,); h0: initial state (b, d, n) or None. delta_proj (d, R): delta is its
-        # factor (b, R, L), given only where the kernel runs without autograd (``_fuses_delta_proj``).
+        # D, delta_bias: (d,); h0: initial state (b, d, n) or None.
         # grad_enabled: the caller's grad mode (forward runs without it, and needs_input_grad follows
         # requires_grad alone: a model's parameters, D and delta_bias here, require grad under no_grad too)
         b, d, L = u.shape
@@ -261,26 +260,21 @@ class _ChunkedScan(torch.autograd.Function):
         T = max(1, min(chunk, L))
         need_grad = grad_enabled and any(ctx.needs_input_grad[:9])
         nchunks = (L + T - 1) // T
-        # per step: (b, L, g, n), small; constant: (d, n)
-        BT, CT = ((x.to(cdt).contiguous() if x.dim() == 2 else x.permute(0, 3, 1, 2).to(cdt).contiguous())
-                  for x in (B, C))
+        BT, CT = _BC_layout(B, C, cdt)
         # h_in[k]: state entering the k-th processed chunk; h_in[nchunks]: the last state.
         h_in = _empty(nchunks + 1 if need_grad else 2, b, g, n, hd, dtype=cdt, device=u.device)
         if h0 is None:
             h_in[0].zero_()
         else:
             h_in[0].copy_(h0.reshape(b, g, hd, n).transpose(-1, -2))
-        lib = _kernel_for(u, cdt)
-        # inference on bf16 inputs (bf16 autocast): the kernel reads them and writes y in bf16 itself,
-        # no float32 copies of the (b, L, d) tensors
-        io_dtype = u.dtype if lib is not None and not need_grad and u.dtype in _KERNEL_IO else cdt
-        yT = _empty(b, L, d, dtype=io_dtype, device=u.device)
+        lib = _kernel_for(u, cdt)  # (inference without autograd takes the kernel in `_kernel_inference`)
+        yT = _empty(b, L, d, dtype=cdt, device=u.device)
         last_bdn = None
         if want_last:  # a fresh contiguous (b, d, n) tensor, never a view of h_in
             last_bdn = torch.empty(b, d, n, dtype=cdt, device=u.device)
         if lib is not None:
             _kernel_forward(lib, u, delta, z, A, BT, CT, g, D, delta_bias, h0, softplus, reverse, yT,
-                            h_in if need_grad else None, T, last_bdn, delta_proj)
+                            h_in if need_grad else None, T, last_bdn)
         else:
             P = _Prep((b, L, d), None, None, None, A, BT, CT, D, delta_bias, g, cdt)
             src = [None if x is None else _time_major(x).reshape(b, L, g, hd) for x in (u, delta, z)]
@@ -365,7 +359,7 @@ class _ChunkedScan(torch.autograd.Function):
         tm_u, tm_d, tm_z = ctx.time_major
         g_z = None if grads["z"] is None else _like_input(grads["z"], tm_z)
         return (_like_input(grads["u"], tm_u), _like_input(grads["delta"], tm_d), gA, g_B, g_C, g_D, g_z, g_bias,
-                g_h0, None, None, None, None, None, None, None)
+                g_h0, None, None, None, None, None, None)
 
 
 _KERNEL_IO = (torch.float32, torch.bfloat16)  # what the kernel's forward reads and writes as it is
@@ -383,6 +377,28 @@ def _kernel_inputs(u, delta, z, A, D, delta_bias, io_dtype=torch.float32):
     return (u.to(io_dtype), delta.to(io_dtype), None if z is None else z.to(io_dtype),
             (A.to(f32) * LOG2E).contiguous(), None if D is None else D.to(f32).contiguous(),
             None if delta_bias is None else delta_bias.to(f32).contiguous())
+
+
+def _BC_layout(B: Tensor, C: Tensor, cdt: torch.dtype) -> tuple[Tensor, Tensor]:
+    """B and C as the kernel and the chunk loops read them: per step (b, L, g, n), constant (d, n), contiguous."""
+    return tuple(x.to(cdt).contiguous() if x.dim() == 2 else x.permute(0, 3, 1, 2).to(cdt).contiguous()
+                 for x in (B, C))
+
+
+def _kernel_inference(lib, u, delta, A, B, C, D, z, delta_bias, h0, softplus, reverse, want_last, cdt,
+                      delta_proj):
+    """The forward through the C kernel without autograd (no states kept for a backward, no
+    autograd.Function around it: its bookkeeping costs more than a short scan). Arguments as
+    ``chunked_scan``'s; returns (out (b, d, L) in u's dtype, stored time-major, last state (b, d, n)
+    in ``cdt`` or None), what ``_ChunkedScan`` returns for the same inputs."""
+    b, d, L = u.shape
+    g = next((x.shape[1] for x in (B, C) if x.dim() == 4), 1)
+    BT, CT = _BC_layout(B, C, cdt)
+    yT = _empty(b, L, d, dtype=u.dtype if u.dtype in _KERNEL_IO else cdt, device=u.device)
+    last = torch.empty(b, d, A.shape[1], dtype=cdt, device=u.device) if want_last else None
+    _kernel_forward(lib, u, delta, z, A, BT, CT, g, D, delta_bias, h0, softplus, reverse, yT, None, 0, last,
+                    delta_proj)
+    return yT.transpose(1, 2).to(u.dtype), last
 
 
 def _kernel_forward(lib, u, delta, z, A, BT, CT, g, D, delta_bias, h0, softplus, reverse, yT, h_in, T, last_bdn,
@@ -651,15 +667,6 @@ def project_delta(delta: Tensor, delta_proj: Tensor) -> Tensor:
 _FUSED_RANK_PER_STATE = 4
 
 
-def _fuses_delta_proj(u: Tensor, A: Tensor, delta_proj: Tensor, compute_dtype: torch.dtype, *tensors) -> bool:
-    """Does the C kernel form delta from its factor (``chunked_scan(delta_proj=...)``) for these inputs?
-    A float32 CPU scan without autograd (the kernel's backward takes a full delta), 0 < R <= 4 N, and
-    the kernel builds."""
-    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, A, delta_proj, *tensors))
-    return (0 < delta_proj.shape[1] <= _FUSED_RANK_PER_STATE * A.shape[1] and not grads
-            and _kernel_for(u, compute_dtype) is not None)
-
-
 def chunked_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                  z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                  return_last_state: bool = False, reverse: bool = False, chunk: int | None = DEFAULT_CHUNK,
@@ -669,14 +676,22 @@ def chunked_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: T
     (b, g, n, L), or (d, n) when constant over time). Any strides; inputs stored time-major
     (``x.transpose(1, 2)`` with unit last stride) are read without a copy. Starts from
     ``initial_state`` (b, d, n) when given. With ``delta_proj`` (d, R), delta is its factor
-    (b, R, L): the C kernel forms the product tile by tile where ``_fuses_delta_proj``, else it is
-    computed first. Returns out (b, d, L) in u's dtype, stored time-major, and the last state
-    (b, d, n) in ``compute_dtype`` when asked (the state after position 0 when ``reverse``)."""
-    if delta_proj is not None and not _fuses_delta_proj(u, A, delta_proj, compute_dtype, delta, B, C, D, z,
-                                                        delta_bias, initial_state):
+    (b, R, L): the C kernel forms the product tile by tile where it runs (a float32 CPU scan without
+    autograd: its backward takes a full delta) and 0 < R <= 4 N, else it is computed first. Returns
+    out (b, d, L) in u's dtype, stored time-major, and the last state (b, d, n) in ``compute_dtype``
+    when asked (the state after position 0 when ``reverse``)."""
+    grads = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (
+        u, delta, A, B, C, D, z, delta_bias, initial_state, delta_proj))
+    lib = None if grads else _kernel_for(u, compute_dtype)
+    if delta_proj is not None and not (lib is not None
+                                       and 0 < delta_proj.shape[1] <= _FUSED_RANK_PER_STATE * A.shape[1]):
         delta, delta_proj = project_delta(delta, delta_proj), None
+    if lib is not None:
+        out, last = _kernel_inference(lib, u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus),
+                                      bool(reverse), bool(return_last_state), compute_dtype, delta_proj)
+        return (out, last) if return_last_state else out
     with _autocast_off(u.device.type):
         out, last = _ChunkedScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus),
                                        bool(reverse), None if chunk is None else int(chunk), bool(return_last_state),
-                                       compute_dtype, delta_proj, torch.is_grad_enabled())
+                                       compute_dtype, torch.is_grad_enabled())
     return (out, last) if return_last_state else out
