@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from storm_vlm.model.ssm import cpu_kernel, fast_scan, selective_scan, selective_scan_reference
-from helpers import KERNEL_ISAS, isa_runs
+from helpers import KERNEL_ISAS, isa_runs, use_kernel_library
 from test_scan import _assert_close, _inputs, _run, factored_delta
 
 pytestmark = pytest.mark.skipif(cpu_kernel.load() is None, reason="no C compiler: the kernel is optional")
@@ -78,6 +78,27 @@ def test_kernel_constant_B_C_and_initial_state(monkeypatch, pytorch_path, const,
     assert len(calls) == len(bwd_calls) == (1 if threads == 1 else 3)
     _assert_close(kernel, _run(selective_scan_reference, t, True, reverse=reverse), rtol=3e-5, atol=3e-5)
     _assert_close(kernel, pytorch_path(_run, selective_scan, t, True, reverse=reverse, chunk=8), rtol=3e-5, atol=3e-5)
+
+
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+@pytest.mark.parametrize("groups,time_major", [(None, True), (2, False)])
+def test_inference_over_several_spans_of_channels(monkeypatch, isa, groups, time_major):
+    """Inference (no autograd: the forward alone, called directly) with more channels than the
+    kernel takes through a time tile at once (SPAN = 512): spans cut inside a group and a last
+    partial vector, from an initial state, both directions, the last state included, on every
+    build, time-major and channel-major inputs."""
+    use_kernel_library(monkeypatch, isa)
+    calls = _calls(monkeypatch)
+    t = {k: v.detach() for k, v in _inputs(torch.float32, b=2, d=1100, L=70, n=3, groups=groups, h0=True).items()}
+    if time_major:
+        t.update({k: t[k].transpose(1, 2).contiguous().transpose(1, 2) for k in ("u", "delta", "z")})
+    for reverse in (False, True):
+        out, last = selective_scan(**t, delta_softplus=True, return_last_state=True, reverse=reverse)
+        ref_out, ref_last = selective_scan_reference(**t, delta_softplus=True, return_last_state=True,
+                                                     reverse=reverse)
+        torch.testing.assert_close(out, ref_out, rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(last, ref_last, rtol=2e-5, atol=2e-5)
+    assert len(calls) == 2
 
 
 def test_float64_does_not_use_the_kernel(monkeypatch):

@@ -1,5 +1,5 @@
 /* Fused selective scan for the CPU (float32), forward and backward: one pass over time per block of
- * LANES channels (the forward takes every block through one time tile before the next tile),
+ * LANES channels (the forward takes the blocks of SPAN channels through one time tile before the next),
  * everything (bias, softplus, the L*D*N decays, the state update, y = C.h + D*u, the silu(z) gate)
  * in registers and L1. Compiled on first use by storm_vlm/ssm/cpu_kernel.py, once per
  * instruction set: -DSTORM_LANES=16 with AVX-512 flags, 8 with AVX2 + FMA, 4 with the compiler's
@@ -19,6 +19,7 @@
 #include "_vec.h"
 
 #define TILE 64 /* time steps loaded per block (registers and L1) */
+#define SPAN 512 /* channels whose blocks take each time tile in turn (a multiple of every LANES) */
 
 /* The build's vector width and instruction set, checked by the loader. */
 int storm_scan_lanes(void) { return LANES; }
@@ -231,9 +232,11 @@ SCAN_TILE(1, 1)
  * (index 0 is left alone); last: NULL, or (batch, dim, N) receiving the final state. io_bf16: u,
  * delta (or dt), z and out are bfloat16 (inference under bf16 autocast: no float32 copies of them),
  * else float32; everything else is float32 and the arithmetic float32 either way.
- * Time tile by time tile, each tile through every block of the range (the blocks' states wait in a
- * buffer in between), so the rows a tile reads and writes are read once and stay in cache, where a
- * block running through all of time would stride across every row of the tensors.
+ * SPAN channels at a time, time tile by time tile, each tile through every block of the span (the
+ * blocks' states wait in a buffer in between): time-major tensors' rows are then read and written
+ * in runs of up to SPAN channels while they are in cache, where a block running through all of time
+ * would stride across every row, and a tile of a span of channel-major tensors (SPAN rows of TILE
+ * steps) still fits in L2.
  * Returns 0, or 1 when the block buffer cannot be allocated. */
 int storm_scan_fwd_f32(int64_t batch, int64_t L, int64_t dim, int64_t groups, int64_t N, const void *u,
                        int64_t u_sb, int64_t u_st, int64_t u_sc, const void *delta, int64_t d_sb, int64_t d_st,
@@ -250,21 +253,25 @@ int storm_scan_fwd_f32(int64_t batch, int64_t L, int64_t dim, int64_t groups, in
     void (*tile)(const scan_args *, vf *, int64_t, int64_t, int64_t, int64_t, int64_t, strided_out, float *) =
         bconst ? (cconst ? scan_tile_11 : scan_tile_10) : (cconst ? scan_tile_01 : scan_tile_00);
     const int64_t S = block_vectors(&a), ntiles = (L + TILE - 1) / TILE;
-    vf *mem = aligned_buf((size_t)((c1 - c0 + LANES - 1) / LANES + 1) * S);
+    vf *mem = aligned_buf((size_t)(SPAN / LANES) * S);
     if (!mem) return 1;
     for (int64_t b = 0; b < batch; b++)
         for (int64_t grp = 0; grp < groups; grp++) {
             const int64_t lo = grp * hd > c0 ? grp * hd : c0, hi = (grp + 1) * hd < c1 ? (grp + 1) * hd : c1;
-            for (int64_t c = lo; c < hi; c += LANES)
-                block_init(&a, mem + (c - lo) / LANES * S, b, c, hi - c < LANES ? hi - c : LANES, h0, bconst,
-                           cconst);
-            for (int64_t i = 0; i < ntiles; i++)
-                for (int64_t c = lo; c < hi; c += LANES)
-                    tile(&a, mem + (c - lo) / LANES * S, i, b, c, hi - c < LANES ? hi - c : LANES, grp, o, states);
-            if (last)
-                for (int64_t c = lo; c < hi; c += LANES)
-                    for (int64_t l = 0; l < LANES && c + l < hi; l++)
-                        for (int64_t m = 0; m < N; m++) last[(b * dim + c + l) * N + m] = mem[(c - lo) / LANES * S + m][l];
+            for (int64_t s0 = lo; s0 < hi; s0 += SPAN) {
+                const int64_t s1 = hi - s0 < SPAN ? hi : s0 + SPAN;
+                for (int64_t c = s0; c < s1; c += LANES)
+                    block_init(&a, mem + (c - s0) / LANES * S, b, c, s1 - c < LANES ? s1 - c : LANES, h0, bconst,
+                               cconst);
+                for (int64_t i = 0; i < ntiles; i++)
+                    for (int64_t c = s0; c < s1; c += LANES)
+                        tile(&a, mem + (c - s0) / LANES * S, i, b, c, s1 - c < LANES ? s1 - c : LANES, grp, o,
+                             states);
+                if (last)
+                    for (int64_t c = s0; c < s1; c++)
+                        for (int64_t m = 0; m < N; m++)
+                            last[(b * dim + c) * N + m] = mem[(c - s0) / LANES * S + m][(c - s0) % LANES];
+            }
         }
     free(mem);
     return 0;
