@@ -124,8 +124,9 @@ static void *aligned_buf(size_t count) { /* count vectors, aligned to a vector *
     return aligned_alloc(sizeof(vf), (count ? count : 1) * sizeof(vf));
 }
 
-/* One block's vectors between tiles: its state h, then the constants it reads every step. */
-static inline int64_t block_vectors(const scan_args *a) { return 3 * a->N + a->R + 2 + 2 * a->N; }
+/* One block's vectors between tiles: its state h (N), then the constants it reads every step: A2 (N),
+ * dt_proj's weights (R), constant B and C (N each), D and the step-size bias (one each). */
+static inline int64_t block_vectors(const scan_args *a) { return 4 * a->N + a->R + 2; }
 
 /* Set up one block (batch b, channels [c, c + w) of group grp) in mem (block_vectors(a) vectors):
  * its state from h0 (NULL: zeros; else (batch, dim, N)) and its constants, lanes past w zero. */
