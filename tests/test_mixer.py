@@ -1,5 +1,6 @@
 """MambaMixer / BiMambaMixer: mamba-ssm parameter layout, causality, step, padding."""
 
+import copy
 import math
 
 import pytest
@@ -285,6 +286,24 @@ def test_parallel_directions_match_serial(monkeypatch):
         torch.set_num_threads(prev)
     torch.testing.assert_close(par, serial, rtol=1e-12, atol=1e-12)
     assert xr.grad is not None and torch.isfinite(xr.grad).all()
+
+
+def test_inference_follows_parameter_updates():
+    """A = -exp(A_log) and the conv taps, kept between calls where no gradient is recorded, follow
+    in-place updates (an optimizer step) and loaded state dicts at the next call."""
+    m = _mixer(BiMambaMixer).float()
+    x = _x().float()
+    with torch.no_grad():
+        before = m(x)
+        m.A_log.mul_(0.5)
+        m.conv1d_b.weight.add_(0.1)
+        got = m(x)
+        assert not torch.equal(got, before) and torch.equal(got, copy.deepcopy(m)(x))
+    other = _mixer(BiMambaMixer, seed=5).float()
+    with torch.inference_mode():
+        m(x)
+        m.load_state_dict(other.state_dict())
+        assert torch.equal(m(x), other(x))
 
 
 def _vim_v2_state_dict(d_model=16, d_state=16, d_conv=4, expand=2, seed=3):

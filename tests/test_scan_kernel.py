@@ -101,6 +101,31 @@ def test_inference_over_several_spans_of_channels(monkeypatch, isa, groups, time
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+@pytest.mark.parametrize("groups", [None, 2])
+def test_inference_reads_B_and_C_where_x_proj_wrote_them(monkeypatch, isa, groups):
+    """The forward reads per-step B and C in place inside a wider (b, L, width) buffer (the mixer's
+    x_proj output: step and batch strides of the buffer), without copies, equal to the reference."""
+    use_kernel_library(monkeypatch, isa)
+    b, d, L, n, g = 2, 40, 70, 5, groups or 1
+    seen = []
+    real = cpu_kernel.scan_forward
+    monkeypatch.setattr(cpu_kernel, "scan_forward", lambda *a, **k: seen.append((a[5].data_ptr(), a[6].data_ptr()))
+                        or real(*a, **k))
+    t = {k: v.detach() for k, v in _inputs(torch.float32, b=b, d=d, L=L, n=n).items()}
+    buf = torch.randn(b, L, 3 + 2 * g * n + 4)  # 3 columns before B, C after it, 4 more
+    B = buf[..., 3:3 + g * n].reshape(b, L, g, n).permute(0, 2, 3, 1)  # (b, g, n, L)
+    C = buf[..., 3 + g * n:3 + 2 * g * n].reshape(b, L, g, n).permute(0, 2, 3, 1)
+    if groups is None:  # C in a buffer of another width: strides of its own
+        C = torch.randn(b, L, 2 * g * n + 1)[..., 1:1 + g * n].reshape(b, L, g, n).permute(0, 2, 3, 1)
+    t["B"], t["C"] = (B[:, 0], C[:, 0]) if groups is None else (B, C)
+    for reverse in (False, True):
+        out = selective_scan(**t, delta_softplus=True, reverse=reverse)
+        torch.testing.assert_close(out, selective_scan_reference(**t, delta_softplus=True, reverse=reverse),
+                                   rtol=2e-5, atol=2e-5)
+    assert seen == [(B.data_ptr(), C.data_ptr())] * 2
+
+
 def test_float64_does_not_use_the_kernel(monkeypatch):
     calls = _calls(monkeypatch)
     t = {k: (v.detach() if v is not None else None) for k, v in _inputs(torch.float64).items()}

@@ -17,13 +17,13 @@ from __future__ import annotations
 import math
 import os
 import time
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from storm_vlm.model.ssm import _threads, cpu_kernel
+from storm_vlm.model.ssm._derived import derived
 
 __all__ = ["matmul_choices", "measured_linear", "plain_linear", "storm_linear", "use_measured_linears", "fastest",
            "timed"]
@@ -34,9 +34,6 @@ _MEASURE_ROWS = 2048  # rows timed at most when choosing; also the last bucket (
 _MATMUL_CHOICE: dict = {}  # (in, out, bias, rows bucket) -> "blas" | "onednn" | "storm"
 _BACKENDS = ("blas", "onednn", "storm")
 _LINEAR_WORK = 1 << 22  # multiply-adds per thread at least for the C kernel
-# id(weight) -> (key, (packed weight, packed bias)): beside the weight, not on it, so copying a model
-# does not copy the packed weights (the key holds the weight's id: an entry outlives no weight)
-_PACKED: dict = {}
 
 
 def _onednn_linear(x, weight, bias):
@@ -45,17 +42,12 @@ def _onednn_linear(x, weight, bias):
 
 def _packed(weight: torch.Tensor, bias: torch.Tensor | None, lanes: int) -> tuple:
     """The weight (out, in) as `storm_linear_f32` reads it — transposed to (in, out) with out padded
-    with zeros to whole vectors of `lanes` — and the bias padded alike; kept in `_PACKED` until either
-    changes (new values, storage) or the width does, and dropped when the weight is freed. Inference
-    tensors (made under `torch.inference_mode`, e.g. weights concatenated per call) track no
-    versions: packed anew each call."""
-    tensors = (weight,) if bias is None else (weight, bias)
-    key = None
-    if not any(t.is_inference() for t in tensors):
-        key = (lanes, *((id(t), t._version, t.data_ptr()) for t in tensors))
-        cached = _PACKED.get(id(weight))
-        if cached is not None and cached[0] == key:
-            return cached[1]
+    with zeros to whole vectors of `lanes` — and the bias padded alike; kept (`_derived.derived`)
+    until either changes or the width does."""
+    return derived("packed linear", _pack, weight, bias, extra=(lanes,))
+
+
+def _pack(weight: torch.Tensor, bias: torch.Tensor | None, lanes: int) -> tuple:
     out, k = weight.shape
     ldw = -(-out // lanes) * lanes
     w = weight.new_zeros(k, ldw)
@@ -64,10 +56,6 @@ def _packed(weight: torch.Tensor, bias: torch.Tensor | None, lanes: int) -> tupl
     if bias is not None:
         b = bias.new_zeros(ldw)
         b[:out] = bias
-    if key is not None:
-        if id(weight) not in _PACKED:
-            weakref.finalize(weight, _PACKED.pop, id(weight), None)
-        _PACKED[id(weight)] = (key, (w, b))
     return w, b
 
 

@@ -8,9 +8,10 @@
  * target's registers); only max/min and the horizontal sum use intrinsics where they exist.
  *
  * Layout: u, delta, z are (batch, L, dim) or (batch, dim, L) through explicit element strides (the
- * forward also reads them, and writes out, in bfloat16); A2 = A * log2(e), (dim, N) contiguous; BT,
- * CT are (batch, L, groups, N) contiguous; out has explicit strides. Channel c uses group
- * c / (dim / groups).
+ * forward also reads them, and writes out, in bfloat16); A (dim, N) contiguous; BT, CT are (batch, L,
+ * groups, N), each step's groups x N values contiguous, steps and batch elements through explicit
+ * strides in the forward (B and C read where the mixer's x_proj wrote them) and contiguous in the
+ * backward; out has explicit strides. Channel c uses group c / (dim / groups).
  *
  * Why vectorise over channels (not over N): with time-major inputs, LANES neighbouring channels are
  * one load per step, and y = sum_n C[n] h[n] needs no horizontal sum.
@@ -79,12 +80,14 @@ static void store_tile(const vf *tile, strided_out s, int64_t off, int64_t nt, i
         for (int64_t t = 0; t < nt; t++) set_wide(s.p, off + l * s.sc + t * s.st, ((const float *)&tile[t])[l], s.bf16);
 }
 
-/* Everything one call scans. B and C are either per step, BT/CT (batch, L, groups, N) contiguous, or
- * constant per channel (bconst / cconst), (dim, N) contiguous like A2 (mamba-ssm's constant B/C). */
+/* Everything one call scans. B and C are either per step, BT/CT (batch, L, groups, N) with element
+ * strides bt_sb, bt_st (ct_sb, ct_st) per batch element and step, or constant per channel (bconst /
+ * cconst), (dim, N) contiguous like A (mamba-ssm's constant B/C). */
 typedef struct {
     int64_t batch, L, dim, groups, N, chunk;
     strided u, dl, z;
-    const float *A2, *BT, *CT, *Dv, *bias;
+    const float *A, *BT, *CT, *Dv, *bias;
+    int64_t bt_sb, bt_st, ct_sb, ct_st;
     int softplus, reverse;
     const float *dtW; /* forward only: NULL, or (dim, R) contiguous when dl holds delta's low-rank factor */
     int64_t R;
@@ -124,7 +127,8 @@ static void *aligned_buf(size_t count) { /* count vectors, aligned to a vector *
     return aligned_alloc(sizeof(vf), (count ? count : 1) * sizeof(vf));
 }
 
-/* One block's vectors between tiles: its state h (N), then the constants it reads every step: A2 (N),
+/* One block's vectors between tiles: its state h (N), then the constants it reads every step: A2 =
+ * A log2(e) (N),
  * dt_proj's weights (R), constant B and C (N each), D and the step-size bias (one each). */
 static inline int64_t block_vectors(const scan_args *a) { return 4 * a->N + a->R + 2; }
 
@@ -134,7 +138,8 @@ static void block_init(const scan_args *a, vf *mem, int64_t b, int64_t c, int64_
                        int cconst) {
     const int64_t N = a->N, dim = a->dim;
     vf *h = mem, *a2 = h + N, *wdt = a2 + N, *bv = wdt + a->R, *cv = bv + N, *dv = cv + N;
-    load_cols(a2, a->A2, c, w, N);
+    load_cols(a2, a->A, c, w, N);
+    for (int64_t n = 0; n < N; n++) a2[n] *= LOG2E;
     if (a->dtW) load_cols(wdt, a->dtW, c, w, a->R);
     if (bconst) load_cols(bv, a->BT, c, w, N);
     if (cconst) load_cols(cv, a->CT, c, w, N);
@@ -164,7 +169,6 @@ static inline __attribute__((always_inline)) void scan_tile(const scan_args *a, 
     vf tu[TILE], td[TILE], tz[TILE], ty[TILE];
     const int64_t ntiles = (L + TILE - 1) / TILE;
     const int64_t nchunks = chunk > 0 ? (L + chunk - 1) / chunk : 0;
-    const size_t gstride = (size_t)a->groups * N; /* BT/CT elements per time step */
     const int64_t tile = reverse ? ntiles - 1 - i : i;
     const int64_t t0 = tile * TILE;
     const int64_t nt = (L - t0) < TILE ? (L - t0) : TILE;
@@ -182,8 +186,8 @@ static inline __attribute__((always_inline)) void scan_tile(const scan_args *a, 
         const int64_t t = t0 + k;
         const vf dt = td[k];
         const vf du = dt * tu[k];
-        const float *Bt = bconst ? NULL : a->BT + ((size_t)(b * L + t)) * gstride + grp * N;
-        const float *Ct = cconst ? NULL : a->CT + ((size_t)(b * L + t)) * gstride + grp * N;
+        const float *Bt = bconst ? NULL : a->BT + b * a->bt_sb + t * a->bt_st + grp * N;
+        const float *Ct = cconst ? NULL : a->CT + b * a->ct_sb + t * a->ct_st + grp * N;
         vf y0 = Dvec * tu[k], y1 = splat(0.0f);
         int64_t n = 0;
         for (; n + 1 < N; n += 2) {
@@ -242,14 +246,15 @@ SCAN_TILE(1, 1)
 int storm_scan_fwd_f32(int64_t batch, int64_t L, int64_t dim, int64_t groups, int64_t N, const void *u,
                        int64_t u_sb, int64_t u_st, int64_t u_sc, const void *delta, int64_t d_sb, int64_t d_st,
                        int64_t d_sc, const float *dtW, int64_t R, const void *z, int64_t z_sb, int64_t z_st,
-                       int64_t z_sc, const float *A2, const float *BT, const float *CT, int bconst, int cconst,
-                       const float *Dv, const float *bias, int softplus, int reverse, const float *h0, void *out,
-                       int64_t o_sb, int64_t o_st, int64_t o_sc, float *states, int64_t chunk, float *last,
-                       int64_t c0, int64_t c1, int io_bf16) {
+                       int64_t z_sc, const float *A, const float *BT, int64_t bt_sb, int64_t bt_st,
+                       const float *CT, int64_t ct_sb, int64_t ct_st, int bconst, int cconst, const float *Dv,
+                       const float *bias, int softplus, int reverse, const float *h0, void *out, int64_t o_sb,
+                       int64_t o_st, int64_t o_sc, float *states, int64_t chunk, float *last, int64_t c0, int64_t c1,
+                       int io_bf16) {
     const int64_t hd = dim / groups;
     const scan_args a = {batch, L, dim, groups, N, chunk, {u, u_sb, u_st, u_sc, io_bf16},
-                         {delta, d_sb, d_st, d_sc, io_bf16}, {z, z_sb, z_st, z_sc, io_bf16}, A2, BT, CT, Dv, bias,
-                         softplus, reverse, dtW, dtW ? R : 0};
+                         {delta, d_sb, d_st, d_sc, io_bf16}, {z, z_sb, z_st, z_sc, io_bf16}, A, BT, CT, Dv, bias,
+                         bt_sb, bt_st, ct_sb, ct_st, softplus, reverse, dtW, dtW ? R : 0};
     const strided_out o = {out, o_sb, o_st, o_sc, io_bf16};
     void (*tile)(const scan_args *, vf *, int64_t, int64_t, int64_t, int64_t, int64_t, strided_out, float *) =
         bconst ? (cconst ? scan_tile_11 : scan_tile_10) : (cconst ? scan_tile_01 : scan_tile_00);
@@ -314,7 +319,7 @@ static inline __attribute__((always_inline)) int bwd_block(const scan_args *a, c
     vf *carry = a2 + N, *gAacc = carry + N, *h0 = gAacc + N, *gAc = h0 + N;
     vf *bv = gAc + N, *cv = bv + N, *gBacc = cv + N, *gCacc = gBacc + N, *gBc = gCacc + N, *gCc = gBc + N;
     vf Dvec = splat(0.0f), bvec = splat(0.0f), gDacc = splat(0.0f), gbacc = splat(0.0f);
-    load_cols(a2, a->A2, c, w, N);
+    load_cols(an, a->A, c, w, N);
     if (bconst) load_cols(bv, a->BT, c, w, N);
     if (cconst) load_cols(cv, a->CT, c, w, N);
     for (int64_t n = 0; n < N; n++) {
@@ -322,7 +327,7 @@ static inline __attribute__((always_inline)) int bwd_block(const scan_args *a, c
         gAacc[n] = gBacc[n] = gCacc[n] = splat(0.0f);
         if (g->glast)
             for (int64_t l = 0; l < w; l++) carry[n][l] = g->glast[(b * dim + c + l) * N + n];
-        an[n] = a2[n] * 0.693147180559945f;
+        a2[n] = an[n] * LOG2E;
     }
     for (int64_t l = 0; l < w; l++) {
         if (a->Dv) Dvec[l] = a->Dv[c + l];
@@ -353,8 +358,8 @@ static inline __attribute__((always_inline)) int bwd_block(const scan_args *a, c
             const int64_t t = s + kk;
             const vf dt = td[kk];
             const vf du = dt * tu[kk];
-            const float *Bt = bconst ? NULL : a->BT + ((size_t)(b * L + t)) * gstride + grp * N;
-            const float *Ct = cconst ? NULL : a->CT + ((size_t)(b * L + t)) * gstride + grp * N;
+            const float *Bt = bconst ? NULL : a->BT + b * a->bt_sb + t * a->bt_st + grp * N;
+            const float *Ct = cconst ? NULL : a->CT + b * a->ct_sb + t * a->ct_st + grp * N;
             const vf *hp = j ? H + (reverse ? kk + 1 : kk - 1) * N : h0;
             vf *hc = H + kk * N, *ac = Ab + kk * N;
             vf y = Dvec * tu[kk];
@@ -381,8 +386,8 @@ static inline __attribute__((always_inline)) int bwd_block(const scan_args *a, c
             const vf dt = td[kk], uu = tu[kk], gy = tg[kk];
             gDc += gy * uu;
             const vf du = dt * uu;
-            const float *Bt = bconst ? NULL : a->BT + ((size_t)(b * L + t)) * gstride + grp * N;
-            const float *Ct = cconst ? NULL : a->CT + ((size_t)(b * L + t)) * gstride + grp * N;
+            const float *Bt = bconst ? NULL : a->BT + b * a->bt_sb + t * a->bt_st + grp * N;
+            const float *Ct = cconst ? NULL : a->CT + b * a->ct_sb + t * a->ct_st + grp * N;
             float *gBt = bconst ? NULL : g->gBT + ((size_t)(b * L + t)) * gstride + grp * N;
             float *gCt = cconst ? NULL : g->gCT + ((size_t)(b * L + t)) * gstride + grp * N;
             const vf *hp = j ? H + (reverse ? kk + 1 : kk - 1) * N : h0;
@@ -451,15 +456,16 @@ BWD_BLOCK(1, 1)
 int storm_scan_bwd_f32(int64_t batch, int64_t L, int64_t dim, int64_t groups, int64_t N, const float *u,
                        int64_t u_sb, int64_t u_st, int64_t u_sc, const float *delta, int64_t d_sb, int64_t d_st,
                        int64_t d_sc, const float *z, int64_t z_sb, int64_t z_st, int64_t z_sc, const float *gout,
-                       int64_t g_sb, int64_t g_st, int64_t g_sc, const float *A2, const float *BT, const float *CT,
+                       int64_t g_sb, int64_t g_st, int64_t g_sc, const float *A, const float *BT, const float *CT,
                        int bconst, int cconst, const float *Dv, const float *bias, int softplus, int reverse,
                        const float *states, int64_t chunk, const float *glast, float *gu, int64_t gu_sb,
                        int64_t gu_st, int64_t gu_sc, float *gdelta, int64_t gd_sb, int64_t gd_st, int64_t gd_sc,
                        float *gz, int64_t gz_sb, int64_t gz_st, int64_t gz_sc, float *gA, float *gD, float *gbias,
                        float *gBT, float *gCT, float *gh0, int64_t c0, int64_t c1) {
-    const int64_t hd = dim / groups;
+    const int64_t hd = dim / groups, step = groups * N; /* BT, CT contiguous */
     const scan_args a = {batch, L, dim, groups, N, chunk, {u, u_sb, u_st, u_sc, 0}, {delta, d_sb, d_st, d_sc, 0},
-                         {z, z_sb, z_st, z_sc, 0}, A2, BT, CT, Dv, bias, softplus, reverse, NULL, 0};
+                         {z, z_sb, z_st, z_sc, 0}, A, BT, CT, Dv, bias, L * step, step, L * step, step, softplus,
+                         reverse, NULL, 0};
     const grad_args g = {{gout, g_sb, g_st, g_sc, 0}, states, glast, {gu, gu_sb, gu_st, gu_sc, 0},
                          {gdelta, gd_sb, gd_st, gd_sc, 0}, {gz, gz_sb, gz_st, gz_sc, 0}, gA, gD, gbias, gBT, gCT,
                          gh0};

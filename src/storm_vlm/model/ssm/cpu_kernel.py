@@ -517,8 +517,8 @@ def _bind(lib: ctypes.CDLL, isa: Isa, lanes: int, origin: str) -> ctypes.CDLL:
     lib.storm_scan_vector_isa.restype = ctypes.c_char_p
     fn = lib.storm_scan_fwd_f32
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    fn.argtypes = ([i64] * 5 + [ptr, i64, i64, i64] * 2 + [ptr, i64] + [ptr, i64, i64, i64] + [ptr] * 3
-                   + [cint] * 2 + [ptr] * 2 + [cint] * 2 + [ptr] + [ptr, i64, i64, i64, ptr, i64, ptr, i64, i64]
+    fn.argtypes = ([i64] * 5 + [ptr, i64, i64, i64] * 2 + [ptr, i64] + [ptr, i64, i64, i64] + [ptr]
+                   + [ptr, i64, i64] * 2 + [cint] * 2 + [ptr] * 2 + [cint] * 2 + [ptr] + [ptr, i64, i64, i64, ptr, i64, ptr, i64, i64]
                    + [cint])
     fn.restype = cint
     bwd = lib.storm_scan_bwd_f32
@@ -622,7 +622,12 @@ def _strides(t: Tensor | None) -> tuple[int, int, int]:
     return sb, st, sc
 
 
-def scan_forward(lib: ctypes.CDLL, u: Tensor, delta: Tensor, z: Tensor | None, A2: Tensor, BT: Tensor,
+def _step_strides(t: Tensor) -> tuple[int, int]:
+    """(batch, step) element strides of per-step B or C (b, L, groups, N); (0, 0) for a constant (d, N)."""
+    return (t.stride(0), t.stride(1)) if t.dim() == 4 else (0, 0)
+
+
+def scan_forward(lib: ctypes.CDLL, u: Tensor, delta: Tensor, z: Tensor | None, A: Tensor, BT: Tensor,
                  CT: Tensor, groups: int, D: Tensor | None, bias: Tensor | None, softplus: bool, reverse: bool,
                  h0: Tensor | None, out: Tensor, states: Tensor | None, chunk: int, last: Tensor | None, c0: int,
                  c1: int, delta_proj: Tensor | None = None) -> None:
@@ -630,23 +635,24 @@ def scan_forward(lib: ctypes.CDLL, u: Tensor, delta: Tensor, z: Tensor | None, A
 
     u, delta, z, out: (b, d, L), any strides, all float32 or all bfloat16 (read and written as such,
     float32 arithmetic) (with ``delta_proj`` (d, R) float32 contiguous, delta is instead the factor
-    (b, R, L) of ``delta_proj @ delta``); A2 = A * log2(e): (d, N) contiguous;
-    BT, CT: (b, L, groups, N) contiguous, or (d, N) contiguous when constant over time; D, bias: (d,)
+    (b, R, L) of ``delta_proj @ delta``); A: (d, N) contiguous; BT, CT: (b, L, groups, N), each
+    step's groups x N values contiguous (any batch and step strides), or (d, N) contiguous when
+    constant over time; D, bias: (d,)
     contiguous; h0: initial state (b, d, N) contiguous or None (zeros); states: (L/chunk + 1, b,
     groups, N, d/groups) contiguous; last: (b, d, N) contiguous."""
     b, d, L = u.shape
-    n = A2.shape[1]
+    n = A.shape[1]
     rank = 0 if delta_proj is None else delta_proj.shape[1]
     rc = lib.storm_scan_fwd_f32(b, L, d, groups, n, _ptr(u), *_strides(u), _ptr(delta), *_strides(delta),
-                                _ptr(delta_proj), rank, _ptr(z), *_strides(z), _ptr(A2), _ptr(BT), _ptr(CT),
-                                int(BT.dim() == 2), int(CT.dim() == 2), _ptr(D), _ptr(bias), int(softplus),
+                                _ptr(delta_proj), rank, _ptr(z), *_strides(z), _ptr(A), _ptr(BT), *_step_strides(BT),
+                                _ptr(CT), *_step_strides(CT), int(BT.dim() == 2), int(CT.dim() == 2), _ptr(D), _ptr(bias), int(softplus),
                                 int(reverse), _ptr(h0), _ptr(out), *_strides(out), _ptr(states), int(chunk),
                                 _ptr(last), c0, c1, int(u.dtype == torch.bfloat16))
     if rc != 0:
         raise MemoryError(f"selective-scan forward kernel: out of memory for channels {c0}..{c1} x d_state {n}")
 
 
-def scan_backward(lib: ctypes.CDLL, u: Tensor, delta: Tensor, z: Tensor | None, gout: Tensor, A2: Tensor,
+def scan_backward(lib: ctypes.CDLL, u: Tensor, delta: Tensor, z: Tensor | None, gout: Tensor, A: Tensor,
                   BT: Tensor, CT: Tensor, groups: int, D: Tensor | None, bias: Tensor | None, softplus: bool,
                   reverse: bool, states: Tensor, chunk: int, glast: Tensor | None, gu: Tensor, gdelta: Tensor,
                   gz: Tensor | None, gA: Tensor, gD: Tensor | None, gbias: Tensor | None, gBT: Tensor, gCT: Tensor,
@@ -655,14 +661,15 @@ def scan_backward(lib: ctypes.CDLL, u: Tensor, delta: Tensor, z: Tensor | None, 
 
     u, delta, z, gout and the outputs gu, gdelta, gz: (b, d, L) float32, any strides; states:
     (L/chunk + 1, b, groups, N, d/groups), index 0 the initial state; glast: (b, d, N) contiguous or
-    None. gA (d, N), gD, gbias (d,) and gBT, gCT (shaped like BT, CT) are contiguous and accumulated
-    into: pass zeros (per-step gBT, gCT: one pair per concurrent call). gh0: None, or (b, d, N)
-    contiguous receiving the initial state's gradient."""
+    None; A, BT, CT contiguous (as ``scan_forward`` reads them). gA (d, N), gD, gbias (d,) and gBT,
+    gCT (shaped like BT, CT) are contiguous and accumulated into: pass zeros (per-step gBT, gCT: one
+    pair per concurrent call). gh0: None, or (b, d, N) contiguous receiving the initial state's
+    gradient."""
     b, d, L = u.shape
-    n = A2.shape[1]
+    n = A.shape[1]
     rc = lib.storm_scan_bwd_f32(
         b, L, d, groups, n, _ptr(u), *_strides(u), _ptr(delta), *_strides(delta), _ptr(z), *_strides(z),
-        _ptr(gout), *_strides(gout), _ptr(A2), _ptr(BT), _ptr(CT), int(BT.dim() == 2), int(CT.dim() == 2), _ptr(D),
+        _ptr(gout), *_strides(gout), _ptr(A), _ptr(BT), _ptr(CT), int(BT.dim() == 2), int(CT.dim() == 2), _ptr(D),
         _ptr(bias), int(softplus), int(reverse), _ptr(states), int(chunk), _ptr(glast), _ptr(gu), *_strides(gu),
         _ptr(gdelta), *_strides(gdelta), _ptr(gz), *_strides(gz), _ptr(gA), _ptr(gD), _ptr(gbias), _ptr(gBT),
         _ptr(gCT), _ptr(gh0), c0, c1)

@@ -372,17 +372,28 @@ def _kernel_for(u: Tensor, cdt: torch.dtype):
 
 def _kernel_inputs(u, delta, z, A, D, delta_bias, io_dtype=torch.float32):
     """The kernel's arguments: u, delta, z (any strides) in `io_dtype` (float32, or bfloat16 for the
-    forward), A2 = A * log2(e) (d, n) and D, delta_bias (d,) contiguous float32."""
-    f32 = torch.float32
-    return (u.to(io_dtype), delta.to(io_dtype), None if z is None else z.to(io_dtype),
-            (A.to(f32) * LOG2E).contiguous(), None if D is None else D.to(f32).contiguous(),
-            None if delta_bias is None else delta_bias.to(f32).contiguous())
+    forward), A (d, n) and D, delta_bias (d,) contiguous float32."""
+    return (u.to(io_dtype), delta.to(io_dtype), None if z is None else z.to(io_dtype), _f32(A), _f32(D),
+            _f32(delta_bias))
 
 
-def _BC_layout(B: Tensor, C: Tensor, cdt: torch.dtype) -> tuple[Tensor, Tensor]:
-    """B and C as the kernel and the chunk loops read them: per step (b, L, g, n), constant (d, n), contiguous."""
-    return tuple(x.to(cdt).contiguous() if x.dim() == 2 else x.permute(0, 3, 1, 2).to(cdt).contiguous()
-                 for x in (B, C))
+def _f32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
+def _BC_layout(B: Tensor, C: Tensor, cdt: torch.dtype, steps_apart: bool = False) -> tuple[Tensor, Tensor]:
+    """B and C as the kernel and the chunk loops read them: per step (b, L, g, n), constant (d, n),
+    contiguous. ``steps_apart`` (the kernel's forward): per-step ones may keep their batch and step
+    strides (as where x_proj wrote them) as long as each step's g x n values are contiguous."""
+    def layout(x):
+        if x.dim() == 2:
+            return x.to(cdt).contiguous()
+        x = x.permute(0, 3, 1, 2).to(cdt)
+        if steps_apart and x.stride(3) == 1 and x.stride(2) == x.shape[3]:
+            return x
+        return x.contiguous()
+
+    return layout(B), layout(C)
 
 
 def _kernel_inference(lib, u, delta, A, B, C, D, z, delta_bias, h0, softplus, reverse, want_last, cdt,
@@ -393,7 +404,7 @@ def _kernel_inference(lib, u, delta, A, B, C, D, z, delta_bias, h0, softplus, re
     in ``cdt`` or None), what ``_ChunkedScan`` returns for the same inputs."""
     b, d, L = u.shape
     g = next((x.shape[1] for x in (B, C) if x.dim() == 4), 1)
-    BT, CT = _BC_layout(B, C, cdt)
+    BT, CT = _BC_layout(B, C, cdt, steps_apart=True)
     yT = _empty(b, L, d, dtype=u.dtype if u.dtype in _KERNEL_IO else cdt, device=u.device)
     last = torch.empty(b, d, A.shape[1], dtype=cdt, device=u.device) if want_last else None
     _kernel_forward(lib, u, delta, z, A, BT, CT, g, D, delta_bias, h0, softplus, reverse, yT, None, 0, last,
@@ -408,7 +419,7 @@ def _kernel_forward(lib, u, delta, z, A, BT, CT, g, D, delta_bias, h0, softplus,
     last_bdn (b, d, n) when given. yT float32, or bfloat16: then u, delta and z are read in bfloat16
     (cast to it if they are not). With ``delta_proj`` (d, R), delta is its factor (b, R, L). Channel
     ranges run in worker threads when there are several intra-op threads (ctypes drops the GIL)."""
-    u, delta, z, A2, D, bias = _kernel_inputs(u, delta, z, A, D, delta_bias, yT.dtype)
+    u, delta, z, A, D, bias = _kernel_inputs(u, delta, z, A, D, delta_bias, yT.dtype)
     if delta_proj is not None:
         delta_proj = delta_proj.to(torch.float32).contiguous()
     h0 = None if h0 is None else h0.to(torch.float32).contiguous()
@@ -417,7 +428,7 @@ def _kernel_forward(lib, u, delta, z, A, BT, CT, g, D, delta_bias, h0, softplus,
     parts = _kernel_ranges(d, b * L * d * A.shape[1], lib.storm_lanes)
 
     def run(c0, c1):
-        cpu_kernel.scan_forward(lib, u, delta, z, A2, BT, CT, g, D, bias, softplus, reverse, h0, out, h_in, T,
+        cpu_kernel.scan_forward(lib, u, delta, z, A, BT, CT, g, D, bias, softplus, reverse, h0, out, h_in, T,
                                 last_bdn, c0, c1, delta_proj=delta_proj)
 
     _run_blocks(run, parts)
@@ -432,7 +443,7 @@ def _kernel_backward(lib, u, delta, z, A, BT, CT, g, D, delta_bias, h_in, has_h0
     f32 = torch.float32
     b, d, L = u.shape
     n = A.shape[1]
-    u, delta, z, A2, Dc, bias = _kernel_inputs(u, delta, z, A, D, delta_bias)
+    u, delta, z, A, Dc, bias = _kernel_inputs(u, delta, z, A, D, delta_bias)
     gout = torch.zeros(b, d, L, dtype=f32) if gout is None else gout.to(f32)
     glast = None if glast is None or not glast.numel() else glast.to(f32).contiguous()
 
@@ -451,7 +462,7 @@ def _kernel_backward(lib, u, delta, z, A, BT, CT, g, D, delta_bias, h_in, has_h0
 
     def run(c0, c1):
         gBT, gCT = partial[(c0, c1)]
-        cpu_kernel.scan_backward(lib, u, delta, z, gout, A2, BT, CT, g, Dc, bias, softplus, reverse, h_in, T, glast,
+        cpu_kernel.scan_backward(lib, u, delta, z, gout, A, BT, CT, g, Dc, bias, softplus, reverse, h_in, T, glast,
                                  gu, gdelta, gz, gA, gD, gbias, gBT, gCT, gh0, c0, c1)
 
     _run_blocks(run, ranges)

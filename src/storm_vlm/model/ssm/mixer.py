@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from storm_vlm.model.ssm import _threads, cpu_kernel
+from storm_vlm.model.ssm._derived import derived
 from storm_vlm.model.ssm import scan as _scan
 
 __all__ = ["MambaMixer", "BiMambaMixer", "MambaState"]
@@ -120,7 +121,7 @@ def _conv_silu(x: Tensor, weight: Tensor, bias: Tensor | None, reverse: bool, pr
         return F.silu(_depthwise_conv(x, weight, bias, reverse, prefix)).to(x.dtype)
     if x.stride(2) != 1:  # rows may sit apart (x a column slice of in_proj's output), channels not
         x = x.contiguous()
-    w_t = weight[:, 0, :].t().contiguous()  # (K, d): one tap's weights for every channel, contiguous
+    w_t = derived("conv taps", _taps, weight)  # (K, d): one tap's weights for every channel, contiguous
     bias = None if bias is None else bias.contiguous()
     prefix = None if prefix is None else prefix.to(torch.float32).contiguous()  # (B, K - 1, d)
     out = x.new_empty(bsz, L, d)
@@ -131,6 +132,17 @@ def _conv_silu(x: Tensor, weight: Tensor, bias: Tensor | None, reverse: bool, pr
              for b in range(bsz) for t0, t1 in _threads.spans(L, _CONV_ROWS)]
     _threads.run_all(getattr(lib, _CONV_KERNELS[x.dtype]), calls)
     return out
+
+
+def _taps(weight: Tensor) -> Tensor:
+    return weight[:, 0, :].t().contiguous()
+
+
+def _A(A_log: Tensor) -> Tensor:
+    """A = -exp(A_log) in float32; kept while A_log is unchanged where no gradient is recorded."""
+    if torch.is_grad_enabled():
+        return -torch.exp(A_log.float())
+    return derived("A", lambda a: -torch.exp(a.float()), A_log)
 
 
 def _check_inputs(hidden_states: Tensor, mask: Tensor | None, d_model: int) -> None:
@@ -217,7 +229,7 @@ class MambaMixer(nn.Module):
             delta, delta_proj = dt, dt_proj.weight
         else:
             delta, delta_proj = F.linear(dt, dt_proj.weight).masked_fill(~valid, float("-inf")), None
-        A = -torch.exp(A_log.float())
+        A = _A(A_log)
         res = _scan.selective_scan(
             u.transpose(1, 2),
             delta.transpose(1, 2),
@@ -338,7 +350,7 @@ class MambaMixer(nn.Module):
         x = F.silu(x).to(dtype)
         dt, Bm, Cm = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(F.linear(dt, self.dt_proj.weight) + self.dt_proj.bias.to(dt.dtype))
-        A = -torch.exp(self.A_log.float())
+        A = _A(self.A_log)
         dA = torch.exp(dt.float()[..., None] * A)
         dBu = (dt * x).float()[..., None] * Bm.float()[:, None, :]
         ssm_state.copy_(ssm_state * dA + dBu)

@@ -69,6 +69,7 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initia
     """Validate selective-scan arguments; raise ValueError naming the shapes/dtypes on mismatch."""
     names = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state,
                  delta_proj=delta_proj)
+    devices, compute = set(), torch.float32
     for name, t in names.items():
         if t is None:
             if name in ("u", "delta", "A", "B", "C"):
@@ -76,10 +77,13 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initia
             continue
         if not isinstance(t, Tensor):
             raise ValueError(f"selective_scan: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.is_complex():
-            raise ValueError(f"selective_scan: complex {name} ({t.dtype}) is not supported; use a real A, B, C")
         if not t.is_floating_point():
+            if t.is_complex():
+                raise ValueError(f"selective_scan: complex {name} ({t.dtype}) is not supported; use a real A, B, C")
             raise ValueError(f"selective_scan: {name} must be a floating-point tensor, got {t.dtype}")
+        devices.add(t.device)
+        if t.dtype == torch.float64:
+            compute = torch.float64
 
     if u.dim() != 3:
         raise ValueError(f"selective_scan: u must be (batch, dim, L), got shape {_shape(u)}")
@@ -129,13 +133,8 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initia
     if initial_state is not None and initial_state.shape != (batch, dim, state):
         raise ValueError(f"selective_scan: initial_state must be (batch, dim, N) = ({batch}, {dim}, {state}), "
                          f"got shape {_shape(initial_state)}")
-    devices = {t.device for t in names.values() if t is not None}
     if len(devices) > 1:
         raise ValueError(f"selective_scan: all inputs must be on one device, got {sorted(map(str, devices))}")
-    compute = torch.float32
-    for t in names.values():
-        if t is not None and t.dtype == torch.float64:
-            compute = torch.float64
     return ScanShapes(batch, dim, length, state, groups or 1, compute, B.dim() != 2, C.dim() != 2)
 
 
