@@ -127,9 +127,8 @@ static void *aligned_buf(size_t count) { /* count vectors, aligned to a vector *
     return aligned_alloc(sizeof(vf), (count ? count : 1) * sizeof(vf));
 }
 
-/* One block's vectors between tiles: its state h (N), then the constants it reads every step: A2 =
- * A log2(e) (N),
- * dt_proj's weights (R), constant B and C (N each), D and the step-size bias (one each). */
+/* One block's vectors between tiles: its state h (N), then the constants it reads every step:
+ * A2 = A log2(e) (N), dt_proj's weights (R), constant B and C (N each), D and the step-size bias. */
 static inline int64_t block_vectors(const scan_args *a) { return 4 * a->N + a->R + 2; }
 
 /* Set up one block (batch b, channels [c, c + w) of group grp) in mem (block_vectors(a) vectors):

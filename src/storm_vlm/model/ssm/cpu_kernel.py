@@ -518,8 +518,8 @@ def _bind(lib: ctypes.CDLL, isa: Isa, lanes: int, origin: str) -> ctypes.CDLL:
     fn = lib.storm_scan_fwd_f32
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     fn.argtypes = ([i64] * 5 + [ptr, i64, i64, i64] * 2 + [ptr, i64] + [ptr, i64, i64, i64] + [ptr]
-                   + [ptr, i64, i64] * 2 + [cint] * 2 + [ptr] * 2 + [cint] * 2 + [ptr] + [ptr, i64, i64, i64, ptr, i64, ptr, i64, i64]
-                   + [cint])
+                   + [ptr, i64, i64] * 2 + [cint] * 2 + [ptr] * 2 + [cint] * 2 + [ptr]
+                   + [ptr, i64, i64, i64, ptr, i64, ptr, i64, i64] + [cint])
     fn.restype = cint
     bwd = lib.storm_scan_bwd_f32
     bwd.argtypes = ([i64] * 5 + [ptr, i64, i64, i64] * 4 + [ptr] * 3 + [cint] * 2 + [ptr] * 2 + [cint] * 2
@@ -637,17 +637,17 @@ def scan_forward(lib: ctypes.CDLL, u: Tensor, delta: Tensor, z: Tensor | None, A
     float32 arithmetic) (with ``delta_proj`` (d, R) float32 contiguous, delta is instead the factor
     (b, R, L) of ``delta_proj @ delta``); A: (d, N) contiguous; BT, CT: (b, L, groups, N), each
     step's groups x N values contiguous (any batch and step strides), or (d, N) contiguous when
-    constant over time; D, bias: (d,)
-    contiguous; h0: initial state (b, d, N) contiguous or None (zeros); states: (L/chunk + 1, b,
-    groups, N, d/groups) contiguous; last: (b, d, N) contiguous."""
+    constant over time; D, bias: (d,) contiguous; h0: initial state (b, d, N) contiguous or None
+    (zeros); states: (L/chunk + 1, b, groups, N, d/groups) contiguous; last: (b, d, N) contiguous."""
     b, d, L = u.shape
     n = A.shape[1]
     rank = 0 if delta_proj is None else delta_proj.shape[1]
     rc = lib.storm_scan_fwd_f32(b, L, d, groups, n, _ptr(u), *_strides(u), _ptr(delta), *_strides(delta),
-                                _ptr(delta_proj), rank, _ptr(z), *_strides(z), _ptr(A), _ptr(BT), *_step_strides(BT),
-                                _ptr(CT), *_step_strides(CT), int(BT.dim() == 2), int(CT.dim() == 2), _ptr(D), _ptr(bias), int(softplus),
-                                int(reverse), _ptr(h0), _ptr(out), *_strides(out), _ptr(states), int(chunk),
-                                _ptr(last), c0, c1, int(u.dtype == torch.bfloat16))
+                                _ptr(delta_proj), rank, _ptr(z), *_strides(z), _ptr(A), _ptr(BT),
+                                *_step_strides(BT), _ptr(CT), *_step_strides(CT), int(BT.dim() == 2),
+                                int(CT.dim() == 2), _ptr(D), _ptr(bias), int(softplus), int(reverse), _ptr(h0),
+                                _ptr(out), *_strides(out), _ptr(states), int(chunk), _ptr(last), c0, c1,
+                                int(u.dtype == torch.bfloat16))
     if rc != 0:
         raise MemoryError(f"selective-scan forward kernel: out of memory for channels {c0}..{c1} x d_state {n}")
 

@@ -79,7 +79,8 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initia
             raise ValueError(f"selective_scan: {name} must be a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
             if t.is_complex():
-                raise ValueError(f"selective_scan: complex {name} ({t.dtype}) is not supported; use a real A, B, C")
+                raise ValueError(f"selective_scan: complex {name} ({t.dtype}) is not supported; "
+                                 "use a real A, B, C")
             raise ValueError(f"selective_scan: {name} must be a floating-point tensor, got {t.dtype}")
         devices.add(t.device)
         if t.dtype == torch.float64:
