@@ -2,6 +2,8 @@
 appends), the grouped-query single-token attention ("storm_sdpa"), the vision tower's
 sigmoid-form tanh-GELU and the LLM's one-pass SiLU gate and RMSNorm."""
 
+import copy
+
 import pytest
 import torch
 from transformers.activations import GELUTanh
@@ -12,7 +14,8 @@ from storm_vlm import StormConfig
 from storm_vlm.model.fast_paths import STORM_SDPA, _GELUTanhCPU, _Qwen2MLPCPU, _Qwen2RMSNormCPU
 from storm_vlm.model.kv_cache import GrowingKVLayer, StormKVCache
 from storm_vlm.model import fast_paths, kv_cache
-from storm_vlm.model.ssm import cpu_kernel
+from storm_vlm.model.matmul_backend import use_measured_linears
+from storm_vlm.model.ssm import BiMambaMixer, MambaMixer, cpu_kernel
 from storm_vlm.perf.profiling import build_random_model
 from helpers import TINY_CONFIG as TINY
 from helpers import KERNEL_ISAS, use_kernel_library
@@ -296,3 +299,65 @@ def test_keys_are_kept_in_the_autocast_dtype(model, monkeypatch):
     assert {layer.keys.dtype for layer in ref_cache.layers} == {torch.float32}
     for a, b in zip(logits, ref_logits):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+@pytest.mark.parametrize("cls,d_model,batch,length", [(BiMambaMixer, 20, 2, 150), (MambaMixer, 24, 3, 64),
+                                                      (BiMambaMixer, 224, 1, 70)])
+def test_mixer_direction_in_one_call_equals_the_separate_kernels(monkeypatch, isa, cls, d_model, batch, length):
+    """A projector mixer's direction as one C call (`_OneCallDirections`) gives the separate conv,
+    x_proj and scan kernels' output bit for bit (x_proj pinned to the C product kernel), on every
+    build: partial vectors (d_inner 40 and 48), a partial last time tile, batches, both directions,
+    a conv without bias."""
+    use_kernel_library(monkeypatch, isa)
+    monkeypatch.setenv("STORM_VLM_MATMUL", "storm")
+    calls = []
+    real = cpu_kernel.mixer_direction
+    monkeypatch.setattr(cpu_kernel, "mixer_direction", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
+    torch.manual_seed(0)
+    separate = cls(d_model, conv_bias=d_model != 24)
+    use_measured_linears(separate)
+    one_call = copy.deepcopy(separate)
+    fast_paths._one_call_mixers(one_call)
+    x = torch.randn(batch, length, d_model)
+    with torch.inference_mode():
+        want, got = separate(x), one_call(x)
+    assert calls == ([False, True] if cls is BiMambaMixer else [False]) and torch.equal(got, want)
+
+
+def test_mixer_direction_in_one_call_steps_aside(monkeypatch):
+    """Where the one call does not apply, the mixer's own path runs: padding (a mask), a carried state,
+    autograd, two intra-op threads, more than 512 inner channels."""
+    calls = []
+    real = cpu_kernel.mixer_direction
+    monkeypatch.setattr(cpu_kernel, "mixer_direction", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    bi, causal, wide = BiMambaMixer(20), MambaMixer(20), MambaMixer(288)
+    for m in (bi, causal, wide):
+        fast_paths._one_call_mixers(m)
+    x = torch.randn(2, 30, 20)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1, 20:] = False
+    with torch.inference_mode():
+        bi(x, mask)
+        causal(x, return_state=True)
+        wide(torch.randn(1, 30, 288))
+    bi(x).sum().backward()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            bi(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [] and bi.in_proj.weight.grad is not None
+    if cpu_kernel.load() is not None:
+        with torch.inference_mode():
+            bi(x)
+        assert len(calls) == 2
+
+
+def test_storm_projector_mixers_take_the_one_call_path(model):
+    """The model turns the path on for its own projector (`enable_fast_paths`)."""
+    mixers = [layer.mixer for layer in model.projector.layers]
+    assert mixers and all(isinstance(m, fast_paths._OneCallDirections) for m in mixers)

@@ -17,6 +17,11 @@ decode step; no autograd): everywhere else each path steps aside and the plain c
   `STORM_VLM_ATTENTION_KERNEL=0`) they only add their residuals in place (bit-for-bit transformers'
   result). At small widths element-wise passes cost about as much as the matrix products, so each
   pass saved shows.
+- **Projector mixers** (`_OneCallDirections`): each direction of a Mamba mixer (conv + SiLU, x_proj,
+  the selective scan) runs as one call of a C function (`storm_mixer_direction_f32` in
+  `ssm/_scan_kernel.c`) that takes every time tile through the three steps in turn, where it applies
+  (float32, one intra-op thread, up to 512 inner channels, unmasked): the same kernels' arithmetic
+  (bit for bit where x_proj's measured backend is the C kernel), without the Python between them.
 - **LLM layers** (Qwen2, Llama): the RMSNorm (`_RMSNormCPU`) and the MLP's gate, silu(gate) · up
   (`_GatedMLPCPU`), run as one C pass each (`ssm/_attention_kernel.c`, `ssm/_elementwise_kernel.c`;
   the gate also in bfloat16 under autocast), where transformers takes six and two tensor passes
@@ -53,8 +58,10 @@ from storm_vlm.model.cpu_attention import (STORM_SDPA, attention_library, c_laye
                                            frame_attention, use_storm_sdpa)
 from storm_vlm.model.cpu_vit_layer import fused_layer, fused_layer_is_faster, vit_layer, vit_layers
 from storm_vlm.model.decode import drop_decode_step
-from storm_vlm.model.matmul_backend import measured_linear, plain_linear, use_measured_linears
-from storm_vlm.model.ssm import _threads, cpu_kernel
+from storm_vlm.model.matmul_backend import measured_linear, packed_weight, plain_linear, use_measured_linears
+from storm_vlm.model.ssm import BiMambaMixer, MambaMixer, _threads, cpu_kernel
+from storm_vlm.model.ssm.fast_scan import FUSED_RANK_PER_STATE
+from storm_vlm.model.ssm.mixer import conv_taps, state_matrix
 
 __all__ = ["enable_fast_paths", "language_model_of", "siglip_stack", "STORM_SDPA"]
 
@@ -292,6 +299,59 @@ def _lean_siglip_layers(module: nn.Module) -> None:
             sub.__class__ = _LeanSiglipLayer
 
 
+_ONE_CALL_MAX_CHANNELS = 512  # the blocks' states of every channel wait between time tiles (the scan's SPAN)
+
+
+class _OneCallDirections:
+    """Mixin for `MambaMixer` / `BiMambaMixer`: a direction as one C call (``cpu_kernel.mixer_direction``)
+    where `_one_call_library` says it applies, else the mixer's own (see the module docstring)."""
+
+    def _direction(self, x, z, valid, sfx, reverse, state=None, want_state=False):
+        conv, x_proj, dt_proj = (getattr(self, name + sfx) for name in ("conv1d", "x_proj", "dt_proj"))
+        A_log, D = getattr(self, "A_log" if not sfx else "A" + sfx + "_log"), getattr(self, "D" + sfx)
+        lib = None
+        if valid is None and state is None and not want_state:
+            lib = _one_call_library(self, x, z, (conv.weight, conv.bias, x_proj.weight, x_proj.bias, dt_proj.weight,
+                                                 dt_proj.bias, A_log, D), x_proj)
+        if lib is None:
+            return super()._direction(x, z, valid, sfx, reverse, state, want_state)
+        w, b = packed_weight(x_proj.weight, x_proj.bias, lib.storm_lanes)
+        y = cpu_kernel.mixer_direction(lib, x, z, conv_taps(conv.weight), conv.bias, w, b, self.dt_rank,
+                                       dt_proj.weight, state_matrix(A_log), D, dt_proj.bias, reverse)
+        return y, None
+
+
+def _one_call_library(mixer, x, z, params, x_proj):
+    """The C library where a direction can run as one call: float32 CPU inference (grad mode off),
+    contiguous channels and parameters, one intra-op thread (with more, the separate kernels split
+    their work over them), at most `_ONE_CALL_MAX_CHANNELS` inner channels, dt_rank <= FUSED_RANK_PER_STATE
+    x d_state (as where the scan forms delta itself), a step-size bias and a plain x_proj; else None."""
+    if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32 or z.dtype != torch.float32
+            or x.stride(2) != 1 or z.stride(2) != 1 or torch.get_num_threads() != 1
+            or mixer.d_inner > _ONE_CALL_MAX_CHANNELS or mixer.dt_rank > FUSED_RANK_PER_STATE * mixer.d_state
+            or params[5] is None or not plain_linear(x_proj)
+            or any(p is not None and (p.dtype != torch.float32 or not p.is_contiguous()) for p in params)):
+        return None
+    return cpu_kernel.load()
+
+
+class _MambaMixerCPU(_OneCallDirections, MambaMixer):
+    pass
+
+
+class _BiMambaMixerCPU(_OneCallDirections, BiMambaMixer):
+    pass
+
+
+_ONE_CALL_CLASSES = {MambaMixer: _MambaMixerCPU, BiMambaMixer: _BiMambaMixerCPU}
+
+
+def _one_call_mixers(module: nn.Module) -> None:
+    for sub in module.modules():
+        if type(sub) in _ONE_CALL_CLASSES:
+            sub.__class__ = _ONE_CALL_CLASSES[type(sub)]
+
+
 def language_model_of(model) -> nn.Module | None:
     """The LLM of a video-LLM: STORM's `model.language_model`; transformers' LLaVA models keep theirs
     in `model.model.language_model`. None where there is neither."""
@@ -322,4 +382,5 @@ def enable_fast_paths(model, *, decode: bool = True, compile_decode: bool = Fals
     _fast_gelu_tanh(model)
     _lean_siglip_layers(model)
     _lean_llm_modules(model)
+    _one_call_mixers(model)
     use_measured_linears(model)

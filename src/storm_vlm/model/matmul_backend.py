@@ -25,8 +25,8 @@ from torch import nn
 from storm_vlm.model.ssm import _threads, cpu_kernel
 from storm_vlm.model.ssm._derived import derived
 
-__all__ = ["matmul_choices", "measured_linear", "plain_linear", "storm_linear", "use_measured_linears", "fastest",
-           "timed"]
+__all__ = ["matmul_choices", "measured_linear", "packed_weight", "plain_linear", "storm_linear", "use_measured_linears",
+           "fastest", "timed"]
 
 _MATMUL_ENV = "STORM_VLM_MATMUL"
 _MEASURE_MIN_ROWS = 64  # fewer rows (decode, short prompts): torch's default, nothing to win
@@ -40,7 +40,7 @@ def _onednn_linear(x, weight, bias):
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def _packed(weight: torch.Tensor, bias: torch.Tensor | None, lanes: int) -> tuple:
+def packed_weight(weight: torch.Tensor, bias: torch.Tensor | None, lanes: int) -> tuple:
     """The weight (out, in) as `storm_linear_f32` reads it — transposed to (in, out) with out padded
     with zeros to whole vectors of `lanes` — and the bias padded alike; kept (`_derived.derived`)
     until either changes or the width does."""
@@ -69,7 +69,7 @@ def storm_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     rows = x2.shape[0]
-    w, b = _packed(weight, bias, lib.storm_lanes)
+    w, b = packed_weight(weight, bias, lib.storm_lanes)
     y = x2.new_empty(rows, n)
     args = (x2.data_ptr(), x2.stride(0), k, w.data_ptr(), w.shape[1], None if b is None else b.data_ptr(),
             y.data_ptr(), n, n)

@@ -282,6 +282,51 @@ int storm_scan_fwd_f32(int64_t batch, int64_t L, int64_t dim, int64_t groups, in
     return 0;
 }
 
+/* in _elementwise_kernel.c and _linear_kernel.c (the same library) */
+void storm_dwconv_silu_f32(const float *x, int64_t xs, const float *wT, const float *bias, const float *prefix,
+                           float *out, int64_t L, int64_t d, int64_t K, int reverse, int64_t t0, int64_t t1);
+void storm_linear_f32(const float *x, int64_t ldx, int64_t k, const float *w, int64_t ldw, const float *bias, float *y,
+                      int64_t ldy, int64_t n, int64_t r0, int64_t r1);
+
+/* One direction of a Mamba mixer in inference, from x (after in_proj) to the gated y: the depthwise
+ * conv + SiLU (u), x_proj (dt | B | C) and the selective scan with delta = softplus(dt dtW' + dt_bias),
+ * time tile by time tile, so each tile of u and x_proj's output is read back while it is in cache and
+ * the three steps are one call. Every block of channels takes a tile before the next tile (x_proj needs
+ * all of a step's channels), so the blocks' states for all dim channels wait in one buffer: meant for
+ * widths up to about SPAN channels. The arithmetic is the separate kernels' (storm_dwconv_silu_f32,
+ * storm_linear_f32, the forward scan), so the results are theirs bit for bit.
+ * x, z: (batch, L, dim), channels contiguous, steps x_st / z_st apart; convT (K, dim), conv_bias (dim)
+ * or NULL; xw: x_proj's weight packed as storm_linear_f32 reads it ((dim, xw_ld), columns dt (R), B (N),
+ * C (N)), xw_bias likewise or NULL; dtW (dim, R), A (dim, N), Dv, dt_bias (dim) contiguous; out (batch,
+ * L, dim) contiguous; u (L, dim) and xd (L, R + 2N): scratch. reverse: the anti-causal direction (conv
+ * and scan over the sequence flipped). Returns 0, or 1 when the block buffer cannot be allocated. */
+int storm_mixer_direction_f32(int64_t batch, int64_t L, int64_t dim, int64_t N, int64_t R, int64_t K,
+                              const float *x, int64_t x_sb, int64_t x_st, const float *convT, const float *conv_bias,
+                              const float *xw, int64_t xw_ld, const float *xw_bias, const float *dtW, const float *A,
+                              const float *Dv, const float *dt_bias, const float *z, int64_t z_sb, int64_t z_st,
+                              float *out, int reverse, float *u, float *xd) {
+    const scan_args widths = {.N = N, .R = R};
+    const int64_t W = R + 2 * N, ntiles = (L + TILE - 1) / TILE, S = block_vectors(&widths);
+    vf *mem = aligned_buf((size_t)((dim + LANES - 1) / LANES) * S);
+    if (!mem) return 1;
+    for (int64_t b = 0; b < batch; b++) {
+        const scan_args a = {1, L, dim, 1, N, 0, {u, 0, dim, 1, 0}, {xd, 0, W, 1, 0}, {z + b * z_sb, 0, z_st, 1, 0},
+                             A, xd + R, xd + R + N, Dv, dt_bias, 0, W, 0, W, 1, reverse, dtW, R};
+        const strided_out o = {out + b * L * dim, 0, dim, 1, 0};
+        for (int64_t c = 0; c < dim; c += LANES)
+            block_init(&a, mem + c / LANES * S, 0, c, dim - c < LANES ? dim - c : LANES, NULL, 0, 0);
+        for (int64_t i = 0; i < ntiles; i++) {
+            const int64_t t0 = (reverse ? ntiles - 1 - i : i) * TILE, t1 = t0 + TILE < L ? t0 + TILE : L;
+            storm_dwconv_silu_f32(x + b * x_sb, x_st, convT, conv_bias, NULL, u, L, dim, K, reverse, t0, t1);
+            storm_linear_f32(u, dim, dim, xw, xw_ld, xw_bias, xd, W, W, t0, t1);
+            for (int64_t c = 0; c < dim; c += LANES)
+                scan_tile_00(&a, mem + c / LANES * S, i, 0, c, dim - c < LANES ? dim - c : LANES, 0, o, NULL);
+        }
+    }
+    free(mem);
+    return 0;
+}
+
 /* ------------------------------------------------------------------------------------------ backward
  * Per block of LANES channels, chunk by chunk in the reverse of the forward's processing order: the
  * chunk's decays a_t and states h_t are recomputed from the saved state entering it (``states``,

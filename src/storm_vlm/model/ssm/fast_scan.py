@@ -57,7 +57,7 @@ from torch import Tensor
 from storm_vlm.huge_pages import advise_huge_pages
 from storm_vlm.model.ssm import _threads, cpu_kernel
 
-__all__ = ["chunked_scan", "project_delta", "DEFAULT_CHUNK", "auto_chunk"]
+__all__ = ["chunked_scan", "project_delta", "DEFAULT_CHUNK", "FUSED_RANK_PER_STATE", "auto_chunk"]
 
 LOG2E = 1.0 / math.log(2.0)
 DEFAULT_CHUNK = None  # chosen per shape by ``auto_chunk``
@@ -675,7 +675,7 @@ def project_delta(delta: Tensor, delta_proj: Tensor) -> Tensor:
 # vector loop) while the step's N states cost ~16 N operations; a BLAS product does the R at its
 # higher rate but writes and reads back a (b, L, d) delta. The fused form wins while R is small next
 # to N (Mamba's dt_rank = d_model / 16 is 14 at d_model 224, 224 at 3584).
-_FUSED_RANK_PER_STATE = 4
+FUSED_RANK_PER_STATE = 4
 
 
 def chunked_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
@@ -695,7 +695,7 @@ def chunked_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: T
         u, delta, A, B, C, D, z, delta_bias, initial_state, delta_proj))
     lib = None if grads else _kernel_for(u, compute_dtype)
     if delta_proj is not None and not (lib is not None
-                                       and 0 < delta_proj.shape[1] <= _FUSED_RANK_PER_STATE * A.shape[1]):
+                                       and 0 < delta_proj.shape[1] <= FUSED_RANK_PER_STATE * A.shape[1]):
         delta, delta_proj = project_delta(delta, delta_proj), None
     if lib is not None:
         out, last = _kernel_inference(lib, u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus),

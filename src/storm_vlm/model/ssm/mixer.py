@@ -28,7 +28,7 @@ from storm_vlm.model.ssm import _threads, cpu_kernel
 from storm_vlm.model.ssm._derived import derived
 from storm_vlm.model.ssm import scan as _scan
 
-__all__ = ["MambaMixer", "BiMambaMixer", "MambaState"]
+__all__ = ["MambaMixer", "BiMambaMixer", "MambaState", "conv_taps", "state_matrix"]
 
 
 class MambaState(NamedTuple):
@@ -121,7 +121,7 @@ def _conv_silu(x: Tensor, weight: Tensor, bias: Tensor | None, reverse: bool, pr
         return F.silu(_depthwise_conv(x, weight, bias, reverse, prefix)).to(x.dtype)
     if x.stride(2) != 1:  # rows may sit apart (x a column slice of in_proj's output), channels not
         x = x.contiguous()
-    w_t = derived("conv taps", _taps, weight)  # (K, d): one tap's weights for every channel, contiguous
+    w_t = conv_taps(weight)
     bias = None if bias is None else bias.contiguous()
     prefix = None if prefix is None else prefix.to(torch.float32).contiguous()  # (B, K - 1, d)
     out = x.new_empty(bsz, L, d)
@@ -134,11 +134,13 @@ def _conv_silu(x: Tensor, weight: Tensor, bias: Tensor | None, reverse: bool, pr
     return out
 
 
-def _taps(weight: Tensor) -> Tensor:
-    return weight[:, 0, :].t().contiguous()
+def conv_taps(weight: Tensor) -> Tensor:
+    """A depthwise conv's weight (d, 1, K) as the C kernels read it: (K, d), one tap's weights for every
+    channel contiguous; kept while the weight is unchanged (for the kernels: no autograd graph)."""
+    return derived("conv taps", lambda w: w[:, 0, :].t().contiguous(), weight)
 
 
-def _A(A_log: Tensor) -> Tensor:
+def state_matrix(A_log: Tensor) -> Tensor:
     """A = -exp(A_log) in float32; kept while A_log is unchanged where no gradient is recorded."""
     if torch.is_grad_enabled():
         return -torch.exp(A_log.float())
@@ -229,7 +231,7 @@ class MambaMixer(nn.Module):
             delta, delta_proj = dt, dt_proj.weight
         else:
             delta, delta_proj = F.linear(dt, dt_proj.weight).masked_fill(~valid, float("-inf")), None
-        A = _A(A_log)
+        A = state_matrix(A_log)
         res = _scan.selective_scan(
             u.transpose(1, 2),
             delta.transpose(1, 2),
@@ -350,7 +352,7 @@ class MambaMixer(nn.Module):
         x = F.silu(x).to(dtype)
         dt, Bm, Cm = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(F.linear(dt, self.dt_proj.weight) + self.dt_proj.bias.to(dt.dtype))
-        A = _A(self.A_log)
+        A = state_matrix(self.A_log)
         dA = torch.exp(dt.float()[..., None] * A)
         dBu = (dt * x).float()[..., None] * Bm.float()[:, None, :]
         ssm_state.copy_(ssm_state * dA + dBu)
