@@ -306,14 +306,15 @@ def test_keys_are_kept_in_the_autocast_dtype(model, monkeypatch):
                                                       (BiMambaMixer, 224, 1, 70)])
 def test_mixer_direction_in_one_call_equals_the_separate_kernels(monkeypatch, isa, cls, d_model, batch, length):
     """A projector mixer's direction as one C call (`_OneCallDirections`) gives the separate conv,
-    x_proj and scan kernels' output bit for bit (x_proj pinned to the C product kernel), on every
-    build: partial vectors (d_inner 40 and 48), a partial last time tile, batches, both directions,
-    a conv without bias."""
+    x_proj and scan kernels' output bit for bit (x_proj pinned to the C product kernel), the
+    backward direction added onto the forward one's in the kernel, on every build: partial vectors
+    (d_inner 40 and 48), a partial last time tile, batches, both directions, a conv without bias."""
     use_kernel_library(monkeypatch, isa)
     monkeypatch.setenv("STORM_VLM_MATMUL", "storm")
     calls = []
     real = cpu_kernel.mixer_direction
-    monkeypatch.setattr(cpu_kernel, "mixer_direction", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
+    monkeypatch.setattr(cpu_kernel, "mixer_direction",
+                        lambda *a, **k: calls.append((a[-2], a[-1] is not None)) or real(*a, **k))
     torch.manual_seed(0)
     separate = cls(d_model, conv_bias=d_model != 24)
     use_measured_linears(separate)
@@ -322,7 +323,9 @@ def test_mixer_direction_in_one_call_equals_the_separate_kernels(monkeypatch, is
     x = torch.randn(batch, length, d_model)
     with torch.inference_mode():
         want, got = separate(x), one_call(x)
-    assert calls == ([False, True] if cls is BiMambaMixer else [False]) and torch.equal(got, want)
+    # (reverse, added into the other direction's output)
+    assert calls == ([(False, False), (True, True)] if cls is BiMambaMixer else [(False, False)])
+    assert torch.equal(got, want)
 
 
 def test_mixer_direction_in_one_call_steps_aside(monkeypatch):

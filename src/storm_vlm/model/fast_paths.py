@@ -21,7 +21,8 @@ decode step; no autograd): everywhere else each path steps aside and the plain c
   the selective scan) runs as one call of a C function (`storm_mixer_direction_f32` in
   `ssm/_scan_kernel.c`) that takes every time tile through the three steps in turn, where it applies
   (float32, one intra-op thread, up to 512 inner channels, unmasked): the same kernels' arithmetic
-  (bit for bit where x_proj's measured backend is the C kernel), without the Python between them.
+  (bit for bit where x_proj's measured backend is the C kernel), without the Python between them; a
+  bidirectional mixer's backward direction adds its output onto the forward one's as it stores it.
 - **LLM layers** (Qwen2, Llama): the RMSNorm (`_RMSNormCPU`) and the MLP's gate, silu(gate) · up
   (`_GatedMLPCPU`), run as one C pass each (`ssm/_attention_kernel.c`, `ssm/_elementwise_kernel.c`;
   the gate also in bfloat16 under autocast), where transformers takes six and two tensor passes
@@ -306,7 +307,7 @@ class _OneCallDirections:
     """Mixin for `MambaMixer` / `BiMambaMixer`: a direction as one C call (``cpu_kernel.mixer_direction``)
     where `_one_call_library` says it applies, else the mixer's own (see the module docstring)."""
 
-    def _direction(self, x, z, valid, sfx, reverse, state=None, want_state=False):
+    def _direction(self, x, z, valid, sfx, reverse, state=None, want_state=False, add_to=None):
         conv, x_proj, dt_proj = (getattr(self, name + sfx) for name in ("conv1d", "x_proj", "dt_proj"))
         A_log, D = getattr(self, "A_log" if not sfx else "A" + sfx + "_log"), getattr(self, "D" + sfx)
         lib = None
@@ -314,11 +315,12 @@ class _OneCallDirections:
             lib = _one_call_library(self, x, z, (conv.weight, conv.bias, x_proj.weight, x_proj.bias, dt_proj.weight,
                                                  dt_proj.bias, A_log, D), x_proj)
         if lib is None:
-            return super()._direction(x, z, valid, sfx, reverse, state, want_state)
+            return super()._direction(x, z, valid, sfx, reverse, state, want_state, add_to)
+        into = add_to if add_to is not None and add_to.dtype == torch.float32 and add_to.is_contiguous() else None
         w, b = packed_weight(x_proj.weight, x_proj.bias, lib.storm_lanes)
         y = cpu_kernel.mixer_direction(lib, x, z, conv_taps(conv.weight), conv.bias, w, b, self.dt_rank,
-                                       dt_proj.weight, state_matrix(A_log), D, dt_proj.bias, reverse)
-        return y, None
+                                       dt_proj.weight, state_matrix(A_log), D, dt_proj.bias, reverse, into)
+        return (y if add_to is None or into is not None else add_to + y), None
 
 
 def _one_call_library(mixer, x, z, params, x_proj):

@@ -55,7 +55,7 @@ typedef struct {
 typedef struct {
     void *p;
     int64_t sb, st, sc;
-    int bf16;
+    int bf16, add; /* add: the values are added to what the array holds */
 } strided_out;
 
 #define AT(s, b, t, c) ((b) * (s).sb + (t) * (s).st + (c) * (s).sc) /* element (b, t, c)'s offset */
@@ -73,11 +73,18 @@ static void load_tile(vf *tile, strided s, int64_t off, int64_t nt, int64_t w) {
 
 static void store_tile(const vf *tile, strided_out s, int64_t off, int64_t nt, int64_t w) {
     if (s.sc == 1 && w == LANES) {
-        for (int64_t t = 0; t < nt; t++) store_wide(s.p, off + t * s.st, tile[t], s.bf16);
+        for (int64_t t = 0; t < nt; t++) {
+            const int64_t i = off + t * s.st;
+            store_wide(s.p, i, s.add ? load_wide(s.p, i, s.bf16) + tile[t] : tile[t], s.bf16);
+        }
         return;
     }
     for (int64_t l = 0; l < w; l++)
-        for (int64_t t = 0; t < nt; t++) set_wide(s.p, off + l * s.sc + t * s.st, ((const float *)&tile[t])[l], s.bf16);
+        for (int64_t t = 0; t < nt; t++) {
+            const int64_t i = off + l * s.sc + t * s.st;
+            const float v = ((const float *)&tile[t])[l];
+            set_wide(s.p, i, s.add ? wide_at(s.p, i, s.bf16) + v : v, s.bf16);
+        }
 }
 
 /* Everything one call scans. B and C are either per step, BT/CT (batch, L, groups, N) with element
@@ -254,7 +261,7 @@ int storm_scan_fwd_f32(int64_t batch, int64_t L, int64_t dim, int64_t groups, in
     const scan_args a = {batch, L, dim, groups, N, chunk, {u, u_sb, u_st, u_sc, io_bf16},
                          {delta, d_sb, d_st, d_sc, io_bf16}, {z, z_sb, z_st, z_sc, io_bf16}, A, BT, CT, Dv, bias,
                          bt_sb, bt_st, ct_sb, ct_st, softplus, reverse, dtW, dtW ? R : 0};
-    const strided_out o = {out, o_sb, o_st, o_sc, io_bf16};
+    const strided_out o = {out, o_sb, o_st, o_sc, io_bf16, 0};
     void (*tile)(const scan_args *, vf *, int64_t, int64_t, int64_t, int64_t, int64_t, strided_out, float *) =
         bconst ? (cconst ? scan_tile_11 : scan_tile_10) : (cconst ? scan_tile_01 : scan_tile_00);
     const int64_t S = block_vectors(&a), ntiles = (L + TILE - 1) / TILE;
@@ -298,13 +305,15 @@ void storm_linear_f32(const float *x, int64_t ldx, int64_t k, const float *w, in
  * x, z: (batch, L, dim), channels contiguous, steps x_st / z_st apart; convT (K, dim), conv_bias (dim)
  * or NULL; xw: x_proj's weight packed as storm_linear_f32 reads it ((dim, xw_ld), columns dt (R), B (N),
  * C (N)), xw_bias likewise or NULL; dtW (dim, R), A (dim, N), Dv, dt_bias (dim) contiguous; out (batch,
- * L, dim) contiguous; u (L, dim) and xd (L, R + 2N): scratch. reverse: the anti-causal direction (conv
- * and scan over the sequence flipped). Returns 0, or 1 when the block buffer cannot be allocated. */
+ * L, dim) contiguous, with add: y is added to what out holds (out + y rounded once, as a separate
+ * addition gives: how a bidirectional mixer sums its directions); u (L, dim) and xd (L, R + 2N):
+ * scratch. reverse: the anti-causal direction (conv and scan over the sequence flipped). Returns 0, or
+ * 1 when the block buffer cannot be allocated. */
 int storm_mixer_direction_f32(int64_t batch, int64_t L, int64_t dim, int64_t N, int64_t R, int64_t K,
                               const float *x, int64_t x_sb, int64_t x_st, const float *convT, const float *conv_bias,
                               const float *xw, int64_t xw_ld, const float *xw_bias, const float *dtW, const float *A,
                               const float *Dv, const float *dt_bias, const float *z, int64_t z_sb, int64_t z_st,
-                              float *out, int reverse, float *u, float *xd) {
+                              float *out, int add, int reverse, float *u, float *xd) {
     const scan_args widths = {.N = N, .R = R};
     const int64_t W = R + 2 * N, ntiles = (L + TILE - 1) / TILE, S = block_vectors(&widths);
     vf *mem = aligned_buf((size_t)((dim + LANES - 1) / LANES) * S);
@@ -312,7 +321,7 @@ int storm_mixer_direction_f32(int64_t batch, int64_t L, int64_t dim, int64_t N, 
     for (int64_t b = 0; b < batch; b++) {
         const scan_args a = {1, L, dim, 1, N, 0, {u, 0, dim, 1, 0}, {xd, 0, W, 1, 0}, {z + b * z_sb, 0, z_st, 1, 0},
                              A, xd + R, xd + R + N, Dv, dt_bias, 0, W, 0, W, 1, reverse, dtW, R};
-        const strided_out o = {out + b * L * dim, 0, dim, 1, 0};
+        const strided_out o = {out + b * L * dim, 0, dim, 1, 0, add};
         for (int64_t c = 0; c < dim; c += LANES)
             block_init(&a, mem + c / LANES * S, 0, c, dim - c < LANES ? dim - c : LANES, NULL, 0, 0);
         for (int64_t i = 0; i < ntiles; i++) {

@@ -523,7 +523,7 @@ def _bind(lib: ctypes.CDLL, isa: Isa, lanes: int, origin: str) -> ctypes.CDLL:
                    + [ptr, i64, i64, i64, ptr, i64, ptr, i64, i64] + [cint])
     fn.restype = cint
     lib.storm_mixer_direction_f32.argtypes = ([i64] * 6 + [ptr, i64, i64] + [ptr] * 2 + [ptr, i64] + [ptr] * 5
-                                              + [ptr, i64, i64] + [ptr, cint, ptr, ptr])
+                                              + [ptr, i64, i64] + [ptr, cint, cint, ptr, ptr])
     lib.storm_mixer_direction_f32.restype = cint
     bwd = lib.storm_scan_bwd_f32
     bwd.argtypes = ([i64] * 5 + [ptr, i64, i64, i64] * 4 + [ptr] * 3 + [cint] * 2 + [ptr] * 2 + [cint] * 2
@@ -658,19 +658,21 @@ def scan_forward(lib: ctypes.CDLL, u: Tensor, delta: Tensor, z: Tensor | None, A
 
 def mixer_direction(lib: ctypes.CDLL, x: Tensor, z: Tensor, conv_taps: Tensor, conv_bias: Tensor | None,
                     x_proj: Tensor, x_proj_bias: Tensor | None, dt_rank: int, dt_proj: Tensor, A: Tensor, D: Tensor,
-                    dt_bias: Tensor, reverse: bool) -> Tensor:
+                    dt_bias: Tensor, reverse: bool, add_to: Tensor | None = None) -> Tensor:
     """One mixer direction in inference (``storm_mixer_direction_f32``): y (b, L, d) float32 from x, z
     (b, L, d) float32 with contiguous channels; conv_taps (K, d), conv_bias (d); x_proj, x_proj_bias:
     x_proj's weight and bias packed as ``storm_linear_f32`` reads them ((d, ldw), columns dt_rank + 2N);
-    dt_proj (d, dt_rank), A (d, N), D, dt_bias (d), all float32 contiguous."""
+    dt_proj (d, dt_rank), A (d, N), D, dt_bias (d), all float32 contiguous. ``add_to`` (b, L, d)
+    float32 contiguous: y is added into it (the sum rounded once) and it is returned."""
     b, L, d = x.shape
     n = A.shape[1]
-    out = x.new_empty(b, L, d)
+    out = x.new_empty(b, L, d) if add_to is None else add_to
     u, xd = x.new_empty(L, d), x.new_empty(L, dt_rank + 2 * n)
     rc = lib.storm_mixer_direction_f32(b, L, d, n, dt_rank, conv_taps.shape[0], _ptr(x), x.stride(0), x.stride(1),
                                        _ptr(conv_taps), _ptr(conv_bias), _ptr(x_proj), x_proj.shape[1],
                                        _ptr(x_proj_bias), _ptr(dt_proj), _ptr(A), _ptr(D), _ptr(dt_bias), _ptr(z),
-                                       z.stride(0), z.stride(1), _ptr(out), int(reverse), _ptr(u), _ptr(xd))
+                                       z.stride(0), z.stride(1), _ptr(out), int(add_to is not None), int(reverse),
+                                       _ptr(u), _ptr(xd))
     if rc != 0:
         raise MemoryError(f"mixer direction kernel: out of memory for {d} channels x d_state {n}")
     return out

@@ -202,9 +202,11 @@ class MambaMixer(nn.Module):
     # Everything runs time-major, (B, L, d_inner): that is how in_proj produces x and z and how
     # out_proj consumes y, and the scan reads such tensors through a transpose without copies.
     def _direction(self, x: Tensor, z: Tensor, valid: Tensor | None, sfx: str, reverse: bool,
-                   state: MambaState | None = None, want_state: bool = False):
+                   state: MambaState | None = None, want_state: bool = False, add_to: Tensor | None = None):
         """x, z: (B, L, d_inner); valid: (B, L, 1) bool or None. Returns (gated y (B, L, d_inner),
-        the MambaState after the last valid position when ``want_state``, else None).
+        the MambaState after the last valid position when ``want_state``, else None). ``add_to``
+        (B, L, d_inner), the other direction's y: ``add_to + y`` is returned for y (a fast path may
+        add in add_to's memory).
 
         ``reverse``: the backward direction of BiMambaMixer, i.e. this direction applied to the
         sequence flipped along L (conv and scan run anti-causally), without flipping anything.
@@ -249,6 +251,8 @@ class MambaMixer(nn.Module):
         )
         y, last = res if want_state else (res, None)
         y = y.transpose(1, 2).to(x.dtype)
+        if add_to is not None:
+            y = add_to + y
         if not want_state:
             return y, None
         return y, MambaState(self._last_conv_inputs(x, valid, state), last if state is None else
@@ -365,11 +369,9 @@ class MambaMixer(nn.Module):
 _PARALLEL_MIN_ELEMENTS = 1 << 20
 
 
-def _run_both(f1, f2, parallel: bool):
-    """(f1(), f2()); when asked, f2 runs in a worker thread (under this thread's grad, inference-mode
-    and autocast state, see ``_threads``) while f1 runs here, each with one intra-op thread."""
-    if not parallel:
-        return f1(), f2()
+def _in_parallel(f1, f2):
+    """(f1(), f2()), f2 in a worker thread (under this thread's grad, inference-mode and autocast
+    state, see ``_threads``) while f1 runs here, each with one intra-op thread."""
     fut = _threads.submit(f2)
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -413,10 +415,13 @@ class BiMambaMixer(MambaMixer):
                 "BiMambaMixer cannot carry a state from one call to the next: its backward direction "
                 "reads the sequence's future. Stream with the causal MambaMixer (bidirectional=False).")
         x, z, valid = self._in(hidden_states, mask)
-        (y_f, _), (y_b, _) = _run_both(lambda: self._direction(x, z, valid, "", False),
-                                       lambda: self._direction(x, z, valid, "_b", True),
-                                       parallel=self._parallel_ok(x))
-        y = y_f + y_b
+        if self._parallel_ok(x):
+            (y_f, _), (y_b, _) = _in_parallel(lambda: self._direction(x, z, valid, "", False),
+                                              lambda: self._direction(x, z, valid, "_b", True))
+            y = y_f + y_b
+        else:
+            y_f, _ = self._direction(x, z, valid, "", False)
+            y, _ = self._direction(x, z, valid, "_b", True, add_to=y_f)
         return self._out(y * 0.5 if self.divide_out else y, mask)
 
     def extra_repr(self) -> str:
