@@ -364,3 +364,15 @@ def test_storm_projector_mixers_take_the_one_call_path(model):
     """The model turns the path on for its own projector (`enable_fast_paths`)."""
     mixers = [layer.mixer for layer in model.projector.layers]
     assert mixers and all(isinstance(m, fast_paths._OneCallDirections) for m in mixers)
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 20), (2, 0, 20)])
+def test_mixers_take_an_empty_batch_or_sequence(shape):
+    """No videos or no tokens: an empty output from the separate kernels and from the one call."""
+    x = torch.randn(*shape)
+    for cls in (BiMambaMixer, MambaMixer):
+        separate = cls(20)
+        one_call = copy.deepcopy(separate)
+        fast_paths._one_call_mixers(one_call)
+        with torch.inference_mode():
+            assert separate(x).shape == one_call(x).shape == x.shape

@@ -130,7 +130,8 @@ def _conv_silu(x: Tensor, weight: Tensor, bias: Tensor | None, reverse: bool, pr
               None if bias is None else bias.data_ptr(), None if prefix is None else prefix[b].data_ptr(),
               out.data_ptr() + b * L * d * size, L, d, K, int(reverse), t0, t1)
              for b in range(bsz) for t0, t1 in _threads.spans(L, _CONV_ROWS)]
-    _threads.run_all(getattr(lib, _CONV_KERNELS[x.dtype]), calls)
+    if calls:  # (none for an empty batch)
+        _threads.run_all(getattr(lib, _CONV_KERNELS[x.dtype]), calls)
     return out
 
 
