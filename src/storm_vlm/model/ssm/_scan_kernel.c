@@ -372,7 +372,7 @@ static inline __attribute__((always_inline)) int bwd_block(const scan_args *a, c
     vf *carry = a2 + N, *gAacc = carry + N, *h0 = gAacc + N, *gAc = h0 + N;
     vf *bv = gAc + N, *cv = bv + N, *gBacc = cv + N, *gCacc = gBacc + N, *gBc = gCacc + N, *gCc = gBc + N;
     vf Dvec = splat(0.0f), bvec = splat(0.0f), gDacc = splat(0.0f), gbacc = splat(0.0f);
-    load_cols(an, a->A, c, w, N);
+    load_cols(a2, a->A, c, w, N);
     if (bconst) load_cols(bv, a->BT, c, w, N);
     if (cconst) load_cols(cv, a->CT, c, w, N);
     for (int64_t n = 0; n < N; n++) {
@@ -380,7 +380,8 @@ static inline __attribute__((always_inline)) int bwd_block(const scan_args *a, c
         gAacc[n] = gBacc[n] = gCacc[n] = splat(0.0f);
         if (g->glast)
             for (int64_t l = 0; l < w; l++) carry[n][l] = g->glast[(b * dim + c + l) * N + n];
-        a2[n] = an[n] * LOG2E;
+        a2[n] *= LOG2E;
+        an[n] = a2[n] * 0.693147180559945f; /* A as the forward's decays see it */
     }
     for (int64_t l = 0; l < w; l++) {
         if (a->Dv) Dvec[l] = a->Dv[c + l];
