@@ -311,7 +311,7 @@ class _OneCallDirections:
         conv, x_proj, dt_proj = (getattr(self, name + sfx) for name in ("conv1d", "x_proj", "dt_proj"))
         A_log, D = getattr(self, "A_log" if not sfx else "A" + sfx + "_log"), getattr(self, "D" + sfx)
         lib = None
-        if valid is None and state is None and not want_state:
+        if valid is None and state is None and not want_state and dt_proj.bias is not None:
             lib = _one_call_library(self, x, z, (conv.weight, conv.bias, x_proj.weight, x_proj.bias, dt_proj.weight,
                                                  dt_proj.bias, A_log, D), x_proj)
         if lib is None:
@@ -327,11 +327,11 @@ def _one_call_library(mixer, x, z, params, x_proj):
     """The C library where a direction can run as one call: float32 CPU inference (grad mode off),
     contiguous channels and parameters, one intra-op thread (with more, the separate kernels split
     their work over them), at most `_ONE_CALL_MAX_CHANNELS` inner channels, dt_rank <= FUSED_RANK_PER_STATE
-    x d_state (as where the scan forms delta itself), a step-size bias and a plain x_proj; else None."""
+    x d_state (as where the scan forms delta itself) and a plain x_proj; else None."""
     if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32 or z.dtype != torch.float32
             or x.stride(2) != 1 or z.stride(2) != 1 or torch.get_num_threads() != 1
             or mixer.d_inner > _ONE_CALL_MAX_CHANNELS or mixer.dt_rank > FUSED_RANK_PER_STATE * mixer.d_state
-            or params[5] is None or not plain_linear(x_proj)
+            or not plain_linear(x_proj)
             or any(p is not None and (p.dtype != torch.float32 or not p.is_contiguous()) for p in params)):
         return None
     return cpu_kernel.load()

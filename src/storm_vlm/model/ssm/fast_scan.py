@@ -420,9 +420,7 @@ def _kernel_forward(lib, u, delta, z, A, BT, CT, g, D, delta_bias, h0, softplus,
     (cast to it if they are not). With ``delta_proj`` (d, R), delta is its factor (b, R, L). Channel
     ranges run in worker threads when there are several intra-op threads (ctypes drops the GIL)."""
     u, delta, z, A, D, bias = _kernel_inputs(u, delta, z, A, D, delta_bias, yT.dtype)
-    if delta_proj is not None:
-        delta_proj = delta_proj.to(torch.float32).contiguous()
-    h0 = None if h0 is None else h0.to(torch.float32).contiguous()
+    delta_proj, h0 = _f32(delta_proj), _f32(h0)
     b, d, L = u.shape
     out = yT.transpose(1, 2)
     parts = _kernel_ranges(d, b * L * d * A.shape[1], lib.storm_lanes)
