@@ -18,7 +18,8 @@ machine hits them alike. Prints:
     time share <= 1.5 x FLOP share);
   * each module's GFLOP/s (LLM attention counted causal) against the host's best fp32 matrix-product
     rate at the bench size — the best of BLAS, BLAS on input-major weights, oneDNN and the matmul
-    backend's C kernel over the module's own product shapes, timed here (target: >= 80 %) — against
+    backend's C kernel over the module's own product shapes, timed here (target for the vision tower
+    and the LLM: >= 80 %; the projector's time goes to its scan, whose target is its share) — against
     the module's GEMM-only bound (its FLOPs at the best rate of each of its shapes in the dtype they
     run in: bf16 under bf16 autocast; everything else free; a kernel that fuses a module's passes,
     as the SigLIP layers' can, may beat it) and against the core's float32 multiply-add peak (no
@@ -42,6 +43,7 @@ from storm_vlm.perf.host import best_gemm_rate, fma_peak
 from storm_vlm.perf.report import format_table
 
 MODULES = ("vision_tower", "projector", "llm_prefill")
+RATE_TARGETS = ("vision_tower", "llm_prefill")  # the modules made of matrix products
 TARGETS = {4: 0.95, 8: 0.90}
 
 
@@ -144,6 +146,7 @@ def main(argv=None) -> int:
         flop_share = est.projector.flops / est.prefill_flops
         out[f"projector_share_{frames}f_{factor}x"] = round(share, 4)
         out[f"projector_flop_share_{frames}f_{factor}x"] = round(flop_share, 4)
+        met[f"projector_share_{frames}f_{factor}x"] = share / flop_share <= 1.5
         print(f"projector share of prefill at {frames:>3} frames, {factor}x: {100 * share:5.2f} % of the time, "
               f"{100 * flop_share:5.2f} % of the FLOPs = {share / flop_share:4.2f}x (target <= 1.5x: "
               f"{common.verdict(share / flop_share, 1.5, higher_is_better=False)})")
@@ -159,8 +162,13 @@ def main(argv=None) -> int:
     for module in MODULES:
         rate = getattr(est, module).flops / r128[f"{module}_ms"] / 1e6
         rates[module] = rate
+        if module in RATE_TARGETS:
+            met[f"{module}_rate"] = rate / best >= 0.8
+            target = f"target >= 80 %: {common.verdict(rate / best, 0.8)}"
+        else:
+            target = "no rate target: a selective scan, bound by its exponentials; its share target is above"
         print(f"  {module:>12} at 128 frames (none): {rate:5.1f} GFLOP/s = {100 * rate / best:5.1f} % of the host's best "
-              f"(target >= 80 %: {common.verdict(rate / best, 0.8)}); its {dtype_name} GEMM-only bound {bounds[module]:5.1f} GFLOP/s "
+              f"({target}); its {dtype_name} GEMM-only bound {bounds[module]:5.1f} GFLOP/s "
               f"({100 * rate / bounds[module]:5.1f} % of it)" + (f"; {100 * rate / peak:5.1f} % of the FMA peak" if peak else ""))
     out["gflop_per_s_128f_none"] = {k: round(v, 2) for k, v in rates.items()}
     out["fma_peak_gflop_per_s"] = round(peak, 1) if peak else None
