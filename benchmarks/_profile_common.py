@@ -118,9 +118,10 @@ def footer() -> None:
     print(load_line())
 
 
-def interleaved(model, combos, s: ProfileSettings, label: bool = True) -> dict:
+def interleaved(model, combos, s: ProfileSettings, label: bool = True, after_round=None) -> dict:
     """Measure (frames, Compression) combos round-robin: `s.warmup` untimed rounds, then `s.repeats`
-    timed rounds of one run per combo, so load drift on a shared machine hits every combo alike.
+    timed rounds of one run per combo, so load drift on a shared machine hits every combo alike;
+    `after_round()`, where given, runs after each timed round (a reference timed beside the rows).
     Returns {(frames, factor): row} with per-module medians over the rounds (peak memory: max) and
     the rounds' own figures in row["per_round"] (for ratios taken within a round)."""
     one = dataclasses.replace(s, repeats=1, warmup=0)
@@ -141,6 +142,8 @@ def interleaved(model, combos, s: ProfileSettings, label: bool = True) -> dict:
                 print(f"  round {rnd + 1} ({what}) {frames:>4} frames {comp.factor}x: vision "
                       f"{row['vision_tower_ms']:.0f} ms, projector {row['projector_ms']:.0f} ms, LLM prefill "
                       f"{row['llm_prefill_ms']:.0f} ms, decode {row['decode_ms_per_token']:.1f} ms/token", flush=True)
+        if timed and after_round is not None:
+            after_round()
     out = {}
     for key, rows in runs.items():
         merged = dict(rows[0])

@@ -85,6 +85,11 @@ def test_prefill_benchmark_runs_on_a_tiny_model(tmp_path):
     assert {"4x", "8x", "vision_tower_rate", "llm_prefill_rate"} <= set(met) and "projector_rate" not in met
     assert sorted(k for k in met if k.startswith("projector_share_")) == [
         f"projector_share_{f}f_{c}x" for f, c in ((128, 1), (128, 4), (128, 8), (32, 1), (32, 4))]
+    # the reference product is re-timed after every timed round (one here) and each module set against it
+    assert len(ratios["host_best_retimed_per_round"]) == 1 and ratios["host_best_retimed_per_round"][0] > 0
+    within = ratios["share_of_host_best_within_round_128f_none"]
+    rates, reference = ratios["gflop_per_s_128f_none"], ratios["host_best_retimed_per_round"][0]
+    assert within == {m: pytest.approx(rate / reference, abs=2e-3) for m, rate in rates.items()}
     projector_line = next(line for line in done.stdout.splitlines() if "projector at 128 frames" in line)
     assert "no rate target" in projector_line and "MISSED" not in projector_line
     peak = ratios["fma_peak_gflop_per_s"]  # float32 here: the core's multiply-add peak, from the C kernels
