@@ -9,6 +9,7 @@ host (CPU model, ISA, threads, BLAS / oneDNN, load average) when it starts and t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import statistics
 import sys
@@ -71,17 +72,29 @@ def parser(description: str, repeats: int, warmup: int) -> argparse.ArgumentPars
 
 
 def load(args):
-    """(model, source, profile defaults) from the arguments; sets threads and the allocator."""
+    """(model, source, profile defaults) from the arguments; sets threads and the allocator. A model
+    folder or config that cannot be used stops the script with its one-line error (exit 1)."""
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
         if not args.no_tune_malloc:
             tune_cpu_allocator()
-    if args.model_dir:
-        s = ProfileSettings(precision=args.precision, device=args.device)
-        return load_saved_model(args.model_dir, s), args.model_dir, {}
-    path = Path(args.config) if args.config else DEFAULT_CONFIG
-    config, defaults = load_model_config(path)
+    with one_line_errors():
+        if args.model_dir:
+            s = ProfileSettings(precision=args.precision, device=args.device)
+            return load_saved_model(args.model_dir, s), args.model_dir, {}
+        path = Path(args.config) if args.config else DEFAULT_CONFIG
+        config, defaults = load_model_config(path)
     return build_random_model(config), f"random weights from {path}", defaults
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """A StormError inside (a config or model folder that cannot be used; the message names the file)
+    stops the script with that one line (exit 1) instead of a traceback."""
+    try:
+        yield
+    except StormError as exc:
+        raise SystemExit(f"{Path(sys.argv[0]).name}: {exc}") from None
 
 
 def settings(args, defaults, frames, compressions, decode_tokens) -> ProfileSettings:

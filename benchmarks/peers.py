@@ -270,9 +270,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-guards", action="store_true", help="report the guards but always exit 0")
     args = p.parse_args(argv)
     frames = args.frames
+    with common.one_line_errors():
+        fields, text_tokens = storm_config(args.tiny, args.config)
     torch.set_num_threads(args.threads)
     common.tune_cpu_allocator()
-    fields, text_tokens = storm_config(args.tiny, args.config)
     precision = resolve_precision(args.precision, "cpu")
     models = build_models(fields, precision=precision)
     widths = "tiny widths" if args.tiny else "bench-cpu widths"

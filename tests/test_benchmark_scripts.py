@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from helpers import TINY_CONFIG
@@ -45,6 +46,26 @@ def test_benchmarks_reject_bad_counts_with_one_error(script, argv, flag, monkeyp
         importlib.import_module(script).main(argv)
     err = capsys.readouterr().err
     assert stop.value.code == 2 and f"error: argument {flag}: expected" in err, err[-2000:]
+
+
+_BAD_CONFIGS = [(["--config", "{tmp}/missing.yaml"], "missing.yaml: cannot read"),
+                (["--config", "{tmp}/bad.yaml"], "bad.yaml: not valid YAML")]
+
+
+@pytest.mark.parametrize("script,argv,cause", [
+    *((script, argv, cause) for script in ("prefill", "decode", "peers") for argv, cause in _BAD_CONFIGS),
+    *((script, ["{tmp}/no-model"], "no-model does not exist") for script in ("prefill", "decode")),
+])
+def test_benchmarks_stop_on_a_bad_model_source_with_one_error(script, argv, cause, tmp_path, monkeypatch):
+    """A config or model folder that cannot be used stops the script with the loader's one-line error
+    naming the file (exit 1), not a traceback, before the process's threads or allocator change."""
+    (tmp_path / "bad.yaml").write_text("model: [1\n")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    keep = ["--threads", str(torch.get_num_threads())] + ([] if script == "peers" else ["--no-tune-malloc"])
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(script).main([a.format(tmp=tmp_path) for a in argv] + keep)
+    message = str(stop.value.code)
+    assert message.startswith(f"{Path(sys.argv[0]).name}: ") and cause in message and str(tmp_path) in message, message
 
 
 def _run_scan(*args: str) -> subprocess.CompletedProcess:
