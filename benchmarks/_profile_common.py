@@ -73,7 +73,7 @@ def parser(description: str, repeats: int, warmup: int) -> argparse.ArgumentPars
 
 def load(args):
     """(model, source, profile defaults) from the arguments; sets threads and the allocator. A model
-    folder or config that cannot be used stops the script with its one-line error (exit 1)."""
+    folder or config that cannot be used stops the script with its one-line error (`one_line_errors`)."""
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
         if not args.no_tune_malloc:
@@ -90,11 +90,12 @@ def load(args):
 @contextlib.contextmanager
 def one_line_errors():
     """A StormError inside (a config or model folder that cannot be used; the message names the file)
-    stops the script with that one line (exit 1) instead of a traceback."""
+    stops the script as the CLI stops: "<script>: error: <message>" on stderr, exit 2, no traceback."""
     try:
         yield
     except StormError as exc:
-        raise SystemExit(f"{Path(sys.argv[0]).name}: {exc}") from None
+        print(f"{Path(sys.argv[0]).name}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def settings(args, defaults, frames, compressions, decode_tokens) -> ProfileSettings:

@@ -18,7 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from storm_vlm.commands import non_negative_int  # noqa: E402
+from _profile_common import one_line_errors  # noqa: E402
+from storm_vlm.commands import int_list, non_negative_int  # noqa: E402
 from storm_vlm.perf.costmodel import (  # noqa: E402
     A100_80GB,
     DEFAULT_COMPRESSIONS,
@@ -34,7 +35,7 @@ from storm_vlm.perf.profiler import load_model_config  # noqa: E402
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--frames", default="32,64,128,256,512")
+    p.add_argument("--frames", type=int_list, default=[32, 64, 128, 256, 512])
     p.add_argument("--text-tokens", type=non_negative_int, default=64)
     p.add_argument("--decode-tokens", type=non_negative_int, default=16)
     p.add_argument("--causal", action="store_true",
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--bench-config", default=str(ROOT / "configs" / "bench-cpu.yaml"))
     args = p.parse_args(argv)
 
-    frames = [int(x) for x in args.frames.split(",")]
+    frames = args.frames
     comps = list(DEFAULT_COMPRESSIONS.values())
     real = real_config()
     params = param_counts(real)
@@ -110,7 +111,8 @@ def main(argv=None) -> int:
 
     bench_path = Path(args.bench_config)
     if bench_path.is_file():
-        bench, defaults = load_model_config(bench_path)
+        with one_line_errors():
+            bench, defaults = load_model_config(bench_path)
         bt = defaults.get("text_tokens", T)
         bp = param_counts(bench)
         print(f"== real vs bench-cpu ({bench_path.name}; prompt {T} vs {bt} tokens) ==")

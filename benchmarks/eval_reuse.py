@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _profile_common import one_line_errors
 from serve_throughput import QUESTIONS, bench_model
 from storm_vlm.commands import add_precision_argument, positive_int
 from storm_vlm.demo.synth_tasks import render_transient
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
     add_precision_argument(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="storm-eval-reuse-") as work:  # the random model
+    with tempfile.TemporaryDirectory(prefix="storm-eval-reuse-") as work, one_line_errors():  # the random model
         return run(args, Path(work))
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _profile_common import one_line_errors
 from storm_vlm.commands import add_precision_argument, int_list, positive_int
 from storm_vlm.demo.synth import pick_codec, write_mp4
 from storm_vlm.demo.synth_tasks import render_transient
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
     add_precision_argument(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="storm-serve-bench-") as work:  # the random model and the video
+    with tempfile.TemporaryDirectory(prefix="storm-serve-bench-") as work, one_line_errors():  # the random model, the video
         return run(args, Path(work))
 
 

@@ -54,18 +54,23 @@ _BAD_CONFIGS = [(["--config", "{tmp}/missing.yaml"], "missing.yaml: cannot read"
 
 @pytest.mark.parametrize("script,argv,cause", [
     *((script, argv, cause) for script in ("prefill", "decode", "peers") for argv, cause in _BAD_CONFIGS),
-    *((script, ["{tmp}/no-model"], "no-model does not exist") for script in ("prefill", "decode")),
+    *((script, ["{tmp}/no-model"], "no-model does not exist")
+      for script in ("prefill", "decode", "serve_throughput", "eval_reuse")),
+    ("cost_model", ["--bench-config", "{tmp}/bad.yaml"], "bad.yaml: not valid YAML"),
 ])
-def test_benchmarks_stop_on_a_bad_model_source_with_one_error(script, argv, cause, tmp_path, monkeypatch):
-    """A config or model folder that cannot be used stops the script with the loader's one-line error
-    naming the file (exit 1), not a traceback, before the process's threads or allocator change."""
+def test_benchmarks_stop_on_a_bad_model_source_with_one_error(script, argv, cause, tmp_path, monkeypatch, capsys):
+    """A config or model folder that cannot be used stops the script as the CLI stops: one line naming
+    the file, exit 2, no traceback, before the process's threads or allocator change."""
     (tmp_path / "bad.yaml").write_text("model: [1\n")
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    keep = ["--threads", str(torch.get_num_threads())] + ([] if script == "peers" else ["--no-tune-malloc"])
+    keep = [] if script == "cost_model" else ["--threads", str(torch.get_num_threads())]
+    if script in ("prefill", "decode"):
+        keep.append("--no-tune-malloc")
     with pytest.raises(SystemExit) as stop:
         importlib.import_module(script).main([a.format(tmp=tmp_path) for a in argv] + keep)
-    message = str(stop.value.code)
-    assert message.startswith(f"{Path(sys.argv[0]).name}: ") and cause in message and str(tmp_path) in message, message
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and err.startswith(f"{Path(sys.argv[0]).name}: error: ") and "\n" not in err, err
+    assert cause in err and str(tmp_path) in err, err
 
 
 def _run_scan(*args: str) -> subprocess.CompletedProcess:

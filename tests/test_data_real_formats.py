@@ -77,7 +77,7 @@ def test_llava_next_data_yaml_is_read_with_its_sampling_strategies(mixture):
         ("datasets:\n  - json_path: ann/magpie.jsonl\n    sampling_stratgy: 'all'\n",
          r"datasets\[0\]: unknown key\(s\) 'sampling_stratgy'"),
         ("- json_path: ann/magpie.jsonl\n", "needs a non-empty 'datasets' list"),
-        ("datasets: [\n", "not valid YAML"),
+        ("datasets: [\n", r"not valid YAML \(line 2, column 1: expected the node content, but found '<stream end>'\)$"),
     ],
 )
 def test_a_bad_data_yaml_names_the_yaml_and_the_entry(mixture, body, msg):

@@ -88,8 +88,9 @@ def test_align_rejects_lora_and_file_errors(tmp_path):
         load_config(write(tmp_path, BASE), ["stage=align", "lora.r=4"])
     with pytest.raises(ConfigError, match="missing required key 'save_steps'"):
         load_config(write(tmp_path, BASE.replace("save_steps: 5\n", "")))
-    with pytest.raises(ConfigError, match="invalid YAML"):
+    with pytest.raises(ConfigError, match="invalid YAML") as info:
         load_config(write(tmp_path, "stage: [unclosed\n"))
+    assert "(line 2, column 1: expected ',' or ']'" in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yaml")
     video = tmp_path / "clip.mp4"  # `storm-vlm train clip.mp4`

@@ -26,7 +26,7 @@ __all__ = [
     "IGNORE_INDEX", "VIDEO_TOKEN", "IMAGE_TOKEN", "did_you_mean", "safetensors_problem", "check_positive",
     "check_int", "atomic_path", "atomic_write_text",
     "atomic_write_json", "fsync_dir", "publish_dir", "check_model_dir", "check_links_inside", "no_custom_code",
-    "check_loaded_weights", "base64_bytes", "available_memory_bytes",
+    "check_loaded_weights", "base64_bytes", "available_memory_bytes", "yaml_problem",
 ]
 
 # Label of a position the loss ignores (PyTorch's and transformers' convention).
@@ -275,3 +275,12 @@ def numbered_name_key(name: str) -> list:
     """Sort key for file names whose runs of digits are numbers, padded or not: frame_2 before
     frame_10, seg_999 before seg_1000 (the name split into text and whole numbers)."""
     return [int(part) if part.isdecimal() else part for part in re.split(r"(\d+)", name)]  # isdigit: also "²"
+
+
+def yaml_problem(exc: Exception) -> str:
+    """A YAML parser error as one line, where and what ("line 2, column 1: expected ',' or ']', but got
+    '<stream end>'"), for a message that names the file; PyYAML's own text spans several lines and
+    quotes the source."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(problem or exc).split())

@@ -55,7 +55,7 @@ from pathlib import Path
 import yaml
 
 from storm_vlm.errors import StormError
-from storm_vlm.utils import IMAGE_TOKEN, VIDEO_TOKEN
+from storm_vlm.utils import IMAGE_TOKEN, VIDEO_TOKEN, yaml_problem
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -372,7 +372,7 @@ def _mixture(path: Path) -> list[tuple[Path, str]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise StormError(f"{path}: cannot read training file ({exc})") from None
     except yaml.YAMLError as exc:
-        raise StormError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
+        raise StormError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
     entries = doc.get("datasets") if isinstance(doc, dict) else None
     if not isinstance(entries, list) or not entries:
         raise StormError(f"{path}: a data mixture needs a non-empty 'datasets' list of "

@@ -65,7 +65,7 @@ from storm_vlm.perf.host import (
     reset_peak_rss,
 )
 from storm_vlm.precision import Precision, resolve_precision
-from storm_vlm.utils import available_memory_bytes, check_int
+from storm_vlm.utils import available_memory_bytes, check_int, yaml_problem
 
 __all__ = [
     "ROW_FIELDS",
@@ -155,7 +155,7 @@ def load_model_config(path) -> tuple[StormConfig, dict]:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
         raise ConfigError(f"{path}: needs a `model:` mapping of StormConfig fields")
     defaults = raw.get("profile") or {}

@@ -23,7 +23,7 @@ import yaml
 
 from storm_vlm.errors import ConfigError, StormError
 from storm_vlm.precision import parse_precision
-from storm_vlm.utils import check_int, did_you_mean
+from storm_vlm.utils import check_int, did_you_mean, yaml_problem
 
 STAGES = ("align", "sft", "long")
 PARTS = ("vision_tower", "projector", "language_model")
@@ -177,7 +177,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() != "" else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({exc})") from None
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({yaml_problem(exc)})") from None
     return key.split("."), value
 
 
@@ -224,7 +224,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
     except _DuplicateKey as exc:
         raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML ({exc})") from None
+        raise ConfigError(f"{path}: invalid YAML ({yaml_problem(exc)})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
