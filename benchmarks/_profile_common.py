@@ -1,4 +1,5 @@
-"""Shared plumbing of the latency benchmarks (prefill.py, decode.py, memory.py, peers.py).
+"""Shared plumbing of the latency benchmarks (prefill.py, decode.py, beams.py, memory.py, peers.py); its
+`one_line_errors` also serves the other scripts that read a model folder or a config.
 
 Every benchmark measures the bench-cpu model (configs/bench-cpu.yaml, random weights, the real
 model's proportions) by default, or a saved model folder; it measures the settings it compares in

@@ -92,7 +92,8 @@ def main(argv=None) -> int:
     add_precision_argument(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="storm-serve-bench-") as work, one_line_errors():  # the random model, the video
+    # the random model and the video go into `work`
+    with tempfile.TemporaryDirectory(prefix="storm-serve-bench-") as work, one_line_errors():
         return run(args, Path(work))
 
 
