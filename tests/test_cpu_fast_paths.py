@@ -301,6 +301,15 @@ def test_keys_are_kept_in_the_autocast_dtype(model, monkeypatch):
         assert torch.equal(a, b)
 
 
+def _one_calls(monkeypatch) -> list:
+    """(reverse, added into the other direction's output) of every one-call mixer direction."""
+    calls = []
+    real = cpu_kernel.mixer_direction
+    monkeypatch.setattr(cpu_kernel, "mixer_direction",
+                        lambda *a, **k: calls.append((a[-2], a[-1] is not None)) or real(*a, **k))
+    return calls
+
+
 @pytest.mark.parametrize("isa", KERNEL_ISAS)
 @pytest.mark.parametrize("cls,d_model,batch,length", [(BiMambaMixer, 20, 2, 150), (MambaMixer, 24, 3, 64),
                                                       (BiMambaMixer, 224, 1, 70)])
@@ -311,10 +320,7 @@ def test_mixer_direction_in_one_call_equals_the_separate_kernels(monkeypatch, is
     (d_inner 40 and 48), a partial last time tile, batches, both directions, a conv without bias."""
     use_kernel_library(monkeypatch, isa)
     monkeypatch.setenv("STORM_VLM_MATMUL", "storm")
-    calls = []
-    real = cpu_kernel.mixer_direction
-    monkeypatch.setattr(cpu_kernel, "mixer_direction",
-                        lambda *a, **k: calls.append((a[-2], a[-1] is not None)) or real(*a, **k))
+    calls = _one_calls(monkeypatch)
     torch.manual_seed(0)
     separate = cls(d_model, conv_bias=d_model != 24)
     use_measured_linears(separate)
@@ -323,7 +329,6 @@ def test_mixer_direction_in_one_call_equals_the_separate_kernels(monkeypatch, is
     x = torch.randn(batch, length, d_model)
     with torch.inference_mode():
         want, got = separate(x), one_call(x)
-    # (reverse, added into the other direction's output)
     assert calls == ([(False, False), (True, True)] if cls is BiMambaMixer else [(False, False)])
     assert torch.equal(got, want)
 
@@ -331,9 +336,7 @@ def test_mixer_direction_in_one_call_equals_the_separate_kernels(monkeypatch, is
 def test_mixer_direction_in_one_call_steps_aside(monkeypatch):
     """Where the one call does not apply, the mixer's own path runs: padding (a mask), a carried state,
     autograd, two intra-op threads, more than 512 inner channels."""
-    calls = []
-    real = cpu_kernel.mixer_direction
-    monkeypatch.setattr(cpu_kernel, "mixer_direction", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _one_calls(monkeypatch)
     torch.manual_seed(0)
     bi, causal, wide = BiMambaMixer(20), MambaMixer(20), MambaMixer(288)
     for m in (bi, causal, wide):

@@ -28,11 +28,11 @@ def pytorch_path(monkeypatch):
     return run
 
 
-def _calls(monkeypatch, name="scan_forward"):
-    """The (c0, c1) channel range of every call to cpu_kernel.<name>."""
+def _calls(monkeypatch, name="scan_forward", record=lambda args: args[-2:]):
+    """record(args) of every call to cpu_kernel.<name>: by default its (c0, c1) channel range."""
     calls = []
     real = getattr(cpu_kernel, name)
-    monkeypatch.setattr(cpu_kernel, name, lambda *a, **k: calls.append(a[-2:]) or real(*a, **k))
+    monkeypatch.setattr(cpu_kernel, name, lambda *a, **k: calls.append(record(a)) or real(*a, **k))
     return calls
 
 
@@ -108,10 +108,7 @@ def test_inference_reads_B_and_C_where_x_proj_wrote_them(monkeypatch, isa, group
     x_proj output: step and batch strides of the buffer), without copies, equal to the reference."""
     use_kernel_library(monkeypatch, isa)
     b, d, L, n, g = 2, 40, 70, 5, groups or 1
-    seen = []
-    real = cpu_kernel.scan_forward
-    monkeypatch.setattr(cpu_kernel, "scan_forward", lambda *a, **k: seen.append((a[5].data_ptr(), a[6].data_ptr()))
-                        or real(*a, **k))
+    seen = _calls(monkeypatch, record=lambda args: (args[5].data_ptr(), args[6].data_ptr()))  # BT, CT
     t = {k: v.detach() for k, v in _inputs(torch.float32, b=b, d=d, L=L, n=n).items()}
     buf = torch.randn(b, L, 3 + 2 * g * n + 4)  # 3 columns before B, C after it, 4 more
     B = buf[..., 3:3 + g * n].reshape(b, L, g, n).permute(0, 2, 3, 1)  # (b, g, n, L)

@@ -308,8 +308,7 @@ class _OneCallDirections:
     where `_one_call_library` says it applies, else the mixer's own (see the module docstring)."""
 
     def _direction(self, x, z, valid, sfx, reverse, state=None, want_state=False, add_to=None):
-        conv, x_proj, dt_proj = (getattr(self, name + sfx) for name in ("conv1d", "x_proj", "dt_proj"))
-        A_log, D = getattr(self, "A_log" if not sfx else "A" + sfx + "_log"), getattr(self, "D" + sfx)
+        conv, x_proj, dt_proj, A_log, D = self._direction_params(sfx)
         lib = None
         if valid is None and state is None and not want_state and dt_proj.bias is not None:
             lib = _one_call_library(self, x, z, (conv.weight, conv.bias, x_proj.weight, x_proj.bias, dt_proj.weight,

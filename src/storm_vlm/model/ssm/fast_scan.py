@@ -252,7 +252,7 @@ class _ChunkedScan(torch.autograd.Function):
         # requires_grad alone: a model's parameters, D and delta_bias here, require grad under no_grad too)
         b, d, L = u.shape
         n = A.shape[1]
-        g = next((x.shape[1] for x in (B, C) if x.dim() == 4), 1)
+        g = _groups(B, C)
         hd = d // g
         blocks = _blocks(hd, b * L * d * n, u.device)
         if chunk is None:
@@ -381,6 +381,11 @@ def _f32(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.to(torch.float32).contiguous()
 
 
+def _groups(B: Tensor, C: Tensor) -> int:
+    """The groups of per-step B or C (b, g, n, L); 1 where both are constant (d, n)."""
+    return next((x.shape[1] for x in (B, C) if x.dim() == 4), 1)
+
+
 def _BC_layout(B: Tensor, C: Tensor, cdt: torch.dtype, steps_apart: bool = False) -> tuple[Tensor, Tensor]:
     """B and C as the kernel and the chunk loops read them: per step (b, L, g, n), constant (d, n),
     contiguous. ``steps_apart`` (the kernel's forward): per-step ones may keep their batch and step
@@ -403,7 +408,7 @@ def _kernel_inference(lib, u, delta, A, B, C, D, z, delta_bias, h0, softplus, re
     ``chunked_scan``'s; returns (out (b, d, L) in u's dtype, stored time-major, last state (b, d, n)
     in ``cdt`` or None), what ``_ChunkedScan`` returns for the same inputs."""
     b, d, L = u.shape
-    g = next((x.shape[1] for x in (B, C) if x.dim() == 4), 1)
+    g = _groups(B, C)
     BT, CT = _BC_layout(B, C, cdt, steps_apart=True)
     yT = _empty(b, L, d, dtype=u.dtype if u.dtype in _KERNEL_IO else cdt, device=u.device)
     last = torch.empty(b, d, A.shape[1], dtype=cdt, device=u.device) if want_last else None

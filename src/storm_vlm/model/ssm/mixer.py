@@ -148,6 +148,11 @@ def state_matrix(A_log: Tensor) -> Tensor:
     return derived("A", lambda a: -torch.exp(a.float()), A_log)
 
 
+def _a_log_name(sfx: str) -> str:
+    """A_log's attribute name for a direction suffix: mamba-ssm's "A_log", Vim's "A_b_log"."""
+    return "A_log" if not sfx else "A" + sfx + "_log"
+
+
 def _check_inputs(hidden_states: Tensor, mask: Tensor | None, d_model: int) -> None:
     if hidden_states.dim() != 3 or hidden_states.shape[-1] != d_model:
         raise ValueError(f"mixer: hidden_states must be (B, L, {d_model}), got shape {tuple(hidden_states.shape)}")
@@ -196,8 +201,14 @@ class MambaMixer(nn.Module):
         setattr(self, "conv1d" + sfx, conv)
         setattr(self, "x_proj" + sfx, x_proj)
         setattr(self, "dt_proj" + sfx, dt_proj)
-        setattr(self, "A_log" if not sfx else "A" + sfx + "_log", _A_log(di, self.d_state))
+        setattr(self, _a_log_name(sfx), _A_log(di, self.d_state))
         setattr(self, "D" + sfx, _D(di))
+
+    def _direction_params(self, sfx: str) -> tuple:
+        """(conv1d, x_proj, dt_proj, A_log, D) of the direction named by ``sfx`` ("": forward, "_b":
+        BiMambaMixer's backward)."""
+        return (getattr(self, "conv1d" + sfx), getattr(self, "x_proj" + sfx), getattr(self, "dt_proj" + sfx),
+                getattr(self, _a_log_name(sfx)), getattr(self, "D" + sfx))
 
     # -- one direction ------------------------------------------------------------------------
     # Everything runs time-major, (B, L, d_inner): that is how in_proj produces x and z and how
@@ -215,11 +226,7 @@ class MambaMixer(nn.Module):
 
         Padded positions leave the state as it was: x and u are zeroed there and delta is -inf
         (softplus gives 0, so the decay is exp(0) = 1 and nothing is added)."""
-        conv: nn.Conv1d = getattr(self, "conv1d" + sfx)
-        x_proj: nn.Linear = getattr(self, "x_proj" + sfx)
-        dt_proj: nn.Linear = getattr(self, "dt_proj" + sfx)
-        A_log: Tensor = getattr(self, "A_log" if not sfx else "A" + sfx + "_log")
-        D: Tensor = getattr(self, "D" + sfx)
+        conv, x_proj, dt_proj, A_log, D = self._direction_params(sfx)
         if valid is not None:
             x = x.masked_fill(~valid, 0.0)
         prefix = None if state is None else state.conv_state[:, :, 1:].transpose(1, 2)  # (B, d_conv - 1, d)
